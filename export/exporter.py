@@ -1,0 +1,214 @@
+"""``export_model``: a loaded model -> a verified ONNX folder in Optimum's layout plus ``sdrt.json``.
+
+Layout: model_index.json, text_encoder/ [text_encoder_2/], unet/ (model.onnx + model.onnx_data),
+vae_decoder/, vae_encoder/, tokenizer/ [tokenizer_2/], scheduler/, sdrt.json. The folder is written
+under a temporary name and renamed only once every component passed its parity gate.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import platform
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from sdrt import __version__
+from sdrt.runtime.atomic import atomic_dir
+from sdrt.runtime.errors import InputError
+from sdrt.runtime.manifest import ExportManifest, ShapeLimits
+
+from . import wrappers
+from .loading import LoadedModel
+from .onnx_export import ComponentSpec, export_component
+
+MIN_OPSET = 17
+TEXT_LEN = 77
+
+
+def component_specs(model: LoadedModel) -> list[ComponentSpec]:
+    p = model.preset
+    sdxl = p.family == "sdxl"
+    specs: list[ComponentSpec] = []
+    for i, enc in enumerate(model.text_encoders):
+        name = "text_encoder" if i == 0 else f"text_encoder_{i + 1}"
+        pooled = sdxl and i == 1
+        hidden = int(enc.config.hidden_size)
+        outs: list[tuple[str, str, tuple[int | str, ...]]] = [("hidden_states", "float", ("batch", TEXT_LEN, hidden))]
+        if pooled:
+            outs.append(("text_embeds", "float", ("batch", int(enc.config.projection_dim))))
+        vocab = int(enc.config.vocab_size)
+
+        def text_example(g: torch.Generator, b: int, h: int, w: int, vocab: int = vocab) -> tuple[torch.Tensor, ...]:
+            ids = torch.randint(0, vocab - 2, (b, TEXT_LEN), generator=g, dtype=torch.int32)
+            ids[:, 0] = vocab - 2  # bos
+            ids[:, 10:] = vocab - 1  # eos, then padding with eos
+            return (ids,)
+
+        specs.append(ComponentSpec(
+            name=name,
+            module=wrappers.TextEncoder(enc, penultimate=sdxl, pooled=pooled),
+            weights=enc,
+            inputs=[("input_ids", "int32", ("batch", TEXT_LEN))],
+            outputs=outs,
+            example=text_example,
+            refittable=True,
+        ))
+
+    cross = int(model.unet.config.cross_attention_dim)
+    in_ch = int(model.unet.config.in_channels)
+    unet_inputs: list[tuple[str, str, tuple[int | str, ...]]] = [
+        ("sample", "float", ("batch", in_ch, "height", "width")),
+        ("timestep", "float32", ("batch",)),
+        ("encoder_hidden_states", "float", ("batch", "sequence", cross)),
+    ]
+    pooled_dim = int(model.text_encoders[-1].config.projection_dim)
+    if sdxl:
+        unet_inputs += [("text_embeds", "float", ("batch", pooled_dim)), ("time_ids", "float", ("batch", 6))]
+
+    def unet_example(g: torch.Generator, b: int, h: int, w: int) -> tuple[torch.Tensor, ...]:
+        args = [
+            torch.randn(b, in_ch, h, w, generator=g),
+            torch.rand(b, generator=g) * 999,
+            torch.randn(b, TEXT_LEN, cross, generator=g),
+        ]
+        if sdxl:
+            args += [torch.randn(b, pooled_dim, generator=g), torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]] * b)]
+        return tuple(args)
+
+    out_ch = int(model.unet.config.out_channels)
+    specs.append(ComponentSpec(
+        name="unet",
+        module=wrappers.UNet(model.unet, sdxl=sdxl),
+        weights=model.unet,
+        inputs=unet_inputs,
+        outputs=[("out_sample", "float", ("batch", out_ch, "height", "width"))],
+        example=unet_example,
+        refittable=True,
+    ))
+
+    lat = int(model.vae.config.latent_channels)
+    f = 2 ** (len(model.vae.config.block_out_channels) - 1)
+
+    def dec_example(g: torch.Generator, b: int, h: int, w: int) -> tuple[torch.Tensor, ...]:
+        # latents of a plausible scale: unit variance after the VAE's scaling
+        return (torch.randn(b, lat, h, w, generator=g),)
+
+    def enc_example(g: torch.Generator, b: int, h: int, w: int) -> tuple[torch.Tensor, ...]:
+        return (torch.randint(0, 256, (b, h * f, w * f, 3), generator=g, dtype=torch.uint8),)
+
+    specs.append(ComponentSpec(
+        name="vae_decoder",
+        module=wrappers.VaeDecoder(model.vae),
+        weights=model.vae,
+        inputs=[("latent_sample", "float", ("batch", lat, "height", "width"))],
+        outputs=[("images", "uint8", ("batch", "image_height", "image_width", 3)), ("finite", "bool", ("batch",))],
+        example=dec_example,
+        force_fp32=p.vae_fp32,
+    ))
+    specs.append(ComponentSpec(
+        name="vae_encoder",
+        module=wrappers.VaeEncoder(model.vae),
+        weights=model.vae,
+        inputs=[("image", "uint8", ("batch", "image_height", "image_width", 3))],
+        outputs=[("latent", "float", ("batch", lat, "height", "width"))],
+        example=enc_example,
+        force_fp32=p.vae_fp32,
+    ))
+    return specs
+
+
+def _tool_versions() -> dict[str, str]:
+    import diffusers
+    import onnx
+    import onnxruntime
+    import transformers
+
+    return {
+        "sdrt": __version__,
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _model_index(model: LoadedModel) -> dict[str, object]:
+    """Optimum's model_index.json, so other ONNX tooling can read the folder."""
+    import diffusers
+
+    sdxl = model.preset.family == "sdxl"
+    idx: dict[str, object] = {
+        "_class_name": "ORTStableDiffusionXLPipeline" if sdxl else "ORTStableDiffusionPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "requires_safety_checker": False,
+        "scheduler": ["diffusers", model.scheduler_config.get("_class_name", "PNDMScheduler")],
+        "text_encoder": ["onnxruntime", "ORTModelTextEncoder"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["onnxruntime", "ORTModelUnet"],
+        "vae_decoder": ["onnxruntime", "ORTModelVaeDecoder"],
+        "vae_encoder": ["onnxruntime", "ORTModelVaeEncoder"],
+    }
+    if sdxl:
+        idx["text_encoder_2"] = ["onnxruntime", "ORTModelTextEncoder"]
+        idx["tokenizer_2"] = ["transformers", "CLIPTokenizer"]
+        idx["force_zeros_for_empty_prompt"] = True
+    return idx
+
+
+def export_model(
+    model: LoadedModel,
+    out: str | Path,
+    *,
+    fp16: bool = True,
+    opset: int = MIN_OPSET,
+    parity_shape: tuple[int, int, int] | None = None,
+    progress: Callable[[str], None] = lambda msg: None,
+) -> ExportManifest:
+    """Export every component of ``model`` into ``out`` (atomically) and return its manifest."""
+    from .tokenizer_assets import write_clip_tokenizer
+
+    if opset < MIN_OPSET:
+        raise InputError(f"opset {opset} is too old; sdrt exports opset {MIN_OPSET} or newer (e.g. --opset 17)")
+    precision = "fp16" if fp16 else "fp32"
+    p = model.preset
+    f = 2 ** (len(model.vae.config.block_out_channels) - 1)
+    latent = p.default_size // f
+    if parity_shape is None:
+        # batch 2 (a guided step), non-square to exercise both dynamic spatial axes; capped for CPU time
+        side = min(latent, 32)
+        parity_shape = (2, side, side + 8)
+    out = Path(out)
+    with atomic_dir(out) as tmp:
+        components = {}
+        for spec in component_specs(model):
+            components[spec.name] = export_component(
+                spec, precision, tmp / spec.name, opset=opset, parity_shape=parity_shape, progress=progress
+            )
+        for i, pad in enumerate(p.pad_tokens):
+            name = "tokenizer" if i == 0 else f"tokenizer_{i + 1}"
+            src = model.tokenizer_dirs[i] if i < len(model.tokenizer_dirs) else None
+            write_clip_tokenizer(tmp / name, pad_token=pad, source=src)
+        (tmp / "scheduler").mkdir()
+        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(model.scheduler_config, indent=2))
+        (tmp / "model_index.json").write_text(json.dumps(_model_index(model), indent=2))
+        manifest = ExportManifest(
+            family=p.family,
+            preset=p.name,
+            prediction_type=model.prediction_type,
+            components=components,
+            latent_channels=int(model.vae.config.latent_channels),
+            vae_scale_factor=f,
+            default_size=p.default_size,
+            text_max_length=TEXT_LEN,
+            limits=ShapeLimits(),
+            source=model.source,
+            tools=_tool_versions(),
+            created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        )
+        manifest.write(tmp)
+    return manifest

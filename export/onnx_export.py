@@ -1,0 +1,197 @@
+"""Export one component to ONNX and gate it on parity with its PyTorch module.
+
+Every graph is exported with the TorchScript exporter (``dynamo=False``: on these models it handles
+non-square dynamic spatial axes correctly and exports in seconds, where the dynamo exporter did not),
+cleaned, saved (weights in ``model.onnx_data`` when large), then run with ONNX Runtime CPU on fresh
+random inputs against the float32 PyTorch module. The artifact is refused when they disagree.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from sdrt.runtime.errors import ParityError
+from sdrt.runtime.manifest import Component, Parity, TensorSpec
+
+from .refit_map import build_refit_map
+
+log = logging.getLogger(__name__)
+
+# Relative error bounds: max |onnx - torch| / max |torch| over each float output, torch in float32.
+# fp32 graphs differ from torch only by operator order; fp16 graphs carry fp16 rounding through the net.
+PARITY_BOUND = {"fp32": 1e-4, "fp16": 1e-2}
+# For uint8 images: the largest difference in levels (fp32: a rounding flip at most).
+IMAGE_LEVELS = {"fp32": 1, "fp16": 8}
+EXTERNAL_DATA_BYTES = 1 << 30  # components above 1 GiB keep their weights in model.onnx_data
+
+
+@dataclass
+class ComponentSpec:
+    """What to export: a wrapper module and its I/O contract.
+
+    Input dtypes: "float" follows the export precision, "float32", "int32" and "uint8" are fixed.
+    ``example`` makes float32/int inputs for a given (batch, latent height, latent width).
+    """
+
+    name: str
+    module: torch.nn.Module  # float32 wrapper; weights of interest under .<attr>
+    weights: torch.nn.Module  # the diffusers/transformers module (names for the refit map)
+    inputs: list[tuple[str, str, tuple[int | str, ...]]]
+    outputs: list[tuple[str, str, tuple[int | str, ...]]]
+    example: Callable[[torch.Generator, int, int, int], tuple[torch.Tensor, ...]]
+    force_fp32: bool = False
+    refittable: bool = False
+
+
+def _np_dtype(kind: str, precision: str) -> str:
+    if kind == "float":
+        return "float16" if precision == "fp16" else "float32"
+    return kind
+
+
+def _cast_inputs(args: tuple[torch.Tensor, ...], spec: ComponentSpec, precision: str) -> tuple[torch.Tensor, ...]:
+    out = []
+    for a, (_, kind, _) in zip(args, spec.inputs):
+        out.append(a.half() if kind == "float" and precision == "fp16" else a)
+    return tuple(out)
+
+
+def export_component(
+    spec: ComponentSpec,
+    precision: str,
+    folder: Path,
+    *,
+    opset: int,
+    parity_shape: tuple[int, int, int],
+    progress: Callable[[str], None] = lambda msg: None,
+) -> Component:
+    """Export ``spec`` into ``folder/model.onnx`` and return its manifest entry. Raises ParityError."""
+    precision = "fp32" if spec.force_fp32 else precision
+    folder.mkdir(parents=True, exist_ok=True)
+    scratch = folder / ".raw"
+    scratch.mkdir()
+    gen = torch.Generator().manual_seed(1234)
+    example = _cast_inputs(spec.example(gen, 1, 8, 8), spec, precision)
+    # fp16 graphs are traced from a half copy: the parity reference stays the original fp32 module
+    module = copy.deepcopy(spec.module).half() if precision == "fp16" else spec.module
+    dynamic_axes = {
+        n: {i: d for i, d in enumerate(shape) if isinstance(d, str)} for n, _, shape in spec.inputs + spec.outputs
+    }
+    t0 = time.perf_counter()
+    progress(f"exporting {spec.name} ({precision})")
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about Python control flow on fixed contracts
+        torch.onnx.export(
+            module,
+            example,
+            str(scratch / "model.onnx"),
+            input_names=[n for n, _, _ in spec.inputs],
+            output_names=[n for n, _, _ in spec.outputs],
+            dynamic_axes=dynamic_axes,
+            opset_version=opset,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+    model = onnx.load(str(scratch / "model.onnx"))
+    _cleanup(model)
+    if spec.refittable:  # before saving: saving with external data rewrites the tensors in place
+        wdtype = torch.float16 if precision == "fp16" else torch.float32
+        refit = build_refit_map(model, spec.weights, wdtype)
+        (folder / "refit_map.json").write_text(json.dumps(refit, indent=1, sort_keys=True))
+    size = sum(len(t.raw_data) for t in model.graph.initializer)
+    external = spec.name == "unet" or size > EXTERNAL_DATA_BYTES
+    path = folder / "model.onnx"
+    if external:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location="model.onnx_data", size_threshold=1024)
+    else:
+        onnx.save_model(model, str(path))
+    for f in scratch.iterdir():
+        f.unlink()
+    scratch.rmdir()
+    onnx.checker.check_model(str(path))
+    del model, module
+    progress(f"exported {spec.name} in {time.perf_counter() - t0:.1f} s; checking parity with PyTorch")
+    parity = check_parity(spec, precision, path, parity_shape)
+    progress(
+        f"{spec.name}: parity rel err {parity.rel_err:.2e} (bound {parity.bound:.0e}), "
+        f"max abs {parity.max_abs_err:.2e}"
+    )
+    return Component(
+        path=f"{folder.name}/model.onnx",
+        precision=precision,
+        inputs=tuple(TensorSpec(n, _np_dtype(k, precision), s) for n, k, s in spec.inputs),
+        outputs=tuple(TensorSpec(n, _np_dtype(k, precision), s) for n, k, s in spec.outputs),
+        parity=parity,
+        size_bytes=sum(f.stat().st_size for f in folder.iterdir() if f.name.startswith("model.onnx")),
+    )
+
+
+def _cleanup(model: onnx.ModelProto) -> None:
+    """Drop initializers nothing reads and doc strings; the exporter already folded constants."""
+    used = {i for n in model.graph.node for i in n.input}
+    used |= {o.name for o in model.graph.output}
+    keep = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    for n in model.graph.node:
+        n.doc_string = ""
+    model.producer_name = "sdrt"
+
+
+def check_parity(spec: ComponentSpec, precision: str, path: Path, shape: tuple[int, int, int]) -> Parity:
+    """Run the ONNX graph (ORT CPU) and the float32 torch module on the same fresh inputs."""
+    import onnxruntime as ort
+
+    gen = torch.Generator().manual_seed(4321)
+    b, h, w = shape
+    args32 = spec.example(gen, b, h, w)
+    args = _cast_inputs(args32, spec, precision)
+    ref_args = tuple(a.float() if a.is_floating_point() else a for a in args)  # the same rounded values
+    with torch.inference_mode():
+        ref = spec.module.float()(*ref_args)
+    ref = ref if isinstance(ref, tuple) else (ref,)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = max(1, os.cpu_count() or 1)
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    feed = {n: a.numpy() for (n, _, _), a in zip(spec.inputs, args)}
+    outs = sess.run([n for n, _, _ in spec.outputs], feed)
+    worst_rel, worst_abs, bound = 0.0, 0.0, PARITY_BOUND[precision]
+    for (name, kind, _), o, r in zip(spec.outputs, outs, ref):
+        r_np = r.numpy()
+        if o.shape != r_np.shape:
+            raise ParityError(f"{spec.name}.{name}: ONNX shape {o.shape} != PyTorch shape {r_np.shape}")
+        if kind == "bool":
+            if not np.array_equal(o, r_np):
+                raise ParityError(f"{spec.name}.{name}: ONNX {o.tolist()} != PyTorch {r_np.tolist()}")
+            continue
+        if kind == "uint8":
+            abs_err = float(np.abs(o.astype(np.int16) - r_np.astype(np.int16)).max())
+            # reported as a fraction of full scale; the bound is a whole number of levels
+            rel, b_ = abs_err / 255.0, (IMAGE_LEVELS[precision] + 0.5) / 255.0
+        else:
+            o64, r64 = o.astype(np.float64), r_np.astype(np.float64)
+            if not np.isfinite(o64).all():
+                raise ParityError(f"{spec.name}.{name}: the ONNX graph produced NaN or inf ({precision})")
+            abs_err = float(np.abs(o64 - r64).max())
+            rel, b_ = abs_err / max(float(np.abs(r64).max()), 1e-12), PARITY_BOUND[precision]
+        if rel > b_:
+            raise ParityError(
+                f"{spec.name}.{name}: ONNX Runtime differs from PyTorch by {rel:.3e} relative "
+                f"(max abs {abs_err:.3e}), above the {precision} bound {b_:.0e}. The export was not written."
+            )
+        if rel / b_ >= worst_rel / bound:
+            worst_rel, worst_abs, bound = rel, abs_err, b_
+    return Parity(reference="torch fp32, onnxruntime CPU", max_abs_err=worst_abs, rel_err=worst_rel, bound=bound)

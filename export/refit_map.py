@@ -1,0 +1,49 @@
+"""Which PyTorch parameter each ONNX initializer holds, so weights can be swapped in by name later.
+
+The TorchScript exporter keeps most parameter names but constant-folds the transpose of every Linear
+weight into a new initializer (``onnx::MatMul_1234``). Matching by content (a digest of the bytes, in
+the exported dtype, as-is or transposed) recovers the mapping exactly, whatever names the exporter chose.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+
+
+def _digest(a: np.ndarray) -> str:
+    return hashlib.blake2b(np.ascontiguousarray(a).tobytes(), digest_size=16).hexdigest() + str(a.shape)
+
+
+def build_refit_map(model: onnx.ModelProto, module: torch.nn.Module, dtype: torch.dtype) -> dict[str, Any]:
+    """Map initializer name -> {"param": name, "transpose": bool} for every initializer that is a weight.
+
+    ``module`` is the diffusers/transformers module (parameter names as in its state dict). Parameters
+    whose values occur more than once (all-zero biases, say) are listed under ``"ambiguous"``: a refit
+    must then set them together.
+    """
+    table: dict[str, list[tuple[str, bool]]] = {}
+    for name, p in module.state_dict().items():
+        a = p.detach().to(dtype).cpu().numpy()
+        table.setdefault(_digest(a), []).append((name, False))
+        if a.ndim == 2:
+            table.setdefault(_digest(a.T), []).append((name, True))
+    mapping: dict[str, dict[str, Any]] = {}
+    ambiguous: dict[str, list[str]] = {}
+    for init in model.graph.initializer:
+        arr = numpy_helper.to_array(init)
+        if arr.size < 2:
+            continue  # scalars are folded constants, not weights
+        hits = table.get(_digest(arr))
+        if not hits:
+            continue
+        name, transpose = hits[0]
+        mapping[init.name] = {"param": name, "transpose": transpose}
+        if len({h[0] for h in hits}) > 1:
+            ambiguous[init.name] = sorted({h[0] for h in hits})
+    return {"initializers": mapping, "ambiguous": ambiguous}

@@ -1,0 +1,95 @@
+"""The exact computation each exported graph performs, as small torch modules.
+
+Each wrapper fixes the graph's contract: names, dtypes, and the pre/post-processing that moves into the
+graph so the runtime does no array work on the host (int32 ids in; display-ready uint8 pixels out).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class TextEncoder(torch.nn.Module):
+    """``input_ids`` int32 [B, 77] -> ``hidden_states`` [B, 77, D] (+ ``text_embeds`` [B, P]).
+
+    SD 1.x/2.x condition on the last hidden state (after the final layer norm), SDXL on the
+    penultimate hidden state of both encoders and on the projected pooled embedding of the second.
+    """
+
+    def __init__(self, encoder: torch.nn.Module, penultimate: bool, pooled: bool) -> None:
+        super().__init__()
+        # The TorchScript exporter's SDPA symbolic builds an fp32 causal mask and promotes fp16
+        # attention to fp32 (an invalid graph). Eager CLIP attention exports cleanly and computes its
+        # softmax in fp32, which fp16 needs anyway.
+        if hasattr(encoder, "set_attn_implementation"):
+            encoder.set_attn_implementation("eager")
+        self.encoder = encoder
+        self.penultimate = penultimate
+        self.pooled = pooled
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.encoder(input_ids.long(), output_hidden_states=self.penultimate, return_dict=True)
+        hidden = out.hidden_states[-2] if self.penultimate else out.last_hidden_state
+        if self.pooled:
+            return hidden, out.text_embeds
+        return (hidden,)
+
+
+class UNet(torch.nn.Module):
+    """Noise (or v) prediction. ``timestep`` stays float32 in fp16 graphs: its sinusoidal embedding is
+    computed before the cast, as diffusers does."""
+
+    def __init__(self, unet: torch.nn.Module, sdxl: bool) -> None:
+        super().__init__()
+        self.unet = unet
+        self.sdxl = sdxl
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        text_embeds: torch.Tensor | None = None,
+        time_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        kwargs = {}
+        if self.sdxl:
+            kwargs["added_cond_kwargs"] = {"text_embeds": text_embeds, "time_ids": time_ids}
+        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False, **kwargs)[0]
+
+
+class VaeDecoder(torch.nn.Module):
+    """``latent_sample`` [B, 4, h, w] -> ``images`` uint8 [B, 8h, 8w, 3] and ``finite`` bool [B].
+
+    The latent scaling and diffusers' postprocessing ((x / 2 + 0.5).clamp(0, 1) * 255, rounded) run
+    inside the graph, in float32. ``finite`` is False for an image whose decoded values held NaN or inf
+    (an fp16 overflow), which the uint8 cast would otherwise hide.
+    """
+
+    def __init__(self, vae: torch.nn.Module) -> None:
+        super().__init__()
+        self.vae = vae
+        self.scale = float(vae.config.scaling_factor)
+
+    def forward(self, latent_sample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        image = self.vae.decode(latent_sample / self.scale, return_dict=False)[0].float()
+        finite = torch.isfinite(image).flatten(1).all(dim=1)
+        image = torch.nan_to_num(image, nan=0.0, posinf=1.0, neginf=-1.0)
+        image = ((image / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+        return image.permute(0, 2, 3, 1), finite
+
+
+class VaeEncoder(torch.nn.Module):
+    """``image`` uint8 [B, H, W, 3] -> ``latent`` [B, 4, H/8, W/8]: the scaled mean of the latent
+    distribution (img2img starts from it; sdrt's img2img is deterministic)."""
+
+    def __init__(self, vae: torch.nn.Module) -> None:
+        super().__init__()
+        self.vae = vae
+        self.scale = float(vae.config.scaling_factor)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        dtype = next(self.vae.parameters()).dtype
+        x = image.permute(0, 3, 1, 2).float() / 255.0
+        x = (2.0 * x - 1.0).to(dtype)
+        return self.vae.encode(x, return_dict=False)[0].mean * self.scale

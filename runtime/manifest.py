@@ -1,0 +1,154 @@
+"""The sdrt manifest (``sdrt.json``) written beside every ONNX export.
+
+It records what the runtime must know without opening a graph: the model family, prediction type,
+precision and I/O of each component, the supported shape range, where the weights came from, the tool
+versions, and the parity figures measured at export. The schema is versioned; readers refuse a newer
+one with a message rather than guessing.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .atomic import atomic_write_text
+from .errors import ArtifactError, CompatibilityError
+
+MANIFEST_NAME = "sdrt.json"
+SCHEMA_VERSION = 1
+
+FAMILIES = ("sd1", "sd2", "sdxl")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy dtype name: float16, float32, int32, uint8, bool
+    shape: tuple[int | str, ...]  # ints are fixed, strings name a dynamic axis
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TensorSpec:
+        return cls(d["name"], d["dtype"], tuple(d["shape"]))
+
+
+@dataclass(frozen=True)
+class Parity:
+    """How an exported graph compared with its PyTorch module at export time."""
+
+    reference: str  # e.g. "torch fp32"
+    max_abs_err: float
+    rel_err: float  # max |onnx - torch| / max |torch|
+    bound: float  # rel_err must not exceed it
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Parity:
+        return cls(d["reference"], float(d["max_abs_err"]), float(d["rel_err"]), float(d["bound"]))
+
+
+@dataclass(frozen=True)
+class Component:
+    path: str  # relative to the export folder
+    precision: str  # "fp16" | "fp32"
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    parity: Parity | None = None
+    size_bytes: int = 0
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Component:
+        return cls(
+            path=d["path"],
+            precision=d["precision"],
+            inputs=tuple(TensorSpec.from_dict(t) for t in d["inputs"]),
+            outputs=tuple(TensorSpec.from_dict(t) for t in d["outputs"]),
+            parity=Parity.from_dict(d["parity"]) if d.get("parity") else None,
+            size_bytes=int(d.get("size_bytes", 0)),
+        )
+
+
+@dataclass(frozen=True)
+class ShapeLimits:
+    """Image sizes and batch the exported graphs accept (dynamic axes)."""
+
+    min_size: int = 64
+    max_size: int = 2048
+    multiple_of: int = 8
+    max_batch: int = 16
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ShapeLimits:
+        return cls(**{k: int(v) for k, v in d.items()})
+
+
+@dataclass(frozen=True)
+class ExportManifest:
+    family: str  # "sd1" | "sd2" | "sdxl"
+    preset: str  # architecture preset name, e.g. "sd15" or "sd15-tiny"
+    prediction_type: str  # "epsilon" | "v_prediction"
+    components: dict[str, Component]
+    latent_channels: int
+    vae_scale_factor: int  # pixels per latent
+    default_size: int  # the resolution the model was trained at
+    text_max_length: int  # tokens per chunk, 77 for CLIP
+    limits: ShapeLimits = field(default_factory=ShapeLimits)
+    source: dict[str, Any] = field(default_factory=dict)  # kind, path, sha256
+    tools: dict[str, str] = field(default_factory=dict)
+    created: str = ""
+    schema: int = SCHEMA_VERSION
+    kind: str = "onnx"
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=False) + "\n"
+
+    def write(self, folder: str | Path) -> None:
+        atomic_write_text(Path(folder) / MANIFEST_NAME, self.to_json())
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ExportManifest:
+        schema = int(d.get("schema", 0))
+        if schema > SCHEMA_VERSION:
+            raise CompatibilityError(
+                f"manifest schema {schema} is newer than this sdrt understands ({SCHEMA_VERSION}); "
+                "upgrade sdrt (pip install -U sdrt) or re-export with this version"
+            )
+        if schema < 1:
+            raise CompatibilityError("manifest has no schema version; re-export the model with `sdrt export`")
+        if d.get("family") not in FAMILIES:
+            raise ArtifactError(f"manifest names unknown family {d.get('family')!r}; expected one of {FAMILIES}")
+        return cls(
+            family=d["family"],
+            preset=d["preset"],
+            prediction_type=d["prediction_type"],
+            components={k: Component.from_dict(v) for k, v in d["components"].items()},
+            latent_channels=int(d["latent_channels"]),
+            vae_scale_factor=int(d["vae_scale_factor"]),
+            default_size=int(d["default_size"]),
+            text_max_length=int(d["text_max_length"]),
+            limits=ShapeLimits.from_dict(d.get("limits", {})),
+            source=dict(d.get("source", {})),
+            tools=dict(d.get("tools", {})),
+            created=d.get("created", ""),
+            schema=schema,
+            kind=d.get("kind", "onnx"),
+        )
+
+    @classmethod
+    def read(cls, folder: str | Path) -> ExportManifest:
+        path = Path(folder) / MANIFEST_NAME
+        if not Path(folder).is_dir():
+            raise ArtifactError(f"{folder} is not a folder; pass the folder written by `sdrt export`")
+        if not path.is_file():
+            raise ArtifactError(
+                f"{path} is missing: {folder} is not an sdrt export; create one with "
+                f"`sdrt export --model CHECKPOINT --out {folder}`"
+            )
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ArtifactError(f"{path} is unreadable ({e}); re-export the model with `sdrt export`") from e
+        try:
+            return cls.from_dict(data)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ArtifactError(f"{path} is incomplete or corrupt ({e!r}); re-export the model") from e
