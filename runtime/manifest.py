@@ -55,6 +55,8 @@ class Component:
     outputs: tuple[TensorSpec, ...]
     parity: Parity | None = None
     size_bytes: int = 0
+    # backend name -> path of a graph optimized for it (e.g. "ort-cuda": fused CUDA-only operators)
+    variants: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Component:
@@ -65,6 +67,7 @@ class Component:
             outputs=tuple(TensorSpec.from_dict(t) for t in d["outputs"]),
             parity=Parity.from_dict(d["parity"]) if d.get("parity") else None,
             size_bytes=int(d.get("size_bytes", 0)),
+            variants=dict(d.get("variants", {})),
         )
 
 
