@@ -1,0 +1,451 @@
+"""Samplers as per-step coefficient tables, plus a numpy reference of the step they describe.
+
+Every sampler here is linear per step. With ``m`` the model output after classifier-free guidance,
+
+    unet_in = s_i * x                                      (the UNet sees the VP sample x_t)
+    x0      = p_i * x + q_i * m                            (eps / v prediction -> data prediction)
+    x_next  = a_i * x + b_i * x0 + c_i * x0_prev + d_i * noise_i
+
+so a plan is a float64 table ``[steps, len(COLUMNS)]`` computed once on the host, and the device runs
+the same tiny graph every step (``step_graph.py``). ``x`` is the sampler's own state: the VP sample
+x_t for DDIM, DPM-Solver++ and LCM, the VE sample x_t / alpha_t for the Euler samplers (k-diffusion's
+convention, hence their ``s_i = alpha_t`` and ``init_noise_sigma > 1``). Adapting the prediction type
+lives only in (p, q); the solvers see only x and x0.
+
+Each sampler name reproduces one diffusers scheduler built with ``from_config(scheduler_config)``:
+missing keys take that class's defaults, and the name fixes the solver options:
+
+    ddim             DDIMScheduler (eta from ``make_plan``)
+    dpmpp-2m         DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2)
+    dpmpp-2m-karras  the same with use_karras_sigmas=True
+    euler            EulerDiscreteScheduler (honours use_karras_sigmas from the config)
+    euler-a          EulerAncestralDiscreteScheduler
+    lcm              LCMScheduler; img2img as LatentConsistencyModelImg2ImgPipeline
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import schedules as sch
+from .errors import InputError
+
+SAMPLERS = ("ddim", "dpmpp-2m", "dpmpp-2m-karras", "euler", "euler-a", "lcm")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+COLUMNS = ("s", "p", "q", "a", "b", "c", "d", "s_next")
+S, P, Q, A, B, C, D, S_NEXT = range(len(COLUMNS))
+
+_DPM = ("dpmpp-2m", "dpmpp-2m-karras")
+# Config values diffusers honours that a linear per-step update cannot reproduce: key -> (the only
+# supported value, the samplers whose diffusers class reads the key).
+_UNSUPPORTED: dict[str, tuple[Any, tuple[str, ...]]] = {
+    "clip_sample": (False, ("ddim", "lcm")),
+    "thresholding": (False, ("ddim", "lcm", *_DPM)),
+    "rescale_betas_zero_snr": (False, SAMPLERS),
+    "final_sigmas_type": ("zero", (*_DPM, "euler")),
+    "use_exponential_sigmas": (False, (*_DPM, "euler")),
+    "use_beta_sigmas": (False, (*_DPM, "euler")),
+    "use_lu_lambdas": (False, _DPM),
+    "use_flow_sigmas": (False, _DPM),
+    "use_dynamic_shifting": (False, _DPM),
+    "variance_type": (None, _DPM),
+    "lambda_min_clipped": (-math.inf, _DPM),
+    "interpolation_type": ("linear", ("euler",)),
+    "timestep_type": ("discrete", ("euler",)),
+    "sigma_min": (None, ("euler",)),
+    "sigma_max": (None, ("euler",)),
+}
+# Defaults that differ between the diffusers classes (the rest are shared).
+_CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
+    "ddim": {"timestep_spacing": "leading"},
+    "dpmpp-2m": {"timestep_spacing": "linspace"},
+    "dpmpp-2m-karras": {"timestep_spacing": "linspace"},
+    "euler": {"timestep_spacing": "linspace"},
+    "euler-a": {"timestep_spacing": "linspace"},
+    "lcm": {"timestep_spacing": "leading", "beta_start": 0.00085, "beta_end": 0.012,
+            "beta_schedule": "scaled_linear"},
+}
+
+
+@dataclass(frozen=True, eq=False)
+class SamplerPlan:
+    """Everything the sampling loop needs, precomputed in float64. Arrays are read-only.
+
+    ``timesteps[i]`` is what the UNet receives at step i; ``table[i]`` holds the COLUMNS for step i.
+    A txt2img loop starts from ``init_noise_sigma * noise``; img2img from ``add_noise(latents, noise)``.
+    """
+
+    sampler: str
+    prediction_type: str
+    timesteps: np.ndarray
+    table: np.ndarray
+    init_noise_sigma: float
+    noise_coeffs: tuple[float, float]  # img2img start: x = noise_coeffs[0] * latents + noise_coeffs[1] * noise
+    needs_noise: bool  # some step adds fresh noise (d_i != 0): ancestral, DDIM eta > 0, LCM
+
+    def __post_init__(self) -> None:
+        for a in (self.timesteps, self.table):
+            a.flags.writeable = False
+
+    @property
+    def steps(self) -> int:
+        return len(self.timesteps)
+
+    def coeffs(self, i: int) -> np.ndarray:
+        """Row i of the table as float32: the step graph's ``coeffs`` input."""
+        return self.table[i].astype(np.float32)
+
+    def add_noise(self, latents: np.ndarray, noise: np.ndarray) -> np.ndarray:
+        """Noise encoded image latents to the first step's level (the scheduler's ``add_noise``)."""
+        ka, kn = self.noise_coeffs
+        return ka * latents + kn * noise
+
+
+def make_plan(
+    sampler: str,
+    steps: int,
+    scheduler_config: Mapping[str, Any],
+    *,
+    prediction_type: str | None = None,
+    strength: float = 1.0,
+    eta: float = 0.0,
+) -> SamplerPlan:
+    """Precompute a sampler's per-step coefficients for ``steps`` steps (img2img when strength < 1).
+
+    ``prediction_type`` overrides the config's. Raises InputError on any bad argument before any work.
+    """
+    cfg = _config(sampler, scheduler_config, prediction_type)
+    _check_args(sampler, steps, strength, eta)
+    _check_run_length(sampler, steps, cfg, strength)
+    build = _BUILDERS[sampler]
+    return build(sampler, steps, cfg, strength, eta)
+
+
+# -- numpy reference of the device step -----------------------------------------------------------
+
+
+def guide(unet_out: np.ndarray, guidance: float) -> np.ndarray:
+    """Classifier-free guidance (Ho & Salimans 2022): rows [uncond; cond] -> u + g (c - u)."""
+    uncond, cond = np.split(unet_out, 2, axis=0)
+    return uncond + guidance * (cond - uncond)
+
+
+def model_input(plan: SamplerPlan, i: int, x: np.ndarray) -> np.ndarray:
+    """The UNet input of step i: s_i * x."""
+    return plan.table[i, S] * x
+
+
+def step_reference(
+    plan: SamplerPlan,
+    i: int,
+    x: np.ndarray,
+    model_output: np.ndarray,
+    x0_prev: np.ndarray | None = None,
+    noise: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One step in numpy: returns (x_next, x0). ``model_output`` is after guidance."""
+    _, p, q, a, b, c, d, _ = plan.table[i]
+    x0 = p * x + q * model_output
+    x_next = a * x + b * x0
+    if c != 0.0:
+        x_next = x_next + c * _needed(x0_prev, "x0_prev", plan, i)
+    if d != 0.0:
+        x_next = x_next + d * _needed(noise, "noise", plan, i)
+    return x_next, x0
+
+
+def run_reference(
+    plan: SamplerPlan,
+    latents: np.ndarray,
+    model: Callable[[np.ndarray, float], np.ndarray],
+    noises: Sequence[np.ndarray] | None = None,
+) -> np.ndarray:
+    """The whole loop in numpy. ``model(unet_in, t)`` returns the guided output; ``noises[i]`` feeds step i."""
+    x, x0 = latents, None
+    for i in range(plan.steps):
+        m = model(model_input(plan, i, x), float(plan.timesteps[i]))
+        noise = noises[i] if noises is not None else None
+        x, x0 = step_reference(plan, i, x, m, x0, noise)
+    return x
+
+
+def _needed(a: np.ndarray | None, name: str, plan: SamplerPlan, i: int) -> np.ndarray:
+    if a is None:
+        raise InputError(f"{plan.sampler} step {i} uses {name}; pass it (it is None)")
+    return a
+
+
+# -- argument checks --------------------------------------------------------------------------------
+
+
+def _config(sampler: str, config: Mapping[str, Any], prediction_type: str | None) -> dict[str, Any]:
+    """The config as the sampler's diffusers class would see it, checked."""
+    if sampler not in SAMPLERS:
+        raise InputError(f"unknown sampler {sampler!r}; valid names: {', '.join(SAMPLERS)}")
+    cfg = {"num_train_timesteps": 1000, "steps_offset": 0, "prediction_type": "epsilon",
+           "set_alpha_to_one": True, "use_karras_sigmas": False, "original_inference_steps": 50,
+           "timestep_scaling": 10.0, **_CLASS_DEFAULTS[sampler]}
+    cfg.update({k: v for k, v in config.items() if not k.startswith("_")})
+    if prediction_type is not None:
+        cfg["prediction_type"] = prediction_type
+    if cfg["prediction_type"] not in PREDICTION_TYPES:
+        raise InputError(f"prediction_type {cfg['prediction_type']!r} is not supported; "
+                         f"use one of {', '.join(PREDICTION_TYPES)}")
+    for key, (ok, users) in _UNSUPPORTED.items():
+        if sampler in users and key in cfg and cfg[key] != ok:
+            raise InputError(f"scheduler config {key}={cfg[key]!r} is not supported by {sampler}; "
+                             f"set it to {ok!r}")
+    if cfg["timestep_spacing"] not in sch.SPACINGS:
+        raise InputError(f"timestep_spacing {cfg['timestep_spacing']!r} is not supported; "
+                         f"use one of {', '.join(sch.SPACINGS)}")
+    sch.betas(cfg)  # rejects an unknown beta_schedule now, before any work
+    return cfg
+
+
+def _check_args(sampler: str, steps: int, strength: float, eta: float) -> None:
+    if not _is_number(steps, integral=True) or steps < 1:
+        raise InputError(f"steps must be an integer >= 1, got {steps!r}")
+    if not _is_number(strength) or not 0.0 < strength <= 1.0:
+        raise InputError(f"strength must be a number in (0, 1], got {strength!r}")
+    if not _is_number(eta) or not 0.0 <= eta <= 1.0:
+        raise InputError(f"eta must be a number in [0, 1], got {eta!r}")
+    if eta != 0.0 and sampler != "ddim":
+        raise InputError(f"eta applies only to ddim, not {sampler}; leave it at 0")
+
+
+def _is_number(v: object, integral: bool = False) -> bool:
+    kinds = (int, np.integer) if integral else (int, float, np.integer, np.floating)
+    return isinstance(v, kinds) and not isinstance(v, bool)
+
+
+def _check_run_length(sampler: str, steps: int, cfg: Mapping[str, Any], strength: float) -> None:
+    """The step count and strength leave at least one step, within the model's schedule."""
+    if steps > cfg["num_train_timesteps"]:
+        raise InputError(f"steps {steps} exceeds the model's {cfg['num_train_timesteps']} training steps")
+    if sampler == "lcm":
+        original = int(cfg["original_inference_steps"])
+        if steps > original or int(original * strength) // steps < 1:
+            raise InputError(f"lcm serves at most {int(original * strength)} steps with "
+                             f"original_inference_steps={original} and strength={strength}; got {steps}")
+    elif sch.img2img_start(steps, strength) >= steps:
+        raise InputError(f"strength {strength} leaves none of the {steps} steps; raise strength or steps")
+
+
+def _in_range(t: np.ndarray, num_train: int) -> np.ndarray:
+    if t.min() < 0 or t.max() > num_train - 1:
+        raise InputError(f"timesteps {t.min():g}..{t.max():g} fall outside the {num_train} training "
+                         "steps; lower steps_offset or steps")
+    return t
+
+
+def _int_timesteps(t: np.ndarray, num_train: int) -> np.ndarray:
+    """Timesteps used as indices into the training schedule: integral and in range."""
+    return _in_range(np.round(t), num_train)
+
+
+# -- shared pieces ----------------------------------------------------------------------------------
+
+
+def _x0_coeffs(
+    alpha: np.ndarray, sigma: np.ndarray, s: np.ndarray | float, prediction_type: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """(p, q) with x0 = p x + q m, for the VP sample x_t = s x = alpha x0 + sigma eps.
+
+    epsilon: x0 = (x_t - sigma eps) / alpha            (DDIM eq. 9)
+    v:       x0 = alpha x_t - sigma v, v = alpha eps - sigma x0  (Salimans & Ho 2022, sec. 4)
+    """
+    if prediction_type == "epsilon":
+        return s / alpha, -sigma / alpha
+    return alpha * s, -sigma
+
+
+def _plan(sampler: str, cfg: Mapping[str, Any], timesteps: np.ndarray, cols: Mapping[str, np.ndarray | float],
+          alpha0: float, sigma0: float, init_noise_sigma: float) -> SamplerPlan:
+    """Assemble the table; ``cols`` holds every COLUMN but s_next, each of length steps."""
+    n = len(timesteps)
+    table = np.zeros((n, len(COLUMNS)))
+    for name, values in cols.items():
+        table[:, COLUMNS.index(name)] = np.broadcast_to(np.asarray(values, dtype=np.float64), (n,))
+    table[:-1, S_NEXT] = table[1:, S]
+    table[-1, S_NEXT] = 1.0
+    s0 = table[0, S]
+    return SamplerPlan(
+        sampler=sampler,
+        prediction_type=cfg["prediction_type"],
+        timesteps=np.asarray(timesteps, dtype=np.float64),
+        table=table,
+        init_noise_sigma=float(init_noise_sigma),
+        noise_coeffs=(float(alpha0 / s0), float(sigma0 / s0)),
+        needs_noise=bool(np.any(table[:, D] != 0.0)),
+    )
+
+
+# -- DDIM (Song et al. 2021) -----------------------------------------------------------------------
+
+
+def _ddim(sampler: str, steps: int, cfg: Mapping[str, Any], strength: float, eta: float) -> SamplerPlan:
+    """DDIM eq. 12: x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - std^2) eps + std z.
+
+    eps = (x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t) holds for either prediction type, so
+    a = sqrt(1 - abar_prev - std^2) / sqrt(1 - abar_t) and b = sqrt(abar_prev) - a sqrt(abar_t).
+    """
+    T = cfg["num_train_timesteps"]
+    abar = sch.alphas_cumprod(cfg)
+    t = sch.spaced_timesteps(cfg["timestep_spacing"], steps, T, cfg["steps_offset"])
+    t = _int_timesteps(t, T)[sch.img2img_start(steps, strength):]
+    prev = t - T // steps  # diffusers steps back by T // steps whatever the spacing
+    final = 1.0 if cfg["set_alpha_to_one"] else abar[0]
+    abar_t = abar[t.astype(np.int64)]
+    abar_prev = np.where(prev >= 0, abar[np.maximum(prev, 0).astype(np.int64)], final)
+    # DDIM eq. 16: sigma_t(eta)^2 = eta^2 (1 - abar_prev) / (1 - abar_t) (1 - abar_t / abar_prev)
+    std = eta * np.sqrt((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev))
+    alpha, sigma = sch.vp_from_abar(abar_t)
+    a = np.sqrt(np.maximum(1 - abar_prev - std**2, 0.0)) / sigma
+    p, q = _x0_coeffs(alpha, sigma, 1.0, cfg["prediction_type"])
+    cols = {"s": 1.0, "p": p, "q": q, "a": a, "b": np.sqrt(abar_prev) - a * alpha, "d": std}
+    return _plan(sampler, cfg, t, cols, alpha[0], sigma[0], 1.0)
+
+
+# -- DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Alg. 2) -------------------------------------
+
+
+def _dpm_sigmas(steps: int, cfg: Mapping[str, Any], karras: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(timesteps, VE sigmas) of the full schedule, as DPMSolverMultistepScheduler.set_timesteps."""
+    T, spacing = cfg["num_train_timesteps"], cfg["timestep_spacing"]
+    train = sch.ve_sigmas(sch.alphas_cumprod(cfg))
+    if karras:  # Karras et al. 2022 eq. 5 over the whole training range; timesteps rounded
+        sigmas = sch.karras_sigmas(train[0], train[-1], steps)
+        return _int_timesteps(sch.sigma_to_t(sigmas, train), T), sigmas
+    if spacing == "trailing":
+        t = sch.spaced_timesteps(spacing, steps, T)
+    else:  # DPM spaces steps + 1 points and drops the last (t = 0 or steps_offset)
+        t = sch.spaced_timesteps(spacing, steps + 1, T, cfg["steps_offset"])[:-1]
+    t = _int_timesteps(t, T)
+    return t, sch.interp_sigma(t, train)
+
+
+def _dpm_solver(sigmas: np.ndarray) -> dict[str, np.ndarray]:
+    """a, b, c for DPM-Solver++(2M), midpoint form, on VE sigmas[0..n] with sigmas[n] = 0.
+
+    First order (DPM-Solver++(1), sec. 4; the same as DDIM): x_t = (sigma_t / sigma_s) x_s + alpha_t (1 - e^-h) x0,
+    with h = lambda_t - lambda_s, so e^-h = sigma'_t / sigma'_s in VE sigmas.
+    Second order (Alg. 2): D = (1 + 1/(2 r)) x0_s - 1/(2 r) x0_prev, r = h_prev / h.
+    Steps 0 (no history) and n-1 (sigma_n = 0) are first order, as diffusers' lower_order_final.
+    """
+    n = len(sigmas) - 1
+    alpha, sigma = sch.vp_from_sigma(sigmas)
+    ratio = sigmas[1:] / sigmas[:-1]  # e^-h
+    a = sigma[1:] / sigma[:-1]
+    b = alpha[1:] * (1.0 - ratio)
+    c = np.zeros(n)
+    for i in range(1, n - 1):
+        r = math.log(sigmas[i - 1] / sigmas[i]) / math.log(sigmas[i] / sigmas[i + 1])
+        c[i] = -b[i] / (2 * r)
+        b[i] = b[i] * (1 + 1 / (2 * r))
+    return {"a": a, "b": b, "c": c}
+
+
+def _dpmpp_2m(sampler: str, steps: int, cfg: Mapping[str, Any], strength: float, eta: float) -> SamplerPlan:
+    karras = sampler == "dpmpp-2m-karras" or bool(cfg["use_karras_sigmas"])
+    t, sigmas = _dpm_sigmas(steps, cfg, karras)
+    _check_descending(sigmas, sampler, steps)
+    start = sch.img2img_start(steps, strength)  # the run restarts the multistep history (set_begin_index)
+    t, sigmas = t[start:], np.append(sigmas[start:], 0.0)
+    alpha, sigma = sch.vp_from_sigma(sigmas[:-1])
+    p, q = _x0_coeffs(alpha, sigma, 1.0, cfg["prediction_type"])
+    cols: dict[str, np.ndarray | float] = {"s": 1.0, "p": p, "q": q, **_dpm_solver(sigmas)}
+    return _plan(sampler, cfg, t, cols, alpha[0], sigma[0], 1.0)
+
+
+def _check_descending(sigmas: np.ndarray, sampler: str, steps: int) -> None:
+    if np.any(np.diff(sigmas) >= 0):
+        raise InputError(f"{steps} steps repeat a noise level for {sampler} with this config; use fewer steps")
+
+
+# -- Euler and Euler ancestral (Karras et al. 2022, Alg. 2; k-diffusion) --------------------------
+
+
+def _euler_sigmas(steps: int, cfg: Mapping[str, Any], karras: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(timesteps, VE sigmas) as EulerDiscreteScheduler.set_timesteps; fractional timesteps allowed."""
+    T = cfg["num_train_timesteps"]
+    train = sch.ve_sigmas(sch.alphas_cumprod(cfg))
+    t = _in_range(sch.spaced_timesteps(cfg["timestep_spacing"], steps, T, cfg["steps_offset"]), T)
+    sigmas = sch.interp_sigma(t, train)
+    if karras:  # Karras et al. 2022 eq. 5 between the spaced schedule's own ends
+        sigmas = sch.karras_sigmas(sigmas[-1], sigmas[0], steps)
+        t = sch.sigma_to_t(sigmas, train)
+    return t, sigmas
+
+
+def _euler_init_sigma(sigmas: np.ndarray, spacing: str) -> float:
+    top = float(sigmas.max())
+    return top if spacing in ("linspace", "trailing") else math.sqrt(top**2 + 1)
+
+
+def _euler(sampler: str, steps: int, cfg: Mapping[str, Any], strength: float, eta: float) -> SamplerPlan:
+    karras = sampler == "euler" and bool(cfg["use_karras_sigmas"])
+    t, sigmas = _euler_sigmas(steps, cfg, karras)
+    _check_descending(sigmas, sampler, steps)
+    init = _euler_init_sigma(sigmas, cfg["timestep_spacing"])
+    start = sch.img2img_start(steps, strength)
+    t, sigmas = t[start:], np.append(sigmas[start:], 0.0)
+    alpha, sigma = sch.vp_from_sigma(sigmas[:-1])  # UNet input x / sqrt(sigma^2 + 1) = alpha x
+    p, q = _x0_coeffs(alpha, sigma, alpha, cfg["prediction_type"])
+    solver = _euler_ancestral(sigmas) if sampler == "euler-a" else _euler_step(sigmas)
+    cols: dict[str, np.ndarray | float] = {"s": alpha, "p": p, "q": q, **solver}
+    return _plan(sampler, cfg, t, cols, alpha[0], sigma[0], init)
+
+
+def _euler_step(sigmas: np.ndarray) -> dict[str, np.ndarray]:
+    """Euler on dx/dsigma = (x - x0) / sigma: x_next = x + (sigma_next - sigma) (x - x0) / sigma."""
+    a = sigmas[1:] / sigmas[:-1]
+    return {"a": a, "b": 1.0 - a}
+
+
+def _euler_ancestral(sigmas: np.ndarray) -> dict[str, np.ndarray]:
+    """Euler to sigma_down, then fresh noise of sigma_up (k-diffusion get_ancestral_step, eta = 1)."""
+    cur, nxt = sigmas[:-1], sigmas[1:]
+    up = np.sqrt(nxt**2 * (cur**2 - nxt**2) / cur**2)
+    down = np.sqrt(nxt**2 - up**2)
+    return {"a": down / cur, "b": 1.0 - down / cur, "d": up}
+
+
+# -- LCM (Luo et al. 2023, "Latent Consistency Models", multistep consistency sampling) -----------
+
+
+def _lcm_timesteps(steps: int, cfg: Mapping[str, Any], strength: float) -> np.ndarray:
+    """LCMScheduler.set_timesteps: ``steps`` picks from the distillation schedule of original steps."""
+    T, original = cfg["num_train_timesteps"], int(cfg["original_inference_steps"])
+    origin = (np.arange(1, int(original * strength) + 1) * (T // original) - 1)[::-1]
+    picks = np.floor(np.linspace(0, len(origin), num=steps, endpoint=False)).astype(np.int64)
+    return origin[picks].astype(np.float64)
+
+
+def _lcm(sampler: str, steps: int, cfg: Mapping[str, Any], strength: float, eta: float) -> SamplerPlan:
+    """Consistency function f(x, t) = c_skip(t) x + c_out(t) x0 (Song et al. 2023), then re-noise to the next t."""
+    t = _lcm_timesteps(steps, cfg, strength)
+    abar = sch.alphas_cumprod(cfg)
+    alpha, sigma = sch.vp_from_abar(abar[t.astype(np.int64)])
+    p, q = _x0_coeffs(alpha, sigma, 1.0, cfg["prediction_type"])
+    scaled = t * cfg["timestep_scaling"]  # boundary condition with sigma_data = 0.5
+    c_skip = 0.25 / (scaled**2 + 0.25)
+    c_out = scaled / np.sqrt(scaled**2 + 0.25)
+    b = np.append(alpha[1:], 1.0)  # last step returns the denoised sample itself
+    d = np.append(sigma[1:], 0.0)
+    cols = {"s": 1.0, "p": c_skip + c_out * p, "q": c_out * q, "a": 0.0, "b": b, "d": d}
+    return _plan(sampler, cfg, t, cols, alpha[0], sigma[0], 1.0)
+
+
+_BUILDERS: dict[str, Callable[..., SamplerPlan]] = {
+    "ddim": _ddim,
+    "dpmpp-2m": _dpmpp_2m,
+    "dpmpp-2m-karras": _dpmpp_2m,
+    "euler": _euler,
+    "euler-a": _euler,
+    "lcm": _lcm,
+}

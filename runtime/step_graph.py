@@ -1,0 +1,116 @@
+"""The per-step sampler update as a tiny ONNX graph, so latents stay on the device between UNet calls.
+
+One graph serves every sampler and every step: the step's coefficients arrive as the ``coeffs`` input
+(a float32 row of ``SamplerPlan.table``, columns ``samplers.COLUMNS``), so nothing is rebuilt per step.
+The loop is UNet -> step graph -> UNet: ``unet_in_next`` is already scaled and, when guided,
+duplicated to the UNet's 2B rows.
+
+    inputs   latents [B,C,H,W]; unet_out [2B or B,C,H,W] (guided: B uncond rows, then B cond rows);
+             guidance [] float32 (guided only); coeffs [8] float32; x0_prev [B,C,H,W]; noise [B,C,H,W]
+    outputs  latents_next [B,C,H,W]; x0 [B,C,H,W]; unet_in_next [2B or B,C,H,W]
+
+Float16 graphs compute in float32 and round once on output. The numpy reference is
+``samplers.step_reference`` (after ``samplers.guide``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from .errors import InputError
+from .samplers import COLUMNS
+
+OPSET = 17
+IR_VERSION = 8  # the IR of opset 17 (ONNX 1.12): readable by every runtime and TensorRT we target
+_TYPES = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16}
+_LATENT = ["B", "C", "H", "W"]
+
+
+def build_step_graph(batch_guided: bool, dtype: Any = np.float16) -> onnx.ModelProto:
+    """The step graph for latents of ``dtype`` (float16 or float32); guided means CFG on 2B UNet rows."""
+    try:
+        elem = _TYPES[np.dtype(dtype)]
+    except (KeyError, TypeError) as e:
+        raise InputError(f"step graph dtype must be float16 or float32, got {dtype!r}") from e
+    nodes: list[onnx.NodeProto] = []
+    x, out, x0_prev, noise = (_input(nodes, name, elem) for name in ("latents", "unet_out", "x0_prev", "noise"))
+    m = _guided(nodes, out) if batch_guided else out
+    _, p, q, a, b, c, d, s_next = _columns(nodes)
+    x0 = _add(nodes, "x0_f", _mul(nodes, p, x), _mul(nodes, q, m))  # x0 = p x + q m
+    x_next = _add(nodes, "update", _mul(nodes, a, x), _mul(nodes, b, x0))
+    x_next = _add(nodes, "x_next_f", x_next,
+                  _add(nodes, "history_noise", _mul(nodes, c, x0_prev), _mul(nodes, d, noise)))
+    unet_in = _mul(nodes, s_next, x_next)
+    if batch_guided:
+        unet_in = _node(nodes, "Concat", [unet_in, unet_in], "unet_in_f", axis=0)
+    _output(nodes, x_next, "latents_next", elem)
+    _output(nodes, x0, "x0", elem)
+    _output(nodes, unet_in, "unet_in_next", elem)
+    return _model(nodes, batch_guided, elem)
+
+
+def _model(nodes: list[onnx.NodeProto], batch_guided: bool, elem: int) -> onnx.ModelProto:
+    rows = ["2B", *_LATENT[1:]] if batch_guided else _LATENT
+    inputs = [
+        helper.make_tensor_value_info("latents", elem, _LATENT),
+        helper.make_tensor_value_info("unet_out", elem, rows),
+        *([helper.make_tensor_value_info("guidance", TensorProto.FLOAT, [])] if batch_guided else []),
+        helper.make_tensor_value_info("coeffs", TensorProto.FLOAT, [len(COLUMNS)]),
+        helper.make_tensor_value_info("x0_prev", elem, _LATENT),
+        helper.make_tensor_value_info("noise", elem, _LATENT),
+    ]
+    outputs = [
+        helper.make_tensor_value_info("latents_next", elem, _LATENT),
+        helper.make_tensor_value_info("x0", elem, _LATENT),
+        helper.make_tensor_value_info("unet_in_next", elem, rows),
+    ]
+    graph = helper.make_graph(nodes, "sdrt_sampler_step", inputs, outputs)
+    graph.doc_string = "x0 = p x + q m; x_next = a x + b x0 + c x0_prev + d noise; unet_in = s_next x_next"
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="sdrt")
+    model.ir_version = IR_VERSION
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _guided(nodes: list[onnx.NodeProto], out: str) -> str:
+    """Classifier-free guidance (Ho & Salimans 2022): m = u + g (c - u) over [uncond; cond] rows."""
+    uncond, cond = (f"{n}_rows" for n in ("uncond", "cond"))
+    nodes.append(helper.make_node("Split", [out], [uncond, cond], axis=0))
+    delta = _node(nodes, "Sub", [cond, uncond], "cond_minus_uncond")
+    return _add(nodes, "guided", uncond, _mul(nodes, "guidance", delta))
+
+
+def _columns(nodes: list[onnx.NodeProto]) -> list[str]:
+    """The coeffs row split into one [1]-shaped tensor per COLUMN (broadcasts against latents)."""
+    names = [f"coef_{c}" for c in COLUMNS]
+    nodes.append(helper.make_node("Split", ["coeffs"], names, axis=0))
+    return names
+
+
+def _input(nodes: list[onnx.NodeProto], name: str, elem: int) -> str:
+    """A latent-shaped input, in float32 for the arithmetic."""
+    return name if elem == TensorProto.FLOAT else _node(nodes, "Cast", [name], f"{name}_f32", to=TensorProto.FLOAT)
+
+
+def _output(nodes: list[onnx.NodeProto], value: str, name: str, elem: int) -> None:
+    if elem == TensorProto.FLOAT:
+        _node(nodes, "Identity", [value], name)
+    else:
+        _node(nodes, "Cast", [value], name, to=elem)
+
+
+def _node(nodes: list[onnx.NodeProto], op: str, inputs: list[str], out: str, **attrs: Any) -> str:
+    nodes.append(helper.make_node(op, inputs, [out], **attrs))
+    return out
+
+
+def _mul(nodes: list[onnx.NodeProto], k: str, v: str) -> str:
+    return _node(nodes, "Mul", [k, v], f"{k}_times_{v}")
+
+
+def _add(nodes: list[onnx.NodeProto], out: str, u: str, v: str) -> str:
+    return _node(nodes, "Add", [u, v], out)
