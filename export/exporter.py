@@ -28,8 +28,10 @@ MIN_OPSET = 17
 TEXT_LEN = 77
 
 
-def component_specs(model: LoadedModel) -> list[ComponentSpec]:
+def component_specs(model: LoadedModel, vae_fp32: bool | None = None) -> list[ComponentSpec]:
+    """The components of ``model``; ``vae_fp32`` overrides the preset's VAE precision."""
     p = model.preset
+    vae32 = p.vae_fp32 if vae_fp32 is None else vae_fp32
     sdxl = p.family == "sdxl"
     specs: list[ComponentSpec] = []
     for i, enc in enumerate(model.text_encoders):
@@ -106,7 +108,7 @@ def component_specs(model: LoadedModel) -> list[ComponentSpec]:
         inputs=[("latent_sample", "float", ("batch", lat, "height", "width"))],
         outputs=[("images", "uint8", ("batch", "image_height", "image_width", 3)), ("finite", "bool", ("batch",))],
         example=dec_example,
-        force_fp32=p.vae_fp32,
+        force_fp32=vae32,
     ))
     specs.append(ComponentSpec(
         name="vae_encoder",
@@ -115,7 +117,7 @@ def component_specs(model: LoadedModel) -> list[ComponentSpec]:
         inputs=[("image", "uint8", ("batch", "image_height", "image_width", 3))],
         outputs=[("latent", "float", ("batch", lat, "height", "width"))],
         example=enc_example,
-        force_fp32=p.vae_fp32,
+        force_fp32=vae32,
     ))
     return specs
 
@@ -166,10 +168,15 @@ def export_model(
     *,
     fp16: bool = True,
     opset: int = MIN_OPSET,
+    vae_fp32: bool | None = None,
     parity_shape: tuple[int, int, int] | None = None,
     progress: Callable[[str], None] = lambda msg: None,
 ) -> ExportManifest:
-    """Export every component of ``model`` into ``out`` (atomically) and return its manifest."""
+    """Export every component of ``model`` into ``out`` (atomically) and return its manifest.
+
+    ``vae_fp32``: keep the VAE in fp32 in an fp16 export (default: the preset's choice, True for SDXL,
+    whose VAE overflows in fp16).
+    """
     from .tokenizer_assets import write_clip_tokenizer
 
     if opset < MIN_OPSET:
@@ -185,7 +192,7 @@ def export_model(
     out = Path(out)
     with atomic_dir(out) as tmp:
         components = {}
-        for spec in component_specs(model):
+        for spec in component_specs(model, vae_fp32):
             components[spec.name] = export_component(
                 spec, precision, tmp / spec.name, opset=opset, parity_shape=parity_shape, progress=progress
             )

@@ -136,6 +136,10 @@ def diffusers_folder(path: Path) -> LoadedModel:
     if not sched_files:
         raise ArtifactError(f"{path / 'scheduler'} has no scheduler_config.json; copy it from the original model")
     scheduler_config = json.loads(sched_files[0].read_text())
+    # Hub configs often omit timestep_spacing; diffusers then uses the source class's default, and a
+    # sampler swap (X.from_config(pipe.scheduler.config)) inherits it. Make it explicit.
+    default_spacing = "linspace" if "Euler" in scheduler_config.get("_class_name", "") else "leading"
+    scheduler_config.setdefault("timestep_spacing", default_spacing)
     kw: dict[str, Any] = {"local_files_only": True, "torch_dtype": torch.float32}
     try:
         unet = UNet2DConditionModel.from_pretrained(path / "unet", **kw)
@@ -143,7 +147,7 @@ def diffusers_folder(path: Path) -> LoadedModel:
         encoders: list[torch.nn.Module] = [CLIPTextModel.from_pretrained(path / "text_encoder", **kw)]
         if family == "sdxl":
             encoders.append(CLIPTextModelWithProjection.from_pretrained(path / "text_encoder_2", **kw))
-    except (OSError, ValueError, EnvironmentError) as e:
+    except (OSError, ValueError) as e:
         raise ArtifactError(f"cannot load the diffusers folder {path}: {e}") from e
     prediction = scheduler_config.get("prediction_type", "epsilon")
     base = _preset_for(family, prediction, int(unet.config.sample_size))

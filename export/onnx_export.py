@@ -34,7 +34,8 @@ log = logging.getLogger(__name__)
 PARITY_BOUND = {"fp32": 1e-4, "fp16": 1e-2}
 # For uint8 images: the largest difference in levels (fp32: a rounding flip at most).
 IMAGE_LEVELS = {"fp32": 1, "fp16": 8}
-EXTERNAL_DATA_BYTES = 1 << 30  # components above 1 GiB keep their weights in model.onnx_data
+EXTERNAL_DATA_BYTES = 1 << 30
+TRACE_LATENT = (10, 14)  # components above 1 GiB keep their weights in model.onnx_data
 
 
 @dataclass
@@ -83,7 +84,10 @@ def export_component(
     scratch = folder / ".raw"
     scratch.mkdir()
     gen = torch.Generator().manual_seed(1234)
-    example = _cast_inputs(spec.example(gen, 1, 8, 8), spec, precision)
+    # Traced at a latent size the UNet's upsampling factor does not divide: diffusers then sizes each
+    # upsampling to its skip connection, and the trace records that general branch, so the graph
+    # serves every multiple of 8 pixels (a divisible trace would bake in a factor-of-2 upsampling).
+    example = _cast_inputs(spec.example(gen, 1, *TRACE_LATENT), spec, precision)
     # fp16 graphs are traced from a half copy: the parity reference stays the original fp32 module
     module = copy.deepcopy(spec.module).half() if precision == "fp16" else spec.module
     dynamic_axes = {

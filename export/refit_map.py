@@ -33,7 +33,9 @@ def build_refit_map(model: onnx.ModelProto, module: torch.nn.Module, dtype: torc
         table.setdefault(_digest(a), []).append((name, False))
         if a.ndim == 2:
             table.setdefault(_digest(a.T), []).append((name, True))
-    mapping: dict[str, dict[str, Any]] = {}
+        if a.ndim == 1:  # GroupNorm's affine parameters are folded as (C, 1, 1)
+            table.setdefault(_digest(a.reshape(-1, 1, 1)), []).append((name, False))
+    mapping: dict[str, dict[str, Any]] = {}  # "transpose" also covers the (C,1,1) reshape: same bytes
     ambiguous: dict[str, list[str]] = {}
     for init in model.graph.initializer:
         arr = numpy_helper.to_array(init)

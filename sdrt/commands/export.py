@@ -13,6 +13,8 @@ def register(p: argparse.ArgumentParser) -> None:
     src.add_argument("--list", action="store_true", help="list the architecture presets and exit")
     p.add_argument("--out", metavar="DIR", help="output folder (replaced atomically when the export succeeds)")
     p.add_argument("--fp32", action="store_true", help="export fp32 graphs (default: fp16; the SDXL VAE is fp32)")
+    p.add_argument("--vae-fp32", action="store_true", default=None,
+                   help="keep the VAE in fp32 in an fp16 export (the default for SDXL, whose VAE overflows in fp16)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset, 17 or newer (default 17)")
     p.add_argument("--arch", metavar="PRESET", help="architecture of a single-file checkpoint, if not detected")
     p.add_argument("--seed", type=int, default=0, help="seed of --random weights (default 0)")
@@ -44,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     def progress(msg: str) -> None:
         print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", flush=True)
 
-    manifest = export_model(model, args.out, fp16=not args.fp32, opset=args.opset, progress=progress)
+    manifest = export_model(model, args.out, fp16=not args.fp32, opset=args.opset, vae_fp32=args.vae_fp32, progress=progress)
     print(f"\nwrote {args.out} ({manifest.preset}, {manifest.family}, {manifest.prediction_type}) "
           f"in {time.perf_counter() - t0:.1f} s")
     print(f"{'component':16s} {'precision':9s} {'size MB':>8s} {'rel err':>9s} {'bound':>7s}")

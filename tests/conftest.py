@@ -1,0 +1,36 @@
+"""Shared fixtures: tiny synthetic models, exported once per session and reused by every test."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+TINY = ("sd15-tiny", "sd21-tiny", "sdxl-tiny")
+
+
+@pytest.fixture(scope="session")
+def export_cache(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], Path]:
+    return {}
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory: pytest.TempPathFactory, export_cache: dict[tuple[str, str], Path]):
+    """tiny_export(preset, precision) -> folder of an sdrt export of synthetic weights (seed 0)."""
+
+    def get(preset: str, precision: str = "fp32") -> Path:
+        key = (preset, precision)
+        if key not in export_cache:
+            from sdrt.export.exporter import export_model
+            from sdrt.export.loading import load_model
+
+            out = tmp_path_factory.mktemp("exports") / f"{preset}-{precision}"
+            export_model(load_model(random_preset=preset), out, fp16=precision == "fp16")
+            export_cache[key] = out
+        return export_cache[key]
+
+    return get
