@@ -1,0 +1,87 @@
+"""One small engine interface: named inputs and outputs living on a device.
+
+A ``Backend`` owns the device (host memory, a CUDA device) and moves arrays to and from it; an
+``Engine`` is one loaded graph that checks every input's name, dtype and shape against its own
+description before running. The pipeline talks only to these two; each backend implements them once.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .errors import InputError
+
+Array = Any  # a backend's device array: numpy on the host, an OrtValue or device buffer on a GPU
+
+
+@dataclass(frozen=True)
+class IOSpec:
+    name: str
+    dtype: np.dtype[Any]
+    shape: tuple[int | str | None, ...]  # ints are fixed; strings/None are dynamic axes
+
+    def describe(self) -> str:
+        dims = ", ".join(str(d) if d is not None else "?" for d in self.shape)
+        return f"{self.name}: {self.dtype.name}[{dims}]"
+
+
+class Backend(abc.ABC):
+    """A device and the means to load engines onto it."""
+
+    name: str
+
+    @abc.abstractmethod
+    def load(self, path: str | bytes, name: str) -> Engine:
+        """Load an engine from a file, or from serialized bytes."""
+
+    @abc.abstractmethod
+    def to_device(self, a: np.ndarray) -> Array: ...
+
+    @abc.abstractmethod
+    def to_host(self, a: Array) -> np.ndarray: ...
+
+    @abc.abstractmethod
+    def meta(self, a: Array) -> tuple[np.dtype[Any], tuple[int, ...]]:
+        """dtype and shape of a device array, without moving it."""
+
+    def synchronize(self) -> None:
+        """Wait for queued device work (a no-op on the host)."""
+
+
+class Engine(abc.ABC):
+    """One graph on a backend. Call it with named device arrays; get named device arrays back."""
+
+    name: str
+    backend: Backend
+    inputs: dict[str, IOSpec]
+    outputs: dict[str, IOSpec]
+
+    def __call__(self, feeds: Mapping[str, Array]) -> dict[str, Array]:
+        self.check(feeds)
+        return self.run(feeds)
+
+    @abc.abstractmethod
+    def run(self, feeds: Mapping[str, Array]) -> dict[str, Array]: ...
+
+    def check(self, feeds: Mapping[str, Array]) -> None:
+        """Raise InputError naming exactly which input is wrong and what the engine expects."""
+        missing = [n for n in self.inputs if n not in feeds]
+        extra = [n for n in feeds if n not in self.inputs]
+        if missing or extra:
+            raise InputError(
+                f"{self.name}: missing inputs {missing}, unexpected inputs {extra}; "
+                f"the engine takes {', '.join(s.describe() for s in self.inputs.values())}"
+            )
+        for name, spec in self.inputs.items():
+            dtype, shape = self.backend.meta(feeds[name])
+            if dtype != spec.dtype:
+                raise InputError(f"{self.name}: input {name!r} is {dtype.name}, expected {spec.describe()}")
+            if len(shape) != len(spec.shape) or any(
+                isinstance(want, int) and got != want for got, want in zip(shape, spec.shape)
+            ):
+                raise InputError(f"{self.name}: input {name!r} has shape {tuple(shape)}, expected {spec.describe()}")

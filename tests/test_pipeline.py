@@ -1,0 +1,158 @@
+"""The runtime pipeline's contract beyond image parity: errors, leanness, long prompts, threads, CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sdrt.cli import main
+from sdrt.runtime.errors import ArtifactError, InputError
+from sdrt.runtime.pipeline import Pipeline
+
+
+@pytest.fixture(scope="module")
+def sd15(tiny_export) -> Path:
+    return tiny_export("sd15-tiny", "fp32")
+
+
+@pytest.fixture(scope="module")
+def pipe(sd15: Path) -> Pipeline:
+    return Pipeline.load(sd15, backend="ort-cpu")
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"height": 100}, "multiple of 8"),
+        ({"width": 4096}, "between 64 and 2048"),
+        ({"batch_size": 17}, "1..16"),
+        ({"sampler": "plms"}, "ddim"),
+        ({"steps": 0}, "steps"),
+        ({"latents": np.zeros((1, 4, 3, 3), np.float32)}, "expected (1, 4, 8, 8)"),
+        ({"negative_prompt": ["a", "b", "c"], "batch_size": 2}, "negative prompts"),
+    ],
+)
+def test_bad_input_is_named_and_pipeline_survives(pipe: Pipeline, kwargs: dict, message: str) -> None:
+    with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        pipe("a cat", steps=kwargs.pop("steps", 2), **kwargs)
+    assert len(pipe("a cat", steps=2, seed=0).images) == 1  # still usable
+
+
+def test_img2img_strength_out_of_range(pipe: Pipeline) -> None:
+    img = np.zeros((64, 64, 3), np.uint8)
+    for strength in (0.0, 1.5):
+        with pytest.raises(InputError, match="strength"):
+            pipe("a", image=img, strength=strength, steps=4)
+
+
+def test_seed_is_deterministic_and_matters(pipe: Pipeline) -> None:
+    a = np.asarray(pipe("a cat", steps=3, seed=1).images[0])
+    b = np.asarray(pipe("a cat", steps=3, seed=1).images[0])
+    c = np.asarray(pipe("a cat", steps=3, seed=2).images[0])
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_long_prompt_is_chunked_not_an_error(pipe: Pipeline) -> None:
+    long_prompt = " ".join(f"word{i}" for i in range(200))  # far beyond 77 tokens
+    ids = pipe.tokenizers[0].encode_chunks([long_prompt])
+    assert ids.shape[1] >= 3
+    short = np.asarray(pipe("word0", steps=2, seed=0).images[0])
+    long_ = np.asarray(pipe(long_prompt, steps=2, seed=0).images[0])
+    assert long_.shape == short.shape and not np.array_equal(short, long_)
+    # the tail of a long prompt is not dropped: changing only the last word changes the image
+    other = np.asarray(pipe(long_prompt[:-5] + "zebra", steps=2, seed=0).images[0])
+    assert not np.array_equal(long_, other)
+
+
+def test_nan_latents_warn_with_the_fix(pipe: Pipeline) -> None:
+    bad = np.full((1, 4, 8, 8), np.nan, np.float32)
+    with pytest.warns(RuntimeWarning, match="--vae-fp32"):
+        res = pipe("a", steps=2, latents=bad)
+    assert res.nonfinite == [True]
+
+
+def test_threads_get_the_same_images(pipe: Pipeline) -> None:
+    want = np.asarray(pipe("a lake", steps=3, seed=5).images[0])
+    got: list[np.ndarray] = []
+
+    def work() -> None:
+        got.append(np.asarray(pipe("a lake", steps=3, seed=5).images[0]))
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(got) == 3 and all(np.array_equal(g, want) for g in got)
+
+
+def test_missing_and_corrupt_files(sd15: Path, tmp_path: Path) -> None:
+    with pytest.raises(ArtifactError, match="sdrt export"):
+        Pipeline.load(tmp_path, backend="ort-cpu")
+    broken = tmp_path / "broken"
+    shutil.copytree(sd15, broken)
+    (broken / "unet" / "model.onnx_data").unlink()
+    with pytest.raises(ArtifactError, match="unet"):
+        Pipeline.load(broken, backend="ort-cpu")
+    shutil.rmtree(broken)
+    shutil.copytree(sd15, broken)
+    data = (broken / "vae_decoder" / "model.onnx").read_bytes()
+    (broken / "vae_decoder" / "model.onnx").write_bytes(data[: len(data) // 3])
+    with pytest.raises(ArtifactError, match="corrupt"):
+        Pipeline.load(broken, backend="ort-cpu")
+
+
+def test_artifacts_of_another_family(tiny_export, tmp_path: Path) -> None:
+    mixed = tmp_path / "mixed"
+    shutil.copytree(tiny_export("sd15-tiny", "fp32"), mixed)
+    shutil.rmtree(mixed / "unet")
+    shutil.copytree(tiny_export("sdxl-tiny", "fp32") / "unet", mixed / "unet")
+    with pytest.raises(ArtifactError, match="different models or families"):
+        Pipeline.load(mixed, backend="ort-cpu")
+    man = json.loads((mixed / "sdrt.json").read_text())
+    man["family"] = "sdxl"
+    (mixed / "sdrt.json").write_text(json.dumps(man))
+    with pytest.raises(ArtifactError, match="text_encoder_2"):
+        Pipeline.load(mixed, backend="ort-cpu")
+
+
+def test_unknown_and_absent_backends(sd15: Path) -> None:
+    from sdrt.runtime.errors import BackendUnavailable
+
+    with pytest.raises(InputError, match="ort-cpu"):
+        Pipeline.load(sd15, backend="cuda")
+    with pytest.raises(BackendUnavailable, match="onnxruntime-gpu"):
+        Pipeline.load(sd15, backend="ort-cuda")
+
+
+def test_runtime_imports_no_torch(sd15: Path) -> None:
+    code = f"""
+import sys
+import sdrt
+from sdrt.runtime.pipeline import Pipeline
+pipe = Pipeline.load({str(sd15)!r}, backend="ort-cpu")
+pipe("a cat", steps=2, seed=0).images[0].save("/dev/null", format="png")
+heavy = sorted(m for m in ("torch", "diffusers", "transformers") if m in sys.modules)
+print("HEAVY", heavy)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "HEAVY []" in out, out
+
+
+def test_cli_generate_and_demo(sd15: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "img.png"
+    assert main(["generate", str(sd15), "--prompt", "a cat", "--steps", "3", "--seed", "1",
+                 "--backend", "ort-cpu", "-o", str(out)]) == 0
+    assert out.is_file() and "per UNet step" in capsys.readouterr().out
+    assert main(["generate", str(sd15), "--prompt", "a", "--height", "100", "-o", str(out)]) == 1
+    assert "multiple of 8" in capsys.readouterr().err
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--steps", "3", "--size", "64"]) == 0
+    assert (tmp_path / "demo" / "demo.png").is_file()
+    assert "it/s" in capsys.readouterr().out
