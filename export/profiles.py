@@ -1,0 +1,246 @@
+"""Build profiles: a request range (images, pixels, prompt chunks) -> per-tensor min/opt/max shapes.
+
+A profile speaks the user's units; each engine input gets its shapes from the axis names the export
+recorded in ``sdrt.json``:
+
+==================  ===========================================================================
+axis                size
+==================  ===========================================================================
+``batch``           text encoders: prompts x chunks, doubled with CFG (conditional and
+                    unconditional prompts are encoded in one call); UNet: images, doubled with
+                    CFG; VAE: images
+``height/width``    latent pixels: image pixels / the VAE's scale factor (8)
+``image_*``         image pixels (the VAE encoder's uint8 input)
+``sequence``        77 tokens x prompt chunks (long prompts are encoded in 77-token chunks)
+==================  ===========================================================================
+
+No TensorRT here: this is plain arithmetic, tested on CPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from sdrt.engines import PROFILES_DIR, profile_names
+from sdrt.runtime.engine_manifest import ProfileShapes, TensorShapes
+from sdrt.runtime.errors import ArtifactError, CompatibilityError, InputError
+from sdrt.runtime.manifest import ExportManifest
+
+TOKENS_PER_CHUNK = 77
+FAMILIES = ("sd1", "sd2", "sdxl")
+
+
+@dataclass(frozen=True)
+class Range:
+    """min <= opt <= max, all positive. A static range has min == max."""
+
+    min: int
+    opt: int
+    max: int
+
+    def __post_init__(self) -> None:
+        if self.min < 1:
+            raise InputError(f"{self.min}:{self.opt}:{self.max}: the minimum must be at least 1")
+        if not self.min <= self.opt <= self.max:
+            raise InputError(
+                f"{self.min}:{self.opt}:{self.max} is not a valid MIN:OPT:MAX range: it needs "
+                f"MIN <= OPT <= MAX (e.g. 256:512:1024)"
+            )
+
+    @classmethod
+    def static(cls, n: int) -> Range:
+        return cls(n, n, n)
+
+    @classmethod
+    def parse(cls, value: int | str, what: str = "value") -> Range:
+        """``512``, ``"512"`` or ``"256:512:1024"``."""
+        if isinstance(value, bool):
+            raise InputError(f"{what}: expected N or MIN:OPT:MAX, got {value!r}")
+        if isinstance(value, int):
+            return cls.static(value)
+        parts = str(value).strip().split(":")
+        try:
+            nums = [int(p) for p in parts]
+        except ValueError:
+            raise InputError(f"{what}: {value!r} is not N or MIN:OPT:MAX (whole numbers, e.g. 256:512:1024)") from None
+        if len(nums) == 1:
+            return cls.static(nums[0])
+        if len(nums) != 3:
+            raise InputError(f"{what}: {value!r} has {len(nums)} parts; give N or MIN:OPT:MAX (e.g. 256:512:1024)")
+        try:
+            return cls(*nums)
+        except InputError as e:
+            raise InputError(f"{what}: {e}") from None
+
+    @property
+    def is_static(self) -> bool:
+        return self.min == self.max
+
+    def scaled(self, k: int) -> Range:
+        return Range(self.min * k, self.opt * k, self.max * k)
+
+    def times(self, other: Range) -> Range:
+        return Range(self.min * other.min, self.opt * other.opt, self.max * other.max)
+
+    def divided(self, k: int) -> Range:
+        return Range(self.min // k, self.opt // k, self.max // k)
+
+    def triple(self) -> tuple[int, int, int]:
+        return (self.min, self.opt, self.max)
+
+    def __str__(self) -> str:
+        return str(self.min) if self.is_static else f"{self.min}:{self.opt}:{self.max}"
+
+
+@dataclass(frozen=True)
+class BuildProfile:
+    """What engines should serve: images per call, pixel sizes, prompt chunks, and whether CFG doubles
+    the batch. ``family`` (optional) names the model family the profile was written for."""
+
+    name: str
+    batch: Range
+    height: Range
+    width: Range
+    chunks: Range = Range(1, 1, 1)
+    cfg: bool = True
+    family: str | None = None
+    description: str = ""
+
+    @property
+    def is_static(self) -> bool:
+        return all(r.is_static for r in (self.batch, self.height, self.width, self.chunks))
+
+    def text_batch(self) -> Range:
+        """Rows per text-encoder call: every chunk of every prompt, twice with CFG."""
+        return self.batch.times(self.chunks).scaled(2 if self.cfg else 1)
+
+    def unet_batch(self) -> Range:
+        return self.batch.scaled(2 if self.cfg else 1)
+
+    def shapes(self) -> ProfileShapes:
+        return ProfileShapes(self.batch.triple(), self.height.triple(), self.width.triple(),
+                             self.chunks.triple(), self.cfg)
+
+    def cli_args(self) -> list[str]:
+        """The ``sdrt build`` options that recreate this profile."""
+        if (self.name in profile_names() and load_profile(self.name) == self):
+            return ["--profile", self.name]
+        args = ["--batch", str(self.batch), "--height", str(self.height), "--width", str(self.width),
+                "--chunks", str(self.chunks)]
+        return args + ([] if self.cfg else ["--no-cfg"])
+
+
+def profile_from_mapping(name: str, d: Mapping[str, Any]) -> BuildProfile:
+    known = {"batch", "height", "width", "chunks", "cfg", "family", "description"}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ArtifactError(f"profile {name}: unknown keys {unknown}; a profile has {sorted(known)}")
+    missing = [k for k in ("batch", "height", "width") if k not in d]
+    if missing:
+        raise ArtifactError(f"profile {name}: missing {missing}; give each as N or \"MIN:OPT:MAX\"")
+    family = d.get("family")
+    if family is not None and family not in FAMILIES:
+        raise ArtifactError(f"profile {name}: unknown family {family!r}; expected one of {FAMILIES}")
+    return BuildProfile(
+        name=name,
+        batch=Range.parse(d["batch"], f"{name}: batch"),
+        height=Range.parse(d["height"], f"{name}: height"),
+        width=Range.parse(d["width"], f"{name}: width"),
+        chunks=Range.parse(d.get("chunks", 1), f"{name}: chunks"),
+        cfg=bool(d.get("cfg", True)),
+        family=family,
+        description=str(d.get("description", "")),
+    )
+
+
+def load_profile(name_or_path: str | Path) -> BuildProfile:
+    """A shipped profile by name (``sd15-512``) or a ``.toml`` file by path."""
+    p = Path(name_or_path)
+    if p.suffix != ".toml":
+        p = PROFILES_DIR / f"{name_or_path}.toml"
+        if not p.is_file():
+            raise InputError(f"unknown profile {name_or_path!r}; choose one of: {', '.join(profile_names())} "
+                             "(or pass a .toml file)")
+    try:
+        data = tomllib.loads(p.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ArtifactError(f"cannot read profile {p}: {e}") from e
+    return profile_from_mapping(p.stem, data)
+
+
+def custom_profile(batch: str | int = 1, height: str | int | None = None, width: str | int | None = None,
+                   chunks: str | int = 1, cfg: bool = True, *, default_size: int = 512) -> BuildProfile:
+    """A profile from command-line values; a missing height or width takes the model's default size."""
+    h = Range.parse(height if height is not None else default_size, "--height")
+    w = Range.parse(width if width is not None else (height if height is not None else default_size), "--width")
+    b, c = Range.parse(batch, "--batch"), Range.parse(chunks, "--chunks")
+    kind = "static" if all(r.is_static for r in (b, h, w, c)) else "dynamic"
+    return BuildProfile(name="custom", batch=b, height=h, width=w, chunks=c, cfg=cfg,
+                        description=f"custom {kind}: batch {b}, {h} x {w} px, chunks {c}")
+
+
+# -- validation against an export ---------------------------------------------------------------------
+
+def validate(profile: BuildProfile, manifest: ExportManifest) -> None:
+    """Raise InputError/CompatibilityError when ``profile`` asks for shapes the export cannot serve."""
+    if profile.family is not None and profile.family != manifest.family:
+        raise CompatibilityError(
+            f"profile {profile.name} is for {profile.family} models, but this export is {manifest.family} "
+            f"({manifest.preset}); choose a {manifest.family} profile or give --batch/--height/--width"
+        )
+    lim = manifest.limits
+    step = max(lim.multiple_of, manifest.vae_scale_factor)
+    for label, r in (("height", profile.height), ("width", profile.width)):
+        for which, v in (("min", r.min), ("opt", r.opt), ("max", r.max)):
+            if v % step:
+                raise InputError(f"profile {profile.name}: {label} {which} {v} px is not a multiple of {step} "
+                                 f"(the latent is 1/{manifest.vae_scale_factor} of the image)")
+        if r.min < lim.min_size or r.max > lim.max_size:
+            raise InputError(f"profile {profile.name}: {label} {r} px is outside what the export supports "
+                             f"({lim.min_size}..{lim.max_size} px)")
+    if profile.batch.max > lim.max_batch:
+        raise InputError(f"profile {profile.name}: batch up to {profile.batch.max} exceeds the export's limit "
+                         f"of {lim.max_batch} images")
+
+
+def _axis_range(component: str, axis: str, profile: BuildProfile, factor: int) -> Range:
+    if axis == "batch":
+        if component.startswith("text_encoder"):
+            return profile.text_batch()
+        return profile.unet_batch() if component == "unet" else profile.batch
+    if axis in ("height", "width"):
+        return getattr(profile, axis).divided(factor)  # type: ignore[no-any-return]
+    if axis in ("image_height", "image_width"):
+        return getattr(profile, axis.removeprefix("image_"))  # type: ignore[no-any-return]
+    if axis == "sequence":
+        return profile.chunks.scaled(TOKENS_PER_CHUNK)
+    raise ArtifactError(
+        f"{component}: the export names an axis {axis!r} that sdrt's profiles do not know; "
+        "re-export the model with this sdrt version"
+    )
+
+
+def component_shapes(profile: BuildProfile, manifest: ExportManifest, component: str) -> tuple[TensorShapes, ...]:
+    """min/opt/max shapes of every input of one component, in the export's input order."""
+    comp = manifest.components[component]
+    out = []
+    for spec in comp.inputs:
+        lo, mid, hi = [], [], []
+        for d in spec.shape:
+            r = Range.static(d) if isinstance(d, int) else _axis_range(component, d, profile, manifest.vae_scale_factor)
+            lo.append(r.min)
+            mid.append(r.opt)
+            hi.append(r.max)
+        out.append(TensorShapes(spec.name, tuple(lo), tuple(mid), tuple(hi)))
+    return tuple(out)
+
+
+def engine_shapes(profile: BuildProfile, manifest: ExportManifest) -> dict[str, tuple[TensorShapes, ...]]:
+    """Validated shapes of every component of an export under ``profile``."""
+    validate(profile, manifest)
+    return {name: component_shapes(profile, manifest, name) for name in manifest.components}

@@ -1,0 +1,461 @@
+"""ONNX export -> TensorRT engine folder, through the TensorRT Python API (TensorRT 10).
+
+A lazy chain per component (plan -> parse -> configure -> build -> write), nothing built until asked:
+
+    plan_engines(onnx_dir, profile, options)      what would be built, and each engine's cache key
+    build_engines(onnx_dir, out_dir, profile, options, progress=print)
+
+The engine folder (written atomically: a killed build leaves the previous folder as it was)::
+
+    ENGINE_DIR/
+      sdrt-engines.json        the engine manifest (sdrt.runtime.engine_manifest)
+      text_encoder.engine [text_encoder_2.engine] unet.engine vae_decoder.engine vae_encoder.engine
+      sdrt.json                the export's manifest, kind "tensorrt", component paths -> *.engine
+      tokenizer/ [tokenizer_2/] scheduler/ model_index.json   copied from the export
+
+An engine whose cache key (ONNX digest, shapes, precision, flags, TensorRT version, GPU) matches the
+folder's previous one is reused, not rebuilt.
+
+Precision follows the export: networks are strongly typed by default, so fp16 graphs run in fp16 and the
+fp32 components (the SDXL VAE) in fp32 with TF32 matmuls. ``weakly_typed`` instead lets TensorRT pick
+fp16 kernels anywhere in an fp16 component (the FP16 builder flag).
+
+TensorRT for RTX: the same code drives the ``tensorrt_rtx`` module (chosen with ``module=`` /
+``--tensorrt-module tensorrt_rtx``, or found when ``tensorrt`` is absent). Its networks are always strongly
+typed, it has no builder optimization level or hardware-compatibility levels to set here, and engines are
+JIT-specialized to the GPU at load; those settings are skipped for it. Untested: no RTX GPU was available.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import importlib
+import os
+import shlex
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sdrt import __version__
+from sdrt.runtime.atomic import atomic_dir, atomic_write_bytes
+from sdrt.runtime.engine_manifest import (
+    ENGINE_MANIFEST_NAME,
+    BuildFlags,
+    EngineEnv,
+    EngineManifest,
+    EngineRecord,
+    TensorShapes,
+    build_mismatches,
+    cache_key,
+    current_env,
+)
+from sdrt.runtime.errors import ArtifactError, BackendUnavailable, InputError, SdrtError
+from sdrt.runtime.manifest import ExportManifest
+
+from .profiles import BuildProfile, engine_shapes
+
+if TYPE_CHECKING:
+    import tensorrt as trt
+else:
+    trt = None  # bound by bind_tensorrt(): the module is imported only when a build or refit runs
+
+MODULES = ("tensorrt", "tensorrt_rtx")
+INSTALL_HINT = (
+    "install TensorRT from NVIDIA's package index: pip install tensorrt --extra-index-url https://pypi.nvidia.com "
+    "(needs an NVIDIA GPU and driver); on RTX GPUs, TensorRT for RTX (the tensorrt_rtx module) is used when installed"
+)
+ASSETS = ("tokenizer", "tokenizer_2", "scheduler", "model_index.json")
+_OOM_MARKERS = ("out of memory", "outofmemory", "cudaerrormemoryallocation", "requested amount of gpu memory",
+                "insufficient memory", "failed to allocate", "cuda_error_out_of_memory")
+
+Progress = Callable[[str], None]
+
+
+class EngineBuildError(SdrtError):
+    """TensorRT could not build an engine (out of memory, unsupported operator, builder failure)."""
+
+
+# -- the TensorRT module --------------------------------------------------------------------------------
+
+def load_tensorrt(module: str | None = None) -> Any:
+    """Import ``tensorrt`` (or ``tensorrt_rtx``). A namespace left by type stubs does not count."""
+    names = [module] if module else [os.environ.get("SDRT_TENSORRT_MODULE") or "", *MODULES]
+    tried = []
+    for name in filter(None, names):
+        if name not in MODULES:
+            raise InputError(f"unknown TensorRT module {name!r}; choose one of {MODULES}")
+        try:
+            mod = importlib.import_module(name)
+        except ImportError as e:
+            tried.append(f"{name}: {e}")
+            continue
+        if hasattr(mod, "Builder") or hasattr(mod, "Runtime"):
+            return mod
+        tried.append(f"{name}: only type stubs are installed, not the library")
+    raise BackendUnavailable(f"TensorRT is not available ({'; '.join(tried)}); {INSTALL_HINT}")
+
+
+def bind_tensorrt(module: str | None = None) -> str:
+    """Import TensorRT into this module's ``trt``; return the backend name ("tensorrt" / "tensorrt_rtx")."""
+    global trt
+    trt = load_tensorrt(module)
+    return str(trt.__name__)
+
+
+def _is_rtx() -> bool:
+    return str(trt.__name__) == "tensorrt_rtx"
+
+
+# -- options and plans ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BuildOptions:
+    opt_level: int = 3  # builder optimization level 0..5: higher searches longer for faster kernels
+    workspace_gb: float | None = None  # scratch memory limit for tactics; None: TensorRT's default
+    timing_cache: Path | None = None  # read before and written after the build, shared by all engines
+    refittable: bool = False
+    version_compatible: bool = False  # runnable by later TensorRT 10.x and by the lean runtime
+    exclude_lean_runtime: bool = False  # with version_compatible: smaller engines, lean runtime installed apart
+    hardware_compatible: bool = False  # Ampere and newer GPUs (compute capability >= 8.0)
+    weakly_typed: bool = False  # let TensorRT choose fp16 anywhere in fp16 components (FP16 flag)
+    module: str | None = None  # "tensorrt" | "tensorrt_rtx"; None: whichever is installed
+    force: bool = False  # rebuild even when an up-to-date engine exists
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.opt_level <= 5:
+            raise InputError(f"--opt-level {self.opt_level}: the builder optimization level is 0..5 (default 3)")
+        if self.workspace_gb is not None and self.workspace_gb <= 0:
+            raise InputError(f"--workspace {self.workspace_gb}: give a positive number of GB")
+        if self.exclude_lean_runtime and not self.version_compatible:
+            raise InputError("--exclude-lean-runtime applies only with --version-compatible")
+
+    def flags(self, precision: str) -> BuildFlags:
+        return BuildFlags(
+            fp16=precision == "fp16" and self.weakly_typed,
+            tf32=True,
+            strongly_typed=not self.weakly_typed,
+            opt_level=self.opt_level,
+            workspace_bytes=None if self.workspace_gb is None else int(self.workspace_gb * 2**30),
+            refittable=self.refittable,
+            version_compatible=self.version_compatible,
+            exclude_lean_runtime=self.exclude_lean_runtime,
+            hardware_compatibility="ampere_plus" if self.hardware_compatible else "none",
+        )
+
+    def cli_args(self) -> list[str]:
+        args: list[str] = []
+        if self.opt_level != 3:
+            args += ["--opt-level", str(self.opt_level)]
+        if self.workspace_gb is not None:
+            args += ["--workspace", f"{self.workspace_gb:g}"]
+        if self.timing_cache is not None:
+            args += ["--timing-cache", str(self.timing_cache)]
+        for flag, on in (("--refittable", self.refittable), ("--version-compatible", self.version_compatible),
+                         ("--exclude-lean-runtime", self.exclude_lean_runtime),
+                         ("--hardware-compatible", self.hardware_compatible), ("--weakly-typed", self.weakly_typed)):
+            if on:
+                args.append(flag)
+        if self.module:
+            args += ["--tensorrt-module", self.module]
+        return args
+
+
+@dataclass(frozen=True)
+class EnginePlan:
+    """One engine to build (or reuse): the record it will have, minus the build results."""
+
+    onnx_path: Path
+    record: EngineRecord
+
+
+def onnx_digest(component_dir: Path) -> str:
+    """sha256 over a component's graph and external weights (``model.onnx*``), names included."""
+    h = hashlib.sha256()
+    for f in sorted(component_dir.glob("model.onnx*")):
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            while block := fh.read(1 << 24):
+                h.update(block)
+    return h.hexdigest()
+
+
+def rebuild_command(onnx_dir: str | Path, out_dir: str | Path, profile: BuildProfile, options: BuildOptions) -> str:
+    argv = ["sdrt", "build", str(onnx_dir), "--out", str(out_dir), *profile.cli_args(), *options.cli_args()]
+    return shlex.join(argv)
+
+
+def plan_engines(
+    onnx_dir: str | Path,
+    profile: BuildProfile,
+    options: BuildOptions,
+    env: EngineEnv,
+    progress: Progress = lambda msg: None,
+) -> tuple[ExportManifest, list[EnginePlan]]:
+    """What a build would produce; TensorRT-free (``env`` says which TensorRT and GPU)."""
+    src = Path(onnx_dir)
+    manifest = ExportManifest.read(src)
+    shapes = engine_shapes(profile, manifest)
+    plans = []
+    for name, comp in manifest.components.items():
+        path = src / comp.path
+        if not path.is_file():
+            raise ArtifactError(f"{path} is missing; re-export the model with `sdrt export`")
+        progress(f"{name}: hashing {comp.path}")
+        digest = onnx_digest(path.parent)
+        flags = options.flags(comp.precision)
+        key = cache_key(name, digest, comp.precision, shapes[name], flags, env)
+        rec = EngineRecord(component=name, file=f"{name}.engine", precision=comp.precision, shapes=shapes[name],
+                           flags=flags, onnx_sha256=digest, env=env, cache_key=key)
+        plans.append(EnginePlan(path, rec))
+    return manifest, plans
+
+
+# -- TensorRT steps ------------------------------------------------------------------------------------
+
+def _make_logger(messages: list[str]) -> trt.ILogger:
+    """A TensorRT logger that keeps warnings and errors (to explain failures) and drops the rest."""
+
+    class _Logger(trt.ILogger):
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)
+
+        def log(self, severity: trt.ILogger.Severity, msg: str) -> None:
+            if severity in (trt.ILogger.Severity.INTERNAL_ERROR, trt.ILogger.Severity.ERROR,
+                            trt.ILogger.Severity.WARNING):
+                messages.append(f"{severity.name}: {msg}")
+
+    return _Logger()
+
+
+def _make_monitor(component: str, progress: Progress) -> trt.IProgressMonitor:
+    """Reports the builder's top-level phases with elapsed time."""
+
+    class _Monitor(trt.IProgressMonitor):
+        def __init__(self) -> None:
+            trt.IProgressMonitor.__init__(self)
+            self.t0 = time.perf_counter()
+
+        def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
+            if not parent_phase:
+                progress(f"{component}: {phase_name} ({time.perf_counter() - self.t0:.0f} s)")
+
+        def step_complete(self, phase_name: str, step: int) -> bool:
+            return True  # keep building
+
+        def phase_finish(self, phase_name: str) -> None:
+            return None
+
+    return _Monitor()
+
+
+def parse_onnx(
+    builder: trt.Builder, path: Path, logger: trt.ILogger, component: str, strongly_typed: bool
+) -> tuple[trt.INetworkDefinition, trt.OnnxParser]:
+    """Parse an ONNX file (external weights beside it are found by path) into a network. The parser is
+    returned too: it owns weights the network points at, so it must live until the build is done."""
+    flags = 0
+    if strongly_typed or _is_rtx():
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(path)):
+        raise EngineBuildError(_parser_report(parser, component, path))
+    return network, parser
+
+
+def _parser_report(parser: trt.OnnxParser, component: str, path: Path) -> str:
+    lines, unsupported = [], set()
+    for i in range(parser.num_errors):
+        err = parser.get_error(i)
+        op = err.node_operator()
+        if err.code() == trt.ErrorCode.UNSUPPORTED_NODE and op:
+            unsupported.add(op)
+        where = f"node {err.node_name() or err.node()} ({op or '?'})"
+        lines.append(f"  - {where}: {err.desc()}")
+    head = f"TensorRT could not parse {component} ({path})"
+    if unsupported:
+        head += (f": operators {', '.join(sorted(unsupported))} are not supported by this TensorRT "
+                 f"({trt.__version__}); upgrade TensorRT or re-export with a lower --opset")
+    return head + ":\n" + "\n".join(lines or ["  (the parser gave no details)"])
+
+
+def make_config(builder: trt.Builder, flags: BuildFlags, cache: trt.ITimingCache | None) -> trt.IBuilderConfig:
+    config = builder.create_builder_config()
+    if flags.fp16 and not _is_rtx():
+        config.set_flag(trt.BuilderFlag.FP16)
+    if flags.tf32 and not _is_rtx():
+        config.set_flag(trt.BuilderFlag.TF32)
+    if not _is_rtx():
+        config.builder_optimization_level = flags.opt_level
+    if flags.workspace_bytes is not None:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, flags.workspace_bytes)
+    if flags.refittable:
+        config.set_flag(trt.BuilderFlag.REFIT)
+    if flags.version_compatible:
+        config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
+        if flags.exclude_lean_runtime:
+            config.set_flag(trt.BuilderFlag.EXCLUDE_LEAN_RUNTIME)
+    if flags.hardware_compatibility == "ampere_plus":
+        if _is_rtx() or not hasattr(trt, "HardwareCompatibilityLevel"):
+            raise InputError(f"{trt.__name__} {trt.__version__} cannot build hardware-compatible engines; "
+                             "drop --hardware-compatible")
+        config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.AMPERE_PLUS
+    if cache is not None:
+        config.set_timing_cache(cache, False)
+    return config
+
+
+def add_profile(builder: trt.Builder, config: trt.IBuilderConfig, shapes: Sequence[TensorShapes]) -> None:
+    profile = builder.create_optimization_profile()
+    for s in shapes:
+        profile.set_shape(s.name, s.min, s.opt, s.max)  # the bindings take tuples for Dims
+    config.add_optimization_profile(profile)
+
+
+def _is_oom(messages: Sequence[str], exc: BaseException | None) -> bool:
+    text = " ".join(messages).lower() + (str(exc).lower() if exc else "")
+    return isinstance(exc, MemoryError) or any(m in text for m in _OOM_MARKERS)
+
+
+def build_one(
+    plan: EnginePlan,
+    cache: trt.ITimingCache | None,
+    builder: trt.Builder,
+    messages: list[str],
+    progress: Progress,
+) -> bytes:
+    """Build one serialized engine. Raises EngineBuildError with the reason (OOM, operators, other)."""
+    rec = plan.record
+    logger = builder.logger
+    messages.clear()
+    network, parser = parse_onnx(builder, plan.onnx_path, logger, rec.component, rec.flags.strongly_typed)
+    config = make_config(builder, rec.flags, cache)
+    config.progress_monitor = _make_monitor(rec.component, progress)
+    add_profile(builder, config, rec.shapes)
+    error: BaseException | None = None
+    blob = None
+    try:
+        blob = builder.build_serialized_network(network, config)
+    except (RuntimeError, MemoryError) as e:
+        error = e
+    del parser
+    if blob is None:
+        tail = "\n".join(messages[-8:]) or str(error or "no message")
+        if _is_oom(messages, error):
+            raise EngineBuildError(
+                f"{rec.component}: the GPU ran out of memory while building the engine. Close other programs using "
+                "the GPU, lower --workspace, narrow the profile (smaller max batch or size), or use --opt-level 2.\n"
+                f"TensorRT said:\n{tail}"
+            ) from error
+        raise EngineBuildError(f"{rec.component}: TensorRT failed to build the engine:\n{tail}") from error
+    return bytes(memoryview(blob))
+
+
+def _load_cache(config_for_cache: trt.IBuilderConfig, path: Path | None) -> trt.ITimingCache:
+    data = b""
+    if path is not None and path.is_file():
+        data = path.read_bytes()
+    return config_for_cache.create_timing_cache(data)
+
+
+# -- the whole folder -----------------------------------------------------------------------------------------
+
+def _reusable(old: EngineManifest | None, old_dir: Path, rec: EngineRecord) -> EngineRecord | None:
+    if old is None:
+        return None
+    prev = next((r for r in old.engines if r.component == rec.component), None)
+    if prev is None or prev.cache_key != rec.cache_key or build_mismatches(prev, rec):
+        return None
+    path = old_dir / prev.file
+    if not path.is_file() or (prev.size_bytes and path.stat().st_size != prev.size_bytes):
+        return None
+    return prev
+
+
+def _read_old(out_dir: Path) -> EngineManifest | None:
+    if not (out_dir / ENGINE_MANIFEST_NAME).is_file():
+        return None
+    try:
+        return EngineManifest.read(out_dir)
+    except SdrtError:
+        return None  # unreadable: rebuild everything
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _copy_assets(src: Path, dst: Path, manifest: ExportManifest, records: Mapping[str, EngineRecord]) -> None:
+    for name in ASSETS:
+        item = src / name
+        if item.is_dir():
+            shutil.copytree(item, dst / name)
+        elif item.is_file():
+            shutil.copy2(item, dst / name)
+    comps = {n: replace(c, path=records[n].file, size_bytes=records[n].size_bytes)
+             for n, c in manifest.components.items() if n in records}
+    replace(manifest, components=comps, kind="tensorrt").write(dst)
+
+
+def build_engines(
+    onnx_dir: str | Path,
+    out_dir: str | Path,
+    profile: BuildProfile,
+    options: BuildOptions = BuildOptions(),
+    progress: Progress = lambda msg: None,
+) -> EngineManifest:
+    """Build (or reuse) every component's engine into ``out_dir``, atomically. Needs TensorRT and a GPU."""
+    backend = bind_tensorrt(options.module)
+    env = current_env(backend, str(trt.__version__))
+    src, out = Path(onnx_dir), Path(out_dir)
+    manifest, plans = plan_engines(src, profile, options, env, progress)
+    old = _read_old(out)
+    messages: list[str] = []
+    builder = trt.Builder(_make_logger(messages))
+    cache = _load_cache(builder.create_builder_config(), options.timing_cache)
+    records: dict[str, EngineRecord] = {}
+    with atomic_dir(out) as tmp:
+        for plan in plans:
+            rec = plan.record
+            prev = None if options.force else _reusable(old, out, rec)
+            if prev is not None:
+                _link_or_copy(out / prev.file, tmp / prev.file)
+                records[rec.component] = prev
+                progress(f"{rec.component}: up to date, reused ({prev.size_bytes / 1e6:.1f} MB)")
+                continue
+            progress(f"{rec.component}: building ({rec.precision}, {_shape_summary(rec.shapes)})")
+            t0 = time.perf_counter()
+            blob = build_one(plan, cache, builder, messages, progress)
+            seconds = time.perf_counter() - t0
+            (tmp / rec.file).write_bytes(blob)
+            records[rec.component] = replace(rec, size_bytes=len(blob), build_seconds=round(seconds, 2),
+                                             engine_sha256=hashlib.sha256(blob).hexdigest())
+            progress(f"{rec.component}: built in {seconds:.1f} s ({len(blob) / 1e6:.1f} MB)")
+            if options.timing_cache is not None:
+                atomic_write_bytes(options.timing_cache, bytes(memoryview(cache.serialize())))
+        _copy_assets(src, tmp, manifest, records)
+        result = EngineManifest(
+            profile_name=profile.name,
+            profile=profile.shapes(),
+            engines=tuple(records[p.record.component] for p in plans),
+            onnx_dir=str(src.resolve()),
+            build_command=rebuild_command(src, out, profile, options),
+            created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            sdrt_version=__version__,
+        )
+        result.write(tmp)
+    return result
+
+
+def _shape_summary(shapes: Sequence[TensorShapes]) -> str:
+    s = shapes[0]
+    if s.min == s.max:
+        return f"{s.name} {list(s.min)}"
+    return f"{s.name} {list(s.min)}..{list(s.max)}, opt {list(s.opt)}"

@@ -1,0 +1,162 @@
+"""Engine manifest: round trip, cache keys, and every mismatch explained with the rebuild command."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from sdrt.runtime.engine_manifest import (
+    BuildFlags,
+    EngineEnv,
+    EngineManifest,
+    EngineRecord,
+    ProfileShapes,
+    TensorShapes,
+    build_mismatches,
+    cache_key,
+    check_engine,
+    env_mismatches,
+)
+from sdrt.runtime.errors import ArtifactError, CompatibilityError
+
+ENV = EngineEnv("tensorrt", "10.13.0.35", "NVIDIA H100 80GB HBM3", "9.0")
+SHAPES = (TensorShapes("sample", (2, 4, 64, 64), (2, 4, 64, 64), (2, 4, 64, 64)),
+          TensorShapes("timestep", (2,), (2,), (2,)))
+CMD = "sdrt build /x/onnx --out /x/engines --profile sd15-512"
+
+
+DEFAULT_FLAGS = BuildFlags()
+
+
+def _record(env: EngineEnv = ENV, flags: BuildFlags = DEFAULT_FLAGS, **kw) -> EngineRecord:
+    fields = {"component": "unet", "file": "unet.engine", "precision": "fp16", "shapes": SHAPES, "flags": flags,
+              "onnx_sha256": "ab" * 32, "env": env, "size_bytes": 10}
+    fields.update(kw)
+    key = cache_key(fields["component"], fields["onnx_sha256"], fields["precision"], fields["shapes"],
+                    fields["flags"], fields["env"])
+    return EngineRecord(cache_key=key, **fields)
+
+
+def _manifest(*records: EngineRecord) -> EngineManifest:
+    prof = ProfileShapes((1, 1, 1), (512, 512, 512), (512, 512, 512))
+    return EngineManifest("sd15-512", prof, records or (_record(),), "/x/onnx", CMD)
+
+
+def test_round_trip(tmp_path) -> None:
+    m = _manifest(_record(flags=BuildFlags(refittable=True, workspace_bytes=1 << 30)))
+    m.write(tmp_path)
+    assert EngineManifest.read(tmp_path) == m
+
+
+def test_missing_or_corrupt_manifest(tmp_path) -> None:
+    with pytest.raises(ArtifactError, match="sdrt build ONNX_DIR"):
+        EngineManifest.read(tmp_path)
+    (tmp_path / "sdrt-engines.json").write_text("{not json")
+    with pytest.raises(ArtifactError, match="rebuild"):
+        EngineManifest.read(tmp_path)
+
+
+def test_newer_schema_is_refused(tmp_path) -> None:
+    import json
+
+    d = json.loads(_manifest().to_json())
+    d["schema"] = 99
+    with pytest.raises(CompatibilityError, match="newer"):
+        EngineManifest.from_dict(d)
+
+
+def test_cache_key_changes_with_every_field() -> None:
+    base = _record()
+    variants = [
+        _record(onnx_sha256="cd" * 32),
+        _record(precision="fp32"),
+        _record(shapes=SHAPES[:1]),
+        _record(component="vae_decoder"),
+        _record(env=dataclasses.replace(ENV, version="10.14.0")),
+        _record(env=dataclasses.replace(ENV, gpu_name="NVIDIA A100")),
+        _record(env=dataclasses.replace(ENV, compute_capability="8.0")),
+        _record(env=dataclasses.replace(ENV, backend="tensorrt_rtx")),
+    ]
+    for f in dataclasses.fields(BuildFlags):
+        value = getattr(BuildFlags(), f.name)
+        new = {bool: lambda v: not v, int: lambda v: v + 1, str: lambda v: "ampere_plus"}.get(type(value),
+                                                                                             lambda v: 123)(value)
+        variants.append(_record(flags=dataclasses.replace(BuildFlags(), **{f.name: new})))
+    keys = {v.cache_key for v in variants}
+    assert base.cache_key not in keys and len(keys) == len(variants)
+    assert _record().cache_key == base.cache_key  # deterministic
+
+
+def test_same_environment_loads() -> None:
+    check_engine(_manifest(), ENV)
+
+
+@pytest.mark.parametrize(
+    ("env", "needle"),
+    [
+        (dataclasses.replace(ENV, version="10.14.1.1"), "built with TensorRT 10.13.0.35, this is TensorRT 10.14.1.1"),
+        (dataclasses.replace(ENV, backend="tensorrt_rtx"), "built for tensorrt, but this runtime uses tensorrt_rtx"),
+        (dataclasses.replace(ENV, compute_capability="8.9", gpu_name="NVIDIA L4"), "compute capability 9.0"),
+        (dataclasses.replace(ENV, gpu_name="NVIDIA H200"), "built on NVIDIA H100 80GB HBM3, this GPU is NVIDIA H200"),
+    ],
+)
+def test_each_environment_mismatch_is_explained(env: EngineEnv, needle: str) -> None:
+    with pytest.raises(CompatibilityError) as e:
+        check_engine(_manifest(), env)
+    assert needle in str(e.value)
+    assert CMD in str(e.value)  # the command that rebuilds it
+
+
+def test_every_mismatch_is_listed_at_once() -> None:
+    env = EngineEnv("tensorrt", "10.9.0", "NVIDIA A100", "8.0")
+    with pytest.raises(CompatibilityError) as e:
+        check_engine(_manifest(), env)
+    text = str(e.value)
+    assert "TensorRT 10.13.0.35" in text and "compute capability 9.0" in text and "NVIDIA A100" in text
+
+
+def test_version_compatible_engines_run_on_later_tensorrt_of_the_same_major() -> None:
+    rec = _record(flags=BuildFlags(version_compatible=True))
+    assert env_mismatches(rec, dataclasses.replace(ENV, version="10.15.1")) == []
+    assert env_mismatches(rec, dataclasses.replace(ENV, version="10.2.0"))  # older
+    assert env_mismatches(rec, dataclasses.replace(ENV, version="11.0.0"))  # another major
+
+
+def test_hardware_compatible_engines_run_on_ampere_and_newer() -> None:
+    rec = _record(flags=BuildFlags(hardware_compatibility="ampere_plus"))
+    assert env_mismatches(rec, dataclasses.replace(ENV, gpu_name="NVIDIA A10", compute_capability="8.6")) == []
+    bad = env_mismatches(rec, dataclasses.replace(ENV, gpu_name="Tesla T4", compute_capability="7.5"))
+    assert bad and "needs 8.0 or newer" in bad[0]
+
+
+def test_unknown_gpu_is_not_compared() -> None:
+    assert env_mismatches(_record(), dataclasses.replace(ENV, gpu_name=None, compute_capability=None)) == []
+
+
+def test_missing_and_truncated_engine_files(tmp_path) -> None:
+    m = _manifest()
+    with pytest.raises(CompatibilityError, match="unet.engine is missing"):
+        check_engine(m, ENV, folder=tmp_path)
+    (tmp_path / "unet.engine").write_bytes(b"12345")
+    with pytest.raises(CompatibilityError, match="5 bytes, the manifest says 10"):
+        check_engine(m, ENV, folder=tmp_path)
+    (tmp_path / "unet.engine").write_bytes(b"0123456789")
+    check_engine(m, ENV, folder=tmp_path)
+    with pytest.raises(CompatibilityError, match="vae_decoder: no engine"):
+        check_engine(m, ENV, components=["unet", "vae_decoder"])
+
+
+def test_build_mismatches_name_each_difference() -> None:
+    old = _record()
+    assert build_mismatches(old, _record()) == []
+    assert "ONNX graph changed" in build_mismatches(old, _record(onnx_sha256="cd" * 32))[0]
+    assert "precision fp16 -> fp32" in build_mismatches(old, _record(precision="fp32"))[0]
+    assert "profile shapes differ: timestep [2]/[2]/[2] -> absent" in build_mismatches(old, _record(shapes=SHAPES[:1]))[0]
+    assert "refittable False -> True" in build_mismatches(old, _record(flags=BuildFlags(refittable=True)))[0]
+    assert "refitted weights" in build_mismatches(dataclasses.replace(old, weights="lora a:0.8"), _record())[0]
+
+
+def test_profile_shapes_round_trip() -> None:
+    p = ProfileShapes((1, 1, 4), (256, 512, 1024), (256, 512, 1024), (1, 1, 3), True)
+    assert ProfileShapes.from_dict(dataclasses.asdict(p)) == p

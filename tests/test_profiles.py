@@ -1,0 +1,156 @@
+"""Profile arithmetic: ranges, CFG doubling, latent sizes, prompt chunks, validation messages.
+
+Expected shapes are computed by hand from the rules (latent = pixels / 8; UNet batch = 2 x images with
+CFG; text rows = 2 x images x chunks; sequence = 77 x chunks), not from the code's earlier output."""
+
+from __future__ import annotations
+
+import pytest
+
+from sdrt.engines import PROFILES_DIR, profile_names
+from sdrt.export.profiles import (
+    BuildProfile,
+    Range,
+    component_shapes,
+    custom_profile,
+    engine_shapes,
+    load_profile,
+)
+from sdrt.runtime.errors import CompatibilityError, InputError
+from sdrt.runtime.manifest import Component, ExportManifest, TensorSpec
+
+
+def _export(family: str = "sd1", cross: int = 768, sdxl: bool = False) -> ExportManifest:
+    """A manifest with the exporter's I/O contract (no graphs needed for shape arithmetic)."""
+    T = TensorSpec
+    unet_in = [T("sample", "float16", ("batch", 4, "height", "width")), T("timestep", "float32", ("batch",)),
+               T("encoder_hidden_states", "float16", ("batch", "sequence", cross))]
+    if sdxl:
+        unet_in += [T("text_embeds", "float16", ("batch", 1280)), T("time_ids", "float16", ("batch", 6))]
+    comps = {
+        "text_encoder": Component("text_encoder/model.onnx", "fp16", (T("input_ids", "int32", ("batch", 77)),), ()),
+        "unet": Component("unet/model.onnx", "fp16", tuple(unet_in), ()),
+        "vae_decoder": Component("vae_decoder/model.onnx", "fp32" if sdxl else "fp16",
+                                 (T("latent_sample", "float32", ("batch", 4, "height", "width")),), ()),
+        "vae_encoder": Component("vae_encoder/model.onnx", "fp16",
+                                 (T("image", "uint8", ("batch", "image_height", "image_width", 3)),), ()),
+    }
+    if sdxl:
+        comps["text_encoder_2"] = comps["text_encoder"]
+    return ExportManifest(family=family, preset=family, prediction_type="epsilon", components=comps,
+                          latent_channels=4, vae_scale_factor=8, default_size=512, text_max_length=77)
+
+
+def test_range_parse_and_validation() -> None:
+    assert Range.parse(512) == Range(512, 512, 512)
+    assert Range.parse("256:512:1024") == Range(256, 512, 1024)
+    assert Range.parse(" 7 ").is_static
+    with pytest.raises(InputError, match="MIN <= OPT <= MAX"):
+        Range.parse("512:256:1024", "--height")
+    with pytest.raises(InputError, match="MIN <= OPT <= MAX"):
+        Range.parse("256:1024:512")
+    with pytest.raises(InputError, match="2 parts"):
+        Range.parse("256:512")
+    with pytest.raises(InputError, match="whole numbers"):
+        Range.parse("a:b:c")
+    with pytest.raises(InputError, match="at least 1"):
+        Range.parse("0:1:2")
+
+
+def test_shipped_profiles_load_and_cover_the_required_targets() -> None:
+    names = profile_names()
+    for required in ("sd15-512", "sd15-dynamic", "sd21-768", "sdxl-1024"):
+        assert required in names
+    for name in names:
+        assert load_profile(name).name == name
+    p = load_profile("sd15-512")
+    assert p.is_static and p.cfg and p.family == "sd1" and (p.height, p.width) == (Range.static(512),) * 2
+    d = load_profile("sd15-dynamic")
+    assert not d.is_static and d.height == Range(256, 512, 1024) and d.width == Range(256, 512, 1024)
+    assert load_profile("sd21-768").height == Range.static(768)
+    assert load_profile("sdxl-1024").family == "sdxl"
+    assert load_profile(PROFILES_DIR / "sd15-512.toml") == p
+
+
+def test_unknown_profile_names_the_choices() -> None:
+    with pytest.raises(InputError, match="sd15-512"):
+        load_profile("sd99")
+
+
+def test_static_sd15_shapes_by_hand() -> None:
+    shapes = engine_shapes(load_profile("sd15-512"), _export())
+    (ids,) = shapes["text_encoder"]
+    assert ids.min == ids.opt == ids.max == (2, 77)  # prompt + negative prompt, one chunk
+    sample, timestep, ehs = shapes["unet"]
+    assert sample.min == sample.max == (2, 4, 64, 64)  # CFG doubles 1 image; 512 / 8 = 64
+    assert timestep.max == (2,)
+    assert ehs.max == (2, 77, 768)
+    (lat,) = shapes["vae_decoder"]
+    assert lat.max == (1, 4, 64, 64)  # the VAE decodes images, not CFG halves
+    (img,) = shapes["vae_encoder"]
+    assert img.max == (1, 512, 512, 3)
+
+
+def test_dynamic_shapes_by_hand() -> None:
+    prof = load_profile("sd15-dynamic")  # batch 1:1:4, 256:512:1024 px, chunks 1:1:3
+    shapes = engine_shapes(prof, _export())
+    (ids,) = shapes["text_encoder"]
+    assert (ids.min, ids.opt, ids.max) == ((2, 77), (2, 77), (2 * 4 * 3, 77))
+    sample, _, ehs = shapes["unet"]
+    assert (sample.min, sample.opt, sample.max) == ((2, 4, 32, 32), (2, 4, 64, 64), (8, 4, 128, 128))
+    assert (ehs.min, ehs.opt, ehs.max) == ((2, 77, 768), (2, 77, 768), (8, 231, 768))
+    (img,) = shapes["vae_encoder"]
+    assert (img.min, img.max) == ((1, 256, 256, 3), (4, 1024, 1024, 3))
+
+
+def test_no_cfg_keeps_the_batch() -> None:
+    prof = custom_profile(batch="1:2:3", height=512, cfg=False)
+    sample = component_shapes(prof, _export(), "unet")[0]
+    assert (sample.min[0], sample.opt[0], sample.max[0]) == (1, 2, 3)
+    assert prof.cli_args()[-1] == "--no-cfg"
+
+
+def test_sdxl_inputs_follow_the_unet_batch() -> None:
+    shapes = engine_shapes(load_profile("sdxl-1024"), _export("sdxl", 2048, sdxl=True))
+    by_name = {s.name: s for s in shapes["unet"]}
+    assert by_name["sample"].max == (2, 4, 128, 128)
+    assert by_name["text_embeds"].max == (2, 1280)
+    assert by_name["time_ids"].max == (2, 6)
+    assert {s.name for s in shapes["text_encoder_2"]} == {"input_ids"}
+
+
+def test_non_square_custom_profile() -> None:
+    prof = custom_profile(batch=2, height=512, width=768)
+    sample = component_shapes(prof, _export(), "unet")[0]
+    assert sample.max == (4, 4, 64, 96)
+    assert prof.is_static
+
+
+def test_validation_messages() -> None:
+    m = _export()
+    with pytest.raises(InputError, match="multiple of 8"):
+        engine_shapes(custom_profile(height=516), m)
+    with pytest.raises(InputError, match="outside what the export supports"):
+        engine_shapes(custom_profile(height="32:512:1024"), m)
+    with pytest.raises(InputError, match="exceeds the export's limit"):
+        engine_shapes(custom_profile(batch="1:1:64"), m)
+    with pytest.raises(CompatibilityError, match="for sdxl models, but this export is sd1"):
+        engine_shapes(load_profile("sdxl-1024"), m)
+
+
+def test_profile_shapes_summary_checks_requests() -> None:
+    s = load_profile("sd15-dynamic").shapes()
+    s.check_request(batch=4, height=1024, width=256, chunks=3)
+    with pytest.raises(InputError, match=r"height 1088 \(engines take 256..1024\)"):
+        s.check_request(batch=1, height=1088, width=512)
+    assert not s.static and "CFG" in s.describe()
+
+
+def test_profile_from_toml_rejects_unknown_keys(tmp_path) -> None:
+    from sdrt.runtime.errors import ArtifactError
+
+    bad = tmp_path / "x.toml"
+    bad.write_text('batch = 1\nheight = 512\nwidth = 512\nresolution = 3\n')
+    with pytest.raises(ArtifactError, match="unknown keys"):
+        load_profile(bad)
+    assert isinstance(load_profile(PROFILES_DIR / "sd15-512.toml"), BuildProfile)

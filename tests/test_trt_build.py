@@ -1,0 +1,173 @@
+"""The TensorRT build: what runs without TensorRT here (plans, cache keys, rebuild commands, the CLI,
+the missing-TensorRT error), a type check of the TensorRT code against the TensorRT 10 stubs, and the
+real build, which skips unless TensorRT and a GPU are present."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sdrt.export.profiles import custom_profile, load_profile
+from sdrt.export.trt_build import BuildOptions, load_tensorrt, plan_engines, rebuild_command
+from sdrt.runtime.engine_manifest import EngineEnv
+from sdrt.runtime.errors import BackendUnavailable, InputError
+
+ROOT = Path(__file__).resolve().parents[1]
+NEEDS_TRT = "needs TensorRT (not installable here; see README)"
+ENV = EngineEnv("tensorrt", "10.13.0.35", "NVIDIA H100 80GB HBM3", "9.0")
+
+
+def _have_tensorrt() -> bool:
+    try:
+        load_tensorrt()
+    except BackendUnavailable:
+        return False
+    return True
+
+
+HAVE_TRT = _have_tensorrt()
+
+
+# -- type check against the stubs ----------------------------------------------------------------------
+
+def _mypy(files: list[str], stubs: Path) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, MYPYPATH=str(stubs))
+    cmd = [sys.executable, "-m", "mypy", "--config-file", "tests/typecheck/mypy.ini", *files]
+    return subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def trt_stubs() -> Path:
+    if importlib.util.find_spec("mypy") is None:
+        pytest.skip("mypy is not installed (pip install mypy)")
+    sys.path.insert(0, str(ROOT / "tests" / "typecheck"))
+    try:
+        import patch_trt_stubs
+    finally:
+        sys.path.pop(0)
+    try:
+        return patch_trt_stubs.prepare()  # type: ignore[no-any-return]
+    except (subprocess.SubprocessError, OSError) as e:
+        pytest.skip(f"tensorrt-stubs could not be installed from PyPI ({e})")
+
+
+def test_tensorrt_code_type_checks_against_the_stubs(trt_stubs: Path) -> None:
+    r = _mypy(["export/trt_build.py", "export/refit.py"], trt_stubs)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_the_stubs_are_in_effect(trt_stubs: Path) -> None:
+    """Misused TensorRT calls fail: ``tensorrt`` resolved to the stubs, not to an untyped Any."""
+    r = _mypy(["tests/typecheck/bad_trt_usage.py"], trt_stubs)
+    assert r.returncode == 1
+    assert '"Builder" has no attribute "create_netwrk"' in r.stdout
+    assert 'incompatible type "str"; expected "BuilderFlag"' in r.stdout
+    assert r.stdout.count("error:") == 3
+
+
+# -- without TensorRT ---------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(HAVE_TRT, reason="TensorRT is installed")
+def test_missing_tensorrt_says_how_to_install_it(tmp_path: Path) -> None:
+    from sdrt.export.trt_build import build_engines
+
+    with pytest.raises(BackendUnavailable, match=r"pip install tensorrt --extra-index-url https://pypi\.nvidia\.com"):
+        load_tensorrt()
+    with pytest.raises(BackendUnavailable, match="only type stubs|No module"):
+        build_engines(tmp_path, tmp_path / "out", load_profile("sd15-512"))
+    with pytest.raises(InputError, match="unknown TensorRT module"):
+        load_tensorrt("tensorrt_llm")
+
+
+def test_plans_cache_keys_and_precision(tiny_export) -> None:
+    folder = tiny_export("sd15-tiny")
+    prof = custom_profile(batch="1:1:2", height="64:64:128")
+    manifest, plans = plan_engines(folder, prof, BuildOptions(), ENV)
+    names = [p.record.component for p in plans]
+    assert names == list(manifest.components)
+    unet = next(p.record for p in plans if p.record.component == "unet")
+    assert unet.file == "unet.engine" and unet.precision == "fp32" and unet.flags.strongly_typed
+    assert unet.shapes[0].max == (4, 4, 16, 16)
+    _, again = plan_engines(folder, prof, BuildOptions(), ENV)
+    assert [p.record.cache_key for p in again] == [p.record.cache_key for p in plans]
+    _, refit = plan_engines(folder, prof, BuildOptions(refittable=True), ENV)
+    assert all(a.record.cache_key != b.record.cache_key for a, b in zip(plans, refit))
+    _, other_gpu = plan_engines(folder, prof, BuildOptions(), EngineEnv("tensorrt", "10.13.0.35", "NVIDIA L4", "8.9"))
+    assert all(a.record.cache_key != b.record.cache_key for a, b in zip(plans, other_gpu))
+
+
+def test_build_options_validation_and_rebuild_command() -> None:
+    with pytest.raises(InputError, match="0..5"):
+        BuildOptions(opt_level=7)
+    with pytest.raises(InputError, match="only with --version-compatible"):
+        BuildOptions(exclude_lean_runtime=True)
+    opts = BuildOptions(opt_level=5, workspace_gb=8, refittable=True, version_compatible=True,
+                        timing_cache=Path("/c/t.timing.cache"))
+    cmd = rebuild_command("/x/onnx", "/x/eng", load_profile("sd15-512"), opts)
+    assert cmd == ("sdrt build /x/onnx --out /x/eng --profile sd15-512 --opt-level 5 --workspace 8 "
+                   "--timing-cache /c/t.timing.cache --refittable --version-compatible")
+    cmd = rebuild_command("/x/onnx", "/x/eng", custom_profile(batch="1:1:4", height="256:512:1024"), BuildOptions())
+    assert "--batch 1:1:4 --height 256:512:1024 --width 256:512:1024 --chunks 1" in cmd
+    assert BuildOptions(weakly_typed=True).flags("fp16").fp16 and not BuildOptions().flags("fp16").fp16
+    assert not BuildOptions(weakly_typed=True).flags("fp32").fp16  # fp32 components (SDXL VAE) stay fp32
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    from sdrt.commands import build
+
+    p = argparse.ArgumentParser()
+    build.register(p)
+    return p.parse_args(argv)
+
+
+def test_cli_profile_choices() -> None:
+    from sdrt.commands.build import _profile
+
+    prof = _profile(_parse(["x", "--out", "y", "--dynamic", "256:512:1024", "--batch", "1:1:4"]), 512)
+    assert prof.height.max == prof.width.max == 1024 and prof.batch.max == 4
+    prof = _profile(_parse(["x", "--out", "y"]), 768)  # default: static at the model's size
+    assert prof.is_static and prof.height.min == 768
+    prof = _profile(_parse(["x", "--out", "y", "--height", "512", "--width", "768", "--no-cfg"]), 512)
+    assert (prof.height.min, prof.width.min, prof.cfg) == (512, 768, False)
+    with pytest.raises(InputError, match="not both"):
+        _profile(_parse(["x", "--out", "y", "--profile", "sd15-512", "--batch", "2"]), 512)
+    assert _profile(_parse(["x", "--out", "y", "--profile", "sd15-dynamic"]), 512) == load_profile("sd15-dynamic")
+
+
+def test_cli_lists_profiles(capsys: pytest.CaptureFixture[str]) -> None:
+    from sdrt.cli import main
+
+    assert main(["build", "--list-profiles"]) == 0
+    out = capsys.readouterr().out
+    assert "sd15-512" in out and "sdxl-1024" in out and "dynamic" in out
+
+
+# -- with TensorRT (and a GPU) --------------------------------------------------------------------------------
+
+@pytest.mark.tensorrt
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAVE_TRT, reason=NEEDS_TRT)
+def test_build_reuse_and_refit_with_tensorrt(tiny_export, tmp_path: Path) -> None:  # pragma: no cover - GPU only
+    from sdrt.export.refit import RefitRequest, refit_folder
+    from sdrt.export.trt_build import build_engines
+    from sdrt.runtime.engine_manifest import EngineManifest, check_engine, current_env
+
+    folder = tiny_export("sd15-tiny")
+    out = tmp_path / "engines"
+    prof = custom_profile(height=64)
+    m = build_engines(folder, out, prof, BuildOptions(refittable=True, timing_cache=tmp_path / "t.timing.cache"))
+    assert (tmp_path / "t.timing.cache").stat().st_size > 0
+    for rec in m.engines:
+        assert (out / rec.file).stat().st_size == rec.size_bytes
+    env = current_env(m.engines[0].env.backend, m.engines[0].env.version)
+    check_engine(EngineManifest.read(out), env, folder=out)
+    messages: list[str] = []
+    build_engines(folder, out, prof, BuildOptions(refittable=True), progress=messages.append)
+    assert sum("reused" in msg for msg in messages) == len(m.engines)
+    refit_folder(out, RefitRequest(base=True))
