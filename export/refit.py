@@ -157,6 +157,13 @@ def _check_unambiguous(refit_map: RefitMap, init: str, deltas: Mapping[str, np.n
         )
 
 
+def _squeeze(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A shape without its trailing unit axes: GroupNorm's (C,) parameters are folded as (C, 1, 1)."""
+    while len(shape) > 1 and shape[-1] == 1:
+        shape = shape[:-1]
+    return shape
+
+
 def checkpoint_weights(
     refit_map: RefitMap,
     base: Mapping[str, np.ndarray],
@@ -174,7 +181,7 @@ def checkpoint_weights(
     for init, entry in refit_map.entries.items():
         old = base[init]
         new = _as_param(np.asarray(state_dict[entry.param]), entry)
-        if new.size != old.size or (not entry.inferred and new.shape != old.shape):
+        if new.size != old.size or (not entry.inferred and _squeeze(new.shape) != _squeeze(old.shape)):
             raise CompatibilityError(
                 f"{component}: {entry.param} is {tuple(np.shape(state_dict[entry.param]))} in the checkpoint but "
                 f"{tuple(_as_param(old, entry).shape)} in the engine: not the same architecture"
