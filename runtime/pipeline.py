@@ -43,9 +43,9 @@ def make_backend(name: str, folder: Path, threads: int | None = None) -> Backend
         else:
             name = "ort-cuda" if cuda_available() else "ort-cpu"
     if name == "tensorrt":
-        from .trt_backend import TrtBackend  # type: ignore[import-not-found]
+        from .trt_backend import TrtBackend
 
-        return TrtBackend(folder)  # type: ignore[no-any-return]
+        return TrtBackend(folder)
     return OrtBackend("cuda" if name == "ort-cuda" else "cpu", threads=threads)
 
 

@@ -6,4 +6,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
 STUBS=$("$PY" tests/typecheck/patch_trt_stubs.py)
-MYPYPATH="$STUBS" "$PY" -m mypy --config-file tests/typecheck/mypy.ini export/trt_build.py export/refit.py "$@"
+MYPYPATH="$STUBS" "$PY" -m mypy --config-file tests/typecheck/mypy.ini export/trt_build.py export/refit.py runtime/trt_backend.py "$@"

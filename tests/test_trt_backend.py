@@ -1,0 +1,927 @@
+"""The TensorRT backend without a GPU: what its logic does, checked against fakes, plus the checks that
+need the real libraries (skipped here).
+
+The fakes stand in for cuda-python and TensorRT as this module understands them; passing here says the
+backend's own logic is consistent (order of checks, bindings, buffer reuse, scratch sizing, the captured
+loop's ping-pong), not that it runs on a GPU:
+
+- ``FakeCudart``: device memory is host memory (ctypes buffers); stream work (copies, frees, engine runs,
+  graph launches) is queued and runs in order at a synchronize, as on a real stream; work queued while
+  capturing is recorded and replayed by every launch of the graph, with the addresses bound at capture.
+  Every access checks that the memory is still allocated, so a stale graph or a freed buffer fails.
+- ``FakeTrt``: an "engine" is an ONNX graph run by onnxruntime on the host; its context checks that
+  shapes, addresses and scratch memory were set before each run.
+
+Numbers are checked against a float64 numpy reference (``samplers.run_reference``), independently of
+the backend.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import importlib
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+import sdrt.runtime.trt_backend as tb
+from sdrt.runtime.engine_manifest import (
+    BuildFlags,
+    EngineEnv,
+    EngineManifest,
+    EngineRecord,
+    ProfileShapes,
+)
+from sdrt.runtime.errors import ArtifactError, BackendUnavailable, CompatibilityError, InputError
+from sdrt.runtime.samplers import guide, make_plan, model_input, run_reference
+from sdrt.runtime.step_graph import build_step_graph
+
+ROOT = Path(__file__).resolve().parents[1]
+NEEDS_GPU = "needs TensorRT and an NVIDIA GPU (not available here)"
+CONFIG = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+          "beta_schedule": "scaled_linear", "steps_offset": 1, "timestep_spacing": "leading",
+          "set_alpha_to_one": False, "clip_sample": False}
+ENV = EngineEnv("tensorrt", "10.13.0.35", "Fake GPU", "9.0")
+B, LATENT, SEQ, DIM = 2, (4, 8, 8), 6, 5
+GUIDANCE = 5.0
+
+
+# -- fake cuda-python -----------------------------------------------------------------------------------
+
+class Err(enum.IntEnum):
+    cudaSuccess = 0
+    cudaErrorMemoryAllocation = 2
+    cudaErrorInsufficientDriver = 35
+    cudaErrorStreamCaptureUnsupported = 900
+
+
+class FakeCudart:
+    """cuda-python's runtime API over host memory, with in-order stream queues and graph capture."""
+
+    cudaError_t = Err
+    cudaStreamNonBlocking = 1
+    cudaMemcpyKind = SimpleNamespace(cudaMemcpyHostToDevice=1, cudaMemcpyDeviceToHost=2, cudaMemcpyDeviceToDevice=3)
+    cudaStreamCaptureMode = SimpleNamespace(cudaStreamCaptureModeThreadLocal=1)
+
+    def __init__(self, gpus: int = 1) -> None:
+        self.gpus = gpus
+        self.live: dict[int, int] = {}  # address -> bytes
+        self.keep: dict[int, Any] = {}  # every buffer ever made stays allocated on the host: no segfaults
+        self.queue: list[Any] = []
+        self.capturing: list[Any] | None = None
+        self.mallocs = 0
+        self.launches = 0
+        self.captures = 0
+
+    # devices and streams
+    def cudaGetDeviceCount(self):
+        return (Err.cudaSuccess, self.gpus) if self.gpus else (Err.cudaErrorInsufficientDriver, None)
+
+    def cudaSetDevice(self, d):
+        return (Err.cudaSuccess,)
+
+    def cudaGetDeviceProperties(self, d):
+        return Err.cudaSuccess, SimpleNamespace(name=b"Fake GPU\x00", major=9, minor=0)
+
+    def cudaStreamCreateWithFlags(self, flags):
+        return Err.cudaSuccess, 7
+
+    def cudaStreamDestroy(self, s):
+        return (Err.cudaSuccess,)
+
+    def cudaGetErrorName(self, e):
+        return Err.cudaSuccess, Err(int(e)).name.encode()
+
+    def cudaGetErrorString(self, e):
+        return Err.cudaSuccess, b"fake error"
+
+    def cudaGetLastError(self):
+        return (Err.cudaSuccess,)
+
+    # memory
+    def cudaMallocAsync(self, n, stream):
+        if self.capturing is not None:
+            return Err.cudaErrorStreamCaptureUnsupported, None
+        buf = ctypes.create_string_buffer(max(int(n), 1))
+        addr = ctypes.addressof(buf)
+        self.keep[addr] = buf
+        self.live[addr] = int(n)
+        self.mallocs += 1
+        return Err.cudaSuccess, addr
+
+    def cudaFreeAsync(self, ptr, stream):
+        assert ptr in self.live, "freeing memory that is not allocated"
+        return self._enqueue(lambda: self.live.pop(ptr))
+
+    def check_live(self, ptr: int, n: int) -> None:
+        assert any(a <= ptr and ptr + n <= a + size for a, size in self.live.items()), \
+            f"device access to {n} bytes at 0x{ptr:x}: not allocated (freed, or a stale address)"
+
+    def cudaMemcpyAsync(self, dst, src, n, kind, stream):
+        def op() -> None:
+            if kind in (1, 3):
+                self.check_live(dst, n)
+            if kind in (2, 3):
+                self.check_live(src, n)
+            ctypes.memmove(dst, src, n)
+        return self._enqueue(op)
+
+    def cudaMemsetAsync(self, ptr, value, n, stream):
+        def op() -> None:
+            self.check_live(ptr, n)
+            ctypes.memset(ptr, value, n)
+        return self._enqueue(op)
+
+    # streams and graphs
+    def _enqueue(self, op):
+        (self.capturing if self.capturing is not None else self.queue).append(op)
+        return (Err.cudaSuccess,)
+
+    def cudaStreamSynchronize(self, stream):
+        while self.queue:
+            self.queue.pop(0)()
+        return (Err.cudaSuccess,)
+
+    def cudaStreamBeginCapture(self, stream, mode):
+        assert self.capturing is None
+        self.capturing = []
+        return (Err.cudaSuccess,)
+
+    def cudaStreamEndCapture(self, stream):
+        ops, self.capturing = self.capturing, None
+        self.captures += 1
+        return Err.cudaSuccess, list(ops or [])
+
+    def cudaGraphInstantiate(self, graph, flags):
+        return Err.cudaSuccess, list(graph)
+
+    def cudaGraphLaunch(self, exe, stream):
+        self.launches += 1
+        for op in exe:
+            self._enqueue(op)
+        return (Err.cudaSuccess,)
+
+    def cudaGraphDestroy(self, g):
+        return (Err.cudaSuccess,)
+
+    def cudaGraphExecDestroy(self, g):
+        return (Err.cudaSuccess,)
+
+    # test helpers
+    def read(self, ptr: int, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+        dt = np.dtype(dtype)
+        n = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+        self.check_live(ptr, n)
+        return np.frombuffer((ctypes.c_char * n).from_address(ptr), dtype=dt).reshape(shape).copy()
+
+    def write(self, ptr: int, a: np.ndarray) -> None:
+        a = np.ascontiguousarray(a)
+        self.check_live(ptr, a.nbytes)
+        ctypes.memmove(ptr, a.ctypes.data, a.nbytes)
+
+
+# -- fake TensorRT --------------------------------------------------------------------------------------
+
+class Severity(enum.IntEnum):
+    INTERNAL_ERROR = 0
+    ERROR = 1
+    WARNING = 2
+    INFO = 3
+    VERBOSE = 4
+
+
+class DataType(enum.IntEnum):
+    FLOAT = 0
+    HALF = 1
+    INT8 = 2
+    INT32 = 3
+    BOOL = 4
+    UINT8 = 5
+    BF16 = 7
+    INT64 = 8
+
+
+class TensorIOMode(enum.IntEnum):
+    NONE = 0
+    INPUT = 1
+    OUTPUT = 2
+
+
+_TO_TRT = {np.dtype(np.float32): DataType.FLOAT, np.dtype(np.float16): DataType.HALF,
+           np.dtype(np.int32): DataType.INT32, np.dtype(np.int64): DataType.INT64, np.dtype(np.bool_): DataType.BOOL}
+
+
+def fake_plan(model: onnx.ModelProto | bytes, scratch: int = 4096, profile: dict[str, Any] | None = None) -> bytes:
+    """A fake serialized engine: a JSON header (scratch bytes, profile ranges) and the ONNX graph."""
+    body = model if isinstance(model, bytes) else model.SerializeToString()
+    head = json.dumps({"scratch": scratch, "profile": profile or {}}).encode()
+    return b"FAKEPLAN" + len(head).to_bytes(4, "little") + head + body
+
+
+class FakeEngine:
+    def __init__(self, trt: FakeTrt, plan: bytes) -> None:
+        assert plan[:8] == b"FAKEPLAN"
+        n = int.from_bytes(plan[8:12], "little")
+        head = json.loads(plan[12:12 + n])
+        self.trt = trt
+        self.model = onnx.load_from_string(plan[12 + n:])
+        self.session = ort.InferenceSession(plan[12 + n:], providers=["CPUExecutionProvider"])
+        self.scratch = head["scratch"]
+        self.profile = head["profile"]
+        g = self.model.graph
+        self.io = [(v, TensorIOMode.INPUT) for v in g.input] + [(v, TensorIOMode.OUTPUT) for v in g.output]
+        self.by_name = {v.name: (v, mode) for v, mode in self.io}
+
+    num_io_tensors = property(lambda self: len(self.io))
+    device_memory_size_v2 = property(lambda self: self.scratch)
+    num_optimization_profiles = 1
+
+    def get_device_memory_size_for_profile_v2(self, i):
+        return self.scratch
+
+    def get_tensor_name(self, i):
+        return self.io[i][0].name
+
+    def get_tensor_mode(self, name):
+        return self.by_name[name][1]
+
+    def dtype(self, name) -> np.dtype:
+        return np.dtype(helper.tensor_dtype_to_np_dtype(self.by_name[name][0].type.tensor_type.elem_type))
+
+    def get_tensor_dtype(self, name):
+        return self.trt.dtype_override.get(name, _TO_TRT[self.dtype(name)])
+
+    def dims(self, name) -> list[Any]:
+        return [d.dim_value if d.HasField("dim_value") else d.dim_param
+                for d in self.by_name[name][0].type.tensor_type.shape.dim]
+
+    def get_tensor_shape(self, name):
+        return tuple(d if isinstance(d, int) else -1 for d in self.dims(name))
+
+    def get_tensor_profile_shape(self, name, i):
+        lo, hi = self.profile[name]
+        return [tuple(lo), tuple(lo), tuple(hi)]
+
+    def create_execution_context(self, strategy):
+        assert strategy == "USER_MANAGED", "contexts must leave device memory to the backend"
+        return FakeContext(self)
+
+
+class FakeContext:
+    def __init__(self, engine: FakeEngine) -> None:
+        self.engine = engine
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.addresses: dict[str, int] = {}
+        self.memory: tuple[int, int] | None = None
+        self.runs = 0
+
+    def set_device_memory(self, ptr, size):
+        self.memory = (ptr, size)
+
+    def set_input_shape(self, name, shape):
+        e = self.engine
+        dims = e.dims(name)
+        if len(shape) != len(dims) or any(isinstance(d, int) and d != s for d, s in zip(dims, shape)):
+            return False
+        if name in e.profile:
+            lo, hi = e.profile[name]
+            if not all(a <= s <= b for a, s, b in zip(lo, shape, hi)):
+                return False
+        self.shapes[name] = tuple(shape)
+        return True
+
+    def set_tensor_address(self, name, ptr):
+        self.addresses[name] = ptr
+        return True
+
+    def get_tensor_shape(self, name):
+        e = self.engine
+        if e.get_tensor_mode(name) == TensorIOMode.INPUT:
+            return self.shapes.get(name, e.get_tensor_shape(name))
+        known = {}
+        for n, shape in self.shapes.items():
+            known.update({d: s for d, s in zip(e.dims(n), shape) if isinstance(d, str)})
+        return tuple(d if isinstance(d, int) else known.get(d, -1) for d in e.dims(name))
+
+    def execute_async_v3(self, stream):
+        e, cudart = self.engine, self.engine.trt.cudart
+        names = [v.name for v, _ in e.io]
+        assert all(n in self.addresses for n in names), "every I/O tensor needs an address"
+        assert self.memory is not None and self.memory[1] >= e.scratch, "scratch memory missing or too small"
+        inputs = [(v.name, self.shapes[v.name]) for v, m in e.io if m == TensorIOMode.INPUT]
+        outputs = [(v.name, self.get_tensor_shape(v.name)) for v, m in e.io if m == TensorIOMode.OUTPUT]
+        addresses, (scratch, _) = dict(self.addresses), self.memory  # bound now, as a captured kernel's
+        spans = {n: (addresses[n], addresses[n] + int(np.prod(shape, dtype=np.int64)) * e.dtype(n).itemsize)
+                 for n, shape in inputs + outputs}
+        for o, _ in outputs:  # a real engine may write an output before it has read every input
+            clash = [n for n, _ in inputs if spans[n][0] < spans[o][1] and spans[o][0] < spans[n][1]]
+            assert not clash, f"output {o} overlaps input(s) {clash}"
+
+        def op() -> None:
+            if e.scratch:
+                cudart.check_live(scratch, e.scratch)
+            feeds = {n: cudart.read(addresses[n], shape, e.dtype(n)) for n, shape in inputs}
+            results = e.session.run([n for n, _ in outputs], feeds)
+            for (n, shape), r in zip(outputs, results):
+                assert r.shape == shape
+                cudart.write(addresses[n], r.astype(e.dtype(n)))
+            self.runs += 1
+
+        cudart._enqueue(op)
+        return True
+
+
+class FakeTrt:
+    """The few TensorRT classes the backend uses; ``lean`` drops the builder, as the lean runtime does."""
+
+    def __init__(self, cudart: FakeCudart, name: str = "tensorrt", version: str = "10.13.0.35",
+                 lean: bool = False) -> None:
+        self.__name__ = name
+        self.__version__ = version
+        self.cudart = cudart
+        self.deserialized: list[int] = []
+        self.built: list[dict[str, Any]] = []
+        self.dtype_override: dict[str, Any] = {}
+        self.runtimes: list[Any] = []
+        trt = self
+
+        class ILogger:
+            Severity = globals()["Severity"]
+
+            def __init__(self) -> None:
+                pass
+
+        class Runtime:
+            def __init__(self, logger: Any) -> None:
+                self.logger = logger
+                self.engine_host_code_allowed = False
+                trt.runtimes.append(self)
+
+            def deserialize_cuda_engine(self, blob: Any) -> FakeEngine | None:
+                data = bytes(blob)
+                trt.deserialized.append(len(data))
+                if data[:8] != b"FAKEPLAN":
+                    self.logger.log(Severity.ERROR, "not a plan")
+                    return None
+                return FakeEngine(trt, data)
+
+        self.ILogger, self.Runtime = ILogger, Runtime
+        self.DataType, self.TensorIOMode = DataType, TensorIOMode
+        self.ExecutionContextAllocationStrategy = SimpleNamespace(USER_MANAGED="USER_MANAGED")
+        if lean:
+            return
+
+        class Network:
+            model: bytes = b""
+
+        class Parser:
+            num_errors = 0
+
+            def __init__(self, network: Network, logger: Any) -> None:
+                self.network = network
+
+            def parse(self, model: bytes) -> bool:
+                self.network.model = model
+                return True
+
+        class Profile:
+            def __init__(self) -> None:
+                self.shapes: dict[str, Any] = {}
+
+            def set_shape(self, name, lo, opt, hi):
+                self.shapes[name] = [list(lo), list(hi)]
+
+        class Config:
+            profile: Profile | None = None
+
+            def add_optimization_profile(self, p: Profile) -> int:
+                self.profile = p
+                return 0
+
+        class Builder:
+            def __init__(self, logger: Any) -> None:
+                pass
+
+            def create_network(self, flags: int) -> Network:
+                assert flags == 1 << 1, "the step graph is built strongly typed"
+                return Network()
+
+            def create_builder_config(self) -> Config:
+                return Config()
+
+            def create_optimization_profile(self) -> Profile:
+                return Profile()
+
+            def build_serialized_network(self, network: Network, config: Config) -> bytes:
+                shapes = config.profile.shapes if config.profile else {}
+                trt.built.append(shapes)
+                return fake_plan(network.model, scratch=256, profile=shapes)
+
+        self.Builder, self.OnnxParser = Builder, Parser
+        self.NetworkDefinitionCreationFlag = SimpleNamespace(STRONGLY_TYPED=1)
+
+
+# -- fixtures -------------------------------------------------------------------------------------------
+
+def fake_unet() -> onnx.ModelProto:
+    """out = 0.5 sample + 0.001 t + mean(encoder_hidden_states) per row: rows answer differently."""
+    f = TensorProto.FLOAT
+    inputs = [helper.make_tensor_value_info("sample", f, ["N", 4, "H", "W"]),
+              helper.make_tensor_value_info("timestep", f, ["N"]),
+              helper.make_tensor_value_info("encoder_hidden_states", f, ["N", "S", "D"])]
+    inits = [helper.make_tensor("half", f, [], [0.5]), helper.make_tensor("milli", f, [], [0.001]),
+             helper.make_tensor("shape4", TensorProto.INT64, [4], [-1, 1, 1, 1]),
+             helper.make_tensor("axis3", TensorProto.INT64, [1], [3])]
+    nodes = [helper.make_node("Mul", ["sample", "half"], ["a"]),
+             helper.make_node("Reshape", ["timestep", "shape4"], ["t4"]),
+             helper.make_node("Mul", ["t4", "milli"], ["b"]),
+             helper.make_node("ReduceMean", ["encoder_hidden_states"], ["m3"], axes=[1, 2], keepdims=1),
+             helper.make_node("Unsqueeze", ["m3", "axis3"], ["m4"]),
+             helper.make_node("Add", ["a", "b"], ["ab"]),
+             helper.make_node("Add", ["ab", "m4"], ["out_sample"])]
+    out = [helper.make_tensor_value_info("out_sample", f, ["N", 4, "H", "W"])]
+    graph = helper.make_graph(nodes, "fake_unet", inputs, out, initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def unet_np(sample: np.ndarray, t: float, hidden: np.ndarray) -> np.ndarray:
+    return 0.5 * sample + 0.001 * t + hidden.mean(axis=(1, 2))[:, None, None, None]
+
+
+UNET_PROFILE = {"sample": [[1, 4, 1, 1], [4, 4, 64, 64]], "timestep": [[1], [4]],
+                "encoder_hidden_states": [[1, 1, 1], [4, 77, 64]]}
+
+
+def write_folder(folder: Path, engines: dict[str, bytes], env: EngineEnv = ENV, flags: BuildFlags | None = None,
+                 files: dict[str, str] | None = None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    flags = flags or BuildFlags()
+    records = []
+    for name, plan in engines.items():
+        file = (files or {}).get(name, f"{name}.engine")
+        (folder / file).write_bytes(plan)
+        records.append(EngineRecord(component=name, file=file, precision="fp32",
+                                    shapes=(), flags=flags, onnx_sha256="0" * 64, env=env, cache_key="k",
+                                    size_bytes=len(plan)))
+    EngineManifest(profile_name="test", profile=ProfileShapes((1, 1, 2), (512, 512, 512), (512, 512, 512)),
+                   engines=tuple(records), onnx_dir="/onnx", build_command="sdrt build /onnx --out ENGINES").write(folder)
+    return folder
+
+
+@pytest.fixture
+def fakes(monkeypatch: pytest.MonkeyPatch):
+    """make(module=..., version=..., lean=..., gpus=...) -> (FakeCudart, FakeTrt), wired into trt_backend."""
+
+    def make(**kw: Any) -> tuple[FakeCudart, FakeTrt]:
+        cudart = FakeCudart(kw.pop("gpus", 1))
+        trt = FakeTrt(cudart, **kw)
+        monkeypatch.setattr(tb, "import_cudart", lambda: cudart)
+        monkeypatch.setattr(tb, "import_tensorrt", lambda names: trt)
+        return cudart, trt
+
+    return make
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    return write_folder(tmp_path / "engines", {"unet": fake_plan(fake_unet(), 10_000, UNET_PROFILE)})
+
+
+# -- the manifest is checked before anything is deserialized ---------------------------------------------
+
+@pytest.mark.parametrize("built, expect", [
+    (EngineEnv("tensorrt", "10.0.1.6", "Fake GPU", "9.0"), "built with TensorRT 10.0.1.6, this is TensorRT 10.13.0.35"),
+    (EngineEnv("tensorrt", "10.13.0.35", "NVIDIA A10", "8.6"), "built for compute capability 8.6 (NVIDIA A10)"),
+    (EngineEnv("tensorrt_rtx", "1.1.0", "Fake GPU", "9.0"), "built for tensorrt_rtx, but this runtime uses tensorrt"),
+])
+def test_a_mismatched_engine_is_refused_before_deserialization(tmp_path, fakes, monkeypatch, built, expect):
+    """Order check (fakes): CompatibilityError from the manifest, with the rebuild command; the engine file
+    is never opened and TensorRT never asked to deserialize it."""
+    _, trt = fakes()
+    folder = write_folder(tmp_path, {"unet": fake_plan(fake_unet())}, env=built)
+    opened = []
+    monkeypatch.setattr(tb, "_plan", lambda path: opened.append(path))
+    be = tb.TrtBackend(folder)
+    with pytest.raises(CompatibilityError) as e:
+        be.load(str(folder / "unet.engine"), "unet")
+    assert expect in str(e.value) and "sdrt build /onnx --out ENGINES" in str(e.value)
+    assert opened == [] and trt.deserialized == []
+
+
+def test_the_manifest_is_checked_once_per_folder(folder, fakes, monkeypatch):
+    _, trt = fakes()
+    calls = []
+    real = tb.check_engine
+
+    def counted(*a: Any, **k: Any) -> None:
+        calls.append(a[1])
+        real(*a, **k)
+
+    monkeypatch.setattr(tb, "check_engine", counted)
+    be = tb.TrtBackend(folder)
+    for _ in range(2):
+        be.load(str(folder / "unet.engine"), "unet")
+    assert calls == [ENV] and len(trt.deserialized) == 2
+    assert be.manifest is not None and be.manifest.build_command == "sdrt build /onnx --out ENGINES"
+
+
+def test_folder_problems_are_artifact_errors(tmp_path, fakes):
+    fakes()
+    be = tb.TrtBackend(tmp_path)
+    (tmp_path / "unet.engine").write_bytes(b"x")
+    with pytest.raises(ArtifactError, match="not an sdrt engine folder; build one with `sdrt build"):
+        be.load(str(tmp_path / "unet.engine"), "unet")
+    f = write_folder(tmp_path / "a", {"unet": b"not a plan"})
+    with pytest.raises(ArtifactError, match="could not deserialize .*not a plan.*Rebuild it: sdrt build"):
+        tb.TrtBackend(f).load(str(f / "unet.engine"), "unet")
+    with pytest.raises(ArtifactError, match="no vae_decoder engine"):
+        tb.TrtBackend(f).load(str(f / "vae_decoder.engine"), "vae_decoder")
+    g = write_folder(tmp_path / "b", {"unet": b"plan"}, files={"unet": "other.engine"})
+    with pytest.raises(ArtifactError, match="export manifest names unet.engine, the engine manifest other.engine"):
+        tb.TrtBackend(g).load(str(g / "unet.engine"), "unet")
+    (g / "other.engine").unlink()
+    with pytest.raises(CompatibilityError, match="unet: other.engine is missing"):
+        tb.TrtBackend(g).load(str(g / "unet.engine"), "unet")
+
+
+def test_the_lean_runtime_takes_only_version_compatible_engines(tmp_path, fakes):
+    _, trt = fakes(name="tensorrt_lean_bindings", version="10.14.1.48", lean=True)
+    plain = write_folder(tmp_path / "plain", {"unet": fake_plan(fake_unet())})
+    with pytest.raises(CompatibilityError, match="the lean runtime runs only version-compatible engines"):
+        tb.TrtBackend(plain).load(str(plain / "unet.engine"), "unet")
+    vc = write_folder(tmp_path / "vc", {"unet": fake_plan(fake_unet())}, flags=BuildFlags(version_compatible=True))
+    be = tb.TrtBackend(vc)
+    be.load(str(vc / "unet.engine"), "unet")
+    assert be.lean and trt.runtimes[-1].engine_host_code_allowed  # the plan's embedded runtime is host code
+    excl = write_folder(tmp_path / "excl", {"unet": fake_plan(fake_unet())},
+                        flags=BuildFlags(version_compatible=True, exclude_lean_runtime=True))
+    with pytest.raises(CompatibilityError, match="--exclude-lean-runtime by TensorRT 10.13.0.35: only that exact"):
+        tb.TrtBackend(excl).load(str(excl / "unet.engine"), "unet")
+    with pytest.raises(BackendUnavailable, match="has no builder"):
+        be.load(build_step_graph(True, np.float32).SerializeToString(), "sampler_step")
+
+
+def test_module_choice_follows_the_manifest(tmp_path, monkeypatch):
+    monkeypatch.delenv("SDRT_TENSORRT_MODULE", raising=False)
+    assert tb.module_candidates(None, "tensorrt") == ["tensorrt", "tensorrt_lean", "tensorrt_lean_bindings"]
+    assert tb.module_candidates(None, "tensorrt_rtx") == ["tensorrt_rtx"]
+    assert tb.module_candidates("tensorrt_lean", "tensorrt") == ["tensorrt_lean"]
+    monkeypatch.setenv("SDRT_TENSORRT_MODULE", "tensorrt_rtx")
+    assert tb.module_candidates(None, "tensorrt") == ["tensorrt_rtx"]
+    with pytest.raises(InputError, match="unknown TensorRT module 'trt'"):
+        tb.module_candidates("trt")
+    f = write_folder(tmp_path, {"unet": b"x"}, env=EngineEnv("tensorrt_rtx", "1.1.0"))
+    assert tb._built_with(f) == "tensorrt_rtx" and tb._built_with(tmp_path / "none") is None
+
+
+# -- missing pieces ---------------------------------------------------------------------------------------
+
+def _hide(monkeypatch: pytest.MonkeyPatch, prefixes: tuple[str, ...]) -> None:
+    real = importlib.import_module
+
+    def fake(name: str, package: str | None = None) -> Any:
+        if name.startswith(prefixes):
+            raise ImportError(f"No module named {name!r}")
+        return real(name, package)
+
+    monkeypatch.setattr(tb.importlib, "import_module", fake)
+
+
+def test_missing_libraries_and_gpu_are_listed_with_how_to_install(monkeypatch):
+    _hide(monkeypatch, ("cuda", "tensorrt"))
+    with pytest.raises(BackendUnavailable) as e:
+        tb.TrtBackend()
+    msg = str(e.value)
+    assert "cuda-python is not installed" in msg and "pip install cuda-python" in msg
+    assert "TensorRT is not available" in msg and "pip install tensorrt --extra-index-url https://pypi.nvidia.com" in msg
+    assert "pip install tensorrt-lean-cu13-libs tensorrt-lean-cu13-bindings" in msg
+
+
+def test_no_gpu_is_reported_before_tensorrt_is_touched(fakes):
+    _, trt = fakes(gpus=0)
+    with pytest.raises(BackendUnavailable, match="no usable NVIDIA GPU: CUDA says cudaErrorInsufficientDriver"):
+        tb.TrtBackend()
+    assert trt.runtimes == []  # a TensorRT Runtime made without a GPU can crash the process
+
+
+def test_type_stubs_alone_are_not_tensorrt(monkeypatch):
+    monkeypatch.setattr(tb.importlib, "import_module", lambda name: SimpleNamespace(__name__=name))
+    with pytest.raises(BackendUnavailable, match="tensorrt: only type stubs are installed"):
+        tb.import_tensorrt(["tensorrt"])
+
+
+# -- descriptions and dtypes -----------------------------------------------------------------------------
+
+def test_io_specs_from_an_engine(fakes):
+    _, trt = fakes()
+    engine = FakeEngine(trt, fake_plan(fake_unet(), 100, UNET_PROFILE))
+    inputs, outputs = tb.io_specs(engine, "unet")
+    assert list(inputs) == ["sample", "timestep", "encoder_hidden_states"]
+    assert inputs["sample"].shape == (None, 4, None, None) and inputs["sample"].dtype == np.float32
+    assert outputs["out_sample"].describe() == "out_sample: float32[?, 4, ?, ?]"
+    trt.dtype_override["sample"] = DataType.BF16
+    with pytest.raises(CompatibilityError, match="unet: tensor 'sample' is BF16, which sdrt cannot feed"):
+        tb.io_specs(engine, "unet")
+
+
+@pytest.mark.parametrize("name, dtype", [("FLOAT", np.float32), ("HALF", np.float16), ("INT32", np.int32),
+                                         ("INT64", np.int64), ("INT8", np.int8), ("BOOL", np.bool_),
+                                         ("UINT8", np.uint8)])
+def test_dtype_mapping(name, dtype):
+    assert tb.numpy_dtype(DataType[name], "t") == dtype
+
+
+def test_profile_errors_name_the_range(folder, fakes):
+    fakes()
+    be = tb.TrtBackend(folder)
+    unet = be.load(str(folder / "unet.engine"), "unet")
+    feeds = {"sample": np.zeros((6, 4, 8, 8), np.float32), "timestep": np.zeros(6, np.float32),
+             "encoder_hidden_states": np.zeros((6, SEQ, DIM), np.float32)}
+    with pytest.raises(InputError, match=r"'sample' of shape \[6, 4, 8, 8\] is outside the engine's profile "
+                                         r"\(from \[1, 4, 1, 1\] to \[4, 4, 64, 64\]\)"):
+        unet(feeds)
+    feeds["sample"] = np.zeros((2, 4, 8, 8), np.float16)
+    with pytest.raises(InputError, match="input 'sample' is float16, expected sample: float32"):
+        unet(feeds)
+
+
+# -- arrays, output buffers, scratch --------------------------------------------------------------------
+
+def test_arrays_round_trip(fakes):
+    fakes()
+    be = tb.TrtBackend()
+    for a in (np.arange(12, dtype=np.float16).reshape(3, 4), np.array(7.5, np.float32), np.array([True, False]),
+              np.arange(20, dtype=np.int64).reshape(4, 5)[:, ::2]):
+        d = be.to_device(a)
+        assert be.meta(d) == (a.dtype, a.shape)
+        np.testing.assert_array_equal(be.to_host(d), a)
+    with pytest.raises(InputError, match="cannot put a complex128 array on the device"):
+        be.to_device(np.zeros(2, complex))
+    d = be.to_device(np.ones(3, np.float32))
+    d.free()
+    with pytest.raises(InputError, match=r"float32\[3\]\) was freed"):
+        _ = d.ptr
+
+
+def test_outputs_reuse_buffers_the_caller_has_dropped(folder, fakes):
+    """Logic check: an output buffer is reused only when no array handed out for it is alive."""
+    fakes()
+    be = tb.TrtBackend(folder)
+    unet = be.load(str(folder / "unet.engine"), "unet")
+    assert isinstance(unet, tb.TrtEngine)
+    feeds = {"sample": be.to_device(np.ones((2, 4, 8, 8), np.float32)), "timestep": be.to_device(np.ones(2, np.float32)),
+             "encoder_hidden_states": be.to_device(np.zeros((2, SEQ, DIM), np.float32))}
+    first = unet(feeds)["out_sample"]
+    ptr = first.ptr
+    del first
+    again = unet(feeds)["out_sample"]
+    assert again.ptr == ptr and unet.buffers.allocations == 1  # dropped, so reused
+    held = [again] + [unet(feeds)["out_sample"] for _ in range(5)]
+    assert len({a.ptr for a in held}) == 6  # all held: all distinct
+    assert unet.buffers.allocations == 6 and len(unet.buffers.slots["out_sample"][2]) == tb._BUFFERS_PER_OUTPUT
+    assert [a.owned for a in held] == [False] * 4 + [True] * 2  # past the limit, outputs are the caller's own
+    np.testing.assert_allclose(be.to_host(held[-1]), 0.5 + 0.001)
+    # feeding an output back as an input never lets the next call overwrite it
+    x = unet(feeds)["out_sample"]
+    y = unet({**feeds, "sample": x})["out_sample"]
+    assert x.ptr != y.ptr
+    np.testing.assert_allclose(be.to_host(y), 0.5 * (0.5 + 0.001) + 0.001, rtol=1e-6)
+
+
+def test_one_scratch_block_sized_to_the_largest_engine(tmp_path, fakes):
+    """Logic check: every context points at one block, regrown (and every context re-pointed) when a
+    larger engine arrives; runs after the growth use the new block (the fake fails on freed memory)."""
+    cudart, _ = fakes()
+    plans = {"text_encoder": fake_plan(fake_unet(), 3_000), "unet": fake_plan(fake_unet(), 50_000),
+             "vae_decoder": fake_plan(fake_unet(), 20_000)}
+    folder = write_folder(tmp_path, plans)
+    be = tb.TrtBackend(folder)
+    engines = [be.load(str(folder / f"{n}.engine"), n) for n in plans]
+    ptrs = {e.context.memory for e in engines}  # type: ignore[attr-defined]
+    assert ptrs == {(be.scratch.ptr, 50_000)} and be.scratch.generation == 2
+    be.synchronize()  # frees are stream-ordered
+    assert sum(1 for size in cudart.live.values() if size >= 3_000) == 1  # the smaller block was freed
+    feeds = {"sample": np.ones((1, 4, 2, 2), np.float32), "timestep": np.zeros(1, np.float32),
+             "encoder_hidden_states": np.zeros((1, 1, 1), np.float32)}
+    for e in engines:
+        np.testing.assert_allclose(be.to_host(e(feeds)["out_sample"]), 0.5)
+    assert tb.scratch_size(SimpleNamespace(device_memory_size_v2=10, num_optimization_profiles=2,
+                                           get_device_memory_size_for_profile_v2=lambda i: [5, 30][i])) == 30
+
+
+# -- the denoising loop: plain, and as a CUDA graph ----------------------------------------------------------
+
+def _setup(be: tb.TrtBackend, folder: Path, sampler: str, steps: int = 6, seed: int = 0):
+    unet = be.load(str(folder / "unet.engine"), "unet")
+    step = be.load(build_step_graph(True, np.float32).SerializeToString(), "sampler_step")
+    plan = make_plan(sampler, steps, CONFIG)
+    rng = np.random.default_rng(seed)
+    x = (plan.init_noise_sigma * rng.standard_normal((B, *LATENT))).astype(np.float32)
+    hidden = rng.standard_normal((2 * B, SEQ, DIM)).astype(np.float32)
+    noises = rng.standard_normal((steps, B, *LATENT)).astype(np.float32) if plan.needs_noise else None
+    return unet, step, plan, x, hidden, noises
+
+
+def _reference(plan, x, hidden, noises) -> np.ndarray:
+    def model(unet_in: np.ndarray, t: float) -> np.ndarray:
+        out = unet_np(np.concatenate([unet_in] * 2), t, hidden.astype(np.float64))
+        return guide(out, GUIDANCE)
+
+    return run_reference(plan, x.astype(np.float64), model, None if noises is None else noises.astype(np.float64))
+
+
+def _start_state(be, plan, x, hidden):
+    dev = be.to_device
+    return {"x_dev": dev(x), "zeros": dev(np.zeros_like(x)), "cond": {"encoder_hidden_states": dev(hidden)},
+            "guidance": dev(np.array(GUIDANCE, np.float32)),
+            "unet_in": dev(np.concatenate([model_input(plan, 0, x)] * 2).astype(np.float32))}
+
+
+def _plain_loop(be, unet, step, plan, x, hidden, noises) -> np.ndarray:
+    """The pipeline's loop as pipeline.py runs it today."""
+    s = _start_state(be, plan, x, hidden)
+    x_dev, x0_prev, unet_in = s["x_dev"], s["zeros"], s["unet_in"]
+    for i in range(plan.steps):
+        t = be.to_device(np.full((2 * B,), plan.timesteps[i], np.float32))
+        out = unet({"sample": unet_in, "timestep": t, **s["cond"]})["out_sample"]
+        res = step({"latents": x_dev, "unet_out": out, "guidance": s["guidance"], "coeffs": be.to_device(plan.coeffs(i)),
+                    "x0_prev": x0_prev, "noise": be.to_device(noises[i]) if noises is not None else s["zeros"]})
+        x_dev, x0_prev, unet_in = res["latents_next"], res["x0"], res["unet_in_next"]
+        be.synchronize()
+    return be.to_host(x_dev)
+
+
+def _captured_loop(be, unet, step, plan, x, hidden, noises, between=None) -> tuple[np.ndarray, tb.StepLoop]:
+    """The loop as the module docstring tells the pipeline to run it."""
+    s = _start_state(be, plan, x, hidden)
+    loop = be.capture_step(unet, step)
+    loop.start(latents=s["x_dev"], unet_in=s["unet_in"], x0_prev=s["zeros"], cond=s["cond"],
+               guidance=s["guidance"], timesteps=plan.timesteps, coeffs=plan.table, noise=noises)
+    del s  # the loop keeps its own copies
+    for i in range(plan.steps):
+        loop.step(i)
+        be.synchronize()
+        if between is not None:
+            between(i)
+    return be.to_host(loop.latents), loop
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp-2m", "euler-a"])
+def test_captured_loop_matches_the_plain_loop_and_numpy(folder, fakes, sampler):
+    """Logic check on fakes: the StepLoop (captured graphs, and the direct fallback) gives bit-for-bit the
+    plain loop's latents, and both match the float64 numpy reference loop."""
+    cudart, trt = fakes()
+    be = tb.TrtBackend(folder)
+    unet, step, plan, x, hidden, noises = _setup(be, folder, sampler)
+    ref = _reference(plan, x, hidden, noises)
+    plain = _plain_loop(be, unet, step, plan, x, hidden, noises)
+    graphed, loop = _captured_loop(be, unet, step, plan, x, hidden, noises)
+    assert loop.captured and loop.reason == "" and cudart.captures == 2 and cudart.launches == plan.steps
+    np.testing.assert_allclose(plain, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    np.testing.assert_array_equal(graphed, plain)
+    # a second call with the same shapes reuses the graphs; fresh inputs, same answer
+    again, _ = _captured_loop(be, unet, step, plan, x, hidden, noises)
+    assert cudart.captures == 2
+    np.testing.assert_array_equal(again, plain)
+    assert len(trt.built) == 1 and trt.built[0]["latents"] == [[B, *LATENT]] * 2  # one step engine, exact shapes
+    be_direct = tb.TrtBackend(folder, cuda_graph=False)
+    unet2, step2, *_ = _setup(be_direct, folder, sampler)
+    direct, loop2 = _captured_loop(be_direct, unet2, step2, plan, x, hidden, noises)
+    assert not loop2.captured and "cuda_graph=False" in loop2.reason
+    np.testing.assert_array_equal(direct, plain)
+
+
+def test_captured_loop_recaptures_when_the_scratch_block_moves(folder, tmp_path, fakes):
+    """A larger engine loaded mid-loop moves the shared scratch: the graphs holding the old address are
+    captured again without losing the state (the fake fails on a launch that touches freed memory)."""
+    cudart, _ = fakes()
+    be = tb.TrtBackend(folder)
+    unet, step, plan, x, hidden, noises = _setup(be, folder, "dpmpp-2m")
+    big = write_folder(tmp_path / "big", {"vae_decoder": fake_plan(fake_unet(), 10**6)})
+    loaded = []
+
+    def load_bigger(i: int) -> None:
+        if i == 2:
+            loaded.append(be.load(str(big / "vae_decoder.engine"), "vae_decoder"))
+
+    out, loop = _captured_loop(be, unet, step, plan, x, hidden, noises, between=load_bigger)
+    assert loop.captured and cudart.captures == 4 and be.scratch.size == 10**6
+    np.testing.assert_array_equal(out, _plain_loop(be, unet, step, plan, x, hidden, noises))
+
+
+def test_step_loop_checks_its_inputs(folder, fakes):
+    fakes()
+    be = tb.TrtBackend(folder)
+    unet, step, plan, x, hidden, _ = _setup(be, folder, "ddim")
+    s = _start_state(be, plan, x, hidden)
+    loop = be.capture_step(unet, step)
+    assert be.capture_step(unet, step) is loop
+    with pytest.raises(InputError, match="cond must hold all but sample and timestep"):
+        loop.start(latents=s["x_dev"], unet_in=s["unet_in"], cond={}, timesteps=plan.timesteps, coeffs=plan.table,
+                   guidance=s["guidance"])
+    with pytest.raises(InputError, match="one row per timestep"):
+        loop.start(latents=s["x_dev"], unet_in=s["unet_in"], cond=s["cond"], timesteps=plan.timesteps,
+                   coeffs=plan.table[:-1], guidance=s["guidance"])
+    with pytest.raises(InputError, match="step 0 is outside the 0 steps"):
+        loop.step(0)
+    with pytest.raises(InputError, match="engines loaded by this backend"):
+        be.capture_step(SimpleNamespace(), step)  # type: ignore[arg-type]
+
+
+# -- against the real libraries --------------------------------------------------------------------------
+
+def test_trt_backend_type_checks_against_the_stubs():
+    if importlib.util.find_spec("mypy") is None:
+        pytest.skip("mypy is not installed (pip install mypy)")
+    sys.path.insert(0, str(ROOT / "tests" / "typecheck"))
+    try:
+        import patch_trt_stubs
+    finally:
+        sys.path.pop(0)
+    try:
+        stubs = patch_trt_stubs.prepare()
+    except (subprocess.SubprocessError, OSError) as e:
+        pytest.skip(f"tensorrt-stubs could not be installed from PyPI ({e})")
+    cmd = [sys.executable, "-m", "mypy", "--config-file", "tests/typecheck/mypy.ini", "runtime/trt_backend.py"]
+    r = subprocess.run(cmd, check=False, cwd=ROOT, env=dict(os.environ, MYPYPATH=str(stubs)), capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def _real_module(names: tuple[str, ...]) -> Any:
+    for name in names:
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:
+            continue
+        if hasattr(mod, "Runtime"):
+            return mod
+    return None
+
+
+REAL_TRT = _real_module(tb.RUNTIME_MODULES)
+
+
+@pytest.mark.skipif(REAL_TRT is None, reason="needs a TensorRT runtime module (tensorrt or the lean bindings)")
+def test_the_tensorrt_api_used_exists():
+    """API surface only (no GPU needed): every name the backend calls is in the installed bindings."""
+    t = REAL_TRT
+    for cls, names in [(t.ICudaEngine, ["create_execution_context", "device_memory_size_v2", "num_io_tensors",
+                                        "get_tensor_name", "get_tensor_mode", "get_tensor_dtype", "get_tensor_shape",
+                                        "get_tensor_profile_shape", "get_device_memory_size_for_profile_v2"]),
+                       (t.IExecutionContext, ["set_device_memory", "set_input_shape", "set_tensor_address",
+                                              "get_tensor_shape", "execute_async_v3"]),
+                       (t.Runtime, ["deserialize_cuda_engine", "engine_host_code_allowed"])]:
+        assert [n for n in names if not hasattr(cls, n)] == [], cls
+    assert t.ExecutionContextAllocationStrategy.USER_MANAGED is not None
+    assert {"INTERNAL_ERROR", "ERROR", "WARNING"} <= set(t.ILogger.Severity.__members__)
+
+
+def _gpu_ready() -> bool:
+    if REAL_TRT is None or not hasattr(REAL_TRT, "Builder"):
+        return False
+    try:
+        cudart = tb.import_cudart()
+        res = cudart.cudaGetDeviceCount()
+        return int(res[0]) == 0 and int(res[1]) > 0
+    except Exception:  # noqa: BLE001
+        return False
+
+
+@pytest.mark.gpu
+@pytest.mark.tensorrt
+@pytest.mark.skipif(not _gpu_ready(), reason=NEEDS_GPU)
+@pytest.mark.parametrize("sampler", ["dpmpp-2m", "euler-a"])
+def test_on_a_gpu_the_captured_loop_matches_numpy(tmp_path, sampler):
+    """On a GPU with the full TensorRT: the stand-in UNet and the step graph built from ONNX bytes, the
+    plain loop and the captured loop against the float64 numpy reference."""
+    be = tb.TrtBackend(tmp_path)
+    unet = be.load(fake_unet().SerializeToString(), "unet")
+    step = be.load(build_step_graph(True, np.float32).SerializeToString(), "sampler_step")
+    plan = make_plan(sampler, 8, CONFIG)
+    rng = np.random.default_rng(3)
+    x = (plan.init_noise_sigma * rng.standard_normal((B, *LATENT))).astype(np.float32)
+    hidden = rng.standard_normal((2 * B, SEQ, DIM)).astype(np.float32)
+    noises = rng.standard_normal((plan.steps, B, *LATENT)).astype(np.float32) if plan.needs_noise else None
+    ref = _reference(plan, x, hidden, noises)
+    plain = _plain_loop(be, unet, step, plan, x, hidden, noises)
+    graphed, loop = _captured_loop(be, unet, step, plan, x, hidden, noises)
+    atol = 1e-3 * np.abs(ref).max()  # TF32 may round the stand-in's mean
+    np.testing.assert_allclose(plain, ref, rtol=1e-3, atol=atol)
+    assert loop.captured, loop.reason
+    np.testing.assert_allclose(graphed, ref, rtol=1e-3, atol=atol)
