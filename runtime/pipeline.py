@@ -126,6 +126,9 @@ class Pipeline:
                 )
         if not 1 <= batch <= lim.max_batch:
             raise InputError(f"batch_size {batch} is outside the supported range 1..{lim.max_batch}")
+        engine_manifest = getattr(self.backend, "manifest", None)  # TensorRT: the engines' build profile
+        if engine_manifest is not None:
+            engine_manifest.profile.check_request(batch, height, width)
 
     # -- the call -----------------------------------------------------------------------------------
     def __call__(
