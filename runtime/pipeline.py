@@ -94,6 +94,8 @@ class Pipeline:
         """Prompts -> (hidden states [B, 77k, C], pooled [B, P] for SDXL), on the host.
 
         Prompts over 77 tokens are encoded in 77-token chunks and concatenated along the sequence.
+        Conditional and unconditional prompts are encoded in one call, so they get the same number of
+        chunks (the tokenizer pads the batch to its longest prompt).
         """
         hidden_parts, pooled = [], None
         for i, tok in enumerate(self.tokenizers):
@@ -108,12 +110,6 @@ class Pipeline:
                 pooled = self.backend.to_host(out["text_embeds"]).reshape(b, k, -1)[:, 0]
         hidden = np.concatenate(hidden_parts, axis=-1) if len(hidden_parts) > 1 else hidden_parts[0]
         return hidden, pooled
-
-    def _pad_chunks(self, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Give conditional and unconditional embeddings the same number of chunks."""
-        if a.shape[1] == b.shape[1]:
-            return a, b
-        raise AssertionError("encode cond and uncond together")  # pragma: no cover
 
     # -- checks -------------------------------------------------------------------------------------
     def _check_size(self, height: int, width: int, batch: int) -> None:
