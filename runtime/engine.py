@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InputError
+from .manifest import Component
 
 Array = Any  # a backend's device array: numpy on the host, an OrtValue or device buffer on a GPU
 
@@ -38,6 +39,12 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def load(self, path: str | bytes, name: str) -> Engine:
         """Load an engine from a file, or from serialized bytes."""
+
+    def graph_for(self, component: Component) -> str:
+        """The file of ``component`` (relative to its folder) this backend loads: the variant recorded
+        under this backend's name (e.g. a graph with fused CUDA operators for ``ort-cuda``), else the
+        portable one."""
+        return component.variants.get(self.name, component.path)
 
     @abc.abstractmethod
     def to_device(self, a: np.ndarray) -> Array: ...

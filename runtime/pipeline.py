@@ -32,7 +32,7 @@ class Result:
     nonfinite: list[bool] = field(default_factory=list)  # per image: NaN/inf in the decoded pixels
 
 
-def make_backend(name: str, folder: Path, threads: int | None = None) -> Backend:
+def make_backend(name: str, folder: Path, threads: int | None = None, cuda_graph: bool = False) -> Backend:
     from .ort_backend import OrtBackend, cuda_available
 
     if name not in BACKENDS:
@@ -45,8 +45,10 @@ def make_backend(name: str, folder: Path, threads: int | None = None) -> Backend
     if name == "tensorrt":
         from .trt_backend import TrtBackend
 
-        return TrtBackend(folder)
-    return OrtBackend("cuda" if name == "ort-cuda" else "cpu", threads=threads)
+        return TrtBackend(folder, cuda_graph=cuda_graph)
+    if name == "ort-cuda":
+        return OrtBackend("cuda", threads=threads, cuda_graph=cuda_graph)
+    return OrtBackend("cpu", threads=threads)
 
 
 class Pipeline:
@@ -66,16 +68,19 @@ class Pipeline:
 
     # -- loading ----------------------------------------------------------------------------------
     @classmethod
-    def load(cls, path: str | Path, backend: str = "auto", *, threads: int | None = None) -> Pipeline:
+    def load(cls, path: str | Path, backend: str = "auto", *, threads: int | None = None,
+             cuda_graph: bool = False) -> Pipeline:
+        """Load an export or engine folder. ``cuda_graph``: replay captured CUDA graphs for fixed shapes
+        (ort-cuda, tensorrt; outputs are then valid only until the next call at the same shape)."""
         import json
 
         folder = Path(path)
         manifest = ExportManifest.read(folder)
         _check_components(manifest, folder)
-        be = make_backend(backend, folder, threads)
+        be = make_backend(backend, folder, threads, cuda_graph)
         engines: dict[str, Engine] = {}
         for name, comp in manifest.components.items():
-            engines[name] = be.load(str(folder / comp.path), name)
+            engines[name] = be.load(str(folder / be.graph_for(comp)), name)
         toks = []
         for i in range(2 if manifest.family == "sdxl" else 1):
             toks.append(ClipTokenizer.from_folder(folder / ("tokenizer" if i == 0 else f"tokenizer_{i + 1}")))

@@ -227,3 +227,17 @@ def test_full_size_sd15_export(tmp_path: Path) -> None:
     unet = man.components["unet"]
     assert unet.parity is not None and unet.parity.rel_err <= 1e-2
     assert 1.6e9 < unet.size_bytes < 1.9e9  # 860M fp16 parameters
+
+
+def test_cli_export_ort_cuda_variant(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from sdrt.runtime.pipeline import Pipeline
+
+    out = tmp_path / "o"
+    assert main(["export", "--random", "sd15-tiny", "--out", str(out), "--ort-cuda"]) == 0
+    man = ExportManifest.read(out)
+    assert man.components["unet"].variants == {"ort-cuda": "unet/model_ort_cuda.onnx"}
+    fused = onnx.load(str(out / "unet" / "model_ort_cuda.onnx"), load_external_data=False)
+    assert sum(n.op_type == "MultiHeadAttention" for n in fused.graph.node) == 32  # 16 blocks x (self, cross)
+    pipe = Pipeline.load(out, backend="ort-cpu")  # the CPU backend keeps the portable graph
+    assert pipe.backend.graph_for(man.components["unet"]) == "unet/model.onnx"
+    assert len(pipe("a", steps=2, seed=0).images) == 1

@@ -15,6 +15,8 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fp32", action="store_true", help="export fp32 graphs (default: fp16; the SDXL VAE is fp32)")
     p.add_argument("--vae-fp32", action="store_true", default=None,
                    help="keep the VAE in fp32 in an fp16 export (the default for SDXL, whose VAE overflows in fp16)")
+    p.add_argument("--ort-cuda", action="store_true",
+                   help="also write a UNet with ONNX Runtime's fused CUDA operators (attention, GroupNorm) for ort-cuda")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset, 17 or newer (default 17)")
     p.add_argument("--arch", metavar="PRESET", help="architecture of a single-file checkpoint, if not detected")
     p.add_argument("--seed", type=int, default=0, help="seed of --random weights (default 0)")
@@ -47,6 +49,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", flush=True)
 
     manifest = export_model(model, args.out, fp16=not args.fp32, opset=args.opset, vae_fp32=args.vae_fp32, progress=progress)
+    if args.ort_cuda:
+        from sdrt.export.ort_fusion import add_ort_cuda_variant
+
+        add_ort_cuda_variant(args.out, model, opset=args.opset, progress=progress)
+        from sdrt.runtime.manifest import ExportManifest
+
+        manifest = ExportManifest.read(args.out)
     print(f"\nwrote {args.out} ({manifest.preset}, {manifest.family}, {manifest.prediction_type}) "
           f"in {time.perf_counter() - t0:.1f} s")
     print(f"{'component':16s} {'precision':9s} {'size MB':>8s} {'rel err':>9s} {'bound':>7s}")

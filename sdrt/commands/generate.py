@@ -18,6 +18,7 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--backend", default="auto", help="auto, ort-cpu, ort-cuda, tensorrt")
+    p.add_argument("--cuda-graph", action="store_true", help="replay the denoising step as a CUDA graph (GPU)")
     p.add_argument("--init-image", default=None, help="img2img: the starting image")
     p.add_argument("--strength", type=float, default=0.8, help="img2img: how much to change the image (0, 1]")
     p.add_argument("-o", "--output", default="out.png", help="output file; batches get _1, _2, ... suffixes")
@@ -39,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
             image = Image.open(args.init_image)
         except (OSError, UnidentifiedImageError) as e:
             raise InputError(f"cannot read --init-image {args.init_image}: {e}") from e
-    pipe = Pipeline.load(args.path, backend=args.backend)
+    pipe = Pipeline.load(args.path, backend=args.backend, cuda_graph=args.cuda_graph)
     print(f"{pipe.manifest.preset} on {pipe.backend.name}")
     bar = tqdm(total=None, unit="step", desc="denoising")
 

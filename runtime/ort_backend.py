@@ -1,0 +1,344 @@
+"""ONNX Runtime backends: ``ort-cpu`` (numpy on the host) and ``ort-cuda`` (OrtValues on the GPU).
+
+``ort-cuda`` keeps every tensor on the device with IO binding: inputs are bound as OrtValues, outputs
+are allocated there and fed straight to the next engine, so the denoising loop never copies latents to
+the host. Where the manifest records an ``ort-cuda`` variant of a component (ONNX Runtime's fused
+operators: MultiHeadAttention, GroupNorm, NhwcConv, ...), :meth:`OrtBackend.graph_for` names it.
+
+CUDA graphs (``OrtBackend("cuda", cuda_graph=True)``, opt-in) replay a captured launch sequence instead
+of launching every kernel from Python. ORT captures one graph per run-option ``gpu_graph_id``, and a
+replay reads and writes the device addresses it was captured with, so per input shape an engine keeps
+fixed input and output buffers (:class:`_StaticBindings`): new inputs are copied into them on the device
+(``OrtValue.update_inplace``: in ORT's CUDA data transfer a device-to-device ``cudaMemcpy`` followed by
+a synchronize, so it completes before the next run is launched; the source was written by a run that
+ORT synchronized at its end), and the outputs returned are those fixed buffers.
+Constraints, all ORT's or CUDA's:
+
+* every node must run on the CUDA EP, apart from shape computations ORT places on the CPU without
+  copies (ORT refuses the session otherwise; sdrt raises BackendUnavailable);
+* a captured graph holds its activation memory for the life of the session, so at most
+  ``max_cuda_graphs`` shapes per engine are captured; further shapes run uncaptured;
+* an engine's outputs are valid until its next call at the same shapes, which overwrites them (the
+  pipeline consumes each output before calling that engine again);
+* calls on one engine are serialized (the fixed buffers are shared).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .engine import Array, Backend, Engine, IOSpec
+from .errors import ArtifactError, BackendUnavailable, CompatibilityError, InputError
+
+_ORT_TYPES: dict[str, np.dtype[Any]] = {
+    "tensor(float)": np.dtype("float32"),
+    "tensor(float16)": np.dtype("float16"),
+    "tensor(int32)": np.dtype("int32"),
+    "tensor(int64)": np.dtype("int64"),
+    "tensor(uint8)": np.dtype("uint8"),
+    "tensor(bool)": np.dtype("bool"),
+}
+
+CONV_ALGO_SEARCH = ("EXHAUSTIVE", "HEURISTIC", "DEFAULT")
+# The run-option key that selects which captured CUDA graph a run replays; -1 runs without one.
+GRAPH_ID_KEY = "gpu_graph_id"
+
+
+def _ort() -> Any:
+    import onnxruntime
+
+    return onnxruntime
+
+
+def _specs(args: list[Any]) -> dict[str, IOSpec]:
+    return {a.name: IOSpec(a.name, _ORT_TYPES[a.type], tuple(a.shape)) for a in args}
+
+
+def cuda_provider_options(
+    device_id: int = 0,
+    *,
+    cuda_graph: bool = False,
+    conv_algo_search: str | None = None,
+    prefer_nhwc: bool = False,
+    gpu_mem_limit: int | None = None,
+) -> dict[str, str]:
+    """CUDA EP options (ORT's documented keys, as strings).
+
+    * ``conv_algo_search``: cuDNN's convolution algorithm choice. EXHAUSTIVE benchmarks every algorithm
+      once per new shape (the fastest kernels, seconds of warm-up per shape); HEURISTIC asks cuDNN's
+      heuristics (no warm-up). Default: EXHAUSTIVE with CUDA graphs (shapes are static, the search is
+      paid once), HEURISTIC otherwise.
+    * ``arena_extend_strategy=kSameAsRequested``: the memory arena grows by what is asked, not to the
+      next power of two (less VRAM held for SD's few large activations).
+    * ``prefer_nhwc``: let ORT's layout transformer run NCHW convolutions in NHWC. The fused variant
+      already carries NhwcConv (a contrib operator with its own kernel), so it is off by default.
+    """
+    search = conv_algo_search or ("EXHAUSTIVE" if cuda_graph else "HEURISTIC")
+    if search not in CONV_ALGO_SEARCH:
+        raise InputError(f"conv_algo_search {search!r} is not one of {', '.join(CONV_ALGO_SEARCH)}")
+    opts = {
+        "device_id": str(int(device_id)),
+        "arena_extend_strategy": "kSameAsRequested",
+        "cudnn_conv_algo_search": search,
+        "cudnn_conv_use_max_workspace": "1",
+        "enable_cuda_graph": "1" if cuda_graph else "0",
+        "prefer_nhwc": "1" if prefer_nhwc else "0",
+    }
+    if gpu_mem_limit is not None:
+        opts["gpu_mem_limit"] = str(int(gpu_mem_limit))
+    return opts
+
+
+def _run_options(graph_id: int) -> Any:
+    opts = _ort().RunOptions()
+    opts.add_run_config_entry(GRAPH_ID_KEY, str(graph_id))
+    return opts
+
+
+def _contiguous(a: np.ndarray) -> np.ndarray:
+    return a if a.flags.c_contiguous else a.copy()  # (np.ascontiguousarray makes a 0-d array 1-d)
+
+
+def _as_ortvalue(a: Array, device: str, device_id: int) -> Any:
+    if isinstance(a, np.ndarray):
+        return _ort().OrtValue.ortvalue_from_numpy(_contiguous(a), device, device_id)
+    return a
+
+
+def _bound_run(session: Any, feeds: Mapping[str, Array], out_names: list[str], device: str, device_id: int,
+               run_options: Any = None) -> dict[str, Any]:
+    """One run with inputs bound as OrtValues and outputs allocated by ORT on ``device``."""
+    binding = session.io_binding()
+    for name, value in feeds.items():
+        binding.bind_ortvalue_input(name, _as_ortvalue(value, device, device_id))
+    for name in out_names:
+        binding.bind_output(name, device, device_id)
+    session.run_with_iobinding(binding, run_options)
+    return dict(zip(out_names, binding.get_outputs()))
+
+
+def _copy_into(dst: Any, src: Array) -> None:
+    """Copy ``src`` (an OrtValue on any device, or a numpy array) into the fixed buffer ``dst``."""
+    if isinstance(src, np.ndarray):
+        dst.update_inplace(_contiguous(src))
+        return
+    if src.data_ptr() == dst.data_ptr():
+        return  # already there
+    try:
+        # device to device when both are on the GPU: onnxruntime 1.31's update_inplace takes an OrtValue
+        dst.update_inplace(src)
+    except TypeError:  # an older onnxruntime whose update_inplace takes numpy only: through the host
+        dst.update_inplace(src.numpy())
+
+
+@dataclass
+class _Slot:
+    graph_id: int
+    inputs: dict[str, Any]
+    outputs: dict[str, Any]
+    binding: Any
+    run_options: Any
+
+
+class _StaticBindings:
+    """Fixed device buffers per input-shape signature, bound once, for CUDA graph capture and replay.
+
+    The first call at a new signature runs uncaptured (``gpu_graph_id`` -1) on ORT-allocated outputs,
+    which gives the output shapes; the buffers are then allocated and bound, and later calls copy their
+    inputs in and run under the signature's graph id: ORT captures on the first such run and replays
+    after. Beyond ``max_graphs`` signatures, calls run uncaptured.
+    """
+
+    def __init__(self, session: Any, out_names: list[str], device: str, device_id: int,
+                 max_graphs: int) -> None:
+        self.session = session
+        self.out_names = out_names
+        self.device = device
+        self.device_id = device_id
+        self.max_graphs = max_graphs
+        self.slots: dict[tuple[Any, ...], _Slot] = {}
+        self._uncaptured = _run_options(-1)
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _signature(feeds: Mapping[str, Array]) -> tuple[Any, ...]:
+        sig = []
+        for name in sorted(feeds):
+            a = feeds[name]
+            shape = a.shape if isinstance(a, np.ndarray) else a.shape()
+            sig.append((name, tuple(int(d) for d in shape)))
+        return tuple(sig)
+
+    def run(self, feeds: Mapping[str, Array]) -> dict[str, Any]:
+        key = self._signature(feeds)
+        with self._lock:
+            slot = self.slots.get(key)
+            if slot is None:
+                outs = _bound_run(self.session, feeds, self.out_names, self.device, self.device_id,
+                                  self._uncaptured)
+                if len(self.slots) < self.max_graphs:
+                    self.slots[key] = self._make_slot(len(self.slots), feeds, outs)
+                return outs
+            for name, buf in slot.inputs.items():
+                _copy_into(buf, feeds[name])
+            self.session.run_with_iobinding(slot.binding, slot.run_options)
+            return dict(slot.outputs)
+
+    def _make_slot(self, graph_id: int, feeds: Mapping[str, Array], outs: Mapping[str, Any]) -> _Slot:
+        ort = _ort()
+        binding = self.session.io_binding()
+        inputs, outputs = {}, {}
+        for name, a in feeds.items():
+            dtype = a.dtype if isinstance(a, np.ndarray) else _ORT_TYPES[a.data_type()]
+            shape = a.shape if isinstance(a, np.ndarray) else a.shape()
+            inputs[name] = ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, self.device,
+                                                                     self.device_id)
+            binding.bind_ortvalue_input(name, inputs[name])
+        for name, o in outs.items():
+            outputs[name] = ort.OrtValue.ortvalue_from_shape_and_type(
+                list(o.shape()), _ORT_TYPES[o.data_type()], self.device, self.device_id)
+            binding.bind_ortvalue_output(name, outputs[name])
+        return _Slot(graph_id, inputs, outputs, binding, _run_options(graph_id))
+
+
+class OrtEngine(Engine):
+    def __init__(self, backend: OrtBackend, path: str | bytes, name: str) -> None:
+        ort = _ort()
+        self.name = name
+        self.backend = backend
+        self._device: str = backend.device
+        self._device_id: int = backend.device_id
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if backend.threads:
+            opts.intra_op_num_threads = backend.threads
+        opts.log_severity_level = 3
+        if isinstance(path, str) and not os.path.isfile(path):
+            raise ArtifactError(f"{path} is missing; re-export the model with `sdrt export`")
+        captured = backend.captures(name)
+        try:
+            self.session = ort.InferenceSession(path, opts, providers=backend.providers_for(name))
+        except Exception as e:  # onnxruntime raises its own untyped errors
+            raise _load_error(path if isinstance(path, str) else name, e, captured) from e
+        self.inputs = _specs(self.session.get_inputs())
+        self.outputs = _specs(self.session.get_outputs())
+        self._out_names = list(self.outputs)
+        self._static = (_StaticBindings(self.session, self._out_names, "cuda", backend.device_id,
+                                        backend.max_cuda_graphs) if captured else None)
+
+    def run(self, feeds: Mapping[str, Array]) -> dict[str, Array]:
+        if self._device == "cpu":
+            outs = self.session.run(self._out_names, dict(feeds))
+            return dict(zip(self._out_names, outs))
+        if self._static is not None:
+            return self._static.run(feeds)
+        return _bound_run(self.session, feeds, self._out_names, "cuda", self._device_id)
+
+
+def _load_error(path: str, e: Exception, captured: bool) -> Exception:
+    msg = str(e)
+    if captured and "CUDA Graph" in msg:
+        return BackendUnavailable(
+            f"{path} cannot run as a CUDA graph: ORT needs every node on the CUDA EP ({msg.strip()}). "
+            "Load it without cuda_graph=True"
+        )
+    if "NOT_IMPLEMENTED" in msg or "Could not find an implementation" in msg:
+        return CompatibilityError(
+            f"{path} uses an operator this onnxruntime cannot run on the chosen device ({msg.strip()}). "
+            "A fused ort-cuda graph needs onnxruntime-gpu and the CUDA EP; re-make it with this onnxruntime "
+            "(`sdrt export --ort-cuda`) or use the plain export"
+        )
+    return ArtifactError(f"cannot load {path}: {e}. The file is corrupt or incomplete; re-export it")
+
+
+class OrtBackend(Backend):
+    """``ort-cpu`` or ``ort-cuda``. Sessions are thread-safe; IO bindings are made per call.
+
+    ``cuda_graph`` (ort-cuda only) captures the engines named in ``graph_engines`` as CUDA graphs, at
+    most ``max_cuda_graphs`` input shapes each (see the module notes for the constraints).
+    """
+
+    def __init__(
+        self,
+        device: str = "cpu",
+        device_id: int = 0,
+        threads: int | None = None,
+        *,
+        cuda_graph: bool = False,
+        graph_engines: Collection[str] = ("unet",),
+        max_cuda_graphs: int = 2,
+        conv_algo_search: str | None = None,
+        prefer_nhwc: bool = False,
+        gpu_mem_limit: int | None = None,
+    ) -> None:
+        ort = _ort()
+        self.device = device
+        self.device_id = device_id
+        self.threads = threads
+        self.name = f"ort-{device}"
+        self.cuda_graph = cuda_graph
+        self.graph_engines = frozenset(graph_engines)
+        self.max_cuda_graphs = max_cuda_graphs
+        available = ort.get_available_providers()
+        if device == "cpu":
+            if cuda_graph:
+                raise InputError("cuda_graph needs the ort-cuda backend; ort-cpu has no CUDA graphs")
+            self.providers: list[Any] = ["CPUExecutionProvider"]
+        elif device == "cuda":
+            if "CUDAExecutionProvider" not in available:
+                raise BackendUnavailable(
+                    "ort-cuda needs onnxruntime-gpu with CUDA (found providers: "
+                    f"{', '.join(available)}); pip install onnxruntime-gpu, or use backend='ort-cpu'"
+                )
+            if max_cuda_graphs < 1:
+                raise InputError(f"max_cuda_graphs must be at least 1, got {max_cuda_graphs}")
+            self._cuda_options = {
+                graph: cuda_provider_options(device_id, cuda_graph=graph, conv_algo_search=conv_algo_search,
+                                             prefer_nhwc=prefer_nhwc, gpu_mem_limit=gpu_mem_limit)
+                for graph in (False, True)
+            }
+            self.providers = [("CUDAExecutionProvider", self._cuda_options[False]), "CPUExecutionProvider"]
+        else:
+            raise ValueError(device)
+        self._lock = threading.Lock()
+
+    def captures(self, name: str) -> bool:
+        """Whether the engine ``name`` runs as a CUDA graph."""
+        return self.device == "cuda" and self.cuda_graph and name in self.graph_engines
+
+    def providers_for(self, name: str) -> list[Any]:
+        if not self.captures(name):
+            return self.providers
+        return [("CUDAExecutionProvider", self._cuda_options[True]), "CPUExecutionProvider"]
+
+    def load(self, path: str | bytes, name: str) -> Engine:
+        """Load a graph from a file path, or from serialized bytes (the sampler's step graph)."""
+        return OrtEngine(self, path, name)
+
+    def to_device(self, a: np.ndarray) -> Array:
+        if not a.flags.c_contiguous:
+            a = a.copy()  # (np.ascontiguousarray would turn a 0-d scalar into shape [1])
+        if self.device == "cpu":
+            return a
+        return _ort().OrtValue.ortvalue_from_numpy(a, "cuda", self.device_id)
+
+    def to_host(self, a: Array) -> np.ndarray:
+        return a if isinstance(a, np.ndarray) else a.numpy()
+
+    def meta(self, a: Array) -> tuple[np.dtype[Any], tuple[int, ...]]:
+        if isinstance(a, np.ndarray):
+            return a.dtype, a.shape
+        return _ORT_TYPES[a.data_type()], tuple(a.shape())
+
+
+def cuda_available() -> bool:
+    try:
+        return "CUDAExecutionProvider" in _ort().get_available_providers()
+    except ImportError:
+        return False
