@@ -1,0 +1,1 @@
+"""Measurement and reports: ``sdrt bench`` (see benchmarks/README.md)."""

@@ -1,0 +1,732 @@
+"""``run_bench``: measure sdrt's backends against diffusers on PyTorch, side by side, in one run.
+
+The run, in order: check the request; take the environment fingerprint; export the preset (or read
+the given export); build TensorRT engines where asked; save the same weights as a diffusers folder for
+the baseline; count each module's FLOPs; measure each device's matrix-multiply rate; then, for every
+(resolution, batch size, sampler, steps), run the baseline and each backend, each in its own worker
+process (``worker.py``), sampling its memory from a background thread here; finally derive ratios to
+the baseline and fractions of the floor. The result is a dict in the documented schema (``schema.py``).
+
+Library code: it raises sdrt errors and reports progress through a callback; it never prints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sdrt.runtime.errors import InputError
+
+from . import schema
+from .env import device_label, fingerprint, load_average
+from .memory import MemoryPeaks, MemorySampler
+from .stats import ratio, summarize
+from .worker import PREFIX
+
+KNOWN_BACKENDS = ("ort-cpu", "ort-cuda", "tensorrt")
+BASELINES = ("torch", "none")
+PRECISIONS = ("fp16", "fp32")
+DEFAULT_PROMPT = "a photograph of an astronaut riding a horse, highly detailed"
+WEIGHTS_SEED = 0  # synthetic weights of a preset: the exporter's default seed
+
+Progress = Callable[[dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What to measure. Give exactly one of ``preset`` (synthetic weights) or ``artifact`` (an export)."""
+
+    preset: str | None = None
+    artifact: str | None = None
+    engines: str | None = None  # a TensorRT engine folder (sdrt build); else one is built if possible
+    backends: tuple[str, ...] = ()  # empty: ort-cuda and tensorrt on a GPU machine, ort-cpu otherwise
+    resolutions: tuple[tuple[int, int], ...] = ()  # (height, width); empty: the model's default size
+    steps: tuple[int, ...] = (20,)
+    batch_sizes: tuple[int, ...] = (1,)
+    samplers: tuple[str, ...] = ("dpmpp-2m",)
+    baseline: str = "torch"  # "torch": diffusers on PyTorch; "none": no baseline (no ratios)
+    compile: bool = False  # also run the baseline with torch.compile on the UNet
+    compile_mode: str | None = None  # torch.compile's mode (None: its default)
+    warmup: int = 1  # runs after the cold first image, excluded from the statistics
+    repeats: int = 5
+    threads: int | None = None  # CPU threads of every backend and the baseline; None: physical cores
+    guidance_scale: float = 7.5
+    prompt: str = DEFAULT_PROMPT
+    seed: int = 0
+    precision: str | None = None  # of a preset's export and the baseline; None: fp16 on a GPU, fp32 on CPU
+    work_dir: str | None = None  # exports and baseline weights (kept, and reused); None: a temporary folder
+    timeout_s: float | None = None  # per worker process
+    matmul_n: int | None = None  # size of the rate-measuring matmul; None: 8192 on a GPU, 2048 on CPU
+
+    def __post_init__(self) -> None:
+        if (self.preset is None) == (self.artifact is None):
+            raise InputError("give exactly one model: a preset (--preset sd15) or an export folder (--artifact DIR)")
+        if self.backends:
+            check_backends(self.backends)
+        if self.baseline not in BASELINES:
+            raise InputError(f"unknown baseline {self.baseline!r}; choose one of: {', '.join(BASELINES)}")
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise InputError(f"unknown precision {self.precision!r}; choose one of: {', '.join(PRECISIONS)}")
+        for label, values in (("steps", self.steps), ("batch sizes", self.batch_sizes)):
+            if not values or any(int(v) < 1 for v in values):
+                raise InputError(f"{label} must be positive integers, got {list(values)}")
+        for h, w in self.resolutions:
+            if h < 8 or w < 8 or h % 8 or w % 8:
+                raise InputError(f"resolution {h}x{w} is not supported: height and width must be multiples of 8")
+        from sdrt.runtime.samplers import SAMPLERS
+
+        unknown = [x for x in self.samplers if x not in SAMPLERS]
+        if not self.samplers or unknown:
+            raise InputError(f"unknown sampler {', '.join(map(repr, unknown))}; the samplers are: {', '.join(SAMPLERS)}"
+                             if unknown else f"give at least one sampler: {', '.join(SAMPLERS)}")
+        if self.warmup < 0 or self.repeats < 1:
+            raise InputError(f"warmup must be >= 0 and repeats >= 1 (got {self.warmup} and {self.repeats})")
+        if self.threads is not None and self.threads < 1:
+            raise InputError(f"threads must be >= 1, got {self.threads}")
+
+
+def check_backends(names: Sequence[str]) -> None:
+    """Raise InputError for a name that is no sdrt backend, listing the valid ones."""
+    unknown = [n for n in names if n not in KNOWN_BACKENDS]
+    if unknown:
+        raise InputError(f"unknown backend {', '.join(map(repr, unknown))}; the backends are: "
+                         f"{', '.join(KNOWN_BACKENDS)} (the PyTorch baseline is chosen with --baseline)")
+
+
+def backend_device(name: str) -> str:
+    return "cpu" if name == "ort-cpu" else "cuda"
+
+
+def unavailable_reason(name: str, gpus: int) -> str | None:
+    """Why ``name`` cannot run on this machine, or None when it can (checked without touching a GPU)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return "onnxruntime is not installed (pip install onnxruntime, or onnxruntime-gpu for ort-cuda)"
+    if name == "ort-cpu":
+        return None
+    if name == "ort-cuda":
+        providers = ort.get_available_providers()
+        if "CUDAExecutionProvider" not in providers:
+            return (f"onnxruntime {ort.__version__} has no CUDAExecutionProvider (it has {', '.join(providers)}); "
+                    "pip install onnxruntime-gpu on a machine with an NVIDIA GPU")
+        if gpus == 0:
+            return "onnxruntime-gpu is installed, but no NVIDIA GPU was found (NVML and nvidia-smi report none)"
+        return None
+    if name == "tensorrt":
+        from sdrt.runtime.errors import BackendUnavailable
+
+        try:
+            from sdrt.runtime.trt_backend import import_cudart, import_tensorrt, module_candidates
+        except ImportError as e:
+            return f"this sdrt's TensorRT backend cannot be imported ({e})"
+        try:
+            trt = import_tensorrt(module_candidates())
+            import_cudart()
+        except BackendUnavailable as e:
+            return str(e)
+        if gpus == 0:
+            return f"{trt.__name__} {getattr(trt, '__version__', '')} is installed, but no NVIDIA GPU was found"
+        return None
+    raise InputError(f"unknown backend {name!r}")  # pragma: no cover - check_backends ran first
+
+
+@dataclass
+class _Job:
+    kind: str  # "sdrt" | "diffusers"
+    name: str  # backend name in the result: "ort-cpu", "torch-cpu", "torch-cuda-compile", ...
+    device: str
+    folder: Path
+    height: int
+    width: int
+    batch_size: int
+    sampler: str
+    steps: int
+    compile: bool = False
+    artifact_bytes: int | None = None
+    image_out: Path | None = None
+
+    def label(self) -> str:
+        return f"{self.name} {self.height}x{self.width} batch {self.batch_size} {self.sampler}/{self.steps} steps"
+
+
+@dataclass
+class _Backend:
+    """A backend's entry in the result, filled in as its jobs finish."""
+
+    name: str
+    role: str
+    device: str
+    status: str = "ok"
+    reason: str | None = None
+    precision: str | None = None
+    threads: dict[str, Any] | None = None
+    versions: dict[str, Any] = field(default_factory=dict)
+    timing_method: str | None = None
+    build_s: float | None = None
+    artifact_bytes: int | None = None
+
+
+class _Run:
+    def __init__(self, cfg: BenchConfig, progress: Progress) -> None:
+        self.cfg = cfg
+        self.progress = progress
+        self.notes: list[str] = []
+        self.threads = cfg.threads or _physical_cores()
+
+    def emit(self, stage: str, message: str, **extra: Any) -> None:
+        self.progress({"stage": stage, "message": message, **extra})
+
+    # -- the pieces ---------------------------------------------------------------------------------
+    def model(self, work: Path, precision: str) -> tuple[Path, Any, float | None]:
+        from sdrt.runtime.manifest import ExportManifest
+
+        cfg = self.cfg
+        if cfg.artifact is not None:
+            return Path(cfg.artifact), ExportManifest.read(cfg.artifact), None
+        from sdrt.export.presets import get_preset
+
+        assert cfg.preset is not None
+        get_preset(cfg.preset)  # unknown preset: InputError listing the presets
+        folder = work / f"export-{cfg.preset}-{precision}"
+        if (folder / "sdrt.json").is_file():
+            self.notes.append(f"the export in {folder} was reused; its export time is not in this run")
+            return folder, ExportManifest.read(folder), None
+        from sdrt.export.exporter import export_model
+        from sdrt.export.loading import load_model
+
+        self.emit("export", f"exporting {cfg.preset} ({precision}) to ONNX")
+        t0 = time.perf_counter()
+        manifest = export_model(load_model(random_preset=cfg.preset, seed=WEIGHTS_SEED), folder,
+                                fp16=precision == "fp16",
+                                progress=lambda msg: self.emit("export", msg))
+        return folder, manifest, time.perf_counter() - t0
+
+    def baseline_weights(self, work: Path, onnx_folder: Path, manifest: Any, precision: str) -> tuple[Path | None, str | None]:
+        """A diffusers folder with the export's weights (saved once, then reused), or the reason there is none."""
+        src = dict(manifest.source)
+        kind = src.get("kind")
+        if kind == "diffusers":
+            path = Path(str(src.get("path", "")))
+            if (path / "model_index.json").is_file():
+                return path, None
+            return None, f"the export was made from the diffusers folder {path}, which is not here any more"
+        if kind not in ("random", "single_file"):
+            return None, f"the export does not record where its weights came from (source kind {kind!r})"
+        digest = hashlib.sha256(json.dumps(src, sort_keys=True).encode()).hexdigest()[:12]
+        folder = work / f"diffusers-{manifest.preset}-{precision}-{digest}"
+        if (folder / "model_index.json").is_file():
+            return folder, None
+        from sdrt.export.loading import load_model, random_model
+
+        self.emit("baseline", f"saving the same weights as a diffusers folder for the baseline ({precision})")
+        if kind == "random":
+            model = random_model(str(src["preset"]), int(src.get("seed", 0)))
+        else:
+            path = Path(str(src.get("path", "")))
+            if not path.is_file():
+                return None, f"the export was made from {path}, which is not here any more"
+            if path.suffix.lower() != ".safetensors":
+                return None, f"the export was made from a pickled checkpoint ({path.name}); the bench does not unpickle"
+            model = load_model(path)
+        _save_diffusers(model, onnx_folder, folder, manifest.family, precision)
+        return folder, None
+
+    def engines(self, onnx_folder: Path, work: Path, resolutions: Sequence[tuple[int, int]]
+                ) -> tuple[Path | None, float | None, str | None, str | None]:
+        """(engine folder, build seconds, where that figure comes from, reason when there is no folder)."""
+        from sdrt.runtime.engine_manifest import EngineManifest
+
+        if self.cfg.engines:
+            m = EngineManifest.read(self.cfg.engines)
+            secs = sum(e.build_seconds for e in m.engines)
+            return Path(self.cfg.engines), (secs or None), "the engine folder's manifest (built before this run)", None
+        if importlib.util.find_spec("sdrt.commands.build") is None:
+            return None, None, None, ("no engine folder was given (--engines DIR) and this sdrt has no `sdrt build` "
+                                      "command to build one")
+        out = work / "engines"
+
+        def span(values: Sequence[int]) -> str:  # N, or MIN:OPT:MAX with the first requested value as OPT
+            return str(values[0]) if min(values) == max(values) else f"{min(values)}:{values[0]}:{max(values)}"
+
+        cmd = [sys.executable, "-m", "sdrt", "build", str(onnx_folder), "--out", str(out),
+               "--height", span([h for h, _ in resolutions]), "--width", span([w for _, w in resolutions]),
+               "--batch", span(list(self.cfg.batch_sizes))]
+        if self.cfg.guidance_scale <= 1.0:
+            cmd.append("--no-cfg")
+        self.emit("build", "building TensorRT engines: " + " ".join(cmd[3:]))
+        t0 = time.perf_counter()
+        r = subprocess.run(cmd, check=False, capture_output=True, text=True)
+        secs = time.perf_counter() - t0
+        if r.returncode != 0:
+            return None, None, None, f"`sdrt build` failed (exit {r.returncode}): {_tail(r.stderr or r.stdout)}"
+        return out, secs, "measured in this run (`sdrt build`, a subprocess)", None
+
+    def flops(self, manifest: Any) -> tuple[Any | None, str | None]:
+        try:
+            from sdrt.export.presets import PRESETS
+
+            from . import flops
+
+            if manifest.preset in PRESETS:
+                return flops.architecture_of_preset(manifest.preset), None
+            src = manifest.source
+            if src.get("kind") == "diffusers" and Path(str(src.get("path"))).is_dir():
+                return flops.architecture_of_folder(src["path"], manifest.family), None
+            return None, f"no architecture to count FLOPs from (preset {manifest.preset!r} is not shipped)"
+        except ImportError as e:
+            return None, f"FLOPs need torch, diffusers and transformers ({e})"
+
+    # -- workers ------------------------------------------------------------------------------------
+    def worker(self, spec: dict[str, Any], work: Path, label: str, device: str) -> tuple[dict[str, Any], MemoryPeaks]:
+        fd, spec_name = tempfile.mkstemp(prefix="job-", suffix=".json", dir=work)
+        os.close(fd)
+        spec_path = Path(spec_name)
+        result_path = spec_path.with_suffix(".result.json")
+        err_path = spec_path.with_suffix(".stderr.txt")
+        spec_path.write_text(json.dumps(spec))
+        env = dict(os.environ)
+        t = str(self.threads)
+        env.update(OMP_NUM_THREADS=t, MKL_NUM_THREADS=t, OPENBLAS_NUM_THREADS=t, TOKENIZERS_PARALLELISM="false",
+                   PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+        cmd = [sys.executable, "-m", "sdrt.benchmarks.worker", str(spec_path), str(result_path)]
+        with open(err_path, "w") as err:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+            timer = None
+            if self.cfg.timeout_s:
+                timer = threading.Timer(self.cfg.timeout_s, proc.kill)
+                timer.start()
+            with MemorySampler(proc.pid, gpu_index=0 if device == "cuda" else None) as sampler:
+                assert proc.stdout is not None
+                for line in proc.stdout:
+                    if line.startswith(PREFIX):
+                        try:
+                            event = json.loads(line[len(PREFIX):])
+                        except json.JSONDecodeError:
+                            continue
+                        self.emit("job", label, **event)
+                rc = proc.wait()
+            if timer is not None:
+                timer.cancel()
+        peaks = sampler.peaks
+        if result_path.is_file():
+            return json.loads(result_path.read_text()), peaks
+        why = f"the worker process exited with code {rc} without a result"
+        if self.cfg.timeout_s and rc == -9:
+            why = f"the worker process ran past --timeout {self.cfg.timeout_s:g} s and was stopped"
+        return {"status": "failed", "reason": f"{why}: {_tail(err_path.read_text())}", "peak_rss_bytes": None}, peaks
+
+    # -- the run ------------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        self.emit("env", "taking the environment fingerprint")
+        env = fingerprint()
+        gpus = len(env["gpus"])
+        requested = list(cfg.backends) or (["ort-cuda", "tensorrt"] if gpus else ["ort-cpu"])
+        reasons = {name: unavailable_reason(name, gpus) for name in requested}
+        available = [n for n in requested if reasons[n] is None]
+        devices = sorted({backend_device(n) for n in available}) or (["cuda"] if gpus else ["cpu"])
+        precision = cfg.precision or ("fp16" if "cuda" in devices else "fp32")
+
+        own_work = cfg.work_dir is None
+        work = Path(tempfile.mkdtemp(prefix="sdrt-bench-")) if own_work else Path(str(cfg.work_dir))
+        work.mkdir(parents=True, exist_ok=True)
+        try:
+            return self._run(env, requested, reasons, available, devices, precision, work)
+        finally:
+            if own_work:
+                shutil.rmtree(work, ignore_errors=True)
+
+    def _run(self, env: dict[str, Any], requested: list[str], reasons: dict[str, str | None],
+             available: list[str], devices: list[str], precision: str, work: Path) -> dict[str, Any]:
+        import numpy as np
+
+        cfg = self.cfg
+        folder, manifest, export_s = self.model(work, precision)
+        resolutions = list(cfg.resolutions) or [(manifest.default_size, manifest.default_size)]
+        components = {k: {"precision": c.precision, "size_bytes": c.size_bytes} for k, c in manifest.components.items()}
+        onnx_bytes = sum(c.size_bytes for c in manifest.components.values())
+        backends: dict[str, _Backend] = {}
+        for name in requested:
+            b = _Backend(name, "sdrt", backend_device(name), precision=_export_precision(manifest))
+            if reasons[name] is not None:
+                b.status, b.reason = "skipped", reasons[name]
+            b.artifact_bytes = onnx_bytes if name != "tensorrt" else None
+            backends[name] = b
+
+        engine_folder = None
+        if "tensorrt" in available:
+            engine_folder, build_s, source, why = self.engines(folder, work, resolutions)
+            b = backends["tensorrt"]
+            if engine_folder is None:
+                b.status, b.reason = "skipped", why
+                available.remove("tensorrt")
+            else:
+                b.build_s = build_s
+                b.artifact_bytes = _engine_bytes(engine_folder)
+                if source:
+                    self.notes.append(f"TensorRT engine build time: {source}")
+
+        base_folder, base_reason = None, None
+        if cfg.baseline == "torch":
+            try:
+                base_folder, base_reason = self.baseline_weights(work, folder, manifest, precision)
+            except ImportError as e:
+                base_reason = f"the baseline needs torch, diffusers and transformers ({e})"
+        baselines: list[tuple[str, str, bool]] = []  # (name, device, compiled)
+        if cfg.baseline == "torch":
+            for d in devices:
+                for compiled in (False, True) if cfg.compile else (False,):
+                    name = f"torch-{d}" + ("-compile" if compiled else "")
+                    baselines.append((name, d, compiled))
+                    b = _Backend(name, "baseline", d, precision=precision)
+                    if base_folder is None:
+                        b.status, b.reason = "skipped", base_reason
+                    elif d == "cuda" and not _torch_cuda():
+                        b.status, b.reason = "skipped", "torch has no CUDA device here (torch.cuda.is_available() is False)"
+                    backends[name] = b
+
+        # FLOPs of each stage per shape, and each device's matmul rate
+        arch, flops_reason = self.flops(manifest)
+        if flops_reason:
+            self.notes.append(f"no floor: {flops_reason}")
+        shape_flops: dict[tuple[int, int, int], dict[str, int]] = {}
+        guided = cfg.guidance_scale > 1.0
+        if arch is not None:
+            from .flops import module_flops
+
+            self.emit("flops", "counting FLOPs of each module")
+            for (h, w), bsz in itertools.product(resolutions, cfg.batch_sizes):
+                shape_flops[(h, w, bsz)] = module_flops(arch, h, w, bsz, guided)
+        ceilings: list[dict[str, Any]] = []
+        rates: dict[str, float] = {}
+        for d in devices:
+            dtype = "float16" if (d == "cuda" and precision == "fp16") else "float32"
+            n = cfg.matmul_n or (8192 if d == "cuda" else 2048)
+            self.emit("ceiling", f"measuring the {d} matmul rate ({dtype}, n={n})")
+            spec = {"job": "matmul", "device": d, "dtype": dtype, "n": n, "threads": self.threads}
+            res, _ = self.worker(spec, work, f"matmul {d}", d)
+            ceilings.append({"device": d, "dtype": dtype, "n": n, "tflops": res.get("tflops"),
+                             "ms_p50": res.get("ms_p50"), "method": res.get("method", ""),
+                             "status": res["status"], "reason": res.get("reason")})
+            if res["status"] == "ok":
+                rates[d] = float(res["tflops"])
+
+        # the jobs: per configuration, the baseline(s) first, then each backend
+        jobs: list[_Job] = []
+        latents: dict[tuple[int, int, int], Path] = {}
+        f = manifest.vae_scale_factor
+        for (h, w), bsz, sampler, steps in itertools.product(resolutions, cfg.batch_sizes, cfg.samplers, cfg.steps):
+            key = (h, w, bsz)
+            if key not in latents:
+                noise = np.random.default_rng(cfg.seed).standard_normal((bsz, manifest.latent_channels, h // f, w // f),
+                                                                        dtype=np.float32)
+                latents[key] = work / f"latents-{h}x{w}-b{bsz}.npy"
+                np.save(latents[key], noise)
+            for name, d, compiled in baselines:
+                if backends[name].status == "ok":
+                    assert base_folder is not None
+                    jobs.append(_Job("diffusers", name, d, base_folder, h, w, bsz, sampler, steps, compiled))
+            for name in available:
+                src = engine_folder if name == "tensorrt" else folder
+                assert src is not None
+                jobs.append(_Job("sdrt", name, backend_device(name), src, h, w, bsz, sampler, steps,
+                                 artifact_bytes=backends[name].artifact_bytes))
+
+        measurements: list[dict[str, Any]] = []
+        for i, job in enumerate(jobs):
+            job.image_out = work / f"image-{i}.png"
+            spec = {
+                "job": job.kind, "backend": job.name, "folder": str(job.folder), "device": job.device,
+                "precision": precision, "family": manifest.family, "height": job.height, "width": job.width,
+                "batch_size": job.batch_size, "sampler": job.sampler, "steps": job.steps,
+                "guidance_scale": cfg.guidance_scale, "prompt": cfg.prompt, "seed": cfg.seed, "warmup": cfg.warmup,
+                "repeats": cfg.repeats, "threads": self.threads, "latents": str(latents[(job.height, job.width, job.batch_size)]),
+                "image_out": str(job.image_out), "compile": job.compile, "compile_mode": cfg.compile_mode,
+            }
+            self.emit("job", job.label(), phase="start", job_index=i + 1, jobs=len(jobs))
+            res, peaks = self.worker(spec, work, job.label(), job.device)
+            m = _measurement(job, res, peaks, cfg, guided)
+            m["host_load_avg"] = load_average()
+            fl = shape_flops.get((job.height, job.width, job.batch_size))
+            _add_floor(m, fl, rates.get(job.device))
+            measurements.append(m)
+            _note_backend(backends[job.name], res, job)
+            self.emit("job", job.label(), phase="done", job_index=i + 1, jobs=len(jobs), status=m["status"],
+                      its=m["its"])
+        for b in backends.values():
+            ran = [m for m in measurements if m["backend"] == b.name]
+            if b.status == "ok" and ran and all(m["status"] != "ok" for m in ran):
+                b.status, b.reason = ran[0]["status"], ran[0]["reason"]
+
+        _add_ratios(measurements, self._baseline_of, work)
+        self.notes += _standard_notes(cfg, guided)
+        doc = {
+            "schema": schema.SCHEMA_NAME,
+            "schema_version": schema.SCHEMA_VERSION,
+            "created": env["date"],
+            "env": env,
+            "config": {
+                "preset": cfg.preset, "artifact": cfg.artifact, "engines": cfg.engines,
+                "resolutions": [list(r) for r in resolutions], "steps": list(cfg.steps),
+                "batch_sizes": list(cfg.batch_sizes), "samplers": list(cfg.samplers), "backends": requested,
+                "baseline": cfg.baseline, "compile": cfg.compile, "warmup": cfg.warmup, "repeats": cfg.repeats,
+                "threads": self.threads, "guidance_scale": cfg.guidance_scale, "prompt": cfg.prompt, "seed": cfg.seed,
+                "isolation": "subprocess",
+            },
+            "model": {
+                "family": manifest.family, "preset": manifest.preset, "precision": _export_precision(manifest),
+                "folder": str(folder) if cfg.artifact else f"(temporary export of {manifest.preset})",
+                "export_s": export_s, "components": components, "artifact_bytes": onnx_bytes,
+                "source": dict(manifest.source),
+                "flops": {f"{h}x{w}-b{b}": v for (h, w, b), v in shape_flops.items()},
+            },
+            "ceilings": ceilings,
+            "backends": [asdict(b) for b in backends.values()],
+            "measurements": measurements,
+            "notes": self.notes,
+            "device_labels": {d: device_label(env, d) for d in sorted({b.device for b in backends.values()})},
+        }
+        schema.validate(doc)
+        return doc
+
+    @staticmethod
+    def _baseline_of(m: dict[str, Any]) -> str | None:
+        if m["role"] == "baseline" and not m["backend"].endswith("-compile"):
+            return None
+        return f"torch-{m['device']}"
+
+
+def _standard_notes(cfg: BenchConfig, guided: bool) -> list[str]:
+    steps = ("Guidance is on, so every step runs the UNet once at batch 2 x batch_size (conditional and "
+             "unconditional halves together); a step also includes the guidance combination and the sampler "
+             "update." if guided else "Guidance is off: every step runs the UNet at batch_size.")
+    stats = (f"Statistics: the cold first image and {cfg.warmup} warm-up run(s) are excluded; p50/p90 over "
+             f"{cfg.repeats} repeats (step times pooled over every step of every repeat).")
+    processes = ("Each measurement ran in its own process, one after another: peak RSS (the kernel's VmHWM "
+                 "high-water mark) and GPU memory belong to that process alone; cold start = loading the model "
+                 "+ the first image, in a fresh process, after imports (import_ms is recorded apart).")
+    ratios = ("vs_baseline = this figure / the same figure of diffusers on PyTorch (eager), measured in this run "
+              "with the same weights, shape, sampler, steps, latents and thread count. Above 1 is better for it/s "
+              "and images/s; below 1 is better for times, memory and sizes.")
+    floor = ("of_floor = the floor time (matrix FLOPs / the measured matmul rate) / the measured time: the "
+             "fraction of the device's matrix throughput a stage achieves (1.0 is the physical limit).")
+    notes = ["it/s is denoising steps per second: 1000 / the median step time. " + steps, stats, processes,
+             ratios, floor]
+    return notes
+
+
+def _physical_cores() -> int:
+    try:
+        import psutil
+
+        n = psutil.cpu_count(logical=False)
+        if n:
+            return int(n)
+    except ImportError:
+        pass
+    return os.cpu_count() or 1
+
+
+def _torch_cuda() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except ImportError:
+        return False
+
+
+def _export_precision(manifest: Any) -> str:
+    unet = manifest.components.get("unet")
+    return str(unet.precision) if unet is not None else "?"
+
+
+def _engine_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and p.suffix in (".engine", ".plan"))
+
+
+def _tail(text: str, lines: int = 8) -> str:
+    return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:] if line.strip()) or "(no output)"
+
+
+def _save_diffusers(model: Any, onnx_folder: Path, out: Path, family: str, precision: str) -> None:
+    """Save ``model``'s modules as a diffusers pipeline folder (tokenizers from the export)."""
+    import diffusers
+    import torch
+    from transformers import CLIPTokenizer
+
+    from sdrt.runtime.atomic import atomic_dir
+
+    cfg = dict(model.scheduler_config)
+    sched_cls = getattr(diffusers, str(cfg.get("_class_name", "PNDMScheduler")), diffusers.PNDMScheduler)
+    scheduler = sched_cls.from_config(cfg)
+    tok = CLIPTokenizer.from_pretrained(onnx_folder / "tokenizer")
+    if family == "sdxl":
+        tok2 = CLIPTokenizer.from_pretrained(onnx_folder / "tokenizer_2")
+        pipe: Any = diffusers.StableDiffusionXLPipeline(
+            vae=model.vae, text_encoder=model.text_encoders[0], text_encoder_2=model.text_encoders[1], tokenizer=tok,
+            tokenizer_2=tok2, unet=model.unet, scheduler=scheduler, force_zeros_for_empty_prompt=True,
+            add_watermarker=False)
+    else:
+        pipe = diffusers.StableDiffusionPipeline(
+            vae=model.vae, text_encoder=model.text_encoders[0], tokenizer=tok, unet=model.unet, scheduler=scheduler,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    if precision == "fp16":
+        pipe = pipe.to(torch.float16)
+    with atomic_dir(out) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+
+
+def _measurement(job: _Job, res: dict[str, Any], peaks: MemoryPeaks, cfg: BenchConfig, guided: bool) -> dict[str, Any]:
+    m: dict[str, Any] = {
+        "backend": job.name, "role": "sdrt" if job.kind == "sdrt" else "baseline", "device": job.device,
+        "status": res["status"], "reason": res.get("reason"), "height": job.height, "width": job.width,
+        "batch_size": job.batch_size, "sampler": job.sampler, "steps": job.steps,
+        "guidance_scale": cfg.guidance_scale, "guided": guided,
+        "unet_batch": 2 * job.batch_size if guided else job.batch_size,
+        "warmup": cfg.warmup, "repeats": cfg.repeats,
+        "import_ms": res.get("import_ms"), "load_ms": res.get("load_ms"), "first_image_ms": res.get("first_image_ms"),
+        "cold_start_ms": None,
+        "text_encoder_ms": None, "unet_step_ms": None, "vae_decoder_ms": None, "total_ms": None,
+        "its": None, "images_per_s": None,
+        "peak_vram_bytes": peaks.peak_process_bytes, "device_mem_delta_bytes": peaks.device_delta_bytes,
+        "torch_peak_allocated_bytes": res.get("torch_peak_allocated_bytes"),
+        "peak_rss_bytes": res.get("peak_rss_bytes"), "rss_sampled_peak_bytes": peaks.rss_peak_bytes,
+        "memory_notes": list(peaks.notes),
+        "artifact_bytes": job.artifact_bytes if job.kind == "sdrt" else res.get("weight_bytes"),
+        "raw": None, "flops": None, "floor_ms": None, "of_floor": None,
+        "baseline": None, "vs_baseline": None, "image_vs_baseline": None,
+    }
+    if res["status"] != "ok":
+        return m
+    runs = res["runs"]
+    m["cold_start_ms"] = res["load_ms"] + res["first_image_ms"]
+    raw = {
+        "text_encoder_ms": [r["text_encoder_ms"] for r in runs],
+        "unet_steps_ms": [r["unet_steps_ms"] for r in runs],
+        "vae_decoder_ms": [r["vae_decoder_ms"] for r in runs],
+        "total_ms": [r["total_ms"] for r in runs],
+    }
+    m["raw"] = raw
+    m["text_encoder_ms"] = summarize(raw["text_encoder_ms"])
+    m["unet_step_ms"] = summarize([x for r in raw["unet_steps_ms"] for x in r])
+    m["vae_decoder_ms"] = summarize(raw["vae_decoder_ms"])
+    m["total_ms"] = summarize(raw["total_ms"])
+    m["its"] = 1e3 / m["unet_step_ms"]["p50"]
+    m["images_per_s"] = job.batch_size * 1e3 / m["total_ms"]["p50"]
+    if any(any(r.get("nonfinite") or []) for r in [res.get("first", {}), *runs]):
+        m["memory_notes"].append("some images decoded to NaN/inf")
+    return m
+
+
+def _add_floor(m: dict[str, Any], flops: dict[str, int] | None, tflops: float | None) -> None:
+    if flops is None:
+        return
+    m["flops"] = dict(flops)
+    if tflops is None or m["status"] != "ok":
+        return
+    from .flops import floor_ms
+
+    fl = floor_ms(flops, tflops, m["steps"])
+    m["floor_ms"] = fl
+    measured = {s: m[f"{s}_ms"]["p50"] for s in schema.STAGES}
+    m["of_floor"] = {s: ratio(fl[s], measured[s]) for s in schema.STAGES}
+
+
+def _metric(m: dict[str, Any], path: tuple[str, ...]) -> Any:
+    v: Any = m
+    for k in path:
+        if not isinstance(v, dict):
+            return None
+        v = v.get(k)
+    return v
+
+
+def _add_ratios(measurements: list[dict[str, Any]], baseline_of: Callable[[dict[str, Any]], str | None],
+                work: Path) -> None:
+    by_key = {(m["backend"], m["height"], m["width"], m["batch_size"], m["sampler"], m["steps"]): (i, m)
+              for i, m in enumerate(measurements) if m["status"] == "ok"}
+    images = {i: work / f"image-{i}.png" for i in range(len(measurements))}
+    for i, m in enumerate(measurements):
+        name = baseline_of(m)
+        if name is None or m["status"] != "ok":
+            continue
+        hit = by_key.get((name, m["height"], m["width"], m["batch_size"], m["sampler"], m["steps"]))
+        if hit is None:
+            continue
+        j, b = hit
+        m["baseline"] = name
+        m["vs_baseline"] = {k: ratio(_metric(m, p), _metric(b, p)) for k, p in schema.RATIO_METRICS.items()}
+        m["image_vs_baseline"] = _image_diff(images[i], images[j], m["sampler"])
+
+
+STOCHASTIC_SAMPLERS = ("euler-a", "lcm")  # they draw fresh noise every step: each side from its own RNG
+
+
+def _image_diff(a: Path, b: Path, sampler: str) -> dict[str, Any] | None:
+    """Pixel difference of two first images made from the same latents (0..255 units)."""
+    if not (a.is_file() and b.is_file()):
+        return None
+    import numpy as np
+    from PIL import Image
+
+    x = np.asarray(Image.open(a).convert("RGB"), dtype=np.int16)
+    y = np.asarray(Image.open(b).convert("RGB"), dtype=np.int16)
+    if x.shape != y.shape:
+        return {"mean_abs": None, "max_abs": None, "note": f"image shapes differ: {x.shape} vs {y.shape}"}
+    d = np.abs(x - y)
+    note = "first image, same starting latents"
+    if sampler in STOCHASTIC_SAMPLERS:
+        note += f"; {sampler} adds fresh noise every step, drawn by each side's own generator: they differ by design"
+    return {"mean_abs": float(d.mean()), "max_abs": int(d.max()), "note": note}
+
+
+def _note_backend(b: _Backend, res: dict[str, Any], job: _Job) -> None:
+    if res["status"] != "ok":
+        return
+    b.versions = dict(res.get("versions") or {})
+    b.threads = dict(res.get("threads") or {})
+    b.timing_method = res.get("timing_method")
+    if job.kind == "diffusers":
+        b.artifact_bytes = res.get("weight_bytes")
+
+
+def run_bench(cfg: BenchConfig, progress: Progress | None = None) -> dict[str, Any]:
+    """Run the whole measurement and return the result document (see ``benchmarks/README.md``)."""
+    return _Run(cfg, progress or (lambda event: None)).run()
+
+
+def save(doc: dict[str, Any], path: str | Path) -> Path:
+    """Validate ``doc`` and write it as JSON, atomically."""
+    from sdrt.runtime.atomic import atomic_write_text
+
+    schema.validate(doc)
+    p = Path(path)
+    atomic_write_text(p, json.dumps(doc, indent=1) + "\n")
+    return p
+
+
+def default_filename(doc: dict[str, Any]) -> str:
+    """``bench-<device>-<preset>-<date>.json``: GPU name (or "cpu"), preset, UTC timestamp."""
+    gpus = doc["env"]["gpus"]
+    used_gpu = any(b["device"] == "cuda" and b["status"] == "ok" for b in doc["backends"])
+    dev = gpus[0]["name"] if (gpus and used_gpu) else "cpu"
+    slug = "".join(ch.lower() if ch.isalnum() else "-" for ch in dev).strip("-")
+    while "--" in slug:
+        slug = slug.replace("--", "-")
+    stamp = doc["created"].replace(":", "").replace("-", "").replace("+0000", "")[:15]
+    return f"bench-{slug}-{doc['model']['preset']}-{stamp}.json"

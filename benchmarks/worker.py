@@ -1,0 +1,288 @@
+"""One measurement in its own process: ``python -m sdrt.benchmarks.worker SPEC.json RESULT.json``.
+
+The bench starts one worker per (backend, resolution, batch size, sampler, steps), so each one's cold
+start, peak RSS and GPU memory are its own. A worker reports progress on stdout as lines starting with
+``PREFIX`` followed by JSON, and writes its result (or the reason it failed) to RESULT.json.
+
+Jobs: ``sdrt`` (the sdrt Pipeline on one backend; never imports torch), ``diffusers`` (the PyTorch
+baseline), ``matmul`` (the device's matrix-multiply rate). Thread counts come from the spec and the
+environment the parent sets (OMP_NUM_THREADS and friends), identically for every job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+PREFIX = "@@sdrt-bench "
+
+
+def emit(**event: Any) -> None:
+    print(PREFIX + json.dumps(event), flush=True)
+
+
+def _runs_loop(call: Callable[[], dict[str, Any]], warmup: int, repeats: int) -> list[dict[str, Any]]:
+    for i in range(warmup):
+        emit(phase="warmup", i=i + 1, n=warmup)
+        call()
+    runs = []
+    for i in range(repeats):
+        emit(phase="repeat", i=i + 1, n=repeats)
+        runs.append(call())
+    return runs
+
+
+# -- sdrt -------------------------------------------------------------------------------------------------
+
+def run_sdrt(spec: dict[str, Any]) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    import numpy as np
+
+    from sdrt.runtime.pipeline import Pipeline
+
+    import_ms = (time.perf_counter() - t0) * 1e3
+    emit(phase="load")
+    t0 = time.perf_counter()
+    pipe = Pipeline.load(spec["folder"], backend=spec["backend"], threads=spec["threads"])
+    load_ms = (time.perf_counter() - t0) * 1e3
+    latents = np.load(spec["latents"]) if spec.get("latents") else None
+
+    def call() -> dict[str, Any]:
+        t = time.perf_counter()
+        r = pipe(spec["prompt"], height=spec["height"], width=spec["width"], steps=spec["steps"],
+                 guidance_scale=spec["guidance_scale"], sampler=spec["sampler"], seed=spec["seed"],
+                 batch_size=spec["batch_size"], latents=latents)
+        wall = (time.perf_counter() - t) * 1e3
+        tm = r.timings
+        return {"text_encoder_ms": float(tm["text_encoder_ms"]), "unet_steps_ms": [float(x) for x in tm["unet_steps_ms"]],
+                "vae_decoder_ms": float(tm["vae_decoder_ms"]), "total_ms": float(tm["total_ms"]), "wall_ms": wall,
+                "images": r.images, "nonfinite": list(r.nonfinite)}
+
+    emit(phase="cold")
+    first = call()
+    if spec.get("image_out"):
+        first["images"][0].save(spec["image_out"])
+    runs = _runs_loop(call, spec["warmup"], spec["repeats"])
+    for r in [first, *runs]:
+        r.pop("images")
+    versions: dict[str, Any] = {}
+    import onnxruntime
+
+    versions["onnxruntime"] = onnxruntime.__version__
+    if spec["backend"] == "tensorrt":
+        try:
+            import tensorrt
+
+            versions["tensorrt"] = tensorrt.__version__
+        except ImportError:
+            versions["tensorrt"] = None
+    gpu = spec["device"] == "cuda"
+    return {
+        "status": "ok", "backend_name": pipe.backend.name, "import_ms": import_ms, "load_ms": load_ms,
+        "first_image_ms": first["wall_ms"], "first": first, "runs": runs, "versions": versions,
+        "threads": {"intra_op": spec["threads"], "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")},
+        "timing_method": ("sdrt Pipeline timings: host clock; the device is synchronized after every denoising "
+                          "step and stage output is copied to the host" if gpu else
+                          "sdrt Pipeline timings: host clock (CPU)"),
+        "torch_peak_allocated_bytes": None,
+    }
+
+
+# -- diffusers (the PyTorch baseline) -----------------------------------------------------------------
+
+SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "dpmpp-2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "dpmpp-2m-karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2,
+                                                        "use_karras_sigmas": True}),
+    "ddim": ("DDIMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler-a": ("EulerAncestralDiscreteScheduler", {}),
+    "lcm": ("LCMScheduler", {}),
+}
+
+
+class _Clock:
+    """Marks on the device stream (CUDA events) or the host clock, read after the call."""
+
+    def __init__(self, cuda: bool) -> None:
+        self.cuda = cuda
+        self.marks: dict[Any, Any] = {}
+
+    def mark(self, key: Any, first_only: bool = False) -> None:
+        if first_only and key in self.marks:
+            return
+        if self.cuda:
+            import torch
+
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            self.marks[key] = e
+        else:
+            self.marks[key] = time.perf_counter()
+
+    def ms(self, a: Any, b: Any) -> float:
+        x, y = self.marks[a], self.marks[b]
+        return float(x.elapsed_time(y)) if self.cuda else (y - x) * 1e3
+
+
+def run_diffusers(spec: dict[str, Any]) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    import diffusers
+
+    import_ms = (time.perf_counter() - t0) * 1e3
+    sampler = spec["sampler"]
+    if sampler not in SCHEDULERS:
+        return {"status": "skipped", "reason": f"diffusers has no scheduler mapped to sdrt sampler {sampler!r} "
+                                               f"(mapped: {', '.join(SCHEDULERS)})"}
+    cuda = spec["device"] == "cuda"
+    device = "cuda" if cuda else "cpu"
+    dtype = torch.float16 if spec["precision"] == "fp16" else torch.float32
+    sdxl = spec["family"] == "sdxl"
+    emit(phase="load")
+    t0 = time.perf_counter()
+    if sdxl:
+        pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(spec["folder"], torch_dtype=dtype,
+                                                                   add_watermarker=False)
+    else:
+        pipe = diffusers.StableDiffusionPipeline.from_pretrained(spec["folder"], torch_dtype=dtype, safety_checker=None,
+                                                                 requires_safety_checker=False)
+    pipe = pipe.to(device)  # torch_dtype: deprecated in diffusers 0.42 for dtype=, but every version reads it
+    if pipe.unet.dtype != dtype:
+        raise RuntimeError(f"diffusers loaded the UNet as {pipe.unet.dtype}, not {dtype}; the baseline would be wrong")
+    cls_name, extra = SCHEDULERS[sampler]
+    pipe.scheduler = getattr(diffusers, cls_name).from_config(pipe.scheduler.config, **extra)
+    pipe.set_progress_bar_config(disable=True)
+    if spec.get("compile"):
+        pipe.unet = torch.compile(pipe.unet, mode=spec.get("compile_mode") or None)
+    if cuda:
+        torch.cuda.synchronize()
+    load_ms = (time.perf_counter() - t0) * 1e3
+    weight_bytes = sum(p.numel() * p.element_size() for m in (pipe.unet, pipe.vae, pipe.text_encoder,
+                                                              getattr(pipe, "text_encoder_2", None))
+                       if m is not None for p in m.parameters())
+
+    clock = _Clock(cuda)
+    encode, decode = pipe.encode_prompt, pipe.vae.decode
+
+    def timed_encode(*a: Any, **k: Any) -> Any:
+        clock.mark("text0")
+        out = encode(*a, **k)
+        clock.mark("text1")
+        return out
+
+    def timed_decode(*a: Any, **k: Any) -> Any:
+        clock.mark("vae0")
+        out = decode(*a, **k)
+        clock.mark("vae1")
+        return out
+
+    pipe.encode_prompt = timed_encode
+    pipe.vae.decode = timed_decode
+    pipe.unet.register_forward_pre_hook(lambda module, args: clock.mark("unet0", first_only=True))
+
+    def on_step_end(p: Any, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+        clock.mark(("step", i))
+        return kwargs
+
+    latents = None
+    if spec.get("latents"):
+        latents = torch.from_numpy(np.load(spec["latents"])).to(device=device, dtype=dtype)
+
+    def call() -> dict[str, Any]:
+        clock.marks.clear()
+        gen = torch.Generator(device=device).manual_seed(spec["seed"])
+        if cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        with torch.inference_mode():
+            out = pipe(spec["prompt"], height=spec["height"], width=spec["width"],
+                       num_inference_steps=spec["steps"], guidance_scale=spec["guidance_scale"],
+                       num_images_per_prompt=spec["batch_size"], generator=gen, latents=latents,
+                       callback_on_step_end=on_step_end)
+        if cuda:
+            torch.cuda.synchronize()
+        total = (time.perf_counter() - t) * 1e3
+        steps = sorted(k[1] for k in clock.marks if isinstance(k, tuple))
+        step_ms: list[float] = []
+        prev: Any = "unet0"
+        for i in steps:
+            step_ms.append(clock.ms(prev, ("step", i)))
+            prev = ("step", i)
+        return {"text_encoder_ms": clock.ms("text0", "text1"), "unet_steps_ms": step_ms,
+                "vae_decoder_ms": clock.ms("vae0", "vae1"), "total_ms": total, "wall_ms": total,
+                "images": out.images, "nonfinite": []}
+
+    emit(phase="cold")
+    first = call()
+    if spec.get("image_out"):
+        first["images"][0].save(spec["image_out"])
+    runs = _runs_loop(call, spec["warmup"], spec["repeats"])
+    for r in [first, *runs]:
+        r.pop("images")
+    attn = sorted({type(p).__name__ for p in pipe.unet.attn_processors.values()})
+    import transformers
+
+    return {
+        "status": "ok", "backend_name": f"diffusers {diffusers.__version__} on torch {torch.__version__}",
+        "import_ms": import_ms, "load_ms": load_ms, "first_image_ms": first["wall_ms"], "first": first,
+        "runs": runs, "weight_bytes": int(weight_bytes),
+        "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
+                     "transformers": transformers.__version__, "torch_cuda": torch.version.cuda,
+                     "attention": ",".join(attn), "compile_mode": spec.get("compile_mode") if spec.get("compile") else None},
+        "threads": {"torch_num_threads": torch.get_num_threads(),
+                    "torch_interop_threads": torch.get_num_interop_threads(),
+                    "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")},
+        "timing_method": ("stages timed with CUDA events on the current stream (no added synchronization); "
+                          "total by host clock between device synchronizations" if cuda else
+                          "host clock (CPU)"),
+        "torch_peak_allocated_bytes": int(torch.cuda.max_memory_allocated()) if cuda else None,
+    }
+
+
+# -- matmul rate ----------------------------------------------------------------------------------------------
+
+def run_matmul(spec: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    from .flops import matmul_rate
+
+    torch.set_num_threads(spec["threads"])
+    emit(phase="matmul")
+    device = "cuda" if spec["device"] == "cuda" else "cpu"
+    rate = matmul_rate(device, spec["dtype"], spec["n"], warmup=spec.get("warmup", 3), repeats=spec.get("repeats", 10))
+    return {"status": "ok", **rate}
+
+
+JOBS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    "sdrt": run_sdrt, "diffusers": run_diffusers, "matmul": run_matmul}
+
+
+def main(argv: list[str]) -> int:
+    spec_path, result_path = Path(argv[0]), Path(argv[1])
+    spec = json.loads(spec_path.read_text())
+    try:
+        result = JOBS[spec["job"]](spec)
+    except Exception as e:  # noqa: BLE001 - any failure becomes the measurement's recorded reason
+        from sdrt.runtime.errors import SdrtError
+
+        tail = "" if isinstance(e, SdrtError) else "\n" + "".join(traceback.format_exc().splitlines(True)[-6:])
+        result = {"status": "failed", "reason": f"{type(e).__name__}: {e}{tail}"}
+    from .memory import peak_rss_self
+
+    result["peak_rss_bytes"] = peak_rss_self()
+    result_path.write_text(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

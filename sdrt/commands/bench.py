@@ -1,0 +1,148 @@
+"""``sdrt bench``: measure sdrt's backends against diffusers on PyTorch; ``sdrt bench report``: merge runs.
+
+    sdrt bench --preset sd15 --backends ort-cuda,tensorrt --resolutions 512,768 --batch-sizes 1,4
+    sdrt bench --preset sd15-tiny --backends ort-cpu --steps 4 --repeats 3 -o run.json
+    sdrt bench report benchmarks/results/*.json -o benchmarks/results --readme README.md
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+
+def _list(kind: type) -> Any:
+    def parse(text: str) -> list[Any]:
+        try:
+            return [kind(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}, got {text!r}")
+    return parse
+
+
+def _resolutions(text: str) -> list[tuple[int, int]]:
+    out = []
+    for item in text.split(","):
+        item = item.strip().lower()
+        if not item:
+            continue
+        h, _, w = item.partition("x")
+        try:
+            out.append((int(h), int(w or h)))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"resolution {item!r}: use HEIGHTxWIDTH or SIZE, e.g. 512x768 or 512")
+    return out
+
+
+def register(p: argparse.ArgumentParser) -> None:
+    src = p.add_argument_group("model (one of)")
+    src.add_argument("--preset", help="synthetic weights of a shipped architecture: sd15, sd21, sd21-768, sdxl, *-tiny")
+    src.add_argument("--artifact", help="an sdrt ONNX export folder (sdrt export)")
+    p.add_argument("--engines", help="a TensorRT engine folder for the tensorrt backend (sdrt build)")
+    p.add_argument("--backends", type=_list(str), default=[],
+                   help="comma-separated: ort-cpu, ort-cuda, tensorrt (default: ort-cuda,tensorrt on a GPU, else ort-cpu)")
+    p.add_argument("--resolutions", type=_resolutions, default=[],
+                   help="comma-separated HEIGHTxWIDTH or SIZE (default: the model's own size)")
+    p.add_argument("--steps", type=_list(int), default=[20], help="comma-separated step counts (default 20)")
+    p.add_argument("--batch-sizes", type=_list(int), default=[1], help="comma-separated images per call (default 1)")
+    p.add_argument("--samplers", type=_list(str), default=["dpmpp-2m"], help="comma-separated (default dpmpp-2m)")
+    p.add_argument("--baseline", default="torch", choices=["torch", "none"],
+                   help="diffusers on PyTorch with the same weights (default), or none")
+    p.add_argument("--compile", action="store_true", help="also run the baseline with torch.compile on the UNet")
+    p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune")
+    p.add_argument("--warmup", type=int, default=1, help="runs after the cold first image, not counted (default 1)")
+    p.add_argument("--repeats", type=int, default=5, help="measured runs per configuration (default 5)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for every backend (default: physical cores)")
+    p.add_argument("--guidance", type=float, default=7.5, help="guidance scale; > 1 runs the UNet at batch 2")
+    p.add_argument("--prompt", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", choices=["fp16", "fp32"], default=None,
+                   help="of a preset's export and the baseline (default fp16 on a GPU, fp32 on CPU)")
+    p.add_argument("--work-dir", default=None, help="keep exports and baseline weights here, and reuse them")
+    p.add_argument("--timeout", type=float, default=None, help="seconds per measurement process")
+    p.add_argument("--matmul-size", type=int, default=None,
+                   help="n of the n x n matmul that measures the device's rate (default 8192 on a GPU, 2048 on CPU)")
+    p.add_argument("-o", "--output", default=None, help="result JSON (default: bench-<device>-<preset>-<time>.json)")
+    sub = p.add_subparsers(dest="bench_command", metavar="report")
+    r = sub.add_parser("report", help="merge result files into a Markdown table and a PNG chart",
+                       description="merge result files (any GPUs, backends, runs) into DIR/bench.md and DIR/bench.png")
+    r.add_argument("files", nargs="+", help="result JSON files written by `sdrt bench`")
+    r.add_argument("-o", "--out-dir", dest="report_dir", default=None, help="write bench.md and bench.png here")
+    r.add_argument("--readme", default=None,
+                   help="also replace the text between <!-- bench:start --> and <!-- bench:end --> in this file")
+
+
+def _report(args: argparse.Namespace) -> int:
+    from sdrt.benchmarks import report
+    from sdrt.runtime.errors import InputError
+
+    if not args.report_dir and not args.readme:
+        raise InputError("say where the report goes: -o DIR (bench.md and bench.png) and/or --readme README.md")
+    png = None
+    if args.report_dir:
+        md, png = report.write_report(args.files, args.report_dir)
+        print(f"wrote {md}\nwrote {png}")
+    if args.readme:
+        path = report.update_readme(args.readme, args.files, chart_path=png)
+        print(f"updated the performance section of {path}")
+    return 0
+
+
+class _Progress:
+    """Draws the run's progress: stage messages as lines, the measurements as a bar."""
+
+    def __init__(self) -> None:
+        self.bar: Any = None
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        from tqdm import tqdm
+
+        stage, msg = event.get("stage"), event.get("message", "")
+        if stage != "job":
+            (self.bar.write if self.bar else print)(f"[{stage}] {msg}")
+            return
+        phase = event.get("phase")
+        if phase == "start":
+            if self.bar is None:
+                self.bar = tqdm(total=event["jobs"], unit="config", dynamic_ncols=True)
+            self.bar.set_description(msg)
+            self.bar.set_postfix_str("starting")
+        elif phase == "done":
+            if self.bar is not None:
+                self.bar.update(1)
+                its = event.get("its")
+                self.bar.write(f"{msg}: " + (f"{its:.2f} it/s" if its else str(event.get("status"))))
+        elif self.bar is not None:
+            n = event.get("n")
+            self.bar.set_postfix_str(f"{phase} {event['i']}/{n}" if n else str(phase))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run(args: argparse.Namespace) -> int:
+    if getattr(args, "bench_command", None) == "report":
+        return _report(args)
+    from sdrt.benchmarks.bench import DEFAULT_PROMPT, BenchConfig, default_filename, run_bench, save
+    from sdrt.benchmarks.report import text_table
+
+    cfg = BenchConfig(
+        preset=args.preset, artifact=args.artifact, engines=args.engines, backends=tuple(args.backends),
+        resolutions=tuple(args.resolutions), steps=tuple(args.steps), batch_sizes=tuple(args.batch_sizes),
+        samplers=tuple(args.samplers), baseline=args.baseline, compile=args.compile, compile_mode=args.compile_mode,
+        warmup=args.warmup, repeats=args.repeats, threads=args.threads, guidance_scale=args.guidance,
+        prompt=args.prompt or DEFAULT_PROMPT, seed=args.seed, precision=args.precision, work_dir=args.work_dir,
+        timeout_s=args.timeout, matmul_n=args.matmul_size,
+    )
+    progress = _Progress()
+    try:
+        doc = run_bench(cfg, progress)
+    finally:
+        progress.close()
+    out = save(doc, Path(args.output) if args.output else Path(default_filename(doc)))
+    print()
+    print(text_table(doc))
+    print(f"\nwrote {out}")
+    return 0

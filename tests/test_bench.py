@@ -1,0 +1,371 @@
+"""``sdrt bench``: a tiny CPU run end to end, the schema and its migration, reports, bad input, FLOPs.
+
+No test asserts a timing: only that figures exist, are consistent with the raw numbers in the file
+(recomputed here by hand or with numpy), and that reports show what the files hold.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from sdrt.benchmarks import report, schema
+from sdrt.benchmarks.bench import BenchConfig, run_bench, save, unavailable_reason
+from sdrt.benchmarks.flops import count_flops, floor_ms
+from sdrt.benchmarks.memory import MemorySampler, peak_rss_self
+from sdrt.benchmarks.stats import percentile, summarize
+from sdrt.cli import main
+from sdrt.runtime.errors import CompatibilityError, InputError
+
+# -- a tiny CPU run, end to end -------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cpu_run(tiny_export, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    work = tmp_path_factory.mktemp("bench-work")
+    cfg = BenchConfig(artifact=str(tiny_export("sd15-tiny")), backends=("ort-cpu", "ort-cuda", "tensorrt"),
+                      steps=(2,), warmup=0, repeats=2, threads=1, work_dir=str(work), matmul_n=256)
+    events: list[dict[str, Any]] = []
+    doc = run_bench(cfg, progress=events.append)
+    doc["_events"] = events  # for the test only; removed before validation
+    return doc
+
+
+def _doc(run: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in run.items() if k != "_events"}
+
+
+def _one(doc: dict[str, Any], backend: str) -> dict[str, Any]:
+    (m,) = [m for m in doc["measurements"] if m["backend"] == backend]
+    return m
+
+
+def test_cpu_run_is_schema_valid_and_complete(cpu_run: dict[str, Any], tmp_path: Path) -> None:
+    doc = _doc(cpu_run)
+    assert schema.problems(doc) == []
+    path = save(doc, tmp_path / "run.json")
+    assert schema.load(path) == json.loads(json.dumps(doc))
+    assert doc["schema"] == "sdrt-bench" and doc["schema_version"] == schema.SCHEMA_VERSION
+    env = doc["env"]
+    assert env["cpu"]["model"] and env["versions"]["onnxruntime"] and env["versions"]["torch"]
+    assert env["gpus"] == [] and env["date"]
+    assert doc["config"]["threads"] == 1 and doc["config"]["isolation"] == "subprocess"
+    by_name = {b["name"]: b for b in doc["backends"]}
+    assert set(by_name) == {"ort-cpu", "ort-cuda", "tensorrt", "torch-cpu"}
+    assert by_name["ort-cpu"]["status"] == "ok" and by_name["torch-cpu"]["status"] == "ok"
+    assert by_name["ort-cpu"]["threads"]["intra_op"] == 1
+    assert by_name["torch-cpu"]["threads"]["torch_num_threads"] == 1
+    for m in doc["measurements"]:
+        assert m["status"] == "ok", m["reason"]
+        assert m["unet_batch"] == 2 and m["guided"]
+        assert m["text_encoder_ms"]["n"] == 2 and m["unet_step_ms"]["n"] == 4
+        assert m["peak_rss_bytes"] > 0 and m["artifact_bytes"] > 0
+        assert m["peak_vram_bytes"] is None  # CPU run: no GPU figure, and none invented
+    assert doc["model"]["artifact_bytes"] == sum(c["size_bytes"] for c in doc["model"]["components"].values())
+    phases = {e.get("phase") for e in cpu_run["_events"] if e["stage"] == "job"}
+    assert {"start", "load", "cold", "repeat", "done"} <= phases
+
+
+def test_absent_backends_are_skipped_with_the_reason(cpu_run: dict[str, Any]) -> None:
+    by_name = {b["name"]: b for b in cpu_run["backends"]}
+    assert by_name["ort-cuda"]["status"] == "skipped"
+    assert "onnxruntime-gpu" in by_name["ort-cuda"]["reason"]
+    assert by_name["tensorrt"]["status"] == "skipped"
+    assert "TensorRT" in by_name["tensorrt"]["reason"]
+    assert not [m for m in cpu_run["measurements"] if m["backend"] in ("ort-cuda", "tensorrt")]
+    text = report.text_table(_doc(cpu_run))
+    assert "ort-cuda: skipped" in text and "tensorrt: skipped" in text
+
+
+def test_cpu_run_figures_match_raw_numbers(cpu_run: dict[str, Any]) -> None:
+    doc = _doc(cpu_run)
+    sd, base = _one(doc, "ort-cpu"), _one(doc, "torch-cpu")
+    for m in (sd, base):
+        steps = [x for run in m["raw"]["unet_steps_ms"] for x in run]
+        assert m["unet_step_ms"]["p50"] == pytest.approx(np.percentile(steps, 50))
+        assert m["unet_step_ms"]["p90"] == pytest.approx(np.percentile(steps, 90))
+        assert m["total_ms"]["p90"] == pytest.approx(np.percentile(m["raw"]["total_ms"], 90))
+        assert m["its"] == pytest.approx(1000 / np.median(steps))
+        assert m["images_per_s"] == pytest.approx(1000 / np.median(m["raw"]["total_ms"]))
+        assert m["cold_start_ms"] == pytest.approx(m["load_ms"] + m["first_image_ms"])
+        # the floor, by hand: FLOPs over the measured rate
+        (ceiling,) = doc["ceilings"]
+        unet_floor = m["flops"]["unet_step"] / (ceiling["tflops"] * 1e12) * 1e3
+        assert m["floor_ms"]["unet_step"] == pytest.approx(unet_floor)
+        assert m["of_floor"]["unet_step"] == pytest.approx(unet_floor / m["unet_step_ms"]["p50"])
+        total_floor = (m["floor_ms"]["text_encoder"] + 2 * unet_floor + m["floor_ms"]["vae_decoder"])
+        assert m["floor_ms"]["total"] == pytest.approx(total_floor)
+    # ratios: the sdrt figure over the baseline's, both from this file
+    vs = sd["vs_baseline"]
+    assert sd["baseline"] == "torch-cpu" and base["vs_baseline"] is None
+    assert vs["its"] == pytest.approx(sd["its"] / base["its"])
+    assert vs["images_per_s"] == pytest.approx(sd["images_per_s"] / base["images_per_s"])
+    assert vs["total_ms_p50"] == pytest.approx(sd["total_ms"]["p50"] / base["total_ms"]["p50"])
+    assert vs["unet_step_ms_p90"] == pytest.approx(sd["unet_step_ms"]["p90"] / base["unet_step_ms"]["p90"])
+    assert vs["cold_start_ms"] == pytest.approx(sd["cold_start_ms"] / base["cold_start_ms"])
+    assert vs["peak_rss_bytes"] == pytest.approx(sd["peak_rss_bytes"] / base["peak_rss_bytes"])
+    assert vs["peak_vram_bytes"] is None
+    # the same weights and latents on both sides: the same picture (dpmpp-2m is deterministic)
+    assert sd["image_vs_baseline"]["mean_abs"] < 3.0
+
+
+def test_cpu_run_flops_match_an_independent_count(cpu_run: dict[str, Any]) -> None:
+    """The bench counts on meta-device modules; here the real tiny modules are run and counted. On CPU the
+    fused attention kernel has no FLOP formula (it counts 0), so the math backend runs it as matmuls."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from sdrt.export.loading import random_model
+
+    m = _one(_doc(cpu_run), "ort-cpu")
+    model = random_model("sd15-tiny")
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        unet_flops, _ = count_flops(lambda: model.unet(torch.randn(2, 4, 8, 8), torch.tensor([10.0, 10.0]),
+                                                       torch.randn(2, 77, 32)))
+    assert m["flops"]["unet_step"] == unet_flops
+
+
+def test_cli_run_without_baseline(tiny_export, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run.json"
+    args = ["bench", "--artifact", str(tiny_export("sd15-tiny")), "--backends", "ort-cpu", "--baseline", "none",
+            "--steps", "1", "--warmup", "0", "--repeats", "1", "--threads", "1", "--matmul-size", "256",
+            "-o", str(out)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "ort-cpu" in printed and f"wrote {out}" in printed
+    doc = schema.load(out)
+    (m,) = doc["measurements"]
+    assert m["status"] == "ok" and m["baseline"] is None and m["vs_baseline"] is None
+    assert [b["name"] for b in doc["backends"]] == ["ort-cpu"]
+
+
+# -- reports -----------------------------------------------------------------------------------------------
+
+def _synthetic(gpu: str, backend: str, its: float, vram: int) -> dict[str, Any]:
+    """A result file written by hand: a baseline and one backend on one GPU, and a skipped backend."""
+
+    def measurement(name: str, role: str, step_ms: float, mem: int) -> dict[str, Any]:
+        s = {"p50": step_ms, "p90": step_ms * 1.1, "min": step_ms, "max": step_ms * 1.2, "mean": step_ms, "n": 20}
+        t = {k: (v * 20 if k != "n" else 1) for k, v in s.items()}
+        return {
+            "backend": name, "role": role, "device": "cuda", "status": "ok", "reason": None, "height": 512,
+            "width": 512, "batch_size": 1, "sampler": "dpmpp-2m", "steps": 20, "guidance_scale": 7.5, "guided": True,
+            "unet_batch": 2, "warmup": 1, "repeats": 1, "import_ms": 1.0, "load_ms": 1000.0, "first_image_ms": 900.0,
+            "cold_start_ms": 1900.0, "text_encoder_ms": s, "unet_step_ms": s, "vae_decoder_ms": s, "total_ms": t,
+            "its": 1000 / step_ms, "images_per_s": 1000 / t["p50"], "peak_vram_bytes": mem,
+            "device_mem_delta_bytes": mem, "torch_peak_allocated_bytes": None, "peak_rss_bytes": 2**31,
+            "rss_sampled_peak_bytes": 2**31, "memory_notes": [], "artifact_bytes": 2 * 10**9, "raw": None,
+            "flops": None, "floor_ms": None, "of_floor": None, "baseline": None, "vs_baseline": None,
+            "image_vs_baseline": None, "host_load_avg": [0.5, 0.5, 0.5],
+        }
+
+    base = measurement("torch-cuda", "baseline", 20.0, 5 * 2**30)
+    mine = measurement(backend, "sdrt", 1000 / its, vram)
+    mine["baseline"] = "torch-cuda"
+    mine["vs_baseline"] = {k: 1.0 for k in schema.RATIO_METRICS}
+    mine["vs_baseline"]["its"] = its / base["its"]
+
+    def be(name: str, role: str, status: str = "ok", reason: str | None = None) -> dict[str, Any]:
+        return {"name": name, "role": role, "device": "cuda", "status": status, "reason": reason,
+                "precision": "fp16", "threads": {}, "versions": {}, "timing_method": None, "build_s": None,
+                "artifact_bytes": None}
+
+    return {
+        "schema": "sdrt-bench", "schema_version": 1, "created": "2030-01-01T00:00:00+00:00",
+        "env": {"sdrt_version": "0.1.0", "sdrt_commit": "abcdef0123", "sdrt_dirty": False,
+                "date": "2030-01-01T00:00:00+00:00", "python": "3.12", "os": "Linux",
+                "cpu": {"model": "Some CPU", "physical_cores": 16}, "gpus": [
+                    {"index": 0, "name": gpu, "compute_capability": "9.0", "memory_bytes": 80 * 2**30}],
+                "cuda": {"driver": "580", "driver_cuda": "13.0", "torch_cuda": "13.0", "source": "nvml"},
+                "versions": {"onnxruntime-gpu": "1.31.1", "torch": "2.11"}, "load_avg": [0.1, 0.2, 0.3]},
+        "config": {"preset": "sd15", "artifact": None, "engines": None, "resolutions": [[512, 512]], "steps": [20],
+                   "batch_sizes": [1], "samplers": ["dpmpp-2m"], "backends": [backend, "tensorrt"],
+                   "baseline": "torch", "compile": False, "warmup": 1, "repeats": 1, "threads": 16,
+                   "guidance_scale": 7.5, "prompt": "p", "seed": 0, "isolation": "subprocess"},
+        "model": {"family": "sd1", "preset": "sd15", "precision": "fp16", "folder": "x", "export_s": None,
+                  "components": {}, "artifact_bytes": 0, "source": {}, "flops": {}},
+        "ceilings": [{"device": "cuda", "dtype": "float16", "n": 8192, "tflops": 800.0, "ms_p50": 1.4,
+                      "method": "m", "status": "ok", "reason": None}],
+        "backends": [be(backend, "sdrt"), be("tensorrt", "sdrt", "skipped", "TensorRT is not installed here"),
+                     be("torch-cuda", "baseline")],
+        "measurements": [base, mine],
+        "notes": [],
+        "device_labels": {"cuda": gpu},
+    }
+
+
+def test_synthetic_results_are_valid() -> None:
+    assert schema.problems(_synthetic("NVIDIA H100", "ort-cuda", 40.0, 3 * 2**30)) == []
+
+
+def test_report_merges_runs_from_two_gpus(tmp_path: Path) -> None:
+    a, b = tmp_path / "h100.json", tmp_path / "h200.json"
+    a.write_text(json.dumps(_synthetic("NVIDIA H100 80GB HBM3", "ort-cuda", 40.0, 3 * 2**30)))
+    b.write_text(json.dumps(_synthetic("NVIDIA H200", "ort-cuda", 55.0, 3 * 2**30)))
+    out = tmp_path / "report"
+    assert main(["bench", "report", str(a), str(b), "-o", str(out)]) == 0
+    md = (out / "bench.md").read_text()
+    rows = [line for line in md.splitlines() if line.startswith("| NVIDIA")]
+    assert len(rows) == 4  # two GPUs x (baseline + backend)
+    h100 = [r for r in rows if "H100" in r and "ort-cuda" in r]
+    h200 = [r for r in rows if "H200" in r and "ort-cuda" in r]
+    assert len(h100) == 1 and "| 40.00 |" in h100[0] and "| 0.80x |" in h100[0]  # 40 it/s vs 50 it/s
+    assert len(h200) == 1 and "| 55.00 |" in h200[0] and "| 1.10x |" in h200[0]
+    assert "TensorRT is not installed here" in md
+    png = (out / "bench.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_readme_section_between_markers(tmp_path: Path) -> None:
+    res = tmp_path / "results"
+    res.mkdir()
+    f = res / "h100.json"
+    f.write_text(json.dumps(_synthetic("NVIDIA H100", "tensorrt", 60.0, 2**31)))
+    readme = tmp_path / "README.md"
+    readme.write_text("# sdrt\n\n## Performance\n<!-- bench:start -->\nold text\n<!-- bench:end -->\n\n## More\n")
+    assert main(["bench", "report", str(f), "-o", str(res), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "old text" not in text and text.startswith("# sdrt\n") and text.endswith("## More\n")
+    inner = text.split("<!-- bench:start -->")[1].split("<!-- bench:end -->")[0]
+    assert "| NVIDIA H100 | tensorrt |" in inner and "60.00" in inner
+    assert "](results/bench.png)" in inner and "`results/h100.json`" in inner
+    # regenerating gives the same text
+    assert main(["bench", "report", str(f), "-o", str(res), "--readme", str(readme)]) == 0
+    assert readme.read_text() == text
+    bare = tmp_path / "BARE.md"
+    bare.write_text("# no markers\n")
+    with pytest.raises(InputError, match="bench:start"):
+        report.update_readme(bare, [f])
+
+
+# -- schema versions -------------------------------------------------------------------------------------
+
+def test_newer_older_and_foreign_files_are_refused(tmp_path: Path) -> None:
+    good = _synthetic("NVIDIA H100", "ort-cuda", 40.0, 2**31)
+    cases = {
+        "newer": ({**good, "schema_version": schema.SCHEMA_VERSION + 1}, "newer than this sdrt reads"),
+        "older": ({**good, "schema_version": 0}, "cannot migrate"),
+        "unversioned": ({k: v for k, v in good.items() if k != "schema_version"}, "no integer schema_version"),
+        "foreign": ({"images": 3}, "not an sdrt bench result"),
+        "broken": ({**good, "measurements": [{"backend": "x"}]}, r"measurements\[0\]\.role is missing"),
+    }
+    for name, (doc, message) in cases.items():
+        p = tmp_path / f"{name}.json"
+        p.write_text(json.dumps(doc))
+        with pytest.raises(CompatibilityError, match=message):
+            schema.load(p)
+    (tmp_path / "text.json").write_text("not json")
+    with pytest.raises(InputError, match="not JSON"):
+        schema.load(tmp_path / "text.json")
+    # the CLI reports the refusal and fails
+    assert main(["bench", "report", str(tmp_path / "newer.json"), "-o", str(tmp_path / "r")]) == 1
+
+
+def test_older_version_is_migrated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pretend the current version is 2, whose migration renames a field that version 1 called differently."""
+    v1 = _synthetic("NVIDIA H100", "ort-cuda", 40.0, 2**31)
+    v1["device_names"] = v1.pop("device_labels")  # the hypothetical old name
+
+    def one_to_two(doc: dict[str, Any]) -> dict[str, Any]:
+        doc["device_labels"] = doc.pop("device_names")
+        return doc
+
+    monkeypatch.setattr(schema, "SCHEMA_VERSION", 2)
+    monkeypatch.setattr(schema, "MIGRATIONS", {1: one_to_two})
+    p = tmp_path / "v1.json"
+    p.write_text(json.dumps(v1))
+    doc = schema.load(p)
+    assert doc["schema_version"] == 2 and doc["migrated_from"] == 1
+    assert doc["device_labels"] == {"cuda": "NVIDIA H100"} and "device_names" not in doc
+    assert json.loads(p.read_text()) == v1  # the file itself is left alone
+    assert "migrated from schema 1" in report.markdown([doc])
+
+
+# -- bad input ---------------------------------------------------------------------------------------------
+
+def test_unknown_backend_lists_the_valid_ones(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(InputError, match="ort-cpu, ort-cuda, tensorrt"):
+        BenchConfig(preset="sd15-tiny", backends=("ort-gpu",))
+    assert main(["bench", "--preset", "sd15-tiny", "--backends", "ort-cpu,trt"]) == 1
+    err = capsys.readouterr().err
+    assert "'trt'" in err and "ort-cpu, ort-cuda, tensorrt" in err
+
+
+def test_other_bad_requests() -> None:
+    with pytest.raises(InputError, match="exactly one model"):
+        BenchConfig()
+    with pytest.raises(InputError, match="multiples of 8"):
+        BenchConfig(preset="sd15-tiny", resolutions=((64, 60),))
+    with pytest.raises(InputError, match="repeats"):
+        BenchConfig(preset="sd15-tiny", repeats=0)
+    with pytest.raises(InputError, match="baseline"):
+        BenchConfig(preset="sd15-tiny", baseline="tensorflow")
+    with pytest.raises(InputError, match="'unipc'.*dpmpp-2m"):
+        BenchConfig(preset="sd15-tiny", samplers=("dpmpp-2m", "unipc"))
+
+
+def test_unavailable_reasons_without_a_gpu() -> None:
+    assert unavailable_reason("ort-cpu", gpus=0) is None
+    assert "onnxruntime-gpu" in (unavailable_reason("ort-cuda", gpus=0) or "")
+    assert "TensorRT" in (unavailable_reason("tensorrt", gpus=0) or "")
+
+
+# -- building blocks ------------------------------------------------------------------------------------
+
+def test_flop_counter_matches_hand_counts() -> None:
+    lin = torch.nn.Linear(64, 32)
+    x = torch.randn(5, 64)
+    assert count_flops(lambda: lin(x))[0] == 2 * 5 * 64 * 32  # 2 per multiply-add, bias not counted
+    conv = torch.nn.Conv2d(3, 8, kernel_size=3, padding=1)
+    img = torch.randn(2, 3, 16, 16)
+    assert count_flops(lambda: conv(img))[0] == 2 * 2 * 8 * 16 * 16 * (3 * 3 * 3)
+    grouped = torch.nn.Conv2d(8, 8, kernel_size=3, stride=2, groups=4)
+    y = torch.randn(1, 8, 9, 9)  # output 4x4; each output sees 8/4 input channels
+    assert count_flops(lambda: grouped(y))[0] == 2 * 1 * 8 * 4 * 4 * (2 * 3 * 3)
+    a, b = torch.randn(3, 7, 5), torch.randn(3, 5, 11)
+    assert count_flops(lambda: torch.bmm(a, b))[0] == 2 * 3 * 7 * 5 * 11
+    # attention as the bench counts it (meta tensors): Q K^T and P V, each 2 * b * h * s * s * d
+    q = torch.empty(2, 4, 77, 8, device="meta")
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    assert count_flops(lambda: sdpa(q, q, q))[0] == 2 * (2 * 2 * 4 * 77 * 77 * 8)
+    # floor: 2 TFLOP at 1000 TFLOP/s is 2 ms
+    fl = floor_ms({"text_encoder": 10**12, "unet_step": 2 * 10**12, "vae_decoder": 3 * 10**12}, 1000.0, steps=10)
+    assert fl["unet_step"] == pytest.approx(2.0) and fl["total"] == pytest.approx(1 + 10 * 2 + 3)
+
+
+def test_percentiles_match_numpy() -> None:
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 5, 20):
+        xs = list(rng.random(n) * 100)
+        s = summarize(xs)
+        assert s["p50"] == pytest.approx(np.percentile(xs, 50)) and s["p90"] == pytest.approx(np.percentile(xs, 90))
+        assert s["n"] == n and s["min"] == min(xs)
+    assert percentile([3.0, 1.0], 50) == 2.0
+
+
+def test_memory_sampler_on_this_process() -> None:
+    import os
+
+    block = None
+    with MemorySampler(os.getpid(), gpu_index=None, interval_s=0.005) as s:
+        block = np.ones(64 * 2**20, dtype=np.uint8)  # 64 MiB, touched
+        block[::4096] = 2
+        import time
+
+        time.sleep(0.05)
+    assert s.peaks.rss_peak_bytes is not None and s.peaks.rss_peak_bytes > 64 * 2**20
+    assert s.peaks.samples >= 2 and s.peaks.peak_process_bytes is None
+    assert (peak_rss_self() or 0) >= s.peaks.rss_peak_bytes * 0.9
+    del block
+
+
+def test_synthetic_fixture_is_not_mutated_by_reports() -> None:
+    doc = _synthetic("NVIDIA H100", "ort-cuda", 40.0, 2**31)
+    before = copy.deepcopy(doc)
+    report.markdown([doc])
+    report.rows([doc])
+    assert doc == before
