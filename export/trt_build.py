@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
-import importlib
 import os
 import shlex
 import shutil
@@ -55,6 +54,7 @@ from sdrt.runtime.engine_manifest import (
 )
 from sdrt.runtime.errors import ArtifactError, BackendUnavailable, InputError, SdrtError
 from sdrt.runtime.manifest import ExportManifest
+from sdrt.runtime.trt_backend import import_tensorrt
 
 from .profiles import BuildProfile, engine_shapes
 
@@ -82,21 +82,16 @@ class EngineBuildError(SdrtError):
 # -- the TensorRT module --------------------------------------------------------------------------------
 
 def load_tensorrt(module: str | None = None) -> Any:
-    """Import ``tensorrt`` (or ``tensorrt_rtx``). A namespace left by type stubs does not count."""
+    """Import ``tensorrt`` (or ``tensorrt_rtx``): the builder's choice among the runtime's importer's."""
     names = [module] if module else [os.environ.get("SDRT_TENSORRT_MODULE") or "", *MODULES]
-    tried = []
-    for name in filter(None, names):
-        if name not in MODULES:
-            raise InputError(f"unknown TensorRT module {name!r}; choose one of {MODULES}")
-        try:
-            mod = importlib.import_module(name)
-        except ImportError as e:
-            tried.append(f"{name}: {e}")
-            continue
-        if hasattr(mod, "Builder") or hasattr(mod, "Runtime"):
-            return mod
-        tried.append(f"{name}: only type stubs are installed, not the library")
-    raise BackendUnavailable(f"TensorRT is not available ({'; '.join(tried)}); {INSTALL_HINT}")
+    names = [n for n in names if n]
+    unknown = [n for n in names if n not in MODULES]
+    if unknown:
+        raise InputError(f"unknown TensorRT module {unknown[0]!r}; the builder takes one of {MODULES}")
+    mod = import_tensorrt(names)
+    if not hasattr(mod, "Builder"):
+        raise BackendUnavailable(f"{mod.__name__} has no builder (a lean runtime?); {INSTALL_HINT}")
+    return mod
 
 
 def bind_tensorrt(module: str | None = None) -> str:
