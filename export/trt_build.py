@@ -88,7 +88,12 @@ def load_tensorrt(module: str | None = None) -> Any:
     unknown = [n for n in names if n not in MODULES]
     if unknown:
         raise InputError(f"unknown TensorRT module {unknown[0]!r}; the builder takes one of {MODULES}")
-    mod = import_tensorrt(names)
+    try:
+        mod = import_tensorrt(names)
+    except BackendUnavailable as e:
+        # the runtime's message also offers the lean runtime, which cannot build
+        tried = str(e).rsplit("); ", 1)[0] + ")"  # "TensorRT is not available (what was tried)"
+        raise BackendUnavailable(f"{tried}; building engines needs TensorRT with its builder: {INSTALL_HINT}") from e
     if not hasattr(mod, "Builder"):
         raise BackendUnavailable(f"{mod.__name__} has no builder (a lean runtime?); {INSTALL_HINT}")
     return mod
