@@ -36,6 +36,9 @@ def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
     target = Path(target)
     parent = _check_parent_writable(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes the folder private (0700)
     try:
         yield tmp
     except BaseException:
@@ -63,6 +66,8 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     parent = _check_parent_writable(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.partial-", dir=parent)
     try:
+        # mkstemp makes the file private (0600); give it the mode a plain open() would have
+        os.chmod(tmp, _mode_for(path))
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -72,6 +77,16 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def _mode_for(path: Path) -> int:
+    """The replaced file's mode, or the umask's default for a new file."""
+    try:
+        return os.stat(path).st_mode & 0o7777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
