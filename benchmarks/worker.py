@@ -40,6 +40,19 @@ def _runs_loop(call: Callable[[], dict[str, Any]], warmup: int, repeats: int) ->
 
 # -- sdrt -------------------------------------------------------------------------------------------------
 
+def _measure(call: Callable[[], dict[str, Any]], spec: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The cold call (load to first image; its image saved if asked), then warm-up and timed repeats.
+    Images are dropped from the returned records: only timings travel back to the parent."""
+    emit(phase="cold")
+    first = call()
+    if spec.get("image_out"):
+        first["images"][0].save(spec["image_out"])
+    runs = _runs_loop(call, spec["warmup"], spec["repeats"])
+    for r in [first, *runs]:
+        r.pop("images")
+    return first, runs
+
+
 def run_sdrt(spec: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     import numpy as np
@@ -64,13 +77,7 @@ def run_sdrt(spec: dict[str, Any]) -> dict[str, Any]:
                 "vae_decoder_ms": float(tm["vae_decoder_ms"]), "total_ms": float(tm["total_ms"]), "wall_ms": wall,
                 "images": r.images, "nonfinite": list(r.nonfinite)}
 
-    emit(phase="cold")
-    first = call()
-    if spec.get("image_out"):
-        first["images"][0].save(spec["image_out"])
-    runs = _runs_loop(call, spec["warmup"], spec["repeats"])
-    for r in [first, *runs]:
-        r.pop("images")
+    first, runs = _measure(call, spec)
     versions: dict[str, Any] = {}
     import onnxruntime
 
@@ -222,13 +229,7 @@ def run_diffusers(spec: dict[str, Any]) -> dict[str, Any]:
                 "vae_decoder_ms": clock.ms("vae0", "vae1"), "total_ms": total, "wall_ms": total,
                 "images": out.images, "nonfinite": []}
 
-    emit(phase="cold")
-    first = call()
-    if spec.get("image_out"):
-        first["images"][0].save(spec["image_out"])
-    runs = _runs_loop(call, spec["warmup"], spec["repeats"])
-    for r in [first, *runs]:
-        r.pop("images")
+    first, runs = _measure(call, spec)
     attn = sorted({type(p).__name__ for p in pipe.unet.attn_processors.values()})
     import transformers
 
