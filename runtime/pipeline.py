@@ -251,8 +251,12 @@ class Pipeline:
         # 4. decode
         t0 = time.perf_counter()
         dec = self.engines["vae_decoder"]
-        lat = self.backend.to_host(x_dev).astype(dec.inputs["latent_sample"].dtype)
-        out = dec({"latent_sample": self.backend.to_device(lat)})
+        dec_dt = dec.inputs["latent_sample"].dtype
+        if dec_dt == dt:
+            lat_dev = x_dev
+        else:  # an fp32 VAE after an fp16 UNet (SDXL): cast on the host, once
+            lat_dev = self.backend.to_device(self.backend.to_host(x_dev).astype(dec_dt))
+        out = dec({"latent_sample": lat_dev})
         pixels = self.backend.to_host(out["images"])
         finite = self.backend.to_host(out["finite"])
         timings["vae_decoder_ms"] = (time.perf_counter() - t0) * 1e3
