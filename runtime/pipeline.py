@@ -30,9 +30,11 @@ class Result:
     images: list[Any]  # PIL images
     timings: dict[str, Any]  # milliseconds per stage
     nonfinite: list[bool] = field(default_factory=list)  # per image: NaN/inf in the decoded pixels
+    loop: str = ""  # how the denoising loop ran (step by step; TensorRT: captured CUDA graphs or not, and why)
 
 
-def make_backend(name: str, folder: Path, threads: int | None = None, cuda_graph: bool = False) -> Backend:
+def make_backend(name: str, folder: Path, threads: int | None = None, cuda_graph: bool | None = None) -> Backend:
+    """``cuda_graph`` None: the backend's default (tensorrt: on; ort-cuda: off)."""
     from .ort_backend import OrtBackend, cuda_available
 
     if name not in BACKENDS:
@@ -45,9 +47,9 @@ def make_backend(name: str, folder: Path, threads: int | None = None, cuda_graph
     if name == "tensorrt":
         from .trt_backend import TrtBackend
 
-        return TrtBackend(folder, cuda_graph=cuda_graph)
+        return TrtBackend(folder, cuda_graph=cuda_graph is not False)
     if name == "ort-cuda":
-        return OrtBackend("cuda", threads=threads, cuda_graph=cuda_graph)
+        return OrtBackend("cuda", threads=threads, cuda_graph=bool(cuda_graph))
     return OrtBackend("cpu", threads=threads)
 
 
@@ -69,9 +71,12 @@ class Pipeline:
     # -- loading ----------------------------------------------------------------------------------
     @classmethod
     def load(cls, path: str | Path, backend: str = "auto", *, threads: int | None = None,
-             cuda_graph: bool = False) -> Pipeline:
-        """Load an export or engine folder. ``cuda_graph``: replay captured CUDA graphs for fixed shapes
-        (ort-cuda, tensorrt; outputs are then valid only until the next call at the same shape)."""
+             cuda_graph: bool | None = None) -> Pipeline:
+        """Load an export or engine folder. ``cuda_graph``: replay captured CUDA graphs. ``tensorrt``
+        captures the denoising step (UNet + sampler step) by default, falling back to running the engines
+        directly when capture fails (``Result.loop`` says which ran); ``ort-cuda`` captures each engine
+        only when asked (``True``), for fixed shapes, and its outputs are then valid only until the next
+        call at the same shape. ``False`` turns capture off for both."""
         import json
 
         folder = Path(path)
@@ -226,25 +231,41 @@ class Pipeline:
         rows = 2 * b if guided else b
         x_dev = to_dev(x.astype(dt))
         zeros = to_dev(np.zeros(lat_shape, dt))
-        x0_prev = zeros
         guide = {"guidance": to_dev(np.array(guidance_scale, np.float32))} if guided else {}
         first_in = samplers.model_input(plan, 0, x.astype(np.float64)).astype(dt)
         unet_in = to_dev(np.concatenate([first_in] * 2) if guided else first_in)
-        # every per-step input goes to the device before the loop: the loop itself does no host work
-        t_dev = [to_dev(np.full((rows,), t, np.float32)) for t in plan.timesteps]
-        c_dev = [to_dev(plan.coeffs(i)) for i in range(n)]
-        n_dev = [to_dev(z.astype(dt)) for z in step_noise] if step_noise is not None else [zeros] * n
-        unet_ms = []
-        for i in range(n):
-            t0 = time.perf_counter()
-            out = unet({"sample": unet_in, "timestep": t_dev[i], **cond})["out_sample"]
-            res = step({"latents": x_dev, "unet_out": out, **guide, "coeffs": c_dev[i],
-                        "x0_prev": x0_prev, "noise": n_dev[i]})
-            x_dev, x0_prev, unet_in = res["latents_next"], res["x0"], res["unet_in_next"]
-            self.backend.synchronize()
-            unet_ms.append((time.perf_counter() - t0) * 1e3)
-            if callback is not None:
-                callback(i + 1, n)
+        unet_ms: list[float] = []
+        capture = getattr(self.backend, "capture_step", None)
+        if capture is not None:  # TensorRT: UNet + step graph over fixed buffers, replayed as CUDA graphs
+            loop = capture(unet, step)
+            loop.start(latents=x_dev, unet_in=unet_in, x0_prev=zeros, cond=cond, guidance=guide.get("guidance"),
+                       timesteps=plan.timesteps, coeffs=plan.table, noise=step_noise)
+            for i in range(n):
+                t0 = time.perf_counter()
+                loop.step(i)
+                self.backend.synchronize()
+                unet_ms.append((time.perf_counter() - t0) * 1e3)
+                if callback is not None:
+                    callback(i + 1, n)
+            x_dev = loop.latents  # valid until the next start(): decoded below, before any other call
+            how = "captured CUDA graphs" if loop.captured else f"engines run directly ({loop.reason})"
+        else:
+            how = "engines run step by step"
+            # every per-step input goes to the device before the loop: the loop itself does no host work
+            t_dev = [to_dev(np.full((rows,), t, np.float32)) for t in plan.timesteps]
+            c_dev = [to_dev(plan.coeffs(i)) for i in range(n)]
+            n_dev = [to_dev(z.astype(dt)) for z in step_noise] if step_noise is not None else [zeros] * n
+            x0_prev = zeros
+            for i in range(n):
+                t0 = time.perf_counter()
+                out = unet({"sample": unet_in, "timestep": t_dev[i], **cond})["out_sample"]
+                res = step({"latents": x_dev, "unet_out": out, **guide, "coeffs": c_dev[i],
+                            "x0_prev": x0_prev, "noise": n_dev[i]})
+                x_dev, x0_prev, unet_in = res["latents_next"], res["x0"], res["unet_in_next"]
+                self.backend.synchronize()
+                unet_ms.append((time.perf_counter() - t0) * 1e3)
+                if callback is not None:
+                    callback(i + 1, n)
         timings["unet_steps_ms"] = unet_ms
         timings["unet_step_ms"] = float(np.median(unet_ms)) if unet_ms else 0.0
 
@@ -271,7 +292,7 @@ class Pipeline:
             )
         from PIL import Image
 
-        return Result([Image.fromarray(p) for p in pixels], timings, nonfinite)
+        return Result([Image.fromarray(p) for p in pixels], timings, nonfinite, how)
 
     def _negatives(self, negative_prompt: str | Sequence[str] | None, b: int) -> list[str]:
         if negative_prompt is None:

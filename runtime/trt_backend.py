@@ -33,19 +33,16 @@ The denoising step as a CUDA graph
 ``backend.capture_step(unet, step)`` returns a ``StepLoop``: UNet then step graph, captured as two CUDA
 graphs over fixed device buffers (even steps read state A and write state B, odd steps the reverse, so
 no engine writes what it reads). What changes per step (the timestep, the coefficient row, the noise)
-is uploaded once per call as a table and copied row by row into fixed buffers before each launch. How
-the pipeline's loop uses it (replacing the body of its step loop)::
+is uploaded once per call as a table and copied row by row into fixed buffers before each launch.
+``Pipeline`` runs its denoising loop this way whenever the backend has ``capture_step``::
 
-    if hasattr(self.backend, "capture_step"):
-        loop = self.backend.capture_step(unet, step)
-        loop.start(latents=x_dev, unet_in=unet_in, x0_prev=zeros, cond=cond,
-                   guidance=guide.get("guidance"), timesteps=plan.timesteps, coeffs=plan.table,
-                   noise=step_noise if plan.needs_noise else None)
-        for i in range(n):
-            loop.step(i)                   # 3 small device copies + 1 graph launch
-            self.backend.synchronize()     # only for per-step timings / the callback
-            ...
-        x_dev = loop.latents               # valid until the next start()
+    loop = backend.capture_step(unet, step)
+    loop.start(latents=x_dev, unet_in=unet_in, x0_prev=zeros, cond=cond, guidance=g,
+               timesteps=plan.timesteps, coeffs=plan.table, noise=step_noise)
+    for i in range(n):
+        loop.step(i)                   # 3 small device copies + 1 graph launch
+        backend.synchronize()          # only for per-step timings / the callback
+    x_dev = loop.latents               # valid until the next start()
 
 ``start`` captures on first use and whenever shapes change (after one warm-up run of each engine: TensorRT
 finishes shape-dependent setup outside the capture); a failed capture, or ``TrtBackend(cuda_graph=False)``,

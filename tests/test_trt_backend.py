@@ -217,7 +217,8 @@ class TensorIOMode(enum.IntEnum):
 
 
 _TO_TRT = {np.dtype(np.float32): DataType.FLOAT, np.dtype(np.float16): DataType.HALF,
-           np.dtype(np.int32): DataType.INT32, np.dtype(np.int64): DataType.INT64, np.dtype(np.bool_): DataType.BOOL}
+           np.dtype(np.int32): DataType.INT32, np.dtype(np.int64): DataType.INT64, np.dtype(np.bool_): DataType.BOOL,
+           np.dtype(np.uint8): DataType.UINT8}
 
 
 def fake_plan(model: onnx.ModelProto | bytes, scratch: int = 4096, profile: dict[str, Any] | None = None) -> bytes:
@@ -240,6 +241,8 @@ class FakeEngine:
         g = self.model.graph
         self.io = [(v, TensorIOMode.INPUT) for v in g.input] + [(v, TensorIOMode.OUTPUT) for v in g.output]
         self.by_name = {v.name: (v, mode) for v, mode in self.io}
+        self.inputs = [v.name for v, m in self.io if m == TensorIOMode.INPUT]
+        self.inferred: dict[Any, dict[str, tuple[int, ...]]] = {}
 
     num_io_tensors = property(lambda self: len(self.io))
     device_memory_size_v2 = property(lambda self: self.scratch)
@@ -310,7 +313,15 @@ class FakeContext:
         known = {}
         for n, shape in self.shapes.items():
             known.update({d: s for d, s in zip(e.dims(n), shape) if isinstance(d, str)})
-        return tuple(d if isinstance(d, int) else known.get(d, -1) for d in e.dims(name))
+        out = tuple(d if isinstance(d, int) else known.get(d, -1) for d in e.dims(name))
+        if -1 in out and len(self.shapes) == len(e.inputs):  # exporter-named dims: run it, as TensorRT infers them
+            key = tuple(sorted(self.shapes.items()))
+            if key not in e.inferred:
+                zeros = {n: np.zeros(shape, e.dtype(n)) for n, shape in self.shapes.items()}
+                outs = [v.name for v, m in e.io if m == TensorIOMode.OUTPUT]
+                e.inferred[key] = dict(zip(outs, (r.shape for r in e.session.run(outs, zeros))))
+            out = e.inferred[key][name]
+        return out
 
     def execute_async_v3(self, stream):
         e, cudart = self.engine, self.engine.trt.cudart

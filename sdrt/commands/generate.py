@@ -18,7 +18,8 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--backend", default="auto", help="auto, ort-cpu, ort-cuda, tensorrt")
-    p.add_argument("--cuda-graph", action="store_true", help="replay the denoising step as a CUDA graph (GPU)")
+    p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
+                   help="replay the denoising step as CUDA graphs (GPU; default: on for tensorrt, off for ort-cuda)")
     p.add_argument("--init-image", default=None, help="img2img: the starting image")
     p.add_argument("--strength", type=float, default=0.8, help="img2img: how much to change the image (0, 1]")
     p.add_argument("-o", "--output", default="out.png", help="output file; batches get _1, _2, ... suffixes")
@@ -61,4 +62,5 @@ def run(args: argparse.Namespace) -> int:
         img.save(path)
         print(f"wrote {path}")
     print(timing_table(result.timings, len(result.timings["unet_steps_ms"])))
+    print(f"denoising loop: {result.loop}")
     return 0

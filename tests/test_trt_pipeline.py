@@ -1,0 +1,158 @@
+"""The TensorRT path end to end on fakes: ``build_engines`` -> engine folder -> ``Pipeline`` -> images.
+
+The fakes of tests/test_trt_backend.py (cuda-python over host memory, TensorRT "engines" that are ONNX
+graphs run by onnxruntime), with just enough builder for ``build_engines``. Passing says sdrt's own
+logic holds together across the build, the engine folder, the manifest checks, the pipeline's captured
+denoising loop (StepLoop) and the decode: the images equal the ort-cpu pipeline's on the same export.
+It says nothing about real TensorRT or a GPU (tests marked so in test_trt_backend.py / test_trt_build.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+
+import sdrt.runtime.trt_backend as tb
+from sdrt.export import trt_build
+from sdrt.export.profiles import custom_profile
+from sdrt.export.trt_build import BuildOptions, build_engines
+from sdrt.runtime.errors import InputError
+from sdrt.runtime.pipeline import Pipeline
+from tests.test_trt_backend import ENV, FakeCudart, FakeTrt, Severity, fake_plan
+
+
+class _Monitor:
+    def __init__(self) -> None:
+        pass
+
+
+def with_builder(trt: FakeTrt) -> FakeTrt:
+    """Add what ``build_engines`` uses of the builder API to a FakeTrt: parse_from_file, the config's flags,
+    pools, timing cache and progress monitor. The "engine" it builds is the parsed ONNX graph."""
+    calls: dict[str, Any] = {"flags": [], "monitors": 0}
+    trt.build_calls = calls  # type: ignore[attr-defined]
+    parser_cls, builder_cls = trt.OnnxParser, trt.Builder
+
+    class Parser(parser_cls):  # type: ignore[misc, valid-type]
+        def parse_from_file(self, path: str) -> bool:
+            self.network.model = onnx.load(path).SerializeToString()  # external data folded in
+            return True
+
+    class Cache:
+        def serialize(self) -> bytes:
+            return b"fake timing cache"
+
+    class Config:
+        profile: Any = None
+        builder_optimization_level = 3
+        progress_monitor: Any = None
+
+        def set_flag(self, flag: Any) -> None:
+            calls["flags"].append(flag)
+
+        def set_memory_pool_limit(self, pool: Any, size: int) -> None:
+            calls["workspace"] = size
+
+        def create_timing_cache(self, data: bytes) -> Cache:
+            return Cache()
+
+        def set_timing_cache(self, cache: Cache, ignore_mismatch: bool) -> bool:
+            return True
+
+        def add_optimization_profile(self, p: Any) -> int:
+            self.profile = p
+            return 0
+
+    class Builder(builder_cls):  # type: ignore[misc, valid-type]
+        def __init__(self, logger: Any) -> None:
+            self.logger = logger
+
+        def create_builder_config(self) -> Config:
+            return Config()
+
+        def build_serialized_network(self, network: Any, config: Config) -> bytes:
+            if config.progress_monitor is not None:
+                calls["monitors"] += 1
+                config.progress_monitor.phase_start("Building engine", None, 1)
+            shapes = config.profile.shapes if config.profile else {}
+            trt.built.append(shapes)
+            return fake_plan(network.model, scratch=512, profile=shapes)
+
+    trt.OnnxParser, trt.Builder = Parser, Builder
+    trt.IProgressMonitor = _Monitor  # type: ignore[attr-defined]
+    trt.ILogger.Severity = Severity
+    trt.BuilderFlag = SimpleNamespace(FP16="FP16", TF32="TF32", REFIT="REFIT", VERSION_COMPATIBLE="VC",
+                                      EXCLUDE_LEAN_RUNTIME="XL")
+    trt.MemoryPoolType = SimpleNamespace(WORKSPACE="WORKSPACE")
+    return trt
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch: pytest.MonkeyPatch) -> tuple[FakeCudart, FakeTrt]:
+    cudart = FakeCudart()
+    trt = with_builder(FakeTrt(cudart))
+    monkeypatch.setattr(tb, "import_cudart", lambda: cudart)
+    monkeypatch.setattr(tb, "import_tensorrt", lambda names: trt)
+    monkeypatch.setattr(trt_build, "load_tensorrt", lambda module=None: trt)
+    # the builder's view of the GPU is the fake device's (name and compute capability)
+    monkeypatch.setattr(trt_build, "current_env", lambda backend, version: dataclasses.replace(
+        ENV, backend=backend, version=version))
+    return cudart, trt
+
+
+@pytest.mark.parametrize("preset, sampler", [("sd15-tiny", "dpmpp-2m"), ("sd15-tiny", "euler-a"),
+                                             ("sdxl-tiny", "ddim")])
+def test_built_engines_drive_the_pipeline_like_ort_cpu(tiny_export, tmp_path: Path, fake_gpu, preset, sampler):
+    """Logic check on fakes: export -> build_engines -> Pipeline(tensorrt) gives the ort-cpu images, with the
+    denoising loop captured (two CUDA graphs, one launch per step) and the engine manifest honoured."""
+    cudart, trt = fake_gpu
+    src = tiny_export(preset)
+    out = tmp_path / "engines"
+    messages: list[str] = []
+    manifest = build_engines(src, out, custom_profile(batch="1:1:2", height="64:64:96", width="64:64:96"),
+                             BuildOptions(workspace_gb=1), progress=messages.append)
+    assert {r.component for r in manifest.engines} == set(
+        ["text_encoder", "unet", "vae_decoder", "vae_encoder"] + (["text_encoder_2"] if preset == "sdxl-tiny" else []))
+    assert trt.build_calls["monitors"] == len(manifest.engines)
+    assert any("Building engine" in m for m in messages)
+
+    ref_pipe = Pipeline.load(src, backend="ort-cpu")
+    pipe = Pipeline.load(out, backend="tensorrt")
+    assert isinstance(pipe.backend, tb.TrtBackend)
+    kw: dict[str, Any] = {"negative_prompt": "blurry", "steps": 5, "sampler": sampler, "seed": 3,
+                          "height": 64, "width": 96}
+    want = ref_pipe("a red fox", **kw)
+    got = pipe("a red fox", **kw)
+    assert got.loop == "captured CUDA graphs" and cudart.captures == 2 and cudart.launches == 5
+    a, b = np.asarray(want.images[0], np.int16), np.asarray(got.images[0], np.int16)
+    assert a.shape == b.shape == (64, 96, 3)
+    assert np.abs(a - b).max() <= 1, "the fake engines run the same ONNX graphs as ort-cpu"
+    assert a.std() > 1  # a real picture, not a constant
+
+    # same shapes again: the captured graphs are replayed, not captured anew; a batch of 2 recaptures
+    again = pipe("a red fox", **kw)
+    assert cudart.captures == 2 and np.array_equal(np.asarray(again.images[0]), np.asarray(got.images[0]))
+    two = pipe("a red fox", batch_size=2, **kw)
+    assert cudart.captures == 4 and len(two.images) == 2
+    # outside the engines' profile: refused with the range, and the pipeline stays usable
+    with pytest.raises(InputError, match="height"):
+        pipe("a red fox", **{**kw, "height": 128})
+    assert np.array_equal(np.asarray(pipe("a red fox", **kw).images[0]), np.asarray(got.images[0]))
+
+
+@pytest.mark.usefixtures("fake_gpu")
+def test_without_capture_the_pipeline_runs_the_engines_directly(tiny_export, tmp_path: Path):
+    src = tiny_export("sd15-tiny")
+    out = tmp_path / "engines"
+    build_engines(src, out, custom_profile(height=64), BuildOptions())
+    kw: dict[str, Any] = {"steps": 3, "seed": 1, "height": 64, "width": 64}
+    graphed = Pipeline.load(out, backend="tensorrt")("a cat", **kw)
+    direct = Pipeline.load(out, backend="tensorrt", cuda_graph=False)("a cat", **kw)
+    assert direct.loop.startswith("engines run directly (CUDA graphs are off")
+    assert np.array_equal(np.asarray(direct.images[0]), np.asarray(graphed.images[0]))
