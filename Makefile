@@ -3,18 +3,22 @@ PY ?= python3
 PIP = $(PY) -m pip install -q --disable-pip-version-check
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint
+.PHONY: install install-test demo test lint
 install:
 	$(PIP) torch==2.13.0
-	$(PIP) -e ".[export,test]"
-	# the tokenizer tests' independent reference; --no-deps: its torchvision dependency is not needed
+	$(PIP) -e ".[export]"
+
+# the tests also need the TensorRT modules PyPI has (trt-api: the lean runtime and TensorRT for RTX) and
+# open_clip, the tokenizer tests' independent reference (--no-deps: its torchvision dependency is not needed)
+install-test: install
+	$(PIP) -e ".[export,test,trt-api]"
 	$(PIP) --no-deps open_clip_torch==3.3.0
 
 demo: install
 	sdrt demo
 
 # pytest exits 5 when it collects no test; that is not a failure of the build
-test: install
+test: install-test
 	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
 
 lint:

@@ -139,7 +139,8 @@ def unavailable_reason(name: str, gpus: int) -> str | None:
         except BackendUnavailable as e:
             return str(e)
         if gpus == 0:
-            return f"{trt.__name__} {getattr(trt, '__version__', '')} is installed, but no NVIDIA GPU was found"
+            return (f"TensorRT ({trt.__name__} {getattr(trt, '__version__', '')}) is installed, "
+                    "but no NVIDIA GPU was found")
         return None
     raise InputError(f"unknown backend {name!r}")  # pragma: no cover - check_backends ran first
 

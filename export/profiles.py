@@ -14,6 +14,10 @@ axis                size
 ``sequence``        77 tokens x prompt chunks (long prompts are encoded in 77-token chunks)
 ==================  ===========================================================================
 
+The sampler's step graphs (``runtime/step_graph.py``), which ``sdrt build`` prebuilds beside the
+components, take latents of the images' batch and, guided, the UNet's doubled output
+(``step_graph_shapes``).
+
 No TensorRT here: this is plain arithmetic, tested on CPU.
 """
 
@@ -244,3 +248,17 @@ def engine_shapes(profile: BuildProfile, manifest: ExportManifest) -> dict[str, 
     """Validated shapes of every component of an export under ``profile``."""
     validate(profile, manifest)
     return {name: component_shapes(profile, manifest, name) for name in manifest.components}
+
+
+def step_graph_shapes(profile: BuildProfile, manifest: ExportManifest, guided: bool) -> tuple[TensorShapes, ...]:
+    """min/opt/max shapes of the sampler step graph's latent-sized inputs under ``profile`` (its ``guidance``
+    and ``coeffs`` inputs are static). Guided: ``unet_out`` has the UNet's 2B rows."""
+    f, c = manifest.vae_scale_factor, manifest.latent_channels
+    b, h, w = profile.batch, profile.height.divided(f), profile.width.divided(f)
+
+    def shapes(name: str, rows: Range) -> TensorShapes:
+        return TensorShapes(name, (rows.min, c, h.min, w.min), (rows.opt, c, h.opt, w.opt),
+                            (rows.max, c, h.max, w.max))
+
+    return (shapes("latents", b), shapes("unet_out", b.scaled(2) if guided else b),
+            shapes("x0_prev", b), shapes("noise", b))

@@ -21,15 +21,20 @@ fp32 components (the SDXL VAE) in fp32 with TF32 matmuls. ``weakly_typed`` inste
 fp16 kernels anywhere in an fp16 component (the FP16 builder flag).
 
 TensorRT for RTX: the same code drives the ``tensorrt_rtx`` module (chosen with ``module=`` /
-``--tensorrt-module tensorrt_rtx``, or found when ``tensorrt`` is absent). Its networks are always strongly
-typed, it has no builder optimization level or hardware-compatibility levels to set here, and engines are
-JIT-specialized to the GPU at load; those settings are skipped for it. Untested: no RTX GPU was available.
+``--tensorrt-module tensorrt_rtx``, or found when ``tensorrt`` is absent). Chosen by name, it is also found
+as ``tensorrt_rtx_bindings``, as PyPI's ``tensorrt-rtx-cu13-bindings`` wheel names it. Its networks are always
+strongly typed and engines are JIT-specialized to the GPU at load, so precision flags and the optimization
+level are not set; it has no hardware- or version-compatible engines (an engine runs only on the TensorRT for
+RTX release that built it) and its timing cache is a deprecated no-op, so none is used. Checked against
+TensorRT for RTX 1.7 on a machine without a GPU, where it builds engines (CPU-only ahead-of-time compilation;
+tests/test_trt_modules.py), except refittable ones (its compiler then wants CUDA); not run on an RTX GPU.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import importlib.util
 import os
 import shlex
 import shutil
@@ -54,7 +59,7 @@ from sdrt.runtime.engine_manifest import (
 )
 from sdrt.runtime.errors import ArtifactError, BackendUnavailable, InputError, SdrtError
 from sdrt.runtime.manifest import ExportManifest
-from sdrt.runtime.trt_backend import import_tensorrt
+from sdrt.runtime.trt_backend import backend_name, import_tensorrt
 
 from .profiles import BuildProfile, engine_shapes
 
@@ -64,6 +69,8 @@ else:
     trt = None  # bound by bind_tensorrt(): the module is imported only when a build or refit runs
 
 MODULES = ("tensorrt", "tensorrt_rtx")
+# what each module chosen by name may be installed as (PyPI's standalone wheels name the package *_bindings)
+_IMPORT_NAMES = {"tensorrt": ("tensorrt",), "tensorrt_rtx": ("tensorrt_rtx", "tensorrt_rtx_bindings")}
 INSTALL_HINT = (
     "install TensorRT from NVIDIA's package index: pip install tensorrt --extra-index-url https://pypi.nvidia.com "
     "(needs an NVIDIA GPU and driver); on RTX GPUs, TensorRT for RTX (the tensorrt_rtx module) is used when installed"
@@ -83,16 +90,22 @@ class EngineBuildError(SdrtError):
 
 def load_tensorrt(module: str | None = None) -> Any:
     """Import ``tensorrt`` (or ``tensorrt_rtx``): the builder's choice among the runtime's importer's."""
-    names = [module] if module else [os.environ.get("SDRT_TENSORRT_MODULE") or "", *MODULES]
+    chosen = module or os.environ.get("SDRT_TENSORRT_MODULE") or ""
+    names = [module] if module else [chosen, *MODULES]
     names = [n for n in names if n]
     unknown = [n for n in names if n not in MODULES]
     if unknown:
         raise InputError(f"unknown TensorRT module {unknown[0]!r}; the builder takes one of {MODULES}")
+    # a module chosen by name may also be installed under its PyPI package name
+    candidates = list(dict.fromkeys([*_IMPORT_NAMES.get(chosen, ()), *names]))
     try:
-        mod = import_tensorrt(names)
+        mod = import_tensorrt(candidates)
     except BackendUnavailable as e:
         # the runtime's message also offers the lean runtime, which cannot build
         tried = str(e).rsplit("); ", 1)[0] + ")"  # "TensorRT is not available (what was tried)"
+        if "tensorrt_rtx_bindings" not in candidates and importlib.util.find_spec("tensorrt_rtx_bindings"):
+            tried += ("; TensorRT for RTX is installed as tensorrt_rtx_bindings: choose it with "
+                      "--tensorrt-module tensorrt_rtx (its engines are for RTX GPUs)")
         raise BackendUnavailable(f"{tried}; building engines needs TensorRT with its builder: {INSTALL_HINT}") from e
     if not hasattr(mod, "Builder"):
         raise BackendUnavailable(f"{mod.__name__} has no builder (a lean runtime?); {INSTALL_HINT}")
@@ -103,11 +116,11 @@ def bind_tensorrt(module: str | None = None) -> str:
     """Import TensorRT into this module's ``trt``; return the backend name ("tensorrt" / "tensorrt_rtx")."""
     global trt
     trt = load_tensorrt(module)
-    return str(trt.__name__)
+    return backend_name(trt)
 
 
 def _is_rtx() -> bool:
-    return str(trt.__name__) == "tensorrt_rtx"
+    return backend_name(trt) == "tensorrt_rtx"  # tensorrt_rtx, or tensorrt_rtx_bindings from PyPI
 
 
 # -- options and plans ---------------------------------------------------------------------------------------
@@ -286,6 +299,9 @@ def _parser_report(parser: trt.OnnxParser, component: str, path: Path) -> str:
 def make_config(builder: trt.Builder, flags: BuildFlags, cache: trt.ITimingCache | None) -> trt.IBuilderConfig:
     config = builder.create_builder_config()
     if flags.fp16 and not _is_rtx():
+        if not hasattr(trt.BuilderFlag, "FP16"):  # TensorRT 11: every network is strongly typed
+            raise InputError(f"{trt.__name__} {trt.__version__} has no weak typing (no FP16 builder flag); "
+                             "drop --weakly-typed")
         config.set_flag(trt.BuilderFlag.FP16)
     if flags.tf32 and not _is_rtx():
         config.set_flag(trt.BuilderFlag.TF32)
@@ -296,6 +312,9 @@ def make_config(builder: trt.Builder, flags: BuildFlags, cache: trt.ITimingCache
     if flags.refittable:
         config.set_flag(trt.BuilderFlag.REFIT)
     if flags.version_compatible:
+        if _is_rtx():  # its engines run only on the release that built them; the flag wants the lean runtime
+            raise InputError(f"{trt.__name__} {trt.__version__} cannot build version-compatible engines; "
+                             "drop --version-compatible")
         config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
         if flags.exclude_lean_runtime:
             config.set_flag(trt.BuilderFlag.EXCLUDE_LEAN_RUNTIME)
@@ -419,7 +438,11 @@ def build_engines(
     old = _read_old(out)
     messages: list[str] = []
     builder = trt.Builder(_make_logger(messages))
-    cache = _load_cache(builder.create_builder_config(), options.timing_cache)
+    cache = None
+    if not _is_rtx():
+        cache = _load_cache(builder.create_builder_config(), options.timing_cache)
+    elif options.timing_cache is not None:  # a deprecated no-op there, said to rule out CPU-only builds
+        progress(f"{backend}: no timing cache (TensorRT for RTX does not use one); {options.timing_cache} is not used")
     records: dict[str, EngineRecord] = {}
     with atomic_dir(out) as tmp:
         for plan in plans:
@@ -438,7 +461,7 @@ def build_engines(
             records[rec.component] = replace(rec, size_bytes=len(blob), build_seconds=round(seconds, 2),
                                              engine_sha256=hashlib.sha256(blob).hexdigest())
             progress(f"{rec.component}: built in {seconds:.1f} s ({len(blob) / 1e6:.1f} MB)")
-            if options.timing_cache is not None:
+            if cache is not None and options.timing_cache is not None:
                 atomic_write_bytes(options.timing_cache, bytes(memoryview(cache.serialize())))
         _copy_assets(src, tmp, manifest, records)
         result = EngineManifest(

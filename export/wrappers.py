@@ -75,8 +75,9 @@ class VaeDecoder(torch.nn.Module):
         image = self.vae.decode(latent_sample / self.scale, return_dict=False)[0].float()
         finite = torch.isfinite(image).flatten(1).all(dim=1)
         image = torch.nan_to_num(image, nan=0.0, posinf=1.0, neginf=-1.0)
-        image = ((image / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
-        return image.permute(0, 2, 3, 1), finite
+        image = ((image / 2 + 0.5).clamp(0, 1) * 255).round()
+        # uint8 only at the graph's edge: TensorRT's ONNX parser takes uint8 on graph inputs and outputs alone
+        return image.permute(0, 2, 3, 1).to(torch.uint8), finite
 
 
 class VaeEncoder(torch.nn.Module):
@@ -90,6 +91,6 @@ class VaeEncoder(torch.nn.Module):
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         dtype = next(self.vae.parameters()).dtype
-        x = image.permute(0, 3, 1, 2).float() / 255.0
+        x = image.float().permute(0, 3, 1, 2) / 255.0  # cast first: TensorRT takes uint8 only at the graph's edge
         x = (2.0 * x - 1.0).to(dtype)
         return self.vae.encode(x, return_dict=False)[0].mean * self.scale

@@ -307,10 +307,9 @@ class Pipeline:
     def _step_graph(self, guided: bool, dtype: np.dtype[Any]) -> Engine:
         key = (guided, dtype.name)
         if key not in self._step_graphs:
-            from .step_graph import build_step_graph
+            from .step_graph import STEP_ENGINES, step_graph_bytes
 
-            graph = build_step_graph(guided, dtype).SerializeToString()
-            self._step_graphs[key] = self.backend.load(graph, "sampler_step")
+            self._step_graphs[key] = self.backend.load(step_graph_bytes(guided, dtype), STEP_ENGINES[guided])
         return self._step_graphs[key]
 
 

@@ -28,6 +28,14 @@ OPSET = 17
 IR_VERSION = 8  # the IR of opset 17 (ONNX 1.12): readable by every runtime and TensorRT we target
 _TYPES = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16}
 _LATENT = ["B", "C", "H", "W"]
+# names of the step graphs that ``sdrt build`` prebuilds into an engine folder (the TensorRT backend finds
+# them by the digest of ``step_graph_bytes``; without them it builds the graph on first use)
+STEP_ENGINES = {False: "sampler_step", True: "sampler_step_cfg"}
+
+
+def step_graph_bytes(batch_guided: bool, dtype: Any = np.float16) -> bytes:
+    """The serialized step graph: the same bytes in every process (engine folders key on their digest)."""
+    return build_step_graph(batch_guided, dtype).SerializeToString()
 
 
 def build_step_graph(batch_guided: bool, dtype: Any = np.float16) -> onnx.ModelProto:

@@ -14,12 +14,12 @@ stream, in call order, and that is what makes the memory scheme below safe:
 - ``load(path)`` reads the folder's engine manifest (``sdrt-engines.json``) and refuses an engine built
   for another GPU, TensorRT version or runtime **before** deserializing anything, listing every reason
   and the command that rebuilds the folder (CompatibilityError).
-- ``load(bytes)`` (the sampler's step graph, ``runtime/step_graph.py``) parses the ONNX bytes with
-  TensorRT's builder on first use, once per input shapes (a handful of elementwise layers: seconds),
-  with a profile fixed to those shapes so it claims no scratch for sizes it never sees. The lean
-  runtime has no builder: it raises BackendUnavailable saying so. (Proposed: ``sdrt build`` also builds
-  the step graphs, guided and not, over the profile's latent range, into the engine folder and its
-  manifest; the lean runtime then needs no builder, and the first step pays no build.)
+- ``load(bytes)`` (the sampler's step graph, ``runtime/step_graph.py``) loads the engine that ``sdrt build``
+  prebuilt from exactly those ONNX bytes (found in the folder's manifest by their sha256), so the lean
+  runtime needs no builder and the first step pays no build. A folder without one (built by an older
+  sdrt) gets the graph parsed with TensorRT's builder on first use, once per input shapes (a handful of
+  elementwise layers: seconds), with a profile fixed to those shapes; the lean runtime has no builder and
+  raises BackendUnavailable saying so.
 
 TensorRT modules, tried in this order unless ``module=`` or ``SDRT_TENSORRT_MODULE`` names one: the
 module the manifest says built the folder (``tensorrt`` or ``tensorrt_rtx``), then, for ``tensorrt``
@@ -68,6 +68,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import importlib
 import mmap
 import os
@@ -80,14 +81,22 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .engine import Array, Backend, Engine, IOSpec
-from .engine_manifest import EngineEnv, EngineManifest, EngineRecord, check_engine, detect_gpu
+from .engine_manifest import (
+    ENGINE_MANIFEST_NAME,
+    EngineEnv,
+    EngineManifest,
+    EngineRecord,
+    check_engine,
+    detect_gpu,
+)
 from .errors import ArtifactError, BackendUnavailable, CompatibilityError, InputError, SdrtError
 
 if TYPE_CHECKING:
     import tensorrt as trt
 
-RUNTIME_MODULES = ("tensorrt", "tensorrt_rtx", "tensorrt_lean", "tensorrt_lean_bindings")
+RUNTIME_MODULES = ("tensorrt", "tensorrt_rtx", "tensorrt_rtx_bindings", "tensorrt_lean", "tensorrt_lean_bindings")
 LEAN_MODULES = ("tensorrt_lean", "tensorrt_lean_bindings")
+RTX_MODULES = ("tensorrt_rtx", "tensorrt_rtx_bindings")  # the second: PyPI's tensorrt-rtx-cu13-bindings
 CUDA_HINT = "pip install cuda-python (or: pip install 'sdrt[tensorrt]')"
 FULL_TENSORRT_HINT = "pip install tensorrt --extra-index-url https://pypi.nvidia.com"
 LEAN_HINT = "pip install tensorrt-lean-cu13-libs tensorrt-lean-cu13-bindings"
@@ -134,9 +143,9 @@ def module_candidates(module: str | None = None, built_with: str | None = None) 
     if chosen:
         if chosen not in RUNTIME_MODULES:
             raise InputError(f"unknown TensorRT module {chosen!r}; choose one of {RUNTIME_MODULES}")
-        return [chosen]
+        return list(RTX_MODULES) if chosen == "tensorrt_rtx" else [chosen]
     if built_with == "tensorrt_rtx":
-        return ["tensorrt_rtx"]
+        return list(RTX_MODULES)
     if built_with == "tensorrt":
         return ["tensorrt", *LEAN_MODULES]
     return list(RUNTIME_MODULES)
@@ -682,6 +691,9 @@ class TrtBackend(Backend):
         """An engine file of an sdrt engine folder (checked against the folder's manifest first), or an
         ONNX graph as bytes (the sampler step graph, built on first use)."""
         if isinstance(path, (bytes, bytearray, memoryview)):
+            rec = self.prebuilt(bytes(path))
+            if rec is not None and self.folder is not None:
+                return self.load(str(self.folder / rec.file), rec.component)
             return OnnxTrtEngine(self, bytes(path), name)
         file = Path(path)
         manifest = self.check_folder(file.parent)  # before anything is deserialized
@@ -703,6 +715,18 @@ class TrtBackend(Backend):
                 f"the file is corrupt or not what its manifest says. Rebuild it: {manifest.build_command}"
             )
         return TrtEngine(self, cuda_engine, name)
+
+    def prebuilt(self, model_bytes: bytes) -> EngineRecord | None:
+        """The engine that ``sdrt build`` made from exactly this ONNX graph (a sampler step graph), in the
+        engine folder this backend was opened on, or None (the graph is then built on first use)."""
+        if self.folder is None or not (self.folder / ENGINE_MANIFEST_NAME).is_file():
+            return None
+        digest = hashlib.sha256(model_bytes).hexdigest()
+        manifest = self.check_folder(self.folder)
+        for r in manifest.engines:
+            if r.onnx_sha256 == digest:
+                return r
+        return None
 
     def environment(self) -> EngineEnv:
         """Where engines are being loaded: this TensorRT and this GPU, in the engine manifest's terms."""

@@ -5,6 +5,8 @@ CFG; text rows = 2 x images x chunks; sequence = 77 x chunks), not from the code
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from sdrt.engines import PROFILES_DIR, profile_names
@@ -15,6 +17,7 @@ from sdrt.export.profiles import (
     custom_profile,
     engine_shapes,
     load_profile,
+    step_graph_shapes,
 )
 from sdrt.runtime.errors import CompatibilityError, InputError
 from sdrt.runtime.manifest import Component, ExportManifest, TensorSpec
@@ -101,6 +104,18 @@ def test_dynamic_shapes_by_hand() -> None:
     assert (ehs.min, ehs.opt, ehs.max) == ((2, 77, 768), (2, 77, 768), (8, 231, 768))
     (img,) = shapes["vae_encoder"]
     assert (img.min, img.max) == ((1, 256, 256, 3), (4, 1024, 1024, 3))
+
+
+def test_step_graph_shapes_by_hand() -> None:
+    prof = load_profile("sd15-dynamic")  # batch 1:1:4, 256:512:1024 px
+    lat, out, x0, noise = step_graph_shapes(prof, _export(), guided=True)
+    assert [s.name for s in (lat, out, x0, noise)] == ["latents", "unet_out", "x0_prev", "noise"]
+    assert (lat.min, lat.opt, lat.max) == ((1, 4, 32, 32), (1, 4, 64, 64), (4, 4, 128, 128))
+    assert (out.min, out.opt, out.max) == ((2, 4, 32, 32), (2, 4, 64, 64), (8, 4, 128, 128))
+    assert x0 == dataclasses.replace(lat, name="x0_prev") and noise == dataclasses.replace(lat, name="noise")
+    # unguided, the UNet output has the images' rows; a non-square static profile
+    _, out1, _, _ = step_graph_shapes(custom_profile(batch=2, height=512, width=768), _export(), guided=False)
+    assert out1.min == out1.max == (2, 4, 64, 96)
 
 
 def test_no_cfg_keeps_the_batch() -> None:

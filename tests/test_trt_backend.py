@@ -587,10 +587,10 @@ def test_the_lean_runtime_takes_only_version_compatible_engines(tmp_path, fakes)
 def test_module_choice_follows_the_manifest(tmp_path, monkeypatch):
     monkeypatch.delenv("SDRT_TENSORRT_MODULE", raising=False)
     assert tb.module_candidates(None, "tensorrt") == ["tensorrt", "tensorrt_lean", "tensorrt_lean_bindings"]
-    assert tb.module_candidates(None, "tensorrt_rtx") == ["tensorrt_rtx"]
+    assert tb.module_candidates(None, "tensorrt_rtx") == ["tensorrt_rtx", "tensorrt_rtx_bindings"]
     assert tb.module_candidates("tensorrt_lean", "tensorrt") == ["tensorrt_lean"]
     monkeypatch.setenv("SDRT_TENSORRT_MODULE", "tensorrt_rtx")
-    assert tb.module_candidates(None, "tensorrt") == ["tensorrt_rtx"]
+    assert tb.module_candidates(None, "tensorrt") == ["tensorrt_rtx", "tensorrt_rtx_bindings"]
     with pytest.raises(InputError, match="unknown TensorRT module 'trt'"):
         tb.module_candidates("trt")
     f = write_folder(tmp_path, {"unet": b"x"}, env=EngineEnv("tensorrt_rtx", "1.1.0"))
