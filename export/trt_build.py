@@ -10,6 +10,7 @@ The engine folder (written atomically: a killed build leaves the previous folder
     ENGINE_DIR/
       sdrt-engines.json        the engine manifest (sdrt.runtime.engine_manifest)
       text_encoder.engine [text_encoder_2.engine] unet.engine vae_decoder.engine vae_encoder.engine
+      sampler_step_cfg.engine sampler_step.engine   the sampler's step graphs (guided; unguided), prebuilt
       sdrt.json                the export's manifest, kind "tensorrt", component paths -> *.engine
       tokenizer/ [tokenizer_2/] scheduler/ model_index.json   copied from the export
 
@@ -59,9 +60,10 @@ from sdrt.runtime.engine_manifest import (
 )
 from sdrt.runtime.errors import ArtifactError, BackendUnavailable, InputError, SdrtError
 from sdrt.runtime.manifest import ExportManifest
+from sdrt.runtime.step_graph import STEP_ENGINES, step_graph_bytes
 from sdrt.runtime.trt_backend import backend_name, import_tensorrt
 
-from .profiles import BuildProfile, engine_shapes
+from .profiles import BuildProfile, engine_shapes, step_graph_shapes
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -183,6 +185,7 @@ class EnginePlan:
 
     onnx_path: Path
     record: EngineRecord
+    onnx_bytes: bytes | None = None  # a graph sdrt makes itself (the sampler step graphs), parsed from memory
 
 
 def onnx_digest(component_dir: Path) -> str:
@@ -224,7 +227,30 @@ def plan_engines(
         rec = EngineRecord(component=name, file=f"{name}.engine", precision=comp.precision, shapes=shapes[name],
                            flags=flags, onnx_sha256=digest, env=env, cache_key=key)
         plans.append(EnginePlan(path, rec))
-    return manifest, plans
+    return manifest, plans + step_graph_plans(profile, manifest, options, env)
+
+
+def step_graph_plans(profile: BuildProfile, manifest: ExportManifest, options: BuildOptions,
+                     env: EngineEnv) -> list[EnginePlan]:
+    """The sampler's step graphs (guided when the profile has CFG, and unguided), in the UNet's precision,
+    over the profile's latent shapes: the runtime loads them by the digest of their ONNX bytes, so the lean
+    runtime runs the whole denoising loop and the first step pays no build."""
+    unet = manifest.components.get("unet")
+    if unet is None:
+        return []
+    dtype = "float16" if unet.precision == "fp16" else "float32"
+    plans = []
+    for guided in (True, False) if profile.cfg else (False,):
+        name = STEP_ENGINES[guided]
+        model = step_graph_bytes(guided, dtype)
+        digest = hashlib.sha256(model).hexdigest()
+        shapes = step_graph_shapes(profile, manifest, guided)
+        flags = replace(options.flags(unet.precision), refittable=False)  # no weights to refit
+        key = cache_key(name, digest, unet.precision, shapes, flags, env)
+        rec = EngineRecord(component=name, file=f"{name}.engine", precision=unet.precision, shapes=shapes,
+                           flags=flags, onnx_sha256=digest, env=env, cache_key=key)
+        plans.append(EnginePlan(Path(f"<{name}: sdrt.runtime.step_graph>"), rec, model))
+    return plans
 
 
 # -- TensorRT steps ------------------------------------------------------------------------------------
@@ -266,16 +292,18 @@ def _make_monitor(component: str, progress: Progress) -> trt.IProgressMonitor:
 
 
 def parse_onnx(
-    builder: trt.Builder, path: Path, logger: trt.ILogger, component: str, strongly_typed: bool
+    builder: trt.Builder, path: Path, logger: trt.ILogger, component: str, strongly_typed: bool,
+    model: bytes | None = None,
 ) -> tuple[trt.INetworkDefinition, trt.OnnxParser]:
-    """Parse an ONNX file (external weights beside it are found by path) into a network. The parser is
-    returned too: it owns weights the network points at, so it must live until the build is done."""
+    """Parse an ONNX file (external weights beside it are found by path), or ``model`` bytes when given, into
+    a network. The parser is returned too: it owns weights the network points at, so it must live until the
+    build is done."""
     flags = 0
     if strongly_typed or _is_rtx():
         flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(path)):
+    if not (parser.parse(model) if model is not None else parser.parse_from_file(str(path))):
         raise EngineBuildError(_parser_report(parser, component, path))
     return network, parser
 
@@ -351,7 +379,8 @@ def build_one(
     rec = plan.record
     logger = builder.logger
     messages.clear()
-    network, parser = parse_onnx(builder, plan.onnx_path, logger, rec.component, rec.flags.strongly_typed)
+    network, parser = parse_onnx(builder, plan.onnx_path, logger, rec.component, rec.flags.strongly_typed,
+                                 plan.onnx_bytes)
     config = make_config(builder, rec.flags, cache)
     config.progress_monitor = _make_monitor(rec.component, progress)
     add_profile(builder, config, rec.shapes)

@@ -57,11 +57,15 @@ and a fake cuda-python (tests/test_trt_backend.py: engines run by onnxruntime, s
 run in order, captured work replayed at each launch with the addresses bound at capture): the manifest
 check comes before deserialization, I/O descriptions, dtypes, output-buffer reuse, scratch sizing and
 regrowth, error messages, and the StepLoop's bindings and ping-pong (same latents as the plain loop, and
-as a float64 numpy loop). The TensorRT calls type-check against tensorrt-stubs 10.13. The engine, context
-and runtime attributes used exist in the TensorRT 11.4 lean bindings, and every cuda-python function used
-in cuda-bindings 13.5 (both imported on a CPU machine, where ``TrtBackend()`` then reports the missing
-driver). NOT verified: any run on a GPU, the builder path for the step graph, and that TensorRT's
-``execute_async_v3`` captures as used here (NVIDIA's diffusion demo does the same: a warm-up, then capture).
+as a float64 numpy loop), and the whole pipeline from ``sdrt build`` to images (tests/test_trt_pipeline.py:
+the ort-cpu images). The TensorRT calls type-check against tensorrt-stubs 10.13; every TensorRT and
+cuda-python name used exists in the TensorRT 11.4 lean bindings, TensorRT for RTX 1.7 and cuda-bindings 13.4
+(tests/test_trt_modules.py, on a CPU machine, where ``TrtBackend()`` then reports the missing driver), and
+``build_onnx`` builds both step graphs with TensorRT for RTX's builder, which needs no GPU. NOT verified:
+any run on a GPU (deserializing, executing), and that TensorRT's ``execute_async_v3`` captures as used here
+(NVIDIA's diffusion demo does the same: a warm-up, then capture). TensorRT for RTX documents
+``BuilderFlag.REQUIRE_USER_ALLOCATION`` as needed for stream capture; sdrt does not set it yet, so there the
+loop may fall back to running the engines directly (``Result.loop`` says so).
 """
 
 from __future__ import annotations

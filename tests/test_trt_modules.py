@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import hashlib
 import importlib
 import inspect
 import warnings
@@ -36,7 +37,7 @@ from sdrt.export.profiles import custom_profile
 from sdrt.runtime import trt_backend as tb
 from sdrt.runtime.engine_manifest import BuildFlags, EngineEnv, EngineManifest
 from sdrt.runtime.errors import BackendUnavailable, InputError
-from sdrt.runtime.step_graph import step_graph_bytes
+from sdrt.runtime.step_graph import STEP_ENGINES, step_graph_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 RTX_PIP = "pip install tensorrt-rtx-cu13-libs tensorrt-rtx-cu13-bindings"
@@ -519,14 +520,14 @@ def _engine_plans(onnx_dir: Path, components: tuple[str, ...]) -> list[trt_build
 def test_build_engines_on_rtx_without_a_gpu(rtx: ModuleType, tiny_export, tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """build_engines end to end on TensorRT for RTX: parse, config, profile, progress monitor, build,
-    engine folder and manifest; a timing cache is not used; a second run reuses the engine. (The text
-    encoder only: the UNet takes about 20 s on 2 cores, and the VAEs do not parse yet, see below.)"""
+    engine folder and manifest; a timing cache is not used; a second run reuses the engines. (The text
+    encoder and the two sampler step graphs: the UNet takes about 20 s on 2 cores.)"""
     src = tiny_export("sd15-tiny")
     plan_engines = trt_build.plan_engines
 
     def text_encoder_only(*args: Any, **kwargs: Any) -> Any:
         manifest, plans = plan_engines(*args, **kwargs)
-        return manifest, [p for p in plans if p.record.component == "text_encoder"]
+        return manifest, [p for p in plans if p.record.component in ("text_encoder", *STEP_ENGINES.values())]
 
     monkeypatch.setattr(trt_build, "plan_engines", text_encoder_only)
     out, cache = tmp_path / "engines", tmp_path / "t.timing.cache"
@@ -538,14 +539,18 @@ def test_build_engines_on_rtx_without_a_gpu(rtx: ModuleType, tiny_export, tmp_pa
     assert [str(w.message) for w in caught if "TensorRT" in str(w.message)] == []
     assert not cache.exists() and any("no timing cache" in msg for msg in messages)
     assert any("Building engine" in msg for msg in messages)  # the progress monitor was called
-    (rec,) = m.engines
-    assert rec.env.backend == "tensorrt_rtx" and rec.env.version == rtx.__version__
-    assert (out / rec.file).stat().st_size == rec.size_bytes > 0
+    assert [r.component for r in m.engines] == ["text_encoder", "sampler_step_cfg", "sampler_step"]
+    for rec in m.engines:
+        assert rec.env.backend == "tensorrt_rtx" and rec.env.version == rtx.__version__
+        assert (out / rec.file).stat().st_size == rec.size_bytes > 0
+    # the step graphs are found by the digest of the bytes the runtime makes (fp32 export: fp32 graphs)
+    for guided, rec in zip((True, False), m.engines[1:]):
+        assert rec.onnx_sha256 == hashlib.sha256(step_graph_bytes(guided, "float32")).hexdigest()
     assert EngineManifest.read(out).engines == m.engines
     assert "--tensorrt-module tensorrt_rtx" in m.build_command
     messages.clear()
     trt_build.build_engines(src, out, custom_profile(batch="1:1:2"), opts, progress=messages.append)
-    assert any("up to date, reused" in msg for msg in messages)
+    assert sum("up to date, reused" in msg for msg in messages) == 3
 
 
 @pytest.mark.parametrize("component", ["vae_decoder", "vae_encoder"])

@@ -118,7 +118,9 @@ def test_built_engines_drive_the_pipeline_like_ort_cpu(tiny_export, tmp_path: Pa
     manifest = build_engines(src, out, custom_profile(batch="1:1:2", height="64:64:96", width="64:64:96"),
                              BuildOptions(workspace_gb=1), progress=messages.append)
     assert {r.component for r in manifest.engines} == set(
-        ["text_encoder", "unet", "vae_decoder", "vae_encoder"] + (["text_encoder_2"] if preset == "sdxl-tiny" else []))
+        ["text_encoder", "unet", "vae_decoder", "vae_encoder", "sampler_step_cfg", "sampler_step"]
+        + (["text_encoder_2"] if preset == "sdxl-tiny" else []))
+    built = len(trt.built)
     assert trt.build_calls["monitors"] == len(manifest.engines)
     assert any("Building engine" in m for m in messages)
 
@@ -130,6 +132,7 @@ def test_built_engines_drive_the_pipeline_like_ort_cpu(tiny_export, tmp_path: Pa
     want = ref_pipe("a red fox", **kw)
     got = pipe("a red fox", **kw)
     assert got.loop == "captured CUDA graphs" and cudart.captures == 2 and cudart.launches == 5
+    assert len(trt.built) == built  # the step graph came prebuilt from the folder
     a, b = np.asarray(want.images[0], np.int16), np.asarray(got.images[0], np.int16)
     assert a.shape == b.shape == (64, 96, 3)
     assert np.abs(a - b).max() <= 1, "the fake engines run the same ONNX graphs as ort-cpu"
@@ -156,3 +159,28 @@ def test_without_capture_the_pipeline_runs_the_engines_directly(tiny_export, tmp
     direct = Pipeline.load(out, backend="tensorrt", cuda_graph=False)("a cat", **kw)
     assert direct.loop.startswith("engines run directly (CUDA graphs are off")
     assert np.array_equal(np.asarray(direct.images[0]), np.asarray(graphed.images[0]))
+
+
+def test_the_lean_runtime_runs_the_whole_loop_from_prebuilt_step_graphs(tiny_export, tmp_path: Path, fake_gpu,
+                                                                        monkeypatch: pytest.MonkeyPatch):
+    """Logic check on fakes: ``sdrt build`` prebuilds the sampler step graphs, so a runtime without a
+    builder (the lean runtime) runs the pipeline, and no step graph is built at run time."""
+    cudart, trt = fake_gpu
+    src = tiny_export("sd15-tiny")
+    out = tmp_path / "engines"
+    manifest = build_engines(src, out, custom_profile(batch="1:1:2", height=64), BuildOptions(version_compatible=True))
+    assert [r.component for r in manifest.engines][-2:] == ["sampler_step_cfg", "sampler_step"]
+    built = len(trt.built)
+    lean = FakeTrt(cudart, name="tensorrt_lean_bindings", lean=True)
+    monkeypatch.setattr(tb, "import_tensorrt", lambda names: lean)
+    pipe = Pipeline.load(out, backend="tensorrt")
+    assert pipe.backend.lean and not hasattr(lean, "Builder")
+    kw: dict[str, Any] = {"steps": 3, "seed": 2, "height": 64, "width": 64}
+    # unguided: 2 images, so the text encoder's rows stay inside the CFG profile's 2..4
+    guided, unguided = pipe("a boat", **kw), pipe("a boat", guidance_scale=1.0, batch_size=2, **kw)
+    assert guided.loop == unguided.loop == "captured CUDA graphs" and len(trt.built) == built
+    ref = Pipeline.load(src, backend="ort-cpu")
+    for got, scale, n in ((guided, 7.5, 1), (unguided, 1.0, 2)):
+        want = ref("a boat", guidance_scale=scale, batch_size=n, **kw)
+        for w, g in zip(want.images, got.images, strict=True):
+            assert np.abs(np.asarray(w, np.int16) - np.asarray(g, np.int16)).max() <= 1
