@@ -117,6 +117,7 @@ _TRT_DTYPES: dict[str, np.dtype[Any]] = {
     "BOOL": np.dtype(np.bool_),
     "UINT8": np.dtype(np.uint8),
 }
+_BROKEN_RUNTIMES: list[Any] = []  # runtimes that failed to initialize: never freed (that segfaults)
 _BUFFERS_PER_OUTPUT = 4  # reusable buffers kept per output; beyond that, outputs are allocated and freed
 _STEP_SHAPES_KEPT = 8  # step-graph engines kept per graph, one per input shapes
 _CUDA_OOM = 2  # cudaErrorMemoryAllocation
@@ -678,7 +679,14 @@ class TrtBackend(Backend):
         self.lean = self.module in LEAN_MODULES
         self.log: deque[str] = deque(maxlen=32)
         self.logger = make_logger(trt_module, self.log)
-        self.runtime: trt.Runtime = trt_module.Runtime(self.logger)
+        runtime = trt_module.Runtime(self.logger)
+        failed = [m for m in self.log if m.startswith(("ERROR", "INTERNAL_ERROR"))]
+        if failed:
+            # the bindings return an object over a null runtime: using or freeing it crashes the process, so
+            # it is kept alive (and unused) until exit
+            _BROKEN_RUNTIMES.append(runtime)
+            raise BackendUnavailable(f"{self.module} could not create its runtime: {' | '.join(failed[-3:])}")
+        self.runtime: trt.Runtime = runtime
         self.scratch = _SharedScratch(device)
         self.manifest: EngineManifest | None = None  # of the first engine folder loaded from
         self._checked: dict[Path, EngineManifest] = {}

@@ -627,6 +627,23 @@ def test_no_gpu_is_reported_before_tensorrt_is_touched(fakes):
     assert trt.runtimes == []  # a TensorRT Runtime made without a GPU can crash the process
 
 
+def test_a_runtime_that_failed_to_initialize_is_refused_and_never_freed(fakes, monkeypatch):
+    """The lean bindings, when CUDA cannot start under them, log an error and hand back a null runtime whose
+    use or release crashes the process (seen on a CPU machine)."""
+    _, trt = fakes()
+    made = trt.Runtime
+
+    def failing(logger: Any) -> Any:
+        logger.log(Severity.ERROR, "createInferRuntime: CUDA initialization failure with error: 35")
+        return made(logger)
+
+    monkeypatch.setattr(trt, "Runtime", failing)
+    monkeypatch.setattr(tb, "_BROKEN_RUNTIMES", [])
+    with pytest.raises(BackendUnavailable, match="could not create its runtime: ERROR: createInferRuntime"):
+        tb.TrtBackend()
+    assert tb._BROKEN_RUNTIMES == trt.runtimes[-1:]
+
+
 def test_type_stubs_alone_are_not_tensorrt(monkeypatch):
     monkeypatch.setattr(tb.importlib, "import_module", lambda name: SimpleNamespace(__name__=name))
     with pytest.raises(BackendUnavailable, match="tensorrt: only type stubs are installed"):

@@ -591,3 +591,28 @@ def test_the_runtime_builds_the_step_graph_on_rtx(guided: bool, dtype: str) -> N
     assert tb.TrtBackend.build_onnx(backend, model, inputs, shapes, "sampler_step") == "engine"
     assert len(plans) == 1 and len(plans[0]) > 0
     assert isinstance(backend._builder, RTX.Builder)  # kept for the next shapes
+
+
+def test_sdrt_build_makes_a_whole_engine_folder_on_rtx(rtx: ModuleType, tiny_export, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """The command itself on a real TensorRT builder (TensorRT for RTX, which builds without a GPU): every
+    component of an export and both step graphs, with progress, a complete manifest, the export's assets,
+    and an sdrt.json that points the pipeline at the engines. (Running them needs a GPU.)"""
+    from sdrt.cli import main
+
+    src, out = tiny_export("sd15-tiny", "fp16"), tmp_path / "engines"
+    assert main(["build", str(src), "--out", str(out), "--height", "64", "--tensorrt-module", "tensorrt_rtx"]) == 0
+    printed = capsys.readouterr().out
+    m = EngineManifest.read(out)
+    names = ["text_encoder", "unet", "vae_decoder", "vae_encoder", "sampler_step_cfg", "sampler_step"]
+    assert sorted(r.component for r in m.engines) == sorted(names)
+    for rec in m.engines:
+        assert (out / rec.file).stat().st_size == rec.size_bytes > 0, rec.component
+        assert rec.precision == "fp16" and rec.env.backend == "tensorrt_rtx" and rec.build_seconds > 0
+        assert f"{rec.component}: built in" in printed
+    from sdrt.runtime.manifest import ExportManifest
+
+    export = ExportManifest.read(out)
+    assert export.kind == "tensorrt" and export.components["unet"].path == "unet.engine"
+    assert (out / "tokenizer").is_dir() and (out / "scheduler" / "scheduler_config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["engines"]  # no partial folder left behind
