@@ -60,6 +60,7 @@ class BenchConfig:
     baseline: str = "torch"  # "torch": diffusers on PyTorch; "none": no baseline (no ratios)
     compile: bool = False  # also run the baseline with torch.compile on the UNet
     compile_mode: str | None = None  # torch.compile's mode (None: its default)
+    cuda_graph: bool = False  # ort-cuda: replay CUDA graphs (static shapes); tensorrt captures its loop anyway
     warmup: int = 1  # runs after the cold first image, excluded from the statistics
     repeats: int = 5
     threads: int | None = None  # CPU threads of every backend and the baseline; None: physical cores
@@ -192,29 +193,46 @@ class _Run:
         self.progress({"stage": stage, "message": message, **extra})
 
     # -- the pieces ---------------------------------------------------------------------------------
-    def model(self, work: Path, precision: str) -> tuple[Path, Any, float | None]:
+    def model(self, work: Path, precision: str, fuse: bool = False) -> tuple[Path, Any, float | None]:
+        """The export to measure: the artifact given, or the preset's (exported once into ``work``, then
+        reused). ``fuse``: the preset's export also gets the UNet with ONNX Runtime's fused CUDA operators
+        (``sdrt export --ort-cuda``), which the ort-cuda backend then runs."""
         from sdrt.runtime.manifest import ExportManifest
 
         cfg = self.cfg
         if cfg.artifact is not None:
-            return Path(cfg.artifact), ExportManifest.read(cfg.artifact), None
+            manifest = ExportManifest.read(cfg.artifact)
+            if fuse and "ort-cuda" not in manifest.components["unet"].variants:
+                self.notes.append(f"{cfg.artifact} has no fused ort-cuda UNet (sdrt export --ort-cuda): ort-cuda "
+                                  "runs the portable graph")
+            return Path(cfg.artifact), manifest, None
         from sdrt.export.presets import get_preset
 
         assert cfg.preset is not None
         get_preset(cfg.preset)  # unknown preset: InputError listing the presets
         folder = work / f"export-{cfg.preset}-{precision}"
-        if (folder / "sdrt.json").is_file():
-            self.notes.append(f"the export in {folder} was reused; its export time is not in this run")
-            return folder, ExportManifest.read(folder), None
         from sdrt.export.exporter import export_model
         from sdrt.export.loading import load_model
 
-        self.emit("export", f"exporting {cfg.preset} ({precision}) to ONNX")
-        t0 = time.perf_counter()
-        manifest = export_model(load_model(random_preset=cfg.preset, seed=WEIGHTS_SEED), folder,
-                                fp16=precision == "fp16",
-                                progress=lambda msg: self.emit("export", msg))
-        return folder, manifest, time.perf_counter() - t0
+        t0, export_s = time.perf_counter(), None
+        if (folder / "sdrt.json").is_file():
+            self.notes.append(f"the export in {folder} was reused; its export time is not in this run")
+            manifest = ExportManifest.read(folder)
+        else:
+            self.emit("export", f"exporting {cfg.preset} ({precision}) to ONNX")
+            manifest = export_model(load_model(random_preset=cfg.preset, seed=WEIGHTS_SEED), folder,
+                                    fp16=precision == "fp16",
+                                    progress=lambda msg: self.emit("export", msg))
+            export_s = time.perf_counter() - t0
+        if fuse and "ort-cuda" not in manifest.components["unet"].variants:
+            from sdrt.export.ort_fusion import add_ort_cuda_variant
+
+            self.emit("export", "adding the UNet with ONNX Runtime's fused CUDA operators (sdrt export --ort-cuda)")
+            add_ort_cuda_variant(folder, load_model(random_preset=cfg.preset, seed=WEIGHTS_SEED),
+                                 progress=lambda msg: self.emit("export", msg))
+            manifest = ExportManifest.read(folder)
+            export_s = time.perf_counter() - t0 if export_s is not None else None
+        return folder, manifest, export_s
 
     def baseline_weights(self, work: Path, onnx_folder: Path, manifest: Any, precision: str) -> tuple[Path | None, str | None]:
         """A diffusers folder with the export's weights (saved once, then reused), or the reason there is none."""
@@ -356,7 +374,7 @@ class _Run:
         import numpy as np
 
         cfg = self.cfg
-        folder, manifest, export_s = self.model(work, precision)
+        folder, manifest, export_s = self.model(work, precision, fuse="ort-cuda" in available)
         resolutions = list(cfg.resolutions) or [(manifest.default_size, manifest.default_size)]
         components = {k: {"precision": c.precision, "size_bytes": c.size_bytes} for k, c in manifest.components.items()}
         onnx_bytes = sum(c.size_bytes for c in manifest.components.values())
@@ -457,6 +475,7 @@ class _Run:
                 "guidance_scale": cfg.guidance_scale, "prompt": cfg.prompt, "seed": cfg.seed, "warmup": cfg.warmup,
                 "repeats": cfg.repeats, "threads": self.threads, "latents": str(latents[(job.height, job.width, job.batch_size)]),
                 "image_out": str(job.image_out), "compile": job.compile, "compile_mode": cfg.compile_mode,
+                "cuda_graph": cfg.cuda_graph,
             }
             self.emit("job", job.label(), phase="start", job_index=i + 1, jobs=len(jobs))
             res, peaks = self.worker(spec, work, job.label(), job.device)
@@ -484,7 +503,8 @@ class _Run:
                 "preset": cfg.preset, "artifact": cfg.artifact, "engines": cfg.engines,
                 "resolutions": [list(r) for r in resolutions], "steps": list(cfg.steps),
                 "batch_sizes": list(cfg.batch_sizes), "samplers": list(cfg.samplers), "backends": requested,
-                "baseline": cfg.baseline, "compile": cfg.compile, "warmup": cfg.warmup, "repeats": cfg.repeats,
+                "baseline": cfg.baseline, "compile": cfg.compile, "cuda_graph": cfg.cuda_graph,
+                "warmup": cfg.warmup, "repeats": cfg.repeats,
                 "threads": self.threads, "guidance_scale": cfg.guidance_scale, "prompt": cfg.prompt, "seed": cfg.seed,
                 "isolation": "subprocess",
             },

@@ -31,10 +31,12 @@ def package_versions() -> dict[str, str | None]:
     for d in importlib.metadata.distributions():
         name = (d.metadata["Name"] or "").lower()
         if name.startswith(PREFIXES):
-            out[name] = d.version
+            out.setdefault(name, d.version)  # sys.path order: the first one found is the one imported
     try:
         import onnxruntime as ort
 
+        # with two builds installed (a CPU one and onnxruntime-gpu on PYTHONPATH, say), the one imported
+        out["onnxruntime"] = str(getattr(ort, "__version__", out.get("onnxruntime")))
         out["onnxruntime_providers"] = ",".join(ort.get_available_providers())
     except ImportError:
         out["onnxruntime_providers"] = None

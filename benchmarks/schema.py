@@ -16,11 +16,17 @@ from typing import Any
 from sdrt.runtime.errors import CompatibilityError, InputError
 
 SCHEMA_NAME = "sdrt-bench"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+
+def _v1_to_v2(doc: dict[str, Any]) -> dict[str, Any]:
+    """Version 2 records ``config.cuda_graph``; version 1 runs never asked for CUDA graphs."""
+    doc["config"]["cuda_graph"] = False
+    return doc
+
 
 # version n -> a function taking a version-n document and returning a version n+1 document.
-# Empty while version 1 is the only one ever written; the first layout change adds its step here.
-MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {}
+MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _v1_to_v2}
 
 STATUSES = ("ok", "skipped", "failed")
 ROLES = ("sdrt", "baseline")
@@ -64,7 +70,7 @@ _CONFIG: dict[str, tuple[type, ...]] = {
     "preset": _OPT_STR, "artifact": _OPT_STR, "engines": _OPT_STR, "resolutions": _LIST, "steps": _LIST,
     "batch_sizes": _LIST, "samplers": _LIST, "backends": _LIST, "baseline": _STR, "compile": _BOOL,
     "warmup": (int,), "repeats": (int,), "threads": (int,), "guidance_scale": _NUM, "prompt": _STR,
-    "seed": (int,), "isolation": _STR,
+    "seed": (int,), "isolation": _STR, "cuda_graph": _BOOL,
 }
 _MODEL: dict[str, tuple[type, ...]] = {
     "family": _STR, "preset": _STR, "precision": _STR, "folder": _STR, "export_s": _OPT_NUM,

@@ -62,7 +62,9 @@ def run_sdrt(spec: dict[str, Any]) -> dict[str, Any]:
     import_ms = (time.perf_counter() - t0) * 1e3
     emit(phase="load")
     t0 = time.perf_counter()
-    pipe = Pipeline.load(spec["folder"], backend=spec["backend"], threads=spec["threads"])
+    # cuda_graph None: the backend's default (tensorrt captures its denoising loop; ort-cuda does not)
+    pipe = Pipeline.load(spec["folder"], backend=spec["backend"], threads=spec["threads"],
+                         cuda_graph=True if spec.get("cuda_graph") else None)
     load_ms = (time.perf_counter() - t0) * 1e3
     latents = np.load(spec["latents"]) if spec.get("latents") else None
 
@@ -75,20 +77,16 @@ def run_sdrt(spec: dict[str, Any]) -> dict[str, Any]:
         tm = r.timings
         return {"text_encoder_ms": float(tm["text_encoder_ms"]), "unet_steps_ms": [float(x) for x in tm["unet_steps_ms"]],
                 "vae_decoder_ms": float(tm["vae_decoder_ms"]), "total_ms": float(tm["total_ms"]), "wall_ms": wall,
-                "images": r.images, "nonfinite": list(r.nonfinite)}
+                "images": r.images, "nonfinite": list(r.nonfinite), "loop": r.loop}
 
     first, runs = _measure(call, spec)
     versions: dict[str, Any] = {}
     import onnxruntime
 
     versions["onnxruntime"] = onnxruntime.__version__
-    if spec["backend"] == "tensorrt":
-        try:
-            import tensorrt
-
-            versions["tensorrt"] = tensorrt.__version__
-        except ImportError:
-            versions["tensorrt"] = None
+    trt_module = getattr(pipe.backend, "trt", None)  # tensorrt, its lean runtime, or TensorRT for RTX
+    if trt_module is not None:
+        versions[str(trt_module.__name__)] = str(trt_module.__version__)
     gpu = spec["device"] == "cuda"
     return {
         "status": "ok", "backend_name": pipe.backend.name, "import_ms": import_ms, "load_ms": load_ms,
@@ -96,7 +94,7 @@ def run_sdrt(spec: dict[str, Any]) -> dict[str, Any]:
         "threads": {"intra_op": spec["threads"], "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")},
         "timing_method": ("sdrt Pipeline timings: host clock; the device is synchronized after every denoising "
                           "step and stage output is copied to the host" if gpu else
-                          "sdrt Pipeline timings: host clock (CPU)"),
+                          "sdrt Pipeline timings: host clock (CPU)") + f"; denoising loop: {first['loop']}",
         "torch_peak_allocated_bytes": None,
     }
 

@@ -23,6 +23,8 @@ from sdrt.benchmarks.stats import percentile, summarize
 from sdrt.cli import main
 from sdrt.runtime.errors import CompatibilityError, InputError
 
+ROOT = Path(__file__).resolve().parents[1]
+
 # -- a tiny CPU run, end to end -------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -59,6 +61,8 @@ def test_cpu_run_is_schema_valid_and_complete(cpu_run: dict[str, Any], tmp_path:
     assert set(by_name) == {"ort-cpu", "ort-cuda", "tensorrt", "torch-cpu"}
     assert by_name["ort-cpu"]["status"] == "ok" and by_name["torch-cpu"]["status"] == "ok"
     assert by_name["ort-cpu"]["threads"]["intra_op"] == 1
+    assert doc["config"]["cuda_graph"] is False
+    assert by_name["ort-cpu"]["timing_method"].endswith("denoising loop: engines run step by step")
     assert by_name["torch-cpu"]["threads"]["torch_num_threads"] == 1
     for m in doc["measurements"]:
         assert m["status"] == "ok", m["reason"]
@@ -175,7 +179,7 @@ def _synthetic(gpu: str, backend: str, its: float, vram: int) -> dict[str, Any]:
                 "artifact_bytes": None}
 
     return {
-        "schema": "sdrt-bench", "schema_version": 1, "created": "2030-01-01T00:00:00+00:00",
+        "schema": "sdrt-bench", "schema_version": schema.SCHEMA_VERSION, "created": "2030-01-01T00:00:00+00:00",
         "env": {"sdrt_version": "0.1.0", "sdrt_commit": "abcdef0123", "sdrt_dirty": False,
                 "date": "2030-01-01T00:00:00+00:00", "python": "3.12", "os": "Linux",
                 "cpu": {"model": "Some CPU", "physical_cores": 16}, "gpus": [
@@ -184,7 +188,7 @@ def _synthetic(gpu: str, backend: str, its: float, vram: int) -> dict[str, Any]:
                 "versions": {"onnxruntime-gpu": "1.31.1", "torch": "2.11"}, "load_avg": [0.1, 0.2, 0.3]},
         "config": {"preset": "sd15", "artifact": None, "engines": None, "resolutions": [[512, 512]], "steps": [20],
                    "batch_sizes": [1], "samplers": ["dpmpp-2m"], "backends": [backend, "tensorrt"],
-                   "baseline": "torch", "compile": False, "warmup": 1, "repeats": 1, "threads": 16,
+                   "baseline": "torch", "compile": False, "cuda_graph": False, "warmup": 1, "repeats": 1, "threads": 16,
                    "guidance_scale": 7.5, "prompt": "p", "seed": 0, "isolation": "subprocess"},
         "model": {"family": "sd1", "preset": "sd15", "precision": "fp16", "folder": "x", "export_s": None,
                   "components": {}, "artifact_bytes": 0, "source": {}, "flops": {}},
@@ -265,24 +269,22 @@ def test_newer_older_and_foreign_files_are_refused(tmp_path: Path) -> None:
     assert main(["bench", "report", str(tmp_path / "newer.json"), "-o", str(tmp_path / "r")]) == 1
 
 
-def test_older_version_is_migrated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Pretend the current version is 2, whose migration renames a field that version 1 called differently."""
+def test_older_version_is_migrated(tmp_path: Path) -> None:
+    """Version 1 had no config.cuda_graph (its runs never asked for CUDA graphs): migrated to false."""
     v1 = _synthetic("NVIDIA H100", "ort-cuda", 40.0, 2**31)
-    v1["device_names"] = v1.pop("device_labels")  # the hypothetical old name
-
-    def one_to_two(doc: dict[str, Any]) -> dict[str, Any]:
-        doc["device_labels"] = doc.pop("device_names")
-        return doc
-
-    monkeypatch.setattr(schema, "SCHEMA_VERSION", 2)
-    monkeypatch.setattr(schema, "MIGRATIONS", {1: one_to_two})
+    del v1["config"]["cuda_graph"]
+    v1["schema_version"] = 1
+    assert "config.cuda_graph is missing" in schema.problems(v1)
     p = tmp_path / "v1.json"
     p.write_text(json.dumps(v1))
     doc = schema.load(p)
-    assert doc["schema_version"] == 2 and doc["migrated_from"] == 1
-    assert doc["device_labels"] == {"cuda": "NVIDIA H100"} and "device_names" not in doc
+    assert doc["schema_version"] == 2 and doc["migrated_from"] == 1 and doc["config"]["cuda_graph"] is False
+    assert schema.problems(doc) == []
     assert json.loads(p.read_text()) == v1  # the file itself is left alone
     assert "migrated from schema 1" in report.markdown([doc])
+    # the project's recorded runs stay readable
+    for f in sorted((ROOT / "benchmarks" / "results").glob("*.json")):
+        assert schema.load(f)["schema_version"] == schema.SCHEMA_VERSION
 
 
 # -- bad input ---------------------------------------------------------------------------------------------
@@ -369,3 +371,20 @@ def test_synthetic_fixture_is_not_mutated_by_reports() -> None:
     report.markdown([doc])
     report.rows([doc])
     assert doc == before
+
+
+def test_a_preset_measured_on_ort_cuda_gets_the_fused_unet(tmp_path: Path) -> None:
+    """With ort-cuda among the backends, the preset's export also gets the UNet variant with ONNX Runtime's
+    fused CUDA operators (what `sdrt export --ort-cuda` writes), also when the export is reused."""
+    from sdrt.benchmarks.bench import _Run
+
+    events: list[dict[str, Any]] = []
+    run = _Run(BenchConfig(preset="sd15-tiny", backends=("ort-cpu",)), events.append)
+    folder, manifest, export_s = run.model(tmp_path, "fp32")
+    assert "ort-cuda" not in manifest.components["unet"].variants and export_s is not None and export_s > 0
+    folder2, fused, again_s = run.model(tmp_path, "fp32", fuse=True)  # the export is reused, then fused
+    assert folder2 == folder and again_s is None
+    path = folder / fused.components["unet"].variants["ort-cuda"]
+    assert path.is_file() and path != folder / fused.components["unet"].path
+    assert any("fused CUDA operators" in e["message"] for e in events)
+    assert any("reused" in n for n in run.notes)

@@ -50,6 +50,8 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--baseline", default="torch", choices=["torch", "none"],
                    help="diffusers on PyTorch with the same weights (default), or none")
     p.add_argument("--compile", action="store_true", help="also run the baseline with torch.compile on the UNet")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="ort-cuda: replay CUDA graphs (static shapes); tensorrt captures its denoising loop anyway")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune")
     p.add_argument("--warmup", type=int, default=1, help="runs after the cold first image, not counted (default 1)")
     p.add_argument("--repeats", type=int, default=5, help="measured runs per configuration (default 5)")
@@ -132,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
         preset=args.preset, artifact=args.artifact, engines=args.engines, backends=tuple(args.backends),
         resolutions=tuple(args.resolutions), steps=tuple(args.steps), batch_sizes=tuple(args.batch_sizes),
         samplers=tuple(args.samplers), baseline=args.baseline, compile=args.compile, compile_mode=args.compile_mode,
+        cuda_graph=args.cuda_graph,
         warmup=args.warmup, repeats=args.repeats, threads=args.threads, guidance_scale=args.guidance,
         prompt=args.prompt or DEFAULT_PROMPT, seed=args.seed, precision=args.precision, work_dir=args.work_dir,
         timeout_s=args.timeout, matmul_n=args.matmul_size,
