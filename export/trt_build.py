@@ -337,6 +337,9 @@ def make_config(builder: trt.Builder, flags: BuildFlags, cache: trt.ITimingCache
         config.builder_optimization_level = flags.opt_level
     if flags.workspace_bytes is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, flags.workspace_bytes)
+    if _is_rtx():
+        # TensorRT for RTX: engines use the memory sdrt hands them (all of it is), which its stream capture needs
+        config.set_flag(trt.BuilderFlag.REQUIRE_USER_ALLOCATION)  # type: ignore[attr-defined]  # RTX-only flag
     if flags.refittable:
         config.set_flag(trt.BuilderFlag.REFIT)
     if flags.version_compatible:

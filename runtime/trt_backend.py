@@ -1038,6 +1038,11 @@ class StepLoop:
             self.reason = "CUDA graphs are off (TrtBackend(cuda_graph=False))"
             return
         graphs = []
+        refuse = [e.name for e in (self._unet_e, self._step_e)
+                  if hasattr(e.context, "is_stream_capturable") and not e.context.is_stream_capturable(be.device.handle)]
+        if refuse:  # TensorRT for RTX says so up front (data-dependent shapes, on-device control flow)
+            self.reason = f"TensorRT cannot stream-capture {', '.join(refuse)} here; running the engines directly"
+            return
         try:
             for p in (0, 1):
                 self._enqueue(p)  # warm-up: TensorRT's shape-dependent setup happens outside the capture

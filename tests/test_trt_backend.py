@@ -831,6 +831,22 @@ def test_captured_loop_matches_the_plain_loop_and_numpy(folder, fakes, sampler):
     np.testing.assert_array_equal(direct, plain)
 
 
+def test_a_context_that_cannot_be_captured_runs_directly(folder, fakes, monkeypatch):
+    """TensorRT for RTX answers is_stream_capturable() up front: when an engine says no, the loop runs
+    the engines directly (same latents) and says why, without trying a capture."""
+    cudart, _ = fakes()
+    be = tb.TrtBackend(folder)
+    unet, step, plan, x, hidden, noises = _setup(be, folder, "ddim")
+    plain = _plain_loop(be, unet, step, plan, x, hidden, noises)
+    asked: list[int] = []
+    monkeypatch.setattr(FakeContext, "is_stream_capturable", lambda self, stream: asked.append(stream) or False,
+                        raising=False)
+    out, loop = _captured_loop(be, unet, step, plan, x, hidden, noises)
+    assert not loop.captured and "cannot stream-capture unet, sampler_step" in loop.reason
+    assert cudart.captures == 0 and asked == [be.device.handle] * 2
+    np.testing.assert_array_equal(out, plain)
+
+
 def test_captured_loop_recaptures_when_the_scratch_block_moves(folder, tmp_path, fakes):
     """A larger engine loaded mid-loop moves the shared scratch: the graphs holding the old address are
     captured again without losing the state (the fake fails on a launch that touches freed memory)."""

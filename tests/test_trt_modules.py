@@ -67,6 +67,7 @@ BUILDER_MODULE_NAMES = {
     "NetworkDefinitionCreationFlag.STRONGLY_TYPED", "ErrorCode.UNSUPPORTED_NODE",
     "BuilderFlag.FP16", "BuilderFlag.TF32", "BuilderFlag.REFIT", "BuilderFlag.VERSION_COMPATIBLE",
     "BuilderFlag.EXCLUDE_LEAN_RUNTIME", "MemoryPoolType.WORKSPACE", "HardwareCompatibilityLevel.AMPERE_PLUS",
+    "BuilderFlag.REQUIRE_USER_ALLOCATION",  # TensorRT for RTX only (RTX_ONLY)
     # export/refit.py
     "Logger.WARNING", "Runtime", "Refitter", "Weights", "nptype",
 }
@@ -80,7 +81,7 @@ RUNTIME_METHODS = {
                     "get_tensor_profile_shape", "device_memory_size_v2", "get_device_memory_size_for_profile_v2",
                     "num_optimization_profiles", "create_execution_context"},
     "IExecutionContext": {"set_device_memory", "set_input_shape", "set_tensor_address", "get_tensor_shape",
-                          "execute_async_v3"},
+                          "execute_async_v3", "is_stream_capturable"},
     "ILogger": {"log"},  # overridden: TensorRT calls it
 }
 BUILDER_METHODS = {
@@ -109,6 +110,9 @@ FALLBACKS = {
                                                                         "USER_MANAGED"),
     ("IExecutionContext", "device_memory"): ("IExecutionContext", "set_device_memory"),
 }
+# TensorRT for RTX only: what export/trt_build.py sets for it alone, and what the runtime asks only where present
+RTX_ONLY = {"BuilderFlag.REQUIRE_USER_ALLOCATION": "engines use the memory the application gives: needed for stream "
+                                                   "capture", "is_stream_capturable": "asked before capturing"}
 # TensorRT for RTX: what export/trt_build.py must not touch for it, and why (checked below on the real module)
 RTX_AVOIDED = {
     "BuilderFlag.FP16": "absent: networks are strongly typed",
@@ -335,7 +339,8 @@ def test_the_cuda_table_lists_every_cuda_call() -> None:
     reason=f"needs a TensorRT runtime: {LEAN_PIP} (or {RTX_PIP})"))])
 def test_the_runtime_calls_exist(mod: ModuleType) -> None:
     assert _missing(mod, RUNTIME_MODULE_NAMES) == []
-    assert _missing_methods(mod, RUNTIME_METHODS) == []
+    only_rtx = set() if mod is RTX else set(RTX_ONLY)  # asked behind hasattr: absent from the others
+    assert _missing_methods(mod, {c: ms - only_rtx for c, ms in RUNTIME_METHODS.items()}) == []
     for (cls, _), (pcls, primary) in FALLBACKS.items():
         assert hasattr(getattr(mod, pcls), primary), f"{cls} fallback would be used"
     assert set(DTYPE_NAMES) <= set(mod.DataType.__members__)
@@ -373,7 +378,7 @@ def test_the_lean_runtime_is_found_and_cannot_build(monkeypatch: pytest.MonkeyPa
 
 @pytest.mark.parametrize("mod", BUILDERS or [pytest.param(None, marks=pytest.mark.skip(reason=NEEDS_RTX))])
 def test_the_builder_calls_exist(mod: ModuleType) -> None:
-    skipped = set(RTX_AVOIDED) if mod is RTX else set()
+    skipped = set(RTX_AVOIDED) if mod is RTX else set(RTX_ONLY)
     guarded = {"BuilderFlag.FP16"}  # TensorRT 11 has no weak typing: make_config checks for it
     assert _missing(mod, (BUILDER_MODULE_NAMES | RUNTIME_BUILDER_MODULE_NAMES) - skipped - guarded) == []
     table = {c: {m for m in ms if m not in skipped} for c, ms in BUILDER_METHODS.items()}
@@ -483,6 +488,7 @@ def test_the_config_avoids_what_rtx_lacks(rtx: ModuleType, flags: BuildFlags) ->
     assert not any("unsupported" in m for m in messages), messages
     assert isinstance(config.unwrap(), rtx.IBuilderConfig)
     assert ("BuilderFlag.REFIT" in seen) == flags.refittable
+    assert "BuilderFlag.REQUIRE_USER_ALLOCATION" in seen  # its stream capture needs it
 
 
 @pytest.mark.parametrize("flags, match", [
