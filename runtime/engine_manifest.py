@@ -278,6 +278,13 @@ def env_mismatches(record: EngineRecord, env: EngineEnv) -> list[str]:
     elif built.version != now.version:
         out.append(f"built with TensorRT {built.version}, this is TensorRT {now.version}")
     level = flags.hardware_compatibility
+    if built.backend == "tensorrt_rtx" == now.backend:
+        # TensorRT for RTX compiles ahead of time for every GPU of compute capability 8.0 and later (no GPU
+        # is needed to build) and specializes the engine to this GPU when it loads
+        if now.compute_capability and _cc_tuple(now.compute_capability) < (8, 0):
+            out.append(f"TensorRT for RTX engines run on compute capability 8.0 or newer; this GPU has "
+                       f"{now.compute_capability} ({now.gpu_name or 'unknown GPU'})")
+        return out
     if built.compute_capability and now.compute_capability:
         if level == "ampere_plus":
             if _cc_tuple(now.compute_capability) < (8, 0):

@@ -160,3 +160,18 @@ def test_build_mismatches_name_each_difference() -> None:
 def test_profile_shapes_round_trip() -> None:
     p = ProfileShapes((1, 1, 4), (256, 512, 1024), (256, 512, 1024), (1, 1, 3), True)
     assert ProfileShapes.from_dict(dataclasses.asdict(p)) == p
+
+
+def test_tensorrt_for_rtx_engines_are_portable_across_gpus() -> None:
+    """TensorRT for RTX compiles for every GPU of compute capability 8.0+ (even on a machine without one) and
+    specializes at load: another GPU, or none recorded at build time, is no mismatch; an older GPU is."""
+    built = EngineEnv("tensorrt_rtx", "1.7.1.116", None, None)  # built without a GPU
+    m = dataclasses.replace(_manifest(), engines=(_record(env=built),))
+    check_engine(m, EngineEnv("tensorrt_rtx", "1.7.1.116", "NVIDIA GeForce RTX 4090", "8.9"))
+    check_engine(dataclasses.replace(m, engines=(_record(env=dataclasses.replace(
+        built, gpu_name="NVIDIA RTX A6000", compute_capability="8.6")),)), EngineEnv(
+        "tensorrt_rtx", "1.7.1.116", "NVIDIA GeForce RTX 5090", "12.0"))
+    with pytest.raises(CompatibilityError, match="compute capability 8.0 or newer; this GPU has 7.5"):
+        check_engine(m, EngineEnv("tensorrt_rtx", "1.7.1.116", "NVIDIA GeForce RTX 2080 Ti", "7.5"))
+    with pytest.raises(CompatibilityError, match="this is TensorRT 1.8.0"):
+        check_engine(m, EngineEnv("tensorrt_rtx", "1.8.0", "NVIDIA GeForce RTX 4090", "8.9"))
