@@ -187,3 +187,25 @@ def test_sdxl_fp16_unet_with_fp32_vae_tracks_fp32(tiny_export) -> None:
     diff = np.abs(imgs["fp16"] - imgs["fp32"])
     # measured: mean 0.03, max 1 level; other latents give a mean difference of about 50
     assert diff.mean() < 0.5 and diff.max() <= 4, (diff.mean(), diff.max())
+
+
+def test_info_lists_backends_and_every_tensorrt_module(tiny_export, capsys: pytest.CaptureFixture[str],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    import onnxruntime
+
+    folder = tiny_export("sd15-tiny")
+    assert main(["info", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert f"ort-cpu     yes (onnxruntime {onnxruntime.__version__})" in out
+    assert f"{folder}: sd15-tiny (sd1, epsilon)" in out and "unet" in out
+    for name in ("tensorrt_rtx_bindings", "tensorrt_lean_bindings"):
+        if importlib.util.find_spec(name) is not None:  # the [trt-api] extra
+            assert name in out
+    # with no TensorRT module at all, the line says how to install it
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name.startswith("tensorrt") else real(name, *a))
+    assert main(["info"]) == 0
+    assert "tensorrt    no: pip install tensorrt --extra-index-url https://pypi.nvidia.com" in capsys.readouterr().out

@@ -20,6 +20,30 @@ def _version(mod: str) -> str:
     return str(getattr(m, "__version__", "not available (no module, only a namespace)"))
 
 
+def _tensorrt_lines() -> list[str]:
+    """Every TensorRT module the tensorrt backend could use, what it can do, and cuda-python."""
+    import importlib.util
+
+    from sdrt.runtime.trt_backend import FULL_TENSORRT_HINT, LEAN_MODULES, RTX_MODULES, RUNTIME_MODULES
+
+    found = []
+    for name in RUNTIME_MODULES:
+        if importlib.util.find_spec(name) is None:
+            continue
+        version = _version(name)
+        if version.startswith("not"):
+            continue
+        what = ("lean runtime: runs version-compatible engines, cannot build" if name in LEAN_MODULES else
+                "TensorRT for RTX: builds (no GPU needed) and runs engines for compute capability 8.0+"
+                if name in RTX_MODULES else "builds and runs engines")
+        found.append(f"{name} {version} ({what})")
+    cuda = _version("cuda.bindings")
+    found = found or [f"no: {FULL_TENSORRT_HINT}"]
+    lines = [f"  {'tensorrt' if i == 0 else '':11s} {f}" for i, f in enumerate(found)]
+    lines.append(f"  {'':11s} cuda-python {cuda if not cuda.startswith('not') else 'no: pip install cuda-python'}")
+    return lines
+
+
 def run(args: argparse.Namespace) -> int:
     from sdrt import __version__
 
@@ -34,8 +58,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"  ort-cuda    {'yes' if cuda else 'no: pip install onnxruntime-gpu (needs CUDA)'}")
     except ImportError:
         print("  ort-cpu     no: pip install onnxruntime")
-    trt = _version("tensorrt")
-    print(f"  tensorrt    {trt if not trt.startswith('not') else 'no: pip install tensorrt --extra-index-url https://pypi.nvidia.com'}")
+    for line in _tensorrt_lines():
+        print(line)
     print("\nGPU:")
     try:
         import pynvml
