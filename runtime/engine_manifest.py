@@ -62,8 +62,22 @@ class ProfileShapes:
         return (f"batch {r(self.batch)}, height {r(self.height)} px, width {r(self.width)} px, "
                 f"prompt chunks {r(self.chunks)}{', CFG (UNet batch doubled)' if self.cfg else ''}")
 
-    def check_request(self, batch: int, height: int, width: int, chunks: int = 1) -> None:
-        """Raise InputError naming the range when a request falls outside this profile."""
+    def check_request(self, batch: int, height: int, width: int, chunks: int = 1, guided: bool | None = None) -> None:
+        """Raise InputError naming the range when a request falls outside this profile. ``guided``: whether the
+        call uses classifier-free guidance (None: not checked), which sets the UNet's rows (2 x batch or batch)."""
+        lo, hi = self.batch[0], self.batch[2]
+        if guided is False and self.cfg and not 2 * lo <= batch <= 2 * hi:
+            raise InputError(
+                f"a guidance scale of 1 or less runs the UNet and text encoders at {batch} rows, but these engines "
+                f"were built for classifier-free guidance ({2 * lo}..{2 * hi} rows): use a guidance scale above 1, "
+                "or build engines without CFG (`sdrt build ONNX_DIR --out ENGINE_DIR --no-cfg`)"
+            )
+        if guided and not self.cfg and not lo <= 2 * batch <= hi:
+            raise InputError(
+                f"a guidance scale above 1 runs the UNet at 2 x {batch} rows, but these engines were built without "
+                f"classifier-free guidance (--no-cfg: {lo}..{hi} rows): use a guidance scale of 1, or rebuild them "
+                "without --no-cfg"
+            )
         bad = [
             f"{label} {v} (engines take {t[0]}" + (f"..{t[2]})" if t[2] != t[0] else ")")
             for label, v, t in (("batch", batch, self.batch), ("height", height, self.height),

@@ -122,7 +122,7 @@ class Pipeline:
         return hidden, pooled
 
     # -- checks -------------------------------------------------------------------------------------
-    def _check_size(self, height: int, width: int, batch: int) -> None:
+    def _check_size(self, height: int, width: int, batch: int, guided: bool | None = None) -> None:
         lim = self.manifest.limits
         for label, v in (("height", height), ("width", width)):
             if v % lim.multiple_of or not lim.min_size <= v <= lim.max_size:
@@ -134,7 +134,7 @@ class Pipeline:
             raise InputError(f"batch_size {batch} is outside the supported range 1..{lim.max_batch}")
         engine_manifest = getattr(self.backend, "manifest", None)  # TensorRT: the engines' build profile
         if engine_manifest is not None:
-            engine_manifest.profile.check_request(batch, height, width)
+            engine_manifest.profile.check_request(batch, height, width, guided=guided)
 
     # -- the call -----------------------------------------------------------------------------------
     def __call__(
@@ -174,7 +174,7 @@ class Pipeline:
             height, width = init_image.shape[1], init_image.shape[2]
         height = height or m.default_size
         width = width or m.default_size
-        self._check_size(height, width, b)
+        self._check_size(height, width, b, guided=guidance_scale > 1.0)
         if image is None:
             strength = 1.0
         plan = samplers.make_plan(sampler, steps, self.scheduler_config,

@@ -18,7 +18,7 @@ from sdrt.runtime.engine_manifest import (
     check_engine,
     env_mismatches,
 )
-from sdrt.runtime.errors import ArtifactError, CompatibilityError
+from sdrt.runtime.errors import ArtifactError, CompatibilityError, InputError
 
 ENV = EngineEnv("tensorrt", "10.13.0.35", "NVIDIA H100 80GB HBM3", "9.0")
 SHAPES = (TensorShapes("sample", (2, 4, 64, 64), (2, 4, 64, 64), (2, 4, 64, 64)),
@@ -175,3 +175,19 @@ def test_tensorrt_for_rtx_engines_are_portable_across_gpus() -> None:
         check_engine(m, EngineEnv("tensorrt_rtx", "1.7.1.116", "NVIDIA GeForce RTX 2080 Ti", "7.5"))
     with pytest.raises(CompatibilityError, match="this is TensorRT 1.8.0"):
         check_engine(m, EngineEnv("tensorrt_rtx", "1.8.0", "NVIDIA GeForce RTX 4090", "8.9"))
+
+
+def test_requests_without_guidance_on_cfg_engines_and_the_reverse() -> None:
+    cfg = ProfileShapes((1, 1, 2), (512, 512, 512), (512, 512, 512))  # UNet rows 2..4
+    cfg.check_request(1, 512, 512, guided=True)
+    cfg.check_request(2, 512, 512, guided=False)  # 2 rows: inside 2..4
+    with pytest.raises(InputError, match=r"at 1 rows, but these engines were built for classifier-free guidance "
+                                         r"\(2\.\.4 rows\).*--no-cfg"):
+        cfg.check_request(1, 512, 512, guided=False)
+    plain = dataclasses.replace(cfg, batch=(1, 1, 2), cfg=False)  # UNet rows 1..2
+    plain.check_request(1, 512, 512, guided=False)
+    plain.check_request(1, 512, 512, guided=True)  # 2 rows
+    with pytest.raises(InputError, match=r"2 x 2 rows, but these engines were built without classifier-free "
+                                         r"guidance \(--no-cfg: 1\.\.2 rows\)"):
+        plain.check_request(2, 512, 512, guided=True)
+    cfg.check_request(1, 512, 512)  # guided unknown: only the ranges

@@ -176,6 +176,9 @@ def test_the_lean_runtime_runs_the_whole_loop_from_prebuilt_step_graphs(tiny_exp
     pipe = Pipeline.load(out, backend="tensorrt")
     assert pipe.backend.lean and not hasattr(lean, "Builder")
     kw: dict[str, Any] = {"steps": 3, "seed": 2, "height": 64, "width": 64}
+    # unguided at 1 image: 1 row, outside the CFG engines' 2..4; refused up front, the pipeline stays usable
+    with pytest.raises(InputError, match="built for classifier-free guidance"):
+        pipe("a boat", guidance_scale=1.0, **kw)
     # unguided: 2 images, so the text encoder's rows stay inside the CFG profile's 2..4
     guided, unguided = pipe("a boat", **kw), pipe("a boat", guidance_scale=1.0, batch_size=2, **kw)
     assert guided.loop == unguided.loop == "captured CUDA graphs" and len(trt.built) == built
