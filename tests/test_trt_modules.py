@@ -599,22 +599,31 @@ def test_the_runtime_builds_the_step_graph_on_rtx(guided: bool, dtype: str) -> N
     assert isinstance(backend._builder, RTX.Builder)  # kept for the next shapes
 
 
+@pytest.mark.parametrize("preset, shape", [
+    ("sd15-tiny", ["--height", "64"]),
+    ("sd21-tiny", ["--batch", "1:1:2", "--height", "64:64:96", "--width", "64:96:128"]),  # dynamic
+    ("sdxl-tiny", ["--height", "64"]),  # two text encoders, pooled output, time ids; fp32 VAE
+])
 def test_sdrt_build_makes_a_whole_engine_folder_on_rtx(rtx: ModuleType, tiny_export, tmp_path: Path,
-                                                       capsys: pytest.CaptureFixture[str]) -> None:
+                                                       capsys: pytest.CaptureFixture[str], preset: str,
+                                                       shape: list[str]) -> None:
     """The command itself on a real TensorRT builder (TensorRT for RTX, which builds without a GPU): every
     component of an export and both step graphs, with progress, a complete manifest, the export's assets,
     and an sdrt.json that points the pipeline at the engines. (Running them needs a GPU.)"""
     from sdrt.cli import main
 
-    src, out = tiny_export("sd15-tiny", "fp16"), tmp_path / "engines"
-    assert main(["build", str(src), "--out", str(out), "--height", "64", "--tensorrt-module", "tensorrt_rtx"]) == 0
+    src, out = tiny_export(preset, "fp16"), tmp_path / "engines"
+    assert main(["build", str(src), "--out", str(out), *shape, "--tensorrt-module", "tensorrt_rtx"]) == 0
     printed = capsys.readouterr().out
     m = EngineManifest.read(out)
     names = ["text_encoder", "unet", "vae_decoder", "vae_encoder", "sampler_step_cfg", "sampler_step"]
+    names += ["text_encoder_2"] if preset == "sdxl-tiny" else []
     assert sorted(r.component for r in m.engines) == sorted(names)
+    vae_fp32 = {"vae_decoder", "vae_encoder"} if preset == "sdxl-tiny" else set()
     for rec in m.engines:
         assert (out / rec.file).stat().st_size == rec.size_bytes > 0, rec.component
-        assert rec.precision == "fp16" and rec.env.backend == "tensorrt_rtx" and rec.build_seconds > 0
+        assert rec.precision == ("fp32" if rec.component in vae_fp32 else "fp16"), rec.component
+        assert rec.env.backend == "tensorrt_rtx" and rec.build_seconds > 0
         assert f"{rec.component}: built in" in printed
     from sdrt.runtime.manifest import ExportManifest
 
