@@ -212,7 +212,8 @@ class OrtEngine(Engine):
         ort = _ort()
         self.name = name
         self.backend = backend
-        self._device: str = backend.device
+        self._bound: bool = backend.io_binding
+        self._memory: str = backend.memory
         self._device_id: int = backend.device_id
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -229,16 +230,16 @@ class OrtEngine(Engine):
         self.inputs = _specs(self.session.get_inputs())
         self.outputs = _specs(self.session.get_outputs())
         self._out_names = list(self.outputs)
-        self._static = (_StaticBindings(self.session, self._out_names, "cuda", backend.device_id,
+        self._static = (_StaticBindings(self.session, self._out_names, backend.memory, backend.device_id,
                                         backend.max_cuda_graphs) if captured else None)
 
     def run(self, feeds: Mapping[str, Array]) -> dict[str, Array]:
-        if self._device == "cpu":
+        if not self._bound:
             outs = self.session.run(self._out_names, dict(feeds))
             return dict(zip(self._out_names, outs))
         if self._static is not None:
             return self._static.run(feeds)
-        return _bound_run(self.session, feeds, self._out_names, "cuda", self._device_id)
+        return _bound_run(self.session, feeds, self._out_names, self._memory, self._device_id)
 
 
 def _load_error(path: str, e: Exception, captured: bool) -> Exception:
@@ -279,6 +280,9 @@ class OrtBackend(Backend):
     ) -> None:
         ort = _ort()
         self.device = device
+        # ort-cuda keeps tensors as OrtValues in ``memory`` ("cuda") with IO binding; ort-cpu passes numpy
+        self.io_binding = device == "cuda"
+        self.memory = "cuda" if device == "cuda" else "cpu"
         self.device_id = device_id
         self.threads = threads
         self.name = f"ort-{device}"
@@ -310,7 +314,7 @@ class OrtBackend(Backend):
 
     def captures(self, name: str) -> bool:
         """Whether the engine ``name`` runs as a CUDA graph."""
-        return self.device == "cuda" and self.cuda_graph and name in self.graph_engines
+        return self.io_binding and self.cuda_graph and name in self.graph_engines
 
     def providers_for(self, name: str) -> list[Any]:
         if not self.captures(name):
@@ -324,9 +328,9 @@ class OrtBackend(Backend):
     def to_device(self, a: np.ndarray) -> Array:
         if not a.flags.c_contiguous:
             a = a.copy()  # (np.ascontiguousarray would turn a 0-d scalar into shape [1])
-        if self.device == "cpu":
+        if not self.io_binding:
             return a
-        return _ort().OrtValue.ortvalue_from_numpy(a, "cuda", self.device_id)
+        return _ort().OrtValue.ortvalue_from_numpy(a, self.memory, self.device_id)
 
     def to_host(self, a: Array) -> np.ndarray:
         return a if isinstance(a, np.ndarray) else a.numpy()

@@ -1,0 +1,115 @@
+"""The ort-cuda backend's tensor plumbing on ONNX Runtime's real API, run in CPU memory on the CPU EP.
+
+``ort-cuda`` keeps every tensor as an OrtValue, runs engines with IO binding and, with ``cuda_graph``,
+over fixed buffers per input shape (``_StaticBindings``: bound once, inputs copied in, the run options
+carry the graph id). The same code runs with OrtValues in CPU memory; these tests do that with the real
+onnxruntime (no fake): the bindings, the copies into fixed buffers, the OrtValue round trips and the
+whole pipeline over them. Not checked here: the CUDA EP, device memory and capture itself (those run in
+tests/test_ort_fusion.py on a GPU machine).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+from sdrt.runtime.ort_backend import OrtBackend, _copy_into, _ort, _StaticBindings
+from sdrt.runtime.pipeline import Pipeline
+from sdrt.runtime.step_graph import step_graph_bytes
+
+
+def _bound_cpu(monkeypatch: pytest.MonkeyPatch, cuda_graph: bool = False, max_graphs: int = 2) -> OrtBackend:
+    """An ort-cuda backend in all but the device: OrtValues and IO binding, in CPU memory, on the CPU EP."""
+    be = OrtBackend("cpu")
+    be.io_binding, be.cuda_graph, be.max_cuda_graphs = True, cuda_graph, max_graphs
+    monkeypatch.setattr(be, "providers_for", lambda name: ["CPUExecutionProvider"])
+    return be
+
+
+def _feeds(rng: np.random.Generator, b: int = 1) -> dict[str, np.ndarray]:
+    shape = (b, 4, 8, 8)
+    return {"latents": rng.standard_normal(shape, dtype=np.float32),
+            "unet_out": rng.standard_normal((2 * b, 4, 8, 8), dtype=np.float32),
+            "guidance": np.array(7.5, np.float32), "coeffs": rng.standard_normal(8, dtype=np.float32),
+            "x0_prev": rng.standard_normal(shape, dtype=np.float32),
+            "noise": rng.standard_normal(shape, dtype=np.float32)}
+
+
+def test_bound_runs_match_plain_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(0)
+    graph = step_graph_bytes(True, np.float32)
+    plain, bound = OrtBackend("cpu"), _bound_cpu(monkeypatch)
+    e_plain, e_bound = plain.load(graph, "sampler_step"), bound.load(graph, "sampler_step")
+    feeds = _feeds(rng)
+    want = e_plain(feeds)
+    dev = {k: bound.to_device(v) for k, v in feeds.items()}
+    assert all(isinstance(v, _ort().OrtValue) for v in dev.values())
+    got = e_bound(dev)
+    for name, w in want.items():
+        assert isinstance(got[name], _ort().OrtValue)
+        assert bound.meta(got[name]) == (w.dtype, w.shape)
+        np.testing.assert_array_equal(bound.to_host(got[name]), w)
+    # outputs feed the next run as they are (device-resident chaining, as the denoising loop does)
+    again = e_bound({**dev, "latents": got["latents_next"], "x0_prev": got["x0"]})
+    want2 = e_plain({**feeds, "latents": want["latents_next"], "x0_prev": want["x0"]})
+    np.testing.assert_array_equal(bound.to_host(again["latents_next"]), want2["latents_next"])
+
+
+def test_copy_into_fixed_buffers(monkeypatch: pytest.MonkeyPatch) -> None:
+    ort = _ort()
+    a = np.arange(12, dtype=np.float32).reshape(3, 4)
+    dst = ort.OrtValue.ortvalue_from_shape_and_type([3, 4], np.float32, "cpu", 0)
+    _copy_into(dst, a)  # from the host
+    np.testing.assert_array_equal(dst.numpy(), a)
+    src = ort.OrtValue.ortvalue_from_numpy(a * 2, "cpu", 0)
+    _copy_into(dst, src)  # OrtValue to OrtValue
+    np.testing.assert_array_equal(dst.numpy(), a * 2)
+    _copy_into(dst, dst)  # itself: nothing to do
+    np.testing.assert_array_equal(dst.numpy(), a * 2)
+
+
+def test_static_bindings_reuse_fixed_buffers_per_shape(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CUDA-graph path's buffers: the first call at a shape runs unbound-to-buffers and makes the slot;
+    later calls copy into it and return its (reused) outputs; beyond max_graphs shapes, calls run plainly."""
+    rng = np.random.default_rng(1)
+    be = _bound_cpu(monkeypatch, cuda_graph=True, max_graphs=1)
+    be.graph_engines = frozenset({"sampler_step"})
+    engine: Any = be.load(step_graph_bytes(True, np.float32), "sampler_step")
+    static = engine._static
+    assert isinstance(static, _StaticBindings)
+    ref = OrtBackend("cpu").load(step_graph_bytes(True, np.float32), "sampler_step")
+    inputs = [_feeds(rng) for _ in range(3)]
+    outs = []
+    for f in inputs:  # same shape: one slot; alternating inputs must never give a stale answer
+        got = engine({k: be.to_device(v) for k, v in f.items()})
+        outs.append(got)
+        np.testing.assert_array_equal(be.to_host(got["latents_next"]), ref(f)["latents_next"])
+    assert len(static.slots) == 1
+    # the slot's outputs are fixed buffers: what a call returns is overwritten by the next call at that shape
+    assert outs[1]["latents_next"].data_ptr() == outs[2]["latents_next"].data_ptr()
+    f2 = _feeds(rng, b=2)  # a second shape, beyond max_graphs=1: runs plainly, no new slot
+    np.testing.assert_array_equal(be.to_host(engine(f2)["latents_next"]), ref(f2)["latents_next"])
+    assert len(static.slots) == 1
+
+
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_pipeline_over_ortvalues_gives_the_ort_cpu_images(tiny_export, monkeypatch: pytest.MonkeyPatch,
+                                                          cuda_graph: bool) -> None:
+    """The whole pipeline with every tensor an OrtValue (ort-cuda's code path, CPU memory): the same
+    images as the numpy path, for a guided ancestral sampler at two sizes (two static-binding slots)."""
+    folder = tiny_export("sd15-tiny")
+    ref = Pipeline.load(folder, backend="ort-cpu")
+    monkeypatch.setattr("sdrt.runtime.pipeline.make_backend",
+                        lambda *a, **k: _bound_cpu(monkeypatch, cuda_graph=cuda_graph))
+    pipe = Pipeline.load(folder, backend="ort-cuda")
+    assert pipe.backend.io_binding and pipe.engines["unet"]._bound
+    assert (pipe.engines["unet"]._static is not None) == cuda_graph
+    for h, w in ((64, 64), (64, 96), (64, 64)):
+        kw: dict[str, Any] = {"steps": 4, "sampler": "euler-a", "seed": 5, "height": h, "width": w,
+                              "negative_prompt": "fog"}
+        want, got = ref("a harbor", **kw), pipe("a harbor", **kw)
+        np.testing.assert_array_equal(np.asarray(got.images[0]), np.asarray(want.images[0]))
+    if cuda_graph:
+        assert len(pipe.engines["unet"]._static.slots) == 2
