@@ -388,3 +388,68 @@ def test_a_preset_measured_on_ort_cuda_gets_the_fused_unet(tmp_path: Path) -> No
     assert path.is_file() and path != folder / fused.components["unet"].path
     assert any("fused CUDA operators" in e["message"] for e in events)
     assert any("reused" in n for n in run.notes)
+
+
+class _FakeNvml:
+    """nvidia-ml-py's calls the sampler makes, over a scripted timeline of (device used, {pid: used}) states:
+    the sampler's logic (peaks, device delta, the pid NVML cannot see) without a GPU."""
+
+    def __init__(self, timeline: list[tuple[int, dict[int, int]]]) -> None:
+        self.timeline, self.i, self.shutdowns = timeline, 0, 0
+
+    def _now(self) -> tuple[int, dict[int, int]]:
+        return self.timeline[min(self.i, len(self.timeline) - 1)]
+
+    def nvmlInit(self) -> None:
+        pass
+
+    def nvmlDeviceGetHandleByIndex(self, i: int) -> str:
+        return f"gpu{i}"
+
+    def nvmlDeviceGetMemoryInfo(self, h: str) -> Any:
+        from types import SimpleNamespace
+
+        used = self._now()[0]
+        self.i += 1  # every sample reads the device first: advance the timeline
+        return SimpleNamespace(used=used)
+
+    def nvmlDeviceGetComputeRunningProcesses(self, h: str) -> list[Any]:
+        from types import SimpleNamespace
+
+        return [SimpleNamespace(pid=pid, usedGpuMemory=b) for pid, b in self._now()[1].items()]
+
+    def nvmlDeviceGetGraphicsRunningProcesses(self, h: str) -> list[Any]:
+        raise RuntimeError("not supported")  # as on compute GPUs
+
+    def nvmlShutdown(self) -> None:
+        self.shutdowns += 1
+
+
+def test_memory_sampler_gpu_logic_on_a_fake_nvml(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+    import time
+
+    gib = 2**30
+    pid, other = 4242, 7
+    timeline = [(10 * gib, {other: 1 * gib}),  # at start: another process holds memory
+                (13 * gib, {other: 1 * gib, pid: 3 * gib}),
+                (15 * gib, {other: 1 * gib, pid: 5 * gib}),  # the peak
+                (12 * gib, {other: 1 * gib, pid: 2 * gib})]
+    fake = _FakeNvml(timeline)
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    s = MemorySampler(pid, gpu_index=0, interval_s=0.001)
+    with s:
+        while fake.i < len(timeline) + 2:
+            time.sleep(0.001)
+    p = s.peaks
+    assert p.device_used_start_bytes == 10 * gib
+    assert p.peak_process_bytes == 5 * gib and p.device_delta_bytes == 5 * gib
+    assert fake.shutdowns == 1 and not any("never listed" in n for n in p.notes)
+    # a pid NVML never lists (containers): no process figure, the device delta, and a note saying why
+    hidden = _FakeNvml([(10 * gib, {}), (14 * gib, {other: 4 * gib})])
+    monkeypatch.setitem(sys.modules, "pynvml", hidden)
+    with MemorySampler(pid, gpu_index=0, interval_s=0.001) as s2:
+        while hidden.i < 4:
+            time.sleep(0.001)
+    assert s2.peaks.peak_process_bytes is None and s2.peaks.device_delta_bytes == 4 * gib
+    assert any(f"never listed pid {pid}" in n for n in s2.peaks.notes)
