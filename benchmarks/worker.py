@@ -62,9 +62,9 @@ def run_sdrt(spec: dict[str, Any]) -> dict[str, Any]:
     import_ms = (time.perf_counter() - t0) * 1e3
     emit(phase="load")
     t0 = time.perf_counter()
-    # cuda_graph None: the backend's default (tensorrt captures its denoising loop; ort-cuda does not)
+    # --cuda-graph is ort-cuda's; None elsewhere: the backend's default (tensorrt captures its denoising loop)
     pipe = Pipeline.load(spec["folder"], backend=spec["backend"], threads=spec["threads"],
-                         cuda_graph=True if spec.get("cuda_graph") else None)
+                         cuda_graph=True if spec.get("cuda_graph") and spec["backend"] == "ort-cuda" else None)
     load_ms = (time.perf_counter() - t0) * 1e3
     latents = np.load(spec["latents"]) if spec.get("latents") else None
 

@@ -44,6 +44,8 @@ def make_backend(name: str, folder: Path, threads: int | None = None, cuda_graph
             name = "tensorrt"
         else:
             name = "ort-cuda" if cuda_available() else "ort-cpu"
+    if cuda_graph and name == "ort-cpu":
+        raise InputError("cuda_graph needs a GPU backend (ort-cuda or tensorrt); the backend here is ort-cpu")
     if name == "tensorrt":
         from .trt_backend import TrtBackend
 
@@ -228,44 +230,44 @@ class Pipeline:
             cond["text_embeds"] = to_dev(pooled.astype(dt))
             cond["time_ids"] = to_dev(np.tile(np.array([height, width, 0, 0, height, width], dt),
                                               (hidden.shape[0], 1)))
-        rows = 2 * b if guided else b
         x_dev = to_dev(x.astype(dt))
         zeros = to_dev(np.zeros(lat_shape, dt))
         guide = {"guidance": to_dev(np.array(guidance_scale, np.float32))} if guided else {}
         first_in = samplers.model_input(plan, 0, x.astype(np.float64)).astype(dt)
         unet_in = to_dev(np.concatenate([first_in] * 2) if guided else first_in)
-        unet_ms: list[float] = []
         capture = getattr(self.backend, "capture_step", None)
         if capture is not None:  # TensorRT: UNet + step graph over fixed buffers, replayed as CUDA graphs
             loop = capture(unet, step)
             loop.start(latents=x_dev, unet_in=unet_in, x0_prev=zeros, cond=cond, guidance=guide.get("guidance"),
                        timesteps=plan.timesteps, coeffs=plan.table, noise=step_noise)
-            for i in range(n):
-                t0 = time.perf_counter()
-                loop.step(i)
-                self.backend.synchronize()
-                unet_ms.append((time.perf_counter() - t0) * 1e3)
-                if callback is not None:
-                    callback(i + 1, n)
-            x_dev = loop.latents  # valid until the next start(): decoded below, before any other call
+            advance: Callable[[int], None] = loop.step
             how = "captured CUDA graphs" if loop.captured else f"engines run directly ({loop.reason})"
         else:
-            how = "engines run step by step"
             # every per-step input goes to the device before the loop: the loop itself does no host work
+            rows = 2 * b if guided else b
             t_dev = [to_dev(np.full((rows,), t, np.float32)) for t in plan.timesteps]
             c_dev = [to_dev(plan.coeffs(i)) for i in range(n)]
             n_dev = [to_dev(z.astype(dt)) for z in step_noise] if step_noise is not None else [zeros] * n
-            x0_prev = zeros
-            for i in range(n):
-                t0 = time.perf_counter()
-                out = unet({"sample": unet_in, "timestep": t_dev[i], **cond})["out_sample"]
-                res = step({"latents": x_dev, "unet_out": out, **guide, "coeffs": c_dev[i],
-                            "x0_prev": x0_prev, "noise": n_dev[i]})
-                x_dev, x0_prev, unet_in = res["latents_next"], res["x0"], res["unet_in_next"]
-                self.backend.synchronize()
-                unet_ms.append((time.perf_counter() - t0) * 1e3)
-                if callback is not None:
-                    callback(i + 1, n)
+            state = {"latents": x_dev, "x0": zeros, "unet_in": unet_in}
+
+            def plain_step(i: int) -> None:
+                out = unet({"sample": state["unet_in"], "timestep": t_dev[i], **cond})["out_sample"]
+                res = step({"latents": state["latents"], "unet_out": out, **guide, "coeffs": c_dev[i],
+                            "x0_prev": state["x0"], "noise": n_dev[i]})
+                state.update(latents=res["latents_next"], x0=res["x0"], unet_in=res["unet_in_next"])
+
+            advance = plain_step
+            how = "engines run step by step"
+        unet_ms: list[float] = []
+        for i in range(n):
+            t0 = time.perf_counter()
+            advance(i)
+            self.backend.synchronize()
+            unet_ms.append((time.perf_counter() - t0) * 1e3)
+            if callback is not None:
+                callback(i + 1, n)
+        # the final latents (TensorRT: a view of the loop's buffer, valid until its next start(): decoded below)
+        x_dev = loop.latents if capture is not None else state["latents"]
         timings["unet_steps_ms"] = unet_ms
         timings["unet_step_ms"] = float(np.median(unet_ms)) if unet_ms else 0.0
 

@@ -63,9 +63,9 @@ cuda-python name used exists in the TensorRT 11.4 lean bindings, TensorRT for RT
 (tests/test_trt_modules.py, on a CPU machine, where ``TrtBackend()`` then reports the missing driver), and
 ``build_onnx`` builds both step graphs with TensorRT for RTX's builder, which needs no GPU. NOT verified:
 any run on a GPU (deserializing, executing), and that TensorRT's ``execute_async_v3`` captures as used here
-(NVIDIA's diffusion demo does the same: a warm-up, then capture). TensorRT for RTX documents
-``BuilderFlag.REQUIRE_USER_ALLOCATION`` as needed for stream capture; sdrt does not set it yet, so there the
-loop may fall back to running the engines directly (``Result.loop`` says so).
+(NVIDIA's diffusion demo does the same: a warm-up, then capture). For TensorRT for RTX, ``sdrt build`` sets
+``BuilderFlag.REQUIRE_USER_ALLOCATION``, which its stream capture needs, and the loop asks
+``is_stream_capturable()`` before capturing (a "no" runs the engines directly; ``Result.loop`` says so).
 """
 
 from __future__ import annotations

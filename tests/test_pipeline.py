@@ -130,6 +130,8 @@ def test_unknown_and_absent_backends(sd15: Path) -> None:
         Pipeline.load(sd15, backend="cuda")
     with pytest.raises(BackendUnavailable, match="onnxruntime-gpu"):
         Pipeline.load(sd15, backend="ort-cuda")
+    with pytest.raises(InputError, match="cuda_graph needs a GPU backend"):
+        Pipeline.load(sd15, backend="ort-cpu", cuda_graph=True)
 
 
 def test_runtime_imports_no_torch(sd15: Path) -> None:
@@ -150,7 +152,11 @@ def test_cli_generate_and_demo(sd15: Path, tmp_path: Path, capsys: pytest.Captur
     out = tmp_path / "img.png"
     assert main(["generate", str(sd15), "--prompt", "a cat", "--steps", "3", "--seed", "1",
                  "--backend", "ort-cpu", "-o", str(out)]) == 0
-    assert out.is_file() and "per UNet step" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert out.is_file() and "per UNet step" in printed and "denoising loop: engines run step by step" in printed
+    assert main(["generate", str(sd15), "--prompt", "a", "--backend", "ort-cpu", "--cuda-graph", "-o",
+                 str(tmp_path / "no.png")]) == 1
+    assert "cuda_graph needs a GPU backend" in capsys.readouterr().err and not (tmp_path / "no.png").exists()
     assert main(["generate", str(sd15), "--prompt", "a", "--height", "100", "-o", str(out)]) == 1
     assert "multiple of 8" in capsys.readouterr().err
     assert main(["demo", "--out", str(tmp_path / "demo"), "--steps", "3", "--size", "64"]) == 0

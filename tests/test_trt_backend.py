@@ -900,21 +900,6 @@ def _real_module(names: tuple[str, ...]) -> Any:
 REAL_TRT = _real_module(tb.RUNTIME_MODULES)
 
 
-@pytest.mark.skipif(REAL_TRT is None, reason="needs a TensorRT runtime module (tensorrt or the lean bindings)")
-def test_the_tensorrt_api_used_exists():
-    """API surface only (no GPU needed): every name the backend calls is in the installed bindings."""
-    t = REAL_TRT
-    for cls, names in [(t.ICudaEngine, ["create_execution_context", "device_memory_size_v2", "num_io_tensors",
-                                        "get_tensor_name", "get_tensor_mode", "get_tensor_dtype", "get_tensor_shape",
-                                        "get_tensor_profile_shape", "get_device_memory_size_for_profile_v2"]),
-                       (t.IExecutionContext, ["set_device_memory", "set_input_shape", "set_tensor_address",
-                                              "get_tensor_shape", "execute_async_v3"]),
-                       (t.Runtime, ["deserialize_cuda_engine", "engine_host_code_allowed"])]:
-        assert [n for n in names if not hasattr(cls, n)] == [], cls
-    assert t.ExecutionContextAllocationStrategy.USER_MANAGED is not None
-    assert {"INTERNAL_ERROR", "ERROR", "WARNING"} <= set(t.ILogger.Severity.__members__)
-
-
 def _gpu_ready() -> bool:
     if REAL_TRT is None or not hasattr(REAL_TRT, "Builder"):
         return False
