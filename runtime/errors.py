@@ -7,7 +7,18 @@ from __future__ import annotations
 
 
 class SdrtError(Exception):
-    """Base class: anything sdrt reports to a user."""
+    """Base class: anything sdrt reports to a user.
+
+    ``cli``: the same message for a command-line user, where the fix is a flag (``--backend ort-cpu``)
+    rather than a keyword (``backend="ort-cpu"``). The CLI prints ``for_cli()``; ``str()`` is the API's.
+    """
+
+    def __init__(self, message: str = "", *, cli: str | None = None) -> None:
+        super().__init__(message)
+        self.cli = cli
+
+    def for_cli(self) -> str:
+        return self.cli if self.cli is not None else str(self)
 
 
 class InputError(SdrtError, ValueError):
@@ -32,3 +43,7 @@ class BackendUnavailable(SdrtError):
 
 class UnsafeCheckpointError(SdrtError):
     """A pickled checkpoint was given without the explicit opt-in to unpickle it."""
+
+
+class DeviceMemoryError(SdrtError):
+    """A request does not fit in the device's (or host's) memory; the message says what to lower."""

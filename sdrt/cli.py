@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(module.run(args) or 0)
     except SdrtError as e:
-        print(f"sdrt {chosen}: error: {e}", file=sys.stderr)
+        print(f"sdrt {chosen}: error: {e.for_cli()}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"sdrt {chosen}: interrupted; nothing was left half-written", file=sys.stderr)
