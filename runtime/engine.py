@@ -10,12 +10,15 @@ from __future__ import annotations
 import abc
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .errors import InputError
 from .manifest import Component
+
+if TYPE_CHECKING:
+    from .step_loop import Clock, StepLoop
 
 Array = Any  # a backend's device array: numpy on the host, an OrtValue or device buffer on a GPU
 
@@ -32,7 +35,15 @@ class IOSpec:
 
 
 class Backend(abc.ABC):
-    """A device and the means to load engines onto it."""
+    """A device and the means to load engines onto it.
+
+    Lifecycle: ``close()`` releases every engine, buffer, stream and captured graph
+    the backend holds; a closed backend refuses further work. What the pipeline needs besides engines and
+    arrays is declared here with a base implementation: ``check_request`` (can the loaded engines serve
+    this batch and size?), ``step_loop`` (the denoising loop over a UNet and a step-graph engine),
+    ``clock`` (how stages and steps are timed) and ``make_current`` (bind the device to the calling
+    thread).
+    """
 
     name: str
 
@@ -58,6 +69,29 @@ class Backend(abc.ABC):
 
     def synchronize(self) -> None:
         """Wait for queued device work (a no-op on the host)."""
+
+    def check_request(self, batch: int, height: int, width: int, guided: bool) -> None:
+        """Raise InputError when the loaded engines cannot serve ``batch`` images of ``height`` x ``width``
+        (TensorRT: outside the build profile). ONNX graphs take any size the export supports."""
+
+    def step_loop(self, unet: Engine, step: Engine) -> StepLoop:
+        """The denoising loop over ``unet`` and the sampler ``step`` graph. Base: step by step."""
+        from .step_loop import PlainStepLoop
+
+        return PlainStepLoop(self, unet, step)
+
+    def clock(self) -> Clock:
+        """A clock for stage and step times. Base: the host clock, synchronizing at each mark."""
+        from .step_loop import Clock
+
+        return Clock(self)
+
+    def make_current(self) -> None:
+        """Make this backend's device current in the calling thread (a no-op on the host)."""
+
+    def close(self) -> None:
+        """Release what the backend holds on its device (idempotent). Engines loaded from it are unusable
+        afterwards."""
 
 
 class Engine(abc.ABC):
