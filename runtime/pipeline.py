@@ -1,7 +1,17 @@
 """``Pipeline``: text (and optionally an image) -> images, over engines on one backend.
 
-The only module that knows both engines and samplers. Load once, call many times; calls from several
-threads at once are safe: they are serialized by a lock, since one pipeline drives one device.
+The only module that knows both engines and samplers. The call is four public stages, each with data in
+and out, which a caller may also run on their own::
+
+    emb = pipe.encode_prompt("a cat", guided=True)            # -> PromptEmbeddings (or from_arrays)
+    plan = pipe.plan("dpmpp-2m", 30)                          # -> SamplerPlan
+    lat = pipe.prepare_latents(plan, 512, 512, seed=1)        # -> Latents (txt2img noise, or img2img)
+    lat = pipe.denoise(emb, lat, plan, guidance_scale=7.5)    # -> Latents (optionally a window: start/end)
+    images, nonfinite = pipe.decode(lat)
+
+Load once, call many times; calls from several threads at once are safe: they are serialized by a
+lock, since one pipeline drives one device. ``close()`` (or ``with Pipeline.load(...) as pipe:``)
+releases every engine and device buffer; a closed pipeline refuses further calls.
 """
 
 from __future__ import annotations
@@ -10,30 +20,73 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from . import samplers
-from .engine import Backend, Engine
+from .engine import Array, Backend, Engine
 from .errors import ArtifactError, InputError
 from .manifest import ExportManifest
+from .step_loop import StepLoop
 from .tokenizer import ClipTokenizer
 
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
 BACKENDS = ("auto", "ort-cpu", "ort-cuda", "tensorrt")
+OUTPUTS = ("images", "latents")
 
 
 @dataclass
 class Result:
-    images: list[Any]  # PIL images
-    timings: dict[str, Any]  # milliseconds per stage
+    images: list[Any]  # PIL images (empty when output="latents")
+    timings: dict[str, Any]  # milliseconds per stage; "clock": "host" or "device"
     nonfinite: list[bool] = field(default_factory=list)  # per image: NaN/inf in the decoded pixels
     loop: str = ""  # how the denoising loop ran (step by step; TensorRT: captured CUDA graphs or not, and why)
+    latents: np.ndarray | None = None  # the final latents [B, C, h, w] (output="latents")
+    seed: list[int] | int | None = None  # the seed(s) the noise was drawn with
 
 
-def make_backend(name: str, folder: Path, threads: int | None = None, cuda_graph: bool | None = None) -> Backend:
+@dataclass(frozen=True)
+class PromptEmbeddings:
+    """Text conditioning for ``batch`` images, on the pipeline's device.
+
+    ``hidden`` is [rows, tokens, C] and ``pooled`` [rows, P] (SDXL; else None); guided embeddings hold
+    ``2 * batch`` rows, the unconditional (negative) rows first, as the UNet's guided batch takes them.
+    """
+
+    hidden: Array
+    pooled: Array | None
+    batch: int
+    guided: bool
+
+
+@dataclass(frozen=True)
+class Latents:
+    """The denoising state between stages, on the pipeline's device.
+
+    ``x``: latents [B, C, h, w]; ``x0``: the sampler's previous x0 prediction (the history a multistep
+    sampler continues from; None before the first step); ``step``: the plan row the next ``denoise``
+    starts at; ``noise``: every step's fresh noise [steps, B, C, h, w] for ancestral samplers (host).
+    """
+
+    x: Array
+    height: int
+    width: int
+    step: int = 0
+    x0: Array | None = None
+    noise: np.ndarray | None = None
+    seed: list[int] | int | None = None
+    # the float32 starting latents before the cast to the UNet's dtype: the first UNet input is computed
+    # from them, as a reference implementation does
+    start: np.ndarray | None = field(default=None, repr=False, compare=False)
+
+
+def make_backend(name: str, folder: Path, threads: int | None = None, cuda_graph: bool | None = None,
+                 device_id: int = 0) -> Backend:
     """``cuda_graph`` None: the backend's default (tensorrt: on; ort-cuda: off)."""
     from .ort_backend import OrtBackend, cuda_available
 
@@ -49,9 +102,9 @@ def make_backend(name: str, folder: Path, threads: int | None = None, cuda_graph
     if name == "tensorrt":
         from .trt_backend import TrtBackend
 
-        return TrtBackend(folder, cuda_graph=cuda_graph is not False)
+        return TrtBackend(folder, device_id=device_id, cuda_graph=cuda_graph is not False)
     if name == "ort-cuda":
-        return OrtBackend("cuda", threads=threads, cuda_graph=bool(cuda_graph))
+        return OrtBackend("cuda", threads=threads, cuda_graph=bool(cuda_graph), device_id=device_id)
     return OrtBackend("cpu", threads=threads)
 
 
@@ -68,63 +121,396 @@ class Pipeline:
         self.tokenizers = tokenizers
         self.scheduler_config = scheduler_config
         self._step_graphs: dict[tuple[bool, str], Engine] = {}
-        self._lock = threading.Lock()
+        self._loops: dict[tuple[bool, str], StepLoop] = {}
+        self._lock = threading.RLock()
+        self._closed = False
 
-    # -- loading ----------------------------------------------------------------------------------
+    # -- loading and lifecycle ------------------------------------------------------------------------
     @classmethod
     def load(cls, path: str | Path, backend: str = "auto", *, threads: int | None = None,
-             cuda_graph: bool | None = None) -> Pipeline:
+             cuda_graph: bool | None = None, device_id: int = 0) -> Pipeline:
         """Load an export or engine folder. ``cuda_graph``: replay captured CUDA graphs. ``tensorrt``
         captures the denoising step (UNet + sampler step) by default, falling back to running the engines
         directly when capture fails (``Result.loop`` says which ran); ``ort-cuda`` captures each engine
         only when asked (``True``), for fixed shapes, and its outputs are then valid only until the next
-        call at the same shape. ``False`` turns capture off for both."""
+        call at the same shape. ``False`` turns capture off for both. ``device_id``: the GPU (ort-cuda,
+        tensorrt)."""
         import json
 
         folder = Path(path)
         manifest = ExportManifest.read(folder)
         _check_components(manifest, folder)
-        be = make_backend(backend, folder, threads, cuda_graph)
-        engines: dict[str, Engine] = {}
-        for name, comp in manifest.components.items():
-            engines[name] = be.load(str(folder / be.graph_for(comp)), name)
-        toks = []
-        for i in range(2 if manifest.family == "sdxl" else 1):
-            toks.append(ClipTokenizer.from_folder(folder / ("tokenizer" if i == 0 else f"tokenizer_{i + 1}")))
-        _check_widths(engines, folder)
-        sched_path = folder / "scheduler" / "scheduler_config.json"
-        if not sched_path.is_file():
-            raise ArtifactError(f"{sched_path} is missing; re-export the model with `sdrt export`")
-        return cls(folder, manifest, be, engines, toks, json.loads(sched_path.read_text()))
+        be = make_backend(backend, folder, threads, cuda_graph, device_id)
+        try:
+            engines: dict[str, Engine] = {}
+            for name, comp in manifest.components.items():
+                engines[name] = be.load(str(folder / be.graph_for(comp)), name)
+            toks = []
+            for i in range(2 if manifest.family == "sdxl" else 1):
+                toks.append(ClipTokenizer.from_folder(folder / ("tokenizer" if i == 0 else f"tokenizer_{i + 1}")))
+            _check_widths(engines, folder)
+            sched_path = folder / "scheduler" / "scheduler_config.json"
+            if not sched_path.is_file():
+                raise ArtifactError(f"{sched_path} is missing; re-export the model with `sdrt export`")
+            return cls(folder, manifest, be, engines, toks, json.loads(sched_path.read_text()))
+        except BaseException:
+            be.close()
+            raise
+
+    def close(self) -> None:
+        """Release every engine, device buffer, stream and captured graph (idempotent)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            for loop in self._loops.values():
+                loop.close()
+            self._loops.clear()
+            self._step_graphs.clear()
+            self.engines = {}
+            self.backend.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _ready(self) -> None:
+        """Every public call starts here: refuse a closed pipeline; bind the device to this thread."""
+        if self._closed:
+            raise InputError(f"this pipeline ({self.folder}) was closed; load it again with Pipeline.load")
+        self.backend.make_current()
 
     @property
     def dtype(self) -> np.dtype[Any]:
         return self.engines["unet"].inputs["sample"].dtype
 
-    # -- text ---------------------------------------------------------------------------------------
-    def _encode(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
-        """Prompts -> (hidden states [B, 77k, C], pooled [B, P] for SDXL), on the host.
+    # -- stage 1: text ----------------------------------------------------------------------------------
+    def encode_prompt(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
+                      batch_size: int = 1, guided: bool = True) -> PromptEmbeddings:
+        """Prompts -> embeddings for ``len(prompts) * batch_size`` images (negatives first when guided).
 
         Prompts over 77 tokens are encoded in 77-token chunks and concatenated along the sequence.
         Conditional and unconditional prompts are encoded in one call, so they get the same number of
         chunks (the tokenizer pads the batch to its longest prompt).
         """
+        with self._lock:
+            self._ready()
+            prompts = _prompts(prompt, batch_size)
+            b = len(prompts)
+            if not guided:
+                return self._encode(prompts, b, False)
+            emb = self._encode(self._negatives(negative_prompt, b) + prompts, b, True,
+                               zero_negatives=self.manifest.family == "sdxl" and negative_prompt is None)
+            return emb
+
+    def embeddings_from(self, prompt_embeds: np.ndarray, negative_prompt_embeds: np.ndarray | None = None, *,
+                        pooled_prompt_embeds: np.ndarray | None = None,
+                        negative_pooled_prompt_embeds: np.ndarray | None = None,
+                        guided: bool = True) -> PromptEmbeddings:
+        """Precomputed embeddings (diffusers' ``prompt_embeds`` and friends: [B, tokens, C], pooled [B, P])
+        -> PromptEmbeddings. Guided without negatives: zeros for SDXL (as diffusers' default), else the
+        caller must give them."""
+        with self._lock:
+            self._ready()
+            width = self.engines["unet"].inputs["encoder_hidden_states"].shape[-1]
+            pos = _array(prompt_embeds, "prompt_embeds", 3)
+            b = pos.shape[0]
+            if isinstance(width, int) and pos.shape[-1] != width:
+                raise InputError(f"prompt_embeds are {pos.shape[-1]} wide; this model's UNet takes {width}")
+            xl = self.manifest.family == "sdxl"
+            pooled = None
+            if xl:
+                if pooled_prompt_embeds is None:
+                    raise InputError("an SDXL model needs pooled_prompt_embeds [B, P] beside prompt_embeds")
+                pooled = _array(pooled_prompt_embeds, "pooled_prompt_embeds", 2)
+            elif pooled_prompt_embeds is not None:
+                raise InputError(f"pooled_prompt_embeds are for SDXL; this is a {self.manifest.family} model")
+            if guided:
+                if negative_prompt_embeds is None and not xl:
+                    raise InputError("guided generation from prompt_embeds needs negative_prompt_embeds "
+                                     "(or guidance_scale <= 1)")
+                neg = np.zeros_like(pos) if negative_prompt_embeds is None else _array(
+                    negative_prompt_embeds, "negative_prompt_embeds", 3)
+                if neg.shape != pos.shape:
+                    raise InputError(f"negative_prompt_embeds {list(neg.shape)} must match prompt_embeds "
+                                     f"{list(pos.shape)}")
+                pos = np.concatenate([neg, pos])
+                if pooled is not None:
+                    npool = (np.zeros_like(pooled) if negative_pooled_prompt_embeds is None
+                             else _array(negative_pooled_prompt_embeds, "negative_pooled_prompt_embeds", 2))
+                    pooled = np.concatenate([npool, pooled])
+            dt, to_dev = self.dtype, self.backend.to_device
+            return PromptEmbeddings(to_dev(pos.astype(dt)), None if pooled is None else to_dev(pooled.astype(dt)),
+                                    b, guided)
+
+    def _encode(self, prompts: list[str], b: int, guided: bool, zero_negatives: bool = False) -> PromptEmbeddings:
+        """Text encoders -> embeddings on the device. With one encoder and one chunk the encoder's output
+        is the UNet's input as it is; otherwise the chunks and encoders are joined on the host, once."""
+        be, dt = self.backend, self.dtype
         hidden_parts, pooled = [], None
+        direct = None
         for i, tok in enumerate(self.tokenizers):
             name = "text_encoder" if i == 0 else f"text_encoder_{i + 1}"
-            ids = tok.encode_chunks(prompts)  # [B, k, 77]
-            b, k, n = ids.shape
-            out = self.engines[name]({"input_ids": self.backend.to_device(ids.reshape(b * k, n))})
-            h = self.backend.to_host(out["hidden_states"]).reshape(b, k * n, -1)
-            hidden_parts.append(h)
+            ids = tok.encode_chunks(prompts)  # [rows, k, 77]
+            rows, k, n = ids.shape
+            out = self.engines[name]({"input_ids": be.to_device(ids.reshape(rows * k, n))})
+            if len(self.tokenizers) == 1 and k == 1 and not zero_negatives and be.meta(out["hidden_states"])[0] == dt:
+                direct = out["hidden_states"]  # already [rows, 77, C] in the UNet's dtype: no host round trip
+                break
+            hidden_parts.append(be.to_host(out["hidden_states"]).reshape(rows, k * n, -1))
             if "text_embeds" in out:
                 # the pooled embedding of the first chunk, as the UIs do
-                pooled = self.backend.to_host(out["text_embeds"]).reshape(b, k, -1)[:, 0]
+                pooled = be.to_host(out["text_embeds"]).reshape(rows, k, -1)[:, 0]
+        if direct is not None:
+            return PromptEmbeddings(direct, None, b, guided)
         hidden = np.concatenate(hidden_parts, axis=-1) if len(hidden_parts) > 1 else hidden_parts[0]
-        return hidden, pooled
+        if zero_negatives:  # diffusers' force_zeros_for_empty_prompt (SDXL)
+            hidden[:b] = 0
+            if pooled is not None:
+                pooled[:b] = 0
+        return PromptEmbeddings(be.to_device(hidden.astype(dt)),
+                                None if pooled is None else be.to_device(pooled.astype(dt)), b, guided)
+
+    # -- stage 2: the sampler plan and the starting latents ----------------------------------------------
+    def plan(self, sampler: str = "dpmpp-2m", steps: int = 30, *, strength: float = 1.0) -> samplers.SamplerPlan:
+        """The sampler's per-step coefficients for this model's scheduler (img2img when strength < 1)."""
+        return samplers.make_plan(sampler, steps, self.scheduler_config,
+                                  prediction_type=self.manifest.prediction_type, strength=strength)
+
+    def prepare_latents(self, plan: samplers.SamplerPlan, height: int, width: int, *, batch_size: int = 1,
+                        seed: int | Sequence[int] | None = None, latents: np.ndarray | None = None,
+                        image: Any = None) -> Latents:
+        """The starting latents: ``init_noise_sigma * noise`` (txt2img), or ``image`` encoded and noised to
+        the plan's first step (img2img). ``seed`` a list: one generator per image, so image k of a batch
+        equals the same seed generated alone. ``latents``: the initial noise itself (diffusers' ``latents``)."""
+        with self._lock:
+            self._ready()
+            self._check_size(height, width, batch_size, guided=None)
+            init = None if image is None else _to_uint8(image, height, width, self.manifest.vae_scale_factor)
+            return self._prepare(plan, height, width, batch_size, seed, latents, init, {})
+
+    def _prepare(self, plan: samplers.SamplerPlan, height: int, width: int, b: int,
+                 seed: int | Sequence[int] | None, latents: np.ndarray | None, init: np.ndarray | None,
+                 timings: dict[str, Any]) -> Latents:
+        m = self.manifest
+        f = m.vae_scale_factor
+        lat_shape = (b, m.latent_channels, height // f, width // f)
+        gens = _generators(seed, b)
+        if latents is None:
+            noise = _draw(gens, lat_shape)
+        else:
+            noise = np.asarray(latents, dtype=np.float32)
+            if noise.shape != lat_shape:
+                raise InputError(f"latents have shape {noise.shape}, expected {lat_shape} for this size and batch")
+        t0 = time.perf_counter()
+        if init is not None:
+            enc = self.engines["vae_encoder"]
+            img_lat = self.backend.to_host(enc({"image": self.backend.to_device(init)})["latent"])
+            img_lat = np.repeat(img_lat.astype(np.float64), b // img_lat.shape[0], axis=0)
+            x = plan.add_noise(img_lat, noise.astype(np.float64)).astype(np.float32)
+            timings["vae_encoder_ms"] = (time.perf_counter() - t0) * 1e3
+        else:
+            x = (noise.astype(np.float64) * plan.init_noise_sigma).astype(np.float32)
+        # fresh noise of every ancestral step, drawn up front so the loop never waits on the host
+        step_noise = _draw(gens, (plan.steps, *lat_shape), axis=1) if plan.needs_noise else None
+        seeds = None if seed is None else seed if isinstance(seed, int) else [int(s) for s in seed]
+        return Latents(self.backend.to_device(x.astype(self.dtype)), height, width, 0, None, step_noise, seeds, x)
+
+    # -- stage 3: the denoising loop -------------------------------------------------------------------
+    def denoise(self, embeddings: PromptEmbeddings, latents: Latents, plan: samplers.SamplerPlan, *,
+                guidance_scale: float = 7.5, start: float | None = None, end: float | None = None,
+                callback: Callable[[int, int], None] | None = None) -> Latents:
+        """Run the plan's steps from ``latents.step`` (or the ``start`` fraction of the schedule) up to the
+        ``end`` fraction (default: the end), device-resident: UNet -> step graph -> UNet. The fractions
+        follow diffusers' ``denoising_start`` / ``denoising_end``: a step of timestep t belongs to the part
+        before fraction f when t >= round(T * (1 - f)). Running [0, f) then [f, 1] gives the full run."""
+        with self._lock:
+            self._ready()
+            self._check_size(latents.height, latents.width, embeddings.batch, guided=guidance_scale > 1.0)
+            out = self._denoise(embeddings, latents, plan, guidance_scale, start, end, callback, {})[0]
+            # the loop's buffers are reused by its next run: hand the caller arrays of its own
+            be = self.backend
+            return replace(out, x=be.to_device(be.to_host(out.x)),
+                           x0=None if out.x0 is None else be.to_device(be.to_host(out.x0)))
+
+    def _window(self, plan: samplers.SamplerPlan, latents: Latents, start: float | None,
+                end: float | None) -> tuple[int, int]:
+        train = int(self.scheduler_config.get("num_train_timesteps", 1000))
+
+        def row(frac: float, label: str) -> int:
+            if not 0.0 < frac < 1.0:
+                raise InputError(f"{label} {frac} is outside (0, 1): give the fraction of the schedule")
+            cutoff = round(train - frac * train)
+            return int(np.sum(np.asarray(plan.timesteps) >= cutoff))
+
+        lo = latents.step if start is None else row(start, "start")
+        hi = plan.steps if end is None else row(end, "end")
+        if not 0 <= lo < hi <= plan.steps:
+            raise InputError(f"the window [{lo}, {hi}) of the {plan.steps} steps is empty; start before end")
+        return lo, hi
+
+    def _denoise(self, emb: PromptEmbeddings, lat: Latents, plan: samplers.SamplerPlan, guidance_scale: float,
+                 start: float | None, end: float | None, callback: Callable[[int, int], None] | None,
+                 timings: dict[str, Any]) -> tuple[Latents, str]:
+        _check_guidance(guidance_scale)
+        guided = guidance_scale > 1.0
+        if guided != emb.guided:
+            raise InputError(
+                f"the embeddings were encoded {'with' if emb.guided else 'without'} guidance but guidance_scale "
+                f"is {guidance_scale}; encode with guided={guided}")
+        m, be, dt = self.manifest, self.backend, self.dtype
+        lo, hi = self._window(plan, lat, start, end)
+        b = emb.batch
+        if plan.needs_noise and (lat.noise is None or lat.noise.shape[0] != plan.steps):
+            raise InputError(f"the latents were not prepared for this plan ({plan.sampler}, {plan.steps} steps); "
+                             "prepare them with prepare_latents(plan, ...)")
+        to_dev = be.to_device
+        cond = {"encoder_hidden_states": emb.hidden}
+        if m.family == "sdxl":
+            assert emb.pooled is not None
+            cond["text_embeds"] = emb.pooled
+            rows = 2 * b if guided else b
+            cond["time_ids"] = to_dev(np.tile(np.array([lat.height, lat.width, 0, 0, lat.height, lat.width], dt),
+                                              (rows, 1)))
+        x_start = lat.start if lo == 0 and lat.start is not None else be.to_host(lat.x)
+        first_in = samplers.model_input(plan, lo, x_start.astype(np.float64)).astype(dt)
+        unet_in = to_dev(np.concatenate([first_in] * 2) if guided else first_in)
+        loop = self._loop(guided, dt)
+        noise = lat.noise[lo:hi] if plan.needs_noise and lat.noise is not None else None
+        loop.start(latents=lat.x, unet_in=unet_in, x0_prev=lat.x0, cond=cond,
+                   guidance=to_dev(np.array(guidance_scale, np.float32)) if guided else None,
+                   timesteps=plan.timesteps[lo:hi], coeffs=plan.table[lo:hi],
+                   noise=None if noise is None else noise.astype(np.float32))
+        clock = be.clock()
+        clock.mark()
+        n = hi - lo
+        for i in range(n):
+            loop.step(i)
+            clock.mark()
+            if callback is not None:
+                callback(lo + i + 1, plan.steps)
+        steps_ms = clock.intervals_ms()
+        timings["unet_steps_ms"] = steps_ms
+        timings["unet_step_ms"] = float(np.median(steps_ms)) if steps_ms else 0.0
+        timings["clock"] = clock.kind
+        clock.close()
+        # the final latents (TensorRT: a view of the loop's buffer, valid until its next start(): copied out)
+        return replace(lat, x=loop.latents, step=hi, x0=loop.x0 if hi < plan.steps else None,
+                       start=None), loop.describe()
+
+    def _loop(self, guided: bool, dt: np.dtype[Any]) -> StepLoop:
+        key = (guided, dt.name)
+        if key not in self._loops:
+            self._loops[key] = self.backend.step_loop(self.engines["unet"], self._step_graph(guided, dt))
+        return self._loops[key]
+
+    # -- stage 4: decode --------------------------------------------------------------------------------
+    def decode(self, latents: Latents | Array) -> tuple[list[Any], list[bool]]:
+        """Latents -> (PIL images, per image: NaN/inf in the decoded pixels)."""
+        with self._lock:
+            self._ready()
+            return self._decode(latents.x if isinstance(latents, Latents) else latents)
+
+    def _decode(self, x_dev: Array) -> tuple[list[Any], list[bool]]:
+        be = self.backend
+        if isinstance(x_dev, np.ndarray):
+            x_dev = be.to_device(x_dev)
+        dec = self.engines["vae_decoder"]
+        dec_dt = dec.inputs["latent_sample"].dtype
+        if be.meta(x_dev)[0] != dec_dt:  # an fp32 VAE after an fp16 UNet (SDXL): cast on the host, once
+            x_dev = be.to_device(be.to_host(x_dev).astype(dec_dt))
+        out = dec({"latent_sample": x_dev})
+        pixels = be.to_host(out["images"])
+        nonfinite = [not bool(v) for v in be.to_host(out["finite"])]
+        if any(nonfinite):
+            warnings.warn(
+                f"{sum(nonfinite)} of {len(nonfinite)} images decoded to NaN/inf (an fp16 overflow in the "
+                "VAE); their pixels are not meaningful. Re-export with the VAE in fp32 "
+                "(`sdrt export ... --vae-fp32`).",
+                RuntimeWarning, stacklevel=4,
+            )
+        from PIL import Image
+
+        return [Image.fromarray(p) for p in pixels], nonfinite
+
+    # -- the call -----------------------------------------------------------------------------------
+    def __call__(
+        self,
+        prompt: str | Sequence[str] | None = None,
+        negative_prompt: str | Sequence[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        steps: int = 30,
+        guidance_scale: float = 7.5,
+        sampler: str = "dpmpp-2m",
+        seed: int | Sequence[int] | None = None,
+        batch_size: int = 1,
+        latents: np.ndarray | None = None,
+        image: Any = None,
+        strength: float = 0.8,
+        callback: Callable[[int, int], None] | None = None,
+        *,
+        prompt_embeds: np.ndarray | None = None,
+        negative_prompt_embeds: np.ndarray | None = None,
+        pooled_prompt_embeds: np.ndarray | None = None,
+        negative_pooled_prompt_embeds: np.ndarray | None = None,
+        output: str = "images",
+    ) -> Result:
+        """The whole call: encode_prompt -> prepare_latents -> denoise -> decode. ``seed`` may be a list,
+        one per image. ``output="latents"``: return the final latents (``Result.latents``), not images."""
+        with self._lock:
+            self._ready()
+            t_start = time.perf_counter()
+            m = self.manifest
+            if output not in OUTPUTS:
+                raise InputError(f"output {output!r} is not one of {', '.join(OUTPUTS)}")
+            if (prompt is None) == (prompt_embeds is None):
+                raise InputError("give either prompt or prompt_embeds (one of them)")
+            b = (np.shape(prompt_embeds)[0] if prompt_embeds is not None else len(_prompts(prompt, batch_size)))
+            init = None
+            if image is not None:
+                init = _to_uint8(image, height, width, m.vae_scale_factor)
+                height, width = init.shape[1], init.shape[2]
+            height = height or m.default_size
+            width = width or m.default_size
+            guided = guidance_scale > 1.0
+            self._check_size(height, width, b, guided=guided)
+            _check_guidance(guidance_scale)
+            plan = self.plan(sampler, steps, strength=strength if image is not None else 1.0)
+            _generators(seed, b)  # a bad seed fails before any engine runs
+            timings: dict[str, Any] = {}
+
+            t0 = time.perf_counter()
+            if prompt_embeds is not None:
+                emb = self.embeddings_from(prompt_embeds, negative_prompt_embeds, guided=guided,
+                                           pooled_prompt_embeds=pooled_prompt_embeds,
+                                           negative_pooled_prompt_embeds=negative_pooled_prompt_embeds)
+            else:
+                assert prompt is not None
+                emb = self.encode_prompt(prompt, negative_prompt, batch_size=batch_size, guided=guided)
+            timings["text_encoder_ms"] = (time.perf_counter() - t0) * 1e3
+            lat = self._prepare(plan, height, width, b, seed, latents, init, timings)
+            lat, how = self._denoise(emb, lat, plan, guidance_scale, None, None, callback, timings)
+            images: list[Any] = []
+            nonfinite: list[bool] = []
+            final = None
+            t0 = time.perf_counter()
+            if output == "latents":
+                final = self.backend.to_host(lat.x)
+            else:
+                images, nonfinite = self._decode(lat.x)
+                timings["vae_decoder_ms"] = (time.perf_counter() - t0) * 1e3
+            timings["total_ms"] = (time.perf_counter() - t_start) * 1e3
+            return Result(images, timings, nonfinite, how, final, lat.seed)
 
     # -- checks -------------------------------------------------------------------------------------
-    def _check_size(self, height: int, width: int, batch: int, guided: bool | None = None) -> None:
+    def _check_size(self, height: int, width: int, batch: int, guided: bool | None) -> None:
         lim = self.manifest.limits
         for label, v in (("height", height), ("width", width)):
             if v % lim.multiple_of or not lim.min_size <= v <= lim.max_size:
@@ -134,167 +520,8 @@ class Pipeline:
                 )
         if not 1 <= batch <= lim.max_batch:
             raise InputError(f"batch_size {batch} is outside the supported range 1..{lim.max_batch}")
-        engine_manifest = getattr(self.backend, "manifest", None)  # TensorRT: the engines' build profile
-        if engine_manifest is not None:
-            engine_manifest.profile.check_request(batch, height, width, guided=guided)
-
-    # -- the call -----------------------------------------------------------------------------------
-    def __call__(
-        self,
-        prompt: str | Sequence[str],
-        negative_prompt: str | Sequence[str] | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        steps: int = 30,
-        guidance_scale: float = 7.5,
-        sampler: str = "dpmpp-2m",
-        seed: int | None = None,
-        batch_size: int = 1,
-        latents: np.ndarray | None = None,
-        image: Any = None,
-        strength: float = 0.8,
-        callback: Callable[[int, int], None] | None = None,
-    ) -> Result:
-        with self._lock:
-            return self._generate(prompt, negative_prompt, height, width, steps, guidance_scale, sampler,
-                                  seed, batch_size, latents, image, strength, callback)
-
-    def _generate(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None,
-                  height: int | None, width: int | None, steps: int, guidance_scale: float, sampler: str,
-                  seed: int | None, batch_size: int, latents: np.ndarray | None, image: Any,
-                  strength: float, callback: Callable[[int, int], None] | None) -> Result:
-        t_start = time.perf_counter()
-        m = self.manifest
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts:
-            raise InputError("prompt is empty: give a string or a non-empty list of strings")
-        prompts = [p for p in prompts for _ in range(batch_size)]
-        b = len(prompts)
-        init_image = None
-        if image is not None:
-            init_image = _to_uint8(image, height, width, m.vae_scale_factor)
-            height, width = init_image.shape[1], init_image.shape[2]
-        height = height or m.default_size
-        width = width or m.default_size
-        self._check_size(height, width, b, guided=guidance_scale > 1.0)
-        if image is None:
-            strength = 1.0
-        plan = samplers.make_plan(sampler, steps, self.scheduler_config,
-                                  prediction_type=m.prediction_type, strength=strength)
-        guided = guidance_scale > 1.0
-        f = m.vae_scale_factor
-        lat_shape = (b, m.latent_channels, height // f, width // f)
-        rng = np.random.default_rng(seed)
-        if latents is None:
-            noise = rng.standard_normal(lat_shape, dtype=np.float32)
-        else:
-            noise = np.asarray(latents, dtype=np.float32)
-            if noise.shape != lat_shape:
-                raise InputError(f"latents have shape {noise.shape}, expected {lat_shape} for this size and batch")
-        negs = self._negatives(negative_prompt, b) if guided else None
-        timings: dict[str, Any] = {}
-
-        # 1. text
-        t0 = time.perf_counter()
-        if negs is not None:
-            hidden, pooled = self._encode(negs + prompts)
-            if m.family == "sdxl" and negative_prompt is None:
-                hidden[:b] = 0  # diffusers' force_zeros_for_empty_prompt
-                assert pooled is not None
-                pooled[:b] = 0
-        else:
-            hidden, pooled = self._encode(prompts)
-        timings["text_encoder_ms"] = (time.perf_counter() - t0) * 1e3
-
-        # 2. the starting latents (img2img: the encoded image, noised to the starting step)
-        t0 = time.perf_counter()
-        if init_image is not None:
-            enc = self.engines["vae_encoder"]
-            img_lat = self.backend.to_host(enc({"image": self.backend.to_device(init_image)})["latent"])
-            img_lat = np.repeat(img_lat.astype(np.float64), b // img_lat.shape[0], axis=0)
-            x = plan.add_noise(img_lat, noise.astype(np.float64)).astype(np.float32)
-            timings["vae_encoder_ms"] = (time.perf_counter() - t0) * 1e3
-        else:
-            x = (noise.astype(np.float64) * plan.init_noise_sigma).astype(np.float32)
-
-        # 3. the denoising loop, device-resident: UNet -> step graph -> UNet
-        unet, dt = self.engines["unet"], self.dtype
-        step = self._step_graph(guided, dt)
-        n = len(plan.timesteps)
-        # fresh noise of every ancestral step, drawn up front so the loop never waits on the host
-        step_noise = rng.standard_normal((n, *lat_shape), dtype=np.float32) if plan.needs_noise else None
-        to_dev = self.backend.to_device
-        cond = {"encoder_hidden_states": to_dev(hidden.astype(dt))}
-        if m.family == "sdxl":
-            assert pooled is not None
-            cond["text_embeds"] = to_dev(pooled.astype(dt))
-            cond["time_ids"] = to_dev(np.tile(np.array([height, width, 0, 0, height, width], dt),
-                                              (hidden.shape[0], 1)))
-        x_dev = to_dev(x.astype(dt))
-        zeros = to_dev(np.zeros(lat_shape, dt))
-        guide = {"guidance": to_dev(np.array(guidance_scale, np.float32))} if guided else {}
-        first_in = samplers.model_input(plan, 0, x.astype(np.float64)).astype(dt)
-        unet_in = to_dev(np.concatenate([first_in] * 2) if guided else first_in)
-        capture = getattr(self.backend, "capture_step", None)
-        if capture is not None:  # TensorRT: UNet + step graph over fixed buffers, replayed as CUDA graphs
-            loop = capture(unet, step)
-            loop.start(latents=x_dev, unet_in=unet_in, x0_prev=zeros, cond=cond, guidance=guide.get("guidance"),
-                       timesteps=plan.timesteps, coeffs=plan.table, noise=step_noise)
-            advance: Callable[[int], None] = loop.step
-            how = "captured CUDA graphs" if loop.captured else f"engines run directly ({loop.reason})"
-        else:
-            # every per-step input goes to the device before the loop: the loop itself does no host work
-            rows = 2 * b if guided else b
-            t_dev = [to_dev(np.full((rows,), t, np.float32)) for t in plan.timesteps]
-            c_dev = [to_dev(plan.coeffs(i)) for i in range(n)]
-            n_dev = [to_dev(z.astype(dt)) for z in step_noise] if step_noise is not None else [zeros] * n
-            state = {"latents": x_dev, "x0": zeros, "unet_in": unet_in}
-
-            def plain_step(i: int) -> None:
-                out = unet({"sample": state["unet_in"], "timestep": t_dev[i], **cond})["out_sample"]
-                res = step({"latents": state["latents"], "unet_out": out, **guide, "coeffs": c_dev[i],
-                            "x0_prev": state["x0"], "noise": n_dev[i]})
-                state.update(latents=res["latents_next"], x0=res["x0"], unet_in=res["unet_in_next"])
-
-            advance = plain_step
-            how = "engines run step by step"
-        unet_ms: list[float] = []
-        for i in range(n):
-            t0 = time.perf_counter()
-            advance(i)
-            self.backend.synchronize()
-            unet_ms.append((time.perf_counter() - t0) * 1e3)
-            if callback is not None:
-                callback(i + 1, n)
-        # the final latents (TensorRT: a view of the loop's buffer, valid until its next start(): decoded below)
-        x_dev = loop.latents if capture is not None else state["latents"]
-        timings["unet_steps_ms"] = unet_ms
-        timings["unet_step_ms"] = float(np.median(unet_ms)) if unet_ms else 0.0
-
-        # 4. decode
-        t0 = time.perf_counter()
-        dec = self.engines["vae_decoder"]
-        dec_dt = dec.inputs["latent_sample"].dtype
-        if dec_dt == dt:
-            lat_dev = x_dev
-        else:  # an fp32 VAE after an fp16 UNet (SDXL): cast on the host, once
-            lat_dev = self.backend.to_device(self.backend.to_host(x_dev).astype(dec_dt))
-        out = dec({"latent_sample": lat_dev})
-        pixels = self.backend.to_host(out["images"])
-        finite = self.backend.to_host(out["finite"])
-        timings["vae_decoder_ms"] = (time.perf_counter() - t0) * 1e3
-        timings["total_ms"] = (time.perf_counter() - t_start) * 1e3
-        nonfinite = [not bool(v) for v in finite]
-        if any(nonfinite):
-            warnings.warn(
-                f"{sum(nonfinite)} of {len(nonfinite)} images decoded to NaN/inf (an fp16 overflow in the "
-                "VAE); their pixels are not meaningful. Re-export with the VAE in fp32 "
-                "(`sdrt export ... --vae-fp32`).",
-                RuntimeWarning, stacklevel=3,
-            )
-        from PIL import Image
-
-        return Result([Image.fromarray(p) for p in pixels], timings, nonfinite, how)
+        if guided is not None:
+            self.backend.check_request(batch, height, width, guided)
 
     def _negatives(self, negative_prompt: str | Sequence[str] | None, b: int) -> list[str]:
         if negative_prompt is None:
@@ -313,6 +540,44 @@ class Pipeline:
 
             self._step_graphs[key] = self.backend.load(step_graph_bytes(guided, dtype), STEP_ENGINES[guided])
         return self._step_graphs[key]
+
+
+def _prompts(prompt: str | Sequence[str], batch_size: int) -> list[str]:
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts:
+        raise InputError("prompt is empty: give a string or a non-empty list of strings")
+    return [p for p in prompts for _ in range(batch_size)]
+
+
+def _array(a: Any, label: str, ndim: int) -> np.ndarray:
+    arr = np.asarray(a, dtype=np.float32)
+    if arr.ndim != ndim or not np.all(np.isfinite(arr)):
+        raise InputError(f"{label} must be a finite float array of {ndim} dimensions, got shape {list(arr.shape)}")
+    return arr
+
+
+def _check_guidance(g: float) -> None:
+    if not np.isfinite(g):
+        raise InputError(f"guidance_scale {g} is not a finite number")
+
+
+def _generators(seed: int | Sequence[int] | None, b: int) -> list[np.random.Generator]:
+    """One generator for the batch (an int or no seed), or one per image (a list of seeds)."""
+    if seed is None or isinstance(seed, (int, np.integer)):
+        return [np.random.default_rng(seed)]
+    seeds = list(seed)
+    if len(seeds) != b:
+        raise InputError(f"{len(seeds)} seeds for {b} images; give one seed, or one per image")
+    return [np.random.default_rng(int(s)) for s in seeds]
+
+
+def _draw(gens: list[np.random.Generator], shape: tuple[int, ...], axis: int = 0) -> np.ndarray:
+    """Standard normal noise of ``shape``; with one generator per image, image k's slice along ``axis``
+    is what its generator alone would draw for a batch of one."""
+    if len(gens) == 1:
+        return gens[0].standard_normal(shape, dtype=np.float32)
+    one = (*shape[:axis], 1, *shape[axis + 1:])
+    return np.concatenate([g.standard_normal(one, dtype=np.float32) for g in gens], axis=axis)
 
 
 def _check_components(manifest: ExportManifest, folder: Path) -> None:

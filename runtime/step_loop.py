@@ -57,6 +57,11 @@ class StepLoop(abc.ABC):
     def latents(self) -> Array:
         """The latents after the steps run so far (valid until the next ``start``)."""
 
+    @property
+    @abc.abstractmethod
+    def x0(self) -> Array:
+        """The sampler's last x0 prediction (a multistep sampler's history; valid until the next ``start``)."""
+
     def describe(self) -> str:
         """How the loop ran, for ``Result.loop``."""
         if self.captured:
@@ -115,6 +120,12 @@ class PlainStepLoop(StepLoop):
         if not self._state:
             raise InputError("start() the loop first")
         return self._state["latents"]
+
+    @property
+    def x0(self) -> Array:
+        if not self._state:
+            raise InputError("start() the loop first")
+        return self._state["x0"]
 
     def close(self) -> None:
         self._state, self._per_step, self._fixed = {}, [], {}

@@ -166,12 +166,11 @@ def test_cli_generate_and_demo(sd15: Path, tmp_path: Path, capsys: pytest.Captur
 
 def test_engine_profile_range_checked_before_work(pipe: Pipeline, monkeypatch: pytest.MonkeyPatch) -> None:
     """With TensorRT engines, the build profile (narrower than the export) is checked up front."""
-    from types import SimpleNamespace
-
     from sdrt.runtime.engine_manifest import ProfileShapes
 
     profile = ProfileShapes((1, 1, 2), (64, 64, 128), (64, 64, 128), (1, 1, 1), True)
-    monkeypatch.setattr(pipe.backend, "manifest", SimpleNamespace(profile=profile), raising=False)
+    monkeypatch.setattr(pipe.backend, "check_request",
+                        lambda b, h, w, guided: profile.check_request(b, h, w, guided=guided))
     with pytest.raises(InputError, match=r"height 192 \(engines take 64..128\)"):
         pipe("a", height=192, steps=2)
     with pytest.raises(InputError, match="batch 3"):
