@@ -6,6 +6,9 @@ threads at once are safe: they are serialized by a lock, since one pipeline driv
 
 from __future__ import annotations
 
+import math
+import re
+import secrets
 import threading
 import time
 import warnings
@@ -18,11 +21,14 @@ import numpy as np
 
 from . import samplers
 from .engine import Backend, Engine
-from .errors import ArtifactError, InputError
+from .errors import ArtifactError, CompatibilityError, DeviceMemoryError, InputError, SdrtError
 from .manifest import ExportManifest
 from .tokenizer import ClipTokenizer
 
 BACKENDS = ("auto", "ort-cpu", "ort-cuda", "tensorrt")
+SEED_MAX = 2**32 - 1  # seeds are 32-bit, as in the popular UIs, so any seed printed can be typed back
+GUIDANCE_MAX = 100.0  # far above any useful scale (5-9 is typical); larger values only saturate the image
+DEFAULT_STRENGTH = 0.8
 
 
 @dataclass
@@ -31,6 +37,28 @@ class Result:
     timings: dict[str, Any]  # milliseconds per stage
     nonfinite: list[bool] = field(default_factory=list)  # per image: NaN/inf in the decoded pixels
     loop: str = ""  # how the denoising loop ran (step by step; TensorRT: captured CUDA graphs or not, and why)
+    seed: int = 0  # the seed used (drawn at random when the call gave none): pass it back to reproduce the images
+
+
+@dataclass
+class _Request:
+    """A call's arguments after every check, with what the checks derived (sizes, the plan, the noise)."""
+
+    prompts: list[str]  # one per image
+    negs: list[str] | None  # None: unguided
+    negative_given: bool  # SDXL zeroes the unconditional embeddings when no negative prompt was given
+    height: int
+    width: int
+    guidance_scale: float
+    init_image: np.ndarray | None
+    plan: samplers.SamplerPlan
+    seed: int
+    rng: np.random.Generator
+    noise: np.ndarray
+
+    @property
+    def guided(self) -> bool:
+        return self.negs is not None
 
 
 def make_backend(name: str, folder: Path, threads: int | None = None, cuda_graph: bool | None = None) -> Backend:
@@ -39,8 +67,11 @@ def make_backend(name: str, folder: Path, threads: int | None = None, cuda_graph
 
     if name not in BACKENDS:
         raise InputError(f"unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}")
+    engine_folder = (folder / "sdrt-engines.json").is_file()
+    if engine_folder and name in ("ort-cpu", "ort-cuda"):
+        raise _engine_folder_error(folder, name)
     if name == "auto":
-        if (folder / "sdrt-engines.json").is_file():
+        if engine_folder:
             name = "tensorrt"
         else:
             name = "ort-cuda" if cuda_available() else "ort-cpu"
@@ -82,6 +113,8 @@ class Pipeline:
         import json
 
         folder = Path(path)
+        if backend in ("ort-cpu", "ort-cuda") and (folder / "sdrt-engines.json").is_file():
+            raise _engine_folder_error(folder, backend)  # before reading anything made for TensorRT
         manifest = ExportManifest.read(folder)
         _check_components(manifest, folder)
         be = make_backend(backend, folder, threads, cuda_graph)
@@ -124,14 +157,21 @@ class Pipeline:
         return hidden, pooled
 
     # -- checks -------------------------------------------------------------------------------------
+    def _check_side(self, label: str, v: Any) -> None:
+        lim = self.manifest.limits
+        if not _is_int(v) or v % lim.multiple_of or not lim.min_size <= v <= lim.max_size:
+            raise InputError(
+                f"{label} {v!r} is not supported: use a multiple of {lim.multiple_of} between "
+                f"{lim.min_size} and {lim.max_size}, or None for the default ({self.manifest.default_size})",
+                cli=f"--{label} {v!r} is not supported: use a multiple of {lim.multiple_of} between "
+                    f"{lim.min_size} and {lim.max_size}, or leave it out for the default "
+                    f"({self.manifest.default_size})",
+            )
+
     def _check_size(self, height: int, width: int, batch: int, guided: bool | None = None) -> None:
         lim = self.manifest.limits
         for label, v in (("height", height), ("width", width)):
-            if v % lim.multiple_of or not lim.min_size <= v <= lim.max_size:
-                raise InputError(
-                    f"{label} {v} is not supported: use a multiple of {lim.multiple_of} between "
-                    f"{lim.min_size} and {lim.max_size}"
-                )
+            self._check_side(label, v)
         if not 1 <= batch <= lim.max_batch:
             raise InputError(f"batch_size {batch} is outside the supported range 1..{lim.max_batch}")
         engine_manifest = getattr(self.backend, "manifest", None)  # TensorRT: the engines' build profile
@@ -152,39 +192,65 @@ class Pipeline:
         batch_size: int = 1,
         latents: np.ndarray | None = None,
         image: Any = None,
-        strength: float = 0.8,
+        strength: float | None = None,
         callback: Callable[[int, int], None] | None = None,
     ) -> Result:
+        """``height``/``width``: None is the model's default size (img2img: the image's own size, rounded
+        down to a multiple of 8). ``guidance_scale``: 0..100, where <= 1 turns guidance off. ``seed``:
+        0..2**32-1, None for a random one (returned in ``Result.seed``). ``strength``: img2img only, in
+        (0, 1], default 0.8. Every argument is checked before any engine runs."""
         with self._lock:
-            return self._generate(prompt, negative_prompt, height, width, steps, guidance_scale, sampler,
-                                  seed, batch_size, latents, image, strength, callback)
+            t_start = time.perf_counter()
+            req = self._check_request(prompt, negative_prompt, height, width, steps, guidance_scale, sampler,
+                                      seed, batch_size, latents, image, strength)
+            try:
+                return self._generate(req, callback, t_start)
+            except DeviceMemoryError as e:
+                raise _memory_error(e, req, self) from e
 
-    def _generate(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None,
-                  height: int | None, width: int | None, steps: int, guidance_scale: float, sampler: str,
-                  seed: int | None, batch_size: int, latents: np.ndarray | None, image: Any,
-                  strength: float, callback: Callable[[int, int], None] | None) -> Result:
-        t_start = time.perf_counter()
-        m = self.manifest
+    def _check_request(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None,
+                       height: int | None, width: int | None, steps: int, guidance_scale: float, sampler: str,
+                       seed: int | None, batch_size: int, latents: np.ndarray | None, image: Any,
+                       strength: float | None) -> _Request:
+        m, lim = self.manifest, self.manifest.limits
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise InputError("prompt is empty: give a string or a non-empty list of strings")
+        if not _is_int(batch_size) or not 1 <= batch_size <= lim.max_batch:
+            raise InputError(f"batch_size {batch_size!r} is outside the supported range 1..{lim.max_batch}",
+                             cli=f"--batch-size {batch_size!r} is outside the supported range 1..{lim.max_batch}")
         prompts = [p for p in prompts for _ in range(batch_size)]
-        b = len(prompts)
+        for label, v in (("height", height), ("width", width)):
+            if v is not None:  # only None means the default: 0 is an error, not a request for the default
+                self._check_side(label, v)
+        if not _is_number(guidance_scale) or not math.isfinite(guidance_scale) or not (
+                0.0 <= guidance_scale <= GUIDANCE_MAX):
+            what = f"a finite number from 0 to {GUIDANCE_MAX:g} (1 or less turns guidance off; 5-9 is typical)"
+            raise InputError(f"guidance_scale must be {what}, got {guidance_scale!r}",
+                             cli=f"--guidance must be {what}, got {guidance_scale!r}")
+        if seed is None:
+            seed = secrets.randbits(32)
+        elif not _is_int(seed) or not 0 <= seed <= SEED_MAX:
+            raise InputError(f"seed must be an integer from 0 to {SEED_MAX} or None (a random seed, returned in "
+                             f"Result.seed), got {seed!r}",
+                             cli=f"--seed must be an integer from 0 to {SEED_MAX}, got {seed!r}; leave --seed out "
+                                 "for a random seed (the seed used is printed)")
+        if image is None and strength is not None:
+            raise InputError("strength applies to img2img only: pass image=..., or leave strength out",
+                             cli="--strength applies to img2img only: pass --init-image, or leave --strength out")
         init_image = None
         if image is not None:
             init_image = _to_uint8(image, height, width, m.vae_scale_factor)
             height, width = init_image.shape[1], init_image.shape[2]
-        height = height or m.default_size
-        width = width or m.default_size
-        self._check_size(height, width, b, guided=guidance_scale > 1.0)
-        if image is None:
-            strength = 1.0
-        plan = samplers.make_plan(sampler, steps, self.scheduler_config,
-                                  prediction_type=m.prediction_type, strength=strength)
-        guided = guidance_scale > 1.0
+        height = m.default_size if height is None else int(height)
+        width = m.default_size if width is None else int(width)
+        b, guided = len(prompts), guidance_scale > 1.0
+        self._check_size(height, width, b, guided=guided)
+        plan = samplers.make_plan(sampler, steps, self.scheduler_config, prediction_type=m.prediction_type,
+                                  strength=1.0 if image is None else DEFAULT_STRENGTH if strength is None else strength)
         f = m.vae_scale_factor
         lat_shape = (b, m.latent_channels, height // f, width // f)
-        rng = np.random.default_rng(seed)
+        rng = np.random.default_rng(int(seed))
         if latents is None:
             noise = rng.standard_normal(lat_shape, dtype=np.float32)
         else:
@@ -192,13 +258,20 @@ class Pipeline:
             if noise.shape != lat_shape:
                 raise InputError(f"latents have shape {noise.shape}, expected {lat_shape} for this size and batch")
         negs = self._negatives(negative_prompt, b) if guided else None
+        return _Request(prompts, negs, negative_prompt is not None, height, width, float(guidance_scale), init_image, plan, int(seed), rng, noise)
+
+    def _generate(self, req: _Request, callback: Callable[[int, int], None] | None, t_start: float) -> Result:
+        m, plan, prompts, negs, rng = self.manifest, req.plan, req.prompts, req.negs, req.rng
+        height, width, b, guided = req.height, req.width, len(req.prompts), req.guided
+        guidance_scale, init_image, noise = req.guidance_scale, req.init_image, req.noise
+        lat_shape = noise.shape
         timings: dict[str, Any] = {}
 
         # 1. text
         t0 = time.perf_counter()
         if negs is not None:
             hidden, pooled = self._encode(negs + prompts)
-            if m.family == "sdxl" and negative_prompt is None:
+            if m.family == "sdxl" and not req.negative_given:
                 hidden[:b] = 0  # diffusers' force_zeros_for_empty_prompt
                 assert pooled is not None
                 pooled[:b] = 0
@@ -294,7 +367,7 @@ class Pipeline:
             )
         from PIL import Image
 
-        return Result([Image.fromarray(p) for p in pixels], timings, nonfinite, how)
+        return Result([Image.fromarray(p) for p in pixels], timings, nonfinite, how, req.seed)
 
     def _negatives(self, negative_prompt: str | Sequence[str] | None, b: int) -> list[str]:
         if negative_prompt is None:
@@ -313,6 +386,57 @@ class Pipeline:
 
             self._step_graphs[key] = self.backend.load(step_graph_bytes(guided, dtype), STEP_ENGINES[guided])
         return self._step_graphs[key]
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+
+
+def _engine_folder_error(folder: Path, backend: str) -> CompatibilityError:
+    """An engine folder opened with an ONNX Runtime backend: name the backend, or the export it came from."""
+    from .engine_manifest import EngineManifest
+
+    try:
+        onnx_dir: str | None = EngineManifest.read(folder).onnx_dir
+    except SdrtError:
+        onnx_dir = None
+    source = f"the ONNX export it was built from, {onnx_dir}" if onnx_dir else "the ONNX export it was built from"
+    head = f"{folder} is a TensorRT engine folder (made by `sdrt build`), which {backend} cannot run"
+    return CompatibilityError(
+        f"{head}: load it with backend=\"tensorrt\", or load {source} with backend={backend!r}",
+        cli=f"{head}: use --backend tensorrt, or pass {source} with --backend {backend}",
+    )
+
+
+_REQUESTED = re.compile(r"buffer of size (\d+)")
+
+
+def _memory_error(e: DeviceMemoryError, req: _Request, pipe: Pipeline) -> DeviceMemoryError:
+    """The backend's allocation failure, with what was asked, a rough need, and what to lower."""
+    m, b = pipe.manifest, len(req.prompts)
+    rows = 2 * b if req.guided else b
+    weights = sum(c.size_bytes for c in m.components.values())
+    tokens = (req.height // m.vae_scale_factor) * (req.width // m.vae_scale_factor)
+    # the UNet's full-resolution self-attention scores (about 8 heads) dominate without fused attention
+    attention = rows * 8 * tokens**2 * pipe.dtype.itemsize
+    found = _REQUESTED.search(f"{e} {e.__cause__}")
+    failed = f"; one buffer of {int(found.group(1)) / 2**30:.1f} GiB could not be allocated" if found else ""
+    asked = (f"{req.width}x{req.height}, {b} image{'s' if b > 1 else ''}"
+             f"{', guided (the UNet runs 2 x batch rows)' if req.guided else ''}")
+    head = (f"{asked} does not fit in {pipe.backend.name}'s memory ({e}){failed}. It needs roughly "
+            f"{(weights + attention) / 2**30:.1f} GiB: {weights / 2**30:.1f} GiB of weights and "
+            f"{attention / 2**30:.1f} GiB of UNet attention scores where attention is not fused, which grow with "
+            "the square of the pixel count")
+    return DeviceMemoryError(
+        f"{head}. Lower height and width (halving both cuts attention memory 16x), batch_size, or turn "
+        "guidance off (guidance_scale=1)",
+        cli=f"{head}. Lower --height and --width (halving both cuts attention memory 16x), --batch-size, or "
+            "turn guidance off (--guidance 1)",
+    )
 
 
 def _check_components(manifest: ExportManifest, folder: Path) -> None:
@@ -351,6 +475,8 @@ def _to_uint8(image: Any, height: int | None, width: int | None, multiple: int) 
     w = width or image.width
     h = height or image.height
     w, h = w - w % multiple, h - h % multiple
+    if w <= 0 or h <= 0:
+        raise InputError(f"image is {image.width}x{image.height}: img2img needs at least {multiple}x{multiple} pixels")
     if (w, h) != image.size:
         image = image.resize((w, h), resample=Image.LANCZOS)
     return np.asarray(image, dtype=np.uint8)[None]
