@@ -381,3 +381,28 @@ def test_image_parity_line_says_levels() -> None:
     assert "the 1e-04 bound is for float outputs" in line
     assert parity_line(Parity("t", 2e-7, 1e-6, 1e-4), "fp32") == (
         "parity rel err 1.00e-06 (bound 1e-04), max abs 2.00e-07")
+
+
+def test_real_allocation_failure_under_a_memory_limit(sd15: Path) -> None:
+    """ONNX Runtime's own failure, not a fake: 2048x2048 under a 4 GiB address-space limit."""
+    import subprocess
+    import sys
+
+    resource = pytest.importorskip("resource")
+    code = f"""
+import resource
+resource.setrlimit(resource.RLIMIT_AS, ({4 << 30}, {4 << 30}))
+from sdrt.runtime.errors import DeviceMemoryError
+from sdrt.runtime.pipeline import Pipeline
+pipe = Pipeline.load({str(sd15)!r}, backend="ort-cpu", threads=1)
+try:
+    pipe("a", height=2048, width=2048, steps=1, seed=0)
+except DeviceMemoryError as e:
+    print("DeviceMemoryError:", e)
+"""
+    if not hasattr(resource, "RLIMIT_AS"):
+        pytest.skip("no address-space limit on this platform")
+    out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("DeviceMemoryError: 2048x2048, 1 image, guided"), out.stdout + out.stderr[-2000:]
+    assert "Lower height and width" in out.stdout
