@@ -129,10 +129,7 @@ def export_component(
     del model, module
     progress(f"exported {spec.name} in {time.perf_counter() - t0:.1f} s; checking parity with PyTorch")
     parity = check_parity(spec, precision, path, parity_shape)
-    progress(
-        f"{spec.name}: parity rel err {parity.rel_err:.2e} (bound {parity.bound:.0e}), "
-        f"max abs {parity.max_abs_err:.2e}"
-    )
+    progress(f"{spec.name}: {parity_line(parity, precision)}")
     return Component(
         path=f"{folder.name}/model.onnx",
         precision=precision,
@@ -153,6 +150,16 @@ def _cleanup(model: onnx.ModelProto) -> None:
     for n in model.graph.node:
         n.doc_string = ""
     model.producer_name = "sdrt"
+
+
+def parity_line(parity: Parity, precision: str) -> str:
+    """The parity figures in words. An image output (uint8) is judged in levels of 255, so its bound,
+    as a fraction of full scale, is (levels + 0.5) / 255, not the float bound."""
+    if parity.bound != PARITY_BOUND[precision]:
+        return (f"image parity {parity.max_abs_err:.0f} of 255 levels, bound {IMAGE_LEVELS[precision]} level"
+                f"{'s' if IMAGE_LEVELS[precision] > 1 else ''} ({parity.rel_err:.1e} of full scale, bound "
+                f"{parity.bound:.0e}; the {PARITY_BOUND[precision]:.0e} bound is for float outputs)")
+    return f"parity rel err {parity.rel_err:.2e} (bound {parity.bound:.0e}), max abs {parity.max_abs_err:.2e}"
 
 
 def check_parity(spec: ComponentSpec, precision: str, path: Path, shape: tuple[int, int, int]) -> Parity:

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from .engine import Array, Backend, Engine, IOSpec
-from .errors import ArtifactError, BackendUnavailable, CompatibilityError, InputError
+from .errors import ArtifactError, BackendUnavailable, CompatibilityError, DeviceMemoryError, InputError
 
 _ORT_TYPES: dict[str, np.dtype[Any]] = {
     "tensor(float)": np.dtype("float32"),
@@ -234,12 +234,31 @@ class OrtEngine(Engine):
                                         backend.max_cuda_graphs) if captured else None)
 
     def run(self, feeds: Mapping[str, Array]) -> dict[str, Array]:
-        if not self._bound:
-            outs = self.session.run(self._out_names, dict(feeds))
-            return dict(zip(self._out_names, outs))
-        if self._static is not None:
-            return self._static.run(feeds)
-        return _bound_run(self.session, feeds, self._out_names, self._memory, self._device_id)
+        try:
+            if not self._bound:
+                outs = self.session.run(self._out_names, dict(feeds))
+                return dict(zip(self._out_names, outs))
+            if self._static is not None:
+                return self._static.run(feeds)
+            return _bound_run(self.session, feeds, self._out_names, self._memory, self._device_id)
+        except Exception as e:  # onnxruntime raises its own untyped errors (RuntimeException, Fail)
+            if isinstance(e, MemoryError) or any(s in str(e) for s in _ALLOCATION_FAILED):
+                raise DeviceMemoryError(
+                    f"{self.name}: {self.backend.name} could not allocate memory ({_allocation_detail(e)}); lower "
+                    "the image size or batch"
+                ) from e
+            raise
+
+
+# how ONNX Runtime reports a failed allocation (its arena on any device; the C++ allocator on the host)
+_ALLOCATION_FAILED = ("Failed to allocate memory", "bad_alloc", "out of memory")
+
+
+def _allocation_detail(e: Exception) -> str:
+    """ORT's message without its C++ source location and signature."""
+    msg = " ".join(str(e).split())
+    at = msg.find("Failed to allocate")
+    return msg[at:] if at >= 0 else (msg[:200] or type(e).__name__)
 
 
 def _load_error(path: str, e: Exception, captured: bool) -> Exception:

@@ -16,6 +16,9 @@ releases every engine and device buffer; a closed pipeline refuses further calls
 
 from __future__ import annotations
 
+import math
+import re
+import secrets
 import threading
 import time
 import warnings
@@ -28,7 +31,7 @@ import numpy as np
 
 from . import samplers
 from .engine import Array, Backend, Engine
-from .errors import ArtifactError, InputError
+from .errors import ArtifactError, CompatibilityError, DeviceMemoryError, InputError, SdrtError
 from .manifest import ExportManifest
 from .step_loop import StepLoop
 from .tokenizer import ClipTokenizer
@@ -38,6 +41,9 @@ if TYPE_CHECKING:
 
 BACKENDS = ("auto", "ort-cpu", "ort-cuda", "tensorrt")
 OUTPUTS = ("images", "latents")
+SEED_MAX = 2**32 - 1  # seeds are 32-bit, as in the popular UIs, so any seed printed can be typed back
+GUIDANCE_MAX = 100.0  # far above any useful scale (5-9 is typical); larger values only saturate the image
+DEFAULT_STRENGTH = 0.8
 
 
 @dataclass
@@ -47,7 +53,8 @@ class Result:
     nonfinite: list[bool] = field(default_factory=list)  # per image: NaN/inf in the decoded pixels
     loop: str = ""  # how the denoising loop ran (step by step; TensorRT: captured CUDA graphs or not, and why)
     latents: np.ndarray | None = None  # the final latents [B, C, h, w] (output="latents")
-    seed: list[int] | int | None = None  # the seed(s) the noise was drawn with
+    seed: list[int] | int | None = None  # the seed(s) used (drawn at random when the call gave none): pass
+    # it back to reproduce the images
 
 
 @dataclass(frozen=True)
@@ -92,8 +99,11 @@ def make_backend(name: str, folder: Path, threads: int | None = None, cuda_graph
 
     if name not in BACKENDS:
         raise InputError(f"unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}")
+    engine_folder = (folder / "sdrt-engines.json").is_file()
+    if engine_folder and name in ("ort-cpu", "ort-cuda"):
+        raise _engine_folder_error(folder, name)
     if name == "auto":
-        if (folder / "sdrt-engines.json").is_file():
+        if engine_folder:
             name = "tensorrt"
         else:
             name = "ort-cuda" if cuda_available() else "ort-cpu"
@@ -138,6 +148,8 @@ class Pipeline:
         import json
 
         folder = Path(path)
+        if backend in ("ort-cpu", "ort-cuda") and (folder / "sdrt-engines.json").is_file():
+            raise _engine_folder_error(folder, backend)  # before reading anything made for TensorRT
         manifest = ExportManifest.read(folder)
         _check_components(manifest, folder)
         be = make_backend(backend, folder, threads, cuda_graph, device_id)
@@ -293,7 +305,7 @@ class Pipeline:
             self._ready()
             self._check_size(height, width, batch_size, guided=None)
             init = None if image is None else _to_uint8(image, height, width, self.manifest.vae_scale_factor)
-            return self._prepare(plan, height, width, batch_size, seed, latents, init, {})
+            return self._prepare(plan, height, width, batch_size, _resolve_seed(seed, batch_size), latents, init, {})
 
     def _prepare(self, plan: samplers.SamplerPlan, height: int, width: int, b: int,
                  seed: int | Sequence[int] | None, latents: np.ndarray | None, init: np.ndarray | None,
@@ -319,7 +331,7 @@ class Pipeline:
             x = (noise.astype(np.float64) * plan.init_noise_sigma).astype(np.float32)
         # fresh noise of every ancestral step, drawn up front so the loop never waits on the host
         step_noise = _draw(gens, (plan.steps, *lat_shape), axis=1) if plan.needs_noise else None
-        seeds = None if seed is None else seed if isinstance(seed, int) else [int(s) for s in seed]
+        seeds = None if seed is None else int(seed) if _is_int(seed) else [int(s) for s in seed]  # type: ignore[union-attr]
         return Latents(self.backend.to_device(x.astype(self.dtype)), height, width, 0, None, step_noise, seeds, x)
 
     # -- stage 3: the denoising loop -------------------------------------------------------------------
@@ -453,7 +465,7 @@ class Pipeline:
         batch_size: int = 1,
         latents: np.ndarray | None = None,
         image: Any = None,
-        strength: float = 0.8,
+        strength: float | None = None,
         callback: Callable[[int, int], None] | None = None,
         *,
         prompt_embeds: np.ndarray | None = None,
@@ -462,62 +474,87 @@ class Pipeline:
         negative_pooled_prompt_embeds: np.ndarray | None = None,
         output: str = "images",
     ) -> Result:
-        """The whole call: encode_prompt -> prepare_latents -> denoise -> decode. ``seed`` may be a list,
-        one per image. ``output="latents"``: return the final latents (``Result.latents``), not images."""
+        """The whole call: encode_prompt -> prepare_latents -> denoise -> decode.
+
+        ``height``/``width``: None is the model's default size (img2img: the image's own size, rounded
+        down to a multiple of 8). ``guidance_scale``: 0..100, where <= 1 turns guidance off. ``seed``:
+        0..2**32-1, or a list of them, one per image; None for a random one (returned in ``Result.seed``).
+        ``strength``: img2img only, in (0, 1], default 0.8. ``output="latents"``: return the final latents
+        (``Result.latents``), not images. Every argument is checked before any engine runs."""
         with self._lock:
             self._ready()
             t_start = time.perf_counter()
-            m = self.manifest
+            m, lim = self.manifest, self.manifest.limits
             if output not in OUTPUTS:
                 raise InputError(f"output {output!r} is not one of {', '.join(OUTPUTS)}")
             if (prompt is None) == (prompt_embeds is None):
                 raise InputError("give either prompt or prompt_embeds (one of them)")
+            if not _is_int(batch_size) or not 1 <= batch_size <= lim.max_batch:
+                raise InputError(f"batch_size {batch_size!r} is outside the supported range 1..{lim.max_batch}",
+                                 cli=f"--batch-size {batch_size!r} is outside the supported range 1..{lim.max_batch}")
             b = (np.shape(prompt_embeds)[0] if prompt_embeds is not None else len(_prompts(prompt, batch_size)))
+            for label, v in (("height", height), ("width", width)):
+                if v is not None:  # only None means the default: 0 is an error, not a request for the default
+                    self._check_side(label, v)
+            _check_guidance(guidance_scale)
+            seed = _resolve_seed(seed, b)
+            if image is None and strength is not None:
+                raise InputError("strength applies to img2img only: pass image=..., or leave strength out",
+                                 cli="--strength applies to img2img only: pass --init-image, or leave --strength out")
             init = None
             if image is not None:
                 init = _to_uint8(image, height, width, m.vae_scale_factor)
                 height, width = init.shape[1], init.shape[2]
-            height = height or m.default_size
-            width = width or m.default_size
+            height = m.default_size if height is None else int(height)
+            width = m.default_size if width is None else int(width)
             guided = guidance_scale > 1.0
             self._check_size(height, width, b, guided=guided)
-            _check_guidance(guidance_scale)
-            plan = self.plan(sampler, steps, strength=strength if image is not None else 1.0)
-            _generators(seed, b)  # a bad seed fails before any engine runs
-            timings: dict[str, Any] = {}
+            plan = self.plan(sampler, steps, strength=1.0 if image is None else
+                             DEFAULT_STRENGTH if strength is None else strength)
+            try:
+                timings: dict[str, Any] = {}
 
-            t0 = time.perf_counter()
-            if prompt_embeds is not None:
-                emb = self.embeddings_from(prompt_embeds, negative_prompt_embeds, guided=guided,
-                                           pooled_prompt_embeds=pooled_prompt_embeds,
-                                           negative_pooled_prompt_embeds=negative_pooled_prompt_embeds)
-            else:
-                assert prompt is not None
-                emb = self.encode_prompt(prompt, negative_prompt, batch_size=batch_size, guided=guided)
-            timings["text_encoder_ms"] = (time.perf_counter() - t0) * 1e3
-            lat = self._prepare(plan, height, width, b, seed, latents, init, timings)
-            lat, how = self._denoise(emb, lat, plan, guidance_scale, None, None, callback, timings)
-            images: list[Any] = []
-            nonfinite: list[bool] = []
-            final = None
-            t0 = time.perf_counter()
-            if output == "latents":
-                final = self.backend.to_host(lat.x)
-            else:
-                images, nonfinite = self._decode(lat.x)
-                timings["vae_decoder_ms"] = (time.perf_counter() - t0) * 1e3
-            timings["total_ms"] = (time.perf_counter() - t_start) * 1e3
-            return Result(images, timings, nonfinite, how, final, lat.seed)
+                t0 = time.perf_counter()
+                if prompt_embeds is not None:
+                    emb = self.embeddings_from(prompt_embeds, negative_prompt_embeds, guided=guided,
+                                               pooled_prompt_embeds=pooled_prompt_embeds,
+                                               negative_pooled_prompt_embeds=negative_pooled_prompt_embeds)
+                else:
+                    assert prompt is not None
+                    emb = self.encode_prompt(prompt, negative_prompt, batch_size=batch_size, guided=guided)
+                timings["text_encoder_ms"] = (time.perf_counter() - t0) * 1e3
+                lat = self._prepare(plan, height, width, b, seed, latents, init, timings)
+                lat, how = self._denoise(emb, lat, plan, guidance_scale, None, None, callback, timings)
+                images: list[Any] = []
+                nonfinite: list[bool] = []
+                final = None
+                t0 = time.perf_counter()
+                if output == "latents":
+                    final = self.backend.to_host(lat.x)
+                else:
+                    images, nonfinite = self._decode(lat.x)
+                    timings["vae_decoder_ms"] = (time.perf_counter() - t0) * 1e3
+                timings["total_ms"] = (time.perf_counter() - t_start) * 1e3
+                return Result(images, timings, nonfinite, how, final, lat.seed)
+            except DeviceMemoryError as e:
+                raise _memory_error(e, self, b, guided, height, width) from e
 
     # -- checks -------------------------------------------------------------------------------------
+    def _check_side(self, label: str, v: Any) -> None:
+        lim = self.manifest.limits
+        if not _is_int(v) or v % lim.multiple_of or not lim.min_size <= v <= lim.max_size:
+            raise InputError(
+                f"{label} {v!r} is not supported: use a multiple of {lim.multiple_of} between "
+                f"{lim.min_size} and {lim.max_size}, or None for the default ({self.manifest.default_size})",
+                cli=f"--{label} {v!r} is not supported: use a multiple of {lim.multiple_of} between "
+                    f"{lim.min_size} and {lim.max_size}, or leave it out for the default "
+                    f"({self.manifest.default_size})",
+            )
+
     def _check_size(self, height: int, width: int, batch: int, guided: bool | None) -> None:
         lim = self.manifest.limits
         for label, v in (("height", height), ("width", width)):
-            if v % lim.multiple_of or not lim.min_size <= v <= lim.max_size:
-                raise InputError(
-                    f"{label} {v} is not supported: use a multiple of {lim.multiple_of} between "
-                    f"{lim.min_size} and {lim.max_size}"
-                )
+            self._check_side(label, v)
         if not 1 <= batch <= lim.max_batch:
             raise InputError(f"batch_size {batch} is outside the supported range 1..{lim.max_batch}")
         if guided is not None:
@@ -556,16 +593,86 @@ def _array(a: Any, label: str, ndim: int) -> np.ndarray:
     return arr
 
 
-def _check_guidance(g: float) -> None:
-    if not np.isfinite(g):
-        raise InputError(f"guidance_scale {g} is not a finite number")
+def _is_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+
+
+def _check_guidance(g: Any) -> None:
+    if not _is_number(g) or not math.isfinite(g) or not 0.0 <= g <= GUIDANCE_MAX:
+        what = f"a finite number from 0 to {GUIDANCE_MAX:g} (1 or less turns guidance off; 5-9 is typical)"
+        raise InputError(f"guidance_scale must be {what}, got {g!r}", cli=f"--guidance must be {what}, got {g!r}")
+
+
+def _resolve_seed(seed: Any, b: int) -> int | list[int]:
+    """The seed(s) a call uses: checked, and drawn at random when none was given."""
+    if seed is None:
+        return secrets.randbits(32)
+    for s in [seed] if _is_int(seed) else seed if isinstance(seed, (list, tuple)) else [seed]:
+        if not _is_int(s) or not 0 <= s <= SEED_MAX:
+            raise InputError(f"seed must be an integer from 0 to {SEED_MAX}, a list of them (one per image), or "
+                             f"None (a random seed, returned in Result.seed), got {seed!r}",
+                             cli=f"--seed must be an integer from 0 to {SEED_MAX}, got {seed!r}; leave --seed out "
+                                 "for a random seed (the seed used is printed)")
+    if _is_int(seed):
+        return int(seed)
+    if len(seed) != b:
+        raise InputError(f"{len(seed)} seeds for {b} images; give one seed, or one per image")
+    return [int(s) for s in seed]
+
+
+def _engine_folder_error(folder: Path, backend: str) -> CompatibilityError:
+    """An engine folder opened with an ONNX Runtime backend: name the backend, or the export it came from."""
+    from .engine_manifest import EngineManifest
+
+    try:
+        onnx_dir: str | None = EngineManifest.read(folder).onnx_dir
+    except SdrtError:
+        onnx_dir = None
+    source = f"the ONNX export it was built from, {onnx_dir}" if onnx_dir else "the ONNX export it was built from"
+    head = f"{folder} is a TensorRT engine folder (made by `sdrt build`), which {backend} cannot run"
+    return CompatibilityError(
+        f"{head}: load it with backend=\"tensorrt\", or load {source} with backend={backend!r}",
+        cli=f"{head}: use --backend tensorrt, or pass {source} with --backend {backend}",
+    )
+
+
+_REQUESTED = re.compile(r"buffer of size (\d+)")
+
+
+def _memory_error(e: DeviceMemoryError, pipe: Pipeline, b: int, guided: bool, height: int,
+                  width: int) -> DeviceMemoryError:
+    """The backend's allocation failure, with what was asked, a rough need, and what to lower."""
+    m = pipe.manifest
+    rows = 2 * b if guided else b
+    weights = sum(c.size_bytes for c in m.components.values())
+    tokens = (height // m.vae_scale_factor) * (width // m.vae_scale_factor)
+    # the UNet's full-resolution self-attention scores (about 8 heads) dominate without fused attention
+    attention = rows * 8 * tokens**2 * pipe.dtype.itemsize
+    found = _REQUESTED.search(f"{e} {e.__cause__}")
+    failed = f"; one buffer of {int(found.group(1)) / 2**30:.1f} GiB could not be allocated" if found else ""
+    asked = (f"{width}x{height}, {b} image{'s' if b > 1 else ''}"
+             f"{', guided (the UNet runs 2 x batch rows)' if guided else ''}")
+    head = (f"{asked} does not fit in {pipe.backend.name}'s memory ({e}){failed}. It needs roughly "
+            f"{(weights + attention) / 2**30:.1f} GiB: {weights / 2**30:.1f} GiB of weights and "
+            f"{attention / 2**30:.1f} GiB of UNet attention scores where attention is not fused, which grow with "
+            "the square of the pixel count")
+    return DeviceMemoryError(
+        f"{head}. Lower height and width (halving both cuts attention memory 16x), batch_size, or turn "
+        "guidance off (guidance_scale=1)",
+        cli=f"{head}. Lower --height and --width (halving both cuts attention memory 16x), --batch-size, or "
+            "turn guidance off (--guidance 1)",
+    )
 
 
 def _generators(seed: int | Sequence[int] | None, b: int) -> list[np.random.Generator]:
     """One generator for the batch (an int or no seed), or one per image (a list of seeds)."""
-    if seed is None or isinstance(seed, (int, np.integer)):
-        return [np.random.default_rng(seed)]
-    seeds = list(seed)
+    if seed is None or _is_int(seed):
+        return [np.random.default_rng(None if seed is None else int(seed))]  # type: ignore[arg-type]
+    seeds = list(seed)  # type: ignore[arg-type]
     if len(seeds) != b:
         raise InputError(f"{len(seeds)} seeds for {b} images; give one seed, or one per image")
     return [np.random.default_rng(int(s)) for s in seeds]
@@ -616,6 +723,8 @@ def _to_uint8(image: Any, height: int | None, width: int | None, multiple: int) 
     w = width or image.width
     h = height or image.height
     w, h = w - w % multiple, h - h % multiple
+    if w <= 0 or h <= 0:
+        raise InputError(f"image is {image.width}x{image.height}: img2img needs at least {multiple}x{multiple} pixels")
     if (w, h) != image.size:
         image = image.resize((w, h), resample=Image.LANCZOS)
     return np.asarray(image, dtype=np.uint8)[None]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -161,7 +162,10 @@ def test_cli_generate_and_demo(sd15: Path, tmp_path: Path, capsys: pytest.Captur
     assert "multiple of 8" in capsys.readouterr().err
     assert main(["demo", "--out", str(tmp_path / "demo"), "--steps", "3", "--size", "64"]) == 0
     assert (tmp_path / "demo" / "demo.png").is_file()
-    assert "it/s" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "it/s" in printed
+    # the decoder's parity is in image levels, not the float bound (1e-4) the README gives for fp32 graphs
+    assert re.search(r"vae_decoder: image parity \d of 255 levels, bound 1 level \(", printed), printed
 
 
 def test_engine_profile_range_checked_before_work(pipe: Pipeline, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import argparse
 import time
+import warnings
 from pathlib import Path
 
 
 def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="sdrt-demo", help="working folder (default ./sdrt-demo)")
     p.add_argument("--preset", default="sd15-tiny", help="tiny preset to export (default sd15-tiny)")
-    p.add_argument("--backend", default="auto")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--backend", default="auto",
+                   help="auto (default: ort-cuda when onnxruntime-gpu sees a GPU, else ort-cpu), ort-cpu or "
+                        "ort-cuda: the demo runs the ONNX export, not TensorRT engines")
+    p.add_argument("--steps", type=int, default=20, help="denoising steps of dpmpp-2m (default 20)")
+    p.add_argument("--size", type=int, default=256,
+                   help="image height and width in pixels, a multiple of 8 from 64 to 2048 (default 256)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -26,7 +30,8 @@ def run(args: argparse.Namespace) -> int:
     from sdrt.runtime.manifest import ExportManifest
     from sdrt.runtime.pipeline import Pipeline
 
-    from ._report import timing_table
+    from ._report import print_warnings, timing_table
+    from .generate import write_image
 
     out = Path(args.out)
     onnx_dir = out / f"{args.preset}-onnx"
@@ -46,11 +51,14 @@ def run(args: argparse.Namespace) -> int:
     load_ms = (time.perf_counter() - t_load) * 1e3
     prompt = "a lighthouse on a cliff at dawn, oil painting"
     print(f"\ngenerating {args.size}x{args.size}, {args.steps} steps of dpmpp-2m on {pipe.backend.name}: {prompt!r}")
-    with tqdm(total=args.steps, unit="step", desc="denoising") as bar:
-        result = pipe(prompt, height=args.size, width=args.size, steps=args.steps, seed=0,
-                      callback=lambda i, n: bar.update(1))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with tqdm(total=args.steps, unit="step", desc="denoising") as bar:
+            result = pipe(prompt, height=args.size, width=args.size, steps=args.steps, seed=0,
+                          callback=lambda i, n: bar.update(1))
+    print_warnings(caught)
     path = out / "demo.png"
-    result.images[0].save(path)
+    write_image(result.images[0], path)
     print(f"\nwrote {path} (synthetic weights: expect structured noise, not a picture)")
     print(f"load {load_ms:.0f} ms")
     print(timing_table(result.timings, args.steps))

@@ -3,36 +3,56 @@
 from __future__ import annotations
 
 import argparse
+import io
+import os
+import tempfile
 from pathlib import Path
+
+# what --output may end in, and the PIL format written
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP",
+                 ".tif": "TIFF", ".tiff": "TIFF"}
 
 
 def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", help="an sdrt ONNX export (sdrt export) or engine folder (sdrt build)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default=None)
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--steps", type=int, default=30, help="denoising steps, 1 up to the model's schedule (default 30)")
     p.add_argument("--sampler", default="dpmpp-2m", help="ddim, dpmpp-2m, dpmpp-2m-karras, euler, euler-a, lcm")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale; <= 1 turns it off")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--guidance", type=float, default=7.5,
+                   help="classifier-free guidance scale, 0 to 100 (default 7.5; 5-9 is typical); 1 or less turns "
+                        "it off")
+    p.add_argument("--seed", type=int, default=None,
+                   help="0 to 4294967295; default: a random seed, printed so the image can be reproduced")
+    p.add_argument("--height", type=int, default=None,
+                   help="pixels, a multiple of 8 from 64 to 2048 (default: the model's size; img2img: the image's "
+                        "own size rounded down to a multiple of 8)")
+    p.add_argument("--width", type=int, default=None, help="pixels, as --height")
+    p.add_argument("--batch-size", type=int, default=1, help="images per prompt, 1 to 16 (default 1)")
     p.add_argument("--backend", default="auto", help="auto, ort-cpu, ort-cuda, tensorrt")
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
                    help="replay the denoising step as CUDA graphs (GPU; default: on for tensorrt, off for ort-cuda)")
     p.add_argument("--init-image", default=None, help="img2img: the starting image")
-    p.add_argument("--strength", type=float, default=0.8, help="img2img: how much to change the image (0, 1]")
-    p.add_argument("-o", "--output", default="out.png", help="output file; batches get _1, _2, ... suffixes")
+    p.add_argument("--strength", type=float, default=None,
+                   help="img2img only (needs --init-image): how much to change the image, in (0, 1] (default 0.8)")
+    p.add_argument("-o", "--output", default="out.png",
+                   help=f"output image ({', '.join(IMAGE_FORMATS)}) in an existing folder; an existing file of that "
+                        "name is replaced; batches get _1, _2, ... suffixes")
 
 
 def run(args: argparse.Namespace) -> int:
+    import warnings
+
     from tqdm import tqdm
 
     from sdrt.runtime.errors import InputError
     from sdrt.runtime.pipeline import Pipeline
 
-    from ._report import timing_table
+    from ._report import print_warnings, timing_table
 
+    paths = output_paths(Path(args.output), args.batch_size)
+    if args.strength is not None and not args.init_image:
+        raise InputError("--strength applies to img2img only: pass --init-image, or leave --strength out")
     image = None
     if args.init_image:
         from PIL import Image, UnidentifiedImageError
@@ -49,18 +69,55 @@ def run(args: argparse.Namespace) -> int:
         bar.total = n
         bar.update(1)
 
-    try:
-        result = pipe(args.prompt, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
-                      steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler, seed=args.seed,
-                      batch_size=args.batch_size, image=image, strength=args.strength, callback=progress)
-    finally:
-        bar.close()
-    out = Path(args.output)
-    paths = [out] if len(result.images) == 1 else [
-        out.with_name(f"{out.stem}_{i + 1}{out.suffix}") for i in range(len(result.images))]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            result = pipe(args.prompt, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
+                          steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler, seed=args.seed,
+                          batch_size=args.batch_size, image=image, strength=args.strength, callback=progress)
+        finally:
+            bar.close()
+    print_warnings(caught)
+    print(f"seed {result.seed}")
+    if len(paths) != len(result.images):  # a prompt list can only come from the API; here it is one prompt
+        paths = output_paths(Path(args.output), len(result.images))
     for img, path in zip(result.images, paths):
-        img.save(path)
+        write_image(img, path)
         print(f"wrote {path}")
     print(timing_table(result.timings, len(result.timings["unet_steps_ms"])))
     print(f"denoising loop: {result.loop}")
     return 0
+
+
+def output_paths(out: Path, n: int) -> list[Path]:
+    """The files ``-o OUT`` names for ``n`` images, checked before any work: an existing, writable folder
+    and an image extension; none of them may be a folder."""
+    from sdrt.runtime.errors import InputError
+
+    fmt = IMAGE_FORMATS.get(out.suffix.lower())
+    if fmt is None:
+        raise InputError(f"-o {out}: {'no' if not out.suffix else 'unknown'} image extension "
+                         f"{out.suffix!r}; end the name in one of {', '.join(IMAGE_FORMATS)}")
+    paths = [out] if n == 1 else [out.with_name(f"{out.stem}_{i + 1}{out.suffix}") for i in range(n)]
+    parent = out.parent
+    if not parent.is_dir():
+        raise InputError(f"-o {out}: the folder {parent} does not exist; create it first, or choose another path")
+    for path in paths:
+        if path.is_dir():
+            raise InputError(f"-o {out}: {path} is a folder; give a file name such as {path / 'out.png'}")
+    try:  # the only sure test of writability (permissions, read-only mounts, root)
+        fd, probe = tempfile.mkstemp(prefix=".sdrt-write-check-", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise InputError(f"-o {out}: cannot write to {parent} ({e.strerror}); choose a folder you can write to") from e
+    return paths
+
+
+def write_image(img: object, path: Path) -> None:
+    """Encode in memory, then write through a temporary file and a rename: never a half-written image."""
+    from sdrt.runtime.atomic import atomic_write_bytes
+
+    buf = io.BytesIO()
+    img.save(buf, format=IMAGE_FORMATS[path.suffix.lower()])  # type: ignore[attr-defined]
+    atomic_write_bytes(path, buf.getvalue())
