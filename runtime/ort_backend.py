@@ -296,10 +296,11 @@ class OrtBackend(Backend):
             self.providers: list[Any] = ["CPUExecutionProvider"]
         elif device == "cuda":
             if "CUDAExecutionProvider" not in available:
-                raise BackendUnavailable(
-                    "ort-cuda needs onnxruntime-gpu with CUDA (found providers: "
-                    f"{', '.join(available)}); pip install onnxruntime-gpu, or use backend='ort-cpu'"
-                )
+                found = ("ort-cuda needs onnxruntime-gpu with CUDA, and an NVIDIA GPU with its driver (this "
+                         f"onnxruntime has the providers: {', '.join(available)}); pip install onnxruntime-gpu on a "
+                         "machine with an NVIDIA GPU")
+                raise BackendUnavailable(f'{found}, or use backend="ort-cpu"',
+                                         cli=f"{found}, or use --backend ort-cpu")
             if max_cuda_graphs < 1:
                 raise InputError(f"max_cuda_graphs must be at least 1, got {max_cuda_graphs}")
             self._cuda_options = {
