@@ -24,8 +24,10 @@ ENV = EngineEnv("tensorrt", "10.13.0.35", "NVIDIA H100 80GB HBM3", "9.0")
 
 
 def _have_tensorrt() -> bool:
+    """The full TensorRT (TensorRT for RTX, found by default where it alone is installed, is tested in
+    test_trt_modules.py)."""
     try:
-        load_tensorrt()
+        load_tensorrt("tensorrt")
     except BackendUnavailable:
         return False
     return True
@@ -78,9 +80,9 @@ def test_missing_tensorrt_says_how_to_install_it(tmp_path: Path) -> None:
     from sdrt.export.trt_build import build_engines
 
     with pytest.raises(BackendUnavailable, match=r"pip install tensorrt --extra-index-url https://pypi\.nvidia\.com"):
-        load_tensorrt()
+        load_tensorrt("tensorrt")
     with pytest.raises(BackendUnavailable, match="only type stubs|No module"):
-        build_engines(tmp_path, tmp_path / "out", load_profile("sd15-512"))
+        build_engines(tmp_path, tmp_path / "out", load_profile("sd15-512"), BuildOptions(module="tensorrt"))
     with pytest.raises(InputError, match="unknown TensorRT module"):
         load_tensorrt("tensorrt_llm")
 

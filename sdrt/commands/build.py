@@ -32,7 +32,8 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--refittable", action="store_true", help="allow `sdrt refit` (new weights, LoRAs) later")
     p.add_argument("--weakly-typed", action="store_true",
                    help="let TensorRT pick fp16 anywhere in fp16 components (default: precision as exported)")
-    p.add_argument("--tensorrt-module", choices=["tensorrt", "tensorrt_rtx"], help="default: whichever is installed")
+    p.add_argument("--tensorrt-module", choices=["tensorrt", "tensorrt_rtx"],
+                   help="default: whichever is installed (tensorrt first, else TensorRT for RTX)")
     p.add_argument("--force", action="store_true", help="rebuild engines even when up to date")
 
 
