@@ -58,7 +58,7 @@ from sdrt.runtime.engine_manifest import (
     current_env,
 )
 from sdrt.runtime.errors import ArtifactError, BackendUnavailable, InputError, SdrtError
-from sdrt.runtime.manifest import ExportManifest
+from sdrt.runtime.manifest import EXPORT_FOLDER, ExportManifest
 from sdrt.runtime.step_graph import STEP_ENGINES, step_graph_bytes
 from sdrt.runtime.trt_backend import backend_name, import_tensorrt
 
@@ -210,7 +210,7 @@ def plan_engines(
 ) -> tuple[ExportManifest, list[EnginePlan]]:
     """What a build would produce; TensorRT-free (``env`` says which TensorRT and GPU)."""
     src = Path(onnx_dir)
-    manifest = ExportManifest.read(src)
+    manifest = ExportManifest.read(src, wanted=EXPORT_FOLDER)
     shapes = engine_shapes(profile, manifest)
     plans = []
     for name, comp in manifest.components.items():

@@ -156,6 +156,16 @@ def test_cli_lists_profiles(capsys: pytest.CaptureFixture[str]) -> None:
     assert "sd15-512" in out and "sdxl-1024" in out and "dynamic" in out
 
 
+def test_cli_build_of_a_missing_folder_asks_for_an_export(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from sdrt.cli import main
+
+    assert main(["build", str(tmp_path / "nope"), "--out", str(tmp_path / "engines")]) == 1
+    err = capsys.readouterr().err
+    assert err == (f"sdrt build: error: {tmp_path / 'nope'} does not exist; pass an ONNX export, the folder written "
+                   "by `sdrt export`\n")
+    assert list(tmp_path.iterdir()) == []
+
+
 # -- with TensorRT (and a GPU) --------------------------------------------------------------------------------
 
 @pytest.mark.tensorrt

@@ -68,9 +68,9 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("usage: sdrt build ONNX_DIR --out ENGINE_DIR [--profile NAME]")
 
     from sdrt.export.trt_build import BuildOptions, build_engines
-    from sdrt.runtime.manifest import ExportManifest
+    from sdrt.runtime.manifest import EXPORT_FOLDER, ExportManifest
 
-    export = ExportManifest.read(args.onnx_dir)
+    export = ExportManifest.read(args.onnx_dir, wanted=EXPORT_FOLDER)
     profile = _profile(args, export.default_size)
     options = BuildOptions(
         opt_level=args.opt_level, workspace_gb=args.workspace, timing_cache=args.timing_cache,
