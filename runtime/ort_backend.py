@@ -219,7 +219,9 @@ class OrtEngine(Engine):
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if backend.threads:
             opts.intra_op_num_threads = backend.threads
-        opts.log_severity_level = 3
+        # fatal only: a graph that fails to load is reported by sdrt's own error (ORT's text included), so
+        # ORT's native log line would say it twice, in red, before the message that names the fix
+        opts.log_severity_level = 4
         if isinstance(path, str) and not os.path.isfile(path):
             raise ArtifactError(f"{path} is missing; re-export the model with `sdrt export`")
         captured = backend.captures(name)
@@ -255,7 +257,8 @@ def _load_error(path: str, e: Exception, captured: bool) -> Exception:
             "A fused ort-cuda graph needs onnxruntime-gpu and the CUDA EP; re-make it with this onnxruntime "
             "(`sdrt export --ort-cuda`) or use the plain export"
         )
-    return ArtifactError(f"cannot load {path}: {e}. The file is corrupt or incomplete; re-export it")
+    return ArtifactError(f"cannot load {path}: {msg.strip().rstrip('.')}. The file is corrupt or incomplete; "
+                         "re-export it")
 
 
 class OrtBackend(Backend):
