@@ -427,7 +427,7 @@ def test_the_cuda_calls_exist() -> None:
     assert isinstance(res, tuple) and len(res) == 2  # (status, count): the shape _Device reads
     if int(res[0]) != 0:  # no driver or GPU here: the backend says why, in CUDA's words
         name = CUDART.cudaGetErrorName(res[0])[1].decode()
-        with pytest.raises(BackendUnavailable, match=f"no usable NVIDIA GPU: CUDA says {name}"):
+        with pytest.raises(BackendUnavailable, match=f"no NVIDIA GPU or no NVIDIA driver .*CUDA reports {name}"):
             tb._Device(CUDART, 0)
 
 
