@@ -1,25 +1,33 @@
-# The README's two commands. Each installs what it needs (PyTorch as the CPU 2.13.0 build) first.
-PY ?= python3
+# The README's two commands. Each installs what it needs (PyTorch as the CPU 2.13.0 build) first, into a
+# virtualenv in .venv that the first run creates (a system Python is often "externally managed" and refuses
+# pip). PY=/path/to/python uses that interpreter instead, and creates nothing.
+VENV_PY := .venv/bin/python
+PY ?= $(VENV_PY)
 PIP = $(PY) -m pip install -q --disable-pip-version-check
 PYTEST_ARGS ?=
 
 .PHONY: install install-test demo test lint
-install:
+install: $(filter $(VENV_PY),$(PY))
 	$(PIP) torch==2.13.0
 	$(PIP) -e ".[export]"
 
-# the tests also need the TensorRT modules PyPI has (trt-api: the lean runtime and TensorRT for RTX) and
-# open_clip, the tokenizer tests' independent reference (--no-deps: its torchvision dependency is not needed)
+$(VENV_PY):
+	python3 -m venv .venv
+
+# the tests also need the TensorRT modules PyPI has (trt-api: the lean runtime and TensorRT for RTX),
+# open_clip, the tokenizer tests' independent reference (--no-deps: its torchvision dependency is not needed),
+# and the patched TensorRT type stubs in .stubs/ (the tests never download: without them, those skip)
 install-test: install
 	$(PIP) -e ".[export,test,trt-api]"
 	$(PIP) --no-deps open_clip_torch==3.3.0
+	$(PY) tests/typecheck/patch_trt_stubs.py
 
 demo: install
-	sdrt demo
+	$(PY) -m sdrt demo
 
 # pytest exits 5 when it collects no test; that is not a failure of the build
 test: install-test
 	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
 
-lint:
+lint: $(filter $(VENV_PY),$(PY))
 	$(PY) -m ruff check sdrt export runtime benchmarks engines tests

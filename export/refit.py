@@ -27,7 +27,7 @@ import numpy as np
 
 from sdrt.runtime.atomic import atomic_dir
 from sdrt.runtime.errors import ArtifactError, CompatibilityError, InputError
-from sdrt.runtime.manifest import ExportManifest
+from sdrt.runtime.manifest import EXPORT_FOLDER, ExportManifest
 
 from .lora import LoraFile, LoraSpec, MergeReport, lora_deltas, read_lora
 
@@ -38,6 +38,9 @@ else:
     trt = None  # bound by refit_engine(): TensorRT is imported only when an engine is refitted
 
 REFIT_MAP_NAME = "refit_map.json"
+# what `sdrt refit` takes as its target
+REFIT_TARGET = ("an engine folder written by `sdrt build --refittable` (refitted in place), or an ONNX export "
+                "written by `sdrt export` with --out DIR for a refitted copy")
 
 
 @dataclass(frozen=True)
@@ -241,7 +244,7 @@ def write_refit_export(
     import dataclasses
 
     src = Path(onnx_dir)
-    manifest = ExportManifest.read(src)
+    manifest = ExportManifest.read(src, wanted=EXPORT_FOLDER)
     with atomic_dir(out_dir) as tmp:
         for item in src.iterdir():
             if item.name in new_values and item.is_dir():
@@ -428,9 +431,12 @@ def refit_folder(
     from sdrt.runtime.engine_manifest import ENGINE_MANIFEST_NAME
 
     folder = Path(target)
+    if not folder.is_dir():
+        what = "is not a folder" if folder.exists() else "does not exist"
+        raise ArtifactError(f"{folder} {what}; pass {REFIT_TARGET}")
     if (folder / ENGINE_MANIFEST_NAME).is_file():
         return _refit_engines(folder, request, onnx_dir, progress)
-    export = ExportManifest.read(folder)
+    export = ExportManifest.read(folder, wanted=REFIT_TARGET)
     if out is None:
         raise InputError(f"{folder} is an ONNX export: give --out DIR for the refitted copy (exports are not "
                          "changed in place)")
@@ -455,7 +461,7 @@ def _refit_engines(
 
     manifest = EngineManifest.read(folder)
     src = Path(onnx_dir or manifest.onnx_dir)
-    export = ExportManifest.read(src)
+    export = ExportManifest.read(src, wanted=f"the ONNX export the engines in {folder} were built from (--onnx DIR)")
     comps = [c for c in refittable_components(export, src) if any(r.component == c for r in manifest.engines)]
     loras_comps = {m.component for s in request.loras for m in read_lora(s.path).modules}
     # components holding earlier refits go back to base too, so the result is exactly what was asked

@@ -45,6 +45,14 @@ _ENCODERS: dict[str, tuple[tuple[str, str], ...]] = {
     "sdxl": ((_XL_CLIP, "clip"), (_XL_OPENCLIP, "openclip")),
 }
 
+# The HF CLIP text encoders' roots: transformers < 5.6 saved CLIPTextModel under ``text_model.``, later ones
+# flattened it, and some converters write such a state dict under the LDM root as is. Read both (diffusers'
+# own converter script, convert_from_ckpt.convert_ldm_clip_checkpoint, loads the flattened one too).
+_CLIP_ROOTS = tuple(p.removesuffix("text_model.") for p in (_CLIP, _XL_CLIP))
+_TEXT_MODEL = "text_model."
+# what an LDM single file holds besides its components: prefixes of keys sdrt reads or knowingly ignores
+_KNOWN_PREFIXES = (_UNET, _VAE, _CLIP, _OPENCLIP, _XL_CLIP, _XL_OPENCLIP, "model_ema.")
+
 # The shapes of the SD 2.x 512 epsilon and 768 v-prediction models are the same.
 _DEFAULT_WHEN_AMBIGUOUS = {"sd2": "sd21-768"}
 
@@ -53,7 +61,10 @@ _DEFAULT_WHEN_AMBIGUOUS = {"sd2": "sd21-768"}
 
 
 class _Checkpoint:
-    """Key names and shapes of a checkpoint file; tensors are read per component, on demand."""
+    """Key names and shapes of a checkpoint file; tensors are read per component, on demand.
+
+    Keys are the LDM layout's: a CLIP text encoder stored without ``text_model.`` is read under that prefix.
+    """
 
     def __init__(self, path: Path, allow_pickle: bool) -> None:
         self.path = path
@@ -65,30 +76,51 @@ class _Checkpoint:
                     "Prefer a .safetensors version of it; if you trust its origin, pass --allow-pickle."
                 )
             self._tensors = _unpickle(path)
-            self.shapes = {k: tuple(v.shape) for k, v in self._tensors.items()}
-            return
-        from safetensors import SafetensorError, safe_open
+            file_shapes = {k: tuple(v.shape) for k, v in self._tensors.items()}
+        else:
+            from safetensors import SafetensorError, safe_open
 
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                self.shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
-        except (SafetensorError, OSError) as e:
-            raise ArtifactError(
-                f"{path.name} is not a readable .safetensors file ({e}); it may be truncated or of "
-                "another format"
-            ) from e
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    file_shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+            except (SafetensorError, OSError) as e:
+                raise ArtifactError(
+                    f"{path.name} is not a readable .safetensors file ({e}); it may be truncated or of "
+                    "another format"
+                ) from e
+        self._file_key = ldm_key_names(file_shapes)  # LDM name -> the file's name
+        self.shapes = {k: file_shapes[f] for k, f in self._file_key.items()}
+        if any(k != f for k, f in self._file_key.items()):
+            log.info("%s: its CLIP text encoder keys have no %r part; reading them as if they had",
+                     path.name, _TEXT_MODEL)
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
-        """The tensors whose keys start with ``prefix``, keys unchanged."""
+        """The tensors whose (LDM) keys start with ``prefix``."""
+        wanted = {f: k for k, f in self._file_key.items() if k.startswith(prefix)}
         if self._tensors is not None:
-            return {k: v for k, v in self._tensors.items() if k.startswith(prefix)}
+            return {k: self._tensors[f] for f, k in wanted.items()}
         from safetensors import SafetensorError, safe_open
 
         try:
             with safe_open(str(self.path), framework="pt") as f:
-                return {k: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}  # noqa: SIM118
+                return {k: f.get_tensor(name) for name, k in wanted.items()}
         except (SafetensorError, OSError) as e:
             raise ArtifactError(f"cannot read the tensors of {self.path.name}: {e}") from e
+
+
+def ldm_key_names(keys: Mapping[str, Any]) -> dict[str, str]:
+    """{LDM key: the file's key}: identity, except a CLIP root that holds a flattened CLIPTextModel state dict
+    (its token embedding, and no key with ``text_model.``), whose keys get ``text_model.``. Anything else
+    (a root mixing both layouts, another layout) is left as it is, for the error to name."""
+    out = {k: k for k in keys}
+    for root in _CLIP_ROOTS:
+        under = [k for k in keys if k.startswith(root)]
+        flat = root + "embeddings.token_embedding.weight" in keys
+        if flat and not any(k.startswith(root + _TEXT_MODEL) for k in under):
+            for k in under:
+                del out[k]
+                out[root + _TEXT_MODEL + k.removeprefix(root)] = k
+    return out
 
 
 def _unpickle(path: Path) -> dict[str, torch.Tensor]:
@@ -151,8 +183,25 @@ def _unknown_layout(keys: Mapping[str, Any], name: str) -> str:
             f"{name} holds one diffusers component, not a whole model; pass the diffusers folder that holds "
             f"model_index.json instead ({supported})"
         )
-    sample = ", ".join(sorted(keys)[:3]) or "no tensors at all"
-    return f"{name} has an unrecognised key layout (e.g. {sample}); {supported}"
+    if not keys:
+        return f"{name} holds no tensors at all; {supported}"
+    return f"{name} has an unrecognised key layout: {_unexpected_key(keys)}; {supported}"
+
+
+def _unexpected_key(keys: Mapping[str, Any]) -> str:
+    """What sdrt cannot place: a key under a CLIP text encoder's root but outside its layout, else a key under
+    no prefix sdrt knows (top-level noise-schedule buffers such as ``betas`` do not count), else the text
+    encoder key that is missing."""
+    ordered = sorted(keys)
+    for root, layout in zip(_CLIP_ROOTS, (_CLIP, _XL_CLIP), strict=True):
+        stray = next((k for k in ordered if k.startswith(root) and not k.startswith(layout)), None)
+        if stray is not None:
+            return f"{stray} (sdrt reads {layout}*)"
+    stray = next((k for k in ordered if "." in k and not k.startswith(_KNOWN_PREFIXES)), None)
+    if stray is not None:
+        return stray
+    wanted = (_CLIP + "embeddings.token_embedding.weight", _OPENCLIP + "token_embedding.weight")
+    return f"no text encoder ({' or '.join(wanted)})"
 
 
 _INPUT_RESNET = re.compile(re.escape(_UNET) + r"input_blocks\.(\d+)\.0\.out_layers\.3\.weight$")
@@ -270,7 +319,7 @@ def detect_preset(
     ``arch`` (a preset name) settles what shapes cannot tell (SD 2.x 512 epsilon vs 768 v-prediction); one
     that contradicts the file raises ``InputError``.
     """
-    dims = {k: tuple(int(d) for d in s) for k, s in shapes.items()}
+    dims = {k: tuple(int(d) for d in shapes[f]) for k, f in ldm_key_names(shapes).items()}
     family = detect_family(dims, name)
     observed = _observed(dims, family)
     candidates = [p for p in PRESETS.values() if p.family == family]

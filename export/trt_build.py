@@ -22,8 +22,8 @@ fp32 components (the SDXL VAE) in fp32 with TF32 matmuls. ``weakly_typed`` inste
 fp16 kernels anywhere in an fp16 component (the FP16 builder flag).
 
 TensorRT for RTX: the same code drives the ``tensorrt_rtx`` module (chosen with ``module=`` /
-``--tensorrt-module tensorrt_rtx``, or found when ``tensorrt`` is absent). Chosen by name, it is also found
-as ``tensorrt_rtx_bindings``, as PyPI's ``tensorrt-rtx-cu13-bindings`` wheel names it. Its networks are always
+``--tensorrt-module tensorrt_rtx``, or found when ``tensorrt`` is absent), also as ``tensorrt_rtx_bindings``,
+as PyPI's ``tensorrt-rtx-cu13-bindings`` wheel names it. Its networks are always
 strongly typed and engines are JIT-specialized to the GPU at load, so precision flags and the optimization
 level are not set; it has no hardware- or version-compatible engines (an engine runs only on the TensorRT for
 RTX release that built it) and its timing cache is a deprecated no-op, so none is used. Checked against
@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
-import importlib.util
 import os
 import shlex
 import shutil
@@ -59,7 +58,7 @@ from sdrt.runtime.engine_manifest import (
     current_env,
 )
 from sdrt.runtime.errors import ArtifactError, BackendUnavailable, InputError, SdrtError
-from sdrt.runtime.manifest import ExportManifest
+from sdrt.runtime.manifest import EXPORT_FOLDER, ExportManifest
 from sdrt.runtime.step_graph import STEP_ENGINES, step_graph_bytes
 from sdrt.runtime.trt_backend import backend_name, import_tensorrt
 
@@ -98,16 +97,14 @@ def load_tensorrt(module: str | None = None) -> Any:
     unknown = [n for n in names if n not in MODULES]
     if unknown:
         raise InputError(f"unknown TensorRT module {unknown[0]!r}; the builder takes one of {MODULES}")
-    # a module chosen by name may also be installed under its PyPI package name
-    candidates = list(dict.fromkeys([*_IMPORT_NAMES.get(chosen, ()), *names]))
+    # every module may also be installed under its PyPI package name, chosen or not: "whichever is installed"
+    # includes PyPI's TensorRT for RTX (tensorrt_rtx_bindings)
+    candidates = list(dict.fromkeys(alias for n in names for alias in _IMPORT_NAMES[n]))
     try:
         mod = import_tensorrt(candidates)
     except BackendUnavailable as e:
         # the runtime's message also offers the lean runtime, which cannot build
         tried = str(e).rsplit("); ", 1)[0] + ")"  # "TensorRT is not available (what was tried)"
-        if "tensorrt_rtx_bindings" not in candidates and importlib.util.find_spec("tensorrt_rtx_bindings"):
-            tried += ("; TensorRT for RTX is installed as tensorrt_rtx_bindings: choose it with "
-                      "--tensorrt-module tensorrt_rtx (its engines are for RTX GPUs)")
         raise BackendUnavailable(f"{tried}; building engines needs TensorRT with its builder: {INSTALL_HINT}") from e
     if not hasattr(mod, "Builder"):
         raise BackendUnavailable(f"{mod.__name__} has no builder (a lean runtime?); {INSTALL_HINT}")
@@ -213,7 +210,7 @@ def plan_engines(
 ) -> tuple[ExportManifest, list[EnginePlan]]:
     """What a build would produce; TensorRT-free (``env`` says which TensorRT and GPU)."""
     src = Path(onnx_dir)
-    manifest = ExportManifest.read(src)
+    manifest = ExportManifest.read(src, wanted=EXPORT_FOLDER)
     shapes = engine_shapes(profile, manifest)
     plans = []
     for name, comp in manifest.components.items():

@@ -17,6 +17,9 @@ from .atomic import atomic_write_text
 from .errors import ArtifactError, CompatibilityError
 
 MANIFEST_NAME = "sdrt.json"
+# what a command takes, for the message when its folder is missing
+EXPORT_FOLDER = "an ONNX export, the folder written by `sdrt export`"
+ANY_FOLDER = f"{EXPORT_FOLDER}, or an engine folder, written by `sdrt build`"
 SCHEMA_VERSION = 1
 
 FAMILIES = ("sd1", "sd2", "sdxl")
@@ -138,10 +141,12 @@ class ExportManifest:
         )
 
     @classmethod
-    def read(cls, folder: str | Path) -> ExportManifest:
+    def read(cls, folder: str | Path, *, wanted: str = ANY_FOLDER) -> ExportManifest:
+        """``wanted``: what the caller takes, for the message when ``folder`` is not a folder."""
         path = Path(folder) / MANIFEST_NAME
         if not Path(folder).is_dir():
-            raise ArtifactError(f"{folder} is not a folder; pass the folder written by `sdrt export`")
+            what = "is not a folder" if Path(folder).exists() else "does not exist"
+            raise ArtifactError(f"{folder} {what}; pass {wanted}")
         if not path.is_file():
             raise ArtifactError(
                 f"{path} is missing: {folder} is not an sdrt export; create one with "

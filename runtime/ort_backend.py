@@ -219,7 +219,9 @@ class OrtEngine(Engine):
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if backend.threads:
             opts.intra_op_num_threads = backend.threads
-        opts.log_severity_level = 3
+        # fatal only: a graph that fails to load is reported by sdrt's own error (ORT's text included), so
+        # ORT's native log line would say it twice, in red, before the message that names the fix
+        opts.log_severity_level = 4
         if isinstance(path, str) and not os.path.isfile(path):
             raise ArtifactError(f"{path} is missing; re-export the model with `sdrt export`")
         captured = backend.captures(name)
@@ -274,7 +276,8 @@ def _load_error(path: str, e: Exception, captured: bool) -> Exception:
             "A fused ort-cuda graph needs onnxruntime-gpu and the CUDA EP; re-make it with this onnxruntime "
             "(`sdrt export --ort-cuda`) or use the plain export"
         )
-    return ArtifactError(f"cannot load {path}: {e}. The file is corrupt or incomplete; re-export it")
+    return ArtifactError(f"cannot load {path}: {msg.strip().rstrip('.')}. The file is corrupt or incomplete; "
+                         "re-export it")
 
 
 class OrtBackend(Backend):
@@ -315,10 +318,11 @@ class OrtBackend(Backend):
             self.providers: list[Any] = ["CPUExecutionProvider"]
         elif device == "cuda":
             if "CUDAExecutionProvider" not in available:
-                raise BackendUnavailable(
-                    "ort-cuda needs onnxruntime-gpu with CUDA (found providers: "
-                    f"{', '.join(available)}); pip install onnxruntime-gpu, or use backend='ort-cpu'"
-                )
+                found = ("ort-cuda needs onnxruntime-gpu with CUDA, and an NVIDIA GPU with its driver (this "
+                         f"onnxruntime has the providers: {', '.join(available)}); pip install onnxruntime-gpu on a "
+                         "machine with an NVIDIA GPU")
+                raise BackendUnavailable(f'{found}, or use backend="ort-cpu"',
+                                         cli=f"{found}, or use --backend ort-cpu")
             if max_cuda_graphs < 1:
                 raise InputError(f"max_cuda_graphs must be at least 1, got {max_cuda_graphs}")
             self._cuda_options = {

@@ -258,10 +258,10 @@ class _Device:
         self.device_id = device_id
         res = cudart.cudaGetDeviceCount()
         if int(res[0]) != 0:
-            raise BackendUnavailable(
-                f"no usable NVIDIA GPU: CUDA says {self._describe(res[0])}. The tensorrt backend needs an NVIDIA "
-                "GPU with its driver; use backend='ort-cpu' on this machine"
-            )
+            found = (f"no NVIDIA GPU or no NVIDIA driver found on this machine (CUDA reports "
+                     f"{self._describe(res[0])}). The tensorrt backend needs an NVIDIA GPU and its driver")
+            raise BackendUnavailable(f'{found}; on this machine use backend="ort-cpu"',
+                                     cli=f"{found}; on this machine use --backend ort-cpu")
         if not 0 <= device_id < int(res[1]):
             raise BackendUnavailable(f"GPU {device_id} does not exist: CUDA sees {int(res[1])} GPU(s)")
         self.check(cudart.cudaSetDevice(device_id), f"selecting GPU {device_id}")
@@ -655,24 +655,26 @@ class TrtBackend(Backend):
         self.folder = Path(folder) if folder is not None else None
         self.device_id = device_id
         self.cuda_graph = cuda_graph
-        problems: list[str] = []
+        problems: list[SdrtError] = []
         cudart = trt_module = None
         try:
             cudart = import_cudart()
         except BackendUnavailable as e:
-            problems.append(str(e))
+            problems.append(e)
         try:
             trt_module = import_tensorrt(module_candidates(module, _built_with(self.folder)))
         except BackendUnavailable as e:
-            problems.append(str(e))
+            problems.append(e)
         device = None
         if cudart is not None:
             try:
                 device = _Device(cudart, device_id)  # before trt.Runtime: it can crash without a GPU
             except (BackendUnavailable, EngineRunError) as e:
-                problems.append(str(e))
+                problems.append(e)
         if problems or device is None or trt_module is None:
-            raise BackendUnavailable("the tensorrt backend cannot run here:\n  - " + "\n  - ".join(problems))
+            head = "the tensorrt backend cannot run here:\n  - "
+            raise BackendUnavailable(head + "\n  - ".join(str(p) for p in problems),
+                                     cli=head + "\n  - ".join(p.for_cli() for p in problems))
         self.device = device
         self.trt = trt_module
         self.module = str(trt_module.__name__)

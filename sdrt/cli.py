@@ -55,6 +55,14 @@ def main(argv: list[str] | None = None) -> int:
     except SdrtError as e:
         print(f"sdrt {chosen}: error: {e.for_cli()}", file=sys.stderr)
         return 1
+    except ModuleNotFoundError as e:
+        from sdrt.commands._extras import missing_extra
+
+        message = missing_extra(chosen, e)
+        if message is None:
+            raise
+        print(f"sdrt {chosen}: error: {message}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"sdrt {chosen}: interrupted; nothing was left half-written", file=sys.stderr)
         return 130

@@ -598,8 +598,11 @@ def test_backend_picks_its_variant() -> None:
     with pytest.raises(InputError, match="cuda_graph"):
         OrtBackend("cpu", cuda_graph=True)
     if not cuda_available():
-        with pytest.raises(BackendUnavailable, match="onnxruntime-gpu"):
+        with pytest.raises(BackendUnavailable, match="onnxruntime-gpu") as e:
             OrtBackend("cuda", cuda_graph=True)
+        # the API names the keyword, the CLI the flag
+        assert 'backend="ort-cpu"' in str(e.value) and "--backend" not in str(e.value)
+        assert "--backend ort-cpu" in e.value.for_cli() and "backend=" not in e.value.for_cli()
     else:  # pragma: no cover - on a GPU machine
         be = OrtBackend("cuda", cuda_graph=True)
         assert be.graph_for(comp) == "unet/model_ort_cuda.onnx"

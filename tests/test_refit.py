@@ -21,7 +21,7 @@ from sdrt.export.refit import (
     refit_folder,
     write_refit_export,
 )
-from sdrt.runtime.errors import CompatibilityError, InputError
+from sdrt.runtime.errors import ArtifactError, CompatibilityError, InputError
 
 from .test_lora import diffusers_fused, make_lora
 
@@ -141,13 +141,35 @@ def test_checkpoint_of_another_architecture_is_refused(tiny_export, base_model) 
         checkpoint_weights(rmap, initializers(model), bigger, "unet")
 
 
-def test_base_refit_is_the_export(tiny_export, tmp_path: Path) -> None:
+def test_base_refit_is_the_pytorch_model(tiny_export, base_model, tmp_path: Path) -> None:
+    """The base weights are the PyTorch model's (the seed-0 synthetic weights), not just the files copied."""
     folder = tiny_export("sd15-tiny")
-    refit_folder(folder, RefitRequest(base=True), out=tmp_path / "base")
+    result = refit_folder(folder, RefitRequest(base=True), out=tmp_path / "base")
+    assert result.weights == "base" and set(result.components) == {"unet", "text_encoder"}
+    want = _torch_outputs(base_model.unet, base_model.text_encoders[0])
+    got = _onnx_outputs(tmp_path / "base")
     for comp in ("unet", "text_encoder"):
-        a = initializers(load_graph(folder / comp / "model.onnx"))
-        b = initializers(load_graph(tmp_path / "base" / comp / "model.onnx"))
-        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+        assert _rel(got[comp], want[comp]) < 1e-4, comp
+    from sdrt.runtime.manifest import ExportManifest
+
+    assert ExportManifest.read(tmp_path / "base").source["weights"] == "base"
+
+
+@pytest.mark.parametrize("make", ["missing", "file"])
+def test_a_target_that_is_not_a_folder_names_what_refit_takes(tmp_path: Path, make: str) -> None:
+    from sdrt.cli import main
+
+    target = tmp_path / "engines"
+    if make == "file":
+        target.write_text("not a folder")
+    with pytest.raises(ArtifactError) as e:
+        refit_folder(target, RefitRequest(base=True))
+    msg = str(e.value)
+    assert msg.startswith(f"{target} {'does not exist' if make == 'missing' else 'is not a folder'}; pass an engine "
+                          "folder written by `sdrt build --refittable`")
+    assert "ONNX export written by `sdrt export` with --out DIR" in msg
+    assert main(["refit", str(target), "--base"]) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["engines"] if make == "file" else [])
 
 
 def test_a_lora_for_another_model_is_refused(tiny_export, tmp_path: Path) -> None:

@@ -157,9 +157,57 @@ def test_truncated_safetensors(checkpoints: dict, tmp_path: Path) -> None:
 
 def test_unknown_key_layout(tmp_path: Path) -> None:
     path = tmp_path / "other.safetensors"
-    save_file({"backbone.layer1.weight": torch.zeros(4, 4)}, str(path))
-    with pytest.raises(ArtifactError, match=r"SD 1\.x.*SD 2\.x.*SDXL"):
+    save_file({"backbone.layer1.weight": torch.zeros(4, 4), "betas": torch.zeros(4)}, str(path))
+    with pytest.raises(ArtifactError, match=r"SD 1\.x.*SD 2\.x.*SDXL") as e:
         load_model(path)
+    assert "unrecognised key layout: backbone.layer1.weight;" in str(e.value)
+
+
+# roots of the CLIP text encoders in SD 1.x and SDXL files
+_CLIP_ROOT = {"sd15-tiny": "cond_stage_model.transformer.", "sdxl-tiny": "conditioner.embedders.0.transformer."}
+
+
+def _rename_clip(sd: dict[str, torch.Tensor], root: str, new: str) -> dict[str, torch.Tensor]:
+    """``root + "text_model." + rest`` -> ``root + new + rest``; other keys as they are."""
+    old = root + "text_model."
+    return {(root + new + k.removeprefix(old) if k.startswith(old) else k): v for k, v in sd.items()}
+
+
+@pytest.mark.parametrize("name", ["sd15-tiny", "sdxl-tiny"])
+def test_clip_keys_without_text_model_load_to_the_same_tensors(checkpoints: dict, tmp_path: Path, name: str) -> None:
+    """Converters that save a flattened CLIPTextModel (transformers >= 5.6) under the LDM root write
+    ``cond_stage_model.transformer.encoder.layers...``; diffusers' own conversion script reads that too."""
+    model, full = checkpoints[name]
+    from safetensors.torch import load_file
+
+    sd = _rename_clip(load_file(str(full)), _CLIP_ROOT[name], "")
+    assert not any(k.startswith(_CLIP_ROOT[name] + "text_model.") for k in sd)
+    path = tmp_path / "flat.safetensors"
+    save_file(sd, str(path))
+    assert_same_weights(model, load_model(path))
+    if name == "sd15-tiny":
+        # diffusers' converter (scripts/convert_original_stable_diffusion_to_diffusers.py) on the same keys
+        from diffusers.pipelines.stable_diffusion.convert_from_ckpt import convert_ldm_clip_checkpoint
+        from transformers import CLIPTextModel
+
+        theirs = convert_ldm_clip_checkpoint(sd, text_encoder=CLIPTextModel(model.text_encoders[0].config))
+        want = model.text_encoders[0].state_dict()
+        assert theirs.state_dict().keys() == want.keys()
+        assert all(torch.equal(theirs.state_dict()[k], v) for k, v in want.items())
+
+
+def test_clip_keys_of_another_layout_are_named(checkpoints: dict, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    sd = _rename_clip(load_file(str(checkpoints["sd15-tiny"][1])), _CLIP_ROOT["sd15-tiny"], "clip.")
+    path = tmp_path / "other.safetensors"
+    save_file(sd, str(path))
+    with pytest.raises(ArtifactError) as e:
+        load_model(path)
+    first = min(k for k in sd if k.startswith("cond_stage_model."))
+    assert first.startswith("cond_stage_model.transformer.clip.")
+    assert (f"other.safetensors has an unrecognised key layout: {first} (sdrt reads "
+            "cond_stage_model.transformer.text_model.*); ") in str(e.value)
 
 
 def test_single_diffusers_component(tmp_path: Path) -> None:

@@ -622,9 +622,47 @@ def test_missing_libraries_and_gpu_are_listed_with_how_to_install(monkeypatch):
 
 def test_no_gpu_is_reported_before_tensorrt_is_touched(fakes):
     _, trt = fakes(gpus=0)
-    with pytest.raises(BackendUnavailable, match="no usable NVIDIA GPU: CUDA says cudaErrorInsufficientDriver"):
+    with pytest.raises(BackendUnavailable, match="no NVIDIA GPU or no NVIDIA driver .*cudaErrorInsufficientDriver"):
         tb.TrtBackend()
     assert trt.runtimes == []  # a TensorRT Runtime made without a GPU can crash the process
+
+
+def _real_cuda_without_gpu() -> None:
+    """Skip unless the real cuda-python is installed and sees no GPU (as on this CPU machine)."""
+    try:
+        cudart = tb.import_cudart()
+    except BackendUnavailable:
+        pytest.skip("cuda-python is not installed")
+    if int(cudart.cudaGetDeviceCount()[0]) == 0:
+        pytest.skip("CUDA sees a GPU here; this checks the message on a machine without one")
+
+
+def test_no_gpu_with_the_real_cuda_python_names_the_fix_for_api_and_cli(tiny_export):
+    _real_cuda_without_gpu()
+    from sdrt.runtime.pipeline import Pipeline
+
+    with pytest.raises(BackendUnavailable) as e:
+        Pipeline.load(tiny_export("sd15-tiny"), backend="tensorrt")
+    api, cli = str(e.value), e.value.for_cli()
+    for text in (api, cli):
+        assert "no NVIDIA GPU or no NVIDIA driver" in text
+    assert 'backend="ort-cpu"' in api and "--backend" not in api
+    assert "--backend ort-cpu" in cli and "backend=" not in cli and "'ort-cpu'" not in cli
+
+
+def test_cli_generate_without_a_gpu_exits_1_with_the_flag(tiny_export, tmp_path, capsys):
+    _real_cuda_without_gpu()
+    from sdrt.cli import main
+
+    out = tmp_path / "x.png"
+    code = main(["generate", str(tiny_export("sd15-tiny")), "--prompt", "a cat", "--steps", "1",
+                 "--backend", "tensorrt", "-o", str(out)])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.startswith("sdrt generate: error: the tensorrt backend cannot run here")
+    assert "no NVIDIA GPU or no NVIDIA driver" in err and "use --backend ort-cpu" in err
+    assert "backend=" not in err and "Traceback" not in err
+    assert not out.exists()
 
 
 def test_a_runtime_that_failed_to_initialize_is_refused_and_never_freed(fakes, monkeypatch):

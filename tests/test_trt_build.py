@@ -24,8 +24,10 @@ ENV = EngineEnv("tensorrt", "10.13.0.35", "NVIDIA H100 80GB HBM3", "9.0")
 
 
 def _have_tensorrt() -> bool:
+    """The full TensorRT (TensorRT for RTX, found by default where it alone is installed, is tested in
+    test_trt_modules.py)."""
     try:
-        load_tensorrt()
+        load_tensorrt("tensorrt")
     except BackendUnavailable:
         return False
     return True
@@ -51,10 +53,11 @@ def trt_stubs() -> Path:
         import patch_trt_stubs
     finally:
         sys.path.pop(0)
-    try:
-        return patch_trt_stubs.prepare()  # type: ignore[no-any-return]
-    except (subprocess.SubprocessError, OSError) as e:
-        pytest.skip(f"tensorrt-stubs could not be installed from PyPI ({e})")
+    stubs = patch_trt_stubs.prepared()
+    if stubs is None:  # the tests never download: the install step puts them there
+        pytest.skip(f"the patched {patch_trt_stubs.STUBS} are not in {patch_trt_stubs.DEFAULT_DEST}; "
+                    "install them with `make install-test` (or: python tests/typecheck/patch_trt_stubs.py)")
+    return stubs  # type: ignore[no-any-return]
 
 
 def test_tensorrt_code_type_checks_against_the_stubs(trt_stubs: Path) -> None:
@@ -78,9 +81,9 @@ def test_missing_tensorrt_says_how_to_install_it(tmp_path: Path) -> None:
     from sdrt.export.trt_build import build_engines
 
     with pytest.raises(BackendUnavailable, match=r"pip install tensorrt --extra-index-url https://pypi\.nvidia\.com"):
-        load_tensorrt()
+        load_tensorrt("tensorrt")
     with pytest.raises(BackendUnavailable, match="only type stubs|No module"):
-        build_engines(tmp_path, tmp_path / "out", load_profile("sd15-512"))
+        build_engines(tmp_path, tmp_path / "out", load_profile("sd15-512"), BuildOptions(module="tensorrt"))
     with pytest.raises(InputError, match="unknown TensorRT module"):
         load_tensorrt("tensorrt_llm")
 
@@ -152,6 +155,16 @@ def test_cli_lists_profiles(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["build", "--list-profiles"]) == 0
     out = capsys.readouterr().out
     assert "sd15-512" in out and "sdxl-1024" in out and "dynamic" in out
+
+
+def test_cli_build_of_a_missing_folder_asks_for_an_export(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from sdrt.cli import main
+
+    assert main(["build", str(tmp_path / "nope"), "--out", str(tmp_path / "engines")]) == 1
+    err = capsys.readouterr().err
+    assert err == (f"sdrt build: error: {tmp_path / 'nope'} does not exist; pass an ONNX export, the folder written "
+                   "by `sdrt export`\n")
+    assert list(tmp_path.iterdir()) == []
 
 
 # -- with TensorRT (and a GPU) --------------------------------------------------------------------------------

@@ -32,7 +32,8 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--refittable", action="store_true", help="allow `sdrt refit` (new weights, LoRAs) later")
     p.add_argument("--weakly-typed", action="store_true",
                    help="let TensorRT pick fp16 anywhere in fp16 components (default: precision as exported)")
-    p.add_argument("--tensorrt-module", choices=["tensorrt", "tensorrt_rtx"], help="default: whichever is installed")
+    p.add_argument("--tensorrt-module", choices=["tensorrt", "tensorrt_rtx"],
+                   help="default: whichever is installed (tensorrt first, else TensorRT for RTX)")
     p.add_argument("--force", action="store_true", help="rebuild engines even when up to date")
 
 
@@ -67,9 +68,9 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("usage: sdrt build ONNX_DIR --out ENGINE_DIR [--profile NAME]")
 
     from sdrt.export.trt_build import BuildOptions, build_engines
-    from sdrt.runtime.manifest import ExportManifest
+    from sdrt.runtime.manifest import EXPORT_FOLDER, ExportManifest
 
-    export = ExportManifest.read(args.onnx_dir)
+    export = ExportManifest.read(args.onnx_dir, wanted=EXPORT_FOLDER)
     profile = _profile(args, export.default_size)
     options = BuildOptions(
         opt_level=args.opt_level, workspace_gb=args.workspace, timing_cache=args.timing_cache,

@@ -7,6 +7,8 @@ dependency is the TensorRT library itself, which is not on PyPI) into a target f
 and prints the folder to put on ``MYPYPATH``. The installed site-packages are never touched.
 
     python tests/typecheck/patch_trt_stubs.py [DEST]      # default DEST: .stubs/tensorrt-stubs
+
+`make install-test` runs it; the tests only look for the result (``prepared``) and never download.
 """
 
 from __future__ import annotations
@@ -55,10 +57,15 @@ def patch(folder: Path) -> None:
     (folder / MARKER).write_text(STUBS + "\n")
 
 
-def prepare(dest: Path = DEFAULT_DEST) -> Path:
-    """The patched stubs folder, installing and patching it on first use."""
+def prepared(dest: Path = DEFAULT_DEST) -> Path | None:
+    """The patched stubs folder if it is already there (this version, patched); None otherwise."""
     marker = dest / MARKER
-    if marker.is_file() and marker.read_text().strip() == STUBS:
+    return dest if marker.is_file() and marker.read_text().strip() == STUBS else None
+
+
+def prepare(dest: Path = DEFAULT_DEST) -> Path:
+    """The patched stubs folder, installing and patching it on first use (from PyPI: `make install-test`)."""
+    if prepared(dest) is not None:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tensorrt-stubs-", dir=dest.parent))
