@@ -58,9 +58,16 @@ def run(args: argparse.Namespace) -> int:
         manifest = ExportManifest.read(args.out)
     print(f"\nwrote {args.out} ({manifest.preset}, {manifest.family}, {manifest.prediction_type}) "
           f"in {time.perf_counter() - t0:.1f} s")
-    print(f"{'component':16s} {'precision':9s} {'size MB':>8s} {'rel err':>9s} {'bound':>7s}")
+    from sdrt.export.onnx_export import IMAGE_LEVELS, PARITY_BOUND
+
+    print(f"{'component':16s} {'precision':9s} {'size MB':>8s} {'error':>11s} {'bound':>9s}")
     for name, c in manifest.components.items():
         par = c.parity
         assert par is not None
-        print(f"{name:16s} {c.precision:9s} {c.size_bytes / 1e6:8.1f} {par.rel_err:9.2e} {par.bound:7.0e}")
+        if par.bound != PARITY_BOUND[c.precision]:  # an image output: judged in levels of 255
+            err, bound = f"{par.max_abs_err:.0f} levels", f"{IMAGE_LEVELS[c.precision]} levels"
+        else:
+            err, bound = f"{par.rel_err:.2e}", f"{par.bound:.0e}"
+        print(f"{name:16s} {c.precision:9s} {c.size_bytes / 1e6:8.1f} {err:>11s} {bound:>9s}")
+    print("error: relative to the PyTorch module's largest output; uint8 images: levels of 255")
     return 0
