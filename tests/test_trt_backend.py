@@ -607,7 +607,7 @@ def _hide(monkeypatch: pytest.MonkeyPatch, prefixes: tuple[str, ...]) -> None:
             raise ImportError(f"No module named {name!r}")
         return real(name, package)
 
-    monkeypatch.setattr(tb.importlib, "import_module", fake)
+    monkeypatch.setattr(importlib, "import_module", fake)
 
 
 def test_missing_libraries_and_gpu_are_listed_with_how_to_install(monkeypatch):
@@ -645,7 +645,7 @@ def test_a_runtime_that_failed_to_initialize_is_refused_and_never_freed(fakes, m
 
 
 def test_type_stubs_alone_are_not_tensorrt(monkeypatch):
-    monkeypatch.setattr(tb.importlib, "import_module", lambda name: SimpleNamespace(__name__=name))
+    monkeypatch.setattr(importlib, "import_module", lambda name: SimpleNamespace(__name__=name))
     with pytest.raises(BackendUnavailable, match="tensorrt: only type stubs are installed"):
         tb.import_tensorrt(["tensorrt"])
 

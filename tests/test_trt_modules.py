@@ -8,7 +8,8 @@ names and behaviour against the real bindings:
   and the builder's, minus what TensorRT for RTX lacks or ignores, which export/trt_build.py must skip
   for it. It builds engines without a GPU (CPU-only ahead-of-time compilation), so the builder path
   runs here for real; deserializing and running an engine needs a GPU;
-- ``cuda-python`` (``cuda.bindings.runtime``): every CUDA runtime call of runtime/trt_backend.py;
+- ``cuda-python`` (``cuda.bindings.runtime``): every CUDA runtime call of the tensorrt backend (runtime/cuda.py
+  and the modules beside it);
 - the full ``tensorrt`` where it is installed.
 
 What the code takes from those modules is collected from its syntax tree and must equal the tables
@@ -46,10 +47,11 @@ NEEDS_RTX = f"needs the TensorRT for RTX bindings: {RTX_PIP}"
 NEEDS_CUDA = "needs cuda-python: pip install cuda-python"
 
 BUILDER_FILES = ("export/trt_build.py", "export/refit.py")
-RUNTIME_FILE = "runtime/trt_backend.py"
+RUNTIME_FILES = ("runtime/trt_backend.py", "runtime/trt_modules.py", "runtime/trt_engines.py", "runtime/trt_loop.py",
+                 "runtime/cuda.py")
 # the functions of the runtime that build (the sampler step graph): they need a module with a builder
 RUNTIME_BUILDER_SCOPES = ("TrtBackend.build_onnx", "OnnxTrtEngine.__init__")
-CUDA_FILES = ("runtime/trt_backend.py", "runtime/engine_manifest.py")
+CUDA_FILES = (*RUNTIME_FILES, "runtime/engine_manifest.py")
 
 
 # -- what the code uses ---------------------------------------------------------------------------------
@@ -225,7 +227,10 @@ def _trt_names(path: str) -> dict[str, set[str]]:
 
 def _runtime_split() -> tuple[set[str], set[str]]:
     """The runtime's module-level names: (used by the runtime proper, used only where it builds)."""
-    found = _trt_names(RUNTIME_FILE)
+    found: dict[str, set[str]] = {}
+    for path in RUNTIME_FILES:
+        for name, scopes in _trt_names(path).items():
+            found.setdefault(name, set()).update(scopes)
     building = {n for n, scopes in found.items() if all(s.startswith(RUNTIME_BUILDER_SCOPES) for s in scopes)}
     return set(found) - building, building
 
@@ -315,13 +320,13 @@ def test_the_tables_list_every_tensorrt_name_the_code_takes() -> None:
     assert {n for n in RTX_AVOIDED if "." in n} <= BUILDER_MODULE_NAMES
     assert {n for n in RTX_AVOIDED if "." not in n} <= BUILDER_METHODS["IBuilderConfig"]
     # every listed method is still used (a stale table checks nothing)
-    used_builder = _attribute_names((*BUILDER_FILES, RUNTIME_FILE), defs=True)
-    used_runtime = _attribute_names((RUNTIME_FILE,), defs=True)
+    used_builder = _attribute_names((*BUILDER_FILES, *RUNTIME_FILES), defs=True)
+    used_runtime = _attribute_names(RUNTIME_FILES, defs=True)
     stale = [f"{c}.{m}" for c, ms in BUILDER_METHODS.items() for m in ms if m not in used_builder]
     stale += [f"{c}.{m}" for c, ms in RUNTIME_METHODS.items() for m in ms if m not in used_runtime]
     stale += [f"{c}.{m}" for c, m in FALLBACKS if m not in used_runtime]
     assert stale == []
-    source = _source((RUNTIME_FILE,))
+    source = _source(RUNTIME_FILES)
     assert all(f'"{k}"' in source for k in (*DTYPE_NAMES, *IO_MODES, *CUDA_COPY_KINDS))
 
 
@@ -413,7 +418,7 @@ def test_no_tensorrt_call_is_missing_from_the_tables() -> None:
     listed = set().union(*RUNTIME_METHODS.values(), *BUILDER_METHODS.values(), {m for _, m in FALLBACKS},
                          *(n.split(".") for n in BUILDER_MODULE_NAMES | RUNTIME_MODULE_NAMES | RUNTIME_BUILDER_MODULE_NAMES
                            | set(RTX_AVOIDED)))
-    used = _attribute_names((*BUILDER_FILES, RUNTIME_FILE)) & api
+    used = _attribute_names((*BUILDER_FILES, *RUNTIME_FILES)) & api
     assert sorted(used - listed - NOT_TENSORRT) == [], "a TensorRT call to list (or a name of sdrt's own: NOT_TENSORRT)"
 
 
