@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
+from .engine import CLOSED
 from .engine_manifest import detect_gpu
 from .errors import BackendUnavailable, InputError, SdrtError
+from .step_loop import Clock
 
 CUDA_HINT = "pip install cuda-python (or: pip install 'sdrt[tensorrt]')"
 _CUDA_OOM = 2  # cudaErrorMemoryAllocation
@@ -37,15 +40,22 @@ def import_cudart() -> Any:
     raise BackendUnavailable(f"cuda-python is not installed ({'; '.join(errors)}); {CUDA_HINT}")
 
 
-
 # -- device memory ----------------------------------------------------------------------------------------
 
 class _Device:
-    """One GPU and one stream; the only code that calls cuda-python."""
+    """One GPU and one stream; the only code that calls cuda-python.
+
+    ``close()`` frees every allocation still alive on it (the arrays over them then refuse use), destroys
+    every graph and event made on it, and then the stream; dropping the last reference does the same."""
 
     def __init__(self, cudart: Any, device_id: int) -> None:
         self.cudart = cudart
         self.device_id = device_id
+        self.closed = False
+        self.allocations: weakref.WeakSet[_Allocation] = weakref.WeakSet()
+        self.graphs: weakref.WeakSet[_Graph] = weakref.WeakSet()
+        self.events: weakref.WeakSet[DeviceClock] = weakref.WeakSet()
+        self.stream: Any = None
         res = cudart.cudaGetDeviceCount()
         if int(res[0]) != 0:
             raise BackendUnavailable(
@@ -58,6 +68,14 @@ class _Device:
         flags = getattr(cudart, "cudaStreamNonBlocking", 1)  # no implicit sync with the legacy default stream
         self.stream = self.check(cudart.cudaStreamCreateWithFlags(flags), "creating a stream")
         self.handle = int(self.stream)
+
+    def make_current(self) -> None:
+        """Select this GPU in the calling thread (CUDA's current device is per thread)."""
+        self.check(self.cudart.cudaSetDevice(self.device_id), f"selecting GPU {self.device_id}")
+
+    def require_open(self) -> None:
+        if self.closed:
+            raise InputError(CLOSED)
 
     def _describe(self, err: Any) -> str:
         name = desc = ""
@@ -83,6 +101,7 @@ class _Device:
         return detect_gpu(self.device_id)
 
     def malloc(self, nbytes: int) -> int:
+        self.require_open()
         res = self.cudart.cudaMallocAsync(nbytes, self.stream)
         if int(res[0]) == _CUDA_OOM:
             raise EngineRunError(
@@ -96,6 +115,7 @@ class _Device:
 
     def copy(self, dst: int, src: int, nbytes: int, kind: str) -> None:
         """``kind``: "HostToDevice", "DeviceToHost" or "DeviceToDevice"; queued on the stream."""
+        self.require_open()
         k = getattr(self.cudart.cudaMemcpyKind, f"cudaMemcpy{kind}")
         if nbytes:
             self.check(self.cudart.cudaMemcpyAsync(dst, src, nbytes, k, self.stream), f"copying {kind}")
@@ -105,6 +125,7 @@ class _Device:
             self.check(self.cudart.cudaMemsetAsync(ptr, 0, nbytes, self.stream), "clearing device memory")
 
     def synchronize(self) -> None:
+        self.require_open()
         self.check(self.cudart.cudaStreamSynchronize(self.stream), "waiting for the stream")
 
     def capture(self, work: Callable[[], None]) -> _Graph:
@@ -131,10 +152,27 @@ class _Device:
             cudart.cudaGraphDestroy(graph)  # the executable graph does not need it
         return _Graph(self, exe)
 
+    def close(self) -> None:
+        """Free what is still allocated, destroy graphs and events, wait for the stream and destroy it
+        (idempotent)."""
+        if self.closed:
+            return
+        for graph in list(self.graphs):
+            graph.close()
+        for clock in list(self.events):
+            clock.close()
+        for mem in list(self.allocations):
+            mem.free()
+        self.closed = True
+        stream, self.stream = self.stream, None
+        if stream is not None:
+            with contextlib.suppress(Exception):  # at interpreter exit CUDA may be gone already
+                self.cudart.cudaStreamSynchronize(stream)
+                self.cudart.cudaStreamDestroy(stream)
+
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
-            self.cudart.cudaStreamSynchronize(self.stream)
-            self.cudart.cudaStreamDestroy(self.stream)
+            self.close()
 
 
 def _text(raw: Any) -> str:
@@ -146,13 +184,21 @@ class _Graph:
 
     def __init__(self, device: _Device, exe: Any) -> None:
         self.device, self.exe = device, exe
+        device.graphs.add(self)
 
     def launch(self) -> None:
+        if self.exe is None:
+            raise InputError(f"this CUDA graph was destroyed: {CLOSED}")
         self.device.check(self.device.cudart.cudaGraphLaunch(self.exe, self.device.stream), "launching a CUDA graph")
+
+    def close(self) -> None:
+        exe, self.exe = self.exe, None
+        if exe is not None:
+            self.device.cudart.cudaGraphExecDestroy(exe)
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
-            self.device.cudart.cudaGraphExecDestroy(self.exe)
+            self.close()
 
 
 class _Allocation:
@@ -162,6 +208,7 @@ class _Allocation:
         self.device = device  # keeps the stream alive as long as memory ordered on it exists
         self.nbytes = nbytes
         self.ptr = device.malloc(nbytes) if nbytes else 0
+        device.allocations.add(self)
 
     def free(self) -> None:
         ptr, self.ptr = self.ptr, 0
@@ -201,6 +248,8 @@ class DeviceArray:
 
     @property
     def ptr(self) -> int:
+        if self._mem is not None and self._mem.device.closed:
+            raise InputError(f"this device array ({self.describe()}) is gone: {CLOSED}")
         if self._mem is None or (self._mem.nbytes and not self._mem.ptr):
             raise InputError(f"this device array ({self.describe()}) was freed")
         return self._mem.ptr + self.offset if self._mem.ptr else 0
@@ -230,3 +279,41 @@ class DeviceArray:
     def __repr__(self) -> str:
         state = "freed" if self._mem is None else f"0x{self._mem.ptr + self.offset:x}"
         return f"DeviceArray({self.describe()}, {state})"
+
+
+class DeviceClock(Clock):
+    """Marks as CUDA events recorded on the stream: no synchronization per mark, one when the times are
+    read, and the times are the device's (as a PyTorch baseline timed with CUDA events measures)."""
+
+    kind = "device"
+
+    def __init__(self, device: _Device) -> None:
+        self.device = device
+        self._events: list[Any] = []
+        device.events.add(self)
+
+    def mark(self) -> None:
+        d = self.device
+        d.require_open()
+        event = d.check(d.cudart.cudaEventCreate(), "creating a CUDA event")
+        self._events.append(event)
+        d.check(d.cudart.cudaEventRecord(event, d.stream), "recording a CUDA event")
+
+    def intervals_ms(self) -> list[float]:
+        if len(self._events) < 2:
+            return []
+        d = self.device
+        d.require_open()
+        d.check(d.cudart.cudaEventSynchronize(self._events[-1]), "waiting for a CUDA event")
+        return [float(d.check(d.cudart.cudaEventElapsedTime(a, b), "reading CUDA event times"))
+                for a, b in zip(self._events, self._events[1:])]
+
+    def close(self) -> None:
+        events, self._events = self._events, []
+        for event in events:
+            with contextlib.suppress(Exception):
+                self.device.cudart.cudaEventDestroy(event)
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()

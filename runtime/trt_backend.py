@@ -35,6 +35,7 @@ any run on a GPU (deserializing, executing), and that TensorRT's ``execute_async
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections import deque
 from collections.abc import Mapping, Sequence
@@ -43,7 +44,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .cuda import CUDA_HINT, DeviceArray, EngineRunError, _Allocation, _Device, import_cudart
+from .cuda import (
+    CLOSED,
+    CUDA_HINT,
+    DeviceArray,
+    DeviceClock,
+    EngineRunError,
+    _Allocation,
+    _Device,
+    import_cudart,
+)
 from .engine import Array, Backend, Engine, IOSpec
 from .engine_manifest import (
     ENGINE_MANIFEST_NAME,
@@ -67,7 +77,7 @@ from .trt_engines import (
     runtime_mismatches,
     scratch_size,
 )
-from .trt_loop import STEP_OUTPUTS, StepLoop
+from .trt_loop import STEP_OUTPUTS, CapturedStepLoop
 from .trt_modules import (
     FULL_TENSORRT_HINT,
     LEAN_HINT,
@@ -85,10 +95,33 @@ if TYPE_CHECKING:
     import tensorrt as trt
 
 __all__ = [
-    "CUDA_HINT", "FULL_TENSORRT_HINT", "LEAN_HINT", "LEAN_MODULES", "RTX_MODULES", "RUNTIME_MODULES", "STEP_OUTPUTS",
-    "TENSORRT_HINT", "_BUFFERS_PER_OUTPUT", "_TRT_DTYPES", "DeviceArray", "EngineRunError", "OnnxTrtEngine",
-    "StepLoop", "TrtBackend", "TrtEngine", "_Device", "backend_name", "import_cudart", "import_tensorrt", "io_specs",
-    "make_logger", "module_candidates", "numpy_dtype", "onnx_specs", "runtime_mismatches", "scratch_size",
+    "CUDA_HINT",
+    "FULL_TENSORRT_HINT",
+    "LEAN_HINT",
+    "LEAN_MODULES",
+    "RTX_MODULES",
+    "RUNTIME_MODULES",
+    "STEP_OUTPUTS",
+    "TENSORRT_HINT",
+    "_BUFFERS_PER_OUTPUT",
+    "_TRT_DTYPES",
+    "CapturedStepLoop",
+    "DeviceArray",
+    "EngineRunError",
+    "OnnxTrtEngine",
+    "TrtBackend",
+    "TrtEngine",
+    "_Device",
+    "backend_name",
+    "import_cudart",
+    "import_tensorrt",
+    "io_specs",
+    "make_logger",
+    "module_candidates",
+    "numpy_dtype",
+    "onnx_specs",
+    "runtime_mismatches",
+    "scratch_size",
 ]
 _BROKEN_RUNTIMES: list[Any] = []  # runtimes that failed to initialize: never freed (that segfaults)
 
@@ -96,7 +129,12 @@ _BROKEN_RUNTIMES: list[Any] = []  # runtimes that failed to initialize: never fr
 # -- the backend ---------------------------------------------------------------------------------------------
 
 class TrtBackend(Backend):
-    """TensorRT engines on one GPU and one CUDA stream. Not thread-safe: one pipeline drives it."""
+    """TensorRT engines on one GPU and one CUDA stream. Not thread-safe: one pipeline drives it, from any
+    thread (``make_current`` selects the GPU in the calling thread).
+
+    ``close()`` releases every engine, execution context, device buffer, the scratch block, captured
+    graphs and step loops, and the stream; using the backend or anything loaded from it afterwards raises
+    InputError. Dropping the last reference releases the same without ``close()`` (no reference cycles)."""
 
     name = "tensorrt"
 
@@ -141,8 +179,47 @@ class TrtBackend(Backend):
         self.manifest: EngineManifest | None = None  # of the first engine folder loaded from
         self._checked: dict[Path, EngineManifest] = {}
         self._pending: list[np.ndarray] = []  # host arrays of copies still queued
-        self._loops: dict[tuple[int, int], StepLoop] = {}
+        self._loops: dict[tuple[int, int], CapturedStepLoop] = {}
         self._builder: Any = None
+        self.closed = False
+
+    # -- the Backend interface beyond engines and arrays ----------------------------------------------------
+    def check_request(self, batch: int, height: int, width: int, guided: bool) -> None:
+        """InputError when the engine folder's build profile does not cover the request."""
+        self._require_open()
+        if self.manifest is not None:
+            self.manifest.profile.check_request(batch, height, width, guided=guided)
+
+    def make_current(self) -> None:
+        self._require_open()
+        self.device.make_current()
+
+    def clock(self) -> DeviceClock:
+        """Stage and step times from CUDA events on the stream (synchronized once, when read)."""
+        self._require_open()
+        return DeviceClock(self.device)
+
+    def close(self) -> None:
+        """Release everything on the device now, in dependency order (idempotent)."""
+        if self.closed:
+            return
+        self.closed = True
+        with contextlib.suppress(Exception):
+            self.device.synchronize()  # queued work may still read what is freed below
+        loops, self._loops = self._loops, {}
+        for loop in loops.values():
+            loop.close()
+        for engine in list(self.scratch.users):
+            engine.close()
+        self.scratch.close()
+        self._pending.clear()
+        self._builder = None
+        self.device.close()  # what is left (arrays the caller holds), then the stream
+        del self.runtime  # after every engine deserialized by it
+
+    def _require_open(self) -> None:
+        if self.closed:
+            raise InputError(f"this tensorrt backend is closed: {CLOSED}")
 
     def messages(self) -> str:
         """TensorRT's recent warnings and errors, for error messages."""
@@ -152,6 +229,7 @@ class TrtBackend(Backend):
     def load(self, path: str | bytes, name: str) -> Engine:
         """An engine file of an sdrt engine folder (checked against the folder's manifest first), or an
         ONNX graph as bytes (the sampler step graph, built on first use)."""
+        self._require_open()
         if isinstance(path, (bytes, bytearray, memoryview)):
             rec = self.prebuilt(bytes(path))
             if rec is not None and self.folder is not None:
@@ -249,6 +327,7 @@ class TrtBackend(Backend):
 
     # -- arrays -----------------------------------------------------------------------------------------
     def empty(self, shape: Sequence[int], dtype: Any) -> DeviceArray:
+        self._require_open()
         dt = np.dtype(dtype)
         return DeviceArray(_Allocation(self.device, int(np.prod(shape, dtype=np.int64)) * dt.itemsize), shape, dt)
 
@@ -294,21 +373,27 @@ class TrtBackend(Backend):
         return a
 
     def synchronize(self) -> None:
+        self._require_open()
         self.device.synchronize()
         self._pending.clear()
 
     # -- the captured step -----------------------------------------------------------------------------
-    def capture_step(self, unet: Engine, step: Engine) -> StepLoop:
-        """The denoising step (``unet`` then the sampler ``step`` graph) as a StepLoop, kept per engine pair;
-        see the module docstring."""
+    def step_loop(self, unet: Engine, step: Engine) -> CapturedStepLoop:
+        """The denoising step (``unet`` then the sampler ``step`` graph) captured as CUDA graphs, kept per
+        engine pair (runtime/trt_loop.py)."""
+        self._require_open()
         u, s = self._own(unet), self._own(step)
+        for k in [k for k, lp in self._loops.items() if not lp.alive()]:  # loops over dropped engines
+            self._loops.pop(k).close()
         key = (id(u), id(s))
         loop = self._loops.get(key)
-        if loop is None or loop.unet is not u or loop.step_engine is not s:
-            loop = self._loops[key] = StepLoop(self, u, s)
+        if loop is None or loop._unet() is not u or loop._step() is not s:
+            loop = self._loops[key] = CapturedStepLoop(self, u, s)
         return loop
+
+    capture_step = step_loop  # the pipeline's name for it until it calls step_loop
 
     def _own(self, e: Engine) -> TrtEngine | OnnxTrtEngine:
         if not isinstance(e, (TrtEngine, OnnxTrtEngine)) or e.backend is not self:
-            raise InputError(f"capture_step takes engines loaded by this backend, not {type(e).__name__}")
+            raise InputError(f"step_loop takes engines loaded by this backend, not {type(e).__name__}")
         return e

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .cuda import DeviceArray, EngineRunError, _Allocation, _Device
+from .cuda import CLOSED, DeviceArray, EngineRunError, _Allocation, _Device
 from .engine import Array, Engine, IOSpec
 from .engine_manifest import EngineManifest, EngineRecord
 from .errors import BackendUnavailable, CompatibilityError, InputError, SdrtError
@@ -138,6 +138,13 @@ class _OutputBuffers:
         slots.append(_Slot(mem, arr))
         return arr
 
+    def close(self) -> None:
+        """Free every kept buffer now (arrays handed out over them are then unusable)."""
+        slots, self.slots = self.slots, {}
+        for _, _, kept in slots.values():
+            for slot in kept:
+                slot.mem.free()
+
 
 class _SharedScratch:
     """One block of TensorRT activation memory for every execution context (engines run one after another
@@ -170,6 +177,12 @@ class _SharedScratch:
         if old is not None:
             old.free()  # stream-ordered: after the work already queued on it
 
+    def close(self) -> None:
+        mem, self.mem, self.size = self.mem, None, 0
+        self.users = weakref.WeakSet()
+        if mem is not None:
+            mem.free()
+
 
 # -- engines ---------------------------------------------------------------------------------------------
 
@@ -192,6 +205,7 @@ class TrtEngine(Engine):
             raise EngineRunError(f"{name}: TensorRT could not create an execution context "
                                  f"({backend.messages() or 'no message'})")
         self.context: trt.IExecutionContext = context
+        self.closed = False
         self.buffers = _OutputBuffers(backend.device)
         backend.scratch.attach(self, scratch_size(cuda_engine))
 
@@ -204,7 +218,25 @@ class TrtEngine(Engine):
     def resolve(self, shapes: Mapping[str, tuple[int, ...]]) -> TrtEngine:
         return self
 
+    def close(self) -> None:
+        """Release the execution context, the engine and the output buffers (idempotent)."""
+        if self.closed:
+            return
+        self.closed = True
+        self.buffers.close()
+        del self.context  # the context before the engine it came from
+        del self.cuda_engine
+
+    def require_open(self) -> None:
+        if self.closed:
+            raise InputError(f"{self.name}: {CLOSED}")
+
+    def check(self, feeds: Mapping[str, Array]) -> None:
+        self.require_open()  # before the inputs: after close() nothing about them matters
+        super().check(feeds)
+
     def run(self, feeds: Mapping[str, Array]) -> dict[str, Array]:
+        self.require_open()
         arrays = {n: self.backend.as_device(v) for n, v in feeds.items()}
         self.bind_inputs(arrays)
         outs = {n: self.buffers.take(n, self.output_shape(n), spec.dtype) for n, spec in self.outputs.items()}
@@ -213,6 +245,7 @@ class TrtEngine(Engine):
         return dict(outs)
 
     def bind_inputs(self, arrays: Mapping[str, DeviceArray]) -> None:
+        self.require_open()
         for name in self.inputs:
             a = arrays[name]
             if not self.context.set_input_shape(name, a.shape):

@@ -1,12 +1,12 @@
 """The denoising step as a CUDA graph: TensorRT's ``StepLoop``.
 
-``backend.capture_step(unet, step)`` returns a ``StepLoop``: UNet then step graph, captured as two CUDA
+``backend.step_loop(unet, step)`` returns a ``CapturedStepLoop``: UNet then step graph, captured as two CUDA
 graphs over fixed device buffers (even steps read state A and write state B, odd steps the reverse, so
 no engine writes what it reads). What changes per step (the timestep, the coefficient row, the noise)
 is uploaded once per call as a table and copied row by row into fixed buffers before each launch.
-``Pipeline`` runs its denoising loop this way whenever the backend has ``capture_step``::
+The pipeline drives it as every backend's ``StepLoop`` (``runtime/step_loop.py``)::
 
-    loop = backend.capture_step(unet, step)
+    loop = backend.step_loop(unet, step)
     loop.start(latents=x_dev, unet_in=unet_in, x0_prev=zeros, cond=cond, guidance=g,
                timesteps=plan.timesteps, coeffs=plan.table, noise=step_noise)
     for i in range(n):
@@ -15,23 +15,30 @@ is uploaded once per call as a table and copied row by row into fixed buffers be
     x_dev = loop.latents               # valid until the next start()
 
 ``start`` captures on first use and whenever shapes change (after one warm-up run of each engine: TensorRT
-finishes shape-dependent setup outside the capture); a failed capture, or ``TrtBackend(cuda_graph=False)``,
-leaves ``loop.captured`` False with ``loop.reason`` and runs the same bindings directly, so results do
-not depend on whether capture worked. The StepLoop's buffers are its own: the caller's arrays are copied
-in at ``start`` and may be dropped afterwards.
+finishes shape-dependent setup outside the capture); a capture that fails with any error (TensorRT's or
+CUDA's, raised or returned), or ``TrtBackend(cuda_graph=False)``, leaves ``loop.captured`` False with
+``loop.reason`` and runs the same bindings directly, so results do not depend on whether capture worked.
+The loop's buffers are its own: the caller's arrays are copied in at ``start`` and may be dropped
+afterwards.
+
+Lifecycle: the backend keeps its loops; a loop holds the backend and its engines only weakly, so no
+reference cycle keeps device memory alive once the pipeline is dropped. ``close()`` (the backend's
+``close()`` calls it) frees the loop's buffers and graphs now.
 """
 
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .cuda import DeviceArray, EngineRunError, _Graph
+from .cuda import CLOSED, DeviceArray, _Graph
 from .engine import Array
 from .errors import InputError
+from .step_loop import StepLoop
 
 if TYPE_CHECKING:
     from .trt_backend import TrtBackend
@@ -40,7 +47,7 @@ if TYPE_CHECKING:
 STEP_OUTPUTS = ("latents_next", "x0", "unet_in_next")
 
 
-class StepLoop:
+class CapturedStepLoop(StepLoop):
     """UNet then sampler step graph, over fixed device buffers, as two CUDA graphs (even and odd steps).
 
     Even steps read state A (latents, x0, UNet input) and write state B; odd steps the reverse. The
@@ -50,9 +57,11 @@ class StepLoop:
     """
 
     def __init__(self, backend: TrtBackend, unet: TrtEngine | OnnxTrtEngine, step: TrtEngine | OnnxTrtEngine) -> None:
-        self.backend = backend
-        self.unet = unet
-        self.step_engine = step
+        self._backend = weakref.ref(backend)
+        self._unet = weakref.ref(unet)
+        self._step = weakref.ref(step)
+        self._resolved: tuple[Any, Any] = (lambda: None, lambda: None)  # weak refs to the engines bound
+        self.closed = False
         self.captured = False
         self.reason = "not started"
         self._key: tuple[Any, ...] | None = None
@@ -63,12 +72,64 @@ class StepLoop:
         self._tables: dict[str, DeviceArray] = {}
         self.buf: dict[str, Any] = {}
 
+    @property
+    def backend(self) -> TrtBackend:
+        be = self._backend()
+        if be is None or self.closed:
+            raise InputError(f"this step loop is closed: {CLOSED}")
+        return be
+
+    @property
+    def unet(self) -> TrtEngine | OnnxTrtEngine:
+        return self._engine(self._unet, "unet")
+
+    @property
+    def step_engine(self) -> TrtEngine | OnnxTrtEngine:
+        return self._engine(self._step, "step graph")
+
+    @property
+    def _unet_e(self) -> TrtEngine:
+        e: TrtEngine = self._engine(self._resolved[0], "unet")
+        return e
+
+    @property
+    def _step_e(self) -> TrtEngine:
+        e: TrtEngine = self._engine(self._resolved[1], "step graph")
+        return e
+
+    def _engine(self, ref: Any, what: str) -> Any:
+        e = ref()
+        if e is None or self.closed:
+            raise InputError(f"the {what} engine of this step loop is gone: {CLOSED}")
+        return e
+
+    def _require_open(self) -> None:
+        if not self.alive():
+            raise InputError(f"this step loop is closed: {CLOSED}")
+
+    def alive(self) -> bool:
+        """Whether the backend and both engines still exist (a loop over dropped engines is useless)."""
+        return not self.closed and None not in (self._backend(), self._unet(), self._step())
+
+    def close(self) -> None:
+        """Destroy the captured graphs and free the loop's buffers now (idempotent)."""
+        graphs, self._graphs = self._graphs, []
+        for g in graphs:
+            g.close()
+        buffers: list[Any] = [v for v in self.buf.values() if v is not None]
+        buffers += [*self._tables.values()]
+        self.buf, self._tables, self._key, self.captured, self.closed = {}, {}, None, False, True
+        for item in buffers:
+            for arr in item if isinstance(item, list) else item.values() if isinstance(item, dict) else [item]:
+                arr.free()
+
     # -- the public calls -----------------------------------------------------------------------------
     def start(self, *, latents: Array, unet_in: Array, cond: Mapping[str, Array], timesteps: Sequence[float] | np.ndarray,
               coeffs: np.ndarray, guidance: Array | None = None, x0_prev: Array | None = None,
               noise: np.ndarray | None = None) -> None:
         """Set up a run of ``len(timesteps)`` steps: copy the starting state and conditioning in, upload
         the per-step tables, and (re)capture when the shapes changed."""
+        self._require_open()
         be = self.backend
         x, u = be.as_device(latents), be.as_device(unet_in)
         conds = {k: be.as_device(v) for k, v in cond.items()}
@@ -107,6 +168,7 @@ class StepLoop:
 
     def step(self, i: int) -> None:
         """Queue step ``i`` (call in order, 0 .. steps-1, after ``start``)."""
+        self._require_open()
         if self._key is None or not 0 <= i < self._steps:
             raise InputError(f"step {i} is outside the {self._steps} steps of the last start()")
         be, b = self.backend, self.buf
@@ -126,6 +188,7 @@ class StepLoop:
     @property
     def latents(self) -> DeviceArray:
         """The latents after the steps run so far (a view: valid until the next ``start``)."""
+        self._require_open()
         if self._key is None:
             raise InputError("start() the loop first")
         lat: DeviceArray = self.buf["lat"][self._done % 2]
@@ -164,7 +227,7 @@ class StepLoop:
         if set(self.step_engine.outputs) != set(STEP_OUTPUTS):
             raise InputError(f"{self.step_engine.name} must have outputs {STEP_OUTPUTS}, has {sorted(self.step_engine.outputs)}")
         step_e = self.step_engine.resolve({k: v.shape for k, v in step_feeds.items()})
-        self._unet_e, self._out_name, self._step_e = unet_e, out_name, step_e
+        self._resolved, self._out_name = (weakref.ref(unet_e), weakref.ref(step_e)), out_name
         self._capture()
 
     def _step_feeds(self, p: int) -> dict[str, DeviceArray]:
@@ -196,15 +259,17 @@ class StepLoop:
         refuse = [e.name for e in (self._unet_e, self._step_e)
                   if hasattr(e.context, "is_stream_capturable") and not e.context.is_stream_capturable(be.device.handle)]
         if refuse:  # TensorRT for RTX says so up front (data-dependent shapes, on-device control flow)
-            self.reason = f"TensorRT cannot stream-capture {', '.join(refuse)} here; running the engines directly"
+            self.reason = f"TensorRT cannot stream-capture {', '.join(refuse)} here"
             return
         try:
             for p in (0, 1):
                 self._enqueue(p)  # warm-up: TensorRT's shape-dependent setup happens outside the capture
                 graphs.append(be.device.capture(functools.partial(self._enqueue, p)))
             be.synchronize()
-        except (EngineRunError, InputError) as e:
-            self.reason = f"CUDA graph capture failed, running the engines directly: {e}"
+        except Exception as e:  # noqa: BLE001 - any TensorRT/CUDA failure: the direct path runs the same bindings
+            for g in graphs:
+                g.close()
+            self.reason = f"CUDA graph capture failed: {type(e).__name__}: {e}"
             return
         self._graphs, self.captured, self.reason = graphs, True, ""
         self._generation = be.scratch.generation

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import ctypes
 import enum
+import gc
 import importlib
 import importlib.util
 import json
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -44,6 +46,7 @@ from sdrt.runtime.engine_manifest import (
 from sdrt.runtime.errors import ArtifactError, BackendUnavailable, CompatibilityError, InputError
 from sdrt.runtime.samplers import guide, make_plan, model_input, run_reference
 from sdrt.runtime.step_graph import build_step_graph
+from sdrt.runtime.step_loop import StepLoop
 
 ROOT = Path(__file__).resolve().parents[1]
 NEEDS_GPU = "needs TensorRT and an NVIDIA GPU (not available here)"
@@ -81,21 +84,38 @@ class FakeCudart:
         self.mallocs = 0
         self.launches = 0
         self.captures = 0
+        self.syncs = 0  # host waits: stream and event synchronizations
+        self.streams: set[int] = set()  # live streams, graph executables and events
+        self.graphs: set[int] = set()
+        self.events: dict[int, float | None] = {}  # event -> the fake device time it was reached, once run
+        self.device_time = 0.0  # advanced by every stream operation (milliseconds)
+        self._handles = 100
+        self.graph_ops: dict[int, list[Any]] = {}
+        self.current: dict[int, int] = {}  # thread id -> the device cudaSetDevice made current there
 
     # devices and streams
     def cudaGetDeviceCount(self):
         return (Err.cudaSuccess, self.gpus) if self.gpus else (Err.cudaErrorInsufficientDriver, None)
 
     def cudaSetDevice(self, d):
+        self.current[threading.get_ident()] = d
         return (Err.cudaSuccess,)
 
     def cudaGetDeviceProperties(self, d):
         return Err.cudaSuccess, SimpleNamespace(name=b"Fake GPU\x00", major=9, minor=0)
 
+    def _handle(self) -> int:
+        self._handles += 1
+        return self._handles
+
     def cudaStreamCreateWithFlags(self, flags):
-        return Err.cudaSuccess, 7
+        s = self._handle()
+        self.streams.add(s)
+        return Err.cudaSuccess, s
 
     def cudaStreamDestroy(self, s):
+        assert not self.queue, "destroying a stream with work still queued"
+        self.streams.remove(s)
         return (Err.cudaSuccess,)
 
     def cudaGetErrorName(self, e):
@@ -143,12 +163,51 @@ class FakeCudart:
 
     # streams and graphs
     def _enqueue(self, op):
-        (self.capturing if self.capturing is not None else self.queue).append(op)
+        def timed() -> None:
+            op()
+            self.device_time += 0.25  # every operation takes a quarter of a millisecond of device time
+        (self.capturing if self.capturing is not None else self.queue).append(timed)
         return (Err.cudaSuccess,)
 
-    def cudaStreamSynchronize(self, stream):
+    def _drain(self) -> None:
         while self.queue:
             self.queue.pop(0)()
+
+    def cudaStreamSynchronize(self, stream):
+        assert stream in self.streams, "synchronizing a destroyed stream"
+        self.syncs += 1
+        self._drain()
+        return (Err.cudaSuccess,)
+
+    # events: a record queues a timestamp in stream order
+    def cudaEventCreate(self):
+        e = self._handle()
+        self.events[e] = None
+        return Err.cudaSuccess, e
+
+    def cudaEventRecord(self, event, stream):
+        assert event in self.events and stream in self.streams
+        if self.capturing is not None:
+            return (Err.cudaErrorStreamCaptureUnsupported,)
+
+        def reached() -> None:
+            if event in self.events:  # a destroyed event is not reached (CUDA lets it be destroyed pending)
+                self.events[event] = self.device_time
+        self.queue.append(reached)
+        return (Err.cudaSuccess,)
+
+    def cudaEventSynchronize(self, event):
+        self.syncs += 1
+        self._drain()
+        return (Err.cudaSuccess,)
+
+    def cudaEventElapsedTime(self, start, end):
+        a, b = self.events[start], self.events[end]
+        assert a is not None and b is not None, "reading an event that was not reached"
+        return Err.cudaSuccess, b - a
+
+    def cudaEventDestroy(self, event):
+        del self.events[event]
         return (Err.cudaSuccess,)
 
     def cudaStreamBeginCapture(self, stream, mode):
@@ -162,11 +221,15 @@ class FakeCudart:
         return Err.cudaSuccess, list(ops or [])
 
     def cudaGraphInstantiate(self, graph, flags):
-        return Err.cudaSuccess, list(graph)
+        exe = self._handle()
+        self.graphs.add(exe)
+        self.graph_ops[exe] = list(graph)
+        return Err.cudaSuccess, exe
 
     def cudaGraphLaunch(self, exe, stream):
+        assert exe in self.graphs, "launching a destroyed graph"
         self.launches += 1
-        for op in exe:
+        for op in self.graph_ops[exe]:
             self._enqueue(op)
         return (Err.cudaSuccess,)
 
@@ -174,7 +237,15 @@ class FakeCudart:
         return (Err.cudaSuccess,)
 
     def cudaGraphExecDestroy(self, g):
+        self.graphs.remove(g)
+        del self.graph_ops[g]
         return (Err.cudaSuccess,)
+
+    def alive(self) -> dict[str, int]:
+        """What is still allocated or created on the fake device, after the queued work has run."""
+        self._drain()
+        return {"allocations": len(self.live), "streams": len(self.streams), "graphs": len(self.graphs),
+                "events": len(self.events)}
 
     # test helpers
     def read(self, ptr: int, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
@@ -791,7 +862,7 @@ def _plain_loop(be, unet, step, plan, x, hidden, noises) -> np.ndarray:
     return be.to_host(x_dev)
 
 
-def _captured_loop(be, unet, step, plan, x, hidden, noises, between=None) -> tuple[np.ndarray, tb.StepLoop]:
+def _captured_loop(be, unet, step, plan, x, hidden, noises, between=None) -> tuple[np.ndarray, tb.CapturedStepLoop]:
     """The loop as the module docstring tells the pipeline to run it."""
     s = _start_state(be, plan, x, hidden)
     loop = be.capture_step(unet, step)
@@ -882,6 +953,158 @@ def test_step_loop_checks_its_inputs(folder, fakes):
         loop.step(0)
     with pytest.raises(InputError, match="engines loaded by this backend"):
         be.capture_step(SimpleNamespace(), step)  # type: ignore[arg-type]
+
+
+# -- the Backend interface: request check, step loop, current device, capture fallback ------------------------
+
+def test_check_request_follows_the_engine_profile(folder, fakes):
+    fakes()
+    be = tb.TrtBackend(folder)
+    be.check_request(1, 512, 512, guided=True)  # nothing loaded yet: no profile to check against
+    be.load(str(folder / "unet.engine"), "unet")
+    be.check_request(1, 512, 512, guided=True)  # the folder's profile: batch 1..2 at 512 x 512
+    with pytest.raises(InputError, match="height"):
+        be.check_request(1, 256, 512, guided=True)
+    with pytest.raises(InputError, match="batch"):
+        be.check_request(3, 512, 512, guided=True)
+
+
+def test_make_current_selects_the_gpu_in_the_calling_thread(fakes):
+    cudart, _ = fakes(gpus=2)
+    be = tb.TrtBackend(device_id=1)
+    seen: list[int | None] = []
+
+    def worker() -> None:
+        be.make_current()
+        seen.append(cudart.current.get(threading.get_ident()))
+
+    th = threading.Thread(target=worker)
+    th.start()
+    th.join()
+    assert seen == [1] and cudart.current[threading.get_ident()] == 1
+
+
+def test_step_loop_is_the_captured_loop_and_describes_itself_like_the_base(folder, fakes):
+    fakes()
+    be = tb.TrtBackend(folder)
+    unet, step, plan, x, hidden, noises = _setup(be, folder, "ddim")
+    loop = be.step_loop(unet, step)
+    assert isinstance(loop, StepLoop) and be.step_loop(unet, step) is loop
+    _, ran = _captured_loop(be, unet, step, plan, x, hidden, noises)
+    assert ran is loop and loop.describe() == "captured CUDA graphs"
+    off = tb.TrtBackend(folder, cuda_graph=False)
+    unet2, step2, *_ = _setup(off, folder, "ddim")
+    _, direct = _captured_loop(off, unet2, step2, plan, x, hidden, noises)
+    assert direct.describe() == "engines run directly (CUDA graphs are off (TrtBackend(cuda_graph=False)))"
+
+
+def test_any_error_during_capture_falls_back_to_running_the_engines(folder, fakes, monkeypatch):
+    """TensorRT's bindings raise RuntimeError when an enqueue fails inside a capture: the loop runs the
+    engines directly (the plain loop's latents) and says why."""
+    cudart, _ = fakes()
+    be = tb.TrtBackend(folder)
+    unet, step, plan, x, hidden, noises = _setup(be, folder, "euler-a")
+    plain = _plain_loop(be, unet, step, plan, x, hidden, noises)
+    real = FakeContext.execute_async_v3
+
+    def refuse_in_capture(self, stream):
+        if cudart.capturing is not None:
+            raise RuntimeError("enqueueV3: operation not permitted when stream is capturing")
+        return real(self, stream)
+
+    monkeypatch.setattr(FakeContext, "execute_async_v3", refuse_in_capture)
+    out, loop = _captured_loop(be, unet, step, plan, x, hidden, noises)
+    assert not loop.captured and cudart.capturing is None and cudart.launches == 0
+    assert loop.reason == ("CUDA graph capture failed: RuntimeError: enqueueV3: operation not permitted when "
+                           "stream is capturing")
+    assert loop.describe().startswith("engines run directly (CUDA graph capture failed: RuntimeError")
+    np.testing.assert_array_equal(out, plain)
+    assert cudart.alive()["graphs"] == 0
+
+
+# -- lifecycle ----------------------------------------------------------------------------------------------
+
+def _use_everything(be: tb.TrtBackend, folder: Path) -> tuple[Any, ...]:
+    """Engines, outputs, a captured loop and a clock: everything a pipeline call leaves on the device."""
+    unet, step, plan, x, hidden, noises = _setup(be, folder, "dpmpp-2m")
+    clock = be.clock()
+    clock.mark()
+    _, loop = _captured_loop(be, unet, step, plan, x, hidden, noises)
+    clock.mark()
+    held = be.to_device(x)
+    return unet, step, loop, clock, held
+
+
+def test_close_releases_everything_and_refuses_further_use(folder, fakes):
+    cudart, _ = fakes()
+    before = cudart.alive()
+    be = tb.TrtBackend(folder)
+    unet, step, loop, _, held = _use_everything(be, folder)
+    during = cudart.alive()
+    assert during["allocations"] > 10 and during["graphs"] == 2 and during["streams"] == 1 and during["events"] == 2
+    be.close()
+    assert cudart.alive() == before == {"allocations": 0, "streams": 0, "graphs": 0, "events": 0}
+    be.close()  # idempotent
+    closed = "closed; load it again"
+    for use in (lambda: be.to_device(np.zeros(2, np.float32)), lambda: be.load(str(folder / "unet.engine"), "unet"),
+                lambda: be.step_loop(unet, step), be.synchronize, be.clock, be.make_current,
+                lambda: unet({"sample": held}), lambda: loop.step(0), lambda: be.to_host(held),
+                lambda: held.ptr, lambda: be.check_request(1, 512, 512, True)):
+        with pytest.raises(InputError, match=closed):
+            use()
+
+
+def test_dropping_every_reference_frees_the_device_without_the_garbage_collector(folder, fakes):
+    cudart, _ = fakes()
+    gc.collect()
+    gc.disable()  # refcounting alone must free it: no reference cycle may hold device memory
+    try:
+        be = tb.TrtBackend(folder)
+        stuff = _use_everything(be, folder)
+        assert cudart.alive()["allocations"] > 10
+        del be, stuff
+        assert cudart.alive() == {"allocations": 0, "streams": 0, "graphs": 0, "events": 0}
+    finally:
+        gc.enable()
+
+
+def test_loading_and_closing_ten_times_does_not_grow(folder, fakes):
+    cudart, _ = fakes()
+    peaks = []
+    for _ in range(10):
+        be = tb.TrtBackend(folder)
+        _use_everything(be, folder)
+        peaks.append(dict(cudart.alive()))
+        be.close()
+        assert cudart.alive() == {"allocations": 0, "streams": 0, "graphs": 0, "events": 0}
+    assert all(p == peaks[0] for p in peaks)
+
+
+# -- device-clock timing ----------------------------------------------------------------------------------
+
+def test_the_device_clock_records_events_without_synchronizing(folder, fakes):
+    cudart, _ = fakes()
+    be = tb.TrtBackend(folder)
+    unet, step, plan, x, hidden, noises = _setup(be, folder, "ddim")
+    s = _start_state(be, plan, x, hidden)
+    loop = be.step_loop(unet, step)
+    loop.start(latents=s["x_dev"], unet_in=s["unet_in"], x0_prev=s["zeros"], cond=s["cond"], guidance=s["guidance"],
+               timesteps=plan.timesteps, coeffs=plan.table, noise=noises)
+    clock = be.clock()
+    assert clock.kind == "device"
+    syncs = cudart.syncs
+    clock.mark()
+    for i in range(plan.steps):
+        loop.step(i)
+        clock.mark()
+    assert cudart.syncs == syncs  # marks only queue events
+    ms = clock.intervals_ms()
+    assert cudart.syncs == syncs + 1  # one wait, when the times are read
+    assert len(ms) == plan.steps and all(m >= 0 for m in ms)
+    # each step queues 3 copies and one launch of a graph of 2 engine runs: the fake times 0.25 ms an operation
+    assert ms == [pytest.approx(ms[0])] * plan.steps and ms[0] > 0
+    clock.close()
+    assert cudart.alive()["events"] == 0
 
 
 # -- against the real libraries --------------------------------------------------------------------------

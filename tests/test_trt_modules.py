@@ -134,7 +134,8 @@ CUDA_NAMES = {
     "cudaMemcpyAsync", "cudaMemsetAsync", "cudaStreamSynchronize", "cudaStreamCaptureMode",
     "cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal", "cudaStreamBeginCapture", "cudaStreamEndCapture",
     "cudaGraphDestroy", "cudaGetLastError", "cudaGraphInstantiate", "cudaGraphLaunch", "cudaGraphExecDestroy",
-    "cudaStreamDestroy",
+    "cudaStreamDestroy", "cudaEventCreate", "cudaEventRecord", "cudaEventSynchronize", "cudaEventElapsedTime",
+    "cudaEventDestroy",
 }
 CUDA_COPY_KINDS = ("HostToDevice", "DeviceToHost", "DeviceToDevice")  # getattr(cudaMemcpyKind, f"cudaMemcpy{kind}")
 CUDA_DEVICE_PROP = ("name", "major", "minor")
