@@ -5,10 +5,8 @@
   and the command that rebuilds the folder (CompatibilityError).
 - ``load(bytes)`` (the sampler's step graph, ``runtime/step_graph.py``) loads the engine that ``sdrt build``
   prebuilt from exactly those ONNX bytes (found in the folder's manifest by their sha256), so the lean
-  runtime needs no builder and the first step pays no build. A folder without one (built by an older
-  sdrt) gets the graph parsed with TensorRT's builder on first use, once per input shapes (a handful of
-  elementwise layers: seconds), with a profile fixed to those shapes; the lean runtime has no builder and
-  raises BackendUnavailable saying so.
+  runtime needs no builder and the first step pays no build. The runtime loads, the builder builds: a
+  folder without them (built by an older sdrt) is refused with the command that rebuilds it.
 
 Its parts, by concern: ``runtime/cuda.py`` (cuda-python: device memory, the stream, CUDA graphs),
 ``runtime/trt_modules.py`` (which TensorRT module, and its logger), ``runtime/trt_engines.py`` (engines,
@@ -26,7 +24,7 @@ as a float64 numpy loop), and the whole pipeline from ``sdrt build`` to images (
 the ort-cpu images). The TensorRT calls type-check against tensorrt-stubs 10.13; every TensorRT and
 cuda-python name used exists in the TensorRT 11.4 lean bindings, TensorRT for RTX 1.7 and cuda-bindings 13.4
 (tests/test_trt_modules.py, on a CPU machine, where ``TrtBackend()`` then reports the missing driver), and
-``build_onnx`` builds both step graphs with TensorRT for RTX's builder, which needs no GPU. NOT verified:
+``sdrt build`` builds both step graphs with TensorRT for RTX's builder, which needs no GPU. NOT verified:
 any run on a GPU (deserializing, executing), and that TensorRT's ``execute_async_v3`` captures as used here
 (NVIDIA's diffusion demo does the same: a warm-up, then capture). For TensorRT for RTX, ``sdrt build`` sets
 ``BuilderFlag.REQUIRE_USER_ALLOCATION``, which its stream capture needs, and the loop asks
@@ -38,7 +36,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -54,7 +52,7 @@ from .cuda import (
     _Device,
     import_cudart,
 )
-from .engine import Array, Backend, Engine, IOSpec
+from .engine import Array, Backend, Engine
 from .engine_manifest import (
     ENGINE_MANIFEST_NAME,
     EngineEnv,
@@ -66,14 +64,12 @@ from .errors import ArtifactError, BackendUnavailable, CompatibilityError, Input
 from .trt_engines import (
     _BUFFERS_PER_OUTPUT,
     _TRT_DTYPES,
-    OnnxTrtEngine,
     TrtEngine,
     _built_with,
     _plan,
     _SharedScratch,
     io_specs,
     numpy_dtype,
-    onnx_specs,
     runtime_mismatches,
     scratch_size,
 )
@@ -108,8 +104,7 @@ __all__ = [
     "CapturedStepLoop",
     "DeviceArray",
     "EngineRunError",
-    "OnnxTrtEngine",
-    "TrtBackend",
+        "TrtBackend",
     "TrtEngine",
     "_Device",
     "backend_name",
@@ -119,7 +114,6 @@ __all__ = [
     "make_logger",
     "module_candidates",
     "numpy_dtype",
-    "onnx_specs",
     "runtime_mismatches",
     "scratch_size",
 ]
@@ -180,7 +174,6 @@ class TrtBackend(Backend):
         self._checked: dict[Path, EngineManifest] = {}
         self._pending: list[np.ndarray] = []  # host arrays of copies still queued
         self._loops: dict[tuple[int, int], CapturedStepLoop] = {}
-        self._builder: Any = None
         self.closed = False
 
     # -- the Backend interface beyond engines and arrays ----------------------------------------------------
@@ -213,7 +206,6 @@ class TrtBackend(Backend):
             engine.close()
         self.scratch.close()
         self._pending.clear()
-        self._builder = None
         self.device.close()  # what is left (arrays the caller holds), then the stream
         del self.runtime  # after every engine deserialized by it
 
@@ -228,13 +220,13 @@ class TrtBackend(Backend):
     # -- loading --------------------------------------------------------------------------------------
     def load(self, path: str | bytes, name: str) -> Engine:
         """An engine file of an sdrt engine folder (checked against the folder's manifest first), or an
-        ONNX graph as bytes (the sampler step graph, built on first use)."""
+        ONNX graph as bytes (the sampler step graph), which ``sdrt build`` prebuilt into the folder."""
         self._require_open()
         if isinstance(path, (bytes, bytearray, memoryview)):
             rec = self.prebuilt(bytes(path))
-            if rec is not None and self.folder is not None:
-                return self.load(str(self.folder / rec.file), rec.component)
-            return OnnxTrtEngine(self, bytes(path), name)
+            if rec is None or self.folder is None:
+                raise self._not_prebuilt(name)
+            return self.load(str(self.folder / rec.file), rec.component)
         file = Path(path)
         manifest = self.check_folder(file.parent)  # before anything is deserialized
         record = manifest.record(name)
@@ -258,7 +250,7 @@ class TrtBackend(Backend):
 
     def prebuilt(self, model_bytes: bytes) -> EngineRecord | None:
         """The engine that ``sdrt build`` made from exactly this ONNX graph (a sampler step graph), in the
-        engine folder this backend was opened on, or None (the graph is then built on first use)."""
+        engine folder this backend was opened on, or None."""
         if self.folder is None or not (self.folder / ENGINE_MANIFEST_NAME).is_file():
             return None
         digest = hashlib.sha256(model_bytes).hexdigest()
@@ -295,35 +287,15 @@ class TrtBackend(Backend):
             self.manifest = manifest
         return manifest
 
-    def build_onnx(self, model_bytes: bytes, inputs: Mapping[str, IOSpec], shapes: Mapping[str, tuple[int, ...]],
-                   name: str) -> trt.ICudaEngine:
-        """Build and deserialize a small ONNX graph for exactly these input shapes."""
-        t = self.trt
-        if self._builder is None:
-            self._builder = t.Builder(self.logger)
-        builder: trt.Builder = self._builder
-        strongly = getattr(getattr(t, "NetworkDefinitionCreationFlag", None), "STRONGLY_TYPED", None)
-        network = builder.create_network(0 if strongly is None else 1 << int(strongly))
-        parser = t.OnnxParser(network, self.logger)
-        self.log.clear()
-        if not parser.parse(model_bytes):
-            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-            raise CompatibilityError(f"{self.module} {t.__version__} cannot parse {name}: {errors or self.messages()}")
-        config = builder.create_builder_config()
-        dynamic = [n for n, s in inputs.items() if not all(isinstance(d, int) for d in s.shape)]
-        if dynamic:
-            profile = builder.create_optimization_profile()
-            for n in dynamic:
-                profile.set_shape(n, shapes[n], shapes[n], shapes[n])  # type: ignore[arg-type]  # tuples work as Dims
-            config.add_optimization_profile(profile)
-        plan = builder.build_serialized_network(network, config)
-        del parser
-        if plan is None:
-            raise EngineRunError(f"{name}: TensorRT could not build it for {dict(shapes)} ({self.messages() or 'no message'})")
-        engine = self.runtime.deserialize_cuda_engine(plan)
-        if engine is None:
-            raise EngineRunError(f"{name}: TensorRT could not load the engine it built ({self.messages() or 'no message'})")
-        return engine
+    def _not_prebuilt(self, name: str) -> ArtifactError:
+        has_manifest = self.folder is not None and (self.folder / ENGINE_MANIFEST_NAME).is_file()
+        command = (self.check_folder(self.folder).build_command if has_manifest and self.folder is not None
+                   else "sdrt build ONNX_DIR --out ENGINE_DIR")
+        where = f"the engine folder {self.folder}" if self.folder is not None else "no engine folder (TrtBackend(folder))"
+        return ArtifactError(
+            f"{name}: {where} has no prebuilt engine for this step graph (folders built by an older sdrt lack "
+            f"them, and the runtime does not build engines); rebuild the folder: {command}"
+        )
 
     # -- arrays -----------------------------------------------------------------------------------------
     def empty(self, shape: Sequence[int], dtype: Any) -> DeviceArray:
@@ -393,7 +365,7 @@ class TrtBackend(Backend):
 
     capture_step = step_loop  # the pipeline's name for it until it calls step_loop
 
-    def _own(self, e: Engine) -> TrtEngine | OnnxTrtEngine:
-        if not isinstance(e, (TrtEngine, OnnxTrtEngine)) or e.backend is not self:
+    def _own(self, e: Engine) -> TrtEngine:
+        if not isinstance(e, TrtEngine) or e.backend is not self:
             raise InputError(f"step_loop takes engines loaded by this backend, not {type(e).__name__}")
         return e

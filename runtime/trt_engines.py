@@ -24,8 +24,7 @@ import numpy as np
 from .cuda import CLOSED, DeviceArray, EngineRunError, _Allocation, _Device
 from .engine import Array, Engine, IOSpec
 from .engine_manifest import EngineManifest, EngineRecord
-from .errors import BackendUnavailable, CompatibilityError, InputError, SdrtError
-from .trt_modules import FULL_TENSORRT_HINT
+from .errors import CompatibilityError, InputError, SdrtError
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -43,7 +42,6 @@ _TRT_DTYPES: dict[str, np.dtype[Any]] = {
 }
 _BROKEN_RUNTIMES: list[Any] = []  # runtimes that failed to initialize: never freed (that segfaults)
 _BUFFERS_PER_OUTPUT = 4  # reusable buffers kept per output; beyond that, outputs are allocated and freed
-_STEP_SHAPES_KEPT = 8  # step-graph engines kept per graph, one per input shapes
 
 
 def runtime_mismatches(record: EngineRecord, lean: bool, version: str) -> list[str]:
@@ -215,9 +213,6 @@ class TrtEngine(Engine):
         else:  # TensorRT before 10.1
             self.context.device_memory = ptr  # type: ignore[attr-defined]
 
-    def resolve(self, shapes: Mapping[str, tuple[int, ...]]) -> TrtEngine:
-        return self
-
     def close(self) -> None:
         """Release the execution context, the engine and the output buffers (idempotent)."""
         if self.closed:
@@ -283,56 +278,6 @@ class TrtEngine(Engine):
             "rebuild the engines with a profile that covers it, e.g. "
             "`sdrt build ONNX_DIR --out ENGINE_DIR --dynamic 256:512:1024 --batch 1:1:4`"
         )
-
-
-def onnx_specs(model_bytes: bytes) -> tuple[dict[str, IOSpec], dict[str, IOSpec]]:
-    """IOSpecs of an ONNX graph's inputs (initializers excluded) and outputs; named axes stay names."""
-    import onnx
-    from onnx import helper
-
-    graph = onnx.load_from_string(model_bytes).graph
-    weights = {t.name for t in graph.initializer}
-
-    def spec(v: Any) -> IOSpec:
-        t = v.type.tensor_type
-        dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim)
-        return IOSpec(v.name, np.dtype(helper.tensor_dtype_to_np_dtype(t.elem_type)), dims)
-
-    return ({v.name: spec(v) for v in graph.input if v.name not in weights},
-            {v.name: spec(v) for v in graph.output})
-
-
-class OnnxTrtEngine(Engine):
-    """An ONNX graph given as bytes (the sampler's step graph), built into a TensorRT engine on first use,
-    once per input shapes, with a profile fixed to those shapes."""
-
-    backend: TrtBackend
-
-    def __init__(self, backend: TrtBackend, model_bytes: bytes, name: str) -> None:
-        if not (hasattr(backend.trt, "Builder") and hasattr(backend.trt, "OnnxParser")):
-            raise BackendUnavailable(
-                f"{name}: {backend.module} has no builder, and the sampler step graph is built on the fly; "
-                f"run with the full TensorRT ({FULL_TENSORRT_HINT}), or use backend='ort-cuda'"
-            )
-        self.name = name
-        self.backend = backend
-        self.model_bytes = model_bytes
-        self.inputs, self.outputs = onnx_specs(model_bytes)
-        self.built: dict[tuple[tuple[str, tuple[int, ...]], ...], TrtEngine] = {}
-
-    def resolve(self, shapes: Mapping[str, tuple[int, ...]]) -> TrtEngine:
-        key = tuple((n, tuple(int(d) for d in shapes[n])) for n in self.inputs)
-        engine = self.built.get(key)
-        if engine is None:
-            cuda_engine = self.backend.build_onnx(self.model_bytes, self.inputs, dict(key), self.name)
-            engine = self.built[key] = TrtEngine(self.backend, cuda_engine, self.name)
-            while len(self.built) > _STEP_SHAPES_KEPT:
-                del self.built[next(iter(self.built))]
-        return engine
-
-    def run(self, feeds: Mapping[str, Array]) -> dict[str, Array]:
-        arrays = {n: self.backend.as_device(v) for n, v in feeds.items()}
-        return self.resolve({n: a.shape for n, a in arrays.items()}).run(arrays)
 
 
 def _built_with(folder: Path | None) -> str | None:

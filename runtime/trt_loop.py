@@ -42,7 +42,7 @@ from .step_loop import StepLoop
 
 if TYPE_CHECKING:
     from .trt_backend import TrtBackend
-    from .trt_engines import OnnxTrtEngine, TrtEngine
+    from .trt_engines import TrtEngine
 
 STEP_OUTPUTS = ("latents_next", "x0", "unet_in_next")
 
@@ -56,11 +56,10 @@ class CapturedStepLoop(StepLoop):
     run directly.
     """
 
-    def __init__(self, backend: TrtBackend, unet: TrtEngine | OnnxTrtEngine, step: TrtEngine | OnnxTrtEngine) -> None:
+    def __init__(self, backend: TrtBackend, unet: TrtEngine, step: TrtEngine) -> None:
         self._backend = weakref.ref(backend)
         self._unet = weakref.ref(unet)
         self._step = weakref.ref(step)
-        self._resolved: tuple[Any, Any] = (lambda: None, lambda: None)  # weak refs to the engines bound
         self.closed = False
         self.captured = False
         self.reason = "not started"
@@ -80,22 +79,20 @@ class CapturedStepLoop(StepLoop):
         return be
 
     @property
-    def unet(self) -> TrtEngine | OnnxTrtEngine:
+    def unet(self) -> TrtEngine:
         return self._engine(self._unet, "unet")
 
     @property
-    def step_engine(self) -> TrtEngine | OnnxTrtEngine:
+    def step_engine(self) -> TrtEngine:
         return self._engine(self._step, "step graph")
 
     @property
     def _unet_e(self) -> TrtEngine:
-        e: TrtEngine = self._engine(self._resolved[0], "unet")
-        return e
+        return self.unet
 
     @property
     def _step_e(self) -> TrtEngine:
-        e: TrtEngine = self._engine(self._resolved[1], "step graph")
-        return e
+        return self.step_engine
 
     def _engine(self, ref: Any, what: str) -> Any:
         e = ref()
@@ -213,7 +210,7 @@ class CapturedStepLoop(StepLoop):
         }
         unet_feeds = {"sample": b["uin"][0], "timestep": b["t"], **b["cond"]}
         self.unet.check(unet_feeds)
-        unet_e = self.unet.resolve({k: v.shape for k, v in unet_feeds.items()})
+        unet_e = self.unet
         unet_e.bind_inputs(unet_feeds)
         out_name = "out_sample" if "out_sample" in unet_e.outputs else next(iter(unet_e.outputs))
         b["out"] = be.empty(unet_e.output_shape(out_name), unet_e.outputs[out_name].dtype)
@@ -226,8 +223,7 @@ class CapturedStepLoop(StepLoop):
         self.step_engine.check(step_feeds)
         if set(self.step_engine.outputs) != set(STEP_OUTPUTS):
             raise InputError(f"{self.step_engine.name} must have outputs {STEP_OUTPUTS}, has {sorted(self.step_engine.outputs)}")
-        step_e = self.step_engine.resolve({k: v.shape for k, v in step_feeds.items()})
-        self._resolved, self._out_name = (weakref.ref(unet_e), weakref.ref(step_e)), out_name
+        self._out_name = out_name
         self._capture()
 
     def _step_feeds(self, p: int) -> dict[str, DeviceArray]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import enum
 import gc
+import hashlib
 import importlib
 import importlib.util
 import json
@@ -547,7 +548,9 @@ UNET_PROFILE = {"sample": [[1, 4, 1, 1], [4, 4, 64, 64]], "timestep": [[1], [4]]
 
 
 def write_folder(folder: Path, engines: dict[str, bytes], env: EngineEnv = ENV, flags: BuildFlags | None = None,
-                 files: dict[str, str] | None = None) -> Path:
+                 files: dict[str, str] | None = None, onnx: dict[str, bytes] | None = None) -> Path:
+    """An engine folder with its manifest; ``onnx``: the graphs engines were built from (the runtime finds
+    prebuilt step graphs by their digest)."""
     folder.mkdir(parents=True, exist_ok=True)
     flags = flags or BuildFlags()
     records = []
@@ -555,7 +558,9 @@ def write_folder(folder: Path, engines: dict[str, bytes], env: EngineEnv = ENV, 
         file = (files or {}).get(name, f"{name}.engine")
         (folder / file).write_bytes(plan)
         records.append(EngineRecord(component=name, file=file, precision="fp32",
-                                    shapes=(), flags=flags, onnx_sha256="0" * 64, env=env, cache_key="k",
+                                    shapes=(), flags=flags, env=env, cache_key="k",
+                                    onnx_sha256=hashlib.sha256((onnx or {})[name]).hexdigest() if name in (onnx or {})
+                                    else "0" * 64,
                                     size_bytes=len(plan)))
     EngineManifest(profile_name="test", profile=ProfileShapes((1, 1, 2), (512, 512, 512), (512, 512, 512)),
                    engines=tuple(records), onnx_dir="/onnx", build_command="sdrt build /onnx --out ENGINES").write(folder)
@@ -576,9 +581,15 @@ def fakes(monkeypatch: pytest.MonkeyPatch):
     return make
 
 
+STEP_ONNX = build_step_graph(True, np.float32).SerializeToString()
+
+
 @pytest.fixture
 def folder(tmp_path: Path) -> Path:
-    return write_folder(tmp_path / "engines", {"unet": fake_plan(fake_unet(), 10_000, UNET_PROFILE)})
+    """The stand-in UNet and the guided fp32 step graph, prebuilt (as ``sdrt build`` does)."""
+    return write_folder(tmp_path / "engines", {"unet": fake_plan(fake_unet(), 10_000, UNET_PROFILE),
+                                               "sampler_step": fake_plan(STEP_ONNX, 256)},
+                        onnx={"sampler_step": STEP_ONNX})
 
 
 # -- the manifest is checked before anything is deserialized ---------------------------------------------
@@ -651,8 +662,22 @@ def test_the_lean_runtime_takes_only_version_compatible_engines(tmp_path, fakes)
                         flags=BuildFlags(version_compatible=True, exclude_lean_runtime=True))
     with pytest.raises(CompatibilityError, match="--exclude-lean-runtime by TensorRT 10.13.0.35: only that exact"):
         tb.TrtBackend(excl).load(str(excl / "unet.engine"), "unet")
-    with pytest.raises(BackendUnavailable, match="has no builder"):
-        be.load(build_step_graph(True, np.float32).SerializeToString(), "sampler_step")
+    with pytest.raises(ArtifactError, match=r"no prebuilt engine for this step graph .*rebuild the folder: "
+                                            r"sdrt build /onnx --out ENGINES"):
+        be.load(STEP_ONNX, "sampler_step")
+
+
+def test_a_step_graph_that_was_not_prebuilt_is_refused_with_the_rebuild_command(tmp_path, fakes):
+    """The runtime loads, the builder builds: no engine is built at run time, whatever the module can do."""
+    _, trt = fakes()
+    assert hasattr(trt, "Builder")
+    old = write_folder(tmp_path / "old", {"unet": fake_plan(fake_unet())})
+    with pytest.raises(ArtifactError, match=r"sampler_step: the engine folder .*old has no prebuilt engine for this "
+                                            r"step graph.*rebuild the folder: sdrt build /onnx --out ENGINES"):
+        tb.TrtBackend(old).load(STEP_ONNX, "sampler_step")
+    with pytest.raises(ArtifactError, match=r"no engine folder .*sdrt build ONNX_DIR --out ENGINE_DIR"):
+        tb.TrtBackend().load(STEP_ONNX, "sampler_step")
+    assert trt.built == []
 
 
 def test_module_choice_follows_the_manifest(tmp_path, monkeypatch):
@@ -824,7 +849,7 @@ def test_one_scratch_block_sized_to_the_largest_engine(tmp_path, fakes):
 
 def _setup(be: tb.TrtBackend, folder: Path, sampler: str, steps: int = 6, seed: int = 0):
     unet = be.load(str(folder / "unet.engine"), "unet")
-    step = be.load(build_step_graph(True, np.float32).SerializeToString(), "sampler_step")
+    step = be.load(STEP_ONNX, "sampler_step")
     plan = make_plan(sampler, steps, CONFIG)
     rng = np.random.default_rng(seed)
     x = (plan.init_noise_sigma * rng.standard_normal((B, *LATENT))).astype(np.float32)
@@ -894,7 +919,7 @@ def test_captured_loop_matches_the_plain_loop_and_numpy(folder, fakes, sampler):
     again, _ = _captured_loop(be, unet, step, plan, x, hidden, noises)
     assert cudart.captures == 2
     np.testing.assert_array_equal(again, plain)
-    assert len(trt.built) == 1 and trt.built[0]["latents"] == [[B, *LATENT]] * 2  # one step engine, exact shapes
+    assert trt.built == []  # the step graph came prebuilt: the runtime builds nothing
     be_direct = tb.TrtBackend(folder, cuda_graph=False)
     unet2, step2, *_ = _setup(be_direct, folder, sampler)
     direct, loop2 = _captured_loop(be_direct, unet2, step2, plan, x, hidden, noises)
@@ -1139,11 +1164,11 @@ def _gpu_ready() -> bool:
 @pytest.mark.skipif(not _gpu_ready(), reason=NEEDS_GPU)
 @pytest.mark.parametrize("sampler", ["dpmpp-2m", "euler-a"])
 def test_on_a_gpu_the_captured_loop_matches_numpy(tmp_path, sampler):
-    """On a GPU with the full TensorRT: the stand-in UNet and the step graph built from ONNX bytes, the
-    plain loop and the captured loop against the float64 numpy reference."""
-    be = tb.TrtBackend(tmp_path)
-    unet = be.load(fake_unet().SerializeToString(), "unet")
-    step = be.load(build_step_graph(True, np.float32).SerializeToString(), "sampler_step")
+    """On a GPU with the full TensorRT: the stand-in UNet and the step graph, built by the builder's own
+    functions into an engine folder, the plain loop and the captured loop against the float64 numpy reference."""
+    be = tb.TrtBackend(_real_engine_folder(tmp_path, REAL_TRT))
+    unet = be.load(str(tmp_path / "unet.engine"), "unet")
+    step = be.load(STEP_ONNX, "sampler_step")
     plan = make_plan(sampler, 8, CONFIG)
     rng = np.random.default_rng(3)
     x = (plan.init_noise_sigma * rng.standard_normal((B, *LATENT))).astype(np.float32)
@@ -1156,3 +1181,30 @@ def test_on_a_gpu_the_captured_loop_matches_numpy(tmp_path, sampler):
     np.testing.assert_allclose(plain, ref, rtol=1e-3, atol=atol)
     assert loop.captured, loop.reason
     np.testing.assert_allclose(graphed, ref, rtol=1e-3, atol=atol)
+
+
+def _real_engine_folder(folder: Path, trt: Any) -> Path:
+    """Build the stand-in UNet (the UNET_PROFILE) and the guided step graph (fixed at B x LATENT) with
+    export/trt_build.py's functions, into an engine folder for this GPU."""
+    from sdrt.export import trt_build
+    from sdrt.runtime.engine_manifest import TensorShapes
+
+    env = tb.TrtBackend().environment()
+    latent, rows = (B, *LATENT), (2 * B, *LATENT)
+    opt = {"sample": rows, "timestep": (2 * B,), "encoder_hidden_states": (2 * B, SEQ, DIM)}
+    unet_shapes = [TensorShapes(n, tuple(lo), opt[n], tuple(hi)) for n, (lo, hi) in UNET_PROFILE.items()]
+    step_model = onnx.load_from_string(STEP_ONNX)
+    columns = next(d.dim_value for v in step_model.graph.input if v.name == "coeffs" for d in v.type.tensor_type.shape.dim)
+    fixed = {"latents": latent, "unet_out": rows, "guidance": (), "coeffs": (columns,), "x0_prev": latent,
+             "noise": latent}
+    step_shapes = [TensorShapes(n, s, s, s) for n, s in fixed.items()]
+    messages: list[str] = []
+    builder = trt.Builder(tb.make_logger(trt, messages))
+    plans = {}
+    for name, model, shapes in (("unet", fake_unet().SerializeToString(), unet_shapes),
+                                ("sampler_step", STEP_ONNX, step_shapes)):
+        rec = EngineRecord(component=name, file=f"{name}.engine", precision="fp32", shapes=tuple(shapes),
+                           flags=BuildFlags(), onnx_sha256="0" * 64, env=env, cache_key="k")
+        plan = trt_build.EnginePlan(Path(f"<{name}>"), rec, model)
+        plans[name] = trt_build.build_one(trt, plan, None, builder, messages, lambda msg: None)
+    return write_folder(folder, plans, env=env, onnx={"sampler_step": STEP_ONNX})

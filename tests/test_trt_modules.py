@@ -27,10 +27,9 @@ import warnings
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType, SimpleNamespace
+from types import ModuleType
 from typing import Any
 
-import numpy as np
 import pytest
 
 from sdrt.export import trt_build
@@ -49,8 +48,8 @@ NEEDS_CUDA = "needs cuda-python: pip install cuda-python"
 BUILDER_FILES = ("export/trt_build.py", "export/refit.py")
 RUNTIME_FILES = ("runtime/trt_backend.py", "runtime/trt_modules.py", "runtime/trt_engines.py", "runtime/trt_loop.py",
                  "runtime/cuda.py")
-# the functions of the runtime that build (the sampler step graph): they need a module with a builder
-RUNTIME_BUILDER_SCOPES = ("TrtBackend.build_onnx", "OnnxTrtEngine.__init__")
+# the runtime loads, the builder builds: no function of the runtime may use TensorRT's builder
+RUNTIME_BUILDER_SCOPES = ("<none>",)
 CUDA_FILES = (*RUNTIME_FILES, "runtime/engine_manifest.py")
 
 
@@ -62,16 +61,15 @@ RUNTIME_MODULE_NAMES = {
     "Runtime", "ICudaEngine", "IExecutionContext", "ILogger.Severity.INTERNAL_ERROR", "ILogger.Severity.ERROR",
     "ILogger.Severity.WARNING", "ExecutionContextAllocationStrategy.USER_MANAGED",
 }
-RUNTIME_BUILDER_MODULE_NAMES = {"Builder", "OnnxParser", "NetworkDefinitionCreationFlag.STRONGLY_TYPED"}
+RUNTIME_BUILDER_MODULE_NAMES: set[str] = set()
 BUILDER_MODULE_NAMES = {
-    "Builder", "IBuilderConfig", "INetworkDefinition", "OnnxParser", "ITimingCache", "IProgressMonitor",
-    "ILogger.Severity.INTERNAL_ERROR", "ILogger.Severity.ERROR", "ILogger.Severity.WARNING",
+    "Builder", "IBuilderConfig", "INetworkDefinition", "OnnxParser", "ITimingCache", "IProgressMonitor", "ILogger",
     "NetworkDefinitionCreationFlag.STRONGLY_TYPED", "ErrorCode.UNSUPPORTED_NODE",
     "BuilderFlag.FP16", "BuilderFlag.TF32", "BuilderFlag.REFIT", "BuilderFlag.VERSION_COMPATIBLE",
     "BuilderFlag.EXCLUDE_LEAN_RUNTIME", "MemoryPoolType.WORKSPACE", "HardwareCompatibilityLevel.AMPERE_PLUS",
     "BuilderFlag.REQUIRE_USER_ALLOCATION",  # TensorRT for RTX only (RTX_ONLY)
     # export/refit.py
-    "Logger.WARNING", "Runtime", "Refitter", "Weights", "nptype",
+    "Runtime", "Refitter", "Weights", "nptype",
 }
 # I/O tensor dtypes and modes, matched by their enum member names
 DTYPE_NAMES = tuple(tb._TRT_DTYPES)
@@ -378,8 +376,7 @@ def test_the_lean_runtime_is_found_and_cannot_build(monkeypatch: pytest.MonkeyPa
     monkeypatch.delenv("SDRT_TENSORRT_MODULE", raising=False)
     assert tb.import_tensorrt(tb.module_candidates(built_with="tensorrt")).__name__ in (
         "tensorrt", *tb.LEAN_MODULES)
-    assert not hasattr(LEAN, "Builder") and not hasattr(LEAN, "OnnxParser")  # OnnxTrtEngine says so
-    assert _missing(LEAN, RUNTIME_BUILDER_MODULE_NAMES) == sorted(RUNTIME_BUILDER_MODULE_NAMES)
+    assert not hasattr(LEAN, "Builder") and not hasattr(LEAN, "OnnxParser")  # the runtime never needs them
 
 
 @pytest.mark.parametrize("mod", BUILDERS or [pytest.param(None, marks=pytest.mark.skip(reason=NEEDS_RTX))])
@@ -395,7 +392,7 @@ def test_what_tensorrt_for_rtx_lacks_is_what_the_builder_skips(rtx: ModuleType) 
     """The differences RTX_AVOIDED names are real in this TensorRT for RTX."""
     assert not hasattr(rtx.BuilderFlag, "FP16") and not hasattr(rtx.BuilderFlag, "INT8")
     messages: list[str] = []
-    builder = rtx.Builder(trt_build._make_logger(messages))
+    builder = rtx.Builder(tb.make_logger(rtx, messages))
     config = builder.create_builder_config()
     assert config.get_flag(rtx.BuilderFlag.TF32)  # on without being set
     messages.clear()
@@ -470,7 +467,6 @@ class _Recorder:
 def rtx(monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
     if RTX is None:
         pytest.skip(NEEDS_RTX)
-    monkeypatch.setattr(trt_build, "trt", RTX)  # restored after the test
     yield RTX
 
 
@@ -485,10 +481,10 @@ def _flags(**kw: Any) -> BuildFlags:
 def test_the_config_avoids_what_rtx_lacks(rtx: ModuleType, flags: BuildFlags) -> None:
     messages: list[str] = []
     seen: set[str] = set()
-    builder = _Recorder(rtx.Builder(trt_build._make_logger(messages)), seen)
+    builder = _Recorder(rtx.Builder(tb.make_logger(rtx, messages)), seen)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        config = trt_build.make_config(builder, flags, None)
+        config = trt_build.make_config(rtx, builder, flags, None)
     assert sorted(seen & set(RTX_AVOIDED)) == []
     assert [str(w.message) for w in caught if "TensorRT" in str(w.message)] == []
     assert not any("unsupported" in m for m in messages), messages
@@ -503,9 +499,9 @@ def test_the_config_avoids_what_rtx_lacks(rtx: ModuleType, flags: BuildFlags) ->
     (_flags(hardware_compatibility="ampere_plus"), "hardware-compatible"),
 ])
 def test_rtx_refuses_what_it_cannot_build(rtx: ModuleType, flags: BuildFlags, match: str) -> None:
-    builder = rtx.Builder(trt_build._make_logger([]))
+    builder = rtx.Builder(tb.make_logger(rtx, []))
     with pytest.raises(InputError, match=match):
-        trt_build.make_config(builder, flags, None)
+        trt_build.make_config(rtx, builder, flags, None)
 
 
 def test_the_builder_finds_tensorrt_for_rtx_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -568,8 +564,8 @@ def test_build_engines_on_rtx_without_a_gpu(rtx: ModuleType, tiny_export, tmp_pa
 @pytest.mark.parametrize("component", ["vae_decoder", "vae_encoder"])
 def test_the_vae_graphs_parse_in_tensorrt(rtx: ModuleType, tiny_export, component: str) -> None:
     (plan,) = _engine_plans(tiny_export("sd15-tiny"), (component,))
-    builder = rtx.Builder(trt_build._make_logger([]))
-    network, _parser = trt_build.parse_onnx(builder, plan.onnx_path, builder.logger, component, True)
+    builder = rtx.Builder(tb.make_logger(rtx, []))
+    network, _parser = trt_build.parse_onnx(rtx, builder, plan.onnx_path, builder.logger, component, True)
     assert network.num_inputs == 1
 
 
@@ -577,32 +573,6 @@ def test_the_vae_graphs_parse_in_tensorrt(rtx: ModuleType, tiny_export, componen
 def test_the_runtime_finds_pypi_tensorrt_for_rtx(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("SDRT_TENSORRT_MODULE", raising=False)
     assert tb.import_tensorrt(tb.module_candidates(built_with="tensorrt_rtx")) is RTX
-
-
-@pytest.mark.parametrize("guided, dtype", [(True, "float16"), (False, "float32")])
-def test_the_runtime_builds_the_step_graph_on_rtx(guided: bool, dtype: str) -> None:
-    """TrtBackend.build_onnx (the sampler step graph, built on first use) on the real builder, up to the
-    deserialization, which needs a GPU: a stand-in backend takes the plan."""
-    if RTX is None:
-        pytest.skip(NEEDS_RTX)
-    plans: list[bytes] = []
-
-    def deserialize_cuda_engine(plan: Any) -> str:
-        plans.append(bytes(memoryview(plan)))
-        return "engine"
-
-    log: deque[str] = deque(maxlen=32)
-    backend = SimpleNamespace(trt=RTX, module=RTX.__name__, _builder=None, log=log, logger=tb.make_logger(RTX, log),
-                              messages=lambda: " | ".join(log),
-                              runtime=SimpleNamespace(deserialize_cuda_engine=deserialize_cuda_engine))
-    model = step_graph_bytes(guided, np.dtype(dtype))
-    inputs, _ = tb.onnx_specs(model)
-    latent = (1, 4, 8, 8)
-    shapes = {"latents": latent, "unet_out": (2 if guided else 1, 4, 8, 8), "x0_prev": latent, "noise": latent,
-              "coeffs": inputs["coeffs"].shape, "guidance": ()}
-    assert tb.TrtBackend.build_onnx(backend, model, inputs, shapes, "sampler_step") == "engine"
-    assert len(plans) == 1 and len(plans[0]) > 0
-    assert isinstance(backend._builder, RTX.Builder)  # kept for the next shapes
 
 
 @pytest.mark.parametrize("preset, shape", [
