@@ -33,9 +33,7 @@ from .lora import LoraFile, LoraSpec, MergeReport, lora_deltas, read_lora
 
 if TYPE_CHECKING:
     import onnx
-    import tensorrt as trt
-else:
-    trt = None  # bound by refit_engine(): TensorRT is imported only when an engine is refitted
+    import tensorrt as trt  # for annotations; the module in use is passed as ``trt`` (from load_tensorrt)
 
 REFIT_MAP_NAME = "refit_map.json"
 # what `sdrt refit` takes as its target
@@ -268,11 +266,13 @@ def write_refit_export(
 def refit_engine(engine_bytes: bytes, weights: Mapping[str, np.ndarray], *, module: str | None = None) -> bytes:
     """Deserialize a refittable engine, set every weight it exposes from ``weights`` (ONNX initializer
     name -> array: the full set, base values included), refit, and return the serialized engine."""
-    global trt
+    from sdrt.runtime.trt_modules import make_logger
+
     from .trt_build import load_tensorrt
 
     trt = load_tensorrt(module)
-    logger = trt.Logger(trt.Logger.WARNING)
+    messages: list[str] = []
+    logger = make_logger(trt, messages)
     runtime = trt.Runtime(logger)
     engine = runtime.deserialize_cuda_engine(engine_bytes)
     if engine is None:
@@ -282,18 +282,19 @@ def refit_engine(engine_bytes: bytes, weights: Mapping[str, np.ndarray], *, modu
     names = list(refitter.get_all_weights())
     if not names:
         raise CompatibilityError("the engine exposes no refittable weights: rebuild it with `sdrt build --refittable`")
-    keep_alive = _set_weights(refitter, names, weights)
+    keep_alive = _set_weights(trt, refitter, names, weights)
     missing = list(refitter.get_missing_weights())
     if missing:
         raise CompatibilityError(f"the refit still needs {len(missing)} weights the ONNX graph does not name "
                                  f"(e.g. {', '.join(missing[:3])}); rebuild the engine with `sdrt build --refittable`")
     if not refitter.refit_cuda_engine():
-        raise CompatibilityError("TensorRT rejected the new weights (see its log above); rebuild the engine")
+        raise CompatibilityError(f"TensorRT rejected the new weights ({' | '.join(messages[-3:]) or 'no message'}); "
+                                 "rebuild the engine")
     del keep_alive
     return bytes(engine.serialize())
 
 
-def _set_weights(refitter: trt.Refitter, names: Sequence[str], weights: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+def _set_weights(trt: Any, refitter: trt.Refitter, names: Sequence[str], weights: Mapping[str, np.ndarray]) -> list[np.ndarray]:
     """Hand each named weight to the refitter, cast to the dtype the engine was built with. Returns the arrays,
     which must outlive the refit (trt.Weights does not copy)."""
     alive: list[np.ndarray] = []

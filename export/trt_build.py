@@ -60,14 +60,12 @@ from sdrt.runtime.engine_manifest import (
 from sdrt.runtime.errors import ArtifactError, BackendUnavailable, InputError, SdrtError
 from sdrt.runtime.manifest import EXPORT_FOLDER, ExportManifest
 from sdrt.runtime.step_graph import STEP_ENGINES, step_graph_bytes
-from sdrt.runtime.trt_backend import backend_name, import_tensorrt
+from sdrt.runtime.trt_modules import backend_name, import_tensorrt, make_logger
 
 from .profiles import BuildProfile, engine_shapes, step_graph_shapes
 
 if TYPE_CHECKING:
-    import tensorrt as trt
-else:
-    trt = None  # bound by bind_tensorrt(): the module is imported only when a build or refit runs
+    import tensorrt as trt  # for annotations; the module in use is passed as ``trt`` (from load_tensorrt)
 
 MODULES = ("tensorrt", "tensorrt_rtx")
 # what each module chosen by name may be installed as (PyPI's standalone wheels name the package *_bindings)
@@ -111,14 +109,7 @@ def load_tensorrt(module: str | None = None) -> Any:
     return mod
 
 
-def bind_tensorrt(module: str | None = None) -> str:
-    """Import TensorRT into this module's ``trt``; return the backend name ("tensorrt" / "tensorrt_rtx")."""
-    global trt
-    trt = load_tensorrt(module)
-    return backend_name(trt)
-
-
-def _is_rtx() -> bool:
+def _is_rtx(trt: Any) -> bool:
     return backend_name(trt) == "tensorrt_rtx"  # tensorrt_rtx, or tensorrt_rtx_bindings from PyPI
 
 
@@ -252,22 +243,7 @@ def step_graph_plans(profile: BuildProfile, manifest: ExportManifest, options: B
 
 # -- TensorRT steps ------------------------------------------------------------------------------------
 
-def _make_logger(messages: list[str]) -> trt.ILogger:
-    """A TensorRT logger that keeps warnings and errors (to explain failures) and drops the rest."""
-
-    class _Logger(trt.ILogger):
-        def __init__(self) -> None:
-            trt.ILogger.__init__(self)
-
-        def log(self, severity: trt.ILogger.Severity, msg: str) -> None:
-            if severity in (trt.ILogger.Severity.INTERNAL_ERROR, trt.ILogger.Severity.ERROR,
-                            trt.ILogger.Severity.WARNING):
-                messages.append(f"{severity.name}: {msg}")
-
-    return _Logger()
-
-
-def _make_monitor(component: str, progress: Progress) -> trt.IProgressMonitor:
+def _make_monitor(trt: Any, component: str, progress: Progress) -> trt.IProgressMonitor:
     """Reports the builder's top-level phases with elapsed time."""
 
     class _Monitor(trt.IProgressMonitor):
@@ -289,6 +265,7 @@ def _make_monitor(component: str, progress: Progress) -> trt.IProgressMonitor:
 
 
 def parse_onnx(
+    trt: Any,
     builder: trt.Builder, path: Path, logger: trt.ILogger, component: str, strongly_typed: bool,
     model: bytes | None = None,
 ) -> tuple[trt.INetworkDefinition, trt.OnnxParser]:
@@ -296,16 +273,16 @@ def parse_onnx(
     a network. The parser is returned too: it owns weights the network points at, so it must live until the
     build is done."""
     flags = 0
-    if strongly_typed or _is_rtx():
+    if strongly_typed or _is_rtx(trt):
         flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not (parser.parse(model) if model is not None else parser.parse_from_file(str(path))):
-        raise EngineBuildError(_parser_report(parser, component, path))
+        raise EngineBuildError(_parser_report(trt, parser, component, path))
     return network, parser
 
 
-def _parser_report(parser: trt.OnnxParser, component: str, path: Path) -> str:
+def _parser_report(trt: Any, parser: trt.OnnxParser, component: str, path: Path) -> str:
     lines, unsupported = [], set()
     for i in range(parser.num_errors):
         err = parser.get_error(i)
@@ -321,33 +298,33 @@ def _parser_report(parser: trt.OnnxParser, component: str, path: Path) -> str:
     return head + ":\n" + "\n".join(lines or ["  (the parser gave no details)"])
 
 
-def make_config(builder: trt.Builder, flags: BuildFlags, cache: trt.ITimingCache | None) -> trt.IBuilderConfig:
+def make_config(trt: Any, builder: trt.Builder, flags: BuildFlags, cache: trt.ITimingCache | None) -> trt.IBuilderConfig:
     config = builder.create_builder_config()
-    if flags.fp16 and not _is_rtx():
+    if flags.fp16 and not _is_rtx(trt):
         if not hasattr(trt.BuilderFlag, "FP16"):  # TensorRT 11: every network is strongly typed
             raise InputError(f"{trt.__name__} {trt.__version__} has no weak typing (no FP16 builder flag); "
                              "drop --weakly-typed")
         config.set_flag(trt.BuilderFlag.FP16)
-    if flags.tf32 and not _is_rtx():
+    if flags.tf32 and not _is_rtx(trt):
         config.set_flag(trt.BuilderFlag.TF32)
-    if not _is_rtx():
+    if not _is_rtx(trt):
         config.builder_optimization_level = flags.opt_level
     if flags.workspace_bytes is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, flags.workspace_bytes)
-    if _is_rtx():
+    if _is_rtx(trt):
         # TensorRT for RTX: engines use the memory sdrt hands them (all of it is), which its stream capture needs
-        config.set_flag(trt.BuilderFlag.REQUIRE_USER_ALLOCATION)  # type: ignore[attr-defined]  # RTX-only flag
+        config.set_flag(trt.BuilderFlag.REQUIRE_USER_ALLOCATION)  # RTX-only flag
     if flags.refittable:
         config.set_flag(trt.BuilderFlag.REFIT)
     if flags.version_compatible:
-        if _is_rtx():  # its engines run only on the release that built them; the flag wants the lean runtime
+        if _is_rtx(trt):  # its engines run only on the release that built them; the flag wants the lean runtime
             raise InputError(f"{trt.__name__} {trt.__version__} cannot build version-compatible engines; "
                              "drop --version-compatible")
         config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
         if flags.exclude_lean_runtime:
             config.set_flag(trt.BuilderFlag.EXCLUDE_LEAN_RUNTIME)
     if flags.hardware_compatibility == "ampere_plus":
-        if _is_rtx() or not hasattr(trt, "HardwareCompatibilityLevel"):
+        if _is_rtx(trt) or not hasattr(trt, "HardwareCompatibilityLevel"):
             raise InputError(f"{trt.__name__} {trt.__version__} cannot build hardware-compatible engines; "
                              "drop --hardware-compatible")
         config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.AMPERE_PLUS
@@ -369,6 +346,7 @@ def _is_oom(messages: Sequence[str], exc: BaseException | None) -> bool:
 
 
 def build_one(
+    trt: Any,
     plan: EnginePlan,
     cache: trt.ITimingCache | None,
     builder: trt.Builder,
@@ -379,10 +357,10 @@ def build_one(
     rec = plan.record
     logger = builder.logger
     messages.clear()
-    network, parser = parse_onnx(builder, plan.onnx_path, logger, rec.component, rec.flags.strongly_typed,
+    network, parser = parse_onnx(trt, builder, plan.onnx_path, logger, rec.component, rec.flags.strongly_typed,
                                  plan.onnx_bytes)
-    config = make_config(builder, rec.flags, cache)
-    config.progress_monitor = _make_monitor(rec.component, progress)
+    config = make_config(trt, builder, rec.flags, cache)
+    config.progress_monitor = _make_monitor(trt, rec.component, progress)
     add_profile(builder, config, rec.shapes)
     error: BaseException | None = None
     blob = None
@@ -460,15 +438,16 @@ def build_engines(
     progress: Progress = lambda msg: None,
 ) -> EngineManifest:
     """Build (or reuse) every component's engine into ``out_dir``, atomically. Needs TensorRT and a GPU."""
-    backend = bind_tensorrt(options.module)
+    trt = load_tensorrt(options.module)
+    backend = backend_name(trt)
     env = current_env(backend, str(trt.__version__))
     src, out = Path(onnx_dir), Path(out_dir)
     manifest, plans = plan_engines(src, profile, options, env, progress)
     old = _read_old(out)
     messages: list[str] = []
-    builder = trt.Builder(_make_logger(messages))
+    builder = trt.Builder(make_logger(trt, messages))
     cache = None
-    if not _is_rtx():
+    if not _is_rtx(trt):
         cache = _load_cache(builder.create_builder_config(), options.timing_cache)
     elif options.timing_cache is not None:  # a deprecated no-op there, said to rule out CPU-only builds
         progress(f"{backend}: no timing cache (TensorRT for RTX does not use one); {options.timing_cache} is not used")
@@ -484,7 +463,7 @@ def build_engines(
                 continue
             progress(f"{rec.component}: building ({rec.precision}, {_shape_summary(rec.shapes)})")
             t0 = time.perf_counter()
-            blob = build_one(plan, cache, builder, messages, progress)
+            blob = build_one(trt, plan, cache, builder, messages, progress)
             seconds = time.perf_counter() - t0
             (tmp / rec.file).write_bytes(blob)
             records[rec.component] = replace(rec, size_bytes=len(blob), build_seconds=round(seconds, 2),

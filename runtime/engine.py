@@ -20,6 +20,7 @@ from .manifest import Component
 if TYPE_CHECKING:
     from .step_loop import Clock, StepLoop
 
+CLOSED = "the pipeline/backend was closed; load it again"  # what using anything after close() says
 Array = Any  # a backend's device array: numpy on the host, an OrtValue or device buffer on a GPU
 
 

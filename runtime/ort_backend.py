@@ -27,13 +27,14 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from .engine import Array, Backend, Engine, IOSpec
+from .engine import CLOSED, Array, Backend, Engine, IOSpec
 from .errors import ArtifactError, BackendUnavailable, CompatibilityError, DeviceMemoryError, InputError
 
 _ORT_TYPES: dict[str, np.dtype[Any]] = {
@@ -234,6 +235,19 @@ class OrtEngine(Engine):
         self._out_names = list(self.outputs)
         self._static = (_StaticBindings(self.session, self._out_names, backend.memory, backend.device_id,
                                         backend.max_cuda_graphs) if captured else None)
+        self.closed = False
+        backend._engines.add(self)
+
+    def close(self) -> None:
+        """Drop the session and its bindings (their device memory and captured graphs go with them)."""
+        self.closed = True
+        self._static = None
+        self.__dict__.pop("session", None)
+
+    def check(self, feeds: Mapping[str, Array]) -> None:
+        if self.closed:
+            raise InputError(f"{self.name}: {CLOSED}")
+        super().check(feeds)
 
     def run(self, feeds: Mapping[str, Array]) -> dict[str, Array]:
         try:
@@ -334,6 +348,18 @@ class OrtBackend(Backend):
         else:
             raise ValueError(device)
         self._lock = threading.Lock()
+        self._engines: weakref.WeakSet[OrtEngine] = weakref.WeakSet()
+        self.closed = False
+
+    def close(self) -> None:
+        """Release every session and IO binding loaded from this backend (idempotent)."""
+        self.closed = True
+        for engine in list(self._engines):
+            engine.close()
+
+    def _require_open(self) -> None:
+        if self.closed:
+            raise InputError(f"this {self.name} backend is closed: {CLOSED}")
 
     def captures(self, name: str) -> bool:
         """Whether the engine ``name`` runs as a CUDA graph."""
@@ -346,9 +372,11 @@ class OrtBackend(Backend):
 
     def load(self, path: str | bytes, name: str) -> Engine:
         """Load a graph from a file path, or from serialized bytes (the sampler's step graph)."""
+        self._require_open()
         return OrtEngine(self, path, name)
 
     def to_device(self, a: np.ndarray) -> Array:
+        self._require_open()
         if not a.flags.c_contiguous:
             a = a.copy()  # (np.ascontiguousarray would turn a 0-d scalar into shape [1])
         if not self.io_binding:

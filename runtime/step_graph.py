@@ -29,7 +29,7 @@ IR_VERSION = 8  # the IR of opset 17 (ONNX 1.12): readable by every runtime and 
 _TYPES = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16}
 _LATENT = ["B", "C", "H", "W"]
 # names of the step graphs that ``sdrt build`` prebuilds into an engine folder (the TensorRT backend finds
-# them by the digest of ``step_graph_bytes``; without them it builds the graph on first use)
+# them by the digest of ``step_graph_bytes``; a folder without them is refused with its rebuild command)
 STEP_ENGINES = {False: "sampler_step", True: "sampler_step_cfg"}
 
 

@@ -6,4 +6,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
 STUBS=$("$PY" tests/typecheck/patch_trt_stubs.py)
-MYPYPATH="$STUBS" "$PY" -m mypy --config-file tests/typecheck/mypy.ini export/trt_build.py export/refit.py runtime/trt_backend.py "$@"
+MYPYPATH="$STUBS" "$PY" -m mypy --config-file tests/typecheck/mypy.ini export/trt_build.py export/refit.py runtime/trt_backend.py runtime/trt_modules.py \
+  runtime/trt_engines.py runtime/trt_loop.py runtime/cuda.py "$@"

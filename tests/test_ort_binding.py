@@ -94,6 +94,27 @@ def test_static_bindings_reuse_fixed_buffers_per_shape(monkeypatch: pytest.Monke
     assert len(static.slots) == 1
 
 
+def test_close_drops_sessions_and_bindings_and_refuses_further_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    import weakref
+
+    from sdrt.runtime.errors import InputError
+
+    rng = np.random.default_rng(2)
+    be = _bound_cpu(monkeypatch, cuda_graph=True)
+    be.graph_engines = frozenset({"sampler_step"})
+    engine: Any = be.load(step_graph_bytes(True, np.float32), "sampler_step")
+    f = {k: be.to_device(v) for k, v in _feeds(rng).items()}
+    engine(f)
+    session, static = weakref.ref(engine.session), weakref.ref(engine._static)
+    be.close()
+    be.close()  # idempotent
+    assert session() is None and static() is None  # nothing else held them: released now, not at a collection
+    for use in (lambda: engine(f), lambda: be.load(step_graph_bytes(True, np.float32), "s"),
+                lambda: be.to_device(np.zeros(2, np.float32))):
+        with pytest.raises(InputError, match="closed; load it again"):
+            use()
+
+
 @pytest.mark.parametrize("cuda_graph", [False, True])
 def test_pipeline_over_ortvalues_gives_the_ort_cpu_images(tiny_export, monkeypatch: pytest.MonkeyPatch,
                                                           cuda_graph: bool) -> None:

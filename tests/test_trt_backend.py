@@ -20,9 +20,12 @@ from __future__ import annotations
 
 import ctypes
 import enum
+import gc
+import hashlib
 import importlib
 import importlib.util
 import json
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -44,6 +47,7 @@ from sdrt.runtime.engine_manifest import (
 from sdrt.runtime.errors import ArtifactError, BackendUnavailable, CompatibilityError, InputError
 from sdrt.runtime.samplers import guide, make_plan, model_input, run_reference
 from sdrt.runtime.step_graph import build_step_graph
+from sdrt.runtime.step_loop import StepLoop
 
 ROOT = Path(__file__).resolve().parents[1]
 NEEDS_GPU = "needs TensorRT and an NVIDIA GPU (not available here)"
@@ -81,21 +85,39 @@ class FakeCudart:
         self.mallocs = 0
         self.launches = 0
         self.captures = 0
+        self.syncs = 0  # host waits: stream and event synchronizations
+        self.streams: set[int] = set()  # live streams, graph executables and events
+        self.graphs: set[int] = set()
+        self.events: dict[int, float | None] = {}  # event -> the fake device time it was reached, once run
+        self.device_time = 0.0  # advanced by every stream operation (milliseconds)
+        self._handles = 100
+        self.graph_ops: dict[int, list[Any]] = {}
+        self.current: dict[int, int] = {}  # thread id -> the device cudaSetDevice made current there
+        self.copies = {1: 0, 2: 0, 3: 0}  # queued copies by cudaMemcpyKind: host->device, device->host, d->d
 
     # devices and streams
     def cudaGetDeviceCount(self):
         return (Err.cudaSuccess, self.gpus) if self.gpus else (Err.cudaErrorInsufficientDriver, None)
 
     def cudaSetDevice(self, d):
+        self.current[threading.get_ident()] = d
         return (Err.cudaSuccess,)
 
     def cudaGetDeviceProperties(self, d):
         return Err.cudaSuccess, SimpleNamespace(name=b"Fake GPU\x00", major=9, minor=0)
 
+    def _handle(self) -> int:
+        self._handles += 1
+        return self._handles
+
     def cudaStreamCreateWithFlags(self, flags):
-        return Err.cudaSuccess, 7
+        s = self._handle()
+        self.streams.add(s)
+        return Err.cudaSuccess, s
 
     def cudaStreamDestroy(self, s):
+        assert not self.queue, "destroying a stream with work still queued"
+        self.streams.remove(s)
         return (Err.cudaSuccess,)
 
     def cudaGetErrorName(self, e):
@@ -127,6 +149,8 @@ class FakeCudart:
             f"device access to {n} bytes at 0x{ptr:x}: not allocated (freed, or a stale address)"
 
     def cudaMemcpyAsync(self, dst, src, n, kind, stream):
+        self.copies[kind] += 1
+
         def op() -> None:
             if kind in (1, 3):
                 self.check_live(dst, n)
@@ -143,12 +167,51 @@ class FakeCudart:
 
     # streams and graphs
     def _enqueue(self, op):
-        (self.capturing if self.capturing is not None else self.queue).append(op)
+        def timed() -> None:
+            op()
+            self.device_time += 0.25  # every operation takes a quarter of a millisecond of device time
+        (self.capturing if self.capturing is not None else self.queue).append(timed)
         return (Err.cudaSuccess,)
 
-    def cudaStreamSynchronize(self, stream):
+    def _drain(self) -> None:
         while self.queue:
             self.queue.pop(0)()
+
+    def cudaStreamSynchronize(self, stream):
+        assert stream in self.streams, "synchronizing a destroyed stream"
+        self.syncs += 1
+        self._drain()
+        return (Err.cudaSuccess,)
+
+    # events: a record queues a timestamp in stream order
+    def cudaEventCreate(self):
+        e = self._handle()
+        self.events[e] = None
+        return Err.cudaSuccess, e
+
+    def cudaEventRecord(self, event, stream):
+        assert event in self.events and stream in self.streams
+        if self.capturing is not None:
+            return (Err.cudaErrorStreamCaptureUnsupported,)
+
+        def reached() -> None:
+            if event in self.events:  # a destroyed event is not reached (CUDA lets it be destroyed pending)
+                self.events[event] = self.device_time
+        self.queue.append(reached)
+        return (Err.cudaSuccess,)
+
+    def cudaEventSynchronize(self, event):
+        self.syncs += 1
+        self._drain()
+        return (Err.cudaSuccess,)
+
+    def cudaEventElapsedTime(self, start, end):
+        a, b = self.events[start], self.events[end]
+        assert a is not None and b is not None, "reading an event that was not reached"
+        return Err.cudaSuccess, b - a
+
+    def cudaEventDestroy(self, event):
+        del self.events[event]
         return (Err.cudaSuccess,)
 
     def cudaStreamBeginCapture(self, stream, mode):
@@ -162,11 +225,15 @@ class FakeCudart:
         return Err.cudaSuccess, list(ops or [])
 
     def cudaGraphInstantiate(self, graph, flags):
-        return Err.cudaSuccess, list(graph)
+        exe = self._handle()
+        self.graphs.add(exe)
+        self.graph_ops[exe] = list(graph)
+        return Err.cudaSuccess, exe
 
     def cudaGraphLaunch(self, exe, stream):
+        assert exe in self.graphs, "launching a destroyed graph"
         self.launches += 1
-        for op in exe:
+        for op in self.graph_ops[exe]:
             self._enqueue(op)
         return (Err.cudaSuccess,)
 
@@ -174,7 +241,15 @@ class FakeCudart:
         return (Err.cudaSuccess,)
 
     def cudaGraphExecDestroy(self, g):
+        self.graphs.remove(g)
+        del self.graph_ops[g]
         return (Err.cudaSuccess,)
+
+    def alive(self) -> dict[str, int]:
+        """What is still allocated or created on the fake device, after the queued work has run."""
+        self._drain()
+        return {"allocations": len(self.live), "streams": len(self.streams), "graphs": len(self.graphs),
+                "events": len(self.events)}
 
     # test helpers
     def read(self, ptr: int, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
@@ -476,7 +551,9 @@ UNET_PROFILE = {"sample": [[1, 4, 1, 1], [4, 4, 64, 64]], "timestep": [[1], [4]]
 
 
 def write_folder(folder: Path, engines: dict[str, bytes], env: EngineEnv = ENV, flags: BuildFlags | None = None,
-                 files: dict[str, str] | None = None) -> Path:
+                 files: dict[str, str] | None = None, onnx: dict[str, bytes] | None = None) -> Path:
+    """An engine folder with its manifest; ``onnx``: the graphs engines were built from (the runtime finds
+    prebuilt step graphs by their digest)."""
     folder.mkdir(parents=True, exist_ok=True)
     flags = flags or BuildFlags()
     records = []
@@ -484,7 +561,9 @@ def write_folder(folder: Path, engines: dict[str, bytes], env: EngineEnv = ENV, 
         file = (files or {}).get(name, f"{name}.engine")
         (folder / file).write_bytes(plan)
         records.append(EngineRecord(component=name, file=file, precision="fp32",
-                                    shapes=(), flags=flags, onnx_sha256="0" * 64, env=env, cache_key="k",
+                                    shapes=(), flags=flags, env=env, cache_key="k",
+                                    onnx_sha256=hashlib.sha256((onnx or {})[name]).hexdigest() if name in (onnx or {})
+                                    else "0" * 64,
                                     size_bytes=len(plan)))
     EngineManifest(profile_name="test", profile=ProfileShapes((1, 1, 2), (512, 512, 512), (512, 512, 512)),
                    engines=tuple(records), onnx_dir="/onnx", build_command="sdrt build /onnx --out ENGINES").write(folder)
@@ -505,9 +584,15 @@ def fakes(monkeypatch: pytest.MonkeyPatch):
     return make
 
 
+STEP_ONNX = build_step_graph(True, np.float32).SerializeToString()
+
+
 @pytest.fixture
 def folder(tmp_path: Path) -> Path:
-    return write_folder(tmp_path / "engines", {"unet": fake_plan(fake_unet(), 10_000, UNET_PROFILE)})
+    """The stand-in UNet and the guided fp32 step graph, prebuilt (as ``sdrt build`` does)."""
+    return write_folder(tmp_path / "engines", {"unet": fake_plan(fake_unet(), 10_000, UNET_PROFILE),
+                                               "sampler_step": fake_plan(STEP_ONNX, 256)},
+                        onnx={"sampler_step": STEP_ONNX})
 
 
 # -- the manifest is checked before anything is deserialized ---------------------------------------------
@@ -580,8 +665,22 @@ def test_the_lean_runtime_takes_only_version_compatible_engines(tmp_path, fakes)
                         flags=BuildFlags(version_compatible=True, exclude_lean_runtime=True))
     with pytest.raises(CompatibilityError, match="--exclude-lean-runtime by TensorRT 10.13.0.35: only that exact"):
         tb.TrtBackend(excl).load(str(excl / "unet.engine"), "unet")
-    with pytest.raises(BackendUnavailable, match="has no builder"):
-        be.load(build_step_graph(True, np.float32).SerializeToString(), "sampler_step")
+    with pytest.raises(ArtifactError, match=r"no prebuilt engine for this step graph .*rebuild the folder: "
+                                            r"sdrt build /onnx --out ENGINES"):
+        be.load(STEP_ONNX, "sampler_step")
+
+
+def test_a_step_graph_that_was_not_prebuilt_is_refused_with_the_rebuild_command(tmp_path, fakes):
+    """The runtime loads, the builder builds: no engine is built at run time, whatever the module can do."""
+    _, trt = fakes()
+    assert hasattr(trt, "Builder")
+    old = write_folder(tmp_path / "old", {"unet": fake_plan(fake_unet())})
+    with pytest.raises(ArtifactError, match=r"sampler_step: the engine folder .*old has no prebuilt engine for this "
+                                            r"step graph.*rebuild the folder: sdrt build /onnx --out ENGINES"):
+        tb.TrtBackend(old).load(STEP_ONNX, "sampler_step")
+    with pytest.raises(ArtifactError, match=r"no engine folder .*sdrt build ONNX_DIR --out ENGINE_DIR"):
+        tb.TrtBackend().load(STEP_ONNX, "sampler_step")
+    assert trt.built == []
 
 
 def test_module_choice_follows_the_manifest(tmp_path, monkeypatch):
@@ -607,7 +706,7 @@ def _hide(monkeypatch: pytest.MonkeyPatch, prefixes: tuple[str, ...]) -> None:
             raise ImportError(f"No module named {name!r}")
         return real(name, package)
 
-    monkeypatch.setattr(tb.importlib, "import_module", fake)
+    monkeypatch.setattr(importlib, "import_module", fake)
 
 
 def test_missing_libraries_and_gpu_are_listed_with_how_to_install(monkeypatch):
@@ -683,7 +782,7 @@ def test_a_runtime_that_failed_to_initialize_is_refused_and_never_freed(fakes, m
 
 
 def test_type_stubs_alone_are_not_tensorrt(monkeypatch):
-    monkeypatch.setattr(tb.importlib, "import_module", lambda name: SimpleNamespace(__name__=name))
+    monkeypatch.setattr(importlib, "import_module", lambda name: SimpleNamespace(__name__=name))
     with pytest.raises(BackendUnavailable, match="tensorrt: only type stubs are installed"):
         tb.import_tensorrt(["tensorrt"])
 
@@ -791,7 +890,7 @@ def test_one_scratch_block_sized_to_the_largest_engine(tmp_path, fakes):
 
 def _setup(be: tb.TrtBackend, folder: Path, sampler: str, steps: int = 6, seed: int = 0):
     unet = be.load(str(folder / "unet.engine"), "unet")
-    step = be.load(build_step_graph(True, np.float32).SerializeToString(), "sampler_step")
+    step = be.load(STEP_ONNX, "sampler_step")
     plan = make_plan(sampler, steps, CONFIG)
     rng = np.random.default_rng(seed)
     x = (plan.init_noise_sigma * rng.standard_normal((B, *LATENT))).astype(np.float32)
@@ -829,10 +928,10 @@ def _plain_loop(be, unet, step, plan, x, hidden, noises) -> np.ndarray:
     return be.to_host(x_dev)
 
 
-def _captured_loop(be, unet, step, plan, x, hidden, noises, between=None) -> tuple[np.ndarray, tb.StepLoop]:
+def _captured_loop(be, unet, step, plan, x, hidden, noises, between=None) -> tuple[np.ndarray, tb.CapturedStepLoop]:
     """The loop as the module docstring tells the pipeline to run it."""
     s = _start_state(be, plan, x, hidden)
-    loop = be.capture_step(unet, step)
+    loop = be.step_loop(unet, step)
     loop.start(latents=s["x_dev"], unet_in=s["unet_in"], x0_prev=s["zeros"], cond=s["cond"],
                guidance=s["guidance"], timesteps=plan.timesteps, coeffs=plan.table, noise=noises)
     del s  # the loop keeps its own copies
@@ -861,7 +960,7 @@ def test_captured_loop_matches_the_plain_loop_and_numpy(folder, fakes, sampler):
     again, _ = _captured_loop(be, unet, step, plan, x, hidden, noises)
     assert cudart.captures == 2
     np.testing.assert_array_equal(again, plain)
-    assert len(trt.built) == 1 and trt.built[0]["latents"] == [[B, *LATENT]] * 2  # one step engine, exact shapes
+    assert trt.built == []  # the step graph came prebuilt: the runtime builds nothing
     be_direct = tb.TrtBackend(folder, cuda_graph=False)
     unet2, step2, *_ = _setup(be_direct, folder, sampler)
     direct, loop2 = _captured_loop(be_direct, unet2, step2, plan, x, hidden, noises)
@@ -908,8 +1007,8 @@ def test_step_loop_checks_its_inputs(folder, fakes):
     be = tb.TrtBackend(folder)
     unet, step, plan, x, hidden, _ = _setup(be, folder, "ddim")
     s = _start_state(be, plan, x, hidden)
-    loop = be.capture_step(unet, step)
-    assert be.capture_step(unet, step) is loop
+    loop = be.step_loop(unet, step)
+    assert be.step_loop(unet, step) is loop
     with pytest.raises(InputError, match="cond must hold all but sample and timestep"):
         loop.start(latents=s["x_dev"], unet_in=s["unet_in"], cond={}, timesteps=plan.timesteps, coeffs=plan.table,
                    guidance=s["guidance"])
@@ -919,7 +1018,159 @@ def test_step_loop_checks_its_inputs(folder, fakes):
     with pytest.raises(InputError, match="step 0 is outside the 0 steps"):
         loop.step(0)
     with pytest.raises(InputError, match="engines loaded by this backend"):
-        be.capture_step(SimpleNamespace(), step)  # type: ignore[arg-type]
+        be.step_loop(SimpleNamespace(), step)  # type: ignore[arg-type]
+
+
+# -- the Backend interface: request check, step loop, current device, capture fallback ------------------------
+
+def test_check_request_follows_the_engine_profile(folder, fakes):
+    fakes()
+    be = tb.TrtBackend(folder)
+    be.check_request(1, 512, 512, guided=True)  # nothing loaded yet: no profile to check against
+    be.load(str(folder / "unet.engine"), "unet")
+    be.check_request(1, 512, 512, guided=True)  # the folder's profile: batch 1..2 at 512 x 512
+    with pytest.raises(InputError, match="height"):
+        be.check_request(1, 256, 512, guided=True)
+    with pytest.raises(InputError, match="batch"):
+        be.check_request(3, 512, 512, guided=True)
+
+
+def test_make_current_selects_the_gpu_in_the_calling_thread(fakes):
+    cudart, _ = fakes(gpus=2)
+    be = tb.TrtBackend(device_id=1)
+    seen: list[int | None] = []
+
+    def worker() -> None:
+        be.make_current()
+        seen.append(cudart.current.get(threading.get_ident()))
+
+    th = threading.Thread(target=worker)
+    th.start()
+    th.join()
+    assert seen == [1] and cudart.current[threading.get_ident()] == 1
+
+
+def test_step_loop_is_the_captured_loop_and_describes_itself_like_the_base(folder, fakes):
+    fakes()
+    be = tb.TrtBackend(folder)
+    unet, step, plan, x, hidden, noises = _setup(be, folder, "ddim")
+    loop = be.step_loop(unet, step)
+    assert isinstance(loop, StepLoop) and be.step_loop(unet, step) is loop
+    _, ran = _captured_loop(be, unet, step, plan, x, hidden, noises)
+    assert ran is loop and loop.describe() == "captured CUDA graphs"
+    off = tb.TrtBackend(folder, cuda_graph=False)
+    unet2, step2, *_ = _setup(off, folder, "ddim")
+    _, direct = _captured_loop(off, unet2, step2, plan, x, hidden, noises)
+    assert direct.describe() == "engines run directly (CUDA graphs are off (TrtBackend(cuda_graph=False)))"
+
+
+def test_any_error_during_capture_falls_back_to_running_the_engines(folder, fakes, monkeypatch):
+    """TensorRT's bindings raise RuntimeError when an enqueue fails inside a capture: the loop runs the
+    engines directly (the plain loop's latents) and says why."""
+    cudart, _ = fakes()
+    be = tb.TrtBackend(folder)
+    unet, step, plan, x, hidden, noises = _setup(be, folder, "euler-a")
+    plain = _plain_loop(be, unet, step, plan, x, hidden, noises)
+    real = FakeContext.execute_async_v3
+
+    def refuse_in_capture(self, stream):
+        if cudart.capturing is not None:
+            raise RuntimeError("enqueueV3: operation not permitted when stream is capturing")
+        return real(self, stream)
+
+    monkeypatch.setattr(FakeContext, "execute_async_v3", refuse_in_capture)
+    out, loop = _captured_loop(be, unet, step, plan, x, hidden, noises)
+    assert not loop.captured and cudart.capturing is None and cudart.launches == 0
+    assert loop.reason == ("CUDA graph capture failed: RuntimeError: enqueueV3: operation not permitted when "
+                           "stream is capturing")
+    assert loop.describe().startswith("engines run directly (CUDA graph capture failed: RuntimeError")
+    np.testing.assert_array_equal(out, plain)
+    assert cudart.alive()["graphs"] == 0
+
+
+# -- lifecycle ----------------------------------------------------------------------------------------------
+
+def _use_everything(be: tb.TrtBackend, folder: Path) -> tuple[Any, ...]:
+    """Engines, outputs, a captured loop and a clock: everything a pipeline call leaves on the device."""
+    unet, step, plan, x, hidden, noises = _setup(be, folder, "dpmpp-2m")
+    clock = be.clock()
+    clock.mark()
+    _, loop = _captured_loop(be, unet, step, plan, x, hidden, noises)
+    clock.mark()
+    held = be.to_device(x)
+    return unet, step, loop, clock, held
+
+
+def test_close_releases_everything_and_refuses_further_use(folder, fakes):
+    cudart, _ = fakes()
+    before = cudart.alive()
+    be = tb.TrtBackend(folder)
+    unet, step, loop, _, held = _use_everything(be, folder)
+    during = cudart.alive()
+    assert during["allocations"] > 10 and during["graphs"] == 2 and during["streams"] == 1 and during["events"] == 2
+    be.close()
+    assert cudart.alive() == before == {"allocations": 0, "streams": 0, "graphs": 0, "events": 0}
+    be.close()  # idempotent
+    closed = "closed; load it again"
+    for use in (lambda: be.to_device(np.zeros(2, np.float32)), lambda: be.load(str(folder / "unet.engine"), "unet"),
+                lambda: be.step_loop(unet, step), be.synchronize, be.clock, be.make_current,
+                lambda: unet({"sample": held}), lambda: loop.step(0), lambda: be.to_host(held),
+                lambda: held.ptr, lambda: be.check_request(1, 512, 512, True)):
+        with pytest.raises(InputError, match=closed):
+            use()
+
+
+def test_dropping_every_reference_frees_the_device_without_the_garbage_collector(folder, fakes):
+    cudart, _ = fakes()
+    gc.collect()
+    gc.disable()  # refcounting alone must free it: no reference cycle may hold device memory
+    try:
+        be = tb.TrtBackend(folder)
+        stuff = _use_everything(be, folder)
+        assert cudart.alive()["allocations"] > 10
+        del be, stuff
+        assert cudart.alive() == {"allocations": 0, "streams": 0, "graphs": 0, "events": 0}
+    finally:
+        gc.enable()
+
+
+def test_loading_and_closing_ten_times_does_not_grow(folder, fakes):
+    cudart, _ = fakes()
+    peaks = []
+    for _ in range(10):
+        be = tb.TrtBackend(folder)
+        _use_everything(be, folder)
+        peaks.append(dict(cudart.alive()))
+        be.close()
+        assert cudart.alive() == {"allocations": 0, "streams": 0, "graphs": 0, "events": 0}
+    assert all(p == peaks[0] for p in peaks)
+
+
+# -- device-clock timing ----------------------------------------------------------------------------------
+
+def test_the_device_clock_records_events_without_synchronizing(folder, fakes):
+    cudart, _ = fakes()
+    be = tb.TrtBackend(folder)
+    unet, step, plan, x, hidden, noises = _setup(be, folder, "ddim")
+    s = _start_state(be, plan, x, hidden)
+    loop = be.step_loop(unet, step)
+    loop.start(latents=s["x_dev"], unet_in=s["unet_in"], x0_prev=s["zeros"], cond=s["cond"], guidance=s["guidance"],
+               timesteps=plan.timesteps, coeffs=plan.table, noise=noises)
+    clock = be.clock()
+    assert clock.kind == "device"
+    syncs = cudart.syncs
+    clock.mark()
+    for i in range(plan.steps):
+        loop.step(i)
+        clock.mark()
+    assert cudart.syncs == syncs  # marks only queue events
+    ms = clock.intervals_ms()
+    assert cudart.syncs == syncs + 1  # one wait, when the times are read
+    assert len(ms) == plan.steps and all(m >= 0 for m in ms)
+    # each step queues 3 copies and one launch of a graph of 2 engine runs: the fake times 0.25 ms an operation
+    assert ms == [pytest.approx(ms[0])] * plan.steps and ms[0] > 0
+    clock.close()
+    assert cudart.alive()["events"] == 0
 
 
 # -- against the real libraries --------------------------------------------------------------------------
@@ -954,11 +1205,11 @@ def _gpu_ready() -> bool:
 @pytest.mark.skipif(not _gpu_ready(), reason=NEEDS_GPU)
 @pytest.mark.parametrize("sampler", ["dpmpp-2m", "euler-a"])
 def test_on_a_gpu_the_captured_loop_matches_numpy(tmp_path, sampler):
-    """On a GPU with the full TensorRT: the stand-in UNet and the step graph built from ONNX bytes, the
-    plain loop and the captured loop against the float64 numpy reference."""
-    be = tb.TrtBackend(tmp_path)
-    unet = be.load(fake_unet().SerializeToString(), "unet")
-    step = be.load(build_step_graph(True, np.float32).SerializeToString(), "sampler_step")
+    """On a GPU with the full TensorRT: the stand-in UNet and the step graph, built by the builder's own
+    functions into an engine folder, the plain loop and the captured loop against the float64 numpy reference."""
+    be = tb.TrtBackend(_real_engine_folder(tmp_path, REAL_TRT))
+    unet = be.load(str(tmp_path / "unet.engine"), "unet")
+    step = be.load(STEP_ONNX, "sampler_step")
     plan = make_plan(sampler, 8, CONFIG)
     rng = np.random.default_rng(3)
     x = (plan.init_noise_sigma * rng.standard_normal((B, *LATENT))).astype(np.float32)
@@ -971,3 +1222,30 @@ def test_on_a_gpu_the_captured_loop_matches_numpy(tmp_path, sampler):
     np.testing.assert_allclose(plain, ref, rtol=1e-3, atol=atol)
     assert loop.captured, loop.reason
     np.testing.assert_allclose(graphed, ref, rtol=1e-3, atol=atol)
+
+
+def _real_engine_folder(folder: Path, trt: Any) -> Path:
+    """Build the stand-in UNet (the UNET_PROFILE) and the guided step graph (fixed at B x LATENT) with
+    export/trt_build.py's functions, into an engine folder for this GPU."""
+    from sdrt.export import trt_build
+    from sdrt.runtime.engine_manifest import TensorShapes
+
+    env = tb.TrtBackend().environment()
+    latent, rows = (B, *LATENT), (2 * B, *LATENT)
+    opt = {"sample": rows, "timestep": (2 * B,), "encoder_hidden_states": (2 * B, SEQ, DIM)}
+    unet_shapes = [TensorShapes(n, tuple(lo), opt[n], tuple(hi)) for n, (lo, hi) in UNET_PROFILE.items()]
+    step_model = onnx.load_from_string(STEP_ONNX)
+    columns = next(d.dim_value for v in step_model.graph.input if v.name == "coeffs" for d in v.type.tensor_type.shape.dim)
+    fixed = {"latents": latent, "unet_out": rows, "guidance": (), "coeffs": (columns,), "x0_prev": latent,
+             "noise": latent}
+    step_shapes = [TensorShapes(n, s, s, s) for n, s in fixed.items()]
+    messages: list[str] = []
+    builder = trt.Builder(tb.make_logger(trt, messages))
+    plans = {}
+    for name, model, shapes in (("unet", fake_unet().SerializeToString(), unet_shapes),
+                                ("sampler_step", STEP_ONNX, step_shapes)):
+        rec = EngineRecord(component=name, file=f"{name}.engine", precision="fp32", shapes=tuple(shapes),
+                           flags=BuildFlags(), onnx_sha256="0" * 64, env=env, cache_key="k")
+        plan = trt_build.EnginePlan(Path(f"<{name}>"), rec, model)
+        plans[name] = trt_build.build_one(trt, plan, None, builder, messages, lambda msg: None)
+    return write_folder(folder, plans, env=env, onnx={"sampler_step": STEP_ONNX})

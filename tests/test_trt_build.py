@@ -61,7 +61,8 @@ def trt_stubs() -> Path:
 
 
 def test_tensorrt_code_type_checks_against_the_stubs(trt_stubs: Path) -> None:
-    r = _mypy(["export/trt_build.py", "export/refit.py", "runtime/trt_backend.py"], trt_stubs)
+    r = _mypy(["export/trt_build.py", "export/refit.py", "runtime/trt_backend.py", "runtime/trt_modules.py",
+               "runtime/trt_engines.py", "runtime/trt_loop.py", "runtime/cuda.py"], trt_stubs)
     assert r.returncode == 0, r.stdout + r.stderr
 
 

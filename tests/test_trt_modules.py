@@ -8,7 +8,8 @@ names and behaviour against the real bindings:
   and the builder's, minus what TensorRT for RTX lacks or ignores, which export/trt_build.py must skip
   for it. It builds engines without a GPU (CPU-only ahead-of-time compilation), so the builder path
   runs here for real; deserializing and running an engine needs a GPU;
-- ``cuda-python`` (``cuda.bindings.runtime``): every CUDA runtime call of runtime/trt_backend.py;
+- ``cuda-python`` (``cuda.bindings.runtime``): every CUDA runtime call of the tensorrt backend (runtime/cuda.py
+  and the modules beside it);
 - the full ``tensorrt`` where it is installed.
 
 What the code takes from those modules is collected from its syntax tree and must equal the tables
@@ -26,10 +27,9 @@ import warnings
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType, SimpleNamespace
+from types import ModuleType
 from typing import Any
 
-import numpy as np
 import pytest
 
 from sdrt.export import trt_build
@@ -46,10 +46,11 @@ NEEDS_RTX = f"needs the TensorRT for RTX bindings: {RTX_PIP}"
 NEEDS_CUDA = "needs cuda-python: pip install cuda-python"
 
 BUILDER_FILES = ("export/trt_build.py", "export/refit.py")
-RUNTIME_FILE = "runtime/trt_backend.py"
-# the functions of the runtime that build (the sampler step graph): they need a module with a builder
-RUNTIME_BUILDER_SCOPES = ("TrtBackend.build_onnx", "OnnxTrtEngine.__init__")
-CUDA_FILES = ("runtime/trt_backend.py", "runtime/engine_manifest.py")
+RUNTIME_FILES = ("runtime/trt_backend.py", "runtime/trt_modules.py", "runtime/trt_engines.py", "runtime/trt_loop.py",
+                 "runtime/cuda.py")
+# the runtime loads, the builder builds: no function of the runtime may use TensorRT's builder
+RUNTIME_BUILDER_SCOPES = ("<none>",)
+CUDA_FILES = (*RUNTIME_FILES, "runtime/engine_manifest.py")
 
 
 # -- what the code uses ---------------------------------------------------------------------------------
@@ -60,16 +61,15 @@ RUNTIME_MODULE_NAMES = {
     "Runtime", "ICudaEngine", "IExecutionContext", "ILogger.Severity.INTERNAL_ERROR", "ILogger.Severity.ERROR",
     "ILogger.Severity.WARNING", "ExecutionContextAllocationStrategy.USER_MANAGED",
 }
-RUNTIME_BUILDER_MODULE_NAMES = {"Builder", "OnnxParser", "NetworkDefinitionCreationFlag.STRONGLY_TYPED"}
+RUNTIME_BUILDER_MODULE_NAMES: set[str] = set()
 BUILDER_MODULE_NAMES = {
-    "Builder", "IBuilderConfig", "INetworkDefinition", "OnnxParser", "ITimingCache", "IProgressMonitor",
-    "ILogger.Severity.INTERNAL_ERROR", "ILogger.Severity.ERROR", "ILogger.Severity.WARNING",
+    "Builder", "IBuilderConfig", "INetworkDefinition", "OnnxParser", "ITimingCache", "IProgressMonitor", "ILogger",
     "NetworkDefinitionCreationFlag.STRONGLY_TYPED", "ErrorCode.UNSUPPORTED_NODE",
     "BuilderFlag.FP16", "BuilderFlag.TF32", "BuilderFlag.REFIT", "BuilderFlag.VERSION_COMPATIBLE",
     "BuilderFlag.EXCLUDE_LEAN_RUNTIME", "MemoryPoolType.WORKSPACE", "HardwareCompatibilityLevel.AMPERE_PLUS",
     "BuilderFlag.REQUIRE_USER_ALLOCATION",  # TensorRT for RTX only (RTX_ONLY)
     # export/refit.py
-    "Logger.WARNING", "Runtime", "Refitter", "Weights", "nptype",
+    "Runtime", "Refitter", "Weights", "nptype",
 }
 # I/O tensor dtypes and modes, matched by their enum member names
 DTYPE_NAMES = tuple(tb._TRT_DTYPES)
@@ -132,7 +132,8 @@ CUDA_NAMES = {
     "cudaMemcpyAsync", "cudaMemsetAsync", "cudaStreamSynchronize", "cudaStreamCaptureMode",
     "cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal", "cudaStreamBeginCapture", "cudaStreamEndCapture",
     "cudaGraphDestroy", "cudaGetLastError", "cudaGraphInstantiate", "cudaGraphLaunch", "cudaGraphExecDestroy",
-    "cudaStreamDestroy",
+    "cudaStreamDestroy", "cudaEventCreate", "cudaEventRecord", "cudaEventSynchronize", "cudaEventElapsedTime",
+    "cudaEventDestroy",
 }
 CUDA_COPY_KINDS = ("HostToDevice", "DeviceToHost", "DeviceToDevice")  # getattr(cudaMemcpyKind, f"cudaMemcpy{kind}")
 CUDA_DEVICE_PROP = ("name", "major", "minor")
@@ -225,7 +226,10 @@ def _trt_names(path: str) -> dict[str, set[str]]:
 
 def _runtime_split() -> tuple[set[str], set[str]]:
     """The runtime's module-level names: (used by the runtime proper, used only where it builds)."""
-    found = _trt_names(RUNTIME_FILE)
+    found: dict[str, set[str]] = {}
+    for path in RUNTIME_FILES:
+        for name, scopes in _trt_names(path).items():
+            found.setdefault(name, set()).update(scopes)
     building = {n for n, scopes in found.items() if all(s.startswith(RUNTIME_BUILDER_SCOPES) for s in scopes)}
     return set(found) - building, building
 
@@ -315,13 +319,13 @@ def test_the_tables_list_every_tensorrt_name_the_code_takes() -> None:
     assert {n for n in RTX_AVOIDED if "." in n} <= BUILDER_MODULE_NAMES
     assert {n for n in RTX_AVOIDED if "." not in n} <= BUILDER_METHODS["IBuilderConfig"]
     # every listed method is still used (a stale table checks nothing)
-    used_builder = _attribute_names((*BUILDER_FILES, RUNTIME_FILE), defs=True)
-    used_runtime = _attribute_names((RUNTIME_FILE,), defs=True)
+    used_builder = _attribute_names((*BUILDER_FILES, *RUNTIME_FILES), defs=True)
+    used_runtime = _attribute_names(RUNTIME_FILES, defs=True)
     stale = [f"{c}.{m}" for c, ms in BUILDER_METHODS.items() for m in ms if m not in used_builder]
     stale += [f"{c}.{m}" for c, ms in RUNTIME_METHODS.items() for m in ms if m not in used_runtime]
     stale += [f"{c}.{m}" for c, m in FALLBACKS if m not in used_runtime]
     assert stale == []
-    source = _source((RUNTIME_FILE,))
+    source = _source(RUNTIME_FILES)
     assert all(f'"{k}"' in source for k in (*DTYPE_NAMES, *IO_MODES, *CUDA_COPY_KINDS))
 
 
@@ -372,8 +376,7 @@ def test_the_lean_runtime_is_found_and_cannot_build(monkeypatch: pytest.MonkeyPa
     monkeypatch.delenv("SDRT_TENSORRT_MODULE", raising=False)
     assert tb.import_tensorrt(tb.module_candidates(built_with="tensorrt")).__name__ in (
         "tensorrt", *tb.LEAN_MODULES)
-    assert not hasattr(LEAN, "Builder") and not hasattr(LEAN, "OnnxParser")  # OnnxTrtEngine says so
-    assert _missing(LEAN, RUNTIME_BUILDER_MODULE_NAMES) == sorted(RUNTIME_BUILDER_MODULE_NAMES)
+    assert not hasattr(LEAN, "Builder") and not hasattr(LEAN, "OnnxParser")  # the runtime never needs them
 
 
 @pytest.mark.parametrize("mod", BUILDERS or [pytest.param(None, marks=pytest.mark.skip(reason=NEEDS_RTX))])
@@ -389,7 +392,7 @@ def test_what_tensorrt_for_rtx_lacks_is_what_the_builder_skips(rtx: ModuleType) 
     """The differences RTX_AVOIDED names are real in this TensorRT for RTX."""
     assert not hasattr(rtx.BuilderFlag, "FP16") and not hasattr(rtx.BuilderFlag, "INT8")
     messages: list[str] = []
-    builder = rtx.Builder(trt_build._make_logger(messages))
+    builder = rtx.Builder(tb.make_logger(rtx, messages))
     config = builder.create_builder_config()
     assert config.get_flag(rtx.BuilderFlag.TF32)  # on without being set
     messages.clear()
@@ -413,7 +416,7 @@ def test_no_tensorrt_call_is_missing_from_the_tables() -> None:
     listed = set().union(*RUNTIME_METHODS.values(), *BUILDER_METHODS.values(), {m for _, m in FALLBACKS},
                          *(n.split(".") for n in BUILDER_MODULE_NAMES | RUNTIME_MODULE_NAMES | RUNTIME_BUILDER_MODULE_NAMES
                            | set(RTX_AVOIDED)))
-    used = _attribute_names((*BUILDER_FILES, RUNTIME_FILE)) & api
+    used = _attribute_names((*BUILDER_FILES, *RUNTIME_FILES)) & api
     assert sorted(used - listed - NOT_TENSORRT) == [], "a TensorRT call to list (or a name of sdrt's own: NOT_TENSORRT)"
 
 
@@ -464,7 +467,6 @@ class _Recorder:
 def rtx(monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
     if RTX is None:
         pytest.skip(NEEDS_RTX)
-    monkeypatch.setattr(trt_build, "trt", RTX)  # restored after the test
     yield RTX
 
 
@@ -479,10 +481,10 @@ def _flags(**kw: Any) -> BuildFlags:
 def test_the_config_avoids_what_rtx_lacks(rtx: ModuleType, flags: BuildFlags) -> None:
     messages: list[str] = []
     seen: set[str] = set()
-    builder = _Recorder(rtx.Builder(trt_build._make_logger(messages)), seen)
+    builder = _Recorder(rtx.Builder(tb.make_logger(rtx, messages)), seen)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        config = trt_build.make_config(builder, flags, None)
+        config = trt_build.make_config(rtx, builder, flags, None)
     assert sorted(seen & set(RTX_AVOIDED)) == []
     assert [str(w.message) for w in caught if "TensorRT" in str(w.message)] == []
     assert not any("unsupported" in m for m in messages), messages
@@ -497,9 +499,9 @@ def test_the_config_avoids_what_rtx_lacks(rtx: ModuleType, flags: BuildFlags) ->
     (_flags(hardware_compatibility="ampere_plus"), "hardware-compatible"),
 ])
 def test_rtx_refuses_what_it_cannot_build(rtx: ModuleType, flags: BuildFlags, match: str) -> None:
-    builder = rtx.Builder(trt_build._make_logger([]))
+    builder = rtx.Builder(tb.make_logger(rtx, []))
     with pytest.raises(InputError, match=match):
-        trt_build.make_config(builder, flags, None)
+        trt_build.make_config(rtx, builder, flags, None)
 
 
 def test_the_builder_finds_tensorrt_for_rtx_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -561,8 +563,8 @@ def test_build_engines_on_rtx_without_a_gpu(rtx: ModuleType, tiny_export, tmp_pa
 @pytest.mark.parametrize("component", ["vae_decoder", "vae_encoder"])
 def test_the_vae_graphs_parse_in_tensorrt(rtx: ModuleType, tiny_export, component: str) -> None:
     (plan,) = _engine_plans(tiny_export("sd15-tiny"), (component,))
-    builder = rtx.Builder(trt_build._make_logger([]))
-    network, _parser = trt_build.parse_onnx(builder, plan.onnx_path, builder.logger, component, True)
+    builder = rtx.Builder(tb.make_logger(rtx, []))
+    network, _parser = trt_build.parse_onnx(rtx, builder, plan.onnx_path, builder.logger, component, True)
     assert network.num_inputs == 1
 
 
@@ -570,32 +572,6 @@ def test_the_vae_graphs_parse_in_tensorrt(rtx: ModuleType, tiny_export, componen
 def test_the_runtime_finds_pypi_tensorrt_for_rtx(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("SDRT_TENSORRT_MODULE", raising=False)
     assert tb.import_tensorrt(tb.module_candidates(built_with="tensorrt_rtx")) is RTX
-
-
-@pytest.mark.parametrize("guided, dtype", [(True, "float16"), (False, "float32")])
-def test_the_runtime_builds_the_step_graph_on_rtx(guided: bool, dtype: str) -> None:
-    """TrtBackend.build_onnx (the sampler step graph, built on first use) on the real builder, up to the
-    deserialization, which needs a GPU: a stand-in backend takes the plan."""
-    if RTX is None:
-        pytest.skip(NEEDS_RTX)
-    plans: list[bytes] = []
-
-    def deserialize_cuda_engine(plan: Any) -> str:
-        plans.append(bytes(memoryview(plan)))
-        return "engine"
-
-    log: deque[str] = deque(maxlen=32)
-    backend = SimpleNamespace(trt=RTX, module=RTX.__name__, _builder=None, log=log, logger=tb.make_logger(RTX, log),
-                              messages=lambda: " | ".join(log),
-                              runtime=SimpleNamespace(deserialize_cuda_engine=deserialize_cuda_engine))
-    model = step_graph_bytes(guided, np.dtype(dtype))
-    inputs, _ = tb.onnx_specs(model)
-    latent = (1, 4, 8, 8)
-    shapes = {"latents": latent, "unet_out": (2 if guided else 1, 4, 8, 8), "x0_prev": latent, "noise": latent,
-              "coeffs": inputs["coeffs"].shape, "guidance": ()}
-    assert tb.TrtBackend.build_onnx(backend, model, inputs, shapes, "sampler_step") == "engine"
-    assert len(plans) == 1 and len(plans[0]) > 0
-    assert isinstance(backend._builder, RTX.Builder)  # kept for the next shapes
 
 
 @pytest.mark.parametrize("preset, shape, module", [

@@ -187,3 +187,24 @@ def test_the_lean_runtime_runs_the_whole_loop_from_prebuilt_step_graphs(tiny_exp
         want = ref("a boat", guidance_scale=scale, batch_size=n, **kw)
         for w, g in zip(want.images, got.images, strict=True):
             assert np.abs(np.asarray(w, np.int16) - np.asarray(g, np.int16)).max() <= 1
+
+
+def test_host_device_copies_per_call(tiny_export, tmp_path: Path, fake_gpu) -> None:
+    """Counted on the fakes: an SD1.5 call copies to the host only the decoded pixels and their finite
+    flags (the prompt's embeddings go from the text encoder to the UNet on the device), and what it
+    uploads does not grow with the number of steps (every per-step input goes up before the loop, as one
+    table)."""
+    cudart, _ = fake_gpu
+    out = tmp_path / "engines"
+    build_engines(tiny_export("sd15-tiny"), out, custom_profile(batch="1:1:2", height="64:64:64", width="64:64:64"),
+                  BuildOptions(workspace_gb=1))
+    with Pipeline.load(out, backend="tensorrt") as pipe:
+        counts = {}
+        for steps in (3, 6):
+            pipe("a red fox", steps=steps, seed=1, sampler="euler-a", height=64, width=64)  # warm: captured
+            before = dict(cudart.copies)
+            pipe("a red fox", steps=steps, seed=1, sampler="euler-a", height=64, width=64)
+            counts[steps] = {k: cudart.copies[k] - before[k] for k in before}
+    assert counts[3][2] == counts[6][2] == 2, counts  # device -> host: images and finite, nothing else
+    assert counts[3][1] == counts[6][1], counts  # host -> device: the same whatever the step count
+    assert cudart.alive()["allocations"] == 0  # closed: every buffer released

@@ -1,0 +1,293 @@
+"""The denoising step as a CUDA graph: TensorRT's ``StepLoop``.
+
+``backend.step_loop(unet, step)`` returns a ``CapturedStepLoop``: UNet then step graph, captured as two CUDA
+graphs over fixed device buffers (even steps read state A and write state B, odd steps the reverse, so
+no engine writes what it reads). What changes per step (the timestep, the coefficient row, the noise)
+is uploaded once per call as a table and copied row by row into fixed buffers before each launch.
+The pipeline drives it as every backend's ``StepLoop`` (``runtime/step_loop.py``)::
+
+    loop = backend.step_loop(unet, step)
+    loop.start(latents=x_dev, unet_in=unet_in, x0_prev=zeros, cond=cond, guidance=g,
+               timesteps=plan.timesteps, coeffs=plan.table, noise=step_noise)
+    for i in range(n):
+        loop.step(i)                   # 3 small device copies + 1 graph launch
+        backend.synchronize()          # only for per-step timings / the callback
+    x_dev = loop.latents               # valid until the next start()
+
+``start`` captures on first use and whenever shapes change (after one warm-up run of each engine: TensorRT
+finishes shape-dependent setup outside the capture); a capture that fails with any error (TensorRT's or
+CUDA's, raised or returned), or ``TrtBackend(cuda_graph=False)``, leaves ``loop.captured`` False with
+``loop.reason`` and runs the same bindings directly, so results do not depend on whether capture worked.
+The loop's buffers are its own: the caller's arrays are copied in at ``start`` and may be dropped
+afterwards.
+
+Lifecycle: the backend keeps its loops; a loop holds the backend and its engines only weakly, so no
+reference cycle keeps device memory alive once the pipeline is dropped. ``close()`` (the backend's
+``close()`` calls it) frees the loop's buffers and graphs now.
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .cuda import CLOSED, DeviceArray, _Graph
+from .engine import Array
+from .errors import InputError
+from .step_loop import StepLoop
+
+if TYPE_CHECKING:
+    from .trt_backend import TrtBackend
+    from .trt_engines import TrtEngine
+
+STEP_OUTPUTS = ("latents_next", "x0", "unet_in_next")
+
+
+class CapturedStepLoop(StepLoop):
+    """UNet then sampler step graph, over fixed device buffers, as two CUDA graphs (even and odd steps).
+
+    Even steps read state A (latents, x0, UNet input) and write state B; odd steps the reverse. The
+    timestep, coefficient row and noise of step i are copied from per-call tables into fixed buffers
+    before each launch. Without a capture (disabled or failed: ``captured``/``reason``) the same bindings
+    run directly.
+    """
+
+    def __init__(self, backend: TrtBackend, unet: TrtEngine, step: TrtEngine) -> None:
+        self._backend = weakref.ref(backend)
+        self._unet = weakref.ref(unet)
+        self._step = weakref.ref(step)
+        self.closed = False
+        self.captured = False
+        self.reason = "not started"
+        self._key: tuple[Any, ...] | None = None
+        self._generation = -1
+        self._graphs: list[_Graph] = []
+        self._done = 0
+        self._steps = 0
+        self._tables: dict[str, DeviceArray] = {}
+        self.buf: dict[str, Any] = {}
+
+    @property
+    def backend(self) -> TrtBackend:
+        be = self._backend()
+        if be is None or self.closed:
+            raise InputError(f"this step loop is closed: {CLOSED}")
+        return be
+
+    @property
+    def unet(self) -> TrtEngine:
+        return self._engine(self._unet, "unet")
+
+    @property
+    def step_engine(self) -> TrtEngine:
+        return self._engine(self._step, "step graph")
+
+    @property
+    def _unet_e(self) -> TrtEngine:
+        return self.unet
+
+    @property
+    def _step_e(self) -> TrtEngine:
+        return self.step_engine
+
+    def _engine(self, ref: Any, what: str) -> Any:
+        e = ref()
+        if e is None or self.closed:
+            raise InputError(f"the {what} engine of this step loop is gone: {CLOSED}")
+        return e
+
+    def _require_open(self) -> None:
+        if not self.alive():
+            raise InputError(f"this step loop is closed: {CLOSED}")
+
+    def alive(self) -> bool:
+        """Whether the backend and both engines still exist (a loop over dropped engines is useless)."""
+        return not self.closed and None not in (self._backend(), self._unet(), self._step())
+
+    def close(self) -> None:
+        """Destroy the captured graphs and free the loop's buffers now (idempotent)."""
+        graphs, self._graphs = self._graphs, []
+        for g in graphs:
+            g.close()
+        buffers: list[Any] = [v for v in self.buf.values() if v is not None]
+        buffers += [*self._tables.values()]
+        self.buf, self._tables, self._key, self.captured, self.closed = {}, {}, None, False, True
+        for item in buffers:
+            for arr in item if isinstance(item, list) else item.values() if isinstance(item, dict) else [item]:
+                arr.free()
+
+    # -- the public calls -----------------------------------------------------------------------------
+    def start(self, *, latents: Array, unet_in: Array, cond: Mapping[str, Array], timesteps: Sequence[float] | np.ndarray,
+              coeffs: np.ndarray, guidance: Array | None = None, x0_prev: Array | None = None,
+              noise: np.ndarray | None = None) -> None:
+        """Set up a run of ``len(timesteps)`` steps: copy the starting state and conditioning in, upload
+        the per-step tables, and (re)capture when the shapes changed."""
+        self._require_open()
+        be = self.backend
+        x, u = be.as_device(latents), be.as_device(unet_in)
+        conds = {k: be.as_device(v) for k, v in cond.items()}
+        g = None if guidance is None else be.as_device(guidance)
+        ts, cf = np.asarray(timesteps), np.asarray(coeffs)
+        n = len(ts)
+        if n < 1 or cf.ndim != 2 or cf.shape[0] != n:
+            raise InputError(f"coeffs must be [steps, columns] with one row per timestep ({n}), got {list(cf.shape)}")
+        if noise is not None and np.shape(noise) != (n, *x.shape):
+            raise InputError(f"noise must be [steps, *latents.shape] = {[n, *x.shape]}, got {list(np.shape(noise))}")
+        key = (x.shape, x.dtype, u.shape, u.dtype, g is None, cf.shape[1],
+               tuple(sorted((k, v.shape, v.dtype.str) for k, v in conds.items())))
+        if key != self._key or (self.captured and self._generation != be.scratch.generation):
+            self._setup(x, u, conds, g, cf.shape[1])
+            self._key = key
+        b = self.buf
+        be.copy(b["lat"][0], x)
+        be.copy(b["uin"][0], u)
+        if x0_prev is None:
+            be.device.zero(b["x0"][0].ptr, b["x0"][0].nbytes)
+        else:
+            be.copy(b["x0"][0], be.as_device(x0_prev))
+        for k, v in conds.items():
+            be.copy(b["cond"][k], v)
+        if g is not None:
+            be.copy(b["g"], g)
+        t = b["t"]
+        rows = np.broadcast_to(ts.astype(t.dtype).reshape(n, *([1] * len(t.shape))), (n, *t.shape))
+        self._tables = {"t": be.as_device(np.ascontiguousarray(rows)),
+                        "c": be.as_device(np.ascontiguousarray(cf, dtype=b["c"].dtype))}
+        if noise is None:
+            be.device.zero(b["noise"].ptr, b["noise"].nbytes)
+        else:
+            self._tables["noise"] = be.as_device(np.ascontiguousarray(noise, dtype=b["noise"].dtype))
+        self._done, self._steps = 0, n
+
+    def step(self, i: int) -> None:
+        """Queue step ``i`` (call in order, 0 .. steps-1, after ``start``)."""
+        self._require_open()
+        if self._key is None or not 0 <= i < self._steps:
+            raise InputError(f"step {i} is outside the {self._steps} steps of the last start()")
+        be, b = self.backend, self.buf
+        be.copy(b["t"], self._tables["t"].row(i))
+        be.copy(b["c"], self._tables["c"].row(i))
+        if "noise" in self._tables:
+            be.copy(b["noise"], self._tables["noise"].row(i))
+        parity = self._done % 2
+        if self.captured and self._generation != be.scratch.generation:
+            self._recapture(parity)
+        if self.captured:
+            self._graphs[parity].launch()
+        else:
+            self._enqueue(parity)
+        self._done += 1
+
+    @property
+    def latents(self) -> DeviceArray:
+        """The latents after the steps run so far (a view: valid until the next ``start``)."""
+        self._require_open()
+        if self._key is None:
+            raise InputError("start() the loop first")
+        lat: DeviceArray = self.buf["lat"][self._done % 2]
+        return lat.view()
+
+    @property
+    def x0(self) -> DeviceArray:
+        """The last x0 prediction (zeros before the first step; a view: valid until the next ``start``)."""
+        self._require_open()
+        if self._key is None:
+            raise InputError("start() the loop first")
+        x0: DeviceArray = self.buf["x0"][self._done % 2]
+        return x0.view()
+
+    # -- internals ------------------------------------------------------------------------------------
+    def _setup(self, x: DeviceArray, u: DeviceArray, conds: Mapping[str, DeviceArray], g: DeviceArray | None,
+               columns: int) -> None:
+        be = self.backend
+        self._key, self._graphs, self.captured = None, [], False
+        unet_feeds_names = set(self.unet.inputs)
+        if unet_feeds_names != {"sample", "timestep", *conds}:
+            raise InputError(f"unet takes {sorted(unet_feeds_names)}; cond must hold all but sample and timestep, "
+                             f"got {sorted(conds)}")
+        t_spec = self.unet.inputs["timestep"]
+        b: dict[str, Any] = {
+            "lat": [be.empty(x.shape, x.dtype) for _ in range(2)],
+            "x0": [be.empty(x.shape, x.dtype) for _ in range(2)],
+            "uin": [be.empty(u.shape, u.dtype) for _ in range(2)],
+            "t": be.empty((u.shape[0],) if len(t_spec.shape) == 1 else (), t_spec.dtype),
+            "cond": {k: be.empty(v.shape, v.dtype) for k, v in conds.items()},
+        }
+        unet_feeds = {"sample": b["uin"][0], "timestep": b["t"], **b["cond"]}
+        self.unet.check(unet_feeds)
+        unet_e = self.unet
+        unet_e.bind_inputs(unet_feeds)
+        out_name = "out_sample" if "out_sample" in unet_e.outputs else next(iter(unet_e.outputs))
+        b["out"] = be.empty(unet_e.output_shape(out_name), unet_e.outputs[out_name].dtype)
+        st = self.step_engine.inputs
+        b["c"] = be.empty((columns,), st["coeffs"].dtype)
+        b["noise"] = be.empty(x.shape, st["noise"].dtype)
+        b["g"] = None if g is None else be.empty(g.shape, g.dtype)
+        self.buf = b
+        step_feeds = self._step_feeds(0)
+        self.step_engine.check(step_feeds)
+        if set(self.step_engine.outputs) != set(STEP_OUTPUTS):
+            raise InputError(f"{self.step_engine.name} must have outputs {STEP_OUTPUTS}, has {sorted(self.step_engine.outputs)}")
+        self._out_name = out_name
+        self._capture()
+
+    def _step_feeds(self, p: int) -> dict[str, DeviceArray]:
+        b = self.buf
+        feeds = {"latents": b["lat"][p], "unet_out": b["out"], "coeffs": b["c"], "x0_prev": b["x0"][p],
+                 "noise": b["noise"]}
+        if b["g"] is not None:
+            feeds["guidance"] = b["g"]
+        return feeds
+
+    def _enqueue(self, p: int) -> None:
+        """Bind step parity ``p`` (read state p, write state 1 - p) and queue UNet, then step graph."""
+        b = self.buf
+        self._unet_e.bind_inputs({"sample": b["uin"][p], "timestep": b["t"], **b["cond"]})
+        self._unet_e.bind_outputs({self._out_name: b["out"]})
+        self._unet_e.enqueue()
+        self._step_e.bind_inputs(self._step_feeds(p))
+        self._step_e.bind_outputs({"latents_next": b["lat"][1 - p], "x0": b["x0"][1 - p],
+                                   "unet_in_next": b["uin"][1 - p]})
+        self._step_e.enqueue()
+
+    def _capture(self) -> None:
+        be = self.backend
+        self._graphs, self.captured = [], False
+        if not be.cuda_graph:
+            self.reason = "CUDA graphs are off (TrtBackend(cuda_graph=False))"
+            return
+        graphs = []
+        refuse = [e.name for e in (self._unet_e, self._step_e)
+                  if hasattr(e.context, "is_stream_capturable") and not e.context.is_stream_capturable(be.device.handle)]
+        if refuse:  # TensorRT for RTX says so up front (data-dependent shapes, on-device control flow)
+            self.reason = f"TensorRT cannot stream-capture {', '.join(refuse)} here"
+            return
+        try:
+            for p in (0, 1):
+                self._enqueue(p)  # warm-up: TensorRT's shape-dependent setup happens outside the capture
+                graphs.append(be.device.capture(functools.partial(self._enqueue, p)))
+            be.synchronize()
+        except Exception as e:  # noqa: BLE001 - any TensorRT/CUDA failure: the direct path runs the same bindings
+            for g in graphs:
+                g.close()
+            self.reason = f"CUDA graph capture failed: {type(e).__name__}: {e}"
+            return
+        self._graphs, self.captured, self.reason = graphs, True, ""
+        self._generation = be.scratch.generation
+
+    def _recapture(self, parity: int) -> None:
+        """Capture again (the scratch block moved) without losing the state the next step reads: the warm-up
+        runs write both states."""
+        be, b = self.backend, self.buf
+        saved = []
+        for k in ("lat", "x0", "uin"):
+            keep = be.empty(b[k][parity].shape, b[k][parity].dtype)
+            be.copy(keep, b[k][parity])
+            saved.append((k, keep))
+        self._capture()
+        for k, keep in saved:
+            be.copy(b[k][parity], keep)
