@@ -277,3 +277,30 @@ def test_bench_report_keeps_unrelated_files_and_refuses_a_user_bench_md(
     assert (mine / "bench.md").read_text().startswith("# sdrt benchmark report")
     assert not (mine / "bench.png").read_bytes().endswith(b"my holiday photo")
     assert _listing(mine) == ["bench.md", "bench.png", "notes.txt"]
+
+
+# -- modes of ONNX weights files written outside the export -------------------------------------------------
+
+def test_onnx_weights_files_get_the_umask_mode(tmp_path: Path) -> None:
+    """The refit copy and the ort-cuda variant save graphs themselves; onnx writes their weights 0600."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from sdrt.export import ort_fusion, refit
+
+    w = numpy_helper.from_array(np.ones((32, 32), np.float32), "w")  # 4 KB: above the external-data threshold
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 32])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 32])], [w])
+    model = helper.make_model(graph)
+    old_umask = os.umask(0o027)
+    try:
+        refit.save_graph(onnx.ModelProto.FromString(model.SerializeToString()), tmp_path / "a" / "model.onnx", True)
+        ort_fusion.save_graph(onnx.ModelProto.FromString(model.SerializeToString()), tmp_path / "b" / "v.onnx",
+                              external=True)
+    finally:
+        os.umask(old_umask)
+    written = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
+    assert written == ["a/model.onnx", "a/model.onnx_data", "b/v.onnx", "b/v.onnx_data"]
+    assert {p: oct(stat.S_IMODE((tmp_path / p).stat().st_mode)) for p in written} == {p: "0o640" for p in written}
