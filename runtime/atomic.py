@@ -66,7 +66,7 @@ def _check_parent_can_be_written(target: Path) -> None:
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir():
-        raise InputError(f"cannot write {target}: {parent} is a file, not a folder; choose another output path")
+        raise InputError(f"cannot create {target}: {parent} is a file, not a folder; choose another output path")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise InputError(f"{parent} is not writable; choose an output path you can write to")
 
