@@ -17,9 +17,6 @@ from pathlib import Path
 
 from .errors import ArtifactError, InputError
 
-_OVERWRITE = ("pass overwrite=True to replace it (deleting what it holds)",
-              "pass --overwrite to replace it (deleting what it holds)")
-
 
 def _umask() -> int:
     umask = os.umask(0)
@@ -45,8 +42,10 @@ def give_default_mode(*paths: str | os.PathLike[str]) -> None:
             os.chmod(p, mode)
 
 
-def _refuse(message: str, fix_api: str, fix_cli: str) -> InputError:
-    return InputError(f"{message}; {fix_api}", cli=f"{message}; {fix_cli}")
+def _refuse(message: str, consequence: str) -> InputError:
+    """``message`` ends with "or"; the fix follows in the API's and the CLI's words."""
+    return InputError(f"{message} pass overwrite=True to replace it{consequence}",
+                      cli=f"{message} pass --overwrite to replace it{consequence}")
 
 
 def _check_not_cwd(target: Path, shown: Path) -> None:
@@ -95,7 +94,7 @@ def check_output_dir(
         if not is_previous and not overwrite and any(target.iterdir()):
             mark = f" (no {marker})" if marker else ""
             raise _refuse(f"{target} is a folder that is not {what}{mark} and holds files, which replacing it "
-                          "would delete; choose a new or empty folder, or", *_OVERWRITE)
+                          "would delete; choose a new or empty folder, or", ", deleting what it holds")
     _check_parent_can_be_written(target)
     return target
 
@@ -116,7 +115,7 @@ def check_output_file(
     if target.is_dir():
         raise InputError(f"{target} is a folder; give a file path for {what} (e.g. {target / 'result.json'})")
     if target.exists() and not overwrite and not is_previous(target):
-        raise _refuse(f"{target} exists and is not {what}; choose another path, or", *_OVERWRITE)
+        raise _refuse(f"{target} exists and is not {what}; choose another path, or", "")
     _check_parent_can_be_written(target)
     return target
 
