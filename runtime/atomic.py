@@ -19,6 +19,11 @@ from .errors import ArtifactError, InputError
 
 
 def _umask() -> int:
+    # Linux reports it without changing it; setting and restoring it is racy with other threads' writes
+    with contextlib.suppress(OSError, ValueError), open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
     umask = os.umask(0)
     os.umask(umask)
     return umask
@@ -48,14 +53,14 @@ def _refuse(message: str, consequence: str) -> InputError:
                       cli=f"{message} pass --overwrite to replace it{consequence}")
 
 
-def _check_not_cwd(target: Path, shown: Path) -> None:
+def _check_not_cwd(target: Path) -> None:
     # Replacing the current folder (or one above it) would pull it from under this process and the
     # user's shell; the rename fails only after all the work is done, so refuse it first.
     resolved = target.resolve()
     cwd = Path.cwd().resolve()
     if resolved == cwd or resolved in cwd.parents:
         where = "the current folder" if resolved == cwd else "a folder above the current one"
-        raise InputError(f"{shown} is {where} ({resolved}); sdrt replaces an output folder whole, so give a new "
+        raise InputError(f"{target} is {where} ({resolved}); sdrt replaces an output folder whole, so give a new "
                          "folder for it (e.g. ./out) or run from another folder")
 
 
@@ -85,7 +90,7 @@ def check_output_dir(
     folder or one above it. ``what`` names the artifact kind in the message ("an sdrt export").
     """
     target = Path(target)
-    _check_not_cwd(target, target)
+    _check_not_cwd(target)
     if target.exists() or target.is_symlink():
         if not target.is_dir():
             raise InputError(f"{target} exists and is not a folder; give a folder path for the output (the file "
@@ -113,7 +118,7 @@ def check_output_file(
     """
     target = Path(target)
     if target.is_dir():
-        raise InputError(f"{target} is a folder; give a file path for {what} (e.g. {target / 'result.json'})")
+        raise InputError(f"{target} is a folder; give a file path for {what}")
     if target.exists() and not overwrite and not is_previous(target):
         raise _refuse(f"{target} exists and is not {what}; choose another path, or", "")
     _check_parent_can_be_written(target)
