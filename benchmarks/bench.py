@@ -608,7 +608,7 @@ def _save_diffusers(model: Any, onnx_folder: Path, out: Path, family: str, preci
             safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     if precision == "fp16":
         pipe = pipe.to(torch.float16)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, marker="model_index.json", what="a diffusers folder") as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
 
 
@@ -731,12 +731,31 @@ def run_bench(cfg: BenchConfig, progress: Progress | None = None) -> dict[str, A
     return _Run(cfg, progress or (lambda event: None)).run()
 
 
-def save(doc: dict[str, Any], path: str | Path) -> Path:
-    """Validate ``doc`` and write it as JSON, atomically."""
+def _is_result(path: Path) -> bool:
+    """``path`` holds a result written by ``sdrt bench`` (any schema version), so replacing it loses nothing foreign."""
+    try:
+        if path.stat().st_size > 256 << 20:  # far above any result; not worth reading to find out
+            return False
+        doc = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(doc, dict) and doc.get("schema") == schema.SCHEMA_NAME
+
+
+def check_output(path: str | Path, *, overwrite: bool = False) -> Path:
+    """Refuse a result path that must not be replaced (a folder; a file not written by ``sdrt bench`` unless
+    ``overwrite``), before the run."""
+    from sdrt.runtime.atomic import check_output_file
+
+    return check_output_file(path, is_previous=_is_result, overwrite=overwrite, what="an sdrt bench result")
+
+
+def save(doc: dict[str, Any], path: str | Path, *, overwrite: bool = False) -> Path:
+    """Validate ``doc`` and write it as JSON, atomically; see ``check_output`` for what is replaced."""
     from sdrt.runtime.atomic import atomic_write_text
 
     schema.validate(doc)
-    p = Path(path)
+    p = check_output(path, overwrite=overwrite)
     atomic_write_text(p, json.dumps(doc, indent=1) + "\n")
     return p
 

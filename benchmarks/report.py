@@ -20,6 +20,8 @@ from .env import device_label
 
 README_START = "<!-- bench:start -->"
 README_END = "<!-- bench:end -->"
+REPORT_HEADING = "# sdrt benchmark report\n"  # bench.md starts with it: how a later report knows the file is sdrt's
+REPORT_TITLE = "sdrt benchmark report"  # bench.png's Title text chunk, for the same reason
 
 
 # -- formatting -------------------------------------------------------------------------------------------
@@ -175,7 +177,7 @@ def markdown(docs: Sequence[dict[str, Any]]) -> str:
               "once at batch 2 x batch (conditional and unconditional halves). \"vs torch\": this figure over "
               "diffusers on PyTorch measured in the same run, same weights and shapes (above 1 is faster). "
               "\"UNet of floor\": matrix FLOPs of one step over the measured matmul rate, divided by the step time.")
-    parts = ["# sdrt benchmark report", "", legend, "",
+    parts = [REPORT_HEADING.rstrip("\n"), "", legend, "",
              _md_table(head, body) if body else "(no successful measurements)", ""]
     skipped = []
     for k, doc in enumerate(docs):
@@ -256,23 +258,62 @@ def chart(docs: Sequence[dict[str, Any]], path: str | Path) -> Path:
         ax.grid(axis="x", alpha=0.3)
     fig.suptitle("sdrt vs diffusers on PyTorch (grey), by device and backend", fontsize=10)
     fig.tight_layout()
+    import io
+
+    from sdrt.runtime.atomic import atomic_write_bytes
+
+    buf = io.BytesIO()
+    # the title marks the file as sdrt's, so a later report may replace it (see write_report)
+    fig.savefig(buf, format="png", metadata={"Title": REPORT_TITLE})
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, format="png")
+    atomic_write_bytes(out, buf.getvalue())
     return out
 
 
-def write_report(paths: Sequence[str | Path], out_dir: str | Path) -> tuple[Path, Path]:
-    """``out_dir/bench.md`` and ``out_dir/bench.png`` from result files."""
-    docs = load_results(paths)
+def _is_report_md(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(REPORT_HEADING)) == REPORT_HEADING.encode()
+    except OSError:
+        return False
+
+
+def _is_report_png(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)  # matplotlib writes its text chunks before the image data
+    except OSError:
+        return False
+    return head.startswith(b"\x89PNG") and REPORT_TITLE.encode() in head
+
+
+def check_report_dir(out_dir: str | Path, *, overwrite: bool = False) -> tuple[Path, Path]:
+    """``out_dir/bench.md`` and ``out_dir/bench.png``, refused (before any work) where one exists and is not a
+    previous sdrt report, unless ``overwrite``. Other files in ``out_dir`` are never touched."""
+    from sdrt.runtime.atomic import check_output_file
+
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    md = out / "bench.md"
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out} exists and is not a folder; give a folder for bench.md and bench.png")
+    md, png = out / "bench.md", out / "bench.png"
+    ours = _is_report_md(md)  # the pair is written together: a report's own chart may predate the title tag
+    check_output_file(md, is_previous=_is_report_md, overwrite=overwrite, what="an sdrt benchmark report")
+    check_output_file(png, is_previous=lambda p: ours or _is_report_png(p), overwrite=overwrite,
+                      what="an sdrt benchmark chart")
+    return md, png
+
+
+def write_report(paths: Sequence[str | Path], out_dir: str | Path, *, overwrite: bool = False) -> tuple[Path, Path]:
+    """``out_dir/bench.md`` and ``out_dir/bench.png`` from result files (see ``check_report_dir``)."""
     from sdrt.runtime.atomic import atomic_write_text
 
-    png = chart(docs, out / "bench.png")
-    atomic_write_text(md, markdown(docs).replace("# sdrt benchmark report\n",
-                                                 "# sdrt benchmark report\n\n![it/s and peak memory](bench.png)\n", 1))
+    md, png = check_report_dir(out_dir, overwrite=overwrite)
+    docs = load_results(paths)
+    md.parent.mkdir(parents=True, exist_ok=True)
+    chart(docs, png)
+    atomic_write_text(md, markdown(docs).replace(REPORT_HEADING,
+                                                 REPORT_HEADING + "\n![it/s and peak memory](bench.png)\n", 1))
     return md, png
 
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 
 from sdrt import __version__
-from sdrt.runtime.atomic import atomic_dir
+from sdrt.runtime.atomic import atomic_dir, check_output_dir
 from sdrt.runtime.errors import InputError
-from sdrt.runtime.manifest import ExportManifest, ShapeLimits
+from sdrt.runtime.manifest import MANIFEST_NAME, ExportManifest, ShapeLimits
 
 from . import wrappers
 from .loading import LoadedModel
@@ -162,10 +162,19 @@ def _model_index(model: LoadedModel) -> dict[str, object]:
     return idx
 
 
+EXPORT_KIND = "an sdrt export"
+
+
+def check_export_dir(out: str | Path, *, overwrite: bool = False) -> Path:
+    """Refuse an ``out`` that an export must not replace (see ``check_output_dir``), before any work."""
+    return check_output_dir(out, marker=MANIFEST_NAME, overwrite=overwrite, what=EXPORT_KIND)
+
+
 def export_model(
     model: LoadedModel,
     out: str | Path,
     *,
+    overwrite: bool = False,
     fp16: bool = True,
     opset: int = MIN_OPSET,
     vae_fp32: bool | None = None,
@@ -176,9 +185,13 @@ def export_model(
 
     ``vae_fp32``: keep the VAE in fp32 in an fp16 export (default: the preset's choice, True for SDXL,
     whose VAE overflows in fp16).
+
+    ``out`` may be new, empty or a previous sdrt export (replaced whole when the export succeeds); any
+    other folder is refused unless ``overwrite``, a file or the current folder always.
     """
     from .tokenizer_assets import write_clip_tokenizer
 
+    out = check_export_dir(out, overwrite=overwrite)
     if opset < MIN_OPSET:
         raise InputError(f"opset {opset} is too old; sdrt exports opset {MIN_OPSET} or newer (e.g. --opset 17)")
     precision = "fp16" if fp16 else "fp32"
@@ -189,8 +202,7 @@ def export_model(
         # batch 2 (a guided step), non-square to exercise both dynamic spatial axes; capped for CPU time
         side = min(latent, 32)
         parity_shape = (2, side, side + 8)
-    out = Path(out)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, marker=MANIFEST_NAME, overwrite=overwrite, what=EXPORT_KIND) as tmp:
         components = {}
         for spec in component_specs(model, vae_fp32):
             components[spec.name] = export_component(

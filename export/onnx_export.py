@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 import torch
 
+from sdrt.runtime.atomic import give_default_mode
 from sdrt.runtime.errors import ParityError
 from sdrt.runtime.manifest import Component, Parity, TensorSpec
 
@@ -120,6 +121,7 @@ def export_component(
     if external:
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location="model.onnx_data", size_threshold=1024)
+        give_default_mode(folder / "model.onnx_data")  # onnx writes the weights file 0600
     else:
         onnx.save_model(model, str(path))
     for f in scratch.iterdir():

@@ -50,7 +50,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from sdrt.runtime.atomic import atomic_write_text
+from sdrt.runtime.atomic import atomic_write_text, give_default_mode
 from sdrt.runtime.errors import ArtifactError, CompatibilityError, InputError, ParityError
 from sdrt.runtime.manifest import FAMILIES, MANIFEST_NAME, ExportManifest
 
@@ -318,6 +318,7 @@ def save_graph(model: onnx.ModelProto, out: Path, *, external: bool | None = Non
         if external:
             onnx.save_model(model, str(tmp / out.name), save_as_external_data=True,
                             all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
+            give_default_mode(tmp / data_name)  # onnx writes the weights file 0600
             os.replace(tmp / data_name, out.parent / data_name)
         else:
             onnx.save_model(model, str(tmp / out.name))

@@ -25,9 +25,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from sdrt.runtime.atomic import atomic_dir
+from sdrt.runtime.atomic import atomic_dir, check_output_dir, give_default_mode
 from sdrt.runtime.errors import ArtifactError, CompatibilityError, InputError
-from sdrt.runtime.manifest import EXPORT_FOLDER, ExportManifest
+from sdrt.runtime.manifest import EXPORT_FOLDER, MANIFEST_NAME, ExportManifest
 
 from .lora import LoraFile, LoraSpec, MergeReport, lora_deltas, read_lora
 
@@ -225,6 +225,7 @@ def save_graph(model: onnx.ModelProto, path: Path, external: bool) -> None:
     if external:
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=path.name + "_data", size_threshold=1024)
+        give_default_mode(path.with_name(path.name + "_data"))  # onnx writes the weights file 0600
     else:
         onnx.save_model(model, str(path))
 
@@ -234,6 +235,8 @@ def write_refit_export(
     out_dir: str | Path,
     new_values: Mapping[str, Mapping[str, np.ndarray]],
     weights_note: str,
+    *,
+    overwrite: bool = False,
 ) -> None:
     """A copy of an ONNX export whose components take ``new_values`` ({component: {initializer: array}}).
 
@@ -243,7 +246,7 @@ def write_refit_export(
 
     src = Path(onnx_dir)
     manifest = ExportManifest.read(src, wanted=EXPORT_FOLDER)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, marker=MANIFEST_NAME, overwrite=overwrite, what="an sdrt export") as tmp:
         for item in src.iterdir():
             if item.name in new_values and item.is_dir():
                 continue
@@ -427,8 +430,12 @@ def refit_folder(
     onnx_dir: str | Path | None = None,
     out: str | Path | None = None,
     progress: Callable[[str], None] = lambda msg: None,
+    overwrite: bool = False,
 ) -> RefitResult:
-    """Refit an engine folder in place (atomically), or write a refitted copy of an ONNX export to ``out``."""
+    """Refit an engine folder in place (atomically), or write a refitted copy of an ONNX export to ``out``.
+
+    ``out`` may be new, empty or a previous sdrt export; any other folder is refused unless ``overwrite``.
+    """
     from sdrt.runtime.engine_manifest import ENGINE_MANIFEST_NAME
 
     folder = Path(target)
@@ -436,16 +443,20 @@ def refit_folder(
         what = "is not a folder" if folder.exists() else "does not exist"
         raise ArtifactError(f"{folder} {what}; pass {REFIT_TARGET}")
     if (folder / ENGINE_MANIFEST_NAME).is_file():
+        # replaced whole when done: refuse the current folder before the weights load
+        check_output_dir(folder, marker=ENGINE_MANIFEST_NAME, what="an sdrt engine folder")
         return _refit_engines(folder, request, onnx_dir, progress)
     export = ExportManifest.read(folder, wanted=REFIT_TARGET)
     if out is None:
         raise InputError(f"{folder} is an ONNX export: give --out DIR for the refitted copy (exports are not "
                          "changed in place)")
+    check_output_dir(out, marker=MANIFEST_NAME, overwrite=overwrite, what="an sdrt export")
     comps = refittable_components(export, folder)
     loras_comps = {m.component for s in request.loras for m in read_lora(s.path).modules}
     todo = [c for c in comps if not request.loras or c in loras_comps]
     values, note, warnings = new_weights(folder, export, request, todo, progress)
-    write_refit_export(folder, out, {c: changed for c, (_, changed) in values.items() if changed}, note)
+    write_refit_export(folder, out, {c: changed for c, (_, changed) in values.items() if changed}, note,
+                       overwrite=overwrite)
     return RefitResult(str(out), note, tuple(todo), tuple(warnings))
 
 
@@ -456,7 +467,7 @@ def _refit_engines(
     import hashlib
     import os
 
-    from sdrt.runtime.engine_manifest import EngineManifest
+    from sdrt.runtime.engine_manifest import ENGINE_MANIFEST_NAME, EngineManifest
 
     from .trt_build import onnx_digest
 
@@ -484,7 +495,7 @@ def _refit_engines(
         blobs[rec.file] = blob
         new_records[c] = dataclasses.replace(rec, weights=note,
                                              size_bytes=len(blob), engine_sha256=hashlib.sha256(blob).hexdigest())
-    with atomic_dir(folder) as tmp:
+    with atomic_dir(folder, marker=ENGINE_MANIFEST_NAME, what="an sdrt engine folder") as tmp:
         for item in folder.iterdir():
             if item.name in blobs:
                 continue

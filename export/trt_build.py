@@ -5,7 +5,8 @@ A lazy chain per component (plan -> parse -> configure -> build -> write), nothi
     plan_engines(onnx_dir, profile, options)      what would be built, and each engine's cache key
     build_engines(onnx_dir, out_dir, profile, options, progress=print)
 
-The engine folder (written atomically: a killed build leaves the previous folder as it was)::
+The engine folder (written atomically: a killed build leaves the previous folder as it was; only a new or
+empty folder or a previous engine folder is replaced, any other needs ``overwrite=True``)::
 
     ENGINE_DIR/
       sdrt-engines.json        the engine manifest (sdrt.runtime.engine_manifest)
@@ -45,7 +46,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sdrt import __version__
-from sdrt.runtime.atomic import atomic_dir, atomic_write_bytes
+from sdrt.runtime.atomic import atomic_dir, atomic_write_bytes, check_output_dir
 from sdrt.runtime.engine_manifest import (
     ENGINE_MANIFEST_NAME,
     BuildFlags,
@@ -430,14 +431,29 @@ def _copy_assets(src: Path, dst: Path, manifest: ExportManifest, records: Mappin
     replace(manifest, components=comps, kind="tensorrt").write(dst)
 
 
+ENGINES_KIND = "an sdrt engine folder"
+
+
+def check_engine_dir(out_dir: str | Path, *, overwrite: bool = False) -> Path:
+    """Refuse an ``out_dir`` that a build must not replace (see ``check_output_dir``), before any work."""
+    return check_output_dir(out_dir, marker=ENGINE_MANIFEST_NAME, overwrite=overwrite, what=ENGINES_KIND)
+
+
 def build_engines(
     onnx_dir: str | Path,
     out_dir: str | Path,
     profile: BuildProfile,
     options: BuildOptions = BuildOptions(),
     progress: Progress = lambda msg: None,
+    *,
+    overwrite: bool = False,
 ) -> EngineManifest:
-    """Build (or reuse) every component's engine into ``out_dir``, atomically. Needs TensorRT and a GPU."""
+    """Build (or reuse) every component's engine into ``out_dir``, atomically. Needs TensorRT and a GPU.
+
+    ``out_dir`` may be new, empty or a previous engine folder; any other folder is refused unless
+    ``overwrite``, a file or the current folder always.
+    """
+    check_engine_dir(out_dir, overwrite=overwrite)
     trt = load_tensorrt(options.module)
     backend = backend_name(trt)
     env = current_env(backend, str(trt.__version__))
@@ -452,7 +468,7 @@ def build_engines(
     elif options.timing_cache is not None:  # a deprecated no-op there, said to rule out CPU-only builds
         progress(f"{backend}: no timing cache (TensorRT for RTX does not use one); {options.timing_cache} is not used")
     records: dict[str, EngineRecord] = {}
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, marker=ENGINE_MANIFEST_NAME, overwrite=overwrite, what=ENGINES_KIND) as tmp:
         for plan in plans:
             rec = plan.record
             prev = None if options.force else _reusable(old, out, rec)

@@ -29,12 +29,12 @@ def test_new_file_gets_umask_mode_and_existing_mode_is_kept(tmp_path: Path) -> N
 def test_atomic_dir_mode_and_rollback(tmp_path: Path) -> None:
     umask = os.umask(0o022)
     try:
-        with atomic_dir(tmp_path / "out") as d:
+        with atomic_dir(tmp_path / "out", marker="f") as d:
             (d / "f").write_text("1")
         assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755
     finally:
         os.umask(umask)
-    with pytest.raises(RuntimeError), atomic_dir(tmp_path / "out") as d:
+    with pytest.raises(RuntimeError), atomic_dir(tmp_path / "out", marker="f") as d:
         (d / "f").write_text("2")
         raise RuntimeError("interrupted")
     assert (tmp_path / "out" / "f").read_text() == "1"

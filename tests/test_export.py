@@ -131,6 +131,7 @@ def test_refit_map_names_every_weight(tiny_export) -> None:
 def test_parity_gate_refuses_and_keeps_previous_export(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "export"
     out.mkdir()
+    (out / "sdrt.json").write_text("{}")  # a previous export: replaceable, so only the gate can keep it
     (out / "previous.txt").write_text("the last good export")
     monkeypatch.setitem(onnx_export.PARITY_BOUND, "fp32", 1e-12)  # unreachable: the gate must refuse
     with pytest.raises(ParityError, match="text_encoder"):
@@ -157,6 +158,7 @@ def test_interrupted_export_leaves_nothing(tmp_path: Path, monkeypatch: pytest.M
 def test_reexport_replaces_whole_folder(tmp_path: Path) -> None:
     out = tmp_path / "e"
     out.mkdir()
+    (out / "sdrt.json").write_text("{}")  # a previous export (another folder is refused: tests/test_output_safety.py)
     (out / "stale.onnx").write_text("old")
     export_model(load_model(random_preset="sd15-tiny"), out, fp16=False)
     assert not (out / "stale.onnx").exists() and (out / "sdrt.json").is_file()

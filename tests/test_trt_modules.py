@@ -23,6 +23,8 @@ import dataclasses
 import hashlib
 import importlib
 import inspect
+import os
+import stat
 import warnings
 from collections import deque
 from collections.abc import Iterator
@@ -555,6 +557,10 @@ def test_build_engines_on_rtx_without_a_gpu(rtx: ModuleType, tiny_export, tmp_pa
         assert rec.onnx_sha256 == hashlib.sha256(step_graph_bytes(guided, "float32")).hexdigest()
     assert EngineManifest.read(out).engines == m.engines
     assert "--tensorrt-module tensorrt_rtx" in m.build_command
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {p.relative_to(out).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in out.rglob("*") if p.is_file()}
+    assert modes == {p: 0o666 & ~umask for p in modes}  # engines and copied assets: a plain write's mode
     messages.clear()
     trt_build.build_engines(src, out, custom_profile(batch="1:1:2"), opts, progress=messages.append)
     assert sum("up to date, reused" in msg for msg in messages) == 3

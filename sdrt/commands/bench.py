@@ -65,12 +65,19 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=None, help="seconds per measurement process")
     p.add_argument("--matmul-size", type=int, default=None,
                    help="n of the n x n matmul that measures the device's rate (default 8192 on a GPU, 2048 on CPU)")
-    p.add_argument("-o", "--output", default=None, help="result JSON (default: bench-<device>-<preset>-<time>.json)")
+    p.add_argument("-o", "--output", default=None,
+                   help="result JSON (default: bench-<device>-<preset>-<time>.json); an existing file is replaced "
+                        "only if it is an sdrt bench result (else it needs --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace -o even if it is not an sdrt bench result")
     sub = p.add_subparsers(dest="bench_command", metavar="report")
     r = sub.add_parser("report", help="merge result files into a Markdown table and a PNG chart",
                        description="merge result files (any GPUs, backends, runs) into DIR/bench.md and DIR/bench.png")
     r.add_argument("files", nargs="+", help="result JSON files written by `sdrt bench`")
-    r.add_argument("-o", "--out-dir", dest="report_dir", default=None, help="write bench.md and bench.png here")
+    r.add_argument("-o", "--out-dir", dest="report_dir", default=None,
+                   help="write bench.md and bench.png here (other files in it are left alone; a bench.md or "
+                        "bench.png that is not an sdrt report needs --overwrite)")
+    r.add_argument("--overwrite", action="store_true",
+                   help="replace bench.md and bench.png in -o even if they are not an sdrt report")
     r.add_argument("--readme", default=None,
                    help="also replace the text between <!-- bench:start --> and <!-- bench:end --> in this file")
 
@@ -83,7 +90,7 @@ def _report(args: argparse.Namespace) -> int:
         raise InputError("say where the report goes: -o DIR (bench.md and bench.png) and/or --readme README.md")
     png = None
     if args.report_dir:
-        md, png = report.write_report(args.files, args.report_dir)
+        md, png = report.write_report(args.files, args.report_dir, overwrite=args.overwrite)
         print(f"wrote {md}\nwrote {png}")
     if args.readme:
         path = report.update_readme(args.readme, args.files, chart_path=png)
@@ -127,8 +134,18 @@ class _Progress:
 def run(args: argparse.Namespace) -> int:
     if getattr(args, "bench_command", None) == "report":
         return _report(args)
-    from sdrt.benchmarks.bench import DEFAULT_PROMPT, BenchConfig, default_filename, run_bench, save
+    from sdrt.benchmarks.bench import (
+        DEFAULT_PROMPT,
+        BenchConfig,
+        check_output,
+        default_filename,
+        run_bench,
+        save,
+    )
     from sdrt.benchmarks.report import text_table
+
+    if args.output:
+        check_output(args.output, overwrite=args.overwrite)  # before the run, not after it
 
     cfg = BenchConfig(
         preset=args.preset, artifact=args.artifact, engines=args.engines, backends=tuple(args.backends),
@@ -144,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
         doc = run_bench(cfg, progress)
     finally:
         progress.close()
-    out = save(doc, Path(args.output) if args.output else Path(default_filename(doc)))
+    out = save(doc, Path(args.output) if args.output else Path(default_filename(doc)), overwrite=args.overwrite)
     print()
     print(text_table(doc))
     print(f"\nwrote {out}")

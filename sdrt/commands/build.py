@@ -9,7 +9,11 @@ from pathlib import Path
 
 def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("onnx_dir", nargs="?", help="the folder written by `sdrt export`")
-    p.add_argument("--out", metavar="ENGINE_DIR", help="engine folder (replaced atomically when the build succeeds)")
+    p.add_argument("--out", metavar="ENGINE_DIR",
+                   help="engine folder: new, empty or a previous engine folder, replaced atomically when the build "
+                        "succeeds (any other folder needs --overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out even if it is not an engine folder, deleting what it holds")
     shape = p.add_argument_group("profile (default: static, batch 1, at the model's native size)")
     shape.add_argument("--profile", metavar="NAME", help="a shipped profile (see --list-profiles) or a .toml file")
     shape.add_argument("--batch", metavar="N|MIN:OPT:MAX", help="images per call (default 1)")
@@ -67,9 +71,10 @@ def run(args: argparse.Namespace) -> int:
     if not args.onnx_dir or not args.out:
         raise InputError("usage: sdrt build ONNX_DIR --out ENGINE_DIR [--profile NAME]")
 
-    from sdrt.export.trt_build import BuildOptions, build_engines
+    from sdrt.export.trt_build import BuildOptions, build_engines, check_engine_dir
     from sdrt.runtime.manifest import EXPORT_FOLDER, ExportManifest
 
+    check_engine_dir(args.out, overwrite=args.overwrite)
     export = ExportManifest.read(args.onnx_dir, wanted=EXPORT_FOLDER)
     profile = _profile(args, export.default_size)
     options = BuildOptions(
@@ -84,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", flush=True)
 
     print(f"profile {profile.name}: {profile.shapes().describe()}")
-    manifest = build_engines(args.onnx_dir, args.out, profile, options, progress=progress)
+    manifest = build_engines(args.onnx_dir, args.out, profile, options, progress=progress,
+                             overwrite=args.overwrite)
     env = manifest.engines[0].env
     print(f"\nwrote {args.out} in {time.perf_counter() - t0:.1f} s ({env.backend} {env.version}, "
           f"{env.gpu_name or 'GPU unknown'}, compute capability {env.compute_capability or '?'})")

@@ -11,7 +11,11 @@ def register(p: argparse.ArgumentParser) -> None:
     src.add_argument("--model", metavar="PATH", help="a diffusers folder or a single-file .safetensors checkpoint")
     src.add_argument("--random", metavar="PRESET", help="synthetic weights of a preset architecture (see --list)")
     src.add_argument("--list", action="store_true", help="list the architecture presets and exit")
-    p.add_argument("--out", metavar="DIR", help="output folder (replaced atomically when the export succeeds)")
+    p.add_argument("--out", metavar="DIR",
+                   help="output folder: new, empty or a previous sdrt export, replaced atomically when the export "
+                        "succeeds (any other folder needs --overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out even if it is not an sdrt export, deleting what it holds")
     p.add_argument("--fp32", action="store_true", help="export fp32 graphs (default: fp16; the SDXL VAE is fp32)")
     p.add_argument("--vae-fp32", action="store_true", default=None,
                    help="keep the VAE in fp32 in an fp16 export (the default for SDXL, whose VAE overflows in fp16)")
@@ -36,9 +40,10 @@ def run(args: argparse.Namespace) -> int:
     if not args.out:
         raise InputError("--out DIR is required: the folder to write the ONNX export into")
 
-    from sdrt.export.exporter import export_model
+    from sdrt.export.exporter import check_export_dir, export_model
     from sdrt.export.loading import load_model
 
+    check_export_dir(args.out, overwrite=args.overwrite)  # before the weights load
     t0 = time.perf_counter()
     what = args.model or f"synthetic {args.random} weights"
     print(f"loading {what}", flush=True)
@@ -48,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     def progress(msg: str) -> None:
         print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", flush=True)
 
-    manifest = export_model(model, args.out, fp16=not args.fp32, opset=args.opset, vae_fp32=args.vae_fp32, progress=progress)
+    manifest = export_model(model, args.out, overwrite=args.overwrite, fp16=not args.fp32, opset=args.opset, vae_fp32=args.vae_fp32, progress=progress)
     if args.ort_cuda:
         from sdrt.export.ort_fusion import add_ort_cuda_variant
 

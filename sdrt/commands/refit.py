@@ -15,7 +15,11 @@ def register(p: argparse.ArgumentParser) -> None:
     src.add_argument("--checkpoint", metavar="PATH", help="weights of the same architecture (diffusers folder or .safetensors)")
     src.add_argument("--base", action="store_true", help="restore the export's own weights")
     p.add_argument("--onnx", metavar="DIR", help="the ONNX export the engines were built from (default: as recorded)")
-    p.add_argument("--out", metavar="DIR", help="with an ONNX export as target: where to write the refitted copy")
+    p.add_argument("--out", metavar="DIR",
+                   help="with an ONNX export as target: where to write the refitted copy (new, empty or a previous "
+                        "sdrt export; any other folder needs --overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out even if it is not an sdrt export, deleting what it holds")
     p.add_argument("--allow-pickle", action="store_true", help="allow a pickled checkpoint (runs code from the file)")
 
 
@@ -34,7 +38,8 @@ def run(args: argparse.Namespace) -> int:
         base=args.base,
         allow_pickle=args.allow_pickle,
     )
-    result = refit_folder(args.target, request, onnx_dir=args.onnx, out=args.out, progress=progress)
+    result = refit_folder(args.target, request, onnx_dir=args.onnx, out=args.out, progress=progress,
+                          overwrite=args.overwrite)
     for line in result.warnings:
         print(f"warning: {line}")
     print(f"\n{result.folder}: {result.weights} ({', '.join(result.components)}) in {time.perf_counter() - t0:.1f} s")
