@@ -162,7 +162,7 @@ def test_build_engines_checks_before_tensorrt(tmp_path: Path, monkeypatch: pytes
     from sdrt.export import trt_build
     from sdrt.export.profiles import custom_profile
 
-    monkeypatch.setattr(trt_build, "bind_tensorrt", _no_work)
+    monkeypatch.setattr(trt_build, "load_tensorrt", _no_work)
     d = _user_folder(tmp_path)
     with pytest.raises(InputError, match="not an sdrt engine folder"):
         trt_build.build_engines(tmp_path / "onnx", d, custom_profile(batch=1))
