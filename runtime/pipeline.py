@@ -33,7 +33,7 @@ from . import samplers
 from .engine import Array, Backend, Engine
 from .errors import ArtifactError, CompatibilityError, DeviceMemoryError, InputError, SdrtError
 from .manifest import ExportManifest
-from .step_loop import StepLoop
+from .step_loop import Clock, StepLoop
 from .tokenizer import ClipTokenizer
 
 if TYPE_CHECKING:
@@ -305,11 +305,10 @@ class Pipeline:
             self._ready()
             self._check_size(height, width, batch_size, guided=None)
             init = None if image is None else _to_uint8(image, height, width, self.manifest.vae_scale_factor)
-            return self._prepare(plan, height, width, batch_size, _resolve_seed(seed, batch_size), latents, init, {})
+            return self._prepare(plan, height, width, batch_size, _resolve_seed(seed, batch_size), latents, init)
 
     def _prepare(self, plan: samplers.SamplerPlan, height: int, width: int, b: int,
-                 seed: int | Sequence[int] | None, latents: np.ndarray | None, init: np.ndarray | None,
-                 timings: dict[str, Any]) -> Latents:
+                 seed: int | Sequence[int] | None, latents: np.ndarray | None, init: np.ndarray | None) -> Latents:
         m = self.manifest
         f = m.vae_scale_factor
         lat_shape = (b, m.latent_channels, height // f, width // f)
@@ -320,13 +319,11 @@ class Pipeline:
             noise = np.asarray(latents, dtype=np.float32)
             if noise.shape != lat_shape:
                 raise InputError(f"latents have shape {noise.shape}, expected {lat_shape} for this size and batch")
-        t0 = time.perf_counter()
         if init is not None:
             enc = self.engines["vae_encoder"]
             img_lat = self.backend.to_host(enc({"image": self.backend.to_device(init)})["latent"])
             img_lat = np.repeat(img_lat.astype(np.float64), b // img_lat.shape[0], axis=0)
             x = plan.add_noise(img_lat, noise.astype(np.float64)).astype(np.float32)
-            timings["vae_encoder_ms"] = (time.perf_counter() - t0) * 1e3
         else:
             x = (noise.astype(np.float64) * plan.init_noise_sigma).astype(np.float32)
         # fresh noise of every ancestral step, drawn up front so the loop never waits on the host
@@ -369,7 +366,9 @@ class Pipeline:
 
     def _denoise(self, emb: PromptEmbeddings, lat: Latents, plan: samplers.SamplerPlan, guidance_scale: float,
                  start: float | None, end: float | None, callback: Callable[[int, int], None] | None,
-                 timings: dict[str, Any]) -> tuple[Latents, str]:
+                 timings: dict[str, Any], clock: Clock | None = None) -> tuple[Latents, str]:
+        """The loop. With the caller's ``clock``, marks once the loop is set up and after every step (the
+        caller reads the times); without one, the step times go into ``timings``."""
         _check_guidance(guidance_scale)
         guided = guidance_scale > 1.0
         if guided != emb.guided:
@@ -399,19 +398,18 @@ class Pipeline:
                    guidance=to_dev(np.array(guidance_scale, np.float32)) if guided else None,
                    timesteps=plan.timesteps[lo:hi], coeffs=plan.table[lo:hi],
                    noise=None if noise is None else noise.astype(np.float32))
-        clock = be.clock()
-        clock.mark()
-        n = hi - lo
-        for i in range(n):
+        own = clock is None
+        clk = be.clock() if clock is None else clock
+        clk.mark()
+        for i in range(hi - lo):
             loop.step(i)
-            clock.mark()
+            clk.mark()
             if callback is not None:
                 callback(lo + i + 1, plan.steps)
-        steps_ms = clock.intervals_ms()
-        timings["unet_steps_ms"] = steps_ms
-        timings["unet_step_ms"] = float(np.median(steps_ms)) if steps_ms else 0.0
-        timings["clock"] = clock.kind
-        clock.close()
+        if own:
+            steps_ms = clk.intervals_ms()
+            timings.update(unet_steps_ms=steps_ms, unet_step_ms=float(np.median(steps_ms)), clock=clk.kind)
+            clk.close()
         # the final latents (TensorRT: a view of the loop's buffer, valid until its next start(): copied out)
         return replace(lat, x=loop.latents, step=hi, x0=loop.x0 if hi < plan.steps else None,
                        start=None), loop.describe()
@@ -512,9 +510,9 @@ class Pipeline:
             plan = self.plan(sampler, steps, strength=1.0 if image is None else
                              DEFAULT_STRENGTH if strength is None else strength)
             try:
-                timings: dict[str, Any] = {}
-
-                t0 = time.perf_counter()
+                # one clock for every stage: device events on a GPU backend, the synchronized host clock on CPU
+                clock = self.backend.clock()
+                clock.mark()
                 if prompt_embeds is not None:
                     emb = self.embeddings_from(prompt_embeds, negative_prompt_embeds, guided=guided,
                                                pooled_prompt_embeds=pooled_prompt_embeds,
@@ -522,18 +520,27 @@ class Pipeline:
                 else:
                     assert prompt is not None
                     emb = self.encode_prompt(prompt, negative_prompt, batch_size=batch_size, guided=guided)
-                timings["text_encoder_ms"] = (time.perf_counter() - t0) * 1e3
-                lat = self._prepare(plan, height, width, b, seed, latents, init, timings)
-                lat, how = self._denoise(emb, lat, plan, guidance_scale, None, None, callback, timings)
+                clock.mark()
+                lat = self._prepare(plan, height, width, b, seed, latents, init)
+                clock.mark()
+                lat, how = self._denoise(emb, lat, plan, guidance_scale, None, None, callback, {}, clock)
                 images: list[Any] = []
                 nonfinite: list[bool] = []
                 final = None
-                t0 = time.perf_counter()
                 if output == "latents":
                     final = self.backend.to_host(lat.x)
                 else:
                     images, nonfinite = self._decode(lat.x)
-                    timings["vae_decoder_ms"] = (time.perf_counter() - t0) * 1e3
+                clock.mark()
+                ms = clock.intervals_ms()  # text, latents, loop set-up, each step, decode
+                clock.close()
+                steps_ms = ms[3:-1]
+                timings: dict[str, Any] = {"text_encoder_ms": ms[0], "unet_steps_ms": steps_ms,
+                                           "unet_step_ms": float(np.median(steps_ms)), "clock": clock.kind}
+                if init is not None:
+                    timings["vae_encoder_ms"] = ms[1]
+                if output == "images":
+                    timings["vae_decoder_ms"] = ms[-1]
                 timings["total_ms"] = (time.perf_counter() - t_start) * 1e3
                 return Result(images, timings, nonfinite, how, final, lat.seed)
             except DeviceMemoryError as e:

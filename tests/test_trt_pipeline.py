@@ -199,12 +199,15 @@ def test_host_device_copies_per_call(tiny_export, tmp_path: Path, fake_gpu) -> N
     build_engines(tiny_export("sd15-tiny"), out, custom_profile(batch="1:1:2", height="64:64:64", width="64:64:64"),
                   BuildOptions(workspace_gb=1))
     with Pipeline.load(out, backend="tensorrt") as pipe:
-        counts = {}
+        counts, syncs = {}, {}
         for steps in (3, 6):
             pipe("a red fox", steps=steps, seed=1, sampler="euler-a", height=64, width=64)  # warm: captured
-            before = dict(cudart.copies)
-            pipe("a red fox", steps=steps, seed=1, sampler="euler-a", height=64, width=64)
+            before, s0 = dict(cudart.copies), cudart.syncs
+            res = pipe("a red fox", steps=steps, seed=1, sampler="euler-a", height=64, width=64)
             counts[steps] = {k: cudart.copies[k] - before[k] for k in before}
+            syncs[steps] = cudart.syncs - s0
+            assert res.timings["clock"] == "device" and len(res.timings["unet_steps_ms"]) == steps
     assert counts[3][2] == counts[6][2] == 2, counts  # device -> host: images and finite, nothing else
     assert counts[3][1] == counts[6][1], counts  # host -> device: the same whatever the step count
+    assert syncs[3] == syncs[6], syncs  # device-event timing: no host wait per step
     assert cudart.alive()["allocations"] == 0  # closed: every buffer released
