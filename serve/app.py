@@ -119,7 +119,9 @@ def create_app(pipeline_or_dir: Any, config: ServeConfig | None = None, *, backe
         param = ".".join(loc) or None
         msg = "; ".join(f"{'.'.join(str(x) for x in er.get('loc', ())[1:]) or 'body'}: {er.get('msg')}"
                         for er in errs[:5])
-        detail = json.loads(json.dumps(errs, default=str))
+        # loc, msg and type only: the input itself may not be JSON (inf, NaN, bytes)
+        detail = [{"loc": [str(x) for x in er.get("loc", ())], "msg": str(er.get("msg")), "type": er.get("type")}
+                  for er in errs]
         return _error(422, msg, param, "invalid_value", detail=detail)
 
     @app.exception_handler(StarletteHTTPException)
@@ -213,8 +215,7 @@ def create_app(pipeline_or_dir: Any, config: ServeConfig | None = None, *, backe
             gone.cancel()
         if waiter not in done:
             b.cancel(job)
-            if gone in done:
-                metrics.errors.labels("client_disconnected").inc()
+            if gone in done:  # counted under its code by the error handler
                 raise ApiError(499, "the client closed the connection; its queued request was cancelled",
                                None, "client_disconnected")
             raise ApiError(504, f"the request did not finish within {cfg.request_timeout_s:g} s; retry, or "
@@ -310,7 +311,7 @@ def create_app(pipeline_or_dir: Any, config: ServeConfig | None = None, *, backe
         check_model(body.model)
         check_url(body.response_format)
         w, h = parse_size(body.size)
-        steps = body.steps or cfg.default_steps
+        steps = body.steps or min(cfg.default_steps, cfg.max_steps)
         check_common(body.prompt, body.negative_prompt, steps, body.n, "n")
         job = Job([body.prompt] * body.n, None if body.negative_prompt is None else [body.negative_prompt] * body.n,
                   seeds_for(body.seed, body.n), h, w, steps, sampler_of(body.sampler, "sampler"),
@@ -340,7 +341,7 @@ def create_app(pipeline_or_dir: Any, config: ServeConfig | None = None, *, backe
                            "mask", "unsupported_field")
         check_model(model)
         check_url(response_format)
-        steps = steps or cfg.default_steps
+        steps = steps or min(cfg.default_steps, cfg.max_steps)
         check_common(prompt, negative_prompt, steps, n, "n")
         init = await run_in_threadpool(_decode_upload, await image.read(), "image", cfg.max_upload_pixels)
         w, h = parse_size(size) if size else _snap(init.size, pipe0().manifest.limits)
