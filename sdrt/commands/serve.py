@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 from pathlib import Path
 
 
@@ -74,7 +75,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"sdrt serve: {args.path} on http://{args.host}:{args.port} ({where}); GET /readyz says when it is ready",
           flush=True)
     # uvicorn handles SIGTERM/SIGINT: stop accepting, let open requests finish within the grace period,
-    # then the app's shutdown closes the pipelines; exit 0
+    # then the app's shutdown closes the pipelines. It then re-raises the signal to the handler it found:
+    # a no-op for SIGTERM, so that a drained server exits 0 as process managers expect.
+    signal.signal(signal.SIGTERM, lambda *_: None)
     uvicorn.run(app, host=args.host, port=args.port, access_log=False, log_level="warning",
                 timeout_graceful_shutdown=int(args.grace), lifespan="on")
     return 0
