@@ -89,6 +89,8 @@ def create_app(pipeline_or_dir: Any, config: ServeConfig | None = None, *, backe
         b = make_batcher()
         batcher_holder["b"] = b
         b.start()
+        if cfg.load_before_serving:
+            await run_in_threadpool(_wait_loaded, b)
         try:
             yield
         finally:
@@ -404,6 +406,12 @@ def create_app(pipeline_or_dir: Any, config: ServeConfig | None = None, *, backe
 
     app.add_middleware(Edge, max_body_bytes=cfg.max_body_bytes)
     return app
+
+
+def _wait_loaded(b: Batcher) -> None:
+    while not b.wait_ready(0.2):
+        if b.failed is not None:
+            raise b.failed
 
 
 def _decode_upload(data: bytes, field: str, max_pixels: int) -> Any:

@@ -31,6 +31,9 @@ class ServeConfig:
     warmup: bool = True
     model_id: str | None = None  # the name /v1/models lists; default: the folder's name
     retry_after_s: int = 1
+    # finish loading and warming up before the app's startup returns: under Ray Serve, a replica then
+    # receives requests only once it can run them
+    load_before_serving: bool = False
 
     @property
     def images_per_request(self) -> int:

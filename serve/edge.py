@@ -15,12 +15,14 @@ from typing import Any
 access_log = logging.getLogger("sdrt.serve.access")
 _RID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 REQUEST_ID = "x-request-id"
+INSTANCE = "x-sdrt-instance"  # which server (replica) answered: an id per app, nothing about the host
 
 
 class Edge:
     def __init__(self, app: Any, max_body_bytes: int) -> None:
         self.app = app
         self.max_body = max_body_bytes
+        self.instance = uuid.uuid4().hex[:12]
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -37,7 +39,8 @@ class Edge:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
                 message = dict(message, headers=[*message.get("headers", []),
-                                                 (REQUEST_ID.encode(), rid.encode())])
+                                                 (REQUEST_ID.encode(), rid.encode()),
+                                                 (INSTANCE.encode(), self.instance.encode())])
             await send(message)
 
         try:
