@@ -1,57 +1,16 @@
-"""A real sdrt server on a free loopback port, for the serve tests (uvicorn in a thread)."""
+"""Helpers for the serve tests: a real server on a free loopback port, decoded images, metric values."""
 
 from __future__ import annotations
 
 import base64
 import io
-import socket
-import threading
-import time
-from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from typing_extensions import Self
+from sdrt.serve.live import LiveServer, free_port
 
+__all__ = ["LiveServer", "free_port", "metric", "pixels"]
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class LiveServer:
-    def __init__(self, app: Any, ready_timeout: float = 120.0) -> None:
-        import httpx
-        import uvicorn
-
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    access_log=False, lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + ready_timeout
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"the server on {self.url} did not become ready")
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(60)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def pixels(b64_png: str) -> np.ndarray:
