@@ -13,7 +13,7 @@ import re
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from importlib import resources
 from pathlib import Path
@@ -63,7 +63,8 @@ def create_app(pipeline_or_dir: Any, config: ServeConfig | None = None, *, backe
         from sdrt.runtime.pipeline import Pipeline
 
         folder = Path(pipeline_or_dir)
-        loaders = [functools.partial(Pipeline.load, folder, backend, device_id=d) for d in devices]
+        loaders: list[Callable[[], Any]] = [functools.partial(Pipeline.load, folder, backend, device_id=d)
+                                            for d in devices]
         owns = True
     else:
         folder = Path(pipeline_or_dir.folder)
@@ -207,11 +208,11 @@ def create_app(pipeline_or_dir: Any, config: ServeConfig | None = None, *, backe
             raise ApiError(429, str(e), None, "queue_full", {"Retry-After": str(cfg.retry_after_s)}) from e
         except ShuttingDown as e:
             raise ApiError(503, str(e), None, "shutting_down") from e
-        waiter = asyncio.wrap_future(fut)
+        waiter: asyncio.Future[Any] = asyncio.wrap_future(fut)
         waiter.add_done_callback(lambda f: f.cancelled() or f.exception())  # never "exception not retrieved"
-        gone = asyncio.ensure_future(_disconnected(request))
+        gone: asyncio.Future[Any] = asyncio.ensure_future(_disconnected(request))
         try:
-            done, _ = await asyncio.wait({waiter, gone}, timeout=max(0.0, job.deadline - time.monotonic()),
+            done, _ = await asyncio.wait([waiter, gone], timeout=max(0.0, job.deadline - time.monotonic()),
                                          return_when=asyncio.FIRST_COMPLETED)
         finally:
             gone.cancel()

@@ -61,5 +61,5 @@ def b64(data: bytes) -> str:
 def fit(image: Any, width: int, height: int) -> Any:
     """Resize an init image to the requested size (as A1111's resize mode 0 does)."""
     if image.size != (width, height):
-        image = image.resize((width, height), resample=Image.LANCZOS)
+        image = image.resize((width, height), resample=Image.Resampling.LANCZOS)
     return image

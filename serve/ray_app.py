@@ -27,7 +27,8 @@ _FIELDS = {f.name for f in dataclasses.fields(ServeConfig)}
 @serve.ingress()
 class SdrtModel:
     def __init__(self, path: str, config: dict[str, Any], backend: str = "auto") -> None:
-        cfg = ServeConfig(**{k: (Path(v) if k == "image_dir" and v else v) for k, v in config.items()})
+        fields: dict[str, Any] = {k: (Path(v) if k == "image_dir" and v else v) for k, v in config.items()}
+        cfg = ServeConfig(**fields)
         self._app = create_app(Path(path), cfg, backend=backend)
 
     def __serve_build_asgi_app__(self) -> Any:
@@ -60,7 +61,7 @@ def build(args: dict[str, Any], deployment_options: dict[str, Any] | None = None
     batch = int(cfg.get("max_batch", ServeConfig.max_batch))
     options["max_ongoing_requests"] = max(batch, int(cfg.get("max_queue", ServeConfig.max_queue)) + batch)
     options.update(deployment_options or {})  # a config file's deployment section wins
-    return SdrtModel.options(**options).bind(path, cfg, backend)
+    return SdrtModel.options(**options).bind(path, cfg, backend)  # type: ignore[attr-defined]
 
 
 def run_ray(path: Path, cfg: ServeConfig, *, backend: str, host: str, port: int,
