@@ -21,6 +21,7 @@ COMMANDS: dict[str, str] = {
     "refit": "apply new weights or LoRAs to a refittable TensorRT engine",
     "generate": "generate images from an ONNX export or engine folder",
     "bench": "benchmark it/s, per-stage latency and memory against PyTorch",
+    "serve": "serve a model over HTTP (OpenAI images API, AUTOMATIC1111 API) with request batching",
     "info": "backends found, GPU, versions",
 }
 

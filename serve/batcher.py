@@ -1,0 +1,291 @@
+"""Request batching: a bounded queue, compatibility keys, a batch window, deadlines, cancellation, and one
+worker thread per device.
+
+The batching rule: requests whose images can share one UNet batch without changing any image run
+together. They must agree on size, steps, sampler, guided-or-not, the guidance scale (one ``guidance``
+input per sampler step), and the number of 77-token prompt chunks (the text encoder pads a batch to its
+longest prompt, so a long prompt would change its neighbours' conditioning). img2img requests run on
+their own (one init image per pipeline call). Each keeps its own prompt, negative prompt and seeds, and
+since the pipeline draws one noise generator per image, its images are bit-identical to running alone.
+The oldest queued request always leads the next batch, so no request starves.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import io
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sdrt.runtime.errors import SdrtError
+
+log = logging.getLogger("sdrt.serve")
+
+
+class QueueFull(SdrtError):
+    """The queue holds ``max_queue`` requests; retry later (HTTP 429)."""
+
+
+class DeadlineExceeded(SdrtError):
+    """A request waited past its deadline before its batch could start (HTTP 504)."""
+
+
+class ShuttingDown(SdrtError):
+    """The server is stopping and takes no new work (HTTP 503)."""
+
+
+_ids = itertools.count()
+
+
+@dataclass
+class Job:
+    """One request's images: ``len(prompts)`` of them, each with its own prompt, negative and seed."""
+
+    prompts: list[str]
+    negatives: list[str] | None  # None: no negative prompt at all (SDXL then zeroes the negatives)
+    seeds: list[int]
+    height: int
+    width: int
+    steps: int
+    sampler: str
+    guidance: float
+    image: Any = None  # img2img: a PIL image of height x width
+    strength: float = 0.8
+    deadline: float = float("inf")  # time.monotonic()
+    request_id: str = ""
+    key: tuple[Any, ...] = ()
+    enqueued: float = 0.0
+    future: concurrent.futures.Future[JobResult] = field(default_factory=concurrent.futures.Future)
+
+    @property
+    def n(self) -> int:
+        return len(self.prompts)
+
+
+@dataclass
+class JobResult:
+    png: list[bytes]
+    seeds: list[int]
+    timings: dict[str, Any]  # the batch's stage timings (ms), queue_ms, batch_images, batch_requests
+    nonfinite: list[bool]
+
+
+class Batcher:
+    """Runs queued jobs in compatible batches on ``pipes`` (one worker thread each).
+
+    ``loaders``: callables that return a loaded Pipeline, run in the worker thread (so the event loop
+    stays free while engines load); ``warmup``: run one small generation before reporting ready.
+    ``batching=False`` runs each request in a batch of its own (the baseline the benchmark compares with).
+    """
+
+    def __init__(self, loaders: Sequence[Callable[[], Any]], *, max_batch: int = 8, window_s: float = 0.01,
+                 max_queue: int = 64, batching: bool = True, warmup: bool = True,
+                 on_batch: Callable[[list[Job], dict[str, Any]], None] | None = None,
+                 owns_pipelines: bool = True) -> None:
+        if max_batch < 1 or max_queue < 1 or window_s < 0:
+            raise ValueError("max_batch and max_queue must be >= 1 and the window >= 0")
+        self.max_batch = max_batch
+        self.window_s = window_s
+        self.max_queue = max_queue
+        self.batching = batching
+        self.warmup = warmup
+        self.on_batch = on_batch
+        self.owns_pipelines = owns_pipelines
+        self.pipes: list[Any] = []
+        self._loaders = list(loaders)
+        self._queue: list[Job] = []
+        self._cond = threading.Condition()
+        self._closed = False
+        self._stopping = False
+        self._running = 0  # batches in flight
+        self._ready = threading.Event()
+        self._failed: BaseException | None = None
+        self._loaded = 0
+        self._threads: list[threading.Thread] = []
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+    def start(self) -> None:
+        for i, loader in enumerate(self._loaders):
+            t = threading.Thread(target=self._worker, args=(loader,), name=f"sdrt-serve-worker-{i}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set() and not self._closed
+
+    @property
+    def failed(self) -> BaseException | None:
+        return self._failed
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        return self._ready.wait(timeout)
+
+    def close(self, grace_s: float = 30.0) -> None:
+        """Take no new work; fail what is still queued; let batches in flight finish within ``grace_s``."""
+        with self._cond:
+            self._closed = True
+            self._stopping = True
+            left, self._queue = self._queue, []
+            self._cond.notify_all()
+        for job in left:
+            _fail(job, ShuttingDown("the server is shutting down; retry on another replica"))
+        for t in self._threads:
+            t.join(grace_s)
+        if self.owns_pipelines:
+            for p in self.pipes:
+                p.close()
+
+    # -- the queue ------------------------------------------------------------------------------------
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    @property
+    def in_flight(self) -> int:
+        return self._running
+
+    def key(self, job: Job) -> tuple[Any, ...]:
+        """What must agree for jobs to share a UNet batch without changing any image."""
+        guided = job.guidance > 1.0
+        chunks: tuple[int, ...] = ()
+        pipe = self.pipes[0] if self.pipes else None
+        if pipe is not None:
+            texts = job.prompts + ((job.negatives or []) if guided else [])
+            chunks = tuple(int(tok.encode_chunks(texts).shape[1]) for tok in pipe.tokenizers)
+        sdxl_zero_neg = pipe is not None and pipe.manifest.family == "sdxl" and guided and job.negatives is None
+        solo = next(_ids) if job.image is not None else None
+        return (job.height, job.width, job.steps, job.sampler, guided, job.guidance if guided else None,
+                chunks, sdxl_zero_neg, solo)
+
+    def submit(self, job: Job) -> concurrent.futures.Future[JobResult]:
+        if job.n > self.max_batch:
+            raise ValueError(f"{job.n} images in one request; at most {self.max_batch}")
+        job.key = self.key(job)
+        with self._cond:
+            if self._closed:
+                raise ShuttingDown("the server is shutting down; retry on another replica")
+            if len(self._queue) >= self.max_queue:
+                raise QueueFull(f"the queue is full ({self.max_queue} requests waiting); retry after a moment")
+            job.enqueued = time.monotonic()
+            self._queue.append(job)
+            self._cond.notify_all()
+        return job.future
+
+    def cancel(self, job: Job) -> bool:
+        """Cancel a queued job (the client went away); False once its batch has started."""
+        with self._cond:
+            if job in self._queue:
+                self._queue.remove(job)
+                self._cond.notify_all()
+        return job.future.cancel()
+
+    # -- the worker -----------------------------------------------------------------------------------
+    def _worker(self, loader: Callable[[], Any]) -> None:
+        try:
+            pipe = loader()
+            with self._cond:
+                self.pipes.append(pipe)
+            if self.warmup:
+                lim = pipe.manifest.limits
+                pipe("warm-up", height=lim.min_size, width=lim.min_size, steps=2, guidance_scale=7.5, seed=0)
+        except BaseException as e:
+            log.exception("loading or warming up the pipeline failed")
+            self._failed = e
+            return
+        with self._cond:
+            self._loaded += 1
+            if self._loaded == len(self._loaders):
+                self._ready.set()
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            self._run(pipe, batch)
+
+    def _next_batch(self) -> list[Job] | None:
+        with self._cond:
+            while True:
+                if self._stopping:
+                    return None
+                self._sweep()
+                if not self._queue:
+                    self._cond.wait()
+                    continue
+                head = self._queue[0]
+                now = time.monotonic()
+                compatible = [j for j in self._queue if j.key == head.key] if self.batching else [head]
+                full = sum(j.n for j in compatible) >= self.max_batch
+                wait = head.enqueued + self.window_s - now
+                if self.batching and not full and wait > 0:
+                    self._cond.wait(wait)
+                    continue
+                taken, total = [], 0
+                for j in compatible:
+                    if total + j.n <= self.max_batch:
+                        taken.append(j)
+                        total += j.n
+                for j in taken:
+                    self._queue.remove(j)
+                batch = [j for j in taken if j.future.set_running_or_notify_cancel()]
+                if batch:
+                    self._running += 1
+                    return batch
+
+    def _sweep(self) -> None:
+        """Drop queued jobs that were cancelled or are past their deadline (lock held)."""
+        now = time.monotonic()
+        keep = []
+        for j in self._queue:
+            if j.future.cancelled():
+                continue
+            if now >= j.deadline:
+                _fail(j, DeadlineExceeded(f"request {j.request_id} waited past its deadline in the queue; "
+                                          "retry, or start the server with a longer --request-timeout"))
+                continue
+            keep.append(j)
+        self._queue[:] = keep
+
+    def _run(self, pipe: Any, batch: list[Job]) -> None:
+        started = time.monotonic()
+        head = batch[0]
+        try:
+            prompts = [p for j in batch for p in j.prompts]
+            seeds = [s for j in batch for s in j.seeds]
+            negs = None if head.negatives is None and head.key[7] else [
+                n for j in batch for n in (j.negatives or [""] * j.n)]
+            res = pipe(prompts, negative_prompt=negs, height=head.height, width=head.width, steps=head.steps,
+                       guidance_scale=head.guidance, sampler=head.sampler, seed=seeds,
+                       image=head.image, strength=None if head.image is None else head.strength)
+            pngs = [_png(img) for img in res.images]
+        except BaseException as e:  # noqa: BLE001 - every waiting request learns why
+            for j in batch:
+                _fail(j, e)
+            return
+        finally:
+            with self._cond:
+                self._running -= 1
+        timings = dict(res.timings, batch_images=len(prompts), batch_requests=len(batch))
+        if self.on_batch is not None:
+            self.on_batch(batch, timings)
+        i = 0
+        for j in batch:
+            t = dict(timings, queue_ms=(started - j.enqueued) * 1e3)
+            j.future.set_result(JobResult(pngs[i:i + j.n], j.seeds, t, res.nonfinite[i:i + j.n]))
+            i += j.n
+
+
+def _fail(job: Job, e: BaseException) -> None:
+    if not job.future.done() and (job.future.running() or job.future.set_running_or_notify_cancel()):
+        job.future.set_exception(e)
+
+
+def _png(image: Any) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()

@@ -1,0 +1,40 @@
+"""What a server is started with: batching, backpressure, deadlines, limits, auth."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+API_KEY_ENV = "SDRT_API_KEY"
+
+
+@dataclass
+class ServeConfig:
+    max_batch: int = 8  # images per UNet batch (capped by the engines' batch limit)
+    batch_window_ms: float = 10.0  # how long the oldest request waits for companions
+    max_queue: int = 64  # requests waiting; beyond: 429 with Retry-After
+    request_timeout_s: float = 300.0  # a request still queued past this gets 504
+    batching: bool = True  # False: every request runs in a batch of its own
+    api_key: str | None = field(default_factory=lambda: os.environ.get(API_KEY_ENV) or None)
+    max_body_bytes: int = 16 * 1024 * 1024
+    max_pixels: int = 1024 * 1024  # width * height of a generated image
+    max_upload_pixels: int = 2048 * 2048  # width * height of an uploaded image, checked before decoding
+    max_n: int | None = None  # images per request; default: max_batch
+    max_prompt_chars: int = 2000
+    max_steps: int = 100
+    default_steps: int = 30
+    default_guidance: float = 7.5
+    default_sampler: str = "dpmpp-2m"
+    image_dir: Path | None = None  # where response_format=url keeps images; None refuses url
+    grace_s: float = 30.0  # SIGTERM: how long in-flight batches may take to finish
+    warmup: bool = True
+    model_id: str | None = None  # the name /v1/models lists; default: the folder's name
+    retry_after_s: int = 1
+    # finish loading and warming up before the app's startup returns: under Ray Serve, a replica then
+    # receives requests only once it can run them
+    load_before_serving: bool = False
+
+    @property
+    def images_per_request(self) -> int:
+        return min(self.max_n or self.max_batch, self.max_batch)

@@ -1,0 +1,196 @@
+"""The request and response bodies of the two APIs clients already speak: OpenAI's images API and
+AUTOMATIC1111's ``/sdapi/v1``. Field ranges here are the schema's outer bounds (documented in
+``/openapi.json``); a server may be started with tighter limits, and the model's own sizes apply too.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from sdrt.runtime.samplers import SAMPLERS
+
+MAX_SEED = 2**32 - 1  # A1111's seeds are 32-bit; per-image seeds are seed, seed + 1, ...
+MAX_PROMPT_CHARS = 4000
+MAX_STEPS = 150
+MAX_N = 16
+SIZE_MIN, SIZE_MAX = 64, 2048
+
+# A1111 sampler names (and sdrt's own) -> sdrt's
+SAMPLER_ALIASES: dict[str, str] = {
+    "ddim": "ddim", "dpm++ 2m": "dpmpp-2m", "dpm++ 2m karras": "dpmpp-2m-karras", "euler": "euler",
+    "euler a": "euler-a", "lcm": "lcm", **{s: s for s in SAMPLERS},
+}
+
+
+def sampler_name(name: str, scheduler: str | None = None) -> str:
+    """An A1111 or sdrt sampler name -> sdrt's; ValueError names the choices."""
+    key = name.strip().lower()
+    if scheduler and scheduler.strip().lower() == "karras" and key in ("dpm++ 2m", "dpmpp-2m"):
+        key = "dpmpp-2m-karras"
+    elif scheduler and scheduler.strip().lower() not in ("automatic", "uniform", "normal", ""):
+        raise ValueError(f"scheduler {scheduler!r} is not supported; use Automatic or Karras")
+    if key not in SAMPLER_ALIASES:
+        raise ValueError(f"sampler {name!r} is not supported; choose one of: "
+                         f"{', '.join(sorted(set(SAMPLER_ALIASES)))}")
+    return SAMPLER_ALIASES[key]
+
+
+Prompt = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+Steps = Field(default=None, ge=1, le=MAX_STEPS, description=f"denoising steps, 1..{MAX_STEPS}")
+Guidance = Field(default=None, ge=0.0, le=50.0, allow_inf_nan=False,
+                 description="classifier-free guidance scale, 0..50; <= 1 turns guidance off")
+Seed = Field(default=None, ge=-1, le=MAX_SEED,
+             description=f"0..{MAX_SEED}; -1 or absent: random. Image k of a request uses seed + k (mod 2**32)")
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every refusal: OpenAI's error shape (``param`` names the field)."""
+
+    error: ErrorBody
+
+
+# -- OpenAI --------------------------------------------------------------------------------------------
+OPENAI_SIZE = r"^[1-9][0-9]{1,3}x[1-9][0-9]{1,3}$"
+# OpenAI fields that would change the image, with the only values sdrt can honour
+_OPENAI_NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "quality": (None, "auto", "standard"), "style": (None, "natural"), "output_format": (None, "png"),
+    "background": (None, "auto", "opaque"), "stream": (None, False), "partial_images": (None, 0),
+    "output_compression": (None, 100), "moderation": (None, "auto", "low"),
+}
+
+
+def _refuse_non_neutral(data: Any, neutral: dict[str, tuple[Any, ...]], api: str) -> Any:
+    if isinstance(data, dict):
+        bad = sorted(k for k, v in data.items() if k in neutral and v not in neutral[k])
+        if bad:
+            raise ValueError(f"{', '.join(bad)}: not supported by sdrt's {api} API and would change the image; "
+                             "leave them out")
+        return {k: v for k, v in data.items() if k not in neutral}
+    return data
+
+
+class SdrtKnobs(BaseModel):
+    """sdrt's own fields, which the official client sends through ``extra_body``."""
+
+    negative_prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
+    steps: int | None = Steps
+    guidance_scale: float | None = Guidance
+    sampler: str | None = Field(default=None, description=f"one of {', '.join(SAMPLERS)}")
+    seed: int | None = Seed
+
+
+class OpenAIGeneration(SdrtKnobs):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Prompt
+    n: int = Field(default=1, ge=1, le=MAX_N, description=f"images, 1..{MAX_N} (and the server's --max-n)")
+    size: str | None = Field(default=None, pattern=OPENAI_SIZE,
+                             description="'WxH', multiples of 8 within the model's sizes; default its own")
+    response_format: Literal["b64_json", "url"] = "b64_json"
+    model: str | None = None
+    user: str | None = Field(default=None, max_length=256)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _neutral(cls, data: Any) -> Any:
+        return _refuse_non_neutral(data, _OPENAI_NEUTRAL, "OpenAI images")
+
+
+class OpenAIImage(BaseModel):
+    b64_json: str | None = None
+    url: str | None = None
+    revised_prompt: str | None = None
+
+
+class OpenAIImages(BaseModel):
+    created: int
+    data: list[OpenAIImage]
+
+
+class OpenAIModel(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "sdrt"
+
+
+class OpenAIModels(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[OpenAIModel]
+
+
+# -- AUTOMATIC1111 ----------------------------------------------------------------------------------
+# A1111 fields that change the image, with the values that leave it as sdrt makes it (accepted, since
+# clients send their defaults); anything else is refused, naming the field.
+_A1111_NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "enable_hr": (None, False), "alwayson_scripts": (None, {}), "script_name": (None, ""),
+    "script_args": (None, []), "restore_faces": (None, False), "tiling": (None, False),
+    "styles": (None, []), "subseed": (None, -1), "subseed_strength": (None, 0, 0.0),
+    "seed_resize_from_h": (None, -1, 0), "seed_resize_from_w": (None, -1, 0), "eta": (None, 0, 0.0),
+    "s_churn": (None, 0, 0.0), "s_noise": (None, 1, 1.0), "s_tmin": (None, 0, 0.0),
+    "s_tmax": (None, 0, 0.0, None), "override_settings": (None, {}), "refiner_checkpoint": (None, ""),
+    "refiner_switch_at": (None, 0, 0.0), "hr_scale": (None, 2, 2.0), "hr_upscaler": (None, "", "Latent"),
+    "hr_second_pass_steps": (None, 0), "denoising_strength_hr": (None,), "image_cfg_scale": (None,),
+    "mask_blur": (None, 4), "mask_blur_x": (None, 4), "mask_blur_y": (None, 4), "inpainting_fill": (None, 0, 1),
+    "inpaint_full_res": (None, True, False), "inpaint_full_res_padding": (None, 0, 32),
+    "inpainting_mask_invert": (None, 0), "initial_noise_multiplier": (None, 1, 1.0), "resize_mode": (None, 0),
+    "mask": (None, ""), "include_init_images": (None, False), "firstpass_image": (None, ""),
+}
+# fields that only say what to do with the output, not what it is
+_A1111_HARMLESS = ("send_images", "save_images", "do_not_save_samples", "do_not_save_grid",
+                   "override_settings_restore_afterwards", "disable_extra_networks", "comments",
+                   "force_task_id", "infotext", "sampler_index")
+
+
+def _a1111_before(data: Any) -> Any:
+    if isinstance(data, dict):
+        data = {k: v for k, v in data.items() if k not in _A1111_HARMLESS}
+        if data.get("mask") not in (None, ""):
+            raise ValueError("mask: inpainting is not in sdrt's pipeline yet; send img2img without a mask")
+    return _refuse_non_neutral(data, _A1111_NEUTRAL, "A1111")
+
+
+class A1111Txt2Img(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(default="", max_length=MAX_PROMPT_CHARS)
+    negative_prompt: str = Field(default="", max_length=MAX_PROMPT_CHARS)
+    seed: int = Field(default=-1, ge=-1, le=MAX_SEED, description=f"-1: random; else 0..{MAX_SEED}")
+    sampler_name: str | None = Field(default=None, description="DDIM, DPM++ 2M, DPM++ 2M Karras, Euler, "
+                                                               "Euler a, LCM (or sdrt's names)")
+    scheduler: str | None = Field(default=None, description="Automatic or Karras")
+    batch_size: int = Field(default=1, ge=1, le=MAX_N, description=f"images per batch, 1..{MAX_N}")
+    n_iter: int = Field(default=1, ge=1, le=MAX_N, description=f"batches, 1..{MAX_N}")
+    steps: int = Field(default=20, ge=1, le=MAX_STEPS, description=f"1..{MAX_STEPS}")
+    cfg_scale: float = Field(default=7.0, ge=0.0, le=50.0, allow_inf_nan=False, description="0..50")
+    width: int | None = Field(default=None, ge=SIZE_MIN, le=SIZE_MAX, multiple_of=8,
+                              description="a multiple of 8; default: the model's size")
+    height: int | None = Field(default=None, ge=SIZE_MIN, le=SIZE_MAX, multiple_of=8,
+                               description="a multiple of 8; default: the model's size")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _neutral(cls, data: Any) -> Any:
+        return _a1111_before(data)
+
+
+class A1111Img2Img(A1111Txt2Img):
+    init_images: list[str] = Field(min_length=1, max_length=1,
+                                   description="one base64 image (a data: URL prefix is accepted)")
+    denoising_strength: float = Field(default=0.75, gt=0.0, le=1.0, allow_inf_nan=False,
+                                      description="how much to change the image, (0, 1]")
+
+
+class A1111Response(BaseModel):
+    images: list[str]
+    parameters: dict[str, Any]
+    info: str  # a JSON string, as A1111's: all_seeds, all_prompts, timings ...
