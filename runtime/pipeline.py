@@ -439,12 +439,13 @@ class Pipeline:
         pixels = be.to_host(out["images"])
         nonfinite = [not bool(v) for v in be.to_host(out["finite"])]
         if any(nonfinite):
-            warnings.warn(
-                f"{sum(nonfinite)} of {len(nonfinite)} images decoded to NaN/inf (an fp16 overflow in the "
-                "VAE); their pixels are not meaningful. Re-export with the VAE in fp32 "
-                "(`sdrt export ... --vae-fp32`).",
-                RuntimeWarning, stacklevel=4,
-            )
+            what = f"{sum(nonfinite)} of {len(nonfinite)} images decoded to NaN/inf; their pixels are not meaningful."
+            if dec_dt == np.float16:
+                why = " An fp16 VAE overflows on some models: re-export with the VAE in fp32 (`sdrt export ... --vae-fp32`)."
+            else:  # an fp32 VAE does not overflow: what reached it was not finite
+                why = (" The VAE runs in fp32, so the latents reaching it were not finite: NaN/inf in the given "
+                       "`latents`, or an overflow in an fp16 UNet (re-export with `--fp32` to check).")
+            warnings.warn(what + why, RuntimeWarning, stacklevel=4)
         from PIL import Image
 
         return [Image.fromarray(p) for p in pixels], nonfinite

@@ -74,8 +74,16 @@ def test_long_prompt_is_chunked_not_an_error(pipe: Pipeline) -> None:
 
 def test_nan_latents_warn_with_the_fix(pipe: Pipeline) -> None:
     bad = np.full((1, 4, 8, 8), np.nan, np.float32)
-    with pytest.warns(RuntimeWarning, match="--vae-fp32"):
+    with pytest.warns(RuntimeWarning, match="VAE runs in fp32, so the latents reaching it were not finite"):
         res = pipe("a", steps=2, latents=bad)
+    assert res.nonfinite == [True]
+
+
+def test_nan_from_an_fp16_vae_names_the_vae_fix(tiny_export) -> None:
+    with Pipeline.load(tiny_export("sd15-tiny", "fp16"), backend="ort-cpu") as fp16:
+        assert fp16.engines["vae_decoder"].inputs["latent_sample"].dtype == np.float16
+        with pytest.warns(RuntimeWarning, match="fp16 VAE overflows.*--vae-fp32"):
+            res = fp16("a", steps=2, latents=np.full((1, 4, 8, 8), np.nan, np.float32))
     assert res.nonfinite == [True]
 
 

@@ -211,3 +211,34 @@ def test_host_device_copies_per_call(tiny_export, tmp_path: Path, fake_gpu) -> N
     assert counts[3][1] == counts[6][1], counts  # host -> device: the same whatever the step count
     assert syncs[3] == syncs[6], syncs  # device-event timing: no host wait per step
     assert cudart.alive()["allocations"] == 0  # closed: every buffer released
+
+
+def test_pipelines_loaded_and_closed_ten_times_leave_nothing_on_the_device(tiny_export, tmp_path: Path,
+                                                                            fake_gpu) -> None:
+    """close() releases every engine, buffer, stream, event and captured graph of a pipeline; the next
+    load starts from an empty device, so ten load/close cycles do not grow; a dropped pipeline (no close)
+    frees its device memory without the garbage collector (no reference cycles)."""
+    import gc
+
+    cudart, _ = fake_gpu
+    out = tmp_path / "engines"
+    build_engines(tiny_export("sd15-tiny"), out, custom_profile(batch="1:1:1", height="64:64:64", width="64:64:64"),
+                  BuildOptions(workspace_gb=1))
+    peaks = []
+    for _ in range(10):
+        pipe = Pipeline.load(out, backend="tensorrt")
+        pipe("a red fox", steps=2, seed=1, height=64, width=64)
+        peaks.append(cudart.alive())
+        pipe.close()
+        assert cudart.alive() == {"allocations": 0, "streams": 0, "graphs": 0, "events": 0}
+        with pytest.raises(InputError, match="closed"):
+            pipe("a red fox", steps=2, seed=1, height=64, width=64)
+    assert all(p == peaks[0] for p in peaks) and peaks[0]["allocations"] > 0
+    gc.disable()
+    try:
+        pipe = Pipeline.load(out, backend="tensorrt")
+        pipe("a red fox", steps=2, seed=1, height=64, width=64)
+        del pipe
+        assert cudart.alive()["allocations"] == 0
+    finally:
+        gc.enable()
