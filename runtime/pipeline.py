@@ -150,13 +150,26 @@ class Pipeline:
         folder = Path(path)
         if backend in ("ort-cpu", "ort-cuda") and (folder / "sdrt-engines.json").is_file():
             raise _engine_folder_error(folder, backend)  # before reading anything made for TensorRT
-        manifest = ExportManifest.read(folder)
+        from .optimum import is_optimum_folder, read_optimum
+
+        graphs: dict[str, bytes] = {}
+        if is_optimum_folder(folder):  # Optimum's export, adapted to sdrt's contracts in memory
+            if backend == "tensorrt":
+                raise CompatibilityError(
+                    f"{folder} is an Optimum ONNX export; TensorRT runs engines: build them with `sdrt build "
+                    f"{folder} --out ENGINES` and load that folder, or use backend=\"ort-cpu\" / \"ort-cuda\"",
+                    cli=f"{folder} is an Optimum ONNX export; TensorRT runs engines: build them with `sdrt build "
+                        f"{folder} --out ENGINES` and pass that folder, or use --backend ort-cpu / ort-cuda")
+            optimum = read_optimum(folder)
+            manifest, graphs = optimum.manifest, dict(optimum.graphs)
+        else:
+            manifest = ExportManifest.read(folder)
         _check_components(manifest, folder)
         be = make_backend(backend, folder, threads, cuda_graph, device_id)
         try:
             engines: dict[str, Engine] = {}
             for name, comp in manifest.components.items():
-                engines[name] = be.load(str(folder / be.graph_for(comp)), name)
+                engines[name] = be.load(graphs[name] if name in graphs else str(folder / be.graph_for(comp)), name)
             toks = []
             for i in range(2 if manifest.family == "sdxl" else 1):
                 toks.append(ClipTokenizer.from_folder(folder / ("tokenizer" if i == 0 else f"tokenizer_{i + 1}")))
