@@ -114,12 +114,14 @@ def test_cli_generate_and_info(optimum_export, tmp_path: Path) -> None:
     folder = optimum_export("sd15-tiny")
     out = tmp_path / "fox.png"
     gen = subprocess.run([sys.executable, "-m", "sdrt", "generate", str(folder), "--prompt", "a fox", "--steps", "2",
-                          "--seed", "1", "--backend", "ort-cpu", "-o", str(out)], capture_output=True, text=True)
+                          "--seed", "1", "--backend", "ort-cpu", "-o", str(out)], check=False, capture_output=True,
+                         text=True)
     assert gen.returncode == 0, gen.stderr
     from PIL import Image
 
     assert Image.open(out).size == (64, 64)
-    info = subprocess.run([sys.executable, "-m", "sdrt", "info", str(folder)], capture_output=True, text=True)
+    info = subprocess.run([sys.executable, "-m", "sdrt", "info", str(folder)], check=False,
+                          capture_output=True, text=True)
     assert info.returncode == 0, info.stderr
     assert f"{folder}: an Optimum ONNX export" in info.stdout and "sdrt build" in info.stdout
 
@@ -168,7 +170,10 @@ def test_tensorrt_backend_asks_for_a_build(optimum_export) -> None:
 def test_build_on_tensorrt_for_rtx(optimum_export, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The adapted graphs parse and build on TensorRT for RTX's builder (no GPU needed): the text encoder
     (int32 ids cast in-graph) and the VAE decoder (scaling, uint8 NHWC, finite), weights found by path."""
-    pytest.importorskip("tensorrt_rtx")
+    from .test_trt_modules import RTX
+
+    if RTX is None:
+        pytest.skip("needs TensorRT for RTX: pip install \".[trt-api]\"")
     from sdrt.export import trt_build
     from sdrt.export.profiles import custom_profile
     from sdrt.runtime.engine_manifest import EngineManifest
