@@ -172,7 +172,8 @@ class Pipeline:
                 engines[name] = be.load(graphs[name] if name in graphs else str(folder / be.graph_for(comp)), name)
             toks = []
             for i in range(2 if manifest.family == "sdxl" else 1):
-                toks.append(ClipTokenizer.from_folder(folder / ("tokenizer" if i == 0 else f"tokenizer_{i + 1}")))
+                toks.append(ClipTokenizer.from_folder(folder / ("tokenizer" if i == 0 else f"tokenizer_{i + 1}"),
+                                                      vocab_merges=manifest.source.get("kind") == "optimum"))
             _check_widths(engines, folder)
             sched_path = folder / "scheduler" / "scheduler_config.json"
             if not sched_path.is_file():

@@ -103,7 +103,7 @@ class ClipTokenizer:
         self.chunk_length = max_length - 2  # tokens per row between bos and eos
 
     @classmethod
-    def from_folder(cls, path: str | Path) -> ClipTokenizer:
+    def from_folder(cls, path: str | Path, *, vocab_merges: bool = False) -> ClipTokenizer:
         """Load ``tokenizer.json`` and ``tokenizer_config.json`` from an export's tokenizer folder."""
         from tokenizers import Tokenizer
 
@@ -111,7 +111,8 @@ class ClipTokenizer:
         if not folder.is_dir():
             raise ArtifactError(f"tokenizer folder {folder} is missing; {_FIX}")
         tj, tc = folder / "tokenizer.json", folder / "tokenizer_config.json"
-        bpe = not tj.is_file() and (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()
+        # vocab_merges: a folder without tokenizer.json may hold vocab.json + merges.txt (Optimum's exports)
+        bpe = vocab_merges and not tj.is_file() and (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()
         for f in (tc,) if bpe else (tj, tc):
             if not f.is_file():
                 raise ArtifactError(f"{f} is missing; {_FIX}")

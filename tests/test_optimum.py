@@ -195,3 +195,19 @@ def test_build_on_tensorrt_for_rtx(optimum_export, tmp_path: Path, monkeypatch: 
     written = json.loads((out / "sdrt.json").read_text())  # the synthesized manifest, now the folder's own
     assert written["source"]["kind"] == "optimum" and written["kind"] == "tensorrt"
     assert (out / "tokenizer" / "vocab.json").is_file()
+
+
+def test_tokenizer_from_vocab_and_merges_matches_transformers(optimum_export) -> None:
+    from transformers import CLIPTokenizer
+
+    from sdrt.export.tokenizer_assets import PROBES
+    from sdrt.runtime.tokenizer import ClipTokenizer
+
+    for sub in ("tokenizer", "tokenizer_2"):  # SDXL: pad "<|endoftext|>" then "!"
+        folder = optimum_export("sdxl-tiny") / sub
+        ours = ClipTokenizer.from_folder(folder, vocab_merges=True).encode(list(PROBES))
+        ref = CLIPTokenizer.from_pretrained(folder)(list(PROBES), padding="max_length", max_length=77,
+                                                    truncation=True).input_ids
+        np.testing.assert_array_equal(ours, np.array(ref))
+    with pytest.raises(ArtifactError, match="tokenizer.json is missing"):  # not read so unless asked
+        ClipTokenizer.from_folder(optimum_export("sdxl-tiny") / "tokenizer")
