@@ -123,7 +123,8 @@ def test_cli_generate_and_info(optimum_export, tmp_path: Path) -> None:
     info = subprocess.run([sys.executable, "-m", "sdrt", "info", str(folder)], check=False,
                           capture_output=True, text=True)
     assert info.returncode == 0, info.stderr
-    assert f"{folder}: an Optimum ONNX export" in info.stdout and "sdrt build" in info.stdout
+    assert f"{folder}: optimum-sd1 (sd1, epsilon)" in info.stdout
+    assert "an Optimum ONNX export; runs on: ort-cpu, ort-cuda" in info.stdout and "sdrt build" in info.stdout
 
 
 def _copy(src: Path, dst: Path) -> Path:

@@ -79,13 +79,15 @@ def run(args: argparse.Namespace) -> int:
         from sdrt.runtime.folders import DIFFUSERS_FOLDER, UNKNOWN, folder_kind, read_manifest, runs_on
 
         kind = folder_kind(args.path)
-        print(f"\n{args.path}: {'an' if kind[0] in 'aeiouAEIOU' else 'a'} {kind}")
-        print(f"  {runs_on(kind, args.path)}")
+        article = "an" if kind[0] in "aeiouAEIOU" else "a"
         if kind in (DIFFUSERS_FOLDER, UNKNOWN):
+            print(f"\n{args.path}: {article} {kind} folder" if kind == UNKNOWN else f"\n{args.path}: a {kind}")
+            print(f"  {runs_on(kind, args.path)}")
             return 0 if kind == DIFFUSERS_FOLDER else 1
         m = read_manifest(args.path)
         made = f", made {m.created}" if m.created else ""
-        print(f"  {m.preset} ({m.family}, {m.prediction_type}){made}")
+        print(f"\n{args.path}: {m.preset} ({m.family}, {m.prediction_type}){made}")
+        print(f"  {article} {kind}; {runs_on(kind, args.path)}")
         for name, c in m.components.items():
             print(f"  {name:16s} {c.precision:5s} {c.size_bytes / 1e6:9.1f} MB")
     return 0
