@@ -16,21 +16,16 @@ import functools
 import gzip
 import json
 import tempfile
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sdrt.runtime.errors import ArtifactError, InputError, ParityError
-from sdrt.runtime.tokenizer import ClipTokenizer
+from sdrt.runtime.errors import ArtifactError, ParityError
+from sdrt.runtime.tokenizer import SPLIT_PATTERN, ClipTokenizer, build_tokenizer_json  # noqa: F401 (re-exported)
 
 BPE_ASSET = Path(__file__).parent / "assets" / "bpe_simple_vocab_16e6.txt.gz"
 MAX_LENGTH = 77  # CLIP's context: bos + 75 tokens + eos
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 N_MERGES = 49152 - 256 - 2  # the BPE data holds more merges than CLIP uses; CLIP keeps this many
-
-# CLIP's pre-tokenizer: its special tokens, English contractions, letter runs, single digits, and runs of
-# anything else that is not whitespace. Whitespace only separates.
-SPLIT_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
 # Probes of the parity gate: cased, accented, CJK, emoji, punctuation runs, digits, whitespace runs,
 # the special tokens and the SD2 pad "!" written in a prompt, and one over-long prompt.
@@ -158,51 +153,6 @@ def _read_source(source: Path) -> tuple[dict[str, int], list[tuple[str, str]], s
         if tok.get("content") not in vocab:
             extra[int(tok["id"])] = tok
     return vocab, merges, pad, [extra[i] for i in sorted(extra)]  # type: ignore[return-value]
-
-
-def build_tokenizer_json(vocab: dict[str, int], merges: list[tuple[str, str]], pad_token: str,
-                         extra_tokens: Sequence[dict[str, Any]] = ()) -> Any:
-    """A ``tokenizers.Tokenizer`` of CLIP's pipeline, configured to tokenize as transformers' CLIPTokenizer.
-
-    Normalize (NFC, whitespace runs -> one space, lowercase), split with CLIP's pattern, map bytes to
-    symbols, BPE with ``</w>`` ending each word, then bos ... eos. No truncation or padding is stored:
-    the runtime applies them. bos, eos and the pad token are special added tokens, matched in the raw
-    prompt before normalization, as transformers registers them; for SD2/SDXL's pad "!" that turns every
-    "!" in a prompt into the pad id 0, which is what diffusers feeds those models.
-    """
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
-    from tokenizers.models import BPE
-
-    for name in (BOS, EOS, pad_token):
-        if name not in vocab:
-            raise InputError(f"token {name!r} is not in the vocabulary; a CLIP tokenizer needs it")
-    tok = Tokenizer(BPE(vocab=vocab, merges=merges, unk_token=EOS, continuing_subword_prefix="",
-                        end_of_word_suffix="</w>", fuse_unk=False, dropout=None))
-    tok.normalizer = normalizers.Sequence(
-        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
-    )
-    # The byte-level step keeps GPT-2's split too, as transformers does: it changes only the pieces
-    # "<|startoftext|>" / "<|endoftext|>" that reach the model in another case ("<|", "endoftext", "|>").
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="removed", invert=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    ])
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A {EOS}", pair=f"{BOS} $A {EOS} $B {EOS}",
-        special_tokens=[(BOS, vocab[BOS]), (EOS, vocab[EOS])],
-    )
-    specials = list(dict.fromkeys([pad_token, BOS, EOS]))  # the unknown token is eos
-    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
-    for t in extra_tokens:
-        flags = {k: bool(t[k]) for k in ("single_word", "lstrip", "rstrip", "normalized", "special") if k in t}
-        tok.add_tokens([AddedToken(t["content"], **flags)])
-        if tok.token_to_id(t["content"]) != int(t["id"]):
-            raise ArtifactError(
-                f"added token {t['content']!r} has id {t['id']} in the source but the ids of added tokens "
-                f"must follow the vocabulary ({len(vocab)}, {len(vocab) + 1}, ...); the source folder is corrupt"
-            )
-    return tok
 
 
 def _portable_json(tok: Any) -> str:

@@ -201,8 +201,15 @@ def plan_engines(
     progress: Progress = lambda msg: None,
 ) -> tuple[ExportManifest, list[EnginePlan]]:
     """What a build would produce; TensorRT-free (``env`` says which TensorRT and GPU)."""
+    from sdrt.runtime.optimum import is_optimum_folder, read_optimum
+
     src = Path(onnx_dir)
-    manifest = ExportManifest.read(src, wanted=EXPORT_FOLDER)
+    graphs: dict[str, bytes] = {}
+    if is_optimum_folder(src):  # Optimum's export: its graphs adapted to sdrt's contracts, in memory
+        optimum = read_optimum(src)
+        manifest, graphs = optimum.manifest, dict(optimum.graphs)
+    else:
+        manifest = ExportManifest.read(src, wanted=EXPORT_FOLDER)
     shapes = engine_shapes(profile, manifest)
     plans = []
     for name, comp in manifest.components.items():
@@ -215,7 +222,7 @@ def plan_engines(
         key = cache_key(name, digest, comp.precision, shapes[name], flags, env)
         rec = EngineRecord(component=name, file=f"{name}.engine", precision=comp.precision, shapes=shapes[name],
                            flags=flags, onnx_sha256=digest, env=env, cache_key=key)
-        plans.append(EnginePlan(path, rec))
+        plans.append(EnginePlan(path, rec, graphs.get(name)))
     return manifest, plans + step_graph_plans(profile, manifest, options, env)
 
 
@@ -278,7 +285,12 @@ def parse_onnx(
         flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
-    if not (parser.parse(model) if model is not None else parser.parse_from_file(str(path))):
+    # bytes with a path: external weights are found beside that file (an adapted Optimum graph's own weights)
+    if model is None:
+        parsed = parser.parse_from_file(str(path))
+    else:
+        parsed = parser.parse(model, str(path)) if path.is_file() else parser.parse(model)
+    if not parsed:
         raise EngineBuildError(_parser_report(trt, parser, component, path))
     return network, parser
 

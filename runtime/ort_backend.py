@@ -223,6 +223,9 @@ class OrtEngine(Engine):
         # fatal only: a graph that fails to load is reported by sdrt's own error (ORT's text included), so
         # ORT's native log line would say it twice, in red, before the message that names the fix
         opts.log_severity_level = 4
+        base_dir = getattr(path, "base_dir", None)  # graph bytes whose weights are files there (Optimum's)
+        if base_dir:
+            opts.add_session_config_entry("session.model_external_initializers_file_folder_path", base_dir)
         if isinstance(path, str) and not os.path.isfile(path):
             raise ArtifactError(f"{path} is missing; re-export the model with `sdrt export`")
         captured = backend.captures(name)

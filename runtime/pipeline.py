@@ -150,16 +150,30 @@ class Pipeline:
         folder = Path(path)
         if backend in ("ort-cpu", "ort-cuda") and (folder / "sdrt-engines.json").is_file():
             raise _engine_folder_error(folder, backend)  # before reading anything made for TensorRT
-        manifest = ExportManifest.read(folder)
+        from .optimum import is_optimum_folder, read_optimum
+
+        graphs: dict[str, bytes] = {}
+        if is_optimum_folder(folder):  # Optimum's export, adapted to sdrt's contracts in memory
+            if backend == "tensorrt":
+                raise CompatibilityError(
+                    f"{folder} is an Optimum ONNX export; TensorRT runs engines: build them with `sdrt build "
+                    f"{folder} --out ENGINES` and load that folder, or use backend=\"ort-cpu\" / \"ort-cuda\"",
+                    cli=f"{folder} is an Optimum ONNX export; TensorRT runs engines: build them with `sdrt build "
+                        f"{folder} --out ENGINES` and pass that folder, or use --backend ort-cpu / ort-cuda")
+            optimum = read_optimum(folder)
+            manifest, graphs = optimum.manifest, dict(optimum.graphs)
+        else:
+            manifest = ExportManifest.read(folder)
         _check_components(manifest, folder)
         be = make_backend(backend, folder, threads, cuda_graph, device_id)
         try:
             engines: dict[str, Engine] = {}
             for name, comp in manifest.components.items():
-                engines[name] = be.load(str(folder / be.graph_for(comp)), name)
+                engines[name] = be.load(graphs[name] if name in graphs else str(folder / be.graph_for(comp)), name)
             toks = []
             for i in range(2 if manifest.family == "sdxl" else 1):
-                toks.append(ClipTokenizer.from_folder(folder / ("tokenizer" if i == 0 else f"tokenizer_{i + 1}")))
+                toks.append(ClipTokenizer.from_folder(folder / ("tokenizer" if i == 0 else f"tokenizer_{i + 1}"),
+                                                      vocab_merges=manifest.source.get("kind") == "optimum"))
             _check_widths(engines, folder)
             sched_path = folder / "scheduler" / "scheduler_config.json"
             if not sched_path.is_file():
@@ -304,6 +318,8 @@ class Pipeline:
         with self._lock:
             self._ready()
             self._check_size(height, width, batch_size, guided=None)
+            if image is not None:
+                self._check_img2img()
             init = None if image is None else _to_uint8(image, height, width, self.manifest.vae_scale_factor)
             return self._prepare(plan, height, width, batch_size, _resolve_seed(seed, batch_size), latents, init)
 
@@ -502,6 +518,7 @@ class Pipeline:
                                  cli="--strength applies to img2img only: pass --init-image, or leave --strength out")
             init = None
             if image is not None:
+                self._check_img2img()
                 init = _to_uint8(image, height, width, m.vae_scale_factor)
                 height, width = init.shape[1], init.shape[2]
             height = m.default_size if height is None else int(height)
@@ -567,6 +584,11 @@ class Pipeline:
             raise InputError(f"batch_size {batch} is outside the supported range 1..{lim.max_batch}")
         if guided is not None:
             self.backend.check_request(batch, height, width, guided)
+
+    def _check_img2img(self) -> None:
+        if "vae_encoder" not in self.engines:
+            raise ArtifactError(f"{self.folder} has no VAE encoder, which img2img needs (the image is encoded to "
+                                "latents); re-export the model with `sdrt export`, or generate without an image")
 
     def _negatives(self, negative_prompt: str | Sequence[str] | None, b: int) -> list[str]:
         if negative_prompt is None:

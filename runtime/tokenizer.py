@@ -19,6 +19,42 @@ from .errors import ArtifactError, InputError
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 _FIX = "re-export the model with `sdrt export` to rewrite it"
 
+# CLIP's pre-tokenizer: its special tokens, English contractions, letter runs, single digits, and runs of
+# anything else that is not whitespace. Whitespace only separates.
+SPLIT_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(config, dict):
+            raise TypeError("not a JSON object")
+    except (OSError, ValueError, TypeError) as e:
+        raise ArtifactError(f"{path} is corrupt ({e}); {_FIX}") from e
+    return config
+
+
+def _max_length(config: dict[str, Any], path: Path) -> int:
+    max_length = config.get("model_max_length", 77)
+    if not isinstance(max_length, int) or max_length > 4096:
+        raise ArtifactError(f"{path} has model_max_length {max_length!r}, expected 77; {_FIX}")
+    return max_length
+
+
+def _read_bpe(folder: Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """vocab.json and merges.txt (its ``#version`` header skipped)."""
+    try:
+        vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+        lines = (folder / "merges.txt").read_text(encoding="utf-8").split("\n")
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"the tokenizer files in {folder} are unreadable ({e}); {_FIX}") from e
+    if lines and lines[0].startswith("#version"):
+        lines = lines[1:]
+    merges = [tuple(line.split()) for line in lines if line.strip()]
+    if not isinstance(vocab, dict) or any(len(m) != 2 for m in merges):
+        raise ArtifactError(f"the tokenizer files in {folder} are corrupt (bad vocabulary or merges); {_FIX}")
+    return vocab, merges  # type: ignore[return-value]
+
 
 def _token_str(value: Any) -> str | None:
     """A special token as written in tokenizer_config.json: a string or an AddedToken dict."""
@@ -67,7 +103,7 @@ class ClipTokenizer:
         self.chunk_length = max_length - 2  # tokens per row between bos and eos
 
     @classmethod
-    def from_folder(cls, path: str | Path) -> ClipTokenizer:
+    def from_folder(cls, path: str | Path, *, vocab_merges: bool = False) -> ClipTokenizer:
         """Load ``tokenizer.json`` and ``tokenizer_config.json`` from an export's tokenizer folder."""
         from tokenizers import Tokenizer
 
@@ -75,26 +111,28 @@ class ClipTokenizer:
         if not folder.is_dir():
             raise ArtifactError(f"tokenizer folder {folder} is missing; {_FIX}")
         tj, tc = folder / "tokenizer.json", folder / "tokenizer_config.json"
-        for f in (tj, tc):
+        # vocab_merges: a folder without tokenizer.json may hold vocab.json + merges.txt (Optimum's exports)
+        bpe = vocab_merges and not tj.is_file() and (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()
+        for f in (tc,) if bpe else (tj, tc):
             if not f.is_file():
                 raise ArtifactError(f"{f} is missing; {_FIX}")
+        config = _read_config(tc)
+        pad = _token_str(config.get("pad_token"))
+        if bpe:  # vocab.json + merges.txt, as transformers' slow CLIPTokenizer saves them (Optimum's exports)
+            smap = folder / "special_tokens_map.json"
+            if smap.is_file():  # transformers lets the map win over the config
+                pad = _token_str(_read_config(smap).get("pad_token")) or pad
+            if pad is None:
+                raise ArtifactError(f"{tc} names no pad_token; {_FIX}")
+            tokenizer = build_tokenizer_json(*_read_bpe(folder), pad)
+            return cls(tokenizer, pad, _max_length(config, tc))
         try:
             tokenizer = Tokenizer.from_file(str(tj))
         except Exception as e:  # tokenizers raises a bare Exception on a bad file
             raise ArtifactError(f"{tj} is corrupt ({e}); {_FIX}") from e
-        try:
-            config = json.loads(tc.read_text(encoding="utf-8"))
-            if not isinstance(config, dict):
-                raise TypeError("not a JSON object")
-        except (OSError, ValueError, TypeError) as e:
-            raise ArtifactError(f"{tc} is corrupt ({e}); {_FIX}") from e
-        pad = _token_str(config.get("pad_token"))
         if pad is None:
             raise ArtifactError(f"{tc} names no pad_token; {_FIX}")
-        max_length = config.get("model_max_length", 77)
-        if not isinstance(max_length, int) or max_length > 4096:
-            raise ArtifactError(f"{tc} has model_max_length {max_length!r}, expected 77; {_FIX}")
-        return cls(tokenizer, pad, max_length)
+        return cls(tokenizer, pad, _max_length(config, tc))
 
     def _tokens(self, prompts: Sequence[str]) -> list[list[int]]:
         """Each prompt's token ids, without bos / eos."""
@@ -127,3 +165,48 @@ class ClipTokenizer:
     def count_tokens(self, prompts: Sequence[str]) -> list[int]:
         """The number of tokens of each prompt, bos / eos excluded (more than 75 is cut by ``encode``)."""
         return [len(t) for t in self._tokens(prompts)]
+
+
+def build_tokenizer_json(vocab: dict[str, int], merges: list[tuple[str, str]], pad_token: str,
+                         extra_tokens: Sequence[dict[str, Any]] = ()) -> Any:
+    """A ``tokenizers.Tokenizer`` of CLIP's pipeline, configured to tokenize as transformers' CLIPTokenizer.
+
+    Normalize (NFC, whitespace runs -> one space, lowercase), split with CLIP's pattern, map bytes to
+    symbols, BPE with ``</w>`` ending each word, then bos ... eos. No truncation or padding is stored:
+    the runtime applies them. bos, eos and the pad token are special added tokens, matched in the raw
+    prompt before normalization, as transformers registers them; for SD2/SDXL's pad "!" that turns every
+    "!" in a prompt into the pad id 0, which is what diffusers feeds those models.
+    """
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers.models import BPE
+
+    for name in (BOS, EOS, pad_token):
+        if name not in vocab:
+            raise InputError(f"token {name!r} is not in the vocabulary; a CLIP tokenizer needs it")
+    tok = Tokenizer(BPE(vocab=vocab, merges=merges, unk_token=EOS, continuing_subword_prefix="",
+                        end_of_word_suffix="</w>", fuse_unk=False, dropout=None))
+    tok.normalizer = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+    )
+    # The byte-level step keeps GPT-2's split too, as transformers does: it changes only the pieces
+    # "<|startoftext|>" / "<|endoftext|>" that reach the model in another case ("<|", "endoftext", "|>").
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A {EOS}", pair=f"{BOS} $A {EOS} $B {EOS}",
+        special_tokens=[(BOS, vocab[BOS]), (EOS, vocab[EOS])],
+    )
+    specials = list(dict.fromkeys([pad_token, BOS, EOS]))  # the unknown token is eos
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
+    for t in extra_tokens:
+        flags = {k: bool(t[k]) for k in ("single_word", "lstrip", "rstrip", "normalized", "special") if k in t}
+        tok.add_tokens([AddedToken(t["content"], **flags)])
+        if tok.token_to_id(t["content"]) != int(t["id"]):
+            raise ArtifactError(
+                f"added token {t['content']!r} has id {t['id']} in the source but the ids of added tokens "
+                f"must follow the vocabulary ({len(vocab)}, {len(vocab) + 1}, ...); the source folder is corrupt"
+            )
+    return tok

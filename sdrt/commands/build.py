@@ -72,10 +72,11 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("usage: sdrt build ONNX_DIR --out ENGINE_DIR [--profile NAME]")
 
     from sdrt.export.trt_build import BuildOptions, build_engines, check_engine_dir
-    from sdrt.runtime.manifest import EXPORT_FOLDER, ExportManifest
+    from sdrt.runtime.folders import read_manifest
+    from sdrt.runtime.manifest import EXPORT_FOLDER
 
     check_engine_dir(args.out, overwrite=args.overwrite)
-    export = ExportManifest.read(args.onnx_dir, wanted=EXPORT_FOLDER)
+    export = read_manifest(args.onnx_dir, wanted=EXPORT_FOLDER)  # an sdrt export or an Optimum one
     profile = _profile(args, export.default_size)
     options = BuildOptions(
         opt_level=args.opt_level, workspace_gb=args.workspace, timing_cache=args.timing_cache,

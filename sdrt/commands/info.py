@@ -8,7 +8,7 @@ import platform
 
 
 def register(p: argparse.ArgumentParser) -> None:
-    p.add_argument("path", nargs="?", help="optionally, an export or engine folder to describe")
+    p.add_argument("path", nargs="?", help="optionally, a folder to describe: an sdrt export, an Optimum ONNX export, an engine folder or a diffusers folder")
 
 
 def _version(mod: str) -> str:
@@ -76,10 +76,18 @@ def run(args: argparse.Namespace) -> int:
     for mod in ("torch", "diffusers", "transformers", "onnx", "onnxscript"):
         print(f"  {mod:12s} {_version(mod)}")
     if args.path:
-        from sdrt.runtime.manifest import ExportManifest
+        from sdrt.runtime.folders import DIFFUSERS_FOLDER, UNKNOWN, folder_kind, read_manifest, runs_on
 
-        m = ExportManifest.read(args.path)
-        print(f"\n{args.path}: {m.preset} ({m.family}, {m.prediction_type}), made {m.created}")
+        kind = folder_kind(args.path)
+        article = "an" if kind[0] in "aeiouAEIOU" else "a"
+        if kind in (DIFFUSERS_FOLDER, UNKNOWN):
+            print(f"\n{args.path}: {article} {kind} folder" if kind == UNKNOWN else f"\n{args.path}: a {kind}")
+            print(f"  {runs_on(kind, args.path)}")
+            return 0 if kind == DIFFUSERS_FOLDER else 1
+        m = read_manifest(args.path)
+        made = f", made {m.created}" if m.created else ""
+        print(f"\n{args.path}: {m.preset} ({m.family}, {m.prediction_type}){made}")
+        print(f"  {article} {kind}; {runs_on(kind, args.path)}")
         for name, c in m.components.items():
             print(f"  {name:16s} {c.precision:5s} {c.size_bytes / 1e6:9.1f} MB")
     return 0
