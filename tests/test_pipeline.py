@@ -226,3 +226,13 @@ def test_info_lists_backends_and_every_tensorrt_module(tiny_export, capsys: pyte
                         lambda name, *a: None if name.startswith("tensorrt") else real(name, *a))
     assert main(["info"]) == 0
     assert "tensorrt    no: pip install tensorrt --extra-index-url https://pypi.nvidia.com" in capsys.readouterr().out
+
+
+def test_img2img_without_a_vae_encoder_is_named_before_work(pipe: Pipeline, monkeypatch: pytest.MonkeyPatch) -> None:
+    engines = {k: v for k, v in pipe.engines.items() if k != "vae_encoder"}
+    monkeypatch.setattr(pipe, "engines", engines)
+    ran = []
+    monkeypatch.setitem(engines, "text_encoder", lambda feeds: ran.append(feeds))
+    with pytest.raises(ArtifactError, match="no VAE encoder, which img2img needs"):
+        pipe("a", image=np.zeros((64, 64, 3), np.uint8), steps=2)
+    assert ran == []  # refused before the first engine ran
