@@ -231,7 +231,7 @@ def step_graph_plans(profile: BuildProfile, manifest: ExportManifest, options: B
         return []
     dtype = "float16" if unet.precision == "fp16" else "float32"
     plans = []
-    for guided, mode in product((True, False) if profile.cfg else (False,), step_graph_modes(manifest)):
+    for mode, guided in product(step_graph_modes(manifest), (True, False) if profile.cfg else (False,)):
         name = step_engine_name(guided, mode)
         model = step_graph_bytes(guided, dtype, mode)
         digest = hashlib.sha256(model).hexdigest()
