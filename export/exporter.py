@@ -18,6 +18,7 @@ import torch
 from sdrt import __version__
 from sdrt.runtime.atomic import atomic_dir, check_output_dir
 from sdrt.runtime.errors import InputError
+from sdrt.runtime.inpaint import MASKED_ENCODER
 from sdrt.runtime.manifest import MANIFEST_NAME, ExportManifest, ShapeLimits
 
 from . import wrappers
@@ -119,6 +120,22 @@ def component_specs(model: LoadedModel, vae_fp32: bool | None = None) -> list[Co
         example=enc_example,
         force_fp32=vae32,
     ))
+    if in_ch == 2 * lat + 1:  # an inpainting UNet: it also takes the masked image's latents
+
+        def masked_example(g: torch.Generator, b: int, h: int, w: int) -> tuple[torch.Tensor, ...]:
+            mask = (torch.rand(b, h * f, w * f, 1, generator=g) < 0.5).to(torch.uint8)
+            return (*enc_example(g, b, h, w), mask)
+
+        specs.append(ComponentSpec(
+            name=MASKED_ENCODER,
+            module=wrappers.VaeEncoderMasked(model.vae),
+            weights=model.vae,
+            inputs=[("image", "uint8", ("batch", "image_height", "image_width", 3)),
+                    ("mask", "uint8", ("batch", "image_height", "image_width", 1))],
+            outputs=[("latent", "float", ("batch", lat, "height", "width"))],
+            example=masked_example,
+            force_fp32=vae32,
+        ))
     return specs
 
 
@@ -155,6 +172,8 @@ def _model_index(model: LoadedModel) -> dict[str, object]:
         "vae_decoder": ["onnxruntime", "ORTModelVaeDecoder"],
         "vae_encoder": ["onnxruntime", "ORTModelVaeEncoder"],
     }
+    if int(model.unet.config.in_channels) == 2 * int(model.vae.config.latent_channels) + 1:
+        idx["_class_name"] = "ORTStableDiffusionXLInpaintPipeline" if sdxl else "ORTStableDiffusionInpaintPipeline"
     if sdxl:
         idx["text_encoder_2"] = ["onnxruntime", "ORTModelTextEncoder"]
         idx["tokenizer_2"] = ["transformers", "CLIPTokenizer"]

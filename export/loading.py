@@ -103,9 +103,11 @@ def _family_of_folder(index: dict[str, Any], folder: Path) -> str:
     return "sd1"
 
 
-def _preset_for(family: str, prediction_type: str, sample_size: int) -> Preset:
-    """The shipped preset of a family that matches a model's prediction type and size."""
+def _preset_for(family: str, prediction_type: str, sample_size: int, in_channels: int = 4) -> Preset:
+    """The shipped preset of a family that matches a model's UNet input (4 channels, or 9 for an
+    inpainting model), prediction type and size."""
     candidates = [p for p in PRESETS.values() if p.family == family and not p.name.endswith("-tiny")]
+    candidates = [p for p in candidates if p.unet["in_channels"] == in_channels] or candidates
     for p in candidates:
         if p.prediction_type == prediction_type and p.unet["sample_size"] == sample_size:
             return p
@@ -150,7 +152,7 @@ def diffusers_folder(path: Path) -> LoadedModel:
     except (OSError, ValueError) as e:
         raise ArtifactError(f"cannot load the diffusers folder {path}: {e}") from e
     prediction = scheduler_config.get("prediction_type", "epsilon")
-    base = _preset_for(family, prediction, int(unet.config.sample_size))
+    base = _preset_for(family, prediction, int(unet.config.sample_size), int(unet.config.in_channels))
     preset = replace(
         base,
         name=base.name if _same_arch(base, unet) else f"{base.name}-custom",
@@ -175,9 +177,9 @@ def diffusers_folder(path: Path) -> LoadedModel:
 
 def _same_arch(preset: Preset, unet: torch.nn.Module) -> bool:
     cfg = unet.config
-    return list(cfg.block_out_channels) == list(preset.unet["block_out_channels"]) and int(
-        cfg.cross_attention_dim
-    ) == int(preset.unet["cross_attention_dim"])
+    return (list(cfg.block_out_channels) == list(preset.unet["block_out_channels"])
+            and int(cfg.cross_attention_dim) == int(preset.unet["cross_attention_dim"])
+            and int(cfg.in_channels) == int(preset.unet["in_channels"]))
 
 
 def _folder_digest(path: Path) -> str:

@@ -8,7 +8,7 @@ block types, levels, encoders and conditioning inputs) with small widths, for te
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from sdrt.runtime.errors import InputError
@@ -226,3 +226,21 @@ def get_preset(name: str) -> Preset:
         return PRESETS[name]
     except KeyError:
         raise InputError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}") from None
+
+
+# --- inpainting: the same architectures with a 9-channel UNet input --------------------------------
+# (noisy latents, the mask downsampled to latent size, the masked image's latents), as the public
+# runwayml / stabilityai / diffusers inpainting checkpoints. SD 2 inpainting is the 512 px epsilon model.
+def _inpaint(name: str, base: str, **changes: Any) -> None:
+    b = PRESETS[base]
+    latent = int(b.unet["in_channels"])
+    _add(replace(b, name=name, unet={**b.config("unet"), "in_channels": 2 * latent + 1}, **changes))
+
+
+_inpaint("sd15-inpaint", "sd15")
+_inpaint("sd2-inpaint", "sd21")
+_inpaint("sdxl-inpaint", "sdxl")
+_inpaint("sd15-inpaint-tiny", "sd15-tiny")
+_inpaint("sd2-inpaint-tiny", "sd21-tiny", prediction_type="epsilon",
+         scheduler=_sched("PNDMScheduler", "epsilon", **_PNDM))
+_inpaint("sdxl-inpaint-tiny", "sdxl-tiny")

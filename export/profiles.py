@@ -250,15 +250,31 @@ def engine_shapes(profile: BuildProfile, manifest: ExportManifest) -> dict[str, 
     return {name: component_shapes(profile, manifest, name) for name in manifest.components}
 
 
-def step_graph_shapes(profile: BuildProfile, manifest: ExportManifest, guided: bool) -> tuple[TensorShapes, ...]:
+def step_graph_modes(manifest: ExportManifest) -> tuple[str | None, ...]:
+    """The step graph variants an export's UNet runs: an inpainting UNet (2C + 1 input channels) only the
+    mask-concatenating one; an ordinary UNet the plain one and the inpainting blend."""
+    unet = manifest.components.get("unet")
+    sample = next((i for i in unet.inputs if i.name == "sample"), None) if unet is not None else None
+    channels = sample.shape[1] if sample is not None else manifest.latent_channels
+    return ("concat",) if channels == 2 * manifest.latent_channels + 1 else (None, "blend")
+
+
+def step_graph_shapes(profile: BuildProfile, manifest: ExportManifest, guided: bool,
+                      inpaint: str | None = None) -> tuple[TensorShapes, ...]:
     """min/opt/max shapes of the sampler step graph's latent-sized inputs under ``profile`` (its ``guidance``
-    and ``coeffs`` inputs are static). Guided: ``unet_out`` has the UNet's 2B rows."""
+    and ``coeffs`` inputs are static). Guided: ``unet_out`` has the UNet's 2B rows. ``inpaint``: the
+    variant's extra inputs too (runtime/step_graph.py)."""
     f, c = manifest.vae_scale_factor, manifest.latent_channels
     b, h, w = profile.batch, profile.height.divided(f), profile.width.divided(f)
 
-    def shapes(name: str, rows: Range) -> TensorShapes:
-        return TensorShapes(name, (rows.min, c, h.min, w.min), (rows.opt, c, h.opt, w.opt),
-                            (rows.max, c, h.max, w.max))
+    def shapes(name: str, rows: Range, channels: int = c) -> TensorShapes:
+        return TensorShapes(name, (rows.min, channels, h.min, w.min), (rows.opt, channels, h.opt, w.opt),
+                            (rows.max, channels, h.max, w.max))
 
-    return (shapes("latents", b), shapes("unet_out", b.scaled(2) if guided else b),
-            shapes("x0_prev", b), shapes("noise", b))
+    rows = b.scaled(2) if guided else b
+    base = (shapes("latents", b), shapes("unet_out", rows), shapes("x0_prev", b), shapes("noise", b))
+    if inpaint == "concat":
+        return (*base, shapes("unet_extra", rows, c + 1))
+    if inpaint == "blend":
+        return (*base, shapes("mask", b, 1), shapes("image_latents", b), shapes("init_noise", b))
+    return base

@@ -42,6 +42,7 @@ import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from itertools import product
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -60,10 +61,10 @@ from sdrt.runtime.engine_manifest import (
 )
 from sdrt.runtime.errors import ArtifactError, BackendUnavailable, InputError, SdrtError
 from sdrt.runtime.manifest import EXPORT_FOLDER, ExportManifest
-from sdrt.runtime.step_graph import STEP_ENGINES, step_graph_bytes
+from sdrt.runtime.step_graph import step_engine_name, step_graph_bytes
 from sdrt.runtime.trt_modules import backend_name, import_tensorrt, make_logger
 
-from .profiles import BuildProfile, engine_shapes, step_graph_shapes
+from .profiles import BuildProfile, engine_shapes, step_graph_modes, step_graph_shapes
 
 if TYPE_CHECKING:
     import tensorrt as trt  # for annotations; the module in use is passed as ``trt`` (from load_tensorrt)
@@ -230,17 +231,18 @@ def step_graph_plans(profile: BuildProfile, manifest: ExportManifest, options: B
                      env: EngineEnv) -> list[EnginePlan]:
     """The sampler's step graphs (guided when the profile has CFG, and unguided), in the UNet's precision,
     over the profile's latent shapes: the runtime loads them by the digest of their ONNX bytes, so the lean
-    runtime runs the whole denoising loop and the first step pays no build."""
+    runtime runs the whole denoising loop and the first step pays no build. An inpainting UNet (9 input
+    channels) gets only the "concat" variants it needs; an ordinary one the plain and the "blend" ones."""
     unet = manifest.components.get("unet")
     if unet is None:
         return []
     dtype = "float16" if unet.precision == "fp16" else "float32"
     plans = []
-    for guided in (True, False) if profile.cfg else (False,):
-        name = STEP_ENGINES[guided]
-        model = step_graph_bytes(guided, dtype)
+    for mode, guided in product(step_graph_modes(manifest), (True, False) if profile.cfg else (False,)):
+        name = step_engine_name(guided, mode)
+        model = step_graph_bytes(guided, dtype, mode)
         digest = hashlib.sha256(model).hexdigest()
-        shapes = step_graph_shapes(profile, manifest, guided)
+        shapes = step_graph_shapes(profile, manifest, guided, mode)
         flags = replace(options.flags(unet.precision), refittable=False)  # no weights to refit
         key = cache_key(name, digest, unet.precision, shapes, flags, env)
         rec = EngineRecord(component=name, file=f"{name}.engine", precision=unet.precision, shapes=shapes,

@@ -94,3 +94,23 @@ class VaeEncoder(torch.nn.Module):
         x = image.float().permute(0, 3, 1, 2) / 255.0  # cast first: TensorRT takes uint8 only at the graph's edge
         x = (2.0 * x - 1.0).to(dtype)
         return self.vae.encode(x, return_dict=False)[0].mean * self.scale
+
+
+class VaeEncoderMasked(torch.nn.Module):
+    """``image`` uint8 [B, H, W, 3] and ``mask`` uint8 [B, H, W, 1] (1 = repaint) -> ``latent`` of the
+    masked image, for a 9-channel inpainting UNet.
+
+    diffusers zeroes the repainted pixels after normalization to [-1, 1] (mid-gray 127.5, which no uint8
+    pixel is), so the masking happens here, in float32, on the normalized image.
+    """
+
+    def __init__(self, vae: torch.nn.Module) -> None:
+        super().__init__()
+        self.vae = vae
+        self.scale = float(vae.config.scaling_factor)
+
+    def forward(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        dtype = next(self.vae.parameters()).dtype
+        x = 2.0 * (image.float().permute(0, 3, 1, 2) / 255.0) - 1.0
+        x = x * (mask.float().permute(0, 3, 1, 2) < 0.5).float()
+        return self.vae.encode(x.to(dtype), return_dict=False)[0].mean * self.scale

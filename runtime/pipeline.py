@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import samplers
+from . import inpaint, samplers
 from .engine import Array, Backend, Engine
 from .errors import ArtifactError, CompatibilityError, DeviceMemoryError, InputError, SdrtError
 from .manifest import ExportManifest
@@ -90,6 +90,7 @@ class Latents:
     # the float32 starting latents before the cast to the UNet's dtype: the first UNet input is computed
     # from them, as a reference implementation does
     start: np.ndarray | None = field(default=None, repr=False, compare=False)
+    inpaint: inpaint.InpaintState | None = field(default=None, repr=False, compare=False)  # the mask conditioning
 
 
 def make_backend(name: str, folder: Path, threads: int | None = None, cuda_graph: bool | None = None,
@@ -130,8 +131,8 @@ class Pipeline:
         self.engines = engines
         self.tokenizers = tokenizers
         self.scheduler_config = scheduler_config
-        self._step_graphs: dict[tuple[bool, str], Engine] = {}
-        self._loops: dict[tuple[bool, str], StepLoop] = {}
+        self._step_graphs: dict[tuple[bool, str, str | None], Engine] = {}
+        self._loops: dict[tuple[bool, str, str | None], StepLoop] = {}
         self._lock = threading.RLock()
         self._closed = False
 
@@ -311,20 +312,24 @@ class Pipeline:
 
     def prepare_latents(self, plan: samplers.SamplerPlan, height: int, width: int, *, batch_size: int = 1,
                         seed: int | Sequence[int] | None = None, latents: np.ndarray | None = None,
-                        image: Any = None) -> Latents:
+                        image: Any = None, mask_image: Any = None, strength: float = 1.0) -> Latents:
         """The starting latents: ``init_noise_sigma * noise`` (txt2img), or ``image`` encoded and noised to
         the plan's first step (img2img). ``seed`` a list: one generator per image, so image k of a batch
-        equals the same seed generated alone. ``latents``: the initial noise itself (diffusers' ``latents``)."""
+        equals the same seed generated alone. ``latents``: the initial noise itself (diffusers' ``latents``).
+        ``mask_image`` (white = repaint): inpaint ``image``; the plan's ``strength`` (1: start from noise)."""
         with self._lock:
             self._ready()
             self._check_size(height, width, batch_size, guided=None)
             if image is not None:
                 self._check_img2img()
+            mask = None if mask_image is None else self._check_inpaint(image, mask_image)
             init = None if image is None else _to_uint8(image, height, width, self.manifest.vae_scale_factor)
-            return self._prepare(plan, height, width, batch_size, _resolve_seed(seed, batch_size), latents, init)
+            return self._prepare(plan, height, width, batch_size, _resolve_seed(seed, batch_size), latents, init,
+                                 mask, strength == 1.0)
 
     def _prepare(self, plan: samplers.SamplerPlan, height: int, width: int, b: int,
-                 seed: int | Sequence[int] | None, latents: np.ndarray | None, init: np.ndarray | None) -> Latents:
+                 seed: int | Sequence[int] | None, latents: np.ndarray | None, init: np.ndarray | None,
+                 mask: Any = None, pure_noise: bool = False) -> Latents:
         m = self.manifest
         f = m.vae_scale_factor
         lat_shape = (b, m.latent_channels, height // f, width // f)
@@ -335,17 +340,50 @@ class Pipeline:
             noise = np.asarray(latents, dtype=np.float32)
             if noise.shape != lat_shape:
                 raise InputError(f"latents have shape {noise.shape}, expected {lat_shape} for this size and batch")
+        state = None
         if init is not None:
             enc = self.engines["vae_encoder"]
             img_lat = self.backend.to_host(enc({"image": self.backend.to_device(init)})["latent"])
             img_lat = np.repeat(img_lat.astype(np.float64), b // img_lat.shape[0], axis=0)
             x = plan.add_noise(img_lat, noise.astype(np.float64)).astype(np.float32)
+            if mask is not None:
+                state = self._inpaint_state(init, img_lat, noise, mask, height, width, b)
+                if pure_noise:  # diffusers' inpainting at strength 1 starts from pure noise
+                    x = (noise.astype(np.float64) * plan.init_noise_sigma).astype(np.float32)
         else:
             x = (noise.astype(np.float64) * plan.init_noise_sigma).astype(np.float32)
         # fresh noise of every ancestral step, drawn up front so the loop never waits on the host
         step_noise = _draw(gens, (plan.steps, *lat_shape), axis=1) if plan.needs_noise else None
         seeds = None if seed is None else int(seed) if _is_int(seed) else [int(s) for s in seed]  # type: ignore[union-attr]
-        return Latents(self.backend.to_device(x.astype(self.dtype)), height, width, 0, None, step_noise, seeds, x)
+        return Latents(self.backend.to_device(x.astype(self.dtype)), height, width, 0, None, step_noise, seeds, x,
+                       state)
+
+    # -- inpainting (runtime/inpaint.py) -------------------------------------------------------------------
+    def _inpaint_mode(self) -> str:
+        return inpaint.inpaint_mode(int(self.engines["unet"].inputs["sample"].shape[1] or 0),  # type: ignore[arg-type]
+                                    self.manifest.latent_channels)
+
+    def _check_inpaint(self, image: Any, mask_image: Any) -> Any:
+        """The mask as a grayscale PIL image, checked against the image and the export, before any work."""
+        if image is None:
+            raise InputError("mask_image needs the image to inpaint: pass image=... (white in the mask = repaint)",
+                             cli="--mask needs the image to inpaint: pass --init-image")
+        if self._inpaint_mode() == "concat" and inpaint.MASKED_ENCODER not in self.engines:
+            raise ArtifactError(f"{self.folder} has a 9-channel inpainting UNet but no {inpaint.MASKED_ENCODER}; "
+                                "re-export the model with this sdrt version (`sdrt export`)")
+        return inpaint.check_mask(mask_image, image)
+
+    def _inpaint_state(self, init: np.ndarray, img_lat: np.ndarray, noise: np.ndarray, mask_l: Any, height: int,
+                       width: int, b: int) -> inpaint.InpaintState:
+        mask_px = inpaint.binarize(inpaint.resize_mask(mask_l, height, width))
+        lmask = inpaint.latent_mask(mask_px, self.manifest.vae_scale_factor, b)
+        mode = self._inpaint_mode()
+        if mode == "blend":
+            return inpaint.InpaintState(mode, lmask, image_latents=img_lat.astype(np.float32), noise=noise)
+        be = self.backend
+        feeds = {"image": be.to_device(init), "mask": be.to_device(mask_px.astype(np.uint8)[None, :, :, None])}
+        masked = be.to_host(self.engines[inpaint.MASKED_ENCODER](feeds)["latent"]).astype(np.float32)
+        return inpaint.InpaintState(mode, lmask, masked_latents=np.repeat(masked, b // masked.shape[0], axis=0))
 
     # -- stage 3: the denoising loop -------------------------------------------------------------------
     def denoise(self, embeddings: PromptEmbeddings, latents: Latents, plan: samplers.SamplerPlan, *,
@@ -407,13 +445,23 @@ class Pipeline:
                                               (rows, 1)))
         x_start = lat.start if lo == 0 and lat.start is not None else be.to_host(lat.x)
         first_in = samplers.model_input(plan, lo, x_start.astype(np.float64)).astype(dt)
-        unet_in = to_dev(np.concatenate([first_in] * 2) if guided else first_in)
-        loop = self._loop(guided, dt)
+        first_in = np.concatenate([first_in] * 2) if guided else first_in
+        mode, table, step_inputs = None, plan.table, {}
+        if lat.inpaint is not None:  # the mask work runs in the step graph's inpainting variant
+            mode = lat.inpaint.mode
+            feeds, table, head = inpaint.loop_inputs(lat.inpaint, plan, guided, dt)
+            step_inputs = {k: to_dev(v) for k, v in feeds.items()}
+            first_in = first_in if head is None else np.concatenate([first_in, head], axis=1)
+        elif self._inpaint_mode() == "concat":
+            raise InputError("this is an inpainting model (a 9-channel UNet): prepare the latents with image= and "
+                             "mask_image=")
+        unet_in = to_dev(first_in)
+        loop = self._loop(guided, dt, mode)
         noise = lat.noise[lo:hi] if plan.needs_noise and lat.noise is not None else None
         loop.start(latents=lat.x, unet_in=unet_in, x0_prev=lat.x0, cond=cond,
                    guidance=to_dev(np.array(guidance_scale, np.float32)) if guided else None,
-                   timesteps=plan.timesteps[lo:hi], coeffs=plan.table[lo:hi],
-                   noise=None if noise is None else noise.astype(np.float32))
+                   timesteps=plan.timesteps[lo:hi], coeffs=table[lo:hi],
+                   noise=None if noise is None else noise.astype(np.float32), step_inputs=step_inputs or None)
         own = clock is None
         clk = be.clock() if clock is None else clock
         clk.mark()
@@ -430,10 +478,11 @@ class Pipeline:
         return replace(lat, x=loop.latents, step=hi, x0=loop.x0 if hi < plan.steps else None,
                        start=None), loop.describe()
 
-    def _loop(self, guided: bool, dt: np.dtype[Any]) -> StepLoop:
-        key = (guided, dt.name)
+    def _loop(self, guided: bool, dt: np.dtype[Any], inpaint_mode: str | None = None) -> StepLoop:
+        key = (guided, dt.name, inpaint_mode)
         if key not in self._loops:
-            self._loops[key] = self.backend.step_loop(self.engines["unet"], self._step_graph(guided, dt))
+            self._loops[key] = self.backend.step_loop(self.engines["unet"],
+                                                      self._step_graph(guided, dt, inpaint_mode))
         return self._loops[key]
 
     # -- stage 4: decode --------------------------------------------------------------------------------
@@ -488,6 +537,8 @@ class Pipeline:
         pooled_prompt_embeds: np.ndarray | None = None,
         negative_pooled_prompt_embeds: np.ndarray | None = None,
         output: str = "images",
+        mask_image: Any = None,
+        paste_back: float | None = None,
     ) -> Result:
         """The whole call: encode_prompt -> prepare_latents -> denoise -> decode.
 
@@ -495,7 +546,10 @@ class Pipeline:
         down to a multiple of 8). ``guidance_scale``: 0..100, where <= 1 turns guidance off. ``seed``:
         0..2**32-1, or a list of them, one per image; None for a random one (returned in ``Result.seed``).
         ``strength``: img2img only, in (0, 1], default 0.8. ``output="latents"``: return the final latents
-        (``Result.latents``), not images. Every argument is checked before any engine runs."""
+        (``Result.latents``), not images. ``mask_image`` (with ``image``): inpaint, white = repaint, as
+        diffusers' inpainting pipelines (strength default 1: the masked region starts from noise).
+        ``paste_back``: a mask blur radius in pixels (0: a hard edge); the original pixels outside the mask are
+        pasted back over the output. Every argument is checked before any engine runs."""
         with self._lock:
             self._ready()
             t_start = time.perf_counter()
@@ -513,6 +567,15 @@ class Pipeline:
                     self._check_side(label, v)
             _check_guidance(guidance_scale)
             seed = _resolve_seed(seed, b)
+            mask = None if mask_image is None else self._check_inpaint(image, mask_image)
+            blur = inpaint.check_paste_back(paste_back)
+            if blur is not None and (mask is None or output != "images"):
+                raise InputError("paste_back applies to inpainting images: pass mask_image=, or leave paste_back out",
+                                 cli="--paste-back applies to inpainting: pass --mask, or leave --paste-back out")
+            if mask is None and self._inpaint_mode() == "concat":
+                raise InputError(f"{self.folder} is an inpainting model (a 9-channel UNet): pass image= and "
+                                 "mask_image= (white = repaint)",
+                                 cli=f"{self.folder} is an inpainting model: pass --init-image and --mask")
             if image is None and strength is not None:
                 raise InputError("strength applies to img2img only: pass image=..., or leave strength out",
                                  cli="--strength applies to img2img only: pass --init-image, or leave --strength out")
@@ -525,8 +588,9 @@ class Pipeline:
             width = m.default_size if width is None else int(width)
             guided = guidance_scale > 1.0
             self._check_size(height, width, b, guided=guided)
-            plan = self.plan(sampler, steps, strength=1.0 if image is None else
-                             DEFAULT_STRENGTH if strength is None else strength)
+            default_strength = 1.0 if mask is not None else DEFAULT_STRENGTH
+            strength = 1.0 if image is None else default_strength if strength is None else strength
+            plan = self.plan(sampler, steps, strength=strength)
             try:
                 # one clock for every stage: device events on a GPU backend, the synchronized host clock on CPU
                 clock = self.backend.clock()
@@ -539,7 +603,7 @@ class Pipeline:
                     assert prompt is not None
                     emb = self.encode_prompt(prompt, negative_prompt, batch_size=batch_size, guided=guided)
                 clock.mark()
-                lat = self._prepare(plan, height, width, b, seed, latents, init)
+                lat = self._prepare(plan, height, width, b, seed, latents, init, mask, strength == 1.0)
                 clock.mark()
                 lat, how = self._denoise(emb, lat, plan, guidance_scale, None, None, callback, {}, clock)
                 images: list[Any] = []
@@ -549,6 +613,11 @@ class Pipeline:
                     final = self.backend.to_host(lat.x)
                 else:
                     images, nonfinite = self._decode(lat.x)
+                    if blur is not None:
+                        from PIL import Image
+
+                        original, m_out = Image.fromarray(init[0]), inpaint.resize_mask(mask, height, width)
+                        images = [inpaint.paste_back(im, original, m_out, blur) for im in images]
                 clock.mark()
                 ms = clock.intervals_ms()  # text, latents, loop set-up, each step, decode
                 clock.close()
@@ -600,12 +669,13 @@ class Pipeline:
             raise InputError(f"{len(negs)} negative prompts for {b} images; give one, or one per image")
         return negs
 
-    def _step_graph(self, guided: bool, dtype: np.dtype[Any]) -> Engine:
-        key = (guided, dtype.name)
+    def _step_graph(self, guided: bool, dtype: np.dtype[Any], inpaint_mode: str | None = None) -> Engine:
+        key = (guided, dtype.name, inpaint_mode)
         if key not in self._step_graphs:
-            from .step_graph import STEP_ENGINES, step_graph_bytes
+            from .step_graph import step_engine_name, step_graph_bytes
 
-            self._step_graphs[key] = self.backend.load(step_graph_bytes(guided, dtype), STEP_ENGINES[guided])
+            self._step_graphs[key] = self.backend.load(step_graph_bytes(guided, dtype, inpaint_mode),
+                                                       step_engine_name(guided, inpaint_mode))
         return self._step_graphs[key]
 
 

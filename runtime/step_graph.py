@@ -11,6 +11,14 @@ duplicated to the UNet's 2B rows.
 
 Float16 graphs compute in float32 and round once on output. The numpy reference is
 ``samplers.step_reference`` (after ``samplers.guide``).
+
+Inpainting variants (``inpaint=``, see ``runtime/inpaint.py``) add the per-step mask work on the device:
+
+    "concat"  a 9-channel UNet: extra input unet_extra [2B or B,E,H,W] (the latent-size mask and the
+              masked image's latents), appended to unet_in_next along channels
+    "blend"   a 4-channel UNet: extra inputs mask [B,1,H,W], image_latents and init_noise [B,C,H,W];
+              coeffs gains BLEND_COLUMNS, and x_next = (1 - mask) (ka image_latents + kn init_noise)
+              + mask x_next, the unmasked region put back at the next step's noise level
 """
 
 from __future__ import annotations
@@ -31,50 +39,85 @@ _LATENT = ["B", "C", "H", "W"]
 # names of the step graphs that ``sdrt build`` prebuilds into an engine folder (the TensorRT backend finds
 # them by the digest of ``step_graph_bytes``; a folder without them is refused with its rebuild command)
 STEP_ENGINES = {False: "sampler_step", True: "sampler_step_cfg"}
+INPAINT_MODES = ("concat", "blend")
+BLEND_COLUMNS = ("blend_image", "blend_noise")  # the "blend" graph's coeffs: COLUMNS + these
 
 
-def step_graph_bytes(batch_guided: bool, dtype: Any = np.float16) -> bytes:
+def step_engine_name(batch_guided: bool, inpaint: str | None = None) -> str:
+    """The engine name ``sdrt build`` gives a step graph variant (and the TensorRT backend loads)."""
+    return STEP_ENGINES[batch_guided] + ("" if inpaint is None else f"_{inpaint}")
+
+
+def step_graph_bytes(batch_guided: bool, dtype: Any = np.float16, inpaint: str | None = None) -> bytes:
     """The serialized step graph: the same bytes in every process (engine folders key on their digest)."""
-    return build_step_graph(batch_guided, dtype).SerializeToString()
+    return build_step_graph(batch_guided, dtype, inpaint).SerializeToString()
 
 
-def build_step_graph(batch_guided: bool, dtype: Any = np.float16) -> onnx.ModelProto:
-    """The step graph for latents of ``dtype`` (float16 or float32); guided means CFG on 2B UNet rows."""
+def build_step_graph(batch_guided: bool, dtype: Any = np.float16, inpaint: str | None = None) -> onnx.ModelProto:
+    """The step graph for latents of ``dtype`` (float16 or float32); guided means CFG on 2B UNet rows;
+    ``inpaint`` one of INPAINT_MODES or None."""
     try:
         elem = _TYPES[np.dtype(dtype)]
     except (KeyError, TypeError) as e:
         raise InputError(f"step graph dtype must be float16 or float32, got {dtype!r}") from e
+    if inpaint is not None and inpaint not in INPAINT_MODES:
+        raise InputError(f"inpaint must be one of {', '.join(INPAINT_MODES)} or None, got {inpaint!r}")
     nodes: list[onnx.NodeProto] = []
     x, out, x0_prev, noise = (_input(nodes, name, elem) for name in ("latents", "unet_out", "x0_prev", "noise"))
     m = _guided(nodes, out) if batch_guided else out
-    _, p, q, a, b, c, d, s_next = _columns(nodes)
+    _, p, q, a, b, c, d, s_next, *blend = _columns(nodes, BLEND_COLUMNS if inpaint == "blend" else ())
     x0 = _add(nodes, "x0_f", _mul(nodes, p, x), _mul(nodes, q, m))  # x0 = p x + q m
     x_next = _add(nodes, "update", _mul(nodes, a, x), _mul(nodes, b, x0))
     x_next = _add(nodes, "x_next_f", x_next,
                   _add(nodes, "history_noise", _mul(nodes, c, x0_prev), _mul(nodes, d, noise)))
+    if inpaint == "blend":
+        x_next = _blend(nodes, x_next, blend, elem)
     unet_in = _mul(nodes, s_next, x_next)
     if batch_guided:
         unet_in = _node(nodes, "Concat", [unet_in, unet_in], "unet_in_f", axis=0)
+    if inpaint == "concat":
+        unet_in = _node(nodes, "Concat", [unet_in, _input(nodes, "unet_extra", elem)], "unet_in_extra", axis=1)
     _output(nodes, x_next, "latents_next", elem)
     _output(nodes, x0, "x0", elem)
     _output(nodes, unet_in, "unet_in_next", elem)
-    return _model(nodes, batch_guided, elem)
+    return _model(nodes, batch_guided, elem, inpaint)
 
 
-def _model(nodes: list[onnx.NodeProto], batch_guided: bool, elem: int) -> onnx.ModelProto:
+def _blend(nodes: list[onnx.NodeProto], x_next: str, blend: list[str], elem: int) -> str:
+    """diffusers' 4-channel inpainting: (1 - mask) * image latents noised to the next step + mask * x_next."""
+    ka, kn = blend
+    mask, img, init_noise = (_input(nodes, n, elem) for n in ("mask", "image_latents", "init_noise"))
+    proper = _add(nodes, "image_noised", _mul(nodes, ka, img), _mul(nodes, kn, init_noise))
+    nodes.append(helper.make_node("Constant", [], ["one"], value=helper.make_tensor("one_v", TensorProto.FLOAT,
+                                                                                    [1], [1.0])))
+    keep = _node(nodes, "Sub", ["one", mask], "keep")
+    return _add(nodes, "x_next_blended", _mul(nodes, keep, proper), _mul(nodes, mask, x_next))
+
+
+def _model(nodes: list[onnx.NodeProto], batch_guided: bool, elem: int, inpaint: str | None = None) -> onnx.ModelProto:
     rows = ["2B", *_LATENT[1:]] if batch_guided else _LATENT
+    out_rows = [rows[0], "C_unet", *rows[2:]] if inpaint == "concat" else rows
+    extra = {
+        None: [],
+        "concat": [helper.make_tensor_value_info("unet_extra", elem, [rows[0], "E", *rows[2:]])],
+        "blend": [helper.make_tensor_value_info("mask", elem, ["B", 1, *_LATENT[2:]]),
+                  helper.make_tensor_value_info("image_latents", elem, _LATENT),
+                  helper.make_tensor_value_info("init_noise", elem, _LATENT)],
+    }[inpaint]
+    columns = len(COLUMNS) + (len(BLEND_COLUMNS) if inpaint == "blend" else 0)
     inputs = [
         helper.make_tensor_value_info("latents", elem, _LATENT),
         helper.make_tensor_value_info("unet_out", elem, rows),
         *([helper.make_tensor_value_info("guidance", TensorProto.FLOAT, [])] if batch_guided else []),
-        helper.make_tensor_value_info("coeffs", TensorProto.FLOAT, [len(COLUMNS)]),
+        helper.make_tensor_value_info("coeffs", TensorProto.FLOAT, [columns]),
         helper.make_tensor_value_info("x0_prev", elem, _LATENT),
         helper.make_tensor_value_info("noise", elem, _LATENT),
+        *extra,
     ]
     outputs = [
         helper.make_tensor_value_info("latents_next", elem, _LATENT),
         helper.make_tensor_value_info("x0", elem, _LATENT),
-        helper.make_tensor_value_info("unet_in_next", elem, rows),
+        helper.make_tensor_value_info("unet_in_next", elem, out_rows),
     ]
     graph = helper.make_graph(nodes, "sdrt_sampler_step", inputs, outputs)
     graph.doc_string = "x0 = p x + q m; x_next = a x + b x0 + c x0_prev + d noise; unet_in = s_next x_next"
@@ -92,9 +135,9 @@ def _guided(nodes: list[onnx.NodeProto], out: str) -> str:
     return _add(nodes, "guided", uncond, _mul(nodes, "guidance", delta))
 
 
-def _columns(nodes: list[onnx.NodeProto]) -> list[str]:
+def _columns(nodes: list[onnx.NodeProto], extra: tuple[str, ...] = ()) -> list[str]:
     """The coeffs row split into one [1]-shaped tensor per COLUMN (broadcasts against latents)."""
-    names = [f"coef_{c}" for c in COLUMNS]
+    names = [f"coef_{c}" for c in (*COLUMNS, *extra)]
     nodes.append(helper.make_node("Split", ["coeffs"], names, axis=0))
     return names
 

@@ -44,9 +44,11 @@ class StepLoop(abc.ABC):
     @abc.abstractmethod
     def start(self, *, latents: Array, unet_in: Array, cond: Mapping[str, Array],
               timesteps: Sequence[float] | np.ndarray, coeffs: np.ndarray, guidance: Array | None = None,
-              x0_prev: Array | None = None, noise: np.ndarray | None = None) -> None:
+              x0_prev: Array | None = None, noise: np.ndarray | None = None,
+              step_inputs: Mapping[str, Array] | None = None) -> None:
         """Set up a run of ``len(timesteps)`` steps. ``coeffs`` is the sampler table [steps, columns];
-        ``noise`` the fresh noise of every step [steps, *latents.shape] (ancestral samplers) or None."""
+        ``noise`` the fresh noise of every step [steps, *latents.shape] (ancestral samplers) or None;
+        ``step_inputs`` the step graph's further inputs, the same every step (an inpainting variant's)."""
 
     @abc.abstractmethod
     def step(self, i: int) -> None:
@@ -85,7 +87,8 @@ class PlainStepLoop(StepLoop):
 
     def start(self, *, latents: Array, unet_in: Array, cond: Mapping[str, Array],
               timesteps: Sequence[float] | np.ndarray, coeffs: np.ndarray, guidance: Array | None = None,
-              x0_prev: Array | None = None, noise: np.ndarray | None = None) -> None:
+              x0_prev: Array | None = None, noise: np.ndarray | None = None,
+              step_inputs: Mapping[str, Array] | None = None) -> None:
         be = self.backend
         ts, cf = np.asarray(timesteps), np.asarray(coeffs, dtype=np.float32)
         n = len(ts)
@@ -102,7 +105,8 @@ class PlainStepLoop(StepLoop):
         c_dev = [be.to_device(np.ascontiguousarray(cf[i])) for i in range(n)]
         n_dev = [be.to_device(np.ascontiguousarray(z, dtype=dtype)) for z in noise] if noise is not None else [zeros] * n
         self._per_step = list(zip(t_dev, c_dev, n_dev))
-        self._fixed = {"cond": dict(cond), "guide": {} if guidance is None else {"guidance": guidance}}
+        self._fixed = {"cond": dict(cond), "guide": {**({} if guidance is None else {"guidance": guidance}),
+                                                     **(step_inputs or {})}}
         self._state = {"latents": latents, "x0": zeros if x0_prev is None else x0_prev, "unet_in": unet_in}
 
     def step(self, i: int) -> None:

@@ -123,13 +123,14 @@ class CapturedStepLoop(StepLoop):
     # -- the public calls -----------------------------------------------------------------------------
     def start(self, *, latents: Array, unet_in: Array, cond: Mapping[str, Array], timesteps: Sequence[float] | np.ndarray,
               coeffs: np.ndarray, guidance: Array | None = None, x0_prev: Array | None = None,
-              noise: np.ndarray | None = None) -> None:
+              noise: np.ndarray | None = None, step_inputs: Mapping[str, Array] | None = None) -> None:
         """Set up a run of ``len(timesteps)`` steps: copy the starting state and conditioning in, upload
         the per-step tables, and (re)capture when the shapes changed."""
         self._require_open()
         be = self.backend
         x, u = be.as_device(latents), be.as_device(unet_in)
         conds = {k: be.as_device(v) for k, v in cond.items()}
+        extra = {k: be.as_device(v) for k, v in (step_inputs or {}).items()}
         g = None if guidance is None else be.as_device(guidance)
         ts, cf = np.asarray(timesteps), np.asarray(coeffs)
         n = len(ts)
@@ -138,9 +139,10 @@ class CapturedStepLoop(StepLoop):
         if noise is not None and np.shape(noise) != (n, *x.shape):
             raise InputError(f"noise must be [steps, *latents.shape] = {[n, *x.shape]}, got {list(np.shape(noise))}")
         key = (x.shape, x.dtype, u.shape, u.dtype, g is None, cf.shape[1],
-               tuple(sorted((k, v.shape, v.dtype.str) for k, v in conds.items())))
+               tuple(sorted((k, v.shape, v.dtype.str) for k, v in conds.items())),
+               tuple(sorted((k, v.shape, v.dtype.str) for k, v in extra.items())))
         if key != self._key or (self.captured and self._generation != be.scratch.generation):
-            self._setup(x, u, conds, g, cf.shape[1])
+            self._setup(x, u, conds, g, cf.shape[1], extra)
             self._key = key
         b = self.buf
         be.copy(b["lat"][0], x)
@@ -151,6 +153,8 @@ class CapturedStepLoop(StepLoop):
             be.copy(b["x0"][0], be.as_device(x0_prev))
         for k, v in conds.items():
             be.copy(b["cond"][k], v)
+        for k, v in extra.items():
+            be.copy(b["extra"][k], v)
         if g is not None:
             be.copy(b["g"], g)
         t = b["t"]
@@ -202,7 +206,7 @@ class CapturedStepLoop(StepLoop):
 
     # -- internals ------------------------------------------------------------------------------------
     def _setup(self, x: DeviceArray, u: DeviceArray, conds: Mapping[str, DeviceArray], g: DeviceArray | None,
-               columns: int) -> None:
+               columns: int, extra: Mapping[str, DeviceArray] | None = None) -> None:
         be = self.backend
         self._key, self._graphs, self.captured = None, [], False
         unet_feeds_names = set(self.unet.inputs)
@@ -216,6 +220,7 @@ class CapturedStepLoop(StepLoop):
             "uin": [be.empty(u.shape, u.dtype) for _ in range(2)],
             "t": be.empty((u.shape[0],) if len(t_spec.shape) == 1 else (), t_spec.dtype),
             "cond": {k: be.empty(v.shape, v.dtype) for k, v in conds.items()},
+            "extra": {k: be.empty(v.shape, v.dtype) for k, v in (extra or {}).items()},
         }
         unet_feeds = {"sample": b["uin"][0], "timestep": b["t"], **b["cond"]}
         self.unet.check(unet_feeds)
@@ -241,6 +246,7 @@ class CapturedStepLoop(StepLoop):
                  "noise": b["noise"]}
         if b["g"] is not None:
             feeds["guidance"] = b["g"]
+        feeds.update(b["extra"])
         return feeds
 
     def _enqueue(self, p: int) -> None:

@@ -605,7 +605,8 @@ def test_sdrt_build_makes_a_whole_engine_folder_on_rtx(rtx: ModuleType, tiny_exp
     assert main(["build", str(src), "--out", str(out), *shape, *module]) == 0
     printed = capsys.readouterr().out
     m = EngineManifest.read(out)
-    names = ["text_encoder", "unet", "vae_decoder", "vae_encoder", "sampler_step_cfg", "sampler_step"]
+    names = ["text_encoder", "unet", "vae_decoder", "vae_encoder", "sampler_step_cfg", "sampler_step",
+             "sampler_step_cfg_blend", "sampler_step_blend"]
     names += ["text_encoder_2"] if preset == "sdxl-tiny" else []
     assert sorted(r.component for r in m.engines) == sorted(names)
     vae_fp32 = {"vae_decoder", "vae_encoder"} if preset == "sdxl-tiny" else set()

@@ -118,7 +118,8 @@ def test_built_engines_drive_the_pipeline_like_ort_cpu(tiny_export, tmp_path: Pa
     manifest = build_engines(src, out, custom_profile(batch="1:1:2", height="64:64:96", width="64:64:96"),
                              BuildOptions(workspace_gb=1), progress=messages.append)
     assert {r.component for r in manifest.engines} == set(
-        ["text_encoder", "unet", "vae_decoder", "vae_encoder", "sampler_step_cfg", "sampler_step"]
+        ["text_encoder", "unet", "vae_decoder", "vae_encoder", "sampler_step_cfg", "sampler_step",
+         "sampler_step_cfg_blend", "sampler_step_blend"]
         + (["text_encoder_2"] if preset == "sdxl-tiny" else []))
     built = len(trt.built)
     assert trt.build_calls["monitors"] == len(manifest.engines)
@@ -169,7 +170,8 @@ def test_the_lean_runtime_runs_the_whole_loop_from_prebuilt_step_graphs(tiny_exp
     src = tiny_export("sd15-tiny")
     out = tmp_path / "engines"
     manifest = build_engines(src, out, custom_profile(batch="1:1:2", height=64), BuildOptions(version_compatible=True))
-    assert [r.component for r in manifest.engines][-2:] == ["sampler_step_cfg", "sampler_step"]
+    assert [r.component for r in manifest.engines][-4:] == ["sampler_step_cfg", "sampler_step",
+                                                            "sampler_step_cfg_blend", "sampler_step_blend"]
     built = len(trt.built)
     lean = FakeTrt(cudart, name="tensorrt_lean_bindings", lean=True)
     monkeypatch.setattr(tb, "import_tensorrt", lambda names: lean)
@@ -242,3 +244,30 @@ def test_pipelines_loaded_and_closed_ten_times_leave_nothing_on_the_device(tiny_
         assert cudart.alive()["allocations"] == 0
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize("preset", ["sd15-inpaint-tiny", "sd15-tiny"])
+def test_inpainting_on_built_engines_like_ort_cpu(tiny_export, tmp_path: Path, fake_gpu, preset: str) -> None:
+    """Logic check on fakes: a 9-channel UNet (concat step graph, masked-image encoder) and a 4-channel one
+    (blend step graph) inpaint on tensorrt as on ort-cpu, captured, with only prebuilt step graphs."""
+    from .test_inpaint_parity import image_and_mask
+
+    _, trt = fake_gpu
+    src = tiny_export(preset)
+    out = tmp_path / "engines"
+    manifest = build_engines(src, out, custom_profile(batch="1:1:2", height="64:64:96", width="64:64:96"),
+                             BuildOptions())
+    steps = {r.component for r in manifest.engines if r.component.startswith("sampler_step")}
+    nine = preset == "sd15-inpaint-tiny"
+    assert steps == ({"sampler_step_cfg_concat", "sampler_step_concat"} if nine else
+                     {"sampler_step_cfg", "sampler_step", "sampler_step_cfg_blend", "sampler_step_blend"})
+    assert ("vae_encoder_masked" in {r.component for r in manifest.engines}) == nine
+    built = len(trt.built)
+    image, mask = image_and_mask(96, 64)
+    kw: dict[str, Any] = {"steps": 4, "sampler": "dpmpp-2m", "seed": 3, "image": image, "mask_image": mask,
+                          "strength": 0.9}
+    want = Pipeline.load(src, backend="ort-cpu")("a red fox", **kw)
+    got = Pipeline.load(out, backend="tensorrt")("a red fox", **kw)
+    assert got.loop == "captured CUDA graphs" and len(trt.built) == built
+    a, b = np.asarray(want.images[0], np.int16), np.asarray(got.images[0], np.int16)
+    assert a.shape == b.shape == (64, 96, 3) and np.abs(a - b).max() <= 1 and a.std() > 1

@@ -33,8 +33,14 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
                    help="replay the denoising step as CUDA graphs (GPU; default: on for tensorrt, off for ort-cuda)")
     p.add_argument("--init-image", default=None, help="img2img: the starting image")
+    p.add_argument("--mask", default=None,
+                   help="inpainting (needs --init-image): a mask of the image's size, white = repaint")
+    p.add_argument("--paste-back", type=float, default=None, metavar="BLUR",
+                   help="inpainting: paste the original pixels outside the mask back, through the mask blurred by "
+                        "BLUR pixels (0: a hard edge)")
     p.add_argument("--strength", type=float, default=None,
-                   help="img2img only (needs --init-image): how much to change the image, in (0, 1] (default 0.8)")
+                   help="img2img and inpainting (needs --init-image): how much to change the image, in (0, 1] "
+                        "(default 0.8; inpainting 1)")
     p.add_argument("-o", "--output", default="out.png",
                    help=f"output image ({', '.join(IMAGE_FORMATS)}) in an existing folder; an existing file of that "
                         "name is replaced; batches get _1, _2, ... suffixes")
@@ -53,14 +59,12 @@ def run(args: argparse.Namespace) -> int:
     paths = output_paths(Path(args.output), args.batch_size)
     if args.strength is not None and not args.init_image:
         raise InputError("--strength applies to img2img only: pass --init-image, or leave --strength out")
-    image = None
-    if args.init_image:
-        from PIL import Image, UnidentifiedImageError
-
-        try:
-            image = Image.open(args.init_image)
-        except (OSError, UnidentifiedImageError) as e:
-            raise InputError(f"cannot read --init-image {args.init_image}: {e}") from e
+    if args.mask and not args.init_image:
+        raise InputError("--mask needs the image to inpaint: pass --init-image")
+    if args.paste_back is not None and not args.mask:
+        raise InputError("--paste-back applies to inpainting: pass --mask, or leave --paste-back out")
+    image = None if not args.init_image else _open_image(args.init_image, "--init-image")
+    mask = None if not args.mask else _open_image(args.mask, "--mask")
     pipe = Pipeline.load(args.path, backend=args.backend, cuda_graph=args.cuda_graph)
     print(f"{pipe.manifest.preset} on {pipe.backend.name}")
     bar = tqdm(total=None, unit="step", desc="denoising")
@@ -74,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
         try:
             result = pipe(args.prompt, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
                           steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler, seed=args.seed,
-                          batch_size=args.batch_size, image=image, strength=args.strength, callback=progress)
+                          batch_size=args.batch_size, image=image, strength=args.strength, callback=progress,
+                          mask_image=mask, paste_back=args.paste_back)
         finally:
             bar.close()
     print_warnings(caught)
@@ -87,6 +92,19 @@ def run(args: argparse.Namespace) -> int:
     print(timing_table(result.timings, len(result.timings["unet_steps_ms"])))
     print(f"denoising loop: {result.loop}")
     return 0
+
+
+def _open_image(path: str, flag: str) -> object:
+    from PIL import Image, UnidentifiedImageError
+
+    from sdrt.runtime.errors import InputError
+
+    try:
+        img = Image.open(path)
+        img.load()
+    except (OSError, UnidentifiedImageError) as e:
+        raise InputError(f"cannot read {flag} {path}: {e}") from e
+    return img
 
 
 def output_paths(out: Path, n: int) -> list[Path]:

@@ -1,0 +1,168 @@
+"""Inpainting: the mask's preparation and the per-step inputs of the inpainting step graphs.
+
+Semantics are diffusers' ``StableDiffusionInpaintPipeline`` / ``StableDiffusionXLInpaintPipeline``:
+white marks the region to repaint. The mask is converted to grayscale, resized to the output size
+(Lanczos), scaled to [0, 1] and binarized at 0.5 (``VaeImageProcessor(do_binarize=True,
+do_convert_grayscale=True)``), then downsampled to latent size by nearest neighbour
+(``prepare_mask_latents``). Two kinds of model:
+
+- a 9-channel inpainting UNet takes [latents, mask, masked image latents] at every step: the step graph's
+  "concat" variant appends the fixed [mask, masked latents] block to its next UNet input, on the device;
+- an ordinary 4-channel UNet inpaints by blending: after every step the unmasked region is replaced by
+  the init image's latents noised to the next step's level (the same noise the run started from), and
+  by the clean latents after the last step: the "blend" variant of the step graph.
+
+``paste_back`` is diffusers' ``apply_overlay`` (after an optional ``VaeImageProcessor.blur`` of the mask):
+the original pixels outside the mask, composited over the generated image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from . import samplers
+from .errors import InputError
+
+MASKED_ENCODER = "vae_encoder_masked"  # the export's encoder of the masked image (9-channel UNets only)
+MASK_MODES = ("1", "L", "RGB")  # what a mask image may be; diffusers converts each to grayscale ("L")
+
+
+@dataclass(frozen=True)
+class InpaintState:
+    """What the denoising loop needs beyond the latents (host float32 arrays, batch rows first).
+
+    ``mode``: "concat" (9-channel UNet) or "blend" (4-channel). ``mask`` [B, 1, h, w] at latent size;
+    ``masked_latents`` [B, C, h, w] (concat); ``image_latents`` and ``noise`` [B, C, h, w] (blend).
+    """
+
+    mode: str
+    mask: np.ndarray
+    masked_latents: np.ndarray | None = None
+    image_latents: np.ndarray | None = field(default=None, repr=False)
+    noise: np.ndarray | None = field(default=None, repr=False)
+
+
+def inpaint_mode(unet_channels: int, latent_channels: int) -> str:
+    """"concat" for an inpainting UNet (latents + mask + masked latents), "blend" for an ordinary one."""
+    if unet_channels == 2 * latent_channels + 1:
+        return "concat"
+    if unet_channels == latent_channels:
+        return "blend"
+    raise InputError(f"a UNet of {unet_channels} input channels can neither inpaint by blending "
+                     f"({latent_channels}) nor take a mask ({2 * latent_channels + 1}); re-export the model")
+
+
+def image_size(image: Any) -> tuple[int, int]:
+    """(width, height) of a PIL image or an [H, W, ...] array, before any resize."""
+    if isinstance(image, np.ndarray):
+        return int(image.shape[1]), int(image.shape[0])
+    return tuple(image.size)  # type: ignore[return-value]
+
+
+def mask_to_pil(mask: Any) -> Any:
+    """A PIL image (mode 1, L or RGB) or a uint8 array [H, W] / [H, W, 1] / [H, W, 3] -> a grayscale PIL image."""
+    from PIL import Image
+
+    fix = "white (255) marks the region to repaint, black (0) what to keep"
+    if isinstance(mask, np.ndarray):
+        if mask.dtype != np.uint8 or not (mask.ndim == 2 or (mask.ndim == 3 and mask.shape[2] in (1, 3))):
+            raise InputError(f"mask_image array must be uint8 [H, W] (or [H, W, 1], [H, W, 3]), got "
+                             f"{mask.dtype}{list(mask.shape)}: {fix}")
+        mask = Image.fromarray(mask[..., 0] if mask.ndim == 3 and mask.shape[2] == 1 else mask)
+    if not isinstance(mask, Image.Image):
+        raise InputError(f"mask_image must be a PIL image or a uint8 array, not {type(mask).__name__}: {fix}")
+    if mask.mode not in MASK_MODES:
+        raise InputError(f"mask_image has mode {mask.mode}; give a grayscale (L), 1-bit or RGB image (a mask's "
+                         f"transparency is not read): {fix}", cli=f"--mask has mode {mask.mode}; give a grayscale, "
+                         f"1-bit or RGB image (a mask's transparency is not read): {fix}")
+    return mask if mask.mode == "L" else mask.convert("L")
+
+
+def check_mask(mask: Any, image: Any) -> Any:
+    """The mask as a grayscale PIL image, refused unless it has the init image's size."""
+    m = mask_to_pil(mask)
+    if m.size != image_size(image):
+        (w, h), (iw, ih) = m.size, image_size(image)
+        raise InputError(f"mask_image is {w}x{h} but the image is {iw}x{ih}: give a mask of the image's size",
+                         cli=f"--mask is {w}x{h} but --init-image is {iw}x{ih}: give a mask of the image's size")
+    return m
+
+
+def resize_mask(mask_l: Any, height: int, width: int) -> Any:
+    """The grayscale mask at the output size, resized as VaeImageProcessor does (Lanczos)."""
+    from PIL import Image
+
+    return mask_l if mask_l.size == (width, height) else mask_l.resize((width, height), resample=Image.LANCZOS)
+
+
+def binarize(mask_l: Any) -> np.ndarray:
+    """[H, W] float32 of 0 and 1: diffusers' mask at pixel size (1 = repaint)."""
+    m = np.asarray(mask_l, dtype=np.float32) / 255.0
+    return (m >= 0.5).astype(np.float32)
+
+
+def latent_mask(mask_px: np.ndarray, factor: int, batch: int) -> np.ndarray:
+    """[B, 1, h, w]: torch's nearest interpolation to 1/factor of the size (pixel factor*i of row i)."""
+    return np.ascontiguousarray(np.broadcast_to(mask_px[::factor, ::factor], (batch, 1, *mask_px[::factor, ::factor].shape)))
+
+
+def blend_table(plan: samplers.SamplerPlan) -> np.ndarray:
+    """[steps, 2]: for step i, (ka, kn) with the image latents at step i+1's noise level ka x + kn noise in
+    the sampler's state (the scheduler's ``add_noise``); the last row (1, 0): the clean latents."""
+    t = plan.table
+    n = plan.steps
+    out = np.zeros((n, 2))
+    out[-1] = (1.0, 0.0)
+    if plan.sampler == "lcm":  # LCM re-noises to the next step with (b, d) = (alpha_next, sigma_next)
+        out[:-1, 0], out[:-1, 1] = t[:-1, samplers.B], t[:-1, samplers.D]
+        return out
+    s, p, q = t[1:, samplers.S], t[1:, samplers.P], t[1:, samplers.Q]
+    # x = (alpha x0 + sigma eps) / s, and (p, q) give alpha and sigma: eps p = s/alpha, q = -sigma/alpha;
+    # v p = alpha s, q = -sigma
+    if plan.prediction_type == "epsilon":
+        out[:-1, 0], out[:-1, 1] = 1.0 / p, -q / p
+    else:
+        out[:-1, 0], out[:-1, 1] = p / s**2, -q / s
+    return out
+
+
+def loop_inputs(state: InpaintState, plan: samplers.SamplerPlan, guided: bool,
+                dtype: np.dtype[Any]) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray | None]:
+    """(the step graph's extra inputs, its coeffs table, the block appended to the first UNet input)."""
+    if state.mode == "concat":
+        assert state.masked_latents is not None
+        extra = np.concatenate([state.mask, state.masked_latents], axis=1).astype(dtype)
+        if guided:
+            extra = np.concatenate([extra, extra])
+        return {"unet_extra": extra}, plan.table, extra
+    assert state.image_latents is not None and state.noise is not None
+    feeds = {"mask": state.mask.astype(dtype), "image_latents": state.image_latents.astype(dtype),
+             "init_noise": state.noise.astype(dtype)}
+    return feeds, np.hstack([plan.table, blend_table(plan)]), None
+
+
+def paste_back(image: Any, init: Any, mask_l: Any, blur: float) -> Any:
+    """diffusers' ``apply_overlay``: ``init``'s pixels where the (blurred) mask is black, over ``image``."""
+    from PIL import Image, ImageFilter, ImageOps
+
+    if blur:
+        mask_l = mask_l.filter(ImageFilter.GaussianBlur(blur))
+    width, height = init.width, init.height
+    init_masked = Image.new("RGBa", (width, height))
+    init_masked.paste(init.convert("RGBA").convert("RGBa"), mask=ImageOps.invert(mask_l.convert("L")))
+    init_masked = init_masked.convert("RGBA")
+    out = image.convert("RGBA")
+    out.alpha_composite(init_masked)
+    return out.convert("RGB")
+
+
+def check_paste_back(blur: Any) -> float | None:
+    if blur is None:
+        return None
+    if isinstance(blur, bool) or not isinstance(blur, (int, float, np.integer, np.floating)) or not 0 <= blur <= 256:
+        raise InputError(f"paste_back must be None or a mask blur radius from 0 to 256 pixels, got {blur!r}",
+                         cli=f"--paste-back must be a mask blur radius from 0 to 256 pixels, got {blur!r}")
+    return float(blur)
