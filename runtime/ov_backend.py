@@ -325,8 +325,10 @@ class OvBackend(Backend):
     def to_device(self, a: np.ndarray) -> Array:
         if isinstance(a, self.ov.Tensor):
             return a
-        if not a.flags.c_contiguous:
-            a = a.copy()  # (np.ascontiguousarray would turn a 0-d scalar into shape [1])
+        if not a.flags.c_contiguous or not a.flags.writeable:
+            # (np.ascontiguousarray would turn a 0-d scalar into shape [1]); OpenVINO shares only writeable
+            # memory, and an array from a PIL image is read-only
+            a = a.copy()
         return self.ov.Tensor(a, shared_memory=True)  # as ort-cpu passes numpy arrays: no copy
 
     def to_host(self, a: Array) -> np.ndarray:
