@@ -167,9 +167,12 @@ class OvEngine(Engine):
             for name, value in feeds.items():
                 req.set_tensor(name, be.to_device(value) if isinstance(value, np.ndarray) else value)
             # fresh, empty output tensors: OpenVINO sizes and fills them, and the caller owns them (no copy)
+            # (a statically shaped output must be given its exact shape)
             outs = {}
-            for name, spec in self.outputs.items():
-                outs[name] = ov.Tensor(self._out_types[name], ov.Shape([0] * len(spec.shape)))
+            for name, port in zip(self.outputs, req.model_outputs):
+                ps = port.get_partial_shape()
+                shape = ps.to_shape() if ps.is_static else ov.Shape([0] * len(ps))
+                outs[name] = ov.Tensor(self._out_types[name], shape)
                 req.set_tensor(name, outs[name])
             req.infer()
             return outs

@@ -195,4 +195,15 @@ def test_threads_are_passed_to_openvino(tiny_export) -> None:
     be = OvBackend(precision="f32", threads=1, cache_dir=False)
     e = be.load(str(tiny_export("sd15-tiny", "fp32") / "text_encoder" / "model.onnx"), "text_encoder")
     assert int(e._compiled[()].get_property("INFERENCE_NUM_THREADS")) == 1
-    assert str(e._compiled[()].get_property("INFERENCE_PRECISION_HINT")).endswith("float32")
+    assert e._compiled[()].get_property("INFERENCE_PRECISION_HINT") == ov.Type.f32
+
+
+def test_bench_and_info_know_the_backend(capsys: pytest.CaptureFixture[str]) -> None:
+    from sdrt.benchmarks.bench import backend_device, check_backends, unavailable_reason
+    from sdrt.cli import main
+
+    check_backends(["openvino", "ort-cpu"])  # no error
+    assert backend_device("openvino") == "cpu"
+    assert unavailable_reason("openvino", gpus=0) is None
+    assert main(["info"]) == 0
+    assert f"openvino    yes (OpenVINO {ov.__version__.split('-')[0]}" in capsys.readouterr().out
