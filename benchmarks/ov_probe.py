@@ -65,7 +65,7 @@ def loop_variants(folder: Path, size: int, steps: int, threads: int | None, prec
         timings: dict[str, Any] = {}
         lat = pipe.prepare_latents(plan, size, size, seed=0)
         pipe._denoise(emb, lat, plan, 7.5, None, None, None, timings)
-        ms = timings["unet_steps_ms"][1:]  # the first step runs through plain calls in every variant
+        ms = timings["unet_steps_ms"][1:]  # not the first step: it pays OpenVINO's first inference at a shape
         out[label] = {"step_ms_median": float(np.median(ms)), "steps_ms": ms}
     # the copies alone, at this size's shapes
     rows = 2

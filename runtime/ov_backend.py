@@ -13,9 +13,9 @@ is converted ahead of time. Arrays on this backend are ``ov.Tensor`` objects in 
   second load of the same export on the same device and precision reads the compiled blobs instead of
   compiling again. ``cache_dir=False`` turns the cache off.
 * **Tensors stay in OpenVINO between steps.** An engine call returns output tensors that OpenVINO
-  allocated into tensors owned by the caller (no copy, valid until dropped). The denoising loop
-  (:class:`OvStepLoop`) goes further: the UNet writes into one fixed buffer and the step graph into two
-  sets of fixed buffers it alternates between, so a step allocates and copies nothing.
+  allocated for the caller (no copy, valid until dropped). The denoising loop (:class:`OvStepLoop`) goes
+  further: the UNet writes into one fixed buffer and the step graph into two sets of fixed buffers it
+  alternates between, so a step allocates and copies nothing.
 * **Static shapes** (``static_shapes=True``): each engine is compiled for the exact input shapes of its
   first call at those shapes (and again for each new shape) instead of once with dynamic axes.
 * **Devices.** ``device`` is any OpenVINO device name (``CPU`` by default, ``GPU``, ``GPU.1``, ``NPU``);
@@ -196,10 +196,12 @@ class OvEngine(Engine):
 class OvStepLoop(PlainStepLoop):
     """The denoising loop with no allocation or copy per step.
 
-    The first step runs through the engines' plain calls, which gives every output's shape; from then on
-    the UNet writes into one fixed buffer and the step graph into two sets of fixed buffers, alternating,
-    so a step never reads a tensor it is writing. ``latents`` and ``x0`` are those buffers: valid until the
-    next ``start``.
+    ``start`` allocates the buffers once, shaped by the step graph's contract (``out_sample`` and
+    ``unet_in_next`` like the UNet input, ``latents_next`` and ``x0`` like the latents): the UNet writes
+    into one fixed buffer and the step graph into two sets, alternating, so a step never reads a tensor it
+    is writing. The loop has its own infer request per engine, so the UNet holds one request's memory
+    (the pipeline never calls the UNet outside the loop). ``latents`` and ``x0`` are those buffers: valid
+    until the next ``start``.
     """
 
     def __init__(self, backend: OvBackend, unet: OvEngine, step: OvEngine) -> None:
@@ -209,36 +211,33 @@ class OvStepLoop(PlainStepLoop):
 
     def start(self, **kwargs: Any) -> None:
         super().start(**kwargs)
-        self._unet_out, self._sets = None, []
+        ov, meta = self.backend.ov, self.backend.meta  # type: ignore[attr-defined]
+        s = self._state
+
+        def like(t: Any) -> Any:
+            dtype, shape = meta(t)
+            return ov.Tensor(np.zeros(shape, dtype))
+
+        self._unet_out = like(s["unet_in"])
+        names = {"latents_next": "latents", "x0": "x0", "unet_in_next": "unet_in"}
+        self._sets = [{out: like(s[state]) for out, state in names.items()} for _ in range(2)]
 
     def step(self, i: int) -> None:
-        if self._unet_out is None or i == 0:
-            super().step(i)
-            if self._unet_out is None:
-                self._allocate()
-            return
         if not 0 <= i < len(self._per_step):
             raise InputError(f"step {i} is outside the {len(self._per_step)} steps of the last start()")
         t, c, z = self._per_step[i]
         s = self._state
         unet, step = self.unet, self.step_engine
         assert isinstance(unet, OvEngine) and isinstance(step, OvEngine)
-        unet.run_into({"sample": s["unet_in"], "timestep": t, **self._fixed["cond"]}, {"out_sample": self._unet_out})
+        feeds = {"sample": s["unet_in"], "timestep": t, **self._fixed["cond"]}
+        unet.check(feeds)
+        unet.run_into(feeds, {"out_sample": self._unet_out})
         out = self._sets[i % 2]
-        step.run_into({"latents": s["latents"], "unet_out": self._unet_out, **self._fixed["guide"], "coeffs": c,
-                       "x0_prev": s["x0"], "noise": z}, out)
+        feeds = {"latents": s["latents"], "unet_out": self._unet_out, **self._fixed["guide"], "coeffs": c,
+                 "x0_prev": s["x0"], "noise": z}
+        step.check(feeds)
+        step.run_into(feeds, out)
         s.update(latents=out["latents_next"], x0=out["x0"], unet_in=out["unet_in_next"])
-
-    def _allocate(self) -> None:
-        ov = self.backend.ov  # type: ignore[attr-defined]
-        s = self._state
-
-        def like(t: Any) -> Any:
-            return ov.Tensor(t.element_type, t.shape)
-
-        self._unet_out = like(s["unet_in"])
-        names = {"latents_next": "latents", "x0": "x0", "unet_in_next": "unet_in"}
-        self._sets = [{out: like(s[state]) for out, state in names.items()} for _ in range(2)]
 
     def close(self) -> None:
         super().close()
