@@ -15,11 +15,11 @@ $(VENV_PY):
 	python3 -m venv .venv
 
 # the tests also need the TensorRT modules PyPI has (trt-api: the lean runtime and TensorRT for RTX), the
-# server and its Ray Serve deployment (serve, ray),
+# server and its Ray Serve deployment (serve, ray), the OpenVINO backend (openvino),
 # open_clip, the tokenizer tests' independent reference (--no-deps: its torchvision dependency is not needed),
 # and the patched TensorRT type stubs in .stubs/ (the tests never download: without them, those skip)
 install-test: install
-	$(PIP) -e ".[export,test,trt-api,serve,ray]"
+	$(PIP) -e ".[export,test,trt-api,serve,ray,openvino]"
 	$(PIP) --no-deps open_clip_torch==3.3.0
 	$(PY) tests/typecheck/patch_trt_stubs.py
 

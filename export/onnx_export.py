@@ -32,9 +32,11 @@ log = logging.getLogger(__name__)
 
 # Relative error bounds: max |onnx - torch| / max |torch| over each float output, torch in float32.
 # fp32 graphs differ from torch only by operator order; fp16 graphs carry fp16 rounding through the net.
-PARITY_BOUND = {"fp32": 1e-4, "fp16": 1e-2}
+# bf16 (an fp32 graph run by OpenVINO in bf16, 8 bits of mantissa against fp16's 11) keeps fp32's range
+# but rounds 8 times coarser than fp16.
+PARITY_BOUND = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 5e-2}
 # For uint8 images: the largest difference in levels (fp32: a rounding flip at most).
-IMAGE_LEVELS = {"fp32": 1, "fp16": 8}
+IMAGE_LEVELS = {"fp32": 1, "fp16": 8, "bf16": 16}
 EXTERNAL_DATA_BYTES = 1 << 30
 TRACE_LATENT = (10, 14)  # components above 1 GiB keep their weights in model.onnx_data
 
@@ -164,10 +166,9 @@ def parity_line(parity: Parity, precision: str) -> str:
     return f"parity rel err {parity.rel_err:.2e} (bound {parity.bound:.0e}), max abs {parity.max_abs_err:.2e}"
 
 
-def check_parity(spec: ComponentSpec, precision: str, path: Path, shape: tuple[int, int, int]) -> Parity:
-    """Run the ONNX graph (ORT CPU) and the float32 torch module on the same fresh inputs."""
-    import onnxruntime as ort
-
+def _parity_case(spec: ComponentSpec, precision: str, shape: tuple[int, int, int]
+                 ) -> tuple[dict[str, np.ndarray], tuple[torch.Tensor, ...]]:
+    """Fresh inputs in the graph's precision, and the float32 torch module's outputs on the same values."""
     gen = torch.Generator().manual_seed(4321)
     b, h, w = shape
     args32 = spec.example(gen, b, h, w)
@@ -176,11 +177,12 @@ def check_parity(spec: ComponentSpec, precision: str, path: Path, shape: tuple[i
     with torch.inference_mode():
         ref = spec.module.float()(*ref_args)
     ref = ref if isinstance(ref, tuple) else (ref,)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = max(1, os.cpu_count() or 1)
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    feed = {n: a.numpy() for (n, _, _), a in zip(spec.inputs, args)}
-    outs = sess.run([n for n, _, _ in spec.outputs], feed)
+    return {n: a.numpy() for (n, _, _), a in zip(spec.inputs, args)}, ref
+
+
+def _compare(spec: ComponentSpec, outs: list[np.ndarray], ref: tuple[torch.Tensor, ...], precision: str,
+             runtime: str) -> tuple[float, float, float]:
+    """(worst relative error, its max abs error, its bound) over the outputs; ParityError past a bound."""
     worst_rel, worst_abs, bound = 0.0, 0.0, PARITY_BOUND[precision]
     for (name, kind, _), o, r in zip(spec.outputs, outs, ref):
         r_np = r.numpy()
@@ -202,9 +204,45 @@ def check_parity(spec: ComponentSpec, precision: str, path: Path, shape: tuple[i
             rel, b_ = abs_err / max(float(np.abs(r64).max()), 1e-12), PARITY_BOUND[precision]
         if rel > b_:
             raise ParityError(
-                f"{spec.name}.{name}: ONNX Runtime differs from PyTorch by {rel:.3e} relative "
+                f"{spec.name}.{name}: {runtime} differs from PyTorch by {rel:.3e} relative "
                 f"(max abs {abs_err:.3e}), above the {precision} bound {b_:.0e}. The export was not written."
             )
         if rel / b_ >= worst_rel / bound:
             worst_rel, worst_abs, bound = rel, abs_err, b_
+    return worst_rel, worst_abs, bound
+
+
+def check_parity(spec: ComponentSpec, precision: str, path: Path, shape: tuple[int, int, int]) -> Parity:
+    """Run the ONNX graph (ORT CPU) and the float32 torch module on the same fresh inputs."""
+    import onnxruntime as ort
+
+    feed, ref = _parity_case(spec, precision, shape)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = max(1, os.cpu_count() or 1)
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    outs = sess.run([n for n, _, _ in spec.outputs], feed)
+    worst_rel, worst_abs, bound = _compare(spec, outs, ref, precision, "ONNX Runtime")
     return Parity(reference="torch fp32, onnxruntime CPU", max_abs_err=worst_abs, rel_err=worst_rel, bound=bound)
+
+
+def check_parity_openvino(spec: ComponentSpec, path: Path, shape: tuple[int, int, int], *,
+                          inference_precision: str = "bf16", threads: int | None = None) -> Parity:
+    """Run the fp32 ONNX graph with OpenVINO at ``inference_precision`` (bf16: the ``bf16`` bounds; f32:
+    the ``fp32`` bounds) against the float32 torch module on the same fresh inputs. The OpenVINO backend's
+    gate; raises ParityError past the bound."""
+    import openvino as ov
+
+    gate = "bf16" if inference_precision == "bf16" else "fp32"
+    feed, ref = _parity_case(spec, "fp32", shape)
+    config: dict[str, object] = {"INFERENCE_PRECISION_HINT": inference_precision}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    compiled = ov.Core().compile_model(str(path), "CPU", config)
+    req = compiled.create_infer_request()
+    for name, a in feed.items():
+        req.set_tensor(name, ov.Tensor(np.ascontiguousarray(a)))
+    req.infer()
+    outs = [np.array(req.get_tensor(name).data) for name, _, _ in spec.outputs]
+    worst_rel, worst_abs, bound = _compare(spec, outs, ref, gate, f"OpenVINO ({inference_precision})")
+    return Parity(reference=f"torch fp32, openvino CPU {inference_precision}", max_abs_err=worst_abs,
+                  rel_err=worst_rel, bound=bound)

@@ -41,7 +41,7 @@ def register(p: argparse.ArgumentParser) -> None:
     src.add_argument("--artifact", help="an sdrt ONNX export folder (sdrt export)")
     p.add_argument("--engines", help="a TensorRT engine folder for the tensorrt backend (sdrt build)")
     p.add_argument("--backends", type=_list(str), default=[],
-                   help="comma-separated: ort-cpu, ort-cuda, tensorrt (default: ort-cuda,tensorrt on a GPU, else ort-cpu)")
+                   help="comma-separated: ort-cpu, ort-cuda, tensorrt, openvino (default: ort-cuda,tensorrt on a GPU, else ort-cpu)")
     p.add_argument("--resolutions", type=_resolutions, default=[],
                    help="comma-separated HEIGHTxWIDTH or SIZE (default: the model's own size)")
     p.add_argument("--steps", type=_list(int), default=[20], help="comma-separated step counts (default 20)")

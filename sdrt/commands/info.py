@@ -58,6 +58,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"  ort-cuda    {'yes' if cuda else 'no: pip install onnxruntime-gpu (needs CUDA)'}")
     except ImportError:
         print("  ort-cpu     no: pip install onnxruntime")
+    try:
+        import openvino as ov
+
+        core = ov.Core()
+        caps = core.get_property("CPU", "OPTIMIZATION_CAPABILITIES") if "CPU" in core.available_devices else []
+        print(f"  openvino    yes (OpenVINO {ov.__version__.split('-')[0]}; devices {', '.join(core.available_devices)}; "
+              f"CPU bf16 {'yes' if 'BF16' in caps else 'no'})")
+    except ImportError:
+        print("  openvino    no: pip install 'sdrt[openvino]'")
     for line in _tensorrt_lines():
         print(line)
     print("\nGPU:")

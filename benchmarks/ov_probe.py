@@ -1,0 +1,129 @@
+"""Two design questions of the openvino backend, measured: ``python -m sdrt.benchmarks.ov_probe EXPORT``.
+
+1. **The loop's tensors.** Per-step time of the denoising loop three ways on the same engines: the
+   backend's loop (fixed ``ov.Tensor`` buffers, nothing allocated per step), the plain loop (each engine
+   call returns fresh output tensors), and a loop that copies the UNet output and the latents to numpy
+   and back every step (what a numpy-passing backend does).
+2. **Static shapes.** One UNet call compiled with dynamic axes against one compiled for the exact shape:
+   compile time, first call, and the median of the following calls.
+
+Prints one JSON object. Options: ``--size`` (pixels, square), ``--steps``, ``--threads``, ``--precision``,
+``--cache`` (a model cache folder; default: none, so compile times are honest), ``--skip-static``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _median_ms(fn: Any, n: int) -> float:
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+    return float(np.median(times))
+
+
+def loop_variants(folder: Path, size: int, steps: int, threads: int | None, precision: str,
+                  cache: str | None) -> dict[str, Any]:
+    from sdrt.runtime import pipeline as pl
+    from sdrt.runtime.ov_backend import OvBackend
+    from sdrt.runtime.step_loop import PlainStepLoop
+
+    be = OvBackend(threads=threads, precision=precision, cache_dir=cache or False)
+    make = pl.make_backend
+    pl.make_backend = lambda *a, **k: be  # type: ignore[assignment]
+    try:
+        pipe = pl.Pipeline.load(folder, backend="ort-cpu")
+    finally:
+        pl.make_backend = make
+
+    class RoundTrip(PlainStepLoop):
+        def step(self, i: int) -> None:
+            super().step(i)
+            s = self._state
+            for k in ("latents", "x0", "unet_in"):
+                s[k] = be.to_device(be.to_host(s[k]))
+
+    out: dict[str, Any] = {}
+    emb = pipe.encode_prompt("a lighthouse")
+    plan = pipe.plan("dpmpp-2m", steps + 1)
+    for label, loop_cls in (("fixed buffers (OvStepLoop)", None), ("fresh outputs (PlainStepLoop)", PlainStepLoop),
+                            ("numpy round trip per step", RoundTrip)):
+        pipe._loops.clear()
+        if loop_cls is not None:
+            be.step_loop = lambda u, s, c=loop_cls: c(be, u, s)  # type: ignore[method-assign]
+        else:
+            be.step_loop = OvBackend.step_loop.__get__(be)  # type: ignore[method-assign]
+        timings: dict[str, Any] = {}
+        lat = pipe.prepare_latents(plan, size, size, seed=0)
+        pipe._denoise(emb, lat, plan, 7.5, None, None, None, timings)
+        ms = timings["unet_steps_ms"][1:]  # not the first step: it pays OpenVINO's first inference at a shape
+        out[label] = {"step_ms_median": float(np.median(ms)), "steps_ms": ms}
+    # the copies alone, at this size's shapes
+    rows = 2
+    f = pipe.manifest.vae_scale_factor
+    shape = (rows, pipe.manifest.latent_channels, size // f, size // f)
+    t = be.to_device(np.zeros(shape, np.float32))
+    out["to_host+to_device of one UNet-sized tensor, ms"] = _median_ms(lambda: be.to_device(be.to_host(t)), 50)
+    pipe.close()
+    return out
+
+
+def static_vs_dynamic(folder: Path, size: int, threads: int | None, precision: str, cache: str | None,
+                      calls: int) -> dict[str, Any]:
+    from sdrt.runtime.ov_backend import OvBackend
+
+    out: dict[str, Any] = {}
+    f = 8
+    feeds_np = {
+        "sample": np.random.default_rng(0).standard_normal((2, 4, size // f, size // f), dtype=np.float32),
+        "timestep": np.full((2,), 500.0, np.float32),
+    }
+    for label, static in (("dynamic", False), ("static", True)):
+        be = OvBackend(threads=threads, precision=precision, cache_dir=cache or False, static_shapes=static)
+        t = time.perf_counter()
+        unet = be.load(str(folder / "unet" / "model.onnx"), "unet")
+        width = unet.inputs["encoder_hidden_states"].shape[-1]
+        feeds = {**{k: be.to_device(v) for k, v in feeds_np.items()},
+                 "encoder_hidden_states": be.to_device(np.zeros((2, 77, int(width or 768)), np.float32))}
+        load_ms = (time.perf_counter() - t) * 1e3
+        t = time.perf_counter()
+        unet(feeds)
+        first_ms = (time.perf_counter() - t) * 1e3
+        out[label] = {"load_ms": load_ms, "first_call_ms": first_ms,
+                      "call_ms_median": _median_ms(lambda u=unet, x=feeds: u(x), calls)}
+        be.close()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("export", type=Path)
+    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--calls", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--precision", default="auto")
+    p.add_argument("--cache", default=None)
+    p.add_argument("--skip-static", action="store_true")
+    p.add_argument("--skip-loop", action="store_true")
+    a = p.parse_args(argv)
+    res: dict[str, Any] = {"export": str(a.export), "size": a.size, "threads": a.threads, "precision": a.precision}
+    if not a.skip_loop:
+        res["loop"] = loop_variants(a.export, a.size, a.steps, a.threads, a.precision, a.cache)
+    if not a.skip_static:
+        res["unet_static_vs_dynamic"] = static_vs_dynamic(a.export, a.size, a.threads, a.precision, a.cache, a.calls)
+    print(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

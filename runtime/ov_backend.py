@@ -1,0 +1,355 @@
+"""OpenVINO backend (``openvino``): every graph of an sdrt export compiled by OpenVINO's runtime.
+
+The same ONNX files the ONNX Runtime backends load are compiled with ``ov.Core().compile_model``; nothing
+is converted ahead of time. Arrays on this backend are ``ov.Tensor`` objects in host memory.
+
+* **Precision.** ``precision="auto"`` asks the device for bf16 where it reports the capability (CPUs with
+  AVX512_BF16 or AMX; ``OPTIMIZATION_CAPABILITIES`` lists ``BF16``) and f32 otherwise; ``"bf16"`` and
+  ``"f32"`` force one (bf16 on a device without it is refused). The graphs keep their fp32 (or fp16)
+  interface: bf16 is OpenVINO's internal inference precision, so the dtypes the pipeline sees (uint8
+  images, a bool ``finite``, int32 ``input_ids``) are the export's.
+* **Model cache.** Compiled models are kept in ``cache_dir`` (OpenVINO's ``CACHE_DIR``), by default
+  ``$XDG_CACHE_HOME/sdrt/openvino`` (``~/.cache/sdrt/openvino``), never inside the export folder: a
+  second load of the same export on the same device and precision reads the compiled blobs instead of
+  compiling again. ``cache_dir=False`` turns the cache off.
+* **Tensors stay in OpenVINO between steps.** An engine call returns output tensors that OpenVINO
+  allocated for the caller (no copy, valid until dropped). The denoising loop (:class:`OvStepLoop`) goes
+  further: the UNet writes into one fixed buffer and the step graph into two sets of fixed buffers it
+  alternates between, so a step allocates and copies nothing.
+* **Static shapes** (``static_shapes=True``): each engine is compiled for the exact input shapes of its
+  first call at those shapes (and again for each new shape) instead of once with dynamic axes.
+* **Devices.** ``device`` is any OpenVINO device name (``CPU`` by default, ``GPU``, ``GPU.1``, ``NPU``);
+  one that this machine's OpenVINO does not list is refused with the list it has.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .engine import Array, Backend, Engine, IOSpec
+from .errors import ArtifactError, BackendUnavailable, InputError
+from .step_loop import PlainStepLoop
+
+PRECISIONS = ("auto", "bf16", "f32")
+# OpenVINO's names for the inference precision hint
+_HINT = {"bf16": "bf16", "f32": "f32"}
+
+
+def _ov() -> Any:
+    try:
+        import openvino
+    except ImportError as e:
+        raise BackendUnavailable(
+            f"the openvino backend needs the OpenVINO runtime ({e}); pip install 'sdrt[openvino]'",
+            cli="the openvino backend needs the OpenVINO runtime; pip install 'sdrt[openvino]', or use "
+                "--backend ort-cpu",
+        ) from e
+    return openvino
+
+
+def available() -> bool:
+    """Whether the OpenVINO runtime can be imported here."""
+    try:
+        _ov()
+    except BackendUnavailable:
+        return False
+    return True
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/sdrt/openvino``, or ``~/.cache/sdrt/openvino``."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "sdrt" / "openvino"
+
+
+def _dims(pshape: Any) -> tuple[int | None, ...]:
+    return tuple(d.get_length() if d.is_static else None for d in pshape)
+
+
+def _port_names(ports: Sequence[Any], model_ports: Sequence[Any] | None) -> list[str | None]:
+    """The graph's own names of ``ports``. An uncompiled model's ports carry them (``any_name``); a
+    compiled model's port may also carry the names of tensors OpenVINO merged into it (``/Cast_output_0``
+    beside ``input_ids``, ``x_next_f`` beside ``latents_next``). Without the uncompiled model, a port with
+    one name not starting with "/" (the exporter's internal names do) is certain; None where it is not."""
+    if model_ports is not None:
+        return [str(p.any_name) for p in model_ports]
+    out: list[str | None] = []
+    for p in ports:
+        plain = sorted(n for n in p.get_names() if not n.startswith("/"))
+        out.append(plain[0] if len(plain) == 1 else None)
+    return out
+
+
+def _specs(ports: Sequence[Any], names: Sequence[str]) -> dict[str, IOSpec]:
+    return {n: IOSpec(n, np.dtype(p.element_type.to_dtype()), _dims(p.get_partial_shape())) for n, p in zip(names, ports)}
+
+
+class OvEngine(Engine):
+    """One compiled graph. Calls are serialized per engine (one infer request each)."""
+
+    def __init__(self, backend: OvBackend, path: str | bytes, name: str) -> None:
+        self.name = name
+        self.backend = backend
+        self._lock = threading.Lock()
+        core = backend.core
+        if isinstance(path, str) and not os.path.isfile(path):
+            raise ArtifactError(f"{path} is missing; re-export the model with `sdrt export`")
+        label = path if isinstance(path, str) else name
+        self._model: Any = None
+        self._compiled: dict[tuple[Any, ...], Any] = {}
+        self._requests: dict[tuple[tuple[Any, ...], str], Any] = {}
+        if backend.static_shapes or not isinstance(path, str):
+            try:
+                self._model = core.read_model(path)
+            except Exception as e:  # OpenVINO raises its own untyped RuntimeErrors
+                raise ArtifactError(f"cannot read {label}: {e}. The file is corrupt or incomplete; re-export it") from e
+        if backend.static_shapes:
+            described = self._model
+        else:
+            # a path lets OpenVINO's model cache skip reading the ONNX file on a hit
+            described = self._compiled[()] = self._compile(path if self._model is None else self._model, label)
+        src = self._model
+        names = {k: _port_names(getattr(described, k), None if src is None else getattr(src, k))
+                 for k in ("inputs", "outputs")}
+        if any(n is None for v in names.values() for n in v):  # ambiguous names: ask the ONNX file itself
+            src = core.read_model(path)
+            names = {k: _port_names(getattr(described, k), getattr(src, k)) for k in ("inputs", "outputs")}
+        del src
+        if not backend.static_shapes:
+            self._model = None
+        self.inputs = _specs(described.inputs, names["inputs"])  # type: ignore[arg-type]
+        self.outputs = _specs(described.outputs, names["outputs"])  # type: ignore[arg-type]
+        self._out_types = {n: p.element_type for n, p in zip(self.outputs, described.outputs)}
+
+    def _compile(self, model: Any, label: str) -> Any:
+        be = self.backend
+        try:
+            return be.core.compile_model(model, be.device, be.config)
+        except Exception as e:
+            raise ArtifactError(
+                f"OpenVINO cannot compile {label} for {be.device} ({str(e).strip()[:400]}). If the file is "
+                "intact, try backend='ort-cpu'",
+                cli=f"OpenVINO cannot compile {label} for {be.device} ({str(e).strip()[:400]}). If the file is "
+                    "intact, try --backend ort-cpu",
+            ) from e
+
+    def _signature(self, feeds: Mapping[str, Array]) -> tuple[Any, ...]:
+        if not self.backend.static_shapes:
+            return ()
+        return tuple((n, tuple(self.backend.meta(feeds[n])[1])) for n in self.inputs)
+
+    def request(self, feeds: Mapping[str, Array], role: str = "call") -> Any:
+        """The infer request for these feeds' shapes. ``role`` keeps the loop's request (whose outputs are
+        fixed buffers) apart from plain calls; each is created on first use."""
+        sig = self._signature(feeds)
+        key = (sig, role)
+        req = self._requests.get(key)
+        if req is None:
+            compiled = self._compiled.get(sig)
+            if compiled is None:
+                assert self._model is not None
+                model = self._model.clone()
+                model.reshape({n: list(s) for n, s in sig})
+                compiled = self._compiled[sig] = self._compile(model, self.name)
+            req = self._requests[key] = compiled.create_infer_request()
+        return req
+
+    def run(self, feeds: Mapping[str, Array]) -> dict[str, Array]:
+        ov, be = self.backend.ov, self.backend
+        with self._lock:
+            req = self.request(feeds)
+            for name, value in feeds.items():
+                req.set_tensor(name, be.to_device(value) if isinstance(value, np.ndarray) else value)
+            # fresh, empty output tensors: OpenVINO sizes and fills them, and the caller owns them (no copy)
+            # (a statically shaped output must be given its exact shape)
+            outs = {}
+            for name, port in zip(self.outputs, req.model_outputs):
+                ps = port.get_partial_shape()
+                shape = ps.to_shape() if ps.is_static else ov.Shape([0] * len(ps))
+                outs[name] = ov.Tensor(self._out_types[name], shape)
+                req.set_tensor(name, outs[name])
+            req.infer()
+            return outs
+
+    def run_into(self, feeds: Mapping[str, Any], outputs: Mapping[str, Any]) -> None:
+        """One call writing into the given output tensors (the loop's fixed buffers)."""
+        with self._lock:
+            req = self.request(feeds, "loop")
+            for name, value in feeds.items():
+                req.set_tensor(name, value)
+            for name, value in outputs.items():
+                req.set_tensor(name, value)
+            req.infer()
+
+    def close(self) -> None:
+        self._requests.clear()
+        self._compiled.clear()
+        self._model = None
+
+
+class OvStepLoop(PlainStepLoop):
+    """The denoising loop with no allocation or copy per step.
+
+    ``start`` allocates the buffers once, shaped by the step graph's contract (``out_sample`` and
+    ``unet_in_next`` like the UNet input, ``latents_next`` and ``x0`` like the latents): the UNet writes
+    into one fixed buffer and the step graph into two sets, alternating, so a step never reads a tensor it
+    is writing. The loop has its own infer request per engine, so the UNet holds one request's memory
+    (the pipeline never calls the UNet outside the loop). ``latents`` and ``x0`` are those buffers: valid
+    until the next ``start``.
+    """
+
+    def __init__(self, backend: OvBackend, unet: OvEngine, step: OvEngine) -> None:
+        super().__init__(backend, unet, step)
+        self._unet_out: Any = None
+        self._sets: list[dict[str, Any]] = []
+
+    def start(self, **kwargs: Any) -> None:
+        super().start(**kwargs)
+        ov, meta = self.backend.ov, self.backend.meta  # type: ignore[attr-defined]
+        s = self._state
+
+        def like(t: Any) -> Any:
+            dtype, shape = meta(t)
+            return ov.Tensor(np.zeros(shape, dtype))
+
+        self._unet_out = like(s["unet_in"])
+        names = {"latents_next": "latents", "x0": "x0", "unet_in_next": "unet_in"}
+        self._sets = [{out: like(s[state]) for out, state in names.items()} for _ in range(2)]
+
+    def step(self, i: int) -> None:
+        if not 0 <= i < len(self._per_step):
+            raise InputError(f"step {i} is outside the {len(self._per_step)} steps of the last start()")
+        t, c, z = self._per_step[i]
+        s = self._state
+        unet, step = self.unet, self.step_engine
+        assert isinstance(unet, OvEngine) and isinstance(step, OvEngine)
+        feeds = {"sample": s["unet_in"], "timestep": t, **self._fixed["cond"]}
+        unet.check(feeds)
+        unet.run_into(feeds, {"out_sample": self._unet_out})
+        out = self._sets[i % 2]
+        feeds = {"latents": s["latents"], "unet_out": self._unet_out, **self._fixed["guide"], "coeffs": c,
+                 "x0_prev": s["x0"], "noise": z}
+        step.check(feeds)
+        step.run_into(feeds, out)
+        s.update(latents=out["latents_next"], x0=out["x0"], unet_in=out["unet_in_next"])
+
+    def close(self) -> None:
+        super().close()
+        self._unet_out, self._sets = None, []
+
+
+class OvBackend(Backend):
+    """``openvino``: OpenVINO's runtime on ``device`` (``CPU`` by default).
+
+    ``threads``: ``INFERENCE_NUM_THREADS`` (None: OpenVINO's default, the physical cores).
+    ``precision``: ``auto`` (bf16 where the device has it, else f32), ``bf16`` or ``f32``.
+    ``cache_dir``: where compiled models are cached (None: :func:`default_cache_dir`; False: no cache).
+    ``static_shapes``: compile per input shape instead of once with dynamic axes.
+    """
+
+    name = "openvino"
+
+    def __init__(self, device: str = "CPU", threads: int | None = None, *, precision: str = "auto",
+                 cache_dir: str | os.PathLike[str] | None | bool = None, static_shapes: bool = False) -> None:
+        self.ov = _ov()
+        if precision not in PRECISIONS:
+            raise InputError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}",
+                             cli=f"--precision {precision} is not one of {', '.join(PRECISIONS)}")
+        if threads is not None and threads < 1:
+            raise InputError(f"threads must be at least 1, got {threads}")
+        self.core = self.ov.Core()
+        devices = list(self.core.available_devices)  # e.g. ["CPU", "GPU.0", "GPU.1"]
+        wanted = device.upper()
+        if not any(d == wanted or d.split(".")[0] == wanted for d in devices):
+            raise BackendUnavailable(
+                f"OpenVINO has no {device!r} device here (it has: {', '.join(devices) or 'none'}); "
+                "pass device= one of those (CPU runs everywhere OpenVINO does)",
+                cli=f"OpenVINO has no {device!r} device here (it has: {', '.join(devices) or 'none'}); "
+                    "use one of those, or --backend ort-cpu",
+            )
+        self.device = wanted
+        caps = set(self.core.get_property(wanted, "OPTIMIZATION_CAPABILITIES"))
+        self.bf16_supported = "BF16" in caps
+        if precision == "auto":
+            precision = "bf16" if self.bf16_supported else "f32"
+        elif precision == "bf16" and not self.bf16_supported:
+            raise BackendUnavailable(
+                f"{wanted} has no bf16 support (OpenVINO reports {', '.join(sorted(caps))}); use precision='f32' "
+                "or 'auto'",
+                cli=f"{wanted} has no bf16 support (OpenVINO reports {', '.join(sorted(caps))}); use --precision "
+                    "f32 or auto",
+            )
+        self.precision = precision
+        self.threads = threads
+        self.static_shapes = static_shapes
+        if cache_dir is False:
+            self.cache_dir: Path | None = None
+        else:
+            self.cache_dir = Path(cache_dir) if isinstance(cache_dir, (str, os.PathLike)) else default_cache_dir()
+        self.config: dict[str, Any] = {
+            "INFERENCE_PRECISION_HINT": _HINT[precision],
+            # one request at a time, as fast as possible: the pipeline's calls are serialized
+            "PERFORMANCE_HINT": "LATENCY",
+        }
+        if threads is not None and wanted == "CPU":
+            self.config["INFERENCE_NUM_THREADS"] = int(threads)
+        if self.cache_dir is not None:
+            try:
+                self.cache_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise InputError(f"cannot create the OpenVINO model cache {self.cache_dir} ({e}); pass "
+                                 "cache_dir= a writable folder, or cache_dir=False") from e
+            self.config["CACHE_DIR"] = str(self.cache_dir)
+        self._engines: list[OvEngine] = []
+        self._closed = False
+
+    def describe(self) -> str:
+        return (f"OpenVINO {self.ov.__version__} on {self.device}, {self.precision}"
+                + (f", {self.threads} threads" if self.threads else ""))
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise InputError("this openvino backend was closed; create a new one")
+
+    def load(self, path: str | bytes, name: str) -> Engine:
+        """Compile a graph from a file path, or from serialized ONNX bytes (the sampler's step graph)."""
+        self._check_open()
+        engine = OvEngine(self, path, name)
+        self._engines.append(engine)
+        return engine
+
+    def to_device(self, a: np.ndarray) -> Array:
+        if isinstance(a, self.ov.Tensor):
+            return a
+        if not a.flags.c_contiguous or not a.flags.writeable:
+            # (np.ascontiguousarray would turn a 0-d scalar into shape [1]); OpenVINO shares only writeable
+            # memory, and an array from a PIL image is read-only
+            a = a.copy()
+        return self.ov.Tensor(a, shared_memory=True)  # as ort-cpu passes numpy arrays: no copy
+
+    def to_host(self, a: Array) -> np.ndarray:
+        if isinstance(a, np.ndarray):
+            return a
+        return np.array(a.data, copy=True)  # a tensor may be a loop buffer that the next step overwrites
+
+    def meta(self, a: Array) -> tuple[np.dtype[Any], tuple[int, ...]]:
+        if isinstance(a, np.ndarray):
+            return a.dtype, a.shape
+        return np.dtype(a.element_type.to_dtype()), tuple(int(d) for d in a.shape)
+
+    def step_loop(self, unet: Engine, step: Engine) -> PlainStepLoop:
+        if isinstance(unet, OvEngine) and isinstance(step, OvEngine):
+            return OvStepLoop(self, unet, step)
+        return PlainStepLoop(self, unet, step)
+
+    def close(self) -> None:
+        for e in self._engines:
+            e.close()
+        self._engines = []
+        self._closed = True

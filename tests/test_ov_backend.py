@@ -1,0 +1,209 @@
+"""The openvino backend: f32 images as ort-cpu's, bf16 within its documented bounds, the dtypes of sdrt's
+graphs through OpenVINO, the model cache, the allocation-free loop, and a missing device refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+ov = pytest.importorskip("openvino", reason="the openvino backend needs pip install 'sdrt[openvino]'")
+
+from sdrt.runtime import pipeline as pipeline_mod
+from sdrt.runtime.errors import ArtifactError, BackendUnavailable, InputError
+from sdrt.runtime.ov_backend import OvBackend, OvStepLoop, default_cache_dir
+from sdrt.runtime.pipeline import Pipeline
+from sdrt.runtime.step_loop import PlainStepLoop
+
+HAS_BF16 = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+needs_bf16 = pytest.mark.skipif(not HAS_BF16, reason="this CPU has no bf16 (OpenVINO's CPU capabilities lack BF16: "
+                                                     "no AVX512_BF16 or AMX); the bf16 path cannot run here")
+KW = {"prompt": "a lighthouse at dawn", "negative_prompt": "blurry", "steps": 4, "seed": 3, "height": 64, "width": 80}
+
+
+def load(folder: Path, backend: Any) -> Pipeline:
+    """Pipeline.load with this backend in place of the one it would make from a name."""
+    make = pipeline_mod.make_backend
+    pipeline_mod.make_backend = lambda *a, **k: backend
+    try:
+        return Pipeline.load(folder, backend="ort-cpu")
+    finally:
+        pipeline_mod.make_backend = make
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("ov-cache")
+
+
+@pytest.fixture(scope="module")
+def pipes(tiny_export, cache: Path) -> dict[tuple[str, str], Pipeline]:
+    """(preset, backend) -> pipeline; backend: ort-cpu, f32, bf16 (bf16 only where the CPU has it)."""
+    out: dict[tuple[str, str], Pipeline] = {}
+    for preset in ("sd15-tiny", "sdxl-tiny"):
+        folder = tiny_export(preset, "fp32")
+        out[preset, "ort-cpu"] = Pipeline.load(folder, backend="ort-cpu")
+        out[preset, "f32"] = load(folder, OvBackend(precision="f32", cache_dir=cache))
+        if HAS_BF16:
+            out[preset, "bf16"] = load(folder, OvBackend(precision="bf16", cache_dir=cache))
+    return out
+
+
+def image(pipe: Pipeline, **kw: Any) -> np.ndarray:
+    return np.asarray(pipe(**{**KW, **kw}).images[0]).astype(np.int16)
+
+
+@pytest.mark.parametrize("preset", ["sd15-tiny", "sdxl-tiny"])
+@pytest.mark.parametrize("sampler", ["dpmpp-2m", "euler-a"])
+@pytest.mark.parametrize("guidance", [7.5, 1.0])
+def test_f32_images_match_ort_cpu(pipes: dict, preset: str, sampler: str, guidance: float) -> None:
+    ref = image(pipes[preset, "ort-cpu"], sampler=sampler, guidance_scale=guidance)
+    got = image(pipes[preset, "f32"], sampler=sampler, guidance_scale=guidance)
+    assert got.shape == ref.shape == (64, 80, 3)
+    assert np.abs(got - ref).max() <= 1  # ort-cpu's images are within 1/255 of diffusers' (test_pipeline_parity)
+
+
+@needs_bf16
+@pytest.mark.parametrize("preset", ["sd15-tiny", "sdxl-tiny"])
+@pytest.mark.parametrize("sampler", ["dpmpp-2m", "euler-a"])
+def test_bf16_image_within_its_bound_of_fp32(pipes: dict, preset: str, sampler: str) -> None:
+    from sdrt.export.onnx_export import IMAGE_LEVELS
+
+    ref = image(pipes[preset, "ort-cpu"], sampler=sampler)
+    got = image(pipes[preset, "bf16"], sampler=sampler)
+    diff = np.abs(got - ref)
+    assert diff.max() <= IMAGE_LEVELS["bf16"]
+    assert diff.max() > 0  # bf16 really ran: an f32 run would match to the level
+
+
+@needs_bf16
+@pytest.mark.parametrize("preset", ["sd15-tiny", "sdxl-tiny"])
+def test_bf16_graph_parity_against_pytorch_fp32(tiny_export, preset: str) -> None:
+    from sdrt.export.exporter import component_specs
+    from sdrt.export.loading import load_model
+    from sdrt.export.onnx_export import PARITY_BOUND, check_parity_openvino
+
+    folder = tiny_export(preset, "fp32")
+    specs = component_specs(load_model(random_preset=preset))  # the exported weights: the same seed
+    rels = {}
+    for spec in specs:
+        path = folder / spec.name / "model.onnx"
+        f32 = check_parity_openvino(spec, path, (2, 8, 6), inference_precision="f32")
+        assert f32.rel_err <= f32.bound and f32.bound <= PARITY_BOUND["fp32"] * 1.0001 or spec.name == "vae_decoder"
+        bf = check_parity_openvino(spec, path, (2, 8, 6))  # raises ParityError past the bf16 bound
+        assert bf.rel_err <= bf.bound
+        rels[spec.name] = bf.rel_err
+    assert set(rels) >= {"text_encoder", "unet", "vae_decoder", "vae_encoder"}
+    # bf16 rounding shows: the float graphs are off by more than fp32's bound
+    assert rels["unet"] > PARITY_BOUND["fp32"] and rels["text_encoder"] > PARITY_BOUND["fp32"]
+
+
+def test_dtypes_of_sdrt_graphs_survive(pipes: dict) -> None:
+    p = pipes["sd15-tiny", "f32"]
+    e = p.engines
+    assert e["text_encoder"].inputs["input_ids"].dtype == np.int32
+    assert e["vae_decoder"].outputs["images"].dtype == np.uint8
+    assert e["vae_decoder"].outputs["finite"].dtype == np.bool_
+    assert e["vae_encoder"].inputs["image"].dtype == np.uint8
+    be = p.backend
+    lat = be.to_device(np.zeros((1, 4, 8, 10), np.float32))
+    out = e["vae_decoder"]({"latent_sample": lat})
+    assert be.meta(out["images"]) == (np.dtype(np.uint8), (1, 64, 80, 3))
+    assert be.to_host(out["finite"]).tolist() == [True]
+    with pytest.raises(InputError, match="int32"):
+        e["text_encoder"]({"input_ids": be.to_device(np.zeros((1, 77), np.int64))})
+    # img2img runs the uint8 encoder: the same image as ort-cpu's within a level
+    init = np.random.default_rng(0).integers(0, 256, (64, 80, 3), dtype=np.uint8)
+    ref = image(pipes["sd15-tiny", "ort-cpu"], image=init, strength=0.6, sampler="ddim")
+    got = image(p, image=init, strength=0.6, sampler="ddim")
+    assert np.abs(got - ref).max() <= 1
+
+
+def test_loop_keeps_tensors_and_matches_the_plain_loop(pipes: dict, monkeypatch: pytest.MonkeyPatch,
+                                                       tiny_export, cache: Path) -> None:
+    p = pipes["sd15-tiny", "f32"]
+    emb = p.encode_prompt("a cat")
+    plan = p.plan("dpmpp-2m", 4)
+    lat = p.prepare_latents(plan, 64, 80, seed=1)
+    out = p.denoise(emb, lat, plan)
+    loop = p._loops[(True, "float32")]
+    assert isinstance(loop, OvStepLoop)
+    assert isinstance(loop.latents, ov.Tensor) and any(loop.latents is s["latents_next"] for s in loop._sets)
+    plain = load(tiny_export("sd15-tiny", "fp32"), OvBackend(precision="f32", cache_dir=cache))
+    monkeypatch.setattr(plain.backend, "step_loop", lambda u, s: PlainStepLoop(plain.backend, u, s))
+    ref = plain.denoise(plain.encode_prompt("a cat"), plain.prepare_latents(plan, 64, 80, seed=1), plan)
+    a, b = p.backend.to_host(out.x), plain.backend.to_host(ref.x)
+    assert np.array_equal(a, b)
+    # the caller's latents are its own: another run does not change them
+    p.denoise(emb, p.prepare_latents(plan, 64, 80, seed=2), plan)
+    assert np.array_equal(p.backend.to_host(out.x), a)
+    plain.close()
+
+
+def test_static_shapes_give_the_same_image(pipes: dict, tiny_export, cache: Path) -> None:
+    static = load(tiny_export("sd15-tiny", "fp32"), OvBackend(precision="f32", cache_dir=cache, static_shapes=True))
+    ref = image(pipes["sd15-tiny", "f32"])
+    assert np.abs(image(static) - ref).max() <= 1
+    assert np.abs(image(static, height=80, width=64) - image(pipes["sd15-tiny", "f32"], height=80, width=64)).max() <= 1
+    static.close()
+
+
+def test_model_cache_is_where_asked_and_not_in_the_export(tiny_export, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tiny_export("sd15-tiny", "fp32")
+    before = sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+    cache = tmp_path / "cache"
+    p = load(folder, OvBackend(precision="f32", cache_dir=cache))
+    p("a cat", steps=2, seed=0, height=64, width=64)
+    p.close()
+    blobs = list(cache.rglob("*.blob"))
+    assert len(blobs) >= 4  # text encoder, UNet, VAE decoder and encoder (and the step graph)
+    assert sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) == before
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "xdg" / "sdrt" / "openvino"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert default_cache_dir() == Path.home() / ".cache" / "sdrt" / "openvino"
+    nocache = OvBackend(precision="f32", cache_dir=False)
+    assert "CACHE_DIR" not in nocache.config
+
+
+def test_missing_device_and_bad_options_are_refused(tiny_export) -> None:
+    have = ov.Core().available_devices
+    missing = next(d for d in ("NPU", "GPU", "HDDL") if d not in have)
+    with pytest.raises(BackendUnavailable, match=rf"no '{missing}' device here \(it has: .*CPU") as e:
+        OvBackend(device=missing)
+    assert "--backend ort-cpu" in e.value.for_cli()
+    with pytest.raises(InputError, match="precision 'fp8'"):
+        OvBackend(precision="fp8")
+    with pytest.raises(InputError, match="threads"):
+        OvBackend(threads=0)
+    be = OvBackend(precision="f32", cache_dir=False)
+    with pytest.raises(ArtifactError, match="missing; re-export"):
+        be.load(str(tiny_export("sd15-tiny", "fp32") / "nope" / "model.onnx"), "unet")
+    if not HAS_BF16:
+        with pytest.raises(BackendUnavailable, match="no bf16"):
+            OvBackend(precision="bf16")
+    assert OvBackend(precision="auto", cache_dir=False).precision == ("bf16" if HAS_BF16 else "f32")
+    be.close()
+    with pytest.raises(InputError, match="closed"):
+        be.load(b"", "x")
+
+
+def test_threads_are_passed_to_openvino(tiny_export) -> None:
+    be = OvBackend(precision="f32", threads=1, cache_dir=False)
+    e = be.load(str(tiny_export("sd15-tiny", "fp32") / "text_encoder" / "model.onnx"), "text_encoder")
+    assert int(e._compiled[()].get_property("INFERENCE_NUM_THREADS")) == 1
+    assert e._compiled[()].get_property("INFERENCE_PRECISION_HINT") == ov.Type.f32
+
+
+def test_bench_and_info_know_the_backend(capsys: pytest.CaptureFixture[str]) -> None:
+    from sdrt.benchmarks.bench import backend_device, check_backends, unavailable_reason
+    from sdrt.cli import main
+
+    check_backends(["openvino", "ort-cpu"])  # no error
+    assert backend_device("openvino") == "cpu"
+    assert unavailable_reason("openvino", gpus=0) is None
+    assert main(["info"]) == 0
+    assert f"openvino    yes (OpenVINO {ov.__version__.split('-')[0]}" in capsys.readouterr().out
