@@ -196,8 +196,9 @@ class OvEngine(Engine):
 class OvStepLoop(PlainStepLoop):
     """The denoising loop with no allocation or copy per step.
 
-    ``start`` allocates the buffers once, shaped by the step graph's contract (``out_sample`` and
-    ``unet_in_next`` like the UNet input, ``latents_next`` and ``x0`` like the latents): the UNet writes
+    ``start`` allocates the buffers once, shaped by the step graph's contract (``out_sample`` with the
+    UNet input's rows and the latents' channels, ``unet_in_next`` like the UNet input, ``latents_next`` and
+    ``x0`` like the latents): the UNet writes
     into one fixed buffer and the step graph into two sets, alternating, so a step never reads a tensor it
     is writing. The loop has its own infer request per engine, so the UNet holds one request's memory
     (the pipeline never calls the UNet outside the loop). ``latents`` and ``x0`` are those buffers: valid
@@ -218,7 +219,11 @@ class OvStepLoop(PlainStepLoop):
             dtype, shape = meta(t)
             return ov.Tensor(np.zeros(shape, dtype))
 
-        self._unet_out = like(s["unet_in"])
+        # the UNet predicts the latents' channels for each of its input rows (a 9-channel inpainting UNet
+        # takes latents + mask + masked-image latents, and predicts 4)
+        _, lat_shape = meta(s["latents"])
+        rows = meta(s["unet_in"])[1][0]
+        self._unet_out = ov.Tensor(np.zeros((rows, *lat_shape[1:]), self.unet.outputs["out_sample"].dtype))
         names = {"latents_next": "latents", "x0": "x0", "unet_in_next": "unet_in"}
         self._sets = [{out: like(s[state]) for out, state in names.items()} for _ in range(2)]
 
