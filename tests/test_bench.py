@@ -317,7 +317,7 @@ def test_older_version_is_migrated(tmp_path: Path) -> None:
     assert json.loads(p.read_text()) == v1  # the file itself is left alone
     assert "migrated from schema 1" in report.markdown([doc])
     # the project's recorded runs stay readable
-    for f in sorted((ROOT / "benchmarks" / "results").glob("*.json")):
+    for f in sorted((ROOT / "benchmarks" / "results").glob("bench-*.json")):
         assert schema.load(f)["schema_version"] == schema.SCHEMA_VERSION
 
 

@@ -2,7 +2,7 @@
 
     sdrt bench --preset sd15 --backends ort-cuda,tensorrt --resolutions 512,768 --batch-sizes 1,4
     sdrt bench --preset sd15-tiny --backends ort-cpu --steps 4 --repeats 3 -o run.json
-    sdrt bench report benchmarks/results/*.json -o benchmarks/results --readme README.md
+    sdrt bench report benchmarks/results/bench-*.json -o benchmarks/results --readme README.md
 """
 
 from __future__ import annotations
