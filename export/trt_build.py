@@ -11,7 +11,8 @@ empty folder or a previous engine folder is replaced, any other needs ``overwrit
     ENGINE_DIR/
       sdrt-engines.json        the engine manifest (sdrt.runtime.engine_manifest)
       text_encoder.engine [text_encoder_2.engine] unet.engine vae_decoder.engine vae_encoder.engine
-      sampler_step_cfg.engine sampler_step.engine   the sampler's step graphs (guided; unguided), prebuilt
+      sampler_step_cfg.engine sampler_step_cfg_rescale.engine sampler_step.engine
+                               the sampler's step graphs (guided; guided with guidance rescale; unguided)
       sdrt.json                the export's manifest, kind "tensorrt", component paths -> *.engine
       tokenizer/ [tokenizer_2/] scheduler/ model_index.json   copied from the export
 
@@ -60,7 +61,7 @@ from sdrt.runtime.engine_manifest import (
 )
 from sdrt.runtime.errors import ArtifactError, BackendUnavailable, InputError, SdrtError
 from sdrt.runtime.manifest import EXPORT_FOLDER, ExportManifest
-from sdrt.runtime.step_graph import STEP_ENGINES, step_graph_bytes
+from sdrt.runtime.step_graph import step_engine_name, step_graph_bytes
 from sdrt.runtime.trt_modules import backend_name, import_tensorrt, make_logger
 
 from .profiles import BuildProfile, engine_shapes, step_graph_shapes
@@ -221,7 +222,8 @@ def plan_engines(
 
 def step_graph_plans(profile: BuildProfile, manifest: ExportManifest, options: BuildOptions,
                      env: EngineEnv) -> list[EnginePlan]:
-    """The sampler's step graphs (guided when the profile has CFG, and unguided), in the UNet's precision,
+    """The sampler's step graphs (guided, guided with guidance rescale when the profile has CFG, and
+    unguided), in the UNet's precision,
     over the profile's latent shapes: the runtime loads them by the digest of their ONNX bytes, so the lean
     runtime runs the whole denoising loop and the first step pays no build."""
     unet = manifest.components.get("unet")
@@ -229,9 +231,10 @@ def step_graph_plans(profile: BuildProfile, manifest: ExportManifest, options: B
         return []
     dtype = "float16" if unet.precision == "fp16" else "float32"
     plans = []
-    for guided in (True, False) if profile.cfg else (False,):
-        name = STEP_ENGINES[guided]
-        model = step_graph_bytes(guided, dtype)
+    variants = [(True, False), (True, True), (False, False)] if profile.cfg else [(False, False)]
+    for guided, rescale in variants:
+        name = step_engine_name(guided, rescale)
+        model = step_graph_bytes(guided, dtype, rescale)
         digest = hashlib.sha256(model).hexdigest()
         shapes = step_graph_shapes(profile, manifest, guided)
         flags = replace(options.flags(unet.precision), refittable=False)  # no weights to refit

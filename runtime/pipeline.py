@@ -130,8 +130,8 @@ class Pipeline:
         self.engines = engines
         self.tokenizers = tokenizers
         self.scheduler_config = scheduler_config
-        self._step_graphs: dict[tuple[bool, str], Engine] = {}
-        self._loops: dict[tuple[bool, str], StepLoop] = {}
+        self._step_graphs: dict[tuple[Any, ...], Engine] = {}
+        self._loops: dict[tuple[Any, ...], StepLoop] = {}
         self._lock = threading.RLock()
         self._closed = False
 
@@ -290,10 +290,13 @@ class Pipeline:
                                 None if pooled is None else be.to_device(pooled.astype(dt)), b, guided)
 
     # -- stage 2: the sampler plan and the starting latents ----------------------------------------------
-    def plan(self, sampler: str = "dpmpp-2m", steps: int = 30, *, strength: float = 1.0) -> samplers.SamplerPlan:
-        """The sampler's per-step coefficients for this model's scheduler (img2img when strength < 1)."""
+    def plan(self, sampler: str = "dpmpp-2m", steps: int = 30, *, strength: float = 1.0,
+             timestep_spacing: str | None = None) -> samplers.SamplerPlan:
+        """The sampler's per-step coefficients for this model's scheduler (img2img when strength < 1).
+        ``timestep_spacing`` (leading, trailing, linspace) overrides the scheduler configuration's."""
         return samplers.make_plan(sampler, steps, self.scheduler_config,
-                                  prediction_type=self.manifest.prediction_type, strength=strength)
+                                  prediction_type=self.manifest.prediction_type, strength=strength,
+                                  timestep_spacing=timestep_spacing)
 
     def prepare_latents(self, plan: samplers.SamplerPlan, height: int, width: int, *, batch_size: int = 1,
                         seed: int | Sequence[int] | None = None, latents: np.ndarray | None = None,
@@ -334,15 +337,17 @@ class Pipeline:
     # -- stage 3: the denoising loop -------------------------------------------------------------------
     def denoise(self, embeddings: PromptEmbeddings, latents: Latents, plan: samplers.SamplerPlan, *,
                 guidance_scale: float = 7.5, start: float | None = None, end: float | None = None,
-                callback: Callable[[int, int], None] | None = None) -> Latents:
+                callback: Callable[[int, int], None] | None = None, guidance_rescale: float = 0.0) -> Latents:
         """Run the plan's steps from ``latents.step`` (or the ``start`` fraction of the schedule) up to the
         ``end`` fraction (default: the end), device-resident: UNet -> step graph -> UNet. The fractions
         follow diffusers' ``denoising_start`` / ``denoising_end``: a step of timestep t belongs to the part
-        before fraction f when t >= round(T * (1 - f)). Running [0, f) then [f, 1] gives the full run."""
+        before fraction f when t >= round(T * (1 - f)). Running [0, f) then [f, 1] gives the full run.
+        ``guidance_rescale``: diffusers' option of that name (0..1; guided only)."""
         with self._lock:
             self._ready()
             self._check_size(latents.height, latents.width, embeddings.batch, guided=guidance_scale > 1.0)
-            out = self._denoise(embeddings, latents, plan, guidance_scale, start, end, callback, {})[0]
+            out = self._denoise(embeddings, latents, plan, guidance_scale, start, end, callback, {},
+                                rescale=guidance_rescale)[0]
             # the loop's buffers are reused by its next run: hand the caller arrays of its own
             be = self.backend
             return replace(out, x=be.to_device(be.to_host(out.x)),
@@ -366,11 +371,13 @@ class Pipeline:
 
     def _denoise(self, emb: PromptEmbeddings, lat: Latents, plan: samplers.SamplerPlan, guidance_scale: float,
                  start: float | None, end: float | None, callback: Callable[[int, int], None] | None,
-                 timings: dict[str, Any], clock: Clock | None = None) -> tuple[Latents, str]:
+                 timings: dict[str, Any], clock: Clock | None = None, rescale: float = 0.0) -> tuple[Latents, str]:
         """The loop. With the caller's ``clock``, marks once the loop is set up and after every step (the
         caller reads the times); without one, the step times go into ``timings``."""
         _check_guidance(guidance_scale)
         guided = guidance_scale > 1.0
+        _check_rescale(rescale)
+        rescale = float(rescale) if guided else 0.0  # as diffusers: the rescale applies to guided steps only
         if guided != emb.guided:
             raise InputError(
                 f"the embeddings were encoded {'with' if emb.guided else 'without'} guidance but guidance_scale "
@@ -392,10 +399,10 @@ class Pipeline:
         x_start = lat.start if lo == 0 and lat.start is not None else be.to_host(lat.x)
         first_in = samplers.model_input(plan, lo, x_start.astype(np.float64)).astype(dt)
         unet_in = to_dev(np.concatenate([first_in] * 2) if guided else first_in)
-        loop = self._loop(guided, dt)
+        loop = self._loop(guided, dt, rescale > 0.0)
         noise = lat.noise[lo:hi] if plan.needs_noise and lat.noise is not None else None
-        loop.start(latents=lat.x, unet_in=unet_in, x0_prev=lat.x0, cond=cond,
-                   guidance=to_dev(np.array(guidance_scale, np.float32)) if guided else None,
+        g = np.array([guidance_scale, rescale] if rescale else guidance_scale, np.float32)
+        loop.start(latents=lat.x, unet_in=unet_in, x0_prev=lat.x0, cond=cond, guidance=to_dev(g) if guided else None,
                    timesteps=plan.timesteps[lo:hi], coeffs=plan.table[lo:hi],
                    noise=None if noise is None else noise.astype(np.float32))
         own = clock is None
@@ -414,10 +421,10 @@ class Pipeline:
         return replace(lat, x=loop.latents, step=hi, x0=loop.x0 if hi < plan.steps else None,
                        start=None), loop.describe()
 
-    def _loop(self, guided: bool, dt: np.dtype[Any]) -> StepLoop:
-        key = (guided, dt.name)
+    def _loop(self, guided: bool, dt: np.dtype[Any], rescale: bool = False) -> StepLoop:
+        key = (guided, dt.name) if not rescale else (guided, dt.name, True)
         if key not in self._loops:
-            self._loops[key] = self.backend.step_loop(self.engines["unet"], self._step_graph(guided, dt))
+            self._loops[key] = self.backend.step_loop(self.engines["unet"], self._step_graph(guided, dt, rescale))
         return self._loops[key]
 
     # -- stage 4: decode --------------------------------------------------------------------------------
@@ -471,6 +478,8 @@ class Pipeline:
         pooled_prompt_embeds: np.ndarray | None = None,
         negative_pooled_prompt_embeds: np.ndarray | None = None,
         output: str = "images",
+        guidance_rescale: float = 0.0,
+        timestep_spacing: str | None = None,
     ) -> Result:
         """The whole call: encode_prompt -> prepare_latents -> denoise -> decode.
 
@@ -478,7 +487,9 @@ class Pipeline:
         down to a multiple of 8). ``guidance_scale``: 0..100, where <= 1 turns guidance off. ``seed``:
         0..2**32-1, or a list of them, one per image; None for a random one (returned in ``Result.seed``).
         ``strength``: img2img only, in (0, 1], default 0.8. ``output="latents"``: return the final latents
-        (``Result.latents``), not images. Every argument is checked before any engine runs."""
+        (``Result.latents``), not images. ``guidance_rescale``: 0..1, diffusers' option (guided only).
+        ``timestep_spacing``: overrides the scheduler configuration's. Every argument is checked before any
+        engine runs."""
         with self._lock:
             self._ready()
             t_start = time.perf_counter()
@@ -495,6 +506,7 @@ class Pipeline:
                 if v is not None:  # only None means the default: 0 is an error, not a request for the default
                     self._check_side(label, v)
             _check_guidance(guidance_scale)
+            _check_rescale(guidance_rescale)
             seed = _resolve_seed(seed, b)
             if image is None and strength is not None:
                 raise InputError("strength applies to img2img only: pass image=..., or leave strength out",
@@ -508,7 +520,7 @@ class Pipeline:
             guided = guidance_scale > 1.0
             self._check_size(height, width, b, guided=guided)
             plan = self.plan(sampler, steps, strength=1.0 if image is None else
-                             DEFAULT_STRENGTH if strength is None else strength)
+                             DEFAULT_STRENGTH if strength is None else strength, timestep_spacing=timestep_spacing)
             try:
                 # one clock for every stage: device events on a GPU backend, the synchronized host clock on CPU
                 clock = self.backend.clock()
@@ -523,7 +535,8 @@ class Pipeline:
                 clock.mark()
                 lat = self._prepare(plan, height, width, b, seed, latents, init)
                 clock.mark()
-                lat, how = self._denoise(emb, lat, plan, guidance_scale, None, None, callback, {}, clock)
+                lat, how = self._denoise(emb, lat, plan, guidance_scale, None, None, callback, {}, clock,
+                                         rescale=guidance_rescale)
                 images: list[Any] = []
                 nonfinite: list[bool] = []
                 final = None
@@ -577,12 +590,13 @@ class Pipeline:
             raise InputError(f"{len(negs)} negative prompts for {b} images; give one, or one per image")
         return negs
 
-    def _step_graph(self, guided: bool, dtype: np.dtype[Any]) -> Engine:
-        key = (guided, dtype.name)
+    def _step_graph(self, guided: bool, dtype: np.dtype[Any], rescale: bool = False) -> Engine:
+        key = (guided, dtype.name) if not rescale else (guided, dtype.name, True)
         if key not in self._step_graphs:
-            from .step_graph import STEP_ENGINES, step_graph_bytes
+            from .step_graph import step_engine_name, step_graph_bytes
 
-            self._step_graphs[key] = self.backend.load(step_graph_bytes(guided, dtype), STEP_ENGINES[guided])
+            self._step_graphs[key] = self.backend.load(step_graph_bytes(guided, dtype, rescale),
+                                                       step_engine_name(guided, rescale))
         return self._step_graphs[key]
 
 
@@ -606,6 +620,12 @@ def _is_int(v: Any) -> bool:
 
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+
+
+def _check_rescale(r: Any) -> None:
+    if not _is_number(r) or not 0.0 <= r <= 1.0:
+        raise InputError(f"guidance_rescale must be a number from 0 to 1 (0.7 is typical for v-prediction models), "
+                         f"got {r!r}", cli=f"--guidance-rescale must be a number from 0 to 1, got {r!r}")
 
 
 def _check_guidance(g: Any) -> None:

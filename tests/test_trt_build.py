@@ -94,20 +94,21 @@ def test_plans_cache_keys_and_precision(tiny_export) -> None:
     prof = custom_profile(batch="1:1:2", height="64:64:128")
     manifest, plans = plan_engines(folder, prof, BuildOptions(), ENV)
     names = [p.record.component for p in plans]
-    assert names == [*manifest.components, "sampler_step_cfg", "sampler_step"]  # the step graphs come last
-    steps = [p.record for p in plans[-2:]]
-    assert steps[0].shapes[1].max == (4, 4, 16, 16) and steps[1].shapes[1].max == (2, 4, 16, 16)  # unet_out rows
-    assert all(not r.flags.refittable and p.onnx_bytes for r, p in zip(steps, plans[-2:]))
+    # the step graphs come last
+    assert names == [*manifest.components, "sampler_step_cfg", "sampler_step_cfg_rescale", "sampler_step"]
+    steps = [p.record for p in plans[-3:]]
+    assert [r.shapes[1].max for r in steps] == [(4, 4, 16, 16)] * 2 + [(2, 4, 16, 16)]  # unet_out rows
+    assert all(not r.flags.refittable and p.onnx_bytes for r, p in zip(steps, plans[-3:]))
     _, no_cfg = plan_engines(folder, custom_profile(height=64, cfg=False), BuildOptions(), ENV)
-    assert [p.record.component for p in no_cfg][-1:] == ["sampler_step"] and len(no_cfg) == len(plans) - 1
+    assert [p.record.component for p in no_cfg][-1:] == ["sampler_step"] and len(no_cfg) == len(plans) - 2
     unet = next(p.record for p in plans if p.record.component == "unet")
     assert unet.file == "unet.engine" and unet.precision == "fp32" and unet.flags.strongly_typed
     assert unet.shapes[0].max == (4, 4, 16, 16)
     _, again = plan_engines(folder, prof, BuildOptions(), ENV)
     assert [p.record.cache_key for p in again] == [p.record.cache_key for p in plans]
     _, refit = plan_engines(folder, prof, BuildOptions(refittable=True), ENV)
-    assert all(a.record.cache_key != b.record.cache_key for a, b in zip(plans[:-2], refit[:-2]))
-    assert [a.record.cache_key for a in plans[-2:]] == [b.record.cache_key for b in refit[-2:]]  # no weights
+    assert all(a.record.cache_key != b.record.cache_key for a, b in zip(plans[:-3], refit[:-3]))
+    assert [a.record.cache_key for a in plans[-3:]] == [b.record.cache_key for b in refit[-3:]]  # no weights
     _, other_gpu = plan_engines(folder, prof, BuildOptions(), EngineEnv("tensorrt", "10.13.0.35", "NVIDIA L4", "8.9"))
     assert all(a.record.cache_key != b.record.cache_key for a, b in zip(plans, other_gpu))
 

@@ -118,7 +118,7 @@ def test_built_engines_drive_the_pipeline_like_ort_cpu(tiny_export, tmp_path: Pa
     manifest = build_engines(src, out, custom_profile(batch="1:1:2", height="64:64:96", width="64:64:96"),
                              BuildOptions(workspace_gb=1), progress=messages.append)
     assert {r.component for r in manifest.engines} == set(
-        ["text_encoder", "unet", "vae_decoder", "vae_encoder", "sampler_step_cfg", "sampler_step"]
+        ["text_encoder", "unet", "vae_decoder", "vae_encoder", "sampler_step_cfg", "sampler_step_cfg_rescale", "sampler_step"]
         + (["text_encoder_2"] if preset == "sdxl-tiny" else []))
     built = len(trt.built)
     assert trt.build_calls["monitors"] == len(manifest.engines)
@@ -169,7 +169,7 @@ def test_the_lean_runtime_runs_the_whole_loop_from_prebuilt_step_graphs(tiny_exp
     src = tiny_export("sd15-tiny")
     out = tmp_path / "engines"
     manifest = build_engines(src, out, custom_profile(batch="1:1:2", height=64), BuildOptions(version_compatible=True))
-    assert [r.component for r in manifest.engines][-2:] == ["sampler_step_cfg", "sampler_step"]
+    assert [r.component for r in manifest.engines][-3:] == ["sampler_step_cfg", "sampler_step_cfg_rescale", "sampler_step"]
     built = len(trt.built)
     lean = FakeTrt(cudart, name="tensorrt_lean_bindings", lean=True)
     monkeypatch.setattr(tb, "import_tensorrt", lambda names: lean)
