@@ -105,7 +105,8 @@ def _family_of_folder(index: dict[str, Any], folder: Path) -> str:
 
 def _preset_for(family: str, prediction_type: str, sample_size: int) -> Preset:
     """The shipped preset of a family that matches a model's prediction type and size."""
-    candidates = [p for p in PRESETS.values() if p.family == family and not p.name.endswith("-tiny")]
+    candidates = [p for p in PRESETS.values()
+                  if p.family == family and not p.name.endswith("-tiny") and p.by_shape]
     for p in candidates:
         if p.prediction_type == prediction_type and p.unet["sample_size"] == sample_size:
             return p

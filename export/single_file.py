@@ -322,7 +322,7 @@ def detect_preset(
     dims = {k: tuple(int(d) for d in shapes[f]) for k, f in ldm_key_names(shapes).items()}
     family = detect_family(dims, name)
     observed = _observed(dims, family)
-    candidates = [p for p in PRESETS.values() if p.family == family]
+    candidates = [p for p in PRESETS.values() if p.family == family and p.by_shape]  # turbo: --arch only
     matches = [p for p in candidates if not _differences(p, observed)]
     if arch is not None:
         preset = get_preset(arch)
