@@ -14,9 +14,11 @@ class TextEncoder(torch.nn.Module):
 
     SD 1.x/2.x condition on the last hidden state (after the final layer norm), SDXL on the
     penultimate hidden state of both encoders and on the projected pooled embedding of the second.
+    ``clip_skip`` N > 0 (diffusers' ``clip_skip``; A1111's "Clip skip" N + 1) takes the hidden state N
+    layers earlier: SD 1.x/2.x then apply the final layer norm to it, SDXL does not (as diffusers).
     """
 
-    def __init__(self, encoder: torch.nn.Module, penultimate: bool, pooled: bool) -> None:
+    def __init__(self, encoder: torch.nn.Module, penultimate: bool, pooled: bool, clip_skip: int = 0) -> None:
         super().__init__()
         # The TorchScript exporter's SDPA symbolic builds an fp32 causal mask and promotes fp16
         # attention to fp32 (an invalid graph). Eager CLIP attention exports cleanly and computes its
@@ -26,10 +28,18 @@ class TextEncoder(torch.nn.Module):
         self.encoder = encoder
         self.penultimate = penultimate
         self.pooled = pooled
+        self.clip_skip = clip_skip
 
     def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        out = self.encoder(input_ids.long(), output_hidden_states=self.penultimate, return_dict=True)
-        hidden = out.hidden_states[-2] if self.penultimate else out.last_hidden_state
+        deep = self.penultimate or self.clip_skip > 0
+        out = self.encoder(input_ids.long(), output_hidden_states=deep, return_dict=True)
+        if self.penultimate:
+            hidden = out.hidden_states[-(self.clip_skip + 2)]
+        elif self.clip_skip:
+            norm = getattr(self.encoder, "text_model", self.encoder).final_layer_norm  # transformers 4 or 5
+            hidden = norm(out.hidden_states[-(self.clip_skip + 1)])
+        else:
+            hidden = out.last_hidden_state
         if self.pooled:
             return hidden, out.text_embeds
         return (hidden,)

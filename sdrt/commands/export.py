@@ -24,6 +24,9 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--opset", type=int, default=17, help="ONNX opset, 17 or newer (default 17)")
     p.add_argument("--arch", metavar="PRESET", help="architecture of a single-file checkpoint, if not detected")
     p.add_argument("--seed", type=int, default=0, help="seed of --random weights (default 0)")
+    p.add_argument("--clip-skip", type=int, default=0, metavar="N",
+                   help="condition on the text encoder layer N before the model's own (diffusers' clip_skip; "
+                        "A1111's 'Clip skip 2' is 1; default 0)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow loading a pickled .ckpt/.bin (runs code from the file: only for trusted files)")
 
@@ -53,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
     def progress(msg: str) -> None:
         print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", flush=True)
 
-    manifest = export_model(model, args.out, overwrite=args.overwrite, fp16=not args.fp32, opset=args.opset, vae_fp32=args.vae_fp32, progress=progress)
+    manifest = export_model(model, args.out, overwrite=args.overwrite, fp16=not args.fp32, opset=args.opset, vae_fp32=args.vae_fp32, progress=progress,
+                           clip_skip=args.clip_skip)
     if args.ort_cuda:
         from sdrt.export.ort_fusion import add_ort_cuda_variant
 
