@@ -37,7 +37,7 @@ def test_embeddings_match_diffusers(tmp_path_factory, tiny_export, preset: str, 
         object.__setattr__(enc, "text_model", enc)
     with torch.no_grad():
         if preset.startswith("sdxl"):
-            theirs, _, pooled, _ = pipe.encode_prompt(PROMPT, device="cpu", do_classifier_free_guidance=False,
+            theirs, _, _, _ = pipe.encode_prompt(PROMPT, device="cpu", do_classifier_free_guidance=False,
                                                       clip_skip=clip_skip)
             plain = pipe.encode_prompt(PROMPT, device="cpu", do_classifier_free_guidance=False)[0]
         else:
