@@ -84,6 +84,9 @@ def component_specs(model: LoadedModel, vae_fp32: bool | None = None, clip_skip:
     pooled_dim = int(model.text_encoders[-1].config.projection_dim)
     if sdxl:
         unet_inputs += [("text_embeds", "float", ("batch", pooled_dim)), ("time_ids", "float", ("batch", 6))]
+    cond_dim = model.unet.config.get("time_cond_proj_dim")  # LCM-distilled: the guidance embedding's width
+    if cond_dim:
+        unet_inputs.append(("timestep_cond", "float", ("batch", int(cond_dim))))
 
     def unet_example(g: torch.Generator, b: int, h: int, w: int) -> tuple[torch.Tensor, ...]:
         args = [
@@ -93,12 +96,14 @@ def component_specs(model: LoadedModel, vae_fp32: bool | None = None, clip_skip:
         ]
         if sdxl:
             args += [torch.randn(b, pooled_dim, generator=g), torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]] * b)]
+        if cond_dim:
+            args.append(torch.randn(b, int(cond_dim), generator=g))
         return tuple(args)
 
     out_ch = int(model.unet.config.out_channels)
     specs.append(ComponentSpec(
         name="unet",
-        module=wrappers.UNet(model.unet, sdxl=sdxl),
+        module=wrappers.UNet(model.unet, sdxl=sdxl, time_cond=bool(cond_dim)),
         weights=model.unet,
         inputs=unet_inputs,
         outputs=[("out_sample", "float", ("batch", out_ch, "height", "width"))],

@@ -47,24 +47,28 @@ class TextEncoder(torch.nn.Module):
 
 class UNet(torch.nn.Module):
     """Noise (or v) prediction. ``timestep`` stays float32 in fp16 graphs: its sinusoidal embedding is
-    computed before the cast, as diffusers does."""
+    computed before the cast, as diffusers does. Extra inputs, in order: SDXL's ``text_embeds`` and
+    ``time_ids``; an LCM-distilled UNet's ``timestep_cond`` (its guidance-scale embedding)."""
 
-    def __init__(self, unet: torch.nn.Module, sdxl: bool) -> None:
+    def __init__(self, unet: torch.nn.Module, sdxl: bool, time_cond: bool = False) -> None:
         super().__init__()
         self.unet = unet
         self.sdxl = sdxl
+        self.time_cond = time_cond
 
     def forward(
         self,
         sample: torch.Tensor,
         timestep: torch.Tensor,
         encoder_hidden_states: torch.Tensor,
-        text_embeds: torch.Tensor | None = None,
-        time_ids: torch.Tensor | None = None,
+        *extra: torch.Tensor,
     ) -> torch.Tensor:
-        kwargs = {}
+        kwargs: dict[str, object] = {}
         if self.sdxl:
-            kwargs["added_cond_kwargs"] = {"text_embeds": text_embeds, "time_ids": time_ids}
+            kwargs["added_cond_kwargs"] = {"text_embeds": extra[0], "time_ids": extra[1]}
+            extra = extra[2:]
+        if self.time_cond:
+            kwargs["timestep_cond"] = extra[0]
         return self.unet(sample, timestep, encoder_hidden_states, return_dict=False, **kwargs)[0]
 
 

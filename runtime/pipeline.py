@@ -345,7 +345,7 @@ class Pipeline:
         ``guidance_rescale``: diffusers' option of that name (0..1; guided only)."""
         with self._lock:
             self._ready()
-            self._check_size(latents.height, latents.width, embeddings.batch, guided=guidance_scale > 1.0)
+            self._check_size(latents.height, latents.width, embeddings.batch, guided=self._cfg(guidance_scale))
             out = self._denoise(embeddings, latents, plan, guidance_scale, start, end, callback, {},
                                 rescale=guidance_rescale)[0]
             # the loop's buffers are reused by its next run: hand the caller arrays of its own
@@ -375,7 +375,7 @@ class Pipeline:
         """The loop. With the caller's ``clock``, marks once the loop is set up and after every step (the
         caller reads the times); without one, the step times go into ``timings``."""
         _check_guidance(guidance_scale)
-        guided = guidance_scale > 1.0
+        guided = self._cfg(guidance_scale)
         _check_rescale(rescale)
         rescale = float(rescale) if guided else 0.0  # as diffusers: the rescale applies to guided steps only
         if guided != emb.guided:
@@ -396,6 +396,9 @@ class Pipeline:
             rows = 2 * b if guided else b
             cond["time_ids"] = to_dev(np.tile(np.array([lat.height, lat.width, 0, 0, lat.height, lat.width], dt),
                                               (rows, 1)))
+        if "timestep_cond" in self.engines["unet"].inputs:  # an LCM-distilled UNet: guidance as an embedding
+            dim = int(self.engines["unet"].inputs["timestep_cond"].shape[-1])  # type: ignore[arg-type]
+            cond["timestep_cond"] = to_dev(np.tile(_guidance_embedding(guidance_scale - 1.0, dim).astype(dt), (b, 1)))
         x_start = lat.start if lo == 0 and lat.start is not None else be.to_host(lat.x)
         first_in = samplers.model_input(plan, lo, x_start.astype(np.float64)).astype(dt)
         unet_in = to_dev(np.concatenate([first_in] * 2) if guided else first_in)
@@ -517,7 +520,7 @@ class Pipeline:
                 height, width = init.shape[1], init.shape[2]
             height = m.default_size if height is None else int(height)
             width = m.default_size if width is None else int(width)
-            guided = guidance_scale > 1.0
+            guided = self._cfg(guidance_scale)
             self._check_size(height, width, b, guided=guided)
             plan = self.plan(sampler, steps, strength=1.0 if image is None else
                              DEFAULT_STRENGTH if strength is None else strength, timestep_spacing=timestep_spacing)
@@ -590,6 +593,11 @@ class Pipeline:
             raise InputError(f"{len(negs)} negative prompts for {b} images; give one, or one per image")
         return negs
 
+    def _cfg(self, guidance_scale: float) -> bool:
+        """Classifier-free guidance runs (2B UNet rows) above scale 1, except on a UNet that embeds the
+        scale itself (``timestep_cond``: LCM-distilled models, as diffusers' LCM pipelines)."""
+        return guidance_scale > 1.0 and "timestep_cond" not in self.engines["unet"].inputs
+
     def _step_graph(self, guided: bool, dtype: np.dtype[Any], rescale: bool = False) -> Engine:
         key = (guided, dtype.name) if not rescale else (guided, dtype.name, True)
         if key not in self._step_graphs:
@@ -620,6 +628,17 @@ def _is_int(v: Any) -> bool:
 
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+
+
+def _guidance_embedding(w: float, dim: int) -> np.ndarray:
+    """LCM's guidance-scale embedding of w = guidance - 1 (VDM's sinusoidal embedding of 1000 w), [1, dim],
+    in float32 step for step as diffusers' ``get_guidance_scale_embedding``."""
+    half = dim // 2
+    scale = np.float32(np.log(np.float32(10000.0))) / np.float32(half - 1)
+    freqs = np.exp(np.arange(half, dtype=np.float32) * -scale)
+    args = np.float32(w * 1000.0) * freqs
+    emb = np.concatenate([np.sin(args), np.cos(args)])
+    return np.pad(emb, (0, dim % 2))[None].astype(np.float32)
 
 
 def _check_rescale(r: Any) -> None:

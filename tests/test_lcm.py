@@ -98,3 +98,45 @@ def test_lora_of_another_family_is_an_error(tmp_path: Path, capsys: pytest.Captu
         merge_loras(load_model(random_preset="sd15-tiny"), [LoraSpec(sgm, 1.0)])
     assert main(["export", "--random", "sd15-tiny", "--out", str(tmp_path / "o"), "--lora", str(sgm)]) == 1
     assert "--lora" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("guidance", [1.0, 8.0])
+def test_lcm_model_with_time_cond_proj_dim(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, guidance: float) -> None:
+    """An LCM-distilled UNet (``time_cond_proj_dim``): the guidance scale enters as ``timestep_cond`` and
+    the UNet runs at batch 1, as diffusers' LatentConsistencyModelPipeline."""
+    from dataclasses import replace
+
+    from diffusers import LatentConsistencyModelPipeline, LCMScheduler, UNet2DConditionModel
+    from diffusers.schedulers import scheduling_lcm
+    from transformers import CLIPTokenizer
+
+    base = random_model("sd15-tiny")
+    torch.manual_seed(3)
+    unet = UNet2DConditionModel(**{**base.preset.config("unet"), "time_cond_proj_dim": 32}).eval()
+    model = replace(base, unet=unet)
+    out = tmp_path / "lcm"
+    manifest = export_model(model, out, fp16=False)
+    assert [i.name for i in manifest.components["unet"].inputs][-1] == "timestep_cond"
+
+    pipe = LatentConsistencyModelPipeline(vae=base.vae, text_encoder=base.text_encoders[0], unet=unet,
+                                          tokenizer=CLIPTokenizer.from_pretrained(out / "tokenizer"),
+                                          scheduler=LCMScheduler.from_config(base.scheduler_config),
+                                          safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    steps, h, seed = 4, 64, 8
+    latents = np.random.default_rng(80).standard_normal((1, 4, h // 8, h // 8), dtype=np.float32)
+    noise = iter(np.random.default_rng(seed).standard_normal((steps, 1, 4, h // 8, h // 8), dtype=np.float32))
+    monkeypatch.setattr(scheduling_lcm, "randn_tensor", lambda shape, **kw: torch.from_numpy(next(noise)))
+    prompt = "a lighthouse in a storm"
+    with torch.no_grad():
+        ref = pipe(prompt, height=h, width=h, num_inference_steps=steps, guidance_scale=guidance,
+                   latents=torch.from_numpy(latents), output_type="np").images
+    ref_u8 = (ref[0] * 255).round().astype(np.int32)
+    with Pipeline.load(out, backend="ort-cpu") as ours:
+        res = ours(prompt, height=h, width=h, steps=steps, guidance_scale=guidance, sampler="lcm", seed=seed,
+                   latents=latents)
+        rows = [k[0] for k in ours._loops]
+    got = np.asarray(res.images[0]).astype(np.int32)
+    assert np.abs(got - ref_u8).max() <= 1, f"max abs difference {np.abs(got - ref_u8).max()}/255"
+    assert 5 < ref_u8.std()
+    assert rows == [False]  # no classifier-free guidance: the UNet ran at batch 1
