@@ -198,8 +198,10 @@ def load_model(
     seed: int = 0,
     arch: str | None = None,
     allow_pickle: bool = False,
+    ema: bool = True,
 ) -> LoadedModel:
-    """Load weights from ``path`` (diffusers folder or single file) or make synthetic ones."""
+    """Load weights from ``path`` (diffusers folder or single file) or make synthetic ones. ``ema``: a single
+    file with EMA and non-EMA UNet weights loads the EMA ones (False: the non-EMA ones)."""
     if (path is None) == (random_preset is None):
         raise InputError("give exactly one weight source: a model path (--model PATH) or --random PRESET")
     if random_preset is not None:
@@ -224,4 +226,4 @@ def load_model(
         raise InputError(f"{p.name}: unknown checkpoint format; expected .safetensors (or .ckpt with --allow-pickle)")
     from .single_file import load_single_file
 
-    return load_single_file(p, arch=arch, allow_pickle=allow_pickle)
+    return load_single_file(p, arch=arch, allow_pickle=allow_pickle, ema=ema)

@@ -27,6 +27,8 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clip-skip", type=int, default=0, metavar="N",
                    help="condition on the text encoder layer N before the model's own (diffusers' clip_skip; "
                         "A1111's 'Clip skip 2' is 1; default 0)")
+    p.add_argument("--no-ema", dest="ema", action="store_false",
+                   help="a single file with EMA and non-EMA UNet weights: load the non-EMA ones (default: EMA)")
     p.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
                    help="merge a LoRA .safetensors into the weights before export (e.g. LCM-LoRA, then --sampler "
                         "lcm); repeat to stack")
@@ -54,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     what = args.model or f"synthetic {args.random} weights"
     print(f"loading {what}", flush=True)
     model = load_model(args.model, random_preset=args.random, seed=args.seed, arch=args.arch,
-                       allow_pickle=args.allow_pickle)
+                       allow_pickle=args.allow_pickle, ema=args.ema)
 
     if args.lora:
         from sdrt.export.lora import LoraSpec
