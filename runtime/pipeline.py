@@ -291,12 +291,14 @@ class Pipeline:
 
     # -- stage 2: the sampler plan and the starting latents ----------------------------------------------
     def plan(self, sampler: str = "dpmpp-2m", steps: int = 30, *, strength: float = 1.0,
-             timestep_spacing: str | None = None) -> samplers.SamplerPlan:
+             timestep_spacing: str | None = None, fresh_from: int = 0) -> samplers.SamplerPlan:
         """The sampler's per-step coefficients for this model's scheduler (img2img when strength < 1).
-        ``timestep_spacing`` (leading, trailing, linspace) overrides the scheduler configuration's."""
+        ``timestep_spacing`` (leading, trailing, linspace) overrides the scheduler configuration's.
+        ``fresh_from``: the row where a second model takes over with a sampler of its own (no multistep
+        history), as diffusers' refiner at ``denoising_start`` (see ``samplers.make_plan``)."""
         return samplers.make_plan(sampler, steps, self.scheduler_config,
                                   prediction_type=self.manifest.prediction_type, strength=strength,
-                                  timestep_spacing=timestep_spacing)
+                                  timestep_spacing=timestep_spacing, fresh_from=fresh_from)
 
     def prepare_latents(self, plan: samplers.SamplerPlan, height: int, width: int, *, batch_size: int = 1,
                         seed: int | Sequence[int] | None = None, latents: np.ndarray | None = None,

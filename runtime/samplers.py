@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -114,18 +114,28 @@ def make_plan(
     strength: float = 1.0,
     eta: float = 0.0,
     timestep_spacing: str | None = None,
+    fresh_from: int = 0,
 ) -> SamplerPlan:
     """Precompute a sampler's per-step coefficients for ``steps`` steps (img2img when strength < 1).
 
     ``prediction_type`` and ``timestep_spacing`` (leading, trailing, linspace) override the config's.
-    Raises InputError on any bad argument before any work.
+    ``fresh_from`` k > 0: rows k.. are those of a new sampler started at row k with no multistep history,
+    as a fresh diffusers scheduler after ``set_begin_index(k)`` (the refiner of diffusers' base + refiner
+    ensemble, which starts its own scheduler at ``denoising_start``); only DPM-Solver++(2M) has history to
+    lose, the other samplers' rows are unchanged. Raises InputError on any bad argument before any work.
     """
     overrides = {} if timestep_spacing is None else {"timestep_spacing": timestep_spacing}
     cfg = _config(sampler, {**scheduler_config, **overrides}, prediction_type)
     _check_args(sampler, steps, strength, eta)
     _check_run_length(sampler, steps, cfg, strength)
-    build = _BUILDERS[sampler]
-    return build(sampler, steps, cfg, strength, eta)
+    if not _is_number(fresh_from, integral=True) or fresh_from < 0:
+        raise InputError(f"fresh_from must be an integer >= 0 (a row of the plan), got {fresh_from!r}")
+    plan = _BUILDERS[sampler](sampler, steps, cfg, strength, eta)
+    if fresh_from >= plan.steps:
+        raise InputError(f"fresh_from {fresh_from} is past the plan's last row ({plan.steps - 1})")
+    if fresh_from and sampler in _DPM:
+        plan = _dpm_fresh_from(plan, fresh_from, steps, cfg, strength)
+    return plan
 
 
 # -- numpy reference of the device step -----------------------------------------------------------
@@ -385,6 +395,17 @@ def _dpmpp_2m(sampler: str, steps: int, cfg: Mapping[str, Any], strength: float,
     p, q = _x0_coeffs(alpha, sigma, 1.0, cfg["prediction_type"])
     cols: dict[str, np.ndarray | float] = {"s": 1.0, "p": p, "q": q, **_dpm_solver(sigmas)}
     return _plan(sampler, cfg, t, cols, alpha[0], sigma[0], 1.0)
+
+
+def _dpm_fresh_from(plan: SamplerPlan, k: int, steps: int, cfg: Mapping[str, Any], strength: float) -> SamplerPlan:
+    """Rows k.. solved again from row k with no history: first order at row k, as lower_order_nums = 0."""
+    karras = plan.sampler == "dpmpp-2m-karras" or bool(cfg["use_karras_sigmas"])
+    _, sigmas = _dpm_sigmas(steps, cfg, karras)
+    sigmas = np.append(sigmas[sch.img2img_start(steps, strength):], 0.0)
+    table = plan.table.copy()
+    for name, values in _dpm_solver(sigmas[k:]).items():
+        table[k:, COLUMNS.index(name)] = values
+    return replace(plan, table=table, timesteps=plan.timesteps.copy())
 
 
 def _check_descending(sigmas: np.ndarray, sampler: str, steps: int) -> None:

@@ -369,3 +369,38 @@ def test_guidance_rescale_matches_diffusers(rescale):
     np.testing.assert_allclose(samplers.guide(out, 7.5, rescale), theirs, rtol=1e-12, atol=1e-12)
     if rescale:
         assert not np.allclose(theirs, cfg.numpy())  # the case does rescale
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTIONS)
+@pytest.mark.parametrize("end", [0.5, 0.8])
+@pytest.mark.parametrize(("sampler", "eta"), CASES, ids=CASE_IDS)
+def test_fresh_sampler_at_denoising_start(sampler, eta, end, prediction_type, monkeypatch):
+    """diffusers' base + refiner ensemble: the base runs its scheduler to ``denoising_end``; the refiner
+    (StableDiffusionXLImg2ImgPipeline(denoising_start=)) builds a fresh scheduler, set_timesteps(n) and
+    set_begin_index(k), so a multistep sampler restarts with no history there. ``fresh_from=k`` does the same."""
+    steps = 10
+    plan = make_plan(sampler, steps, SD_CONFIG, prediction_type=prediction_type, eta=eta)
+    cutoff = round(1000 - end * 1000)  # diffusers' denoising_end / denoising_start rule
+    k = int(np.sum(plan.timesteps >= cutoff))
+    fresh = make_plan(sampler, steps, SD_CONFIG, prediction_type=prediction_type, eta=eta, fresh_from=k)
+    np.testing.assert_array_equal(fresh.table[:k], plan.table[:k])
+    noise, noises = draws(steps, 6)
+    x, x0 = plan.init_noise_sigma * noise, None
+    for i in range(steps):
+        p = plan if i < k else fresh
+        if i == k:
+            x0 = None  # the refiner gets latents, not the base's history
+        m = model(samplers.model_input(p, i, x), float(p.timesteps[i]))
+        x, x0 = step_reference(p, i, x, m, x0, noises[i])
+
+    base = diffusers_scheduler(sampler, SD_CONFIG, prediction_type)
+    base.set_timesteps(steps)
+    lat = run_diffusers(base, base.timesteps[:k], noise * float(base.init_noise_sigma), noises[:k], monkeypatch, eta)
+    refiner = diffusers_scheduler(sampler, SD_CONFIG, prediction_type)
+    refiner.set_timesteps(steps)
+    if hasattr(refiner, "set_begin_index"):
+        refiner.set_begin_index(k)
+    theirs = run_diffusers(refiner, refiner.timesteps[k:], lat, noises[k:], monkeypatch, eta)
+    assert_close(x, theirs)
+    if sampler.startswith("dpmpp"):  # the restart matters: the uninterrupted plan differs
+        assert not np.allclose(run_reference(plan, plan.init_noise_sigma * noise, model, noises), theirs, rtol=1e-4)
