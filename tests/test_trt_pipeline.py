@@ -147,6 +147,12 @@ def test_built_engines_drive_the_pipeline_like_ort_cpu(tiny_export, tmp_path: Pa
     with pytest.raises(InputError, match="height"):
         pipe("a red fox", **{**kw, "height": 128})
     assert np.array_equal(np.asarray(pipe("a red fox", **kw).images[0]), np.asarray(got.images[0]))
+    # guidance rescale: its prebuilt step graph variant, captured like the plain one, as ort-cpu
+    want_r = ref_pipe("a red fox", guidance_rescale=0.7, **kw)
+    got_r = pipe("a red fox", guidance_rescale=0.7, **kw)
+    assert len(trt.built) == built and got_r.loop == "captured CUDA graphs"
+    r_a, r_b = np.asarray(want_r.images[0], np.int16), np.asarray(got_r.images[0], np.int16)
+    assert np.abs(r_a - r_b).max() <= 1 and np.abs(r_a - a).max() > 1
 
 
 @pytest.mark.usefixtures("fake_gpu")
