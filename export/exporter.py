@@ -29,8 +29,23 @@ MIN_OPSET = 17
 TEXT_LEN = 77
 
 
-def component_specs(model: LoadedModel, vae_fp32: bool | None = None) -> list[ComponentSpec]:
-    """The components of ``model``; ``vae_fp32`` overrides the preset's VAE precision."""
+def check_clip_skip(model: LoadedModel, clip_skip: int) -> None:
+    """``clip_skip`` must leave a transformer layer's output in every text encoder (InputError if not)."""
+    sdxl = model.preset.family == "sdxl"
+    for enc in model.text_encoders:
+        layers = int(enc.config.num_hidden_layers)
+        # hidden_states holds the embeddings, then one entry per layer; SDXL starts from the penultimate
+        most = layers - (2 if sdxl else 1)
+        if not isinstance(clip_skip, int) or isinstance(clip_skip, bool) or not 0 <= clip_skip <= most:
+            raise InputError(
+                f"clip skip {clip_skip!r} is beyond this model's text encoder ({layers} layers"
+                f"{', conditioned on the penultimate' if sdxl else ''}): use 0 to {most}",
+                cli=f"--clip-skip {clip_skip!r} is beyond this model's text encoder ({layers} layers): use 0 to {most}")
+
+
+def component_specs(model: LoadedModel, vae_fp32: bool | None = None, clip_skip: int = 0) -> list[ComponentSpec]:
+    """The components of ``model``; ``vae_fp32`` overrides the preset's VAE precision; ``clip_skip``
+    conditions on an earlier text encoder layer (diffusers' ``clip_skip``)."""
     p = model.preset
     vae32 = p.vae_fp32 if vae_fp32 is None else vae_fp32
     sdxl = p.family == "sdxl"
@@ -52,7 +67,7 @@ def component_specs(model: LoadedModel, vae_fp32: bool | None = None) -> list[Co
 
         specs.append(ComponentSpec(
             name=name,
-            module=wrappers.TextEncoder(enc, penultimate=sdxl, pooled=pooled),
+            module=wrappers.TextEncoder(enc, penultimate=sdxl, pooled=pooled, clip_skip=clip_skip),
             weights=enc,
             inputs=[("input_ids", "int32", ("batch", TEXT_LEN))],
             outputs=outs,
@@ -70,6 +85,9 @@ def component_specs(model: LoadedModel, vae_fp32: bool | None = None) -> list[Co
     pooled_dim = int(model.text_encoders[-1].config.projection_dim)
     if sdxl:
         unet_inputs += [("text_embeds", "float", ("batch", pooled_dim)), ("time_ids", "float", ("batch", 6))]
+    cond_dim = model.unet.config.get("time_cond_proj_dim")  # LCM-distilled: the guidance embedding's width
+    if cond_dim:
+        unet_inputs.append(("timestep_cond", "float", ("batch", int(cond_dim))))
 
     def unet_example(g: torch.Generator, b: int, h: int, w: int) -> tuple[torch.Tensor, ...]:
         args = [
@@ -79,12 +97,14 @@ def component_specs(model: LoadedModel, vae_fp32: bool | None = None) -> list[Co
         ]
         if sdxl:
             args += [torch.randn(b, pooled_dim, generator=g), torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]] * b)]
+        if cond_dim:
+            args.append(torch.randn(b, int(cond_dim), generator=g))
         return tuple(args)
 
     out_ch = int(model.unet.config.out_channels)
     specs.append(ComponentSpec(
         name="unet",
-        module=wrappers.UNet(model.unet, sdxl=sdxl),
+        module=wrappers.UNet(model.unet, sdxl=sdxl, time_cond=bool(cond_dim)),
         weights=model.unet,
         inputs=unet_inputs,
         outputs=[("out_sample", "float", ("batch", out_ch, "height", "width"))],
@@ -199,11 +219,13 @@ def export_model(
     vae_fp32: bool | None = None,
     parity_shape: tuple[int, int, int] | None = None,
     progress: Callable[[str], None] = lambda msg: None,
+    clip_skip: int = 0,
 ) -> ExportManifest:
     """Export every component of ``model`` into ``out`` (atomically) and return its manifest.
 
     ``vae_fp32``: keep the VAE in fp32 in an fp16 export (default: the preset's choice, True for SDXL,
-    whose VAE overflows in fp16).
+    whose VAE overflows in fp16). ``clip_skip``: diffusers' option, fixed in the text encoder graphs and
+    recorded in the manifest (0: the model's own layer; 1 is A1111's "Clip skip 2").
 
     ``out`` may be new, empty or a previous sdrt export (replaced whole when the export succeeds); any
     other folder is refused unless ``overwrite``, a file or the current folder always.
@@ -211,6 +233,7 @@ def export_model(
     from .tokenizer_assets import write_clip_tokenizer
 
     out = check_export_dir(out, overwrite=overwrite)
+    check_clip_skip(model, clip_skip)
     if opset < MIN_OPSET:
         raise InputError(f"opset {opset} is too old; sdrt exports opset {MIN_OPSET} or newer (e.g. --opset 17)")
     precision = "fp16" if fp16 else "fp32"
@@ -223,7 +246,7 @@ def export_model(
         parity_shape = (2, side, side + 8)
     with atomic_dir(out, marker=MANIFEST_NAME, overwrite=overwrite, what=EXPORT_KIND) as tmp:
         components = {}
-        for spec in component_specs(model, vae_fp32):
+        for spec in component_specs(model, vae_fp32, clip_skip):
             components[spec.name] = export_component(
                 spec, precision, tmp / spec.name, opset=opset, parity_shape=parity_shape, progress=progress
             )
@@ -247,6 +270,7 @@ def export_model(
             source=model.source,
             tools=_tool_versions(),
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            clip_skip=clip_skip,
         )
         manifest.write(tmp)
     return manifest

@@ -106,7 +106,8 @@ def _family_of_folder(index: dict[str, Any], folder: Path) -> str:
 def _preset_for(family: str, prediction_type: str, sample_size: int, in_channels: int = 4) -> Preset:
     """The shipped preset of a family that matches a model's UNet input (4 channels, or 9 for an
     inpainting model), prediction type and size."""
-    candidates = [p for p in PRESETS.values() if p.family == family and not p.name.endswith("-tiny")]
+    candidates = [p for p in PRESETS.values()
+                  if p.family == family and not p.name.endswith("-tiny") and p.by_shape]
     candidates = [p for p in candidates if p.unet["in_channels"] == in_channels] or candidates
     for p in candidates:
         if p.prediction_type == prediction_type and p.unet["sample_size"] == sample_size:
@@ -199,8 +200,10 @@ def load_model(
     seed: int = 0,
     arch: str | None = None,
     allow_pickle: bool = False,
+    ema: bool = True,
 ) -> LoadedModel:
-    """Load weights from ``path`` (diffusers folder or single file) or make synthetic ones."""
+    """Load weights from ``path`` (diffusers folder or single file) or make synthetic ones. ``ema``: a single
+    file with EMA and non-EMA UNet weights loads the EMA ones (False: the non-EMA ones)."""
     if (path is None) == (random_preset is None):
         raise InputError("give exactly one weight source: a model path (--model PATH) or --random PRESET")
     if random_preset is not None:
@@ -225,4 +228,4 @@ def load_model(
         raise InputError(f"{p.name}: unknown checkpoint format; expected .safetensors (or .ckpt with --allow-pickle)")
     from .single_file import load_single_file
 
-    return load_single_file(p, arch=arch, allow_pickle=allow_pickle)
+    return load_single_file(p, arch=arch, allow_pickle=allow_pickle, ema=ema)

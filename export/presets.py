@@ -1,7 +1,8 @@
 """Architecture presets: the real configurations of each family, shipped so nothing is ever fetched.
 
 Full-size presets mirror the public diffusers configurations of SD 1.5, SD 2.1 (base 512 epsilon and
-768 v-prediction) and SDXL base 1.0. Each ``-tiny`` preset keeps its family's structure (the same
+768 v-prediction), SDXL base 1.0, and the few-step distillations SD-Turbo (SD 2.1's architecture) and
+SDXL-Turbo (SDXL's), both served at 512 with Euler ancestral over trailing timesteps. Each ``-tiny`` preset keeps its family's structure (the same
 block types, levels, encoders and conditioning inputs) with small widths, for tests and the demo.
 """
 
@@ -26,6 +27,8 @@ class Preset:
     scheduler: dict[str, Any]  # diffusers scheduler config, "_class_name" included
     pad_tokens: tuple[str, ...]  # the pad token of each tokenizer
     vae_fp32: bool = False  # the VAE overflows in fp16 (SDXL): keep it fp32
+    # False: the weights have another preset's shapes (a distillation), so only its name selects it
+    by_shape: bool = True
 
     def config(self, part: str) -> dict[str, Any]:
         return copy.deepcopy(getattr(self, part))
@@ -147,6 +150,8 @@ def _sched(cls: str, prediction: str, **extra: Any) -> dict[str, Any]:
 
 
 _PNDM = {"skip_prk_steps": True}
+# SD-Turbo / SDXL-Turbo: adversarial diffusion distillation serves 1-4 steps from the top of the schedule
+_TURBO = {"timestep_spacing": "trailing", "skip_prk_steps": True}
 _EULER = {"interpolation_type": "linear", "use_karras_sigmas": False, "sample_max_value": 1.0,
           "skip_prk_steps": True}
 
@@ -191,6 +196,25 @@ _add(Preset(
     pad_tokens=("<|endoftext|>", "!"),
     vae_fp32=True,
 ))
+_add(Preset(
+    "sd-turbo", "sd2", "epsilon", 512,
+    unet=_sd_unet([320, 640, 1280, 1280], [5, 10, 20, 20], 1024, 64, linear_proj=True),
+    vae=_vae([128, 256, 512, 512], 512, 0.18215),
+    text_encoders=(_clip(1024, 4096, 16, 23, "gelu", 512),),
+    scheduler=_sched("EulerAncestralDiscreteScheduler", "epsilon", **_TURBO),
+    pad_tokens=("!",),
+    by_shape=False,
+))
+_add(Preset(
+    "sdxl-turbo", "sdxl", "epsilon", 512,
+    unet=_xl_unet([320, 640, 1280], [5, 10, 20], [1, 2, 10], 2048, 256, 1280, 64),
+    vae=_vae([128, 256, 512, 512], 512, 0.13025),
+    text_encoders=(_clip(768, 3072, 12, 12, "quick_gelu", 768), _clip(1280, 5120, 20, 32, "gelu", 1280)),
+    scheduler=_sched("EulerAncestralDiscreteScheduler", "epsilon", **_TURBO),
+    pad_tokens=("<|endoftext|>", "!"),
+    vae_fp32=True,
+    by_shape=False,
+))
 
 # --- tiny: same structure, small widths ----------------------------------------------------------
 _TINY_CLIP = _clip(32, 64, 4, 3, "quick_gelu", 32)
@@ -219,6 +243,10 @@ _add(Preset(
     pad_tokens=("<|endoftext|>", "!"),
     vae_fp32=True,
 ))
+_add(replace(PRESETS["sd21-tiny"], name="sd-turbo-tiny", prediction_type="epsilon",
+             scheduler=_sched("EulerAncestralDiscreteScheduler", "epsilon", **_TURBO), by_shape=False))
+_add(replace(PRESETS["sdxl-tiny"], name="sdxl-turbo-tiny",
+             scheduler=_sched("EulerAncestralDiscreteScheduler", "epsilon", **_TURBO), by_shape=False))
 
 
 def get_preset(name: str) -> Preset:

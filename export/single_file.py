@@ -322,7 +322,7 @@ def detect_preset(
     dims = {k: tuple(int(d) for d in shapes[f]) for k, f in ldm_key_names(shapes).items()}
     family = detect_family(dims, name)
     observed = _observed(dims, family)
-    candidates = [p for p in PRESETS.values() if p.family == family]
+    candidates = [p for p in PRESETS.values() if p.family == family and p.by_shape]  # turbo: --arch only
     matches = [p for p in candidates if not _differences(p, observed)]
     if arch is not None:
         preset = get_preset(arch)
@@ -372,19 +372,33 @@ def _matching(matches: list[Preset]) -> str:
 # --- conversion ------------------------------------------------------------------------------------
 
 
-def load_single_file(path: Path, *, arch: str | None = None, allow_pickle: bool = False) -> LoadedModel:
-    """Load an LDM-layout single-file checkpoint as diffusers/transformers modules (float32, eval)."""
+def load_single_file(path: Path, *, arch: str | None = None, allow_pickle: bool = False,
+                     ema: bool = True) -> LoadedModel:
+    """Load an LDM-layout single-file checkpoint as diffusers/transformers modules (float32, eval).
+
+    A training checkpoint holding both the UNet's EMA weights (``model_ema.*``) and the raw ones loads the
+    EMA weights (the better ones for inference) unless ``ema`` is False; the log says which loaded, and
+    ``source["unet_weights"]`` ("EMA" / "non-EMA") records it."""
     path = Path(path)
     ckpt = _Checkpoint(path, allow_pickle)
     preset = detect_preset(ckpt.shapes, arch=arch, name=path.name)
     log.info("%s: %s checkpoint, preset %s", path.name, FAMILY_NAMES[preset.family], preset.name)
+    ema_unet, which = None, ""  # which UNet copy loaded, where the file holds two
     if any(k.startswith("model_ema.") for k in ckpt.shapes):
-        log.warning(
-            "%s holds EMA and non-EMA UNet weights; using the non-EMA ones (model.diffusion_model.*), as "
-            "diffusers does. An EMA-only file (e.g. *-emaonly) avoids the choice.",
-            path.name,
-        )
-    unet, vae, encoders = _convert(ckpt, preset)
+        ema_unet = _ema_unet(ckpt)
+        if ema_unet is None:
+            which = "non-EMA"
+            log.warning("%s has model_ema.* keys but not an EMA copy of every UNet weight; using the non-EMA "
+                        "UNet weights (model.diffusion_model.*)", path.name)
+        elif ema:
+            which = "EMA"
+            log.warning("%s holds EMA and non-EMA UNet weights; using the EMA ones (model_ema.*), the better "
+                        "for inference. Pass --no-ema (ema=False) for the non-EMA ones.", path.name)
+        else:
+            which, ema_unet = "non-EMA", None
+            log.warning("%s holds EMA and non-EMA UNet weights; using the non-EMA ones (model.diffusion_model.*), "
+                        "as asked (--no-ema)", path.name)
+    unet, vae, encoders = _convert(ckpt, preset, ema_unet)
     return LoadedModel(
         preset=preset,
         unet=unet,
@@ -392,8 +406,19 @@ def load_single_file(path: Path, *, arch: str | None = None, allow_pickle: bool 
         text_encoders=encoders,
         scheduler_config=preset.config("scheduler"),
         tokenizer_dirs=[None] * len(encoders),
-        source={"kind": "single_file", "path": str(path), "sha256": sha256_file(path)},
+        source={"kind": "single_file", "path": str(path), "sha256": sha256_file(path),
+                **({"unet_weights": which} if which else {})},
     )
+
+
+def _ema_unet(ckpt: _Checkpoint) -> dict[str, torch.Tensor] | None:
+    """The UNet's EMA weights under the UNet's own keys, or None unless every weight has its EMA copy.
+    LDM's EMA names drop the dots after ``model.``: model.diffusion_model.a.0.w -> model_ema.diffusion_modela0w."""
+    flat = {k: "model_ema." + "".join(k.split(".")[1:]) for k in ckpt.shapes if k.startswith(_UNET)}
+    if not flat or any(ckpt.shapes.get(f) != ckpt.shapes[k] for k, f in flat.items()):
+        return None
+    ema = ckpt.tensors("model_ema.")
+    return {k: ema[f] for k, f in flat.items()}
 
 
 def _write_configs(preset: Preset, folder: Path) -> list[str]:
@@ -413,7 +438,7 @@ def _write_configs(preset: Preset, folder: Path) -> list[str]:
 
 
 def _convert(
-    ckpt: _Checkpoint, preset: Preset
+    ckpt: _Checkpoint, preset: Preset, unet_tensors: dict[str, torch.Tensor] | None = None
 ) -> tuple[torch.nn.Module, torch.nn.Module, list[torch.nn.Module]]:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import (
@@ -430,7 +455,7 @@ def _convert(
         kw: dict[str, Any] = {"config": tmp, "local_files_only": True}
         try:
             unet = UNet2DConditionModel.from_single_file(
-                ckpt.tensors(_UNET), subfolder="unet", low_cpu_mem_usage=True, **kw
+                unet_tensors or ckpt.tensors(_UNET), subfolder="unet", low_cpu_mem_usage=True, **kw
             )
             _require_loaded(unet, "UNet", name, preset)
             vae = AutoencoderKL.from_single_file(

@@ -11,7 +11,8 @@ empty folder or a previous engine folder is replaced, any other needs ``overwrit
     ENGINE_DIR/
       sdrt-engines.json        the engine manifest (sdrt.runtime.engine_manifest)
       text_encoder.engine [text_encoder_2.engine] unet.engine vae_decoder.engine vae_encoder.engine
-      sampler_step_cfg.engine sampler_step.engine   the sampler's step graphs (guided; unguided), prebuilt
+      sampler_step_cfg.engine sampler_step_cfg_rescale.engine sampler_step.engine
+                               the sampler's step graphs (guided; guided with guidance rescale; unguided)
       sdrt.json                the export's manifest, kind "tensorrt", component paths -> *.engine
       tokenizer/ [tokenizer_2/] scheduler/ model_index.json   copied from the export
 
@@ -229,7 +230,8 @@ def plan_engines(
 
 def step_graph_plans(profile: BuildProfile, manifest: ExportManifest, options: BuildOptions,
                      env: EngineEnv) -> list[EnginePlan]:
-    """The sampler's step graphs (guided when the profile has CFG, and unguided), in the UNet's precision,
+    """The sampler's step graphs (guided, guided with guidance rescale when the profile has CFG, and
+    unguided), in the UNet's precision,
     over the profile's latent shapes: the runtime loads them by the digest of their ONNX bytes, so the lean
     runtime runs the whole denoising loop and the first step pays no build. An inpainting UNet (9 input
     channels) gets only the "concat" variants it needs; an ordinary one the plain and the "blend" ones."""
@@ -238,9 +240,13 @@ def step_graph_plans(profile: BuildProfile, manifest: ExportManifest, options: B
         return []
     dtype = "float16" if unet.precision == "fp16" else "float32"
     plans = []
-    for mode, guided in product(step_graph_modes(manifest), (True, False) if profile.cfg else (False,)):
-        name = step_engine_name(guided, mode)
-        model = step_graph_bytes(guided, dtype, mode)
+    guidance = (True, False) if profile.cfg else (False,)
+    variants = [(guided, mode, False) for mode, guided in product(step_graph_modes(manifest), guidance)]
+    if profile.cfg and None in step_graph_modes(manifest):
+        variants.append((True, None, True))  # guidance rescale: guided, not inpainting
+    for guided, mode, rescale in variants:
+        name = step_engine_name(guided, mode, rescale)
+        model = step_graph_bytes(guided, dtype, mode, rescale)
         digest = hashlib.sha256(model).hexdigest()
         shapes = step_graph_shapes(profile, manifest, guided, mode)
         flags = replace(options.flags(unet.precision), refittable=False)  # no weights to refit

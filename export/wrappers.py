@@ -14,9 +14,11 @@ class TextEncoder(torch.nn.Module):
 
     SD 1.x/2.x condition on the last hidden state (after the final layer norm), SDXL on the
     penultimate hidden state of both encoders and on the projected pooled embedding of the second.
+    ``clip_skip`` N > 0 (diffusers' ``clip_skip``; A1111's "Clip skip" N + 1) takes the hidden state N
+    layers earlier: SD 1.x/2.x then apply the final layer norm to it, SDXL does not (as diffusers).
     """
 
-    def __init__(self, encoder: torch.nn.Module, penultimate: bool, pooled: bool) -> None:
+    def __init__(self, encoder: torch.nn.Module, penultimate: bool, pooled: bool, clip_skip: int = 0) -> None:
         super().__init__()
         # The TorchScript exporter's SDPA symbolic builds an fp32 causal mask and promotes fp16
         # attention to fp32 (an invalid graph). Eager CLIP attention exports cleanly and computes its
@@ -26,10 +28,18 @@ class TextEncoder(torch.nn.Module):
         self.encoder = encoder
         self.penultimate = penultimate
         self.pooled = pooled
+        self.clip_skip = clip_skip
 
     def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        out = self.encoder(input_ids.long(), output_hidden_states=self.penultimate, return_dict=True)
-        hidden = out.hidden_states[-2] if self.penultimate else out.last_hidden_state
+        deep = self.penultimate or self.clip_skip > 0
+        out = self.encoder(input_ids.long(), output_hidden_states=deep, return_dict=True)
+        if self.penultimate:
+            hidden = out.hidden_states[-(self.clip_skip + 2)]
+        elif self.clip_skip:
+            norm = getattr(self.encoder, "text_model", self.encoder).final_layer_norm  # transformers 4 or 5
+            hidden = norm(out.hidden_states[-(self.clip_skip + 1)])
+        else:
+            hidden = out.last_hidden_state
         if self.pooled:
             return hidden, out.text_embeds
         return (hidden,)
@@ -37,24 +47,28 @@ class TextEncoder(torch.nn.Module):
 
 class UNet(torch.nn.Module):
     """Noise (or v) prediction. ``timestep`` stays float32 in fp16 graphs: its sinusoidal embedding is
-    computed before the cast, as diffusers does."""
+    computed before the cast, as diffusers does. Extra inputs, in order: SDXL's ``text_embeds`` and
+    ``time_ids``; an LCM-distilled UNet's ``timestep_cond`` (its guidance-scale embedding)."""
 
-    def __init__(self, unet: torch.nn.Module, sdxl: bool) -> None:
+    def __init__(self, unet: torch.nn.Module, sdxl: bool, time_cond: bool = False) -> None:
         super().__init__()
         self.unet = unet
         self.sdxl = sdxl
+        self.time_cond = time_cond
 
     def forward(
         self,
         sample: torch.Tensor,
         timestep: torch.Tensor,
         encoder_hidden_states: torch.Tensor,
-        text_embeds: torch.Tensor | None = None,
-        time_ids: torch.Tensor | None = None,
+        *extra: torch.Tensor,
     ) -> torch.Tensor:
-        kwargs = {}
+        kwargs: dict[str, object] = {}
         if self.sdxl:
-            kwargs["added_cond_kwargs"] = {"text_embeds": text_embeds, "time_ids": time_ids}
+            kwargs["added_cond_kwargs"] = {"text_embeds": extra[0], "time_ids": extra[1]}
+            extra = extra[2:]
+        if self.time_cond:
+            kwargs["timestep_cond"] = extra[0]
         return self.unet(sample, timestep, encoder_hidden_states, return_dict=False, **kwargs)[0]
 
 

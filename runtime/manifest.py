@@ -103,6 +103,7 @@ class ExportManifest:
     tools: dict[str, str] = field(default_factory=dict)
     created: str = ""
     schema: int = SCHEMA_VERSION
+    clip_skip: int = 0  # the text encoders condition on a layer this many before the model's own
     kind: str = "onnx"
 
     def to_json(self) -> str:
@@ -138,6 +139,7 @@ class ExportManifest:
             created=d.get("created", ""),
             schema=schema,
             kind=d.get("kind", "onnx"),
+            clip_skip=int(d.get("clip_skip", 0)),
         )
 
     @classmethod

@@ -141,8 +141,8 @@ class Pipeline:
         self.engines = engines
         self.tokenizers = tokenizers
         self.scheduler_config = scheduler_config
-        self._step_graphs: dict[tuple[bool, str, str | None], Engine] = {}
-        self._loops: dict[tuple[bool, str, str | None], StepLoop] = {}
+        self._step_graphs: dict[tuple[Any, ...], Engine] = {}
+        self._loops: dict[tuple[Any, ...], StepLoop] = {}
         self._lock = threading.RLock()
         self._closed = False
 
@@ -315,10 +315,15 @@ class Pipeline:
                                 None if pooled is None else be.to_device(pooled.astype(dt)), b, guided)
 
     # -- stage 2: the sampler plan and the starting latents ----------------------------------------------
-    def plan(self, sampler: str = "dpmpp-2m", steps: int = 30, *, strength: float = 1.0) -> samplers.SamplerPlan:
-        """The sampler's per-step coefficients for this model's scheduler (img2img when strength < 1)."""
+    def plan(self, sampler: str = "dpmpp-2m", steps: int = 30, *, strength: float = 1.0,
+             timestep_spacing: str | None = None, fresh_from: int = 0) -> samplers.SamplerPlan:
+        """The sampler's per-step coefficients for this model's scheduler (img2img when strength < 1).
+        ``timestep_spacing`` (leading, trailing, linspace) overrides the scheduler configuration's.
+        ``fresh_from``: the row where a second model takes over with a sampler of its own (no multistep
+        history), as diffusers' refiner at ``denoising_start`` (see ``samplers.make_plan``)."""
         return samplers.make_plan(sampler, steps, self.scheduler_config,
-                                  prediction_type=self.manifest.prediction_type, strength=strength)
+                                  prediction_type=self.manifest.prediction_type, strength=strength,
+                                  timestep_spacing=timestep_spacing, fresh_from=fresh_from)
 
     def prepare_latents(self, plan: samplers.SamplerPlan, height: int, width: int, *, batch_size: int = 1,
                         seed: int | Sequence[int] | None = None, latents: np.ndarray | None = None,
@@ -398,15 +403,17 @@ class Pipeline:
     # -- stage 3: the denoising loop -------------------------------------------------------------------
     def denoise(self, embeddings: PromptEmbeddings, latents: Latents, plan: samplers.SamplerPlan, *,
                 guidance_scale: float = 7.5, start: float | None = None, end: float | None = None,
-                callback: Callable[[int, int], None] | None = None) -> Latents:
+                callback: Callable[[int, int], None] | None = None, guidance_rescale: float = 0.0) -> Latents:
         """Run the plan's steps from ``latents.step`` (or the ``start`` fraction of the schedule) up to the
         ``end`` fraction (default: the end), device-resident: UNet -> step graph -> UNet. The fractions
         follow diffusers' ``denoising_start`` / ``denoising_end``: a step of timestep t belongs to the part
-        before fraction f when t >= round(T * (1 - f)). Running [0, f) then [f, 1] gives the full run."""
+        before fraction f when t >= round(T * (1 - f)). Running [0, f) then [f, 1] gives the full run.
+        ``guidance_rescale``: diffusers' option of that name (0..1; guided only)."""
         with self._lock:
             self._ready()
-            self._check_size(latents.height, latents.width, embeddings.batch, guided=guidance_scale > 1.0)
-            out = self._denoise(embeddings, latents, plan, guidance_scale, start, end, callback, {})[0]
+            self._check_size(latents.height, latents.width, embeddings.batch, guided=self._cfg(guidance_scale))
+            out = self._denoise(embeddings, latents, plan, guidance_scale, start, end, callback, {},
+                                rescale=guidance_rescale)[0]
             # the loop's buffers are reused by its next run: hand the caller arrays of its own
             be = self.backend
             return replace(out, x=be.to_device(be.to_host(out.x)),
@@ -430,11 +437,13 @@ class Pipeline:
 
     def _denoise(self, emb: PromptEmbeddings, lat: Latents, plan: samplers.SamplerPlan, guidance_scale: float,
                  start: float | None, end: float | None, callback: Callable[[int, int], None] | None,
-                 timings: dict[str, Any], clock: Clock | None = None) -> tuple[Latents, str]:
+                 timings: dict[str, Any], clock: Clock | None = None, rescale: float = 0.0) -> tuple[Latents, str]:
         """The loop. With the caller's ``clock``, marks once the loop is set up and after every step (the
         caller reads the times); without one, the step times go into ``timings``."""
         _check_guidance(guidance_scale)
-        guided = guidance_scale > 1.0
+        guided = self._cfg(guidance_scale)
+        _check_rescale(rescale)
+        rescale = float(rescale) if guided else 0.0  # as diffusers: the rescale applies to guided steps only
         if guided != emb.guided:
             raise InputError(
                 f"the embeddings were encoded {'with' if emb.guided else 'without'} guidance but guidance_scale "
@@ -453,6 +462,9 @@ class Pipeline:
             rows = 2 * b if guided else b
             cond["time_ids"] = to_dev(np.tile(np.array([lat.height, lat.width, 0, 0, lat.height, lat.width], dt),
                                               (rows, 1)))
+        if "timestep_cond" in self.engines["unet"].inputs:  # an LCM-distilled UNet: guidance as an embedding
+            dim = int(self.engines["unet"].inputs["timestep_cond"].shape[-1])  # type: ignore[arg-type]
+            cond["timestep_cond"] = to_dev(np.tile(_guidance_embedding(guidance_scale - 1.0, dim).astype(dt), (b, 1)))
         x_start = lat.start if lo == 0 and lat.start is not None else be.to_host(lat.x)
         first_in = samplers.model_input(plan, lo, x_start.astype(np.float64)).astype(dt)
         first_in = np.concatenate([first_in] * 2) if guided else first_in
@@ -465,11 +477,13 @@ class Pipeline:
         elif self._inpaint_mode() == "concat":
             raise InputError("this is an inpainting model (a 9-channel UNet): prepare the latents with image= and "
                              "mask_image=")
+        if rescale and mode is not None:
+            raise InputError("guidance_rescale with inpainting is not supported: leave guidance_rescale at 0")
         unet_in = to_dev(first_in)
-        loop = self._loop(guided, dt, mode)
+        loop = self._loop(guided, dt, mode, rescale > 0.0)
         noise = lat.noise[lo:hi] if plan.needs_noise and lat.noise is not None else None
-        loop.start(latents=lat.x, unet_in=unet_in, x0_prev=lat.x0, cond=cond,
-                   guidance=to_dev(np.array(guidance_scale, np.float32)) if guided else None,
+        g = np.array([guidance_scale, rescale] if rescale else guidance_scale, np.float32)
+        loop.start(latents=lat.x, unet_in=unet_in, x0_prev=lat.x0, cond=cond, guidance=to_dev(g) if guided else None,
                    timesteps=plan.timesteps[lo:hi], coeffs=table[lo:hi],
                    noise=None if noise is None else noise.astype(np.float32), step_inputs=step_inputs or None)
         own = clock is None
@@ -488,11 +502,12 @@ class Pipeline:
         return replace(lat, x=loop.latents, step=hi, x0=loop.x0 if hi < plan.steps else None,
                        start=None), loop.describe()
 
-    def _loop(self, guided: bool, dt: np.dtype[Any], inpaint_mode: str | None = None) -> StepLoop:
-        key = (guided, dt.name, inpaint_mode)
+    def _loop(self, guided: bool, dt: np.dtype[Any], inpaint_mode: str | None = None,
+              rescale: bool = False) -> StepLoop:
+        key = (guided, dt.name, inpaint_mode, rescale)
         if key not in self._loops:
             self._loops[key] = self.backend.step_loop(self.engines["unet"],
-                                                      self._step_graph(guided, dt, inpaint_mode))
+                                                      self._step_graph(guided, dt, inpaint_mode, rescale))
         return self._loops[key]
 
     # -- stage 4: decode --------------------------------------------------------------------------------
@@ -549,6 +564,8 @@ class Pipeline:
         output: str = "images",
         mask_image: Any = None,
         paste_back: float | None = None,
+        guidance_rescale: float = 0.0,
+        timestep_spacing: str | None = None,
     ) -> Result:
         """The whole call: encode_prompt -> prepare_latents -> denoise -> decode.
 
@@ -559,7 +576,9 @@ class Pipeline:
         (``Result.latents``), not images. ``mask_image`` (with ``image``): inpaint, white = repaint, as
         diffusers' inpainting pipelines (strength default 1: the masked region starts from noise).
         ``paste_back``: a mask blur radius in pixels (0: a hard edge); the original pixels outside the mask are
-        pasted back over the output. Every argument is checked before any engine runs."""
+        pasted back over the output. ``guidance_rescale``: 0..1, diffusers' option (guided only).
+        ``timestep_spacing``: overrides the scheduler configuration's. Every argument is checked before any
+        engine runs."""
         with self._lock:
             self._ready()
             t_start = time.perf_counter()
@@ -576,6 +595,7 @@ class Pipeline:
                 if v is not None:  # only None means the default: 0 is an error, not a request for the default
                     self._check_side(label, v)
             _check_guidance(guidance_scale)
+            _check_rescale(guidance_rescale)
             seed = _resolve_seed(seed, b)
             mask = None if mask_image is None else self._check_inpaint(image, mask_image)
             blur = inpaint.check_paste_back(paste_back)
@@ -596,11 +616,11 @@ class Pipeline:
                 height, width = init.shape[1], init.shape[2]
             height = m.default_size if height is None else int(height)
             width = m.default_size if width is None else int(width)
-            guided = guidance_scale > 1.0
+            guided = self._cfg(guidance_scale)
             self._check_size(height, width, b, guided=guided)
             default_strength = 1.0 if mask is not None else DEFAULT_STRENGTH
             strength = 1.0 if image is None else default_strength if strength is None else strength
-            plan = self.plan(sampler, steps, strength=strength)
+            plan = self.plan(sampler, steps, strength=strength, timestep_spacing=timestep_spacing)
             try:
                 # one clock for every stage: device events on a GPU backend, the synchronized host clock on CPU
                 clock = self.backend.clock()
@@ -615,7 +635,8 @@ class Pipeline:
                 clock.mark()
                 lat = self._prepare(plan, height, width, b, seed, latents, init, mask, strength == 1.0)
                 clock.mark()
-                lat, how = self._denoise(emb, lat, plan, guidance_scale, None, None, callback, {}, clock)
+                lat, how = self._denoise(emb, lat, plan, guidance_scale, None, None, callback, {}, clock,
+                                         rescale=guidance_rescale)
                 images: list[Any] = []
                 nonfinite: list[bool] = []
                 final = None
@@ -679,13 +700,19 @@ class Pipeline:
             raise InputError(f"{len(negs)} negative prompts for {b} images; give one, or one per image")
         return negs
 
-    def _step_graph(self, guided: bool, dtype: np.dtype[Any], inpaint_mode: str | None = None) -> Engine:
-        key = (guided, dtype.name, inpaint_mode)
+    def _cfg(self, guidance_scale: float) -> bool:
+        """Classifier-free guidance runs (2B UNet rows) above scale 1, except on a UNet that embeds the
+        scale itself (``timestep_cond``: LCM-distilled models, as diffusers' LCM pipelines)."""
+        return guidance_scale > 1.0 and "timestep_cond" not in self.engines["unet"].inputs
+
+    def _step_graph(self, guided: bool, dtype: np.dtype[Any], inpaint_mode: str | None = None,
+                    rescale: bool = False) -> Engine:
+        key = (guided, dtype.name, inpaint_mode, rescale)
         if key not in self._step_graphs:
             from .step_graph import step_engine_name, step_graph_bytes
 
-            self._step_graphs[key] = self.backend.load(step_graph_bytes(guided, dtype, inpaint_mode),
-                                                       step_engine_name(guided, inpaint_mode))
+            self._step_graphs[key] = self.backend.load(step_graph_bytes(guided, dtype, inpaint_mode, rescale),
+                                                       step_engine_name(guided, inpaint_mode, rescale))
         return self._step_graphs[key]
 
 
@@ -709,6 +736,23 @@ def _is_int(v: Any) -> bool:
 
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+
+
+def _guidance_embedding(w: float, dim: int) -> np.ndarray:
+    """LCM's guidance-scale embedding of w = guidance - 1 (VDM's sinusoidal embedding of 1000 w), [1, dim],
+    in float32 step for step as diffusers' ``get_guidance_scale_embedding``."""
+    half = dim // 2
+    scale = np.float32(np.log(np.float32(10000.0))) / np.float32(half - 1)
+    freqs = np.exp(np.arange(half, dtype=np.float32) * -scale)
+    args = np.float32(w * 1000.0) * freqs
+    emb = np.concatenate([np.sin(args), np.cos(args)])
+    return np.pad(emb, (0, dim % 2))[None].astype(np.float32)
+
+
+def _check_rescale(r: Any) -> None:
+    if not _is_number(r) or not 0.0 <= r <= 1.0:
+        raise InputError(f"guidance_rescale must be a number from 0 to 1 (0.7 is typical for v-prediction models), "
+                         f"got {r!r}", cli=f"--guidance-rescale must be a number from 0 to 1, got {r!r}")
 
 
 def _check_guidance(g: Any) -> None:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -46,7 +46,6 @@ _DPM = ("dpmpp-2m", "dpmpp-2m-karras")
 _UNSUPPORTED: dict[str, tuple[Any, tuple[str, ...]]] = {
     "clip_sample": (False, ("ddim", "lcm")),
     "thresholding": (False, ("ddim", "lcm", *_DPM)),
-    "rescale_betas_zero_snr": (False, SAMPLERS),
     "final_sigmas_type": ("zero", (*_DPM, "euler")),
     "use_exponential_sigmas": (False, (*_DPM, "euler")),
     "use_beta_sigmas": (False, (*_DPM, "euler")),
@@ -114,25 +113,47 @@ def make_plan(
     prediction_type: str | None = None,
     strength: float = 1.0,
     eta: float = 0.0,
+    timestep_spacing: str | None = None,
+    fresh_from: int = 0,
 ) -> SamplerPlan:
     """Precompute a sampler's per-step coefficients for ``steps`` steps (img2img when strength < 1).
 
-    ``prediction_type`` overrides the config's. Raises InputError on any bad argument before any work.
+    ``prediction_type`` and ``timestep_spacing`` (leading, trailing, linspace) override the config's.
+    ``fresh_from`` k > 0: rows k.. are those of a new sampler started at row k with no multistep history,
+    as a fresh diffusers scheduler after ``set_begin_index(k)`` (the refiner of diffusers' base + refiner
+    ensemble, which starts its own scheduler at ``denoising_start``); only DPM-Solver++(2M) has history to
+    lose, the other samplers' rows are unchanged. Raises InputError on any bad argument before any work.
     """
-    cfg = _config(sampler, scheduler_config, prediction_type)
+    overrides = {} if timestep_spacing is None else {"timestep_spacing": timestep_spacing}
+    cfg = _config(sampler, {**scheduler_config, **overrides}, prediction_type)
     _check_args(sampler, steps, strength, eta)
     _check_run_length(sampler, steps, cfg, strength)
-    build = _BUILDERS[sampler]
-    return build(sampler, steps, cfg, strength, eta)
+    if not _is_number(fresh_from, integral=True) or fresh_from < 0:
+        raise InputError(f"fresh_from must be an integer >= 0 (a row of the plan), got {fresh_from!r}")
+    plan = _BUILDERS[sampler](sampler, steps, cfg, strength, eta)
+    if fresh_from >= plan.steps:
+        raise InputError(f"fresh_from {fresh_from} is past the plan's last row ({plan.steps - 1})")
+    if fresh_from and sampler in _DPM:
+        plan = _dpm_fresh_from(plan, fresh_from, steps, cfg, strength)
+    return plan
 
 
 # -- numpy reference of the device step -----------------------------------------------------------
 
 
-def guide(unet_out: np.ndarray, guidance: float) -> np.ndarray:
-    """Classifier-free guidance (Ho & Salimans 2022): rows [uncond; cond] -> u + g (c - u)."""
+def guide(unet_out: np.ndarray, guidance: float, rescale: float = 0.0) -> np.ndarray:
+    """Classifier-free guidance (Ho & Salimans 2022): rows [uncond; cond] -> m = u + g (c - u).
+
+    ``rescale`` phi > 0: Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed",
+    eq. 15-16, per image: m <- phi * m * std(c) / std(m) + (1 - phi) * m (diffusers' ``guidance_rescale``).
+    """
     uncond, cond = np.split(unet_out, 2, axis=0)
-    return uncond + guidance * (cond - uncond)
+    m = uncond + guidance * (cond - uncond)
+    if rescale:
+        axes = tuple(range(1, m.ndim))
+        m = m * (rescale * np.std(cond, axis=axes, keepdims=True) / np.std(m, axis=axes, keepdims=True)
+                 + (1.0 - rescale))
+    return m
 
 
 def model_input(plan: SamplerPlan, i: int, x: np.ndarray) -> np.ndarray:
@@ -251,6 +272,16 @@ def _int_timesteps(t: np.ndarray, num_train: int) -> np.ndarray:
 # -- shared pieces ----------------------------------------------------------------------------------
 
 
+def _finite_abar(cfg: Mapping[str, Any]) -> np.ndarray:
+    """alphas_cumprod for the VE-sigma samplers: a zero terminal SNR gives an infinite last sigma, which
+    diffusers' Euler and DPM schedulers replace by abar = 2^-24 (its value in their float32 tables)."""
+    abar = sch.alphas_cumprod(cfg)
+    if cfg.get("rescale_betas_zero_snr", False):
+        abar = abar.copy()
+        abar[-1] = 2.0**-24
+    return abar
+
+
 def _x0_coeffs(
     alpha: np.ndarray, sigma: np.ndarray, s: np.ndarray | float, prediction_type: str
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -273,6 +304,10 @@ def _plan(sampler: str, cfg: Mapping[str, Any], timesteps: np.ndarray, cols: Map
         table[:, COLUMNS.index(name)] = np.broadcast_to(np.asarray(values, dtype=np.float64), (n,))
     table[:-1, S_NEXT] = table[1:, S]
     table[-1, S_NEXT] = 1.0
+    if not np.all(np.isfinite(table)):
+        raise InputError(f"{sampler} has infinite coefficients with this scheduler config (zero terminal SNR "
+                         "with epsilon prediction divides by alpha_T = 0); use a v_prediction model, or set "
+                         "rescale_betas_zero_snr to false")
     s0 = table[0, S]
     return SamplerPlan(
         sampler=sampler,
@@ -317,7 +352,7 @@ def _ddim(sampler: str, steps: int, cfg: Mapping[str, Any], strength: float, eta
 def _dpm_sigmas(steps: int, cfg: Mapping[str, Any], karras: bool) -> tuple[np.ndarray, np.ndarray]:
     """(timesteps, VE sigmas) of the full schedule, as DPMSolverMultistepScheduler.set_timesteps."""
     T, spacing = cfg["num_train_timesteps"], cfg["timestep_spacing"]
-    train = sch.ve_sigmas(sch.alphas_cumprod(cfg))
+    train = sch.ve_sigmas(_finite_abar(cfg))
     if karras:  # Karras et al. 2022 eq. 5 over the whole training range; timesteps rounded
         sigmas = sch.karras_sigmas(train[0], train[-1], steps)
         return _int_timesteps(sch.sigma_to_t(sigmas, train), T), sigmas
@@ -362,6 +397,17 @@ def _dpmpp_2m(sampler: str, steps: int, cfg: Mapping[str, Any], strength: float,
     return _plan(sampler, cfg, t, cols, alpha[0], sigma[0], 1.0)
 
 
+def _dpm_fresh_from(plan: SamplerPlan, k: int, steps: int, cfg: Mapping[str, Any], strength: float) -> SamplerPlan:
+    """Rows k.. solved again from row k with no history: first order at row k, as lower_order_nums = 0."""
+    karras = plan.sampler == "dpmpp-2m-karras" or bool(cfg["use_karras_sigmas"])
+    _, sigmas = _dpm_sigmas(steps, cfg, karras)
+    sigmas = np.append(sigmas[sch.img2img_start(steps, strength):], 0.0)
+    table = plan.table.copy()
+    for name, values in _dpm_solver(sigmas[k:]).items():
+        table[k:, COLUMNS.index(name)] = values
+    return replace(plan, table=table, timesteps=plan.timesteps.copy())
+
+
 def _check_descending(sigmas: np.ndarray, sampler: str, steps: int) -> None:
     if np.any(np.diff(sigmas) >= 0):
         raise InputError(f"{steps} steps repeat a noise level for {sampler} with this config; use fewer steps")
@@ -373,7 +419,7 @@ def _check_descending(sigmas: np.ndarray, sampler: str, steps: int) -> None:
 def _euler_sigmas(steps: int, cfg: Mapping[str, Any], karras: bool) -> tuple[np.ndarray, np.ndarray]:
     """(timesteps, VE sigmas) as EulerDiscreteScheduler.set_timesteps; fractional timesteps allowed."""
     T = cfg["num_train_timesteps"]
-    train = sch.ve_sigmas(sch.alphas_cumprod(cfg))
+    train = sch.ve_sigmas(_finite_abar(cfg))
     t = _in_range(sch.spaced_timesteps(cfg["timestep_spacing"], steps, T, cfg["steps_offset"]), T)
     sigmas = sch.interp_sigma(t, train)
     if karras:  # Karras et al. 2022 eq. 5 between the spaced schedule's own ends

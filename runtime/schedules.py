@@ -39,8 +39,23 @@ def betas(config: Mapping[str, Any]) -> np.ndarray:
 
 
 def alphas_cumprod(config: Mapping[str, Any]) -> np.ndarray:
-    """abar_t = prod_{s<=t} (1 - beta_s) (DDPM eq. 4), float64."""
-    return np.cumprod(1.0 - betas(config))
+    """abar_t = prod_{s<=t} (1 - beta_s) (DDPM eq. 4), float64; zero terminal SNR when the config's
+    ``rescale_betas_zero_snr`` asks for it."""
+    b = betas(config)
+    if config.get("rescale_betas_zero_snr", False):
+        b = zero_terminal_snr(b)
+    return np.cumprod(1.0 - b)
+
+
+def zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
+    """Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed", Alg. 1: shift and
+    scale sqrt(abar) so that its last value is 0 (zero SNR at t = T-1) and its first is unchanged."""
+    root = np.sqrt(np.cumprod(1.0 - betas))
+    first, last = root[0], root[-1]
+    root = (root - last) * first / (first - last)
+    abar = root**2
+    alphas = np.concatenate([abar[:1], abar[1:] / abar[:-1]])
+    return 1.0 - alphas
 
 
 def vp_from_abar(abar: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:

@@ -6,7 +6,8 @@ The loop is UNet -> step graph -> UNet: ``unet_in_next`` is already scaled and, 
 duplicated to the UNet's 2B rows.
 
     inputs   latents [B,C,H,W]; unet_out [2B or B,C,H,W] (guided: B uncond rows, then B cond rows);
-             guidance [] float32 (guided only); coeffs [8] float32; x0_prev [B,C,H,W]; noise [B,C,H,W]
+             guidance [] float32 (guided only; the rescale variant: [2] = scale, guidance_rescale);
+             coeffs [8] float32; x0_prev [B,C,H,W]; noise [B,C,H,W]
     outputs  latents_next [B,C,H,W]; x0 [B,C,H,W]; unet_in_next [2B or B,C,H,W]
 
 Float16 graphs compute in float32 and round once on output. The numpy reference is
@@ -41,30 +42,39 @@ _LATENT = ["B", "C", "H", "W"]
 STEP_ENGINES = {False: "sampler_step", True: "sampler_step_cfg"}
 INPAINT_MODES = ("concat", "blend")
 BLEND_COLUMNS = ("blend_image", "blend_noise")  # the "blend" graph's coeffs: COLUMNS + these
+# the guided graph with guidance rescale, a variant of its own so the plain guided graph stays as it was
+RESCALE_STEP_ENGINE = "sampler_step_cfg_rescale"
 
 
-def step_engine_name(batch_guided: bool, inpaint: str | None = None) -> str:
+def step_engine_name(batch_guided: bool, inpaint: str | None = None, rescale: bool = False) -> str:
     """The engine name ``sdrt build`` gives a step graph variant (and the TensorRT backend loads)."""
+    if batch_guided and rescale:
+        return RESCALE_STEP_ENGINE
     return STEP_ENGINES[batch_guided] + ("" if inpaint is None else f"_{inpaint}")
 
 
-def step_graph_bytes(batch_guided: bool, dtype: Any = np.float16, inpaint: str | None = None) -> bytes:
+def step_graph_bytes(batch_guided: bool, dtype: Any = np.float16, inpaint: str | None = None,
+                     rescale: bool = False) -> bytes:
     """The serialized step graph: the same bytes in every process (engine folders key on their digest)."""
-    return build_step_graph(batch_guided, dtype, inpaint).SerializeToString()
+    return build_step_graph(batch_guided, dtype, inpaint, rescale).SerializeToString()
 
 
-def build_step_graph(batch_guided: bool, dtype: Any = np.float16, inpaint: str | None = None) -> onnx.ModelProto:
+def build_step_graph(batch_guided: bool, dtype: Any = np.float16, inpaint: str | None = None,
+                     rescale: bool = False) -> onnx.ModelProto:
     """The step graph for latents of ``dtype`` (float16 or float32); guided means CFG on 2B UNet rows;
-    ``inpaint`` one of INPAINT_MODES or None."""
+    ``inpaint`` one of INPAINT_MODES or None; ``rescale`` (guided, not inpainting) adds diffusers'
+    ``guidance_rescale``, read from ``guidance[1]``."""
     try:
         elem = _TYPES[np.dtype(dtype)]
     except (KeyError, TypeError) as e:
         raise InputError(f"step graph dtype must be float16 or float32, got {dtype!r}") from e
     if inpaint is not None and inpaint not in INPAINT_MODES:
         raise InputError(f"inpaint must be one of {', '.join(INPAINT_MODES)} or None, got {inpaint!r}")
+    if rescale and (not batch_guided or inpaint is not None):
+        raise InputError("guidance rescale needs the guided step graph (guidance_scale > 1) and no inpainting")
     nodes: list[onnx.NodeProto] = []
     x, out, x0_prev, noise = (_input(nodes, name, elem) for name in ("latents", "unet_out", "x0_prev", "noise"))
-    m = _guided(nodes, out) if batch_guided else out
+    m = (_rescaled(nodes, out) if rescale else _guided(nodes, out)) if batch_guided else out
     _, p, q, a, b, c, d, s_next, *blend = _columns(nodes, BLEND_COLUMNS if inpaint == "blend" else ())
     x0 = _add(nodes, "x0_f", _mul(nodes, p, x), _mul(nodes, q, m))  # x0 = p x + q m
     x_next = _add(nodes, "update", _mul(nodes, a, x), _mul(nodes, b, x0))
@@ -80,7 +90,7 @@ def build_step_graph(batch_guided: bool, dtype: Any = np.float16, inpaint: str |
     _output(nodes, x_next, "latents_next", elem)
     _output(nodes, x0, "x0", elem)
     _output(nodes, unet_in, "unet_in_next", elem)
-    return _model(nodes, batch_guided, elem, inpaint)
+    return _model(nodes, batch_guided, elem, inpaint, rescale)
 
 
 def _blend(nodes: list[onnx.NodeProto], x_next: str, blend: list[str], elem: int) -> str:
@@ -94,8 +104,10 @@ def _blend(nodes: list[onnx.NodeProto], x_next: str, blend: list[str], elem: int
     return _add(nodes, "x_next_blended", _mul(nodes, keep, proper), _mul(nodes, mask, x_next))
 
 
-def _model(nodes: list[onnx.NodeProto], batch_guided: bool, elem: int, inpaint: str | None = None) -> onnx.ModelProto:
+def _model(nodes: list[onnx.NodeProto], batch_guided: bool, elem: int, inpaint: str | None = None,
+           rescale: bool = False) -> onnx.ModelProto:
     rows = ["2B", *_LATENT[1:]] if batch_guided else _LATENT
+    g_shape = [2] if rescale else []
     out_rows = [rows[0], "C_unet", *rows[2:]] if inpaint == "concat" else rows
     extra = {
         None: [],
@@ -108,7 +120,7 @@ def _model(nodes: list[onnx.NodeProto], batch_guided: bool, elem: int, inpaint: 
     inputs = [
         helper.make_tensor_value_info("latents", elem, _LATENT),
         helper.make_tensor_value_info("unet_out", elem, rows),
-        *([helper.make_tensor_value_info("guidance", TensorProto.FLOAT, [])] if batch_guided else []),
+        *([helper.make_tensor_value_info("guidance", TensorProto.FLOAT, g_shape)] if batch_guided else []),
         helper.make_tensor_value_info("coeffs", TensorProto.FLOAT, [columns]),
         helper.make_tensor_value_info("x0_prev", elem, _LATENT),
         helper.make_tensor_value_info("noise", elem, _LATENT),
@@ -127,12 +139,31 @@ def _model(nodes: list[onnx.NodeProto], batch_guided: bool, elem: int, inpaint: 
     return model
 
 
-def _guided(nodes: list[onnx.NodeProto], out: str) -> str:
+def _guided(nodes: list[onnx.NodeProto], out: str, scale: str = "guidance") -> str:
     """Classifier-free guidance (Ho & Salimans 2022): m = u + g (c - u) over [uncond; cond] rows."""
     uncond, cond = (f"{n}_rows" for n in ("uncond", "cond"))
     nodes.append(helper.make_node("Split", [out], [uncond, cond], axis=0))
     delta = _node(nodes, "Sub", [cond, uncond], "cond_minus_uncond")
-    return _add(nodes, "guided", uncond, _mul(nodes, "guidance", delta))
+    return _add(nodes, "guided", uncond, _mul(nodes, scale, delta))
+
+
+def _rescaled(nodes: list[onnx.NodeProto], out: str) -> str:
+    """Guidance, then Lin et al. 2024 eq. 15-16 per image: m <- m (phi std(c) / std(m) + 1 - phi), as
+    diffusers' ``rescale_noise_cfg``. The population variances' ratio equals the unbiased stds' squared."""
+    nodes.append(helper.make_node("Split", ["guidance"], ["guidance_scale", "guidance_rescale"], axis=0))
+    m = _guided(nodes, out, "guidance_scale")
+
+    def var(v: str) -> str:
+        mean = _node(nodes, "ReduceMean", [v], f"{v}_mean", axes=[1, 2, 3], keepdims=1)
+        dev = _node(nodes, "Sub", [v, mean], f"{v}_dev")
+        return _node(nodes, "ReduceMean", [_mul(nodes, dev, dev)], f"{v}_var", axes=[1, 2, 3], keepdims=1)
+
+    ratio = _node(nodes, "Sqrt", [_node(nodes, "Div", [var("cond_rows"), var(m)], "var_ratio")], "std_ratio")
+    nodes.append(helper.make_node("Constant", [], ["one"], value=helper.make_tensor("one", TensorProto.FLOAT,
+                                                                                       [1], [1.0])))
+    keep = _node(nodes, "Sub", ["one", "guidance_rescale"], "one_minus_rescale")
+    factor = _add(nodes, "rescale_factor", _mul(nodes, "guidance_rescale", ratio), keep)
+    return _mul(nodes, factor, m)
 
 
 def _columns(nodes: list[onnx.NodeProto], extra: tuple[str, ...] = ()) -> list[str]:

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from sdrt.export.loading import random_model
+from sdrt.runtime.errors import InputError
 from sdrt.runtime.pipeline import Pipeline
 
 from .conftest import TINY
@@ -71,20 +72,23 @@ def _sdrt(folder: Path) -> Pipeline:
     return _SDRT[str(folder)]
 
 
-def _compare(preset, tiny_export, sampler, guidance, negative, height, width, steps=8, batch=1):
+def _compare(preset, tiny_export, sampler, guidance, negative, height, width, steps=8, batch=1,
+             spacing=None, rescale=0.0):
     folder = tiny_export(preset, "fp32")
     pipe, sched_cfg = _diffusers_pipe(preset, folder)
-    pipe.scheduler = _scheduler(sampler, sched_cfg)
+    pipe.scheduler = _scheduler(sampler, sched_cfg if spacing is None else {**sched_cfg, "timestep_spacing": spacing})
+    extra = {"guidance_rescale": rescale} if rescale else {}
     rng = np.random.default_rng(hash((preset, sampler, height, width)) % 2**32)
     latents = rng.standard_normal((batch, 4, height // 8, width // 8), dtype=np.float32)
     prompt = "a watercolor fox in the snow, highly detailed"
     with torch.no_grad():
         ref = pipe(prompt, negative_prompt=negative, height=height, width=width, num_inference_steps=steps,
                    guidance_scale=guidance, latents=torch.from_numpy(latents), output_type="np",
-                   num_images_per_prompt=batch).images
+                   num_images_per_prompt=batch, **extra).images
     ref_u8 = (ref * 255).round().astype(np.int32)
     res = _sdrt(folder)(prompt, negative_prompt=negative, height=height, width=width, steps=steps,
-                        guidance_scale=guidance, sampler=sampler, latents=latents, batch_size=batch)
+                        guidance_scale=guidance, sampler=sampler, latents=latents, batch_size=batch,
+                        timestep_spacing=spacing, **extra)
     got = np.stack([np.asarray(im) for im in res.images]).astype(np.int32)
     assert got.shape == ref_u8.shape
     diff = np.abs(got - ref_u8).max()
@@ -109,6 +113,25 @@ def test_without_guidance_square(tiny_export, preset: str) -> None:
 def test_guided_default_negative_batch2(tiny_export, preset: str) -> None:
     # SDXL: no negative prompt means zero negative embeddings (force_zeros_for_empty_prompt)
     _compare(preset, tiny_export, "euler", 5.0, None, 96, 64, steps=6, batch=2)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "euler"])
+@pytest.mark.parametrize("preset", ["sd21-tiny", "sdxl-tiny"])
+def test_spacing_override_and_guidance_rescale(tiny_export, preset: str, sampler: str) -> None:
+    """timestep_spacing="trailing" over the model's config, and guidance_rescale=0.7, as diffusers."""
+    _compare(preset, tiny_export, sampler, 7.5, None, 64, 64, steps=4, spacing="trailing", rescale=0.7)
+
+
+def test_guidance_rescale_changes_the_image(tiny_export) -> None:
+    folder = tiny_export("sd15-tiny", "fp32")
+    kw = {"steps": 4, "guidance_scale": 7.5, "sampler": "ddim", "seed": 3, "height": 64, "width": 64}
+    a, b = (np.asarray(_sdrt(folder)("a fox", guidance_rescale=r, **kw).images[0]) for r in (0.0, 1.0))
+    assert np.abs(a.astype(int) - b.astype(int)).max() > 2
+    for bad in (-0.1, 1.5, "0.7"):
+        with pytest.raises(InputError, match="guidance_rescale"):
+            _sdrt(folder)("a fox", guidance_rescale=bad, **kw)
+    with pytest.raises(InputError, match="timestep_spacing"):
+        _sdrt(folder)("a fox", timestep_spacing="karras", **kw)
 
 
 @pytest.mark.parametrize("strength", [0.5, 0.8])

@@ -88,8 +88,12 @@ def float64_tables(sc):
         betas = torch.linspace(c.beta_start**0.5, c.beta_end**0.5, c.num_train_timesteps, dtype=torch.float64) ** 2
     else:
         betas = torch.linspace(c.beta_start, c.beta_end, c.num_train_timesteps, dtype=torch.float64)
+    if c.get("rescale_betas_zero_snr", False):
+        betas = sys.modules[type(sc).__module__].rescale_zero_terminal_snr(betas)
     sc.betas, sc.alphas = betas, 1.0 - betas
     sc.alphas_cumprod = torch.cumprod(sc.alphas, dim=0)
+    if c.get("rescale_betas_zero_snr", False) and hasattr(sc, "sigmas"):  # Euler, DPM: as their __init__
+        sc.alphas_cumprod[-1] = 2**-24
     if hasattr(sc, "final_alpha_cumprod"):
         sc.final_alpha_cumprod = torch.tensor(1.0, dtype=torch.float64) if c.set_alpha_to_one else sc.alphas_cumprod[0]
     if hasattr(sc, "lambda_t"):
@@ -277,7 +281,7 @@ BAD = [
     ({"config": {**SD_CONFIG, "clip_sample": True}}, "clip_sample"),
     ({"config": {**SD_CONFIG, "beta_schedule": "squaredcos_cap_v2"}}, "beta_schedule"),
     ({"config": {**SD_CONFIG, "timestep_spacing": "karras"}}, "timestep_spacing"),
-    ({"config": {**SD_CONFIG, "rescale_betas_zero_snr": True}}, "rescale_betas_zero_snr"),
+    ({"timestep_spacing": "karras"}, "timestep_spacing"),
     ({"sampler": "dpmpp-2m", "config": {**SD_CONFIG, "final_sigmas_type": "sigma_min"}}, "final_sigmas_type"),
     ({"sampler": "lcm", "steps": 51}, "lcm serves at most 50"),
     ({"sampler": "lcm", "steps": 10, "strength": 0.1}, "lcm serves at most 5"),
@@ -295,3 +299,108 @@ def test_bad_input(change, message, monkeypatch):
             "prediction_type": None, **change}
     with pytest.raises(InputError, match=message):
         make_plan(args.pop("sampler"), args.pop("steps"), args.pop("config"), **args)
+
+
+# -- overrides and options of community checkpoints ---------------------------------------------------
+
+
+@pytest.mark.parametrize("spacing", schedules.SPACINGS)
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_timestep_spacing_override(sampler, spacing, monkeypatch):
+    """``timestep_spacing=`` wins over the config's, as diffusers' ``from_config(config, timestep_spacing=)``."""
+    steps = 4
+    plan = make_plan(sampler, steps, SD_CONFIG, timestep_spacing=spacing)
+    sc = diffusers_scheduler(sampler, {**SD_CONFIG, "timestep_spacing": spacing})
+    sc.set_timesteps(steps)
+    noise, noises = draws(steps, 3)
+    ours = run_reference(plan, plan.init_noise_sigma * noise, model, noises)
+    theirs = run_diffusers(sc, sc.timesteps, noise * float(sc.init_noise_sigma), noises, monkeypatch)
+    np.testing.assert_allclose(plan.timesteps, sc.timesteps.double().numpy(), rtol=0, atol=1e-3)
+    assert_close(ours, theirs)
+    if sampler != "lcm":  # lcm's timesteps come from its distillation schedule, not the spacing
+        other = make_plan(sampler, steps, {**SD_CONFIG, "timestep_spacing": spacing})
+        np.testing.assert_array_equal(plan.timesteps, other.timesteps)
+
+
+def test_zero_terminal_snr_betas():
+    """Lin et al. Alg. 1 against diffusers' rescale_zero_terminal_snr: last abar 0, first unchanged."""
+    from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr
+
+    betas = schedules.betas(SD_CONFIG)
+    ours = schedules.zero_terminal_snr(betas)
+    theirs = rescale_zero_terminal_snr(torch.from_numpy(betas)).numpy()
+    np.testing.assert_allclose(ours, theirs, rtol=1e-12, atol=1e-15)
+    abar = schedules.alphas_cumprod({**SD_CONFIG, "rescale_betas_zero_snr": True})
+    assert abar[-1] == pytest.approx(0.0, abs=1e-15)
+    assert abar[0] == pytest.approx(1.0 - betas[0], rel=1e-12)
+
+
+@pytest.mark.parametrize("spacing", ["trailing", "leading"])
+@pytest.mark.parametrize("steps", [1, 4, 25])
+@pytest.mark.parametrize(("sampler", "eta"), [c for c in CASES if c[0] != "dpmpp-2m-karras"],
+                         ids=[i for i in CASE_IDS if i != "dpmpp-2m-karras"])  # diffusers itself fails there
+def test_zero_terminal_snr_matches_diffusers(sampler, eta, steps, spacing, monkeypatch):
+    """rescale_betas_zero_snr=True (v_prediction, the models trained with it), trailing as the paper asks."""
+    config = {**SD_CONFIG, "rescale_betas_zero_snr": True, "timestep_spacing": spacing}
+    ours, theirs, plan, sc = txt2img_both(sampler, steps, config, "v_prediction", eta, monkeypatch, seed=4)
+    np.testing.assert_allclose(plan.timesteps, sc.timesteps.double().numpy(), rtol=0, atol=1e-3)
+    assert plan.init_noise_sigma == pytest.approx(float(sc.init_noise_sigma), rel=1e-6)
+    # the Euler samplers start at sigma = 4096 (abar = 2^-24), which diffusers holds in float32
+    assert_close(ours, theirs, 5e-5)
+
+
+def test_zero_terminal_snr_epsilon_refused():
+    """Epsilon prediction at zero SNR divides by alpha_T = 0: a clear error, not NaN images."""
+    config = {**SD_CONFIG, "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
+    with pytest.raises(InputError, match="v_prediction"):
+        make_plan("ddim", 4, config, prediction_type="epsilon")
+
+
+@pytest.mark.parametrize("rescale", [0.0, 0.3, 0.7, 1.0])
+def test_guidance_rescale_matches_diffusers(rescale):
+    """samplers.guide(..., rescale) against diffusers' rescale_noise_cfg after its CFG."""
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+    rng = np.random.default_rng(5)
+    out = np.concatenate([rng.standard_normal(SHAPE), 2.0 * rng.standard_normal(SHAPE) + 0.3])
+    uncond, cond = (torch.from_numpy(a) for a in np.split(out, 2))
+    cfg = uncond + 7.5 * (cond - uncond)
+    theirs = rescale_noise_cfg(cfg, cond, guidance_rescale=rescale).numpy()
+    np.testing.assert_allclose(samplers.guide(out, 7.5, rescale), theirs, rtol=1e-12, atol=1e-12)
+    if rescale:
+        assert not np.allclose(theirs, cfg.numpy())  # the case does rescale
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTIONS)
+@pytest.mark.parametrize("end", [0.5, 0.8])
+@pytest.mark.parametrize(("sampler", "eta"), CASES, ids=CASE_IDS)
+def test_fresh_sampler_at_denoising_start(sampler, eta, end, prediction_type, monkeypatch):
+    """diffusers' base + refiner ensemble: the base runs its scheduler to ``denoising_end``; the refiner
+    (StableDiffusionXLImg2ImgPipeline(denoising_start=)) builds a fresh scheduler, set_timesteps(n) and
+    set_begin_index(k), so a multistep sampler restarts with no history there. ``fresh_from=k`` does the same."""
+    steps = 10
+    plan = make_plan(sampler, steps, SD_CONFIG, prediction_type=prediction_type, eta=eta)
+    cutoff = round(1000 - end * 1000)  # diffusers' denoising_end / denoising_start rule
+    k = int(np.sum(plan.timesteps >= cutoff))
+    fresh = make_plan(sampler, steps, SD_CONFIG, prediction_type=prediction_type, eta=eta, fresh_from=k)
+    np.testing.assert_array_equal(fresh.table[:k], plan.table[:k])
+    noise, noises = draws(steps, 6)
+    x, x0 = plan.init_noise_sigma * noise, None
+    for i in range(steps):
+        p = plan if i < k else fresh
+        if i == k:
+            x0 = None  # the refiner gets latents, not the base's history
+        m = model(samplers.model_input(p, i, x), float(p.timesteps[i]))
+        x, x0 = step_reference(p, i, x, m, x0, noises[i])
+
+    base = diffusers_scheduler(sampler, SD_CONFIG, prediction_type)
+    base.set_timesteps(steps)
+    lat = run_diffusers(base, base.timesteps[:k], noise * float(base.init_noise_sigma), noises[:k], monkeypatch, eta)
+    refiner = diffusers_scheduler(sampler, SD_CONFIG, prediction_type)
+    refiner.set_timesteps(steps)
+    if hasattr(refiner, "set_begin_index"):
+        refiner.set_begin_index(k)
+    theirs = run_diffusers(refiner, refiner.timesteps[k:], lat, noises[k:], monkeypatch, eta)
+    assert_close(x, theirs)
+    if sampler.startswith("dpmpp"):  # the restart matters: the uninterrupted plan differs
+        assert not np.allclose(run_reference(plan, plan.init_noise_sigma * noise, model, noises), theirs, rtol=1e-4)

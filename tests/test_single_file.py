@@ -249,21 +249,72 @@ def test_checkpoint_missing_a_tensor(tmp_path: Path, key: str, message: str) -> 
         load_model(path)
 
 
-def test_ema_copies_are_not_used(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """Full training exports hold EMA copies (model_ema.*, dots dropped) beside the UNet; diffusers' default,
-    the non-EMA weights, is what loads, and the log says so."""
-    model = random_model("sd15-tiny", seed=11)
-    sd = write_ldm_checkpoint(model, tmp_path / "plain.safetensors")
+def _with_ema(tmp_path: Path, model: LoadedModel, name: str, ldm_names: bool = True) -> Path:
+    """A training export: the UNet plus its EMA copy (2x the weights, so the two are told apart), under
+    LDM's EMA names (the dots after ``model.`` dropped) or, ``ldm_names=False``, names that miss some."""
+    sd = write_ldm_checkpoint(model, tmp_path / f"{name}-plain.safetensors")
     unet = "model.diffusion_model."
-    sd.update(
-        {"model_ema." + k[len(unet) :].replace(".", ""): 2 * v for k, v in sd.items() if k.startswith(unet)}
-    )
-    path = tmp_path / "with-ema.safetensors"
+    for k, v in list(sd.items()):
+        if k.startswith(unet):
+            flat = "".join(k.split(".")[1:]) if ldm_names else k[len(unet):].replace(".", "")
+            sd["model_ema." + flat] = 2 * v
+    sd["model_ema.decay"] = torch.tensor(0.9999)
+    path = tmp_path / f"{name}.safetensors"
     save_file(sd, str(path))
+    return path
+
+
+def _doubled_unet(model: LoadedModel) -> LoadedModel:
+    import copy
+
+    ema = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in ema.unet.parameters():
+            p.mul_(2)
+    return ema
+
+
+def test_ema_weights_load_by_default(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Both copies in the file: the EMA one loads (diffusers' extract_ema=True), and the log says so."""
+    model = random_model("sd15-tiny", seed=11)
+    path = _with_ema(tmp_path, model, "with-ema")
+    with caplog.at_level(logging.WARNING, logger="sdrt.export.single_file"):
+        got = load_model(path)
+    assert_same_weights(_doubled_unet(model), got)
+    assert "using the EMA ones" in caplog.text and got.source["unet_weights"] == "EMA"
+
+
+def test_no_ema_loads_the_raw_weights(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    model = random_model("sd15-tiny", seed=11)
+    path = _with_ema(tmp_path, model, "with-ema")
+    with caplog.at_level(logging.WARNING, logger="sdrt.export.single_file"):
+        got = load_model(path, ema=False)
+    assert_same_weights(model, got)
+    assert "using the non-EMA ones" in caplog.text and got.source["unet_weights"] == "non-EMA"
+
+
+def test_incomplete_ema_copies_are_not_used(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """EMA keys that do not cover the UNet (here: misnamed) fall back to the non-EMA weights, said in the log."""
+    model = random_model("sd15-tiny", seed=11)
+    path = _with_ema(tmp_path, model, "odd-ema", ldm_names=False)
     with caplog.at_level(logging.WARNING, logger="sdrt.export.single_file"):
         got = load_model(path)
     assert_same_weights(model, got)
-    assert "non-EMA" in caplog.text
+    assert "not an EMA copy of every UNet weight" in caplog.text and got.source["unet_weights"] == "non-EMA"
+
+
+def test_ema_matches_diffusers_extract_ema(tmp_path: Path) -> None:
+    """The same UNet weights as diffusers' own LDM conversion with extract_ema=True."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+    from safetensors.torch import load_file
+
+    model = random_model("sd15-tiny", seed=11)
+    path = _with_ema(tmp_path, model, "with-ema")
+    theirs = convert_ldm_unet_checkpoint(load_file(str(path)), dict(model.unet.config), extract_ema=True)
+    ours = load_model(path).unet.state_dict()
+    assert set(theirs) <= set(ours)
+    for k, v in theirs.items():
+        torch.testing.assert_close(ours[k], v.float(), rtol=0, atol=0, msg=k)
 
 
 def test_arch_of_another_family(checkpoints: dict) -> None:

@@ -154,3 +154,42 @@ def test_loop_wiring(sampler):
         mags = magnitudes(plan.table[i], *wide, True)
         assert_within(x, x_ref, mags[1], np.float32)
         assert_within(x0, x0_ref, mags[0], np.float32)
+
+
+# -- guidance rescale (the sampler_step_cfg_rescale variant) ---------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("rescale", [0.0, 0.7, 1.0])
+def test_rescale_variant_matches_reference(rescale, dtype):
+    """guidance = [scale, phi]; the outputs follow samplers.guide(out, scale, phi) then step_reference.
+    Bound: the std ratio adds a few float32 roundings per element (reductions of 256 terms), so a
+    relative 1e-5 of the magnitude (fp16: plus the one output rounding)."""
+    plan = make_plan("dpmpp-2m", 10, CONFIG, prediction_type="v_prediction")
+    model = build_step_graph(True, dtype, rescale=True)
+    g_in = next(i for i in model.graph.input if i.name == "guidance")
+    assert [d.dim_value for d in g_in.type.tensor_type.shape.dim] == [2]
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(7)
+    for i in (0, 4, 9):
+        x = rng.standard_normal((B, *LATENT)).astype(dtype)
+        out = np.concatenate([rng.standard_normal((B, *LATENT)), 1.7 * rng.standard_normal((B, *LATENT))]).astype(dtype)
+        x0_prev, noise = (rng.standard_normal((B, *LATENT)).astype(dtype) for _ in range(2))
+        got = sess.run(["latents_next", "x0"], {"latents": x, "unet_out": out, "coeffs": plan.coeffs(i),
+                                                "x0_prev": x0_prev, "noise": noise,
+                                                "guidance": np.array([GUIDANCE, rescale], np.float32)})
+        wide = [v.astype(np.float64) for v in (x, out, x0_prev, noise)]
+        x_ref, x0_ref = step_reference(plan, i, wide[0], guide(wide[1], GUIDANCE, rescale), wide[2], wide[3])
+        mags = magnitudes(plan.table[i], *wide, True)
+        for g, ref, mag in ((got[0], x_ref, mags[1]), (got[1], x0_ref, mags[0])):
+            bound = 1e-5 * mag + (2.0**-11 * np.abs(ref) if dtype == np.float16 else 0.0)
+            assert np.all(np.abs(g.astype(np.float64) - ref) <= bound)
+    if rescale:  # the variant does rescale: the plain guided step differs
+        plain = make_plan("dpmpp-2m", 10, CONFIG, prediction_type="v_prediction")
+        assert not np.allclose(step_reference(plain, 9, wide[0], guide(wide[1], GUIDANCE), wide[2], wide[3])[1],
+                               x0_ref)
+
+
+def test_rescale_needs_guided():
+    with pytest.raises(InputError, match="guided"):
+        build_step_graph(False, np.float32, rescale=True)

@@ -39,7 +39,7 @@ from sdrt.export.profiles import custom_profile
 from sdrt.runtime import trt_backend as tb
 from sdrt.runtime.engine_manifest import BuildFlags, EngineEnv, EngineManifest
 from sdrt.runtime.errors import BackendUnavailable, InputError
-from sdrt.runtime.step_graph import STEP_ENGINES, step_graph_bytes
+from sdrt.runtime.step_graph import RESCALE_STEP_ENGINE, STEP_ENGINES, step_graph_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 RTX_PIP = "pip install tensorrt-rtx-cu13-libs tensorrt-rtx-cu13-bindings"
@@ -536,7 +536,7 @@ def test_build_engines_on_rtx_without_a_gpu(rtx: ModuleType, tiny_export, tmp_pa
 
     def text_encoder_only(*args: Any, **kwargs: Any) -> Any:
         manifest, plans = plan_engines(*args, **kwargs)
-        return manifest, [p for p in plans if p.record.component in ("text_encoder", *STEP_ENGINES.values())]
+        return manifest, [p for p in plans if p.record.component in ("text_encoder", *STEP_ENGINES.values(), RESCALE_STEP_ENGINE)]
 
     monkeypatch.setattr(trt_build, "plan_engines", text_encoder_only)
     out, cache = tmp_path / "engines", tmp_path / "t.timing.cache"
@@ -548,13 +548,14 @@ def test_build_engines_on_rtx_without_a_gpu(rtx: ModuleType, tiny_export, tmp_pa
     assert [str(w.message) for w in caught if "TensorRT" in str(w.message)] == []
     assert not cache.exists() and any("no timing cache" in msg for msg in messages)
     assert any("Building engine" in msg for msg in messages)  # the progress monitor was called
-    assert [r.component for r in m.engines] == ["text_encoder", "sampler_step_cfg", "sampler_step"]
+    assert [r.component for r in m.engines] == ["text_encoder", "sampler_step_cfg", "sampler_step",
+                                                "sampler_step_cfg_rescale"]
     for rec in m.engines:
         assert rec.env.backend == "tensorrt_rtx" and rec.env.version == rtx.__version__
         assert (out / rec.file).stat().st_size == rec.size_bytes > 0
     # the step graphs are found by the digest of the bytes the runtime makes (fp32 export: fp32 graphs)
-    for guided, rec in zip((True, False), m.engines[1:]):
-        assert rec.onnx_sha256 == hashlib.sha256(step_graph_bytes(guided, "float32")).hexdigest()
+    for (guided, rescale), rec in zip(((True, False), (False, False), (True, True)), m.engines[1:]):
+        assert rec.onnx_sha256 == hashlib.sha256(step_graph_bytes(guided, "float32", rescale=rescale)).hexdigest()
     assert EngineManifest.read(out).engines == m.engines
     assert "--tensorrt-module tensorrt_rtx" in m.build_command
     umask = os.umask(0)
@@ -563,7 +564,7 @@ def test_build_engines_on_rtx_without_a_gpu(rtx: ModuleType, tiny_export, tmp_pa
     assert modes == {p: 0o666 & ~umask for p in modes}  # engines and copied assets: a plain write's mode
     messages.clear()
     trt_build.build_engines(src, out, custom_profile(batch="1:1:2"), opts, progress=messages.append)
-    assert sum("up to date, reused" in msg for msg in messages) == 3
+    assert sum("up to date, reused" in msg for msg in messages) == 4
 
 
 @pytest.mark.parametrize("component", ["vae_decoder", "vae_encoder"])
@@ -606,7 +607,7 @@ def test_sdrt_build_makes_a_whole_engine_folder_on_rtx(rtx: ModuleType, tiny_exp
     printed = capsys.readouterr().out
     m = EngineManifest.read(out)
     names = ["text_encoder", "unet", "vae_decoder", "vae_encoder", "sampler_step_cfg", "sampler_step",
-             "sampler_step_cfg_blend", "sampler_step_blend"]
+             "sampler_step_cfg_blend", "sampler_step_blend", "sampler_step_cfg_rescale"]
     names += ["text_encoder_2"] if preset == "sdxl-tiny" else []
     assert sorted(r.component for r in m.engines) == sorted(names)
     vae_fp32 = {"vae_decoder", "vae_encoder"} if preset == "sdxl-tiny" else set()

@@ -119,7 +119,7 @@ def test_built_engines_drive_the_pipeline_like_ort_cpu(tiny_export, tmp_path: Pa
                              BuildOptions(workspace_gb=1), progress=messages.append)
     assert {r.component for r in manifest.engines} == set(
         ["text_encoder", "unet", "vae_decoder", "vae_encoder", "sampler_step_cfg", "sampler_step",
-         "sampler_step_cfg_blend", "sampler_step_blend"]
+         "sampler_step_cfg_blend", "sampler_step_blend", "sampler_step_cfg_rescale"]
         + (["text_encoder_2"] if preset == "sdxl-tiny" else []))
     built = len(trt.built)
     assert trt.build_calls["monitors"] == len(manifest.engines)
@@ -148,6 +148,12 @@ def test_built_engines_drive_the_pipeline_like_ort_cpu(tiny_export, tmp_path: Pa
     with pytest.raises(InputError, match="height"):
         pipe("a red fox", **{**kw, "height": 128})
     assert np.array_equal(np.asarray(pipe("a red fox", **kw).images[0]), np.asarray(got.images[0]))
+    # guidance rescale: its prebuilt step graph variant, captured like the plain one, as ort-cpu
+    want_r = ref_pipe("a red fox", guidance_rescale=0.7, **kw)
+    got_r = pipe("a red fox", guidance_rescale=0.7, **kw)
+    assert len(trt.built) == built and got_r.loop == "captured CUDA graphs"
+    r_a, r_b = np.asarray(want_r.images[0], np.int16), np.asarray(got_r.images[0], np.int16)
+    assert np.abs(r_a - r_b).max() <= 1 and np.abs(r_a - a).max() > 1
 
 
 @pytest.mark.usefixtures("fake_gpu")
@@ -170,8 +176,9 @@ def test_the_lean_runtime_runs_the_whole_loop_from_prebuilt_step_graphs(tiny_exp
     src = tiny_export("sd15-tiny")
     out = tmp_path / "engines"
     manifest = build_engines(src, out, custom_profile(batch="1:1:2", height=64), BuildOptions(version_compatible=True))
-    assert [r.component for r in manifest.engines][-4:] == ["sampler_step_cfg", "sampler_step",
-                                                            "sampler_step_cfg_blend", "sampler_step_blend"]
+    assert [r.component for r in manifest.engines][-5:] == ["sampler_step_cfg", "sampler_step",
+                                                            "sampler_step_cfg_blend", "sampler_step_blend",
+                                                            "sampler_step_cfg_rescale"]
     built = len(trt.built)
     lean = FakeTrt(cudart, name="tensorrt_lean_bindings", lean=True)
     monkeypatch.setattr(tb, "import_tensorrt", lambda names: lean)
@@ -260,7 +267,8 @@ def test_inpainting_on_built_engines_like_ort_cpu(tiny_export, tmp_path: Path, f
     steps = {r.component for r in manifest.engines if r.component.startswith("sampler_step")}
     nine = preset == "sd15-inpaint-tiny"
     assert steps == ({"sampler_step_cfg_concat", "sampler_step_concat"} if nine else
-                     {"sampler_step_cfg", "sampler_step", "sampler_step_cfg_blend", "sampler_step_blend"})
+                     {"sampler_step_cfg", "sampler_step", "sampler_step_cfg_blend", "sampler_step_blend",
+                      "sampler_step_cfg_rescale"})
     assert ("vae_encoder_masked" in {r.component for r in manifest.engines}) == nine
     built = len(trt.built)
     image, mask = image_and_mask(96, 64)

@@ -24,6 +24,14 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--opset", type=int, default=17, help="ONNX opset, 17 or newer (default 17)")
     p.add_argument("--arch", metavar="PRESET", help="architecture of a single-file checkpoint, if not detected")
     p.add_argument("--seed", type=int, default=0, help="seed of --random weights (default 0)")
+    p.add_argument("--clip-skip", type=int, default=0, metavar="N",
+                   help="condition on the text encoder layer N before the model's own (diffusers' clip_skip; "
+                        "A1111's 'Clip skip 2' is 1; default 0)")
+    p.add_argument("--no-ema", dest="ema", action="store_false",
+                   help="a single file with EMA and non-EMA UNet weights: load the non-EMA ones (default: EMA)")
+    p.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
+                   help="merge a LoRA .safetensors into the weights before export (e.g. LCM-LoRA, then --sampler "
+                        "lcm); repeat to stack")
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow loading a pickled .ckpt/.bin (runs code from the file: only for trusted files)")
 
@@ -48,12 +56,23 @@ def run(args: argparse.Namespace) -> int:
     what = args.model or f"synthetic {args.random} weights"
     print(f"loading {what}", flush=True)
     model = load_model(args.model, random_preset=args.random, seed=args.seed, arch=args.arch,
-                       allow_pickle=args.allow_pickle)
+                       allow_pickle=args.allow_pickle, ema=args.ema)
+
+    if args.lora:
+        from sdrt.export.lora import LoraSpec
+        from sdrt.export.lora_merge import merge_loras
+
+        reports = merge_loras(model, [LoraSpec.parse(s) for s in args.lora])
+        for comp, rep in reports.items():
+            if rep.matched:
+                print(f"merged LoRA into {len(rep.matched)} {comp} weights"
+                      + (f" ({len(rep.unmatched)} LoRA modules matched nothing)" if rep.unmatched else ""))
 
     def progress(msg: str) -> None:
         print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", flush=True)
 
-    manifest = export_model(model, args.out, overwrite=args.overwrite, fp16=not args.fp32, opset=args.opset, vae_fp32=args.vae_fp32, progress=progress)
+    manifest = export_model(model, args.out, overwrite=args.overwrite, fp16=not args.fp32, opset=args.opset, vae_fp32=args.vae_fp32, progress=progress,
+                           clip_skip=args.clip_skip)
     if args.ort_cuda:
         from sdrt.export.ort_fusion import add_ort_cuda_variant
 

@@ -22,6 +22,11 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance", type=float, default=7.5,
                    help="classifier-free guidance scale, 0 to 100 (default 7.5; 5-9 is typical); 1 or less turns "
                         "it off")
+    p.add_argument("--guidance-rescale", type=float, default=0.0,
+                   help="rescale guided outputs toward the conditional one's spread, 0 to 1 (default 0; 0.7 for "
+                        "v-prediction models trained with zero terminal SNR)")
+    p.add_argument("--timestep-spacing", default=None, choices=("leading", "trailing", "linspace"),
+                   help="override the model's scheduler configuration (turbo models: trailing)")
     p.add_argument("--seed", type=int, default=None,
                    help="0 to 4294967295; default: a random seed, printed so the image can be reproduced")
     p.add_argument("--height", type=int, default=None,
@@ -79,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
             result = pipe(args.prompt, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
                           steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler, seed=args.seed,
                           batch_size=args.batch_size, image=image, strength=args.strength, callback=progress,
-                          mask_image=mask, paste_back=args.paste_back)
+                          mask_image=mask, paste_back=args.paste_back,
+                          guidance_rescale=args.guidance_rescale, timestep_spacing=args.timestep_spacing)
         finally:
             bar.close()
     print_warnings(caught)
