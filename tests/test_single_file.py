@@ -335,11 +335,14 @@ def test_unknown_arch(checkpoints: dict) -> None:
 
 
 def test_architecture_no_preset_has(tmp_path: Path) -> None:
-    """An SD 1.x inpainting UNet (9 input channels) is named as such, not half-loaded."""
+    """A UNet whose input channels no shipped preset has (7: neither 4 nor an inpainting model's 9) is
+    named as such, not half-loaded; 9 channels are the inpainting preset of the same architecture."""
     shapes = {k: tuple(v.shape) for k, v in ldm_state_dict(meta_model("sd15-tiny")).items()}
     conv_in = "model.diffusion_model.input_blocks.0.0.weight"
     shapes[conv_in] = (shapes[conv_in][0], 9, *shapes[conv_in][2:])
-    with pytest.raises(ArtifactError, match=r"closest is sd15-tiny: UNet in/out channels \[9, 4\]"):
+    assert detect_preset(shapes).name == "sd15-inpaint-tiny"
+    shapes[conv_in] = (shapes[conv_in][0], 7, *shapes[conv_in][2:])
+    with pytest.raises(ArtifactError, match=r"UNet in/out channels \[7, 4\]"):
         detect_preset(shapes)
 
 
