@@ -498,7 +498,7 @@ class Pipeline:
             steps_ms = clk.intervals_ms()
             timings.update(unet_steps_ms=steps_ms, unet_step_ms=float(np.median(steps_ms)), clock=clk.kind)
             clk.close()
-        # the final latents (TensorRT: a view of the loop's buffer, valid until its next start(): copied out)
+        # the final latents: the loop's own buffers (valid until its next start(); the public denoise() copies them)
         return replace(lat, x=loop.latents, step=hi, x0=loop.x0 if hi < plan.steps else None,
                        start=None), loop.describe()
 
@@ -598,6 +598,9 @@ class Pipeline:
             _check_rescale(guidance_rescale)
             seed = _resolve_seed(seed, b)
             mask = None if mask_image is None else self._check_inpaint(image, mask_image)
+            if guidance_rescale and (mask is not None or self._inpaint_mode() == "concat"):
+                raise InputError("guidance_rescale with inpainting is not supported: leave guidance_rescale at 0",
+                                 cli="--guidance-rescale with inpainting is not supported: leave it out")
             blur = inpaint.check_paste_back(paste_back)
             if blur is not None and (mask is None or output != "images"):
                 raise InputError("paste_back applies to inpainting images: pass mask_image=, or leave paste_back out",

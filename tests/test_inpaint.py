@@ -182,6 +182,7 @@ def sd15_inpaint(tiny_export) -> Pipeline:
     ({"image": "I", "mask_image": "M", "paste_back": -1}, "blur radius from 0 to 256"),
     ({"image": "I", "paste_back": 4}, "paste_back applies to inpainting"),
     ({"image": "I", "mask_image": "M", "paste_back": 4, "output": "latents"}, "paste_back applies to inpainting"),
+    ({"image": "I", "mask_image": "M", "guidance_rescale": 0.7}, "guidance_rescale with inpainting"),
 ])
 def test_bad_inputs(sd15: Pipeline, no_engines, kwargs: dict, message: str) -> None:
     img, mask = image_and_mask()
