@@ -8,6 +8,12 @@ longest prompt, so a long prompt would change its neighbours' conditioning). img
 their own (one init image per pipeline call). Each keeps its own prompt, negative prompt and seeds, and
 since the pipeline draws one noise generator per image, its images are bit-identical to running alone.
 The oldest queued request always leads the next batch, so no request starves.
+
+At saturation the clients of the batch that just finished are still on their way back when the worker
+frees up; taking the queue at that instant would split them over two half batches, and the split would
+persist. So a worker that just finished a batch waits up to one window for companions (the head request's
+own window counts from whichever is later: its arrival or the worker's return). PNG encoding runs on a
+small pool of its own, so the worker starts the next batch while the last one's images are encoded.
 """
 
 from __future__ import annotations
@@ -107,6 +113,8 @@ class Batcher:
         self._failed: BaseException | None = None
         self._loaded = 0
         self._threads: list[threading.Thread] = []
+        # zlib releases the GIL, so encoding overlaps the next batch's device work
+        self._encoder = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="sdrt-serve-png")
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -137,6 +145,7 @@ class Batcher:
             _fail(job, ShuttingDown("the server is shutting down; retry on another replica"))
         for t in self._threads:
             t.join(grace_s)
+        self._encoder.shutdown(wait=True)  # the images of the batches that finished are delivered
         if self.owns_pipelines:
             for p in self.pipes:
                 p.close()
@@ -202,13 +211,16 @@ class Batcher:
             self._loaded += 1
             if self._loaded == len(self._loaders):
                 self._ready.set()
+        idle_since = float("-inf")
         while True:
-            batch = self._next_batch()
+            batch = self._next_batch(idle_since)
             if batch is None:
                 return
             self._run(pipe, batch)
+            idle_since = time.monotonic()
 
-    def _next_batch(self) -> list[Job] | None:
+    def _next_batch(self, idle_since: float = float("-inf")) -> list[Job] | None:
+        """The next batch; ``idle_since``: when this worker finished its last batch."""
         with self._cond:
             while True:
                 if self._stopping:
@@ -221,7 +233,7 @@ class Batcher:
                 now = time.monotonic()
                 compatible = [j for j in self._queue if j.key == head.key] if self.batching else [head]
                 full = sum(j.n for j in compatible) >= self.max_batch
-                wait = head.enqueued + self.window_s - now
+                wait = max(head.enqueued, idle_since) + self.window_s - now
                 if self.batching and not full and wait > 0:
                     self._cond.wait(wait)
                     continue
@@ -262,7 +274,6 @@ class Batcher:
             res = pipe(prompts, negative_prompt=negs, height=head.height, width=head.width, steps=head.steps,
                        guidance_scale=head.guidance, sampler=head.sampler, seed=seeds,
                        image=head.image, strength=None if head.image is None else head.strength)
-            pngs = [_png(img) for img in res.images]
         except BaseException as e:  # noqa: BLE001 - every waiting request learns why
             for j in batch:
                 _fail(j, e)
@@ -273,6 +284,19 @@ class Batcher:
         timings = dict(res.timings, batch_images=len(prompts), batch_requests=len(batch))
         if self.on_batch is not None:
             self.on_batch(batch, timings)
+        try:
+            self._encoder.submit(self._deliver, batch, res, timings, started)
+        except RuntimeError:  # the pool is shut down (close() timed out on this batch): encode here
+            self._deliver(batch, res, timings, started)
+
+    @staticmethod
+    def _deliver(batch: list[Job], res: Any, timings: dict[str, Any], started: float) -> None:
+        try:
+            pngs = [_png(img) for img in res.images]
+        except BaseException as e:  # noqa: BLE001
+            for j in batch:
+                _fail(j, e)
+            return
         i = 0
         for j in batch:
             t = dict(timings, queue_ms=(started - j.enqueued) * 1e3)
