@@ -10,10 +10,12 @@ since the pipeline draws one noise generator per image, its images are bit-ident
 The oldest queued request always leads the next batch, so no request starves.
 
 At saturation the clients of the batch that just finished are still on their way back when the worker
-frees up; taking the queue at that instant would split them over two half batches, and the split would
-persist. So a worker that just finished a batch waits up to one window for companions (the head request's
-own window counts from whichever is later: its arrival or the worker's return). PNG encoding runs on a
-small pool of its own, so the worker starts the next batch while the last one's images are encoded.
+frees up; taking the queue at that instant would split them over two smaller batches, and the split would
+persist. So a worker back from a batch of n images, with m images queued meanwhile, waits until n + m are
+queued (all the clients it has recently seen), at most one window or 5% of that batch's run time,
+whichever is longer (so waiting for clients that do not return costs at most 5% of throughput); two groups
+of clients that alternated merge into one batch. PNG encoding runs on a small pool of its own, so the worker starts the next batch
+while the last one's images are encoded.
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ class ShuttingDown(SdrtError):
 
 
 _ids = itertools.count()
+# a worker back from a batch waits for its clients at most this share of the batch's run time
+RETURN_SHARE = 0.05
 
 
 @dataclass
@@ -211,16 +215,22 @@ class Batcher:
             self._loaded += 1
             if self._loaded == len(self._loaders):
                 self._ready.set()
-        idle_since = float("-inf")
+        back: tuple[float, int] = (float("-inf"), 0)
         while True:
-            batch = self._next_batch(idle_since)
+            batch = self._next_batch(*back)
             if batch is None:
                 return
+            t0 = time.monotonic()
             self._run(pipe, batch)
-            idle_since = time.monotonic()
+            now = time.monotonic()
+            # wait for this batch's clients until then, at most one window or 5% of its run time
+            with self._cond:
+                waiting = sum(j.n for j in self._queue)
+            back = (now + max(self.window_s, RETURN_SHARE * (now - t0)), sum(j.n for j in batch) + waiting)
 
-    def _next_batch(self, idle_since: float = float("-inf")) -> list[Job] | None:
-        """The next batch; ``idle_since``: when this worker finished its last batch."""
+    def _next_batch(self, returns_until: float = float("-inf"), expected: int = 0) -> list[Job] | None:
+        """The next batch; until ``returns_until``, wait for ``expected`` images (the last batch's and those
+        queued while it ran)."""
         with self._cond:
             while True:
                 if self._stopping:
@@ -232,8 +242,11 @@ class Batcher:
                 head = self._queue[0]
                 now = time.monotonic()
                 compatible = [j for j in self._queue if j.key == head.key] if self.batching else [head]
-                full = sum(j.n for j in compatible) >= self.max_batch
-                wait = max(head.enqueued, idle_since) + self.window_s - now
+                queued = sum(j.n for j in compatible)
+                full = queued >= self.max_batch
+                wait = head.enqueued + self.window_s - now
+                if queued < min(expected, self.max_batch):
+                    wait = max(wait, returns_until - now)
                 if self.batching and not full and wait > 0:
                     self._cond.wait(wait)
                     continue

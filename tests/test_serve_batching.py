@@ -38,25 +38,26 @@ class RecordingPipe:
         pass
 
 
-def _job(prompt: str) -> Job:
-    return Job([prompt], [""], [0], 64, 64, 2, "ddim", 7.5)
+def _job(prompt: str, n: int = 1) -> Job:
+    return Job([prompt] * n, [""] * n, list(range(n)), 64, 64, 2, "ddim", 7.5)
 
 
 def test_requests_returning_just_after_a_batch_join_the_waiting_one() -> None:
-    """B queues while A runs; C arrives 50 ms after A's batch ends (a client whose answer just came back).
-    B was enqueued long ago, but the worker waits one window from its return, so B and C share a batch."""
+    """A runs 2 images; B queues meanwhile; C arrives 50 ms after A's batch ends (a client whose answer just
+    came back). B was enqueued long ago, but the worker back from 2 images (and 1 queued) waits (one window
+    at most) for 3, so B and C share a batch instead of running one after the other."""
     pipe = RecordingPipe(run_s=0.4)
     c_future: list[Any] = []
 
     def after(jobs: list[Job], timings: dict[str, Any]) -> None:
-        if jobs[0].prompts == ["a"]:
+        if jobs[0].prompts[0] == "a":
             threading.Timer(0.05, lambda: c_future.append(b.submit(_job("c")))).start()
 
     b = Batcher([lambda: pipe], max_batch=8, window_s=0.3, warmup=False, on_batch=after)
     b.start()
     assert b.wait_ready(10)
     try:
-        fa = b.submit(_job("a"))
+        fa = b.submit(_job("a", 2))
         time.sleep(0.45)  # past A's window: A is running
         fb = b.submit(_job("b"))
         fa.result(10)
@@ -64,7 +65,29 @@ def test_requests_returning_just_after_a_batch_join_the_waiting_one() -> None:
         c_future[0].result(10)
     finally:
         b.close()
-    assert pipe.batches == [1, 2]
+    assert pipe.batches == [2, 2]
+
+
+def test_a_worker_back_from_a_batch_waits_at_most_its_window() -> None:
+    """Clients that do not come back cost one window, not more: B (queued during A) starts one window after
+    A ends although A's 2 images do not come back."""
+    pipe = RecordingPipe(run_s=0.4)
+    ended: list[float] = []
+    b = Batcher([lambda: pipe], max_batch=8, window_s=0.2, warmup=False,
+                on_batch=lambda jobs, t: ended.append(time.monotonic()))
+    b.start()
+    assert b.wait_ready(10)
+    try:
+        fa = b.submit(_job("a", 2))
+        time.sleep(0.3)  # past A's window: A is running
+        fb = b.submit(_job("b"))
+        fa.result(10)
+        fb.result(10)
+    finally:
+        b.close()
+    assert pipe.batches == [2, 1]
+    # B's batch ended one window (0.2 s) + its run (0.4 s) after A's, not later
+    assert 0.58 <= ended[1] - ended[0] < 0.9
 
 
 def test_an_idle_server_waits_only_its_window() -> None:
