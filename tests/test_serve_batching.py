@@ -1,0 +1,137 @@
+"""The batcher's policy at saturation, on a stand-in pipeline that records the batches it is given, and the
+server benchmark end to end on a tiny export."""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from sdrt.serve.batcher import Batcher, Job
+
+
+class RecordingPipe:
+    """Takes ``run_s`` per call and records how many images each call had; one 8x8 image per prompt."""
+
+    def __init__(self, run_s: float) -> None:
+        self.run_s = run_s
+        self.batches: list[int] = []
+        self.threads: set[str] = set()
+        tok = SimpleNamespace(encode_chunks=lambda texts: np.zeros((len(texts), 1, 77), np.int32))
+        self.tokenizers = [tok]
+        self.manifest = SimpleNamespace(family="sd1")
+
+    def __call__(self, prompts: list[str], **kw: Any) -> Any:
+        self.batches.append(len(prompts))
+        time.sleep(self.run_s)
+        return SimpleNamespace(images=[Image.new("RGB", (8, 8), (i, 0, 0)) for i in range(len(prompts))],
+                               timings={}, nonfinite=[False] * len(prompts))
+
+    def close(self) -> None:
+        pass
+
+
+def _job(prompt: str, n: int = 1) -> Job:
+    return Job([prompt] * n, [""] * n, list(range(n)), 64, 64, 2, "ddim", 7.5)
+
+
+def test_requests_returning_just_after_a_batch_join_the_waiting_one() -> None:
+    """A runs 2 images; B queues meanwhile; C arrives 50 ms after A's batch ends (a client whose answer just
+    came back). B was enqueued long ago, but the worker back from 2 images (and 1 queued) waits (one window
+    at most) for 3, so B and C share a batch instead of running one after the other."""
+    pipe = RecordingPipe(run_s=0.4)
+    c_future: list[Any] = []
+
+    def after(jobs: list[Job], timings: dict[str, Any]) -> None:
+        if jobs[0].prompts[0] == "a":
+            threading.Timer(0.05, lambda: c_future.append(b.submit(_job("c")))).start()
+
+    b = Batcher([lambda: pipe], max_batch=8, window_s=0.3, warmup=False, on_batch=after)
+    b.start()
+    assert b.wait_ready(10)
+    try:
+        fa = b.submit(_job("a", 2))
+        time.sleep(0.45)  # past A's window: A is running
+        fb = b.submit(_job("b"))
+        fa.result(10)
+        fb.result(10)
+        c_future[0].result(10)
+    finally:
+        b.close()
+    assert pipe.batches == [2, 2]
+
+
+def test_a_worker_back_from_a_batch_waits_at_most_its_window() -> None:
+    """Clients that do not come back cost one window, not more: B (queued during A) starts one window after
+    A ends although A's 2 images do not come back."""
+    pipe = RecordingPipe(run_s=0.4)
+    ended: list[float] = []
+    b = Batcher([lambda: pipe], max_batch=8, window_s=0.2, warmup=False,
+                on_batch=lambda jobs, t: ended.append(time.monotonic()))
+    b.start()
+    assert b.wait_ready(10)
+    try:
+        fa = b.submit(_job("a", 2))
+        time.sleep(0.3)  # past A's window: A is running
+        fb = b.submit(_job("b"))
+        fa.result(10)
+        fb.result(10)
+    finally:
+        b.close()
+    assert pipe.batches == [2, 1]
+    # B's batch ended one window (0.2 s) + its run (0.4 s) after A's, not later
+    assert 0.58 <= ended[1] - ended[0] < 0.9
+
+
+def test_an_idle_server_waits_only_its_window() -> None:
+    """The first request on an idle server is taken one window after it arrives, not later."""
+    pipe = RecordingPipe(run_s=0.0)
+    b = Batcher([lambda: pipe], max_batch=8, window_s=0.2, warmup=False)
+    b.start()
+    assert b.wait_ready(10)
+    try:
+        time.sleep(0.3)  # the worker has been idle for more than a window
+        t0 = time.monotonic()
+        res = b.submit(_job("a")).result(10)
+        waited = time.monotonic() - t0
+    finally:
+        b.close()
+    assert 0.18 <= waited < 1.0
+    assert len(res.png) == 1 and res.png[0].startswith(b"\x89PNG")
+
+
+def test_close_delivers_images_of_finished_batches() -> None:
+    """PNG encoding runs after the batch, off the worker: close() still delivers what finished."""
+    pipe = RecordingPipe(run_s=0.2)
+    b = Batcher([lambda: pipe], max_batch=8, window_s=0.0, warmup=False)
+    b.start()
+    assert b.wait_ready(10)
+    fut = b.submit(_job("a"))
+    time.sleep(0.05)  # the batch is running
+    b.close(grace_s=10)
+    res = fut.result(0)
+    assert Image.open(io.BytesIO(res.png[0])).getpixel((0, 0)) == (0, 0, 0)
+
+
+def test_serve_bench_on_a_tiny_export(tiny_export, tmp_path: Path) -> None:
+    from sdrt.benchmarks import serve_bench
+
+    assert serve_bench.main([str(tiny_export("sd15-tiny")), "--requests", "2", "--rss-requests", "0",
+                             "-o", str(tmp_path)]) == 0
+    (report,) = tmp_path.glob("serve-ort-cpu-*.json")
+    out = json.loads(report.read_text())
+    assert [r["batch"] for r in out["bare"]] == [1, 4, 16]
+    assert [(r["batching"], r["clients"]) for r in out["served"]] == [
+        (True, 1), (True, 4), (True, 16), (False, 1), (False, 4), (False, 16)]
+    for r in out["served"]:
+        assert r["errors"] == 0 and r["requests"] == 2 * r["clients"]
+        # the server's own count: unbatched it never puts two requests together; batched, at most 16
+        assert (r["images_per_batch"] == 1.0) if not r["batching"] else (1.0 <= r["images_per_batch"] <= 16)
+    assert out["batch_window_ms"] == 10.0
