@@ -374,6 +374,11 @@ class Pipeline:
                        state)
 
     # -- inpainting (runtime/inpaint.py) -------------------------------------------------------------------
+    @property
+    def is_inpainting(self) -> bool:
+        """An inpainting model (a 9-channel UNet): every call needs ``image=`` and ``mask_image=``."""
+        return self._inpaint_mode() == "concat"
+
     def _inpaint_mode(self) -> str:
         return inpaint.inpaint_mode(int(self.engines["unet"].inputs["sample"].shape[1] or 0),  # type: ignore[arg-type]
                                     self.manifest.latent_channels)
