@@ -40,6 +40,8 @@ KNOWN_BACKENDS = ("ort-cpu", "ort-cuda", "tensorrt", "openvino")
 CPU_BACKENDS = ("ort-cpu", "openvino")
 BASELINES = ("torch", "none")
 PRECISIONS = ("fp16", "fp32")
+OV_PRECISIONS = ("auto", "bf16", "fp32")  # the openvino backend's inference precision
+BF16_SUFFIX = "-bf16"  # the PyTorch bf16 autocast baseline: torch-cpu-bf16
 DEFAULT_PROMPT = "a photograph of an astronaut riding a horse, highly detailed"
 WEIGHTS_SEED = 0  # synthetic weights of a preset: the exporter's default seed
 
@@ -72,6 +74,10 @@ class BenchConfig:
     work_dir: str | None = None  # exports and baseline weights (kept, and reused); None: a temporary folder
     timeout_s: float | None = None  # per worker process
     matmul_n: int | None = None  # size of the rate-measuring matmul; None: 8192 on a GPU, 2048 on CPU
+    openvino_precision: str | None = None  # the openvino backend's inference precision; None: auto
+    # also run diffusers' fp32 weights under torch.autocast("cpu", dtype=torch.bfloat16), beside the fp32
+    # baseline; None: when openvino (bf16 where the CPU has it) is measured
+    bf16_baseline: bool | None = None
 
     def __post_init__(self) -> None:
         if (self.preset is None) == (self.artifact is None):
@@ -98,6 +104,18 @@ class BenchConfig:
             raise InputError(f"warmup must be >= 0 and repeats >= 1 (got {self.warmup} and {self.repeats})")
         if self.threads is not None and self.threads < 1:
             raise InputError(f"threads must be >= 1, got {self.threads}")
+        if self.openvino_precision is not None:
+            if self.openvino_precision not in OV_PRECISIONS:
+                raise InputError(f"unknown openvino precision {self.openvino_precision!r}; choose one of: "
+                                 f"{', '.join(OV_PRECISIONS)}")
+            if "openvino" not in self.backends:
+                raise InputError("openvino_precision applies to the openvino backend, which this run does not "
+                                 "measure: add it to the backends, or leave openvino_precision out",
+                                 cli="--openvino-precision applies to the openvino backend, which this run does "
+                                     "not measure: add it to --backends, or leave --openvino-precision out")
+        if self.bf16_baseline and self.baseline != "torch":
+            raise InputError("the bf16 baseline is diffusers on PyTorch: it needs baseline=\"torch\"",
+                             cli="--bf16-baseline is diffusers on PyTorch: it needs --baseline torch")
 
 
 def check_backends(names: Sequence[str]) -> None:
@@ -165,6 +183,7 @@ class _Job:
     sampler: str
     steps: int
     compile: bool = False
+    autocast: str | None = None  # "bfloat16": the diffusers baseline under torch.autocast
     artifact_bytes: int | None = None
     image_out: Path | None = None
 
@@ -412,17 +431,29 @@ class _Run:
                 base_folder, base_reason = self.baseline_weights(work, folder, manifest, precision)
             except ImportError as e:
                 base_reason = f"the baseline needs torch, diffusers and transformers ({e})"
-        baselines: list[tuple[str, str, bool]] = []  # (name, device, compiled)
+        baselines: list[tuple[str, str, bool, str | None]] = []  # (name, device, compiled, autocast)
+        bf16 = cfg.bf16_baseline if cfg.bf16_baseline is not None else "openvino" in requested
+        if bf16 and "cpu" not in devices:
+            self.notes.append("no PyTorch bf16 baseline: it is a CPU baseline (torch.autocast on CPU), and "
+                              "nothing in this run measures the CPU")
         if cfg.baseline == "torch":
             for d in devices:
-                for compiled in (False, True) if cfg.compile else (False,):
-                    name = f"torch-{d}" + ("-compile" if compiled else "")
-                    baselines.append((name, d, compiled))
-                    b = _Backend(name, "baseline", d, precision=precision)
+                variants: list[tuple[bool, str | None]] = [(c, None) for c in ((False, True) if cfg.compile
+                                                                              else (False,))]
+                if bf16 and d == "cpu":
+                    variants.append((False, "bfloat16"))
+                for compiled, autocast in variants:
+                    name = f"torch-{d}" + ("-compile" if compiled else "") + (BF16_SUFFIX if autocast else "")
+                    baselines.append((name, d, compiled, autocast))
+                    b = _Backend(name, "baseline", d,
+                                 precision=f"{precision} weights, bf16 autocast" if autocast else precision)
                     if base_folder is None:
                         b.status, b.reason = "skipped", base_reason
                     elif d == "cuda" and not _torch_cuda():
                         b.status, b.reason = "skipped", "torch has no CUDA device here (torch.cuda.is_available() is False)"
+                    elif autocast and precision != "fp32":
+                        b.status, b.reason = "skipped", (f"the bf16 autocast baseline runs fp32 weights; this run's "
+                                                         f"weights are {precision} (use --precision fp32)")
                     backends[name] = b
 
         # FLOPs of each stage per shape, and each device's matmul rate
@@ -443,7 +474,7 @@ class _Run:
             dtype = "float16" if (d == "cuda" and precision == "fp16") else "float32"
             n = cfg.matmul_n or (8192 if d == "cuda" else 2048)
             self.emit("ceiling", f"measuring the {d} matmul rate ({dtype}, n={n})")
-            spec = {"job": "matmul", "device": d, "dtype": dtype, "n": n, "threads": self.threads}
+            spec: dict[str, Any] = {"job": "matmul", "device": d, "dtype": dtype, "n": n, "threads": self.threads}
             res, _ = self.worker(spec, work, f"matmul {d}", d)
             ceilings.append({"device": d, "dtype": dtype, "n": n, "tflops": res.get("tflops"),
                              "ms_p50": res.get("ms_p50"), "method": res.get("method", ""),
@@ -462,10 +493,11 @@ class _Run:
                                                                         dtype=np.float32)
                 latents[key] = work / f"latents-{h}x{w}-b{bsz}.npy"
                 np.save(latents[key], noise)
-            for name, d, compiled in baselines:
+            for name, d, compiled, autocast in baselines:
                 if backends[name].status == "ok":
                     assert base_folder is not None
-                    jobs.append(_Job("diffusers", name, d, base_folder, h, w, bsz, sampler, steps, compiled))
+                    jobs.append(_Job("diffusers", name, d, base_folder, h, w, bsz, sampler, steps, compiled,
+                                     autocast))
             for name in available:
                 src = engine_folder if name == "tensorrt" else folder
                 assert src is not None
@@ -482,9 +514,10 @@ class _Run:
                 "guidance_scale": cfg.guidance_scale, "prompt": cfg.prompt, "seed": cfg.seed, "warmup": cfg.warmup,
                 "repeats": cfg.repeats, "threads": self.threads, "latents": str(latents[(job.height, job.width, job.batch_size)]),
                 "image_out": str(job.image_out), "compile": job.compile, "compile_mode": cfg.compile_mode,
-                "cuda_graph": cfg.cuda_graph,
+                "cuda_graph": cfg.cuda_graph, "autocast": job.autocast,
             }
             if job.name == "openvino":
+                spec["ov_precision"] = cfg.openvino_precision or "auto"
                 # a model cache of this run's own, empty for the measured cold start; then a second cold
                 # start in a fresh process that finds the cache filled
                 spec["ov_cache_dir"] = str(work / f"openvino-cache-{i}")
@@ -521,6 +554,7 @@ class _Run:
                 "resolutions": [list(r) for r in resolutions], "steps": list(cfg.steps),
                 "batch_sizes": list(cfg.batch_sizes), "samplers": list(cfg.samplers), "backends": requested,
                 "baseline": cfg.baseline, "compile": cfg.compile, "cuda_graph": cfg.cuda_graph,
+                "bf16_baseline": any(a for *_, a in baselines), "openvino_precision": cfg.openvino_precision,
                 "warmup": cfg.warmup, "repeats": cfg.repeats,
                 "threads": self.threads, "guidance_scale": cfg.guidance_scale, "prompt": cfg.prompt, "seed": cfg.seed,
                 "isolation": "subprocess",
@@ -543,7 +577,7 @@ class _Run:
 
     @staticmethod
     def _baseline_of(m: dict[str, Any]) -> str | None:
-        if m["role"] == "baseline" and not m["backend"].endswith("-compile"):
+        if m["role"] == "baseline" and not m["backend"].endswith(("-compile", BF16_SUFFIX)):
             return None
         return f"torch-{m['device']}"
 

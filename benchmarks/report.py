@@ -329,7 +329,9 @@ def readme_section(docs: Sequence[dict[str, Any]], chart_link: str | None, sourc
              f"{r['sampler']} {r['steps']}", _num(r["its"], 2), _x(r["its_x"]),
              f"{_num(r['total_p50'])} ms", _mem_cell(r), _pct(r["floor_unet"])] for r in rs]
     intro = ("Measured with `sdrt bench`: every figure beside diffusers on PyTorch with the same weights, measured "
-             "in the same run (fp16 + SDPA on a GPU, fp32 on CPU, same thread count). it/s counts denoising steps; "
+             "in the same run (fp16 + SDPA on a GPU, fp32 on CPU, same thread count; a CPU run that measures openvino "
+             "also runs diffusers under bf16 autocast, torch-cpu-bf16, compared with the fp32 row). it/s counts "
+             "denoising steps; "
              "with guidance each step runs the UNet at batch 2. \"UNet of floor\" is the step's matrix FLOPs over "
              "the matmul rate measured in the run, divided by the step time. Tiny presets measure overheads, not "
              "speed.")

@@ -11,6 +11,7 @@ environment the parent sets (OMP_NUM_THREADS and friends), identically for every
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -228,6 +229,12 @@ def run_diffusers(spec: dict[str, Any]) -> dict[str, Any]:
         clock.mark(("step", i))
         return kwargs
 
+    def autocast() -> Any:
+        """bf16 autocast (fp32 weights; matmuls and convolutions in bf16), or nothing."""
+        if spec.get("autocast") != "bfloat16":
+            return contextlib.nullcontext()
+        return torch.autocast(device, dtype=torch.bfloat16)
+
     latents = None
     if spec.get("latents"):
         latents = torch.from_numpy(np.load(spec["latents"])).to(device=device, dtype=dtype)
@@ -238,7 +245,7 @@ def run_diffusers(spec: dict[str, Any]) -> dict[str, Any]:
         if cuda:
             torch.cuda.synchronize()
         t = time.perf_counter()
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast():
             out = pipe(spec["prompt"], height=spec["height"], width=spec["width"],
                        num_inference_steps=spec["steps"], guidance_scale=spec["guidance_scale"],
                        num_images_per_prompt=spec["batch_size"], generator=gen, latents=latents,
@@ -266,13 +273,15 @@ def run_diffusers(spec: dict[str, Any]) -> dict[str, Any]:
         "runs": runs, "weight_bytes": int(weight_bytes),
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
                      "transformers": transformers.__version__, "torch_cuda": torch.version.cuda,
-                     "attention": ",".join(attn), "compile_mode": spec.get("compile_mode") if spec.get("compile") else None},
+                     "attention": ",".join(attn), "compile_mode": spec.get("compile_mode") if spec.get("compile") else None,
+                     "autocast": spec.get("autocast")},
         "threads": {"torch_num_threads": torch.get_num_threads(),
                     "torch_interop_threads": torch.get_num_interop_threads(),
                     "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")},
         "timing_method": ("stages timed with CUDA events on the current stream (no added synchronization); "
                           "total by host clock between device synchronizations" if cuda else
-                          "host clock (CPU)"),
+                          "host clock (CPU)") + ("; fp32 weights under torch.autocast(bfloat16)"
+                                                 if spec.get("autocast") else ""),
         "torch_peak_allocated_bytes": int(torch.cuda.max_memory_allocated()) if cuda else None,
     }
 

@@ -5,7 +5,7 @@ is converted ahead of time. Arrays on this backend are ``ov.Tensor`` objects in 
 
 * **Precision.** ``precision="auto"`` asks the device for bf16 where it reports the capability (CPUs with
   AVX512_BF16 or AMX; ``OPTIMIZATION_CAPABILITIES`` lists ``BF16``) and f32 otherwise; ``"bf16"`` and
-  ``"f32"`` force one (bf16 on a device without it is refused). The graphs keep their fp32 (or fp16)
+  ``"f32"`` (or ``"fp32"``) force one (bf16 on a device without it is refused). The graphs keep their fp32 (or fp16)
   interface: bf16 is OpenVINO's internal inference precision, so the dtypes the pipeline sees (uint8
   images, a bool ``finite``, int32 ``input_ids``) are the export's.
 * **Model cache.** Compiled models are kept in ``cache_dir`` (OpenVINO's ``CACHE_DIR``), by default
@@ -37,6 +37,7 @@ from .errors import ArtifactError, BackendUnavailable, InputError
 from .step_loop import PlainStepLoop
 
 PRECISIONS = ("auto", "bf16", "f32")
+PRECISION_ALIASES = {"fp32": "f32"}  # the CLI's and the bench's name for f32
 # OpenVINO's names for the inference precision hint
 _HINT = {"bf16": "bf16", "f32": "f32"}
 
@@ -253,7 +254,7 @@ class OvBackend(Backend):
     """``openvino``: OpenVINO's runtime on ``device`` (``CPU`` by default).
 
     ``threads``: ``INFERENCE_NUM_THREADS`` (None: OpenVINO's default, the physical cores).
-    ``precision``: ``auto`` (bf16 where the device has it, else f32), ``bf16`` or ``f32``.
+    ``precision``: ``auto`` (bf16 where the device has it, else f32), ``bf16`` or ``f32`` (``fp32``).
     ``cache_dir``: where compiled models are cached (None: :func:`default_cache_dir`; False: no cache).
     ``static_shapes``: compile per input shape instead of once with dynamic axes.
     """
@@ -263,9 +264,10 @@ class OvBackend(Backend):
     def __init__(self, device: str = "CPU", threads: int | None = None, *, precision: str = "auto",
                  cache_dir: str | os.PathLike[str] | None | bool = None, static_shapes: bool = False) -> None:
         self.ov = _ov()
+        precision = PRECISION_ALIASES.get(precision, precision)
         if precision not in PRECISIONS:
-            raise InputError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}",
-                             cli=f"--precision {precision} is not one of {', '.join(PRECISIONS)}")
+            raise InputError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)} (or fp32)",
+                             cli=f"--precision {precision} is not one of auto, bf16, fp32")
         if threads is not None and threads < 1:
             raise InputError(f"threads must be at least 1, got {threads}")
         self.core = self.ov.Core()

@@ -94,8 +94,10 @@ class Latents:
 
 
 def make_backend(name: str, folder: Path, threads: int | None = None, cuda_graph: bool | None = None,
-                 device_id: int = 0) -> Backend:
-    """``cuda_graph`` None: the backend's default (tensorrt: on; ort-cuda: off)."""
+                 device_id: int = 0, precision: str | None = None) -> Backend:
+    """``cuda_graph`` None: the backend's default (tensorrt: on; ort-cuda: off). ``precision``: openvino's
+    inference precision (``auto``, ``bf16``, ``fp32``); None: its default, ``auto``. Other backends compute
+    in their graphs' (or engines') precision and refuse it."""
     from .ort_backend import OrtBackend, cuda_available
 
     if name not in BACKENDS:
@@ -114,12 +116,20 @@ def make_backend(name: str, folder: Path, threads: int | None = None, cuda_graph
             name = "openvino" if openvino_available() else "ort-cpu"
     if cuda_graph and name in ("ort-cpu", "openvino"):
         raise InputError(f"cuda_graph needs a GPU backend (ort-cuda or tensorrt); the backend here is {name}")
+    if precision is not None and name != "openvino":
+        raise InputError(
+            f"precision={precision!r} sets the openvino backend's inference precision; the backend here is {name}, "
+            "which computes in its graphs' precision (choose that at export or build): leave precision out, or "
+            "use backend=\"openvino\"",
+            cli=f"--precision sets the openvino backend's inference precision; the backend here is {name}, which "
+                "computes in its graphs' precision (chosen at `sdrt export`, --fp32 or the fp16 default): leave "
+                "--precision out, or use --backend openvino")
     if name == "openvino":
         if engine_folder:
             raise _engine_folder_error(folder, name)
         from .ov_backend import OvBackend
 
-        return OvBackend(threads=threads)
+        return OvBackend(threads=threads, precision=precision or "auto")
     if name == "tensorrt":
         from .trt_backend import TrtBackend
 
@@ -149,13 +159,14 @@ class Pipeline:
     # -- loading and lifecycle ------------------------------------------------------------------------
     @classmethod
     def load(cls, path: str | Path, backend: str = "auto", *, threads: int | None = None,
-             cuda_graph: bool | None = None, device_id: int = 0) -> Pipeline:
+             cuda_graph: bool | None = None, device_id: int = 0, precision: str | None = None) -> Pipeline:
         """Load an export or engine folder. ``cuda_graph``: replay captured CUDA graphs. ``tensorrt``
         captures the denoising step (UNet + sampler step) by default, falling back to running the engines
         directly when capture fails (``Result.loop`` says which ran); ``ort-cuda`` captures each engine
         only when asked (``True``), for fixed shapes, and its outputs are then valid only until the next
         call at the same shape. ``False`` turns capture off for both. ``device_id``: the GPU (ort-cuda,
-        tensorrt)."""
+        tensorrt). ``precision``: the openvino backend's inference precision, ``auto`` (bf16 where the CPU
+        has it, else fp32), ``bf16`` or ``fp32``; refused by the other backends."""
         import json
 
         folder = Path(path)
@@ -176,7 +187,7 @@ class Pipeline:
         else:
             manifest = ExportManifest.read(folder)
         _check_components(manifest, folder)
-        be = make_backend(backend, folder, threads, cuda_graph, device_id)
+        be = make_backend(backend, folder, threads, cuda_graph, device_id, precision)
         try:
             engines: dict[str, Engine] = {}
             for name, comp in manifest.components.items():
@@ -374,6 +385,11 @@ class Pipeline:
                        state)
 
     # -- inpainting (runtime/inpaint.py) -------------------------------------------------------------------
+    @property
+    def is_inpainting(self) -> bool:
+        """An inpainting model (a 9-channel UNet): every call needs ``image=`` and ``mask_image=``."""
+        return self._inpaint_mode() == "concat"
+
     def _inpaint_mode(self) -> str:
         return inpaint.inpaint_mode(int(self.engines["unet"].inputs["sample"].shape[1] or 0),  # type: ignore[arg-type]
                                     self.manifest.latent_channels)

@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from sdrt.runtime.errors import InputError, SdrtError
 
 from . import images as imgs
+from . import masks
 from . import schemas as S
 from .batcher import Batcher, DeadlineExceeded, Job, JobResult, QueueFull, ShuttingDown
 from .config import ServeConfig
@@ -170,6 +171,11 @@ def create_app(pipeline_or_dir: Any, config: ServeConfig | None = None, *, backe
         if w * h > cfg.max_pixels:
             raise ApiError(422, f"{w}x{h} = {w * h} pixels; this server allows at most {cfg.max_pixels}",
                            field_w, "too_many_pixels")
+
+    def check_mask_needed(has_mask: bool, how: str) -> None:
+        if not has_mask and getattr(pipe0(), "is_inpainting", False):
+            raise ApiError(422, f"{model_id} is an inpainting model: every request needs an image and a mask "
+                                f"({how})", "mask", "mask_required")
 
     def check_common(prompt: str, negative: str | None, steps: int, n: int, n_field: str,
                      steps_field: str = "steps") -> None:
@@ -326,7 +332,9 @@ def create_app(pipeline_or_dir: Any, config: ServeConfig | None = None, *, backe
         request: Request,
         image: Annotated[UploadFile, File(description="the starting image (PNG, JPEG or WebP)")],
         prompt: Annotated[str, Form(min_length=1, max_length=S.MAX_PROMPT_CHARS)],
-        mask: Annotated[UploadFile | None, File(description="inpainting: not supported yet (refused)")] = None,
+        mask: Annotated[UploadFile | None, File(
+            description="inpainting: a PNG of the image's size whose fully transparent pixels (alpha 0) mark the "
+                        "region to edit; without it, the image's own fully transparent pixels do, if any")] = None,
         n: Annotated[int, Form(ge=1, le=S.MAX_N)] = 1,
         size: Annotated[str | None, Form(pattern=S.OPENAI_SIZE)] = None,
         response_format: Annotated[str, Form(pattern="^(b64_json|url)$")] = "b64_json",
@@ -336,28 +344,39 @@ def create_app(pipeline_or_dir: Any, config: ServeConfig | None = None, *, backe
         guidance_scale: Annotated[float | None, Form(ge=0.0, le=50.0, allow_inf_nan=False)] = None,
         sampler: Annotated[str | None, Form()] = None,
         seed: Annotated[int | None, Form(ge=-1, le=S.MAX_SEED)] = None,
-        strength: Annotated[float, Form(gt=0.0, le=1.0, allow_inf_nan=False,
-                                        description="how much to change the image, (0, 1]")] = 0.8,
+        strength: Annotated[float | None, Form(gt=0.0, le=1.0, allow_inf_nan=False,
+                                               description="how much to change the image, (0, 1]; default 0.8, "
+                                                           "with a mask 1")] = None,
     ) -> Any:
-        if mask is not None:
-            raise ApiError(422, "mask: inpainting is not in sdrt's pipeline yet; send the edit without a mask",
-                           "mask", "unsupported_field")
         check_model(model)
         check_url(response_format)
         steps = steps or min(cfg.default_steps, cfg.max_steps)
         check_common(prompt, negative_prompt, steps, n, "n")
-        init = await run_in_threadpool(_decode_upload, await image.read(), "image", cfg.max_upload_pixels)
+        raw = await run_in_threadpool(_decode_upload, await image.read(), "image", cfg.max_upload_pixels, True)
+        region = None
+        if mask is not None:
+            raw_mask = await run_in_threadpool(_decode_upload, await mask.read(), "mask", cfg.max_upload_pixels, True)
+            try:
+                region = masks.openai_mask(raw_mask, raw)
+            except imgs.ImageRefused as e:
+                raise ApiError(400, str(e), e.field, "invalid_mask") from e
+        else:
+            region = masks.openai_image_mask(raw)
+        check_mask_needed(region is not None, "send mask, or an image whose region to edit is transparent")
+        init = raw.convert("RGB")
         w, h = parse_size(size) if size else _snap(init.size, pipe0().manifest.limits)
         if size is None:
             check_size(w, h, "image", "image")
         job = Job([prompt] * n, None if negative_prompt is None else [negative_prompt] * n, seeds_for(seed, n),
                   h, w, steps, sampler_of(sampler, "sampler"),
                   cfg.default_guidance if guidance_scale is None else guidance_scale,
-                  image=imgs.fit(init, w, h), strength=strength)
+                  image=imgs.fit(init, w, h), strength=strength,
+                  mask=None if region is None else imgs.fit(region, w, h))
         return openai_response(await run(request, job, "edits"), response_format, request)
 
     # -- routes: AUTOMATIC1111 ------------------------------------------------------------------------
-    async def a1111(body: S.A1111Txt2Img, request: Request, init: Any, route: str) -> dict[str, Any]:
+    async def a1111(body: S.A1111Txt2Img, request: Request, init: Any, route: str, mask: Any = None,
+                    blur: float | None = None) -> dict[str, Any]:
         if init is not None and body.width is None and body.height is None:
             w, h = _snap(init.size, pipe0().manifest.limits)
         else:
@@ -370,30 +389,41 @@ def create_app(pipeline_or_dir: Any, config: ServeConfig | None = None, *, backe
         strength = getattr(body, "denoising_strength", 1.0)
         jobs = [Job([body.prompt] * body.batch_size, [body.negative_prompt] * body.batch_size,
                     seeds[i * body.batch_size:(i + 1) * body.batch_size], h, w, body.steps, sampler, body.cfg_scale,
-                    image=None if init is None else imgs.fit(init, w, h), strength=strength)
+                    image=None if init is None else imgs.fit(init, w, h), strength=strength,
+                    mask=None if mask is None else imgs.fit(mask, w, h), paste_back=blur)
                 for i in range(body.n_iter)]
         results = await asyncio.gather(*(run(request, j, route) for j in jobs))
         pngs = [p for r in results for p in r.png]
         params = body.model_dump()
         params.pop("init_images", None)
+        params.pop("mask", None)
         info = {"prompt": body.prompt, "all_prompts": [body.prompt] * len(pngs),
                 "negative_prompt": body.negative_prompt, "all_negative_prompts": [body.negative_prompt] * len(pngs),
                 "seed": seeds[0], "all_seeds": seeds, "subseed": -1, "all_subseeds": [-1] * len(pngs),
                 "width": w, "height": h, "sampler_name": body.sampler_name or sampler, "sdrt_sampler": sampler,
                 "cfg_scale": body.cfg_scale, "steps": body.steps, "batch_size": body.batch_size,
                 "n_iter": body.n_iter, "denoising_strength": strength if init is not None else None,
+                "mask_blur": blur, "inpainting_mask_invert": getattr(body, "inpainting_mask_invert", 0)
+                if mask is not None else None,
                 "sd_model_name": model_id, "timings": [_timings(r.timings) for r in results]}
         return {"images": [imgs.b64(p) for p in pngs], "parameters": params, "info": json.dumps(info)}
 
     @app.post("/sdapi/v1/txt2img", tags=["a1111"], dependencies=Auth, response_model=S.A1111Response)
     async def txt2img(body: S.A1111Txt2Img, request: Request) -> Any:
+        check_mask_needed(False, "POST /sdapi/v1/img2img with init_images and mask")
         return await a1111(body, request, None, "txt2img")
 
     @app.post("/sdapi/v1/img2img", tags=["a1111"], dependencies=Auth, response_model=S.A1111Response)
     async def img2img(body: S.A1111Img2Img, request: Request) -> Any:
         pipe0()
         init = await run_in_threadpool(_decode_b64, body.init_images[0], "init_images", cfg.max_upload_pixels)
-        return await a1111(body, request, init, "img2img")
+        if body.mask in (None, ""):
+            check_mask_needed(False, "send mask, white = repaint")
+            return await a1111(body, request, init, "img2img")
+        blur = _a1111_inpaint_options(body)
+        raw = await run_in_threadpool(_decode_b64, body.mask, "mask", cfg.max_upload_pixels, True)
+        mask = masks.a1111_mask(raw, invert=bool(body.inpainting_mask_invert))
+        return await a1111(body, request, init, "img2img", mask, blur)
 
     @app.get("/sdapi/v1/samplers", tags=["a1111"], dependencies=Auth)
     async def samplers() -> list[dict[str, Any]]:
@@ -415,16 +445,36 @@ def _wait_loaded(b: Batcher) -> None:
             raise b.failed
 
 
-def _decode_upload(data: bytes, field: str, max_pixels: int) -> Any:
+def _a1111_inpaint_options(body: S.A1111Img2Img) -> float:
+    """The paste-back blur of an A1111 inpainting request; 422 for the options sdrt does not implement."""
+    if body.inpaint_full_res:
+        raise ApiError(422, "inpaint_full_res: inpainting only the masked region at full resolution is not "
+                            "supported; send inpaint_full_res false (the whole picture)", "inpaint_full_res",
+                       "unsupported_value")
+    if body.inpainting_fill != 1:
+        kind = {0: "fill", 2: "latent noise", 3: "latent nothing"}[body.inpainting_fill]
+        raise ApiError(422, f"inpainting_fill {body.inpainting_fill} ({kind}) is not supported: sdrt inpaints "
+                            "from the original image; send inpainting_fill 1 (original)", "inpainting_fill",
+                       "unsupported_value")
+    if body.mask_blur is not None:  # A1111: mask_blur sets both axes
+        return float(body.mask_blur)
+    x, y = body.mask_blur_x, body.mask_blur_y
+    if x is not None and y is not None and x != y:
+        raise ApiError(422, f"mask_blur_x {x} and mask_blur_y {y} differ: sdrt blurs the mask by one radius; "
+                            "send mask_blur", "mask_blur_x", "unsupported_value")
+    return float(next((v for v in (x, y) if v is not None), 4))
+
+
+def _decode_upload(data: bytes, field: str, max_pixels: int, keep_alpha: bool = False) -> Any:
     try:
-        return imgs.decode_image(data, field=field, max_pixels=max_pixels)
+        return imgs.decode_image(data, field=field, max_pixels=max_pixels, keep_alpha=keep_alpha)
     except imgs.ImageRefused as e:
         raise ApiError(422, str(e), e.field, "invalid_image") from e
 
 
-def _decode_b64(text: str, field: str, max_pixels: int) -> Any:
+def _decode_b64(text: str, field: str, max_pixels: int, keep_alpha: bool = False) -> Any:
     try:
-        return imgs.decode_b64_image(text, field=field, max_pixels=max_pixels)
+        return imgs.decode_b64_image(text, field=field, max_pixels=max_pixels, keep_alpha=keep_alpha)
     except imgs.ImageRefused as e:
         raise ApiError(422, str(e), e.field, "invalid_image") from e
 

@@ -4,9 +4,10 @@ worker thread per device.
 The batching rule: requests whose images can share one UNet batch without changing any image run
 together. They must agree on size, steps, sampler, guided-or-not, the guidance scale (one ``guidance``
 input per sampler step), and the number of 77-token prompt chunks (the text encoder pads a batch to its
-longest prompt, so a long prompt would change its neighbours' conditioning). img2img requests run on
-their own (one init image per pipeline call). Each keeps its own prompt, negative prompt and seeds, and
-since the pipeline draws one noise generator per image, its images are bit-identical to running alone.
+longest prompt, so a long prompt would change its neighbours' conditioning). img2img and inpainting
+requests run on their own (one init image and mask per pipeline call). Each keeps its own prompt,
+negative prompt and seeds, and since the pipeline draws one noise generator per image, its images are
+bit-identical to running alone.
 The oldest queued request always leads the next batch, so no request starves.
 
 At saturation the clients of the batch that just finished are still on their way back when the worker
@@ -14,8 +15,8 @@ frees up; taking the queue at that instant would split them over two smaller bat
 persist. So a worker back from a batch of n images, with m images queued meanwhile, waits until n + m are
 queued (all the clients it has recently seen), at most one window or 5% of that batch's run time,
 whichever is longer (so waiting for clients that do not return costs at most 5% of throughput); two groups
-of clients that alternated merge into one batch. PNG encoding runs on a small pool of its own, so the worker starts the next batch
-while the last one's images are encoded.
+of clients that alternated merge into one batch. PNG encoding runs on a small pool of its own, so the
+worker starts the next batch while the last one's images are encoded.
 """
 
 from __future__ import annotations
@@ -65,7 +66,9 @@ class Job:
     sampler: str
     guidance: float
     image: Any = None  # img2img: a PIL image of height x width
-    strength: float = 0.8
+    strength: float | None = 0.8  # None: the pipeline's default (inpainting: 1)
+    mask: Any = None  # inpainting: a grayscale PIL image of height x width, white = repaint
+    paste_back: float | None = None  # inpainting: paste the original back through the mask blurred this much
     deadline: float = float("inf")  # time.monotonic()
     request_id: str = ""
     key: tuple[Any, ...] = ()
@@ -206,7 +209,14 @@ class Batcher:
                 self.pipes.append(pipe)
             if self.warmup:
                 lim = pipe.manifest.limits
-                pipe("warm-up", height=lim.min_size, width=lim.min_size, steps=2, guidance_scale=7.5, seed=0)
+                size = lim.min_size
+                extra: dict[str, Any] = {}
+                if getattr(pipe, "is_inpainting", False):  # such a model takes no call without an image and mask
+                    from PIL import Image
+
+                    extra = {"image": Image.new("RGB", (size, size), (127, 127, 127)),
+                             "mask_image": Image.new("L", (size, size), 255)}
+                pipe("warm-up", height=size, width=size, steps=2, guidance_scale=7.5, seed=0, **extra)
         except BaseException as e:
             log.exception("loading or warming up the pipeline failed")
             self._failed = e
@@ -286,7 +296,8 @@ class Batcher:
                 n for j in batch for n in (j.negatives or [""] * j.n)]
             res = pipe(prompts, negative_prompt=negs, height=head.height, width=head.width, steps=head.steps,
                        guidance_scale=head.guidance, sampler=head.sampler, seed=seeds,
-                       image=head.image, strength=None if head.image is None else head.strength)
+                       image=head.image, strength=None if head.image is None else head.strength,
+                       mask_image=head.mask, paste_back=head.paste_back)
         except BaseException as e:  # noqa: BLE001 - every waiting request learns why
             for j in batch:
                 _fail(j, e)

@@ -23,8 +23,9 @@ class ImageRefused(ValueError):
         self.field = field
 
 
-def decode_image(data: bytes, *, field: str, max_pixels: int) -> Image.Image:
-    """PNG/JPEG/WebP bytes -> an RGB PIL image; the header's size is checked before decoding."""
+def decode_image(data: bytes, *, field: str, max_pixels: int, keep_alpha: bool = False) -> Image.Image:
+    """PNG/JPEG/WebP bytes -> an RGB PIL image; the header's size is checked before decoding.
+    ``keep_alpha``: the decoded image in its own mode (masks read its transparency)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -40,10 +41,10 @@ def decode_image(data: bytes, *, field: str, max_pixels: int) -> Image.Image:
         raise ImageRefused(f"{field} is too large to decode safely: {e}", field) from e
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise ImageRefused(f"{field} is not a readable PNG, JPEG or WebP image ({e})", field) from e
-    return img.convert("RGB")
+    return img if keep_alpha else img.convert("RGB")
 
 
-def decode_b64_image(text: str, *, field: str, max_pixels: int) -> Image.Image:
+def decode_b64_image(text: str, *, field: str, max_pixels: int, keep_alpha: bool = False) -> Image.Image:
     """A base64 image, optionally as a ``data:image/...;base64,`` URL (as A1111 clients send)."""
     if text.startswith("data:"):
         text = text.partition(",")[2]
@@ -51,7 +52,7 @@ def decode_b64_image(text: str, *, field: str, max_pixels: int) -> Image.Image:
         raw = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as e:
         raise ImageRefused(f"{field} is not valid base64 ({e})", field) from e
-    return decode_image(raw, field=field, max_pixels=max_pixels)
+    return decode_image(raw, field=field, max_pixels=max_pixels, keep_alpha=keep_alpha)
 
 
 def b64(data: bytes) -> str:

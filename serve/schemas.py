@@ -140,10 +140,14 @@ _A1111_NEUTRAL: dict[str, tuple[Any, ...]] = {
     "s_tmax": (None, 0, 0.0, None), "override_settings": (None, {}), "refiner_checkpoint": (None, ""),
     "refiner_switch_at": (None, 0, 0.0), "hr_scale": (None, 2, 2.0), "hr_upscaler": (None, "", "Latent"),
     "hr_second_pass_steps": (None, 0), "denoising_strength_hr": (None,), "image_cfg_scale": (None,),
+    "initial_noise_multiplier": (None, 1, 1.0), "resize_mode": (None, 0),
+    "include_init_images": (None, False), "firstpass_image": (None, ""),
+}
+# inpainting's fields: img2img's own (A1111Img2Img); txt2img takes them only at their neutral values
+_A1111_MASK_NEUTRAL: dict[str, tuple[Any, ...]] = {
     "mask_blur": (None, 4), "mask_blur_x": (None, 4), "mask_blur_y": (None, 4), "inpainting_fill": (None, 0, 1),
     "inpaint_full_res": (None, True, False), "inpaint_full_res_padding": (None, 0, 32),
-    "inpainting_mask_invert": (None, 0), "initial_noise_multiplier": (None, 1, 1.0), "resize_mode": (None, 0),
-    "mask": (None, ""), "include_init_images": (None, False), "firstpass_image": (None, ""),
+    "inpainting_mask_invert": (None, 0),
 }
 # fields that only say what to do with the output, not what it is
 _A1111_HARMLESS = ("send_images", "save_images", "do_not_save_samples", "do_not_save_grid",
@@ -151,11 +155,15 @@ _A1111_HARMLESS = ("send_images", "save_images", "do_not_save_samples", "do_not_
                    "force_task_id", "infotext", "sampler_index")
 
 
-def _a1111_before(data: Any) -> Any:
+def _a1111_before(data: Any, img2img: bool) -> Any:
     if isinstance(data, dict):
         data = {k: v for k, v in data.items() if k not in _A1111_HARMLESS}
-        if data.get("mask") not in (None, ""):
-            raise ValueError("mask: inpainting is not in sdrt's pipeline yet; send img2img without a mask")
+        if not img2img:
+            if data.get("mask") not in (None, ""):
+                raise ValueError("mask: txt2img takes no mask; inpaint with POST /sdapi/v1/img2img (init_images "
+                                 "and mask)")
+            data.pop("mask", None)
+            data = _refuse_non_neutral(data, _A1111_MASK_NEUTRAL, "A1111 txt2img")
     return _refuse_non_neutral(data, _A1111_NEUTRAL, "A1111")
 
 
@@ -180,7 +188,10 @@ class A1111Txt2Img(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _neutral(cls, data: Any) -> Any:
-        return _a1111_before(data)
+        return _a1111_before(data, img2img=False)
+
+
+MaskBlur = Field(default=None, ge=0, le=256, description="pixels, 0..256")
 
 
 class A1111Img2Img(A1111Txt2Img):
@@ -188,6 +199,25 @@ class A1111Img2Img(A1111Txt2Img):
                                    description="one base64 image (a data: URL prefix is accepted)")
     denoising_strength: float = Field(default=0.75, gt=0.0, le=1.0, allow_inf_nan=False,
                                       description="how much to change the image, (0, 1]")
+    mask: str | None = Field(default=None, description="inpainting: a base64 image, white = repaint (an image "
+                                                       "with transparency: its opaque pixels); resized to the "
+                                                       "output size")
+    mask_blur: int | None = Field(default=None, ge=0, le=256,
+                                  description="the blur radius (pixels, 0..256) of the mask through which the "
+                                              "original is pasted back over the result; default 4")
+    mask_blur_x: int | None = MaskBlur
+    mask_blur_y: int | None = MaskBlur
+    inpainting_mask_invert: int = Field(default=0, ge=0, le=1, description="1: repaint the black region instead")
+    inpainting_fill: int = Field(default=1, ge=0, le=3,
+                                 description="with a mask only 1 (original: start from the image) is supported")
+    inpaint_full_res: bool = Field(default=False, description="with a mask only false (whole picture) is "
+                                                              "supported")
+    inpaint_full_res_padding: int = Field(default=0, ge=0, le=2048, description="used with inpaint_full_res only")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _neutral(cls, data: Any) -> Any:
+        return _a1111_before(data, img2img=True)
 
 
 class A1111Response(BaseModel):

@@ -181,6 +181,56 @@ def test_cli_run_without_baseline(tiny_export, tmp_path: Path, capsys: pytest.Ca
     assert [b["name"] for b in doc["backends"]] == ["ort-cpu"]
 
 
+def test_cpu_comparison_with_the_bf16_autocast_baseline(tiny_export, tmp_path: Path) -> None:
+    """openvino (fp32 inference, asked on the command line) beside diffusers fp32 and diffusers under bf16
+    autocast, in one run; the bf16 row is on by default when openvino is measured."""
+    pytest.importorskip("openvino")
+    out = tmp_path / "run.json"
+    assert main(["bench", "--artifact", str(tiny_export("sd15-tiny")), "--backends", "openvino",
+                 "--openvino-precision", "fp32", "--steps", "2", "--warmup", "0", "--repeats", "2", "--threads", "1",
+                 "--matmul-size", "256", "-o", str(out)]) == 0
+    doc = schema.load(out)
+    by_name = {b["name"]: b for b in doc["backends"]}
+    assert set(by_name) == {"openvino", "torch-cpu", "torch-cpu-bf16"}
+    assert all(b["status"] == "ok" for b in by_name.values()), by_name
+    assert doc["config"]["bf16_baseline"] is True and doc["config"]["openvino_precision"] == "fp32"
+    bf16 = by_name["torch-cpu-bf16"]
+    assert bf16["role"] == "baseline" and bf16["precision"] == "fp32 weights, bf16 autocast"
+    assert bf16["versions"]["autocast"] == "bfloat16" and "autocast" in bf16["timing_method"]
+    assert by_name["openvino"]["precision"] == "float32 graphs, f32 inference"
+    base, auto, ovm = _one(doc, "torch-cpu"), _one(doc, "torch-cpu-bf16"), _one(doc, "openvino")
+    for m in (base, auto, ovm):
+        assert m["status"] == "ok", m["reason"]
+        steps = [x for run in m["raw"]["unet_steps_ms"] for x in run]
+        assert len(steps) == 4 and min(steps) > 0
+        assert m["its"] == pytest.approx(1000 / np.median(steps))
+        assert m["total_ms"]["p50"] == pytest.approx(np.median(m["raw"]["total_ms"]))
+        assert m["peak_rss_bytes"] > 0
+    # the bf16 row is compared with the fp32 baseline, as every other row, from the raw timings
+    assert auto["baseline"] == "torch-cpu" and ovm["baseline"] == "torch-cpu" and base["baseline"] is None
+    assert auto["vs_baseline"]["its"] == pytest.approx(
+        np.median([x for r in base["raw"]["unet_steps_ms"] for x in r])
+        / np.median([x for r in auto["raw"]["unet_steps_ms"] for x in r]))
+    # same weights and latents: fp32 OpenVINO gives the fp32 picture; bf16 autocast really ran (it differs)
+    assert ovm["image_vs_baseline"]["max_abs"] <= 2
+    assert auto["image_vs_baseline"]["max_abs"] > 0
+    text = report.markdown([doc])
+    assert "torch-cpu-bf16" in text and "fp32 weights, bf16 autocast" in text
+
+
+def test_openvino_precision_and_bf16_baseline_refusals(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--preset", "sd15-tiny", "--backends", "ort-cpu", "--openvino-precision", "bf16"]) == 1
+    err = capsys.readouterr().err
+    assert "--openvino-precision applies to the openvino backend" in err and "--backends" in err
+    with pytest.raises(InputError, match="unknown openvino precision 'f16'"):
+        BenchConfig(preset="sd15-tiny", backends=("openvino",), openvino_precision="f16")
+    with pytest.raises(InputError, match="bf16 baseline is diffusers on PyTorch"):
+        BenchConfig(preset="sd15-tiny", baseline="none", bf16_baseline=True)
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--preset", "sd15-tiny", "--openvino-precision", "f16"])
+    assert e.value.code == 2
+
+
 # -- reports -----------------------------------------------------------------------------------------------
 
 def _synthetic(gpu: str, backend: str, its: float, vram: int) -> dict[str, Any]:

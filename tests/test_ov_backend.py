@@ -223,3 +223,64 @@ def test_inpainting_runs_on_openvino_like_ort_cpu(tiny_export, cache: Path, pres
     with load(folder, OvBackend(precision="f32", cache_dir=cache)) as ov_pipe:
         got = np.asarray(ov_pipe("a fox", **kw).images[0], np.int16)
     assert ref.shape == got.shape and np.abs(ref - got).max() <= 1 and ref.std() > 1
+
+
+# -- the precision option through Pipeline.load, make_backend and the CLI ----------------------------------
+@pytest.fixture()
+def ov_cache_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Pipeline.load's openvino backend caches under $XDG_CACHE_HOME: a folder of the test's own."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    return tmp_path / "xdg" / "sdrt" / "openvino"
+
+
+def test_load_with_precision_fp32_matches_ort_cpu(pipes: dict, tiny_export, ov_cache_home: Path) -> None:
+    with Pipeline.load(tiny_export("sd15-tiny", "fp32"), backend="openvino", precision="fp32") as p:
+        assert p.backend.precision == "f32"
+        assert p.engines["unet"]._compiled[()].get_property("INFERENCE_PRECISION_HINT") == ov.Type.f32
+        got = image(p)
+    assert np.abs(got - image(pipes["sd15-tiny", "ort-cpu"])).max() <= 1
+    assert ov_cache_home.is_dir()  # the default cache, where the environment says
+
+
+@needs_bf16
+def test_load_with_precision_bf16_is_within_the_bf16_bound(pipes: dict, tiny_export, ov_cache_home: Path) -> None:
+    from sdrt.export.onnx_export import IMAGE_LEVELS
+
+    with Pipeline.load(tiny_export("sd15-tiny", "fp32"), backend="openvino", precision="bf16") as p:
+        assert p.backend.precision == "bf16"
+        diff = np.abs(image(p) - image(pipes["sd15-tiny", "ort-cpu"]))
+    assert 0 < diff.max() <= IMAGE_LEVELS["bf16"]
+
+
+def test_precision_is_refused_by_the_other_backends(tiny_export) -> None:
+    folder = tiny_export("sd15-tiny", "fp32")
+    with pytest.raises(InputError, match="sets the openvino backend's inference precision; the backend here is "
+                                         "ort-cpu") as e:
+        Pipeline.load(folder, backend="ort-cpu", precision="bf16")
+    assert "--backend openvino" in e.value.for_cli()
+    with pytest.raises(InputError, match="precision 'fp8'"):
+        Pipeline.load(folder, backend="openvino", precision="fp8")
+
+
+def test_generate_cli_precision(pipes: dict, tiny_export, tmp_path: Path, ov_cache_home: Path,
+                                capsys: pytest.CaptureFixture[str]) -> None:
+    from PIL import Image
+
+    from sdrt.cli import main
+
+    folder = str(tiny_export("sd15-tiny", "fp32"))
+    args = ["generate", folder, "--prompt", KW["prompt"], "--negative-prompt", KW["negative_prompt"], "--steps",
+            str(KW["steps"]), "--seed", str(KW["seed"]), "--height", "64", "--width", "80"]
+    out = tmp_path / "ov.png"
+    assert main([*args, "--backend", "openvino", "--precision", "fp32", "-o", str(out)]) == 0
+    assert "openvino, f32 inference" in capsys.readouterr().out
+    got = np.asarray(Image.open(out).convert("RGB"), np.int16)
+    assert np.abs(got - image(pipes["sd15-tiny", "ort-cpu"])).max() <= 1
+    refused = tmp_path / "refused.png"
+    assert main([*args, "--backend", "ort-cpu", "--precision", "bf16", "-o", str(refused)]) == 1
+    err = capsys.readouterr().err
+    assert "--precision sets the openvino backend's inference precision" in err and "--backend openvino" in err
+    assert not refused.exists()
+    with pytest.raises(SystemExit) as e:  # argparse: only the three names
+        main([*args, "--precision", "fp8"])
+    assert e.value.code == 2

@@ -61,6 +61,12 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", choices=["fp16", "fp32"], default=None,
                    help="of a preset's export and the baseline (default fp16 on a GPU, fp32 on CPU)")
+    p.add_argument("--openvino-precision", choices=["auto", "bf16", "fp32"], default=None,
+                   help="the openvino backend's inference precision (default auto: bf16 where the CPU has it, "
+                        "else fp32); --precision is the export's")
+    p.add_argument("--bf16-baseline", action=argparse.BooleanOptionalAction, default=None,
+                   help="also measure diffusers under torch.autocast(\"cpu\", dtype=torch.bfloat16) beside the fp32 "
+                        "baseline, as torch-cpu-bf16 (default: when openvino is measured)")
     p.add_argument("--work-dir", default=None, help="keep exports and baseline weights here, and reuse them")
     p.add_argument("--timeout", type=float, default=None, help="seconds per measurement process")
     p.add_argument("--matmul-size", type=int, default=None,
@@ -154,7 +160,8 @@ def run(args: argparse.Namespace) -> int:
         cuda_graph=args.cuda_graph,
         warmup=args.warmup, repeats=args.repeats, threads=args.threads, guidance_scale=args.guidance,
         prompt=args.prompt or DEFAULT_PROMPT, seed=args.seed, precision=args.precision, work_dir=args.work_dir,
-        timeout_s=args.timeout, matmul_n=args.matmul_size,
+        timeout_s=args.timeout, matmul_n=args.matmul_size, openvino_precision=args.openvino_precision,
+        bf16_baseline=args.bf16_baseline,
     )
     progress = _Progress()
     try:

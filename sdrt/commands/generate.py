@@ -34,7 +34,10 @@ def register(p: argparse.ArgumentParser) -> None:
                         "own size rounded down to a multiple of 8)")
     p.add_argument("--width", type=int, default=None, help="pixels, as --height")
     p.add_argument("--batch-size", type=int, default=1, help="images per prompt, 1 to 16 (default 1)")
-    p.add_argument("--backend", default="auto", help="auto, ort-cpu, ort-cuda, tensorrt")
+    p.add_argument("--backend", default="auto", help="auto, ort-cpu, ort-cuda, tensorrt, openvino")
+    p.add_argument("--precision", default=None, choices=("auto", "bf16", "fp32"),
+                   help="openvino only: its inference precision (default auto: bf16 where the CPU has it, else "
+                        "fp32); the other backends compute in the export's or engines' precision")
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
                    help="replay the denoising step as CUDA graphs (GPU; default: on for tensorrt, off for ort-cuda)")
     p.add_argument("--init-image", default=None, help="img2img: the starting image")
@@ -70,8 +73,9 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--paste-back applies to inpainting: pass --mask, or leave --paste-back out")
     image = None if not args.init_image else _open_image(args.init_image, "--init-image")
     mask = None if not args.mask else _open_image(args.mask, "--mask")
-    pipe = Pipeline.load(args.path, backend=args.backend, cuda_graph=args.cuda_graph)
-    print(f"{pipe.manifest.preset} on {pipe.backend.name}")
+    pipe = Pipeline.load(args.path, backend=args.backend, cuda_graph=args.cuda_graph, precision=args.precision)
+    precision = getattr(pipe.backend, "precision", None)  # openvino's inference precision
+    print(f"{pipe.manifest.preset} on {pipe.backend.name}" + (f", {precision} inference" if precision else ""))
     bar = tqdm(total=None, unit="step", desc="denoising")
 
     def progress(i: int, n: int) -> None:
