@@ -4,6 +4,7 @@ the manifest fields, the residual axes, and the refusals of ControlNets that do 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -294,3 +295,19 @@ def test_a_controlnet_passed_as_model_and_a_model_passed_as_controlnet(tmp_path:
     save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(2, 4, 3, 3)}, str(whole))
     with pytest.raises(InputError, match="is a whole model .*pass it as --model"):
         load_controlnet(whole)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("SDRT_SKIP_SLOW") == "1", reason="SDRT_SKIP_SLOW=1")
+def test_full_size_sd15_controlnet_export(tmp_path: Path) -> None:
+    """The real SD 1.5 ControlNet architecture (synthetic weights), fp16, through the parity gate: the
+    ControlNet component alone (the whole model beside it would double the memory)."""
+    from sdrt.export.controlnet_specs import controlnet_spec
+    from sdrt.export.onnx_export import export_component
+
+    net = random_controlnet("sd15-controlnet").controlnet
+    spec = controlnet_spec("controlnet_0", net, sdxl=False, pooled=768)
+    comp = export_component(spec, "fp16", tmp_path / "controlnet_0", opset=17, parity_shape=(2, 32, 40))
+    assert comp.parity is not None and comp.parity.rel_err <= 1e-2
+    assert len(comp.outputs) == 13 and comp.outputs[-1].shape == ("batch", 1280, "height/8", "width/8")
+    assert 0.65e9 < comp.size_bytes < 0.8e9  # 361M fp16 parameters
