@@ -24,6 +24,7 @@ from .loading import LoadedModel
 from .onnx_export import ComponentSpec
 
 Axes = tuple[int | str, ...]
+TEXT_LEN = 77  # CLIP's tokens per chunk, as the plain UNet's example
 
 
 def _axis(name: str, factor: int) -> str:
@@ -55,8 +56,6 @@ def residual_shapes(controlnet: torch.nn.Module) -> list[tuple[str, Axes]]:
     names = [f"down_{i}" for i in range(n)] + ["mid"]
     return list(zip(names, [*out, shape(widths[-1], factor)]))
 
-
-TEXT_LEN = 77  # CLIP's tokens per chunk, as the plain UNet's example
 
 
 def controlnet_spec(name: str, controlnet: torch.nn.Module, *, sdxl: bool, pooled: int, vae_scale_factor: int = 8

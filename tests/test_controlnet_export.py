@@ -321,3 +321,34 @@ def test_overhead_benchmark_runs_both_graphs_on_the_same_inputs() -> None:
     assert r["max_abs_diff_zero_residuals"] == 0.0  # zero residuals add exactly nothing
     assert r["unet_ms"] > 0 and r["unet_control_ms"] > 0 and r["ratio"] == pytest.approx(
         r["unet_control_ms"] / r["unet_ms"], rel=0.01)
+
+
+def test_a_shuffle_controlnet_pools_its_residuals_in_the_graph(tmp_path: Path) -> None:
+    """global_pool_conditions: diffusers mean-pools each residual; the graph gives [B, C, 1, 1], which
+    unet_control broadcasts in its sum."""
+    from diffusers import ControlNetModel
+
+    from sdrt.export.controlnet_loading import LoadedControlNet
+    from sdrt.export.controlnet_presets import get_controlnet_preset
+    from sdrt.export.exporter import component_specs
+    from sdrt.export.onnx_export import export_component
+
+    cfg = get_controlnet_preset("sd15-controlnet-tiny").config()
+    cfg["global_pool_conditions"] = True
+    torch.manual_seed(0)
+    net = ControlNetModel(**cfg)
+    net.controlnet_mid_block.reset_parameters()  # zero in a fresh net
+    specs = {s.name: s for s in component_specs(random_model("sd15-tiny"),
+                                                 controlnets=[LoadedControlNet(net.eval(), {}, "shuffle")])}
+    comp = export_component(specs["controlnet_0"], "fp32", tmp_path / "controlnet_0", opset=17,
+                            parity_shape=(2, 8, 12))
+    assert comp.outputs[-1].shape == ("batch", 64, 1, 1)
+    assert specs["unet_control"].inputs[-1] == ("controlnet_0_mid", "float", ("batch", 64, 1, 1))
+    x = _inputs("sd15-tiny", 2, 8, 12)
+    scale = torch.full((2, 13), 0.7)
+    cond = x["controlnet_cond"].permute(0, 3, 1, 2).float() / 255.0
+    with torch.no_grad():  # diffusers pools (its own code path), then the test scales
+        _, mid = net(x["sample"], x["timestep"], x["encoder_hidden_states"], cond, return_dict=False)
+    feed = {k: v.numpy() for k, v in x.items()} | {"conditioning_scale": scale.numpy()}
+    got = _run(tmp_path, "controlnet_0", feed)["mid"]
+    assert got.shape == (2, 64, 1, 1) and _rel(got, mid * 0.7) < 1e-4
