@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import platform
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -22,6 +22,8 @@ from sdrt.runtime.inpaint import MASKED_ENCODER
 from sdrt.runtime.manifest import MANIFEST_NAME, ExportManifest, ShapeLimits
 
 from . import wrappers
+from .controlnet_loading import LoadedControlNet, check_pairing
+from .controlnet_specs import controlnet_specs
 from .loading import LoadedModel
 from .onnx_export import ComponentSpec, export_component
 
@@ -43,9 +45,11 @@ def check_clip_skip(model: LoadedModel, clip_skip: int) -> None:
                 cli=f"--clip-skip {clip_skip!r} is beyond this model's text encoder ({layers} layers): use 0 to {most}")
 
 
-def component_specs(model: LoadedModel, vae_fp32: bool | None = None, clip_skip: int = 0) -> list[ComponentSpec]:
+def component_specs(model: LoadedModel, vae_fp32: bool | None = None, clip_skip: int = 0,
+                    controlnets: Sequence[LoadedControlNet] = ()) -> list[ComponentSpec]:
     """The components of ``model``; ``vae_fp32`` overrides the preset's VAE precision; ``clip_skip``
-    conditions on an earlier text encoder layer (diffusers' ``clip_skip``)."""
+    conditions on an earlier text encoder layer (diffusers' ``clip_skip``); ``controlnets`` add
+    ``controlnet_0``.. and ``unet_control`` after the plain ``unet``."""
     p = model.preset
     vae32 = p.vae_fp32 if vae_fp32 is None else vae_fp32
     sdxl = p.family == "sdxl"
@@ -102,7 +106,7 @@ def component_specs(model: LoadedModel, vae_fp32: bool | None = None, clip_skip:
         return tuple(args)
 
     out_ch = int(model.unet.config.out_channels)
-    specs.append(ComponentSpec(
+    unet_spec = ComponentSpec(
         name="unet",
         module=wrappers.UNet(model.unet, sdxl=sdxl, time_cond=bool(cond_dim)),
         weights=model.unet,
@@ -110,7 +114,9 @@ def component_specs(model: LoadedModel, vae_fp32: bool | None = None, clip_skip:
         outputs=[("out_sample", "float", ("batch", out_ch, "height", "width"))],
         example=unet_example,
         refittable=True,
-    ))
+    )
+    specs.append(unet_spec)
+    specs += controlnet_specs(model, controlnets, unet_spec)
 
     lat = int(model.vae.config.latent_channels)
     f = 2 ** (len(model.vae.config.block_out_channels) - 1)
@@ -220,12 +226,15 @@ def export_model(
     parity_shape: tuple[int, int, int] | None = None,
     progress: Callable[[str], None] = lambda msg: None,
     clip_skip: int = 0,
+    controlnets: Sequence[LoadedControlNet] = (),
 ) -> ExportManifest:
     """Export every component of ``model`` into ``out`` (atomically) and return its manifest.
 
     ``vae_fp32``: keep the VAE in fp32 in an fp16 export (default: the preset's choice, True for SDXL,
     whose VAE overflows in fp16). ``clip_skip``: diffusers' option, fixed in the text encoder graphs and
-    recorded in the manifest (0: the model's own layer; 1 is A1111's "Clip skip 2").
+    recorded in the manifest (0: the model's own layer; 1 is A1111's "Clip skip 2"). ``controlnets``: each
+    becomes ``controlnet_j`` (in order), and ``unet_control`` takes all their residuals; the plain ``unet``
+    is exported as without them. A ControlNet that does not pair with the model's UNet is refused first.
 
     ``out`` may be new, empty or a previous sdrt export (replaced whole when the export succeeds); any
     other folder is refused unless ``overwrite``, a file or the current folder always.
@@ -234,6 +243,8 @@ def export_model(
 
     out = check_export_dir(out, overwrite=overwrite)
     check_clip_skip(model, clip_skip)
+    controlnets = list(controlnets)
+    check_pairing(model, controlnets)
     if opset < MIN_OPSET:
         raise InputError(f"opset {opset} is too old; sdrt exports opset {MIN_OPSET} or newer (e.g. --opset 17)")
     precision = "fp16" if fp16 else "fp32"
@@ -246,7 +257,7 @@ def export_model(
         parity_shape = (2, side, side + 8)
     with atomic_dir(out, marker=MANIFEST_NAME, overwrite=overwrite, what=EXPORT_KIND) as tmp:
         components = {}
-        for spec in component_specs(model, vae_fp32, clip_skip):
+        for spec in component_specs(model, vae_fp32, clip_skip, controlnets):
             components[spec.name] = export_component(
                 spec, precision, tmp / spec.name, opset=opset, parity_shape=parity_shape, progress=progress
             )
@@ -267,10 +278,11 @@ def export_model(
             default_size=p.default_size,
             text_max_length=TEXT_LEN,
             limits=ShapeLimits(),
-            source=model.source,
+            source={**model.source, **({"controlnets": [dict(c.source) for c in controlnets]} if controlnets else {})},
             tools=_tool_versions(),
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             clip_skip=clip_skip,
+            controlnets=tuple(f"controlnet_{j}" for j in range(len(controlnets))),
         )
         manifest.write(tmp)
     return manifest

@@ -214,6 +214,14 @@ def load_model(
         raise ArtifactError(f"{p} does not exist; pass a diffusers folder or a .safetensors checkpoint")
     if p.is_dir():
         if not (p / "model_index.json").is_file():
+            from .controlnet_loading import is_controlnet_folder
+
+            if is_controlnet_folder(p):
+                raise InputError(
+                    f"{p} is a ControlNet (its config.json names ControlNetModel), not a whole model; pass it "
+                    "as --controlnet, with the model it was trained for as --model",
+                    cli=f"{p} is a ControlNet (its config.json names ControlNetModel), not a whole model: pass it "
+                        f"as --controlnet {p}, with the model it was trained for as --model")
             raise ArtifactError(
                 f"{p} has no model_index.json, so it is not a diffusers folder; pass the folder that holds "
                 "model_index.json, or a single .safetensors checkpoint"

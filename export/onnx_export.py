@@ -118,7 +118,7 @@ def export_component(
         refit = build_refit_map(model, spec.weights, wdtype)
         (folder / "refit_map.json").write_text(json.dumps(refit, indent=1, sort_keys=True))
     size = sum(len(t.raw_data) for t in model.graph.initializer)
-    external = spec.name == "unet" or size > EXTERNAL_DATA_BYTES
+    external = spec.name in ("unet", "unet_control") or size > EXTERNAL_DATA_BYTES
     path = folder / "model.onnx"
     if external:
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,

@@ -128,3 +128,79 @@ class VaeEncoderMasked(torch.nn.Module):
         x = 2.0 * (image.float().permute(0, 3, 1, 2) / 255.0) - 1.0
         x = x * (mask.float().permute(0, 3, 1, 2) < 0.5).float()
         return self.vae.encode(x.to(dtype), return_dict=False)[0].mean * self.scale
+
+
+class ControlNet(torch.nn.Module):
+    """One ControlNet: ``sample``, ``timestep`` (float32), ``encoder_hidden_states``, ``controlnet_cond`` uint8
+    [B, H, W, 3] pixels, ``conditioning_scale`` float32 [B, R] (+ SDXL ``text_embeds``, ``time_ids``) ->
+    ``down_0`` .. ``down_{R-2}``, ``mid``: the residuals, each multiplied by its column of the scale table.
+
+    The pixels become float [0, 1] NCHW here, as diffusers' control image processor gives them
+    (``do_normalize=False``). One scale per batch row and residual expresses per-net scales, guidance
+    windows (0 outside) and guess mode (the runtime fills the table) without graph variants. A net with
+    ``global_pool_conditions`` (shuffle) mean-pools its residuals inside diffusers' forward, so its outputs
+    are [B, C, 1, 1] and broadcast in the UNet's sum.
+    """
+
+    def __init__(self, controlnet: torch.nn.Module, sdxl: bool) -> None:
+        super().__init__()
+        self.controlnet = controlnet
+        self.sdxl = sdxl
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        controlnet_cond: torch.Tensor,
+        conditioning_scale: torch.Tensor,
+        *extra: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        cond = (controlnet_cond.float().permute(0, 3, 1, 2) / 255.0).to(sample.dtype)
+        kwargs: dict[str, object] = {}
+        if self.sdxl:
+            kwargs["added_cond_kwargs"] = {"text_embeds": extra[0], "time_ids": extra[1]}
+        down, mid = self.controlnet(sample, timestep, encoder_hidden_states, cond, conditioning_scale=1.0,
+                                    return_dict=False, **kwargs)
+        scale = conditioning_scale.to(sample.dtype)
+        outs = [r * scale[:, i, None, None, None] for i, r in enumerate((*down, mid))]
+        return tuple(outs)
+
+
+class UNetControl(torch.nn.Module):
+    """The UNet with ControlNet residuals: the plain UNet's inputs, then ``nets`` groups of ``residuals``
+    tensors (each net's ``down_*`` then ``mid``). The groups are summed here, so several ControlNets cost
+    the host nothing, and passed as diffusers' ``down_block_additional_residuals`` /
+    ``mid_block_additional_residual``."""
+
+    def __init__(self, unet: torch.nn.Module, sdxl: bool, time_cond: bool, nets: int, residuals: int) -> None:
+        super().__init__()
+        self.unet = unet
+        self.sdxl = sdxl
+        self.time_cond = time_cond
+        self.base = 2 * sdxl + int(time_cond)
+        self.nets = nets
+        self.residuals = residuals
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        *extra: torch.Tensor,
+    ) -> torch.Tensor:
+        base, res = extra[: self.base], extra[self.base:]
+        summed = list(res[: self.residuals])
+        for j in range(1, self.nets):
+            group = res[j * self.residuals: (j + 1) * self.residuals]
+            summed = [a + b for a, b in zip(summed, group)]
+        kwargs: dict[str, object] = {
+            "down_block_additional_residuals": tuple(summed[:-1]),
+            "mid_block_additional_residual": summed[-1],
+        }
+        if self.sdxl:
+            kwargs["added_cond_kwargs"] = {"text_embeds": base[0], "time_ids": base[1]}
+            base = base[2:]
+        if self.time_cond:
+            kwargs["timestep_cond"] = base[0]
+        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False, **kwargs)[0]

@@ -105,6 +105,9 @@ class ExportManifest:
     schema: int = SCHEMA_VERSION
     clip_skip: int = 0  # the text encoders condition on a layer this many before the model's own
     kind: str = "onnx"
+    # the ControlNet components, in the order they were given to the export; "unet_control" takes their
+    # residuals (optional: older manifests have none)
+    controlnets: tuple[str, ...] = ()
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=False) + "\n"
@@ -140,6 +143,7 @@ class ExportManifest:
             schema=schema,
             kind=d.get("kind", "onnx"),
             clip_skip=int(d.get("clip_skip", 0)),
+            controlnets=tuple(str(c) for c in d.get("controlnets", ())),
         )
 
     @classmethod

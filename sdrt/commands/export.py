@@ -32,6 +32,14 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
                    help="merge a LoRA .safetensors into the weights before export (e.g. LCM-LoRA, then --sampler "
                         "lcm); repeat to stack")
+    p.add_argument("--controlnet", action="append", dest="controlnets", type=lambda v: ("path", v),
+                   metavar="PATH",
+                   help="also export a ControlNet (a diffusers ControlNet folder or an A1111 .safetensors) and a "
+                        "UNet that takes its residuals; repeat for several, in order")
+    p.add_argument("--random-controlnet", action="append", dest="controlnets", type=lambda v: ("random", v),
+                   metavar="PRESET",
+                   help="also export a ControlNet of synthetic weights (e.g. sd15-controlnet-tiny); mixes with "
+                        "--controlnet in the order given")
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow loading a pickled .ckpt/.bin (runs code from the file: only for trusted files)")
 
@@ -40,10 +48,13 @@ def run(args: argparse.Namespace) -> int:
     from sdrt.runtime.errors import InputError
 
     if args.list:
+        from sdrt.export.controlnet_presets import CONTROLNET_PRESETS
         from sdrt.export.presets import PRESETS
 
         for p in PRESETS.values():
             print(f"{p.name:10s} {p.family:5s} {p.prediction_type:13s} {p.default_size}px")
+        for c in CONTROLNET_PRESETS.values():
+            print(f"{c.name:10s} {c.family:5s} ControlNet for {c.unet_preset}")
         return 0
     if not args.out:
         raise InputError("--out DIR is required: the folder to write the ONNX export into")
@@ -57,6 +68,16 @@ def run(args: argparse.Namespace) -> int:
     print(f"loading {what}", flush=True)
     model = load_model(args.model, random_preset=args.random, seed=args.seed, arch=args.arch,
                        allow_pickle=args.allow_pickle, ema=args.ema)
+
+    nets = []
+    if args.controlnets:
+        from sdrt.export.controlnet_loading import check_pairing, load_controlnet, random_controlnet
+
+        for kind, value in args.controlnets:
+            print(f"loading ControlNet {value}" if kind == "path" else f"making a {value} ControlNet", flush=True)
+            nets.append(load_controlnet(value, allow_pickle=args.allow_pickle) if kind == "path"
+                        else random_controlnet(value, seed=args.seed))
+        check_pairing(model, nets)  # before the LoRAs merge and any export work
 
     if args.lora:
         from sdrt.export.lora import LoraSpec
@@ -72,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", flush=True)
 
     manifest = export_model(model, args.out, overwrite=args.overwrite, fp16=not args.fp32, opset=args.opset, vae_fp32=args.vae_fp32, progress=progress,
-                           clip_skip=args.clip_skip)
+                           clip_skip=args.clip_skip, controlnets=nets)
     if args.ort_cuda:
         from sdrt.export.ort_fusion import add_ort_cuda_variant
 

@@ -1,0 +1,78 @@
+"""ControlNet architecture presets, shipped so a ControlNet single file converts without a download.
+
+A ControlNet is a copy of its UNet's encoder (the same block types, widths, attention and conditioning
+inputs) plus a small conditioning-image embedding and one zero-initialized 1x1 convolution per residual.
+Each preset is therefore derived from the UNet preset it pairs with:
+
+- ``sd15-controlnet``: lllyasviel's SD 1.5 ControlNets (sd-controlnet-*, control_v11*), conditioning
+  embedding widths (16, 32, 96, 256);
+- ``sdxl-controlnet``: diffusers' SDXL ControlNets (controlnet-canny-sdxl-1.0 and the like);
+- ``sd15-controlnet-tiny`` / ``sdxl-controlnet-tiny``: the structure of ``sd15-tiny`` / ``sdxl-tiny`` with
+  small widths, for tests and the demo.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+from sdrt.runtime.errors import InputError
+
+from .presets import PRESETS
+
+
+@dataclass(frozen=True)
+class ControlNetPreset:
+    name: str
+    family: str  # the UNet family it pairs with: "sd1" | "sd2" | "sdxl"
+    unet_preset: str  # the UNet preset whose encoder it copies
+    controlnet: dict[str, Any]  # ControlNetModel config kwargs
+
+    def config(self) -> dict[str, Any]:
+        return copy.deepcopy(self.controlnet)
+
+
+# UNet2DConditionModel config keys that a ControlNetModel shares (the encoder half), as from_unet copies them
+_SHARED = (
+    "in_channels", "flip_sin_to_cos", "freq_shift", "down_block_types", "only_cross_attention",
+    "block_out_channels", "layers_per_block", "downsample_padding", "mid_block_scale_factor", "act_fn",
+    "norm_num_groups", "norm_eps", "cross_attention_dim", "transformer_layers_per_block", "attention_head_dim",
+    "num_attention_heads", "use_linear_projection", "class_embed_type", "addition_embed_type",
+    "addition_time_embed_dim", "num_class_embeds", "upcast_attention", "resnet_time_scale_shift",
+    "projection_class_embeddings_input_dim", "addition_embed_type_num_heads", "encoder_hid_dim",
+    "encoder_hid_dim_type",
+)
+
+
+def controlnet_config_from_unet(unet: dict[str, Any], cond_channels: tuple[int, ...] = (16, 32, 96, 256)
+                                ) -> dict[str, Any]:
+    """A ControlNetModel config copying a UNet config's encoder, as diffusers' ``ControlNetModel.from_unet``."""
+    cfg = {k: copy.deepcopy(unet[k]) for k in _SHARED if k in unet}
+    cfg.update(conditioning_channels=3, controlnet_conditioning_channel_order="rgb",
+               conditioning_embedding_out_channels=list(cond_channels), global_pool_conditions=False)
+    return cfg
+
+
+CONTROLNET_PRESETS: dict[str, ControlNetPreset] = {}
+
+
+def _add(name: str, unet_preset: str, cond_channels: tuple[int, ...]) -> None:
+    base = PRESETS[unet_preset]
+    CONTROLNET_PRESETS[name] = ControlNetPreset(
+        name, base.family, unet_preset, controlnet_config_from_unet(base.config("unet"), cond_channels))
+
+
+_add("sd15-controlnet", "sd15", (16, 32, 96, 256))
+_add("sdxl-controlnet", "sdxl", (16, 32, 96, 256))
+# tiny: four conditioning widths (three stride-2 stages: pixels -> latent size), small
+_add("sd15-controlnet-tiny", "sd15-tiny", (4, 8, 8, 16))
+_add("sdxl-controlnet-tiny", "sdxl-tiny", (4, 8, 8, 16))
+
+
+def get_controlnet_preset(name: str) -> ControlNetPreset:
+    try:
+        return CONTROLNET_PRESETS[name]
+    except KeyError:
+        raise InputError(f"unknown ControlNet preset {name!r}; choose one of: {', '.join(CONTROLNET_PRESETS)}"
+                         ) from None
