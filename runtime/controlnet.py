@@ -84,8 +84,9 @@ def check_request(nets: Sequence[str], folder: Any, control_images: Any = None, 
                          "give at most one per net, in order (None leaves a net out)",
                          cli=f"{len(images)} --control-image for the {n} ControlNet(s) of this export "
                              f"({', '.join(nets)}): give at most one per net, in order")
+    given_n = len(images)
     images = images + [None] * (n - len(images))
-    prep = _per_net(control_preprocess, n, "control_preprocess", None)
+    prep = _per_net(control_preprocess, n, "control_preprocess", None, given_n)
     pil = []
     for j, im in enumerate(images):
         if im is None:
@@ -101,9 +102,9 @@ def check_request(nets: Sequence[str], folder: Any, control_images: Any = None, 
 
             img = canny(img.convert("RGB"), canny_low, canny_high)
         pil.append(img)
-    scales = tuple(float(v) for v in _per_net(control_scales, n, "control_scales", 1.0))
-    start = tuple(float(v) for v in _per_net(control_start, n, "control_start", 0.0))
-    end = tuple(float(v) for v in _per_net(control_end, n, "control_end", 1.0))
+    scales = tuple(float(v) for v in _per_net(control_scales, n, "control_scales", 1.0, given_n))
+    start = tuple(float(v) for v in _per_net(control_start, n, "control_start", 0.0, given_n))
+    end = tuple(float(v) for v in _per_net(control_end, n, "control_end", 1.0, given_n))
     for j in range(n):
         if not 0.0 <= scales[j] <= SCALE_MAX:
             raise InputError(f"control_scales[{j}] is {scales[j]}: give a number from 0 to {SCALE_MAX:g} (1 is the "
@@ -131,16 +132,19 @@ def _as_list(v: Any, label: str) -> list[Any] | None:
                      f"not {type(v).__name__}: e.g. {label}=[image]")
 
 
-def _per_net(v: Any, n: int, label: str, default: Any) -> list[Any]:
-    """One value per net: None (the default for each), a single value (for each), or a list of n."""
+def _per_net(v: Any, n: int, label: str, default: Any, given: int) -> list[Any]:
+    """One value per net: None (the default for each), a single value (for each), or a list with one per
+    control image given (the nets after them: the default) or one per net."""
     if v is None:
         return [default] * n
     if not isinstance(v, (list, tuple)):
         v = [v] * n
-    if len(v) != n:
-        raise InputError(f"{label} has {len(v)} entries for the {n} ControlNet(s) of this export: give one per net, "
-                         "in order", cli=f"{_cli(label)} is given {len(v)} times for {n} ControlNet(s): give it once "
-                                         "per net, in order, or not at all")
+    if len(v) not in (given, n):
+        raise InputError(f"{label} has {len(v)} entries for the {given} control image(s) and {n} ControlNet(s) of "
+                         "this export: give one per control image, in order",
+                         cli=f"{_cli(label)} is given {len(v)} times for {given} --control-image: give it once per "
+                             "--control-image, in order, once for all, or not at all")
+    v = list(v) + [None] * (n - len(v))
     out = [default if x is None else x for x in v]
     if default is not None:
         for x in out:

@@ -223,7 +223,8 @@ def _synthetic(gpu: str, backend: str, its: float, vram: int) -> dict[str, Any]:
         "config": {"preset": "sd15", "artifact": None, "engines": None, "resolutions": [[512, 512]], "steps": [20],
                    "batch_sizes": [1], "samplers": ["dpmpp-2m"], "backends": [backend, "tensorrt"],
                    "baseline": "torch", "compile": False, "cuda_graph": False, "warmup": 1, "repeats": 1, "threads": 16,
-                   "guidance_scale": 7.5, "prompt": "p", "seed": 0, "isolation": "subprocess"},
+                   "guidance_scale": 7.5, "prompt": "p", "seed": 0, "isolation": "subprocess",
+                   "workload": "txt2img"},
         "model": {"family": "sd1", "preset": "sd15", "precision": "fp16", "folder": "x", "export_s": None,
                   "components": {}, "artifact_bytes": 0, "source": {}, "flops": {}},
         "ceilings": [{"device": "cuda", "dtype": "float16", "n": 8192, "tflops": 800.0, "ms_p50": 1.4,
@@ -304,15 +305,19 @@ def test_newer_older_and_foreign_files_are_refused(tmp_path: Path) -> None:
 
 
 def test_older_version_is_migrated(tmp_path: Path) -> None:
-    """Version 1 had no config.cuda_graph (its runs never asked for CUDA graphs): migrated to false."""
+    """Version 1 had no config.cuda_graph (its runs never asked for CUDA graphs): migrated to false; nor
+    had version 2 config.workload (every run was txt2img)."""
     v1 = _synthetic("NVIDIA H100", "ort-cuda", 40.0, 2**31)
     del v1["config"]["cuda_graph"]
+    del v1["config"]["workload"]
     v1["schema_version"] = 1
     assert "config.cuda_graph is missing" in schema.problems(v1)
+    assert "config.workload is missing" in schema.problems(v1)
     p = tmp_path / "v1.json"
     p.write_text(json.dumps(v1))
     doc = schema.load(p)
-    assert doc["schema_version"] == 2 and doc["migrated_from"] == 1 and doc["config"]["cuda_graph"] is False
+    assert doc["schema_version"] == 3 and doc["migrated_from"] == 1 and doc["config"]["cuda_graph"] is False
+    assert doc["config"]["workload"] == "txt2img"
     assert schema.problems(doc) == []
     assert json.loads(p.read_text()) == v1  # the file itself is left alone
     assert "migrated from schema 1" in report.markdown([doc])

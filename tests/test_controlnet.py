@@ -229,3 +229,4 @@ def test_cli_control_flags_without_an_image_are_errors(tiny_export, tmp_path: Pa
     err = capsys.readouterr().err
     assert "exported without ControlNets, so --control-image cannot be used" in err and "--controlnet" in err
     assert not out.exists()
+
