@@ -440,6 +440,9 @@ class _Run:
                     backends[name] = b
 
         # FLOPs of each stage per shape, and each device's matmul rate
+        if cfg.workload == "inpaint":
+            self.notes.append("inpaint: diffusers samples the image's latents from the VAE's distribution, sdrt takes "
+                              "its mean (deterministic), so the two images differ a little by design")
         arch, flops_reason = self.flops(manifest) if cfg.workload == "txt2img" else (
             None, f"the FLOP count covers txt2img; this run's workload is {cfg.workload}")
         if flops_reason:

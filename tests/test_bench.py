@@ -492,3 +492,39 @@ def test_memory_sampler_gpu_logic_on_a_fake_nvml(monkeypatch: pytest.MonkeyPatch
             time.sleep(0.001)
     assert s2.peaks.peak_process_bytes is None and s2.peaks.device_delta_bytes == 4 * gib
     assert any(f"never listed pid {pid}" in n for n in s2.peaks.notes)
+
+
+@pytest.mark.parametrize(("workload", "preset"), [("controlnet", "sd15-tiny"), ("inpaint", "sd15-inpaint-tiny")])
+def test_controlnet_and_inpainting_workloads_run_tiny_beside_diffusers(tmp_path: Path, workload: str,
+                                                                       preset: str) -> None:
+    """The ControlNet workload exports one ControlNet and runs diffusers' ControlNet pipeline; the
+    inpainting one a 9-channel UNet with an image and a mask beside diffusers' inpainting pipeline. Both sides
+    start from the same latents, so their images agree (with the same tolerance as txt2img's)."""
+    cfg = BenchConfig(preset=preset, workload=workload, backends=("ort-cpu",), resolutions=((64, 80),), steps=(3,),
+                      samplers=("ddim",), warmup=0, repeats=1, threads=1, work_dir=str(tmp_path), matmul_n=128)
+    doc = run_bench(cfg)
+    assert schema.problems(doc) == [] and doc["config"]["workload"] == workload
+    comps = doc["model"]["components"]
+    assert (("controlnet_0" in comps and "unet_control" in comps) if workload == "controlnet"
+            else "vae_encoder_masked" in comps)
+    sd, base = _one(doc, "ort-cpu"), _one(doc, "torch-cpu")
+    assert sd["status"] == base["status"] == "ok", (sd["reason"], base["reason"])
+    for m in (sd, base):
+        steps = [x for run in m["raw"]["unet_steps_ms"] for x in run]
+        assert len(steps) == 3 and m["its"] == pytest.approx(1000 / np.median(steps))
+        assert m["text_encoder_ms"]["p50"] > 0 and m["vae_decoder_ms"]["p50"] > 0
+    assert sd["vs_baseline"]["its"] == pytest.approx(sd["its"] / base["its"])
+    assert sd["of_floor"] is None  # the FLOP count is txt2img's: no floor for these workloads
+    # inpainting: diffusers samples the image's latents (sdrt: their mean), a small difference by design
+    assert sd["image_vs_baseline"]["mean_abs"] < (3.0 if workload == "controlnet" else 8.0)
+    assert f"{preset} ({workload})" in report.markdown([doc])
+
+
+def test_controlnet_workload_on_a_plain_export_is_refused(tiny_export, tmp_path: Path) -> None:
+    cfg = BenchConfig(artifact=str(tiny_export("sd15-tiny")), workload="controlnet", backends=("ort-cpu",),
+                      work_dir=str(tmp_path))
+    with pytest.raises(InputError, match="needs an export with a ControlNet.*--controlnet"):
+        run_bench(cfg)
+    assert not list(tmp_path.glob("job-*"))  # no measurement started
+    with pytest.raises(InputError, match="unknown workload 'img2vid'"):
+        BenchConfig(preset="sd15-tiny", workload="img2vid")
