@@ -16,6 +16,7 @@ export work.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,9 +77,11 @@ def _randomize_zero_convs(net: torch.nn.Module, seed: int) -> None:
     _randomize_norms(net, seed)
 
 
-def load_controlnet(path: str | Path, *, allow_pickle: bool = False) -> LoadedControlNet:
+def load_controlnet(path: str | Path, *, allow_pickle: bool = False,
+                    unet_config: Mapping[str, Any] | None = None) -> LoadedControlNet:
     """A ControlNet from a diffusers folder or a single ``.safetensors`` file (InputError/ArtifactError if
-    ``path`` is neither, or is a whole model)."""
+    ``path`` is neither, or is a whole model). ``unet_config``: the UNet it will be exported with, whose
+    encoder a single file's architecture is matched against first (beyond the shipped presets)."""
     p = Path(path)
     if not p.exists():
         raise ArtifactError(f"{p} does not exist; pass --controlnet a diffusers ControlNet folder (config.json + "
@@ -87,7 +90,7 @@ def load_controlnet(path: str | Path, *, allow_pickle: bool = False) -> LoadedCo
         return _controlnet_folder(p, allow_pickle)
     from .controlnet_single_file import load_controlnet_single_file
 
-    return load_controlnet_single_file(p, allow_pickle=allow_pickle)
+    return load_controlnet_single_file(p, allow_pickle=allow_pickle, unet_config=unet_config)
 
 
 def is_controlnet_folder(path: Path) -> bool:

@@ -59,6 +59,46 @@ def residual_shapes(controlnet: torch.nn.Module) -> list[tuple[str, Axes]]:
 TEXT_LEN = 77  # CLIP's tokens per chunk, as the plain UNet's example
 
 
+def controlnet_spec(name: str, controlnet: torch.nn.Module, *, sdxl: bool, pooled: int, vae_scale_factor: int = 8
+                    ) -> ComponentSpec:
+    """One ControlNet component (wrappers.ControlNet), on its own: ``pooled`` is the SDXL pooled text width."""
+    cfg = controlnet.config
+    cross, lat, f = int(cfg.cross_attention_dim), int(cfg.in_channels), vae_scale_factor
+    res = residual_shapes(controlnet)
+    r = len(res)
+    inputs: list[tuple[str, str, Axes]] = [
+        ("sample", "float", ("batch", lat, "height", "width")),
+        ("timestep", "float32", ("batch",)),
+        ("encoder_hidden_states", "float", ("batch", "sequence", cross)),
+        ("controlnet_cond", "uint8", ("batch", "image_height", "image_width", 3)),
+        ("conditioning_scale", "float32", ("batch", r)),
+    ]
+    if sdxl:
+        inputs += [("text_embeds", "float", ("batch", pooled)), ("time_ids", "float", ("batch", 6))]
+
+    def example(g: torch.Generator, b: int, h: int, w: int) -> tuple[torch.Tensor, ...]:
+        args = [
+            torch.randn(b, lat, h, w, generator=g),
+            torch.rand(b, generator=g) * 999,
+            torch.randn(b, TEXT_LEN, cross, generator=g),
+            torch.randint(0, 256, (b, h * f, w * f, 3), generator=g, dtype=torch.uint8),
+            # distinct per row and residual, so a column or row mix-up shows
+            0.25 + 1.5 * torch.rand(b, r, generator=g),
+        ]
+        if sdxl:
+            args += [torch.randn(b, pooled, generator=g), torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]] * b)]
+        return tuple(args)
+
+    return ComponentSpec(
+        name=name,
+        module=wrappers.ControlNet(controlnet, sdxl=sdxl),
+        weights=controlnet,
+        inputs=inputs,
+        outputs=[(n, "float", s) for n, s in res],
+        example=example,
+    )
+
+
 def controlnet_specs(model: LoadedModel, nets: Sequence[LoadedControlNet], unet_spec: ComponentSpec
                      ) -> list[ComponentSpec]:
     """``controlnet_j`` for each net, then ``unet_control`` (its inputs: ``unet_spec``'s, then the nets'
@@ -68,47 +108,11 @@ def controlnet_specs(model: LoadedModel, nets: Sequence[LoadedControlNet], unet_
     sdxl = model.preset.family == "sdxl"
     pooled = int(model.text_encoders[-1].config.projection_dim)
     cond_dim = int(model.unet.config.get("time_cond_proj_dim") or 0)
-    cross = int(model.unet.config.cross_attention_dim)
     lat = int(model.unet.config.in_channels)
     f = 2 ** (len(model.vae.config.block_out_channels) - 1)
-    specs: list[ComponentSpec] = []
-    modules: list[wrappers.ControlNet] = []
-    for j, cn in enumerate(nets):
-        res = residual_shapes(cn.controlnet)
-        inputs: list[tuple[str, str, Axes]] = [
-            ("sample", "float", ("batch", lat, "height", "width")),
-            ("timestep", "float32", ("batch",)),
-            ("encoder_hidden_states", "float", ("batch", "sequence", cross)),
-            ("controlnet_cond", "uint8", ("batch", "image_height", "image_width", 3)),
-            ("conditioning_scale", "float32", ("batch", len(res))),
-        ]
-        if sdxl:
-            inputs += [("text_embeds", "float", ("batch", pooled)), ("time_ids", "float", ("batch", 6))]
-        r = len(res)
-
-        def cn_example(g: torch.Generator, b: int, h: int, w: int, r: int = r) -> tuple[torch.Tensor, ...]:
-            args = [
-                torch.randn(b, lat, h, w, generator=g),
-                torch.rand(b, generator=g) * 999,
-                torch.randn(b, TEXT_LEN, cross, generator=g),
-                torch.randint(0, 256, (b, h * f, w * f, 3), generator=g, dtype=torch.uint8),
-                # distinct per row and residual, so a column or row mix-up shows
-                0.25 + 1.5 * torch.rand(b, r, generator=g),
-            ]
-            if sdxl:
-                args += [torch.randn(b, pooled, generator=g), torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]] * b)]
-            return tuple(args)
-
-        module = wrappers.ControlNet(cn.controlnet, sdxl=sdxl)
-        modules.append(module)
-        specs.append(ComponentSpec(
-            name=f"controlnet_{j}",
-            module=module,
-            weights=cn.controlnet,
-            inputs=inputs,
-            outputs=[(n, "float", s) for n, s in res],
-            example=cn_example,
-        ))
+    specs = [controlnet_spec(f"controlnet_{j}", cn.controlnet, sdxl=sdxl, pooled=pooled, vae_scale_factor=f)
+             for j, cn in enumerate(nets)]
+    modules = [spec.module for spec in specs]
 
     shapes = [residual_shapes(cn.controlnet) for cn in nets]
     r = len(shapes[0])

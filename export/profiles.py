@@ -8,9 +8,10 @@ axis                size
 ==================  ===========================================================================
 ``batch``           text encoders: prompts x chunks, doubled with CFG (conditional and
                     unconditional prompts are encoded in one call); UNet: images, doubled with
-                    CFG; VAE: images
+                    CFG (the ControlNets and ``unet_control`` too); VAE: images
 ``height/width``    latent pixels: image pixels / the VAE's scale factor (8)
-``image_*``         image pixels (the VAE encoder's uint8 input)
+``height/N``        a ControlNet residual N times below latent size: ceil(latent / N)
+``image_*``         image pixels (the uint8 inputs: the VAE encoder's image, the ControlNets' control image)
 ``sequence``        77 tokens x prompt chunks (long prompts are encoded in 77-token chunks)
 ==================  ===========================================================================
 
@@ -212,13 +213,23 @@ def validate(profile: BuildProfile, manifest: ExportManifest) -> None:
                          f"of {lim.max_batch} images")
 
 
+def _denoiser(component: str) -> bool:
+    """Components run once per denoising step on the (CFG-doubled) UNet batch."""
+    return component in ("unet", "unet_control") or component.startswith("controlnet_")
+
+
 def _axis_range(component: str, axis: str, profile: BuildProfile, factor: int) -> Range:
     if axis == "batch":
         if component.startswith("text_encoder"):
             return profile.text_batch()
-        return profile.unet_batch() if component == "unet" else profile.batch
+        return profile.unet_batch() if _denoiser(component) else profile.batch
     if axis in ("height", "width"):
         return getattr(profile, axis).divided(factor)  # type: ignore[no-any-return]
+    side, _, down = axis.partition("/")
+    if side in ("height", "width") and down.isdigit() and int(down) > 0:
+        # a ControlNet residual below latent size: each stride-2 downsampling gives ceil(n / 2)
+        latent, k = getattr(profile, side).divided(factor), int(down)
+        return Range(-(-latent.min // k), -(-latent.opt // k), -(-latent.max // k))
     if axis in ("image_height", "image_width"):
         return getattr(profile, axis.removeprefix("image_"))  # type: ignore[no-any-return]
     if axis == "sequence":

@@ -151,6 +151,10 @@ def _unpickle(path: Path) -> dict[str, torch.Tensor]:
 
 def detect_family(keys: Mapping[str, Any], name: str = "the checkpoint") -> str:
     """``sd1``, ``sd2`` or ``sdxl`` from the text encoders' key layout; checks UNet and VAE are there."""
+    if "control_model.input_hint_block.0.weight" in keys or "input_hint_block.0.weight" in keys:
+        raise InputError(
+            f"{name} is a ControlNet (it holds a conditioning-image embedding, input_hint_block), not a whole "
+            "model; pass it as --controlnet, with the model it was trained for as --model")
     if (
         _XL_CLIP + "embeddings.token_embedding.weight" in keys
         and _XL_OPENCLIP + "token_embedding.weight" in keys

@@ -252,3 +252,32 @@ def meta_model(preset_name: str) -> LoadedModel:
             for i, c in enumerate(preset.text_encoders)
         ]
     return LoadedModel(preset, unet, vae, encoders, preset.config("scheduler"))
+
+
+def controlnet_to_ldm(sd: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+    """ControlNetModel -> ``control_model.*`` (lllyasviel's cldm.ControlNet, as A1111 saves it): the UNet
+    encoder under the UNet's LDM names, the zero convolutions as ``zero_convs.i.0`` and
+    ``middle_block_out.0``, and the conditioning embedding as ``input_hint_block`` (conv, SiLU, conv, ...)."""
+    own: dict[str, torch.Tensor] = {}
+    encoder: dict[str, torch.Tensor] = {}
+    for key, t in sd.items():
+        parts = key.split(".")
+        if parts[0] == "controlnet_down_blocks":
+            own[f"zero_convs.{parts[1]}.0.{parts[2]}"] = t
+        elif parts[0] == "controlnet_mid_block":
+            own[f"middle_block_out.0.{parts[1]}"] = t
+        elif parts[0] == "controlnet_cond_embedding":
+            blocks = len({k.split(".")[2] for k in sd if k.startswith("controlnet_cond_embedding.blocks.")})
+            if parts[1] == "conv_in":
+                idx = 0
+            elif parts[1] == "blocks":
+                idx = 2 * (int(parts[2]) + 1)
+            else:  # conv_out
+                idx = 2 * (blocks + 1)
+            own[f"input_hint_block.{idx}.{parts[-1]}"] = t
+        else:
+            encoder[key] = t
+    out = {k.replace("model.diffusion_model.", "control_model.", 1): v
+           for k, v in unet_to_ldm(encoder, config).items()}
+    out.update({"control_model." + k: v for k, v in own.items()})
+    return out

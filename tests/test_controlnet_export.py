@@ -4,6 +4,7 @@ the manifest fields, the residual axes, and the refusals of ControlNets that do 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -169,3 +170,144 @@ def test_cli_refuses_an_sdxl_controlnet_with_an_sd15_model(tmp_path: Path, capsy
     err = capsys.readouterr().err
     assert "SDXL" in err and "sd15-tiny" in err and "trained for" in err
     assert not out.exists()
+
+
+# -- loading: diffusers folders and original-layout single files ------------------------------------------
+
+def _write_single_file(net: torch.nn.Module, path: Path) -> Path:
+    from safetensors.torch import save_file
+
+    from tests.ldm_layout import controlnet_to_ldm
+
+    sd = controlnet_to_ldm(net.state_dict(), dict(net.config))
+    assert all(k.startswith("control_model.") for k in sd) and "control_model.input_hint_block.14.weight" in sd
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    return path
+
+
+@pytest.mark.parametrize("preset", ["sd15-controlnet-tiny", "sdxl-controlnet-tiny"])
+def test_single_file_loads_the_same_tensors_as_diffusers(tmp_path: Path, preset: str) -> None:
+    from sdrt.export.controlnet_loading import load_controlnet
+
+    ref = random_controlnet(preset, seed=5).controlnet
+    path = _write_single_file(ref, tmp_path / "control_tiny.safetensors")
+    unet = random_model(preset.replace("-controlnet", "")).unet.config
+    for kw in ({}, {"unet_config": unet}):  # by the shipped presets, and by the model's UNet
+        got = load_controlnet(path, **kw)
+        assert got.source["kind"] == "single_file" and len(got.source["sha256"]) == 64
+        sd, want = got.controlnet.state_dict(), ref.state_dict()
+        assert sorted(sd) == sorted(want)
+        assert all(torch.equal(sd[k], want[k]) for k in want)
+        assert dict(got.controlnet.config)["conditioning_embedding_out_channels"] == [4, 8, 8, 16]
+
+
+@pytest.mark.parametrize("preset", ["sd15-controlnet", "sdxl-controlnet"])
+def test_full_size_original_layout_is_recognised_by_shape(preset: str) -> None:
+    """The real architectures' key and shape tables (meta tensors: no memory) pick their preset."""
+    from diffusers import ControlNetModel
+
+    from sdrt.export.controlnet_presets import get_controlnet_preset
+    from sdrt.export.controlnet_single_file import choose_architecture
+    from tests.ldm_layout import controlnet_to_ldm
+
+    cfg = get_controlnet_preset(preset).config()
+    with torch.device("meta"):
+        net = ControlNetModel(**cfg)
+    cn = {k.removeprefix("control_model."): v for k, v in controlnet_to_ldm(net.state_dict(), cfg).items()}
+    assert len(net.controlnet_down_blocks) == (12 if preset == "sd15-controlnet" else 9)
+    label, chosen = choose_architecture(cn, "x.safetensors")
+    assert label == preset
+    assert chosen["cross_attention_dim"] == (768 if preset == "sd15-controlnet" else 2048)
+    assert chosen["conditioning_embedding_out_channels"] == [16, 32, 96, 256]
+
+
+def test_diffusers_folder_loads_and_exports_from_the_cli(tmp_path: Path) -> None:
+    from sdrt.export.controlnet_loading import load_controlnet
+
+    ref = random_controlnet("sd15-controlnet-tiny", seed=4).controlnet
+    folder = tmp_path / "cn"
+    ref.save_pretrained(folder)
+    got = load_controlnet(folder).controlnet.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in ref.state_dict().items())
+    single = _write_single_file(random_controlnet("sd15-controlnet-tiny", seed=6).controlnet, tmp_path / "c.safetensors")
+    out = tmp_path / "o"
+    rc = main(["export", "--random", "sd15-tiny", "--controlnet", str(folder), "--controlnet", str(single),
+               "--fp32", "--out", str(out)])
+    assert rc == 0
+    man = ExportManifest.read(out)
+    assert man.controlnets == ("controlnet_0", "controlnet_1")
+    assert [s["kind"] for s in man.source["controlnets"]] == ["diffusers", "single_file"]
+    assert man.source["controlnets"][1]["path"] == str(single)
+    # controlnet_0 is the folder's net: its graph gives that net's residuals
+    x = _inputs("sd15-tiny", 1, 8, 8)
+    scale = torch.ones(1, 13)
+    feed = {k: v.numpy() for k, v in x.items()} | {"conditioning_scale": scale.numpy()}
+    mid = _run(out, "controlnet_0", feed)["mid"]
+    assert _rel(mid, _diffusers_residuals(ref, x, scale)[-1]) < 1e-4
+
+
+# -- refusals ----------------------------------------------------------------------------------------
+
+def test_block_widths_that_differ_from_the_unet_are_refused() -> None:
+    from diffusers import ControlNetModel
+
+    from sdrt.export.controlnet_loading import LoadedControlNet
+    from sdrt.export.controlnet_presets import get_controlnet_preset
+
+    cfg = get_controlnet_preset("sd15-controlnet-tiny").config()
+    cfg["block_out_channels"] = [32, 32, 64, 128]
+    odd = LoadedControlNet(ControlNetModel(**cfg), {"kind": "test"}, "odd")
+    with pytest.raises(InputError, match=r"block widths \[32, 32, 64, 128\] in the ControlNet, \[32, 32, 64, 64\] in the UNet"):
+        check_pairing(random_model("sd15-tiny"), [odd])
+
+
+def test_inpainting_unet_with_a_controlnet_is_refused(tmp_path: Path) -> None:
+    from sdrt.export.exporter import export_model
+
+    model = random_model("sd15-inpaint-tiny")
+    with pytest.raises(InputError, match="inpainting .*not supported yet"):
+        export_model(model, tmp_path / "o", controlnets=[random_controlnet("sd15-controlnet-tiny")])
+    assert not (tmp_path / "o").exists()  # refused before any export work
+
+
+def test_a_controlnet_passed_as_model_and_a_model_passed_as_controlnet(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    from safetensors.torch import save_file
+
+    from sdrt.export.controlnet_loading import load_controlnet
+    from sdrt.export.loading import load_model
+
+    net = random_controlnet("sd15-controlnet-tiny").controlnet
+    folder = tmp_path / "cn"
+    net.save_pretrained(folder)
+    assert main(["export", "--model", str(folder), "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert "is a ControlNet" in err and f"--controlnet {folder}" in err
+    single = _write_single_file(net, tmp_path / "cn.safetensors")
+    with pytest.raises(InputError, match="is a ControlNet .*pass it as --controlnet"):
+        load_model(single)
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "model_index.json").write_text("{}")
+    with pytest.raises(InputError, match="is a whole model .*pass it as --model"):
+        load_controlnet(model_dir)
+    whole = tmp_path / "whole.safetensors"
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(2, 4, 3, 3)}, str(whole))
+    with pytest.raises(InputError, match="is a whole model .*pass it as --model"):
+        load_controlnet(whole)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("SDRT_SKIP_SLOW") == "1", reason="SDRT_SKIP_SLOW=1")
+def test_full_size_sd15_controlnet_export(tmp_path: Path) -> None:
+    """The real SD 1.5 ControlNet architecture (synthetic weights), fp16, through the parity gate: the
+    ControlNet component alone (the whole model beside it would double the memory)."""
+    from sdrt.export.controlnet_specs import controlnet_spec
+    from sdrt.export.onnx_export import export_component
+
+    net = random_controlnet("sd15-controlnet").controlnet
+    spec = controlnet_spec("controlnet_0", net, sdxl=False, pooled=768)
+    comp = export_component(spec, "fp16", tmp_path / "controlnet_0", opset=17, parity_shape=(2, 32, 40))
+    assert comp.parity is not None and comp.parity.rel_err <= 1e-2
+    assert len(comp.outputs) == 13 and comp.outputs[-1].shape == ("batch", 1280, "height/8", "width/8")
+    assert 0.65e9 < comp.size_bytes < 0.8e9  # 361M fp16 parameters

@@ -169,3 +169,29 @@ def test_profile_from_toml_rejects_unknown_keys(tmp_path) -> None:
     with pytest.raises(ArtifactError, match="unknown keys"):
         load_profile(bad)
     assert isinstance(load_profile(PROFILES_DIR / "sd15-512.toml"), BuildProfile)
+
+
+@pytest.mark.parametrize("profile", ["sd15-512", "sd15-dynamic", "sdxl-1024", "sdxl-dynamic"])
+def test_controlnet_shapes_by_hand(tiny_controlnet_export, profile: str) -> None:
+    """A ControlNet export's engines: the ControlNets and unet_control run on the UNet's (CFG-doubled) batch,
+    the control image at pixel size, residuals at ceil(latent / 2^k)."""
+    preset = "sdxl-tiny" if profile.startswith("sdxl") else "sd15-tiny"
+    man = ExportManifest.read(tiny_controlnet_export(preset, "fp32", 2 if preset == "sd15-tiny" else 1))
+    prof = load_profile(profile)
+    shapes = engine_shapes(prof, man)
+    rows = [2 * b for b in prof.batch.triple()]
+    lat = [h // 8 for h in prof.height.triple()]
+    cn = {s.name: s for s in shapes["controlnet_0"]}
+    r = 13 if preset == "sd15-tiny" else 10
+    for i, key in enumerate(("min", "opt", "max")):
+        assert getattr(cn["sample"], key) == (rows[i], 4, lat[i], lat[i])
+        assert getattr(cn["controlnet_cond"], key) == (rows[i], 8 * lat[i], 8 * lat[i], 3)
+        assert getattr(cn["conditioning_scale"], key) == (rows[i], r)
+        uc = {s.name: s for s in shapes["unet_control"]}
+        deepest = 8 if preset == "sd15-tiny" else 4
+        assert getattr(uc["controlnet_0_mid"], key) == (rows[i], 64, lat[i] // deepest, lat[i] // deepest)
+        assert getattr(uc["controlnet_0_down_0"], key) == (rows[i], 32, lat[i], lat[i])
+    # a latent size the downsampling does not divide: 520 px -> 65 -> 33 -> 17 -> 9 (ceil, as the convolutions)
+    odd = {s.name: s for s in component_shapes(custom_profile(height=520, width=512), man, "unet_control")}
+    names = [n for n in odd if n.startswith("controlnet_0_")]
+    assert {odd[n].max[2] for n in names} == ({65, 33, 17, 9} if preset == "sd15-tiny" else {65, 33, 17})

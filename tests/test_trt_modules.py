@@ -622,3 +622,28 @@ def test_sdrt_build_makes_a_whole_engine_folder_on_rtx(rtx: ModuleType, tiny_exp
     assert export.kind == "tensorrt" and export.components["unet"].path == "unet.engine"
     assert (out / "tokenizer").is_dir() and (out / "scheduler" / "scheduler_config.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["engines"]  # no partial folder left behind
+
+
+def test_sdrt_build_makes_controlnet_engines_on_rtx(rtx: ModuleType, tiny_controlnet_export, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """A ControlNet export (two nets) builds every engine on a real TensorRT builder: the ControlNets (uint8
+    control image, scale table) and unet_control (the residuals at every downsampled size, dynamic)."""
+    from sdrt.cli import main
+    from sdrt.runtime.manifest import ExportManifest
+
+    src, out = tiny_controlnet_export("sd15-tiny", "fp16", 2), tmp_path / "engines"
+    shape = ["--batch", "1:1:2", "--height", "64:64:96", "--width", "64:96:128"]
+    assert main(["build", str(src), "--out", str(out), *shape, "--tensorrt-module", "tensorrt_rtx"]) == 0
+    printed = capsys.readouterr().out
+    m = EngineManifest.read(out)
+    by_name = {r.component: r for r in m.engines}
+    for name in ("unet", "controlnet_0", "controlnet_1", "unet_control"):
+        rec = by_name[name]
+        assert (out / rec.file).stat().st_size == rec.size_bytes > 0, name
+        assert rec.precision == "fp16" and f"{name}: built in" in printed
+    res = {s.name: s for s in by_name["unet_control"].shapes}
+    assert res["controlnet_1_mid"].max == (4, 64, 2, 2)  # 96 x 128 px -> 12 x 16 latent -> / 8
+    assert {s.name: s for s in by_name["controlnet_0"].shapes}["controlnet_cond"].min == (2, 64, 64, 3)
+    export = ExportManifest.read(out)
+    assert export.controlnets == ("controlnet_0", "controlnet_1")
+    assert export.components["unet_control"].path == "unet_control.engine"

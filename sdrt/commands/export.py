@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
 
         for kind, value in args.controlnets:
             print(f"loading ControlNet {value}" if kind == "path" else f"making a {value} ControlNet", flush=True)
-            nets.append(load_controlnet(value, allow_pickle=args.allow_pickle) if kind == "path"
+            nets.append(load_controlnet(value, allow_pickle=args.allow_pickle, unet_config=model.unet.config) if kind == "path"
                         else random_controlnet(value, seed=args.seed))
         check_pairing(model, nets)  # before the LoRAs merge and any export work
 
