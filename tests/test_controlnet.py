@@ -230,3 +230,76 @@ def test_cli_control_flags_without_an_image_are_errors(tiny_export, tmp_path: Pa
     assert "exported without ControlNets, so --control-image cannot be used" in err and "--controlnet" in err
     assert not out.exists()
 
+
+
+# -- the CLI and the stages on a ControlNet export ------------------------------------------------------------
+
+def test_cli_control_flags_give_the_api_image(tiny_controlnet_export, tmp_path: Path) -> None:
+    from PIL import Image
+
+    from .test_controlnet_parity import control_image
+
+    folder = tiny_controlnet_export("sd15-tiny", "fp32", 2)
+    paths = []
+    for j in range(2):
+        paths.append(tmp_path / f"c{j}.png")
+        control_image(10 + j).save(paths[-1])
+    out = tmp_path / "o.png"
+    argv = ["generate", str(folder), "--prompt", "a fox", "--steps", "4", "--seed", "5", "--height", "64", "--width",
+            "80", "--backend", "ort-cpu", "--control-image", str(paths[0]), "--control-image", str(paths[1]),
+            "--control-scale", "0.8", "--control-scale", "1.1", "--control-end", "0.5", "--control-end", "1",
+            "--guess-mode", "-o", str(out)]
+    assert main(argv) == 0
+    with Pipeline.load(folder, backend="ort-cpu") as pipe:
+        want = pipe("a fox", steps=4, seed=5, height=64, width=80, guess_mode=True,
+                    control_images=[Image.open(p) for p in paths], control_scales=[0.8, 1.1], control_end=[0.5, 1])
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(want.images[0]))
+    # a scale given three times for two images: refused, no image written
+    out.unlink()
+    bad = argv[:-2] + ["--control-scale", "1", "-o", str(out)]
+    assert main(bad) == 1 and not out.exists()
+
+
+@needs_cv2
+def test_cli_canny_preprocess_is_the_helper_then_the_call(tiny_controlnet_export, tmp_path: Path) -> None:
+    from PIL import Image
+
+    from sdrt.runtime.preprocess import canny
+
+    from .test_controlnet_parity import control_image
+
+    folder = tiny_controlnet_export("sd15-tiny", "fp32", 2)
+    src = tmp_path / "photo.png"
+    control_image(12, 64, 64).save(src)
+    out = tmp_path / "o.png"
+    assert main(["generate", str(folder), "--prompt", "a fox", "--steps", "3", "--seed", "2", "--backend", "ort-cpu",
+                 "--control-image", str(src), "--control-preprocess", "canny", "--canny-low", "50", "--canny-high",
+                 "150", "-o", str(out)]) == 0
+    with Pipeline.load(folder, backend="ort-cpu") as pipe:
+        edges = canny(Image.open(src).convert("RGB"), 50, 150)
+        want = pipe("a fox", steps=3, seed=2, control_images=[edges])
+        # the API's control_preprocess="canny" is the helper at its default thresholds
+        a = pipe("a fox", steps=3, seed=2, control_images=[Image.open(src)], control_preprocess="canny")
+        b = pipe("a fox", steps=3, seed=2, control_images=[canny(Image.open(src).convert("RGB"))])
+    # the size comes from the control image (64x64), as diffusers takes it
+    assert np.asarray(Image.open(out)).shape == (64, 64, 3)
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(want.images[0]))
+    assert np.array_equal(np.asarray(a.images[0]), np.asarray(b.images[0]))
+
+
+def test_stages_with_control_split_in_two_windows_equal_the_call(tiny_controlnet_export) -> None:
+    from .test_controlnet_parity import control_image
+
+    folder = tiny_controlnet_export("sd15-tiny", "fp32", 2)
+    ctl: dict[str, Any] = {"control_images": [control_image(10), control_image(11)], "control_scales": [0.9, 0.6],
+                           "control_start": [0.0, 0.4]}
+    with Pipeline.load(folder, backend="ort-cpu") as pipe:
+        whole = pipe("a fox", steps=6, seed=8, height=64, width=64, sampler="dpmpp-2m", guidance_scale=6.0, **ctl)
+        emb = pipe.encode_prompt("a fox", guided=True)
+        plan = pipe.plan("dpmpp-2m", 6)
+        lat = pipe.prepare_latents(plan, 64, 64, seed=8)
+        lat = pipe.denoise(emb, lat, plan, guidance_scale=6.0, end=0.5, **ctl)
+        lat = pipe.denoise(emb, lat, plan, guidance_scale=6.0, **ctl)
+        images, _ = pipe.decode(lat)
+    diff = np.abs(np.asarray(images[0]).astype(int) - np.asarray(whole.images[0]).astype(int)).max()
+    assert diff <= 1
