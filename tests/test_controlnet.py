@@ -303,3 +303,21 @@ def test_stages_with_control_split_in_two_windows_equal_the_call(tiny_controlnet
         images, _ = pipe.decode(lat)
     diff = np.abs(np.asarray(images[0]).astype(int) - np.asarray(whole.images[0]).astype(int)).max()
     assert diff <= 1
+
+
+def test_cli_canny_without_opencv_says_what_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    import sys
+
+    from PIL import Image
+
+    monkeypatch.setitem(sys.modules, "cv2", None)  # as if the 'control' extra were not installed
+    img = tmp_path / "c.png"
+    Image.new("RGB", (64, 64)).save(img)
+    out = tmp_path / "o.png"
+    code = main(["generate", str(tmp_path / "no-such-export"), "--prompt", "x", "--control-image", str(img),
+                 "--control-preprocess", "canny", "-o", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 1 and "Traceback" not in err
+    assert err.startswith("sdrt generate: error: OpenCV is not installed (No module named 'cv2')")
+    assert "'control' extra" in err and 'pip install "sdrt[control]"' in err and not out.exists()
