@@ -311,3 +311,13 @@ def test_full_size_sd15_controlnet_export(tmp_path: Path) -> None:
     assert comp.parity is not None and comp.parity.rel_err <= 1e-2
     assert len(comp.outputs) == 13 and comp.outputs[-1].shape == ("batch", 1280, "height/8", "width/8")
     assert 0.65e9 < comp.size_bytes < 0.8e9  # 361M fp16 parameters
+
+
+def test_overhead_benchmark_runs_both_graphs_on_the_same_inputs() -> None:
+    from sdrt.benchmarks.controlnet_overhead import measure
+
+    r = measure("tiny", pixels=64, nets=2, repeats=1, warmup=0, threads=1, progress=lambda msg: None)
+    assert r["residual_inputs"] == 2 * 13
+    assert r["max_abs_diff_zero_residuals"] == 0.0  # zero residuals add exactly nothing
+    assert r["unet_ms"] > 0 and r["unet_control_ms"] > 0 and r["ratio"] == pytest.approx(
+        r["unet_control_ms"] / r["unet_ms"], rel=0.01)
