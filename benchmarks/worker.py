@@ -247,11 +247,11 @@ def run_diffusers(spec: dict[str, Any]) -> dict[str, Any]:
     if getattr(pipe, "controlnet", None) is not None:  # a step starts with the ControlNet, before the UNet
         pipe.controlnet.register_forward_pre_hook(lambda module, args: clock.mark("unet0", first_only=True))
     images = workload_images(spec)
-    extra: dict[str, Any] = {}
+    inputs: dict[str, Any] = {}
     if "control_image" in images:
-        extra["image"] = images["control_image"]
+        inputs["image"] = images["control_image"]
     if "mask_image" in images:
-        extra.update(image=images["init_image"], mask_image=images["mask_image"])
+        inputs.update(image=images["init_image"], mask_image=images["mask_image"])
 
     def on_step_end(p: Any, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
         clock.mark(("step", i))
@@ -271,7 +271,7 @@ def run_diffusers(spec: dict[str, Any]) -> dict[str, Any]:
             out = pipe(spec["prompt"], height=spec["height"], width=spec["width"],
                        num_inference_steps=spec["steps"], guidance_scale=spec["guidance_scale"],
                        num_images_per_prompt=spec["batch_size"], generator=gen, latents=latents,
-                       callback_on_step_end=on_step_end, **extra)
+                       callback_on_step_end=on_step_end, **inputs)
         if cuda:
             torch.cuda.synchronize()
         total = (time.perf_counter() - t) * 1e3

@@ -87,7 +87,7 @@ def check_request(nets: Sequence[str], folder: Any, control_images: Any = None, 
     given_n = len(images)
     images = images + [None] * (n - len(images))
     prep = _per_net(control_preprocess, n, "control_preprocess", None, given_n)
-    pil = []
+    pil: list[Any] = []
     for j, im in enumerate(images):
         if im is None:
             pil.append(None)

@@ -492,13 +492,14 @@ class Pipeline:
         loop = self._loop(guided, dt, mode, rescale > 0.0, active)
         noise = lat.noise[lo:hi] if plan.needs_noise and lat.noise is not None else None
         g = np.array([guidance_scale, rescale] if rescale else guidance_scale, np.float32)
-        feeds = None
+        control_in = None
         if control is not None:
-            feeds = self._control_feeds(control, plan, lo, hi, lat.height, lat.width, 2 * b if guided else b, guided)
+            control_in = self._control_feeds(control, plan, lo, hi, lat.height, lat.width, 2 * b if guided else b,
+                                             guided)
         loop.start(latents=lat.x, unet_in=unet_in, x0_prev=lat.x0, cond=cond, guidance=to_dev(g) if guided else None,
                    timesteps=plan.timesteps[lo:hi], coeffs=table[lo:hi],
                    noise=None if noise is None else noise.astype(np.float32), step_inputs=step_inputs or None,
-                   control=feeds)
+                   control=control_in)
         own = clock is None
         clk = be.clock() if clock is None else clock
         clk.mark()

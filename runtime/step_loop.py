@@ -60,7 +60,7 @@ def control_feeds(net: Engine, unet_feeds: Mapping[str, Array], image: Array, sc
     return feeds
 
 
-def check_control(nets: Sequence[Engine | None], control: ControlFeeds | None, steps: int) -> None:
+def check_control(nets: Sequence[object | None], control: ControlFeeds | None, steps: int) -> None:
     if not nets and control is None:
         return
     if control is None or len(control.images) != len(nets):
@@ -193,7 +193,7 @@ class PlainStepLoop(StepLoop):
                     be = self.backend
                     ref = next(iter(outs.values()))
                     self._zeros = {k: be.to_device(np.zeros(be.meta(v)[1], be.meta(v)[0])) for k, v in ref.items()}
-                res = self._zeros
+                res: Mapping[str, Array] = self._zeros
             else:
                 res = outs[j]
             feeds.update({f"controlnet_{j}_{k}": v for k, v in res.items()})
