@@ -19,7 +19,7 @@ $(VENV_PY):
 # open_clip, the tokenizer tests' independent reference (--no-deps: its torchvision dependency is not needed),
 # and the patched TensorRT type stubs in .stubs/ (the tests never download: without them, those skip)
 install-test: install
-	$(PIP) -e ".[export,test,trt-api,serve,ray,openvino]"
+	$(PIP) -e ".[export,test,trt-api,serve,ray,openvino,control]"
 	$(PIP) --no-deps open_clip_torch==3.3.0
 	$(PY) tests/typecheck/patch_trt_stubs.py
 

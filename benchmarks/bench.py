@@ -37,6 +37,9 @@ from .stats import ratio, summarize
 from .worker import PREFIX
 
 KNOWN_BACKENDS = ("ort-cpu", "ort-cuda", "tensorrt", "openvino")
+# txt2img; controlnet: one ControlNet (the preset's export gets one) beside diffusers'
+# StableDiffusion(XL)ControlNetPipeline; inpaint: an image and mask beside StableDiffusion(XL)InpaintPipeline
+WORKLOADS = ("txt2img", "controlnet", "inpaint")
 CPU_BACKENDS = ("ort-cpu", "openvino")
 BASELINES = ("torch", "none")
 PRECISIONS = ("fp16", "fp32")
@@ -78,12 +81,15 @@ class BenchConfig:
     # also run diffusers' fp32 weights under torch.autocast("cpu", dtype=torch.bfloat16), beside the fp32
     # baseline; None: when openvino (bf16 where the CPU has it) is measured
     bf16_baseline: bool | None = None
+    workload: str = "txt2img"  # one of WORKLOADS
 
     def __post_init__(self) -> None:
         if (self.preset is None) == (self.artifact is None):
             raise InputError("give exactly one model: a preset (--preset sd15) or an export folder (--artifact DIR)")
         if self.backends:
             check_backends(self.backends)
+        if self.workload not in WORKLOADS:
+            raise InputError(f"unknown workload {self.workload!r}; choose one of: {', '.join(WORKLOADS)}")
         if self.baseline not in BASELINES:
             raise InputError(f"unknown baseline {self.baseline!r}; choose one of: {', '.join(BASELINES)}")
         if self.precision is not None and self.precision not in PRECISIONS:
@@ -228,6 +234,9 @@ class _Run:
         cfg = self.cfg
         if cfg.artifact is not None:
             manifest = ExportManifest.read(cfg.artifact)
+            if cfg.workload == "controlnet" and not manifest.controlnets:
+                raise InputError(f"the controlnet workload needs an export with a ControlNet; {cfg.artifact} has "
+                                 "none: re-export it with `sdrt export ... --controlnet CONTROLNET`, or use --preset")
             if fuse and "ort-cuda" not in manifest.components["unet"].variants:
                 self.notes.append(f"{cfg.artifact} has no fused ort-cuda UNet (sdrt export --ort-cuda): ort-cuda "
                                   "runs the portable graph")
@@ -236,7 +245,7 @@ class _Run:
 
         assert cfg.preset is not None
         get_preset(cfg.preset)  # unknown preset: InputError listing the presets
-        folder = work / f"export-{cfg.preset}-{precision}"
+        folder = work / f"export-{cfg.preset}{'-controlnet' if cfg.workload == 'controlnet' else ''}-{precision}"
         from sdrt.export.exporter import export_model
         from sdrt.export.loading import load_model
 
@@ -246,9 +255,10 @@ class _Run:
             manifest = ExportManifest.read(folder)
         else:
             self.emit("export", f"exporting {cfg.preset} ({precision}) to ONNX")
-            manifest = export_model(load_model(random_preset=cfg.preset, seed=WEIGHTS_SEED), folder,
-                                    fp16=precision == "fp16",
-                                    progress=lambda msg: self.emit("export", msg))
+            model = load_model(random_preset=cfg.preset, seed=WEIGHTS_SEED)
+            manifest = export_model(model, folder, fp16=precision == "fp16",
+                                    progress=lambda msg: self.emit("export", msg),
+                                    controlnets=[_controlnet(model)] if cfg.workload == "controlnet" else [])
             export_s = time.perf_counter() - t0
         if fuse and "ort-cuda" not in manifest.components["unet"].variants:
             from sdrt.export.ort_fusion import add_ort_cuda_variant
@@ -271,7 +281,7 @@ class _Run:
             return None, f"the export was made from the diffusers folder {path}, which is not here any more"
         if kind not in ("random", "single_file"):
             return None, f"the export does not record where its weights came from (source kind {kind!r})"
-        digest = hashlib.sha256(json.dumps(src, sort_keys=True).encode()).hexdigest()[:12]
+        digest = hashlib.sha256(json.dumps([src, self.cfg.workload], sort_keys=True).encode()).hexdigest()[:12]
         folder = work / f"diffusers-{manifest.preset}-{precision}-{digest}"
         if (folder / "model_index.json").is_file():
             return folder, None
@@ -287,7 +297,11 @@ class _Run:
             if path.suffix.lower() != ".safetensors":
                 return None, f"the export was made from a pickled checkpoint ({path.name}); the bench does not unpickle"
             model = load_model(path)
-        _save_diffusers(model, onnx_folder, folder, manifest.family, precision)
+        nets = [_controlnet_from_source(c, model) for c in src.get("controlnets", [])][:1]
+        if self.cfg.workload == "controlnet" and not nets:
+            return None, "the export records no ControlNet the baseline could rebuild"
+        _save_diffusers(model, onnx_folder, folder, manifest.family, precision, nets[0] if nets else None,
+                        self.cfg.workload)
         return folder, None
 
     def engines(self, onnx_folder: Path, work: Path, resolutions: Sequence[tuple[int, int]]
@@ -457,7 +471,11 @@ class _Run:
                     backends[name] = b
 
         # FLOPs of each stage per shape, and each device's matmul rate
-        arch, flops_reason = self.flops(manifest)
+        if cfg.workload == "inpaint":
+            self.notes.append("inpaint: diffusers samples the image's latents from the VAE's distribution, sdrt takes "
+                              "its mean (deterministic), so the two images differ a little by design")
+        arch, flops_reason = self.flops(manifest) if cfg.workload == "txt2img" else (
+            None, f"the FLOP count covers txt2img; this run's workload is {cfg.workload}")
         if flops_reason:
             self.notes.append(f"no floor: {flops_reason}")
         shape_flops: dict[tuple[int, int, int], dict[str, int]] = {}
@@ -485,6 +503,7 @@ class _Run:
         # the jobs: per configuration, the baseline(s) first, then each backend
         jobs: list[_Job] = []
         latents: dict[tuple[int, int, int], Path] = {}
+        inputs: dict[tuple[int, int], dict[str, str]] = {}
         f = manifest.vae_scale_factor
         for (h, w), bsz, sampler, steps in itertools.product(resolutions, cfg.batch_sizes, cfg.samplers, cfg.steps):
             key = (h, w, bsz)
@@ -493,6 +512,8 @@ class _Run:
                                                                         dtype=np.float32)
                 latents[key] = work / f"latents-{h}x{w}-b{bsz}.npy"
                 np.save(latents[key], noise)
+            if (h, w) not in inputs:
+                inputs[(h, w)] = workload_inputs(cfg.workload, work, h, w, cfg.seed)
             for name, d, compiled, autocast in baselines:
                 if backends[name].status == "ok":
                     assert base_folder is not None
@@ -514,7 +535,8 @@ class _Run:
                 "guidance_scale": cfg.guidance_scale, "prompt": cfg.prompt, "seed": cfg.seed, "warmup": cfg.warmup,
                 "repeats": cfg.repeats, "threads": self.threads, "latents": str(latents[(job.height, job.width, job.batch_size)]),
                 "image_out": str(job.image_out), "compile": job.compile, "compile_mode": cfg.compile_mode,
-                "cuda_graph": cfg.cuda_graph, "autocast": job.autocast,
+                "cuda_graph": cfg.cuda_graph, "autocast": job.autocast, "workload": cfg.workload,
+                **inputs[(job.height, job.width)],
             }
             if job.name == "openvino":
                 spec["ov_precision"] = cfg.openvino_precision or "auto"
@@ -557,7 +579,7 @@ class _Run:
                 "bf16_baseline": any(a for *_, a in baselines), "openvino_precision": cfg.openvino_precision,
                 "warmup": cfg.warmup, "repeats": cfg.repeats,
                 "threads": self.threads, "guidance_scale": cfg.guidance_scale, "prompt": cfg.prompt, "seed": cfg.seed,
-                "isolation": "subprocess",
+                "isolation": "subprocess", "workload": cfg.workload,
             },
             "model": {
                 "family": manifest.family, "preset": manifest.preset, "precision": _export_precision(manifest),
@@ -635,8 +657,58 @@ def _tail(text: str, lines: int = 8) -> str:
     return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:] if line.strip()) or "(no output)"
 
 
-def _save_diffusers(model: Any, onnx_folder: Path, out: Path, family: str, precision: str) -> None:
-    """Save ``model``'s modules as a diffusers pipeline folder (tokenizers from the export)."""
+def _controlnet(model: Any) -> Any:
+    """The controlnet workload's net: the tiny preset's pair (seed 1), or one copied from the UNet."""
+    from sdrt.export.controlnet_loading import controlnet_from_unet, random_controlnet
+    from sdrt.export.controlnet_presets import CONTROLNET_PRESETS
+
+    pair = model.preset.name.removesuffix("-tiny") + "-controlnet" + ("-tiny" if model.preset.name.endswith("-tiny")
+                                                                      else "")
+    return random_controlnet(pair, seed=1) if pair in CONTROLNET_PRESETS else controlnet_from_unet(model, seed=1)
+
+
+def _controlnet_from_source(src: dict[str, Any], model: Any) -> Any:
+    """The torch ControlNet an export recorded (synthetic: rebuilt from its preset or the UNet and seed)."""
+    from sdrt.export.controlnet_loading import controlnet_from_unet, load_controlnet, random_controlnet
+
+    kind = src.get("kind")
+    if kind == "random":
+        return random_controlnet(str(src["preset"]), int(src.get("seed", 0))).controlnet
+    if kind == "from_unet":
+        return controlnet_from_unet(model, int(src.get("seed", 0))).controlnet
+    return load_controlnet(str(src.get("path", ""))).controlnet
+
+
+def workload_inputs(workload: str, work: Path, h: int, w: int, seed: int) -> dict[str, str]:
+    """The workload's images, made once per size and shared by every job: a control image (blocks and
+    lines, the kind of map a ControlNet reads), or an image and a mask (a box in the middle to repaint)."""
+    import numpy as np
+    from PIL import Image
+
+    if workload == "txt2img":
+        return {}
+    rng = np.random.default_rng(seed)
+    if workload == "controlnet":
+        a = np.zeros((h, w, 3), np.uint8)
+        for _ in range(8):
+            y, x = rng.integers(0, h), rng.integers(0, w)
+            a[y:y + h // 4, x:x + w // 4] = rng.integers(0, 256, 3)
+        a[:, :: max(w // 16, 2)] = 255
+        path = work / f"control-{h}x{w}.png"
+        Image.fromarray(a).save(path)
+        return {"control_image": str(path)}
+    img, mask = work / f"init-{h}x{w}.png", work / f"mask-{h}x{w}.png"
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(img)
+    m = np.zeros((h, w), np.uint8)
+    m[h // 4: 3 * h // 4, w // 4: 3 * w // 4] = 255
+    Image.fromarray(m, mode="L").save(mask)
+    return {"init_image": str(img), "mask_image": str(mask)}
+
+
+def _save_diffusers(model: Any, onnx_folder: Path, out: Path, family: str, precision: str, controlnet: Any = None,
+                    workload: str = "txt2img") -> None:
+    """Save ``model``'s modules as a diffusers pipeline folder (tokenizers from the export), the workload's
+    pipeline: txt2img, ControlNet (with ``controlnet``) or inpainting."""
     import diffusers
     import torch
     from transformers import CLIPTokenizer
@@ -647,20 +719,36 @@ def _save_diffusers(model: Any, onnx_folder: Path, out: Path, family: str, preci
     sched_cls = getattr(diffusers, str(cfg.get("_class_name", "PNDMScheduler")), diffusers.PNDMScheduler)
     scheduler = sched_cls.from_config(cfg)
     tok = CLIPTokenizer.from_pretrained(onnx_folder / "tokenizer")
+    cls = pipeline_class(family, workload)
+    extra: dict[str, Any] = {} if controlnet is None else {"controlnet": controlnet}
     if family == "sdxl":
         tok2 = CLIPTokenizer.from_pretrained(onnx_folder / "tokenizer_2")
-        pipe: Any = diffusers.StableDiffusionXLPipeline(
+        if workload == "inpaint":
+            extra["requires_aesthetics_score"] = False
+        else:
+            extra["add_watermarker"] = False
+        pipe: Any = cls(
             vae=model.vae, text_encoder=model.text_encoders[0], text_encoder_2=model.text_encoders[1], tokenizer=tok,
-            tokenizer_2=tok2, unet=model.unet, scheduler=scheduler, force_zeros_for_empty_prompt=True,
-            add_watermarker=False)
+            tokenizer_2=tok2, unet=model.unet, scheduler=scheduler, force_zeros_for_empty_prompt=True, **extra)
     else:
-        pipe = diffusers.StableDiffusionPipeline(
-            vae=model.vae, text_encoder=model.text_encoders[0], tokenizer=tok, unet=model.unet, scheduler=scheduler,
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        pipe = cls(vae=model.vae, text_encoder=model.text_encoders[0], tokenizer=tok, unet=model.unet,
+                   scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+                   **extra)
     if precision == "fp16":
         pipe = pipe.to(torch.float16)
     with atomic_dir(out, marker="model_index.json", what="a diffusers folder") as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
+
+
+def pipeline_class(family: str, workload: str) -> Any:
+    """diffusers' pipeline class for a family and workload (the baseline's)."""
+    import diffusers
+
+    names = {("sd", "txt2img"): "StableDiffusionPipeline", ("sdxl", "txt2img"): "StableDiffusionXLPipeline",
+             ("sd", "controlnet"): "StableDiffusionControlNetPipeline",
+             ("sdxl", "controlnet"): "StableDiffusionXLControlNetPipeline",
+             ("sd", "inpaint"): "StableDiffusionInpaintPipeline", ("sdxl", "inpaint"): "StableDiffusionXLInpaintPipeline"}
+    return getattr(diffusers, names[("sdxl" if family == "sdxl" else "sd", workload)])
 
 
 def _measurement(job: _Job, res: dict[str, Any], peaks: MemoryPeaks, cfg: BenchConfig, guided: bool) -> dict[str, Any]:

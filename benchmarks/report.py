@@ -123,6 +123,12 @@ def load_results(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
     return [schema.load(p) for p in paths]
 
 
+def _model_label(doc: dict[str, Any]) -> str:
+    """The preset, with the workload when it is not plain txt2img (ControlNet, inpainting)."""
+    workload = doc["config"].get("workload", "txt2img")
+    return doc["model"]["preset"] + ("" if workload == "txt2img" else f" ({workload})")
+
+
 def rows(docs: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per successful measurement of every run, sorted by model, shape, device and backend."""
     out = []
@@ -133,7 +139,7 @@ def rows(docs: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
             mem, mem_kind = _memory(m)
             out.append({
                 "run": k + 1, "device": _device(doc, m["device"]), "backend": m["backend"], "role": m["role"],
-                "preset": doc["model"]["preset"], "precision": doc["model"]["precision"] if m["role"] == "sdrt"
+                "preset": _model_label(doc), "precision": doc["model"]["precision"] if m["role"] == "sdrt"
                 else next((b["precision"] for b in doc["backends"] if b["name"] == m["backend"]), None),
                 "size": f"{m['height']}x{m['width']}", "batch": m["batch_size"], "sampler": m["sampler"],
                 "steps": m["steps"], "unet_batch": m["unet_batch"], "its": m["its"], "its_x": _vs(m, "its"),

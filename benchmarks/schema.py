@@ -16,7 +16,7 @@ from typing import Any
 from sdrt.runtime.errors import CompatibilityError, InputError
 
 SCHEMA_NAME = "sdrt-bench"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 def _v1_to_v2(doc: dict[str, Any]) -> dict[str, Any]:
@@ -25,8 +25,14 @@ def _v1_to_v2(doc: dict[str, Any]) -> dict[str, Any]:
     return doc
 
 
+def _v2_to_v3(doc: dict[str, Any]) -> dict[str, Any]:
+    """Version 3 records ``config.workload``; version 2 runs were all txt2img."""
+    doc["config"]["workload"] = "txt2img"
+    return doc
+
+
 # version n -> a function taking a version-n document and returning a version n+1 document.
-MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _v1_to_v2}
+MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _v1_to_v2, 2: _v2_to_v3}
 
 STATUSES = ("ok", "skipped", "failed")
 ROLES = ("sdrt", "baseline")
@@ -70,7 +76,7 @@ _CONFIG: dict[str, tuple[type, ...]] = {
     "preset": _OPT_STR, "artifact": _OPT_STR, "engines": _OPT_STR, "resolutions": _LIST, "steps": _LIST,
     "batch_sizes": _LIST, "samplers": _LIST, "backends": _LIST, "baseline": _STR, "compile": _BOOL,
     "warmup": (int,), "repeats": (int,), "threads": (int,), "guidance_scale": _NUM, "prompt": _STR,
-    "seed": (int,), "isolation": _STR, "cuda_graph": _BOOL,
+    "seed": (int,), "isolation": _STR, "cuda_graph": _BOOL, "workload": _STR,
 }
 _MODEL: dict[str, tuple[type, ...]] = {
     "family": _STR, "preset": _STR, "precision": _STR, "folder": _STR, "export_s": _OPT_NUM,

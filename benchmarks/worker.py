@@ -71,12 +71,18 @@ def run_sdrt(spec: dict[str, Any]) -> dict[str, Any]:
                              cuda_graph=True if spec.get("cuda_graph") and spec["backend"] == "ort-cuda" else None)
     load_ms = (time.perf_counter() - t0) * 1e3
     latents = np.load(spec["latents"]) if spec.get("latents") else None
+    images = workload_images(spec)
+    extra: dict[str, Any] = {}
+    if "control_image" in images:
+        extra["control_images"] = [images["control_image"]]
+    if "mask_image" in images:
+        extra.update(image=images["init_image"], mask_image=images["mask_image"])
 
     def call() -> dict[str, Any]:
         t = time.perf_counter()
         r = pipe(spec["prompt"], height=spec["height"], width=spec["width"], steps=spec["steps"],
                  guidance_scale=spec["guidance_scale"], sampler=spec["sampler"], seed=spec["seed"],
-                 batch_size=spec["batch_size"], latents=latents)
+                 batch_size=spec["batch_size"], latents=latents, **extra)
         wall = (time.perf_counter() - t) * 1e3
         tm = r.timings
         return {"text_encoder_ms": float(tm["text_encoder_ms"]), "unet_steps_ms": [float(x) for x in tm["unet_steps_ms"]],
@@ -111,6 +117,18 @@ def run_sdrt(spec: dict[str, Any]) -> dict[str, Any]:
         "precision": (f"{pipe.dtype.name} graphs, {pipe.backend.precision} inference"  # type: ignore[attr-defined]
                       if spec["backend"] == "openvino" else None),
     }
+
+
+def workload_images(spec: dict[str, Any]) -> dict[str, Any]:
+    """The workload's input images (PIL), read from the files the bench wrote."""
+    from PIL import Image
+
+    out = {}
+    for key in ("control_image", "init_image", "mask_image"):
+        if spec.get(key):
+            with Image.open(spec[key]) as im:
+                out[key] = im.copy()
+    return out
 
 
 def _openvino_pipeline(spec: dict[str, Any]) -> Any:
@@ -185,12 +203,15 @@ def run_diffusers(spec: dict[str, Any]) -> dict[str, Any]:
     sdxl = spec["family"] == "sdxl"
     emit(phase="load")
     t0 = time.perf_counter()
+    from .bench import pipeline_class
+
+    workload = spec.get("workload", "txt2img")
+    cls = pipeline_class(spec["family"], workload)
     if sdxl:
-        pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(spec["folder"], torch_dtype=dtype,
-                                                                   add_watermarker=False)
+        pipe = cls.from_pretrained(spec["folder"], torch_dtype=dtype,
+                                   **({} if workload == "inpaint" else {"add_watermarker": False}))
     else:
-        pipe = diffusers.StableDiffusionPipeline.from_pretrained(spec["folder"], torch_dtype=dtype, safety_checker=None,
-                                                                 requires_safety_checker=False)
+        pipe = cls.from_pretrained(spec["folder"], torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
     pipe = pipe.to(device)  # torch_dtype: deprecated in diffusers 0.42 for dtype=, but every version reads it
     if pipe.unet.dtype != dtype:
         raise RuntimeError(f"diffusers loaded the UNet as {pipe.unet.dtype}, not {dtype}; the baseline would be wrong")
@@ -224,6 +245,14 @@ def run_diffusers(spec: dict[str, Any]) -> dict[str, Any]:
     pipe.encode_prompt = timed_encode
     pipe.vae.decode = timed_decode
     pipe.unet.register_forward_pre_hook(lambda module, args: clock.mark("unet0", first_only=True))
+    if getattr(pipe, "controlnet", None) is not None:  # a step starts with the ControlNet, before the UNet
+        pipe.controlnet.register_forward_pre_hook(lambda module, args: clock.mark("unet0", first_only=True))
+    images = workload_images(spec)
+    inputs: dict[str, Any] = {}
+    if "control_image" in images:
+        inputs["image"] = images["control_image"]
+    if "mask_image" in images:
+        inputs.update(image=images["init_image"], mask_image=images["mask_image"])
 
     def on_step_end(p: Any, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
         clock.mark(("step", i))
@@ -249,7 +278,7 @@ def run_diffusers(spec: dict[str, Any]) -> dict[str, Any]:
             out = pipe(spec["prompt"], height=spec["height"], width=spec["width"],
                        num_inference_steps=spec["steps"], guidance_scale=spec["guidance_scale"],
                        num_images_per_prompt=spec["batch_size"], generator=gen, latents=latents,
-                       callback_on_step_end=on_step_end)
+                       callback_on_step_end=on_step_end, **inputs)
         if cuda:
             torch.cuda.synchronize()
         total = (time.perf_counter() - t) * 1e3

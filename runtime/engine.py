@@ -8,7 +8,7 @@ description before running. The pipeline talks only to these two; each backend i
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -75,11 +75,13 @@ class Backend(abc.ABC):
         """Raise InputError when the loaded engines cannot serve ``batch`` images of ``height`` x ``width``
         (TensorRT: outside the build profile). ONNX graphs take any size the export supports."""
 
-    def step_loop(self, unet: Engine, step: Engine) -> StepLoop:
-        """The denoising loop over ``unet`` and the sampler ``step`` graph. Base: step by step."""
+    def step_loop(self, unet: Engine, step: Engine, controlnets: Sequence[Engine | None] = ()) -> StepLoop:
+        """The denoising loop over ``unet`` and the sampler ``step`` graph; with ``controlnets`` (one entry
+        per exported net, None where it does not run) each step runs them first and ``unet`` is the
+        export's ``unet_control``. Base: step by step."""
         from .step_loop import PlainStepLoop
 
-        return PlainStepLoop(self, unet, step)
+        return PlainStepLoop(self, unet, step, controlnets)
 
     def clock(self) -> Clock:
         """A clock for stage and step times. Base: the host clock, synchronizing at each mark."""

@@ -203,11 +203,13 @@ class OvStepLoop(PlainStepLoop):
     into one fixed buffer and the step graph into two sets, alternating, so a step never reads a tensor it
     is writing. The loop has its own infer request per engine, so the UNet holds one request's memory
     (the pipeline never calls the UNet outside the loop). ``latents`` and ``x0`` are those buffers: valid
-    until the next ``start``.
+    until the next ``start``. ControlNets (when the loop runs them) return the output tensors OpenVINO
+    allocated for their request, fed to the UNet as they are (no copy).
     """
 
-    def __init__(self, backend: OvBackend, unet: OvEngine, step: OvEngine) -> None:
-        super().__init__(backend, unet, step)
+    def __init__(self, backend: OvBackend, unet: OvEngine, step: OvEngine,
+                 controlnets: Sequence[Engine | None] = ()) -> None:
+        super().__init__(backend, unet, step, controlnets)
         self._unet_out: Any = None
         self._sets: list[dict[str, Any]] = []
 
@@ -228,22 +230,20 @@ class OvStepLoop(PlainStepLoop):
         names = {"latents_next": "latents", "x0": "x0", "unet_in_next": "unet_in"}
         self._sets = [{out: like(s[state]) for out, state in names.items()} for _ in range(2)]
 
-    def step(self, i: int) -> None:
-        if not 0 <= i < len(self._per_step):
-            raise InputError(f"step {i} is outside the {len(self._per_step)} steps of the last start()")
-        t, c, z = self._per_step[i]
-        s = self._state
-        unet, step = self.unet, self.step_engine
-        assert isinstance(unet, OvEngine) and isinstance(step, OvEngine)
-        feeds = {"sample": s["unet_in"], "timestep": t, **self._fixed["cond"]}
+    def _run_unet(self, feeds: Mapping[str, Any]) -> Any:
+        unet = self.unet
+        assert isinstance(unet, OvEngine)
         unet.check(feeds)
         unet.run_into(feeds, {"out_sample": self._unet_out})
+        return self._unet_out
+
+    def _run_step(self, feeds: Mapping[str, Any], i: int) -> Any:
+        step = self.step_engine
+        assert isinstance(step, OvEngine)
         out = self._sets[i % 2]
-        feeds = {"latents": s["latents"], "unet_out": self._unet_out, **self._fixed["guide"], "coeffs": c,
-                 "x0_prev": s["x0"], "noise": z}
         step.check(feeds)
         step.run_into(feeds, out)
-        s.update(latents=out["latents_next"], x0=out["x0"], unet_in=out["unet_in_next"])
+        return out
 
     def close(self) -> None:
         super().close()
@@ -350,10 +350,10 @@ class OvBackend(Backend):
             return a.dtype, a.shape
         return np.dtype(a.element_type.to_dtype()), tuple(int(d) for d in a.shape)
 
-    def step_loop(self, unet: Engine, step: Engine) -> PlainStepLoop:
+    def step_loop(self, unet: Engine, step: Engine, controlnets: Sequence[Engine | None] = ()) -> PlainStepLoop:
         if isinstance(unet, OvEngine) and isinstance(step, OvEngine):
-            return OvStepLoop(self, unet, step)
-        return PlainStepLoop(self, unet, step)
+            return OvStepLoop(self, unet, step, controlnets)
+        return PlainStepLoop(self, unet, step, controlnets)
 
     def close(self) -> None:
         for e in self._engines:

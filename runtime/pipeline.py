@@ -29,16 +29,17 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import inpaint, samplers
+from . import controlnet, inpaint, samplers
 from .engine import Array, Backend, Engine
 from .errors import ArtifactError, CompatibilityError, DeviceMemoryError, InputError, SdrtError
 from .manifest import ExportManifest
-from .step_loop import Clock, StepLoop
+from .step_loop import Clock, ControlFeeds, StepLoop
 from .tokenizer import ClipTokenizer
 
 if TYPE_CHECKING:
     from typing_extensions import Self
 
+CONTROL_UNET = "unet_control"  # the UNet taking ControlNet residuals (an export made with ControlNets)
 BACKENDS = ("auto", "ort-cpu", "ort-cuda", "tensorrt", "openvino")
 OUTPUTS = ("images", "latents")
 SEED_MAX = 2**32 - 1  # seeds are 32-bit, as in the popular UIs, so any seed printed can be typed back
@@ -419,17 +420,23 @@ class Pipeline:
     # -- stage 3: the denoising loop -------------------------------------------------------------------
     def denoise(self, embeddings: PromptEmbeddings, latents: Latents, plan: samplers.SamplerPlan, *,
                 guidance_scale: float = 7.5, start: float | None = None, end: float | None = None,
-                callback: Callable[[int, int], None] | None = None, guidance_rescale: float = 0.0) -> Latents:
+                callback: Callable[[int, int], None] | None = None, guidance_rescale: float = 0.0,
+                control_images: Sequence[Any] | None = None, control_scales: Any = None, control_start: Any = None,
+                control_end: Any = None, guess_mode: bool = False, control_preprocess: Any = None) -> Latents:
         """Run the plan's steps from ``latents.step`` (or the ``start`` fraction of the schedule) up to the
         ``end`` fraction (default: the end), device-resident: UNet -> step graph -> UNet. The fractions
         follow diffusers' ``denoising_start`` / ``denoising_end``: a step of timestep t belongs to the part
         before fraction f when t >= round(T * (1 - f)). Running [0, f) then [f, 1] gives the full run.
-        ``guidance_rescale``: diffusers' option of that name (0..1; guided only)."""
+        ``guidance_rescale``: diffusers' option of that name (0..1; guided only). ``control_images`` and the
+        other control keywords: as the call's (ControlNet exports); ``control_start``/``control_end`` are
+        fractions of the plan's steps, whichever window of them this call runs."""
         with self._lock:
             self._ready()
             self._check_size(latents.height, latents.width, embeddings.batch, guided=self._cfg(guidance_scale))
+            creq = self._check_control(control_images, control_scales, control_start, control_end, guess_mode,
+                                       control_preprocess, latents.inpaint is not None)
             out = self._denoise(embeddings, latents, plan, guidance_scale, start, end, callback, {},
-                                rescale=guidance_rescale)[0]
+                                rescale=guidance_rescale, control=creq)[0]
             # the loop's buffers are reused by its next run: hand the caller arrays of its own
             be = self.backend
             return replace(out, x=be.to_device(be.to_host(out.x)),
@@ -453,7 +460,8 @@ class Pipeline:
 
     def _denoise(self, emb: PromptEmbeddings, lat: Latents, plan: samplers.SamplerPlan, guidance_scale: float,
                  start: float | None, end: float | None, callback: Callable[[int, int], None] | None,
-                 timings: dict[str, Any], clock: Clock | None = None, rescale: float = 0.0) -> tuple[Latents, str]:
+                 timings: dict[str, Any], clock: Clock | None = None, rescale: float = 0.0,
+                 control: controlnet.ControlRequest | None = None) -> tuple[Latents, str]:
         """The loop. With the caller's ``clock``, marks once the loop is set up and after every step (the
         caller reads the times); without one, the step times go into ``timings``."""
         _check_guidance(guidance_scale)
@@ -496,12 +504,18 @@ class Pipeline:
         if rescale and mode is not None:
             raise InputError("guidance_rescale with inpainting is not supported: leave guidance_rescale at 0")
         unet_in = to_dev(first_in)
-        loop = self._loop(guided, dt, mode, rescale > 0.0)
+        active = control.active if control is not None else ()
+        loop = self._loop(guided, dt, mode, rescale > 0.0, active)
         noise = lat.noise[lo:hi] if plan.needs_noise and lat.noise is not None else None
         g = np.array([guidance_scale, rescale] if rescale else guidance_scale, np.float32)
+        control_in = None
+        if control is not None:
+            control_in = self._control_feeds(control, plan, lo, hi, lat.height, lat.width, 2 * b if guided else b,
+                                             guided)
         loop.start(latents=lat.x, unet_in=unet_in, x0_prev=lat.x0, cond=cond, guidance=to_dev(g) if guided else None,
                    timesteps=plan.timesteps[lo:hi], coeffs=table[lo:hi],
-                   noise=None if noise is None else noise.astype(np.float32), step_inputs=step_inputs or None)
+                   noise=None if noise is None else noise.astype(np.float32), step_inputs=step_inputs or None,
+                   control=control_in)
         own = clock is None
         clk = be.clock() if clock is None else clock
         clk.mark()
@@ -519,12 +533,58 @@ class Pipeline:
                        start=None), loop.describe()
 
     def _loop(self, guided: bool, dt: np.dtype[Any], inpaint_mode: str | None = None,
-              rescale: bool = False) -> StepLoop:
-        key = (guided, dt.name, inpaint_mode, rescale)
+              rescale: bool = False, active: tuple[int, ...] = ()) -> StepLoop:
+        """The loop per step-graph variant and set of active ControlNets (none: the plain ``unet``)."""
+        key = (guided, dt.name, inpaint_mode, rescale, active)
         if key not in self._loops:
-            self._loops[key] = self.backend.step_loop(self.engines["unet"],
-                                                      self._step_graph(guided, dt, inpaint_mode, rescale))
+            step = self._step_graph(guided, dt, inpaint_mode, rescale)
+            if active:
+                nets = [self.engines[n] if j in active else None for j, n in enumerate(self._controlnets())]
+                self._loops[key] = self.backend.step_loop(self.engines[CONTROL_UNET], step, nets)
+            else:
+                self._loops[key] = self.backend.step_loop(self.engines["unet"], step)
         return self._loops[key]
+
+    # -- ControlNet (runtime/controlnet.py) ---------------------------------------------------------------
+    def _controlnets(self) -> tuple[str, ...]:
+        return tuple(getattr(self.manifest, "controlnets", ()) or ())
+
+    def _check_control(self, control_images: Any, control_scales: Any, control_start: Any, control_end: Any,
+                       guess_mode: Any, control_preprocess: Any, masked: bool) -> controlnet.ControlRequest | None:
+        """The control keywords checked against the export, before any engine runs."""
+        if not isinstance(guess_mode, (bool, np.bool_)):
+            raise InputError(f"guess_mode must be True or False, got {guess_mode!r}")
+        nets = self._controlnets()
+        req = controlnet.check_request(nets, self.folder, control_images, control_scales, control_start, control_end,
+                                       bool(guess_mode), control_preprocess)
+        if req is None:
+            return None
+        missing = [n for n in (*nets, CONTROL_UNET) if n not in self.engines]
+        if missing:
+            raise ArtifactError(f"{self.folder} lists ControlNets but lacks {', '.join(missing)}; re-export the model "
+                                "with `sdrt export ... --controlnet CONTROLNET` (and rebuild its engines)")
+        if masked or self._inpaint_mode() == "concat":
+            raise InputError("ControlNet with inpainting is not supported yet: generate with control_images and no "
+                             "mask_image, on a model with an ordinary (4-channel) UNet",
+                             cli="ControlNet with inpainting is not supported yet: use --control-image without --mask, "
+                                 "on a model with an ordinary (4-channel) UNet")
+        return req
+
+    def _control_feeds(self, req: controlnet.ControlRequest, plan: samplers.SamplerPlan, lo: int, hi: int,
+                       height: int, width: int, rows: int, guided: bool) -> ControlFeeds:
+        """The images at the latents' size (uint8, one per UNet row) and the scale table of rows [lo, hi)."""
+        be = self.backend
+        nets = self._controlnets()
+        residuals = len(self.engines[nets[req.active[0]]].outputs)
+        table = controlnet.scale_table(req, plan.steps, rows, residuals, guided)[lo:hi]
+        images: list[Any] = []
+        for im in req.images:
+            if im is None:
+                images.append(None)
+                continue
+            px = controlnet.pixels(im, height, width)
+            images.append(be.to_device(np.ascontiguousarray(np.broadcast_to(px, (rows, *px.shape)))))
+        return ControlFeeds(images, table)
 
     # -- stage 4: decode --------------------------------------------------------------------------------
     def decode(self, latents: Latents | Array) -> tuple[list[Any], list[bool]]:
@@ -582,6 +642,12 @@ class Pipeline:
         paste_back: float | None = None,
         guidance_rescale: float = 0.0,
         timestep_spacing: str | None = None,
+        control_images: Sequence[Any] | None = None,
+        control_scales: Any = None,
+        control_start: Any = None,
+        control_end: Any = None,
+        guess_mode: bool = False,
+        control_preprocess: Any = None,
     ) -> Result:
         """The whole call: encode_prompt -> prepare_latents -> denoise -> decode.
 
@@ -593,8 +659,12 @@ class Pipeline:
         diffusers' inpainting pipelines (strength default 1: the masked region starts from noise).
         ``paste_back``: a mask blur radius in pixels (0: a hard edge); the original pixels outside the mask are
         pasted back over the output. ``guidance_rescale``: 0..1, diffusers' option (guided only).
-        ``timestep_spacing``: overrides the scheduler configuration's. Every argument is checked before any
-        engine runs."""
+        ``timestep_spacing``: overrides the scheduler configuration's. ``control_images``: one per ControlNet
+        of the export, in order (PIL images or uint8 [H, W, 3] arrays; None leaves a net out), resized to the
+        output size as diffusers' ControlNet pipelines do; ``control_scales`` (default 1 each),
+        ``control_start`` / ``control_end`` (fractions of the steps, diffusers' ``control_guidance_start`` /
+        ``_end``), ``guess_mode`` and ``control_preprocess`` ("canny" per image, or None). Every argument is
+        checked before any engine runs."""
         with self._lock:
             self._ready()
             t_start = time.perf_counter()
@@ -625,6 +695,8 @@ class Pipeline:
                 raise InputError(f"{self.folder} is an inpainting model (a 9-channel UNet): pass image= and "
                                  "mask_image= (white = repaint)",
                                  cli=f"{self.folder} is an inpainting model: pass --init-image and --mask")
+            creq = self._check_control(control_images, control_scales, control_start, control_end, guess_mode,
+                                       control_preprocess, mask is not None)
             if image is None and strength is not None:
                 raise InputError("strength applies to img2img only: pass image=..., or leave strength out",
                                  cli="--strength applies to img2img only: pass --init-image, or leave --strength out")
@@ -633,6 +705,9 @@ class Pipeline:
                 self._check_img2img()
                 init = _to_uint8(image, height, width, m.vae_scale_factor)
                 height, width = init.shape[1], init.shape[2]
+            elif creq is not None and (height is None or width is None):  # diffusers: the control image's size
+                ch, cw = controlnet.default_size(creq, m.vae_scale_factor)
+                height, width = ch if height is None else height, cw if width is None else width
             height = m.default_size if height is None else int(height)
             width = m.default_size if width is None else int(width)
             guided = self._cfg(guidance_scale)
@@ -655,7 +730,7 @@ class Pipeline:
                 lat = self._prepare(plan, height, width, b, seed, latents, init, mask, strength == 1.0)
                 clock.mark()
                 lat, how = self._denoise(emb, lat, plan, guidance_scale, None, None, callback, {}, clock,
-                                         rescale=guidance_rescale)
+                                         rescale=guidance_rescale, control=creq)
                 images: list[Any] = []
                 nonfinite: list[bool] = []
                 final = None

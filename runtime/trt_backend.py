@@ -175,7 +175,7 @@ class TrtBackend(Backend):
         self.manifest: EngineManifest | None = None  # of the first engine folder loaded from
         self._checked: dict[Path, EngineManifest] = {}
         self._pending: list[np.ndarray] = []  # host arrays of copies still queued
-        self._loops: dict[tuple[int, int], CapturedStepLoop] = {}
+        self._loops: dict[tuple[Any, ...], CapturedStepLoop] = {}
         self.closed = False
 
     # -- the Backend interface beyond engines and arrays ----------------------------------------------------
@@ -352,17 +352,19 @@ class TrtBackend(Backend):
         self._pending.clear()
 
     # -- the captured step -----------------------------------------------------------------------------
-    def step_loop(self, unet: Engine, step: Engine) -> CapturedStepLoop:
-        """The denoising step (``unet`` then the sampler ``step`` graph) captured as CUDA graphs, kept per
-        engine pair (runtime/trt_loop.py)."""
+    def step_loop(self, unet: Engine, step: Engine, controlnets: Sequence[Engine | None] = ()) -> CapturedStepLoop:
+        """The denoising step (the active ``controlnets``, ``unet``, then the sampler ``step`` graph) captured
+        as CUDA graphs, kept per set of engines (runtime/trt_loop.py)."""
         self._require_open()
         u, s = self._own(unet), self._own(step)
+        nets = tuple(None if n is None else self._own(n) for n in controlnets)
         for k in [k for k, lp in self._loops.items() if not lp.alive()]:  # loops over dropped engines
             self._loops.pop(k).close()
-        key = (id(u), id(s))
+        key = (id(u), id(s), *(None if n is None else id(n) for n in nets))
         loop = self._loops.get(key)
-        if loop is None or loop._unet() is not u or loop._step() is not s:
-            loop = self._loops[key] = CapturedStepLoop(self, u, s)
+        same_nets = loop is not None and [None if r is None else r() for r in loop._nets] == list(nets)
+        if loop is None or loop._unet() is not u or loop._step() is not s or not same_nets:
+            loop = self._loops[key] = CapturedStepLoop(self, u, s, nets)
         return loop
 
 

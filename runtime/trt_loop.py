@@ -14,6 +14,10 @@ The pipeline drives it as every backend's ``StepLoop`` (``runtime/step_loop.py``
         backend.synchronize()          # only for per-step timings / the callback
     x_dev = loop.latents               # valid until the next start()
 
+With ControlNets (``backend.step_loop(unet_control, step, controlnets=[...])``) the captured step is every
+active ControlNet, then ``unet_control`` over their residual buffers (a net left out: zero buffers), then
+the step graph; each net's ``conditioning_scale`` row is copied in per step like the timestep.
+
 ``start`` captures on first use and whenever shapes change (after one warm-up run of each engine: TensorRT
 finishes shape-dependent setup outside the capture); a capture that fails with any error (TensorRT's or
 CUDA's, raised or returned), or ``TrtBackend(cuda_graph=False)``, leaves ``loop.captured`` False with
@@ -38,7 +42,7 @@ import numpy as np
 from .cuda import CLOSED, DeviceArray, _Graph
 from .engine import Array
 from .errors import InputError
-from .step_loop import StepLoop
+from .step_loop import ControlFeeds, StepLoop, check_control
 
 if TYPE_CHECKING:
     from .trt_backend import TrtBackend
@@ -56,10 +60,12 @@ class CapturedStepLoop(StepLoop):
     run directly.
     """
 
-    def __init__(self, backend: TrtBackend, unet: TrtEngine, step: TrtEngine) -> None:
+    def __init__(self, backend: TrtBackend, unet: TrtEngine, step: TrtEngine,
+                 controlnets: Sequence[TrtEngine | None] = ()) -> None:
         self._backend = weakref.ref(backend)
         self._unet = weakref.ref(unet)
         self._step = weakref.ref(step)
+        self._nets = tuple(None if n is None else weakref.ref(n) for n in controlnets)
         self.closed = False
         self.captured = False
         self.reason = "not started"
@@ -94,6 +100,10 @@ class CapturedStepLoop(StepLoop):
     def _step_e(self) -> TrtEngine:
         return self.step_engine
 
+    @property
+    def controlnets(self) -> list[TrtEngine | None]:
+        return [None if r is None else self._engine(r, f"ControlNet {j}") for j, r in enumerate(self._nets)]
+
     def _engine(self, ref: Any, what: str) -> Any:
         e = ref()
         if e is None or self.closed:
@@ -106,7 +116,8 @@ class CapturedStepLoop(StepLoop):
 
     def alive(self) -> bool:
         """Whether the backend and both engines still exist (a loop over dropped engines is useless)."""
-        return not self.closed and None not in (self._backend(), self._unet(), self._step())
+        nets = [r() for r in self._nets if r is not None]
+        return not self.closed and None not in (self._backend(), self._unet(), self._step(), *nets)
 
     def close(self) -> None:
         """Destroy the captured graphs and free the loop's buffers now (idempotent)."""
@@ -123,7 +134,8 @@ class CapturedStepLoop(StepLoop):
     # -- the public calls -----------------------------------------------------------------------------
     def start(self, *, latents: Array, unet_in: Array, cond: Mapping[str, Array], timesteps: Sequence[float] | np.ndarray,
               coeffs: np.ndarray, guidance: Array | None = None, x0_prev: Array | None = None,
-              noise: np.ndarray | None = None, step_inputs: Mapping[str, Array] | None = None) -> None:
+              noise: np.ndarray | None = None, step_inputs: Mapping[str, Array] | None = None,
+              control: ControlFeeds | None = None) -> None:
         """Set up a run of ``len(timesteps)`` steps: copy the starting state and conditioning in, upload
         the per-step tables, and (re)capture when the shapes changed."""
         self._require_open()
@@ -138,11 +150,16 @@ class CapturedStepLoop(StepLoop):
             raise InputError(f"coeffs must be [steps, columns] with one row per timestep ({n}), got {list(cf.shape)}")
         if noise is not None and np.shape(noise) != (n, *x.shape):
             raise InputError(f"noise must be [steps, *latents.shape] = {[n, *x.shape]}, got {list(np.shape(noise))}")
+        check_control(self._nets, control, n)
+        images = {j: be.as_device(im) for j, im in enumerate(control.images) if im is not None} if control else {}
+        scales = np.asarray(control.scales, np.float32) if control is not None else None
         key = (x.shape, x.dtype, u.shape, u.dtype, g is None, cf.shape[1],
                tuple(sorted((k, v.shape, v.dtype.str) for k, v in conds.items())),
-               tuple(sorted((k, v.shape, v.dtype.str) for k, v in extra.items())))
+               tuple(sorted((k, v.shape, v.dtype.str) for k, v in extra.items())),
+               tuple(sorted((j, v.shape, v.dtype.str) for j, v in images.items())),
+               None if scales is None else scales.shape[1:])
         if key != self._key or (self.captured and self._generation != be.scratch.generation):
-            self._setup(x, u, conds, g, cf.shape[1], extra)
+            self._setup(x, u, conds, g, cf.shape[1], extra, images, None if scales is None else scales.shape[2:])
             self._key = key
         b = self.buf
         be.copy(b["lat"][0], x)
@@ -165,6 +182,10 @@ class CapturedStepLoop(StepLoop):
             be.device.zero(b["noise"].ptr, b["noise"].nbytes)
         else:
             self._tables["noise"] = be.as_device(np.ascontiguousarray(noise, dtype=b["noise"].dtype))
+        for j, im in images.items():
+            be.copy(b["cimg"][j], im)
+            assert scales is not None
+            self._tables[f"cs{j}"] = be.as_device(np.ascontiguousarray(scales[:, j], dtype=b["cscale"][j].dtype))
         self._done, self._steps = 0, n
 
     def step(self, i: int) -> None:
@@ -177,6 +198,8 @@ class CapturedStepLoop(StepLoop):
         be.copy(b["c"], self._tables["c"].row(i))
         if "noise" in self._tables:
             be.copy(b["noise"], self._tables["noise"].row(i))
+        for j in b["cscale"]:
+            be.copy(b["cscale"][j], self._tables[f"cs{j}"].row(i))
         parity = self._done % 2
         if self.captured and self._generation != be.scratch.generation:
             self._recapture(parity)
@@ -206,10 +229,11 @@ class CapturedStepLoop(StepLoop):
 
     # -- internals ------------------------------------------------------------------------------------
     def _setup(self, x: DeviceArray, u: DeviceArray, conds: Mapping[str, DeviceArray], g: DeviceArray | None,
-               columns: int, extra: Mapping[str, DeviceArray] | None = None) -> None:
+               columns: int, extra: Mapping[str, DeviceArray] | None = None,
+               images: Mapping[int, DeviceArray] | None = None, scale_shape: tuple[int, ...] | None = None) -> None:
         be = self.backend
         self._key, self._graphs, self.captured = None, [], False
-        unet_feeds_names = set(self.unet.inputs)
+        unet_feeds_names = {n for n in self.unet.inputs if not n.startswith("controlnet_")}
         if unet_feeds_names != {"sample", "timestep", *conds}:
             raise InputError(f"unet takes {sorted(unet_feeds_names)}; cond must hold all but sample and timestep, "
                              f"got {sorted(conds)}")
@@ -222,7 +246,9 @@ class CapturedStepLoop(StepLoop):
             "cond": {k: be.empty(v.shape, v.dtype) for k, v in conds.items()},
             "extra": {k: be.empty(v.shape, v.dtype) for k, v in (extra or {}).items()},
         }
-        unet_feeds = {"sample": b["uin"][0], "timestep": b["t"], **b["cond"]}
+        self.buf = b
+        self._setup_control(images or {}, scale_shape)
+        unet_feeds = self._unet_feeds(0)
         self.unet.check(unet_feeds)
         unet_e = self.unet
         unet_e.bind_inputs(unet_feeds)
@@ -240,6 +266,44 @@ class CapturedStepLoop(StepLoop):
         self._out_name = out_name
         self._capture()
 
+    def _setup_control(self, images: Mapping[int, DeviceArray], scale_shape: tuple[int, ...] | None) -> None:
+        """Fixed buffers of the ControlNets: each active net's image, scale row and residual outputs; zero
+        residuals for the nets left out (shaped like an active net's)."""
+        be, b = self.backend, self.buf
+        b["cimg"], b["cscale"], b["res"] = {}, {}, {}
+        nets = self.controlnets
+        if not nets:
+            return
+        assert scale_shape is not None
+        shapes: dict[str, tuple[tuple[int, ...], Any]] = {}
+        for j, net in enumerate(nets):
+            if net is None:
+                continue
+            b["cimg"][j] = be.empty(images[j].shape, images[j].dtype)
+            b["cscale"][j] = be.empty(scale_shape, net.inputs["conditioning_scale"].dtype)
+            feeds = self._control_feeds(j, net, 0)
+            net.check(feeds)
+            net.bind_inputs(feeds)
+            for o, spec in net.outputs.items():
+                shapes[o] = (net.output_shape(o), spec.dtype)
+                b["res"][f"controlnet_{j}_{o}"] = be.empty(shapes[o][0], spec.dtype)
+        for j, net in enumerate(nets):
+            if net is None:
+                for o, (shape, dtype) in shapes.items():
+                    z = b["res"][f"controlnet_{j}_{o}"] = be.empty(shape, dtype)
+                    be.device.zero(z.ptr, z.nbytes)
+
+    def _control_feeds(self, j: int, net: TrtEngine, p: int) -> dict[str, DeviceArray]:
+        b = self.buf
+        unet_side = {"sample": b["uin"][p], "timestep": b["t"], **b["cond"]}
+        feeds = {k: unet_side[k] for k in net.inputs if k in unet_side}
+        feeds.update(controlnet_cond=b["cimg"][j], conditioning_scale=b["cscale"][j])
+        return feeds
+
+    def _unet_feeds(self, p: int) -> dict[str, DeviceArray]:
+        b = self.buf
+        return {"sample": b["uin"][p], "timestep": b["t"], **b["cond"], **b.get("res", {})}
+
     def _step_feeds(self, p: int) -> dict[str, DeviceArray]:
         b = self.buf
         feeds = {"latents": b["lat"][p], "unet_out": b["out"], "coeffs": b["c"], "x0_prev": b["x0"][p],
@@ -252,7 +316,12 @@ class CapturedStepLoop(StepLoop):
     def _enqueue(self, p: int) -> None:
         """Bind step parity ``p`` (read state p, write state 1 - p) and queue UNet, then step graph."""
         b = self.buf
-        self._unet_e.bind_inputs({"sample": b["uin"][p], "timestep": b["t"], **b["cond"]})
+        for j, net in enumerate(self.controlnets):
+            if net is not None:
+                net.bind_inputs(self._control_feeds(j, net, p))
+                net.bind_outputs({o: b["res"][f"controlnet_{j}_{o}"] for o in net.outputs})
+                net.enqueue()
+        self._unet_e.bind_inputs(self._unet_feeds(p))
         self._unet_e.bind_outputs({self._out_name: b["out"]})
         self._unet_e.enqueue()
         self._step_e.bind_inputs(self._step_feeds(p))
@@ -267,7 +336,8 @@ class CapturedStepLoop(StepLoop):
             self.reason = "CUDA graphs are off (TrtBackend(cuda_graph=False))"
             return
         graphs = []
-        refuse = [e.name for e in (self._unet_e, self._step_e)
+        nets = [n for n in self.controlnets if n is not None]
+        refuse = [e.name for e in (*nets, self._unet_e, self._step_e)
                   if hasattr(e.context, "is_stream_capturable") and not e.context.is_stream_capturable(be.device.handle)]
         if refuse:  # TensorRT for RTX says so up front (data-dependent shapes, on-device control flow)
             self.reason = f"TensorRT cannot stream-capture {', '.join(refuse)} here"

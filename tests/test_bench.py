@@ -273,7 +273,8 @@ def _synthetic(gpu: str, backend: str, its: float, vram: int) -> dict[str, Any]:
         "config": {"preset": "sd15", "artifact": None, "engines": None, "resolutions": [[512, 512]], "steps": [20],
                    "batch_sizes": [1], "samplers": ["dpmpp-2m"], "backends": [backend, "tensorrt"],
                    "baseline": "torch", "compile": False, "cuda_graph": False, "warmup": 1, "repeats": 1, "threads": 16,
-                   "guidance_scale": 7.5, "prompt": "p", "seed": 0, "isolation": "subprocess"},
+                   "guidance_scale": 7.5, "prompt": "p", "seed": 0, "isolation": "subprocess",
+                   "workload": "txt2img"},
         "model": {"family": "sd1", "preset": "sd15", "precision": "fp16", "folder": "x", "export_s": None,
                   "components": {}, "artifact_bytes": 0, "source": {}, "flops": {}},
         "ceilings": [{"device": "cuda", "dtype": "float16", "n": 8192, "tflops": 800.0, "ms_p50": 1.4,
@@ -354,15 +355,19 @@ def test_newer_older_and_foreign_files_are_refused(tmp_path: Path) -> None:
 
 
 def test_older_version_is_migrated(tmp_path: Path) -> None:
-    """Version 1 had no config.cuda_graph (its runs never asked for CUDA graphs): migrated to false."""
+    """Version 1 had no config.cuda_graph (its runs never asked for CUDA graphs): migrated to false; nor
+    had version 2 config.workload (every run was txt2img)."""
     v1 = _synthetic("NVIDIA H100", "ort-cuda", 40.0, 2**31)
     del v1["config"]["cuda_graph"]
+    del v1["config"]["workload"]
     v1["schema_version"] = 1
     assert "config.cuda_graph is missing" in schema.problems(v1)
+    assert "config.workload is missing" in schema.problems(v1)
     p = tmp_path / "v1.json"
     p.write_text(json.dumps(v1))
     doc = schema.load(p)
-    assert doc["schema_version"] == 2 and doc["migrated_from"] == 1 and doc["config"]["cuda_graph"] is False
+    assert doc["schema_version"] == 3 and doc["migrated_from"] == 1 and doc["config"]["cuda_graph"] is False
+    assert doc["config"]["workload"] == "txt2img"
     assert schema.problems(doc) == []
     assert json.loads(p.read_text()) == v1  # the file itself is left alone
     assert "migrated from schema 1" in report.markdown([doc])
@@ -537,3 +542,39 @@ def test_memory_sampler_gpu_logic_on_a_fake_nvml(monkeypatch: pytest.MonkeyPatch
             time.sleep(0.001)
     assert s2.peaks.peak_process_bytes is None and s2.peaks.device_delta_bytes == 4 * gib
     assert any(f"never listed pid {pid}" in n for n in s2.peaks.notes)
+
+
+@pytest.mark.parametrize(("workload", "preset"), [("controlnet", "sd15-tiny"), ("inpaint", "sd15-inpaint-tiny")])
+def test_controlnet_and_inpainting_workloads_run_tiny_beside_diffusers(tmp_path: Path, workload: str,
+                                                                       preset: str) -> None:
+    """The ControlNet workload exports one ControlNet and runs diffusers' ControlNet pipeline; the
+    inpainting one a 9-channel UNet with an image and a mask beside diffusers' inpainting pipeline. Both sides
+    start from the same latents, so their images agree (with the same tolerance as txt2img's)."""
+    cfg = BenchConfig(preset=preset, workload=workload, backends=("ort-cpu",), resolutions=((64, 80),), steps=(3,),
+                      samplers=("ddim",), warmup=0, repeats=1, threads=1, work_dir=str(tmp_path), matmul_n=128)
+    doc = run_bench(cfg)
+    assert schema.problems(doc) == [] and doc["config"]["workload"] == workload
+    comps = doc["model"]["components"]
+    assert (("controlnet_0" in comps and "unet_control" in comps) if workload == "controlnet"
+            else "vae_encoder_masked" in comps)
+    sd, base = _one(doc, "ort-cpu"), _one(doc, "torch-cpu")
+    assert sd["status"] == base["status"] == "ok", (sd["reason"], base["reason"])
+    for m in (sd, base):
+        steps = [x for run in m["raw"]["unet_steps_ms"] for x in run]
+        assert len(steps) == 3 and m["its"] == pytest.approx(1000 / np.median(steps))
+        assert m["text_encoder_ms"]["p50"] > 0 and m["vae_decoder_ms"]["p50"] > 0
+    assert sd["vs_baseline"]["its"] == pytest.approx(sd["its"] / base["its"])
+    assert sd["of_floor"] is None  # the FLOP count is txt2img's: no floor for these workloads
+    # inpainting: diffusers samples the image's latents (sdrt: their mean), a small difference by design
+    assert sd["image_vs_baseline"]["mean_abs"] < (3.0 if workload == "controlnet" else 8.0)
+    assert f"{preset} ({workload})" in report.markdown([doc])
+
+
+def test_controlnet_workload_on_a_plain_export_is_refused(tiny_export, tmp_path: Path) -> None:
+    cfg = BenchConfig(artifact=str(tiny_export("sd15-tiny")), workload="controlnet", backends=("ort-cpu",),
+                      work_dir=str(tmp_path))
+    with pytest.raises(InputError, match="needs an export with a ControlNet.*--controlnet"):
+        run_bench(cfg)
+    assert not list(tmp_path.glob("job-*"))  # no measurement started
+    with pytest.raises(InputError, match="unknown workload 'img2vid'"):
+        BenchConfig(preset="sd15-tiny", workload="img2vid")

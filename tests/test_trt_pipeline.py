@@ -279,3 +279,51 @@ def test_inpainting_on_built_engines_like_ort_cpu(tiny_export, tmp_path: Path, f
     assert got.loop == "captured CUDA graphs" and len(trt.built) == built
     a, b = np.asarray(want.images[0], np.int16), np.asarray(got.images[0], np.int16)
     assert a.shape == b.shape == (64, 96, 3) and np.abs(a - b).max() <= 1 and a.std() > 1
+
+
+# -- TensorRT, on the fakes of tests/test_trt_pipeline.py ----------------------------------------------------
+
+def test_controlnets_on_built_engines_like_ort_cpu(tiny_controlnet_export, tmp_path: Path, fake_gpu) -> None:
+    """Logic check on fakes: the ControlNet engines and unet_control are built, share the scratch block, and
+    the captured step (nets, unet_control, step graph: one launch per step) gives the ort-cpu images; a net
+    left out, and no control at all, each run their own captured loop; what a call uploads does not grow
+    with the steps and only the images come back."""
+    from .test_controlnet_parity import control_image
+
+    cudart, _ = fake_gpu
+    src = tiny_controlnet_export("sd15-tiny", "fp32", 2)
+    out = tmp_path / "engines"
+    manifest = build_engines(src, out, custom_profile(batch="1:1:2", height="64:64:80", width="64:64:80"),
+                             BuildOptions(workspace_gb=1))
+    assert {"controlnet_0", "controlnet_1", "unet_control", "unet"} <= {r.component for r in manifest.engines}
+    ref = Pipeline.load(src, backend="ort-cpu")
+    pipe = Pipeline.load(out, backend="tensorrt")
+    users = {e.name for e in pipe.backend.scratch.users}  # type: ignore[attr-defined]
+    assert {"controlnet_0", "controlnet_1", "unet_control"} <= users
+    imgs = [control_image(10), control_image(11)]
+    kw: dict[str, Any] = {"steps": 5, "sampler": "dpmpp-2m", "seed": 3, "height": 64, "width": 80}
+    cases = [{"control_images": imgs, "control_scales": [0.7, 1.2], "control_start": [0, 0.4]},
+             {"control_images": [None, imgs[1]], "guess_mode": True},
+             {}]
+    seen = []
+    for i, case in enumerate(cases):
+        want = ref("a red fox", **kw, **case)
+        launches, captures = cudart.launches, cudart.captures
+        got = pipe("a red fox", **kw, **case)
+        assert got.loop == "captured CUDA graphs"
+        assert cudart.launches - launches == 5 and cudart.captures - captures == 2  # a loop of its own, captured
+        a, b = np.asarray(want.images[0], np.int16), np.asarray(got.images[0], np.int16)
+        assert a.shape == b.shape == (64, 80, 3) and np.abs(a - b).max() <= 1, f"case {i}"
+        seen.append(a)
+    assert np.abs(seen[0] - seen[2]).max() > 3 and np.abs(seen[1] - seen[2]).max() > 3  # the control acts
+    counts = {}
+    for steps in (3, 6):
+        call = {**kw, "steps": steps, **cases[0]}
+        pipe("a red fox", **call)  # warm: captured at this shape
+        before = dict(cudart.copies)
+        pipe("a red fox", **call)
+        counts[steps] = {k: cudart.copies[k] - before[k] for k in before}
+    assert counts[3][2] == counts[6][2] == 2, counts  # device -> host: images and finite only
+    assert counts[3][1] == counts[6][1], counts  # host -> device: one table per call, whatever the steps
+    pipe.close()
+    assert cudart.alive()["allocations"] == 0

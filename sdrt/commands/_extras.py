@@ -14,6 +14,7 @@ EXTRAS: dict[str, tuple[str, str]] = {
     "safetensors": ("safetensors", "export"),
     "psutil": ("psutil", "bench"),
     "matplotlib": ("matplotlib", "bench"),
+    "cv2": ("OpenCV", "control"),
 }
 
 

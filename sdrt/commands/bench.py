@@ -39,6 +39,10 @@ def register(p: argparse.ArgumentParser) -> None:
     src = p.add_argument_group("model (one of)")
     src.add_argument("--preset", help="synthetic weights of a shipped architecture: sd15, sd21, sd21-768, sdxl, *-tiny")
     src.add_argument("--artifact", help="an sdrt ONNX export folder (sdrt export)")
+    p.add_argument("--workload", default="txt2img", choices=["txt2img", "controlnet", "inpaint"],
+                   help="txt2img (default); controlnet: one ControlNet (a preset's export gets one), beside diffusers' "
+                        "ControlNet pipeline; inpaint: an image and a mask (e.g. --preset sd15-inpaint-tiny), beside "
+                        "diffusers' inpainting pipeline")
     p.add_argument("--engines", help="a TensorRT engine folder for the tensorrt backend (sdrt build)")
     p.add_argument("--backends", type=_list(str), default=[],
                    help="comma-separated: ort-cpu, ort-cuda, tensorrt, openvino (default: ort-cuda,tensorrt on a GPU, else ort-cpu)")
@@ -161,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
         warmup=args.warmup, repeats=args.repeats, threads=args.threads, guidance_scale=args.guidance,
         prompt=args.prompt or DEFAULT_PROMPT, seed=args.seed, precision=args.precision, work_dir=args.work_dir,
         timeout_s=args.timeout, matmul_n=args.matmul_size, openvino_precision=args.openvino_precision,
-        bf16_baseline=args.bf16_baseline,
+        bf16_baseline=args.bf16_baseline, workload=args.workload,
     )
     progress = _Progress()
     try:

@@ -49,6 +49,24 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strength", type=float, default=None,
                    help="img2img and inpainting (needs --init-image): how much to change the image, in (0, 1] "
                         "(default 0.8; inpainting 1)")
+    p.add_argument("--control-image", action="append", default=None, metavar="IMG",
+                   help="ControlNet: a control image, repeatable, one per ControlNet of the export in order (an "
+                        "export made with --controlnet); resized to the output size")
+    p.add_argument("--control-scale", action="append", type=float, default=None, metavar="S",
+                   help="ControlNet: the conditioning scale, 0 to 10 (default 1), once for all nets or once per "
+                        "--control-image")
+    p.add_argument("--control-start", action="append", type=float, default=None, metavar="F",
+                   help="ControlNet: the fraction of the steps where a net starts (default 0), as --control-scale")
+    p.add_argument("--control-end", action="append", type=float, default=None, metavar="F",
+                   help="ControlNet: the fraction of the steps where a net stops (default 1), as --control-scale")
+    p.add_argument("--guess-mode", action="store_true",
+                   help="ControlNet guess mode (diffusers'): the residuals scaled from 0.1 (shallow) to 1 (deep); "
+                        "with guidance, only the conditional rows are controlled")
+    p.add_argument("--control-preprocess", action="append", default=None, choices=("canny", "none"),
+                   help="ControlNet: turn the control image into edges first (canny: OpenCV, the 'control' extra), "
+                        "once for all images or once per --control-image")
+    p.add_argument("--canny-low", type=float, default=100, help="canny's low hysteresis threshold (default 100)")
+    p.add_argument("--canny-high", type=float, default=200, help="canny's high hysteresis threshold (default 200)")
     p.add_argument("-o", "--output", default="out.png",
                    help=f"output image ({', '.join(IMAGE_FORMATS)}) in an existing folder; an existing file of that "
                         "name is replaced; batches get _1, _2, ... suffixes")
@@ -73,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--paste-back applies to inpainting: pass --mask, or leave --paste-back out")
     image = None if not args.init_image else _open_image(args.init_image, "--init-image")
     mask = None if not args.mask else _open_image(args.mask, "--mask")
+    control = _control_images(args)
     pipe = Pipeline.load(args.path, backend=args.backend, cuda_graph=args.cuda_graph, precision=args.precision)
     precision = getattr(pipe.backend, "precision", None)  # openvino's inference precision
     print(f"{pipe.manifest.preset} on {pipe.backend.name}" + (f", {precision} inference" if precision else ""))
@@ -89,7 +108,10 @@ def run(args: argparse.Namespace) -> int:
                           steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler, seed=args.seed,
                           batch_size=args.batch_size, image=image, strength=args.strength, callback=progress,
                           mask_image=mask, paste_back=args.paste_back,
-                          guidance_rescale=args.guidance_rescale, timestep_spacing=args.timestep_spacing)
+                          guidance_rescale=args.guidance_rescale, timestep_spacing=args.timestep_spacing,
+                          control_images=control, control_scales=_one_or_list(args.control_scale),
+                          control_start=_one_or_list(args.control_start), control_end=_one_or_list(args.control_end),
+                          guess_mode=args.guess_mode)
         finally:
             bar.close()
     print_warnings(caught)
@@ -102,6 +124,45 @@ def run(args: argparse.Namespace) -> int:
     print(timing_table(result.timings, len(result.timings["unet_steps_ms"])))
     print(f"denoising loop: {result.loop}")
     return 0
+
+
+def _control_images(args: argparse.Namespace) -> list[object] | None:
+    """The --control-image files, read and preprocessed (canny at the given thresholds) before the model
+    loads; the other control flags without a control image are errors."""
+    from sdrt.runtime.errors import InputError
+
+    if not args.control_image:
+        for flag, v in (("--control-scale", args.control_scale), ("--control-start", args.control_start),
+                        ("--control-end", args.control_end), ("--control-preprocess", args.control_preprocess),
+                        ("--guess-mode", args.guess_mode or None)):
+            if v is not None:
+                raise InputError(f"{flag} applies to control images: pass --control-image, or leave {flag} out")
+        return None
+    from sdrt.runtime.controlnet import check_image
+
+    n = len(args.control_image)
+    prep = args.control_preprocess or ["none"]
+    if len(prep) == 1:
+        prep = prep * n
+    if len(prep) != n:
+        raise InputError(f"--control-preprocess is given {len(prep)} times for {n} --control-image: give it once "
+                         "for all, or once per image")
+    images: list[object] = []
+    for j, (path, how) in enumerate(zip(args.control_image, prep)):
+        img = check_image(_open_image(path, "--control-image"), j)
+        if how == "canny":
+            from sdrt.runtime.preprocess import canny
+
+            img = canny(img.convert("RGB"), args.canny_low, args.canny_high)
+        images.append(img)
+    return images
+
+
+def _one_or_list(values: list[float] | None) -> float | list[float] | None:
+    """A flag given once applies to every net; given several times, one value per net."""
+    if values is None:
+        return None
+    return values[0] if len(values) == 1 else values
 
 
 def _open_image(path: str, flag: str) -> object:

@@ -1,0 +1,242 @@
+"""ControlNet on ort-cpu against diffusers' ControlNet pipelines: same synthetic weights, same latents.
+
+Images within 1/255 of ``StableDiffusionControlNetPipeline`` (one ControlNet; two, with different
+scales and a start/end window; guess mode; a net left out) and ``StableDiffusionXLControlNetPipeline``
+in fp32, with two samplers, guided and unguided, at a non-square size; img2img with control against
+``StableDiffusionControlNetImg2ImgPipeline``; and a ControlNet at scale 0 against the plain UNet.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from sdrt.runtime.pipeline import Pipeline
+
+from .test_pipeline_parity import _scheduler
+
+_DIFFUSERS: dict[tuple[str, int, str], Any] = {}
+_SDRT: dict[str, Pipeline] = {}
+PROMPT = "a house by a lake, evening light"
+
+
+def _nets(preset: str, n: int) -> list[Any]:
+    from sdrt.export.controlnet_loading import random_controlnet
+
+    return [random_controlnet(preset.removesuffix("-tiny") + "-controlnet-tiny", seed=1 + j).controlnet
+            for j in range(n)]
+
+
+def _diffusers(preset: str, folder: Path, nets: list[int], kind: str = "txt2img") -> Any:
+    """diffusers' ControlNet pipeline over the export's weights, with the nets of the given indices."""
+    key = (preset, len(nets) * 10 + sum(nets), kind)
+    if key not in _DIFFUSERS:
+        from diffusers import (
+            StableDiffusionControlNetImg2ImgPipeline,
+            StableDiffusionControlNetPipeline,
+            StableDiffusionXLControlNetPipeline,
+        )
+        from transformers import CLIPTokenizer
+
+        from sdrt.export.loading import random_model
+
+        m = random_model(preset)
+        every = _nets(preset, max(nets) + 1)
+        chosen = [every[j] for j in nets]
+        cn = chosen[0] if len(chosen) == 1 else chosen
+        tok = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+        common = {"vae": m.vae, "unet": m.unet, "controlnet": cn, "scheduler": _scheduler("ddim", m.scheduler_config)}
+        if m.preset.family == "sdxl":
+            pipe = StableDiffusionXLControlNetPipeline(
+                text_encoder=m.text_encoders[0], text_encoder_2=m.text_encoders[1], tokenizer=tok,
+                tokenizer_2=CLIPTokenizer.from_pretrained(folder / "tokenizer_2"), force_zeros_for_empty_prompt=True,
+                add_watermarker=False, **common)
+        else:
+            cls = StableDiffusionControlNetImg2ImgPipeline if kind == "img2img" else StableDiffusionControlNetPipeline
+            pipe = cls(text_encoder=m.text_encoders[0], tokenizer=tok, safety_checker=None, feature_extractor=None,
+                       requires_safety_checker=False, **common)
+        pipe.set_progress_bar_config(disable=True)
+        _DIFFUSERS[key] = (pipe, m.scheduler_config)
+    return _DIFFUSERS[key]
+
+
+def _sdrt(folder: Path, backend: str = "ort-cpu") -> Pipeline:
+    key = f"{folder}:{backend}"
+    if key not in _SDRT:
+        _SDRT[key] = Pipeline.load(folder, backend=backend)
+    return _SDRT[key]
+
+
+def control_image(seed: int, w: int = 90, h: int = 70) -> Any:
+    """Blocks and stripes at a size other than the output's, so the Lanczos resize matters."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    a = np.zeros((h, w, 3), np.uint8)
+    for _ in range(6):
+        y, x = rng.integers(0, h - 10), rng.integers(0, w - 10)
+        a[y:y + rng.integers(5, 30), x:x + rng.integers(5, 30)] = rng.integers(0, 256, 3)
+    a[:, ::7] = 255
+    return Image.fromarray(a)
+
+
+def _u8(ref: np.ndarray) -> np.ndarray:
+    return (ref * 255).round().astype(np.int32)
+
+
+def _compare(folder: Path, preset: str, nets: list[int], sampler: str, guidance: float, height: int, width: int, *,
+             scales: list[float] | None = None, start: list[float] | None = None, end: list[float] | None = None,
+             guess: bool = False, steps: int = 6, sdrt_images: list[Any] | None = None,
+             backend: str = "ort-cpu", tol: int = 1) -> Any:
+    pipe, cfg = _diffusers(preset, folder, nets)
+    pipe.scheduler = _scheduler(sampler, cfg)
+    images = [control_image(10 + j) for j in nets]
+    latents = np.random.default_rng(hash((preset, sampler, height)) % 2**32).standard_normal(
+        (1, 4, height // 8, width // 8), dtype=np.float32)
+    kw: dict[str, Any] = {}
+    if scales is not None:
+        kw["controlnet_conditioning_scale"] = scales if len(nets) > 1 else scales[0]
+    if start is not None:
+        kw["control_guidance_start"], kw["control_guidance_end"] = start, end
+    with torch.no_grad():
+        ref = pipe(PROMPT, image=images if len(nets) > 1 else images[0], height=height, width=width,
+                   num_inference_steps=steps, guidance_scale=guidance, latents=torch.from_numpy(latents),
+                   output_type="np", guess_mode=guess, **kw).images
+    mine = sdrt_images if sdrt_images is not None else images
+
+    def per_net(v: list[float] | None, default: float) -> list[float] | None:
+        """The call's values at the positions of ``nets`` among sdrt's images (a net left out: the default)."""
+        if v is None or sdrt_images is None:
+            return v
+        full = [default] * len(mine)
+        for k, j in enumerate(nets):
+            full[j] = v[k]
+        return full
+
+    res = _sdrt(folder, backend)(PROMPT, height=height, width=width, steps=steps, guidance_scale=guidance,
+                                 sampler=sampler, latents=latents, guess_mode=guess, control_images=mine,
+                                 control_scales=per_net(scales, 1.0), control_start=per_net(start, 0.0),
+                                 control_end=per_net(end, 1.0))
+    got = np.asarray(res.images[0]).astype(np.int32)
+    want = _u8(ref[0])
+    assert got.shape == want.shape == (height, width, 3)
+    diff = np.abs(got - want).max()
+    assert diff <= tol, f"{preset} nets {nets} {sampler} guidance {guidance}: {diff}/255"
+    assert want.std() > 5
+    return res, want
+
+
+@pytest.mark.parametrize(("sampler", "guidance"), [("ddim", 7.5), ("dpmpp-2m", 1.0), ("dpmpp-2m", 5.0)])
+def test_one_controlnet(tiny_controlnet_export, sampler: str, guidance: float) -> None:
+    folder = tiny_controlnet_export("sd15-tiny", "fp32", 2)
+    # net 0 alone (net 1 left out: it feeds zeros); a non-square size
+    res, want = _compare(folder, "sd15-tiny", [0], sampler, guidance, 64, 80, scales=[0.8],
+                         sdrt_images=[control_image(10)])
+    assert "step by step" in res.loop
+    # the control moves the image: the plain UNet's image differs from diffusers' controlled one
+    plain = _sdrt(folder)(PROMPT, height=64, width=80, steps=6, guidance_scale=guidance, sampler=sampler,
+                          latents=np.random.default_rng(hash(("sd15-tiny", sampler, 64)) % 2**32).standard_normal(
+                              (1, 4, 8, 10), dtype=np.float32))
+    assert np.abs(np.asarray(plain.images[0]).astype(int) - want).max() > 3
+
+
+@pytest.mark.parametrize(("sampler", "guidance"), [("ddim", 6.0), ("dpmpp-2m", 1.0)])
+def test_two_controlnets_scales_and_window(tiny_controlnet_export, sampler: str, guidance: float) -> None:
+    folder = tiny_controlnet_export("sd15-tiny", "fp32", 2)
+    _compare(folder, "sd15-tiny", [0, 1], sampler, guidance, 80, 64, scales=[0.6, 1.3], start=[0.0, 0.3],
+             end=[0.7, 1.0], steps=7)
+
+
+def test_second_net_only(tiny_controlnet_export) -> None:
+    from sdrt.runtime.errors import InputError
+
+    folder = tiny_controlnet_export("sd15-tiny", "fp32", 2)
+    _compare(folder, "sd15-tiny", [1], "ddim", 7.5, 64, 64, sdrt_images=[None, control_image(11)])
+    with pytest.raises(InputError, match="control_scales has 3 entries"):
+        _sdrt(folder)(PROMPT, steps=2, control_images=[control_image(10)], control_scales=[1, 1, 1])
+
+
+@pytest.mark.parametrize(("sampler", "guidance"), [("ddim", 7.5), ("dpmpp-2m", 1.0)])
+def test_guess_mode(tiny_controlnet_export, sampler: str, guidance: float) -> None:
+    folder = tiny_controlnet_export("sd15-tiny", "fp32", 2)
+    _compare(folder, "sd15-tiny", [0, 1], sampler, guidance, 64, 80, scales=[1.0, 0.5], guess=True)
+
+
+@pytest.mark.parametrize(("sampler", "guidance"), [("euler", 6.0), ("dpmpp-2m", 1.0)])
+def test_sdxl_controlnet(tiny_controlnet_export, sampler: str, guidance: float) -> None:
+    folder = tiny_controlnet_export("sdxl-tiny", "fp32", 1)
+    _compare(folder, "sdxl-tiny", [0], sampler, guidance, 64, 80, scales=[0.9], start=[0.0], end=[0.8])
+
+
+def test_img2img_with_control(tiny_controlnet_export, monkeypatch: pytest.MonkeyPatch) -> None:
+    from diffusers.pipelines.controlnet import pipeline_controlnet_img2img as mod
+    from PIL import Image
+
+    real = mod.retrieve_latents  # sdrt encodes to the latent mean: make diffusers do the same
+    monkeypatch.setattr(mod, "retrieve_latents", lambda out, generator=None, sample_mode="sample": real(out, None,
+                                                                                                       "argmax"))
+    folder = tiny_controlnet_export("sd15-tiny", "fp32", 2)
+    pipe, cfg = _diffusers("sd15-tiny", folder, [0], "img2img")
+    pipe.scheduler = _scheduler("ddim", cfg)
+    init = Image.fromarray(np.random.default_rng(3).integers(0, 256, (64, 80, 3), dtype=np.uint8))
+    cimg = control_image(10, 80, 64)
+    noise = torch.randn((1, 4, 8, 10), generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        ref = pipe(PROMPT, image=init, control_image=cimg, strength=0.6, num_inference_steps=10, guidance_scale=6.0,
+                   generator=torch.Generator().manual_seed(11), output_type="np",
+                   controlnet_conditioning_scale=0.7, control_guidance_end=0.5).images
+    res = _sdrt(folder)(PROMPT, image=init, strength=0.6, steps=10, guidance_scale=6.0, sampler="ddim",
+                        latents=noise.numpy(), control_images=[cimg], control_scales=[0.7], control_end=[0.5])
+    diff = np.abs(np.asarray(res.images[0]).astype(np.int32) - _u8(ref[0])).max()
+    assert diff <= 1, f"img2img + control: {diff}/255"
+    assert len(res.timings["unet_steps_ms"]) == 6
+
+
+def test_scale_zero_is_the_plain_unet(tiny_controlnet_export) -> None:
+    folder = tiny_controlnet_export("sd15-tiny", "fp32", 2)
+    kw: dict[str, Any] = {"height": 64, "width": 64, "steps": 4, "guidance_scale": 7.5, "sampler": "ddim", "seed": 4}
+    plain = np.asarray(_sdrt(folder)(PROMPT, **kw).images[0]).astype(int)
+    zero = np.asarray(_sdrt(folder)(PROMPT, control_images=[control_image(10)], control_scales=[0.0],
+                                    **kw).images[0]).astype(int)
+    assert np.abs(plain - zero).max() <= 1
+
+
+def test_inpainting_with_control_is_refused_before_any_engine(tiny_controlnet_export) -> None:
+    from PIL import Image
+
+    from sdrt.runtime.errors import InputError
+
+    folder = tiny_controlnet_export("sd15-tiny", "fp32", 2)
+    pipe = _sdrt(folder)
+    calls: list[str] = []
+    for name, e in pipe.engines.items():
+        real = e.run
+        e.run = lambda feeds, real=real, name=name: calls.append(name) or real(feeds)  # type: ignore[method-assign]
+    try:
+        with pytest.raises(InputError, match="ControlNet with inpainting is not supported yet"):
+            pipe(PROMPT, steps=2, image=Image.new("RGB", (64, 64)), mask_image=Image.new("L", (64, 64), 255),
+                 control_images=[control_image(10)])
+        assert calls == []
+    finally:
+        for e in pipe.engines.values():
+            e.__dict__.pop("run", None)
+
+
+def test_openvino_matches_diffusers(tiny_controlnet_export) -> None:
+    pytest.importorskip("openvino")
+    from sdrt.runtime import pipeline
+    from sdrt.runtime.ov_backend import OvBackend
+
+    folder = tiny_controlnet_export("sd15-tiny", "fp32", 2)
+    make = pipeline.make_backend
+    pipeline.make_backend = lambda *a, **k: OvBackend(threads=2, precision="f32", cache_dir=False)  # type: ignore
+    try:
+        _SDRT[f"{folder}:openvino"] = Pipeline.load(folder, backend="ort-cpu")
+    finally:
+        pipeline.make_backend = make
+    _compare(folder, "sd15-tiny", [0, 1], "ddim", 6.0, 64, 80, scales=[0.6, 1.3], start=[0.0, 0.3],
+             end=[0.7, 1.0], backend="openvino")
