@@ -128,11 +128,11 @@ def test_loop_keeps_tensors_and_matches_the_plain_loop(pipes: dict, monkeypatch:
     plan = p.plan("dpmpp-2m", 4)
     lat = p.prepare_latents(plan, 64, 80, seed=1)
     out = p.denoise(emb, lat, plan)
-    loop = p._loops[(True, "float32", None, False)]
+    loop = p._loops[(True, "float32", None, False, ())]
     assert isinstance(loop, OvStepLoop)
     assert isinstance(loop.latents, ov.Tensor) and any(loop.latents is s["latents_next"] for s in loop._sets)
     plain = load(tiny_export("sd15-tiny", "fp32"), OvBackend(precision="f32", cache_dir=cache))
-    monkeypatch.setattr(plain.backend, "step_loop", lambda u, s: PlainStepLoop(plain.backend, u, s))
+    monkeypatch.setattr(plain.backend, "step_loop", lambda u, s, c=(): PlainStepLoop(plain.backend, u, s, c))
     ref = plain.denoise(plain.encode_prompt("a cat"), plain.prepare_latents(plan, 64, 80, seed=1), plan)
     a, b = p.backend.to_host(out.x), plain.backend.to_host(ref.x)
     assert np.array_equal(a, b)
