@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import weakref
 from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
@@ -133,10 +134,26 @@ class TrtBackend(Backend):
     name = "tensorrt"
 
     def __init__(self, folder: str | Path | None = None, device_id: int = 0, cuda_graph: bool = True,
-                 module: str | None = None) -> None:
+                 module: str | None = None, share: TrtBackend | None = None) -> None:
+        """``share``: another backend whose GPU, stream, TensorRT runtime and scratch block this one uses (two
+        models in one process, such as an SDXL base and its refiner: they run one after another, so one
+        activation block, the larger need, serves both). Each backend closes its own engines; the shared
+        device memory goes with the last of them."""
         self.folder = Path(folder) if folder is not None else None
-        self.device_id = device_id
+        self.device_id = device_id if share is None else share.device_id
         self.cuda_graph = cuda_graph
+        self._checked: dict[Path, EngineManifest] = {}
+        self._pending: list[np.ndarray] = []  # host arrays of copies still queued
+        self._loops: dict[tuple[int, int], CapturedStepLoop] = {}
+        self.manifest: EngineManifest | None = None  # of the first engine folder loaded from
+        if share is not None:
+            share._require_open()
+            self.device, self.trt, self.module, self.lean = share.device, share.trt, share.module, share.lean
+            self.log, self.logger, self.runtime = share.log, share.logger, share.runtime
+            self.scratch, self._holders = share.scratch, share._holders
+            self._holders.add(self)
+            self.closed = False
+            return
         problems: list[SdrtError] = []
         cudart = trt_module = None
         try:
@@ -172,10 +189,8 @@ class TrtBackend(Backend):
             raise BackendUnavailable(f"{self.module} could not create its runtime: {' | '.join(failed[-3:])}")
         self.runtime: trt.Runtime = runtime
         self.scratch = _SharedScratch(device)
-        self.manifest: EngineManifest | None = None  # of the first engine folder loaded from
-        self._checked: dict[Path, EngineManifest] = {}
-        self._pending: list[np.ndarray] = []  # host arrays of copies still queued
-        self._loops: dict[tuple[int, int], CapturedStepLoop] = {}
+        # the backends over this device and scratch (share=); weak, so that dropping a backend still frees it
+        self._holders: weakref.WeakSet[TrtBackend] = weakref.WeakSet([self])
         self.closed = False
 
     # -- the Backend interface beyond engines and arrays ----------------------------------------------------
@@ -205,10 +220,13 @@ class TrtBackend(Backend):
         for loop in loops.values():
             loop.close()
         for engine in list(self.scratch.users):
-            engine.close()
-        self.scratch.close()
+            if engine.backend is self:
+                engine.close()
         self._pending.clear()
-        self.device.close()  # what is left (arrays the caller holds), then the stream
+        self._holders.discard(self)
+        if not self._holders:  # the last backend over this device: the shared memory and the stream go now
+            self.scratch.close()
+            self.device.close()  # what is left (arrays the caller holds), then the stream
         del self.runtime  # after every engine deserialized by it
 
     def _require_open(self) -> None:
