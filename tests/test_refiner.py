@@ -184,7 +184,7 @@ def test_refiner_detected_in_a_diffusers_folder(folders, tmp_path) -> None:
         torch.testing.assert_close(m.unet.state_dict()["add_embedding.linear_1.weight"],
                                    ref.unet.state_dict()["add_embedding.linear_1.weight"])
         specs = {s.name: s for s in component_specs(m)}
-        assert "text_encoder" not in specs and dict((n, sh) for n, _, sh in specs["unet"].inputs)["time_ids"] == (
+        assert "text_encoder" not in specs and {n: sh for n, _, sh in specs["unet"].inputs}["time_ids"] == (
             "batch", 5)
 
 
@@ -247,7 +247,8 @@ def _build_pair(tiny_export, tmp_path: Path, monkeypatch) -> tuple[Path, Path]:
     return out["base"], out["refiner"]
 
 
-def test_base_and_refiner_share_one_scratch_block_on_tensorrt(tiny_export, tmp_path, monkeypatch, fake_gpu) -> None:
+def test_base_and_refiner_share_one_scratch_block_on_tensorrt(tiny_export, tmp_path, monkeypatch,
+                                                              fake_gpu) -> None:  # noqa: F811
     """Logic check on the TensorRT fakes: with share_with, the refiner joins the base's device, stream and
     scratch block. Peak device memory of base + refiner is one scratch block (the larger, 24 MiB) plus the
     I/O buffers, not two blocks; without sharing it is both blocks. The images equal ort-cpu's."""
@@ -281,3 +282,100 @@ def test_base_and_refiner_share_one_scratch_block_on_tensorrt(tiny_export, tmp_p
             Pipeline.load(tiny_export(REFINER), backend="ort-cpu") as r3:
         want = b3(PROMPT, refiner=r3, **kw)
     assert np.abs(_u8(got.images) - _u8(want.images)).max() <= 1 and _u8(want.images).std() > 1
+
+
+@pytest.fixture
+def no_engine_runs(monkeypatch):
+    """Counts engine runs: a refused call must refuse before any."""
+    from sdrt.runtime.engine import Engine
+
+    runs = [0]
+    real = Engine.__call__
+
+    def counted(self, feeds):
+        runs[0] += 1
+        return real(self, feeds)
+
+    monkeypatch.setattr(Engine, "__call__", counted)
+    return runs
+
+
+def test_refiner_start_outside_the_schedule_is_refused(pipes, no_engine_runs) -> None:
+    base, refiner = pipes
+    for bad in (0, 0.0, 1, 1.0, 1.5, -0.2, float("nan"), True, "0.8"):
+        with pytest.raises(InputError, match=r"refiner_start .* is outside \(0, 1\)"):
+            base(PROMPT, refiner=refiner, refiner_start=bad, steps=4, height=64, width=64)
+    with pytest.raises(InputError, match="leaves the base 0 and the refiner 4 of the 4 steps"):
+        base(PROMPT, refiner=refiner, refiner_start=0.05, steps=4, height=64, width=64)
+    with pytest.raises(InputError, match="refiner_start needs a refiner"):
+        base(PROMPT, refiner_start=0.8, steps=4)
+    assert no_engine_runs[0] == 0
+
+
+def test_refiner_as_base_and_base_as_refiner_are_refused(pipes, no_engine_runs) -> None:
+    from sdrt.runtime.refiner import refine
+
+    base, refiner = pipes
+    with pytest.raises(InputError, match="is an SDXL refiner: it refines, it does not generate from noise"):
+        refiner(PROMPT, steps=4)
+    with pytest.raises(InputError, match="is an SDXL refiner, passed as the base model"):
+        refine(refiner, base, PROMPT, steps=4)
+    with pytest.raises(InputError, match=r"\(sdxl-tiny\) is not an SDXL refiner"):
+        base(PROMPT, refiner=base, steps=4)
+    with pytest.raises(InputError, match="aesthetic_score and negative_aesthetic_score condition an SDXL refiner"):
+        base(PROMPT, aesthetic_score=6.0, steps=4)
+    assert no_engine_runs[0] == 0
+
+
+def test_a_refiner_of_another_family_or_latent_format_is_refused(tiny_export, pipes, tmp_path,
+                                                                  no_engine_runs) -> None:
+    import json
+    import shutil
+
+    base, _ = pipes
+    with Pipeline.load(tiny_export("sd15-tiny"), backend="ort-cpu") as sd15:
+        with pytest.raises(InputError, match=r"uses another latent format .* scaling 0.18215, against 4 at 1/8, "
+                                             r"scaling 0.13025"):
+            base(PROMPT, refiner=sd15, steps=4)
+    # a refiner of a larger family: its second encoder is 64 wide (the manifest records the graphs' widths)
+    wide = tmp_path / "wide-refiner"
+    shutil.copytree(tiny_export(REFINER), wide)
+    data = json.loads((wide / "sdrt.json").read_text())
+    for t in data["components"]["text_encoder_2"]["outputs"]:
+        t["shape"][-1] = 64
+    (wide / "sdrt.json").write_text(json.dumps(data))
+    with Pipeline.load(wide, backend="ort-cpu") as other:
+        with pytest.raises(InputError, match="text encoder width of 64, the base .* 32 on its second encoder: "
+                                             "they are of different model families"):
+            base(PROMPT, refiner=other, steps=4)
+    assert no_engine_runs[0] == 0
+
+
+def test_cli_generate_with_a_refiner(folders, tmp_path, capsys) -> None:
+    from sdrt.cli import main
+
+    base_dir, ref_dir = (str(f) for f in folders)
+    out = tmp_path / "x.png"
+    args = ["--prompt", PROMPT, "--steps", "5", "--seed", "4", "--height", "64", "--width", "80", "--backend",
+            "ort-cpu", "--sampler", "euler"]
+    assert main(["generate", base_dir, "--refiner", ref_dir, "--refiner-start", "0.6", "--aesthetic-score", "7",
+                 *args, "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "refiner sdxl-refiner-tiny" in printed and "denoising, base (3 steps)" in printed
+    assert "denoising, refiner (2 steps)" in printed
+    with Pipeline.load(folders[0], backend="ort-cpu") as b, Pipeline.load(folders[1], backend="ort-cpu") as r:
+        want = b(PROMPT, refiner=r, refiner_start=0.6, aesthetic_score=7.0, steps=5, seed=4, height=64, width=80,
+                 sampler="euler")
+    from PIL import Image
+
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(want.images[0]))
+    bad = tmp_path / "no.png"
+    assert main(["generate", base_dir, "--refiner", ref_dir, "--refiner-start", "1.5", *args, "-o", str(bad)]) == 1
+    assert "--refiner-start 1.5 is outside (0, 1)" in capsys.readouterr().err
+    assert main(["generate", ref_dir, *args, "-o", str(bad)]) == 1
+    assert "this folder as --refiner" in capsys.readouterr().err
+    assert main(["generate", base_dir, "--refiner", base_dir, *args, "-o", str(bad)]) == 1
+    assert "is not an SDXL refiner; pass a refiner export, or leave --refiner out" in capsys.readouterr().err
+    assert main(["generate", base_dir, "--refiner-start", "0.8", *args, "-o", str(bad)]) == 1
+    assert "--refiner-start needs a refiner" in capsys.readouterr().err
+    assert not bad.exists()
