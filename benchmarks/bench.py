@@ -412,6 +412,10 @@ class _Run:
         cfg = self.cfg
         folder, manifest, export_s = self.model(work, precision, fuse="ort-cuda" in available)
         ref_folder = ref_manifest = None
+        if manifest.refiner and cfg.refiner is None:
+            raise InputError(f"{manifest.preset} is an SDXL refiner: it continues a base model's latents. Measure it "
+                             f"as the second model: --workload base-refiner --refiner {cfg.preset or cfg.artifact} "
+                             "with an SDXL base as --preset / --artifact")
         if cfg.refiner is not None:
             if manifest.refiner or manifest.family != "sdxl":
                 raise InputError(f"the base+refiner workload needs an SDXL base model, not {manifest.preset}: pass "

@@ -378,3 +378,20 @@ def test_cli_generate_with_a_refiner(folders, tmp_path, capsys) -> None:
     assert main(["generate", base_dir, "--refiner-start", "0.8", *args, "-o", str(bad)]) == 1
     assert "--refiner-start needs a refiner" in capsys.readouterr().err
     assert not bad.exists()
+
+
+def test_stages_composed_by_hand_equal_the_call(pipes) -> None:
+    """The README's hand-composed hand-off (public stages only) gives the call's image."""
+    base, refiner = pipes
+    whole = base(PROMPT, steps=8, sampler="dpmpp-2m", seed=3, height=64, width=80, refiner=refiner,
+                 refiner_start=0.8)
+    emb = base.encode_prompt(PROMPT, guided=True)
+    plan = base.plan("dpmpp-2m", 8)
+    lat = base.denoise(emb, base.prepare_latents(plan, 64, 80, seed=3), plan, end=0.8)
+    rplan = refiner.plan("dpmpp-2m", 8)
+    rplan = refiner.plan("dpmpp-2m", 8, fresh_from=int((rplan.timesteps >= round(1000 * (1 - 0.8))).sum()))
+    rlat = refiner.latents_from(lat, base)
+    assert rlat.x0 is None and lat.x0 is not None  # the multistep history stays with the base
+    rlat = refiner.denoise(refiner.encode_prompt(PROMPT, guided=True), rlat, rplan, start=0.8)
+    images, nonfinite = refiner.decode(rlat)
+    assert nonfinite == [False] and np.array_equal(np.asarray(images[0]), np.asarray(whole.images[0]))
