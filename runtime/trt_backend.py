@@ -132,6 +132,18 @@ class TrtBackend(Backend):
     InputError. Dropping the last reference releases the same without ``close()`` (no reference cycles)."""
 
     name = "tensorrt"
+    # set by __init__, either made here or taken from the backend shared with
+    device_id: int
+    device: _Device
+    trt: Any
+    module: str
+    lean: bool
+    log: deque[str]
+    logger: Any
+    runtime: trt.Runtime
+    scratch: _SharedScratch
+    # the backends over this device and scratch (share=); weak, so that dropping a backend still frees it
+    _holders: weakref.WeakSet[TrtBackend]
 
     def __init__(self, folder: str | Path | None = None, device_id: int = 0, cuda_graph: bool = True,
                  module: str | None = None, share: TrtBackend | None = None) -> None:
@@ -178,7 +190,7 @@ class TrtBackend(Backend):
         self.trt = trt_module
         self.module = str(trt_module.__name__)
         self.lean = self.module in LEAN_MODULES
-        self.log: deque[str] = deque(maxlen=32)
+        self.log = deque(maxlen=32)
         self.logger = make_logger(trt_module, self.log)
         runtime = trt_module.Runtime(self.logger)
         failed = [m for m in self.log if m.startswith(("ERROR", "INTERNAL_ERROR"))]
@@ -187,10 +199,9 @@ class TrtBackend(Backend):
             # it is kept alive (and unused) until exit
             _BROKEN_RUNTIMES.append(runtime)
             raise BackendUnavailable(f"{self.module} could not create its runtime: {' | '.join(failed[-3:])}")
-        self.runtime: trt.Runtime = runtime
+        self.runtime = runtime
         self.scratch = _SharedScratch(device)
-        # the backends over this device and scratch (share=); weak, so that dropping a backend still frees it
-        self._holders: weakref.WeakSet[TrtBackend] = weakref.WeakSet([self])
+        self._holders = weakref.WeakSet([self])
         self.closed = False
 
     # -- the Backend interface beyond engines and arrays ----------------------------------------------------
