@@ -38,8 +38,9 @@ from .worker import PREFIX
 
 KNOWN_BACKENDS = ("ort-cpu", "ort-cuda", "tensorrt", "openvino")
 # txt2img; controlnet: one ControlNet (the preset's export gets one) beside diffusers'
-# StableDiffusion(XL)ControlNetPipeline; inpaint: an image and mask beside StableDiffusion(XL)InpaintPipeline
-WORKLOADS = ("txt2img", "controlnet", "inpaint")
+# StableDiffusion(XL)ControlNetPipeline; inpaint: an image and mask beside StableDiffusion(XL)InpaintPipeline;
+# few-step: 1-4 steps without guidance, compared in images/s; base-refiner: an SDXL base + refiner pair
+WORKLOADS = ("txt2img", "controlnet", "inpaint", "few-step", "base-refiner")
 CPU_BACKENDS = ("ort-cpu", "openvino")
 BASELINES = ("torch", "none")
 PRECISIONS = ("fp16", "fp32")
@@ -81,7 +82,11 @@ class BenchConfig:
     # also run diffusers' fp32 weights under torch.autocast("cpu", dtype=torch.bfloat16), beside the fp32
     # baseline; None: when openvino (bf16 where the CPU has it) is measured
     bf16_baseline: bool | None = None
-    workload: str = "txt2img"  # one of WORKLOADS
+    # an SDXL refiner (a preset name or an export folder) that takes over at refiner_start: the base+refiner
+    # workload; every measurement is then the pair, with each model's stages
+    refiner: str | None = None
+    refiner_start: float = 0.8
+    workload: str = "txt2img"  # one of WORKLOADS: recorded, and how reports label it
 
     def __post_init__(self) -> None:
         if (self.preset is None) == (self.artifact is None):
@@ -90,6 +95,10 @@ class BenchConfig:
             check_backends(self.backends)
         if self.workload not in WORKLOADS:
             raise InputError(f"unknown workload {self.workload!r}; choose one of: {', '.join(WORKLOADS)}")
+        if self.refiner is not None:
+            from sdrt.runtime.refiner import check_refiner_start
+
+            check_refiner_start(self.refiner_start)
         if self.baseline not in BASELINES:
             raise InputError(f"unknown baseline {self.baseline!r}; choose one of: {', '.join(BASELINES)}")
         if self.precision is not None and self.precision not in PRECISIONS:
@@ -225,27 +234,31 @@ class _Run:
         self.progress({"stage": stage, "message": message, **extra})
 
     # -- the pieces ---------------------------------------------------------------------------------
-    def model(self, work: Path, precision: str, fuse: bool = False) -> tuple[Path, Any, float | None]:
+    def model(self, work: Path, precision: str, fuse: bool = False, preset: str | None = None,
+              artifact: str | None = None) -> tuple[Path, Any, float | None]:
         """The export to measure: the artifact given, or the preset's (exported once into ``work``, then
         reused). ``fuse``: the preset's export also gets the UNet with ONNX Runtime's fused CUDA operators
-        (``sdrt export --ort-cuda``), which the ort-cuda backend then runs."""
+        (``sdrt export --ort-cuda``), which the ort-cuda backend then runs. ``preset`` / ``artifact``: another
+        model than the config's (the refiner)."""
         from sdrt.runtime.manifest import ExportManifest
 
         cfg = self.cfg
-        if cfg.artifact is not None:
-            manifest = ExportManifest.read(cfg.artifact)
+        if preset is None and artifact is None:
+            preset, artifact = cfg.preset, cfg.artifact
+        if artifact is not None:
+            manifest = ExportManifest.read(artifact)
             if cfg.workload == "controlnet" and not manifest.controlnets:
-                raise InputError(f"the controlnet workload needs an export with a ControlNet; {cfg.artifact} has "
+                raise InputError(f"the controlnet workload needs an export with a ControlNet; {artifact} has "
                                  "none: re-export it with `sdrt export ... --controlnet CONTROLNET`, or use --preset")
             if fuse and "ort-cuda" not in manifest.components["unet"].variants:
-                self.notes.append(f"{cfg.artifact} has no fused ort-cuda UNet (sdrt export --ort-cuda): ort-cuda "
+                self.notes.append(f"{artifact} has no fused ort-cuda UNet (sdrt export --ort-cuda): ort-cuda "
                                   "runs the portable graph")
-            return Path(cfg.artifact), manifest, None
+            return Path(artifact), manifest, None
         from sdrt.export.presets import get_preset
 
-        assert cfg.preset is not None
-        get_preset(cfg.preset)  # unknown preset: InputError listing the presets
-        folder = work / f"export-{cfg.preset}{'-controlnet' if cfg.workload == 'controlnet' else ''}-{precision}"
+        assert preset is not None
+        get_preset(preset)  # unknown preset: InputError listing the presets
+        folder = work / f"export-{preset}{'-controlnet' if cfg.workload == 'controlnet' else ''}-{precision}"
         from sdrt.export.exporter import export_model
         from sdrt.export.loading import load_model
 
@@ -254,8 +267,8 @@ class _Run:
             self.notes.append(f"the export in {folder} was reused; its export time is not in this run")
             manifest = ExportManifest.read(folder)
         else:
-            self.emit("export", f"exporting {cfg.preset} ({precision}) to ONNX")
-            model = load_model(random_preset=cfg.preset, seed=WEIGHTS_SEED)
+            self.emit("export", f"exporting {preset} ({precision}) to ONNX")
+            model = load_model(random_preset=preset, seed=WEIGHTS_SEED)
             manifest = export_model(model, folder, fp16=precision == "fp16",
                                     progress=lambda msg: self.emit("export", msg),
                                     controlnets=[_controlnet(model)] if cfg.workload == "controlnet" else [])
@@ -264,7 +277,7 @@ class _Run:
             from sdrt.export.ort_fusion import add_ort_cuda_variant
 
             self.emit("export", "adding the UNet with ONNX Runtime's fused CUDA operators (sdrt export --ort-cuda)")
-            add_ort_cuda_variant(folder, load_model(random_preset=cfg.preset, seed=WEIGHTS_SEED),
+            add_ort_cuda_variant(folder, load_model(random_preset=preset, seed=WEIGHTS_SEED),
                                  progress=lambda msg: self.emit("export", msg))
             manifest = ExportManifest.read(folder)
             export_s = time.perf_counter() - t0 if export_s is not None else None
@@ -304,19 +317,32 @@ class _Run:
                         self.cfg.workload)
         return folder, None
 
-    def engines(self, onnx_folder: Path, work: Path, resolutions: Sequence[tuple[int, int]]
+    def refiner_model(self, work: Path, precision: str) -> tuple[Path, Any]:
+        """The refiner's export: a preset's (exported once into ``work``) or the folder given."""
+        ref = self.cfg.refiner
+        assert ref is not None
+        if Path(ref).is_dir():
+            folder, manifest, _ = self.model(work, precision, artifact=ref)
+        else:
+            folder, manifest, _ = self.model(work, precision, preset=ref)
+        if not manifest.refiner:
+            raise InputError(f"--refiner {ref} is not an SDXL refiner ({manifest.preset}); pass a refiner preset "
+                             "(sdxl-refiner, sdxl-refiner-tiny) or export")
+        return folder, manifest
+
+    def engines(self, onnx_folder: Path, work: Path, resolutions: Sequence[tuple[int, int]], name: str = "engines"
                 ) -> tuple[Path | None, float | None, str | None, str | None]:
         """(engine folder, build seconds, where that figure comes from, reason when there is no folder)."""
         from sdrt.runtime.engine_manifest import EngineManifest
 
-        if self.cfg.engines:
+        if self.cfg.engines and name == "engines":
             m = EngineManifest.read(self.cfg.engines)
             secs = sum(e.build_seconds for e in m.engines)
             return Path(self.cfg.engines), (secs or None), "the engine folder's manifest (built before this run)", None
         if importlib.util.find_spec("sdrt.commands.build") is None:
             return None, None, None, ("no engine folder was given (--engines DIR) and this sdrt has no `sdrt build` "
                                       "command to build one")
-        out = work / "engines"
+        out = work / name
 
         def span(values: Sequence[int]) -> str:  # N, or MIN:OPT:MAX with the first requested value as OPT
             return str(values[0]) if min(values) == max(values) else f"{min(values)}:{values[0]}:{max(values)}"
@@ -415,6 +441,16 @@ class _Run:
 
         cfg = self.cfg
         folder, manifest, export_s = self.model(work, precision, fuse="ort-cuda" in available)
+        ref_folder = ref_manifest = None
+        if manifest.refiner and cfg.refiner is None:
+            raise InputError(f"{manifest.preset} is an SDXL refiner: it continues a base model's latents. Measure it "
+                             f"as the second model: --workload base-refiner --refiner {cfg.preset or cfg.artifact} "
+                             "with an SDXL base as --preset / --artifact")
+        if cfg.refiner is not None:
+            if manifest.refiner or manifest.family != "sdxl":
+                raise InputError(f"the base+refiner workload needs an SDXL base model, not {manifest.preset}: pass "
+                                 "--preset sdxl(-tiny) or an SDXL base export with --refiner")
+            ref_folder, ref_manifest = self.refiner_model(work, precision)
         resolutions = list(cfg.resolutions) or [(manifest.default_size, manifest.default_size)]
         components = {k: {"precision": c.precision, "size_bytes": c.size_bytes} for k, c in manifest.components.items()}
         onnx_bytes = sum(c.size_bytes for c in manifest.components.values())
@@ -438,11 +474,29 @@ class _Run:
                 b.artifact_bytes = _engine_bytes(engine_folder)
                 if source:
                     self.notes.append(f"TensorRT engine build time: {source}")
+        ref_engines = None
+        if "tensorrt" in available and ref_folder is not None:
+            ref_engines, ref_build_s, _, why = self.engines(ref_folder, work, resolutions, name="engines-refiner")
+            if ref_engines is None:
+                backends["tensorrt"].status, backends["tensorrt"].reason = "skipped", f"the refiner's engines: {why}"
+                available.remove("tensorrt")
+            else:
+                b = backends["tensorrt"]
+                b.build_s = (b.build_s or 0.0) + (ref_build_s or 0.0)
+                b.artifact_bytes = (b.artifact_bytes or 0) + _engine_bytes(ref_engines)
+        if ref_manifest is not None:
+            ref_bytes = sum(c.size_bytes for c in ref_manifest.components.values())
+            for name in requested:
+                if name != "tensorrt" and backends[name].artifact_bytes is not None:
+                    backends[name].artifact_bytes = int(backends[name].artifact_bytes or 0) + ref_bytes
 
-        base_folder, base_reason = None, None
+        base_folder, base_reason, ref_base_folder = None, None, None
         if cfg.baseline == "torch":
             try:
                 base_folder, base_reason = self.baseline_weights(work, folder, manifest, precision)
+                if base_folder is not None and ref_folder is not None:
+                    ref_base_folder, base_reason = self.baseline_weights(work, ref_folder, ref_manifest, precision)
+                    base_folder = base_folder if ref_base_folder is not None else None
             except ImportError as e:
                 base_reason = f"the baseline needs torch, diffusers and transformers ({e})"
         baselines: list[tuple[str, str, bool, str | None]] = []  # (name, device, compiled, autocast)
@@ -474,8 +528,10 @@ class _Run:
         if cfg.workload == "inpaint":
             self.notes.append("inpaint: diffusers samples the image's latents from the VAE's distribution, sdrt takes "
                               "its mean (deterministic), so the two images differ a little by design")
-        arch, flops_reason = self.flops(manifest) if cfg.workload == "txt2img" else (
+        arch, flops_reason = self.flops(manifest) if cfg.workload in ("txt2img", "few-step", "base-refiner") else (
             None, f"the FLOP count covers txt2img; this run's workload is {cfg.workload}")
+        if ref_manifest is not None:  # the floor counts one UNet's FLOPs per step; a pair runs two UNets
+            arch, flops_reason = None, "the base+refiner workload runs two UNets; the floor counts one model"
         if flops_reason:
             self.notes.append(f"no floor: {flops_reason}")
         shape_flops: dict[tuple[int, int, int], dict[str, int]] = {}
@@ -538,6 +594,12 @@ class _Run:
                 "cuda_graph": cfg.cuda_graph, "autocast": job.autocast, "workload": cfg.workload,
                 **inputs[(job.height, job.width)],
             }
+            if ref_folder is not None:
+                spec["refiner_start"] = cfg.refiner_start
+                if job.kind == "sdrt":
+                    spec["refiner_folder"] = str(ref_engines if job.name == "tensorrt" else ref_folder)
+                else:
+                    spec["refiner_diffusers_folder"] = str(ref_base_folder)
             if job.name == "openvino":
                 spec["ov_precision"] = cfg.openvino_precision or "auto"
                 # a model cache of this run's own, empty for the measured cold start; then a second cold
@@ -547,6 +609,9 @@ class _Run:
             self.emit("job", job.label(), phase="start", job_index=i + 1, jobs=len(jobs))
             res, peaks = self.worker(spec, work, job.label(), job.device)
             m = _measurement(job, res, peaks, cfg, guided)
+            if ref_folder is not None and res["status"] == "ok":
+                m["stages_ms"] = {k: summarize([r["stages"][k] for r in res["runs"]]) for k in REFINER_STAGES}
+                m["raw"]["stages"] = [r["stages"] for r in res["runs"]]
             if job.name == "openvino" and res["status"] == "ok":
                 self.emit("job", job.label(), phase="cached cold start")
                 again, _ = self.worker({**spec, "cold_only": True, "image_out": None}, work,
@@ -566,6 +631,17 @@ class _Run:
 
         _add_ratios(measurements, self._baseline_of, work)
         self.notes += _standard_notes(cfg, guided)
+        if cfg.workload == "few-step":
+            spacing = manifest_spacing(folder)
+            self.notes.append("few-step workload: compare images/s (at 1 step it/s counts one UNet call); the "
+                              "baseline's scheduler is built from the model's own configuration "
+                              f"(timestep_spacing {spacing!r}), as sdrt's sampler")
+        if ref_manifest is not None:
+            self.notes.append(f"base+refiner workload: {manifest.preset} denoises to {cfg.refiner_start} of the "
+                              f"schedule, {ref_manifest.preset} the rest from its latents; the baseline is diffusers' "
+                              "StableDiffusionXLPipeline(denoising_end) + StableDiffusionXLImg2ImgPipeline"
+                              "(denoising_start); sdrt loads the refiner with share_with the base (one scratch block "
+                              "on tensorrt); peak memory is the whole process's, both models loaded")
         doc = {
             "schema": schema.SCHEMA_NAME,
             "schema_version": schema.SCHEMA_VERSION,
@@ -580,6 +656,8 @@ class _Run:
                 "warmup": cfg.warmup, "repeats": cfg.repeats,
                 "threads": self.threads, "guidance_scale": cfg.guidance_scale, "prompt": cfg.prompt, "seed": cfg.seed,
                 "isolation": "subprocess", "workload": cfg.workload,
+                "refiner": None if ref_manifest is None else {"preset": ref_manifest.preset,
+                                                              "refiner_start": cfg.refiner_start},
             },
             "model": {
                 "family": manifest.family, "preset": manifest.preset, "precision": _export_precision(manifest),
@@ -653,6 +731,14 @@ def _engine_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and p.suffix in (".engine", ".plan"))
 
 
+def manifest_spacing(folder: Path) -> str | None:
+    """The timestep spacing of an export's scheduler configuration."""
+    try:
+        return json.loads((folder / "scheduler" / "scheduler_config.json").read_text()).get("timestep_spacing")
+    except (OSError, ValueError):
+        return None
+
+
 def _tail(text: str, lines: int = 8) -> str:
     return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:] if line.strip()) or "(no output)"
 
@@ -685,7 +771,7 @@ def workload_inputs(workload: str, work: Path, h: int, w: int, seed: int) -> dic
     import numpy as np
     from PIL import Image
 
-    if workload == "txt2img":
+    if workload not in ("controlnet", "inpaint"):
         return {}
     rng = np.random.default_rng(seed)
     if workload == "controlnet":
@@ -718,6 +804,17 @@ def _save_diffusers(model: Any, onnx_folder: Path, out: Path, family: str, preci
     cfg = dict(model.scheduler_config)
     sched_cls = getattr(diffusers, str(cfg.get("_class_name", "PNDMScheduler")), diffusers.PNDMScheduler)
     scheduler = sched_cls.from_config(cfg)
+    if model.preset.refiner:  # one encoder and aesthetic scores: diffusers' refiner configuration
+        pipe: Any = diffusers.StableDiffusionXLImg2ImgPipeline(
+            vae=model.vae, text_encoder=None, text_encoder_2=model.text_encoders[0], tokenizer=None,
+            tokenizer_2=CLIPTokenizer.from_pretrained(onnx_folder / "tokenizer_2"), unet=model.unet,
+            scheduler=scheduler, requires_aesthetics_score=True, force_zeros_for_empty_prompt=False,
+            add_watermarker=False)
+        if precision == "fp16":
+            pipe = pipe.to(torch.float16)
+        with atomic_dir(out, marker="model_index.json", what="a diffusers folder") as tmp:
+            pipe.save_pretrained(tmp, safe_serialization=True)
+        return
     tok = CLIPTokenizer.from_pretrained(onnx_folder / "tokenizer")
     cls = pipeline_class(family, workload)
     extra: dict[str, Any] = {} if controlnet is None else {"controlnet": controlnet}
@@ -727,7 +824,7 @@ def _save_diffusers(model: Any, onnx_folder: Path, out: Path, family: str, preci
             extra["requires_aesthetics_score"] = False
         else:
             extra["add_watermarker"] = False
-        pipe: Any = cls(
+        pipe = cls(
             vae=model.vae, text_encoder=model.text_encoders[0], text_encoder_2=model.text_encoders[1], tokenizer=tok,
             tokenizer_2=tok2, unet=model.unet, scheduler=scheduler, force_zeros_for_empty_prompt=True, **extra)
     else:
@@ -748,7 +845,8 @@ def pipeline_class(family: str, workload: str) -> Any:
              ("sd", "controlnet"): "StableDiffusionControlNetPipeline",
              ("sdxl", "controlnet"): "StableDiffusionXLControlNetPipeline",
              ("sd", "inpaint"): "StableDiffusionInpaintPipeline", ("sdxl", "inpaint"): "StableDiffusionXLInpaintPipeline"}
-    return getattr(diffusers, names[("sdxl" if family == "sdxl" else "sd", workload)])
+    kind = workload if workload in ("controlnet", "inpaint") else "txt2img"  # few-step, base-refiner: txt2img's
+    return getattr(diffusers, names[("sdxl" if family == "sdxl" else "sd", kind)])
 
 
 def _measurement(job: _Job, res: dict[str, Any], peaks: MemoryPeaks, cfg: BenchConfig, guided: bool) -> dict[str, Any]:
@@ -834,6 +932,9 @@ def _add_ratios(measurements: list[dict[str, Any]], baseline_of: Callable[[dict[
         m["image_vs_baseline"] = _image_diff(images[i], images[j], m["sampler"])
 
 
+# a base+refiner run's stages, each a summary over the repeats (milliseconds per image call)
+REFINER_STAGES = ("base_text_encoder_ms", "base_denoise_ms", "refiner_text_encoder_ms", "refiner_denoise_ms",
+                  "vae_decoder_ms")
 STOCHASTIC_SAMPLERS = ("euler-a", "lcm")  # they draw fresh noise every step: each side from its own RNG
 
 

@@ -105,6 +105,26 @@ def text_table(doc: dict[str, Any]) -> str:
     for m in doc["measurements"]:
         if m["status"] != "ok":
             lines.append(f"{m['backend']} {m['height']}x{m['width']} batch {m['batch_size']}: {m['status']}: {m['reason']}")
+    cfg = doc.get("config", {})
+    if cfg.get("workload") == "few-step" or cfg.get("refiner"):
+        # one or a few steps: images/s is the figure that means something (it/s is one UNet call or two)
+        for m in doc["measurements"]:
+            if m["status"] == "ok":
+                vs = _vs(m, "images_per_s")
+                lines.append(f"{m['backend']} {m['sampler']}/{m['steps']}: {_num(m['images_per_s'], 2)} images/s"
+                             + (f" ({_x(vs)} {m['baseline']})" if vs is not None else ""))
+    ref = cfg.get("refiner")
+    if ref:
+        lines.append(f"base {doc['model']['preset']} + refiner {ref['preset']} from {ref['refiner_start']} of the "
+                     "schedule; stages p50 ms (base text, base denoise, refiner text, refiner denoise, decode), peak:")
+        for m in doc["measurements"]:
+            st = m.get("stages_ms")
+            if m["status"] == "ok" and st:
+                parts = " / ".join(_num(st[k]["p50"], 1) for k in ("base_text_encoder_ms", "base_denoise_ms",
+                                                                    "refiner_text_encoder_ms", "refiner_denoise_ms",
+                                                                    "vae_decoder_ms"))
+                mem, kind = _memory(m)
+                lines.append(f"  {m['backend']}: {parts}; peak {_gb(mem)} ({kind})")
     guided = any(m.get("guided") for m in doc["measurements"])
     if guided:
         lines.append("it/s: denoising steps per second; each guided step runs the UNet at batch 2 x batch.")

@@ -26,8 +26,8 @@ def _v1_to_v2(doc: dict[str, Any]) -> dict[str, Any]:
 
 
 def _v2_to_v3(doc: dict[str, Any]) -> dict[str, Any]:
-    """Version 3 records ``config.workload``; version 2 runs were all txt2img."""
-    doc["config"]["workload"] = "txt2img"
+    """Version 3 records ``config.workload``; a version 2 run without one was txt2img."""
+    doc["config"].setdefault("workload", "txt2img")
     return doc
 
 

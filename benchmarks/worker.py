@@ -5,7 +5,9 @@ start, peak RSS and GPU memory are its own. A worker reports progress on stdout 
 ``PREFIX`` followed by JSON, and writes its result (or the reason it failed) to RESULT.json.
 
 Jobs: ``sdrt`` (the sdrt Pipeline on one backend; never imports torch), ``diffusers`` (the PyTorch
-baseline), ``matmul`` (the device's matrix-multiply rate). Thread counts come from the spec and the
+baseline), ``matmul`` (the device's matrix-multiply rate). With ``refiner_folder`` in the spec, ``sdrt``
+runs an SDXL base + refiner pair (the refiner loaded with ``share_with`` the base) and ``diffusers`` its
+base(denoising_end) + img2img(denoising_start) pair; each run then records its stages. Thread counts come from the spec and the
 environment the parent sets (OMP_NUM_THREADS and friends), identically for every job.
 """
 
@@ -69,6 +71,10 @@ def run_sdrt(spec: dict[str, Any]) -> dict[str, Any]:
         # --cuda-graph is ort-cuda's; None elsewhere: the backend's default (tensorrt captures its denoising loop)
         pipe = Pipeline.load(spec["folder"], backend=spec["backend"], threads=spec["threads"],
                              cuda_graph=True if spec.get("cuda_graph") and spec["backend"] == "ort-cuda" else None)
+    refiner = None
+    if spec.get("refiner_folder"):  # one device and one scratch block for both models
+        refiner = Pipeline.load(spec["refiner_folder"], backend=pipe.backend.name, threads=spec["threads"],
+                                share_with=pipe)
     load_ms = (time.perf_counter() - t0) * 1e3
     latents = np.load(spec["latents"]) if spec.get("latents") else None
     images = workload_images(spec)
@@ -77,17 +83,25 @@ def run_sdrt(spec: dict[str, Any]) -> dict[str, Any]:
         extra["control_images"] = [images["control_image"]]
     if "mask_image" in images:
         extra.update(image=images["init_image"], mask_image=images["mask_image"])
+    pair = {} if refiner is None else {"refiner": refiner, "refiner_start": spec["refiner_start"]}
 
     def call() -> dict[str, Any]:
         t = time.perf_counter()
         r = pipe(spec["prompt"], height=spec["height"], width=spec["width"], steps=spec["steps"],
                  guidance_scale=spec["guidance_scale"], sampler=spec["sampler"], seed=spec["seed"],
-                 batch_size=spec["batch_size"], latents=latents, **extra)
+                 batch_size=spec["batch_size"], latents=latents, **extra, **pair)
         wall = (time.perf_counter() - t) * 1e3
         tm = r.timings
-        return {"text_encoder_ms": float(tm["text_encoder_ms"]), "unet_steps_ms": [float(x) for x in tm["unet_steps_ms"]],
-                "vae_decoder_ms": float(tm["vae_decoder_ms"]), "total_ms": float(tm["total_ms"]), "wall_ms": wall,
-                "images": r.images, "nonfinite": list(r.nonfinite), "loop": r.loop, "clock": tm.get("clock", "host")}
+        out = {"text_encoder_ms": float(tm["text_encoder_ms"]), "unet_steps_ms": [float(x) for x in tm["unet_steps_ms"]],
+               "vae_decoder_ms": float(tm["vae_decoder_ms"]), "total_ms": float(tm["total_ms"]), "wall_ms": wall,
+               "images": r.images, "nonfinite": list(r.nonfinite), "loop": r.loop, "clock": tm.get("clock", "host")}
+        if refiner is not None:
+            out["stages"] = {"base_text_encoder_ms": float(tm["base_text_encoder_ms"]),
+                             "refiner_text_encoder_ms": float(tm["refiner_text_encoder_ms"]),
+                             "base_denoise_ms": float(sum(tm["base_steps_ms"])),
+                             "refiner_denoise_ms": float(sum(tm["refiner_steps_ms"])),
+                             "vae_decoder_ms": float(tm["vae_decoder_ms"])}
+        return out
 
     if spec.get("cold_only"):  # a second cold start (the model cache filled): load and first image only
         first, runs = _measure(call, {**spec, "warmup": 0, "repeats": 0})
@@ -213,38 +227,58 @@ def run_diffusers(spec: dict[str, Any]) -> dict[str, Any]:
     else:
         pipe = cls.from_pretrained(spec["folder"], torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
     pipe = pipe.to(device)  # torch_dtype: deprecated in diffusers 0.42 for dtype=, but every version reads it
-    if pipe.unet.dtype != dtype:
-        raise RuntimeError(f"diffusers loaded the UNet as {pipe.unet.dtype}, not {dtype}; the baseline would be wrong")
+    refiner = None
+    if spec.get("refiner_diffusers_folder"):
+        refiner = diffusers.StableDiffusionXLImg2ImgPipeline.from_pretrained(
+            spec["refiner_diffusers_folder"], torch_dtype=dtype, add_watermarker=False).to(device)
     cls_name, extra = SCHEDULERS[sampler]
-    pipe.scheduler = getattr(diffusers, cls_name).from_config(pipe.scheduler.config, **extra)
-    pipe.set_progress_bar_config(disable=True)
-    if spec.get("compile"):
-        pipe.unet = torch.compile(pipe.unet, mode=spec.get("compile_mode") or None)
+    for p in (pipe, refiner):
+        if p is None:
+            continue
+        if p.unet.dtype != dtype:
+            raise RuntimeError(f"diffusers loaded the UNet as {p.unet.dtype}, not {dtype}; the baseline would be wrong")
+        p.scheduler = getattr(diffusers, cls_name).from_config(p.scheduler.config, **extra)  # each its own config
+        p.set_progress_bar_config(disable=True)
+        if spec.get("compile"):
+            p.unet = torch.compile(p.unet, mode=spec.get("compile_mode") or None)
     if cuda:
         torch.cuda.synchronize()
     load_ms = (time.perf_counter() - t0) * 1e3
-    weight_bytes = sum(p.numel() * p.element_size() for m in (pipe.unet, pipe.vae, pipe.text_encoder,
-                                                              getattr(pipe, "text_encoder_2", None))
-                       if m is not None for p in m.parameters())
+    weight_bytes = sum(q.numel() * q.element_size() for p in (pipe, refiner) if p is not None
+                       for m in (p.unet, p.vae, p.text_encoder, getattr(p, "text_encoder_2", None))
+                       if m is not None for q in m.parameters())
 
     clock = _Clock(cuda)
-    encode, decode = pipe.encode_prompt, pipe.vae.decode
 
-    def timed_encode(*a: Any, **k: Any) -> Any:
-        clock.mark("text0")
-        out = encode(*a, **k)
-        clock.mark("text1")
-        return out
+    def instrument(p: Any, tag: str) -> Callable[..., dict[str, Any]]:
+        """Marks around the pipeline's text encoding, VAE decode, first UNet call and each step; returns its
+        step-end callback."""
+        encode, decode = p.encode_prompt, p.vae.decode
 
-    def timed_decode(*a: Any, **k: Any) -> Any:
-        clock.mark("vae0")
-        out = decode(*a, **k)
-        clock.mark("vae1")
-        return out
+        def timed_encode(*a: Any, **k: Any) -> Any:
+            clock.mark(f"{tag}text0")
+            out = encode(*a, **k)
+            clock.mark(f"{tag}text1")
+            return out
 
-    pipe.encode_prompt = timed_encode
-    pipe.vae.decode = timed_decode
-    pipe.unet.register_forward_pre_hook(lambda module, args: clock.mark("unet0", first_only=True))
+        def timed_decode(*a: Any, **k: Any) -> Any:
+            clock.mark("vae0")
+            out = decode(*a, **k)
+            clock.mark("vae1")
+            return out
+
+        p.encode_prompt = timed_encode
+        p.vae.decode = timed_decode
+        p.unet.register_forward_pre_hook(lambda module, args: clock.mark(f"{tag}unet0", first_only=True))
+
+        def on_step_end(_: Any, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+            clock.mark((f"{tag}step", i))
+            return kwargs
+
+        return on_step_end
+
+    base_steps = instrument(pipe, "")
+    refiner_steps = None if refiner is None else instrument(refiner, "r")
     if getattr(pipe, "controlnet", None) is not None:  # a step starts with the ControlNet, before the UNet
         pipe.controlnet.register_forward_pre_hook(lambda module, args: clock.mark("unet0", first_only=True))
     images = workload_images(spec)
@@ -253,10 +287,6 @@ def run_diffusers(spec: dict[str, Any]) -> dict[str, Any]:
         inputs["image"] = images["control_image"]
     if "mask_image" in images:
         inputs.update(image=images["init_image"], mask_image=images["mask_image"])
-
-    def on_step_end(p: Any, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-        clock.mark(("step", i))
-        return kwargs
 
     def autocast() -> Any:
         """bf16 autocast (fp32 weights; matmuls and convolutions in bf16), or nothing."""
@@ -268,29 +298,48 @@ def run_diffusers(spec: dict[str, Any]) -> dict[str, Any]:
     if spec.get("latents"):
         latents = torch.from_numpy(np.load(spec["latents"])).to(device=device, dtype=dtype)
 
+    def step_times(tag: str) -> list[float]:
+        steps = sorted(k[1] for k in clock.marks if isinstance(k, tuple) and k[0] == f"{tag}step")
+        out: list[float] = []
+        prev: Any = f"{tag}unet0"
+        for i in steps:
+            out.append(clock.ms(prev, (f"{tag}step", i)))
+            prev = (f"{tag}step", i)
+        return out
+
     def call() -> dict[str, Any]:
         clock.marks.clear()
         gen = torch.Generator(device=device).manual_seed(spec["seed"])
         if cuda:
             torch.cuda.synchronize()
         t = time.perf_counter()
+        common = {"num_inference_steps": spec["steps"], "guidance_scale": spec["guidance_scale"],
+                  "num_images_per_prompt": spec["batch_size"], "generator": gen}
         with torch.inference_mode(), autocast():
-            out = pipe(spec["prompt"], height=spec["height"], width=spec["width"],
-                       num_inference_steps=spec["steps"], guidance_scale=spec["guidance_scale"],
-                       num_images_per_prompt=spec["batch_size"], generator=gen, latents=latents,
-                       callback_on_step_end=on_step_end, **inputs)
+            if refiner is None:
+                out = pipe(spec["prompt"], height=spec["height"], width=spec["width"], latents=latents,
+                           callback_on_step_end=base_steps, **common, **inputs)
+            else:  # diffusers' ensemble of expert denoisers: latents, not pixels, pass between the two
+                f = spec["refiner_start"]
+                handoff = pipe(spec["prompt"], height=spec["height"], width=spec["width"], latents=latents,
+                               denoising_end=f, output_type="latent", callback_on_step_end=base_steps,
+                               **common).images
+                out = refiner(spec["prompt"], image=handoff, denoising_start=f, callback_on_step_end=refiner_steps,
+                              **common)
         if cuda:
             torch.cuda.synchronize()
         total = (time.perf_counter() - t) * 1e3
-        steps = sorted(k[1] for k in clock.marks if isinstance(k, tuple))
-        step_ms: list[float] = []
-        prev: Any = "unet0"
-        for i in steps:
-            step_ms.append(clock.ms(prev, ("step", i)))
-            prev = ("step", i)
-        return {"text_encoder_ms": clock.ms("text0", "text1"), "unet_steps_ms": step_ms,
-                "vae_decoder_ms": clock.ms("vae0", "vae1"), "total_ms": total, "wall_ms": total,
-                "images": out.images, "nonfinite": []}
+        base_ms, ref_ms = step_times(""), step_times("r")
+        record = {"text_encoder_ms": clock.ms("text0", "text1"), "unet_steps_ms": base_ms + ref_ms,
+                  "vae_decoder_ms": clock.ms("vae0", "vae1"), "total_ms": total, "wall_ms": total,
+                  "images": out.images, "nonfinite": []}
+        if refiner is not None:
+            rtext = clock.ms("rtext0", "rtext1")
+            record["text_encoder_ms"] += rtext
+            record["stages"] = {"base_text_encoder_ms": clock.ms("text0", "text1"), "refiner_text_encoder_ms": rtext,
+                                "base_denoise_ms": sum(base_ms), "refiner_denoise_ms": sum(ref_ms),
+                                "vae_decoder_ms": record["vae_decoder_ms"]}
+        return record
 
     first, runs = _measure(call, spec)
     attn = sorted({type(p).__name__ for p in pipe.unet.attn_processors.values()})

@@ -19,7 +19,7 @@ from sdrt import __version__
 from sdrt.runtime.atomic import atomic_dir, check_output_dir
 from sdrt.runtime.errors import InputError
 from sdrt.runtime.inpaint import MASKED_ENCODER
-from sdrt.runtime.manifest import MANIFEST_NAME, ExportManifest, ShapeLimits
+from sdrt.runtime.manifest import MANIFEST_NAME, ExportManifest, ShapeLimits, pooled_encoder, tokenizer_of
 
 from . import wrappers
 from .controlnet_loading import LoadedControlNet, check_pairing
@@ -54,9 +54,8 @@ def component_specs(model: LoadedModel, vae_fp32: bool | None = None, clip_skip:
     vae32 = p.vae_fp32 if vae_fp32 is None else vae_fp32
     sdxl = p.family == "sdxl"
     specs: list[ComponentSpec] = []
-    for i, enc in enumerate(model.text_encoders):
-        name = "text_encoder" if i == 0 else f"text_encoder_{i + 1}"
-        pooled = sdxl and i == 1
+    for name, enc in zip(p.encoder_names, model.text_encoders, strict=True):
+        pooled = pooled_encoder(name)
         hidden = int(enc.config.hidden_size)
         outs: list[tuple[str, str, tuple[int | str, ...]]] = [("hidden_states", "float", ("batch", TEXT_LEN, hidden))]
         if pooled:
@@ -87,8 +86,11 @@ def component_specs(model: LoadedModel, vae_fp32: bool | None = None, clip_skip:
         ("encoder_hidden_states", "float", ("batch", "sequence", cross)),
     ]
     pooled_dim = int(model.text_encoders[-1].config.projection_dim)
+    # SDXL: [h, w, crop_top, crop_left, target_h, target_w]; the refiner: [h, w, crop_top, crop_left, aesthetic]
+    time_ids = [1024.0, 1024, 0, 0, 6.0] if p.refiner else [1024.0, 1024, 0, 0, 1024, 1024]
     if sdxl:
-        unet_inputs += [("text_embeds", "float", ("batch", pooled_dim)), ("time_ids", "float", ("batch", 6))]
+        unet_inputs += [("text_embeds", "float", ("batch", pooled_dim)),
+                        ("time_ids", "float", ("batch", len(time_ids)))]
     cond_dim = model.unet.config.get("time_cond_proj_dim")  # LCM-distilled: the guidance embedding's width
     if cond_dim:
         unet_inputs.append(("timestep_cond", "float", ("batch", int(cond_dim))))
@@ -100,7 +102,7 @@ def component_specs(model: LoadedModel, vae_fp32: bool | None = None, clip_skip:
             torch.randn(b, TEXT_LEN, cross, generator=g),
         ]
         if sdxl:
-            args += [torch.randn(b, pooled_dim, generator=g), torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]] * b)]
+            args += [torch.randn(b, pooled_dim, generator=g), torch.tensor([time_ids] * b)]
         if cond_dim:
             args.append(torch.randn(b, int(cond_dim), generator=g))
         return tuple(args)
@@ -204,6 +206,11 @@ def _model_index(model: LoadedModel) -> dict[str, object]:
         idx["text_encoder_2"] = ["onnxruntime", "ORTModelTextEncoder"]
         idx["tokenizer_2"] = ["transformers", "CLIPTokenizer"]
         idx["force_zeros_for_empty_prompt"] = True
+    if model.preset.refiner:  # diffusers' refiner config: one encoder, aesthetic scores, "" negatives encoded
+        idx["_class_name"] = "ORTStableDiffusionXLImg2ImgPipeline"
+        del idx["text_encoder"], idx["tokenizer"]
+        idx["requires_aesthetics_score"] = True
+        idx["force_zeros_for_empty_prompt"] = False
     return idx
 
 
@@ -261,10 +268,9 @@ def export_model(
             components[spec.name] = export_component(
                 spec, precision, tmp / spec.name, opset=opset, parity_shape=parity_shape, progress=progress
             )
-        for i, pad in enumerate(p.pad_tokens):
-            name = "tokenizer" if i == 0 else f"tokenizer_{i + 1}"
+        for i, (enc_name, pad) in enumerate(zip(p.encoder_names, p.pad_tokens, strict=True)):
             src = model.tokenizer_dirs[i] if i < len(model.tokenizer_dirs) else None
-            write_clip_tokenizer(tmp / name, pad_token=pad, source=src)
+            write_clip_tokenizer(tmp / tokenizer_of(enc_name), pad_token=pad, source=src)
         (tmp / "scheduler").mkdir()
         (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(model.scheduler_config, indent=2))
         (tmp / "model_index.json").write_text(json.dumps(_model_index(model), indent=2))
@@ -283,6 +289,8 @@ def export_model(
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             clip_skip=clip_skip,
             controlnets=tuple(f"controlnet_{j}" for j in range(len(controlnets))),
+            refiner=p.refiner,
+            latent_scaling=float(model.vae.config.scaling_factor),
         )
         manifest.write(tmp)
     return manifest

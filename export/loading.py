@@ -20,7 +20,7 @@ import torch
 
 from sdrt.runtime.errors import ArtifactError, InputError, UnsafeCheckpointError
 
-from .presets import PRESETS, Preset, get_preset
+from .presets import PRESETS, Preset, encoder_names, get_preset, pooled_encoder
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +62,8 @@ def random_model(preset_name: str, seed: int = 0) -> LoadedModel:
     unet = UNet2DConditionModel(**preset.config("unet"))
     vae = AutoencoderKL(**preset.config("vae"))
     encoders: list[torch.nn.Module] = []
-    for i, cfg in enumerate(preset.text_encoders):
-        cls = CLIPTextModelWithProjection if (preset.family == "sdxl" and i == 1) else CLIPTextModel
+    for name, cfg in zip(preset.encoder_names, preset.text_encoders, strict=True):
+        cls = CLIPTextModelWithProjection if pooled_encoder(name) else CLIPTextModel
         encoders.append(cls(CLIPTextConfig(**cfg)))
     for module in (unet, vae, *encoders):
         _randomize_norms(module, seed)
@@ -103,11 +103,38 @@ def _family_of_folder(index: dict[str, Any], folder: Path) -> str:
     return "sd1"
 
 
-def _preset_for(family: str, prediction_type: str, sample_size: int, in_channels: int = 4) -> Preset:
+def _has_component(index: dict[str, Any], folder: Path, name: str) -> bool:
+    """diffusers writes an absent component as ``[null, null]`` in model_index.json (the refiner's
+    text_encoder)."""
+    entry = index.get(name)
+    if isinstance(entry, list) and not any(entry):
+        return False
+    return name in index or (folder / name).is_dir()
+
+
+def is_refiner_folder(index: dict[str, Any], folder: Path) -> bool:
+    """An SDXL refiner (stabilityai/stable-diffusion-xl-refiner-1.0's layout): the pipeline config asks for
+    aesthetic scores, or only the second text encoder is there, or the UNet's added conditioning is five
+    time ids wide (plus the pooled embedding) rather than six."""
+    if index.get("requires_aesthetics_score"):
+        return True
+    if _has_component(index, folder, "text_encoder_2") and not _has_component(index, folder, "text_encoder"):
+        return True
+    try:
+        unet = json.loads((folder / "unet" / "config.json").read_text())
+        te2 = json.loads((folder / "text_encoder_2" / "config.json").read_text())
+        time_dim, width = int(unet["addition_time_embed_dim"]), int(unet["projection_class_embeddings_input_dim"])
+        return width == 5 * time_dim + int(te2["projection_dim"])
+    except (OSError, KeyError, TypeError, ValueError):
+        return False
+
+
+def _preset_for(family: str, prediction_type: str, sample_size: int, in_channels: int = 4,
+                refiner: bool = False) -> Preset:
     """The shipped preset of a family that matches a model's UNet input (4 channels, or 9 for an
     inpainting model), prediction type and size."""
     candidates = [p for p in PRESETS.values()
-                  if p.family == family and not p.name.endswith("-tiny") and p.by_shape]
+                  if p.family == family and not p.name.endswith("-tiny") and p.by_shape and p.refiner == refiner]
     candidates = [p for p in candidates if p.unet["in_channels"] == in_channels] or candidates
     for p in candidates:
         if p.prediction_type == prediction_type and p.unet["sample_size"] == sample_size:
@@ -126,9 +153,10 @@ def diffusers_folder(path: Path) -> LoadedModel:
     index_path = path / "model_index.json"
     index = json.loads(index_path.read_text())
     family = _family_of_folder(index, path)
-    needed = ["unet", "vae", "text_encoder", "tokenizer", "scheduler"]
-    if family == "sdxl":
-        needed += ["text_encoder_2", "tokenizer_2"]
+    refiner = family == "sdxl" and is_refiner_folder(index, path)
+    encoders_in = encoder_names(family, refiner)
+    tokenizers_in = [n.replace("text_encoder", "tokenizer") for n in encoders_in]
+    needed = ["unet", "vae", "scheduler", *encoders_in, *tokenizers_in]
     missing = [c for c in needed if not (path / c).is_dir()]
     if missing:
         raise ArtifactError(
@@ -147,13 +175,13 @@ def diffusers_folder(path: Path) -> LoadedModel:
     try:
         unet = UNet2DConditionModel.from_pretrained(path / "unet", **kw)
         vae = AutoencoderKL.from_pretrained(path / "vae", **kw)
-        encoders: list[torch.nn.Module] = [CLIPTextModel.from_pretrained(path / "text_encoder", **kw)]
-        if family == "sdxl":
-            encoders.append(CLIPTextModelWithProjection.from_pretrained(path / "text_encoder_2", **kw))
+        encoders: list[torch.nn.Module] = [
+            (CLIPTextModelWithProjection if pooled_encoder(n) else CLIPTextModel).from_pretrained(path / n, **kw)
+            for n in encoders_in]
     except (OSError, ValueError) as e:
         raise ArtifactError(f"cannot load the diffusers folder {path}: {e}") from e
     prediction = scheduler_config.get("prediction_type", "epsilon")
-    base = _preset_for(family, prediction, int(unet.config.sample_size), int(unet.config.in_channels))
+    base = _preset_for(family, prediction, int(unet.config.sample_size), int(unet.config.in_channels), refiner)
     preset = replace(
         base,
         name=base.name if _same_arch(base, unet) else f"{base.name}-custom",
@@ -164,7 +192,7 @@ def diffusers_folder(path: Path) -> LoadedModel:
         text_encoders=tuple(e.config.to_dict() for e in encoders),
         scheduler=scheduler_config,
     )
-    tok_dirs: list[Path | None] = [path / "tokenizer"] + ([path / "tokenizer_2"] if family == "sdxl" else [])
+    tok_dirs: list[Path | None] = [path / t for t in tokenizers_in]
     return LoadedModel(
         preset=preset,
         unet=unet.eval(),

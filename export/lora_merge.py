@@ -21,8 +21,8 @@ def merge_loras(model: LoadedModel, specs: Sequence[LoraSpec]) -> dict[str, Merg
     component and records the files in ``model.source["loras"]``. A file that adapts no weight of the model
     is an error (the wrong family, or not a LoRA)."""
     loras = [(read_lora(s.path), float(s.scale)) for s in specs]
-    modules = {"unet": model.unet, **{("text_encoder" if i == 0 else f"text_encoder_{i + 1}"): enc
-                                       for i, enc in enumerate(model.text_encoders)}}
+    # by component name: a refiner's one encoder is text_encoder_2, as LoRAs for it name it
+    modules = {"unet": model.unet, **dict(zip(model.preset.encoder_names, model.text_encoders, strict=True))}
     reports: dict[str, MergeReport] = {}
     matched_any = {lf.path: False for lf, _ in loras}
     with torch.no_grad():

@@ -2,8 +2,11 @@
 
 Full-size presets mirror the public diffusers configurations of SD 1.5, SD 2.1 (base 512 epsilon and
 768 v-prediction), SDXL base 1.0, and the few-step distillations SD-Turbo (SD 2.1's architecture) and
-SDXL-Turbo (SDXL's), both served at 512 with Euler ancestral over trailing timesteps. Each ``-tiny`` preset keeps its family's structure (the same
-block types, levels, encoders and conditioning inputs) with small widths, for tests and the demo.
+SDXL-Turbo (SDXL's), both served at 512 with Euler ancestral over trailing timesteps, and the SDXL refiner 1.0
+(an SDXL-family expert for the last part of the schedule: only the OpenCLIP bigG encoder, aesthetic-score
+time ids). Each ``-tiny`` preset keeps its family's structure (the same block types, levels, encoders and
+conditioning inputs) with small widths, for tests and the demo; ``sdxl-refiner-tiny`` pairs with ``sdxl-tiny``
+(its encoder is as wide as sdxl-tiny's second one).
 """
 
 from __future__ import annotations
@@ -13,6 +16,9 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from sdrt.runtime.errors import InputError
+from sdrt.runtime.manifest import encoder_names, pooled_encoder
+
+__all__ = ["PRESETS", "Preset", "encoder_names", "get_preset", "pooled_encoder"]
 
 
 @dataclass(frozen=True)
@@ -29,9 +35,18 @@ class Preset:
     vae_fp32: bool = False  # the VAE overflows in fp16 (SDXL): keep it fp32
     # False: the weights have another preset's shapes (a distillation), so only its name selects it
     by_shape: bool = True
+    # an SDXL refiner: one text encoder (the second, with projection) and time ids
+    # [h, w, crop_top, crop_left, aesthetic_score]
+    refiner: bool = False
 
     def config(self, part: str) -> dict[str, Any]:
         return copy.deepcopy(getattr(self, part))
+
+    @property
+    def encoder_names(self) -> tuple[str, ...]:
+        """The export's text encoder components, in the order of ``text_encoders``."""
+        return encoder_names(self.family, self.refiner)
+
 
 
 _SCHED_COMMON = {
@@ -88,6 +103,8 @@ _SD_DOWN = ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2
 _SD_UP = ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
 _XL_DOWN = ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"]
 _XL_UP = ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]
+_REFINER_DOWN = ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]
+_REFINER_UP = ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]
 
 
 def _sd_unet(channels: list[int], head_dim: int | list[int], cross: int, sample: int, groups: int = 32,
@@ -145,6 +162,15 @@ def _xl_unet(channels: list[int], heads: list[int], tlayers: list[int], cross: i
     }
 
 
+def _refiner_unet(channels: list[int], heads: list[int], tlayers: int, cross: int, time_dim: int,
+                  text_embed_dim: int, sample: int, groups: int = 32) -> dict[str, Any]:
+    """stabilityai/stable-diffusion-xl-refiner-1.0's UNet layout: four levels, attention in the middle two."""
+    cfg = _xl_unet(channels, heads, [tlayers] * len(channels), cross, time_dim, text_embed_dim, sample, groups)
+    # five time ids (original size, crop, aesthetic score) embedded, plus the pooled text embedding
+    return {**cfg, "down_block_types": _REFINER_DOWN, "up_block_types": _REFINER_UP,
+            "transformer_layers_per_block": tlayers, "projection_class_embeddings_input_dim": 5 * time_dim + text_embed_dim}
+
+
 def _sched(cls: str, prediction: str, **extra: Any) -> dict[str, Any]:
     return {"_class_name": cls, **_SCHED_COMMON, "prediction_type": prediction, **extra}
 
@@ -197,6 +223,16 @@ _add(Preset(
     vae_fp32=True,
 ))
 _add(Preset(
+    "sdxl-refiner", "sdxl", "epsilon", 1024,
+    unet=_refiner_unet([384, 768, 1536, 1536], [6, 12, 12, 24], 4, 1280, 256, 1280, 128),
+    vae=_vae([128, 256, 512, 512], 1024, 0.13025),
+    text_encoders=(_clip(1280, 5120, 20, 32, "gelu", 1280),),
+    scheduler=_sched("EulerDiscreteScheduler", "epsilon", **_EULER),
+    pad_tokens=("!",),
+    vae_fp32=True,
+    refiner=True,
+))
+_add(Preset(
     "sd-turbo", "sd2", "epsilon", 512,
     unet=_sd_unet([320, 640, 1280, 1280], [5, 10, 20, 20], 1024, 64, linear_proj=True),
     vae=_vae([128, 256, 512, 512], 512, 0.18215),
@@ -242,6 +278,16 @@ _add(Preset(
     scheduler=_sched("EulerDiscreteScheduler", "epsilon", **_EULER),
     pad_tokens=("<|endoftext|>", "!"),
     vae_fp32=True,
+))
+_add(Preset(
+    "sdxl-refiner-tiny", "sdxl", "epsilon", 64,
+    unet=_refiner_unet([32, 64, 64, 64], [2, 4, 4, 4], 2, 32, 8, 32, 8, groups=8),
+    vae=_vae([16, 16, 32, 32], 64, 0.13025, groups=8, layers=1),
+    text_encoders=(_clip(32, 64, 4, 3, "gelu", 32),),  # as wide as sdxl-tiny's second encoder: a pair
+    scheduler=_sched("EulerDiscreteScheduler", "epsilon", **_EULER),
+    pad_tokens=("!",),
+    vae_fp32=True,
+    refiner=True,
 ))
 _add(replace(PRESETS["sd21-tiny"], name="sd-turbo-tiny", prediction_type="epsilon",
              scheduler=_sched("EulerAncestralDiscreteScheduler", "epsilon", **_TURBO), by_shape=False))

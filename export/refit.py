@@ -357,8 +357,8 @@ def _checkpoint_state_dicts(path: str, allow_pickle: bool) -> dict[str, dict[str
 
     model = load_model(path, allow_pickle=allow_pickle)
     modules = {"unet": model.unet}
-    for i, enc in enumerate(model.text_encoders):
-        modules["text_encoder" if i == 0 else f"text_encoder_{i + 1}"] = enc
+    for name, enc in zip(model.preset.encoder_names, model.text_encoders, strict=True):  # a refiner: text_encoder_2
+        modules[name] = enc
     return {name: {k: v.detach().float().cpu().numpy() for k, v in m.state_dict().items()}
             for name, m in modules.items()}
 

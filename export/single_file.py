@@ -2,7 +2,7 @@
 
 Two steps, kept apart so the first can run on key names and shapes alone:
 
-1. ``detect_preset`` tells the family (SD 1.x, SD 2.x, SDXL base) from the key layout and the shipped preset
+1. ``detect_preset`` tells the family (SD 1.x, SD 2.x, SDXL base, SDXL refiner) from the key layout and the shipped preset
    from tensor shapes (tiny presets included);
 2. ``load_single_file`` converts with diffusers' own single-file code, fed with that preset's shipped
    configurations written to a temporary folder, so nothing is fetched.
@@ -25,11 +25,12 @@ import torch
 from sdrt.runtime.errors import ArtifactError, InputError, UnsafeCheckpointError
 
 from .loading import PICKLE_SUFFIXES, LoadedModel, sha256_file
-from .presets import PRESETS, Preset, get_preset
+from .presets import PRESETS, Preset, get_preset, pooled_encoder
 
 log = logging.getLogger(__name__)
 
-FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL base"}
+# key layouts: the families, with the SDXL refiner apart (its one encoder is where the base's CLIP ViT-L is)
+FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL base", "sdxl-refiner": "SDXL refiner"}
 
 _UNET = "model.diffusion_model."
 _VAE = "first_stage_model."
@@ -37,13 +38,19 @@ _CLIP = "cond_stage_model.transformer.text_model."  # HF CLIPTextModel layout
 _OPENCLIP = "cond_stage_model.model."  # OpenCLIP layout
 _XL_CLIP = "conditioner.embedders.0.transformer.text_model."
 _XL_OPENCLIP = "conditioner.embedders.1.model."
+_REFINER_OPENCLIP = "conditioner.embedders.0.model."  # the refiner's only encoder, OpenCLIP bigG
 
 # Per family, each text encoder's key prefix and layout, in the order of LoadedModel.text_encoders.
 _ENCODERS: dict[str, tuple[tuple[str, str], ...]] = {
     "sd1": ((_CLIP, "clip"),),
     "sd2": ((_OPENCLIP, "openclip"),),
     "sdxl": ((_XL_CLIP, "clip"), (_XL_OPENCLIP, "openclip")),
+    "sdxl-refiner": ((_REFINER_OPENCLIP, "openclip"),),
 }
+
+
+def _layout(preset: Preset) -> str:
+    return "sdxl-refiner" if preset.refiner else preset.family
 
 # The HF CLIP text encoders' roots: transformers < 5.6 saved CLIPTextModel under ``text_model.``, later ones
 # flattened it, and some converters write such a state dict under the LDM root as is. Read both (diffusers'
@@ -51,7 +58,7 @@ _ENCODERS: dict[str, tuple[tuple[str, str], ...]] = {
 _CLIP_ROOTS = tuple(p.removesuffix("text_model.") for p in (_CLIP, _XL_CLIP))
 _TEXT_MODEL = "text_model."
 # what an LDM single file holds besides its components: prefixes of keys sdrt reads or knowingly ignores
-_KNOWN_PREFIXES = (_UNET, _VAE, _CLIP, _OPENCLIP, _XL_CLIP, _XL_OPENCLIP, "model_ema.")
+_KNOWN_PREFIXES = (_UNET, _VAE, _CLIP, _OPENCLIP, _XL_CLIP, _XL_OPENCLIP, _REFINER_OPENCLIP, "model_ema.")
 
 # The shapes of the SD 2.x 512 epsilon and 768 v-prediction models are the same.
 _DEFAULT_WHEN_AMBIGUOUS = {"sd2": "sd21-768"}
@@ -150,12 +157,15 @@ def _unpickle(path: Path) -> dict[str, torch.Tensor]:
 
 
 def detect_family(keys: Mapping[str, Any], name: str = "the checkpoint") -> str:
-    """``sd1``, ``sd2`` or ``sdxl`` from the text encoders' key layout; checks UNet and VAE are there."""
+    """``sd1``, ``sd2``, ``sdxl`` or ``sdxl-refiner`` from the text encoders' key layout; checks UNet and VAE
+    are there."""
     if "control_model.input_hint_block.0.weight" in keys or "input_hint_block.0.weight" in keys:
         raise InputError(
             f"{name} is a ControlNet (it holds a conditioning-image embedding, input_hint_block), not a whole "
             "model; pass it as --controlnet, with the model it was trained for as --model")
-    if (
+    if _REFINER_OPENCLIP + "token_embedding.weight" in keys and _XL_OPENCLIP + "token_embedding.weight" not in keys:
+        family = "sdxl-refiner"
+    elif (
         _XL_CLIP + "embeddings.token_embedding.weight" in keys
         and _XL_OPENCLIP + "token_embedding.weight" in keys
     ):
@@ -178,10 +188,9 @@ def detect_family(keys: Mapping[str, Any], name: str = "the checkpoint") -> str:
 def _unknown_layout(keys: Mapping[str, Any], name: str) -> str:
     supported = (
         "sdrt reads single-file checkpoints of SD 1.x (cond_stage_model.transformer.*), SD 2.x "
-        "(cond_stage_model.model.*) and SDXL base (conditioner.embedders.0/1.*) in the original LDM layout"
+        "(cond_stage_model.model.*), SDXL base (conditioner.embedders.0/1.*) and the SDXL refiner "
+        "(conditioner.embedders.0.model.*) in the original LDM layout"
     )
-    if "conditioner.embedders.0.model.token_embedding.weight" in keys:
-        return f"{name} looks like an SDXL refiner checkpoint, which is not supported; {supported}"
     if any(k.startswith(("down_blocks.", "conv_in.", "encoder.down_blocks.", "text_model.")) for k in keys):
         return (
             f"{name} holds one diffusers component, not a whole model; pass the diffusers folder that holds "
@@ -259,7 +268,7 @@ def _observed(shapes: Mapping[str, tuple[int, ...]], family: str) -> dict[str, A
             obs[f"{te} width"] = dim(prefix + "token_embedding.weight", 1)
             obs[f"{te} layers"] = _count(keys, re.escape(prefix) + r"transformer\.resblocks\.(\d+)\.")
             obs[f"{te} MLP width"] = dim(prefix + "transformer.resblocks.0.mlp.c_fc.weight", 0)
-            if family == "sdxl":
+            if family.startswith("sdxl"):
                 obs[f"{te} projection width"] = dim(prefix + "text_projection", 1)
     return obs
 
@@ -290,7 +299,7 @@ def _expected(preset: Preset) -> dict[str, list[Any]]:
         "VAE latent channels": [v["latent_channels"]],
     }
     for i, ((_, layout), cfg) in enumerate(
-        zip(_ENCODERS[preset.family], preset.text_encoders, strict=True), start=1
+        zip(_ENCODERS[_layout(preset)], preset.text_encoders, strict=True), start=1
     ):
         te = f"text encoder {i}"
         layers = cfg["num_hidden_layers"]
@@ -326,13 +335,13 @@ def detect_preset(
     dims = {k: tuple(int(d) for d in shapes[f]) for k, f in ldm_key_names(shapes).items()}
     family = detect_family(dims, name)
     observed = _observed(dims, family)
-    candidates = [p for p in PRESETS.values() if p.family == family and p.by_shape]  # turbo: --arch only
+    candidates = [p for p in PRESETS.values() if _layout(p) == family and p.by_shape]  # turbo: --arch only
     matches = [p for p in candidates if not _differences(p, observed)]
     if arch is not None:
         preset = get_preset(arch)
-        if preset.family != family:
+        if _layout(preset) != family:
             raise InputError(
-                f"--arch {arch} is an {FAMILY_NAMES[preset.family]} preset, but {name} is an "
+                f"--arch {arch} is an {FAMILY_NAMES[_layout(preset)]} preset, but {name} is an "
                 f"{FAMILY_NAMES[family]} checkpoint{_matching(matches)}; drop --arch or pass one that fits"
             )
         if diffs := _differences(preset, observed):
@@ -386,7 +395,7 @@ def load_single_file(path: Path, *, arch: str | None = None, allow_pickle: bool 
     path = Path(path)
     ckpt = _Checkpoint(path, allow_pickle)
     preset = detect_preset(ckpt.shapes, arch=arch, name=path.name)
-    log.info("%s: %s checkpoint, preset %s", path.name, FAMILY_NAMES[preset.family], preset.name)
+    log.info("%s: %s checkpoint, preset %s", path.name, FAMILY_NAMES[_layout(preset)], preset.name)
     ema_unet, which = None, ""  # which UNet copy loaded, where the file holds two
     if any(k.startswith("model_ema.") for k in ckpt.shapes):
         ema_unet = _ema_unet(ckpt)
@@ -435,7 +444,7 @@ def _write_configs(preset: Preset, folder: Path) -> list[str]:
     ):
         (folder / sub).mkdir()
         (folder / sub / "config.json").write_text(json.dumps({"_class_name": cls, **cfg}, indent=2))
-    subs = ["text_encoder", "text_encoder_2"][: len(preset.text_encoders)]
+    subs = list(preset.encoder_names)
     for sub, cfg in zip(subs, preset.text_encoders, strict=True):
         CLIPTextConfig(**cfg).save_pretrained(folder / sub)
     return subs
@@ -468,9 +477,9 @@ def _convert(
             _require_loaded(vae, "VAE", name, preset)
             encoders: list[torch.nn.Module] = []
             for i, ((prefix, layout), sub, cfg) in enumerate(
-                zip(_ENCODERS[preset.family], subs, preset.text_encoders, strict=True)
+                zip(_ENCODERS[_layout(preset)], subs, preset.text_encoders, strict=True)
             ):
-                cls = CLIPTextModelWithProjection if (preset.family == "sdxl" and i == 1) else CLIPTextModel
+                cls = CLIPTextModelWithProjection if pooled_encoder(sub) else CLIPTextModel
                 # Only this encoder's keys: diffusers tells SDXL's two encoders apart by width, which tiny
                 # presets share.
                 tensors = ckpt.tensors(prefix.removesuffix("text_model."))

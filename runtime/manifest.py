@@ -25,6 +25,24 @@ SCHEMA_VERSION = 1
 FAMILIES = ("sd1", "sd2", "sdxl")
 
 
+def encoder_names(family: str, refiner: bool = False) -> tuple[str, ...]:
+    """Text encoder components of a family: SDXL's pooled one is ``text_encoder_2``, which an SDXL refiner
+    keeps alone."""
+    if refiner:
+        return ("text_encoder_2",)
+    return ("text_encoder", "text_encoder_2") if family == "sdxl" else ("text_encoder",)
+
+
+def pooled_encoder(name: str) -> bool:
+    """SDXL's second encoder (OpenCLIP bigG) has a projection: the pooled embedding."""
+    return name == "text_encoder_2"
+
+
+def tokenizer_of(encoder: str) -> str:
+    """``text_encoder_2`` -> ``tokenizer_2``: each encoder's tokenizer folder."""
+    return encoder.replace("text_encoder", "tokenizer")
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
@@ -108,6 +126,16 @@ class ExportManifest:
     # the ControlNet components, in the order they were given to the export; "unet_control" takes their
     # residuals (optional: older manifests have none)
     controlnets: tuple[str, ...] = ()
+    # an SDXL refiner: only text_encoder_2, and the UNet's time ids are [h, w, crop_top, crop_left,
+    # aesthetic_score]; absent (False) in manifests written before refiners were supported
+    refiner: bool = False
+    # the VAE's latent scaling factor (SD 1.x/2.x 0.18215, SDXL 0.13025): latents of two models can be handed
+    # from one to the other only when it is the same; None in older manifests
+    latent_scaling: float | None = None
+
+    @property
+    def encoder_names(self) -> tuple[str, ...]:
+        return encoder_names(self.family, self.refiner)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=False) + "\n"
@@ -144,6 +172,8 @@ class ExportManifest:
             kind=d.get("kind", "onnx"),
             clip_skip=int(d.get("clip_skip", 0)),
             controlnets=tuple(str(c) for c in d.get("controlnets", ())),
+            refiner=bool(d.get("refiner", False)),
+            latent_scaling=None if d.get("latent_scaling") is None else float(d["latent_scaling"]),
         )
 
     @classmethod

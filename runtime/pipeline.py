@@ -32,7 +32,7 @@ import numpy as np
 from . import controlnet, inpaint, samplers
 from .engine import Array, Backend, Engine
 from .errors import ArtifactError, CompatibilityError, DeviceMemoryError, InputError, SdrtError
-from .manifest import ExportManifest
+from .manifest import ExportManifest, tokenizer_of
 from .step_loop import Clock, ControlFeeds, StepLoop
 from .tokenizer import ClipTokenizer
 
@@ -95,10 +95,12 @@ class Latents:
 
 
 def make_backend(name: str, folder: Path, threads: int | None = None, cuda_graph: bool | None = None,
-                 device_id: int = 0, precision: str | None = None) -> Backend:
+                 device_id: int = 0, precision: str | None = None, share: Backend | None = None) -> Backend:
     """``cuda_graph`` None: the backend's default (tensorrt: on; ort-cuda: off). ``precision``: openvino's
     inference precision (``auto``, ``bf16``, ``fp32``); None: its default, ``auto``. Other backends compute
-    in their graphs' (or engines') precision and refuse it."""
+    in their graphs' (or engines') precision and refuse it. ``share``: a tensorrt backend whose device,
+    stream and scratch block a second model uses (other backends have nothing to share: each ONNX Runtime
+    session keeps its own arena)."""
     from .ort_backend import OrtBackend, cuda_available
 
     if name not in BACKENDS:
@@ -134,7 +136,8 @@ def make_backend(name: str, folder: Path, threads: int | None = None, cuda_graph
     if name == "tensorrt":
         from .trt_backend import TrtBackend
 
-        return TrtBackend(folder, device_id=device_id, cuda_graph=cuda_graph is not False)
+        shared = share if isinstance(share, TrtBackend) else None
+        return TrtBackend(folder, device_id=device_id, cuda_graph=cuda_graph is not False, share=shared)
     if name == "ort-cuda":
         return OrtBackend("cuda", threads=threads, cuda_graph=bool(cuda_graph), device_id=device_id)
     return OrtBackend("cpu", threads=threads)
@@ -160,14 +163,18 @@ class Pipeline:
     # -- loading and lifecycle ------------------------------------------------------------------------
     @classmethod
     def load(cls, path: str | Path, backend: str = "auto", *, threads: int | None = None,
-             cuda_graph: bool | None = None, device_id: int = 0, precision: str | None = None) -> Pipeline:
+             cuda_graph: bool | None = None, device_id: int = 0, precision: str | None = None,
+             share_with: Pipeline | None = None) -> Pipeline:
         """Load an export or engine folder. ``cuda_graph``: replay captured CUDA graphs. ``tensorrt``
         captures the denoising step (UNet + sampler step) by default, falling back to running the engines
         directly when capture fails (``Result.loop`` says which ran); ``ort-cuda`` captures each engine
         only when asked (``True``), for fixed shapes, and its outputs are then valid only until the next
         call at the same shape. ``False`` turns capture off for both. ``device_id``: the GPU (ort-cuda,
         tensorrt). ``precision``: the openvino backend's inference precision, ``auto`` (bf16 where the CPU
-        has it, else fp32), ``bf16`` or ``fp32``; refused by the other backends."""
+        has it, else fp32), ``bf16`` or ``fp32``; refused by the other backends. ``share_with``: a loaded
+        pipeline on the same backend whose device memory plan this one joins (an SDXL refiner beside its
+        base): on tensorrt both use one stream and ONE scratch block, sized to the larger need, so the two
+        models cost their weights plus one activation block."""
         import json
 
         folder = Path(path)
@@ -188,14 +195,21 @@ class Pipeline:
         else:
             manifest = ExportManifest.read(folder)
         _check_components(manifest, folder)
-        be = make_backend(backend, folder, threads, cuda_graph, device_id, precision)
+        if share_with is not None:
+            share_with._ready()
+            if backend not in ("auto", share_with.backend.name):
+                raise InputError(f"share_with runs on {share_with.backend.name}; load this model on the same "
+                                 f"backend (backend={share_with.backend.name!r}), not {backend!r}")
+            backend = share_with.backend.name
+        be = make_backend(backend, folder, threads, cuda_graph, device_id, precision,
+                          share=None if share_with is None else share_with.backend)
         try:
             engines: dict[str, Engine] = {}
             for name, comp in manifest.components.items():
                 engines[name] = be.load(graphs[name] if name in graphs else str(folder / be.graph_for(comp)), name)
             toks = []
-            for i in range(2 if manifest.family == "sdxl" else 1):
-                toks.append(ClipTokenizer.from_folder(folder / ("tokenizer" if i == 0 else f"tokenizer_{i + 1}"),
+            for enc_name in manifest.encoder_names:
+                toks.append(ClipTokenizer.from_folder(folder / tokenizer_of(enc_name),
                                                       vocab_merges=manifest.source.get("kind") == "optimum"))
             _check_widths(engines, folder)
             sched_path = folder / "scheduler" / "scheduler_config.json"
@@ -254,8 +268,9 @@ class Pipeline:
             b = len(prompts)
             if not guided:
                 return self._encode(prompts, b, False)
-            emb = self._encode(self._negatives(negative_prompt, b) + prompts, b, True,
-                               zero_negatives=self.manifest.family == "sdxl" and negative_prompt is None)
+            # diffusers' force_zeros_for_empty_prompt: True for SDXL base, False for the refiner
+            zero = self.manifest.family == "sdxl" and not self.manifest.refiner and negative_prompt is None
+            emb = self._encode(self._negatives(negative_prompt, b) + prompts, b, True, zero_negatives=zero)
             return emb
 
     def embeddings_from(self, prompt_embeds: np.ndarray, negative_prompt_embeds: np.ndarray | None = None, *,
@@ -281,7 +296,7 @@ class Pipeline:
             elif pooled_prompt_embeds is not None:
                 raise InputError(f"pooled_prompt_embeds are for SDXL; this is a {self.manifest.family} model")
             if guided:
-                if negative_prompt_embeds is None and not xl:
+                if negative_prompt_embeds is None and (not xl or self.manifest.refiner):
                     raise InputError("guided generation from prompt_embeds needs negative_prompt_embeds "
                                      "(or guidance_scale <= 1)")
                 neg = np.zeros_like(pos) if negative_prompt_embeds is None else _array(
@@ -304,12 +319,12 @@ class Pipeline:
         be, dt = self.backend, self.dtype
         hidden_parts, pooled = [], None
         direct = None
-        for i, tok in enumerate(self.tokenizers):
-            name = "text_encoder" if i == 0 else f"text_encoder_{i + 1}"
+        for name, tok in zip(self.manifest.encoder_names, self.tokenizers, strict=True):
             ids = tok.encode_chunks(prompts)  # [rows, k, 77]
             rows, k, n = ids.shape
             out = self.engines[name]({"input_ids": be.to_device(ids.reshape(rows * k, n))})
-            if len(self.tokenizers) == 1 and k == 1 and not zero_negatives and be.meta(out["hidden_states"])[0] == dt:
+            if (len(self.tokenizers) == 1 and k == 1 and not zero_negatives and "text_embeds" not in out
+                    and be.meta(out["hidden_states"])[0] == dt):
                 direct = out["hidden_states"]  # already [rows, 77, C] in the UNet's dtype: no host round trip
                 break
             hidden_parts.append(be.to_host(out["hidden_states"]).reshape(rows, k * n, -1))
@@ -385,6 +400,22 @@ class Pipeline:
         return Latents(self.backend.to_device(x.astype(self.dtype)), height, width, 0, None, step_noise, seeds, x,
                        state)
 
+    def latents_from(self, latents: Latents, source: Pipeline) -> Latents:
+        """``source``'s denoising state on this pipeline's device, for this pipeline to continue (an SDXL
+        refiner after its base): the latents themselves, the step, the ancestral noise; not the multistep
+        history (``x0``), as a second model's sampler starts fresh (diffusers' refiner at ``denoising_start``)."""
+        with self._lock:
+            self._ready()
+            x = latents.x if isinstance(latents.x, np.ndarray) else source.backend.to_host(latents.x)
+            want = (self.manifest.latent_channels, latents.height // self.manifest.vae_scale_factor,
+                    latents.width // self.manifest.vae_scale_factor)
+            if tuple(x.shape[1:]) != want:
+                raise InputError(f"the latents are {list(x.shape)}, this model's latents for "
+                                 f"{latents.width}x{latents.height} are [B, {', '.join(map(str, want))}]: they come "
+                                 "from a model of another latent format")
+            return Latents(self.backend.to_device(np.asarray(x).astype(self.dtype)), latents.height, latents.width,
+                           latents.step, None, latents.noise, latents.seed)
+
     # -- inpainting (runtime/inpaint.py) -------------------------------------------------------------------
     @property
     def is_inpainting(self) -> bool:
@@ -422,21 +453,26 @@ class Pipeline:
                 guidance_scale: float = 7.5, start: float | None = None, end: float | None = None,
                 callback: Callable[[int, int], None] | None = None, guidance_rescale: float = 0.0,
                 control_images: Sequence[Any] | None = None, control_scales: Any = None, control_start: Any = None,
-                control_end: Any = None, guess_mode: bool = False, control_preprocess: Any = None) -> Latents:
+                control_end: Any = None, guess_mode: bool = False, control_preprocess: Any = None,
+                aesthetic_score: float | None = None, negative_aesthetic_score: float | None = None,
+                timings: dict[str, Any] | None = None) -> Latents:
         """Run the plan's steps from ``latents.step`` (or the ``start`` fraction of the schedule) up to the
         ``end`` fraction (default: the end), device-resident: UNet -> step graph -> UNet. The fractions
         follow diffusers' ``denoising_start`` / ``denoising_end``: a step of timestep t belongs to the part
         before fraction f when t >= round(T * (1 - f)). Running [0, f) then [f, 1] gives the full run.
         ``guidance_rescale``: diffusers' option of that name (0..1; guided only). ``control_images`` and the
         other control keywords: as the call's (ControlNet exports); ``control_start``/``control_end`` are
-        fractions of the plan's steps, whichever window of them this call runs."""
+        fractions of the plan's steps, whichever window of them this call runs. ``aesthetic_score`` /
+        ``negative_aesthetic_score``: an SDXL refiner's conditioning (default 6.0 / 2.5, as diffusers).
+        ``timings``: receives the per-step milliseconds (``unet_steps_ms``)."""
         with self._lock:
             self._ready()
             self._check_size(latents.height, latents.width, embeddings.batch, guided=self._cfg(guidance_scale))
             creq = self._check_control(control_images, control_scales, control_start, control_end, guess_mode,
                                        control_preprocess, latents.inpaint is not None)
-            out = self._denoise(embeddings, latents, plan, guidance_scale, start, end, callback, {},
-                                rescale=guidance_rescale, control=creq)[0]
+            out = self._denoise(embeddings, latents, plan, guidance_scale, start, end, callback,
+                                {} if timings is None else timings, rescale=guidance_rescale, control=creq,
+                                aesthetic=(aesthetic_score, negative_aesthetic_score))[0]
             # the loop's buffers are reused by its next run: hand the caller arrays of its own
             be = self.backend
             return replace(out, x=be.to_device(be.to_host(out.x)),
@@ -461,12 +497,14 @@ class Pipeline:
     def _denoise(self, emb: PromptEmbeddings, lat: Latents, plan: samplers.SamplerPlan, guidance_scale: float,
                  start: float | None, end: float | None, callback: Callable[[int, int], None] | None,
                  timings: dict[str, Any], clock: Clock | None = None, rescale: float = 0.0,
-                 control: controlnet.ControlRequest | None = None) -> tuple[Latents, str]:
+                 control: controlnet.ControlRequest | None = None,
+                 aesthetic: tuple[float | None, float | None] | None = None) -> tuple[Latents, str]:
         """The loop. With the caller's ``clock``, marks once the loop is set up and after every step (the
         caller reads the times); without one, the step times go into ``timings``."""
         _check_guidance(guidance_scale)
         guided = self._cfg(guidance_scale)
         _check_rescale(rescale)
+        _aesthetic(self.manifest.refiner, aesthetic)
         rescale = float(rescale) if guided else 0.0  # as diffusers: the rescale applies to guided steps only
         if guided != emb.guided:
             raise InputError(
@@ -483,9 +521,7 @@ class Pipeline:
         if m.family == "sdxl":
             assert emb.pooled is not None
             cond["text_embeds"] = emb.pooled
-            rows = 2 * b if guided else b
-            cond["time_ids"] = to_dev(np.tile(np.array([lat.height, lat.width, 0, 0, lat.height, lat.width], dt),
-                                              (rows, 1)))
+            cond["time_ids"] = to_dev(self._time_ids(lat.height, lat.width, b, guided, aesthetic))
         if "timestep_cond" in self.engines["unet"].inputs:  # an LCM-distilled UNet: guidance as an embedding
             dim = int(self.engines["unet"].inputs["timestep_cond"].shape[-1])  # type: ignore[arg-type]
             cond["timestep_cond"] = to_dev(np.tile(_guidance_embedding(guidance_scale - 1.0, dim).astype(dt), (b, 1)))
@@ -531,6 +567,19 @@ class Pipeline:
         # the final latents: the loop's own buffers (valid until its next start(); the public denoise() copies them)
         return replace(lat, x=loop.latents, step=hi, x0=loop.x0 if hi < plan.steps else None,
                        start=None), loop.describe()
+
+    def _time_ids(self, height: int, width: int, b: int, guided: bool,
+                  aesthetic: tuple[float | None, float | None] | None) -> np.ndarray:
+        """SDXL's added time ids per UNet row, as diffusers' ``_get_add_time_ids`` with the original and target
+        size both the image's and no crop: [h, w, 0, 0, h, w]; an SDXL refiner (requires_aesthetics_score)
+        takes [h, w, 0, 0, aesthetic_score], its negative rows negative_aesthetic_score."""
+        pos_score, neg_score = _aesthetic(self.manifest.refiner, aesthetic)
+        if self.manifest.refiner:
+            pos, neg = [height, width, 0, 0, pos_score], [height, width, 0, 0, neg_score]
+        else:
+            pos = neg = [height, width, 0, 0, height, width]
+        rows = [neg] * b + [pos] * b if guided else [pos] * b
+        return np.array(rows, np.float64).astype(self.dtype)
 
     def _loop(self, guided: bool, dt: np.dtype[Any], inpaint_mode: str | None = None,
               rescale: bool = False, active: tuple[int, ...] = ()) -> StepLoop:
@@ -648,6 +697,10 @@ class Pipeline:
         control_end: Any = None,
         guess_mode: bool = False,
         control_preprocess: Any = None,
+        aesthetic_score: float | None = None,
+        negative_aesthetic_score: float | None = None,
+        refiner: Pipeline | None = None,
+        refiner_start: float | None = None,
     ) -> Result:
         """The whole call: encode_prompt -> prepare_latents -> denoise -> decode.
 
@@ -664,7 +717,27 @@ class Pipeline:
         output size as diffusers' ControlNet pipelines do; ``control_scales`` (default 1 each),
         ``control_start`` / ``control_end`` (fractions of the steps, diffusers' ``control_guidance_start`` /
         ``_end``), ``guess_mode`` and ``control_preprocess`` ("canny" per image, or None). Every argument is
-        checked before any engine runs."""
+        checked before any engine runs. ``aesthetic_score`` / ``negative_aesthetic_score``: an SDXL refiner's
+        conditioning (default 6.0 / 2.5, as diffusers' StableDiffusionXLImg2ImgPipeline). ``refiner``: an SDXL
+        refiner Pipeline that takes over the latents at ``refiner_start`` (default 0.8) of the schedule:
+        ``runtime.refiner.refine``."""
+        if refiner is not None or refiner_start is not None:
+            if refiner is None:
+                raise InputError("refiner_start needs a refiner: pass refiner=Pipeline.load(REFINER_DIR)",
+                                 cli="--refiner-start needs a refiner: pass --refiner REFINER_DIR")
+            from .refiner import refine
+
+            if any(v is not None for v in (image, strength, mask_image, paste_back, prompt_embeds, control_images)):
+                raise InputError("a base + refiner call generates from a prompt: image, strength, mask_image, "
+                                 "paste_back, prompt_embeds and control_images are for a single model; leave "
+                                 "them out")
+            if guidance_rescale or timestep_spacing is not None:
+                raise InputError("guidance_rescale and timestep_spacing are not supported with a refiner: leave them "
+                                 "out")
+            return refine(self, refiner, prompt, negative_prompt, refiner_start=refiner_start, height=height,
+                          width=width, steps=steps, guidance_scale=guidance_scale, sampler=sampler, seed=seed,
+                          batch_size=batch_size, latents=latents, callback=callback, output=output,
+                          aesthetic_score=aesthetic_score, negative_aesthetic_score=negative_aesthetic_score)
         with self._lock:
             self._ready()
             t_start = time.perf_counter()
@@ -682,6 +755,11 @@ class Pipeline:
                     self._check_side(label, v)
             _check_guidance(guidance_scale)
             _check_rescale(guidance_rescale)
+            aesthetic = (aesthetic_score, negative_aesthetic_score)
+            _aesthetic(m.refiner, aesthetic)
+            if m.refiner and image is None:
+                api, cli = _refiner_as_base(self.folder)
+                raise InputError(api, cli=cli)
             seed = _resolve_seed(seed, b)
             mask = None if mask_image is None else self._check_inpaint(image, mask_image)
             if guidance_rescale and (mask is not None or self._inpaint_mode() == "concat"):
@@ -730,7 +808,7 @@ class Pipeline:
                 lat = self._prepare(plan, height, width, b, seed, latents, init, mask, strength == 1.0)
                 clock.mark()
                 lat, how = self._denoise(emb, lat, plan, guidance_scale, None, None, callback, {}, clock,
-                                         rescale=guidance_rescale, control=creq)
+                                         rescale=guidance_rescale, control=creq, aesthetic=aesthetic)
                 images: list[Any] = []
                 nonfinite: list[bool] = []
                 final = None
@@ -849,6 +927,42 @@ def _check_rescale(r: Any) -> None:
                          f"got {r!r}", cli=f"--guidance-rescale must be a number from 0 to 1, got {r!r}")
 
 
+AESTHETIC_DEFAULTS = (6.0, 2.5)  # diffusers' aesthetic_score, negative_aesthetic_score
+
+
+def _aesthetic(refiner: bool, scores: tuple[float | None, float | None] | None) -> tuple[float, float]:
+    """The refiner's (aesthetic_score, negative_aesthetic_score), defaults filled; InputError for a bad value, or
+    for scores given to a model that takes none."""
+    given = (None, None) if scores is None else scores
+    if not refiner and any(v is not None for v in given):
+        raise InputError("aesthetic_score and negative_aesthetic_score condition an SDXL refiner; this model takes "
+                         "none: leave them out",
+                         cli="--aesthetic-score and --negative-aesthetic-score condition an SDXL refiner: pass it "
+                             "with --refiner, or leave them out")
+    out = []
+    for label, v, default in zip(("aesthetic_score", "negative_aesthetic_score"), given, AESTHETIC_DEFAULTS,
+                                 strict=True):
+        if v is None:
+            v = default
+        if not _is_number(v) or not math.isfinite(v) or not 0.0 <= v <= 10.0:
+            raise InputError(f"{label} must be a number from 0 to 10 (the refiner's defaults: 6 and 2.5), got {v!r}",
+                             cli=f"--{label.replace('_', '-')} must be a number from 0 to 10 (defaults 6 and 2.5), "
+                                 f"got {v!r}")
+        out.append(float(v))
+    return out[0], out[1]
+
+
+def _refiner_as_base(folder: Path) -> tuple[str, str]:
+    """(message, CLI wording) for an SDXL refiner asked to generate from noise."""
+    head = (f"{folder} is an SDXL refiner: it refines, it does not generate from noise (it has only the second "
+            "text encoder and was trained on the end of the schedule)")
+    api = (f"{head}. Pass it as the refiner of a base model (base(prompt, refiner=refiner_pipeline)), or give it "
+           "an image to refine (image=..., strength=0.3)")
+    cli = (f"{head}. Pass an SDXL base export as the model and this folder as --refiner, or give it an image "
+           "with --init-image (and --strength 0.3)")
+    return api, cli
+
+
 def _check_guidance(g: Any) -> None:
     if not _is_number(g) or not math.isfinite(g) or not 0.0 <= g <= GUIDANCE_MAX:
         what = f"a finite number from 0 to {GUIDANCE_MAX:g} (1 or less turns guidance off; 5-9 is typical)"
@@ -936,7 +1050,7 @@ def _draw(gens: list[np.random.Generator], shape: tuple[int, ...], axis: int = 0
 
 
 def _check_components(manifest: ExportManifest, folder: Path) -> None:
-    need = ["text_encoder", "unet", "vae_decoder"] + (["text_encoder_2"] if manifest.family == "sdxl" else [])
+    need = [*manifest.encoder_names, "unet", "vae_decoder"]
     missing = [c for c in need if c not in manifest.components]
     if missing:
         raise ArtifactError(

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import weakref
 from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
@@ -131,12 +132,40 @@ class TrtBackend(Backend):
     InputError. Dropping the last reference releases the same without ``close()`` (no reference cycles)."""
 
     name = "tensorrt"
+    # set by __init__, either made here or taken from the backend shared with
+    device_id: int
+    device: _Device
+    trt: Any
+    module: str
+    lean: bool
+    log: deque[str]
+    logger: Any
+    runtime: trt.Runtime
+    scratch: _SharedScratch
+    # the backends over this device and scratch (share=); weak, so that dropping a backend still frees it
+    _holders: weakref.WeakSet[TrtBackend]
 
     def __init__(self, folder: str | Path | None = None, device_id: int = 0, cuda_graph: bool = True,
-                 module: str | None = None) -> None:
+                 module: str | None = None, share: TrtBackend | None = None) -> None:
+        """``share``: another backend whose GPU, stream, TensorRT runtime and scratch block this one uses (two
+        models in one process, such as an SDXL base and its refiner: they run one after another, so one
+        activation block, the larger need, serves both). Each backend closes its own engines; the shared
+        device memory goes with the last of them."""
         self.folder = Path(folder) if folder is not None else None
-        self.device_id = device_id
+        self.device_id = device_id if share is None else share.device_id
         self.cuda_graph = cuda_graph
+        self._checked: dict[Path, EngineManifest] = {}
+        self._pending: list[np.ndarray] = []  # host arrays of copies still queued
+        self._loops: dict[tuple[Any, ...], CapturedStepLoop] = {}
+        self.manifest: EngineManifest | None = None  # of the first engine folder loaded from
+        if share is not None:
+            share._require_open()
+            self.device, self.trt, self.module, self.lean = share.device, share.trt, share.module, share.lean
+            self.log, self.logger, self.runtime = share.log, share.logger, share.runtime
+            self.scratch, self._holders = share.scratch, share._holders
+            self._holders.add(self)
+            self.closed = False
+            return
         problems: list[SdrtError] = []
         cudart = trt_module = None
         try:
@@ -161,7 +190,7 @@ class TrtBackend(Backend):
         self.trt = trt_module
         self.module = str(trt_module.__name__)
         self.lean = self.module in LEAN_MODULES
-        self.log: deque[str] = deque(maxlen=32)
+        self.log = deque(maxlen=32)
         self.logger = make_logger(trt_module, self.log)
         runtime = trt_module.Runtime(self.logger)
         failed = [m for m in self.log if m.startswith(("ERROR", "INTERNAL_ERROR"))]
@@ -170,12 +199,9 @@ class TrtBackend(Backend):
             # it is kept alive (and unused) until exit
             _BROKEN_RUNTIMES.append(runtime)
             raise BackendUnavailable(f"{self.module} could not create its runtime: {' | '.join(failed[-3:])}")
-        self.runtime: trt.Runtime = runtime
+        self.runtime = runtime
         self.scratch = _SharedScratch(device)
-        self.manifest: EngineManifest | None = None  # of the first engine folder loaded from
-        self._checked: dict[Path, EngineManifest] = {}
-        self._pending: list[np.ndarray] = []  # host arrays of copies still queued
-        self._loops: dict[tuple[Any, ...], CapturedStepLoop] = {}
+        self._holders = weakref.WeakSet([self])
         self.closed = False
 
     # -- the Backend interface beyond engines and arrays ----------------------------------------------------
@@ -205,10 +231,13 @@ class TrtBackend(Backend):
         for loop in loops.values():
             loop.close()
         for engine in list(self.scratch.users):
-            engine.close()
-        self.scratch.close()
+            if engine.backend is self:
+                engine.close()
         self._pending.clear()
-        self.device.close()  # what is left (arrays the caller holds), then the stream
+        self._holders.discard(self)
+        if not self._holders:  # the last backend over this device: the shared memory and the stream go now
+            self.scratch.close()
+            self.device.close()  # what is left (arrays the caller holds), then the stream
         del self.runtime  # after every engine deserialized by it
 
     def _require_open(self) -> None:

@@ -2,7 +2,8 @@
 
 - One scratch block (TensorRT's activation memory) serves every execution context: engines run one
   after another, so they can share the bytes. It is sized to the largest ``device_memory_size_v2``; a
-  larger engine loaded later grows it and every context is pointed at the new block.
+  larger engine loaded later grows it and every context is pointed at the new block. A second backend
+  made with ``TrtBackend(share=...)`` (an SDXL refiner beside its base) joins the same block.
 - Outputs land in buffers kept per engine and output name and reused, but never while the caller still
   holds an array handed out for them: the step graph's ``latents_next`` never overwrites the
   ``latents`` it is reading, and a result kept across calls stays intact.
@@ -167,13 +168,17 @@ class _SharedScratch:
         user.set_scratch(self.ptr, self.size)
 
     def _grow(self, need: int) -> None:
+        # the old block is freed before the new one is allocated: both calls are stream-ordered, so work already
+        # queued still reads the old bytes, and the pool can hand them to the new block; the peak stays one block
+        # (the larger need), as when a second model (an SDXL refiner) joins with a larger engine
+        if self.mem is not None:
+            self.mem.free()
+            self.mem = None
         mem = _Allocation(self.device, need)
-        old, self.mem, self.size = self.mem, mem, need
+        self.mem, self.size = mem, need
         self.generation += 1
         for user in list(self.users):
             user.set_scratch(mem.ptr, need)
-        if old is not None:
-            old.free()  # stream-ordered: after the work already queued on it
 
     def close(self) -> None:
         mem, self.mem, self.size = self.mem, None, 0

@@ -201,6 +201,12 @@ def ldm_state_dict(model: LoadedModel) -> dict[str, torch.Tensor]:
         else:
             unused = torch.randn(proj, hidden, generator=torch.Generator().manual_seed(0))
         out.update(openclip_to_ldm(encoders[0], "cond_stage_model.", projection=unused, unused_layers=1))
+    elif preset.refiner:  # the refiner's one encoder, OpenCLIP bigG, where the base keeps its CLIP ViT-L
+        out.update(
+            openclip_to_ldm(
+                encoders[0], "conditioner.embedders.0.", projection=encoders[0]["text_projection.weight"]
+            )
+        )
     elif family == "sdxl":
         out.update(clip_to_ldm(encoders[0], "conditioner.embedders.0.", positions[0]))
         out.update(
@@ -246,10 +252,8 @@ def meta_model(preset_name: str) -> LoadedModel:
         unet = UNet2DConditionModel(**preset.config("unet"))
         vae = AutoencoderKL(**preset.config("vae"))
         encoders: list[torch.nn.Module] = [
-            (CLIPTextModelWithProjection if preset.family == "sdxl" and i == 1 else CLIPTextModel)(
-                CLIPTextConfig(**c)
-            )
-            for i, c in enumerate(preset.text_encoders)
+            (CLIPTextModelWithProjection if name == "text_encoder_2" else CLIPTextModel)(CLIPTextConfig(**c))
+            for name, c in zip(preset.encoder_names, preset.text_encoders, strict=True)
         ]
     return LoadedModel(preset, unet, vae, encoders, preset.config("scheduler"))
 

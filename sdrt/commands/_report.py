@@ -14,7 +14,12 @@ def timing_table(timings: dict[str, Any], steps: int) -> str:
     parts = [("text encoding", timings.get("text_encoder_ms", 0.0))]
     if "vae_encoder_ms" in timings:
         parts.append(("VAE encode", timings["vae_encoder_ms"]))
-    parts.append((f"denoising ({steps} steps)", sum(unet)))
+    if "refiner_steps_ms" in timings:  # base + refiner: each model's share of the schedule
+        for who in ("base", "refiner"):
+            own = timings[f"{who}_steps_ms"]
+            parts.append((f"denoising, {who} ({len(own)} steps)", sum(own)))
+    else:
+        parts.append((f"denoising ({steps} steps)", sum(unet)))
     parts.append(("VAE decode", timings.get("vae_decoder_ms", 0.0)))
     total = timings.get("total_ms", 0.0)
     parts.append(("other (warm-up, uploads, host)", max(0.0, total - sum(ms for _, ms in parts))))

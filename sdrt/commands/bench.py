@@ -2,6 +2,8 @@
 
     sdrt bench --preset sd15 --backends ort-cuda,tensorrt --resolutions 512,768 --batch-sizes 1,4
     sdrt bench --preset sd15-tiny --backends ort-cpu --steps 4 --repeats 3 -o run.json
+    sdrt bench --workload few-step                  # sd-turbo-tiny, 1 and 4 steps, euler-a, guidance 0: images/s
+    sdrt bench --workload base-refiner              # sdxl-tiny + sdxl-refiner-tiny from 0.8 of the schedule
     sdrt bench report benchmarks/results/bench-*.json -o benchmarks/results --readme README.md
 """
 
@@ -35,22 +37,40 @@ def _resolutions(text: str) -> list[tuple[int, int]]:
     return out
 
 
+# each workload's defaults, for what the command line leaves out
+WORKLOAD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "txt2img": {"steps": [20], "samplers": ["dpmpp-2m"], "guidance": 7.5},
+    "controlnet": {"steps": [20], "samplers": ["dpmpp-2m"], "guidance": 7.5},
+    "inpaint": {"steps": [20], "samplers": ["dpmpp-2m"], "guidance": 7.5},
+    # few-step (adversarially distilled) models: Euler ancestral over trailing timesteps, no guidance
+    "few-step": {"preset": "sd-turbo-tiny", "steps": [1, 4], "samplers": ["euler-a"], "guidance": 0.0},
+    "base-refiner": {"preset": "sdxl-tiny", "refiner": "sdxl-refiner-tiny", "steps": [20], "samplers": ["euler"],
+                     "guidance": 7.5},
+}
+
+
 def register(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workload", default="txt2img", choices=list(WORKLOAD_DEFAULTS),
+                   help="txt2img (default); controlnet: one ControlNet (a preset's export gets one), beside diffusers' "
+                        "ControlNet pipeline; inpaint: an image and a mask (e.g. --preset sd15-inpaint-tiny), beside "
+                        "diffusers' inpainting pipeline; few-step (default --preset sd-turbo-tiny --steps 1,4 "
+                        "--samplers euler-a --guidance 0, compare images/s); base-refiner (default --preset sdxl-tiny "
+                        "--refiner sdxl-refiner-tiny --samplers euler: the SDXL base + refiner pair, per-stage times)")
+    p.add_argument("--refiner", default=None,
+                   help="an SDXL refiner preset or export folder that takes over from the base (base-refiner)")
+    p.add_argument("--refiner-start", type=float, default=0.8,
+                   help="the fraction of the schedule the base runs before the refiner (default 0.8)")
     src = p.add_argument_group("model (one of)")
     src.add_argument("--preset", help="synthetic weights of a shipped architecture: sd15, sd21, sd21-768, sdxl, *-tiny")
     src.add_argument("--artifact", help="an sdrt ONNX export folder (sdrt export)")
-    p.add_argument("--workload", default="txt2img", choices=["txt2img", "controlnet", "inpaint"],
-                   help="txt2img (default); controlnet: one ControlNet (a preset's export gets one), beside diffusers' "
-                        "ControlNet pipeline; inpaint: an image and a mask (e.g. --preset sd15-inpaint-tiny), beside "
-                        "diffusers' inpainting pipeline")
     p.add_argument("--engines", help="a TensorRT engine folder for the tensorrt backend (sdrt build)")
     p.add_argument("--backends", type=_list(str), default=[],
                    help="comma-separated: ort-cpu, ort-cuda, tensorrt, openvino (default: ort-cuda,tensorrt on a GPU, else ort-cpu)")
     p.add_argument("--resolutions", type=_resolutions, default=[],
                    help="comma-separated HEIGHTxWIDTH or SIZE (default: the model's own size)")
-    p.add_argument("--steps", type=_list(int), default=[20], help="comma-separated step counts (default 20)")
+    p.add_argument("--steps", type=_list(int), default=None, help="comma-separated step counts (default 20)")
     p.add_argument("--batch-sizes", type=_list(int), default=[1], help="comma-separated images per call (default 1)")
-    p.add_argument("--samplers", type=_list(str), default=["dpmpp-2m"], help="comma-separated (default dpmpp-2m)")
+    p.add_argument("--samplers", type=_list(str), default=None, help="comma-separated (default dpmpp-2m)")
     p.add_argument("--baseline", default="torch", choices=["torch", "none"],
                    help="diffusers on PyTorch with the same weights (default), or none")
     p.add_argument("--compile", action="store_true", help="also run the baseline with torch.compile on the UNet")
@@ -60,7 +80,8 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=1, help="runs after the cold first image, not counted (default 1)")
     p.add_argument("--repeats", type=int, default=5, help="measured runs per configuration (default 5)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for every backend (default: physical cores)")
-    p.add_argument("--guidance", type=float, default=7.5, help="guidance scale; > 1 runs the UNet at batch 2")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="guidance scale; > 1 runs the UNet at batch 2 (default 7.5)")
     p.add_argument("--prompt", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", choices=["fp16", "fp32"], default=None,
@@ -157,15 +178,20 @@ def run(args: argparse.Namespace) -> int:
     if args.output:
         check_output(args.output, overwrite=args.overwrite)  # before the run, not after it
 
+    defaults = WORKLOAD_DEFAULTS[args.workload]
+    preset = args.preset if args.preset or args.artifact else defaults.get("preset")
+    refiner = args.refiner or defaults.get("refiner")
     cfg = BenchConfig(
-        preset=args.preset, artifact=args.artifact, engines=args.engines, backends=tuple(args.backends),
-        resolutions=tuple(args.resolutions), steps=tuple(args.steps), batch_sizes=tuple(args.batch_sizes),
-        samplers=tuple(args.samplers), baseline=args.baseline, compile=args.compile, compile_mode=args.compile_mode,
+        preset=preset, artifact=args.artifact, engines=args.engines, backends=tuple(args.backends),
+        resolutions=tuple(args.resolutions), steps=tuple(args.steps or defaults["steps"]),
+        batch_sizes=tuple(args.batch_sizes), samplers=tuple(args.samplers or defaults["samplers"]), baseline=args.baseline, compile=args.compile, compile_mode=args.compile_mode,
         cuda_graph=args.cuda_graph,
-        warmup=args.warmup, repeats=args.repeats, threads=args.threads, guidance_scale=args.guidance,
+        warmup=args.warmup, repeats=args.repeats, threads=args.threads,
+        guidance_scale=defaults["guidance"] if args.guidance is None else args.guidance,
         prompt=args.prompt or DEFAULT_PROMPT, seed=args.seed, precision=args.precision, work_dir=args.work_dir,
-        timeout_s=args.timeout, matmul_n=args.matmul_size, openvino_precision=args.openvino_precision,
-        bf16_baseline=args.bf16_baseline, workload=args.workload,
+        timeout_s=args.timeout, matmul_n=args.matmul_size, refiner=refiner, refiner_start=args.refiner_start,
+        openvino_precision=args.openvino_precision, bf16_baseline=args.bf16_baseline,
+        workload=args.workload,
     )
     progress = _Progress()
     try:

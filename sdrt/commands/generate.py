@@ -67,6 +67,15 @@ def register(p: argparse.ArgumentParser) -> None:
                         "once for all images or once per --control-image")
     p.add_argument("--canny-low", type=float, default=100, help="canny's low hysteresis threshold (default 100)")
     p.add_argument("--canny-high", type=float, default=200, help="canny's high hysteresis threshold (default 200)")
+    p.add_argument("--refiner", default=None, metavar="REFINER_DIR",
+                   help="an SDXL refiner export (or engine folder) that takes over the base's latents at "
+                        "--refiner-start of the schedule")
+    p.add_argument("--refiner-start", type=float, default=None,
+                   help="with --refiner: the fraction of the schedule the base runs, in (0, 1) (default 0.8)")
+    p.add_argument("--aesthetic-score", type=float, default=None,
+                   help="SDXL refiner: the aesthetic score it is conditioned on (default 6)")
+    p.add_argument("--negative-aesthetic-score", type=float, default=None,
+                   help="SDXL refiner: the score of the negative (unconditional) rows (default 2.5)")
     p.add_argument("-o", "--output", default="out.png",
                    help=f"output image ({', '.join(IMAGE_FORMATS)}) in an existing folder; an existing file of that "
                         "name is replaced; batches get _1, _2, ... suffixes")
@@ -89,12 +98,38 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--mask needs the image to inpaint: pass --init-image")
     if args.paste_back is not None and not args.mask:
         raise InputError("--paste-back applies to inpainting: pass --mask, or leave --paste-back out")
+    if args.refiner_start is not None and not args.refiner:
+        raise InputError("--refiner-start needs a refiner: pass --refiner REFINER_DIR")
+    if args.refiner:
+        from sdrt.runtime.refiner import check_refiner_start
+
+        if args.refiner_start is not None:
+            check_refiner_start(args.refiner_start)  # before loading anything
+        if args.init_image or args.mask or args.guidance_rescale or args.timestep_spacing:
+            raise InputError("--refiner generates from the prompt with the base, then the refiner: --init-image, "
+                             "--mask, --guidance-rescale and --timestep-spacing are for one model; leave them out "
+                             "(to refine an image, pass the refiner folder as the model with --init-image)")
     image = None if not args.init_image else _open_image(args.init_image, "--init-image")
     mask = None if not args.mask else _open_image(args.mask, "--mask")
     control = _control_images(args)
     pipe = Pipeline.load(args.path, backend=args.backend, cuda_graph=args.cuda_graph, precision=args.precision)
+    refiner = None
+    if args.refiner:
+        from sdrt.runtime.refiner import check_pair
+
+        try:
+            # one device, one scratch block: the refiner runs on the base's backend's device memory plan
+            refiner = Pipeline.load(args.refiner, backend=pipe.backend.name, cuda_graph=args.cuda_graph,
+                                    share_with=pipe, precision=args.precision)
+            check_pair(pipe, refiner)
+        except BaseException:
+            pipe.close()
+            if refiner is not None:
+                refiner.close()
+            raise
     precision = getattr(pipe.backend, "precision", None)  # openvino's inference precision
-    print(f"{pipe.manifest.preset} on {pipe.backend.name}" + (f", {precision} inference" if precision else ""))
+    print(f"{pipe.manifest.preset} on {pipe.backend.name}" + (f", {precision} inference" if precision else "")
+          + (f", refiner {refiner.manifest.preset}" if refiner is not None else ""))
     bar = tqdm(total=None, unit="step", desc="denoising")
 
     def progress(i: int, n: int) -> None:
@@ -111,9 +146,14 @@ def run(args: argparse.Namespace) -> int:
                           guidance_rescale=args.guidance_rescale, timestep_spacing=args.timestep_spacing,
                           control_images=control, control_scales=_one_or_list(args.control_scale),
                           control_start=_one_or_list(args.control_start), control_end=_one_or_list(args.control_end),
-                          guess_mode=args.guess_mode)
+                          guess_mode=args.guess_mode,
+                          aesthetic_score=args.aesthetic_score, negative_aesthetic_score=args.negative_aesthetic_score,
+                          refiner=refiner, refiner_start=args.refiner_start)
         finally:
             bar.close()
+            if refiner is not None:
+                refiner.close()
+            pipe.close()
     print_warnings(caught)
     print(f"seed {result.seed}")
     if len(paths) != len(result.images):  # a prompt list can only come from the API; here it is one prompt

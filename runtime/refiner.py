@@ -1,0 +1,182 @@
+"""An SDXL base and refiner as an ensemble of expert denoisers: the base denoises the first part of the
+schedule, the refiner the rest, from the base's latents (never pixels).
+
+This is diffusers' ``StableDiffusionXLPipeline(denoising_end=f, output_type="latent")`` followed by
+``StableDiffusionXLImg2ImgPipeline(denoising_start=f, image=latents)``, built from the pipeline's public
+stages (no loop of its own)::
+
+    emb = base.encode_prompt(prompt, guided=True)
+    plan = base.plan("euler", 40)
+    lat = base.denoise(emb, base.prepare_latents(plan, 1024, 1024, seed=1), plan, end=0.8)
+    rplan = refiner.plan("euler", 40)
+    rplan = refiner.plan("euler", 40, fresh_from=handoff_row(refiner, rplan.timesteps, 0.8))
+    rlat = refiner.latents_from(lat, base)           # the same state, on the refiner's device, no history
+    rlat = refiner.denoise(refiner.encode_prompt(prompt, guided=True), rlat, rplan, start=0.8)
+    images, _ = refiner.decode(rlat)
+
+Each model keeps its own scheduler configuration: the refiner's plan comes from its own scheduler. The cut
+is diffusers' discrete one (the base runs the steps with t >= round(T (1 - f)), the refiner the others), no
+noise is added at the hand-off, and the refiner's sampler starts fresh there (a multistep sampler's history
+is not carried over), as diffusers' refiner starts its own scheduler at ``denoising_start``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .errors import InputError
+
+if TYPE_CHECKING:
+    from .pipeline import Pipeline, Result
+
+DEFAULT_REFINER_START = 0.8
+
+
+def check_refiner_start(f: Any) -> float:
+    if isinstance(f, bool) or not isinstance(f, (int, float, np.integer, np.floating)) or not math.isfinite(f) \
+            or not 0.0 < f < 1.0:
+        raise InputError(f"refiner_start {f!r} is outside (0, 1): give the fraction of the schedule the base runs "
+                         "before the refiner takes over (0.8 is typical)",
+                         cli=f"--refiner-start {f!r} is outside (0, 1): give the fraction of the schedule the base "
+                             "runs before the refiner takes over (0.8 is typical)")
+    return float(f)
+
+
+def _width(pipe: Pipeline, output: str) -> int | None:
+    comp = pipe.manifest.components.get("text_encoder_2")
+    if comp is None:
+        return None
+    spec = next((t for t in comp.outputs if t.name == output), None)
+    dim = None if spec is None else spec.shape[-1]
+    return dim if isinstance(dim, int) else None
+
+
+def check_pair(base: Pipeline, refiner: Pipeline) -> None:
+    """Refuse, before any work, a pair whose latents cannot be handed from one to the other."""
+    bm, rm = base.manifest, refiner.manifest
+    if bm.refiner:
+        raise InputError(
+            f"{base.folder} is an SDXL refiner, passed as the base model: it continues a base model's latents. "
+            "Pass an SDXL base export as the model and this folder as the refiner",
+            cli=f"{base.folder} is an SDXL refiner, passed as the base model: pass an SDXL base export as the "
+                f"model and this folder as --refiner")
+    formats = [(m.latent_channels, m.vae_scale_factor) for m in (bm, rm)]
+    scalings = [m.latent_scaling for m in (bm, rm)]
+    if formats[0] != formats[1] or (None not in scalings and not math.isclose(scalings[0], scalings[1])):  # type: ignore[arg-type]
+        raise InputError(
+            f"the refiner {refiner.folder} ({rm.preset}) uses another latent format than the base {base.folder} "
+            f"({bm.preset}): {formats[1][0]} channels at 1/{formats[1][1]} scale, scaling {scalings[1]}, against "
+            f"{formats[0][0]} at 1/{formats[0][1]}, scaling {scalings[0]}. A refiner continues the base's latents, "
+            "so both must share the VAE: use the SDXL refiner with an SDXL base")
+    if not rm.refiner:
+        raise InputError(
+            f"{refiner.folder} ({rm.preset}) is not an SDXL refiner (its export does not say so); pass a refiner "
+            "export (e.g. of stabilityai/stable-diffusion-xl-refiner-1.0), or generate with the base alone",
+            cli=f"--refiner {refiner.folder} ({rm.preset}) is not an SDXL refiner; pass a refiner export, or leave "
+                "--refiner out")
+    for output, what in (("hidden_states", "text encoder width"), ("text_embeds", "pooled embedding width")):
+        b, r = _width(base, output), _width(refiner, output)
+        if b is not None and r is not None and b != r:
+            raise InputError(
+                f"the refiner {refiner.folder} ({rm.preset}) has a {what} of {r}, the base {base.folder} "
+                f"({bm.preset}) {b} on its second encoder: they are of different model families (sizes). Use the "
+                "refiner made for this base (sdxl with sdxl-refiner, sdxl-tiny with sdxl-refiner-tiny)")
+
+
+def handoff_row(pipe: Pipeline, plan_timesteps: np.ndarray, fraction: float) -> int:
+    """How many of a plan's steps come before ``fraction``: diffusers' discrete cut-off, the steps with
+    t >= round(T - fraction * T)."""
+    train = int(pipe.scheduler_config.get("num_train_timesteps", 1000))
+    cutoff = round(train - fraction * train)
+    return int(np.sum(np.asarray(plan_timesteps) >= cutoff))
+
+
+def refine(base: Pipeline, refiner: Pipeline, prompt: str | Sequence[str] | None,
+           negative_prompt: str | Sequence[str] | None = None, *, refiner_start: float | None = None,
+           height: int | None = None, width: int | None = None, steps: int = 30, guidance_scale: float = 7.5,
+           sampler: str = "dpmpp-2m", seed: int | Sequence[int] | None = None, batch_size: int = 1,
+           latents: np.ndarray | None = None, callback: Callable[[int, int], None] | None = None,
+           output: str = "images", aesthetic_score: float | None = None,
+           negative_aesthetic_score: float | None = None) -> Result:
+    """The base denoises to ``refiner_start`` (default 0.8) of the schedule, the refiner the rest from its
+    latents; the refiner's VAE decodes. ``steps`` counts the whole schedule, as diffusers'
+    ``num_inference_steps`` on both pipelines. ``aesthetic_score`` / ``negative_aesthetic_score``: the
+    refiner's conditioning (6.0 / 2.5). Every argument is checked before any engine runs.
+
+    ``Result.timings``: ``base_text_encoder_ms``, ``refiner_text_encoder_ms``, ``base_steps_ms``,
+    ``refiner_steps_ms`` (per step), ``unet_steps_ms`` (both), ``vae_decoder_ms``, ``total_ms``, all on
+    the host clock."""
+    from .pipeline import OUTPUTS, Result, _aesthetic, _check_guidance, _prompts, _resolve_seed
+
+    t0 = time.perf_counter()
+    if prompt is None:
+        raise InputError("a base + refiner call needs a prompt")
+    fraction = DEFAULT_REFINER_START if refiner_start is None else check_refiner_start(refiner_start)
+    if output not in OUTPUTS:
+        raise InputError(f"output {output!r} is not one of {', '.join(OUTPUTS)}")
+    with base._lock, refiner._lock:
+        base._ready()
+        refiner._ready()
+        check_pair(base, refiner)
+        _check_guidance(guidance_scale)
+        aesthetic = (aesthetic_score, negative_aesthetic_score)
+        _aesthetic(True, aesthetic)
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise InputError(f"batch_size {batch_size!r} must be an integer >= 1")
+        b = len(_prompts(prompt, batch_size))
+        seed = _resolve_seed(seed, b)
+        height = base.manifest.default_size if height is None else height
+        width = base.manifest.default_size if width is None else width
+        guided = base._cfg(guidance_scale)
+        for pipe in (base, refiner):
+            pipe._check_size(height, width, b, guided=guided)
+        plan_b = base.plan(sampler, steps)
+        k_base = handoff_row(base, plan_b.timesteps, fraction)
+        plan_r = refiner.plan(sampler, steps)
+        k_ref = handoff_row(refiner, plan_r.timesteps, fraction)
+        if not 0 < k_base < plan_b.steps or not 0 < k_ref < plan_r.steps:
+            raise InputError(
+                f"refiner_start {fraction} leaves the base {k_base} and the refiner {plan_r.steps - k_ref} of the "
+                f"{steps} steps; each needs at least one: move refiner_start toward the middle, or use more steps",
+                cli=f"--refiner-start {fraction} leaves the base {k_base} and the refiner {plan_r.steps - k_ref} of "
+                    f"the {steps} steps; each needs at least one: move it toward the middle, or raise --steps")
+        if k_ref:
+            plan_r = refiner.plan(sampler, steps, fresh_from=k_ref)
+
+        timings: dict[str, Any] = {}
+        t = time.perf_counter()
+        emb_b = base.encode_prompt(prompt, negative_prompt, batch_size=batch_size, guided=guided)
+        timings["base_text_encoder_ms"] = (time.perf_counter() - t) * 1e3
+        lat = base.prepare_latents(plan_b, height, width, batch_size=b, seed=seed, latents=latents)
+        base_t: dict[str, Any] = {}
+        lat = base.denoise(emb_b, lat, plan_b, guidance_scale=guidance_scale, end=fraction, callback=callback,
+                           timings=base_t)
+        t = time.perf_counter()
+        emb_r = refiner.encode_prompt(prompt, negative_prompt, batch_size=batch_size, guided=guided)
+        timings["refiner_text_encoder_ms"] = (time.perf_counter() - t) * 1e3
+        ref_t: dict[str, Any] = {}
+        rlat = refiner.denoise(emb_r, refiner.latents_from(lat, base), plan_r, guidance_scale=guidance_scale,
+                               start=fraction, callback=callback, timings=ref_t, aesthetic_score=aesthetic[0],
+                               negative_aesthetic_score=aesthetic[1])
+        images: list[Any] = []
+        nonfinite: list[bool] = []
+        final = None
+        t = time.perf_counter()
+        if output == "latents":
+            final = refiner.backend.to_host(rlat.x)
+        else:
+            images, nonfinite = refiner.decode(rlat)
+            timings["vae_decoder_ms"] = (time.perf_counter() - t) * 1e3
+        steps_b, steps_r = list(base_t["unet_steps_ms"]), list(ref_t["unet_steps_ms"])
+        timings.update(text_encoder_ms=timings["base_text_encoder_ms"] + timings["refiner_text_encoder_ms"],
+                       base_steps_ms=steps_b, refiner_steps_ms=steps_r, unet_steps_ms=steps_b + steps_r,
+                       unet_step_ms=float(np.median(steps_b + steps_r)), clock="host",
+                       total_ms=(time.perf_counter() - t0) * 1e3)
+        how = f"base {len(steps_b)} steps, refiner {len(steps_r)} steps (from {fraction} of the schedule)"
+        return Result(images, timings, nonfinite, how, final, rlat.seed)
+
