@@ -143,7 +143,7 @@ CUDA_DEVICE_PROP = ("name", "major", "minor")
 # attribute names the files use on their own objects that happen to match some TensorRT class's attribute
 NOT_TENSORRT = {
     "append", "clear", "data", "dims", "dtype", "enqueue", "file", "flags", "itemsize", "major", "max", "min",
-    "minor", "name", "nbytes", "numpy", "opt", "pop", "read", "refittable", "scale", "shape", "size", "type",
+    "minor", "name", "nbytes", "numpy", "opt", "pop", "read", "refittable", "scale", "scales", "shape", "size", "type",
     "update", "weights", "write",
 }
 
