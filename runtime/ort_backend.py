@@ -21,6 +21,9 @@ Constraints, all ORT's or CUDA's:
 * an engine's outputs are valid until its next call at the same shapes, which overwrites them (the
   pipeline consumes each output before calling that engine again);
 * calls on one engine are serialized (the fixed buffers are shared).
+
+The denoising loop goes further (``OrtBackend.step_loop``, ``runtime/ort_loop.py``): with ``cuda_graph``
+the UNet and the sampler step graph are composed into one session, so a whole step is one captured graph.
 """
 
 from __future__ import annotations
