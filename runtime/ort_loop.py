@@ -52,6 +52,7 @@ def fused_step_reason(backend: OrtBackend, unet: Engine, step: Engine) -> str | 
     for e in (unet, step):
         if not isinstance(e, OrtEngine) or e.backend is not backend:
             return f"{e.name} is not an engine of this backend"
+    assert isinstance(unet, OrtEngine)
     if not isinstance(unet.source, str) and not getattr(unet.source, "base_dir", None):
         return "the UNet was loaded from bytes without its weights folder"
     if "out_sample" not in unet.outputs or set(step.outputs) != set(STEP_OUTPUTS) or "unet_out" not in step.inputs:
@@ -80,7 +81,7 @@ def _load_fused(backend: OrtBackend, unet: OrtEngine, step: OrtEngine) -> OrtEng
     from .ort_compose import compose_step_model
 
     src = unet.source
-    folder = os.path.dirname(os.path.abspath(src)) if isinstance(src, str) else str(src.base_dir)
+    folder = os.path.dirname(os.path.abspath(src)) if isinstance(src, str) else str(getattr(src, "base_dir", ""))
     step_src = step.source
     step_model = onnx.load(step_src, load_external_data=False) if isinstance(step_src, str) \
         else onnx.load_from_string(bytes(step_src))
