@@ -21,6 +21,9 @@ Constraints, all ORT's or CUDA's:
 * an engine's outputs are valid until its next call at the same shapes, which overwrites them (the
   pipeline consumes each output before calling that engine again);
 * calls on one engine are serialized (the fixed buffers are shared).
+
+The denoising loop goes further (``OrtBackend.step_loop``, ``runtime/ort_loop.py``): with ``cuda_graph``
+the UNet and the sampler step graph are composed into one session, so a whole step is one captured graph.
 """
 
 from __future__ import annotations
@@ -30,12 +33,15 @@ import threading
 import weakref
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .engine import CLOSED, Array, Backend, Engine, IOSpec
 from .errors import ArtifactError, BackendUnavailable, CompatibilityError, DeviceMemoryError, InputError
+
+if TYPE_CHECKING:
+    from .step_loop import StepLoop
 
 _ORT_TYPES: dict[str, np.dtype[Any]] = {
     "tensor(float)": np.dtype("float32"),
@@ -209,9 +215,10 @@ class _StaticBindings:
 
 
 class OrtEngine(Engine):
-    def __init__(self, backend: OrtBackend, path: str | bytes, name: str) -> None:
+    def __init__(self, backend: OrtBackend, path: str | bytes, name: str, captured: bool | None = None) -> None:
         ort = _ort()
         self.name = name
+        self.source = path  # the graph it was loaded from (the fused step loop composes from it)
         self.backend = backend
         self._bound: bool = backend.io_binding
         self._memory: str = backend.memory
@@ -228,9 +235,11 @@ class OrtEngine(Engine):
             opts.add_session_config_entry("session.model_external_initializers_file_folder_path", base_dir)
         if isinstance(path, str) and not os.path.isfile(path):
             raise ArtifactError(f"{path} is missing; re-export the model with `sdrt export`")
-        captured = backend.captures(name)
+        providers = (backend.providers_for(name) if captured is None
+                     else backend.graph_providers() if captured else backend.providers)
+        captured = backend.captures(name) if captured is None else captured
         try:
-            self.session = ort.InferenceSession(path, opts, providers=backend.providers_for(name))
+            self.session = ort.InferenceSession(path, opts, providers=providers)
         except Exception as e:  # onnxruntime raises its own untyped errors
             raise _load_error(path if isinstance(path, str) else name, e, captured) from e
         self.inputs = _specs(self.session.get_inputs())
@@ -328,6 +337,9 @@ class OrtBackend(Backend):
         self.cuda_graph = cuda_graph
         self.graph_engines = frozenset(graph_engines)
         self.max_cuda_graphs = max_cuda_graphs
+        # the composed UNet + step loop: None = with cuda_graph on ort-cuda; True runs it without CUDA graphs
+        # (the tests run it that way on the CPU EP, over OrtValues in host memory)
+        self.fused_step: bool | None = None
         available = ort.get_available_providers()
         if device == "cpu":
             if cuda_graph:
@@ -371,7 +383,20 @@ class OrtBackend(Backend):
     def providers_for(self, name: str) -> list[Any]:
         if not self.captures(name):
             return self.providers
+        return self.graph_providers()
+
+    def graph_providers(self) -> list[Any]:
+        """The providers of a session that captures CUDA graphs (the host's providers on ort-cpu)."""
+        if not self.io_binding or self.device != "cuda":
+            return self.providers
         return [("CUDAExecutionProvider", self._cuda_options[True]), "CPUExecutionProvider"]
+
+    def step_loop(self, unet: Engine, step: Engine) -> StepLoop:
+        """ort-cuda with ``cuda_graph``: UNet and step graph composed into one session, captured as one CUDA
+        graph per step (``runtime/ort_loop.py``); elsewhere the engines run step by step."""
+        from .ort_loop import make_step_loop
+
+        return make_step_loop(self, unet, step)
 
     def load(self, path: str | bytes, name: str) -> Engine:
         """Load a graph from a file path, or from serialized bytes (the sampler's step graph)."""

@@ -167,9 +167,10 @@ class Pipeline:
              share_with: Pipeline | None = None) -> Pipeline:
         """Load an export or engine folder. ``cuda_graph``: replay captured CUDA graphs. ``tensorrt``
         captures the denoising step (UNet + sampler step) by default, falling back to running the engines
-        directly when capture fails (``Result.loop`` says which ran); ``ort-cuda`` captures each engine
-        only when asked (``True``), for fixed shapes, and its outputs are then valid only until the next
-        call at the same shape. ``False`` turns capture off for both. ``device_id``: the GPU (ort-cuda,
+        directly when capture fails (``Result.loop`` says which ran); ``ort-cuda`` captures only when asked
+        (``True``), for fixed shapes: the UNet and sampler step composed into one session, captured as one
+        graph per step (other engines each on their own, their outputs then valid only until the next call
+        at the same shape). ``False`` turns capture off for both. ``device_id``: the GPU (ort-cuda,
         tensorrt). ``precision``: the openvino backend's inference precision, ``auto`` (bf16 where the CPU
         has it, else fp32), ``bf16`` or ``fp32``; refused by the other backends. ``share_with``: a loaded
         pipeline on the same backend whose device memory plan this one joins (an SDXL refiner beside its

@@ -115,15 +115,23 @@ def test_close_drops_sessions_and_bindings_and_refuses_further_use(monkeypatch: 
             use()
 
 
-@pytest.mark.parametrize("cuda_graph", [False, True])
+@pytest.mark.parametrize("cuda_graph,fused", [(False, None), (True, False), (True, None)])
 def test_pipeline_over_ortvalues_gives_the_ort_cpu_images(tiny_export, monkeypatch: pytest.MonkeyPatch,
-                                                          cuda_graph: bool) -> None:
+                                                          cuda_graph: bool, fused: bool | None) -> None:
     """The whole pipeline with every tensor an OrtValue (ort-cuda's code path, CPU memory): the same
-    images as the numpy path, for a guided ancestral sampler at two sizes (two static-binding slots)."""
+    images as the numpy path, for a guided ancestral sampler at two sizes (two static-binding slots per
+    engine, or, with cuda_graph's default composed step, two slots of the one UNet + step session)."""
+    from sdrt.runtime.ort_loop import FusedStepLoop
+
     folder = tiny_export("sd15-tiny")
     ref = Pipeline.load(folder, backend="ort-cpu")
-    monkeypatch.setattr("sdrt.runtime.pipeline.make_backend",
-                        lambda *a, **k: _bound_cpu(monkeypatch, cuda_graph=cuda_graph))
+
+    def backend(*a: Any, **k: Any) -> OrtBackend:
+        be = _bound_cpu(monkeypatch, cuda_graph=cuda_graph)
+        be.fused_step = fused
+        return be
+
+    monkeypatch.setattr("sdrt.runtime.pipeline.make_backend", backend)
     pipe = Pipeline.load(folder, backend="ort-cuda")
     assert pipe.backend.io_binding and pipe.engines["unet"]._bound
     assert (pipe.engines["unet"]._static is not None) == cuda_graph
@@ -132,5 +140,10 @@ def test_pipeline_over_ortvalues_gives_the_ort_cpu_images(tiny_export, monkeypat
                               "negative_prompt": "fog"}
         want, got = ref("a harbor", **kw), pipe("a harbor", **kw)
         np.testing.assert_array_equal(np.asarray(got.images[0]), np.asarray(want.images[0]))
-    if cuda_graph:
+    loop = next(iter(pipe._loops.values()))
+    if cuda_graph and fused is None:
+        assert isinstance(loop, FusedStepLoop) and len(loop.slots) == 2
+        assert got.loop == "captured CUDA graph: UNet + sampler step as one ONNX Runtime session"
+    elif cuda_graph:
         assert len(pipe.engines["unet"]._static.slots) == 2
+        assert "fused_step=False" in got.loop

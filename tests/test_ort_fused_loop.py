@@ -1,0 +1,187 @@
+"""ort-cuda's fused step loop (UNet + sampler step composed into one ORT session) run on the CPU EP.
+
+The loop class is the one ort-cuda runs (``FusedStepLoop``, IO binding over fixed OrtValue buffers, the
+double-buffered state), forced on over OrtValues in host memory with ``fused_step=True``; the reference
+is the two separate graphs run step by step on ort-cpu's numpy path. Not checked here: the CUDA EP and
+ORT's capture of the composed session (no GPU here).
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+
+from sdrt.runtime.errors import InputError
+from sdrt.runtime.ort_backend import GRAPH_ID_KEY, OrtBackend
+from sdrt.runtime.ort_compose import compose_step_model
+from sdrt.runtime.ort_loop import FusedStepLoop, fused_step_reason, make_step_loop
+from sdrt.runtime.pipeline import Pipeline
+from sdrt.runtime.step_graph import build_step_graph, step_graph_bytes
+from sdrt.runtime.step_loop import PlainStepLoop
+
+
+def _bound(monkeypatch: pytest.MonkeyPatch, *, cuda_graph: bool = False, fused: bool | None = True,
+           max_graphs: int = 2) -> OrtBackend:
+    """ort-cuda in all but the device: OrtValues and IO binding in CPU memory on the CPU EP."""
+    be = OrtBackend("cpu")
+    be.io_binding, be.cuda_graph, be.max_cuda_graphs, be.fused_step = True, cuda_graph, max_graphs, fused
+    monkeypatch.setattr(be, "providers_for", lambda name: ["CPUExecutionProvider"])
+    return be
+
+
+def _inputs(unet: Any, guided: bool, b: int, hw: int, noise: bool, steps: int, rng: np.random.Generator,
+            plan: Any) -> dict[str, Any]:
+    rows = 2 * b if guided else b
+    cond = {}
+    for name, spec in unet.inputs.items():
+        if name in ("sample", "timestep"):
+            continue
+        dims = [rows] + [d if isinstance(d, int) else 7 for d in spec.shape[1:]]
+        cond[name] = rng.standard_normal(dims).astype(spec.dtype)
+    x = rng.standard_normal((b, 4, hw, hw)).astype(np.float32)
+    u = np.concatenate([x, x]) if guided else x
+    return {"latents": x, "unet_in": (u * 0.5).astype(np.float32), "cond": cond,
+            "timesteps": plan.timesteps[:steps], "coeffs": plan.table[:steps],
+            "guidance": np.array(6.0, np.float32) if guided else None,
+            "noise": rng.standard_normal((steps, b, 4, hw, hw)).astype(np.float32) if noise else None}
+
+
+def _run(loop: Any, be: OrtBackend, inp: dict[str, Any], on_device: bool) -> list[tuple[np.ndarray, np.ndarray]]:
+    dev = (lambda a: be.to_device(a)) if on_device else (lambda a: a)
+    loop.start(latents=dev(inp["latents"]), unet_in=dev(inp["unet_in"]),
+               cond={k: dev(v) for k, v in inp["cond"].items()}, timesteps=inp["timesteps"], coeffs=inp["coeffs"],
+               guidance=None if inp["guidance"] is None else dev(inp["guidance"]), noise=inp["noise"])
+    states = []
+    for i in range(len(inp["timesteps"])):
+        loop.step(i)
+        states.append((be.to_host(loop.latents).copy(), be.to_host(loop.x0).copy()))
+    return states
+
+
+@pytest.mark.parametrize("preset", ["sd15-tiny", "sdxl-tiny"])
+@pytest.mark.parametrize("guided", [False, True])
+@pytest.mark.parametrize("sampler", ["dpmpp-2m", "euler-a"])
+def test_composed_step_gives_the_separate_graphs_latents(tiny_export, monkeypatch: pytest.MonkeyPatch,
+                                                         preset: str, guided: bool, sampler: str) -> None:
+    """Every step's latents and x0 (so the double-buffered state carried across steps, and the multistep
+    history) are bit-identical to UNet then step graph run apart on ort-cpu, twice in a row (a second
+    start() on the same buffers)."""
+    folder = tiny_export(preset)
+    ref = Pipeline.load(folder, backend="ort-cpu")
+    be = _bound(monkeypatch)
+    unet = be.load(str(folder / "unet" / "model.onnx"), "unet")
+    step = be.load(step_graph_bytes(guided, np.float32), "sampler_step")
+    loop = be.step_loop(unet, step)
+    assert isinstance(loop, FusedStepLoop)
+    plain = PlainStepLoop(ref.backend, ref.engines["unet"], ref.backend.load(step_graph_bytes(guided, np.float32), "s"))
+    plan = ref.plan(sampler, 5)
+    rng = np.random.default_rng(3)
+    for _ in range(2):
+        inp = _inputs(unet, guided, 1, 8, plan.needs_noise, 5, rng, plan)
+        want, got = _run(plain, ref.backend, inp, False), _run(loop, be, inp, True)
+        for (wx, w0), (gx, g0) in zip(want, got):
+            np.testing.assert_array_equal(gx, wx)
+            np.testing.assert_array_equal(g0, w0)
+        assert not np.array_equal(want[0][0], want[-1][0])  # the steps did move the latents
+    assert len(loop.slots) == 1
+    assert loop.describe().startswith("UNet + sampler step as one ONNX Runtime session")
+
+
+def test_composition_references_the_original_weights_and_writes_nothing(tiny_export) -> None:
+    folder = tiny_export("sd15-tiny")
+    unet_dir = folder / "unet"
+    before = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in unet_dir.iterdir())
+    data = compose_step_model(str(unet_dir / "model.onnx"), str(unet_dir), build_step_graph(True, np.float32))
+    weights = (unet_dir / "model.onnx_data").stat().st_size
+    model = onnx.load_from_string(data)
+    inline = [i for i in model.graph.initializer if i.data_location != onnx.TensorProto.EXTERNAL]
+    external = [i for i in model.graph.initializer if i.data_location == onnx.TensorProto.EXTERNAL]
+    assert external and all(len(i.raw_data) <= 1024 for i in inline)  # the export's own size threshold
+    assert {e.value for i in external for e in i.external_data if e.key == "location"} == {"model.onnx_data"}
+    assert len(data) < weights / 4  # the graph, not the weights (the tiny UNet's weights are ~9.7 MB)
+    assert before == sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in unet_dir.iterdir())
+    names = [i.name for i in model.graph.input]
+    assert "unet/sample" in names and "step/latents" in names and "step/unet_out" not in names
+
+
+def test_selection_which_loop_runs_and_why(tiny_export, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tiny_export("sd15-tiny")
+    unet_path, graph = str(folder / "unet" / "model.onnx"), step_graph_bytes(False, np.float32)
+
+    def loop_for(be: OrtBackend) -> Any:
+        return be.step_loop(be.load(unet_path, "unet"), be.load(graph, "sampler_step"))
+
+    cpu = loop_for(OrtBackend("cpu"))  # ort-cpu: step by step, nothing declined
+    assert isinstance(cpu, PlainStepLoop) and cpu.describe() == "engines run step by step"
+    off = loop_for(_bound(monkeypatch, fused=None))  # ort-cuda, cuda_graph off
+    assert isinstance(off, PlainStepLoop) and "CUDA graphs are off" in off.describe()
+    disabled = loop_for(_bound(monkeypatch, cuda_graph=True, fused=False))
+    assert isinstance(disabled, PlainStepLoop) and "fused_step=False" in disabled.describe()
+    on = loop_for(_bound(monkeypatch, cuda_graph=True, fused=None))  # ort-cuda with cuda_graph: fused, captured
+    assert isinstance(on, FusedStepLoop)
+    be = on.backend
+    unet = on.unet
+    inp = _inputs(unet, False, 1, 8, False, 2, np.random.default_rng(0), Pipeline.load(folder, backend="ort-cpu").plan("euler", 2))
+    _run(on, be, inp, True)
+    assert on.captured and on.describe() == "captured CUDA graph: UNet + sampler step as one ONNX Runtime session"
+    slot = next(iter(on.slots.values()))
+    assert [o.get_run_config_entry(GRAPH_ID_KEY) for o in slot.run_options] == ["0", "1"]
+    # a step graph without the input the composition joins: the plain loop, with the reason
+    other = _bound(monkeypatch, cuda_graph=True, fused=None)
+    u = other.load(unet_path, "unet")
+    assert fused_step_reason(other, u, u) is not None and isinstance(make_step_loop(other, u, u), PlainStepLoop)
+
+
+def test_composition_failure_falls_back_with_the_reason(tiny_export, monkeypatch: pytest.MonkeyPatch,
+                                                        tmp_path: Path) -> None:
+    """A UNet graph whose weights file is not beside it: refused by the composition, the engines run."""
+    import shutil
+
+    folder = tiny_export("sd15-tiny")
+    be = _bound(monkeypatch, cuda_graph=True, fused=None)
+    unet = be.load(str(folder / "unet" / "model.onnx"), "unet")
+    step = be.load(step_graph_bytes(False, np.float32), "sampler_step")
+    unet.source = str(shutil.copy(folder / "unet" / "model.onnx", tmp_path / "model.onnx"))
+    loop = be.step_loop(unet, step)
+    assert isinstance(loop, PlainStepLoop)
+    assert "could not run as one session" in loop.describe() and "model.onnx_data is missing" in loop.describe()
+
+
+def test_shapes_beyond_max_cuda_graphs_run_engine_by_engine(tiny_export, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tiny_export("sd15-tiny")
+    ref = Pipeline.load(folder, backend="ort-cpu")
+    be = _bound(monkeypatch, max_graphs=1)
+    unet = be.load(str(folder / "unet" / "model.onnx"), "unet")
+    loop = be.step_loop(unet, be.load(step_graph_bytes(True, np.float32), "sampler_step"))
+    plain = PlainStepLoop(ref.backend, ref.engines["unet"], ref.backend.load(step_graph_bytes(True, np.float32), "s"))
+    plan, rng = ref.plan("dpmpp-2m", 3), np.random.default_rng(1)
+    for hw, fused in ((8, True), (12, False), (8, True)):
+        inp = _inputs(unet, True, 1, hw, False, 3, rng, plan)
+        got, want = _run(loop, be, inp, True), _run(plain, ref.backend, inp, False)
+        np.testing.assert_array_equal(got[-1][0], want[-1][0])
+        assert ("max_cuda_graphs=1" in loop.describe()) != fused
+    assert len(loop.slots) == 1
+
+
+def test_close_drops_the_composed_session(tiny_export, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tiny_export("sd15-tiny")
+    monkeypatch.setattr("sdrt.runtime.pipeline.make_backend", lambda *a, **k: _bound(monkeypatch))
+    pipe = Pipeline.load(folder, backend="ort-cuda")
+    res = pipe("a harbor", steps=2, sampler="euler-a", seed=1, height=64, width=64)
+    assert res.loop.startswith("UNet + sampler step as one ONNX Runtime session")
+    loop = next(iter(pipe._loops.values()))
+    assert isinstance(loop, FusedStepLoop)
+    session = weakref.ref(loop.fused.session)
+    tmp_before = set(os.listdir(folder))
+    pipe.close()
+    assert session() is None and loop.fused.closed
+    assert set(os.listdir(folder)) == tmp_before
+    with pytest.raises(InputError, match="closed"):
+        loop.start(latents=np.zeros((1, 4, 8, 8), np.float32), unet_in=np.zeros((1, 4, 8, 8), np.float32),
+                   cond={}, timesteps=[1.0], coeffs=np.zeros((1, 8), np.float32))
