@@ -31,7 +31,7 @@ from __future__ import annotations
 import os
 import threading
 import weakref
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -391,12 +391,13 @@ class OrtBackend(Backend):
             return self.providers
         return [("CUDAExecutionProvider", self._cuda_options[True]), "CPUExecutionProvider"]
 
-    def step_loop(self, unet: Engine, step: Engine) -> StepLoop:
+    def step_loop(self, unet: Engine, step: Engine, controlnets: Sequence[Engine | None] = ()) -> StepLoop:
         """ort-cuda with ``cuda_graph``: UNet and step graph composed into one session, captured as one CUDA
-        graph per step (``runtime/ort_loop.py``); elsewhere the engines run step by step."""
+        graph per step (``runtime/ort_loop.py``); elsewhere, and with ControlNets, the engines run step by
+        step."""
         from .ort_loop import make_step_loop
 
-        return make_step_loop(self, unet, step)
+        return make_step_loop(self, unet, step, controlnets)
 
     def load(self, path: str | bytes, name: str) -> Engine:
         """Load a graph from a file path, or from serialized bytes (the sampler's step graph)."""

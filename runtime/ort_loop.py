@@ -30,7 +30,7 @@ import numpy as np
 from .engine import Array, Engine
 from .errors import CompatibilityError, DeviceMemoryError, InputError, SdrtError
 from .ort_backend import _ALLOCATION_FAILED, OrtEngine, _allocation_detail, _copy_into, _ort, _run_options
-from .step_loop import PlainStepLoop, StepLoop
+from .step_loop import ControlFeeds, PlainStepLoop, StepLoop
 
 if TYPE_CHECKING:
     from .ort_backend import OrtBackend
@@ -60,8 +60,15 @@ def fused_step_reason(backend: OrtBackend, unet: Engine, step: Engine) -> str | 
     return None
 
 
-def make_step_loop(backend: OrtBackend, unet: Engine, step: Engine) -> StepLoop:
-    """The fused loop where it applies and composes; otherwise the plain one with the reason."""
+def make_step_loop(backend: OrtBackend, unet: Engine, step: Engine,
+                   controlnets: Sequence[Engine | None] = ()) -> StepLoop:
+    """The fused loop where it applies and composes; otherwise the plain one with the reason. With
+    ControlNets the engines run step by step (the composition covers the UNet and the step graph only)."""
+    if controlnets:
+        plain = PlainStepLoop(backend, unet, step, controlnets)
+        forced = backend.fused_step or (backend.io_binding and backend.cuda_graph)
+        plain.reason = "the composed loop covers UNet + step, not ControlNets" if forced else ""
+        return plain
     reason = fused_step_reason(backend, unet, step)
     if reason is None:
         assert isinstance(unet, OrtEngine) and isinstance(step, OrtEngine)
@@ -145,7 +152,9 @@ class FusedStepLoop(StepLoop):
     def start(self, *, latents: Array, unet_in: Array, cond: Mapping[str, Array],
               timesteps: Sequence[float] | np.ndarray, coeffs: np.ndarray, guidance: Array | None = None,
               x0_prev: Array | None = None, noise: np.ndarray | None = None,
-              step_inputs: Mapping[str, Array] | None = None) -> None:
+              step_inputs: Mapping[str, Array] | None = None, control: ControlFeeds | None = None) -> None:
+        if control is not None:  # make_step_loop gives ControlNets the plain loop
+            raise InputError("the composed UNet + step loop takes no ControlNet feeds")
         be = self.backend
         if self.fused.closed:
             raise InputError(f"this step loop is closed: {be.name} backend was closed; load it again")

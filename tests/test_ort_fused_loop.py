@@ -185,3 +185,20 @@ def test_close_drops_the_composed_session(tiny_export, monkeypatch: pytest.Monke
     with pytest.raises(InputError, match="closed"):
         loop.start(latents=np.zeros((1, 4, 8, 8), np.float32), unet_in=np.zeros((1, 4, 8, 8), np.float32),
                    cond={}, timesteps=[1.0], coeffs=np.zeros((1, 8), np.float32))
+
+
+def test_controlnets_run_engine_by_engine_with_the_images_of_ort_cpu(tiny_controlnet_export,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The composition covers UNet + step only: a call with control images runs the plain loop (saying why),
+    and a call without them on the same pipeline still runs fused."""
+    folder = tiny_controlnet_export("sd15-tiny", "fp32", 2)
+    control = np.random.default_rng(3).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    kw: dict[str, Any] = {"steps": 3, "sampler": "dpmpp-2m", "seed": 2, "height": 64, "width": 64}
+    with Pipeline.load(folder, backend="ort-cpu") as ref:
+        want = np.asarray(ref("a harbor", control_images=[control, None], **kw).images[0])
+    monkeypatch.setattr("sdrt.runtime.pipeline.make_backend", lambda *a, **k: _bound(monkeypatch))
+    with Pipeline.load(folder, backend="ort-cuda") as pipe:
+        res = pipe("a harbor", control_images=[control, None], **kw)
+        assert "not ControlNets" in res.loop
+        np.testing.assert_array_equal(np.asarray(res.images[0]), want)
+        assert pipe("a harbor", **kw).loop.startswith("UNet + sampler step as one ONNX Runtime session")
