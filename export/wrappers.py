@@ -63,13 +63,17 @@ class UNet(torch.nn.Module):
         encoder_hidden_states: torch.Tensor,
         *extra: torch.Tensor,
     ) -> torch.Tensor:
+        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False, **self._conditioning(extra))[0]
+
+    def _conditioning(self, extra: tuple[torch.Tensor, ...]) -> dict[str, object]:
+        """The extra inputs as diffusers' keyword arguments."""
         kwargs: dict[str, object] = {}
         if self.sdxl:
             kwargs["added_cond_kwargs"] = {"text_embeds": extra[0], "time_ids": extra[1]}
             extra = extra[2:]
         if self.time_cond:
             kwargs["timestep_cond"] = extra[0]
-        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False, **kwargs)[0]
+        return kwargs
 
 
 class VaeDecoder(torch.nn.Module):
@@ -167,17 +171,14 @@ class ControlNet(torch.nn.Module):
         return tuple(outs)
 
 
-class UNetControl(torch.nn.Module):
+class UNetControl(UNet):
     """The UNet with ControlNet residuals: the plain UNet's inputs, then ``nets`` groups of ``residuals``
     tensors (each net's ``down_*`` then ``mid``). The groups are summed here, so several ControlNets cost
     the host nothing, and passed as diffusers' ``down_block_additional_residuals`` /
     ``mid_block_additional_residual``."""
 
     def __init__(self, unet: torch.nn.Module, sdxl: bool, time_cond: bool, nets: int, residuals: int) -> None:
-        super().__init__()
-        self.unet = unet
-        self.sdxl = sdxl
-        self.time_cond = time_cond
+        super().__init__(unet, sdxl, time_cond)
         self.base = 2 * sdxl + int(time_cond)
         self.nets = nets
         self.residuals = residuals
@@ -194,13 +195,6 @@ class UNetControl(torch.nn.Module):
         for j in range(1, self.nets):
             group = res[j * self.residuals: (j + 1) * self.residuals]
             summed = [a + b for a, b in zip(summed, group)]
-        kwargs: dict[str, object] = {
-            "down_block_additional_residuals": tuple(summed[:-1]),
-            "mid_block_additional_residual": summed[-1],
-        }
-        if self.sdxl:
-            kwargs["added_cond_kwargs"] = {"text_embeds": base[0], "time_ids": base[1]}
-            base = base[2:]
-        if self.time_cond:
-            kwargs["timestep_cond"] = base[0]
-        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False, **kwargs)[0]
+        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False,
+                         down_block_additional_residuals=tuple(summed[:-1]),
+                         mid_block_additional_residual=summed[-1], **self._conditioning(base))[0]
