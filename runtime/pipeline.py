@@ -597,7 +597,7 @@ class Pipeline:
 
     # -- ControlNet (runtime/controlnet.py) ---------------------------------------------------------------
     def _controlnets(self) -> tuple[str, ...]:
-        return tuple(getattr(self.manifest, "controlnets", ()) or ())
+        return self.manifest.controlnets
 
     def _check_control(self, control_images: Any, control_scales: Any, control_start: Any, control_end: Any,
                        guess_mode: Any, control_preprocess: Any, masked: bool) -> controlnet.ControlRequest | None:
