@@ -289,3 +289,14 @@ def step_graph_shapes(profile: BuildProfile, manifest: ExportManifest, guided: b
     if inpaint == "blend":
         return (*base, shapes("mask", b, 1), shapes("image_latents", b), shapes("init_noise", b))
     return base
+
+
+def input_graph_shapes(profile: BuildProfile, manifest: ExportManifest, guided: bool,
+                       concat: bool = False) -> tuple[TensorShapes, ...]:
+    """min/opt/max shapes of the first-input graph's inputs (runtime/step_graph.py ``build_input_graph``):
+    ``latents`` per image, ``unet_extra`` (a 9-channel UNet) per UNet row; ``scale`` is static."""
+    latents = step_graph_shapes(profile, manifest, guided)[0]
+    if not concat:
+        return (latents,)
+    extra = next(s for s in step_graph_shapes(profile, manifest, guided, "concat") if s.name == "unet_extra")
+    return (latents, extra)

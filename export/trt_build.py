@@ -13,6 +13,7 @@ empty folder or a previous engine folder is replaced, any other needs ``overwrit
       text_encoder.engine [text_encoder_2.engine] unet.engine vae_decoder.engine vae_encoder.engine
       sampler_step_cfg.engine sampler_step_cfg_rescale.engine sampler_step.engine
                                the sampler's step graphs (guided; guided with guidance rescale; unguided)
+      sampler_input_cfg.engine sampler_input.engine   the first UNet input of a call (s x), on the device
       sdrt.json                the export's manifest, kind "tensorrt", component paths -> *.engine
       tokenizer/ [tokenizer_2/] scheduler/ model_index.json   copied from the export
 
@@ -62,10 +63,17 @@ from sdrt.runtime.engine_manifest import (
 )
 from sdrt.runtime.errors import ArtifactError, BackendUnavailable, InputError, SdrtError
 from sdrt.runtime.manifest import EXPORT_FOLDER, ExportManifest
-from sdrt.runtime.step_graph import step_engine_name, step_graph_bytes
+from sdrt.runtime.step_graph import (
+    cast_engine_name,
+    cast_graph_bytes,
+    input_engine_name,
+    input_graph_bytes,
+    step_engine_name,
+    step_graph_bytes,
+)
 from sdrt.runtime.trt_modules import backend_name, import_tensorrt, make_logger
 
-from .profiles import BuildProfile, engine_shapes, step_graph_modes, step_graph_shapes
+from .profiles import BuildProfile, engine_shapes, input_graph_shapes, step_graph_modes, step_graph_shapes
 
 if TYPE_CHECKING:
     import tensorrt as trt  # for annotations; the module in use is passed as ``trt`` (from load_tensorrt)
@@ -225,7 +233,8 @@ def plan_engines(
         rec = EngineRecord(component=name, file=f"{name}.engine", precision=comp.precision, shapes=shapes[name],
                            flags=flags, onnx_sha256=digest, env=env, cache_key=key)
         plans.append(EnginePlan(path, rec, graphs.get(name)))
-    return manifest, plans + step_graph_plans(profile, manifest, options, env)
+    return manifest, (plans + step_graph_plans(profile, manifest, options, env)
+                      + input_graph_plans(profile, manifest, options, env))
 
 
 def step_graph_plans(profile: BuildProfile, manifest: ExportManifest, options: BuildOptions,
@@ -245,15 +254,44 @@ def step_graph_plans(profile: BuildProfile, manifest: ExportManifest, options: B
     if profile.cfg and None in step_graph_modes(manifest):
         variants.append((True, None, True))  # guidance rescale: guided, not inpainting
     for guided, mode, rescale in variants:
-        name = step_engine_name(guided, mode, rescale)
-        model = step_graph_bytes(guided, dtype, mode, rescale)
-        digest = hashlib.sha256(model).hexdigest()
-        shapes = step_graph_shapes(profile, manifest, guided, mode)
-        flags = replace(options.flags(unet.precision), refittable=False)  # no weights to refit
-        key = cache_key(name, digest, unet.precision, shapes, flags, env)
-        rec = EngineRecord(component=name, file=f"{name}.engine", precision=unet.precision, shapes=shapes,
-                           flags=flags, onnx_sha256=digest, env=env, cache_key=key)
-        plans.append(EnginePlan(Path(f"<{name}: sdrt.runtime.step_graph>"), rec, model))
+        plans.append(graph_plan(step_engine_name(guided, mode, rescale), step_graph_bytes(guided, dtype, mode, rescale),
+                                step_graph_shapes(profile, manifest, guided, mode), unet.precision, options, env))
+    return plans
+
+
+def graph_plan(name: str, model: bytes, shapes: tuple[TensorShapes, ...], precision: str, options: BuildOptions,
+               env: EngineEnv, source: str = "sdrt.runtime.step_graph") -> EnginePlan:
+    """The plan of a graph the runtime makes in memory (no weights, so never refittable), which it finds in
+    the folder by the digest of its bytes."""
+    digest = hashlib.sha256(model).hexdigest()
+    flags = replace(options.flags(precision), refittable=False)
+    key = cache_key(name, digest, precision, shapes, flags, env)
+    rec = EngineRecord(component=name, file=f"{name}.engine", precision=precision, shapes=shapes,
+                       flags=flags, onnx_sha256=digest, env=env, cache_key=key)
+    return EnginePlan(Path(f"<{name}: {source}>"), rec, model)
+
+
+def input_graph_plans(profile: BuildProfile, manifest: ExportManifest, options: BuildOptions,
+                      env: EngineEnv) -> list[EnginePlan]:
+    """The first-input graphs (``s x`` for a call's first UNet step, runtime/step_graph.py), guided and
+    unguided, in the UNet's precision; with a 9-channel inpainting UNet the variant appending its extra
+    channels; and the latents' cast into a VAE of another precision. A folder without them still runs: the
+    runtime then does that work on the host."""
+    unet = manifest.components.get("unet")
+    if unet is None:
+        return []
+    dtype = "float16" if unet.precision == "fp16" else "float32"
+    plans = []
+    concat = "concat" in step_graph_modes(manifest)
+    for guided in (True, False) if profile.cfg else (False,):
+        plans.append(graph_plan(input_engine_name(guided, concat), input_graph_bytes(guided, dtype, concat),
+                                input_graph_shapes(profile, manifest, guided, concat), unet.precision, options, env))
+    vae = manifest.components.get("vae_decoder")
+    if vae is not None and vae.precision != unet.precision:  # an fp16 UNet's latents into an fp32 VAE (SDXL)
+        vae_dtype = "float16" if vae.precision == "fp16" else "float32"
+        latents = input_graph_shapes(profile, manifest, False)
+        plans.append(graph_plan(cast_engine_name(dtype, vae_dtype), cast_graph_bytes(dtype, vae_dtype), latents,
+                                vae.precision, options, env))
     return plans
 
 

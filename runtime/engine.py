@@ -42,8 +42,9 @@ class Backend(abc.ABC):
     the backend holds; a closed backend refuses further work. What the pipeline needs besides engines and
     arrays is declared here with a base implementation: ``check_request`` (can the loaded engines serve
     this batch and size?), ``step_loop`` (the denoising loop over a UNet and a step-graph engine),
-    ``clock`` (how stages and steps are timed) and ``make_current`` (bind the device to the calling
-    thread).
+    ``clock`` (how stages and steps are timed), ``make_current`` (bind the device to the calling
+    thread) and ``clone`` / ``shares_memory_with`` (hand device arrays between stages and backends
+    without the host).
     """
 
     name: str
@@ -67,6 +68,16 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def meta(self, a: Array) -> tuple[np.dtype[Any], tuple[int, ...]]:
         """dtype and shape of a device array, without moving it."""
+
+    def shares_memory_with(self, other: Backend) -> bool:
+        """Whether ``other``'s device arrays are this backend's to read (``clone``) without the host. Base:
+        only its own."""
+        return other is self
+
+    def clone(self, a: Array) -> Array:
+        """A device array of the caller's own, equal to ``a`` (which a loop may overwrite later). Base:
+        through the host; a GPU backend copies on the device."""
+        return self.to_device(np.array(self.to_host(a)))
 
     def synchronize(self) -> None:
         """Wait for queued device work (a no-op on the host)."""

@@ -415,6 +415,21 @@ class OrtBackend(Backend):
     def to_host(self, a: Array) -> np.ndarray:
         return a if isinstance(a, np.ndarray) else a.numpy()
 
+    def shares_memory_with(self, other: Backend) -> bool:
+        """Backends of one kind on one device read each other's OrtValues."""
+        return other is self or (isinstance(other, OrtBackend) and other.name == self.name
+                                 and other.device_id == self.device_id)
+
+    def clone(self, a: Array) -> Array:
+        """A new array equal to ``a``: a numpy copy, or an OrtValue filled on the device (no host trip)."""
+        if isinstance(a, np.ndarray):
+            return self.to_device(a.copy())
+        self._require_open()
+        dtype, shape = self.meta(a)
+        out = _ort().OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, self.memory, self.device_id)
+        _copy_into(out, a)
+        return out
+
     def meta(self, a: Array) -> tuple[np.dtype[Any], tuple[int, ...]]:
         if isinstance(a, np.ndarray):
             return a.dtype, a.shape

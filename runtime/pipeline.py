@@ -16,6 +16,7 @@ releases every engine and device buffer; a closed pipeline refuses further calls
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import secrets
@@ -38,6 +39,8 @@ from .tokenizer import ClipTokenizer
 
 if TYPE_CHECKING:
     from typing_extensions import Self
+
+log = logging.getLogger(__name__)
 
 CONTROL_UNET = "unet_control"  # the UNet taking ControlNet residuals (an export made with ControlNets)
 BACKENDS = ("auto", "ort-cpu", "ort-cuda", "tensorrt", "openvino")
@@ -156,6 +159,7 @@ class Pipeline:
         self.tokenizers = tokenizers
         self.scheduler_config = scheduler_config
         self._step_graphs: dict[tuple[Any, ...], Engine] = {}
+        self._input_graphs: dict[tuple[Any, ...], Engine | None] = {}
         self._loops: dict[tuple[Any, ...], StepLoop] = {}
         self._lock = threading.RLock()
         self._closed = False
@@ -231,6 +235,7 @@ class Pipeline:
                 loop.close()
             self._loops.clear()
             self._step_graphs.clear()
+            self._input_graphs.clear()
             self.engines = {}
             self.backend.close()
 
@@ -407,15 +412,20 @@ class Pipeline:
         history (``x0``), as a second model's sampler starts fresh (diffusers' refiner at ``denoising_start``)."""
         with self._lock:
             self._ready()
-            x = latents.x if isinstance(latents.x, np.ndarray) else source.backend.to_host(latents.x)
+            on_device = not isinstance(latents.x, np.ndarray)
+            dtype, shape = source.backend.meta(latents.x) if on_device else (latents.x.dtype, latents.x.shape)
             want = (self.manifest.latent_channels, latents.height // self.manifest.vae_scale_factor,
                     latents.width // self.manifest.vae_scale_factor)
-            if tuple(x.shape[1:]) != want:
-                raise InputError(f"the latents are {list(x.shape)}, this model's latents for "
+            if tuple(shape[1:]) != want:
+                raise InputError(f"the latents are {list(shape)}, this model's latents for "
                                  f"{latents.width}x{latents.height} are [B, {', '.join(map(str, want))}]: they come "
                                  "from a model of another latent format")
-            return Latents(self.backend.to_device(np.asarray(x).astype(self.dtype)), latents.height, latents.width,
-                           latents.step, None, latents.noise, latents.seed)
+            if on_device and dtype == self.dtype and self.backend.shares_memory_with(source.backend):
+                x = self.backend.clone(latents.x)  # one device (a base and its refiner): no host trip
+            else:
+                host = source.backend.to_host(latents.x) if on_device else latents.x
+                x = self.backend.to_device(np.asarray(host).astype(self.dtype))
+            return Latents(x, latents.height, latents.width, latents.step, None, latents.noise, latents.seed)
 
     # -- inpainting (runtime/inpaint.py) -------------------------------------------------------------------
     @property
@@ -476,8 +486,7 @@ class Pipeline:
                                 aesthetic=(aesthetic_score, negative_aesthetic_score))[0]
             # the loop's buffers are reused by its next run: hand the caller arrays of its own
             be = self.backend
-            return replace(out, x=be.to_device(be.to_host(out.x)),
-                           x0=None if out.x0 is None else be.to_device(be.to_host(out.x0)))
+            return replace(out, x=be.clone(out.x), x0=None if out.x0 is None else be.clone(out.x0))
 
     def _window(self, plan: samplers.SamplerPlan, latents: Latents, start: float | None,
                 end: float | None) -> tuple[int, int]:
@@ -526,21 +535,17 @@ class Pipeline:
         if "timestep_cond" in self.engines["unet"].inputs:  # an LCM-distilled UNet: guidance as an embedding
             dim = int(self.engines["unet"].inputs["timestep_cond"].shape[-1])  # type: ignore[arg-type]
             cond["timestep_cond"] = to_dev(np.tile(_guidance_embedding(guidance_scale - 1.0, dim).astype(dt), (b, 1)))
-        x_start = lat.start if lo == 0 and lat.start is not None else be.to_host(lat.x)
-        first_in = samplers.model_input(plan, lo, x_start.astype(np.float64)).astype(dt)
-        first_in = np.concatenate([first_in] * 2) if guided else first_in
-        mode, table, step_inputs = None, plan.table, {}
+        mode, table, step_inputs, head = None, plan.table, {}, None
         if lat.inpaint is not None:  # the mask work runs in the step graph's inpainting variant
             mode = lat.inpaint.mode
             feeds, table, head = inpaint.loop_inputs(lat.inpaint, plan, guided, dt)
             step_inputs = {k: to_dev(v) for k, v in feeds.items()}
-            first_in = first_in if head is None else np.concatenate([first_in, head], axis=1)
         elif self._inpaint_mode() == "concat":
             raise InputError("this is an inpainting model (a 9-channel UNet): prepare the latents with image= and "
                              "mask_image=")
         if rescale and mode is not None:
             raise InputError("guidance_rescale with inpainting is not supported: leave guidance_rescale at 0")
-        unet_in = to_dev(first_in)
+        unet_in = self._first_input(plan, lo, lat, guided, dt, step_inputs.get("unet_extra"), head)
         active = control.active if control is not None else ()
         loop = self._loop(guided, dt, mode, rescale > 0.0, active)
         noise = lat.noise[lo:hi] if plan.needs_noise and lat.noise is not None else None
@@ -568,6 +573,47 @@ class Pipeline:
         # the final latents: the loop's own buffers (valid until its next start(); the public denoise() copies them)
         return replace(lat, x=loop.latents, step=hi, x0=loop.x0 if hi < plan.steps else None,
                        start=None), loop.describe()
+
+    def _first_input(self, plan: samplers.SamplerPlan, lo: int, lat: Latents, guided: bool, dt: np.dtype[Any],
+                     extra: Array | None, head: np.ndarray | None) -> Array:
+        """The first UNet input, s_lo x, on the device by the first-input graph (one 4-byte upload); on the host
+        only where the backend has no such graph (an engine folder built by an older sdrt)."""
+        be = self.backend
+        graph = self._input_graph(guided, dt, extra is not None)
+        if graph is not None:
+            feeds = {"latents": lat.x, "scale": be.to_device(np.array([plan.table[lo, samplers.S]], np.float32))}
+            if extra is not None:
+                feeds["unet_extra"] = extra
+            return graph(feeds)["unet_in"]
+        x = lat.start if lo == 0 and lat.start is not None else be.to_host(lat.x)
+        first_in = samplers.model_input(plan, lo, x.astype(np.float64)).astype(dt)
+        first_in = np.concatenate([first_in] * 2) if guided else first_in
+        return be.to_device(first_in if head is None else np.concatenate([first_in, head], axis=1))
+
+    def _input_graph(self, guided: bool, dtype: np.dtype[Any], concat: bool) -> Engine | None:
+        key = (guided, dtype.name, concat)
+        if key not in self._input_graphs:
+            from .step_graph import input_engine_name, input_graph_bytes
+
+            name = input_engine_name(guided, concat)
+            try:
+                self._input_graphs[key] = self.backend.load(input_graph_bytes(guided, dtype, concat), name)
+            except ArtifactError as e:  # not prebuilt in this engine folder: the host computes it, as before
+                log.info("%s; the first UNet input is computed on the host", e)
+                self._input_graphs[key] = None
+        return self._input_graphs[key]
+
+    def _cast_graph(self, src: np.dtype[Any], dst: np.dtype[Any]) -> Engine | None:
+        key = ("cast", src.name, dst.name)
+        if key not in self._input_graphs:
+            from .step_graph import cast_engine_name, cast_graph_bytes
+
+            try:
+                self._input_graphs[key] = self.backend.load(cast_graph_bytes(src, dst), cast_engine_name(src, dst))
+            except ArtifactError as e:  # not prebuilt in this engine folder: cast on the host, as before
+                log.info("%s; the latents are cast on the host", e)
+                self._input_graphs[key] = None
+        return self._input_graphs[key]
 
     def _time_ids(self, height: int, width: int, b: int, guided: bool,
                   aesthetic: tuple[float | None, float | None] | None) -> np.ndarray:
@@ -649,8 +695,11 @@ class Pipeline:
             x_dev = be.to_device(x_dev)
         dec = self.engines["vae_decoder"]
         dec_dt = dec.inputs["latent_sample"].dtype
-        if be.meta(x_dev)[0] != dec_dt:  # an fp32 VAE after an fp16 UNet (SDXL): cast on the host, once
-            x_dev = be.to_device(be.to_host(x_dev).astype(dec_dt))
+        src_dt = be.meta(x_dev)[0]
+        if src_dt != dec_dt:  # an fp32 VAE after an fp16 UNet (SDXL): cast on the device where the backend can
+            cast = self._cast_graph(src_dt, dec_dt)
+            x_dev = (be.to_device(be.to_host(x_dev).astype(dec_dt)) if cast is None
+                     else cast({"latents": x_dev})["latents_cast"])
         out = dec({"latent_sample": x_dev})
         pixels = be.to_host(out["images"])
         nonfinite = [not bool(v) for v in be.to_host(out["finite"])]

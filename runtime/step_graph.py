@@ -13,6 +13,15 @@ duplicated to the UNet's 2B rows.
 Float16 graphs compute in float32 and round once on output. The numpy reference is
 ``samplers.step_reference`` (after ``samplers.guide``).
 
+The first step's UNet input, ``s_0 x`` (duplicated when guided; with the inpainting "concat" variant's
+``unet_extra`` appended), comes from a smaller graph of the same family, ``build_input_graph``, so a call
+uploads one scale instead of a latent-sized tensor and never reads device latents back to compute it:
+
+    inputs   latents [B,C,H,W]; scale [1] float32 (the plan row's ``s``); unet_extra (the "concat" variant)
+    outputs  unet_in [2B or B,C (+E),H,W]
+
+and an fp16 UNet's final latents reach an fp32 VAE (SDXL) through ``cast_graph_bytes``, on the device too.
+
 Inpainting variants (``inpaint=``, see ``runtime/inpaint.py``) add the per-step mask work on the device:
 
     "concat"  a 9-channel UNet: extra input unet_extra [2B or B,E,H,W] (the latent-size mask and the
@@ -44,6 +53,7 @@ INPAINT_MODES = ("concat", "blend")
 BLEND_COLUMNS = ("blend_image", "blend_noise")  # the "blend" graph's coeffs: COLUMNS + these
 # the guided graph with guidance rescale, a variant of its own so the plain guided graph stays as it was
 RESCALE_STEP_ENGINE = "sampler_step_cfg_rescale"
+INPUT_ENGINES = {False: "sampler_input", True: "sampler_input_cfg"}  # the first UNet input's graphs
 
 
 def step_engine_name(batch_guided: bool, inpaint: str | None = None, rescale: bool = False) -> str:
@@ -51,6 +61,67 @@ def step_engine_name(batch_guided: bool, inpaint: str | None = None, rescale: bo
     if batch_guided and rescale:
         return RESCALE_STEP_ENGINE
     return STEP_ENGINES[batch_guided] + ("" if inpaint is None else f"_{inpaint}")
+
+
+def input_engine_name(batch_guided: bool, concat: bool = False) -> str:
+    """The engine name ``sdrt build`` gives a first-input graph variant (and the TensorRT backend loads)."""
+    return INPUT_ENGINES[batch_guided] + ("_concat" if concat else "")
+
+
+def input_graph_bytes(batch_guided: bool, dtype: Any = np.float16, concat: bool = False) -> bytes:
+    """The serialized first-input graph (deterministic, like ``step_graph_bytes``)."""
+    return build_input_graph(batch_guided, dtype, concat).SerializeToString()
+
+
+def build_input_graph(batch_guided: bool, dtype: Any = np.float16, concat: bool = False) -> onnx.ModelProto:
+    """``unet_in = s x`` for the loop's first UNet call, as ``unet_in_next`` is made for the others: the
+    same float32 arithmetic, rows duplicated when guided, ``unet_extra`` appended along channels for a
+    9-channel inpainting UNet (``concat``)."""
+    elem = _elem(dtype)
+    nodes: list[onnx.NodeProto] = []
+    unet_in = _mul(nodes, "scale", _input(nodes, "latents", elem))
+    if batch_guided:
+        unet_in = _node(nodes, "Concat", [unet_in, unet_in], "unet_in_f", axis=0)
+    if concat:
+        unet_in = _node(nodes, "Concat", [unet_in, _input(nodes, "unet_extra", elem)], "unet_in_extra", axis=1)
+    _output(nodes, unet_in, "unet_in", elem)
+    rows = ["2B", *_LATENT[1:]] if batch_guided else _LATENT
+    inputs = [helper.make_tensor_value_info("latents", elem, _LATENT),
+              helper.make_tensor_value_info("scale", TensorProto.FLOAT, [1]),
+              *([helper.make_tensor_value_info("unet_extra", elem, [rows[0], "E", *rows[2:]])] if concat else [])]
+    outputs = [helper.make_tensor_value_info("unet_in", elem, [rows[0], "C_unet" if concat else "C", *rows[2:]])]
+    graph = helper.make_graph(nodes, "sdrt_sampler_input", inputs, outputs)
+    graph.doc_string = "unet_in = s x (rows doubled when guided; unet_extra appended for a 9-channel UNet)"
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="sdrt")
+    model.ir_version = IR_VERSION
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def cast_engine_name(src: Any, dst: Any) -> str:
+    """The engine name of the latents' cast from ``src`` to ``dst`` (float16/float32)."""
+    return f"latents_{np.dtype(src).name}_to_{np.dtype(dst).name}"
+
+
+def cast_graph_bytes(src: Any, dst: Any) -> bytes:
+    """Latents [B,C,H,W] cast from ``src`` to ``dst``: an fp16 UNet's latents into an fp32 VAE (SDXL)
+    on the device, not through the host."""
+    nodes: list[onnx.NodeProto] = []
+    a, b = _elem(src), _elem(dst)
+    _node(nodes, "Cast", ["latents"], "latents_cast", to=b)
+    graph = helper.make_graph(nodes, "sdrt_latents_cast", [helper.make_tensor_value_info("latents", a, _LATENT)],
+                              [helper.make_tensor_value_info("latents_cast", b, _LATENT)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="sdrt")
+    model.ir_version = IR_VERSION
+    onnx.checker.check_model(model, full_check=True)
+    return model.SerializeToString()
+
+
+def _elem(dtype: Any) -> int:
+    try:
+        return _TYPES[np.dtype(dtype)]
+    except (KeyError, TypeError) as e:
+        raise InputError(f"step graph dtype must be float16 or float32, got {dtype!r}") from e
 
 
 def step_graph_bytes(batch_guided: bool, dtype: Any = np.float16, inpaint: str | None = None,
@@ -64,10 +135,7 @@ def build_step_graph(batch_guided: bool, dtype: Any = np.float16, inpaint: str |
     """The step graph for latents of ``dtype`` (float16 or float32); guided means CFG on 2B UNet rows;
     ``inpaint`` one of INPAINT_MODES or None; ``rescale`` (guided, not inpainting) adds diffusers'
     ``guidance_rescale``, read from ``guidance[1]``."""
-    try:
-        elem = _TYPES[np.dtype(dtype)]
-    except (KeyError, TypeError) as e:
-        raise InputError(f"step graph dtype must be float16 or float32, got {dtype!r}") from e
+    elem = _elem(dtype)
     if inpaint is not None and inpaint not in INPAINT_MODES:
         raise InputError(f"inpaint must be one of {', '.join(INPAINT_MODES)} or None, got {inpaint!r}")
     if rescale and (not batch_guided or inpaint is not None):

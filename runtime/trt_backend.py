@@ -361,6 +361,17 @@ class TrtBackend(Backend):
             raise InputError(f"cannot copy {src.describe()} into {dst.describe()}")
         self.device.copy(dst.ptr, src.ptr, src.nbytes, "DeviceToDevice")
 
+    def shares_memory_with(self, other: Backend) -> bool:
+        """This backend and those made with ``share=`` over it (one GPU, one stream) read each other's arrays."""
+        return other is self or (isinstance(other, TrtBackend) and other.device is self.device)
+
+    def clone(self, a: Array) -> DeviceArray:
+        """A new device array equal to ``a``, copied on the device (queued on the stream)."""
+        src = self.as_device(a)
+        out = self.empty(src.shape, src.dtype)
+        self.copy(out, src)
+        return out
+
     def meta(self, a: Array) -> tuple[np.dtype[Any], tuple[int, ...]]:
         if isinstance(a, (DeviceArray, np.ndarray)):
             return a.dtype, tuple(a.shape)

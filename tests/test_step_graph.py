@@ -19,7 +19,7 @@ import pytest
 
 from sdrt.runtime.errors import InputError
 from sdrt.runtime.samplers import COLUMNS, SAMPLERS, guide, make_plan, model_input, step_reference
-from sdrt.runtime.step_graph import IR_VERSION, OPSET, build_step_graph
+from sdrt.runtime.step_graph import IR_VERSION, OPSET, build_input_graph, build_step_graph, cast_graph_bytes
 
 CONFIG = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
           "beta_schedule": "scaled_linear", "steps_offset": 1, "timestep_spacing": "leading",
@@ -193,3 +193,42 @@ def test_rescale_variant_matches_reference(rescale, dtype):
 def test_rescale_needs_guided():
     with pytest.raises(InputError, match="guided"):
         build_step_graph(False, np.float32, rescale=True)
+
+
+# -- the first UNet input ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("guided", [True, False], ids=["guided", "unguided"])
+@pytest.mark.parametrize("concat", [False, True], ids=["plain", "concat"])
+def test_input_graph_is_the_first_rows_model_input(guided, dtype, concat):
+    """s_0 x, rows doubled when guided and a 9-channel UNet's extra channels appended, as the host made it
+    (samplers.model_input in float64, then rounded once to the UNet dtype), every sampler's first row."""
+    rng = np.random.default_rng(5)
+    sess = ort.InferenceSession(build_input_graph(guided, dtype, concat).SerializeToString(),
+                                providers=["CPUExecutionProvider"])
+    x = (rng.standard_normal((B, *LATENT)) * 14.6).astype(dtype)
+    extra = rng.standard_normal((2 * B if guided else B, LATENT[0] + 1, *LATENT[1:])).astype(dtype)
+    for sampler in SAMPLERS:
+        plan = make_plan(sampler, 6, CONFIG)
+        s0 = np.array([plan.table[0, 0]], np.float32)
+        feeds = {"latents": x, "scale": s0, **({"unet_extra": extra} if concat else {})}
+        (got,) = sess.run(["unet_in"], feeds)
+        ref = model_input(plan, 0, x.astype(np.float64))
+        ref = np.concatenate([ref, ref]) if guided else ref
+        ref = np.concatenate([ref, extra.astype(np.float64)], axis=1) if concat else ref
+        assert got.dtype == dtype and got.shape == ref.shape
+        # one float32 product (s rounded to float32, then the product) rounded once more to fp16 when fp16
+        bound = 2 * U32 * np.abs(ref) + (U16 * np.abs(ref) + 2.0**-24 if dtype == np.float16 else 0)
+        assert np.all(np.abs(got.astype(np.float64) - ref) <= bound), sampler
+
+
+@pytest.mark.parametrize(("src", "dst"), [(np.float16, np.float32), (np.float32, np.float16)])
+def test_cast_graph_is_numpys_cast(src, dst):
+    """The latents' cast between a UNet's and a VAE's precision, as numpy's astype (round to nearest even)."""
+    x = np.random.default_rng(2).standard_normal((2, 4, 8, 8)).astype(np.float32) * 100
+    x = x.astype(src)
+    sess = ort.InferenceSession(cast_graph_bytes(src, dst), providers=["CPUExecutionProvider"])
+    (got,) = sess.run(["latents_cast"], {"latents": x})
+    assert got.dtype == dst
+    np.testing.assert_array_equal(got, x.astype(dst))

@@ -94,6 +94,7 @@ class FakeCudart:
         self.graph_ops: dict[int, list[Any]] = {}
         self.current: dict[int, int] = {}  # thread id -> the device cudaSetDevice made current there
         self.copies = {1: 0, 2: 0, 3: 0}  # queued copies by cudaMemcpyKind: host->device, device->host, d->d
+        self.copied = {1: 0, 2: 0, 3: 0}  # their bytes
 
     # devices and streams
     def cudaGetDeviceCount(self):
@@ -150,6 +151,7 @@ class FakeCudart:
 
     def cudaMemcpyAsync(self, dst, src, n, kind, stream):
         self.copies[kind] += 1
+        self.copied[kind] += int(n)
 
         def op() -> None:
             if kind in (1, 3):

@@ -96,22 +96,24 @@ def test_plans_cache_keys_and_precision(tiny_export) -> None:
     names = [p.record.component for p in plans]
     assert names == [*manifest.components, "sampler_step_cfg", "sampler_step",  # the step graphs come last,
                      "sampler_step_cfg_blend", "sampler_step_blend",  # then their inpainting (blend) variants
-                     "sampler_step_cfg_rescale"]  # and the guided one with guidance rescale
-    steps = [p.record for p in plans[-5:-3]]
+                     "sampler_step_cfg_rescale",  # and the guided one with guidance rescale,
+                     "sampler_input_cfg", "sampler_input"]  # then the first UNet input's graphs
+    steps = [p.record for p in plans[-7:-5]]
     assert steps[0].shapes[1].max == (4, 4, 16, 16) and steps[1].shapes[1].max == (2, 4, 16, 16)  # unet_out rows
-    assert plans[-1].record.shapes[1].max == (4, 4, 16, 16)
-    assert all(not p.record.flags.refittable and p.onnx_bytes for p in plans[-5:])
+    assert plans[-3].record.shapes[1].max == (4, 4, 16, 16)
+    assert plans[-2].record.shapes[0].max == (2, 4, 16, 16)  # the first-input graph's latents, per image
+    assert all(not p.record.flags.refittable and p.onnx_bytes for p in plans[-7:])
     _, no_cfg = plan_engines(folder, custom_profile(height=64, cfg=False), BuildOptions(), ENV)
-    assert [p.record.component for p in no_cfg][-2:] == ["sampler_step", "sampler_step_blend"]
-    assert len(no_cfg) == len(plans) - 3
+    assert [p.record.component for p in no_cfg][-3:] == ["sampler_step", "sampler_step_blend", "sampler_input"]
+    assert len(no_cfg) == len(plans) - 4
     unet = next(p.record for p in plans if p.record.component == "unet")
     assert unet.file == "unet.engine" and unet.precision == "fp32" and unet.flags.strongly_typed
     assert unet.shapes[0].max == (4, 4, 16, 16)
     _, again = plan_engines(folder, prof, BuildOptions(), ENV)
     assert [p.record.cache_key for p in again] == [p.record.cache_key for p in plans]
     _, refit = plan_engines(folder, prof, BuildOptions(refittable=True), ENV)
-    assert all(a.record.cache_key != b.record.cache_key for a, b in zip(plans[:-5], refit[:-5]))
-    assert [a.record.cache_key for a in plans[-5:]] == [b.record.cache_key for b in refit[-5:]]  # no weights
+    assert all(a.record.cache_key != b.record.cache_key for a, b in zip(plans[:-7], refit[:-7]))
+    assert [a.record.cache_key for a in plans[-7:]] == [b.record.cache_key for b in refit[-7:]]  # no weights
     _, other_gpu = plan_engines(folder, prof, BuildOptions(), EngineEnv("tensorrt", "10.13.0.35", "NVIDIA L4", "8.9"))
     assert all(a.record.cache_key != b.record.cache_key for a, b in zip(plans, other_gpu))
 

@@ -607,10 +607,12 @@ def test_sdrt_build_makes_a_whole_engine_folder_on_rtx(rtx: ModuleType, tiny_exp
     printed = capsys.readouterr().out
     m = EngineManifest.read(out)
     names = ["text_encoder", "unet", "vae_decoder", "vae_encoder", "sampler_step_cfg", "sampler_step",
-             "sampler_step_cfg_blend", "sampler_step_blend", "sampler_step_cfg_rescale"]
-    names += ["text_encoder_2"] if preset == "sdxl-tiny" else []
+             "sampler_step_cfg_blend", "sampler_step_blend", "sampler_step_cfg_rescale", "sampler_input_cfg",
+             "sampler_input"]
+    # SDXL: an fp32 VAE after the fp16 UNet, so the latents' cast graph too
+    names += ["text_encoder_2", "latents_float16_to_float32"] if preset == "sdxl-tiny" else []
     assert sorted(r.component for r in m.engines) == sorted(names)
-    vae_fp32 = {"vae_decoder", "vae_encoder"} if preset == "sdxl-tiny" else set()
+    vae_fp32 = {"vae_decoder", "vae_encoder", "latents_float16_to_float32"} if preset == "sdxl-tiny" else set()
     for rec in m.engines:
         assert (out / rec.file).stat().st_size == rec.size_bytes > 0, rec.component
         assert rec.precision == ("fp32" if rec.component in vae_fp32 else "fp16"), rec.component

@@ -119,7 +119,8 @@ def test_built_engines_drive_the_pipeline_like_ort_cpu(tiny_export, tmp_path: Pa
                              BuildOptions(workspace_gb=1), progress=messages.append)
     assert {r.component for r in manifest.engines} == set(
         ["text_encoder", "unet", "vae_decoder", "vae_encoder", "sampler_step_cfg", "sampler_step",
-         "sampler_step_cfg_blend", "sampler_step_blend", "sampler_step_cfg_rescale"]
+         "sampler_step_cfg_blend", "sampler_step_blend", "sampler_step_cfg_rescale", "sampler_input_cfg",
+         "sampler_input"]
         + (["text_encoder_2"] if preset == "sdxl-tiny" else []))
     built = len(trt.built)
     assert trt.build_calls["monitors"] == len(manifest.engines)
@@ -176,9 +177,10 @@ def test_the_lean_runtime_runs_the_whole_loop_from_prebuilt_step_graphs(tiny_exp
     src = tiny_export("sd15-tiny")
     out = tmp_path / "engines"
     manifest = build_engines(src, out, custom_profile(batch="1:1:2", height=64), BuildOptions(version_compatible=True))
-    assert [r.component for r in manifest.engines][-5:] == ["sampler_step_cfg", "sampler_step",
+    assert [r.component for r in manifest.engines][-7:] == ["sampler_step_cfg", "sampler_step",
                                                             "sampler_step_cfg_blend", "sampler_step_blend",
-                                                            "sampler_step_cfg_rescale"]
+                                                            "sampler_step_cfg_rescale", "sampler_input_cfg",
+                                                            "sampler_input"]
     built = len(trt.built)
     lean = FakeTrt(cudart, name="tensorrt_lean_bindings", lean=True)
     monkeypatch.setattr(tb, "import_tensorrt", lambda names: lean)
@@ -220,6 +222,62 @@ def test_host_device_copies_per_call(tiny_export, tmp_path: Path, fake_gpu) -> N
     assert counts[3][1] == counts[6][1], counts  # host -> device: the same whatever the step count
     assert syncs[3] == syncs[6], syncs  # device-event timing: no host wait per step
     assert cudart.alive()["allocations"] == 0  # closed: every buffer released
+
+
+def test_the_first_unet_input_is_made_on_the_device(tiny_export, tmp_path: Path, fake_gpu, monkeypatch) -> None:
+    """Counted on the fakes: the first-input graph turns the upload of the first UNet input (a latent-sized
+    tensor per UNet row) into one of its 4-byte scale, with the same image; a folder built without those
+    graphs (an older sdrt) computes the input on the host, as before."""
+    cudart, _ = fake_gpu
+    src = tiny_export("sd15-tiny")
+    prof = custom_profile(batch="1:1:2", height="64:64:64", width="64:64:64")
+    new, old = tmp_path / "new", tmp_path / "old"
+    m = build_engines(src, new, prof, BuildOptions(workspace_gb=1))
+    assert {"sampler_input", "sampler_input_cfg"} <= {r.component for r in m.engines}
+    monkeypatch.setattr(trt_build, "input_graph_plans", lambda *a: [])
+    m = build_engines(src, old, prof, BuildOptions(workspace_gb=1))
+    assert not any(r.component.startswith("sampler_input") for r in m.engines)
+    counts, images = {}, {}
+    for folder in (new, old):
+        with Pipeline.load(folder, backend="tensorrt") as pipe:
+            for guidance in (7.5, 1.0):  # 2 UNet rows each: the engines are built for CFG (2..4 rows)
+                kw: dict[str, Any] = {"steps": 3, "seed": 1, "height": 64, "width": 64, "guidance_scale": guidance,
+                                      "batch_size": 1 if guidance > 1 else 2}
+                pipe("a red fox", **kw)  # warm: captured
+                before, nbytes = dict(cudart.copies), dict(cudart.copied)
+                images[folder, guidance] = np.asarray(pipe("a red fox", **kw).images[0], np.int16)
+                counts[folder, guidance] = ({k: cudart.copies[k] - before[k] for k in before},
+                                            {k: cudart.copied[k] - nbytes[k] for k in nbytes})
+    for guidance, rows in ((7.5, 2), (1.0, 2)):
+        (n_new, b_new), (n_old, b_old) = counts[new, guidance], counts[old, guidance]
+        assert n_new == n_old, (n_new, n_old)  # one upload replaces the other
+        unet_in = rows * 4 * 8 * 8 * 4  # [rows, 4, 8, 8] float32 (the tiny fp32 export at 64 px)
+        assert b_old[1] - b_new[1] == unet_in - 4, (b_old, b_new)
+        assert b_old[2] == b_new[2]
+        assert np.abs(images[new, guidance] - images[old, guidance]).max() <= 1
+
+
+def test_stages_hand_latents_over_on_the_device(tiny_export, tmp_path: Path, fake_gpu) -> None:
+    """Counted on the fakes: denoise() in two windows, the second from the first's latents, copies nothing
+    to the host (its latents are cloned on the device, the next window's first input made there), and
+    decodes to the one-call image."""
+    cudart, _ = fake_gpu
+    out = tmp_path / "engines"
+    build_engines(tiny_export("sd15-tiny"), out, custom_profile(batch="1:1:2", height="64:64:64", width="64:64:64"),
+                  BuildOptions(workspace_gb=1))
+    with Pipeline.load(out, backend="tensorrt") as pipe:
+        whole = np.asarray(pipe("a red fox", steps=4, seed=1, sampler="euler", height=64, width=64).images[0],
+                           np.int16)
+        plan = pipe.plan("euler", 4)
+        emb = pipe.encode_prompt("a red fox")
+        lat = pipe.prepare_latents(plan, 64, 64, seed=1)
+        pipe.denoise(emb, lat, plan, end=0.5)  # warm: captured at this shape
+        d2h = cudart.copies[2]
+        mid = pipe.denoise(emb, lat, plan, end=0.5)
+        done = pipe.denoise(emb, mid, plan)
+        assert cudart.copies[2] == d2h and mid.step == 2 and done.step == 4
+        images, _ = pipe.decode(done)
+    assert np.abs(np.asarray(images[0], np.int16) - whole).max() <= 1
 
 
 def test_pipelines_loaded_and_closed_ten_times_leave_nothing_on_the_device(tiny_export, tmp_path: Path,
