@@ -310,7 +310,10 @@ class OrtBackend(Backend):
     """``ort-cpu`` or ``ort-cuda``. Sessions are thread-safe; IO bindings are made per call.
 
     ``cuda_graph`` (ort-cuda only) captures the engines named in ``graph_engines`` as CUDA graphs, at
-    most ``max_cuda_graphs`` input shapes each (see the module notes for the constraints).
+    most ``max_cuda_graphs`` input shapes each (see the module notes for the constraints), and runs the
+    denoising loop as UNet + step graph composed into one session (``runtime/ort_loop.py``), for at most
+    ``max_composed_sessions`` step-graph variants at once: each holds a copy of the UNet's weights on the
+    device; further variants run the two engines step by step.
     """
 
     def __init__(
@@ -322,6 +325,7 @@ class OrtBackend(Backend):
         cuda_graph: bool = False,
         graph_engines: Collection[str] = ("unet",),
         max_cuda_graphs: int = 2,
+        max_composed_sessions: int = 2,
         conv_algo_search: str | None = None,
         prefer_nhwc: bool = False,
         gpu_mem_limit: int | None = None,
@@ -337,6 +341,10 @@ class OrtBackend(Backend):
         self.cuda_graph = cuda_graph
         self.graph_engines = frozenset(graph_engines)
         self.max_cuda_graphs = max_cuda_graphs
+        if max_composed_sessions < 0:
+            raise InputError(f"max_composed_sessions must be 0 or more, got {max_composed_sessions}")
+        # each composed UNet + step session holds a copy of the UNet's weights on the device
+        self.max_composed_sessions = max_composed_sessions
         # the composed UNet + step loop: None = with cuda_graph on ort-cuda; True runs it without CUDA graphs
         # (the tests run it that way on the CPU EP, over OrtValues in host memory)
         self.fused_step: bool | None = None

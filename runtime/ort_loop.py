@@ -16,7 +16,8 @@ activation memory for the session's life); a further shape runs the two engines 
 
 Memory: the composed session holds its own copy of the UNet's weights on the device (ORT does not share
 initializers between sessions), beside the UNet engine's, one per step-graph variant in use (guided,
-unguided, inpainting, rescale).
+unguided, inpainting, rescale). ``OrtBackend(max_composed_sessions=2)`` bounds them: a variant beyond the
+limit gets the plain loop, saying why, and closing a loop (the pipeline's ``close()``) frees its session.
 """
 
 from __future__ import annotations
@@ -70,6 +71,11 @@ def make_step_loop(backend: OrtBackend, unet: Engine, step: Engine,
         plain.reason = "the composed loop covers UNet + step, not ControlNets" if forced else ""
         return plain
     reason = fused_step_reason(backend, unet, step)
+    held = [e for e in list(backend._engines) if e.name == FUSED_NAME and not e.closed]
+    if reason is None and len(held) >= backend.max_composed_sessions:
+        reason = (f"{len(held)} composed UNet + step session(s) already hold a copy of the UNet's weights each "
+                  f"(max_composed_sessions={backend.max_composed_sessions}); this step-graph variant runs the "
+                  "engines one after the other")
     if reason is None:
         assert isinstance(unet, OrtEngine) and isinstance(step, OrtEngine)
         try:

@@ -202,3 +202,30 @@ def test_controlnets_run_engine_by_engine_with_the_images_of_ort_cpu(tiny_contro
         assert "not ControlNets" in res.loop
         np.testing.assert_array_equal(np.asarray(res.images[0]), want)
         assert pipe("a harbor", **kw).loop.startswith("UNet + sampler step as one ONNX Runtime session")
+
+
+def test_composed_sessions_are_bounded(tiny_export, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each composed session holds a copy of the UNet's weights: beyond max_composed_sessions a step-graph
+    variant runs the plain loop, saying why, with the same latents; closing a composed loop makes room."""
+    folder = tiny_export("sd15-tiny")
+    be = _bound(monkeypatch)
+    be.max_composed_sessions = 1
+    unet = be.load(str(folder / "unet" / "model.onnx"), "unet")
+    guided_step = be.load(step_graph_bytes(True, np.float32), "sampler_step_cfg")
+    plain_step = be.load(step_graph_bytes(False, np.float32), "sampler_step")
+    first = be.step_loop(unet, guided_step)
+    second = be.step_loop(unet, plain_step)
+    assert isinstance(first, FusedStepLoop) and isinstance(second, PlainStepLoop)
+    assert "max_composed_sessions=1" in second.describe()
+    ref = Pipeline.load(folder, backend="ort-cpu")
+    plan, rng = ref.plan("euler", 2), np.random.default_rng(3)
+    inp = _inputs(unet, False, 1, 8, False, 2, rng, plan)
+    want = _run(PlainStepLoop(ref.backend, ref.engines["unet"], ref.backend.load(step_graph_bytes(False, np.float32),
+                                                                                   "s")), ref.backend, inp, False)
+    np.testing.assert_array_equal(_run(second, be, inp, True)[-1][0], want[-1][0])
+    first.close()
+    third = be.step_loop(unet, plain_step)
+    assert isinstance(third, FusedStepLoop)
+    np.testing.assert_array_equal(_run(third, be, inp, True)[-1][0], want[-1][0])
+    with pytest.raises(InputError, match="max_composed_sessions must be 0 or more"):
+        OrtBackend("cpu", max_composed_sessions=-1)
