@@ -190,7 +190,7 @@ def pixels(image: Any, height: int, width: int) -> np.ndarray:
     from PIL import Image
 
     if image.size != (width, height):
-        image = image.resize((width, height), resample=Image.LANCZOS)
+        image = image.resize((width, height), resample=Image.Resampling.LANCZOS)
     return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 

@@ -59,7 +59,8 @@ def image_size(image: Any) -> tuple[int, int]:
     """(width, height) of a PIL image or an [H, W, ...] array, before any resize."""
     if isinstance(image, np.ndarray):
         return int(image.shape[1]), int(image.shape[0])
-    return tuple(image.size)  # type: ignore[return-value]
+    w, h = image.size
+    return int(w), int(h)
 
 
 def mask_to_pil(mask: Any) -> Any:
@@ -95,7 +96,7 @@ def resize_mask(mask_l: Any, height: int, width: int) -> Any:
     """The grayscale mask at the output size, resized as VaeImageProcessor does (Lanczos)."""
     from PIL import Image
 
-    return mask_l if mask_l.size == (width, height) else mask_l.resize((width, height), resample=Image.LANCZOS)
+    return mask_l if mask_l.size == (width, height) else mask_l.resize((width, height), resample=Image.Resampling.LANCZOS)
 
 
 def binarize(mask_l: Any) -> np.ndarray:

@@ -124,6 +124,7 @@ def read_optimum(folder: str | Path) -> OptimumExport:
     comps: dict[str, Component] = {}
     graphs: dict[str, Graph] = {}
     for name, model in models.items():
+        spec: tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]] | None
         if name.startswith("text_encoder"):
             spec = _adapt_text(root, name, model, penultimate=xl, pooled=xl and name == "text_encoder_2")
         elif name == "unet":

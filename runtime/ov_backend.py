@@ -94,6 +94,8 @@ def _specs(ports: Sequence[Any], names: Sequence[str]) -> dict[str, IOSpec]:
 class OvEngine(Engine):
     """One compiled graph. Calls are serialized per engine (one infer request each)."""
 
+    backend: OvBackend
+
     def __init__(self, backend: OvBackend, path: str | bytes, name: str) -> None:
         self.name = name
         self.backend = backend

@@ -26,7 +26,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -402,7 +402,8 @@ class Pipeline:
             x = (noise.astype(np.float64) * plan.init_noise_sigma).astype(np.float32)
         # fresh noise of every ancestral step, drawn up front so the loop never waits on the host
         step_noise = _draw(gens, (plan.steps, *lat_shape), axis=1) if plan.needs_noise else None
-        seeds = None if seed is None else int(seed) if _is_int(seed) else [int(s) for s in seed]  # type: ignore[union-attr]
+        seeds = (None if seed is None else int(cast(int, seed)) if _is_int(seed)
+                 else [int(s) for s in cast(Sequence[int], seed)])
         return Latents(self.backend.to_device(x.astype(self.dtype)), height, width, 0, None, step_noise, seeds, x,
                        state)
 
@@ -434,7 +435,7 @@ class Pipeline:
         return self._inpaint_mode() == "concat"
 
     def _inpaint_mode(self) -> str:
-        return inpaint.inpaint_mode(int(self.engines["unet"].inputs["sample"].shape[1] or 0),  # type: ignore[arg-type]
+        return inpaint.inpaint_mode(int(self.engines["unet"].inputs["sample"].shape[1] or 0),
                                     self.manifest.latent_channels)
 
     def _check_inpaint(self, image: Any, mask_image: Any) -> Any:
@@ -799,7 +800,8 @@ class Pipeline:
             if not _is_int(batch_size) or not 1 <= batch_size <= lim.max_batch:
                 raise InputError(f"batch_size {batch_size!r} is outside the supported range 1..{lim.max_batch}",
                                  cli=f"--batch-size {batch_size!r} is outside the supported range 1..{lim.max_batch}")
-            b = (np.shape(prompt_embeds)[0] if prompt_embeds is not None else len(_prompts(prompt, batch_size)))
+            b = (np.shape(prompt_embeds)[0] if prompt_embeds is not None
+                 else len(_prompts(cast("str | Sequence[str]", prompt), batch_size)))
             for label, v in (("height", height), ("width", width)):
                 if v is not None:  # only None means the default: 0 is an error, not a request for the default
                     self._check_side(label, v)
@@ -869,6 +871,7 @@ class Pipeline:
                     if blur is not None:
                         from PIL import Image
 
+                        assert init is not None  # paste_back is refused without an image
                         original, m_out = Image.fromarray(init[0]), inpaint.resize_mask(mask, height, width)
                         images = [inpaint.paste_back(im, original, m_out, blur) for im in images]
                 clock.mark()
@@ -1112,7 +1115,7 @@ def _check_components(manifest: ExportManifest, folder: Path) -> None:
 def _check_widths(engines: dict[str, Engine], folder: Path) -> None:
     """The UNet must consume what the text encoders produce: catches components of different families."""
     encs = [e for n, e in sorted(engines.items()) if n.startswith("text_encoder")]
-    produced = sum(int(e.outputs["hidden_states"].shape[-1] or 0) for e in encs)  # type: ignore[arg-type]
+    produced = sum(int(e.outputs["hidden_states"].shape[-1] or 0) for e in encs)
     wanted = engines["unet"].inputs["encoder_hidden_states"].shape[-1]
     if isinstance(wanted, int) and produced != wanted:
         raise ArtifactError(
@@ -1138,5 +1141,5 @@ def _to_uint8(image: Any, height: int | None, width: int | None, multiple: int) 
     if w <= 0 or h <= 0:
         raise InputError(f"image is {image.width}x{image.height}: img2img needs at least {multiple}x{multiple} pixels")
     if (w, h) != image.size:
-        image = image.resize((w, h), resample=Image.LANCZOS)
+        image = image.resize((w, h), resample=Image.Resampling.LANCZOS)
     return np.asarray(image, dtype=np.uint8)[None]
