@@ -13,6 +13,7 @@ empty folder or a previous engine folder is replaced, any other needs ``overwrit
       text_encoder.engine [text_encoder_2.engine] unet.engine vae_decoder.engine vae_encoder.engine
       sampler_step_cfg.engine sampler_step_cfg_rescale.engine sampler_step.engine
                                the sampler's step graphs (guided; guided with guidance rescale; unguided)
+      [text_join_*.engine]     the prompt embeddings' join (SDXL; prompts over 77 tokens)
       sdrt.json                the export's manifest, kind "tensorrt", component paths -> *.engine
       tokenizer/ [tokenizer_2/] scheduler/ model_index.json   copied from the export
 
@@ -63,9 +64,10 @@ from sdrt.runtime.engine_manifest import (
 from sdrt.runtime.errors import ArtifactError, BackendUnavailable, InputError, SdrtError
 from sdrt.runtime.manifest import EXPORT_FOLDER, ExportManifest
 from sdrt.runtime.step_graph import step_engine_name, step_graph_bytes
+from sdrt.runtime.text_join import join_variant
 from sdrt.runtime.trt_modules import backend_name, import_tensorrt, make_logger
 
-from .profiles import BuildProfile, engine_shapes, step_graph_modes, step_graph_shapes
+from .profiles import BuildProfile, engine_shapes, step_graph_modes, step_graph_shapes, text_join_shapes
 
 if TYPE_CHECKING:
     import tensorrt as trt  # for annotations; the module in use is passed as ``trt`` (from load_tensorrt)
@@ -225,7 +227,8 @@ def plan_engines(
         rec = EngineRecord(component=name, file=f"{name}.engine", precision=comp.precision, shapes=shapes[name],
                            flags=flags, onnx_sha256=digest, env=env, cache_key=key)
         plans.append(EnginePlan(path, rec, graphs.get(name)))
-    return manifest, plans + step_graph_plans(profile, manifest, options, env)
+    return manifest, plans + text_join_plans(profile, manifest, options, env) + step_graph_plans(
+        profile, manifest, options, env)
 
 
 def step_graph_plans(profile: BuildProfile, manifest: ExportManifest, options: BuildOptions,
@@ -255,6 +258,28 @@ def step_graph_plans(profile: BuildProfile, manifest: ExportManifest, options: B
                            flags=flags, onnx_sha256=digest, env=env, cache_key=key)
         plans.append(EnginePlan(Path(f"<{name}: sdrt.runtime.step_graph>"), rec, model))
     return plans
+
+
+def text_join_plans(profile: BuildProfile, manifest: ExportManifest, options: BuildOptions,
+                    env: EngineEnv) -> list[EnginePlan]:
+    """The prompt embeddings' join graph (runtime/text_join.py) in the variant the runtime loads for this
+    export, where it runs it at all (two encoders or a pooled output: SDXL; prompts over 77 tokens:
+    ``profile.chunks.max > 1``; a dtype change): the text encoders' outputs then reach the UNet without a
+    round trip through the host. An older folder without it joins on the host."""
+    if not all(e in manifest.components for e in (*manifest.encoder_names, "unet")):
+        return []
+    variant = join_variant(manifest)
+    if not variant.needed(profile.chunks.max):
+        return []
+    name, model = variant.name, variant.graph_bytes()
+    precision = "fp16" if variant.out_dtype == "float16" else "fp32"
+    digest = hashlib.sha256(model).hexdigest()
+    shapes = text_join_shapes(profile, manifest)
+    flags = replace(options.flags(precision), refittable=False)  # no weights to refit
+    key = cache_key(name, digest, precision, shapes, flags, env)
+    rec = EngineRecord(component=name, file=f"{name}.engine", precision=precision, shapes=shapes, flags=flags,
+                       onnx_sha256=digest, env=env, cache_key=key)
+    return [EnginePlan(Path(f"<{name}: sdrt.runtime.text_join>"), rec, model)]
 
 
 # -- TensorRT steps ------------------------------------------------------------------------------------

@@ -608,7 +608,7 @@ def test_sdrt_build_makes_a_whole_engine_folder_on_rtx(rtx: ModuleType, tiny_exp
     m = EngineManifest.read(out)
     names = ["text_encoder", "unet", "vae_decoder", "vae_encoder", "sampler_step_cfg", "sampler_step",
              "sampler_step_cfg_blend", "sampler_step_blend", "sampler_step_cfg_rescale"]
-    names += ["text_encoder_2"] if preset == "sdxl-tiny" else []
+    names += ["text_encoder_2", "text_join_fp16_fp16_pooled_fp16_to_fp16"] if preset == "sdxl-tiny" else []
     assert sorted(r.component for r in m.engines) == sorted(names)
     vae_fp32 = {"vae_decoder", "vae_encoder"} if preset == "sdxl-tiny" else set()
     for rec in m.engines:
