@@ -300,3 +300,28 @@ def input_graph_shapes(profile: BuildProfile, manifest: ExportManifest, guided: 
         return (latents,)
     extra = next(s for s in step_graph_shapes(profile, manifest, guided, "concat") if s.name == "unet_extra")
     return (latents, extra)
+
+
+def text_join_shapes(profile: BuildProfile, manifest: ExportManifest) -> tuple[TensorShapes, ...]:
+    """min/opt/max shapes of the prompt embeddings' join graph (runtime/text_join.py) under ``profile``:
+    every encoder's hidden states and the pooled output at the text encoders' rows, ``keep`` at the
+    UNet's (the text rows without their chunks)."""
+    n, r = profile.text_batch(), profile.unet_batch()
+    encoders = manifest.encoder_names
+
+    def width(component: str, output: str) -> int:
+        spec = next((s for s in manifest.components[component].outputs if s.name == output), None)
+        last = None if spec is None else spec.shape[-1]
+        if not isinstance(last, int):
+            raise ArtifactError(f"{component}: the export records no fixed width for {output}; re-export the "
+                                "model with `sdrt export`")
+        return last
+
+    shapes = [TensorShapes(f"hidden_{j}", (n.min, TOKENS_PER_CHUNK, c), (n.opt, TOKENS_PER_CHUNK, c),
+                           (n.max, TOKENS_PER_CHUNK, c))
+              for j, c in enumerate(width(e, "hidden_states") for e in encoders)]
+    pooled = [e for e in encoders if any(s.name == "text_embeds" for s in manifest.components[e].outputs)]
+    if pooled:
+        p = width(pooled[-1], "text_embeds")
+        shapes.append(TensorShapes("text_embeds", (n.min, p), (n.opt, p), (n.max, p)))
+    return (*shapes, TensorShapes("keep", (r.min,), (r.opt,), (r.max,)))

@@ -14,6 +14,7 @@ empty folder or a previous engine folder is replaced, any other needs ``overwrit
       sampler_step_cfg.engine sampler_step_cfg_rescale.engine sampler_step.engine
                                the sampler's step graphs (guided; guided with guidance rescale; unguided)
       sampler_input_cfg.engine sampler_input.engine   the first UNet input of a call (s x), on the device
+      [text_join_*.engine]     the prompt embeddings' join (SDXL; prompts over 77 tokens)
       sdrt.json                the export's manifest, kind "tensorrt", component paths -> *.engine
       tokenizer/ [tokenizer_2/] scheduler/ model_index.json   copied from the export
 
@@ -71,9 +72,17 @@ from sdrt.runtime.step_graph import (
     step_engine_name,
     step_graph_bytes,
 )
+from sdrt.runtime.text_join import join_variant
 from sdrt.runtime.trt_modules import backend_name, import_tensorrt, make_logger
 
-from .profiles import BuildProfile, engine_shapes, input_graph_shapes, step_graph_modes, step_graph_shapes
+from .profiles import (
+    BuildProfile,
+    engine_shapes,
+    input_graph_shapes,
+    step_graph_modes,
+    step_graph_shapes,
+    text_join_shapes,
+)
 
 if TYPE_CHECKING:
     import tensorrt as trt  # for annotations; the module in use is passed as ``trt`` (from load_tensorrt)
@@ -233,7 +242,8 @@ def plan_engines(
         rec = EngineRecord(component=name, file=f"{name}.engine", precision=comp.precision, shapes=shapes[name],
                            flags=flags, onnx_sha256=digest, env=env, cache_key=key)
         plans.append(EnginePlan(path, rec, graphs.get(name)))
-    return manifest, (plans + step_graph_plans(profile, manifest, options, env)
+    return manifest, (plans + text_join_plans(profile, manifest, options, env)
+                      + step_graph_plans(profile, manifest, options, env)
                       + input_graph_plans(profile, manifest, options, env))
 
 
@@ -293,6 +303,22 @@ def input_graph_plans(profile: BuildProfile, manifest: ExportManifest, options: 
         plans.append(graph_plan(cast_engine_name(dtype, vae_dtype), cast_graph_bytes(dtype, vae_dtype), latents,
                                 vae.precision, options, env))
     return plans
+
+
+def text_join_plans(profile: BuildProfile, manifest: ExportManifest, options: BuildOptions,
+                    env: EngineEnv) -> list[EnginePlan]:
+    """The prompt embeddings' join graph (runtime/text_join.py) in the variant the runtime loads for this
+    export, where it runs it at all (two encoders or a pooled output: SDXL; prompts over 77 tokens:
+    ``profile.chunks.max > 1``; a dtype change): the text encoders' outputs then reach the UNet without a
+    round trip through the host. An older folder without it joins on the host."""
+    if not all(e in manifest.components for e in (*manifest.encoder_names, "unet")):
+        return []
+    variant = join_variant(manifest)
+    if not variant.needed(profile.chunks.max):
+        return []
+    precision = "fp16" if variant.out_dtype == "float16" else "fp32"
+    return [graph_plan(variant.name, variant.graph_bytes(), text_join_shapes(profile, manifest), precision, options,
+                       env, source="sdrt.runtime.text_join")]
 
 
 # -- TensorRT steps ------------------------------------------------------------------------------------

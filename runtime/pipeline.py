@@ -160,6 +160,7 @@ class Pipeline:
         self.scheduler_config = scheduler_config
         self._step_graphs: dict[tuple[Any, ...], Engine] = {}
         self._input_graphs: dict[tuple[Any, ...], Engine | None] = {}
+        self._text_joins: dict[Any, Engine | None] = {}  # per join variant; None: the backend has none
         self._loops: dict[tuple[Any, ...], StepLoop] = {}
         self._lock = threading.RLock()
         self._closed = False
@@ -236,6 +237,7 @@ class Pipeline:
             self._loops.clear()
             self._step_graphs.clear()
             self._input_graphs.clear()
+            self._text_joins.clear()
             self.engines = {}
             self.backend.close()
 
@@ -321,24 +323,66 @@ class Pipeline:
 
     def _encode(self, prompts: list[str], b: int, guided: bool, zero_negatives: bool = False) -> PromptEmbeddings:
         """Text encoders -> embeddings on the device. With one encoder and one chunk the encoder's output
-        is the UNet's input as it is; otherwise the chunks and encoders are joined on the host, once."""
+        is the UNet's input as it is; otherwise the chunks and encoders are joined on the device by the
+        join graph (runtime/text_join.py), or on the host where the backend has none."""
         be, dt = self.backend, self.dtype
-        hidden_parts, pooled = [], None
-        direct = None
+        outs: list[dict[str, Array]] = []
+        rows = 0
         for name, tok in zip(self.manifest.encoder_names, self.tokenizers, strict=True):
             ids = tok.encode_chunks(prompts)  # [rows, k, 77]
             rows, k, n = ids.shape
             out = self.engines[name]({"input_ids": be.to_device(ids.reshape(rows * k, n))})
             if (len(self.tokenizers) == 1 and k == 1 and not zero_negatives and "text_embeds" not in out
                     and be.meta(out["hidden_states"])[0] == dt):
-                direct = out["hidden_states"]  # already [rows, 77, C] in the UNet's dtype: no host round trip
-                break
-            hidden_parts.append(be.to_host(out["hidden_states"]).reshape(rows, k * n, -1))
-            if "text_embeds" in out:
-                # the pooled embedding of the first chunk, as the UIs do
-                pooled = be.to_host(out["text_embeds"]).reshape(rows, k, -1)[:, 0]
-        if direct is not None:
-            return PromptEmbeddings(direct, None, b, guided)
+                # already [rows, 77, C] in the UNet's dtype: no host round trip
+                return PromptEmbeddings(out["hidden_states"], None, b, guided)
+            outs.append(out)
+        pooled = next((o["text_embeds"] for o in reversed(outs) if "text_embeds" in o), None)
+        join = self._text_join([o["hidden_states"] for o in outs], pooled)
+        if join is None:
+            return self._host_join(outs, pooled, rows, b, guided, zero_negatives)
+        keep = np.ones(rows, np.float32)
+        if zero_negatives:  # diffusers' force_zeros_for_empty_prompt (SDXL)
+            keep[:b] = 0
+        feeds = {f"hidden_{j}": o["hidden_states"] for j, o in enumerate(outs)}
+        if pooled is not None:
+            feeds["text_embeds"] = pooled
+        joined = join({**feeds, "keep": be.to_device(keep)})
+        return PromptEmbeddings(joined["hidden"], joined.get("pooled"), b, guided)
+
+    def _text_join(self, hidden: list[Array], pooled: Array | None) -> Engine | None:
+        """The join graph for these encoder outputs, loaded once; None where the backend cannot load it (a
+        TensorRT engine folder built by an older sdrt), or the outputs are not the manifest's variant."""
+        from .text_join import join_variant
+
+        be = self.backend
+        try:
+            variant = join_variant(self.manifest)
+        except InputError:  # a manifest without the dtypes the variant is read from: the host join
+            return None
+        have = (tuple(be.meta(h)[0].name for h in hidden), None if pooled is None else be.meta(pooled)[0].name,
+                self.dtype.name)
+        rows = {be.meta(h)[1][0] for h in hidden}
+        if have != (variant.hidden_dtypes, variant.pooled_dtype, variant.out_dtype) or len(rows) != 1:
+            return None  # the host join, which says what does not fit
+        if variant not in self._text_joins:
+            try:
+                self._text_joins[variant] = be.load(variant.graph_bytes(), variant.name)
+            except ArtifactError as e:
+                log.info("the prompt embeddings are joined on the host: %s", e)
+                self._text_joins[variant] = None
+        return self._text_joins[variant]
+
+    def _host_join(self, outs: list[dict[str, Array]], pooled_out: Array | None, rows: int, b: int, guided: bool,
+                   zero_negatives: bool) -> PromptEmbeddings:
+        """The join on the host: every encoder output down, concatenated, zeroed, cast, and up again."""
+        be, dt = self.backend, self.dtype
+        hidden_parts = [be.to_host(o["hidden_states"]) for o in outs]
+        hidden_parts = [h.reshape(rows, -1, h.shape[-1]) for h in hidden_parts]
+        pooled = None
+        if pooled_out is not None:
+            # the pooled embedding of the first chunk, as the UIs do
+            pooled = be.to_host(pooled_out).reshape(rows, -1, be.meta(pooled_out)[1][-1])[:, 0]
         hidden = np.concatenate(hidden_parts, axis=-1) if len(hidden_parts) > 1 else hidden_parts[0]
         if zero_negatives:  # diffusers' force_zeros_for_empty_prompt (SDXL)
             hidden[:b] = 0

@@ -5,6 +5,7 @@ real build, which skips unless TensorRT and a GPU are present."""
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import os
 import subprocess
@@ -17,6 +18,7 @@ from sdrt.export.profiles import custom_profile, load_profile
 from sdrt.export.trt_build import BuildOptions, load_tensorrt, plan_engines, rebuild_command
 from sdrt.runtime.engine_manifest import EngineEnv
 from sdrt.runtime.errors import BackendUnavailable, InputError
+from sdrt.runtime.text_join import join_graph_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 NEEDS_TRT = "needs TensorRT (not installable here; see README)"
@@ -116,6 +118,27 @@ def test_plans_cache_keys_and_precision(tiny_export) -> None:
     assert [a.record.cache_key for a in plans[-7:]] == [b.record.cache_key for b in refit[-7:]]  # no weights
     _, other_gpu = plan_engines(folder, prof, BuildOptions(), EngineEnv("tensorrt", "10.13.0.35", "NVIDIA L4", "8.9"))
     assert all(a.record.cache_key != b.record.cache_key for a, b in zip(plans, other_gpu))
+
+
+def test_the_text_join_is_planned_where_the_runtime_runs_it(tiny_export) -> None:
+    """SD1.5 with one chunk needs no join (the encoder's output is the UNet's input); with long prompts it
+    does, as SDXL always does: in the runtime's variant (the same bytes), refit off, before the step graphs."""
+    sd = tiny_export("sd15-tiny")
+    _, short = plan_engines(sd, custom_profile(height=64), BuildOptions(), ENV)
+    assert not any(p.record.component.startswith("text_join") for p in short)
+    _, long_ = plan_engines(sd, custom_profile(height=64, chunks="1:2:3"), BuildOptions(refittable=True), ENV)
+    names = [p.record.component for p in long_]
+    assert names[-8] == "text_join_fp32_to_fp32" and names[-7] == "sampler_step_cfg"
+    rec = long_[-8].record
+    assert not rec.flags.refittable and rec.precision == "fp32"
+    assert rec.onnx_sha256 == hashlib.sha256(join_graph_bytes(("float32",), None, "float32")).hexdigest()
+    shapes = {s.name: s for s in rec.shapes}
+    assert shapes["hidden_0"].min[0] == 2 and shapes["hidden_0"].opt[0] == 4 and shapes["hidden_0"].max[0] == 6
+    assert shapes["keep"].min == shapes["keep"].max == (2,) and "text_embeds" not in shapes
+    _, xl = plan_engines(tiny_export("sdxl-tiny"), custom_profile(height=64), BuildOptions(), ENV)
+    join = next(p.record for p in xl if p.record.component.startswith("text_join"))
+    assert join.component == "text_join_fp32_fp32_pooled_fp32_to_fp32"
+    assert [s.name for s in join.shapes] == ["hidden_0", "hidden_1", "text_embeds", "keep"]
 
 
 def test_build_options_validation_and_rebuild_command() -> None:

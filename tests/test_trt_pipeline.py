@@ -10,6 +10,7 @@ It says nothing about real TensorRT or a GPU (tests marked so in test_trt_backen
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -22,8 +23,11 @@ import sdrt.runtime.trt_backend as tb
 from sdrt.export import trt_build
 from sdrt.export.profiles import custom_profile
 from sdrt.export.trt_build import BuildOptions, build_engines
+from sdrt.runtime.engine_manifest import EngineManifest
 from sdrt.runtime.errors import InputError
+from sdrt.runtime.manifest import ExportManifest
 from sdrt.runtime.pipeline import Pipeline
+from sdrt.runtime.text_join import join_variant
 from tests.test_trt_backend import ENV, FakeCudart, FakeTrt, Severity, fake_plan
 
 
@@ -121,7 +125,7 @@ def test_built_engines_drive_the_pipeline_like_ort_cpu(tiny_export, tmp_path: Pa
         ["text_encoder", "unet", "vae_decoder", "vae_encoder", "sampler_step_cfg", "sampler_step",
          "sampler_step_cfg_blend", "sampler_step_blend", "sampler_step_cfg_rescale", "sampler_input_cfg",
          "sampler_input"]
-        + (["text_encoder_2"] if preset == "sdxl-tiny" else []))
+        + (["text_encoder_2", "text_join_fp32_fp32_pooled_fp32_to_fp32"] if preset == "sdxl-tiny" else []))
     built = len(trt.built)
     assert trt.build_calls["monitors"] == len(manifest.engines)
     assert any("Building engine" in m for m in messages)
@@ -278,6 +282,42 @@ def test_stages_hand_latents_over_on_the_device(tiny_export, tmp_path: Path, fak
         assert cudart.copies[2] == d2h and mid.step == 2 and done.step == 4
         images, _ = pipe.decode(done)
     assert np.abs(np.asarray(images[0], np.int16) - whole).max() <= 1
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_sdxl_joins_its_embeddings_on_the_device(tiny_export, tmp_path: Path, fake_gpu,
+                                                 caplog: pytest.LogCaptureFixture, precision: str) -> None:
+    """Counted on the fakes: SDXL's two encoders, pooled output and zeroed negatives are joined by the
+    prebuilt join graph (and in fp16 the latents cast on the device for the fp32 VAE), so a call copies to
+    the host only the images and their finite flags, whatever the step count. A folder built without the
+    join graph (an older sdrt) joins on the host: the same image."""
+    cudart, trt = fake_gpu
+    src, out = tiny_export("sdxl-tiny", precision), tmp_path / "engines"
+    manifest = build_engines(src, out, custom_profile(batch="1:1:2", height="64:64:64", width="64:64:64"),
+                             BuildOptions(workspace_gb=1))
+    join = join_variant(ExportManifest.read(src)).name
+    assert join in {r.component for r in manifest.engines} and (out / f"{join}.engine").is_file()
+    assert ("latents_float16_to_float32" in {r.component for r in manifest.engines}) == (precision == "fp16")
+    built = len(trt.built)
+    kw: dict[str, Any] = {"seed": 1, "sampler": "euler-a", "height": 64, "width": 64}
+
+    def copies(pipe: Pipeline, steps: int) -> tuple[dict[int, int], np.ndarray]:
+        pipe("a red fox", steps=steps, **kw)  # warm: captured
+        before = dict(cudart.copies)
+        res = pipe("a red fox", steps=steps, **kw)
+        return {k: cudart.copies[k] - before[k] for k in before}, np.asarray(res.images[0])
+
+    with Pipeline.load(out, backend="tensorrt") as pipe:
+        (c3, _), (c6, want) = copies(pipe, 3), copies(pipe, 6)
+    assert len(trt.built) == built  # the join graph came prebuilt
+    assert c3[2] == c6[2] == 2, (c3, c6)  # device -> host: images and finite, nothing else
+    assert c3[1] == c6[1], (c3, c6)
+    old = EngineManifest.read(out)
+    dataclasses.replace(old, engines=tuple(r for r in old.engines if r.component != join)).write(out)
+    (out / f"{join}.engine").unlink()
+    with caplog.at_level(logging.INFO, logger="sdrt.runtime.pipeline"), Pipeline.load(out, backend="tensorrt") as pipe:
+        host, got = copies(pipe, 6)
+    assert caplog.text.count("joined on the host") == 1
+    assert host[2] == 2 + 3, host  # the host join: both encoders' hidden states and the pooled output down
+    assert np.array_equal(got, want)
 
 
 def test_pipelines_loaded_and_closed_ten_times_leave_nothing_on_the_device(tiny_export, tmp_path: Path,
