@@ -38,12 +38,7 @@ def loop_variants(folder: Path, size: int, steps: int, threads: int | None, prec
     from sdrt.runtime.step_loop import PlainStepLoop
 
     be = OvBackend(threads=threads, precision=precision, cache_dir=cache or False)
-    make = pl.make_backend
-    pl.make_backend = lambda *a, **k: be  # type: ignore[assignment]
-    try:
-        pipe = pl.Pipeline.load(folder, backend="ort-cpu")
-    finally:
-        pl.make_backend = make
+    pipe = pl.Pipeline.load(folder, backend=be)
 
     class RoundTrip(PlainStepLoop):
         def step(self, i: int) -> None:

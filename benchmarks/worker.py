@@ -146,19 +146,13 @@ def workload_images(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _openvino_pipeline(spec: dict[str, Any]) -> Any:
-    """The Pipeline over the openvino backend, loaded as Pipeline.load loads any backend (the backend made
-    here, with the run's model cache and precision)."""
+    """The Pipeline over an openvino backend made here, with the run's own model cache and precision."""
     from sdrt.runtime import pipeline
     from sdrt.runtime.ov_backend import OvBackend
 
     backend = OvBackend(threads=spec["threads"], precision=spec.get("ov_precision") or "auto",
                         cache_dir=spec.get("ov_cache_dir"))
-    make = pipeline.make_backend
-    pipeline.make_backend = lambda *a, **k: backend  # type: ignore[assignment]
-    try:
-        return pipeline.Pipeline.load(spec["folder"], backend="ort-cpu", threads=spec["threads"])
-    finally:
-        pipeline.make_backend = make
+    return pipeline.Pipeline.load(spec["folder"], backend=backend)
 
 
 # -- diffusers (the PyTorch baseline) -----------------------------------------------------------------

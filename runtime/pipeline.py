@@ -167,7 +167,7 @@ class Pipeline:
 
     # -- loading and lifecycle ------------------------------------------------------------------------
     @classmethod
-    def load(cls, path: str | Path, backend: str = "auto", *, threads: int | None = None,
+    def load(cls, path: str | Path, backend: str | Backend = "auto", *, threads: int | None = None,
              cuda_graph: bool | None = None, device_id: int = 0, precision: str | None = None,
              share_with: Pipeline | None = None) -> Pipeline:
         """Load an export or engine folder. ``cuda_graph``: replay captured CUDA graphs. ``tensorrt``
@@ -180,10 +180,27 @@ class Pipeline:
         has it, else fp32), ``bf16`` or ``fp32``; refused by the other backends. ``share_with``: a loaded
         pipeline on the same backend whose device memory plan this one joins (an SDXL refiner beside its
         base): on tensorrt both use one stream and ONE scratch block, sized to the larger need, so the two
-        models cost their weights plus one activation block."""
+        models cost their weights plus one activation block. ``backend`` may also be a ``Backend`` made and
+        configured by the caller (``OvBackend(cache_dir=..., static_shapes=True)``, ``OrtBackend("cuda",
+        gpu_mem_limit=...)``): once loaded, the pipeline owns it and closes it (a load that fails leaves it to
+        the caller); its settings come from its constructor, so ``threads``, ``cuda_graph``, ``device_id``, ``precision`` and ``share_with`` are
+        refused beside it."""
         import json
 
         folder = Path(path)
+        given = backend if isinstance(backend, Backend) else None
+        if given is not None:
+            extra = [k for k, v in (("threads", threads), ("cuda_graph", cuda_graph), ("precision", precision),
+                                    ("share_with", share_with)) if v is not None] + (["device_id"] if device_id else [])
+            if extra:
+                raise InputError(f"{', '.join(extra)} configure the backend load() makes; the {given.name} backend "
+                                 "given is configured already: pass them to its constructor, or give the backend's "
+                                 "name instead")
+            if (folder / "sdrt-engines.json").is_file() != (given.name == "tensorrt"):
+                raise _engine_folder_error(folder, given.name) if given.name != "tensorrt" else CompatibilityError(
+                    f"{folder} is an ONNX export; the tensorrt backend runs engine folders: build one with "
+                    f"`sdrt build {folder} --out ENGINES`")
+            backend = given.name
         if backend in ("ort-cpu", "ort-cuda") and (folder / "sdrt-engines.json").is_file():
             raise _engine_folder_error(folder, backend)  # before reading anything made for TensorRT
         from .optimum import is_optimum_folder, read_optimum
@@ -207,8 +224,8 @@ class Pipeline:
                 raise InputError(f"share_with runs on {share_with.backend.name}; load this model on the same "
                                  f"backend (backend={share_with.backend.name!r}), not {backend!r}")
             backend = share_with.backend.name
-        be = make_backend(backend, folder, threads, cuda_graph, device_id, precision,
-                          share=None if share_with is None else share_with.backend)
+        be = given if given is not None else make_backend(backend, folder, threads, cuda_graph, device_id, precision,
+                                                          share=None if share_with is None else share_with.backend)
         try:
             engines: dict[str, Engine] = {}
             for name, comp in manifest.components.items():
@@ -223,7 +240,8 @@ class Pipeline:
                 raise ArtifactError(f"{sched_path} is missing; re-export the model with `sdrt export`")
             return cls(folder, manifest, be, engines, toks, json.loads(sched_path.read_text()))
         except BaseException:
-            be.close()
+            if given is None:  # a given backend stays the caller's, with what was loaded onto it
+                be.close()
             raise
 
     def close(self) -> None:

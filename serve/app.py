@@ -55,17 +55,18 @@ def _error(status: int, message: str, param: str | None = None, code: str | None
 
 
 def create_app(pipeline_or_dir: Any, config: ServeConfig | None = None, *, backend: str = "auto",
-               devices: tuple[int, ...] = (0,), **overrides: Any) -> FastAPI:
+               devices: tuple[int, ...] = (0,), precision: str | None = None, **overrides: Any) -> FastAPI:
     """The ASGI app serving one model. ``pipeline_or_dir``: a loaded ``Pipeline`` (the caller keeps it and
     closes it), or an export / engine folder loaded on each of ``devices`` (one worker each) when the app
-    starts. ``overrides``: ServeConfig fields (``max_batch=4``, ``api_key=...``)."""
+    starts, with ``backend`` and ``precision`` (openvino's, as ``Pipeline.load``). ``overrides``: ServeConfig
+    fields (``max_batch=4``, ``api_key=...``)."""
     cfg = replace(config or ServeConfig(), **overrides)
     if isinstance(pipeline_or_dir, (str, os.PathLike)):
         from sdrt.runtime.pipeline import Pipeline
 
         folder = Path(pipeline_or_dir)
-        loaders: list[Callable[[], Any]] = [functools.partial(Pipeline.load, folder, backend, device_id=d)
-                                            for d in devices]
+        loaders: list[Callable[[], Any]] = [functools.partial(Pipeline.load, folder, backend, device_id=d,
+                                                              precision=precision) for d in devices]
         owns = True
     else:
         folder = Path(pipeline_or_dir.folder)

@@ -26,10 +26,10 @@ _FIELDS = {f.name for f in dataclasses.fields(ServeConfig)}
 @serve.deployment(max_ongoing_requests=72, ray_actor_options={"num_cpus": 1})
 @serve.ingress()
 class SdrtModel:
-    def __init__(self, path: str, config: dict[str, Any], backend: str = "auto") -> None:
+    def __init__(self, path: str, config: dict[str, Any], backend: str = "auto", precision: str | None = None) -> None:
         fields: dict[str, Any] = {k: (Path(v) if k == "image_dir" and v else v) for k, v in config.items()}
         cfg = ServeConfig(**fields)
-        self._app = create_app(Path(path), cfg, backend=backend)
+        self._app = create_app(Path(path), cfg, backend=backend, precision=precision)
 
     def __serve_build_asgi_app__(self) -> Any:
         return self._app
@@ -42,10 +42,12 @@ class SdrtModel:
 
 def build(args: dict[str, Any], deployment_options: dict[str, Any] | None = None) -> Any:
     """The application builder for a Serve config's ``import_path: sdrt.serve.ray_app:build``; ``args``:
-    ``path``, ``backend``, any ServeConfig field, and ``num_replicas`` / ``num_gpus`` / ``num_cpus``."""
+    ``path``, ``backend``, ``precision`` (openvino's), any ServeConfig field, and ``num_replicas`` /
+    ``num_gpus`` / ``num_cpus``."""
     args = dict(args)
     path = str(args.pop("path"))
     backend = str(args.pop("backend", "auto"))
+    precision = args.pop("precision", None)
     options: dict[str, Any] = {}
     if "num_replicas" in args:
         options["num_replicas"] = int(args.pop("num_replicas"))
@@ -61,16 +63,18 @@ def build(args: dict[str, Any], deployment_options: dict[str, Any] | None = None
     batch = int(cfg.get("max_batch", ServeConfig.max_batch))
     options["max_ongoing_requests"] = max(batch, int(cfg.get("max_queue", ServeConfig.max_queue)) + batch)
     options.update(deployment_options or {})  # a config file's deployment section wins
-    return SdrtModel.options(**options).bind(path, cfg, backend)  # type: ignore[attr-defined]
+    return SdrtModel.options(**options).bind(path, cfg, backend, precision)  # type: ignore[attr-defined]
 
 
 def run_ray(path: Path, cfg: ServeConfig, *, backend: str, host: str, port: int,
-            config_file: Path | None = None) -> int:
+            config_file: Path | None = None, precision: str | None = None) -> int:
     """``sdrt serve DIR --ray``: run on the Ray cluster at RAY_ADDRESS (or a local one) until SIGTERM."""
     import ray
 
     args: dict[str, Any] = {k: v for k, v in dataclasses.asdict(cfg).items() if v is not None}
     args.update(path=str(path), backend=backend)
+    if precision is not None:
+        args["precision"] = precision
     deploy_options: dict[str, Any] = {}
     if config_file is not None:
         import yaml

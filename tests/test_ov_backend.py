@@ -11,7 +11,6 @@ import pytest
 
 ov = pytest.importorskip("openvino", reason="the openvino backend needs pip install 'sdrt[openvino]'")
 
-from sdrt.runtime import pipeline as pipeline_mod
 from sdrt.runtime.errors import ArtifactError, BackendUnavailable, InputError
 from sdrt.runtime.ov_backend import OvBackend, OvStepLoop, default_cache_dir
 from sdrt.runtime.pipeline import Pipeline
@@ -24,13 +23,8 @@ KW = {"prompt": "a lighthouse at dawn", "negative_prompt": "blurry", "steps": 4,
 
 
 def load(folder: Path, backend: Any) -> Pipeline:
-    """Pipeline.load with this backend in place of the one it would make from a name."""
-    make = pipeline_mod.make_backend
-    pipeline_mod.make_backend = lambda *a, **k: backend
-    try:
-        return Pipeline.load(folder, backend="ort-cpu")
-    finally:
-        pipeline_mod.make_backend = make
+    """Pipeline.load over a backend configured here (its own model cache, precision)."""
+    return Pipeline.load(folder, backend=backend)
 
 
 @pytest.fixture(scope="module")
@@ -284,3 +278,42 @@ def test_generate_cli_precision(pipes: dict, tiny_export, tmp_path: Path, ov_cac
     with pytest.raises(SystemExit) as e:  # argparse: only the three names
         main([*args, "--precision", "fp8"])
     assert e.value.code == 2
+
+
+def test_a_configured_backend_is_loaded_on_and_owned(tiny_export, cache: Path) -> None:
+    """Pipeline.load(backend=OvBackend(...)): the pipeline runs on that backend, closes it with itself, and
+    refuses the settings that only configure a backend it makes; the image is the named backend's."""
+    folder = tiny_export("sd15-tiny", "fp32")
+    be = OvBackend(precision="f32", cache_dir=cache)
+    with pytest.raises(InputError, match="threads, precision configure the backend load\\(\\) makes"):
+        Pipeline.load(folder, backend=be, threads=2, precision="bf16")
+    with Pipeline.load(folder, backend=be) as pipe:
+        assert pipe.backend is be
+        got = image(pipe)
+    assert be._closed
+    with pytest.raises(InputError, match="closed"):
+        be.load(str(folder / "unet" / "model.onnx"), "unet")
+    with Pipeline.load(folder, backend="openvino", precision="fp32") as named:
+        np.testing.assert_array_equal(got, image(named))
+
+
+def test_sdrt_serve_takes_openvinos_precision(tiny_export) -> None:
+    """create_app(..., backend="openvino", precision=...) (``sdrt serve --precision``) loads the pipeline that
+    Pipeline.load(precision=...) loads: the served image is that pipeline's."""
+    pytest.importorskip("fastapi")
+    httpx = pytest.importorskip("httpx")
+    from sdrt.serve import create_app
+
+    from .serve_live import LiveServer, pixels
+
+    folder = tiny_export("sd15-tiny", "fp32")
+    app = create_app(folder, backend="openvino", precision="fp32", max_steps=4, warmup=False)
+    with LiveServer(app) as s:
+        r = httpx.post(f"{s.url}/v1/images/generations", timeout=120,
+                       json={"prompt": "a lighthouse", "size": "64x64", "response_format": "b64_json",
+                             "steps": 3, "seed": 4})
+        assert r.status_code == 200, r.text
+        got = pixels(r.json()["data"][0]["b64_json"])
+    with Pipeline.load(folder, backend="openvino", precision="fp32") as ref:
+        want = np.asarray(ref("a lighthouse", steps=3, seed=4, height=64, width=64).images[0])
+    np.testing.assert_array_equal(got, want)

@@ -236,3 +236,29 @@ def test_img2img_without_a_vae_encoder_is_named_before_work(pipe: Pipeline, monk
     with pytest.raises(ArtifactError, match="no VAE encoder, which img2img needs"):
         pipe("a", image=np.zeros((64, 64, 3), np.uint8), steps=2)
     assert ran == []  # refused before the first engine ran
+
+
+def test_a_backend_made_by_the_caller(sd15: Path, tmp_path: Path) -> None:
+    """Pipeline.load(backend=OrtBackend(...)): the same image as the named backend; the pipeline closes it;
+    an engine folder is refused for an ONNX Runtime backend, and an ONNX export for a TensorRT one, before
+    any engine loads."""
+    from sdrt.runtime.errors import CompatibilityError
+    from sdrt.runtime.ort_backend import OrtBackend
+
+    be = OrtBackend("cpu", threads=1)
+    with Pipeline.load(sd15, backend=be) as pipe:
+        got = np.asarray(pipe("a boat", steps=2, seed=4).images[0])
+    assert be.closed
+    with Pipeline.load(sd15, backend="ort-cpu", threads=1) as named:
+        np.testing.assert_array_equal(got, np.asarray(named("a boat", steps=2, seed=4).images[0]))
+    with pytest.raises(InputError, match="device_id configure the backend"):
+        Pipeline.load(sd15, backend=OrtBackend("cpu"), device_id=1)
+    fake_engines = tmp_path / "engines"
+    fake_engines.mkdir()
+    (fake_engines / "sdrt-engines.json").write_text("{}")
+    with pytest.raises(CompatibilityError, match="TensorRT engine folder .* ort-cpu cannot run"):
+        Pipeline.load(fake_engines, backend=OrtBackend("cpu"))
+    trt_like = OrtBackend("cpu")
+    trt_like.name = "tensorrt"
+    with pytest.raises(CompatibilityError, match="is an ONNX export; the tensorrt backend runs engine folders"):
+        Pipeline.load(sd15, backend=trt_like)

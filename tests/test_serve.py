@@ -277,3 +277,10 @@ def test_disconnect_cancels_queued_request(pipe):
         time.sleep(2.5)
         m = httpx.get(f"{s.url}/metrics").text
         assert metric(m, "sdrt_images_total") == 0 and metric(m, "sdrt_batch_requests_count") == 0
+
+
+def test_serve_refuses_precision_off_openvino(tiny_export, capsys):
+    from sdrt.cli import main
+
+    assert main(["serve", str(tiny_export("sd15-tiny")), "--backend", "ort-cpu", "--precision", "bf16"]) == 1
+    assert "--precision sets the openvino backend's inference precision" in capsys.readouterr().err

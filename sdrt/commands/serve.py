@@ -11,7 +11,10 @@ from pathlib import Path
 
 def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", help="an sdrt ONNX export (sdrt export) or engine folder (sdrt build)")
-    p.add_argument("--backend", default="auto", help="auto, ort-cpu, ort-cuda, tensorrt")
+    p.add_argument("--backend", default="auto", help="auto, ort-cpu, ort-cuda, tensorrt, openvino")
+    p.add_argument("--precision", default=None, choices=("auto", "bf16", "fp32"),
+                   help="openvino only: its inference precision (default auto: bf16 where the CPU has it, else "
+                        "fp32); the other backends compute in the export's or engines' precision")
     p.add_argument("--devices", default="0", help="GPUs to serve on, one worker each: 0 or 0,1,2,3")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only; 0.0.0.0: all)")
     p.add_argument("--port", type=int, default=8000)
@@ -62,14 +65,19 @@ def run(args: argparse.Namespace) -> int:
                                  "pip install 'sdrt[serve]'") from e
     if not (Path(args.path) / "sdrt-export.json").is_file() and not Path(args.path).is_dir():
         raise InputError(f"{args.path} is not a folder; give an sdrt export or engine folder")
+    if args.precision is not None and args.backend not in ("auto", "openvino"):
+        raise InputError(f"--precision sets the openvino backend's inference precision; --backend {args.backend} "
+                         "computes in the export's or engines' precision: leave --precision out, or use --backend "
+                         "openvino")
     cfg = config_from(args)
     devices = tuple(int(d) for d in str(args.devices).split(",") if d.strip())
     if args.ray:
         from sdrt.serve.ray_app import run_ray
 
         return run_ray(Path(args.path), cfg, backend=args.backend, host=args.host, port=args.port,
-                       config_file=args.ray_config)
-    app = create_app(Path(args.path), cfg, backend=args.backend, devices=devices)  # type: ignore[arg-type]
+                       config_file=args.ray_config, precision=args.precision)
+    app = create_app(Path(args.path), cfg, backend=args.backend, devices=devices,  # type: ignore[arg-type]
+                     precision=args.precision)
     logging.getLogger("sdrt.serve.access").setLevel(logging.INFO)
     where = "all interfaces" if args.host in ("0.0.0.0", "::") else args.host
     print(f"sdrt serve: {args.path} on http://{args.host}:{args.port} ({where}); GET /readyz says when it is ready",
