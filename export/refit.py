@@ -454,10 +454,22 @@ def refit_folder(
     comps = refittable_components(export, folder)
     loras_comps = {m.component for s in request.loras for m in read_lora(s.path).modules}
     todo = [c for c in comps if not request.loras or c in loras_comps]
+    _refuse_stale_control_unet(export, todo)
     values, note, warnings = new_weights(folder, export, request, todo, progress)
     write_refit_export(folder, out, {c: changed for c, (_, changed) in values.items() if changed}, note,
                        overwrite=overwrite)
     return RefitResult(str(out), note, tuple(todo), tuple(warnings))
+
+
+def _refuse_stale_control_unet(export: ExportManifest, todo: Sequence[str]) -> None:
+    """An export with ControlNets holds the UNet twice (``unet`` and ``unet_control``, which takes the nets'
+    residuals) and only ``unet`` has a refit map: new UNet weights would reach txt2img but not ControlNet
+    calls. Refused before any weight is read, rather than leaving the two disagreeing."""
+    if export.controlnets and "unet" in todo:
+        raise CompatibilityError(
+            "this export has ControlNets, and refit cannot yet update their UNet (unet_control): ControlNet "
+            "calls would keep the old weights. Export the model with the weights or LoRAs merged instead "
+            "(`sdrt export ... --lora FILE[:SCALE]`, or the other checkpoint as --model), with its --controlnet")
 
 
 def _refit_engines(
@@ -478,6 +490,7 @@ def _refit_engines(
     loras_comps = {m.component for s in request.loras for m in read_lora(s.path).modules}
     # components holding earlier refits go back to base too, so the result is exactly what was asked
     todo = [c for c in comps if not request.loras or c in loras_comps or manifest.record(c).weights != "base"]
+    _refuse_stale_control_unet(export, todo)
     for c in todo:
         rec = manifest.record(c)
         require_refittable(rec.flags.refittable, c, manifest.build_command)

@@ -200,3 +200,14 @@ def test_engine_refit_explains_a_non_refittable_engine(tiny_export, tmp_path: Pa
         refit_folder(engines, RefitRequest(base=True))
     with pytest.raises(InputError, match="exactly one"):
         RefitRequest()
+
+
+def test_an_export_with_controlnets_is_refused_before_any_weight_is_read(tiny_controlnet_export,
+                                                                         tmp_path: Path) -> None:
+    """Its UNet is held twice (unet and unet_control) and only unet is refittable: refit would leave
+    ControlNet calls on the old weights, so it is refused, naming the export-time merge; nothing is written."""
+    src = tiny_controlnet_export("sd15-tiny", "fp32", 1)
+    out = tmp_path / "refitted"
+    with pytest.raises(CompatibilityError, match="has ControlNets.*unet_control.*--lora FILE"):
+        refit_folder(src, RefitRequest(base=True), out=out)
+    assert not out.exists()
