@@ -69,6 +69,8 @@ from sdrt.runtime.step_graph import (
     cast_graph_bytes,
     input_engine_name,
     input_graph_bytes,
+    noise_engine_name,
+    noise_graph_bytes,
     step_engine_name,
     step_graph_bytes,
 )
@@ -296,12 +298,20 @@ def input_graph_plans(profile: BuildProfile, manifest: ExportManifest, options: 
     for guided in (True, False) if profile.cfg else (False,):
         plans.append(graph_plan(input_engine_name(guided, concat), input_graph_bytes(guided, dtype, concat),
                                 input_graph_shapes(profile, manifest, guided, concat), unet.precision, options, env))
+    latents = input_graph_shapes(profile, manifest, False)
     vae = manifest.components.get("vae_decoder")
     if vae is not None and vae.precision != unet.precision:  # an fp16 UNet's latents into an fp32 VAE (SDXL)
         vae_dtype = "float16" if vae.precision == "fp16" else "float32"
-        latents = input_graph_shapes(profile, manifest, False)
         plans.append(graph_plan(cast_engine_name(dtype, vae_dtype), cast_graph_bytes(dtype, vae_dtype), latents,
                                 vae.precision, options, env))
+    enc = manifest.components.get("vae_encoder")
+    if enc is not None and "concat" not in step_graph_modes(manifest):  # img2img's noising (not inpainting-only)
+        enc_dtype = "float16" if enc.precision == "fp16" else "float32"
+        (lat,) = latents
+        one = TensorShapes("image_latents", (1, *lat.min[1:]), (1, *lat.opt[1:]), (1, *lat.max[1:]))
+        shapes = (one, replace(lat, name="noise"))
+        plans.append(graph_plan(noise_engine_name(enc_dtype, dtype), noise_graph_bytes(enc_dtype, dtype), shapes,
+                                unet.precision, options, env))
     return plans
 
 

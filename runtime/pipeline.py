@@ -91,8 +91,8 @@ class Latents:
     x0: Array | None = None
     noise: np.ndarray | None = None
     seed: list[int] | int | None = None
-    # the float32 starting latents before the cast to the UNet's dtype: the first UNet input is computed
-    # from them, as a reference implementation does
+    # the float32 starting latents before the cast to the UNet's dtype, where they were made on the host:
+    # the first UNet input is computed from them where the backend has no first-input graph
     start: np.ndarray | None = field(default=None, repr=False, compare=False)
     inpaint: inpaint.InpaintState | None = field(default=None, repr=False, compare=False)  # the mask conditioning
 
@@ -183,12 +183,13 @@ class Pipeline:
         models cost their weights plus one activation block. ``backend`` may also be a ``Backend`` made and
         configured by the caller (``OvBackend(cache_dir=..., static_shapes=True)``, ``OrtBackend("cuda",
         gpu_mem_limit=...)``): once loaded, the pipeline owns it and closes it (a load that fails leaves it to
-        the caller); its settings come from its constructor, so ``threads``, ``cuda_graph``, ``device_id``, ``precision`` and ``share_with`` are
-        refused beside it."""
+        the caller); its settings come from its constructor, so ``threads``, ``cuda_graph``, ``device_id``,
+        ``precision`` and ``share_with`` are refused beside it."""
         import json
 
         folder = Path(path)
         given = backend if isinstance(backend, Backend) else None
+        kind = backend.name if isinstance(backend, Backend) else backend
         if given is not None:
             extra = [k for k, v in (("threads", threads), ("cuda_graph", cuda_graph), ("precision", precision),
                                     ("share_with", share_with)) if v is not None] + (["device_id"] if device_id else [])
@@ -200,14 +201,13 @@ class Pipeline:
                 raise _engine_folder_error(folder, given.name) if given.name != "tensorrt" else CompatibilityError(
                     f"{folder} is an ONNX export; the tensorrt backend runs engine folders: build one with "
                     f"`sdrt build {folder} --out ENGINES`")
-            backend = given.name
-        if backend in ("ort-cpu", "ort-cuda") and (folder / "sdrt-engines.json").is_file():
-            raise _engine_folder_error(folder, backend)  # before reading anything made for TensorRT
+        if kind in ("ort-cpu", "ort-cuda") and (folder / "sdrt-engines.json").is_file():
+            raise _engine_folder_error(folder, kind)  # before reading anything made for TensorRT
         from .optimum import is_optimum_folder, read_optimum
 
         graphs: dict[str, bytes] = {}
         if is_optimum_folder(folder):  # Optimum's export, adapted to sdrt's contracts in memory
-            if backend == "tensorrt":
+            if kind == "tensorrt":
                 raise CompatibilityError(
                     f"{folder} is an Optimum ONNX export; TensorRT runs engines: build them with `sdrt build "
                     f"{folder} --out ENGINES` and load that folder, or use backend=\"ort-cpu\" / \"ort-cuda\"",
@@ -220,11 +220,11 @@ class Pipeline:
         _check_components(manifest, folder)
         if share_with is not None:
             share_with._ready()
-            if backend not in ("auto", share_with.backend.name):
+            if kind not in ("auto", share_with.backend.name):
                 raise InputError(f"share_with runs on {share_with.backend.name}; load this model on the same "
-                                 f"backend (backend={share_with.backend.name!r}), not {backend!r}")
-            backend = share_with.backend.name
-        be = given if given is not None else make_backend(backend, folder, threads, cuda_graph, device_id, precision,
+                                 f"backend (backend={share_with.backend.name!r}), not {kind!r}")
+            kind = share_with.backend.name
+        be = given if given is not None else make_backend(kind, folder, threads, cuda_graph, device_id, precision,
                                                           share=None if share_with is None else share_with.backend)
         try:
             engines: dict[str, Engine] = {}
@@ -452,8 +452,14 @@ class Pipeline:
                 raise InputError(f"latents have shape {noise.shape}, expected {lat_shape} for this size and batch")
         state = None
         if init is not None:
-            enc = self.engines["vae_encoder"]
-            img_lat = self.backend.to_host(enc({"image": self.backend.to_device(init)})["latent"])
+            be = self.backend
+            enc_lat = self.engines["vae_encoder"]({"image": be.to_device(init)})["latent"]
+            if mask is None:
+                x_dev = self._noised_on_device(plan, enc_lat, noise)
+                if x_dev is not None:  # the encoded image never left the device
+                    step_noise = _draw(gens, (plan.steps, *lat_shape), axis=1) if plan.needs_noise else None
+                    return Latents(x_dev, height, width, 0, None, step_noise, _seeds(seed), None, None)
+            img_lat = be.to_host(enc_lat)
             img_lat = np.repeat(img_lat.astype(np.float64), b // img_lat.shape[0], axis=0)
             x = plan.add_noise(img_lat, noise.astype(np.float64)).astype(np.float32)
             if mask is not None:
@@ -464,10 +470,31 @@ class Pipeline:
             x = (noise.astype(np.float64) * plan.init_noise_sigma).astype(np.float32)
         # fresh noise of every ancestral step, drawn up front so the loop never waits on the host
         step_noise = _draw(gens, (plan.steps, *lat_shape), axis=1) if plan.needs_noise else None
-        seeds = (None if seed is None else int(cast(int, seed)) if _is_int(seed)
-                 else [int(s) for s in cast(Sequence[int], seed)])
-        return Latents(self.backend.to_device(x.astype(self.dtype)), height, width, 0, None, step_noise, seeds, x,
-                       state)
+        return Latents(self.backend.to_device(x.astype(self.dtype)), height, width, 0, None, step_noise, _seeds(seed),
+                       x, state)
+
+    def _noised_on_device(self, plan: samplers.SamplerPlan, enc_lat: Array, noise: np.ndarray) -> Array | None:
+        """img2img's first latents, ka image + kn noise, by the noising graph; None where the backend has none
+        (an engine folder built by an older sdrt) or the encoder gave more than one row."""
+        be = self.backend
+        src, shape = be.meta(enc_lat)
+        if shape[0] != 1:
+            return None
+        key = ("noise", src.name, self.dtype.name)
+        if key not in self._input_graphs:
+            from .step_graph import noise_engine_name, noise_graph_bytes
+
+            try:
+                self._input_graphs[key] = be.load(noise_graph_bytes(src, self.dtype), noise_engine_name(src, self.dtype))
+            except ArtifactError as e:
+                log.info("%s; img2img's latents are noised on the host", e)
+                self._input_graphs[key] = None
+        graph = self._input_graphs[key]
+        if graph is None:
+            return None
+        feeds = {"image_latents": enc_lat, "noise": be.to_device(np.ascontiguousarray(noise, np.float32)),
+                 "coeffs": be.to_device(np.asarray(plan.noise_coeffs, np.float32))}
+        return graph(feeds)["latents"]
 
     def latents_from(self, latents: Latents, source: Pipeline) -> Latents:
         """``source``'s denoising state on this pipeline's device, for this pipeline to continue (an SDXL
@@ -1143,6 +1170,13 @@ def _memory_error(e: DeviceMemoryError, pipe: Pipeline, b: int, guided: bool, he
         cli=f"{head}. Lower --height and --width (halving both cuts attention memory 16x), --batch-size, or "
             "turn guidance off (--guidance 1)",
     )
+
+
+def _seeds(seed: int | Sequence[int] | None) -> int | list[int] | None:
+    """The seed(s) as recorded in Latents and Result: an int, a list of ints, or None."""
+    if seed is None:
+        return None
+    return int(cast(int, seed)) if _is_int(seed) else [int(s) for s in cast(Sequence[int], seed)]
 
 
 def _generators(seed: int | Sequence[int] | None, b: int) -> list[np.random.Generator]:

@@ -20,7 +20,8 @@ uploads one scale instead of a latent-sized tensor and never reads device latent
     inputs   latents [B,C,H,W]; scale [1] float32 (the plan row's ``s``); unet_extra (the "concat" variant)
     outputs  unet_in [2B or B,C (+E),H,W]
 
-and an fp16 UNet's final latents reach an fp32 VAE (SDXL) through ``cast_graph_bytes``, on the device too.
+and an fp16 UNet's final latents reach an fp32 VAE (SDXL) through ``cast_graph_bytes``, img2img's encoded
+image is noised to the first step by ``noise_graph_bytes``, both on the device too.
 
 Inpainting variants (``inpaint=``, see ``runtime/inpaint.py``) add the per-step mask work on the device:
 
@@ -96,6 +97,36 @@ def build_input_graph(batch_guided: bool, dtype: Any = np.float16, concat: bool 
     model.ir_version = IR_VERSION
     onnx.checker.check_model(model, full_check=True)
     return model
+
+
+def noise_engine_name(src: Any, dst: Any) -> str:
+    """The engine name of img2img's noising graph, from the VAE encoder's ``src`` to the UNet's ``dst``."""
+    return f"image_noise_{np.dtype(src).name}_to_{np.dtype(dst).name}"
+
+
+def noise_graph_bytes(src: Any, dst: Any) -> bytes:
+    """img2img's start, ``ka image_latents + kn noise`` (the scheduler's ``add_noise`` at the first step,
+    ``coeffs`` = [ka, kn] float32), the one encoded image broadcast over the batch's rows, in float32,
+    rounded once to the UNet's dtype: the encoder's latents never go through the host.
+
+    inputs   image_latents [1,C,H,W] (src); noise [B,C,H,W] float32; coeffs [2] float32
+    outputs  latents [B,C,H,W] (dst)"""
+    nodes: list[onnx.NodeProto] = []
+    a, b = _elem(src), _elem(dst)
+    img = _input(nodes, "image_latents", a)
+    nodes.append(helper.make_node("Split", ["coeffs"], ["coef_ka", "coef_kn"], axis=0))
+    x = _add(nodes, "noised", _mul(nodes, "coef_ka", img), _mul(nodes, "coef_kn", "noise"))
+    _output(nodes, x, "latents", b)
+    graph = helper.make_graph(
+        nodes, "sdrt_image_noise",
+        [helper.make_tensor_value_info("image_latents", a, [1, *_LATENT[1:]]),
+         helper.make_tensor_value_info("noise", TensorProto.FLOAT, _LATENT),
+         helper.make_tensor_value_info("coeffs", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("latents", b, _LATENT)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="sdrt")
+    model.ir_version = IR_VERSION
+    onnx.checker.check_model(model, full_check=True)
+    return model.SerializeToString()
 
 
 def cast_engine_name(src: Any, dst: Any) -> str:

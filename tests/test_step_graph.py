@@ -19,7 +19,14 @@ import pytest
 
 from sdrt.runtime.errors import InputError
 from sdrt.runtime.samplers import COLUMNS, SAMPLERS, guide, make_plan, model_input, step_reference
-from sdrt.runtime.step_graph import IR_VERSION, OPSET, build_input_graph, build_step_graph, cast_graph_bytes
+from sdrt.runtime.step_graph import (
+    IR_VERSION,
+    OPSET,
+    build_input_graph,
+    build_step_graph,
+    cast_graph_bytes,
+    noise_graph_bytes,
+)
 
 CONFIG = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
           "beta_schedule": "scaled_linear", "steps_offset": 1, "timestep_spacing": "leading",
@@ -232,3 +239,22 @@ def test_cast_graph_is_numpys_cast(src, dst):
     (got,) = sess.run(["latents_cast"], {"latents": x})
     assert got.dtype == dst
     np.testing.assert_array_equal(got, x.astype(dst))
+
+
+@pytest.mark.parametrize(("src", "dst"), [(np.float32, np.float32), (np.float32, np.float16), (np.float16, np.float16)])
+def test_noise_graph_is_the_schedulers_add_noise(src, dst):
+    """img2img's start: ka image + kn noise over every row (one encoded image), as SamplerPlan.add_noise in
+    float64, within one float32 rounding of each product and sum (and one fp16 rounding of the result)."""
+    rng = np.random.default_rng(4)
+    img = (rng.standard_normal((1, *LATENT)) * 5).astype(src)
+    noise = rng.standard_normal((3, *LATENT)).astype(np.float32)
+    sess = ort.InferenceSession(noise_graph_bytes(src, dst), providers=["CPUExecutionProvider"])
+    for sampler in ("ddim", "euler"):
+        plan = make_plan(sampler, 10, CONFIG, strength=0.6)
+        coeffs = np.asarray(plan.noise_coeffs, np.float32)
+        (got,) = sess.run(["latents"], {"image_latents": img, "noise": noise, "coeffs": coeffs})
+        ref = plan.add_noise(np.repeat(img.astype(np.float64), 3, axis=0), noise.astype(np.float64))
+        mag = np.abs(plan.noise_coeffs[0] * img.astype(np.float64)) + np.abs(plan.noise_coeffs[1] * noise)
+        bound = 4 * U32 * mag + (U16 * np.abs(ref) + 2.0**-24 if dst == np.float16 else 0)
+        assert got.dtype == dst and got.shape == ref.shape
+        assert np.all(np.abs(got.astype(np.float64) - ref) <= bound), sampler

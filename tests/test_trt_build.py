@@ -96,17 +96,24 @@ def test_plans_cache_keys_and_precision(tiny_export) -> None:
     prof = custom_profile(batch="1:1:2", height="64:64:128")
     manifest, plans = plan_engines(folder, prof, BuildOptions(), ENV)
     names = [p.record.component for p in plans]
-    assert names == [*manifest.components, "sampler_step_cfg", "sampler_step",  # the step graphs come last,
-                     "sampler_step_cfg_blend", "sampler_step_blend",  # then their inpainting (blend) variants
-                     "sampler_step_cfg_rescale",  # and the guided one with guidance rescale,
-                     "sampler_input_cfg", "sampler_input"]  # then the first UNet input's graphs
-    steps = [p.record for p in plans[-7:-5]]
-    assert steps[0].shapes[1].max == (4, 4, 16, 16) and steps[1].shapes[1].max == (2, 4, 16, 16)  # unet_out rows
-    assert plans[-3].record.shapes[1].max == (4, 4, 16, 16)
-    assert plans[-2].record.shapes[0].max == (2, 4, 16, 16)  # the first-input graph's latents, per image
-    assert all(not p.record.flags.refittable and p.onnx_bytes for p in plans[-7:])
+    graphs = ["sampler_step_cfg", "sampler_step",  # the step graphs come last,
+              "sampler_step_cfg_blend", "sampler_step_blend",  # then their inpainting (blend) variants
+              "sampler_step_cfg_rescale",  # and the guided one with guidance rescale,
+              "sampler_input_cfg", "sampler_input",  # then the first UNet input's graphs
+              "image_noise_float32_to_float32"]  # and img2img's noising
+    assert names == [*manifest.components, *graphs]
+    n = len(graphs)
+    by = {p.record.component: p.record for p in plans}
+    assert by["sampler_step_cfg"].shapes[1].max == (4, 4, 16, 16)  # unet_out rows
+    assert by["sampler_step"].shapes[1].max == (2, 4, 16, 16)
+    assert by["sampler_step_cfg_rescale"].shapes[1].max == (4, 4, 16, 16)
+    assert by["sampler_input"].shapes[0].max == (2, 4, 16, 16)  # the first-input graph's latents, per image
+    noise = by["image_noise_float32_to_float32"]
+    assert [(t.name, t.max) for t in noise.shapes] == [("image_latents", (1, 4, 16, 16)), ("noise", (2, 4, 16, 16))]
+    assert all(not p.record.flags.refittable and p.onnx_bytes for p in plans[-n:])
     _, no_cfg = plan_engines(folder, custom_profile(height=64, cfg=False), BuildOptions(), ENV)
-    assert [p.record.component for p in no_cfg][-3:] == ["sampler_step", "sampler_step_blend", "sampler_input"]
+    assert [p.record.component for p in no_cfg][-4:] == ["sampler_step", "sampler_step_blend", "sampler_input",
+                                                         "image_noise_float32_to_float32"]
     assert len(no_cfg) == len(plans) - 4
     unet = next(p.record for p in plans if p.record.component == "unet")
     assert unet.file == "unet.engine" and unet.precision == "fp32" and unet.flags.strongly_typed
@@ -114,8 +121,8 @@ def test_plans_cache_keys_and_precision(tiny_export) -> None:
     _, again = plan_engines(folder, prof, BuildOptions(), ENV)
     assert [p.record.cache_key for p in again] == [p.record.cache_key for p in plans]
     _, refit = plan_engines(folder, prof, BuildOptions(refittable=True), ENV)
-    assert all(a.record.cache_key != b.record.cache_key for a, b in zip(plans[:-7], refit[:-7]))
-    assert [a.record.cache_key for a in plans[-7:]] == [b.record.cache_key for b in refit[-7:]]  # no weights
+    assert all(a.record.cache_key != b.record.cache_key for a, b in zip(plans[:-n], refit[:-n]))
+    assert [a.record.cache_key for a in plans[-n:]] == [b.record.cache_key for b in refit[-n:]]  # no weights
     _, other_gpu = plan_engines(folder, prof, BuildOptions(), EngineEnv("tensorrt", "10.13.0.35", "NVIDIA L4", "8.9"))
     assert all(a.record.cache_key != b.record.cache_key for a, b in zip(plans, other_gpu))
 
@@ -128,8 +135,9 @@ def test_the_text_join_is_planned_where_the_runtime_runs_it(tiny_export) -> None
     assert not any(p.record.component.startswith("text_join") for p in short)
     _, long_ = plan_engines(sd, custom_profile(height=64, chunks="1:2:3"), BuildOptions(refittable=True), ENV)
     names = [p.record.component for p in long_]
-    assert names[-8] == "text_join_fp32_to_fp32" and names[-7] == "sampler_step_cfg"
-    rec = long_[-8].record
+    i = names.index("text_join_fp32_to_fp32")
+    assert names[i + 1] == "sampler_step_cfg"
+    rec = long_[i].record
     assert not rec.flags.refittable and rec.precision == "fp32"
     assert rec.onnx_sha256 == hashlib.sha256(join_graph_bytes(("float32",), None, "float32")).hexdigest()
     shapes = {s.name: s for s in rec.shapes}

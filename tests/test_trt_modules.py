@@ -609,9 +609,10 @@ def test_sdrt_build_makes_a_whole_engine_folder_on_rtx(rtx: ModuleType, tiny_exp
     names = ["text_encoder", "unet", "vae_decoder", "vae_encoder", "sampler_step_cfg", "sampler_step",
              "sampler_step_cfg_blend", "sampler_step_blend", "sampler_step_cfg_rescale", "sampler_input_cfg",
              "sampler_input"]
-    # SDXL: an fp32 VAE after the fp16 UNet, so the latents' cast graph too, and the embeddings' join
-    names += (["text_encoder_2", "latents_float16_to_float32", "text_join_fp16_fp16_pooled_fp16_to_fp16"]
-              if preset == "sdxl-tiny" else [])
+    # SDXL: an fp32 VAE around the fp16 UNet, so the latents' casts (img2img's noising is one), and the
+    # embeddings' join
+    names += (["text_encoder_2", "latents_float16_to_float32", "text_join_fp16_fp16_pooled_fp16_to_fp16",
+               "image_noise_float32_to_float16"] if preset == "sdxl-tiny" else ["image_noise_float16_to_float16"])
     assert sorted(r.component for r in m.engines) == sorted(names)
     vae_fp32 = {"vae_decoder", "vae_encoder", "latents_float16_to_float32"} if preset == "sdxl-tiny" else set()
     for rec in m.engines:

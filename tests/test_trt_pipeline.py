@@ -124,7 +124,7 @@ def test_built_engines_drive_the_pipeline_like_ort_cpu(tiny_export, tmp_path: Pa
     assert {r.component for r in manifest.engines} == set(
         ["text_encoder", "unet", "vae_decoder", "vae_encoder", "sampler_step_cfg", "sampler_step",
          "sampler_step_cfg_blend", "sampler_step_blend", "sampler_step_cfg_rescale", "sampler_input_cfg",
-         "sampler_input"]
+         "sampler_input", "image_noise_float32_to_float32"]
         + (["text_encoder_2", "text_join_fp32_fp32_pooled_fp32_to_fp32"] if preset == "sdxl-tiny" else []))
     built = len(trt.built)
     assert trt.build_calls["monitors"] == len(manifest.engines)
@@ -181,10 +181,10 @@ def test_the_lean_runtime_runs_the_whole_loop_from_prebuilt_step_graphs(tiny_exp
     src = tiny_export("sd15-tiny")
     out = tmp_path / "engines"
     manifest = build_engines(src, out, custom_profile(batch="1:1:2", height=64), BuildOptions(version_compatible=True))
-    assert [r.component for r in manifest.engines][-7:] == ["sampler_step_cfg", "sampler_step",
+    assert [r.component for r in manifest.engines][-8:] == ["sampler_step_cfg", "sampler_step",
                                                             "sampler_step_cfg_blend", "sampler_step_blend",
                                                             "sampler_step_cfg_rescale", "sampler_input_cfg",
-                                                            "sampler_input"]
+                                                            "sampler_input", "image_noise_float32_to_float32"]
     built = len(trt.built)
     lean = FakeTrt(cudart, name="tensorrt_lean_bindings", lean=True)
     monkeypatch.setattr(tb, "import_tensorrt", lambda names: lean)
@@ -259,6 +259,37 @@ def test_the_first_unet_input_is_made_on_the_device(tiny_export, tmp_path: Path,
         assert b_old[1] - b_new[1] == unet_in - 4, (b_old, b_new)
         assert b_old[2] == b_new[2]
         assert np.abs(images[new, guidance] - images[old, guidance]).max() <= 1
+
+
+def test_img2img_noises_the_encoded_image_on_the_device(tiny_export, tmp_path: Path, fake_gpu,
+                                                        monkeypatch) -> None:
+    """Counted on the fakes: img2img's encoded image is noised to the first step by the noising graph, so
+    the call copies to the host only the images and their finite flags; a folder built without it (an older
+    sdrt) noises on the host (one more copy down), with the same image."""
+    from .test_inpaint_parity import image_and_mask
+
+    cudart, _ = fake_gpu
+    src = tiny_export("sd15-tiny")
+    prof = custom_profile(batch="1:1:2", height="64:64:64", width="64:64:64")
+    new, old = tmp_path / "new", tmp_path / "old"
+    m = build_engines(src, new, prof, BuildOptions(workspace_gb=1))
+    assert "image_noise_float32_to_float32" in {r.component for r in m.engines}
+    monkeypatch.setattr(trt_build, "input_graph_plans", lambda *a: [])
+    build_engines(src, old, prof, BuildOptions(workspace_gb=1))
+    image, _ = image_and_mask(64, 64)
+    kw: dict[str, Any] = {"steps": 4, "seed": 2, "sampler": "euler-a", "image": image, "strength": 0.7,
+                          "batch_size": 2}
+    down, images = {}, {}
+    for folder in (new, old):
+        with Pipeline.load(folder, backend="tensorrt") as pipe:
+            pipe("a red fox", **kw)  # warm: captured
+            before = cudart.copies[2]
+            res = pipe("a red fox", **kw)
+            down[folder], images[folder] = cudart.copies[2] - before, [np.asarray(i, np.int16) for i in res.images]
+    assert down[new] == 2 and down[old] == 3, down
+    ref = Pipeline.load(src, backend="ort-cpu")("a red fox", **kw).images
+    for got, old_img, want in zip(images[new], images[old], ref, strict=True):
+        assert np.abs(got - old_img).max() <= 1 and np.abs(got - np.asarray(want, np.int16)).max() <= 1
 
 
 def test_stages_hand_latents_over_on_the_device(tiny_export, tmp_path: Path, fake_gpu) -> None:
