@@ -93,9 +93,7 @@ def build_input_graph(batch_guided: bool, dtype: Any = np.float16, concat: bool 
     outputs = [helper.make_tensor_value_info("unet_in", elem, [rows[0], "C_unet" if concat else "C", *rows[2:]])]
     graph = helper.make_graph(nodes, "sdrt_sampler_input", inputs, outputs)
     graph.doc_string = "unet_in = s x (rows doubled when guided; unet_extra appended for a 9-channel UNet)"
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="sdrt")
-    model.ir_version = IR_VERSION
-    onnx.checker.check_model(model, full_check=True)
+    model = finish_graph(graph)
     return model
 
 
@@ -123,9 +121,7 @@ def noise_graph_bytes(src: Any, dst: Any) -> bytes:
          helper.make_tensor_value_info("noise", TensorProto.FLOAT, _LATENT),
          helper.make_tensor_value_info("coeffs", TensorProto.FLOAT, [2])],
         [helper.make_tensor_value_info("latents", b, _LATENT)])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="sdrt")
-    model.ir_version = IR_VERSION
-    onnx.checker.check_model(model, full_check=True)
+    model = finish_graph(graph)
     return model.SerializeToString()
 
 
@@ -142,10 +138,17 @@ def cast_graph_bytes(src: Any, dst: Any) -> bytes:
     _node(nodes, "Cast", ["latents"], "latents_cast", to=b)
     graph = helper.make_graph(nodes, "sdrt_latents_cast", [helper.make_tensor_value_info("latents", a, _LATENT)],
                               [helper.make_tensor_value_info("latents_cast", b, _LATENT)])
+    model = finish_graph(graph)
+    return model.SerializeToString()
+
+
+def finish_graph(graph: onnx.GraphProto) -> onnx.ModelProto:
+    """The model around a runtime-built graph: opset 17 at IR 8 (readable by every runtime and TensorRT we
+    target), producer sdrt, checked in full."""
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="sdrt")
     model.ir_version = IR_VERSION
     onnx.checker.check_model(model, full_check=True)
-    return model.SerializeToString()
+    return model
 
 
 def _elem(dtype: Any) -> int:
@@ -232,9 +235,7 @@ def _model(nodes: list[onnx.NodeProto], batch_guided: bool, elem: int, inpaint: 
     ]
     graph = helper.make_graph(nodes, "sdrt_sampler_step", inputs, outputs)
     graph.doc_string = "x0 = p x + q m; x_next = a x + b x0 + c x0_prev + d noise; unet_in = s_next x_next"
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="sdrt")
-    model.ir_version = IR_VERSION
-    onnx.checker.check_model(model, full_check=True)
+    model = finish_graph(graph)
     return model
 
 

@@ -29,9 +29,8 @@ from onnx import TensorProto, helper
 
 from .errors import InputError
 from .manifest import ExportManifest
+from .step_graph import finish_graph
 
-OPSET = 17
-IR_VERSION = 8  # as the step graphs: readable by every runtime and TensorRT we target
 JOIN_ENGINE = "text_join"
 TOKENS = 77  # per chunk (the CLIP tokenizers' context)
 _TYPES = {"float16": TensorProto.FLOAT16, "float32": TensorProto.FLOAT}
@@ -135,9 +134,7 @@ def build_join_graph(hidden_dtypes: tuple[str, ...], pooled_dtype: str | None, o
     inputs.append(helper.make_tensor_value_info("keep", TensorProto.FLOAT, ["R"]))
     graph = helper.make_graph(nodes, "sdrt_text_join", inputs, outputs)
     graph.doc_string = "hidden = concat(hidden_j, -1) as [R, 77 k, C], kept rows; pooled = first chunk's, kept rows"
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="sdrt")
-    model.ir_version = IR_VERSION
-    onnx.checker.check_model(model, full_check=True)
+    model = finish_graph(graph)
     return model
 
 
