@@ -116,7 +116,7 @@ def make_backend(name: str, folder: Path, threads: int | None = None, cuda_graph
             name = "tensorrt"
         elif cuda_available():
             name = "ort-cuda"
-        else:  # measured: OpenVINO (bf16 where the CPU has it) is about 2.3x ort-cpu on a UNet step
+        else:  # measured: OpenVINO (bf16 where the CPU has it) is 2.25x ort-cpu on a full-size UNet step
             from .ov_backend import available as openvino_available
 
             name = "openvino" if openvino_available() else "ort-cpu"
@@ -159,8 +159,8 @@ class Pipeline:
         self.tokenizers = tokenizers
         self.scheduler_config = scheduler_config
         self._step_graphs: dict[tuple[Any, ...], Engine] = {}
-        self._input_graphs: dict[tuple[Any, ...], Engine | None] = {}
-        self._text_joins: dict[Any, Engine | None] = {}  # per join variant; None: the backend has none
+        # the small graphs that keep a call's set-up on the device, by name; None: the backend has none
+        self._device_graphs: dict[str, Engine | None] = {}
         self._loops: dict[tuple[Any, ...], StepLoop] = {}
         self._lock = threading.RLock()
         self._closed = False
@@ -254,8 +254,7 @@ class Pipeline:
                 loop.close()
             self._loops.clear()
             self._step_graphs.clear()
-            self._input_graphs.clear()
-            self._text_joins.clear()
+            self._device_graphs.clear()
             self.engines = {}
             self.backend.close()
 
@@ -383,13 +382,7 @@ class Pipeline:
         rows = {be.meta(h)[1][0] for h in hidden}
         if have != (variant.hidden_dtypes, variant.pooled_dtype, variant.out_dtype) or len(rows) != 1:
             return None  # the host join, which says what does not fit
-        if variant not in self._text_joins:
-            try:
-                self._text_joins[variant] = be.load(variant.graph_bytes(), variant.name)
-            except ArtifactError as e:
-                log.info("the prompt embeddings are joined on the host: %s", e)
-                self._text_joins[variant] = None
-        return self._text_joins[variant]
+        return self._device_graph(variant.name, variant.graph_bytes, "the prompt embeddings are joined")
 
     def _host_join(self, outs: list[dict[str, Array]], pooled_out: Array | None, rows: int, b: int, guided: bool,
                    zero_negatives: bool) -> PromptEmbeddings:
@@ -480,16 +473,10 @@ class Pipeline:
         src, shape = be.meta(enc_lat)
         if shape[0] != 1:
             return None
-        key = ("noise", src.name, self.dtype.name)
-        if key not in self._input_graphs:
-            from .step_graph import noise_engine_name, noise_graph_bytes
+        from .step_graph import noise_engine_name, noise_graph_bytes
 
-            try:
-                self._input_graphs[key] = be.load(noise_graph_bytes(src, self.dtype), noise_engine_name(src, self.dtype))
-            except ArtifactError as e:
-                log.info("%s; img2img's latents are noised on the host", e)
-                self._input_graphs[key] = None
-        graph = self._input_graphs[key]
+        graph = self._device_graph(noise_engine_name(src, self.dtype), lambda: noise_graph_bytes(src, self.dtype),
+                                   "img2img's latents are noised")
         if graph is None:
             return None
         feeds = {"image_latents": enc_lat, "noise": be.to_device(np.ascontiguousarray(noise, np.float32)),
@@ -681,29 +668,30 @@ class Pipeline:
         return be.to_device(first_in if head is None else np.concatenate([first_in, head], axis=1))
 
     def _input_graph(self, guided: bool, dtype: np.dtype[Any], concat: bool) -> Engine | None:
-        key = (guided, dtype.name, concat)
-        if key not in self._input_graphs:
-            from .step_graph import input_engine_name, input_graph_bytes
+        from .step_graph import input_engine_name, input_graph_bytes
 
-            name = input_engine_name(guided, concat)
-            try:
-                self._input_graphs[key] = self.backend.load(input_graph_bytes(guided, dtype, concat), name)
-            except ArtifactError as e:  # not prebuilt in this engine folder: the host computes it, as before
-                log.info("%s; the first UNet input is computed on the host", e)
-                self._input_graphs[key] = None
-        return self._input_graphs[key]
+        return self._device_graph(f"{input_engine_name(guided, concat)}_{dtype.name}",
+                                  lambda: input_graph_bytes(guided, dtype, concat),
+                                  "the first UNet input is computed", input_engine_name(guided, concat))
 
     def _cast_graph(self, src: np.dtype[Any], dst: np.dtype[Any]) -> Engine | None:
-        key = ("cast", src.name, dst.name)
-        if key not in self._input_graphs:
-            from .step_graph import cast_engine_name, cast_graph_bytes
+        from .step_graph import cast_engine_name, cast_graph_bytes
 
+        return self._device_graph(cast_engine_name(src, dst), lambda: cast_graph_bytes(src, dst),
+                                  "the latents are cast")
+
+    def _device_graph(self, key: str, graph_bytes: Callable[[], bytes], what: str,
+                      name: str | None = None) -> Engine | None:
+        """One of the small in-memory graphs (first UNet input, img2img noising, VAE cast, embeddings join),
+        loaded once per pipeline; None where the backend cannot load it (a TensorRT engine folder built by an
+        older sdrt lacks it), said once in the log: the caller then does that work on the host, as before."""
+        if key not in self._device_graphs:
             try:
-                self._input_graphs[key] = self.backend.load(cast_graph_bytes(src, dst), cast_engine_name(src, dst))
-            except ArtifactError as e:  # not prebuilt in this engine folder: cast on the host, as before
-                log.info("%s; the latents are cast on the host", e)
-                self._input_graphs[key] = None
-        return self._input_graphs[key]
+                self._device_graphs[key] = self.backend.load(graph_bytes(), name or key)
+            except ArtifactError as e:
+                log.info("%s on the host: %s", what, e)
+                self._device_graphs[key] = None
+        return self._device_graphs[key]
 
     def _time_ids(self, height: int, width: int, b: int, guided: bool,
                   aesthetic: tuple[float | None, float | None] | None) -> np.ndarray:

@@ -228,15 +228,10 @@ def test_inpainting_with_control_is_refused_before_any_engine(tiny_controlnet_ex
 
 def test_openvino_matches_diffusers(tiny_controlnet_export) -> None:
     pytest.importorskip("openvino")
-    from sdrt.runtime import pipeline
     from sdrt.runtime.ov_backend import OvBackend
 
     folder = tiny_controlnet_export("sd15-tiny", "fp32", 2)
-    make = pipeline.make_backend
-    pipeline.make_backend = lambda *a, **k: OvBackend(threads=2, precision="f32", cache_dir=False)  # type: ignore
-    try:
-        _SDRT[f"{folder}:openvino"] = Pipeline.load(folder, backend="ort-cpu")
-    finally:
-        pipeline.make_backend = make
+    _SDRT[f"{folder}:openvino"] = Pipeline.load(folder, backend=OvBackend(threads=2, precision="f32",
+                                                                          cache_dir=False))
     _compare(folder, "sd15-tiny", [0, 1], "ddim", 6.0, 64, 80, scales=[0.6, 1.3], start=[0.0, 0.3],
              end=[0.7, 1.0], backend="openvino")

@@ -98,6 +98,11 @@ def test_variant_from_the_manifest_and_when_it_is_needed(tiny_export) -> None:
     assert shapes["text_embeds"].opt[0] == 4 and shapes["keep"].min == (2,) and shapes["keep"].max == (4,)
 
 
+def _joins(pipe: Pipeline) -> dict[str, object]:
+    """The join graphs the pipeline loaded, by name (None: its backend has none)."""
+    return {k: v for k, v in pipe._device_graphs.items() if k.startswith("text_join")}
+
+
 def _host_only(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(Pipeline, "_text_join", lambda self, hidden, pooled: None)
 
@@ -107,7 +112,7 @@ def test_sdxl_embeddings_on_the_device_equal_the_host_join(tiny_export, monkeypa
                                                            negative: str | None) -> None:
     with Pipeline.load(tiny_export("sdxl-tiny"), backend="ort-cpu") as pipe:
         dev = pipe.encode_prompt(["a ship", LONG], negative, guided=True)
-        assert len(pipe._text_joins) == 1 and None not in pipe._text_joins.values()
+        assert len(_joins(pipe)) == 1 and None not in _joins(pipe).values()
         with monkeypatch.context() as m:
             _host_only(m)
             host = pipe.encode_prompt(["a ship", LONG], negative, guided=True)
@@ -118,7 +123,7 @@ def test_sdxl_embeddings_on_the_device_equal_the_host_join(tiny_export, monkeypa
         assert k > 1 and pipe.backend.to_host(dev.hidden).shape == (4, 77 * k, width)
         zeroed = not pipe.backend.to_host(dev.pooled)[:2].any()
         assert zeroed == (negative is None)
-    assert pipe._text_joins == {}  # released with the pipeline
+    assert pipe._device_graphs == {}  # released with the pipeline
 
 
 def test_a_long_prompt_gives_the_image_of_the_host_join(tiny_export, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -127,7 +132,7 @@ def test_a_long_prompt_gives_the_image_of_the_host_join(tiny_export, monkeypatch
     with Pipeline.load(tiny_export("sd15-tiny"), backend="ort-cpu") as pipe:
         assert pipe.tokenizers[0].encode_chunks([LONG]).shape[1] > 1
         dev = pipe(LONG, **kw)
-        assert [v.name for v in pipe._text_joins] == ["text_join_fp32_to_fp32"]
+        assert list(_joins(pipe)) == ["text_join_fp32_to_fp32"]
         with monkeypatch.context() as m:
             _host_only(m)
             host = pipe(LONG, **kw)
@@ -139,7 +144,7 @@ def test_a_long_prompt_gives_the_image_of_the_host_join(tiny_export, monkeypatch
 def test_a_backend_without_the_graph_joins_on_the_host_and_says_so_once(tiny_export, caplog) -> None:
     with Pipeline.load(tiny_export("sdxl-tiny"), backend="ort-cpu") as pipe:
         want = pipe.encode_prompt("a ship", guided=True)
-        pipe._text_joins.clear()
+        pipe._device_graphs.clear()
         load = pipe.backend.load
 
         def old_folder(path: str | bytes, name: str):
