@@ -63,10 +63,13 @@ from sdrt.runtime.engine_manifest import (
     current_env,
 )
 from sdrt.runtime.errors import ArtifactError, BackendUnavailable, InputError, SdrtError
+from sdrt.runtime.inpaint import MASKED_ENCODER
 from sdrt.runtime.manifest import EXPORT_FOLDER, ExportManifest
 from sdrt.runtime.step_graph import (
     cast_engine_name,
     cast_graph_bytes,
+    extra_engine_name,
+    extra_graph_bytes,
     input_engine_name,
     input_graph_bytes,
     noise_engine_name,
@@ -287,8 +290,9 @@ def input_graph_plans(profile: BuildProfile, manifest: ExportManifest, options: 
                       env: EngineEnv) -> list[EnginePlan]:
     """The first-input graphs (``s x`` for a call's first UNet step, runtime/step_graph.py), guided and
     unguided, in the UNet's precision; with a 9-channel inpainting UNet the variant appending its extra
-    channels; and the latents' cast into a VAE of another precision. A folder without them still runs: the
-    runtime then does that work on the host."""
+    channels and the graphs assembling them; the encoded image's noising (img2img, inpainting); and the
+    latents' cast into a VAE of another precision. A folder without them still runs: the runtime then does
+    that work on the host."""
     unet = manifest.components.get("unet")
     if unet is None:
         return []
@@ -304,15 +308,27 @@ def input_graph_plans(profile: BuildProfile, manifest: ExportManifest, options: 
         vae_dtype = "float16" if vae.precision == "fp16" else "float32"
         plans.append(graph_plan(cast_engine_name(dtype, vae_dtype), cast_graph_bytes(dtype, vae_dtype), latents,
                                 vae.precision, options, env))
+    (lat,) = latents
     enc = manifest.components.get("vae_encoder")
-    if enc is not None and "concat" not in step_graph_modes(manifest):  # img2img's noising (not inpainting-only)
+    if enc is not None:  # the encoded image noised to the first step (img2img, inpainting)
         enc_dtype = "float16" if enc.precision == "fp16" else "float32"
-        (lat,) = latents
-        one = TensorShapes("image_latents", (1, *lat.min[1:]), (1, *lat.opt[1:]), (1, *lat.max[1:]))
-        shapes = (one, replace(lat, name="noise"))
+        shapes = (_one_row(lat, "image_latents"), replace(lat, name="noise"))
         plans.append(graph_plan(noise_engine_name(enc_dtype, dtype), noise_graph_bytes(enc_dtype, dtype), shapes,
                                 unet.precision, options, env))
+    masked = manifest.components.get(MASKED_ENCODER)
+    if concat and masked is not None:  # a 9-channel UNet's [mask, masked latents] block
+        src = "float16" if masked.precision == "fp16" else "float32"
+        mask = TensorShapes("mask", (lat.min[0], 1, *lat.min[2:]), (lat.opt[0], 1, *lat.opt[2:]),
+                            (lat.max[0], 1, *lat.max[2:]))
+        for guided in (True, False) if profile.cfg else (False,):
+            plans.append(graph_plan(extra_engine_name(guided, src, dtype), extra_graph_bytes(guided, src, dtype),
+                                    (mask, _one_row(lat, "masked_latents")), unet.precision, options, env))
     return plans
+
+
+def _one_row(shapes: TensorShapes, name: str) -> TensorShapes:
+    """``shapes`` with a batch of one (the one encoded init image), renamed."""
+    return TensorShapes(name, (1, *shapes.min[1:]), (1, *shapes.opt[1:]), (1, *shapes.max[1:]))
 
 
 def text_join_plans(profile: BuildProfile, manifest: ExportManifest, options: BuildOptions,

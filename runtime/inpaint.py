@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from . import samplers
+from .engine import Array
 from .errors import InputError
 
 MASKED_ENCODER = "vae_encoder_masked"  # the export's encoder of the masked image (9-channel UNets only)
@@ -32,17 +33,22 @@ MASK_MODES = ("1", "L", "RGB")  # what a mask image may be; diffusers converts e
 
 @dataclass(frozen=True)
 class InpaintState:
-    """What the denoising loop needs beyond the latents (host float32 arrays, batch rows first).
+    """What the denoising loop needs beyond the latents, batch rows first.
 
-    ``mode``: "concat" (9-channel UNet) or "blend" (4-channel). ``mask`` [B, 1, h, w] at latent size;
-    ``masked_latents`` [B, C, h, w] (concat); ``image_latents`` and ``noise`` [B, C, h, w] (blend).
+    ``mode``: "concat" (9-channel UNet) or "blend" (4-channel). ``mask`` [B, 1, h, w] at latent size (host
+    float32, made from the user's mask). On the host path (``resident`` False: an engine folder without
+    the small device graphs) the rest are host float32 arrays: ``masked_latents`` [B, C, h, w] (concat),
+    ``image_latents`` and ``noise`` [B, C, h, w] (blend). ``resident``: they stay on the device as the
+    backend's arrays: ``masked_latents`` the masked-image encoder's own output [1, C, h, w], the blend's two
+    already in the UNet's dtype (the step graph's ``image_latents`` and ``init_noise``).
     """
 
     mode: str
     mask: np.ndarray
-    masked_latents: np.ndarray | None = None
-    image_latents: np.ndarray | None = field(default=None, repr=False)
-    noise: np.ndarray | None = field(default=None, repr=False)
+    masked_latents: Array | None = None
+    image_latents: Array | None = field(default=None, repr=False)
+    noise: Array | None = field(default=None, repr=False)
+    resident: bool = False
 
 
 def inpaint_mode(unet_channels: int, latent_channels: int) -> str:
@@ -132,7 +138,9 @@ def blend_table(plan: samplers.SamplerPlan) -> np.ndarray:
 
 def loop_inputs(state: InpaintState, plan: samplers.SamplerPlan, guided: bool,
                 dtype: np.dtype[Any]) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray | None]:
-    """(the step graph's extra inputs, its coeffs table, the block appended to the first UNet input)."""
+    """(the step graph's extra inputs, its coeffs table, the block appended to the first UNet input), from
+    a host state (not ``resident``)."""
+    assert not state.resident
     if state.mode == "concat":
         assert state.masked_latents is not None
         extra = np.concatenate([state.mask, state.masked_latents], axis=1).astype(dtype)

@@ -443,45 +443,45 @@ class Pipeline:
             noise = np.asarray(latents, dtype=np.float32)
             if noise.shape != lat_shape:
                 raise InputError(f"latents have shape {noise.shape}, expected {lat_shape} for this size and batch")
-        state = None
+        if init is not None and mask is not None:
+            return self._prepare_inpaint(plan, height, width, b, gens, seed, noise, init, mask, pure_noise)
         if init is not None:
             be = self.backend
             enc_lat = self.engines["vae_encoder"]({"image": be.to_device(init)})["latent"]
-            if mask is None:
-                x_dev = self._noised_on_device(plan, enc_lat, noise)
-                if x_dev is not None:  # the encoded image never left the device
-                    step_noise = _draw(gens, (plan.steps, *lat_shape), axis=1) if plan.needs_noise else None
-                    return Latents(x_dev, height, width, 0, None, step_noise, _seeds(seed), None, None)
+            x_dev = self._noised_on_device(plan, enc_lat, noise)
+            if x_dev is not None:  # the encoded image never left the device
+                step_noise = _draw(gens, (plan.steps, *lat_shape), axis=1) if plan.needs_noise else None
+                return Latents(x_dev, height, width, 0, None, step_noise, _seeds(seed), None, None)
             img_lat = be.to_host(enc_lat)
             img_lat = np.repeat(img_lat.astype(np.float64), b // img_lat.shape[0], axis=0)
             x = plan.add_noise(img_lat, noise.astype(np.float64)).astype(np.float32)
-            if mask is not None:
-                state = self._inpaint_state(init, img_lat, noise, mask, height, width, b)
-                if pure_noise:  # diffusers' inpainting at strength 1 starts from pure noise
-                    x = (noise.astype(np.float64) * plan.init_noise_sigma).astype(np.float32)
         else:
             x = (noise.astype(np.float64) * plan.init_noise_sigma).astype(np.float32)
         # fresh noise of every ancestral step, drawn up front so the loop never waits on the host
         step_noise = _draw(gens, (plan.steps, *lat_shape), axis=1) if plan.needs_noise else None
         return Latents(self.backend.to_device(x.astype(self.dtype)), height, width, 0, None, step_noise, _seeds(seed),
-                       x, state)
+                       x)
 
     def _noised_on_device(self, plan: samplers.SamplerPlan, enc_lat: Array, noise: np.ndarray) -> Array | None:
         """img2img's first latents, ka image + kn noise, by the noising graph; None where the backend has none
         (an engine folder built by an older sdrt) or the encoder gave more than one row."""
         be = self.backend
-        src, shape = be.meta(enc_lat)
-        if shape[0] != 1:
-            return None
-        from .step_graph import noise_engine_name, noise_graph_bytes
-
-        graph = self._device_graph(noise_engine_name(src, self.dtype), lambda: noise_graph_bytes(src, self.dtype),
-                                   "img2img's latents are noised")
+        graph = self._noise_graph(enc_lat)
         if graph is None:
             return None
         feeds = {"image_latents": enc_lat, "noise": be.to_device(np.ascontiguousarray(noise, np.float32)),
                  "coeffs": be.to_device(np.asarray(plan.noise_coeffs, np.float32))}
         return graph(feeds)["latents"]
+
+    def _noise_graph(self, enc_lat: Array) -> Engine | None:
+        """The noising graph for the encoder's latents (None: the backend has none, or they have several rows)."""
+        from .step_graph import noise_engine_name, noise_graph_bytes
+
+        src, shape = self.backend.meta(enc_lat)
+        if shape[0] != 1:
+            return None
+        return self._device_graph(noise_engine_name(src, self.dtype), lambda: noise_graph_bytes(src, self.dtype),
+                                  "the encoded image is noised")
 
     def latents_from(self, latents: Latents, source: Pipeline) -> Latents:
         """``source``'s denoising state on this pipeline's device, for this pipeline to continue (an SDXL
@@ -524,17 +524,74 @@ class Pipeline:
                                 "re-export the model with this sdrt version (`sdrt export`)")
         return inpaint.check_mask(mask_image, image)
 
-    def _inpaint_state(self, init: np.ndarray, img_lat: np.ndarray, noise: np.ndarray, mask_l: Any, height: int,
-                       width: int, b: int) -> inpaint.InpaintState:
+    def _prepare_inpaint(self, plan: samplers.SamplerPlan, height: int, width: int, b: int,
+                         gens: list[np.random.Generator], seed: int | Sequence[int] | None, noise: np.ndarray,
+                         init: np.ndarray, mask_l: Any, pure_noise: bool) -> Latents:
+        """Inpainting's starting latents and mask state. The encoders' latents stay on the device (the noising
+        graph puts the image at the first step's level and, at level 0, gives the blend's image latents);
+        where the backend has no noising graph (a folder built by an older sdrt) they go through the host,
+        as before. A 9-channel UNet at strength 1 starts from noise alone: its image latents are not encoded
+        (diffusers' ``prepare_latents`` neither)."""
+        be, mode, dt = self.backend, self._inpaint_mode(), self.dtype
         mask_px = inpaint.binarize(inpaint.resize_mask(mask_l, height, width))
         lmask = inpaint.latent_mask(mask_px, self.manifest.vae_scale_factor, b)
-        mode = self._inpaint_mode()
+        step_noise = _draw(gens, (plan.steps, *noise.shape), axis=1) if plan.needs_noise else None
+        image = be.to_device(init)
+        enc_lat = None if mode == "concat" and pure_noise else self.engines["vae_encoder"]({"image": image})["latent"]
+        masked = None
+        if mode == "concat":
+            feeds = {"image": image, "mask": be.to_device(mask_px.astype(np.uint8)[None, :, :, None])}
+            masked = self.engines[inpaint.MASKED_ENCODER](feeds)["latent"]
+        start = (noise.astype(np.float64) * plan.init_noise_sigma).astype(np.float32) if pure_noise else None
+        noised = None if enc_lat is None else self._noise_graph(enc_lat)
+        if enc_lat is None or noised is not None:  # on the device: nothing read back
+            x = be.to_device(start.astype(dt)) if start is not None else None
+            state = inpaint.InpaintState(mode, lmask, masked_latents=masked, resident=True)
+            if enc_lat is not None:
+                noise_dev = be.to_device(np.ascontiguousarray(noise, np.float32))
+
+                def noised_by(coeffs: Sequence[float]) -> Array:
+                    assert noised is not None
+                    return noised({"image_latents": enc_lat, "noise": noise_dev,
+                                   "coeffs": be.to_device(np.asarray(coeffs, np.float32))})["latents"]
+
+                if x is None:
+                    x = noised_by(plan.noise_coeffs)
+                if mode == "blend":  # the image latents themselves: noise level 0 (ka 1, kn 0) is exact
+                    state = replace(state, image_latents=noised_by((1.0, 0.0)),
+                                    noise=noise_dev if dt == np.float32 else be.to_device(noise.astype(dt)))
+            return Latents(x, height, width, 0, None, step_noise, _seeds(seed), start, state)
+        img_lat = be.to_host(enc_lat)
+        img_lat = np.repeat(img_lat.astype(np.float64), b // img_lat.shape[0], axis=0)
         if mode == "blend":
-            return inpaint.InpaintState(mode, lmask, image_latents=img_lat.astype(np.float32), noise=noise)
+            state = inpaint.InpaintState(mode, lmask, image_latents=img_lat.astype(np.float32), noise=noise)
+        else:
+            assert masked is not None
+            host = be.to_host(masked).astype(np.float32)
+            state = inpaint.InpaintState(mode, lmask, masked_latents=np.repeat(host, b // host.shape[0], axis=0))
+        x = start if start is not None else plan.add_noise(img_lat, noise.astype(np.float64)).astype(np.float32)
+        return Latents(be.to_device(x.astype(dt)), height, width, 0, None, step_noise, _seeds(seed), x, state)
+
+    def _inpaint_inputs(self, state: inpaint.InpaintState, plan: samplers.SamplerPlan, b: int, guided: bool,
+                        dt: np.dtype[Any]) -> tuple[dict[str, Array], np.ndarray, np.ndarray | None]:
+        """(the inpainting step graph's extra inputs on the device, its coeffs table, the host block appended to
+        the first UNet input where that is made on the host). A resident state uploads only the mask; its
+        9-channel block is assembled by the extra-channels graph (or, without it, on the host)."""
         be = self.backend
-        feeds = {"image": be.to_device(init), "mask": be.to_device(mask_px.astype(np.uint8)[None, :, :, None])}
-        masked = be.to_host(self.engines[inpaint.MASKED_ENCODER](feeds)["latent"]).astype(np.float32)
-        return inpaint.InpaintState(mode, lmask, masked_latents=np.repeat(masked, b // masked.shape[0], axis=0))
+        if state.resident and state.mode == "blend":
+            feeds = {"mask": be.to_device(state.mask.astype(dt)), "image_latents": state.image_latents,
+                     "init_noise": state.noise}
+            return feeds, np.hstack([plan.table, inpaint.blend_table(plan)]), None
+        if state.resident:
+            src, _ = be.meta(state.masked_latents)
+            graph = self._extra_graph(guided, src, dt)
+            if graph is not None:
+                extra = graph({"mask": be.to_device(state.mask.astype(dt)), "masked_latents": state.masked_latents})
+                return {"unet_extra": extra["unet_extra"]}, plan.table, None
+            host = be.to_host(state.masked_latents).astype(np.float32)
+            state = replace(state, masked_latents=np.repeat(host, b // host.shape[0], axis=0), resident=False)
+        feeds, table, head = inpaint.loop_inputs(state, plan, guided, dt)
+        return {k: be.to_device(v) for k, v in feeds.items()}, table, head
 
     # -- stage 3: the denoising loop -------------------------------------------------------------------
     def denoise(self, embeddings: PromptEmbeddings, latents: Latents, plan: samplers.SamplerPlan, *,
@@ -612,11 +669,11 @@ class Pipeline:
         if "timestep_cond" in self.engines["unet"].inputs:  # an LCM-distilled UNet: guidance as an embedding
             dim = int(self.engines["unet"].inputs["timestep_cond"].shape[-1])  # type: ignore[arg-type]
             cond["timestep_cond"] = to_dev(np.tile(_guidance_embedding(guidance_scale - 1.0, dim).astype(dt), (b, 1)))
-        mode, table, step_inputs, head = None, plan.table, {}, None
+        mode, table, head = None, plan.table, None
+        step_inputs: dict[str, Array] = {}
         if lat.inpaint is not None:  # the mask work runs in the step graph's inpainting variant
             mode = lat.inpaint.mode
-            feeds, table, head = inpaint.loop_inputs(lat.inpaint, plan, guided, dt)
-            step_inputs = {k: to_dev(v) for k, v in feeds.items()}
+            step_inputs, table, head = self._inpaint_inputs(lat.inpaint, plan, b, guided, dt)
         elif self._inpaint_mode() == "concat":
             raise InputError("this is an inpainting model (a 9-channel UNet): prepare the latents with image= and "
                              "mask_image=")
@@ -662,6 +719,8 @@ class Pipeline:
             if extra is not None:
                 feeds["unet_extra"] = extra
             return graph(feeds)["unet_in"]
+        if extra is not None and head is None:  # the extra channels were assembled on the device
+            head = be.to_host(extra)
         x = lat.start if lo == 0 and lat.start is not None else be.to_host(lat.x)
         first_in = samplers.model_input(plan, lo, x.astype(np.float64)).astype(dt)
         first_in = np.concatenate([first_in] * 2) if guided else first_in
@@ -673,6 +732,12 @@ class Pipeline:
         return self._device_graph(f"{input_engine_name(guided, concat)}_{dtype.name}",
                                   lambda: input_graph_bytes(guided, dtype, concat),
                                   "the first UNet input is computed", input_engine_name(guided, concat))
+
+    def _extra_graph(self, guided: bool, src: np.dtype[Any], dst: np.dtype[Any]) -> Engine | None:
+        from .step_graph import extra_engine_name, extra_graph_bytes
+
+        return self._device_graph(extra_engine_name(guided, src, dst), lambda: extra_graph_bytes(guided, src, dst),
+                                  "the inpainting UNet's extra channels are assembled")
 
     def _cast_graph(self, src: np.dtype[Any], dst: np.dtype[Any]) -> Engine | None:
         from .step_graph import cast_engine_name, cast_graph_bytes

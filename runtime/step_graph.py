@@ -21,7 +21,8 @@ uploads one scale instead of a latent-sized tensor and never reads device latent
     outputs  unet_in [2B or B,C (+E),H,W]
 
 and an fp16 UNet's final latents reach an fp32 VAE (SDXL) through ``cast_graph_bytes``, img2img's encoded
-image is noised to the first step by ``noise_graph_bytes``, both on the device too.
+image is noised to the first step by ``noise_graph_bytes`` and a 9-channel inpainting UNet's extra channels
+are assembled by ``extra_graph_bytes``, all on the device too.
 
 Inpainting variants (``inpaint=``, see ``runtime/inpaint.py``) add the per-step mask work on the device:
 
@@ -121,6 +122,40 @@ def noise_graph_bytes(src: Any, dst: Any) -> bytes:
          helper.make_tensor_value_info("noise", TensorProto.FLOAT, _LATENT),
          helper.make_tensor_value_info("coeffs", TensorProto.FLOAT, [2])],
         [helper.make_tensor_value_info("latents", b, _LATENT)])
+    model = finish_graph(graph)
+    return model.SerializeToString()
+
+
+def extra_engine_name(batch_guided: bool, src: Any, dst: Any) -> str:
+    """The engine name of a 9-channel inpainting UNet's extra-channels graph (masked latents from ``src``)."""
+    return f"unet_extra{'_cfg' if batch_guided else ''}_{np.dtype(src).name}_to_{np.dtype(dst).name}"
+
+
+def extra_graph_bytes(batch_guided: bool, src: Any, dst: Any) -> bytes:
+    """A 9-channel inpainting UNet's fixed extra channels, ``[mask, masked image latents]``, assembled on the
+    device: the masked-image encoder's one row cast to the UNet's dtype and broadcast over the batch, joined
+    to the latent-size mask along channels, rows doubled when guided (the "concat" step and first-input
+    graphs' ``unet_extra``), so the encoder's latents never go through the host.
+
+    inputs   mask [B,1,H,W] (dst); masked_latents [1,C,H,W] (src)
+    outputs  unet_extra [2B or B,C+1,H,W] (dst)"""
+    nodes: list[onnx.NodeProto] = []
+    a, b = _elem(src), _elem(dst)
+    masked = "masked_latents" if a == b else _node(nodes, "Cast", ["masked_latents"], "masked_cast", to=b)
+    _node(nodes, "Shape", ["mask"], "batch_rows", start=0, end=1)
+    nodes.append(helper.make_node("Constant", [], ["ones3"], value=helper.make_tensor("ones3_v", TensorProto.INT64,
+                                                                                      [3], [1, 1, 1])))
+    _node(nodes, "Concat", ["batch_rows", "ones3"], "rows_shape", axis=0)
+    rows = _node(nodes, "Expand", [masked, "rows_shape"], "masked_rows")
+    extra = _node(nodes, "Concat", ["mask", rows], "mask_and_masked", axis=1)
+    if batch_guided:
+        extra = _node(nodes, "Concat", [extra, extra], "extra_cfg", axis=0)
+    _node(nodes, "Identity", [extra], "unet_extra")
+    graph = helper.make_graph(
+        nodes, "sdrt_unet_extra",
+        [helper.make_tensor_value_info("mask", b, ["B", 1, *_LATENT[2:]]),
+         helper.make_tensor_value_info("masked_latents", a, [1, *_LATENT[1:]])],
+        [helper.make_tensor_value_info("unet_extra", b, ["2B" if batch_guided else "B", "E", *_LATENT[2:]])])
     model = finish_graph(graph)
     return model.SerializeToString()
 

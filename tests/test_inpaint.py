@@ -14,7 +14,7 @@ from sdrt.runtime import inpaint
 from sdrt.runtime.errors import InputError
 from sdrt.runtime.pipeline import Pipeline
 from sdrt.runtime.samplers import COLUMNS
-from sdrt.runtime.step_graph import BLEND_COLUMNS, step_engine_name, step_graph_bytes
+from sdrt.runtime.step_graph import BLEND_COLUMNS, extra_graph_bytes, step_engine_name, step_graph_bytes
 
 from .test_inpaint_parity import image_and_mask
 
@@ -231,3 +231,32 @@ def test_staged_inpaint_equals_the_call(sd15_inpaint: Pipeline) -> None:
     half = sd15_inpaint.denoise(emb, lat, plan, guidance_scale=4.0, end=0.5)
     done = sd15_inpaint.denoise(emb, half, plan, guidance_scale=4.0)
     np.testing.assert_allclose(sd15_inpaint.backend.to_host(done.x), full, atol=1e-5)
+
+
+@pytest.mark.parametrize("guided", [False, True])
+@pytest.mark.parametrize("src, dst", [("float32", "float16"), ("float16", "float16"), ("float32", "float32")])
+def test_extra_channels_graph_against_numpy(guided: bool, src: str, dst: str) -> None:
+    """[mask, masked latents]: the encoder's one row cast and repeated over the batch, rows doubled when guided."""
+    rng = np.random.default_rng(3)
+    mask = (rng.uniform(size=(3, 1, 4, 6)) < 0.5).astype(dst)
+    masked = rng.standard_normal((1, 4, 4, 6)).astype(src)
+    out = _run(extra_graph_bytes(guided, src, dst), {"mask": mask, "masked_latents": masked})["unet_extra"]
+    want = np.concatenate([mask, np.repeat(masked.astype(dst), 3, axis=0)], axis=1)
+    want = np.concatenate([want, want]) if guided else want
+    assert out.dtype == np.dtype(dst) and np.array_equal(out, want)
+
+
+@pytest.mark.parametrize("missing", ["_noise_graph", "_extra_graph", "_input_graph"])
+@pytest.mark.parametrize("strength", [0.75, 1.0])
+def test_inpainting_without_one_device_graph_gives_the_same_latents(sd15_inpaint: Pipeline, monkeypatch, missing: str,
+                                                                    strength: float) -> None:
+    """Each small graph a 9-channel inpainting call uses (the image's noising, the extra channels, the first
+    UNet input) has a host path for a backend without it; every mix gives the latents of the device path."""
+    img, mask = image_and_mask()
+    kw = {"image": img, "mask_image": mask, "height": 64, "width": 96, "steps": 3, "sampler": "dpmpp-2m",
+          "guidance_scale": 4.0, "seed": 4, "batch_size": 2, "strength": strength, "output": "latents"}
+    want = sd15_inpaint("a cat", **kw).latents
+    monkeypatch.setattr(sd15_inpaint, missing, lambda *a: None)
+    got = sd15_inpaint("a cat", **kw).latents
+    assert np.abs(want).max() > 0.1
+    np.testing.assert_allclose(got, want, atol=1e-5)

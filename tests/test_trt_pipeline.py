@@ -410,6 +410,45 @@ def test_inpainting_on_built_engines_like_ort_cpu(tiny_export, tmp_path: Path, f
     assert a.shape == b.shape == (64, 96, 3) and np.abs(a - b).max() <= 1 and a.std() > 1
 
 
+@pytest.mark.parametrize("preset", ["sd15-inpaint-tiny", "sd15-tiny"])
+def test_inpainting_keeps_the_encoded_image_on_the_device(tiny_export, tmp_path: Path, fake_gpu, monkeypatch,
+                                                          preset: str) -> None:
+    """Counted on the fakes: an inpainting call (a 9-channel UNet's masked-image latents assembled with the
+    mask by the extra-channels graph; a 4-channel UNet's image latents for the blend made by the noising
+    graph) copies to the host only the images and their finite flags, at strength 0.8 and at 1; a folder
+    built without those graphs (an older sdrt) reads the encoders' latents back, with the same image."""
+    from .test_inpaint_parity import image_and_mask
+
+    cudart, _ = fake_gpu
+    src = tiny_export(preset)
+    prof = custom_profile(batch="1:1:2", height="64:64:64", width="64:64:64")
+    new, old = tmp_path / "new", tmp_path / "old"
+    names = {r.component for r in build_engines(src, new, prof, BuildOptions(workspace_gb=1)).engines}
+    nine = preset == "sd15-inpaint-tiny"
+    assert "image_noise_float32_to_float32" in names
+    assert ({"unet_extra_cfg_float32_to_float32", "unet_extra_float32_to_float32"} <= names) == nine
+    monkeypatch.setattr(trt_build, "input_graph_plans", lambda *a: [])
+    build_engines(src, old, prof, BuildOptions(workspace_gb=1))
+    image, mask = image_and_mask(64, 64)
+    down, images = {}, {}
+    for strength in (0.8, 1.0):
+        kw: dict[str, Any] = {"steps": 3, "seed": 2, "sampler": "euler-a", "image": image, "mask_image": mask,
+                              "strength": strength, "batch_size": 2}
+        for folder in (new, old):
+            with Pipeline.load(folder, backend="tensorrt") as pipe:
+                pipe("a red fox", **kw)  # warm: captured
+                before = cudart.copies[2]
+                res = pipe("a red fox", **kw)
+                down[folder, strength] = cudart.copies[2] - before
+                images[folder, strength] = [np.asarray(i, np.int16) for i in res.images]
+        ref = Pipeline.load(src, backend="ort-cpu")("a red fox", **kw).images
+        for got, host, want in zip(images[new, strength], images[old, strength], ref, strict=True):
+            assert np.abs(got - host).max() <= 1 and np.abs(got - np.asarray(want, np.int16)).max() <= 1
+    # the host path reads back the image's latents (not encoded for a 9-channel UNet at strength 1) and the
+    # masked image's (9-channel)
+    assert down == {(new, 0.8): 2, (new, 1.0): 2, (old, 0.8): 4 if nine else 3, (old, 1.0): 3}, down
+
+
 # -- TensorRT, on the fakes of tests/test_trt_pipeline.py ----------------------------------------------------
 
 def test_controlnets_on_built_engines_like_ort_cpu(tiny_controlnet_export, tmp_path: Path, fake_gpu) -> None:
