@@ -238,7 +238,12 @@ class Pipeline:
             sched_path = folder / "scheduler" / "scheduler_config.json"
             if not sched_path.is_file():
                 raise ArtifactError(f"{sched_path} is missing; re-export the model with `sdrt export`")
-            return cls(folder, manifest, be, engines, toks, json.loads(sched_path.read_text()))
+            pipe = cls(folder, manifest, be, engines, toks, json.loads(sched_path.read_text()))
+            if share_with is not None and be.shares_memory_with(share_with.backend):
+                # one device stream: a call of either would otherwise interleave with (or be captured into) the
+                # other's, so the pair takes one lock
+                pipe._lock = share_with._lock
+            return pipe
         except BaseException:
             if given is None:  # a given backend stays the caller's, with what was loaded onto it
                 be.close()
@@ -276,6 +281,8 @@ class Pipeline:
 
     @property
     def dtype(self) -> np.dtype[Any]:
+        """The UNet's (so the latents') dtype."""
+        self._ready()
         return self.engines["unet"].inputs["sample"].dtype
 
     # -- stage 1: text ----------------------------------------------------------------------------------
@@ -301,15 +308,17 @@ class Pipeline:
     def embeddings_from(self, prompt_embeds: np.ndarray, negative_prompt_embeds: np.ndarray | None = None, *,
                         pooled_prompt_embeds: np.ndarray | None = None,
                         negative_pooled_prompt_embeds: np.ndarray | None = None,
-                        guided: bool = True) -> PromptEmbeddings:
+                        guided: bool = True, batch_size: int = 1) -> PromptEmbeddings:
         """Precomputed embeddings (diffusers' ``prompt_embeds`` and friends: [B, tokens, C], pooled [B, P])
-        -> PromptEmbeddings. Guided without negatives: zeros for SDXL (as diffusers' default), else the
-        caller must give them."""
+        -> PromptEmbeddings for ``B * batch_size`` images, each row repeated ``batch_size`` times in place
+        (diffusers' ``num_images_per_prompt``). Guided without negatives: zeros for SDXL (as diffusers'
+        default), else the caller must give them."""
         with self._lock:
             self._ready()
             width = self.engines["unet"].inputs["encoder_hidden_states"].shape[-1]
             pos = _array(prompt_embeds, "prompt_embeds", 3)
-            b = pos.shape[0]
+            if not _is_int(batch_size) or batch_size < 1:
+                raise InputError(f"batch_size {batch_size!r} must be an integer >= 1 (images per embedding row)")
             if isinstance(width, int) and pos.shape[-1] != width:
                 raise InputError(f"prompt_embeds are {pos.shape[-1]} wide; this model's UNet takes {width}")
             xl = self.manifest.family == "sdxl"
@@ -318,6 +327,9 @@ class Pipeline:
                 if pooled_prompt_embeds is None:
                     raise InputError("an SDXL model needs pooled_prompt_embeds [B, P] beside prompt_embeds")
                 pooled = _array(pooled_prompt_embeds, "pooled_prompt_embeds", 2)
+                if pooled.shape[0] != pos.shape[0]:
+                    raise InputError(f"pooled_prompt_embeds have {pooled.shape[0]} rows, prompt_embeds "
+                                     f"{pos.shape[0]}: give one pooled row per prompt row")
             elif pooled_prompt_embeds is not None:
                 raise InputError(f"pooled_prompt_embeds are for SDXL; this is a {self.manifest.family} model")
             if guided:
@@ -329,11 +341,19 @@ class Pipeline:
                 if neg.shape != pos.shape:
                     raise InputError(f"negative_prompt_embeds {list(neg.shape)} must match prompt_embeds "
                                      f"{list(pos.shape)}")
-                pos = np.concatenate([neg, pos])
+                pos = np.concatenate([np.repeat(neg, batch_size, axis=0), np.repeat(pos, batch_size, axis=0)])
                 if pooled is not None:
                     npool = (np.zeros_like(pooled) if negative_pooled_prompt_embeds is None
                              else _array(negative_pooled_prompt_embeds, "negative_pooled_prompt_embeds", 2))
-                    pooled = np.concatenate([npool, pooled])
+                    if npool.shape != pooled.shape:
+                        raise InputError(f"negative_pooled_prompt_embeds {list(npool.shape)} must match "
+                                         f"pooled_prompt_embeds {list(pooled.shape)}")
+                    pooled = np.concatenate([np.repeat(npool, batch_size, axis=0),
+                                             np.repeat(pooled, batch_size, axis=0)])
+            else:
+                pos = np.repeat(pos, batch_size, axis=0)
+                pooled = None if pooled is None else np.repeat(pooled, batch_size, axis=0)
+            b = pos.shape[0] // (2 if guided else 1)
             dt, to_dev = self.dtype, self.backend.to_device
             return PromptEmbeddings(to_dev(pos.astype(dt)), None if pooled is None else to_dev(pooled.astype(dt)),
                                     b, guided)
@@ -409,6 +429,7 @@ class Pipeline:
         ``timestep_spacing`` (leading, trailing, linspace) overrides the scheduler configuration's.
         ``fresh_from``: the row where a second model takes over with a sampler of its own (no multistep
         history), as diffusers' refiner at ``denoising_start`` (see ``samplers.make_plan``)."""
+        self._ready()
         return samplers.make_plan(sampler, steps, self.scheduler_config,
                                   prediction_type=self.manifest.prediction_type, strength=strength,
                                   timestep_spacing=timestep_spacing, fresh_from=fresh_from)
@@ -508,6 +529,7 @@ class Pipeline:
     @property
     def is_inpainting(self) -> bool:
         """An inpainting model (a 9-channel UNet): every call needs ``image=`` and ``mask_image=``."""
+        self._ready()
         return self._inpaint_mode() == "concat"
 
     def _inpaint_mode(self) -> str:
@@ -942,7 +964,7 @@ class Pipeline:
             if not _is_int(batch_size) or not 1 <= batch_size <= lim.max_batch:
                 raise InputError(f"batch_size {batch_size!r} is outside the supported range 1..{lim.max_batch}",
                                  cli=f"--batch-size {batch_size!r} is outside the supported range 1..{lim.max_batch}")
-            b = (np.shape(prompt_embeds)[0] if prompt_embeds is not None
+            b = (np.shape(prompt_embeds)[0] * batch_size if prompt_embeds is not None
                  else len(_prompts(cast("str | Sequence[str]", prompt), batch_size)))
             for label, v in (("height", height), ("width", width)):
                 if v is not None:  # only None means the default: 0 is an error, not a request for the default
@@ -994,7 +1016,8 @@ class Pipeline:
                 if prompt_embeds is not None:
                     emb = self.embeddings_from(prompt_embeds, negative_prompt_embeds, guided=guided,
                                                pooled_prompt_embeds=pooled_prompt_embeds,
-                                               negative_pooled_prompt_embeds=negative_pooled_prompt_embeds)
+                                               negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+                                               batch_size=batch_size)
                 else:
                     assert prompt is not None
                     emb = self.encode_prompt(prompt, negative_prompt, batch_size=batch_size, guided=guided)

@@ -105,7 +105,7 @@ __all__ = [
     "CapturedStepLoop",
     "DeviceArray",
     "EngineRunError",
-        "TrtBackend",
+    "TrtBackend",
     "TrtEngine",
     "_Device",
     "backend_name",

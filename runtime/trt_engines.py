@@ -41,7 +41,6 @@ _TRT_DTYPES: dict[str, np.dtype[Any]] = {
     "BOOL": np.dtype(np.bool_),
     "UINT8": np.dtype(np.uint8),
 }
-_BROKEN_RUNTIMES: list[Any] = []  # runtimes that failed to initialize: never freed (that segfaults)
 _BUFFERS_PER_OUTPUT = 4  # reusable buffers kept per output; beyond that, outputs are allocated and freed
 
 

@@ -337,12 +337,12 @@ class CapturedStepLoop(StepLoop):
             return
         graphs = []
         nets = [n for n in self.controlnets if n is not None]
-        refuse = [e.name for e in (*nets, self._unet_e, self._step_e)
-                  if hasattr(e.context, "is_stream_capturable") and not e.context.is_stream_capturable(be.device.handle)]
-        if refuse:  # TensorRT for RTX says so up front (data-dependent shapes, on-device control flow)
-            self.reason = f"TensorRT cannot stream-capture {', '.join(refuse)} here"
-            return
         try:
+            refuse = [e.name for e in (*nets, self._unet_e, self._step_e) if hasattr(e.context, "is_stream_capturable")
+                      and not e.context.is_stream_capturable(be.device.handle)]
+            if refuse:  # TensorRT for RTX says so up front (data-dependent shapes, on-device control flow)
+                self.reason = f"TensorRT cannot stream-capture {', '.join(refuse)} here"
+                return
             for p in (0, 1):
                 self._enqueue(p)  # warm-up: TensorRT's shape-dependent setup happens outside the capture
                 graphs.append(be.device.capture(functools.partial(self._enqueue, p)))

@@ -108,6 +108,12 @@ def test_precomputed_embeddings_equal_prompts(pipe: Pipeline) -> None:
         pipe("a", prompt_embeds=pos, steps=3)
     with pytest.raises(InputError, match="wide"):
         pipe(prompt_embeds=pos[..., :7], negative_prompt_embeds=neg[..., :7], steps=3)
+    # batch_size images per embedding row, as per prompt (diffusers' num_images_per_prompt)
+    two = pipe(["a tree", "a tree"], negative_prompt="rain", steps=3, seed=[1, 4])
+    rows = pipe(prompt_embeds=pos, negative_prompt_embeds=neg, steps=3, seed=[1, 4], batch_size=2)
+    assert len(rows.images) == 2 and not np.array_equal(np.asarray(two.images[0]), np.asarray(two.images[1]))
+    for x, y in zip(two.images, rows.images, strict=True):
+        assert np.array_equal(np.asarray(x), np.asarray(y))
 
 
 def test_sdxl_precomputed_embeddings_need_pooled(tiny_export) -> None:
@@ -119,6 +125,14 @@ def test_sdxl_precomputed_embeddings_need_pooled(tiny_export) -> None:
         assert np.array_equal(_px(a), _px(b))
         with pytest.raises(InputError, match="pooled_prompt_embeds"):
             xl(prompt_embeds=hidden, steps=3, guidance_scale=1.0)
+        with pytest.raises(InputError, match="one pooled row per prompt row"):
+            xl(prompt_embeds=hidden, pooled_prompt_embeds=np.concatenate([pooled, pooled]), steps=3,
+               guidance_scale=1.0)
+        c = xl(["a ship", "a ship"], steps=3, seed=[2, 5], guidance_scale=1.0)
+        d = xl(prompt_embeds=hidden, pooled_prompt_embeds=pooled, steps=3, seed=[2, 5], guidance_scale=1.0,
+               batch_size=2)
+        for x, y in zip(c.images, d.images, strict=True):
+            assert np.array_equal(np.asarray(x), np.asarray(y))
 
 
 def test_embeddings_guidance_mismatch_is_named(pipe: Pipeline) -> None:
@@ -134,7 +148,8 @@ def test_close_releases_and_refuses_further_use(sd15: Path) -> None:
     p.close()
     p.close()  # idempotent
     assert p.closed and p.engines == {}
-    for call in (lambda: p("a", steps=2), lambda: p.encode_prompt("a"), lambda: p.plan() and p.decode(None)):
+    for call in (lambda: p("a", steps=2), lambda: p.encode_prompt("a"), lambda: p.plan(), lambda: p.decode(None),
+                 lambda: p.dtype, lambda: p.is_inpainting):
         with pytest.raises(InputError, match="was closed; load it again"):
             call()
     with Pipeline.load(sd15, backend="ort-cpu") as q:

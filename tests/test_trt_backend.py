@@ -986,6 +986,24 @@ def test_a_context_that_cannot_be_captured_runs_directly(folder, fakes, monkeypa
     np.testing.assert_array_equal(out, plain)
 
 
+def test_an_error_asking_whether_a_context_can_be_captured_runs_directly(folder, fakes, monkeypatch):
+    """is_stream_capturable() itself failing (a driver or binding error) is a capture failure like any other:
+    the engines run directly, with the reason."""
+    cudart, _ = fakes()
+    be = tb.TrtBackend(folder)
+    unet, step, plan, x, hidden, noises = _setup(be, folder, "ddim")
+    plain = _plain_loop(be, unet, step, plan, x, hidden, noises)
+
+    def fail(self, stream):
+        raise RuntimeError("cudaErrorInvalidResourceHandle")
+
+    monkeypatch.setattr(FakeContext, "is_stream_capturable", fail, raising=False)
+    out, loop = _captured_loop(be, unet, step, plan, x, hidden, noises)
+    assert not loop.captured and cudart.captures == 0
+    assert loop.reason == "CUDA graph capture failed: RuntimeError: cudaErrorInvalidResourceHandle"
+    np.testing.assert_array_equal(out, plain)
+
+
 def test_captured_loop_recaptures_when_the_scratch_block_moves(folder, tmp_path, fakes):
     """A larger engine loaded mid-loop moves the shared scratch: the graphs holding the old address are
     captured again without losing the state (the fake fails on a launch that touches freed memory)."""

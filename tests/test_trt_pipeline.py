@@ -382,6 +382,70 @@ def test_pipelines_loaded_and_closed_ten_times_leave_nothing_on_the_device(tiny_
         gc.enable()
 
 
+def test_a_pipeline_on_gpu_1_runs_there_from_any_thread(tiny_export, tmp_path: Path, fake_gpu,
+                                                         monkeypatch) -> None:
+    """Pipeline.load(device_id=1): a call from a thread that never selected a device allocates, copies and
+    launches with GPU 1 current in that thread (the fake records the calling thread's device per operation)."""
+    import threading
+
+    cudart, _ = fake_gpu
+    cudart.gpus = 2
+    out = tmp_path / "engines"
+    build_engines(tiny_export("sd15-tiny"), out, custom_profile(batch="1:1:1", height="64:64:64", width="64:64:64"),
+                  BuildOptions(workspace_gb=1))
+    seen: list[tuple[int, int | None]] = []
+    for op in ("cudaMallocAsync", "cudaMemcpyAsync", "cudaGraphLaunch"):
+        real = getattr(cudart, op)
+
+        def record(*a: Any, _real: Any = real) -> Any:
+            seen.append((threading.get_ident(), cudart.current.get(threading.get_ident())))
+            return _real(*a)
+
+        monkeypatch.setattr(cudart, op, record)
+    with Pipeline.load(out, backend="tensorrt", device_id=1) as pipe:
+        pipe("a red fox", steps=2, seed=1, height=64, width=64)  # warm: captured on this thread
+        worker: dict[str, Any] = {}
+
+        def call() -> None:
+            worker["id"] = threading.get_ident()
+            worker["images"] = pipe("a red fox", steps=2, seed=1, height=64, width=64).images
+
+        th = threading.Thread(target=call)
+        th.start()
+        th.join()
+    ops = [dev for tid, dev in seen if tid == worker["id"]]
+    assert len(worker["images"]) == 1 and len(ops) > 3 and set(ops) == {1}, ops
+
+
+def test_pipelines_sharing_a_device_take_turns(tiny_export, tmp_path: Path, fake_gpu) -> None:
+    """Two pipelines on one device stream (share_with) never interleave their calls: a call of the second,
+    from another thread, waits until the first's call is over (else its work would land inside the first's
+    captured graph and clock)."""
+    import threading
+    import time
+
+    out = tmp_path / "engines"
+    build_engines(tiny_export("sd15-tiny"), out, custom_profile(batch="1:1:1", height="64:64:64", width="64:64:64"),
+                  BuildOptions(workspace_gb=1))
+    kw: dict[str, Any] = {"steps": 3, "seed": 1, "height": 64, "width": 64}
+    order: list[str] = []
+    inside = threading.Event()
+
+    def first_steps(i: int, n: int) -> None:
+        order.append(f"a{i}")
+        if i == 1:
+            inside.set()
+            time.sleep(0.5)  # the other thread's call, were it not waiting, would run its steps now
+
+    with Pipeline.load(out, backend="tensorrt") as a, Pipeline.load(out, backend="tensorrt", share_with=a) as b:
+        th = threading.Thread(target=lambda: a("a red fox", callback=first_steps, **kw))
+        th.start()
+        inside.wait(10)
+        b("a red fox", callback=lambda i, n: order.append(f"b{i}"), **kw)
+        th.join()
+    assert order == ["a1", "a2", "a3", "b1", "b2", "b3"], order
+
+
 @pytest.mark.parametrize("preset", ["sd15-inpaint-tiny", "sd15-tiny"])
 def test_inpainting_on_built_engines_like_ort_cpu(tiny_export, tmp_path: Path, fake_gpu, preset: str) -> None:
     """Logic check on fakes: a 9-channel UNet (concat step graph, masked-image encoder) and a 4-channel one
