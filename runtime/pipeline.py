@@ -16,6 +16,7 @@ releases every engine and device buffer; a closed pipeline refuses further calls
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import re
@@ -255,6 +256,8 @@ class Pipeline:
             if self._closed:
                 return
             self._closed = True
+            with contextlib.suppress(Exception):  # free on the pipeline's device, whichever thread closes it
+                self.backend.make_current()
             for loop in self._loops.values():
                 loop.close()
             self._loops.clear()

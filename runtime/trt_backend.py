@@ -226,6 +226,7 @@ class TrtBackend(Backend):
             return
         self.closed = True
         with contextlib.suppress(Exception):
+            self.device.make_current()  # the closing thread may have another GPU current (or none yet)
             self.device.synchronize()  # queued work may still read what is freed below
         loops, self._loops = self._loops, {}
         for loop in loops.values():

@@ -385,7 +385,8 @@ def test_pipelines_loaded_and_closed_ten_times_leave_nothing_on_the_device(tiny_
 def test_a_pipeline_on_gpu_1_runs_there_from_any_thread(tiny_export, tmp_path: Path, fake_gpu,
                                                          monkeypatch) -> None:
     """Pipeline.load(device_id=1): a call from a thread that never selected a device allocates, copies and
-    launches with GPU 1 current in that thread (the fake records the calling thread's device per operation)."""
+    launches with GPU 1 current in that thread, and close() from a third one frees there (the fake records
+    the calling thread's device per operation)."""
     import threading
 
     cudart, _ = fake_gpu
@@ -394,7 +395,7 @@ def test_a_pipeline_on_gpu_1_runs_there_from_any_thread(tiny_export, tmp_path: P
     build_engines(tiny_export("sd15-tiny"), out, custom_profile(batch="1:1:1", height="64:64:64", width="64:64:64"),
                   BuildOptions(workspace_gb=1))
     seen: list[tuple[int, int | None]] = []
-    for op in ("cudaMallocAsync", "cudaMemcpyAsync", "cudaGraphLaunch"):
+    for op in ("cudaMallocAsync", "cudaMemcpyAsync", "cudaGraphLaunch", "cudaFreeAsync"):
         real = getattr(cudart, op)
 
         def record(*a: Any, _real: Any = real) -> Any:
@@ -402,19 +403,26 @@ def test_a_pipeline_on_gpu_1_runs_there_from_any_thread(tiny_export, tmp_path: P
             return _real(*a)
 
         monkeypatch.setattr(cudart, op, record)
-    with Pipeline.load(out, backend="tensorrt", device_id=1) as pipe:
-        pipe("a red fox", steps=2, seed=1, height=64, width=64)  # warm: captured on this thread
-        worker: dict[str, Any] = {}
+    pipe = Pipeline.load(out, backend="tensorrt", device_id=1)
+    pipe("a red fox", steps=2, seed=1, height=64, width=64)  # warm: captured on this thread
+    worker: dict[str, Any] = {}
 
-        def call() -> None:
-            worker["id"] = threading.get_ident()
-            worker["images"] = pipe("a red fox", steps=2, seed=1, height=64, width=64).images
+    def call() -> None:
+        worker["id"] = threading.get_ident()
+        worker["images"] = pipe("a red fox", steps=2, seed=1, height=64, width=64).images
 
-        th = threading.Thread(target=call)
+    def close() -> None:
+        worker["closer"] = threading.get_ident()
+        pipe.close()
+
+    for target in (call, close):
+        th = threading.Thread(target=target)
         th.start()
         th.join()
     ops = [dev for tid, dev in seen if tid == worker["id"]]
     assert len(worker["images"]) == 1 and len(ops) > 3 and set(ops) == {1}, ops
+    frees = [dev for tid, dev in seen if tid == worker["closer"]]
+    assert frees and set(frees) == {1} and cudart.alive()["allocations"] == 0, frees
 
 
 def test_pipelines_sharing_a_device_take_turns(tiny_export, tmp_path: Path, fake_gpu) -> None:
