@@ -126,8 +126,8 @@ def run_sdrt(spec: dict[str, Any]) -> dict[str, Any]:
         "threads": {"intra_op": spec["threads"], "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")},
         "timing_method": (("sdrt Pipeline timings: device clock (CUDA events on the stream, no per-step "
                            "synchronization)" if first["clock"] == "device" else
-                           "sdrt Pipeline timings: host clock; the device is synchronized after every denoising "
-                           "step") if gpu else "sdrt Pipeline timings: host clock (CPU)")
+                           "sdrt Pipeline timings: host clock (ONNX Runtime synchronizes its CUDA stream at the "
+                           "end of every run)") if gpu else "sdrt Pipeline timings: host clock (CPU)")
                          + f"; denoising loop: {first['loop']}",
         "torch_peak_allocated_bytes": None,
         "precision": (f"{pipe.dtype.name} graphs, {pipe.backend.precision} inference"  # type: ignore[attr-defined]
