@@ -875,7 +875,7 @@ def _measurement(job: _Job, res: dict[str, Any], peaks: MemoryPeaks, cfg: BenchC
         return m
     runs = res["runs"]
     m["cold_start_ms"] = res["load_ms"] + res["first_image_ms"]
-    raw = {
+    raw: dict[str, Any] = {
         "text_encoder_ms": [r["text_encoder_ms"] for r in runs],
         "unet_steps_ms": [r["unet_steps_ms"] for r in runs],
         "vae_decoder_ms": [r["vae_decoder_ms"] for r in runs],
