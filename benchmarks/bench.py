@@ -612,6 +612,8 @@ class _Run:
             if ref_folder is not None and res["status"] == "ok":
                 m["stages_ms"] = {k: summarize([r["stages"][k] for r in res["runs"]]) for k in REFINER_STAGES}
                 m["raw"]["stages"] = [r["stages"] for r in res["runs"]]
+                m["raw"]["clocks"]["stages"] = m["raw"]["clocks"]["text_encoder_ms"]
+                m["clocks"]["stages_ms"] = m["clocks"]["text_encoder_ms"]
             if job.name == "openvino" and res["status"] == "ok":
                 self.emit("job", job.label(), phase="cached cold start")
                 again, _ = self.worker({**spec, "cold_only": True, "image_out": None}, work,
@@ -867,19 +869,26 @@ def _measurement(job: _Job, res: dict[str, Any], peaks: MemoryPeaks, cfg: BenchC
         "memory_notes": list(peaks.notes),
         "artifact_bytes": job.artifact_bytes if job.kind == "sdrt" else res.get("weight_bytes"),
         "raw": None, "flops": None, "floor_ms": None, "of_floor": None,
-        "baseline": None, "vs_baseline": None, "image_vs_baseline": None,
+        "baseline": None, "vs_baseline": None, "image_vs_baseline": None, "clocks": None,
     }
     if res["status"] != "ok":
         return m
     runs = res["runs"]
     m["cold_start_ms"] = res["load_ms"] + res["first_image_ms"]
-    raw = {
+    raw: dict[str, Any] = {
         "text_encoder_ms": [r["text_encoder_ms"] for r in runs],
         "unet_steps_ms": [r["unet_steps_ms"] for r in runs],
         "vae_decoder_ms": [r["vae_decoder_ms"] for r in runs],
         "total_ms": [r["total_ms"] for r in runs],
     }
+    stage_clock = [str(r.get("clock") or "host") for r in runs]
+    total_clock = [str(r.get("total_clock") or "host") for r in runs]
+    raw["clocks"] = {"text_encoder_ms": stage_clock, "unet_steps_ms": stage_clock, "vae_decoder_ms": stage_clock,
+                     "total_ms": total_clock}
     m["raw"] = raw
+    stage, total = clock_label(stage_clock), clock_label(total_clock)
+    m["clocks"] = {**{k: stage for k in CLOCKED_BY_BACKEND}, **{k: total for k in ("total_ms", "images_per_s")},
+                   **{k: "host" for k in ("import_ms", "load_ms", "first_image_ms", "cold_start_ms")}}
     m["text_encoder_ms"] = summarize(raw["text_encoder_ms"])
     m["unet_step_ms"] = summarize([x for r in raw["unet_steps_ms"] for x in r])
     m["vae_decoder_ms"] = summarize(raw["vae_decoder_ms"])
@@ -889,6 +898,17 @@ def _measurement(job: _Job, res: dict[str, Any], peaks: MemoryPeaks, cfg: BenchC
     if any(any(r.get("nonfinite") or []) for r in [res.get("first", {}), *runs]):
         m["memory_notes"].append("some images decoded to NaN/inf")
     return m
+
+
+# figures timed by the backend's clock (sdrt: Result.timings["clock"]; the baseline: CUDA events on a GPU);
+# the totals, images/s and the cold start are the host's wall clock
+CLOCKED_BY_BACKEND = ("text_encoder_ms", "unet_step_ms", "vae_decoder_ms", "its")
+
+
+def clock_label(kinds: Sequence[str]) -> str:
+    """The clock of a figure pooled over runs: the runs' one clock, or each of them when they differ."""
+    found = sorted(set(kinds))
+    return found[0] if len(found) == 1 else "mixed: " + ", ".join(found)
 
 
 def _add_floor(m: dict[str, Any], flops: dict[str, int] | None, tflops: float | None) -> None:

@@ -125,6 +125,9 @@ def text_table(doc: dict[str, Any]) -> str:
                                                                     "vae_decoder_ms"))
                 mem, kind = _memory(m)
                 lines.append(f"  {m['backend']}: {parts}; peak {_gb(mem)} ({kind})")
+    clocks = clock_summary(doc)
+    if clocks:
+        lines.append(f"clocks (steps and stages / image ms and img/s): {clocks}")
     guided = any(m.get("guided") for m in doc["measurements"])
     if guided:
         lines.append("it/s: denoising steps per second; each guided step runs the UNet at batch 2 x batch.")
@@ -132,6 +135,17 @@ def text_table(doc: dict[str, Any]) -> str:
         if c["status"] == "ok":
             lines.append(f"floor: {c['device']} {c['dtype']} matmul measured at {c['tflops']:.3g} TFLOP/s (n={c['n']})")
     return "\n".join(lines)
+
+
+def clock_summary(doc: dict[str, Any]) -> str:
+    """Which clock each backend's figures came from, as the measurements record it ("" for files written
+    before they did: their backends' ``timing_method`` says it)."""
+    seen: dict[str, str] = {}
+    for m in doc["measurements"]:
+        c = m.get("clocks")
+        if m["status"] == "ok" and c:
+            seen.setdefault(m["backend"], f"{m['backend']} {c.get('unet_step_ms', '?')} / {c.get('total_ms', '?')}")
+    return "; ".join(seen.values())
 
 
 # -- merged Markdown --------------------------------------------------------------------------------------

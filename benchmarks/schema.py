@@ -120,6 +120,20 @@ def _check_fields(where: str, doc: Any, spec: Mapping[str, tuple[type, ...]], pr
             problems.append(f"{where}.{key} is {type(doc[key]).__name__}, expected {names}")
 
 
+def _check_clocks(where: str, m: dict[str, Any], problems: list[str]) -> None:
+    """``clocks`` {figure: clock} and ``raw.clocks`` {raw key: [clock per repeat]}: optional (files written
+    before them do not say which clock each figure used; their backends' ``timing_method`` does)."""
+    clocks = m.get("clocks")
+    if clocks is not None and (not isinstance(clocks, dict)
+                               or not all(isinstance(v, str) for v in clocks.values())):
+        problems.append(f"{where}.clocks is not an object of clock names")
+    raw = m.get("raw")
+    per_run = raw.get("clocks") if isinstance(raw, dict) else None
+    if per_run is not None and (not isinstance(per_run, dict) or not all(
+            isinstance(v, list) and all(isinstance(k, str) for k in v) for v in per_run.values())):
+        problems.append(f"{where}.raw.clocks is not an object of clock-name lists")
+
+
 def problems(doc: Any) -> list[str]:
     """Everything wrong with ``doc`` as a current-version result (empty: valid)."""
     out: list[str] = []
@@ -151,6 +165,7 @@ def problems(doc: Any) -> list[str]:
             if not m.get("reason"):
                 out.append(f"{where} is {m.get('status')} without a reason")
             continue
+        _check_clocks(where, m, out)
         for stage in STAGES:
             s = m.get(f"{stage}_ms")
             if not isinstance(s, dict) or any(k not in s for k in _SUMMARY_KEYS):

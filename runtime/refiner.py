@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import InputError
+from .step_loop import Clock
 
 if TYPE_CHECKING:
     from .pipeline import Pipeline, Result
@@ -109,8 +110,10 @@ def refine(base: Pipeline, refiner: Pipeline, prompt: str | Sequence[str] | None
     refiner's conditioning (6.0 / 2.5). Every argument is checked before any engine runs.
 
     ``Result.timings``: ``base_text_encoder_ms``, ``refiner_text_encoder_ms``, ``base_steps_ms``,
-    ``refiner_steps_ms`` (per step), ``unet_steps_ms`` (both), ``vae_decoder_ms``, ``total_ms``, all on
-    the host clock."""
+    ``refiner_steps_ms`` (per step), ``unet_steps_ms`` (both), ``vae_decoder_ms`` on one clock, ``clock``
+    says which: the base backend's (device events on TensorRT) where both models share its device, else
+    the host clock synchronizing both; ``total_ms`` on the host clock. ``Result.loop`` says how each
+    model's loop ran."""
     from .pipeline import OUTPUTS, Result, _aesthetic, _check_guidance, _prompts, _resolve_seed
 
     t0 = time.perf_counter()
@@ -148,35 +151,44 @@ def refine(base: Pipeline, refiner: Pipeline, prompt: str | Sequence[str] | None
         if k_ref:
             plan_r = refiner.plan(sampler, steps, fresh_from=k_ref)
 
-        timings: dict[str, Any] = {}
-        t = time.perf_counter()
-        emb_b = base.encode_prompt(prompt, negative_prompt, batch_size=batch_size, guided=guided)
-        timings["base_text_encoder_ms"] = (time.perf_counter() - t) * 1e3
-        lat = base.prepare_latents(plan_b, height, width, batch_size=b, seed=seed, latents=latents)
-        base_t: dict[str, Any] = {}
-        lat = base.denoise(emb_b, lat, plan_b, guidance_scale=guidance_scale, end=fraction, callback=callback,
-                           timings=base_t)
-        t = time.perf_counter()
-        emb_r = refiner.encode_prompt(prompt, negative_prompt, batch_size=batch_size, guided=guided)
-        timings["refiner_text_encoder_ms"] = (time.perf_counter() - t) * 1e3
-        ref_t: dict[str, Any] = {}
-        rlat = refiner.denoise(emb_r, refiner.latents_from(lat, base), plan_r, guidance_scale=guidance_scale,
-                               start=fraction, callback=callback, timings=ref_t, aesthetic_score=aesthetic[0],
-                               negative_aesthetic_score=aesthetic[1])
-        images: list[Any] = []
-        nonfinite: list[bool] = []
-        final = None
-        t = time.perf_counter()
-        if output == "latents":
-            final = refiner.backend.to_host(rlat.x)
-        else:
-            images, nonfinite = refiner.decode(rlat)
-            timings["vae_decoder_ms"] = (time.perf_counter() - t) * 1e3
-        steps_b, steps_r = list(base_t["unet_steps_ms"]), list(ref_t["unet_steps_ms"])
-        timings.update(text_encoder_ms=timings["base_text_encoder_ms"] + timings["refiner_text_encoder_ms"],
-                       base_steps_ms=steps_b, refiner_steps_ms=steps_r, unet_steps_ms=steps_b + steps_r,
-                       unet_step_ms=float(np.median(steps_b + steps_r)), clock="host",
-                       total_ms=(time.perf_counter() - t0) * 1e3)
-        how = f"base {len(steps_b)} steps, refiner {len(steps_r)} steps (from {fraction} of the schedule)"
+        # one clock for every stage and both models, as Pipeline.__call__: the base backend's (device events on
+        # TensorRT) where the refiner runs on its stream, else the host clock synchronizing both devices
+        clock = (base.backend.clock() if refiner.backend.shares_memory_with(base.backend)
+                 else Clock(base.backend, refiner.backend))
+        try:
+            clock.mark()
+            emb_b = base.encode_prompt(prompt, negative_prompt, batch_size=batch_size, guided=guided)
+            clock.mark()
+            lat = base.prepare_latents(plan_b, height, width, batch_size=b, seed=seed, latents=latents)
+            clock.mark()
+            lat, how_b = base._denoise(emb_b, lat, plan_b, guidance_scale, None, fraction, callback, {}, clock)
+            emb_r = refiner.encode_prompt(prompt, negative_prompt, batch_size=batch_size, guided=guided)
+            clock.mark()
+            rlat, how_r = refiner._denoise(emb_r, refiner.latents_from(lat, base), plan_r, guidance_scale, fraction,
+                                           None, callback, {}, clock, aesthetic=aesthetic)
+            images: list[Any] = []
+            nonfinite: list[bool] = []
+            final = None
+            if output == "latents":
+                final = refiner.backend.to_host(rlat.x)
+            else:
+                images, nonfinite = refiner._decode(rlat.x)
+            clock.mark()
+            # base text, latents, base loop set-up, base steps, refiner text, hand-off + refiner set-up,
+            # refiner steps, decode (or the copy of the latents to the host)
+            ms = clock.intervals_ms()
+        finally:
+            clock.close()
+        kb = k_base  # the base's steps: the window [0, k_base) of its plan
+        steps_b, steps_r = ms[3:3 + kb], ms[5 + kb:-1]
+        timings: dict[str, Any] = {
+            "base_text_encoder_ms": ms[0], "refiner_text_encoder_ms": ms[3 + kb], "text_encoder_ms": ms[0] + ms[3 + kb],
+            "base_steps_ms": steps_b, "refiner_steps_ms": steps_r, "unet_steps_ms": steps_b + steps_r,
+            "unet_step_ms": float(np.median(steps_b + steps_r)), "clock": clock.kind}
+        if output == "images":
+            timings["vae_decoder_ms"] = ms[-1]
+        timings["total_ms"] = (time.perf_counter() - t0) * 1e3
+        how = (f"base {len(steps_b)} steps: {how_b}; refiner {len(steps_r)} steps (from {fraction} of the "
+               f"schedule): {how_r}")
         return Result(images, timings, nonfinite, how, final, rlat.seed)
 

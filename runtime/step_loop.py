@@ -225,16 +225,19 @@ class PlainStepLoop(StepLoop):
 
 
 class Clock:
-    """Marks on the host clock, the device synchronized at each mark (exact for CPU backends)."""
+    """Marks on the host clock, the device synchronized at each mark (exact for CPU backends). With ``others``,
+    theirs too (two models on two devices, timed as one call)."""
 
     kind = "host"
 
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Backend, *others: Backend) -> None:
         self.backend = backend
+        self.backends = (backend, *others)
         self._marks: list[float] = []
 
     def mark(self) -> None:
-        self.backend.synchronize()
+        for be in self.backends:
+            be.synchronize()
         self._marks.append(time.perf_counter())
 
     def intervals_ms(self) -> list[float]:

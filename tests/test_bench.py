@@ -122,6 +122,74 @@ def test_cpu_run_figures_match_raw_numbers(cpu_run: dict[str, Any]) -> None:
     assert sd["image_vs_baseline"]["mean_abs"] < 3.0
 
 
+HOST_FIGURES = ("total_ms", "images_per_s", "import_ms", "load_ms", "first_image_ms", "cold_start_ms")
+
+
+def test_cpu_run_records_the_clock_of_each_figure(cpu_run: dict[str, Any], tiny_export) -> None:
+    """Every figure says which clock measured it: the stages and steps the backend's (sdrt: what the
+    Pipeline's Result says; the baseline on CPU: the host's), the totals the host wall clock; and each raw
+    list has its clock per repeat."""
+    from sdrt.runtime.pipeline import Pipeline
+
+    with Pipeline.load(tiny_export("sd15-tiny"), backend="ort-cpu") as pipe:
+        pipeline_clock = pipe("a cat", steps=1, height=64, width=64).timings["clock"]
+    assert pipeline_clock == "host"
+    doc = _doc(cpu_run)
+    for m, stage_clock in ((_one(doc, "ort-cpu"), pipeline_clock), (_one(doc, "torch-cpu"), "host")):
+        assert m["clocks"] == {"text_encoder_ms": stage_clock, "unet_step_ms": stage_clock,
+                               "vae_decoder_ms": stage_clock, "its": stage_clock, **{k: "host" for k in HOST_FIGURES}}
+        repeats = [stage_clock] * m["repeats"]
+        assert m["raw"]["clocks"] == {"text_encoder_ms": repeats, "unet_steps_ms": repeats,
+                                      "vae_decoder_ms": repeats, "total_ms": ["host"] * m["repeats"]}
+        assert len(m["raw"]["total_ms"]) == len(m["raw"]["clocks"]["total_ms"]) == 2
+    (line,) = [x for x in report.text_table(doc).splitlines() if x.startswith("clocks (")]
+    assert line.startswith("clocks (steps and stages / image ms and img/s): ")
+    assert sorted(line.split(": ", 1)[1].split("; ")) == ["ort-cpu host / host", "torch-cpu host / host"]
+
+
+def test_a_measurement_labels_device_clock_figures_apart_from_the_host_totals() -> None:
+    """The worker's per-run clocks reach the measurement: a GPU backend's device-event stages beside its
+    host totals; runs that disagree are labelled so, not given the first run's clock."""
+    from sdrt.benchmarks.bench import _Job, _measurement
+    from sdrt.benchmarks.memory import MemoryPeaks
+
+    job = _Job("sdrt", "tensorrt", "cuda", Path("x"), 64, 64, 1, "euler", 2)
+
+    def run(clock: str) -> dict[str, Any]:
+        return {"text_encoder_ms": 1.0, "unet_steps_ms": [2.0, 2.0], "vae_decoder_ms": 3.0, "total_ms": 9.0,
+                "wall_ms": 9.5, "clock": clock, "total_clock": "host", "nonfinite": [False]}
+
+    res = {"status": "ok", "import_ms": 1.0, "load_ms": 2.0, "first_image_ms": 3.0, "runs": [run("device")] * 2}
+    cfg = BenchConfig(preset="sd15-tiny", backends=("ort-cpu",))
+    m = _measurement(job, res, MemoryPeaks(), cfg, guided=True)
+    assert {k: m["clocks"][k] for k in ("text_encoder_ms", "unet_step_ms", "vae_decoder_ms", "its")} == \
+        dict.fromkeys(("text_encoder_ms", "unet_step_ms", "vae_decoder_ms", "its"), "device")
+    assert all(m["clocks"][k] == "host" for k in HOST_FIGURES)
+    assert m["raw"]["clocks"]["unet_steps_ms"] == ["device", "device"]
+    assert m["raw"]["clocks"]["total_ms"] == ["host", "host"]
+    mixed = _measurement(job, {**res, "runs": [run("device"), run("host")]}, MemoryPeaks(), cfg, guided=True)
+    assert mixed["clocks"]["unet_step_ms"] == "mixed: device, host"
+    assert mixed["raw"]["clocks"]["vae_decoder_ms"] == ["device", "host"]
+    failed = _measurement(job, {"status": "failed", "reason": "r"}, MemoryPeaks(), cfg, guided=True)
+    assert failed["clocks"] is None
+
+
+def test_recorded_results_without_per_figure_clocks_still_render(tmp_path: Path) -> None:
+    """A result file written before the clocks were recorded (a base + refiner run, with stages) renders
+    as before: the report has its rows and claims no clock the file does not hold."""
+    old = ROOT / "benchmarks" / "results" / "bench-cpu-sdxl-tiny-20261201T214623-base-refiner.json"
+    written = json.loads(old.read_text())
+    assert all("clocks" not in m for m in written["measurements"])
+    out = tmp_path / "report"
+    assert main(["bench", "report", str(old), "-o", str(out)]) == 0
+    md = (out / "bench.md").read_text()
+    backends = {m["backend"] for m in written["measurements"] if m["status"] == "ok"}
+    rows = [line for line in md.splitlines() if line.startswith("| ") and "sdxl-tiny" in line]
+    assert {r.split(" | ")[1] for r in rows} == backends
+    text = report.text_table(schema.load(old))
+    assert "clocks (" not in text and "refiner sdxl-refiner-tiny" in text
+
+
 def test_ratios_and_image_difference_by_hand(tmp_path: Path) -> None:
     """``vs_baseline`` and ``image_vs_baseline`` on made-up measurements whose answers are known: sdrt's
     UNet step at 10 ms against the baseline's 40 ms is 4x the it/s; pixels (103, 100, 97) against

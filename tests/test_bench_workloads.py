@@ -66,7 +66,13 @@ def test_base_refiner_workload(tiny_export, tmp_path_factory) -> None:
         total = [sum(r.values()) for r in m["raw"]["stages"]]
         assert all(t <= tot for t, tot in zip(total, m["raw"]["total_ms"], strict=True))
         assert m["peak_rss_bytes"] > 0 and m["images_per_s"] == pytest.approx(1000 / np.median(m["raw"]["total_ms"]))
+        # CPU: the stages on the (synchronized) host clock, as the totals
+        assert m["clocks"]["stages_ms"] == m["clocks"]["unet_step_ms"] == m["clocks"]["total_ms"] == "host"
+        assert m["raw"]["clocks"]["stages"] == ["host", "host"]
     sd = ms[("ort-cpu", 10)]
+    (method,) = [b["timing_method"] for b in doc["backends"] if b["name"] == "ort-cpu"]
+    assert method.endswith("denoising loop: base 8 steps: engines run step by step; refiner 2 steps (from 0.8 of "
+                           "the schedule): engines run step by step")
     assert sd["image_vs_baseline"]["max_abs"] <= 1  # diffusers' base(denoising_end) + img2img(denoising_start)
     text = report.text_table(doc)
     assert "base sdxl-tiny + refiner sdxl-refiner-tiny from 0.8" in text and "ort-cpu: " in text

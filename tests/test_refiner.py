@@ -96,6 +96,9 @@ def test_base_then_refiner_matches_diffusers(folders, pipes, sampler: str, fract
     assert want_u8.std() > 5
     cut = int(np.sum(base.plan(sampler, steps).timesteps >= round(1000 * (1 - fraction))))
     assert len(res.timings["base_steps_ms"]) == cut and len(res.timings["refiner_steps_ms"]) == steps - cut
+    assert res.timings["clock"] == "host"  # ort-cpu: the synchronized host clock
+    assert res.loop == (f"base {cut} steps: engines run step by step; refiner {steps - cut} steps (from "
+                        f"{fraction} of the schedule): engines run step by step")
 
 
 def _img2img_reference(folders, monkeypatch, strength: float, steps: int, scores: tuple[float, float]):
@@ -395,3 +398,61 @@ def test_stages_composed_by_hand_equal_the_call(pipes) -> None:
     rlat = refiner.denoise(refiner.encode_prompt(PROMPT, guided=True), rlat, rplan, start=0.8)
     images, nonfinite = refiner.decode(rlat)
     assert nonfinite == [False] and np.array_equal(np.asarray(images[0]), np.asarray(whole.images[0]))
+
+
+def test_base_and_refiner_are_timed_on_the_base_backends_clock_on_tensorrt(tiny_export, tmp_path, monkeypatch,
+                                                                          fake_gpu) -> None:  # noqa: F811
+    """Logic check on the TensorRT fakes: every stage of a base + refiner call (both text encoders, both
+    models' steps, the decode) is timed by CUDA events on the shared stream (the fake device advances 0.25 ms
+    per queued operation), the result says so, and Result.loop says how each model's loop ran, a capture
+    fallback's reason included."""
+    from .test_trt_backend import FakeContext
+
+    cudart, _ = fake_gpu
+    base_dir, ref_dir = _build_pair(tiny_export, tmp_path, monkeypatch)
+    elapsed: list[float] = []
+    read = cudart.cudaEventElapsedTime
+
+    def recorded(start, end):
+        res = read(start, end)
+        elapsed.append(res[1])
+        return res
+
+    cudart.cudaEventElapsedTime = recorded
+    kw = {"steps": 6, "sampler": "euler", "seed": 2, "height": 64, "guidance_scale": 6.0, "refiner_start": 0.7}
+    with Pipeline.load(base_dir, backend="tensorrt") as base, \
+            Pipeline.load(ref_dir, backend="tensorrt", share_with=base) as refiner:
+        cut = int(np.sum(base.plan("euler", 6).timesteps >= round(1000 * (1 - 0.7))))
+        res = base(PROMPT, refiner=refiner, width=80, **kw)
+        t = res.timings
+        assert t["clock"] == "device"
+        # the clock's intervals, in order: base text, latents, base set-up, base steps, refiner text,
+        # hand-off + refiner set-up, refiner steps, decode
+        assert len(elapsed) == 3 + cut + 2 + (6 - cut) + 1
+        assert t["base_text_encoder_ms"] == elapsed[0] and t["base_steps_ms"] == elapsed[3:3 + cut]
+        assert t["refiner_text_encoder_ms"] == elapsed[3 + cut] and t["refiner_steps_ms"] == elapsed[5 + cut:-1]
+        assert t["vae_decoder_ms"] == elapsed[-1] and len(t["refiner_steps_ms"]) == 6 - cut
+        assert t["text_encoder_ms"] == elapsed[0] + elapsed[3 + cut]
+        figures = [t["base_text_encoder_ms"], t["refiner_text_encoder_ms"], t["vae_decoder_ms"], *t["unet_steps_ms"]]
+        assert all(f > 0 and (f / 0.25) == round(f / 0.25) for f in figures), figures  # device time, not host
+        assert res.loop == (f"base {cut} steps: captured CUDA graphs; refiner {6 - cut} steps (from 0.7 of the "
+                            "schedule): captured CUDA graphs")
+
+        real = FakeContext.execute_async_v3
+
+        def refuse_in_capture(self, stream):
+            if cudart.capturing is not None:
+                raise RuntimeError("enqueueV3: operation not permitted when stream is capturing")
+            return real(self, stream)
+
+        monkeypatch.setattr(FakeContext, "execute_async_v3", refuse_in_capture)
+        fallback = base(PROMPT, refiner=refiner, width=96, **kw)  # a new size: both loops capture anew, and fail
+        why = "engines run directly (CUDA graph capture failed: RuntimeError: enqueueV3: operation not permitted"
+        head, tail = fallback.loop.split("; refiner ")
+        assert head.startswith(f"base {cut} steps: {why}") and tail.startswith(f"{6 - cut} steps (from 0.7 of the "
+                                                                              f"schedule): {why}")
+        assert len(fallback.images) == 1 and fallback.timings["clock"] == "device"
+
+    # two devices (no share_with): the base's events would not see the refiner's stream, so the host clock
+    with Pipeline.load(base_dir, backend="tensorrt") as b2, Pipeline.load(ref_dir, backend="tensorrt") as r2:
+        assert b2(PROMPT, refiner=r2, width=80, **kw).timings["clock"] == "host"
