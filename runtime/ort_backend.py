@@ -13,7 +13,7 @@ fixed input and output buffers (:class:`_StaticBindings`): new inputs are copied
 a synchronize, so it completes before the next run is launched; the source was written by a run that
 ORT synchronized at its end), and the outputs returned are those fixed buffers. ``update_inplace`` takes
 an OrtValue source from onnxruntime 1.26 (the ``cuda`` extra's floor); an older onnxruntime copies
-through the host, which the log and ``Result.loop`` then say once.
+through the host, which the log says once and ``Result.loop`` on every call after.
 A run under a graph id that fails (ORT's capture or replay) is not fatal: that shape's calls run
 uncaptured from then on (``gpu_graph_id`` -1, ORT-allocated outputs) and the loop's description says why.
 Constraints, all ORT's or CUDA's:
@@ -194,8 +194,8 @@ class _StaticBindings:
 
     The first call at a new signature runs uncaptured (``gpu_graph_id`` -1) on ORT-allocated outputs,
     which gives the output shapes; the buffers are then allocated and bound, and later calls copy their
-    inputs in and run under the signature's graph id: ORT captures on the first such run and replays
-    after. Beyond ``max_graphs`` signatures, calls run uncaptured; so do a signature's calls once a run
+    inputs in and run under the signature's graph id: ORT runs it uncaptured once or twice (by version),
+    then captures, then replays. Beyond ``max_graphs`` signatures, calls run uncaptured; so do a signature's calls once a run
     under its graph id failed (``failure`` says why).
     """
 

@@ -282,8 +282,8 @@ class FusedStepLoop(StepLoop):
 
     def _capture_pending(self, slot: _Slot) -> str:
         runs = min(slot.runs[p] for p in self._parities)
-        return (f"CUDA graph capture requested: ONNX Runtime captures a graph after its first uncaptured runs; "
-                f"this shape's graphs have run {runs} time(s) of the {CAPTURE_RUNS} that ensure it")
+        return (f"CUDA graphs requested: ONNX Runtime captures each after one or two uncaptured runs at a shape, "
+                f"and this shape's have run {runs} of the {CAPTURE_RUNS} times that make sure")
 
     def step(self, i: int) -> None:
         if self._slot is None:

@@ -303,9 +303,9 @@ def test_captured_only_after_runs_under_the_graphs_succeed(tiny_export, monkeypa
         _run(loop, be, inp, True)
         assert loop.captured == (call == CAPTURE_RUNS == 3), call  # 2 steps a call: one run per graph id
         if not loop.captured:
-            assert loop.describe() == ("UNet + sampler step as one ONNX Runtime session, not captured (CUDA graph "
-                                       "capture requested: ONNX Runtime captures a graph after its first uncaptured "
-                                       f"runs; this shape's graphs have run {call} time(s) of the 3 that ensure it)")
+            assert loop.describe() == ("UNet + sampler step as one ONNX Runtime session, not captured (CUDA graphs "
+                                       "requested: ONNX Runtime captures each after one or two uncaptured runs at a "
+                                       f"shape, and this shape's have run {call} of the 3 times that make sure)")
     assert loop.describe() == "captured CUDA graphs: UNet + sampler step as one ONNX Runtime session"
     _failing_runs(monkeypatch, loop.fused.session, {1})
     _run(loop, be, inp, True)
