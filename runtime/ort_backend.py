@@ -11,7 +11,11 @@ replay reads and writes the device addresses it was captured with, so per input 
 fixed input and output buffers (:class:`_StaticBindings`): new inputs are copied into them on the device
 (``OrtValue.update_inplace``: in ORT's CUDA data transfer a device-to-device ``cudaMemcpy`` followed by
 a synchronize, so it completes before the next run is launched; the source was written by a run that
-ORT synchronized at its end), and the outputs returned are those fixed buffers.
+ORT synchronized at its end), and the outputs returned are those fixed buffers. ``update_inplace`` takes
+an OrtValue source from onnxruntime 1.26 (the ``cuda`` extra's floor); an older onnxruntime copies
+through the host, which the log says once and ``Result.loop`` on every call after.
+A run under a graph id that fails (ORT's capture or replay) is not fatal: that shape's calls run
+uncaptured from then on (``gpu_graph_id`` -1, ORT-allocated outputs) and the loop's description says why.
 Constraints, all ORT's or CUDA's:
 
 * every node must run on the CUDA EP, apart from shape computations ORT places on the CPU without
@@ -28,6 +32,7 @@ the UNet and the sampler step graph are composed into one session, so a whole st
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import weakref
@@ -55,6 +60,12 @@ _ORT_TYPES: dict[str, np.dtype[Any]] = {
 CONV_ALGO_SEARCH = ("EXHAUSTIVE", "HEURISTIC", "DEFAULT")
 # The run-option key that selects which captured CUDA graph a run replays; -1 runs without one.
 GRAPH_ID_KEY = "gpu_graph_id"
+# the first onnxruntime whose OrtValue.update_inplace takes an OrtValue (a device-side copy)
+DEVICE_COPY_SINCE = "1.26"
+
+log = logging.getLogger(__name__)
+# set (and logged) the first time a copy between OrtValues had to go through the host
+_host_copy_reason: str | None = None
 
 
 def _ort() -> Any:
@@ -138,10 +149,34 @@ def _copy_into(dst: Any, src: Array) -> None:
     if src.data_ptr() == dst.data_ptr():
         return  # already there
     try:
-        # device to device when both are on the GPU: onnxruntime 1.31's update_inplace takes an OrtValue
-        dst.update_inplace(src)
-    except TypeError:  # an older onnxruntime whose update_inplace takes numpy only: through the host
+        dst.update_inplace(src)  # device to device when both are on the GPU
+    except TypeError:  # an onnxruntime before 1.26, whose update_inplace takes numpy only: through the host
+        _note_host_copy()
         dst.update_inplace(src.numpy())
+
+
+def _note_host_copy() -> None:
+    global _host_copy_reason
+    if _host_copy_reason is None:
+        _host_copy_reason = (f"copies between OrtValues go through the host: onnxruntime {_ort().__version__}'s "
+                             f"OrtValue.update_inplace takes no OrtValue (it does from {DEVICE_COPY_SINCE}); "
+                             f"pip install 'onnxruntime-gpu>={DEVICE_COPY_SINCE}'")
+        log.warning("ort-cuda: %s", _host_copy_reason)
+
+
+def host_copy_note() -> str:
+    """"; <why>" once a copy between OrtValues has gone through the host in this process, else ""."""
+    return f"; {_host_copy_reason}" if _host_copy_reason else ""
+
+
+def is_allocation_failure(e: BaseException) -> bool:
+    return isinstance(e, MemoryError) or any(s in str(e) for s in _ALLOCATION_FAILED)
+
+
+def run_failure(e: BaseException) -> str:
+    """ORT's error, on one line and short enough for ``Result.loop``."""
+    msg = " ".join(str(e).split()) or type(e).__name__
+    return f"{type(e).__name__}: {msg[:240]}{'...' if len(msg) > 240 else ''}"
 
 
 @dataclass
@@ -151,6 +186,7 @@ class _Slot:
     outputs: dict[str, Any]
     binding: Any
     run_options: Any
+    failed: str | None = None  # why a run under the graph id failed; the slot's calls then run uncaptured
 
 
 class _StaticBindings:
@@ -158,8 +194,9 @@ class _StaticBindings:
 
     The first call at a new signature runs uncaptured (``gpu_graph_id`` -1) on ORT-allocated outputs,
     which gives the output shapes; the buffers are then allocated and bound, and later calls copy their
-    inputs in and run under the signature's graph id: ORT captures on the first such run and replays
-    after. Beyond ``max_graphs`` signatures, calls run uncaptured.
+    inputs in and run under the signature's graph id: ORT runs it uncaptured once or twice (by version),
+    then captures, then replays. Beyond ``max_graphs`` signatures, calls run uncaptured; so do a signature's calls once a run
+    under its graph id failed (``failure`` says why).
     """
 
     def __init__(self, session: Any, out_names: list[str], device: str, device_id: int,
@@ -192,10 +229,24 @@ class _StaticBindings:
                 if len(self.slots) < self.max_graphs:
                     self.slots[key] = self._make_slot(len(self.slots), feeds, outs)
                 return outs
-            for name, buf in slot.inputs.items():
-                _copy_into(buf, feeds[name])
-            self.session.run_with_iobinding(slot.binding, slot.run_options)
-            return dict(slot.outputs)
+            if slot.failed is None:
+                for name, buf in slot.inputs.items():
+                    _copy_into(buf, feeds[name])
+                try:
+                    self.session.run_with_iobinding(slot.binding, slot.run_options)
+                    return dict(slot.outputs)
+                except Exception as e:  # onnxruntime raises its own untyped errors (capture, replay)
+                    if is_allocation_failure(e):
+                        raise
+                    slot.failed = run_failure(e)
+                    log.warning("the run under CUDA graph %d failed (%s); its shape runs uncaptured from now on",
+                                slot.graph_id, slot.failed)
+            return _bound_run(self.session, feeds, self.out_names, self.device, self.device_id, self._uncaptured)
+
+    @property
+    def failure(self) -> str | None:
+        """Why runs under a graph id failed (the first such shape), or None."""
+        return next((s.failed for s in self.slots.values() if s.failed), None)
 
     def _make_slot(self, graph_id: int, feeds: Mapping[str, Array], outs: Mapping[str, Any]) -> _Slot:
         ort = _ort()
@@ -250,6 +301,11 @@ class OrtEngine(Engine):
         self.closed = False
         backend._engines.add(self)
 
+    @property
+    def capture_failure(self) -> str | None:
+        """Why runs under a CUDA graph failed (those calls ran uncaptured), or None."""
+        return None if self._static is None else self._static.failure
+
     def close(self) -> None:
         """Drop the session and its bindings (their device memory and captured graphs go with them)."""
         self.closed = True
@@ -270,7 +326,7 @@ class OrtEngine(Engine):
                 return self._static.run(feeds)
             return _bound_run(self.session, feeds, self._out_names, self._memory, self._device_id)
         except Exception as e:  # onnxruntime raises its own untyped errors (RuntimeException, Fail)
-            if isinstance(e, MemoryError) or any(s in str(e) for s in _ALLOCATION_FAILED):
+            if is_allocation_failure(e):
                 raise DeviceMemoryError(
                     f"{self.name}: {self.backend.name} could not allocate memory ({_allocation_detail(e)}); lower "
                     "the image size or batch"

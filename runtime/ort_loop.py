@@ -14,6 +14,14 @@ activation memory for the session's life); a further shape runs the two engines 
 (:class:`PlainStepLoop`), and ``describe()`` says so. Where the fused loop does not apply (ort-cpu,
 ``cuda_graph`` off, graphs that cannot be composed) the plain loop runs, with the reason.
 
+A run of the composed session that fails (ORT's capture or replay, or the run itself; not an allocation
+failure, which is the request's size) is not fatal: the call goes on from the state that run read, with the
+engines one after the other, and so do later calls at that shape; ``describe()`` says at which step and
+why. ``captured`` is set only once ORT can have captured both of a shape's graphs: the session runs on the
+CUDA EP with CUDA graphs on, and each graph id has run :data:`CAPTURE_RUNS` times (ORT runs a graph id
+uncaptured once or twice first, depending on its version, and captures on the next run). On any other
+execution provider (the tests' CPU EP) nothing is captured, and ``describe()`` says so.
+
 Memory: the composed session holds its own copy of the UNet's weights on the device (ORT does not share
 initializers between sessions), beside the UNet engine's, one per step-graph variant in use (guided,
 unguided, inpainting, rescale). ``OrtBackend(max_composed_sessions=2)`` bounds them: a variant beyond the
@@ -29,8 +37,18 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .engine import Array, Engine
-from .errors import CompatibilityError, DeviceMemoryError, InputError, SdrtError
-from .ort_backend import _ALLOCATION_FAILED, OrtEngine, _allocation_detail, _copy_into, _ort, _run_options
+from .errors import DeviceMemoryError, InputError, SdrtError
+from .ort_backend import (
+    OrtEngine,
+    _allocation_detail,
+    _copy_into,
+    _ort,
+    _run_options,
+    host_copy_note,
+    is_allocation_failure,
+    log,
+    run_failure,
+)
 from .step_loop import ControlFeeds, PlainStepLoop, StepLoop
 
 if TYPE_CHECKING:
@@ -38,6 +56,21 @@ if TYPE_CHECKING:
 
 STEP_OUTPUTS = ("latents_next", "x0", "unet_in_next")
 FUSED_NAME = "unet_step"
+# runs of one graph id after which ORT has captured it (1 or 2 uncaptured runs first, then the capture)
+CAPTURE_RUNS = 3
+
+
+class OrtPlainStepLoop(PlainStepLoop):
+    """The engines step by step; ``describe()`` adds what ort-cuda did not do as asked (an engine's CUDA graph
+    whose run failed, copies through the host)."""
+
+    def describe(self) -> str:
+        engines = [self.unet, self.step_engine, *(n for n in self.controlnets if n is not None)]
+        failed = [f"{e.name}: {why}" for e in engines if (why := getattr(e, "capture_failure", None))]
+        text = super().describe()
+        if failed:
+            text += f"; runs under a CUDA graph failed, those shapes run uncaptured ({'; '.join(failed)})"
+        return text + host_copy_note()
 
 
 def fused_step_reason(backend: OrtBackend, unet: Engine, step: Engine) -> str | None:
@@ -66,7 +99,7 @@ def make_step_loop(backend: OrtBackend, unet: Engine, step: Engine,
     """The fused loop where it applies and composes; otherwise the plain one with the reason. With
     ControlNets the engines run step by step (the composition covers the UNet and the step graph only)."""
     if controlnets:
-        plain = PlainStepLoop(backend, unet, step, controlnets)
+        plain = OrtPlainStepLoop(backend, unet, step, controlnets)
         forced = backend.fused_step or (backend.io_binding and backend.cuda_graph)
         plain.reason = "the composed loop covers UNet + step, not ControlNets" if forced else ""
         return plain
@@ -82,7 +115,7 @@ def make_step_loop(backend: OrtBackend, unet: Engine, step: Engine,
             return FusedStepLoop(backend, unet, step, _load_fused(backend, unet, step))
         except SdrtError as e:  # a composition or session that fails: the engines still run, step by step
             reason = f"UNet + step graph could not run as one session: {e}"
-    plain = PlainStepLoop(backend, unet, step)
+    plain = OrtPlainStepLoop(backend, unet, step)
     plain.reason = reason
     return plain
 
@@ -109,6 +142,8 @@ class _Slot:
     def __init__(self, loop: FusedStepLoop, graph: int, shapes: Mapping[str, tuple[Any, tuple[int, ...]]]) -> None:
         ort, be = _ort(), loop.backend
         self.buf: dict[str, Any] = {}
+        self.runs = [0, 0]  # successful runs per parity (graph id)
+        self.failed: str | None = None  # why a run failed: this shape runs the engines one by one from then on
 
         def new(key: str, dtype: Any, shape: tuple[int, ...]) -> Any:
             v = ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, be.memory, be.device_id)
@@ -119,6 +154,9 @@ class _Slot:
             dtype, shape = shapes[k]
             for p in (0, 1):
                 new(f"{k}{p}", dtype, shape)
+        # the first x0 and the noise of a sampler without any: copied from here on the device, uploaded once
+        self.zeros = ort.OrtValue.ortvalue_from_numpy(np.zeros(shapes["lat"][1], shapes["lat"][0]), be.memory,
+                                                      be.device_id)
         fixed = {k: new(k, *v) for k, v in shapes.items() if k not in ("lat", "x0", "uin")}
         self.bindings, self.run_options = [], []
         names = loop.fused.inputs
@@ -142,18 +180,35 @@ class FusedStepLoop(StepLoop):
     def __init__(self, backend: OrtBackend, unet: OrtEngine, step: OrtEngine, fused: OrtEngine) -> None:
         self.backend, self.unet, self.step_engine, self.fused = backend, unet, step, fused
         self.slots: dict[tuple[Any, ...], _Slot] = {}
-        self._plain = PlainStepLoop(backend, unet, step)
+        self._plain = OrtPlainStepLoop(backend, unet, step)
         self._slot: _Slot | None = None
         self._per_step: list[tuple[Any, Any, Any | None]] = []
+        self._plan: dict[str, Any] = {}
         self._done = 0
+        self._offset = 0  # the step at which this call went over to the plain loop
+        self._parities: tuple[int, ...] = (0, 1)
+        self.captured = False
         self.reason = "not started"
+        self._no_graphs = self._graph_reason()
+
+    def _graph_reason(self) -> str:
+        """Why the composed session cannot capture CUDA graphs ("" where it can)."""
+        if not self.backend.cuda_graph:
+            return "CUDA graphs are off; the composed step runs uncaptured"
+        opts = self.fused.session.get_provider_options()
+        if opts.get("CUDAExecutionProvider", {}).get("enable_cuda_graph") != "1":
+            ep = ", ".join(self.fused.session.get_providers())
+            return f"the session runs on {ep}, which captures no CUDA graphs"
+        return ""
 
     def describe(self) -> str:
         if self._slot is None:
             return self._plain.describe()
         if self.captured:
-            return "captured CUDA graph: UNet + sampler step as one ONNX Runtime session"
-        return f"UNet + sampler step as one ONNX Runtime session, not captured ({self.reason})"
+            text = "captured CUDA graphs: UNet + sampler step as one ONNX Runtime session"
+        else:
+            text = f"UNet + sampler step as one ONNX Runtime session, not captured ({self.reason})"
+        return text + host_copy_note()
 
     def start(self, *, latents: Array, unet_in: Array, cond: Mapping[str, Array],
               timesteps: Sequence[float] | np.ndarray, coeffs: np.ndarray, guidance: Array | None = None,
@@ -187,10 +242,16 @@ class FusedStepLoop(StepLoop):
         }
         key = tuple(sorted((k, np.dtype(d).str, tuple(s)) for k, (d, s) in shapes.items()))
         slot = self.slots.get(key)
+        self._offset, self.captured = 0, False
+        plain_why = None
         if slot is None and len(self.slots) >= be.max_cuda_graphs:
-            self._slot, self.captured = None, False
-            self._plain.reason = (f"the composed step already holds {len(self.slots)} shapes "
-                                  f"(max_cuda_graphs={be.max_cuda_graphs}); this one runs engine by engine")
+            plain_why = (f"the composed step already holds {len(self.slots)} shapes "
+                         f"(max_cuda_graphs={be.max_cuda_graphs}); this one runs engine by engine")
+        elif slot is not None and slot.failed is not None:
+            plain_why = (f"the composed UNet + step session failed at this shape ({slot.failed}); it runs the "
+                         "engines one after the other")
+        if plain_why is not None:
+            self._slot, self._plain.reason = None, plain_why
             self._plain.start(latents=latents, unet_in=unet_in, cond=cond, timesteps=timesteps, coeffs=coeffs,
                               guidance=guidance, x0_prev=x0_prev, noise=noise, step_inputs=step_inputs)
             return
@@ -199,7 +260,7 @@ class FusedStepLoop(StepLoop):
         b = slot.buf
         _copy_into(b["lat0"], latents)
         _copy_into(b["uin0"], unet_in)
-        _copy_into(b["x00"], np.zeros(shape, dtype) if x0_prev is None else x0_prev)
+        _copy_into(b["x00"], slot.zeros if x0_prev is None else x0_prev)
         for k, v in cond.items():
             _copy_into(b[f"unet/{k}"], v)
         for k, v in (step_inputs or {}).items():
@@ -210,15 +271,23 @@ class FusedStepLoop(StepLoop):
         c_dev = [be.to_device(np.ascontiguousarray(cf[i])) for i in range(n)]
         n_dev = [be.to_device(np.ascontiguousarray(z, dtype=dtype)) for z in noise] if noise is not None else [None] * n
         if noise is None:
-            _copy_into(b["step/noise"], np.zeros(shape, dtype))
+            _copy_into(b["step/noise"], slot.zeros)
         self._per_step = list(zip(t_dev, c_dev, n_dev))
+        # what the plain loop needs to take over mid-call (the buffers above hold the rest)
+        self._plan = {"timesteps": ts, "coeffs": cf, "noise": noise, "step_inputs": sorted(step_inputs or {}),
+                      "guided": guidance is not None, "cond": sorted(cond)}
+        self._parities = (0,) if n == 1 else (0, 1)
         self._slot, self._done = slot, 0
-        self.captured = bool(be.cuda_graph)
-        self.reason = "" if self.captured else "CUDA graphs are off; the composed step runs uncaptured"
+        self.reason = self._no_graphs or self._capture_pending(slot)
+
+    def _capture_pending(self, slot: _Slot) -> str:
+        runs = min(slot.runs[p] for p in self._parities)
+        return (f"CUDA graphs requested: ONNX Runtime captures each after one or two uncaptured runs at a shape, "
+                f"and this shape's have run {runs} of the {CAPTURE_RUNS} times that make sure")
 
     def step(self, i: int) -> None:
         if self._slot is None:
-            self._plain.step(i)
+            self._plain.step(i - self._offset)
             return
         if i != self._done or not 0 <= i < len(self._per_step):
             raise InputError(f"step {i} is outside the {len(self._per_step)} steps of the last start() "
@@ -232,12 +301,36 @@ class FusedStepLoop(StepLoop):
         try:
             self.fused.session.run_with_iobinding(slot.bindings[p], slot.run_options[p])
         except Exception as e:  # onnxruntime raises its own untyped errors
-            if isinstance(e, MemoryError) or any(s in str(e) for s in _ALLOCATION_FAILED):
+            if is_allocation_failure(e):
                 raise DeviceMemoryError(f"{FUSED_NAME}: {self.backend.name} could not allocate memory "
                                         f"({_allocation_detail(e)}); lower the image size or batch") from e
-            raise CompatibilityError(f"{FUSED_NAME}: the composed UNet + step run failed ({e}); load the "
-                                     "backend with cuda_graph=False to run the engines one by one") from e
+            self._fall_back(i, e)
+            return
+        slot.runs[p] += 1
         self._done += 1
+        if not self._no_graphs:
+            self.captured = all(slot.runs[q] >= CAPTURE_RUNS for q in self._parities)
+            self.reason = "" if self.captured else self._capture_pending(slot)
+
+    def _fall_back(self, i: int, e: Exception) -> None:
+        """Step ``i`` failed: this call goes on from the state that run read, with the engines one by one, and so
+        does every later call at this shape. No run writes what it reads, so that state is intact."""
+        slot, plan = self._slot, self._plan
+        assert slot is not None
+        slot.failed = run_failure(e)
+        log.warning("%s: the composed UNet + step run failed at step %d (%s); this shape runs the engines one "
+                    "after the other from now on", FUSED_NAME, i + 1, slot.failed)
+        b, p = slot.buf, self._done % 2
+        noise = plan["noise"]
+        self._slot, self._offset, self.captured = None, i, False
+        self._plain.reason = (f"the composed UNet + step session failed at step {i + 1} ({slot.failed}); this shape "
+                              "runs the engines one after the other")
+        self._plain.start(latents=b[f"lat{p}"], unet_in=b[f"uin{p}"], x0_prev=b[f"x0{p}"],
+                          cond={k: b[f"unet/{k}"] for k in plan["cond"]}, timesteps=plan["timesteps"][i:],
+                          coeffs=plan["coeffs"][i:], guidance=b["step/guidance"] if plan["guided"] else None,
+                          noise=None if noise is None else noise[i:],
+                          step_inputs={k: b[f"step/{k}"] for k in plan["step_inputs"]} or None)
+        self._plain.step(0)
 
     def _state(self, k: str) -> Any:
         if self._slot is None:
@@ -253,7 +346,6 @@ class FusedStepLoop(StepLoop):
         return self._state("x0")
 
     def close(self) -> None:
-        self.slots, self._slot, self._per_step = {}, None, []
+        self.slots, self._slot, self._per_step, self._plan = {}, None, [], {}
         self._plain.close()
         self.fused.close()
-

@@ -143,7 +143,89 @@ def test_pipeline_over_ortvalues_gives_the_ort_cpu_images(tiny_export, monkeypat
     loop = next(iter(pipe._loops.values()))
     if cuda_graph and fused is None:
         assert isinstance(loop, FusedStepLoop) and len(loop.slots) == 2
-        assert got.loop == "captured CUDA graph: UNet + sampler step as one ONNX Runtime session"
+        # graph ids asked for, but the CPU EP captures no CUDA graph: the loop does not claim one
+        assert got.loop == ("UNet + sampler step as one ONNX Runtime session, not captured (the session runs on "
+                            "CPUExecutionProvider, which captures no CUDA graphs)")
     elif cuda_graph:
         assert len(pipe.engines["unet"]._static.slots) == 2
         assert "fused_step=False" in got.loop
+
+
+def test_a_failed_run_under_a_graph_id_runs_that_shape_uncaptured(tiny_export, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With cuda_graph and the composed loop off, the UNet runs over its own fixed buffers under a graph id.
+    A run there that fails (as a failed capture does) is not fatal: that call and the later ones at that shape
+    run uncaptured (graph id -1, ORT's own outputs), with ort-cpu's images, and Result.loop says why."""
+    from sdrt.runtime.ort_backend import GRAPH_ID_KEY
+
+    folder = tiny_export("sd15-tiny")
+
+    def backend(*a: Any, **k: Any) -> OrtBackend:
+        be = _bound_cpu(monkeypatch, cuda_graph=True)
+        be.fused_step = False
+        return be
+
+    monkeypatch.setattr("sdrt.runtime.pipeline.make_backend", backend)
+    kw: dict[str, Any] = {"steps": 3, "sampler": "dpmpp-2m", "seed": 4, "height": 64, "width": 64}
+    with Pipeline.load(folder, backend="ort-cpu") as ref, Pipeline.load(folder, backend="ort-cuda") as pipe:
+        want = np.asarray(ref("a harbor", **kw).images[0])
+        unet = pipe.engines["unet"]
+        real = unet.session.run_with_iobinding
+        graph_runs: list[str] = []
+
+        def run(binding: Any, options: Any = None) -> None:
+            graph = options.get_run_config_entry(GRAPH_ID_KEY) if options is not None else "-1"
+            if graph != "-1":
+                graph_runs.append(graph)
+                raise RuntimeError("CUDA failure 900: operation not permitted when stream is capturing")
+            real(binding, options)
+
+        monkeypatch.setattr(unet.session, "run_with_iobinding", run)
+        for _ in range(2):
+            got = pipe("a harbor", **kw)
+            np.testing.assert_array_equal(np.asarray(got.images[0]), want)
+        # step 1 makes the shape's buffers (uncaptured), step 2 runs under graph 0 and fails; none after that
+        assert graph_runs == ["0"]
+        assert got.loop == ("engines run directly (the composed UNet + step loop is off (fused_step=False)); runs "
+                            "under a CUDA graph failed, those shapes run uncaptured (unet: RuntimeError: CUDA "
+                            "failure 900: operation not permitted when stream is capturing)")
+
+
+def test_an_onnxruntime_without_device_copies_says_so_once(tiny_export, monkeypatch: pytest.MonkeyPatch,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """Before onnxruntime 1.26 OrtValue.update_inplace takes numpy only: the copies into the fixed buffers then go
+    through the host. The images are the same; the log says so once, and Result.loop says so on every call.
+    The cuda extra asks for the version that has the device copy."""
+    import logging
+    from pathlib import Path
+
+    import tomllib
+
+    from sdrt.runtime import ort_backend
+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert f"onnxruntime-gpu>={ort_backend.DEVICE_COPY_SINCE}" in pyproject["project"]["optional-dependencies"]["cuda"]
+    folder = tiny_export("sd15-tiny")
+    kw: dict[str, Any] = {"steps": 3, "sampler": "euler-a", "seed": 4, "height": 64, "width": 64}
+    monkeypatch.setattr("sdrt.runtime.pipeline.make_backend", lambda *a, **k: _bound_cpu(monkeypatch, cuda_graph=True))
+    with Pipeline.load(folder, backend="ort-cpu") as ref, Pipeline.load(folder, backend="ort-cuda") as pipe:
+        want = np.asarray(ref("a harbor", **kw).images[0])
+        ok = pipe("a harbor", **kw)  # this onnxruntime copies on the device: nothing to say
+        assert "through the host" not in ok.loop and ort_backend._host_copy_reason is None
+        real = _ort().OrtValue.update_inplace
+
+        def numpy_only(self: Any, data: Any) -> None:  # onnxruntime 1.25's OrtValue.update_inplace
+            if not isinstance(data, np.ndarray):
+                raise TypeError("update_inplace(): incompatible function arguments")
+            real(self, data)
+
+        monkeypatch.setattr(_ort().OrtValue, "update_inplace", numpy_only)
+        monkeypatch.setattr(ort_backend, "_host_copy_reason", None)
+        with caplog.at_level(logging.WARNING, logger="sdrt.runtime.ort_backend"):
+            results = [pipe("a harbor", **kw) for _ in range(2)]
+        for res in results:
+            np.testing.assert_array_equal(np.asarray(res.images[0]), want)
+            assert res.loop.endswith("; copies between OrtValues go through the host: onnxruntime "
+                                     f"{_ort().__version__}'s OrtValue.update_inplace takes no OrtValue (it does from "
+                                     "1.26); pip install 'onnxruntime-gpu>=1.26'")
+        said = [r for r in caplog.records if "through the host" in r.getMessage()]
+        assert len(said) == 1

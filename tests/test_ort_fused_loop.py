@@ -123,13 +123,17 @@ def test_selection_which_loop_runs_and_why(tiny_export, monkeypatch: pytest.Monk
     assert isinstance(off, PlainStepLoop) and "CUDA graphs are off" in off.describe()
     disabled = loop_for(_bound(monkeypatch, cuda_graph=True, fused=False))
     assert isinstance(disabled, PlainStepLoop) and "fused_step=False" in disabled.describe()
-    on = loop_for(_bound(monkeypatch, cuda_graph=True, fused=None))  # ort-cuda with cuda_graph: fused, captured
+    on = loop_for(_bound(monkeypatch, cuda_graph=True, fused=None))  # ort-cuda with cuda_graph: fused
     assert isinstance(on, FusedStepLoop)
     be = on.backend
     unet = on.unet
     inp = _inputs(unet, False, 1, 8, False, 2, np.random.default_rng(0), Pipeline.load(folder, backend="ort-cpu").plan("euler", 2))
-    _run(on, be, inp, True)
-    assert on.captured and on.describe() == "captured CUDA graph: UNet + sampler step as one ONNX Runtime session"
+    for _ in range(3):  # 3 runs per graph id: where ORT could capture, it would have by now
+        _run(on, be, inp, True)
+    # the CPU EP captures nothing, whatever the run options ask: the loop says so rather than "captured"
+    assert not on.captured
+    assert on.describe() == ("UNet + sampler step as one ONNX Runtime session, not captured (the session runs on "
+                             "CPUExecutionProvider, which captures no CUDA graphs)")
     slot = next(iter(on.slots.values()))
     assert [o.get_run_config_entry(GRAPH_ID_KEY) for o in slot.run_options] == ["0", "1"]
     # a step graph without the input the composition joins: the plain loop, with the reason
@@ -229,3 +233,80 @@ def test_composed_sessions_are_bounded(tiny_export, monkeypatch: pytest.MonkeyPa
     np.testing.assert_array_equal(_run(third, be, inp, True)[-1][0], want[-1][0])
     with pytest.raises(InputError, match="max_composed_sessions must be 0 or more"):
         OrtBackend("cpu", max_composed_sessions=-1)
+
+
+def _failing_runs(monkeypatch: pytest.MonkeyPatch, session: Any, fail_at: set[int]) -> list[int]:
+    """Make ``session.run_with_iobinding`` raise, as a failed CUDA graph capture does, on the given runs
+    (counted from 0); returns the list of runs it was asked for."""
+    runs: list[int] = []
+    real = session.run_with_iobinding
+
+    def run(binding: Any, options: Any = None) -> None:
+        runs.append(len(runs))
+        if runs[-1] in fail_at:
+            raise RuntimeError("CUDA failure 901: operation failed due to a previous error during capture")
+        real(binding, options)
+
+    monkeypatch.setattr(session, "run_with_iobinding", run)
+    return runs
+
+
+@pytest.mark.parametrize("sampler,fail_step", [("dpmpp-2m", 2), ("euler-a", 0)])
+def test_a_failed_composed_run_falls_back_to_the_engines(tiny_export, monkeypatch: pytest.MonkeyPatch,
+                                                         sampler: str, fail_step: int) -> None:
+    """The composed session's run fails mid-call (or on its very first run at a shape): the call goes on with
+    the engines one by one from the state that run read and gives ort-cpu's images; later calls at that
+    shape run the engines from the start, a new shape runs composed again, and Result.loop says why."""
+    folder = tiny_export("sd15-tiny")
+    monkeypatch.setattr("sdrt.runtime.pipeline.make_backend",
+                        lambda *a, **k: _bound(monkeypatch, cuda_graph=True, fused=None))
+    kw: dict[str, Any] = {"steps": 4, "sampler": sampler, "seed": 3, "negative_prompt": "fog"}
+    with Pipeline.load(folder, backend="ort-cpu") as ref, Pipeline.load(folder, backend="ort-cuda") as pipe:
+        want = {hw: np.asarray(ref("a harbor", height=hw[0], width=hw[1], **kw).images[0])
+                for hw in ((64, 64), (64, 96))}
+        small = {"height": 64, "width": 64}
+        if fail_step:  # a first call that works: the failure comes on a shape that ran composed before
+            assert pipe("a harbor", **small, **kw).loop.startswith("UNet + sampler step as one ONNX Runtime session")
+        loop = pipe._loop(True, pipe.dtype)  # the guided loop the calls run (made here when not yet made)
+        assert isinstance(loop, FusedStepLoop)
+        runs = _failing_runs(monkeypatch, loop.fused.session, {fail_step})
+        got = pipe("a harbor", **small, **kw)
+        np.testing.assert_array_equal(np.asarray(got.images[0]), want[64, 64])
+        assert len(runs) == fail_step + 1  # the composed runs up to and with the failed one, then none
+        assert got.loop.startswith(f"engines run directly (the composed UNet + step session failed at step "
+                                   f"{fail_step + 1} (RuntimeError: CUDA failure 901")
+        assert "this shape runs the engines one after the other" in got.loop and not loop.captured
+        again = pipe("a harbor", **small, **kw)  # the same shape: the engines from the start
+        np.testing.assert_array_equal(np.asarray(again.images[0]), want[64, 64])
+        assert len(runs) == fail_step + 1 and "failed at this shape (RuntimeError: CUDA failure 901" in again.loop
+        other = pipe("a harbor", height=64, width=96, **kw)  # another shape: composed again
+        np.testing.assert_array_equal(np.asarray(other.images[0]), want[64, 96])
+        assert len(runs) == fail_step + 1 + 4
+        assert other.loop.startswith("UNet + sampler step as one ONNX Runtime session")
+
+
+def test_captured_only_after_runs_under_the_graphs_succeed(tiny_export, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the session could capture (its EP taken as the CUDA EP's with CUDA graphs), ``captured`` comes from
+    runs that succeeded, not from the flag: not after one call of 2 steps (one run per graph id), only after
+    CAPTURE_RUNS runs of each graph id; a shape whose run then fails is no longer reported captured."""
+    from sdrt.runtime.ort_loop import CAPTURE_RUNS
+
+    monkeypatch.setattr(FusedStepLoop, "_graph_reason", lambda self: "")
+    folder = tiny_export("sd15-tiny")
+    be = _bound(monkeypatch, cuda_graph=True, fused=None)
+    unet = be.load(str(folder / "unet" / "model.onnx"), "unet")
+    loop = be.step_loop(unet, be.load(step_graph_bytes(False, np.float32), "sampler_step"))
+    assert isinstance(loop, FusedStepLoop) and not loop.captured
+    plan = Pipeline.load(folder, backend="ort-cpu").plan("euler", 2)
+    inp = _inputs(unet, False, 1, 8, False, 2, np.random.default_rng(0), plan)
+    for call in range(1, CAPTURE_RUNS + 1):
+        _run(loop, be, inp, True)
+        assert loop.captured == (call == CAPTURE_RUNS == 3), call  # 2 steps a call: one run per graph id
+        if not loop.captured:
+            assert loop.describe() == ("UNet + sampler step as one ONNX Runtime session, not captured (CUDA graphs "
+                                       "requested: ONNX Runtime captures each after one or two uncaptured runs at a "
+                                       f"shape, and this shape's have run {call} of the 3 times that make sure)")
+    assert loop.describe() == "captured CUDA graphs: UNet + sampler step as one ONNX Runtime session"
+    _failing_runs(monkeypatch, loop.fused.session, {1})
+    _run(loop, be, inp, True)
+    assert not loop.captured and "failed at step 2" in loop.describe()
