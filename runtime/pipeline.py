@@ -56,7 +56,7 @@ class Result:
     images: list[Any]  # PIL images (empty when output="latents")
     timings: dict[str, Any]  # milliseconds per stage; "clock": "host" or "device"
     nonfinite: list[bool] = field(default_factory=list)  # per image: NaN/inf in the decoded pixels
-    loop: str = ""  # how the denoising loop ran (step by step; TensorRT: captured CUDA graphs or not, and why)
+    loop: str = ""  # how the denoising loop ran (step by step; tensorrt, ort-cuda: captured CUDA graphs or not, why)
     latents: np.ndarray | None = None  # the final latents [B, C, h, w] (output="latents")
     seed: list[int] | int | None = None  # the seed(s) used (drawn at random when the call gave none): pass
     # it back to reproduce the images

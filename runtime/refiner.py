@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import InputError
+from .errors import DeviceMemoryError, InputError
 from .step_loop import Clock
 
 if TYPE_CHECKING:
@@ -114,7 +114,7 @@ def refine(base: Pipeline, refiner: Pipeline, prompt: str | Sequence[str] | None
     says which: the base backend's (device events on TensorRT) where both models share its device, else
     the host clock synchronizing both; ``total_ms`` on the host clock. ``Result.loop`` says how each
     model's loop ran."""
-    from .pipeline import OUTPUTS, Result, _aesthetic, _check_guidance, _prompts, _resolve_seed
+    from .pipeline import OUTPUTS, Result, _aesthetic, _check_guidance, _memory_error, _prompts, _resolve_seed
 
     t0 = time.perf_counter()
     if prompt is None:
@@ -155,6 +155,7 @@ def refine(base: Pipeline, refiner: Pipeline, prompt: str | Sequence[str] | None
         # TensorRT) where the refiner runs on its stream, else the host clock synchronizing both devices
         clock = (base.backend.clock() if refiner.backend.shares_memory_with(base.backend)
                  else Clock(base.backend, refiner.backend))
+        running = base  # the model whose stage runs: an allocation failure is reported with its sizes
         try:
             clock.mark()
             emb_b = base.encode_prompt(prompt, negative_prompt, batch_size=batch_size, guided=guided)
@@ -162,6 +163,7 @@ def refine(base: Pipeline, refiner: Pipeline, prompt: str | Sequence[str] | None
             lat = base.prepare_latents(plan_b, height, width, batch_size=b, seed=seed, latents=latents)
             clock.mark()
             lat, how_b = base._denoise(emb_b, lat, plan_b, guidance_scale, None, fraction, callback, {}, clock)
+            running = refiner
             emb_r = refiner.encode_prompt(prompt, negative_prompt, batch_size=batch_size, guided=guided)
             clock.mark()
             rlat, how_r = refiner._denoise(emb_r, refiner.latents_from(lat, base), plan_r, guidance_scale, fraction,
@@ -177,6 +179,8 @@ def refine(base: Pipeline, refiner: Pipeline, prompt: str | Sequence[str] | None
             # base text, latents, base loop set-up, base steps, refiner text, hand-off + refiner set-up,
             # refiner steps, decode (or the copy of the latents to the host)
             ms = clock.intervals_ms()
+        except DeviceMemoryError as e:
+            raise _memory_error(e, running, b, guided, height, width) from e
         finally:
             clock.close()
         kb = k_base  # the base's steps: the window [0, k_base) of its plan

@@ -456,3 +456,22 @@ def test_base_and_refiner_are_timed_on_the_base_backends_clock_on_tensorrt(tiny_
     # two devices (no share_with): the base's events would not see the refiner's stream, so the host clock
     with Pipeline.load(base_dir, backend="tensorrt") as b2, Pipeline.load(ref_dir, backend="tensorrt") as r2:
         assert b2(PROMPT, refiner=r2, width=80, **kw).timings["clock"] == "host"
+
+
+def test_an_allocation_failure_in_the_refiner_names_the_request_and_what_to_lower(pipes, monkeypatch) -> None:
+    """A DeviceMemoryError from the refiner's UNet comes out of a base + refiner call as a single call's does:
+    the request, a rough need from the refiner's sizes, and what to lower."""
+    from sdrt.runtime.errors import DeviceMemoryError
+
+    base, refiner = pipes
+
+    def full(feeds):
+        raise DeviceMemoryError("unet: out of memory")
+
+    monkeypatch.setattr(refiner.engines["unet"], "run", full)
+    with pytest.raises(DeviceMemoryError) as err:
+        base(PROMPT, refiner=refiner, steps=10, height=64, width=64, seed=1)
+    text = str(err.value)
+    assert text.startswith("64x64, 1 image, guided (the UNet runs 2 x batch rows) does not fit in ort-cpu's memory "
+                           "(unet: out of memory)")
+    assert "Lower height and width" in text
