@@ -406,7 +406,7 @@ def test_base_and_refiner_are_timed_on_the_base_backends_clock_on_tensorrt(tiny_
     models' steps, the decode) is timed by CUDA events on the shared stream (the fake device advances 0.25 ms
     per queued operation), the result says so, and Result.loop says how each model's loop ran, a capture
     fallback's reason included."""
-    from .test_trt_backend import FakeContext
+    from .test_trt_backend import refuse_enqueue_in_capture
 
     cudart, _ = fake_gpu
     base_dir, ref_dir = _build_pair(tiny_export, tmp_path, monkeypatch)
@@ -438,14 +438,7 @@ def test_base_and_refiner_are_timed_on_the_base_backends_clock_on_tensorrt(tiny_
         assert res.loop == (f"base {cut} steps: captured CUDA graphs; refiner {6 - cut} steps (from 0.7 of the "
                             "schedule): captured CUDA graphs")
 
-        real = FakeContext.execute_async_v3
-
-        def refuse_in_capture(self, stream):
-            if cudart.capturing is not None:
-                raise RuntimeError("enqueueV3: operation not permitted when stream is capturing")
-            return real(self, stream)
-
-        monkeypatch.setattr(FakeContext, "execute_async_v3", refuse_in_capture)
+        refuse_enqueue_in_capture(monkeypatch, cudart)
         fallback = base(PROMPT, refiner=refiner, width=96, **kw)  # a new size: both loops capture anew, and fail
         why = "engines run directly (CUDA graph capture failed: RuntimeError: enqueueV3: operation not permitted"
         head, tail = fallback.loop.split("; refiner ")

@@ -1084,13 +1084,8 @@ def test_step_loop_is_the_captured_loop_and_describes_itself_like_the_base(folde
     assert direct.describe() == "engines run directly (CUDA graphs are off (TrtBackend(cuda_graph=False)))"
 
 
-def test_any_error_during_capture_falls_back_to_running_the_engines(folder, fakes, monkeypatch):
-    """TensorRT's bindings raise RuntimeError when an enqueue fails inside a capture: the loop runs the
-    engines directly (the plain loop's latents) and says why."""
-    cudart, _ = fakes()
-    be = tb.TrtBackend(folder)
-    unet, step, plan, x, hidden, noises = _setup(be, folder, "euler-a")
-    plain = _plain_loop(be, unet, step, plan, x, hidden, noises)
+def refuse_enqueue_in_capture(monkeypatch: pytest.MonkeyPatch, cudart: FakeCudart) -> None:
+    """Make every engine enqueue fail while the stream captures, as TensorRT's bindings do (RuntimeError)."""
     real = FakeContext.execute_async_v3
 
     def refuse_in_capture(self, stream):
@@ -1099,6 +1094,16 @@ def test_any_error_during_capture_falls_back_to_running_the_engines(folder, fake
         return real(self, stream)
 
     monkeypatch.setattr(FakeContext, "execute_async_v3", refuse_in_capture)
+
+
+def test_any_error_during_capture_falls_back_to_running_the_engines(folder, fakes, monkeypatch):
+    """TensorRT's bindings raise RuntimeError when an enqueue fails inside a capture: the loop runs the
+    engines directly (the plain loop's latents) and says why."""
+    cudart, _ = fakes()
+    be = tb.TrtBackend(folder)
+    unet, step, plan, x, hidden, noises = _setup(be, folder, "euler-a")
+    plain = _plain_loop(be, unet, step, plan, x, hidden, noises)
+    refuse_enqueue_in_capture(monkeypatch, cudart)
     out, loop = _captured_loop(be, unet, step, plan, x, hidden, noises)
     assert not loop.captured and cudart.capturing is None and cudart.launches == 0
     assert loop.reason == ("CUDA graph capture failed: RuntimeError: enqueueV3: operation not permitted when "
