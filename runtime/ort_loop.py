@@ -207,7 +207,8 @@ class FusedStepLoop(StepLoop):
         if self.captured:
             text = "captured CUDA graphs: UNet + sampler step as one ONNX Runtime session"
         else:
-            text = f"UNet + sampler step as one ONNX Runtime session, not captured ({self.reason})"
+            why = self._no_graphs or self._capture_pending(self._slot)
+            text = f"UNet + sampler step as one ONNX Runtime session, not captured ({why})"
         return text + host_copy_note()
 
     def start(self, *, latents: Array, unet_in: Array, cond: Mapping[str, Array],
@@ -278,7 +279,7 @@ class FusedStepLoop(StepLoop):
                       "guided": guidance is not None, "cond": sorted(cond)}
         self._parities = (0,) if n == 1 else (0, 1)
         self._slot, self._done = slot, 0
-        self.reason = self._no_graphs or self._capture_pending(slot)
+        self.reason = self._no_graphs  # while a capture is pending, describe() counts the runs
 
     def _capture_pending(self, slot: _Slot) -> str:
         runs = min(slot.runs[p] for p in self._parities)
@@ -308,9 +309,8 @@ class FusedStepLoop(StepLoop):
             return
         slot.runs[p] += 1
         self._done += 1
-        if not self._no_graphs:
+        if not self._no_graphs and not self.captured:  # no text built per step: describe() says why
             self.captured = all(slot.runs[q] >= CAPTURE_RUNS for q in self._parities)
-            self.reason = "" if self.captured else self._capture_pending(slot)
 
     def _fall_back(self, i: int, e: Exception) -> None:
         """Step ``i`` failed: this call goes on from the state that run read, with the engines one by one, and so
