@@ -472,8 +472,10 @@ class Pipeline:
         if init is not None:
             be = self.backend
             enc_lat = self.engines["vae_encoder"]({"image": be.to_device(init)})["latent"]
-            x_dev = self._noised_on_device(plan, enc_lat, noise)
-            if x_dev is not None:  # the encoded image never left the device
+            graph = self._noise_graph(enc_lat)
+            if graph is not None:  # the encoded image never leaves the device
+                x_dev = self._noised(graph, enc_lat, be.to_device(np.ascontiguousarray(noise, np.float32)),
+                                     plan.noise_coeffs)
                 step_noise = _draw(gens, (plan.steps, *lat_shape), axis=1) if plan.needs_noise else None
                 return Latents(x_dev, height, width, 0, None, step_noise, _seeds(seed), None, None)
             img_lat = be.to_host(enc_lat)
@@ -486,15 +488,11 @@ class Pipeline:
         return Latents(self.backend.to_device(x.astype(self.dtype)), height, width, 0, None, step_noise, _seeds(seed),
                        x)
 
-    def _noised_on_device(self, plan: samplers.SamplerPlan, enc_lat: Array, noise: np.ndarray) -> Array | None:
-        """img2img's first latents, ka image + kn noise, by the noising graph; None where the backend has none
-        (an engine folder built by an older sdrt) or the encoder gave more than one row."""
-        be = self.backend
-        graph = self._noise_graph(enc_lat)
-        if graph is None:
-            return None
-        feeds = {"image_latents": enc_lat, "noise": be.to_device(np.ascontiguousarray(noise, np.float32)),
-                 "coeffs": be.to_device(np.asarray(plan.noise_coeffs, np.float32))}
+    def _noised(self, graph: Engine, enc_lat: Array, noise: Array, coeffs: Sequence[float]) -> Array:
+        """``ka image + kn noise`` in the UNet's dtype by the noising graph, the encoded image broadcast over
+        the noise's rows; ``coeffs`` = (ka, kn)."""
+        feeds = {"image_latents": enc_lat, "noise": noise,
+                 "coeffs": self.backend.to_device(np.asarray(coeffs, np.float32))}
         return graph(feeds)["latents"]
 
     def _noise_graph(self, enc_lat: Array) -> Engine | None:
@@ -572,18 +570,12 @@ class Pipeline:
         if enc_lat is None or noised is not None:  # on the device: nothing read back
             x = be.to_device(start.astype(dt)) if start is not None else None
             state = inpaint.InpaintState(mode, lmask, masked_latents=masked, resident=True)
-            if enc_lat is not None:
+            if noised is not None:
                 noise_dev = be.to_device(np.ascontiguousarray(noise, np.float32))
-
-                def noised_by(coeffs: Sequence[float]) -> Array:
-                    assert noised is not None
-                    return noised({"image_latents": enc_lat, "noise": noise_dev,
-                                   "coeffs": be.to_device(np.asarray(coeffs, np.float32))})["latents"]
-
                 if x is None:
-                    x = noised_by(plan.noise_coeffs)
+                    x = self._noised(noised, enc_lat, noise_dev, plan.noise_coeffs)
                 if mode == "blend":  # the image latents themselves: noise level 0 (ka 1, kn 0) is exact
-                    state = replace(state, image_latents=noised_by((1.0, 0.0)),
+                    state = replace(state, image_latents=self._noised(noised, enc_lat, noise_dev, (1.0, 0.0)),
                                     noise=noise_dev if dt == np.float32 else be.to_device(noise.astype(dt)))
             return Latents(x, height, width, 0, None, step_noise, _seeds(seed), start, state)
         img_lat = be.to_host(enc_lat)
@@ -1012,9 +1004,9 @@ class Pipeline:
             default_strength = 1.0 if mask is not None else DEFAULT_STRENGTH
             strength = 1.0 if image is None else default_strength if strength is None else strength
             plan = self.plan(sampler, steps, strength=strength, timestep_spacing=timestep_spacing)
+            # one clock for every stage: device events on a GPU backend, the synchronized host clock on CPU
+            clock = self.backend.clock()
             try:
-                # one clock for every stage: device events on a GPU backend, the synchronized host clock on CPU
-                clock = self.backend.clock()
                 clock.mark()
                 if prompt_embeds is not None:
                     emb = self.embeddings_from(prompt_embeds, negative_prompt_embeds, guided=guided,
@@ -1029,22 +1021,15 @@ class Pipeline:
                 clock.mark()
                 lat, how = self._denoise(emb, lat, plan, guidance_scale, None, None, callback, {}, clock,
                                          rescale=guidance_rescale, control=creq, aesthetic=aesthetic)
-                images: list[Any] = []
-                nonfinite: list[bool] = []
-                final = None
-                if output == "latents":
-                    final = self.backend.to_host(lat.x)
-                else:
-                    images, nonfinite = self._decode(lat.x)
-                    if blur is not None:
-                        from PIL import Image
+                images, nonfinite, final = self._output(lat.x, output)
+                if output == "images" and blur is not None:
+                    from PIL import Image
 
-                        assert init is not None  # paste_back is refused without an image
-                        original, m_out = Image.fromarray(init[0]), inpaint.resize_mask(mask, height, width)
-                        images = [inpaint.paste_back(im, original, m_out, blur) for im in images]
+                    assert init is not None  # paste_back is refused without an image
+                    original, m_out = Image.fromarray(init[0]), inpaint.resize_mask(mask, height, width)
+                    images = [inpaint.paste_back(im, original, m_out, blur) for im in images]
                 clock.mark()
                 ms = clock.intervals_ms()  # text, latents, loop set-up, each step, decode
-                clock.close()
                 steps_ms = ms[3:-1]
                 timings: dict[str, Any] = {"text_encoder_ms": ms[0], "unet_steps_ms": steps_ms,
                                            "unet_step_ms": float(np.median(steps_ms)), "clock": clock.kind}
@@ -1056,6 +1041,16 @@ class Pipeline:
                 return Result(images, timings, nonfinite, how, final, lat.seed)
             except DeviceMemoryError as e:
                 raise _memory_error(e, self, b, guided, height, width) from e
+            finally:
+                clock.close()
+
+    def _output(self, x: Array, output: str) -> tuple[list[Any], list[bool], np.ndarray | None]:
+        """A call's last stage: (images, their non-finite flags, None), or ([], [], the latents on the host)
+        for ``output="latents"``."""
+        if output == "latents":
+            return [], [], self.backend.to_host(x)
+        images, nonfinite = self._decode(x)
+        return images, nonfinite, None
 
     # -- checks -------------------------------------------------------------------------------------
     def _check_side(self, label: str, v: Any) -> None:

@@ -168,13 +168,7 @@ def refine(base: Pipeline, refiner: Pipeline, prompt: str | Sequence[str] | None
             clock.mark()
             rlat, how_r = refiner._denoise(emb_r, refiner.latents_from(lat, base), plan_r, guidance_scale, fraction,
                                            None, callback, {}, clock, aesthetic=aesthetic)
-            images: list[Any] = []
-            nonfinite: list[bool] = []
-            final = None
-            if output == "latents":
-                final = refiner.backend.to_host(rlat.x)
-            else:
-                images, nonfinite = refiner._decode(rlat.x)
+            images, nonfinite, final = refiner._output(rlat.x, output)
             clock.mark()
             # base text, latents, base loop set-up, base steps, refiner text, hand-off + refiner set-up,
             # refiner steps, decode (or the copy of the latents to the host)

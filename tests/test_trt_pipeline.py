@@ -425,6 +425,28 @@ def test_a_pipeline_on_gpu_1_runs_there_from_any_thread(tiny_export, tmp_path: P
     assert frees and set(frees) == {1} and cudart.alive()["allocations"] == 0, frees
 
 
+def test_a_call_that_fails_midway_leaves_no_clock_events_behind(tiny_export, tmp_path: Path, fake_gpu) -> None:
+    """The call's device clock (CUDA events) is released when the call raises, not only when it returns (nor
+    only once the garbage collector drops the failed call's frame)."""
+    cudart, _ = fake_gpu
+    out = tmp_path / "engines"
+    build_engines(tiny_export("sd15-tiny"), out, custom_profile(batch="1:1:1", height="64:64:64", width="64:64:64"),
+                  BuildOptions(workspace_gb=1))
+    kw: dict[str, Any] = {"steps": 3, "seed": 1, "height": 64, "width": 64}
+
+    def stop(i: int, n: int) -> None:
+        if i == 2:
+            raise KeyboardInterrupt
+
+    with Pipeline.load(out, backend="tensorrt") as pipe:
+        pipe("a red fox", **kw)
+        idle = cudart.alive()["events"]
+        with pytest.raises(KeyboardInterrupt) as info:  # its traceback keeps the call's frame alive
+            pipe("a red fox", callback=stop, **kw)
+        assert info.traceback and cudart.alive()["events"] == idle
+        assert len(pipe("a red fox", **kw).images) == 1
+
+
 def test_pipelines_sharing_a_device_take_turns(tiny_export, tmp_path: Path, fake_gpu) -> None:
     """Two pipelines on one device stream (share_with) never interleave their calls: a call of the second,
     from another thread, waits until the first's call is over (else its work would land inside the first's
