@@ -104,7 +104,7 @@ def controlnet_specs(model: LoadedModel, nets: Sequence[LoadedControlNet], unet_
     residuals). Empty without nets."""
     if not nets:
         return []
-    sdxl = model.preset.family == "sdxl"
+    sdxl = model.preset.model_family.pooled  # the added text-time conditioning (pooled embedding, time ids)
     pooled = int(model.text_encoders[-1].config.projection_dim)
     cond_dim = int(model.unet.config.get("time_cond_proj_dim") or 0)
     lat = int(model.unet.config.in_channels)

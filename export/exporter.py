@@ -33,15 +33,15 @@ TEXT_LEN = 77
 
 def check_clip_skip(model: LoadedModel, clip_skip: int) -> None:
     """``clip_skip`` must leave a transformer layer's output in every text encoder (InputError if not)."""
-    sdxl = model.preset.family == "sdxl"
+    penultimate = model.preset.model_family.penultimate
     for enc in model.text_encoders:
         layers = int(enc.config.num_hidden_layers)
         # hidden_states holds the embeddings, then one entry per layer; SDXL starts from the penultimate
-        most = layers - (2 if sdxl else 1)
+        most = layers - (2 if penultimate else 1)
         if not isinstance(clip_skip, int) or isinstance(clip_skip, bool) or not 0 <= clip_skip <= most:
             raise InputError(
                 f"clip skip {clip_skip!r} is beyond this model's text encoder ({layers} layers"
-                f"{', conditioned on the penultimate' if sdxl else ''}): use 0 to {most}",
+                f"{', conditioned on the penultimate' if penultimate else ''}): use 0 to {most}",
                 cli=f"--clip-skip {clip_skip!r} is beyond this model's text encoder ({layers} layers): use 0 to {most}")
 
 
@@ -52,7 +52,7 @@ def component_specs(model: LoadedModel, vae_fp32: bool | None = None, clip_skip:
     ``controlnet_0``.. and ``unet_control`` after the plain ``unet``."""
     p = model.preset
     vae32 = p.vae_fp32 if vae_fp32 is None else vae_fp32
-    sdxl = p.family == "sdxl"
+    fam = p.model_family
     specs: list[ComponentSpec] = []
     for name, enc in zip(p.encoder_names, model.text_encoders, strict=True):
         pooled = pooled_encoder(name)
@@ -70,7 +70,7 @@ def component_specs(model: LoadedModel, vae_fp32: bool | None = None, clip_skip:
 
         specs.append(ComponentSpec(
             name=name,
-            module=wrappers.TextEncoder(enc, penultimate=sdxl, pooled=pooled, clip_skip=clip_skip),
+            module=wrappers.TextEncoder(enc, penultimate=fam.penultimate, pooled=pooled, clip_skip=clip_skip),
             weights=enc,
             inputs=[("input_ids", "int32", ("batch", TEXT_LEN))],
             outputs=outs,
@@ -86,9 +86,11 @@ def component_specs(model: LoadedModel, vae_fp32: bool | None = None, clip_skip:
         ("encoder_hidden_states", "float", ("batch", "sequence", cross)),
     ]
     pooled_dim = int(model.text_encoders[-1].config.projection_dim)
-    # SDXL: [h, w, crop_top, crop_left, target_h, target_w]; the refiner: [h, w, crop_top, crop_left, aesthetic]
-    time_ids = [1024.0, 1024, 0, 0, 6.0] if p.refiner else [1024.0, 1024, 0, 0, 1024, 1024]
-    if sdxl:
+    # the family's added time ids (SDXL: [h, w, crop_top, crop_left, target_h, target_w]; its refiner:
+    # [h, w, crop_top, crop_left, aesthetic]), with the pooled text embedding
+    time_ids = fam.export_time_ids(1024)
+    added = fam.pooled and bool(time_ids)
+    if added:
         unet_inputs += [("text_embeds", "float", ("batch", pooled_dim)),
                         ("time_ids", "float", ("batch", len(time_ids)))]
     cond_dim = model.unet.config.get("time_cond_proj_dim")  # LCM-distilled: the guidance embedding's width
@@ -101,7 +103,7 @@ def component_specs(model: LoadedModel, vae_fp32: bool | None = None, clip_skip:
             torch.rand(b, generator=g) * 999,
             torch.randn(b, TEXT_LEN, cross, generator=g),
         ]
-        if sdxl:
+        if added:
             args += [torch.randn(b, pooled_dim, generator=g), torch.tensor([time_ids] * b)]
         if cond_dim:
             args.append(torch.randn(b, int(cond_dim), generator=g))
@@ -110,7 +112,7 @@ def component_specs(model: LoadedModel, vae_fp32: bool | None = None, clip_skip:
     out_ch = int(model.unet.config.out_channels)
     unet_spec = ComponentSpec(
         name="unet",
-        module=wrappers.UNet(model.unet, sdxl=sdxl, time_cond=bool(cond_dim)),
+        module=wrappers.UNet(model.unet, sdxl=added, time_cond=bool(cond_dim)),
         weights=model.unet,
         inputs=unet_inputs,
         outputs=[("out_sample", "float", ("batch", out_ch, "height", "width"))],
@@ -188,9 +190,10 @@ def _model_index(model: LoadedModel) -> dict[str, object]:
     """Optimum's model_index.json, so other ONNX tooling can read the folder."""
     import diffusers
 
-    sdxl = model.preset.family == "sdxl"
+    fam = model.preset.model_family
+    stem = f"ORT{fam.diffusers_pipeline}"
     idx: dict[str, object] = {
-        "_class_name": "ORTStableDiffusionXLPipeline" if sdxl else "ORTStableDiffusionPipeline",
+        "_class_name": f"{stem}Pipeline",
         "_diffusers_version": diffusers.__version__,
         "requires_safety_checker": False,
         "scheduler": ["diffusers", model.scheduler_config.get("_class_name", "PNDMScheduler")],
@@ -201,16 +204,17 @@ def _model_index(model: LoadedModel) -> dict[str, object]:
         "vae_encoder": ["onnxruntime", "ORTModelVaeEncoder"],
     }
     if int(model.unet.config.in_channels) == 2 * int(model.vae.config.latent_channels) + 1:
-        idx["_class_name"] = "ORTStableDiffusionXLInpaintPipeline" if sdxl else "ORTStableDiffusionInpaintPipeline"
-    if sdxl:
+        idx["_class_name"] = f"{stem}InpaintPipeline"
+    if "text_encoder_2" in fam.encoders:
         idx["text_encoder_2"] = ["onnxruntime", "ORTModelTextEncoder"]
         idx["tokenizer_2"] = ["transformers", "CLIPTokenizer"]
-        idx["force_zeros_for_empty_prompt"] = True
-    if model.preset.refiner:  # diffusers' refiner config: one encoder, aesthetic scores, "" negatives encoded
-        idx["_class_name"] = "ORTStableDiffusionXLImg2ImgPipeline"
+    if "text_encoder" not in fam.encoders:
         del idx["text_encoder"], idx["tokenizer"]
+    if fam.pooled:  # diffusers' SDXL configs say whether an empty negative prompt is zeros or encoded
+        idx["force_zeros_for_empty_prompt"] = fam.zero_negatives
+    if not fam.generates:  # diffusers' refiner config: an img2img pipeline with aesthetic scores
+        idx["_class_name"] = f"{stem}Img2ImgPipeline"
         idx["requires_aesthetics_score"] = True
-        idx["force_zeros_for_empty_prompt"] = False
     return idx
 
 

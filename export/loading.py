@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from sdrt.runtime.errors import ArtifactError, InputError, UnsafeCheckpointError
+from sdrt.runtime.families import has_refiner
 
 from .presets import PRESETS, Preset, encoder_names, get_preset, pooled_encoder
 
@@ -153,7 +154,7 @@ def diffusers_folder(path: Path) -> LoadedModel:
     index_path = path / "model_index.json"
     index = json.loads(index_path.read_text())
     family = _family_of_folder(index, path)
-    refiner = family == "sdxl" and is_refiner_folder(index, path)
+    refiner = has_refiner(family) and is_refiner_folder(index, path)
     encoders_in = encoder_names(family, refiner)
     tokenizers_in = [n.replace("text_encoder", "tokenizer") for n in encoders_in]
     needed = ["unet", "vae", "scheduler", *encoders_in, *tokenizers_in]

@@ -52,6 +52,7 @@ from onnx import TensorProto, helper
 
 from sdrt.runtime.atomic import atomic_write_text, give_default_mode
 from sdrt.runtime.errors import ArtifactError, CompatibilityError, InputError, ParityError
+from sdrt.runtime.families import family_named
 from sdrt.runtime.manifest import FAMILIES, MANIFEST_NAME, ExportManifest
 
 log = logging.getLogger(__name__)
@@ -360,7 +361,7 @@ def fuse_for_ort_cuda(
         )
     names = {i.name for i in src.graph.input}
     expected = {"sample", "timestep", "encoder_hidden_states"} | (
-        {"text_embeds", "time_ids"} if family == "sdxl" else set())
+        {"text_embeds", "time_ids"} if family_named(family).time_ids else set())
     if names != expected:
         raise InputError(f"{fp32_onnx} takes inputs {sorted(names)}, not those of an sdrt {family} UNet "
                          f"{sorted(expected)}")

@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from sdrt.runtime.errors import InputError
+from sdrt.runtime.families import Family, family_of
 from sdrt.runtime.manifest import encoder_names, pooled_encoder
 
 __all__ = ["PRESETS", "Preset", "encoder_names", "get_preset", "pooled_encoder"]
@@ -45,7 +46,12 @@ class Preset:
     @property
     def encoder_names(self) -> tuple[str, ...]:
         """The export's text encoder components, in the order of ``text_encoders``."""
-        return encoder_names(self.family, self.refiner)
+        return self.model_family.encoders
+
+    @property
+    def model_family(self) -> Family:
+        """The family module's description of this model (runtime/families)."""
+        return family_of(self)
 
 
 

@@ -34,10 +34,11 @@ import tomllib
 from sdrt.engines import PROFILES_DIR, profile_names
 from sdrt.runtime.engine_manifest import ProfileShapes, TensorShapes
 from sdrt.runtime.errors import ArtifactError, CompatibilityError, InputError
+from sdrt.runtime.families import FAMILY_KEYS
 from sdrt.runtime.manifest import ExportManifest
 
 TOKENS_PER_CHUNK = 77
-FAMILIES = ("sd1", "sd2", "sdxl")
+FAMILIES = FAMILY_KEYS  # runtime/families' registry
 
 
 @dataclass(frozen=True)

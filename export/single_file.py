@@ -40,12 +40,15 @@ _XL_CLIP = "conditioner.embedders.0.transformer.text_model."
 _XL_OPENCLIP = "conditioner.embedders.1.model."
 _REFINER_OPENCLIP = "conditioner.embedders.0.model."  # the refiner's only encoder, OpenCLIP bigG
 
-# Per family, each text encoder's key prefix and layout, in the order of LoadedModel.text_encoders.
+# Per key layout, each text encoder's key prefix and layout, in the order of LoadedModel.text_encoders:
+# "clip" (HF CLIPTextModel), "openclip" (OpenCLIP; SD 2.x conditions on its penultimate layer, which files keep
+# while diffusers drops the last resblock) or "openclip-proj" (OpenCLIP with its text projection: SDXL's pooled
+# embedding).
 _ENCODERS: dict[str, tuple[tuple[str, str], ...]] = {
     "sd1": ((_CLIP, "clip"),),
     "sd2": ((_OPENCLIP, "openclip"),),
-    "sdxl": ((_XL_CLIP, "clip"), (_XL_OPENCLIP, "openclip")),
-    "sdxl-refiner": ((_REFINER_OPENCLIP, "openclip"),),
+    "sdxl": ((_XL_CLIP, "clip"), (_XL_OPENCLIP, "openclip-proj")),
+    "sdxl-refiner": ((_REFINER_OPENCLIP, "openclip-proj"),),
 }
 
 
@@ -268,7 +271,7 @@ def _observed(shapes: Mapping[str, tuple[int, ...]], family: str) -> dict[str, A
             obs[f"{te} width"] = dim(prefix + "token_embedding.weight", 1)
             obs[f"{te} layers"] = _count(keys, re.escape(prefix) + r"transformer\.resblocks\.(\d+)\.")
             obs[f"{te} MLP width"] = dim(prefix + "transformer.resblocks.0.mlp.c_fc.weight", 0)
-            if family.startswith("sdxl"):
+            if layout == "openclip-proj":
                 obs[f"{te} projection width"] = dim(prefix + "text_projection", 1)
     return obs
 
@@ -305,9 +308,9 @@ def _expected(preset: Preset) -> dict[str, list[Any]]:
         layers = cfg["num_hidden_layers"]
         exp[f"{te} width"] = [cfg["hidden_size"]]
         # SD 2.x conditions on OpenCLIP's penultimate layer: files keep the last resblock, diffusers drops it
-        exp[f"{te} layers"] = [layers + 1, layers] if preset.family == "sd2" else [layers]
+        exp[f"{te} layers"] = [layers + 1, layers] if layout == "openclip" else [layers]
         exp[f"{te} MLP width"] = [cfg["intermediate_size"]]
-        if layout == "openclip" and preset.family == "sdxl":
+        if layout == "openclip-proj":
             exp[f"{te} projection width"] = [cfg["projection_dim"]]
     return exp
 
@@ -358,11 +361,12 @@ def detect_preset(
     default = _DEFAULT_WHEN_AMBIGUOUS.get(family, matches[0].name)
     chosen = next((p for p in matches if p.name == default), matches[0])
     others = [p for p in matches if p is not chosen]
-    if family == "sd2":
+    if len({p.prediction_type for p in matches}) > 1:  # SD 2.x: the 768 px v model and the 512 px base
         log.warning(
-            "%s: an SD 2.x file does not record its prediction type; assuming %s (%s, %d px). For the 512 px "
+            "%s: an %s file does not record its prediction type; assuming %s (%s, %d px). For the 512 px "
             "epsilon base model (e.g. v2-1_512-ema-pruned) pass --arch %s.",
             name,
+            FAMILY_NAMES[family],
             chosen.name,
             chosen.prediction_type,
             chosen.default_size,
@@ -483,7 +487,7 @@ def _convert(
                 # Only this encoder's keys: diffusers tells SDXL's two encoders apart by width, which tiny
                 # presets share.
                 tensors = ckpt.tensors(prefix.removesuffix("text_model."))
-                if layout == "openclip":
+                if layout.startswith("openclip"):
                     tensors = _drop_unused_resblocks(tensors, cfg["num_hidden_layers"])
                 encoder = create_diffusers_clip_model_from_ldm(cls, tensors, subfolder=sub, **kw)
                 _require_loaded(encoder, f"text encoder {i + 1}", name, preset)

@@ -15,6 +15,7 @@ from typing import Any
 
 from .atomic import atomic_write_text
 from .errors import ArtifactError, CompatibilityError
+from .families import FAMILY_KEYS, Family, family_named, family_of
 
 MANIFEST_NAME = "sdrt.json"
 # what a command takes, for the message when its folder is missing
@@ -22,15 +23,12 @@ EXPORT_FOLDER = "an ONNX export, the folder written by `sdrt export`"
 ANY_FOLDER = f"{EXPORT_FOLDER}, or an engine folder, written by `sdrt build`"
 SCHEMA_VERSION = 1
 
-FAMILIES = ("sd1", "sd2", "sdxl")
+FAMILIES = FAMILY_KEYS  # the manifest's "family" values: runtime/families' registry
 
 
 def encoder_names(family: str, refiner: bool = False) -> tuple[str, ...]:
-    """Text encoder components of a family: SDXL's pooled one is ``text_encoder_2``, which an SDXL refiner
-    keeps alone."""
-    if refiner:
-        return ("text_encoder_2",)
-    return ("text_encoder", "text_encoder_2") if family == "sdxl" else ("text_encoder",)
+    """Text encoder components of a family (its module in runtime/families declares them)."""
+    return family_named(family, refiner).encoders
 
 
 def pooled_encoder(name: str) -> bool:
@@ -108,7 +106,7 @@ class ShapeLimits:
 
 @dataclass(frozen=True)
 class ExportManifest:
-    family: str  # "sd1" | "sd2" | "sdxl"
+    family: str  # a key of runtime/families: "sd1" | "sd2" | "sdxl"
     preset: str  # architecture preset name, e.g. "sd15" or "sd15-tiny"
     prediction_type: str  # "epsilon" | "v_prediction"
     components: dict[str, Component]
@@ -135,7 +133,12 @@ class ExportManifest:
 
     @property
     def encoder_names(self) -> tuple[str, ...]:
-        return encoder_names(self.family, self.refiner)
+        return self.model_family.encoders
+
+    @property
+    def model_family(self) -> Family:
+        """The family module's description of this model (runtime/families)."""
+        return family_of(self)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=False) + "\n"

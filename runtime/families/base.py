@@ -1,0 +1,93 @@
+"""The model-family interface: what a family adds to the shared pipeline, declared as data and a few hooks.
+
+A family is one module under ``runtime/families/`` that makes a ``Family`` (or a subclass overriding its
+hooks) and registers it in ``runtime/families/__init__.py``. Nothing outside the family modules compares family
+names: the pipeline, the exporter, the server and the bench ask the family object instead.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import InputError
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model family as the runtime, the exporter and the bench see it.
+
+    ``key``: the manifest's ``family`` value; ``label``: its name in messages; ``encoders``: the text encoder
+    components, in the order their hidden states are joined on the channel axis (the last with a projection
+    gives the pooled embedding where ``pooled``); ``penultimate``: the denoiser is conditioned on the encoders'
+    penultimate hidden states (SDXL) rather than the final, normed ones; ``pooled``: the denoiser takes the
+    pooled text embedding (``text_embeds``); ``zero_negatives``: guided without a negative prompt, the
+    unconditional rows are zeros (diffusers' ``force_zeros_for_empty_prompt``) instead of the empty prompt's
+    encoding; ``generates``: it generates from noise (an SDXL refiner only continues latents);
+    ``diffusers_pipeline``: the stem of diffusers' pipeline class names for it (``StableDiffusionXL`` ->
+    ``StableDiffusionXLPipeline``, ``...Img2ImgPipeline``, ``...InpaintPipeline``, ``...ControlNetPipeline``).
+    """
+
+    key: str
+    label: str
+    encoders: tuple[str, ...]
+    penultimate: bool = False
+    pooled: bool = False
+    zero_negatives: bool = False
+    generates: bool = True
+    diffusers_pipeline: str = "StableDiffusion"
+
+    @property
+    def pooled_encoder(self) -> str | None:
+        """The encoder whose projection gives the pooled embedding (the last), or None."""
+        return self.encoders[-1] if self.pooled else None
+
+    @property
+    def time_ids(self) -> int:
+        """The length of the denoiser's added time ids per row (0: it takes none)."""
+        return 0
+
+    def check_scores(self, scores: tuple[float | None, float | None] | None) -> tuple[float, float] | None:
+        """The conditioning scores a call gave (an SDXL refiner's aesthetic scores), checked and defaults filled;
+        a family that takes none refuses any."""
+        given = (None, None) if scores is None else scores
+        if any(v is not None for v in given):
+            raise InputError("aesthetic_score and negative_aesthetic_score condition an SDXL refiner; this model "
+                             "takes none: leave them out",
+                             cli="--aesthetic-score and --negative-aesthetic-score condition an SDXL refiner: pass "
+                                 "it with --refiner, or leave them out")
+        return None
+
+    def extra_conditioning(self, height: int, width: int, batch: int, guided: bool,
+                           scores: tuple[float | None, float | None] | None = None) -> dict[str, np.ndarray]:
+        """The denoiser's conditioning beyond the text states and pooled embedding, per UNet row (float64; the
+        caller casts): none for SD 1.x/2.x."""
+        self.check_scores(scores)
+        return {}
+
+    def export_time_ids(self, size: int) -> list[float]:
+        """Example time ids for tracing the denoiser at ``size`` (empty: none)."""
+        return []
+
+    def refuse_generation(self, folder: Path) -> InputError:
+        """The error for generating from noise with a model that only continues latents (``generates`` False)."""
+        return InputError(f"{folder} is an {self.label} model: it continues another model's latents and does not "
+                          "generate from noise; give it an image to refine (image=..., strength=0.3)",
+                          cli=f"{folder} is an {self.label} model: it does not generate from noise; give it an image "
+                              "with --init-image (and --strength 0.3)")
+
+
+def check_score(label: str, v: Any, default: float) -> float:
+    """One aesthetic-style score: a finite number from 0 to 10, the default where None."""
+    if v is None:
+        v = default
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not math.isfinite(v) \
+            or not 0.0 <= v <= 10.0:
+        raise InputError(f"{label} must be a number from 0 to 10 (the refiner's defaults: 6 and 2.5), got {v!r}",
+                         cli=f"--{label.replace('_', '-')} must be a number from 0 to 10 (defaults 6 and 2.5), "
+                             f"got {v!r}")
+    return float(v)
