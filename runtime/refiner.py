@@ -24,16 +24,18 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .errors import DeviceMemoryError, InputError
+from .request import GenerationRequest
+from .results import Result
 from .step_loop import Clock
 
 if TYPE_CHECKING:
-    from .pipeline import Pipeline, Result
+    from .pipeline import Pipeline
 
 DEFAULT_REFINER_START = 0.8
 
@@ -92,18 +94,11 @@ def check_pair(base: Pipeline, refiner: Pipeline) -> None:
 def handoff_row(pipe: Pipeline, plan_timesteps: np.ndarray, fraction: float) -> int:
     """How many of a plan's steps come before ``fraction``: diffusers' discrete cut-off, the steps with
     t >= round(T - fraction * T)."""
-    train = int(pipe.scheduler_config.get("num_train_timesteps", 1000))
-    cutoff = round(train - fraction * train)
-    return int(np.sum(np.asarray(plan_timesteps) >= cutoff))
+    return pipe.handoff_row(plan_timesteps, fraction)
 
 
-def refine(base: Pipeline, refiner: Pipeline, prompt: str | Sequence[str] | None,
-           negative_prompt: str | Sequence[str] | None = None, *, refiner_start: float | None = None,
-           height: int | None = None, width: int | None = None, steps: int = 30, guidance_scale: float = 7.5,
-           sampler: str = "dpmpp-2m", seed: int | Sequence[int] | None = None, batch_size: int = 1,
-           latents: np.ndarray | None = None, callback: Callable[[int, int], None] | None = None,
-           output: str = "images", aesthetic_score: float | None = None,
-           negative_aesthetic_score: float | None = None) -> Result:
+def refine(base: Pipeline, refiner: Pipeline, request: GenerationRequest, *,
+           callback: Callable[[int, int], None] | None = None) -> Result:
     """The base denoises to ``refiner_start`` (default 0.8) of the schedule, the refiner the rest from its
     latents; the refiner's VAE decodes. ``steps`` counts the whole schedule, as diffusers'
     ``num_inference_steps`` on both pipelines. ``aesthetic_score`` / ``negative_aesthetic_score``: the
@@ -114,34 +109,36 @@ def refine(base: Pipeline, refiner: Pipeline, prompt: str | Sequence[str] | None
     says which: the base backend's (device events on TensorRT) where both models share its device, else
     the host clock synchronizing both; ``total_ms`` on the host clock. ``Result.loop`` says how each
     model's loop ran."""
-    from .pipeline import OUTPUTS, Result, _aesthetic, _check_guidance, _memory_error, _prompts, _resolve_seed
-
+    req = request
     t0 = time.perf_counter()
-    if prompt is None:
+    single = [name for name, v in (("image", req.image), ("strength", req.strength), ("mask_image", req.mask_image),
+                                   ("paste_back", req.paste_back), ("prompt_embeds", req.prompt_embeds),
+                                   ("control_images", req.control_images)) if v is not None]
+    if single:
+        raise InputError("a base + refiner call generates from a prompt: image, strength, mask_image, "
+                         "paste_back, prompt_embeds and control_images are for a single model; leave "
+                         "them out")
+    if req.guidance_rescale or req.timestep_spacing is not None:
+        raise InputError("guidance_rescale and timestep_spacing are not supported with a refiner: leave them "
+                         "out")
+    if req.prompt is None:
         raise InputError("a base + refiner call needs a prompt")
-    fraction = DEFAULT_REFINER_START if refiner_start is None else check_refiner_start(refiner_start)
-    if output not in OUTPUTS:
-        raise InputError(f"output {output!r} is not one of {', '.join(OUTPUTS)}")
-    with base._lock, refiner._lock:
-        base._ready()
-        refiner._ready()
+    fraction = DEFAULT_REFINER_START if req.refiner_start is None else check_refiner_start(req.refiner_start)
+    with base.reserved(), refiner.reserved():
         check_pair(base, refiner)
-        _check_guidance(guidance_scale)
-        aesthetic = (aesthetic_score, negative_aesthetic_score)
-        _aesthetic(True, aesthetic)
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            raise InputError(f"batch_size {batch_size!r} must be an integer >= 1")
-        b = len(_prompts(prompt, batch_size))
-        seed = _resolve_seed(seed, b)
-        height = base.manifest.default_size if height is None else height
-        width = base.manifest.default_size if width is None else width
-        guided = base._cfg(guidance_scale)
+        req = req.checked()
+        refiner.family.check_scores(req.scores)
+        b = req.images_count
+        height = base.manifest.default_size if req.height is None else req.height
+        width = base.manifest.default_size if req.width is None else req.width
+        guided = base.uses_guidance(req.guidance_scale)
         for pipe in (base, refiner):
-            pipe._check_size(height, width, b, guided=guided)
+            pipe.check_request(height, width, b, guided=guided)
+        steps, sampler = req.steps, req.sampler
         plan_b = base.plan(sampler, steps)
-        k_base = handoff_row(base, plan_b.timesteps, fraction)
+        k_base = base.handoff_row(plan_b.timesteps, fraction)
         plan_r = refiner.plan(sampler, steps)
-        k_ref = handoff_row(refiner, plan_r.timesteps, fraction)
+        k_ref = refiner.handoff_row(plan_r.timesteps, fraction)
         if not 0 < k_base < plan_b.steps or not 0 < k_ref < plan_r.steps:
             raise InputError(
                 f"refiner_start {fraction} leaves the base {k_base} and the refiner {plan_r.steps - k_ref} of the "
@@ -156,25 +153,30 @@ def refine(base: Pipeline, refiner: Pipeline, prompt: str | Sequence[str] | None
         clock = (base.backend.clock() if refiner.backend.shares_memory_with(base.backend)
                  else Clock(base.backend, refiner.backend))
         running = base  # the model whose stage runs: an allocation failure is reported with its sizes
+        loop_b: dict[str, Any] = {}
+        loop_r: dict[str, Any] = {}
         try:
             clock.mark()
-            emb_b = base.encode_prompt(prompt, negative_prompt, batch_size=batch_size, guided=guided)
+            emb_b = base.encode_prompt(req.prompt, req.negative_prompt, batch_size=req.batch_size, guided=guided)
             clock.mark()
-            lat = base.prepare_latents(plan_b, height, width, batch_size=b, seed=seed, latents=latents)
+            lat = base.prepare_latents(plan_b, height, width, batch_size=b, seed=req.seed, latents=req.latents)
             clock.mark()
-            lat, how_b = base._denoise(emb_b, lat, plan_b, guidance_scale, None, fraction, callback, {}, clock)
+            lat = base.denoise(emb_b, lat, plan_b, guidance_scale=req.guidance_scale, end=fraction,
+                               callback=callback, timings=loop_b, clock=clock, own_buffers=False)
             running = refiner
-            emb_r = refiner.encode_prompt(prompt, negative_prompt, batch_size=batch_size, guided=guided)
+            emb_r = refiner.encode_prompt(req.prompt, req.negative_prompt, batch_size=req.batch_size, guided=guided)
             clock.mark()
-            rlat, how_r = refiner._denoise(emb_r, refiner.latents_from(lat, base), plan_r, guidance_scale, fraction,
-                                           None, callback, {}, clock, aesthetic=aesthetic)
-            images, nonfinite, final = refiner._output(rlat.x, output)
+            rlat = refiner.denoise(emb_r, refiner.latents_from(lat, base), plan_r, guidance_scale=req.guidance_scale,
+                                   start=fraction, callback=callback, timings=loop_r, clock=clock,
+                                   aesthetic_score=req.aesthetic_score,
+                                   negative_aesthetic_score=req.negative_aesthetic_score, own_buffers=False)
+            images, nonfinite, final = refiner.finish(rlat, req.output)
             clock.mark()
             # base text, latents, base loop set-up, base steps, refiner text, hand-off + refiner set-up,
             # refiner steps, decode (or the copy of the latents to the host)
             ms = clock.intervals_ms()
         except DeviceMemoryError as e:
-            raise _memory_error(e, running, b, guided, height, width) from e
+            raise running.memory_error(e, b, guided, height, width) from e
         finally:
             clock.close()
         kb = k_base  # the base's steps: the window [0, k_base) of its plan
@@ -183,10 +185,9 @@ def refine(base: Pipeline, refiner: Pipeline, prompt: str | Sequence[str] | None
             "base_text_encoder_ms": ms[0], "refiner_text_encoder_ms": ms[3 + kb], "text_encoder_ms": ms[0] + ms[3 + kb],
             "base_steps_ms": steps_b, "refiner_steps_ms": steps_r, "unet_steps_ms": steps_b + steps_r,
             "unet_step_ms": float(np.median(steps_b + steps_r)), "clock": clock.kind}
-        if output == "images":
+        if req.output == "images":
             timings["vae_decoder_ms"] = ms[-1]
         timings["total_ms"] = (time.perf_counter() - t0) * 1e3
-        how = (f"base {len(steps_b)} steps: {how_b}; refiner {len(steps_r)} steps (from {fraction} of the "
-               f"schedule): {how_r}")
+        how = (f"base {len(steps_b)} steps: {loop_b['loop']}; refiner {len(steps_r)} steps (from {fraction} of the "
+               f"schedule): {loop_r['loop']}")
         return Result(images, timings, nonfinite, how, final, rlat.seed)
-

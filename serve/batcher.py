@@ -169,15 +169,12 @@ class Batcher:
     def key(self, job: Job) -> tuple[Any, ...]:
         """What must agree for jobs to share a UNet batch without changing any image."""
         guided = job.guidance > 1.0
-        chunks: tuple[int, ...] = ()
         pipe = self.pipes[0] if self.pipes else None
-        if pipe is not None:
-            texts = job.prompts + ((job.negatives or []) if guided else [])
-            chunks = tuple(int(tok.encode_chunks(texts).shape[1]) for tok in pipe.tokenizers)
-        sdxl_zero_neg = pipe is not None and pipe.manifest.family == "sdxl" and guided and job.negatives is None
+        # the pipeline says what its conditioning needs to agree on (guidance, text chunks, the family's rules)
+        conditioning = pipe.conditioning_key(job.prompts, job.negatives, job.guidance) if pipe is not None else ()
         solo = next(_ids) if job.image is not None else None
         return (job.height, job.width, job.steps, job.sampler, guided, job.guidance if guided else None,
-                chunks, sdxl_zero_neg, solo)
+                conditioning, solo)
 
     def submit(self, job: Job) -> concurrent.futures.Future[JobResult]:
         if job.n > self.max_batch:

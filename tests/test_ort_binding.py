@@ -131,7 +131,7 @@ def test_pipeline_over_ortvalues_gives_the_ort_cpu_images(tiny_export, monkeypat
         be.fused_step = fused
         return be
 
-    monkeypatch.setattr("sdrt.runtime.pipeline.make_backend", backend)
+    monkeypatch.setattr("sdrt.runtime.backends.make_backend", backend)
     pipe = Pipeline.load(folder, backend="ort-cuda")
     assert pipe.backend.io_binding and pipe.engines["unet"]._bound
     assert (pipe.engines["unet"]._static is not None) == cuda_graph
@@ -164,7 +164,7 @@ def test_a_failed_run_under_a_graph_id_runs_that_shape_uncaptured(tiny_export, m
         be.fused_step = False
         return be
 
-    monkeypatch.setattr("sdrt.runtime.pipeline.make_backend", backend)
+    monkeypatch.setattr("sdrt.runtime.backends.make_backend", backend)
     kw: dict[str, Any] = {"steps": 3, "sampler": "dpmpp-2m", "seed": 4, "height": 64, "width": 64}
     with Pipeline.load(folder, backend="ort-cpu") as ref, Pipeline.load(folder, backend="ort-cuda") as pipe:
         want = np.asarray(ref("a harbor", **kw).images[0])
@@ -206,7 +206,7 @@ def test_an_onnxruntime_without_device_copies_says_so_once(tiny_export, monkeypa
     assert f"onnxruntime-gpu>={ort_backend.DEVICE_COPY_SINCE}" in pyproject["project"]["optional-dependencies"]["cuda"]
     folder = tiny_export("sd15-tiny")
     kw: dict[str, Any] = {"steps": 3, "sampler": "euler-a", "seed": 4, "height": 64, "width": 64}
-    monkeypatch.setattr("sdrt.runtime.pipeline.make_backend", lambda *a, **k: _bound_cpu(monkeypatch, cuda_graph=True))
+    monkeypatch.setattr("sdrt.runtime.backends.make_backend", lambda *a, **k: _bound_cpu(monkeypatch, cuda_graph=True))
     with Pipeline.load(folder, backend="ort-cpu") as ref, Pipeline.load(folder, backend="ort-cuda") as pipe:
         want = np.asarray(ref("a harbor", **kw).images[0])
         ok = pipe("a harbor", **kw)  # this onnxruntime copies on the device: nothing to say

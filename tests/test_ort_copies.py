@@ -81,7 +81,7 @@ def _ort_cuda_on_cpu(monkeypatch: pytest.MonkeyPatch, cuda_graph: bool, fused: b
         monkeypatch.setattr(be, "providers_for", lambda name: ["CPUExecutionProvider"])
         return be
 
-    monkeypatch.setattr("sdrt.runtime.pipeline.make_backend", backend)
+    monkeypatch.setattr("sdrt.runtime.backends.make_backend", backend)
 
 
 def test_the_counter_sees_each_kind_of_copy(ort_copies: Copies) -> None:

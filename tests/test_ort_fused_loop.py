@@ -175,7 +175,7 @@ def test_shapes_beyond_max_cuda_graphs_run_engine_by_engine(tiny_export, monkeyp
 
 def test_close_drops_the_composed_session(tiny_export, monkeypatch: pytest.MonkeyPatch) -> None:
     folder = tiny_export("sd15-tiny")
-    monkeypatch.setattr("sdrt.runtime.pipeline.make_backend", lambda *a, **k: _bound(monkeypatch))
+    monkeypatch.setattr("sdrt.runtime.backends.make_backend", lambda *a, **k: _bound(monkeypatch))
     pipe = Pipeline.load(folder, backend="ort-cuda")
     res = pipe("a harbor", steps=2, sampler="euler-a", seed=1, height=64, width=64)
     assert res.loop.startswith("UNet + sampler step as one ONNX Runtime session")
@@ -200,7 +200,7 @@ def test_controlnets_run_engine_by_engine_with_the_images_of_ort_cpu(tiny_contro
     kw: dict[str, Any] = {"steps": 3, "sampler": "dpmpp-2m", "seed": 2, "height": 64, "width": 64}
     with Pipeline.load(folder, backend="ort-cpu") as ref:
         want = np.asarray(ref("a harbor", control_images=[control, None], **kw).images[0])
-    monkeypatch.setattr("sdrt.runtime.pipeline.make_backend", lambda *a, **k: _bound(monkeypatch))
+    monkeypatch.setattr("sdrt.runtime.backends.make_backend", lambda *a, **k: _bound(monkeypatch))
     with Pipeline.load(folder, backend="ort-cuda") as pipe:
         res = pipe("a harbor", control_images=[control, None], **kw)
         assert "not ControlNets" in res.loop
@@ -258,7 +258,7 @@ def test_a_failed_composed_run_falls_back_to_the_engines(tiny_export, monkeypatc
     the engines one by one from the state that run read and gives ort-cpu's images; later calls at that
     shape run the engines from the start, a new shape runs composed again, and Result.loop says why."""
     folder = tiny_export("sd15-tiny")
-    monkeypatch.setattr("sdrt.runtime.pipeline.make_backend",
+    monkeypatch.setattr("sdrt.runtime.backends.make_backend",
                         lambda *a, **k: _bound(monkeypatch, cuda_graph=True, fused=None))
     kw: dict[str, Any] = {"steps": 4, "sampler": sampler, "seed": 3, "negative_prompt": "fog"}
     with Pipeline.load(folder, backend="ort-cpu") as ref, Pipeline.load(folder, backend="ort-cuda") as pipe:

@@ -15,7 +15,7 @@ import torch
 
 from sdrt.export.loading import random_model
 from sdrt.runtime.errors import InputError
-from sdrt.runtime.pipeline import Pipeline
+from sdrt.runtime.pipeline import GenerationRequest, Pipeline
 from tests.test_trt_pipeline import fake_gpu  # noqa: F401 - the TensorRT fakes' fixture
 
 BASE, REFINER = "sdxl-tiny", "sdxl-refiner-tiny"
@@ -322,7 +322,7 @@ def test_refiner_as_base_and_base_as_refiner_are_refused(pipes, no_engine_runs) 
     with pytest.raises(InputError, match="is an SDXL refiner: it refines, it does not generate from noise"):
         refiner(PROMPT, steps=4)
     with pytest.raises(InputError, match="is an SDXL refiner, passed as the base model"):
-        refine(refiner, base, PROMPT, steps=4)
+        refine(refiner, base, GenerationRequest(PROMPT, steps=4))
     with pytest.raises(InputError, match=r"\(sdxl-tiny\) is not an SDXL refiner"):
         base(PROMPT, refiner=base, steps=4)
     with pytest.raises(InputError, match="aesthetic_score and negative_aesthetic_score condition an SDXL refiner"):

@@ -13,6 +13,7 @@ from sdrt.export.profiles import custom_profile, text_join_shapes
 from sdrt.runtime.errors import ArtifactError, InputError
 from sdrt.runtime.manifest import ExportManifest
 from sdrt.runtime.ort_backend import OrtBackend
+from sdrt.runtime.conditioning import TextConditioning
 from sdrt.runtime.pipeline import Pipeline
 from sdrt.runtime.text_join import JoinVariant, join_engine_name, join_graph_bytes, join_variant
 
@@ -100,11 +101,11 @@ def test_variant_from_the_manifest_and_when_it_is_needed(tiny_export) -> None:
 
 def _joins(pipe: Pipeline) -> dict[str, object]:
     """The join graphs the pipeline loaded, by name (None: its backend has none)."""
-    return {k: v for k, v in pipe._device_graphs.items() if k.startswith("text_join")}
+    return {k: v for k, v in pipe.device_graphs.loaded().items() if k.startswith("text_join")}
 
 
 def _host_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(Pipeline, "_text_join", lambda self, hidden, pooled: None)
+    monkeypatch.setattr(TextConditioning, "_join_graph", lambda self, hidden, pooled: None)
 
 
 @pytest.mark.parametrize("negative", [None, "blurry"])  # None: SDXL's zeroed negatives
@@ -123,7 +124,7 @@ def test_sdxl_embeddings_on_the_device_equal_the_host_join(tiny_export, monkeypa
         assert k > 1 and pipe.backend.to_host(dev.hidden).shape == (4, 77 * k, width)
         zeroed = not pipe.backend.to_host(dev.pooled)[:2].any()
         assert zeroed == (negative is None)
-    assert pipe._device_graphs == {}  # released with the pipeline
+    assert pipe.device_graphs.loaded() == {}  # released with the pipeline
 
 
 def test_a_long_prompt_gives_the_image_of_the_host_join(tiny_export, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -144,7 +145,7 @@ def test_a_long_prompt_gives_the_image_of_the_host_join(tiny_export, monkeypatch
 def test_a_backend_without_the_graph_joins_on_the_host_and_says_so_once(tiny_export, caplog) -> None:
     with Pipeline.load(tiny_export("sdxl-tiny"), backend="ort-cpu") as pipe:
         want = pipe.encode_prompt("a ship", guided=True)
-        pipe._device_graphs.clear()
+        pipe.device_graphs.clear()
         load = pipe.backend.load
 
         def old_folder(path: str | bytes, name: str):

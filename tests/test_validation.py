@@ -48,13 +48,13 @@ def ran(pipe: Pipeline, monkeypatch: pytest.MonkeyPatch) -> list[str]:
 def no_generation(monkeypatch: pytest.MonkeyPatch) -> list[object]:
     """For CLI cases: records any generation the command starts (none should)."""
     started: list[object] = []
-    real = Pipeline.__call__
+    real = Pipeline.generate
 
-    def record(self, *a, **kw):
-        started.append(kw)
-        return real(self, *a, **kw)
+    def record(self, request, **kw):
+        started.append(request)
+        return real(self, request, **kw)
 
-    monkeypatch.setattr(Pipeline, "__call__", record)
+    monkeypatch.setattr(Pipeline, "generate", record)  # __call__ goes through generate too
     return started
 
 
@@ -343,12 +343,12 @@ def test_timing_rows_add_up_to_the_total(sd15: Path, tmp_path: Path, capsys) -> 
 
 def test_cli_warning_is_one_plain_line_after_the_bar(sd15: Path, tmp_path: Path, capsys,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    real = Pipeline.__call__
+    real = Pipeline.finish
 
-    def nan_latents(self, *a, **kw):  # NaN reaching the VAE: the non-finite warning
-        return real(self, *a, **kw, latents=np.full((1, 4, 8, 8), np.nan, np.float32))
+    def nan_latents(self, latents, output):  # NaN reaching the VAE: the non-finite warning
+        return real(self, np.full((1, 4, 8, 8), np.nan, np.float32), output)
 
-    monkeypatch.setattr(Pipeline, "__call__", nan_latents)
+    monkeypatch.setattr(Pipeline, "finish", nan_latents)
     assert _cli(sd15, "--seed", "1", "-o", str(tmp_path / "x.png")) == 0
     err = capsys.readouterr().err
     warned = [line for line in err.splitlines() if "warning" in line.lower()]

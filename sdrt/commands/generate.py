@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from sdrt.runtime.errors import InputError
-    from sdrt.runtime.pipeline import Pipeline
+    from sdrt.runtime.pipeline import GenerationRequest, Pipeline
 
     from ._report import print_warnings, timing_table
 
@@ -139,16 +139,17 @@ def run(args: argparse.Namespace) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            result = pipe(args.prompt, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
-                          steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler, seed=args.seed,
-                          batch_size=args.batch_size, image=image, strength=args.strength, callback=progress,
-                          mask_image=mask, paste_back=args.paste_back,
-                          guidance_rescale=args.guidance_rescale, timestep_spacing=args.timestep_spacing,
-                          control_images=control, control_scales=_one_or_list(args.control_scale),
-                          control_start=_one_or_list(args.control_start), control_end=_one_or_list(args.control_end),
-                          guess_mode=args.guess_mode,
-                          aesthetic_score=args.aesthetic_score, negative_aesthetic_score=args.negative_aesthetic_score,
-                          refiner=refiner, refiner_start=args.refiner_start)
+            request = GenerationRequest(
+                prompt=args.prompt, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
+                steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler, seed=args.seed,
+                batch_size=args.batch_size, image=image, strength=args.strength, mask_image=mask,
+                paste_back=args.paste_back, guidance_rescale=args.guidance_rescale,
+                timestep_spacing=args.timestep_spacing, control_images=control,
+                control_scales=_one_or_list(args.control_scale), control_start=_one_or_list(args.control_start),
+                control_end=_one_or_list(args.control_end), guess_mode=args.guess_mode,
+                aesthetic_score=args.aesthetic_score, negative_aesthetic_score=args.negative_aesthetic_score,
+                refiner_start=args.refiner_start)
+            result = pipe.generate(request, refiner=refiner, callback=progress)
         finally:
             bar.close()
             if refiner is not None:

@@ -1,0 +1,163 @@
+"""The text stage: prompts (or precomputed embeddings) -> ``PromptEmbeddings`` on the device, by the model
+family's encoders and rules (how encoders are joined, the pooled embedding, zeros for empty negatives)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from .device_graphs import DeviceGraphs
+from .engine import Array, Backend, Engine
+from .errors import InputError
+from .families import Family
+from .manifest import ExportManifest
+from .request import float_array, is_int
+from .results import PromptEmbeddings
+from .tokenizer import ClipTokenizer
+
+
+class TextConditioning:
+    """A model's text encoders and tokenizers on a backend; ``dtype`` is the denoiser's."""
+
+    def __init__(self, manifest: ExportManifest, backend: Backend, engines: dict[str, Engine],
+                 tokenizers: Sequence[ClipTokenizer], graphs: DeviceGraphs, dtype: np.dtype[Any]) -> None:
+        self.manifest = manifest
+        self.family: Family = manifest.model_family
+        self.backend = backend
+        self.engines = engines
+        self.tokenizers = list(tokenizers)
+        self.graphs = graphs
+        self.dtype = dtype
+
+    def chunks(self, texts: Sequence[str]) -> tuple[int, ...]:
+        """The number of 77-token chunks each tokenizer makes of these texts (together)."""
+        return tuple(int(tok.encode_chunks(list(texts)).shape[1]) for tok in self.tokenizers)
+
+    def zero_negatives(self, negative_prompt: Any) -> bool:
+        """Guided with no negative prompt: the family's rule (diffusers' force_zeros_for_empty_prompt)."""
+        return self.family.zero_negatives and negative_prompt is None
+
+    def encode(self, prompts: list[str], b: int, guided: bool, zero_negatives: bool = False) -> PromptEmbeddings:
+        """Text encoders -> embeddings on the device. With one encoder and one chunk the encoder's output
+        is the UNet's input as it is; otherwise the chunks and encoders are joined on the device by the
+        join graph (runtime/text_join.py), or on the host where the backend has none."""
+        be, dt = self.backend, self.dtype
+        outs: list[dict[str, Array]] = []
+        rows = 0
+        for name, tok in zip(self.manifest.encoder_names, self.tokenizers, strict=True):
+            ids = tok.encode_chunks(prompts)  # [rows, k, 77]
+            rows, k, n = ids.shape
+            out = self.engines[name]({"input_ids": be.to_device(ids.reshape(rows * k, n))})
+            if (len(self.tokenizers) == 1 and k == 1 and not zero_negatives and "text_embeds" not in out
+                    and be.meta(out["hidden_states"])[0] == dt):
+                # already [rows, 77, C] in the UNet's dtype: no host round trip
+                return PromptEmbeddings(out["hidden_states"], None, b, guided)
+            outs.append(out)
+        pooled = next((o["text_embeds"] for o in reversed(outs) if "text_embeds" in o), None)
+        join = self._join_graph([o["hidden_states"] for o in outs], pooled)
+        if join is None:
+            return self._host_join(outs, pooled, rows, b, guided, zero_negatives)
+        keep = np.ones(rows, np.float32)
+        if zero_negatives:
+            keep[:b] = 0
+        feeds = {f"hidden_{j}": o["hidden_states"] for j, o in enumerate(outs)}
+        if pooled is not None:
+            feeds["text_embeds"] = pooled
+        joined = join({**feeds, "keep": be.to_device(keep)})
+        return PromptEmbeddings(joined["hidden"], joined.get("pooled"), b, guided)
+
+    def _join_graph(self, hidden: list[Array], pooled: Array | None) -> Engine | None:
+        """The join graph for these encoder outputs, loaded once; None where the backend cannot load it (a
+        TensorRT engine folder built by an older sdrt), or the outputs are not the manifest's variant."""
+        from .text_join import join_variant
+
+        be = self.backend
+        try:
+            variant = join_variant(self.manifest)
+        except InputError:  # a manifest without the dtypes the variant is read from: the host join
+            return None
+        have = (tuple(be.meta(h)[0].name for h in hidden), None if pooled is None else be.meta(pooled)[0].name,
+                self.dtype.name)
+        rows = {be.meta(h)[1][0] for h in hidden}
+        if have != (variant.hidden_dtypes, variant.pooled_dtype, variant.out_dtype) or len(rows) != 1:
+            return None  # the host join, which says what does not fit
+        return self.graphs.get(variant.name, variant.graph_bytes, "the prompt embeddings are joined")
+
+    def _host_join(self, outs: list[dict[str, Array]], pooled_out: Array | None, rows: int, b: int, guided: bool,
+                   zero_negatives: bool) -> PromptEmbeddings:
+        """The join on the host: every encoder output down, concatenated, zeroed, cast, and up again."""
+        be, dt = self.backend, self.dtype
+        hidden_parts = [be.to_host(o["hidden_states"]) for o in outs]
+        hidden_parts = [h.reshape(rows, -1, h.shape[-1]) for h in hidden_parts]
+        pooled = None
+        if pooled_out is not None:
+            # the pooled embedding of the first chunk, as the UIs do
+            pooled = be.to_host(pooled_out).reshape(rows, -1, be.meta(pooled_out)[1][-1])[:, 0]
+        hidden = np.concatenate(hidden_parts, axis=-1) if len(hidden_parts) > 1 else hidden_parts[0]
+        if zero_negatives:
+            hidden[:b] = 0
+            if pooled is not None:
+                pooled[:b] = 0
+        return PromptEmbeddings(be.to_device(hidden.astype(dt)),
+                                None if pooled is None else be.to_device(pooled.astype(dt)), b, guided)
+
+    def from_arrays(self, prompt_embeds: np.ndarray, negative_prompt_embeds: np.ndarray | None, *,
+                    pooled_prompt_embeds: np.ndarray | None, negative_pooled_prompt_embeds: np.ndarray | None,
+                    guided: bool, batch_size: int) -> PromptEmbeddings:
+        """Precomputed embeddings -> PromptEmbeddings (see ``Pipeline.embeddings_from``)."""
+        fam = self.family
+        width = self.engines["unet"].inputs["encoder_hidden_states"].shape[-1]
+        pos = float_array(prompt_embeds, "prompt_embeds", 3)
+        if not is_int(batch_size) or batch_size < 1:
+            raise InputError(f"batch_size {batch_size!r} must be an integer >= 1 (images per embedding row)")
+        if isinstance(width, int) and pos.shape[-1] != width:
+            raise InputError(f"prompt_embeds are {pos.shape[-1]} wide; this model's UNet takes {width}")
+        pooled = None
+        if fam.pooled:
+            if pooled_prompt_embeds is None:
+                raise InputError(f"an {fam.label} model needs pooled_prompt_embeds [B, P] beside prompt_embeds")
+            pooled = float_array(pooled_prompt_embeds, "pooled_prompt_embeds", 2)
+            if pooled.shape[0] != pos.shape[0]:
+                raise InputError(f"pooled_prompt_embeds have {pooled.shape[0]} rows, prompt_embeds "
+                                 f"{pos.shape[0]}: give one pooled row per prompt row")
+        elif pooled_prompt_embeds is not None:
+            raise InputError(f"pooled_prompt_embeds are for models with a pooled text embedding (SDXL); this is an "
+                             f"{fam.label} model ({self.manifest.family})")
+        if guided:
+            if negative_prompt_embeds is None and not fam.zero_negatives:
+                raise InputError("guided generation from prompt_embeds needs negative_prompt_embeds "
+                                 "(or guidance_scale <= 1)")
+            neg = np.zeros_like(pos) if negative_prompt_embeds is None else float_array(
+                negative_prompt_embeds, "negative_prompt_embeds", 3)
+            if neg.shape != pos.shape:
+                raise InputError(f"negative_prompt_embeds {list(neg.shape)} must match prompt_embeds "
+                                 f"{list(pos.shape)}")
+            pos = np.concatenate([np.repeat(neg, batch_size, axis=0), np.repeat(pos, batch_size, axis=0)])
+            if pooled is not None:
+                npool = (np.zeros_like(pooled) if negative_pooled_prompt_embeds is None
+                         else float_array(negative_pooled_prompt_embeds, "negative_pooled_prompt_embeds", 2))
+                if npool.shape != pooled.shape:
+                    raise InputError(f"negative_pooled_prompt_embeds {list(npool.shape)} must match "
+                                     f"pooled_prompt_embeds {list(pooled.shape)}")
+                pooled = np.concatenate([np.repeat(npool, batch_size, axis=0),
+                                         np.repeat(pooled, batch_size, axis=0)])
+        else:
+            pos = np.repeat(pos, batch_size, axis=0)
+            pooled = None if pooled is None else np.repeat(pooled, batch_size, axis=0)
+        b = pos.shape[0] // (2 if guided else 1)
+        dt, to_dev = self.dtype, self.backend.to_device
+        return PromptEmbeddings(to_dev(pos.astype(dt)), None if pooled is None else to_dev(pooled.astype(dt)),
+                                b, guided)
+
+
+def guidance_embedding(w: float, dim: int) -> np.ndarray:
+    """LCM's guidance-scale embedding of w = guidance - 1 (VDM's sinusoidal embedding of 1000 w), [1, dim],
+    in float32 step for step as diffusers' ``get_guidance_scale_embedding``."""
+    half = dim // 2
+    scale = np.float32(np.log(np.float32(10000.0))) / np.float32(half - 1)
+    freqs = np.exp(np.arange(half, dtype=np.float32) * -scale)
+    args = np.float32(w * 1000.0) * freqs
+    emb = np.concatenate([np.sin(args), np.cos(args)])
+    return np.pad(emb, (0, dim % 2))[None].astype(np.float32)

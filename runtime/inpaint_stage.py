@@ -1,0 +1,133 @@
+"""Inpainting on the device: the mask checked against the export, the starting latents and mask state, and the
+step graph's extra inputs (the host math lives in runtime/inpaint.py)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import inpaint, samplers
+from .device_graphs import DeviceGraphs
+from .engine import Array, Backend, Engine
+from .errors import ArtifactError, InputError
+from .noise import draw, seeds
+from .results import Latents
+
+
+def mode_of(engines: dict[str, Engine], latent_channels: int) -> str:
+    """``concat`` (a 9-channel inpainting UNet), else the blend mode any UNet can inpaint with."""
+    return inpaint.inpaint_mode(int(engines["unet"].inputs["sample"].shape[1] or 0), latent_channels)
+
+
+def check_mask(folder: Path, engines: dict[str, Engine], mode: str, image: Any, mask_image: Any) -> Any:
+    """The mask as a grayscale PIL image, checked against the image and the export, before any work."""
+    if image is None:
+        raise InputError("mask_image needs the image to inpaint: pass image=... (white in the mask = repaint)",
+                         cli="--mask needs the image to inpaint: pass --init-image")
+    if mode == "concat" and inpaint.MASKED_ENCODER not in engines:
+        raise ArtifactError(f"{folder} has a 9-channel inpainting UNet but no {inpaint.MASKED_ENCODER}; "
+                            "re-export the model with this sdrt version (`sdrt export`)")
+    return inpaint.check_mask(mask_image, image)
+
+
+def noised(graph: Engine, backend: Backend, enc_lat: Array, noise: Array, coeffs: Any) -> Array:
+    """``ka image + kn noise`` in the UNet's dtype by the noising graph, the encoded image broadcast over
+    the noise's rows; ``coeffs`` = (ka, kn)."""
+    feeds = {"image_latents": enc_lat, "noise": noise, "coeffs": backend.to_device(np.asarray(coeffs, np.float32))}
+    return graph(feeds)["latents"]
+
+
+def noise_graph(graphs: DeviceGraphs, backend: Backend, enc_lat: Array, dtype: np.dtype[Any]) -> Engine | None:
+    """The noising graph for the encoder's latents (None: the backend has none, or they have several rows)."""
+    src, shape = backend.meta(enc_lat)
+    if shape[0] != 1:
+        return None
+    return graphs.noise(src, dtype)
+
+
+def prepare(backend: Backend, engines: dict[str, Engine], graphs: DeviceGraphs, dtype: np.dtype[Any],
+            vae_scale_factor: int, mode: str, plan: samplers.SamplerPlan, height: int, width: int, b: int,
+            gens: list[np.random.Generator], seed: Any, noise: np.ndarray, init: np.ndarray, mask_l: Any,
+            pure_noise: bool) -> Latents:
+    """Inpainting's starting latents and mask state. The encoders' latents stay on the device (the noising
+    graph puts the image at the first step's level and, at level 0, gives the blend its image latents);
+    where the backend has no noising graph (a folder built by an older sdrt) they go through the host,
+    as before. A 9-channel UNet at strength 1 starts from noise alone: its image latents are not encoded
+    (diffusers' ``prepare_latents`` neither)."""
+    be, dt = backend, dtype
+    mask_px = inpaint.binarize(inpaint.resize_mask(mask_l, height, width))
+    lmask = inpaint.latent_mask(mask_px, vae_scale_factor, b)
+    step_noise = draw(gens, (plan.steps, *noise.shape), axis=1) if plan.needs_noise else None
+    image = be.to_device(init)
+    enc_lat = None if mode == "concat" and pure_noise else engines["vae_encoder"]({"image": image})["latent"]
+    masked = None
+    if mode == "concat":
+        feeds = {"image": image, "mask": be.to_device(mask_px.astype(np.uint8)[None, :, :, None])}
+        masked = engines[inpaint.MASKED_ENCODER](feeds)["latent"]
+    start = (noise.astype(np.float64) * plan.init_noise_sigma).astype(np.float32) if pure_noise else None
+    graph = None if enc_lat is None else noise_graph(graphs, be, enc_lat, dt)
+    if enc_lat is None or graph is not None:  # on the device: nothing read back
+        x = be.to_device(start.astype(dt)) if start is not None else None
+        state = inpaint.InpaintState(mode, lmask, masked_latents=masked, resident=True)
+        if graph is not None:
+            assert enc_lat is not None
+            noise_dev = be.to_device(np.ascontiguousarray(noise, np.float32))
+            if x is None:
+                x = noised(graph, be, enc_lat, noise_dev, plan.noise_coeffs)
+            if mode == "blend":  # the image latents themselves: noise level 0 (ka 1, kn 0) is exact
+                state = replace(state, image_latents=noised(graph, be, enc_lat, noise_dev, (1.0, 0.0)),
+                                noise=noise_dev if dt == np.float32 else be.to_device(noise.astype(dt)))
+        return Latents(x, height, width, 0, None, step_noise, seeds(seed), start, state)
+    img_lat = be.to_host(enc_lat)
+    img_lat = np.repeat(img_lat.astype(np.float64), b // img_lat.shape[0], axis=0)
+    if mode == "blend":
+        state = inpaint.InpaintState(mode, lmask, image_latents=img_lat.astype(np.float32), noise=noise)
+    else:
+        assert masked is not None
+        host = be.to_host(masked).astype(np.float32)
+        state = inpaint.InpaintState(mode, lmask, masked_latents=np.repeat(host, b // host.shape[0], axis=0))
+    x = start if start is not None else plan.add_noise(img_lat, noise.astype(np.float64)).astype(np.float32)
+    return Latents(be.to_device(x.astype(dt)), height, width, 0, None, step_noise, seeds(seed), x, state)
+
+
+def loop_inputs(backend: Backend, graphs: DeviceGraphs, state: inpaint.InpaintState, plan: samplers.SamplerPlan,
+                b: int, guided: bool, dt: np.dtype[Any]) -> tuple[dict[str, Array], np.ndarray, np.ndarray | None]:
+    """(the inpainting step graph's extra inputs on the device, its coeffs table, the host block appended to
+    the first UNet input where that is made on the host). A resident state uploads only the mask; its
+    9-channel block is assembled by the extra-channels graph (or, without it, on the host)."""
+    be = backend
+    if state.resident and state.mode == "blend":
+        feeds = {"mask": be.to_device(state.mask.astype(dt)), "image_latents": state.image_latents,
+                 "init_noise": state.noise}
+        return feeds, np.hstack([plan.table, inpaint.blend_table(plan)]), None
+    if state.resident:
+        src, _ = be.meta(state.masked_latents)
+        graph = graphs.extra(guided, src, dt)
+        if graph is not None:
+            extra = graph({"mask": be.to_device(state.mask.astype(dt)), "masked_latents": state.masked_latents})
+            return {"unet_extra": extra["unet_extra"]}, plan.table, None
+        host = be.to_host(state.masked_latents).astype(np.float32)
+        state = replace(state, masked_latents=np.repeat(host, b // host.shape[0], axis=0), resident=False)
+    feeds, table, head = inpaint.loop_inputs(state, plan, guided, dt)
+    return {k: be.to_device(v) for k, v in feeds.items()}, table, head
+
+
+def check_call(folder: Path, engines: dict[str, Engine], mode: str, req: Any) -> tuple[Any, float | None]:
+    """A whole call's inpainting arguments (a ``GenerationRequest``), checked against the export before any
+    work: (the mask or None, the paste-back blur radius or None)."""
+    mask = None if req.mask_image is None else check_mask(folder, engines, mode, req.image, req.mask_image)
+    if req.guidance_rescale and (mask is not None or mode == "concat"):
+        raise InputError("guidance_rescale with inpainting is not supported: leave guidance_rescale at 0",
+                         cli="--guidance-rescale with inpainting is not supported: leave it out")
+    blur = inpaint.check_paste_back(req.paste_back)
+    if blur is not None and (mask is None or req.output != "images"):
+        raise InputError("paste_back applies to inpainting images: pass mask_image=, or leave paste_back out",
+                         cli="--paste-back applies to inpainting: pass --mask, or leave --paste-back out")
+    if mask is None and mode == "concat":
+        raise InputError(f"{folder} is an inpainting model (a 9-channel UNet): pass image= and "
+                         "mask_image= (white = repaint)",
+                         cli=f"{folder} is an inpainting model: pass --init-image and --mask")
+    return mask, blur

@@ -1,0 +1,131 @@
+"""What a pipeline is loaded from: an sdrt export, an engine folder or an Optimum export, read and checked
+(components, encoder widths, tokenizers, scheduler configuration) before any engine is made."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import backends
+from .engine import Backend, Engine
+from .errors import ArtifactError, CompatibilityError, InputError
+from .manifest import ExportManifest, tokenizer_of
+from .optimum import is_optimum_folder, read_optimum
+from .tokenizer import ClipTokenizer
+
+
+@dataclass
+class OpenedModel:
+    """A folder's manifest, its engines on a backend, tokenizers and scheduler configuration. ``given``: the
+    backend was the caller's (``release`` leaves it open)."""
+
+    manifest: ExportManifest
+    backend: Backend
+    engines: dict[str, Engine]
+    tokenizers: list[ClipTokenizer]
+    scheduler_config: dict[str, Any]
+    given: bool
+
+    def release(self) -> None:
+        if not self.given:
+            self.backend.close()
+
+
+def open_model(folder: Path, backend: str | Backend, *, threads: int | None, cuda_graph: bool | None,
+               device_id: int, precision: str | None, share: Backend | None) -> OpenedModel:
+    """Everything ``Pipeline.load`` needs, checked in the order a user meets the problems: the backend's
+    settings, the folder's kind against the backend, the manifest and components, then the engines. A
+    backend made here is closed again when a later step fails; a given one stays the caller's."""
+    given = backend if isinstance(backend, Backend) else None
+    kind = backend.name if isinstance(backend, Backend) else backend
+    engine_folder = (folder / "sdrt-engines.json").is_file()
+    if given is not None:
+        extra = [k for k, v in (("threads", threads), ("cuda_graph", cuda_graph), ("precision", precision),
+                                ("share_with", share)) if v is not None] + (["device_id"] if device_id else [])
+        if extra:
+            raise InputError(f"{', '.join(extra)} configure the backend load() makes; the {given.name} backend "
+                             "given is configured already: pass them to its constructor, or give the backend's "
+                             "name instead")
+        if engine_folder != (given.name == "tensorrt"):
+            raise backends.engine_folder_error(folder, given.name) if given.name != "tensorrt" else \
+                CompatibilityError(f"{folder} is an ONNX export; the tensorrt backend runs engine folders: build one "
+                                   f"with `sdrt build {folder} --out ENGINES`")
+    if kind in ("ort-cpu", "ort-cuda") and engine_folder:
+        raise backends.engine_folder_error(folder, kind)  # before reading anything made for TensorRT
+    manifest, graphs = read_model(folder, kind)
+    if share is not None:
+        if kind not in ("auto", share.name):
+            raise InputError(f"share_with runs on {share.name}; load this model on the same "
+                             f"backend (backend={share.name!r}), not {kind!r}")
+        kind = share.name
+    be = given if given is not None else backends.make_backend(kind, folder, threads, cuda_graph, device_id,
+                                                               precision, share=share)
+    try:
+        engines: dict[str, Engine] = {}
+        for name, comp in manifest.components.items():
+            engines[name] = be.load(graphs[name] if name in graphs else str(folder / be.graph_for(comp)), name)
+        toks = tokenizers(manifest, folder)
+        check_widths(engines, folder)
+        return OpenedModel(manifest, be, engines, toks, scheduler_config(folder), given is not None)
+    except BaseException:
+        if given is None:  # a given backend stays the caller's, with what was loaded onto it
+            be.close()
+        raise
+
+
+def read_model(folder: Path, backend_kind: str) -> tuple[ExportManifest, dict[str, bytes]]:
+    """The folder's manifest, and the graphs adapted in memory (an Optimum export), checked for the components
+    its family needs."""
+    graphs: dict[str, bytes] = {}
+    if is_optimum_folder(folder):  # Optimum's export, adapted to sdrt's contracts in memory
+        if backend_kind == "tensorrt":
+            raise CompatibilityError(
+                f"{folder} is an Optimum ONNX export; TensorRT runs engines: build them with `sdrt build "
+                f"{folder} --out ENGINES` and load that folder, or use backend=\"ort-cpu\" / \"ort-cuda\"",
+                cli=f"{folder} is an Optimum ONNX export; TensorRT runs engines: build them with `sdrt build "
+                    f"{folder} --out ENGINES` and pass that folder, or use --backend ort-cpu / ort-cuda")
+        optimum = read_optimum(folder)
+        manifest, graphs = optimum.manifest, dict(optimum.graphs)
+    else:
+        manifest = ExportManifest.read(folder)
+    check_components(manifest, folder)
+    return manifest, graphs
+
+
+def tokenizers(manifest: ExportManifest, folder: Path) -> list[ClipTokenizer]:
+    """Each text encoder's tokenizer, in the family's encoder order."""
+    vocab_merges = manifest.source.get("kind") == "optimum"
+    return [ClipTokenizer.from_folder(folder / tokenizer_of(name), vocab_merges=vocab_merges)
+            for name in manifest.encoder_names]
+
+
+def scheduler_config(folder: Path) -> dict[str, Any]:
+    path = folder / "scheduler" / "scheduler_config.json"
+    if not path.is_file():
+        raise ArtifactError(f"{path} is missing; re-export the model with `sdrt export`")
+    return dict(json.loads(path.read_text()))
+
+
+def check_components(manifest: ExportManifest, folder: Path) -> None:
+    need = [*manifest.encoder_names, "unet", "vae_decoder"]
+    missing = [c for c in need if c not in manifest.components]
+    if missing:
+        raise ArtifactError(
+            f"{folder} lacks {', '.join(missing)}, which a {manifest.family} model needs; it may hold another "
+            "family's artifacts. Re-export the model with `sdrt export`."
+        )
+
+
+def check_widths(engines: Mapping[str, Engine], folder: Path) -> None:
+    """The UNet must consume what the text encoders produce: catches components of different families."""
+    encs = [e for n, e in sorted(engines.items()) if n.startswith("text_encoder")]
+    produced = sum(int(e.outputs["hidden_states"].shape[-1] or 0) for e in encs)
+    wanted = engines["unet"].inputs["encoder_hidden_states"].shape[-1]
+    if isinstance(wanted, int) and produced != wanted:
+        raise ArtifactError(
+            f"{folder}: the text encoders produce {produced}-wide embeddings but the UNet takes {wanted}: the "
+            "components come from different models or families. Re-export the model with `sdrt export`."
+        )
