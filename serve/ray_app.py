@@ -35,7 +35,7 @@ class SdrtModel:
         return self._app
 
     def check_health(self) -> None:
-        b = self._app.state.batcher()
+        b = self._app.state.serve.batcher
         if b is not None and b.failed is not None:
             raise RuntimeError(f"the pipeline failed to load: {b.failed}")
 

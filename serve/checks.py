@@ -1,0 +1,77 @@
+"""Request checks that the schemas cannot make: the model's sizes, the server's limits, samplers, seeds,
+uploaded images. Each refuses with an ``ApiError`` naming the field."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+from . import images as imgs
+from . import schemas as S
+from .config import ServeConfig
+from .deps import ServeState
+from .errors import ApiError
+
+
+def check_size(st: ServeState, w: int, h: int, field_w: str, field_h: str) -> None:
+    lim = st.pipeline().manifest.limits
+    for name, v in ((field_w, w), (field_h, h)):
+        if v % lim.multiple_of or not lim.min_size <= v <= lim.max_size:
+            raise ApiError(422, f"{name} {v} is outside this model's sizes: a multiple of {lim.multiple_of} "
+                                f"in {lim.min_size}..{lim.max_size}", name, "invalid_size")
+    if w * h > st.config.max_pixels:
+        raise ApiError(422, f"{w}x{h} = {w * h} pixels; this server allows at most {st.config.max_pixels}",
+                       field_w, "too_many_pixels")
+
+
+def check_mask_needed(st: ServeState, has_mask: bool, how: str) -> None:
+    if not has_mask and getattr(st.pipeline(), "is_inpainting", False):
+        raise ApiError(422, f"{st.model_id} is an inpainting model: every request needs an image and a mask "
+                            f"({how})", "mask", "mask_required")
+
+
+def check_common(cfg: ServeConfig, prompt: str, negative: str | None, steps: int, n: int, n_field: str,
+                 steps_field: str = "steps") -> None:
+    """Prompt lengths, steps and images per request against the server's limits."""
+    for name, text in (("prompt", prompt), ("negative_prompt", negative or "")):
+        if len(text) > cfg.max_prompt_chars:
+            raise ApiError(422, f"{name} has {len(text)} characters; at most {cfg.max_prompt_chars}", name,
+                           "prompt_too_long")
+    if not 1 <= steps <= cfg.max_steps:
+        raise ApiError(422, f"{steps_field} {steps} is outside 1..{cfg.max_steps}", steps_field, "invalid_steps")
+    limit = cfg.images_per_request
+    if not 1 <= n <= limit:
+        raise ApiError(422, f"{n_field} {n} is outside 1..{limit} (images per request on this server)",
+                       n_field, "too_many_images")
+
+
+def sampler_of(cfg: ServeConfig, name: str | None, field: str, scheduler: str | None = None) -> str:
+    try:
+        return S.sampler_name(name or cfg.default_sampler, scheduler)
+    except ValueError as e:
+        raise ApiError(422, str(e), field, "invalid_sampler") from e
+
+
+def seeds_for(seed: int | None, n: int) -> list[int]:
+    base = secrets.randbelow(S.MAX_SEED + 1) if seed is None or seed < 0 else seed
+    return [(base + k) % (S.MAX_SEED + 1) for k in range(n)]  # 32-bit, wrapping as the seed range does
+
+
+def snap(size: tuple[int, int], lim: Any) -> tuple[int, int]:
+    """An upload's size rounded down to the model's multiple (the size img2img then runs at)."""
+    w, h = size
+    return w - w % lim.multiple_of, h - h % lim.multiple_of
+
+
+def decode_upload(data: bytes, field: str, max_pixels: int, keep_alpha: bool = False) -> Any:
+    try:
+        return imgs.decode_image(data, field=field, max_pixels=max_pixels, keep_alpha=keep_alpha)
+    except imgs.ImageRefused as e:
+        raise ApiError(422, str(e), e.field, "invalid_image") from e
+
+
+def decode_b64(text: str, field: str, max_pixels: int, keep_alpha: bool = False) -> Any:
+    try:
+        return imgs.decode_b64_image(text, field=field, max_pixels=max_pixels, keep_alpha=keep_alpha)
+    except imgs.ImageRefused as e:
+        raise ApiError(422, str(e), e.field, "invalid_image") from e

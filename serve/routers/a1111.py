@@ -1,0 +1,113 @@
+"""The AUTOMATIC1111 API: ``/sdapi/v1/txt2img``, ``img2img`` (with inpainting), ``samplers``, ``sd-models``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool
+
+from .. import images as imgs
+from .. import masks
+from .. import schemas as S
+from ..batcher import Job
+from ..checks import check_common, check_mask_needed, check_size, decode_b64, sampler_of, seeds_for, snap
+from ..deps import Auth, ServeState, State
+from ..dispatch import run_job
+from ..errors import ApiError
+
+router = APIRouter(tags=["a1111"], dependencies=Auth)
+
+
+@router.post("/sdapi/v1/txt2img", response_model=S.A1111Response)
+async def txt2img(body: S.A1111Txt2Img, request: Request, st: State) -> Any:
+    check_mask_needed(st, False, "POST /sdapi/v1/img2img with init_images and mask")
+    return await generate(st, body, request, None, "txt2img")
+
+
+@router.post("/sdapi/v1/img2img", response_model=S.A1111Response)
+async def img2img(body: S.A1111Img2Img, request: Request, st: State) -> Any:
+    st.pipeline()
+    max_pixels = st.config.max_upload_pixels
+    init = await run_in_threadpool(decode_b64, body.init_images[0], "init_images", max_pixels)
+    if body.mask in (None, ""):
+        check_mask_needed(st, False, "send mask, white = repaint")
+        return await generate(st, body, request, init, "img2img")
+    blur = inpaint_options(body)
+    raw = await run_in_threadpool(decode_b64, body.mask, "mask", max_pixels, True)
+    mask = masks.a1111_mask(raw, invert=bool(body.inpainting_mask_invert))
+    return await generate(st, body, request, init, "img2img", mask, blur)
+
+
+@router.get("/sdapi/v1/samplers")
+async def samplers() -> list[dict[str, Any]]:
+    names = {"DDIM": "ddim", "DPM++ 2M": "dpmpp-2m", "DPM++ 2M Karras": "dpmpp-2m-karras", "Euler": "euler",
+             "Euler a": "euler-a", "LCM": "lcm"}
+    return [{"name": k, "aliases": [v], "options": {}} for k, v in names.items()]
+
+
+@router.get("/sdapi/v1/sd-models")
+async def sd_models(st: State) -> list[dict[str, Any]]:
+    return [{"title": st.model_id, "model_name": st.model_id, "filename": str(st.folder)}]
+
+
+async def generate(st: ServeState, body: S.A1111Txt2Img, request: Request, init: Any, route: str,
+                   mask: Any = None, blur: float | None = None) -> dict[str, Any]:
+    """Run a txt2img or img2img request as ``n_iter`` jobs of ``batch_size`` images; A1111's response."""
+    cfg = st.config
+    if init is not None and body.width is None and body.height is None:
+        w, h = snap(init.size, st.pipeline().manifest.limits)
+    else:
+        d = st.pipeline().manifest.default_size
+        w, h = body.width or d, body.height or d
+    check_size(st, w, h, "width", "height")
+    check_common(cfg, body.prompt, body.negative_prompt, body.steps, body.batch_size, "batch_size")
+    sampler = sampler_of(cfg, body.sampler_name, "sampler_name", body.scheduler)
+    seeds = seeds_for(body.seed, body.batch_size * body.n_iter)
+    strength = getattr(body, "denoising_strength", 1.0)
+    jobs = [Job([body.prompt] * body.batch_size, [body.negative_prompt] * body.batch_size,
+                seeds[i * body.batch_size:(i + 1) * body.batch_size], h, w, body.steps, sampler, body.cfg_scale,
+                image=None if init is None else imgs.fit(init, w, h), strength=strength,
+                mask=None if mask is None else imgs.fit(mask, w, h), paste_back=blur)
+            for i in range(body.n_iter)]
+    results = await asyncio.gather(*(run_job(st, request, j, route) for j in jobs))
+    pngs = [p for r in results for p in r.png]
+    params = body.model_dump()
+    params.pop("init_images", None)
+    params.pop("mask", None)
+    info = {"prompt": body.prompt, "all_prompts": [body.prompt] * len(pngs),
+            "negative_prompt": body.negative_prompt, "all_negative_prompts": [body.negative_prompt] * len(pngs),
+            "seed": seeds[0], "all_seeds": seeds, "subseed": -1, "all_subseeds": [-1] * len(pngs),
+            "width": w, "height": h, "sampler_name": body.sampler_name or sampler, "sdrt_sampler": sampler,
+            "cfg_scale": body.cfg_scale, "steps": body.steps, "batch_size": body.batch_size,
+            "n_iter": body.n_iter, "denoising_strength": strength if init is not None else None,
+            "mask_blur": blur, "inpainting_mask_invert": getattr(body, "inpainting_mask_invert", 0)
+            if mask is not None else None,
+            "sd_model_name": st.model_id, "timings": [_timings(r.timings) for r in results]}
+    return {"images": [imgs.b64(p) for p in pngs], "parameters": params, "info": json.dumps(info)}
+
+
+def inpaint_options(body: S.A1111Img2Img) -> float:
+    """The paste-back blur of an A1111 inpainting request; 422 for the options sdrt does not implement."""
+    if body.inpaint_full_res:
+        raise ApiError(422, "inpaint_full_res: inpainting only the masked region at full resolution is not "
+                            "supported; send inpaint_full_res false (the whole picture)", "inpaint_full_res",
+                       "unsupported_value")
+    if body.inpainting_fill != 1:
+        kind = {0: "fill", 2: "latent noise", 3: "latent nothing"}[body.inpainting_fill]
+        raise ApiError(422, f"inpainting_fill {body.inpainting_fill} ({kind}) is not supported: sdrt inpaints "
+                            "from the original image; send inpainting_fill 1 (original)", "inpainting_fill",
+                       "unsupported_value")
+    if body.mask_blur is not None:  # A1111: mask_blur sets both axes
+        return float(body.mask_blur)
+    x, y = body.mask_blur_x, body.mask_blur_y
+    if x is not None and y is not None and x != y:
+        raise ApiError(422, f"mask_blur_x {x} and mask_blur_y {y} differ: sdrt blurs the mask by one radius; "
+                            "send mask_blur", "mask_blur_x", "unsupported_value")
+    return float(next((v for v in (x, y) if v is not None), 4))
+
+
+def _timings(t: dict[str, Any]) -> dict[str, Any]:
+    return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in t.items() if k != "unet_steps_ms"}

@@ -1,0 +1,149 @@
+"""The OpenAI images API: ``/v1/models``, ``/v1/images/generations``, ``/v1/images/edits``, and the stored
+images that ``response_format=url`` points at."""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from typing import Annotated, Any
+
+from fastapi import APIRouter, File, Form, Request, UploadFile
+from fastapi.responses import FileResponse
+from starlette.concurrency import run_in_threadpool
+
+from .. import images as imgs
+from .. import masks
+from .. import schemas as S
+from ..batcher import Job, JobResult
+from ..checks import check_common, check_mask_needed, check_size, decode_upload, sampler_of, seeds_for, snap
+from ..deps import Auth, ServeState, State
+from ..dispatch import run_job
+from ..errors import ApiError
+
+router = APIRouter(tags=["openai"])
+
+
+@router.get("/images/{name}", include_in_schema=False)
+async def image_file(name: str, st: State) -> FileResponse:
+    image_dir = st.config.image_dir
+    if image_dir is None or not re.fullmatch(r"[0-9a-f]{32}\.png", name):
+        raise ApiError(404, "no such image", "name", "not_found")
+    path = image_dir / name
+    if not path.is_file():
+        raise ApiError(404, "no such image", "name", "not_found")
+    return FileResponse(path, media_type="image/png")
+
+
+@router.get("/v1/models", dependencies=Auth, response_model=S.OpenAIModels)
+async def models(st: State) -> S.OpenAIModels:
+    return S.OpenAIModels(data=[S.OpenAIModel(id=st.model_id, created=st.created)])
+
+
+@router.post("/v1/images/generations", dependencies=Auth, response_model=S.OpenAIImages)
+async def generations(body: S.OpenAIGeneration, request: Request, st: State) -> Any:
+    cfg = st.config
+    check_model(st, body.model)
+    check_url(st, body.response_format)
+    w, h = parse_size(st, body.size)
+    steps = body.steps or min(cfg.default_steps, cfg.max_steps)
+    check_common(cfg, body.prompt, body.negative_prompt, steps, body.n, "n")
+    job = Job([body.prompt] * body.n, None if body.negative_prompt is None else [body.negative_prompt] * body.n,
+              seeds_for(body.seed, body.n), h, w, steps, sampler_of(cfg, body.sampler, "sampler"),
+              cfg.default_guidance if body.guidance_scale is None else body.guidance_scale)
+    return response(st, await run_job(st, request, job, "generations"), body.response_format, request)
+
+
+@router.post("/v1/images/edits", dependencies=Auth, response_model=S.OpenAIImages)
+async def edits(
+    request: Request,
+    st: State,
+    image: Annotated[UploadFile, File(description="the starting image (PNG, JPEG or WebP)")],
+    prompt: Annotated[str, Form(min_length=1, max_length=S.MAX_PROMPT_CHARS)],
+    mask: Annotated[UploadFile | None, File(
+        description="inpainting: a PNG of the image's size whose fully transparent pixels (alpha 0) mark the "
+                    "region to edit; without it, the image's own fully transparent pixels do, if any")] = None,
+    n: Annotated[int, Form(ge=1, le=S.MAX_N)] = 1,
+    size: Annotated[str | None, Form(pattern=S.OPENAI_SIZE)] = None,
+    response_format: Annotated[str, Form(pattern="^(b64_json|url)$")] = "b64_json",
+    model: Annotated[str | None, Form()] = None,
+    negative_prompt: Annotated[str | None, Form(max_length=S.MAX_PROMPT_CHARS)] = None,
+    steps: Annotated[int | None, Form(ge=1, le=S.MAX_STEPS)] = None,
+    guidance_scale: Annotated[float | None, Form(ge=0.0, le=50.0, allow_inf_nan=False)] = None,
+    sampler: Annotated[str | None, Form()] = None,
+    seed: Annotated[int | None, Form(ge=-1, le=S.MAX_SEED)] = None,
+    strength: Annotated[float | None, Form(gt=0.0, le=1.0, allow_inf_nan=False,
+                                           description="how much to change the image, (0, 1]; default 0.8, "
+                                                       "with a mask 1")] = None,
+) -> Any:
+    cfg = st.config
+    check_model(st, model)
+    check_url(st, response_format)
+    steps = steps or min(cfg.default_steps, cfg.max_steps)
+    check_common(cfg, prompt, negative_prompt, steps, n, "n")
+    raw = await run_in_threadpool(decode_upload, await image.read(), "image", cfg.max_upload_pixels, True)
+    region = None
+    if mask is not None:
+        raw_mask = await run_in_threadpool(decode_upload, await mask.read(), "mask", cfg.max_upload_pixels, True)
+        try:
+            region = masks.openai_mask(raw_mask, raw)
+        except imgs.ImageRefused as e:
+            raise ApiError(400, str(e), e.field, "invalid_mask") from e
+    else:
+        region = masks.openai_image_mask(raw)
+    check_mask_needed(st, region is not None, "send mask, or an image whose region to edit is transparent")
+    init = raw.convert("RGB")
+    w, h = parse_size(st, size) if size else snap(init.size, st.pipeline().manifest.limits)
+    if size is None:
+        check_size(st, w, h, "image", "image")
+    job = Job([prompt] * n, None if negative_prompt is None else [negative_prompt] * n, seeds_for(seed, n),
+              h, w, steps, sampler_of(cfg, sampler, "sampler"),
+              cfg.default_guidance if guidance_scale is None else guidance_scale,
+              image=imgs.fit(init, w, h), strength=strength,
+              mask=None if region is None else imgs.fit(region, w, h))
+    return response(st, await run_job(st, request, job, "edits"), response_format, request)
+
+
+def check_model(st: ServeState, model: str | None) -> None:
+    if model not in (None, "", st.model_id):
+        raise ApiError(404, f"model {model!r} is not served here; this server serves {st.model_id!r} "
+                            "(GET /v1/models)", "model", "model_not_found")
+
+
+def check_url(st: ServeState, response_format: str) -> None:
+    if response_format == "url" and st.config.image_dir is None:
+        raise ApiError(400, "response_format 'url' needs a place to keep images: start the server with "
+                            "--image-dir DIR, or ask for b64_json", "response_format", "url_unavailable")
+
+
+def parse_size(st: ServeState, size: str | None) -> tuple[int, int]:
+    if size is None or size == "auto":
+        d = st.pipeline().manifest.default_size
+        return d, d
+    m = re.fullmatch(S.OPENAI_SIZE.strip("^$"), size)
+    if m is None:
+        raise ApiError(422, f"size {size!r} must be 'WxH', e.g. '512x512'", "size", "invalid_size")
+    w, h = (int(x) for x in size.split("x"))
+    check_size(st, w, h, "size", "size")
+    return w, h
+
+
+def response(st: ServeState, result: JobResult, response_format: str, request: Request) -> dict[str, Any]:
+    if response_format == "url":
+        data = [{"url": _store(st, p, request)} for p in result.png]
+    else:
+        data = [{"b64_json": imgs.b64(p)} for p in result.png]
+    return {"created": int(time.time()), "data": data}
+
+
+def _store(st: ServeState, png: bytes, request: Request) -> str:
+    """Keep one image in the image folder (written whole, then renamed); its URL under this server."""
+    image_dir = st.config.image_dir
+    if image_dir is None:  # check_url refused such requests before they ran
+        raise ApiError(400, "response_format 'url' is unavailable on this server", "response_format",
+                       "url_unavailable")
+    name = f"{uuid.uuid4().hex}.png"
+    tmp = image_dir / f".{name}.tmp"
+    tmp.write_bytes(png)
+    tmp.rename(image_dir / name)
+    return f"{str(request.base_url).rstrip('/')}/images/{name}"
