@@ -28,10 +28,11 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sdrt.runtime.errors import SdrtError
+from sdrt.runtime.request import GenerationRequest
 
 log = logging.getLogger("sdrt.serve")
 
@@ -55,25 +56,41 @@ RETURN_SHARE = 0.05
 
 @dataclass
 class Job:
-    """One request's images: ``len(prompts)`` of them, each with its own prompt, negative and seed."""
+    """One request's images: a ``GenerationRequest`` with one prompt, negative and seed per image, and its place
+    in the queue (deadline, id, batch key, future)."""
 
-    prompts: list[str]
-    negatives: list[str] | None  # None: no negative prompt at all (SDXL then zeroes the negatives)
-    seeds: list[int]
-    height: int
-    width: int
-    steps: int
-    sampler: str
-    guidance: float
-    image: Any = None  # img2img: a PIL image of height x width
-    strength: float | None = 0.8  # None: the pipeline's default (inpainting: 1)
-    mask: Any = None  # inpainting: a grayscale PIL image of height x width, white = repaint
-    paste_back: float | None = None  # inpainting: paste the original back through the mask blurred this much
+    request: GenerationRequest
     deadline: float = float("inf")  # time.monotonic()
     request_id: str = ""
     key: tuple[Any, ...] = ()
     enqueued: float = 0.0
     future: concurrent.futures.Future[JobResult] = field(default_factory=concurrent.futures.Future)
+
+    @classmethod
+    def of(cls, prompts: list[str], negatives: list[str] | None, seeds: list[int], height: int, width: int,
+           steps: int, sampler: str, guidance: float, *, image: Any = None, strength: float | None = 0.8,
+           mask: Any = None, paste_back: float | None = None) -> Job:
+        """A job from an API's fields: ``negatives`` None: no negative prompt at all (the model's rule for that
+        applies: SDXL zeroes the negatives); ``image`` (img2img, a PIL image of height x width) with
+        ``strength`` (None: the pipeline's default; inpainting: 1), ``mask`` (inpainting: white = repaint) and
+        ``paste_back`` (the original pasted back through the mask blurred this much)."""
+        return cls(GenerationRequest(prompt=list(prompts), negative_prompt=None if negatives is None else list(negatives),
+                                     height=height, width=width, steps=steps, guidance_scale=guidance, sampler=sampler,
+                                     seed=list(seeds), image=image, strength=None if image is None else strength,
+                                     mask_image=mask, paste_back=paste_back))
+
+    @property
+    def prompts(self) -> list[str]:
+        return list(self.request.prompt or [])
+
+    @property
+    def negatives(self) -> list[str] | None:
+        neg = self.request.negative_prompt
+        return None if neg is None else list(neg)
+
+    @property
+    def seeds(self) -> list[int]:
+        return list(self.request.seed)  # type: ignore[arg-type]
 
     @property
     def n(self) -> int:
@@ -168,12 +185,13 @@ class Batcher:
 
     def key(self, job: Job) -> tuple[Any, ...]:
         """What must agree for jobs to share a UNet batch without changing any image."""
-        guided = job.guidance > 1.0
+        r = job.request
+        guided = r.guidance_scale > 1.0
         pipe = self.pipes[0] if self.pipes else None
         # the pipeline says what its conditioning needs to agree on (guidance, text chunks, the family's rules)
-        conditioning = pipe.conditioning_key(job.prompts, job.negatives, job.guidance) if pipe is not None else ()
-        solo = next(_ids) if job.image is not None else None
-        return (job.height, job.width, job.steps, job.sampler, guided, job.guidance if guided else None,
+        conditioning = pipe.conditioning_key(job.prompts, job.negatives, r.guidance_scale) if pipe is not None else ()
+        solo = next(_ids) if r.image is not None else None
+        return (r.height, r.width, r.steps, r.sampler, guided, r.guidance_scale if guided else None,
                 conditioning, solo)
 
     def submit(self, job: Job) -> concurrent.futures.Future[JobResult]:
@@ -213,7 +231,8 @@ class Batcher:
 
                     extra = {"image": Image.new("RGB", (size, size), (127, 127, 127)),
                              "mask_image": Image.new("L", (size, size), 255)}
-                pipe("warm-up", height=size, width=size, steps=2, guidance_scale=7.5, seed=0, **extra)
+                pipe.generate(GenerationRequest("warm-up", height=size, width=size, steps=2, guidance_scale=7.5,
+                                                 seed=0, **extra))
         except BaseException as e:
             log.exception("loading or warming up the pipeline failed")
             self._failed = e
@@ -289,12 +308,10 @@ class Batcher:
         try:
             prompts = [p for j in batch for p in j.prompts]
             seeds = [s for j in batch for s in j.seeds]
-            negs = None if head.negatives is None and head.key[7] else [
+            # jobs without negatives share a batch with others only where that changes nothing (the key says)
+            negs = None if all(j.negatives is None for j in batch) else [
                 n for j in batch for n in (j.negatives or [""] * j.n)]
-            res = pipe(prompts, negative_prompt=negs, height=head.height, width=head.width, steps=head.steps,
-                       guidance_scale=head.guidance, sampler=head.sampler, seed=seeds,
-                       image=head.image, strength=None if head.image is None else head.strength,
-                       mask_image=head.mask, paste_back=head.paste_back)
+            res = pipe.generate(replace(head.request, prompt=prompts, negative_prompt=negs, seed=seeds))
         except BaseException as e:  # noqa: BLE001 - every waiting request learns why
             for j in batch:
                 _fail(j, e)

@@ -27,7 +27,8 @@ class RecordingPipe:
     def conditioning_key(self, prompts: list[str], negatives: list[str] | None, guidance: float) -> tuple[Any, ...]:
         return guidance > 1.0, (1,), False  # one 77-token chunk for every text, no zeroed negatives
 
-    def __call__(self, prompts: list[str], **kw: Any) -> Any:
+    def generate(self, request: Any) -> Any:
+        prompts = request.prompt
         self.batches.append(len(prompts))
         time.sleep(self.run_s)
         return SimpleNamespace(images=[Image.new("RGB", (8, 8), (i, 0, 0)) for i in range(len(prompts))],
@@ -38,7 +39,7 @@ class RecordingPipe:
 
 
 def _job(prompt: str, n: int = 1) -> Job:
-    return Job([prompt] * n, [""] * n, list(range(n)), 64, 64, 2, "ddim", 7.5)
+    return Job.of([prompt] * n, [""] * n, list(range(n)), 64, 64, 2, "ddim", 7.5)
 
 
 def test_requests_returning_just_after_a_batch_join_the_waiting_one() -> None:

@@ -67,7 +67,7 @@ async def generate(st: ServeState, body: S.A1111Txt2Img, request: Request, init:
     sampler = sampler_of(cfg, body.sampler_name, "sampler_name", body.scheduler)
     seeds = seeds_for(body.seed, body.batch_size * body.n_iter)
     strength = getattr(body, "denoising_strength", 1.0)
-    jobs = [Job([body.prompt] * body.batch_size, [body.negative_prompt] * body.batch_size,
+    jobs = [Job.of([body.prompt] * body.batch_size, [body.negative_prompt] * body.batch_size,
                 seeds[i * body.batch_size:(i + 1) * body.batch_size], h, w, body.steps, sampler, body.cfg_scale,
                 image=None if init is None else imgs.fit(init, w, h), strength=strength,
                 mask=None if mask is None else imgs.fit(mask, w, h), paste_back=blur)
