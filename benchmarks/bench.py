@@ -76,7 +76,7 @@ class _Models:
 
     folder: Path  # the export
     manifest: Any
-    export_s: float | None  # exporting it took, in this run (None: given, or reused)
+    export_s: float | None  # seconds exporting it took in this run (None: given, or reused)
     ref_folder: Path | None = None  # the refiner's export (the base+refiner workload)
     ref_manifest: Any = None
     engines: Path | None = None  # TensorRT's engine folders
