@@ -30,7 +30,7 @@ SIZES = {"tiny": None, "medium": [160, 320, 640, 640], "full": [320, 640, 1280, 
 def _model(size: str) -> Any:
     from diffusers import UNet2DConditionModel
 
-    from sdrt.export.loading import _randomize_norms, random_model
+    from sdrt.export.loading import random_model, randomize_norms
     from sdrt.export.presets import get_preset
 
     if size == "tiny":
@@ -42,7 +42,7 @@ def _model(size: str) -> Any:
     cfg["block_out_channels"] = SIZES[size]
     torch.manual_seed(0)
     model.unet = UNet2DConditionModel(**cfg).eval()
-    _randomize_norms(model.unet, 0)
+    randomize_norms(model.unet, 0)
     return model
 
 

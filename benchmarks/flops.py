@@ -67,6 +67,21 @@ def architecture_of_folder(folder: str | Path, family: str) -> Architecture:
     return Architecture(family, cfg("unet"), cfg("vae"), tuple(cfg(e) for e in encs))
 
 
+
+def architecture_of_export(manifest: Any) -> tuple[Architecture | None, str | None]:
+    """An export's architecture (its shipped preset's, or its diffusers folder's), or the reason there is none."""
+    try:
+        from sdrt.export.presets import PRESETS
+
+        if manifest.preset in PRESETS:
+            return architecture_of_preset(manifest.preset), None
+        src = manifest.source
+        if src.get("kind") == "diffusers" and Path(str(src.get("path"))).is_dir():
+            return architecture_of_folder(src["path"], manifest.family), None
+        return None, f"no architecture to count FLOPs from (preset {manifest.preset!r} is not shipped)"
+    except ImportError as e:
+        return None, f"FLOPs need torch, diffusers and transformers ({e})"
+
 @lru_cache(maxsize=4)
 def _meta_modules(arch: Architecture) -> tuple[Any, Any, list[Any]]:
     import torch

@@ -1,6 +1,6 @@
 """Two design questions of the openvino backend, measured: ``python -m sdrt.benchmarks.ov_probe EXPORT``.
 
-1. **The loop's tensors.** Per-step time of the denoising loop three ways on the same engines: the
+1. **The loop's tensors.** Per-step time of the denoising loop three ways on the same export: the
    backend's loop (fixed ``ov.Tensor`` buffers, nothing allocated per step), the plain loop (each engine
    call returns fresh output tensors), and a loop that copies the UNet output and the latents to numpy
    and back every step (what a numpy-passing backend does).
@@ -33,42 +33,54 @@ def _median_ms(fn: Any, n: int) -> float:
 
 def loop_variants(folder: Path, size: int, steps: int, threads: int | None, precision: str,
                   cache: str | None) -> dict[str, Any]:
+    """Per-step times of the three loops, each in a pipeline of its own (so no loop is reused by the next),
+    through the pipeline's public stages."""
     from sdrt.runtime import pipeline as pl
     from sdrt.runtime.ov_backend import OvBackend
     from sdrt.runtime.step_loop import PlainStepLoop
 
-    be = OvBackend(threads=threads, precision=precision, cache_dir=cache or False)
-    pipe = pl.Pipeline.load(folder, backend=be)
-
     class RoundTrip(PlainStepLoop):
-        def step(self, i: int) -> None:
-            super().step(i)
-            s = self._state
-            for k in ("latents", "x0", "unet_in"):
-                s[k] = be.to_device(be.to_host(s[k]))
+        """The plain loop, with the step's outputs (the next latents, x0, the next UNet input) copied to
+        numpy and back every step."""
+
+        def _run_step(self, feeds: Any, i: int) -> Any:
+            out = dict(super()._run_step(feeds, i))
+            be = self.backend
+            for k in ("latents_next", "x0", "unet_in_next"):
+                out[k] = be.to_device(be.to_host(out[k]))
+            return out
+
+    class LoopBackend(OvBackend):
+        """The openvino backend, its denoising loop of the given class (None: the backend's own)."""
+
+        def __init__(self, loop_cls: type[PlainStepLoop] | None) -> None:
+            super().__init__(threads=threads, precision=precision, cache_dir=cache or False)
+            self.loop_cls = loop_cls
+
+        def step_loop(self, unet: Any, step: Any, controlnets: Any = ()) -> PlainStepLoop:
+            if self.loop_cls is None:
+                return super().step_loop(unet, step, controlnets)
+            return self.loop_cls(self, unet, step, controlnets)
 
     out: dict[str, Any] = {}
-    emb = pipe.encode_prompt("a lighthouse")
-    plan = pipe.plan("dpmpp-2m", steps + 1)
     for label, loop_cls in (("fixed buffers (OvStepLoop)", None), ("fresh outputs (PlainStepLoop)", PlainStepLoop),
                             ("numpy round trip per step", RoundTrip)):
-        pipe._loops.clear()
-        if loop_cls is not None:
-            be.step_loop = lambda u, s, c=loop_cls: c(be, u, s)  # type: ignore[method-assign]
-        else:
-            be.step_loop = OvBackend.step_loop.__get__(be)  # type: ignore[method-assign]
-        timings: dict[str, Any] = {}
-        lat = pipe.prepare_latents(plan, size, size, seed=0)
-        pipe._denoise(emb, lat, plan, 7.5, None, None, None, timings)
+        with pl.Pipeline.load(folder, backend=LoopBackend(loop_cls)) as pipe:
+            emb = pipe.encode_prompt("a lighthouse")
+            plan = pipe.plan("dpmpp-2m", steps + 1)
+            timings: dict[str, Any] = {}
+            lat = pipe.prepare_latents(plan, size, size, seed=0)
+            pipe.denoise(emb, lat, plan, guidance_scale=7.5, timings=timings)
+            f, channels = pipe.manifest.vae_scale_factor, pipe.manifest.latent_channels
         ms = timings["unet_steps_ms"][1:]  # not the first step: it pays OpenVINO's first inference at a shape
         out[label] = {"step_ms_median": float(np.median(ms)), "steps_ms": ms}
     # the copies alone, at this size's shapes
     rows = 2
-    f = pipe.manifest.vae_scale_factor
-    shape = (rows, pipe.manifest.latent_channels, size // f, size // f)
+    be = OvBackend(threads=threads, precision=precision, cache_dir=cache or False)
+    shape = (rows, channels, size // f, size // f)
     t = be.to_device(np.zeros(shape, np.float32))
     out["to_host+to_device of one UNet-sized tensor, ms"] = _median_ms(lambda: be.to_device(be.to_host(t)), 50)
-    pipe.close()
+    be.close()
     return out
 
 

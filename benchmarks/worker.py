@@ -213,7 +213,7 @@ def run_diffusers(spec: dict[str, Any]) -> dict[str, Any]:
     sdxl = spec["family"] == "sdxl"
     emit(phase="load")
     t0 = time.perf_counter()
-    from .bench import pipeline_class
+    from .baselines import pipeline_class
 
     workload = spec.get("workload", "txt2img")
     cls = pipeline_class(spec["family"], workload)

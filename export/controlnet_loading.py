@@ -26,7 +26,7 @@ import torch
 from sdrt.runtime.errors import ArtifactError, InputError, UnsafeCheckpointError
 
 from .controlnet_presets import get_controlnet_preset
-from .loading import LoadedModel, _folder_digest, _randomize_norms
+from .loading import LoadedModel, _folder_digest, randomize_norms
 
 CONTROLNET_CLASS = "ControlNetModel"
 
@@ -74,7 +74,7 @@ def _randomize_zero_convs(net: torch.nn.Module, seed: int) -> None:
     with torch.no_grad():
         for conv in zero:
             conv.reset_parameters()
-    _randomize_norms(net, seed)
+    randomize_norms(net, seed)
 
 
 def load_controlnet(path: str | Path, *, allow_pickle: bool = False,

@@ -67,7 +67,7 @@ def random_model(preset_name: str, seed: int = 0) -> LoadedModel:
         cls = CLIPTextModelWithProjection if pooled_encoder(name) else CLIPTextModel
         encoders.append(cls(CLIPTextConfig(**cfg)))
     for module in (unet, vae, *encoders):
-        _randomize_norms(module, seed)
+        randomize_norms(module, seed)
     return LoadedModel(
         preset=preset,
         unet=unet.eval(),
@@ -79,7 +79,7 @@ def random_model(preset_name: str, seed: int = 0) -> LoadedModel:
     )
 
 
-def _randomize_norms(module: torch.nn.Module, seed: int) -> None:
+def randomize_norms(module: torch.nn.Module, seed: int) -> None:
     """Give normalization layers distinct weights (1 + noise, noise) instead of the ones and zeros of a
     fresh init. Trained checkpoints look like this; identical tensors would be merged by the ONNX
     exporter into one initializer, which a later refit could not set separately."""

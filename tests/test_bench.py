@@ -150,10 +150,11 @@ def test_cpu_run_records_the_clock_of_each_figure(cpu_run: dict[str, Any], tiny_
 def test_a_measurement_labels_device_clock_figures_apart_from_the_host_totals() -> None:
     """The worker's per-run clocks reach the measurement: a GPU backend's device-event stages beside its
     host totals; runs that disagree are labelled so, not given the first run's clock."""
-    from sdrt.benchmarks.bench import _Job, _measurement
+    from sdrt.benchmarks.jobs import Job
     from sdrt.benchmarks.memory import MemoryPeaks
+    from sdrt.benchmarks.records import measurement
 
-    job = _Job("sdrt", "tensorrt", "cuda", Path("x"), 64, 64, 1, "euler", 2)
+    job = Job("sdrt", "tensorrt", "cuda", Path("x"), 64, 64, 1, "euler", 2)
 
     def run(clock: str) -> dict[str, Any]:
         return {"text_encoder_ms": 1.0, "unet_steps_ms": [2.0, 2.0], "vae_decoder_ms": 3.0, "total_ms": 9.0,
@@ -161,16 +162,16 @@ def test_a_measurement_labels_device_clock_figures_apart_from_the_host_totals() 
 
     res = {"status": "ok", "import_ms": 1.0, "load_ms": 2.0, "first_image_ms": 3.0, "runs": [run("device")] * 2}
     cfg = BenchConfig(preset="sd15-tiny", backends=("ort-cpu",))
-    m = _measurement(job, res, MemoryPeaks(), cfg, guided=True)
+    m = measurement(job, res, MemoryPeaks(), cfg, guided=True)
     assert {k: m["clocks"][k] for k in ("text_encoder_ms", "unet_step_ms", "vae_decoder_ms", "its")} == \
         dict.fromkeys(("text_encoder_ms", "unet_step_ms", "vae_decoder_ms", "its"), "device")
     assert all(m["clocks"][k] == "host" for k in HOST_FIGURES)
     assert m["raw"]["clocks"]["unet_steps_ms"] == ["device", "device"]
     assert m["raw"]["clocks"]["total_ms"] == ["host", "host"]
-    mixed = _measurement(job, {**res, "runs": [run("device"), run("host")]}, MemoryPeaks(), cfg, guided=True)
+    mixed = measurement(job, {**res, "runs": [run("device"), run("host")]}, MemoryPeaks(), cfg, guided=True)
     assert mixed["clocks"]["unet_step_ms"] == "mixed: device, host"
     assert mixed["raw"]["clocks"]["vae_decoder_ms"] == ["device", "host"]
-    failed = _measurement(job, {"status": "failed", "reason": "r"}, MemoryPeaks(), cfg, guided=True)
+    failed = measurement(job, {"status": "failed", "reason": "r"}, MemoryPeaks(), cfg, guided=True)
     assert failed["clocks"] is None
 
 
@@ -196,7 +197,7 @@ def test_ratios_and_image_difference_by_hand(tmp_path: Path) -> None:
     (100, 100, 100) differ by 2 levels on average, 3 at most."""
     from PIL import Image
 
-    from sdrt.benchmarks.bench import _add_ratios
+    from sdrt.benchmarks.records import add_ratios
 
     def measurement(backend: str, step_ms: float, total_ms: float, rss: int) -> dict[str, Any]:
         return {"backend": backend, "status": "ok", "height": 64, "width": 64, "batch_size": 1,
@@ -209,7 +210,7 @@ def test_ratios_and_image_difference_by_hand(tmp_path: Path) -> None:
     ms = [measurement("torch-cpu", 40.0, 200.0, 4 << 30), measurement("ort-cpu", 10.0, 50.0, 1 << 30)]
     Image.new("RGB", (8, 8), (100, 100, 100)).save(tmp_path / "image-0.png")
     Image.new("RGB", (8, 8), (103, 100, 97)).save(tmp_path / "image-1.png")
-    _add_ratios(ms, lambda m: "torch-cpu" if m["backend"] == "ort-cpu" else None, tmp_path)
+    add_ratios(ms, lambda m: "torch-cpu" if m["backend"] == "ort-cpu" else None, tmp_path)
     vs = ms[1]["vs_baseline"]
     assert ms[1]["baseline"] == "torch-cpu" and "vs_baseline" not in ms[0]
     assert vs["its"] == 4.0 and vs["images_per_s"] == 4.0

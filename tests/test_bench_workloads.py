@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from sdrt.benchmarks import report, schema
-from sdrt.benchmarks.bench import REFINER_STAGES, BenchConfig, run_bench
+from sdrt.benchmarks.bench import BenchConfig, run_bench
+from sdrt.benchmarks.records import REFINER_STAGES
 
 
 def _run(tmp_path_factory, **kw: Any) -> dict[str, Any]:

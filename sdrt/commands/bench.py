@@ -165,14 +165,9 @@ class _Progress:
 def run(args: argparse.Namespace) -> int:
     if getattr(args, "bench_command", None) == "report":
         return _report(args)
-    from sdrt.benchmarks.bench import (
-        DEFAULT_PROMPT,
-        BenchConfig,
-        check_output,
-        default_filename,
-        run_bench,
-        save,
-    )
+    from sdrt.benchmarks.bench import run_bench
+    from sdrt.benchmarks.config import DEFAULT_PROMPT, BenchConfig
+    from sdrt.benchmarks.output import check_output, default_filename, save
     from sdrt.benchmarks.report import text_table
 
     if args.output:

@@ -1,0 +1,171 @@
+"""The baseline, diffusers on PyTorch with the export's own weights: the rows a run measures (eager, compiled, bf16
+autocast), the diffusers folder they load, diffusers' pipeline class per family and workload, and which row each
+measurement is compared with."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from .artifacts import Emit
+from .records import BackendRecord
+
+BF16_SUFFIX = "-bf16"  # the PyTorch bf16 autocast baseline: torch-cpu-bf16
+
+
+class BaselineRow(NamedTuple):
+    name: str  # "torch-cpu", "torch-cuda-compile", "torch-cpu-bf16"
+    device: str
+    compiled: bool  # torch.compile on the UNet
+    autocast: str | None  # "bfloat16": fp32 weights under torch.autocast
+
+
+def baseline_rows(devices: list[str], compile: bool, bf16: bool) -> list[BaselineRow]:
+    """Per device, eager diffusers; with ``compile`` also torch.compile; with ``bf16``, on CPU also bf16 autocast."""
+    rows = []
+    for d in devices:
+        variants: list[tuple[bool, str | None]] = [(c, None) for c in ((False, True) if compile else (False,))]
+        if bf16 and d == "cpu":
+            variants.append((False, "bfloat16"))
+        for compiled, autocast in variants:
+            name = f"torch-{d}" + ("-compile" if compiled else "") + (BF16_SUFFIX if autocast else "")
+            rows.append(BaselineRow(name, d, compiled, autocast))
+    return rows
+
+
+def baseline_record(row: BaselineRow, precision: str, folder: Path | None, reason: str | None) -> BackendRecord:
+    """A baseline row's entry: skipped, with the reason, where it cannot run."""
+    b = BackendRecord(row.name, "baseline", row.device,
+                      precision=f"{precision} weights, bf16 autocast" if row.autocast else precision)
+    if folder is None:
+        b.status, b.reason = "skipped", reason
+    elif row.device == "cuda" and not torch_cuda():
+        b.status, b.reason = "skipped", "torch has no CUDA device here (torch.cuda.is_available() is False)"
+    elif row.autocast and precision != "fp32":
+        b.status, b.reason = "skipped", (f"the bf16 autocast baseline runs fp32 weights; this run's "
+                                         f"weights are {precision} (use --precision fp32)")
+    return b
+
+
+def baseline_of(m: dict[str, Any]) -> str | None:
+    """The row a measurement is compared with: the eager baseline on its device (None for that row itself)."""
+    if m["role"] == "baseline" and not m["backend"].endswith(("-compile", BF16_SUFFIX)):
+        return None
+    return f"torch-{m['device']}"
+
+
+def baseline_weights(workload: str, work: Path, onnx_folder: Path, manifest: Any, precision: str,
+                     emit: Emit) -> tuple[Path | None, str | None]:
+    """A diffusers folder with the export's weights (saved once, then reused), or the reason there is none."""
+    src = dict(manifest.source)
+    kind = src.get("kind")
+    if kind == "diffusers":
+        path = Path(str(src.get("path", "")))
+        if (path / "model_index.json").is_file():
+            return path, None
+        return None, f"the export was made from the diffusers folder {path}, which is not here any more"
+    if kind not in ("random", "single_file"):
+        return None, f"the export does not record where its weights came from (source kind {kind!r})"
+    digest = hashlib.sha256(json.dumps([src, workload], sort_keys=True).encode()).hexdigest()[:12]
+    folder = work / f"diffusers-{manifest.preset}-{precision}-{digest}"
+    if (folder / "model_index.json").is_file():
+        return folder, None
+    from sdrt.export.loading import load_model, random_model
+
+    emit("baseline", f"saving the same weights as a diffusers folder for the baseline ({precision})")
+    if kind == "random":
+        model = random_model(str(src["preset"]), int(src.get("seed", 0)))
+    else:
+        path = Path(str(src.get("path", "")))
+        if not path.is_file():
+            return None, f"the export was made from {path}, which is not here any more"
+        if path.suffix.lower() != ".safetensors":
+            return None, f"the export was made from a pickled checkpoint ({path.name}); the bench does not unpickle"
+        model = load_model(path)
+    nets = [controlnet_from_source(c, model) for c in src.get("controlnets", [])][:1]
+    if workload == "controlnet" and not nets:
+        return None, "the export records no ControlNet the baseline could rebuild"
+    save_diffusers(model, onnx_folder, folder, manifest.family, precision, nets[0] if nets else None, workload)
+    return folder, None
+
+
+def controlnet_from_source(src: dict[str, Any], model: Any) -> Any:
+    """The torch ControlNet an export recorded (synthetic: rebuilt from its preset or the UNet and seed)."""
+    from sdrt.export.controlnet_loading import controlnet_from_unet, load_controlnet, random_controlnet
+
+    kind = src.get("kind")
+    if kind == "random":
+        return random_controlnet(str(src["preset"]), int(src.get("seed", 0))).controlnet
+    if kind == "from_unet":
+        return controlnet_from_unet(model, int(src.get("seed", 0))).controlnet
+    return load_controlnet(str(src.get("path", ""))).controlnet
+
+
+def save_diffusers(model: Any, onnx_folder: Path, out: Path, family: str, precision: str, controlnet: Any = None,
+                   workload: str = "txt2img") -> None:
+    """Save ``model``'s modules as a diffusers pipeline folder (tokenizers from the export), the workload's
+    pipeline: txt2img, ControlNet (with ``controlnet``) or inpainting."""
+    import diffusers
+    import torch
+    from transformers import CLIPTokenizer
+
+    from sdrt.runtime.atomic import atomic_dir
+
+    cfg = dict(model.scheduler_config)
+    sched_cls = getattr(diffusers, str(cfg.get("_class_name", "PNDMScheduler")), diffusers.PNDMScheduler)
+    scheduler = sched_cls.from_config(cfg)
+    if model.preset.refiner:  # one encoder and aesthetic scores: diffusers' refiner configuration
+        pipe: Any = diffusers.StableDiffusionXLImg2ImgPipeline(
+            vae=model.vae, text_encoder=None, text_encoder_2=model.text_encoders[0], tokenizer=None,
+            tokenizer_2=CLIPTokenizer.from_pretrained(onnx_folder / "tokenizer_2"), unet=model.unet,
+            scheduler=scheduler, requires_aesthetics_score=True, force_zeros_for_empty_prompt=False,
+            add_watermarker=False)
+        if precision == "fp16":
+            pipe = pipe.to(torch.float16)
+        with atomic_dir(out, marker="model_index.json", what="a diffusers folder") as tmp:
+            pipe.save_pretrained(tmp, safe_serialization=True)
+        return
+    tok = CLIPTokenizer.from_pretrained(onnx_folder / "tokenizer")
+    cls = pipeline_class(family, workload)
+    extra: dict[str, Any] = {} if controlnet is None else {"controlnet": controlnet}
+    if family == "sdxl":
+        tok2 = CLIPTokenizer.from_pretrained(onnx_folder / "tokenizer_2")
+        if workload == "inpaint":
+            extra["requires_aesthetics_score"] = False
+        else:
+            extra["add_watermarker"] = False
+        pipe = cls(
+            vae=model.vae, text_encoder=model.text_encoders[0], text_encoder_2=model.text_encoders[1], tokenizer=tok,
+            tokenizer_2=tok2, unet=model.unet, scheduler=scheduler, force_zeros_for_empty_prompt=True, **extra)
+    else:
+        pipe = cls(vae=model.vae, text_encoder=model.text_encoders[0], tokenizer=tok, unet=model.unet,
+                   scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+                   **extra)
+    if precision == "fp16":
+        pipe = pipe.to(torch.float16)
+    with atomic_dir(out, marker="model_index.json", what="a diffusers folder") as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+
+
+def pipeline_class(family: str, workload: str) -> Any:
+    """diffusers' pipeline class for a family and workload (the baseline's)."""
+    import diffusers
+
+    names = {("sd", "txt2img"): "StableDiffusionPipeline", ("sdxl", "txt2img"): "StableDiffusionXLPipeline",
+             ("sd", "controlnet"): "StableDiffusionControlNetPipeline",
+             ("sdxl", "controlnet"): "StableDiffusionXLControlNetPipeline",
+             ("sd", "inpaint"): "StableDiffusionInpaintPipeline", ("sdxl", "inpaint"): "StableDiffusionXLInpaintPipeline"}
+    kind = workload if workload in ("controlnet", "inpaint") else "txt2img"  # few-step, base-refiner: txt2img's
+    return getattr(diffusers, names[("sdxl" if family == "sdxl" else "sd", kind)])
+
+
+def torch_cuda() -> bool:
+    """Whether torch sees a CUDA device (False without torch)."""
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except ImportError:
+        return False

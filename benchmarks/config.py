@@ -1,0 +1,99 @@
+"""``BenchConfig``: what a bench run measures, with its defaults, and the refusal of a request that cannot run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sdrt.runtime.errors import InputError
+
+from .backends import check_backends
+
+# txt2img; controlnet: one ControlNet (the preset's export gets one) beside diffusers'
+# StableDiffusion(XL)ControlNetPipeline; inpaint: an image and mask beside StableDiffusion(XL)InpaintPipeline;
+# few-step: 1-4 steps without guidance, compared in images/s; base-refiner: an SDXL base + refiner pair
+WORKLOADS = ("txt2img", "controlnet", "inpaint", "few-step", "base-refiner")
+BASELINES = ("torch", "none")
+PRECISIONS = ("fp16", "fp32")
+OV_PRECISIONS = ("auto", "bf16", "fp32")  # the openvino backend's inference precision
+DEFAULT_PROMPT = "a photograph of an astronaut riding a horse, highly detailed"
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What to measure. Give exactly one of ``preset`` (synthetic weights) or ``artifact`` (an export)."""
+
+    preset: str | None = None
+    artifact: str | None = None
+    engines: str | None = None  # a TensorRT engine folder (sdrt build); else one is built if possible
+    backends: tuple[str, ...] = ()  # empty: ort-cuda and tensorrt on a GPU machine, ort-cpu otherwise
+    resolutions: tuple[tuple[int, int], ...] = ()  # (height, width); empty: the model's default size
+    steps: tuple[int, ...] = (20,)
+    batch_sizes: tuple[int, ...] = (1,)
+    samplers: tuple[str, ...] = ("dpmpp-2m",)
+    baseline: str = "torch"  # "torch": diffusers on PyTorch; "none": no baseline (no ratios)
+    compile: bool = False  # also run the baseline with torch.compile on the UNet
+    compile_mode: str | None = None  # torch.compile's mode (None: its default)
+    cuda_graph: bool = False  # ort-cuda: replay CUDA graphs (static shapes); tensorrt captures its loop anyway
+    warmup: int = 1  # runs after the cold first image, excluded from the statistics
+    repeats: int = 5
+    threads: int | None = None  # CPU threads of every backend and the baseline; None: physical cores
+    guidance_scale: float = 7.5
+    prompt: str = DEFAULT_PROMPT
+    seed: int = 0
+    precision: str | None = None  # of a preset's export and the baseline; None: fp16 on a GPU, fp32 on CPU
+    work_dir: str | None = None  # exports and baseline weights (kept, and reused); None: a temporary folder
+    timeout_s: float | None = None  # per worker process
+    matmul_n: int | None = None  # size of the rate-measuring matmul; None: 8192 on a GPU, 2048 on CPU
+    openvino_precision: str | None = None  # the openvino backend's inference precision; None: auto
+    # also run diffusers' fp32 weights under torch.autocast("cpu", dtype=torch.bfloat16), beside the fp32
+    # baseline; None: when openvino (bf16 where the CPU has it) is measured
+    bf16_baseline: bool | None = None
+    # an SDXL refiner (a preset name or an export folder) that takes over at refiner_start: the base+refiner
+    # workload; every measurement is then the pair, with each model's stages
+    refiner: str | None = None
+    refiner_start: float = 0.8
+    workload: str = "txt2img"  # one of WORKLOADS: recorded, and how reports label it
+
+    def __post_init__(self) -> None:
+        if (self.preset is None) == (self.artifact is None):
+            raise InputError("give exactly one model: a preset (--preset sd15) or an export folder (--artifact DIR)")
+        if self.backends:
+            check_backends(self.backends)
+        if self.workload not in WORKLOADS:
+            raise InputError(f"unknown workload {self.workload!r}; choose one of: {', '.join(WORKLOADS)}")
+        if self.refiner is not None:
+            from sdrt.runtime.refiner import check_refiner_start
+
+            check_refiner_start(self.refiner_start)
+        if self.baseline not in BASELINES:
+            raise InputError(f"unknown baseline {self.baseline!r}; choose one of: {', '.join(BASELINES)}")
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise InputError(f"unknown precision {self.precision!r}; choose one of: {', '.join(PRECISIONS)}")
+        for label, values in (("steps", self.steps), ("batch sizes", self.batch_sizes)):
+            if not values or any(int(v) < 1 for v in values):
+                raise InputError(f"{label} must be positive integers, got {list(values)}")
+        for h, w in self.resolutions:
+            if h < 8 or w < 8 or h % 8 or w % 8:
+                raise InputError(f"resolution {h}x{w} is not supported: height and width must be multiples of 8")
+        from sdrt.runtime.samplers import SAMPLERS
+
+        unknown = [x for x in self.samplers if x not in SAMPLERS]
+        if not self.samplers or unknown:
+            raise InputError(f"unknown sampler {', '.join(map(repr, unknown))}; the samplers are: {', '.join(SAMPLERS)}"
+                             if unknown else f"give at least one sampler: {', '.join(SAMPLERS)}")
+        if self.warmup < 0 or self.repeats < 1:
+            raise InputError(f"warmup must be >= 0 and repeats >= 1 (got {self.warmup} and {self.repeats})")
+        if self.threads is not None and self.threads < 1:
+            raise InputError(f"threads must be >= 1, got {self.threads}")
+        if self.openvino_precision is not None:
+            if self.openvino_precision not in OV_PRECISIONS:
+                raise InputError(f"unknown openvino precision {self.openvino_precision!r}; choose one of: "
+                                 f"{', '.join(OV_PRECISIONS)}")
+            if "openvino" not in self.backends:
+                raise InputError("openvino_precision applies to the openvino backend, which this run does not "
+                                 "measure: add it to the backends, or leave openvino_precision out",
+                                 cli="--openvino-precision applies to the openvino backend, which this run does "
+                                     "not measure: add it to --backends, or leave --openvino-precision out")
+        if self.bf16_baseline and self.baseline != "torch":
+            raise InputError("the bf16 baseline is diffusers on PyTorch: it needs baseline=\"torch\"",
+                             cli="--bf16-baseline is diffusers on PyTorch: it needs --baseline torch")
