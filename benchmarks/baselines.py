@@ -9,6 +9,8 @@ import json
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from sdrt.runtime.families import family_named
+
 from .artifacts import Emit
 from .records import BackendRecord
 
@@ -130,7 +132,7 @@ def save_diffusers(model: Any, onnx_folder: Path, out: Path, family: str, precis
     tok = CLIPTokenizer.from_pretrained(onnx_folder / "tokenizer")
     cls = pipeline_class(family, workload)
     extra: dict[str, Any] = {} if controlnet is None else {"controlnet": controlnet}
-    if family == "sdxl":
+    if len(family_named(family).encoders) == 2:  # diffusers' two-encoder (XL) pipelines
         tok2 = CLIPTokenizer.from_pretrained(onnx_folder / "tokenizer_2")
         if workload == "inpaint":
             extra["requires_aesthetics_score"] = False
@@ -153,12 +155,8 @@ def pipeline_class(family: str, workload: str) -> Any:
     """diffusers' pipeline class for a family and workload (the baseline's)."""
     import diffusers
 
-    names = {("sd", "txt2img"): "StableDiffusionPipeline", ("sdxl", "txt2img"): "StableDiffusionXLPipeline",
-             ("sd", "controlnet"): "StableDiffusionControlNetPipeline",
-             ("sdxl", "controlnet"): "StableDiffusionXLControlNetPipeline",
-             ("sd", "inpaint"): "StableDiffusionInpaintPipeline", ("sdxl", "inpaint"): "StableDiffusionXLInpaintPipeline"}
-    kind = workload if workload in ("controlnet", "inpaint") else "txt2img"  # few-step, base-refiner: txt2img's
-    return getattr(diffusers, names[("sdxl" if family == "sdxl" else "sd", kind)])
+    kinds = {"controlnet": "ControlNet", "inpaint": "Inpaint"}  # few-step, base-refiner: txt2img's pipeline
+    return getattr(diffusers, f"{family_named(family).diffusers_pipeline}{kinds.get(workload, '')}Pipeline")
 
 
 def torch_cuda() -> bool:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from sdrt.runtime.errors import InputError
+from sdrt.runtime.families import has_refiner
 
 from . import schema
 from .artifacts import build_engines, engine_bytes, export_for, export_precision, refiner_export
@@ -177,7 +178,7 @@ class _Run:
                              f"as the second model: --workload base-refiner --refiner {cfg.preset or cfg.artifact} "
                              "with an SDXL base as --preset / --artifact")
         if cfg.refiner is not None:
-            if manifest.refiner or manifest.family != "sdxl":
+            if not manifest.model_family.generates or not has_refiner(manifest.family):
                 raise InputError(f"the base+refiner workload needs an SDXL base model, not {manifest.preset}: pass "
                                  "--preset sdxl(-tiny) or an SDXL base export with --refiner")
             models.ref_folder, models.ref_manifest = refiner_export(cfg, work, precision, self.emit, self.notes)

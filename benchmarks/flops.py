@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from sdrt.runtime.errors import InputError
+from sdrt.runtime.families import Family, family_named
 
 
 def count_flops(fn: Callable[[], Any]) -> tuple[int, dict[str, int]]:
@@ -40,20 +41,26 @@ def count_flops(fn: Callable[[], Any]) -> tuple[int, dict[str, int]]:
 class Architecture:
     """The configurations FLOPs are counted from (the same dictionaries the exporter builds from)."""
 
-    family: str  # "sd1" | "sd2" | "sdxl"
+    family: str  # a manifest family key (runtime/families)
     unet: str  # JSON of the UNet2DConditionModel config (a string: hashable, for the cache)
     vae: str
     text_encoders: tuple[str, ...]
+    refiner: bool = False
+
+    @property
+    def model_family(self) -> Family:
+        return family_named(self.family, self.refiner)
 
 
 def architecture_of_preset(name: str) -> Architecture:
     from sdrt.export.presets import get_preset
 
     p = get_preset(name)
-    return Architecture(p.family, json.dumps(p.unet), json.dumps(p.vae), tuple(json.dumps(t) for t in p.text_encoders))
+    return Architecture(p.family, json.dumps(p.unet), json.dumps(p.vae), tuple(json.dumps(t) for t in p.text_encoders),
+                        p.refiner)
 
 
-def architecture_of_folder(folder: str | Path, family: str) -> Architecture:
+def architecture_of_folder(folder: str | Path, family: str, refiner: bool = False) -> Architecture:
     """From a diffusers folder's ``config.json`` files."""
     f = Path(folder)
 
@@ -63,8 +70,8 @@ def architecture_of_folder(folder: str | Path, family: str) -> Architecture:
             raise InputError(f"{path} is missing: cannot count FLOPs without the model's configuration")
         return path.read_text()
 
-    encs = ("text_encoder", "text_encoder_2") if family == "sdxl" else ("text_encoder",)
-    return Architecture(family, cfg("unet"), cfg("vae"), tuple(cfg(e) for e in encs))
+    encs = family_named(family, refiner).encoders
+    return Architecture(family, cfg("unet"), cfg("vae"), tuple(cfg(e) for e in encs), refiner)
 
 
 
@@ -77,7 +84,7 @@ def architecture_of_export(manifest: Any) -> tuple[Architecture | None, str | No
             return architecture_of_preset(manifest.preset), None
         src = manifest.source
         if src.get("kind") == "diffusers" and Path(str(src.get("path"))).is_dir():
-            return architecture_of_folder(src["path"], manifest.family), None
+            return architecture_of_folder(src["path"], manifest.family, manifest.refiner), None
         return None, f"no architecture to count FLOPs from (preset {manifest.preset!r} is not shipped)"
     except ImportError as e:
         return None, f"FLOPs need torch, diffusers and transformers ({e})"
@@ -95,8 +102,9 @@ def _meta_modules(arch: Architecture) -> tuple[Any, Any, list[Any]]:
         unet = UNet2DConditionModel.from_config(clean(json.loads(arch.unet))).eval()
         vae = AutoencoderKL.from_config(clean(json.loads(arch.vae))).eval()
         encoders = []
-        for i, t in enumerate(arch.text_encoders):
-            cls = CLIPTextModelWithProjection if (arch.family == "sdxl" and i == 1) else CLIPTextModel
+        fam = arch.model_family
+        for name, t in zip(fam.encoders, arch.text_encoders, strict=True):
+            cls = CLIPTextModelWithProjection if name == fam.pooled_encoder else CLIPTextModel
             encoders.append(cls(CLIPTextConfig.from_dict(clean(json.loads(t)))).eval())
     return unet, vae, encoders
 
@@ -124,10 +132,11 @@ def module_flops(arch: Architecture, height: int, width: int, batch_size: int, g
         t = torch.empty(rows)
         ehs = torch.empty(rows, text_len, int(unet.config.cross_attention_dim))
         kwargs: dict[str, Any] = {}
-        if arch.family == "sdxl":
+        fam = arch.model_family
+        if fam.time_ids:  # the family's added conditioning: the pooled embedding and time ids
             pooled = int(encoders[-1].config.projection_dim)
             kwargs["added_cond_kwargs"] = {"text_embeds": torch.empty(rows, pooled),
-                                           "time_ids": torch.empty(rows, 6)}
+                                           "time_ids": torch.empty(rows, fam.time_ids)}
         unet_step = count_flops(lambda: unet(sample, t, ehs, **kwargs))[0]
         z = torch.empty(batch_size, lat, h, w)
         decoder = count_flops(lambda: vae.decode(z))[0]

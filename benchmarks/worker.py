@@ -210,7 +210,9 @@ def run_diffusers(spec: dict[str, Any]) -> dict[str, Any]:
     cuda = spec["device"] == "cuda"
     device = "cuda" if cuda else "cpu"
     dtype = torch.float16 if spec["precision"] == "fp16" else torch.float32
-    sdxl = spec["family"] == "sdxl"
+    from sdrt.runtime.families import family_named
+
+    sdxl = len(family_named(spec["family"]).encoders) == 2  # diffusers' two-encoder (XL) pipelines
     emit(phase="load")
     t0 = time.perf_counter()
     from .baselines import pipeline_class

@@ -154,7 +154,7 @@ def test_a_backend_without_the_graph_joins_on_the_host_and_says_so_once(tiny_exp
             return load(path, name)
 
         pipe.backend.load = old_folder  # type: ignore[method-assign]
-        with caplog.at_level(logging.INFO, logger="sdrt.runtime.pipeline"):
+        with caplog.at_level(logging.INFO, logger="sdrt.runtime.device_graphs"):
             got = [pipe.encode_prompt("a ship", guided=True) for _ in range(2)]
         assert caplog.text.count("joined on the host") == 1
         for g in got:

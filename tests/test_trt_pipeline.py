@@ -344,7 +344,7 @@ def test_sdxl_joins_its_embeddings_on_the_device(tiny_export, tmp_path: Path, fa
     old = EngineManifest.read(out)
     dataclasses.replace(old, engines=tuple(r for r in old.engines if r.component != join)).write(out)
     (out / f"{join}.engine").unlink()
-    with caplog.at_level(logging.INFO, logger="sdrt.runtime.pipeline"), Pipeline.load(out, backend="tensorrt") as pipe:
+    with caplog.at_level(logging.INFO, logger="sdrt.runtime.device_graphs"), Pipeline.load(out, backend="tensorrt") as pipe:
         host, got = copies(pipe, 6)
     assert caplog.text.count("joined on the host") == 1
     assert host[2] == 2 + 3, host  # the host join: both encoders' hidden states and the pooled output down
