@@ -26,7 +26,7 @@ import torch
 from sdrt.runtime.errors import ArtifactError, InputError, UnsafeCheckpointError
 
 from .controlnet_presets import get_controlnet_preset
-from .loading import LoadedModel, _folder_digest, randomize_norms
+from .loading import LoadedModel, folder_digest, randomize_norms
 
 CONTROLNET_CLASS = "ControlNetModel"
 
@@ -131,7 +131,7 @@ def _controlnet_folder(path: Path, allow_pickle: bool) -> LoadedControlNet:
     except (OSError, ValueError) as e:
         raise ArtifactError(f"cannot load the ControlNet folder {path}: {e}") from e
     return LoadedControlNet(net.float().eval(), {"kind": "diffusers", "path": str(path),
-                                                 "sha256": _folder_digest(path)}, str(path))
+                                                 "sha256": folder_digest(path)}, str(path))
 
 
 # -- pairing -------------------------------------------------------------------------------------------

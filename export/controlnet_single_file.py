@@ -44,9 +44,9 @@ def _read(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
             raise UnsafeCheckpointError(
                 f"{path.name} is a pickled checkpoint: loading it runs arbitrary code from the file. Prefer a "
                 ".safetensors version of it; if you trust its origin, pass --allow-pickle.")
-        from .single_file import _unpickle
+        from .single_file import unpickle_checkpoint
 
-        return _unpickle(path)
+        return unpickle_checkpoint(path)
     if path.suffix.lower() != ".safetensors":
         raise InputError(f"{path.name}: unknown ControlNet format; expected a .safetensors file (or a diffusers "
                          "ControlNet folder)")

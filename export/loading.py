@@ -201,7 +201,7 @@ def diffusers_folder(path: Path) -> LoadedModel:
         text_encoders=[e.eval() for e in encoders],
         scheduler_config=scheduler_config,
         tokenizer_dirs=tok_dirs,
-        source={"kind": "diffusers", "path": str(path), "sha256": _folder_digest(path)},
+        source={"kind": "diffusers", "path": str(path), "sha256": folder_digest(path)},
     )
 
 
@@ -212,7 +212,7 @@ def _same_arch(preset: Preset, unet: torch.nn.Module) -> bool:
             and int(cfg.in_channels) == int(preset.unet["in_channels"]))
 
 
-def _folder_digest(path: Path) -> str:
+def folder_digest(path: Path) -> str:
     """A digest of a folder's weight and config files (names, sizes and contents)."""
     h = hashlib.sha256()
     for f in sorted(p for p in path.rglob("*") if p.is_file()):

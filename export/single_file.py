@@ -85,7 +85,7 @@ class _Checkpoint:
                     f"{path.name} is a pickled checkpoint: loading it runs arbitrary code from the file. "
                     "Prefer a .safetensors version of it; if you trust its origin, pass --allow-pickle."
                 )
-            self._tensors = _unpickle(path)
+            self._tensors = unpickle_checkpoint(path)
             file_shapes = {k: tuple(v.shape) for k, v in self._tensors.items()}
         else:
             from safetensors import SafetensorError, safe_open
@@ -133,7 +133,7 @@ def ldm_key_names(keys: Mapping[str, Any]) -> dict[str, str]:
     return out
 
 
-def _unpickle(path: Path) -> dict[str, torch.Tensor]:
+def unpickle_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     """A pickled checkpoint's tensors: tensors-only unpickling first, the full unpickler only if needed."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)

@@ -124,3 +124,4 @@ def test_scores_are_refused_by_families_that_take_none() -> None:
     assert family_named("sdxl", refiner=True).check_scores(None) == (6.0, 2.5)
     with pytest.raises(InputError, match="aesthetic_score must be a number from 0 to 10"):
         family_named("sdxl", refiner=True).check_scores((11.0, None))
+
