@@ -29,6 +29,7 @@ def create_app(pipeline_or_dir: Any, config: ServeConfig | None = None, *, backe
     starts, with ``backend`` and ``precision`` (openvino's, as ``Pipeline.load``). ``overrides``: ServeConfig
     fields (``max_batch=4``, ``api_key=...``). The app's ``state.serve`` is its ``ServeState``."""
     cfg = replace(config or ServeConfig(), **overrides)
+    cfg.check()
     st = ServeState.create(pipeline_or_dir, cfg, backend=backend, devices=devices, precision=precision)
     app = FastAPI(title="sdrt serve", version=_version(), lifespan=_lifespan,
                   description="Stable Diffusion over sdrt: OpenAI images API, AUTOMATIC1111 API, batching. "

@@ -35,6 +35,26 @@ class ServeConfig:
     # receives requests only once it can run them
     load_before_serving: bool = False
 
+    def check(self) -> None:
+        """Refuse a setting out of its range (InputError naming the flag), before anything is loaded or bound."""
+        from sdrt.runtime.errors import InputError
+
+        at_least = (("max_batch", "--max-batch", 1), ("max_queue", "--max-queue", 1),
+                    ("max_body_bytes", "--max-body-bytes", 1), ("max_pixels", "--max-pixels", 64 * 64),
+                    ("max_upload_pixels", "--max-upload-pixels", 64 * 64), ("max_steps", "--max-steps", 1),
+                    ("max_prompt_chars", "--max-prompt-chars", 1), ("batch_window_ms", "--batch-window-ms", 0),
+                    ("grace_s", "--grace", 0))
+        for name, flag, low in at_least:
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not v >= low:
+                raise InputError(f"{name} {v!r} must be at least {low}", cli=f"{flag} {v!r} must be at least {low}")
+        if self.max_n is not None and not 1 <= self.max_n:
+            raise InputError(f"max_n {self.max_n!r} must be at least 1 (or None: max_batch)",
+                             cli=f"--max-n {self.max_n!r} must be at least 1 (or leave it out: --max-batch)")
+        if not self.request_timeout_s > 0:
+            raise InputError(f"request_timeout_s {self.request_timeout_s!r} must be above 0",
+                             cli=f"--request-timeout {self.request_timeout_s!r} must be above 0 seconds")
+
     @property
     def images_per_request(self) -> int:
         return min(self.max_n or self.max_batch, self.max_batch)

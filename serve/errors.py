@@ -53,12 +53,32 @@ async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:
     first = errs[0] if errs else {}
     loc = [str(x) for x in first.get("loc", ()) if x not in ("body", "query", "path", "form")]
     param = ".".join(loc) or None
-    msg = "; ".join(f"{'.'.join(str(x) for x in er.get('loc', ())[1:]) or 'body'}: {er.get('msg')}"
-                    for er in errs[:5])
+    msg = "; ".join(_in_words(er) for er in errs[:5])
     # loc, msg and type only: the input itself may not be JSON (inf, NaN, bytes)
     detail = [{"loc": [str(x) for x in er.get("loc", ())], "msg": str(er.get("msg")), "type": er.get("type")}
               for er in errs]
     return error_response(422, msg, param, "invalid_value", detail=detail)
+
+
+# what a field with a pattern takes, in words (a regular expression is no answer for a client's user)
+_PATTERNS = {"size": "WIDTHxHEIGHT in pixels with a lowercase x, such as 512x512 or 768x512"}
+
+
+def _in_words(er: Any) -> str:
+    """One validation error as a sentence that names the field, what was wrong and what is allowed."""
+    loc = [str(x) for x in er.get("loc", ())]
+    field = ".".join(x for x in loc if x not in ("body", "query", "path", "form")) or "body"
+    kind, ctx = er.get("type", ""), er.get("ctx") or {}
+    if kind == "json_invalid":
+        where = f" ({ctx['error']})" if ctx.get("error") else ""
+        return f"the request body is not valid JSON{where}: send one JSON object with the request's fields"
+    if kind == "string_pattern_mismatch":
+        name = loc[-1] if loc else field
+        allowed = _PATTERNS.get(name, f"text matching {ctx.get('pattern')}")
+        return f"{field} {er.get('input')!r} is not valid: give {allowed}"
+    if kind == "missing":
+        return f"{field} is required"
+    return f"{field}: {er.get('msg')}"
 
 
 async def _http(request: Request, e: StarletteHTTPException) -> JSONResponse:

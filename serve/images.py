@@ -38,7 +38,9 @@ def decode_image(data: bytes, *, field: str, max_pixels: int, keep_alpha: bool =
     except ImageRefused:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageRefused(f"{field} is too large to decode safely: {e}", field) from e
+        # Pillow refuses before reading the size: say the server's own limit, not Pillow's
+        raise ImageRefused(f"{field} has more than {max_pixels} pixels, the most this server accepts per "
+                           "upload (sdrt serve --max-upload-pixels): send a smaller image", field) from e
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise ImageRefused(f"{field} is not a readable PNG, JPEG or WebP image ({e})", field) from e
     return img if keep_alpha else img.convert("RGB")

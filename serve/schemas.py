@@ -109,6 +109,8 @@ class OpenAIImage(BaseModel):
     b64_json: str | None = None
     url: str | None = None
     revised_prompt: str | None = None
+    seed: int | None = Field(default=None, description="the seed this image was generated with (send it back as "
+                                                        "`seed` with n=1 to reproduce the image)")
 
 
 class OpenAIImages(BaseModel):

@@ -175,6 +175,44 @@ def test_body_size_and_decompression_bombs_are_refused(server):
     assert r.status_code == 422 and r.json()["error"]["param"] == "image"
 
 
+def test_refusals_are_words_not_parser_output(server):
+    """Malformed JSON, a size that is not WIDTHxHEIGHT, an upload past Pillow's own limit: each refusal names
+    the field, what was wrong and what is allowed, in words (no "JSON decode error", no regular expression,
+    no Pillow limit)."""
+    url, headers = f"{server.url}/v1/images/generations", {**AUTH, "content-type": "application/json"}
+    r = httpx.post(url, headers=headers, content=b'{"prompt": "x",}')
+    msg = r.json()["error"]["message"]
+    assert r.status_code == 422 and "the request body is not valid JSON" in msg and "decode" not in msg, msg
+    for size in ("big", "64X64"):
+        r = httpx.post(url, headers=AUTH, json={"prompt": "x", "size": size})
+        err = r.json()["error"]
+        assert r.status_code == 422 and err["param"] == "size", err
+        assert f"size {size!r} is not valid: give WIDTHxHEIGHT in pixels" in err["message"], err["message"]
+        assert "^[" not in err["message"]
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("1", (10_000, 9_000)).save(buf, format="PNG")  # 90 MP: past Pillow's own bomb limit (89 MP)
+    assert len(buf.getvalue()) < 1_000_000
+    r = httpx.post(f"{server.url}/v1/images/edits", headers=AUTH,
+                   files={"image": ("bomb.png", buf.getvalue(), "image/png")}, data={"prompt": "x", "steps": "1"})
+    err = r.json()["error"]
+    assert r.status_code == 422 and err["param"] == "image", err
+    assert "more than 262144 pixels" in err["message"] and "--max-upload-pixels" in err["message"], err["message"]
+    assert "decompression" not in err["message"].lower()
+
+
+def test_openai_responses_say_each_images_seed(server, pipe):
+    """A request without a seed gets random ones; the response says which, and sending one back with n=1
+    reproduces that image."""
+    r = httpx.post(f"{server.url}/v1/images/generations", headers=AUTH,
+                   json={"prompt": "a lake", "n": 2, "size": "64x64", "steps": 2}).json()["data"]
+    assert [type(d["seed"]) for d in r] == [int, int] and r[1]["seed"] == (r[0]["seed"] + 1) % 2**32
+    again = httpx.post(f"{server.url}/v1/images/generations", headers=AUTH,
+                       json={"prompt": "a lake", "n": 1, "size": "64x64", "steps": 2, "seed": r[1]["seed"]}).json()
+    assert again["data"][0]["b64_json"] == r[1]["b64_json"]
+
+
 # -- operations ---------------------------------------------------------------------------------------------
 def test_health_metrics_request_id_and_schema(server):
     assert httpx.get(f"{server.url}/healthz").json() == {"status": "alive"}
@@ -284,3 +322,60 @@ def test_serve_refuses_precision_off_openvino(tiny_export, capsys):
 
     assert main(["serve", str(tiny_export("sd15-tiny")), "--backend", "ort-cpu", "--precision", "bf16"]) == 1
     assert "--precision sets the openvino backend's inference precision" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--max-batch", "0"], "--max-batch 0 must be at least 1"),
+    (["--max-queue", "-1"], "--max-queue -1 must be at least 1"),
+    (["--request-timeout", "0"], "--request-timeout 0.0 must be above 0 seconds"),
+    (["--devices", "gpu0"], "--devices 'gpu0' must be GPU numbers"),
+])
+def test_serve_startup_refusals_are_one_line_before_binding(tiny_export, capsys, monkeypatch, flags, says):
+    """A bad setting exits non-zero with one clear line, before anything is loaded or a port is bound."""
+    from sdrt.cli import main
+
+    monkeypatch.setattr("uvicorn.run", lambda *a, **k: pytest.fail("the server was started"))
+    assert main(["serve", str(tiny_export("sd15-tiny")), "--backend", "ort-cpu", *flags]) == 1
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_serve_of_an_export_missing_a_component_refuses_before_binding(tiny_export, tmp_path, capsys, monkeypatch):
+    import json
+    import shutil
+
+    from sdrt.cli import main
+
+    folder = tmp_path / "broken"
+    shutil.copytree(tiny_export("sd15-tiny"), folder)
+    manifest = json.loads((folder / "sdrt.json").read_text())
+    del manifest["components"]["vae_decoder"]
+    (folder / "sdrt.json").write_text(json.dumps(manifest))
+    monkeypatch.setattr("uvicorn.run", lambda *a, **k: pytest.fail("the server was started"))
+    assert main(["serve", str(folder), "--backend", "ort-cpu"]) == 1
+    err = capsys.readouterr().err
+    assert "lacks vae_decoder" in err and "Traceback" not in err, err
+
+
+def test_healthz_fails_when_the_model_failed_to_load(tiny_export, tmp_path):
+    """Loading in the worker failed (here: a UNet graph that is not ONNX): /healthz answers 503 so that a
+    process manager restarts the server, and /readyz says why it is not ready."""
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    from sdrt.serve.app import create_app
+
+    folder = tmp_path / "corrupt"
+    shutil.copytree(tiny_export("sd15-tiny"), folder)
+    (folder / "unet" / "model.onnx").write_bytes(b"not onnx")
+    app = create_app(folder, backend="ort-cpu", warmup=False)
+    with TestClient(app) as client:
+        b = app.state.serve.batcher
+        b.wait_ready(30)
+        deadline = time.monotonic() + 30
+        while b.failed is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        r = client.get("/healthz")
+        assert r.status_code == 503 and r.json()["error"]["code"] == "load_failed", r.text
+        assert client.get("/readyz").json()["error"]["message"] == "the model failed to load"

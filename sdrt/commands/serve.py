@@ -63,14 +63,23 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise BackendUnavailable(f"sdrt serve needs the serve extra ({e.name} is missing): "
                                  "pip install 'sdrt[serve]'") from e
-    if not (Path(args.path) / "sdrt-export.json").is_file() and not Path(args.path).is_dir():
+    if not Path(args.path).is_dir():
         raise InputError(f"{args.path} is not a folder; give an sdrt export or engine folder")
     if args.precision is not None and args.backend not in ("auto", "openvino"):
         raise InputError(f"--precision sets the openvino backend's inference precision; --backend {args.backend} "
                          "computes in the export's or engines' precision: leave --precision out, or use --backend "
                          "openvino")
     cfg = config_from(args)
-    devices = tuple(int(d) for d in str(args.devices).split(",") if d.strip())
+    cfg.check()  # type: ignore[attr-defined]
+    try:
+        devices = tuple(int(d) for d in str(args.devices).split(",") if d.strip())
+    except ValueError:
+        raise InputError(f"--devices {args.devices!r} must be GPU numbers separated by commas, such as 0 or 0,1") from None
+    # what the workers will load, read and checked now: a missing component or a folder of another kind fails
+    # here with one line, before the port is bound (the engines themselves load in the workers)
+    from sdrt.runtime.loading import read_model
+
+    read_model(Path(args.path), args.backend)
     if args.ray:
         from sdrt.serve.ray_app import run_ray
 

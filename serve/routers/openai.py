@@ -130,9 +130,9 @@ def parse_size(st: ServeState, size: str | None) -> tuple[int, int]:
 
 def response(st: ServeState, result: JobResult, response_format: str, request: Request) -> dict[str, Any]:
     if response_format == "url":
-        data = [{"url": _store(st, p, request)} for p in result.png]
+        data = [{"url": _store(st, p, request), "seed": s} for p, s in zip(result.png, result.seeds, strict=True)]
     else:
-        data = [{"b64_json": imgs.b64(p)} for p in result.png]
+        data = [{"b64_json": imgs.b64(p), "seed": s} for p, s in zip(result.png, result.seeds, strict=True)]
     return {"created": int(time.time()), "data": data}
 
 

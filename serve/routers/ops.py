@@ -15,8 +15,14 @@ from ..errors import error_response
 router = APIRouter()
 
 
-@router.get("/healthz", tags=["operations"])
-async def healthz() -> dict[str, str]:
+@router.get("/healthz", tags=["operations"], responses={503: {"model": S.ErrorResponse}})
+async def healthz(st: State) -> Any:
+    """Alive, unless the model failed to load: then 503, so a process manager restarts the server."""
+    b = st.batcher
+    failed = b.failed if b is not None else None
+    if failed is not None:
+        return error_response(503, f"the model failed to load ({type(failed).__name__}: {failed}); the server "
+                                   "log has the details", None, "load_failed")
     return {"status": "alive"}
 
 
