@@ -545,12 +545,17 @@ def _copy_assets(src: Path, dst: Path, manifest: ExportManifest, records: Mappin
 ENGINES_KIND = "an sdrt engine folder"
 
 
+def engine_folder_entries(folder: Path) -> set[str]:
+    """What a previous engine folder's manifests name, and the assets every build copies into it."""
+    return engine_entries(folder) | set(ASSETS)
+
+
 def check_engine_dir(out_dir: str | Path, *, overwrite: bool = False) -> Path:
     """Refuse an ``out_dir`` that a build must not replace (see ``check_output_dir``), before any work: a
     previous engine folder is replaced whole, so one that also holds files its manifests do not name is
     refused (unless ``overwrite``)."""
     return check_output_dir(out_dir, marker=ENGINE_MANIFEST_NAME, overwrite=overwrite, what=ENGINES_KIND,
-                            owned=engine_entries)
+                            owned=engine_folder_entries)
 
 
 def build_engines(
@@ -583,7 +588,7 @@ def build_engines(
         progress(f"{backend}: no timing cache (TensorRT for RTX does not use one); {options.timing_cache} is not used")
     records: dict[str, EngineRecord] = {}
     with atomic_dir(out, marker=ENGINE_MANIFEST_NAME, overwrite=overwrite, what=ENGINES_KIND,
-                    owned=engine_entries) as tmp:
+                    owned=engine_folder_entries) as tmp:
         for plan in plans:
             rec = plan.record
             prev = None if options.force else _reusable(old, out, rec)
