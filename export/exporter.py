@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from sdrt import __version__
-from sdrt.runtime.atomic import atomic_dir, check_output_dir
+from sdrt.runtime.atomic import atomic_dir, check_output_dir, export_entries
 from sdrt.runtime.errors import InputError
 from sdrt.runtime.inpaint import MASKED_ENCODER
 from sdrt.runtime.manifest import MANIFEST_NAME, ExportManifest, ShapeLimits, pooled_encoder, tokenizer_of
@@ -222,8 +222,10 @@ EXPORT_KIND = "an sdrt export"
 
 
 def check_export_dir(out: str | Path, *, overwrite: bool = False) -> Path:
-    """Refuse an ``out`` that an export must not replace (see ``check_output_dir``), before any work."""
-    return check_output_dir(out, marker=MANIFEST_NAME, overwrite=overwrite, what=EXPORT_KIND)
+    """Refuse an ``out`` that an export must not replace (see ``check_output_dir``), before any work: a
+    previous export is replaced whole, so one that also holds files its sdrt.json does not name is refused
+    (unless ``overwrite``)."""
+    return check_output_dir(out, marker=MANIFEST_NAME, overwrite=overwrite, what=EXPORT_KIND, owned=export_entries)
 
 
 def export_model(
@@ -247,8 +249,9 @@ def export_model(
     becomes ``controlnet_j`` (in order), and ``unet_control`` takes all their residuals; the plain ``unet``
     is exported as without them. A ControlNet that does not pair with the model's UNet is refused first.
 
-    ``out`` may be new, empty or a previous sdrt export (replaced whole when the export succeeds); any
-    other folder is refused unless ``overwrite``, a file or the current folder always.
+    ``out`` may be new, empty or a previous sdrt export holding only what its sdrt.json names (replaced
+    whole when the export succeeds); any other folder is refused unless ``overwrite``, a file or the current
+    folder always.
     """
     from .tokenizer_assets import write_clip_tokenizer
 
@@ -266,7 +269,7 @@ def export_model(
         # batch 2 (a guided step), non-square to exercise both dynamic spatial axes; capped for CPU time
         side = min(latent, 32)
         parity_shape = (2, side, side + 8)
-    with atomic_dir(out, marker=MANIFEST_NAME, overwrite=overwrite, what=EXPORT_KIND) as tmp:
+    with atomic_dir(out, marker=MANIFEST_NAME, overwrite=overwrite, what=EXPORT_KIND, owned=export_entries) as tmp:
         components = {}
         for spec in component_specs(model, vae_fp32, clip_skip, controlnets):
             components[spec.name] = export_component(

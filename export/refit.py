@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from sdrt.runtime.atomic import atomic_dir, check_output_dir, give_default_mode
+from sdrt.runtime.atomic import atomic_dir, check_output_dir, export_entries, give_default_mode
 from sdrt.runtime.errors import ArtifactError, CompatibilityError, InputError
 from sdrt.runtime.manifest import EXPORT_FOLDER, MANIFEST_NAME, ExportManifest
 
@@ -246,7 +246,8 @@ def write_refit_export(
 
     src = Path(onnx_dir)
     manifest = ExportManifest.read(src, wanted=EXPORT_FOLDER)
-    with atomic_dir(out_dir, marker=MANIFEST_NAME, overwrite=overwrite, what="an sdrt export") as tmp:
+    with atomic_dir(out_dir, marker=MANIFEST_NAME, overwrite=overwrite, what="an sdrt export",
+                    owned=export_entries) as tmp:
         for item in src.iterdir():
             if item.name in new_values and item.is_dir():
                 continue
@@ -450,7 +451,7 @@ def refit_folder(
     if out is None:
         raise InputError(f"{folder} is an ONNX export: give --out DIR for the refitted copy (exports are not "
                          "changed in place)")
-    check_output_dir(out, marker=MANIFEST_NAME, overwrite=overwrite, what="an sdrt export")
+    check_output_dir(out, marker=MANIFEST_NAME, overwrite=overwrite, what="an sdrt export", owned=export_entries)
     comps = refittable_components(export, folder)
     loras_comps = {m.component for s in request.loras for m in read_lora(s.path).modules}
     todo = [c for c in comps if not request.loras or c in loras_comps]

@@ -6,7 +6,8 @@ A lazy chain per component (plan -> parse -> configure -> build -> write), nothi
     build_engines(onnx_dir, out_dir, profile, options, progress=print)
 
 The engine folder (written atomically: a killed build leaves the previous folder as it was; only a new or
-empty folder or a previous engine folder is replaced, any other needs ``overwrite=True``)::
+empty folder or a previous engine folder holding nothing but what its manifests name is replaced, any other
+needs ``overwrite=True``)::
 
     ENGINE_DIR/
       sdrt-engines.json        the engine manifest (sdrt.runtime.engine_manifest)
@@ -50,7 +51,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sdrt import __version__
-from sdrt.runtime.atomic import atomic_dir, atomic_write_bytes, check_output_dir
+from sdrt.runtime.atomic import atomic_dir, atomic_write_bytes, check_output_dir, engine_entries
 from sdrt.runtime.engine_manifest import (
     ENGINE_MANIFEST_NAME,
     BuildFlags,
@@ -544,9 +545,17 @@ def _copy_assets(src: Path, dst: Path, manifest: ExportManifest, records: Mappin
 ENGINES_KIND = "an sdrt engine folder"
 
 
+def engine_folder_entries(folder: Path) -> set[str]:
+    """What a previous engine folder's manifests name, and the assets every build copies into it."""
+    return engine_entries(folder) | set(ASSETS)
+
+
 def check_engine_dir(out_dir: str | Path, *, overwrite: bool = False) -> Path:
-    """Refuse an ``out_dir`` that a build must not replace (see ``check_output_dir``), before any work."""
-    return check_output_dir(out_dir, marker=ENGINE_MANIFEST_NAME, overwrite=overwrite, what=ENGINES_KIND)
+    """Refuse an ``out_dir`` that a build must not replace (see ``check_output_dir``), before any work: a
+    previous engine folder is replaced whole, so one that also holds files its manifests do not name is
+    refused (unless ``overwrite``)."""
+    return check_output_dir(out_dir, marker=ENGINE_MANIFEST_NAME, overwrite=overwrite, what=ENGINES_KIND,
+                            owned=engine_folder_entries)
 
 
 def build_engines(
@@ -560,8 +569,8 @@ def build_engines(
 ) -> EngineManifest:
     """Build (or reuse) every component's engine into ``out_dir``, atomically. Needs TensorRT and a GPU.
 
-    ``out_dir`` may be new, empty or a previous engine folder; any other folder is refused unless
-    ``overwrite``, a file or the current folder always.
+    ``out_dir`` may be new, empty or a previous engine folder holding only what its manifests name; any
+    other folder is refused unless ``overwrite``, a file or the current folder always.
     """
     check_engine_dir(out_dir, overwrite=overwrite)
     trt = load_tensorrt(options.module)
@@ -578,7 +587,8 @@ def build_engines(
     elif options.timing_cache is not None:  # a deprecated no-op there, said to rule out CPU-only builds
         progress(f"{backend}: no timing cache (TensorRT for RTX does not use one); {options.timing_cache} is not used")
     records: dict[str, EngineRecord] = {}
-    with atomic_dir(out, marker=ENGINE_MANIFEST_NAME, overwrite=overwrite, what=ENGINES_KIND) as tmp:
+    with atomic_dir(out, marker=ENGINE_MANIFEST_NAME, overwrite=overwrite, what=ENGINES_KIND,
+                    owned=engine_folder_entries) as tmp:
         for plan in plans:
             rec = plan.record
             prev = None if options.force else _reusable(old, out, rec)

@@ -12,7 +12,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 
 from .errors import ArtifactError, InputError
@@ -81,6 +81,7 @@ def check_output_dir(
     marker: str | None,
     overwrite: bool = False,
     what: str = "an sdrt artifact",
+    owned: Callable[[Path], Collection[str]] | None = None,
 ) -> Path:
     """Refuse an output folder that :func:`atomic_dir` must not replace; return it as a ``Path``.
 
@@ -88,6 +89,9 @@ def check_output_dir(
     artifact of the same kind: ``sdrt.json`` for an export, ``sdrt-engines.json`` for engines), or any
     folder when ``overwrite``. Always refused: a path that is not a folder (a file), and the current
     folder or one above it. ``what`` names the artifact kind in the message ("an sdrt export").
+    ``owned(folder)``: the top-level names a previous artifact's manifest accounts for (e.g.
+    :func:`export_entries`); given, a previous artifact that holds anything else is refused too (unless
+    ``overwrite``), naming what it holds.
     """
     target = Path(target)
     _check_not_cwd(target)
@@ -100,8 +104,60 @@ def check_output_dir(
             mark = f" (no {marker})" if marker else ""
             raise _refuse(f"{target} is a folder that is not {what}{mark} and holds files, which replacing it "
                           "would delete; choose a new or empty folder, or", ", deleting what it holds")
+        if is_previous and not overwrite and owned is not None:
+            _check_only_owned(target, marker, owned, what)
     _check_parent_can_be_written(target)
     return target
+
+
+def _check_only_owned(target: Path, marker: str | None, owned: Callable[[Path], Collection[str]], what: str) -> None:
+    # A previous artifact is replaced whole, so anything its manifest does not name (a user's notes, a
+    # LoRA put beside the model) would go with it: refused rather than merged, which is simpler to trust.
+    try:
+        names = set(owned(target))
+    except (OSError, ValueError, LookupError, TypeError, AttributeError):  # an unreadable one names nothing
+        names = set()
+    names.add(str(marker))
+    others = sorted(p.name for p in target.iterdir() if p.name not in names)
+    if others:
+        shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        raise _refuse(f"{target} is {what}, but it also holds {shown}, which its {marker} does not name: sdrt "
+                      "replaces the whole folder, so replacing it would delete them. Move them out of the folder, "
+                      "choose another folder, or", ", deleting them too")
+
+
+def export_entries(folder: Path) -> set[str]:
+    """The top-level names an sdrt export's ``sdrt.json`` accounts for: its components' and variants'
+    folders, the tokenizers of its text encoders, ``scheduler/``, ``model_index.json`` and itself.
+    Read as plain JSON, so a manifest of any schema version names its files. Raises ValueError (JSON),
+    OSError, LookupError, TypeError or AttributeError for a manifest that is not one."""
+    import json
+
+    from .manifest import MANIFEST_NAME
+
+    data = json.loads((folder / MANIFEST_NAME).read_text())
+    names = {MANIFEST_NAME, "model_index.json", "scheduler"}
+    for name, comp in data["components"].items():
+        for rel in (comp["path"], *comp.get("variants", {}).values()):
+            names.add(Path(rel).parts[0])
+        if name.startswith("text_encoder"):
+            names.add(name.replace("text_encoder", "tokenizer"))
+    return names
+
+
+def engine_entries(folder: Path) -> set[str]:
+    """The top-level names an sdrt engine folder's ``sdrt-engines.json`` (its engine files) and
+    ``sdrt.json`` (the assets copied from the export) account for; raises as :func:`export_entries`."""
+    import json
+
+    from .engine_manifest import ENGINE_MANIFEST_NAME
+    from .manifest import MANIFEST_NAME
+
+    data = json.loads((folder / ENGINE_MANIFEST_NAME).read_text())
+    names = {ENGINE_MANIFEST_NAME, *(Path(e["file"]).parts[0] for e in data["engines"])}
+    if (folder / MANIFEST_NAME).is_file():
+        names |= export_entries(folder)
+    return names
 
 
 def check_output_file(
@@ -143,14 +199,15 @@ def atomic_dir(
     marker: str | None,
     overwrite: bool = False,
     what: str = "an sdrt artifact",
+    owned: Callable[[Path], Collection[str]] | None = None,
 ) -> Iterator[Path]:
     """Yield a temporary folder beside ``target``; on success it replaces ``target`` whole.
 
-    ``target`` must pass :func:`check_output_dir` (same ``marker``, ``overwrite``, ``what``): callers
+    ``target`` must pass :func:`check_output_dir` (same ``marker``, ``overwrite``, ``what``, ``owned``): callers
     check it before their work too, this is the last line. On any exception the temporary folder is
     removed and ``target`` is left as it was.
     """
-    target = Path(check_output_dir(target, marker=marker, overwrite=overwrite, what=what)).resolve()
+    target = Path(check_output_dir(target, marker=marker, overwrite=overwrite, what=what, owned=owned)).resolve()
     parent = _check_parent_writable(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=parent))
     os.chmod(tmp, default_dir_mode())  # mkdtemp makes the folder private (0700)
@@ -192,6 +249,30 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_new_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to a new file ``path`` through a temporary file; never replaces a file: raises
+    FileExistsError when ``path`` exists, even if it appeared a moment ago (the link is the test)."""
+    path = Path(path)
+    parent = _check_parent_writable(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.partial-", dir=parent)
+    try:
+        os.chmod(tmp, default_file_mode())
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)  # atomic, and fails rather than replace
+        except FileExistsError:
+            raise
+        except OSError:  # a file system without hard links: reserve the name, then fill it
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
 
 
 def _mode_for(path: Path) -> int:

@@ -11,8 +11,6 @@ import importlib
 import logging
 import sys
 
-from sdrt import __version__
-
 # name -> one-line help; the module sdrt.commands.<name> holds the rest
 COMMANDS: dict[str, str] = {
     "demo": "export a tiny synthetic model, generate an image and print timings (no GPU, no download)",
@@ -26,9 +24,35 @@ COMMANDS: dict[str, str] = {
 }
 
 
+def version() -> str:
+    """The installed distribution's version; a checkout run without installing has sdrt.__version__."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("sdrt")
+    except PackageNotFoundError:
+        import sdrt
+
+        return str(getattr(sdrt, "__version__", "unknown"))
+
+
+class _Version(argparse.Action):
+    """argparse's version action, with the version looked up only when asked (the lookup scans the installed
+    distributions)."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: object, values: object,
+                 option_string: str | None = None) -> None:
+        print(f"sdrt {version()}")  # stdout, as argparse's own version action
+        parser.exit()
+
+
 def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     parser = argparse.ArgumentParser(prog="sdrt", description="Stable Diffusion on ONNX Runtime and TensorRT")
-    parser.add_argument("--version", action="version", version=f"sdrt {__version__}")
+    parser.add_argument("--version", action=_Version, help="print sdrt's version and exit")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     subs = {name: sub.add_parser(name, help=help_, description=help_) for name, help_ in COMMANDS.items()}

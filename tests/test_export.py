@@ -158,10 +158,13 @@ def test_interrupted_export_leaves_nothing(tmp_path: Path, monkeypatch: pytest.M
 def test_reexport_replaces_whole_folder(tmp_path: Path) -> None:
     out = tmp_path / "e"
     out.mkdir()
-    (out / "sdrt.json").write_text("{}")  # a previous export (another folder is refused: tests/test_output_safety.py)
-    (out / "stale.onnx").write_text("old")
+    # a previous export (another folder, or one holding files its sdrt.json does not name, is refused:
+    # tests/test_output_safety.py); what only it held goes with it
+    (out / "sdrt.json").write_text(json.dumps({"components": {"unet": {"path": "stale/model.onnx"}}}))
+    (out / "stale").mkdir()
+    (out / "stale" / "model.onnx").write_text("old")
     export_model(load_model(random_preset="sd15-tiny"), out, fp16=False)
-    assert not (out / "stale.onnx").exists() and (out / "sdrt.json").is_file()
+    assert not (out / "stale").exists() and (out / "sdrt.json").is_file()
 
 
 def test_diffusers_folder_source(tmp_path: Path) -> None:

@@ -98,12 +98,28 @@ def test_export_overwrite_then_reexport_replaces_whole_with_umask_modes(
     dirs = [d, *(p for p in d.rglob("*") if p.is_dir())]
     assert {str(p): oct(stat.S_IMODE(p.stat().st_mode)) for p in dirs} == {str(p): oct(0o777 & ~0o027) for p in dirs}
 
-    # a previous export is replaced without the flag, whole: what only the old folder held is gone
-    (d / "stale.bin").write_bytes(b"from the previous export")
+    # a previous export is replaced without the flag, whole: what only the old folder held (here a component
+    # its manifest names, as an export with a ControlNet has) is gone
+    manifest = json.loads((d / "sdrt.json").read_text())
+    manifest["components"]["controlnet_0"] = {**manifest["components"]["unet"], "path": "controlnet_0/model.onnx"}
+    (d / "sdrt.json").write_text(json.dumps(manifest))
+    (d / "controlnet_0").mkdir()
+    (d / "controlnet_0" / "model.onnx").write_bytes(b"from the previous export")
     capsys.readouterr()
     assert main(["export", "--random", "sd15-tiny", "--fp32", "--seed", "1", "--out", str(d)]) == 0
-    assert not (d / "stale.bin").exists()
+    assert not (d / "controlnet_0").exists()
     assert json.loads((d / "sdrt.json").read_text())["source"]["seed"] == 1
+    assert _listing(tmp_path) == ["mine"]
+
+    # a file the manifest does not name is the user's: refused, named, and kept; --overwrite replaces it all
+    (d / "stale.bin").write_bytes(b"put here by hand")
+    assert main(["export", "--random", "sd15-tiny", "--fp32", "--seed", "2", "--out", str(d)]) == 1
+    err = capsys.readouterr().err
+    assert "stale.bin" in err and "sdrt.json does not name" in err and "--overwrite" in err
+    assert (d / "stale.bin").read_bytes() == b"put here by hand"
+    assert json.loads((d / "sdrt.json").read_text())["source"]["seed"] == 1
+    assert main(["export", "--random", "sd15-tiny", "--fp32", "--seed", "2", "--out", str(d), "--overwrite"]) == 0
+    assert not (d / "stale.bin").exists() and json.loads((d / "sdrt.json").read_text())["source"]["seed"] == 2
     assert _listing(tmp_path) == ["mine"]
 
 
@@ -169,12 +185,17 @@ def test_build_engines_checks_before_tensorrt(tmp_path: Path, monkeypatch: pytes
     # a previous engine folder, and any folder with overwrite, get past the check (to TensorRT)
     prev = tmp_path / "prev"
     prev.mkdir()
-    (prev / "sdrt-engines.json").write_text("{}")
+    (prev / "sdrt-engines.json").write_text(json.dumps({"engines": [{"file": "unet.engine"}]}))
     (prev / "unet.engine").write_bytes(b"x")
     for out, overwrite in ((prev, False), (d, True)):
         with pytest.raises(AssertionError, match="work started"):
             trt_build.build_engines(tmp_path / "onnx", out, custom_profile(batch=1), overwrite=overwrite)
     assert _listing(d) == ["notes.txt"]
+    # a previous engine folder that also holds a file its manifests do not name is refused before TensorRT
+    (prev / "notes.txt").write_text("my notes")
+    with pytest.raises(InputError, match="notes.txt, which its sdrt-engines.json does not name"):
+        trt_build.build_engines(tmp_path / "onnx", prev, custom_profile(batch=1))
+    assert _listing(prev) == ["notes.txt", "sdrt-engines.json", "unet.engine"]
 
 
 # -- refit --------------------------------------------------------------------------------------------------

@@ -210,7 +210,9 @@ def test_cli_output_replaces_the_named_file_atomically(sd15: Path, tmp_path: Pat
     assert _cli(sd15, "--seed", "1", "--batch-size", "2", "-o", str(out)) == 0
     assert sorted(os.listdir(tmp_path)) == ["img.png", "img_1.png", "img_2.png"]  # no temporary left behind
     assert out.read_bytes() == b"old"  # a batch writes _1, _2: the named file is not touched
-    assert _cli(sd15, "--seed", "1", "-o", str(out)) == 0
+    assert _cli(sd15, "--seed", "1", "-o", str(out)) == 1  # an existing file needs --overwrite
+    assert "--overwrite" in capsys.readouterr().err and out.read_bytes() == b"old"
+    assert _cli(sd15, "--seed", "1", "-o", str(out), "--overwrite") == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and sorted(os.listdir(tmp_path)) == [
         "img.png", "img_1.png", "img_2.png"]
 

@@ -119,6 +119,15 @@ def _report(args: argparse.Namespace) -> int:
 
     if not args.report_dir and not args.readme:
         raise InputError("say where the report goes: -o DIR (bench.md and bench.png) and/or --readme README.md")
+    # every refusal before anything is written: the folder's files, then the README's markers
+    if args.report_dir:
+        report.check_report_dir(args.report_dir, overwrite=args.overwrite)
+    if args.readme:
+        try:
+            text = Path(args.readme).read_text()
+        except OSError as e:
+            raise InputError(f"cannot read --readme {args.readme}: {e.strerror or e}") from e
+        report.replace_between_markers(text, "", f"--readme {args.readme}")
     png = None
     if args.report_dir:
         md, png = report.write_report(args.files, args.report_dir, overwrite=args.overwrite)

@@ -11,16 +11,34 @@ import time
 import warnings
 from pathlib import Path
 
+from sdrt.runtime.manifest import ShapeLimits
+
+SIZES = ShapeLimits()  # what an export accepts (exporter.export_model writes these limits)
+DEFAULT_SIZE = 256
+# the backends that run an ONNX export (runtime.pipeline.BACKENDS without tensorrt)
+BACKENDS = ("auto", "ort-cpu", "ort-cuda", "openvino")
+
 
 def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="sdrt-demo", help="working folder (default ./sdrt-demo)")
     p.add_argument("--preset", default="sd15-tiny", help="tiny preset to export (default sd15-tiny)")
-    p.add_argument("--backend", default="auto",
-                   help="auto (default: ort-cuda when onnxruntime-gpu sees a GPU, else ort-cpu), ort-cpu or "
-                        "ort-cuda: the demo runs the ONNX export, not TensorRT engines")
+    p.add_argument("--backend", default="auto", choices=BACKENDS,
+                   help="auto (default: ort-cuda when onnxruntime-gpu sees a GPU, else openvino when it is "
+                        "installed, else ort-cpu), ort-cpu, ort-cuda or openvino: the demo runs the ONNX export, "
+                        "not TensorRT engines")
     p.add_argument("--steps", type=int, default=20, help="denoising steps of dpmpp-2m (default 20)")
-    p.add_argument("--size", type=int, default=256,
-                   help="image height and width in pixels, a multiple of 8 from 64 to 2048 (default 256)")
+    p.add_argument("--size", type=int, default=DEFAULT_SIZE,
+                   help=f"image height and width in pixels, a multiple of {SIZES.multiple_of} from "
+                        f"{SIZES.min_size} to {SIZES.max_size} (default {DEFAULT_SIZE})")
+
+
+def _check_size(size: int) -> None:
+    """Before the export: the sizes every export accepts (its manifest's limits are these defaults)."""
+    from sdrt.runtime.errors import InputError
+
+    if size % SIZES.multiple_of or not SIZES.min_size <= size <= SIZES.max_size:
+        raise InputError(f"--size {size} is not supported: use a multiple of {SIZES.multiple_of} from "
+                         f"{SIZES.min_size} to {SIZES.max_size}, or leave --size out for the default ({DEFAULT_SIZE})")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -33,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
     from ._report import print_warnings, timing_table
     from .generate import write_image
 
+    _check_size(args.size)
     out = Path(args.out)
     onnx_dir = out / f"{args.preset}-onnx"
     t0 = time.perf_counter()

@@ -63,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
     from sdrt.export.loading import load_model
 
     check_export_dir(args.out, overwrite=args.overwrite)  # before the weights load
+    loras = [_lora_spec(s) for s in args.lora or []]  # likewise
     t0 = time.perf_counter()
     what = args.model or f"synthetic {args.random} weights"
     print(f"loading {what}", flush=True)
@@ -80,10 +81,9 @@ def run(args: argparse.Namespace) -> int:
         check_pairing(model, nets)  # before the LoRAs merge and any export work
 
     if args.lora:
-        from sdrt.export.lora import LoraSpec
         from sdrt.export.lora_merge import merge_loras
 
-        reports = merge_loras(model, [LoraSpec.parse(s) for s in args.lora])
+        reports = merge_loras(model, loras)
         for comp, rep in reports.items():
             if rep.matched:
                 print(f"merged LoRA into {len(rep.matched)} {comp} weights"
@@ -116,3 +116,23 @@ def run(args: argparse.Namespace) -> int:
         print(f"{name:16s} {c.precision:9s} {c.size_bytes / 1e6:8.1f} {err:>11s} {bound:>9s}")
     print("error: relative to the PyTorch module's largest output; uint8 images: levels of 255")
     return 0
+
+
+def _lora_spec(text: str):  # type: ignore[no-untyped-def]
+    """``--lora FILE[:SCALE]`` -> a LoraSpec whose file exists, or an InputError that names the real problem
+    (a scale that is not a number reads as part of the file name otherwise)."""
+    from pathlib import Path
+
+    from sdrt.export.lora import LoraSpec
+    from sdrt.runtime.errors import InputError
+
+    spec = LoraSpec.parse(text)
+    if spec.path.is_file():
+        return spec
+    head, sep, tail = text.rpartition(":")
+    if sep and head and Path(head).is_file():
+        raise InputError(f"--lora {text}: the scale {tail!r} is not a number; give FILE:SCALE with a number "
+                         f"(e.g. {head}:0.8), or FILE alone for scale 1")
+    what = "is a folder" if spec.path.is_dir() else "does not exist"
+    raise InputError(f"--lora {text}: the LoRA file {spec.path} {what}; give a .safetensors file, optionally "
+                     "with :SCALE")

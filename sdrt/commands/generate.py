@@ -11,6 +11,8 @@ from pathlib import Path
 # what --output may end in, and the PIL format written
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP",
                  ".tif": "TIFF", ".tiff": "TIFF"}
+# the images of a run without -o, in the current folder: the first names not taken
+DEFAULT_NAME = "out-{:04d}.png"
 
 
 def register(p: argparse.ArgumentParser) -> None:
@@ -76,9 +78,13 @@ def register(p: argparse.ArgumentParser) -> None:
                    help="SDXL refiner: the aesthetic score it is conditioned on (default 6)")
     p.add_argument("--negative-aesthetic-score", type=float, default=None,
                    help="SDXL refiner: the score of the negative (unconditional) rows (default 2.5)")
-    p.add_argument("-o", "--output", default="out.png",
-                   help=f"output image ({', '.join(IMAGE_FORMATS)}) in an existing folder; an existing file of that "
-                        "name is replaced; batches get _1, _2, ... suffixes")
+    p.add_argument("-o", "--output", default=None,
+                   help=f"output image ({', '.join(IMAGE_FORMATS)}) in an existing folder (default: the first free "
+                        f"name of {DEFAULT_NAME.format(1)}, {DEFAULT_NAME.format(2)}, ... in the current folder; "
+                        "a batch takes one per image); with -o, batches get _1, _2, ... suffixes, and an existing "
+                        "file is refused unless --overwrite")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the files -o names if they exist (never an input image)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -91,7 +97,11 @@ def run(args: argparse.Namespace) -> int:
 
     from ._report import print_warnings, timing_table
 
-    paths = output_paths(Path(args.output), args.batch_size)
+    inputs = [(flag, path) for flag, paths in (("--init-image", [args.init_image]), ("--mask", [args.mask]),
+                                               ("--control-image", args.control_image or []))
+              for path in paths if path]
+    paths = output_paths(None if args.output is None else Path(args.output), args.batch_size,
+                         overwrite=args.overwrite, inputs=inputs)
     if args.strength is not None and not args.init_image:
         raise InputError("--strength applies to img2img only: pass --init-image, or leave --strength out")
     if args.mask and not args.init_image:
@@ -112,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
     image = None if not args.init_image else _open_image(args.init_image, "--init-image")
     mask = None if not args.mask else _open_image(args.mask, "--mask")
     control = _control_images(args)
+    _check_image_sizes(args, image, control)
     pipe = Pipeline.load(args.path, backend=args.backend, cuda_graph=args.cuda_graph, precision=args.precision)
     refiner = None
     if args.refiner:
@@ -158,9 +169,10 @@ def run(args: argparse.Namespace) -> int:
     print_warnings(caught)
     print(f"seed {result.seed}")
     if len(paths) != len(result.images):  # a prompt list can only come from the API; here it is one prompt
-        paths = output_paths(Path(args.output), len(result.images))
+        paths = output_paths(None if args.output is None else Path(args.output), len(result.images),
+                             overwrite=args.overwrite, inputs=inputs)
     for img, path in zip(result.images, paths):
-        write_image(img, path)
+        path = _write_output(img, path, fresh=args.output is None, overwrite=args.overwrite)
         print(f"wrote {path}")
     print(timing_table(result.timings, len(result.timings["unet_steps_ms"])))
     print(f"denoising loop: {result.loop}")
@@ -219,11 +231,18 @@ def _open_image(path: str, flag: str) -> object:
     return img
 
 
-def output_paths(out: Path, n: int) -> list[Path]:
-    """The files ``-o OUT`` names for ``n`` images, checked before any work: an existing, writable folder
-    and an image extension; none of them may be a folder."""
+def output_paths(out: Path | None, n: int, *, overwrite: bool = False,
+                 inputs: list[tuple[str, str]] | tuple[()] = ()) -> list[Path]:
+    """The files ``-o OUT`` names for ``n`` images, checked before any work: an existing, writable folder,
+    an image extension, no folder, no existing file unless ``overwrite``, and never one of ``inputs``
+    ((flag, path) of the input images). ``out`` None: the first ``n`` free names of ``DEFAULT_NAME`` in the
+    current folder."""
     from sdrt.runtime.errors import InputError
 
+    if out is None:
+        paths = _free_names(Path("."), n)
+        _check_writable(Path("."), "writing the images")
+        return paths
     fmt = IMAGE_FORMATS.get(out.suffix.lower())
     if fmt is None:
         raise InputError(f"-o {out}: {'no' if not out.suffix else 'unknown'} image extension "
@@ -231,23 +250,125 @@ def output_paths(out: Path, n: int) -> list[Path]:
     paths = [out] if n == 1 else [out.with_name(f"{out.stem}_{i + 1}{out.suffix}") for i in range(n)]
     parent = out.parent
     if not parent.is_dir():
-        raise InputError(f"-o {out}: the folder {parent} does not exist; create it first, or choose another path")
+        what = "is not a folder" if parent.exists() else "does not exist"
+        raise InputError(f"-o {out}: the folder {parent} {what}; create it first, or choose another path")
     for path in paths:
+        for flag, given in inputs:
+            if _same_file(path, Path(given)):
+                raise InputError(f"-o {out}: {path} is the same file as {flag} {given}; writing the result there "
+                                 "would destroy the input (even with --overwrite): choose another -o")
         if path.is_dir():
             raise InputError(f"-o {out}: {path} is a folder; give a file name such as {path / 'out.png'}")
-    try:  # the only sure test of writability (permissions, read-only mounts, root)
-        fd, probe = tempfile.mkstemp(prefix=".sdrt-write-check-", dir=parent)
+    existing = [str(p) for p in paths if p.exists() or p.is_symlink()]
+    if existing and not overwrite:
+        one = len(existing) == 1
+        raise InputError(f"-o {out}: {', '.join(existing)} already exist{'s' if one else ''}; pass --overwrite to "
+                         f"replace {'it' if one else 'them'}, choose another name, or leave -o out to write the next "
+                         f"free {DEFAULT_NAME.format(1).replace('0001', 'NNNN')}")
+    _check_writable(parent, f"-o {out}")
+    return paths
+
+
+def _free_names(folder: Path, n: int, start: int = 1) -> list[Path]:
+    names: list[Path] = []
+    i = start
+    while len(names) < n:
+        path = folder / DEFAULT_NAME.format(i)
+        if not (path.exists() or path.is_symlink()):
+            names.append(path)
+        i += 1
+    return names
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+    except OSError:
+        pass
+    return a.resolve() == b.resolve()
+
+
+def _check_writable(folder: Path, what: str) -> None:
+    import errno
+
+    from sdrt.runtime.errors import InputError
+
+    try:  # the only sure test of writability (permissions, read-only mounts, root, virtual file systems)
+        fd, probe = tempfile.mkstemp(prefix=".sdrt-write-check-", dir=folder)
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise InputError(f"-o {out}: cannot write to {parent} ({e.strerror}); choose a folder you can write to") from e
-    return paths
+        # /proc and /sys exist but take no new files, and say so with ENOENT
+        why = ("it takes no new files" if e.errno == errno.ENOENT and folder.is_dir()
+               else (e.strerror or str(e)).lower())
+        shown = "the current folder" if str(folder) == "." else f"the folder {folder}"
+        raise InputError(f"{what}: cannot write to {shown}: it is not writable ({why}); choose a folder you can "
+                         "write to") from e
+
+
+def _write_output(img: object, path: Path, *, fresh: bool, overwrite: bool) -> Path:
+    """Write one image without replacing what appeared at ``path`` during the run (unless ``overwrite``);
+    a default name that was taken meanwhile moves on to the next free one. Returns the path written."""
+    from sdrt.runtime.atomic import atomic_write_new_bytes
+    from sdrt.runtime.errors import InputError
+
+    if overwrite:
+        write_image(img, path)
+        return path
+    data = encode_image(img, path)
+    while True:
+        try:
+            atomic_write_new_bytes(path, data)
+            return path
+        except FileExistsError:
+            if not fresh:
+                raise InputError(f"{path} appeared while generating and is left as it is; pass --overwrite to "
+                                 "replace it, or choose another -o") from None
+            number = int(path.stem.rsplit("-", 1)[1])
+            path = _free_names(path.parent, 1, start=number + 1)[0]
+
+
+def _check_image_sizes(args: argparse.Namespace, image: object | None, control: list[object] | None) -> None:
+    """Without --height/--width an init image (else the first control image) sets the output size: refuse
+    one whose size, rounded down as the pipeline does, is outside the model's limits, naming the image
+    rather than flags the user did not pass."""
+    from sdrt.runtime.errors import InputError, SdrtError
+    from sdrt.runtime.folders import read_manifest
+
+    if image is not None:
+        flag, path, img = "--init-image", args.init_image, image
+    elif control:
+        flag, path, img = "--control-image", args.control_image[0], control[0]
+    else:
+        return
+    if args.height is not None and args.width is not None:
+        return
+    try:
+        m = read_manifest(args.path)
+    except SdrtError:
+        return  # the pipeline's load says what is wrong with the folder
+    lim, multiple = m.limits, m.vae_scale_factor
+    w, h = img.size  # type: ignore[attr-defined]
+    sides = [(label, v - v % multiple) for label, v, given in (("height", h, args.height), ("width", w, args.width))
+             if given is None]
+    if all(lim.min_size <= v <= lim.max_size and v % lim.multiple_of == 0 for _, v in sides):
+        return
+    flags = " and ".join(f"--{label}" for label, _ in sides)
+    raise InputError(f"{flag} {path} is {w}x{h} pixels: without {flags} the output takes the image's size "
+                     f"(rounded down to a multiple of {multiple}), which must be {lim.min_size} to {lim.max_size} "
+                     f"pixels a side; use an image of that size, or pass {flags} (the image is resized to them)")
+
+
+def encode_image(img: object, path: Path) -> bytes:
+    """The bytes of ``img`` in the format ``path``'s extension names."""
+    buf = io.BytesIO()
+    img.save(buf, format=IMAGE_FORMATS[path.suffix.lower()])  # type: ignore[attr-defined]
+    return buf.getvalue()
 
 
 def write_image(img: object, path: Path) -> None:
     """Encode in memory, then write through a temporary file and a rename: never a half-written image."""
     from sdrt.runtime.atomic import atomic_write_bytes
 
-    buf = io.BytesIO()
-    img.save(buf, format=IMAGE_FORMATS[path.suffix.lower()])  # type: ignore[attr-defined]
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, encode_image(img, path))

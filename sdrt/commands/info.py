@@ -44,17 +44,41 @@ def _tensorrt_lines() -> list[str]:
     return lines
 
 
-def run(args: argparse.Namespace) -> int:
-    from sdrt import __version__
+def _auto_backend(cuda: bool, openvino: bool) -> str:
+    """What ``--backend auto`` picks for an ONNX export (runtime.pipeline.make_backend's order); an engine
+    folder always runs on tensorrt."""
+    if cuda:
+        return "ort-cuda (onnxruntime-gpu sees a GPU)"
+    if openvino:
+        return "openvino (no GPU for ONNX Runtime; OpenVINO is installed)"
+    return "ort-cpu (no GPU for ONNX Runtime, no OpenVINO)"
 
-    print(f"sdrt {__version__}, Python {platform.python_version()}, {platform.machine()}")
+
+def run(args: argparse.Namespace) -> int:
+    from sdrt.cli import version
+
+    if args.path:  # before the slow part: a mistyped path is said at once
+        from pathlib import Path
+
+        from sdrt.runtime.errors import InputError
+
+        if not Path(args.path).exists():
+            raise InputError(f"{args.path} does not exist; pass a model folder (an sdrt export, an Optimum ONNX "
+                             "export, an engine folder or a diffusers folder), or no path for this machine's "
+                             "backends alone")
+        if not Path(args.path).is_dir():
+            raise InputError(f"{args.path} is not a folder; pass a model folder (an sdrt export, an Optimum ONNX "
+                             "export, an engine folder or a diffusers folder)")
+    print(f"sdrt {version()}, Python {platform.python_version()}, {platform.machine()}")
     print("\nbackends:")
+    cuda = openvino = False
     try:
         import onnxruntime as ort
 
-        providers = ort.get_available_providers()
+        from sdrt.runtime.ort_backend import cuda_available
+
         print(f"  ort-cpu     yes (onnxruntime {ort.__version__})")
-        cuda = "CUDAExecutionProvider" in providers
+        cuda = cuda_available()
         print(f"  ort-cuda    {'yes' if cuda else 'no: pip install onnxruntime-gpu (needs CUDA)'}")
     except ImportError:
         print("  ort-cpu     no: pip install onnxruntime")
@@ -65,10 +89,14 @@ def run(args: argparse.Namespace) -> int:
         caps = core.get_property("CPU", "OPTIMIZATION_CAPABILITIES") if "CPU" in core.available_devices else []
         print(f"  openvino    yes (OpenVINO {ov.__version__.split('-')[0]}; devices {', '.join(core.available_devices)}; "
               f"CPU bf16 {'yes' if 'BF16' in caps else 'no'})")
+        from sdrt.runtime.ov_backend import available
+
+        openvino = available()  # what auto tests
     except ImportError:
         print("  openvino    no: pip install 'sdrt[openvino]'")
     for line in _tensorrt_lines():
         print(line)
+    print(f"  auto        an ONNX export: {_auto_backend(cuda, openvino)}; an engine folder: tensorrt")
     print("\nGPU:")
     try:
         import pynvml
