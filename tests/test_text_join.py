@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from sdrt.export.profiles import custom_profile, text_join_shapes
+from sdrt.runtime.conditioning import TextConditioning
 from sdrt.runtime.errors import ArtifactError, InputError
 from sdrt.runtime.manifest import ExportManifest
 from sdrt.runtime.ort_backend import OrtBackend
-from sdrt.runtime.conditioning import TextConditioning
 from sdrt.runtime.pipeline import Pipeline
 from sdrt.runtime.text_join import JoinVariant, join_engine_name, join_graph_bytes, join_variant
 
