@@ -155,3 +155,44 @@ def test_close_releases_and_refuses_further_use(sd15: Path) -> None:
     with Pipeline.load(sd15, backend="ort-cpu") as q:
         assert len(q("a", steps=2, seed=0).images) == 1
     assert q.closed
+
+
+def test_negatives_are_one_string_or_one_per_prompt(pipe: Pipeline) -> None:
+    """A list of negatives pairs with the prompts (each repeated batch_size times, as the prompts are); one
+    negative in a list for two prompts is refused (it used to be reused silently), as diffusers refuses it."""
+    with pytest.raises(InputError, match="1 negative prompts for 2 prompts .2 images.: give one string"):
+        pipe(["a", "b"], negative_prompt=["n"], steps=2, seed=1)
+    kw = {"steps": 2, "seed": [3, 4, 5, 6], "batch_size": 2}
+    paired = pipe(["a", "b"], negative_prompt=["n1", "n2"], **kw)
+    per_image = pipe(["a", "b"], negative_prompt=["n1", "n1", "n2", "n2"], **kw)
+    alone = [pipe(p, negative_prompt=n, steps=2, seed=s) for p, n, s in (("a", "n1", 3), ("b", "n2", 6))]
+    np.testing.assert_array_equal(_px(paired), _px(per_image))
+    np.testing.assert_array_equal(_px(paired)[[0, 3]], np.concatenate([_px(r) for r in alone]))
+    one = pipe(["a", "b"], negative_prompt="n1", steps=2, seed=[3, 6])
+    np.testing.assert_array_equal(_px(one)[0], _px(alone[0])[0])
+
+
+def test_staged_seeds_list_makes_one_image_per_seed(pipe: Pipeline) -> None:
+    """The README's staged example: prepare_latents(plan, h, w, seed=[1, 2]) makes two images' latents (the
+    batch follows the list), each that seed's alone."""
+    plan = pipe.plan("euler", 2)
+    two = pipe.prepare_latents(plan, 64, 64, seed=[1, 2])
+    one = pipe.prepare_latents(plan, 64, 64, seed=2)
+    x2, x1 = pipe.backend.to_host(two.x), pipe.backend.to_host(one.x)
+    assert x2.shape[0] == 2
+    np.testing.assert_array_equal(x2[1:], x1)
+
+
+def test_denoise_refuses_embeddings_for_another_batch(pipe: Pipeline) -> None:
+    """Embeddings for one image and latents for two: a clear error before any engine runs (it failed inside
+    ONNX Runtime)."""
+    emb = pipe.encode_prompt("a", guided=True)
+    plan = pipe.plan("euler", 2)
+    lat = pipe.prepare_latents(plan, 64, 64, seed=[1, 2])
+    runs: list[str] = []
+    real = pipe.engines["unet"].__class__.__call__
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(pipe.engines["unet"].__class__, "__call__", lambda self, *a, **k: runs.append("run") or real(self, *a, **k))
+        with pytest.raises(InputError, match="the embeddings are for 1 image but the latents hold 2"):
+            pipe.denoise(emb, lat, plan, guidance_scale=7.5)
+    assert runs == []
