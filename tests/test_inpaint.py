@@ -246,7 +246,7 @@ def test_extra_channels_graph_against_numpy(guided: bool, src: str, dst: str) ->
     assert out.dtype == np.dtype(dst) and np.array_equal(out, want)
 
 
-@pytest.mark.parametrize("missing", ["_noise_graph", "_extra_graph", "_input_graph"])
+@pytest.mark.parametrize("missing", ["noise", "extra", "first_input"])
 @pytest.mark.parametrize("strength", [0.75, 1.0])
 def test_inpainting_without_one_device_graph_gives_the_same_latents(sd15_inpaint: Pipeline, monkeypatch, missing: str,
                                                                     strength: float) -> None:
@@ -256,7 +256,7 @@ def test_inpainting_without_one_device_graph_gives_the_same_latents(sd15_inpaint
     kw = {"image": img, "mask_image": mask, "height": 64, "width": 96, "steps": 3, "sampler": "dpmpp-2m",
           "guidance_scale": 4.0, "seed": 4, "batch_size": 2, "strength": strength, "output": "latents"}
     want = sd15_inpaint("a cat", **kw).latents
-    monkeypatch.setattr(sd15_inpaint, missing, lambda *a: None)
+    monkeypatch.setattr(sd15_inpaint.device_graphs, missing, lambda *a: None)
     got = sd15_inpaint("a cat", **kw).latents
     assert np.abs(want).max() > 0.1
     np.testing.assert_allclose(got, want, atol=1e-5)
