@@ -16,10 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from .engine import CLOSED
+from .engine import CLOSED, Clock
 from .engine_manifest import detect_gpu
 from .errors import BackendUnavailable, InputError, SdrtError
-from .step_loop import Clock
 
 CUDA_HINT = "pip install cuda-python (or: pip install 'sdrt[tensorrt]')"
 _CUDA_OOM = 2  # cudaErrorMemoryAllocation

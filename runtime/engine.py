@@ -3,22 +3,25 @@
 A ``Backend`` owns the device (host memory, a CUDA device) and moves arrays to and from it; an
 ``Engine`` is one loaded graph that checks every input's name, dtype and shape against its own
 description before running. The pipeline talks only to these two; each backend implements them once.
+
+What a backend hands the pipeline besides engines is declared here too: a :class:`StepLoop` (the
+denoising steps over a UNet and a sampler step graph, with the argument checks every loop shares) and a
+:class:`Clock` (the host clock; a GPU backend returns one of its own). The loops themselves live above
+this module (``runtime/step_loop.py`` and each backend's own), so nothing here imports them.
 """
 
 from __future__ import annotations
 
 import abc
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from .errors import InputError
 from .manifest import Component
-
-if TYPE_CHECKING:
-    from .step_loop import Clock, StepLoop
 
 CLOSED = "the pipeline/backend was closed; load it again"  # what using anything after close() says
 Array = Any  # a backend's device array: numpy on the host, an OrtValue or device buffer on a GPU
@@ -40,11 +43,11 @@ class Backend(abc.ABC):
 
     Lifecycle: ``close()`` releases every engine, buffer, stream and captured graph
     the backend holds; a closed backend refuses further work. What the pipeline needs besides engines and
-    arrays is declared here with a base implementation: ``check_request`` (can the loaded engines serve
-    this batch and size?), ``step_loop`` (the denoising loop over a UNet and a step-graph engine),
-    ``clock`` (how stages and steps are timed), ``make_current`` (bind the device to the calling
-    thread) and ``clone`` / ``shares_memory_with`` (hand device arrays between stages and backends
-    without the host).
+    arrays is declared here: ``step_loop`` (the denoising loop over a UNet and a step-graph engine; each
+    backend chooses its loop) and, with a base implementation, ``check_request`` (can the loaded engines
+    serve this batch and size?), ``clock`` (how stages and steps are timed), ``make_current`` (bind the
+    device to the calling thread) and ``clone`` / ``shares_memory_with`` (hand device arrays between stages
+    and backends without the host).
     """
 
     name: str
@@ -86,18 +89,15 @@ class Backend(abc.ABC):
         """Raise InputError when the loaded engines cannot serve ``batch`` images of ``height`` x ``width``
         (TensorRT: outside the build profile). ONNX graphs take any size the export supports."""
 
+    @abc.abstractmethod
     def step_loop(self, unet: Engine, step: Engine, controlnets: Sequence[Engine | None] = ()) -> StepLoop:
         """The denoising loop over ``unet`` and the sampler ``step`` graph; with ``controlnets`` (one entry
         per exported net, None where it does not run) each step runs them first and ``unet`` is the
-        export's ``unet_control``. Base: step by step."""
-        from .step_loop import PlainStepLoop
-
-        return PlainStepLoop(self, unet, step, controlnets)
+        export's ``unet_control``. A backend without a loop of its own returns
+        ``step_loop.PlainStepLoop(self, unet, step, controlnets)`` (step by step)."""
 
     def clock(self) -> Clock:
         """A clock for stage and step times. Base: the host clock, synchronizing at each mark."""
-        from .step_loop import Clock
-
         return Clock(self)
 
     def make_current(self) -> None:
@@ -140,3 +140,123 @@ class Engine(abc.ABC):
                 isinstance(want, int) and got != want for got, want in zip(shape, spec.shape)
             ):
                 raise InputError(f"{self.name}: input {name!r} has shape {tuple(shape)}, expected {spec.describe()}")
+
+
+@dataclass(frozen=True)
+class ControlFeeds:
+    """One run's ControlNet inputs, one entry per exported net (None where the net does not run).
+
+    ``images``: ``controlnet_cond`` on the device, uint8 [rows, H, W, 3]; ``scales``: [steps, nets, rows, R]
+    float32, each step's ``conditioning_scale`` rows (runtime/controlnet.py)."""
+
+    images: Sequence[Array | None]
+    scales: np.ndarray
+
+
+def check_control(nets: Sequence[object | None], control: ControlFeeds | None, steps: int) -> None:
+    if not nets and control is None:
+        return
+    if control is None or len(control.images) != len(nets):
+        raise InputError(f"this loop runs {len(nets)} ControlNet(s): start() needs control=ControlFeeds with one "
+                         "image per net")
+    sc = np.shape(control.scales)
+    if len(sc) != 4 or sc[0] != steps or sc[1] != len(nets):
+        raise InputError(f"control scales must be [steps, nets, rows, R] = [{steps}, {len(nets)}, ...], got {list(sc)}")
+    for j, (net, im) in enumerate(zip(nets, control.images)):
+        if (net is None) != (im is None):
+            raise InputError(f"ControlNet {j}: the loop {'runs' if net is not None else 'leaves out'} this net but "
+                             f"start() {'gave no' if im is None else 'gave an'} image for it")
+
+
+class StepLoop(abc.ABC):
+    """One call's denoising steps over a UNet engine and a sampler step-graph engine (``runtime/step_loop.py``
+    says how the pipeline drives one). Every implementation's ``start`` begins with :meth:`_check_start`
+    (and, where it reads ``cond`` itself rather than through the UNet's own check, :meth:`_check_cond`), so
+    every backend refuses the same arguments with the same message."""
+
+    captured: bool = False  # replayed as captured device graphs
+    reason: str = ""  # why not, when a backend could capture but did not
+
+    @abc.abstractmethod
+    def start(self, *, latents: Array, unet_in: Array, cond: Mapping[str, Array],
+              timesteps: Sequence[float] | np.ndarray, coeffs: np.ndarray, guidance: Array | None = None,
+              x0_prev: Array | None = None, noise: np.ndarray | None = None,
+              step_inputs: Mapping[str, Array] | None = None, control: ControlFeeds | None = None) -> None:
+        """Set up a run of ``len(timesteps)`` steps. ``coeffs`` is the sampler table [steps, columns];
+        ``noise`` the fresh noise of every step [steps, *latents.shape] (ancestral samplers) or None;
+        ``step_inputs`` the step graph's further inputs, the same every step (an inpainting variant's);
+        ``control`` the ControlNets' images and scale table (a loop made with ``controlnets``)."""
+
+    @staticmethod
+    def _check_start(timesteps: Sequence[float] | np.ndarray, coeffs: np.ndarray,
+                     latents_shape: Sequence[int], noise: np.ndarray | None, control: ControlFeeds | None,
+                     controlnets: Sequence[object | None] = ()) -> int:
+        """The number of steps, after refusing a ``coeffs`` table without one row per timestep, ``noise`` not
+        shaped [steps, *latents.shape] and ``control`` that does not match the loop's ``controlnets``."""
+        n, cf_shape = len(timesteps), np.shape(coeffs)
+        if n < 1 or len(cf_shape) != 2 or cf_shape[0] != n:
+            raise InputError(f"coeffs must be [steps, columns] with one row per timestep ({n}), "
+                             f"got {list(cf_shape)}")
+        if noise is not None and np.shape(noise) != (n, *latents_shape):
+            raise InputError(f"noise must be [steps, *latents.shape] = {[n, *latents_shape]}, "
+                             f"got {list(np.shape(noise))}")
+        check_control(controlnets, control, n)
+        return n
+
+    @staticmethod
+    def _check_cond(unet_inputs: Mapping[str, object], cond: Mapping[str, object]) -> None:
+        """Refuse ``cond`` unless it holds every UNet input but ``sample``, ``timestep`` and the ControlNet
+        residuals (the loop feeds those)."""
+        takes = {n for n in unet_inputs if not n.startswith("controlnet_")}
+        if set(cond) != takes - {"sample", "timestep"}:
+            raise InputError(f"unet takes {sorted(takes)}; cond must hold all but sample and timestep, "
+                             f"got {sorted(cond)}")
+
+    @abc.abstractmethod
+    def step(self, i: int) -> None:
+        """Queue step ``i`` (in order, 0 .. steps-1, after ``start``)."""
+
+    @property
+    @abc.abstractmethod
+    def latents(self) -> Array:
+        """The latents after the steps run so far (valid until the next ``start``)."""
+
+    @property
+    @abc.abstractmethod
+    def x0(self) -> Array:
+        """The sampler's last x0 prediction (a multistep sampler's history; valid until the next ``start``)."""
+
+    def describe(self) -> str:
+        """How the loop ran, for ``Result.loop``."""
+        if self.captured:
+            return "captured CUDA graphs"
+        return f"engines run directly ({self.reason})" if self.reason else "engines run step by step"
+
+    def close(self) -> None:
+        """Release the loop's device buffers and captured graphs (idempotent)."""
+
+
+class Clock:
+    """Marks on the host clock (``time.perf_counter``), the device synchronized at each mark (exact for CPU
+    backends). With ``others``, theirs too (two models on two devices, timed as one call). A GPU backend's
+    clock may record device events on its stream instead and synchronize once, when the times are read
+    (``kind`` says which clock a figure came from)."""
+
+    kind = "host"
+
+    def __init__(self, backend: Backend, *others: Backend) -> None:
+        self.backend = backend
+        self.backends = (backend, *others)
+        self._marks: list[float] = []
+
+    def mark(self) -> None:
+        for be in self.backends:
+            be.synchronize()
+        self._marks.append(time.perf_counter())
+
+    def intervals_ms(self) -> list[float]:
+        """Milliseconds between consecutive marks (waits for the device first where marks are events)."""
+        return [(b - a) * 1e3 for a, b in zip(self._marks, self._marks[1:])]
+
+    def close(self) -> None:
+        self._marks = []

@@ -117,23 +117,9 @@ def latent_mask(mask_px: np.ndarray, factor: int, batch: int) -> np.ndarray:
 
 
 def blend_table(plan: samplers.SamplerPlan) -> np.ndarray:
-    """[steps, 2]: for step i, (ka, kn) with the image latents at step i+1's noise level ka x + kn noise in
-    the sampler's state (the scheduler's ``add_noise``); the last row (1, 0): the clean latents."""
-    t = plan.table
-    n = plan.steps
-    out = np.zeros((n, 2))
-    out[-1] = (1.0, 0.0)
-    if plan.sampler == "lcm":  # LCM re-noises to the next step with (b, d) = (alpha_next, sigma_next)
-        out[:-1, 0], out[:-1, 1] = t[:-1, samplers.B], t[:-1, samplers.D]
-        return out
-    s, p, q = t[1:, samplers.S], t[1:, samplers.P], t[1:, samplers.Q]
-    # x = (alpha x0 + sigma eps) / s, and (p, q) give alpha and sigma: eps p = s/alpha, q = -sigma/alpha;
-    # v p = alpha s, q = -sigma
-    if plan.prediction_type == "epsilon":
-        out[:-1, 0], out[:-1, 1] = 1.0 / p, -q / p
-    else:
-        out[:-1, 0], out[:-1, 1] = p / s**2, -q / s
-    return out
+    """[steps, 2]: the "blend" step graph's BLEND_COLUMNS, (ka, kn) that noise the image latents to the next
+    step's level (``SamplerPlan.renoise_table``)."""
+    return plan.renoise_table()
 
 
 def loop_inputs(state: InpaintState, plan: samplers.SamplerPlan, guided: bool,

@@ -24,11 +24,10 @@ import onnx
 from onnx import compose, helper, version_converter
 
 from .errors import CompatibilityError
+from .step_loop import STEP_UNET_INPUT, UNET_OUTPUT
 
 UNET_PREFIX = "unet/"
 STEP_PREFIX = "step/"
-UNET_OUT = "out_sample"
-STEP_IN = "unet_out"
 
 
 def external_locations(model: onnx.ModelProto) -> set[str]:
@@ -62,10 +61,11 @@ def compose_step_model(unet_src: str | bytes, unet_dir: str, step: onnx.ModelPro
     unet = (onnx.load(unet_src, load_external_data=False) if isinstance(unet_src, str)
             else onnx.load_from_string(bytes(unet_src)))  # graph bytes: external data is never read from them
     outs = [o.name for o in unet.graph.output]
-    if UNET_OUT not in outs:
-        raise CompatibilityError(f"the UNet has outputs {outs}, not {UNET_OUT!r}: the step graph cannot follow it")
-    if STEP_IN not in [i.name for i in step.graph.input]:
-        raise CompatibilityError(f"the step graph has no {STEP_IN!r} input")
+    if UNET_OUTPUT not in outs:
+        raise CompatibilityError(f"the UNet has outputs {outs}, not {UNET_OUTPUT!r}: the step graph cannot "
+                                 "follow it")
+    if STEP_UNET_INPUT not in [i.name for i in step.graph.input]:
+        raise CompatibilityError(f"the step graph has no {STEP_UNET_INPUT!r} input")
     for loc in sorted(external_locations(unet)):
         rel = Path(loc)
         if rel.is_absolute() or ".." in rel.parts:
@@ -85,8 +85,8 @@ def _merge(unet: onnx.ModelProto, step: onnx.ModelProto) -> onnx.ModelProto:
     data against the working directory."""
     a = compose.add_prefix(unet, UNET_PREFIX)
     b = compose.add_prefix(step, STEP_PREFIX)
-    graph = compose.merge_graphs(a.graph, b.graph, [(UNET_PREFIX + UNET_OUT, STEP_PREFIX + STEP_IN)],
-                                 name="sdrt_unet_step")
+    joined = [(UNET_PREFIX + UNET_OUTPUT, STEP_PREFIX + STEP_UNET_INPUT)]
+    graph = compose.merge_graphs(a.graph, b.graph, joined, name="sdrt_unet_step")
     opsets: dict[str, int] = {}
     for o in (*a.opset_import, *b.opset_import):
         domain = "" if o.domain == "ai.onnx" else o.domain

@@ -32,13 +32,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from .engine import Array, Engine
 from .errors import DeviceMemoryError, InputError, SdrtError
-from .ort_backend import (
+from .optimum import Graph
+from .ort_engine import (
+    OrtBackendBase,
     OrtEngine,
     _allocation_detail,
     _copy_into,
@@ -49,12 +51,8 @@ from .ort_backend import (
     log,
     run_failure,
 )
-from .step_loop import ControlFeeds, PlainStepLoop, StepLoop
+from .step_loop import STEP_OUTPUTS, STEP_UNET_INPUT, UNET_OUTPUT, ControlFeeds, PlainStepLoop, StepLoop
 
-if TYPE_CHECKING:
-    from .ort_backend import OrtBackend
-
-STEP_OUTPUTS = ("latents_next", "x0", "unet_in_next")
 FUSED_NAME = "unet_step"
 # runs of one graph id after which ORT has captured it (1 or 2 uncaptured runs first, then the capture)
 CAPTURE_RUNS = 3
@@ -73,7 +71,7 @@ class OrtPlainStepLoop(PlainStepLoop):
         return text + host_copy_note()
 
 
-def fused_step_reason(backend: OrtBackend, unet: Engine, step: Engine) -> str | None:
+def fused_step_reason(backend: OrtBackendBase, unet: Engine, step: Engine) -> str | None:
     """None where the fused loop applies, else why the plain loop runs ("" on a backend without CUDA
     graphs at all: nothing was declined)."""
     forced = backend.fused_step
@@ -89,12 +87,13 @@ def fused_step_reason(backend: OrtBackend, unet: Engine, step: Engine) -> str | 
     assert isinstance(unet, OrtEngine)
     if not isinstance(unet.source, str) and not getattr(unet.source, "base_dir", None):
         return "the UNet was loaded from bytes without its weights folder"
-    if "out_sample" not in unet.outputs or set(step.outputs) != set(STEP_OUTPUTS) or "unet_out" not in step.inputs:
+    if (UNET_OUTPUT not in unet.outputs or set(step.outputs) != set(STEP_OUTPUTS)
+            or STEP_UNET_INPUT not in step.inputs):
         return "the UNet's and step graph's inputs and outputs are not the ones the composition joins"
     return None
 
 
-def make_step_loop(backend: OrtBackend, unet: Engine, step: Engine,
+def make_step_loop(backend: OrtBackendBase, unet: Engine, step: Engine,
                    controlnets: Sequence[Engine | None] = ()) -> StepLoop:
     """The fused loop where it applies and composes; otherwise the plain one with the reason. With
     ControlNets the engines run step by step (the composition covers the UNet and the step graph only)."""
@@ -120,11 +119,10 @@ def make_step_loop(backend: OrtBackend, unet: Engine, step: Engine,
     return plain
 
 
-def _load_fused(backend: OrtBackend, unet: OrtEngine, step: OrtEngine) -> OrtEngine:
+def _load_fused(backend: OrtBackendBase, unet: OrtEngine, step: OrtEngine) -> OrtEngine:
     import onnx
 
-    from .optimum import Graph
-    from .ort_compose import compose_step_model
+    from .ort_compose import compose_step_model  # (imports onnx: only where a loop is composed)
 
     src = unet.source
     folder = os.path.dirname(os.path.abspath(src)) if isinstance(src, str) else str(getattr(src, "base_dir", ""))
@@ -168,8 +166,8 @@ class _Slot:
                 raise InputError(f"the composed step takes {sorted(names)}; the loop binds {sorted(feeds)}")
             for name, v in feeds.items():
                 b.bind_ortvalue_input(name, v)
-            for out, k in (("step/latents_next", "lat"), ("step/x0", "x0"), ("step/unet_in_next", "uin")):
-                b.bind_ortvalue_output(out, self.buf[f"{k}{1 - p}"])
+            for out, k in zip(STEP_OUTPUTS, ("lat", "x0", "uin")):
+                b.bind_ortvalue_output(f"step/{out}", self.buf[f"{k}{1 - p}"])
             self.bindings.append(b)
             self.run_options.append(_run_options(2 * graph + p if be.cuda_graph else -1))
 
@@ -177,7 +175,7 @@ class _Slot:
 class FusedStepLoop(StepLoop):
     """UNet + sampler step as one ORT session over fixed buffers, double-buffered, one run per step."""
 
-    def __init__(self, backend: OrtBackend, unet: OrtEngine, step: OrtEngine, fused: OrtEngine) -> None:
+    def __init__(self, backend: OrtBackendBase, unet: OrtEngine, step: OrtEngine, fused: OrtEngine) -> None:
         self.backend, self.unet, self.step_engine, self.fused = backend, unet, step, fused
         self.slots: dict[tuple[Any, ...], _Slot] = {}
         self._plain = OrtPlainStepLoop(backend, unet, step)
@@ -220,17 +218,10 @@ class FusedStepLoop(StepLoop):
         be = self.backend
         if self.fused.closed:
             raise InputError(f"this step loop is closed: {be.name} backend was closed; load it again")
-        ts, cf = np.asarray(timesteps), np.asarray(coeffs, dtype=np.float32)
-        n = len(ts)
         dtype, shape = be.meta(latents)
-        if n < 1 or cf.ndim != 2 or cf.shape[0] != n:
-            raise InputError(f"coeffs must be [steps, columns] with one row per timestep ({n}), got {list(cf.shape)}")
-        if noise is not None and np.shape(noise) != (n, *shape):
-            raise InputError(f"noise must be [steps, *latents.shape] = {[n, *shape]}, got {list(np.shape(noise))}")
-        want = set(self.unet.inputs) - {"sample", "timestep"}
-        if set(cond) != want:
-            raise InputError(f"unet takes {sorted(self.unet.inputs)}; cond must hold all but sample and timestep, "
-                             f"got {sorted(cond)}")
+        n = self._check_start(timesteps, coeffs, shape, noise, control)
+        self._check_cond(self.unet.inputs, cond)
+        ts, cf = np.asarray(timesteps), np.asarray(coeffs, dtype=np.float32)
         u_dtype, u_shape = be.meta(unet_in)
         t_shape: tuple[int, ...] = (u_shape[0],) if len(self.unet.inputs["timestep"].shape) == 1 else ()
         shapes: dict[str, tuple[Any, tuple[int, ...]]] = {

@@ -34,7 +34,7 @@ import numpy as np
 
 from .engine import Array, Backend, Engine, IOSpec
 from .errors import ArtifactError, BackendUnavailable, InputError
-from .step_loop import PlainStepLoop
+from .step_loop import STEP_OUTPUTS, UNET_OUTPUT, PlainStepLoop
 
 PRECISIONS = ("auto", "bf16", "f32")
 PRECISION_ALIASES = {"fp32": "f32"}  # the CLI's and the bench's name for f32
@@ -228,15 +228,15 @@ class OvStepLoop(PlainStepLoop):
         # takes latents + mask + masked-image latents, and predicts 4)
         _, lat_shape = meta(s["latents"])
         rows = meta(s["unet_in"])[1][0]
-        self._unet_out = ov.Tensor(np.zeros((rows, *lat_shape[1:]), self.unet.outputs["out_sample"].dtype))
-        names = {"latents_next": "latents", "x0": "x0", "unet_in_next": "unet_in"}
-        self._sets = [{out: like(s[state]) for out, state in names.items()} for _ in range(2)]
+        self._unet_out = ov.Tensor(np.zeros((rows, *lat_shape[1:]), self.unet.outputs[UNET_OUTPUT].dtype))
+        states = ("latents", "x0", "unet_in")  # what each step-graph output becomes in the loop's state
+        self._sets = [{out: like(s[state]) for out, state in zip(STEP_OUTPUTS, states)} for _ in range(2)]
 
     def _run_unet(self, feeds: Mapping[str, Any]) -> Any:
         unet = self.unet
         assert isinstance(unet, OvEngine)
         unet.check(feeds)
-        unet.run_into(feeds, {"out_sample": self._unet_out})
+        unet.run_into(feeds, {UNET_OUTPUT: self._unet_out})
         return self._unet_out
 
     def _run_step(self, feeds: Mapping[str, Any], i: int) -> Any:

@@ -104,6 +104,26 @@ class SamplerPlan:
         ka, kn = self.noise_coeffs
         return ka * latents + kn * noise
 
+    def renoise_table(self) -> np.ndarray:
+        """[steps, 2]: for step i, (ka, kn) such that ``ka x + kn noise`` is clean latents ``x`` noised to step
+        i+1's level in the sampler's state (the scheduler's ``add_noise`` then, as ``noise_coeffs`` for the
+        first step); the last row (1, 0): the clean latents. Inpainting by blending puts the unmasked region
+        back with it after every step."""
+        t, n = self.table, self.steps
+        out = np.zeros((n, 2))
+        out[-1] = (1.0, 0.0)
+        if self.sampler == "lcm":  # LCM re-noises to the next step with (b, d) = (alpha_next, sigma_next)
+            out[:-1, 0], out[:-1, 1] = t[:-1, B], t[:-1, D]
+            return out
+        s, p, q = t[1:, S], t[1:, P], t[1:, Q]
+        # x = (alpha x0 + sigma eps) / s, and (p, q) give alpha and sigma: eps p = s/alpha, q = -sigma/alpha;
+        # v p = alpha s, q = -sigma
+        if self.prediction_type == "epsilon":
+            out[:-1, 0], out[:-1, 1] = 1.0 / p, -q / p
+        else:
+            out[:-1, 0], out[:-1, 1] = p / s**2, -q / s
+        return out
+
 
 def make_plan(
     sampler: str,

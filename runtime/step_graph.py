@@ -10,6 +10,8 @@ duplicated to the UNet's 2B rows.
              coeffs [8] float32; x0_prev [B,C,H,W]; noise [B,C,H,W]
     outputs  latents_next [B,C,H,W]; x0 [B,C,H,W]; unet_in_next [2B or B,C,H,W]
 
+(names: ``step_loop.STEP_INPUTS`` and ``STEP_OUTPUTS``, the contract every loop feeds and reads)
+
 Float16 graphs compute in float32 and round once on output. The numpy reference is
 ``samplers.step_reference`` (after ``samplers.guide``).
 
@@ -43,6 +45,7 @@ from onnx import TensorProto, helper
 
 from .errors import InputError
 from .samplers import COLUMNS
+from .step_loop import STEP_INPUTS, STEP_OUTPUTS
 
 OPSET = 17
 IR_VERSION = 8  # the IR of opset 17 (ONNX 1.12): readable by every runtime and TensorRT we target
@@ -224,9 +227,8 @@ def build_step_graph(batch_guided: bool, dtype: Any = np.float16, inpaint: str |
         unet_in = _node(nodes, "Concat", [unet_in, unet_in], "unet_in_f", axis=0)
     if inpaint == "concat":
         unet_in = _node(nodes, "Concat", [unet_in, _input(nodes, "unet_extra", elem)], "unet_in_extra", axis=1)
-    _output(nodes, x_next, "latents_next", elem)
-    _output(nodes, x0, "x0", elem)
-    _output(nodes, unet_in, "unet_in_next", elem)
+    for value, name in zip((x_next, x0, unet_in), STEP_OUTPUTS):
+        _output(nodes, value, name, elem)
     return _model(nodes, batch_guided, elem, inpaint, rescale)
 
 
@@ -254,20 +256,14 @@ def _model(nodes: list[onnx.NodeProto], batch_guided: bool, elem: int, inpaint: 
                   helper.make_tensor_value_info("init_noise", elem, _LATENT)],
     }[inpaint]
     columns = len(COLUMNS) + (len(BLEND_COLUMNS) if inpaint == "blend" else 0)
-    inputs = [
-        helper.make_tensor_value_info("latents", elem, _LATENT),
-        helper.make_tensor_value_info("unet_out", elem, rows),
-        *([helper.make_tensor_value_info("guidance", TensorProto.FLOAT, g_shape)] if batch_guided else []),
-        helper.make_tensor_value_info("coeffs", TensorProto.FLOAT, [columns]),
-        helper.make_tensor_value_info("x0_prev", elem, _LATENT),
-        helper.make_tensor_value_info("noise", elem, _LATENT),
-        *extra,
-    ]
-    outputs = [
-        helper.make_tensor_value_info("latents_next", elem, _LATENT),
-        helper.make_tensor_value_info("x0", elem, _LATENT),
-        helper.make_tensor_value_info("unet_in_next", elem, out_rows),
-    ]
+    # the contract's names and order (runtime/step_loop.py): latents, unet_out, guidance, coeffs, x0_prev, noise
+    types: dict[str, tuple[int, list[Any]]] = {
+        "latents": (elem, _LATENT), "unet_out": (elem, rows), "guidance": (TensorProto.FLOAT, g_shape),
+        "coeffs": (TensorProto.FLOAT, [columns]), "x0_prev": (elem, _LATENT), "noise": (elem, _LATENT)}
+    names = [n for n in STEP_INPUTS if batch_guided or n != "guidance"]
+    inputs = [*(helper.make_tensor_value_info(n, *types[n]) for n in names), *extra]
+    outputs = [helper.make_tensor_value_info(n, elem, shape)
+               for n, shape in zip(STEP_OUTPUTS, (_LATENT, _LATENT, out_rows))]
     graph = helper.make_graph(nodes, "sdrt_sampler_step", inputs, outputs)
     graph.doc_string = "x0 = p x + q m; x_next = a x + b x0 + c x0_prev + d noise; unet_in = s_next x_next"
     model = finish_graph(graph)

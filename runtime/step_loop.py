@@ -1,4 +1,4 @@
-"""The denoising loop's step over engines (UNet, then the sampler step graph), and the clock that times it.
+"""The denoising loop over engines (UNet, then the sampler step graph), and the step graph's contract.
 
 ``Backend.step_loop(unet, step)`` returns a :class:`StepLoop`; the pipeline drives every backend through
 it the same way::
@@ -15,41 +15,35 @@ With ControlNets (``backend.step_loop(unet_control, step, controlnets=[net_0, No
 own inputs, then the UNet over their residuals (a net left out feeds zeros): the same step, with more
 engines in it. The scale table's rows are uploaded in ``start`` like the timesteps.
 
-:class:`PlainStepLoop` is the base implementation: every per-step input is put on the device in
-``start``, so ``step`` does no host work, and each step runs the two engines one after the other. A
-backend that can do better (TensorRT: both engines captured as CUDA graphs over fixed buffers)
-overrides ``Backend.step_loop``.
-
-:class:`Clock` times stages and steps. The host clock synchronizes the device at each mark and reads
-``time.perf_counter``; a GPU backend may return a clock that records device events on its stream and
-synchronizes once, when the times are read (``kind`` says which clock a figure came from).
+The interface (:class:`StepLoop`, with the argument checks every loop shares, :class:`ControlFeeds` and the
+host :class:`Clock`) is declared in ``runtime/engine.py`` beside ``Backend``, which returns them; they are
+importable from here too. This module owns the step graph's contract, the names every loop feeds and reads
+(``STEP_INPUTS``, ``STEP_OUTPUTS``, ``UNET_OUTPUT``; ``runtime/step_graph.py`` builds the graph to them),
+and :class:`PlainStepLoop`, the loop of a backend without a better one: every per-step input is put on the
+device in ``start``, so ``step`` does no host work, and each step runs the two engines one after the other.
+A backend that can do better (TensorRT: both engines captured as CUDA graphs over fixed buffers) returns
+its own loop from ``Backend.step_loop``.
 """
 
 from __future__ import annotations
 
-import abc
-import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .engine import Array, Backend, Clock, ControlFeeds, Engine, StepLoop, check_control
 from .errors import InputError
 
-if TYPE_CHECKING:
-    from .engine import Array, Backend, Engine
+__all__ = ["STEP_INPUTS", "STEP_OUTPUTS", "STEP_UNET_INPUT", "UNET_OUTPUT", "Clock", "ControlFeeds",
+           "PlainStepLoop", "StepLoop", "check_control", "control_feeds"]
 
-
-@dataclass(frozen=True)
-class ControlFeeds:
-    """One run's ControlNet inputs, one entry per exported net (None where the net does not run).
-
-    ``images``: ``controlnet_cond`` on the device, uint8 [rows, H, W, 3]; ``scales``: [steps, nets, rows, R]
-    float32, each step's ``conditioning_scale`` rows (runtime/controlnet.py)."""
-
-    images: Sequence[Array | None]
-    scales: np.ndarray
+# The step graph's contract. Inputs, in the graph's order: "guidance" only in the guided variants, and an
+# inpainting variant's own inputs after these (a loop's ``step_inputs``). Outputs: the next step's
+# ``latents``, ``x0_prev`` and UNet ``sample``. ``unet_out`` is the UNet's UNET_OUTPUT.
+STEP_INPUTS = ("latents", "unet_out", "guidance", "coeffs", "x0_prev", "noise")
+STEP_OUTPUTS = ("latents_next", "x0", "unet_in_next")
+STEP_UNET_INPUT = "unet_out"
+UNET_OUTPUT = "out_sample"
 
 
 def control_feeds(net: Engine, unet_feeds: Mapping[str, Array], image: Array, scale: Array) -> dict[str, Array]:
@@ -58,61 +52,6 @@ def control_feeds(net: Engine, unet_feeds: Mapping[str, Array], image: Array, sc
     feeds = {k: unet_feeds[k] for k in net.inputs if k in unet_feeds}
     feeds.update(controlnet_cond=image, conditioning_scale=scale)
     return feeds
-
-
-def check_control(nets: Sequence[object | None], control: ControlFeeds | None, steps: int) -> None:
-    if not nets and control is None:
-        return
-    if control is None or len(control.images) != len(nets):
-        raise InputError(f"this loop runs {len(nets)} ControlNet(s): start() needs control=ControlFeeds with one "
-                         "image per net")
-    sc = np.shape(control.scales)
-    if len(sc) != 4 or sc[0] != steps or sc[1] != len(nets):
-        raise InputError(f"control scales must be [steps, nets, rows, R] = [{steps}, {len(nets)}, ...], got {list(sc)}")
-    for j, (net, im) in enumerate(zip(nets, control.images)):
-        if (net is None) != (im is None):
-            raise InputError(f"ControlNet {j}: the loop {'runs' if net is not None else 'leaves out'} this net but "
-                             f"start() {'gave no' if im is None else 'gave an'} image for it")
-
-
-class StepLoop(abc.ABC):
-    """One call's denoising steps over a UNet engine and a sampler step-graph engine."""
-
-    captured: bool = False  # replayed as captured device graphs
-    reason: str = ""  # why not, when a backend could capture but did not
-
-    @abc.abstractmethod
-    def start(self, *, latents: Array, unet_in: Array, cond: Mapping[str, Array],
-              timesteps: Sequence[float] | np.ndarray, coeffs: np.ndarray, guidance: Array | None = None,
-              x0_prev: Array | None = None, noise: np.ndarray | None = None,
-              step_inputs: Mapping[str, Array] | None = None, control: ControlFeeds | None = None) -> None:
-        """Set up a run of ``len(timesteps)`` steps. ``coeffs`` is the sampler table [steps, columns];
-        ``noise`` the fresh noise of every step [steps, *latents.shape] (ancestral samplers) or None;
-        ``step_inputs`` the step graph's further inputs, the same every step (an inpainting variant's);
-        ``control`` the ControlNets' images and scale table (a loop made with ``controlnets``)."""
-
-    @abc.abstractmethod
-    def step(self, i: int) -> None:
-        """Queue step ``i`` (in order, 0 .. steps-1, after ``start``)."""
-
-    @property
-    @abc.abstractmethod
-    def latents(self) -> Array:
-        """The latents after the steps run so far (valid until the next ``start``)."""
-
-    @property
-    @abc.abstractmethod
-    def x0(self) -> Array:
-        """The sampler's last x0 prediction (a multistep sampler's history; valid until the next ``start``)."""
-
-    def describe(self) -> str:
-        """How the loop ran, for ``Result.loop``."""
-        if self.captured:
-            return "captured CUDA graphs"
-        return f"engines run directly ({self.reason})" if self.reason else "engines run step by step"
-
-    def close(self) -> None:
-        """Release the loop's device buffers and captured graphs (idempotent)."""
 
 
 class PlainStepLoop(StepLoop):
@@ -139,14 +78,10 @@ class PlainStepLoop(StepLoop):
               x0_prev: Array | None = None, noise: np.ndarray | None = None,
               step_inputs: Mapping[str, Array] | None = None, control: ControlFeeds | None = None) -> None:
         be = self.backend
-        ts, cf = np.asarray(timesteps), np.asarray(coeffs, dtype=np.float32)
-        n = len(ts)
         dtype, shape = be.meta(latents)
+        n = self._check_start(timesteps, coeffs, shape, noise, control, self.controlnets)
+        ts, cf = np.asarray(timesteps), np.asarray(coeffs, dtype=np.float32)
         rows = be.meta(unet_in)[1][0]
-        if n < 1 or cf.ndim != 2 or cf.shape[0] != n:
-            raise InputError(f"coeffs must be [steps, columns] with one row per timestep ({n}), got {list(cf.shape)}")
-        if noise is not None and np.shape(noise) != (n, *shape):
-            raise InputError(f"noise must be [steps, *latents.shape] = {[n, *shape]}, got {list(np.shape(noise))}")
         zeros = be.to_device(np.zeros(shape, dtype))
         t_spec = self.unet.inputs["timestep"].shape
         t_dev = [be.to_device(np.full((rows,), t, np.float32) if len(t_spec) == 1 else np.array(t, np.float32))
@@ -154,7 +89,6 @@ class PlainStepLoop(StepLoop):
         c_dev = [be.to_device(np.ascontiguousarray(cf[i])) for i in range(n)]
         n_dev = [be.to_device(np.ascontiguousarray(z, dtype=dtype)) for z in noise] if noise is not None else [zeros] * n
         self._per_step = list(zip(t_dev, c_dev, n_dev))
-        check_control(self.controlnets, control, n)
         self._control, self._zeros = None, None
         if control is not None and self.controlnets:
             sc = np.asarray(control.scales, np.float32)
@@ -174,9 +108,9 @@ class PlainStepLoop(StepLoop):
         if self._control is not None:
             feeds.update(self._residuals(i, feeds))
         out = self._run_unet(feeds)
-        res = self._run_step({"latents": s["latents"], "unet_out": out, **self._fixed["guide"], "coeffs": c,
-                              "x0_prev": s["x0"], "noise": z}, i)
-        s.update(latents=res["latents_next"], x0=res["x0"], unet_in=res["unet_in_next"])
+        res = self._run_step({"latents": s["latents"], STEP_UNET_INPUT: out, **self._fixed["guide"],
+                              "coeffs": c, "x0_prev": s["x0"], "noise": z}, i)
+        s.update(zip(("latents", "x0", "unet_in"), (res[k] for k in STEP_OUTPUTS)))
 
     def _residuals(self, i: int, unet_feeds: Mapping[str, Array]) -> dict[str, Array]:
         """Every net's residuals as ``unet_control``'s inputs: the active nets run, the others give zeros."""
@@ -200,7 +134,7 @@ class PlainStepLoop(StepLoop):
         return feeds
 
     def _run_unet(self, feeds: Mapping[str, Array]) -> Array:
-        return self.unet(feeds)["out_sample"]
+        return self.unet(feeds)[UNET_OUTPUT]
 
     def _run_control(self, j: int, net: Engine, feeds: Mapping[str, Array]) -> Mapping[str, Array]:
         return net(feeds)
@@ -222,27 +156,3 @@ class PlainStepLoop(StepLoop):
 
     def close(self) -> None:
         self._state, self._per_step, self._fixed, self._control, self._zeros = {}, [], {}, None, None
-
-
-class Clock:
-    """Marks on the host clock, the device synchronized at each mark (exact for CPU backends). With ``others``,
-    theirs too (two models on two devices, timed as one call)."""
-
-    kind = "host"
-
-    def __init__(self, backend: Backend, *others: Backend) -> None:
-        self.backend = backend
-        self.backends = (backend, *others)
-        self._marks: list[float] = []
-
-    def mark(self) -> None:
-        for be in self.backends:
-            be.synchronize()
-        self._marks.append(time.perf_counter())
-
-    def intervals_ms(self) -> list[float]:
-        """Milliseconds between consecutive marks (waits for the device first where marks are events)."""
-        return [(b - a) * 1e3 for a, b in zip(self._marks, self._marks[1:])]
-
-    def close(self) -> None:
-        self._marks = []

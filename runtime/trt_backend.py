@@ -65,6 +65,7 @@ from .errors import ArtifactError, BackendUnavailable, CompatibilityError, Input
 from .trt_engines import (
     _BUFFERS_PER_OUTPUT,
     _TRT_DTYPES,
+    TrtBackendBase,
     TrtEngine,
     _built_with,
     _plan,
@@ -74,7 +75,7 @@ from .trt_engines import (
     runtime_mismatches,
     scratch_size,
 )
-from .trt_loop import STEP_OUTPUTS, CapturedStepLoop
+from .trt_loop import CapturedStepLoop
 from .trt_modules import (
     FULL_TENSORRT_HINT,
     LEAN_HINT,
@@ -98,7 +99,6 @@ __all__ = [
     "LEAN_MODULES",
     "RTX_MODULES",
     "RUNTIME_MODULES",
-    "STEP_OUTPUTS",
     "TENSORRT_HINT",
     "_BUFFERS_PER_OUTPUT",
     "_TRT_DTYPES",
@@ -123,7 +123,7 @@ _BROKEN_RUNTIMES: list[Any] = []  # runtimes that failed to initialize: never fr
 
 # -- the backend ---------------------------------------------------------------------------------------------
 
-class TrtBackend(Backend):
+class TrtBackend(TrtBackendBase):
     """TensorRT engines on one GPU and one CUDA stream. Not thread-safe: one pipeline drives it, from any
     thread (``make_current`` selects the GPU in the calling thread).
 

@@ -9,28 +9,29 @@
   ``latents`` it is reading, and a result kept across calls stays intact.
 - An engine folder's manifest (``sdrt-engines.json``) says which module built it (``_built_with``) and
   which runtime may load which plan (``runtime_mismatches``); the plan file is memory-mapped (``_plan``).
+- :class:`TrtBackendBase` declares what engines and the captured loop (``runtime/trt_loop.py``) use of their
+  backend, so neither imports ``runtime/trt_backend.py``: the backend imports them.
 """
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import mmap
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .cuda import CLOSED, DeviceArray, EngineRunError, _Allocation, _Device
-from .engine import Array, Engine, IOSpec
+from .engine import Array, Backend, Engine, IOSpec
 from .engine_manifest import EngineManifest, EngineRecord
 from .errors import CompatibilityError, InputError, SdrtError
 
 if TYPE_CHECKING:
     import tensorrt as trt
-
-    from .trt_backend import TrtBackend
 
 _TRT_DTYPES: dict[str, np.dtype[Any]] = {
     "FLOAT": np.dtype(np.float32),
@@ -188,12 +189,38 @@ class _SharedScratch:
 
 # -- engines ---------------------------------------------------------------------------------------------
 
+class TrtBackendBase(Backend):
+    """What a :class:`TrtEngine` and the captured step loop use of their backend; ``trt_backend.TrtBackend``
+    sets and implements it."""
+
+    device: _Device  # the GPU and its stream
+    trt: Any  # the TensorRT module in use
+    scratch: _SharedScratch
+    cuda_graph: bool  # capture the step loop as CUDA graphs
+
+    @abc.abstractmethod
+    def messages(self) -> str:
+        """TensorRT's recent warnings and errors, for error messages."""
+
+    @abc.abstractmethod
+    def empty(self, shape: Sequence[int], dtype: Any) -> DeviceArray:
+        """An uninitialized device array."""
+
+    @abc.abstractmethod
+    def copy(self, dst: DeviceArray, src: DeviceArray) -> None:
+        """Queue a device-to-device copy between arrays of the same dtype and size."""
+
+    @abc.abstractmethod
+    def as_device(self, a: Array) -> DeviceArray:
+        """A device array as is; a numpy array copied to the device."""
+
+
 class TrtEngine(Engine):
     """One deserialized TensorRT engine with its execution context (memory: the backend's shared scratch)."""
 
-    backend: TrtBackend
+    backend: TrtBackendBase
 
-    def __init__(self, backend: TrtBackend, cuda_engine: trt.ICudaEngine, name: str) -> None:
+    def __init__(self, backend: TrtBackendBase, cuda_engine: trt.ICudaEngine, name: str) -> None:
         self.name = name
         self.backend = backend
         self.cuda_engine = cuda_engine

@@ -35,20 +35,15 @@ from __future__ import annotations
 import functools
 import weakref
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from .cuda import CLOSED, DeviceArray, _Graph
 from .engine import Array
 from .errors import InputError
-from .step_loop import ControlFeeds, StepLoop, check_control
-
-if TYPE_CHECKING:
-    from .trt_backend import TrtBackend
-    from .trt_engines import TrtEngine
-
-STEP_OUTPUTS = ("latents_next", "x0", "unet_in_next")
+from .step_loop import STEP_OUTPUTS, STEP_UNET_INPUT, UNET_OUTPUT, ControlFeeds, StepLoop
+from .trt_engines import TrtBackendBase, TrtEngine
 
 
 class CapturedStepLoop(StepLoop):
@@ -60,7 +55,7 @@ class CapturedStepLoop(StepLoop):
     run directly.
     """
 
-    def __init__(self, backend: TrtBackend, unet: TrtEngine, step: TrtEngine,
+    def __init__(self, backend: TrtBackendBase, unet: TrtEngine, step: TrtEngine,
                  controlnets: Sequence[TrtEngine | None] = ()) -> None:
         self._backend = weakref.ref(backend)
         self._unet = weakref.ref(unet)
@@ -78,7 +73,7 @@ class CapturedStepLoop(StepLoop):
         self.buf: dict[str, Any] = {}
 
     @property
-    def backend(self) -> TrtBackend:
+    def backend(self) -> TrtBackendBase:
         be = self._backend()
         if be is None or self.closed:
             raise InputError(f"this step loop is closed: {CLOSED}")
@@ -144,13 +139,8 @@ class CapturedStepLoop(StepLoop):
         conds = {k: be.as_device(v) for k, v in cond.items()}
         extra = {k: be.as_device(v) for k, v in (step_inputs or {}).items()}
         g = None if guidance is None else be.as_device(guidance)
+        n = self._check_start(timesteps, coeffs, x.shape, noise, control, self._nets)
         ts, cf = np.asarray(timesteps), np.asarray(coeffs)
-        n = len(ts)
-        if n < 1 or cf.ndim != 2 or cf.shape[0] != n:
-            raise InputError(f"coeffs must be [steps, columns] with one row per timestep ({n}), got {list(cf.shape)}")
-        if noise is not None and np.shape(noise) != (n, *x.shape):
-            raise InputError(f"noise must be [steps, *latents.shape] = {[n, *x.shape]}, got {list(np.shape(noise))}")
-        check_control(self._nets, control, n)
         images = {j: be.as_device(im) for j, im in enumerate(control.images) if im is not None} if control else {}
         scales = np.asarray(control.scales, np.float32) if control is not None else None
         key = (x.shape, x.dtype, u.shape, u.dtype, g is None, cf.shape[1],
@@ -233,10 +223,7 @@ class CapturedStepLoop(StepLoop):
                images: Mapping[int, DeviceArray] | None = None, scale_shape: tuple[int, ...] | None = None) -> None:
         be = self.backend
         self._key, self._graphs, self.captured = None, [], False
-        unet_feeds_names = {n for n in self.unet.inputs if not n.startswith("controlnet_")}
-        if unet_feeds_names != {"sample", "timestep", *conds}:
-            raise InputError(f"unet takes {sorted(unet_feeds_names)}; cond must hold all but sample and timestep, "
-                             f"got {sorted(conds)}")
+        self._check_cond(self.unet.inputs, conds)
         t_spec = self.unet.inputs["timestep"]
         b: dict[str, Any] = {
             "lat": [be.empty(x.shape, x.dtype) for _ in range(2)],
@@ -252,7 +239,7 @@ class CapturedStepLoop(StepLoop):
         self.unet.check(unet_feeds)
         unet_e = self.unet
         unet_e.bind_inputs(unet_feeds)
-        out_name = "out_sample" if "out_sample" in unet_e.outputs else next(iter(unet_e.outputs))
+        out_name = UNET_OUTPUT if UNET_OUTPUT in unet_e.outputs else next(iter(unet_e.outputs))
         b["out"] = be.empty(unet_e.output_shape(out_name), unet_e.outputs[out_name].dtype)
         st = self.step_engine.inputs
         b["c"] = be.empty((columns,), st["coeffs"].dtype)
@@ -306,7 +293,7 @@ class CapturedStepLoop(StepLoop):
 
     def _step_feeds(self, p: int) -> dict[str, DeviceArray]:
         b = self.buf
-        feeds = {"latents": b["lat"][p], "unet_out": b["out"], "coeffs": b["c"], "x0_prev": b["x0"][p],
+        feeds = {"latents": b["lat"][p], STEP_UNET_INPUT: b["out"], "coeffs": b["c"], "x0_prev": b["x0"][p],
                  "noise": b["noise"]}
         if b["g"] is not None:
             feeds["guidance"] = b["g"]
@@ -325,8 +312,7 @@ class CapturedStepLoop(StepLoop):
         self._unet_e.bind_outputs({self._out_name: b["out"]})
         self._unet_e.enqueue()
         self._step_e.bind_inputs(self._step_feeds(p))
-        self._step_e.bind_outputs({"latents_next": b["lat"][1 - p], "x0": b["x0"][1 - p],
-                                   "unet_in_next": b["uin"][1 - p]})
+        self._step_e.bind_outputs(dict(zip(STEP_OUTPUTS, (b["lat"][1 - p], b["x0"][1 - p], b["uin"][1 - p]))))
         self._step_e.enqueue()
 
     def _capture(self) -> None:

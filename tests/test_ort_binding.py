@@ -200,7 +200,7 @@ def test_an_onnxruntime_without_device_copies_says_so_once(tiny_export, monkeypa
 
     import tomllib
 
-    from sdrt.runtime import ort_backend
+    from sdrt.runtime import ort_backend, ort_engine
 
     pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
     assert f"onnxruntime-gpu>={ort_backend.DEVICE_COPY_SINCE}" in pyproject["project"]["optional-dependencies"]["cuda"]
@@ -210,7 +210,7 @@ def test_an_onnxruntime_without_device_copies_says_so_once(tiny_export, monkeypa
     with Pipeline.load(folder, backend="ort-cpu") as ref, Pipeline.load(folder, backend="ort-cuda") as pipe:
         want = np.asarray(ref("a harbor", **kw).images[0])
         ok = pipe("a harbor", **kw)  # this onnxruntime copies on the device: nothing to say
-        assert "through the host" not in ok.loop and ort_backend._host_copy_reason is None
+        assert "through the host" not in ok.loop and ort_engine._host_copy_reason is None
         real = _ort().OrtValue.update_inplace
 
         def numpy_only(self: Any, data: Any) -> None:  # onnxruntime 1.25's OrtValue.update_inplace
@@ -219,7 +219,7 @@ def test_an_onnxruntime_without_device_copies_says_so_once(tiny_export, monkeypa
             real(self, data)
 
         monkeypatch.setattr(_ort().OrtValue, "update_inplace", numpy_only)
-        monkeypatch.setattr(ort_backend, "_host_copy_reason", None)
+        monkeypatch.setattr(ort_engine, "_host_copy_reason", None)
         with caplog.at_level(logging.WARNING, logger="sdrt.runtime.ort_backend"):
             results = [pipe("a harbor", **kw) for _ in range(2)]
         for res in results:

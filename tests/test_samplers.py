@@ -249,6 +249,24 @@ def test_plan_is_read_only():
     assert plan.coeffs(0).dtype == np.float32 and plan.coeffs(0).shape == (len(samplers.COLUMNS),)
 
 
+@pytest.mark.parametrize("prediction_type", PREDICTIONS)
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_renoise_table_is_diffusers_add_noise_at_the_next_step(sampler, prediction_type):
+    """Inpainting by blending puts the image back at step i+1's noise level after step i, in the sampler's
+    state: diffusers' ``scheduler.add_noise(image, noise, timesteps[i + 1])``; after the last step, the
+    clean image."""
+    steps = 10
+    plan = make_plan(sampler, steps, SD_CONFIG, prediction_type=prediction_type)
+    sc = diffusers_scheduler(sampler, SD_CONFIG, prediction_type)
+    sc.set_timesteps(steps)
+    image, (noise,) = draws(1, 3)
+    table = plan.renoise_table()
+    assert table.shape == (steps, 2) and tuple(table[-1]) == (1.0, 0.0)
+    for i in range(steps - 1):
+        want = sc.add_noise(torch.from_numpy(image), torch.from_numpy(noise), sc.timesteps[i + 1:i + 2]).numpy()
+        assert_close(table[i, 0] * image + table[i, 1] * noise, want, 1e-6)
+
+
 def test_step_reference_requires_history_and_noise():
     plan = make_plan("dpmpp-2m", 4, SD_CONFIG)
     x = np.zeros(SHAPE)
