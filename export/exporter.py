@@ -16,10 +16,17 @@ from pathlib import Path
 import torch
 
 from sdrt import __version__
-from sdrt.runtime.atomic import atomic_dir, check_output_dir, export_entries
+from sdrt.runtime.atomic import atomic_dir, check_output_dir
 from sdrt.runtime.errors import InputError
 from sdrt.runtime.inpaint import MASKED_ENCODER
-from sdrt.runtime.manifest import MANIFEST_NAME, ExportManifest, ShapeLimits, pooled_encoder, tokenizer_of
+from sdrt.runtime.manifest import (
+    MANIFEST_NAME,
+    ExportManifest,
+    ShapeLimits,
+    export_entries,
+    pooled_encoder,
+    tokenizer_of,
+)
 
 from . import wrappers
 from .controlnet_loading import LoadedControlNet, check_pairing

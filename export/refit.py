@@ -25,9 +25,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from sdrt.runtime.atomic import atomic_dir, check_output_dir, export_entries, give_default_mode
+from sdrt.runtime.atomic import atomic_dir, check_output_dir, give_default_mode
 from sdrt.runtime.errors import ArtifactError, CompatibilityError, InputError
-from sdrt.runtime.manifest import EXPORT_FOLDER, MANIFEST_NAME, ExportManifest
+from sdrt.runtime.manifest import EXPORT_FOLDER, MANIFEST_NAME, ExportManifest, export_entries
 
 from .lora import LoraFile, LoraSpec, MergeReport, lora_deltas, read_lora
 

@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sdrt import __version__
-from sdrt.runtime.atomic import atomic_dir, atomic_write_bytes, check_output_dir, engine_entries
+from sdrt.runtime.atomic import atomic_dir, atomic_write_bytes, check_output_dir
 from sdrt.runtime.engine_manifest import (
     ENGINE_MANIFEST_NAME,
     BuildFlags,
@@ -62,6 +62,7 @@ from sdrt.runtime.engine_manifest import (
     build_mismatches,
     cache_key,
     current_env,
+    engine_entries,
 )
 from sdrt.runtime.errors import ArtifactError, BackendUnavailable, InputError, SdrtError
 from sdrt.runtime.inpaint import MASKED_ENCODER

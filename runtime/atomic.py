@@ -90,7 +90,7 @@ def check_output_dir(
     folder when ``overwrite``. Always refused: a path that is not a folder (a file), and the current
     folder or one above it. ``what`` names the artifact kind in the message ("an sdrt export").
     ``owned(folder)``: the top-level names a previous artifact's manifest accounts for (e.g.
-    :func:`export_entries`); given, a previous artifact that holds anything else is refused too (unless
+    ``manifest.export_entries``); given, a previous artifact that holds anything else is refused too (unless
     ``overwrite``), naming what it holds.
     """
     target = Path(target)
@@ -124,40 +124,6 @@ def _check_only_owned(target: Path, marker: str | None, owned: Callable[[Path], 
         raise _refuse(f"{target} is {what}, but it also holds {shown}, which its {marker} does not name: sdrt "
                       "replaces the whole folder, so replacing it would delete them. Move them out of the folder, "
                       "choose another folder, or", ", deleting them too")
-
-
-def export_entries(folder: Path) -> set[str]:
-    """The top-level names an sdrt export's ``sdrt.json`` accounts for: its components' and variants'
-    folders, the tokenizers of its text encoders, ``scheduler/``, ``model_index.json`` and itself.
-    Read as plain JSON, so a manifest of any schema version names its files. Raises ValueError (JSON),
-    OSError, LookupError, TypeError or AttributeError for a manifest that is not one."""
-    import json
-
-    from .manifest import MANIFEST_NAME
-
-    data = json.loads((folder / MANIFEST_NAME).read_text())
-    names = {MANIFEST_NAME, "model_index.json", "scheduler"}
-    for name, comp in data["components"].items():
-        for rel in (comp["path"], *comp.get("variants", {}).values()):
-            names.add(Path(rel).parts[0])
-        if name.startswith("text_encoder"):
-            names.add(name.replace("text_encoder", "tokenizer"))
-    return names
-
-
-def engine_entries(folder: Path) -> set[str]:
-    """The top-level names an sdrt engine folder's ``sdrt-engines.json`` (its engine files) and
-    ``sdrt.json`` (the assets copied from the export) account for; raises as :func:`export_entries`."""
-    import json
-
-    from .engine_manifest import ENGINE_MANIFEST_NAME
-    from .manifest import MANIFEST_NAME
-
-    data = json.loads((folder / ENGINE_MANIFEST_NAME).read_text())
-    names = {ENGINE_MANIFEST_NAME, *(Path(e["file"]).parts[0] for e in data["engines"])}
-    if (folder / MANIFEST_NAME).is_file():
-        names |= export_entries(folder)
-    return names
 
 
 def check_output_file(

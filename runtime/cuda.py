@@ -3,7 +3,7 @@
 Everything runs on one CUDA stream, in call order, and that is what makes the memory scheme safe:
 ``DeviceArray`` is a pointer, a shape and a dtype; memory is allocated and freed stream-ordered
 (``cudaMallocAsync`` / ``cudaFreeAsync``), so dropping an array never races queued work.
-``_Device.capture`` records the work a callable queues as a CUDA graph instead of running it.
+``Device.capture`` records the work a callable queues as a CUDA graph instead of running it.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def import_cudart() -> Any:
 
 # -- device memory ----------------------------------------------------------------------------------------
 
-class _Device:
+class Device:
     """One GPU and one stream; the only code that calls cuda-python.
 
     ``close()`` frees every allocation still alive on it (the arrays over them then refuse use), destroys
@@ -51,8 +51,8 @@ class _Device:
         self.cudart = cudart
         self.device_id = device_id
         self.closed = False
-        self.allocations: weakref.WeakSet[_Allocation] = weakref.WeakSet()
-        self.graphs: weakref.WeakSet[_Graph] = weakref.WeakSet()
+        self.allocations: weakref.WeakSet[Allocation] = weakref.WeakSet()
+        self.graphs: weakref.WeakSet[Graph] = weakref.WeakSet()
         self.events: weakref.WeakSet[DeviceClock] = weakref.WeakSet()
         self.stream: Any = None
         res = cudart.cudaGetDeviceCount()
@@ -127,7 +127,7 @@ class _Device:
         self.require_open()
         self.check(self.cudart.cudaStreamSynchronize(self.stream), "waiting for the stream")
 
-    def capture(self, work: Callable[[], None]) -> _Graph:
+    def capture(self, work: Callable[[], None]) -> Graph:
         """Record the stream work ``work`` queues as a CUDA graph instead of running it."""
         cudart = self.cudart
         # thread-local: only this thread's calls must be capture-safe, not other threads' (e.g. a host copy)
@@ -149,7 +149,7 @@ class _Device:
             exe = self.check(cudart.cudaGraphInstantiate(graph, 0), "instantiating a CUDA graph")
         finally:
             cudart.cudaGraphDestroy(graph)  # the executable graph does not need it
-        return _Graph(self, exe)
+        return Graph(self, exe)
 
     def close(self) -> None:
         """Free what is still allocated, destroy graphs and events, wait for the stream and destroy it
@@ -178,10 +178,10 @@ def _text(raw: Any) -> str:
     return raw.decode(errors="replace").rstrip("\x00") if isinstance(raw, bytes) else str(raw)
 
 
-class _Graph:
+class Graph:
     """An instantiated CUDA graph, destroyed with this object."""
 
-    def __init__(self, device: _Device, exe: Any) -> None:
+    def __init__(self, device: Device, exe: Any) -> None:
         self.device, self.exe = device, exe
         device.graphs.add(self)
 
@@ -200,10 +200,10 @@ class _Graph:
             self.close()
 
 
-class _Allocation:
+class Allocation:
     """Device memory, freed (stream-ordered) when the last array using it is gone, or at ``free()``."""
 
-    def __init__(self, device: _Device, nbytes: int) -> None:
+    def __init__(self, device: Device, nbytes: int) -> None:
         self.device = device  # keeps the stream alive as long as memory ordered on it exists
         self.nbytes = nbytes
         self.ptr = device.malloc(nbytes) if nbytes else 0
@@ -227,9 +227,9 @@ class DeviceArray:
     only lets go of it.
     """
 
-    def __init__(self, mem: _Allocation, shape: Sequence[int], dtype: Any, *, offset: int = 0,
+    def __init__(self, mem: Allocation, shape: Sequence[int], dtype: Any, *, offset: int = 0,
                  owned: bool = True) -> None:
-        self._mem: _Allocation | None = mem
+        self._mem: Allocation | None = mem
         self.shape = tuple(int(d) for d in shape)
         self.dtype: np.dtype[Any] = np.dtype(dtype)
         self.offset = offset
@@ -286,7 +286,7 @@ class DeviceClock(Clock):
 
     kind = "device"
 
-    def __init__(self, device: _Device) -> None:
+    def __init__(self, device: Device) -> None:
         self.device = device
         self._events: list[Any] = []
         device.events.add(self)

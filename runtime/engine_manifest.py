@@ -24,6 +24,7 @@ from typing import Any
 
 from .atomic import atomic_write_text
 from .errors import ArtifactError, CompatibilityError, InputError
+from .manifest import MANIFEST_NAME, export_entries
 
 ENGINE_MANIFEST_NAME = "sdrt-engines.json"
 ENGINE_SCHEMA_VERSION = 1
@@ -404,3 +405,13 @@ def current_env(backend: str, version: str, device: int = 0) -> EngineEnv:
     """The environment an engine is about to be built or loaded in (``version``: ``trt.__version__``)."""
     name, cc = detect_gpu(device)
     return EngineEnv(backend=backend, version=version, gpu_name=name, compute_capability=cc)
+
+
+def engine_entries(folder: Path) -> set[str]:
+    """The top-level names an sdrt engine folder's ``sdrt-engines.json`` (its engine files) and
+    ``sdrt.json`` (the assets copied from the export) account for; raises as ``manifest.export_entries``."""
+    data = json.loads((folder / ENGINE_MANIFEST_NAME).read_text())
+    names = {ENGINE_MANIFEST_NAME, *(Path(e["file"]).parts[0] for e in data["engines"])}
+    if (folder / MANIFEST_NAME).is_file():
+        names |= export_entries(folder)
+    return names

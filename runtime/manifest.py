@@ -199,3 +199,18 @@ class ExportManifest:
             return cls.from_dict(data)
         except (KeyError, TypeError, ValueError) as e:
             raise ArtifactError(f"{path} is incomplete or corrupt ({e!r}); re-export the model") from e
+
+
+def export_entries(folder: Path) -> set[str]:
+    """The top-level names an sdrt export's ``sdrt.json`` accounts for: its components' and variants'
+    folders, the tokenizers of its text encoders, ``scheduler/``, ``model_index.json`` and itself.
+    Read as plain JSON, so a manifest of any schema version names its files. Raises ValueError (JSON),
+    OSError, LookupError, TypeError or AttributeError for a manifest that is not one."""
+    data = json.loads((folder / MANIFEST_NAME).read_text())
+    names = {MANIFEST_NAME, "model_index.json", "scheduler"}
+    for name, comp in data["components"].items():
+        for rel in (comp["path"], *comp.get("variants", {}).values()):
+            names.add(Path(rel).parts[0])
+        if name.startswith("text_encoder"):
+            names.add(name.replace("text_encoder", "tokenizer"))
+    return names

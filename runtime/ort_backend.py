@@ -8,7 +8,7 @@ operators: MultiHeadAttention, GroupNorm, NhwcConv, ...), :meth:`OrtBackend.grap
 CUDA graphs (``OrtBackend("cuda", cuda_graph=True)``, opt-in) replay a captured launch sequence instead
 of launching every kernel from Python. ORT captures one graph per run-option ``gpu_graph_id``, and a
 replay reads and writes the device addresses it was captured with, so per input shape an engine keeps
-fixed input and output buffers (:class:`_StaticBindings`): new inputs are copied into them on the device
+fixed input and output buffers (:class:`StaticBindings`): new inputs are copied into them on the device
 (``OrtValue.update_inplace``: in ORT's CUDA data transfer a device-to-device ``cudaMemcpy`` followed by
 a synchronize, so it completes before the next run is launched; the source was written by a run that
 ORT synchronized at its end), and the outputs returned are those fixed buffers. ``update_inplace`` takes
@@ -43,22 +43,33 @@ import numpy as np
 from .engine import CLOSED, Array, Backend, Engine
 from .errors import BackendUnavailable, InputError
 from .ort_engine import (
-    _ORT_TYPES,
     DEVICE_COPY_SINCE,
     GRAPH_ID_KEY,
+    ORT_TYPES,
     OrtBackendBase,
     OrtEngine,
-    _copy_into,
-    _load_error,
-    _ort,
-    _StaticBindings,
+    StaticBindings,
+    copy_into,
+    load_error,
+    ort_module,
 )
 from .ort_loop import make_step_loop
 from .step_loop import StepLoop
 
 # with the names of ort_engine that callers (and tests) reach through this module
-__all__ = ["CONV_ALGO_SEARCH", "DEVICE_COPY_SINCE", "GRAPH_ID_KEY", "OrtBackend", "OrtEngine",
-           "_StaticBindings", "_copy_into", "_load_error", "_ort", "cuda_available", "cuda_provider_options"]
+__all__ = [
+    "CONV_ALGO_SEARCH",
+    "DEVICE_COPY_SINCE",
+    "GRAPH_ID_KEY",
+    "OrtBackend",
+    "OrtEngine",
+    "StaticBindings",
+    "copy_into",
+    "cuda_available",
+    "cuda_provider_options",
+    "load_error",
+    "ort_module",
+]
 
 CONV_ALGO_SEARCH = ("EXHAUSTIVE", "HEURISTIC", "DEFAULT")
 
@@ -123,7 +134,7 @@ class OrtBackend(OrtBackendBase):
         prefer_nhwc: bool = False,
         gpu_mem_limit: int | None = None,
     ) -> None:
-        ort = _ort()
+        ort = ort_module()
         self.device = device
         # ort-cuda keeps tensors as OrtValues in ``memory`` ("cuda") with IO binding; ort-cpu passes numpy
         self.io_binding = device == "cuda"
@@ -209,7 +220,7 @@ class OrtBackend(OrtBackendBase):
             a = a.copy()  # (np.ascontiguousarray would turn a 0-d scalar into shape [1])
         if not self.io_binding:
             return a
-        return _ort().OrtValue.ortvalue_from_numpy(a, self.memory, self.device_id)
+        return ort_module().OrtValue.ortvalue_from_numpy(a, self.memory, self.device_id)
 
     def to_host(self, a: Array) -> np.ndarray:
         return a if isinstance(a, np.ndarray) else a.numpy()
@@ -225,18 +236,18 @@ class OrtBackend(OrtBackendBase):
             return self.to_device(a.copy())
         self._require_open()
         dtype, shape = self.meta(a)
-        out = _ort().OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, self.memory, self.device_id)
-        _copy_into(out, a)
+        out = ort_module().OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, self.memory, self.device_id)
+        copy_into(out, a)
         return out
 
     def meta(self, a: Array) -> tuple[np.dtype[Any], tuple[int, ...]]:
         if isinstance(a, np.ndarray):
             return a.dtype, a.shape
-        return _ORT_TYPES[a.data_type()], tuple(a.shape())
+        return ORT_TYPES[a.data_type()], tuple(a.shape())
 
 
 def cuda_available() -> bool:
     try:
-        return "CUDAExecutionProvider" in _ort().get_available_providers()
+        return "CUDAExecutionProvider" in ort_module().get_available_providers()
     except ImportError:
         return False

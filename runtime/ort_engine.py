@@ -3,7 +3,7 @@ that the ``ort-cpu`` / ``ort-cuda`` backend (``runtime/ort_backend.py``, whose n
 CUDA graphs are used) and its composed step loop (``runtime/ort_loop.py``) share.
 
 :class:`OrtBackendBase` declares what engines and the loop read of their backend, so that neither imports
-``ort_backend``: the backend imports them. onnxruntime itself is imported on first use (``_ort``).
+``ort_backend``: the backend imports them. onnxruntime itself is imported on first use (``ort_module``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import numpy as np
 from .engine import CLOSED, Array, Backend, Engine, IOSpec
 from .errors import ArtifactError, BackendUnavailable, CompatibilityError, DeviceMemoryError, InputError
 
-_ORT_TYPES: dict[str, np.dtype[Any]] = {
+ORT_TYPES: dict[str, np.dtype[Any]] = {
     "tensor(float)": np.dtype("float32"),
     "tensor(float16)": np.dtype("float16"),
     "tensor(int32)": np.dtype("int32"),
@@ -42,18 +42,18 @@ log = logging.getLogger("sdrt.runtime.ort_backend")
 _host_copy_reason: str | None = None
 
 
-def _ort() -> Any:
+def ort_module() -> Any:
     import onnxruntime
 
     return onnxruntime
 
 
 def _specs(args: list[Any]) -> dict[str, IOSpec]:
-    return {a.name: IOSpec(a.name, _ORT_TYPES[a.type], tuple(a.shape)) for a in args}
+    return {a.name: IOSpec(a.name, ORT_TYPES[a.type], tuple(a.shape)) for a in args}
 
 
-def _run_options(graph_id: int) -> Any:
-    opts = _ort().RunOptions()
+def run_options(graph_id: int) -> Any:
+    opts = ort_module().RunOptions()
     opts.add_run_config_entry(GRAPH_ID_KEY, str(graph_id))
     return opts
 
@@ -64,7 +64,7 @@ def _contiguous(a: np.ndarray) -> np.ndarray:
 
 def _as_ortvalue(a: Array, device: str, device_id: int) -> Any:
     if isinstance(a, np.ndarray):
-        return _ort().OrtValue.ortvalue_from_numpy(_contiguous(a), device, device_id)
+        return ort_module().OrtValue.ortvalue_from_numpy(_contiguous(a), device, device_id)
     return a
 
 
@@ -80,7 +80,7 @@ def _bound_run(session: Any, feeds: Mapping[str, Array], out_names: list[str], d
     return dict(zip(out_names, binding.get_outputs()))
 
 
-def _copy_into(dst: Any, src: Array) -> None:
+def copy_into(dst: Any, src: Array) -> None:
     """Copy ``src`` (an OrtValue on any device, or a numpy array) into the fixed buffer ``dst``."""
     if isinstance(src, np.ndarray):
         dst.update_inplace(_contiguous(src))
@@ -97,7 +97,7 @@ def _copy_into(dst: Any, src: Array) -> None:
 def _note_host_copy() -> None:
     global _host_copy_reason
     if _host_copy_reason is None:
-        _host_copy_reason = (f"copies between OrtValues go through the host: onnxruntime {_ort().__version__}'s "
+        _host_copy_reason = (f"copies between OrtValues go through the host: onnxruntime {ort_module().__version__}'s "
                              f"OrtValue.update_inplace takes no OrtValue (it does from {DEVICE_COPY_SINCE}); "
                              f"pip install 'onnxruntime-gpu>={DEVICE_COPY_SINCE}'")
         log.warning("ort-cuda: %s", _host_copy_reason)
@@ -128,7 +128,7 @@ class _Slot:
     failed: str | None = None  # why a run under the graph id failed; the slot's calls then run uncaptured
 
 
-class _StaticBindings:
+class StaticBindings:
     """Fixed device buffers per input-shape signature, bound once, for CUDA graph capture and replay.
 
     The first call at a new signature runs uncaptured (``gpu_graph_id`` -1) on ORT-allocated outputs,
@@ -146,7 +146,7 @@ class _StaticBindings:
         self.device_id = device_id
         self.max_graphs = max_graphs
         self.slots: dict[tuple[Any, ...], _Slot] = {}
-        self._uncaptured = _run_options(-1)
+        self._uncaptured = run_options(-1)
         self._lock = threading.Lock()
 
     @staticmethod
@@ -170,7 +170,7 @@ class _StaticBindings:
                 return outs
             if slot.failed is None:
                 for name, buf in slot.inputs.items():
-                    _copy_into(buf, feeds[name])
+                    copy_into(buf, feeds[name])
                 try:
                     self.session.run_with_iobinding(slot.binding, slot.run_options)
                     return dict(slot.outputs)
@@ -188,20 +188,20 @@ class _StaticBindings:
         return next((s.failed for s in self.slots.values() if s.failed), None)
 
     def _make_slot(self, graph_id: int, feeds: Mapping[str, Array], outs: Mapping[str, Any]) -> _Slot:
-        ort = _ort()
+        ort = ort_module()
         binding = self.session.io_binding()
         inputs, outputs = {}, {}
         for name, a in feeds.items():
-            dtype = a.dtype if isinstance(a, np.ndarray) else _ORT_TYPES[a.data_type()]
+            dtype = a.dtype if isinstance(a, np.ndarray) else ORT_TYPES[a.data_type()]
             shape = a.shape if isinstance(a, np.ndarray) else a.shape()
             inputs[name] = ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, self.device,
                                                                      self.device_id)
             binding.bind_ortvalue_input(name, inputs[name])
         for name, o in outs.items():
             outputs[name] = ort.OrtValue.ortvalue_from_shape_and_type(
-                list(o.shape()), _ORT_TYPES[o.data_type()], self.device, self.device_id)
+                list(o.shape()), ORT_TYPES[o.data_type()], self.device, self.device_id)
             binding.bind_ortvalue_output(name, outputs[name])
-        return _Slot(graph_id, inputs, outputs, binding, _run_options(graph_id))
+        return _Slot(graph_id, inputs, outputs, binding, run_options(graph_id))
 
 
 class OrtBackendBase(Backend):
@@ -238,7 +238,7 @@ class OrtEngine(Engine):
     backend: OrtBackendBase
 
     def __init__(self, backend: OrtBackendBase, path: str | bytes, name: str, captured: bool | None = None) -> None:
-        ort = _ort()
+        ort = ort_module()
         self.name = name
         self.source = path  # the graph it was loaded from (the fused step loop composes from it)
         self.backend = backend
@@ -263,11 +263,11 @@ class OrtEngine(Engine):
         try:
             self.session = ort.InferenceSession(path, opts, providers=providers)
         except Exception as e:  # onnxruntime raises its own untyped errors
-            raise _load_error(path if isinstance(path, str) else name, e, captured) from e
+            raise load_error(path if isinstance(path, str) else name, e, captured) from e
         self.inputs = _specs(self.session.get_inputs())
         self.outputs = _specs(self.session.get_outputs())
         self._out_names = list(self.outputs)
-        self._static = (_StaticBindings(self.session, self._out_names, backend.memory, backend.device_id,
+        self._static = (StaticBindings(self.session, self._out_names, backend.memory, backend.device_id,
                                         backend.max_cuda_graphs) if captured else None)
         self.closed = False
         backend._engines.add(self)
@@ -299,7 +299,7 @@ class OrtEngine(Engine):
         except Exception as e:  # onnxruntime raises its own untyped errors (RuntimeException, Fail)
             if is_allocation_failure(e):
                 raise DeviceMemoryError(
-                    f"{self.name}: {self.backend.name} could not allocate memory ({_allocation_detail(e)}); lower "
+                    f"{self.name}: {self.backend.name} could not allocate memory ({allocation_detail(e)}); lower "
                     "the image size or batch"
                 ) from e
             raise
@@ -309,14 +309,14 @@ class OrtEngine(Engine):
 _ALLOCATION_FAILED = ("Failed to allocate memory", "bad_alloc", "out of memory")
 
 
-def _allocation_detail(e: Exception) -> str:
+def allocation_detail(e: Exception) -> str:
     """ORT's message without its C++ source location and signature."""
     msg = " ".join(str(e).split())
     at = msg.find("Failed to allocate")
     return msg[at:] if at >= 0 else (msg[:200] or type(e).__name__)
 
 
-def _load_error(path: str, e: Exception, captured: bool) -> Exception:
+def load_error(path: str, e: Exception, captured: bool) -> Exception:
     msg = str(e)
     if captured and "CUDA Graph" in msg:
         return BackendUnavailable(

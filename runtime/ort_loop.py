@@ -42,14 +42,14 @@ from .optimum import Graph
 from .ort_engine import (
     OrtBackendBase,
     OrtEngine,
-    _allocation_detail,
-    _copy_into,
-    _ort,
-    _run_options,
+    allocation_detail,
+    copy_into,
     host_copy_note,
     is_allocation_failure,
     log,
+    ort_module,
     run_failure,
+    run_options,
 )
 from .step_loop import STEP_OUTPUTS, STEP_UNET_INPUT, UNET_OUTPUT, ControlFeeds, PlainStepLoop, StepLoop
 
@@ -138,7 +138,7 @@ class _Slot:
     """One shape's fixed buffers and its two bindings (parity 0 reads state 0, writes state 1; 1 reverse)."""
 
     def __init__(self, loop: FusedStepLoop, graph: int, shapes: Mapping[str, tuple[Any, tuple[int, ...]]]) -> None:
-        ort, be = _ort(), loop.backend
+        ort, be = ort_module(), loop.backend
         self.buf: dict[str, Any] = {}
         self.runs = [0, 0]  # successful runs per parity (graph id)
         self.failed: str | None = None  # why a run failed: this shape runs the engines one by one from then on
@@ -169,7 +169,7 @@ class _Slot:
             for out, k in zip(STEP_OUTPUTS, ("lat", "x0", "uin")):
                 b.bind_ortvalue_output(f"step/{out}", self.buf[f"{k}{1 - p}"])
             self.bindings.append(b)
-            self.run_options.append(_run_options(2 * graph + p if be.cuda_graph else -1))
+            self.run_options.append(run_options(2 * graph + p if be.cuda_graph else -1))
 
 
 class FusedStepLoop(StepLoop):
@@ -250,20 +250,20 @@ class FusedStepLoop(StepLoop):
         if slot is None:
             slot = self.slots[key] = _Slot(self, len(self.slots), shapes)
         b = slot.buf
-        _copy_into(b["lat0"], latents)
-        _copy_into(b["uin0"], unet_in)
-        _copy_into(b["x00"], slot.zeros if x0_prev is None else x0_prev)
+        copy_into(b["lat0"], latents)
+        copy_into(b["uin0"], unet_in)
+        copy_into(b["x00"], slot.zeros if x0_prev is None else x0_prev)
         for k, v in cond.items():
-            _copy_into(b[f"unet/{k}"], v)
+            copy_into(b[f"unet/{k}"], v)
         for k, v in (step_inputs or {}).items():
-            _copy_into(b[f"step/{k}"], v)
+            copy_into(b[f"step/{k}"], v)
         if guidance is not None:
-            _copy_into(b["step/guidance"], guidance)
+            copy_into(b["step/guidance"], guidance)
         t_dev = [be.to_device(np.full(t_shape, t, np.float32)) for t in ts]
         c_dev = [be.to_device(np.ascontiguousarray(cf[i])) for i in range(n)]
         n_dev = [be.to_device(np.ascontiguousarray(z, dtype=dtype)) for z in noise] if noise is not None else [None] * n
         if noise is None:
-            _copy_into(b["step/noise"], slot.zeros)
+            copy_into(b["step/noise"], slot.zeros)
         self._per_step = list(zip(t_dev, c_dev, n_dev))
         # what the plain loop needs to take over mid-call (the buffers above hold the rest)
         self._plan = {"timesteps": ts, "coeffs": cf, "noise": noise, "step_inputs": sorted(step_inputs or {}),
@@ -285,17 +285,17 @@ class FusedStepLoop(StepLoop):
             raise InputError(f"step {i} is outside the {len(self._per_step)} steps of the last start() "
                              f"(or out of order: the next is {self._done})")
         slot, (t, c, z) = self._slot, self._per_step[i]
-        _copy_into(slot.buf["unet/timestep"], t)
-        _copy_into(slot.buf["step/coeffs"], c)
+        copy_into(slot.buf["unet/timestep"], t)
+        copy_into(slot.buf["step/coeffs"], c)
         if z is not None:
-            _copy_into(slot.buf["step/noise"], z)
+            copy_into(slot.buf["step/noise"], z)
         p = self._done % 2
         try:
             self.fused.session.run_with_iobinding(slot.bindings[p], slot.run_options[p])
         except Exception as e:  # onnxruntime raises its own untyped errors
             if is_allocation_failure(e):
                 raise DeviceMemoryError(f"{FUSED_NAME}: {self.backend.name} could not allocate memory "
-                                        f"({_allocation_detail(e)}); lower the image size or batch") from e
+                                        f"({allocation_detail(e)}); lower the image size or batch") from e
             self._fall_back(i, e)
             return
         slot.runs[p] += 1

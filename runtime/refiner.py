@@ -25,17 +25,50 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 
+from .engine import Backend
 from .errors import DeviceMemoryError, InputError
+from .families import Family
+from .manifest import ExportManifest
 from .request import GenerationRequest
-from .results import Result
+from .results import Latents, PromptEmbeddings, Result
+from .samplers import SamplerPlan
 from .step_loop import Clock
 
-if TYPE_CHECKING:
-    from .pipeline import Pipeline
+
+class Pipeline(Protocol):
+    """The public stages of ``runtime.pipeline.Pipeline`` that the ensemble uses (and nothing else)."""
+
+    folder: Path
+    manifest: ExportManifest
+    family: Family
+    backend: Backend
+    scheduler_config: dict[str, Any]
+
+    def reserved(self) -> AbstractContextManager[Any]: ...
+    def uses_guidance(self, guidance_scale: float) -> bool: ...
+    def check_request(self, height: int, width: int, batch: int, guided: bool | None) -> None: ...
+    def plan(self, sampler: str = ..., steps: int = ..., *, strength: float = ..., timestep_spacing: str | None = ...,
+             fresh_from: int = ...) -> SamplerPlan: ...
+    def handoff_row(self, plan_timesteps: Any, fraction: float) -> int: ...
+    def encode_prompt(self, prompt: Any, negative_prompt: Any = ..., *, batch_size: int = ...,
+                      guided: bool = ...) -> PromptEmbeddings: ...
+    def prepare_latents(self, plan: SamplerPlan, height: int, width: int, *, batch_size: int | None = ...,
+                        seed: Any = ..., latents: Any = ...) -> Latents: ...
+    def denoise(self, embeddings: PromptEmbeddings, latents: Latents, plan: SamplerPlan, *,
+                guidance_scale: float = ..., start: float | None = ..., end: float | None = ...,
+                callback: Callable[[int, int], None] | None = ..., aesthetic_score: float | None = ...,
+                negative_aesthetic_score: float | None = ..., timings: dict[str, Any] | None = ...,
+                clock: Clock | None = ..., own_buffers: bool = ...) -> Latents: ...
+    def latents_from(self, latents: Latents, source: Any) -> Latents: ...
+    def finish(self, latents: Any, output: str) -> tuple[list[Any], list[bool], np.ndarray | None]: ...
+    def memory_error(self, e: DeviceMemoryError, batch: int, guided: bool, height: int,
+                     width: int) -> DeviceMemoryError: ...
 
 DEFAULT_REFINER_START = 0.8
 

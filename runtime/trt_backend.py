@@ -46,11 +46,11 @@ import numpy as np
 from .cuda import (
     CLOSED,
     CUDA_HINT,
+    Allocation,
+    Device,
     DeviceArray,
     DeviceClock,
     EngineRunError,
-    _Allocation,
-    _Device,
     import_cudart,
 )
 from .engine import Array, Backend, Engine
@@ -63,14 +63,14 @@ from .engine_manifest import (
 )
 from .errors import ArtifactError, BackendUnavailable, CompatibilityError, InputError, SdrtError
 from .trt_engines import (
-    _BUFFERS_PER_OUTPUT,
-    _TRT_DTYPES,
+    BUFFERS_PER_OUTPUT,
+    TRT_DTYPES,
+    SharedScratch,
     TrtBackendBase,
     TrtEngine,
-    _built_with,
-    _plan,
-    _SharedScratch,
+    built_with,
     io_specs,
+    map_plan,
     numpy_dtype,
     runtime_mismatches,
     scratch_size,
@@ -93,6 +93,7 @@ if TYPE_CHECKING:
     import tensorrt as trt
 
 __all__ = [
+    "BUFFERS_PER_OUTPUT",
     "CUDA_HINT",
     "FULL_TENSORRT_HINT",
     "LEAN_HINT",
@@ -100,14 +101,13 @@ __all__ = [
     "RTX_MODULES",
     "RUNTIME_MODULES",
     "TENSORRT_HINT",
-    "_BUFFERS_PER_OUTPUT",
-    "_TRT_DTYPES",
+    "TRT_DTYPES",
     "CapturedStepLoop",
+    "Device",
     "DeviceArray",
     "EngineRunError",
     "TrtBackend",
     "TrtEngine",
-    "_Device",
     "backend_name",
     "import_cudart",
     "import_tensorrt",
@@ -134,14 +134,14 @@ class TrtBackend(TrtBackendBase):
     name = "tensorrt"
     # set by __init__, either made here or taken from the backend shared with
     device_id: int
-    device: _Device
+    device: Device
     trt: Any
     module: str
     lean: bool
     log: deque[str]
     logger: Any
     runtime: trt.Runtime
-    scratch: _SharedScratch
+    scratch: SharedScratch
     # the backends over this device and scratch (share=); weak, so that dropping a backend still frees it
     _holders: weakref.WeakSet[TrtBackend]
 
@@ -173,13 +173,13 @@ class TrtBackend(TrtBackendBase):
         except BackendUnavailable as e:
             problems.append(e)
         try:
-            trt_module = import_tensorrt(module_candidates(module, _built_with(self.folder)))
+            trt_module = import_tensorrt(module_candidates(module, built_with(self.folder)))
         except BackendUnavailable as e:
             problems.append(e)
         device = None
         if cudart is not None:
             try:
-                device = _Device(cudart, device_id)  # before trt.Runtime: it can crash without a GPU
+                device = Device(cudart, device_id)  # before trt.Runtime: it can crash without a GPU
             except (BackendUnavailable, EngineRunError) as e:
                 problems.append(e)
         if problems or device is None or trt_module is None:
@@ -200,7 +200,7 @@ class TrtBackend(TrtBackendBase):
             _BROKEN_RUNTIMES.append(runtime)
             raise BackendUnavailable(f"{self.module} could not create its runtime: {' | '.join(failed[-3:])}")
         self.runtime = runtime
-        self.scratch = _SharedScratch(device)
+        self.scratch = SharedScratch(device)
         self._holders = weakref.WeakSet([self])
         self.closed = False
 
@@ -268,7 +268,7 @@ class TrtBackend(TrtBackendBase):
         if record.flags.version_compatible:
             self.runtime.engine_host_code_allowed = True  # the plan embeds the lean runtime it runs on
         self.log.clear()
-        with _plan(file) as blob:
+        with map_plan(file) as blob:
             try:
                 cuda_engine = self.runtime.deserialize_cuda_engine(blob)
             except TypeError:  # bindings that take only bytes, not a memory map
@@ -333,13 +333,13 @@ class TrtBackend(TrtBackendBase):
     def empty(self, shape: Sequence[int], dtype: Any) -> DeviceArray:
         self._require_open()
         dt = np.dtype(dtype)
-        return DeviceArray(_Allocation(self.device, int(np.prod(shape, dtype=np.int64)) * dt.itemsize), shape, dt)
+        return DeviceArray(Allocation(self.device, int(np.prod(shape, dtype=np.int64)) * dt.itemsize), shape, dt)
 
     def to_device(self, a: np.ndarray) -> Array:
         a = np.asarray(a)
-        if a.dtype not in _TRT_DTYPES.values():
+        if a.dtype not in TRT_DTYPES.values():
             raise InputError(f"cannot put a {a.dtype} array on the device; use one of "
-                             f"{', '.join(d.name for d in _TRT_DTYPES.values())}")
+                             f"{', '.join(d.name for d in TRT_DTYPES.values())}")
         if not a.flags.c_contiguous:
             a = a.copy()  # (np.ascontiguousarray would turn a 0-d scalar into shape [1])
         out = self.empty(a.shape, a.dtype)

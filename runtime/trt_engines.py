@@ -7,8 +7,8 @@
 - Outputs land in buffers kept per engine and output name and reused, but never while the caller still
   holds an array handed out for them: the step graph's ``latents_next`` never overwrites the
   ``latents`` it is reading, and a result kept across calls stays intact.
-- An engine folder's manifest (``sdrt-engines.json``) says which module built it (``_built_with``) and
-  which runtime may load which plan (``runtime_mismatches``); the plan file is memory-mapped (``_plan``).
+- An engine folder's manifest (``sdrt-engines.json``) says which module built it (``built_with``) and
+  which runtime may load which plan (``runtime_mismatches``); the plan file is memory-mapped (``map_plan``).
 - :class:`TrtBackendBase` declares what engines and the captured loop (``runtime/trt_loop.py``) use of their
   backend, so neither imports ``runtime/trt_backend.py``: the backend imports them.
 """
@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .cuda import CLOSED, DeviceArray, EngineRunError, _Allocation, _Device
+from .cuda import CLOSED, Allocation, Device, DeviceArray, EngineRunError
 from .engine import Array, Backend, Engine, IOSpec
 from .engine_manifest import EngineManifest, EngineRecord
 from .errors import CompatibilityError, InputError, SdrtError
@@ -33,7 +33,7 @@ from .errors import CompatibilityError, InputError, SdrtError
 if TYPE_CHECKING:
     import tensorrt as trt
 
-_TRT_DTYPES: dict[str, np.dtype[Any]] = {
+TRT_DTYPES: dict[str, np.dtype[Any]] = {
     "FLOAT": np.dtype(np.float32),
     "HALF": np.dtype(np.float16),
     "INT8": np.dtype(np.int8),
@@ -42,7 +42,7 @@ _TRT_DTYPES: dict[str, np.dtype[Any]] = {
     "BOOL": np.dtype(np.bool_),
     "UINT8": np.dtype(np.uint8),
 }
-_BUFFERS_PER_OUTPUT = 4  # reusable buffers kept per output; beyond that, outputs are allocated and freed
+BUFFERS_PER_OUTPUT = 4  # reusable buffers kept per output; beyond that, outputs are allocated and freed
 
 
 def runtime_mismatches(record: EngineRecord, lean: bool, version: str) -> list[str]:
@@ -61,10 +61,10 @@ def numpy_dtype(trt_dtype: Any, where: str) -> np.dtype[Any]:
     """TensorRT DataType -> numpy dtype, for the types an I/O tensor can have here."""
     name = str(getattr(trt_dtype, "name", trt_dtype)).rsplit(".", 1)[-1]
     try:
-        return _TRT_DTYPES[name]
+        return TRT_DTYPES[name]
     except KeyError:
         raise CompatibilityError(
-            f"{where} is {name}, which sdrt cannot feed or read (it handles {', '.join(_TRT_DTYPES)}); "
+            f"{where} is {name}, which sdrt cannot feed or read (it handles {', '.join(TRT_DTYPES)}); "
             "re-export the component with float16 or float32 inputs and outputs and rebuild it"
         ) from None
 
@@ -101,7 +101,7 @@ def scratch_size(engine: trt.ICudaEngine) -> int:
 
 
 class _Slot:
-    def __init__(self, mem: _Allocation, user: DeviceArray) -> None:
+    def __init__(self, mem: Allocation, user: DeviceArray) -> None:
         self.mem = mem
         self.user: Callable[[], DeviceArray | None] = weakref.ref(user)
 
@@ -112,7 +112,7 @@ class _OutputBuffers:
     same call's inputs included). A new shape for a name drops its old buffers (memory goes with the
     last view)."""
 
-    def __init__(self, device: _Device, limit: int = _BUFFERS_PER_OUTPUT) -> None:
+    def __init__(self, device: Device, limit: int = BUFFERS_PER_OUTPUT) -> None:
         self.device = device
         self.limit = limit
         self.slots: dict[str, tuple[tuple[int, ...], np.dtype[Any], list[_Slot]]] = {}
@@ -129,7 +129,7 @@ class _OutputBuffers:
                 arr = DeviceArray(slot.mem, shape, dtype, owned=False)
                 slot.user = weakref.ref(arr)
                 return arr
-        mem = _Allocation(self.device, int(np.prod(shape, dtype=np.int64)) * dtype.itemsize)
+        mem = Allocation(self.device, int(np.prod(shape, dtype=np.int64)) * dtype.itemsize)
         self.allocations += 1
         if len(slots) >= self.limit:
             return DeviceArray(mem, shape, dtype)  # the caller keeps many: this one is theirs alone
@@ -145,14 +145,14 @@ class _OutputBuffers:
                 slot.mem.free()
 
 
-class _SharedScratch:
+class SharedScratch:
     """One block of TensorRT activation memory for every execution context (engines run one after another
     on one stream). Grows to the largest need; growing re-points every context and bumps ``generation``
     (CUDA graphs captured before hold the old address and must be captured again)."""
 
-    def __init__(self, device: _Device) -> None:
+    def __init__(self, device: Device) -> None:
         self.device = device
-        self.mem: _Allocation | None = None
+        self.mem: Allocation | None = None
         self.size = 0
         self.generation = 0
         self.users: weakref.WeakSet[TrtEngine] = weakref.WeakSet()
@@ -174,7 +174,7 @@ class _SharedScratch:
         if self.mem is not None:
             self.mem.free()
             self.mem = None
-        mem = _Allocation(self.device, need)
+        mem = Allocation(self.device, need)
         self.mem, self.size = mem, need
         self.generation += 1
         for user in list(self.users):
@@ -193,9 +193,9 @@ class TrtBackendBase(Backend):
     """What a :class:`TrtEngine` and the captured step loop use of their backend; ``trt_backend.TrtBackend``
     sets and implements it."""
 
-    device: _Device  # the GPU and its stream
+    device: Device  # the GPU and its stream
     trt: Any  # the TensorRT module in use
-    scratch: _SharedScratch
+    scratch: SharedScratch
     cuda_graph: bool  # capture the step loop as CUDA graphs
 
     @abc.abstractmethod
@@ -311,7 +311,7 @@ class TrtEngine(Engine):
         )
 
 
-def _built_with(folder: Path | None) -> str | None:
+def built_with(folder: Path | None) -> str | None:
     """The module that built an engine folder (from its manifest), or None when that cannot be read."""
     if folder is None:
         return None
@@ -324,7 +324,7 @@ def _built_with(folder: Path | None) -> str | None:
 
 
 @contextlib.contextmanager
-def _plan(path: Path) -> Iterator[Any]:
+def map_plan(path: Path) -> Iterator[Any]:
     """The engine file's bytes, memory-mapped (a UNet plan is GBs: no second copy in host memory)."""
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
         yield m

@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from .cuda import CLOSED, DeviceArray, _Graph
+from .cuda import CLOSED, DeviceArray, Graph
 from .engine import Array
 from .errors import InputError
 from .step_loop import STEP_OUTPUTS, STEP_UNET_INPUT, UNET_OUTPUT, ControlFeeds, StepLoop
@@ -66,7 +66,7 @@ class CapturedStepLoop(StepLoop):
         self.reason = "not started"
         self._key: tuple[Any, ...] | None = None
         self._generation = -1
-        self._graphs: list[_Graph] = []
+        self._graphs: list[Graph] = []
         self._done = 0
         self._steps = 0
         self._tables: dict[str, DeviceArray] = {}

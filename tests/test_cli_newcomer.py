@@ -192,7 +192,8 @@ def _fake_export(folder: Path) -> Path:
 
 def test_reexport_refuses_a_previous_export_holding_user_files(tmp_path: Path, no_load: None,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
-    from sdrt.runtime.atomic import check_output_dir, export_entries
+    from sdrt.runtime.atomic import check_output_dir
+    from sdrt.runtime.manifest import export_entries
 
     d = _fake_export(tmp_path / "onnx")
     # all of it named by its manifest: replaceable without the flag

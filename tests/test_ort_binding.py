@@ -1,7 +1,7 @@
 """The ort-cuda backend's tensor plumbing on ONNX Runtime's real API, run in CPU memory on the CPU EP.
 
 ``ort-cuda`` keeps every tensor as an OrtValue, runs engines with IO binding and, with ``cuda_graph``,
-over fixed buffers per input shape (``_StaticBindings``: bound once, inputs copied in, the run options
+over fixed buffers per input shape (``StaticBindings``: bound once, inputs copied in, the run options
 carry the graph id). The same code runs with OrtValues in CPU memory; these tests do that with the real
 onnxruntime (no fake): the bindings, the copies into fixed buffers, the OrtValue round trips and the
 whole pipeline over them. Not checked here: the CUDA EP, device memory and capture itself (those run in
@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from sdrt.runtime.ort_backend import OrtBackend, _copy_into, _ort, _StaticBindings
+from sdrt.runtime.ort_backend import OrtBackend, StaticBindings, copy_into, ort_module
 from sdrt.runtime.pipeline import Pipeline
 from sdrt.runtime.step_graph import step_graph_bytes
 
@@ -45,10 +45,10 @@ def test_bound_runs_match_plain_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     feeds = _feeds(rng)
     want = e_plain(feeds)
     dev = {k: bound.to_device(v) for k, v in feeds.items()}
-    assert all(isinstance(v, _ort().OrtValue) for v in dev.values())
+    assert all(isinstance(v, ort_module().OrtValue) for v in dev.values())
     got = e_bound(dev)
     for name, w in want.items():
-        assert isinstance(got[name], _ort().OrtValue)
+        assert isinstance(got[name], ort_module().OrtValue)
         assert bound.meta(got[name]) == (w.dtype, w.shape)
         np.testing.assert_array_equal(bound.to_host(got[name]), w)
     # outputs feed the next run as they are (device-resident chaining, as the denoising loop does)
@@ -58,15 +58,15 @@ def test_bound_runs_match_plain_runs(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_copy_into_fixed_buffers(monkeypatch: pytest.MonkeyPatch) -> None:
-    ort = _ort()
+    ort = ort_module()
     a = np.arange(12, dtype=np.float32).reshape(3, 4)
     dst = ort.OrtValue.ortvalue_from_shape_and_type([3, 4], np.float32, "cpu", 0)
-    _copy_into(dst, a)  # from the host
+    copy_into(dst, a)  # from the host
     np.testing.assert_array_equal(dst.numpy(), a)
     src = ort.OrtValue.ortvalue_from_numpy(a * 2, "cpu", 0)
-    _copy_into(dst, src)  # OrtValue to OrtValue
+    copy_into(dst, src)  # OrtValue to OrtValue
     np.testing.assert_array_equal(dst.numpy(), a * 2)
-    _copy_into(dst, dst)  # itself: nothing to do
+    copy_into(dst, dst)  # itself: nothing to do
     np.testing.assert_array_equal(dst.numpy(), a * 2)
 
 
@@ -78,7 +78,7 @@ def test_static_bindings_reuse_fixed_buffers_per_shape(monkeypatch: pytest.Monke
     be.graph_engines = frozenset({"sampler_step"})
     engine: Any = be.load(step_graph_bytes(True, np.float32), "sampler_step")
     static = engine._static
-    assert isinstance(static, _StaticBindings)
+    assert isinstance(static, StaticBindings)
     ref = OrtBackend("cpu").load(step_graph_bytes(True, np.float32), "sampler_step")
     inputs = [_feeds(rng) for _ in range(3)]
     outs = []
@@ -211,21 +211,21 @@ def test_an_onnxruntime_without_device_copies_says_so_once(tiny_export, monkeypa
         want = np.asarray(ref("a harbor", **kw).images[0])
         ok = pipe("a harbor", **kw)  # this onnxruntime copies on the device: nothing to say
         assert "through the host" not in ok.loop and ort_engine._host_copy_reason is None
-        real = _ort().OrtValue.update_inplace
+        real = ort_module().OrtValue.update_inplace
 
         def numpy_only(self: Any, data: Any) -> None:  # onnxruntime 1.25's OrtValue.update_inplace
             if not isinstance(data, np.ndarray):
                 raise TypeError("update_inplace(): incompatible function arguments")
             real(self, data)
 
-        monkeypatch.setattr(_ort().OrtValue, "update_inplace", numpy_only)
+        monkeypatch.setattr(ort_module().OrtValue, "update_inplace", numpy_only)
         monkeypatch.setattr(ort_engine, "_host_copy_reason", None)
         with caplog.at_level(logging.WARNING, logger="sdrt.runtime.ort_backend"):
             results = [pipe("a harbor", **kw) for _ in range(2)]
         for res in results:
             np.testing.assert_array_equal(np.asarray(res.images[0]), want)
             assert res.loop.endswith("; copies between OrtValues go through the host: onnxruntime "
-                                     f"{_ort().__version__}'s OrtValue.update_inplace takes no OrtValue (it does from "
+                                     f"{ort_module().__version__}'s OrtValue.update_inplace takes no OrtValue (it does from "
                                      "1.26); pip install 'onnxruntime-gpu>=1.26'")
         said = [r for r in caplog.records if "through the host" in r.getMessage()]
         assert len(said) == 1

@@ -42,7 +42,7 @@ class Copies:
 @pytest.fixture
 def ort_copies(monkeypatch: pytest.MonkeyPatch) -> Copies:
     """Counts every host <-> device copy made through onnxruntime's OrtValue API while the test runs."""
-    ort = ort_backend._ort()
+    ort = ort_backend.ort_module()
     counts = Copies()
     from_numpy = ort.OrtValue.ortvalue_from_numpy
     to_numpy = ort.OrtValue.numpy
@@ -86,7 +86,7 @@ def _ort_cuda_on_cpu(monkeypatch: pytest.MonkeyPatch, cuda_graph: bool, fused: b
 
 def test_the_counter_sees_each_kind_of_copy(ort_copies: Copies) -> None:
     """The counting wrapper itself, on hand-made OrtValues: 2 uploads, 1 device copy, 1 download."""
-    ort = ort_backend._ort()
+    ort = ort_backend.ort_module()
     a = np.arange(6, dtype=np.float32)
     src = ort.OrtValue.ortvalue_from_numpy(a, "cpu", 0)  # up
     dst = ort.OrtValue.ortvalue_from_shape_and_type([6], np.float32, "cpu", 0)  # an allocation: no copy

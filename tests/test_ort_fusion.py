@@ -34,7 +34,7 @@ from sdrt.runtime.errors import ArtifactError, BackendUnavailable, Compatibility
 from sdrt.runtime.manifest import MANIFEST_NAME, Component, ExportManifest, TensorSpec
 from sdrt.runtime.ort_backend import (
     OrtBackend,
-    _StaticBindings,
+    StaticBindings,
     cuda_available,
     cuda_provider_options,
 )
@@ -612,12 +612,12 @@ def test_backend_picks_its_variant() -> None:
 
 
 def test_load_errors_name_the_cause() -> None:
-    from sdrt.runtime.ort_backend import _load_error
+    from sdrt.runtime.ort_backend import load_error
 
     graph_msg = "This session cannot use the CUDA Graph feature as requested by the user"
-    assert isinstance(_load_error("u.onnx", RuntimeError(graph_msg), captured=True), BackendUnavailable)
+    assert isinstance(load_error("u.onnx", RuntimeError(graph_msg), captured=True), BackendUnavailable)
     corrupt = RuntimeError("protobuf parsing failed")
-    assert isinstance(_load_error("u.onnx", corrupt, captured=False), ArtifactError)
+    assert isinstance(load_error("u.onnx", corrupt, captured=False), ArtifactError)
     # (the CPU EP refusing the variant's CUDA-only operators is checked on the real graph above)
 
 
@@ -631,7 +631,7 @@ def test_static_bindings_reuse_fixed_buffers() -> None:
                               opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    static = _StaticBindings(sess, ["y"], "cpu", 0, max_graphs=1)
+    static = StaticBindings(sess, ["y"], "cpu", 0, max_graphs=1)
     one = np.array(1.0, np.float32)
 
     def call(a: np.ndarray, as_ortvalue: bool = True, gain: np.ndarray = one) -> Any:

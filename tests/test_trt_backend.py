@@ -610,7 +610,7 @@ def test_a_mismatched_engine_is_refused_before_deserialization(tmp_path, fakes, 
     _, trt = fakes()
     folder = write_folder(tmp_path, {"unet": fake_plan(fake_unet())}, env=built)
     opened = []
-    monkeypatch.setattr(tb, "_plan", lambda path: opened.append(path))
+    monkeypatch.setattr(tb, "map_plan", lambda path: opened.append(path))
     be = tb.TrtBackend(folder)
     with pytest.raises(CompatibilityError) as e:
         be.load(str(folder / "unet.engine"), "unet")
@@ -695,7 +695,7 @@ def test_module_choice_follows_the_manifest(tmp_path, monkeypatch):
     with pytest.raises(InputError, match="unknown TensorRT module 'trt'"):
         tb.module_candidates("trt")
     f = write_folder(tmp_path, {"unet": b"x"}, env=EngineEnv("tensorrt_rtx", "1.1.0"))
-    assert tb._built_with(f) == "tensorrt_rtx" and tb._built_with(tmp_path / "none") is None
+    assert tb.built_with(f) == "tensorrt_rtx" and tb.built_with(tmp_path / "none") is None
 
 
 # -- missing pieces ---------------------------------------------------------------------------------------
@@ -857,7 +857,7 @@ def test_outputs_reuse_buffers_the_caller_has_dropped(folder, fakes):
     assert again.ptr == ptr and unet.buffers.allocations == 1  # dropped, so reused
     held = [again] + [unet(feeds)["out_sample"] for _ in range(5)]
     assert len({a.ptr for a in held}) == 6  # all held: all distinct
-    assert unet.buffers.allocations == 6 and len(unet.buffers.slots["out_sample"][2]) == tb._BUFFERS_PER_OUTPUT
+    assert unet.buffers.allocations == 6 and len(unet.buffers.slots["out_sample"][2]) == tb.BUFFERS_PER_OUTPUT
     assert [a.owned for a in held] == [False] * 4 + [True] * 2  # past the limit, outputs are the caller's own
     np.testing.assert_allclose(be.to_host(held[-1]), 0.5 + 0.001)
     # feeding an output back as an input never lets the next call overwrite it

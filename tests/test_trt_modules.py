@@ -74,7 +74,7 @@ BUILDER_MODULE_NAMES = {
     "Runtime", "Refitter", "Weights", "nptype",
 }
 # I/O tensor dtypes and modes, matched by their enum member names
-DTYPE_NAMES = tuple(tb._TRT_DTYPES)
+DTYPE_NAMES = tuple(tb.TRT_DTYPES)
 IO_MODES = ("INPUT", "OUTPUT")
 
 RUNTIME_METHODS = {
@@ -352,7 +352,7 @@ def test_the_runtime_calls_exist(mod: ModuleType) -> None:
     assert set(DTYPE_NAMES) <= set(mod.DataType.__members__)
     assert set(IO_MODES) <= set(mod.TensorIOMode.__members__)
     # the runtime reads enum members by name: the real ones parse
-    assert [tb.numpy_dtype(getattr(mod.DataType, n), "t") for n in DTYPE_NAMES] == list(tb._TRT_DTYPES.values())
+    assert [tb.numpy_dtype(getattr(mod.DataType, n), "t") for n in DTYPE_NAMES] == list(tb.TRT_DTYPES.values())
     assert str(mod.TensorIOMode.INPUT.name).rsplit(".", 1)[-1] == "INPUT"
     assert tb.import_tensorrt([mod.__name__]) is mod
     assert tb.backend_name(mod) == ("tensorrt_rtx" if mod is RTX else "tensorrt")
@@ -429,11 +429,11 @@ def test_the_cuda_calls_exist() -> None:
     prop = CUDART.cudaDeviceProp()
     assert all(hasattr(prop, a) for a in CUDA_DEVICE_PROP)
     res = CUDART.cudaGetDeviceCount()
-    assert isinstance(res, tuple) and len(res) == 2  # (status, count): the shape _Device reads
+    assert isinstance(res, tuple) and len(res) == 2  # (status, count): the shape Device reads
     if int(res[0]) != 0:  # no driver or GPU here: the backend says why, in CUDA's words
         name = CUDART.cudaGetErrorName(res[0])[1].decode()
         with pytest.raises(BackendUnavailable, match=f"no NVIDIA GPU or no NVIDIA driver .*CUDA reports {name}"):
-            tb._Device(CUDART, 0)
+            tb.Device(CUDART, 0)
 
 
 # -- the builder on TensorRT for RTX, for real (CPU-only ahead-of-time compilation) ---------------------------

@@ -22,8 +22,10 @@ FAMILY_KEYS = tuple(_FAMILIES)  # the values a manifest's "family" may take
 
 
 class HasFamily(Protocol):
-    family: str
-    refiner: bool
+    @property
+    def family(self) -> str: ...
+    @property
+    def refiner(self) -> bool: ...
 
 
 def family_named(key: str, refiner: bool = False) -> Family:
