@@ -77,6 +77,8 @@ def test_the_examples_are_found() -> None:
     commands = [c for b in BASH for c in sdrt_lines(b.code)]
     assert len(commands) >= 25
     assert {shlex.split(c)[1] for c in commands} >= {"export", "build", "refit", "generate", "serve", "bench"}
+    skipped = [b for b in PYTHON if NOT_RUN.search(b.code)]
+    assert skipped and all(NOT_RUN.search(b.code).group(1).strip() for b in skipped)  # each says why
     staged = [b for b in PYTHON if "prepare_latents(plan, 512, 512, seed=[1, 2])" in b.code]
     assert len(staged) == 1 and staged[0].path.name == "generate.md"
 
@@ -130,13 +132,14 @@ def run_example(block: Block) -> dict:
 
 
 @pytest.mark.parametrize("block", PYTHON, ids=[b.id for b in PYTHON])
-def test_python_example_runs(block: Block, example_dir: Path, tmp_path: Path,
+def test_python_example_runs(block: Block, request: pytest.FixtureRequest, tmp_path: Path,
                              monkeypatch: pytest.MonkeyPatch) -> None:
     reason = NOT_RUN.search(block.code)
     if reason:
         pytest.skip(f"{block.id}: {reason.group(1).strip()}")
     if "OvBackend" in block.code:
         pytest.importorskip("openvino", reason="the openvino extra is not installed")
+    example_dir: Path = request.getfixturevalue("example_dir")  # the exports only for blocks that run
     monkeypatch.chdir(example_dir)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # openvino's compiled models ("auto")
     before = set(os.listdir(example_dir))
