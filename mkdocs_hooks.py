@@ -1,8 +1,8 @@
 """MkDocs hook: lay the repository's folders out as the ``sdrt`` package for mkdocstrings.
 
-The wheel maps folders into one namespace (``runtime/`` -> ``sdrt.runtime``, pyproject's ``package-dir``), which
-griffe's static loader cannot follow; so the build mirrors them, as links to the sources, in ``site-api/sdrt`` (git-ignored) first and
-mkdocstrings reads the sources from there, without importing them.
+The wheel maps folders into one namespace (``runtime/`` -> ``sdrt.runtime``, pyproject's ``package-dir``),
+which griffe's static loader cannot follow; so the build first mirrors them, as links to the sources, in
+``site-api/sdrt`` (git-ignored), and mkdocstrings reads the sources from there without importing them.
 """
 
 from __future__ import annotations

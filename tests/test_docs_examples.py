@@ -1,10 +1,10 @@
 """Every example in README.md and docs/ works: the Python ones run, the `sdrt` command lines parse.
 
 Python blocks (```python) run in a folder where the names the examples use are tiny synthetic exports
-(``sd15-onnx`` is ``sd15-tiny``, ``sdxl-onnx`` ``sdxl-tiny``, ...) and images (``photo.png``, ...); sizes of
-512 and above become 64, the tiny models' size, so a full-size example runs in seconds. A block that cannot
-run here (a GPU, a real checkpoint) says so in a comment, ``# not run: <why>``, and is skipped with that
-reason. Bash blocks (```bash): every line that starts with ``sdrt`` is parsed by the CLI's own parser (the
+(``sd15-onnx`` is ``sd15-tiny``, ``sdxl-onnx`` ``sdxl-tiny``, ...) and images (``photo.png``, ...); the
+sizes 512, 768 and 1024 become 64, the tiny models' size, so a full-size example runs in seconds. A block
+that cannot run here (a GPU, a real checkpoint) says so in a comment, ``# not run: <why>``, and is skipped
+with that reason. Bash blocks (```bash): every line that starts with ``sdrt`` is parsed by the CLI's own parser (the
 subcommand's options registered as ``sdrt.cli.main`` does), without running it; ``[...]`` marks an optional
 part, which is parsed as if given.
 """
@@ -127,7 +127,8 @@ def run_example(block: Block) -> dict:
     """Run a block's code (sizes scaled to the tiny models) and return its namespace."""
     code = re.sub(r"\b(512|768|1024)\b", "64", block.code)
     namespace: dict = {"__name__": "__docs_example__"}
-    exec(compile(code, block.id, "exec"), namespace)  # noqa: S102 (running the docs' own examples is the test)
+    # running the docs' own examples is what this test is for
+    exec(compile(code, block.id, "exec"), namespace)  # noqa: S102
     return namespace
 
 
@@ -153,7 +154,8 @@ def test_python_example_runs(block: Block, request: pytest.FixtureRequest, tmp_p
             close()
 
 
-def test_the_staged_example_makes_one_image_per_seed(example_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_staged_example_makes_one_image_per_seed(example_dir: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """prepare_latents(plan, H, W, seed=[1, 2]) makes two images' latents (batch_size from the seeds), and the
     stages give the images the one-call API gives for those seeds."""
     import numpy as np
