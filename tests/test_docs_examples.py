@@ -4,9 +4,9 @@ Python blocks (```python) run in a folder where the names the examples use are t
 (``sd15-onnx`` is ``sd15-tiny``, ``sdxl-onnx`` ``sdxl-tiny``, ...) and images (``photo.png``, ...); the
 sizes 512, 768 and 1024 become 64, the tiny models' size, so a full-size example runs in seconds. A block
 that cannot run here (a GPU, a real checkpoint) says so in a comment, ``# not run: <why>``, and is skipped
-with that reason. Bash blocks (```bash): every line that starts with ``sdrt`` is parsed by the CLI's own parser (the
-subcommand's options registered as ``sdrt.cli.main`` does), without running it; ``[...]`` marks an optional
-part, which is parsed as if given.
+with that reason. Bash blocks (```bash): every line that starts with ``sdrt`` is parsed by the CLI's own
+parser (the subcommand's options registered as ``sdrt.cli.main`` does), without running it; ``[...]`` marks
+an optional part, which is parsed as if given.
 """
 
 from __future__ import annotations
