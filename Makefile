@@ -6,7 +6,7 @@ PY ?= $(VENV_PY)
 PIP = $(PY) -m pip install -q --disable-pip-version-check
 PYTEST_ARGS ?=
 
-.PHONY: install install-test demo test lint
+.PHONY: install install-test demo test docs lint
 install: $(filter $(VENV_PY),$(PY))
 	$(PIP) torch==2.13.0
 	$(PIP) -e ".[export]"
@@ -29,6 +29,11 @@ demo: install
 # pytest exits 5 when it collects no test; that is not a failure of the build
 test: install-test
 	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
+
+# the documentation site, built in strict mode (a broken link or reference fails) into site/ (git-ignored)
+docs: $(filter $(VENV_PY),$(PY))
+	$(PIP) -e ".[docs]"
+	$(PY) -m mkdocs build --strict -d site
 
 lint: $(filter $(VENV_PY),$(PY))
 	$(PY) -m ruff check sdrt export runtime benchmarks engines tests
