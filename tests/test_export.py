@@ -20,7 +20,7 @@ from sdrt.export.loading import load_model, random_model
 from sdrt.runtime.errors import ParityError
 from sdrt.runtime.manifest import ExportManifest, Parity
 
-from .conftest import TINY
+from .helpers.models import TINY
 
 
 def _session(path: Path) -> ort.InferenceSession:

@@ -18,7 +18,7 @@ from sdrt.export.lora_merge import merge_loras
 from sdrt.runtime.errors import InputError
 from sdrt.runtime.pipeline import Pipeline
 
-from .test_lora import make_lora
+from .helpers.models import make_lora
 
 
 def _unet_only_lora(path: Path) -> Path:
