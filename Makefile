@@ -6,7 +6,7 @@ PY ?= $(VENV_PY)
 PIP = $(PY) -m pip install -q --disable-pip-version-check
 PYTEST_ARGS ?=
 
-.PHONY: install install-test demo test lint
+.PHONY: install install-test demo test test-fast lint
 install: $(filter $(VENV_PY),$(PY))
 	$(PIP) torch==2.13.0
 	$(PIP) -e ".[export]"
@@ -29,6 +29,12 @@ demo: install
 # pytest exits 5 when it collects no test; that is not a failure of the build
 test: install-test
 	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
+
+# the inner loop, after one `make install-test`: every test but the slow tier (full-size models, the Ray
+# cluster, the browser), in a few minutes; installs nothing. `make test` (CI) still runs everything.
+FAST_TIER = not slow and not ray and not browser
+test-fast: $(filter $(VENV_PY),$(PY))
+	$(PY) -m pytest -p no:cacheprovider -m "$(FAST_TIER)" $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
 
 lint: $(filter $(VENV_PY),$(PY))
 	$(PY) -m ruff check sdrt export runtime benchmarks engines tests

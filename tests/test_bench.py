@@ -478,6 +478,7 @@ def test_synthetic_fixture_is_not_mutated_by_reports() -> None:
     assert doc == before
 
 
+@pytest.mark.slow  # exports and benchmarks: over 1 min on 2 busy cores
 def test_a_preset_measured_on_ort_cuda_gets_the_fused_unet(tmp_path: Path) -> None:
     """With ort-cuda among the backends, the preset's export also gets the UNet variant with ONNX Runtime's
     fused CUDA operators (what `sdrt export --ort-cuda` writes), also when the export is reused."""
@@ -560,6 +561,7 @@ def test_memory_sampler_gpu_logic_on_a_fake_nvml(monkeypatch: pytest.MonkeyPatch
     assert any(f"never listed pid {pid}" in n for n in s2.peaks.notes)
 
 
+@pytest.mark.slow  # exports and benchmarks: 1-1.5 min a case on 2 busy cores
 @pytest.mark.parametrize(("workload", "preset"), [("controlnet", "sd15-tiny"), ("inpaint", "sd15-inpaint-tiny")])
 def test_controlnet_and_inpainting_workloads_run_tiny_beside_diffusers(tmp_path: Path, workload: str,
                                                                        preset: str) -> None:

@@ -222,6 +222,7 @@ def test_full_size_original_layout_is_recognised_by_shape(preset: str) -> None:
     assert chosen["conditioning_embedding_out_channels"] == [16, 32, 96, 256]
 
 
+@pytest.mark.slow  # about 1.5 min on 2 busy cores
 def test_diffusers_folder_loads_and_exports_from_the_cli(tmp_path: Path) -> None:
     from sdrt.export.controlnet_loading import load_controlnet
 

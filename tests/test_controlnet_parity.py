@@ -149,6 +149,7 @@ def test_guess_mode(tiny_controlnet_export, sampler: str, guidance: float) -> No
     _compare(folder, "sd15-tiny", [0, 1], sampler, guidance, 64, 80, scales=[1.0, 0.5], guess=True)
 
 
+@pytest.mark.slow  # exports the SDXL pair: over 1 min on 2 busy cores
 @pytest.mark.parametrize(("sampler", "guidance"), [("euler", 6.0), ("dpmpp-2m", 1.0)])
 def test_sdxl_controlnet(tiny_controlnet_export, sampler: str, guidance: float) -> None:
     folder = tiny_controlnet_export("sdxl-tiny", "fp32", 1)

@@ -568,6 +568,7 @@ def test_the_runtime_finds_pypi_tensorrt_for_rtx(monkeypatch: pytest.MonkeyPatch
     assert tb.import_tensorrt(tb.module_candidates(built_with="tensorrt_rtx")) is RTX
 
 
+@pytest.mark.slow  # builds every engine on TensorRT for RTX: 0.5-1 min a case on 2 busy cores
 @pytest.mark.parametrize("preset, shape, module", [
     # no --tensorrt-module: where TensorRT for RTX is the only TensorRT, it is "whichever is installed"
     ("sd15-tiny", ["--height", "64"], []),
@@ -615,6 +616,7 @@ def test_sdrt_build_makes_a_whole_engine_folder_on_rtx(rtx: ModuleType, tiny_exp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["engines"]  # no partial folder left behind
 
 
+@pytest.mark.slow  # builds every engine on TensorRT for RTX: about 3 min on 2 busy cores
 def test_sdrt_build_makes_controlnet_engines_on_rtx(rtx: ModuleType, tiny_controlnet_export, tmp_path: Path,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
     """A ControlNet export (two nets) builds every engine on a real TensorRT builder: the ControlNets (uint8

@@ -465,6 +465,7 @@ def test_inpainting_keeps_the_encoded_image_on_the_device(tiny_export, tmp_path:
 
 # -- TensorRT, on the fakes of tests/test_trt_pipeline.py ----------------------------------------------------
 
+@pytest.mark.slow  # about 2 min on 2 busy cores
 def test_controlnets_on_built_engines_like_ort_cpu(tiny_controlnet_export, tmp_path: Path, fake_gpu) -> None:
     """Logic check on fakes: the ControlNet engines and unet_control are built, share the scratch block, and
     the captured step (nets, unet_control, step graph: one launch per step) gives the ort-cpu images; a net
