@@ -6,7 +6,7 @@ PY ?= $(VENV_PY)
 PIP = $(PY) -m pip install -q --disable-pip-version-check
 PYTEST_ARGS ?=
 
-.PHONY: install install-test demo test docs lint
+.PHONY: install install-test demo test test-fast docs lint
 install: $(filter $(VENV_PY),$(PY))
 	$(PIP) torch==2.13.0
 	$(PIP) -e ".[export]"
@@ -34,6 +34,12 @@ test: install-test
 docs: $(filter $(VENV_PY),$(PY))
 	$(PIP) -e ".[docs]"
 	$(PY) -m mkdocs build --strict -d site
+
+# the inner loop, after one `make install-test`: every test but the slow tier (full-size models, the Ray
+# cluster, the browser), in a few minutes; installs nothing. `make test` (CI) still runs everything.
+FAST_TIER = not slow and not ray and not browser
+test-fast: $(filter $(VENV_PY),$(PY))
+	$(PY) -m pytest -p no:cacheprovider -m "$(FAST_TIER)" $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
 
 lint: $(filter $(VENV_PY),$(PY))
 	$(PY) -m ruff check sdrt export runtime benchmarks engines tests

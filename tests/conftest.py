@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny synthetic models, exported once per session and reused by every test."""
+"""Shared fixtures: tiny synthetic models, exported once per session and reused by every test; the
+TensorRT fakes wired in; shared pipelines closed at the end. Helpers (no fixtures) live in tests/helpers/."""
 
 from __future__ import annotations
 
@@ -9,8 +10,6 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-TINY = ("sd15-tiny", "sd21-tiny", "sdxl-tiny")
 
 
 @pytest.fixture(scope="session")
@@ -56,3 +55,33 @@ def tiny_controlnet_export(tmp_path_factory: pytest.TempPathFactory, export_cach
         return export_cache[key]
 
     return get
+
+
+@pytest.fixture(scope="session", autouse=True)
+def close_shared_pipelines():
+    """At the session's end, close the pipelines tests shared (``helpers.pipelines.shared_pipeline``)."""
+    yield
+    from .helpers.pipelines import close_all
+
+    close_all()
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch: pytest.MonkeyPatch):
+    """(FakeCudart, FakeTrt with the builder API) wired into the tensorrt backend and ``build_engines``."""
+    import dataclasses
+
+    import sdrt.runtime.trt_backend as tb
+    from sdrt.export import trt_build
+
+    from .helpers.trt_fakes import ENV, FakeCudart, FakeTrt, with_builder
+
+    cudart = FakeCudart()
+    trt = with_builder(FakeTrt(cudart))
+    monkeypatch.setattr(tb, "import_cudart", lambda: cudart)
+    monkeypatch.setattr(tb, "import_tensorrt", lambda names: trt)
+    monkeypatch.setattr(trt_build, "load_tensorrt", lambda module=None: trt)
+    # the builder's view of the GPU is the fake device's (name and compute capability)
+    monkeypatch.setattr(trt_build, "current_env", lambda backend, version: dataclasses.replace(
+        ENV, backend=backend, version=version))
+    return cudart, trt

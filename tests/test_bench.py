@@ -23,6 +23,8 @@ from sdrt.benchmarks.stats import percentile, summarize
 from sdrt.cli import main
 from sdrt.runtime.errors import CompatibilityError, InputError
 
+from .helpers.bench_results import synthetic_results
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # -- a tiny CPU run, end to end -------------------------------------------------------------------------
@@ -302,68 +304,14 @@ def test_openvino_precision_and_bf16_baseline_refusals(capsys: pytest.CaptureFix
 
 # -- reports -----------------------------------------------------------------------------------------------
 
-def _synthetic(gpu: str, backend: str, its: float, vram: int) -> dict[str, Any]:
-    """A result file written by hand: a baseline and one backend on one GPU, and a skipped backend."""
-
-    def measurement(name: str, role: str, step_ms: float, mem: int) -> dict[str, Any]:
-        s = {"p50": step_ms, "p90": step_ms * 1.1, "min": step_ms, "max": step_ms * 1.2, "mean": step_ms, "n": 20}
-        t = {k: (v * 20 if k != "n" else 1) for k, v in s.items()}
-        return {
-            "backend": name, "role": role, "device": "cuda", "status": "ok", "reason": None, "height": 512,
-            "width": 512, "batch_size": 1, "sampler": "dpmpp-2m", "steps": 20, "guidance_scale": 7.5, "guided": True,
-            "unet_batch": 2, "warmup": 1, "repeats": 1, "import_ms": 1.0, "load_ms": 1000.0, "first_image_ms": 900.0,
-            "cold_start_ms": 1900.0, "text_encoder_ms": s, "unet_step_ms": s, "vae_decoder_ms": s, "total_ms": t,
-            "its": 1000 / step_ms, "images_per_s": 1000 / t["p50"], "peak_vram_bytes": mem,
-            "device_mem_delta_bytes": mem, "torch_peak_allocated_bytes": None, "peak_rss_bytes": 2**31,
-            "rss_sampled_peak_bytes": 2**31, "memory_notes": [], "artifact_bytes": 2 * 10**9, "raw": None,
-            "flops": None, "floor_ms": None, "of_floor": None, "baseline": None, "vs_baseline": None,
-            "image_vs_baseline": None, "host_load_avg": [0.5, 0.5, 0.5],
-        }
-
-    base = measurement("torch-cuda", "baseline", 20.0, 5 * 2**30)
-    mine = measurement(backend, "sdrt", 1000 / its, vram)
-    mine["baseline"] = "torch-cuda"
-    mine["vs_baseline"] = {k: 1.0 for k in schema.RATIO_METRICS}
-    mine["vs_baseline"]["its"] = its / base["its"]
-
-    def be(name: str, role: str, status: str = "ok", reason: str | None = None) -> dict[str, Any]:
-        return {"name": name, "role": role, "device": "cuda", "status": status, "reason": reason,
-                "precision": "fp16", "threads": {}, "versions": {}, "timing_method": None, "build_s": None,
-                "artifact_bytes": None}
-
-    return {
-        "schema": "sdrt-bench", "schema_version": schema.SCHEMA_VERSION, "created": "2030-01-01T00:00:00+00:00",
-        "env": {"sdrt_version": "0.1.0", "sdrt_commit": "abcdef0123", "sdrt_dirty": False,
-                "date": "2030-01-01T00:00:00+00:00", "python": "3.12", "os": "Linux",
-                "cpu": {"model": "Some CPU", "physical_cores": 16}, "gpus": [
-                    {"index": 0, "name": gpu, "compute_capability": "9.0", "memory_bytes": 80 * 2**30}],
-                "cuda": {"driver": "580", "driver_cuda": "13.0", "torch_cuda": "13.0", "source": "nvml"},
-                "versions": {"onnxruntime-gpu": "1.31.1", "torch": "2.11"}, "load_avg": [0.1, 0.2, 0.3]},
-        "config": {"preset": "sd15", "artifact": None, "engines": None, "resolutions": [[512, 512]], "steps": [20],
-                   "batch_sizes": [1], "samplers": ["dpmpp-2m"], "backends": [backend, "tensorrt"],
-                   "baseline": "torch", "compile": False, "cuda_graph": False, "warmup": 1, "repeats": 1, "threads": 16,
-                   "guidance_scale": 7.5, "prompt": "p", "seed": 0, "isolation": "subprocess",
-                   "workload": "txt2img"},
-        "model": {"family": "sd1", "preset": "sd15", "precision": "fp16", "folder": "x", "export_s": None,
-                  "components": {}, "artifact_bytes": 0, "source": {}, "flops": {}},
-        "ceilings": [{"device": "cuda", "dtype": "float16", "n": 8192, "tflops": 800.0, "ms_p50": 1.4,
-                      "method": "m", "status": "ok", "reason": None}],
-        "backends": [be(backend, "sdrt"), be("tensorrt", "sdrt", "skipped", "TensorRT is not installed here"),
-                     be("torch-cuda", "baseline")],
-        "measurements": [base, mine],
-        "notes": [],
-        "device_labels": {"cuda": gpu},
-    }
-
-
 def test_synthetic_results_are_valid() -> None:
-    assert schema.problems(_synthetic("NVIDIA H100", "ort-cuda", 40.0, 3 * 2**30)) == []
+    assert schema.problems(synthetic_results("NVIDIA H100", "ort-cuda", 40.0, 3 * 2**30)) == []
 
 
 def test_report_merges_runs_from_two_gpus(tmp_path: Path) -> None:
     a, b = tmp_path / "h100.json", tmp_path / "h200.json"
-    a.write_text(json.dumps(_synthetic("NVIDIA H100 80GB HBM3", "ort-cuda", 40.0, 3 * 2**30)))
-    b.write_text(json.dumps(_synthetic("NVIDIA H200", "ort-cuda", 55.0, 3 * 2**30)))
+    a.write_text(json.dumps(synthetic_results("NVIDIA H100 80GB HBM3", "ort-cuda", 40.0, 3 * 2**30)))
+    b.write_text(json.dumps(synthetic_results("NVIDIA H200", "ort-cuda", 55.0, 3 * 2**30)))
     out = tmp_path / "report"
     assert main(["bench", "report", str(a), str(b), "-o", str(out)]) == 0
     md = (out / "bench.md").read_text()
@@ -382,7 +330,7 @@ def test_readme_section_between_markers(tmp_path: Path) -> None:
     res = tmp_path / "results"
     res.mkdir()
     f = res / "h100.json"
-    f.write_text(json.dumps(_synthetic("NVIDIA H100", "tensorrt", 60.0, 2**31)))
+    f.write_text(json.dumps(synthetic_results("NVIDIA H100", "tensorrt", 60.0, 2**31)))
     readme = tmp_path / "README.md"
     readme.write_text("# sdrt\n\n## Performance\n<!-- bench:start -->\nold text\n<!-- bench:end -->\n\n## More\n")
     assert main(["bench", "report", str(f), "-o", str(res), "--readme", str(readme)]) == 0
@@ -403,7 +351,7 @@ def test_readme_section_between_markers(tmp_path: Path) -> None:
 # -- schema versions -------------------------------------------------------------------------------------
 
 def test_newer_older_and_foreign_files_are_refused(tmp_path: Path) -> None:
-    good = _synthetic("NVIDIA H100", "ort-cuda", 40.0, 2**31)
+    good = synthetic_results("NVIDIA H100", "ort-cuda", 40.0, 2**31)
     cases = {
         "newer": ({**good, "schema_version": schema.SCHEMA_VERSION + 1}, "newer than this sdrt reads"),
         "older": ({**good, "schema_version": 0}, "cannot migrate"),
@@ -426,7 +374,7 @@ def test_newer_older_and_foreign_files_are_refused(tmp_path: Path) -> None:
 def test_older_version_is_migrated(tmp_path: Path) -> None:
     """Version 1 had no config.cuda_graph (its runs never asked for CUDA graphs): migrated to false; nor
     had version 2 config.workload (every run was txt2img)."""
-    v1 = _synthetic("NVIDIA H100", "ort-cuda", 40.0, 2**31)
+    v1 = synthetic_results("NVIDIA H100", "ort-cuda", 40.0, 2**31)
     del v1["config"]["cuda_graph"]
     del v1["config"]["workload"]
     v1["schema_version"] = 1
@@ -524,13 +472,14 @@ def test_memory_sampler_on_this_process() -> None:
 
 
 def test_synthetic_fixture_is_not_mutated_by_reports() -> None:
-    doc = _synthetic("NVIDIA H100", "ort-cuda", 40.0, 2**31)
+    doc = synthetic_results("NVIDIA H100", "ort-cuda", 40.0, 2**31)
     before = copy.deepcopy(doc)
     report.markdown([doc])
     report.rows([doc])
     assert doc == before
 
 
+@pytest.mark.slow  # exports and benchmarks: over 1 min on 2 busy cores
 def test_a_preset_measured_on_ort_cuda_gets_the_fused_unet(tmp_path: Path) -> None:
     """With ort-cuda among the backends, the preset's export also gets the UNet variant with ONNX Runtime's
     fused CUDA operators (what `sdrt export --ort-cuda` writes), also when the export is reused."""
@@ -613,6 +562,7 @@ def test_memory_sampler_gpu_logic_on_a_fake_nvml(monkeypatch: pytest.MonkeyPatch
     assert any(f"never listed pid {pid}" in n for n in s2.peaks.notes)
 
 
+@pytest.mark.slow  # exports and benchmarks: 1-1.5 min a case on 2 busy cores
 @pytest.mark.parametrize(("workload", "preset"), [("controlnet", "sd15-tiny"), ("inpaint", "sd15-inpaint-tiny")])
 def test_controlnet_and_inpainting_workloads_run_tiny_beside_diffusers(tmp_path: Path, workload: str,
                                                                        preset: str) -> None:

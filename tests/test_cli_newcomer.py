@@ -274,10 +274,10 @@ def test_demo_size_is_checked_before_the_export(tmp_path: Path, monkeypatch: pyt
 
 def test_bench_report_refuses_a_readme_without_markers_before_writing(tmp_path: Path,
                                                                       capsys: pytest.CaptureFixture[str]) -> None:
-    from .test_bench import _synthetic
+    from .helpers.bench_results import synthetic_results
 
     res = tmp_path / "a.json"
-    res.write_text(json.dumps(_synthetic("NVIDIA H100", "ort-cuda", 40.0, 3 * 2**30)))
+    res.write_text(json.dumps(synthetic_results("NVIDIA H100", "ort-cuda", 40.0, 3 * 2**30)))
     readme = tmp_path / "README.md"
     readme.write_text("# no markers here\n")
     out = tmp_path / "report"

@@ -14,7 +14,7 @@ from sdrt.export.loading import load_model
 from sdrt.runtime.errors import InputError
 from sdrt.runtime.pipeline import Pipeline
 
-from .test_pipeline_parity import _diffusers_pipe
+from .helpers.references import diffusers_pipe
 
 PROMPT = "a portrait of an astronaut, oil painting"
 
@@ -29,7 +29,7 @@ def _export(tmp_path_factory, preset: str, clip_skip: int):
 def test_embeddings_match_diffusers(tmp_path_factory, tiny_export, preset: str, clip_skip: int) -> None:
     folder = _export(tmp_path_factory, preset, clip_skip)
     assert json.loads((folder / "sdrt.json").read_text())["clip_skip"] == clip_skip
-    pipe, _ = _diffusers_pipe(preset, tiny_export(preset, "fp32"))
+    pipe, _ = diffusers_pipe(preset, tiny_export(preset, "fp32"))
     enc = pipe.text_encoder
     if not hasattr(enc, "text_model"):
         # diffusers reads text_encoder.text_model.final_layer_norm, which transformers 5's CLIPTextModel

@@ -237,7 +237,7 @@ def test_cli_control_flags_without_an_image_are_errors(tiny_export, tmp_path: Pa
 def test_cli_control_flags_give_the_api_image(tiny_controlnet_export, tmp_path: Path) -> None:
     from PIL import Image
 
-    from .test_controlnet_parity import control_image
+    from .helpers.inputs import control_image
 
     folder = tiny_controlnet_export("sd15-tiny", "fp32", 2)
     paths = []
@@ -266,7 +266,7 @@ def test_cli_canny_preprocess_is_the_helper_then_the_call(tiny_controlnet_export
 
     from sdrt.runtime.preprocess import canny
 
-    from .test_controlnet_parity import control_image
+    from .helpers.inputs import control_image
 
     folder = tiny_controlnet_export("sd15-tiny", "fp32", 2)
     src = tmp_path / "photo.png"
@@ -288,7 +288,7 @@ def test_cli_canny_preprocess_is_the_helper_then_the_call(tiny_controlnet_export
 
 
 def test_stages_with_control_split_in_two_windows_equal_the_call(tiny_controlnet_export) -> None:
-    from .test_controlnet_parity import control_image
+    from .helpers.inputs import control_image
 
     folder = tiny_controlnet_export("sd15-tiny", "fp32", 2)
     ctl: dict[str, Any] = {"control_images": [control_image(10), control_image(11)], "control_scales": [0.9, 0.6],

@@ -177,7 +177,7 @@ def test_cli_refuses_an_sdxl_controlnet_with_an_sd15_model(tmp_path: Path, capsy
 def _write_single_file(net: torch.nn.Module, path: Path) -> Path:
     from safetensors.torch import save_file
 
-    from tests.ldm_layout import controlnet_to_ldm
+    from .helpers.ldm_layout import controlnet_to_ldm
 
     sd = controlnet_to_ldm(net.state_dict(), dict(net.config))
     assert all(k.startswith("control_model.") for k in sd) and "control_model.input_hint_block.14.weight" in sd
@@ -208,7 +208,8 @@ def test_full_size_original_layout_is_recognised_by_shape(preset: str) -> None:
 
     from sdrt.export.controlnet_presets import get_controlnet_preset
     from sdrt.export.controlnet_single_file import choose_architecture
-    from tests.ldm_layout import controlnet_to_ldm
+
+    from .helpers.ldm_layout import controlnet_to_ldm
 
     cfg = get_controlnet_preset(preset).config()
     with torch.device("meta"):
@@ -221,6 +222,7 @@ def test_full_size_original_layout_is_recognised_by_shape(preset: str) -> None:
     assert chosen["conditioning_embedding_out_channels"] == [16, 32, 96, 256]
 
 
+@pytest.mark.slow  # about 1.5 min on 2 busy cores
 def test_diffusers_folder_loads_and_exports_from_the_cli(tmp_path: Path) -> None:
     from sdrt.export.controlnet_loading import load_controlnet
 

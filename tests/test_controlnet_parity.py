@@ -17,10 +17,11 @@ import torch
 
 from sdrt.runtime.pipeline import Pipeline
 
-from .test_pipeline_parity import _scheduler
+from .helpers.inputs import control_image, seed_for
+from .helpers.pipelines import shared_pipeline
+from .helpers.references import diffusers_scheduler
 
 _DIFFUSERS: dict[tuple[str, int, str], Any] = {}
-_SDRT: dict[str, Pipeline] = {}
 PROMPT = "a house by a lake, evening light"
 
 
@@ -49,7 +50,8 @@ def _diffusers(preset: str, folder: Path, nets: list[int], kind: str = "txt2img"
         chosen = [every[j] for j in nets]
         cn = chosen[0] if len(chosen) == 1 else chosen
         tok = CLIPTokenizer.from_pretrained(folder / "tokenizer")
-        common = {"vae": m.vae, "unet": m.unet, "controlnet": cn, "scheduler": _scheduler("ddim", m.scheduler_config)}
+        common = {"vae": m.vae, "unet": m.unet, "controlnet": cn,
+                  "scheduler": diffusers_scheduler("ddim", m.scheduler_config)}
         if m.preset.family == "sdxl":
             pipe = StableDiffusionXLControlNetPipeline(
                 text_encoder=m.text_encoders[0], text_encoder_2=m.text_encoders[1], tokenizer=tok,
@@ -64,26 +66,6 @@ def _diffusers(preset: str, folder: Path, nets: list[int], kind: str = "txt2img"
     return _DIFFUSERS[key]
 
 
-def _sdrt(folder: Path, backend: str = "ort-cpu") -> Pipeline:
-    key = f"{folder}:{backend}"
-    if key not in _SDRT:
-        _SDRT[key] = Pipeline.load(folder, backend=backend)
-    return _SDRT[key]
-
-
-def control_image(seed: int, w: int = 90, h: int = 70) -> Any:
-    """Blocks and stripes at a size other than the output's, so the Lanczos resize matters."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    a = np.zeros((h, w, 3), np.uint8)
-    for _ in range(6):
-        y, x = rng.integers(0, h - 10), rng.integers(0, w - 10)
-        a[y:y + rng.integers(5, 30), x:x + rng.integers(5, 30)] = rng.integers(0, 256, 3)
-    a[:, ::7] = 255
-    return Image.fromarray(a)
-
-
 def _u8(ref: np.ndarray) -> np.ndarray:
     return (ref * 255).round().astype(np.int32)
 
@@ -93,9 +75,9 @@ def _compare(folder: Path, preset: str, nets: list[int], sampler: str, guidance:
              guess: bool = False, steps: int = 6, sdrt_images: list[Any] | None = None,
              backend: str = "ort-cpu", tol: int = 1) -> Any:
     pipe, cfg = _diffusers(preset, folder, nets)
-    pipe.scheduler = _scheduler(sampler, cfg)
+    pipe.scheduler = diffusers_scheduler(sampler, cfg)
     images = [control_image(10 + j) for j in nets]
-    latents = np.random.default_rng(hash((preset, sampler, height)) % 2**32).standard_normal(
+    latents = np.random.default_rng(seed_for(preset, sampler, height)).standard_normal(
         (1, 4, height // 8, width // 8), dtype=np.float32)
     kw: dict[str, Any] = {}
     if scales is not None:
@@ -117,10 +99,10 @@ def _compare(folder: Path, preset: str, nets: list[int], sampler: str, guidance:
             full[j] = v[k]
         return full
 
-    res = _sdrt(folder, backend)(PROMPT, height=height, width=width, steps=steps, guidance_scale=guidance,
-                                 sampler=sampler, latents=latents, guess_mode=guess, control_images=mine,
-                                 control_scales=per_net(scales, 1.0), control_start=per_net(start, 0.0),
-                                 control_end=per_net(end, 1.0))
+    res = shared_pipeline(folder, backend)(
+        PROMPT, height=height, width=width, steps=steps, guidance_scale=guidance, sampler=sampler, latents=latents,
+        guess_mode=guess, control_images=mine, control_scales=per_net(scales, 1.0),
+        control_start=per_net(start, 0.0), control_end=per_net(end, 1.0))
     got = np.asarray(res.images[0]).astype(np.int32)
     want = _u8(ref[0])
     assert got.shape == want.shape == (height, width, 3)
@@ -138,9 +120,10 @@ def test_one_controlnet(tiny_controlnet_export, sampler: str, guidance: float) -
                          sdrt_images=[control_image(10)])
     assert "step by step" in res.loop
     # the control moves the image: the plain UNet's image differs from diffusers' controlled one
-    plain = _sdrt(folder)(PROMPT, height=64, width=80, steps=6, guidance_scale=guidance, sampler=sampler,
-                          latents=np.random.default_rng(hash(("sd15-tiny", sampler, 64)) % 2**32).standard_normal(
-                              (1, 4, 8, 10), dtype=np.float32))
+    plain = shared_pipeline(folder)(
+        PROMPT, height=64, width=80, steps=6, guidance_scale=guidance, sampler=sampler,
+        latents=np.random.default_rng(seed_for("sd15-tiny", sampler, 64)).standard_normal(
+            (1, 4, 8, 10), dtype=np.float32))
     assert np.abs(np.asarray(plain.images[0]).astype(int) - want).max() > 3
 
 
@@ -157,7 +140,7 @@ def test_second_net_only(tiny_controlnet_export) -> None:
     folder = tiny_controlnet_export("sd15-tiny", "fp32", 2)
     _compare(folder, "sd15-tiny", [1], "ddim", 7.5, 64, 64, sdrt_images=[None, control_image(11)])
     with pytest.raises(InputError, match="control_scales has 3 entries"):
-        _sdrt(folder)(PROMPT, steps=2, control_images=[control_image(10)], control_scales=[1, 1, 1])
+        shared_pipeline(folder)(PROMPT, steps=2, control_images=[control_image(10)], control_scales=[1, 1, 1])
 
 
 @pytest.mark.parametrize(("sampler", "guidance"), [("ddim", 7.5), ("dpmpp-2m", 1.0)])
@@ -166,6 +149,7 @@ def test_guess_mode(tiny_controlnet_export, sampler: str, guidance: float) -> No
     _compare(folder, "sd15-tiny", [0, 1], sampler, guidance, 64, 80, scales=[1.0, 0.5], guess=True)
 
 
+@pytest.mark.slow  # exports the SDXL pair: over 1 min on 2 busy cores
 @pytest.mark.parametrize(("sampler", "guidance"), [("euler", 6.0), ("dpmpp-2m", 1.0)])
 def test_sdxl_controlnet(tiny_controlnet_export, sampler: str, guidance: float) -> None:
     folder = tiny_controlnet_export("sdxl-tiny", "fp32", 1)
@@ -181,7 +165,7 @@ def test_img2img_with_control(tiny_controlnet_export, monkeypatch: pytest.Monkey
                                                                                                        "argmax"))
     folder = tiny_controlnet_export("sd15-tiny", "fp32", 2)
     pipe, cfg = _diffusers("sd15-tiny", folder, [0], "img2img")
-    pipe.scheduler = _scheduler("ddim", cfg)
+    pipe.scheduler = diffusers_scheduler("ddim", cfg)
     init = Image.fromarray(np.random.default_rng(3).integers(0, 256, (64, 80, 3), dtype=np.uint8))
     cimg = control_image(10, 80, 64)
     noise = torch.randn((1, 4, 8, 10), generator=torch.Generator().manual_seed(11))
@@ -189,8 +173,9 @@ def test_img2img_with_control(tiny_controlnet_export, monkeypatch: pytest.Monkey
         ref = pipe(PROMPT, image=init, control_image=cimg, strength=0.6, num_inference_steps=10, guidance_scale=6.0,
                    generator=torch.Generator().manual_seed(11), output_type="np",
                    controlnet_conditioning_scale=0.7, control_guidance_end=0.5).images
-    res = _sdrt(folder)(PROMPT, image=init, strength=0.6, steps=10, guidance_scale=6.0, sampler="ddim",
-                        latents=noise.numpy(), control_images=[cimg], control_scales=[0.7], control_end=[0.5])
+    res = shared_pipeline(folder)(PROMPT, image=init, strength=0.6, steps=10, guidance_scale=6.0, sampler="ddim",
+                                  latents=noise.numpy(), control_images=[cimg], control_scales=[0.7],
+                                  control_end=[0.5])
     diff = np.abs(np.asarray(res.images[0]).astype(np.int32) - _u8(ref[0])).max()
     assert diff <= 1, f"img2img + control: {diff}/255"
     assert len(res.timings["unet_steps_ms"]) == 6
@@ -199,9 +184,9 @@ def test_img2img_with_control(tiny_controlnet_export, monkeypatch: pytest.Monkey
 def test_scale_zero_is_the_plain_unet(tiny_controlnet_export) -> None:
     folder = tiny_controlnet_export("sd15-tiny", "fp32", 2)
     kw: dict[str, Any] = {"height": 64, "width": 64, "steps": 4, "guidance_scale": 7.5, "sampler": "ddim", "seed": 4}
-    plain = np.asarray(_sdrt(folder)(PROMPT, **kw).images[0]).astype(int)
-    zero = np.asarray(_sdrt(folder)(PROMPT, control_images=[control_image(10)], control_scales=[0.0],
-                                    **kw).images[0]).astype(int)
+    plain = np.asarray(shared_pipeline(folder)(PROMPT, **kw).images[0]).astype(int)
+    zero = np.asarray(shared_pipeline(folder)(PROMPT, control_images=[control_image(10)], control_scales=[0.0],
+                                              **kw).images[0]).astype(int)
     assert np.abs(plain - zero).max() <= 1
 
 
@@ -211,7 +196,7 @@ def test_inpainting_with_control_is_refused_before_any_engine(tiny_controlnet_ex
     from sdrt.runtime.errors import InputError
 
     folder = tiny_controlnet_export("sd15-tiny", "fp32", 2)
-    pipe = _sdrt(folder)
+    pipe = shared_pipeline(folder)
     calls: list[str] = []
     for name, e in pipe.engines.items():
         real = e.run
@@ -231,7 +216,7 @@ def test_openvino_matches_diffusers(tiny_controlnet_export) -> None:
     from sdrt.runtime.ov_backend import OvBackend
 
     folder = tiny_controlnet_export("sd15-tiny", "fp32", 2)
-    _SDRT[f"{folder}:openvino"] = Pipeline.load(folder, backend=OvBackend(threads=2, precision="f32",
-                                                                          cache_dir=False))
+    shared_pipeline(folder, "openvino", load=lambda: Pipeline.load(
+        folder, backend=OvBackend(threads=2, precision="f32", cache_dir=False)))
     _compare(folder, "sd15-tiny", [0, 1], "ddim", 6.0, 64, 80, scales=[0.6, 1.3], start=[0.0, 0.3],
              end=[0.7, 1.0], backend="openvino")

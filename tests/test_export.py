@@ -20,7 +20,7 @@ from sdrt.export.loading import load_model, random_model
 from sdrt.runtime.errors import ParityError
 from sdrt.runtime.manifest import ExportManifest, Parity
 
-from .conftest import TINY
+from .helpers.models import TINY
 
 
 def _session(path: Path) -> ort.InferenceSession:
@@ -241,6 +241,7 @@ def test_full_size_sd15_export(tmp_path: Path) -> None:
     assert 1.6e9 < unet.size_bytes < 1.9e9  # 860M fp16 parameters
 
 
+@pytest.mark.slow  # about 1.5 min on 2 busy cores
 def test_cli_export_ort_cuda_variant(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from sdrt.runtime.pipeline import Pipeline
 

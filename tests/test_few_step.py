@@ -10,7 +10,7 @@ import torch
 from sdrt.export.presets import get_preset
 from sdrt.runtime.pipeline import Pipeline
 
-from .test_pipeline_parity import _diffusers_pipe
+from .helpers.references import diffusers_pipe
 
 
 @pytest.mark.parametrize("steps", [1, 2, 4])
@@ -20,7 +20,7 @@ def test_turbo_matches_diffusers(tiny_export, monkeypatch: pytest.MonkeyPatch, p
     from diffusers.schedulers import scheduling_euler_ancestral_discrete as ea
 
     folder = tiny_export(preset, "fp32")
-    pipe, cfg = _diffusers_pipe(preset, folder)
+    pipe, cfg = diffusers_pipe(preset, folder)
     assert cfg["_class_name"] == "EulerAncestralDiscreteScheduler" and cfg["timestep_spacing"] == "trailing"
     pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(cfg)
     h = w = 64

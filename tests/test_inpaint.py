@@ -16,7 +16,7 @@ from sdrt.runtime.pipeline import Pipeline
 from sdrt.runtime.samplers import COLUMNS
 from sdrt.runtime.step_graph import BLEND_COLUMNS, extra_graph_bytes, step_engine_name, step_graph_bytes
 
-from .test_inpaint_parity import image_and_mask
+from .helpers.inputs import image_and_mask
 
 
 def _run(graph: bytes, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -97,7 +97,7 @@ def test_presets_and_detection() -> None:
     from sdrt.export.presets import PRESETS
     from sdrt.export.single_file import detect_preset
 
-    from .ldm_layout import ldm_state_dict, meta_model
+    from .helpers.ldm_layout import ldm_state_dict, meta_model
 
     for name in ("sd15-inpaint", "sd2-inpaint", "sdxl-inpaint", "sd15-inpaint-tiny", "sd2-inpaint-tiny",
                  "sdxl-inpaint-tiny"):
@@ -129,9 +129,9 @@ def test_build_shapes_cover_a_nine_channel_unet() -> None:
     from sdrt.export.profiles import load_profile, step_graph_modes, step_graph_shapes
     from sdrt.runtime.manifest import TensorSpec
 
-    from .test_profiles import _export
+    from .helpers.models import export_manifest
 
-    plain = _export()
+    plain = export_manifest()
     unet = plain.components["unet"]
     nine = replace(plain, components={**plain.components, "unet": replace(
         unet, inputs=(TensorSpec("sample", "float16", ("batch", 9, "height", "width")), *unet.inputs[1:]))})

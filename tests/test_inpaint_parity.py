@@ -14,12 +14,12 @@ import pytest
 import torch
 
 from sdrt.export.loading import random_model
-from sdrt.runtime.pipeline import Pipeline
 
-from .test_pipeline_parity import _scheduler
+from .helpers.inputs import image_and_mask
+from .helpers.pipelines import shared_pipeline
+from .helpers.references import diffusers_scheduler
 
 _DIFFUSERS: dict[str, object] = {}
-_SDRT: dict[str, Pipeline] = {}
 
 
 def _diffusers(preset: str, folder: Path):
@@ -29,7 +29,8 @@ def _diffusers(preset: str, folder: Path):
 
         m = random_model(preset)
         tok = CLIPTokenizer.from_pretrained(folder / "tokenizer")
-        common = {"vae": m.vae, "unet": m.unet, "scheduler": _scheduler("ddim", m.scheduler_config)}
+        common = {"vae": m.vae, "unet": m.unet,
+                  "scheduler": diffusers_scheduler("ddim", m.scheduler_config)}
         if m.preset.family == "sdxl":
             pipe = StableDiffusionXLInpaintPipeline(
                 text_encoder=m.text_encoders[0], text_encoder_2=m.text_encoders[1], tokenizer=tok,
@@ -41,24 +42,6 @@ def _diffusers(preset: str, folder: Path):
         pipe.set_progress_bar_config(disable=True)
         _DIFFUSERS[preset] = (pipe, m.scheduler_config)
     return _DIFFUSERS[preset]
-
-
-def _sdrt(folder: Path) -> Pipeline:
-    if str(folder) not in _SDRT:
-        _SDRT[str(folder)] = Pipeline.load(folder, backend="ort-cpu")
-    return _SDRT[str(folder)]
-
-
-def image_and_mask(w: int = 120, h: int = 80):
-    """A noisy image and a mask with a soft-edged white box, so resizing and binarizing both matter."""
-    from PIL import Image
-
-    rng = np.random.default_rng(5)
-    img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
-    m = np.zeros((h, w), np.float32)
-    m[h // 4: 3 * h // 4, w // 3: 5 * w // 6] = 255
-    m[:, : w // 6] = np.linspace(0, 255, h)[:, None]  # a ramp: Lanczos then the 0.5 threshold decide
-    return img, Image.fromarray(m.astype(np.uint8), mode="L")
 
 
 @pytest.fixture
@@ -92,7 +75,7 @@ def test_inpaint_matches_diffusers(tiny_export, argmax_vae, preset: str, sampler
                                    strength: float) -> None:
     folder = tiny_export(preset, "fp32")
     pipe, cfg = _diffusers(preset, folder)
-    pipe.scheduler = _scheduler(sampler, cfg)
+    pipe.scheduler = diffusers_scheduler(sampler, cfg)
     image, mask = image_and_mask()
     height, width, steps = 64, 96, 8
     noise = torch.randn((1, 4, height // 8, width // 8), generator=torch.Generator().manual_seed(7))
@@ -100,8 +83,9 @@ def test_inpaint_matches_diffusers(tiny_export, argmax_vae, preset: str, sampler
         ref = pipe("a red house", image=image, mask_image=mask, height=height, width=width, strength=strength,
                    num_inference_steps=steps, guidance_scale=guidance, generator=torch.Generator().manual_seed(7),
                    output_type="np").images
-    res = _sdrt(folder)("a red house", image=image, mask_image=mask, height=height, width=width, strength=strength,
-                        steps=steps, guidance_scale=guidance, sampler=sampler, latents=noise.numpy())
+    res = shared_pipeline(folder)("a red house", image=image, mask_image=mask, height=height, width=width,
+                                  strength=strength, steps=steps, guidance_scale=guidance, sampler=sampler,
+                                  latents=noise.numpy())
     ref_u8 = (ref[0] * 255).round().astype(np.int32)
     got = np.asarray(res.images[0]).astype(np.int32)
     assert got.shape == ref_u8.shape == (height, width, 3)

@@ -18,7 +18,7 @@ from sdrt.export.lora_merge import merge_loras
 from sdrt.runtime.errors import InputError
 from sdrt.runtime.pipeline import Pipeline
 
-from .test_lora import make_lora
+from .helpers.models import make_lora
 
 
 def _unet_only_lora(path: Path) -> Path:
@@ -31,6 +31,7 @@ def _unet_only_lora(path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow  # exports a merged model per case: over 1 min a case on 2 busy cores
 @pytest.mark.parametrize("steps", [2, 4])
 def test_lcm_lora_matches_diffusers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, steps: int) -> None:
     pytest.importorskip("peft", reason="diffusers' LoRA loading needs peft")

@@ -4,7 +4,6 @@ layouts, loaded with ``pipe.load_lora_weights`` and fused, then compared weight 
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import numpy as np
@@ -13,58 +12,10 @@ import pytest
 from sdrt.export.lora import LoraSpec, lora_deltas, parse_lora, read_lora
 from sdrt.runtime.errors import InputError
 
+from .helpers.models import TE_TARGETS, UNET_TARGETS, lora_targets, make_lora
+from .helpers.references import diffusers_fused
+
 torch = pytest.importorskip("torch")
-
-UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
-                "resnets.0.conv1")  # the last: a 3x3 conv (LoCon)
-TE_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
-
-
-def lora_targets(module, suffixes):  # type: ignore[no-untyped-def]
-    return [(n, m) for n, m in module.named_modules()
-            if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and n.endswith(suffixes)]
-
-
-def make_lora(path: Path, unet, text_encoder, layout: str, seed: int, rank: int = 2,  # type: ignore[no-untyped-def]
-              alpha: float | None = None) -> Path:
-    """A LoRA with random down/up matrices for every attention, feed-forward and one conv per block."""
-    from safetensors.numpy import save_file
-
-    g = np.random.default_rng(seed)
-    sd: dict[str, np.ndarray] = {}
-    for comp, module, suffixes in (("unet", unet, UNET_TARGETS), ("text_encoder", text_encoder, TE_TARGETS)):
-        for name, m in lora_targets(module, suffixes):
-            w = m.weight
-            down = (g.standard_normal((rank, w.shape[1], *w.shape[2:])) * 0.2).astype(np.float32)
-            up = (g.standard_normal((w.shape[0], rank, *((1, 1) if w.ndim == 4 else ()))) * 0.2).astype(np.float32)
-            if layout == "kohya":
-                key = ("lora_unet_" if comp == "unet" else "lora_te_text_model_") + name.replace(".", "_")
-                sd[f"{key}.lora_down.weight"], sd[f"{key}.lora_up.weight"] = down, up
-                if alpha is not None:
-                    sd[f"{key}.alpha"] = np.array(alpha, dtype=np.float32)
-            else:
-                key = ("unet." if comp == "unet" else "text_encoder.text_model.") + name
-                sd[f"{key}.lora_A.weight"], sd[f"{key}.lora_B.weight"] = down, up
-    save_file(sd, str(path))
-    return path
-
-
-def diffusers_fused(unet, text_encoder, vae, loras: list[tuple[Path, float]]):  # type: ignore[no-untyped-def]
-    """Copies of the modules with ``loras`` loaded by diffusers and fused at their strengths."""
-    pytest.importorskip("peft", reason="diffusers' LoRA loading needs peft (pip install peft)")
-    from diffusers import StableDiffusionPipeline
-
-    u, te = copy.deepcopy(unet), copy.deepcopy(text_encoder)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=None, unet=u, scheduler=None,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    names = []
-    for i, (path, _) in enumerate(loras):
-        pipe.load_lora_weights(str(path), adapter_name=f"l{i}")
-        names.append(f"l{i}")
-    pipe.set_adapters(names, adapter_weights=[s for _, s in loras])
-    pipe.fuse_lora(adapter_names=names, lora_scale=1.0)
-    pipe.unload_lora_weights()
-    return u, te
 
 
 @pytest.fixture(scope="module")

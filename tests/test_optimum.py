@@ -21,8 +21,8 @@ from sdrt.export.loading import random_model
 from sdrt.runtime.errors import ArtifactError, CompatibilityError
 from sdrt.runtime.pipeline import Pipeline
 
-from .optimum_layout import _Decoder, _export, write_optimum_export
-from .test_pipeline_parity import _scheduler
+from .helpers.optimum_layout import _Decoder, _export, write_optimum_export
+from .helpers.references import diffusers_scheduler
 
 _CACHE: dict[str, Path] = {}
 
@@ -45,7 +45,7 @@ def _diffusers(preset: str, folder: Path, sampler: str):
     m = random_model(preset)
     # transformers reads Optimum's vocab.json + merges.txt itself: an independent check of sdrt's tokenizer
     tok = CLIPTokenizer.from_pretrained(folder / "tokenizer")
-    common = {"vae": m.vae, "unet": m.unet, "scheduler": _scheduler(sampler, m.scheduler_config)}
+    common = {"vae": m.vae, "unet": m.unet, "scheduler": diffusers_scheduler(sampler, m.scheduler_config)}
     if m.preset.family == "sdxl":
         pipe = StableDiffusionXLPipeline(
             text_encoder=m.text_encoders[0], text_encoder_2=m.text_encoders[1], tokenizer=tok,
@@ -171,7 +171,7 @@ def test_tensorrt_backend_asks_for_a_build(optimum_export) -> None:
 def test_build_on_tensorrt_for_rtx(optimum_export, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The adapted graphs parse and build on TensorRT for RTX's builder (no GPU needed): the text encoder
     (int32 ids cast in-graph) and the VAE decoder (scaling, uint8 NHWC, finite), weights found by path."""
-    from .test_trt_modules import RTX
+    from .helpers.trt_modules import RTX
 
     if RTX is None:
         pytest.skip("needs TensorRT for RTX: pip install \".[trt-api]\"")

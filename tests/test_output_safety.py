@@ -19,7 +19,7 @@ from sdrt.cli import main
 from sdrt.runtime.atomic import atomic_dir, check_output_dir
 from sdrt.runtime.errors import InputError
 
-from .test_bench import _synthetic
+from .helpers.bench_results import synthetic_results
 
 
 def _no_work(*args: Any, **kwargs: Any) -> Any:
@@ -237,7 +237,7 @@ def fake_run(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
     def run_bench(cfg: Any, progress: Any = None) -> dict[str, Any]:
         runs.append(1)
-        return _synthetic("NVIDIA H100", "ort-cuda", 40.0, 3 * 2**30)
+        return synthetic_results("NVIDIA H100", "ort-cuda", 40.0, 3 * 2**30)
 
     monkeypatch.setattr("sdrt.benchmarks.bench.run_bench", run_bench)
     return runs
@@ -274,7 +274,7 @@ def test_bench_output_replaces_a_previous_result_or_with_overwrite(tmp_path: Pat
 def test_bench_report_keeps_unrelated_files_and_refuses_a_user_bench_md(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     res = tmp_path / "a.json"
-    res.write_text(json.dumps(_synthetic("NVIDIA H100", "ort-cuda", 40.0, 3 * 2**30)))
+    res.write_text(json.dumps(synthetic_results("NVIDIA H100", "ort-cuda", 40.0, 3 * 2**30)))
     out = _user_folder(tmp_path, "out")
     assert main(["bench", "report", str(res), "-o", str(out)]) == 0
     assert _listing(out) == ["bench.md", "bench.png", "notes.txt"] and (out / "notes.txt").read_text() == "my notes"

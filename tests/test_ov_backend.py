@@ -207,7 +207,7 @@ def test_bench_and_info_know_the_backend(capsys: pytest.CaptureFixture[str]) -> 
 def test_inpainting_runs_on_openvino_like_ort_cpu(tiny_export, cache: Path, preset: str) -> None:
     """A 9-channel inpainting UNet (the UNet predicts 4 of its 9 input channels) and 4-channel blending
     through OpenVINO's fixed-buffer loop: the ort-cpu images (which match diffusers) within a level."""
-    from .test_inpaint_parity import image_and_mask
+    from .helpers.inputs import image_and_mask
 
     folder = tiny_export(preset)
     img, mask = image_and_mask(96, 64)
@@ -304,7 +304,7 @@ def test_sdrt_serve_takes_openvinos_precision(tiny_export) -> None:
     httpx = pytest.importorskip("httpx")
     from sdrt.serve import create_app
 
-    from .serve_live import LiveServer, pixels
+    from .helpers.serve_live import LiveServer, pixels
 
     folder = tiny_export("sd15-tiny", "fp32")
     app = create_app(folder, backend="openvino", precision="fp32", max_steps=4, warmup=False)

@@ -6,79 +6,28 @@ without guidance, with a negative prompt, at square and non-square sizes, and fo
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
-from sdrt.export.loading import random_model
 from sdrt.runtime.errors import InputError
-from sdrt.runtime.pipeline import Pipeline
 
-from .conftest import TINY
+from .helpers.inputs import seed_for
+from .helpers.models import TINY
+from .helpers.pipelines import shared_pipeline
+from .helpers.references import diffusers_pipe, diffusers_scheduler
 
 SAMPLERS = ("ddim", "dpmpp-2m", "dpmpp-2m-karras", "euler")
-
-
-def _scheduler(sampler: str, config: dict):
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
-
-    if sampler == "ddim":
-        return DDIMScheduler.from_config(config)
-    if sampler.startswith("dpmpp-2m"):
-        return DPMSolverMultistepScheduler.from_config(
-            config, algorithm_type="dpmsolver++", use_karras_sigmas=sampler.endswith("karras"))
-    return EulerDiscreteScheduler.from_config(config)
-
-
-_DIFFUSERS: dict[str, object] = {}
-
-
-def _diffusers_pipe(preset: str, folder: Path, img2img: bool = False):
-    """A diffusers pipeline over the same synthetic weights sdrt exported (rebuilt from the seed)."""
-    key = f"{preset}-{img2img}"
-    if key not in _DIFFUSERS:
-        from diffusers import (
-            StableDiffusionImg2ImgPipeline,
-            StableDiffusionPipeline,
-            StableDiffusionXLPipeline,
-        )
-        from transformers import CLIPTokenizer
-
-        m = random_model(preset)
-        tok = CLIPTokenizer.from_pretrained(folder / "tokenizer")
-        common = {"vae": m.vae, "unet": m.unet, "scheduler": _scheduler("ddim", m.scheduler_config)}
-        if m.preset.family == "sdxl":
-            pipe = StableDiffusionXLPipeline(
-                text_encoder=m.text_encoders[0], text_encoder_2=m.text_encoders[1], tokenizer=tok,
-                tokenizer_2=CLIPTokenizer.from_pretrained(folder / "tokenizer_2"), force_zeros_for_empty_prompt=True,
-                **common)
-        else:
-            cls = StableDiffusionImg2ImgPipeline if img2img else StableDiffusionPipeline
-            pipe = cls(text_encoder=m.text_encoders[0], tokenizer=tok, safety_checker=None, feature_extractor=None,
-                       requires_safety_checker=False, **common)
-        pipe.set_progress_bar_config(disable=True)
-        _DIFFUSERS[key] = (pipe, m.scheduler_config)
-    return _DIFFUSERS[key]
-
-
-_SDRT: dict[str, Pipeline] = {}
-
-
-def _sdrt(folder: Path) -> Pipeline:
-    if str(folder) not in _SDRT:
-        _SDRT[str(folder)] = Pipeline.load(folder, backend="ort-cpu")
-    return _SDRT[str(folder)]
 
 
 def _compare(preset, tiny_export, sampler, guidance, negative, height, width, steps=8, batch=1,
              spacing=None, rescale=0.0):
     folder = tiny_export(preset, "fp32")
-    pipe, sched_cfg = _diffusers_pipe(preset, folder)
-    pipe.scheduler = _scheduler(sampler, sched_cfg if spacing is None else {**sched_cfg, "timestep_spacing": spacing})
+    pipe, sched_cfg = diffusers_pipe(preset, folder)
+    pipe.scheduler = diffusers_scheduler(sampler, sched_cfg if spacing is None
+                                         else {**sched_cfg, "timestep_spacing": spacing})
     extra = {"guidance_rescale": rescale} if rescale else {}
-    rng = np.random.default_rng(hash((preset, sampler, height, width)) % 2**32)
+    rng = np.random.default_rng(seed_for(preset, sampler, height, width))
     latents = rng.standard_normal((batch, 4, height // 8, width // 8), dtype=np.float32)
     prompt = "a watercolor fox in the snow, highly detailed"
     with torch.no_grad():
@@ -86,9 +35,9 @@ def _compare(preset, tiny_export, sampler, guidance, negative, height, width, st
                    guidance_scale=guidance, latents=torch.from_numpy(latents), output_type="np",
                    num_images_per_prompt=batch, **extra).images
     ref_u8 = (ref * 255).round().astype(np.int32)
-    res = _sdrt(folder)(prompt, negative_prompt=negative, height=height, width=width, steps=steps,
-                        guidance_scale=guidance, sampler=sampler, latents=latents, batch_size=batch,
-                        timestep_spacing=spacing, **extra)
+    res = shared_pipeline(folder)(prompt, negative_prompt=negative, height=height, width=width, steps=steps,
+                                  guidance_scale=guidance, sampler=sampler, latents=latents, batch_size=batch,
+                                  timestep_spacing=spacing, **extra)
     got = np.stack([np.asarray(im) for im in res.images]).astype(np.int32)
     assert got.shape == ref_u8.shape
     diff = np.abs(got - ref_u8).max()
@@ -125,13 +74,14 @@ def test_spacing_override_and_guidance_rescale(tiny_export, preset: str, sampler
 def test_guidance_rescale_changes_the_image(tiny_export) -> None:
     folder = tiny_export("sd15-tiny", "fp32")
     kw = {"steps": 4, "guidance_scale": 7.5, "sampler": "ddim", "seed": 3, "height": 64, "width": 64}
-    a, b = (np.asarray(_sdrt(folder)("a fox", guidance_rescale=r, **kw).images[0]) for r in (0.0, 1.0))
+    a, b = (np.asarray(shared_pipeline(folder)("a fox", guidance_rescale=r, **kw).images[0])
+            for r in (0.0, 1.0))
     assert np.abs(a.astype(int) - b.astype(int)).max() > 2
     for bad in (-0.1, 1.5, "0.7"):
         with pytest.raises(InputError, match="guidance_rescale"):
-            _sdrt(folder)("a fox", guidance_rescale=bad, **kw)
+            shared_pipeline(folder)("a fox", guidance_rescale=bad, **kw)
     with pytest.raises(InputError, match="timestep_spacing"):
-        _sdrt(folder)("a fox", timestep_spacing="karras", **kw)
+        shared_pipeline(folder)("a fox", timestep_spacing="karras", **kw)
 
 
 @pytest.mark.parametrize("strength", [0.5, 0.8])
@@ -145,8 +95,8 @@ def test_img2img(tiny_export, monkeypatch: pytest.MonkeyPatch, sampler: str, str
     monkeypatch.setattr(img2img_mod, "retrieve_latents",
                         lambda out, generator=None, sample_mode="sample": real(out, generator, "argmax"))
     folder = tiny_export("sd15-tiny", "fp32")
-    pipe, cfg = _diffusers_pipe("sd15-tiny", folder, img2img=True)
-    pipe.scheduler = _scheduler(sampler, cfg)
+    pipe, cfg = diffusers_pipe("sd15-tiny", folder, img2img=True)
+    pipe.scheduler = diffusers_scheduler(sampler, cfg)
     rng = np.random.default_rng(3)
     init = Image.fromarray(rng.integers(0, 256, (64, 96, 3), dtype=np.uint8))
     gen = torch.Generator().manual_seed(11)
@@ -154,8 +104,8 @@ def test_img2img(tiny_export, monkeypatch: pytest.MonkeyPatch, sampler: str, str
     with torch.no_grad():
         ref = pipe("a red house", image=init, strength=strength, num_inference_steps=10, guidance_scale=6.0,
                    generator=gen, output_type="np").images
-    res = _sdrt(folder)("a red house", image=init, strength=strength, steps=10, guidance_scale=6.0,
-                        sampler=sampler, latents=noise.numpy())
+    res = shared_pipeline(folder)("a red house", image=init, strength=strength, steps=10, guidance_scale=6.0,
+                                  sampler=sampler, latents=noise.numpy())
     got = np.asarray(res.images[0]).astype(np.int32)
     diff = np.abs(got - (ref[0] * 255).round().astype(np.int32)).max()
     assert diff <= 1, f"img2img {sampler} strength {strength}: {diff}/255"

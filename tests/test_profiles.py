@@ -20,28 +20,9 @@ from sdrt.export.profiles import (
     step_graph_shapes,
 )
 from sdrt.runtime.errors import CompatibilityError, InputError
-from sdrt.runtime.manifest import Component, ExportManifest, TensorSpec
+from sdrt.runtime.manifest import ExportManifest
 
-
-def _export(family: str = "sd1", cross: int = 768, sdxl: bool = False) -> ExportManifest:
-    """A manifest with the exporter's I/O contract (no graphs needed for shape arithmetic)."""
-    T = TensorSpec
-    unet_in = [T("sample", "float16", ("batch", 4, "height", "width")), T("timestep", "float32", ("batch",)),
-               T("encoder_hidden_states", "float16", ("batch", "sequence", cross))]
-    if sdxl:
-        unet_in += [T("text_embeds", "float16", ("batch", 1280)), T("time_ids", "float16", ("batch", 6))]
-    comps = {
-        "text_encoder": Component("text_encoder/model.onnx", "fp16", (T("input_ids", "int32", ("batch", 77)),), ()),
-        "unet": Component("unet/model.onnx", "fp16", tuple(unet_in), ()),
-        "vae_decoder": Component("vae_decoder/model.onnx", "fp32" if sdxl else "fp16",
-                                 (T("latent_sample", "float32", ("batch", 4, "height", "width")),), ()),
-        "vae_encoder": Component("vae_encoder/model.onnx", "fp16",
-                                 (T("image", "uint8", ("batch", "image_height", "image_width", 3)),), ()),
-    }
-    if sdxl:
-        comps["text_encoder_2"] = comps["text_encoder"]
-    return ExportManifest(family=family, preset=family, prediction_type="epsilon", components=comps,
-                          latent_channels=4, vae_scale_factor=8, default_size=512, text_max_length=77)
+from .helpers.models import export_manifest
 
 
 def test_range_parse_and_validation() -> None:
@@ -81,7 +62,7 @@ def test_unknown_profile_names_the_choices() -> None:
 
 
 def test_static_sd15_shapes_by_hand() -> None:
-    shapes = engine_shapes(load_profile("sd15-512"), _export())
+    shapes = engine_shapes(load_profile("sd15-512"), export_manifest())
     (ids,) = shapes["text_encoder"]
     assert ids.min == ids.opt == ids.max == (2, 77)  # prompt + negative prompt, one chunk
     sample, timestep, ehs = shapes["unet"]
@@ -96,7 +77,7 @@ def test_static_sd15_shapes_by_hand() -> None:
 
 def test_dynamic_shapes_by_hand() -> None:
     prof = load_profile("sd15-dynamic")  # batch 1:1:4, 256:512:1024 px, chunks 1:1:3
-    shapes = engine_shapes(prof, _export())
+    shapes = engine_shapes(prof, export_manifest())
     (ids,) = shapes["text_encoder"]
     assert (ids.min, ids.opt, ids.max) == ((2, 77), (2, 77), (2 * 4 * 3, 77))
     sample, _, ehs = shapes["unet"]
@@ -108,25 +89,25 @@ def test_dynamic_shapes_by_hand() -> None:
 
 def test_step_graph_shapes_by_hand() -> None:
     prof = load_profile("sd15-dynamic")  # batch 1:1:4, 256:512:1024 px
-    lat, out, x0, noise = step_graph_shapes(prof, _export(), guided=True)
+    lat, out, x0, noise = step_graph_shapes(prof, export_manifest(), guided=True)
     assert [s.name for s in (lat, out, x0, noise)] == ["latents", "unet_out", "x0_prev", "noise"]
     assert (lat.min, lat.opt, lat.max) == ((1, 4, 32, 32), (1, 4, 64, 64), (4, 4, 128, 128))
     assert (out.min, out.opt, out.max) == ((2, 4, 32, 32), (2, 4, 64, 64), (8, 4, 128, 128))
     assert x0 == dataclasses.replace(lat, name="x0_prev") and noise == dataclasses.replace(lat, name="noise")
     # unguided, the UNet output has the images' rows; a non-square static profile
-    _, out1, _, _ = step_graph_shapes(custom_profile(batch=2, height=512, width=768), _export(), guided=False)
+    _, out1, _, _ = step_graph_shapes(custom_profile(batch=2, height=512, width=768), export_manifest(), guided=False)
     assert out1.min == out1.max == (2, 4, 64, 96)
 
 
 def test_no_cfg_keeps_the_batch() -> None:
     prof = custom_profile(batch="1:2:3", height=512, cfg=False)
-    sample = component_shapes(prof, _export(), "unet")[0]
+    sample = component_shapes(prof, export_manifest(), "unet")[0]
     assert (sample.min[0], sample.opt[0], sample.max[0]) == (1, 2, 3)
     assert prof.cli_args()[-1] == "--no-cfg"
 
 
 def test_sdxl_inputs_follow_the_unet_batch() -> None:
-    shapes = engine_shapes(load_profile("sdxl-1024"), _export("sdxl", 2048, sdxl=True))
+    shapes = engine_shapes(load_profile("sdxl-1024"), export_manifest("sdxl", 2048, sdxl=True))
     by_name = {s.name: s for s in shapes["unet"]}
     assert by_name["sample"].max == (2, 4, 128, 128)
     assert by_name["text_embeds"].max == (2, 1280)
@@ -136,13 +117,13 @@ def test_sdxl_inputs_follow_the_unet_batch() -> None:
 
 def test_non_square_custom_profile() -> None:
     prof = custom_profile(batch=2, height=512, width=768)
-    sample = component_shapes(prof, _export(), "unet")[0]
+    sample = component_shapes(prof, export_manifest(), "unet")[0]
     assert sample.max == (4, 4, 64, 96)
     assert prof.is_static
 
 
 def test_validation_messages() -> None:
-    m = _export()
+    m = export_manifest()
     with pytest.raises(InputError, match="multiple of 8"):
         engine_shapes(custom_profile(height=516), m)
     with pytest.raises(InputError, match="outside what the export supports"):

@@ -16,7 +16,6 @@ import torch
 from sdrt.export.loading import random_model
 from sdrt.runtime.errors import InputError
 from sdrt.runtime.pipeline import GenerationRequest, Pipeline
-from tests.test_trt_pipeline import fake_gpu  # noqa: F401 - the TensorRT fakes' fixture
 
 BASE, REFINER = "sdxl-tiny", "sdxl-refiner-tiny"
 PROMPT = "a lighthouse on a cliff at dawn, oil painting"
@@ -194,7 +193,7 @@ def test_refiner_detected_in_a_diffusers_folder(folders, tmp_path) -> None:
 def test_refiner_detected_in_a_single_file(tmp_path) -> None:
     from sdrt.export.loading import load_model
 
-    from .ldm_layout import write_ldm_checkpoint
+    from .helpers.ldm_layout import write_ldm_checkpoint
 
     src = random_model(REFINER)
     sd = write_ldm_checkpoint(src, tmp_path / "refiner.safetensors")
@@ -235,11 +234,11 @@ def _build_pair(tiny_export, tmp_path: Path, monkeypatch) -> tuple[Path, Path]:
     from sdrt.export.profiles import custom_profile
     from sdrt.export.trt_build import BuildOptions, build_engines
 
-    from . import test_trt_pipeline as ttp
+    from .helpers import trt_fakes
 
-    real = ttp.fake_plan
+    real = trt_fakes.fake_plan
     need = {"scratch": 0}
-    monkeypatch.setattr(ttp, "fake_plan", lambda model, scratch=0, profile=None: real(
+    monkeypatch.setattr(trt_fakes, "fake_plan", lambda model, scratch=0, profile=None: real(
         model, scratch=need["scratch"], profile=profile))
     out = {}
     for name, preset, scratch in (("base", BASE, 8 * MiB), ("refiner", REFINER, 24 * MiB)):
@@ -251,7 +250,7 @@ def _build_pair(tiny_export, tmp_path: Path, monkeypatch) -> tuple[Path, Path]:
 
 
 def test_base_and_refiner_share_one_scratch_block_on_tensorrt(tiny_export, tmp_path, monkeypatch,
-                                                              fake_gpu) -> None:  # noqa: F811
+                                                              fake_gpu) -> None:
     """Logic check on the TensorRT fakes: with share_with, the refiner joins the base's device, stream and
     scratch block. Peak device memory of base + refiner is one scratch block (the larger, 24 MiB) plus the
     I/O buffers, not two blocks; without sharing it is both blocks. The images equal ort-cpu's."""
@@ -401,12 +400,12 @@ def test_stages_composed_by_hand_equal_the_call(pipes) -> None:
 
 
 def test_base_and_refiner_are_timed_on_the_base_backends_clock_on_tensorrt(tiny_export, tmp_path, monkeypatch,
-                                                                          fake_gpu) -> None:  # noqa: F811
+                                                                          fake_gpu) -> None:
     """Logic check on the TensorRT fakes: every stage of a base + refiner call (both text encoders, both
     models' steps, the decode) is timed by CUDA events on the shared stream (the fake device advances 0.25 ms
     per queued operation), the result says so, and Result.loop says how each model's loop ran, a capture
     fallback's reason included."""
-    from .test_trt_backend import refuse_enqueue_in_capture
+    from .helpers.trt_fakes import refuse_enqueue_in_capture
 
     cudart, _ = fake_gpu
     base_dir, ref_dir = _build_pair(tiny_export, tmp_path, monkeypatch)

@@ -23,7 +23,8 @@ from sdrt.export.refit import (
 )
 from sdrt.runtime.errors import ArtifactError, CompatibilityError, InputError
 
-from .test_lora import diffusers_fused, make_lora
+from .helpers.models import make_lora
+from .helpers.references import diffusers_fused
 
 torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")

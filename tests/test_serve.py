@@ -18,7 +18,7 @@ httpx = pytest.importorskip("httpx")
 from sdrt.runtime.pipeline import Pipeline
 from sdrt.serve import create_app
 
-from .serve_live import LiveServer, metric, pixels
+from .helpers.serve_live import LiveServer, metric, pixels
 
 KEY = "test-key-0123"
 AUTH = {"Authorization": f"Bearer {KEY}"}

@@ -16,7 +16,7 @@ pytest.importorskip("fastapi")
 from sdrt.runtime.pipeline import Pipeline
 from sdrt.serve import create_app
 
-from .serve_live import LiveServer, pixels
+from .helpers.serve_live import LiveServer, pixels
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, settings
 from sdrt.runtime.pipeline import Pipeline
 from sdrt.serve import create_app
 
-from .serve_live import LiveServer
+from .helpers.serve_live import LiveServer
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from PIL import Image
 from sdrt.runtime.pipeline import Pipeline
 from sdrt.serve import create_app
 
-from .serve_live import LiveServer, pixels
+from .helpers.serve_live import LiveServer, pixels
 
 KEY = "test-key-inpaint"
 AUTH = {"Authorization": f"Bearer {KEY}"}

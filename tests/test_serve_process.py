@@ -14,7 +14,7 @@ import pytest
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("uvicorn")
 
-from .serve_live import free_port, metric
+from .helpers.serve_live import free_port, metric
 
 
 def test_sigterm_finishes_queued_work_then_exits_0(tiny_export, tmp_path):

@@ -17,7 +17,7 @@ httpx = pytest.importorskip("httpx")
 
 from sdrt.runtime.pipeline import Pipeline
 
-from .serve_live import free_port, pixels
+from .helpers.serve_live import free_port, pixels
 
 pytestmark = pytest.mark.ray
 

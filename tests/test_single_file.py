@@ -21,7 +21,7 @@ from sdrt.export.presets import get_preset
 from sdrt.export.single_file import detect_preset, load_single_file
 from sdrt.runtime.errors import ArtifactError, InputError, UnsafeCheckpointError
 
-from .ldm_layout import ldm_state_dict, meta_model, write_ldm_checkpoint
+from .helpers.ldm_layout import ldm_state_dict, meta_model, write_ldm_checkpoint
 
 TINY = ["sd15-tiny", "sd21-tiny", "sdxl-tiny"]
 

@@ -1,6 +1,6 @@
 """sdrt's TensorRT and CUDA calls against the real modules that PyPI has (no GPU needed).
 
-The fakes (test_trt_backend.py) and the stubs (test_trt_build.py) check logic and types; this checks
+The fakes (helpers/trt_fakes.py) and the stubs (test_trt_build.py) check logic and types; this checks
 names and behaviour against the real bindings:
 
 - ``tensorrt-lean-cu13-bindings`` (module ``tensorrt_lean_bindings``): the runtime's calls;
@@ -21,7 +21,6 @@ from __future__ import annotations
 import ast
 import dataclasses
 import hashlib
-import importlib
 import inspect
 import os
 import stat
@@ -40,6 +39,8 @@ from sdrt.runtime import trt_backend as tb
 from sdrt.runtime.engine_manifest import BuildFlags, EngineEnv, EngineManifest
 from sdrt.runtime.errors import BackendUnavailable, InputError
 from sdrt.runtime.step_graph import RESCALE_STEP_ENGINE, STEP_ENGINES, step_graph_bytes
+
+from .helpers.trt_modules import FULL, LEAN, RTX
 
 ROOT = Path(__file__).resolve().parents[1]
 RTX_PIP = "pip install tensorrt-rtx-cu13-libs tensorrt-rtx-cu13-bindings"
@@ -258,20 +259,6 @@ def _source(paths: tuple[str, ...]) -> str:
 
 # -- the real modules ---------------------------------------------------------------------------------------
 
-def _import(*names: str, needs: str) -> ModuleType | None:
-    for name in names:
-        try:
-            mod = importlib.import_module(name)
-        except ImportError:
-            continue
-        if hasattr(mod, needs):
-            return mod
-    return None
-
-
-RTX = _import("tensorrt_rtx", "tensorrt_rtx_bindings", needs="Builder")
-LEAN = _import("tensorrt_lean", "tensorrt_lean_bindings", needs="Runtime")
-FULL = _import("tensorrt", needs="Builder")
 RUNTIMES = [pytest.param(m, id=m.__name__) for m in (FULL, RTX, LEAN) if m is not None]
 BUILDERS = [pytest.param(m, id=m.__name__) for m in (FULL, RTX) if m is not None]
 
@@ -581,6 +568,7 @@ def test_the_runtime_finds_pypi_tensorrt_for_rtx(monkeypatch: pytest.MonkeyPatch
     assert tb.import_tensorrt(tb.module_candidates(built_with="tensorrt_rtx")) is RTX
 
 
+@pytest.mark.slow  # builds every engine on TensorRT for RTX: 0.5-1 min a case on 2 busy cores
 @pytest.mark.parametrize("preset, shape, module", [
     # no --tensorrt-module: where TensorRT for RTX is the only TensorRT, it is "whichever is installed"
     ("sd15-tiny", ["--height", "64"], []),
@@ -628,6 +616,7 @@ def test_sdrt_build_makes_a_whole_engine_folder_on_rtx(rtx: ModuleType, tiny_exp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["engines"]  # no partial folder left behind
 
 
+@pytest.mark.slow  # builds every engine on TensorRT for RTX: about 3 min on 2 busy cores
 def test_sdrt_build_makes_controlnet_engines_on_rtx(rtx: ModuleType, tiny_controlnet_export, tmp_path: Path,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
     """A ControlNet export (two nets) builds every engine on a real TensorRT builder: the ControlNets (uint8

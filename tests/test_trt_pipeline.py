@@ -1,6 +1,6 @@
 """The TensorRT path end to end on fakes: ``build_engines`` -> engine folder -> ``Pipeline`` -> images.
 
-The fakes of tests/test_trt_backend.py (cuda-python over host memory, TensorRT "engines" that are ONNX
+The fakes of tests/helpers/trt_fakes.py (cuda-python over host memory, TensorRT "engines" that are ONNX
 graphs run by onnxruntime), with just enough builder for ``build_engines``. Passing says sdrt's own
 logic holds together across the build, the engine folder, the manifest checks, the pipeline's captured
 denoising loop (StepLoop) and the decode: the images equal the ort-cpu pipeline's on the same export.
@@ -12,11 +12,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
-import onnx
 import pytest
 
 import sdrt.runtime.trt_backend as tb
@@ -28,86 +26,8 @@ from sdrt.runtime.errors import InputError
 from sdrt.runtime.manifest import ExportManifest
 from sdrt.runtime.pipeline import Pipeline
 from sdrt.runtime.text_join import join_variant
-from tests.test_trt_backend import ENV, FakeCudart, FakeTrt, Severity, fake_plan
 
-
-class _Monitor:
-    def __init__(self) -> None:
-        pass
-
-
-def with_builder(trt: FakeTrt) -> FakeTrt:
-    """Add what ``build_engines`` uses of the builder API to a FakeTrt: parse_from_file, the config's flags,
-    pools, timing cache and progress monitor. The "engine" it builds is the parsed ONNX graph."""
-    calls: dict[str, Any] = {"flags": [], "monitors": 0}
-    trt.build_calls = calls  # type: ignore[attr-defined]
-    parser_cls, builder_cls = trt.OnnxParser, trt.Builder
-
-    class Parser(parser_cls):  # type: ignore[misc, valid-type]
-        def parse_from_file(self, path: str) -> bool:
-            self.network.model = onnx.load(path).SerializeToString()  # external data folded in
-            return True
-
-    class Cache:
-        def serialize(self) -> bytes:
-            return b"fake timing cache"
-
-    class Config:
-        profile: Any = None
-        builder_optimization_level = 3
-        progress_monitor: Any = None
-
-        def set_flag(self, flag: Any) -> None:
-            calls["flags"].append(flag)
-
-        def set_memory_pool_limit(self, pool: Any, size: int) -> None:
-            calls["workspace"] = size
-
-        def create_timing_cache(self, data: bytes) -> Cache:
-            return Cache()
-
-        def set_timing_cache(self, cache: Cache, ignore_mismatch: bool) -> bool:
-            return True
-
-        def add_optimization_profile(self, p: Any) -> int:
-            self.profile = p
-            return 0
-
-    class Builder(builder_cls):  # type: ignore[misc, valid-type]
-        def __init__(self, logger: Any) -> None:
-            self.logger = logger
-
-        def create_builder_config(self) -> Config:
-            return Config()
-
-        def build_serialized_network(self, network: Any, config: Config) -> bytes:
-            if config.progress_monitor is not None:
-                calls["monitors"] += 1
-                config.progress_monitor.phase_start("Building engine", None, 1)
-            shapes = config.profile.shapes if config.profile else {}
-            trt.built.append(shapes)
-            return fake_plan(network.model, scratch=512, profile=shapes)
-
-    trt.OnnxParser, trt.Builder = Parser, Builder
-    trt.IProgressMonitor = _Monitor  # type: ignore[attr-defined]
-    trt.ILogger.Severity = Severity
-    trt.BuilderFlag = SimpleNamespace(FP16="FP16", TF32="TF32", REFIT="REFIT", VERSION_COMPATIBLE="VC",
-                                      EXCLUDE_LEAN_RUNTIME="XL")
-    trt.MemoryPoolType = SimpleNamespace(WORKSPACE="WORKSPACE")
-    return trt
-
-
-@pytest.fixture
-def fake_gpu(monkeypatch: pytest.MonkeyPatch) -> tuple[FakeCudart, FakeTrt]:
-    cudart = FakeCudart()
-    trt = with_builder(FakeTrt(cudart))
-    monkeypatch.setattr(tb, "import_cudart", lambda: cudart)
-    monkeypatch.setattr(tb, "import_tensorrt", lambda names: trt)
-    monkeypatch.setattr(trt_build, "load_tensorrt", lambda module=None: trt)
-    # the builder's view of the GPU is the fake device's (name and compute capability)
-    monkeypatch.setattr(trt_build, "current_env", lambda backend, version: dataclasses.replace(
-        ENV, backend=backend, version=version))
-    return cudart, trt
+from .helpers.trt_fakes import FakeTrt
 
 
 @pytest.mark.parametrize("preset, sampler", [("sd15-tiny", "dpmpp-2m"), ("sd15-tiny", "euler-a"),
@@ -266,7 +186,7 @@ def test_img2img_noises_the_encoded_image_on_the_device(tiny_export, tmp_path: P
     """Counted on the fakes: img2img's encoded image is noised to the first step by the noising graph, so
     the call copies to the host only the images and their finite flags; a folder built without it (an older
     sdrt) noises on the host (one more copy down), with the same image."""
-    from .test_inpaint_parity import image_and_mask
+    from .helpers.inputs import image_and_mask
 
     cudart, _ = fake_gpu
     src = tiny_export("sd15-tiny")
@@ -480,7 +400,7 @@ def test_pipelines_sharing_a_device_take_turns(tiny_export, tmp_path: Path, fake
 def test_inpainting_on_built_engines_like_ort_cpu(tiny_export, tmp_path: Path, fake_gpu, preset: str) -> None:
     """Logic check on fakes: a 9-channel UNet (concat step graph, masked-image encoder) and a 4-channel one
     (blend step graph) inpaint on tensorrt as on ort-cpu, captured, with only prebuilt step graphs."""
-    from .test_inpaint_parity import image_and_mask
+    from .helpers.inputs import image_and_mask
 
     _, trt = fake_gpu
     src = tiny_export(preset)
@@ -511,7 +431,7 @@ def test_inpainting_keeps_the_encoded_image_on_the_device(tiny_export, tmp_path:
     mask by the extra-channels graph; a 4-channel UNet's image latents for the blend made by the noising
     graph) copies to the host only the images and their finite flags, at strength 0.8 and at 1; a folder
     built without those graphs (an older sdrt) reads the encoders' latents back, with the same image."""
-    from .test_inpaint_parity import image_and_mask
+    from .helpers.inputs import image_and_mask
 
     cudart, _ = fake_gpu
     src = tiny_export(preset)
@@ -545,12 +465,13 @@ def test_inpainting_keeps_the_encoded_image_on_the_device(tiny_export, tmp_path:
 
 # -- TensorRT, on the fakes of tests/test_trt_pipeline.py ----------------------------------------------------
 
+@pytest.mark.slow  # about 2 min on 2 busy cores
 def test_controlnets_on_built_engines_like_ort_cpu(tiny_controlnet_export, tmp_path: Path, fake_gpu) -> None:
     """Logic check on fakes: the ControlNet engines and unet_control are built, share the scratch block, and
     the captured step (nets, unet_control, step graph: one launch per step) gives the ort-cpu images; a net
     left out, and no control at all, each run their own captured loop; what a call uploads does not grow
     with the steps and only the images come back."""
-    from .test_controlnet_parity import control_image
+    from .helpers.inputs import control_image
 
     cudart, _ = fake_gpu
     src = tiny_controlnet_export("sd15-tiny", "fp32", 2)

@@ -1,0 +1,30 @@
+"""Pipelines shared across tests: loaded once per (folder, backend), closed when the session ends.
+
+The parity tests call one export many times; loading it per test would repeat the ONNX Runtime session
+set-up. conftest's ``close_shared_pipelines`` closes every pipeline opened here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from sdrt.runtime.pipeline import Pipeline
+
+_OPEN: dict[tuple[str, str], Pipeline] = {}
+
+
+def shared_pipeline(folder: Path, backend: str = "ort-cpu",
+                    load: Callable[[], Pipeline] | None = None) -> Pipeline:
+    """The session's pipeline of ``folder`` on ``backend``; ``load``: how to open it when it is not open
+    yet (default ``Pipeline.load(folder, backend=backend)``)."""
+    key = (str(folder), backend)
+    if key not in _OPEN:
+        _OPEN[key] = load() if load is not None else Pipeline.load(folder, backend=backend)
+    return _OPEN[key]
+
+
+def close_all() -> None:
+    """Close every shared pipeline (each closes its backend), newest first."""
+    while _OPEN:
+        _OPEN.popitem()[1].close()
