@@ -42,7 +42,7 @@ from .images import nonfinite_message, to_pil, to_uint8
 from .manifest import ExportManifest
 from .memory_advice import explain as explain_memory_error
 from .noise import draw, generators, seeds
-from .refiner import refine
+from .refiner import carry_latents, refine
 from .request import (
     DEFAULT_STRENGTH,
     GUIDANCE_MAX,
@@ -92,21 +92,15 @@ class Pipeline:
     def load(cls, path: str | Path, backend: str | Backend = "auto", *, threads: int | None = None,
              cuda_graph: bool | None = None, device_id: int = 0, precision: str | None = None,
              share_with: Pipeline | None = None) -> Pipeline:
-        """Load an export or engine folder. ``cuda_graph``: replay captured CUDA graphs. ``tensorrt``
-        captures the denoising step (UNet + sampler step) by default, falling back to running the engines
-        directly when capture fails (``Result.loop`` says which ran); ``ort-cuda`` captures only when asked
-        (``True``), for fixed shapes: the UNet and sampler step composed into one session, captured as one
-        graph per step (other engines each on their own, their outputs then valid only until the next call
-        at the same shape). ``False`` turns capture off for both. ``device_id``: the GPU (ort-cuda,
-        tensorrt). ``precision``: the openvino backend's inference precision, ``auto`` (bf16 where the CPU
-        has it, else fp32), ``bf16`` or ``fp32``; refused by the other backends. ``share_with``: a loaded
-        pipeline on the same backend whose device memory plan this one joins (an SDXL refiner beside its
-        base): on tensorrt both use one stream and ONE scratch block, sized to the larger need, so the two
-        models cost their weights plus one activation block. ``backend`` may also be a ``Backend`` made and
-        configured by the caller (``OvBackend(cache_dir=..., static_shapes=True)``, ``OrtBackend("cuda",
-        gpu_mem_limit=...)``): once loaded, the pipeline owns it and closes it (a load that fails leaves it to
-        the caller); its settings come from its constructor, so ``threads``, ``cuda_graph``, ``device_id``,
-        ``precision`` and ``share_with`` are refused beside it."""
+        """Load an export or engine folder (or an Optimum export) onto a backend: ``auto`` picks tensorrt for an
+        engine folder, else ort-cuda with a GPU, else openvino, else ort-cpu. ``cuda_graph``: replay captured
+        CUDA graphs (tensorrt: on by default, falling back to the engines one by one when capture fails;
+        ort-cuda: only when asked, for fixed shapes; ``Result.loop`` says which ran). ``device_id``: the GPU.
+        ``precision``: openvino's inference precision (``auto``, ``bf16``, ``fp32``). ``share_with``: a loaded
+        pipeline on the same backend whose device memory plan this one joins (a refiner beside its base: on
+        tensorrt one stream and one scratch block). ``backend`` may also be a ``Backend`` the caller configured
+        (``OvBackend(cache_dir=...)``): once loaded, the pipeline owns and closes it, and the keywords that
+        configure a backend are refused beside it. See docs/backends for each backend's details."""
         folder = Path(path)
         share = None if share_with is None else share_with.backend
         if share_with is not None:
@@ -309,24 +303,10 @@ class Pipeline:
 
     def latents_from(self, latents: Latents, source: Pipeline) -> Latents:
         """``source``'s denoising state on this pipeline's device, for this pipeline to continue (an SDXL
-        refiner after its base): the latents themselves, the step, the ancestral noise; not the multistep
-        history (``x0``), as a second model's sampler starts fresh (diffusers' refiner at ``denoising_start``)."""
+        refiner after its base): see ``refiner.carry_latents``."""
         with self._lock:
             self._ready()
-            on_device = not isinstance(latents.x, np.ndarray)
-            dtype, shape = source.backend.meta(latents.x) if on_device else (latents.x.dtype, latents.x.shape)
-            want = (self.manifest.latent_channels, latents.height // self.manifest.vae_scale_factor,
-                    latents.width // self.manifest.vae_scale_factor)
-            if tuple(shape[1:]) != want:
-                raise InputError(f"the latents are {list(shape)}, this model's latents for "
-                                 f"{latents.width}x{latents.height} are [B, {', '.join(map(str, want))}]: they come "
-                                 "from a model of another latent format")
-            if on_device and dtype == self.dtype and self.backend.shares_memory_with(source.backend):
-                x = self.backend.clone(latents.x)  # one device (a base and its refiner): no host trip
-            else:
-                host = source.backend.to_host(latents.x) if on_device else latents.x
-                x = self.backend.to_device(np.asarray(host).astype(self.dtype))
-            return Latents(x, latents.height, latents.width, latents.step, None, latents.noise, latents.seed)
+            return carry_latents(self, latents, source)
 
     # -- inpainting (runtime/inpaint_stage.py) -------------------------------------------------------------
     @property

@@ -65,6 +65,8 @@ class Pipeline(Protocol):
                 callback: Callable[[int, int], None] | None = ..., aesthetic_score: float | None = ...,
                 negative_aesthetic_score: float | None = ..., timings: dict[str, Any] | None = ...,
                 clock: Clock | None = ..., own_buffers: bool = ...) -> Latents: ...
+    @property
+    def dtype(self) -> np.dtype[Any]: ...
     def latents_from(self, latents: Latents, source: Any) -> Latents: ...
     def finish(self, latents: Any, output: str) -> tuple[list[Any], list[bool], np.ndarray | None]: ...
     def memory_error(self, e: DeviceMemoryError, batch: int, guided: bool, height: int,
@@ -122,6 +124,25 @@ def check_pair(base: Pipeline, refiner: Pipeline) -> None:
                 f"the refiner {refiner.folder} ({rm.preset}) has a {what} of {r}, the base {base.folder} "
                 f"({bm.preset}) {b} on its second encoder: they are of different model families (sizes). Use the "
                 "refiner made for this base (sdxl with sdxl-refiner, sdxl-tiny with sdxl-refiner-tiny)")
+
+
+def carry_latents(target: Pipeline, latents: Latents, source: Pipeline) -> Latents:
+    """``source``'s denoising state on ``target``'s device, for ``target`` to continue: the latents themselves,
+    the step, the ancestral noise; not the multistep history (``x0``), as a second model's sampler starts fresh
+    (diffusers' refiner at ``denoising_start``). On one device (a base and its refiner) a device copy."""
+    m, be = target.manifest, target.backend
+    on_device = not isinstance(latents.x, np.ndarray)
+    dtype, shape = source.backend.meta(latents.x) if on_device else (latents.x.dtype, latents.x.shape)
+    want = (m.latent_channels, latents.height // m.vae_scale_factor, latents.width // m.vae_scale_factor)
+    if tuple(shape[1:]) != want:
+        raise InputError(f"the latents are {list(shape)}, this model's latents for {latents.width}x{latents.height} "
+                         f"are [B, {', '.join(map(str, want))}]: they come from a model of another latent format")
+    if on_device and dtype == target.dtype and be.shares_memory_with(source.backend):
+        x = be.clone(latents.x)  # one device (a base and its refiner): no host trip
+    else:
+        host = source.backend.to_host(latents.x) if on_device else latents.x
+        x = be.to_device(np.asarray(host).astype(target.dtype))
+    return Latents(x, latents.height, latents.width, latents.step, None, latents.noise, latents.seed)
 
 
 def handoff_row(pipe: Pipeline, plan_timesteps: np.ndarray, fraction: float) -> int:
