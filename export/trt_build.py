@@ -293,8 +293,8 @@ def input_graph_plans(profile: BuildProfile, manifest: ExportManifest, options: 
     """The first-input graphs (``s x`` for a call's first UNet step, runtime/step_graph.py), guided and
     unguided, in the UNet's precision; with a 9-channel inpainting UNet the variant appending its extra
     channels and the graphs assembling them; the encoded image's noising (img2img, inpainting); and the
-    latents' cast into a VAE of another precision. A folder without them still runs: the runtime then does
-    that work on the host."""
+    latents' cast into a VAE of another precision. The runtime has no host path for them: a folder without
+    them (engine manifest schema 1) is refused."""
     unet = manifest.components.get("unet")
     if unet is None:
         return []
@@ -338,7 +338,7 @@ def text_join_plans(profile: BuildProfile, manifest: ExportManifest, options: Bu
     """The prompt embeddings' join graph (runtime/text_join.py) in the variant the runtime loads for this
     export, where it runs it at all (two encoders or a pooled output: SDXL; prompts over 77 tokens:
     ``profile.chunks.max > 1``; a dtype change): the text encoders' outputs then reach the UNet without a
-    round trip through the host. An older folder without it joins on the host."""
+    round trip through the host (the runtime has no host join)."""
     if not all(e in manifest.components for e in (*manifest.encoder_names, "unet")):
         return []
     variant = join_variant(manifest)
@@ -519,7 +519,7 @@ def _read_old(out_dir: Path) -> EngineManifest | None:
     if not (out_dir / ENGINE_MANIFEST_NAME).is_file():
         return None
     try:
-        return EngineManifest.read(out_dir)
+        return EngineManifest.read(out_dir, allow_old=True)  # a schema-1 folder's engines are reused too
     except SdrtError:
         return None  # unreadable: rebuild everything
 

@@ -65,7 +65,7 @@ def engine_folder_error(folder: Path, backend: str) -> CompatibilityError:
     from .engine_manifest import EngineManifest
 
     try:
-        onnx_dir: str | None = EngineManifest.read(folder).onnx_dir
+        onnx_dir: str | None = EngineManifest.read(folder, allow_old=True).onnx_dir
     except SdrtError:
         onnx_dir = None
     source = f"the ONNX export it was built from, {onnx_dir}" if onnx_dir else "the ONNX export it was built from"

@@ -10,7 +10,7 @@ import numpy as np
 
 from .device_graphs import DeviceGraphs
 from .engine import Array, Backend, Engine
-from .errors import InputError
+from .errors import ArtifactError, InputError
 from .families import Family
 from .manifest import ExportManifest
 from .request import float_array, is_int
@@ -42,7 +42,7 @@ class TextConditioning:
     def encode(self, prompts: list[str], b: int, guided: bool, zero_negatives: bool = False) -> PromptEmbeddings:
         """Text encoders -> embeddings on the device. With one encoder and one chunk the encoder's output
         is the UNet's input as it is; otherwise the chunks and encoders are joined on the device by the
-        join graph (runtime/text_join.py), or on the host where the backend has none."""
+        join graph (runtime/text_join.py)."""
         be, dt = self.backend, self.dtype
         outs: list[dict[str, Array]] = []
         rows = 0
@@ -57,8 +57,6 @@ class TextConditioning:
             outs.append(out)
         pooled = next((o["text_embeds"] for o in reversed(outs) if "text_embeds" in o), None)
         join = self._join_graph([o["hidden_states"] for o in outs], pooled)
-        if join is None:
-            return self._host_join(outs, pooled, rows, b, guided, zero_negatives)
         keep = np.ones(rows, np.float32)
         if zero_negatives:
             keep[:b] = 0
@@ -68,40 +66,27 @@ class TextConditioning:
         joined = join({**feeds, "keep": be.to_device(keep)})
         return PromptEmbeddings(joined["hidden"], joined.get("pooled"), b, guided)
 
-    def _join_graph(self, hidden: list[Array], pooled: Array | None) -> Engine | None:
-        """The join graph for these encoder outputs, loaded once; None where the backend cannot load it (a
-        TensorRT engine folder built by an older sdrt), or the outputs are not the manifest's variant."""
+    def _join_graph(self, hidden: list[Array], pooled: Array | None) -> Engine:
+        """The join graph of the manifest's variant (runtime/text_join.py), loaded once; ArtifactError where the
+        encoders' outputs are not what the manifest records (the engines are not the export's)."""
         from .text_join import join_variant
 
         be = self.backend
-        try:
-            variant = join_variant(self.manifest)
-        except InputError:  # a manifest without the dtypes the variant is read from: the host join
-            return None
+        variant = join_variant(self.manifest)
         have = (tuple(be.meta(h)[0].name for h in hidden), None if pooled is None else be.meta(pooled)[0].name,
                 self.dtype.name)
-        rows = {be.meta(h)[1][0] for h in hidden}
-        if have != (variant.hidden_dtypes, variant.pooled_dtype, variant.out_dtype) or len(rows) != 1:
-            return None  # the host join, which says what does not fit
+        want = (variant.hidden_dtypes, variant.pooled_dtype, variant.out_dtype)
+        rows = [be.meta(h)[1][0] for h in hidden]
+        if len(set(rows)) != 1:
+            raise ArtifactError(f"the text encoders' tokenizers split the prompts into {rows} rows of 77-token chunks; "
+                                "the join needs the same for each: the tokenizers are not the export's, re-export "
+                                "the model with `sdrt export`")
+        if have != want:
+            raise ArtifactError(
+                f"the text encoders give {have[0]} hidden states (pooled: {have[1]}) for a {have[2]} UNet, but the "
+                f"manifest of {self.manifest.preset} records {want[0]} (pooled: {want[1]}) for {want[2]}: the "
+                "engines are not the export's; rebuild them from it (`sdrt build ONNX_DIR --out ENGINES`)")
         return self.graphs.get(variant.name, variant.graph_bytes, "the prompt embeddings are joined")
-
-    def _host_join(self, outs: list[dict[str, Array]], pooled_out: Array | None, rows: int, b: int, guided: bool,
-                   zero_negatives: bool) -> PromptEmbeddings:
-        """The join on the host: every encoder output down, concatenated, zeroed, cast, and up again."""
-        be, dt = self.backend, self.dtype
-        hidden_parts = [be.to_host(o["hidden_states"]) for o in outs]
-        hidden_parts = [h.reshape(rows, -1, h.shape[-1]) for h in hidden_parts]
-        pooled = None
-        if pooled_out is not None:
-            # the pooled embedding of the first chunk, as the UIs do
-            pooled = be.to_host(pooled_out).reshape(rows, -1, be.meta(pooled_out)[1][-1])[:, 0]
-        hidden = np.concatenate(hidden_parts, axis=-1) if len(hidden_parts) > 1 else hidden_parts[0]
-        if zero_negatives:
-            hidden[:b] = 0
-            if pooled is not None:
-                pooled[:b] = 0
-        return PromptEmbeddings(be.to_device(hidden.astype(dt)),
-                                None if pooled is None else be.to_device(pooled.astype(dt)), b, guided)
 
     def from_arrays(self, prompt_embeds: np.ndarray, negative_prompt_embeds: np.ndarray | None, *,
                     pooled_prompt_embeds: np.ndarray | None, negative_pooled_prompt_embeds: np.ndarray | None,

@@ -27,7 +27,12 @@ from .errors import ArtifactError, CompatibilityError, InputError
 from .manifest import MANIFEST_NAME, export_entries
 
 ENGINE_MANIFEST_NAME = "sdrt-engines.json"
-ENGINE_SCHEMA_VERSION = 1
+# 2: ``sdrt build`` prebuilds every small graph the runtime loads (sampler steps, first inputs, noising, casts,
+# the text join); a schema-1 folder lacks some of them and is refused (``old_folder_error``)
+ENGINE_SCHEMA_VERSION = 2
+# what an engine's cache key hashes: unchanged by the manifest's schema, so a rebuild over a schema-1 folder
+# reuses its engines and builds only the small graphs it lacks
+CACHE_KEY_SCHEMA = 1
 HARDWARE_LEVELS = ("none", "ampere_plus", "same_compute_capability")
 
 Triple = tuple[int, int, int]  # (min, opt, max)
@@ -208,13 +213,17 @@ class EngineManifest:
         atomic_write_text(Path(folder) / ENGINE_MANIFEST_NAME, self.to_json())
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> EngineManifest:
+    def from_dict(cls, d: Mapping[str, Any], *, folder: str | Path | None = None,
+                  allow_old: bool = False) -> EngineManifest:
+        """``allow_old``: read a schema-1 manifest too (a rebuild reusing its engines); the runtime refuses it."""
         schema = int(d.get("schema", 0))
         if schema > ENGINE_SCHEMA_VERSION:
             raise CompatibilityError(
                 f"engine manifest schema {schema} is newer than this sdrt understands ({ENGINE_SCHEMA_VERSION}); "
                 f"upgrade sdrt, or rebuild: {d.get('build_command', 'sdrt build ONNX_DIR --out ENGINE_DIR')}"
             )
+        if schema < ENGINE_SCHEMA_VERSION and not allow_old:
+            raise old_folder_error(d, folder)
         return cls(
             profile_name=d["profile_name"],
             profile=ProfileShapes.from_dict(d["profile"]),
@@ -228,7 +237,7 @@ class EngineManifest:
         )
 
     @classmethod
-    def read(cls, folder: str | Path) -> EngineManifest:
+    def read(cls, folder: str | Path, *, allow_old: bool = False) -> EngineManifest:
         path = Path(folder) / ENGINE_MANIFEST_NAME
         if not path.is_file():
             raise ArtifactError(
@@ -236,11 +245,25 @@ class EngineManifest:
                 f"`sdrt build ONNX_DIR --out {folder}`"
             )
         try:
-            return cls.from_dict(json.loads(path.read_text()))
+            return cls.from_dict(json.loads(path.read_text()), folder=folder, allow_old=allow_old)
         except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise ArtifactError(
                 f"{path} is unreadable or incomplete ({e!r}); rebuild the engines with `sdrt build`"
             ) from e
+
+
+def old_folder_error(d: Mapping[str, Any], folder: str | Path | None = None) -> CompatibilityError:
+    """A schema-1 engine folder: built by an older sdrt, without the small graphs the runtime now runs on the
+    device (it keeps no host path for them). The rebuild reuses the folder's engines."""
+    where = f"{folder}" if folder is not None else "this engine folder"
+    onnx_dir = d.get("onnx_dir") or "ONNX_DIR"
+    out = folder if folder is not None else "ENGINES"
+    command = d.get("build_command") or f"sdrt build {onnx_dir} --out {out}"
+    return CompatibilityError(
+        f"{where} was built by an older sdrt (engine manifest schema {d.get('schema', 0)}, this sdrt reads "
+        f"{ENGINE_SCHEMA_VERSION}), without the device-side graphs this runtime runs (first UNet input, image "
+        f"noising, latent casts, prompt join); rebuild it, which reuses its engines:\n  {command}"
+    )
 
 
 # -- cache keys and compatibility ---------------------------------------------------------------------
@@ -255,7 +278,7 @@ def cache_key(
 ) -> str:
     """A digest of everything that determines an engine. Equal keys: the engine can be reused."""
     payload = {
-        "schema": ENGINE_SCHEMA_VERSION,
+        "schema": CACHE_KEY_SCHEMA,
         "component": component,
         "onnx_sha256": onnx_sha256,
         "precision": precision,

@@ -40,23 +40,19 @@ def noised(graph: Engine, backend: Backend, enc_lat: Array, noise: Array, coeffs
     return graph(feeds)["latents"]
 
 
-def noise_graph(graphs: DeviceGraphs, backend: Backend, enc_lat: Array, dtype: np.dtype[Any]) -> Engine | None:
-    """The noising graph for the encoder's latents (None: the backend has none, or they have several rows)."""
-    src, shape = backend.meta(enc_lat)
-    if shape[0] != 1:
-        return None
-    return graphs.noise(src, dtype)
+def noise_graph(graphs: DeviceGraphs, backend: Backend, enc_lat: Array, dtype: np.dtype[Any]) -> Engine:
+    """The noising graph for the encoder's latents (one row: the one init image, broadcast over the batch)."""
+    return graphs.noise(backend.meta(enc_lat)[0], dtype)
 
 
 def prepare(backend: Backend, engines: dict[str, Engine], graphs: DeviceGraphs, dtype: np.dtype[Any],
             vae_scale_factor: int, mode: str, plan: samplers.SamplerPlan, height: int, width: int, b: int,
             gens: list[np.random.Generator], seed: Any, noise: np.ndarray, init: np.ndarray, mask_l: Any,
             pure_noise: bool) -> Latents:
-    """Inpainting's starting latents and mask state. The encoders' latents stay on the device (the noising
-    graph puts the image at the first step's level and, at level 0, gives the blend its image latents);
-    where the backend has no noising graph (a folder built by an older sdrt) they go through the host,
-    as before. A 9-channel UNet at strength 1 starts from noise alone: its image latents are not encoded
-    (diffusers' ``prepare_latents`` neither)."""
+    """Inpainting's starting latents and mask state, the encoders' latents kept on the device: the noising
+    graph puts the image at the first step's level and, at level 0, gives the blend its image latents. A
+    9-channel UNet at strength 1 starts from noise alone: its image latents are not encoded (diffusers'
+    ``prepare_latents`` neither)."""
     be, dt = backend, dtype
     mask_px = inpaint.binarize(inpaint.resize_mask(mask_l, height, width))
     lmask = inpaint.latent_mask(mask_px, vae_scale_factor, b)
@@ -67,52 +63,34 @@ def prepare(backend: Backend, engines: dict[str, Engine], graphs: DeviceGraphs, 
     if mode == "concat":
         feeds = {"image": image, "mask": be.to_device(mask_px.astype(np.uint8)[None, :, :, None])}
         masked = engines[inpaint.MASKED_ENCODER](feeds)["latent"]
-    start = (noise.astype(np.float64) * plan.init_noise_sigma).astype(np.float32) if pure_noise else None
-    graph = None if enc_lat is None else noise_graph(graphs, be, enc_lat, dt)
-    if enc_lat is None or graph is not None:  # on the device: nothing read back
-        x = be.to_device(start.astype(dt)) if start is not None else None
-        state = inpaint.InpaintState(mode, lmask, masked_latents=masked, resident=True)
-        if graph is not None:
-            assert enc_lat is not None
-            noise_dev = be.to_device(np.ascontiguousarray(noise, np.float32))
-            if x is None:
-                x = noised(graph, be, enc_lat, noise_dev, plan.noise_coeffs)
-            if mode == "blend":  # the image latents themselves: noise level 0 (ka 1, kn 0) is exact
-                state = replace(state, image_latents=noised(graph, be, enc_lat, noise_dev, (1.0, 0.0)),
-                                noise=noise_dev if dt == np.float32 else be.to_device(noise.astype(dt)))
-        return Latents(x, height, width, 0, None, step_noise, seeds(seed), start, state)
-    img_lat = be.to_host(enc_lat)
-    img_lat = np.repeat(img_lat.astype(np.float64), b // img_lat.shape[0], axis=0)
-    if mode == "blend":
-        state = inpaint.InpaintState(mode, lmask, image_latents=img_lat.astype(np.float32), noise=noise)
-    else:
-        assert masked is not None
-        host = be.to_host(masked).astype(np.float32)
-        state = inpaint.InpaintState(mode, lmask, masked_latents=np.repeat(host, b // host.shape[0], axis=0))
-    x = start if start is not None else plan.add_noise(img_lat, noise.astype(np.float64)).astype(np.float32)
-    return Latents(be.to_device(x.astype(dt)), height, width, 0, None, step_noise, seeds(seed), x, state)
+    x = None
+    if pure_noise:
+        x = be.to_device((noise.astype(np.float64) * plan.init_noise_sigma).astype(np.float32).astype(dt))
+    state = inpaint.InpaintState(mode, lmask, masked_latents=masked, resident=True)
+    if enc_lat is not None:
+        graph = noise_graph(graphs, be, enc_lat, dt)
+        noise_dev = be.to_device(np.ascontiguousarray(noise, np.float32))
+        if x is None:
+            x = noised(graph, be, enc_lat, noise_dev, plan.noise_coeffs)
+        if mode == "blend":  # the image latents themselves: noise level 0 (ka 1, kn 0) is exact
+            state = replace(state, image_latents=noised(graph, be, enc_lat, noise_dev, (1.0, 0.0)),
+                            noise=noise_dev if dt == np.float32 else be.to_device(noise.astype(dt)))
+    assert x is not None  # pure noise, or an encoded image to noise
+    return Latents(x, height, width, 0, None, step_noise, seeds(seed), inpaint=state)
 
 
 def loop_inputs(backend: Backend, graphs: DeviceGraphs, state: inpaint.InpaintState, plan: samplers.SamplerPlan,
-                b: int, guided: bool, dt: np.dtype[Any]) -> tuple[dict[str, Array], np.ndarray, np.ndarray | None]:
-    """(the inpainting step graph's extra inputs on the device, its coeffs table, the host block appended to
-    the first UNet input where that is made on the host). A resident state uploads only the mask; its
-    9-channel block is assembled by the extra-channels graph (or, without it, on the host)."""
+                guided: bool, dt: np.dtype[Any]) -> tuple[dict[str, Array], np.ndarray]:
+    """(the inpainting step graph's extra inputs on the device, its coeffs table). Only the mask is uploaded;
+    a 9-channel UNet's [mask, masked latents] block is assembled by the extra-channels graph."""
     be = backend
-    if state.resident and state.mode == "blend":
-        feeds = {"mask": be.to_device(state.mask.astype(dt)), "image_latents": state.image_latents,
-                 "init_noise": state.noise}
-        return feeds, np.hstack([plan.table, inpaint.blend_table(plan)]), None
-    if state.resident:
-        src, _ = be.meta(state.masked_latents)
-        graph = graphs.extra(guided, src, dt)
-        if graph is not None:
-            extra = graph({"mask": be.to_device(state.mask.astype(dt)), "masked_latents": state.masked_latents})
-            return {"unet_extra": extra["unet_extra"]}, plan.table, None
-        host = be.to_host(state.masked_latents).astype(np.float32)
-        state = replace(state, masked_latents=np.repeat(host, b // host.shape[0], axis=0), resident=False)
-    feeds, table, head = inpaint.loop_inputs(state, plan, guided, dt)
-    return {k: be.to_device(v) for k, v in feeds.items()}, table, head
+    mask = be.to_device(state.mask.astype(dt))
+    if state.mode == "blend":
+        feeds = {"mask": mask, "image_latents": state.image_latents, "init_noise": state.noise}
+        return feeds, np.hstack([plan.table, inpaint.blend_table(plan)])
+    src, _ = be.meta(state.masked_latents)
+    extra = graphs.extra(guided, src, dt)({"mask": mask, "masked_latents": state.masked_latents})
+    return {"unet_extra": extra["unet_extra"]}, plan.table
 
 
 def check_call(folder: Path, engines: dict[str, Engine], mode: str, req: Any) -> tuple[Any, float | None]:

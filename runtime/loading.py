@@ -11,6 +11,7 @@ from typing import Any
 
 from . import backends
 from .engine import Backend, Engine
+from .engine_manifest import EngineManifest
 from .errors import ArtifactError, CompatibilityError, InputError
 from .manifest import ExportManifest, tokenizer_of
 from .optimum import is_optimum_folder, read_optimum
@@ -55,6 +56,8 @@ def open_model(folder: Path, backend: str | Backend, *, threads: int | None, cud
                                    f"with `sdrt build {folder} --out ENGINES`")
     if kind in ("ort-cpu", "ort-cuda") and engine_folder:
         raise backends.engine_folder_error(folder, kind)  # before reading anything made for TensorRT
+    if engine_folder:  # its engine manifest first: a folder built by an older sdrt is refused before any work
+        EngineManifest.read(folder)
     manifest, graphs = read_model(folder, kind)
     if share is not None:
         if kind not in ("auto", share.name):

@@ -282,24 +282,18 @@ class Pipeline:
             return inpaint_stage.prepare(self.backend, self.engines, self.device_graphs, self.dtype, f,
                                          self._inpaint_mode(), plan, height, width, b, gens, seed, noise, init, mask,
                                          pure_noise)
-        if init is not None:
+        if init is not None:  # the encoded image never leaves the device: noised there to the first step
             be = self.backend
             enc_lat = self.engines["vae_encoder"]({"image": be.to_device(init)})["latent"]
             graph = inpaint_stage.noise_graph(self.device_graphs, be, enc_lat, self.dtype)
-            if graph is not None:  # the encoded image never leaves the device
-                x_dev = inpaint_stage.noised(graph, be, enc_lat, be.to_device(np.ascontiguousarray(noise, np.float32)),
-                                             plan.noise_coeffs)
-                step_noise = draw(gens, (plan.steps, *lat_shape), axis=1) if plan.needs_noise else None
-                return Latents(x_dev, height, width, 0, None, step_noise, seeds(seed), None, None)
-            img_lat = be.to_host(enc_lat)
-            img_lat = np.repeat(img_lat.astype(np.float64), b // img_lat.shape[0], axis=0)
-            x = plan.add_noise(img_lat, noise.astype(np.float64)).astype(np.float32)
+            x_dev = inpaint_stage.noised(graph, be, enc_lat, be.to_device(np.ascontiguousarray(noise, np.float32)),
+                                         plan.noise_coeffs)
         else:
-            x = (noise.astype(np.float64) * plan.init_noise_sigma).astype(np.float32)
+            x_dev = self.backend.to_device((noise.astype(np.float64) * plan.init_noise_sigma).astype(np.float32)
+                                           .astype(self.dtype))
         # fresh noise of every ancestral step, drawn up front so the loop never waits on the host
         step_noise = draw(gens, (plan.steps, *lat_shape), axis=1) if plan.needs_noise else None
-        return Latents(self.backend.to_device(x.astype(self.dtype)), height, width, 0, None, step_noise, seeds(seed),
-                       x)
+        return Latents(x_dev, height, width, 0, None, step_noise, seeds(seed))
 
     def latents_from(self, latents: Latents, source: Pipeline) -> Latents:
         """``source``'s denoising state on this pipeline's device, for this pipeline to continue (an SDXL
@@ -416,18 +410,17 @@ class Pipeline:
             dim = int(self.engines["unet"].inputs["timestep_cond"].shape[-1])  # type: ignore[arg-type]
             cond["timestep_cond"] = to_dev(np.tile(guidance_embedding(guidance_scale - 1.0, dim).astype(dt),
                                                    (b, 1)))
-        mode, table, head = None, plan.table, None
+        mode, table = None, plan.table
         step_inputs: dict[str, Array] = {}
         if lat.inpaint is not None:  # the mask work runs in the step graph's inpainting variant
             mode = lat.inpaint.mode
-            step_inputs, table, head = inpaint_stage.loop_inputs(be, self.device_graphs, lat.inpaint, plan, b,
-                                                                 guided, dt)
+            step_inputs, table = inpaint_stage.loop_inputs(be, self.device_graphs, lat.inpaint, plan, guided, dt)
         elif self._inpaint_mode() == "concat":
             raise InputError("this is an inpainting model (a 9-channel UNet): prepare the latents with image= and "
                              "mask_image=")
         if rescale and mode is not None:
             raise InputError("guidance_rescale with inpainting is not supported: leave guidance_rescale at 0")
-        unet_in = self._first_input(plan, lo, lat, guided, dt, step_inputs.get("unet_extra"), head)
+        unet_in = self._first_input(plan, lo, lat, guided, dt, step_inputs.get("unet_extra"))
         active = control.active if control is not None else ()
         loop = self._loop(guided, dt, mode, rescale > 0.0, active)
         noise = lat.noise[lo:hi] if plan.needs_noise and lat.noise is not None else None
@@ -453,26 +446,16 @@ class Pipeline:
             timings.update(unet_steps_ms=steps_ms, unet_step_ms=float(np.median(steps_ms)), clock=clk.kind)
             clk.close()
         # the final latents: the loop's own buffers (valid until its next start(); the public denoise() copies them)
-        return replace(lat, x=loop.latents, step=hi, x0=loop.x0 if hi < plan.steps else None,
-                       start=None), loop.describe()
+        return replace(lat, x=loop.latents, step=hi, x0=loop.x0 if hi < plan.steps else None), loop.describe()
 
     def _first_input(self, plan: samplers.SamplerPlan, lo: int, lat: Latents, guided: bool, dt: np.dtype[Any],
-                     extra: Array | None, head: np.ndarray | None) -> Array:
-        """The first UNet input, s_lo x, on the device by the first-input graph (one 4-byte upload); on the host
-        only where the backend has no such graph (an engine folder built by an older sdrt)."""
+                     extra: Array | None) -> Array:
+        """The first UNet input, s_lo x, on the device by the first-input graph (one 4-byte upload)."""
         be = self.backend
-        graph = self.device_graphs.first_input(guided, dt, extra is not None)
-        if graph is not None:
-            feeds = {"latents": lat.x, "scale": be.to_device(np.array([plan.table[lo, samplers.S]], np.float32))}
-            if extra is not None:
-                feeds["unet_extra"] = extra
-            return graph(feeds)["unet_in"]
-        if extra is not None and head is None:  # the extra channels were assembled on the device
-            head = be.to_host(extra)
-        x = lat.start if lo == 0 and lat.start is not None else be.to_host(lat.x)
-        first_in = samplers.model_input(plan, lo, x.astype(np.float64)).astype(dt)
-        first_in = np.concatenate([first_in] * 2) if guided else first_in
-        return be.to_device(first_in if head is None else np.concatenate([first_in, head], axis=1))
+        feeds = {"latents": lat.x, "scale": be.to_device(np.array([plan.table[lo, samplers.S]], np.float32))}
+        if extra is not None:
+            feeds["unet_extra"] = extra
+        return self.device_graphs.first_input(guided, dt, extra is not None)(feeds)["unet_in"]
 
     def _loop(self, guided: bool, dt: np.dtype[Any], inpaint_mode: str | None = None,
               rescale: bool = False, active: tuple[int, ...] = ()) -> StepLoop:
@@ -502,15 +485,13 @@ class Pipeline:
 
     def _decode(self, x_dev: Array) -> tuple[list[Any], list[bool]]:
         be = self.backend
-        if isinstance(x_dev, np.ndarray):
-            x_dev = be.to_device(x_dev)
         dec = self.engines["vae_decoder"]
         dec_dt = dec.inputs["latent_sample"].dtype
+        if isinstance(x_dev, np.ndarray):  # the caller's host latents: cast as they go up
+            x_dev = be.to_device(x_dev.astype(dec_dt))
         src_dt = be.meta(x_dev)[0]
-        if src_dt != dec_dt:  # an fp32 VAE after an fp16 UNet (SDXL): cast on the device where the backend can
-            cast = self.device_graphs.cast(src_dt, dec_dt)
-            x_dev = (be.to_device(be.to_host(x_dev).astype(dec_dt)) if cast is None
-                     else cast({"latents": x_dev})["latents_cast"])
+        if src_dt != dec_dt:  # an fp32 VAE after an fp16 UNet (SDXL): cast on the device
+            x_dev = self.device_graphs.cast(src_dt, dec_dt)({"latents": x_dev})["latents_cast"]
         out = dec({"latent_sample": x_dev})
         pixels = be.to_host(out["images"])
         nonfinite = [not bool(v) for v in be.to_host(out["finite"])]

@@ -53,9 +53,6 @@ class Latents:
     x0: Array | None = None
     noise: np.ndarray | None = None
     seed: list[int] | int | None = None
-    # the float32 starting latents before the cast to the UNet's dtype, where they were made on the host:
-    # the first UNet input is computed from them where the backend has no first-input graph
-    start: np.ndarray | None = field(default=None, repr=False, compare=False)
     inpaint: InpaintState | None = field(default=None, repr=False, compare=False)  # the mask conditioning
 
 

@@ -12,7 +12,7 @@ never per shape or per call: which rows are zeroed arrives as the ``keep`` input
                                                     along the channels
              pooled [R, P]                          each row's first chunk, as the UIs take it
 
-The result equals the host join bit for bit: numpy's concatenation dtype (``np.result_type`` of the
+The result equals a numpy join bit for bit: numpy's concatenation dtype (``np.result_type`` of the
 encoders'), zeroed rows of +0 (a select, not a product, so -0 and NaN cannot leak), then one cast.
 ``sdrt build`` prebuilds the variant ``join_variant`` derives from an export's manifest, which is the one
 the pipeline loads; the TensorRT backend finds it by the sha256 of ``join_graph_bytes``.
@@ -104,7 +104,7 @@ def join_graph_bytes(hidden_dtypes: tuple[str, ...], pooled_dtype: str | None, o
 def build_join_graph(hidden_dtypes: tuple[str, ...], pooled_dtype: str | None, out_dtype: str) -> onnx.ModelProto:
     _check(hidden_dtypes, pooled_dtype, out_dtype)
     nodes: list[onnx.NodeProto] = []
-    cat = np.result_type(*hidden_dtypes).name  # numpy's concatenation dtype, as the host join
+    cat = np.result_type(*hidden_dtypes).name  # numpy's concatenation dtype, as a numpy join
     _const(nodes, "keep_zero", TensorProto.FLOAT, 0.0)
     _node(nodes, "Equal", ["keep", "keep_zero"], "dropped")  # [R] bool
     _node(nodes, "Shape", ["keep"], "rows")  # [R]

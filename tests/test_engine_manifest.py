@@ -66,6 +66,35 @@ def test_newer_schema_is_refused(tmp_path) -> None:
         EngineManifest.from_dict(d)
 
 
+def test_a_schema_1_folder_is_refused_with_the_command_that_rebuilds_it(tmp_path) -> None:
+    """A folder built by an older sdrt (schema 1: without the small device graphs) is refused by name, with its
+    own build command; the build itself still reads it, to reuse its engines, whose cache keys are unchanged."""
+    import hashlib
+    import json
+
+    m = _manifest()
+    d = json.loads(m.to_json())
+    assert d["schema"] == 2
+    d["schema"] = 1
+    (tmp_path / "sdrt-engines.json").write_text(json.dumps(d))
+    with pytest.raises(CompatibilityError) as e:
+        EngineManifest.read(tmp_path)
+    msg = str(e.value)
+    assert str(tmp_path) in msg and "older sdrt" in msg and "device-side graphs" in msg and CMD in msg
+    assert EngineManifest.read(tmp_path, allow_old=True) == dataclasses.replace(m, schema=1)
+    # no recorded command (a hand-edited manifest): the command from the export folder it records
+    del d["build_command"]
+    with pytest.raises(CompatibilityError, match=f"sdrt build /x/onnx --out {tmp_path}"):
+        EngineManifest.from_dict(d, folder=tmp_path)
+    # the key an older sdrt wrote for the same engine (its payload, schema 1, by hand): the rebuild reuses it
+    r = _record()
+    payload = {"schema": 1, "component": r.component, "onnx_sha256": r.onnx_sha256, "precision": r.precision,
+               "shapes": [dataclasses.asdict(s) for s in r.shapes], "flags": dataclasses.asdict(r.flags),
+               "env": dataclasses.asdict(r.env)}
+    blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+    assert r.cache_key == hashlib.sha256(blob).hexdigest()
+
+
 def test_cache_key_changes_with_every_field() -> None:
     base = _record()
     variants = [

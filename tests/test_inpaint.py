@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from sdrt.runtime import inpaint
-from sdrt.runtime.errors import InputError
+from sdrt.runtime.errors import ArtifactError, InputError
 from sdrt.runtime.pipeline import Pipeline
 from sdrt.runtime.samplers import COLUMNS
 from sdrt.runtime.step_graph import BLEND_COLUMNS, extra_graph_bytes, step_engine_name, step_graph_bytes
@@ -246,17 +246,36 @@ def test_extra_channels_graph_against_numpy(guided: bool, src: str, dst: str) ->
     assert out.dtype == np.dtype(dst) and np.array_equal(out, want)
 
 
-@pytest.mark.parametrize("missing", ["noise", "extra", "first_input"])
+@pytest.mark.parametrize("missing", ["image_noise", "unet_extra", "sampler_input"])
 @pytest.mark.parametrize("strength", [0.75, 1.0])
-def test_inpainting_without_one_device_graph_gives_the_same_latents(sd15_inpaint: Pipeline, monkeypatch, missing: str,
-                                                                    strength: float) -> None:
+def test_inpainting_without_one_device_graph_is_an_error_naming_it(sd15_inpaint: Pipeline, missing: str,
+                                                                   strength: float) -> None:
     """Each small graph a 9-channel inpainting call uses (the image's noising, the extra channels, the first
-    UNet input) has a host path for a backend without it; every mix gives the latents of the device path."""
+    UNet input) has no host path: a backend that cannot load it (a TensorRT folder without it) fails the call
+    with an ArtifactError naming it, before the denoising loop; the image's noising is not needed at strength
+    1 (the image is not encoded), so that call runs and gives the latents of a backend with every graph."""
     img, mask = image_and_mask()
     kw = {"image": img, "mask_image": mask, "height": 64, "width": 96, "steps": 3, "sampler": "dpmpp-2m",
           "guidance_scale": 4.0, "seed": 4, "batch_size": 2, "strength": strength, "output": "latents"}
     want = sd15_inpaint("a cat", **kw).latents
-    monkeypatch.setattr(sd15_inpaint.device_graphs, missing, lambda *a: None)
-    got = sd15_inpaint("a cat", **kw).latents
-    assert np.abs(want).max() > 0.1
-    np.testing.assert_allclose(got, want, atol=1e-5)
+    pipe = sd15_inpaint
+    pipe.device_graphs.clear()
+    load, steps = pipe.backend.load, []
+
+    def without(path: str | bytes, name: str):
+        if isinstance(path, bytes) and name.startswith(missing):
+            raise ArtifactError(f"{name}: no prebuilt engine for this graph")
+        return load(path, name)
+
+    pipe.backend.load = without  # type: ignore[method-assign]
+    try:
+        if missing == "image_noise" and strength == 1.0:
+            got = pipe("a cat", **kw).latents
+            assert np.abs(want).max() > 0.1 and np.array_equal(got, want)
+            return
+        with pytest.raises(ArtifactError, match=f"on the device by the graph {missing}.*no prebuilt engine"):
+            pipe("a cat", callback=lambda i, n: steps.append(i), **kw)
+        assert steps == []  # refused before any step
+    finally:
+        pipe.backend.load = load  # type: ignore[method-assign]
+        pipe.device_graphs.clear()

@@ -1,16 +1,14 @@
-"""The prompt embeddings' join graph (runtime/text_join.py): bit for bit the host join, and the pipeline's
-embeddings and images unchanged by moving the join onto the device."""
+"""The prompt embeddings' join graph (runtime/text_join.py): bit for bit a numpy join written here, and the
+pipeline's embeddings and images those of the numpy join."""
 
 from __future__ import annotations
 
-import logging
 from itertools import product
 
 import numpy as np
 import pytest
 
 from sdrt.export.profiles import custom_profile, text_join_shapes
-from sdrt.runtime.conditioning import TextConditioning
 from sdrt.runtime.errors import ArtifactError, InputError
 from sdrt.runtime.manifest import ExportManifest
 from sdrt.runtime.ort_backend import OrtBackend
@@ -100,25 +98,35 @@ def test_variant_from_the_manifest_and_when_it_is_needed(tiny_export) -> None:
 
 
 def _joins(pipe: Pipeline) -> dict[str, object]:
-    """The join graphs the pipeline loaded, by name (None: its backend has none)."""
+    """The join graphs the pipeline loaded, by name."""
     return {k: v for k, v in pipe.device_graphs.loaded().items() if k.startswith("text_join")}
 
 
-def _host_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(TextConditioning, "_join_graph", lambda self, hidden, pooled: None)
+def _numpy_embeddings(pipe: Pipeline, texts: list[str], zero_first: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """The reference: each encoder run on its tokenizer's chunks, read back, and joined by ``numpy_join`` (the
+    first ``zero_first`` rows zeroed) into the UNet's dtype."""
+    hidden, pooled = [], None
+    for name, tok in zip(pipe.manifest.encoder_names, pipe.tokenizers, strict=True):
+        ids = tok.encode_chunks(texts)
+        out = pipe.engines[name]({"input_ids": pipe.backend.to_device(ids.reshape(-1, ids.shape[-1]))})
+        hidden.append(pipe.backend.to_host(out["hidden_states"]).copy())
+        if "text_embeds" in out:
+            pooled = pipe.backend.to_host(out["text_embeds"]).copy()
+    keep = np.ones(len(texts), np.float32)
+    keep[:zero_first] = 0
+    return numpy_join(hidden, pooled, keep, pipe.dtype.name)
 
 
 @pytest.mark.parametrize("negative", [None, "blurry"])  # None: SDXL's zeroed negatives
-def test_sdxl_embeddings_on_the_device_equal_the_host_join(tiny_export, monkeypatch: pytest.MonkeyPatch,
-                                                           negative: str | None) -> None:
+def test_sdxl_embeddings_on_the_device_equal_the_numpy_join(tiny_export, negative: str | None) -> None:
     with Pipeline.load(tiny_export("sdxl-tiny"), backend="ort-cpu") as pipe:
         dev = pipe.encode_prompt(["a ship", LONG], negative, guided=True)
-        assert len(_joins(pipe)) == 1 and None not in _joins(pipe).values()
-        with monkeypatch.context() as m:
-            _host_only(m)
-            host = pipe.encode_prompt(["a ship", LONG], negative, guided=True)
-        for a, b in ((dev.hidden, host.hidden), (dev.pooled, host.pooled)):
-            np.testing.assert_array_equal(pipe.backend.to_host(a), pipe.backend.to_host(b))
+        assert len(_joins(pipe)) == 1
+        texts = [negative or "", negative or "", "a ship", LONG]
+        want_h, want_p = _numpy_embeddings(pipe, texts, 2 if negative is None else 0)
+        assert want_p is not None
+        np.testing.assert_array_equal(_bits(pipe.backend.to_host(dev.hidden)), _bits(want_h))
+        np.testing.assert_array_equal(_bits(pipe.backend.to_host(dev.pooled)), _bits(want_p))
         width = pipe.engines["unet"].inputs["encoder_hidden_states"].shape[-1]
         k = pipe.tokenizers[0].encode_chunks([LONG]).shape[1]
         assert k > 1 and pipe.backend.to_host(dev.hidden).shape == (4, 77 * k, width)
@@ -127,36 +135,36 @@ def test_sdxl_embeddings_on_the_device_equal_the_host_join(tiny_export, monkeypa
     assert pipe.device_graphs.loaded() == {}  # released with the pipeline
 
 
-def test_a_long_prompt_gives_the_image_of_the_host_join(tiny_export, monkeypatch: pytest.MonkeyPatch) -> None:
-    """SD1.5, a prompt of several chunks: the device join's image is the host join's, to the bit."""
-    kw = {"steps": 3, "seed": 4, "negative_prompt": "rain"}
+def test_a_long_prompt_gives_the_image_of_the_numpy_join(tiny_export) -> None:
+    """SD1.5, a prompt of several chunks: the device join's image is, to the bit, the image of the embeddings
+    joined by numpy and passed in as prompt_embeds."""
+    kw = {"steps": 3, "seed": 4}
     with Pipeline.load(tiny_export("sd15-tiny"), backend="ort-cpu") as pipe:
         assert pipe.tokenizers[0].encode_chunks([LONG]).shape[1] > 1
-        dev = pipe(LONG, **kw)
+        dev = pipe(LONG, negative_prompt="rain", **kw)
         assert list(_joins(pipe)) == ["text_join_fp32_to_fp32"]
-        with monkeypatch.context() as m:
-            _host_only(m)
-            host = pipe(LONG, **kw)
-        short = pipe("word0", **kw)  # one chunk: the encoder's output as it is, no join loaded
-    assert np.array_equal(np.asarray(dev.images[0]), np.asarray(host.images[0]))
+        joined, _ = _numpy_embeddings(pipe, ["rain", LONG], 0)
+        ref = pipe(prompt_embeds=joined[1:], negative_prompt_embeds=joined[:1], **kw)
+        short = pipe("word0", negative_prompt="rain", **kw)  # one chunk: the encoder's output as it is, no join
+    assert np.array_equal(np.asarray(dev.images[0]), np.asarray(ref.images[0]))
     assert not np.array_equal(np.asarray(dev.images[0]), np.asarray(short.images[0]))
 
 
-def test_a_backend_without_the_graph_joins_on_the_host_and_says_so_once(tiny_export, caplog) -> None:
+def test_a_backend_that_cannot_load_the_graph_is_an_error_naming_it(tiny_export) -> None:
+    """No host join: a join graph the backend cannot load (a TensorRT folder without it) is an ArtifactError
+    naming the graph and what it does, with the backend's own reason."""
     with Pipeline.load(tiny_export("sdxl-tiny"), backend="ort-cpu") as pipe:
-        want = pipe.encode_prompt("a ship", guided=True)
         pipe.device_graphs.clear()
         load = pipe.backend.load
 
-        def old_folder(path: str | bytes, name: str):
+        def without_join(path: str | bytes, name: str):
             if isinstance(path, bytes) and name.startswith("text_join"):
                 raise ArtifactError(f"{name}: no prebuilt engine for this graph")
             return load(path, name)
 
-        pipe.backend.load = old_folder  # type: ignore[method-assign]
-        with caplog.at_level(logging.INFO, logger="sdrt.runtime.device_graphs"):
-            got = [pipe.encode_prompt("a ship", guided=True) for _ in range(2)]
-        assert caplog.text.count("joined on the host") == 1
-        for g in got:
-            np.testing.assert_array_equal(pipe.backend.to_host(g.hidden), pipe.backend.to_host(want.hidden))
-            np.testing.assert_array_equal(pipe.backend.to_host(g.pooled), pipe.backend.to_host(want.pooled))
+        pipe.backend.load = without_join  # type: ignore[method-assign]
+        with pytest.raises(ArtifactError, match=r"prompt embeddings are joined on the device by the graph "
+                                                r"text_join_fp32_fp32_pooled_fp32_to_fp32.*no prebuilt engine"):
+            pipe.encode_prompt("a ship", guided=True)
+        pipe.backend.load = load  # type: ignore[method-assign]
+        assert pipe.encode_prompt("a ship", guided=True).pooled is not None  # the pipeline is still usable

@@ -10,7 +10,6 @@ It says nothing about real TensorRT or a GPU (tests marked so in test_trt_backen
 from __future__ import annotations
 
 import dataclasses
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from sdrt.export import trt_build
 from sdrt.export.profiles import custom_profile
 from sdrt.export.trt_build import BuildOptions, build_engines
 from sdrt.runtime.engine_manifest import EngineManifest
-from sdrt.runtime.errors import InputError
+from sdrt.runtime.errors import ArtifactError, InputError
 from sdrt.runtime.manifest import ExportManifest
 from sdrt.runtime.pipeline import Pipeline
 from sdrt.runtime.text_join import join_variant
@@ -150,66 +149,98 @@ def test_host_device_copies_per_call(tiny_export, tmp_path: Path, fake_gpu) -> N
 
 def test_the_first_unet_input_is_made_on_the_device(tiny_export, tmp_path: Path, fake_gpu, monkeypatch) -> None:
     """Counted on the fakes: the first-input graph turns the upload of the first UNet input (a latent-sized
-    tensor per UNet row) into one of its 4-byte scale, with the same image; a folder built without those
-    graphs (an older sdrt) computes the input on the host, as before."""
+    tensor per UNet row) into one of its 4-byte scale: of a call's uploads, only the starting latents are one
+    image's latents or larger; the images are ort-cpu's."""
     cudart, _ = fake_gpu
     src = tiny_export("sd15-tiny")
-    prof = custom_profile(batch="1:1:2", height="64:64:64", width="64:64:64")
-    new, old = tmp_path / "new", tmp_path / "old"
-    m = build_engines(src, new, prof, BuildOptions(workspace_gb=1))
+    out = tmp_path / "engines"
+    m = build_engines(src, out, custom_profile(batch="1:1:2", height="64:64:64", width="64:64:64"),
+                      BuildOptions(workspace_gb=1))
     assert {"sampler_input", "sampler_input_cfg"} <= {r.component for r in m.engines}
-    monkeypatch.setattr(trt_build, "input_graph_plans", lambda *a: [])
-    m = build_engines(src, old, prof, BuildOptions(workspace_gb=1))
-    assert not any(r.component.startswith("sampler_input") for r in m.engines)
-    counts, images = {}, {}
-    for folder in (new, old):
-        with Pipeline.load(folder, backend="tensorrt") as pipe:
-            for guidance in (7.5, 1.0):  # 2 UNet rows each: the engines are built for CFG (2..4 rows)
-                kw: dict[str, Any] = {"steps": 3, "seed": 1, "height": 64, "width": 64, "guidance_scale": guidance,
-                                      "batch_size": 1 if guidance > 1 else 2}
-                pipe("a red fox", **kw)  # warm: captured
-                before, nbytes = dict(cudart.copies), dict(cudart.copied)
-                images[folder, guidance] = np.asarray(pipe("a red fox", **kw).images[0], np.int16)
-                counts[folder, guidance] = ({k: cudart.copies[k] - before[k] for k in before},
-                                            {k: cudart.copied[k] - nbytes[k] for k in nbytes})
-    for guidance, rows in ((7.5, 2), (1.0, 2)):
-        (n_new, b_new), (n_old, b_old) = counts[new, guidance], counts[old, guidance]
-        assert n_new == n_old, (n_new, n_old)  # one upload replaces the other
-        unet_in = rows * 4 * 8 * 8 * 4  # [rows, 4, 8, 8] float32 (the tiny fp32 export at 64 px)
-        assert b_old[1] - b_new[1] == unet_in - 4, (b_old, b_new)
-        assert b_old[2] == b_new[2]
-        assert np.abs(images[new, guidance] - images[old, guidance]).max() <= 1
+    uploads: list[int] = []
+    copy = cudart.cudaMemcpyAsync
+
+    def record(dst: Any, src: Any, n: int, kind: int, stream: Any) -> Any:
+        if kind == 1:
+            uploads.append(int(n))
+        return copy(dst, src, n, kind, stream)
+
+    monkeypatch.setattr(cudart, "cudaMemcpyAsync", record)
+    latent = 4 * 8 * 8 * 4  # one image's latents, [4, 8, 8] float32 (the tiny fp32 export at 64 px)
+    ref = Pipeline.load(src, backend="ort-cpu")
+    with Pipeline.load(out, backend="tensorrt") as pipe:
+        for guidance in (7.5, 1.0):  # 2 UNet rows each: the engines are built for CFG (2..4 rows)
+            b = 1 if guidance > 1 else 2
+            kw: dict[str, Any] = {"steps": 3, "seed": 1, "height": 64, "width": 64, "guidance_scale": guidance,
+                                  "batch_size": b}
+            pipe("a red fox", **kw)  # warm: captured
+            uploads.clear()
+            got = np.asarray(pipe("a red fox", **kw).images[0], np.int16)
+            # the starting latents, and not the first UNet input (2 rows x latent) beside them
+            assert [n for n in uploads if n >= latent] == [b * latent], uploads
+            assert uploads.count(4) == (2 if guidance > 1 else 1), uploads  # its scale (and the guidance scale)
+            want = np.asarray(ref("a red fox", **kw).images[0], np.int16)
+            assert np.abs(got - want).max() <= 1
 
 
-def test_img2img_noises_the_encoded_image_on_the_device(tiny_export, tmp_path: Path, fake_gpu,
-                                                        monkeypatch) -> None:
+def test_an_engine_folder_built_by_an_older_sdrt_is_refused_then_rebuilt(tiny_export, tmp_path: Path, fake_gpu,
+                                                                           monkeypatch) -> None:
+    """A folder built by an older sdrt (engine manifest schema 1, without the small device graphs) is refused
+    when loaded, before any engine is deserialized, naming the folder and the command that rebuilds it; that
+    command builds only the small graphs (the engines are reused) and the folder then runs like ort-cpu."""
+    from sdrt.runtime.errors import CompatibilityError
+
+    cudart, trt = fake_gpu
+    src = tiny_export("sdxl-tiny", "fp16")
+    out = tmp_path / "engines"
+    prof, opts = custom_profile(batch="1:1:2", height="64:64:64", width="64:64:64"), BuildOptions(workspace_gb=1)
+    with monkeypatch.context() as m:  # what an older sdrt built: no first-input, noising, cast or join graphs
+        m.setattr(trt_build, "input_graph_plans", lambda *a: [])
+        m.setattr(trt_build, "text_join_plans", lambda *a: [])
+        old = build_engines(src, out, prof, opts)
+    dataclasses.replace(old, schema=1).write(out)
+    built, allocations = len(trt.built), cudart.mallocs
+    with pytest.raises(CompatibilityError) as e:
+        Pipeline.load(out, backend="tensorrt")
+    msg = str(e.value)
+    assert str(out) in msg and "built by an older sdrt" in msg and "device-side graphs" in msg
+    assert f"sdrt build {src} --out {out}" in msg and old.build_command in msg
+    assert cudart.mallocs == allocations  # refused before anything reached the device
+    new = build_engines(src, out, prof, opts)  # the command the message names
+    small = [r.component for r in new.engines if r.component not in {o.component for o in old.engines}]
+    assert len(trt.built) - built == len(small) > 0 and "latents_float16_to_float32" in small
+    assert any(c.startswith("text_join") for c in small) and new.schema == 2
+    assert all(r in new.engines for r in old.engines)  # the engines themselves reused, records unchanged
+    kw: dict[str, Any] = {"steps": 3, "seed": 1, "height": 64, "width": 64}
+    with Pipeline.load(out, backend="tensorrt") as pipe:
+        got = np.asarray(pipe("a red fox", **kw).images[0], np.int16)
+    want = np.asarray(Pipeline.load(src, backend="ort-cpu")("a red fox", **kw).images[0], np.int16)
+    assert np.abs(got - want).max() <= 1
+
+
+def test_img2img_noises_the_encoded_image_on_the_device(tiny_export, tmp_path: Path, fake_gpu) -> None:
     """Counted on the fakes: img2img's encoded image is noised to the first step by the noising graph, so
-    the call copies to the host only the images and their finite flags; a folder built without it (an older
-    sdrt) noises on the host (one more copy down), with the same image."""
+    the call copies to the host only the images and their finite flags; the images are ort-cpu's."""
     from .helpers.inputs import image_and_mask
 
     cudart, _ = fake_gpu
     src = tiny_export("sd15-tiny")
-    prof = custom_profile(batch="1:1:2", height="64:64:64", width="64:64:64")
-    new, old = tmp_path / "new", tmp_path / "old"
-    m = build_engines(src, new, prof, BuildOptions(workspace_gb=1))
+    out = tmp_path / "engines"
+    m = build_engines(src, out, custom_profile(batch="1:1:2", height="64:64:64", width="64:64:64"),
+                      BuildOptions(workspace_gb=1))
     assert "image_noise_float32_to_float32" in {r.component for r in m.engines}
-    monkeypatch.setattr(trt_build, "input_graph_plans", lambda *a: [])
-    build_engines(src, old, prof, BuildOptions(workspace_gb=1))
     image, _ = image_and_mask(64, 64)
     kw: dict[str, Any] = {"steps": 4, "seed": 2, "sampler": "euler-a", "image": image, "strength": 0.7,
                           "batch_size": 2}
-    down, images = {}, {}
-    for folder in (new, old):
-        with Pipeline.load(folder, backend="tensorrt") as pipe:
-            pipe("a red fox", **kw)  # warm: captured
-            before = cudart.copies[2]
-            res = pipe("a red fox", **kw)
-            down[folder], images[folder] = cudart.copies[2] - before, [np.asarray(i, np.int16) for i in res.images]
-    assert down[new] == 2 and down[old] == 3, down
+    with Pipeline.load(out, backend="tensorrt") as pipe:
+        pipe("a red fox", **kw)  # warm: captured
+        before = cudart.copies[2]
+        res = pipe("a red fox", **kw)
+        down, images = cudart.copies[2] - before, [np.asarray(i, np.int16) for i in res.images]
+    assert down == 2, down
     ref = Pipeline.load(src, backend="ort-cpu")("a red fox", **kw).images
-    for got, old_img, want in zip(images[new], images[old], ref, strict=True):
-        assert np.abs(got - old_img).max() <= 1 and np.abs(got - np.asarray(want, np.int16)).max() <= 1
+    for got, want in zip(images, ref, strict=True):
+        assert np.abs(got - np.asarray(want, np.int16)).max() <= 1
 
 
 def test_stages_hand_latents_over_on_the_device(tiny_export, tmp_path: Path, fake_gpu) -> None:
@@ -234,12 +265,11 @@ def test_stages_hand_latents_over_on_the_device(tiny_export, tmp_path: Path, fak
         images, _ = pipe.decode(done)
     assert np.abs(np.asarray(images[0], np.int16) - whole).max() <= 1
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_sdxl_joins_its_embeddings_on_the_device(tiny_export, tmp_path: Path, fake_gpu,
-                                                 caplog: pytest.LogCaptureFixture, precision: str) -> None:
+def test_sdxl_joins_its_embeddings_on_the_device(tiny_export, tmp_path: Path, fake_gpu, precision: str) -> None:
     """Counted on the fakes: SDXL's two encoders, pooled output and zeroed negatives are joined by the
     prebuilt join graph (and in fp16 the latents cast on the device for the fp32 VAE), so a call copies to
-    the host only the images and their finite flags, whatever the step count. A folder built without the
-    join graph (an older sdrt) joins on the host: the same image."""
+    the host only the images and their finite flags, whatever the step count; the image is ort-cpu's. A
+    folder whose manifest lacks the join graph is an error naming it (no host join)."""
     cudart, trt = fake_gpu
     src, out = tiny_export("sdxl-tiny", precision), tmp_path / "engines"
     manifest = build_engines(src, out, custom_profile(batch="1:1:2", height="64:64:64", width="64:64:64"),
@@ -261,14 +291,14 @@ def test_sdxl_joins_its_embeddings_on_the_device(tiny_export, tmp_path: Path, fa
     assert len(trt.built) == built  # the join graph came prebuilt
     assert c3[2] == c6[2] == 2, (c3, c6)  # device -> host: images and finite, nothing else
     assert c3[1] == c6[1], (c3, c6)
-    old = EngineManifest.read(out)
-    dataclasses.replace(old, engines=tuple(r for r in old.engines if r.component != join)).write(out)
+    ref = Pipeline.load(src, backend="ort-cpu")("a red fox", steps=6, **kw).images[0]
+    assert np.abs(np.asarray(want, np.int16) - np.asarray(ref, np.int16)).max() <= 1
+    full = EngineManifest.read(out)
+    dataclasses.replace(full, engines=tuple(r for r in full.engines if r.component != join)).write(out)
     (out / f"{join}.engine").unlink()
-    with caplog.at_level(logging.INFO, logger="sdrt.runtime.device_graphs"), Pipeline.load(out, backend="tensorrt") as pipe:
-        host, got = copies(pipe, 6)
-    assert caplog.text.count("joined on the host") == 1
-    assert host[2] == 2 + 3, host  # the host join: both encoders' hidden states and the pooled output down
-    assert np.array_equal(got, want)
+    with Pipeline.load(out, backend="tensorrt") as pipe, pytest.raises(
+            ArtifactError, match=f"prompt embeddings are joined on the device by the graph {join}.*rebuild"):
+        pipe("a red fox", steps=3, **kw)
 
 
 def test_pipelines_loaded_and_closed_ten_times_leave_nothing_on_the_device(tiny_export, tmp_path: Path,
@@ -425,42 +455,37 @@ def test_inpainting_on_built_engines_like_ort_cpu(tiny_export, tmp_path: Path, f
 
 
 @pytest.mark.parametrize("preset", ["sd15-inpaint-tiny", "sd15-tiny"])
-def test_inpainting_keeps_the_encoded_image_on_the_device(tiny_export, tmp_path: Path, fake_gpu, monkeypatch,
+def test_inpainting_keeps_the_encoded_image_on_the_device(tiny_export, tmp_path: Path, fake_gpu,
                                                           preset: str) -> None:
     """Counted on the fakes: an inpainting call (a 9-channel UNet's masked-image latents assembled with the
     mask by the extra-channels graph; a 4-channel UNet's image latents for the blend made by the noising
-    graph) copies to the host only the images and their finite flags, at strength 0.8 and at 1; a folder
-    built without those graphs (an older sdrt) reads the encoders' latents back, with the same image."""
+    graph) copies to the host only the images and their finite flags, at strength 0.8 and at 1; the images
+    are ort-cpu's."""
     from .helpers.inputs import image_and_mask
 
     cudart, _ = fake_gpu
     src = tiny_export(preset)
+    out = tmp_path / "engines"
     prof = custom_profile(batch="1:1:2", height="64:64:64", width="64:64:64")
-    new, old = tmp_path / "new", tmp_path / "old"
-    names = {r.component for r in build_engines(src, new, prof, BuildOptions(workspace_gb=1)).engines}
+    names = {r.component for r in build_engines(src, out, prof, BuildOptions(workspace_gb=1)).engines}
     nine = preset == "sd15-inpaint-tiny"
     assert "image_noise_float32_to_float32" in names
     assert ({"unet_extra_cfg_float32_to_float32", "unet_extra_float32_to_float32"} <= names) == nine
-    monkeypatch.setattr(trt_build, "input_graph_plans", lambda *a: [])
-    build_engines(src, old, prof, BuildOptions(workspace_gb=1))
     image, mask = image_and_mask(64, 64)
-    down, images = {}, {}
+    down = {}
     for strength in (0.8, 1.0):
         kw: dict[str, Any] = {"steps": 3, "seed": 2, "sampler": "euler-a", "image": image, "mask_image": mask,
                               "strength": strength, "batch_size": 2}
-        for folder in (new, old):
-            with Pipeline.load(folder, backend="tensorrt") as pipe:
-                pipe("a red fox", **kw)  # warm: captured
-                before = cudart.copies[2]
-                res = pipe("a red fox", **kw)
-                down[folder, strength] = cudart.copies[2] - before
-                images[folder, strength] = [np.asarray(i, np.int16) for i in res.images]
+        with Pipeline.load(out, backend="tensorrt") as pipe:
+            pipe("a red fox", **kw)  # warm: captured
+            before = cudart.copies[2]
+            res = pipe("a red fox", **kw)
+            down[strength] = cudart.copies[2] - before
+            images = [np.asarray(i, np.int16) for i in res.images]
         ref = Pipeline.load(src, backend="ort-cpu")("a red fox", **kw).images
-        for got, host, want in zip(images[new, strength], images[old, strength], ref, strict=True):
-            assert np.abs(got - host).max() <= 1 and np.abs(got - np.asarray(want, np.int16)).max() <= 1
-    # the host path reads back the image's latents (not encoded for a 9-channel UNet at strength 1) and the
-    # masked image's (9-channel)
-    assert down == {(new, 0.8): 2, (new, 1.0): 2, (old, 0.8): 4 if nine else 3, (old, 1.0): 3}, down
+        for got, want in zip(images, ref, strict=True):
+            assert np.abs(got - np.asarray(want, np.int16)).max() <= 1
+    assert down == {0.8: 2, 1.0: 2}, down
 
 
 # -- TensorRT, on the fakes of tests/test_trt_pipeline.py ----------------------------------------------------
