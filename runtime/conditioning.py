@@ -88,6 +88,23 @@ class TextConditioning:
                 "engines are not the export's; rebuild them from it (`sdrt build ONNX_DIR --out ENGINES`)")
         return self.graphs.get(variant.name, variant.graph_bytes, "the prompt embeddings are joined")
 
+    def denoiser_inputs(self, emb: PromptEmbeddings, height: int, width: int,
+                        scores: tuple[float | None, float | None] | None, guidance_scale: float) -> dict[str, Array]:
+        """What the denoiser is conditioned on besides the latents and timestep, on the device: the text states,
+        the pooled embedding, the family's added conditioning (SDXL's time ids), and an LCM-distilled UNet's
+        guidance-scale embedding (``timestep_cond``)."""
+        to_dev, dt, b = self.backend.to_device, self.dtype, emb.batch
+        cond = {"encoder_hidden_states": emb.hidden}
+        if emb.pooled is not None:
+            cond["text_embeds"] = emb.pooled
+        for name, value in self.family.extra_conditioning(height, width, b, emb.guided, scores).items():
+            cond[name] = to_dev(value.astype(dt))
+        unet_inputs = self.engines["unet"].inputs
+        if "timestep_cond" in unet_inputs:  # an LCM-distilled UNet: guidance as an embedding
+            dim = int(unet_inputs["timestep_cond"].shape[-1])  # type: ignore[arg-type]
+            cond["timestep_cond"] = to_dev(np.tile(guidance_embedding(guidance_scale - 1.0, dim).astype(dt), (b, 1)))
+        return cond
+
     def from_arrays(self, prompt_embeds: np.ndarray, negative_prompt_embeds: np.ndarray | None, *,
                     pooled_prompt_embeds: np.ndarray | None, negative_pooled_prompt_embeds: np.ndarray | None,
                     guided: bool, batch_size: int) -> PromptEmbeddings:

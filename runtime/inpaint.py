@@ -36,11 +36,10 @@ class InpaintState:
     """What the denoising loop needs beyond the latents, batch rows first.
 
     ``mode``: "concat" (9-channel UNet) or "blend" (4-channel). ``mask`` [B, 1, h, w] at latent size (host
-    float32, made from the user's mask). On the host path (``resident`` False: an engine folder without
-    the small device graphs) the rest are host float32 arrays: ``masked_latents`` [B, C, h, w] (concat),
-    ``image_latents`` and ``noise`` [B, C, h, w] (blend). ``resident``: they stay on the device as the
-    backend's arrays: ``masked_latents`` the masked-image encoder's own output [1, C, h, w], the blend's two
-    already in the UNet's dtype (the step graph's ``image_latents`` and ``init_noise``).
+    float32, made from the user's mask). The rest stay on the device as the backend's arrays:
+    ``masked_latents`` the masked-image encoder's own output [1, C, h, w] (concat), the blend's
+    ``image_latents`` and ``noise`` already in the UNet's dtype (the step graph's ``image_latents`` and
+    ``init_noise``).
     """
 
     mode: str
@@ -48,7 +47,6 @@ class InpaintState:
     masked_latents: Array | None = None
     image_latents: Array | None = field(default=None, repr=False)
     noise: Array | None = field(default=None, repr=False)
-    resident: bool = False
 
 
 def inpaint_mode(unet_channels: int, latent_channels: int) -> str:
@@ -122,23 +120,6 @@ def blend_table(plan: samplers.SamplerPlan) -> np.ndarray:
     return plan.renoise_table()
 
 
-def loop_inputs(state: InpaintState, plan: samplers.SamplerPlan, guided: bool,
-                dtype: np.dtype[Any]) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray | None]:
-    """(the step graph's extra inputs, its coeffs table, the block appended to the first UNet input), from
-    a host state (not ``resident``)."""
-    assert not state.resident
-    if state.mode == "concat":
-        assert state.masked_latents is not None
-        extra = np.concatenate([state.mask, state.masked_latents], axis=1).astype(dtype)
-        if guided:
-            extra = np.concatenate([extra, extra])
-        return {"unet_extra": extra}, plan.table, extra
-    assert state.image_latents is not None and state.noise is not None
-    feeds = {"mask": state.mask.astype(dtype), "image_latents": state.image_latents.astype(dtype),
-             "init_noise": state.noise.astype(dtype)}
-    return feeds, np.hstack([plan.table, blend_table(plan)]), None
-
-
 def paste_back(image: Any, init: Any, mask_l: Any, blur: float) -> Any:
     """diffusers' ``apply_overlay``: ``init``'s pixels where the (blurred) mask is black, over ``image``."""
     from PIL import Image, ImageFilter, ImageOps
@@ -152,6 +133,16 @@ def paste_back(image: Any, init: Any, mask_l: Any, blur: float) -> Any:
     out = image.convert("RGBA")
     out.alpha_composite(init_masked)
     return out.convert("RGB")
+
+
+def paste_back_all(images: list[Any], init: np.ndarray, mask_l: Any, blur: float) -> list[Any]:
+    """``paste_back`` over each image of a call: ``init`` is the uint8 [1, H, W, 3] init image, ``mask_l`` the
+    call's mask (resized to the images' size here)."""
+    from PIL import Image
+
+    original = Image.fromarray(init[0])
+    mask = resize_mask(mask_l, original.height, original.width)
+    return [paste_back(im, original, mask, blur) for im in images]
 
 
 def check_paste_back(blur: Any) -> float | None:

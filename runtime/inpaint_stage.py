@@ -1,5 +1,5 @@
-"""Inpainting on the device: the mask checked against the export, the starting latents and mask state, and the
-step graph's extra inputs (the host math lives in runtime/inpaint.py)."""
+"""Calls that start from an image, on the device: img2img's noised image latents; inpainting's mask checks,
+starting latents and mask state, and the step graph's extra inputs (the host math lives in runtime/inpaint.py)."""
 
 from __future__ import annotations
 
@@ -45,6 +45,15 @@ def noise_graph(graphs: DeviceGraphs, backend: Backend, enc_lat: Array, dtype: n
     return graphs.noise(backend.meta(enc_lat)[0], dtype)
 
 
+def img2img_latents(backend: Backend, engines: dict[str, Engine], graphs: DeviceGraphs, dtype: np.dtype[Any],
+                    init: np.ndarray, noise: np.ndarray, plan: samplers.SamplerPlan) -> Array:
+    """img2img's starting latents: the init image encoded and noised to the plan's first step, on the device."""
+    enc_lat = engines["vae_encoder"]({"image": backend.to_device(init)})["latent"]
+    graph = noise_graph(graphs, backend, enc_lat, dtype)
+    return noised(graph, backend, enc_lat, backend.to_device(np.ascontiguousarray(noise, np.float32)),
+                  plan.noise_coeffs)
+
+
 def prepare(backend: Backend, engines: dict[str, Engine], graphs: DeviceGraphs, dtype: np.dtype[Any],
             vae_scale_factor: int, mode: str, plan: samplers.SamplerPlan, height: int, width: int, b: int,
             gens: list[np.random.Generator], seed: Any, noise: np.ndarray, init: np.ndarray, mask_l: Any,
@@ -66,7 +75,7 @@ def prepare(backend: Backend, engines: dict[str, Engine], graphs: DeviceGraphs, 
     x = None
     if pure_noise:
         x = be.to_device((noise.astype(np.float64) * plan.init_noise_sigma).astype(np.float32).astype(dt))
-    state = inpaint.InpaintState(mode, lmask, masked_latents=masked, resident=True)
+    state = inpaint.InpaintState(mode, lmask, masked_latents=masked)
     if enc_lat is not None:
         graph = noise_graph(graphs, be, enc_lat, dt)
         noise_dev = be.to_device(np.ascontiguousarray(noise, np.float32))

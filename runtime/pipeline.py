@@ -33,7 +33,7 @@ import numpy as np
 
 from . import control_stage, controlnet, inpaint, inpaint_stage, loading, samplers
 from .backends import BACKENDS, make_backend
-from .conditioning import TextConditioning, guidance_embedding
+from .conditioning import TextConditioning
 from .device_graphs import DeviceGraphs
 from .engine import Array, Backend, Engine
 from .errors import ArtifactError, DeviceMemoryError, InputError
@@ -49,7 +49,9 @@ from .request import (
     OUTPUTS,
     SEED_MAX,
     GenerationRequest,
+    call_size,
     check_guidance,
+    check_latents,
     check_rescale,
     check_side,
     negatives_of,
@@ -269,25 +271,14 @@ class Pipeline:
         f = m.vae_scale_factor
         lat_shape = (b, m.latent_channels, height // f, width // f)
         gens = generators(seed, b)
-        if latents is None:
-            noise = draw(gens, lat_shape)
-        else:
-            noise = np.asarray(latents, dtype=np.float32)
-            if noise.shape != lat_shape:
-                raise InputError(f"latents have shape {noise.shape}, expected {lat_shape} for this size and batch")
-            if not np.all(np.isfinite(noise)):
-                raise InputError("latents hold NaN or inf values: pass finite noise (standard normal, as "
-                                 "np.random.default_rng(seed).standard_normal(shape)), or leave latents out")
+        noise = draw(gens, lat_shape) if latents is None else check_latents(latents, lat_shape)
         if init is not None and mask is not None:
             return inpaint_stage.prepare(self.backend, self.engines, self.device_graphs, self.dtype, f,
                                          self._inpaint_mode(), plan, height, width, b, gens, seed, noise, init, mask,
                                          pure_noise)
-        if init is not None:  # the encoded image never leaves the device: noised there to the first step
-            be = self.backend
-            enc_lat = self.engines["vae_encoder"]({"image": be.to_device(init)})["latent"]
-            graph = inpaint_stage.noise_graph(self.device_graphs, be, enc_lat, self.dtype)
-            x_dev = inpaint_stage.noised(graph, be, enc_lat, be.to_device(np.ascontiguousarray(noise, np.float32)),
-                                         plan.noise_coeffs)
+        if init is not None:  # img2img: the encoded image never leaves the device, noised there to the first step
+            x_dev = inpaint_stage.img2img_latents(self.backend, self.engines, self.device_graphs, self.dtype, init,
+                                                  noise, plan)
         else:
             x_dev = self.backend.to_device((noise.astype(np.float64) * plan.init_noise_sigma).astype(np.float32)
                                            .astype(self.dtype))
@@ -333,10 +324,8 @@ class Pipeline:
         fractions of the plan's steps, whichever window of them this call runs. ``aesthetic_score`` /
         ``negative_aesthetic_score``: an SDXL refiner's conditioning (default 6.0 / 2.5, as diffusers).
         ``timings``: receives the per-step milliseconds (``unet_steps_ms``) and how the loop ran (``loop``).
-        ``clock``: a caller's clock composing several stages (and models) on one timeline: the loop marks it
-        once set up and after every step, and the caller reads the times. ``own_buffers`` False: return the
-        loop's own buffers, valid until this pipeline's next ``denoise`` (saves a device copy when the next stage
-        consumes them at once)."""
+        ``clock``: a caller's clock for several stages on one timeline (marked once set up and after each step).
+        ``own_buffers`` False: the loop's own buffers, valid until this pipeline's next ``denoise``."""
         with self._lock:
             self._ready()
             self.check_request(latents.height, latents.width, embeddings.batch,
@@ -355,24 +344,9 @@ class Pipeline:
             return replace(out, x=be.clone(out.x), x0=None if out.x0 is None else be.clone(out.x0))
 
     def handoff_row(self, plan_timesteps: Sequence[float] | np.ndarray, fraction: float) -> int:
-        """How many of a plan's steps come before ``fraction`` of the schedule: diffusers' discrete cut-off,
-        the steps with t >= round(T - fraction * T)."""
-        train = int(self.scheduler_config.get("num_train_timesteps", 1000))
-        cutoff = round(train - fraction * train)
-        return int(np.sum(np.asarray(plan_timesteps) >= cutoff))
-
-    def _window(self, plan: samplers.SamplerPlan, latents: Latents, start: float | None,
-                end: float | None) -> tuple[int, int]:
-        def row(frac: float, label: str) -> int:
-            if not 0.0 < frac < 1.0:
-                raise InputError(f"{label} {frac} is outside (0, 1): give the fraction of the schedule")
-            return self.handoff_row(plan.timesteps, frac)
-
-        lo = latents.step if start is None else row(start, "start")
-        hi = plan.steps if end is None else row(end, "end")
-        if not 0 <= lo < hi <= plan.steps:
-            raise InputError(f"the window [{lo}, {hi}) of the {plan.steps} steps is empty; start before end")
-        return lo, hi
+        """How many of a plan's steps come before ``fraction`` of the schedule (``samplers.rows_before``)."""
+        return samplers.rows_before(plan_timesteps, fraction, int(self.scheduler_config.get("num_train_timesteps",
+                                                                                             1000)))
 
     def _denoise(self, emb: PromptEmbeddings, lat: Latents, plan: samplers.SamplerPlan, guidance_scale: float,
                  start: float | None, end: float | None, callback: Callable[[int, int], None] | None,
@@ -391,7 +365,8 @@ class Pipeline:
                 f"the embeddings were encoded {'with' if emb.guided else 'without'} guidance but guidance_scale "
                 f"is {guidance_scale}; encode with guided={guided}")
         be, dt = self.backend, self.dtype
-        lo, hi = self._window(plan, lat, start, end)
+        train = int(self.scheduler_config.get("num_train_timesteps", 1000))
+        lo, hi = samplers.window(plan, lat.step, start, end, train)
         b = emb.batch
         rows = be.meta(lat.x)[1][0] if not isinstance(lat.x, np.ndarray) else lat.x.shape[0]
         if isinstance(rows, int) and rows != b:
@@ -401,15 +376,7 @@ class Pipeline:
             raise InputError(f"the latents were not prepared for this plan ({plan.sampler}, {plan.steps} steps); "
                              "prepare them with prepare_latents(plan, ...)")
         to_dev = be.to_device
-        cond = {"encoder_hidden_states": emb.hidden}
-        if emb.pooled is not None:
-            cond["text_embeds"] = emb.pooled
-        for name, value in self.family.extra_conditioning(lat.height, lat.width, b, guided, scores).items():
-            cond[name] = to_dev(value.astype(dt))
-        if "timestep_cond" in self.engines["unet"].inputs:  # an LCM-distilled UNet: guidance as an embedding
-            dim = int(self.engines["unet"].inputs["timestep_cond"].shape[-1])  # type: ignore[arg-type]
-            cond["timestep_cond"] = to_dev(np.tile(guidance_embedding(guidance_scale - 1.0, dim).astype(dt),
-                                                   (b, 1)))
+        cond = self._conditioning().denoiser_inputs(emb, lat.height, lat.width, scores, guidance_scale)
         mode, table = None, plan.table
         step_inputs: dict[str, Array] = {}
         if lat.inpaint is not None:  # the mask work runs in the step graph's inpainting variant
@@ -576,17 +543,12 @@ class Pipeline:
             mask, blur = inpaint_stage.check_call(self.folder, self.engines, self._inpaint_mode(), req)
             creq = self._check_control(req.control_images, req.control_scales, req.control_start, req.control_end,
                                        req.guess_mode, req.control_preprocess, mask is not None)
-            height, width = req.height, req.width
-            init = None
             if image is not None:
                 self._check_img2img()
-                init = to_uint8(image, height, width, m.vae_scale_factor)
-                height, width = init.shape[1], init.shape[2]
-            elif creq is not None and (height is None or width is None):  # diffusers: the control image's size
-                ch, cw = controlnet.default_size(creq, m.vae_scale_factor)
-                height, width = ch if height is None else height, cw if width is None else width
-            height = m.default_size if height is None else int(height)
-            width = m.default_size if width is None else int(width)
+            init = None if image is None else to_uint8(image, req.height, req.width, m.vae_scale_factor)
+            # the image's size (img2img), else the control image's (as diffusers), else the model's default
+            control_size = None if creq is None else controlnet.default_size(creq, m.vae_scale_factor)
+            height, width = call_size(req.height, req.width, init, control_size, m.default_size)
             guided = self.uses_guidance(req.guidance_scale)
             self.check_request(height, width, b, guided=guided)
             default_strength = 1.0 if mask is not None else DEFAULT_STRENGTH
@@ -612,11 +574,8 @@ class Pipeline:
                                          rescale=req.guidance_rescale, control=creq, scores=req.scores)
                 images, nonfinite, final = self.finish(lat.x, req.output)
                 if req.output == "images" and blur is not None:
-                    from PIL import Image
-
                     assert init is not None  # paste_back is refused without an image
-                    original, m_out = Image.fromarray(init[0]), inpaint.resize_mask(mask, height, width)
-                    images = [inpaint.paste_back(im, original, m_out, blur) for im in images]
+                    images = inpaint.paste_back_all(images, init, mask, blur)
                 clock.mark()
                 timings = call_timings(clock, image=init is not None, decoded=req.output == "images", t_start=t_start)
                 return Result(images, timings, nonfinite, how, final, lat.seed)

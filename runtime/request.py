@@ -180,6 +180,29 @@ def resolve_seed(seed: Any, b: int) -> int | list[int]:
     return [int(s) for s in seed]
 
 
+def check_latents(latents: Any, shape: tuple[int, ...]) -> np.ndarray:
+    """The caller's initial noise (``latents=``) as float32, of the shape the size and batch need, finite."""
+    noise = np.asarray(latents, dtype=np.float32)
+    if noise.shape != shape:
+        raise InputError(f"latents have shape {noise.shape}, expected {shape} for this size and batch")
+    if not np.all(np.isfinite(noise)):
+        raise InputError("latents hold NaN or inf values: pass finite noise (standard normal, as "
+                         "np.random.default_rng(seed).standard_normal(shape)), or leave latents out")
+    return noise
+
+
+def call_size(height: int | None, width: int | None, init: np.ndarray | None, control_size: tuple[int, int] | None,
+              default: int) -> tuple[int, int]:
+    """A call's (height, width): an init image's own (already resized to any size asked), else the size asked,
+    filled from the control image's size (as diffusers' ControlNet pipelines), else the model's default."""
+    if init is not None:
+        return int(init.shape[1]), int(init.shape[2])
+    if control_size is not None:
+        height = control_size[0] if height is None else height
+        width = control_size[1] if width is None else width
+    return (default if height is None else int(height)), (default if width is None else int(width))
+
+
 def check_side(label: str, v: Any, limits: Any, default_size: int) -> None:
     """A height or width within the export's limits (``ShapeLimits``)."""
     lim = limits

@@ -515,3 +515,26 @@ _BUILDERS: dict[str, Callable[..., SamplerPlan]] = {
     "euler-a": _euler,
     "lcm": _lcm,
 }
+
+
+def rows_before(timesteps: Sequence[float] | np.ndarray, fraction: float, num_train_timesteps: int) -> int:
+    """How many of a plan's steps come before ``fraction`` of the schedule: diffusers' discrete cut-off
+    (``denoising_end`` / ``denoising_start``), the steps with t >= round(T - fraction * T)."""
+    cutoff = round(num_train_timesteps - fraction * num_train_timesteps)
+    return int(np.sum(np.asarray(timesteps) >= cutoff))
+
+
+def window(plan: SamplerPlan, step: int, start: float | None, end: float | None,
+           num_train_timesteps: int) -> tuple[int, int]:
+    """The plan rows [lo, hi) a ``denoise`` runs: from ``step`` (or the ``start`` fraction of the schedule) to
+    the ``end`` fraction (or the end)."""
+    def row(frac: float, label: str) -> int:
+        if not 0.0 < frac < 1.0:
+            raise InputError(f"{label} {frac} is outside (0, 1): give the fraction of the schedule")
+        return rows_before(plan.timesteps, frac, num_train_timesteps)
+
+    lo = step if start is None else row(start, "start")
+    hi = plan.steps if end is None else row(end, "end")
+    if not 0 <= lo < hi <= plan.steps:
+        raise InputError(f"the window [{lo}, {hi}) of the {plan.steps} steps is empty; start before end")
+    return lo, hi

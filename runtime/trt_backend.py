@@ -325,8 +325,8 @@ class TrtBackend(TrtBackendBase):
                    else "sdrt build ONNX_DIR --out ENGINE_DIR")
         where = f"the engine folder {self.folder}" if self.folder is not None else "no engine folder (TrtBackend(folder))"
         return ArtifactError(
-            f"{name}: {where} has no prebuilt engine for this step graph (folders built by an older sdrt lack "
-            f"them, and the runtime does not build engines); rebuild the folder: {command}"
+            f"{name}: {where} has no prebuilt engine for this graph (every folder `sdrt build` makes "
+            f"holds them, and the runtime does not build engines: the folder is incomplete); rebuild it: {command}"
         )
 
     # -- arrays -----------------------------------------------------------------------------------------

@@ -208,7 +208,7 @@ def test_the_lean_runtime_takes_only_version_compatible_engines(tmp_path, fakes)
                         flags=BuildFlags(version_compatible=True, exclude_lean_runtime=True))
     with pytest.raises(CompatibilityError, match="--exclude-lean-runtime by TensorRT 10.13.0.35: only that exact"):
         tb.TrtBackend(excl).load(str(excl / "unet.engine"), "unet")
-    with pytest.raises(ArtifactError, match=r"no prebuilt engine for this step graph .*rebuild the folder: "
+    with pytest.raises(ArtifactError, match=r"no prebuilt engine for this graph .*rebuild it: "
                                             r"sdrt build /onnx --out ENGINES"):
         be.load(STEP_ONNX, "sampler_step")
 
@@ -219,7 +219,7 @@ def test_a_step_graph_that_was_not_prebuilt_is_refused_with_the_rebuild_command(
     assert hasattr(trt, "Builder")
     old = write_folder(tmp_path / "old", {"unet": fake_plan(fake_unet())})
     with pytest.raises(ArtifactError, match=r"sampler_step: the engine folder .*old has no prebuilt engine for this "
-                                            r"step graph.*rebuild the folder: sdrt build /onnx --out ENGINES"):
+                                            r"graph.*rebuild it: sdrt build /onnx --out ENGINES"):
         tb.TrtBackend(old).load(STEP_ONNX, "sampler_step")
     with pytest.raises(ArtifactError, match=r"no engine folder .*sdrt build ONNX_DIR --out ENGINE_DIR"):
         tb.TrtBackend().load(STEP_ONNX, "sampler_step")
