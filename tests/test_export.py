@@ -131,12 +131,14 @@ def test_refit_map_names_every_weight(tiny_export) -> None:
 def test_parity_gate_refuses_and_keeps_previous_export(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "export"
     out.mkdir()
-    (out / "sdrt.json").write_text("{}")  # a previous export: replaceable, so only the gate can keep it
-    (out / "previous.txt").write_text("the last good export")
+    # a previous export (its manifest names its files): replaceable, so only the gate can keep it
+    (out / "sdrt.json").write_text(json.dumps({"components": {"unet": {"path": "unet/model.onnx"}}}))
+    (out / "unet").mkdir()
+    (out / "unet" / "model.onnx").write_text("the last good export")
     monkeypatch.setitem(onnx_export.PARITY_BOUND, "fp32", 1e-12)  # unreachable: the gate must refuse
     with pytest.raises(ParityError, match="text_encoder"):
         export_model(load_model(random_preset="sd15-tiny"), out, fp16=False)
-    assert (out / "previous.txt").read_text() == "the last good export"
+    assert (out / "unet" / "model.onnx").read_text() == "the last good export"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no partial folder left
 
 
