@@ -30,12 +30,10 @@ demo: install
 test: install-test
 	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
 
-# the documentation site, built in strict mode (a broken link or reference fails) into site/ (git-ignored).
-# PYTHONSAFEPATH: the current folder off sys.path, so the API reference reads the package mirrored in site-api/
-# (sdrt.runtime is runtime/), not the checkout's sdrt/ folder, which holds only the CLI
+# the documentation site, built in strict mode (a broken link or reference fails) into site/ (git-ignored)
 docs: $(filter $(VENV_PY),$(PY))
 	$(PIP) -e ".[docs]"
-	PYTHONSAFEPATH=1 NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict -d site
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict -d site
 
 # the inner loop, after one `make install-test`: every test but the slow tier (full-size models, the Ray
 # cluster, the browser), in a few minutes; installs nothing. `make test` (CI) still runs everything.

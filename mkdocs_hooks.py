@@ -12,10 +12,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from mkdocs.plugins import event_priority
+
 ROOT = Path(__file__).resolve().parent
 TREE = ROOT / "site-api"
 
 
+@event_priority(100)  # before mkdocstrings' own on_config, which keeps only the handler paths that exist
 def on_config(config: Any) -> Any:
     # pyproject's one-line table, read without tomllib (Python 3.11+; sdrt supports 3.10)
     table = re.search(r"^package-dir = \{(.*)\}$", (ROOT / "pyproject.toml").read_text(), re.MULTILINE)
