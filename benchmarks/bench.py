@@ -40,7 +40,7 @@ from .baselines import (
 from .config import DEFAULT_PROMPT, WORKLOADS, BenchConfig
 from .env import fingerprint, load_average
 from .flops import architecture_of_export
-from .jobs import Job, job_spec, run_worker, workload_inputs, write_latents
+from .jobs import BASELINE, SDRT, Job, job_spec, run_worker, workload_inputs, write_latents
 from .memory import MemoryPeaks
 from .output import check_output, default_filename, save
 from .records import (
@@ -305,12 +305,12 @@ class _Run:
             for row in baselines:
                 if backends[row.name].status == "ok":
                     assert models.baseline is not None
-                    jobs.append(Job("diffusers", row.name, row.device, models.baseline, h, w, bsz, sampler, steps,
+                    jobs.append(Job(BASELINE, row.name, row.device, models.baseline, h, w, bsz, sampler, steps,
                                     row.compiled, row.autocast, **shared))
             for name in available:
                 src = models.engines if name == "tensorrt" else models.folder
                 assert src is not None
-                jobs.append(Job("sdrt", name, backend_device(name), src, h, w, bsz, sampler, steps,
+                jobs.append(Job(SDRT, name, backend_device(name), src, h, w, bsz, sampler, steps,
                                 artifact_bytes=backends[name].artifact_bytes, **shared))
         return jobs
 
@@ -339,7 +339,7 @@ class _Run:
         spec = job_spec(job, cfg, precision=precision, family=models.manifest.family, threads=self.threads)
         if models.ref_folder is not None:
             spec["refiner_start"] = cfg.refiner_start
-            if job.kind == "sdrt":
+            if not job.is_baseline:
                 spec["refiner_folder"] = str(models.ref_engines if job.name == "tensorrt" else models.ref_folder)
             else:
                 spec["refiner_diffusers_folder"] = str(models.ref_baseline)

@@ -18,10 +18,12 @@ from .config import BenchConfig
 from .memory import MemoryPeaks, MemorySampler
 from .worker import PREFIX
 
+SDRT, BASELINE = "sdrt", "diffusers"  # Job.kind: the system a row measures
+
 
 @dataclass
 class Job:
-    kind: str  # "sdrt" | "diffusers"
+    kind: str  # the system measured: SDRT or BASELINE (diffusers on PyTorch); not a model family
     name: str  # backend name in the result: "ort-cpu", "torch-cpu", "torch-cuda-compile", ...
     device: str
     folder: Path
@@ -36,6 +38,11 @@ class Job:
     image_out: Path | None = None
     latents: Path | None = None  # the starting latents, shared by every job of this shape
     inputs: dict[str, str] = field(default_factory=dict)  # the workload's image files (workload_inputs)
+
+    @property
+    def is_baseline(self) -> bool:
+        """The row measures the PyTorch baseline (diffusers), not sdrt."""
+        return self.kind == BASELINE
 
     def label(self) -> str:
         return f"{self.name} {self.height}x{self.width} batch {self.batch_size} {self.sampler}/{self.steps} steps"

@@ -46,7 +46,7 @@ def measurement(job: Job, res: dict[str, Any], peaks: MemoryPeaks, cfg: BenchCon
     """A job's measurement record from its worker's result and memory peaks: every figure summarized over the
     repeats, with the raw runs and the clock each figure was timed on (a failed job: its status and reason)."""
     m: dict[str, Any] = {
-        "backend": job.name, "role": "sdrt" if job.kind == "sdrt" else "baseline", "device": job.device,
+        "backend": job.name, "role": "baseline" if job.is_baseline else "sdrt", "device": job.device,
         "status": res["status"], "reason": res.get("reason"), "height": job.height, "width": job.width,
         "batch_size": job.batch_size, "sampler": job.sampler, "steps": job.steps,
         "guidance_scale": cfg.guidance_scale, "guided": guided,
@@ -60,7 +60,7 @@ def measurement(job: Job, res: dict[str, Any], peaks: MemoryPeaks, cfg: BenchCon
         "torch_peak_allocated_bytes": res.get("torch_peak_allocated_bytes"),
         "peak_rss_bytes": res.get("peak_rss_bytes"), "rss_sampled_peak_bytes": peaks.rss_peak_bytes,
         "memory_notes": list(peaks.notes),
-        "artifact_bytes": job.artifact_bytes if job.kind == "sdrt" else res.get("weight_bytes"),
+        "artifact_bytes": res.get("weight_bytes") if job.is_baseline else job.artifact_bytes,
         "raw": None, "flops": None, "floor_ms": None, "of_floor": None,
         "baseline": None, "vs_baseline": None, "image_vs_baseline": None, "clocks": None,
     }
@@ -188,7 +188,7 @@ def note_backend(b: BackendRecord, res: dict[str, Any], job: Job) -> None:
     b.timing_method = res.get("timing_method")
     if res.get("precision"):  # what the backend computed in, where that is not the export's (openvino bf16)
         b.precision = str(res["precision"])
-    if job.kind == "diffusers":
+    if job.is_baseline:
         b.artifact_bytes = res.get("weight_bytes")
 
 
