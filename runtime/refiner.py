@@ -9,7 +9,7 @@ stages (no loop of its own)::
     plan = base.plan("euler", 40)
     lat = base.denoise(emb, base.prepare_latents(plan, 1024, 1024, seed=1), plan, end=0.8)
     rplan = refiner.plan("euler", 40)
-    rplan = refiner.plan("euler", 40, fresh_from=handoff_row(refiner, rplan.timesteps, 0.8))
+    rplan = refiner.plan("euler", 40, fresh_from=refiner.handoff_row(rplan.timesteps, 0.8))
     rlat = refiner.latents_from(lat, base)           # the same state, on the refiner's device, no history
     rlat = refiner.denoise(refiner.encode_prompt(prompt, guided=True), rlat, rplan, start=0.8)
     images, _ = refiner.decode(rlat)
@@ -143,12 +143,6 @@ def carry_latents(target: Pipeline, latents: Latents, source: Pipeline) -> Laten
         host = source.backend.to_host(latents.x) if on_device else latents.x
         x = be.to_device(np.asarray(host).astype(target.dtype))
     return Latents(x, latents.height, latents.width, latents.step, None, latents.noise, latents.seed)
-
-
-def handoff_row(pipe: Pipeline, plan_timesteps: np.ndarray, fraction: float) -> int:
-    """How many of a plan's steps come before ``fraction``: diffusers' discrete cut-off, the steps with
-    t >= round(T - fraction * T)."""
-    return pipe.handoff_row(plan_timesteps, fraction)
 
 
 def refine(base: Pipeline, refiner: Pipeline, request: GenerationRequest, *,
