@@ -43,4 +43,4 @@ test-fast: $(filter $(VENV_PY),$(PY))
 	$(PY) -m pytest -p no:cacheprovider -m "$(FAST_TIER)" $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
 
 lint: $(filter $(VENV_PY),$(PY))
-	$(PY) -m ruff check sdrt export runtime benchmarks engines tests
+	$(PY) -m ruff check sdrt export runtime benchmarks engines quality serve tests

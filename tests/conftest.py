@@ -36,6 +36,25 @@ def tiny_export(tmp_path_factory: pytest.TempPathFactory, export_cache: dict[tup
 
 
 @pytest.fixture(scope="session")
+def shapes_export(tmp_path_factory: pytest.TempPathFactory, export_cache: dict[tuple[str, str], Path]):
+    """shapes_export(precision) -> folder of an sdrt export of the committed shapes model (sdrt.quality)."""
+
+    def get(precision: str = "fp32") -> Path:
+        key = ("shapes", precision)
+        if key not in export_cache:
+            from sdrt.export.exporter import export_model
+            from sdrt.export.loading import load_model
+            from sdrt.quality import MODEL_DIR
+
+            out = tmp_path_factory.mktemp("exports") / f"shapes-{precision}"
+            export_model(load_model(MODEL_DIR), out, fp16=precision == "fp16")
+            export_cache[key] = out
+        return export_cache[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def tiny_controlnet_export(tmp_path_factory: pytest.TempPathFactory, export_cache: dict[tuple[str, str], Path]):
     """tiny_controlnet_export(preset, precision, nets) -> folder of an sdrt export of synthetic weights (seed
     0) with ``nets`` synthetic ControlNets of the matching tiny preset (seeds 1, 2, ...)."""

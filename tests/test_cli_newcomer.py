@@ -267,7 +267,8 @@ def test_demo_size_is_checked_before_the_export(tmp_path: Path, monkeypatch: pyt
     for size in ("65", "32", "4096"):
         assert main(["demo", "--out", str(tmp_path / "demo"), "--size", size]) == 1
         err = capsys.readouterr().err
-        assert f"--size {size} is not supported" in err and "from 64 to 2048" in err and "default (256)" in err
+        assert f"--size {size} is not supported" in err and "from 64 to 2048" in err
+        assert "default (64 for the shapes model, 256 for a --preset)" in err
         assert "--height" not in err
     assert os.listdir(tmp_path) == []
 

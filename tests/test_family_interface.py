@@ -14,7 +14,7 @@ from sdrt.runtime.errors import ArtifactError, InputError
 from sdrt.runtime.families import FAMILY_KEYS, family_named, has_refiner
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("runtime", "export", "serve", "benchmarks", "sdrt", "engines")
+PACKAGES = ("runtime", "export", "serve", "benchmarks", "sdrt", "engines", "quality")
 NAMES = {"sd1", "sd2", "sdxl", "sdxl-refiner", "sdxl_refiner"}
 
 

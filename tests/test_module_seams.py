@@ -6,7 +6,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("runtime", "export", "serve", "benchmarks", "sdrt", "engines")
+PACKAGES = ("runtime", "export", "serve", "benchmarks", "sdrt", "engines", "quality")
 
 
 def _private_reaches(path: Path) -> list[str]:

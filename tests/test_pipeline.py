@@ -176,7 +176,7 @@ def test_cli_generate_and_demo(sd15: Path, tmp_path: Path, capsys: pytest.Captur
     # a new -o: an existing one is refused first (it needs --overwrite)
     assert main(["generate", str(sd15), "--prompt", "a", "--height", "100", "-o", str(tmp_path / "h.png")]) == 1
     assert "multiple of 8" in capsys.readouterr().err and not (tmp_path / "h.png").exists()
-    assert main(["demo", "--out", str(tmp_path / "demo"), "--steps", "3", "--size", "64"]) == 0
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--preset", "sd15-tiny", "--steps", "3", "--size", "64"]) == 0
     assert (tmp_path / "demo" / "demo.png").is_file()
     printed = capsys.readouterr().out
     assert "it/s" in printed

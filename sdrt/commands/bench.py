@@ -4,6 +4,7 @@
     sdrt bench --preset sd15-tiny --backends ort-cpu --steps 4 --repeats 3 -o run.json
     sdrt bench --workload few-step                  # sd-turbo-tiny, 1 and 4 steps, euler-a, guidance 0: images/s
     sdrt bench --workload base-refiner              # sdxl-tiny + sdxl-refiner-tiny from 0.8 of the schedule
+    sdrt bench --quality                            # the shapes model's score beside the speed of each setting
     sdrt bench report benchmarks/results/bench-*.json -o benchmarks/results --readme README.md
 """
 
@@ -56,6 +57,11 @@ def register(p: argparse.ArgumentParser) -> None:
                         "diffusers' inpainting pipeline; few-step (default --preset sd-turbo-tiny --steps 1,4 "
                         "--samplers euler-a --guidance 0, compare images/s); base-refiner (default --preset sdxl-tiny "
                         "--refiner sdxl-refiner-tiny --samplers euler: the SDXL base + refiner pair, per-stage times)")
+    p.add_argument("--quality", action="store_true",
+                   help="score pictures, not only time them: the shapes model (sdrt.quality) on every backend and "
+                        "precision this machine runs, and each sampler at 1 to 50 steps (--steps, --samplers), "
+                        "beside seconds per image; writes quality-shapes-<time>.json and a plot of the score against "
+                        "steps (-o names the JSON; the plot takes its name with .png)")
     p.add_argument("--refiner", default=None,
                    help="an SDXL refiner preset or export folder that takes over from the base (base-refiner)")
     p.add_argument("--refiner-start", type=float, default=0.8,
@@ -171,9 +177,40 @@ class _Progress:
             self.bar.close()
 
 
+def _quality(args: argparse.Namespace) -> int:
+    from sdrt.benchmarks import quality
+    from sdrt.runtime.errors import InputError
+
+    other = [flag for flag, v in (("--preset", args.preset), ("--artifact", args.artifact),
+                                  ("--engines", args.engines), ("--backends", args.backends),
+                                  ("--refiner", args.refiner), ("--resolutions", args.resolutions)) if v]
+    if other or args.workload != "txt2img":
+        raise InputError(f"--quality runs the shapes model on every backend this machine has; "
+                         f"{', '.join(other) or '--workload'} does not apply to it (leave it out)")
+    if args.output:
+        quality.check_output(args.output, overwrite=args.overwrite)
+    samplers = args.samplers or quality.CURVE_SAMPLERS
+    from sdrt.runtime.samplers import SAMPLERS
+
+    unknown = [name for name in samplers if name not in SAMPLERS]
+    if unknown:
+        raise InputError(f"unknown sampler {', '.join(map(repr, unknown))}; valid names: {', '.join(SAMPLERS)}")
+    steps = args.steps or quality.CURVE_STEPS
+    if any(k < 1 or k > 1000 for k in steps):
+        raise InputError(f"--steps {','.join(map(str, steps))}: each must be from 1 to 1000")
+    doc = quality.run_quality(args.work_dir, curve_steps=steps, samplers=samplers, threads=args.threads)
+    out, png = quality.save(doc, args.output or quality.default_filename(doc), overwrite=args.overwrite)
+    print()
+    print(quality.text_table(doc))
+    print(f"\nwrote {out}\nwrote {png}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     if getattr(args, "bench_command", None) == "report":
         return _report(args)
+    if args.quality:
+        return _quality(args)
     from sdrt.benchmarks.bench import run_bench
     from sdrt.benchmarks.config import DEFAULT_PROMPT, BenchConfig
     from sdrt.benchmarks.output import check_output, default_filename, save
