@@ -30,7 +30,7 @@ They read a FlowMatchEulerDiscreteScheduler config (``shift``, ``use_dynamic_shi
 ``schedules.flow_img2img_start`` picks):
 
     flow-euler       FlowMatchEulerDiscreteScheduler (honours shift_terminal, time_shift_type and
-                     stochastic_sampling from the config)
+                     stochastic_sampling from the config; custom ``sigmas`` from ``make_plan``)
     flow-dpmpp-2m    DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2,
                      use_flow_sigmas=True, flow_shift=shift, prediction_type="flow_prediction")
 
@@ -164,6 +164,7 @@ def make_plan(
     timestep_spacing: str | None = None,
     fresh_from: int = 0,
     mu: float | None = None,
+    sigmas: Sequence[float] | np.ndarray | None = None,
 ) -> SamplerPlan:
     """Precompute a sampler's per-step coefficients for ``steps`` steps (img2img when strength < 1).
 
@@ -173,7 +174,9 @@ def make_plan(
     ensemble, which starts its own scheduler at ``denoising_start``); only DPM-Solver++(2M) has history to
     lose, the other samplers' rows are unchanged. ``mu``: the flow samplers' resolution-dependent shift,
     required by (and only by) a config with use_dynamic_shifting=True (``flow_mu`` computes diffusers' value
-    from the image's token count). Raises InputError on any bad argument before any work.
+    from the image's token count). ``sigmas``: flow-euler's own descending sigmas in (0, 1], one per step,
+    shifted as the config says (diffusers' ``set_timesteps(sigmas=)``, which some flow pipelines pass).
+    Raises InputError on any bad argument before any work.
     """
     overrides = {} if timestep_spacing is None else {"timestep_spacing": timestep_spacing}
     cfg = _config(sampler, {**scheduler_config, **overrides}, prediction_type)
@@ -182,10 +185,14 @@ def make_plan(
                          "evenly spaced sigmas); leave it unset")
     _check_args(sampler, steps, strength, eta)
     _check_mu(sampler, cfg, mu)
+    custom = _check_custom_sigmas(sampler, steps, sigmas)
     _check_run_length(sampler, steps, cfg, strength)
     if not _is_number(fresh_from, integral=True) or fresh_from < 0:
         raise InputError(f"fresh_from must be an integer >= 0 (a row of the plan), got {fresh_from!r}")
-    plan = _BUILDERS[sampler](sampler, steps, cfg, strength, eta, mu)
+    extra: dict[str, Any] = {}  # set_timesteps' arguments beyond the step count
+    if sampler in FLOW_SAMPLERS:
+        extra = {"mu": mu, "custom": custom} if sampler == "flow-euler" else {"mu": mu}
+    plan = _BUILDERS[sampler](sampler, steps, cfg, strength, eta, **extra)
     if fresh_from >= plan.steps:
         raise InputError(f"fresh_from {fresh_from} is past the plan's last row ({plan.steps - 1})")
     if fresh_from and sampler in _ALL_DPM:
@@ -360,6 +367,26 @@ def _check_mu(sampler: str, cfg: Mapping[str, Any], mu: float | None) -> None:
                          "scheduler config; leave it unset")
 
 
+def _check_custom_sigmas(sampler: str, steps: int,
+                         sigmas: Sequence[float] | np.ndarray | None) -> np.ndarray | None:
+    """Custom sigmas are flow-euler's only: ``steps`` finite numbers, descending, in (0, 1]."""
+    if sigmas is None:
+        return None
+    if sampler != "flow-euler":
+        raise InputError(f"sigmas= applies only to flow-euler (diffusers' FlowMatchEulerDiscreteScheduler), "
+                         f"not {sampler}; leave it unset")
+    try:
+        out = np.array(sigmas, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise InputError(f"sigmas must be a sequence of numbers, got {sigmas!r}") from None
+    if out.shape != (steps,):
+        raise InputError(f"sigmas must hold one number per step ({steps!r}), got shape {out.shape}")
+    if not np.all(np.isfinite(out)) or out.min() <= 0.0 or out.max() > 1.0 or np.any(np.diff(out) >= 0):
+        raise InputError("sigmas must descend strictly within (0, 1]")
+    out.flags.writeable = False
+    return out
+
+
 def _check_args(sampler: str, steps: int, strength: float, eta: float) -> None:
     if not _is_number(steps, integral=True) or steps < 1:
         raise InputError(f"steps must be an integer >= 1, got {steps!r}")
@@ -460,8 +487,7 @@ def _plan(sampler: str, cfg: Mapping[str, Any], timesteps: np.ndarray, cols: Map
 # -- DDIM (Song et al. 2021) -----------------------------------------------------------------------
 
 
-def _ddim(sampler: str, steps: int, cfg: Mapping[str, Any], strength: float, eta: float,
-          mu: float | None = None) -> SamplerPlan:
+def _ddim(sampler: str, steps: int, cfg: Mapping[str, Any], strength: float, eta: float) -> SamplerPlan:
     """DDIM eq. 12: x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - std^2) eps + std z.
 
     eps = (x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t) holds for either prediction type, so
@@ -527,8 +553,7 @@ def _dpm_solver(sigmas: np.ndarray,
     return {"a": a, "b": b, "c": c}
 
 
-def _dpmpp_2m(sampler: str, steps: int, cfg: Mapping[str, Any], strength: float, eta: float,
-              mu: float | None = None) -> SamplerPlan:
+def _dpmpp_2m(sampler: str, steps: int, cfg: Mapping[str, Any], strength: float, eta: float) -> SamplerPlan:
     karras = sampler == "dpmpp-2m-karras" or bool(cfg["use_karras_sigmas"])
     t, sigmas = _dpm_sigmas(steps, cfg, karras)
     _check_descending(sigmas, sampler, steps)
@@ -581,8 +606,7 @@ def _euler_init_sigma(sigmas: np.ndarray, spacing: str) -> float:
     return top if spacing in ("linspace", "trailing") else math.sqrt(top**2 + 1)
 
 
-def _euler(sampler: str, steps: int, cfg: Mapping[str, Any], strength: float, eta: float,
-           mu: float | None = None) -> SamplerPlan:
+def _euler(sampler: str, steps: int, cfg: Mapping[str, Any], strength: float, eta: float) -> SamplerPlan:
     karras = sampler == "euler" and bool(cfg["use_karras_sigmas"])
     t, sigmas = _euler_sigmas(steps, cfg, karras)
     _check_descending(sigmas, sampler, steps)
@@ -621,8 +645,7 @@ def _lcm_timesteps(steps: int, cfg: Mapping[str, Any], strength: float) -> np.nd
     return origin[picks].astype(np.float64)
 
 
-def _lcm(sampler: str, steps: int, cfg: Mapping[str, Any], strength: float, eta: float,
-         mu: float | None = None) -> SamplerPlan:
+def _lcm(sampler: str, steps: int, cfg: Mapping[str, Any], strength: float, eta: float) -> SamplerPlan:
     """Consistency function f(x, t) = c_skip(t) x + c_out(t) x0 (Song et al. 2023), then re-noise to the next t."""
     t = _lcm_timesteps(steps, cfg, strength)
     abar = sch.alphas_cumprod(cfg)
@@ -640,16 +663,20 @@ def _lcm(sampler: str, steps: int, cfg: Mapping[str, Any], strength: float, eta:
 # -- flow matching (Lipman et al. 2023; Esser et al. 2024, "Scaling Rectified Flow Transformers") --------
 
 
-def _flow_euler_sigmas(steps: int, cfg: Mapping[str, Any], mu: float | None) -> tuple[np.ndarray, np.ndarray]:
-    """(timesteps, flow sigmas) as FlowMatchEulerDiscreteScheduler.set_timesteps(steps, mu=mu): evenly spaced
-    between the ends of its (shifted) training sigmas, shifted again (statically by ``shift``, or by ``mu``),
-    optionally stretched to end at shift_terminal."""
+def _flow_euler_sigmas(steps: int, cfg: Mapping[str, Any], mu: float | None,
+                       custom: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(timesteps, flow sigmas) as FlowMatchEulerDiscreteScheduler.set_timesteps(steps, mu=mu, sigmas=custom):
+    ``custom``, or evenly spaced between the ends of its (shifted) training sigmas, shifted (statically by
+    ``shift``, or by ``mu``), optionally stretched to end at shift_terminal."""
     T = cfg["num_train_timesteps"]
     dynamic = bool(cfg["use_dynamic_shifting"])
-    train = np.arange(T, 0, -1, dtype=np.float64) / T
-    if not dynamic:
-        train = sch.flow_shift(train, _flow_shift_of(cfg))
-    sigmas = np.linspace(train[0] * T, train[-1] * T, steps) / T
+    if custom is not None:
+        sigmas = custom.copy()
+    else:
+        train = np.arange(T, 0, -1, dtype=np.float64) / T
+        if not dynamic:
+            train = sch.flow_shift(train, _flow_shift_of(cfg))
+        sigmas = np.linspace(train[0] * T, train[-1] * T, steps) / T
     if dynamic:
         assert mu is not None  # _check_mu
         sigmas = sch.flow_time_shift(sigmas, mu, cfg["time_shift_type"])
@@ -685,10 +712,10 @@ def _check_flow_sigmas(sigmas: np.ndarray, sampler: str, steps: int) -> None:
 
 
 def _flow_euler(sampler: str, steps: int, cfg: Mapping[str, Any], strength: float, eta: float,
-                mu: float | None = None) -> SamplerPlan:
+                mu: float | None = None, custom: np.ndarray | None = None) -> SamplerPlan:
     """Euler on the flow ODE dx/dsigma = v = (x - x0) / sigma: the same step as ``_euler_step``; with
     stochastic_sampling, x_next = (1 - sigma_next) x0 + sigma_next z (fresh noise z) instead."""
-    t, sigmas = _flow_euler_sigmas(steps, cfg, mu)
+    t, sigmas = _flow_euler_sigmas(steps, cfg, mu, custom)
     _check_flow_sigmas(sigmas, sampler, steps)
     start = sch.flow_img2img_start(steps, strength)
     t, sigmas = t[start:], np.append(sigmas[start:], 0.0)

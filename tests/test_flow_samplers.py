@@ -64,11 +64,12 @@ def run_both(plan, sc, timesteps, start: np.ndarray, noises: list[np.ndarray], m
         assert_close(ours, theirs.numpy())
 
 
-def txt2img(sampler, steps, config, monkeypatch, mu=None, seed=0):
+def txt2img(sampler, steps, config, monkeypatch, mu=None, seed=0, sigmas=None):
     """A whole txt2img run both ways, timesteps and sigmas checked; returns the plan."""
-    plan = make_plan(sampler, steps, config, mu=mu)
+    plan = make_plan(sampler, steps, config, mu=mu, sigmas=sigmas)
     sc = reference(sampler, config)
-    sc.set_timesteps(steps, **({} if mu is None else {"mu": mu}))
+    extra = {k: v for k, v in (("mu", mu), ("sigmas", sigmas)) if v is not None}
+    sc.set_timesteps(steps, **extra)
     atol = 0 if sampler == "flow-dpmpp-2m" else 1e-3  # DPM's integer timesteps exactly; Euler's float32 ones
     np.testing.assert_allclose(plan.timesteps, sc.timesteps.double().numpy(), rtol=0, atol=atol)
     np.testing.assert_allclose(-plan.table[:, samplers.Q], sc.sigmas[:-1].double().numpy(), rtol=1e-6, atol=0)
@@ -104,6 +105,18 @@ def test_dynamic_shifting(sampler, image_seq_len, time_shift_type, monkeypatch):
             make_plan(sampler, 10, config, mu=mu)
         return
     txt2img(sampler, 10, config, monkeypatch, mu=mu, seed=1)
+
+
+@pytest.mark.parametrize("config", [DYNAMIC_CONFIG, FLOW_CONFIG], ids=["dynamic", "static"])
+@pytest.mark.parametrize("steps", [1, 4, 28])
+def test_custom_sigmas(steps, config, monkeypatch):
+    """flow-euler with set_timesteps(sigmas=): the linspace(1, 1/n, n) that FluxPipeline passes, shifted by mu
+    (or by the static shift)."""
+    sigmas = np.linspace(1.0, 1 / steps, steps)
+    mu = samplers.flow_mu(4096, config) if config.get("use_dynamic_shifting") else None
+    plan = txt2img("flow-euler", steps, config, monkeypatch, mu=mu, seed=7, sigmas=sigmas)
+    default = make_plan("flow-euler", steps, config, mu=mu)
+    assert steps == 1 or not np.allclose(plan.timesteps, default.timesteps)  # the custom sigmas did change it
 
 
 def test_flow_mu_defaults():
@@ -259,6 +272,13 @@ BAD = [
     ({"config": {**FLOW_CONFIG, "shift": 0.0}}, "shift=0.0 must be a number > 0"),
     ({"config": {**FLOW_CONFIG, "shift_terminal": 1.5}}, "shift_terminal=1.5"),
     ({"config": {**DYNAMIC_CONFIG, "time_shift_type": "cosine"}, "mu": 0.8}, "time_shift_type='cosine'"),
+    # custom sigmas: flow-euler's, one per step, descending in (0, 1]
+    ({"sampler": "flow-dpmpp-2m", "sigmas": [1.0, 0.5]}, "sigmas= applies only to flow-euler"),
+    ({"sigmas": [1.0, 0.5]}, r"one number per step \(10\), got shape \(2,\)"),
+    ({"steps": 2, "sigmas": [0.5, 1.0]}, "descend strictly within"),
+    ({"steps": 2, "sigmas": [1.5, 0.5]}, "descend strictly within"),
+    ({"steps": 2, "sigmas": [1.0, 0.0]}, "descend strictly within"),
+    ({"steps": 2, "sigmas": ["a", "b"]}, "sequence of numbers"),
     # arguments that do not apply, and runs with no steps
     ({"timestep_spacing": "trailing"}, "timestep_spacing does not apply to flow-euler"),
     ({"eta": 0.5}, "eta applies only to ddim"),
