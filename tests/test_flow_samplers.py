@@ -315,3 +315,28 @@ def test_declared_flow_prediction_without_a_flow_config():
     sc.set_timesteps(4)
     np.testing.assert_allclose(plan.timesteps, sc.timesteps.double().numpy(), rtol=0, atol=1e-3)
     assert plan.add_noise(np.ones(SHAPE), np.zeros(SHAPE))[0, 0, 0, 0] == 0.0  # starts at sigma 1: pure noise
+
+
+# -- the device step graph runs flow rows unchanged ----------------------------------------------------
+
+
+@pytest.mark.parametrize("guided", [True, False], ids=["guided", "unguided"])
+@pytest.mark.parametrize("sampler", FLOW_SAMPLERS)
+def test_step_graph_runs_flow_rows(sampler, guided):
+    """Every row of a flow plan through the onnxruntime step graph (float32) against the float64 reference,
+    within tests/test_step_graph.py's rounding bound: the flow samplers need no new graph."""
+    from .test_step_graph import GUIDANCE, LATENT, B, assert_within, magnitudes, run, session
+
+    plan = make_plan(sampler, 10, {**FLOW_CONFIG, "stochastic_sampling": sampler == "flow-euler"})
+    sess = session(guided, np.float32)
+    rng = np.random.default_rng(8)
+    for i in range(plan.steps):
+        x, x0_prev, noise = (rng.standard_normal((B, *LATENT)).astype(np.float32) for _ in range(3))
+        unet_out = rng.standard_normal((2 * B if guided else B, *LATENT)).astype(np.float32)
+        got = run(sess, x, unet_out, plan.coeffs(i), x0_prev, noise, guided)
+        wide = [v.astype(np.float64) for v in (x, unet_out, x0_prev, noise)]
+        m = samplers.guide(wide[1], GUIDANCE) if guided else wide[1]
+        x_next, x0 = step_reference(plan, i, wide[0], m, wide[2], wide[3])
+        mags = magnitudes(plan.table[i], *wide, guided)
+        assert_within(got[0], x_next, mags[1], np.float32)
+        assert_within(got[1], x0, mags[0], np.float32)
