@@ -8,10 +8,15 @@ the results into a per-step coefficient table. Notation (DDPM, Ho et al. 2020; K
     alpha_t, sigma_t  sqrt(abar_t), sqrt(1 - abar_t): x_t = alpha_t x_0 + sigma_t eps   (VP form)
     sigma (no index)  sigma_t / alpha_t = sqrt((1 - abar) / abar): x_t / alpha_t = x_0 + sigma eps  (VE form)
     lambda            log(alpha_t / sigma_t) = -log(sigma): the half log-SNR of DPM-Solver
+
+Flow matching (rectified flow; Esser et al. 2024, "Scaling Rectified Flow Transformers", SD3) has no betas:
+x_t = (1 - s) x_0 + s eps with s in [0, 1] the flow sigma, timestep s * T, and the model predicts the
+velocity v = eps - x_0. Its VE sigma is s / (1 - s).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -120,3 +125,25 @@ def img2img_start(steps: int, strength: float) -> int:
     """Index of the first step run for img2img (diffusers' ``StableDiffusionImg2ImgPipeline.get_timesteps``)."""
     init_timestep = min(int(steps * strength), steps)
     return max(steps - init_timestep, 0)
+
+
+def flow_img2img_start(steps: int, strength: float) -> int:
+    """Index of the first step run for img2img by diffusers' flow-matching img2img pipelines
+    (``StableDiffusion3Img2ImgPipeline.get_timesteps``): int(steps - steps * strength), with no int() around
+    steps * strength as in ``img2img_start``, so the two can differ by one (10 steps, strength 0.55: 4, not
+    5)."""
+    return int(max(steps - min(steps * strength, steps), 0))
+
+
+def flow_shift(sigmas: np.ndarray, shift: float) -> np.ndarray:
+    """The timestep shift of Esser et al. 2024 (eq. 23): s' = shift s / (1 + (shift - 1) s), in diffusers'
+    order of operations (its DPM-Solver truncates s' T to integer timesteps, so the last bit can matter)."""
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+def flow_time_shift(sigmas: np.ndarray, mu: float, kind: str) -> np.ndarray:
+    """Resolution-dependent shift of FlowMatchEulerDiscreteScheduler.time_shift (exponent 1): exponential
+    e^mu / (e^mu + 1/s - 1) (the shift above with shift = e^mu), or linear mu / (mu + 1/s - 1)."""
+    if kind == "exponential":
+        return math.exp(mu) / (math.exp(mu) + (1 / sigmas - 1))
+    return mu / (mu + (1 / sigmas - 1))
