@@ -13,7 +13,7 @@ import sys
 
 # name -> one-line help; the module sdrt.commands.<name> holds the rest
 COMMANDS: dict[str, str] = {
-    "demo": "export a tiny synthetic model, generate an image and print timings (no GPU, no download)",
+    "demo": "draw a prompt with the shapes model sdrt ships, say what the picture shows, print timings (no GPU, no download)",
     "export": "export a checkpoint (or synthetic weights) to ONNX, verified against PyTorch",
     "build": "build TensorRT engines from an ONNX export",
     "refit": "apply new weights or LoRAs to a refittable TensorRT engine",
