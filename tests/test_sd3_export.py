@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from onnxruntime.capi.onnxruntime_pybind11_state import Fail as OrtFail
 
 from sdrt.export.onnx_export import PARITY_BOUND, TRACE_LATENT, export_component
 from sdrt.export.sd3_presets import SD3_PRESETS, build_modules, get_sd3_preset
@@ -125,3 +126,40 @@ def test_clip_encoders_export_penultimate_and_pooled(tiny, tmp_path: Path) -> No
         hidden, pooled = sess.run(["hidden_states", "text_embeds"], {"input_ids": ids.to(torch.int32).numpy()})
         assert _rel(hidden, out.hidden_states[-2]) <= BOUND
         assert _rel(pooled, out.text_embeds) <= BOUND
+
+
+@pytest.mark.xfail(strict=True, raises=OrtFail, reason="torch.onnx dynamo export (torch 2.13) crops SD3's position embedding one "
+                   "row / column too many when a side has an odd number of patches; the torch.export program "
+                   "itself is right. sdrt exports with dynamo=False, which is exact. A pass here means torch fixed "
+                   "it: drop this marker and reconsider the exporter.")
+def test_dynamo_exporter_keeps_the_pos_embed_crop_dynamic(tmp_path: Path) -> None:
+    """Found while doing this work: traced at batch 2, latent 10x14 (5x7 patches), the dynamo graph is exact at
+    even patch counts (6x4, 16x16) and fails at odd ones, the traced shape included (ONNX Runtime: the cropped
+    position embedding is [1, 6, 8, C] where 5x7 patches need [1, 5, 7, C]; with the ONNX optimizer on, a
+    broadcast error in the Add instead). Traced at batch 1, the batch axis is also fixed to 1 (torch.export
+    specialises sizes 0 and 1), and a side of one patch is refused by the program's guards."""
+    import warnings
+
+    from sdrt.export.sd3_wrappers import Sd3Transformer
+
+    tr = build_modules(get_sd3_preset("sd3-tiny"), seed=0).transformer
+    g = torch.Generator().manual_seed(11)
+    names = ["sample", "timestep", "encoder_hidden_states", "pooled_projections"]
+    example = tuple(_transformer_inputs(g, tr.config, 2, *TRACE_LATENT, 85).values())
+    b, t = torch.export.Dim("batch", min=1, max=64), torch.export.Dim("tokens", min=1, max=1024)
+    h, w = torch.export.Dim("h", min=2, max=16), torch.export.Dim("w", min=2, max=16)
+    dyn = {"sample": {0: b, 2: 2 * h, 3: 2 * w}, "timestep": {0: b}, "encoder_hidden_states": {0: b, 1: t},
+           "pooled_projections": {0: b}}
+    path = tmp_path / "transformer.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Sd3Transformer(tr), example, str(path), input_names=names, output_names=["out_sample"],
+                          dynamic_shapes=dyn, dynamo=True, opset_version=18)
+    sess = _session(path)
+    for shape in [(2, 12, 8, 90), (2, *TRACE_LATENT, 85)]:
+        feed = _transformer_inputs(g, tr.config, *shape)
+        with torch.inference_mode():
+            want = tr(hidden_states=feed["sample"], encoder_hidden_states=feed["encoder_hidden_states"],
+                      pooled_projections=feed["pooled_projections"], timestep=feed["timestep"]).sample
+        (got,) = sess.run(["out_sample"], {k: v.numpy() for k, v in feed.items()})
+        assert _rel(got, want) <= BOUND
