@@ -32,7 +32,7 @@ def _rel(got: np.ndarray, want: torch.Tensor) -> float:
     return float(np.abs(got.astype(np.float64) - w).max() / max(np.abs(w).max(), 1e-12))
 
 
-def _session(path: Path):  # noqa: ANN202
+def _session(path: Path):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -41,7 +41,7 @@ def _session(path: Path):  # noqa: ANN202
 
 
 @pytest.fixture(scope="module", params=list(SD3_PRESETS))
-def tiny(request: pytest.FixtureRequest):  # noqa: ANN201
+def tiny(request: pytest.FixtureRequest):
     return get_sd3_preset(request.param), build_modules(get_sd3_preset(request.param), seed=0)
 
 
@@ -60,7 +60,7 @@ def test_sd3_family_declares_what_diffusers_does() -> None:
         fam.pooled_encoder  # noqa: B018
 
 
-def _transformer_inputs(g: torch.Generator, cfg, b: int, h: int, w: int, tokens: int) -> dict[str, torch.Tensor]:  # noqa: ANN001
+def _transformer_inputs(g: torch.Generator, cfg, b: int, h: int, w: int, tokens: int) -> dict[str, torch.Tensor]:
     return {
         "sample": torch.randn(b, int(cfg.in_channels), h, w, generator=g),
         "timestep": torch.rand(b, generator=g) * 1000,
@@ -69,7 +69,7 @@ def _transformer_inputs(g: torch.Generator, cfg, b: int, h: int, w: int, tokens:
     }
 
 
-def test_transformer_exports_and_matches_diffusers_at_other_shapes(tiny, tmp_path: Path) -> None:  # noqa: ANN001
+def test_transformer_exports_and_matches_diffusers_at_other_shapes(tiny, tmp_path: Path) -> None:
     preset, mods = tiny
     tr = mods.transformer
     tokens = CLIP_TOKENS + 8  # a short T5 part keeps the trace small; the axis is dynamic
@@ -92,7 +92,7 @@ def test_transformer_exports_and_matches_diffusers_at_other_shapes(tiny, tmp_pat
         assert rel <= BOUND, f"{preset.name} transformer at {(b, h, w, t)}: rel err {rel:.2e} > {BOUND}"
 
 
-def test_t5_exports_and_matches_transformers_at_other_lengths(tiny, tmp_path: Path) -> None:  # noqa: ANN001
+def test_t5_exports_and_matches_transformers_at_other_lengths(tiny, tmp_path: Path) -> None:
     preset, mods = tiny
     t5 = mods.text_encoders[2]
     comp = export_component(t5_spec(t5, 24), "fp16", tmp_path / "text_encoder_3", opset=OPSET,
@@ -110,10 +110,10 @@ def test_t5_exports_and_matches_transformers_at_other_lengths(tiny, tmp_path: Pa
         assert rel <= BOUND, f"{preset.name} T5 at {(b, t)}: rel err {rel:.2e} > {BOUND}"
 
 
-def test_clip_encoders_export_penultimate_and_pooled(tiny, tmp_path: Path) -> None:  # noqa: ANN001
+def test_clip_encoders_export_penultimate_and_pooled(tiny, tmp_path: Path) -> None:
     """Both CLIP encoders through the shared TextEncoder wrapper, against transformers' outputs as diffusers'
     ``_get_clip_prompt_embeds`` reads them (``hidden_states[-2]``, ``text_embeds``)."""
-    preset, mods = tiny
+    _, mods = tiny
     g = torch.Generator().manual_seed(9)
     for name, enc in zip(CLIP_NAMES, mods.text_encoders[:2]):
         export_component(_clip_spec(name, enc), "fp32", tmp_path / name, opset=OPSET, parity_shape=(2, 1, 1))

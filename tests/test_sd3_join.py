@@ -38,16 +38,15 @@ class _Tokenizer:
 
 
 @pytest.fixture(scope="module")
-def pipe_parts():  # noqa: ANN201
+def pipe_parts():
     preset = get_sd3_preset("sd3-tiny")
     mods = build_modules(preset, seed=0)
-    clip_l, clip_g, t5 = mods.text_encoders
     toks = (_Tokenizer(49408, 77, 49406, 49407, 49407), _Tokenizer(49408, 77, 49406, 49407, 0),
             _Tokenizer(32128, preset.t5_tokens, None, 1, 0))
     return preset, mods, toks
 
 
-def _pipeline(preset, mods, toks, with_t5: bool):  # noqa: ANN001, ANN202
+def _pipeline(preset, mods, toks, with_t5: bool):
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
     sched = {k: v for k, v in preset.config("scheduler").items() if k != "_class_name"}
@@ -58,7 +57,7 @@ def _pipeline(preset, mods, toks, with_t5: bool):  # noqa: ANN001, ANN202
         text_encoder_3=t5 if with_t5 else None, tokenizer_3=toks[2] if with_t5 else None)
 
 
-def _ours(prompts: list[str], mods, toks, preset, with_t5: bool) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN001
+def _ours(prompts: list[str], mods, toks, preset, with_t5: bool) -> tuple[np.ndarray, np.ndarray]:
     """The encoders run here on the stand-in tokenizers' ids, then sdrt's join."""
     hidden, pooled = [], []
     with torch.inference_mode():
@@ -75,7 +74,7 @@ def _ours(prompts: list[str], mods, toks, preset, with_t5: bool) -> tuple[np.nda
 
 
 @pytest.mark.parametrize("with_t5", [True, False])
-def test_join_equals_diffusers_encode_prompt(pipe_parts, with_t5: bool) -> None:  # noqa: ANN001
+def test_join_equals_diffusers_encode_prompt(pipe_parts, with_t5: bool) -> None:
     preset, mods, toks = pipe_parts
     pipe = _pipeline(preset, mods, toks, with_t5)
     prompts = ["a red cube on a table", "two birds"]
