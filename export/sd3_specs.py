@@ -2,8 +2,9 @@
 
 ``text_encoder`` and ``text_encoder_2`` (CLIP with projection: penultimate ``hidden_states`` [B, 77, C] and
 ``text_embeds`` [B, P]), ``text_encoder_3`` (T5: ``hidden_states`` [B, sequence, D], kept in float32: T5's
-activations overflow fp16) and ``transformer`` (the MMDiT, dynamic in batch, latent height and width, and
-tokens). The VAE is not here yet: SD3's decode adds ``shift_factor`` and the shared wrappers do not.
+activations overflow fp16), ``transformer`` (the MMDiT, dynamic in batch, latent height and width, and
+tokens) and ``vae_decoder`` (16 latent channels, SD3's shift). No ``vae_encoder`` yet (img2img: diffusers
+encodes ``(mean - shift) * scaling``).
 
 Not yet: refit maps (``refittable`` stays False: no checkpoint or LoRA path knows SD3's names), fp16 gates,
 the manifest and folder layout (``export_model`` is the UNet families' and is not called for SD3).
@@ -16,7 +17,7 @@ import torch
 from . import wrappers
 from .onnx_export import ComponentSpec
 from .sd3_presets import Sd3Modules
-from .sd3_wrappers import Sd3Transformer, T5Encoder
+from .sd3_wrappers import Sd3Transformer, Sd3VaeDecoder, T5Encoder
 
 CLIP_TOKENS = 77
 CLIP_NAMES = ("text_encoder", "text_encoder_2")
@@ -93,8 +94,26 @@ def transformer_spec(transformer: torch.nn.Module, tokens: int) -> ComponentSpec
     )
 
 
+def vae_decoder_spec(vae: torch.nn.Module) -> ComponentSpec:
+    """The VAE decoder: ``latent_sample`` [B, 16, h, w] -> ``images`` uint8 [B, 8h, 8w, 3], ``finite`` [B]."""
+    lat = int(vae.config.latent_channels)
+
+    def example(g: torch.Generator, b: int, h: int, w: int) -> tuple[torch.Tensor, ...]:
+        return (torch.randn(b, lat, h, w, generator=g),)
+
+    return ComponentSpec(
+        name="vae_decoder",
+        module=Sd3VaeDecoder(vae),
+        weights=vae,
+        inputs=[("latent_sample", "float", ("batch", lat, "height", "width"))],
+        outputs=[("images", "uint8", ("batch", "image_height", "image_width", 3)), ("finite", "bool", ("batch",))],
+        example=example,
+    )
+
+
 def sd3_specs(modules: Sd3Modules, t5_tokens: int) -> list[ComponentSpec]:
-    """Every component SD3 exports so far, in the family's encoder order, then the transformer."""
+    """Every component SD3 exports so far, in the family's encoder order, then the transformer and the VAE
+    decoder."""
     clip_l, clip_g, t5 = modules.text_encoders
     return [_clip_spec(CLIP_NAMES[0], clip_l), _clip_spec(CLIP_NAMES[1], clip_g), t5_spec(t5, t5_tokens),
-            transformer_spec(modules.transformer, CLIP_TOKENS + t5_tokens)]
+            transformer_spec(modules.transformer, CLIP_TOKENS + t5_tokens), vae_decoder_spec(modules.vae)]

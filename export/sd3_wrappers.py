@@ -1,4 +1,5 @@
-"""The exact computation of SD3's own exported graphs, as small torch modules: the MMDiT denoiser and T5.
+"""The exact computation of SD3's own exported graphs, as small torch modules: the MMDiT denoiser, T5, and the
+VAE decoder with SD3's latent shift.
 
 SD3's two CLIP encoders need no wrapper of their own: ``wrappers.TextEncoder(penultimate=True, pooled=True)``
 is what ``StableDiffusion3Pipeline._get_clip_prompt_embeds`` computes (``hidden_states[-(clip_skip + 2)]`` and
@@ -8,6 +9,8 @@ is what ``StableDiffusion3Pipeline._get_clip_prompt_embeds`` computes (``hidden_
 from __future__ import annotations
 
 import torch
+
+from .wrappers import VaeDecoder
 
 
 class Sd3Transformer(torch.nn.Module):
@@ -49,3 +52,16 @@ class T5Encoder(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.encoder(input_ids=input_ids.long(), return_dict=False)[0]
+
+
+class Sd3VaeDecoder(VaeDecoder):
+    """The shared ``VaeDecoder`` (uint8 images and ``finite`` out, postprocessing in the graph) with SD3's
+    latent shift: diffusers decodes ``latents / scaling_factor + shift_factor``; the shared wrapper divides by
+    the scaling only, so the shift is added here as ``shift * scaling`` before it (equal up to rounding)."""
+
+    def __init__(self, vae: torch.nn.Module) -> None:
+        super().__init__(vae)
+        self.shift = float(vae.config.shift_factor or 0.0)
+
+    def forward(self, latent_sample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return super().forward(latent_sample + self.shift * self.scale)

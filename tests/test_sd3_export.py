@@ -17,9 +17,16 @@ import pytest
 import torch
 from onnxruntime.capi.onnxruntime_pybind11_state import Fail as OrtFail
 
-from sdrt.export.onnx_export import PARITY_BOUND, TRACE_LATENT, export_component
+from sdrt.export.onnx_export import IMAGE_LEVELS, PARITY_BOUND, TRACE_LATENT, export_component
 from sdrt.export.sd3_presets import SD3_PRESETS, build_modules, get_sd3_preset
-from sdrt.export.sd3_specs import CLIP_NAMES, CLIP_TOKENS, _clip_spec, t5_spec, transformer_spec
+from sdrt.export.sd3_specs import (
+    CLIP_NAMES,
+    CLIP_TOKENS,
+    _clip_spec,
+    t5_spec,
+    transformer_spec,
+    vae_decoder_spec,
+)
 from sdrt.runtime.families import FAMILY_KEYS, family_named
 
 OPSET = 17
@@ -126,6 +133,42 @@ def test_clip_encoders_export_penultimate_and_pooled(tiny, tmp_path: Path) -> No
         hidden, pooled = sess.run(["hidden_states", "text_embeds"], {"input_ids": ids.to(torch.int32).numpy()})
         assert _rel(hidden, out.hidden_states[-2]) <= BOUND
         assert _rel(pooled, out.text_embeds) <= BOUND
+
+
+def test_transformer_fp16_passes_the_gate(tiny, tmp_path: Path) -> None:
+    """The fp16 graph (traced from a half copy) against the float32 module, within the fp16 bound (1e-2).
+    Random tiny weights: says nothing yet of real SD3 weights' fp16 range."""
+    _, mods = tiny
+    comp = export_component(transformer_spec(mods.transformer, CLIP_TOKENS + 8), "fp16", tmp_path / "transformer",
+                            opset=OPSET, parity_shape=(2, 12, 8))
+    assert comp.precision == "fp16" and comp.parity.rel_err <= PARITY_BOUND["fp16"]
+
+
+def test_vae_decoder_applies_the_shift_as_diffusers_decodes(tmp_path: Path) -> None:
+    """``images`` against diffusers' SD3 decode: ``vae.decode(latents / scaling + shift)``, then the pipeline's
+    ``VaeImageProcessor.postprocess`` to [0, 1], times 255, rounded; within the fp32 image bound (1 level)."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    vae = build_modules(get_sd3_preset("sd3-tiny"), seed=0).vae
+    assert vae.config.shift_factor and vae.config.latent_channels == 16
+    export_component(vae_decoder_spec(vae), "fp32", tmp_path / "vae_decoder", opset=OPSET, parity_shape=(1, 4, 4))
+    sess = _session(tmp_path / "vae_decoder" / "model.onnx")
+    f = 2 ** (len(vae.config.block_out_channels) - 1)
+    proc = VaeImageProcessor(vae_scale_factor=f)
+    g = torch.Generator().manual_seed(12)
+    for b, h, w in [(2, 6, 10), (1, 8, 8)]:
+        lat = torch.randn(b, 16, h, w, generator=g)
+        with torch.inference_mode():
+            img = vae.decode(lat / vae.config.scaling_factor + vae.config.shift_factor).sample
+        want = np.round(proc.postprocess(img, output_type="np") * 255)
+        images, finite = sess.run(["images", "finite"], {"latent_sample": lat.numpy()})
+        assert images.shape == (b, h * f, w * f, 3) and finite.all()
+        assert np.abs(images.astype(np.int16) - want).max() <= IMAGE_LEVELS["fp32"]
+        # the shift matters: without it the images differ (so the check above is not vacuous)
+        with torch.inference_mode():
+            unshifted = np.round(proc.postprocess(vae.decode(lat / vae.config.scaling_factor).sample,
+                                                  output_type="np") * 255)
+        assert np.abs(unshifted - want).max() > IMAGE_LEVELS["fp32"]
 
 
 @pytest.mark.xfail(strict=True, raises=OrtFail, reason="torch.onnx dynamo export (torch 2.13) crops SD3's position embedding one "
