@@ -23,6 +23,7 @@ from sdrt.export.sd3_specs import (
     CLIP_NAMES,
     CLIP_TOKENS,
     _clip_spec,
+    sd3_specs,
     t5_spec,
     transformer_spec,
     vae_decoder_spec,
@@ -65,6 +66,18 @@ def test_sd3_family_declares_what_diffusers_does() -> None:
     assert "sd3" not in FAMILY_KEYS  # a preview: no manifest accepts it yet
     with pytest.raises(NotImplementedError, match="both CLIP"):
         fam.pooled_encoder  # noqa: B018
+
+
+def test_sd3_specs_follow_the_family(tiny) -> None:
+    """The export's components: the family's encoders in order, then the denoiser and the VAE decoder; the
+    transformer's text and pooled widths are what the encoders' join gives (T5's width; both CLIP projections)."""
+    _, mods = tiny
+    specs = sd3_specs(mods, t5_tokens=8)
+    assert [s.name for s in specs] == [*family_named("sd3").encoders, "transformer", "vae_decoder"]
+    clip_l, clip_g, t5 = mods.text_encoders
+    cfg = mods.transformer.config
+    assert cfg.joint_attention_dim == t5.config.d_model > clip_l.config.hidden_size + clip_g.config.hidden_size
+    assert cfg.pooled_projection_dim == clip_l.config.projection_dim + clip_g.config.projection_dim
 
 
 def _transformer_inputs(g: torch.Generator, cfg, b: int, h: int, w: int, tokens: int) -> dict[str, torch.Tensor]:
