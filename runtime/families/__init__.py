@@ -2,7 +2,8 @@
 
 Adding a family: a module here that makes its ``Family``, one line in ``_FAMILIES`` below (or in
 ``_REFINERS`` for an expert that only continues another family's latents), and its presets in
-``export/presets.py``. See docs/families.md.
+``export/presets.py``. See docs/families.md. A family the runtime cannot serve yet goes in ``_PREVIEWS``:
+``family_named`` finds it (export-side work can ask it), but it is not a manifest's ``family`` value.
 """
 
 from __future__ import annotations
@@ -12,11 +13,14 @@ from typing import Protocol
 from ..errors import ArtifactError
 from .base import Family, check_score
 from .sd import SD1, SD2
+from .sd3 import SD3
 from .sdxl import SDXL
 from .sdxl_refiner import AESTHETIC_DEFAULTS, SDXL_REFINER
 
 _FAMILIES: dict[str, Family] = {f.key: f for f in (SD1, SD2, SDXL)}
 _REFINERS: dict[str, Family] = {SDXL_REFINER.key: SDXL_REFINER}
+# export-side only so far: no manifest, build profile or pipeline accepts them (runtime/families/sd3.py says why)
+_PREVIEWS: dict[str, Family] = {SD3.key: SD3}
 
 FAMILY_KEYS = tuple(_FAMILIES)  # the values a manifest's "family" may take
 
@@ -30,10 +34,11 @@ class HasFamily(Protocol):
 
 def family_named(key: str, refiner: bool = False) -> Family:
     """The family of a manifest's ``family`` value (its refiner variant where ``refiner``)."""
-    table = _REFINERS if refiner else _FAMILIES
+    table = _REFINERS if refiner else {**_FAMILIES, **_PREVIEWS}
     if key not in table:
         what = "refiner family" if refiner else "family"
-        raise ArtifactError(f"unknown model {what} {key!r}; expected one of {tuple(table)}")
+        expected = tuple(_REFINERS) if refiner else FAMILY_KEYS  # previews are no manifest's value yet
+        raise ArtifactError(f"unknown model {what} {key!r}; expected one of {expected}")
     return table[key]
 
 

@@ -1,0 +1,184 @@
+"""SD3 / 3.5 architecture presets (tiny only, so far) and the seeded construction of their torch modules.
+
+Kept apart from ``export/presets.py``: its ``Preset`` describes a UNet model with CLIP encoders, and SD3's
+parts (an MMDiT transformer, two CLIP encoders with projection, a T5 encoder, a 16-channel VAE with
+``shift_factor``, a flow-matching scheduler) fit none of its fields. When the runtime can serve SD3, the two
+kinds of preset should meet in one table; until then nothing but the SD3 export work and its tests reads these.
+
+The tiny presets keep SD3's structure with small widths: the CLIP encoders' hidden widths (16 + 16) are
+narrower than T5's (48 = ``joint_attention_dim``), so the join's zero padding is exercised, as SD3's
+768 + 1280 < 4096; the pooled width is both CLIP projections (16 + 16 = ``pooled_projection_dim``), as SD3's
+768 + 1280 = 2048. ``sd35-medium-tiny`` adds SD 3.5 Medium's MMDiT-X parts: dual attention in the first
+layer and RMS-normed queries and keys. The full-size configurations are not here yet (they are public, in
+stabilityai's ``model_index.json`` folders; nothing is fetched).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from sdrt.runtime.errors import InputError
+
+
+@dataclass(frozen=True)
+class Sd3Preset:
+    name: str
+    family: str  # "sd3" (runtime/families/sd3.py)
+    default_size: int  # pixels
+    transformer: dict[str, Any]  # SD3Transformer2DModel kwargs
+    vae: dict[str, Any]  # AutoencoderKL kwargs (16 latent channels, shift_factor)
+    clip: tuple[dict[str, Any], dict[str, Any]]  # CLIPTextConfig kwargs, both with a projection
+    t5: dict[str, Any]  # T5Config kwargs (an encoder only)
+    scheduler: dict[str, Any]  # diffusers scheduler config, "_class_name" included
+    prediction_type: str = "flow_prediction"
+    t5_tokens: int = 256  # diffusers' max_sequence_length default for SD3
+
+    def config(self, part: str) -> Any:
+        return copy.deepcopy(getattr(self, part))
+
+
+@dataclass
+class Sd3Modules:
+    """A preset's torch modules, float32, in eval mode; ``text_encoders`` in the family's order
+    (CLIP ViT-L-like, CLIP bigG-like, T5)."""
+
+    transformer: torch.nn.Module
+    text_encoders: tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module]
+    vae: torch.nn.Module
+
+
+def _clip(hidden: int, inter: int, heads: int, layers: int, act: str, proj: int) -> dict[str, Any]:
+    return {
+        "vocab_size": 49408,
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_attention_heads": heads,
+        "num_hidden_layers": layers,
+        "max_position_embeddings": 77,
+        "hidden_act": act,
+        "projection_dim": proj,
+        "layer_norm_eps": 1e-5,
+        "attention_dropout": 0.0,
+        "dropout": 0.0,
+        # as export/presets.py's CLIP configs (and openai's ViT-L config): eos 2 makes transformers pool at
+        # the argmax of the ids, which is the real tokenizer's end-of-text token (49407)
+        "bos_token_id": 0,
+        "eos_token_id": 2,
+        "pad_token_id": 1,
+    }
+
+
+def _t5(d_model: int, d_kv: int, d_ff: int, heads: int, layers: int) -> dict[str, Any]:
+    """T5 v1.1's layout (google/t5-v1_1-xxl, SD3's ``text_encoder_3``): gated GELU, no tied embeddings."""
+    return {
+        "vocab_size": 32128,
+        "d_model": d_model,
+        "d_kv": d_kv,
+        "d_ff": d_ff,
+        "num_layers": layers,
+        "num_heads": heads,
+        "relative_attention_num_buckets": 32,
+        "relative_attention_max_distance": 128,
+        "dropout_rate": 0.0,
+        "layer_norm_epsilon": 1e-6,
+        "feed_forward_proj": "gated-gelu",
+        "tie_word_embeddings": False,
+        "is_encoder_decoder": False,
+        "use_cache": False,
+        "pad_token_id": 0,
+        "eos_token_id": 1,
+    }
+
+
+def _vae(channels: list[int], sample_size: int, groups: int, layers: int) -> dict[str, Any]:
+    """SD3's VAE: 16 latent channels, no quant convs, a scaling and a shift (stabilityai's SD3 / 3.5 values)."""
+    return {
+        "in_channels": 3,
+        "out_channels": 3,
+        "latent_channels": 16,
+        "block_out_channels": channels,
+        "down_block_types": ["DownEncoderBlock2D"] * len(channels),
+        "up_block_types": ["UpDecoderBlock2D"] * len(channels),
+        "layers_per_block": layers,
+        "act_fn": "silu",
+        "norm_num_groups": groups,
+        "sample_size": sample_size,
+        "scaling_factor": 1.5305,
+        "shift_factor": 0.0609,
+        "use_quant_conv": False,
+        "use_post_quant_conv": False,
+    }
+
+
+def _transformer(layers: int, head_dim: int, heads: int, joint: int, pooled: int, max_pos: int, sample: int,
+                 dual: tuple[int, ...] = (), qk_norm: str | None = None) -> dict[str, Any]:
+    return {
+        "sample_size": sample,
+        "patch_size": 2,
+        "in_channels": 16,
+        "num_layers": layers,
+        "attention_head_dim": head_dim,
+        "num_attention_heads": heads,
+        "joint_attention_dim": joint,
+        "caption_projection_dim": heads * head_dim,  # the context stream is as wide as the image stream
+        "pooled_projection_dim": pooled,
+        "out_channels": 16,
+        "pos_embed_max_size": max_pos,
+        "dual_attention_layers": dual,
+        "qk_norm": qk_norm,
+    }
+
+
+_FLOW = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
+
+SD3_PRESETS: dict[str, Sd3Preset] = {}
+
+
+def _add(p: Sd3Preset) -> None:
+    SD3_PRESETS[p.name] = p
+
+
+_TINY_CLIP = (_clip(16, 32, 2, 3, "quick_gelu", 16), _clip(16, 32, 2, 3, "gelu", 16))
+_add(Sd3Preset(
+    "sd3-tiny", "sd3", 64,
+    transformer=_transformer(2, 8, 2, joint=48, pooled=32, max_pos=16, sample=8),
+    vae=_vae([16, 16, 32, 32], 64, groups=8, layers=1),
+    clip=_TINY_CLIP,
+    t5=_t5(48, 8, 64, 2, 2),
+    scheduler=_FLOW,
+))
+_add(Sd3Preset(
+    "sd35-medium-tiny", "sd3", 64,
+    transformer=_transformer(2, 8, 2, joint=48, pooled=32, max_pos=16, sample=8, dual=(0,), qk_norm="rms_norm"),
+    vae=_vae([16, 16, 32, 32], 64, groups=8, layers=1),
+    clip=_TINY_CLIP,
+    t5=_t5(48, 8, 64, 2, 2),
+    scheduler=_FLOW,
+))
+
+
+def get_sd3_preset(name: str) -> Sd3Preset:
+    try:
+        return SD3_PRESETS[name]
+    except KeyError:
+        raise InputError(f"unknown SD3 preset {name!r}; choose one of: {', '.join(SD3_PRESETS)}") from None
+
+
+def build_modules(preset: Sd3Preset, seed: int = 0) -> Sd3Modules:
+    """The preset's modules with seeded random weights (float32, eval mode)."""
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(**preset.config("transformer"))
+    clips = [CLIPTextModelWithProjection(CLIPTextConfig(**c)) for c in preset.config("clip")]
+    t5 = T5EncoderModel(T5Config(**preset.config("t5")))
+    vae = AutoencoderKL(**preset.config("vae"))
+    mods = [transformer, *clips, t5, vae]
+    for m in mods:
+        m.float().eval()
+    return Sd3Modules(transformer=transformer, text_encoders=(clips[0], clips[1], t5), vae=vae)

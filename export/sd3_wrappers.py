@@ -1,0 +1,67 @@
+"""The exact computation of SD3's own exported graphs, as small torch modules: the MMDiT denoiser, T5, and the
+VAE decoder with SD3's latent shift.
+
+SD3's two CLIP encoders need no wrapper of their own: ``wrappers.TextEncoder(penultimate=True, pooled=True)``
+is what ``StableDiffusion3Pipeline._get_clip_prompt_embeds`` computes (``hidden_states[-(clip_skip + 2)]`` and
+``text_embeds``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .wrappers import VaeDecoder
+
+
+class Sd3Transformer(torch.nn.Module):
+    """``sample`` [B, 16, h, w], ``timestep`` float32 [B] (sigma x 1000, as the flow scheduler gives it),
+    ``encoder_hidden_states`` [B, tokens, joint_attention_dim], ``pooled_projections`` [B, pooled] ->
+    ``out_sample`` [B, 16, h, w], the flow (velocity) prediction.
+
+    The names follow the UNet graph's where they mean the same thing; ``pooled_projections`` is diffusers'
+    name. h and w must be multiples of the patch size (2) and at most ``pos_embed_max_size`` patches a side
+    (diffusers raises past it; the graph has no such check).
+    """
+
+    def __init__(self, transformer: torch.nn.Module) -> None:
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        pooled_projections: torch.Tensor,
+    ) -> torch.Tensor:
+        return self.transformer(hidden_states=sample, encoder_hidden_states=encoder_hidden_states,
+                                pooled_projections=pooled_projections, timestep=timestep, return_dict=False)[0]
+
+
+class T5Encoder(torch.nn.Module):
+    """``input_ids`` int32 [B, T] -> ``hidden_states`` [B, T, d_model]: the last hidden state (after T5's final
+    RMS norm), with no attention mask, as ``StableDiffusion3Pipeline._get_t5_prompt_embeds`` calls it
+    (``text_encoder_3(ids)[0]``, padding tokens attended to)."""
+
+    def __init__(self, encoder: torch.nn.Module) -> None:
+        super().__init__()
+        # eager attention, as wrappers.TextEncoder: the TorchScript exporter's SDPA symbolic misbehaves in fp16
+        if hasattr(encoder, "set_attn_implementation"):
+            encoder.set_attn_implementation("eager")
+        self.encoder = encoder
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.encoder(input_ids=input_ids.long(), return_dict=False)[0]
+
+
+class Sd3VaeDecoder(VaeDecoder):
+    """The shared ``VaeDecoder`` (uint8 images and ``finite`` out, postprocessing in the graph) with SD3's
+    latent shift: diffusers decodes ``latents / scaling_factor + shift_factor``; the shared wrapper divides by
+    the scaling only, so the shift is added here as ``shift * scaling`` before it (equal up to rounding)."""
+
+    def __init__(self, vae: torch.nn.Module) -> None:
+        super().__init__(vae)
+        self.shift = float(vae.config.shift_factor or 0.0)
+
+    def forward(self, latent_sample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return super().forward(latent_sample + self.shift * self.scale)
