@@ -68,7 +68,9 @@ _SCHED_COMMON = {
 }
 
 
-def _clip(hidden: int, inter: int, heads: int, layers: int, act: str, proj: int) -> dict[str, Any]:
+def clip_config(hidden: int, inter: int, heads: int, layers: int, act: str, proj: int) -> dict[str, Any]:
+    """A CLIP text encoder config (transformers CLIPTextConfig keys): the vocabulary, 77 positions and ids of
+    openai's ViT-L; eos id 2 makes transformers pool at the argmax of the ids (the real end-of-text token)."""
     return {
         "vocab_size": 49408,
         "hidden_size": hidden,
@@ -199,7 +201,7 @@ _add(Preset(
     "sd15", "sd1", "epsilon", 512,
     unet=_sd_unet([320, 640, 1280, 1280], 8, 768, 64),
     vae=_vae([128, 256, 512, 512], 512, 0.18215),
-    text_encoders=(_clip(768, 3072, 12, 12, "quick_gelu", 768),),
+    text_encoders=(clip_config(768, 3072, 12, 12, "quick_gelu", 768),),
     scheduler=_sched("PNDMScheduler", "epsilon", **_PNDM),
     pad_tokens=("<|endoftext|>",),
 ))
@@ -207,7 +209,7 @@ _add(Preset(
     "sd21", "sd2", "epsilon", 512,
     unet=_sd_unet([320, 640, 1280, 1280], [5, 10, 20, 20], 1024, 64, linear_proj=True),
     vae=_vae([128, 256, 512, 512], 512, 0.18215),
-    text_encoders=(_clip(1024, 4096, 16, 23, "gelu", 512),),
+    text_encoders=(clip_config(1024, 4096, 16, 23, "gelu", 512),),
     scheduler=_sched("PNDMScheduler", "epsilon", **_PNDM),
     pad_tokens=("!",),
 ))
@@ -215,7 +217,7 @@ _add(Preset(
     "sd21-768", "sd2", "v_prediction", 768,
     unet=_sd_unet([320, 640, 1280, 1280], [5, 10, 20, 20], 1024, 96, linear_proj=True, upcast=True),
     vae=_vae([128, 256, 512, 512], 768, 0.18215),
-    text_encoders=(_clip(1024, 4096, 16, 23, "gelu", 512),),
+    text_encoders=(clip_config(1024, 4096, 16, 23, "gelu", 512),),
     scheduler=_sched("DDIMScheduler", "v_prediction"),
     pad_tokens=("!",),
 ))
@@ -223,7 +225,7 @@ _add(Preset(
     "sdxl", "sdxl", "epsilon", 1024,
     unet=_xl_unet([320, 640, 1280], [5, 10, 20], [1, 2, 10], 2048, 256, 1280, 128),
     vae=_vae([128, 256, 512, 512], 1024, 0.13025),
-    text_encoders=(_clip(768, 3072, 12, 12, "quick_gelu", 768), _clip(1280, 5120, 20, 32, "gelu", 1280)),
+    text_encoders=(clip_config(768, 3072, 12, 12, "quick_gelu", 768), clip_config(1280, 5120, 20, 32, "gelu", 1280)),
     scheduler=_sched("EulerDiscreteScheduler", "epsilon", **_EULER),
     pad_tokens=("<|endoftext|>", "!"),
     vae_fp32=True,
@@ -232,7 +234,7 @@ _add(Preset(
     "sdxl-refiner", "sdxl", "epsilon", 1024,
     unet=_refiner_unet([384, 768, 1536, 1536], [6, 12, 12, 24], 4, 1280, 256, 1280, 128),
     vae=_vae([128, 256, 512, 512], 1024, 0.13025),
-    text_encoders=(_clip(1280, 5120, 20, 32, "gelu", 1280),),
+    text_encoders=(clip_config(1280, 5120, 20, 32, "gelu", 1280),),
     scheduler=_sched("EulerDiscreteScheduler", "epsilon", **_EULER),
     pad_tokens=("!",),
     vae_fp32=True,
@@ -242,7 +244,7 @@ _add(Preset(
     "sd-turbo", "sd2", "epsilon", 512,
     unet=_sd_unet([320, 640, 1280, 1280], [5, 10, 20, 20], 1024, 64, linear_proj=True),
     vae=_vae([128, 256, 512, 512], 512, 0.18215),
-    text_encoders=(_clip(1024, 4096, 16, 23, "gelu", 512),),
+    text_encoders=(clip_config(1024, 4096, 16, 23, "gelu", 512),),
     scheduler=_sched("EulerAncestralDiscreteScheduler", "epsilon", **_TURBO),
     pad_tokens=("!",),
     by_shape=False,
@@ -251,7 +253,7 @@ _add(Preset(
     "sdxl-turbo", "sdxl", "epsilon", 512,
     unet=_xl_unet([320, 640, 1280], [5, 10, 20], [1, 2, 10], 2048, 256, 1280, 64),
     vae=_vae([128, 256, 512, 512], 512, 0.13025),
-    text_encoders=(_clip(768, 3072, 12, 12, "quick_gelu", 768), _clip(1280, 5120, 20, 32, "gelu", 1280)),
+    text_encoders=(clip_config(768, 3072, 12, 12, "quick_gelu", 768), clip_config(1280, 5120, 20, 32, "gelu", 1280)),
     scheduler=_sched("EulerAncestralDiscreteScheduler", "epsilon", **_TURBO),
     pad_tokens=("<|endoftext|>", "!"),
     vae_fp32=True,
@@ -259,7 +261,7 @@ _add(Preset(
 ))
 
 # --- tiny: same structure, small widths ----------------------------------------------------------
-_TINY_CLIP = _clip(32, 64, 4, 3, "quick_gelu", 32)
+_TINY_CLIP = clip_config(32, 64, 4, 3, "quick_gelu", 32)
 _add(Preset(
     "sd15-tiny", "sd1", "epsilon", 64,
     unet=_sd_unet([32, 32, 64, 64], 8, 32, 8, groups=8),
@@ -272,7 +274,7 @@ _add(Preset(
     "sd21-tiny", "sd2", "v_prediction", 64,
     unet=_sd_unet([32, 32, 64, 64], [2, 2, 4, 4], 32, 8, groups=8, linear_proj=True, upcast=True),
     vae=_vae([16, 16, 32, 32], 64, 0.18215, groups=8, layers=1),
-    text_encoders=(_clip(32, 64, 4, 3, "gelu", 32),),
+    text_encoders=(clip_config(32, 64, 4, 3, "gelu", 32),),
     scheduler=_sched("DDIMScheduler", "v_prediction"),
     pad_tokens=("!",),
 ))
@@ -280,7 +282,7 @@ _add(Preset(
     "sdxl-tiny", "sdxl", "epsilon", 64,
     unet=_xl_unet([32, 64, 64], [2, 4, 4], [1, 2, 2], 64, 8, 32, 8, groups=8),
     vae=_vae([16, 16, 32, 32], 64, 0.13025, groups=8, layers=1),
-    text_encoders=(_TINY_CLIP, _clip(32, 64, 4, 3, "gelu", 32)),
+    text_encoders=(_TINY_CLIP, clip_config(32, 64, 4, 3, "gelu", 32)),
     scheduler=_sched("EulerDiscreteScheduler", "epsilon", **_EULER),
     pad_tokens=("<|endoftext|>", "!"),
     vae_fp32=True,
@@ -289,7 +291,7 @@ _add(Preset(
     "sdxl-refiner-tiny", "sdxl", "epsilon", 64,
     unet=_refiner_unet([32, 64, 64, 64], [2, 4, 4, 4], 2, 32, 8, 32, 8, groups=8),
     vae=_vae([16, 16, 32, 32], 64, 0.13025, groups=8, layers=1),
-    text_encoders=(_clip(32, 64, 4, 3, "gelu", 32),),  # as wide as sdxl-tiny's second encoder: a pair
+    text_encoders=(clip_config(32, 64, 4, 3, "gelu", 32),),  # as wide as sdxl-tiny's second encoder: a pair
     scheduler=_sched("EulerDiscreteScheduler", "epsilon", **_EULER),
     pad_tokens=("!",),
     vae_fp32=True,

@@ -23,6 +23,8 @@ import torch
 
 from sdrt.runtime.errors import InputError
 
+from .presets import clip_config
+
 
 @dataclass(frozen=True)
 class Sd3Preset:
@@ -49,27 +51,6 @@ class Sd3Modules:
     transformer: torch.nn.Module
     text_encoders: tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module]
     vae: torch.nn.Module
-
-
-def _clip(hidden: int, inter: int, heads: int, layers: int, act: str, proj: int) -> dict[str, Any]:
-    return {
-        "vocab_size": 49408,
-        "hidden_size": hidden,
-        "intermediate_size": inter,
-        "num_attention_heads": heads,
-        "num_hidden_layers": layers,
-        "max_position_embeddings": 77,
-        "hidden_act": act,
-        "projection_dim": proj,
-        "layer_norm_eps": 1e-5,
-        "attention_dropout": 0.0,
-        "dropout": 0.0,
-        # as export/presets.py's CLIP configs (and openai's ViT-L config): eos 2 makes transformers pool at
-        # the argmax of the ids, which is the real tokenizer's end-of-text token (49407)
-        "bos_token_id": 0,
-        "eos_token_id": 2,
-        "pad_token_id": 1,
-    }
 
 
 def _t5(d_model: int, d_kv: int, d_ff: int, heads: int, layers: int) -> dict[str, Any]:
@@ -142,7 +123,7 @@ def _add(p: Sd3Preset) -> None:
     SD3_PRESETS[p.name] = p
 
 
-_TINY_CLIP = (_clip(16, 32, 2, 3, "quick_gelu", 16), _clip(16, 32, 2, 3, "gelu", 16))
+_TINY_CLIP = (clip_config(16, 32, 2, 3, "quick_gelu", 16), clip_config(16, 32, 2, 3, "gelu", 16))
 _add(Sd3Preset(
     "sd3-tiny", "sd3", 64,
     transformer=_transformer(2, 8, 2, joint=48, pooled=32, max_pos=16, sample=8),
