@@ -176,7 +176,7 @@ def component_specs(model: LoadedModel, vae_fp32: bool | None = None, clip_skip:
     return specs
 
 
-def _tool_versions() -> dict[str, str]:
+def tool_versions() -> dict[str, str]:
     import diffusers
     import onnx
     import onnxruntime
@@ -299,7 +299,7 @@ def export_model(
             text_max_length=TEXT_LEN,
             limits=ShapeLimits(),
             source={**model.source, **({"controlnets": [dict(c.source) for c in controlnets]} if controlnets else {})},
-            tools=_tool_versions(),
+            tools=tool_versions(),
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             clip_skip=clip_skip,
             controlnets=tuple(f"controlnet_{j}" for j in range(len(controlnets))),

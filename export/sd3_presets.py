@@ -1,22 +1,23 @@
-"""SD3 / 3.5 architecture presets (tiny only, so far) and the seeded construction of their torch modules.
+"""SD3 / 3.5 architecture presets (SD3 Medium, SD 3.5 Medium, Large and Large Turbo, and tiny ones) and the
+seeded construction of their torch modules.
 
 Kept apart from ``export/presets.py``: its ``Preset`` describes a UNet model with CLIP encoders, and SD3's
 parts (an MMDiT transformer, two CLIP encoders with projection, a T5 encoder, a 16-channel VAE with
-``shift_factor``, a flow-matching scheduler) fit none of its fields. When the runtime can serve SD3, the two
-kinds of preset should meet in one table; until then nothing but the SD3 export work and its tests reads these.
+``shift_factor``, a flow-matching scheduler) fit none of its fields. ``export/sd3_export.py`` loads and
+exports them; ``sdrt export --list`` shows both tables. (One preset table for every family is owed: see
+docs/families.md.)
 
 The tiny presets keep SD3's structure with small widths: the CLIP encoders' hidden widths (16 + 16) are
 narrower than T5's (48 = ``joint_attention_dim``), so the join's zero padding is exercised, as SD3's
 768 + 1280 < 4096; the pooled width is both CLIP projections (16 + 16 = ``pooled_projection_dim``), as SD3's
 768 + 1280 = 2048. ``sd35-medium-tiny`` adds SD 3.5 Medium's MMDiT-X parts: dual attention in the first
-layer and RMS-normed queries and keys. The full-size configurations are not here yet (they are public, in
-stabilityai's ``model_index.json`` folders; nothing is fetched).
+layer and RMS-normed queries and keys.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -38,6 +39,9 @@ class Sd3Preset:
     scheduler: dict[str, Any]  # diffusers scheduler config, "_class_name" included
     prediction_type: str = "flow_prediction"
     t5_tokens: int = 256  # diffusers' max_sequence_length default for SD3
+    # the CLIP tokenizers' pad tokens: stabilityai's SD3 folders pad tokenizer with eos, tokenizer_2 with "!"
+    pad_tokens: tuple[str, str] = ("<|endoftext|>", "!")
+    by_shape: bool = True  # False: another preset's architecture (a distillation), selected by name only
 
     def config(self, part: str) -> Any:
         return copy.deepcopy(getattr(self, part))
@@ -49,7 +53,7 @@ class Sd3Modules:
     (CLIP ViT-L-like, CLIP bigG-like, T5)."""
 
     transformer: torch.nn.Module
-    text_encoders: tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module]
+    text_encoders: tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module | None]  # T5 None: left out
     vae: torch.nn.Module
 
 
@@ -140,6 +144,33 @@ _add(Sd3Preset(
     t5=_t5(48, 8, 64, 2, 2),
     scheduler=_FLOW,
 ))
+
+
+# The full-size architectures, as stabilityai's diffusers folders configure them (transformer/config.json,
+# text_encoder*/config.json, vae/config.json, scheduler/scheduler_config.json; nothing is fetched): the CLIP
+# ViT-L/14 and OpenCLIP bigG/14 text encoders with projection, T5-XXL v1.1's encoder, SD3's 16-channel VAE.
+_CLIP_L = clip_config(768, 3072, 12, 12, "quick_gelu", 768)
+_CLIP_G = clip_config(1280, 5120, 20, 32, "gelu", 1280)
+_T5_XXL = _t5(4096, 64, 10240, 64, 24)
+_SD3_VAE = {**_vae([128, 256, 512, 512], 1024, groups=32, layers=2)}
+_add(Sd3Preset(  # SD3 Medium (2B): 24 joint blocks of width 1536
+    "sd3-medium", "sd3", 1024,
+    transformer=_transformer(24, 64, 24, joint=4096, pooled=2048, max_pos=192, sample=128),
+    vae=_SD3_VAE, clip=(_CLIP_L, _CLIP_G), t5=_T5_XXL, scheduler=_FLOW,
+))
+_add(Sd3Preset(  # SD 3.5 Medium (2.5B, MMDiT-X): dual attention in blocks 0-12, RMS-normed q/k, a 384-patch grid
+    "sd35-medium", "sd3", 1024,
+    transformer=_transformer(24, 64, 24, joint=4096, pooled=2048, max_pos=384, sample=128, dual=tuple(range(13)),
+                             qk_norm="rms_norm"),
+    vae=_SD3_VAE, clip=(_CLIP_L, _CLIP_G), t5=_T5_XXL, scheduler=_FLOW,
+))
+_add(Sd3Preset(  # SD 3.5 Large (8.1B): 38 joint blocks of width 2432, RMS-normed q/k
+    "sd35-large", "sd3", 1024,
+    transformer=_transformer(38, 64, 38, joint=4096, pooled=2048, max_pos=192, sample=128, qk_norm="rms_norm"),
+    vae=_SD3_VAE, clip=(_CLIP_L, _CLIP_G), t5=_T5_XXL, scheduler=_FLOW,
+))
+# SD 3.5 Large Turbo: Large's architecture, distilled for about 4 steps at guidance 0 (so only its name selects it)
+_add(replace(SD3_PRESETS["sd35-large"], name="sd35-large-turbo", by_shape=False))
 
 
 def get_sd3_preset(name: str) -> Sd3Preset:

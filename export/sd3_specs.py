@@ -2,12 +2,11 @@
 
 ``text_encoder`` and ``text_encoder_2`` (CLIP with projection: penultimate ``hidden_states`` [B, 77, C] and
 ``text_embeds`` [B, P]), ``text_encoder_3`` (T5: ``hidden_states`` [B, sequence, D], kept in float32: T5's
-activations overflow fp16), ``transformer`` (the MMDiT, dynamic in batch, latent height and width, and
-tokens) and ``vae_decoder`` (16 latent channels, SD3's shift). No ``vae_encoder`` yet (img2img: diffusers
-encodes ``(mean - shift) * scaling``).
+activations overflow fp16; left out of a T5-less export), ``unet`` (the MMDiT denoiser, written to
+``transformer/``: dynamic in batch, latent height and width, and tokens), ``vae_decoder`` and ``vae_encoder``
+(16 latent channels, SD3's shift in the graph).
 
-Not yet: refit maps (``refittable`` stays False: no checkpoint or LoRA path knows SD3's names), fp16 gates,
-the manifest and folder layout (``export_model`` is the UNet families' and is not called for SD3).
+Not yet: refit maps (``refittable`` stays False: no checkpoint or LoRA path knows SD3's names).
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ import torch
 from . import wrappers
 from .onnx_export import ComponentSpec
 from .sd3_presets import Sd3Modules
-from .sd3_wrappers import Sd3Transformer, Sd3VaeDecoder, T5Encoder
+from .sd3_wrappers import Sd3Transformer, Sd3VaeDecoder, Sd3VaeEncoder, T5Encoder
 
 CLIP_TOKENS = 77
 CLIP_NAMES = ("text_encoder", "text_encoder_2")
@@ -82,7 +81,7 @@ def transformer_spec(transformer: torch.nn.Module, tokens: int) -> ComponentSpec
         )
 
     return ComponentSpec(
-        name="transformer",
+        name="unet",  # the export's denoiser component, whatever its architecture; its folder is transformer/
         module=Sd3Transformer(transformer),
         weights=transformer,
         inputs=[("sample", "float", ("batch", in_ch, "height", "width")),
@@ -111,9 +110,30 @@ def vae_decoder_spec(vae: torch.nn.Module) -> ComponentSpec:
     )
 
 
+def vae_encoder_spec(vae: torch.nn.Module, factor: int) -> ComponentSpec:
+    """The VAE encoder: ``image`` uint8 [B, H, W, 3] -> ``latent`` [B, 16, H/8, W/8], shifted and scaled."""
+    lat = int(vae.config.latent_channels)
+
+    def example(g: torch.Generator, b: int, h: int, w: int) -> tuple[torch.Tensor, ...]:
+        return (torch.randint(0, 256, (b, h * factor, w * factor, 3), generator=g, dtype=torch.uint8),)
+
+    return ComponentSpec(
+        name="vae_encoder",
+        module=Sd3VaeEncoder(vae),
+        weights=vae,
+        inputs=[("image", "uint8", ("batch", "image_height", "image_width", 3))],
+        outputs=[("latent", "float", ("batch", lat, "height", "width"))],
+        example=example,
+    )
+
+
 def sd3_specs(modules: Sd3Modules, t5_tokens: int) -> list[ComponentSpec]:
-    """Every component SD3 exports so far, in the family's encoder order, then the transformer and the VAE
-    decoder."""
+    """Every component of an SD3 export, in the family's encoder order (T5 left out where the modules have
+    none), then the denoiser and the VAE decoder and encoder."""
     clip_l, clip_g, t5 = modules.text_encoders
-    return [_clip_spec(CLIP_NAMES[0], clip_l), _clip_spec(CLIP_NAMES[1], clip_g), t5_spec(t5, t5_tokens),
-            transformer_spec(modules.transformer, CLIP_TOKENS + t5_tokens), vae_decoder_spec(modules.vae)]
+    factor = 2 ** (len(modules.vae.config.block_out_channels) - 1)
+    specs = [_clip_spec(CLIP_NAMES[0], clip_l), _clip_spec(CLIP_NAMES[1], clip_g)]
+    if t5 is not None:
+        specs.append(t5_spec(t5, t5_tokens))
+    return [*specs, transformer_spec(modules.transformer, CLIP_TOKENS + t5_tokens), vae_decoder_spec(modules.vae),
+            vae_encoder_spec(modules.vae, factor)]

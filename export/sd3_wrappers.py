@@ -1,5 +1,5 @@
 """The exact computation of SD3's own exported graphs, as small torch modules: the MMDiT denoiser, T5, and the
-VAE decoder with SD3's latent shift.
+VAE decoder and encoder with SD3's latent shift.
 
 SD3's two CLIP encoders need no wrapper of their own: ``wrappers.TextEncoder(penultimate=True, pooled=True)``
 is what ``StableDiffusion3Pipeline._get_clip_prompt_embeds`` computes (``hidden_states[-(clip_skip + 2)]`` and
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .wrappers import VaeDecoder
+from .wrappers import VaeDecoder, VaeEncoder
 
 
 class Sd3Transformer(torch.nn.Module):
@@ -65,3 +65,16 @@ class Sd3VaeDecoder(VaeDecoder):
 
     def forward(self, latent_sample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return super().forward(latent_sample + self.shift * self.scale)
+
+
+class Sd3VaeEncoder(VaeEncoder):
+    """The shared ``VaeEncoder`` (uint8 pixels in, the latent distribution's mean out: sdrt's img2img is
+    deterministic) with SD3's latent shift: diffusers' SD3 img2img encodes ``(latents - shift_factor) *
+    scaling_factor``; the shared wrapper gives ``mean * scaling``, so ``shift * scaling`` is taken off."""
+
+    def __init__(self, vae: torch.nn.Module) -> None:
+        super().__init__(vae)
+        self.shift = float(vae.config.shift_factor or 0.0)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return super().forward(image) - self.shift * self.scale

@@ -15,14 +15,14 @@ from .families import Family
 from .manifest import ExportManifest
 from .request import float_array, is_int
 from .results import PromptEmbeddings
-from .tokenizer import ClipTokenizer
+from .tokenizer import PromptTokenizer
 
 
 class TextConditioning:
     """A model's text encoders and tokenizers on a backend; ``dtype`` is the denoiser's."""
 
     def __init__(self, manifest: ExportManifest, backend: Backend, engines: dict[str, Engine],
-                 tokenizers: Sequence[ClipTokenizer], graphs: DeviceGraphs, dtype: np.dtype[Any]) -> None:
+                 tokenizers: Sequence[PromptTokenizer], graphs: DeviceGraphs, dtype: np.dtype[Any]) -> None:
         self.manifest = manifest
         self.family: Family = manifest.model_family
         self.backend = backend
@@ -33,7 +33,12 @@ class TextConditioning:
 
     def chunks(self, texts: Sequence[str]) -> tuple[int, ...]:
         """The number of 77-token chunks each tokenizer makes of these texts (together)."""
-        return tuple(int(tok.encode_chunks(list(texts)).shape[1]) for tok in self.tokenizers)
+        return tuple(int(self._ids(tok, list(texts)).shape[1]) for tok in self.tokenizers)
+
+    def _ids(self, tok: PromptTokenizer, prompts: list[str]) -> np.ndarray:
+        """[rows, chunks, tokens]: in 77-token chunks where the family chunks long prompts, else one row each
+        (cut at the tokenizer's length, as diffusers)."""
+        return tok.encode_chunks(prompts) if self.family.chunked else tok.encode(prompts)[:, None]
 
     def zero_negatives(self, negative_prompt: Any) -> bool:
         """Guided with no negative prompt: the family's rule (diffusers' force_zeros_for_empty_prompt)."""
@@ -47,7 +52,7 @@ class TextConditioning:
         outs: list[dict[str, Array]] = []
         rows = 0
         for name, tok in zip(self.manifest.encoder_names, self.tokenizers, strict=True):
-            ids = tok.encode_chunks(prompts)  # [rows, k, 77]
+            ids = self._ids(tok, prompts)  # [rows, k, 77] (T5: [rows, 1, its tokens])
             rows, k, n = ids.shape
             out = self.engines[name]({"input_ids": be.to_device(ids.reshape(rows * k, n))})
             if (len(self.tokenizers) == 1 and k == 1 and not zero_negatives and "text_embeds" not in out
@@ -55,6 +60,8 @@ class TextConditioning:
                 # already [rows, 77, C] in the UNet's dtype: no host round trip
                 return PromptEmbeddings(out["hidden_states"], None, b, guided)
             outs.append(out)
+        if self.family.host_join:
+            return self._join_on_host(outs, b, guided, zero_negatives)
         pooled = next((o["text_embeds"] for o in reversed(outs) if "text_embeds" in o), None)
         join = self._join_graph([o["hidden_states"] for o in outs], pooled)
         keep = np.ones(rows, np.float32)
@@ -65,6 +72,25 @@ class TextConditioning:
             feeds["text_embeds"] = pooled
         joined = join({**feeds, "keep": be.to_device(keep)})
         return PromptEmbeddings(joined["hidden"], joined.get("pooled"), b, guided)
+
+    def _join_on_host(self, outs: list[dict[str, Array]], b: int, guided: bool,
+                      zero_negatives: bool) -> PromptEmbeddings:
+        """The family's own join (``Family.join_on_host``) of the encoders' outputs brought to the host."""
+        be, dt = self.backend, self.dtype
+        names = self.manifest.encoder_names
+        hidden = {n: be.to_host(o["hidden_states"]) for n, o in zip(names, outs, strict=True)}
+        pooled = {n: be.to_host(o["text_embeds"]) for n, o in zip(names, outs, strict=True) if "text_embeds" in o}
+        width = self.engines["unet"].inputs["encoder_hidden_states"].shape[-1]
+        if not isinstance(width, int):
+            raise ArtifactError(f"the {self.family.label} denoiser's encoder_hidden_states has no fixed width; "
+                                "re-export the model with `sdrt export`")
+        h, p = self.family.join_on_host(hidden, pooled, width)
+        if zero_negatives:
+            h[:b] = 0
+            if p is not None:
+                p[:b] = 0
+        return PromptEmbeddings(be.to_device(np.ascontiguousarray(h, dtype=dt)),
+                                None if p is None else be.to_device(np.ascontiguousarray(p, dtype=dt)), b, guided)
 
     def _join_graph(self, hidden: list[Array], pooled: Array | None) -> Engine:
         """The join graph of the manifest's variant (runtime/text_join.py), loaded once; ArtifactError where the
@@ -96,7 +122,7 @@ class TextConditioning:
         to_dev, dt, b = self.backend.to_device, self.dtype, emb.batch
         cond = {"encoder_hidden_states": emb.hidden}
         if emb.pooled is not None:
-            cond["text_embeds"] = emb.pooled
+            cond[self.family.pooled_input] = emb.pooled
         for name, value in self.family.extra_conditioning(height, width, b, emb.guided, scores).items():
             cond[name] = to_dev(value.astype(dt))
         unet_inputs = self.engines["unet"].inputs

@@ -13,9 +13,10 @@ from . import backends
 from .engine import Backend, Engine
 from .engine_manifest import EngineManifest
 from .errors import ArtifactError, CompatibilityError, InputError
+from .families import Family
 from .manifest import ExportManifest, tokenizer_of
 from .optimum import is_optimum_folder, read_optimum
-from .tokenizer import ClipTokenizer
+from .tokenizer import ClipTokenizer, PromptTokenizer
 
 
 @dataclass
@@ -26,7 +27,7 @@ class OpenedModel:
     manifest: ExportManifest
     backend: Backend
     engines: dict[str, Engine]
-    tokenizers: list[ClipTokenizer]
+    tokenizers: list[PromptTokenizer]
     scheduler_config: dict[str, Any]
     given: bool
 
@@ -71,7 +72,7 @@ def open_model(folder: Path, backend: str | Backend, *, threads: int | None, cud
         for name, comp in manifest.components.items():
             engines[name] = be.load(graphs[name] if name in graphs else str(folder / be.graph_for(comp)), name)
         toks = tokenizers(manifest, folder)
-        check_widths(engines, folder)
+        check_widths(engines, folder, manifest.model_family)
         return OpenedModel(manifest, be, engines, toks, scheduler_config(folder), given is not None)
     except BaseException:
         if given is None:  # a given backend stays the caller's, with what was loaded onto it
@@ -98,11 +99,19 @@ def read_model(folder: Path, backend_kind: str) -> tuple[ExportManifest, dict[st
     return manifest, graphs
 
 
-def tokenizers(manifest: ExportManifest, folder: Path) -> list[ClipTokenizer]:
-    """Each text encoder's tokenizer, in the family's encoder order."""
+def tokenizers(manifest: ExportManifest, folder: Path) -> list[PromptTokenizer]:
+    """Each text encoder's tokenizer, in the family's encoder order (CLIP's, or T5's where the family says)."""
     vocab_merges = manifest.source.get("kind") == "optimum"
-    return [ClipTokenizer.from_folder(folder / tokenizer_of(name), vocab_merges=vocab_merges)
-            for name in manifest.encoder_names]
+    fam = manifest.model_family
+    toks: list[PromptTokenizer] = []
+    for name in manifest.encoder_names:
+        if fam.tokenizer_kind(name) == "t5":
+            from .t5_tokenizer import T5Tokenizer
+
+            toks.append(T5Tokenizer.from_folder(folder / tokenizer_of(name), max_length=fam.text_tokens))
+        else:
+            toks.append(ClipTokenizer.from_folder(folder / tokenizer_of(name), vocab_merges=vocab_merges))
+    return toks
 
 
 def scheduler_config(folder: Path) -> dict[str, Any]:
@@ -122,13 +131,12 @@ def check_components(manifest: ExportManifest, folder: Path) -> None:
         )
 
 
-def check_widths(engines: Mapping[str, Engine], folder: Path) -> None:
+def check_widths(engines: Mapping[str, Engine], folder: Path, family: Family) -> None:
     """The UNet must consume what the text encoders produce: catches components of different families."""
-    encs = [e for n, e in sorted(engines.items()) if n.startswith("text_encoder")]
-    produced = sum(int(e.outputs["hidden_states"].shape[-1] or 0) for e in encs)
+    widths = {n: int(e.outputs["hidden_states"].shape[-1] or 0) for n, e in sorted(engines.items())
+              if n.startswith("text_encoder")}
     wanted = engines["unet"].inputs["encoder_hidden_states"].shape[-1]
-    if isinstance(wanted, int) and produced != wanted:
-        raise ArtifactError(
-            f"{folder}: the text encoders produce {produced}-wide embeddings but the UNet takes {wanted}: the "
-            "components come from different models or families. Re-export the model with `sdrt export`."
-        )
+    problem = family.width_problem(widths, wanted) if isinstance(wanted, int) else None
+    if problem:
+        raise ArtifactError(f"{folder}: {problem}: the components come from different models or families. "
+                            "Re-export the model with `sdrt export`.")

@@ -106,9 +106,9 @@ class ShapeLimits:
 
 @dataclass(frozen=True)
 class ExportManifest:
-    family: str  # a key of runtime/families: "sd1" | "sd2" | "sdxl"
+    family: str  # a key of runtime/families: "sd1" | "sd2" | "sdxl" | "sd3"
     preset: str  # architecture preset name, e.g. "sd15" or "sd15-tiny"
-    prediction_type: str  # "epsilon" | "v_prediction"
+    prediction_type: str  # "epsilon" | "v_prediction" | "flow_prediction"
     components: dict[str, Component]
     latent_channels: int
     vae_scale_factor: int  # pixels per latent
@@ -133,7 +133,9 @@ class ExportManifest:
 
     @property
     def encoder_names(self) -> tuple[str, ...]:
-        return self.model_family.encoders
+        """The text encoders this export has, in the family's order (an optional one may be left out)."""
+        fam = self.model_family
+        return tuple(e for e in fam.encoders if e in self.components or e not in fam.optional_encoders)
 
     @property
     def model_family(self) -> Family:

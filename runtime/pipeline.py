@@ -233,13 +233,16 @@ class Pipeline:
                 negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, guided=guided, batch_size=batch_size)
 
     # -- stage 2: the sampler plan and the starting latents ----------------------------------------------
-    def plan(self, sampler: str = "dpmpp-2m", steps: int = 30, *, strength: float = 1.0,
+    def plan(self, sampler: str | None = None, steps: int = 30, *, strength: float = 1.0,
              timestep_spacing: str | None = None, fresh_from: int = 0) -> samplers.SamplerPlan:
         """The sampler's per-step coefficients for this model's scheduler (img2img when strength < 1).
+        ``sampler`` None: the model's default (dpmpp-2m; flow-euler for a flow-matching model).
         ``timestep_spacing`` (leading, trailing, linspace) overrides the scheduler configuration's.
         ``fresh_from``: the row where a second model takes over with a sampler of its own (no multistep
         history), as diffusers' refiner at ``denoising_start`` (see ``samplers.make_plan``)."""
         self._ready()
+        if sampler is None:
+            sampler = samplers.default_sampler(self.manifest.prediction_type)
         return samplers.make_plan(sampler, steps, self.scheduler_config,
                                   prediction_type=self.manifest.prediction_type, strength=strength,
                                   timestep_spacing=timestep_spacing, fresh_from=fresh_from)
@@ -492,7 +495,7 @@ class Pipeline:
         width: int | None = None,
         steps: int = 30,
         guidance_scale: float = 7.5,
-        sampler: str = "dpmpp-2m",
+        sampler: str | None = None,
         seed: int | Sequence[int] | None = None,
         batch_size: int = 1,
         latents: np.ndarray | None = None,

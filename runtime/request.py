@@ -52,7 +52,7 @@ class GenerationRequest:
     width: int | None = None
     steps: int = 30
     guidance_scale: float = 7.5
-    sampler: str = "dpmpp-2m"
+    sampler: str | None = None  # the model's default (samplers.default_sampler)
     seed: int | Sequence[int] | None = None
     batch_size: int = 1
     latents: np.ndarray | None = None

@@ -200,6 +200,12 @@ def make_plan(
     return plan
 
 
+def default_sampler(prediction_type: str) -> str:
+    """The sampler a call without one gets: DPM-Solver++ 2M, or for a flow model flow-euler (the
+    FlowMatchEulerDiscreteScheduler diffusers' SD3 and FLUX pipelines ship with)."""
+    return FLOW_SAMPLERS[0] if prediction_type == FLOW else "dpmpp-2m"
+
+
 def samplers_for(prediction_type: str) -> tuple[str, ...]:
     """The sampler names that serve a model of this prediction type."""
     if prediction_type not in PREDICTION_TYPES:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -61,6 +61,18 @@ def _token_str(value: Any) -> str | None:
     if isinstance(value, dict):
         value = value.get("content")
     return value if isinstance(value, str) else None
+
+
+class PromptTokenizer(Protocol):
+    """What the text stage asks of a tokenizer (``ClipTokenizer``, ``t5_tokenizer.T5Tokenizer``)."""
+
+    max_length: int
+
+    def encode(self, prompts: Sequence[str]) -> np.ndarray: ...  # int32 [B, max_length]
+
+    def encode_chunks(self, prompts: Sequence[str]) -> np.ndarray: ...  # int32 [B, chunks, max_length]
+
+    def count_tokens(self, prompts: Sequence[str]) -> list[int]: ...
 
 
 class ClipTokenizer:

@@ -63,7 +63,7 @@ def test_sd3_family_declares_what_diffusers_does() -> None:
     assert f"{fam.diffusers_pipeline}Pipeline" == StableDiffusion3Pipeline.__name__
     assert "force_zeros_for_empty_prompt" not in params and not fam.zero_negatives
     assert fam.penultimate and fam.pooled
-    assert "sd3" not in FAMILY_KEYS  # a preview: no manifest accepts it yet
+    assert "sd3" in FAMILY_KEYS
     with pytest.raises(NotImplementedError, match="both CLIP"):
         fam.pooled_encoder  # noqa: B018
 
@@ -73,7 +73,7 @@ def test_sd3_specs_follow_the_family(tiny) -> None:
     transformer's text and pooled widths are what the encoders' join gives (T5's width; both CLIP projections)."""
     _, mods = tiny
     specs = sd3_specs(mods, t5_tokens=8)
-    assert [s.name for s in specs] == [*family_named("sd3").encoders, "transformer", "vae_decoder"]
+    assert [s.name for s in specs] == [*family_named("sd3").encoders, "unet", "vae_decoder", "vae_encoder"]
     clip_l, clip_g, t5 = mods.text_encoders
     cfg = mods.transformer.config
     assert cfg.joint_attention_dim == t5.config.d_model > clip_l.config.hidden_size + clip_g.config.hidden_size

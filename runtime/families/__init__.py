@@ -3,7 +3,8 @@
 Adding a family: a module here that makes its ``Family``, one line in ``_FAMILIES`` below (or in
 ``_REFINERS`` for an expert that only continues another family's latents), and its presets in
 ``export/presets.py``. See docs/families.md. A family the runtime cannot serve yet goes in ``_PREVIEWS``:
-``family_named`` finds it (export-side work can ask it), but it is not a manifest's ``family`` value.
+``family_named`` finds it (export-side work can ask it), but it is not a manifest's ``family`` value (none is
+there now).
 """
 
 from __future__ import annotations
@@ -17,10 +18,9 @@ from .sd3 import SD3
 from .sdxl import SDXL
 from .sdxl_refiner import AESTHETIC_DEFAULTS, SDXL_REFINER
 
-_FAMILIES: dict[str, Family] = {f.key: f for f in (SD1, SD2, SDXL)}
+_FAMILIES: dict[str, Family] = {f.key: f for f in (SD1, SD2, SDXL, SD3)}
 _REFINERS: dict[str, Family] = {SDXL_REFINER.key: SDXL_REFINER}
-# export-side only so far: no manifest, build profile or pipeline accepts them (runtime/families/sd3.py says why)
-_PREVIEWS: dict[str, Family] = {SD3.key: SD3}
+_PREVIEWS: dict[str, Family] = {}
 
 FAMILY_KEYS = tuple(_FAMILIES)  # the values a manifest's "family" may take
 

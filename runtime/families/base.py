@@ -29,7 +29,12 @@ class Family:
     unconditional rows are zeros (diffusers' ``force_zeros_for_empty_prompt``) instead of the empty prompt's
     encoding; ``generates``: it generates from noise (an SDXL refiner only continues latents);
     ``diffusers_pipeline``: the stem of diffusers' pipeline class names for it (``StableDiffusionXL`` ->
-    ``StableDiffusionXLPipeline``, ``...Img2ImgPipeline``, ``...InpaintPipeline``, ``...ControlNetPipeline``).
+    ``StableDiffusionXLPipeline``, ``...Img2ImgPipeline``, ``...InpaintPipeline``, ``...ControlNetPipeline``);
+    ``chunked``: prompts past a CLIP encoder's 77 tokens are encoded in chunks joined on the sequence (the UIs'
+    way; False: cut at 77, as diffusers' pipelines for that family do); ``pooled_input``: the denoiser input
+    that takes the pooled embedding; ``optional_encoders``: encoders an export may leave out (the family's
+    ``join_on_host`` puts what stands in their place); ``host_join``: the family joins its encoders' outputs
+    itself (``join_on_host``), on the host, instead of the shared device join.
     """
 
     key: str
@@ -40,6 +45,34 @@ class Family:
     zero_negatives: bool = False
     generates: bool = True
     diffusers_pipeline: str = "StableDiffusion"
+    chunked: bool = True
+    pooled_input: str = "text_embeds"
+    optional_encoders: tuple[str, ...] = ()
+    host_join: bool = False
+
+    def tokenizer_kind(self, encoder: str) -> str:
+        """How ``encoder``'s prompts are tokenized: ``clip`` (CLIP's BPE, 77 tokens) or ``t5`` (SentencePiece,
+        ``text_tokens`` of them)."""
+        return "clip"
+
+    @property
+    def text_tokens(self) -> int:
+        """Tokens per prompt of a ``t5`` encoder (diffusers' ``max_sequence_length``); CLIP's are 77."""
+        return 77
+
+    def join_on_host(self, hidden: dict[str, Any], pooled: dict[str, Any], width: int) -> tuple[Any, Any]:
+        """Where ``host_join``: the family's join of its encoders' outputs (host arrays by encoder name; a
+        left-out optional encoder is absent) into (denoiser text states [R, tokens, width], pooled [R, P] or
+        None). The other families are joined on the device (channels, then chunks; runtime/text_join.py)."""
+        raise NotImplementedError(f"the {self.label} family is joined on the device (runtime/text_join.py)")
+
+    def width_problem(self, widths: dict[str, int], wanted: int) -> str | None:
+        """Why encoders of these hidden widths cannot condition a denoiser taking ``wanted`` (None: they can):
+        the shared join concatenates channels, so they must sum to it."""
+        produced = sum(widths.values())
+        if produced != wanted:
+            return f"the text encoders produce {produced}-wide embeddings but the UNet takes {wanted}"
+        return None
 
     @property
     def pooled_encoder(self) -> str | None:

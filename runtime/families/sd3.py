@@ -1,37 +1,32 @@
-"""Stable Diffusion 3 / 3.5 (an MMDiT denoiser): what the family interface can say of it today, and what not.
+"""Stable Diffusion 3 / 3.5 (an MMDiT denoiser): the family as diffusers' ``StableDiffusion3Pipeline`` runs it.
 
-Declared here, as diffusers' ``StableDiffusion3Pipeline.encode_prompt`` does it: three text encoders, two CLIP
-with projection (``text_encoder``: ViT-L, ``text_encoder_2``: OpenCLIP bigG) and T5-XXL (``text_encoder_3``);
-the CLIP encoders condition with their penultimate hidden states; the denoiser takes a pooled embedding; an
+Three text encoders: two CLIP with projection (``text_encoder``: ViT-L, ``text_encoder_2``: OpenCLIP bigG),
+conditioning with their penultimate hidden states, each prompt cut at 77 tokens (diffusers warns and cuts; no
+chunks), and T5-XXL (``text_encoder_3``, ``text_tokens`` = 256 SentencePiece tokens, diffusers'
+``max_sequence_length``), which an export may leave out (diffusers' ``text_encoder_3=None``: zeros take its
+place). The join (``sd3_join``, on the host) pads the CLIP states to T5's width and appends T5's on the token
+axis; the pooled embedding (the transformer's ``pooled_projections``) is both CLIP projections joined. An
 empty negative prompt is encoded (SD3 has no ``force_zeros_for_empty_prompt``).
 
-What the interface lacks for it (so the family is registered as a preview: ``family_named("sd3")`` finds it,
-but it is not among ``FAMILY_KEYS``, so no manifest, build profile or pipeline accepts it yet):
+The denoiser is the export's ``unet`` component (at ``transformer/``), a flow-prediction transformer; its
+latents are 16 channels and a side must be a multiple of its patch (2 latent pixels, 16 image pixels). The
+latent shift (``shift_factor``) lives in the exported VAE graphs; the flow samplers and the scheduler's shift
+in ``runtime/samplers.py``.
 
-- **The T5 join.** ``encoders`` means "hidden states joined on the channel axis"; SD3 joins the two CLIP
-  encoders on channels, zero-pads them to T5's width (4096), then appends T5's states on the *token* axis
-  (77 + 256 tokens); without T5, zeros [B, 256, joint_attention_dim] take its place.
-- **Two pooled encoders.** ``pooled_encoder`` names one encoder (the last); SD3's pooled embedding is the
-  concatenation of both CLIP encoders' ``text_embeds`` (768 + 1280), and its last encoder (T5) has none.
-  ``manifest.pooled_encoder`` (a name test: ``text_encoder_2``) would also miss ``text_encoder``'s projection.
-- **T5's tokens.** T5 takes ``max_sequence_length`` tokens (256 by default, up to 512), not CLIP's 77-token
-  chunks; the tokenizer stage and the join graph (``runtime/text_join.py``) assume 77.
-- **The latents.** 16 channels and a VAE with ``shift_factor`` (decode: ``latents / scaling + shift``); the
-  shared VAE wrappers divide by ``scaling_factor`` only and assume 4 channels in places.
-- **The denoiser.** A transformer with its own inputs (``pooled_projections``, a token axis of any length),
-  latent sizes a multiple of the patch size (2), at most ``pos_embed_max_size`` patches a side.
-- **Flow prediction.** The prediction type is a preset's field, not the family's; the flow samplers exist
-  (``runtime/samplers.py``: flow-euler, flow-dpmpp-2m) but nothing ties SD3's scheduler shift (3.0) to them.
-- **Skip-layer guidance** (SD 3.5 Medium's ``skip_guidance_layers``) has no place in the interface at all.
-
-``pooled_encoder`` is overridden to refuse, rather than answer ``text_encoder_3`` (which has no pooled output).
+Not yet in the interface: skip-layer guidance (SD 3.5 Medium's ``skip_guidance_layers``), per-call
+``max_sequence_length``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from .base import Family
+from .sd3_join import sd3_join
+
+T5 = "text_encoder_3"
+CLIPS = ("text_encoder", "text_encoder_2")
 
 
 @dataclass(frozen=True)
@@ -39,9 +34,29 @@ class Sd3Family(Family):
     @property
     def pooled_encoder(self) -> str | None:
         raise NotImplementedError(
-            "SD3's pooled embedding is both CLIP encoders' text_embeds concatenated; the family interface "
-            "names one pooled encoder (see runtime/families/sd3.py)")
+            "SD3's pooled embedding is both CLIP encoders' text_embeds concatenated, not one encoder's")
+
+    def tokenizer_kind(self, encoder: str) -> str:
+        return "t5" if encoder == T5 else "clip"
+
+    @property
+    def text_tokens(self) -> int:
+        return 256
+
+    def join_on_host(self, hidden: dict[str, Any], pooled: dict[str, Any], width: int) -> tuple[Any, Any]:
+        return sd3_join([hidden[c] for c in CLIPS], [pooled[c] for c in CLIPS], hidden.get(T5),
+                        joint_dim=width, t5_tokens=self.text_tokens)
+
+    def width_problem(self, widths: dict[str, int], wanted: int) -> str | None:
+        clip = sum(widths.get(c, 0) for c in CLIPS)
+        if clip > wanted:
+            return (f"the CLIP encoders produce {clip}-wide embeddings, wider than the transformer's "
+                    f"joint_attention_dim {wanted}")
+        if T5 in widths and widths[T5] != wanted:
+            return f"T5 produces {widths[T5]}-wide embeddings but the transformer takes {wanted}"
+        return None
 
 
-SD3 = Sd3Family(key="sd3", label="SD 3 / 3.5", encoders=("text_encoder", "text_encoder_2", "text_encoder_3"),
-                penultimate=True, pooled=True, zero_negatives=False, diffusers_pipeline="StableDiffusion3")
+SD3 = Sd3Family(key="sd3", label="SD 3 / 3.5", encoders=(*CLIPS, T5), penultimate=True, pooled=True,
+                zero_negatives=False, diffusers_pipeline="StableDiffusion3", chunked=False,
+                pooled_input="pooled_projections", optional_encoders=(T5,), host_join=True)

@@ -20,7 +20,9 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--steps", type=int, default=30, help="denoising steps, 1 up to the model's schedule (default 30)")
-    p.add_argument("--sampler", default="dpmpp-2m", help="ddim, dpmpp-2m, dpmpp-2m-karras, euler, euler-a, lcm")
+    p.add_argument("--sampler", default=None,
+                   help="ddim, dpmpp-2m, dpmpp-2m-karras, euler, euler-a, lcm; flow models: flow-euler, "
+                        "flow-dpmpp-2m (default: dpmpp-2m, flow models flow-euler)")
     p.add_argument("--guidance", type=float, default=7.5,
                    help="classifier-free guidance scale, 0 to 100 (default 7.5; 5-9 is typical); 1 or less turns "
                         "it off")

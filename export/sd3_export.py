@@ -1,0 +1,205 @@
+"""SD3 / 3.5 models -> a verified ONNX folder with ``sdrt.json``: loading (a diffusers folder, or a tiny
+preset's seeded weights) and ``export_sd3``, the family's counterpart of ``exporter.export_model``.
+
+Layout: model_index.json, text_encoder/, text_encoder_2/, [text_encoder_3/,] transformer/ (the manifest's
+``unet`` component: the denoiser), vae_decoder/, vae_encoder/, tokenizer/, tokenizer_2/, [tokenizer_3/,]
+scheduler/, sdrt.json. ``without_t5`` leaves T5 out (diffusers' ``text_encoder_3=None``: the runtime puts
+zeros in its place). Written under a temporary name and renamed once every component passed its parity gate.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sdrt.runtime.atomic import atomic_dir
+from sdrt.runtime.errors import InputError
+from sdrt.runtime.manifest import MANIFEST_NAME, ExportManifest, ShapeLimits, export_entries, tokenizer_of
+
+from .exporter import EXPORT_KIND, MIN_OPSET, TEXT_LEN, check_export_dir, tool_versions
+from .onnx_export import export_component
+from .sd3_presets import SD3_PRESETS, Sd3Modules, Sd3Preset, build_modules, get_sd3_preset
+from .sd3_specs import sd3_specs
+
+DENOISER_FOLDER = "transformer"  # diffusers' name for SD3's denoiser; the manifest's component is "unet"
+PIPELINE_CLASS = "StableDiffusion3Pipeline"
+
+
+@dataclass
+class LoadedSd3:
+    """An SD3 model in memory: its preset (the architecture's name and default size), float32 modules in eval
+    mode, each tokenizer's source folder (None: the tiny presets' shipped ones), the scheduler config."""
+
+    preset: Sd3Preset
+    modules: Sd3Modules
+    scheduler_config: dict[str, Any]
+    tokenizer_dirs: tuple[Path | None, Path | None, Path | None] = (None, None, None)
+    source: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def has_t5(self) -> bool:
+        return self.modules.text_encoders[2] is not None
+
+
+def is_sd3_folder(path: Path) -> bool:
+    """A diffusers folder of ``StableDiffusion3Pipeline`` (its model_index.json says so)."""
+    index = path / "model_index.json"
+    if not index.is_file():
+        return False
+    try:
+        return json.loads(index.read_text()).get("_class_name") == PIPELINE_CLASS
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def is_sd3_source(model: str | Path | None, random_preset: str | None) -> bool:
+    """``sdrt export``'s source is an SD3 model: a tiny SD3 preset's name, or a diffusers SD3 folder."""
+    if random_preset is not None:
+        return random_preset in SD3_PRESETS
+    return model is not None and is_sd3_folder(Path(model))
+
+
+def load_sd3(path: str | Path | None = None, *, random_preset: str | None = None, seed: int = 0) -> LoadedSd3:
+    """A diffusers SD3 / 3.5 folder (safetensors only: nothing is unpickled), or ``random_preset``'s seeded
+    weights. A folder without ``text_encoder_3`` loads without T5."""
+    if (path is None) == (random_preset is None):
+        raise InputError("give either a diffusers SD3 folder or random_preset (one of them)")
+    if random_preset is not None:
+        preset = get_sd3_preset(random_preset)
+        return LoadedSd3(preset, build_modules(preset, seed), dict(preset.scheduler),
+                         source={"kind": "random", "preset": preset.name, "seed": seed})
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection, T5EncoderModel
+
+    folder = Path(path)  # type: ignore[arg-type]
+    if not is_sd3_folder(folder):
+        raise InputError(f"{folder} is not a diffusers SD3 folder (its model_index.json must name {PIPELINE_CLASS})")
+    kw: dict[str, Any] = {"torch_dtype": torch.float32, "use_safetensors": True}
+    missing = [n for n in ("transformer", "text_encoder", "text_encoder_2", "vae", "scheduler", "tokenizer",
+                           "tokenizer_2") if not (folder / n).is_dir()]
+    if missing:
+        raise InputError(f"{folder} lacks {', '.join(missing)}: an SD3 folder has each of them (a single file "
+                         "without its text encoders needs them given separately)")
+    transformer = SD3Transformer2DModel.from_pretrained(folder / "transformer", **kw)
+    clips = [CLIPTextModelWithProjection.from_pretrained(folder / n, **kw) for n in ("text_encoder", "text_encoder_2")]
+    t5 = T5EncoderModel.from_pretrained(folder / "text_encoder_3", **kw) if (folder / "text_encoder_3").is_dir() \
+        else None
+    vae = AutoencoderKL.from_pretrained(folder / "vae", **kw)
+    for m in (transformer, *clips, vae, *([t5] if t5 is not None else [])):
+        m.eval()
+    sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    preset = _preset_for(transformer, vae, folder.name)
+    toks = tuple(folder / n if (folder / n).is_dir() else None for n in ("tokenizer", "tokenizer_2", "tokenizer_3"))
+    return LoadedSd3(preset, Sd3Modules(transformer, (clips[0], clips[1], t5), vae), sched,
+                     toks, {"kind": "diffusers", "path": str(folder)})  # type: ignore[arg-type]
+
+
+def _preset_for(transformer: torch.nn.Module, vae: torch.nn.Module, name: str) -> Sd3Preset:
+    """The shipped preset whose transformer this is, else one named after the folder (its default size: the
+    transformer's ``sample_size`` latents)."""
+    cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in transformer.config.items()}
+    for p in SD3_PRESETS.values():
+        if p.by_shape and all(cfg.get(k) == (list(v) if isinstance(v, tuple) else v) for k, v in p.transformer.items()):
+            return p
+    any_preset = next(iter(SD3_PRESETS.values()))
+    f = 2 ** (len(vae.config.block_out_channels) - 1)
+    return replace(any_preset, name=name, default_size=int(transformer.config.sample_size) * f)
+
+
+def limits_of(transformer: torch.nn.Module, factor: int) -> ShapeLimits:
+    """The image sides the transformer's position grid takes: multiples of a patch (patch x VAE factor pixels),
+    up to ``pos_embed_max_size`` patches."""
+    patch = int(transformer.config.patch_size)
+    step = patch * factor
+    top = int(transformer.config.pos_embed_max_size) * step
+    return ShapeLimits(min_size=max(step, 64 - 64 % step), max_size=top, multiple_of=step)
+
+
+def _model_index(model: LoadedSd3) -> dict[str, object]:
+    import diffusers
+
+    idx: dict[str, object] = {
+        "_class_name": f"ORT{PIPELINE_CLASS}",
+        "_diffusers_version": diffusers.__version__,
+        "scheduler": ["diffusers", model.scheduler_config.get("_class_name", "FlowMatchEulerDiscreteScheduler")],
+        "text_encoder": ["onnxruntime", "ORTModelTextEncoder"],
+        "text_encoder_2": ["onnxruntime", "ORTModelTextEncoder"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        DENOISER_FOLDER: ["onnxruntime", "ORTModelTransformer"],
+        "vae_decoder": ["onnxruntime", "ORTModelVaeDecoder"],
+        "vae_encoder": ["onnxruntime", "ORTModelVaeEncoder"],
+    }
+    if model.has_t5:
+        idx["text_encoder_3"] = ["onnxruntime", "ORTModelTextEncoder"]
+        idx["tokenizer_3"] = ["transformers", "T5TokenizerFast"]
+    return idx
+
+
+def export_sd3(
+    model: LoadedSd3,
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+    fp16: bool = True,
+    opset: int = MIN_OPSET,
+    without_t5: bool = False,
+    parity_shape: tuple[int, int, int] | None = None,
+    progress: Callable[[str], None] = lambda msg: None,
+) -> ExportManifest:
+    """Export every component of ``model`` into ``out`` (atomically) and return its manifest; ``without_t5``
+    leaves T5 out. ``out`` is checked as ``export_model`` checks it. T5 stays float32 in an fp16 export (its
+    activations overflow fp16)."""
+    from .tokenizer_assets import write_clip_tokenizer
+
+    out = check_export_dir(out, overwrite=overwrite)
+    if opset < MIN_OPSET:
+        raise InputError(f"opset {opset} is too old; sdrt exports opset {MIN_OPSET} or newer (e.g. --opset 17)")
+    p = model.preset
+    mods = model.modules
+    if without_t5:
+        mods = replace(mods, text_encoders=(mods.text_encoders[0], mods.text_encoders[1], None))
+    precision = "fp16" if fp16 else "fp32"
+    f = 2 ** (len(mods.vae.config.block_out_channels) - 1)
+    limits = limits_of(mods.transformer, f)
+    if parity_shape is None:
+        side = min(p.default_size // f, 32)
+        parity_shape = (2, side, side + limits.multiple_of // f)  # non-square, whole patches
+    with atomic_dir(out, marker=MANIFEST_NAME, overwrite=overwrite, what=EXPORT_KIND, owned=export_entries) as tmp:
+        components = {}
+        for spec in sd3_specs(mods, p.t5_tokens):
+            folder = DENOISER_FOLDER if spec.name == "unet" else spec.name
+            components[spec.name] = export_component(spec, precision, tmp / folder, opset=opset,
+                                                     parity_shape=parity_shape, progress=progress)
+        for i, name in enumerate(("text_encoder", "text_encoder_2")):
+            write_clip_tokenizer(tmp / tokenizer_of(name), pad_token=p.pad_tokens[i], source=model.tokenizer_dirs[i])
+        if mods.text_encoders[2] is not None:
+            from .tokenizer_assets import write_t5_tokenizer
+
+            write_t5_tokenizer(tmp / tokenizer_of("text_encoder_3"), source=model.tokenizer_dirs[2])
+        (tmp / "scheduler").mkdir()
+        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(model.scheduler_config, indent=2))
+        (tmp / "model_index.json").write_text(json.dumps(_model_index(replace(model, modules=mods)), indent=2))
+        manifest = ExportManifest(
+            family=p.family,
+            preset=p.name,
+            prediction_type=p.prediction_type,
+            components=components,
+            latent_channels=int(mods.vae.config.latent_channels),
+            vae_scale_factor=f,
+            default_size=p.default_size,
+            text_max_length=TEXT_LEN,
+            limits=limits,
+            source={**model.source, "t5": mods.text_encoders[2] is not None},
+            tools=tool_versions(),
+            created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            latent_scaling=float(mods.vae.config.scaling_factor),
+        )
+        manifest.write(tmp)
+    return manifest

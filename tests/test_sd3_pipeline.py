@@ -1,0 +1,184 @@
+"""SD3 / 3.5 end to end on ort-cpu against diffusers' ``StableDiffusion3Pipeline`` (and its img2img pipeline):
+the tiny presets' seeded weights exported by ``export_sd3``, the same initial latents, images within 1/255.
+
+Covers both structures (SD3; 3.5 Medium's dual attention and RMS-normed q/k), guided with a negative prompt
+and unguided, with T5 and without it (diffusers' ``text_encoder_3=None``), Large Turbo's settings (guidance 0,
+4 steps), both flow samplers, img2img, and the bad input the family refuses before any work.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sdrt.runtime.errors import InputError
+
+from .helpers.pipelines import shared_pipeline
+
+PROMPT = "a red fox in the snow, highly detailed"
+NEGATIVE = "blurry, low quality"
+_EXPORTS: dict[tuple[str, bool], Path] = {}
+_REFS: dict[tuple[str, bool, bool], object] = {}
+
+
+@pytest.fixture(scope="module")
+def sd3_export(tmp_path_factory: pytest.TempPathFactory):
+    """sd3_export(preset, t5) -> an fp32 export of the preset's seeded weights (seed 0), with T5 or without."""
+
+    def get(preset: str, t5: bool = True) -> Path:
+        key = (preset, t5)
+        if key not in _EXPORTS:
+            from sdrt.export.sd3_export import export_sd3, load_sd3
+
+            out = tmp_path_factory.mktemp("sd3") / f"{preset}-{'t5' if t5 else 'no-t5'}"
+            export_sd3(load_sd3(random_preset=preset), out, fp16=False, without_t5=not t5)
+            _EXPORTS[key] = out
+        return _EXPORTS[key]
+
+    return get
+
+
+def _reference(preset: str, folder: Path, t5: bool, img2img: bool = False):
+    """diffusers' pipeline over the same seeded modules, with the export's own tokenizer files."""
+    key = (preset, t5, img2img)
+    if key not in _REFS:
+        from diffusers import StableDiffusion3Img2ImgPipeline, StableDiffusion3Pipeline
+        from diffusers.schedulers import FlowMatchEulerDiscreteScheduler
+        from transformers import CLIPTokenizer, T5TokenizerFast
+
+        from sdrt.export.sd3_presets import build_modules, get_sd3_preset
+
+        p = get_sd3_preset(preset)
+        m = build_modules(p, seed=0)
+        clip_l, clip_g, t5_enc = m.text_encoders
+        cls = StableDiffusion3Img2ImgPipeline if img2img else StableDiffusion3Pipeline
+        pipe = cls(transformer=m.transformer, vae=m.vae,
+                   scheduler=FlowMatchEulerDiscreteScheduler.from_config(p.scheduler),
+                   text_encoder=clip_l, tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
+                   text_encoder_2=clip_g, tokenizer_2=CLIPTokenizer.from_pretrained(folder / "tokenizer_2"),
+                   text_encoder_3=t5_enc if t5 else None,
+                   tokenizer_3=T5TokenizerFast.from_pretrained(folder / "tokenizer_3") if t5 else None)
+        pipe.set_progress_bar_config(disable=True)
+        _REFS[key] = pipe
+    return _REFS[key]
+
+
+def _scheduler(sampler: str, config: dict):
+    from diffusers import DPMSolverMultistepScheduler
+    from diffusers.schedulers import FlowMatchEulerDiscreteScheduler
+
+    if sampler == "flow-dpmpp-2m":
+        return DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2, use_flow_sigmas=True,
+                                           flow_shift=config["shift"], prediction_type="flow_prediction")
+    return FlowMatchEulerDiscreteScheduler.from_config(config)
+
+
+def _compare(sd3_export, preset: str, *, t5: bool = True, guidance: float = 5.0, negative: str | None = NEGATIVE,
+             height: int = 64, width: int = 96, steps: int = 6, sampler: str = "flow-euler", batch: int = 1,
+             seed: int = 0):
+    folder = sd3_export(preset, t5)
+    ref = _reference(preset, folder, t5)
+    ref.scheduler = _scheduler(sampler, dict(ref.scheduler.config) if sampler == "flow-euler"
+                               else {"shift": float(ref.scheduler.config.shift)})
+    rng = np.random.default_rng(seed)
+    latents = rng.standard_normal((batch, 16, height // 8, width // 8), dtype=np.float32)
+    with torch.no_grad():
+        want = ref(PROMPT, negative_prompt=negative, height=height, width=width, num_inference_steps=steps,
+                   guidance_scale=guidance, latents=torch.from_numpy(latents), output_type="np",
+                   num_images_per_prompt=batch).images
+    want_u8 = (want * 255).round().astype(np.int32)
+    res = shared_pipeline(folder)(PROMPT, negative_prompt=negative, height=height, width=width, steps=steps,
+                                  guidance_scale=guidance, sampler=sampler, latents=latents, batch_size=batch)
+    got = np.stack([np.asarray(im) for im in res.images]).astype(np.int32)
+    assert got.shape == want_u8.shape
+    diff = int(np.abs(got - want_u8).max())
+    assert diff <= 1, f"{preset} t5={t5} {sampler} guidance {guidance}: max abs difference {diff}/255"
+    assert want_u8.std() > 5  # the images are not flat: the comparison means something
+    return res, want_u8
+
+
+@pytest.mark.parametrize("preset", ["sd3-tiny", "sd35-medium-tiny"])
+def test_guided_with_negative_and_t5(sd3_export, preset: str) -> None:
+    _compare(sd3_export, preset)
+
+
+@pytest.mark.parametrize("preset", ["sd3-tiny", "sd35-medium-tiny"])
+def test_without_t5(sd3_export, preset: str) -> None:
+    """A T5-less export runs as diffusers with ``text_encoder_3=None`` (zeros in T5's place)."""
+    _compare(sd3_export, preset, t5=False)
+
+
+def test_t5_conditions_the_image(sd3_export) -> None:
+    """Leaving T5 out changes the image (so the T5-less comparison is not the T5 one again)."""
+    _, without = _compare(sd3_export, "sd3-tiny", t5=False)
+    _, with_t5 = _compare(sd3_export, "sd3-tiny", t5=True)
+    assert np.abs(without - with_t5).max() > 1
+
+
+def test_unguided_square_batch(sd3_export) -> None:
+    res, _ = _compare(sd3_export, "sd3-tiny", guidance=1.0, negative=None, height=64, width=64, batch=2)
+    assert len(res.timings["unet_steps_ms"]) == 6
+
+
+def test_turbo_settings(sd3_export) -> None:
+    """SD 3.5 Large Turbo's settings: guidance 0 (no CFG), 4 steps of flow-euler."""
+    _compare(sd3_export, "sd3-tiny", guidance=0.0, negative=None, steps=4)
+
+
+def test_flow_dpmpp_2m(sd3_export) -> None:
+    _compare(sd3_export, "sd35-medium-tiny", sampler="flow-dpmpp-2m", steps=8)
+
+
+def test_default_sampler_is_flow_euler(sd3_export) -> None:
+    """A call without a sampler gets the model's (flow-euler, as diffusers' SD3 scheduler), not dpmpp-2m."""
+    pipe = shared_pipeline(sd3_export("sd3-tiny", True))
+    assert pipe.plan(None, 4).sampler == "flow-euler"
+    latents = np.random.default_rng(3).standard_normal((1, 16, 8, 8), dtype=np.float32)
+    a = pipe(PROMPT, steps=4, latents=latents, height=64, width=64).images[0]
+    b = pipe(PROMPT, steps=4, latents=latents, height=64, width=64, sampler="flow-euler").images[0]
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("strength", [0.6, 1.0])
+def test_img2img(sd3_export, monkeypatch: pytest.MonkeyPatch, strength: float) -> None:
+    """img2img against StableDiffusion3Img2ImgPipeline (sdrt encodes to the latent mean: diffusers made to)."""
+    import diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3_img2img as mod
+
+    real = mod.retrieve_latents
+    monkeypatch.setattr(mod, "retrieve_latents",
+                        lambda out, generator=None, sample_mode="sample": real(out, generator, "argmax"))
+    folder = sd3_export("sd3-tiny", True)
+    ref = _reference("sd3-tiny", folder, True, img2img=True)
+    rng = np.random.default_rng(7)
+    image = (rng.random((64, 96, 3)) * 255).astype(np.uint8)
+    noise = rng.standard_normal((1, 16, 8, 12), dtype=np.float32)
+    from PIL import Image
+
+    pil = Image.fromarray(image)
+    with torch.no_grad():
+        want = ref(PROMPT, image=pil, strength=strength, num_inference_steps=8, guidance_scale=4.0,
+                   negative_prompt=NEGATIVE, latents=torch.from_numpy(noise), output_type="np").images
+    want_u8 = (want * 255).round().astype(np.int32)
+    res = shared_pipeline(folder)(PROMPT, negative_prompt=NEGATIVE, image=pil, strength=strength, steps=8,
+                                  guidance_scale=4.0, latents=noise)
+    got = np.stack([np.asarray(im) for im in res.images]).astype(np.int32)
+    diff = int(np.abs(got - want_u8).max())
+    assert diff <= 1, f"img2img strength {strength}: max abs difference {diff}/255"
+
+
+def test_bad_input_is_refused_before_work(sd3_export) -> None:
+    folder = sd3_export("sd3-tiny", True)
+    pipe = shared_pipeline(folder)
+    lim = pipe.manifest.limits
+    assert lim.multiple_of == 16 and lim.max_size == 16 * 16  # 2-latent patches, pos_embed_max_size 16 patches
+    with pytest.raises(InputError, match="multiple of 16"):
+        pipe(PROMPT, height=72, width=64, steps=2)
+    with pytest.raises(InputError, match="multiple of 16 between 64 and 256"):
+        pipe(PROMPT, height=272, width=64, steps=2)
+    with pytest.raises(InputError, match="flow-euler"):
+        pipe(PROMPT, sampler="ddim", steps=2, height=64, width=64)
+    with pytest.raises(InputError, match=r"\(1, 16, 8, 8\)"):
+        pipe(PROMPT, steps=2, height=64, width=64, latents=np.zeros((1, 4, 8, 8), np.float32))
