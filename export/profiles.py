@@ -13,6 +13,8 @@ axis                size
 ``height/N``        a ControlNet residual N times below latent size: ceil(latent / N)
 ``image_*``         image pixels (the uint8 inputs: the VAE encoder's image, the ControlNets' control image)
 ``sequence``        77 tokens x prompt chunks (long prompts are encoded in 77-token chunks)
+``t5_tokens``       a T5 encoder's tokens per prompt (the family's ``text_tokens``: SD3's 256)
+``text_tokens``     a transformer's text tokens: 77 CLIP tokens and the T5 encoder's (SD3: 333)
 ==================  ===========================================================================
 
 The sampler's step graphs (``runtime/step_graph.py``), which ``sdrt build`` prebuilds beside the
@@ -209,6 +211,9 @@ def validate(profile: BuildProfile, manifest: ExportManifest) -> None:
         if r.min < lim.min_size or r.max > lim.max_size:
             raise InputError(f"profile {profile.name}: {label} {r} px is outside what the export supports "
                              f"({lim.min_size}..{lim.max_size} px)")
+    if profile.chunks.max > 1 and not manifest.model_family.chunked:
+        raise InputError(f"profile {profile.name}: {manifest.model_family.label} models encode one 77-token row per "
+                         f"prompt (longer prompts are cut, as diffusers does): use chunks 1, not {profile.chunks}")
     if profile.batch.max > lim.max_batch:
         raise InputError(f"profile {profile.name}: batch up to {profile.batch.max} exceeds the export's limit "
                          f"of {lim.max_batch} images")
@@ -219,7 +224,7 @@ def _denoiser(component: str) -> bool:
     return component in ("unet", "unet_control") or component.startswith("controlnet_")
 
 
-def _axis_range(component: str, axis: str, profile: BuildProfile, factor: int) -> Range:
+def _axis_range(component: str, axis: str, profile: BuildProfile, factor: int, text_tokens: int) -> Range:
     if axis == "batch":
         if component.startswith("text_encoder"):
             return profile.text_batch()
@@ -235,6 +240,10 @@ def _axis_range(component: str, axis: str, profile: BuildProfile, factor: int) -
         return getattr(profile, axis.removeprefix("image_"))  # type: ignore[no-any-return]
     if axis == "sequence":
         return profile.chunks.scaled(TOKENS_PER_CHUNK)
+    if axis == "t5_tokens":
+        return Range.static(text_tokens)
+    if axis == "text_tokens":
+        return Range.static(TOKENS_PER_CHUNK + text_tokens)
     raise ArtifactError(
         f"{component}: the export names an axis {axis!r} that sdrt's profiles do not know; "
         "re-export the model with this sdrt version"
@@ -248,7 +257,8 @@ def component_shapes(profile: BuildProfile, manifest: ExportManifest, component:
     for spec in comp.inputs:
         lo, mid, hi = [], [], []
         for d in spec.shape:
-            r = Range.static(d) if isinstance(d, int) else _axis_range(component, d, profile, manifest.vae_scale_factor)
+            r = Range.static(d) if isinstance(d, int) else _axis_range(component, d, profile, manifest.vae_scale_factor,
+                                                                       manifest.model_family.text_tokens)
             lo.append(r.min)
             mid.append(r.opt)
             hi.append(r.max)

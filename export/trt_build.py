@@ -341,6 +341,8 @@ def text_join_plans(profile: BuildProfile, manifest: ExportManifest, options: Bu
     round trip through the host (the runtime has no host join)."""
     if not all(e in manifest.components for e in (*manifest.encoder_names, "unet")):
         return []
+    if manifest.model_family.host_join:  # the family joins its embeddings itself (SD3): no join graph
+        return []
     variant = join_variant(manifest)
     if not variant.needed(profile.chunks.max):
         return []

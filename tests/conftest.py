@@ -36,6 +36,24 @@ def tiny_export(tmp_path_factory: pytest.TempPathFactory, export_cache: dict[tup
 
 
 @pytest.fixture(scope="session")
+def sd3_export(tmp_path_factory: pytest.TempPathFactory, export_cache: dict[tuple[str, str], Path]):
+    """sd3_export(preset, t5=True, precision="fp32") -> folder of an sdrt export of an SD3 preset's seeded weights
+    (seed 0), with its T5 encoder or without it."""
+
+    def get(preset: str, t5: bool = True, precision: str = "fp32") -> Path:
+        key = (f"{preset}{'' if t5 else '-no-t5'}", precision)
+        if key not in export_cache:
+            from sdrt.export.sd3_export import export_sd3, load_sd3
+
+            out = tmp_path_factory.mktemp("exports") / f"{key[0]}-{precision}"
+            export_sd3(load_sd3(random_preset=preset), out, fp16=precision == "fp16", without_t5=not t5)
+            export_cache[key] = out
+        return export_cache[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def shapes_export(tmp_path_factory: pytest.TempPathFactory, export_cache: dict[tuple[str, str], Path]):
     """shapes_export(precision) -> folder of an sdrt export of the committed shapes model (sdrt.quality)."""
 

@@ -20,25 +20,7 @@ from .helpers.pipelines import shared_pipeline
 
 PROMPT = "a red fox in the snow, highly detailed"
 NEGATIVE = "blurry, low quality"
-_EXPORTS: dict[tuple[str, bool], Path] = {}
 _REFS: dict[tuple[str, bool, bool], object] = {}
-
-
-@pytest.fixture(scope="module")
-def sd3_export(tmp_path_factory: pytest.TempPathFactory):
-    """sd3_export(preset, t5) -> an fp32 export of the preset's seeded weights (seed 0), with T5 or without."""
-
-    def get(preset: str, t5: bool = True) -> Path:
-        key = (preset, t5)
-        if key not in _EXPORTS:
-            from sdrt.export.sd3_export import export_sd3, load_sd3
-
-            out = tmp_path_factory.mktemp("sd3") / f"{preset}-{'t5' if t5 else 'no-t5'}"
-            export_sd3(load_sd3(random_preset=preset), out, fp16=False, without_t5=not t5)
-            _EXPORTS[key] = out
-        return _EXPORTS[key]
-
-    return get
 
 
 def _reference(preset: str, folder: Path, t5: bool, img2img: bool = False):

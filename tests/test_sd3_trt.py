@@ -1,0 +1,94 @@
+"""SD 3 / 3.5 on the TensorRT path: build profiles (the T5 and joint text axes, 16-pixel sides), ``build_engines``
+on the fakes driving the pipeline like ort-cpu, and the graphs on TensorRT for RTX's real builder (no GPU).
+
+The fakes (tests/helpers/trt_fakes.py) run the "engines" as ONNX graphs on onnxruntime: a pass says sdrt's
+build, engine folder and captured loop hold together for this family, nothing about real TensorRT.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+
+from sdrt.export.profiles import custom_profile, engine_shapes, load_profile, validate
+from sdrt.export.trt_build import BuildOptions, build_engines
+from sdrt.runtime.errors import InputError
+from sdrt.runtime.manifest import ExportManifest, ShapeLimits
+from sdrt.runtime.pipeline import Pipeline
+
+
+def test_profile_shapes_by_hand(sd3_export) -> None:
+    """Each input's min/opt/max under a dynamic profile, computed by hand: T5 at its 256 tokens, the
+    transformer's text at 77 + 256, CFG-doubled rows for the encoders and the transformer."""
+    man = ExportManifest.read(sd3_export("sd3-tiny"))
+    shapes = engine_shapes(custom_profile(batch="1:1:2", height="64:64:128", width="64:96:256"), man)
+    by = {c: {s.name: (s.min, s.opt, s.max) for s in v} for c, v in shapes.items()}
+    assert by["text_encoder_3"]["input_ids"] == ((2, 256), (2, 256), (4, 256))
+    assert by["text_encoder"]["input_ids"] == ((2, 77), (2, 77), (4, 77))
+    unet = by["unet"]
+    assert unet["sample"] == ((2, 16, 8, 8), (2, 16, 8, 12), (4, 16, 16, 32))
+    assert unet["encoder_hidden_states"] == ((2, 333, 48), (2, 333, 48), (4, 333, 48))
+    assert unet["pooled_projections"] == ((2, 32), (2, 32), (4, 32))
+    assert unet["timestep"] == ((2,), (2,), (4,))
+    assert by["vae_decoder"]["latent_sample"] == ((1, 16, 8, 8), (1, 16, 8, 12), (2, 16, 16, 32))
+
+
+def test_shipped_profiles_fit_a_full_size_export(sd3_export) -> None:
+    """sd3-1024 and sd3-dynamic against the limits a full-size SD 3.5 export records (a 192-patch grid:
+    3072 px, sides in 16s); the tiny export's own grid (256 px) refuses them, naming its range."""
+    man = ExportManifest.read(sd3_export("sd3-tiny"))
+    full = dataclasses.replace(man, limits=ShapeLimits(min_size=64, max_size=3072, multiple_of=16))
+    for name in ("sd3-1024", "sd3-dynamic"):
+        prof = load_profile(name)
+        assert prof.family == "sd3"
+        validate(prof, full)
+        with pytest.raises(InputError, match=r"outside what the export supports \(64\.\.256 px\)"):
+            validate(prof, man)
+    sample = {s.name: s for s in engine_shapes(load_profile("sd3-1024"), full)["unet"]}["sample"]
+    assert sample.min == sample.max == (2, 16, 128, 128)
+    with pytest.raises(InputError, match="multiple of 16"):
+        validate(custom_profile(height=72, width=64), man)
+    with pytest.raises(InputError, match="use chunks 1"):
+        validate(custom_profile(height=64, chunks="1:1:2"), man)
+
+
+def test_built_engines_drive_the_pipeline_like_ort_cpu(sd3_export, tmp_path: Path, fake_gpu) -> None:
+    """Logic check on fakes: export -> build_engines -> Pipeline(tensorrt) gives the ort-cpu images, the loop
+    captured; no text-join graph is built (the family joins on the host)."""
+    cudart, _ = fake_gpu
+    src = sd3_export("sd3-tiny")
+    out = tmp_path / "engines"
+    manifest = build_engines(src, out, custom_profile(batch="1:1:2", height="64:64:96", width="64:64:96"),
+                             BuildOptions(workspace_gb=1))
+    names = {r.component for r in manifest.engines}
+    assert {"text_encoder", "text_encoder_2", "text_encoder_3", "unet", "vae_decoder", "vae_encoder"} <= names
+    assert not any(n.startswith("text_join") for n in names)
+    kw = {"negative_prompt": "blurry", "steps": 4, "seed": 5, "height": 64, "width": 96, "guidance_scale": 4.0}
+    want = Pipeline.load(src, backend="ort-cpu")("a red fox", **kw)
+    with Pipeline.load(out, backend="tensorrt") as pipe:
+        got = pipe("a red fox", **kw)
+    assert got.loop == "captured CUDA graphs" and cudart.launches == 4
+    a, b = np.asarray(want.images[0], np.int16), np.asarray(got.images[0], np.int16)
+    assert a.shape == b.shape == (64, 96, 3) and a.std() > 1
+    assert np.abs(a - b).max() <= 1
+
+
+@pytest.mark.parametrize("component", ["unet", "text_encoder_3"])
+def test_the_transformer_and_t5_parse_in_tensorrt(rtx: ModuleType, sd3_export, component: str) -> None:
+    """The MMDiT and T5 graphs (fp16 export; T5 kept fp32) parse in TensorRT for RTX's real ONNX parser."""
+    import sdrt.runtime.trt_backend as tb
+    from sdrt.export import trt_build
+    from sdrt.runtime.engine_manifest import EngineEnv
+
+    src = sd3_export("sd3-tiny", precision="fp16")
+    env = EngineEnv("tensorrt_rtx", str(rtx.__version__), None, None)
+    _, plans = trt_build.plan_engines(src, custom_profile(batch="1:1:2", height="64:64:96", width="64:64:96"),
+                                      trt_build.BuildOptions(module="tensorrt_rtx"), env)
+    (plan,) = [p for p in plans if p.record.component == component]
+    builder = rtx.Builder(tb.make_logger(rtx, []))
+    network, _parser = trt_build.parse_onnx(rtx, builder, plan.onnx_path, builder.logger, component, True)
+    assert network.num_inputs == len(ExportManifest.read(src).components[component].inputs)
