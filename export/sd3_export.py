@@ -180,7 +180,7 @@ def export_sd3(
         for i, name in enumerate(("text_encoder", "text_encoder_2")):
             write_clip_tokenizer(tmp / tokenizer_of(name), pad_token=p.pad_tokens[i], source=model.tokenizer_dirs[i])
         if mods.text_encoders[2] is not None:
-            from .tokenizer_assets import write_t5_tokenizer
+            from .t5_tokenizer_assets import write_t5_tokenizer
 
             write_t5_tokenizer(tmp / tokenizer_of("text_encoder_3"), source=model.tokenizer_dirs[2])
         (tmp / "scheduler").mkdir()

@@ -1,8 +1,8 @@
 """``write_t5_tokenizer``: the T5 tokenizer folder of an SD3-family export (``tokenizer_3/``).
 
 The folder holds tokenizer.json + tokenizer_config.json (+ special_tokens_map.json when the source has one),
-which is all the runtime's ``T5Tokenizer`` reads. From a diffusers ``tokenizer_3`` folder they are
-copied; a folder with only SentencePiece's ``spiece.model`` is converted by transformers' ``T5TokenizerFast``.
+which is all the runtime's ``T5Tokenizer`` reads. A diffusers ``tokenizer_3`` folder (tokenizer.json, or only
+SentencePiece's ``spiece.model``) is loaded by transformers' ``T5TokenizerFast`` and saved as it loads it.
 Without a source, the tiny tokenizer shipped in ``assets/t5-tiny/`` (made by ``t5_tiny_tokenizer``) is used.
 It ends in a parity gate: transformers' ``T5TokenizerFast`` on the source (what diffusers loads) must give
 the same ids as the runtime on a set of probe prompts, or the folder is refused.
@@ -42,13 +42,14 @@ def _copy(source: Path, dest: Path) -> None:
 
 
 def _convert(source: Path, dest: Path) -> None:
-    """spiece.model -> tokenizer.json + tokenizer_config.json, by transformers' T5TokenizerFast."""
+    """The source (tokenizer.json or spiece.model) -> tokenizer.json + tokenizer_config.json as transformers'
+    T5TokenizerFast loads and saves it."""
     from transformers import T5TokenizerFast  # type: ignore[attr-defined]
 
     try:
         tok = T5TokenizerFast.from_pretrained(str(source))
     except Exception as e:  # transformers and sentencepiece raise many kinds on a bad model file
-        raise ArtifactError(f"transformers cannot read {source / 'spiece.model'} ({e}); the source folder is "
+        raise ArtifactError(f"transformers cannot read the tokenizer in {source} ({e}); the source folder is "
                             "corrupt: point at the model's tokenizer_3/ folder") from e
     with tempfile.TemporaryDirectory(prefix="sdrt-t5tok-") as tmp:
         tok.save_pretrained(tmp)
@@ -67,9 +68,9 @@ def _reference_ids(source: Path, prompts: list[str], max_length: int) -> list[li
 def write_t5_tokenizer(dest: Path, source: Path | None = None) -> None:
     """Write a T5 tokenizer folder into ``dest`` (created if needed) and check it against transformers.
 
-    ``source``: a diffusers model's ``tokenizer_3`` folder: its tokenizer.json, tokenizer_config.json (and
-    special_tokens_map.json) are copied; a folder with only spiece.model (+ tokenizer_config.json) is
-    converted with transformers' T5TokenizerFast. Without a source, the shipped tiny tokenizer is copied.
+    ``source``: a diffusers model's ``tokenizer_3`` folder (tokenizer.json + tokenizer_config.json, or only
+    spiece.model), saved as transformers' T5TokenizerFast loads it. Without a source, the shipped tiny
+    tokenizer is copied.
 
     The files are written in place: the caller writes into a temporary folder and renames it.
     Raises ArtifactError for a source folder without a tokenizer, ParityError if transformers'
@@ -80,12 +81,14 @@ def write_t5_tokenizer(dest: Path, source: Path | None = None) -> None:
     if not src.is_dir():
         raise ArtifactError(f"tokenizer folder {src} does not exist; point at the model's tokenizer_3/")
     dest.mkdir(parents=True, exist_ok=True)
-    if (src / "tokenizer.json").is_file():
-        if not (src / "tokenizer_config.json").is_file():
+    if source is None:
+        _copy(src, dest)
+    elif (src / "tokenizer.json").is_file() or (src / "spiece.model").is_file():
+        if (src / "tokenizer.json").is_file() and not (src / "tokenizer_config.json").is_file():
             raise ArtifactError(f"{src / 'tokenizer_config.json'} is missing; point at the model's complete "
                                 "tokenizer_3/ folder")
-        _copy(src, dest)
-    elif (src / "spiece.model").is_file():
+        # saved as transformers loads it: transformers 5 rebuilds T5's pre-tokenization from a tokenizer.json
+        # (keeping its normalizer), so a copy of the file could tokenize differently from diffusers
         _convert(src, dest)
     else:
         hint = "reinstall sdrt" if source is None else "point at the model's tokenizer_3/ folder"

@@ -17,7 +17,7 @@ needs ``overwrite=True``)::
       sampler_input_cfg.engine sampler_input.engine   the first UNet input of a call (s x), on the device
       [text_join_*.engine]     the prompt embeddings' join (SDXL; prompts over 77 tokens)
       sdrt.json                the export's manifest, kind "tensorrt", component paths -> *.engine
-      tokenizer/ [tokenizer_2/] scheduler/ model_index.json   copied from the export
+      tokenizer/ [tokenizer_2/ tokenizer_3/] scheduler/ model_index.json   copied from the export
 
 An engine whose cache key (ONNX digest, shapes, precision, flags, TensorRT version, GPU) matches the
 folder's previous one is reused, not rebuilt.
@@ -101,7 +101,7 @@ INSTALL_HINT = (
     "install TensorRT from NVIDIA's package index: pip install tensorrt --extra-index-url https://pypi.nvidia.com "
     "(needs an NVIDIA GPU and driver); on RTX GPUs, TensorRT for RTX (the tensorrt_rtx module) is used when installed"
 )
-ASSETS = ("tokenizer", "tokenizer_2", "scheduler", "model_index.json")
+ASSETS = ("tokenizer", "tokenizer_2", "tokenizer_3", "scheduler", "model_index.json")
 _OOM_MARKERS = ("out of memory", "outofmemory", "cudaerrormemoryallocation", "requested amount of gpu memory",
                 "insufficient memory", "failed to allocate", "cuda_error_out_of_memory")
 

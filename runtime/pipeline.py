@@ -60,7 +60,7 @@ from .request import (
 )
 from .results import Latents, PromptEmbeddings, Result, call_timings
 from .step_loop import Clock, StepLoop
-from .tokenizer import ClipTokenizer
+from .tokenizer import PromptTokenizer
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -74,7 +74,7 @@ class Pipeline:
     """A diffusion model (any family of runtime/families) over an sdrt ONNX export or engine folder."""
 
     def __init__(self, folder: Path, manifest: ExportManifest, backend: Backend,
-                 engines: dict[str, Engine], tokenizers: list[ClipTokenizer],
+                 engines: dict[str, Engine], tokenizers: list[PromptTokenizer],
                  scheduler_config: dict[str, Any]) -> None:
         self.folder = folder
         self.manifest = manifest

@@ -20,6 +20,16 @@ from sdrt.runtime.errors import InputError
 from sdrt.runtime.manifest import ExportManifest, ShapeLimits
 from sdrt.runtime.pipeline import Pipeline
 
+from .helpers.trt_modules import RTX
+
+
+@pytest.fixture
+def rtx() -> ModuleType:
+    if RTX is None:
+        pytest.skip("needs the TensorRT for RTX bindings: pip install tensorrt-rtx-cu13-libs "
+                    "tensorrt-rtx-cu13-bindings")
+    return RTX
+
 
 def test_profile_shapes_by_hand(sd3_export) -> None:
     """Each input's min/opt/max under a dynamic profile, computed by hand: T5 at its 256 tokens, the
@@ -92,3 +102,26 @@ def test_the_transformer_and_t5_parse_in_tensorrt(rtx: ModuleType, sd3_export, c
     builder = rtx.Builder(tb.make_logger(rtx, []))
     network, _parser = trt_build.parse_onnx(rtx, builder, plan.onnx_path, builder.logger, component, True)
     assert network.num_inputs == len(ExportManifest.read(src).components[component].inputs)
+
+
+def test_sdrt_build_makes_a_whole_sd3_engine_folder_on_rtx(rtx: ModuleType, sd3_export, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """``sdrt build`` on a real TensorRT builder: every component of an SD3 export (T5 kept fp32 in the fp16
+    export) and the step graphs, a dynamic profile, the tokenizers copied; no join graph (about 12 s)."""
+    from sdrt.cli import main
+    from sdrt.runtime.engine_manifest import EngineManifest
+
+    src, out = sd3_export("sd3-tiny", precision="fp16"), tmp_path / "engines"
+    assert main(["build", str(src), "--out", str(out), "--batch", "1:1:2", "--height", "64:64:128",
+                 "--width", "64:96:128", "--tensorrt-module", "tensorrt_rtx"]) == 0
+    printed = capsys.readouterr().out
+    m = EngineManifest.read(out)
+    precision = {r.component: r.precision for r in m.engines}
+    assert {"text_encoder", "text_encoder_2", "text_encoder_3", "unet", "vae_decoder", "vae_encoder",
+            "sampler_step_cfg", "sampler_step"} <= set(precision)
+    assert precision["text_encoder_3"] == "fp32" and precision["unet"] == "fp16"
+    assert not any(c.startswith("text_join") for c in precision)
+    for rec in m.engines:
+        assert (out / rec.file).stat().st_size == rec.size_bytes > 0 and f"{rec.component}: built in" in printed
+    assert (out / "tokenizer_3" / "tokenizer.json").is_file()
+    assert ExportManifest.read(out).components["unet"].path == "unet.engine"

@@ -263,12 +263,12 @@ def test_write_without_source_is_the_asset(tmp_path: Path) -> None:
         assert (tmp_path / "t" / name).read_bytes() == (T5_ASSET / name).read_bytes()
 
 
-def test_write_copies_a_source_folder(tmp_path: Path) -> None:
+def test_write_saves_a_source_folder_as_transformers_loads_it(tmp_path: Path, fast) -> None:  # type: ignore[no-untyped-def]
     source = _copy_asset(tmp_path)
     (source / "special_tokens_map.json").unlink()  # optional
     write_t5_tokenizer(tmp_path / "t", source)
-    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
-    assert (tmp_path / "t" / "tokenizer.json").read_bytes() == (source / "tokenizer.json").read_bytes()
+    assert {"tokenizer.json", "tokenizer_config.json"} <= {p.name for p in (tmp_path / "t").iterdir()}
+    assert T5Tokenizer.from_folder(tmp_path / "t").encode(TEXTS).tolist() == _ref(fast, TEXTS, 256)
 
 
 def test_write_converts_a_spiece_only_source(tmp_path: Path, fast) -> None:  # type: ignore[no-untyped-def]
@@ -294,15 +294,39 @@ def test_write_refuses_a_folder_without_tokenizer(tmp_path: Path) -> None:
         write_t5_tokenizer(tmp_path / "t2", source)
 
 
-def test_parity_gate_refuses_a_pipeline_transformers_would_not_run(tmp_path: Path) -> None:
-    """transformers 5 rebuilds T5's normalizer from the file's precompiled charsmap alone, so a tokenizer.json
-    whose normalizer also lowercases tokenizes differently in the runtime: the gate says so."""
+def _lowercasing_source(tmp_path: Path) -> Path:
+    """The asset with a tokenizer.json whose normalizer also lowercases: transformers 5 rebuilds T5's
+    normalizer from the file's precompiled charsmap alone, so it does not lowercase, and the file as written
+    would in the runtime."""
     source = _copy_asset(tmp_path)
     data = json.loads((source / "tokenizer.json").read_text(encoding="utf-8"))
     data["normalizer"] = {"type": "Sequence", "normalizers": [data["normalizer"], {"type": "Lowercase"}]}
     (source / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    return source
+
+
+def test_a_source_is_written_as_transformers_reads_it(tmp_path: Path) -> None:
+    """Saved through T5TokenizerFast, the folder tokenizes as transformers does even where the source file,
+    read as it is, would not (so a plain copy would be wrong)."""
+    from transformers import T5TokenizerFast
+
+    source = _lowercasing_source(tmp_path)
+    write_t5_tokenizer(tmp_path / "t", source)
+    prompt = ["Mixed CASE Words"]
+    want = _ref(T5TokenizerFast.from_pretrained(str(source)), prompt, 256)
+    assert T5Tokenizer.from_folder(tmp_path / "t").encode(prompt).tolist() == want
+    assert T5Tokenizer.from_folder(source).encode(prompt).tolist() != want
+
+
+def test_parity_gate_refuses_a_folder_that_tokenizes_otherwise(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gate itself: a written folder that disagrees with transformers on the source (here, the file
+    copied as it is instead of saved by transformers) is refused."""
+    import sdrt.export.t5_tokenizer_assets as assets
+
+    monkeypatch.setattr(assets, "_convert", assets._copy)
     with pytest.raises(ParityError, match="T5TokenizerFast"):
-        write_t5_tokenizer(tmp_path / "t", source)
+        write_t5_tokenizer(tmp_path / "t", _lowercasing_source(tmp_path))
 
 
 def test_asset_script_is_deterministic(tmp_path: Path) -> None:
