@@ -45,9 +45,16 @@ def check_common(cfg: ServeConfig, prompt: str, negative: str | None, steps: int
                        n_field, "too_many_images")
 
 
-def sampler_of(cfg: ServeConfig, name: str | None, field: str, scheduler: str | None = None) -> str:
+def sampler_of(st: ServeState, name: str | None, field: str, scheduler: str | None = None) -> str:
+    """The request's sampler (else the server's default, else the model's) in sdrt's names, for this model."""
+    from sdrt.runtime.samplers import FLOW, default_sampler
+
+    prediction = st.pipeline().manifest.prediction_type
+    name = name or st.config.default_sampler
+    if name is None:
+        return default_sampler(prediction)
     try:
-        return S.sampler_name(name or cfg.default_sampler, scheduler)
+        return S.sampler_name(name, scheduler, flow=prediction == FLOW)
     except ValueError as e:
         raise ApiError(422, str(e), field, "invalid_sampler") from e
 

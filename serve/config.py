@@ -25,7 +25,7 @@ class ServeConfig:
     max_steps: int = 100
     default_steps: int = 30
     default_guidance: float = 7.5
-    default_sampler: str = "dpmpp-2m"
+    default_sampler: str | None = None  # None: the model's (dpmpp-2m; flow-euler for a flow-matching model)
     image_dir: Path | None = None  # where response_format=url keeps images; None refuses url
     grace_s: float = 30.0  # SIGTERM: how long in-flight batches may take to finish
     warmup: bool = True

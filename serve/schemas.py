@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from sdrt.runtime.samplers import SAMPLERS
+from sdrt.runtime.samplers import FLOW_SAMPLERS, SAMPLERS
 
 MAX_SEED = 2**32 - 1  # A1111's seeds are 32-bit; per-image seeds are seed, seed + 1, ...
 MAX_PROMPT_CHARS = 4000
@@ -20,12 +20,15 @@ SIZE_MIN, SIZE_MAX = 64, 2048
 # A1111 sampler names (and sdrt's own) -> sdrt's
 SAMPLER_ALIASES: dict[str, str] = {
     "ddim": "ddim", "dpm++ 2m": "dpmpp-2m", "dpm++ 2m karras": "dpmpp-2m-karras", "euler": "euler",
-    "euler a": "euler-a", "lcm": "lcm", **{s: s for s in SAMPLERS},
+    "euler a": "euler-a", "lcm": "lcm", **{s: s for s in (*SAMPLERS, *FLOW_SAMPLERS)},
 }
+# on a flow-matching model (SD 3.5) the UIs' Euler and DPM++ 2M run on its flow schedule
+FLOW_EQUIVALENTS = {"euler": "flow-euler", "dpmpp-2m": "flow-dpmpp-2m"}
 
 
-def sampler_name(name: str, scheduler: str | None = None) -> str:
-    """An A1111 or sdrt sampler name -> sdrt's; ValueError names the choices."""
+def sampler_name(name: str, scheduler: str | None = None, flow: bool = False) -> str:
+    """An A1111 or sdrt sampler name -> sdrt's (``flow``: for a flow-matching model, where Euler and DPM++ 2M
+    mean their flow forms); ValueError names the choices."""
     key = name.strip().lower()
     if scheduler and scheduler.strip().lower() == "karras" and key in ("dpm++ 2m", "dpmpp-2m"):
         key = "dpmpp-2m-karras"
@@ -34,7 +37,8 @@ def sampler_name(name: str, scheduler: str | None = None) -> str:
     if key not in SAMPLER_ALIASES:
         raise ValueError(f"sampler {name!r} is not supported; choose one of: "
                          f"{', '.join(sorted(set(SAMPLER_ALIASES)))}")
-    return SAMPLER_ALIASES[key]
+    out = SAMPLER_ALIASES[key]
+    return FLOW_EQUIVALENTS.get(out, out) if flow else out
 
 
 Prompt = Field(min_length=1, max_length=MAX_PROMPT_CHARS)

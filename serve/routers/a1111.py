@@ -64,7 +64,7 @@ async def generate(st: ServeState, body: S.A1111Txt2Img, request: Request, init:
         w, h = body.width or d, body.height or d
     check_size(st, w, h, "width", "height")
     check_common(cfg, body.prompt, body.negative_prompt, body.steps, body.batch_size, "batch_size")
-    sampler = sampler_of(cfg, body.sampler_name, "sampler_name", body.scheduler)
+    sampler = sampler_of(st, body.sampler_name, "sampler_name", body.scheduler)
     seeds = seeds_for(body.seed, body.batch_size * body.n_iter)
     strength = getattr(body, "denoising_strength", 1.0)
     jobs = [Job.of([body.prompt] * body.batch_size, [body.negative_prompt] * body.batch_size,

@@ -49,7 +49,7 @@ async def generations(body: S.OpenAIGeneration, request: Request, st: State) -> 
     steps = body.steps or min(cfg.default_steps, cfg.max_steps)
     check_common(cfg, body.prompt, body.negative_prompt, steps, body.n, "n")
     job = Job.of([body.prompt] * body.n, None if body.negative_prompt is None else [body.negative_prompt] * body.n,
-              seeds_for(body.seed, body.n), h, w, steps, sampler_of(cfg, body.sampler, "sampler"),
+              seeds_for(body.seed, body.n), h, w, steps, sampler_of(st, body.sampler, "sampler"),
               cfg.default_guidance if body.guidance_scale is None else body.guidance_scale)
     return response(st, await run_job(st, request, job, "generations"), body.response_format, request)
 
@@ -97,7 +97,7 @@ async def edits(
     if size is None:
         check_size(st, w, h, "image", "image")
     job = Job.of([prompt] * n, None if negative_prompt is None else [negative_prompt] * n, seeds_for(seed, n),
-              h, w, steps, sampler_of(cfg, sampler, "sampler"),
+              h, w, steps, sampler_of(st, sampler, "sampler"),
               cfg.default_guidance if guidance_scale is None else guidance_scale,
               image=imgs.fit(init, w, h), strength=strength,
               mask=None if region is None else imgs.fit(region, w, h))

@@ -1,0 +1,64 @@
+"""``sdrt serve`` over an SD 3 / 3.5 export: both APIs, driven by the official openai client and A1111's JSON,
+give the pipeline's own images; the UIs' Euler and DPM++ 2M run on the model's flow schedule, and a sampler
+that does not fit flow matching is refused with the choices."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import numpy as np
+import pytest
+
+from sdrt.runtime.pipeline import Pipeline
+from sdrt.serve import create_app
+
+from .helpers.serve_live import LiveServer, pixels
+
+KEY = "test-key-sd3"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.fixture(scope="module")
+def pipe(sd3_export):
+    with Pipeline.load(sd3_export("sd3-tiny"), backend="ort-cpu") as p:
+        yield p
+
+
+@pytest.fixture(scope="module")
+def server(pipe):
+    app = create_app(pipe, api_key=KEY, max_batch=4, batch_window_ms=50, max_steps=4, max_pixels=128 * 128)
+    with LiveServer(app) as s:
+        yield s
+
+
+def ref(pipe, prompt, seed, sampler, *, steps=2, guidance=5.0, neg=None):
+    out = pipe(prompt, negative_prompt=neg, height=64, width=64, steps=steps, guidance_scale=guidance,
+               sampler=sampler, seed=seed)
+    return np.asarray(out.images[0])
+
+
+def test_openai_client_gets_the_models_default_sampler(server, pipe) -> None:
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
+    res = client.images.generate(prompt="a red fox", n=1, size="64x64", response_format="b64_json",
+                                 extra_body={"steps": 2, "seed": 7, "guidance_scale": 5.0})
+    np.testing.assert_array_equal(pixels(res.data[0].b64_json), ref(pipe, "a red fox", 7, "flow-euler"))
+
+
+@pytest.mark.parametrize("ui_name, sampler", [("Euler", "flow-euler"), ("DPM++ 2M", "flow-dpmpp-2m")])
+def test_a1111_samplers_run_on_the_flow_schedule(server, pipe, ui_name: str, sampler: str) -> None:
+    body = {"prompt": "a lighthouse", "negative_prompt": "fog", "seed": 10, "sampler_name": ui_name,
+            "batch_size": 1, "steps": 2, "cfg_scale": 4.0, "width": 64, "height": 64}
+    r = httpx.post(f"{server.url}/sdapi/v1/txt2img", json=body, headers=AUTH, timeout=120)
+    assert r.status_code == 200, r.text
+    assert json.loads(r.json()["info"])["all_seeds"] == [10]
+    np.testing.assert_array_equal(pixels(r.json()["images"][0]),
+                                  ref(pipe, "a lighthouse", 10, sampler, guidance=4.0, neg="fog"))
+
+
+def test_a_sampler_that_does_not_fit_flow_matching_is_refused(server) -> None:
+    body = {"prompt": "x", "sampler_name": "Euler a", "steps": 2, "width": 64, "height": 64}
+    r = httpx.post(f"{server.url}/sdapi/v1/txt2img", json=body, headers=AUTH, timeout=60)
+    assert r.status_code in (400, 422), r.text
+    assert "flow-euler" in r.text
