@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -25,26 +26,62 @@ from sdrt.runtime.manifest import MANIFEST_NAME, ExportManifest, ShapeLimits, ex
 from .exporter import EXPORT_KIND, MIN_OPSET, TEXT_LEN, check_export_dir, tool_versions
 from .onnx_export import export_component
 from .sd3_presets import SD3_PRESETS, Sd3Modules, Sd3Preset, build_modules, get_sd3_preset
-from .sd3_specs import sd3_specs
+from .sd3_specs import sd3_specs, streamed_t5_spec, streamed_transformer_spec
+from .streamed import WeightSource, checkpoint_weights, export_streamed, fake_shapes, synthetic_weights
+
+ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
 DENOISER_FOLDER = "transformer"  # diffusers' name for SD3's denoiser; the manifest's component is "unet"
 PIPELINE_CLASS = "StableDiffusion3Pipeline"
 
 
+STREAM_PARAMS = 1_000_000_000  # a component with more parameters (4 GB in fp32) is streamed, not loaded
+STREAMABLE = ("transformer", "text_encoder_3")
+
+
+@dataclass(frozen=True)
+class Streamed:
+    """A large component that is never held in memory: its configuration (the module is built in fake mode
+    from it) and where its weights are read from, one tensor at a time (export/streamed.py)."""
+
+    config: dict[str, Any]
+    weights: WeightSource
+    kind: str  # "checkpoint" or "synthetic", for the manifest
+
+
 @dataclass
 class LoadedSd3:
-    """An SD3 model in memory: its preset (the architecture's name and default size), float32 modules in eval
-    mode, each tokenizer's source folder (None: the tiny presets' shipped ones), the scheduler config."""
+    """An SD3 model: its preset (the architecture's name and default size), float32 modules in eval mode for
+    what is held in memory, ``streamed`` for what is not (``transformer``, ``text_encoder_3``), each
+    tokenizer's source folder (None: the tiny presets' shipped ones), the scheduler config."""
 
     preset: Sd3Preset
     modules: Sd3Modules
     scheduler_config: dict[str, Any]
     tokenizer_dirs: tuple[Path | None, Path | None, Path | None] = (None, None, None)
     source: dict[str, Any] = field(default_factory=dict)
+    streamed: dict[str, Streamed] = field(default_factory=dict)
 
     @property
     def has_t5(self) -> bool:
-        return self.modules.text_encoders[2] is not None
+        return self.modules.text_encoders[2] is not None or "text_encoder_3" in self.streamed
+
+
+def _param_count(build: Any, prefix: str) -> int:
+    return sum(math.prod(s) for s in fake_shapes(build, prefix).values())
+
+
+def _fake_builds(transformer: dict[str, Any], t5: dict[str, Any]) -> dict[str, tuple[Any, str]]:
+    """Each streamable component's builder and parameter-name prefix (its StreamedSpec's)."""
+    return {"transformer": (streamed_transformer_spec(transformer, 8).build, "transformer."),
+            "text_encoder_3": (streamed_t5_spec(t5, 8).build, "encoder.")}
+
+
+def _to_stream(builds: dict[str, tuple[Any, str]], stream: bool | None) -> tuple[str, ...]:
+    """The components to stream: all (True), none (False), or those past STREAM_PARAMS (None)."""
+    if stream is not None:
+        return tuple(builds) if stream else ()
+    return tuple(n for n, (b, prefix) in builds.items() if _param_count(b, prefix) > STREAM_PARAMS)
 
 
 def is_sd3_folder(path: Path) -> bool:
@@ -65,15 +102,22 @@ def is_sd3_source(model: str | Path | None, random_preset: str | None) -> bool:
     return model is not None and is_sd3_folder(Path(model))
 
 
-def load_sd3(path: str | Path | None = None, *, random_preset: str | None = None, seed: int = 0) -> LoadedSd3:
+def load_sd3(path: str | Path | None = None, *, random_preset: str | None = None, seed: int = 0,
+             stream: bool | None = None) -> LoadedSd3:
     """A diffusers SD3 / 3.5 folder (safetensors only: nothing is unpickled), or ``random_preset``'s seeded
-    weights. A folder without ``text_encoder_3`` loads without T5."""
+    weights. A folder without ``text_encoder_3`` loads without T5. ``stream``: whether the transformer and T5
+    are streamed at export instead of loaded (default: those over a billion parameters; a streamed random
+    preset's weights are seeded per tensor, not the in-memory modules' initialisation)."""
     if (path is None) == (random_preset is None):
         raise InputError("give either a diffusers SD3 folder or random_preset (one of them)")
     if random_preset is not None:
         preset = get_sd3_preset(random_preset)
-        return LoadedSd3(preset, build_modules(preset, seed), dict(preset.scheduler),
-                         source={"kind": "random", "preset": preset.name, "seed": seed})
+        builds = _fake_builds(preset.config("transformer"), preset.config("t5"))
+        skip = _to_stream(builds, stream)
+        streamed = {n: Streamed(preset.config("transformer" if n == "transformer" else "t5"),
+                                synthetic_weights(seed, fake_shapes(*builds[n])), "synthetic") for n in skip}
+        return LoadedSd3(preset, build_modules(preset, seed, skip), dict(preset.scheduler),
+                         source={"kind": "random", "preset": preset.name, "seed": seed}, streamed=streamed)
     from diffusers import AutoencoderKL, SD3Transformer2DModel
     from transformers import CLIPTextModelWithProjection, T5EncoderModel
 
@@ -86,38 +130,57 @@ def load_sd3(path: str | Path | None = None, *, random_preset: str | None = None
     if missing:
         raise InputError(f"{folder} lacks {', '.join(missing)}: an SD3 folder has each of them (a single file "
                          "without its text encoders needs them given separately)")
-    transformer = SD3Transformer2DModel.from_pretrained(folder / "transformer", **kw)
-    clips = [CLIPTextModelWithProjection.from_pretrained(folder / n, **kw) for n in ("text_encoder", "text_encoder_2")]
-    t5 = T5EncoderModel.from_pretrained(folder / "text_encoder_3", **kw) if (folder / "text_encoder_3").is_dir() \
-        else None
-    vae = AutoencoderKL.from_pretrained(folder / "vae", **kw)
-    for m in (transformer, *clips, vae, *([t5] if t5 is not None else [])):
-        m.eval()
+    has_t5 = (folder / "text_encoder_3").is_dir()
+    tr_cfg = _config(folder / "transformer")
+    t5_cfg = _config(folder / "text_encoder_3") if has_t5 else None
+    builds = _fake_builds(tr_cfg, t5_cfg or {})
+    if not has_t5:
+        del builds["text_encoder_3"]
+    skip = _to_stream(builds, stream)
+    streamed = {n: Streamed(tr_cfg if n == "transformer" else t5_cfg or {}, checkpoint_weights(folder / n),
+                            "checkpoint") for n in skip}
+    transformer = None if "transformer" in skip else SD3Transformer2DModel.from_pretrained(folder / "transformer",
+                                                                                          **kw).eval()
+    clips = [CLIPTextModelWithProjection.from_pretrained(folder / n, **kw).eval()
+             for n in ("text_encoder", "text_encoder_2")]
+    t5 = T5EncoderModel.from_pretrained(folder / "text_encoder_3", **kw).eval() \
+        if has_t5 and "text_encoder_3" not in skip else None
+    vae = AutoencoderKL.from_pretrained(folder / "vae", **kw).eval()
     sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-    preset = _preset_for(transformer, vae, folder.name)
+    preset = _preset_for(tr_cfg, vae, folder.name)
     toks = tuple(folder / n if (folder / n).is_dir() else None for n in ("tokenizer", "tokenizer_2", "tokenizer_3"))
     return LoadedSd3(preset, Sd3Modules(transformer, (clips[0], clips[1], t5), vae), sched,
-                     toks, {"kind": "diffusers", "path": str(folder)})  # type: ignore[arg-type]
+                     toks, {"kind": "diffusers", "path": str(folder)}, streamed)  # type: ignore[arg-type]
 
 
-def _preset_for(transformer: torch.nn.Module, vae: torch.nn.Module, name: str) -> Sd3Preset:
-    """The shipped preset whose transformer this is, else one named after the folder (its default size: the
-    transformer's ``sample_size`` latents)."""
-    cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in transformer.config.items()}
+def _config(folder: Path) -> dict[str, Any]:
+    """A component's config.json as constructor keywords (diffusers' and transformers' bookkeeping keys out)."""
+    path = folder / "config.json"
+    if not path.is_file():
+        raise InputError(f"{path} is missing: the SD3 folder is incomplete")
+    cfg = json.loads(path.read_text())
+    drop = {"architectures", "transformers_version", "torch_dtype", "dtype", "model_type"}
+    return {k: v for k, v in cfg.items() if not k.startswith("_") and k not in drop}
+
+
+def _preset_for(transformer: dict[str, Any], vae: torch.nn.Module, name: str) -> Sd3Preset:
+    """The shipped preset whose transformer config this is, else one named after the folder (its default size:
+    the transformer's ``sample_size`` latents)."""
+    cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in transformer.items()}
     for p in SD3_PRESETS.values():
         if p.by_shape and all(cfg.get(k) == (list(v) if isinstance(v, tuple) else v) for k, v in p.transformer.items()):
             return p
     any_preset = next(iter(SD3_PRESETS.values()))
     f = 2 ** (len(vae.config.block_out_channels) - 1)
-    return replace(any_preset, name=name, default_size=int(transformer.config.sample_size) * f)
+    return replace(any_preset, name=name, default_size=int(transformer["sample_size"]) * f)
 
 
-def limits_of(transformer: torch.nn.Module, factor: int) -> ShapeLimits:
+def limits_of(transformer: dict[str, Any], factor: int) -> ShapeLimits:
     """The image sides the transformer's position grid takes: multiples of a patch (patch x VAE factor pixels),
     up to ``pos_embed_max_size`` patches."""
-    patch = int(transformer.config.patch_size)
+    patch = int(transformer.get("patch_size", 2))
     step = patch * factor
-    top = int(transformer.config.pos_embed_max_size) * step
+    top = int(transformer["pos_embed_max_size"]) * step
     return ShapeLimits(min_size=max(step, 64 - 64 % step), max_size=top, multiple_of=step)
 
 
@@ -163,29 +226,42 @@ def export_sd3(
         raise InputError(f"opset {opset} is too old; sdrt exports opset {MIN_OPSET} or newer (e.g. --opset 17)")
     p = model.preset
     mods = model.modules
+    streamed = dict(model.streamed)
     if without_t5:
         mods = replace(mods, text_encoders=(mods.text_encoders[0], mods.text_encoders[1], None))
+        streamed.pop("text_encoder_3", None)
     precision = "fp16" if fp16 else "fp32"
     f = 2 ** (len(mods.vae.config.block_out_channels) - 1)
-    limits = limits_of(mods.transformer, f)
+    tr_cfg = streamed["transformer"].config if "transformer" in streamed else dict(mods.transformer.config)
+    limits = limits_of(tr_cfg, f)
     if parity_shape is None:
         side = min(p.default_size // f, 32)
         parity_shape = (2, side, side + limits.multiple_of // f)  # non-square, whole patches
     with atomic_dir(out, marker=MANIFEST_NAME, overwrite=overwrite, what=EXPORT_KIND, owned=export_entries) as tmp:
-        components = {}
+        done = {}
         for spec in sd3_specs(mods, p.t5_tokens):
             folder = DENOISER_FOLDER if spec.name == "unet" else spec.name
-            components[spec.name] = export_component(spec, precision, tmp / folder, opset=opset,
-                                                     parity_shape=parity_shape, progress=progress)
+            done[spec.name] = export_component(spec, precision, tmp / folder, opset=opset,
+                                               parity_shape=parity_shape, progress=progress)
+        for name, st in streamed.items():
+            sspec = streamed_transformer_spec(st.config, TEXT_LEN + p.t5_tokens) if name == "transformer" \
+                else streamed_t5_spec(st.config, p.t5_tokens)
+            folder = DENOISER_FOLDER if sspec.name == "unet" else sspec.name
+            progress(f"{sspec.name} is streamed ({st.kind} weights, one tensor at a time); its parity with "
+                     "PyTorch is not checked at this size")
+            done[sspec.name] = export_streamed(sspec, st.weights, precision, tmp / folder, progress=progress)
+        order = [*ENCODERS, "unet", "vae_decoder", "vae_encoder"]
+        components = {n: done[n] for n in order if n in done}
         for i, name in enumerate(("text_encoder", "text_encoder_2")):
             write_clip_tokenizer(tmp / tokenizer_of(name), pad_token=p.pad_tokens[i], source=model.tokenizer_dirs[i])
-        if mods.text_encoders[2] is not None:
+        if mods.text_encoders[2] is not None or "text_encoder_3" in streamed:
             from .t5_tokenizer_assets import write_t5_tokenizer
 
             write_t5_tokenizer(tmp / tokenizer_of("text_encoder_3"), source=model.tokenizer_dirs[2])
         (tmp / "scheduler").mkdir()
         (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(model.scheduler_config, indent=2))
-        (tmp / "model_index.json").write_text(json.dumps(_model_index(replace(model, modules=mods)), indent=2))
+        (tmp / "model_index.json").write_text(json.dumps(_model_index(replace(model, modules=mods,
+                                                                              streamed=streamed)), indent=2))
         manifest = ExportManifest(
             family=p.family,
             preset=p.name,
@@ -196,7 +272,9 @@ def export_sd3(
             default_size=p.default_size,
             text_max_length=TEXT_LEN,
             limits=limits,
-            source={**model.source, "t5": mods.text_encoders[2] is not None},
+            source={**model.source, "t5": "text_encoder_3" in components,
+                    **({"streamed": sorted(n for n in components if components[n].parity is None)}
+                       if streamed else {})},
             tools=tool_versions(),
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             latent_scaling=float(mods.vae.config.scaling_factor),

@@ -52,8 +52,8 @@ class Sd3Modules:
     """A preset's torch modules, float32, in eval mode; ``text_encoders`` in the family's order
     (CLIP ViT-L-like, CLIP bigG-like, T5)."""
 
-    transformer: torch.nn.Module
-    text_encoders: tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module | None]  # T5 None: left out
+    transformer: torch.nn.Module | None  # None: streamed (export/streamed.py), not held
+    text_encoders: tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module | None]  # T5 None: streamed or left out
     vae: torch.nn.Module
 
 
@@ -180,17 +180,18 @@ def get_sd3_preset(name: str) -> Sd3Preset:
         raise InputError(f"unknown SD3 preset {name!r}; choose one of: {', '.join(SD3_PRESETS)}") from None
 
 
-def build_modules(preset: Sd3Preset, seed: int = 0) -> Sd3Modules:
-    """The preset's modules with seeded random weights (float32, eval mode)."""
+def build_modules(preset: Sd3Preset, seed: int = 0, skip: tuple[str, ...] = ()) -> Sd3Modules:
+    """The preset's modules with seeded random weights (float32, eval mode); those named in ``skip``
+    (``transformer``, ``text_encoder_3``: components too large to build, which are streamed instead) are None."""
     from diffusers import AutoencoderKL, SD3Transformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
-    transformer = SD3Transformer2DModel(**preset.config("transformer"))
+    transformer = None if "transformer" in skip else SD3Transformer2DModel(**preset.config("transformer"))
     clips = [CLIPTextModelWithProjection(CLIPTextConfig(**c)) for c in preset.config("clip")]
-    t5 = T5EncoderModel(T5Config(**preset.config("t5")))
+    t5 = None if "text_encoder_3" in skip else T5EncoderModel(T5Config(**preset.config("t5")))
     vae = AutoencoderKL(**preset.config("vae"))
-    mods = [transformer, *clips, t5, vae]
-    for m in mods:
-        m.float().eval()
+    for m in [transformer, *clips, t5, vae]:
+        if m is not None:
+            m.float().eval()
     return Sd3Modules(transformer=transformer, text_encoders=(clips[0], clips[1], t5), vae=vae)

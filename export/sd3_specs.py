@@ -11,12 +11,15 @@ Not yet: refit maps (``refittable`` stays False: no checkpoint or LoRA path know
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from . import wrappers
-from .onnx_export import ComponentSpec
+from .onnx_export import TRACE_LATENT, ComponentSpec
 from .sd3_presets import Sd3Modules
 from .sd3_wrappers import Sd3Transformer, Sd3VaeDecoder, Sd3VaeEncoder, T5Encoder
+from .streamed import StreamedSpec
 
 CLIP_TOKENS = 77
 CLIP_NAMES = ("text_encoder", "text_encoder_2")
@@ -128,12 +131,68 @@ def vae_encoder_spec(vae: torch.nn.Module, factor: int) -> ComponentSpec:
 
 
 def sd3_specs(modules: Sd3Modules, t5_tokens: int) -> list[ComponentSpec]:
-    """Every component of an SD3 export, in the family's encoder order (T5 left out where the modules have
-    none), then the denoiser and the VAE decoder and encoder."""
+    """The components of an SD3 export held in memory, in the family's encoder order, then the denoiser and the
+    VAE decoder and encoder (T5 and the transformer left out where the modules have none: streamed or absent)."""
     clip_l, clip_g, t5 = modules.text_encoders
     factor = 2 ** (len(modules.vae.config.block_out_channels) - 1)
     specs = [_clip_spec(CLIP_NAMES[0], clip_l), _clip_spec(CLIP_NAMES[1], clip_g)]
     if t5 is not None:
         specs.append(t5_spec(t5, t5_tokens))
-    return [*specs, transformer_spec(modules.transformer, CLIP_TOKENS + t5_tokens), vae_decoder_spec(modules.vae),
-            vae_encoder_spec(modules.vae, factor)]
+    if modules.transformer is not None:
+        specs.append(transformer_spec(modules.transformer, CLIP_TOKENS + t5_tokens))
+    return [*specs, vae_decoder_spec(modules.vae), vae_encoder_spec(modules.vae, factor)]
+
+
+# -- the large components, streamed (export/streamed.py): built from their configs in fake mode -----------------
+
+def streamed_transformer_spec(config: dict[str, Any], tokens: int) -> StreamedSpec:
+    """The MMDiT as ``transformer_spec`` describes it, traced on fake tensors (dynamic batch, patches and text
+    tokens) for a streamed export; its weights are named as the diffusers checkpoint's."""
+    from diffusers import SD3Transformer2DModel
+
+    in_ch, out_ch = int(config["in_channels"]), int(config["out_channels"])
+    joint, pooled = int(config["joint_attention_dim"]), int(config["pooled_projection_dim"])
+    grid = int(config["pos_embed_max_size"])
+
+    def build() -> torch.nn.Module:
+        return Sd3Transformer(SD3Transformer2DModel(**config), dynamo=True)
+
+    def example() -> tuple[torch.Tensor, ...]:
+        b, (h, w) = 2, TRACE_LATENT
+        return (torch.randn(b, in_ch, h, w), torch.rand(b) * 1000, torch.randn(b, tokens, joint), torch.randn(b, pooled))
+
+    def dynamic() -> dict[str, Any]:
+        d = torch.export.Dim
+        b, t = d("batch", min=1, max=64), d("text_tokens", min=1, max=4096)
+        h, w = d("patches_h", min=1, max=grid), d("patches_w", min=1, max=grid)
+        return {"sample": {0: b, 2: 2 * h, 3: 2 * w}, "timestep": {0: b}, "encoder_hidden_states": {0: b, 1: t},
+                "pooled_projections": {0: b}}
+
+    return StreamedSpec(
+        name="unet", build=build, prefix="transformer.",
+        inputs=[("sample", "float", ("batch", in_ch, "height", "width")), ("timestep", "float32", ("batch",)),
+                ("encoder_hidden_states", "float", ("batch", "text_tokens", joint)),
+                ("pooled_projections", "float", ("batch", pooled))],
+        outputs=[("out_sample", "float", ("batch", out_ch, "height", "width"))],
+        example=example, dynamic=dynamic)
+
+
+def streamed_t5_spec(config: dict[str, Any], tokens: int) -> StreamedSpec:
+    """T5's encoder as ``t5_spec`` describes it (float32), traced on fake tensors for a streamed export."""
+    from transformers import T5Config, T5EncoderModel
+
+    def build() -> torch.nn.Module:
+        return T5Encoder(T5EncoderModel(T5Config(**config)))
+
+    def example() -> tuple[torch.Tensor, ...]:
+        return (torch.zeros(2, tokens, dtype=torch.int32),)
+
+    def dynamic() -> dict[str, Any]:
+        d = torch.export.Dim
+        return {"input_ids": {0: d("batch", min=1, max=128), 1: d("t5_tokens", min=2, max=512)}}
+
+    return StreamedSpec(
+        name="text_encoder_3", build=build, prefix="encoder.",
+        inputs=[("input_ids", "int32", ("batch", "t5_tokens"))],
+        outputs=[("hidden_states", "float", ("batch", "t5_tokens", int(config["d_model"])))],
+        example=example, dynamic=dynamic, force_fp32=True)

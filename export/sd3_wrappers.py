@@ -8,6 +8,8 @@ is what ``StableDiffusion3Pipeline._get_clip_prompt_embeds`` computes (``hidden_
 
 from __future__ import annotations
 
+import types
+
 import torch
 
 from .wrappers import VaeDecoder, VaeEncoder
@@ -23,9 +25,12 @@ class Sd3Transformer(torch.nn.Module):
     (diffusers raises past it; the graph has no such check).
     """
 
-    def __init__(self, transformer: torch.nn.Module) -> None:
+    def __init__(self, transformer: torch.nn.Module, dynamo: bool = False) -> None:
         super().__init__()
         self.transformer = transformer
+        if dynamo:  # torch.onnx's dynamo exporter mis-crops diffusers' slice at odd patch counts: narrow instead
+            pe = transformer.pos_embed
+            pe.cropped_pos_embed = types.MethodType(_cropped_pos_embed, pe)
 
     def forward(
         self,
@@ -36,6 +41,17 @@ class Sd3Transformer(torch.nn.Module):
     ) -> torch.Tensor:
         return self.transformer(hidden_states=sample, encoder_hidden_states=encoder_hidden_states,
                                 pooled_projections=pooled_projections, timestep=timestep, return_dict=False)[0]
+
+
+def _cropped_pos_embed(self: torch.nn.Module, height: int, width: int) -> torch.Tensor:
+    """diffusers' ``PatchEmbed.cropped_pos_embed`` (the centred ``height`` x ``width`` patches of the position
+    grid) with ``narrow``: the dynamo exporter (torch 2.13) turns the slice ``[top : top + h]`` into a crop one
+    row too long where ``h`` is odd (see tests/test_sd3_export.py); ``narrow``'s start and length export exactly."""
+    n = int(self.pos_embed_max_size)
+    h, w = height // self.patch_size, width // self.patch_size
+    grid = self.pos_embed.reshape(1, n, n, -1)
+    rows = torch.narrow(grid, 1, (n - h) // 2, h)
+    return torch.narrow(rows, 2, (n - w) // 2, w).reshape(1, -1, grid.shape[-1])
 
 
 class T5Encoder(torch.nn.Module):

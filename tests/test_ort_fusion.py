@@ -510,7 +510,7 @@ def test_fuse_refuses_an_fp16_or_foreign_graph(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="not those of an sdrt sd1 UNet"):
         ort_fusion.fuse_for_ort_cuda(tmp_path / "m.onnx", tmp_path / "o.onnx", family="sd1")
     with pytest.raises(InputError, match="unknown family"):
-        ort_fusion.fuse_for_ort_cuda(tmp_path / "m.onnx", tmp_path / "o.onnx", family="sd3")
+        ort_fusion.fuse_for_ort_cuda(tmp_path / "m.onnx", tmp_path / "o.onnx", family="sd9")
     model.graph.input[1].type.tensor_type.elem_type = TensorProto.FLOAT16
     onnx.save(model, str(tmp_path / "h.onnx"))
     with pytest.raises(InputError, match="fp16 graph"):
