@@ -71,9 +71,9 @@ def is_sd3_source(model: str | Path | None, random_preset: str | None) -> bool:
 def load_sd3(path: str | Path | None = None, *, random_preset: str | None = None, seed: int = 0,
              **single_file: Any) -> LoadedSd3:
     """A diffusers SD3 / 3.5 folder (safetensors only: nothing is unpickled), a single file in Stability's
-    layout (``single_file``: ``sd3_single_file.load_sd3_single_file``'s options: clip_l, clip_g, t5, without_t5,
-    tokenizers, arch), or ``random_preset``'s seeded weights. A folder without ``text_encoder_3`` loads
-    without T5."""
+    layout (``single_file``: ``sd3_single_file.load_sd3_single_file``'s options: clip_l, clip_g, t5,
+    without_t5, tokenizers, arch), or ``random_preset``'s seeded weights. A folder without
+    ``text_encoder_3`` loads without T5."""
     if (path is None) == (random_preset is None):
         raise InputError("give either a diffusers SD3 folder or random_preset (one of them)")
     if path is not None and Path(path).is_file():
@@ -84,8 +84,9 @@ def load_sd3(path: str | Path | None = None, *, random_preset: str | None = None
     given = sorted(k for k, v in single_file.items() if v is not None and k != "without_t5")
     if given:
         flags = ", ".join("--" + k.replace("_", "-") for k in given)
-        raise InputError(f"{flags} go{'es' if len(given) == 1 else ''} with an SD 3 / 3.5 single .safetensors file "
-                         "only; a diffusers folder holds its text encoders and tokenizers, a preset its architecture")
+        raise InputError(f"{flags} go{'es' if len(given) == 1 else ''} with an SD 3 / 3.5 single "
+                         ".safetensors file only; a diffusers folder holds its text encoders and tokenizers, "
+                         "a preset its architecture")
     if random_preset is not None:
         preset = get_sd3_preset(random_preset)
         return LoadedSd3(preset, build_modules(preset, seed), dict(preset.scheduler),

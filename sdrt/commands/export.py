@@ -49,10 +49,11 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clip-g", metavar="FILE",
                    help="SD 3 / 3.5 single file: its CLIP-G text encoder (text_encoders/clip_g.safetensors)")
     p.add_argument("--t5", metavar="FILE",
-                   help="SD 3 / 3.5 single file: its T5-XXL text encoder (text_encoders/t5xxl_fp16.safetensors)")
+                   help="SD 3 / 3.5 single file: its T5-XXL text encoder "
+                        "(text_encoders/t5xxl_fp16.safetensors)")
     p.add_argument("--tokenizers", metavar="DIR",
-                   help="SD 3 / 3.5 single file: a folder with tokenizer/, tokenizer_2/, tokenizer_3/ (a diffusers "
-                        "SD 3 / 3.5 folder's); needed for T5 of a full-size model")
+                   help="SD 3 / 3.5 single file: a folder with tokenizer/, tokenizer_2/, tokenizer_3/ "
+                        "(a diffusers SD 3 / 3.5 folder's); needed for T5 of a full-size model")
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow loading a pickled .ckpt/.bin (runs code from the file: only for trusted files)")
 
@@ -85,8 +86,8 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--without-t5 leaves out SD 3 / 3.5's T5 encoder; this model has none")
     sd3_only = [flag for flag, v in _sd3_file_options(args).items() if v is not None and flag != "--arch"]
     if sd3_only:
-        raise InputError(f"{', '.join(sd3_only)} go{'es' if len(sd3_only) == 1 else ''} with an SD 3 / 3.5 single "
-                         "file (model.diffusion_model.joint_blocks.*); this model is not one")
+        raise InputError(f"{', '.join(sd3_only)} go{'es' if len(sd3_only) == 1 else ''} with an SD 3 / 3.5 "
+                         "single file (model.diffusion_model.joint_blocks.*); this model is not one")
     loras = [_lora_spec(s) for s in args.lora or []]  # likewise
     t0 = time.perf_counter()
     what = args.model or f"synthetic {args.random} weights"
@@ -143,8 +144,8 @@ def _run_sd3(args: argparse.Namespace) -> int:
                          "models yet; export without")
     opts = {k.removeprefix("--").replace("-", "_"): v for k, v in _sd3_file_options(args).items()}
     if args.random and (given := [f"--{k.replace('_', '-')}" for k, v in opts.items() if v is not None]):
-        raise InputError(f"{', '.join(given)} go{'es' if len(given) == 1 else ''} with an SD 3 / 3.5 single file, "
-                         "not --random (pick the architecture with --random PRESET)")
+        raise InputError(f"{', '.join(given)} go{'es' if len(given) == 1 else ''} with an SD 3 / 3.5 single "
+                         "file, not --random (pick the architecture with --random PRESET)")
     t0 = time.perf_counter()
     print(f"loading {args.model or f'synthetic {args.random} weights'}", flush=True)
     if args.random:
@@ -164,8 +165,8 @@ def _run_sd3(args: argparse.Namespace) -> int:
 def _sd3_file_options(args: argparse.Namespace) -> dict[str, str | None]:
     """The options an SD 3 / 3.5 single file takes, by flag (--arch: its architecture, e.g. sd35-large-turbo;
     the UNet families' single files take it too)."""
-    return {"--clip-l": args.clip_l, "--clip-g": args.clip_g, "--t5": args.t5, "--tokenizers": args.tokenizers,
-            "--arch": args.arch}
+    return {"--clip-l": args.clip_l, "--clip-g": args.clip_g, "--t5": args.t5,
+            "--tokenizers": args.tokenizers, "--arch": args.arch}
 
 
 def _report(out: str, manifest, t0: float) -> None:  # type: ignore[no-untyped-def]

@@ -3,10 +3,11 @@ sd3.5_medium.safetensors, sd3.5_large.safetensors) and its separate text-encoder
 clip_g.safetensors, t5xxl_fp16.safetensors).
 
 A hand-written inverse of diffusers' ``convert_sd3_transformer_checkpoint_to_diffusers`` (the MMDiT's
-``joint_blocks`` with fused qkv, the last block's pre-only context stream, the final layer's shift/scale order)
-and of its VAE converter (``tests/helpers/ldm_layout.vae_to_ldm``: SD3's VAE is LDM's, without quant convs).
-The text encoders are stored as transformers holds them, under ``text_encoders.{clip_l,clip_g,t5xxl}.transformer.``
-(the separate files: the same keys without that prefix). Works on meta tensors too.
+``joint_blocks`` with fused qkv, the last block's pre-only context stream, the final layer's shift/scale
+order) and of its VAE converter (``tests/helpers/ldm_layout.vae_to_ldm``: SD3's VAE is LDM's, without quant
+convs). The text encoders are stored as transformers holds them, under
+``text_encoders.{clip_l,clip_g,t5xxl}.transformer.`` (the separate files: the same keys without that
+prefix). Works on meta tensors too.
 """
 
 from __future__ import annotations
@@ -21,8 +22,11 @@ from sdrt.export.sd3_presets import Sd3Modules
 from .ldm_layout import vae_to_ldm
 
 MMDIT = "model.diffusion_model."
-ENCODER_PREFIXES = ("text_encoders.clip_l.transformer.", "text_encoders.clip_g.transformer.",
-                    "text_encoders.t5xxl.transformer.")
+ENCODER_PREFIXES = (
+    "text_encoders.clip_l.transformer.",
+    "text_encoders.clip_g.transformer.",
+    "text_encoders.t5xxl.transformer.",
+)
 
 _TOP = {  # diffusers -> Stability, outside the blocks
     "pos_embed.pos_embed": "pos_embed",
@@ -112,8 +116,15 @@ def encoder_file(encoder: torch.nn.Module, prefix: str = "") -> dict[str, torch.
     ``embed_tokens`` is the same tensor), CLIP with ``text_model.`` (and the projection)."""
     sd = encoder.state_dict()
     sd.pop("encoder.embed_tokens.weight", None)
-    return {prefix + (k if k.startswith(("text_model.", "text_projection.", "shared.", "encoder."))
-                      else "text_model." + k): v for k, v in sd.items()}
+    return {
+        prefix
+        + (
+            k
+            if k.startswith(("text_model.", "text_projection.", "shared.", "encoder."))
+            else "text_model." + k
+        ): v
+        for k, v in sd.items()
+    }
 
 
 def write(sd: dict[str, torch.Tensor], path: Path, dtype: torch.dtype | None = None) -> Path:
