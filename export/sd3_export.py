@@ -96,20 +96,36 @@ def is_sd3_folder(path: Path) -> bool:
 
 
 def is_sd3_source(model: str | Path | None, random_preset: str | None) -> bool:
-    """``sdrt export``'s source is an SD3 model: a tiny SD3 preset's name, or a diffusers SD3 folder."""
+    """``sdrt export``'s source is an SD3 model: an SD3 preset's name, a diffusers SD3 folder, or a single
+    .safetensors file in Stability's SD3 layout."""
+    from .sd3_single_file import is_sd3_file
+
     if random_preset is not None:
         return random_preset in SD3_PRESETS
-    return model is not None and is_sd3_folder(Path(model))
+    return model is not None and (is_sd3_folder(Path(model)) or is_sd3_file(model))
 
 
 def load_sd3(path: str | Path | None = None, *, random_preset: str | None = None, seed: int = 0,
-             stream: bool | None = None) -> LoadedSd3:
-    """A diffusers SD3 / 3.5 folder (safetensors only: nothing is unpickled), or ``random_preset``'s seeded
-    weights. A folder without ``text_encoder_3`` loads without T5. ``stream``: whether the transformer and T5
-    are streamed at export instead of loaded (default: those over a billion parameters; a streamed random
-    preset's weights are seeded per tensor, not the in-memory modules' initialisation)."""
+             stream: bool | None = None, **single_file: Any) -> LoadedSd3:
+    """A diffusers SD3 / 3.5 folder (safetensors only: nothing is unpickled), a single file in Stability's
+    layout (``single_file``: ``sd3_single_file.load_sd3_single_file``'s options: clip_l, clip_g, t5,
+    without_t5, tokenizers, arch), or ``random_preset``'s seeded weights. A folder without
+    ``text_encoder_3`` loads without T5. ``stream``: whether a folder's or preset's transformer and T5 are
+    streamed at export instead of loaded (default: those over a billion parameters; a streamed random preset's
+    weights are seeded per tensor, not the in-memory modules' initialisation; a single file loads whole)."""
     if (path is None) == (random_preset is None):
         raise InputError("give either a diffusers SD3 folder or random_preset (one of them)")
+    if path is not None and Path(path).is_file():
+        from .sd3_single_file import load_sd3_single_file
+
+        return load_sd3_single_file(path, **single_file)
+    # without_t5 is the export's to apply for a folder; the rest only a single file takes
+    given = sorted(k for k, v in single_file.items() if v is not None and k != "without_t5")
+    if given:
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        raise InputError(f"{flags} go{'es' if len(given) == 1 else ''} with an SD 3 / 3.5 single "
+                         ".safetensors file only; a diffusers folder holds its text encoders and tokenizers, "
+                         "a preset its architecture")
     if random_preset is not None:
         preset = get_sd3_preset(random_preset)
         builds = _fake_builds(preset.config("transformer"), preset.config("t5"))

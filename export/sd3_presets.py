@@ -42,6 +42,7 @@ class Sd3Preset:
     # the CLIP tokenizers' pad tokens: stabilityai's SD3 folders pad tokenizer with eos, tokenizer_2 with "!"
     pad_tokens: tuple[str, str] = ("<|endoftext|>", "!")
     by_shape: bool = True  # False: another preset's architecture (a distillation), selected by name only
+    test_scale: bool = False  # a tiny structure for tests: the shipped tiny T5 tokenizer serves its files
 
     def config(self, part: str) -> Any:
         return copy.deepcopy(getattr(self, part))
@@ -135,6 +136,7 @@ _add(Sd3Preset(
     clip=_TINY_CLIP,
     t5=_t5(48, 8, 64, 2, 2),
     scheduler=_FLOW,
+    test_scale=True,
 ))
 _add(Sd3Preset(
     "sd35-medium-tiny", "sd3", 64,
@@ -143,6 +145,7 @@ _add(Sd3Preset(
     clip=_TINY_CLIP,
     t5=_t5(48, 8, 64, 2, 2),
     scheduler=_FLOW,
+    test_scale=True,
 ))
 
 

@@ -43,6 +43,17 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--without-t5", action="store_true",
                    help="SD 3 / 3.5: leave the T5-XXL encoder out (diffusers' text_encoder_3=None: zeros in its "
                         "place); much lighter, weaker prompt following")
+    p.add_argument("--clip-l", metavar="FILE",
+                   help="SD 3 / 3.5 single file: its CLIP-L text encoder as a separate file (Stability's "
+                        "text_encoders/clip_l.safetensors), for a file that does not bundle it")
+    p.add_argument("--clip-g", metavar="FILE",
+                   help="SD 3 / 3.5 single file: its CLIP-G text encoder (text_encoders/clip_g.safetensors)")
+    p.add_argument("--t5", metavar="FILE",
+                   help="SD 3 / 3.5 single file: its T5-XXL text encoder "
+                        "(text_encoders/t5xxl_fp16.safetensors)")
+    p.add_argument("--tokenizers", metavar="DIR",
+                   help="SD 3 / 3.5 single file: a folder with tokenizer/, tokenizer_2/, tokenizer_3/ "
+                        "(a diffusers SD 3 / 3.5 folder's); needed for T5 of a full-size model")
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow loading a pickled .ckpt/.bin (runs code from the file: only for trusted files)")
 
@@ -73,6 +84,10 @@ def run(args: argparse.Namespace) -> int:
         return _run_sd3(args)
     if args.without_t5:
         raise InputError("--without-t5 leaves out SD 3 / 3.5's T5 encoder; this model has none")
+    sd3_only = [flag for flag, v in _sd3_file_options(args).items() if v is not None and flag != "--arch"]
+    if sd3_only:
+        raise InputError(f"{', '.join(sd3_only)} go{'es' if len(sd3_only) == 1 else ''} with an SD 3 / 3.5 "
+                         "single file (model.diffusion_model.joint_blocks.*); this model is not one")
     loras = [_lora_spec(s) for s in args.lora or []]  # likewise
     t0 = time.perf_counter()
     what = args.model or f"synthetic {args.random} weights"
@@ -123,15 +138,20 @@ def _run_sd3(args: argparse.Namespace) -> int:
 
     given = [flag for flag, on in (("--lora", args.lora), ("--controlnet", args.controlnets),
                                    ("--clip-skip", args.clip_skip), ("--ort-cuda", args.ort_cuda),
-                                   ("--arch", args.arch), ("--vae-fp32", args.vae_fp32),
-                                   ("--no-ema", not args.ema)) if on]
+                                   ("--vae-fp32", args.vae_fp32), ("--no-ema", not args.ema)) if on]
     if given:
         raise InputError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} not supported for SD 3 / 3.5 "
                          "models yet; export without")
+    opts = {k.removeprefix("--").replace("-", "_"): v for k, v in _sd3_file_options(args).items()}
+    if args.random and (given := [f"--{k.replace('_', '-')}" for k, v in opts.items() if v is not None]):
+        raise InputError(f"{', '.join(given)} go{'es' if len(given) == 1 else ''} with an SD 3 / 3.5 single "
+                         "file, not --random (pick the architecture with --random PRESET)")
     t0 = time.perf_counter()
     print(f"loading {args.model or f'synthetic {args.random} weights'}", flush=True)
-    model = load_sd3(args.model, random_preset=args.random, seed=args.seed) if args.random \
-        else load_sd3(args.model)
+    if args.random:
+        model = load_sd3(random_preset=args.random, seed=args.seed)
+    else:  # a folder, or a single file with its options (refused for a folder)
+        model = load_sd3(args.model, without_t5=args.without_t5, **opts)
 
     def progress(msg: str) -> None:
         print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", flush=True)
@@ -140,6 +160,13 @@ def _run_sd3(args: argparse.Namespace) -> int:
                           without_t5=args.without_t5, progress=progress)
     _report(args.out, manifest, t0)
     return 0
+
+
+def _sd3_file_options(args: argparse.Namespace) -> dict[str, str | None]:
+    """The options an SD 3 / 3.5 single file takes, by flag (--arch: its architecture, e.g. sd35-large-turbo;
+    the UNet families' single files take it too)."""
+    return {"--clip-l": args.clip_l, "--clip-g": args.clip_g, "--t5": args.t5,
+            "--tokenizers": args.tokenizers, "--arch": args.arch}
 
 
 def _report(out: str, manifest, t0: float) -> None:  # type: ignore[no-untyped-def]

@@ -1,0 +1,498 @@
+"""SD 3 / 3.5 single files in Stability's layout (sd3_medium.safetensors, sd3.5_medium.safetensors,
+sd3.5_large.safetensors, ...) -> a ``LoadedSd3``, through diffusers' own single-file converters.
+
+The layout: ``model.diffusion_model.*`` (the MMDiT: ``joint_blocks``, fused qkv), ``first_stage_model.*`` (the
+VAE, LDM's) and, when bundled, ``text_encoders.clip_l.transformer.*``, ``text_encoders.clip_g.transformer.*``
+and ``text_encoders.t5xxl.transformer.*`` (transformers' own layouts under a prefix). Stability's separate
+text-encoder files (text_encoders/clip_l.safetensors, clip_g.safetensors, t5xxl_fp16.safetensors) hold the
+same keys without the prefix; they replace or complete what the file bundles.
+
+Three steps, the first two on key names and shapes alone, so every refusal comes before any weight is read:
+
+1. ``detect_sd3_preset``: the shipped preset from tensor shapes (joint blocks, width, position grid,
+   dual-attention blocks, q/k norms), or ``arch`` checked against them;
+2. each text encoder's source and the tokenizers are settled (a missing one is an ``InputError`` naming the
+   flag to pass);
+3. diffusers' converters (``SD3Transformer2DModel.from_single_file``, ``AutoencoderKL.from_single_file``,
+   ``create_diffusers_clip_model_from_ldm``, ``create_diffusers_t5_model_from_checkpoint``) build the modules,
+   fed with the preset's configurations written to a temporary folder, so nothing is fetched.
+
+CLIP-L's projection: SD3 pools CLIP-L unprojected; diffusers' converter (as Stability's reference code) sets
+its ``text_projection`` to the identity, whatever the file holds, and so does this loader.
+Tensors of any float type (fp16, bf16, the fp8 T5 of ``*_t5xxlfp8`` files) load as float32. Only
+``.safetensors`` is read: nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from itertools import chain
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sdrt.runtime.errors import ArtifactError, InputError, UnsafeCheckpointError
+
+from .loading import PICKLE_SUFFIXES, sha256_file
+from .sd3_export import LoadedSd3
+from .sd3_presets import SD3_PRESETS, Sd3Modules, Sd3Preset, get_sd3_preset
+
+log = logging.getLogger(__name__)
+
+MMDIT = "model.diffusion_model."
+VAE = "first_stage_model."
+MARK = MMDIT + "joint_blocks.0.x_block.attn.qkv.weight"  # what says "an SD3 single file"
+
+
+@dataclass(frozen=True)
+class _Encoder:
+    name: str  # the file's name for it (text_encoders.<name>)
+    flag: str  # the CLI flag that gives it as a separate file
+    what: str
+    config_dir: str  # the diffusers subfolder its config is written to
+
+    @property
+    def prefix(self) -> str:
+        return f"text_encoders.{self.name}.transformer."
+
+
+ENCODERS = (
+    _Encoder("clip_l", "--clip-l", "CLIP-L", "text_encoder"),
+    _Encoder("clip_g", "--clip-g", "CLIP-G", "text_encoder_2"),
+    _Encoder("t5xxl", "--t5", "T5-XXL", "text_encoder_3"),
+)
+_CLIP_MARK = "text_model.embeddings.token_embedding.weight"
+_T5_MARKS = ("shared.weight", "encoder.embed_tokens.weight")
+
+
+# --- reading ---------------------------------------------------------------------------------------
+
+
+def _refuse_pickle(path: Path, what: str) -> None:
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise UnsafeCheckpointError(
+            f"{what} {path.name} is a pickled file: loading it runs arbitrary code from the file, and "
+            "SD 3 / 3.5 files are read from .safetensors only (Stability publishes them so); pass the "
+            ".safetensors version"
+        )
+
+
+def file_shapes(path: Path, what: str = "") -> dict[str, tuple[int, ...]]:
+    """A .safetensors file's key names and shapes (its header only)."""
+    from safetensors import SafetensorError, safe_open
+
+    _refuse_pickle(path, what)
+    if not path.is_file():
+        raise InputError(f"{what + ' ' if what else ''}{path} does not exist or is not a file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError) as e:
+        raise ArtifactError(
+            f"{path.name} is not a readable .safetensors file ({e}); it may be truncated or of another format"
+        ) from e
+
+
+def _read(path: Path, names: Mapping[str, str]) -> dict[str, torch.Tensor]:
+    """{new name: tensor} for the file's keys ``names`` maps from, as float32 where they are floats."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            out = {new: f.get_tensor(old) for old, new in names.items()}
+    except (SafetensorError, OSError) as e:
+        raise ArtifactError(f"cannot read the tensors of {path.name}: {e}") from e
+    return {k: v.float() if v.is_floating_point() else v for k, v in out.items()}
+
+
+def is_sd3_file(path: str | Path) -> bool:
+    """A .safetensors file in Stability's SD3 layout (an MMDiT under
+    ``model.diffusion_model.joint_blocks``)."""
+    p = Path(path)
+    if p.suffix.lower() != ".safetensors" or not p.is_file():
+        return False
+    try:
+        return MARK in file_shapes(p)
+    except (ArtifactError, InputError):
+        return False
+
+
+# --- detection -------------------------------------------------------------------------------------
+
+_BLOCK = re.compile(re.escape(MMDIT) + r"joint_blocks\.(\d+)\.")
+_DUAL = re.compile(re.escape(MMDIT) + r"joint_blocks\.(\d+)\.x_block\.attn2\.qkv\.weight$")
+
+
+def _observed(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
+    """The architecture figures a file's shapes reveal, named as in error messages."""
+
+    def dim(key: str, axis: int) -> int | None:
+        s = shapes.get(key)
+        return int(s[axis]) if s is not None and len(s) > axis else None
+
+    grid = dim(MMDIT + "pos_embed", 1)
+    vae_levels = len(
+        {m.group(1) for k in shapes if (m := re.match(re.escape(VAE) + r"encoder\.down\.(\d+)\.", k))}
+    )
+    conv_out = dim(VAE + "encoder.conv_out.weight", 0)
+    return {
+        "joint blocks": len({m.group(1) for k in shapes if (m := _BLOCK.match(k))}),
+        "width": dim(MMDIT + "x_embedder.proj.weight", 0),
+        "latent channels in": dim(MMDIT + "x_embedder.proj.weight", 1),
+        "patch": dim(MMDIT + "x_embedder.proj.weight", 2),
+        "position grid": round(grid**0.5) if grid else None,
+        "text width": dim(MMDIT + "context_embedder.weight", 1),
+        "pooled width": dim(MMDIT + "y_embedder.mlp.0.weight", 1),
+        "dual-attention blocks": tuple(sorted(int(m.group(1)) for k in shapes if (m := _DUAL.match(k)))),
+        "q/k norms": any(k.startswith(MMDIT) and ".ln_q." in k for k in shapes),
+        "VAE block channels": tuple(
+            dim(VAE + f"encoder.down.{i}.block.0.conv1.weight", 0) for i in range(vae_levels)
+        ),
+        "VAE latent channels": conv_out // 2 if conv_out else None,
+    }
+
+
+def _expected(p: Sd3Preset) -> dict[str, Any]:
+    t = p.transformer
+    return {
+        "joint blocks": t["num_layers"],
+        "width": t["num_attention_heads"] * t["attention_head_dim"],
+        "latent channels in": t["in_channels"],
+        "patch": t["patch_size"],
+        "position grid": t["pos_embed_max_size"],
+        "text width": t["joint_attention_dim"],
+        "pooled width": t["pooled_projection_dim"],
+        "dual-attention blocks": tuple(t["dual_attention_layers"]),
+        "q/k norms": t["qk_norm"] is not None,
+        "VAE block channels": tuple(p.vae["block_out_channels"]),
+        "VAE latent channels": p.vae["latent_channels"],
+    }
+
+
+def _show(v: Any) -> str:
+    if isinstance(v, tuple):
+        return f"{v[0]}-{v[-1]}" if len(v) > 3 and list(v) == list(range(v[0], v[-1] + 1)) else str(list(v))
+    return str(v)
+
+
+def _differences(p: Sd3Preset, observed: Mapping[str, Any]) -> list[str]:
+    return [
+        f"{k} {_show(observed.get(k))} in the file, {_show(v)} in {p.name}"
+        for k, v in _expected(p).items()
+        if observed.get(k) != v
+    ]
+
+
+def detect_sd3_preset(
+    shapes: Mapping[str, Sequence[int]], *, arch: str | None = None, name: str = "the file"
+) -> Sd3Preset:
+    """The shipped SD3 preset of a single file, from its key names and tensor shapes only. ``arch`` (a preset
+    name: e.g. ``sd35-large-turbo``, which shapes cannot tell from Large) must agree with the file."""
+    dims = {k: tuple(int(d) for d in s) for k, s in shapes.items()}
+    if MARK not in dims:
+        raise ArtifactError(
+            f"{name} is not an SD 3 / 3.5 single file: it has no {MARK} (Stability's files hold "
+            "the MMDiT under model.diffusion_model.joint_blocks.*)"
+        )
+    if not any(k.startswith(VAE) for k in dims):
+        raise ArtifactError(
+            f"{name} holds an SD 3 / 3.5 MMDiT but no VAE ({VAE}*); sdrt needs a file with both "
+            "(Stability's sd3.5_*.safetensors files have them)"
+        )
+    observed = _observed(dims)
+    candidates = [p for p in SD3_PRESETS.values() if p.by_shape]
+    matches = [p for p in candidates if not _differences(p, observed)]
+    if arch is not None:
+        preset = get_sd3_preset(arch)
+        if diffs := _differences(preset, observed):
+            fits = f" (it fits {', '.join(p.name for p in matches)})" if matches else ""
+            raise InputError(
+                f"--arch {arch} does not fit {name}{fits}: {'; '.join(diffs)}; drop --arch or pass "
+                "one that fits"
+            )
+        return preset
+    if not matches:
+        closest = min(candidates, key=lambda p: len(_differences(p, observed)))
+        raise ArtifactError(
+            f"{name} is an SD 3 / 3.5 file of an architecture no shipped preset has; closest is "
+            f"{closest.name}: {'; '.join(_differences(closest, observed))}"
+        )
+    return matches[0]
+
+
+# --- the text encoders' sources --------------------------------------------------------------------
+
+
+def _encoder_names(enc: _Encoder, keys: Sequence[str], path: Path) -> dict[str, str]:
+    """{the file's key: the bundled key} for a separate encoder file: transformers' layout as Stability's
+    files hold it, also under the bundled prefix, or (CLIP) flattened without ``text_model.``."""
+    if any(k.startswith(enc.prefix) for k in keys):
+        bare = {k: k.removeprefix(enc.prefix) for k in keys if k.startswith(enc.prefix)}
+    else:
+        bare = {k: k for k in keys}
+    if (
+        enc.name != "t5xxl" and "embeddings.token_embedding.weight" in bare.values()
+    ):  # a flattened CLIPTextModel
+        bare = {
+            k: v if v.startswith(("text_model.", "text_projection.")) else "text_model." + v
+            for k, v in bare.items()
+        }
+    marks = _T5_MARKS if enc.name == "t5xxl" else (_CLIP_MARK,)
+    if not any(m in bare.values() for m in marks):
+        raise InputError(
+            f"{enc.flag} {path}: not a {enc.what} text encoder in transformers' layout "
+            f"(no {' or '.join(marks)}); "
+            f"give Stability's text_encoders/{'t5xxl_fp16' if enc.name == 't5xxl' else enc.name}.safetensors "
+            "or the same weights in that layout"
+        )
+    return {k: enc.prefix + v for k, v in bare.items()}
+
+
+def _encoder_width(
+    enc: _Encoder, shapes: Mapping[str, tuple[int, ...]], names: Mapping[str, str]
+) -> int | None:
+    mark = next(
+        (
+            m
+            for m in (_T5_MARKS if enc.name == "t5xxl" else (_CLIP_MARK,))
+            if enc.prefix + m in names.values()
+        ),
+        None,
+    )
+    file_key = next((k for k, v in names.items() if mark is not None and v == enc.prefix + mark), None)
+    return shapes[file_key][1] if file_key is not None else None
+
+
+def _sources(
+    path: Path,
+    shapes: dict[str, tuple[int, ...]],
+    preset: Sd3Preset,
+    given: Sequence[Path | None],
+    without_t5: bool,
+) -> list[tuple[Path, dict[str, str]] | None]:
+    """Per encoder: (file, {file key: bundled key}), or None for T5 left out. Refusals name the flag to
+    pass."""
+    out: list[tuple[Path, dict[str, str]] | None] = []
+    missing = []
+    for i, (enc, file) in enumerate(zip(ENCODERS, given, strict=True)):
+        bundled = {k: k for k in shapes if k.startswith(enc.prefix)}
+        if enc.name == "t5xxl" and without_t5:
+            out.append(None)
+            continue
+        if file is not None:
+            file = Path(file)
+            fshapes = file_shapes(file, enc.flag)
+            names = _encoder_names(enc, list(fshapes), file)
+            width = _encoder_width(enc, fshapes, names)
+            cfg = preset.t5["d_model"] if enc.name == "t5xxl" else preset.clip[i]["hidden_size"]
+            if width is not None and width != cfg:
+                raise InputError(
+                    f"{enc.flag} {file}: its width is {width}, {preset.name}'s {enc.what} has {cfg}; "
+                    "is it another encoder's file (--clip-l: clip_l, --clip-g: clip_g, --t5: t5xxl)?"
+                )
+            if bundled:
+                log.info(
+                    "%s: using %s from %s rather than the one %s bundles",
+                    path.name,
+                    enc.what,
+                    file,
+                    path.name,
+                )
+            out.append((file, names))
+        elif bundled:
+            out.append((path, bundled))
+        else:
+            missing.append(enc)
+            out.append(None)
+    if any(e.name != "t5xxl" for e in missing):
+        what = " and ".join(e.what for e in missing)
+        raise InputError(
+            f"{path.name} does not bundle its {what} text encoder{'s' if len(missing) > 1 else ''}; pass "
+            f"{'them' if len(missing) > 1 else 'it'} as separate files: "
+            f"{' '.join(f'{e.flag} FILE' for e in missing)} "
+            "(Stability's text_encoders/clip_l.safetensors, clip_g.safetensors, t5xxl_fp16.safetensors)"
+            + ("; or --without-t5 to leave T5 out" if any(e.name == "t5xxl" for e in missing) else "")
+        )
+    if missing:
+        raise InputError(
+            f"{path.name} does not bundle the T5-XXL text encoder; pass it as --t5 FILE (Stability's "
+            "text_encoders/t5xxl_fp16.safetensors), or pass --without-t5 to export without it (lighter, "
+            "weaker prompt following and text rendering)"
+        )
+    return out
+
+
+def _tokenizer_dirs(
+    preset: Sd3Preset, tokenizers: Path | None, t5: bool, name: str
+) -> tuple[Path | None, Path | None, Path | None]:
+    """The tokenizer folders: ``tokenizers``' tokenizer/, tokenizer_2/, tokenizer_3/ (a diffusers SD3
+    folder's), else the shipped ones: CLIP's BPE fits every SD3 model; the shipped T5 tokenizer only the tiny
+    presets."""
+    if tokenizers is None:
+        if t5 and not preset.test_scale:
+            raise InputError(
+                f"{name} has no tokenizers and sdrt ships T5's only for its tiny test models: pass "
+                "--tokenizers DIR, a diffusers SD 3 / 3.5 folder (or any folder) holding tokenizer/, "
+                "tokenizer_2/ and tokenizer_3/ (e.g. stabilityai/stable-diffusion-3.5-medium's), "
+                "or --without-t5"
+            )
+        return (None, None, None)
+    tokenizers = Path(tokenizers)
+    if not tokenizers.is_dir():
+        raise InputError(
+            f"--tokenizers {tokenizers} is not a folder; give the folder that holds tokenizer/, "
+            "tokenizer_2/ and tokenizer_3/ (a diffusers SD 3 / 3.5 folder)"
+        )
+    if t5 and not (tokenizers / "tokenizer_3").is_dir():
+        raise InputError(
+            f"--tokenizers {tokenizers} has no tokenizer_3/ (T5's tokenizer); give a diffusers SD 3 / "
+            "3.5 folder's, or --without-t5"
+        )
+    dirs = tuple(
+        tokenizers / n if (tokenizers / n).is_dir() else None
+        for n in ("tokenizer", "tokenizer_2", "tokenizer_3")
+    )
+    return dirs[0], dirs[1], dirs[2] if t5 else None
+
+
+# --- loading ---------------------------------------------------------------------------------------
+
+
+def load_sd3_single_file(
+    path: str | Path,
+    *,
+    clip_l: str | Path | None = None,
+    clip_g: str | Path | None = None,
+    t5: str | Path | None = None,
+    without_t5: bool = False,
+    tokenizers: str | Path | None = None,
+    arch: str | None = None,
+) -> LoadedSd3:
+    """An SD 3 / 3.5 single file (with or without its text encoders) -> float32 modules in eval mode.
+
+    ``clip_l`` / ``clip_g`` / ``t5``: Stability's separate text-encoder files (they replace bundled ones);
+    ``without_t5``: T5 is left out (not read). ``tokenizers``: a folder with tokenizer/, tokenizer_2/,
+    tokenizer_3/ (needed for T5 of a full-size model). Every refusal comes before any tensor is read."""
+    path = Path(path)
+    if without_t5 and t5 is not None:
+        raise InputError("--t5 and --without-t5 contradict each other; pass one of them")
+    shapes = file_shapes(path)
+    preset = detect_sd3_preset(shapes, arch=arch, name=path.name)
+    log.info("%s: SD 3 / 3.5 single file, preset %s", path.name, preset.name)
+    given = [Path(p) if p is not None else None for p in (clip_l, clip_g, t5)]
+    sources = _sources(path, shapes, preset, given, without_t5)
+    toks = _tokenizer_dirs(
+        preset, Path(tokenizers) if tokenizers is not None else None, sources[2] is not None, path.name
+    )
+    modules = _convert(path, shapes, preset, sources)
+    return LoadedSd3(
+        preset,
+        modules,
+        preset.config("scheduler"),
+        toks,
+        source={
+            "kind": "single_file",
+            "path": str(path),
+            "sha256": sha256_file(path),
+            **{
+                e.name: str(s[0])
+                for e, s in zip(ENCODERS, sources, strict=True)
+                if s is not None and s[0] != path
+            },
+        },
+    )
+
+
+def _write_configs(preset: Sd3Preset, folder: Path) -> None:
+    from transformers import CLIPTextConfig, T5Config
+
+    for sub, cls, cfg in (
+        ("transformer", "SD3Transformer2DModel", preset.config("transformer")),
+        ("vae", "AutoencoderKL", preset.config("vae")),
+    ):
+        (folder / sub).mkdir()
+        (folder / sub / "config.json").write_text(json.dumps({"_class_name": cls, **cfg}, indent=2))
+    for enc, cfg in zip(ENCODERS[:2], preset.config("clip"), strict=True):
+        CLIPTextConfig(**cfg).save_pretrained(folder / enc.config_dir)
+    T5Config(**preset.config("t5")).save_pretrained(folder / ENCODERS[2].config_dir)
+
+
+def _convert(
+    path: Path,
+    shapes: Mapping[str, tuple[int, ...]],
+    preset: Sd3Preset,
+    sources: Sequence[tuple[Path, dict[str, str]] | None],
+) -> Sd3Modules:
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+    from diffusers.loaders.single_file_utils import (
+        SingleFileComponentError,
+        create_diffusers_clip_model_from_ldm,
+        create_diffusers_t5_model_from_checkpoint,
+    )
+    from transformers import CLIPTextModelWithProjection, T5EncoderModel
+
+    name = path.name
+    failures = (ValueError, KeyError, RuntimeError, OSError, SingleFileComponentError)
+
+    def part(prefix: str) -> dict[str, torch.Tensor]:
+        return _read(path, {k: k for k in shapes if k.startswith(prefix)})
+
+    with tempfile.TemporaryDirectory(prefix="sdrt-sd3-single-file-") as tmp:
+        _write_configs(preset, Path(tmp))
+        kw: dict[str, Any] = {"config": tmp, "local_files_only": True}
+        what = "MMDiT"
+        try:
+            transformer = SD3Transformer2DModel.from_single_file(
+                part(MMDIT), subfolder="transformer", low_cpu_mem_usage=True, **kw
+            )
+            _require_loaded(transformer, what, name, preset)
+            what = "VAE"
+            vae = AutoencoderKL.from_single_file(part(VAE), subfolder="vae", low_cpu_mem_usage=True, **kw)
+            _require_loaded(vae, what, name, preset)
+            encoders: list[torch.nn.Module | None] = []
+            for enc, src in zip(ENCODERS, sources, strict=True):
+                if src is None:
+                    encoders.append(None)
+                    continue
+                what = f"{enc.what} text encoder"
+                tensors = _read(*src)
+                if enc.name == "t5xxl":
+                    shared, embed = enc.prefix + _T5_MARKS[0], enc.prefix + _T5_MARKS[1]
+                    if embed in tensors:  # T5's encoder embeds with the shared table: one tensor
+                        tensors.setdefault(shared, tensors[embed])
+                        del tensors[embed]
+                    module = create_diffusers_t5_model_from_checkpoint(
+                        T5EncoderModel, tensors, subfolder=enc.config_dir, **kw
+                    )
+                    module.tie_weights()
+                else:
+                    module = create_diffusers_clip_model_from_ldm(
+                        CLIPTextModelWithProjection, tensors, subfolder=enc.config_dir, **kw
+                    )
+                _require_loaded(module, what, src[0].name, preset)
+                encoders.append(module)
+        except failures as e:
+            raise ArtifactError(
+                f"cannot convert the {what} of {name} as {preset.name} ({e}); the file is incomplete "
+                "or of another architecture"
+            ) from e
+    mods = [transformer, vae, *(e for e in encoders if e is not None)]
+    for m in mods:
+        m.float().eval()
+    return Sd3Modules(transformer, (encoders[0], encoders[1], encoders[2]), vae)  # type: ignore[arg-type]
+
+
+def _require_loaded(module: torch.nn.Module, part: str, name: str, preset: Sd3Preset) -> None:
+    """diffusers leaves tensors it found no weights for on the meta device; refuse such a module."""
+    missing = [n for n, t in chain(module.named_parameters(), module.named_buffers()) if t.is_meta]
+    if missing:
+        raise ArtifactError(
+            f"{name}: the {part} lacks {len(missing)} of the tensors preset {preset.name} needs "
+            f"(e.g. {', '.join(missing[:3])}); the file is incomplete or of another architecture"
+        )
