@@ -29,9 +29,16 @@ def _openvino() -> bool:
 
 
 @pytest.fixture(scope="module")
-def sd3_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def sd3_work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The run's folder: its result (run.json) and, in work/, the export and the baseline's diffusers
+    folder."""
+    return tmp_path_factory.mktemp("bench-sd3")
+
+
+@pytest.fixture(scope="module")
+def sd3_run(sd3_work: Path) -> dict[str, Any]:
     """The command a user types, on the tiny preset: no --samplers (the model's default), guided."""
-    work = tmp_path_factory.mktemp("bench-sd3")
+    work = sd3_work
     out = work / "run.json"
     backends = "ort-cpu,openvino" if _openvino() else "ort-cpu"
     args = ["bench", "--preset", "sd3-tiny", "--backends", backends, "--resolutions", f"{HEIGHT}x{WIDTH}",
@@ -80,6 +87,23 @@ def test_sd3_run_records_the_floor_of_every_encoder(sd3_run: dict[str, Any]) -> 
     m = _one(sd3_run, "ort-cpu")
     floor = flops["text_encoder"] / (ceiling["tflops"] * 1e12) * 1e3
     assert m["floor_ms"]["text_encoder"] == pytest.approx(floor)
+
+
+def test_flops_from_the_baseline_folder_and_without_t5(sd3_run: dict[str, Any], sd3_work: Path) -> None:
+    """The architecture read from a diffusers SD3 folder's config.json files (the run's baseline folder)
+    counts as the preset's; an export without T5 drops T5's FLOPs from the text stage, and the transformer
+    still takes 77 + 256 tokens (zeros in T5's place)."""
+    from sdrt.benchmarks.flops import architecture_of_folder
+
+    (folder,) = (sd3_work / "work").glob("diffusers-sd3-tiny-*")
+    full = module_flops(architecture_of_preset("sd3-tiny"), HEIGHT, WIDTH, 1, guided=True)
+    assert module_flops(architecture_of_folder(folder, "sd3"), HEIGHT, WIDTH, 1, guided=True) == full
+    clips = ("text_encoder", "text_encoder_2")
+    for arch in (architecture_of_folder(folder, "sd3", encoders=clips),
+                 architecture_of_preset("sd3-tiny", clips)):
+        no_t5 = module_flops(arch, HEIGHT, WIDTH, 1, guided=True)
+        assert no_t5["unet_step"] == full["unet_step"] and no_t5["vae_decoder"] == full["vae_decoder"]
+        assert 0 < no_t5["text_encoder"] < full["text_encoder"]
 
 
 def test_mmdit_step_flops_by_hand() -> None:
