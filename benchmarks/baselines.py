@@ -161,7 +161,7 @@ def save_sd3_diffusers(model: Any, onnx_folder: Path, out: Path, precision: str)
     export's tokenizers; an export without T5 gives a folder without ``text_encoder_3`` (diffusers' None)."""
     import diffusers
     import torch
-    from transformers import CLIPTokenizer, T5TokenizerFast
+    from transformers import CLIPTokenizer, T5TokenizerFast  # type: ignore[attr-defined]
 
     from sdrt.runtime.atomic import atomic_dir
 
@@ -169,7 +169,7 @@ def save_sd3_diffusers(model: Any, onnx_folder: Path, out: Path, precision: str)
     t5_folder = onnx_folder / "tokenizer_3"
     if not t5_folder.is_dir():  # the export left T5 out: so does the baseline
         t5 = None
-    pipe = diffusers.StableDiffusion3Pipeline(
+    pipe: Any = diffusers.StableDiffusion3Pipeline(
         transformer=model.modules.transformer, vae=model.modules.vae,
         scheduler=diffusers.FlowMatchEulerDiscreteScheduler.from_config(dict(model.scheduler_config)),
         text_encoder=clip_l, tokenizer=CLIPTokenizer.from_pretrained(onnx_folder / "tokenizer"),

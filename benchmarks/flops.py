@@ -143,8 +143,8 @@ def _meta_modules(arch: Architecture) -> tuple[Any, Any, list[Any]]:
     def clean(d: dict[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in d.items() if not k.startswith("_")}
 
-    configs = {CLIP: transformers.CLIPTextConfig, CLIP_PROJ: transformers.CLIPTextConfig,
-               T5: transformers.T5Config}
+    configs: dict[str, Any] = {CLIP: transformers.CLIPTextConfig, CLIP_PROJ: transformers.CLIPTextConfig,
+                               T5: transformers.T5Config}
     with torch.device("meta"):
         denoiser_cls = getattr(diffusers, arch.denoiser_class)
         denoiser = denoiser_cls.from_config(clean(json.loads(arch.denoiser))).eval()
