@@ -2,11 +2,13 @@
 
 FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` on the diffusers / transformers
 modules built on the ``meta`` device: shapes only, no weights allocated and nothing computed, so the
-full SDXL UNet is counted in about a second. The counter counts matrix products (mm, bmm, addmm,
-convolution, attention) at 2 FLOPs per multiply-add and ignores elementwise work (normalization,
-activations, softmax), which is memory-bound and so belongs to the other floor. Meta tensors matter for
-attention too: on CPU tensors the fused ``scaled_dot_product_attention`` kernel has no FLOP formula and
-counts 0, while on meta it decomposes into the two matmuls and is counted.
+full SDXL UNet is counted in about a second. The modules are the model's own classes: a UNet with CLIP
+encoders, or SD 3 / 3.5's MMDiT transformer with two projecting CLIP encoders, T5 and a 16-channel VAE.
+The counter counts matrix products (mm, bmm, addmm, convolution, attention) at 2 FLOPs per multiply-add
+and ignores elementwise work (normalization, activations, softmax), which is memory-bound and so belongs
+to the other floor. Meta tensors matter for attention too: on CPU tensors the fused
+``scaled_dot_product_attention`` kernel has no FLOP formula and counts 0, while on meta it decomposes into
+the two matmuls and is counted.
 
 The rate is measured in the run: a large square matmul of the run's precision (fp16 on a GPU, fp32 on
 the CPU with the run's thread count), timed per product (CUDA events on a GPU), median of repeats,
