@@ -42,13 +42,14 @@ def export_for(cfg: BenchConfig, work: Path, precision: str, emit: Emit, notes: 
             notes.append(f"{artifact} has no fused ort-cuda UNet (sdrt export --ort-cuda): ort-cuda "
                          "runs the portable graph")
         return Path(artifact), manifest, None
-    from sdrt.export.presets import get_preset
+    from sdrt.export.preset_tables import export_loaded, get_any_preset, is_sd3_preset, load_random
 
     assert preset is not None
-    get_preset(preset)  # unknown preset: InputError listing the presets
+    get_any_preset(preset)  # unknown preset: InputError listing the presets of both tables
+    if cfg.workload in ("controlnet", "inpaint") and is_sd3_preset(preset):
+        raise InputError(f"the {cfg.workload} workload is not there yet for SD 3 / 3.5 ({preset}): "
+                         "measure it with --workload txt2img")
     folder = work / f"export-{preset}{'-controlnet' if cfg.workload == 'controlnet' else ''}-{precision}"
-    from sdrt.export.exporter import export_model
-    from sdrt.export.loading import load_model
 
     t0, export_s = time.perf_counter(), None
     if (folder / "sdrt.json").is_file():
@@ -56,12 +57,18 @@ def export_for(cfg: BenchConfig, work: Path, precision: str, emit: Emit, notes: 
         manifest = ExportManifest.read(folder)
     else:
         emit("export", f"exporting {preset} ({precision}) to ONNX")
-        model = load_model(random_preset=preset, seed=WEIGHTS_SEED)
-        manifest = export_model(model, folder, fp16=precision == "fp16",
-                                progress=lambda msg: emit("export", msg),
-                                controlnets=[workload_controlnet(model)] if cfg.workload == "controlnet" else [])
+        model = load_random(preset, seed=WEIGHTS_SEED)
+        nets = [workload_controlnet(model)] if cfg.workload == "controlnet" else []
+        manifest = export_loaded(model, folder, fp16=precision == "fp16", controlnets=nets,
+                                 progress=lambda msg: emit("export", msg))
+        del model
         export_s = time.perf_counter() - t0
     if fuse and "ort-cuda" not in manifest.components["unet"].variants:
+        if is_sd3_preset(preset):  # ONNX Runtime's fusion rewrites UNet attention, not MMDiT's
+            notes.append(f"no fused ort-cuda denoiser for {preset}: ONNX Runtime's UNet fusion does not "
+                         "apply to an MMDiT transformer; ort-cuda runs the portable graph")
+            return folder, manifest, export_s
+        from sdrt.export.loading import load_model
         from sdrt.export.ort_fusion import add_ort_cuda_variant
 
         emit("export", "adding the UNet with ONNX Runtime's fused CUDA operators (sdrt export --ort-cuda)")

@@ -74,11 +74,12 @@ def baseline_weights(workload: str, work: Path, onnx_folder: Path, manifest: Any
     folder = work / f"diffusers-{manifest.preset}-{precision}-{digest}"
     if (folder / "model_index.json").is_file():
         return folder, None
-    from sdrt.export.loading import load_model, random_model
+    from sdrt.export.loading import load_model
+    from sdrt.export.preset_tables import load_random
 
     emit("baseline", f"saving the same weights as a diffusers folder for the baseline ({precision})")
     if kind == "random":
-        model = random_model(str(src["preset"]), int(src.get("seed", 0)))
+        model = load_random(str(src["preset"]), int(src.get("seed", 0)))
     else:
         path = Path(str(src.get("path", "")))
         if not path.is_file():
@@ -113,8 +114,12 @@ def save_diffusers(model: Any, onnx_folder: Path, out: Path, family: str, precis
     import torch
     from transformers import CLIPTokenizer
 
+    from sdrt.export.sd3_export import LoadedSd3
     from sdrt.runtime.atomic import atomic_dir
 
+    if isinstance(model, LoadedSd3):
+        save_sd3_diffusers(model, onnx_folder, out, precision)
+        return
     cfg = dict(model.scheduler_config)
     sched_cls = getattr(diffusers, str(cfg.get("_class_name", "PNDMScheduler")), diffusers.PNDMScheduler)
     scheduler = sched_cls.from_config(cfg)
@@ -145,6 +150,31 @@ def save_diffusers(model: Any, onnx_folder: Path, out: Path, family: str, precis
         pipe = cls(vae=model.vae, text_encoder=model.text_encoders[0], tokenizer=tok, unet=model.unet,
                    scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
                    **extra)
+    if precision == "fp16":
+        pipe = pipe.to(torch.float16)
+    with atomic_dir(out, marker="model_index.json", what="a diffusers folder") as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+
+
+def save_sd3_diffusers(model: Any, onnx_folder: Path, out: Path, precision: str) -> None:
+    """Save an SD 3 / 3.5 model (``sd3_export.LoadedSd3``) as a ``StableDiffusion3Pipeline`` folder with the
+    export's tokenizers; an export without T5 gives a folder without ``text_encoder_3`` (diffusers' None)."""
+    import diffusers
+    import torch
+    from transformers import CLIPTokenizer, T5TokenizerFast  # type: ignore[attr-defined]
+
+    from sdrt.runtime.atomic import atomic_dir
+
+    clip_l, clip_g, t5 = model.modules.text_encoders
+    t5_folder = onnx_folder / "tokenizer_3"
+    if not t5_folder.is_dir():  # the export left T5 out: so does the baseline
+        t5 = None
+    pipe: Any = diffusers.StableDiffusion3Pipeline(
+        transformer=model.modules.transformer, vae=model.modules.vae,
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler.from_config(dict(model.scheduler_config)),
+        text_encoder=clip_l, tokenizer=CLIPTokenizer.from_pretrained(onnx_folder / "tokenizer"),
+        text_encoder_2=clip_g, tokenizer_2=CLIPTokenizer.from_pretrained(onnx_folder / "tokenizer_2"),
+        text_encoder_3=t5, tokenizer_3=T5TokenizerFast.from_pretrained(t5_folder) if t5 is not None else None)
     if precision == "fp16":
         pipe = pipe.to(torch.float16)
     with atomic_dir(out, marker="model_index.json", what="a diffusers folder") as tmp:

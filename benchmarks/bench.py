@@ -19,7 +19,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +108,7 @@ class _Run:
 
     # -- the run ------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        cfg = self.cfg
+        self.cfg = cfg = replace(self.cfg, samplers=model_samplers(self.cfg))  # before any work
         self.emit("env", "taking the environment fingerprint")
         env = fingerprint()
         gpus = len(env["gpus"])
@@ -350,6 +350,32 @@ class _Run:
             spec["ov_cache_dir"] = str(work / f"openvino-cache-{i}")
             shutil.rmtree(spec["ov_cache_dir"], ignore_errors=True)
         return spec
+
+
+def model_samplers(cfg: BenchConfig) -> tuple[str, ...]:
+    """The samplers a run measures: those asked (each refused unless it serves the model's prediction
+    type), or the model's default (``dpmpp-2m``; ``flow-euler`` for a flow-matching model such as SD 3 /
+    3.5). The prediction type comes from the preset or the export's manifest, before anything is exported."""
+    from sdrt.runtime.samplers import default_sampler, samplers_for
+
+    if cfg.artifact is not None:
+        from sdrt.runtime.manifest import ExportManifest
+
+        prediction, name = ExportManifest.read(cfg.artifact).prediction_type, cfg.artifact
+    else:
+        from sdrt.export.preset_tables import get_any_preset
+
+        assert cfg.preset is not None
+        prediction, name = get_any_preset(cfg.preset).prediction_type, cfg.preset
+    if not cfg.samplers:
+        return (default_sampler(prediction),)
+    serving = samplers_for(prediction)
+    wrong = [x for x in cfg.samplers if x not in serving]
+    if wrong:
+        raise InputError(f"sampler {', '.join(map(repr, wrong))} does not serve {name} (a {prediction} "
+                         f"model); use one of: {', '.join(serving)} (or leave --samplers out: "
+                         f"{default_sampler(prediction)})")
+    return tuple(cfg.samplers)
 
 
 def _physical_cores() -> int:

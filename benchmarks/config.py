@@ -29,7 +29,7 @@ class BenchConfig:
     resolutions: tuple[tuple[int, int], ...] = ()  # (height, width); empty: the model's default size
     steps: tuple[int, ...] = (20,)
     batch_sizes: tuple[int, ...] = (1,)
-    samplers: tuple[str, ...] = ("dpmpp-2m",)
+    samplers: tuple[str, ...] = ()  # empty: the model's default (runtime.samplers.default_sampler)
     baseline: str = "torch"  # "torch": diffusers on PyTorch; "none": no baseline (no ratios)
     compile: bool = False  # also run the baseline with torch.compile on the UNet
     compile_mode: str | None = None  # torch.compile's mode (None: its default)
@@ -75,12 +75,13 @@ class BenchConfig:
         for h, w in self.resolutions:
             if h < 8 or w < 8 or h % 8 or w % 8:
                 raise InputError(f"resolution {h}x{w} is not supported: height and width must be multiples of 8")
-        from sdrt.runtime.samplers import SAMPLERS
+        from sdrt.runtime.samplers import FLOW_SAMPLERS, SAMPLERS
 
-        unknown = [x for x in self.samplers if x not in SAMPLERS]
-        if not self.samplers or unknown:
-            raise InputError(f"unknown sampler {', '.join(map(repr, unknown))}; the samplers are: {', '.join(SAMPLERS)}"
-                             if unknown else f"give at least one sampler: {', '.join(SAMPLERS)}")
+        known = (*SAMPLERS, *FLOW_SAMPLERS)
+        unknown = [x for x in self.samplers if x not in known]
+        if unknown:
+            raise InputError(f"unknown sampler {', '.join(map(repr, unknown))}; the samplers are: "
+                             f"{', '.join(known)}")
         if self.warmup < 0 or self.repeats < 1:
             raise InputError(f"warmup must be >= 0 and repeats >= 1 (got {self.warmup} and {self.repeats})")
         if self.threads is not None and self.threads < 1:

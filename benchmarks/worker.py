@@ -14,6 +14,7 @@ environment the parent sets (OMP_NUM_THREADS and friends), identically for every
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 import sys
@@ -167,7 +168,24 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "euler": ("EulerDiscreteScheduler", {}),
     "euler-a": ("EulerAncestralDiscreteScheduler", {}),
     "lcm": ("LCMScheduler", {}),
+    # flow-matching models (SD 3 / 3.5): the pipeline's own FlowMatchEulerDiscreteScheduler, and DPM-Solver++
+    # 2M on flow sigmas, its flow_shift the model's shift (added where it is made)
+    "flow-euler": ("FlowMatchEulerDiscreteScheduler", {}),
+    "flow-dpmpp-2m": ("DPMSolverMultistepScheduler", {
+        "algorithm_type": "dpmsolver++", "solver_order": 2, "use_flow_sigmas": True,
+        "prediction_type": "flow_prediction"}),
 }
+
+
+def denoiser_of(pipe: Any) -> Any:
+    """A diffusers pipeline's denoiser: its ``unet``, or an MMDiT pipeline's ``transformer`` (SD 3 / 3.5)."""
+    unet = getattr(pipe, "unet", None)
+    return unet if unet is not None else pipe.transformer
+
+
+def set_denoiser(pipe: Any, module: Any) -> None:
+    """Replace a pipeline's denoiser (a compiled one) under the name the pipeline calls it by."""
+    setattr(pipe, "unet" if getattr(pipe, "unet", None) is not None else "transformer", module)
 
 
 class _Clock:
@@ -219,11 +237,14 @@ def run_diffusers(spec: dict[str, Any]) -> dict[str, Any]:
 
     workload = spec.get("workload", "txt2img")
     cls = pipeline_class(spec["family"], workload)
+    accepted = inspect.signature(cls.__init__).parameters  # SD 3 / 3.5's pipeline has no safety checker
     if sdxl:
         pipe = cls.from_pretrained(spec["folder"], torch_dtype=dtype,
                                    **({} if workload == "inpaint" else {"add_watermarker": False}))
-    else:
+    elif "safety_checker" in accepted:
         pipe = cls.from_pretrained(spec["folder"], torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
+    else:
+        pipe = cls.from_pretrained(spec["folder"], torch_dtype=dtype)
     pipe = pipe.to(device)  # torch_dtype: deprecated in diffusers 0.42 for dtype=, but every version reads it
     refiner = None
     if spec.get("refiner_diffusers_folder"):
@@ -233,17 +254,23 @@ def run_diffusers(spec: dict[str, Any]) -> dict[str, Any]:
     for p in (pipe, refiner):
         if p is None:
             continue
-        if p.unet.dtype != dtype:
-            raise RuntimeError(f"diffusers loaded the UNet as {p.unet.dtype}, not {dtype}; the baseline would be wrong")
-        p.scheduler = getattr(diffusers, cls_name).from_config(p.scheduler.config, **extra)  # each its own config
+        if denoiser_of(p).dtype != dtype:
+            raise RuntimeError(f"diffusers loaded the denoiser as {denoiser_of(p).dtype}, not {dtype}; "
+                               "the baseline would be wrong")
+        options = dict(extra)
+        if options.get("use_flow_sigmas"):  # the model's shift (SD3: 3.0), as sdrt's flow-dpmpp-2m takes it
+            options["flow_shift"] = float(p.scheduler.config.get("shift", 1.0))
+        # each its own config
+        p.scheduler = getattr(diffusers, cls_name).from_config(p.scheduler.config, **options)
         p.set_progress_bar_config(disable=True)
         if spec.get("compile"):
-            p.unet = torch.compile(p.unet, mode=spec.get("compile_mode") or None)
+            set_denoiser(p, torch.compile(denoiser_of(p), mode=spec.get("compile_mode") or None))
     if cuda:
         torch.cuda.synchronize()
     load_ms = (time.perf_counter() - t0) * 1e3
     weight_bytes = sum(q.numel() * q.element_size() for p in (pipe, refiner) if p is not None
-                       for m in (p.unet, p.vae, p.text_encoder, getattr(p, "text_encoder_2", None))
+                       for m in (denoiser_of(p), p.vae, p.text_encoder, getattr(p, "text_encoder_2", None),
+                                 getattr(p, "text_encoder_3", None))
                        if m is not None for q in m.parameters())
 
     clock = _Clock(cuda)
@@ -267,7 +294,8 @@ def run_diffusers(spec: dict[str, Any]) -> dict[str, Any]:
 
         p.encode_prompt = timed_encode
         p.vae.decode = timed_decode
-        p.unet.register_forward_pre_hook(lambda module, args: clock.mark(f"{tag}unet0", first_only=True))
+        denoiser_of(p).register_forward_pre_hook(
+            lambda module, args: clock.mark(f"{tag}unet0", first_only=True))
 
         def on_step_end(_: Any, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
             clock.mark((f"{tag}step", i))
@@ -340,7 +368,7 @@ def run_diffusers(spec: dict[str, Any]) -> dict[str, Any]:
         return record
 
     first, runs = _measure(call, spec)
-    attn = sorted({type(p).__name__ for p in pipe.unet.attn_processors.values()})
+    attn = sorted({type(p).__name__ for p in denoiser_of(pipe).attn_processors.values()})
     import transformers
 
     return {

@@ -4,6 +4,7 @@
     sdrt bench --preset sd15-tiny --backends ort-cpu --steps 4 --repeats 3 -o run.json
     sdrt bench --workload few-step                  # sd-turbo-tiny, 1 and 4 steps, euler-a, guidance 0: images/s
     sdrt bench --workload base-refiner              # sdxl-tiny + sdxl-refiner-tiny from 0.8 of the schedule
+    sdrt bench --preset sd35-medium --backends openvino,ort-cpu --resolutions 1024,512 --steps 2  # SD 3.5
     sdrt bench --quality                            # the shapes model's score beside the speed of each setting
     sdrt bench report benchmarks/results/bench-*.json -o benchmarks/results --readme README.md
 """
@@ -38,11 +39,12 @@ def _resolutions(text: str) -> list[tuple[int, int]]:
     return out
 
 
-# each workload's defaults, for what the command line leaves out
+# each workload's defaults, for what the command line leaves out; no samplers: the model's default (dpmpp-2m,
+# flow-euler for a flow-matching model such as SD 3 / 3.5)
 WORKLOAD_DEFAULTS: dict[str, dict[str, Any]] = {
-    "txt2img": {"steps": [20], "samplers": ["dpmpp-2m"], "guidance": 7.5},
-    "controlnet": {"steps": [20], "samplers": ["dpmpp-2m"], "guidance": 7.5},
-    "inpaint": {"steps": [20], "samplers": ["dpmpp-2m"], "guidance": 7.5},
+    "txt2img": {"steps": [20], "samplers": [], "guidance": 7.5},
+    "controlnet": {"steps": [20], "samplers": [], "guidance": 7.5},
+    "inpaint": {"steps": [20], "samplers": [], "guidance": 7.5},
     # few-step (adversarially distilled) models: Euler ancestral over trailing timesteps, no guidance
     "few-step": {"preset": "sd-turbo-tiny", "steps": [1, 4], "samplers": ["euler-a"], "guidance": 0.0},
     "base-refiner": {"preset": "sdxl-tiny", "refiner": "sdxl-refiner-tiny", "steps": [20], "samplers": ["euler"],
@@ -67,7 +69,8 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--refiner-start", type=float, default=0.8,
                    help="the fraction of the schedule the base runs before the refiner (default 0.8)")
     src = p.add_argument_group("model (one of)")
-    src.add_argument("--preset", help="synthetic weights of a shipped architecture: sd15, sd21, sd21-768, sdxl, *-tiny")
+    src.add_argument("--preset", help="synthetic weights of a shipped architecture: sd15, sd21, sd21-768, "
+                          "sdxl, sd3-medium, sd35-medium, sd35-large, *-tiny (sdrt export --list)")
     src.add_argument("--artifact", help="an sdrt ONNX export folder (sdrt export)")
     p.add_argument("--engines", help="a TensorRT engine folder for the tensorrt backend (sdrt build)")
     p.add_argument("--backends", type=_list(str), default=[],
@@ -76,7 +79,8 @@ def register(p: argparse.ArgumentParser) -> None:
                    help="comma-separated HEIGHTxWIDTH or SIZE (default: the model's own size)")
     p.add_argument("--steps", type=_list(int), default=None, help="comma-separated step counts (default 20)")
     p.add_argument("--batch-sizes", type=_list(int), default=[1], help="comma-separated images per call (default 1)")
-    p.add_argument("--samplers", type=_list(str), default=None, help="comma-separated (default dpmpp-2m)")
+    p.add_argument("--samplers", type=_list(str), default=None,
+                   help="comma-separated (default: the model's, dpmpp-2m; flow-euler for SD 3 / 3.5)")
     p.add_argument("--baseline", default="torch", choices=["torch", "none"],
                    help="diffusers on PyTorch with the same weights (default), or none")
     p.add_argument("--compile", action="store_true", help="also run the baseline with torch.compile on the UNet")
