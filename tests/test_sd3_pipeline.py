@@ -166,3 +166,39 @@ def test_bad_input_is_refused_before_work(sd3_export) -> None:
         pipe(PROMPT, sampler="ddim", steps=2, height=64, width=64)
     with pytest.raises(InputError, match=r"\(1, 16, 8, 8\)"):
         pipe(PROMPT, steps=2, height=64, width=64, latents=np.zeros((1, 4, 8, 8), np.float32))
+
+
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_ort_cuda_code_path_gives_the_ort_cpu_images(sd3_export, monkeypatch: pytest.MonkeyPatch,
+                                                     cuda_graph: bool) -> None:
+    """ort-cuda's code path (every tensor an OrtValue, IO binding; with cuda_graph the composed transformer +
+    step session) in CPU memory on the CPU EP: the ort-cpu images. Says nothing of a GPU."""
+    from sdrt.runtime.ort_backend import OrtBackend
+
+    def backend(*a, **k) -> OrtBackend:
+        be = OrtBackend("cpu")
+        be.io_binding, be.cuda_graph, be.max_cuda_graphs = True, cuda_graph, 2
+        monkeypatch.setattr(be, "providers_for", lambda name: ["CPUExecutionProvider"])
+        return be
+
+    folder = sd3_export("sd3-tiny")
+    kw = {"negative_prompt": NEGATIVE, "steps": 4, "seed": 9, "height": 64, "width": 96, "guidance_scale": 5.0}
+    want = np.asarray(shared_pipeline(folder)(PROMPT, **kw).images[0])
+    monkeypatch.setattr("sdrt.runtime.backends.make_backend", backend)
+    from sdrt.runtime.pipeline import Pipeline
+
+    with Pipeline.load(folder, backend="ort-cuda") as pipe:
+        got = np.asarray(pipe(PROMPT, **kw).images[0])
+    np.testing.assert_array_equal(got, want)
+
+
+def test_openvino_fp32_gives_the_ort_cpu_images(sd3_export) -> None:
+    pytest.importorskip("openvino", reason="the openvino backend needs OpenVINO (pip install sdrt[openvino])")
+    from sdrt.runtime.pipeline import Pipeline
+
+    folder = sd3_export("sd3-tiny")
+    kw = {"negative_prompt": NEGATIVE, "steps": 4, "seed": 9, "height": 64, "width": 96, "guidance_scale": 5.0}
+    want = np.asarray(shared_pipeline(folder)(PROMPT, **kw).images[0], np.int16)
+    with Pipeline.load(folder, backend="openvino", precision="fp32") as pipe:
+        got = np.asarray(pipe(PROMPT, **kw).images[0], np.int16)
+    assert want.std() > 5 and np.abs(got - want).max() <= 2

@@ -63,10 +63,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.list:
         from sdrt.export.controlnet_presets import CONTROLNET_PRESETS
-        from sdrt.export.presets import PRESETS
-        from sdrt.export.sd3_presets import SD3_PRESETS
+        from sdrt.export.preset_tables import get_any_preset, preset_names
 
-        for p in [*PRESETS.values(), *SD3_PRESETS.values()]:
+        for p in [get_any_preset(n) for n in preset_names()]:
             print(f"{p.name:16s} {p.family:5s} {p.prediction_type:15s} {p.default_size}px")
         for c in CONTROLNET_PRESETS.values():
             print(f"{c.name:16s} {c.family:5s} ControlNet for {c.unet_preset}")
