@@ -137,17 +137,25 @@ def verify_weights(path: Path, weights: WeightSource, aliases: dict[str, str], p
     the memory of one tensor (the graph itself is the one the tiny configurations are tested with). Returns the
     number checked; raises ArtifactError naming the first that differs."""
     import onnx
-    from onnx import numpy_helper
 
     model = onnx.load(str(path), load_external_data=False)
     data = path.parent / "model.onnx_data"
-    blob = np.memmap(data, dtype=np.uint8, mode="r") if data.is_file() else None
+    # read with seek + read, not a memory map: mapped pages of a 16 GB file would count as the process's memory
+    with open(data, "rb") if data.is_file() else open(path, "rb") as blob:
+        return _compare_all(model, blob, weights, aliases, prefix, path)
+
+
+def _compare_all(model: Any, blob: Any, weights: WeightSource, aliases: dict[str, str], prefix: str,
+                 path: Path) -> int:
+    import onnx
+    from onnx import numpy_helper
+
     for init in model.graph.initializer:
         info = {e.key: e.value for e in init.external_data}
         dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(init.data_type))
-        if info and blob is not None:
-            start, length = int(info.get("offset", 0)), int(info["length"])
-            got = np.frombuffer(blob[start:start + length].tobytes(), dtype=dtype).reshape(tuple(init.dims))
+        if info:
+            blob.seek(int(info.get("offset", 0)))
+            got = np.frombuffer(blob.read(int(info["length"])), dtype=dtype).reshape(tuple(init.dims))
         else:
             got = numpy_helper.to_array(init)
         name = aliases.get(init.name, init.name)[len(prefix):]
