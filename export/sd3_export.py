@@ -24,7 +24,8 @@ from sdrt.runtime.errors import InputError
 from sdrt.runtime.manifest import MANIFEST_NAME, ExportManifest, ShapeLimits, export_entries, tokenizer_of
 
 from .exporter import EXPORT_KIND, MIN_OPSET, TEXT_LEN, check_export_dir, tool_versions
-from .onnx_export import export_component
+from .onnx_export import export_component, parity_line
+from .sd3_gate import gate_streamed
 from .sd3_presets import SD3_PRESETS, Sd3Modules, Sd3Preset, build_modules, get_sd3_preset
 from .sd3_specs import sd3_specs, streamed_t5_spec, streamed_transformer_spec
 from .streamed import WeightSource, checkpoint_weights, export_streamed, fake_shapes, synthetic_weights
@@ -263,9 +264,12 @@ def export_sd3(
             sspec = streamed_transformer_spec(st.config, TEXT_LEN + p.t5_tokens) if name == "transformer" \
                 else streamed_t5_spec(st.config, p.t5_tokens)
             folder = DENOISER_FOLDER if sspec.name == "unet" else sspec.name
-            progress(f"{sspec.name} is streamed ({st.kind} weights, one tensor at a time); its parity with "
-                     "PyTorch is not checked at this size")
-            done[sspec.name] = export_streamed(sspec, st.weights, precision, tmp / folder, progress=progress)
+            progress(f"{sspec.name} is streamed ({st.kind} weights, one tensor at a time)")
+            comp = export_streamed(sspec, st.weights, precision, tmp / folder, progress=progress)
+            tokens = TEXT_LEN + p.t5_tokens if name == "transformer" else p.t5_tokens
+            par = gate_streamed(name, st.config, st.weights, precision, tokens, parity_shape, progress)
+            progress(f"{sspec.name}: {parity_line(par, comp.precision)} ({par.reference})")
+            done[sspec.name] = replace(comp, parity=par)
         order = [*ENCODERS, "unet", "vae_decoder", "vae_encoder"]
         components = {n: done[n] for n in order if n in done}
         for i, name in enumerate(("text_encoder", "text_encoder_2")):
@@ -289,7 +293,7 @@ def export_sd3(
             text_max_length=TEXT_LEN,
             limits=limits,
             source={**model.source, "t5": "text_encoder_3" in components,
-                    **({"streamed": sorted(n for n in components if components[n].parity is None)}
+                    **({"streamed": sorted("unet" if n == "transformer" else n for n in streamed)}
                        if streamed else {})},
             tools=tool_versions(),
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

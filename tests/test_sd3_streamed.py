@@ -114,7 +114,23 @@ def test_synthetic_weights_of_an_architecture_never_built(tmp_path: Path) -> Non
     out = tmp_path / "synthetic"
     export_sd3(model, out, fp16=False)
     m = ExportManifest.read(out)
-    assert m.components["unet"].parity is None and m.components["text_encoder"].parity is not None
+    for name in ("unet", "text_encoder_3"):  # gated on a reduced-depth copy: here, every block there is
+        par = m.components[name].parity
+        assert par is not None and "reduced depth" in par.reference and par.rel_err <= par.bound
+    assert m.source["streamed"] == ["text_encoder_3", "unet"]
     with Pipeline.load(out, backend="ort-cpu") as pipe:
         res = pipe("a red fox", steps=2, seed=1, height=64, width=64)
     assert not any(res.nonfinite)
+
+
+def test_the_gate_keeps_one_block_of_each_kind() -> None:
+    """The reduced-depth gate's blocks for the full-size architectures: 3.5 Medium's first dual-attention block,
+    its first plain block and the last; Large's and SD3 Medium's first and last; T5's first (the position bias)
+    and last."""
+    from sdrt.export.sd3_gate import t5_blocks, transformer_blocks
+
+    blocks = {n: transformer_blocks(get_sd3_preset(n).config("transformer"))
+              for n in ("sd35-medium", "sd35-large", "sd3-medium", "sd35-medium-tiny")}
+    assert blocks == {"sd35-medium": [0, 13, 23], "sd35-large": [0, 37], "sd3-medium": [0, 23],
+                      "sd35-medium-tiny": [0, 1]}
+    assert t5_blocks(get_sd3_preset("sd35-large").config("t5")) == [0, 23]

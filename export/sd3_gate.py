@@ -1,0 +1,99 @@
+"""The parity gate of a streamed SD3 component (the MMDiT, T5) within the memory of a few blocks: a reduced-depth
+copy at full width.
+
+A streamed component is too large to run beside its PyTorch module. Its blocks come in a few kinds (the MMDiT:
+dual-attention blocks, plain joint blocks, the last block whose context stream ends; T5: the first block, which
+holds the relative position bias, and the others), and its graph is the same code path at any depth. So the gate
+exports, through the same streamed path, a copy that keeps one block of each kind with the checkpoint's own
+weights for those blocks (and every weight outside the blocks), builds the same copy in PyTorch, and compares
+them on fresh inputs with ``onnx_export.check_parity``. The manifest's parity records which blocks were checked.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sdrt.runtime.manifest import Parity
+
+from .onnx_export import check_parity
+from .sd3_specs import streamed_t5_spec, streamed_transformer_spec, t5_spec, transformer_spec
+from .streamed import StreamedSpec, WeightSource, export_streamed
+
+TRANSFORMER_BLOCKS = re.compile(r"^transformer_blocks\.(\d+)\.")
+T5_BLOCKS = re.compile(r"^encoder\.block\.(\d+)\.")
+
+
+def transformer_blocks(config: dict[str, Any]) -> list[int]:
+    """One block of each kind: the first dual-attention block, the first plain one, the last."""
+    n = int(config["num_layers"])
+    dual = set(config.get("dual_attention_layers") or ())
+    picked = [min(dual)] if dual else []
+    plain = [i for i in range(n - 1) if i not in dual]
+    if plain:
+        picked.append(plain[0])
+    return sorted(set(picked)) + [n - 1]
+
+
+def t5_blocks(config: dict[str, Any]) -> list[int]:
+    """T5's first block (it holds the relative position bias) and its last."""
+    n = int(config["num_layers"])
+    return [0, n - 1] if n > 1 else [0]
+
+
+def _reduced_transformer(config: dict[str, Any], picked: list[int]) -> dict[str, Any]:
+    dual = set(config.get("dual_attention_layers") or ())
+    return {**config, "num_layers": len(picked),
+            "dual_attention_layers": tuple(j for j, i in enumerate(picked) if i in dual)}
+
+
+def _mapped(weights: WeightSource, pattern: re.Pattern[str], prefix: str, picked: list[int]) -> WeightSource:
+    """The reduced copy's weight names -> the full model's (its block j is the full model's block picked[j])."""
+
+    def get(name: str) -> torch.Tensor:
+        m = pattern.match(name)
+        if m is None:
+            return weights(name)
+        return weights(f"{prefix}{picked[int(m.group(1))]}.{name[m.end():]}")
+
+    return get
+
+
+def gate_streamed(kind: str, config: dict[str, Any], weights: WeightSource, precision: str, tokens: int,
+                  parity_shape: tuple[int, int, int], progress: Callable[[str], None] = lambda m: None) -> Parity:
+    """The reduced-depth gate of a streamed ``transformer`` or ``text_encoder_3`` (see the module docstring);
+    raises ParityError past the precision's bound, like every component's gate."""
+    from diffusers import SD3Transformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    if kind == "transformer":
+        picked = transformer_blocks(config)
+        reduced = _reduced_transformer(config, picked)
+        source = _mapped(weights, TRANSFORMER_BLOCKS, "transformer_blocks.", picked)
+        sspec: StreamedSpec = streamed_transformer_spec(reduced, tokens)
+        module = SD3Transformer2DModel(**reduced)
+        total = int(config["num_layers"])
+    else:
+        picked = t5_blocks(config)
+        reduced = {**config, "num_layers": len(picked)}
+        source = _mapped(weights, T5_BLOCKS, "encoder.block.", picked)
+        sspec = streamed_t5_spec(reduced, tokens)
+        module = T5EncoderModel(T5Config(**reduced))
+        total = int(config["num_layers"])
+    progress(f"{sspec.name}: parity gate on blocks {picked} of {total} at full width (a reduced-depth copy)")
+    state = {k: source(k) for k in module.state_dict()}
+    module.load_state_dict(state, strict=True)
+    module = module.float().eval()
+    cspec = transformer_spec(module, tokens) if kind == "transformer" else t5_spec(module, tokens)
+    with tempfile.TemporaryDirectory(prefix="sdrt-gate-") as tmp:
+        comp = export_streamed(sspec, source, precision, Path(tmp) / sspec.name)
+        # the module's own example inputs and I/O, run on the streamed graph (dynamo names match the contract)
+        par = check_parity(copy.copy(cspec), comp.precision, Path(tmp) / sspec.name / "model.onnx", parity_shape)
+    return Parity(reference=f"torch fp32, onnxruntime CPU; blocks {picked} of {total} (reduced depth, full width)",
+                  max_abs_err=par.max_abs_err, rel_err=par.rel_err, bound=par.bound)
