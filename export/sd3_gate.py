@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from sdrt.runtime.errors import ArtifactError
 from sdrt.runtime.manifest import Parity
 
 from .onnx_export import check_parity
@@ -87,8 +88,13 @@ def gate_streamed(kind: str, config: dict[str, Any], weights: WeightSource, prec
         module = T5EncoderModel(T5Config(**reduced))
         total = int(config["num_layers"])
     progress(f"{sspec.name}: parity gate on blocks {picked} of {total} at full width (a reduced-depth copy)")
-    state = {k: source(k) for k in module.state_dict()}
-    module.load_state_dict(state, strict=True)
+    # each weight once: a tied one (T5's embed_tokens is its shared table) is loaded under its first name
+    names = [n for n, _ in [*module.named_parameters(), *module.named_buffers()]]
+    missing, unexpected = module.load_state_dict({k: source(k) for k in names}, strict=False)
+    tied = {n for n, _ in module.named_parameters(remove_duplicate=False)} - set(names)
+    if unexpected or set(missing) - tied:
+        raise ArtifactError(f"{sspec.name}: the reduced copy's weights do not load ({sorted(missing)[:3]} missing, "
+                            f"{sorted(unexpected)[:3]} unexpected)")
     module = module.float().eval()
     cspec = transformer_spec(module, tokens) if kind == "transformer" else t5_spec(module, tokens)
     with tempfile.TemporaryDirectory(prefix="sdrt-gate-") as tmp:

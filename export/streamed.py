@@ -14,6 +14,7 @@ The TorchScript exporter, which the in-memory path uses, cannot trace meta or fa
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 import warnings
@@ -80,10 +81,16 @@ def trace(spec: StreamedSpec, precision: str) -> tuple[Any, dict[str, str]]:
         args = tuple(a.to(_torch_dtype(precision)) if kind == "float" else a
                      for a, (_, kind, _) in zip(spec.example(), spec.inputs, strict=True))
         program = torch.export.export(module, args, dynamic_shapes=spec.dynamic())
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        onnx_program = torch.onnx.export(program, dynamo=True, opset_version=STREAM_OPSET, optimize=False,
-                                         output_names=[n for n, _, _ in spec.outputs])
+    quiet = logging.getLogger("torch.onnx")  # its notes on torchvision's absent operators are not the user's
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            onnx_program = torch.onnx.export(program, dynamo=True, opset_version=STREAM_OPSET, optimize=False,
+                                             output_names=[n for n, _, _ in spec.outputs], verbose=False)
+    finally:
+        quiet.setLevel(level)
     return onnx_program.model, aliases
 
 
