@@ -186,8 +186,9 @@ def test_vae_decoder_applies_the_shift_as_diffusers_decodes(tmp_path: Path) -> N
 
 @pytest.mark.xfail(strict=True, raises=OrtFail, reason="torch.onnx dynamo export (torch 2.13) crops SD3's position embedding one "
                    "row / column too many when a side has an odd number of patches; the torch.export program "
-                   "itself is right. sdrt exports with dynamo=False, which is exact. A pass here means torch fixed "
-                   "it: drop this marker and reconsider the exporter.")
+                   "itself is right. sdrt's in-memory exports use dynamo=False, which is exact; its streamed "
+                   "exports crop with narrow (Sd3Transformer(dynamo=True)). A pass here means torch fixed it: drop "
+                   "this marker and the narrow crop.")
 def test_dynamo_exporter_keeps_the_pos_embed_crop_dynamic(tmp_path: Path) -> None:
     """Found while doing this work: traced at batch 2, latent 10x14 (5x7 patches), the dynamo graph is exact at
     even patch counts (6x4, 16x16) and fails at odd ones, the traced shape included (ONNX Runtime: the cropped
