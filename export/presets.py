@@ -91,11 +91,13 @@ def clip_config(hidden: int, inter: int, heads: int, layers: int, act: str, proj
     }
 
 
-def _vae(channels: list[int], sample_size: int, scaling: float, groups: int = 32, layers: int = 2) -> dict[str, Any]:
+def vae_config(channels: list[int], sample_size: int, scaling: float, groups: int = 32, layers: int = 2,
+               latent_channels: int = 4) -> dict[str, Any]:
+    """An AutoencoderKL config (diffusers' keys) with SD's encoder/decoder blocks."""
     return {
         "in_channels": 3,
         "out_channels": 3,
-        "latent_channels": 4,
+        "latent_channels": latent_channels,
         "block_out_channels": channels,
         "down_block_types": ["DownEncoderBlock2D"] * len(channels),
         "up_block_types": ["UpDecoderBlock2D"] * len(channels),
@@ -200,7 +202,7 @@ def _add(p: Preset) -> None:
 _add(Preset(
     "sd15", "sd1", "epsilon", 512,
     unet=_sd_unet([320, 640, 1280, 1280], 8, 768, 64),
-    vae=_vae([128, 256, 512, 512], 512, 0.18215),
+    vae=vae_config([128, 256, 512, 512], 512, 0.18215),
     text_encoders=(clip_config(768, 3072, 12, 12, "quick_gelu", 768),),
     scheduler=_sched("PNDMScheduler", "epsilon", **_PNDM),
     pad_tokens=("<|endoftext|>",),
@@ -208,7 +210,7 @@ _add(Preset(
 _add(Preset(
     "sd21", "sd2", "epsilon", 512,
     unet=_sd_unet([320, 640, 1280, 1280], [5, 10, 20, 20], 1024, 64, linear_proj=True),
-    vae=_vae([128, 256, 512, 512], 512, 0.18215),
+    vae=vae_config([128, 256, 512, 512], 512, 0.18215),
     text_encoders=(clip_config(1024, 4096, 16, 23, "gelu", 512),),
     scheduler=_sched("PNDMScheduler", "epsilon", **_PNDM),
     pad_tokens=("!",),
@@ -216,7 +218,7 @@ _add(Preset(
 _add(Preset(
     "sd21-768", "sd2", "v_prediction", 768,
     unet=_sd_unet([320, 640, 1280, 1280], [5, 10, 20, 20], 1024, 96, linear_proj=True, upcast=True),
-    vae=_vae([128, 256, 512, 512], 768, 0.18215),
+    vae=vae_config([128, 256, 512, 512], 768, 0.18215),
     text_encoders=(clip_config(1024, 4096, 16, 23, "gelu", 512),),
     scheduler=_sched("DDIMScheduler", "v_prediction"),
     pad_tokens=("!",),
@@ -224,7 +226,7 @@ _add(Preset(
 _add(Preset(
     "sdxl", "sdxl", "epsilon", 1024,
     unet=_xl_unet([320, 640, 1280], [5, 10, 20], [1, 2, 10], 2048, 256, 1280, 128),
-    vae=_vae([128, 256, 512, 512], 1024, 0.13025),
+    vae=vae_config([128, 256, 512, 512], 1024, 0.13025),
     text_encoders=(clip_config(768, 3072, 12, 12, "quick_gelu", 768), clip_config(1280, 5120, 20, 32, "gelu", 1280)),
     scheduler=_sched("EulerDiscreteScheduler", "epsilon", **_EULER),
     pad_tokens=("<|endoftext|>", "!"),
@@ -233,7 +235,7 @@ _add(Preset(
 _add(Preset(
     "sdxl-refiner", "sdxl", "epsilon", 1024,
     unet=_refiner_unet([384, 768, 1536, 1536], [6, 12, 12, 24], 4, 1280, 256, 1280, 128),
-    vae=_vae([128, 256, 512, 512], 1024, 0.13025),
+    vae=vae_config([128, 256, 512, 512], 1024, 0.13025),
     text_encoders=(clip_config(1280, 5120, 20, 32, "gelu", 1280),),
     scheduler=_sched("EulerDiscreteScheduler", "epsilon", **_EULER),
     pad_tokens=("!",),
@@ -243,7 +245,7 @@ _add(Preset(
 _add(Preset(
     "sd-turbo", "sd2", "epsilon", 512,
     unet=_sd_unet([320, 640, 1280, 1280], [5, 10, 20, 20], 1024, 64, linear_proj=True),
-    vae=_vae([128, 256, 512, 512], 512, 0.18215),
+    vae=vae_config([128, 256, 512, 512], 512, 0.18215),
     text_encoders=(clip_config(1024, 4096, 16, 23, "gelu", 512),),
     scheduler=_sched("EulerAncestralDiscreteScheduler", "epsilon", **_TURBO),
     pad_tokens=("!",),
@@ -252,7 +254,7 @@ _add(Preset(
 _add(Preset(
     "sdxl-turbo", "sdxl", "epsilon", 512,
     unet=_xl_unet([320, 640, 1280], [5, 10, 20], [1, 2, 10], 2048, 256, 1280, 64),
-    vae=_vae([128, 256, 512, 512], 512, 0.13025),
+    vae=vae_config([128, 256, 512, 512], 512, 0.13025),
     text_encoders=(clip_config(768, 3072, 12, 12, "quick_gelu", 768), clip_config(1280, 5120, 20, 32, "gelu", 1280)),
     scheduler=_sched("EulerAncestralDiscreteScheduler", "epsilon", **_TURBO),
     pad_tokens=("<|endoftext|>", "!"),
@@ -265,7 +267,7 @@ _TINY_CLIP = clip_config(32, 64, 4, 3, "quick_gelu", 32)
 _add(Preset(
     "sd15-tiny", "sd1", "epsilon", 64,
     unet=_sd_unet([32, 32, 64, 64], 8, 32, 8, groups=8),
-    vae=_vae([16, 16, 32, 32], 64, 0.18215, groups=8, layers=1),
+    vae=vae_config([16, 16, 32, 32], 64, 0.18215, groups=8, layers=1),
     text_encoders=(_TINY_CLIP,),
     scheduler=_sched("PNDMScheduler", "epsilon", **_PNDM),
     pad_tokens=("<|endoftext|>",),
@@ -273,7 +275,7 @@ _add(Preset(
 _add(Preset(
     "sd21-tiny", "sd2", "v_prediction", 64,
     unet=_sd_unet([32, 32, 64, 64], [2, 2, 4, 4], 32, 8, groups=8, linear_proj=True, upcast=True),
-    vae=_vae([16, 16, 32, 32], 64, 0.18215, groups=8, layers=1),
+    vae=vae_config([16, 16, 32, 32], 64, 0.18215, groups=8, layers=1),
     text_encoders=(clip_config(32, 64, 4, 3, "gelu", 32),),
     scheduler=_sched("DDIMScheduler", "v_prediction"),
     pad_tokens=("!",),
@@ -281,7 +283,7 @@ _add(Preset(
 _add(Preset(
     "sdxl-tiny", "sdxl", "epsilon", 64,
     unet=_xl_unet([32, 64, 64], [2, 4, 4], [1, 2, 2], 64, 8, 32, 8, groups=8),
-    vae=_vae([16, 16, 32, 32], 64, 0.13025, groups=8, layers=1),
+    vae=vae_config([16, 16, 32, 32], 64, 0.13025, groups=8, layers=1),
     text_encoders=(_TINY_CLIP, clip_config(32, 64, 4, 3, "gelu", 32)),
     scheduler=_sched("EulerDiscreteScheduler", "epsilon", **_EULER),
     pad_tokens=("<|endoftext|>", "!"),
@@ -290,7 +292,7 @@ _add(Preset(
 _add(Preset(
     "sdxl-refiner-tiny", "sdxl", "epsilon", 64,
     unet=_refiner_unet([32, 64, 64, 64], [2, 4, 4, 4], 2, 32, 8, 32, 8, groups=8),
-    vae=_vae([16, 16, 32, 32], 64, 0.13025, groups=8, layers=1),
+    vae=vae_config([16, 16, 32, 32], 64, 0.13025, groups=8, layers=1),
     text_encoders=(clip_config(32, 64, 4, 3, "gelu", 32),),  # as wide as sdxl-tiny's second encoder: a pair
     scheduler=_sched("EulerDiscreteScheduler", "epsilon", **_EULER),
     pad_tokens=("!",),

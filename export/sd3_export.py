@@ -68,21 +68,19 @@ class LoadedSd3:
         return self.modules.text_encoders[2] is not None or "text_encoder_3" in self.streamed
 
 
-def _param_count(build: Any, prefix: str) -> int:
-    return sum(math.prod(s) for s in fake_shapes(build, prefix).values())
+def _weight_shapes(transformer: dict[str, Any], t5: dict[str, Any] | None) -> dict[str, dict[str, tuple[int, ...]]]:
+    """Each streamable component's weight names and shapes, from one build in fake mode (nothing allocated)."""
+    builds = {"transformer": (streamed_transformer_spec(transformer, 8).build, "transformer.")}
+    if t5 is not None:
+        builds["text_encoder_3"] = (streamed_t5_spec(t5, 8).build, "encoder.")
+    return {n: fake_shapes(build, prefix) for n, (build, prefix) in builds.items()}
 
 
-def _fake_builds(transformer: dict[str, Any], t5: dict[str, Any]) -> dict[str, tuple[Any, str]]:
-    """Each streamable component's builder and parameter-name prefix (its StreamedSpec's)."""
-    return {"transformer": (streamed_transformer_spec(transformer, 8).build, "transformer."),
-            "text_encoder_3": (streamed_t5_spec(t5, 8).build, "encoder.")}
-
-
-def _to_stream(builds: dict[str, tuple[Any, str]], stream: bool | None) -> tuple[str, ...]:
+def _to_stream(shapes: dict[str, dict[str, tuple[int, ...]]], stream: bool | None) -> tuple[str, ...]:
     """The components to stream: all (True), none (False), or those past STREAM_PARAMS (None)."""
     if stream is not None:
-        return tuple(builds) if stream else ()
-    return tuple(n for n, (b, prefix) in builds.items() if _param_count(b, prefix) > STREAM_PARAMS)
+        return tuple(shapes) if stream else ()
+    return tuple(n for n, w in shapes.items() if sum(math.prod(s) for s in w.values()) > STREAM_PARAMS)
 
 
 def is_sd3_folder(path: Path) -> bool:
@@ -129,10 +127,10 @@ def load_sd3(path: str | Path | None = None, *, random_preset: str | None = None
                          "a preset its architecture")
     if random_preset is not None:
         preset = get_sd3_preset(random_preset)
-        builds = _fake_builds(preset.config("transformer"), preset.config("t5"))
-        skip = _to_stream(builds, stream)
+        shapes = _weight_shapes(preset.config("transformer"), preset.config("t5"))
+        skip = _to_stream(shapes, stream)
         streamed = {n: Streamed(preset.config("transformer" if n == "transformer" else "t5"),
-                                synthetic_weights(seed, fake_shapes(*builds[n])), "synthetic") for n in skip}
+                                synthetic_weights(seed, shapes[n]), "synthetic") for n in skip}
         return LoadedSd3(preset, build_modules(preset, seed, skip), dict(preset.scheduler),
                          source={"kind": "random", "preset": preset.name, "seed": seed}, streamed=streamed)
     from diffusers import AutoencoderKL, SD3Transformer2DModel
@@ -150,10 +148,7 @@ def load_sd3(path: str | Path | None = None, *, random_preset: str | None = None
     has_t5 = (folder / "text_encoder_3").is_dir()
     tr_cfg = _config(folder / "transformer")
     t5_cfg = _config(folder / "text_encoder_3") if has_t5 else None
-    builds = _fake_builds(tr_cfg, t5_cfg or {})
-    if not has_t5:
-        del builds["text_encoder_3"]
-    skip = _to_stream(builds, stream)
+    skip = _to_stream(_weight_shapes(tr_cfg, t5_cfg), stream)
     streamed = {n: Streamed(tr_cfg if n == "transformer" else t5_cfg or {}, checkpoint_weights(folder / n),
                             "checkpoint") for n in skip}
     transformer = None if "transformer" in skip else SD3Transformer2DModel.from_pretrained(folder / "transformer",

@@ -24,7 +24,7 @@ import torch
 
 from sdrt.runtime.errors import InputError
 
-from .presets import clip_config
+from .presets import clip_config, vae_config
 
 
 @dataclass(frozen=True)
@@ -82,22 +82,8 @@ def _t5(d_model: int, d_kv: int, d_ff: int, heads: int, layers: int) -> dict[str
 
 def _vae(channels: list[int], sample_size: int, groups: int, layers: int) -> dict[str, Any]:
     """SD3's VAE: 16 latent channels, no quant convs, a scaling and a shift (stabilityai's SD3 / 3.5 values)."""
-    return {
-        "in_channels": 3,
-        "out_channels": 3,
-        "latent_channels": 16,
-        "block_out_channels": channels,
-        "down_block_types": ["DownEncoderBlock2D"] * len(channels),
-        "up_block_types": ["UpDecoderBlock2D"] * len(channels),
-        "layers_per_block": layers,
-        "act_fn": "silu",
-        "norm_num_groups": groups,
-        "sample_size": sample_size,
-        "scaling_factor": 1.5305,
-        "shift_factor": 0.0609,
-        "use_quant_conv": False,
-        "use_post_quant_conv": False,
-    }
+    return {**vae_config(channels, sample_size, 1.5305, groups, layers, latent_channels=16),
+            "shift_factor": 0.0609, "use_quant_conv": False, "use_post_quant_conv": False}
 
 
 def _transformer(layers: int, head_dim: int, heads: int, joint: int, pooled: int, max_pos: int, sample: int,

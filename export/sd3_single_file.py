@@ -31,7 +31,6 @@ import re
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +41,7 @@ from sdrt.runtime.errors import ArtifactError, InputError, UnsafeCheckpointError
 from .loading import PICKLE_SUFFIXES, sha256_file
 from .sd3_export import LoadedSd3
 from .sd3_presets import SD3_PRESETS, Sd3Modules, Sd3Preset, get_sd3_preset
+from .single_file import require_loaded
 
 log = logging.getLogger(__name__)
 
@@ -451,10 +451,10 @@ def _convert(
             transformer = SD3Transformer2DModel.from_single_file(
                 part(MMDIT), subfolder="transformer", low_cpu_mem_usage=True, **kw
             )
-            _require_loaded(transformer, what, name, preset)
+            require_loaded(transformer, what, name, preset)
             what = "VAE"
             vae = AutoencoderKL.from_single_file(part(VAE), subfolder="vae", low_cpu_mem_usage=True, **kw)
-            _require_loaded(vae, what, name, preset)
+            require_loaded(vae, what, name, preset)
             encoders: list[torch.nn.Module | None] = []
             for enc, src in zip(ENCODERS, sources, strict=True):
                 if src is None:
@@ -475,7 +475,7 @@ def _convert(
                     module = create_diffusers_clip_model_from_ldm(
                         CLIPTextModelWithProjection, tensors, subfolder=enc.config_dir, **kw
                     )
-                _require_loaded(module, what, src[0].name, preset)
+                require_loaded(module, what, src[0].name, preset)
                 encoders.append(module)
         except failures as e:
             raise ArtifactError(
@@ -486,13 +486,3 @@ def _convert(
     for m in mods:
         m.float().eval()
     return Sd3Modules(transformer, (encoders[0], encoders[1], encoders[2]), vae)  # type: ignore[arg-type]
-
-
-def _require_loaded(module: torch.nn.Module, part: str, name: str, preset: Sd3Preset) -> None:
-    """diffusers leaves tensors it found no weights for on the meta device; refuse such a module."""
-    missing = [n for n, t in chain(module.named_parameters(), module.named_buffers()) if t.is_meta]
-    if missing:
-        raise ArtifactError(
-            f"{name}: the {part} lacks {len(missing)} of the tensors preset {preset.name} needs "
-            f"(e.g. {', '.join(missing[:3])}); the file is incomplete or of another architecture"
-        )

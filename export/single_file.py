@@ -474,11 +474,11 @@ def _convert(
             unet = UNet2DConditionModel.from_single_file(
                 unet_tensors or ckpt.tensors(_UNET), subfolder="unet", low_cpu_mem_usage=True, **kw
             )
-            _require_loaded(unet, "UNet", name, preset)
+            require_loaded(unet, "UNet", name, preset)
             vae = AutoencoderKL.from_single_file(
                 ckpt.tensors(_VAE), subfolder="vae", low_cpu_mem_usage=True, **kw
             )
-            _require_loaded(vae, "VAE", name, preset)
+            require_loaded(vae, "VAE", name, preset)
             encoders: list[torch.nn.Module] = []
             for i, ((prefix, layout), sub, cfg) in enumerate(
                 zip(_ENCODERS[_layout(preset)], subs, preset.text_encoders, strict=True)
@@ -490,7 +490,7 @@ def _convert(
                 if layout.startswith("openclip"):
                     tensors = _drop_unused_resblocks(tensors, cfg["num_hidden_layers"])
                 encoder = create_diffusers_clip_model_from_ldm(cls, tensors, subfolder=sub, **kw)
-                _require_loaded(encoder, f"text encoder {i + 1}", name, preset)
+                require_loaded(encoder, f"text encoder {i + 1}", name, preset)
                 encoders.append(encoder)
         except failures as e:
             raise ArtifactError(
@@ -508,7 +508,7 @@ def _drop_unused_resblocks(tensors: dict[str, torch.Tensor], layers: int) -> dic
     return {k: v for k, v in tensors.items() if not ((m := _RESBLOCK.match(k)) and int(m.group(1)) >= layers)}
 
 
-def _require_loaded(module: torch.nn.Module, part: str, name: str, preset: Preset) -> None:
+def require_loaded(module: torch.nn.Module, part: str, name: str, preset: Any) -> None:
     """diffusers leaves tensors it found no weights for on the meta device; refuse such a module."""
     missing = [n for n, t in chain(module.named_parameters(), module.named_buffers()) if t.is_meta]
     if missing:

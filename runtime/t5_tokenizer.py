@@ -7,7 +7,6 @@ Safe to call from several threads at once: the tokenizer's state is set once at 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,27 +14,10 @@ from typing import Any
 import numpy as np
 
 from .errors import ArtifactError, InputError
+from .tokenizer import FIX, read_config, token_str
 
-_FIX = "re-export the model with `sdrt export` to rewrite it"
 DEFAULT_LENGTH = 256  # diffusers' max_sequence_length default for SD3 / SD3.5
 MAX_LENGTH = 512  # diffusers refuses a longer max_sequence_length
-
-
-def _read_config(path: Path) -> dict[str, Any]:
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(config, dict):
-            raise TypeError("not a JSON object")
-    except (OSError, ValueError, TypeError) as e:
-        raise ArtifactError(f"{path} is corrupt ({e}); {_FIX}") from e
-    return config
-
-
-def _token_str(value: Any) -> str | None:
-    """A special token as written in tokenizer_config.json: a string or an AddedToken dict."""
-    if isinstance(value, dict):
-        value = value.get("content")
-    return value if isinstance(value, str) else None
 
 
 def check_length(max_length: Any, model_max_length: int = MAX_LENGTH) -> int:
@@ -73,7 +55,7 @@ class T5Tokenizer:
         for name, token in (("eos", eos_token), ("pad", pad_token)):
             tid = tokenizer.token_to_id(token)
             if tid is None:
-                raise ArtifactError(f"the T5 tokenizer has no {name} token {token!r}; {_FIX}")
+                raise ArtifactError(f"the T5 tokenizer has no {name} token {token!r}; {FIX}")
             ids[name] = int(tid)
         self.eos_id, self.pad_id = ids["eos"], ids["pad"]
         self.eos_token, self.pad_token = eos_token, pad_token
@@ -87,22 +69,22 @@ class T5Tokenizer:
 
         folder = Path(path)
         if not folder.is_dir():
-            raise ArtifactError(f"T5 tokenizer folder {folder} is missing; {_FIX}")
+            raise ArtifactError(f"T5 tokenizer folder {folder} is missing; {FIX}")
         tj, tc = folder / "tokenizer.json", folder / "tokenizer_config.json"
         for f in (tj, tc):
             if not f.is_file():
-                raise ArtifactError(f"{f} is missing; {_FIX}")
-        config = _read_config(tc)
+                raise ArtifactError(f"{f} is missing; {FIX}")
+        config = read_config(tc)
         model_max = config.get("model_max_length", MAX_LENGTH)
         if isinstance(model_max, bool) or not isinstance(model_max, (int, float)) or model_max < 2:
-            raise ArtifactError(f"{tc} has model_max_length {model_max!r}, expected a length (512); {_FIX}")
+            raise ArtifactError(f"{tc} has model_max_length {model_max!r}, expected a length (512); {FIX}")
         try:
             tokenizer = Tokenizer.from_file(str(tj))
         except Exception as e:  # tokenizers raises a bare Exception on a bad file
-            raise ArtifactError(f"{tj} is corrupt ({e}); {_FIX}") from e
+            raise ArtifactError(f"{tj} is corrupt ({e}); {FIX}") from e
         # transformers' T5 defaults where the config names none
-        eos = _token_str(config.get("eos_token")) or "</s>"
-        pad = _token_str(config.get("pad_token")) or "<pad>"
+        eos = token_str(config.get("eos_token")) or "</s>"
+        pad = token_str(config.get("pad_token")) or "<pad>"
         # a huge model_max_length (transformers' "no limit" sentinel, 1e30) leaves 512 as the limit
         return cls(tokenizer, eos_token=eos, pad_token=pad, max_length=max_length,
                    model_max_length=int(min(model_max, MAX_LENGTH)))

@@ -17,27 +17,27 @@ import numpy as np
 from .errors import ArtifactError, InputError
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
-_FIX = "re-export the model with `sdrt export` to rewrite it"
+FIX = "re-export the model with `sdrt export` to rewrite it"
 
 # CLIP's pre-tokenizer: its special tokens, English contractions, letter runs, single digits, and runs of
 # anything else that is not whitespace. Whitespace only separates.
 SPLIT_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
 
-def _read_config(path: Path) -> dict[str, Any]:
+def read_config(path: Path) -> dict[str, Any]:
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(config, dict):
             raise TypeError("not a JSON object")
     except (OSError, ValueError, TypeError) as e:
-        raise ArtifactError(f"{path} is corrupt ({e}); {_FIX}") from e
+        raise ArtifactError(f"{path} is corrupt ({e}); {FIX}") from e
     return config
 
 
 def _max_length(config: dict[str, Any], path: Path) -> int:
     max_length = config.get("model_max_length", 77)
     if not isinstance(max_length, int) or max_length > 4096:
-        raise ArtifactError(f"{path} has model_max_length {max_length!r}, expected 77; {_FIX}")
+        raise ArtifactError(f"{path} has model_max_length {max_length!r}, expected 77; {FIX}")
     return max_length
 
 
@@ -47,16 +47,16 @@ def _read_bpe(folder: Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
         vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
         lines = (folder / "merges.txt").read_text(encoding="utf-8").split("\n")
     except (OSError, ValueError) as e:
-        raise ArtifactError(f"the tokenizer files in {folder} are unreadable ({e}); {_FIX}") from e
+        raise ArtifactError(f"the tokenizer files in {folder} are unreadable ({e}); {FIX}") from e
     if lines and lines[0].startswith("#version"):
         lines = lines[1:]
     merges = [tuple(line.split()) for line in lines if line.strip()]
     if not isinstance(vocab, dict) or any(len(m) != 2 for m in merges):
-        raise ArtifactError(f"the tokenizer files in {folder} are corrupt (bad vocabulary or merges); {_FIX}")
+        raise ArtifactError(f"the tokenizer files in {folder} are corrupt (bad vocabulary or merges); {FIX}")
     return vocab, merges  # type: ignore[return-value]
 
 
-def _token_str(value: Any) -> str | None:
+def token_str(value: Any) -> str | None:
     """A special token as written in tokenizer_config.json: a string or an AddedToken dict."""
     if isinstance(value, dict):
         value = value.get("content")
@@ -105,10 +105,10 @@ class ClipTokenizer:
         for name, token in (("bos", BOS), ("eos", EOS), ("pad", pad_token)):
             tid = tokenizer.token_to_id(token)
             if tid is None:
-                raise ArtifactError(f"the tokenizer has no {name} token {token!r}; {_FIX}")
+                raise ArtifactError(f"the tokenizer has no {name} token {token!r}; {FIX}")
             ids[name] = int(tid)
         if max_length < 3:
-            raise ArtifactError(f"tokenizer model_max_length {max_length} is too small; {_FIX}")
+            raise ArtifactError(f"tokenizer model_max_length {max_length} is too small; {FIX}")
         self.bos_id, self.eos_id, self.pad_id = ids["bos"], ids["eos"], ids["pad"]
         self.pad_token = pad_token
         self.max_length = max_length
@@ -121,29 +121,29 @@ class ClipTokenizer:
 
         folder = Path(path)
         if not folder.is_dir():
-            raise ArtifactError(f"tokenizer folder {folder} is missing; {_FIX}")
+            raise ArtifactError(f"tokenizer folder {folder} is missing; {FIX}")
         tj, tc = folder / "tokenizer.json", folder / "tokenizer_config.json"
         # vocab_merges: a folder without tokenizer.json may hold vocab.json + merges.txt (Optimum's exports)
         bpe = vocab_merges and not tj.is_file() and (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()
         for f in (tc,) if bpe else (tj, tc):
             if not f.is_file():
-                raise ArtifactError(f"{f} is missing; {_FIX}")
-        config = _read_config(tc)
-        pad = _token_str(config.get("pad_token"))
+                raise ArtifactError(f"{f} is missing; {FIX}")
+        config = read_config(tc)
+        pad = token_str(config.get("pad_token"))
         if bpe:  # vocab.json + merges.txt, as transformers' slow CLIPTokenizer saves them (Optimum's exports)
             smap = folder / "special_tokens_map.json"
             if smap.is_file():  # transformers lets the map win over the config
-                pad = _token_str(_read_config(smap).get("pad_token")) or pad
+                pad = token_str(read_config(smap).get("pad_token")) or pad
             if pad is None:
-                raise ArtifactError(f"{tc} names no pad_token; {_FIX}")
+                raise ArtifactError(f"{tc} names no pad_token; {FIX}")
             tokenizer = build_tokenizer_json(*_read_bpe(folder), pad)
             return cls(tokenizer, pad, _max_length(config, tc))
         try:
             tokenizer = Tokenizer.from_file(str(tj))
         except Exception as e:  # tokenizers raises a bare Exception on a bad file
-            raise ArtifactError(f"{tj} is corrupt ({e}); {_FIX}") from e
+            raise ArtifactError(f"{tj} is corrupt ({e}); {FIX}") from e
         if pad is None:
-            raise ArtifactError(f"{tc} names no pad_token; {_FIX}")
+            raise ArtifactError(f"{tc} names no pad_token; {FIX}")
         return cls(tokenizer, pad, _max_length(config, tc))
 
     def _tokens(self, prompts: Sequence[str]) -> list[list[int]]:

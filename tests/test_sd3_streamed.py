@@ -134,3 +134,26 @@ def test_the_gate_keeps_one_block_of_each_kind() -> None:
     assert blocks == {"sd35-medium": [0, 13, 23], "sd35-large": [0, 37], "sd3-medium": [0, 23],
                       "sd35-medium-tiny": [0, 1]}
     assert t5_blocks(get_sd3_preset("sd35-large").config("t5")) == [0, 23]
+
+
+def test_a_weight_written_wrong_is_caught_by_the_read_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The read-back check can fail: a byte of the external data changed after the write (as a short write or a
+    full disk would leave it) is an error naming the weight, not a silently wrong export."""
+    import sdrt.export.streamed as streamed
+    from sdrt.runtime.errors import ArtifactError
+
+    real = streamed.give_default_mode
+
+    def corrupt(path: Path) -> None:  # runs right after the write, before the read-back
+        real(path)
+        with open(path, "r+b") as f:
+            f.seek(100)
+            b = f.read(1)
+            f.seek(100)
+            f.write(bytes([b[0] ^ 0xFF]))
+
+    monkeypatch.setattr(streamed, "give_default_mode", corrupt)
+    p = get_sd3_preset("sd3-tiny")
+    t5 = build_modules(p, seed=0).text_encoders[2]
+    with pytest.raises(ArtifactError, match="was not written as its source gave it"):
+        export_streamed(streamed_t5_spec(p.config("t5"), 16), module_weights(t5), "fp32", tmp_path / "t5")
