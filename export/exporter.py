@@ -11,6 +11,7 @@ import datetime as _dt
 import json
 import platform
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ import torch
 from sdrt import __version__
 from sdrt.runtime.atomic import atomic_dir, check_output_dir
 from sdrt.runtime.errors import InputError
+from sdrt.runtime.feature_cache import DEEP_FEATURE, SHALLOW_UNET
 from sdrt.runtime.inpaint import MASKED_ENCODER
 from sdrt.runtime.manifest import (
     MANIFEST_NAME,
@@ -53,10 +55,11 @@ def check_clip_skip(model: LoadedModel, clip_skip: int) -> None:
 
 
 def component_specs(model: LoadedModel, vae_fp32: bool | None = None, clip_skip: int = 0,
-                    controlnets: Sequence[LoadedControlNet] = ()) -> list[ComponentSpec]:
+                    controlnets: Sequence[LoadedControlNet] = (), deepcache: bool = False) -> list[ComponentSpec]:
     """The components of ``model``; ``vae_fp32`` overrides the preset's VAE precision; ``clip_skip``
     conditions on an earlier text encoder layer (diffusers' ``clip_skip``); ``controlnets`` add
-    ``controlnet_0``.. and ``unet_control`` after the plain ``unet``."""
+    ``controlnet_0``.. and ``unet_control`` after the plain ``unet``; ``deepcache``: the UNet also returns
+    DeepCache's deep feature, and ``unet_shallow`` (runtime/feature_cache.py) follows it."""
     p = model.preset
     vae32 = p.vae_fp32 if vae_fp32 is None else vae_fp32
     fam = p.model_family
@@ -117,17 +120,37 @@ def component_specs(model: LoadedModel, vae_fp32: bool | None = None, clip_skip:
         return tuple(args)
 
     out_ch = int(model.unet.config.out_channels)
+    out_sample = ("out_sample", "float", ("batch", out_ch, "height", "width"))
     unet_spec = ComponentSpec(
         name="unet",
         module=wrappers.UNet(model.unet, sdxl=added, time_cond=bool(cond_dim)),
         weights=model.unet,
         inputs=unet_inputs,
-        outputs=[("out_sample", "float", ("batch", out_ch, "height", "width"))],
+        outputs=[out_sample],
         example=unet_example,
         refittable=True,
     )
     specs.append(unet_spec)
     specs += controlnet_specs(model, controlnets, unet_spec)
+    if deepcache:
+        deep = deep_channels(model.unet)
+        feature = (DEEP_FEATURE, "float", ("batch", deep, "height", "width"))
+        specs[specs.index(unet_spec)] = replace(
+            unet_spec, module=wrappers.UNet(model.unet, sdxl=added, time_cond=bool(cond_dim), deep_feature=True),
+            outputs=[out_sample, feature])
+
+        def shallow_example(g: torch.Generator, b: int, h: int, w: int) -> tuple[torch.Tensor, ...]:
+            return (*unet_example(g, b, h, w), torch.randn(b, deep, h, w, generator=g))
+
+        specs.append(ComponentSpec(
+            name=SHALLOW_UNET,
+            module=wrappers.UNetShallow(model.unet, sdxl=added, time_cond=bool(cond_dim)),
+            weights=model.unet,
+            inputs=[*unet_inputs, feature],
+            outputs=[out_sample],
+            example=shallow_example,
+            refittable=True,
+        ))
 
     lat = int(model.vae.config.latent_channels)
     f = 2 ** (len(model.vae.config.block_out_channels) - 1)
@@ -174,6 +197,12 @@ def component_specs(model: LoadedModel, vae_fp32: bool | None = None, clip_skip:
             force_fp32=vae32,
         ))
     return specs
+
+
+def deep_channels(unet: torch.nn.Module) -> int:
+    """The channels of DeepCache's deep feature: what the last layer of the last up block reads beside the skip
+    connection from ``conv_in``."""
+    return int(unet.up_blocks[-1].resnets[-1].conv1.in_channels) - int(unet.conv_in.out_channels)
 
 
 def tool_versions() -> dict[str, str]:
@@ -247,6 +276,7 @@ def export_model(
     progress: Callable[[str], None] = lambda msg: None,
     clip_skip: int = 0,
     controlnets: Sequence[LoadedControlNet] = (),
+    deepcache: bool = False,
 ) -> ExportManifest:
     """Export every component of ``model`` into ``out`` (atomically) and return its manifest.
 
@@ -255,6 +285,8 @@ def export_model(
     recorded in the manifest (0: the model's own layer; 1 is A1111's "Clip skip 2"). ``controlnets``: each
     becomes ``controlnet_j`` (in order), and ``unet_control`` takes all their residuals; the plain ``unet``
     is exported as without them. A ControlNet that does not pair with the model's UNet is refused first.
+    ``deepcache``: also export DeepCache's shallow path (``unet_shallow``), the UNet returning the deep feature
+    it reuses (``Pipeline(..., cache="deepcache")``; runtime/feature_cache.py).
 
     ``out`` may be new, empty or a previous sdrt export holding only what its sdrt.json names (replaced
     whole when the export succeeds); any other folder is refused unless ``overwrite``, a file or the current
@@ -278,7 +310,7 @@ def export_model(
         parity_shape = (2, side, side + 8)
     with atomic_dir(out, marker=MANIFEST_NAME, overwrite=overwrite, what=EXPORT_KIND, owned=export_entries) as tmp:
         components = {}
-        for spec in component_specs(model, vae_fp32, clip_skip, controlnets):
+        for spec in component_specs(model, vae_fp32, clip_skip, controlnets, deepcache):
             components[spec.name] = export_component(
                 spec, precision, tmp / spec.name, opset=opset, parity_shape=parity_shape, progress=progress
             )

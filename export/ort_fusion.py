@@ -53,6 +53,7 @@ from onnx import TensorProto, helper
 from sdrt.runtime.atomic import atomic_write_text, give_default_mode
 from sdrt.runtime.errors import ArtifactError, CompatibilityError, InputError, ParityError
 from sdrt.runtime.families import family_named
+from sdrt.runtime.feature_cache import SHALLOW_UNET
 from sdrt.runtime.manifest import FAMILIES, MANIFEST_NAME, ExportManifest
 
 log = logging.getLogger(__name__)
@@ -425,7 +426,9 @@ def add_ort_cuda_variant(
         )
     comp = manifest.components["unet"]
     fp16 = comp.precision == "fp16"
-    spec = next(s for s in component_specs(loaded_model) if s.name == "unet")
+    # the UNet as exported: with DeepCache's deep feature as its second output where the export has the shallow path
+    spec = next(s for s in component_specs(loaded_model, deepcache=SHALLOW_UNET in manifest.components)
+                if s.name == "unet")
     final = folder / Path(comp.path).parent / VARIANT_FILE
     scratch = Path(tempfile.mkdtemp(prefix=".ort-cuda-scratch-", dir=folder))
     try:

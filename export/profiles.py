@@ -37,6 +37,7 @@ from sdrt.engines import PROFILES_DIR, profile_names
 from sdrt.runtime.engine_manifest import ProfileShapes, TensorShapes
 from sdrt.runtime.errors import ArtifactError, CompatibilityError, InputError
 from sdrt.runtime.families import FAMILY_KEYS
+from sdrt.runtime.feature_cache import SHALLOW_UNET
 from sdrt.runtime.manifest import ExportManifest
 
 TOKENS_PER_CHUNK = 77
@@ -221,7 +222,7 @@ def validate(profile: BuildProfile, manifest: ExportManifest) -> None:
 
 def _denoiser(component: str) -> bool:
     """Components run once per denoising step on the (CFG-doubled) UNet batch."""
-    return component in ("unet", "unet_control") or component.startswith("controlnet_")
+    return component in ("unet", "unet_control", SHALLOW_UNET) or component.startswith("controlnet_")
 
 
 def _axis_range(component: str, axis: str, profile: BuildProfile, factor: int, text_tokens: int) -> Range:

@@ -50,11 +50,12 @@ class UNet(torch.nn.Module):
     computed before the cast, as diffusers does. Extra inputs, in order: SDXL's ``text_embeds`` and
     ``time_ids``; an LCM-distilled UNet's ``timestep_cond`` (its guidance-scale embedding)."""
 
-    def __init__(self, unet: torch.nn.Module, sdxl: bool, time_cond: bool = False) -> None:
+    def __init__(self, unet: torch.nn.Module, sdxl: bool, time_cond: bool = False, deep_feature: bool = False) -> None:
         super().__init__()
         self.unet = unet
         self.sdxl = sdxl
         self.time_cond = time_cond
+        self.deep_feature = deep_feature
 
     def forward(
         self,
@@ -62,8 +63,19 @@ class UNet(torch.nn.Module):
         timestep: torch.Tensor,
         encoder_hidden_states: torch.Tensor,
         *extra: torch.Tensor,
-    ) -> torch.Tensor:
-        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False, **self._conditioning(extra))[0]
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if not self.deep_feature:
+            return self.unet(sample, timestep, encoder_hidden_states, return_dict=False,
+                             **self._conditioning(extra))[0]
+        # DeepCache's deep feature: what the last layer of the last up block reads beside the skip from conv_in
+        seen: list[torch.Tensor] = []
+        hook = self.unet.up_blocks[-1].resnets[-1].register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+        try:
+            out = self.unet(sample, timestep, encoder_hidden_states, return_dict=False, **self._conditioning(extra))[0]
+        finally:
+            hook.remove()
+        joined = seen[-1]
+        return out, joined[:, : joined.shape[1] - self.unet.conv_in.out_channels]
 
     def _conditioning(self, extra: tuple[torch.Tensor, ...]) -> dict[str, object]:
         """The extra inputs as diffusers' keyword arguments."""
@@ -74,6 +86,46 @@ class UNet(torch.nn.Module):
         if self.time_cond:
             kwargs["timestep_cond"] = extra[0]
         return kwargs
+
+
+class UNetShallow(UNet):
+    """DeepCache's shallow path: the plain UNet's inputs, then ``deep_feature`` (the full UNet's second output at
+    the last full step) -> the noise (or v) prediction, as diffusers' ``UNet2DConditionModel.forward`` computes it
+    when every block but the last layer of the last up block returns what it returned at that step: the time
+    (and added) embedding, ``conv_in``, that layer over [deep_feature, conv_in's output], then ``conv_out``."""
+
+    def __init__(self, unet: torch.nn.Module, sdxl: bool, time_cond: bool = False) -> None:
+        super().__init__(unet, sdxl, time_cond)
+        cfg = unet.config
+        if unet.class_embedding is not None or cfg.addition_embed_type == "image_hint":
+            raise ValueError("DeepCache's shallow path is exported for UNets without class or image-hint embeddings")
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        *extra: torch.Tensor,
+    ) -> torch.Tensor:
+        *cond, deep = extra
+        u, kwargs = self.unet, self._conditioning(tuple(cond))
+        if u.config.center_input_sample:
+            sample = 2 * sample - 1.0
+        emb = u.time_embedding(u.get_time_embed(sample=sample, timestep=timestep), kwargs.get("timestep_cond"))
+        aug = u.get_aug_embed(emb=emb, encoder_hidden_states=encoder_hidden_states,
+                              added_cond_kwargs=kwargs.get("added_cond_kwargs"))
+        emb = emb + aug if aug is not None else emb
+        if u.time_embed_act is not None:
+            emb = u.time_embed_act(emb)
+        states = u.process_encoder_hidden_states(encoder_hidden_states=encoder_hidden_states,
+                                                 added_cond_kwargs=kwargs.get("added_cond_kwargs"))
+        up = u.up_blocks[-1]
+        x = up.resnets[-1](torch.cat([deep, u.conv_in(sample)], dim=1), emb)
+        if getattr(up, "attentions", None):
+            x = up.attentions[-1](x, encoder_hidden_states=states, return_dict=False)[0]
+        if u.conv_norm_out:
+            x = u.conv_act(u.conv_norm_out(x))
+        return u.conv_out(x)
 
 
 class VaeDecoder(torch.nn.Module):

@@ -90,11 +90,14 @@ class Backend(abc.ABC):
         (TensorRT: outside the build profile). ONNX graphs take any size the export supports."""
 
     @abc.abstractmethod
-    def step_loop(self, unet: Engine, step: Engine, controlnets: Sequence[Engine | None] = ()) -> StepLoop:
+    def step_loop(self, unet: Engine, step: Engine, controlnets: Sequence[Engine | None] = (),
+                  shallow: Engine | None = None) -> StepLoop:
         """The denoising loop over ``unet`` and the sampler ``step`` graph; with ``controlnets`` (one entry
         per exported net, None where it does not run) each step runs them first and ``unet`` is the
-        export's ``unet_control``. A backend without a loop of its own returns
-        ``step_loop.PlainStepLoop(self, unet, step, controlnets)`` (step by step)."""
+        export's ``unet_control``; with ``shallow`` (DeepCache's ``unet_shallow``, runtime/feature_cache.py)
+        the steps ``start(full=...)`` marks False run it over the deep feature of the last full step. A backend
+        without a loop of its own returns ``step_loop.PlainStepLoop(self, unet, step, controlnets, shallow)``
+        (step by step)."""
 
     def clock(self) -> Clock:
         """A clock for stage and step times. Base: the host clock, synchronizing at each mark."""
@@ -181,18 +184,23 @@ class StepLoop(abc.ABC):
     def start(self, *, latents: Array, unet_in: Array, cond: Mapping[str, Array],
               timesteps: Sequence[float] | np.ndarray, coeffs: np.ndarray, guidance: Array | None = None,
               x0_prev: Array | None = None, noise: np.ndarray | None = None,
-              step_inputs: Mapping[str, Array] | None = None, control: ControlFeeds | None = None) -> None:
+              step_inputs: Mapping[str, Array] | None = None, control: ControlFeeds | None = None,
+              full: Sequence[bool] | np.ndarray | None = None) -> None:
         """Set up a run of ``len(timesteps)`` steps. ``coeffs`` is the sampler table [steps, columns];
         ``noise`` the fresh noise of every step [steps, *latents.shape] (ancestral samplers) or None;
         ``step_inputs`` the step graph's further inputs, the same every step (an inpainting variant's);
-        ``control`` the ControlNets' images and scale table (a loop made with ``controlnets``)."""
+        ``control`` the ControlNets' images and scale table (a loop made with ``controlnets``); ``full`` a
+        boolean per step, False where the shallow path runs (a loop made with ``shallow``; None: every step
+        full)."""
 
     @staticmethod
     def _check_start(timesteps: Sequence[float] | np.ndarray, coeffs: np.ndarray,
                      latents_shape: Sequence[int], noise: np.ndarray | None, control: ControlFeeds | None,
-                     controlnets: Sequence[object | None] = ()) -> int:
+                     controlnets: Sequence[object | None] = (), full: Sequence[bool] | np.ndarray | None = None,
+                     shallow: object | None = None) -> int:
         """The number of steps, after refusing a ``coeffs`` table without one row per timestep, ``noise`` not
-        shaped [steps, *latents.shape] and ``control`` that does not match the loop's ``controlnets``."""
+        shaped [steps, *latents.shape], ``control`` that does not match the loop's ``controlnets`` and a ``full``
+        plan the loop cannot run."""
         n, cf_shape = len(timesteps), np.shape(coeffs)
         if n < 1 or len(cf_shape) != 2 or cf_shape[0] != n:
             raise InputError(f"coeffs must be [steps, columns] with one row per timestep ({n}), "
@@ -201,6 +209,7 @@ class StepLoop(abc.ABC):
             raise InputError(f"noise must be [steps, *latents.shape] = {[n, *latents_shape]}, "
                              f"got {list(np.shape(noise))}")
         check_control(controlnets, control, n)
+        check_full(full, n, shallow is not None)
         return n
 
     @staticmethod
@@ -234,6 +243,23 @@ class StepLoop(abc.ABC):
 
     def close(self) -> None:
         """Release the loop's device buffers and captured graphs (idempotent)."""
+
+
+def check_full(full: Sequence[bool] | np.ndarray | None, steps: int, shallow: bool) -> list[bool]:
+    """A loop's per-step plan (True: the full UNet runs) as a list, after refusing one without a boolean per step,
+    one whose first step is not full (nothing to reuse yet) and shallow steps in a loop made without ``shallow``."""
+    if full is None:
+        return [True] * steps
+    plan = np.asarray(full)
+    if plan.shape != (steps,) or plan.dtype != np.bool_:
+        raise InputError(f"full must hold one boolean per step ({steps}), got {plan.dtype} {list(plan.shape)}")
+    if not plan[0]:
+        raise InputError("the first step must run the full UNet: a shallow step reuses the deep feature of an "
+                         "earlier full step")
+    if not shallow and not plan.all():
+        raise InputError("this loop was made without a shallow engine: its steps all run the full UNet "
+                         "(make it with step_loop(..., shallow=engine))")
+    return [bool(v) for v in plan]
 
 
 class Clock:

@@ -203,11 +203,12 @@ class OrtBackend(OrtBackendBase):
             return self.providers
         return [("CUDAExecutionProvider", self._cuda_options[True]), "CPUExecutionProvider"]
 
-    def step_loop(self, unet: Engine, step: Engine, controlnets: Sequence[Engine | None] = ()) -> StepLoop:
+    def step_loop(self, unet: Engine, step: Engine, controlnets: Sequence[Engine | None] = (),
+                  shallow: Engine | None = None) -> StepLoop:
         """ort-cuda with ``cuda_graph``: UNet and step graph composed into one session, captured as one CUDA
-        graph per step (``runtime/ort_loop.py``); elsewhere, and with ControlNets, the engines run step by
-        step."""
-        return make_step_loop(self, unet, step, controlnets)
+        graph per step (``runtime/ort_loop.py``); elsewhere, and with ControlNets or DeepCache's shallow path,
+        the engines run step by step."""
+        return make_step_loop(self, unet, step, controlnets, shallow)
 
     def load(self, path: str | bytes, name: str) -> Engine:
         """Load a graph from a file path, or from serialized bytes (the sampler's step graph)."""

@@ -94,13 +94,15 @@ def fused_step_reason(backend: OrtBackendBase, unet: Engine, step: Engine) -> st
 
 
 def make_step_loop(backend: OrtBackendBase, unet: Engine, step: Engine,
-                   controlnets: Sequence[Engine | None] = ()) -> StepLoop:
+                   controlnets: Sequence[Engine | None] = (), shallow: Engine | None = None) -> StepLoop:
     """The fused loop where it applies and composes; otherwise the plain one with the reason. With
-    ControlNets the engines run step by step (the composition covers the UNet and the step graph only)."""
-    if controlnets:
-        plain = OrtPlainStepLoop(backend, unet, step, controlnets)
+    ControlNets, or DeepCache's shallow path, the engines run step by step (the composition covers the UNet and
+    the step graph only; each engine still replays its own CUDA graph where ``cuda_graph`` is on)."""
+    if controlnets or shallow is not None:
+        plain = OrtPlainStepLoop(backend, unet, step, controlnets, shallow)
         forced = backend.fused_step or (backend.io_binding and backend.cuda_graph)
-        plain.reason = "the composed loop covers UNet + step, not ControlNets" if forced else ""
+        what = "ControlNets" if controlnets else "DeepCache's shallow steps"
+        plain.reason = f"the composed loop covers UNet + step, not {what}" if forced else ""
         return plain
     reason = fused_step_reason(backend, unet, step)
     held = [e for e in list(backend._engines) if e.name == FUSED_NAME and not e.closed]
@@ -212,14 +214,15 @@ class FusedStepLoop(StepLoop):
     def start(self, *, latents: Array, unet_in: Array, cond: Mapping[str, Array],
               timesteps: Sequence[float] | np.ndarray, coeffs: np.ndarray, guidance: Array | None = None,
               x0_prev: Array | None = None, noise: np.ndarray | None = None,
-              step_inputs: Mapping[str, Array] | None = None, control: ControlFeeds | None = None) -> None:
+              step_inputs: Mapping[str, Array] | None = None, control: ControlFeeds | None = None,
+              full: Sequence[bool] | np.ndarray | None = None) -> None:
         if control is not None:  # make_step_loop gives ControlNets the plain loop
             raise InputError("the composed UNet + step loop takes no ControlNet feeds")
         be = self.backend
         if self.fused.closed:
             raise InputError(f"this step loop is closed: {be.name} backend was closed; load it again")
         dtype, shape = be.meta(latents)
-        n = self._check_start(timesteps, coeffs, shape, noise, control)
+        n = self._check_start(timesteps, coeffs, shape, noise, control, full=full)  # (made without a shallow engine)
         self._check_cond(self.unet.inputs, cond)
         ts, cf = np.asarray(timesteps), np.asarray(coeffs, dtype=np.float32)
         u_dtype, u_shape = be.meta(unet_in)

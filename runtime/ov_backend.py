@@ -34,7 +34,7 @@ import numpy as np
 
 from .engine import Array, Backend, Engine, IOSpec
 from .errors import ArtifactError, BackendUnavailable, InputError
-from .step_loop import STEP_OUTPUTS, UNET_OUTPUT, PlainStepLoop
+from .step_loop import DEEP_FEATURE, STEP_OUTPUTS, UNET_OUTPUT, PlainStepLoop
 
 PRECISIONS = ("auto", "bf16", "f32")
 PRECISION_ALIASES = {"fp32": "f32"}  # the CLI's and the bench's name for f32
@@ -210,9 +210,10 @@ class OvStepLoop(PlainStepLoop):
     """
 
     def __init__(self, backend: OvBackend, unet: OvEngine, step: OvEngine,
-                 controlnets: Sequence[Engine | None] = ()) -> None:
-        super().__init__(backend, unet, step, controlnets)
+                 controlnets: Sequence[Engine | None] = (), shallow: Engine | None = None) -> None:
+        super().__init__(backend, unet, step, controlnets, shallow)
         self._unet_out: Any = None
+        self._feature_out: Any = None
         self._sets: list[dict[str, Any]] = []
 
     def start(self, **kwargs: Any) -> None:
@@ -229,6 +230,11 @@ class OvStepLoop(PlainStepLoop):
         _, lat_shape = meta(s["latents"])
         rows = meta(s["unet_in"])[1][0]
         self._unet_out = ov.Tensor(np.zeros((rows, *lat_shape[1:]), self.unet.outputs[UNET_OUTPUT].dtype))
+        if self.shallow is not None:  # DeepCache's deep feature: written by full steps, read by shallow ones
+            spec = self.unet.outputs[DEEP_FEATURE]
+            channels = spec.shape[1]
+            assert isinstance(channels, int)  # the export fixes it (export/exporter.py)
+            self._feature_out = ov.Tensor(np.zeros((rows, channels, *lat_shape[2:]), spec.dtype))
         states = ("latents", "x0", "unet_in")  # what each step-graph output becomes in the loop's state
         self._sets = [{out: like(s[state]) for out, state in zip(STEP_OUTPUTS, states)} for _ in range(2)]
 
@@ -237,6 +243,20 @@ class OvStepLoop(PlainStepLoop):
         assert isinstance(unet, OvEngine)
         unet.check(feeds)
         unet.run_into(feeds, {UNET_OUTPUT: self._unet_out})
+        return self._unet_out
+
+    def _run_unet_feature(self, feeds: Mapping[str, Any]) -> tuple[Any, Any]:
+        unet = self.unet
+        assert isinstance(unet, OvEngine)
+        unet.check(feeds)
+        unet.run_into(feeds, {UNET_OUTPUT: self._unet_out, DEEP_FEATURE: self._feature_out})
+        return self._unet_out, self._feature_out
+
+    def _run_shallow(self, feeds: Mapping[str, Any]) -> Any:
+        shallow = self.shallow
+        assert isinstance(shallow, OvEngine)
+        shallow.check(feeds)
+        shallow.run_into(feeds, {UNET_OUTPUT: self._unet_out})
         return self._unet_out
 
     def _run_step(self, feeds: Mapping[str, Any], i: int) -> Any:
@@ -249,7 +269,7 @@ class OvStepLoop(PlainStepLoop):
 
     def close(self) -> None:
         super().close()
-        self._unet_out, self._sets = None, []
+        self._unet_out, self._feature_out, self._sets = None, None, []
 
 
 class OvBackend(Backend):
@@ -352,10 +372,11 @@ class OvBackend(Backend):
             return a.dtype, a.shape
         return np.dtype(a.element_type.to_dtype()), tuple(int(d) for d in a.shape)
 
-    def step_loop(self, unet: Engine, step: Engine, controlnets: Sequence[Engine | None] = ()) -> PlainStepLoop:
-        if isinstance(unet, OvEngine) and isinstance(step, OvEngine):
-            return OvStepLoop(self, unet, step, controlnets)
-        return PlainStepLoop(self, unet, step, controlnets)
+    def step_loop(self, unet: Engine, step: Engine, controlnets: Sequence[Engine | None] = (),
+                  shallow: Engine | None = None) -> PlainStepLoop:
+        if isinstance(unet, OvEngine) and isinstance(step, OvEngine) and isinstance(shallow, (OvEngine, type(None))):
+            return OvStepLoop(self, unet, step, controlnets, shallow)
+        return PlainStepLoop(self, unet, step, controlnets, shallow)
 
     def close(self) -> None:
         for e in self._engines:

@@ -38,6 +38,7 @@ from .device_graphs import DeviceGraphs
 from .engine import Array, Backend, Engine
 from .errors import ArtifactError, DeviceMemoryError, InputError
 from .families import Family
+from .feature_cache import EXPORT_HINT, SHALLOW_UNET, CachePolicy, cache_policy
 from .images import nonfinite_message, to_pil, to_uint8
 from .manifest import ExportManifest
 from .memory_advice import explain as explain_memory_error
@@ -317,7 +318,7 @@ class Pipeline:
                 control_end: Any = None, guess_mode: bool = False, control_preprocess: Any = None,
                 aesthetic_score: float | None = None, negative_aesthetic_score: float | None = None,
                 timings: dict[str, Any] | None = None, clock: Clock | None = None,
-                own_buffers: bool = True) -> Latents:
+                own_buffers: bool = True, cache: CachePolicy | str | None = None) -> Latents:
         """Run the plan's steps from ``latents.step`` (or the ``start`` fraction of the schedule) up to the
         ``end`` fraction (default: the end), device-resident: UNet -> step graph -> UNet. The fractions
         follow diffusers' ``denoising_start`` / ``denoising_end``: a step of timestep t belongs to the part
@@ -328,17 +329,21 @@ class Pipeline:
         ``negative_aesthetic_score``: an SDXL refiner's conditioning (default 6.0 / 2.5, as diffusers).
         ``timings``: receives the per-step milliseconds (``unet_steps_ms``) and how the loop ran (``loop``).
         ``clock``: a caller's clock for several stages on one timeline (marked once set up and after each step).
-        ``own_buffers`` False: the loop's own buffers, valid until this pipeline's next ``denoise``."""
+        ``own_buffers`` False: the loop's own buffers, valid until this pipeline's next ``denoise``. ``cache``:
+        a ``feature_cache.CachePolicy`` (or ``"deepcache"``, every 3rd step full), applied to the steps this call
+        runs, the first of them full."""
         with self._lock:
             self._ready()
             self.check_request(latents.height, latents.width, embeddings.batch,
                                guided=self.uses_guidance(guidance_scale))
             creq = self._check_control(control_images, control_scales, control_start, control_end, guess_mode,
                                        control_preprocess, latents.inpaint is not None)
+            policy = cache_policy(cache)
+            self.check_cache(policy, creq)
             sink: dict[str, Any] = {} if timings is None else timings
             out, how = self._denoise(embeddings, latents, plan, guidance_scale, start, end, callback, sink, clock,
                                      rescale=guidance_rescale, control=creq,
-                                     scores=(aesthetic_score, negative_aesthetic_score))
+                                     scores=(aesthetic_score, negative_aesthetic_score), cache=policy)
             sink["loop"] = how
             if not own_buffers:
                 return out
@@ -355,7 +360,8 @@ class Pipeline:
                  start: float | None, end: float | None, callback: Callable[[int, int], None] | None,
                  timings: dict[str, Any], clock: Clock | None = None, rescale: float = 0.0,
                  control: controlnet.ControlRequest | None = None,
-                 scores: tuple[float | None, float | None] | None = None) -> tuple[Latents, str]:
+                 scores: tuple[float | None, float | None] | None = None,
+                 cache: CachePolicy | None = None) -> tuple[Latents, str]:
         """The loop. With the caller's ``clock``, marks once the loop is set up and after every step (the
         caller reads the times); without one, the step times go into ``timings``."""
         check_guidance(guidance_scale)
@@ -392,7 +398,8 @@ class Pipeline:
             raise InputError("guidance_rescale with inpainting is not supported: leave guidance_rescale at 0")
         unet_in = self._first_input(plan, lo, lat, guided, dt, step_inputs.get("unet_extra"))
         active = control.active if control is not None else ()
-        loop = self._loop(guided, dt, mode, rescale > 0.0, active)
+        loop = self._loop(guided, dt, mode, rescale > 0.0, active, cache is not None)
+        full = None if cache is None else cache.full_steps(hi - lo)
         noise = lat.noise[lo:hi] if plan.needs_noise and lat.noise is not None else None
         g = np.array([guidance_scale, rescale] if rescale else guidance_scale, np.float32)
         control_in = None
@@ -402,7 +409,7 @@ class Pipeline:
         loop.start(latents=lat.x, unet_in=unet_in, x0_prev=lat.x0, cond=cond, guidance=to_dev(g) if guided else None,
                    timesteps=plan.timesteps[lo:hi], coeffs=table[lo:hi],
                    noise=None if noise is None else noise.astype(np.float32), step_inputs=step_inputs or None,
-                   control=control_in)
+                   control=control_in, full=full)
         own = clock is None
         clk = be.clock() if clock is None else clock
         clk.mark()
@@ -416,7 +423,8 @@ class Pipeline:
             timings.update(unet_steps_ms=steps_ms, unet_step_ms=float(np.median(steps_ms)), clock=clk.kind)
             clk.close()
         # the final latents: the loop's own buffers (valid until its next start(); the public denoise() copies them)
-        return replace(lat, x=loop.latents, step=hi, x0=loop.x0 if hi < plan.steps else None), loop.describe()
+        how = loop.describe() if full is None or cache is None else f"{loop.describe()}; {cache.describe(full)}"
+        return replace(lat, x=loop.latents, step=hi, x0=loop.x0 if hi < plan.steps else None), how
 
     def _first_input(self, plan: samplers.SamplerPlan, lo: int, lat: Latents, guided: bool, dt: np.dtype[Any],
                      extra: Array | None) -> Array:
@@ -428,17 +436,34 @@ class Pipeline:
         return self.device_graphs.first_input(guided, dt, extra is not None)(feeds)["unet_in"]
 
     def _loop(self, guided: bool, dt: np.dtype[Any], inpaint_mode: str | None = None,
-              rescale: bool = False, active: tuple[int, ...] = ()) -> StepLoop:
-        """The loop per step-graph variant and set of active ControlNets (none: the plain ``unet``)."""
-        key = (guided, dt.name, inpaint_mode, rescale, active)
+              rescale: bool = False, active: tuple[int, ...] = (), cached: bool = False) -> StepLoop:
+        """The loop per step-graph variant, set of active ControlNets (none: the plain ``unet``) and feature
+        caching (with DeepCache's shallow path, or without)."""
+        key = (guided, dt.name, inpaint_mode, rescale, active, cached)
         if key not in self._loops:
             step = self.device_graphs.step(guided, dt, inpaint_mode, rescale)
             if active:
                 nets = [self.engines[n] if j in active else None for j, n in enumerate(self.manifest.controlnets)]
                 self._loops[key] = self.backend.step_loop(self.engines[CONTROL_UNET], step, nets)
+            elif cached:
+                self._loops[key] = self.backend.step_loop(self.engines["unet"], step, shallow=self.engines[SHALLOW_UNET])
             else:
                 self._loops[key] = self.backend.step_loop(self.engines["unet"], step)
         return self._loops[key]
+
+    def check_cache(self, cache: CachePolicy | None, control: controlnet.ControlRequest | None = None) -> None:
+        """Refuse feature caching on an export without DeepCache's shallow path, or with ControlNets running."""
+        if cache is None:
+            return
+        if SHALLOW_UNET not in self.engines:
+            raise ArtifactError(f"{self.folder} has no DeepCache shallow path ({SHALLOW_UNET}), which cache="
+                                f"{cache.kind!r} runs: {EXPORT_HINT}, or leave cache out",
+                                cli=f"{self.folder} has no DeepCache shallow path ({SHALLOW_UNET}), which --cache "
+                                    f"{cache.kind} runs: {EXPORT_HINT}, or leave --cache out")
+        if control is not None and control.active:
+            raise InputError("feature caching does not cover ControlNets yet (the shallow path takes no residuals): "
+                             "leave cache out for a call with control_images",
+                             cli="--cache does not cover ControlNets yet: leave --cache out with --control-image")
 
     def _check_control(self, control_images: Any, control_scales: Any, control_start: Any, control_end: Any,
                        guess_mode: Any, control_preprocess: Any, masked: bool) -> controlnet.ControlRequest | None:
@@ -546,6 +571,8 @@ class Pipeline:
             mask, blur = inpaint_stage.check_call(self.folder, self.engines, self._inpaint_mode(), req)
             creq = self._check_control(req.control_images, req.control_scales, req.control_start, req.control_end,
                                        req.guess_mode, req.control_preprocess, mask is not None)
+            policy = req.cache_policy
+            self.check_cache(policy, creq)
             if image is not None:
                 self._check_img2img()
             init = None if image is None else to_uint8(image, req.height, req.width, m.vae_scale_factor)
@@ -574,7 +601,8 @@ class Pipeline:
                 lat = self._prepare(plan, height, width, b, req.seed, req.latents, init, mask, strength == 1.0)
                 clock.mark()
                 lat, how = self._denoise(emb, lat, plan, req.guidance_scale, None, None, callback, {}, clock,
-                                         rescale=req.guidance_rescale, control=creq, scores=req.scores)
+                                         rescale=req.guidance_rescale, control=creq, scores=req.scores,
+                                         cache=policy)
                 images, nonfinite, final = self.finish(lat.x, req.output)
                 if req.output == "images" and blur is not None:
                     assert init is not None  # paste_back is refused without an image

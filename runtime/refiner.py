@@ -64,7 +64,8 @@ class Pipeline(Protocol):
                 guidance_scale: float = ..., start: float | None = ..., end: float | None = ...,
                 callback: Callable[[int, int], None] | None = ..., aesthetic_score: float | None = ...,
                 negative_aesthetic_score: float | None = ..., timings: dict[str, Any] | None = ...,
-                clock: Clock | None = ..., own_buffers: bool = ...) -> Latents: ...
+                clock: Clock | None = ..., own_buffers: bool = ..., cache: Any = ...) -> Latents: ...
+    def check_cache(self, cache: Any, control: Any = ...) -> None: ...
     @property
     def dtype(self) -> np.dtype[Any]: ...
     def latents_from(self, latents: Latents, source: Any) -> Latents: ...
@@ -176,6 +177,9 @@ def refine(base: Pipeline, refiner: Pipeline, request: GenerationRequest, *,
         check_pair(base, refiner)
         req = req.checked()
         refiner.family.check_scores(req.scores)
+        cache = req.cache_policy  # each model's loop caches its own window, its first step full
+        for pipe in (base, refiner):
+            pipe.check_cache(cache)
         b = req.images_count
         height = base.manifest.default_size if req.height is None else req.height
         width = base.manifest.default_size if req.width is None else req.width
@@ -210,14 +214,15 @@ def refine(base: Pipeline, refiner: Pipeline, request: GenerationRequest, *,
             lat = base.prepare_latents(plan_b, height, width, batch_size=b, seed=req.seed, latents=req.latents)
             clock.mark()
             lat = base.denoise(emb_b, lat, plan_b, guidance_scale=req.guidance_scale, end=fraction,
-                               callback=callback, timings=loop_b, clock=clock, own_buffers=False)
+                               callback=callback, timings=loop_b, clock=clock, own_buffers=False, cache=cache)
             running = refiner
             emb_r = refiner.encode_prompt(req.prompt, req.negative_prompt, batch_size=req.batch_size, guided=guided)
             clock.mark()
             rlat = refiner.denoise(emb_r, refiner.latents_from(lat, base), plan_r, guidance_scale=req.guidance_scale,
                                    start=fraction, callback=callback, timings=loop_r, clock=clock,
                                    aesthetic_score=req.aesthetic_score,
-                                   negative_aesthetic_score=req.negative_aesthetic_score, own_buffers=False)
+                                   negative_aesthetic_score=req.negative_aesthetic_score, own_buffers=False,
+                                   cache=cache)
             images, nonfinite, final = refiner.finish(rlat, req.output)
             clock.mark()
             # base text, latents, base loop set-up, base steps, refiner text, hand-off + refiner set-up,

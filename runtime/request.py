@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InputError
+from .feature_cache import DEFAULT_INTERVAL, CachePolicy, cache_policy
 
 OUTPUTS = ("images", "latents")
 SEED_MAX = 2**32 - 1  # seeds are 32-bit, as in the popular UIs, so any seed printed can be typed back
@@ -43,7 +44,10 @@ class GenerationRequest:
     ``control_end`` (fractions of the steps, diffusers' ``control_guidance_start`` / ``_end``), ``guess_mode``
     and ``control_preprocess`` ("canny" per image, or None). ``aesthetic_score`` / ``negative_aesthetic_score``:
     an SDXL refiner's conditioning (default 6.0 / 2.5, as diffusers' StableDiffusionXLImg2ImgPipeline).
-    ``refiner_start``: with a refiner, the fraction of the schedule the base runs (default 0.8).
+    ``refiner_start``: with a refiner, the fraction of the schedule the base runs (default 0.8). ``cache``:
+    ``"deepcache"`` reuses the UNet's deep feature between full steps (an export made with ``--deepcache``;
+    runtime/feature_cache.py), every ``cache_interval``-th step full (``cache_schedule`` ``"uniform"``, or
+    DeepCache's ``"nonuniform"``); None (the default) runs every step in full.
     """
 
     prompt: str | Sequence[str] | None = None
@@ -76,10 +80,18 @@ class GenerationRequest:
     aesthetic_score: float | None = None
     negative_aesthetic_score: float | None = None
     refiner_start: float | None = None
+    cache: str | None = None
+    cache_interval: int = DEFAULT_INTERVAL
+    cache_schedule: str = "uniform"
 
     @property
     def scores(self) -> tuple[float | None, float | None]:
         return self.aesthetic_score, self.negative_aesthetic_score
+
+    @property
+    def cache_policy(self) -> CachePolicy | None:
+        """The request's feature-caching policy, checked (None: every step runs the full UNet)."""
+        return cache_policy(self.cache, self.cache_interval, self.cache_schedule)
 
     @property
     def images_count(self) -> int:
@@ -102,6 +114,7 @@ class GenerationRequest:
                              cli=f"--batch-size {self.batch_size!r} is outside the supported range {rng}")
         check_guidance(self.guidance_scale)
         check_rescale(self.guidance_rescale)
+        _ = self.cache_policy
         if self.image is None and self.strength is not None:
             raise InputError("strength applies to img2img only: pass image=..., or leave strength out",
                              cli="--strength applies to img2img only: pass --init-image, or leave --strength out")

@@ -31,11 +31,12 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from .engine import Array, Backend, Clock, ControlFeeds, Engine, StepLoop, check_control
+from .engine import Array, Backend, Clock, ControlFeeds, Engine, StepLoop, check_control, check_full
 from .errors import InputError
+from .feature_cache import DEEP_FEATURE
 
-__all__ = ["STEP_INPUTS", "STEP_OUTPUTS", "STEP_UNET_INPUT", "UNET_OUTPUT", "Clock", "ControlFeeds",
-           "PlainStepLoop", "StepLoop", "check_control", "control_feeds"]
+__all__ = ["DEEP_FEATURE", "STEP_INPUTS", "STEP_OUTPUTS", "STEP_UNET_INPUT", "UNET_OUTPUT", "Clock", "ControlFeeds",
+           "PlainStepLoop", "StepLoop", "check_control", "check_full", "control_feeds", "shallow_feeds"]
 
 # The step graph's contract. Inputs, in the graph's order: "guidance" only in the guided variants, and an
 # inpainting variant's own inputs after these (a loop's ``step_inputs``). Outputs: the next step's
@@ -54,19 +55,36 @@ def control_feeds(net: Engine, unet_feeds: Mapping[str, Array], image: Array, sc
     return feeds
 
 
+def shallow_feeds(shallow: Engine, unet_feeds: Mapping[str, Array], feature: Array) -> dict[str, Array]:
+    """DeepCache's shallow path's inputs: the UNet's own (sample, timestep, conditioning) by name, and the deep
+    feature of the last full step."""
+    feeds = {k: unet_feeds[k] for k in shallow.inputs if k in unet_feeds}
+    feeds[DEEP_FEATURE] = feature
+    return feeds
+
+
 class PlainStepLoop(StepLoop):
     """(ControlNets,) UNet, then step graph, step after step, through the engines' own calls.
 
     ``controlnets``: one entry per exported net, the engine or None (left out: its residuals are zeros);
-    ``unet`` is then the export's ``unet_control``. A backend changes how engines run (into fixed buffers,
-    say) by overriding ``_run_unet``, ``_run_control`` and ``_run_step``, never the step itself."""
+    ``unet`` is then the export's ``unet_control``. ``shallow``: DeepCache's shallow path, run on the steps
+    ``start(full=...)`` marks False over the deep feature the UNet returned at the last full step. A backend
+    changes how engines run (into fixed buffers, say) by overriding ``_run_unet``, ``_run_shallow``,
+    ``_run_control`` and ``_run_step``, never the step itself."""
 
     def __init__(self, backend: Backend, unet: Engine, step: Engine,
-                 controlnets: Sequence[Engine | None] = ()) -> None:
+                 controlnets: Sequence[Engine | None] = (), shallow: Engine | None = None) -> None:
+        if shallow is not None and DEEP_FEATURE not in unet.outputs:
+            raise InputError(f"{unet.name} does not return DeepCache's {DEEP_FEATURE}, which the shallow path reuses")
+        if shallow is not None and controlnets:
+            raise InputError("DeepCache's shallow path does not take ControlNet residuals: run ControlNets uncached")
         self.backend = backend
         self.unet = unet
         self.step_engine = step
         self.controlnets = tuple(controlnets)
+        self.shallow = shallow
+        self._full: list[bool] = []
+        self._feature: Array | None = None
         self._state: dict[str, Array] = {}
         self._per_step: list[tuple[Array, Array, Array]] = []
         self._fixed: dict[str, Array] = {}
@@ -76,10 +94,12 @@ class PlainStepLoop(StepLoop):
     def start(self, *, latents: Array, unet_in: Array, cond: Mapping[str, Array],
               timesteps: Sequence[float] | np.ndarray, coeffs: np.ndarray, guidance: Array | None = None,
               x0_prev: Array | None = None, noise: np.ndarray | None = None,
-              step_inputs: Mapping[str, Array] | None = None, control: ControlFeeds | None = None) -> None:
+              step_inputs: Mapping[str, Array] | None = None, control: ControlFeeds | None = None,
+              full: Sequence[bool] | np.ndarray | None = None) -> None:
         be = self.backend
         dtype, shape = be.meta(latents)
-        n = self._check_start(timesteps, coeffs, shape, noise, control, self.controlnets)
+        n = self._check_start(timesteps, coeffs, shape, noise, control, self.controlnets, full, self.shallow)
+        self._full, self._feature = check_full(full, n, self.shallow is not None), None
         ts, cf = np.asarray(timesteps), np.asarray(coeffs, dtype=np.float32)
         rows = be.meta(unet_in)[1][0]
         zeros = be.to_device(np.zeros(shape, dtype))
@@ -107,7 +127,13 @@ class PlainStepLoop(StepLoop):
         feeds = {"sample": s["unet_in"], "timestep": t, **self._fixed["cond"]}
         if self._control is not None:
             feeds.update(self._residuals(i, feeds))
-        out = self._run_unet(feeds)
+        if not self._full[i]:
+            assert self.shallow is not None and self._feature is not None  # check_full: step 0 is full
+            out = self._run_shallow(shallow_feeds(self.shallow, feeds, self._feature))
+        elif self.shallow is not None:
+            out, self._feature = self._run_unet_feature(feeds)
+        else:
+            out = self._run_unet(feeds)
         res = self._run_step({"latents": s["latents"], STEP_UNET_INPUT: out, **self._fixed["guide"],
                               "coeffs": c, "x0_prev": s["x0"], "noise": z}, i)
         s.update(zip(("latents", "x0", "unet_in"), (res[k] for k in STEP_OUTPUTS)))
@@ -136,6 +162,15 @@ class PlainStepLoop(StepLoop):
     def _run_unet(self, feeds: Mapping[str, Array]) -> Array:
         return self.unet(feeds)[UNET_OUTPUT]
 
+    def _run_unet_feature(self, feeds: Mapping[str, Array]) -> tuple[Array, Array]:
+        """A full step of a caching loop: the UNet's prediction and the deep feature the next shallow steps reuse."""
+        out = self.unet(feeds)
+        return out[UNET_OUTPUT], out[DEEP_FEATURE]
+
+    def _run_shallow(self, feeds: Mapping[str, Array]) -> Array:
+        assert self.shallow is not None
+        return self.shallow(feeds)[UNET_OUTPUT]
+
     def _run_control(self, j: int, net: Engine, feeds: Mapping[str, Array]) -> Mapping[str, Array]:
         return net(feeds)
 
@@ -156,3 +191,4 @@ class PlainStepLoop(StepLoop):
 
     def close(self) -> None:
         self._state, self._per_step, self._fixed, self._control, self._zeros = {}, [], {}, None, None
+        self._full, self._feature = [], None

@@ -40,6 +40,9 @@ def register(p: argparse.ArgumentParser) -> None:
                    metavar="PRESET",
                    help="also export a ControlNet of synthetic weights (e.g. sd15-controlnet-tiny); mixes with "
                         "--controlnet in the order given")
+    p.add_argument("--deepcache", action="store_true",
+                   help="also export DeepCache's shallow UNet path (unet_shallow, a few %% of the UNet), so calls can "
+                        "skip the deep blocks on most steps: generate --cache deepcache (UNet models)")
     p.add_argument("--without-t5", action="store_true",
                    help="SD 3 / 3.5: leave the T5-XXL encoder out (diffusers' text_encoder_3=None: zeros in its "
                         "place); much lighter, weaker prompt following")
@@ -117,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", flush=True)
 
     manifest = export_model(model, args.out, overwrite=args.overwrite, fp16=not args.fp32, opset=args.opset, vae_fp32=args.vae_fp32, progress=progress,
-                           clip_skip=args.clip_skip, controlnets=nets)
+                           clip_skip=args.clip_skip, controlnets=nets, deepcache=args.deepcache)
     if args.ort_cuda:
         from sdrt.export.ort_fusion import add_ort_cuda_variant
 
@@ -137,7 +140,8 @@ def _run_sd3(args: argparse.Namespace) -> int:
 
     given = [flag for flag, on in (("--lora", args.lora), ("--controlnet", args.controlnets),
                                    ("--clip-skip", args.clip_skip), ("--ort-cuda", args.ort_cuda),
-                                   ("--vae-fp32", args.vae_fp32), ("--no-ema", not args.ema)) if on]
+                                   ("--vae-fp32", args.vae_fp32), ("--no-ema", not args.ema),
+                                   ("--deepcache", args.deepcache)) if on]
     if given:
         raise InputError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} not supported for SD 3 / 3.5 "
                          "models yet; export without")
