@@ -139,14 +139,19 @@ def component_specs(model: LoadedModel, vae_fp32: bool | None = None, clip_skip:
             unet_spec, module=wrappers.UNet(model.unet, sdxl=added, time_cond=bool(cond_dim), deep_feature=True),
             outputs=[out_sample, feature])
 
+        # the UNet's inputs that the shallow path reads (SDXL's last up block does not cross-attend)
+        keep = [i for i, (n, _, _) in enumerate(unet_inputs)
+                if n != "encoder_hidden_states" or wrappers.UNetShallow.reads_text(model.unet)]
+
         def shallow_example(g: torch.Generator, b: int, h: int, w: int) -> tuple[torch.Tensor, ...]:
-            return (*unet_example(g, b, h, w), torch.randn(b, deep, h, w, generator=g))
+            args = unet_example(g, b, h, w)
+            return (*(args[i] for i in keep), torch.randn(b, deep, h, w, generator=g))
 
         specs.append(ComponentSpec(
             name=SHALLOW_UNET,
             module=wrappers.UNetShallow(model.unet, sdxl=added, time_cond=bool(cond_dim)),
             weights=model.unet,
-            inputs=[*unet_inputs, feature],
+            inputs=[*(unet_inputs[i] for i in keep), feature],
             outputs=[out_sample],
             example=shallow_example,
             refittable=True,

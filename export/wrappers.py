@@ -97,17 +97,19 @@ class UNetShallow(UNet):
     def __init__(self, unet: torch.nn.Module, sdxl: bool, time_cond: bool = False) -> None:
         super().__init__(unet, sdxl, time_cond)
         cfg = unet.config
-        if unet.class_embedding is not None or cfg.addition_embed_type == "image_hint":
-            raise ValueError("DeepCache's shallow path is exported for UNets without class or image-hint embeddings")
+        if unet.class_embedding is not None or cfg.addition_embed_type in ("image_hint", "text", "text_image"):
+            raise ValueError("DeepCache's shallow path is exported for UNets without class, image-hint or text "
+                             "embeddings")
 
-    def forward(
-        self,
-        sample: torch.Tensor,
-        timestep: torch.Tensor,
-        encoder_hidden_states: torch.Tensor,
-        *extra: torch.Tensor,
-    ) -> torch.Tensor:
-        *cond, deep = extra
+    @staticmethod
+    def reads_text(unet: torch.nn.Module) -> bool:
+        """Whether the shallow path reads ``encoder_hidden_states`` (the last up block cross-attends: SD 1.x/2.x;
+        SDXL's does not, and its graph then has no such input)."""
+        return bool(getattr(unet.up_blocks[-1], "attentions", None))
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
+        encoder_hidden_states, rest = (extra[0], extra[1:]) if self.reads_text(self.unet) else (None, extra)
+        *cond, deep = rest
         u, kwargs = self.unet, self._conditioning(tuple(cond))
         if u.config.center_input_sample:
             sample = 2 * sample - 1.0

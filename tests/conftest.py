@@ -36,6 +36,25 @@ def tiny_export(tmp_path_factory: pytest.TempPathFactory, export_cache: dict[tup
 
 
 @pytest.fixture(scope="session")
+def deepcache_export(tmp_path_factory: pytest.TempPathFactory, export_cache: dict[tuple[str, str], Path]):
+    """deepcache_export(preset, precision) -> folder of an sdrt export of synthetic weights (seed 0) made with
+    ``--deepcache`` (the shallow path ``unet_shallow``; the UNet also returns the deep feature)."""
+
+    def get(preset: str, precision: str = "fp32") -> Path:
+        key = (f"{preset}-deepcache", precision)
+        if key not in export_cache:
+            from sdrt.export.exporter import export_model
+            from sdrt.export.loading import load_model
+
+            out = tmp_path_factory.mktemp("exports") / f"{preset}-deepcache-{precision}"
+            export_model(load_model(random_preset=preset), out, fp16=precision == "fp16", deepcache=True)
+            export_cache[key] = out
+        return export_cache[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def sd3_export(tmp_path_factory: pytest.TempPathFactory, export_cache: dict[tuple[str, str], Path]):
     """sd3_export(preset, t5=True, precision="fp32") -> folder of an sdrt export of an SD3 preset's seeded weights
     (seed 0), with its T5 encoder or without it."""

@@ -1,0 +1,202 @@
+"""Feature caching (DeepCache) against DeepCache's own code on diffusers' pipelines, and caching off unchanged.
+
+The reference is the ``DeepCache`` package (``DeepCacheSDHelper``, which wraps diffusers' UNet blocks to return
+their outputs of the last full step) over diffusers' pipelines with the same synthetic weights and initial latents;
+its non-uniform schedule is its pipelines' ``sample_from_quad_center``, read from the package's source. sdrt runs
+the exported shallow graph instead (export/wrappers.py ``UNetShallow``); the images must agree within 1/255.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sdrt.runtime.engine import check_full
+from sdrt.runtime.errors import ArtifactError, InputError
+from sdrt.runtime.feature_cache import CachePolicy, cache_policy, nonuniform_steps
+from sdrt.runtime.step_loop import PlainStepLoop
+
+from .helpers.inputs import seed_for
+from .helpers.pipelines import shared_pipeline
+from .helpers.references import diffusers_pipe, diffusers_scheduler
+
+deepcache = pytest.importorskip("DeepCache", reason="the reference is the DeepCache package (pip install DeepCache)")
+
+PROMPT = "a watercolor fox in the snow, highly detailed"
+
+
+def _quad_center():  # type: ignore[no-untyped-def]
+    """DeepCache's ``sample_from_quad_center``, taken from the installed package's source (its module imports
+    diffusers internals of its time, so the function alone is compiled)."""
+    src = (Path(deepcache.__file__).parent / "sd" / "pipeline_stable_diffusion.py").read_text()
+    fn = next(n for n in ast.parse(src).body if isinstance(n, ast.FunctionDef) and n.name == "sample_from_quad_center")
+    ns: dict[str, object] = {"np": np}
+    exec(compile(ast.Module([fn], []), "DeepCache.sd.pipeline_stable_diffusion", "exec"), ns)  # noqa: S102
+    return ns["sample_from_quad_center"]
+
+
+class _Helper(deepcache.DeepCacheSDHelper):  # type: ignore[misc, name-defined]
+    """DeepCache's helper; with ``full`` (step indices), DeepCache's pipelines' rule instead of its uniform one: a
+    step in the list runs in full (``if i in interval_seq: prv_features = None``)."""
+
+    full: list[int] | None = None
+
+    def is_skip_step(self, block_i, layer_i, blocktype="down"):  # type: ignore[no-untyped-def]
+        if self.full is None:
+            return super().is_skip_step(block_i, layer_i, blocktype)
+        if self.cur_timestep in self.full:
+            return False
+        p = self.params
+        if block_i > p["cache_block_id"] or blocktype == "mid":
+            return True
+        if block_i < p["cache_block_id"]:
+            return False
+        return layer_i >= p["cache_layer_id"] if blocktype == "down" else layer_i > p["cache_layer_id"]
+
+
+def _reference(preset: str, folder: Path, latents: np.ndarray, steps: int, guidance: float, interval: int,
+               full: list[int] | None = None) -> np.ndarray:
+    pipe, sched_cfg = diffusers_pipe(preset, folder)
+    # a pipeline of its own over a copy of the UNet: the helper wraps the modules' forwards in place
+    pipe = type(pipe)(**{**pipe.components, "unet": copy.deepcopy(pipe.unet),
+                         "scheduler": diffusers_scheduler("ddim", sched_cfg)})
+    pipe.set_progress_bar_config(disable=True)
+    helper = _Helper(pipe=pipe)
+    helper.full = full
+    helper.set_params(cache_interval=interval, cache_branch_id=0)
+    helper.enable()
+    with torch.no_grad():
+        out = pipe(PROMPT, num_inference_steps=steps, guidance_scale=guidance, latents=torch.from_numpy(latents),
+                   height=latents.shape[2] * 8, width=latents.shape[3] * 8, output_type="np").images
+    return (out * 255).round().astype(np.int32)
+
+
+@pytest.mark.parametrize(("preset", "interval", "guidance"), [("sd15-tiny", 3, 7.5), ("sd15-tiny", 2, 1.0),
+                                                             ("sdxl-tiny", 3, 5.0)])
+def test_uniform_deepcache_matches_the_deepcache_package(deepcache_export, preset: str, interval: int,
+                                                         guidance: float) -> None:
+    folder = deepcache_export(preset)
+    steps, (h, w) = 8, (64, 96)
+    latents = np.random.default_rng(seed_for(preset, interval)).standard_normal((1, 4, h // 8, w // 8), np.float32)
+    ref = _reference(preset, folder, latents, steps, guidance, interval)
+    pipe = shared_pipeline(folder)
+    kw = {"height": h, "width": w, "steps": steps, "guidance_scale": guidance, "sampler": "ddim", "latents": latents}
+    res = pipe(PROMPT, cache="deepcache", cache_interval=interval, **kw)
+    got = np.asarray(res.images[0]).astype(np.int32)[None]
+    assert np.abs(got - ref).max() <= 1, f"max abs difference {np.abs(got - ref).max()}/255"
+    full = math.ceil(steps / interval)
+    assert f"{full} of {steps} steps ran the full UNet" in res.loop
+    # the shallow steps changed the image: the comparison is with DeepCache, not with the uncached run
+    plain = np.asarray(pipe(PROMPT, **kw).images[0]).astype(np.int32)[None]
+    assert np.abs(plain - ref).max() > 2 and ref.std() > 5
+
+
+def test_nonuniform_deepcache_matches_the_deepcache_package(deepcache_export) -> None:
+    folder = deepcache_export("sd15-tiny")
+    steps, interval = 20, 4
+    quad = _quad_center()
+    full = [int(i) for i in quad(steps, math.ceil(steps / interval), center=15, pow=1.4)[0]]
+    latents = np.random.default_rng(7).standard_normal((1, 4, 8, 8), np.float32)
+    ref = _reference("sd15-tiny", folder, latents, steps, 7.5, interval, full=full)
+    res = shared_pipeline(folder)(PROMPT, height=64, width=64, steps=steps, sampler="ddim", latents=latents,
+                                  cache="deepcache", cache_interval=interval, cache_schedule="nonuniform")
+    got = np.asarray(res.images[0]).astype(np.int32)[None]
+    assert np.abs(got - ref).max() <= 1
+    assert f"{len(full)} of {steps} steps ran the full UNet" in res.loop
+
+
+@pytest.mark.parametrize("steps", [10, 20, 25, 50, 100])
+@pytest.mark.parametrize("interval", [2, 3, 5])
+def test_nonuniform_schedule_is_deepcaches(steps: int, interval: int) -> None:
+    quad = _quad_center()
+    n = math.ceil(steps / interval)
+    try:
+        ref = [int(i) for i in quad(steps, n, center=15, pow=1.4)[0]]
+    except ValueError:  # DeepCache finds no schedule: sdrt refuses the same request, saying what to change
+        with pytest.raises(InputError, match="uniform"):
+            nonuniform_steps(steps, n, 15, 1.4)
+        return
+    assert nonuniform_steps(steps, n, 15, 1.4) == ref
+    plan = CachePolicy(interval=interval, schedule="nonuniform").full_steps(steps)
+    assert list(np.flatnonzero(plan)) == ref
+
+
+def test_uniform_schedule() -> None:
+    assert list(CachePolicy(interval=3).full_steps(10)) == [i % 3 == 0 for i in range(10)]
+    assert CachePolicy(interval=1).full_steps(5).all()
+    assert CachePolicy(interval=50).full_steps(4).tolist() == [True, False, False, False]
+
+
+def test_caching_off_is_bit_identical_to_the_plain_export(tiny_export, deepcache_export) -> None:
+    """The UNet's extra output changes nothing, and interval 1 runs every step in full."""
+    kw = {"height": 64, "width": 64, "steps": 6, "seed": 11, "sampler": "dpmpp-2m"}
+    plain = np.asarray(shared_pipeline(tiny_export("sd15-tiny"))(PROMPT, **kw).images[0])
+    pipe = shared_pipeline(deepcache_export("sd15-tiny"))
+    assert np.array_equal(np.asarray(pipe(PROMPT, **kw).images[0]), plain)
+    every = pipe(PROMPT, cache="deepcache", cache_interval=1, **kw)
+    assert np.array_equal(np.asarray(every.images[0]), plain)
+    assert "6 of 6 steps ran the full UNet" in every.loop
+
+
+def test_openvino_runs_the_same_cached_steps(deepcache_export) -> None:
+    pytest.importorskip("openvino", reason="the openvino backend needs openvino (pip install openvino)")
+    folder = deepcache_export("sd15-tiny")
+    kw = {"height": 64, "width": 64, "steps": 7, "seed": 5, "cache": "deepcache", "cache_interval": 3}
+    ort = np.asarray(shared_pipeline(folder)(PROMPT, **kw).images[0]).astype(int)
+    ov = shared_pipeline(folder, "openvino", lambda: __import__("sdrt.runtime.pipeline", fromlist=["Pipeline"])
+                         .Pipeline.load(folder, backend="openvino", precision="fp32"))
+    res = ov(PROMPT, **kw)
+    assert np.abs(np.asarray(res.images[0]).astype(int) - ort).max() <= 1
+    assert "3 of 7 steps ran the full UNet" in res.loop
+
+
+def test_windows_and_img2img_start_each_loop_full(deepcache_export) -> None:
+    """A call's window (img2img's strength; denoise's start/end, as a refiner hand-off) starts with a full step."""
+    pipe = shared_pipeline(deepcache_export("sd15-tiny"))
+    img = np.random.default_rng(3).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    res = pipe(PROMPT, image=img, strength=0.5, steps=10, seed=2, cache="deepcache", cache_interval=2)
+    assert "3 of 5 steps ran the full UNet" in res.loop
+    plan = pipe.plan("ddim", 10)
+    emb = pipe.encode_prompt(PROMPT)
+    lat = pipe.prepare_latents(plan, 64, 64, seed=4)
+    k = pipe.handoff_row(plan.timesteps, 0.5)
+    assert 2 < k < 8
+    t: dict[str, object] = {}
+    lat = pipe.denoise(emb, lat, plan, end=0.5, cache="deepcache", timings=t)
+    assert f"{math.ceil(k / 3)} of {k} steps" in str(t["loop"])
+    pipe.denoise(emb, lat, plan, start=0.5, cache=CachePolicy(interval=4), timings=t)
+    assert f"{math.ceil((10 - k) / 4)} of {10 - k} steps" in str(t["loop"])
+
+
+def test_bad_requests_are_refused_before_work(tiny_export, deepcache_export) -> None:
+    plain = shared_pipeline(tiny_export("sd15-tiny"))
+    with pytest.raises(ArtifactError, match="--deepcache"):
+        plain(PROMPT, steps=2, cache="deepcache")
+    pipe = shared_pipeline(deepcache_export("sd15-tiny"))
+    for kw, what in (({"cache": "teacache"}, "deepcache"), ({"cache_interval": 0}, "1 to"),
+                     ({"cache_interval": 2.5}, "integer"), ({"cache_schedule": "pow"}, "uniform, nonuniform")):
+        with pytest.raises(InputError, match=what):
+            pipe(PROMPT, steps=2, **{"cache": "deepcache", **kw})
+    assert cache_policy(None) is None and cache_policy("deepcache", 4, "nonuniform") == CachePolicy(interval=4,
+                                                                                                   schedule="nonuniform")
+
+
+def test_loop_checks_its_plan(deepcache_export) -> None:
+    with pytest.raises(InputError, match="first step"):
+        check_full([False, True], 2, True)
+    with pytest.raises(InputError, match="one boolean per step"):
+        check_full([True], 2, True)
+    with pytest.raises(InputError, match="without a shallow engine"):
+        check_full([True, False], 2, False)
+    pipe = shared_pipeline(deepcache_export("sd15-tiny"))
+    unet, shallow = pipe.engines["unet"], pipe.engines["unet_shallow"]
+    with pytest.raises(InputError, match="ControlNet"):
+        PlainStepLoop(pipe.backend, unet, unet, [unet], shallow=shallow)
+    with pytest.raises(InputError, match="deep_feature"):
+        PlainStepLoop(pipe.backend, shallow, unet, shallow=shallow)
