@@ -8,6 +8,9 @@ that reads back whether a picture shows what its prompt asked) and records, in o
   over the quality suite at the suite's sampler and steps: the score and seconds per image; a setting that
   cannot run here is recorded with the reason;
 - **curve**: each sampler at 1 to 50 steps on ort-cpu (fp32): score and seconds per image, plotted;
+- **cache**: feature caching (DeepCache, ``runtime/feature_cache.py``) at each interval and schedule on ort-cpu
+  (fp32) at the suite's sampler and steps: score, seconds per image and the steps that ran the full UNet, beside
+  the uncached run (interval 1), plotted;
 - the score's **ceiling** (pictures drawn by the data set's renderer) and the score training recorded.
 
 Every image of a prompt starts from the same noise, so settings differ only by what they compute.
@@ -28,6 +31,9 @@ VERSION = 1
 CURVE_STEPS = (1, 2, 4, 8, 15, 25, 50)
 # lcm is left out: its update is for latent-consistency-distilled models, which the shapes model is not
 CURVE_SAMPLERS = ("ddim", "dpmpp-2m", "dpmpp-2m-karras", "euler", "euler-a")
+# (interval, schedule) of the cache rows; interval 1 is the uncached run of the same export
+CACHE_SETTINGS = ((1, "uniform"), (2, "uniform"), (3, "uniform"), (4, "uniform"), (5, "uniform"),
+                  (3, "nonuniform"), (5, "nonuniform"))
 
 
 @dataclass(frozen=True)
@@ -75,17 +81,20 @@ def _export(folder: Path, fp16: bool, log: Callable[[str], None]) -> Path:
     from sdrt.export.loading import folder_digest, load_model
     from sdrt.quality import MODEL_DIR
     from sdrt.runtime.errors import ArtifactError, CompatibilityError
+    from sdrt.runtime.feature_cache import SHALLOW_UNET
     from sdrt.runtime.manifest import ExportManifest
 
     out = folder / f"shapes-{'fp16' if fp16 else 'fp32'}"
     try:
-        if ExportManifest.read(out).source.get("sha256") == folder_digest(MODEL_DIR):
+        m = ExportManifest.read(out)
+        if m.source.get("sha256") == folder_digest(MODEL_DIR) and SHALLOW_UNET in m.components:
             log(f"reusing {out}")
             return out
     except (ArtifactError, CompatibilityError):
         pass
     log(f"exporting the shapes model ({'fp16' if fp16 else 'fp32'}) to {out}")
-    export_model(load_model(MODEL_DIR), out, fp16=fp16)
+    # with DeepCache's shallow path (the cache rows use it; caching off computes exactly the plain export's)
+    export_model(load_model(MODEL_DIR), out, fp16=fp16, deepcache=True)
     return out
 
 
@@ -95,7 +104,8 @@ def _row(report: Any, seconds: float, n: int) -> dict[str, Any]:
 
 def run_quality(work_dir: str | Path | None = None, *, prompts: int | None = None,
                 curve_steps: Sequence[int] = CURVE_STEPS, samplers: Sequence[str] = CURVE_SAMPLERS,
-                threads: int | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+                threads: int | None = None, log: Callable[[str], None] = print,
+                cache_settings: Sequence[tuple[int, str]] = CACHE_SETTINGS) -> dict[str, Any]:
     """The run (see the module docstring): the result document."""
     from sdrt.quality import MODEL_DIR, suite
     from sdrt.runtime.pipeline import Pipeline
@@ -112,7 +122,7 @@ def run_quality(work_dir: str | Path | None = None, *, prompts: int | None = Non
                   "seed": suite.SUITE_SEED},
         "model": {"folder": "sdrt.quality/model", "version": training.get("version"),
                   "data_seed": training.get("data_seed"), "trained_score": training.get("diffusers_score")},
-        "ceiling": suite.ceiling().to_dict(), "settings": [], "curve": [],
+        "ceiling": suite.ceiling().to_dict(), "settings": [], "curve": [], "cache": [],
         "notes": [("s_per_image: wall time of the suite's calls (10 prompts per call, text encoder, loop and VAE "
                    "decoder) over the number of images, in this process"),
                   "lcm is left out of the curve: it is for latent-consistency-distilled models",
@@ -164,7 +174,30 @@ def run_quality(work_dir: str | Path | None = None, *, prompts: int | None = Non
                     report = suite.report(scenes, images)
                     log(f"{sampler} {steps:2d} steps: {report.summary()}")
                     doc["curve"].append({"sampler": sampler, "steps": steps, **_row(report, secs, n)})
+            doc["cache"] = _cache_rows(pipe, scenes, cache_settings, log)
     return doc
+
+
+def _cache_rows(pipe: Any, scenes: Sequence[Any], settings: Sequence[tuple[int, str]],
+                log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """DeepCache at each (interval, schedule), at the suite's sampler and steps: score, seconds per image and
+    full steps (interval 1: every step full, the uncached computation)."""
+    from sdrt.quality import suite
+    from sdrt.runtime.feature_cache import CachePolicy
+
+    rows = []
+    for interval, schedule in settings:
+        policy = CachePolicy(interval=interval, schedule=schedule)
+        t = time.perf_counter()
+        images = suite.images_pipeline(pipe, scenes, cache="deepcache", cache_interval=interval,
+                                       cache_schedule=schedule)
+        secs = time.perf_counter() - t
+        report = suite.report(scenes, images)
+        full = int(policy.full_steps(suite.STEPS).sum())
+        log(f"deepcache interval {interval} ({schedule}), {full} of {suite.STEPS} steps full: {report.summary()}")
+        rows.append({"kind": "deepcache", "interval": interval, "schedule": schedule, "full_steps": full,
+                     **_row(report, secs, len(scenes))})
+    return rows
 
 
 def text_table(doc: dict[str, Any]) -> str:
@@ -188,6 +221,14 @@ def text_table(doc: dict[str, Any]) -> str:
         for sampler in dict.fromkeys(c["sampler"] for c in doc["curve"]):
             by = {c["steps"]: c["score"]["overall"] for c in doc["curve"] if c["sampler"] == sampler}
             lines.append(f"{sampler:16s} " + " ".join(f"{by[k]:5.2f}" if k in by else "    -" for k in steps))
+    if doc.get("cache"):
+        title = (f"feature caching (DeepCache, {REFERENCE}, {doc['suite']['sampler']} {doc['suite']['steps']} "
+                 "steps; interval 1 = uncached):")
+        lines += ["", title,
+                  f"{'interval':9s} {'schedule':11s} {'full steps':>10s} {'overall':>7s} {'s/image':>8s}"]
+        for c in doc["cache"]:
+            lines.append(f"{c['interval']:<9d} {c['schedule']:11s} {c['full_steps']:>10d} "
+                         f"{c['score']['overall']:7.2f} {c['s_per_image']:8.3f}")
     return "\n".join(lines)
 
 
@@ -200,7 +241,12 @@ def plot(doc: dict[str, Any], path: str | Path) -> Path:
 
     from sdrt.runtime.atomic import atomic_write_bytes
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=120)
+    cache = doc.get("cache") or []
+    if cache:
+        fig, (ax, cx) = plt.subplots(1, 2, figsize=(12, 4.5), dpi=120, gridspec_kw={"width_ratios": [3, 2]})
+        _cache_panel(cx, doc)
+    else:
+        fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=120)
     for sampler in dict.fromkeys(c["sampler"] for c in doc["curve"]):
         pts = sorted((c["steps"], c["score"]["overall"]) for c in doc["curve"] if c["sampler"] == sampler)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=sampler)
@@ -224,6 +270,28 @@ def plot(doc: dict[str, Any], path: str | Path) -> Path:
     out = Path(path)
     atomic_write_bytes(out, buf.getvalue())
     return out
+
+
+def _cache_panel(ax: Any, doc: dict[str, Any]) -> None:
+    """The cache rows: score and seconds per image at each interval, one line per schedule."""
+    for schedule, marker in (("uniform", "o"), ("nonuniform", "s")):
+        pts = sorted((c["interval"], c["score"]["overall"], c["s_per_image"]) for c in doc["cache"]
+                     if c["schedule"] == schedule or c["interval"] == 1)
+        if len(pts) > 1:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=f"score, {schedule}")
+    twin = ax.twinx()
+    pts = sorted((c["interval"], c["s_per_image"]) for c in doc["cache"] if c["schedule"] == "uniform")
+    twin.plot([p[0] for p in pts], [p[1] for p in pts], color="gray", linestyle=":", marker=".",
+              label="s per image, uniform")
+    twin.set_ylabel("seconds per image")
+    twin.set_ylim(bottom=0)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("DeepCache interval (1 = uncached)")
+    ax.set_ylabel("share of images showing all four attributes")
+    ax.set_title(f"feature caching, {doc['suite']['sampler']} {doc['suite']['steps']} steps", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    lines = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+    ax.legend(lines, [str(h.get_label()) for h in lines], fontsize=8, loc="lower left")
 
 
 def is_result(path: Path) -> bool:

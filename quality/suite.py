@@ -81,14 +81,15 @@ def ceiling(n: int = 300, seed: int = 777) -> Report:
 
 def images_pipeline(pipe: Any, scenes: Sequence[shapes.Scene], *, steps: int = STEPS, sampler: str = SAMPLER,
                     guidance: float = GUIDANCE, batch: int = 10,
-                    callback: Callable[[int, int], None] | None = None) -> list[Any]:
-    """sdrt's images for ``scenes`` (prompt i starts from ``latents_for(i)``), ``batch`` prompts per call."""
+                    callback: Callable[[int, int], None] | None = None, **call: Any) -> list[Any]:
+    """sdrt's images for ``scenes`` (prompt i starts from ``latents_for(i)``), ``batch`` prompts per call;
+    ``call``: further keywords of every call (``cache="deepcache"``, ``cache_interval=3``, ...)."""
     images: list[Any] = []
     for i in range(0, len(scenes), batch):
         chunk = scenes[i: i + batch]
         lat = np.concatenate([latents_for(i + k) for k in range(len(chunk))])
         result = pipe([s.caption for s in chunk], latents=lat, steps=steps, sampler=sampler,
-                      guidance_scale=guidance, height=shapes.SIZE, width=shapes.SIZE)
+                      guidance_scale=guidance, height=shapes.SIZE, width=shapes.SIZE, **call)
         images += result.images
         if callback is not None:
             callback(len(images), len(scenes))

@@ -189,7 +189,7 @@ def test_bench_quality_records_every_setting_and_the_curve(tmp_path: Path) -> No
     from sdrt.benchmarks import quality
 
     doc = quality.run_quality(tmp_path / "work", prompts=3, curve_steps=(1, 4), samplers=("ddim", "euler"),
-                              log=lambda m: None)
+                              log=lambda m: None, cache_settings=((1, "uniform"), (3, "uniform"), (3, "nonuniform")))
     by = {s["name"]: s for s in doc["settings"]}
     assert set(by) == {s.name for s in quality.SETTINGS}
     for name in ("ort-cpu fp32", "ort-cpu fp16", "openvino f32", "diffusers fp32 (PyTorch)"):
@@ -200,6 +200,10 @@ def test_bench_quality_records_every_setting_and_the_curve(tmp_path: Path) -> No
     assert [(c["sampler"], c["steps"]) for c in doc["curve"]] == [("ddim", 1), ("ddim", 4), ("euler", 1),
                                                                  ("euler", 4)]
     assert doc["ceiling"]["overall"] == 1.0
+    # DeepCache rows: interval 1 runs every step in full, so it scores what the uncached setting scores
+    cache = {(c["interval"], c["schedule"]): c for c in doc["cache"]}
+    assert cache[(1, "uniform")]["score"] == by["ort-cpu fp32"]["score"]
+    assert [cache[k]["full_steps"] for k in ((1, "uniform"), (3, "uniform"), (3, "nonuniform"))] == [20, 7, 7]
     # ort-cpu fp32 at the suite's own settings scores what the suite's images score (the same computation)
     from sdrt.runtime.pipeline import Pipeline
 
@@ -209,7 +213,7 @@ def test_bench_quality_records_every_setting_and_the_curve(tmp_path: Path) -> No
     assert json.loads(json_path.read_text())["schema"] == quality.SCHEMA
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = quality.text_table(doc)
-    assert "ort-cuda fp16" in table and "skipped" in table and "ddim" in table
+    assert "ort-cuda fp16" in table and "skipped" in table and "ddim" in table and "nonuniform" in table
 
 
 def test_bench_quality_refuses_what_does_not_apply_before_work(tmp_path: Path,
