@@ -310,3 +310,24 @@ def test_captured_only_after_runs_under_the_graphs_succeed(tiny_export, monkeypa
     _failing_runs(monkeypatch, loop.fused.session, {1})
     _run(loop, be, inp, True)
     assert not loop.captured and "failed at step 2" in loop.describe()
+
+
+def test_deepcache_runs_engine_by_engine_and_uncached_calls_stay_fused(deepcache_export,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """ort-cuda's code path on a ``--deepcache`` export: a cached call runs the engines one by one (saying why)
+    with ort-cpu's images; an uncached call composes the UNet (with its extra deep-feature output) and the step
+    graph as usual, with ort-cpu's uncached images."""
+    folder = deepcache_export("sd15-tiny")
+    kw: dict[str, Any] = {"steps": 5, "sampler": "dpmpp-2m", "seed": 2, "height": 64, "width": 64}
+    cached = {"cache": "deepcache", "cache_interval": 2}
+    with Pipeline.load(folder, backend="ort-cpu") as ref:
+        want_cached = np.asarray(ref("a harbor", **kw, **cached).images[0])
+        want = np.asarray(ref("a harbor", **kw).images[0])
+    monkeypatch.setattr("sdrt.runtime.backends.make_backend", lambda *a, **k: _bound(monkeypatch))
+    with Pipeline.load(folder, backend="ort-cuda") as pipe:
+        res = pipe("a harbor", **kw, **cached)
+        assert "not DeepCache's shallow steps" in res.loop and "3 of 5 steps ran the full UNet" in res.loop
+        np.testing.assert_array_equal(np.asarray(res.images[0]), want_cached)
+        plain = pipe("a harbor", **kw)
+        assert plain.loop.startswith("UNet + sampler step as one ONNX Runtime session")
+        np.testing.assert_array_equal(np.asarray(plain.images[0]), want)
