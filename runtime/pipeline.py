@@ -455,6 +455,10 @@ class Pipeline:
         """Refuse feature caching on an export without DeepCache's shallow path, or with ControlNets running."""
         if cache is None:
             return
+        if cache.kind not in self.family.feature_caches:
+            raise InputError(f"{self.family.label} models have no {cache.kind} feature caching yet: leave cache out",
+                             cli=f"{self.family.label} models have no {cache.kind} feature caching yet: leave --cache "
+                                 "out")
         if SHALLOW_UNET not in self.engines:
             raise ArtifactError(f"{self.folder} has no DeepCache shallow path ({SHALLOW_UNET}), which cache="
                                 f"{cache.kind!r} runs: {EXPORT_HINT}, or leave cache out",

@@ -166,6 +166,8 @@ def test_bad_input_is_refused_before_work(sd3_export) -> None:
         pipe(PROMPT, sampler="ddim", steps=2, height=64, width=64)
     with pytest.raises(InputError, match=r"\(1, 16, 8, 8\)"):
         pipe(PROMPT, steps=2, height=64, width=64, latents=np.zeros((1, 4, 8, 8), np.float32))
+    with pytest.raises(InputError, match="SD 3 / 3.5 models have no deepcache feature caching yet"):
+        pipe(PROMPT, steps=2, height=64, width=64, cache="deepcache")
 
 
 @pytest.mark.parametrize("cuda_graph", [False, True])

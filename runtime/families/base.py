@@ -34,7 +34,8 @@ class Family:
     way; False: cut at 77, as diffusers' pipelines for that family do); ``pooled_input``: the denoiser input
     that takes the pooled embedding; ``optional_encoders``: encoders an export may leave out (the family's
     ``join_on_host`` puts what stands in their place); ``host_join``: the family joins its encoders' outputs
-    itself (``join_on_host``), on the host, instead of the shared device join.
+    itself (``join_on_host``), on the host, instead of the shared device join; ``feature_caches``: the feature
+    caching kinds its denoiser supports (runtime/feature_cache.py: ``deepcache`` for UNets).
     """
 
     key: str
@@ -49,6 +50,7 @@ class Family:
     pooled_input: str = "text_embeds"
     optional_encoders: tuple[str, ...] = ()
     host_join: bool = False
+    feature_caches: tuple[str, ...] = ("deepcache",)
 
     def tokenizer_kind(self, encoder: str) -> str:
         """How ``encoder``'s prompts are tokenized: ``clip`` (CLIP's BPE, 77 tokens) or ``t5`` (SentencePiece,
