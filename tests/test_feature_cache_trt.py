@@ -3,7 +3,8 @@
 
 The fakes (tests/helpers/trt_fakes.py) run the "engines" as ONNX graphs on onnxruntime and check that every
 engine input and output has an address at each run: a pass says the captured loop's bindings, its four graphs
-(full and shallow steps, even and odd) and the per-step plan hold together, nothing about real TensorRT.
+(full and shallow steps, even and odd) and the per-step plan hold together, nothing about real TensorRT. The
+refit test runs on CPU (a refitted copy of the ONNX export against PyTorch).
 """
 
 from __future__ import annotations
@@ -168,3 +169,42 @@ def test_the_loop_refuses_what_it_cannot_cache(deepcache_engines: Path, fake_gpu
             loop.start(latents=x, unet_in=u, cond=cond, timesteps=[999.0, 500.0], coeffs=np.zeros((2, 8), np.float32),
                        guidance=be.to_device(np.array(7.5, np.float32)), full=np.array([True, False]))
 
+
+def test_lora_refit_covers_the_shallow_path(deepcache_export: Path, tmp_path: Path) -> None:
+    """``refit`` takes ``unet_shallow`` with the UNet (its weights are the UNet's last layers): a LoRA reaches
+    both graphs, and the refitted shallow graph is DeepCache's shallow path of diffusers' fused UNet."""
+    torch = pytest.importorskip("torch")
+    import onnxruntime as ort
+
+    from sdrt.export import wrappers
+    from sdrt.export.loading import load_model
+    from sdrt.export.lora import LoraSpec
+    from sdrt.export.refit import RefitRequest, refit_folder
+
+    from .helpers.models import make_lora
+    from .helpers.references import diffusers_fused
+
+    model = load_model(random_preset="sd15-tiny")  # the weights the export holds (seed 0)
+    te = model.text_encoders[0]
+    lora = make_lora(tmp_path / "a.safetensors", model.unet, te, "diffusers", seed=11)
+    result = refit_folder(deepcache_export, RefitRequest(loras=(LoraSpec(lora, 0.8),)), out=tmp_path / "refit")
+    assert set(result.components) == {"unet", "text_encoder", SHALLOW_UNET} and result.warnings == ()
+
+    spec = ExportManifest.read(deepcache_export).components[SHALLOW_UNET]
+    channels = spec.inputs[-1].shape[1]
+    g = np.random.default_rng(0)
+    feeds = {"sample": g.standard_normal((2, 4, 8, 16)).astype(np.float32),
+             "timestep": np.array([999.0, 321.0], np.float32),
+             "encoder_hidden_states": g.standard_normal((2, 77, 32)).astype(np.float32),
+             DEEP_FEATURE: g.standard_normal((2, channels, 8, 16)).astype(np.float32)}
+    fused, _ = diffusers_fused(model.unet, te, model.vae, [(lora, 0.8)])
+    with torch.inference_mode():
+        want = wrappers.UNetShallow(fused, sdxl=False)(*(torch.from_numpy(v) for v in feeds.values())).numpy()
+
+    def run(folder: Path) -> np.ndarray:
+        sess = ort.InferenceSession(str(folder / spec.path), providers=["CPUExecutionProvider"])
+        return sess.run(None, feeds)[0]  # type: ignore[no-any-return]
+
+    scale = np.abs(want).max()
+    assert np.abs(run(tmp_path / "refit") - want).max() / scale < 1e-4
+    assert np.abs(run(deepcache_export) - want).max() / scale > 1e-2  # the LoRA changes the shallow path
