@@ -4,7 +4,7 @@
 The fakes (tests/helpers/trt_fakes.py) run the "engines" as ONNX graphs on onnxruntime and check that every
 engine input and output has an address at each run: a pass says the captured loop's bindings, its four graphs
 (full and shallow steps, even and odd) and the per-step plan hold together, nothing about real TensorRT. The
-refit test runs on CPU (a refitted copy of the ONNX export against PyTorch).
+refit tests run on CPU (a refitted copy of the ONNX export against PyTorch).
 """
 
 from __future__ import annotations
@@ -170,13 +170,34 @@ def test_the_loop_refuses_what_it_cannot_cache(deepcache_engines: Path, fake_gpu
                        guidance=be.to_device(np.array(7.5, np.float32)), full=np.array([True, False]))
 
 
+def _shallow_feeds(export: Path) -> dict[str, np.ndarray]:
+    channels = ExportManifest.read(export).components[SHALLOW_UNET].inputs[-1].shape[1]
+    g = np.random.default_rng(0)
+    return {"sample": g.standard_normal((2, 4, 8, 16)).astype(np.float32),
+            "timestep": np.array([999.0, 321.0], np.float32),
+            "encoder_hidden_states": g.standard_normal((2, 77, 32)).astype(np.float32),
+            DEEP_FEATURE: g.standard_normal((2, channels, 8, 16)).astype(np.float32)}
+
+
+def _shallow_error(folder: Path, unet: Any, feeds: dict[str, np.ndarray]) -> float:
+    """The relative difference of ``folder``'s shallow graph (onnxruntime) from DeepCache's shallow path of
+    ``unet`` in PyTorch."""
+    import onnxruntime as ort
+    import torch
+
+    from sdrt.export import wrappers
+
+    with torch.inference_mode():
+        want = wrappers.UNetShallow(unet, sdxl=False)(*(torch.from_numpy(v) for v in feeds.values())).numpy()
+    path = folder / ExportManifest.read(folder).components[SHALLOW_UNET].path
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
 def test_lora_refit_covers_the_shallow_path(deepcache_export: Path, tmp_path: Path) -> None:
     """``refit`` takes ``unet_shallow`` with the UNet (its weights are the UNet's last layers): a LoRA reaches
     both graphs, and the refitted shallow graph is DeepCache's shallow path of diffusers' fused UNet."""
-    torch = pytest.importorskip("torch")
-    import onnxruntime as ort
-
-    from sdrt.export import wrappers
+    pytest.importorskip("torch")
     from sdrt.export.loading import load_model
     from sdrt.export.lora import LoraSpec
     from sdrt.export.refit import RefitRequest, refit_folder
@@ -189,22 +210,30 @@ def test_lora_refit_covers_the_shallow_path(deepcache_export: Path, tmp_path: Pa
     lora = make_lora(tmp_path / "a.safetensors", model.unet, te, "diffusers", seed=11)
     result = refit_folder(deepcache_export, RefitRequest(loras=(LoraSpec(lora, 0.8),)), out=tmp_path / "refit")
     assert set(result.components) == {"unet", "text_encoder", SHALLOW_UNET} and result.warnings == ()
-
-    spec = ExportManifest.read(deepcache_export).components[SHALLOW_UNET]
-    channels = spec.inputs[-1].shape[1]
-    g = np.random.default_rng(0)
-    feeds = {"sample": g.standard_normal((2, 4, 8, 16)).astype(np.float32),
-             "timestep": np.array([999.0, 321.0], np.float32),
-             "encoder_hidden_states": g.standard_normal((2, 77, 32)).astype(np.float32),
-             DEEP_FEATURE: g.standard_normal((2, channels, 8, 16)).astype(np.float32)}
     fused, _ = diffusers_fused(model.unet, te, model.vae, [(lora, 0.8)])
-    with torch.inference_mode():
-        want = wrappers.UNetShallow(fused, sdxl=False)(*(torch.from_numpy(v) for v in feeds.values())).numpy()
+    feeds = _shallow_feeds(deepcache_export)
+    assert _shallow_error(tmp_path / "refit", fused, feeds) < 1e-4
+    assert _shallow_error(deepcache_export, fused, feeds) > 1e-2  # the LoRA changes the shallow path
 
-    def run(folder: Path) -> np.ndarray:
-        sess = ort.InferenceSession(str(folder / spec.path), providers=["CPUExecutionProvider"])
-        return sess.run(None, feeds)[0]  # type: ignore[no-any-return]
 
-    scale = np.abs(want).max()
-    assert np.abs(run(tmp_path / "refit") - want).max() / scale < 1e-4
-    assert np.abs(run(deepcache_export) - want).max() / scale > 1e-2  # the LoRA changes the shallow path
+def test_checkpoint_refit_covers_the_shallow_path(deepcache_export: Path, tmp_path: Path) -> None:
+    """Another checkpoint of the architecture (a diffusers folder) refits ``unet_shallow`` from its UNet."""
+    pytest.importorskip("torch")
+    import json
+
+    from sdrt.export.loading import random_model
+    from sdrt.export.refit import RefitRequest, refit_folder
+
+    other = random_model("sd15-tiny", seed=7)
+    src = tmp_path / "other"
+    for sub, module in (("unet", other.unet), ("vae", other.vae), ("text_encoder", other.text_encoders[0])):
+        module.save_pretrained(src / sub)
+    (src / "tokenizer").mkdir()
+    (src / "scheduler").mkdir()
+    (src / "scheduler" / "scheduler_config.json").write_text(json.dumps(other.scheduler_config))
+    (src / "model_index.json").write_text("{}")
+    result = refit_folder(deepcache_export, RefitRequest(checkpoint=str(src)), out=tmp_path / "refit")
+    assert SHALLOW_UNET in result.components
+    feeds = _shallow_feeds(deepcache_export)
+    assert _shallow_error(tmp_path / "refit", other.unet, feeds) < 1e-4
+    assert _shallow_error(deepcache_export, other.unet, feeds) > 1e-2  # not the export's own weights
