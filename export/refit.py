@@ -12,6 +12,10 @@ initializer, which goes either
 The exporter's map misses GroupNorm weights, which the exporter reshapes to (C, 1, 1) before folding;
 ``complete_refit_map`` recovers them from the ONNX node names (``/unet/<module path>/Mul`` reads the
 scale, ``.../Add`` the shift).
+
+A component may hold a part of another's weights (``WEIGHTS_OF``: DeepCache's ``unet_shallow`` is the UNet's
+time embedding, ``conv_in`` and last layer): it has its own map and is refitted with that component, from its
+LoRA modules and checkpoint weights; what those leave untouched is reported for that component alone.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import numpy as np
 
 from sdrt.runtime.atomic import atomic_dir, check_output_dir, give_default_mode
 from sdrt.runtime.errors import ArtifactError, CompatibilityError, InputError
+from sdrt.runtime.feature_cache import SHALLOW_UNET
 from sdrt.runtime.manifest import EXPORT_FOLDER, MANIFEST_NAME, ExportManifest, export_entries
 
 from .lora import LoraFile, LoraSpec, MergeReport, lora_deltas, read_lora
@@ -36,6 +41,9 @@ if TYPE_CHECKING:
     import tensorrt as trt  # for annotations; the module in use is passed as ``trt`` (from load_tensorrt)
 
 REFIT_MAP_NAME = "refit_map.json"
+# components that hold a part of another's weights (refit with it, from its LoRA modules and checkpoint
+# weights): DeepCache's shallow path is the UNet's time embedding, conv_in and last layer
+WEIGHTS_OF = {SHALLOW_UNET: "unet"}
 # what `sdrt refit` takes as its target
 REFIT_TARGET = ("an engine folder written by `sdrt build --refittable` (refitted in place), or an ONNX export "
                 "written by `sdrt export` with --out DIR for a refitted copy")
@@ -353,6 +361,11 @@ def refittable_components(export: ExportManifest, onnx_dir: Path) -> list[str]:
     return [n for n, c in export.components.items() if (onnx_dir / c.path).parent.joinpath(REFIT_MAP_NAME).is_file()]
 
 
+def weights_source(component: str) -> str:
+    """The model component whose weights ``component``'s graph holds (itself, but for ``WEIGHTS_OF``)."""
+    return WEIGHTS_OF.get(component, component)
+
+
 def _checkpoint_state_dicts(path: str, allow_pickle: bool) -> dict[str, dict[str, np.ndarray]]:
     from .loading import load_model
 
@@ -394,21 +407,23 @@ def new_weights(
         rmap = complete_refit_map(model, RefitMap.read(path.parent))
         base = initializers(model)
         changed: dict[str, np.ndarray] = {}
+        src = weights_source(comp)  # a part of another component's weights: that one's engine says what is left
         if loras:
-            changed, report = lora_weights(rmap, base, loras, comp)
-            warnings += [f"{u} adapts no weight of the {comp} engine (ignored)" for u in report.unmatched]
+            changed, report = lora_weights(rmap, base, loras, src)
+            if src == comp:
+                warnings += [f"{u} adapts no weight of the {comp} engine (ignored)" for u in report.unmatched]
             for lf, _ in loras:
-                matched_any[lf.path] |= any(m.component == comp for m in lf.modules) and bool(report.matched)
+                matched_any[lf.path] |= any(m.component == src for m in lf.modules) and bool(report.matched)
         elif request.checkpoint:
-            if comp not in states:
-                raise CompatibilityError(f"the checkpoint has no {comp}; it is not a {export.family} model")
-            left = uncovered_params(rmap, states[comp], model)
+            if src not in states:
+                raise CompatibilityError(f"the checkpoint has no {src}; it is not a {export.family} model")
+            left = uncovered_params(rmap, states[src], model) if src == comp else []
             if left:
                 raise CompatibilityError(
                     f"{comp}: {len(left)} checkpoint weights have no known place in the graph (e.g. {', '.join(left[:3])}); "
                     "a refit would keep the export's values for them. Re-export from the checkpoint instead"
                 )
-            changed = checkpoint_weights(rmap, base, states[comp], comp)
+            changed = checkpoint_weights(rmap, base, states[src], comp)
         out[comp] = (base, changed)
     unused = [Path(p).name for p, hit in matched_any.items() if not hit]
     if unused:
@@ -454,7 +469,7 @@ def refit_folder(
     check_output_dir(out, marker=MANIFEST_NAME, overwrite=overwrite, what="an sdrt export", owned=export_entries)
     comps = refittable_components(export, folder)
     loras_comps = {m.component for s in request.loras for m in read_lora(s.path).modules}
-    todo = [c for c in comps if not request.loras or c in loras_comps]
+    todo = [c for c in comps if not request.loras or weights_source(c) in loras_comps]
     _refuse_stale_control_unet(export, todo)
     values, note, warnings = new_weights(folder, export, request, todo, progress)
     write_refit_export(folder, out, {c: changed for c, (_, changed) in values.items() if changed}, note,
@@ -490,7 +505,8 @@ def _refit_engines(
     comps = [c for c in refittable_components(export, src) if any(r.component == c for r in manifest.engines)]
     loras_comps = {m.component for s in request.loras for m in read_lora(s.path).modules}
     # components holding earlier refits go back to base too, so the result is exactly what was asked
-    todo = [c for c in comps if not request.loras or c in loras_comps or manifest.record(c).weights != "base"]
+    todo = [c for c in comps if not request.loras or weights_source(c) in loras_comps
+            or manifest.record(c).weights != "base"]
     _refuse_stale_control_unet(export, todo)
     for c in todo:
         rec = manifest.record(c)

@@ -393,19 +393,23 @@ class TrtBackend(TrtBackendBase):
         self._pending.clear()
 
     # -- the captured step -----------------------------------------------------------------------------
-    def step_loop(self, unet: Engine, step: Engine, controlnets: Sequence[Engine | None] = ()) -> CapturedStepLoop:
-        """The denoising step (the active ``controlnets``, ``unet``, then the sampler ``step`` graph) captured
-        as CUDA graphs, kept per set of engines (runtime/trt_loop.py)."""
+    def step_loop(self, unet: Engine, step: Engine, controlnets: Sequence[Engine | None] = (),
+                  shallow: Engine | None = None) -> CapturedStepLoop:
+        """The denoising step (the active ``controlnets``, ``unet`` or on the steps ``start(full=...)`` marks
+        False DeepCache's ``shallow`` path, then the sampler ``step`` graph) captured as CUDA graphs, kept per
+        set of engines (runtime/trt_loop.py)."""
         self._require_open()
         u, s = self._own(unet), self._own(step)
         nets = tuple(None if n is None else self._own(n) for n in controlnets)
+        sh = None if shallow is None else self._own(shallow)
         for k in [k for k, lp in self._loops.items() if not lp.alive()]:  # loops over dropped engines
             self._loops.pop(k).close()
-        key = (id(u), id(s), *(None if n is None else id(n) for n in nets))
+        key = (id(u), id(s), None if sh is None else id(sh), *(None if n is None else id(n) for n in nets))
         loop = self._loops.get(key)
         same_nets = loop is not None and [None if r is None else r() for r in loop._nets] == list(nets)
-        if loop is None or loop._unet() is not u or loop._step() is not s or not same_nets:
-            loop = self._loops[key] = CapturedStepLoop(self, u, s, nets)
+        same_shallow = loop is not None and (None if loop._shallow is None else loop._shallow()) is sh
+        if loop is None or loop._unet() is not u or loop._step() is not s or not same_nets or not same_shallow:
+            loop = self._loops[key] = CapturedStepLoop(self, u, s, nets, sh)
         return loop
 
 

@@ -18,6 +18,14 @@ With ControlNets (``backend.step_loop(unet_control, step, controlnets=[...])``) 
 active ControlNet, then ``unet_control`` over their residual buffers (a net left out: zero buffers), then
 the step graph; each net's ``conditioning_scale`` row is copied in per step like the timestep.
 
+With DeepCache's shallow path (``backend.step_loop(unet, step, shallow=unet_shallow)`` and
+``start(..., full=plan)``, runtime/feature_cache.py) a full step's UNet also writes the deep feature into a
+fixed buffer, and a shallow step runs ``unet_shallow`` over that buffer instead of the UNet, writing the same
+output buffer the step graph reads. Each kind of step is captured as its own pair of graphs (full and
+shallow, even and odd: four), and ``step(i)`` launches the one the ``full`` plan given to ``start`` names. A
+UNet with outputs beyond its prediction (an export made with ``--deepcache``, run without caching) has each
+extra output bound to a fixed buffer of its own: TensorRT runs an engine only with every output bound.
+
 ``start`` captures on first use and whenever shapes change (after one warm-up run of each engine: TensorRT
 finishes shape-dependent setup outside the capture); a capture that fails with any error (TensorRT's or
 CUDA's, raised or returned), or ``TrtBackend(cuda_graph=False)``, leaves ``loop.captured`` False with
@@ -42,7 +50,17 @@ import numpy as np
 from .cuda import CLOSED, DeviceArray, Graph
 from .engine import Array
 from .errors import InputError
-from .step_loop import STEP_OUTPUTS, STEP_UNET_INPUT, UNET_OUTPUT, ControlFeeds, StepLoop
+from .feature_cache import EXPORT_HINT
+from .step_loop import (
+    DEEP_FEATURE,
+    STEP_OUTPUTS,
+    STEP_UNET_INPUT,
+    UNET_OUTPUT,
+    ControlFeeds,
+    StepLoop,
+    check_full,
+    shallow_feeds,
+)
 from .trt_engines import TrtBackendBase, TrtEngine
 
 
@@ -51,22 +69,30 @@ class CapturedStepLoop(StepLoop):
 
     Even steps read state A (latents, x0, UNet input) and write state B; odd steps the reverse. The
     timestep, coefficient row and noise of step i are copied from per-call tables into fixed buffers
-    before each launch. Without a capture (disabled or failed: ``captured``/``reason``) the same bindings
-    run directly.
+    before each launch. With ``shallow`` (DeepCache's ``unet_shallow``) the steps ``start(full=...)`` marks
+    False run it over the deep feature the last full step wrote, as two more graphs. Without a capture
+    (disabled or failed: ``captured``/``reason``) the same bindings run directly.
     """
 
     def __init__(self, backend: TrtBackendBase, unet: TrtEngine, step: TrtEngine,
-                 controlnets: Sequence[TrtEngine | None] = ()) -> None:
+                 controlnets: Sequence[TrtEngine | None] = (), shallow: TrtEngine | None = None) -> None:
+        if shallow is not None and DEEP_FEATURE not in unet.outputs:
+            raise InputError(f"{unet.name} does not return DeepCache's {DEEP_FEATURE}, which the shallow path "
+                             f"reuses: {EXPORT_HINT}")
+        if shallow is not None and controlnets:
+            raise InputError("DeepCache's shallow path does not take ControlNet residuals: run ControlNets uncached")
         self._backend = weakref.ref(backend)
         self._unet = weakref.ref(unet)
         self._step = weakref.ref(step)
         self._nets = tuple(None if n is None else weakref.ref(n) for n in controlnets)
+        self._shallow = None if shallow is None else weakref.ref(shallow)
         self.closed = False
         self.captured = False
         self.reason = "not started"
         self._key: tuple[Any, ...] | None = None
         self._generation = -1
-        self._graphs: list[Graph] = []
+        self._graphs: dict[tuple[bool, int], Graph] = {}  # (full step?, parity) -> its captured graph
+        self._full: list[bool] = []
         self._done = 0
         self._steps = 0
         self._tables: dict[str, DeviceArray] = {}
@@ -86,6 +112,11 @@ class CapturedStepLoop(StepLoop):
     @property
     def step_engine(self) -> TrtEngine:
         return self._engine(self._step, "step graph")
+
+    @property
+    def shallow(self) -> TrtEngine | None:
+        """DeepCache's shallow path (None: every step runs the full UNet)."""
+        return None if self._shallow is None else self._engine(self._shallow, "shallow UNet")
 
     @property
     def _unet_e(self) -> TrtEngine:
@@ -110,18 +141,19 @@ class CapturedStepLoop(StepLoop):
             raise InputError(f"this step loop is closed: {CLOSED}")
 
     def alive(self) -> bool:
-        """Whether the backend and both engines still exist (a loop over dropped engines is useless)."""
-        nets = [r() for r in self._nets if r is not None]
+        """Whether the backend and the engines still exist (a loop over dropped engines is useless)."""
+        nets = [r() for r in (*self._nets, self._shallow) if r is not None]
         return not self.closed and None not in (self._backend(), self._unet(), self._step(), *nets)
 
     def close(self) -> None:
         """Destroy the captured graphs and free the loop's buffers now (idempotent)."""
-        graphs, self._graphs = self._graphs, []
-        for g in graphs:
+        graphs, self._graphs = self._graphs, {}
+        for g in graphs.values():
             g.close()
         buffers: list[Any] = [v for v in self.buf.values() if v is not None]
         buffers += [*self._tables.values()]
         self.buf, self._tables, self._key, self.captured, self.closed = {}, {}, None, False, True
+        self._full = []
         for item in buffers:
             for arr in item if isinstance(item, list) else item.values() if isinstance(item, dict) else [item]:
                 arr.free()
@@ -130,16 +162,18 @@ class CapturedStepLoop(StepLoop):
     def start(self, *, latents: Array, unet_in: Array, cond: Mapping[str, Array], timesteps: Sequence[float] | np.ndarray,
               coeffs: np.ndarray, guidance: Array | None = None, x0_prev: Array | None = None,
               noise: np.ndarray | None = None, step_inputs: Mapping[str, Array] | None = None,
-              control: ControlFeeds | None = None) -> None:
+              control: ControlFeeds | None = None, full: Sequence[bool] | np.ndarray | None = None) -> None:
         """Set up a run of ``len(timesteps)`` steps: copy the starting state and conditioning in, upload
-        the per-step tables, and (re)capture when the shapes changed."""
+        the per-step tables, keep the ``full`` plan (which graph each step launches), and (re)capture when
+        the shapes changed."""
         self._require_open()
         be = self.backend
         x, u = be.as_device(latents), be.as_device(unet_in)
         conds = {k: be.as_device(v) for k, v in cond.items()}
         extra = {k: be.as_device(v) for k, v in (step_inputs or {}).items()}
         g = None if guidance is None else be.as_device(guidance)
-        n = self._check_start(timesteps, coeffs, x.shape, noise, control, self._nets)
+        n = self._check_start(timesteps, coeffs, x.shape, noise, control, self._nets, full, self._shallow)
+        plan = check_full(full, n, self._shallow is not None)
         ts, cf = np.asarray(timesteps), np.asarray(coeffs)
         images = {j: be.as_device(im) for j, im in enumerate(control.images) if im is not None} if control else {}
         scales = np.asarray(control.scales, np.float32) if control is not None else None
@@ -176,7 +210,7 @@ class CapturedStepLoop(StepLoop):
             be.copy(b["cimg"][j], im)
             assert scales is not None
             self._tables[f"cs{j}"] = be.as_device(np.ascontiguousarray(scales[:, j], dtype=b["cscale"][j].dtype))
-        self._done, self._steps = 0, n
+        self._done, self._steps, self._full = 0, n, plan
 
     def step(self, i: int) -> None:
         """Queue step ``i`` (call in order, 0 .. steps-1, after ``start``)."""
@@ -190,13 +224,13 @@ class CapturedStepLoop(StepLoop):
             be.copy(b["noise"], self._tables["noise"].row(i))
         for j in b["cscale"]:
             be.copy(b["cscale"][j], self._tables[f"cs{j}"].row(i))
-        parity = self._done % 2
+        parity, full = self._done % 2, self._full[i]
         if self.captured and self._generation != be.scratch.generation:
             self._recapture(parity)
         if self.captured:
-            self._graphs[parity].launch()
+            self._graphs[full, parity].launch()
         else:
-            self._enqueue(parity)
+            self._enqueue(parity, full)
         self._done += 1
 
     @property
@@ -222,7 +256,7 @@ class CapturedStepLoop(StepLoop):
                columns: int, extra: Mapping[str, DeviceArray] | None = None,
                images: Mapping[int, DeviceArray] | None = None, scale_shape: tuple[int, ...] | None = None) -> None:
         be = self.backend
-        self._key, self._graphs, self.captured = None, [], False
+        self._key, self._graphs, self.captured = None, {}, False
         self._check_cond(self.unet.inputs, conds)
         t_spec = self.unet.inputs["timestep"]
         b: dict[str, Any] = {
@@ -241,6 +275,8 @@ class CapturedStepLoop(StepLoop):
         unet_e.bind_inputs(unet_feeds)
         out_name = UNET_OUTPUT if UNET_OUTPUT in unet_e.outputs else next(iter(unet_e.outputs))
         b["out"] = be.empty(unet_e.output_shape(out_name), unet_e.outputs[out_name].dtype)
+        b["side"] = self._side_buffers(unet_e, out_name)
+        self._setup_shallow()
         st = self.step_engine.inputs
         b["c"] = be.empty((columns,), st["coeffs"].dtype)
         b["noise"] = be.empty(x.shape, st["noise"].dtype)
@@ -252,6 +288,30 @@ class CapturedStepLoop(StepLoop):
             raise InputError(f"{self.step_engine.name} must have outputs {STEP_OUTPUTS}, has {sorted(self.step_engine.outputs)}")
         self._out_name = out_name
         self._capture()
+
+    def _side_buffers(self, engine: TrtEngine, main: str) -> dict[str, DeviceArray]:
+        """Zeroed fixed buffers for an engine's outputs other than ``main`` (its inputs bound): TensorRT runs an
+        engine only with every output bound. The UNet's deep feature of a ``--deepcache`` export is one."""
+        be, side = self.backend, {}
+        for o, spec in engine.outputs.items():
+            if o != main:
+                a = side[o] = be.empty(engine.output_shape(o), spec.dtype)
+                be.device.zero(a.ptr, a.nbytes)
+        return side
+
+    def _setup_shallow(self) -> None:
+        """DeepCache's shallow path: its inputs (the UNet's, and the deep-feature buffer the UNet writes), its
+        prediction into the UNet's output buffer (the same shape, which its bind checks)."""
+        shallow, b = self.shallow, self.buf
+        b["shallow_side"] = {}
+        if shallow is None:
+            return
+        if UNET_OUTPUT not in shallow.outputs:
+            raise InputError(f"{shallow.name} must return {UNET_OUTPUT}, has {sorted(shallow.outputs)}: {EXPORT_HINT}")
+        feeds = self._shallow_feeds(0)
+        shallow.check(feeds)
+        shallow.bind_inputs(feeds)
+        b["shallow_side"] = self._side_buffers(shallow, UNET_OUTPUT)
 
     def _setup_control(self, images: Mapping[int, DeviceArray], scale_shape: tuple[int, ...] | None) -> None:
         """Fixed buffers of the ControlNets: each active net's image, scale row and residual outputs; zero
@@ -291,6 +351,12 @@ class CapturedStepLoop(StepLoop):
         b = self.buf
         return {"sample": b["uin"][p], "timestep": b["t"], **b["cond"], **b.get("res", {})}
 
+    def _shallow_feeds(self, p: int) -> dict[str, DeviceArray]:
+        shallow = self.shallow
+        assert shallow is not None
+        feeds: dict[str, DeviceArray] = shallow_feeds(shallow, self._unet_feeds(p), self.buf["side"][DEEP_FEATURE])
+        return feeds
+
     def _step_feeds(self, p: int) -> dict[str, DeviceArray]:
         b = self.buf
         feeds = {"latents": b["lat"][p], STEP_UNET_INPUT: b["out"], "coeffs": b["c"], "x0_prev": b["x0"][p],
@@ -300,41 +366,52 @@ class CapturedStepLoop(StepLoop):
         feeds.update(b["extra"])
         return feeds
 
-    def _enqueue(self, p: int) -> None:
-        """Bind step parity ``p`` (read state p, write state 1 - p) and queue UNet, then step graph."""
+    def _enqueue(self, p: int, full: bool = True) -> None:
+        """Bind step parity ``p`` (read state p, write state 1 - p) and queue UNet (``full``; otherwise the
+        shallow path over the deep-feature buffer), then step graph."""
         b = self.buf
         for j, net in enumerate(self.controlnets):
             if net is not None:
                 net.bind_inputs(self._control_feeds(j, net, p))
                 net.bind_outputs({o: b["res"][f"controlnet_{j}_{o}"] for o in net.outputs})
                 net.enqueue()
-        self._unet_e.bind_inputs(self._unet_feeds(p))
-        self._unet_e.bind_outputs({self._out_name: b["out"]})
-        self._unet_e.enqueue()
+        if full:
+            self._unet_e.bind_inputs(self._unet_feeds(p))
+            self._unet_e.bind_outputs({self._out_name: b["out"], **b["side"]})
+            self._unet_e.enqueue()
+        else:
+            shallow = self.shallow
+            assert shallow is not None  # check_full: no shallow steps in a loop made without one
+            shallow.bind_inputs(self._shallow_feeds(p))
+            shallow.bind_outputs({UNET_OUTPUT: b["out"], **b["shallow_side"]})
+            shallow.enqueue()
         self._step_e.bind_inputs(self._step_feeds(p))
         self._step_e.bind_outputs(dict(zip(STEP_OUTPUTS, (b["lat"][1 - p], b["x0"][1 - p], b["uin"][1 - p]))))
         self._step_e.enqueue()
 
     def _capture(self) -> None:
         be = self.backend
-        self._graphs, self.captured = [], False
+        self._graphs, self.captured = {}, False
         if not be.cuda_graph:
             self.reason = "CUDA graphs are off (TrtBackend(cuda_graph=False))"
             return
-        graphs = []
+        graphs: dict[tuple[bool, int], Graph] = {}
         nets = [n for n in self.controlnets if n is not None]
+        shallow = self.shallow
+        engines = (*nets, self._unet_e, *([] if shallow is None else [shallow]), self._step_e)
         try:
-            refuse = [e.name for e in (*nets, self._unet_e, self._step_e) if hasattr(e.context, "is_stream_capturable")
+            refuse = [e.name for e in engines if hasattr(e.context, "is_stream_capturable")
                       and not e.context.is_stream_capturable(be.device.handle)]
             if refuse:  # TensorRT for RTX says so up front (data-dependent shapes, on-device control flow)
                 self.reason = f"TensorRT cannot stream-capture {', '.join(refuse)} here"
                 return
-            for p in (0, 1):
-                self._enqueue(p)  # warm-up: TensorRT's shape-dependent setup happens outside the capture
-                graphs.append(be.device.capture(functools.partial(self._enqueue, p)))
+            for full in (True, False) if shallow is not None else (True,):  # full first: it writes the feature
+                for p in (0, 1):
+                    self._enqueue(p, full)  # warm-up: TensorRT's shape-dependent setup happens outside the capture
+                    graphs[full, p] = be.device.capture(functools.partial(self._enqueue, p, full))
             be.synchronize()
         except Exception as e:  # noqa: BLE001 - any TensorRT/CUDA failure: the direct path runs the same bindings
-            for g in graphs:
+            for g in graphs.values():
                 g.close()
             self.reason = f"CUDA graph capture failed: {type(e).__name__}: {e}"
             return
@@ -343,13 +420,14 @@ class CapturedStepLoop(StepLoop):
 
     def _recapture(self, parity: int) -> None:
         """Capture again (the scratch block moved) without losing the state the next step reads: the warm-up
-        runs write both states."""
+        runs write both states, and the full steps' the deep feature a shallow step reads next."""
         be, b = self.backend, self.buf
         saved = []
-        for k in ("lat", "x0", "uin"):
-            keep = be.empty(b[k][parity].shape, b[k][parity].dtype)
-            be.copy(keep, b[k][parity])
-            saved.append((k, keep))
+        for buf in [b[k][parity] for k in ("lat", "x0", "uin")] + [*b["side"].values()]:
+            keep = be.empty(buf.shape, buf.dtype)
+            be.copy(keep, buf)
+            saved.append((buf, keep))
         self._capture()
-        for k, keep in saved:
-            be.copy(b[k][parity], keep)
+        for buf, keep in saved:
+            be.copy(buf, keep)
+            keep.free()
