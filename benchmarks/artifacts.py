@@ -12,7 +12,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from sdrt.runtime.errors import InputError
+from sdrt.runtime.errors import ArtifactError, InputError
+from sdrt.runtime.feature_cache import SHALLOW_UNET
 
 from .config import BenchConfig
 from .jobs import tail
@@ -38,6 +39,13 @@ def export_for(cfg: BenchConfig, work: Path, precision: str, emit: Emit, notes: 
         if cfg.workload == "controlnet" and not manifest.controlnets:
             raise InputError(f"the controlnet workload needs an export with a ControlNet; {artifact} has "
                              "none: re-export it with `sdrt export ... --controlnet CONTROLNET`, or use --preset")
+        if cfg.caches and SHALLOW_UNET not in manifest.components and not manifest.refiner:
+            raise ArtifactError(f"{artifact} has no DeepCache shallow path ({SHALLOW_UNET}), which caches="
+                                f"{list(cfg.caches)} measures: re-export it with `sdrt export ... --deepcache`, or "
+                                "leave caches out",
+                                cli=f"{artifact} has no DeepCache shallow path ({SHALLOW_UNET}), which --cache "
+                                    f"{','.join(cfg.caches)} measures: re-export it with `sdrt export ... "
+                                    "--deepcache`, or leave --cache out")
         if fuse and "ort-cuda" not in manifest.components["unet"].variants:
             notes.append(f"{artifact} has no fused ort-cuda UNet (sdrt export --ort-cuda): ort-cuda "
                          "runs the portable graph")
@@ -49,7 +57,13 @@ def export_for(cfg: BenchConfig, work: Path, precision: str, emit: Emit, notes: 
     if cfg.workload in ("controlnet", "inpaint") and is_sd3_preset(preset):
         raise InputError(f"the {cfg.workload} workload is not there yet for SD 3 / 3.5 ({preset}): "
                          "measure it with --workload txt2img")
-    folder = work / f"export-{preset}{'-controlnet' if cfg.workload == 'controlnet' else ''}-{precision}"
+    deepcache = bool(cfg.caches)  # the shallow path the cached jobs run (sdrt export --deepcache)
+    if deepcache and is_sd3_preset(preset):
+        raise InputError(f"feature caching (DeepCache) is for UNet models; {preset} is an SD 3 / 3.5 model (MMDiT): "
+                         "leave caches out", cli=f"--cache (DeepCache) is for UNet models; {preset} is an SD 3 / "
+                         "3.5 model (MMDiT): leave --cache out")
+    folder = work / (f"export-{preset}{'-controlnet' if cfg.workload == 'controlnet' else ''}"
+                     f"{'-deepcache' if deepcache else ''}-{precision}")
 
     t0, export_s = time.perf_counter(), None
     if (folder / "sdrt.json").is_file():
@@ -59,7 +73,7 @@ def export_for(cfg: BenchConfig, work: Path, precision: str, emit: Emit, notes: 
         emit("export", f"exporting {preset} ({precision}) to ONNX")
         model = load_random(preset, seed=WEIGHTS_SEED)
         nets = [workload_controlnet(model)] if cfg.workload == "controlnet" else []
-        manifest = export_loaded(model, folder, fp16=precision == "fp16", controlnets=nets,
+        manifest = export_loaded(model, folder, fp16=precision == "fp16", controlnets=nets, deepcache=deepcache,
                                  progress=lambda msg: emit("export", msg))
         del model
         export_s = time.perf_counter() - t0

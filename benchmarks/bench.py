@@ -49,6 +49,7 @@ from .records import (
     add_floor,
     add_ratios,
     add_refiner_stages,
+    add_uncached,
     cold_start,
     document,
     fail_unmeasured,
@@ -149,14 +150,18 @@ class _Run:
         measurements: list[dict[str, Any]] = []
         for i, job in enumerate(jobs):
             m, res = self._measure(i, job, len(jobs), models, work, precision, guided)
-            add_floor(m, shape_flops.get((job.height, job.width, job.batch_size)), rates.get(job.device))
+            # the floor counts a full UNet every step: a cached row records its FLOPs, not a fraction of the floor
+            add_floor(m, shape_flops.get((job.height, job.width, job.batch_size)),
+                      rates.get(job.device) if job.cache is None else None)
             measurements.append(m)
-            note_backend(backends[job.name], res, job)
+            if job.cache is None or not backends[job.name].versions:  # an uncached job tells its backend's loop
+                note_backend(backends[job.name], res, job)
             self.emit("job", job.label(), phase="done", job_index=i + 1, jobs=len(jobs), status=m["status"],
                       its=m["its"])
         fail_unmeasured(backends, measurements)
 
         add_ratios(measurements, baseline_of, work)
+        add_uncached(measurements, work)
         self.notes += standard_notes(cfg, guided)
         self.notes += workload_notes(cfg, models.folder, models.manifest, models.ref_manifest)
         doc = document(cfg, env, threads=self.threads, requested=requested, resolutions=resolutions,
@@ -288,7 +293,8 @@ class _Run:
 
     def _jobs(self, models: _Models, work: Path, resolutions: list[tuple[int, int]], baselines: list[BaselineRow],
               available: list[str], backends: dict[str, BackendRecord]) -> list[Job]:
-        """Per configuration, the baseline rows first, then each backend; each shape's latents and the workload's
+        """Per configuration, the baseline rows first, then each backend (uncached, then with each cache of the
+        config); each shape's latents and the workload's
         images are written once, for every job of that shape."""
         cfg = self.cfg
         manifest = models.manifest
@@ -310,8 +316,9 @@ class _Run:
             for name in available:
                 src = models.engines if name == "tensorrt" else models.folder
                 assert src is not None
-                jobs.append(Job(SDRT, name, backend_device(name), src, h, w, bsz, sampler, steps,
-                                artifact_bytes=backends[name].artifact_bytes, **shared))
+                for cache in (None, *cfg.cache_policies):  # uncached first, then each cache beside it
+                    jobs.append(Job(SDRT, name, backend_device(name), src, h, w, bsz, sampler, steps,
+                                    artifact_bytes=backends[name].artifact_bytes, cache=cache, **shared))
         return jobs
 
     def _measure(self, i: int, job: Job, n_jobs: int, models: _Models, work: Path, precision: str,
@@ -325,7 +332,7 @@ class _Run:
         m = measurement(job, res, peaks, self.cfg, guided)
         if models.ref_folder is not None and res["status"] == "ok":
             add_refiner_stages(m, res)
-        if job.name == "openvino" and res["status"] == "ok":
+        if job.name == "openvino" and job.cache is None and res["status"] == "ok":  # the cache fills once
             self.emit("job", job.label(), phase="cached cold start")
             again, _ = self._worker({**spec, "cold_only": True, "image_out": None}, work,
                                     job.label() + " (model cache filled)", job.device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from sdrt.runtime.errors import InputError
 
@@ -15,6 +16,8 @@ WORKLOADS = ("txt2img", "controlnet", "inpaint", "few-step", "base-refiner")
 BASELINES = ("torch", "none")
 PRECISIONS = ("fp16", "fp32")
 OV_PRECISIONS = ("auto", "bf16", "fp32")  # the openvino backend's inference precision
+CACHE_FORM = "deepcache:INTERVAL[:SCHEDULE] (e.g. deepcache:3, deepcache:5:nonuniform)"
+CACHE_WORKLOADS = ("txt2img", "inpaint", "few-step")  # the pipeline caches neither ControlNets nor a refiner pair
 DEFAULT_PROMPT = "a photograph of an astronaut riding a horse, highly detailed"
 
 
@@ -53,6 +56,14 @@ class BenchConfig:
     refiner: str | None = None
     refiner_start: float = 0.8
     workload: str = "txt2img"  # one of WORKLOADS: recorded, and how reports label it
+    # feature caching measured beside each uncached sdrt job: specs "deepcache:INTERVAL[:SCHEDULE]"
+    # (cache_specs parses them); the export then needs DeepCache's shallow path (sdrt export --deepcache)
+    caches: tuple[str, ...] = ()
+
+    @property
+    def cache_policies(self) -> tuple[Any, ...]:
+        """The ``feature_cache.CachePolicy`` of each spec in ``caches``, in order."""
+        return tuple(parse_cache(spec) for spec in self.caches)
 
     def __post_init__(self) -> None:
         if (self.preset is None) == (self.artifact is None):
@@ -95,6 +106,58 @@ class BenchConfig:
                                  "measure: add it to the backends, or leave openvino_precision out",
                                  cli="--openvino-precision applies to the openvino backend, which this run does "
                                      "not measure: add it to --backends, or leave --openvino-precision out")
+        if self.caches:
+            self._check_caches()
         if self.bf16_baseline and self.baseline != "torch":
             raise InputError("the bf16 baseline is diffusers on PyTorch: it needs baseline=\"torch\"",
                              cli="--bf16-baseline is diffusers on PyTorch: it needs --baseline torch")
+
+    def _check_caches(self) -> None:
+        """Each cache spec parsed and checked (``parse_cache``), none twice, on a workload the cache covers."""
+        labels = [cache_label(parse_cache(spec)) for spec in self.caches]
+        if len(set(labels)) != len(labels):
+            raise InputError(f"a cache is given twice: {', '.join(self.caches)}",
+                             cli=f"--cache gives a cache twice: {','.join(self.caches)}")
+        if self.workload not in CACHE_WORKLOADS:
+            raise InputError(f"feature caching is not measured on the {self.workload} workload (the pipeline caches "
+                             f"neither ControlNets nor a base+refiner pair): use one of {', '.join(CACHE_WORKLOADS)}, "
+                             "or leave caches out", cli=f"--cache is not measured on --workload {self.workload}: use "
+                             f"one of {', '.join(CACHE_WORKLOADS)}, or leave --cache out")
+
+
+def parse_cache(spec: str) -> Any:
+    """A cache spec ``deepcache:INTERVAL[:SCHEDULE]`` as a ``feature_cache.CachePolicy``, checked by
+    ``cache_policy``; anything else an InputError naming the form."""
+    from sdrt.runtime.feature_cache import CACHE_KINDS, SCHEDULES, cache_policy
+
+    parts = str(spec).strip().split(":")
+    if len(parts) not in (2, 3) or not parts[1].strip().isdigit():
+        raise InputError(f"cache {spec!r}: use {CACHE_FORM}; kinds: {', '.join(CACHE_KINDS)}, schedules: "
+                         f"{', '.join(SCHEDULES)} (default uniform)",
+                         cli=f"--cache {spec!r}: use {CACHE_FORM}; kinds: {', '.join(CACHE_KINDS)}, schedules: "
+                             f"{', '.join(SCHEDULES)} (default uniform)")
+    kind, interval, schedule = parts[0].strip(), int(parts[1]), (parts[2].strip() if len(parts) == 3 else "uniform")
+    try:
+        policy = cache_policy(kind, interval, schedule)
+    except InputError as e:
+        raise InputError(f"cache {spec!r}: {e}; the form is {CACHE_FORM}",
+                         cli=f"--cache {spec!r}: {e}; the form is {CACHE_FORM}") from None
+    assert policy is not None
+    return policy
+
+
+def cache_label(policy: Any) -> str:
+    """How a row names its cache (a policy, or its record ``{kind, interval, schedule}``): ``deepcache/3``, or
+    ``deepcache/5/nonuniform`` off the uniform schedule; "" uncached."""
+    if policy is None:
+        return ""
+    c = policy if isinstance(policy, dict) else cache_record(policy)
+    assert c is not None
+    return f"{c['kind']}/{c['interval']}" + ("" if c["schedule"] == "uniform" else f"/{c['schedule']}")
+
+
+def cache_record(policy: Any) -> dict[str, Any] | None:
+    """A policy as the result records it: ``{kind, interval, schedule}``, or None (uncached)."""
+    if policy is None:
+        return None
+    return {"kind": policy.kind, "interval": policy.interval, "schedule": policy.schedule}

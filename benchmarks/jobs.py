@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import BenchConfig
+from .config import BenchConfig, cache_label, cache_record
 from .memory import MemoryPeaks, MemorySampler
 from .worker import PREFIX
 
@@ -38,6 +38,12 @@ class Job:
     image_out: Path | None = None
     latents: Path | None = None  # the starting latents, shared by every job of this shape
     inputs: dict[str, str] = field(default_factory=dict)  # the workload's image files (workload_inputs)
+    cache: Any = None  # a feature_cache.CachePolicy: the sdrt job runs with feature caching; None: uncached
+
+    @property
+    def row_name(self) -> str:
+        """The backend as the row names it: ``ort-cpu``, or ``ort-cpu + deepcache/3`` with a cache."""
+        return self.name + (f" + {cache_label(self.cache)}" if self.cache is not None else "")
 
     @property
     def is_baseline(self) -> bool:
@@ -45,7 +51,7 @@ class Job:
         return self.kind == BASELINE
 
     def label(self) -> str:
-        return f"{self.name} {self.height}x{self.width} batch {self.batch_size} {self.sampler}/{self.steps} steps"
+        return f"{self.row_name} {self.height}x{self.width} batch {self.batch_size} {self.sampler}/{self.steps} steps"
 
 
 def write_latents(work: Path, seed: int, h: int, w: int, batch_size: int, channels: int, scale: int) -> Path:
@@ -96,6 +102,7 @@ def job_spec(job: Job, cfg: BenchConfig, *, precision: str, family: str, threads
         "repeats": cfg.repeats, "threads": threads, "latents": str(job.latents),
         "image_out": str(job.image_out), "compile": job.compile, "compile_mode": cfg.compile_mode,
         "cuda_graph": cfg.cuda_graph, "autocast": job.autocast, "workload": cfg.workload,
+        "cache": cache_record(job.cache),
         **job.inputs,
     }
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from . import schema
 from .artifacts import export_precision, manifest_spacing
-from .config import BenchConfig
+from .config import BenchConfig, cache_record
 from .env import device_label
 from .jobs import Job
 from .memory import MemoryPeaks
@@ -63,6 +63,9 @@ def measurement(job: Job, res: dict[str, Any], peaks: MemoryPeaks, cfg: BenchCon
         "artifact_bytes": res.get("weight_bytes") if job.is_baseline else job.artifact_bytes,
         "raw": None, "flops": None, "floor_ms": None, "of_floor": None,
         "baseline": None, "vs_baseline": None, "image_vs_baseline": None, "clocks": None,
+        "cache": cache_record(job.cache), "full_steps": full_steps(job.cache, job.steps),
+        "unet_full_step_ms": None, "unet_shallow_step_ms": None, "unet_equivalent_steps": None,
+        "vs_uncached": None, "image_vs_uncached": None,
     }
     if res["status"] != "ok":
         return m
@@ -87,10 +90,37 @@ def measurement(job: Job, res: dict[str, Any], peaks: MemoryPeaks, cfg: BenchCon
     m["vae_decoder_ms"] = summarize(raw["vae_decoder_ms"])
     m["total_ms"] = summarize(raw["total_ms"])
     m["its"] = 1e3 / m["unet_step_ms"]["p50"]
+    add_step_split(m, job.cache, raw["unet_steps_ms"])
     m["images_per_s"] = job.batch_size * 1e3 / m["total_ms"]["p50"]
     if any(any(r.get("nonfinite") or []) for r in [res.get("first", {}), *runs]):
         m["memory_notes"].append("some images decoded to NaN/inf")
     return m
+
+
+def full_steps(policy: Any, steps: int) -> int:
+    """How many of ``steps`` steps run the full UNet under ``policy`` (all of them uncached)."""
+    return steps if policy is None else int(policy.full_steps(steps).sum())
+
+
+def add_step_split(m: dict[str, Any], policy: Any, steps_ms: list[list[float]]) -> None:
+    """The median full-step and shallow-step times, split by the policy's plan of each run's steps, and the
+    UNet-equivalent work per image: full steps + shallow steps x (shallow ms / full ms). Uncached: every
+    step is full. A run whose step times do not number its steps (a loop that times only its whole) leaves
+    the split out, with a note."""
+    from .stats import percentile
+
+    steps = m["steps"]
+    if any(len(r) != steps for r in steps_ms):
+        m["memory_notes"].append("the loop did not time each step: no full/shallow step split")
+        return
+    plan = [True] * steps if policy is None else [bool(x) for x in policy.full_steps(steps)]
+    full = [x for r in steps_ms for x, f in zip(r, plan) if f]
+    shallow = [x for r in steps_ms for x, f in zip(r, plan) if not f]
+    m["unet_full_step_ms"] = percentile(full, 50)
+    m["unet_shallow_step_ms"] = percentile(shallow, 50) if shallow else None
+    n_full = m["full_steps"]
+    m["unet_equivalent_steps"] = (n_full + (steps - n_full) * m["unet_shallow_step_ms"] / m["unet_full_step_ms"]
+                                  if shallow and m["unet_full_step_ms"] > 0 else float(n_full))
 
 
 def add_refiner_stages(m: dict[str, Any], res: dict[str, Any]) -> None:
@@ -136,20 +166,47 @@ def add_ratios(measurements: list[dict[str, Any]], baseline_of: Callable[[dict[s
                work: Path) -> None:
     """Each measurement against its baseline row (``baseline_of``) of the same configuration: the ratios of
     its figures and the pixel difference of the two first images (``work``/image-INDEX.png)."""
-    by_key = {(m["backend"], m["height"], m["width"], m["batch_size"], m["sampler"], m["steps"]): (i, m)
-              for i, m in enumerate(measurements) if m["status"] == "ok"}
+    by_key = {_key(m): (i, m) for i, m in enumerate(measurements) if m["status"] == "ok"}
     images = {i: work / f"image-{i}.png" for i in range(len(measurements))}
     for i, m in enumerate(measurements):
         name = baseline_of(m)
         if name is None or m["status"] != "ok":
             continue
-        hit = by_key.get((name, m["height"], m["width"], m["batch_size"], m["sampler"], m["steps"]))
+        hit = by_key.get(_key(m, backend=name, uncached=True))  # the baseline is never cached
         if hit is None:
             continue
         j, b = hit
         m["baseline"] = name
         m["vs_baseline"] = {k: ratio(_metric(m, p), _metric(b, p)) for k, p in schema.RATIO_METRICS.items()}
         m["image_vs_baseline"] = _image_diff(images[i], images[j], m["sampler"])
+
+
+def add_uncached(measurements: list[dict[str, Any]], work: Path) -> None:
+    """Each cached measurement against the uncached one of the same backend and configuration: the ratios of
+    its figures (cached / uncached), the speed-ups (uncached / cached) and the pixel difference of the two
+    first images (``work``/image-INDEX.png)."""
+    by_key = {_key(m): (i, m) for i, m in enumerate(measurements) if m["status"] == "ok"}
+    for i, m in enumerate(measurements):
+        if m.get("cache") is None or m["status"] != "ok":
+            continue
+        hit = by_key.get(_key(m, uncached=True))
+        if hit is None:
+            continue
+        j, u = hit
+        vs: dict[str, Any] = {k: ratio(_metric(m, p), _metric(u, p)) for k, p in schema.UNCACHED_METRICS.items()}
+        vs["speedup_total_ms_p50"] = ratio(_metric(u, ("total_ms", "p50")), _metric(m, ("total_ms", "p50")))
+        vs["speedup_unet_ms_per_image"] = ratio(_metric(u, ("unet_step_ms", "mean")),
+                                                _metric(m, ("unet_step_ms", "mean")))
+        m["vs_uncached"] = vs
+        m["image_vs_uncached"] = _image_diff(work / f"image-{i}.png", work / f"image-{j}.png", m["sampler"])
+
+
+def _key(m: dict[str, Any], backend: str | None = None, uncached: bool = False) -> tuple[Any, ...]:
+    """A measurement's configuration: backend, shape, sampler, steps and its cache (so a cached row is never
+    matched with the uncached one); ``backend`` / ``uncached``: the key of another row of that configuration."""
+    c = None if uncached else m.get("cache")
+    cache = None if c is None else (c["kind"], c["interval"], c["schedule"])
+    return (backend or m["backend"], m["height"], m["width"], m["batch_size"], m["sampler"], m["steps"], cache)
 
 
 def _image_diff(a: Path, b: Path, sampler: str) -> dict[str, Any] | None:
@@ -217,6 +274,13 @@ def standard_notes(cfg: BenchConfig, guided: bool) -> list[str]:
              "fraction of the device's matrix throughput a stage achieves (1.0 is the physical limit).")
     notes = ["it/s is denoising steps per second: 1000 / the median step time. " + steps, stats, processes,
              ratios, floor]
+    if cfg.caches:
+        notes.append("Feature caching (DeepCache): each sdrt configuration ran uncached, then once per cache "
+                     "(" + ", ".join(cfg.caches) + ") on the same export (made with --deepcache: its UNet also "
+                     "returns the deep feature), weights, latents and threads. full_steps = steps that ran the full "
+                     "UNet; vs_uncached = the cached figure / the uncached one (below 1 is better for times), "
+                     "speedup_* = uncached / cached; unet_equivalent_steps = full steps + shallow steps x (median "
+                     "shallow step ms / median full step ms); image_vs_uncached: the first images' pixel difference.")
     return notes
 
 
@@ -259,6 +323,7 @@ def document(cfg: BenchConfig, env: dict[str, Any], *, threads: int, requested: 
             "warmup": cfg.warmup, "repeats": cfg.repeats,
             "threads": threads, "guidance_scale": cfg.guidance_scale, "prompt": cfg.prompt, "seed": cfg.seed,
             "isolation": "subprocess", "workload": cfg.workload,
+            "caches": [cache_record(policy) for policy in cfg.cache_policies],
             "refiner": None if ref_manifest is None else {"preset": ref_manifest.preset,
                                                           "refiner_start": cfg.refiner_start},
         },

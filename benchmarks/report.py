@@ -16,6 +16,7 @@ from typing import Any
 from sdrt.runtime.errors import InputError
 
 from . import schema
+from .config import cache_label
 from .env import device_label
 
 README_START = "<!-- bench:start -->"
@@ -49,6 +50,29 @@ def _pct(v: float | None) -> str:
 def _vs(m: dict[str, Any], key: str) -> float | None:
     vs = m.get("vs_baseline") or {}
     return vs.get(key)
+
+
+def _backend(m: dict[str, Any]) -> str:
+    """The row's backend, with its feature cache: ``ort-cpu``, ``ort-cpu + deepcache/3``."""
+    c = m.get("cache")
+    return m["backend"] + (f" + {cache_label(c)}" if c else "")
+
+
+def cache_lines(measurements: Iterable[dict[str, Any]], prefix: str = "") -> list[str]:
+    """One line per cached measurement: its speed-up over the uncached row of its configuration, the full
+    steps, the UNet-equivalent work per image and the first images' pixel difference."""
+    out = []
+    for m in measurements:
+        if m["status"] != "ok" or not m.get("cache"):
+            continue
+        vs, img = m.get("vs_uncached") or {}, m.get("image_vs_uncached") or {}
+        eq = m.get("unet_equivalent_steps")
+        out.append(f"{prefix}{_backend(m)} {m['height']}x{m['width']} batch {m['batch_size']} "
+                   f"{m['sampler']}/{m['steps']}: {_x(vs.get('speedup_total_ms_p50'))} faster per image than uncached "
+                   f"(UNet {_x(vs.get('speedup_unet_ms_per_image'))}); {m['full_steps']} of {m['steps']} steps "
+                   f"full, UNet work {'-' if eq is None else f'{eq:.2f}'} full-step equivalents; image vs "
+                   f"uncached mean {_num(img.get('mean_abs'), 2)} / max {img.get('max_abs', '-')} of 255")
+    return out
 
 
 def _memory(m: dict[str, Any]) -> tuple[int | None, str]:
@@ -85,12 +109,12 @@ def text_table(doc: dict[str, Any]) -> str:
     for m in doc["measurements"]:
         cfg = f"{m['sampler']}/{m['steps']}"
         if m["status"] != "ok":
-            rows.append([m["backend"], f"{m['height']}x{m['width']}", str(m["batch_size"]), cfg,
+            rows.append([_backend(m), f"{m['height']}x{m['width']}", str(m["batch_size"]), cfg,
                          m["status"], "", "", "", "", "", "", "", ""])
             continue
         mem, _ = _memory(m) if m["device"] == "cuda" else (None, "")
         rows.append([
-            m["backend"], f"{m['height']}x{m['width']}", str(m["batch_size"]), cfg,
+            _backend(m), f"{m['height']}x{m['width']}", str(m["batch_size"]), cfg,
             _num(m["its"], 2), _x(_vs(m, "its")), _num(m["unet_step_ms"]["p50"], 2),
             f"{_num(m['total_ms']['p50'])}/{_num(m['total_ms']['p90'])}", _num(m["images_per_s"], 2),
             _gb(mem), _gb(m["peak_rss_bytes"]), _num(m["cold_start_ms"], 0),
@@ -104,14 +128,15 @@ def text_table(doc: dict[str, Any]) -> str:
             lines.append(f"{b['name']}: {b['status']}: {b['reason']}")
     for m in doc["measurements"]:
         if m["status"] != "ok":
-            lines.append(f"{m['backend']} {m['height']}x{m['width']} batch {m['batch_size']}: {m['status']}: {m['reason']}")
+            lines.append(f"{_backend(m)} {m['height']}x{m['width']} batch {m['batch_size']}: {m['status']}: {m['reason']}")
+    lines += cache_lines(doc["measurements"], "feature cache: ")
     cfg = doc.get("config", {})
     if cfg.get("workload") == "few-step" or cfg.get("refiner"):
         # one or a few steps: images/s is the figure that means something (it/s is one UNet call or two)
         for m in doc["measurements"]:
             if m["status"] == "ok":
                 vs = _vs(m, "images_per_s")
-                lines.append(f"{m['backend']} {m['sampler']}/{m['steps']}: {_num(m['images_per_s'], 2)} images/s"
+                lines.append(f"{_backend(m)} {m['sampler']}/{m['steps']}: {_num(m['images_per_s'], 2)} images/s"
                              + (f" ({_x(vs)} {m['baseline']})" if vs is not None else ""))
     ref = cfg.get("refiner")
     if ref:
@@ -172,7 +197,7 @@ def rows(docs: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
                 continue
             mem, mem_kind = _memory(m)
             out.append({
-                "run": k + 1, "device": _device(doc, m["device"]), "backend": m["backend"], "role": m["role"],
+                "run": k + 1, "device": _device(doc, m["device"]), "backend": _backend(m), "role": m["role"],
                 "preset": _model_label(doc), "precision": doc["model"]["precision"] if m["role"] == "sdrt"
                 else next((b["precision"] for b in doc["backends"] if b["name"] == m["backend"]), None),
                 "size": f"{m['height']}x{m['width']}", "batch": m["batch_size"], "sampler": m["sampler"],
@@ -226,8 +251,14 @@ def markdown(docs: Sequence[dict[str, Any]]) -> str:
                 skipped.append(f"- [{k + 1}] {b['name']} ({_device(doc, b['device'])}): {b['status']}: {b['reason']}")
         for m in doc["measurements"]:
             if m["status"] != "ok":
-                skipped.append(f"- [{k + 1}] {m['backend']} {m['height']}x{m['width']} batch {m['batch_size']} "
+                skipped.append(f"- [{k + 1}] {_backend(m)} {m['height']}x{m['width']} batch {m['batch_size']} "
                                f"{m['sampler']}/{m['steps']}: {m['status']}: {m['reason']}")
+    cached = [line for k, doc in enumerate(docs) for line in cache_lines(doc["measurements"], f"- [{k + 1}] ")]
+    if cached:
+        intro = ("Each cached row against the uncached row of the same backend and configuration, measured in "
+                 "the same run (speed-up: uncached time / cached time; UNet work: full steps + shallow steps x "
+                 "shallow step ms / full step ms).")
+        parts += ["## Feature caching", "", intro, "", *cached, ""]
     if skipped:
         parts += ["## Skipped or failed", "", *skipped, ""]
     parts += ["## Runs", ""]

@@ -16,7 +16,7 @@ from typing import Any
 from sdrt.runtime.errors import CompatibilityError, InputError
 
 SCHEMA_NAME = "sdrt-bench"
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 def _v1_to_v2(doc: dict[str, Any]) -> dict[str, Any]:
@@ -31,8 +31,23 @@ def _v2_to_v3(doc: dict[str, Any]) -> dict[str, Any]:
     return doc
 
 
+def _v3_to_v4(doc: dict[str, Any]) -> dict[str, Any]:
+    """Version 4 records feature caching (``config.caches``; each measurement's ``cache``, ``full_steps``, its
+    full/shallow step split and ``vs_uncached``); a version 3 run cached nothing: every step ran the full UNet.
+    Its step split is left unknown (null), as its per-step times were never split."""
+    doc["config"].setdefault("caches", [])
+    for m in doc["measurements"]:
+        if isinstance(m, dict):
+            m.setdefault("cache", None)
+            m.setdefault("full_steps", m.get("steps"))
+            for key in ("unet_full_step_ms", "unet_shallow_step_ms", "unet_equivalent_steps", "vs_uncached",
+                        "image_vs_uncached"):
+                m.setdefault(key, None)
+    return doc
+
+
 # version n -> a function taking a version-n document and returning a version n+1 document.
-MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _v1_to_v2, 2: _v2_to_v3}
+MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4}
 
 STATUSES = ("ok", "skipped", "failed")
 ROLES = ("sdrt", "baseline")
@@ -53,6 +68,20 @@ RATIO_METRICS: dict[str, tuple[str, ...]] = {
     "peak_rss_bytes": ("peak_rss_bytes",),
     "artifact_bytes": ("artifact_bytes",),
 }
+
+# A cached measurement against the uncached one of its configuration (``vs_uncached``): cached / uncached,
+# beside speedup_total_ms_p50 and speedup_unet_ms_per_image (uncached / cached)
+UNCACHED_METRICS: dict[str, tuple[str, ...]] = {
+    "its": ("its",),
+    "images_per_s": ("images_per_s",),
+    "unet_step_ms_mean": ("unet_step_ms", "mean"),
+    "unet_step_ms_p50": ("unet_step_ms", "p50"),
+    "total_ms_p50": ("total_ms", "p50"),
+    "total_ms_p90": ("total_ms", "p90"),
+    "peak_vram_bytes": ("peak_vram_bytes",),
+    "peak_rss_bytes": ("peak_rss_bytes",),
+}
+SPEEDUPS = ("speedup_total_ms_p50", "speedup_unet_ms_per_image")
 
 _NUM = (int, float)
 _OPT_NUM = (int, float, type(None))
@@ -76,7 +105,7 @@ _CONFIG: dict[str, tuple[type, ...]] = {
     "preset": _OPT_STR, "artifact": _OPT_STR, "engines": _OPT_STR, "resolutions": _LIST, "steps": _LIST,
     "batch_sizes": _LIST, "samplers": _LIST, "backends": _LIST, "baseline": _STR, "compile": _BOOL,
     "warmup": (int,), "repeats": (int,), "threads": (int,), "guidance_scale": _NUM, "prompt": _STR,
-    "seed": (int,), "isolation": _STR, "cuda_graph": _BOOL, "workload": _STR,
+    "seed": (int,), "isolation": _STR, "cuda_graph": _BOOL, "workload": _STR, "caches": _LIST,
 }
 _MODEL: dict[str, tuple[type, ...]] = {
     "family": _STR, "preset": _STR, "precision": _STR, "folder": _STR, "export_s": _OPT_NUM,
@@ -104,6 +133,8 @@ _MEASUREMENT: dict[str, tuple[type, ...]] = {
     "raw": _OPT_DICT, "flops": _OPT_DICT, "floor_ms": _OPT_DICT, "of_floor": _OPT_DICT,
     "baseline": _OPT_STR, "vs_baseline": _OPT_DICT, "image_vs_baseline": _OPT_DICT,
     "host_load_avg": (list, type(None)),
+    "cache": _OPT_DICT, "full_steps": (int,), "unet_full_step_ms": _OPT_NUM, "unet_shallow_step_ms": _OPT_NUM,
+    "unet_equivalent_steps": _OPT_NUM, "vs_uncached": _OPT_DICT, "image_vs_uncached": _OPT_DICT,
 }
 _SUMMARY_KEYS = ("p50", "p90", "min", "max", "mean", "n")
 
@@ -134,6 +165,39 @@ def _check_clocks(where: str, m: dict[str, Any], problems: list[str]) -> None:
         problems.append(f"{where}.raw.clocks is not an object of clock-name lists")
 
 
+def _check_cache(where: str, c: Any, problems: list[str]) -> None:
+    """A cache record: null (uncached) or {kind, interval, schedule} a ``feature_cache.cache_policy`` accepts."""
+    if c is None:
+        return
+    from sdrt.runtime.feature_cache import cache_policy
+
+    if not isinstance(c, dict) or set(c) != {"kind", "interval", "schedule"}:
+        problems.append(f"{where} is not null or an object of kind, interval and schedule")
+        return
+    try:
+        cache_policy(c["kind"], c["interval"], c["schedule"])
+    except InputError as e:
+        problems.append(f"{where}: {e}")
+
+
+def _check_cached(where: str, m: dict[str, Any], problems: list[str]) -> None:
+    """A measurement's cache, its full steps (1..steps, all of them uncached) and, where compared with its
+    uncached row, every ratio of ``vs_uncached``."""
+    _check_cache(f"{where}.cache", m.get("cache"), problems)
+    steps, full = m.get("steps"), m.get("full_steps")
+    if isinstance(steps, int) and isinstance(full, int):
+        if m.get("cache") is None and full != steps:
+            problems.append(f"{where}.full_steps is {full} in an uncached run of {steps} steps")
+        elif not 1 <= full <= steps:
+            problems.append(f"{where}.full_steps {full} is not from 1 to steps ({steps})")
+    vs = m.get("vs_uncached")
+    if vs is not None:
+        if m.get("cache") is None:
+            problems.append(f"{where}.vs_uncached is set on an uncached measurement")
+        elif any(k not in vs for k in (*UNCACHED_METRICS, *SPEEDUPS)):
+            problems.append(f"{where}.vs_uncached lacks some of {', '.join((*UNCACHED_METRICS, *SPEEDUPS))}")
+
+
 def problems(doc: Any) -> list[str]:
     """Everything wrong with ``doc`` as a current-version result (empty: valid)."""
     out: list[str] = []
@@ -142,6 +206,8 @@ def problems(doc: Any) -> list[str]:
         return out
     _check_fields("env", doc["env"], _ENV, out)
     _check_fields("config", doc["config"], _CONFIG, out)
+    for i, c in enumerate(doc["config"].get("caches") or []):
+        _check_cache(f"config.caches[{i}]", c, out)
     _check_fields("model", doc["model"], _MODEL, out)
     for i, c in enumerate(doc["ceilings"]):
         _check_fields(f"ceilings[{i}]", c, _CEILING, out)
@@ -159,6 +225,7 @@ def problems(doc: Any) -> list[str]:
         _check_fields(where, m, _MEASUREMENT, out)
         if not isinstance(m, dict):
             continue
+        _check_cached(where, m, out)
         if m.get("status") not in STATUSES:
             out.append(f"{where}.status {m.get('status')!r} is not one of {STATUSES}")
         if m.get("status") != "ok":

@@ -85,6 +85,9 @@ def run_sdrt(spec: dict[str, Any]) -> dict[str, Any]:
     if "mask_image" in images:
         extra.update(image=images["init_image"], mask_image=images["mask_image"])
     pair = {} if refiner is None else {"refiner": refiner, "refiner_start": spec["refiner_start"]}
+    cache = spec.get("cache")  # {kind, interval, schedule}: feature caching (DeepCache), else none
+    if cache:
+        extra.update(cache=cache["kind"], cache_interval=cache["interval"], cache_schedule=cache["schedule"])
 
     def call() -> dict[str, Any]:
         t = time.perf_counter()

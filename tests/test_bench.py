@@ -383,7 +383,7 @@ def test_older_version_is_migrated(tmp_path: Path) -> None:
     p = tmp_path / "v1.json"
     p.write_text(json.dumps(v1))
     doc = schema.load(p)
-    assert doc["schema_version"] == 3 and doc["migrated_from"] == 1 and doc["config"]["cuda_graph"] is False
+    assert doc["schema_version"] == schema.SCHEMA_VERSION and doc["migrated_from"] == 1 and doc["config"]["cuda_graph"] is False
     assert doc["config"]["workload"] == "txt2img"
     assert schema.problems(doc) == []
     assert json.loads(p.read_text()) == v1  # the file itself is left alone

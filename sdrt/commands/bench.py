@@ -5,6 +5,7 @@
     sdrt bench --workload few-step                  # sd-turbo-tiny, 1 and 4 steps, euler-a, guidance 0: images/s
     sdrt bench --workload base-refiner              # sdxl-tiny + sdxl-refiner-tiny from 0.8 of the schedule
     sdrt bench --preset sd35-medium --backends openvino,ort-cpu --resolutions 1024,512 --steps 2  # SD 3.5
+    sdrt bench --preset sd15 --backends ort-cpu,openvino --cache deepcache:3 --baseline none  # DeepCache vs uncached
     sdrt bench --quality                            # the shapes model's score beside the speed of each setting
     sdrt bench report benchmarks/results/bench-*.json -o benchmarks/results --readme README.md
 """
@@ -81,6 +82,10 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-sizes", type=_list(int), default=[1], help="comma-separated images per call (default 1)")
     p.add_argument("--samplers", type=_list(str), default=None,
                    help="comma-separated (default: the model's, dpmpp-2m; flow-euler for SD 3 / 3.5)")
+    p.add_argument("--cache", dest="caches", type=_list(str), default=[], metavar="SPEC[,SPEC]",
+                   help="also measure feature caching beside each sdrt backend's uncached run, one row per SPEC: "
+                        "deepcache:INTERVAL[:SCHEDULE], e.g. deepcache:3 or deepcache:5:nonuniform (a preset is "
+                        "exported with --deepcache; an --artifact needs `sdrt export --deepcache`)")
     p.add_argument("--baseline", default="torch", choices=["torch", "none"],
                    help="diffusers on PyTorch with the same weights (default), or none")
     p.add_argument("--compile", action="store_true", help="also run the baseline with torch.compile on the UNet")
@@ -187,7 +192,7 @@ def _quality(args: argparse.Namespace) -> int:
 
     other = [flag for flag, v in (("--preset", args.preset), ("--artifact", args.artifact),
                                   ("--engines", args.engines), ("--backends", args.backends),
-                                  ("--refiner", args.refiner), ("--resolutions", args.resolutions)) if v]
+                                  ("--refiner", args.refiner), ("--resolutions", args.resolutions), ("--cache", args.caches)) if v]
     if other or args.workload != "txt2img":
         raise InputError(f"--quality runs the shapes model on every backend this machine has; "
                          f"{', '.join(other) or '--workload'} does not apply to it (leave it out)")
@@ -236,7 +241,7 @@ def run(args: argparse.Namespace) -> int:
         prompt=args.prompt or DEFAULT_PROMPT, seed=args.seed, precision=args.precision, work_dir=args.work_dir,
         timeout_s=args.timeout, matmul_n=args.matmul_size, refiner=refiner, refiner_start=args.refiner_start,
         openvino_precision=args.openvino_precision, bf16_baseline=args.bf16_baseline,
-        workload=args.workload,
+        workload=args.workload, caches=tuple(args.caches),
     )
     progress = _Progress()
     try:

@@ -23,6 +23,8 @@ def synthetic_results(gpu: str, backend: str, its: float, vram: int) -> dict[str
             "rss_sampled_peak_bytes": 2**31, "memory_notes": [], "artifact_bytes": 2 * 10**9, "raw": None,
             "flops": None, "floor_ms": None, "of_floor": None, "baseline": None, "vs_baseline": None,
             "image_vs_baseline": None, "host_load_avg": [0.5, 0.5, 0.5],
+            "cache": None, "full_steps": 20, "unet_full_step_ms": step_ms, "unet_shallow_step_ms": None,
+            "unet_equivalent_steps": 20.0, "vs_uncached": None, "image_vs_uncached": None,
         }
 
     base = measurement("torch-cuda", "baseline", 20.0, 5 * 2**30)
@@ -48,7 +50,7 @@ def synthetic_results(gpu: str, backend: str, its: float, vram: int) -> dict[str
                    "batch_sizes": [1], "samplers": ["dpmpp-2m"], "backends": [backend, "tensorrt"],
                    "baseline": "torch", "compile": False, "cuda_graph": False, "warmup": 1, "repeats": 1, "threads": 16,
                    "guidance_scale": 7.5, "prompt": "p", "seed": 0, "isolation": "subprocess",
-                   "workload": "txt2img"},
+                   "workload": "txt2img", "caches": []},
         "model": {"family": "sd1", "preset": "sd15", "precision": "fp16", "folder": "x", "export_s": None,
                   "components": {}, "artifact_bytes": 0, "source": {}, "flops": {}},
         "ceilings": [{"device": "cuda", "dtype": "float16", "n": 8192, "tflops": 800.0, "ms_p50": 1.4,
