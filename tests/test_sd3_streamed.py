@@ -139,7 +139,7 @@ def test_the_gate_keeps_one_block_of_each_kind() -> None:
 def test_a_weight_written_wrong_is_caught_by_the_read_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The read-back check can fail: a byte of the external data changed after the write (as a short write or a
     full disk would leave it) is an error naming the weight, not a silently wrong export."""
-    import sdrt.export.streamed as streamed
+    from sdrt.export import streamed
     from sdrt.runtime.errors import ArtifactError
 
     real = streamed.give_default_mode
