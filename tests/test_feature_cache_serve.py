@@ -93,6 +93,20 @@ def test_a1111_txt2img_cache_matches_the_pipeline(server, pipe):
         np.testing.assert_array_equal(pixels(img), want)
 
 
+def test_openai_edit_cache_matches_the_pipeline(server, pipe):
+    from PIL import Image
+
+    init = np.random.default_rng(3).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(init).save(buf, format="PNG")
+    r = httpx.post(f"{server.url}/v1/images/edits", files={"image": ("init.png", buf.getvalue(), "image/png")},
+                   data={"prompt": "a castle", "size": "64x64", "steps": str(STEPS), "seed": "11", "strength": "1",
+                         "sampler": "dpmpp-2m", "cache": "deepcache", "cache_interval": "2"}, timeout=120)
+    assert r.status_code == 200, r.text
+    want = ref(pipe, "a castle", 11, image=Image.fromarray(init), strength=1.0, cache="deepcache", cache_interval=2)
+    np.testing.assert_array_equal(pixels(r.json()["data"][0]["b64_json"]), want)
+
+
 # -- refusals -----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("path, extra, param, says", [
     ("/v1/images/generations", {"cache": "fastcache"}, "cache", "'deepcache'"),
