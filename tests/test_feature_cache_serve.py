@@ -130,6 +130,21 @@ def test_bad_cache_fields_are_422_naming_the_allowed_values(server, path, extra,
     assert metric(httpx.get(f"{server.url}/metrics").text, "sdrt_images_total") == metric(before, "sdrt_images_total")
 
 
+def test_a_nonuniform_schedule_without_a_plan_for_the_steps_is_422_before_work(pipe):
+    from sdrt.runtime.errors import InputError
+
+    with pytest.raises(InputError, match="no 15 distinct full steps in 30 steps") as direct:
+        pipe("x", height=64, width=64, steps=30, cache="deepcache", cache_interval=2, cache_schedule="nonuniform")
+    with LiveServer(create_app(pipe, max_steps=30, warmup=False, batch_window_ms=0)) as s:
+        for path, body in (("/v1/images/generations", {"prompt": "x", "size": "64x64", "steps": 30}),
+                           ("/sdapi/v1/txt2img", {"prompt": "x", "width": 64, "height": 64, "steps": 30})):
+            r = _post(s, path, {**body, "cache": "deepcache", "cache_interval": 2, "cache_schedule": "nonuniform"})
+            assert r.status_code == 422, r.text
+            assert r.json()["error"]["message"] == str(direct.value)
+            assert r.json()["error"]["param"] == "cache_schedule"
+        assert metric(httpx.get(f"{s.url}/metrics").text, "sdrt_batch_requests_count") == 0
+
+
 def test_edits_form_refuses_a_bad_cache_value(server):
     from PIL import Image
 

@@ -74,7 +74,8 @@ async def generate(st: ServeState, body: S.A1111Txt2Img, request: Request, init:
     check_size(st, w, h, "width", "height")
     check_common(cfg, body.prompt, body.negative_prompt, body.steps, body.batch_size, "batch_size")
     sampler = sampler_of(st, body.sampler_name, "sampler_name", body.scheduler)
-    cache = cache_of(st, body.cache, body.cache_interval, body.cache_schedule)
+    # img2img's loop runs only the steps its strength leaves: the pipeline checks that plan
+    cache = cache_of(st, body.cache, body.cache_interval, body.cache_schedule, body.steps if init is None else None)
     seeds = seeds_for(body.seed, body.batch_size * body.n_iter)
     strength = getattr(body, "denoising_strength", 1.0)
     jobs = [Job.of([body.prompt] * body.batch_size, [body.negative_prompt] * body.batch_size,

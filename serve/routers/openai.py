@@ -59,7 +59,7 @@ async def generations(body: S.OpenAIGeneration, request: Request, st: State) -> 
     w, h = parse_size(st, body.size)
     steps = body.steps or min(cfg.default_steps, cfg.max_steps)
     check_common(cfg, body.prompt, body.negative_prompt, steps, body.n, "n")
-    cache = cache_of(st, body.cache, body.cache_interval, body.cache_schedule)
+    cache = cache_of(st, body.cache, body.cache_interval, body.cache_schedule, steps)
     job = Job.of([body.prompt] * body.n, None if body.negative_prompt is None else [body.negative_prompt] * body.n,
               seeds_for(body.seed, body.n), h, w, steps, sampler_of(st, body.sampler, "sampler"),
               cfg.default_guidance if body.guidance_scale is None else body.guidance_scale, cache=cache)
