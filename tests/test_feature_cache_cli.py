@@ -50,6 +50,8 @@ def test_generate_with_cache_makes_the_pipelines_image(tiny_deepcache_export, tm
      f"--cache-interval must be an integer from 1 to {INTERVAL_MAX}, got 0"),
     (["--cache", "deepcache", "--cache-interval", str(INTERVAL_MAX + 1)],
      f"--cache-interval must be an integer from 1 to {INTERVAL_MAX}, got {INTERVAL_MAX + 1}"),
+    (["--cache", "deepcache", "--cache-schedule", "nonuniform", "--cache-interval", "2", "--steps", "30"],
+     "--cache-schedule nonuniform has no plan for --steps 30 at --cache-interval 2: pass --cache-schedule uniform"),
     (["--cache-interval", "4"], "--cache-interval applies to feature caching: pass --cache deepcache"),
     (["--cache-schedule", "nonuniform"], "--cache-schedule applies to feature caching: pass --cache deepcache"),
 ])

@@ -238,8 +238,16 @@ def _cache_options(args: argparse.Namespace) -> dict[str, object]:
         return {}
     interval = DEFAULT_INTERVAL if args.cache_interval is None else args.cache_interval
     policy = cache_policy(args.cache, interval, args.cache_schedule or "uniform")  # InputError names the flag
-    return {} if policy is None else {"cache": policy.kind, "cache_interval": policy.interval,
-                                      "cache_schedule": policy.schedule}
+    if policy is None:
+        return {}
+    if not args.init_image:  # img2img's loop runs only the steps --strength leaves: the pipeline checks that plan
+        try:
+            policy.full_steps(args.steps)
+        except InputError as e:
+            raise InputError(str(e), cli=f"--cache-schedule nonuniform has no plan for --steps {args.steps} at "
+                                         f"--cache-interval {interval}: pass --cache-schedule uniform, or a larger "
+                                         "--cache-interval") from e
+    return {"cache": policy.kind, "cache_interval": policy.interval, "cache_schedule": policy.schedule}
 
 
 def _one_or_list(values: list[float] | None) -> float | list[float] | None:
