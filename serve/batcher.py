@@ -3,8 +3,9 @@ worker thread per device.
 
 The batching rule: requests whose images can share one UNet batch without changing any image run
 together. They must agree on size, steps, sampler, guided-or-not, the guidance scale (one ``guidance``
-input per sampler step), and the number of 77-token prompt chunks (the text encoder pads a batch to its
-longest prompt, so a long prompt would change its neighbours' conditioning). img2img and inpainting
+input per sampler step), the number of 77-token prompt chunks (the text encoder pads a batch to its
+longest prompt, so a long prompt would change its neighbours' conditioning) and the feature-caching policy
+(a loop runs one plan of full-UNet and shallow steps for all its rows). img2img and inpainting
 requests run on their own (one init image and mask per pipeline call). Each keeps its own prompt,
 negative prompt and seeds, and since the pipeline draws one noise generator per image, its images are
 bit-identical to running alone.
@@ -32,6 +33,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sdrt.runtime.errors import SdrtError
+from sdrt.runtime.feature_cache import CachePolicy
 from sdrt.runtime.request import GenerationRequest
 
 log = logging.getLogger("sdrt.serve")
@@ -69,15 +71,18 @@ class Job:
     @classmethod
     def of(cls, prompts: list[str], negatives: list[str] | None, seeds: list[int], height: int, width: int,
            steps: int, sampler: str, guidance: float, *, image: Any = None, strength: float | None = 0.8,
-           mask: Any = None, paste_back: float | None = None) -> Job:
+           mask: Any = None, paste_back: float | None = None, cache: CachePolicy | None = None) -> Job:
         """A job from an API's fields: ``negatives`` None: no negative prompt at all (the model's rule for that
         applies: SDXL zeroes the negatives); ``image`` (img2img, a PIL image of height x width) with
         ``strength`` (None: the pipeline's default; inpainting: 1), ``mask`` (inpainting: white = repaint) and
-        ``paste_back`` (the original pasted back through the mask blurred this much)."""
+        ``paste_back`` (the original pasted back through the mask blurred this much); ``cache``: the feature-caching
+        policy (None: every step runs the full UNet)."""
+        caching = {} if cache is None else {"cache": cache.kind, "cache_interval": cache.interval,
+                                            "cache_schedule": cache.schedule}
         return cls(GenerationRequest(prompt=list(prompts), negative_prompt=None if negatives is None else list(negatives),
                                      height=height, width=width, steps=steps, guidance_scale=guidance, sampler=sampler,
                                      seed=list(seeds), image=image, strength=None if image is None else strength,
-                                     mask_image=mask, paste_back=paste_back))
+                                     mask_image=mask, paste_back=paste_back, **caching))
 
     @property
     def prompts(self) -> list[str]:
@@ -191,8 +196,9 @@ class Batcher:
         # the pipeline says what its conditioning needs to agree on (guidance, text chunks, the family's rules)
         conditioning = pipe.conditioning_key(job.prompts, job.negatives, r.guidance_scale) if pipe is not None else ()
         solo = next(_ids) if r.image is not None else None
+        # cached and uncached requests (or other intervals / schedules) run different per-step plans
         return (r.height, r.width, r.steps, r.sampler, guided, r.guidance_scale if guided else None,
-                conditioning, solo)
+                conditioning, r.cache_policy, solo)
 
     def submit(self, job: Job) -> concurrent.futures.Future[JobResult]:
         if job.n > self.max_batch:

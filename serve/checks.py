@@ -59,6 +59,32 @@ def sampler_of(st: ServeState, name: str | None, field: str, scheduler: str | No
         raise ApiError(422, str(e), field, "invalid_sampler") from e
 
 
+def cache_of(st: ServeState, cache: str | None, interval: int, schedule: str, steps: int | None = None) -> Any:
+    """The request's feature-caching policy (None: off), checked against this model before any work: 422 for
+    a value outside the choices (or, given the loop's ``steps``, a schedule that has no plan for them), 400
+    (``cache_unavailable``) for a model exported without ``--deepcache``."""
+    from sdrt.runtime.errors import ArtifactError, InputError
+    from sdrt.runtime.feature_cache import cache_policy
+
+    try:
+        policy = cache_policy(cache, interval, schedule)
+    except InputError as e:
+        field = next((f for f in ("cache_interval", "cache_schedule") if str(e).startswith(f)), "cache")
+        raise ApiError(422, str(e), field, "invalid_value") from e
+    try:
+        if policy is not None and steps is not None:
+            policy.full_steps(steps)  # the non-uniform schedule has no plan for some step counts
+    except InputError as e:
+        raise ApiError(422, str(e), "cache_schedule", "invalid_value") from e
+    if policy is None:
+        return None
+    try:
+        st.pipeline().check_cache(policy)
+    except ArtifactError as e:
+        raise ApiError(400, str(e), "cache", "cache_unavailable") from e
+    return policy
+
+
 def seeds_for(seed: int | None, n: int) -> list[int]:
     base = secrets.randbelow(S.MAX_SEED + 1) if seed is None or seed < 0 else seed
     return [(base + k) % (S.MAX_SEED + 1) for k in range(n)]  # 32-bit, wrapping as the seed range does

@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from sdrt.runtime.feature_cache import DEFAULT_INTERVAL, INTERVAL_MAX
 from sdrt.runtime.samplers import FLOW_SAMPLERS, SAMPLERS
 
 MAX_SEED = 2**32 - 1  # A1111's seeds are 32-bit; per-image seeds are seed, seed + 1, ...
@@ -48,6 +49,24 @@ Guidance = Field(default=None, ge=0.0, le=50.0, allow_inf_nan=False,
 Seed = Field(default=None, ge=-1, le=MAX_SEED,
              description=f"0..{MAX_SEED}; -1 or absent: random. Image k of a request uses seed + k (mod 2**32)")
 
+# feature caching's names as the schema's enums: runtime/feature_cache.py's CACHE_KINDS and SCHEDULES (a test
+# holds them equal)
+CacheKind = Literal["deepcache"]
+CacheSchedule = Literal["uniform", "nonuniform"]
+
+
+class CacheKnobs(BaseModel):
+    """Feature caching (``GenerationRequest.cache``, ``cache_interval``, ``cache_schedule``): sdrt's extra fields on
+    both APIs. A model exported without ``--deepcache`` refuses ``cache`` (400, ``cache_unavailable``)."""
+
+    cache: CacheKind | None = Field(default=None, description="'deepcache': reuse the UNet's deep feature between "
+                                                              "full steps (an export made with --deepcache); "
+                                                              "null: every step runs the full UNet")
+    cache_interval: int = Field(default=DEFAULT_INTERVAL, ge=1, le=INTERVAL_MAX,
+                                description=f"with cache: every Nth step runs the full UNet, 1..{INTERVAL_MAX}")
+    cache_schedule: CacheSchedule = Field(default="uniform", description="with cache: 'uniform' (every Nth step "
+                                                                         "full) or DeepCache's 'nonuniform'")
+
 
 class ErrorBody(BaseModel):
     message: str
@@ -82,7 +101,7 @@ def _refuse_non_neutral(data: Any, neutral: dict[str, tuple[Any, ...]], api: str
     return data
 
 
-class SdrtKnobs(BaseModel):
+class SdrtKnobs(CacheKnobs):
     """sdrt's own fields, which the official client sends through ``extra_body``."""
 
     negative_prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
@@ -173,7 +192,7 @@ def _a1111_before(data: Any, img2img: bool) -> Any:
     return _refuse_non_neutral(data, _A1111_NEUTRAL, "A1111")
 
 
-class A1111Txt2Img(BaseModel):
+class A1111Txt2Img(CacheKnobs):
     model_config = ConfigDict(extra="forbid")
 
     prompt: str = Field(default="", max_length=MAX_PROMPT_CHARS)

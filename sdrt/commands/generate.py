@@ -80,6 +80,17 @@ def register(p: argparse.ArgumentParser) -> None:
                    help="SDXL refiner: the aesthetic score it is conditioned on (default 6)")
     p.add_argument("--negative-aesthetic-score", type=float, default=None,
                    help="SDXL refiner: the score of the negative (unconditional) rows (default 2.5)")
+    from sdrt.runtime.feature_cache import CACHE_KINDS, DEFAULT_INTERVAL, INTERVAL_MAX, SCHEDULES
+
+    p.add_argument("--cache", default=None, choices=CACHE_KINDS,
+                   help="feature caching: deepcache runs the UNet's shallow path on the steps between full ones, "
+                        "reusing the deep feature of the last full step (an export made with --deepcache)")
+    p.add_argument("--cache-interval", type=int, default=None, metavar="N",
+                   help=f"with --cache: every Nth step runs the full UNet, 1 to {INTERVAL_MAX} (default "
+                        f"{DEFAULT_INTERVAL}; higher: faster, further from the uncached image)")
+    p.add_argument("--cache-schedule", default=None, choices=SCHEDULES,
+                   help="with --cache: which steps are full: uniform (every Nth, the default) or DeepCache's "
+                        "nonuniform (denser around step 15)")
     p.add_argument("-o", "--output", default=None,
                    help=f"output image ({', '.join(IMAGE_FORMATS)}) in an existing folder (default: the first free "
                         f"name of {DEFAULT_NAME.format(1)}, {DEFAULT_NAME.format(2)}, ... in the current folder; "
@@ -121,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
             raise InputError("--refiner generates from the prompt with the base, then the refiner: --init-image, "
                              "--mask, --guidance-rescale and --timestep-spacing are for one model; leave them out "
                              "(to refine an image, pass the refiner folder as the model with --init-image)")
+    cache = _cache_options(args)
     image = None if not args.init_image else _open_image(args.init_image, "--init-image")
     mask = None if not args.mask else _open_image(args.mask, "--mask")
     control = _control_images(args)
@@ -161,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
                 control_scales=_one_or_list(args.control_scale), control_start=_one_or_list(args.control_start),
                 control_end=_one_or_list(args.control_end), guess_mode=args.guess_mode,
                 aesthetic_score=args.aesthetic_score, negative_aesthetic_score=args.negative_aesthetic_score,
-                refiner_start=args.refiner_start)
+                refiner_start=args.refiner_start, **cache)
             result = pipe.generate(request, refiner=refiner, callback=progress)
         finally:
             bar.close()
@@ -211,6 +223,31 @@ def _control_images(args: argparse.Namespace) -> list[object] | None:
             img = canny(img.convert("RGB"), args.canny_low, args.canny_high)
         images.append(img)
     return images
+
+
+def _cache_options(args: argparse.Namespace) -> dict[str, object]:
+    """The request's feature-caching fields, checked before the model loads; --cache-interval and
+    --cache-schedule without --cache are errors."""
+    from sdrt.runtime.errors import InputError
+    from sdrt.runtime.feature_cache import DEFAULT_INTERVAL, cache_policy
+
+    if args.cache is None:
+        for flag, v in (("--cache-interval", args.cache_interval), ("--cache-schedule", args.cache_schedule)):
+            if v is not None:
+                raise InputError(f"{flag} applies to feature caching: pass --cache deepcache, or leave {flag} out")
+        return {}
+    interval = DEFAULT_INTERVAL if args.cache_interval is None else args.cache_interval
+    policy = cache_policy(args.cache, interval, args.cache_schedule or "uniform")  # InputError names the flag
+    if policy is None:
+        return {}
+    if not args.init_image:  # img2img's loop runs only the steps --strength leaves: the pipeline checks that plan
+        try:
+            policy.full_steps(args.steps)
+        except InputError as e:
+            raise InputError(str(e), cli=f"--cache-schedule nonuniform has no plan for --steps {args.steps} at "
+                                         f"--cache-interval {interval}: pass --cache-schedule uniform, or a larger "
+                                         "--cache-interval") from e
+    return {"cache": policy.kind, "cache_interval": policy.interval, "cache_schedule": policy.schedule}
 
 
 def _one_or_list(values: list[float] | None) -> float | list[float] | None:

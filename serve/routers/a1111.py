@@ -13,7 +13,16 @@ from .. import images as imgs
 from .. import masks
 from .. import schemas as S
 from ..batcher import Job
-from ..checks import check_common, check_mask_needed, check_size, decode_b64, sampler_of, seeds_for, snap
+from ..checks import (
+    cache_of,
+    check_common,
+    check_mask_needed,
+    check_size,
+    decode_b64,
+    sampler_of,
+    seeds_for,
+    snap,
+)
 from ..deps import Auth, ServeState, State
 from ..dispatch import run_job
 from ..errors import ApiError
@@ -65,12 +74,14 @@ async def generate(st: ServeState, body: S.A1111Txt2Img, request: Request, init:
     check_size(st, w, h, "width", "height")
     check_common(cfg, body.prompt, body.negative_prompt, body.steps, body.batch_size, "batch_size")
     sampler = sampler_of(st, body.sampler_name, "sampler_name", body.scheduler)
+    # img2img's loop runs only the steps its strength leaves: the pipeline checks that plan
+    cache = cache_of(st, body.cache, body.cache_interval, body.cache_schedule, body.steps if init is None else None)
     seeds = seeds_for(body.seed, body.batch_size * body.n_iter)
     strength = getattr(body, "denoising_strength", 1.0)
     jobs = [Job.of([body.prompt] * body.batch_size, [body.negative_prompt] * body.batch_size,
                 seeds[i * body.batch_size:(i + 1) * body.batch_size], h, w, body.steps, sampler, body.cfg_scale,
                 image=None if init is None else imgs.fit(init, w, h), strength=strength,
-                mask=None if mask is None else imgs.fit(mask, w, h), paste_back=blur)
+                mask=None if mask is None else imgs.fit(mask, w, h), paste_back=blur, cache=cache)
             for i in range(body.n_iter)]
     results = await asyncio.gather(*(run_job(st, request, j, route) for j in jobs))
     pngs = [p for r in results for p in r.png]

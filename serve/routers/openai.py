@@ -12,11 +12,22 @@ from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 
+from sdrt.runtime.feature_cache import DEFAULT_INTERVAL, INTERVAL_MAX
+
 from .. import images as imgs
 from .. import masks
 from .. import schemas as S
 from ..batcher import Job, JobResult
-from ..checks import check_common, check_mask_needed, check_size, decode_upload, sampler_of, seeds_for, snap
+from ..checks import (
+    cache_of,
+    check_common,
+    check_mask_needed,
+    check_size,
+    decode_upload,
+    sampler_of,
+    seeds_for,
+    snap,
+)
 from ..deps import Auth, ServeState, State
 from ..dispatch import run_job
 from ..errors import ApiError
@@ -48,9 +59,10 @@ async def generations(body: S.OpenAIGeneration, request: Request, st: State) -> 
     w, h = parse_size(st, body.size)
     steps = body.steps or min(cfg.default_steps, cfg.max_steps)
     check_common(cfg, body.prompt, body.negative_prompt, steps, body.n, "n")
+    cache = cache_of(st, body.cache, body.cache_interval, body.cache_schedule, steps)
     job = Job.of([body.prompt] * body.n, None if body.negative_prompt is None else [body.negative_prompt] * body.n,
               seeds_for(body.seed, body.n), h, w, steps, sampler_of(st, body.sampler, "sampler"),
-              cfg.default_guidance if body.guidance_scale is None else body.guidance_scale)
+              cfg.default_guidance if body.guidance_scale is None else body.guidance_scale, cache=cache)
     return response(st, await run_job(st, request, job, "generations"), body.response_format, request)
 
 
@@ -75,12 +87,16 @@ async def edits(
     strength: Annotated[float | None, Form(gt=0.0, le=1.0, allow_inf_nan=False,
                                            description="how much to change the image, (0, 1]; default 0.8, "
                                                        "with a mask 1")] = None,
+    cache: Annotated[S.CacheKind | None, Form(description="'deepcache' (an export made with --deepcache)")] = None,
+    cache_interval: Annotated[int, Form(ge=1, le=INTERVAL_MAX)] = DEFAULT_INTERVAL,
+    cache_schedule: Annotated[S.CacheSchedule, Form()] = "uniform",
 ) -> Any:
     cfg = st.config
     check_model(st, model)
     check_url(st, response_format)
     steps = steps or min(cfg.default_steps, cfg.max_steps)
     check_common(cfg, prompt, negative_prompt, steps, n, "n")
+    policy = cache_of(st, cache, cache_interval, cache_schedule)
     raw = await run_in_threadpool(decode_upload, await image.read(), "image", cfg.max_upload_pixels, True)
     region = None
     if mask is not None:
@@ -100,7 +116,7 @@ async def edits(
               h, w, steps, sampler_of(st, sampler, "sampler"),
               cfg.default_guidance if guidance_scale is None else guidance_scale,
               image=imgs.fit(init, w, h), strength=strength,
-              mask=None if region is None else imgs.fit(region, w, h))
+              mask=None if region is None else imgs.fit(region, w, h), cache=policy)
     return response(st, await run_job(st, request, job, "edits"), response_format, request)
 
 
