@@ -113,25 +113,6 @@ def tiny_controlnet_export(tmp_path_factory: pytest.TempPathFactory, export_cach
     return get
 
 
-@pytest.fixture(scope="session")
-def tiny_deepcache_export(tmp_path_factory: pytest.TempPathFactory, export_cache: dict[tuple[str, str], Path]):
-    """tiny_deepcache_export(preset, precision) -> folder of an sdrt export of synthetic weights (seed 0) made with
-    ``--deepcache`` (the UNet returns the deep feature; ``unet_shallow`` beside it)."""
-
-    def get(preset: str = "sd15-tiny", precision: str = "fp32") -> Path:
-        key = (f"{preset}+deepcache", precision)
-        if key not in export_cache:
-            from sdrt.export.exporter import export_model
-            from sdrt.export.loading import load_model
-
-            out = tmp_path_factory.mktemp("exports") / f"{preset}-deepcache-{precision}"
-            export_model(load_model(random_preset=preset), out, fp16=precision == "fp16", deepcache=True)
-            export_cache[key] = out
-        return export_cache[key]
-
-    return get
-
-
 @pytest.fixture(scope="session", autouse=True)
 def close_shared_pipelines():
     """At the session's end, close the pipelines tests shared (``helpers.pipelines.shared_pipeline``)."""

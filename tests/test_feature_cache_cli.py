@@ -29,9 +29,9 @@ def _no_work(*args: Any, **kwargs: Any) -> Any:
     ([], "2 of 6 steps ran the full UNet"),  # the default interval, 3
     (["--cache-interval", "2"], "3 of 6 steps ran the full UNet"),
 ])
-def test_generate_with_cache_makes_the_pipelines_image(tiny_deepcache_export, tmp_path: Path, extra: list[str],
+def test_generate_with_cache_makes_the_pipelines_image(deepcache_export, tmp_path: Path, extra: list[str],
                                                        full: str, capsys: pytest.CaptureFixture[str]) -> None:
-    folder = tiny_deepcache_export("sd15-tiny")
+    folder = deepcache_export("sd15-tiny")
     out = tmp_path / "cat.png"
     assert _generate(folder, out, "--cache", "deepcache", *extra) == 0
     printed = capsys.readouterr().out
@@ -55,20 +55,20 @@ def test_generate_with_cache_makes_the_pipelines_image(tiny_deepcache_export, tm
     (["--cache-interval", "4"], "--cache-interval applies to feature caching: pass --cache deepcache"),
     (["--cache-schedule", "nonuniform"], "--cache-schedule applies to feature caching: pass --cache deepcache"),
 ])
-def test_bad_cache_flags_are_refused_before_loading(tiny_deepcache_export, tmp_path: Path, flags: list[str],
+def test_bad_cache_flags_are_refused_before_loading(deepcache_export, tmp_path: Path, flags: list[str],
                                                     says: str, monkeypatch: pytest.MonkeyPatch,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setattr(Pipeline, "load", _no_work)
-    assert _generate(tiny_deepcache_export("sd15-tiny"), tmp_path / "x.png", *flags) == 1
+    assert _generate(deepcache_export("sd15-tiny"), tmp_path / "x.png", *flags) == 1
     err = capsys.readouterr().err
     assert says in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "x.png").exists()
 
 
-def test_unknown_cache_kind_names_the_choices(tiny_deepcache_export, tmp_path: Path,
+def test_unknown_cache_kind_names_the_choices(deepcache_export, tmp_path: Path,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as e:
-        _generate(tiny_deepcache_export("sd15-tiny"), tmp_path / "x.png", "--cache", "fastcache")
+        _generate(deepcache_export("sd15-tiny"), tmp_path / "x.png", "--cache", "fastcache")
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "argument --cache: invalid choice: 'fastcache'" in err and "deepcache" in err, err

@@ -27,8 +27,8 @@ STEPS = 6  # uniform, interval 3: steps 0 and 3 full, the other four shallow
 
 
 @pytest.fixture(scope="module")
-def pipe(tiny_deepcache_export):
-    with Pipeline.load(tiny_deepcache_export("sd15-tiny"), backend="ort-cpu") as p:
+def pipe(deepcache_export):
+    with Pipeline.load(deepcache_export("sd15-tiny"), backend="ort-cpu") as p:
         yield p
 
 

@@ -35,17 +35,13 @@ CACHE: dict[str, Any] = {"cache": "deepcache", "cache_interval": 3}  # full step
 
 
 @pytest.fixture(scope="module")
-def deepcache_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from sdrt.export.exporter import export_model
-    from sdrt.export.loading import load_model
-
-    out = tmp_path_factory.mktemp("exports") / "sd15-tiny-deepcache"
-    export_model(load_model(random_preset="sd15-tiny"), out, deepcache=True, fp16=False)
-    return out
+def dc_export(deepcache_export) -> Path:
+    """The session's sd15-tiny export made with ``--deepcache`` (conftest)."""
+    return deepcache_export("sd15-tiny")  # type: ignore[no-any-return]
 
 
 @pytest.fixture(scope="module")
-def deepcache_engines(deepcache_export: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def deepcache_engines(dc_export: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The export built by ``build_engines`` on its own fakes (the tests' runtime fakes are fresh per test)."""
     out = tmp_path_factory.mktemp("engines") / "sd15-tiny-deepcache"
     cudart = FakeCudart()
@@ -54,15 +50,15 @@ def deepcache_engines(deepcache_export: Path, tmp_path_factory: pytest.TempPathF
         mp.setattr(trt_build, "load_tensorrt", lambda module=None: trt)
         mp.setattr(trt_build, "current_env", lambda backend, version: dataclasses.replace(
             ENV, backend=backend, version=version))
-        build_engines(deepcache_export, out, custom_profile(batch="1:1:2", height="64:64:96", width="64:64:96"),
+        build_engines(dc_export, out, custom_profile(batch="1:1:2", height="64:64:96", width="64:64:96"),
                       BuildOptions(workspace_gb=1))
     return out
 
 
 @pytest.fixture(scope="module")
-def reference(deepcache_export: Path) -> dict[str, np.ndarray]:
+def reference(dc_export: Path) -> dict[str, np.ndarray]:
     """ort-cpu's images (its step-by-step loop, PlainStepLoop) with the cache and without."""
-    with Pipeline.load(deepcache_export, backend="ort-cpu") as pipe:
+    with Pipeline.load(dc_export, backend="ort-cpu") as pipe:
         cached = pipe("a red fox", **CACHE, **KW)
         assert "2 of 6 steps ran the full UNet" in cached.loop
         return {"cached": np.asarray(cached.images[0], np.int16),
@@ -75,14 +71,14 @@ def _close(got: Any, want: np.ndarray) -> None:
     assert np.abs(a - want).max() <= 1, "the fake engines run the same ONNX graphs as ort-cpu"
 
 
-def test_the_shallow_engine_is_built_over_the_unet_batch_and_feature_shape(deepcache_export: Path,
+def test_the_shallow_engine_is_built_over_the_unet_batch_and_feature_shape(dc_export: Path,
                                                                             deepcache_engines: Path) -> None:
     """``unet_shallow`` gets an engine like any component; its ``deep_feature`` input spans the UNet's batch and
     latent sides, with the channels the export fixed."""
     records = {r.component: r for r in EngineManifest.read(deepcache_engines).engines}
     shapes = {s.name: s for s in records[SHALLOW_UNET].shapes}
     sample, feature = shapes["sample"], shapes[DEEP_FEATURE]
-    channels = ExportManifest.read(deepcache_export).components[SHALLOW_UNET].inputs[-1].shape[1]
+    channels = ExportManifest.read(dc_export).components[SHALLOW_UNET].inputs[-1].shape[1]
     assert isinstance(channels, int) and channels > 0
     for which in ("min", "opt", "max"):
         s, f = getattr(sample, which), getattr(feature, which)
@@ -194,7 +190,7 @@ def _shallow_error(folder: Path, unet: Any, feeds: dict[str, np.ndarray]) -> flo
     return float(np.abs(got - want).max() / np.abs(want).max())
 
 
-def test_lora_refit_covers_the_shallow_path(deepcache_export: Path, tmp_path: Path) -> None:
+def test_lora_refit_covers_the_shallow_path(dc_export: Path, tmp_path: Path) -> None:
     """``refit`` takes ``unet_shallow`` with the UNet (its weights are the UNet's last layers): a LoRA reaches
     both graphs, and the refitted shallow graph is DeepCache's shallow path of diffusers' fused UNet."""
     pytest.importorskip("torch")
@@ -208,15 +204,15 @@ def test_lora_refit_covers_the_shallow_path(deepcache_export: Path, tmp_path: Pa
     model = load_model(random_preset="sd15-tiny")  # the weights the export holds (seed 0)
     te = model.text_encoders[0]
     lora = make_lora(tmp_path / "a.safetensors", model.unet, te, "diffusers", seed=11)
-    result = refit_folder(deepcache_export, RefitRequest(loras=(LoraSpec(lora, 0.8),)), out=tmp_path / "refit")
+    result = refit_folder(dc_export, RefitRequest(loras=(LoraSpec(lora, 0.8),)), out=tmp_path / "refit")
     assert set(result.components) == {"unet", "text_encoder", SHALLOW_UNET} and result.warnings == ()
     fused, _ = diffusers_fused(model.unet, te, model.vae, [(lora, 0.8)])
-    feeds = _shallow_feeds(deepcache_export)
+    feeds = _shallow_feeds(dc_export)
     assert _shallow_error(tmp_path / "refit", fused, feeds) < 1e-4
-    assert _shallow_error(deepcache_export, fused, feeds) > 1e-2  # the LoRA changes the shallow path
+    assert _shallow_error(dc_export, fused, feeds) > 1e-2  # the LoRA changes the shallow path
 
 
-def test_checkpoint_refit_covers_the_shallow_path(deepcache_export: Path, tmp_path: Path) -> None:
+def test_checkpoint_refit_covers_the_shallow_path(dc_export: Path, tmp_path: Path) -> None:
     """Another checkpoint of the architecture (a diffusers folder) refits ``unet_shallow`` from its UNet."""
     pytest.importorskip("torch")
     import json
@@ -232,8 +228,8 @@ def test_checkpoint_refit_covers_the_shallow_path(deepcache_export: Path, tmp_pa
     (src / "scheduler").mkdir()
     (src / "scheduler" / "scheduler_config.json").write_text(json.dumps(other.scheduler_config))
     (src / "model_index.json").write_text("{}")
-    result = refit_folder(deepcache_export, RefitRequest(checkpoint=str(src)), out=tmp_path / "refit")
+    result = refit_folder(dc_export, RefitRequest(checkpoint=str(src)), out=tmp_path / "refit")
     assert SHALLOW_UNET in result.components
-    feeds = _shallow_feeds(deepcache_export)
+    feeds = _shallow_feeds(dc_export)
     assert _shallow_error(tmp_path / "refit", other.unet, feeds) < 1e-4
-    assert _shallow_error(deepcache_export, other.unet, feeds) > 1e-2  # not the export's own weights
+    assert _shallow_error(dc_export, other.unet, feeds) > 1e-2  # not the export's own weights
