@@ -80,7 +80,7 @@ def cache_of(st: ServeState, cache: str | None, interval: int, schedule: str, st
         return None
     try:
         st.pipeline().check_cache(policy)
-    except ArtifactError as e:
+    except (ArtifactError, InputError) as e:  # no shallow path in this export; a family without this cache
         raise ApiError(400, str(e), "cache", "cache_unavailable") from e
     return policy
 
