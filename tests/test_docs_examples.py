@@ -102,13 +102,15 @@ def test_sdrt_commands_parse(block: Block) -> None:
 
 
 @pytest.fixture(scope="module")
-def example_dir(tmp_path_factory: pytest.TempPathFactory, tiny_export, tiny_controlnet_export) -> Path:
-    """A folder holding what the examples name: exports (tiny models) and input images."""
+def example_dir(tmp_path_factory: pytest.TempPathFactory, tiny_export, tiny_controlnet_export,
+                deepcache_export) -> Path:
+    """A folder holding what the examples name: exports (tiny models; sd15-onnx made with --deepcache, which
+    changes no uncached image) and input images."""
     import numpy as np
     from PIL import Image
 
     d = tmp_path_factory.mktemp("examples")
-    folders = {"sd15-onnx": tiny_export("sd15-tiny"), "sdxl-onnx": tiny_export("sdxl-tiny"),
+    folders = {"sd15-onnx": deepcache_export("sd15-tiny"), "sdxl-onnx": tiny_export("sdxl-tiny"),
                "refiner-onnx": tiny_export("sdxl-refiner-tiny"), "sd15-cn": tiny_controlnet_export(nets=1)}
     for name, folder in folders.items():
         (d / name).symlink_to(folder, target_is_directory=True)
