@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from sdrt.runtime.errors import ArtifactError, InputError
+from sdrt.runtime.families import family_named
 from sdrt.runtime.feature_cache import SHALLOW_UNET
 
 from .config import BenchConfig
@@ -40,12 +41,12 @@ def export_for(cfg: BenchConfig, work: Path, precision: str, emit: Emit, notes: 
             raise InputError(f"the controlnet workload needs an export with a ControlNet; {artifact} has "
                              "none: re-export it with `sdrt export ... --controlnet CONTROLNET`, or use --preset")
         if cfg.caches and SHALLOW_UNET not in manifest.components and not manifest.refiner:
-            raise ArtifactError(f"{artifact} has no DeepCache shallow path ({SHALLOW_UNET}), which caches="
-                                f"{list(cfg.caches)} measures: re-export it with `sdrt export ... --deepcache`, or "
-                                "leave caches out",
-                                cli=f"{artifact} has no DeepCache shallow path ({SHALLOW_UNET}), which --cache "
-                                    f"{','.join(cfg.caches)} measures: re-export it with `sdrt export ... "
-                                    "--deepcache`, or leave --cache out")
+            raise ArtifactError(f"{artifact} has no cheap step for feature caching ({SHALLOW_UNET}), which caches="
+                                f"{list(cfg.caches)} measures: re-export it with `sdrt export ... --feature-cache`, "
+                                "or leave caches out",
+                                cli=f"{artifact} has no cheap step for feature caching ({SHALLOW_UNET}), which "
+                                    f"--cache {','.join(cfg.caches)} measures: re-export it with `sdrt export ... "
+                                    "--feature-cache`, or leave --cache out")
         if fuse and "ort-cuda" not in manifest.components["unet"].variants:
             notes.append(f"{artifact} has no fused ort-cuda UNet (sdrt export --ort-cuda): ort-cuda "
                          "runs the portable graph")
@@ -57,11 +58,16 @@ def export_for(cfg: BenchConfig, work: Path, precision: str, emit: Emit, notes: 
     if cfg.workload in ("controlnet", "inpaint") and is_sd3_preset(preset):
         raise InputError(f"the {cfg.workload} workload is not there yet for SD 3 / 3.5 ({preset}): "
                          "measure it with --workload txt2img")
-    deepcache = bool(cfg.caches)  # the shallow path the cached jobs run (sdrt export --deepcache)
-    if deepcache and is_sd3_preset(preset):
-        raise InputError(f"feature caching (DeepCache) is for UNet models; {preset} is an SD 3 / 3.5 model (MMDiT): "
-                         "leave caches out", cli=f"--cache (DeepCache) is for UNet models; {preset} is an SD 3 / "
-                         "3.5 model (MMDiT): leave --cache out")
+    deepcache = bool(cfg.caches)  # the cheap step the cached jobs run (sdrt export --feature-cache)
+    fam = family_named(get_any_preset(preset).family)
+    for policy in cfg.cache_policies:
+        if policy.kind not in fam.feature_caches:
+            has = ", ".join(fam.feature_caches) or "none"
+            raise InputError(f"{preset} is an {fam.label} model: it has no {policy.kind} feature caching (it has: "
+                             f"{has}); measure its own kind, or leave caches out",
+                             cli=f"{preset} is an {fam.label} model: it has no {policy.kind} feature caching (it "
+                                 f"has: {has}); use --cache {fam.feature_caches[0] if fam.feature_caches else ''}"
+                                 ":INTERVAL, or leave --cache out")
     folder = work / (f"export-{preset}{'-controlnet' if cfg.workload == 'controlnet' else ''}"
                      f"{'-deepcache' if deepcache else ''}-{precision}")
 

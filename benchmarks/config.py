@@ -16,7 +16,8 @@ WORKLOADS = ("txt2img", "controlnet", "inpaint", "few-step", "base-refiner")
 BASELINES = ("torch", "none")
 PRECISIONS = ("fp16", "fp32")
 OV_PRECISIONS = ("auto", "bf16", "fp32")  # the openvino backend's inference precision
-CACHE_FORM = "deepcache:INTERVAL[:SCHEDULE] (e.g. deepcache:3, deepcache:5:nonuniform)"
+CACHE_FORM = ("KIND:INTERVAL[:SCHEDULE] (e.g. deepcache:3, deepcache:5:nonuniform for UNets, first-block:2 for "
+              "SD 3 / 3.5)")
 CACHE_WORKLOADS = ("txt2img", "inpaint", "few-step")  # the pipeline caches neither ControlNets nor a refiner pair
 DEFAULT_PROMPT = "a photograph of an astronaut riding a horse, highly detailed"
 
@@ -126,8 +127,10 @@ class BenchConfig:
 
 
 def parse_cache(spec: str) -> Any:
-    """A cache spec ``deepcache:INTERVAL[:SCHEDULE]`` as a ``feature_cache.CachePolicy``, checked by
-    ``cache_policy``; anything else an InputError naming the form."""
+    """A cache spec ``KIND:INTERVAL[:SCHEDULE]`` as a ``feature_cache.CachePolicy``, checked by ``cache_policy``;
+    anything else an InputError naming the form. The bench measures fixed schedules only: first-block caching's
+    threshold rule decides its full steps per run, which the step split and the UNet-equivalent work assume
+    known (measure it with ``sdrt generate --cache-threshold`` and its ``Result.loop``)."""
     from sdrt.runtime.feature_cache import CACHE_KINDS, SCHEDULES, cache_policy
 
     parts = str(spec).strip().split(":")

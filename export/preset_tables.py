@@ -56,16 +56,16 @@ def load_random(name: str, seed: int = 0) -> Any:
 def export_loaded(model: Any, out: str | Path, *, fp16: bool, controlnets: list[Any] | None = None,
                   deepcache: bool = False, progress: Callable[[str], None] = lambda msg: None) -> Any:
     """Export a model ``load_random`` (or a loader) returned with its own exporter; returns the manifest. An
-    SD3 model takes no ControlNet (sdrt has none for the family yet) nor DeepCache's shallow path
-    (``deepcache``: ``sdrt export --deepcache``)."""
+    SD3 model takes no ControlNet (sdrt has none for the family yet); ``deepcache`` (``sdrt export
+    --feature-cache``) adds the family's feature-caching step (DeepCache's shallow path for a UNet, the first-block
+    cached step for SD3)."""
     from .sd3_export import LoadedSd3, export_sd3
 
     if isinstance(model, LoadedSd3):
-        if controlnets or deepcache:
-            raise InputError(f"{model.preset.name} is an SD 3 / 3.5 model: sdrt has no "
-                             f"{'ControlNet' if controlnets else 'DeepCache shallow path'} for it yet; export it "
-                             "without one")
-        return export_sd3(model, out, fp16=fp16, progress=progress)
+        if controlnets:
+            raise InputError(f"{model.preset.name} is an SD 3 / 3.5 model: sdrt has no ControlNet for it yet; "
+                             "export it without one")
+        return export_sd3(model, out, fp16=fp16, block_cache=deepcache, progress=progress)
     from .exporter import export_model
 
     return export_model(model, out, fp16=fp16, progress=progress, controlnets=controlnets or [], deepcache=deepcache)

@@ -15,6 +15,8 @@ axis                size
 ``sequence``        77 tokens x prompt chunks (long prompts are encoded in 77-token chunks)
 ``t5_tokens``       a T5 encoder's tokens per prompt (the family's ``text_tokens``: SD3's 256)
 ``text_tokens``     a transformer's text tokens: 77 CLIP tokens and the T5 encoder's (SD3: 333)
+``patches``         a transformer's image tokens: (latent height / patch) x (latent width / patch); the
+                    residuals of first-block caching (the patch: the export's size multiple / 8)
 ==================  ===========================================================================
 
 The sampler's step graphs (``runtime/step_graph.py``), which ``sdrt build`` prebuilds beside the
@@ -225,7 +227,8 @@ def _denoiser(component: str) -> bool:
     return component in ("unet", "unet_control", SHALLOW_UNET) or component.startswith("controlnet_")
 
 
-def _axis_range(component: str, axis: str, profile: BuildProfile, factor: int, text_tokens: int) -> Range:
+def _axis_range(component: str, axis: str, profile: BuildProfile, factor: int, text_tokens: int,
+                patch: int = 1) -> Range:
     if axis == "batch":
         if component.startswith("text_encoder"):
             return profile.text_batch()
@@ -245,6 +248,9 @@ def _axis_range(component: str, axis: str, profile: BuildProfile, factor: int, t
         return Range.static(text_tokens)
     if axis == "text_tokens":
         return Range.static(TOKENS_PER_CHUNK + text_tokens)
+    if axis == "patches":
+        h, w = profile.height.divided(factor * patch), profile.width.divided(factor * patch)
+        return Range(h.min * w.min, h.opt * w.opt, h.max * w.max)
     raise ArtifactError(
         f"{component}: the export names an axis {axis!r} that sdrt's profiles do not know; "
         "re-export the model with this sdrt version"
@@ -254,12 +260,14 @@ def _axis_range(component: str, axis: str, profile: BuildProfile, factor: int, t
 def component_shapes(profile: BuildProfile, manifest: ExportManifest, component: str) -> tuple[TensorShapes, ...]:
     """min/opt/max shapes of every input of one component, in the export's input order."""
     comp = manifest.components[component]
+    f = manifest.vae_scale_factor
+    patch = max(1, manifest.limits.multiple_of // f)
     out = []
     for spec in comp.inputs:
         lo, mid, hi = [], [], []
         for d in spec.shape:
-            r = Range.static(d) if isinstance(d, int) else _axis_range(component, d, profile, manifest.vae_scale_factor,
-                                                                       manifest.model_family.text_tokens)
+            r = Range.static(d) if isinstance(d, int) else _axis_range(component, d, profile, f,
+                                                                       manifest.model_family.text_tokens, patch)
             lo.append(r.min)
             mid.append(r.opt)
             hi.append(r.max)

@@ -21,6 +21,7 @@ import torch
 
 from sdrt.runtime.atomic import atomic_dir
 from sdrt.runtime.errors import InputError
+from sdrt.runtime.feature_cache import SHALLOW_UNET
 from sdrt.runtime.manifest import MANIFEST_NAME, ExportManifest, ShapeLimits, export_entries, tokenizer_of
 
 from .exporter import EXPORT_KIND, MIN_OPSET, TEXT_LEN, check_export_dir, tool_versions
@@ -33,6 +34,7 @@ from .streamed import WeightSource, checkpoint_weights, export_streamed, fake_sh
 ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
 DENOISER_FOLDER = "transformer"  # diffusers' name for SD3's denoiser; the manifest's component is "unet"
+FOLDERS = {"unet": DENOISER_FOLDER, SHALLOW_UNET: f"{DENOISER_FOLDER}_shallow"}
 PIPELINE_CLASS = "StableDiffusion3Pipeline"
 
 
@@ -225,12 +227,14 @@ def export_sd3(
     fp16: bool = True,
     opset: int = MIN_OPSET,
     without_t5: bool = False,
+    block_cache: bool = False,
     parity_shape: tuple[int, int, int] | None = None,
     progress: Callable[[str], None] = lambda msg: None,
 ) -> ExportManifest:
     """Export every component of ``model`` into ``out`` (atomically) and return its manifest; ``without_t5``
-    leaves T5 out. ``out`` is checked as ``export_model`` checks it. T5 stays float32 in an fp16 export (its
-    activations overflow fp16)."""
+    leaves T5 out; ``block_cache`` adds first-block caching (the transformer also returns its two residuals, and
+    its cached step is ``unet_shallow`` in ``transformer_shallow/``; runtime/feature_cache.py). ``out`` is
+    checked as ``export_model`` checks it. T5 stays float32 in an fp16 export (its activations overflow fp16)."""
     from .tokenizer_assets import write_clip_tokenizer
 
     out = check_export_dir(out, overwrite=overwrite)
@@ -245,27 +249,34 @@ def export_sd3(
     precision = "fp16" if fp16 else "fp32"
     f = 2 ** (len(mods.vae.config.block_out_channels) - 1)
     tr_cfg = streamed["transformer"].config if "transformer" in streamed else dict(mods.transformer.config)
+    if block_cache and "transformer" in streamed:
+        raise InputError(f"first-block caching is exported for a transformer held in memory; {p.name}'s is streamed "
+                         "(over a billion parameters) and its streamed cached step is not built yet: export it "
+                         "without --feature-cache")
+    if block_cache and int(tr_cfg["num_layers"]) < 2:
+        raise InputError(f"first-block caching reuses what the blocks after the first added; {p.name}'s transformer "
+                         "has one block: export it without --feature-cache")
     limits = limits_of(tr_cfg, f)
     if parity_shape is None:
         side = min(p.default_size // f, 32)
         parity_shape = (2, side, side + limits.multiple_of // f)  # non-square, whole patches
     with atomic_dir(out, marker=MANIFEST_NAME, overwrite=overwrite, what=EXPORT_KIND, owned=export_entries) as tmp:
         done = {}
-        for spec in sd3_specs(mods, p.t5_tokens):
-            folder = DENOISER_FOLDER if spec.name == "unet" else spec.name
+        for spec in sd3_specs(mods, p.t5_tokens, block_cache):
+            folder = FOLDERS.get(spec.name, spec.name)
             done[spec.name] = export_component(spec, precision, tmp / folder, opset=opset,
                                                parity_shape=parity_shape, progress=progress)
         for name, st in streamed.items():
             sspec = streamed_transformer_spec(st.config, TEXT_LEN + p.t5_tokens) if name == "transformer" \
                 else streamed_t5_spec(st.config, p.t5_tokens)
-            folder = DENOISER_FOLDER if sspec.name == "unet" else sspec.name
+            folder = FOLDERS.get(sspec.name, sspec.name)
             progress(f"{sspec.name} is streamed ({st.kind} weights, one tensor at a time)")
             comp = export_streamed(sspec, st.weights, precision, tmp / folder, progress=progress)
             tokens = TEXT_LEN + p.t5_tokens if name == "transformer" else p.t5_tokens
             par = gate_streamed(name, st.config, st.weights, precision, tokens, parity_shape, progress)
             progress(f"{sspec.name}: {parity_line(par, comp.precision)} ({par.reference})")
             done[sspec.name] = replace(comp, parity=par)
-        order = [*ENCODERS, "unet", "vae_decoder", "vae_encoder"]
+        order = [*ENCODERS, "unet", SHALLOW_UNET, "vae_decoder", "vae_encoder"]
         components = {n: done[n] for n in order if n in done}
         for i, name in enumerate(("text_encoder", "text_encoder_2")):
             write_clip_tokenizer(tmp / tokenizer_of(name), pad_token=p.pad_tokens[i], source=model.tokenizer_dirs[i])

@@ -15,10 +15,12 @@ from typing import Any
 
 import torch
 
+from sdrt.runtime.feature_cache import CHANGE, DEEP_FEATURE, HEAD_RESIDUAL, SHALLOW_UNET
+
 from . import wrappers
 from .onnx_export import TRACE_LATENT, ComponentSpec
 from .sd3_presets import Sd3Modules
-from .sd3_wrappers import Sd3Transformer, Sd3VaeDecoder, Sd3VaeEncoder, T5Encoder
+from .sd3_wrappers import Sd3Transformer, Sd3TransformerCached, Sd3VaeDecoder, Sd3VaeEncoder, T5Encoder
 from .streamed import StreamedSpec
 
 CLIP_TOKENS = 77
@@ -69,8 +71,9 @@ def t5_spec(enc: torch.nn.Module, tokens: int) -> ComponentSpec:
     )
 
 
-def transformer_spec(transformer: torch.nn.Module, tokens: int) -> ComponentSpec:
-    """The MMDiT with ``tokens`` example tokens (77 CLIP + T5's in a real call)."""
+def transformer_spec(transformer: torch.nn.Module, tokens: int, block_cache: bool = False) -> ComponentSpec:
+    """The MMDiT with ``tokens`` example tokens (77 CLIP + T5's in a real call); ``block_cache``: it also returns
+    first-block caching's two residuals (``deep_feature``, ``head_residual``; ``Sd3Transformer``)."""
     cfg = transformer.config
     in_ch, out_ch = int(cfg.in_channels), int(cfg.out_channels)
     joint, pooled = int(cfg.joint_attention_dim), int(cfg.pooled_projection_dim)
@@ -85,13 +88,42 @@ def transformer_spec(transformer: torch.nn.Module, tokens: int) -> ComponentSpec
 
     return ComponentSpec(
         name="unet",  # the export's denoiser component, whatever its architecture; its folder is transformer/
-        module=Sd3Transformer(transformer),
+        module=Sd3Transformer(transformer, block_cache=block_cache),
         weights=transformer,
         inputs=[("sample", "float", ("batch", in_ch, "height", "width")),
                 ("timestep", "float32", ("batch",)),
                 ("encoder_hidden_states", "float", ("batch", "text_tokens", joint)),
                 ("pooled_projections", "float", ("batch", pooled))],
-        outputs=[("out_sample", "float", ("batch", out_ch, "height", "width"))],
+        outputs=[("out_sample", "float", ("batch", out_ch, "height", "width")),
+                 *(_residuals(cfg) if block_cache else [])],
+        example=example,
+    )
+
+
+def _residuals(cfg: Any) -> list[tuple[str, str, tuple[int | str, ...]]]:
+    """First-block caching's residuals over the image tokens: [batch, patches, inner width]."""
+    inner = int(cfg["num_attention_heads"]) * int(cfg["attention_head_dim"])
+    return [(n, "float", ("batch", "patches", inner)) for n in (DEEP_FEATURE, HEAD_RESIDUAL)]
+
+
+def cached_spec(transformer: torch.nn.Module, tokens: int) -> ComponentSpec:
+    """First-block caching's cached step (``unet_shallow``, in ``transformer_shallow/``): the transformer's inputs
+    and its two residuals of the last full step -> ``out_sample`` and ``change`` (``Sd3TransformerCached``)."""
+    full = transformer_spec(transformer, tokens, block_cache=True)
+    res = _residuals(transformer.config)
+    inner = res[0][2][2]
+    patch = int(transformer.config.patch_size)
+
+    def example(g: torch.Generator, b: int, h: int, w: int) -> tuple[torch.Tensor, ...]:
+        n = (h // patch) * (w // patch)
+        return (*full.example(g, b, h, w), torch.randn(b, n, inner, generator=g), torch.randn(b, n, inner, generator=g))
+
+    return ComponentSpec(
+        name=SHALLOW_UNET,
+        module=Sd3TransformerCached(transformer),
+        weights=transformer,
+        inputs=[*full.inputs, *res],
+        outputs=[full.outputs[0], (CHANGE, "float32", (1,))],
         example=example,
     )
 
@@ -130,16 +162,19 @@ def vae_encoder_spec(vae: torch.nn.Module, factor: int) -> ComponentSpec:
     )
 
 
-def sd3_specs(modules: Sd3Modules, t5_tokens: int) -> list[ComponentSpec]:
-    """The components of an SD3 export held in memory, in the family's encoder order, then the denoiser and the
-    VAE decoder and encoder (T5 and the transformer left out where the modules have none: streamed or absent)."""
+def sd3_specs(modules: Sd3Modules, t5_tokens: int, block_cache: bool = False) -> list[ComponentSpec]:
+    """The components of an SD3 export held in memory, in the family's encoder order, then the denoiser (with
+    ``block_cache``: returning first-block caching's residuals, its cached step after it) and the VAE decoder and
+    encoder (T5 and the transformer left out where the modules have none: streamed or absent)."""
     clip_l, clip_g, t5 = modules.text_encoders
     factor = 2 ** (len(modules.vae.config.block_out_channels) - 1)
     specs = [_clip_spec(CLIP_NAMES[0], clip_l), _clip_spec(CLIP_NAMES[1], clip_g)]
     if t5 is not None:
         specs.append(t5_spec(t5, t5_tokens))
     if modules.transformer is not None:
-        specs.append(transformer_spec(modules.transformer, CLIP_TOKENS + t5_tokens))
+        specs.append(transformer_spec(modules.transformer, CLIP_TOKENS + t5_tokens, block_cache))
+        if block_cache:
+            specs.append(cached_spec(modules.transformer, CLIP_TOKENS + t5_tokens))
     return [*specs, vae_decoder_spec(modules.vae), vae_encoder_spec(modules.vae, factor)]
 
 

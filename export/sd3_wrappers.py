@@ -25,9 +25,13 @@ class Sd3Transformer(torch.nn.Module):
     (diffusers raises past it; the graph has no such check).
     """
 
-    def __init__(self, transformer: torch.nn.Module, dynamo: bool = False) -> None:
+    def __init__(self, transformer: torch.nn.Module, dynamo: bool = False, block_cache: bool = False) -> None:
         super().__init__()
         self.transformer = transformer
+        self.block_cache = block_cache
+        if block_cache and len(transformer.transformer_blocks) < 2:
+            raise ValueError("first-block caching needs a transformer of two blocks or more (it reuses what the "
+                             "blocks after the first added)")
         if dynamo:  # torch.onnx's dynamo exporter mis-crops diffusers' slice at odd patch counts: narrow instead
             pe = transformer.pos_embed
             pe.cropped_pos_embed = types.MethodType(_cropped_pos_embed, pe)
@@ -38,9 +42,63 @@ class Sd3Transformer(torch.nn.Module):
         timestep: torch.Tensor,
         encoder_hidden_states: torch.Tensor,
         pooled_projections: torch.Tensor,
-    ) -> torch.Tensor:
-        return self.transformer(hidden_states=sample, encoder_hidden_states=encoder_hidden_states,
-                                pooled_projections=pooled_projections, timestep=timestep, return_dict=False)[0]
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if not self.block_cache:
+            return self.transformer(hidden_states=sample, encoder_hidden_states=encoder_hidden_states,
+                                    pooled_projections=pooled_projections, timestep=timestep, return_dict=False)[0]
+        # first-block caching's two residuals: what the first block added to the image tokens (the next step
+        # compares its own with it) and what the blocks after it added (a cached step adds it back)
+        seen: dict[str, torch.Tensor] = {}
+        blocks = self.transformer.transformer_blocks
+
+        def head(_m: torch.nn.Module, _a: tuple, kw: dict, out: tuple) -> None:
+            seen["in"], seen["head"] = kw["hidden_states"], out[1]
+
+        def tail(_m: torch.nn.Module, _a: tuple, _kw: dict, out: tuple) -> None:
+            seen["tail"] = out[1]
+
+        hooks = [blocks[0].register_forward_hook(head, with_kwargs=True),
+                 blocks[-1].register_forward_hook(tail, with_kwargs=True)]
+        try:
+            out = self.transformer(hidden_states=sample, encoder_hidden_states=encoder_hidden_states,
+                                   pooled_projections=pooled_projections, timestep=timestep, return_dict=False)[0]
+        finally:
+            for h in hooks:
+                h.remove()
+        return out, seen["tail"] - seen["head"], seen["head"] - seen["in"]
+
+
+class Sd3TransformerCached(torch.nn.Module):
+    """First-block caching's cached step (diffusers' ``apply_first_block_cache``, after ParaAttention's First
+    Block Cache): ``Sd3Transformer``'s inputs, then ``deep_feature`` (what the blocks after the first added to
+    the image tokens at the last full step) and ``head_residual`` (what the first block added then) ->
+    ``out_sample`` as diffusers' ``SD3Transformer2DModel.forward`` computes it when every block after the first
+    returns its input plus that step's residual: embeddings, the first block, ``norm_out`` and ``proj_out`` over
+    the first block's image tokens plus ``deep_feature``, unpatchified; and ``change`` [1] float32, the relative
+    mean absolute change of the first block's residual from ``head_residual`` (diffusers' rule: the remaining
+    blocks run again where it exceeds the threshold)."""
+
+    def __init__(self, transformer: torch.nn.Module, dynamo: bool = False) -> None:
+        super().__init__()
+        Sd3Transformer(transformer, dynamo=dynamo, block_cache=True)  # the same checks and crop fix
+        self.transformer = transformer
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                pooled_projections: torch.Tensor, deep_feature: torch.Tensor,
+                head_residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = self.transformer
+        height, width = sample.shape[-2:]
+        hidden = t.pos_embed(sample).contiguous()
+        temb = t.time_text_embed(timestep, pooled_projections)
+        context = t.context_embedder(encoder_hidden_states)
+        _, head = t.transformer_blocks[0](hidden_states=hidden, encoder_hidden_states=context, temb=temb)
+        residual = head - hidden
+        change = (residual - head_residual).float().abs().mean() / head_residual.float().abs().mean()
+        x = t.proj_out(t.norm_out(head + deep_feature, temb))
+        p, c = int(t.config.patch_size), int(t.out_channels)
+        h, w = height // p, width // p
+        x = torch.einsum("nhwpqc->nchpwq", x.reshape(x.shape[0], h, w, p, p, c))
+        return x.reshape(x.shape[0], c, h * p, w * p), change.reshape(1)
 
 
 def _cropped_pos_embed(self: torch.nn.Module, height: int, width: int) -> torch.Tensor:

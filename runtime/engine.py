@@ -51,6 +51,9 @@ class Backend(abc.ABC):
     """
 
     name: str
+    # its loop can read a number back on the host between the graphs of a step (a feature cache's threshold
+    # rule); False where the loop is captured whole (TensorRT)
+    per_step_reads: bool = True
 
     @abc.abstractmethod
     def load(self, path: str | bytes, name: str) -> Engine:
@@ -95,7 +98,8 @@ class Backend(abc.ABC):
         """The denoising loop over ``unet`` and the sampler ``step`` graph; with ``controlnets`` (one entry
         per exported net, None where it does not run) each step runs them first and ``unet`` is the
         export's ``unet_control``; with ``shallow`` (DeepCache's ``unet_shallow``, runtime/feature_cache.py)
-        the steps ``start(full=...)`` marks False run it over the deep feature of the last full step. A backend
+        the steps ``start(full=...)`` marks False run it over what the last full step returned beside its
+        prediction (its inputs that are denoiser outputs: the deep feature; first-block caching's residuals). A backend
         without a loop of its own returns ``step_loop.PlainStepLoop(self, unet, step, controlnets, shallow)``
         (step by step)."""
 
@@ -185,13 +189,14 @@ class StepLoop(abc.ABC):
               timesteps: Sequence[float] | np.ndarray, coeffs: np.ndarray, guidance: Array | None = None,
               x0_prev: Array | None = None, noise: np.ndarray | None = None,
               step_inputs: Mapping[str, Array] | None = None, control: ControlFeeds | None = None,
-              full: Sequence[bool] | np.ndarray | None = None) -> None:
+              full: Sequence[bool] | np.ndarray | None = None, threshold: float | None = None) -> None:
         """Set up a run of ``len(timesteps)`` steps. ``coeffs`` is the sampler table [steps, columns];
         ``noise`` the fresh noise of every step [steps, *latents.shape] (ancestral samplers) or None;
         ``step_inputs`` the step graph's further inputs, the same every step (an inpainting variant's);
         ``control`` the ControlNets' images and scale table (a loop made with ``controlnets``); ``full`` a
-        boolean per step, False where the shallow path runs (a loop made with ``shallow``; None: every step
-        full)."""
+        boolean per step, False where the cheap step runs (a loop made with ``shallow``; None: every step
+        full); ``threshold`` (first-block caching): a step marked False runs the full denoiser after all where
+        the cheap step's ``change`` exceeds it (a loop that cannot read it per step refuses one)."""
 
     @staticmethod
     def _check_start(timesteps: Sequence[float] | np.ndarray, coeffs: np.ndarray,
@@ -234,6 +239,12 @@ class StepLoop(abc.ABC):
     @abc.abstractmethod
     def x0(self) -> Array:
         """The sampler's last x0 prediction (a multistep sampler's history; valid until the next ``start``)."""
+
+    @property
+    def ran_full(self) -> list[bool]:
+        """Which of the steps run since ``start`` ran the full denoiser (rather than a feature cache's cheap
+        step)."""
+        raise NotImplementedError(f"{type(self).__name__} does not say which steps ran the full denoiser")
 
     def describe(self) -> str:
         """How the loop ran, for ``Result.loop``."""

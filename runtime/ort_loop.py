@@ -51,7 +51,15 @@ from .ort_engine import (
     run_failure,
     run_options,
 )
-from .step_loop import STEP_OUTPUTS, STEP_UNET_INPUT, UNET_OUTPUT, ControlFeeds, PlainStepLoop, StepLoop
+from .step_loop import (
+    STEP_OUTPUTS,
+    STEP_UNET_INPUT,
+    UNET_OUTPUT,
+    ControlFeeds,
+    PlainStepLoop,
+    StepLoop,
+    check_threshold,
+)
 
 FUSED_NAME = "unet_step"
 # runs of one graph id after which ORT has captured it (1 or 2 uncaptured runs first, then the capture)
@@ -96,12 +104,12 @@ def fused_step_reason(backend: OrtBackendBase, unet: Engine, step: Engine) -> st
 def make_step_loop(backend: OrtBackendBase, unet: Engine, step: Engine,
                    controlnets: Sequence[Engine | None] = (), shallow: Engine | None = None) -> StepLoop:
     """The fused loop where it applies and composes; otherwise the plain one with the reason. With
-    ControlNets, or DeepCache's shallow path, the engines run step by step (the composition covers the UNet and
+    ControlNets, or a feature cache's cheap step, the engines run step by step (the composition covers the UNet and
     the step graph only; each engine still replays its own CUDA graph where ``cuda_graph`` is on)."""
     if controlnets or shallow is not None:
         plain = OrtPlainStepLoop(backend, unet, step, controlnets, shallow)
         forced = backend.fused_step or (backend.io_binding and backend.cuda_graph)
-        what = "ControlNets" if controlnets else "DeepCache's shallow steps"
+        what = "ControlNets" if controlnets else "a feature cache's cheap steps"
         plain.reason = f"the composed loop covers UNet + step, not {what}" if forced else ""
         return plain
     reason = fused_step_reason(backend, unet, step)
@@ -215,9 +223,10 @@ class FusedStepLoop(StepLoop):
               timesteps: Sequence[float] | np.ndarray, coeffs: np.ndarray, guidance: Array | None = None,
               x0_prev: Array | None = None, noise: np.ndarray | None = None,
               step_inputs: Mapping[str, Array] | None = None, control: ControlFeeds | None = None,
-              full: Sequence[bool] | np.ndarray | None = None) -> None:
+              full: Sequence[bool] | np.ndarray | None = None, threshold: float | None = None) -> None:
         if control is not None:  # make_step_loop gives ControlNets the plain loop
             raise InputError("the composed UNet + step loop takes no ControlNet feeds")
+        check_threshold(threshold, None)  # (made without a cheap step: refused)
         be = self.backend
         if self.fused.closed:
             raise InputError(f"this step loop is closed: {be.name} backend was closed; load it again")

@@ -34,7 +34,8 @@ import numpy as np
 
 from .engine import Array, Backend, Engine, IOSpec
 from .errors import ArtifactError, BackendUnavailable, InputError
-from .step_loop import DEEP_FEATURE, STEP_OUTPUTS, UNET_OUTPUT, PlainStepLoop
+from .feature_cache import CHANGE
+from .step_loop import STEP_OUTPUTS, UNET_OUTPUT, PlainStepLoop
 
 PRECISIONS = ("auto", "bf16", "f32")
 PRECISION_ALIASES = {"fp32": "f32"}  # the CLI's and the bench's name for f32
@@ -180,8 +181,9 @@ class OvEngine(Engine):
             req.infer()
             return outs
 
-    def run_into(self, feeds: Mapping[str, Any], outputs: Mapping[str, Any]) -> None:
-        """One call writing into the given output tensors (the loop's fixed buffers)."""
+    def run_into(self, feeds: Mapping[str, Any], outputs: Mapping[str, Any], read: Sequence[str] = ()) -> dict[str, Any]:
+        """One call writing into the given output tensors (the loop's fixed buffers); returns the outputs named in
+        ``read`` as the loop request's own tensors (valid, and rewritten, until its next call)."""
         with self._lock:
             req = self.request(feeds, "loop")
             for name, value in feeds.items():
@@ -189,6 +191,7 @@ class OvEngine(Engine):
             for name, value in outputs.items():
                 req.set_tensor(name, value)
             req.infer()
+            return {name: req.get_tensor(name) for name in read}
 
     def close(self) -> None:
         self._requests.clear()
@@ -213,7 +216,6 @@ class OvStepLoop(PlainStepLoop):
                  controlnets: Sequence[Engine | None] = (), shallow: Engine | None = None) -> None:
         super().__init__(backend, unet, step, controlnets, shallow)
         self._unet_out: Any = None
-        self._feature_out: Any = None
         self._sets: list[dict[str, Any]] = []
 
     def start(self, **kwargs: Any) -> None:
@@ -230,11 +232,6 @@ class OvStepLoop(PlainStepLoop):
         _, lat_shape = meta(s["latents"])
         rows = meta(s["unet_in"])[1][0]
         self._unet_out = ov.Tensor(np.zeros((rows, *lat_shape[1:]), self.unet.outputs[UNET_OUTPUT].dtype))
-        if self.shallow is not None:  # DeepCache's deep feature: written by full steps, read by shallow ones
-            spec = self.unet.outputs[DEEP_FEATURE]
-            channels = spec.shape[1]
-            assert isinstance(channels, int)  # the export fixes it (export/exporter.py)
-            self._feature_out = ov.Tensor(np.zeros((rows, channels, *lat_shape[2:]), spec.dtype))
         states = ("latents", "x0", "unet_in")  # what each step-graph output becomes in the loop's state
         self._sets = [{out: like(s[state]) for out, state in zip(STEP_OUTPUTS, states)} for _ in range(2)]
 
@@ -245,19 +242,21 @@ class OvStepLoop(PlainStepLoop):
         unet.run_into(feeds, {UNET_OUTPUT: self._unet_out})
         return self._unet_out
 
-    def _run_unet_feature(self, feeds: Mapping[str, Any]) -> tuple[Any, Any]:
+    def _run_unet_feature(self, feeds: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
+        # what the cheap steps reuse stays in the UNet request's own output tensors (no copy): only the next
+        # full step rewrites them, and only the cheap steps before it read them
         unet = self.unet
         assert isinstance(unet, OvEngine)
         unet.check(feeds)
-        unet.run_into(feeds, {UNET_OUTPUT: self._unet_out, DEEP_FEATURE: self._feature_out})
-        return self._unet_out, self._feature_out
+        kept = unet.run_into(feeds, {UNET_OUTPUT: self._unet_out}, read=self._kept_names)
+        return self._unet_out, kept
 
-    def _run_shallow(self, feeds: Mapping[str, Any]) -> Any:
+    def _run_shallow(self, feeds: Mapping[str, Any]) -> tuple[Any, Any]:
         shallow = self.shallow
         assert isinstance(shallow, OvEngine)
         shallow.check(feeds)
-        shallow.run_into(feeds, {UNET_OUTPUT: self._unet_out})
-        return self._unet_out
+        extra = shallow.run_into(feeds, {UNET_OUTPUT: self._unet_out}, read=[o for o in shallow.outputs if o == CHANGE])
+        return self._unet_out, extra.get(CHANGE)
 
     def _run_step(self, feeds: Mapping[str, Any], i: int) -> Any:
         step = self.step_engine
@@ -269,7 +268,7 @@ class OvStepLoop(PlainStepLoop):
 
     def close(self) -> None:
         super().close()
-        self._unet_out, self._feature_out, self._sets = None, None, []
+        self._unet_out, self._sets = None, []
 
 
 class OvBackend(Backend):

@@ -409,7 +409,7 @@ class Pipeline:
         loop.start(latents=lat.x, unet_in=unet_in, x0_prev=lat.x0, cond=cond, guidance=to_dev(g) if guided else None,
                    timesteps=plan.timesteps[lo:hi], coeffs=table[lo:hi],
                    noise=None if noise is None else noise.astype(np.float32), step_inputs=step_inputs or None,
-                   control=control_in, full=full)
+                   control=control_in, full=full, threshold=None if cache is None else cache.threshold)
         own = clock is None
         clk = be.clock() if clock is None else clock
         clk.mark()
@@ -423,7 +423,7 @@ class Pipeline:
             timings.update(unet_steps_ms=steps_ms, unet_step_ms=float(np.median(steps_ms)), clock=clk.kind)
             clk.close()
         # the final latents: the loop's own buffers (valid until its next start(); the public denoise() copies them)
-        how = loop.describe() if full is None or cache is None else f"{loop.describe()}; {cache.describe(full)}"
+        how = loop.describe() if cache is None else f"{loop.describe()}; {cache.describe(loop.ran_full)}"
         return replace(lat, x=loop.latents, step=hi, x0=loop.x0 if hi < plan.steps else None), how
 
     def _first_input(self, plan: samplers.SamplerPlan, lo: int, lat: Latents, guided: bool, dt: np.dtype[Any],
@@ -438,7 +438,8 @@ class Pipeline:
     def _loop(self, guided: bool, dt: np.dtype[Any], inpaint_mode: str | None = None,
               rescale: bool = False, active: tuple[int, ...] = (), cached: bool = False) -> StepLoop:
         """The loop per step-graph variant, set of active ControlNets (none: the plain ``unet``) and feature
-        caching (with DeepCache's shallow path, or without)."""
+        caching (with the export's cheap step, DeepCache's shallow path or first-block caching's cached step, or
+        without)."""
         key = (guided, dt.name, inpaint_mode, rescale, active, cached)
         if key not in self._loops:
             step = self.device_graphs.step(guided, dt, inpaint_mode, rescale)
@@ -452,7 +453,8 @@ class Pipeline:
         return self._loops[key]
 
     def check_cache(self, cache: CachePolicy | None, control: controlnet.ControlRequest | None = None) -> None:
-        """Refuse feature caching on an export without DeepCache's shallow path, or with ControlNets running."""
+        """Refuse feature caching the family has not, on an export without its cheap step, by a threshold on a
+        backend that cannot read one per step, or with ControlNets running."""
         if cache is None:
             return
         if cache.kind not in self.family.feature_caches:
@@ -460,10 +462,16 @@ class Pipeline:
                              cli=f"{self.family.label} models have no {cache.kind} feature caching yet: leave --cache "
                                  "out")
         if SHALLOW_UNET not in self.engines:
-            raise ArtifactError(f"{self.folder} has no DeepCache shallow path ({SHALLOW_UNET}), which cache="
+            raise ArtifactError(f"{self.folder} has no cheap step for feature caching ({SHALLOW_UNET}), which cache="
                                 f"{cache.kind!r} runs: {EXPORT_HINT}, or leave cache out",
-                                cli=f"{self.folder} has no DeepCache shallow path ({SHALLOW_UNET}), which --cache "
-                                    f"{cache.kind} runs: {EXPORT_HINT}, or leave --cache out")
+                                cli=f"{self.folder} has no cheap step for feature caching ({SHALLOW_UNET}), which "
+                                    f"--cache {cache.kind} runs: {EXPORT_HINT}, or leave --cache out")
+        if cache.threshold is not None and not self.backend.per_step_reads:
+            raise InputError(f"the {self.backend.name} backend runs feature caching on a fixed schedule (its loop is "
+                             "captured whole), not by a threshold read every step: use cache_interval instead of "
+                             "cache_threshold, or the onnxruntime or openvino backend",
+                             cli=f"the {self.backend.name} backend runs feature caching on a fixed schedule: use "
+                                 "--cache-interval instead of --cache-threshold")
         if control is not None and control.active:
             raise InputError("feature caching does not cover ControlNets yet (the shallow path takes no residuals): "
                              "leave cache out for a call with control_images",

@@ -44,10 +44,12 @@ class GenerationRequest:
     ``control_end`` (fractions of the steps, diffusers' ``control_guidance_start`` / ``_end``), ``guess_mode``
     and ``control_preprocess`` ("canny" per image, or None). ``aesthetic_score`` / ``negative_aesthetic_score``:
     an SDXL refiner's conditioning (default 6.0 / 2.5, as diffusers' StableDiffusionXLImg2ImgPipeline).
-    ``refiner_start``: with a refiner, the fraction of the schedule the base runs (default 0.8). ``cache``:
-    ``"deepcache"`` reuses the UNet's deep feature between full steps (an export made with ``--deepcache``;
-    runtime/feature_cache.py), every ``cache_interval``-th step full (``cache_schedule`` ``"uniform"``, or
-    DeepCache's ``"nonuniform"``); None (the default) runs every step in full.
+    ``refiner_start``: with a refiner, the fraction of the schedule the base runs (default 0.8). ``cache``
+    (an export made with ``--feature-cache``; runtime/feature_cache.py): ``"deepcache"`` (UNets) reuses the
+    UNet's deep feature between full steps, ``"first-block"`` (transformers) what the blocks after the first
+    added; every ``cache_interval``-th step full (``cache_schedule`` ``"uniform"``, or DeepCache's
+    ``"nonuniform"``), or, first-block with ``cache_threshold``, diffusers' rule per step; None (the default)
+    runs every step in full.
     """
 
     prompt: str | Sequence[str] | None = None
@@ -83,6 +85,7 @@ class GenerationRequest:
     cache: str | None = None
     cache_interval: int = DEFAULT_INTERVAL
     cache_schedule: str = "uniform"
+    cache_threshold: float | None = None
 
     @property
     def scores(self) -> tuple[float | None, float | None]:
@@ -90,8 +93,8 @@ class GenerationRequest:
 
     @property
     def cache_policy(self) -> CachePolicy | None:
-        """The request's feature-caching policy, checked (None: every step runs the full UNet)."""
-        return cache_policy(self.cache, self.cache_interval, self.cache_schedule)
+        """The request's feature-caching policy, checked (None: every step runs the full denoiser)."""
+        return cache_policy(self.cache, self.cache_interval, self.cache_schedule, self.cache_threshold)
 
     @property
     def images_count(self) -> int:

@@ -33,10 +33,11 @@ import numpy as np
 
 from .engine import Array, Backend, Clock, ControlFeeds, Engine, StepLoop, check_control, check_full
 from .errors import InputError
-from .feature_cache import DEEP_FEATURE
+from .feature_cache import CHANGE, DEEP_FEATURE
 
 __all__ = ["DEEP_FEATURE", "STEP_INPUTS", "STEP_OUTPUTS", "STEP_UNET_INPUT", "UNET_OUTPUT", "Clock", "ControlFeeds",
-           "PlainStepLoop", "StepLoop", "check_control", "check_full", "control_feeds", "shallow_feeds"]
+           "PlainStepLoop", "StepLoop", "check_control", "check_full", "check_threshold", "control_feeds",
+           "kept_outputs", "shallow_feeds"]
 
 # The step graph's contract. Inputs, in the graph's order: "guidance" only in the guided variants, and an
 # inpainting variant's own inputs after these (a loop's ``step_inputs``). Outputs: the next step's
@@ -55,12 +56,36 @@ def control_feeds(net: Engine, unet_feeds: Mapping[str, Array], image: Array, sc
     return feeds
 
 
-def shallow_feeds(shallow: Engine, unet_feeds: Mapping[str, Array], feature: Array) -> dict[str, Array]:
-    """DeepCache's shallow path's inputs: the UNet's own (sample, timestep, conditioning) by name, and the deep
-    feature of the last full step."""
+def shallow_feeds(shallow: Engine, unet_feeds: Mapping[str, Array], kept: Mapping[str, Array]) -> dict[str, Array]:
+    """The cheap step's inputs (DeepCache's shallow path, first-block caching's cached step): the denoiser's own
+    (sample, timestep, conditioning) by name, and what the last full step returned beside its prediction
+    (``kept``: the deep feature, the first block's residual) by name."""
     feeds = {k: unet_feeds[k] for k in shallow.inputs if k in unet_feeds}
-    feeds[DEEP_FEATURE] = feature
+    feeds.update({k: kept[k] for k in shallow.inputs if k in kept})
     return feeds
+
+
+def kept_outputs(unet: Engine, shallow: Engine) -> tuple[str, ...]:
+    """The denoiser's outputs that the cheap step reads (its inputs that are no denoiser input), after refusing a
+    pair where one is neither."""
+    if DEEP_FEATURE not in unet.outputs:
+        raise InputError(f"{unet.name} does not return {DEEP_FEATURE}, which its cheap step reuses")
+    kept = tuple(k for k in shallow.inputs if k not in unet.inputs)
+    missing = [k for k in kept if k not in unet.outputs]
+    if missing:
+        raise InputError(f"{shallow.name} reads {missing}, which {unet.name} neither takes nor returns: export them "
+                         "together (`sdrt export ... --feature-cache`)")
+    return kept
+
+
+def check_threshold(threshold: float | None, shallow: Engine | None) -> float | None:
+    """A loop's per-step decision threshold, after refusing one without a cheap step that reports ``change``."""
+    if threshold is None:
+        return None
+    if shallow is None or CHANGE not in shallow.outputs:
+        raise InputError(f"a cache threshold needs a cached step that returns {CHANGE} (first-block caching's): this "
+                         "loop has none; use a schedule (cache_interval)")
+    return float(threshold)
 
 
 class PlainStepLoop(StepLoop):
@@ -74,17 +99,19 @@ class PlainStepLoop(StepLoop):
 
     def __init__(self, backend: Backend, unet: Engine, step: Engine,
                  controlnets: Sequence[Engine | None] = (), shallow: Engine | None = None) -> None:
-        if shallow is not None and DEEP_FEATURE not in unet.outputs:
-            raise InputError(f"{unet.name} does not return DeepCache's {DEEP_FEATURE}, which the shallow path reuses")
+        self._kept_names = () if shallow is None else kept_outputs(unet, shallow)
         if shallow is not None and controlnets:
-            raise InputError("DeepCache's shallow path does not take ControlNet residuals: run ControlNets uncached")
+            raise InputError("feature caching's cheap step does not take ControlNet residuals: run ControlNets "
+                             "uncached")
         self.backend = backend
         self.unet = unet
         self.step_engine = step
         self.controlnets = tuple(controlnets)
         self.shallow = shallow
         self._full: list[bool] = []
-        self._feature: Array | None = None
+        self._ran: list[bool] = []
+        self._threshold: float | None = None
+        self._kept: dict[str, Array] | None = None
         self._state: dict[str, Array] = {}
         self._per_step: list[tuple[Array, Array, Array]] = []
         self._fixed: dict[str, Array] = {}
@@ -95,11 +122,12 @@ class PlainStepLoop(StepLoop):
               timesteps: Sequence[float] | np.ndarray, coeffs: np.ndarray, guidance: Array | None = None,
               x0_prev: Array | None = None, noise: np.ndarray | None = None,
               step_inputs: Mapping[str, Array] | None = None, control: ControlFeeds | None = None,
-              full: Sequence[bool] | np.ndarray | None = None) -> None:
+              full: Sequence[bool] | np.ndarray | None = None, threshold: float | None = None) -> None:
         be = self.backend
         dtype, shape = be.meta(latents)
         n = self._check_start(timesteps, coeffs, shape, noise, control, self.controlnets, full, self.shallow)
-        self._full, self._feature = check_full(full, n, self.shallow is not None), None
+        self._threshold = check_threshold(threshold, self.shallow)
+        self._full, self._kept, self._ran = check_full(full, n, self.shallow is not None), None, []
         ts, cf = np.asarray(timesteps), np.asarray(coeffs, dtype=np.float32)
         rows = be.meta(unet_in)[1][0]
         zeros = be.to_device(np.zeros(shape, dtype))
@@ -127,13 +155,18 @@ class PlainStepLoop(StepLoop):
         feeds = {"sample": s["unet_in"], "timestep": t, **self._fixed["cond"]}
         if self._control is not None:
             feeds.update(self._residuals(i, feeds))
-        if not self._full[i]:
-            assert self.shallow is not None and self._feature is not None  # check_full: step 0 is full
-            out = self._run_shallow(shallow_feeds(self.shallow, feeds, self._feature))
-        elif self.shallow is not None:
-            out, self._feature = self._run_unet_feature(feeds)
-        else:
+        full = self._full[i]
+        if not full:
+            assert self.shallow is not None and self._kept is not None  # check_full: step 0 is full
+            out, change = self._run_shallow(shallow_feeds(self.shallow, feeds, self._kept))
+            if self._threshold is not None:  # diffusers' rule: run the whole model again past the threshold
+                assert change is not None  # check_threshold
+                full = float(np.asarray(self.backend.to_host(change)).reshape(-1)[0]) > self._threshold
+        if full and self.shallow is not None:
+            out, self._kept = self._run_unet_feature(feeds)
+        elif full:
             out = self._run_unet(feeds)
+        self._ran.append(full)
         res = self._run_step({"latents": s["latents"], STEP_UNET_INPUT: out, **self._fixed["guide"],
                               "coeffs": c, "x0_prev": s["x0"], "noise": z}, i)
         s.update(zip(("latents", "x0", "unet_in"), (res[k] for k in STEP_OUTPUTS)))
@@ -162,20 +195,28 @@ class PlainStepLoop(StepLoop):
     def _run_unet(self, feeds: Mapping[str, Array]) -> Array:
         return self.unet(feeds)[UNET_OUTPUT]
 
-    def _run_unet_feature(self, feeds: Mapping[str, Array]) -> tuple[Array, Array]:
-        """A full step of a caching loop: the UNet's prediction and the deep feature the next shallow steps reuse."""
+    def _run_unet_feature(self, feeds: Mapping[str, Array]) -> tuple[Array, dict[str, Array]]:
+        """A full step of a caching loop: the denoiser's prediction and what the next cheap steps reuse (the deep
+        feature; the first block's residual), by name."""
         out = self.unet(feeds)
-        return out[UNET_OUTPUT], out[DEEP_FEATURE]
+        return out[UNET_OUTPUT], {k: out[k] for k in self._kept_names}
 
-    def _run_shallow(self, feeds: Mapping[str, Array]) -> Array:
+    def _run_shallow(self, feeds: Mapping[str, Array]) -> tuple[Array, Array | None]:
+        """A cheap step: its prediction, and its ``change`` where it reports one (first-block caching)."""
         assert self.shallow is not None
-        return self.shallow(feeds)[UNET_OUTPUT]
+        out = self.shallow(feeds)
+        return out[UNET_OUTPUT], out.get(CHANGE)
 
     def _run_control(self, j: int, net: Engine, feeds: Mapping[str, Array]) -> Mapping[str, Array]:
         return net(feeds)
 
     def _run_step(self, feeds: Mapping[str, Array], i: int) -> Mapping[str, Array]:
         return self.step_engine(feeds)
+
+    @property
+    def ran_full(self) -> list[bool]:
+        """Which of the steps run since ``start`` ran the full denoiser."""
+        return list(self._ran)
 
     @property
     def latents(self) -> Array:
@@ -191,4 +232,4 @@ class PlainStepLoop(StepLoop):
 
     def close(self) -> None:
         self._state, self._per_step, self._fixed, self._control, self._zeros = {}, [], {}, None, None
-        self._full, self._feature = [], None
+        self._full, self._kept, self._ran = [], None, []

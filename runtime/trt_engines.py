@@ -197,6 +197,7 @@ class TrtBackendBase(Backend):
     trt: Any  # the TensorRT module in use
     scratch: SharedScratch
     cuda_graph: bool  # capture the step loop as CUDA graphs
+    per_step_reads = False  # the step loop is captured whole: a feature cache follows a fixed schedule
 
     @abc.abstractmethod
     def messages(self) -> str:

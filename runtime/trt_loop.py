@@ -59,6 +59,7 @@ from .step_loop import (
     ControlFeeds,
     StepLoop,
     check_full,
+    kept_outputs,
     shallow_feeds,
 )
 from .trt_engines import TrtBackendBase, TrtEngine
@@ -77,10 +78,12 @@ class CapturedStepLoop(StepLoop):
     def __init__(self, backend: TrtBackendBase, unet: TrtEngine, step: TrtEngine,
                  controlnets: Sequence[TrtEngine | None] = (), shallow: TrtEngine | None = None) -> None:
         if shallow is not None and DEEP_FEATURE not in unet.outputs:
-            raise InputError(f"{unet.name} does not return DeepCache's {DEEP_FEATURE}, which the shallow path "
-                             f"reuses: {EXPORT_HINT}")
+            raise InputError(f"{unet.name} does not return {DEEP_FEATURE}, which its cheap step reuses: {EXPORT_HINT}")
+        if shallow is not None:
+            kept_outputs(unet, shallow)
         if shallow is not None and controlnets:
-            raise InputError("DeepCache's shallow path does not take ControlNet residuals: run ControlNets uncached")
+            raise InputError("feature caching's cheap step does not take ControlNet residuals: run ControlNets "
+                             "uncached")
         self._backend = weakref.ref(backend)
         self._unet = weakref.ref(unet)
         self._step = weakref.ref(step)
@@ -162,11 +165,19 @@ class CapturedStepLoop(StepLoop):
     def start(self, *, latents: Array, unet_in: Array, cond: Mapping[str, Array], timesteps: Sequence[float] | np.ndarray,
               coeffs: np.ndarray, guidance: Array | None = None, x0_prev: Array | None = None,
               noise: np.ndarray | None = None, step_inputs: Mapping[str, Array] | None = None,
-              control: ControlFeeds | None = None, full: Sequence[bool] | np.ndarray | None = None) -> None:
+              control: ControlFeeds | None = None, full: Sequence[bool] | np.ndarray | None = None,
+              threshold: float | None = None) -> None:
         """Set up a run of ``len(timesteps)`` steps: copy the starting state and conditioning in, upload
         the per-step tables, keep the ``full`` plan (which graph each step launches), and (re)capture when
-        the shapes changed."""
+        the shapes changed. A cache ``threshold`` is refused: deciding per step needs a read on the host between
+        the graphs of one step, which a captured loop does not do; a schedule (``full``) runs captured."""
         self._require_open()
+        if threshold is not None:
+            raise InputError("the TensorRT loop runs feature caching on a fixed schedule (each kind of step a "
+                             "captured graph), not by a threshold read every step: use cache_interval instead of "
+                             "cache_threshold, or the onnxruntime or openvino backend",
+                             cli="the tensorrt backend runs feature caching on a fixed schedule: use "
+                                 "--cache-interval instead of --cache-threshold")
         be = self.backend
         x, u = be.as_device(latents), be.as_device(unet_in)
         conds = {k: be.as_device(v) for k, v in cond.items()}
@@ -232,6 +243,10 @@ class CapturedStepLoop(StepLoop):
         else:
             self._enqueue(parity, full)
         self._done += 1
+
+    @property
+    def ran_full(self) -> list[bool]:
+        return list(self._full[: self._done])
 
     @property
     def latents(self) -> DeviceArray:
@@ -354,7 +369,7 @@ class CapturedStepLoop(StepLoop):
     def _shallow_feeds(self, p: int) -> dict[str, DeviceArray]:
         shallow = self.shallow
         assert shallow is not None
-        feeds: dict[str, DeviceArray] = shallow_feeds(shallow, self._unet_feeds(p), self.buf["side"][DEEP_FEATURE])
+        feeds: dict[str, DeviceArray] = shallow_feeds(shallow, self._unet_feeds(p), self.buf["side"])
         return feeds
 
     def _step_feeds(self, p: int) -> dict[str, DeviceArray]:

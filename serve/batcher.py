@@ -78,7 +78,7 @@ class Job:
         ``paste_back`` (the original pasted back through the mask blurred this much); ``cache``: the feature-caching
         policy (None: every step runs the full UNet)."""
         caching = {} if cache is None else {"cache": cache.kind, "cache_interval": cache.interval,
-                                            "cache_schedule": cache.schedule}
+                                            "cache_schedule": cache.schedule, "cache_threshold": cache.threshold}
         return cls(GenerationRequest(prompt=list(prompts), negative_prompt=None if negatives is None else list(negatives),
                                      height=height, width=width, steps=steps, guidance_scale=guidance, sampler=sampler,
                                      seed=list(seeds), image=image, strength=None if image is None else strength,
@@ -195,10 +195,13 @@ class Batcher:
         pipe = self.pipes[0] if self.pipes else None
         # the pipeline says what its conditioning needs to agree on (guidance, text chunks, the family's rules)
         conditioning = pipe.conditioning_key(job.prompts, job.negatives, r.guidance_scale) if pipe is not None else ()
-        solo = next(_ids) if r.image is not None else None
+        # an image request runs alone; so does one cached by a threshold: the rule decides on the whole batch's
+        # residual, so a neighbour would change which of its steps run in full
+        policy = r.cache_policy
+        solo = next(_ids) if r.image is not None or (policy is not None and policy.threshold is not None) else None
         # cached and uncached requests (or other intervals / schedules) run different per-step plans
         return (r.height, r.width, r.steps, r.sampler, guided, r.guidance_scale if guided else None,
-                conditioning, r.cache_policy, solo)
+                conditioning, policy, solo)
 
     def submit(self, job: Job) -> concurrent.futures.Future[JobResult]:
         if job.n > self.max_batch:

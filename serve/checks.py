@@ -59,17 +59,20 @@ def sampler_of(st: ServeState, name: str | None, field: str, scheduler: str | No
         raise ApiError(422, str(e), field, "invalid_sampler") from e
 
 
-def cache_of(st: ServeState, cache: str | None, interval: int, schedule: str, steps: int | None = None) -> Any:
+def cache_of(st: ServeState, cache: str | None, interval: int, schedule: str, steps: int | None = None,
+             threshold: float | None = None) -> Any:
     """The request's feature-caching policy (None: off), checked against this model before any work: 422 for
-    a value outside the choices (or, given the loop's ``steps``, a schedule that has no plan for them), 400
-    (``cache_unavailable``) for a model exported without ``--deepcache``."""
+    a value outside the choices (or, given the loop's ``steps``, a schedule that has no plan for them; a
+    threshold without first-block caching), 400 (``cache_unavailable``) for a model exported without
+    ``--feature-cache``, a family without the kind, or a threshold on a backend that cannot read one per step."""
     from sdrt.runtime.errors import ArtifactError, InputError
     from sdrt.runtime.feature_cache import cache_policy
 
     try:
-        policy = cache_policy(cache, interval, schedule)
+        policy = cache_policy(cache, interval, schedule, threshold)
     except InputError as e:
-        field = next((f for f in ("cache_interval", "cache_schedule") if str(e).startswith(f)), "cache")
+        field = next((f for f in ("cache_interval", "cache_schedule", "cache_threshold") if str(e).startswith(f)),
+                     "cache")
         raise ApiError(422, str(e), field, "invalid_value") from e
     try:
         if policy is not None and steps is not None:

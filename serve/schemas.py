@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from sdrt.runtime.feature_cache import DEFAULT_INTERVAL, INTERVAL_MAX
+from sdrt.runtime.feature_cache import DEFAULT_INTERVAL, INTERVAL_MAX, THRESHOLD_MAX
 from sdrt.runtime.samplers import FLOW_SAMPLERS, SAMPLERS
 
 MAX_SEED = 2**32 - 1  # A1111's seeds are 32-bit; per-image seeds are seed, seed + 1, ...
@@ -51,21 +51,29 @@ Seed = Field(default=None, ge=-1, le=MAX_SEED,
 
 # feature caching's names as the schema's enums: runtime/feature_cache.py's CACHE_KINDS and SCHEDULES (a test
 # holds them equal)
-CacheKind = Literal["deepcache"]
+CacheKind = Literal["deepcache", "first-block"]
 CacheSchedule = Literal["uniform", "nonuniform"]
 
 
 class CacheKnobs(BaseModel):
-    """Feature caching (``GenerationRequest.cache``, ``cache_interval``, ``cache_schedule``): sdrt's extra fields on
-    both APIs. A model exported without ``--deepcache`` refuses ``cache`` (400, ``cache_unavailable``)."""
+    """Feature caching (``GenerationRequest.cache``, ``cache_interval``, ``cache_schedule``, ``cache_threshold``):
+    sdrt's extra fields on both APIs. A model exported without ``--feature-cache``, or of a family without the
+    kind, refuses ``cache`` (400, ``cache_unavailable``)."""
 
-    cache: CacheKind | None = Field(default=None, description="'deepcache': reuse the UNet's deep feature between "
-                                                              "full steps (an export made with --deepcache); "
-                                                              "null: every step runs the full UNet")
+    cache: CacheKind | None = Field(default=None, description="'deepcache' (UNet models): reuse the UNet's deep "
+                                                              "feature between full steps; 'first-block' (SD 3 / "
+                                                              "3.5): reuse what the transformer's blocks after the "
+                                                              "first added (an export made with --feature-cache); "
+                                                              "null: every step runs the full model")
     cache_interval: int = Field(default=DEFAULT_INTERVAL, ge=1, le=INTERVAL_MAX,
                                 description=f"with cache: every Nth step runs the full UNet, 1..{INTERVAL_MAX}")
     cache_schedule: CacheSchedule = Field(default="uniform", description="with cache: 'uniform' (every Nth step "
                                                                          "full) or DeepCache's 'nonuniform'")
+    cache_threshold: float | None = Field(default=None, gt=0.0, le=THRESHOLD_MAX, allow_inf_nan=False,
+                                          description="with cache 'first-block', instead of a schedule: the full "
+                                                      "transformer runs again where the first block's residual "
+                                                      "changed by more than this (relative; diffusers' default "
+                                                      "0.05); not on the tensorrt backend")
 
 
 class ErrorBody(BaseModel):

@@ -56,16 +56,18 @@ def deepcache_export(tmp_path_factory: pytest.TempPathFactory, export_cache: dic
 
 @pytest.fixture(scope="session")
 def sd3_export(tmp_path_factory: pytest.TempPathFactory, export_cache: dict[tuple[str, str], Path]):
-    """sd3_export(preset, t5=True, precision="fp32") -> folder of an sdrt export of an SD3 preset's seeded weights
-    (seed 0), with its T5 encoder or without it."""
+    """sd3_export(preset, t5=True, precision="fp32", block_cache=False) -> folder of an sdrt export of an SD3
+    preset's seeded weights (seed 0), with its T5 encoder or without it; ``block_cache``: made with
+    ``--feature-cache`` (first-block caching's cached step ``unet_shallow``; the transformer returns its residuals)."""
 
-    def get(preset: str, t5: bool = True, precision: str = "fp32") -> Path:
-        key = (f"{preset}{'' if t5 else '-no-t5'}", precision)
+    def get(preset: str, t5: bool = True, precision: str = "fp32", block_cache: bool = False) -> Path:
+        key = (f"{preset}{'' if t5 else '-no-t5'}{'-block-cache' if block_cache else ''}", precision)
         if key not in export_cache:
             from sdrt.export.sd3_export import export_sd3, load_sd3
 
             out = tmp_path_factory.mktemp("exports") / f"{key[0]}-{precision}"
-            export_sd3(load_sd3(random_preset=preset), out, fp16=precision == "fp16", without_t5=not t5)
+            export_sd3(load_sd3(random_preset=preset), out, fp16=precision == "fp16", without_t5=not t5,
+                       block_cache=block_cache)
             export_cache[key] = out
         return export_cache[key]
 

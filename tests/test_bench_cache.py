@@ -161,10 +161,11 @@ def test_cache_specs_parse_and_bad_ones_are_refused(capsys: pytest.CaptureFixtur
     assert parse_cache("deepcache:5:nonuniform") == CachePolicy("deepcache", 5, "nonuniform")
     assert cache_label(parse_cache("deepcache:5:nonuniform")) == "deepcache/5/nonuniform"
     assert cache_label(CACHE) == "deepcache/2"
-    for spec, message in (("deepcache", "use deepcache:INTERVAL"), ("deepcache:x", "use deepcache:INTERVAL"),
-                          ("deepcache:3:1:2", "use deepcache:INTERVAL"),
-                          ("fastcache:3", "not one of deepcache.*the form is deepcache:INTERVAL"),
-                          ("deepcache:0", "integer from 1 to 50.*the form is deepcache:INTERVAL"),
+    assert cache_label(parse_cache("first-block:2")) == "first-block/2"
+    for spec, message in (("deepcache", "use KIND:INTERVAL"), ("deepcache:x", "use KIND:INTERVAL"),
+                          ("deepcache:3:1:2", "use KIND:INTERVAL"), ("first-block:0.2", "use KIND:INTERVAL"),
+                          ("fastcache:3", "not one of deepcache, first-block.*the form is KIND:INTERVAL"),
+                          ("deepcache:0", "integer from 1 to 50.*the form is KIND:INTERVAL"),
                           ("deepcache:3:weird", "'weird' is not one of uniform, nonuniform")):
         with pytest.raises(InputError, match=message):
             BenchConfig(preset="sd15-tiny", caches=(spec,))
@@ -175,22 +176,23 @@ def test_cache_specs_parse_and_bad_ones_are_refused(capsys: pytest.CaptureFixtur
     # the command line names the flag, before anything runs
     assert main(["bench", "--preset", "sd15-tiny", "--backends", "ort-cpu", "--cache", "deepcache"]) == 1
     err = capsys.readouterr().err
-    assert "--cache 'deepcache': use deepcache:INTERVAL[:SCHEDULE]" in err
+    assert "--cache 'deepcache': use KIND:INTERVAL[:SCHEDULE]" in err
 
 
 def test_an_export_without_the_shallow_path_is_refused_before_any_measurement(tiny_export, tmp_path: Path) -> None:
     events: list[dict[str, Any]] = []
     cfg = BenchConfig(artifact=str(tiny_export("sd15-tiny")), backends=("ort-cpu",), caches=("deepcache:3",),
                       steps=(2,), warmup=0, repeats=1, baseline="none", work_dir=str(tmp_path))
-    with pytest.raises(ArtifactError, match=r"no DeepCache shallow path \(unet_shallow\).*sdrt export \.\.\. "
-                                            r"--deepcache"):
+    with pytest.raises(ArtifactError, match=r"no cheap step for feature caching \(unet_shallow\).*sdrt export \.\.\. "
+                                            r"--feature-cache"):
         run_bench(cfg, events.append)
     assert not [e for e in events if e["stage"] in ("job", "ceiling", "flops")]
     assert main(["bench", "--artifact", str(tiny_export("sd15-tiny")), "--backends", "ort-cpu", "--cache",
                  "deepcache:3", "--baseline", "none", "--work-dir", str(tmp_path)]) == 1
-    # an SD 3 / 3.5 preset has no UNet to cache: refused before it is exported
+    # an SD 3 / 3.5 preset has no UNet for DeepCache (its kind is first-block): refused before it is exported
     events.clear()
-    with pytest.raises(InputError, match="DeepCache.*UNet models; sd3-tiny is an SD 3 / 3.5 model"):
+    with pytest.raises(InputError, match="sd3-tiny is an SD 3 / 3.5 model: it has no deepcache feature caching "
+                                         r"\(it has: first-block\)"):
         run_bench(BenchConfig(preset="sd3-tiny", backends=("ort-cpu",), caches=("deepcache:3",), baseline="none",
                               work_dir=str(tmp_path)), events.append)
     assert not [e for e in events if e["stage"] in ("export", "job")]

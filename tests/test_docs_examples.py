@@ -1,8 +1,8 @@
 """Every example in README.md and docs/ works: the Python ones run, the `sdrt` command lines parse.
 
 Python blocks (```python) run in a folder where the names the examples use are tiny synthetic exports
-(``sd15-onnx`` is ``sd15-tiny``, ``sdxl-onnx`` ``sdxl-tiny``, ...) and images (``photo.png``, ...); the
-sizes 512, 768 and 1024 become 64, the tiny models' size, so a full-size example runs in seconds. A block
+(``sd15-onnx`` is ``sd15-tiny``, ``sdxl-onnx`` ``sdxl-tiny``, ``sd35-medium-onnx`` ``sd35-medium-tiny``, ...)
+and images (``photo.png``, ...); the sizes 512, 768 and 1024 become 64, the tiny models' size, so a full-size example runs in seconds. A block
 that cannot run here (a GPU, a real checkpoint) says so in a comment, ``# not run: <why>``, and is skipped
 with that reason. Bash blocks (```bash): every line that starts with ``sdrt`` is parsed by the CLI's own
 parser (the subcommand's options registered as ``sdrt.cli.main`` does), without running it; ``[...]`` marks
@@ -103,15 +103,16 @@ def test_sdrt_commands_parse(block: Block) -> None:
 
 @pytest.fixture(scope="module")
 def example_dir(tmp_path_factory: pytest.TempPathFactory, tiny_export, tiny_controlnet_export,
-                deepcache_export) -> Path:
-    """A folder holding what the examples name: exports (tiny models; sd15-onnx made with --deepcache, which
-    changes no uncached image) and input images."""
+                deepcache_export, sd3_export) -> Path:
+    """A folder holding what the examples name: exports (tiny models; sd15-onnx and sd35-medium-onnx made with
+    --feature-cache, which changes no uncached image) and input images."""
     import numpy as np
     from PIL import Image
 
     d = tmp_path_factory.mktemp("examples")
     folders = {"sd15-onnx": deepcache_export("sd15-tiny"), "sdxl-onnx": tiny_export("sdxl-tiny"),
-               "refiner-onnx": tiny_export("sdxl-refiner-tiny"), "sd15-cn": tiny_controlnet_export(nets=1)}
+               "refiner-onnx": tiny_export("sdxl-refiner-tiny"), "sd15-cn": tiny_controlnet_export(nets=1),
+               "sd35-medium-onnx": sd3_export("sd35-medium-tiny", block_cache=True)}
     for name, folder in folders.items():
         (d / name).symlink_to(folder, target_is_directory=True)
     rng = np.random.default_rng(0)

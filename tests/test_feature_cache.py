@@ -176,7 +176,7 @@ def test_windows_and_img2img_start_each_loop_full(deepcache_export) -> None:
 
 def test_bad_requests_are_refused_before_work(tiny_export, deepcache_export) -> None:
     plain = shared_pipeline(tiny_export("sd15-tiny"))
-    with pytest.raises(ArtifactError, match="--deepcache"):
+    with pytest.raises(ArtifactError, match="--feature-cache"):
         plain(PROMPT, steps=2, cache="deepcache")
     pipe = shared_pipeline(deepcache_export("sd15-tiny"))
     for kw, what in (({"cache": "teacache"}, "deepcache"), ({"cache_interval": 0}, "1 to"),

@@ -78,6 +78,6 @@ def test_cache_on_an_export_without_the_shallow_path_names_the_fix(tiny_export, 
                                                                    capsys: pytest.CaptureFixture[str]) -> None:
     assert _generate(tiny_export("sd15-tiny"), tmp_path / "x.png", "--cache", "deepcache") == 1
     err = capsys.readouterr().err
-    assert "has no DeepCache shallow path" in err and "sdrt export ... --deepcache" in err, err
+    assert "has no cheap step for feature caching" in err and "sdrt export ... --feature-cache" in err, err
     assert "leave --cache out" in err and "Traceback" not in err
     assert not (tmp_path / "x.png").exists()

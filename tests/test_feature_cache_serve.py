@@ -167,7 +167,7 @@ def test_cache_on_an_export_without_the_shallow_path_is_400_before_work(tiny_exp
                 assert r.status_code == 400, r.text
                 err = r.json()["error"]
                 assert err["param"] == "cache" and err["code"] == "cache_unavailable", err
-                assert "sdrt export ... --deepcache" in err["message"] and "leave cache out" in err["message"]
+                assert "sdrt export ... --feature-cache" in err["message"] and "leave cache out" in err["message"]
             m = httpx.get(f"{s.url}/metrics").text
             assert metric(m, "sdrt_images_total") == 0 and metric(m, "sdrt_batch_requests_count") == 0
             # the same request without cache runs on that export

@@ -154,7 +154,7 @@ def test_the_loop_refuses_what_it_cannot_cache(deepcache_engines: Path, fake_gpu
         step = pipe.device_graphs.step(True, np.dtype(np.float32), None, False)
         with pytest.raises(InputError, match="does not take ControlNet residuals"):
             be.step_loop(e["unet"], step, [e["unet"]], shallow=e[SHALLOW_UNET])
-        with pytest.raises(InputError, match=f"does not return DeepCache's {DEEP_FEATURE}.*--deepcache"):
+        with pytest.raises(InputError, match=f"does not return {DEEP_FEATURE}.*--feature-cache"):
             be.step_loop(e[SHALLOW_UNET], step, shallow=e[SHALLOW_UNET])
         loop = be.step_loop(e["unet"], step)
         assert be.step_loop(e["unet"], step, shallow=e[SHALLOW_UNET]) is not loop  # a loop per shallow engine

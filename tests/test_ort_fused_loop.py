@@ -326,7 +326,7 @@ def test_deepcache_runs_engine_by_engine_and_uncached_calls_stay_fused(deepcache
     monkeypatch.setattr("sdrt.runtime.backends.make_backend", lambda *a, **k: _bound(monkeypatch))
     with Pipeline.load(folder, backend="ort-cuda") as pipe:
         res = pipe("a harbor", **kw, **cached)
-        assert "not DeepCache's shallow steps" in res.loop and "3 of 5 steps ran the full UNet" in res.loop
+        assert "not a feature cache's cheap steps" in res.loop and "3 of 5 steps ran the full UNet" in res.loop
         np.testing.assert_array_equal(np.asarray(res.images[0]), want_cached)
         plain = pipe("a harbor", **kw)
         assert plain.loop.startswith("UNet + sampler step as one ONNX Runtime session")

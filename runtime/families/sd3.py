@@ -60,4 +60,4 @@ class Sd3Family(Family):
 SD3 = Sd3Family(key="sd3", label="SD 3 / 3.5", encoders=(*CLIPS, T5), penultimate=True, pooled=True,
                 zero_negatives=False, diffusers_pipeline="StableDiffusion3", chunked=False,
                 pooled_input="pooled_projections", optional_encoders=(T5,), host_join=True,
-                feature_caches=())  # DeepCache is a UNet's; first-block caching of the MMDiT is not built yet
+                feature_caches=("first-block",))

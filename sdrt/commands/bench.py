@@ -84,8 +84,9 @@ def register(p: argparse.ArgumentParser) -> None:
                    help="comma-separated (default: the model's, dpmpp-2m; flow-euler for SD 3 / 3.5)")
     p.add_argument("--cache", dest="caches", type=_list(str), default=[], metavar="SPEC[,SPEC]",
                    help="also measure feature caching beside each sdrt backend's uncached run, one row per SPEC: "
-                        "deepcache:INTERVAL[:SCHEDULE], e.g. deepcache:3 or deepcache:5:nonuniform (a preset is "
-                        "exported with --deepcache; an --artifact needs `sdrt export --deepcache`)")
+                        "KIND:INTERVAL[:SCHEDULE], e.g. deepcache:3 or deepcache:5:nonuniform (UNets), "
+                        "first-block:2 (SD 3 / 3.5) (a preset is exported with --feature-cache; an --artifact needs "
+                        "`sdrt export --feature-cache`)")
     p.add_argument("--baseline", default="torch", choices=["torch", "none"],
                    help="diffusers on PyTorch with the same weights (default), or none")
     p.add_argument("--compile", action="store_true", help="also run the baseline with torch.compile on the UNet")

@@ -40,9 +40,11 @@ def register(p: argparse.ArgumentParser) -> None:
                    metavar="PRESET",
                    help="also export a ControlNet of synthetic weights (e.g. sd15-controlnet-tiny); mixes with "
                         "--controlnet in the order given")
-    p.add_argument("--deepcache", action="store_true",
-                   help="also export DeepCache's shallow UNet path (unet_shallow, a few %% of the UNet), so calls can "
-                        "skip the deep blocks on most steps: generate --cache deepcache (UNet models)")
+    p.add_argument("--feature-cache", "--deepcache", dest="feature_cache", action="store_true",
+                   help="also export the model's feature-caching step (unet_shallow, a few %% of the denoiser), so "
+                        "calls can skip most of the denoiser on most steps: DeepCache's shallow path for UNet "
+                        "models (generate --cache deepcache), the first-block cached step for SD 3 / 3.5 "
+                        "(generate --cache first-block)")
     p.add_argument("--without-t5", action="store_true",
                    help="SD 3 / 3.5: leave the T5-XXL encoder out (diffusers' text_encoder_3=None: zeros in its "
                         "place); much lighter, weaker prompt following")
@@ -120,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", flush=True)
 
     manifest = export_model(model, args.out, overwrite=args.overwrite, fp16=not args.fp32, opset=args.opset, vae_fp32=args.vae_fp32, progress=progress,
-                           clip_skip=args.clip_skip, controlnets=nets, deepcache=args.deepcache)
+                           clip_skip=args.clip_skip, controlnets=nets, deepcache=args.feature_cache)
     if args.ort_cuda:
         from sdrt.export.ort_fusion import add_ort_cuda_variant
 
@@ -140,8 +142,7 @@ def _run_sd3(args: argparse.Namespace) -> int:
 
     given = [flag for flag, on in (("--lora", args.lora), ("--controlnet", args.controlnets),
                                    ("--clip-skip", args.clip_skip), ("--ort-cuda", args.ort_cuda),
-                                   ("--vae-fp32", args.vae_fp32), ("--no-ema", not args.ema),
-                                   ("--deepcache", args.deepcache)) if on]
+                                   ("--vae-fp32", args.vae_fp32), ("--no-ema", not args.ema)) if on]
     if given:
         raise InputError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} not supported for SD 3 / 3.5 "
                          "models yet; export without")
@@ -160,7 +161,7 @@ def _run_sd3(args: argparse.Namespace) -> int:
         print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", flush=True)
 
     manifest = export_sd3(model, args.out, overwrite=args.overwrite, fp16=not args.fp32, opset=args.opset,
-                          without_t5=args.without_t5, progress=progress)
+                          without_t5=args.without_t5, block_cache=args.feature_cache, progress=progress)
     _report(args.out, manifest, t0)
     return 0
 

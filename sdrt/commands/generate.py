@@ -83,14 +83,20 @@ def register(p: argparse.ArgumentParser) -> None:
     from sdrt.runtime.feature_cache import CACHE_KINDS, DEFAULT_INTERVAL, INTERVAL_MAX, SCHEDULES
 
     p.add_argument("--cache", default=None, choices=CACHE_KINDS,
-                   help="feature caching: deepcache runs the UNet's shallow path on the steps between full ones, "
-                        "reusing the deep feature of the last full step (an export made with --deepcache)")
+                   help="feature caching (an export made with --feature-cache): deepcache (UNet models) runs the "
+                        "UNet's shallow path on the steps between full ones, reusing the deep feature of the last "
+                        "full step; first-block (SD 3 / 3.5) runs only the transformer's first block, reusing what "
+                        "the others added at the last full step")
     p.add_argument("--cache-interval", type=int, default=None, metavar="N",
                    help=f"with --cache: every Nth step runs the full UNet, 1 to {INTERVAL_MAX} (default "
                         f"{DEFAULT_INTERVAL}; higher: faster, further from the uncached image)")
     p.add_argument("--cache-schedule", default=None, choices=SCHEDULES,
                    help="with --cache: which steps are full: uniform (every Nth, the default) or DeepCache's "
                         "nonuniform (denser around step 15)")
+    p.add_argument("--cache-threshold", type=float, default=None, metavar="T",
+                   help="with --cache first-block, instead of a schedule: diffusers' rule, the full transformer runs "
+                        "again where the first block's residual changed by more than T (relative; diffusers' "
+                        "default 0.05) since the last full step (onnxruntime and openvino backends)")
     p.add_argument("-o", "--output", default=None,
                    help=f"output image ({', '.join(IMAGE_FORMATS)}) in an existing folder (default: the first free "
                         f"name of {DEFAULT_NAME.format(1)}, {DEFAULT_NAME.format(2)}, ... in the current folder; "
@@ -232,12 +238,18 @@ def _cache_options(args: argparse.Namespace) -> dict[str, object]:
     from sdrt.runtime.feature_cache import DEFAULT_INTERVAL, cache_policy
 
     if args.cache is None:
-        for flag, v in (("--cache-interval", args.cache_interval), ("--cache-schedule", args.cache_schedule)):
+        for flag, v in (("--cache-interval", args.cache_interval), ("--cache-schedule", args.cache_schedule),
+                        ("--cache-threshold", args.cache_threshold)):
             if v is not None:
-                raise InputError(f"{flag} applies to feature caching: pass --cache deepcache, or leave {flag} out")
+                raise InputError(f"{flag} applies to feature caching: pass --cache deepcache (UNet models) or "
+                                 f"--cache first-block (SD 3 / 3.5), or leave {flag} out")
         return {}
+    if args.cache_threshold is not None and (args.cache_interval is not None or args.cache_schedule is not None):
+        raise InputError("--cache-threshold replaces the schedule: pass it, or --cache-interval / --cache-schedule, "
+                         "not both")
     interval = DEFAULT_INTERVAL if args.cache_interval is None else args.cache_interval
-    policy = cache_policy(args.cache, interval, args.cache_schedule or "uniform")  # InputError names the flag
+    policy = cache_policy(args.cache, interval, args.cache_schedule or "uniform",
+                          args.cache_threshold)  # InputError names the flag
     if policy is None:
         return {}
     if not args.init_image:  # img2img's loop runs only the steps --strength leaves: the pipeline checks that plan
@@ -247,7 +259,8 @@ def _cache_options(args: argparse.Namespace) -> dict[str, object]:
             raise InputError(str(e), cli=f"--cache-schedule nonuniform has no plan for --steps {args.steps} at "
                                          f"--cache-interval {interval}: pass --cache-schedule uniform, or a larger "
                                          "--cache-interval") from e
-    return {"cache": policy.kind, "cache_interval": policy.interval, "cache_schedule": policy.schedule}
+    return {"cache": policy.kind, "cache_interval": policy.interval, "cache_schedule": policy.schedule,
+            "cache_threshold": policy.threshold}
 
 
 def _one_or_list(values: list[float] | None) -> float | list[float] | None:

@@ -75,7 +75,8 @@ async def generate(st: ServeState, body: S.A1111Txt2Img, request: Request, init:
     check_common(cfg, body.prompt, body.negative_prompt, body.steps, body.batch_size, "batch_size")
     sampler = sampler_of(st, body.sampler_name, "sampler_name", body.scheduler)
     # img2img's loop runs only the steps its strength leaves: the pipeline checks that plan
-    cache = cache_of(st, body.cache, body.cache_interval, body.cache_schedule, body.steps if init is None else None)
+    cache = cache_of(st, body.cache, body.cache_interval, body.cache_schedule, body.steps if init is None else None,
+                     body.cache_threshold)
     seeds = seeds_for(body.seed, body.batch_size * body.n_iter)
     strength = getattr(body, "denoising_strength", 1.0)
     jobs = [Job.of([body.prompt] * body.batch_size, [body.negative_prompt] * body.batch_size,

@@ -12,7 +12,7 @@ from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 
-from sdrt.runtime.feature_cache import DEFAULT_INTERVAL, INTERVAL_MAX
+from sdrt.runtime.feature_cache import DEFAULT_INTERVAL, INTERVAL_MAX, THRESHOLD_MAX
 
 from .. import images as imgs
 from .. import masks
@@ -59,7 +59,7 @@ async def generations(body: S.OpenAIGeneration, request: Request, st: State) -> 
     w, h = parse_size(st, body.size)
     steps = body.steps or min(cfg.default_steps, cfg.max_steps)
     check_common(cfg, body.prompt, body.negative_prompt, steps, body.n, "n")
-    cache = cache_of(st, body.cache, body.cache_interval, body.cache_schedule, steps)
+    cache = cache_of(st, body.cache, body.cache_interval, body.cache_schedule, steps, body.cache_threshold)
     job = Job.of([body.prompt] * body.n, None if body.negative_prompt is None else [body.negative_prompt] * body.n,
               seeds_for(body.seed, body.n), h, w, steps, sampler_of(st, body.sampler, "sampler"),
               cfg.default_guidance if body.guidance_scale is None else body.guidance_scale, cache=cache)
@@ -87,16 +87,18 @@ async def edits(
     strength: Annotated[float | None, Form(gt=0.0, le=1.0, allow_inf_nan=False,
                                            description="how much to change the image, (0, 1]; default 0.8, "
                                                        "with a mask 1")] = None,
-    cache: Annotated[S.CacheKind | None, Form(description="'deepcache' (an export made with --deepcache)")] = None,
+    cache: Annotated[S.CacheKind | None, Form(description="'deepcache' (UNet models) or 'first-block' (SD 3 / 3.5): "
+                                                          "an export made with --feature-cache")] = None,
     cache_interval: Annotated[int, Form(ge=1, le=INTERVAL_MAX)] = DEFAULT_INTERVAL,
     cache_schedule: Annotated[S.CacheSchedule, Form()] = "uniform",
+    cache_threshold: Annotated[float | None, Form(gt=0.0, le=THRESHOLD_MAX, allow_inf_nan=False)] = None,
 ) -> Any:
     cfg = st.config
     check_model(st, model)
     check_url(st, response_format)
     steps = steps or min(cfg.default_steps, cfg.max_steps)
     check_common(cfg, prompt, negative_prompt, steps, n, "n")
-    policy = cache_of(st, cache, cache_interval, cache_schedule)
+    policy = cache_of(st, cache, cache_interval, cache_schedule, threshold=cache_threshold)
     raw = await run_in_threadpool(decode_upload, await image.read(), "image", cfg.max_upload_pixels, True)
     region = None
     if mask is not None:

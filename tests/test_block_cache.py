@@ -1,0 +1,238 @@
+"""First-block caching (runtime/feature_cache.py, ``cache="first-block"``) for SD 3 / 3.5 against diffusers' own
+``apply_first_block_cache`` hooks on the same seeded modules in ``StableDiffusion3Pipeline``.
+
+The reference is diffusers' implementation with one shim: its tail-block hook subtracts the last block's
+``encoder_hidden_states`` output, which SD3's last block (``context_pre_only``) returns as None, so diffusers
+0.42 raises a TypeError on ``SD3Transformer2DModel``. The shim makes that block return its input context instead
+of None; ``SD3Transformer2DModel.forward`` never reads the last block's context, so the model's outputs are
+unchanged (checked below, uncached). The fixed schedules are diffusers' hooks with their per-step decision
+replaced by the schedule's; the threshold rule is theirs unchanged.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from sdrt.runtime.errors import ArtifactError, InputError
+from sdrt.runtime.feature_cache import CHANGE, SHALLOW_UNET, CachePolicy
+from sdrt.runtime.manifest import ExportManifest
+from sdrt.runtime.pipeline import Pipeline
+
+from .helpers.pipelines import shared_pipeline
+
+PROMPT = "a red fox in the snow, highly detailed"
+KW: dict[str, Any] = {"negative_prompt": "blurry, low quality", "height": 64, "width": 96, "guidance_scale": 5.0}
+STEPS = 10
+
+
+def _reference(preset: str, folder: Path, policy: CachePolicy | None) -> tuple[np.ndarray, list[bool], list[float]]:
+    """diffusers' pipeline over the preset's seeded modules (fresh: the hooks keep state), with first-block
+    caching per ``policy``: its images (uint8), whether each step ran the remaining blocks, and each step's
+    relative change as diffusers computed it (NaN where it compared nothing)."""
+    from diffusers import StableDiffusion3Pipeline
+    from diffusers.hooks import FirstBlockCacheConfig, HookRegistry, apply_first_block_cache
+    from diffusers.hooks.hooks import CacheContext, _set_cache_context
+    from diffusers.schedulers import FlowMatchEulerDiscreteScheduler
+    from transformers import CLIPTokenizer, T5TokenizerFast
+
+    from sdrt.export.sd3_presets import build_modules, get_sd3_preset
+
+    p = get_sd3_preset(preset)
+    m = build_modules(p, seed=0)
+    tr = m.transformer
+    ran: list[bool] = []
+    changes: list[float] = []
+    if policy is not None:
+        last = tr.transformer_blocks[-1]
+        plain = last.forward
+
+        def forward(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            context, hidden = plain(*args, **kwargs)
+            return (kwargs["encoder_hidden_states"] if context is None else context), hidden
+
+        last.forward = forward  # the shim (see the module docstring)
+        apply_first_block_cache(tr, FirstBlockCacheConfig(threshold=policy.threshold or 0.0))
+        head = HookRegistry.check_if_exists_or_initialize(tr.transformer_blocks[0]).get_hook("fbc_leader_block_hook")
+        rule = head._should_compute_remaining_blocks
+        plan = iter(policy.full_steps(STEPS)) if policy.threshold is None else None
+
+        def decide(residual: torch.Tensor) -> bool:
+            prev = head.state_manager.get_state().head_block_residual
+            changes.append(float("nan") if prev is None else
+                           float((residual - prev).abs().mean() / prev.abs().mean()))
+            return bool(rule(residual)) if plan is None else bool(next(plan))
+
+        head._should_compute_remaining_blocks = decide
+        _set_cache_context(tr, CacheContext("sdrt"))
+        tr.register_forward_hook(lambda *_: ran.append(head.state_manager.get_state().should_compute))
+    folder = Path(folder)
+    pipe = StableDiffusion3Pipeline(
+        transformer=tr, vae=m.vae, scheduler=FlowMatchEulerDiscreteScheduler.from_config(p.scheduler),
+        text_encoder=m.text_encoders[0], tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
+        text_encoder_2=m.text_encoders[1], tokenizer_2=CLIPTokenizer.from_pretrained(folder / "tokenizer_2"),
+        text_encoder_3=m.text_encoders[2], tokenizer_3=T5TokenizerFast.from_pretrained(folder / "tokenizer_3"))
+    pipe.set_progress_bar_config(disable=True)
+    latents = np.random.default_rng(0).standard_normal((1, 16, KW["height"] // 8, KW["width"] // 8), dtype=np.float32)
+    with torch.no_grad():
+        images = pipe(PROMPT, num_inference_steps=STEPS, latents=torch.from_numpy(latents), output_type="np",
+                      **KW).images
+    return (images[0] * 255).round().astype(np.int32), ran, changes
+
+
+def _sdrt(folder: Path, policy: CachePolicy | None, backend: str = "ort-cpu") -> tuple[np.ndarray, str]:
+    latents = np.random.default_rng(0).standard_normal((1, 16, KW["height"] // 8, KW["width"] // 8), dtype=np.float32)
+    extra = {} if policy is None else {"cache": policy.kind, "cache_interval": policy.interval,
+                                       "cache_schedule": policy.schedule, "cache_threshold": policy.threshold}
+    res = shared_pipeline(folder, backend)(PROMPT, steps=STEPS, latents=latents, **KW, **extra)
+    return np.asarray(res.images[0]).astype(np.int32), res.loop
+
+
+def _full_count(loop: str) -> int:
+    return int(loop.split(" steps ran the full transformer")[0].rsplit(" of ", 1)[0].rsplit(" ", 1)[1])
+
+
+@pytest.mark.parametrize(("preset", "threshold"), [("sd3-tiny", 0.2), ("sd35-medium-tiny", 0.3)])
+def test_threshold_rule_matches_diffusers_first_block_cache(sd3_export, preset: str, threshold: float) -> None:
+    """diffusers' rule, unchanged: the same steps skip the remaining blocks and the images agree within 1/255."""
+    folder = sd3_export(preset, block_cache=True)
+    policy = CachePolicy("first-block", threshold=threshold)
+    want, ran, changes = _reference(preset, folder, policy)
+    # the comparison of decisions is meaningful only away from the threshold
+    margin = min(abs(c - threshold) for c in changes if not np.isnan(c))
+    assert margin > 2e-3, f"a step's change is within {margin:.1e} of the threshold: pick another threshold"
+    assert 1 < sum(ran) < STEPS, f"the threshold decides nothing here ({ran}): pick another"
+    got, loop = _sdrt(folder, policy)
+    assert _full_count(loop) == sum(ran), loop
+    assert f"threshold {threshold:g}" in loop
+    diff = int(np.abs(got - want).max())
+    assert diff <= 1, f"{preset}: max abs difference {diff}/255 from diffusers' first-block cache"
+    assert want.std() > 5
+
+
+@pytest.mark.parametrize(("preset", "interval", "schedule"),
+                         [("sd3-tiny", 2, "uniform"), ("sd35-medium-tiny", 3, "uniform"),
+                          ("sd3-tiny", 3, "nonuniform")])
+def test_fixed_schedules_match_diffusers_hooks(sd3_export, preset: str, interval: int, schedule: str) -> None:
+    """A fixed schedule: diffusers' hooks with their decision replaced by the schedule's; the cached steps reuse
+    the same residual and the images agree within 1/255, away from the uncached image."""
+    folder = sd3_export(preset, block_cache=True)
+    policy = CachePolicy("first-block", interval=interval, schedule=schedule)
+    want, ran, _ = _reference(preset, folder, policy)
+    assert ran == list(policy.full_steps(STEPS))
+    got, loop = _sdrt(folder, policy)
+    assert _full_count(loop) == sum(ran) < STEPS
+    diff = int(np.abs(got - want).max())
+    assert diff <= 1, f"{preset} every {interval} ({schedule}): max abs difference {diff}/255"
+    uncached, _ = _sdrt(folder, None)
+    assert np.abs(uncached - want).max() > 1  # the cache changed the image: the comparison means something
+
+
+def test_the_shim_changes_nothing_uncached(sd3_export) -> None:
+    """The reference's shim (the last block returns its context) leaves diffusers' images as they are: the hooks
+    with every step full give the plain pipeline's image, bit for bit."""
+    folder = sd3_export("sd3-tiny", block_cache=True)
+    plain, _, _ = _reference("sd3-tiny", folder, None)
+    every, ran, _ = _reference("sd3-tiny", folder, CachePolicy("first-block", interval=1))
+    assert all(ran) and np.array_equal(plain, every)
+
+
+def test_caching_off_is_bit_identical_to_the_plain_export(sd3_export) -> None:
+    """A ``--feature-cache`` export run uncached, or cached with every step full, gives the plain export's image."""
+    plain, _ = _sdrt(sd3_export("sd3-tiny"), None)
+    folder = sd3_export("sd3-tiny", block_cache=True)
+    off, loop = _sdrt(folder, None)
+    every, _ = _sdrt(folder, CachePolicy("first-block", interval=1))
+    assert np.array_equal(plain, off) and np.array_equal(plain, every)
+    assert "feature cache" not in loop
+
+
+@pytest.mark.parametrize("policy", [CachePolicy("first-block", interval=2),
+                                    CachePolicy("first-block", threshold=0.2)])
+def test_openvino_runs_the_same_cached_steps(sd3_export, policy: CachePolicy) -> None:
+    pytest.importorskip("openvino", reason="the openvino extra is not installed")
+    folder = sd3_export("sd3-tiny", block_cache=True)
+    want, want_loop = _sdrt(folder, policy)
+    res = Pipeline.load(folder, backend="openvino", precision="f32")
+    try:
+        latents = np.random.default_rng(0).standard_normal((1, 16, 8, 12), dtype=np.float32)
+        got = res(PROMPT, steps=STEPS, latents=latents, **KW, cache=policy.kind, cache_interval=policy.interval,
+                  cache_threshold=policy.threshold)
+    finally:
+        res.close()
+    assert _full_count(got.loop) == _full_count(want_loop)
+    assert np.abs(np.asarray(got.images[0]).astype(np.int32) - want).max() <= 1
+
+
+def test_the_export_records_the_cached_step(sd3_export) -> None:
+    """``--feature-cache`` adds ``unet_shallow`` (in transformer_shallow/), parity-gated, taking the transformer's
+    two residuals and returning the change the threshold rule reads; a small part of the transformer."""
+    folder = sd3_export("sd3-tiny", block_cache=True)
+    man = ExportManifest.read(folder)
+    unet, cached = man.components["unet"], man.components[SHALLOW_UNET]
+    assert cached.path.startswith("transformer_shallow/")
+    assert [o.name for o in unet.outputs] == ["out_sample", "deep_feature", "head_residual"]
+    assert [i.name for i in cached.inputs][-2:] == ["deep_feature", "head_residual"]
+    assert [o.name for o in cached.outputs] == ["out_sample", CHANGE]
+    assert cached.parity is not None and cached.parity.rel_err <= cached.parity.bound
+
+
+def test_bad_requests_are_refused_before_work(sd3_export, deepcache_export) -> None:
+    plain = shared_pipeline(sd3_export("sd3-tiny"))
+    with pytest.raises(ArtifactError, match="--feature-cache"):
+        plain(PROMPT, steps=2, cache="first-block")
+    cached = shared_pipeline(sd3_export("sd3-tiny", block_cache=True))
+    with pytest.raises(InputError, match="no deepcache feature caching"):
+        cached(PROMPT, steps=2, cache="deepcache")
+    for bad in (0, -0.1, 1.5, float("nan"), True, "0.1"):
+        with pytest.raises(InputError, match="cache_threshold must be"):
+            cached(PROMPT, steps=2, cache="first-block", cache_threshold=bad)
+    unet = shared_pipeline(deepcache_export("sd15-tiny"))
+    with pytest.raises(InputError, match="cache_threshold goes with cache='first-block'"):
+        unet("a fox", steps=2, cache="deepcache", cache_threshold=0.1)
+    with pytest.raises(InputError, match="no first-block feature caching"):
+        unet("a fox", steps=2, cache="first-block")
+
+
+def test_a_one_block_transformer_is_refused_at_export(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from sdrt.export.sd3_export import export_sd3, load_sd3
+
+    model = load_sd3(random_preset="sd3-tiny")
+    blocks = model.modules.transformer.transformer_blocks
+    del blocks[1:]
+    model.modules.transformer.register_to_config(num_layers=1)
+    model = replace(model)
+    with pytest.raises(InputError, match="has one block"):
+        export_sd3(model, tmp_path / "out", block_cache=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_tensorrt_captures_fixed_schedules_and_refuses_a_threshold(sd3_export, tmp_path: Path, fake_gpu) -> None:
+    """Logic check on the TensorRT fakes (tests/helpers/trt_fakes.py): the cached step builds over the profile's
+    patch counts, the captured loop runs a fixed schedule with ort-cpu's images, and a threshold is refused
+    before any work (the captured loop reads nothing back per step)."""
+    from sdrt.export.profiles import custom_profile
+    from sdrt.export.trt_build import BuildOptions, build_engines
+
+    src = sd3_export("sd3-tiny", block_cache=True)
+    out = tmp_path / "engines"
+    manifest = build_engines(src, out, custom_profile(batch="1:1:2", height="64:64:96", width="64:64:96"),
+                             BuildOptions(workspace_gb=1))
+    shallow = next(r for r in manifest.engines if r.component == SHALLOW_UNET)
+    feature = next(s for s in shallow.shapes if s.name == "deep_feature")
+    assert feature.min[:2] == (2, 16) and feature.max[:2] == (4, 36)  # CFG rows; (64/16)^2 .. (96/16)^2 patches
+    kw = {"negative_prompt": "blurry", "steps": 4, "seed": 5, "height": 64, "width": 96, "guidance_scale": 4.0}
+    want = shared_pipeline(src)("a red fox", **kw, cache="first-block", cache_interval=2)
+    with Pipeline.load(out, backend="tensorrt") as pipe:
+        got = pipe("a red fox", **kw, cache="first-block", cache_interval=2)
+        with pytest.raises(InputError, match="fixed schedule"):
+            pipe("a red fox", **kw, cache="first-block", cache_threshold=0.2)
+    assert got.loop.startswith("captured CUDA graphs") and "2 of 4 steps ran the full transformer" in got.loop
+    a, b = np.asarray(want.images[0], np.int16), np.asarray(got.images[0], np.int16)
+    assert a.std() > 1 and np.abs(a - b).max() <= 1
