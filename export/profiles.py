@@ -10,13 +10,11 @@ axis                size
                     unconditional prompts are encoded in one call); UNet: images, doubled with
                     CFG (the ControlNets and ``unet_control`` too); VAE: images
 ``height/width``    latent pixels: image pixels / the VAE's scale factor (8)
-``height/N``        a ControlNet residual N times below latent size: ceil(latent / N)
+``height/N``        a ControlNet residual N times below latent size, a transformer's patch grid: ceil(latent / N)
 ``image_*``         image pixels (the uint8 inputs: the VAE encoder's image, the ControlNets' control image)
 ``sequence``        77 tokens x prompt chunks (long prompts are encoded in 77-token chunks)
 ``t5_tokens``       a T5 encoder's tokens per prompt (the family's ``text_tokens``: SD3's 256)
 ``text_tokens``     a transformer's text tokens: 77 CLIP tokens and the T5 encoder's (SD3: 333)
-``patches``         a transformer's image tokens: (latent height / patch) x (latent width / patch); the
-                    residuals of first-block caching (the patch: the export's size multiple / 8)
 ==================  ===========================================================================
 
 The sampler's step graphs (``runtime/step_graph.py``), which ``sdrt build`` prebuilds beside the
@@ -227,8 +225,7 @@ def _denoiser(component: str) -> bool:
     return component in ("unet", "unet_control", SHALLOW_UNET) or component.startswith("controlnet_")
 
 
-def _axis_range(component: str, axis: str, profile: BuildProfile, factor: int, text_tokens: int,
-                patch: int = 1) -> Range:
+def _axis_range(component: str, axis: str, profile: BuildProfile, factor: int, text_tokens: int) -> Range:
     if axis == "batch":
         if component.startswith("text_encoder"):
             return profile.text_batch()
@@ -248,9 +245,6 @@ def _axis_range(component: str, axis: str, profile: BuildProfile, factor: int, t
         return Range.static(text_tokens)
     if axis == "text_tokens":
         return Range.static(TOKENS_PER_CHUNK + text_tokens)
-    if axis == "patches":
-        h, w = profile.height.divided(factor * patch), profile.width.divided(factor * patch)
-        return Range(h.min * w.min, h.opt * w.opt, h.max * w.max)
     raise ArtifactError(
         f"{component}: the export names an axis {axis!r} that sdrt's profiles do not know; "
         "re-export the model with this sdrt version"
@@ -261,13 +255,12 @@ def component_shapes(profile: BuildProfile, manifest: ExportManifest, component:
     """min/opt/max shapes of every input of one component, in the export's input order."""
     comp = manifest.components[component]
     f = manifest.vae_scale_factor
-    patch = max(1, manifest.limits.multiple_of // f)
     out = []
     for spec in comp.inputs:
         lo, mid, hi = [], [], []
         for d in spec.shape:
             r = Range.static(d) if isinstance(d, int) else _axis_range(component, d, profile, f,
-                                                                       manifest.model_family.text_tokens, patch)
+                                                                       manifest.model_family.text_tokens)
             lo.append(r.min)
             mid.append(r.opt)
             hi.append(r.max)

@@ -28,7 +28,7 @@ from .exporter import EXPORT_KIND, MIN_OPSET, TEXT_LEN, check_export_dir, tool_v
 from .onnx_export import export_component, parity_line
 from .sd3_gate import gate_streamed
 from .sd3_presets import SD3_PRESETS, Sd3Modules, Sd3Preset, build_modules, get_sd3_preset
-from .sd3_specs import sd3_specs, streamed_t5_spec, streamed_transformer_spec
+from .sd3_specs import sd3_specs, streamed_cached_spec, streamed_t5_spec, streamed_transformer_spec
 from .streamed import WeightSource, checkpoint_weights, export_streamed, fake_shapes, synthetic_weights
 
 ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
@@ -249,10 +249,6 @@ def export_sd3(
     precision = "fp16" if fp16 else "fp32"
     f = 2 ** (len(mods.vae.config.block_out_channels) - 1)
     tr_cfg = streamed["transformer"].config if "transformer" in streamed else dict(mods.transformer.config)
-    if block_cache and "transformer" in streamed:
-        raise InputError(f"first-block caching is exported for a transformer held in memory; {p.name}'s is streamed "
-                         "(over a billion parameters) and its streamed cached step is not built yet: export it "
-                         "without --feature-cache")
     if block_cache and int(tr_cfg["num_layers"]) < 2:
         raise InputError(f"first-block caching reuses what the blocks after the first added; {p.name}'s transformer "
                          "has one block: export it without --feature-cache")
@@ -267,15 +263,19 @@ def export_sd3(
             done[spec.name] = export_component(spec, precision, tmp / folder, opset=opset,
                                                parity_shape=parity_shape, progress=progress)
         for name, st in streamed.items():
-            sspec = streamed_transformer_spec(st.config, TEXT_LEN + p.t5_tokens) if name == "transformer" \
-                else streamed_t5_spec(st.config, p.t5_tokens)
-            folder = FOLDERS.get(sspec.name, sspec.name)
-            progress(f"{sspec.name} is streamed ({st.kind} weights, one tensor at a time)")
-            comp = export_streamed(sspec, st.weights, precision, tmp / folder, progress=progress)
             tokens = TEXT_LEN + p.t5_tokens if name == "transformer" else p.t5_tokens
-            par = gate_streamed(name, st.config, st.weights, precision, tokens, parity_shape, progress)
-            progress(f"{sspec.name}: {parity_line(par, comp.precision)} ({par.reference})")
-            done[sspec.name] = replace(comp, parity=par)
+            jobs = [(name, streamed_t5_spec(st.config, tokens))] if name != "transformer" else \
+                [("transformer", streamed_transformer_spec(st.config, tokens, block_cache))]
+            if name == "transformer" and block_cache:
+                jobs.append(("cached", streamed_cached_spec(st.config, tokens)))
+            for kind, sspec in jobs:
+                folder = FOLDERS.get(sspec.name, sspec.name)
+                progress(f"{sspec.name} is streamed ({st.kind} weights, one tensor at a time)")
+                comp = export_streamed(sspec, st.weights, precision, tmp / folder, progress=progress)
+                par = gate_streamed(kind, st.config, st.weights, precision, tokens, parity_shape, progress,
+                                    block_cache=block_cache)
+                progress(f"{sspec.name}: {parity_line(par, comp.precision)} ({par.reference})")
+                done[sspec.name] = replace(comp, parity=par)
         order = [*ENCODERS, "unet", SHALLOW_UNET, "vae_decoder", "vae_encoder"]
         components = {n: done[n] for n in order if n in done}
         for i, name in enumerate(("text_encoder", "text_encoder_2")):

@@ -24,7 +24,14 @@ from sdrt.runtime.errors import ArtifactError
 from sdrt.runtime.manifest import Parity
 
 from .onnx_export import check_parity
-from .sd3_specs import streamed_t5_spec, streamed_transformer_spec, t5_spec, transformer_spec
+from .sd3_specs import (
+    cached_spec,
+    streamed_cached_spec,
+    streamed_t5_spec,
+    streamed_transformer_spec,
+    t5_spec,
+    transformer_spec,
+)
 from .streamed import StreamedSpec, WeightSource, export_streamed
 
 TRANSFORMER_BLOCKS = re.compile(r"^transformer_blocks\.(\d+)\.")
@@ -67,17 +74,21 @@ def _mapped(weights: WeightSource, pattern: re.Pattern[str], prefix: str, picked
 
 
 def gate_streamed(kind: str, config: dict[str, Any], weights: WeightSource, precision: str, tokens: int,
-                  parity_shape: tuple[int, int, int], progress: Callable[[str], None] = lambda m: None) -> Parity:
-    """The reduced-depth gate of a streamed ``transformer`` or ``text_encoder_3`` (see the module docstring);
-    raises ParityError past the precision's bound, like every component's gate."""
+                  parity_shape: tuple[int, int, int], progress: Callable[[str], None] = lambda m: None,
+                  block_cache: bool = False) -> Parity:
+    """The reduced-depth gate of a streamed ``transformer`` (``block_cache``: with first-block caching's
+    residual outputs), first-block caching's ``cached`` step or ``text_encoder_3`` (see the module docstring);
+    raises ParityError past the precision's bound, like every component's gate. The cached step runs only the
+    first block, which every reduced copy keeps as its own first: its gate is exact in depth."""
     from diffusers import SD3Transformer2DModel
     from transformers import T5Config, T5EncoderModel
 
-    if kind == "transformer":
-        picked = transformer_blocks(config)
+    if kind in ("transformer", "cached"):
+        picked = sorted({0, *transformer_blocks(config)})
         reduced = _reduced_transformer(config, picked)
         source = _mapped(weights, TRANSFORMER_BLOCKS, "transformer_blocks.", picked)
-        sspec: StreamedSpec = streamed_transformer_spec(reduced, tokens)
+        sspec: StreamedSpec = (streamed_cached_spec(reduced, tokens) if kind == "cached"
+                               else streamed_transformer_spec(reduced, tokens, block_cache))
         module = SD3Transformer2DModel(**reduced)
         total = int(config["num_layers"])
     else:
@@ -96,7 +107,8 @@ def gate_streamed(kind: str, config: dict[str, Any], weights: WeightSource, prec
         raise ArtifactError(f"{sspec.name}: the reduced copy's weights do not load ({sorted(missing)[:3]} missing, "
                             f"{sorted(unexpected)[:3]} unexpected)")
     module = module.float().eval()
-    cspec = transformer_spec(module, tokens) if kind == "transformer" else t5_spec(module, tokens)
+    cspec = (cached_spec(module, tokens) if kind == "cached" else transformer_spec(module, tokens, block_cache)
+             if kind == "transformer" else t5_spec(module, tokens))
     with tempfile.TemporaryDirectory(prefix="sdrt-gate-") as tmp:
         comp = export_streamed(sspec, source, precision, Path(tmp) / sspec.name)
         # the module's own example inputs and I/O, run on the streamed graph (dynamo names match the contract)

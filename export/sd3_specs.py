@@ -101,9 +101,11 @@ def transformer_spec(transformer: torch.nn.Module, tokens: int, block_cache: boo
 
 
 def _residuals(cfg: Any) -> list[tuple[str, str, tuple[int | str, ...]]]:
-    """First-block caching's residuals over the image tokens: [batch, patches, inner width]."""
+    """First-block caching's residuals over the image tokens, on the patch grid: [batch, latent height / patch,
+    latent width / patch, inner width]."""
     inner = int(cfg["num_attention_heads"]) * int(cfg["attention_head_dim"])
-    return [(n, "float", ("batch", "patches", inner)) for n in (DEEP_FEATURE, HEAD_RESIDUAL)]
+    p = int(cfg["patch_size"])
+    return [(n, "float", ("batch", f"height/{p}", f"width/{p}", inner)) for n in (DEEP_FEATURE, HEAD_RESIDUAL)]
 
 
 def cached_spec(transformer: torch.nn.Module, tokens: int) -> ComponentSpec:
@@ -111,12 +113,12 @@ def cached_spec(transformer: torch.nn.Module, tokens: int) -> ComponentSpec:
     and its two residuals of the last full step -> ``out_sample`` and ``change`` (``Sd3TransformerCached``)."""
     full = transformer_spec(transformer, tokens, block_cache=True)
     res = _residuals(transformer.config)
-    inner = res[0][2][2]
-    patch = int(transformer.config.patch_size)
+    inner = int(res[0][2][3])
+    p = int(transformer.config.patch_size)
 
     def example(g: torch.Generator, b: int, h: int, w: int) -> tuple[torch.Tensor, ...]:
-        n = (h // patch) * (w // patch)
-        return (*full.example(g, b, h, w), torch.randn(b, n, inner, generator=g), torch.randn(b, n, inner, generator=g))
+        grid = (b, h // p, w // p, inner)
+        return (*full.example(g, b, h, w), torch.randn(*grid, generator=g), torch.randn(*grid, generator=g))
 
     return ComponentSpec(
         name=SHALLOW_UNET,
@@ -180,36 +182,71 @@ def sd3_specs(modules: Sd3Modules, t5_tokens: int, block_cache: bool = False) ->
 
 # -- the large components, streamed (export/streamed.py): built from their configs in fake mode -----------------
 
-def streamed_transformer_spec(config: dict[str, Any], tokens: int) -> StreamedSpec:
-    """The MMDiT as ``transformer_spec`` describes it, traced on fake tensors (dynamic batch, patches and text
-    tokens) for a streamed export; its weights are named as the diffusers checkpoint's."""
+def streamed_transformer_spec(config: dict[str, Any], tokens: int, block_cache: bool = False) -> StreamedSpec:
+    """The MMDiT as ``transformer_spec`` describes it (``block_cache``: returning first-block caching's two
+    residuals), traced on fake tensors (dynamic batch, patches and text tokens) for a streamed export; its
+    weights are named as the diffusers checkpoint's."""
     from diffusers import SD3Transformer2DModel
 
     in_ch, out_ch = int(config["in_channels"]), int(config["out_channels"])
     joint, pooled = int(config["joint_attention_dim"]), int(config["pooled_projection_dim"])
-    grid = int(config["pos_embed_max_size"])
 
     def build() -> torch.nn.Module:
-        return Sd3Transformer(SD3Transformer2DModel(**config), dynamo=True)
+        return Sd3Transformer(SD3Transformer2DModel(**config), dynamo=True, block_cache=block_cache)
 
     def example() -> tuple[torch.Tensor, ...]:
         b, (h, w) = 2, TRACE_LATENT
         return (torch.randn(b, in_ch, h, w), torch.rand(b) * 1000, torch.randn(b, tokens, joint), torch.randn(b, pooled))
-
-    def dynamic() -> dict[str, Any]:
-        d = torch.export.Dim
-        b, t = d("batch", min=1, max=64), d("text_tokens", min=1, max=4096)
-        h, w = d("patches_h", min=1, max=grid), d("patches_w", min=1, max=grid)
-        return {"sample": {0: b, 2: 2 * h, 3: 2 * w}, "timestep": {0: b}, "encoder_hidden_states": {0: b, 1: t},
-                "pooled_projections": {0: b}}
 
     return StreamedSpec(
         name="unet", build=build, prefix="transformer.",
         inputs=[("sample", "float", ("batch", in_ch, "height", "width")), ("timestep", "float32", ("batch",)),
                 ("encoder_hidden_states", "float", ("batch", "text_tokens", joint)),
                 ("pooled_projections", "float", ("batch", pooled))],
-        outputs=[("out_sample", "float", ("batch", out_ch, "height", "width"))],
-        example=example, dynamic=dynamic)
+        outputs=[("out_sample", "float", ("batch", out_ch, "height", "width")),
+                 *(_residuals(config) if block_cache else [])],
+        example=example, dynamic=lambda: _transformer_dims(config))
+
+
+def _transformer_dims(config: dict[str, Any], residuals: bool = False) -> dict[str, Any]:
+    """torch.export's dynamic shapes of the transformer's inputs (and of the cached step's residual inputs, on
+    the patch grid): batch, text tokens, and the sides in patches."""
+    d = torch.export.Dim
+    grid, p = int(config["pos_embed_max_size"]), int(config["patch_size"])
+    b, t = d("batch", min=1, max=64), d("text_tokens", min=1, max=4096)
+    h, w = d("patches_h", min=1, max=grid), d("patches_w", min=1, max=grid)
+    dims: dict[str, Any] = {"sample": {0: b, 2: p * h, 3: p * w}, "timestep": {0: b},
+                            "encoder_hidden_states": {0: b, 1: t}, "pooled_projections": {0: b}}
+    if residuals:  # their sides equal the sample's in patches; torch 2.13's solver fails to state that relation
+        # itself (its message builder raises on a Dim it derives), so they are left for export to infer
+        dims.update({n: {0: b, 1: d.AUTO, 2: d.AUTO} for n in (DEEP_FEATURE, HEAD_RESIDUAL)})
+    return dims
+
+
+def streamed_cached_spec(config: dict[str, Any], tokens: int) -> StreamedSpec:
+    """First-block caching's cached step as ``cached_spec`` describes it, traced on fake tensors for a streamed
+    export: built with the first block alone (its weights, the embeddings' and the output layers' are all it
+    reads from the checkpoint)."""
+    from diffusers import SD3Transformer2DModel
+
+    full = streamed_transformer_spec(config, tokens, block_cache=True)
+    res = _residuals(config)
+    inner, p = int(res[0][2][3]), int(config["patch_size"])
+
+    def build() -> torch.nn.Module:
+        t = SD3Transformer2DModel(**{**config, "num_layers": 2})  # block 0 as the full model builds it, then
+        del t.transformer_blocks[1:]  # the rest dropped: a single-block model's block would end the context stream
+        return Sd3TransformerCached(t, dynamo=True)
+
+    def example() -> tuple[torch.Tensor, ...]:
+        args = full.example()
+        grid = (args[0].shape[0], args[0].shape[2] // p, args[0].shape[3] // p, inner)
+        return (*args, torch.randn(*grid), torch.randn(*grid))
+
+    return StreamedSpec(
+        name=SHALLOW_UNET, build=build, prefix="transformer.", inputs=[*full.inputs, *res],
+        outputs=[full.outputs[0], (CHANGE, "float32", (1,))], example=example,
+        dynamic=lambda: _transformer_dims(config, residuals=True))
 
 
 def streamed_t5_spec(config: dict[str, Any], tokens: int) -> StreamedSpec:

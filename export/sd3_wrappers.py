@@ -65,13 +65,21 @@ class Sd3Transformer(torch.nn.Module):
         finally:
             for h in hooks:
                 h.remove()
-        return out, seen["tail"] - seen["head"], seen["head"] - seen["in"]
+        return out, self.grid(seen["tail"] - seen["head"], sample), self.grid(seen["head"] - seen["in"], sample)
+
+    def grid(self, tokens: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        """Image tokens [B, h*w, D] as the patch grid [B, h, w, D] (h, w: the sample's sides in patches), the
+        layout the residuals are exported in: its sides are the sample's divided by the patch, which a traced
+        graph's dynamic shapes can say (a token count h*w cannot)."""
+        p = int(self.transformer.config.patch_size)
+        return tokens.reshape(tokens.shape[0], sample.shape[-2] // p, sample.shape[-1] // p, tokens.shape[-1])
 
 
 class Sd3TransformerCached(torch.nn.Module):
     """First-block caching's cached step (diffusers' ``apply_first_block_cache``, after ParaAttention's First
     Block Cache): ``Sd3Transformer``'s inputs, then ``deep_feature`` (what the blocks after the first added to
-    the image tokens at the last full step) and ``head_residual`` (what the first block added then) ->
+    the image tokens at the last full step) and ``head_residual`` (what the first block added then), both on the
+    patch grid [B, h, w, D] as ``Sd3Transformer`` returns them ->
     ``out_sample`` as diffusers' ``SD3Transformer2DModel.forward`` computes it when every block after the first
     returns its input plus that step's residual: embeddings, the first block, ``norm_out`` and ``proj_out`` over
     the first block's image tokens plus ``deep_feature``, unpatchified; and ``change`` [1] float32, the relative
@@ -80,8 +88,8 @@ class Sd3TransformerCached(torch.nn.Module):
 
     def __init__(self, transformer: torch.nn.Module, dynamo: bool = False) -> None:
         super().__init__()
-        Sd3Transformer(transformer, dynamo=dynamo, block_cache=True)  # the same checks and crop fix
-        self.transformer = transformer
+        Sd3Transformer(transformer, dynamo=dynamo)  # the same crop fix
+        self.transformer = transformer  # only the first of its blocks runs (a streamed export builds no other)
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 pooled_projections: torch.Tensor, deep_feature: torch.Tensor,
@@ -92,6 +100,8 @@ class Sd3TransformerCached(torch.nn.Module):
         temb = t.time_text_embed(timestep, pooled_projections)
         context = t.context_embedder(encoder_hidden_states)
         _, head = t.transformer_blocks[0](hidden_states=hidden, encoder_hidden_states=context, temb=temb)
+        deep_feature = deep_feature.reshape(head.shape)
+        head_residual = head_residual.reshape(head.shape)
         residual = head - hidden
         change = (residual - head_residual).float().abs().mean() / head_residual.float().abs().mean()
         x = t.proj_out(t.norm_out(head + deep_feature, temb))

@@ -226,7 +226,7 @@ def test_tensorrt_captures_fixed_schedules_and_refuses_a_threshold(sd3_export, t
                              BuildOptions(workspace_gb=1))
     shallow = next(r for r in manifest.engines if r.component == SHALLOW_UNET)
     feature = next(s for s in shallow.shapes if s.name == "deep_feature")
-    assert feature.min[:2] == (2, 16) and feature.max[:2] == (4, 36)  # CFG rows; (64/16)^2 .. (96/16)^2 patches
+    assert feature.min[:3] == (2, 4, 4) and feature.max[:3] == (4, 6, 6)  # CFG rows; 64 / 16 .. 96 / 16 patches
     kw = {"negative_prompt": "blurry", "steps": 4, "seed": 5, "height": 64, "width": 96, "guidance_scale": 4.0}
     want = shared_pipeline(src)("a red fox", **kw, cache="first-block", cache_interval=2)
     with Pipeline.load(out, backend="tensorrt") as pipe:
@@ -236,3 +236,42 @@ def test_tensorrt_captures_fixed_schedules_and_refuses_a_threshold(sd3_export, t
     assert got.loop.startswith("captured CUDA graphs") and "2 of 4 steps ran the full transformer" in got.loop
     a, b = np.asarray(want.images[0], np.int16), np.asarray(got.images[0], np.int16)
     assert a.std() > 1 and np.abs(a - b).max() <= 1
+
+
+def test_a_streamed_transformer_exports_the_same_cached_step(sd3_export, tmp_path: Path) -> None:
+    """A transformer too large to hold (streamed from a diffusers folder, as SD 3 Medium and larger are): its
+    cached step is streamed too, holding only the first block's weights (and the embeddings' and output
+    layers'), gated exactly; the cached images equal the in-memory export's (same weights)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from transformers import CLIPTokenizer, T5TokenizerFast
+
+    from sdrt.export.sd3_export import export_sd3, load_sd3
+    from sdrt.export.sd3_presets import build_modules, get_sd3_preset
+
+    ref_folder = sd3_export("sd35-medium-tiny", block_cache=True)
+    p = get_sd3_preset("sd35-medium-tiny")
+    m = build_modules(p, seed=0)
+    src = tmp_path / "diffusers"
+    StableDiffusion3Pipeline(
+        transformer=m.transformer, vae=m.vae, scheduler=FlowMatchEulerDiscreteScheduler.from_config(p.scheduler),
+        text_encoder=m.text_encoders[0], tokenizer=CLIPTokenizer.from_pretrained(ref_folder / "tokenizer"),
+        text_encoder_2=m.text_encoders[1], tokenizer_2=CLIPTokenizer.from_pretrained(ref_folder / "tokenizer_2"),
+        text_encoder_3=m.text_encoders[2], tokenizer_3=T5TokenizerFast.from_pretrained(ref_folder / "tokenizer_3"),
+    ).save_pretrained(src, safe_serialization=True)
+    out = tmp_path / "streamed"
+    manifest = export_sd3(load_sd3(src, stream=True), out, fp16=False, block_cache=True)
+    assert "unet" in manifest.source["streamed"]
+    cached = manifest.components[SHALLOW_UNET]
+    assert cached.parity is not None and "reduced depth" in cached.parity.reference
+    assert cached.parity.rel_err <= cached.parity.bound
+    blocks = len(m.transformer.transformer_blocks)
+    data = {n: sum(f.stat().st_size for f in (out / n).iterdir()) for n in ("transformer", "transformer_shallow")}
+    assert data["transformer_shallow"] < data["transformer"] * 2 / blocks  # one block and the edges, not all
+    for policy in (CachePolicy("first-block", interval=2), CachePolicy("first-block", threshold=0.3)):
+        want, want_loop = _sdrt(ref_folder, policy)
+        with Pipeline.load(out, backend="ort-cpu") as pipe:
+            latents = np.random.default_rng(0).standard_normal((1, 16, 8, 12), dtype=np.float32)
+            got = pipe(PROMPT, steps=STEPS, latents=latents, **KW, cache=policy.kind, cache_interval=policy.interval,
+                       cache_threshold=policy.threshold)
+        assert _full_count(got.loop) == _full_count(want_loop) < STEPS
+        assert np.abs(np.asarray(got.images[0]).astype(np.int32) - want).max() <= 1
