@@ -34,6 +34,7 @@ from . import wrappers
 from .controlnet_loading import LoadedControlNet, check_pairing
 from .controlnet_specs import controlnet_specs
 from .loading import LoadedModel
+from .lora_slots import SlotPlan, Slotted, slot_example, slot_inputs, slot_layers
 from .onnx_export import ComponentSpec, export_component
 
 MIN_OPSET = 17
@@ -55,11 +56,13 @@ def check_clip_skip(model: LoadedModel, clip_skip: int) -> None:
 
 
 def component_specs(model: LoadedModel, vae_fp32: bool | None = None, clip_skip: int = 0,
-                    controlnets: Sequence[LoadedControlNet] = (), deepcache: bool = False) -> list[ComponentSpec]:
+                    controlnets: Sequence[LoadedControlNet] = (), deepcache: bool = False,
+                    lora_slots: SlotPlan | None = None) -> list[ComponentSpec]:
     """The components of ``model``; ``vae_fp32`` overrides the preset's VAE precision; ``clip_skip``
     conditions on an earlier text encoder layer (diffusers' ``clip_skip``); ``controlnets`` add
     ``controlnet_0``.. and ``unet_control`` after the plain ``unet``; ``deepcache``: the UNet also returns
-    DeepCache's deep feature, and ``unet_shallow`` (runtime/feature_cache.py) follows it."""
+    DeepCache's deep feature, and ``unet_shallow`` (runtime/feature_cache.py) follows it; ``lora_slots``: the
+    UNet's targeted layers take LoRA factors as inputs (export/lora_slots.py)."""
     p = model.preset
     vae32 = p.vae_fp32 if vae_fp32 is None else vae_fp32
     fam = p.model_family
@@ -130,6 +133,17 @@ def component_specs(model: LoadedModel, vae_fp32: bool | None = None, clip_skip:
         example=unet_example,
         refittable=True,
     )
+    if lora_slots is not None:
+        if controlnets or deepcache:
+            raise InputError("--lora-slots is not combined with ControlNets or --feature-cache yet: export the "
+                             "slotted UNet without them")
+        layers = slot_layers(model.unet, lora_slots)
+
+        def slotted_example(g: torch.Generator, b: int, h: int, w: int) -> tuple[torch.Tensor, ...]:
+            return (*unet_example(g, b, h, w), *slot_example(layers, lora_slots.rank, g))
+
+        unet_spec = replace(unet_spec, module=Slotted(unet_spec.module, layers),
+                            inputs=[*unet_inputs, *slot_inputs(layers, lora_slots.rank)], example=slotted_example)
     specs.append(unet_spec)
     specs += controlnet_specs(model, controlnets, unet_spec)
     if deepcache:
@@ -282,6 +296,7 @@ def export_model(
     clip_skip: int = 0,
     controlnets: Sequence[LoadedControlNet] = (),
     deepcache: bool = False,
+    lora_slots: SlotPlan | None = None,
 ) -> ExportManifest:
     """Export every component of ``model`` into ``out`` (atomically) and return its manifest.
 
@@ -291,7 +306,8 @@ def export_model(
     becomes ``controlnet_j`` (in order), and ``unet_control`` takes all their residuals; the plain ``unet``
     is exported as without them. A ControlNet that does not pair with the model's UNet is refused first.
     ``deepcache``: also export DeepCache's shallow path (``unet_shallow``), the UNet returning the deep feature
-    it reuses (``Pipeline(..., cache="deepcache")``; runtime/feature_cache.py).
+    it reuses (``Pipeline(..., cache="deepcache")``; runtime/feature_cache.py). ``lora_slots``: the UNet takes
+    LoRA factors as inputs, so calls can carry LoRAs (``Pipeline(..., loras=...)``; export/lora_slots.py).
 
     ``out`` may be new, empty or a previous sdrt export holding only what its sdrt.json names (replaced
     whole when the export succeeds); any other folder is refused unless ``overwrite``, a file or the current
@@ -315,7 +331,7 @@ def export_model(
         parity_shape = (2, side, side + 8)
     with atomic_dir(out, marker=MANIFEST_NAME, overwrite=overwrite, what=EXPORT_KIND, owned=export_entries) as tmp:
         components = {}
-        for spec in component_specs(model, vae_fp32, clip_skip, controlnets, deepcache):
+        for spec in component_specs(model, vae_fp32, clip_skip, controlnets, deepcache, lora_slots):
             components[spec.name] = export_component(
                 spec, precision, tmp / spec.name, opset=opset, parity_shape=parity_shape, progress=progress
             )
@@ -335,7 +351,8 @@ def export_model(
             default_size=p.default_size,
             text_max_length=TEXT_LEN,
             limits=ShapeLimits(),
-            source={**model.source, **({"controlnets": [dict(c.source) for c in controlnets]} if controlnets else {})},
+            source={**model.source, **({"controlnets": [dict(c.source) for c in controlnets]} if controlnets else {}),
+                    **({"lora_slots": {"rank": lora_slots.rank, "targets": lora_slots.targets}} if lora_slots else {})},
             tools=tool_versions(),
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             clip_skip=clip_skip,

@@ -11,9 +11,9 @@ from collections.abc import Sequence
 import torch
 
 from sdrt.runtime.errors import InputError
+from sdrt.runtime.lora_files import LoraSpec, MergeReport, lora_deltas, read_lora
 
 from .loading import LoadedModel
-from .lora import LoraSpec, MergeReport, lora_deltas, read_lora
 
 
 def merge_loras(model: LoadedModel, specs: Sequence[LoraSpec]) -> dict[str, MergeReport]:

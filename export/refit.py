@@ -32,9 +32,8 @@ import numpy as np
 from sdrt.runtime.atomic import atomic_dir, check_output_dir, give_default_mode
 from sdrt.runtime.errors import ArtifactError, CompatibilityError, InputError
 from sdrt.runtime.feature_cache import SHALLOW_UNET
+from sdrt.runtime.lora_files import LoraFile, LoraSpec, MergeReport, lora_deltas, read_lora
 from sdrt.runtime.manifest import EXPORT_FOLDER, MANIFEST_NAME, ExportManifest, export_entries
-
-from .lora import LoraFile, LoraSpec, MergeReport, lora_deltas, read_lora
 
 if TYPE_CHECKING:
     import onnx

@@ -24,7 +24,7 @@ import contextlib
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,6 +40,7 @@ from .errors import ArtifactError, DeviceMemoryError, InputError
 from .families import Family
 from .feature_cache import EXPORT_HINT, SHALLOW_UNET, CachePolicy, cache_policy
 from .images import nonfinite_message, to_pil, to_uint8
+from .lora_adapters import AdapterLibrary, adapter_factors, check_loras, slots_of
 from .manifest import ExportManifest
 from .memory_advice import explain as explain_memory_error
 from .noise import draw, generators, seeds
@@ -89,12 +90,14 @@ class Pipeline:
         self._lock = threading.RLock()
         self._closed = False
         self._text: TextConditioning | None = None
+        self.loras = AdapterLibrary()  # Pipeline.load(..., lora_dir=) names a folder to find LoRAs by name in
+        self._no_lora: dict[str, np.ndarray] | None = None
 
     # -- loading and lifecycle ------------------------------------------------------------------------
     @classmethod
     def load(cls, path: str | Path, backend: str | Backend = "auto", *, threads: int | None = None,
              cuda_graph: bool | None = None, device_id: int = 0, precision: str | None = None,
-             share_with: Pipeline | None = None) -> Pipeline:
+             share_with: Pipeline | None = None, lora_dir: str | Path | None = None) -> Pipeline:
         """Load an export or engine folder (or an Optimum export) onto a backend: ``auto`` picks tensorrt for an
         engine folder, else ort-cuda with a GPU, else openvino, else ort-cpu. ``cuda_graph``: replay captured
         CUDA graphs (tensorrt: on by default, falling back to the engines one by one when capture fails;
@@ -103,8 +106,10 @@ class Pipeline:
         pipeline on the same backend whose device memory plan this one joins (a refiner beside its base: on
         tensorrt one stream and one scratch block). ``backend`` may also be a ``Backend`` the caller configured
         (``OvBackend(cache_dir=...)``): once loaded, the pipeline owns and closes it, and the keywords that
-        configure a backend are refused beside it. See docs/backends for each backend's details."""
+        configure a backend are refused beside it. ``lora_dir``: a folder of LoRA ``.safetensors`` files that calls
+        name in ``loras=`` (an export made with ``--lora-slots``). See docs/backends for each backend's details."""
         folder = Path(path)
+        library = AdapterLibrary(lora_dir)  # a missing folder is refused before anything loads
         share = None if share_with is None else share_with.backend
         if share_with is not None:
             share_with._ready()
@@ -113,6 +118,7 @@ class Pipeline:
         try:
             pipe = cls(folder, opened.manifest, opened.backend, opened.engines, opened.tokenizers,
                        opened.scheduler_config)
+            pipe.loras = library
         except BaseException:
             opened.release()
             raise
@@ -318,7 +324,8 @@ class Pipeline:
                 control_end: Any = None, guess_mode: bool = False, control_preprocess: Any = None,
                 aesthetic_score: float | None = None, negative_aesthetic_score: float | None = None,
                 timings: dict[str, Any] | None = None, clock: Clock | None = None,
-                own_buffers: bool = True, cache: CachePolicy | str | None = None) -> Latents:
+                own_buffers: bool = True, cache: CachePolicy | str | None = None,
+                loras: Sequence[tuple[str, float]] | None = None) -> Latents:
         """Run the plan's steps from ``latents.step`` (or the ``start`` fraction of the schedule) up to the
         ``end`` fraction (default: the end), device-resident: UNet -> step graph -> UNet. The fractions
         follow diffusers' ``denoising_start`` / ``denoising_end``: a step of timestep t belongs to the part
@@ -331,7 +338,7 @@ class Pipeline:
         ``clock``: a caller's clock for several stages on one timeline (marked once set up and after each step).
         ``own_buffers`` False: the loop's own buffers, valid until this pipeline's next ``denoise``. ``cache``:
         a ``feature_cache.CachePolicy`` (or ``"deepcache"``, every 3rd step full), applied to the steps this call
-        runs, the first of them full."""
+        runs, the first of them full. ``loras``: (name or path, scale) pairs for a slotted UNet (as the call's)."""
         with self._lock:
             self._ready()
             self.check_request(latents.height, latents.width, embeddings.batch,
@@ -340,10 +347,11 @@ class Pipeline:
                                        control_preprocess, latents.inpaint is not None)
             policy = cache_policy(cache)
             self.check_cache(policy, creq)
+            lora = self.lora_inputs(loras)
             sink: dict[str, Any] = {} if timings is None else timings
             out, how = self._denoise(embeddings, latents, plan, guidance_scale, start, end, callback, sink, clock,
                                      rescale=guidance_rescale, control=creq,
-                                     scores=(aesthetic_score, negative_aesthetic_score), cache=policy)
+                                     scores=(aesthetic_score, negative_aesthetic_score), cache=policy, lora=lora)
             sink["loop"] = how
             if not own_buffers:
                 return out
@@ -361,7 +369,7 @@ class Pipeline:
                  timings: dict[str, Any], clock: Clock | None = None, rescale: float = 0.0,
                  control: controlnet.ControlRequest | None = None,
                  scores: tuple[float | None, float | None] | None = None,
-                 cache: CachePolicy | None = None) -> tuple[Latents, str]:
+                 cache: CachePolicy | None = None, lora: Mapping[str, Array] | None = None) -> tuple[Latents, str]:
         """The loop. With the caller's ``clock``, marks once the loop is set up and after every step (the
         caller reads the times); without one, the step times go into ``timings``."""
         check_guidance(guidance_scale)
@@ -386,6 +394,7 @@ class Pipeline:
                              "prepare them with prepare_latents(plan, ...)")
         to_dev = be.to_device
         cond = self._conditioning().denoiser_inputs(emb, lat.height, lat.width, scores, guidance_scale)
+        cond.update(self.lora_inputs(None) if lora is None else lora)  # a slotted UNet's factors (zeros: none)
         mode, table = None, plan.table
         step_inputs: dict[str, Array] = {}
         if lat.inpaint is not None:  # the mask work runs in the step graph's inpainting variant
@@ -451,6 +460,44 @@ class Pipeline:
             else:
                 self._loops[key] = self.backend.step_loop(self.engines["unet"], step)
         return self._loops[key]
+
+    def check_loras(self, loras: Any) -> None:
+        """Refuse a call's ``loras`` this export cannot run (no slots, an unknown name, a layer without a slot,
+        ranks past the slots, another architecture's factors), reading each adapter; nothing is uploaded."""
+        with self._lock:
+            self._ready()
+            self._lora_factors(loras)
+
+    def _lora_factors(self, loras: Any) -> dict[str, np.ndarray] | None:
+        """The factors of ``loras`` on the host (None: no adapter, or an export without slots)."""
+        pairs = check_loras(loras)
+        slots = slots_of(self.engines["unet"].inputs)
+        if not slots:
+            if pairs:
+                raise ArtifactError(f"{self.folder} has no LoRA slots, which loras= needs: re-export it with `sdrt "
+                                    "export ... --lora-slots RANK`, or merge the LoRA at export (`sdrt export --lora "
+                                    "FILE:SCALE`)",
+                                    cli=f"{self.folder} has no LoRA slots, which --lora needs: re-export it with "
+                                        "`sdrt export ... --lora-slots RANK`, or merge the LoRA at export")
+            return None
+        if not pairs:
+            return None
+        return adapter_factors(slots, [(self.loras.get(name), scale) for name, scale in pairs], self.dtype)
+
+    def lora_inputs(self, loras: Any) -> dict[str, Array]:
+        """The UNet's LoRA factor inputs for a call's ``loras`` ((name or path, scale) pairs; None: no adapter),
+        on the device; nothing for an export without slots. Every adapter is read and checked against the
+        slots here, before any work (runtime/lora_adapters.py)."""
+        factors = self._lora_factors(loras)
+        to_dev = self.backend.to_device
+        if factors is not None:
+            return {k: to_dev(v) for k, v in factors.items()}
+        slots = slots_of(self.engines["unet"].inputs)
+        if not slots:
+            return {}
+        if self._no_lora is None:  # every factor zero: made once (nothing writes into a loop's conditioning inputs)
+            self._no_lora = {k: to_dev(v) for k, v in adapter_factors(slots, [], self.dtype).items()}
+        return dict(self._no_lora)
 
     def check_cache(self, cache: CachePolicy | None, control: controlnet.ControlRequest | None = None) -> None:
         """Refuse feature caching the family has not, on an export without its cheap step, by a threshold on a
@@ -566,6 +613,9 @@ class Pipeline:
             if refiner is None:
                 raise InputError("refiner_start needs a refiner: pass refiner=Pipeline.load(REFINER_DIR)",
                                  cli="--refiner-start needs a refiner: pass --refiner REFINER_DIR")
+            if req.loras:
+                raise InputError("LoRAs per request do not cover the base + refiner ensemble yet: leave loras out, "
+                                 "or generate with the base alone", cli="--lora does not cover --refiner yet")
             return refine(self, refiner, req, callback=callback)
         with self._lock:
             self._ready()
@@ -585,6 +635,7 @@ class Pipeline:
                                        req.guess_mode, req.control_preprocess, mask is not None)
             policy = req.cache_policy
             self.check_cache(policy, creq)
+            lora = self.lora_inputs(req.loras)
             if image is not None:
                 self._check_img2img()
             init = None if image is None else to_uint8(image, req.height, req.width, m.vae_scale_factor)
@@ -614,7 +665,7 @@ class Pipeline:
                 clock.mark()
                 lat, how = self._denoise(emb, lat, plan, req.guidance_scale, None, None, callback, {}, clock,
                                          rescale=req.guidance_rescale, control=creq, scores=req.scores,
-                                         cache=policy)
+                                         cache=policy, lora=lora)
                 images, nonfinite, final = self.finish(lat.x, req.output)
                 if req.output == "images" and blur is not None:
                     assert init is not None  # paste_back is refused without an image

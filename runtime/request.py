@@ -18,6 +18,7 @@ import numpy as np
 
 from .errors import InputError
 from .feature_cache import DEFAULT_INTERVAL, CachePolicy, cache_policy
+from .lora_adapters import check_loras
 
 OUTPUTS = ("images", "latents")
 SEED_MAX = 2**32 - 1  # seeds are 32-bit, as in the popular UIs, so any seed printed can be typed back
@@ -49,7 +50,8 @@ class GenerationRequest:
     UNet's deep feature between full steps, ``"first-block"`` (transformers) what the blocks after the first
     added; every ``cache_interval``-th step full (``cache_schedule`` ``"uniform"``, or DeepCache's
     ``"nonuniform"``), or, first-block with ``cache_threshold``, diffusers' rule per step; None (the default)
-    runs every step in full.
+    runs every step in full. ``loras``: (name or path, scale) pairs applied to this call's UNet (an export made
+    with ``--lora-slots``; runtime/lora_adapters.py); a name is looked up in the pipeline's ``lora_dir``.
     """
 
     prompt: str | Sequence[str] | None = None
@@ -86,6 +88,7 @@ class GenerationRequest:
     cache_interval: int = DEFAULT_INTERVAL
     cache_schedule: str = "uniform"
     cache_threshold: float | None = None
+    loras: Sequence[tuple[str, float]] | None = None
 
     @property
     def scores(self) -> tuple[float | None, float | None]:
@@ -118,6 +121,7 @@ class GenerationRequest:
         check_guidance(self.guidance_scale)
         check_rescale(self.guidance_rescale)
         _ = self.cache_policy
+        check_loras(self.loras)
         if self.image is None and self.strength is not None:
             raise InputError("strength applies to img2img only: pass image=..., or leave strength out",
                              cli="--strength applies to img2img only: pass --init-image, or leave --strength out")

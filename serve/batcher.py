@@ -71,18 +71,19 @@ class Job:
     @classmethod
     def of(cls, prompts: list[str], negatives: list[str] | None, seeds: list[int], height: int, width: int,
            steps: int, sampler: str, guidance: float, *, image: Any = None, strength: float | None = 0.8,
-           mask: Any = None, paste_back: float | None = None, cache: CachePolicy | None = None) -> Job:
+           mask: Any = None, paste_back: float | None = None, cache: CachePolicy | None = None,
+           loras: list[tuple[str, float]] | None = None) -> Job:
         """A job from an API's fields: ``negatives`` None: no negative prompt at all (the model's rule for that
         applies: SDXL zeroes the negatives); ``image`` (img2img, a PIL image of height x width) with
         ``strength`` (None: the pipeline's default; inpainting: 1), ``mask`` (inpainting: white = repaint) and
         ``paste_back`` (the original pasted back through the mask blurred this much); ``cache``: the feature-caching
-        policy (None: every step runs the full UNet)."""
+        policy (None: every step runs the full UNet); ``loras``: (name, scale) pairs, checked (``checks.loras_of``)."""
         caching = {} if cache is None else {"cache": cache.kind, "cache_interval": cache.interval,
                                             "cache_schedule": cache.schedule, "cache_threshold": cache.threshold}
         return cls(GenerationRequest(prompt=list(prompts), negative_prompt=None if negatives is None else list(negatives),
                                      height=height, width=width, steps=steps, guidance_scale=guidance, sampler=sampler,
                                      seed=list(seeds), image=image, strength=None if image is None else strength,
-                                     mask_image=mask, paste_back=paste_back, **caching))
+                                     mask_image=mask, paste_back=paste_back, loras=loras or None, **caching))
 
     @property
     def prompts(self) -> list[str]:
@@ -199,9 +200,11 @@ class Batcher:
         # residual, so a neighbour would change which of its steps run in full
         policy = r.cache_policy
         solo = next(_ids) if r.image is not None or (policy is not None and policy.threshold is not None) else None
-        # cached and uncached requests (or other intervals / schedules) run different per-step plans
+        # cached and uncached requests (or other intervals / schedules) run different per-step plans; a LoRA set
+        # is the UNet's inputs for the whole batch (the factors are shared by its rows, not per image)
+        loras = tuple((str(n), float(s)) for n, s in r.loras or ())
         return (r.height, r.width, r.steps, r.sampler, guided, r.guidance_scale if guided else None,
-                conditioning, policy, solo)
+                conditioning, policy, loras, solo)
 
     def submit(self, job: Job) -> concurrent.futures.Future[JobResult]:
         if job.n > self.max_batch:

@@ -3,6 +3,7 @@ uploaded images. Each refuses with an ``ApiError`` naming the field."""
 
 from __future__ import annotations
 
+import re
 import secrets
 from typing import Any
 
@@ -11,6 +12,60 @@ from . import schemas as S
 from .config import ServeConfig
 from .deps import ServeState
 from .errors import ApiError
+
+# A1111's extra-network syntax for LoRAs: <lora:NAME>, <lora:NAME:MULTIPLIER>, <lora:NAME:TE:UNET>
+_PROMPT_LORA = re.compile(r"<lora:([^:<>]+)((?::[^:<>]*){0,3})>")
+
+
+def prompt_loras(prompt: str) -> tuple[str, list[tuple[str, float]]]:
+    """A1111's ``<lora:name:multiplier>`` tags taken out of a prompt, as A1111 does: (the prompt without them,
+    (name, scale) pairs). ``<lora:name:te:unet>``: the UNet multiplier is the second number (sdrt's slots are the
+    UNet's); one number is both. A multiplier that is no number is a 422."""
+    found: list[tuple[str, float]] = []
+
+    def take(m: re.Match[str]) -> str:
+        nums = [v for v in m.group(2).split(":")[1:] if v.strip() != ""]
+        try:
+            scale = float(nums[1]) if len(nums) > 1 else float(nums[0]) if nums else 1.0
+        except ValueError:
+            raise ApiError(422, f"{m.group(0)}: the multiplier must be a number, e.g. <lora:{m.group(1)}:0.8>",
+                           "prompt", "invalid_lora") from None
+        found.append((m.group(1).strip(), scale))
+        return ""
+
+    return _PROMPT_LORA.sub(take, prompt).strip(), found
+
+
+def loras_of(st: ServeState, refs: list[S.LoraRef] | None,
+             from_prompt: list[tuple[str, float]] = ()) -> list[tuple[str, float]] | None:
+    """A request's LoRAs (the ``loras`` field, then a prompt's tags), checked against this server before any
+    work: 400 (``lora_unavailable``) without ``--lora-dir`` or on an export without slots, 422 for an unknown
+    name (naming the ones there are), a rank past the slots or an adapter of another architecture."""
+    from sdrt.runtime.errors import ArtifactError, InputError
+
+    pairs = [(r.name, r.scale) for r in refs or []] + list(from_prompt)
+    if not pairs:
+        return None
+    if len(pairs) > S.MAX_LORAS:
+        raise ApiError(422, f"{len(pairs)} LoRAs in one request; at most {S.MAX_LORAS}", "loras", "too_many_loras")
+    if st.config.lora_dir is None:
+        raise ApiError(400, "this server serves no LoRAs: start it with --lora-dir DIR (on an export made with "
+                            "--lora-slots)", "loras", "lora_unavailable")
+    pipe = st.pipeline()
+    known = set(pipe.loras.names())
+    for name, scale in pairs:
+        if name not in known or not re.fullmatch(S.LORA_NAME, name):
+            raise ApiError(422, f"unknown LoRA {name!r}: this server has {', '.join(sorted(known)) or 'none'}",
+                           "loras", "unknown_lora")
+        if not -10.0 <= scale <= 10.0:
+            raise ApiError(422, f"LoRA {name!r}: scale {scale} is outside -10..10", "loras", "invalid_lora")
+    try:
+        pipe.check_loras(pairs)
+    except ArtifactError as e:  # an export without slots
+        raise ApiError(400, str(e), "loras", "lora_unavailable") from e
+    except InputError as e:
+        raise ApiError(422, str(e), "loras", "invalid_lora") from e
+    return pairs
 
 
 def check_size(st: ServeState, w: int, h: int, field_w: str, field_h: str) -> None:

@@ -27,6 +27,7 @@ class ServeConfig:
     default_guidance: float = 7.5
     default_sampler: str | None = None  # None: the model's (dpmpp-2m; flow-euler for a flow-matching model)
     image_dir: Path | None = None  # where response_format=url keeps images; None refuses url
+    lora_dir: Path | None = None  # the LoRAs requests may name (an export made with --lora-slots); None: none
     grace_s: float = 30.0  # SIGTERM: how long in-flight batches may take to finish
     warmup: bool = True
     model_id: str | None = None  # the name /v1/models lists; default: the folder's name
@@ -51,6 +52,9 @@ class ServeConfig:
         if self.max_n is not None and not 1 <= self.max_n:
             raise InputError(f"max_n {self.max_n!r} must be at least 1 (or None: max_batch)",
                              cli=f"--max-n {self.max_n!r} must be at least 1 (or leave it out: --max-batch)")
+        if self.lora_dir is not None and not Path(self.lora_dir).is_dir():
+            raise InputError(f"lora_dir {self.lora_dir} is not a folder; give a folder of LoRA .safetensors files",
+                             cli=f"--lora-dir {self.lora_dir} is not a folder; give a folder of LoRA .safetensors files")
         if not self.request_timeout_s > 0:
             raise InputError(f"request_timeout_s {self.request_timeout_s!r} must be above 0",
                              cli=f"--request-timeout {self.request_timeout_s!r} must be above 0 seconds")

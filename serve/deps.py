@@ -46,7 +46,8 @@ class ServeState:
 
             folder = Path(pipeline_or_dir)
             loaders: list[Callable[[], Any]] = [functools.partial(Pipeline.load, folder, backend, device_id=d,
-                                                                  precision=precision) for d in devices]
+                                                                  precision=precision, lora_dir=config.lora_dir)
+                                                for d in devices]
             owns = True
         else:
             folder = Path(pipeline_or_dir.folder)

@@ -76,6 +76,25 @@ class CacheKnobs(BaseModel):
                                                       "0.05); not on the tensorrt backend")
 
 
+LORA_NAME = r"^[A-Za-z0-9][A-Za-z0-9._ -]{0,127}$"  # a file's stem in the server's --lora-dir, never a path
+MAX_LORAS = 8
+
+
+class LoraRef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=LORA_NAME, description="a LoRA in the server's --lora-dir (GET /sdapi/v1/loras)")
+    scale: float = Field(default=1.0, ge=-10.0, le=10.0, allow_inf_nan=False, description="its strength")
+
+
+class LoraKnobs(BaseModel):
+    """LoRA per request (``GenerationRequest.loras``): sdrt's extra field on both APIs, on an export made with
+    ``--lora-slots`` and a server started with ``--lora-dir``."""
+
+    loras: list[LoraRef] | None = Field(default=None, max_length=MAX_LORAS,
+                                        description="LoRAs applied to this request, by name, with their scales")
+
+
 class ErrorBody(BaseModel):
     message: str
     type: str
@@ -109,7 +128,7 @@ def _refuse_non_neutral(data: Any, neutral: dict[str, tuple[Any, ...]], api: str
     return data
 
 
-class SdrtKnobs(CacheKnobs):
+class SdrtKnobs(CacheKnobs, LoraKnobs):
     """sdrt's own fields, which the official client sends through ``extra_body``."""
 
     negative_prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
@@ -200,7 +219,7 @@ def _a1111_before(data: Any, img2img: bool) -> Any:
     return _refuse_non_neutral(data, _A1111_NEUTRAL, "A1111")
 
 
-class A1111Txt2Img(CacheKnobs):
+class A1111Txt2Img(CacheKnobs, LoraKnobs):
     model_config = ConfigDict(extra="forbid")
 
     prompt: str = Field(default="", max_length=MAX_PROMPT_CHARS)

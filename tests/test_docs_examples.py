@@ -103,7 +103,7 @@ def test_sdrt_commands_parse(block: Block) -> None:
 
 @pytest.fixture(scope="module")
 def example_dir(tmp_path_factory: pytest.TempPathFactory, tiny_export, tiny_controlnet_export,
-                deepcache_export, sd3_export) -> Path:
+                deepcache_export, sd3_export, slotted_export) -> Path:
     """A folder holding what the examples name: exports (tiny models; sd15-onnx and sd35-medium-onnx made with
     --feature-cache, which changes no uncached image) and input images."""
     import numpy as np
@@ -112,9 +112,19 @@ def example_dir(tmp_path_factory: pytest.TempPathFactory, tiny_export, tiny_cont
     d = tmp_path_factory.mktemp("examples")
     folders = {"sd15-onnx": deepcache_export("sd15-tiny"), "sdxl-onnx": tiny_export("sdxl-tiny"),
                "refiner-onnx": tiny_export("sdxl-refiner-tiny"), "sd15-cn": tiny_controlnet_export(nets=1),
-               "sd35-medium-onnx": sd3_export("sd35-medium-tiny", block_cache=True)}
+               "sd35-medium-onnx": sd3_export("sd35-medium-tiny", block_cache=True),
+               "sd15-slots": slotted_export("sd15-tiny")}
     for name, folder in folders.items():
         (d / name).symlink_to(folder, target_is_directory=True)
+    from sdrt.export.loading import random_model
+
+    from .helpers.models import make_lora
+
+    (d / "loras").mkdir()
+    unet = random_model("sd15-tiny").unet
+    for i, name in enumerate(("watercolor", "detail")):  # attention LoRAs for the slotted export's examples
+        make_lora(d / "loras" / f"{name}.safetensors", unet, None, "kohya", seed=i, rank=2,
+                  unet_targets=("to_q", "to_k", "to_v", "to_out.0"))
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(d / "photo.png")
     edges = np.zeros((64, 64, 3), np.uint8)

@@ -195,8 +195,8 @@ def test_lora_refit_covers_the_shallow_path(dc_export: Path, tmp_path: Path) -> 
     both graphs, and the refitted shallow graph is DeepCache's shallow path of diffusers' fused UNet."""
     pytest.importorskip("torch")
     from sdrt.export.loading import load_model
-    from sdrt.export.lora import LoraSpec
     from sdrt.export.refit import RefitRequest, refit_folder
+    from sdrt.runtime.lora_files import LoraSpec
 
     from .helpers.models import make_lora
     from .helpers.references import diffusers_fused

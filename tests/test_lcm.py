@@ -13,9 +13,9 @@ import torch
 from sdrt.cli import main
 from sdrt.export.exporter import export_model
 from sdrt.export.loading import load_model, random_model
-from sdrt.export.lora import LoraSpec
 from sdrt.export.lora_merge import merge_loras
 from sdrt.runtime.errors import InputError
+from sdrt.runtime.lora_files import LoraSpec
 from sdrt.runtime.pipeline import Pipeline
 
 from .helpers.models import make_lora

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sdrt.export.lora import LoraSpec, lora_deltas, parse_lora, read_lora
 from sdrt.runtime.errors import InputError
+from sdrt.runtime.lora_files import LoraSpec, lora_deltas, parse_lora, read_lora
 
 from .helpers.models import TE_TARGETS, UNET_TARGETS, lora_targets, make_lora
 from .helpers.references import diffusers_fused
@@ -80,7 +80,7 @@ def test_merge_by_hand() -> None:
         "lora_unet_a_b.alpha": np.array(1.0, np.float32),
         "lora_unet_c.lora_down.weight": cd, "lora_unet_c.lora_up.weight": cu,
     })
-    from sdrt.export.lora import LoraFile
+    from sdrt.runtime.lora_files import LoraFile
 
     lf = LoraFile("x.safetensors", "kohya", tuple(mods), "")
     deltas, report = lora_deltas([(lf, 0.5)], "unet", {"a.b.weight": (3, 5), "c.weight": (6, 4, 3, 3), "c.bias": (6,)})

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sdrt.export.lora import LoraSpec
 from sdrt.export.refit import (
     RefitMap,
     RefitRequest,
@@ -22,6 +21,7 @@ from sdrt.export.refit import (
     write_refit_export,
 )
 from sdrt.runtime.errors import ArtifactError, CompatibilityError, InputError
+from sdrt.runtime.lora_files import LoraSpec
 
 from .helpers.models import make_lora
 from .helpers.references import diffusers_fused

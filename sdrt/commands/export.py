@@ -45,6 +45,10 @@ def register(p: argparse.ArgumentParser) -> None:
                         "calls can skip most of the denoiser on most steps: DeepCache's shallow path for UNet "
                         "models (generate --cache deepcache), the first-block cached step for SD 3 / 3.5 "
                         "(generate --cache first-block)")
+    p.add_argument("--lora-slots", default=None, metavar="RANK[:TARGETS]",
+                   help="let calls carry LoRAs without re-export: the UNet's attention layers (TARGETS attn, the "
+                        "default; attn-ff adds the feed-forward layers) take low-rank factors as inputs, up to RANK "
+                        "per layer (the ranks of a call's LoRAs summed), e.g. 32 or 64:attn-ff")
     p.add_argument("--without-t5", action="store_true",
                    help="SD 3 / 3.5: leave the T5-XXL encoder out (diffusers' text_encoder_3=None: zeros in its "
                         "place); much lighter, weaker prompt following")
@@ -93,6 +97,9 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"{', '.join(sd3_only)} go{'es' if len(sd3_only) == 1 else ''} with an SD 3 / 3.5 "
                          "single file (model.diffusion_model.joint_blocks.*); this model is not one")
     loras = [_lora_spec(s) for s in args.lora or []]  # likewise
+    from sdrt.export.lora_slots import SlotPlan
+
+    slots = None if args.lora_slots is None else SlotPlan.parse(args.lora_slots)  # likewise
     t0 = time.perf_counter()
     what = args.model or f"synthetic {args.random} weights"
     print(f"loading {what}", flush=True)
@@ -122,7 +129,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", flush=True)
 
     manifest = export_model(model, args.out, overwrite=args.overwrite, fp16=not args.fp32, opset=args.opset, vae_fp32=args.vae_fp32, progress=progress,
-                           clip_skip=args.clip_skip, controlnets=nets, deepcache=args.feature_cache)
+                           clip_skip=args.clip_skip, controlnets=nets, deepcache=args.feature_cache,
+                           lora_slots=slots)
     if args.ort_cuda:
         from sdrt.export.ort_fusion import add_ort_cuda_variant
 
@@ -140,7 +148,8 @@ def _run_sd3(args: argparse.Namespace) -> int:
     from sdrt.export.sd3_export import export_sd3, load_sd3
     from sdrt.runtime.errors import InputError
 
-    given = [flag for flag, on in (("--lora", args.lora), ("--controlnet", args.controlnets),
+    given = [flag for flag, on in (("--lora", args.lora), ("--lora-slots", args.lora_slots),
+                                   ("--controlnet", args.controlnets),
                                    ("--clip-skip", args.clip_skip), ("--ort-cuda", args.ort_cuda),
                                    ("--vae-fp32", args.vae_fp32), ("--no-ema", not args.ema)) if on]
     if given:
@@ -201,8 +210,8 @@ def _lora_spec(text: str):  # type: ignore[no-untyped-def]
     (a scale that is not a number reads as part of the file name otherwise)."""
     from pathlib import Path
 
-    from sdrt.export.lora import LoraSpec
     from sdrt.runtime.errors import InputError
+    from sdrt.runtime.lora_files import LoraSpec
 
     spec = LoraSpec.parse(text)
     if spec.path.is_file():

@@ -97,6 +97,11 @@ def register(p: argparse.ArgumentParser) -> None:
                    help="with --cache first-block, instead of a schedule: diffusers' rule, the full transformer runs "
                         "again where the first block's residual changed by more than T (relative; diffusers' "
                         "default 0.05) since the last full step (onnxruntime and openvino backends)")
+    p.add_argument("--lora", action="append", default=None, metavar="NAME[:SCALE]",
+                   help="apply a LoRA to this call (an export made with --lora-slots): a .safetensors path, or a "
+                        "name in --lora-dir; SCALE defaults to 1; repeat to stack")
+    p.add_argument("--lora-dir", default=None, metavar="DIR",
+                   help="a folder of LoRA .safetensors files that --lora names (NAME.safetensors)")
     p.add_argument("-o", "--output", default=None,
                    help=f"output image ({', '.join(IMAGE_FORMATS)}) in an existing folder (default: the first free "
                         f"name of {DEFAULT_NAME.format(1)}, {DEFAULT_NAME.format(2)}, ... in the current folder; "
@@ -139,11 +144,13 @@ def run(args: argparse.Namespace) -> int:
                              "--mask, --guidance-rescale and --timestep-spacing are for one model; leave them out "
                              "(to refine an image, pass the refiner folder as the model with --init-image)")
     cache = _cache_options(args)
+    loras = _lora_options(args)
     image = None if not args.init_image else _open_image(args.init_image, "--init-image")
     mask = None if not args.mask else _open_image(args.mask, "--mask")
     control = _control_images(args)
     _check_image_sizes(args, image, control)
-    pipe = Pipeline.load(args.path, backend=args.backend, cuda_graph=args.cuda_graph, precision=args.precision)
+    pipe = Pipeline.load(args.path, backend=args.backend, cuda_graph=args.cuda_graph, precision=args.precision,
+                         lora_dir=args.lora_dir)
     refiner = None
     if args.refiner:
         from sdrt.runtime.refiner import check_pair
@@ -179,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
                 control_scales=_one_or_list(args.control_scale), control_start=_one_or_list(args.control_start),
                 control_end=_one_or_list(args.control_end), guess_mode=args.guess_mode,
                 aesthetic_score=args.aesthetic_score, negative_aesthetic_score=args.negative_aesthetic_score,
-                refiner_start=args.refiner_start, **cache)
+                refiner_start=args.refiner_start, loras=loras, **cache)
             result = pipe.generate(request, refiner=refiner, callback=progress)
         finally:
             bar.close()
@@ -229,6 +236,27 @@ def _control_images(args: argparse.Namespace) -> list[object] | None:
             img = canny(img.convert("RGB"), args.canny_low, args.canny_high)
         images.append(img)
     return images
+
+
+def _lora_options(args: argparse.Namespace) -> list[tuple[str, float]] | None:
+    """``--lora NAME[:SCALE]`` as (name, scale) pairs, checked before the model loads."""
+    from sdrt.runtime.errors import InputError
+    from sdrt.runtime.lora_adapters import check_loras
+    from sdrt.runtime.lora_files import LoraSpec
+
+    if args.lora_dir is not None and not args.lora:
+        raise InputError("--lora-dir names where --lora finds LoRAs: pass --lora NAME[:SCALE], or leave --lora-dir out")
+    if not args.lora:
+        return None
+    pairs = []
+    for text in args.lora:
+        spec = LoraSpec.parse(text)
+        pairs.append((str(spec.path), spec.scale))
+    try:
+        check_loras(pairs)
+    except InputError as e:
+        raise InputError(str(e), cli=f"--lora: {e}") from e
+    return pairs
 
 
 def _cache_options(args: argparse.Namespace) -> dict[str, object]:

@@ -24,8 +24,8 @@ def register(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sdrt.export.lora import LoraSpec
     from sdrt.export.refit import RefitRequest, refit_folder
+    from sdrt.runtime.lora_files import LoraSpec
 
     t0 = time.perf_counter()
 

@@ -34,6 +34,9 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-prompt-chars", type=int, default=2000)
     p.add_argument("--image-dir", type=Path, default=None,
                    help="keep images here and allow response_format=url (served at /images/NAME)")
+    p.add_argument("--lora-dir", type=Path, default=None,
+                   help="a folder of LoRA .safetensors files that requests name in `loras` (and A1111 prompts as "
+                        "<lora:NAME:SCALE>), on an export made with --lora-slots; listed at GET /sdapi/v1/loras")
     p.add_argument("--grace", type=float, default=30.0, help="SIGTERM: seconds for in-flight work to finish")
     p.add_argument("--ray", action="store_true", help="run on Ray Serve (the ray extra) instead of uvicorn")
     p.add_argument("--ray-config", type=Path, default=None,
@@ -49,7 +52,7 @@ def config_from(args: argparse.Namespace) -> object:
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None, max_body_bytes=args.max_body_bytes,
         max_pixels=args.max_pixels, max_upload_pixels=args.max_upload_pixels, max_n=args.max_n,
         max_prompt_chars=args.max_prompt_chars, max_steps=args.max_steps, image_dir=args.image_dir,
-        grace_s=args.grace,
+        grace_s=args.grace, lora_dir=args.lora_dir,
     )
 
 

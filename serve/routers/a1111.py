@@ -19,6 +19,8 @@ from ..checks import (
     check_mask_needed,
     check_size,
     decode_b64,
+    loras_of,
+    prompt_loras,
     sampler_of,
     seeds_for,
     snap,
@@ -57,6 +59,15 @@ async def samplers() -> list[dict[str, Any]]:
     return [{"name": k, "aliases": [v], "options": {}} for k, v in names.items()]
 
 
+@router.get("/sdapi/v1/loras")
+async def loras(st: State) -> list[dict[str, Any]]:
+    """The LoRAs requests may name (``<lora:NAME:SCALE>`` in a prompt, or the ``loras`` field): the server's
+    ``--lora-dir``, as A1111 lists them (no server path: the file's name)."""
+    if st.config.lora_dir is None:
+        return []
+    return [{"name": n, "alias": n, "path": f"{n}.safetensors", "metadata": {}} for n in st.pipeline().loras.names()]
+
+
 @router.get("/sdapi/v1/sd-models")
 async def sd_models(st: State) -> list[dict[str, Any]]:
     return [{"title": st.model_id, "model_name": st.model_id, "filename": str(st.folder)}]
@@ -77,12 +88,14 @@ async def generate(st: ServeState, body: S.A1111Txt2Img, request: Request, init:
     # img2img's loop runs only the steps its strength leaves: the pipeline checks that plan
     cache = cache_of(st, body.cache, body.cache_interval, body.cache_schedule, body.steps if init is None else None,
                      body.cache_threshold)
+    prompt, tagged = prompt_loras(body.prompt)  # A1111 takes <lora:...> out of the text it encodes
+    lora_set = loras_of(st, body.loras, tagged)
     seeds = seeds_for(body.seed, body.batch_size * body.n_iter)
     strength = getattr(body, "denoising_strength", 1.0)
-    jobs = [Job.of([body.prompt] * body.batch_size, [body.negative_prompt] * body.batch_size,
+    jobs = [Job.of([prompt] * body.batch_size, [body.negative_prompt] * body.batch_size,
                 seeds[i * body.batch_size:(i + 1) * body.batch_size], h, w, body.steps, sampler, body.cfg_scale,
                 image=None if init is None else imgs.fit(init, w, h), strength=strength,
-                mask=None if mask is None else imgs.fit(mask, w, h), paste_back=blur, cache=cache)
+                mask=None if mask is None else imgs.fit(mask, w, h), paste_back=blur, cache=cache, loras=lora_set)
             for i in range(body.n_iter)]
     results = await asyncio.gather(*(run_job(st, request, j, route) for j in jobs))
     pngs = [p for r in results for p in r.png]

@@ -24,6 +24,7 @@ from ..checks import (
     check_mask_needed,
     check_size,
     decode_upload,
+    loras_of,
     sampler_of,
     seeds_for,
     snap,
@@ -60,9 +61,10 @@ async def generations(body: S.OpenAIGeneration, request: Request, st: State) -> 
     steps = body.steps or min(cfg.default_steps, cfg.max_steps)
     check_common(cfg, body.prompt, body.negative_prompt, steps, body.n, "n")
     cache = cache_of(st, body.cache, body.cache_interval, body.cache_schedule, steps, body.cache_threshold)
+    loras = loras_of(st, body.loras)
     job = Job.of([body.prompt] * body.n, None if body.negative_prompt is None else [body.negative_prompt] * body.n,
               seeds_for(body.seed, body.n), h, w, steps, sampler_of(st, body.sampler, "sampler"),
-              cfg.default_guidance if body.guidance_scale is None else body.guidance_scale, cache=cache)
+              cfg.default_guidance if body.guidance_scale is None else body.guidance_scale, cache=cache, loras=loras)
     return response(st, await run_job(st, request, job, "generations"), body.response_format, request)
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -189,7 +189,7 @@ def parse_lora(
     return layout, modules
 
 
-def _metadata_alphas(metadata: Mapping[str, str]):  # type: ignore[no-untyped-def]
+def _metadata_alphas(metadata: Mapping[str, str]) -> Callable[[str, str], float | None]:
     """PEFT's lora_alpha from diffusers' ``lora_adapter_metadata`` (prefixed LoraConfig fields)."""
     raw = metadata.get("lora_adapter_metadata")
     cfg: dict[str, object] = json.loads(raw) if raw else {}

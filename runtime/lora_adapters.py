@@ -1,0 +1,220 @@
+"""LoRA per request: adapters turned into the factors a slotted export's UNet takes as inputs.
+
+An export made with ``sdrt export --lora-slots RANK[:TARGETS]`` (export/lora_slots.py) gives each targeted layer
+two inputs, ``lora.<module>.down`` [rank, in] and ``lora.<module>.up`` [out, rank]; the layer adds
+``up (down x)``. A request's adapters become those inputs here: each LoRA's factors (``down`` as the file holds
+it, ``up`` times the request's scale and the file's ``alpha / rank``) placed side by side on the rank axis, the
+rest zeros, so the slot computes ``sum_i scale_i (alpha_i / r_i) up_i down_i x``, what diffusers computes with the
+same adapters loaded. No adapter: every factor zero (the plain UNet's output).
+
+:class:`AdapterLibrary` finds adapters by name in a folder (``NAME.safetensors``) or by path, and keeps the
+parsed files in an LRU bounded in bytes. Files are read as ``runtime/lora_files.py`` reads them (kohya / A1111
+and diffusers / PEFT layouts, safetensors only).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import ArtifactError, InputError
+from .lora_files import LoraFile, LoraModule, read_lora
+
+LORA_PREFIX = "lora."  # the slotted UNet's factor inputs: lora.<module>.down / lora.<module>.up
+SCALE_MAX = 10.0  # a strength past this is a typo, not a style (A1111's UIs offer up to 2)
+
+
+def slot_input(module: str, kind: str) -> str:
+    """The graph input of a slot's ``down`` or ``up`` factor."""
+    return f"{LORA_PREFIX}{module}.{kind}"
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One slotted layer: its module name, the slot's rank, the layer's in and out features."""
+
+    module: str
+    rank: int
+    features_in: int
+    features_out: int
+
+
+def slots_of(inputs: Mapping[str, Any]) -> dict[str, Slot]:
+    """The slots of an engine, from its inputs (name -> IOSpec with a ``shape``); empty for a plain export."""
+    slots: dict[str, Slot] = {}
+    for name, spec in inputs.items():
+        if name.startswith(LORA_PREFIX) and name.endswith(".down"):
+            module = name[len(LORA_PREFIX): -len(".down")]
+            up = inputs.get(slot_input(module, "up"))
+            rank, fin = spec.shape
+            if up is None or not isinstance(rank, int) or not isinstance(fin, int):
+                raise ArtifactError(f"the LoRA slot {module} is incomplete in this export; re-export it with "
+                                    "`sdrt export ... --lora-slots RANK`")
+            slots[module] = Slot(module, rank, fin, int(up.shape[0]))
+    return slots
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """A LoRA as a request names it, read: its name, its parsed file, its size in bytes."""
+
+    name: str
+    file: LoraFile
+
+    @property
+    def nbytes(self) -> int:
+        return sum(m.down.nbytes + m.up.nbytes for m in self.file.modules)
+
+
+class AdapterLibrary:
+    """Adapters by name (``NAME.safetensors`` in ``folder``) or by path, parsed once and kept in an LRU of at most
+    ``max_bytes`` (the least recently used dropped first; one adapter larger than the bound is still kept while
+    in use). Thread-safe."""
+
+    def __init__(self, folder: str | Path | None = None, max_bytes: int = 1 << 30) -> None:
+        self.folder = None if folder is None else Path(folder)
+        if self.folder is not None and not self.folder.is_dir():
+            raise ArtifactError(f"the LoRA folder {self.folder} does not exist; pass a folder of .safetensors LoRAs")
+        self.max_bytes = int(max_bytes)
+        self._cache: OrderedDict[Path, Adapter] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def names(self) -> list[str]:
+        """The adapters the folder holds, by name (no folder: none)."""
+        if self.folder is None:
+            return []
+        return sorted(p.stem for p in self.folder.glob("*.safetensors") if p.is_file())
+
+    def path_of(self, name: str | Path) -> Path:
+        """A name in the folder, or a path to a .safetensors file; InputError naming the choices otherwise."""
+        p = Path(name)
+        if p.suffix.lower() == ".safetensors" and p.is_file():
+            return p.resolve()
+        if self.folder is not None and p.name == str(name) and (self.folder / f"{name}.safetensors").is_file():
+            return (self.folder / f"{name}.safetensors").resolve()
+        known = self.names()
+        where = (f"one of the LoRAs in {self.folder}: {', '.join(known) or '(none)'}" if self.folder is not None
+                 else "a path to a .safetensors LoRA (or load the pipeline with lora_dir=FOLDER to name them)")
+        raise InputError(f"unknown LoRA {str(name)!r}: give {where}")
+
+    def get(self, name: str | Path) -> Adapter:
+        path = self.path_of(name)
+        with self._lock:
+            if path in self._cache:
+                self._cache.move_to_end(path)
+                return self._cache[path]
+        adapter = Adapter(Path(name).stem if Path(name).suffix else str(name), read_lora(path))
+        with self._lock:
+            self._cache[path] = adapter
+            while len(self._cache) > 1 and sum(a.nbytes for a in self._cache.values()) > self.max_bytes:
+                self._cache.popitem(last=False)
+        return adapter
+
+    @property
+    def cached_bytes(self) -> int:
+        with self._lock:
+            return sum(a.nbytes for a in self._cache.values())
+
+
+def check_loras(loras: Any) -> list[tuple[str | Path, float]]:
+    """A request's ``loras``: None, or a sequence of (name or path, scale) pairs (a bare name: scale 1)."""
+    if loras is None:
+        return []
+    if isinstance(loras, (str, Path)) or not isinstance(loras, Sequence):
+        raise InputError(f"loras must be a list of (name, scale) pairs, e.g. [('style', 0.8)], got {loras!r}")
+    out: list[tuple[str | Path, float]] = []
+    for item in loras:
+        name: Any
+        scale: Any
+        if isinstance(item, (str, Path)):
+            name, scale = item, 1.0
+        elif isinstance(item, Sequence) and len(item) == 2:
+            name, scale = item
+        else:
+            raise InputError(f"a LoRA is a (name, scale) pair, got {item!r}")
+        if not isinstance(name, (str, Path)) or not str(name):
+            raise InputError(f"a LoRA is named by a string (its name, or a path), got {name!r}")
+        if isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating)) \
+                or not math.isfinite(scale) or abs(float(scale)) > SCALE_MAX:
+            raise InputError(f"LoRA {str(name)!r}: its scale must be a number from -{SCALE_MAX:g} to {SCALE_MAX:g}, "
+                             f"got {scale!r}")
+        out.append((name, float(scale)))
+    return out
+
+
+def _index(slots: Mapping[str, Slot]) -> dict[tuple[bool, str], str]:
+    """A file's module spelling (dotted, or kohya's underscores) -> the slot's module."""
+    table: dict[tuple[bool, str], str] = {}
+    for module in slots:
+        table[(False, module)] = module
+        table[(True, module.replace(".", "_"))] = module
+    return table
+
+
+def adapter_factors(slots: Mapping[str, Slot], adapters: Sequence[tuple[Adapter, float]],
+                    dtype: np.dtype[Any] | type = np.float32) -> dict[str, np.ndarray]:
+    """Every slot's two inputs for these adapters (all zero for none), checked: an adapter module with no slot
+    here (another architecture, a text-encoder or convolution layer, a layer outside the export's targets)
+    and ranks past a slot's are InputErrors naming them."""
+    index = _index(slots)
+    parts: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+    for adapter, scale in adapters:
+        missing: list[str] = []
+        for m in adapter.file.modules:
+            module = index.get((m.flat, m.module)) if m.component == "unet" else None
+            if module is None:
+                missing.append(f"{m.component}.{m.module}")
+                continue
+            parts.setdefault(module, []).append(_factors(adapter.name, m, slots[module], scale))
+        if missing:
+            raise InputError(
+                f"LoRA {adapter.name!r} adapts {len(missing)} layer(s) this export has no slot for "
+                f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): its slots are the UNet's "
+                f"{_describe(slots)}; text-encoder and convolution (LoCon) layers have none yet. Re-export with "
+                "`--lora-slots RANK:attn-ff` if it adapts feed-forward layers, or merge this LoRA at export "
+                "(`sdrt export --lora`)")
+    feeds: dict[str, np.ndarray] = {}
+    for module, slot in slots.items():
+        down = np.zeros((slot.rank, slot.features_in), np.float32)
+        up = np.zeros((slot.features_out, slot.rank), np.float32)
+        r = 0
+        for d, u in parts.get(module, []):
+            if r + d.shape[0] > slot.rank:
+                total = sum(p[0].shape[0] for p in parts[module])
+                raise InputError(f"the LoRAs of this request add rank {total} at {module}, over this export's slot "
+                                 f"rank {slot.rank}: use fewer or lower-rank LoRAs, or re-export with a larger "
+                                 "--lora-slots RANK")
+            down[r: r + d.shape[0]], up[:, r: r + d.shape[0]] = d, u
+            r += d.shape[0]
+        feeds[slot_input(module, "down")] = down.astype(dtype)
+        feeds[slot_input(module, "up")] = up.astype(dtype)
+    return feeds
+
+
+def _factors(name: str, m: LoraModule, slot: Slot, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """One LoRA module's (down [r, in], up [out, r] x scale x alpha / r), float32, checked against the slot."""
+    down = np.asarray(m.down, np.float32)
+    up = np.asarray(m.up, np.float32)
+    if down.ndim != 2 or up.ndim != 2 or down.shape[1] != slot.features_in or up.shape[0] != slot.features_out:
+        raise InputError(f"LoRA {name!r}: {m.module} has factors {tuple(down.shape)} and {tuple(up.shape)}, but the "
+                         f"layer is {slot.features_in} -> {slot.features_out}: the LoRA was trained for another "
+                         "architecture")
+    return down, up * np.float32(scale * m.scaling)
+
+
+def _describe(slots: Mapping[str, Slot]) -> str:
+    """``128 to_k/to_out.0/to_q/to_v layers at rank 8``: the kinds of slotted layer (a module name's last part,
+    ``to_out.0``'s last two)."""
+    kinds = set()
+    for m in slots:
+        parts = m.split(".")
+        kinds.add(".".join(parts[-2:]) if parts[-1].isdigit() else parts[-1])
+    rank = max((s.rank for s in slots.values()), default=0)
+    return f"{len(slots)} {'/'.join(sorted(kinds))} layers at rank {rank}"

@@ -1,0 +1,260 @@
+"""LoRA per request (runtime/lora_adapters.py) on a slotted export (``sdrt export --lora-slots``), against
+diffusers with the same LoRA files loaded (``load_lora_weights``, ``set_adapters`` with the scales; ``fuse_lora`` as
+a second reference) on the same seeded weights and initial latents: images within 1/255.
+
+The LoRAs are random factors written in the kohya / A1111 and the diffusers / PEFT layouts
+(tests/helpers/models.py ``make_lora``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from sdrt.runtime.errors import ArtifactError, InputError
+from sdrt.runtime.lora_adapters import AdapterLibrary, slots_of
+from sdrt.runtime.pipeline import Pipeline
+
+from .helpers.models import make_lora
+from .helpers.pipelines import shared_pipeline
+from .helpers.references import diffusers_scheduler
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("peft", reason="diffusers' LoRA loading needs peft (the test extra)")
+
+ATTN = ("to_q", "to_k", "to_v", "to_out.0")
+PROMPT = "a watercolor fox in the snow, highly detailed"
+KW: dict[str, Any] = {"negative_prompt": "blurry", "height": 64, "width": 96, "steps": 6, "guidance_scale": 7.5,
+                      "sampler": "ddim"}
+
+
+@pytest.fixture(scope="module")
+def models() -> dict[str, Any]:
+    """The presets' seeded modules (the weights the exports hold), built once."""
+    from sdrt.export.loading import random_model
+
+    return {p: random_model(p) for p in ("sd15-tiny", "sdxl-tiny")}
+
+
+def _lora(tmp: Path, m: Any, layout: str, seed: int, rank: int = 2, alpha: float | None = None,
+          targets: tuple[str, ...] = ATTN, text: bool = False) -> Path:
+    return make_lora(tmp / f"{layout}-{seed}-r{rank}.safetensors", m.unet, m.text_encoders[0] if text else None,
+                     layout, seed=seed, rank=rank, alpha=alpha, unet_targets=targets)
+
+
+def _latents(seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((1, 4, KW["height"] // 8, KW["width"] // 8), dtype=np.float32)
+
+
+def _reference(m: Any, folder: Path, loras: list[tuple[Path, float]], fuse: bool = False) -> np.ndarray:
+    """diffusers' pipeline over fresh copies of the seeded modules with ``loras`` loaded (and fused)."""
+    import copy
+
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from transformers import CLIPTokenizer
+
+    common = {"vae": m.vae, "unet": copy.deepcopy(m.unet), "scheduler": diffusers_scheduler("ddim", m.scheduler_config),
+              "tokenizer": CLIPTokenizer.from_pretrained(folder / "tokenizer")}
+    if m.preset.family == "sdxl":
+        pipe = StableDiffusionXLPipeline(text_encoder=m.text_encoders[0], text_encoder_2=m.text_encoders[1],
+                                         tokenizer_2=CLIPTokenizer.from_pretrained(folder / "tokenizer_2"),
+                                         force_zeros_for_empty_prompt=True, **common)
+    else:
+        pipe = StableDiffusionPipeline(text_encoder=m.text_encoders[0], safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False, **common)
+    pipe.set_progress_bar_config(disable=True)
+    names = []
+    for i, (path, _) in enumerate(loras):
+        pipe.load_lora_weights(str(path), adapter_name=f"l{i}")
+        names.append(f"l{i}")
+    if names:
+        pipe.set_adapters(names, adapter_weights=[s for _, s in loras])
+        if fuse:
+            pipe.fuse_lora(adapter_names=names, lora_scale=1.0)
+    with torch.no_grad():
+        out = pipe(PROMPT, negative_prompt=KW["negative_prompt"], height=KW["height"], width=KW["width"],
+                   num_inference_steps=KW["steps"], guidance_scale=KW["guidance_scale"],
+                   latents=torch.from_numpy(_latents()), output_type="np").images
+    return (out[0] * 255).round().astype(np.int32)
+
+
+def _sdrt(folder: Path, loras: list[tuple[str | Path, float]] | None, backend: str = "ort-cpu") -> np.ndarray:
+    res = shared_pipeline(folder, backend)(PROMPT, latents=_latents(), loras=loras, **KW)
+    return np.asarray(res.images[0]).astype(np.int32)
+
+
+def _close(got: np.ndarray, want: np.ndarray, what: str) -> None:
+    diff = int(np.abs(got - want).max())
+    assert diff <= 1, f"{what}: max abs difference {diff}/255 from diffusers"
+    assert want.std() > 5
+
+
+@pytest.mark.parametrize(("layout", "alpha"), [("kohya", 4.0), ("diffusers", None)])
+def test_one_lora_matches_diffusers(slotted_export, models, tmp_path: Path, layout: str, alpha: float | None) -> None:
+    m, folder = models["sd15-tiny"], slotted_export("sd15-tiny")
+    path = _lora(tmp_path, m, layout, seed=1, alpha=alpha)
+    want = _reference(m, folder, [(path, 0.8)])
+    got = _sdrt(folder, [(path, 0.8)])
+    _close(got, want, f"{layout} LoRA at 0.8")
+    plain = _sdrt(folder, None)
+    assert np.abs(plain - want).max() > 3  # the LoRA moved the image: the comparison means something
+
+
+def test_stacked_loras_match_diffusers_set_adapters_and_fuse(slotted_export, models, tmp_path: Path) -> None:
+    """Two LoRAs of different ranks and layouts, each at its own scale (ranks 2 + 4 in slots of 8)."""
+    m, folder = models["sd15-tiny"], slotted_export("sd15-tiny")
+    a = _lora(tmp_path, m, "kohya", seed=2, rank=2, alpha=1.0)
+    b = _lora(tmp_path, m, "diffusers", seed=3, rank=4)
+    got = _sdrt(folder, [(a, 0.8), (b, -0.5)])
+    _close(got, _reference(m, folder, [(a, 0.8), (b, -0.5)]), "stacked, set_adapters")
+    _close(got, _reference(m, folder, [(a, 0.8), (b, -0.5)], fuse=True), "stacked, fuse_lora")
+
+
+def test_sdxl_lora_matches_diffusers(slotted_export, models, tmp_path: Path) -> None:
+    m, folder = models["sdxl-tiny"], slotted_export("sdxl-tiny")
+    path = _lora(tmp_path, m, "diffusers", seed=4, rank=4)
+    _close(_sdrt(folder, [(path, 1.0)]), _reference(m, folder, [(path, 1.0)]), "SDXL LoRA")
+
+
+def test_feed_forward_slots_take_kohya_s_usual_targets(slotted_export, models, tmp_path: Path) -> None:
+    """``attn-ff`` slots also adapt the feed-forward layers (and linear proj_in / proj_out: SDXL's; SD 1.5's
+    are 1x1 convolutions, which have no slot)."""
+    m, folder = models["sdxl-tiny"], slotted_export("sdxl-tiny", "8:attn-ff")
+    targets = (*ATTN, "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")
+    path = _lora(tmp_path, m, "kohya", seed=5, rank=3, alpha=2.0, targets=targets)
+    _close(_sdrt(folder, [(path, 0.7)]), _reference(m, folder, [(path, 0.7)]), "attn-ff LoRA")
+    with pytest.raises(InputError, match="no slot for.*ff.net"):  # the attention-only export has no slot for them
+        shared_pipeline(slotted_export("sdxl-tiny"))(PROMPT, steps=1, loras=[(path, 1.0)])
+
+
+def test_no_lora_gives_the_plain_exports_image(slotted_export, tiny_export) -> None:
+    plain = np.asarray(shared_pipeline(tiny_export("sd15-tiny"))(PROMPT, latents=_latents(), **KW).images[0])
+    slotted = _sdrt(slotted_export("sd15-tiny"), None)
+    assert int(np.abs(slotted - plain.astype(np.int32)).max()) <= 1
+
+
+def test_a_named_lora_comes_from_the_folder(slotted_export, models, tmp_path: Path) -> None:
+    m, folder = models["sd15-tiny"], slotted_export("sd15-tiny")
+    lib = tmp_path / "loras"
+    lib.mkdir()
+    path = _lora(lib, m, "kohya", seed=6, alpha=2.0)
+    path.rename(lib / "watercolor.safetensors")
+    with Pipeline.load(folder, backend="ort-cpu", lora_dir=lib) as pipe:
+        assert pipe.loras.names() == ["watercolor"]
+        named = pipe(PROMPT, latents=_latents(), loras=[("watercolor", 0.6)], **KW)
+        with pytest.raises(InputError, match=r"unknown LoRA 'sketch': give one of the LoRAs in .*: watercolor"):
+            pipe(PROMPT, steps=1, loras=[("sketch", 1.0)])
+    by_path = _sdrt(folder, [(lib / "watercolor.safetensors", 0.6)])
+    assert np.array_equal(np.asarray(named.images[0]).astype(np.int32), by_path)
+
+
+def test_bad_requests_are_refused_before_work(slotted_export, tiny_export, models, tmp_path: Path) -> None:
+    m, folder = models["sd15-tiny"], slotted_export("sd15-tiny")
+    pipe = shared_pipeline(folder)
+    big = _lora(tmp_path, m, "diffusers", seed=7, rank=6)
+    with pytest.raises(InputError, match="add rank 12 at .* over this export's slot rank 8"):
+        pipe(PROMPT, steps=1, loras=[(big, 1.0), (big, 0.5)])
+    text = _lora(tmp_path, m, "kohya", seed=8, text=True)
+    with pytest.raises(InputError, match="no slot for.*text_encoder"):
+        pipe(PROMPT, steps=1, loras=[(text, 1.0)])
+    conv = _lora(tmp_path, m, "kohya", seed=9, targets=(*ATTN, "resnets.0.conv1"))
+    with pytest.raises(InputError, match="no slot for.*conv1"):
+        pipe(PROMPT, steps=1, loras=[(conv, 1.0)])
+    other = _lora(tmp_path, models["sdxl-tiny"], "diffusers", seed=10)
+    with pytest.raises(InputError, match="another architecture|no slot for"):
+        pipe(PROMPT, steps=1, loras=[(other, 1.0)])
+    for bad, message in ((("x.safetensors", float("nan")), "scale must be"), ("a", "unknown LoRA 'a'"),
+                         ((big, 11.0), "scale must be a number from -10 to 10")):
+        with pytest.raises(InputError, match=message):
+            pipe(PROMPT, steps=1, loras=[bad])
+    with pytest.raises(InputError, match="loras must be a list"):
+        pipe(PROMPT, steps=1, loras="style")
+    with pytest.raises(ArtifactError, match="no LoRA slots.*--lora-slots RANK"):
+        shared_pipeline(tiny_export("sd15-tiny"))(PROMPT, steps=1, loras=[(big, 1.0)])
+
+
+def test_openvino_gives_ort_cpus_images(slotted_export, models, tmp_path: Path) -> None:
+    pytest.importorskip("openvino", reason="the openvino extra is not installed")
+    m, folder = models["sd15-tiny"], slotted_export("sd15-tiny")
+    path = _lora(tmp_path, m, "diffusers", seed=11, rank=4)
+    want = _sdrt(folder, [(path, 0.9)])
+    with Pipeline.load(folder, backend="openvino", precision="f32") as pipe:
+        got = pipe(PROMPT, latents=_latents(), loras=[(path, 0.9)], **KW)
+    assert int(np.abs(np.asarray(got.images[0]).astype(np.int32) - want).max()) <= 1
+
+
+def test_the_export_records_its_slots(slotted_export) -> None:
+    from sdrt.runtime.manifest import ExportManifest
+
+    man = ExportManifest.read(slotted_export("sd15-tiny"))
+    unet = man.components["unet"]
+    slots = slots_of({i.name: i for i in unet.inputs})
+    assert len(slots) == 4 * 2 * sum(1 for i in unet.inputs if i.name.endswith("attn1.to_q.down"))
+    assert {s.rank for s in slots.values()} == {8} and man.source["lora_slots"] == {"rank": 8, "targets": "attn"}
+    assert unet.parity is not None and unet.parity.rel_err <= unet.parity.bound  # gated with random factors
+
+
+def test_the_library_keeps_recent_adapters_within_its_bound(models, tmp_path: Path) -> None:
+    m = models["sd15-tiny"]
+    paths = [_lora(tmp_path, m, "diffusers", seed=20 + i, rank=4) for i in range(3)]
+    one = AdapterLibrary().get(paths[0]).nbytes
+    lib = AdapterLibrary(max_bytes=2 * one)
+    for p in paths:
+        lib.get(p)
+    assert lib.cached_bytes == 2 * one  # the first was dropped
+    with pytest.raises(ArtifactError, match="does not exist"):
+        AdapterLibrary(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_ort_cuda_code_path_gives_the_ort_cpu_images(slotted_export, models, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch, cuda_graph: bool) -> None:
+    """ort-cuda's code path (OrtValues, IO binding; with cuda_graph the composed UNet + step session, the factors
+    among its fixed inputs) in CPU memory on the CPU EP: the ort-cpu images, two LoRA sets one after the other
+    and none. Says nothing of a GPU."""
+    from sdrt.runtime.ort_backend import OrtBackend
+
+    def backend(*a: Any, **k: Any) -> OrtBackend:
+        be = OrtBackend("cpu")
+        be.io_binding, be.cuda_graph, be.max_cuda_graphs = True, cuda_graph, 2
+        monkeypatch.setattr(be, "providers_for", lambda name: ["CPUExecutionProvider"])
+        return be
+
+    m, folder = models["sd15-tiny"], slotted_export("sd15-tiny")
+    a = _lora(tmp_path, m, "kohya", seed=12, alpha=1.0)
+    b = _lora(tmp_path, m, "diffusers", seed=13, rank=4)
+    sets: list[list[tuple[str | Path, float]] | None] = [[(a, 0.8)], [(b, 0.6)], None]
+    wants = [_sdrt(folder, s) for s in sets]
+    monkeypatch.setattr("sdrt.runtime.backends.make_backend", backend)
+    with Pipeline.load(folder, backend="ort-cuda") as pipe:
+        for s, want in zip(sets, wants):
+            got = np.asarray(pipe(PROMPT, latents=_latents(), loras=s, **KW).images[0]).astype(np.int32)
+            np.testing.assert_array_equal(got, want)
+
+
+def test_tensorrt_runs_the_slots_on_the_fakes(slotted_export, models, tmp_path: Path, fake_gpu) -> None:
+    """Logic check on the TensorRT fakes (tests/helpers/trt_fakes.py): the slotted UNet builds (its factor inputs
+    static in the profile), and the captured loop, which copies its conditioning into fixed buffers at each
+    start, gives ort-cpu's images for two LoRA sets one after the other and for none."""
+    from sdrt.export.profiles import custom_profile
+    from sdrt.export.trt_build import BuildOptions, build_engines
+
+    m, folder = models["sd15-tiny"], slotted_export("sd15-tiny")
+    a = _lora(tmp_path, m, "kohya", seed=14, alpha=1.0)
+    b = _lora(tmp_path, m, "diffusers", seed=15, rank=4)
+    out = tmp_path / "engines"
+    manifest = build_engines(folder, out, custom_profile(batch="1:1:2", height="64:64:96", width="64:64:96"),
+                             BuildOptions(workspace_gb=1))
+    unet = next(r for r in manifest.engines if r.component == "unet")
+    slot = next(s for s in unet.shapes if s.name.endswith("attn1.to_q.down"))
+    assert slot.min == slot.max == (8, slot.min[1])
+    sets: list[list[tuple[str | Path, float]] | None] = [[(a, 0.8)], [(b, 0.6)], None]
+    wants = [_sdrt(folder, s) for s in sets]
+    with Pipeline.load(out, backend="tensorrt") as pipe:
+        for s, want in zip(sets, wants):
+            got = pipe(PROMPT, latents=_latents(), loras=s, **KW)
+            assert got.loop == "captured CUDA graphs"
+            assert int(np.abs(np.asarray(got.images[0]).astype(np.int32) - want).max()) <= 1
