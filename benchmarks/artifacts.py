@@ -51,12 +51,13 @@ def export_for(cfg: BenchConfig, work: Path, precision: str, emit: Emit, notes: 
             notes.append(f"{artifact} has no fused ort-cuda UNet (sdrt export --ort-cuda): ort-cuda "
                          "runs the portable graph")
         return Path(artifact), manifest, None
-    from sdrt.export.preset_tables import export_loaded, get_any_preset, is_sd3_preset, load_random
+    from sdrt.export.preset_tables import export_loaded, get_any_preset, is_transformer_preset, load_random
 
     assert preset is not None
     get_any_preset(preset)  # unknown preset: InputError listing the presets of both tables
-    if cfg.workload in ("controlnet", "inpaint") and is_sd3_preset(preset):
-        raise InputError(f"the {cfg.workload} workload is not there yet for SD 3 / 3.5 ({preset}): "
+    if cfg.workload in ("controlnet", "inpaint") and is_transformer_preset(preset):
+        label = family_named(get_any_preset(preset).family).label
+        raise InputError(f"the {cfg.workload} workload is not there yet for {label} ({preset}): "
                          "measure it with --workload txt2img")
     deepcache = bool(cfg.caches)  # the cheap step the cached jobs run (sdrt export --feature-cache)
     fam = family_named(get_any_preset(preset).family)
@@ -84,9 +85,9 @@ def export_for(cfg: BenchConfig, work: Path, precision: str, emit: Emit, notes: 
         del model
         export_s = time.perf_counter() - t0
     if fuse and "ort-cuda" not in manifest.components["unet"].variants:
-        if is_sd3_preset(preset):  # ONNX Runtime's fusion rewrites UNet attention, not MMDiT's
+        if is_transformer_preset(preset):  # ONNX Runtime's fusion rewrites UNet attention, not a transformer's
             notes.append(f"no fused ort-cuda denoiser for {preset}: ONNX Runtime's UNet fusion does not "
-                         "apply to an MMDiT transformer; ort-cuda runs the portable graph")
+                         "apply to a transformer denoiser; ort-cuda runs the portable graph")
             return folder, manifest, export_s
         from sdrt.export.loading import load_model
         from sdrt.export.ort_fusion import add_ort_cuda_variant

@@ -114,16 +114,20 @@ def save_diffusers(model: Any, onnx_folder: Path, out: Path, family: str, precis
     import torch
     from transformers import CLIPTokenizer
 
+    from sdrt.export.flux_export import LoadedFlux
     from sdrt.export.sd3_export import LoadedSd3
     from sdrt.runtime.atomic import atomic_dir
 
     if isinstance(model, LoadedSd3):
         save_sd3_diffusers(model, onnx_folder, out, precision)
         return
+    if isinstance(model, LoadedFlux):
+        save_flux_diffusers(model, onnx_folder, out, precision)
+        return
     cfg = dict(model.scheduler_config)
     sched_cls = getattr(diffusers, str(cfg.get("_class_name", "PNDMScheduler")), diffusers.PNDMScheduler)
     scheduler = sched_cls.from_config(cfg)
-    if model.preset.refiner:  # one encoder and aesthetic scores: diffusers' refiner configuration
+    if getattr(model.preset, "refiner", False):  # one encoder and aesthetic scores: diffusers' refiner configuration
         pipe: Any = diffusers.StableDiffusionXLImg2ImgPipeline(
             vae=model.vae, text_encoder=None, text_encoder_2=model.text_encoders[0], tokenizer=None,
             tokenizer_2=CLIPTokenizer.from_pretrained(onnx_folder / "tokenizer_2"), unet=model.unet,
@@ -177,6 +181,27 @@ def save_sd3_diffusers(model: Any, onnx_folder: Path, out: Path, precision: str)
         text_encoder_3=t5, tokenizer_3=T5TokenizerFast.from_pretrained(t5_folder) if t5 is not None else None)
     if precision == "fp16":
         pipe = pipe.to(torch.float16)
+    with atomic_dir(out, marker="model_index.json", what="a diffusers folder") as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+
+
+def save_flux_diffusers(model: Any, onnx_folder: Path, out: Path, precision: str) -> None:
+    """Save a FLUX.1 model (``flux_export.LoadedFlux``) as a ``FluxPipeline`` folder with the export's tokenizers;
+    an fp16 baseline is saved in bf16, as FLUX.1 runs on GPUs (it overflows fp16: NaN images)."""
+    import diffusers
+    import torch
+    from transformers import CLIPTokenizer, T5TokenizerFast  # type: ignore[attr-defined]
+
+    from sdrt.runtime.atomic import atomic_dir
+
+    m = model.modules
+    pipe: Any = diffusers.FluxPipeline(
+        transformer=m.transformer, vae=m.vae,
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler.from_config(dict(model.scheduler_config)),
+        text_encoder=m.clip, tokenizer=CLIPTokenizer.from_pretrained(onnx_folder / "tokenizer"),
+        text_encoder_2=m.t5, tokenizer_2=T5TokenizerFast.from_pretrained(onnx_folder / "tokenizer_2"))
+    if precision == "fp16":
+        pipe = pipe.to(torch.bfloat16)
     with atomic_dir(out, marker="model_index.json", what="a diffusers folder") as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
 

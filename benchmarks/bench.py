@@ -142,7 +142,8 @@ class _Run:
         if cfg.workload == "inpaint":
             self.notes.append("inpaint: diffusers samples the image's latents from the VAE's distribution, sdrt takes "
                               "its mean (deterministic), so the two images differ a little by design")
-        guided = cfg.guidance_scale > 1.0
+        # classifier-free guidance doubles the denoiser's rows, except in a guidance-distilled family (FLUX.1)
+        guided = cfg.guidance_scale > 1.0 and models.manifest.model_family.classifier_free
         shape_flops = self._flops(models, resolutions, guided)
         ceilings, rates = self._ceilings(work, devices, precision)
 

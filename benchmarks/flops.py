@@ -39,7 +39,8 @@ def count_flops(fn: Callable[[], Any]) -> tuple[int, dict[str, int]]:
     return int(counter.get_total_flops()), per_op
 
 
-UNET, MMDIT = "UNet2DConditionModel", "SD3Transformer2DModel"  # the denoiser classes counted (diffusers)
+# the denoiser classes counted (diffusers)
+UNET, MMDIT, FLUX = "UNet2DConditionModel", "SD3Transformer2DModel", "FluxTransformer2DModel"
 # the text encoder classes counted (transformers)
 CLIP, CLIP_PROJ, T5 = "CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel"
 
@@ -76,9 +77,15 @@ def _encoder_class(fam: Family, name: str, config: dict[str, Any]) -> str:
 def architecture_of_preset(name: str, encoders: tuple[str, ...] | None = None) -> Architecture:
     """A shipped preset's architecture (either table); ``encoders``: the components the model has (None:
     all)."""
-    from sdrt.export.preset_tables import get_any_preset, is_sd3_preset
+    from sdrt.export.preset_tables import get_any_preset, is_flux_preset, is_sd3_preset
 
     p = get_any_preset(name)
+    if is_flux_preset(name):  # CLIP's pooled output (no projection) and T5
+        keep = [i for i, e in enumerate(family_named(p.family).encoders) if encoders is None or e in encoders]
+        configs, classes = [p.config("clip"), p.config("t5")], [CLIP, T5]
+        return Architecture(p.family, json.dumps(p.config("transformer")), json.dumps(p.config("vae")),
+                            tuple(json.dumps(configs[i]) for i in keep), tuple(classes[i] for i in keep),
+                            denoiser_class=FLUX)
     if is_sd3_preset(name):  # both CLIP encoders project (SD3 joins their pooled outputs), then T5
         fam = family_named(p.family)
         configs: list[dict[str, Any]] = [*p.config("clip"), p.config("t5")]
@@ -179,9 +186,20 @@ def module_flops(arch: Architecture, height: int, width: int, batch_size: int, g
         for cls, enc in zip(arch.encoder_classes, encoders, strict=True):
             ids = torch.zeros(rows, fam.text_tokens if cls == T5 else text_len, dtype=torch.long)
             text += count_flops(partial(enc, ids))[0]
-        sample = torch.empty(rows, int(denoiser.config.in_channels), h, w)
         t = torch.empty(rows)
-        if arch.denoiser_class == MMDIT:
+        sample = torch.empty(rows, int(denoiser.config.in_channels), h, w)
+        if arch.denoiser_class == FLUX:  # packed 2x2 patches as tokens, T5's tokens, rotary ids
+            cfg = denoiser.config
+            tokens = (h // 2) * (w // 2)
+            packed = torch.empty(rows, tokens, int(cfg.in_channels))
+            ehs = torch.empty(rows, fam.text_tokens, int(cfg.joint_attention_dim))
+            pooled = torch.empty(rows, int(cfg.pooled_projection_dim))
+            ids = {"img_ids": torch.zeros(tokens, 3), "txt_ids": torch.zeros(fam.text_tokens, 3)}
+            if cfg.guidance_embeds:
+                ids["guidance"] = torch.empty(rows)
+            unet_step = count_flops(lambda: denoiser(hidden_states=packed, encoder_hidden_states=ehs,
+                                                     pooled_projections=pooled, timestep=t, **ids))[0]
+        elif arch.denoiser_class == MMDIT:
             cfg = denoiser.config
             ehs = torch.empty(rows, text_len + t5_tokens, int(cfg.joint_attention_dim))
             pooled = torch.empty(rows, int(cfg.pooled_projection_dim))

@@ -326,6 +326,9 @@ def run_diffusers(spec: dict[str, Any]) -> dict[str, Any]:
     latents = None
     if spec.get("latents"):
         latents = torch.from_numpy(np.load(spec["latents"])).to(device=device, dtype=dtype)
+        pack = getattr(type(pipe), "_pack_latents", None)
+        if pack is not None:  # a pipeline that takes its latents as patch tokens (FLUX.1's): the same noise, packed
+            latents = pack(latents, *latents.shape)
 
     def step_times(tag: str) -> list[float]:
         steps = sorted(k[1] for k in clock.marks if isinstance(k, tuple) and k[0] == f"{tag}step")

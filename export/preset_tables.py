@@ -1,5 +1,5 @@
-"""One lookup over the shipped preset tables: ``presets.PRESETS`` (UNet models) and
-``sd3_presets.SD3_PRESETS`` (SD 3 / 3.5's MMDiT models), so that a caller naming a preset (``sdrt bench
+"""One lookup over the shipped preset tables: ``presets.PRESETS`` (UNet models),
+``sd3_presets.SD3_PRESETS`` (SD 3 / 3.5's MMDiT models) and ``flux_presets.FLUX_PRESETS`` (FLUX.1), so that a caller naming a preset (``sdrt bench
 --preset``) loads and exports it without knowing which table holds it. The tables stay apart (their presets
 describe different parts); which one holds a name decides the loader and the exporter, never the family's
 name.
@@ -14,22 +14,34 @@ from typing import Any
 from sdrt.runtime.errors import InputError
 
 
-def _tables() -> tuple[dict[str, Any], dict[str, Any]]:
+def _tables() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    from .flux_presets import FLUX_PRESETS
     from .presets import PRESETS
     from .sd3_presets import SD3_PRESETS
 
-    return PRESETS, SD3_PRESETS
+    return PRESETS, SD3_PRESETS, FLUX_PRESETS
 
 
 def preset_names() -> list[str]:
     """Every shipped preset's name, the UNet table's first."""
-    unet, sd3 = _tables()
-    return [*unet, *sd3]
+    unet, sd3, flux = _tables()
+    return [*unet, *sd3, *flux]
 
 
 def is_sd3_preset(name: str) -> bool:
     """``name`` is in the SD3 table (an MMDiT model loaded by ``sd3_export.load_sd3``)."""
     return name in _tables()[1]
+
+
+def is_flux_preset(name: str) -> bool:
+    """``name`` is in the FLUX.1 table (loaded by ``flux_export.load_flux``)."""
+    return name in _tables()[2]
+
+
+def is_transformer_preset(name: str) -> bool:
+    """``name``'s denoiser is a transformer (SD3's or FLUX.1's table), not a UNet: no ControlNet, inpainting
+    UNet or ONNX Runtime UNet fusion applies to it."""
+    return is_sd3_preset(name) or is_flux_preset(name)
 
 
 def get_any_preset(name: str) -> Any:
@@ -42,8 +54,12 @@ def get_any_preset(name: str) -> Any:
 
 
 def load_random(name: str, seed: int = 0) -> Any:
-    """The preset's model with seeded synthetic weights: a ``LoadedModel`` or a ``LoadedSd3``."""
+    """The preset's model with seeded synthetic weights: a ``LoadedModel``, ``LoadedSd3`` or ``LoadedFlux``."""
     get_any_preset(name)
+    if is_flux_preset(name):
+        from .flux_export import load_flux
+
+        return load_flux(random_preset=name, seed=seed)
     if is_sd3_preset(name):
         from .sd3_export import load_sd3
 
@@ -58,8 +74,16 @@ def export_loaded(model: Any, out: str | Path, *, fp16: bool, controlnets: list[
     """Export a model ``load_random`` (or a loader) returned with its own exporter; returns the manifest. An
     SD3 model takes no ControlNet (sdrt has none for the family yet); ``deepcache`` (``sdrt export
     --feature-cache``) adds the family's feature-caching step (DeepCache's shallow path for a UNet, the first-block
-    cached step for SD3)."""
+    cached step for SD3). A FLUX.1 model is exported in fp32 whatever ``fp16`` says (it overflows fp16;
+    ``flux_export``), and takes neither a ControlNet nor a feature cache yet."""
+    from .flux_export import LoadedFlux, export_flux
     from .sd3_export import LoadedSd3, export_sd3
+
+    if isinstance(model, LoadedFlux):
+        if controlnets or deepcache:
+            raise InputError(f"{model.preset.name} is a FLUX.1 model: sdrt has no ControlNet or feature cache for it "
+                             "yet; export it without")
+        return export_flux(model, out, fp16=False, progress=progress)
 
     if isinstance(model, LoadedSd3):
         if controlnets:

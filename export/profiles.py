@@ -13,8 +13,9 @@ axis                size
 ``height/N``        a ControlNet residual N times below latent size, a transformer's patch grid: ceil(latent / N)
 ``image_*``         image pixels (the uint8 inputs: the VAE encoder's image, the ControlNets' control image)
 ``sequence``        77 tokens x prompt chunks (long prompts are encoded in 77-token chunks)
-``t5_tokens``       a T5 encoder's tokens per prompt (the family's ``text_tokens``: SD3's 256)
-``text_tokens``     a transformer's text tokens: 77 CLIP tokens and the T5 encoder's (SD3: 333)
+``t5_tokens``       a T5 encoder's tokens per prompt (the family's ``text_tokens``: SD3's 256, FLUX.1's 512)
+``text_tokens``     a transformer's text tokens (the family's ``denoiser_text_tokens``: SD3's 77 CLIP tokens
+                    and the T5 encoder's, 333; FLUX.1's T5 tokens alone, 512)
 ==================  ===========================================================================
 
 The sampler's step graphs (``runtime/step_graph.py``), which ``sdrt build`` prebuilds beside the
@@ -36,7 +37,7 @@ import tomllib
 from sdrt.engines import PROFILES_DIR, profile_names
 from sdrt.runtime.engine_manifest import ProfileShapes, TensorShapes
 from sdrt.runtime.errors import ArtifactError, CompatibilityError, InputError
-from sdrt.runtime.families import FAMILY_KEYS
+from sdrt.runtime.families import FAMILY_KEYS, Family
 from sdrt.runtime.feature_cache import SHALLOW_UNET
 from sdrt.runtime.manifest import ExportManifest
 
@@ -215,6 +216,10 @@ def validate(profile: BuildProfile, manifest: ExportManifest) -> None:
     if profile.chunks.max > 1 and not manifest.model_family.chunked:
         raise InputError(f"profile {profile.name}: {manifest.model_family.label} models encode one 77-token row per "
                          f"prompt (longer prompts are cut, as diffusers does): use chunks 1, not {profile.chunks}")
+    if profile.cfg and not manifest.model_family.classifier_free:
+        raise InputError(f"profile {profile.name} doubles the denoiser's batch for classifier-free guidance, which "
+                         f"{manifest.model_family.label} does not run (one row per image): use a profile with "
+                         "cfg = false, or --no-cfg")
     if profile.batch.max > lim.max_batch:
         raise InputError(f"profile {profile.name}: batch up to {profile.batch.max} exceeds the export's limit "
                          f"of {lim.max_batch} images")
@@ -225,7 +230,7 @@ def _denoiser(component: str) -> bool:
     return component in ("unet", "unet_control", SHALLOW_UNET) or component.startswith("controlnet_")
 
 
-def _axis_range(component: str, axis: str, profile: BuildProfile, factor: int, text_tokens: int) -> Range:
+def _axis_range(component: str, axis: str, profile: BuildProfile, factor: int, family: Family) -> Range:
     if axis == "batch":
         if component.startswith("text_encoder"):
             return profile.text_batch()
@@ -242,9 +247,9 @@ def _axis_range(component: str, axis: str, profile: BuildProfile, factor: int, t
     if axis == "sequence":
         return profile.chunks.scaled(TOKENS_PER_CHUNK)
     if axis == "t5_tokens":
-        return Range.static(text_tokens)
+        return Range.static(family.text_tokens)
     if axis == "text_tokens":
-        return Range.static(TOKENS_PER_CHUNK + text_tokens)
+        return Range.static(family.denoiser_text_tokens)
     raise ArtifactError(
         f"{component}: the export names an axis {axis!r} that sdrt's profiles do not know; "
         "re-export the model with this sdrt version"
@@ -260,7 +265,7 @@ def component_shapes(profile: BuildProfile, manifest: ExportManifest, component:
         lo, mid, hi = [], [], []
         for d in spec.shape:
             r = Range.static(d) if isinstance(d, int) else _axis_range(component, d, profile, f,
-                                                                       manifest.model_family.text_tokens)
+                                                                       manifest.model_family)
             lo.append(r.min)
             mid.append(r.opt)
             hi.append(r.max)

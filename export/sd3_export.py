@@ -148,8 +148,8 @@ def load_sd3(path: str | Path | None = None, *, random_preset: str | None = None
         raise InputError(f"{folder} lacks {', '.join(missing)}: an SD3 folder has each of them (a single file "
                          "without its text encoders needs them given separately)")
     has_t5 = (folder / "text_encoder_3").is_dir()
-    tr_cfg = _config(folder / "transformer")
-    t5_cfg = _config(folder / "text_encoder_3") if has_t5 else None
+    tr_cfg = component_config(folder / "transformer")
+    t5_cfg = component_config(folder / "text_encoder_3") if has_t5 else None
     skip = _to_stream(_weight_shapes(tr_cfg, t5_cfg), stream)
     streamed = {n: Streamed(tr_cfg if n == "transformer" else t5_cfg or {}, checkpoint_weights(folder / n),
                             "checkpoint") for n in skip}
@@ -167,7 +167,7 @@ def load_sd3(path: str | Path | None = None, *, random_preset: str | None = None
                      toks, {"kind": "diffusers", "path": str(folder)}, streamed)  # type: ignore[arg-type]
 
 
-def _config(folder: Path) -> dict[str, Any]:
+def component_config(folder: Path) -> dict[str, Any]:
     """A component's config.json as constructor keywords (diffusers' and transformers' bookkeeping keys out)."""
     path = folder / "config.json"
     if not path.is_file():

@@ -61,7 +61,7 @@ def _reduced_transformer(config: dict[str, Any], picked: list[int]) -> dict[str,
             "dual_attention_layers": tuple(j for j, i in enumerate(picked) if i in dual)}
 
 
-def _mapped(weights: WeightSource, pattern: re.Pattern[str], prefix: str, picked: list[int]) -> WeightSource:
+def mapped_weights(weights: WeightSource, pattern: re.Pattern[str], prefix: str, picked: list[int]) -> WeightSource:
     """The reduced copy's weight names -> the full model's (its block j is the full model's block picked[j])."""
 
     def get(name: str) -> torch.Tensor:
@@ -86,7 +86,7 @@ def gate_streamed(kind: str, config: dict[str, Any], weights: WeightSource, prec
     if kind in ("transformer", "cached"):
         picked = sorted({0, *transformer_blocks(config)})
         reduced = _reduced_transformer(config, picked)
-        source = _mapped(weights, TRANSFORMER_BLOCKS, "transformer_blocks.", picked)
+        source = mapped_weights(weights, TRANSFORMER_BLOCKS, "transformer_blocks.", picked)
         sspec: StreamedSpec = (streamed_cached_spec(reduced, tokens) if kind == "cached"
                                else streamed_transformer_spec(reduced, tokens, block_cache))
         module = SD3Transformer2DModel(**reduced)
@@ -94,7 +94,7 @@ def gate_streamed(kind: str, config: dict[str, Any], weights: WeightSource, prec
     else:
         picked = t5_blocks(config)
         reduced = {**config, "num_layers": len(picked)}
-        source = _mapped(weights, T5_BLOCKS, "encoder.block.", picked)
+        source = mapped_weights(weights, T5_BLOCKS, "encoder.block.", picked)
         sspec = streamed_t5_spec(reduced, tokens)
         module = T5EncoderModel(T5Config(**reduced))
         total = int(config["num_layers"])

@@ -58,7 +58,7 @@ class Sd3Modules:
     vae: torch.nn.Module
 
 
-def _t5(d_model: int, d_kv: int, d_ff: int, heads: int, layers: int) -> dict[str, Any]:
+def t5_config(d_model: int, d_kv: int, d_ff: int, heads: int, layers: int) -> dict[str, Any]:
     """T5 v1.1's layout (google/t5-v1_1-xxl, SD3's ``text_encoder_3``): gated GELU, no tied embeddings."""
     return {
         "vocab_size": 32128,
@@ -120,7 +120,7 @@ _add(Sd3Preset(
     transformer=_transformer(2, 8, 2, joint=48, pooled=32, max_pos=16, sample=8),
     vae=_vae([16, 16, 32, 32], 64, groups=8, layers=1),
     clip=_TINY_CLIP,
-    t5=_t5(48, 8, 64, 2, 2),
+    t5=t5_config(48, 8, 64, 2, 2),
     scheduler=_FLOW,
     test_scale=True,
 ))
@@ -129,7 +129,7 @@ _add(Sd3Preset(
     transformer=_transformer(2, 8, 2, joint=48, pooled=32, max_pos=16, sample=8, dual=(0,), qk_norm="rms_norm"),
     vae=_vae([16, 16, 32, 32], 64, groups=8, layers=1),
     clip=_TINY_CLIP,
-    t5=_t5(48, 8, 64, 2, 2),
+    t5=t5_config(48, 8, 64, 2, 2),
     scheduler=_FLOW,
     test_scale=True,
 ))
@@ -140,7 +140,7 @@ _add(Sd3Preset(
 # ViT-L/14 and OpenCLIP bigG/14 text encoders with projection, T5-XXL v1.1's encoder, SD3's 16-channel VAE.
 _CLIP_L = clip_config(768, 3072, 12, 12, "quick_gelu", 768)
 _CLIP_G = clip_config(1280, 5120, 20, 32, "gelu", 1280)
-_T5_XXL = _t5(4096, 64, 10240, 64, 24)
+_T5_XXL = t5_config(4096, 64, 10240, 64, 24)
 _SD3_VAE = {**_vae([128, 256, 512, 512], 1024, groups=32, layers=2)}
 _add(Sd3Preset(  # SD3 Medium (2B): 24 joint blocks of width 1536
     "sd3-medium", "sd3", 1024,

@@ -47,8 +47,9 @@ def _clip_spec(name: str, enc: torch.nn.Module) -> ComponentSpec:
     )
 
 
-def t5_spec(enc: torch.nn.Module, tokens: int) -> ComponentSpec:
-    """T5 with ``tokens`` example tokens (the trace's and the gate's; the axis stays dynamic)."""
+def t5_spec(enc: torch.nn.Module, tokens: int, name: str = "text_encoder_3") -> ComponentSpec:
+    """T5 with ``tokens`` example tokens (the trace's and the gate's; the axis stays dynamic), as the component
+    ``name`` (SD3's third encoder; FLUX.1's second)."""
     vocab = int(enc.config.vocab_size)
     eos = int(enc.config.eos_token_id)
     pad = int(enc.config.pad_token_id)
@@ -61,7 +62,7 @@ def t5_spec(enc: torch.nn.Module, tokens: int) -> ComponentSpec:
         return (ids,)
 
     return ComponentSpec(
-        name="text_encoder_3",
+        name=name,
         module=T5Encoder(enc),
         weights=enc,
         inputs=[("input_ids", "int32", ("batch", "t5_tokens"))],
@@ -249,7 +250,7 @@ def streamed_cached_spec(config: dict[str, Any], tokens: int) -> StreamedSpec:
         dynamic=lambda: _transformer_dims(config, residuals=True))
 
 
-def streamed_t5_spec(config: dict[str, Any], tokens: int) -> StreamedSpec:
+def streamed_t5_spec(config: dict[str, Any], tokens: int, name: str = "text_encoder_3") -> StreamedSpec:
     """T5's encoder as ``t5_spec`` describes it (float32), traced on fake tensors for a streamed export."""
     from transformers import T5Config, T5EncoderModel
 
@@ -264,7 +265,7 @@ def streamed_t5_spec(config: dict[str, Any], tokens: int) -> StreamedSpec:
         return {"input_ids": {0: d("batch", min=1, max=128), 1: d("t5_tokens", min=2, max=512)}}
 
     return StreamedSpec(
-        name="text_encoder_3", build=build, prefix="encoder.",
+        name=name, build=build, prefix="encoder.",
         inputs=[("input_ids", "int32", ("batch", "t5_tokens"))],
         outputs=[("hidden_states", "float", ("batch", "t5_tokens", int(config["d_model"])))],
         example=example, dynamic=dynamic, force_fp32=True)

@@ -40,8 +40,8 @@ class TextEncoder(torch.nn.Module):
             hidden = norm(out.hidden_states[-(self.clip_skip + 1)])
         else:
             hidden = out.last_hidden_state
-        if self.pooled:
-            return hidden, out.text_embeds
+        if self.pooled:  # the projection's output; a CLIP without one (FLUX.1's) gives its pooled output
+            return hidden, out.text_embeds if "text_embeds" in out else out.pooler_output
         return (hidden,)
 
 

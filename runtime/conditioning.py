@@ -3,6 +3,7 @@ family's encoders and rules (how encoders are joined, the pooled embedding, zero
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,6 +41,15 @@ class TextConditioning:
         (cut at the tokenizer's length, as diffusers)."""
         return tok.encode_chunks(prompts) if self.family.chunked else tok.encode(prompts)[:, None]
 
+    def _warn_cut(self, name: str, tok: PromptTokenizer, prompts: list[str]) -> None:
+        """A family that cuts long prompts (as diffusers does) says so, as diffusers' pipelines log it: a
+        warning naming the encoder, the prompt and how many tokens were cut."""
+        room = tok.max_length - (1 if self.family.tokenizer_kind(name) == "t5" else 2)  # T5: eos; CLIP: bos, eos
+        for i, n in enumerate(tok.count_tokens(prompts)):
+            if n > room:
+                warnings.warn(f"{name}: prompt {i} has {n} tokens; the {n - room} past {room} are cut (this "
+                              f"{self.family.label} model reads {room}, as diffusers does)", stacklevel=4)
+
     def zero_negatives(self, negative_prompt: Any) -> bool:
         """Guided with no negative prompt: the family's rule (diffusers' force_zeros_for_empty_prompt)."""
         return self.family.zero_negatives and negative_prompt is None
@@ -52,6 +62,8 @@ class TextConditioning:
         outs: list[dict[str, Array]] = []
         rows = 0
         for name, tok in zip(self.manifest.encoder_names, self.tokenizers, strict=True):
+            if not self.family.chunked:
+                self._warn_cut(name, tok, prompts)
             ids = self._ids(tok, prompts)  # [rows, k, 77] (T5: [rows, 1, its tokens])
             rows, k, n = ids.shape
             out = self.engines[name]({"input_ids": be.to_device(ids.reshape(rows * k, n))})
@@ -117,8 +129,9 @@ class TextConditioning:
     def denoiser_inputs(self, emb: PromptEmbeddings, height: int, width: int,
                         scores: tuple[float | None, float | None] | None, guidance_scale: float) -> dict[str, Array]:
         """What the denoiser is conditioned on besides the latents and timestep, on the device: the text states,
-        the pooled embedding, the family's added conditioning (SDXL's time ids), and an LCM-distilled UNet's
-        guidance-scale embedding (``timestep_cond``)."""
+        the pooled embedding, the family's added conditioning (SDXL's time ids), an LCM-distilled UNet's
+        guidance-scale embedding (``timestep_cond``), and a guidance-distilled transformer's scale (``guidance``,
+        FLUX.1 [dev]: diffusers' ``guidance``, the scale itself per image)."""
         to_dev, dt, b = self.backend.to_device, self.dtype, emb.batch
         cond = {"encoder_hidden_states": emb.hidden}
         if emb.pooled is not None:
@@ -129,6 +142,8 @@ class TextConditioning:
         if "timestep_cond" in unet_inputs:  # an LCM-distilled UNet: guidance as an embedding
             dim = int(unet_inputs["timestep_cond"].shape[-1])  # type: ignore[arg-type]
             cond["timestep_cond"] = to_dev(np.tile(guidance_embedding(guidance_scale - 1.0, dim).astype(dt), (b, 1)))
+        if "guidance" in unet_inputs:  # a guidance-distilled transformer (FLUX.1 [dev]): the scale, one per row
+            cond["guidance"] = to_dev(np.full(b, guidance_scale, unet_inputs["guidance"].dtype))
         return cond
 
     def from_arrays(self, prompt_embeds: np.ndarray, negative_prompt_embeds: np.ndarray | None, *,

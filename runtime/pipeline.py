@@ -56,6 +56,7 @@ from .request import (
     check_latents,
     check_rescale,
     check_side,
+    is_int,
     negatives_of,
     prompts_of,
     resolve_seed,
@@ -176,8 +177,10 @@ class Pipeline:
 
     def uses_guidance(self, guidance_scale: float) -> bool:
         """Classifier-free guidance runs (2B UNet rows) above scale 1, except on a UNet that embeds the
-        scale itself (``timestep_cond``: LCM-distilled models, as diffusers' LCM pipelines)."""
-        return guidance_scale > 1.0 and "timestep_cond" not in self.engines["unet"].inputs
+        scale itself (``timestep_cond``: LCM-distilled models, as diffusers' LCM pipelines) and in a
+        guidance-distilled family (FLUX.1)."""
+        return (self.family.classifier_free and guidance_scale > 1.0
+                and "timestep_cond" not in self.engines["unet"].inputs)
 
     def check_request(self, height: int, width: int, batch: int, guided: bool | None) -> None:
         """Refuse a size or batch outside the export's limits (and, with ``guided`` known, the backend's
@@ -207,16 +210,20 @@ class Pipeline:
 
     # -- stage 1: text ----------------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
-                      batch_size: int = 1, guided: bool = True) -> PromptEmbeddings:
+                      batch_size: int = 1, guided: bool | None = None) -> PromptEmbeddings:
         """Prompts -> embeddings for ``len(prompts) * batch_size`` images (negatives first when guided).
 
         Prompts over 77 tokens are encoded in 77-token chunks and concatenated along the sequence.
         Conditional and unconditional prompts are encoded in one call, so they get the same number of
         chunks (the tokenizer pads the batch to its longest prompt). ``negative_prompt``: one string for every
-        image, or a list with one per prompt (or one per image).
+        image, or a list with one per prompt (or one per image). ``guided`` (default: the family's: guided
+        unless it runs no classifier-free guidance, FLUX.1) encodes the negatives too.
         """
         with self._lock:
             self._ready()
+            guided = self._guided_arg(guided)
+            if not self.family.classifier_free:
+                self.family.refuse_negative(negative_prompt)
             prompts = prompts_of(prompt, batch_size)
             b = len(prompts)
             text = self._conditioning()
@@ -228,31 +235,49 @@ class Pipeline:
     def embeddings_from(self, prompt_embeds: np.ndarray, negative_prompt_embeds: np.ndarray | None = None, *,
                         pooled_prompt_embeds: np.ndarray | None = None,
                         negative_pooled_prompt_embeds: np.ndarray | None = None,
-                        guided: bool = True, batch_size: int = 1) -> PromptEmbeddings:
+                        guided: bool | None = None, batch_size: int = 1) -> PromptEmbeddings:
         """Precomputed embeddings (diffusers' ``prompt_embeds`` and friends: [B, tokens, C], pooled [B, P])
         -> PromptEmbeddings for ``B * batch_size`` images, each row repeated ``batch_size`` times in place
         (diffusers' ``num_images_per_prompt``). Guided without negatives: zeros where the family's rule says
-        so (SDXL, as diffusers' default), else the caller must give them."""
+        so (SDXL, as diffusers' default), else the caller must give them. ``guided``: as ``encode_prompt``."""
         with self._lock:
             self._ready()
+            guided = self._guided_arg(guided)
+            if not self.family.classifier_free:
+                self.family.refuse_negative(negative_prompt_embeds)
             return self._conditioning().from_arrays(
                 prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
                 negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, guided=guided, batch_size=batch_size)
 
+    def _guided_arg(self, guided: bool | None) -> bool:
+        """The text stage's ``guided``: the family's default where None; refused where it runs no guidance."""
+        if guided is None:
+            return self.family.classifier_free
+        if guided and not self.family.classifier_free:
+            raise InputError(f"{self.family.label} runs no classifier-free guidance: encode with guided=False "
+                             "(or leave guided out)")
+        return bool(guided)
+
     # -- stage 2: the sampler plan and the starting latents ----------------------------------------------
     def plan(self, sampler: str | None = None, steps: int = 30, *, strength: float = 1.0,
-             timestep_spacing: str | None = None, fresh_from: int = 0) -> samplers.SamplerPlan:
+             timestep_spacing: str | None = None, fresh_from: int = 0, height: int | None = None,
+             width: int | None = None) -> samplers.SamplerPlan:
         """The sampler's per-step coefficients for this model's scheduler (img2img when strength < 1).
         ``sampler`` None: the model's default (dpmpp-2m; flow-euler for a flow-matching model).
         ``timestep_spacing`` (leading, trailing, linspace) overrides the scheduler configuration's.
         ``fresh_from``: the row where a second model takes over with a sampler of its own (no multistep
-        history), as diffusers' refiner at ``denoising_start`` (see ``samplers.make_plan``)."""
+        history), as diffusers' refiner at ``denoising_start`` (see ``samplers.make_plan``). ``height`` and
+        ``width`` (default: the model's default size): the image's, for a family whose schedule depends on it
+        (FLUX.1 [dev]'s shift grows with the image's token count); give the sizes ``prepare_latents`` gets."""
         self._ready()
         if sampler is None:
             sampler = samplers.default_sampler(self.manifest.prediction_type)
+        m = self.manifest
+        extra = self.family.schedule_options(sampler, steps, height or m.default_size, width or m.default_size,
+                                             m.vae_scale_factor, self.scheduler_config) if is_int(steps) else {}
         return samplers.make_plan(sampler, steps, self.scheduler_config,
                                   prediction_type=self.manifest.prediction_type, strength=strength,
-                                  timestep_spacing=timestep_spacing, fresh_from=fresh_from)
+                                  timestep_spacing=timestep_spacing, fresh_from=fresh_from, **extra)
 
     def prepare_latents(self, plan: samplers.SamplerPlan, height: int, width: int, *, batch_size: int | None = None,
                         seed: int | Sequence[int] | None = None, latents: np.ndarray | None = None,
@@ -627,6 +652,8 @@ class Pipeline:
                 if v is not None:  # only None means the default: 0 is an error, not a request for the default
                     self._check_side(label, v)
             self.family.check_scores(req.scores)
+            self.family.refuse_negative(req.negative_prompt if req.negative_prompt_embeds is None
+                                        else req.negative_prompt_embeds)
             if not self.family.generates and req.image is None:
                 raise self.family.refuse_generation(self.folder)
             image = req.image
@@ -646,7 +673,8 @@ class Pipeline:
             self.check_request(height, width, b, guided=guided)
             default_strength = 1.0 if mask is not None else DEFAULT_STRENGTH
             strength = 1.0 if image is None else default_strength if req.strength is None else req.strength
-            plan = self.plan(req.sampler, req.steps, strength=strength, timestep_spacing=req.timestep_spacing)
+            plan = self.plan(req.sampler, req.steps, strength=strength, timestep_spacing=req.timestep_spacing,
+                             height=height, width=width)
             # one clock for every stage: device events on a GPU backend, the synchronized host clock on CPU
             clock = self.backend.clock()
             try:

@@ -100,6 +100,17 @@ def check_common(cfg: ServeConfig, prompt: str, negative: str | None, steps: int
                        n_field, "too_many_images")
 
 
+def check_negative(st: ServeState, negative: str | None, field: str = "negative_prompt") -> None:
+    """A negative prompt the model takes (422 ``negative_prompt_unsupported`` for a guidance-distilled family,
+    FLUX.1, given a non-empty one)."""
+    from sdrt.runtime.errors import InputError
+
+    try:
+        st.pipeline().family.refuse_negative(negative)
+    except InputError as e:
+        raise ApiError(422, str(e), field, "negative_prompt_unsupported") from e
+
+
 def sampler_of(st: ServeState, name: str | None, field: str, scheduler: str | None = None) -> str:
     """The request's sampler (else the server's default, else the model's) in sdrt's names, for this model."""
     from sdrt.runtime.samplers import FLOW, default_sampler

@@ -66,7 +66,7 @@ def test_the_checker_sees_the_forms_it_forbids(tmp_path: Path) -> None:
 
 
 def test_registry_maps_every_manifest_family() -> None:
-    assert FAMILY_KEYS == ("sd1", "sd2", "sdxl", "sd3")
+    assert FAMILY_KEYS == ("sd1", "sd2", "sdxl", "sd3", "flux")
     assert [family_named(k).key for k in FAMILY_KEYS] == list(FAMILY_KEYS)
     assert has_refiner("sdxl") and not has_refiner("sd1")
     with pytest.raises(ArtifactError, match="unknown model family 'sd9'.*sd1"):

@@ -13,12 +13,13 @@ from typing import Protocol
 
 from ..errors import ArtifactError
 from .base import Family, check_score
+from .flux import FLUX
 from .sd import SD1, SD2
 from .sd3 import SD3
 from .sdxl import SDXL
 from .sdxl_refiner import AESTHETIC_DEFAULTS, SDXL_REFINER
 
-_FAMILIES: dict[str, Family] = {f.key: f for f in (SD1, SD2, SDXL, SD3)}
+_FAMILIES: dict[str, Family] = {f.key: f for f in (SD1, SD2, SDXL, SD3, FLUX)}
 _REFINERS: dict[str, Family] = {SDXL_REFINER.key: SDXL_REFINER}
 _PREVIEWS: dict[str, Family] = {}
 

@@ -8,6 +8,7 @@ names: the pipeline, the exporter, the server and the bench ask the family objec
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,10 @@ class Family:
     that takes the pooled embedding; ``optional_encoders``: encoders an export may leave out (the family's
     ``join_on_host`` puts what stands in their place); ``host_join``: the family joins its encoders' outputs
     itself (``join_on_host``), on the host, instead of the shared device join; ``feature_caches``: the feature
-    caching kinds its denoiser supports (runtime/feature_cache.py: ``deepcache`` for UNets).
+    caching kinds its denoiser supports (runtime/feature_cache.py: ``deepcache`` for UNets);
+    ``classifier_free``: guidance runs the denoiser on negative rows beside the positive ones (False: a
+    guidance-distilled family, FLUX.1: one row per image, no negative prompt, the scale embedded where the
+    denoiser has a ``guidance`` input).
     """
 
     key: str
@@ -51,6 +55,7 @@ class Family:
     optional_encoders: tuple[str, ...] = ()
     host_join: bool = False
     feature_caches: tuple[str, ...] = ("deepcache",)
+    classifier_free: bool = True
 
     def tokenizer_kind(self, encoder: str) -> str:
         """How ``encoder``'s prompts are tokenized: ``clip`` (CLIP's BPE, 77 tokens) or ``t5`` (SentencePiece,
@@ -75,6 +80,12 @@ class Family:
         if produced != wanted:
             return f"the text encoders produce {produced}-wide embeddings but the UNet takes {wanted}"
         return None
+
+    @property
+    def denoiser_text_tokens(self) -> int:
+        """The text tokens a transformer denoiser takes per row: 77 CLIP tokens and a T5 encoder's (SD3's join);
+        FLUX.1's are T5's alone."""
+        return 77 + self.text_tokens
 
     @property
     def pooled_encoder(self) -> str | None:
@@ -102,6 +113,16 @@ class Family:
         """The denoiser's conditioning beyond the text states and pooled embedding, per UNet row (float64; the
         caller casts): none for SD 1.x/2.x."""
         self.check_scores(scores)
+        return {}
+
+    def refuse_negative(self, negative: Any) -> None:
+        """Raise InputError where this family takes no negative prompt (or negative embeddings) and one was
+        given; the families with classifier-free guidance take any."""
+
+    def schedule_options(self, sampler: str, steps: int, height: int, width: int, vae_factor: int,
+                         scheduler_config: Mapping[str, Any]) -> dict[str, Any]:
+        """``samplers.make_plan``'s keywords this family's diffusers pipeline passes for a call of this size
+        (``sigmas``, ``mu``: FLUX.1's own sigmas and resolution-dependent shift); none for the others."""
         return {}
 
     def export_time_ids(self, size: int) -> list[float]:

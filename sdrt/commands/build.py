@@ -41,7 +41,7 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="rebuild engines even when up to date")
 
 
-def _profile(args: argparse.Namespace, default_size: int):  # type: ignore[no-untyped-def]
+def _profile(args: argparse.Namespace, default_size: int, cfg: bool = True):  # type: ignore[no-untyped-def]
     from sdrt.export.profiles import custom_profile, load_profile
     from sdrt.runtime.errors import InputError
 
@@ -54,7 +54,9 @@ def _profile(args: argparse.Namespace, default_size: int):  # type: ignore[no-un
         raise InputError("--dynamic sets both height and width; drop --height/--width or --dynamic")
     height = args.dynamic or args.height
     width = args.dynamic or args.width
-    return custom_profile(args.batch or 1, height, width, args.chunks, cfg=not args.no_cfg, default_size=default_size)
+    # a guidance-distilled family (FLUX.1) runs one denoiser row per image: no CFG whatever --no-cfg says
+    return custom_profile(args.batch or 1, height, width, args.chunks, cfg=cfg and not args.no_cfg,
+                          default_size=default_size)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -77,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
 
     check_engine_dir(args.out, overwrite=args.overwrite)
     export = read_manifest(args.onnx_dir, wanted=EXPORT_FOLDER)  # an sdrt export or an Optimum one
-    profile = _profile(args, export.default_size)
+    profile = _profile(args, export.default_size, export.model_family.classifier_free)
     options = BuildOptions(
         opt_level=args.opt_level, workspace_gb=args.workspace, timing_cache=args.timing_cache,
         refittable=args.refittable, version_compatible=args.version_compatible,

@@ -16,7 +16,7 @@ def register(p: argparse.ArgumentParser) -> None:
                         "succeeds (any other folder needs --overwrite)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace --out even if it is not an sdrt export, deleting what it holds")
-    p.add_argument("--fp32", action="store_true", help="export fp32 graphs (default: fp16; the SDXL VAE is fp32)")
+    p.add_argument("--fp32", action="store_true", help="export fp32 graphs (default: fp16; the SDXL VAE is fp32; FLUX.1 is always fp32)")
     p.add_argument("--vae-fp32", action="store_true", default=None,
                    help="keep the VAE in fp32 in an fp16 export (the default for SDXL, whose VAE overflows in fp16)")
     p.add_argument("--ort-cuda", action="store_true",
@@ -86,8 +86,11 @@ def run(args: argparse.Namespace) -> int:
     from sdrt.export.loading import load_model
 
     check_export_dir(args.out, overwrite=args.overwrite)  # before the weights load
+    from sdrt.export.flux_export import is_flux_source
     from sdrt.export.sd3_export import is_sd3_source
 
+    if is_flux_source(args.model, args.random):
+        return _run_flux(args)
     if is_sd3_source(args.model, args.random):
         return _run_sd3(args)
     if args.without_t5:
@@ -171,6 +174,37 @@ def _run_sd3(args: argparse.Namespace) -> int:
 
     manifest = export_sd3(model, args.out, overwrite=args.overwrite, fp16=not args.fp32, opset=args.opset,
                           without_t5=args.without_t5, block_cache=args.feature_cache, progress=progress)
+    _report(args.out, manifest, t0)
+    return 0
+
+
+def _run_flux(args: argparse.Namespace) -> int:
+    """A FLUX.1 model: its own loader and exporter (export/flux_export.py), in fp32 (FLUX.1 overflows fp16); the
+    options it does not take yet are refused before the weights load."""
+    from sdrt.export.flux_export import export_flux, load_flux
+    from sdrt.runtime.errors import InputError
+
+    given = [flag for flag, on in (("--lora", args.lora), ("--lora-slots", args.lora_slots),
+                                   ("--controlnet", args.controlnets), ("--feature-cache", args.feature_cache),
+                                   ("--clip-skip", args.clip_skip), ("--ort-cuda", args.ort_cuda),
+                                   ("--vae-fp32", args.vae_fp32), ("--no-ema", not args.ema),
+                                   ("--without-t5", args.without_t5),
+                                   *((f, v) for f, v in _sd3_file_options(args).items())) if on]
+    if given:
+        raise InputError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} not supported for FLUX.1 "
+                         "models yet; export without")
+    t0 = time.perf_counter()
+    print(f"loading {args.model or f'synthetic {args.random} weights'}", flush=True)
+    model = load_flux(args.model, random_preset=args.random, seed=args.seed)
+
+    def progress(msg: str) -> None:
+        print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", flush=True)
+
+    if not args.fp32:
+        progress("FLUX.1 is exported in fp32: it overflows fp16 (NaN images, diffusers issue 9096), and sdrt "
+                 "exports no bf16 graph yet")
+    manifest = export_flux(model, args.out, overwrite=args.overwrite, fp16=False, opset=args.opset,
+                           progress=progress)
     _report(args.out, manifest, t0)
     return 0
 

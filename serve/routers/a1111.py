@@ -17,6 +17,7 @@ from ..checks import (
     cache_of,
     check_common,
     check_mask_needed,
+    check_negative,
     check_size,
     decode_b64,
     loras_of,
@@ -84,6 +85,7 @@ async def generate(st: ServeState, body: S.A1111Txt2Img, request: Request, init:
         w, h = body.width or d, body.height or d
     check_size(st, w, h, "width", "height")
     check_common(cfg, body.prompt, body.negative_prompt, body.steps, body.batch_size, "batch_size")
+    check_negative(st, body.negative_prompt)
     sampler = sampler_of(st, body.sampler_name, "sampler_name", body.scheduler)
     # img2img's loop runs only the steps its strength leaves: the pipeline checks that plan
     cache = cache_of(st, body.cache, body.cache_interval, body.cache_schedule, body.steps if init is None else None,

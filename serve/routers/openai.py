@@ -22,6 +22,7 @@ from ..checks import (
     cache_of,
     check_common,
     check_mask_needed,
+    check_negative,
     check_size,
     decode_upload,
     loras_of,
@@ -60,6 +61,7 @@ async def generations(body: S.OpenAIGeneration, request: Request, st: State) -> 
     w, h = parse_size(st, body.size)
     steps = body.steps or min(cfg.default_steps, cfg.max_steps)
     check_common(cfg, body.prompt, body.negative_prompt, steps, body.n, "n")
+    check_negative(st, body.negative_prompt)
     cache = cache_of(st, body.cache, body.cache_interval, body.cache_schedule, steps, body.cache_threshold)
     loras = loras_of(st, body.loras)
     job = Job.of([body.prompt] * body.n, None if body.negative_prompt is None else [body.negative_prompt] * body.n,
@@ -100,6 +102,7 @@ async def edits(
     check_url(st, response_format)
     steps = steps or min(cfg.default_steps, cfg.max_steps)
     check_common(cfg, prompt, negative_prompt, steps, n, "n")
+    check_negative(st, negative_prompt)
     policy = cache_of(st, cache, cache_interval, cache_schedule, threshold=cache_threshold)
     raw = await run_in_threadpool(decode_upload, await image.read(), "image", cfg.max_upload_pixels, True)
     region = None

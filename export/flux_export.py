@@ -1,0 +1,288 @@
+"""FLUX.1 models -> a verified ONNX folder with ``sdrt.json``: loading (a diffusers ``FluxPipeline`` folder, or a
+preset's seeded weights) and ``export_flux``, the family's counterpart of ``exporter.export_model``.
+
+Layout: model_index.json, text_encoder/ (CLIP), text_encoder_2/ (T5), transformer/ (the manifest's ``unet``),
+vae_decoder/, vae_encoder/, tokenizer/, tokenizer_2/, scheduler/, sdrt.json; written under a temporary name and
+renamed once every component passed its parity gate.
+
+Precision: FLUX.1's activations overflow fp16 (NaN images, diffusers issue 9096) and sdrt exports no bf16 graph
+yet, so every FLUX.1 component is exported in float32; ``--fp16`` is refused for it, saying so. The 12B
+transformer and T5-XXL are streamed (export/streamed.py: never held in memory), each gated on a reduced-depth
+copy at full width (its first double block and last single block; T5's first and last blocks) with the
+checkpoint's own weights for those blocks.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import json
+import math
+import re
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sdrt.runtime.atomic import atomic_dir
+from sdrt.runtime.errors import ArtifactError, InputError
+from sdrt.runtime.manifest import (
+    MANIFEST_NAME,
+    ExportManifest,
+    Parity,
+    ShapeLimits,
+    export_entries,
+    tokenizer_of,
+)
+
+from .exporter import EXPORT_KIND, MIN_OPSET, TEXT_LEN, check_export_dir, tool_versions
+from .flux_presets import FLUX_PRESETS, FluxModules, FluxPreset, build_modules, get_flux_preset
+from .flux_specs import T5_NAME, flux_specs, streamed_t5, streamed_transformer_spec, transformer_spec
+from .onnx_export import check_parity, export_component, parity_line
+from .sd3_export import STREAM_PARAMS, Streamed, component_config
+from .sd3_gate import T5_BLOCKS, mapped_weights, t5_blocks
+from .sd3_specs import t5_spec
+from .streamed import WeightSource, checkpoint_weights, export_streamed, fake_shapes, synthetic_weights
+
+DENOISER_FOLDER = "transformer"
+PIPELINE_CLASS = "FluxPipeline"
+STREAMABLE = ("transformer", T5_NAME)
+FP16_REFUSED = ("FLUX.1 overflows fp16 (NaN images: diffusers issue 9096) and sdrt exports no bf16 graph yet; "
+                "FLUX.1 is exported in fp32: pass --fp32")
+
+
+@dataclass
+class LoadedFlux:
+    """A FLUX.1 model: its preset, float32 modules for what is held in memory, ``streamed`` for what is not,
+    each tokenizer's source folder (None: the tiny presets' shipped ones), the scheduler config."""
+
+    preset: FluxPreset
+    modules: FluxModules
+    scheduler_config: dict[str, Any]
+    tokenizer_dirs: tuple[Path | None, Path | None] = (None, None)
+    source: dict[str, Any] = field(default_factory=dict)
+    streamed: dict[str, Streamed] = field(default_factory=dict)
+
+
+def is_flux_folder(path: Path) -> bool:
+    """A diffusers folder of ``FluxPipeline`` (its model_index.json says so)."""
+    index = path / "model_index.json"
+    if not index.is_file():
+        return False
+    try:
+        return json.loads(index.read_text()).get("_class_name") == PIPELINE_CLASS
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def is_flux_source(model: str | Path | None, random_preset: str | None) -> bool:
+    """``sdrt export``'s source is a FLUX.1 model: a FLUX preset's name or a diffusers FluxPipeline folder."""
+    if random_preset is not None:
+        return random_preset in FLUX_PRESETS
+    return model is not None and is_flux_folder(Path(model))
+
+
+def _shapes(transformer: dict[str, Any], t5: dict[str, Any]) -> dict[str, dict[str, tuple[int, ...]]]:
+    """Each streamable component's weight names and shapes, from one build in fake mode (nothing allocated)."""
+    return {"transformer": fake_shapes(streamed_transformer_spec(transformer, 8).build, "transformer."),
+            T5_NAME: fake_shapes(streamed_t5(t5, 8).build, "encoder.")}
+
+
+def _to_stream(shapes: dict[str, dict[str, tuple[int, ...]]], stream: bool | None) -> tuple[str, ...]:
+    """The components to stream: all (True), none (False), or those past STREAM_PARAMS (None)."""
+    if stream is not None:
+        return tuple(shapes) if stream else ()
+    return tuple(n for n, w in shapes.items() if sum(math.prod(s) for s in w.values()) > STREAM_PARAMS)
+
+
+def load_flux(path: str | Path | None = None, *, random_preset: str | None = None, seed: int = 0,
+              stream: bool | None = None) -> LoadedFlux:
+    """A diffusers FLUX.1 folder (safetensors only: nothing is unpickled) or ``random_preset``'s seeded weights.
+    ``stream``: whether the transformer and T5 are streamed at export instead of loaded (default: those over a
+    billion parameters; a streamed random preset's weights are seeded per tensor)."""
+    if (path is None) == (random_preset is None):
+        raise InputError("give either a diffusers FLUX.1 folder or random_preset (one of them)")
+    if random_preset is not None:
+        preset = get_flux_preset(random_preset)
+        shapes = _shapes(preset.config("transformer"), preset.config("t5"))
+        skip = _to_stream(shapes, stream)
+        streamed = {n: Streamed(preset.config("transformer" if n == "transformer" else "t5"),
+                                synthetic_weights(seed, shapes[n]), "synthetic") for n in skip}
+        return LoadedFlux(preset, build_modules(preset, seed, skip), dict(preset.scheduler),
+                          source={"kind": "random", "preset": preset.name, "seed": seed}, streamed=streamed)
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5EncoderModel
+
+    folder = Path(path)  # type: ignore[arg-type]
+    if not is_flux_folder(folder):
+        raise InputError(f"{folder} is not a diffusers FLUX.1 folder (its model_index.json must name {PIPELINE_CLASS})")
+    missing = [n for n in ("transformer", "text_encoder", "text_encoder_2", "vae", "scheduler", "tokenizer",
+                           "tokenizer_2") if not (folder / n).is_dir()]
+    if missing:
+        raise InputError(f"{folder} lacks {', '.join(missing)}: a FLUX.1 folder has each of them")
+    kw: dict[str, Any] = {"torch_dtype": torch.float32, "use_safetensors": True}
+    tr_cfg, t5_cfg = component_config(folder / "transformer"), component_config(folder / "text_encoder_2")
+    skip = _to_stream(_shapes(tr_cfg, t5_cfg), stream)
+    streamed = {n: Streamed(tr_cfg if n == "transformer" else t5_cfg, checkpoint_weights(folder / n), "checkpoint")
+                for n in skip}
+    transformer = None if "transformer" in skip else \
+        FluxTransformer2DModel.from_pretrained(folder / "transformer", **kw).eval()
+    clip = CLIPTextModel.from_pretrained(folder / "text_encoder", **kw).eval()
+    t5 = None if T5_NAME in skip else T5EncoderModel.from_pretrained(folder / T5_NAME, **kw).eval()
+    vae = AutoencoderKL.from_pretrained(folder / "vae", **kw).eval()
+    sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    preset = _preset_for(tr_cfg, sched, vae, folder.name)
+    toks = tuple(folder / n if (folder / n).is_dir() else None for n in ("tokenizer", "tokenizer_2"))
+    return LoadedFlux(preset, FluxModules(transformer, clip, t5, vae), sched, toks,  # type: ignore[arg-type]
+                      {"kind": "diffusers", "path": str(folder)}, streamed)
+
+
+def _preset_for(transformer: dict[str, Any], scheduler: dict[str, Any], vae: torch.nn.Module,
+                name: str) -> FluxPreset:
+    """The shipped preset of this architecture and schedule ([schnell] and [dev] differ in both), else one named
+    after the folder (its default size: 1024 for a full-width model, 64 latents' worth otherwise)."""
+    cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in transformer.items()}
+    for p in FLUX_PRESETS.values():
+        if all(cfg.get(k) == v for k, v in p.transformer.items()) \
+                and bool(scheduler.get("use_dynamic_shifting")) == bool(p.scheduler["use_dynamic_shifting"]):
+            return p
+    f = 2 ** (len(vae.config.block_out_channels) - 1)
+    base = next(p for p in FLUX_PRESETS.values() if p.guided == bool(cfg.get("guidance_embeds")))
+    return replace(base, name=name, default_size=1024 if int(cfg["attention_head_dim"]) >= 64 else 8 * f,
+                   transformer=cfg, test_scale=False)
+
+
+def _model_index(model: LoadedFlux) -> dict[str, object]:
+    import diffusers
+
+    return {
+        "_class_name": f"ORT{PIPELINE_CLASS}",
+        "_diffusers_version": diffusers.__version__,
+        "scheduler": ["diffusers", model.scheduler_config.get("_class_name", "FlowMatchEulerDiscreteScheduler")],
+        "text_encoder": ["onnxruntime", "ORTModelTextEncoder"],
+        T5_NAME: ["onnxruntime", "ORTModelTextEncoder"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "tokenizer_2": ["transformers", "T5TokenizerFast"],
+        DENOISER_FOLDER: ["onnxruntime", "ORTModelTransformer"],
+        "vae_decoder": ["onnxruntime", "ORTModelVaeDecoder"],
+        "vae_encoder": ["onnxruntime", "ORTModelVaeEncoder"],
+    }
+
+
+def export_flux(
+    model: LoadedFlux,
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+    fp16: bool = False,
+    opset: int = MIN_OPSET,
+    parity_shape: tuple[int, int, int] | None = None,
+    progress: Callable[[str], None] = lambda msg: None,
+) -> ExportManifest:
+    """Export every component of ``model`` into ``out`` (atomically) and return its manifest. ``fp16`` is refused
+    (see the module docstring). ``out`` is checked as ``export_model`` checks it."""
+    from .t5_tokenizer_assets import write_t5_tokenizer
+    from .tokenizer_assets import write_clip_tokenizer
+
+    if fp16:
+        raise InputError(FP16_REFUSED, cli=FP16_REFUSED)
+    out = check_export_dir(out, overwrite=overwrite)
+    if opset < MIN_OPSET:
+        raise InputError(f"opset {opset} is too old; sdrt exports opset {MIN_OPSET} or newer (e.g. --opset 17)")
+    p, mods = model.preset, model.modules
+    f = 2 ** (len(mods.vae.config.block_out_channels) - 1)
+    tr_cfg = model.streamed["transformer"].config if "transformer" in model.streamed else dict(mods.transformer.config)
+    # rotary positions set no grid limit: FLUX.1's sides are multiples of a 2x2 patch of latents, up to 2048
+    limits = ShapeLimits(min_size=2 * f * (64 // (2 * f) or 1), max_size=2048, multiple_of=2 * f)
+    if parity_shape is None:
+        side = min(p.default_size // f, 32)
+        parity_shape = (2, side, side + 2)  # non-square, whole patches
+    with atomic_dir(out, marker=MANIFEST_NAME, overwrite=overwrite, what=EXPORT_KIND, owned=export_entries) as tmp:
+        done = {}
+        for spec in flux_specs(mods, p.t5_tokens):
+            folder = DENOISER_FOLDER if spec.name == "unet" else spec.name
+            done[spec.name] = export_component(spec, "fp32", tmp / folder, opset=opset, parity_shape=parity_shape,
+                                               progress=progress)
+        for name, st in model.streamed.items():
+            sspec = streamed_transformer_spec(st.config, p.t5_tokens) if name == "transformer" \
+                else streamed_t5(st.config, p.t5_tokens)
+            folder = DENOISER_FOLDER if sspec.name == "unet" else sspec.name
+            progress(f"{sspec.name} is streamed ({st.kind} weights, one tensor at a time)")
+            comp = export_streamed(sspec, st.weights, "fp32", tmp / folder, progress=progress)
+            par = gate_streamed(name, st.config, st.weights, p.t5_tokens, parity_shape, progress)
+            progress(f"{sspec.name}: {parity_line(par, comp.precision)} ({par.reference})")
+            done[sspec.name] = replace(comp, parity=par)
+        order = ["text_encoder", T5_NAME, "unet", "vae_decoder", "vae_encoder"]
+        components = {n: done[n] for n in order if n in done}
+        write_clip_tokenizer(tmp / tokenizer_of("text_encoder"), pad_token=p.pad_token, source=model.tokenizer_dirs[0])
+        write_t5_tokenizer(tmp / tokenizer_of(T5_NAME), source=model.tokenizer_dirs[1])
+        (tmp / "scheduler").mkdir()
+        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(model.scheduler_config, indent=2))
+        (tmp / "model_index.json").write_text(json.dumps(_model_index(model), indent=2))
+        manifest = ExportManifest(
+            family=p.family,
+            preset=p.name,
+            prediction_type=p.prediction_type,
+            components=components,
+            latent_channels=int(mods.vae.config.latent_channels),
+            vae_scale_factor=f,
+            default_size=p.default_size,
+            text_max_length=TEXT_LEN,
+            limits=limits,
+            source={**model.source, "guidance_embeds": bool(tr_cfg.get("guidance_embeds")),
+                    **({"streamed": sorted("unet" if n == "transformer" else n for n in model.streamed)}
+                       if model.streamed else {})},
+            tools=tool_versions(),
+            created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            latent_scaling=float(mods.vae.config.scaling_factor),
+        )
+        manifest.write(tmp)
+    return manifest
+
+
+DOUBLE_BLOCKS = re.compile(r"^transformer_blocks\.(\d+)\.")
+SINGLE_BLOCKS = re.compile(r"^single_transformer_blocks\.(\d+)\.")
+
+
+def gate_streamed(name: str, config: dict[str, Any], weights: WeightSource, tokens: int,
+                  parity_shape: tuple[int, int, int], progress: Callable[[str], None] = lambda m: None) -> Parity:
+    """The parity gate of a streamed component on a reduced-depth copy at full width, exported through the same
+    streamed path: the transformer's first double-stream and last single-stream blocks, T5's first and last
+    blocks, each with the checkpoint's own weights; compared with the same copy in PyTorch (fp32, onnxruntime
+    CPU). Raises ParityError past the bound, as every gate."""
+    from diffusers import FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    if name == "transformer":
+        singles = int(config["num_single_layers"])
+        picked = ([0], [singles - 1])
+        reduced = {**config, "num_layers": 1, "num_single_layers": 1}
+        inner = mapped_weights(weights, SINGLE_BLOCKS, "single_transformer_blocks.", picked[1])
+        source = mapped_weights(inner, DOUBLE_BLOCKS, "transformer_blocks.", picked[0])
+        sspec = streamed_transformer_spec(reduced, tokens)
+        module: torch.nn.Module = FluxTransformer2DModel(**reduced)
+        what = f"double block 0 of {config['num_layers']} and single block {singles - 1} of {singles}"
+    else:
+        t5_picked = t5_blocks(config)
+        reduced = {**config, "num_layers": len(t5_picked)}
+        source = mapped_weights(weights, T5_BLOCKS, "encoder.block.", t5_picked)
+        sspec = streamed_t5(reduced, tokens)
+        module = T5EncoderModel(T5Config(**reduced))
+        what = f"blocks {t5_picked} of {config['num_layers']}"
+    progress(f"{sspec.name}: parity gate on {what} at full width (a reduced-depth copy)")
+    names = [n for n, _ in [*module.named_parameters(), *module.named_buffers()]]
+    missing, unexpected = module.load_state_dict({k: source(k) for k in names}, strict=False)
+    tied = {n for n, _ in module.named_parameters(remove_duplicate=False)} - set(names)
+    if unexpected or set(missing) - tied:
+        raise ArtifactError(f"{sspec.name}: the reduced copy's weights do not load ({sorted(missing)[:3]} missing, "
+                            f"{sorted(unexpected)[:3]} unexpected)")
+    module = module.float().eval()
+    cspec = transformer_spec(module, tokens) if name == "transformer" else t5_spec(module, tokens, name=T5_NAME)
+    with tempfile.TemporaryDirectory(prefix="sdrt-gate-") as tmp:
+        comp = export_streamed(sspec, source, "fp32", Path(tmp) / sspec.name)
+        par = check_parity(copy.copy(cspec), comp.precision, Path(tmp) / sspec.name / "model.onnx", parity_shape)
+    return Parity(reference=f"torch fp32, onnxruntime CPU; {what} (reduced depth, full width)",
+                  max_abs_err=par.max_abs_err, rel_err=par.rel_err, bound=par.bound)

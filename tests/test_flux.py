@@ -1,0 +1,304 @@
+"""FLUX.1 end to end on ort-cpu against diffusers' ``FluxPipeline`` (and ``FluxImg2ImgPipeline``): the tiny
+presets' seeded weights exported by ``export_flux``, the same initial latents, images within 1/255.
+
+Covers both structures ([schnell]: no guidance input, a fixed schedule; [dev]: the embedded guidance scale and
+the schedule shifted by the image's token count, at two sizes), non-square sizes, several step counts, batches
+with per-image seeds, img2img, the openvino backend, a streamed export (as a full-size model's), and the bad
+input the family refuses before any work.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sdrt.runtime.errors import InputError
+
+from .helpers.pipelines import shared_pipeline
+
+PROMPT = "a lighthouse on a cliff at dusk, oil painting"
+_REFS: dict[tuple[str, bool], object] = {}
+
+
+def _reference(preset: str, folder: Path, img2img: bool = False):
+    """diffusers' pipeline over the same seeded modules, with the export's own tokenizer files."""
+    key = (preset, img2img)
+    if key not in _REFS:
+        from diffusers import FluxImg2ImgPipeline, FluxPipeline
+        from diffusers.schedulers import FlowMatchEulerDiscreteScheduler
+        from transformers import CLIPTokenizer, T5TokenizerFast
+
+        from sdrt.export.flux_presets import build_modules, get_flux_preset
+
+        p = get_flux_preset(preset)
+        m = build_modules(p, seed=0)
+        cls = FluxImg2ImgPipeline if img2img else FluxPipeline
+        pipe = cls(transformer=m.transformer, vae=m.vae,
+                   scheduler=FlowMatchEulerDiscreteScheduler.from_config(p.scheduler),
+                   text_encoder=m.clip, tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
+                   text_encoder_2=m.t5, tokenizer_2=T5TokenizerFast.from_pretrained(folder / "tokenizer_2"))
+        pipe.set_progress_bar_config(disable=True)
+        _REFS[key] = pipe
+    return _REFS[key]
+
+
+def _pack(latents: np.ndarray) -> torch.Tensor:
+    """NCHW latents as FluxPipeline takes them: 2x2 patches as tokens (its ``_pack_latents``)."""
+    from diffusers import FluxPipeline
+
+    b, c, h, w = latents.shape
+    return FluxPipeline._pack_latents(torch.from_numpy(latents), b, c, h, w)
+
+
+def _compare(flux_export, preset: str, *, guidance: float = 3.5, height: int = 64, width: int = 96,
+             steps: int = 4, batch: int = 1, seed: int = 0, stream: bool = False):
+    folder = flux_export(preset, stream)
+    ref = _reference(preset, folder)
+    latents = np.random.default_rng(seed).standard_normal((batch, 16, height // 8, width // 8), dtype=np.float32)
+    with torch.no_grad():
+        want = ref(PROMPT, height=height, width=width, num_inference_steps=steps, guidance_scale=guidance,
+                   latents=_pack(latents), output_type="np", num_images_per_prompt=batch).images
+    want_u8 = (want * 255).round().astype(np.int32)
+    res = shared_pipeline(folder)(PROMPT, height=height, width=width, steps=steps, guidance_scale=guidance,
+                                  latents=latents, batch_size=batch)
+    got = np.stack([np.asarray(im) for im in res.images]).astype(np.int32)
+    assert got.shape == want_u8.shape
+    diff = int(np.abs(got - want_u8).max())
+    assert diff <= 1, f"{preset} {height}x{width} {steps} steps guidance {guidance}: max abs difference {diff}/255"
+    assert want_u8.std() > 5  # the images are not flat: the comparison means something
+    return res, want_u8
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+def test_schnell(flux_export, steps: int) -> None:
+    res, _ = _compare(flux_export, "flux-schnell-tiny", steps=steps)
+    assert len(res.timings["unet_steps_ms"]) == steps
+
+
+@pytest.mark.parametrize(("height", "width"), [(64, 96), (128, 64)])
+def test_dev_dynamic_shift_at_two_sizes(flux_export, height: int, width: int) -> None:
+    """[dev]'s schedule is shifted by the image's token count: two sizes, two shifts, each as diffusers'."""
+    _compare(flux_export, "flux-dev-tiny", height=height, width=width, steps=5)
+
+
+def test_dev_guidance_is_embedded(flux_export) -> None:
+    """[dev]'s guidance scale is an input of the transformer (one row per image), not classifier-free guidance:
+    two scales give two images, each diffusers'."""
+    _, a = _compare(flux_export, "flux-dev-tiny", guidance=1.5, steps=3)
+    _, b = _compare(flux_export, "flux-dev-tiny", guidance=6.0, steps=3)
+    assert np.abs(a - b).max() > 1
+    pipe = shared_pipeline(flux_export("flux-dev-tiny"))
+    assert "guidance" in pipe.engines["unet"].inputs and not pipe.uses_guidance(6.0)
+
+
+def test_schedule_shift_grows_with_the_image(flux_export) -> None:
+    """The plan's sigmas are FlowMatchEulerDiscreteScheduler's for FluxPipeline's sigmas and mu, at each size."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+    from diffusers.schedulers import FlowMatchEulerDiscreteScheduler
+
+    from sdrt.export.flux_presets import get_flux_preset
+
+    pipe = shared_pipeline(flux_export("flux-dev-tiny"))
+    config = get_flux_preset("flux-dev-tiny").scheduler
+    for size in (64, 256, 1024):
+        sched = FlowMatchEulerDiscreteScheduler.from_config(config)
+        tokens = (size // 16) ** 2
+        mu = calculate_shift(tokens, config["base_image_seq_len"], config["max_image_seq_len"],
+                             config["base_shift"], config["max_shift"])
+        sched.set_timesteps(sigmas=np.linspace(1.0, 1 / 6, 6), mu=mu)
+        plan = pipe.plan(None, 6, height=size, width=size)
+        np.testing.assert_allclose(plan.timesteps, sched.timesteps.numpy(), rtol=1e-6)
+
+
+def test_batch_with_per_image_seeds(flux_export) -> None:
+    """Image k of a seeded batch is the image of its seed alone; the batch equals diffusers' on its latents."""
+    _compare(flux_export, "flux-schnell-tiny", batch=2, steps=2)
+    pipe = shared_pipeline(flux_export("flux-schnell-tiny"))
+    both = pipe(PROMPT, steps=2, seed=[5, 9], batch_size=2, height=64, width=64)
+    assert both.seed == [5, 9]
+    for k, s in enumerate((5, 9)):
+        alone = np.asarray(pipe(PROMPT, steps=2, seed=s, height=64, width=64).images[0], np.int16)
+        assert np.abs(np.asarray(both.images[k], np.int16) - alone).max() <= 1
+    assert not np.array_equal(np.asarray(both.images[0]), np.asarray(both.images[1]))
+
+
+@pytest.mark.parametrize("strength", [0.6, 1.0])
+def test_img2img(flux_export, monkeypatch: pytest.MonkeyPatch, strength: float) -> None:
+    """img2img against FluxImg2ImgPipeline (sdrt encodes to the latent mean: diffusers made to)."""
+    import diffusers.pipelines.flux.pipeline_flux_img2img as mod
+    from PIL import Image
+
+    real = mod.retrieve_latents
+    monkeypatch.setattr(mod, "retrieve_latents",
+                        lambda out, generator=None, sample_mode="sample": real(out, generator, "argmax"))
+    folder = flux_export("flux-dev-tiny")
+    ref = _reference("flux-dev-tiny", folder, img2img=True)
+    image = Image.fromarray((np.random.default_rng(7).random((64, 96, 3)) * 255).astype(np.uint8))
+    # diffusers draws the noise from the generator (unpacked, [1, 16, h, w]): its first draw
+    noise = torch.randn((1, 16, 8, 12), generator=torch.Generator().manual_seed(11)).numpy()
+    with torch.no_grad():
+        want = ref(PROMPT, image=image, strength=strength, num_inference_steps=6, guidance_scale=3.5, height=64,
+                   width=96, generator=torch.Generator().manual_seed(11), output_type="np").images
+    want_u8 = (want * 255).round().astype(np.int32)
+    res = shared_pipeline(folder)(PROMPT, image=image, strength=strength, steps=6, guidance_scale=3.5,
+                                  latents=noise)
+    got = np.stack([np.asarray(im) for im in res.images]).astype(np.int32)
+    diff = int(np.abs(got - want_u8).max())
+    assert diff <= 1, f"img2img strength {strength}: max abs difference {diff}/255"
+    assert want_u8.std() > 5
+
+
+def test_openvino_fp32_gives_the_ort_cpu_images(flux_export) -> None:
+    """OpenVINO at fp32 (its CPU default may run bf16) within OpenVINO's fp32 rounding of ort-cpu's images."""
+    pytest.importorskip("openvino", reason="the openvino backend needs OpenVINO (pip install sdrt[openvino])")
+    from sdrt.runtime.pipeline import Pipeline
+
+    folder = flux_export("flux-dev-tiny")
+    kw = {"steps": 3, "seed": 4, "height": 64, "width": 96, "guidance_scale": 3.5}
+    want = np.asarray(shared_pipeline(folder)(PROMPT, **kw).images[0]).astype(np.int32)
+    with Pipeline.load(folder, backend="openvino", precision="fp32") as ov:
+        got = np.asarray(ov(PROMPT, **kw).images[0]).astype(np.int32)
+    assert want.std() > 5 and int(np.abs(got - want).max()) <= 2
+
+
+def test_streamed_export_gives_diffusers_images(flux_export) -> None:
+    """The transformer and T5 streamed from their weights (the full-size models' path, gated on reduced-depth
+    copies) give diffusers' images on the streamed weights."""
+    folder = flux_export("flux-schnell-tiny", stream=True)
+    from sdrt.runtime.manifest import ExportManifest
+
+    m = ExportManifest.read(folder)
+    assert m.source["streamed"] == ["text_encoder_2", "unet"]
+    assert all(m.components[n].parity is not None and "reduced depth" in m.components[n].parity.reference
+               for n in ("unet", "text_encoder_2"))
+    # the streamed random weights are seeded per tensor: diffusers gets the same ones through the same source
+    from sdrt.export.flux_export import load_flux
+
+    model = load_flux(random_preset="flux-schnell-tiny", stream=True)
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+    from diffusers.schedulers import FlowMatchEulerDiscreteScheduler
+    from transformers import CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
+
+    tr = FluxTransformer2DModel(**model.streamed["transformer"].config)
+    tr.load_state_dict({k: model.streamed["transformer"].weights(k) for k in tr.state_dict()})
+    t5 = T5EncoderModel(T5Config(**model.streamed["text_encoder_2"].config))
+    t5_names = [n for n, _ in [*t5.named_parameters(), *t5.named_buffers()]]  # a tied weight once, by its name
+    t5.load_state_dict({k: model.streamed["text_encoder_2"].weights(k) for k in t5_names}, strict=False)
+    ref = FluxPipeline(transformer=tr.eval(), vae=model.modules.vae, text_encoder=model.modules.clip,
+                       text_encoder_2=t5.eval(), scheduler=FlowMatchEulerDiscreteScheduler.from_config(
+                           model.scheduler_config),
+                       tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
+                       tokenizer_2=T5TokenizerFast.from_pretrained(folder / "tokenizer_2"))
+    ref.set_progress_bar_config(disable=True)
+    latents = np.random.default_rng(3).standard_normal((1, 16, 8, 8), dtype=np.float32)
+    with torch.no_grad():
+        want = ref(PROMPT, height=64, width=64, num_inference_steps=2, latents=_pack(latents),
+                   output_type="np").images
+    got = np.asarray(shared_pipeline(folder)(PROMPT, height=64, width=64, steps=2, latents=latents).images[0])
+    assert int(np.abs(got.astype(np.int32) - (want[0] * 255).round().astype(np.int32)).max()) <= 1
+
+
+def test_bad_input_is_refused_before_work(flux_export) -> None:
+    pipe = shared_pipeline(flux_export("flux-schnell-tiny"))
+    assert pipe.manifest.limits.multiple_of == 16
+    with pytest.raises(InputError, match="no negative prompt"):
+        pipe(PROMPT, negative_prompt="blurry", steps=2, height=64, width=64)
+    with pytest.raises(InputError, match="no negative prompt"):
+        pipe.encode_prompt(PROMPT, "blurry")
+    with pytest.raises(InputError, match="guided=False"):
+        pipe.encode_prompt(PROMPT, guided=True)
+    with pytest.raises(InputError, match="multiple of 16"):
+        pipe(PROMPT, height=72, width=64, steps=2)
+    with pytest.raises(InputError, match="flow-euler"):
+        pipe(PROMPT, sampler="ddim", steps=2, height=64, width=64)
+
+
+def test_a_prompt_past_the_encoders_is_cut_and_said(flux_export) -> None:
+    """A prompt longer than CLIP's 77 tokens is cut, as diffusers does, with a warning naming the encoder and
+    the tokens cut (T5's 511 are not reached by this one)."""
+    pipe = shared_pipeline(flux_export("flux-schnell-tiny"))
+    long = " ".join(["lighthouse"] * 90)
+    with pytest.warns(UserWarning, match=r"text_encoder: prompt 0 has 90 tokens; the 15 past 75 are cut"):
+        pipe.encode_prompt(long)
+
+
+def test_fp16_export_is_refused(tmp_path: Path) -> None:
+    from sdrt.export.flux_export import export_flux, load_flux
+
+    with pytest.raises(InputError, match="fp32"):
+        export_flux(load_flux(random_preset="flux-schnell-tiny"), tmp_path / "out", fp16=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_served_over_both_apis(flux_export) -> None:
+    """``sdrt serve`` on a FLUX.1 [dev] export: the A1111 endpoint (its clients' default empty negative prompt)
+    and the OpenAI endpoint give the pipeline's images, ``guidance_scale`` reaching the embedded guidance; a
+    negative prompt is a 422 naming the field."""
+    pytest.importorskip("fastapi")
+    httpx = pytest.importorskip("httpx")
+    from sdrt.serve import create_app
+
+    from .helpers.serve_live import LiveServer, pixels
+
+    folder = flux_export("flux-dev-tiny")
+    pipe = shared_pipeline(folder)
+    want = {g: np.asarray(pipe(PROMPT, steps=3, seed=5, height=64, width=64, guidance_scale=g).images[0])
+            for g in (2.0, 5.0)}
+    assert not np.array_equal(want[2.0], want[5.0])
+    app = create_app(pipe, max_batch=4, batch_window_ms=50, max_steps=8, max_pixels=128 * 128, warmup=False)
+    with LiveServer(app) as server:
+        r = httpx.post(f"{server.url}/sdapi/v1/txt2img", timeout=120,
+                       json={"prompt": PROMPT, "negative_prompt": "", "steps": 3, "seed": 5, "width": 64,
+                             "height": 64, "cfg_scale": 2.0})
+        assert r.status_code == 200, r.text
+        np.testing.assert_array_equal(pixels(r.json()["images"][0]), want[2.0])
+        r = httpx.post(f"{server.url}/v1/images/generations", timeout=120,
+                       json={"prompt": PROMPT, "size": "64x64", "steps": 3, "seed": 5, "guidance_scale": 5.0})
+        assert r.status_code == 200, r.text
+        np.testing.assert_array_equal(pixels(r.json()["data"][0]["b64_json"]), want[5.0])
+        r = httpx.post(f"{server.url}/v1/images/generations", timeout=120,
+                       json={"prompt": PROMPT, "size": "64x64", "steps": 3, "negative_prompt": "blurry"})
+        assert r.status_code == 422 and "negative prompt" in r.text and "negative_prompt" in r.text, r.text
+
+
+def test_bench_counts_the_transformer_flops() -> None:
+    """The bench's FLOP count of one FLUX.1 [dev] step at 1024x1024 (4096 image + 512 text tokens, one row: no
+    classifier-free guidance) against a hand count: 2 FLOPs per weight per token for the blocks' linear layers,
+    plus attention's two matmuls (4 x tokens^2 x width per block); elementwise work is not counted."""
+    from sdrt.benchmarks.flops import FLUX, architecture_of_preset, module_flops
+
+    arch = architecture_of_preset("flux-dev")
+    assert arch.denoiser_class == FLUX
+    step = module_flops(arch, 1024, 1024, 1, guided=False)["unet_step"]
+    tokens, width, blocks = 4096 + 512, 3072, 19 + 38
+    # the blocks' weights a token passes through: a double block's own stream (image or text) has q, k, v and
+    # the output projection (4 w^2) and a 4x MLP (8 w^2); a single block q, k, v (3 w^2), the 4x MLP's input
+    # (4 w^2) and the joint output projection from 5 w (5 w^2): 12 w^2 either way (the modulation layers act on
+    # one vector per image, not per token)
+    per_token = 2 * blocks * 12 * width**2
+    attention = blocks * 4 * tokens**2 * width
+    hand = tokens * per_token + attention
+    assert 1.0 <= step / hand < 1.01, (step, hand)  # the embedders and the output layer add the rest
+
+
+def test_bench_runs_beside_diffusers(tmp_path: Path) -> None:
+    """``sdrt bench --preset flux-dev-tiny``: ort-cpu beside diffusers' FluxPipeline on the same weights and
+    latents (packed for diffusers), one denoiser row per image (no classifier-free guidance), the same picture."""
+    from sdrt.benchmarks import schema
+    from sdrt.cli import main
+
+    out = tmp_path / "run.json"
+    assert main(["bench", "--preset", "flux-dev-tiny", "--backends", "ort-cpu", "--resolutions", "64x96",
+                 "--steps", "2", "--guidance", "3.5", "--warmup", "0", "--repeats", "1", "--threads", "1",
+                 "--matmul-size", "128", "--work-dir", str(tmp_path / "work"), "--no-bf16-baseline",
+                 "-o", str(out)]) == 0
+    doc = schema.load(out)
+    assert schema.problems(doc) == [] and doc["model"]["family"] == "flux"
+    assert doc["config"]["samplers"] == ["flow-euler"]
+    (m,) = [m for m in doc["measurements"] if m["backend"] == "ort-cpu"]
+    assert m["status"] == "ok", m["reason"]
+    assert not m["guided"] and m["unet_batch"] == 1 and m["flops"]["unet_step"] > 0
+    assert m["image_vs_baseline"]["max_abs"] <= 1

@@ -1,0 +1,95 @@
+"""FLUX.1 on the TensorRT path: build profiles (T5's 512 tokens as the transformer's whole text axis, one row per
+image: no CFG), ``build_engines`` on the fakes driving the pipeline like ort-cpu, and the whole engine folder on
+TensorRT for RTX's real builder (no GPU).
+
+The fakes (tests/helpers/trt_fakes.py) run the "engines" as ONNX graphs on onnxruntime: a pass says sdrt's
+build, engine folder and captured loop hold together for this family, nothing about real TensorRT.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sdrt.export.profiles import custom_profile, engine_shapes, load_profile, validate
+from sdrt.export.trt_build import BuildOptions, build_engines
+from sdrt.runtime.errors import InputError
+from sdrt.runtime.manifest import ExportManifest, ShapeLimits
+from sdrt.runtime.pipeline import Pipeline
+
+from .helpers.trt_modules import RTX
+
+
+def test_profile_shapes_by_hand(flux_export) -> None:
+    """Each input's min/opt/max under a dynamic profile, by hand: T5 at 512 tokens, the transformer's text axis
+    T5's alone, one row per image for the encoders and the transformer ([dev]'s guidance too)."""
+    man = ExportManifest.read(flux_export("flux-dev-tiny"))
+    shapes = engine_shapes(custom_profile(batch="1:1:2", height="64:64:128", width="64:96:256", cfg=False), man)
+    by = {c: {s.name: (s.min, s.opt, s.max) for s in v} for c, v in shapes.items()}
+    assert by["text_encoder_2"]["input_ids"] == ((1, 512), (1, 512), (2, 512))
+    assert by["text_encoder"]["input_ids"] == ((1, 77), (1, 77), (2, 77))
+    unet = by["unet"]
+    assert unet["sample"] == ((1, 16, 8, 8), (1, 16, 8, 12), (2, 16, 16, 32))
+    assert unet["encoder_hidden_states"] == ((1, 512, 48), (1, 512, 48), (2, 512, 48))
+    assert unet["pooled_projections"] == ((1, 16), (1, 16), (2, 16))
+    assert unet["guidance"] == unet["timestep"] == ((1,), (1,), (2,))
+
+
+def test_shipped_profiles_fit_a_full_size_export(flux_export) -> None:
+    """flux-1024 and flux-dynamic (1024x1024 and the common aspect ratios) against a full-size export's limits;
+    a profile with CFG is refused for this family, naming the fix."""
+    man = ExportManifest.read(flux_export("flux-schnell-tiny"))
+    assert man.limits == ShapeLimits(min_size=64, max_size=2048, multiple_of=16)
+    for name in ("flux-1024", "flux-dynamic"):
+        prof = load_profile(name)
+        assert prof.family == "flux" and not prof.cfg
+        validate(prof, man)
+    sample = {s.name: s for s in engine_shapes(load_profile("flux-dynamic"), man)["unet"]}["sample"]
+    assert (sample.min, sample.opt, sample.max) == ((1, 16, 96, 96), (1, 16, 128, 128), (2, 16, 168, 168))
+    with pytest.raises(InputError, match="cfg = false, or --no-cfg"):
+        validate(dataclasses.replace(load_profile("flux-1024"), cfg=True), man)
+    with pytest.raises(InputError, match="multiple of 16"):
+        validate(custom_profile(height=72, width=64, cfg=False), man)
+
+
+def test_built_engines_drive_the_pipeline_like_ort_cpu(flux_export, tmp_path: Path, fake_gpu) -> None:
+    """Logic check on fakes: export -> build_engines -> Pipeline(tensorrt) gives the ort-cpu images, the loop
+    captured; no text-join graph (the family joins on the host)."""
+    cudart, _ = fake_gpu
+    src = flux_export("flux-dev-tiny")
+    out = tmp_path / "engines"
+    manifest = build_engines(src, out, custom_profile(batch="1:1:2", height="64:64:96", width="64:64:96", cfg=False),
+                             BuildOptions(workspace_gb=1))
+    names = {r.component for r in manifest.engines}
+    assert {"text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder"} <= names
+    assert not any(n.startswith("text_join") for n in names)
+    kw = {"steps": 4, "seed": 5, "height": 64, "width": 96, "guidance_scale": 3.5}
+    want = Pipeline.load(src, backend="ort-cpu")("a red fox", **kw)
+    with Pipeline.load(out, backend="tensorrt") as pipe:
+        got = pipe("a red fox", **kw)
+    assert got.loop == "captured CUDA graphs" and cudart.launches == 4
+    a, b = np.asarray(want.images[0], np.int16), np.asarray(got.images[0], np.int16)
+    assert a.shape == b.shape == (64, 96, 3) and a.std() > 1
+    assert np.abs(a - b).max() <= 1
+
+
+def test_sdrt_build_makes_a_whole_flux_engine_folder_on_rtx(flux_export, tmp_path: Path) -> None:
+    """``sdrt build`` on TensorRT for RTX's real builder: every FLUX.1 component (fp32, as exported) and the
+    unguided step graphs, a dynamic profile (CFG left off for this family without --no-cfg)."""
+    if RTX is None:
+        pytest.skip("needs the TensorRT for RTX bindings: pip install tensorrt-rtx-cu13-libs "
+                    "tensorrt-rtx-cu13-bindings")
+    from sdrt.cli import main
+    from sdrt.runtime.engine_manifest import EngineManifest
+
+    src, out = flux_export("flux-schnell-tiny"), tmp_path / "engines"
+    assert main(["build", str(src), "--out", str(out), "--batch", "1:1:2", "--height", "64:64:128",
+                 "--width", "64:96:128", "--tensorrt-module", "tensorrt_rtx"]) == 0
+    m = EngineManifest.read(out)
+    precision = {r.component: r.precision for r in m.engines}
+    assert {"text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder", "sampler_step"} <= set(precision)
+    assert "sampler_step_cfg" not in precision and precision["unet"] == "fp32"
+    assert (out / "tokenizer_2" / "tokenizer.json").is_file()
