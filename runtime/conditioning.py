@@ -14,9 +14,11 @@ from .engine import Array, Backend, Engine
 from .errors import ArtifactError, InputError
 from .families import Family
 from .manifest import ExportManifest
+from .prompt_syntax import parse_attention
 from .request import float_array, is_int
 from .results import PromptEmbeddings
 from .tokenizer import PromptTokenizer
+from .weighted_prompts import a1111_batch, chunk_count, emphasize, weighted
 
 
 class TextConditioning:
@@ -32,9 +34,29 @@ class TextConditioning:
         self.graphs = graphs
         self.dtype = dtype
 
-    def chunks(self, texts: Sequence[str]) -> tuple[int, ...]:
-        """The number of 77-token chunks each tokenizer makes of these texts (together)."""
+    def chunks(self, texts: Sequence[str], syntax: str = "plain") -> tuple[int, ...]:
+        """The number of 77-token chunks each tokenizer makes of these texts (together) in this prompt syntax."""
+        if syntax == "a1111":
+            self.check_a1111(texts)
+            if self.family.chunked:
+                return tuple(chunk_count(tok, list(texts)) for tok in self.tokenizers)
         return tuple(int(self._ids(tok, list(texts)).shape[1]) for tok in self.tokenizers)
+
+    def check_a1111(self, texts: Sequence[str]) -> None:
+        """A1111's emphasis and BREAK are for the CLIP families, which chunk their prompts; a family that does
+        not (SD 3 / 3.5, FLUX.1: T5 reads them too) refuses a prompt that uses them, before any work."""
+        if self.family.chunked:
+            return
+        for t in texts:
+            if parse_attention(t) != [(t, 1.0)]:
+                raise InputError(f"A1111's emphasis, escapes and BREAK apply to the CLIP families (SD 1.x, 2.x, "
+                                 f"SDXL); this {self.family.label} model reads its prompts as plain text: write "
+                                 f"{t!r} without them, or use prompt_syntax='plain'")
+
+    def _a1111(self, tok: PromptTokenizer, prompts: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
+        """A1111's rows of a CLIP family's prompts and their weights (None where every weight is 1)."""
+        ids, w = a1111_batch(tok, prompts)
+        return ids, (w if weighted(w) else None)
 
     def _ids(self, tok: PromptTokenizer, prompts: list[str]) -> np.ndarray:
         """[rows, chunks, tokens]: in 77-token chunks where the family chunks long prompts, else one row each
@@ -54,19 +76,32 @@ class TextConditioning:
         """Guided with no negative prompt: the family's rule (diffusers' force_zeros_for_empty_prompt)."""
         return self.family.zero_negatives and negative_prompt is None
 
-    def encode(self, prompts: list[str], b: int, guided: bool, zero_negatives: bool = False) -> PromptEmbeddings:
+    def encode(self, prompts: list[str], b: int, guided: bool, zero_negatives: bool = False,
+               syntax: str = "plain") -> PromptEmbeddings:
         """Text encoders -> embeddings on the device. With one encoder and one chunk the encoder's output
         is the UNet's input as it is; otherwise the chunks and encoders are joined on the device by the
-        join graph (runtime/text_join.py)."""
+        join graph (runtime/text_join.py). ``syntax`` "a1111": A1111's emphasis, BREAK and chunking
+        (runtime/weighted_prompts.py; the weighted states pass through the host once)."""
         be, dt = self.backend, self.dtype
         outs: list[dict[str, Array]] = []
         rows = 0
+        a1111 = syntax == "a1111"
+        if a1111:
+            self.check_a1111(prompts)
         for name, tok in zip(self.manifest.encoder_names, self.tokenizers, strict=True):
             if not self.family.chunked:
                 self._warn_cut(name, tok, prompts)
-            ids = self._ids(tok, prompts)  # [rows, k, 77] (T5: [rows, 1, its tokens])
+            weights = None
+            if a1111 and self.family.chunked:
+                ids, weights = self._a1111(tok, prompts)
+            else:
+                ids = self._ids(tok, prompts)  # [rows, k, 77] (T5: [rows, 1, its tokens])
             rows, k, n = ids.shape
             out = self.engines[name]({"input_ids": be.to_device(ids.reshape(rows * k, n))})
+            if weights is not None:  # A1111's emphasis on this encoder's states, per prompt and chunk
+                hid = be.to_host(out["hidden_states"])
+                out = {**out, "hidden_states": be.to_device(
+                    emphasize(hid, weights.reshape(rows * k, n)).astype(hid.dtype))}
             if (len(self.tokenizers) == 1 and k == 1 and not zero_negatives and "text_embeds" not in out
                     and be.meta(out["hidden_states"])[0] == dt):
                 # already [rows, 77, C] in the UNet's dtype: no host round trip

@@ -44,6 +44,7 @@ from .lora_adapters import AdapterLibrary, adapter_factors, check_loras, slots_o
 from .manifest import ExportManifest
 from .memory_advice import explain as explain_memory_error
 from .noise import draw, generators, seeds
+from .prompt_syntax import check_syntax
 from .refiner import carry_latents, refine
 from .request import (
     DEFAULT_STRENGTH,
@@ -194,13 +195,14 @@ class Pipeline:
             self.backend.check_request(batch, height, width, guided)
 
     def conditioning_key(self, prompts: Sequence[str], negatives: Sequence[str] | None,
-                         guidance_scale: float) -> tuple[Any, ...]:
+                         guidance_scale: float, prompt_syntax: str = "plain") -> tuple[Any, ...]:
         """What must agree for requests to share one UNet batch without changing any image: guidance on or
-        off, the text chunks each encoder makes of the texts, and the family's negatives rule."""
+        off, the text chunks each encoder makes of the texts (in their prompt syntax), and the family's
+        negatives rule."""
         guided = self.uses_guidance(guidance_scale)
         texts = list(prompts) + (list(negatives or []) if guided else [])
         zero = guided and self.family.zero_negatives and negatives is None
-        return guided, self._conditioning().chunks(texts), zero
+        return guided, self._conditioning().chunks(texts, prompt_syntax), zero
 
     def _conditioning(self) -> TextConditioning:
         if self._text is None:
@@ -210,14 +212,17 @@ class Pipeline:
 
     # -- stage 1: text ----------------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
-                      batch_size: int = 1, guided: bool | None = None) -> PromptEmbeddings:
+                      batch_size: int = 1, guided: bool | None = None,
+                      prompt_syntax: str = "plain") -> PromptEmbeddings:
         """Prompts -> embeddings for ``len(prompts) * batch_size`` images (negatives first when guided).
 
         Prompts over 77 tokens are encoded in 77-token chunks and concatenated along the sequence.
         Conditional and unconditional prompts are encoded in one call, so they get the same number of
         chunks (the tokenizer pads the batch to its longest prompt). ``negative_prompt``: one string for every
         image, or a list with one per prompt (or one per image). ``guided`` (default: the family's: guided
-        unless it runs no classifier-free guidance, FLUX.1) encodes the negatives too.
+        unless it runs no classifier-free guidance, FLUX.1) encodes the negatives too. ``prompt_syntax``
+        ``"a1111"``: A1111's emphasis, escapes and BREAK (runtime/prompt_syntax.py; ``<lora:...>`` tags and prompt
+        editing are the call's business: see ``GenerationRequest``).
         """
         with self._lock:
             self._ready()
@@ -227,10 +232,12 @@ class Pipeline:
             prompts = prompts_of(prompt, batch_size)
             b = len(prompts)
             text = self._conditioning()
+            syntax = check_syntax(prompt_syntax)
             if not guided:
-                return text.encode(prompts, b, False)
+                return text.encode(prompts, b, False, syntax=syntax)
             negatives = negatives_of(negative_prompt, b, batch_size)
-            return text.encode(negatives + prompts, b, True, zero_negatives=text.zero_negatives(negative_prompt))
+            return text.encode(negatives + prompts, b, True, zero_negatives=text.zero_negatives(negative_prompt),
+                               syntax=syntax)
 
     def embeddings_from(self, prompt_embeds: np.ndarray, negative_prompt_embeds: np.ndarray | None = None, *,
                         pooled_prompt_embeds: np.ndarray | None = None,
@@ -248,6 +255,17 @@ class Pipeline:
             return self._conditioning().from_arrays(
                 prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
                 negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, guided=guided, batch_size=batch_size)
+
+    def check_prompts(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None, steps: int,
+                      prompt_syntax: str = "plain") -> None:
+        """The prompts' syntax, checked as ``generate`` checks it, before any work (a server's 4xx): the syntax's
+        name, A1111's weights and ``<lora:...>`` multipliers, prompt editing (refused for now), and emphasis on a
+        family that does not take it. Raises InputError."""
+        req = GenerationRequest(prompt=prompt, negative_prompt=negative_prompt, steps=steps,
+                                prompt_syntax=prompt_syntax).checked()
+        prompts = prompts_of(req.prompt if req.prompt is not None else "", 1)
+        texts = [*prompts, *(negatives_of(negative_prompt, len(prompts), 1) if negative_prompt is not None else [])]
+        self._conditioning().chunks(texts, req.prompt_syntax)
 
     def _guided_arg(self, guided: bool | None) -> bool:
         """The text stage's ``guided``: the family's default where None; refused where it runs no guidance."""
@@ -687,7 +705,7 @@ class Pipeline:
                 else:
                     assert req.prompt is not None
                     emb = self.encode_prompt(req.prompt, req.negative_prompt, batch_size=req.batch_size,
-                                             guided=guided)
+                                             guided=guided, prompt_syntax=req.prompt_syntax)
                 clock.mark()
                 lat = self._prepare(plan, height, width, b, req.seed, req.latents, init, mask, strength == 1.0)
                 clock.mark()

@@ -19,6 +19,7 @@ import numpy as np
 from .errors import InputError
 from .feature_cache import DEFAULT_INTERVAL, CachePolicy, cache_policy
 from .lora_adapters import check_loras
+from .prompt_syntax import check_syntax, lora_tags, prompt_schedule
 
 OUTPUTS = ("images", "latents")
 SEED_MAX = 2**32 - 1  # seeds are 32-bit, as in the popular UIs, so any seed printed can be typed back
@@ -52,6 +53,10 @@ class GenerationRequest:
     ``"nonuniform"``), or, first-block with ``cache_threshold``, diffusers' rule per step; None (the default)
     runs every step in full. ``loras``: (name or path, scale) pairs applied to this call's UNet (an export made
     with ``--lora-slots``; runtime/lora_adapters.py); a name is looked up in the pipeline's ``lora_dir``.
+    ``prompt_syntax``: ``"plain"`` (the default: the text as it is) or ``"a1111"`` (AUTOMATIC1111's emphasis
+    ``(a:1.2)``, ``[a]``, ``BREAK`` and ``<lora:NAME:W>`` tags, which join ``loras``; runtime/prompt_syntax.py;
+    its prompt editing ``[a:b:when]`` and alternation ``[a|b]`` are refused, naming them, until the loop can
+    change its conditioning per step).
     """
 
     prompt: str | Sequence[str] | None = None
@@ -89,6 +94,7 @@ class GenerationRequest:
     cache_schedule: str = "uniform"
     cache_threshold: float | None = None
     loras: Sequence[tuple[str, float]] | None = None
+    prompt_syntax: str = "plain"
 
     @property
     def scores(self) -> tuple[float | None, float | None]:
@@ -122,11 +128,40 @@ class GenerationRequest:
         check_rescale(self.guidance_rescale)
         _ = self.cache_policy
         check_loras(self.loras)
+        req = self._a1111_checked() if check_syntax(self.prompt_syntax) == "a1111" else self
         if self.image is None and self.strength is not None:
             raise InputError("strength applies to img2img only: pass image=..., or leave strength out",
                              cli="--strength applies to img2img only: pass --init-image, or leave --strength out")
-        b = self.images_count
-        return replace(self, seed=resolve_seed(self.seed, b))
+        b = req.images_count
+        return replace(req, seed=resolve_seed(self.seed, b))
+
+    def _a1111_checked(self) -> GenerationRequest:
+        """An A1111-syntax request with its ``<lora:...>`` tags taken out of the prompts into ``loras`` (A1111
+        reads them from the positive prompt), and prompt editing or alternation refused before any work."""
+        if self.prompt is None:
+            raise InputError("prompt_syntax applies to prompts: leave it out with prompt_embeds")
+        steps = self.steps if is_int(self.steps) and self.steps >= 1 else 1
+        texts = [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+        negs = [] if self.negative_prompt is None else (
+            [self.negative_prompt] if isinstance(self.negative_prompt, str) else list(self.negative_prompt))
+        stripped, tags = [], []
+        for t in texts:
+            if not isinstance(t, str):
+                raise InputError("prompt must be a string or a list of strings")
+            text, found = lora_tags(t)
+            stripped.append(text)
+            tags += found
+        for t in stripped + negs:
+            if isinstance(t, str) and len(prompt_schedule(t, steps)) > 1:
+                raise InputError(f"{t!r} uses A1111's prompt editing ([from:to:when]) or alternation ([a|b]), which "
+                                 "sdrt does not run yet (the loop keeps one conditioning for every step): write "
+                                 "the prompt without them")
+        if tags and len({n for n, _ in tags}) != len(tags):
+            raise InputError(f"a <lora:...> tag names the same LoRA twice: {[n for n, _ in tags]}")
+        loras = [*(self.loras or []), *tags] or None
+        check_loras(loras)
+        prompt = stripped[0] if isinstance(self.prompt, str) else stripped
+        return replace(self, prompt=prompt, loras=loras)
 
 
 # -- the checks, each with its message ---------------------------------------------------------------------

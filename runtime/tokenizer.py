@@ -158,6 +158,23 @@ class ClipTokenizer:
         row = [self.bos_id, *tokens, self.eos_id]
         return row + [self.pad_id] * (self.max_length - len(row))
 
+    def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        """Each text's token ids, without bos / eos (each text tokenized on its own, as A1111 tokenizes the
+        fragments of a weighted prompt)."""
+        return self._tokens(texts)
+
+    def frame(self, tokens: Sequence[int]) -> list[int]:
+        """One row: bos, ``tokens`` (at most ``chunk_length``), eos, then the pad id to ``max_length``."""
+        if len(tokens) > self.chunk_length:
+            raise ValueError(f"{len(tokens)} tokens do not fit a row of {self.chunk_length}")
+        return self._row(tokens)
+
+    @property
+    def comma_id(self) -> int | None:
+        """The id of "," as a word (A1111 breaks a full chunk after the last comma)."""
+        tid = self._tok.token_to_id(",</w>")
+        return None if tid is None else int(tid)
+
     def encode(self, prompts: Sequence[str]) -> np.ndarray:
         """int32 [B, 77]: each prompt framed, cut after 75 tokens and padded (see the class docstring)."""
         rows = [self._row(t[: self.chunk_length]) for t in self._tokens(prompts)]

@@ -72,18 +72,20 @@ class Job:
     def of(cls, prompts: list[str], negatives: list[str] | None, seeds: list[int], height: int, width: int,
            steps: int, sampler: str, guidance: float, *, image: Any = None, strength: float | None = 0.8,
            mask: Any = None, paste_back: float | None = None, cache: CachePolicy | None = None,
-           loras: list[tuple[str, float]] | None = None) -> Job:
+           loras: list[tuple[str, float]] | None = None, prompt_syntax: str = "plain") -> Job:
         """A job from an API's fields: ``negatives`` None: no negative prompt at all (the model's rule for that
         applies: SDXL zeroes the negatives); ``image`` (img2img, a PIL image of height x width) with
         ``strength`` (None: the pipeline's default; inpainting: 1), ``mask`` (inpainting: white = repaint) and
         ``paste_back`` (the original pasted back through the mask blurred this much); ``cache``: the feature-caching
-        policy (None: every step runs the full UNet); ``loras``: (name, scale) pairs, checked (``checks.loras_of``)."""
+        policy (None: every step runs the full UNet); ``loras``: (name, scale) pairs, checked (``checks.loras_of``);
+        ``prompt_syntax``: how the prompts are read ("plain", or "a1111": A1111's emphasis and BREAK)."""
         caching = {} if cache is None else {"cache": cache.kind, "cache_interval": cache.interval,
                                             "cache_schedule": cache.schedule, "cache_threshold": cache.threshold}
         return cls(GenerationRequest(prompt=list(prompts), negative_prompt=None if negatives is None else list(negatives),
                                      height=height, width=width, steps=steps, guidance_scale=guidance, sampler=sampler,
                                      seed=list(seeds), image=image, strength=None if image is None else strength,
-                                     mask_image=mask, paste_back=paste_back, loras=loras or None, **caching))
+                                     mask_image=mask, paste_back=paste_back, loras=loras or None,
+                                     prompt_syntax=prompt_syntax, **caching))
 
     @property
     def prompts(self) -> list[str]:
@@ -195,7 +197,8 @@ class Batcher:
         guided = r.guidance_scale > 1.0
         pipe = self.pipes[0] if self.pipes else None
         # the pipeline says what its conditioning needs to agree on (guidance, text chunks, the family's rules)
-        conditioning = pipe.conditioning_key(job.prompts, job.negatives, r.guidance_scale) if pipe is not None else ()
+        conditioning = (pipe.conditioning_key(job.prompts, job.negatives, r.guidance_scale, r.prompt_syntax)
+                        if pipe is not None else ())
         # an image request runs alone; so does one cached by a threshold: the rule decides on the whole batch's
         # residual, so a neighbour would change which of its steps run in full
         policy = r.cache_policy
@@ -204,7 +207,7 @@ class Batcher:
         # is the UNet's inputs for the whole batch (the factors are shared by its rows, not per image)
         loras = tuple((str(n), float(s)) for n, s in r.loras or ())
         return (r.height, r.width, r.steps, r.sampler, guided, r.guidance_scale if guided else None,
-                conditioning, policy, loras, solo)
+                conditioning, policy, loras, r.prompt_syntax, solo)
 
     def submit(self, job: Job) -> concurrent.futures.Future[JobResult]:
         if job.n > self.max_batch:

@@ -13,27 +13,17 @@ from .config import ServeConfig
 from .deps import ServeState
 from .errors import ApiError
 
-# A1111's extra-network syntax for LoRAs: <lora:NAME>, <lora:NAME:MULTIPLIER>, <lora:NAME:TE:UNET>
-_PROMPT_LORA = re.compile(r"<lora:([^:<>]+)((?::[^:<>]*){0,3})>")
-
 
 def prompt_loras(prompt: str) -> tuple[str, list[tuple[str, float]]]:
-    """A1111's ``<lora:name:multiplier>`` tags taken out of a prompt, as A1111 does: (the prompt without them,
-    (name, scale) pairs). ``<lora:name:te:unet>``: the UNet multiplier is the second number (sdrt's slots are the
-    UNet's); one number is both. A multiplier that is no number is a 422."""
-    found: list[tuple[str, float]] = []
+    """A1111's ``<lora:name:multiplier>`` tags taken out of a prompt, as A1111 does (``prompt_syntax.lora_tags``):
+    (the prompt without them, (name, scale) pairs); a multiplier that is no number is a 422."""
+    from sdrt.runtime.errors import InputError
+    from sdrt.runtime.prompt_syntax import lora_tags
 
-    def take(m: re.Match[str]) -> str:
-        nums = [v for v in m.group(2).split(":")[1:] if v.strip() != ""]
-        try:
-            scale = float(nums[1]) if len(nums) > 1 else float(nums[0]) if nums else 1.0
-        except ValueError:
-            raise ApiError(422, f"{m.group(0)}: the multiplier must be a number, e.g. <lora:{m.group(1)}:0.8>",
-                           "prompt", "invalid_lora") from None
-        found.append((m.group(1).strip(), scale))
-        return ""
-
-    return _PROMPT_LORA.sub(take, prompt).strip(), found
+    try:
+        return lora_tags(prompt)
+    except InputError as e:
+        raise ApiError(422, str(e), "prompt", "invalid_lora") from e
 
 
 def loras_of(st: ServeState, refs: list[S.LoraRef] | None,
@@ -98,6 +88,17 @@ def check_common(cfg: ServeConfig, prompt: str, negative: str | None, steps: int
     if not 1 <= n <= limit:
         raise ApiError(422, f"{n_field} {n} is outside 1..{limit} (images per request on this server)",
                        n_field, "too_many_images")
+
+
+def check_prompts(st: ServeState, prompt: str, negative: str | None, steps: int, syntax: str) -> None:
+    """The prompts in their syntax, as the pipeline reads them, before any work: 422 ``invalid_prompt`` for what
+    it refuses (A1111's prompt editing for now, a weight that is no number, emphasis on a family without it)."""
+    from sdrt.runtime.errors import InputError
+
+    try:
+        st.pipeline().check_prompts(prompt, negative, steps, syntax)
+    except InputError as e:
+        raise ApiError(422, str(e), "prompt", "invalid_prompt") from e
 
 
 def check_negative(st: ServeState, negative: str | None, field: str = "negative_prompt") -> None:

@@ -136,6 +136,9 @@ class SdrtKnobs(CacheKnobs, LoraKnobs):
     guidance_scale: float | None = Guidance
     sampler: str | None = Field(default=None, description=f"one of {', '.join(SAMPLERS)}")
     seed: int | None = Seed
+    prompt_syntax: Literal["plain", "a1111"] = Field(
+        default="plain", description="how the prompt is read: as it is, or in A1111's language ((a:1.2), [a], "
+                                     "BREAK, <lora:NAME:W>)")
 
 
 class OpenAIGeneration(SdrtKnobs):

@@ -100,6 +100,9 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora", action="append", default=None, metavar="NAME[:SCALE]",
                    help="apply a LoRA to this call (an export made with --lora-slots): a .safetensors path, or a "
                         "name in --lora-dir; SCALE defaults to 1; repeat to stack")
+    p.add_argument("--prompt-syntax", choices=["plain", "a1111"], default="plain",
+                   help="read the prompts as they are (default), or in AUTOMATIC1111's language: (word:1.2), [word], "
+                        "BREAK, <lora:NAME:W> (needs --lora-dir)")
     p.add_argument("--lora-dir", default=None, metavar="DIR",
                    help="a folder of LoRA .safetensors files that --lora names (NAME.safetensors)")
     p.add_argument("-o", "--output", default=None,
@@ -186,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
                 control_scales=_one_or_list(args.control_scale), control_start=_one_or_list(args.control_start),
                 control_end=_one_or_list(args.control_end), guess_mode=args.guess_mode,
                 aesthetic_score=args.aesthetic_score, negative_aesthetic_score=args.negative_aesthetic_score,
-                refiner_start=args.refiner_start, loras=loras, **cache)
+                refiner_start=args.refiner_start, loras=loras, prompt_syntax=args.prompt_syntax, **cache)
             result = pipe.generate(request, refiner=refiner, callback=progress)
         finally:
             bar.close()
@@ -244,8 +247,9 @@ def _lora_options(args: argparse.Namespace) -> list[tuple[str, float]] | None:
     from sdrt.runtime.lora_adapters import check_loras
     from sdrt.runtime.lora_files import LoraSpec
 
-    if args.lora_dir is not None and not args.lora:
-        raise InputError("--lora-dir names where --lora finds LoRAs: pass --lora NAME[:SCALE], or leave --lora-dir out")
+    if args.lora_dir is not None and not args.lora and args.prompt_syntax != "a1111":
+        raise InputError("--lora-dir names where --lora (or, with --prompt-syntax a1111, a <lora:NAME:W> tag) finds "
+                         "LoRAs: pass --lora NAME[:SCALE], or leave --lora-dir out")
     if not args.lora:
         return None
     pairs = []

@@ -18,6 +18,7 @@ from ..checks import (
     check_common,
     check_mask_needed,
     check_negative,
+    check_prompts,
     check_size,
     decode_b64,
     loras_of,
@@ -91,13 +92,15 @@ async def generate(st: ServeState, body: S.A1111Txt2Img, request: Request, init:
     cache = cache_of(st, body.cache, body.cache_interval, body.cache_schedule, body.steps if init is None else None,
                      body.cache_threshold)
     prompt, tagged = prompt_loras(body.prompt)  # A1111 takes <lora:...> out of the text it encodes
+    check_prompts(st, prompt, body.negative_prompt, body.steps, "a1111")  # A1111's clients write A1111's language
     lora_set = loras_of(st, body.loras, tagged)
     seeds = seeds_for(body.seed, body.batch_size * body.n_iter)
     strength = getattr(body, "denoising_strength", 1.0)
     jobs = [Job.of([prompt] * body.batch_size, [body.negative_prompt] * body.batch_size,
                 seeds[i * body.batch_size:(i + 1) * body.batch_size], h, w, body.steps, sampler, body.cfg_scale,
                 image=None if init is None else imgs.fit(init, w, h), strength=strength,
-                mask=None if mask is None else imgs.fit(mask, w, h), paste_back=blur, cache=cache, loras=lora_set)
+                mask=None if mask is None else imgs.fit(mask, w, h), paste_back=blur, cache=cache, loras=lora_set,
+                prompt_syntax="a1111")
             for i in range(body.n_iter)]
     results = await asyncio.gather(*(run_job(st, request, j, route) for j in jobs))
     pngs = [p for r in results for p in r.png]

@@ -23,9 +23,11 @@ from ..checks import (
     check_common,
     check_mask_needed,
     check_negative,
+    check_prompts,
     check_size,
     decode_upload,
     loras_of,
+    prompt_loras,
     sampler_of,
     seeds_for,
     snap,
@@ -63,10 +65,13 @@ async def generations(body: S.OpenAIGeneration, request: Request, st: State) -> 
     check_common(cfg, body.prompt, body.negative_prompt, steps, body.n, "n")
     check_negative(st, body.negative_prompt)
     cache = cache_of(st, body.cache, body.cache_interval, body.cache_schedule, steps, body.cache_threshold)
-    loras = loras_of(st, body.loras)
-    job = Job.of([body.prompt] * body.n, None if body.negative_prompt is None else [body.negative_prompt] * body.n,
+    prompt, tagged = prompt_loras(body.prompt) if body.prompt_syntax == "a1111" else (body.prompt, [])
+    check_prompts(st, prompt, body.negative_prompt, steps, body.prompt_syntax)
+    loras = loras_of(st, body.loras, tagged)
+    job = Job.of([prompt] * body.n, None if body.negative_prompt is None else [body.negative_prompt] * body.n,
               seeds_for(body.seed, body.n), h, w, steps, sampler_of(st, body.sampler, "sampler"),
-              cfg.default_guidance if body.guidance_scale is None else body.guidance_scale, cache=cache, loras=loras)
+              cfg.default_guidance if body.guidance_scale is None else body.guidance_scale, cache=cache, loras=loras,
+              prompt_syntax=body.prompt_syntax)
     return response(st, await run_job(st, request, job, "generations"), body.response_format, request)
 
 
