@@ -14,7 +14,7 @@ from .engine import Array, Backend, Engine
 from .errors import ArtifactError, InputError
 from .families import Family
 from .manifest import ExportManifest
-from .prompt_syntax import parse_attention
+from .prompt_syntax import parse_attention, segments
 from .request import float_array, is_int
 from .results import PromptEmbeddings
 from .tokenizer import PromptTokenizer
@@ -35,11 +35,13 @@ class TextConditioning:
         self.dtype = dtype
 
     def chunks(self, texts: Sequence[str], syntax: str = "plain") -> tuple[int, ...]:
-        """The number of 77-token chunks each tokenizer makes of these texts (together) in this prompt syntax."""
+        """The number of 77-token chunks each tokenizer makes of these texts (together) in this prompt syntax
+        (A1111's: over every segment of their prompt editing)."""
         if syntax == "a1111":
-            self.check_a1111(texts)
+            every = [t for _, seg in segments(list(texts), 1000) for t in seg]  # the texts of every segment
+            self.check_a1111(every)
             if self.family.chunked:
-                return tuple(chunk_count(tok, list(texts)) for tok in self.tokenizers)
+                return tuple(chunk_count(tok, every) for tok in self.tokenizers)
         return tuple(int(self._ids(tok, list(texts)).shape[1]) for tok in self.tokenizers)
 
     def check_a1111(self, texts: Sequence[str]) -> None:
@@ -53,9 +55,10 @@ class TextConditioning:
                                  f"SDXL); this {self.family.label} model reads its prompts as plain text: write "
                                  f"{t!r} without them, or use prompt_syntax='plain'")
 
-    def _a1111(self, tok: PromptTokenizer, prompts: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
-        """A1111's rows of a CLIP family's prompts and their weights (None where every weight is 1)."""
-        ids, w = a1111_batch(tok, prompts)
+    def _a1111(self, tok: PromptTokenizer, prompts: list[str], chunks: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """A1111's rows of a CLIP family's prompts (at least ``chunks`` each) and their weights (None where every
+        weight is 1)."""
+        ids, w = a1111_batch(tok, prompts, chunks)
         return ids, (w if weighted(w) else None)
 
     def _ids(self, tok: PromptTokenizer, prompts: list[str]) -> np.ndarray:
@@ -77,11 +80,12 @@ class TextConditioning:
         return self.family.zero_negatives and negative_prompt is None
 
     def encode(self, prompts: list[str], b: int, guided: bool, zero_negatives: bool = False,
-               syntax: str = "plain") -> PromptEmbeddings:
+               syntax: str = "plain", chunks: int = 1) -> PromptEmbeddings:
         """Text encoders -> embeddings on the device. With one encoder and one chunk the encoder's output
         is the UNet's input as it is; otherwise the chunks and encoders are joined on the device by the
         join graph (runtime/text_join.py). ``syntax`` "a1111": A1111's emphasis, BREAK and chunking
-        (runtime/weighted_prompts.py; the weighted states pass through the host once)."""
+        (runtime/weighted_prompts.py; the weighted states pass through the host once), in at least ``chunks``
+        chunks (the segments of a prompt-editing call are encoded alike)."""
         be, dt = self.backend, self.dtype
         outs: list[dict[str, Array]] = []
         rows = 0
@@ -93,7 +97,7 @@ class TextConditioning:
                 self._warn_cut(name, tok, prompts)
             weights = None
             if a1111 and self.family.chunked:
-                ids, weights = self._a1111(tok, prompts)
+                ids, weights = self._a1111(tok, prompts, chunks)
             else:
                 ids = self._ids(tok, prompts)  # [rows, k, 77] (T5: [rows, 1, its tokens])
             rows, k, n = ids.shape

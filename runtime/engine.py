@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import abc
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -189,14 +189,17 @@ class StepLoop(abc.ABC):
               timesteps: Sequence[float] | np.ndarray, coeffs: np.ndarray, guidance: Array | None = None,
               x0_prev: Array | None = None, noise: np.ndarray | None = None,
               step_inputs: Mapping[str, Array] | None = None, control: ControlFeeds | None = None,
-              full: Sequence[bool] | np.ndarray | None = None, threshold: float | None = None) -> None:
+              full: Sequence[bool] | np.ndarray | None = None, threshold: float | None = None,
+              cond_steps: Sequence[tuple[int, Mapping[str, Array]]] | None = None) -> None:
         """Set up a run of ``len(timesteps)`` steps. ``coeffs`` is the sampler table [steps, columns];
         ``noise`` the fresh noise of every step [steps, *latents.shape] (ancestral samplers) or None;
         ``step_inputs`` the step graph's further inputs, the same every step (an inpainting variant's);
         ``control`` the ControlNets' images and scale table (a loop made with ``controlnets``); ``full`` a
         boolean per step, False where the cheap step runs (a loop made with ``shallow``; None: every step
         full); ``threshold`` (first-block caching): a step marked False runs the full denoiser after all where
-        the cheap step's ``change`` exceeds it (a loop that cannot read it per step refuses one)."""
+        the cheap step's ``change`` exceeds it (a loop that cannot read it per step refuses one); ``cond_steps``
+        (A1111's prompt editing): (k, conditioning) pairs, k increasing in 1..steps-1: from step k on the denoiser
+        reads that conditioning, on the device (tensors of ``cond``'s names, shapes and dtypes; no host work)."""
 
     @staticmethod
     def _check_start(timesteps: Sequence[float] | np.ndarray, coeffs: np.ndarray,
@@ -216,6 +219,27 @@ class StepLoop(abc.ABC):
         check_control(controlnets, control, n)
         check_full(full, n, shallow is not None)
         return n
+
+    @staticmethod
+    def _check_cond_steps(cond: Mapping[str, Array], cond_steps: Sequence[tuple[int, Mapping[str, Array]]] | None,
+                          n: int, meta: Callable[[Array], tuple[np.dtype[Any], tuple[int, ...]]]
+                          ) -> dict[int, Mapping[str, Array]]:
+        """``cond_steps`` as {step: conditioning}, after refusing steps outside 1..n-1 or not increasing, and a
+        conditioning whose names, dtypes or shapes are not ``cond``'s."""
+        out: dict[int, Mapping[str, Array]] = {}
+        last = 0
+        for k, c in cond_steps or ():
+            if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or not last < k < n:
+                raise InputError(f"cond_steps' steps must increase within 1..{n - 1}, got {k!r} after {last}")
+            if set(c) != set(cond):
+                raise InputError(f"the conditioning from step {k} holds {sorted(c)}, not {sorted(cond)}")
+            for name, v in c.items():
+                if meta(v) != meta(cond[name]):
+                    raise InputError(f"the conditioning from step {k}: {name} is {meta(v)}, not {meta(cond[name])} "
+                                     "(every segment is encoded alike: as many chunks, the same dtype)")
+            out[int(k)] = c
+            last = int(k)
+        return out
 
     @staticmethod
     def _check_cond(unet_inputs: Mapping[str, object], cond: Mapping[str, object]) -> None:

@@ -191,6 +191,7 @@ class FusedStepLoop(StepLoop):
         self._plain = OrtPlainStepLoop(backend, unet, step)
         self._slot: _Slot | None = None
         self._per_step: list[tuple[Any, Any, Any | None]] = []
+        self._cond_steps: dict[int, Mapping[str, Array]] = {}
         self._plan: dict[str, Any] = {}
         self._done = 0
         self._offset = 0  # the step at which this call went over to the plain loop
@@ -223,7 +224,8 @@ class FusedStepLoop(StepLoop):
               timesteps: Sequence[float] | np.ndarray, coeffs: np.ndarray, guidance: Array | None = None,
               x0_prev: Array | None = None, noise: np.ndarray | None = None,
               step_inputs: Mapping[str, Array] | None = None, control: ControlFeeds | None = None,
-              full: Sequence[bool] | np.ndarray | None = None, threshold: float | None = None) -> None:
+              full: Sequence[bool] | np.ndarray | None = None, threshold: float | None = None,
+              cond_steps: Sequence[tuple[int, Mapping[str, Array]]] | None = None) -> None:
         if control is not None:  # make_step_loop gives ControlNets the plain loop
             raise InputError("the composed UNet + step loop takes no ControlNet feeds")
         check_threshold(threshold, None)  # (made without a cheap step: refused)
@@ -233,6 +235,7 @@ class FusedStepLoop(StepLoop):
         dtype, shape = be.meta(latents)
         n = self._check_start(timesteps, coeffs, shape, noise, control, full=full)  # (made without a shallow engine)
         self._check_cond(self.unet.inputs, cond)
+        self._cond_steps = self._check_cond_steps(cond, cond_steps, n, be.meta)
         ts, cf = np.asarray(timesteps), np.asarray(coeffs, dtype=np.float32)
         u_dtype, u_shape = be.meta(unet_in)
         t_shape: tuple[int, ...] = (u_shape[0],) if len(self.unet.inputs["timestep"].shape) == 1 else ()
@@ -257,7 +260,8 @@ class FusedStepLoop(StepLoop):
         if plain_why is not None:
             self._slot, self._plain.reason = None, plain_why
             self._plain.start(latents=latents, unet_in=unet_in, cond=cond, timesteps=timesteps, coeffs=coeffs,
-                              guidance=guidance, x0_prev=x0_prev, noise=noise, step_inputs=step_inputs)
+                              guidance=guidance, x0_prev=x0_prev, noise=noise, step_inputs=step_inputs,
+                              cond_steps=cond_steps)
             return
         if slot is None:
             slot = self.slots[key] = _Slot(self, len(self.slots), shapes)
@@ -297,6 +301,8 @@ class FusedStepLoop(StepLoop):
             raise InputError(f"step {i} is outside the {len(self._per_step)} steps of the last start() "
                              f"(or out of order: the next is {self._done})")
         slot, (t, c, z) = self._slot, self._per_step[i]
+        for k, v in self._cond_steps.get(i, {}).items():  # prompt editing: a device-to-device copy, this step only
+            copy_into(slot.buf[f"unet/{k}"], v)
         copy_into(slot.buf["unet/timestep"], t)
         copy_into(slot.buf["step/coeffs"], c)
         if z is not None:
@@ -332,7 +338,8 @@ class FusedStepLoop(StepLoop):
                           cond={k: b[f"unet/{k}"] for k in plan["cond"]}, timesteps=plan["timesteps"][i:],
                           coeffs=plan["coeffs"][i:], guidance=b["step/guidance"] if plan["guided"] else None,
                           noise=None if noise is None else noise[i:],
-                          step_inputs={k: b[f"step/{k}"] for k in plan["step_inputs"]} or None)
+                          step_inputs={k: b[f"step/{k}"] for k in plan["step_inputs"]} or None,
+                          cond_steps=[(k - i, c) for k, c in sorted(self._cond_steps.items()) if k > i] or None)
         self._plain.step(0)
 
     def _state(self, k: str) -> Any:

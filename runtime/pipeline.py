@@ -44,7 +44,7 @@ from .lora_adapters import AdapterLibrary, adapter_factors, check_loras, slots_o
 from .manifest import ExportManifest
 from .memory_advice import explain as explain_memory_error
 from .noise import draw, generators, seeds
-from .prompt_syntax import check_syntax
+from .prompt_syntax import check_syntax, segment_starts, segments
 from .refiner import carry_latents, refine
 from .request import (
     DEFAULT_STRENGTH,
@@ -267,6 +267,27 @@ class Pipeline:
         texts = [*prompts, *(negatives_of(negative_prompt, len(prompts), 1) if negative_prompt is not None else [])]
         self._conditioning().chunks(texts, req.prompt_syntax)
 
+    def _encode_request(self, req: GenerationRequest, guided: bool) -> tuple[PromptEmbeddings,
+                                                                              list[tuple[int, PromptEmbeddings]]]:
+        """A call's prompt embeddings, and with A1111's prompt editing or alternation the embeddings of each later
+        segment with the loop step it starts at (every segment encoded alike: as many chunks)."""
+        assert req.prompt is not None
+        sched: list[tuple[int, list[str]]] = []
+        if req.prompt_syntax == "a1111":
+            prompts = prompts_of(req.prompt, req.batch_size)
+            b = len(prompts)
+            sched = segments((negatives_of(req.negative_prompt, b, req.batch_size) if guided else []) + prompts,
+                             req.steps)
+        if len(sched) < 2:
+            return self.encode_prompt(req.prompt, req.negative_prompt, batch_size=req.batch_size, guided=guided,
+                                      prompt_syntax=req.prompt_syntax), []
+        text = self._conditioning()
+        k = max(max(text.chunks(seg, "a1111")) for _, seg in sched)
+        zero = guided and text.zero_negatives(req.negative_prompt)
+        embs = [text.encode(seg, b, guided, zero_negatives=zero, syntax="a1111", chunks=k) for _, seg in sched]
+        starts = segment_starts([e for e, _ in sched])
+        return embs[0], list(zip(starts[1:], embs[1:], strict=True))
+
     def _guided_arg(self, guided: bool | None) -> bool:
         """The text stage's ``guided``: the family's default where None; refused where it runs no guidance."""
         if guided is None:
@@ -412,9 +433,11 @@ class Pipeline:
                  timings: dict[str, Any], clock: Clock | None = None, rescale: float = 0.0,
                  control: controlnet.ControlRequest | None = None,
                  scores: tuple[float | None, float | None] | None = None,
-                 cache: CachePolicy | None = None, lora: Mapping[str, Array] | None = None) -> tuple[Latents, str]:
+                 cache: CachePolicy | None = None, lora: Mapping[str, Array] | None = None,
+                 edits: Sequence[tuple[int, PromptEmbeddings]] = ()) -> tuple[Latents, str]:
         """The loop. With the caller's ``clock``, marks once the loop is set up and after every step (the
-        caller reads the times); without one, the step times go into ``timings``."""
+        caller reads the times); without one, the step times go into ``timings``. ``edits``: (loop step,
+        embeddings) pairs, A1111's prompt editing: from that step on the denoiser reads those embeddings."""
         check_guidance(guidance_scale)
         guided = self.uses_guidance(guidance_scale)
         check_rescale(rescale)
@@ -436,8 +459,11 @@ class Pipeline:
             raise InputError(f"the latents were not prepared for this plan ({plan.sampler}, {plan.steps} steps); "
                              "prepare them with prepare_latents(plan, ...)")
         to_dev = be.to_device
-        cond = self._conditioning().denoiser_inputs(emb, lat.height, lat.width, scores, guidance_scale)
-        cond.update(self.lora_inputs(None) if lora is None else lora)  # a slotted UNet's factors (zeros: none)
+        text = self._conditioning()
+        factors = self.lora_inputs(None) if lora is None else lora  # a slotted UNet's factors (zeros: none)
+        cond = {**text.denoiser_inputs(emb, lat.height, lat.width, scores, guidance_scale), **factors}
+        cond_steps = [(k, {**text.denoiser_inputs(e, lat.height, lat.width, scores, guidance_scale), **factors})
+                      for k, e in edits if k < hi - lo] or None
         mode, table = None, plan.table
         step_inputs: dict[str, Array] = {}
         if lat.inpaint is not None:  # the mask work runs in the step graph's inpainting variant
@@ -461,7 +487,8 @@ class Pipeline:
         loop.start(latents=lat.x, unet_in=unet_in, x0_prev=lat.x0, cond=cond, guidance=to_dev(g) if guided else None,
                    timesteps=plan.timesteps[lo:hi], coeffs=table[lo:hi],
                    noise=None if noise is None else noise.astype(np.float32), step_inputs=step_inputs or None,
-                   control=control_in, full=full, threshold=None if cache is None else cache.threshold)
+                   control=control_in, full=full, threshold=None if cache is None else cache.threshold,
+                   cond_steps=cond_steps)
         own = clock is None
         clk = be.clock() if clock is None else clock
         clk.mark()
@@ -697,21 +724,20 @@ class Pipeline:
             clock = self.backend.clock()
             try:
                 clock.mark()
+                edits: list[tuple[int, PromptEmbeddings]] = []
                 if req.prompt_embeds is not None:
                     emb = self.embeddings_from(req.prompt_embeds, req.negative_prompt_embeds, guided=guided,
                                                pooled_prompt_embeds=req.pooled_prompt_embeds,
                                                negative_pooled_prompt_embeds=req.negative_pooled_prompt_embeds,
                                                batch_size=req.batch_size)
                 else:
-                    assert req.prompt is not None
-                    emb = self.encode_prompt(req.prompt, req.negative_prompt, batch_size=req.batch_size,
-                                             guided=guided, prompt_syntax=req.prompt_syntax)
+                    emb, edits = self._encode_request(req, guided)
                 clock.mark()
                 lat = self._prepare(plan, height, width, b, req.seed, req.latents, init, mask, strength == 1.0)
                 clock.mark()
                 lat, how = self._denoise(emb, lat, plan, req.guidance_scale, None, None, callback, {}, clock,
                                          rescale=req.guidance_rescale, control=creq, scores=req.scores,
-                                         cache=policy, lora=lora)
+                                         cache=policy, lora=lora, edits=edits)
                 images, nonfinite, final = self.finish(lat.x, req.output)
                 if req.output == "images" and blur is not None:
                     assert init is not None  # paste_back is refused without an image

@@ -19,6 +19,7 @@ Pure Python (the schedule grammar on ``lark``, as A1111 itself); the encoding si
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -144,6 +145,20 @@ def prompt_schedule(text: str, steps: int) -> list[tuple[int, str]]:
         return [(steps, text)]
     ends = _collect_steps(steps, tree)
     return [(t, _at_step(t, tree)) for t in ends]
+
+
+def segments(texts: Sequence[str], steps: int) -> list[tuple[int, list[str]]]:
+    """Several prompts' schedules on one timeline: [(last step, each prompt's text until then)], the steps where
+    any of them changes (a call encodes each segment once for all its prompts)."""
+    scheds = [prompt_schedule(t, steps) for t in texts]
+    ends = sorted({e for sched in scheds for e, _ in sched})
+    return [(e, [next(text for end, text in sched if e <= end) for sched in scheds]) for e in ends]
+
+
+def segment_starts(ends: Sequence[int]) -> list[int]:
+    """The loop step (0-based) where each segment starts: A1111's step i reads the first segment whose last step is
+    at least i, so segment j starts after the previous one's last step (the first at 0)."""
+    return [0, *(e + 1 for e in ends[:-1])]
 
 
 def _collect_steps(steps: int, tree: Any) -> list[int]:

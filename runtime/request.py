@@ -19,7 +19,7 @@ import numpy as np
 from .errors import InputError
 from .feature_cache import DEFAULT_INTERVAL, CachePolicy, cache_policy
 from .lora_adapters import check_loras
-from .prompt_syntax import check_syntax, lora_tags, prompt_schedule
+from .prompt_syntax import check_syntax, lora_tags, parse_attention, prompt_schedule
 
 OUTPUTS = ("images", "latents")
 SEED_MAX = 2**32 - 1  # seeds are 32-bit, as in the popular UIs, so any seed printed can be typed back
@@ -54,9 +54,8 @@ class GenerationRequest:
     runs every step in full. ``loras``: (name or path, scale) pairs applied to this call's UNet (an export made
     with ``--lora-slots``; runtime/lora_adapters.py); a name is looked up in the pipeline's ``lora_dir``.
     ``prompt_syntax``: ``"plain"`` (the default: the text as it is) or ``"a1111"`` (AUTOMATIC1111's emphasis
-    ``(a:1.2)``, ``[a]``, ``BREAK`` and ``<lora:NAME:W>`` tags, which join ``loras``; runtime/prompt_syntax.py;
-    its prompt editing ``[a:b:when]`` and alternation ``[a|b]`` are refused, naming them, until the loop can
-    change its conditioning per step).
+    ``(a:1.2)``, ``[a]``, ``BREAK``, prompt editing ``[a:b:when]``, alternation ``[a|b]`` and ``<lora:NAME:W>``
+    tags, which join ``loras``; runtime/prompt_syntax.py).
     """
 
     prompt: str | Sequence[str] | None = None
@@ -137,7 +136,7 @@ class GenerationRequest:
 
     def _a1111_checked(self) -> GenerationRequest:
         """An A1111-syntax request with its ``<lora:...>`` tags taken out of the prompts into ``loras`` (A1111
-        reads them from the positive prompt), and prompt editing or alternation refused before any work."""
+        reads them from the positive prompt), and every segment of its prompt editing parsed before any work."""
         if self.prompt is None:
             raise InputError("prompt_syntax applies to prompts: leave it out with prompt_embeds")
         steps = self.steps if is_int(self.steps) and self.steps >= 1 else 1
@@ -152,10 +151,10 @@ class GenerationRequest:
             stripped.append(text)
             tags += found
         for t in stripped + negs:
-            if isinstance(t, str) and len(prompt_schedule(t, steps)) > 1:
-                raise InputError(f"{t!r} uses A1111's prompt editing ([from:to:when]) or alternation ([a|b]), which "
-                                 "sdrt does not run yet (the loop keeps one conditioning for every step): write "
-                                 "the prompt without them")
+            if not isinstance(t, str):
+                raise InputError("negative_prompt must be a string or a list of strings")
+            for _, text in prompt_schedule(t, steps):  # each segment's text parses (a weight that is no number)
+                parse_attention(text)
         if tags and len({n for n, _ in tags}) != len(tags):
             raise InputError(f"a <lora:...> tag names the same LoRA twice: {[n for n, _ in tags]}")
         loras = [*(self.loras or []), *tags] or None

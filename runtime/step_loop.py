@@ -117,15 +117,18 @@ class PlainStepLoop(StepLoop):
         self._fixed: dict[str, Array] = {}
         self._control: tuple[list[Array | None], list[list[Array | None]]] | None = None
         self._zeros: dict[str, Array] | None = None
+        self._cond_steps: dict[int, Mapping[str, Array]] = {}
 
     def start(self, *, latents: Array, unet_in: Array, cond: Mapping[str, Array],
               timesteps: Sequence[float] | np.ndarray, coeffs: np.ndarray, guidance: Array | None = None,
               x0_prev: Array | None = None, noise: np.ndarray | None = None,
               step_inputs: Mapping[str, Array] | None = None, control: ControlFeeds | None = None,
-              full: Sequence[bool] | np.ndarray | None = None, threshold: float | None = None) -> None:
+              full: Sequence[bool] | np.ndarray | None = None, threshold: float | None = None,
+              cond_steps: Sequence[tuple[int, Mapping[str, Array]]] | None = None) -> None:
         be = self.backend
         dtype, shape = be.meta(latents)
         n = self._check_start(timesteps, coeffs, shape, noise, control, self.controlnets, full, self.shallow)
+        self._cond_steps = self._check_cond_steps(cond, cond_steps, n, be.meta)
         self._threshold = check_threshold(threshold, self.shallow)
         self._full, self._kept, self._ran = check_full(full, n, self.shallow is not None), None, []
         ts, cf = np.asarray(timesteps), np.asarray(coeffs, dtype=np.float32)
@@ -152,6 +155,8 @@ class PlainStepLoop(StepLoop):
             raise InputError(f"step {i} is outside the {len(self._per_step)} steps of the last start()")
         t, c, z = self._per_step[i]
         s = self._state
+        if i in self._cond_steps:  # prompt editing: the next segment's conditioning, already on the device
+            self._fixed["cond"] = dict(self._cond_steps[i])
         feeds = {"sample": s["unet_in"], "timestep": t, **self._fixed["cond"]}
         if self._control is not None:
             feeds.update(self._residuals(i, feeds))
@@ -232,4 +237,5 @@ class PlainStepLoop(StepLoop):
 
     def close(self) -> None:
         self._state, self._per_step, self._fixed, self._control, self._zeros = {}, [], {}, None, None
+        self._cond_steps = {}
         self._full, self._kept, self._ran = [], None, []

@@ -99,6 +99,7 @@ class CapturedStepLoop(StepLoop):
         self._done = 0
         self._steps = 0
         self._tables: dict[str, DeviceArray] = {}
+        self._switch: dict[int, dict[str, DeviceArray]] = {}
         self.buf: dict[str, Any] = {}
 
     @property
@@ -166,7 +167,8 @@ class CapturedStepLoop(StepLoop):
               coeffs: np.ndarray, guidance: Array | None = None, x0_prev: Array | None = None,
               noise: np.ndarray | None = None, step_inputs: Mapping[str, Array] | None = None,
               control: ControlFeeds | None = None, full: Sequence[bool] | np.ndarray | None = None,
-              threshold: float | None = None) -> None:
+              threshold: float | None = None,
+              cond_steps: Sequence[tuple[int, Mapping[str, Array]]] | None = None) -> None:
         """Set up a run of ``len(timesteps)`` steps: copy the starting state and conditioning in, upload
         the per-step tables, keep the ``full`` plan (which graph each step launches), and (re)capture when
         the shapes changed. A cache ``threshold`` is refused: deciding per step needs a read on the host between
@@ -185,6 +187,7 @@ class CapturedStepLoop(StepLoop):
         g = None if guidance is None else be.as_device(guidance)
         n = self._check_start(timesteps, coeffs, x.shape, noise, control, self._nets, full, self._shallow)
         plan = check_full(full, n, self._shallow is not None)
+        switches = self._check_cond_steps(conds, cond_steps, n, be.meta)
         ts, cf = np.asarray(timesteps), np.asarray(coeffs)
         images = {j: be.as_device(im) for j, im in enumerate(control.images) if im is not None} if control else {}
         scales = np.asarray(control.scales, np.float32) if control is not None else None
@@ -221,6 +224,8 @@ class CapturedStepLoop(StepLoop):
             be.copy(b["cimg"][j], im)
             assert scales is not None
             self._tables[f"cs{j}"] = be.as_device(np.ascontiguousarray(scales[:, j], dtype=b["cscale"][j].dtype))
+        # prompt editing: each segment's conditioning on the device, copied into the bound buffers at its step
+        self._switch = {k: {name: be.as_device(v) for name, v in c.items()} for k, c in switches.items()}
         self._done, self._steps, self._full = 0, n, plan
 
     def step(self, i: int) -> None:
@@ -229,6 +234,8 @@ class CapturedStepLoop(StepLoop):
         if self._key is None or not 0 <= i < self._steps:
             raise InputError(f"step {i} is outside the {self._steps} steps of the last start()")
         be, b = self.backend, self.buf
+        for k, v in self._switch.get(i, {}).items():  # outside the captured graphs, in stream order
+            be.copy(b["cond"][k], v)
         be.copy(b["t"], self._tables["t"].row(i))
         be.copy(b["c"], self._tables["c"].row(i))
         if "noise" in self._tables:

@@ -64,11 +64,12 @@ def a1111_rows(tok: Any, text: str, backtrack: int = COMMA_BACKTRACK) -> tuple[n
     return np.array(rows, np.int32), np.array(mults, np.float32)
 
 
-def a1111_batch(tok: Any, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(ids [rows, k, 77], weights [rows, k, 77]) of several prompts, each padded to the most chunks with empty
-    chunks (the empty prompt's row, weight 1: what A1111's "pad prompt/negative prompt" option adds)."""
+def a1111_batch(tok: Any, texts: Sequence[str], chunks: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """(ids [rows, k, 77], weights [rows, k, 77]) of several prompts, each padded to the most chunks (at least
+    ``chunks``) with empty chunks (the empty prompt's row, weight 1: what A1111's "pad prompt/negative prompt"
+    option adds)."""
     each = [a1111_rows(tok, t) for t in texts]
-    k = max(ids.shape[0] for ids, _ in each)
+    k = max(chunks, *(ids.shape[0] for ids, _ in each))
     empty = np.array(tok.frame([]), np.int32)
     ids = np.empty((len(each), k, tok.max_length), np.int32)
     w = np.ones((len(each), k, tok.max_length), np.float32)
