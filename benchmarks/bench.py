@@ -38,6 +38,7 @@ from .baselines import (
     pipeline_class,
 )
 from .config import DEFAULT_PROMPT, WORKLOADS, BenchConfig
+from .contention import other_cpu, snapshot, wait_quiet
 from .env import fingerprint, load_average
 from .flops import architecture_of_export
 from .jobs import BASELINE, SDRT, Job, job_spec, run_worker, workload_inputs, write_latents
@@ -49,6 +50,7 @@ from .records import (
     add_floor,
     add_ratios,
     add_refiner_stages,
+    add_rounds,
     add_uncached,
     cold_start,
     document,
@@ -149,8 +151,12 @@ class _Run:
 
         jobs = self._jobs(models, work, resolutions, baselines, available, backends)
         measurements: list[dict[str, Any]] = []
+        rounds: list[list[tuple[dict[str, Any], Any, dict[str, Any]]]] = [[] for _ in jobs]
+        for r in range(cfg.rounds):  # interleaved: every row once per round, each in a process of its own
+            for i, job in enumerate(jobs):
+                rounds[i].append(self._run_row(i, job, len(jobs), models, work, precision, r))
         for i, job in enumerate(jobs):
-            m, res = self._measure(i, job, len(jobs), models, work, precision, guided)
+            m, res = self._record(job, rounds[i], models, guided)
             # the floor counts a full UNet every step: a cached row records its FLOPs, not a fraction of the floor
             add_floor(m, shape_flops.get((job.height, job.width, job.batch_size)),
                       rates.get(job.device) if job.cache is None else None)
@@ -322,24 +328,46 @@ class _Run:
                                     artifact_bytes=backends[name].artifact_bytes, cache=cache, **shared))
         return jobs
 
-    def _measure(self, i: int, job: Job, n_jobs: int, models: _Models, work: Path, precision: str,
-                 guided: bool) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Run job ``i`` in its worker process (openvino: a second, with its model cache filled): (its
-        measurement, the worker's result)."""
+    def _run_row(self, i: int, job: Job, n_jobs: int, models: _Models, work: Path, precision: str,
+                 r: int) -> tuple[dict[str, Any], Any, dict[str, Any]]:
+        """Run job ``i`` once (round ``r``) in its worker process, after waiting for a quiet host where asked
+        (openvino, first round: a second process, with its model cache filled): (the worker's result, its memory
+        peaks, the round's record: the host's other CPU use meanwhile, the load average, the wait)."""
+        cfg = self.cfg
+        info: dict[str, Any] = {"round": r + 1, "waited_s": None}
+        if cfg.quiet is not None:
+            info["waited_s"], _ = wait_quiet(cfg.quiet, cfg.quiet_timeout_s, self.emit)
         job.image_out = work / f"image-{i}.png"
         spec = self._spec(i, job, models, work, precision)
-        self.emit("job", job.label(), phase="start", job_index=i + 1, jobs=n_jobs)
+        if r > 0:  # the first round's image is the one compared
+            spec["image_out"] = None
+        self.emit("job", job.label(), phase="start", job_index=i + 1, jobs=n_jobs, round=r + 1, rounds=cfg.rounds)
+        load, before = load_average(), snapshot()
         res, peaks = self._worker(spec, work, job.label(), job.device)
-        m = measurement(job, res, peaks, self.cfg, guided)
-        if models.ref_folder is not None and res["status"] == "ok":
-            add_refiner_stages(m, res)
-        if job.name == "openvino" and job.cache is None and res["status"] == "ok":  # the cache fills once
+        info.update(other_cpu=other_cpu(before, snapshot()), load_avg=None if load is None else load[0])
+        if r == 0 and job.name == "openvino" and job.cache is None and res["status"] == "ok":  # fills once
             self.emit("job", job.label(), phase="cached cold start")
             again, _ = self._worker({**spec, "cold_only": True, "image_out": None}, work,
                                     job.label() + " (model cache filled)", job.device)
-            m["cold_start_cached"] = cold_start(again)
+            res["cold_start_cached"] = cold_start(again)
+        return res, peaks, info
+
+    def _record(self, job: Job, rounds: list[tuple[dict[str, Any], Any, dict[str, Any]]], models: _Models,
+                guided: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+        """A row's measurement over its rounds: the runs pooled (the first round's cold start and memory
+        peaks), each round's medians, the spread between them, and whether the host was busy meanwhile."""
+        first, peaks, _ = rounds[0]
+        failed = next((res for res, _, _ in rounds if res["status"] != "ok"), None)
+        pooled = failed if failed is not None else {**first, "runs": [x for res, _, _ in rounds for x in res["runs"]]}
+        m = measurement(job, pooled, peaks, self.cfg, guided)
+        if models.ref_folder is not None and pooled["status"] == "ok":
+            add_refiner_stages(m, pooled)
+        if "cold_start_cached" in first:
+            m["cold_start_cached"] = first["cold_start_cached"]
         m["host_load_avg"] = load_average()
-        return m, res
+        add_rounds(m, [(measurement(job, res, p, self.cfg, guided), res, info) for res, p, info in rounds],
+                   threads=self.threads)
+        return m, pooled
 
     def _spec(self, i: int, job: Job, models: _Models, work: Path, precision: str) -> dict[str, Any]:
         """Job ``i``'s worker spec: the job's, with the refiner's folders and openvino's settings."""

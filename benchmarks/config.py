@@ -60,6 +60,13 @@ class BenchConfig:
     # feature caching measured beside each uncached sdrt job: specs "deepcache:INTERVAL[:SCHEDULE]"
     # (cache_specs parses them); the export then needs DeepCache's shallow path (sdrt export --deepcache)
     caches: tuple[str, ...] = ()
+    # every row runs this many times, interleaved (A, B, A, B: each a process of its own), its figures pooled
+    # and the spread of the rounds' medians recorded beside them
+    rounds: int = 2
+    # wait before each row until other processes use at most this share of the machine (0..1; None: do not
+    # wait), for at most quiet_timeout_s (then measure anyway: the row is flagged)
+    quiet: float | None = None
+    quiet_timeout_s: float = 300.0
 
     @property
     def cache_policies(self) -> tuple[Any, ...]:
@@ -96,6 +103,15 @@ class BenchConfig:
                              f"{', '.join(known)}")
         if self.warmup < 0 or self.repeats < 1:
             raise InputError(f"warmup must be >= 0 and repeats >= 1 (got {self.warmup} and {self.repeats})")
+        if not 1 <= self.rounds <= 20:
+            raise InputError(f"rounds must be from 1 to 20, got {self.rounds}",
+                             cli=f"--rounds must be from 1 to 20, got {self.rounds}")
+        if self.quiet is not None and not 0.0 <= self.quiet < 1.0:
+            raise InputError(f"quiet is the share of the machine other work may use, from 0 to 1 (e.g. 0.05), "
+                             f"got {self.quiet}", cli=f"--quiet must be from 0 to 1 (e.g. 0.05), got {self.quiet}")
+        if self.quiet_timeout_s <= 0:
+            raise InputError(f"quiet_timeout_s must be positive, got {self.quiet_timeout_s}",
+                             cli=f"--quiet-timeout must be positive, got {self.quiet_timeout_s}")
         if self.threads is not None and self.threads < 1:
             raise InputError(f"threads must be >= 1, got {self.threads}")
         if self.openvino_precision is not None:

@@ -66,6 +66,7 @@ def measurement(job: Job, res: dict[str, Any], peaks: MemoryPeaks, cfg: BenchCon
         "cache": cache_record(job.cache), "full_steps": full_steps(job.cache, job.steps),
         "unet_full_step_ms": None, "unet_shallow_step_ms": None, "unet_equivalent_steps": None,
         "vs_uncached": None, "image_vs_uncached": None,
+        "rounds": None, "spread": None, "contended": None,
     }
     if res["status"] != "ok":
         return m
@@ -95,6 +96,37 @@ def measurement(job: Job, res: dict[str, Any], peaks: MemoryPeaks, cfg: BenchCon
     if any(any(r.get("nonfinite") or []) for r in [res.get("first", {}), *runs]):
         m["memory_notes"].append("some images decoded to NaN/inf")
     return m
+
+
+def add_rounds(m: dict[str, Any], rounds: list[tuple[dict[str, Any], dict[str, Any], dict[str, Any]]],
+               threads: int) -> None:
+    """Each round's medians (from its own measurement), the host's state meanwhile (``other_cpu``: the share of
+    the machine other processes used; the 1-minute load average before; the wait for a quiet host) and the
+    worker's CPU share (its CPU time over its runs' wall time and ``threads``); ``spread``: (slowest - fastest) /
+    fastest of the rounds' median image time and step rate; ``contended``: other work took more than
+    ``contention.BUSY_OTHER_CPU`` of the machine during any round (None where that cannot be measured)."""
+    from .contention import BUSY_OTHER_CPU
+
+    rows = []
+    for mr, res, info in rounds:
+        ok = mr["status"] == "ok"
+        runs = res.get("runs") or []
+        cpu = [r.get("cpu_ms") for r in runs]
+        wall = [r.get("run_wall_ms") for r in runs]
+        share = (sum(cpu) / (sum(wall) * threads)  # type: ignore[arg-type]
+                 if runs and None not in cpu and None not in wall and sum(wall) > 0 else None)  # type: ignore[arg-type]
+        rows.append({"round": info["round"], "status": mr["status"],
+                     "total_ms_p50": mr["total_ms"]["p50"] if ok else None,
+                     "unet_step_ms_p50": mr["unet_step_ms"]["p50"] if ok else None,
+                     "its": mr["its"] if ok else None, "cpu_share": share, "other_cpu": info.get("other_cpu"),
+                     "load_avg": info.get("load_avg"), "waited_s": info.get("waited_s")})
+    m["rounds"] = rows
+    done = [r for r in rows if r["status"] == "ok"]
+    if len(done) >= 2:
+        m["spread"] = {k: (max(r[k] for r in done) - min(r[k] for r in done)) / min(r[k] for r in done)
+                       for k in ("total_ms_p50", "its")}
+    seen = [r["other_cpu"] for r in rows if r["other_cpu"] is not None]
+    m["contended"] = any(x > BUSY_OTHER_CPU for x in seen) if seen else None
 
 
 def step_rate(m: dict[str, Any], steps_ms: list[list[float]]) -> float:
@@ -335,6 +367,7 @@ def document(cfg: BenchConfig, env: dict[str, Any], *, threads: int, requested: 
             "threads": threads, "guidance_scale": cfg.guidance_scale, "prompt": cfg.prompt, "seed": cfg.seed,
             "isolation": "subprocess", "workload": cfg.workload,
             "caches": [cache_record(policy) for policy in cfg.cache_policies],
+            "rounds": cfg.rounds, "quiet": cfg.quiet,
             "refiner": None if ref_manifest is None else {"preset": ref_manifest.preset,
                                                           "refiner_start": cfg.refiner_start},
         },

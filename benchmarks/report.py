@@ -104,19 +104,21 @@ def _device(doc: dict[str, Any], device: str) -> str:
 def text_table(doc: dict[str, Any]) -> str:
     """A plain-text table of one run, for the terminal."""
     head = ["backend", "size", "batch", "sampler/steps", "it/s", "vs torch", "step p50", "image p50/p90 ms",
-            "img/s", "peak mem", "RSS", "cold ms", "UNet floor"]
+            "spread", "img/s", "peak mem", "RSS", "cold ms", "UNet floor"]
     rows = [head]
     for m in doc["measurements"]:
         cfg = f"{m['sampler']}/{m['steps']}"
         if m["status"] != "ok":
             rows.append([_backend(m), f"{m['height']}x{m['width']}", str(m["batch_size"]), cfg,
-                         m["status"], "", "", "", "", "", "", "", ""])
+                         m["status"], "", "", "", "", "", "", "", "", ""])
             continue
         mem, _ = _memory(m) if m["device"] == "cuda" else (None, "")
         rows.append([
-            _backend(m), f"{m['height']}x{m['width']}", str(m["batch_size"]), cfg,
+            _backend(m) + (" (busy)" if m.get("contended") else ""), f"{m['height']}x{m['width']}",
+            str(m["batch_size"]), cfg,
             _num(m["its"], 2), _x(_vs(m, "its")), _num(m["unet_step_ms"]["p50"], 2),
-            f"{_num(m['total_ms']['p50'])}/{_num(m['total_ms']['p90'])}", _num(m["images_per_s"], 2),
+            f"{_num(m['total_ms']['p50'])}/{_num(m['total_ms']['p90'])}", spread_cell(m),
+            _num(m["images_per_s"], 2),
             _gb(mem), _gb(m["peak_rss_bytes"]), _num(m["cold_start_ms"], 0),
             _pct((m.get("of_floor") or {}).get("unet_step")),
         ])
@@ -150,6 +152,7 @@ def text_table(doc: dict[str, Any]) -> str:
                                                                     "vae_decoder_ms"))
                 mem, kind = _memory(m)
                 lines.append(f"  {m['backend']}: {parts}; peak {_gb(mem)} ({kind})")
+    lines += round_lines(doc)
     clocks = clock_summary(doc)
     if clocks:
         lines.append(f"clocks (steps and stages / image ms and img/s): {clocks}")
@@ -160,6 +163,29 @@ def text_table(doc: dict[str, Any]) -> str:
         if c["status"] == "ok":
             lines.append(f"floor: {c['device']} {c['dtype']} matmul measured at {c['tflops']:.3g} TFLOP/s (n={c['n']})")
     return "\n".join(lines)
+
+
+def spread_cell(m: dict[str, Any]) -> str:
+    """The rounds' spread of the median image time ("-" with one round)."""
+    sp = m.get("spread")
+    return "-" if not sp else f"{sp['total_ms_p50']:.1%}"
+
+
+def round_lines(doc: dict[str, Any]) -> list[str]:
+    """What the rounds say: how many, interleaved; each busy row's rounds with the other work's share."""
+    cfg = doc.get("config", {})
+    n = cfg.get("rounds") or 1
+    lines = []
+    if n > 1:
+        lines.append(f"{n} rounds, interleaved (every row once per round, each in its own process); spread: "
+                     "(slowest - fastest) / fastest of the rounds' median image times")
+    for m in doc["measurements"]:
+        if m.get("contended"):
+            parts = ", ".join(f"round {r['round']}: {r['other_cpu']:.0%}" for r in m["rounds"] or []
+                              if r.get("other_cpu") is not None)
+            lines.append(f"busy host: {_backend(m)} {m['height']}x{m['width']} ran while other work used {parts} "
+                         "of the machine; its figures are not comparable (rerun with --quiet 0.05)")
+    return lines
 
 
 def clock_summary(doc: dict[str, Any]) -> str:
@@ -209,6 +235,7 @@ def rows(docs: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
                 "cold_ms": m["cold_start_ms"], "artifact_bytes": m.get("artifact_bytes"),
                 "floor_unet": (m.get("of_floor") or {}).get("unet_step"),
                 "floor_total": (m.get("of_floor") or {}).get("total"),
+                "spread": spread_cell(m), "busy": bool(m.get("contended")),
             })
     out.sort(key=lambda r: (r["preset"], r["size"], r["batch"], r["sampler"], r["steps"], r["device"],
                             r["role"] != "baseline", r["backend"], r["run"]))
@@ -232,16 +259,21 @@ def markdown(docs: Sequence[dict[str, Any]]) -> str:
     """The merged report: measurements of every run, skipped backends with reasons, each run's environment."""
     rs = rows(docs)
     head = ["device", "backend", "model", "size", "batch", "sampler/steps", "it/s", "vs torch", "step ms",
-            "image ms p50 / p90", "img/s", "peak memory", "cold start s", "UNet of floor", "run"]
-    body = [[r["device"], r["backend"], f"{r['preset']} {r['precision']}", r["size"], str(r["batch"]),
+            "image ms p50 / p90", "spread", "img/s", "peak memory", "cold start s", "UNet of floor", "run"]
+    body = [[r["device"], r["backend"] + (" (busy host)" if r["busy"] else ""), f"{r['preset']} {r['precision']}",
+             r["size"], str(r["batch"]),
              f"{r['sampler']}/{r['steps']}", _num(r["its"], 2), _x(r["its_x"]), _num(r["step_ms"], 2),
-             f"{_num(r['total_p50'])} / {_num(r['total_p90'])}", _num(r["images_per_s"], 2), _mem_cell(r),
+             f"{_num(r['total_p50'])} / {_num(r['total_p90'])}", r["spread"], _num(r["images_per_s"], 2),
+             _mem_cell(r),
              _num(None if r["cold_ms"] is None else r["cold_ms"] / 1e3, 2), _pct(r["floor_unet"]), f"[{r['run']}]"]
             for r in rs]
     legend = ("it/s: denoising steps per second (1000 / median step time). With guidance each step runs the UNet "
               "once at batch 2 x batch (conditional and unconditional halves). \"vs torch\": this figure over "
               "diffusers on PyTorch measured in the same run, same weights and shapes (above 1 is faster). "
-              "\"UNet of floor\": matrix FLOPs of one step over the measured matmul rate, divided by the step time.")
+              "\"UNet of floor\": matrix FLOPs of one step over the measured matmul rate, divided by the step time. "
+              "\"spread\": (slowest - fastest) / fastest of the median image times of a run's interleaved rounds "
+              "(\"-\": one round); \"busy host\": other processes used more than a tenth of the machine while "
+              "the row ran, so its figures are not comparable.")
     parts = [REPORT_HEADING.rstrip("\n"), "", legend, "",
              _md_table(head, body) if body else "(no successful measurements)", ""]
     skipped = []
@@ -396,9 +428,10 @@ def readme_section(docs: Sequence[dict[str, Any]], chart_link: str | None, sourc
     rs = rows(docs)
     head = ["device", "backend", "model", "size, batch", "steps", "it/s", "vs PyTorch", "image p50",
             "peak memory", "UNet of floor"]
-    body = [[r["device"], r["backend"], f"{r['preset']} {r['precision']}", f"{r['size']}, {r['batch']}",
-             f"{r['sampler']} {r['steps']}", _num(r["its"], 2), _x(r["its_x"]),
-             f"{_num(r['total_p50'])} ms", _mem_cell(r), _pct(r["floor_unet"])] for r in rs]
+    body = [[r["device"], r["backend"] + (" (busy host)" if r["busy"] else ""), f"{r['preset']} {r['precision']}",
+             f"{r['size']}, {r['batch']}", f"{r['sampler']} {r['steps']}", _num(r["its"], 2), _x(r["its_x"]),
+             f"{_num(r['total_p50'])} ms" + ("" if r["spread"] == "-" else f" (spread {r['spread']})"),
+             _mem_cell(r), _pct(r["floor_unet"])] for r in rs]
     intro = ("Measured with `sdrt bench`: every figure beside diffusers on PyTorch with the same weights, measured "
              "in the same run (fp16 + SDPA on a GPU, fp32 on CPU, same thread count; a CPU run that measures openvino "
              "also runs diffusers under bf16 autocast, torch-cpu-bf16, compared with the fp32 row). it/s counts "

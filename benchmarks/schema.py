@@ -16,7 +16,7 @@ from typing import Any
 from sdrt.runtime.errors import CompatibilityError, InputError
 
 SCHEMA_NAME = "sdrt-bench"
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 
 def _v1_to_v2(doc: dict[str, Any]) -> dict[str, Any]:
@@ -46,8 +46,21 @@ def _v3_to_v4(doc: dict[str, Any]) -> dict[str, Any]:
     return doc
 
 
+def _v4_to_v5(doc: dict[str, Any]) -> dict[str, Any]:
+    """Version 5 records rounds (``config.rounds``, ``config.quiet``; each measurement's ``rounds``, ``spread``
+    and ``contended``); a version 4 run measured each row in one process, and did not watch the host."""
+    doc["config"].setdefault("rounds", 1)
+    doc["config"].setdefault("quiet", None)
+    for m in doc["measurements"]:
+        if isinstance(m, dict):
+            for key in ("rounds", "spread", "contended"):
+                m.setdefault(key, None)
+    return doc
+
+
 # version n -> a function taking a version-n document and returning a version n+1 document.
-MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4}
+MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4,
+                                                                     4: _v4_to_v5}
 
 STATUSES = ("ok", "skipped", "failed")
 ROLES = ("sdrt", "baseline")
@@ -106,6 +119,7 @@ _CONFIG: dict[str, tuple[type, ...]] = {
     "batch_sizes": _LIST, "samplers": _LIST, "backends": _LIST, "baseline": _STR, "compile": _BOOL,
     "warmup": (int,), "repeats": (int,), "threads": (int,), "guidance_scale": _NUM, "prompt": _STR,
     "seed": (int,), "isolation": _STR, "cuda_graph": _BOOL, "workload": _STR, "caches": _LIST,
+    "rounds": (int,), "quiet": _OPT_NUM,
 }
 _MODEL: dict[str, tuple[type, ...]] = {
     "family": _STR, "preset": _STR, "precision": _STR, "folder": _STR, "export_s": _OPT_NUM,
@@ -135,6 +149,7 @@ _MEASUREMENT: dict[str, tuple[type, ...]] = {
     "host_load_avg": (list, type(None)),
     "cache": _OPT_DICT, "full_steps": (int,), "unet_full_step_ms": _OPT_NUM, "unet_shallow_step_ms": _OPT_NUM,
     "unet_equivalent_steps": _OPT_NUM, "vs_uncached": _OPT_DICT, "image_vs_uncached": _OPT_DICT,
+    "rounds": (list, type(None)), "spread": _OPT_DICT, "contended": (bool, type(None)),
 }
 _SUMMARY_KEYS = ("p50", "p90", "min", "max", "mean", "n")
 

@@ -38,7 +38,11 @@ def _runs_loop(call: Callable[[], dict[str, Any]], warmup: int, repeats: int) ->
     runs = []
     for i in range(repeats):
         emit(phase="repeat", i=i + 1, n=repeats)
-        runs.append(call())
+        cpu, wall = time.process_time(), time.perf_counter()
+        run = call()
+        # this process's CPU time over the run's wall time (every thread): what the host let it use
+        run["cpu_ms"], run["run_wall_ms"] = (time.process_time() - cpu) * 1e3, (time.perf_counter() - wall) * 1e3
+        runs.append(run)
     return runs
 
 

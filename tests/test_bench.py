@@ -69,12 +69,81 @@ def test_cpu_run_is_schema_valid_and_complete(cpu_run: dict[str, Any], tmp_path:
     for m in doc["measurements"]:
         assert m["status"] == "ok", m["reason"]
         assert m["unet_batch"] == 2 and m["guided"]
-        assert m["text_encoder_ms"]["n"] == 2 and m["unet_step_ms"]["n"] == 4
+        # two rounds (the default) of two repeats, pooled: 4 images of 2 steps
+        assert m["text_encoder_ms"]["n"] == 4 and m["unet_step_ms"]["n"] == 8
         assert m["peak_rss_bytes"] > 0 and m["artifact_bytes"] > 0
         assert m["peak_vram_bytes"] is None  # CPU run: no GPU figure, and none invented
     assert doc["model"]["artifact_bytes"] == sum(c["size_bytes"] for c in doc["model"]["components"].values())
     phases = {e.get("phase") for e in cpu_run["_events"] if e["stage"] == "job"}
     assert {"start", "load", "cold", "repeat", "done"} <= phases
+
+
+def test_rows_run_interleaved_in_rounds_with_their_spread(cpu_run: dict[str, Any]) -> None:
+    """The default two rounds run A, B, A, B (each a worker process of its own); each round's medians are its own
+    runs' (the first ``repeats`` pooled runs, then the next), the spread is the rounds' (slowest - fastest) /
+    fastest, and the host's other CPU use during each round is recorded (and flags the row past a tenth)."""
+    doc = _doc(cpu_run)
+    starts = [(e["job_index"], e["round"]) for e in cpu_run["_events"]
+              if e["stage"] == "job" and e.get("phase") == "start"]
+    assert starts == [(1, 1), (2, 1), (1, 2), (2, 2)]
+    assert doc["config"]["rounds"] == 2 and doc["config"]["quiet"] is None
+    for m in doc["measurements"]:
+        rounds = m["rounds"]
+        assert [r["round"] for r in rounds] == [1, 2] and all(r["status"] == "ok" for r in rounds)
+        totals = m["raw"]["total_ms"]
+        for k, r in enumerate(rounds):
+            assert r["total_ms_p50"] == pytest.approx(np.median(totals[2 * k:2 * k + 2]))
+            assert 0 < r["cpu_share"] <= 1.5 and (r["other_cpu"] is None or 0 <= r["other_cpu"] <= 1)
+        a, b = (r["total_ms_p50"] for r in rounds)
+        assert m["spread"]["total_ms_p50"] == pytest.approx(abs(a - b) / min(a, b))
+        others = [r["other_cpu"] for r in rounds if r["other_cpu"] is not None]
+        assert m["contended"] == (any(x > 0.10 for x in others) if others else None)
+    assert "2 rounds, interleaved" in report.text_table(doc)
+
+
+def test_a_busy_row_is_flagged_in_the_reports(cpu_run: dict[str, Any]) -> None:
+    doc = json.loads(json.dumps(_doc(cpu_run)))
+    m = _one(doc, "ort-cpu")
+    m["contended"], m["rounds"][1]["other_cpu"] = True, 0.42
+    text = report.text_table(doc)
+    assert "ort-cpu (busy)" in text and "round 2: 42%" in text and "--quiet" in text
+    assert "ort-cpu (busy host)" in report.markdown([doc])
+
+
+def test_the_quiet_wait_measures_other_work() -> None:
+    """``contention``: a child's CPU time is the bench's own, not other work; a busy thread in this process is
+    other work to it (it is no child)."""
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from sdrt.benchmarks import contention
+
+    before = contention.snapshot()
+    subprocess.run([sys.executable, "-c", "import time; t = time.time()\nwhile time.time() - t < 1.0: pass"],
+                   check=True)
+    child = contention.other_cpu(before, contention.snapshot())
+    if child is None:
+        pytest.skip("no /proc/stat on this platform: other work cannot be measured")
+    stop = threading.Event()
+
+    def spin() -> None:
+        while not stop.is_set():
+            pass
+
+    t = threading.Thread(target=spin)
+    t.start()
+    try:
+        time.sleep(0.2)
+        busy = contention.host_busy(1.0)
+        waited, share = contention.wait_quiet(0.01, 1.5, interval_s=0.5)
+    finally:
+        stop.set()
+        t.join()
+    cores = __import__("os").cpu_count() or 1
+    assert busy is not None and busy > 0.5 / cores and child < busy
+    assert waited >= 1.5 and share is not None and share > 0.01  # it gave up after the timeout, still busy
 
 
 def test_absent_backends_are_skipped_with_the_reason(cpu_run: dict[str, Any]) -> None:
@@ -140,10 +209,11 @@ def test_cpu_run_records_the_clock_of_each_figure(cpu_run: dict[str, Any], tiny_
     for m, stage_clock in ((_one(doc, "ort-cpu"), pipeline_clock), (_one(doc, "torch-cpu"), "host")):
         assert m["clocks"] == {"text_encoder_ms": stage_clock, "unet_step_ms": stage_clock,
                                "vae_decoder_ms": stage_clock, "its": stage_clock, **{k: "host" for k in HOST_FIGURES}}
-        repeats = [stage_clock] * m["repeats"]
+        n = m["repeats"] * doc["config"]["rounds"]  # every round's repeats, pooled
+        repeats = [stage_clock] * n
         assert m["raw"]["clocks"] == {"text_encoder_ms": repeats, "unet_steps_ms": repeats,
-                                      "vae_decoder_ms": repeats, "total_ms": ["host"] * m["repeats"]}
-        assert len(m["raw"]["total_ms"]) == len(m["raw"]["clocks"]["total_ms"]) == 2
+                                      "vae_decoder_ms": repeats, "total_ms": ["host"] * n}
+        assert len(m["raw"]["total_ms"]) == len(m["raw"]["clocks"]["total_ms"]) == 4
     (line,) = [x for x in report.text_table(doc).splitlines() if x.startswith("clocks (")]
     assert line.startswith("clocks (steps and stages / image ms and img/s): ")
     assert sorted(line.split(": ", 1)[1].split("; ")) == ["ort-cpu host / host", "torch-cpu host / host"]
@@ -241,7 +311,7 @@ def test_cpu_run_flops_match_an_independent_count(cpu_run: dict[str, Any]) -> No
 def test_cli_run_without_baseline(tiny_export, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "run.json"
     args = ["bench", "--artifact", str(tiny_export("sd15-tiny")), "--backends", "ort-cpu", "--baseline", "none",
-            "--steps", "1", "--warmup", "0", "--repeats", "1", "--threads", "1", "--matmul-size", "256",
+            "--steps", "1", "--warmup", "0", "--repeats", "1", "--rounds", "1", "--threads", "1", "--matmul-size", "256",
             "-o", str(out)]
     assert main(args) == 0
     printed = capsys.readouterr().out
@@ -258,7 +328,7 @@ def test_cpu_comparison_with_the_bf16_autocast_baseline(tiny_export, tmp_path: P
     pytest.importorskip("openvino")
     out = tmp_path / "run.json"
     assert main(["bench", "--artifact", str(tiny_export("sd15-tiny")), "--backends", "openvino",
-                 "--openvino-precision", "fp32", "--steps", "2", "--warmup", "0", "--repeats", "2", "--threads", "1",
+                 "--openvino-precision", "fp32", "--steps", "2", "--warmup", "0", "--repeats", "2", "--rounds", "1", "--threads", "1",
                  "--matmul-size", "256", "-o", str(out)]) == 0
     doc = schema.load(out)
     by_name = {b["name"]: b for b in doc["backends"]}
@@ -409,7 +479,11 @@ def test_other_bad_requests() -> None:
     with pytest.raises(InputError, match="multiples of 8"):
         BenchConfig(preset="sd15-tiny", resolutions=((64, 60),))
     with pytest.raises(InputError, match="repeats"):
-        BenchConfig(preset="sd15-tiny", repeats=0)
+        BenchConfig(preset="sd15-tiny", rounds=1, repeats=0)
+    with pytest.raises(InputError, match="rounds must be from 1 to 20"):
+        BenchConfig(preset="sd15-tiny", rounds=0)
+    with pytest.raises(InputError, match="share of the machine"):
+        BenchConfig(preset="sd15-tiny", quiet=1.5)
     with pytest.raises(InputError, match="baseline"):
         BenchConfig(preset="sd15-tiny", baseline="tensorflow")
     with pytest.raises(InputError, match="'unipc'.*dpmpp-2m"):
@@ -570,7 +644,8 @@ def test_controlnet_and_inpainting_workloads_run_tiny_beside_diffusers(tmp_path:
     inpainting one a 9-channel UNet with an image and a mask beside diffusers' inpainting pipeline. Both sides
     start from the same latents, so their images agree (with the same tolerance as txt2img's)."""
     cfg = BenchConfig(preset=preset, workload=workload, backends=("ort-cpu",), resolutions=((64, 80),), steps=(3,),
-                      samplers=("ddim",), warmup=0, repeats=1, threads=1, work_dir=str(tmp_path), matmul_n=128)
+                      samplers=("ddim",), warmup=0, repeats=1, threads=1, work_dir=str(tmp_path), matmul_n=128,
+                      rounds=1)
     doc = run_bench(cfg)
     assert schema.problems(doc) == [] and doc["config"]["workload"] == workload
     comps = doc["model"]["components"]

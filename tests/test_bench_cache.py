@@ -46,7 +46,7 @@ def cached_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any]
     tmp = tmp_path_factory.mktemp("bench-cache")
     out = tmp / "run.json"
     args = ["bench", "--preset", "sd15-tiny", "--backends", ",".join(_backends()), "--cache", "deepcache:2",
-            "--steps", str(STEPS), "--warmup", "0", "--repeats", "2", "--threads", "1", "--baseline", "none",
+            "--steps", str(STEPS), "--warmup", "0", "--repeats", "2", "--rounds", "1", "--threads", "1", "--baseline", "none",
             "--matmul-size", "256", "--work-dir", str(tmp / "work"), "-o", str(out)]
     if "openvino" in _backends():
         args += ["--openvino-precision", "fp32"]

@@ -42,7 +42,7 @@ def sd3_run(sd3_work: Path) -> dict[str, Any]:
     out = work / "run.json"
     backends = "ort-cpu,openvino" if _openvino() else "ort-cpu"
     args = ["bench", "--preset", "sd3-tiny", "--backends", backends, "--resolutions", f"{HEIGHT}x{WIDTH}",
-            "--steps", "2", "--warmup", "0", "--repeats", "1", "--threads", "1", "--matmul-size", "128",
+            "--steps", "2", "--warmup", "0", "--repeats", "1", "--rounds", "1", "--threads", "1", "--matmul-size", "128",
             "--work-dir", str(work / "work"), "--no-bf16-baseline", "-o", str(out)]
     if _openvino():
         args += ["--openvino-precision", "fp32"]  # f32 inference: the image comparison is exact-ish

@@ -19,7 +19,7 @@ from sdrt.benchmarks.records import REFINER_STAGES
 
 def _run(tmp_path_factory, **kw: Any) -> dict[str, Any]:
     work = tmp_path_factory.mktemp("bench-work")
-    cfg = BenchConfig(backends=("ort-cpu",), warmup=0, repeats=2, threads=1, work_dir=str(work), matmul_n=256, **kw)
+    cfg = BenchConfig(backends=("ort-cpu",), warmup=0, repeats=2, rounds=1, threads=1, work_dir=str(work), matmul_n=256, **kw)
     return run_bench(cfg)
 
 

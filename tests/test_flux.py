@@ -292,7 +292,7 @@ def test_bench_runs_beside_diffusers(tmp_path: Path) -> None:
 
     out = tmp_path / "run.json"
     assert main(["bench", "--preset", "flux-dev-tiny", "--backends", "ort-cpu", "--resolutions", "64x96",
-                 "--steps", "2", "--guidance", "3.5", "--warmup", "0", "--repeats", "1", "--threads", "1",
+                 "--steps", "2", "--guidance", "3.5", "--warmup", "0", "--repeats", "1", "--rounds", "1", "--threads", "1",
                  "--matmul-size", "128", "--work-dir", str(tmp_path / "work"), "--no-bf16-baseline",
                  "-o", str(out)]) == 0
     doc = schema.load(out)

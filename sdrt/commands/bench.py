@@ -95,6 +95,15 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune")
     p.add_argument("--warmup", type=int, default=1, help="runs after the cold first image, not counted (default 1)")
     p.add_argument("--repeats", type=int, default=5, help="measured runs per configuration (default 5)")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="run every row this many times, interleaved (A, B, A, B; each a process of its own), and "
+                        "record the spread of the rounds (default 2)")
+    p.add_argument("--quiet", type=float, default=None, metavar="SHARE",
+                   help="before each row, wait until other processes use at most this share of the machine "
+                        "(e.g. 0.05); rows measured while it was busier are flagged either way")
+    p.add_argument("--quiet-timeout", type=float, default=300.0, metavar="S",
+                   help="the longest --quiet waits before a row, in seconds (default 300; then it measures, "
+                        "flagged)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for every backend (default: physical cores)")
     p.add_argument("--guidance", type=float, default=None,
                    help="guidance scale; > 1 runs the UNet at batch 2 (default 7.5)")
@@ -242,7 +251,8 @@ def run(args: argparse.Namespace) -> int:
         prompt=args.prompt or DEFAULT_PROMPT, seed=args.seed, precision=args.precision, work_dir=args.work_dir,
         timeout_s=args.timeout, matmul_n=args.matmul_size, refiner=refiner, refiner_start=args.refiner_start,
         openvino_precision=args.openvino_precision, bf16_baseline=args.bf16_baseline,
-        workload=args.workload, caches=tuple(args.caches),
+        workload=args.workload, caches=tuple(args.caches), rounds=args.rounds, quiet=args.quiet,
+        quiet_timeout_s=args.quiet_timeout,
     )
     progress = _Progress()
     try:

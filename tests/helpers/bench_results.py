@@ -25,6 +25,7 @@ def synthetic_results(gpu: str, backend: str, its: float, vram: int) -> dict[str
             "image_vs_baseline": None, "host_load_avg": [0.5, 0.5, 0.5],
             "cache": None, "full_steps": 20, "unet_full_step_ms": step_ms, "unet_shallow_step_ms": None,
             "unet_equivalent_steps": 20.0, "vs_uncached": None, "image_vs_uncached": None,
+            "rounds": None, "spread": None, "contended": None,
         }
 
     base = measurement("torch-cuda", "baseline", 20.0, 5 * 2**30)
@@ -50,7 +51,7 @@ def synthetic_results(gpu: str, backend: str, its: float, vram: int) -> dict[str
                    "batch_sizes": [1], "samplers": ["dpmpp-2m"], "backends": [backend, "tensorrt"],
                    "baseline": "torch", "compile": False, "cuda_graph": False, "warmup": 1, "repeats": 1, "threads": 16,
                    "guidance_scale": 7.5, "prompt": "p", "seed": 0, "isolation": "subprocess",
-                   "workload": "txt2img", "caches": []},
+                   "workload": "txt2img", "caches": [], "rounds": 1, "quiet": None},
         "model": {"family": "sd1", "preset": "sd15", "precision": "fp16", "folder": "x", "export_s": None,
                   "components": {}, "artifact_bytes": 0, "source": {}, "flops": {}},
         "ceilings": [{"device": "cuda", "dtype": "float16", "n": 8192, "tflops": 800.0, "ms_p50": 1.4,
