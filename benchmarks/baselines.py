@@ -51,11 +51,30 @@ def baseline_record(row: BaselineRow, precision: str, folder: Path | None, reaso
     return b
 
 
+INTEL_ROWS = ("optimum-intel", "openvino-genai")  # Intel's CPU pipelines (--intel-python), beside diffusers
+
+
 def baseline_of(m: dict[str, Any]) -> str | None:
-    """The row a measurement is compared with: the eager baseline on its device (None for that row itself)."""
-    if m["role"] == "baseline" and not m["backend"].endswith(("-compile", BF16_SUFFIX)):
+    """The row a measurement is compared with: the eager baseline on its device (None for that row itself; the
+    compiled, bf16 and Intel rows are compared with it as sdrt's are)."""
+    if m["role"] == "baseline" and not m["backend"].endswith(("-compile", BF16_SUFFIX)) \
+            and m["backend"] not in INTEL_ROWS:
         return None
     return f"torch-{m['device']}"
+
+
+def intel_reason(cfg: Any, family: str, devices: list[str]) -> str | None:
+    """Why Intel's pipelines cannot be measured in this run (None: they can)."""
+    if cfg.intel_python is None:
+        return "not asked (--intel-python PYTHON: an environment with optimum-intel and openvino-genai)"
+    if "cpu" not in devices:
+        return "Intel's pipelines are CPU baselines; this run measures no CPU backend"
+    if cfg.workload != "txt2img":
+        return f"measured on the txt2img workload only, not {cfg.workload}"
+    if family not in ("sd1", "sd2"):
+        return (f"measured on SD 1.x / 2.x models (optimum-intel's OVStableDiffusionPipeline), not a {family} "
+                "model")
+    return None
 
 
 def baseline_weights(workload: str, work: Path, onnx_folder: Path, manifest: Any, precision: str,

@@ -30,18 +30,20 @@ from . import schema
 from .artifacts import build_engines, engine_bytes, export_for, export_precision, refiner_export
 from .backends import KNOWN_BACKENDS, backend_device, check_backends, unavailable_reason
 from .baselines import (
+    INTEL_ROWS,
     BaselineRow,
     baseline_of,
     baseline_record,
     baseline_rows,
     baseline_weights,
+    intel_reason,
     pipeline_class,
 )
 from .config import DEFAULT_PROMPT, WORKLOADS, BenchConfig
 from .contention import other_cpu, snapshot, wait_quiet
 from .env import fingerprint, load_average
 from .flops import architecture_of_export
-from .jobs import BASELINE, SDRT, Job, job_spec, run_worker, workload_inputs, write_latents
+from .jobs import BASELINE, INTEL, SDRT, Job, job_spec, run_worker, workload_inputs, write_latents
 from .memory import MemoryPeaks
 from .output import check_output, default_filename, save
 from .records import (
@@ -87,6 +89,7 @@ class _Models:
     ref_engines: Path | None = None
     baseline: Path | None = None  # the baseline's diffusers folders
     ref_baseline: Path | None = None
+    intel: Path | None = None  # the OpenVINO export of the baseline's weights Intel's pipelines run
 
 
 class _Run:
@@ -105,9 +108,10 @@ class _Run:
         return export_for(self.cfg, work, precision, self.emit, self.notes, fuse=fuse, preset=preset,
                           artifact=artifact)
 
-    def _worker(self, spec: dict[str, Any], work: Path, label: str, device: str) -> tuple[dict[str, Any], MemoryPeaks]:
+    def _worker(self, spec: dict[str, Any], work: Path, label: str, device: str,
+                python: str | None = None) -> tuple[dict[str, Any], MemoryPeaks]:
         return run_worker(spec, work, label, device, threads=self.threads, timeout_s=self.cfg.timeout_s,
-                          emit=self.emit)
+                          emit=self.emit, python=python)
 
     # -- the run ------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -258,7 +262,33 @@ class _Run:
         rows = baseline_rows(devices, cfg.compile, bf16)
         for row in rows:
             backends[row.name] = baseline_record(row, precision, models.baseline, reason)
+        if cfg.intel_python is not None:
+            self._intel(models, work, devices, backends)
         return rows
+
+    def _intel(self, models: _Models, work: Path, devices: list[str], backends: dict[str, BackendRecord]) -> None:
+        """Intel's pipelines' entries, and their OpenVINO export of the baseline's weights (made once by their own
+        environment's ``optimum-cli``, then reused); skipped, with the reason, where they cannot run."""
+        why = intel_reason(self.cfg, models.manifest.family, devices)
+        if why is None and models.baseline is None:
+            why = "the diffusers folder of the baseline, which they export, could not be made"
+        folder = work / f"intel-ov-{models.baseline.name if models.baseline is not None else 'none'}"
+        export_s = None
+        if why is None and not (folder / "model_index.json").is_file():
+            self.emit("baseline", "exporting the same weights for Intel's pipelines (optimum-cli export openvino)")
+            res, _ = self._worker({"job": "intel-export", "folder": str(models.baseline), "out": str(folder)}, work,
+                                  "optimum-cli export openvino", "cpu", python=self.cfg.intel_python)
+            why = None if res["status"] == "ok" else f"the OpenVINO export failed: {res.get('reason')}"
+            export_s = res.get("export_s")
+        for name in INTEL_ROWS:
+            b = BackendRecord(name, "baseline", "cpu", precision="fp32 OpenVINO IR, f32 inference")
+            if why is not None:
+                b.status, b.reason = "skipped", why
+            else:
+                b.artifact_bytes = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+                b.build_s = export_s
+            backends[name] = b
+        models.intel = folder if why is None else None
 
     def _flops(self, models: _Models, resolutions: list[tuple[int, int]],
                guided: bool) -> dict[tuple[int, int, int], dict[str, int]]:
@@ -320,6 +350,10 @@ class _Run:
                     assert models.baseline is not None
                     jobs.append(Job(BASELINE, row.name, row.device, models.baseline, h, w, bsz, sampler, steps,
                                     row.compiled, row.autocast, **shared))
+            if models.intel is not None:  # Intel's pipelines beside diffusers, on the same weights and latents
+                for name in INTEL_ROWS:
+                    jobs.append(Job(INTEL, name, "cpu", models.intel, h, w, bsz, sampler, steps,
+                                    artifact_bytes=backends[name].artifact_bytes, **shared))
             for name in available:
                 src = models.engines if name == "tensorrt" else models.folder
                 assert src is not None
@@ -343,7 +377,8 @@ class _Run:
             spec["image_out"] = None
         self.emit("job", job.label(), phase="start", job_index=i + 1, jobs=n_jobs, round=r + 1, rounds=cfg.rounds)
         load, before = load_average(), snapshot()
-        res, peaks = self._worker(spec, work, job.label(), job.device)
+        res, peaks = self._worker(spec, work, job.label(), job.device,
+                                  python=cfg.intel_python if job.kind == INTEL else None)
         info.update(other_cpu=other_cpu(before, snapshot()), load_avg=None if load is None else load[0])
         if r == 0 and job.name == "openvino" and job.cache is None and res["status"] == "ok":  # fills once
             self.emit("job", job.label(), phase="cached cold start")

@@ -67,6 +67,9 @@ class BenchConfig:
     # wait), for at most quiet_timeout_s (then measure anyway: the row is flagged)
     quiet: float | None = None
     quiet_timeout_s: float = 300.0
+    # the interpreter of an environment with optimum-intel and openvino-genai: Intel's two CPU pipelines are then
+    # measured beside diffusers, on one OpenVINO export of the baseline's weights (benchmarks/intel_worker.py)
+    intel_python: str | None = None
 
     @property
     def cache_policies(self) -> tuple[Any, ...]:
@@ -112,6 +115,19 @@ class BenchConfig:
         if self.quiet_timeout_s <= 0:
             raise InputError(f"quiet_timeout_s must be positive, got {self.quiet_timeout_s}",
                              cli=f"--quiet-timeout must be positive, got {self.quiet_timeout_s}")
+        if self.intel_python is not None:
+            import os
+
+            if not (os.path.isfile(self.intel_python) and os.access(self.intel_python, os.X_OK)):
+                raise InputError(f"intel_python {self.intel_python!r} is not an executable Python: give the "
+                                 "interpreter of a virtualenv with optimum-intel and openvino-genai "
+                                 "(benchmarks/README.md, \"Intel's pipelines\")",
+                                 cli=f"--intel-python {self.intel_python!r} is not an executable Python: give the "
+                                     "interpreter of a virtualenv with optimum-intel and openvino-genai "
+                                     "(benchmarks/README.md, \"Intel's pipelines\")")
+            if self.baseline != "torch":
+                raise InputError("Intel's pipelines are compared with diffusers: they need baseline=\"torch\"",
+                                 cli="--intel-python needs the diffusers baseline: leave out --baseline none")
         if self.threads is not None and self.threads < 1:
             raise InputError(f"threads must be >= 1, got {self.threads}")
         if self.openvino_precision is not None:

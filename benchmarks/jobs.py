@@ -18,12 +18,13 @@ from .config import BenchConfig, cache_label, cache_record
 from .memory import MemoryPeaks, MemorySampler
 from .worker import PREFIX
 
-SDRT, BASELINE = "sdrt", "diffusers"  # Job.kind: the system a row measures
+SDRT, BASELINE, INTEL = "sdrt", "diffusers", "intel"  # Job.kind: the system a row measures
+INTEL_WORKER = Path(__file__).with_name("intel_worker.py")  # run by the Intel environment's own interpreter
 
 
 @dataclass
 class Job:
-    kind: str  # the system measured: SDRT or BASELINE (diffusers on PyTorch); not a model family
+    kind: str  # the system measured: SDRT, BASELINE (diffusers on PyTorch) or INTEL (Intel's pipelines)
     name: str  # backend name in the result: "ort-cpu", "torch-cpu", "torch-cuda-compile", ...
     device: str
     folder: Path
@@ -49,6 +50,11 @@ class Job:
     def is_baseline(self) -> bool:
         """The row measures the PyTorch baseline (diffusers), not sdrt."""
         return self.kind == BASELINE
+
+    @property
+    def role(self) -> str:
+        """The result's role: ``sdrt``, or ``baseline`` for every other system (diffusers, Intel's pipelines)."""
+        return "sdrt" if self.kind == SDRT else "baseline"
 
     def label(self) -> str:
         return f"{self.row_name} {self.height}x{self.width} batch {self.batch_size} {self.sampler}/{self.steps} steps"
@@ -108,7 +114,8 @@ def job_spec(job: Job, cfg: BenchConfig, *, precision: str, family: str, threads
 
 
 def run_worker(spec: dict[str, Any], work: Path, label: str, device: str, *, threads: int,
-               timeout_s: float | None, emit: Callable[..., None]) -> tuple[dict[str, Any], MemoryPeaks]:
+               timeout_s: float | None, emit: Callable[..., None],
+               python: str | None = None) -> tuple[dict[str, Any], MemoryPeaks]:
     """Run ``spec`` in a worker process of its own (``threads`` for every math library; stopped after
     ``timeout_s``), passing its progress events to ``emit`` and sampling its memory meanwhile: (its result, or a
     failure with the reason and its stderr's tail; the memory peaks)."""
@@ -122,7 +129,9 @@ def run_worker(spec: dict[str, Any], work: Path, label: str, device: str, *, thr
     t = str(threads)
     env.update(OMP_NUM_THREADS=t, MKL_NUM_THREADS=t, OPENBLAS_NUM_THREADS=t, TOKENIZERS_PARALLELISM="false",
                PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    cmd = [sys.executable, "-m", "sdrt.benchmarks.worker", str(spec_path), str(result_path)]
+    # an Intel job: that environment's interpreter runs the self-contained intel_worker.py (no sdrt there)
+    cmd = ([python, str(INTEL_WORKER)] if python is not None else [sys.executable, "-m", "sdrt.benchmarks.worker"]) \
+        + [str(spec_path), str(result_path)]
     with open(err_path, "w") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
         timer = None

@@ -46,7 +46,7 @@ def measurement(job: Job, res: dict[str, Any], peaks: MemoryPeaks, cfg: BenchCon
     """A job's measurement record from its worker's result and memory peaks: every figure summarized over the
     repeats, with the raw runs and the clock each figure was timed on (a failed job: its status and reason)."""
     m: dict[str, Any] = {
-        "backend": job.name, "role": "baseline" if job.is_baseline else "sdrt", "device": job.device,
+        "backend": job.name, "role": job.role, "device": job.device,
         "status": res["status"], "reason": res.get("reason"), "height": job.height, "width": job.width,
         "batch_size": job.batch_size, "sampler": job.sampler, "steps": job.steps,
         "guidance_scale": cfg.guidance_scale, "guided": guided,

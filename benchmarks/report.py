@@ -104,13 +104,13 @@ def _device(doc: dict[str, Any], device: str) -> str:
 def text_table(doc: dict[str, Any]) -> str:
     """A plain-text table of one run, for the terminal."""
     head = ["backend", "size", "batch", "sampler/steps", "it/s", "vs torch", "step p50", "image p50/p90 ms",
-            "spread", "img/s", "peak mem", "RSS", "cold ms", "UNet floor"]
+            "spread", "img/s", "vs torch image", "peak mem", "RSS", "cold ms", "UNet floor"]
     rows = [head]
     for m in doc["measurements"]:
         cfg = f"{m['sampler']}/{m['steps']}"
         if m["status"] != "ok":
             rows.append([_backend(m), f"{m['height']}x{m['width']}", str(m["batch_size"]), cfg,
-                         m["status"], "", "", "", "", "", "", "", "", ""])
+                         m["status"], "", "", "", "", "", "", "", "", "", ""])
             continue
         mem, _ = _memory(m) if m["device"] == "cuda" else (None, "")
         rows.append([
@@ -118,7 +118,7 @@ def text_table(doc: dict[str, Any]) -> str:
             str(m["batch_size"]), cfg,
             _num(m["its"], 2), _x(_vs(m, "its")), _num(m["unet_step_ms"]["p50"], 2),
             f"{_num(m['total_ms']['p50'])}/{_num(m['total_ms']['p90'])}", spread_cell(m),
-            _num(m["images_per_s"], 2),
+            _num(m["images_per_s"], 2), image_cell(m),
             _gb(mem), _gb(m["peak_rss_bytes"]), _num(m["cold_start_ms"], 0),
             _pct((m.get("of_floor") or {}).get("unet_step")),
         ])
@@ -163,6 +163,14 @@ def text_table(doc: dict[str, Any]) -> str:
         if c["status"] == "ok":
             lines.append(f"floor: {c['device']} {c['dtype']} matmul measured at {c['tflops']:.3g} TFLOP/s (n={c['n']})")
     return "\n".join(lines)
+
+
+def image_cell(m: dict[str, Any]) -> str:
+    """The first image's difference from the baseline's (same weights and latents): max / mean, in levels of 255."""
+    d = m.get("image_vs_baseline")
+    if not d or d.get("max_abs") is None:
+        return "-"
+    return f"max {d['max_abs']} / mean {d['mean_abs']:.2g}"
 
 
 def spread_cell(m: dict[str, Any]) -> str:
@@ -235,7 +243,7 @@ def rows(docs: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
                 "cold_ms": m["cold_start_ms"], "artifact_bytes": m.get("artifact_bytes"),
                 "floor_unet": (m.get("of_floor") or {}).get("unet_step"),
                 "floor_total": (m.get("of_floor") or {}).get("total"),
-                "spread": spread_cell(m), "busy": bool(m.get("contended")),
+                "spread": spread_cell(m), "busy": bool(m.get("contended")), "image": image_cell(m),
             })
     out.sort(key=lambda r: (r["preset"], r["size"], r["batch"], r["sampler"], r["steps"], r["device"],
                             r["role"] != "baseline", r["backend"], r["run"]))
@@ -259,12 +267,13 @@ def markdown(docs: Sequence[dict[str, Any]]) -> str:
     """The merged report: measurements of every run, skipped backends with reasons, each run's environment."""
     rs = rows(docs)
     head = ["device", "backend", "model", "size", "batch", "sampler/steps", "it/s", "vs torch", "step ms",
-            "image ms p50 / p90", "spread", "img/s", "peak memory", "cold start s", "UNet of floor", "run"]
+            "image ms p50 / p90", "spread", "img/s", "image vs torch", "peak memory", "cold start s",
+            "UNet of floor", "run"]
     body = [[r["device"], r["backend"] + (" (busy host)" if r["busy"] else ""), f"{r['preset']} {r['precision']}",
              r["size"], str(r["batch"]),
              f"{r['sampler']}/{r['steps']}", _num(r["its"], 2), _x(r["its_x"]), _num(r["step_ms"], 2),
              f"{_num(r['total_p50'])} / {_num(r['total_p90'])}", r["spread"], _num(r["images_per_s"], 2),
-             _mem_cell(r),
+             r["image"], _mem_cell(r),
              _num(None if r["cold_ms"] is None else r["cold_ms"] / 1e3, 2), _pct(r["floor_unet"]), f"[{r['run']}]"]
             for r in rs]
     legend = ("it/s: denoising steps per second (1000 / median step time). With guidance each step runs the UNet "

@@ -104,6 +104,10 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet-timeout", type=float, default=300.0, metavar="S",
                    help="the longest --quiet waits before a row, in seconds (default 300; then it measures, "
                         "flagged)")
+    p.add_argument("--intel-python", default=None, metavar="PYTHON",
+                   help="also measure Intel's CPU pipelines (optimum-intel's OVStableDiffusionPipeline and OpenVINO "
+                        "GenAI's Text2ImagePipeline) on an OpenVINO export of the same weights, run by this "
+                        "interpreter of an environment that has them (see benchmarks/README.md)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for every backend (default: physical cores)")
     p.add_argument("--guidance", type=float, default=None,
                    help="guidance scale; > 1 runs the UNet at batch 2 (default 7.5)")
@@ -252,7 +256,7 @@ def run(args: argparse.Namespace) -> int:
         timeout_s=args.timeout, matmul_n=args.matmul_size, refiner=refiner, refiner_start=args.refiner_start,
         openvino_precision=args.openvino_precision, bf16_baseline=args.bf16_baseline,
         workload=args.workload, caches=tuple(args.caches), rounds=args.rounds, quiet=args.quiet,
-        quiet_timeout_s=args.quiet_timeout,
+        quiet_timeout_s=args.quiet_timeout, intel_python=args.intel_python,
     )
     progress = _Progress()
     try:
