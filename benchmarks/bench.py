@@ -380,6 +380,7 @@ class _Run:
         res, peaks = self._worker(spec, work, job.label(), job.device,
                                   python=cfg.intel_python if job.kind == INTEL else None)
         info.update(other_cpu=other_cpu(before, snapshot()), load_avg=None if load is None else load[0])
+        self.emit("job", job.label(), phase="ran", job_index=i + 1, jobs=n_jobs, round=r + 1, status=res["status"])
         if r == 0 and job.name == "openvino" and job.cache is None and res["status"] == "ok":  # fills once
             self.emit("job", job.label(), phase="cached cold start")
             again, _ = self._worker({**spec, "cold_only": True, "image_out": None}, work,

@@ -182,13 +182,16 @@ class _Progress:
             return
         phase = event.get("phase")
         if phase == "start":
+            rounds = int(event.get("rounds") or 1)
             if self.bar is None:
-                self.bar = tqdm(total=event["jobs"], unit="config", dynamic_ncols=True)
-            self.bar.set_description(msg)
+                self.bar = tqdm(total=event["jobs"] * rounds, unit="run", dynamic_ncols=True)
+            self.bar.set_description(msg + (f" (round {event.get('round')}/{rounds})" if rounds > 1 else ""))
             self.bar.set_postfix_str("starting")
-        elif phase == "done":
+        elif phase == "ran":
             if self.bar is not None:
                 self.bar.update(1)
+        elif phase == "done":
+            if self.bar is not None:
                 its = event.get("its")
                 self.bar.write(f"{msg}: " + (f"{its:.2f} it/s" if its else str(event.get("status"))))
         elif self.bar is not None:
