@@ -71,8 +71,9 @@ def intel_reason(cfg: Any, family: str, devices: list[str]) -> str | None:
         return "Intel's pipelines are CPU baselines; this run measures no CPU backend"
     if cfg.workload != "txt2img":
         return f"measured on the txt2img workload only, not {cfg.workload}"
-    if family not in ("sd1", "sd2"):
-        return (f"measured on SD 1.x / 2.x models (optimum-intel's OVStableDiffusionPipeline), not a {family} "
+    fam = family_named(family)
+    if fam.diffusers_pipeline != "StableDiffusion":  # OVStableDiffusionPipeline is StableDiffusionPipeline's peer
+        return (f"measured on SD 1.x / 2.x models (optimum-intel's OVStableDiffusionPipeline), not an {fam.label} "
                 "model")
     return None
 

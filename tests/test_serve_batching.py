@@ -24,7 +24,8 @@ class RecordingPipe:
         self.batches: list[int] = []
         self.threads: set[str] = set()
 
-    def conditioning_key(self, prompts: list[str], negatives: list[str] | None, guidance: float) -> tuple[Any, ...]:
+    def conditioning_key(self, prompts: list[str], negatives: list[str] | None, guidance: float,
+                         prompt_syntax: str = "plain") -> tuple[Any, ...]:
         return guidance > 1.0, (1,), False  # one 77-token chunk for every text, no zeroed negatives
 
     def generate(self, request: Any) -> Any:
