@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import datetime as _dt
 import json
-import math
 import re
 import tempfile
 from collections.abc import Callable
@@ -28,7 +27,7 @@ from typing import Any
 import torch
 
 from sdrt.runtime.atomic import atomic_dir
-from sdrt.runtime.errors import ArtifactError, InputError
+from sdrt.runtime.errors import InputError
 from sdrt.runtime.manifest import (
     MANIFEST_NAME,
     ExportManifest,
@@ -42,8 +41,8 @@ from .exporter import EXPORT_KIND, MIN_OPSET, TEXT_LEN, check_export_dir, tool_v
 from .flux_presets import FLUX_PRESETS, FluxModules, FluxPreset, build_modules, get_flux_preset
 from .flux_specs import T5_NAME, flux_specs, streamed_t5, streamed_transformer_spec, transformer_spec
 from .onnx_export import check_parity, export_component, parity_line
-from .sd3_export import STREAM_PARAMS, Streamed, component_config
-from .sd3_gate import T5_BLOCKS, mapped_weights, t5_blocks
+from .sd3_export import Streamed, component_config, to_stream
+from .sd3_gate import T5_BLOCKS, load_reduced, mapped_weights, t5_blocks
 from .sd3_specs import t5_spec
 from .streamed import WeightSource, checkpoint_weights, export_streamed, fake_shapes, synthetic_weights
 
@@ -91,13 +90,6 @@ def _shapes(transformer: dict[str, Any], t5: dict[str, Any]) -> dict[str, dict[s
             T5_NAME: fake_shapes(streamed_t5(t5, 8).build, "encoder.")}
 
 
-def _to_stream(shapes: dict[str, dict[str, tuple[int, ...]]], stream: bool | None) -> tuple[str, ...]:
-    """The components to stream: all (True), none (False), or those past STREAM_PARAMS (None)."""
-    if stream is not None:
-        return tuple(shapes) if stream else ()
-    return tuple(n for n, w in shapes.items() if sum(math.prod(s) for s in w.values()) > STREAM_PARAMS)
-
-
 def load_flux(path: str | Path | None = None, *, random_preset: str | None = None, seed: int = 0,
               stream: bool | None = None) -> LoadedFlux:
     """A diffusers FLUX.1 folder (safetensors only: nothing is unpickled) or ``random_preset``'s seeded weights.
@@ -108,7 +100,7 @@ def load_flux(path: str | Path | None = None, *, random_preset: str | None = Non
     if random_preset is not None:
         preset = get_flux_preset(random_preset)
         shapes = _shapes(preset.config("transformer"), preset.config("t5"))
-        skip = _to_stream(shapes, stream)
+        skip = to_stream(shapes, stream)
         streamed = {n: Streamed(preset.config("transformer" if n == "transformer" else "t5"),
                                 synthetic_weights(seed, shapes[n]), "synthetic") for n in skip}
         return LoadedFlux(preset, build_modules(preset, seed, skip), dict(preset.scheduler),
@@ -125,7 +117,7 @@ def load_flux(path: str | Path | None = None, *, random_preset: str | None = Non
         raise InputError(f"{folder} lacks {', '.join(missing)}: a FLUX.1 folder has each of them")
     kw: dict[str, Any] = {"torch_dtype": torch.float32, "use_safetensors": True}
     tr_cfg, t5_cfg = component_config(folder / "transformer"), component_config(folder / "text_encoder_2")
-    skip = _to_stream(_shapes(tr_cfg, t5_cfg), stream)
+    skip = to_stream(_shapes(tr_cfg, t5_cfg), stream)
     streamed = {n: Streamed(tr_cfg if n == "transformer" else t5_cfg, checkpoint_weights(folder / n), "checkpoint")
                 for n in skip}
     transformer = None if "transformer" in skip else \
@@ -273,13 +265,7 @@ def gate_streamed(name: str, config: dict[str, Any], weights: WeightSource, toke
         module = T5EncoderModel(T5Config(**reduced))
         what = f"blocks {t5_picked} of {config['num_layers']}"
     progress(f"{sspec.name}: parity gate on {what} at full width (a reduced-depth copy)")
-    names = [n for n, _ in [*module.named_parameters(), *module.named_buffers()]]
-    missing, unexpected = module.load_state_dict({k: source(k) for k in names}, strict=False)
-    tied = {n for n, _ in module.named_parameters(remove_duplicate=False)} - set(names)
-    if unexpected or set(missing) - tied:
-        raise ArtifactError(f"{sspec.name}: the reduced copy's weights do not load ({sorted(missing)[:3]} missing, "
-                            f"{sorted(unexpected)[:3]} unexpected)")
-    module = module.float().eval()
+    module = load_reduced(module, source, sspec.name)
     cspec = transformer_spec(module, tokens) if name == "transformer" else t5_spec(module, tokens, name=T5_NAME)
     with tempfile.TemporaryDirectory(prefix="sdrt-gate-") as tmp:
         comp = export_streamed(sspec, source, "fp32", Path(tmp) / sspec.name)

@@ -78,7 +78,7 @@ def _weight_shapes(transformer: dict[str, Any], t5: dict[str, Any] | None) -> di
     return {n: fake_shapes(build, prefix) for n, (build, prefix) in builds.items()}
 
 
-def _to_stream(shapes: dict[str, dict[str, tuple[int, ...]]], stream: bool | None) -> tuple[str, ...]:
+def to_stream(shapes: dict[str, dict[str, tuple[int, ...]]], stream: bool | None) -> tuple[str, ...]:
     """The components to stream: all (True), none (False), or those past STREAM_PARAMS (None)."""
     if stream is not None:
         return tuple(shapes) if stream else ()
@@ -130,7 +130,7 @@ def load_sd3(path: str | Path | None = None, *, random_preset: str | None = None
     if random_preset is not None:
         preset = get_sd3_preset(random_preset)
         shapes = _weight_shapes(preset.config("transformer"), preset.config("t5"))
-        skip = _to_stream(shapes, stream)
+        skip = to_stream(shapes, stream)
         streamed = {n: Streamed(preset.config("transformer" if n == "transformer" else "t5"),
                                 synthetic_weights(seed, shapes[n]), "synthetic") for n in skip}
         return LoadedSd3(preset, build_modules(preset, seed, skip), dict(preset.scheduler),
@@ -150,7 +150,7 @@ def load_sd3(path: str | Path | None = None, *, random_preset: str | None = None
     has_t5 = (folder / "text_encoder_3").is_dir()
     tr_cfg = component_config(folder / "transformer")
     t5_cfg = component_config(folder / "text_encoder_3") if has_t5 else None
-    skip = _to_stream(_weight_shapes(tr_cfg, t5_cfg), stream)
+    skip = to_stream(_weight_shapes(tr_cfg, t5_cfg), stream)
     streamed = {n: Streamed(tr_cfg if n == "transformer" else t5_cfg or {}, checkpoint_weights(folder / n),
                             "checkpoint") for n in skip}
     transformer = None if "transformer" in skip else SD3Transformer2DModel.from_pretrained(folder / "transformer",

@@ -73,6 +73,18 @@ def mapped_weights(weights: WeightSource, pattern: re.Pattern[str], prefix: str,
     return get
 
 
+def load_reduced(module: torch.nn.Module, source: WeightSource, name: str) -> torch.nn.Module:
+    """A reduced-depth copy's weights, each read once from ``source`` (a tied weight, such as T5's embed_tokens,
+    under its first name); the module float32 in eval mode. ArtifactError where they do not load."""
+    names = [n for n, _ in [*module.named_parameters(), *module.named_buffers()]]
+    missing, unexpected = module.load_state_dict({k: source(k) for k in names}, strict=False)
+    tied = {n for n, _ in module.named_parameters(remove_duplicate=False)} - set(names)
+    if unexpected or set(missing) - tied:
+        raise ArtifactError(f"{name}: the reduced copy's weights do not load ({sorted(missing)[:3]} missing, "
+                            f"{sorted(unexpected)[:3]} unexpected)")
+    return module.float().eval()
+
+
 def gate_streamed(kind: str, config: dict[str, Any], weights: WeightSource, precision: str, tokens: int,
                   parity_shape: tuple[int, int, int], progress: Callable[[str], None] = lambda m: None,
                   block_cache: bool = False) -> Parity:
@@ -99,14 +111,7 @@ def gate_streamed(kind: str, config: dict[str, Any], weights: WeightSource, prec
         module = T5EncoderModel(T5Config(**reduced))
         total = int(config["num_layers"])
     progress(f"{sspec.name}: parity gate on blocks {picked} of {total} at full width (a reduced-depth copy)")
-    # each weight once: a tied one (T5's embed_tokens is its shared table) is loaded under its first name
-    names = [n for n, _ in [*module.named_parameters(), *module.named_buffers()]]
-    missing, unexpected = module.load_state_dict({k: source(k) for k in names}, strict=False)
-    tied = {n for n, _ in module.named_parameters(remove_duplicate=False)} - set(names)
-    if unexpected or set(missing) - tied:
-        raise ArtifactError(f"{sspec.name}: the reduced copy's weights do not load ({sorted(missing)[:3]} missing, "
-                            f"{sorted(unexpected)[:3]} unexpected)")
-    module = module.float().eval()
+    module = load_reduced(module, source, sspec.name)
     cspec = (cached_spec(module, tokens) if kind == "cached" else transformer_spec(module, tokens, block_cache)
              if kind == "transformer" else t5_spec(module, tokens))
     with tempfile.TemporaryDirectory(prefix="sdrt-gate-") as tmp:
