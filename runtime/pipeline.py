@@ -183,6 +183,14 @@ class Pipeline:
         return (self.family.classifier_free and guidance_scale > 1.0
                 and "timestep_cond" not in self.engines["unet"].inputs)
 
+    @property
+    def takes_guidance(self) -> bool:
+        """Whether ``guidance_scale`` changes the images at all: False for a family without classifier-free
+        guidance whose denoiser has no embedded ``guidance`` input (FLUX.1 [schnell], distilled to run without
+        any), which ignores it as diffusers' pipelines do."""
+        self._ready()
+        return self.family.classifier_free or "guidance" in self.engines["unet"].inputs
+
     def check_request(self, height: int, width: int, batch: int, guided: bool | None) -> None:
         """Refuse a size or batch outside the export's limits (and, with ``guided`` known, the backend's
         engines' profiles), before any work."""

@@ -26,6 +26,21 @@ def prompt_loras(prompt: str) -> tuple[str, list[tuple[str, float]]]:
         raise ApiError(422, str(e), "prompt", "invalid_lora") from e
 
 
+def lora_form(text: str | None) -> list[S.LoraRef] | None:
+    """The edits form's ``loras`` field (a JSON list of ``{"name", "scale"}``, as the generations field), parsed;
+    422 naming the field when it is not."""
+    if text is None or not text.strip():
+        return None
+    from pydantic import TypeAdapter, ValidationError
+
+    try:
+        return TypeAdapter(list[S.LoraRef]).validate_json(text)
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise ApiError(422, f"loras must be a JSON list of {{\"name\": ..., \"scale\": ...}} objects: "
+                            f"{first['msg']} at {list(first['loc'])}", "loras", "invalid_lora") from e
+
+
 def loras_of(st: ServeState, refs: list[S.LoraRef] | None,
              from_prompt: list[tuple[str, float]] = ()) -> list[tuple[str, float]] | None:
     """A request's LoRAs (the ``loras`` field, then a prompt's tags), checked against this server before any
@@ -110,6 +125,15 @@ def check_negative(st: ServeState, negative: str | None, field: str = "negative_
         st.pipeline().family.refuse_negative(negative)
     except InputError as e:
         raise ApiError(422, str(e), field, "negative_prompt_unsupported") from e
+
+
+def guidance_notes(st: ServeState, scale: float | None, field: str) -> list[str]:
+    """What the response says of a guidance scale the model ignores (FLUX.1 [schnell] takes none; diffusers
+    ignores it too, so the request is not refused, but the client learns it had no effect)."""
+    pipe = st.pipeline()
+    if scale is None or pipe.takes_guidance:
+        return []
+    return [f"{field} {scale:g} had no effect: {st.model_id} ({pipe.family.label}) takes no guidance scale"]
 
 
 def sampler_of(st: ServeState, name: str | None, field: str, scheduler: str | None = None) -> str:

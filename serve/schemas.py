@@ -78,6 +78,8 @@ class CacheKnobs(BaseModel):
 
 LORA_NAME = r"^[A-Za-z0-9][A-Za-z0-9._ -]{0,127}$"  # a file's stem in the server's --lora-dir, never a path
 MAX_LORAS = 8
+MAX_LORA_FORM_CHARS = 2048  # the edits form's loras field: a JSON list of at most MAX_LORAS {name, scale}
+PromptSyntax = Literal["plain", "a1111"]
 
 
 class LoraRef(BaseModel):
@@ -136,7 +138,7 @@ class SdrtKnobs(CacheKnobs, LoraKnobs):
     guidance_scale: float | None = Guidance
     sampler: str | None = Field(default=None, description=f"one of {', '.join(SAMPLERS)}")
     seed: int | None = Seed
-    prompt_syntax: Literal["plain", "a1111"] = Field(
+    prompt_syntax: PromptSyntax = Field(
         default="plain", description="how the prompt is read: as it is, or in A1111's language ((a:1.2), [a], "
                                      "BREAK, <lora:NAME:W>)")
 
@@ -169,6 +171,9 @@ class OpenAIImage(BaseModel):
 class OpenAIImages(BaseModel):
     created: int
     data: list[OpenAIImage]
+    notes: list[str] | None = Field(default=None, description="what had no effect on the images (sdrt's field; "
+                                                              "null when nothing): e.g. a guidance_scale the model "
+                                                              "ignores")
 
 
 class OpenAIModel(BaseModel):

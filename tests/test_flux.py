@@ -9,6 +9,7 @@ input the family refuses before any work.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -302,3 +303,51 @@ def test_bench_runs_beside_diffusers(tmp_path: Path) -> None:
     assert m["status"] == "ok", m["reason"]
     assert not m["guided"] and m["unet_batch"] == 1 and m["flops"]["unet_step"] > 0
     assert m["image_vs_baseline"]["max_abs"] <= 1
+
+
+def test_schnell_says_that_guidance_had_no_effect(flux_export) -> None:
+    """[schnell] takes no guidance scale (diffusers ignores it too): the images are the same whatever the scale,
+    and each API's response says the scale had no effect ([dev], which embeds it, says nothing)."""
+    pytest.importorskip("fastapi")
+    httpx = pytest.importorskip("httpx")
+    from sdrt.serve import create_app
+
+    from .helpers.serve_live import LiveServer, pixels
+
+    pipe = shared_pipeline(flux_export("flux-schnell-tiny"))
+    assert not pipe.takes_guidance and shared_pipeline(flux_export("flux-dev-tiny")).takes_guidance
+    want = np.asarray(pipe(PROMPT, steps=2, seed=5, height=64, width=64, guidance_scale=1.0).images[0])
+    np.testing.assert_array_equal(
+        np.asarray(pipe(PROMPT, steps=2, seed=5, height=64, width=64, guidance_scale=9.0).images[0]), want)
+    app = create_app(pipe, max_batch=4, batch_window_ms=50, max_steps=8, max_pixels=128 * 128, warmup=False)
+    with LiveServer(app) as server:
+        r = httpx.post(f"{server.url}/v1/images/generations", timeout=120,
+                       json={"prompt": PROMPT, "size": "64x64", "steps": 2, "seed": 5, "guidance_scale": 6.0})
+        assert r.status_code == 200, r.text
+        np.testing.assert_array_equal(pixels(r.json()["data"][0]["b64_json"]), want)
+        notes = r.json()["notes"]
+        assert len(notes) == 1 and notes[0].startswith("guidance_scale 6 had no effect") and "FLUX.1" in notes[0], notes
+        r = httpx.post(f"{server.url}/v1/images/generations", timeout=120,
+                       json={"prompt": PROMPT, "size": "64x64", "steps": 2, "seed": 5})
+        assert r.status_code == 200 and r.json().get("notes") is None, r.text
+        r = httpx.post(f"{server.url}/sdapi/v1/txt2img", timeout=120,
+                       json={"prompt": PROMPT, "steps": 2, "seed": 5, "width": 64, "height": 64, "cfg_scale": 7})
+        assert r.status_code == 200, r.text
+        np.testing.assert_array_equal(pixels(r.json()["images"][0]), want)
+        notes = json.loads(r.json()["info"])["sdrt_notes"]
+        assert len(notes) == 1 and notes[0].startswith("cfg_scale 7 had no effect") and "FLUX.1" in notes[0], notes
+
+
+def test_sdrt_generate_says_that_guidance_had_no_effect(flux_export, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    from sdrt.cli import main
+
+    folder = flux_export("flux-schnell-tiny")
+    args = ["generate", str(folder), "--prompt", PROMPT, "--steps", "1", "--height", "64", "--width", "64"]
+    assert main([*args, "--guidance", "4", "-o", str(tmp_path / "a.png")]) == 0
+    assert "note: --guidance 4 has no effect: FLUX.1" in capsys.readouterr().err
+    assert main([*args, "-o", str(tmp_path / "b.png")]) == 0  # no --guidance: nothing to say
+    assert "no effect" not in capsys.readouterr().err
+    assert main(["generate", str(flux_export("flux-dev-tiny")), *args[2:], "--guidance", "4",
+                 "-o", str(tmp_path / "c.png")]) == 0
+    assert "no effect" not in capsys.readouterr().err

@@ -5,6 +5,8 @@ own; a request without LoRA gets the plain image; bad names and servers without 
 
 from __future__ import annotations
 
+import io
+import json
 import threading
 from pathlib import Path
 from typing import Any
@@ -118,6 +120,41 @@ def test_a1111_prompt_tags_are_taken_out_and_applied(server, pipe) -> None:
     np.testing.assert_array_equal(pixels(r.json()["images"][0]), want)
     listed = httpx.get(f"{server.url}/sdapi/v1/loras").json()
     assert [x["name"] for x in listed] == ["ink", "watercolor"] and listed[0]["path"] == "ink.safetensors"
+
+
+def test_the_edits_form_takes_loras_and_a1111_tags(server, pipe) -> None:
+    """OpenAI's edits endpoint (a multipart form, sent by the official client): ``loras`` as a JSON list in a form
+    field, and, with ``prompt_syntax`` a1111, a prompt's tags; the bare pipeline's img2img images. A field that is
+    no such list is a 422 naming it, before any work."""
+    openai = pytest.importorskip("openai")
+    from PIL import Image
+
+    init = np.random.default_rng(4).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(init).save(buf, format="PNG")
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    extra = {"steps": STEPS, "seed": 5, "guidance_scale": 7.5, "sampler": "dpmpp-2m", "strength": 1.0}
+
+    def want(prompt: str, loras: list[tuple[str, float]]) -> np.ndarray:
+        out = pipe(prompt, height=64, width=64, steps=STEPS, guidance_scale=7.5, sampler="dpmpp-2m", seed=5,
+                   image=Image.fromarray(init), strength=1.0, loras=loras)
+        return np.asarray(out.images[0])
+
+    got = client.images.edit(image=("init.png", buf.getvalue(), "image/png"), prompt="a harbour", size="64x64",
+                             extra_body={**extra, "loras": json.dumps([{"name": "ink", "scale": 0.9}])})
+    with_ink = want("a harbour", [("ink", 0.9)])
+    np.testing.assert_array_equal(pixels(got.data[0].b64_json), with_ink)
+    assert not np.array_equal(with_ink, want("a harbour", []))
+    got = client.images.edit(image=("init.png", buf.getvalue(), "image/png"), prompt="a harbour <lora:ink:0.9>",
+                             size="64x64", extra_body={**extra, "prompt_syntax": "a1111"})
+    np.testing.assert_array_equal(pixels(got.data[0].b64_json), want("a harbour ", [("ink", 0.9)]))
+    before = httpx.get(f"{server.url}/metrics").text
+    for bad in ('{"name": "ink"}', '[{"name": "ink", "weight": 1}]', "not json"):
+        r = httpx.post(f"{server.url}/v1/images/edits", files={"image": ("init.png", buf.getvalue(), "image/png")},
+                       data={"prompt": "x", "steps": "1", "loras": bad}, timeout=60)
+        assert r.status_code == 422 and r.json()["error"]["param"] == "loras", r.text
+        assert "JSON list" in r.json()["error"]["message"], r.text
+    assert metric(httpx.get(f"{server.url}/metrics").text, "sdrt_images_total") == metric(before, "sdrt_images_total")
 
 
 def test_prompt_tags_parse_as_a1111_writes_them() -> None:

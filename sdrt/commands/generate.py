@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -23,7 +24,7 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler", default=None,
                    help="ddim, dpmpp-2m, dpmpp-2m-karras, euler, euler-a, lcm; flow models: flow-euler, "
                         "flow-dpmpp-2m (default: dpmpp-2m, flow models flow-euler)")
-    p.add_argument("--guidance", type=float, default=7.5,
+    p.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale, 0 to 100 (default 7.5; 5-9 is typical); 1 or less turns "
                         "it off")
     p.add_argument("--guidance-rescale", type=float, default=0.0,
@@ -171,6 +172,9 @@ def run(args: argparse.Namespace) -> int:
     precision = getattr(pipe.backend, "precision", None)  # openvino's inference precision
     print(f"{pipe.manifest.preset} on {pipe.backend.name}" + (f", {precision} inference" if precision else "")
           + (f", refiner {refiner.manifest.preset}" if refiner is not None else ""))
+    if args.guidance is not None and not pipe.takes_guidance:
+        print(f"note: --guidance {args.guidance:g} has no effect: {pipe.family.label} {pipe.manifest.preset} takes no "
+              "guidance scale", file=sys.stderr)
     bar = tqdm(total=None, unit="step", desc="denoising")
 
     def progress(i: int, n: int) -> None:
@@ -182,7 +186,8 @@ def run(args: argparse.Namespace) -> int:
         try:
             request = GenerationRequest(
                 prompt=args.prompt, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
-                steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler, seed=args.seed,
+                steps=args.steps, guidance_scale=7.5 if args.guidance is None else args.guidance,
+                sampler=args.sampler, seed=args.seed,
                 batch_size=args.batch_size, image=image, strength=args.strength, mask_image=mask,
                 paste_back=args.paste_back, guidance_rescale=args.guidance_rescale,
                 timestep_spacing=args.timestep_spacing, control_images=control,

@@ -21,6 +21,7 @@ from ..checks import (
     check_prompts,
     check_size,
     decode_b64,
+    guidance_notes,
     loras_of,
     prompt_loras,
     sampler_of,
@@ -115,7 +116,8 @@ async def generate(st: ServeState, body: S.A1111Txt2Img, request: Request, init:
             "n_iter": body.n_iter, "denoising_strength": strength if init is not None else None,
             "mask_blur": blur, "inpainting_mask_invert": getattr(body, "inpainting_mask_invert", 0)
             if mask is not None else None,
-            "sd_model_name": st.model_id, "timings": [_timings(r.timings) for r in results]}
+            "sd_model_name": st.model_id, "timings": [_timings(r.timings) for r in results],
+            "sdrt_notes": guidance_notes(st, body.cfg_scale, "cfg_scale")}
     return {"images": [imgs.b64(p) for p in pngs], "parameters": params, "info": json.dumps(info)}
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Request, UploadFile
@@ -26,6 +27,8 @@ from ..checks import (
     check_prompts,
     check_size,
     decode_upload,
+    guidance_notes,
+    lora_form,
     loras_of,
     prompt_loras,
     sampler_of,
@@ -72,7 +75,8 @@ async def generations(body: S.OpenAIGeneration, request: Request, st: State) -> 
               seeds_for(body.seed, body.n), h, w, steps, sampler_of(st, body.sampler, "sampler"),
               cfg.default_guidance if body.guidance_scale is None else body.guidance_scale, cache=cache, loras=loras,
               prompt_syntax=body.prompt_syntax)
-    return response(st, await run_job(st, request, job, "generations"), body.response_format, request)
+    return response(st, await run_job(st, request, job, "generations"), body.response_format, request,
+                    guidance_notes(st, body.guidance_scale, "guidance_scale"))
 
 
 @router.post("/v1/images/edits", dependencies=Auth, response_model=S.OpenAIImages)
@@ -101,6 +105,12 @@ async def edits(
     cache_interval: Annotated[int, Form(ge=1, le=INTERVAL_MAX)] = DEFAULT_INTERVAL,
     cache_schedule: Annotated[S.CacheSchedule, Form()] = "uniform",
     cache_threshold: Annotated[float | None, Form(gt=0.0, le=THRESHOLD_MAX, allow_inf_nan=False)] = None,
+    loras: Annotated[str | None, Form(max_length=S.MAX_LORA_FORM_CHARS, description=(
+        "LoRAs for this request (an export made with --lora-slots, a server with --lora-dir): a JSON list, as "
+        'the generations field, e.g. [{"name": "style", "scale": 0.8}]'))] = None,
+    prompt_syntax: Annotated[S.PromptSyntax, Form(description=(
+        "'plain' (diffusers: the text as it is) or 'a1111' (emphasis, BREAK, prompt editing, <lora:name:w>)"))]
+    = "plain",
 ) -> Any:
     cfg = st.config
     check_model(st, model)
@@ -109,6 +119,9 @@ async def edits(
     check_common(cfg, prompt, negative_prompt, steps, n, "n")
     check_negative(st, negative_prompt)
     policy = cache_of(st, cache, cache_interval, cache_schedule, threshold=cache_threshold)
+    prompt, tagged = prompt_loras(prompt) if prompt_syntax == "a1111" else (prompt, [])
+    check_prompts(st, prompt, negative_prompt, steps, prompt_syntax)
+    lora_set = loras_of(st, lora_form(loras), tagged)
     raw = await run_in_threadpool(decode_upload, await image.read(), "image", cfg.max_upload_pixels, True)
     region = None
     if mask is not None:
@@ -128,8 +141,10 @@ async def edits(
               h, w, steps, sampler_of(st, sampler, "sampler"),
               cfg.default_guidance if guidance_scale is None else guidance_scale,
               image=imgs.fit(init, w, h), strength=strength,
-              mask=None if region is None else imgs.fit(region, w, h), cache=policy)
-    return response(st, await run_job(st, request, job, "edits"), response_format, request)
+              mask=None if region is None else imgs.fit(region, w, h), cache=policy, loras=lora_set,
+              prompt_syntax=prompt_syntax)
+    return response(st, await run_job(st, request, job, "edits"), response_format, request,
+                    guidance_notes(st, guidance_scale, "guidance_scale"))
 
 
 def check_model(st: ServeState, model: str | None) -> None:
@@ -156,12 +171,13 @@ def parse_size(st: ServeState, size: str | None) -> tuple[int, int]:
     return w, h
 
 
-def response(st: ServeState, result: JobResult, response_format: str, request: Request) -> dict[str, Any]:
+def response(st: ServeState, result: JobResult, response_format: str, request: Request,
+             notes: Sequence[str] = ()) -> dict[str, Any]:
     if response_format == "url":
         data = [{"url": _store(st, p, request), "seed": s} for p, s in zip(result.png, result.seeds, strict=True)]
     else:
         data = [{"b64_json": imgs.b64(p), "seed": s} for p, s in zip(result.png, result.seeds, strict=True)]
-    return {"created": int(time.time()), "data": data}
+    return {"created": int(time.time()), "data": data, **({"notes": list(notes)} if notes else {})}
 
 
 def _store(st: ServeState, png: bytes, request: Request) -> str:
