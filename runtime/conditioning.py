@@ -17,6 +17,8 @@ from .manifest import ExportManifest
 from .prompt_syntax import parse_attention, segments
 from .request import float_array, is_int
 from .results import PromptEmbeddings
+from .t5_tokenizer import MAX_LENGTH as T5_MAX_LENGTH
+from .t5_tokenizer import T5Tokenizer
 from .tokenizer import PromptTokenizer
 from .weighted_prompts import a1111_batch, chunk_count, emphasize, weighted
 
@@ -75,24 +77,50 @@ class TextConditioning:
                 warnings.warn(f"{name}: prompt {i} has {n} tokens; the {n - room} past {room} are cut (this "
                               f"{self.family.label} model reads {room}, as diffusers does)", stacklevel=4)
 
+    def check_sequence_length(self, max_sequence_length: Any) -> int:
+        """The T5 tokens per prompt a call asks for (``max_sequence_length``; None: the family's default),
+        checked before any work: an integer from 2 to 512 (diffusers' limit) and at most the tokenizer's own,
+        on a family with a T5 encoder."""
+        if max_sequence_length is None:
+            return self.family.text_tokens
+        if not self.family.takes_sequence_length:
+            raise InputError(f"max_sequence_length sets T5's tokens per prompt; {self.family.label} has no T5 "
+                             "encoder (its CLIP encoders read 77-token chunks): leave it out",
+                             cli=f"--max-sequence-length is for models with a T5 encoder; {self.family.label} "
+                                 "has none: leave it out")
+        if isinstance(max_sequence_length, bool) or not isinstance(max_sequence_length, (int, np.integer)) \
+                or not 2 <= max_sequence_length <= T5_MAX_LENGTH:
+            raise InputError(f"max_sequence_length must be an integer from 2 to {T5_MAX_LENGTH} (T5 tokens per "
+                             f"prompt; {self.family.label}'s default {self.family.text_tokens}), got "
+                             f"{max_sequence_length!r}",
+                             cli=f"--max-sequence-length must be from 2 to {T5_MAX_LENGTH}, got {max_sequence_length!r}")
+        for tok in self.tokenizers:
+            if isinstance(tok, T5Tokenizer):
+                tok.with_length(int(max_sequence_length))  # its own model_max_length
+        return int(max_sequence_length)
+
     def zero_negatives(self, negative_prompt: Any) -> bool:
         """Guided with no negative prompt: the family's rule (diffusers' force_zeros_for_empty_prompt)."""
         return self.family.zero_negatives and negative_prompt is None
 
     def encode(self, prompts: list[str], b: int, guided: bool, zero_negatives: bool = False,
-               syntax: str = "plain", chunks: int = 1) -> PromptEmbeddings:
+               syntax: str = "plain", chunks: int = 1, max_sequence_length: int | None = None) -> PromptEmbeddings:
         """Text encoders -> embeddings on the device. With one encoder and one chunk the encoder's output
         is the UNet's input as it is; otherwise the chunks and encoders are joined on the device by the
         join graph (runtime/text_join.py). ``syntax`` "a1111": A1111's emphasis, BREAK and chunking
         (runtime/weighted_prompts.py; the weighted states pass through the host once), in at least ``chunks``
-        chunks (the segments of a prompt-editing call are encoded alike)."""
+        chunks (the segments of a prompt-editing call are encoded alike). ``max_sequence_length``: T5's tokens
+        per prompt for this call (None: the family's, ``text_tokens``; see ``check_sequence_length``)."""
         be, dt = self.backend, self.dtype
         outs: list[dict[str, Array]] = []
         rows = 0
         a1111 = syntax == "a1111"
         if a1111:
             self.check_a1111(prompts)
+        t5_tokens = self.check_sequence_length(max_sequence_length)
         for name, tok in zip(self.manifest.encoder_names, self.tokenizers, strict=True):
+            if max_sequence_length is not None and isinstance(tok, T5Tokenizer):
+                tok = tok.with_length(t5_tokens)
             if not self.family.chunked:
                 self._warn_cut(name, tok, prompts)
             weights = None
@@ -112,7 +140,7 @@ class TextConditioning:
                 return PromptEmbeddings(out["hidden_states"], None, b, guided)
             outs.append(out)
         if self.family.host_join:
-            return self._join_on_host(outs, b, guided, zero_negatives)
+            return self._join_on_host(outs, b, guided, zero_negatives, t5_tokens)
         pooled = next((o["text_embeds"] for o in reversed(outs) if "text_embeds" in o), None)
         join = self._join_graph([o["hidden_states"] for o in outs], pooled)
         keep = np.ones(rows, np.float32)
@@ -125,7 +153,7 @@ class TextConditioning:
         return PromptEmbeddings(joined["hidden"], joined.get("pooled"), b, guided)
 
     def _join_on_host(self, outs: list[dict[str, Array]], b: int, guided: bool,
-                      zero_negatives: bool) -> PromptEmbeddings:
+                      zero_negatives: bool, t5_tokens: int) -> PromptEmbeddings:
         """The family's own join (``Family.join_on_host``) of the encoders' outputs brought to the host."""
         be, dt = self.backend, self.dtype
         names = self.manifest.encoder_names
@@ -135,7 +163,7 @@ class TextConditioning:
         if not isinstance(width, int):
             raise ArtifactError(f"the {self.family.label} denoiser's encoder_hidden_states has no fixed width; "
                                 "re-export the model with `sdrt export`")
-        h, p = self.family.join_on_host(hidden, pooled, width)
+        h, p = self.family.join_on_host(hidden, pooled, width, t5_tokens)
         if zero_negatives:
             h[:b] = 0
             if p is not None:

@@ -203,14 +203,16 @@ class Pipeline:
             self.backend.check_request(batch, height, width, guided)
 
     def conditioning_key(self, prompts: Sequence[str], negatives: Sequence[str] | None,
-                         guidance_scale: float, prompt_syntax: str = "plain") -> tuple[Any, ...]:
+                         guidance_scale: float, prompt_syntax: str = "plain",
+                         max_sequence_length: int | None = None) -> tuple[Any, ...]:
         """What must agree for requests to share one UNet batch without changing any image: guidance on or
-        off, the text chunks each encoder makes of the texts (in their prompt syntax), and the family's
-        negatives rule."""
+        off, the text chunks each encoder makes of the texts (in their prompt syntax), the family's
+        negatives rule and T5's tokens per prompt."""
         guided = self.uses_guidance(guidance_scale)
         texts = list(prompts) + (list(negatives or []) if guided else [])
         zero = guided and self.family.zero_negatives and negatives is None
-        return guided, self._conditioning().chunks(texts, prompt_syntax), zero
+        text = self._conditioning()
+        return guided, text.chunks(texts, prompt_syntax), zero, text.check_sequence_length(max_sequence_length)
 
     def _conditioning(self) -> TextConditioning:
         if self._text is None:
@@ -221,7 +223,7 @@ class Pipeline:
     # -- stage 1: text ----------------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
                       batch_size: int = 1, guided: bool | None = None,
-                      prompt_syntax: str = "plain") -> PromptEmbeddings:
+                      prompt_syntax: str = "plain", max_sequence_length: int | None = None) -> PromptEmbeddings:
         """Prompts -> embeddings for ``len(prompts) * batch_size`` images (negatives first when guided).
 
         Prompts over 77 tokens are encoded in 77-token chunks and concatenated along the sequence.
@@ -230,7 +232,8 @@ class Pipeline:
         image, or a list with one per prompt (or one per image). ``guided`` (default: the family's: guided
         unless it runs no classifier-free guidance, FLUX.1) encodes the negatives too. ``prompt_syntax``
         ``"a1111"``: A1111's emphasis, escapes and BREAK (runtime/prompt_syntax.py; ``<lora:...>`` tags and prompt
-        editing are the call's business: see ``GenerationRequest``).
+        editing are the call's business: see ``GenerationRequest``). ``max_sequence_length``: T5's tokens per
+        prompt (SD 3 / 3.5, FLUX.1; None: the family's default).
         """
         with self._lock:
             self._ready()
@@ -242,10 +245,10 @@ class Pipeline:
             text = self._conditioning()
             syntax = check_syntax(prompt_syntax)
             if not guided:
-                return text.encode(prompts, b, False, syntax=syntax)
+                return text.encode(prompts, b, False, syntax=syntax, max_sequence_length=max_sequence_length)
             negatives = negatives_of(negative_prompt, b, batch_size)
             return text.encode(negatives + prompts, b, True, zero_negatives=text.zero_negatives(negative_prompt),
-                               syntax=syntax)
+                               syntax=syntax, max_sequence_length=max_sequence_length)
 
     def embeddings_from(self, prompt_embeds: np.ndarray, negative_prompt_embeds: np.ndarray | None = None, *,
                         pooled_prompt_embeds: np.ndarray | None = None,
@@ -275,6 +278,13 @@ class Pipeline:
         texts = [*prompts, *(negatives_of(negative_prompt, len(prompts), 1) if negative_prompt is not None else [])]
         self._conditioning().chunks(texts, req.prompt_syntax)
 
+    def check_sequence_length(self, max_sequence_length: Any) -> int:
+        """T5's tokens per prompt for a call (``max_sequence_length``; None: the family's default), checked as
+        ``generate`` checks it, before any work: InputError on a family without T5 or outside 2..512."""
+        with self._lock:
+            self._ready()
+            return self._conditioning().check_sequence_length(max_sequence_length)
+
     def _encode_request(self, req: GenerationRequest, guided: bool) -> tuple[PromptEmbeddings,
                                                                               list[tuple[int, PromptEmbeddings]]]:
         """A call's prompt embeddings, and with A1111's prompt editing or alternation the embeddings of each later
@@ -288,11 +298,13 @@ class Pipeline:
                              req.steps)
         if len(sched) < 2:
             return self.encode_prompt(req.prompt, req.negative_prompt, batch_size=req.batch_size, guided=guided,
-                                      prompt_syntax=req.prompt_syntax), []
+                                      prompt_syntax=req.prompt_syntax,
+                                      max_sequence_length=req.max_sequence_length), []
         text = self._conditioning()
         k = max(max(text.chunks(seg, "a1111")) for _, seg in sched)
         zero = guided and text.zero_negatives(req.negative_prompt)
-        embs = [text.encode(seg, b, guided, zero_negatives=zero, syntax="a1111", chunks=k) for _, seg in sched]
+        embs = [text.encode(seg, b, guided, zero_negatives=zero, syntax="a1111", chunks=k,
+                            max_sequence_length=req.max_sequence_length) for _, seg in sched]
         starts = segment_starts([e for e, _ in sched])
         return embs[0], list(zip(starts[1:], embs[1:], strict=True))
 
@@ -694,6 +706,10 @@ class Pipeline:
             if req.loras:
                 raise InputError("LoRAs per request do not cover the base + refiner ensemble yet: leave loras out, "
                                  "or generate with the base alone", cli="--lora does not cover --refiner yet")
+            if req.max_sequence_length is not None:
+                raise InputError("max_sequence_length sets T5's tokens per prompt; the base + refiner ensemble "
+                                 "(SDXL) has no T5 encoder: leave it out",
+                                 cli="--max-sequence-length is for models with a T5 encoder: leave it out")
             return refine(self, refiner, req, callback=callback)
         with self._lock:
             self._ready()
@@ -707,6 +723,7 @@ class Pipeline:
             self.family.check_scores(req.scores)
             self.family.refuse_negative(req.negative_prompt if req.negative_prompt_embeds is None
                                         else req.negative_prompt_embeds)
+            self._conditioning().check_sequence_length(req.max_sequence_length)
             if not self.family.generates and req.image is None:
                 raise self.family.refuse_generation(self.folder)
             image = req.image

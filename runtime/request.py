@@ -55,7 +55,9 @@ class GenerationRequest:
     with ``--lora-slots``; runtime/lora_adapters.py); a name is looked up in the pipeline's ``lora_dir``.
     ``prompt_syntax``: ``"plain"`` (the default: the text as it is) or ``"a1111"`` (AUTOMATIC1111's emphasis
     ``(a:1.2)``, ``[a]``, ``BREAK``, prompt editing ``[a:b:when]``, alternation ``[a|b]`` and ``<lora:NAME:W>``
-    tags, which join ``loras``; runtime/prompt_syntax.py).
+    tags, which join ``loras``; runtime/prompt_syntax.py). ``max_sequence_length``: T5's tokens per prompt
+    (SD 3 / 3.5 and FLUX.1, diffusers' argument of that name: 2 to 512; None: the family's default, 256 and
+    512); longer prompts are cut there, shorter ones padded to it.
     """
 
     prompt: str | Sequence[str] | None = None
@@ -94,6 +96,7 @@ class GenerationRequest:
     cache_threshold: float | None = None
     loras: Sequence[tuple[str, float]] | None = None
     prompt_syntax: str = "plain"
+    max_sequence_length: int | None = None
 
     @property
     def scores(self) -> tuple[float | None, float | None]:
@@ -128,6 +131,9 @@ class GenerationRequest:
         _ = self.cache_policy
         check_loras(self.loras)
         req = self._a1111_checked() if check_syntax(self.prompt_syntax) == "a1111" else self
+        if self.prompt_embeds is not None and self.max_sequence_length is not None:
+            raise InputError("max_sequence_length sets how prompts are tokenized: leave it out with prompt_embeds",
+                             cli="--max-sequence-length applies to prompts")
         if self.image is None and self.strength is not None:
             raise InputError("strength applies to img2img only: pass image=..., or leave strength out",
                              cli="--strength applies to img2img only: pass --init-image, or leave --strength out")

@@ -7,6 +7,7 @@ Safe to call from several threads at once: the tokenizer's state is set once at 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -88,6 +89,13 @@ class T5Tokenizer:
         # a huge model_max_length (transformers' "no limit" sentinel, 1e30) leaves 512 as the limit
         return cls(tokenizer, eos_token=eos, pad_token=pad, max_length=max_length,
                    model_max_length=int(min(model_max, MAX_LENGTH)))
+
+    def with_length(self, max_length: Any) -> T5Tokenizer:
+        """This tokenizer framing rows of ``max_length`` tokens (a call's ``max_sequence_length``; checked as
+        the constructor checks it); the SentencePiece model is shared, not copied."""
+        other = copy.copy(self)
+        other.max_length = check_length(max_length, self.model_max_length)
+        return other
 
     def _tokens(self, prompts: Sequence[str]) -> list[list[int]]:
         """Each prompt's token ids, without eos."""

@@ -72,20 +72,23 @@ class Job:
     def of(cls, prompts: list[str], negatives: list[str] | None, seeds: list[int], height: int, width: int,
            steps: int, sampler: str, guidance: float, *, image: Any = None, strength: float | None = 0.8,
            mask: Any = None, paste_back: float | None = None, cache: CachePolicy | None = None,
-           loras: list[tuple[str, float]] | None = None, prompt_syntax: str = "plain") -> Job:
+           loras: list[tuple[str, float]] | None = None, prompt_syntax: str = "plain",
+           max_sequence_length: int | None = None) -> Job:
         """A job from an API's fields: ``negatives`` None: no negative prompt at all (the model's rule for that
         applies: SDXL zeroes the negatives); ``image`` (img2img, a PIL image of height x width) with
         ``strength`` (None: the pipeline's default; inpainting: 1), ``mask`` (inpainting: white = repaint) and
         ``paste_back`` (the original pasted back through the mask blurred this much); ``cache``: the feature-caching
         policy (None: every step runs the full UNet); ``loras``: (name, scale) pairs, checked (``checks.loras_of``);
-        ``prompt_syntax``: how the prompts are read ("plain", or "a1111": A1111's emphasis and BREAK)."""
+        ``prompt_syntax``: how the prompts are read ("plain", or "a1111": A1111's emphasis and BREAK);
+        ``max_sequence_length``: T5's tokens per prompt (None: the model's default)."""
         caching = {} if cache is None else {"cache": cache.kind, "cache_interval": cache.interval,
                                             "cache_schedule": cache.schedule, "cache_threshold": cache.threshold}
         return cls(GenerationRequest(prompt=list(prompts), negative_prompt=None if negatives is None else list(negatives),
                                      height=height, width=width, steps=steps, guidance_scale=guidance, sampler=sampler,
                                      seed=list(seeds), image=image, strength=None if image is None else strength,
                                      mask_image=mask, paste_back=paste_back, loras=loras or None,
-                                     prompt_syntax=prompt_syntax, **caching))
+                                     prompt_syntax=prompt_syntax, max_sequence_length=max_sequence_length,
+                                     **caching))
 
     @property
     def prompts(self) -> list[str]:
@@ -197,8 +200,8 @@ class Batcher:
         guided = r.guidance_scale > 1.0
         pipe = self.pipes[0] if self.pipes else None
         # the pipeline says what its conditioning needs to agree on (guidance, text chunks, the family's rules)
-        conditioning = (pipe.conditioning_key(job.prompts, job.negatives, r.guidance_scale, r.prompt_syntax)
-                        if pipe is not None else ())
+        conditioning = (pipe.conditioning_key(job.prompts, job.negatives, r.guidance_scale, r.prompt_syntax,
+                                              r.max_sequence_length) if pipe is not None else ())
         # an image request runs alone; so does one cached by a threshold: the rule decides on the whole batch's
         # residual, so a neighbour would change which of its steps run in full
         policy = r.cache_policy

@@ -127,6 +127,19 @@ def check_negative(st: ServeState, negative: str | None, field: str = "negative_
         raise ApiError(422, str(e), field, "negative_prompt_unsupported") from e
 
 
+def sequence_length_of(st: ServeState, max_sequence_length: int | None) -> int | None:
+    """The request's ``max_sequence_length``, checked against the model (422 naming the field on a model
+    without a T5 encoder, or past its tokenizer's limit)."""
+    from sdrt.runtime.errors import InputError
+
+    if max_sequence_length is None:
+        return None
+    try:
+        return st.pipeline().check_sequence_length(max_sequence_length)
+    except InputError as e:
+        raise ApiError(422, str(e), "max_sequence_length", "invalid_max_sequence_length") from e
+
+
 def guidance_notes(st: ServeState, scale: float | None, field: str) -> list[str]:
     """What the response says of a guidance scale the model ignores (FLUX.1 [schnell] takes none; diffusers
     ignores it too, so the request is not refused, but the client learns it had no effect)."""

@@ -76,6 +76,16 @@ class CacheKnobs(BaseModel):
                                                       "0.05); not on the tensorrt backend")
 
 
+class TextKnobs(BaseModel):
+    """T5's tokens per prompt (``GenerationRequest.max_sequence_length``): sdrt's extra field on both APIs, for
+    the models with a T5 encoder (SD 3 / 3.5, FLUX.1); another model refuses it (422)."""
+
+    max_sequence_length: int | None = Field(
+        default=None, ge=2, le=512, description="SD 3 / 3.5 and FLUX.1: T5's tokens per prompt, 2..512 (diffusers' "
+                                                "argument; null: the model's default, 256 and 512); longer prompts "
+                                                "are cut there")
+
+
 LORA_NAME = r"^[A-Za-z0-9][A-Za-z0-9._ -]{0,127}$"  # a file's stem in the server's --lora-dir, never a path
 MAX_LORAS = 8
 MAX_LORA_FORM_CHARS = 2048  # the edits form's loras field: a JSON list of at most MAX_LORAS {name, scale}
@@ -130,7 +140,7 @@ def _refuse_non_neutral(data: Any, neutral: dict[str, tuple[Any, ...]], api: str
     return data
 
 
-class SdrtKnobs(CacheKnobs, LoraKnobs):
+class SdrtKnobs(CacheKnobs, LoraKnobs, TextKnobs):
     """sdrt's own fields, which the official client sends through ``extra_body``."""
 
     negative_prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
@@ -227,7 +237,7 @@ def _a1111_before(data: Any, img2img: bool) -> Any:
     return _refuse_non_neutral(data, _A1111_NEUTRAL, "A1111")
 
 
-class A1111Txt2Img(CacheKnobs, LoraKnobs):
+class A1111Txt2Img(CacheKnobs, LoraKnobs, TextKnobs):
     model_config = ConfigDict(extra="forbid")
 
     prompt: str = Field(default="", max_length=MAX_PROMPT_CHARS)

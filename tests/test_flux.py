@@ -9,6 +9,7 @@ input the family refuses before any work.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -55,16 +56,18 @@ def _pack(latents: np.ndarray) -> torch.Tensor:
 
 
 def _compare(flux_export, preset: str, *, guidance: float = 3.5, height: int = 64, width: int = 96,
-             steps: int = 4, batch: int = 1, seed: int = 0, stream: bool = False):
+             steps: int = 4, batch: int = 1, seed: int = 0, stream: bool = False, prompt: str = PROMPT,
+             max_sequence_length: int | None = None):
     folder = flux_export(preset, stream)
     ref = _reference(preset, folder)
     latents = np.random.default_rng(seed).standard_normal((batch, 16, height // 8, width // 8), dtype=np.float32)
     with torch.no_grad():
-        want = ref(PROMPT, height=height, width=width, num_inference_steps=steps, guidance_scale=guidance,
-                   latents=_pack(latents), output_type="np", num_images_per_prompt=batch).images
+        want = ref(prompt, height=height, width=width, num_inference_steps=steps, guidance_scale=guidance,
+                   latents=_pack(latents), output_type="np", num_images_per_prompt=batch,
+                   **({} if max_sequence_length is None else {"max_sequence_length": max_sequence_length})).images
     want_u8 = (want * 255).round().astype(np.int32)
-    res = shared_pipeline(folder)(PROMPT, height=height, width=width, steps=steps, guidance_scale=guidance,
-                                  latents=latents, batch_size=batch)
+    res = shared_pipeline(folder)(prompt, height=height, width=width, steps=steps, guidance_scale=guidance,
+                                  latents=latents, batch_size=batch, max_sequence_length=max_sequence_length)
     got = np.stack([np.asarray(im) for im in res.images]).astype(np.int32)
     assert got.shape == want_u8.shape
     diff = int(np.abs(got - want_u8).max())
@@ -351,3 +354,14 @@ def test_sdrt_generate_says_that_guidance_had_no_effect(flux_export, tmp_path: P
     assert main(["generate", str(flux_export("flux-dev-tiny")), *args[2:], "--guidance", "4",
                  "-o", str(tmp_path / "c.png")]) == 0
     assert "no effect" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("preset", "n"), [("flux-schnell-tiny", 6), ("flux-dev-tiny", 64)])
+def test_max_sequence_length(flux_export, preset: str, n: int) -> None:
+    """``max_sequence_length`` as FluxPipeline's: T5's rows (the transformer's text tokens) padded or cut to
+    ``n``; a different image from the default 512's."""
+    long = PROMPT + ", on a frozen lake under a pale winter sun"
+    with pytest.warns(UserWarning, match="are cut") if n == 6 else contextlib.nullcontext():
+        _, got = _compare(flux_export, preset, max_sequence_length=n, prompt=long, steps=2)
+    _, default = _compare(flux_export, preset, prompt=long, steps=2)
+    assert np.abs(got - default).max() > 1

@@ -8,6 +8,7 @@ and unguided, with T5 and without it (diffusers' ``text_encoder_3=None``), Large
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -60,7 +61,7 @@ def _scheduler(sampler: str, config: dict):
 
 def _compare(sd3_export, preset: str, *, t5: bool = True, guidance: float = 5.0, negative: str | None = NEGATIVE,
              height: int = 64, width: int = 96, steps: int = 6, sampler: str = "flow-euler", batch: int = 1,
-             seed: int = 0):
+             seed: int = 0, prompt: str = PROMPT, max_sequence_length: int | None = None):
     folder = sd3_export(preset, t5)
     ref = _reference(preset, folder, t5)
     ref.scheduler = _scheduler(sampler, dict(ref.scheduler.config) if sampler == "flow-euler"
@@ -68,12 +69,14 @@ def _compare(sd3_export, preset: str, *, t5: bool = True, guidance: float = 5.0,
     rng = np.random.default_rng(seed)
     latents = rng.standard_normal((batch, 16, height // 8, width // 8), dtype=np.float32)
     with torch.no_grad():
-        want = ref(PROMPT, negative_prompt=negative, height=height, width=width, num_inference_steps=steps,
+        want = ref(prompt, negative_prompt=negative, height=height, width=width, num_inference_steps=steps,
                    guidance_scale=guidance, latents=torch.from_numpy(latents), output_type="np",
-                   num_images_per_prompt=batch).images
+                   num_images_per_prompt=batch,
+                   **({} if max_sequence_length is None else {"max_sequence_length": max_sequence_length})).images
     want_u8 = (want * 255).round().astype(np.int32)
-    res = shared_pipeline(folder)(PROMPT, negative_prompt=negative, height=height, width=width, steps=steps,
-                                  guidance_scale=guidance, sampler=sampler, latents=latents, batch_size=batch)
+    res = shared_pipeline(folder)(prompt, negative_prompt=negative, height=height, width=width, steps=steps,
+                                  guidance_scale=guidance, sampler=sampler, latents=latents, batch_size=batch,
+                                  max_sequence_length=max_sequence_length)
     got = np.stack([np.asarray(im) for im in res.images]).astype(np.int32)
     assert got.shape == want_u8.shape
     diff = int(np.abs(got - want_u8).max())
@@ -201,9 +204,12 @@ def test_openvino_fp32_gives_the_ort_cpu_images(sd3_export) -> None:
     folder = sd3_export("sd3-tiny")
     kw = {"negative_prompt": NEGATIVE, "steps": 4, "seed": 9, "height": 64, "width": 96, "guidance_scale": 5.0}
     want = np.asarray(shared_pipeline(folder)(PROMPT, **kw).images[0], np.int16)
+    want64 = np.asarray(shared_pipeline(folder)(PROMPT, **kw, max_sequence_length=64).images[0], np.int16)
     with Pipeline.load(folder, backend="openvino", precision="fp32") as pipe:
         got = np.asarray(pipe(PROMPT, **kw).images[0], np.int16)
+        got64 = np.asarray(pipe(PROMPT, **kw, max_sequence_length=64).images[0], np.int16)  # another T5 length
     assert want.std() > 5 and np.abs(got - want).max() <= 2
+    assert np.abs(got64 - want64).max() <= 2 and np.abs(want64 - want).max() > 2
 
 
 def test_per_image_seeds(sd3_export) -> None:
@@ -216,3 +222,46 @@ def test_per_image_seeds(sd3_export) -> None:
         alone = np.asarray(pipe(PROMPT, seed=s, **kw).images[0], np.int16)
         assert np.abs(np.asarray(both.images[k], np.int16) - alone).max() <= 1
     assert not np.array_equal(np.asarray(both.images[0]), np.asarray(both.images[1]))
+
+
+@pytest.mark.parametrize(("t5", "n"), [(True, 6), (True, 64), (False, 64)])
+def test_max_sequence_length(sd3_export, t5: bool, n: int) -> None:
+    """A call's ``max_sequence_length`` as diffusers' argument of that name: T5's rows padded (or the prompt cut)
+    to ``n`` tokens, and without T5 the zeros in its place ``n`` long; a different image from the default's."""
+    long = PROMPT + ", on a frozen lake under a pale winter sun"
+    with pytest.warns(UserWarning, match="are cut") if t5 and n == 6 else contextlib.nullcontext():
+        _, got = _compare(sd3_export, "sd3-tiny", t5=t5, max_sequence_length=n, prompt=long, steps=3)
+    _, default = _compare(sd3_export, "sd3-tiny", t5=t5, prompt=long, steps=3)
+    assert np.abs(got - default).max() > 1
+
+
+def test_max_sequence_length_is_refused_outside_its_range(sd3_export, tiny_export) -> None:
+    pipe = shared_pipeline(sd3_export("sd3-tiny", True))
+    for bad in (1, 513, 64.0, True):
+        with pytest.raises(InputError, match="max_sequence_length must be an integer from 2 to 512"):
+            pipe(PROMPT, steps=1, height=64, width=64, max_sequence_length=bad)
+    with pytest.raises(InputError, match="leave it out with prompt_embeds"):
+        pipe(prompt_embeds=np.zeros((1, 77 + 8, 32), np.float32), steps=1, max_sequence_length=8)
+    sd15 = shared_pipeline(tiny_export("sd15-tiny"))
+    with pytest.raises(InputError, match="has no T5 encoder"):
+        sd15("a cat", steps=1, height=64, width=64, max_sequence_length=64)
+
+
+def test_sdrt_generate_takes_max_sequence_length(sd3_export, tiny_export, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from PIL import Image
+
+    from sdrt.cli import main
+
+    folder = sd3_export("sd3-tiny", True)
+    out = tmp_path / "fox.png"
+    assert main(["generate", str(folder), "--prompt", PROMPT, "--steps", "2", "--height", "64", "--width", "64",
+                 "--seed", "4", "--max-sequence-length", "16", "--backend", "ort-cpu", "-o", str(out)]) == 0
+    want = shared_pipeline(folder)(PROMPT, steps=2, height=64, width=64, seed=4, guidance_scale=7.5,
+                                   max_sequence_length=16).images[0]
+    np.testing.assert_array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(want))
+    capsys.readouterr()
+    assert main(["generate", str(tiny_export("sd15-tiny")), "--prompt", "x", "--steps", "1", "--height", "64",
+                 "--width", "64", "--max-sequence-length", "16", "-o", str(tmp_path / "x.png")]) == 1
+    assert "--max-sequence-length is for models with a T5 encoder" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()

@@ -81,6 +81,9 @@ def test_built_engines_drive_the_pipeline_like_ort_cpu(sd3_export, tmp_path: Pat
     want = Pipeline.load(src, backend="ort-cpu")("a red fox", **kw)
     with Pipeline.load(out, backend="tensorrt") as pipe:
         got = pipe("a red fox", **kw)
+        # the profile fixes T5's length (the family's 256): another max_sequence_length is refused, naming it
+        with pytest.raises(InputError, match=r"text_encoder_3: input 'input_ids' of shape \[2, 64\] is outside"):
+            pipe("a red fox", **kw, max_sequence_length=64)
     assert got.loop == "captured CUDA graphs" and cudart.launches == 4
     a, b = np.asarray(want.images[0], np.int16), np.asarray(got.images[0], np.int16)
     assert a.shape == b.shape == (64, 96, 3) and a.std() > 1

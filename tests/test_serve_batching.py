@@ -25,8 +25,8 @@ class RecordingPipe:
         self.threads: set[str] = set()
 
     def conditioning_key(self, prompts: list[str], negatives: list[str] | None, guidance: float,
-                         prompt_syntax: str = "plain") -> tuple[Any, ...]:
-        return guidance > 1.0, (1,), False  # one 77-token chunk for every text, no zeroed negatives
+                         prompt_syntax: str = "plain", max_sequence_length: int | None = None) -> tuple[Any, ...]:
+        return guidance > 1.0, (1,), False, 77  # one 77-token chunk for every text, no zeroed negatives
 
     def generate(self, request: Any) -> Any:
         prompts = request.prompt

@@ -62,3 +62,32 @@ def test_a_sampler_that_does_not_fit_flow_matching_is_refused(server) -> None:
     r = httpx.post(f"{server.url}/sdapi/v1/txt2img", json=body, headers=AUTH, timeout=60)
     assert r.status_code in (400, 422), r.text
     assert "flow-euler" in r.text
+
+
+def test_max_sequence_length_on_both_apis(server, pipe) -> None:
+    """sdrt's ``max_sequence_length`` field (T5's tokens per prompt) gives the pipeline's images with it, on the
+    OpenAI endpoint (the client's extra body) and A1111's; outside 2..512 a 422 naming the field; requests with
+    different lengths never share a batch."""
+    from sdrt.serve.batcher import Job
+
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
+    want = np.asarray(pipe("a red fox", height=64, width=64, steps=2, guidance_scale=5.0, seed=3,
+                           max_sequence_length=16).images[0])
+    assert not np.array_equal(want, ref(pipe, "a red fox", 3, "flow-euler"))
+    res = client.images.generate(prompt="a red fox", size="64x64",
+                                 extra_body={"steps": 2, "seed": 3, "guidance_scale": 5.0, "max_sequence_length": 16})
+    np.testing.assert_array_equal(pixels(res.data[0].b64_json), want)
+    body = {"prompt": "a red fox", "seed": 3, "steps": 2, "cfg_scale": 5.0, "width": 64, "height": 64,
+            "sampler_name": "Euler", "max_sequence_length": 16}
+    r = httpx.post(f"{server.url}/sdapi/v1/txt2img", json=body, headers=AUTH, timeout=120)
+    assert r.status_code == 200, r.text
+    np.testing.assert_array_equal(pixels(r.json()["images"][0]), want)
+    for bad in (1, 513):
+        r = httpx.post(f"{server.url}/v1/images/generations", headers=AUTH, timeout=60,
+                       json={"prompt": "x", "size": "64x64", "steps": 1, "max_sequence_length": bad})
+        assert r.status_code == 422 and "max_sequence_length" in r.text, r.text
+    batcher = server.server.config.app.state.serve.batcher  # started with the server
+    keys = {n: batcher.key(Job.of(["a red fox"], None, [1], 64, 64, 2, "flow-euler", 5.0, max_sequence_length=n))
+            for n in (None, 16, 256)}
+    assert keys[None] == keys[256] != keys[16]  # None is the default 256: one batch; 16 runs apart

@@ -67,10 +67,18 @@ class Family:
         """Tokens per prompt of a ``t5`` encoder (diffusers' ``max_sequence_length``); CLIP's are 77."""
         return 77
 
-    def join_on_host(self, hidden: dict[str, Any], pooled: dict[str, Any], width: int) -> tuple[Any, Any]:
+    @property
+    def takes_sequence_length(self) -> bool:
+        """Whether a call may set the T5 tokens per prompt (diffusers' ``max_sequence_length``): the families
+        with a ``t5`` encoder."""
+        return any(self.tokenizer_kind(e) == "t5" for e in self.encoders)
+
+    def join_on_host(self, hidden: dict[str, Any], pooled: dict[str, Any], width: int,
+                     t5_tokens: int) -> tuple[Any, Any]:
         """Where ``host_join``: the family's join of its encoders' outputs (host arrays by encoder name; a
         left-out optional encoder is absent) into (denoiser text states [R, tokens, width], pooled [R, P] or
-        None). The other families are joined on the device (channels, then chunks; runtime/text_join.py)."""
+        None); ``t5_tokens``: the call's T5 tokens per prompt (what a left-out T5's zeros span). The other
+        families are joined on the device (channels, then chunks; runtime/text_join.py)."""
         raise NotImplementedError(f"the {self.label} family is joined on the device (runtime/text_join.py)")
 
     def width_problem(self, widths: dict[str, int], wanted: int) -> str | None:

@@ -50,7 +50,8 @@ class FluxFamily(Family):
     def denoiser_text_tokens(self) -> int:
         return self.text_tokens  # T5's states alone (no CLIP states join them)
 
-    def join_on_host(self, hidden: dict[str, Any], pooled: dict[str, Any], width: int) -> tuple[Any, Any]:
+    def join_on_host(self, hidden: dict[str, Any], pooled: dict[str, Any], width: int,
+                     t5_tokens: int) -> tuple[Any, Any]:
         return np.asarray(hidden[T5], np.float32), np.asarray(pooled[CLIP], np.float32)
 
     def width_problem(self, widths: dict[str, int], wanted: int) -> str | None:

@@ -43,9 +43,10 @@ class Sd3Family(Family):
     def text_tokens(self) -> int:
         return 256
 
-    def join_on_host(self, hidden: dict[str, Any], pooled: dict[str, Any], width: int) -> tuple[Any, Any]:
+    def join_on_host(self, hidden: dict[str, Any], pooled: dict[str, Any], width: int,
+                     t5_tokens: int) -> tuple[Any, Any]:
         return sd3_join([hidden[c] for c in CLIPS], [pooled[c] for c in CLIPS], hidden.get(T5),
-                        joint_dim=width, t5_tokens=self.text_tokens)
+                        joint_dim=width, t5_tokens=t5_tokens)
 
     def width_problem(self, widths: dict[str, int], wanted: int) -> str | None:
         clip = sum(widths.get(c, 0) for c in CLIPS)

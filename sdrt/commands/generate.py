@@ -104,6 +104,9 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-syntax", choices=["plain", "a1111"], default="plain",
                    help="read the prompts as they are (default), or in AUTOMATIC1111's language: (word:1.2), [word], "
                         "BREAK, <lora:NAME:W> (needs --lora-dir)")
+    p.add_argument("--max-sequence-length", type=int, default=None, metavar="N",
+                   help="SD 3 / 3.5 and FLUX.1: T5 tokens per prompt, 2 to 512 (default: the model's, 256 and 512); "
+                        "fewer is faster, longer prompts are cut there")
     p.add_argument("--lora-dir", default=None, metavar="DIR",
                    help="a folder of LoRA .safetensors files that --lora names (NAME.safetensors)")
     p.add_argument("-o", "--output", default=None,
@@ -194,7 +197,8 @@ def run(args: argparse.Namespace) -> int:
                 control_scales=_one_or_list(args.control_scale), control_start=_one_or_list(args.control_start),
                 control_end=_one_or_list(args.control_end), guess_mode=args.guess_mode,
                 aesthetic_score=args.aesthetic_score, negative_aesthetic_score=args.negative_aesthetic_score,
-                refiner_start=args.refiner_start, loras=loras, prompt_syntax=args.prompt_syntax, **cache)
+                refiner_start=args.refiner_start, loras=loras, prompt_syntax=args.prompt_syntax,
+                max_sequence_length=args.max_sequence_length, **cache)
             result = pipe.generate(request, refiner=refiner, callback=progress)
         finally:
             bar.close()

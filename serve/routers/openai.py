@@ -33,6 +33,7 @@ from ..checks import (
     prompt_loras,
     sampler_of,
     seeds_for,
+    sequence_length_of,
     snap,
 )
 from ..deps import Auth, ServeState, State
@@ -74,7 +75,7 @@ async def generations(body: S.OpenAIGeneration, request: Request, st: State) -> 
     job = Job.of([prompt] * body.n, None if body.negative_prompt is None else [body.negative_prompt] * body.n,
               seeds_for(body.seed, body.n), h, w, steps, sampler_of(st, body.sampler, "sampler"),
               cfg.default_guidance if body.guidance_scale is None else body.guidance_scale, cache=cache, loras=loras,
-              prompt_syntax=body.prompt_syntax)
+              prompt_syntax=body.prompt_syntax, max_sequence_length=sequence_length_of(st, body.max_sequence_length))
     return response(st, await run_job(st, request, job, "generations"), body.response_format, request,
                     guidance_notes(st, body.guidance_scale, "guidance_scale"))
 
@@ -111,6 +112,8 @@ async def edits(
     prompt_syntax: Annotated[S.PromptSyntax, Form(description=(
         "'plain' (diffusers: the text as it is) or 'a1111' (emphasis, BREAK, prompt editing, <lora:name:w>)"))]
     = "plain",
+    max_sequence_length: Annotated[int | None, Form(ge=2, le=512, description=(
+        "SD 3 / 3.5 and FLUX.1: T5's tokens per prompt, 2..512 (null: the model's default)"))] = None,
 ) -> Any:
     cfg = st.config
     check_model(st, model)
@@ -122,6 +125,7 @@ async def edits(
     prompt, tagged = prompt_loras(prompt) if prompt_syntax == "a1111" else (prompt, [])
     check_prompts(st, prompt, negative_prompt, steps, prompt_syntax)
     lora_set = loras_of(st, lora_form(loras), tagged)
+    t5_tokens = sequence_length_of(st, max_sequence_length)
     raw = await run_in_threadpool(decode_upload, await image.read(), "image", cfg.max_upload_pixels, True)
     region = None
     if mask is not None:
@@ -142,7 +146,7 @@ async def edits(
               cfg.default_guidance if guidance_scale is None else guidance_scale,
               image=imgs.fit(init, w, h), strength=strength,
               mask=None if region is None else imgs.fit(region, w, h), cache=policy, loras=lora_set,
-              prompt_syntax=prompt_syntax)
+              prompt_syntax=prompt_syntax, max_sequence_length=t5_tokens)
     return response(st, await run_job(st, request, job, "edits"), response_format, request,
                     guidance_notes(st, guidance_scale, "guidance_scale"))
 
