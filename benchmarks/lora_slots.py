@@ -96,9 +96,9 @@ def main(argv: list[str] | None = None) -> int:
                 dtype = slotted.inputs["sample"].dtype
                 t0 = time.perf_counter()
                 adapter = Adapter("lora", read_lora(lora_path))
-                with_lora = adapter_factors(slots, [(adapter, 0.8)], dtype)
+                with_lora = adapter_factors({"unet": slots}, [(adapter, 0.8)], dtype)["unet"]
                 switch_ms = (time.perf_counter() - t0) * 1e3
-                zeros = adapter_factors(slots, [], dtype)
+                zeros = adapter_factors({"unet": slots}, [], dtype)["unet"]
                 base = _unet_feeds(plain.inputs, args.size, np.random.default_rng(0))
                 configs = {"plain": (plain, {}), "slotted, no LoRA": (slotted, zeros),
                            f"slotted, one LoRA (rank {args.lora_rank})": (slotted, with_lora)}

@@ -34,7 +34,7 @@ from . import wrappers
 from .controlnet_loading import LoadedControlNet, check_pairing
 from .controlnet_specs import controlnet_specs
 from .loading import LoadedModel
-from .lora_slots import SlotPlan, Slotted, slot_example, slot_inputs, slot_layers
+from .lora_slots import SlotPlan, Slotted, slot_example, slot_inputs, slot_layers, split_inert
 from .onnx_export import ComponentSpec, export_component
 
 MIN_OPSET = 17
@@ -53,6 +53,19 @@ def check_clip_skip(model: LoadedModel, clip_skip: int) -> None:
                 f"clip skip {clip_skip!r} is beyond this model's text encoder ({layers} layers"
                 f"{', conditioned on the penultimate' if penultimate else ''}): use 0 to {most}",
                 cli=f"--clip-skip {clip_skip!r} is beyond this model's text encoder ({layers} layers): use 0 to {most}")
+
+
+def _slotted(spec: ComponentSpec, layers: list[tuple[str, torch.nn.Linear]], rank: int,
+             inert: Sequence[str] = ()) -> ComponentSpec:
+    """``spec`` whose ``layers`` take LoRA factors as inputs after its own (export/lora_slots.py); ``inert``: the
+    targeted layers left without a slot because they do not reach the outputs (recorded in the manifest)."""
+    example = spec.example
+
+    def slotted_example(g: torch.Generator, b: int, h: int, w: int) -> tuple[torch.Tensor, ...]:
+        return (*example(g, b, h, w), *slot_example(layers, rank, g))
+
+    return replace(spec, module=Slotted(spec.module, layers, inert), inputs=[*spec.inputs, *slot_inputs(layers, rank)],
+                   example=slotted_example)
 
 
 def component_specs(model: LoadedModel, vae_fp32: bool | None = None, clip_skip: int = 0,
@@ -81,7 +94,7 @@ def component_specs(model: LoadedModel, vae_fp32: bool | None = None, clip_skip:
             ids[:, 10:] = vocab - 1  # eos, then padding with eos
             return (ids,)
 
-        specs.append(ComponentSpec(
+        text_spec = ComponentSpec(
             name=name,
             module=wrappers.TextEncoder(enc, penultimate=fam.penultimate, pooled=pooled, clip_skip=clip_skip),
             weights=enc,
@@ -89,7 +102,12 @@ def component_specs(model: LoadedModel, vae_fp32: bool | None = None, clip_skip:
             outputs=outs,
             example=text_example,
             refittable=True,
-        ))
+        )
+        if lora_slots is not None:
+            layers = slot_layers(enc, lora_slots, text=True)
+            used, inert = split_inert(text_spec.module, text_example(torch.Generator().manual_seed(0), 1, 8, 8), layers)
+            text_spec = _slotted(text_spec, used, lora_slots.rank, inert)
+        specs.append(text_spec)
 
     cross = int(model.unet.config.cross_attention_dim)
     in_ch = int(model.unet.config.in_channels)
@@ -137,13 +155,7 @@ def component_specs(model: LoadedModel, vae_fp32: bool | None = None, clip_skip:
         if controlnets or deepcache:
             raise InputError("--lora-slots is not combined with ControlNets or --feature-cache yet: export the "
                              "slotted UNet without them")
-        layers = slot_layers(model.unet, lora_slots)
-
-        def slotted_example(g: torch.Generator, b: int, h: int, w: int) -> tuple[torch.Tensor, ...]:
-            return (*unet_example(g, b, h, w), *slot_example(layers, lora_slots.rank, g))
-
-        unet_spec = replace(unet_spec, module=Slotted(unet_spec.module, layers),
-                            inputs=[*unet_inputs, *slot_inputs(layers, lora_slots.rank)], example=slotted_example)
+        unet_spec = _slotted(unet_spec, slot_layers(model.unet, lora_slots), lora_slots.rank)
     specs.append(unet_spec)
     specs += controlnet_specs(model, controlnets, unet_spec)
     if deepcache:
@@ -331,7 +343,10 @@ def export_model(
         parity_shape = (2, side, side + 8)
     with atomic_dir(out, marker=MANIFEST_NAME, overwrite=overwrite, what=EXPORT_KIND, owned=export_entries) as tmp:
         components = {}
+        inert: dict[str, list[str]] = {}
         for spec in component_specs(model, vae_fp32, clip_skip, controlnets, deepcache, lora_slots):
+            if isinstance(spec.module, Slotted) and spec.module.inert:
+                inert[spec.name] = list(spec.module.inert)
             components[spec.name] = export_component(
                 spec, precision, tmp / spec.name, opset=opset, parity_shape=parity_shape, progress=progress
             )
@@ -352,7 +367,8 @@ def export_model(
             text_max_length=TEXT_LEN,
             limits=ShapeLimits(),
             source={**model.source, **({"controlnets": [dict(c.source) for c in controlnets]} if controlnets else {}),
-                    **({"lora_slots": {"rank": lora_slots.rank, "targets": lora_slots.targets}} if lora_slots else {})},
+                    **({"lora_slots": {"rank": lora_slots.rank, "targets": lora_slots.targets,
+                                       **({"inert": inert} if inert else {})}} if lora_slots else {})},
             tools=tool_versions(),
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             clip_skip=clip_skip,

@@ -9,12 +9,15 @@ targeted layers whose ranks sum to at most the slot's rank, without re-export, r
 Targets (the layers that get a slot): ``attn`` (the default; diffusers' LoRA training scripts' targets: every
 attention's ``to_q``, ``to_k``, ``to_v``, ``to_out.0``) or ``attn-ff`` (also the transformer blocks' feed-forward
 ``ff.net.0.proj`` and ``ff.net.2``, and ``proj_in`` / ``proj_out`` where they are linear, as kohya's scripts
-train). Linear layers only: LoCon's convolution adapters have no slot (an adapter with one is refused by name).
+train). The CLIP text encoders get slots too, where LoRAs that train them adapt them: every attention's
+``q_proj``, ``k_proj``, ``v_proj``, ``out_proj`` (and with ``attn-ff`` the MLP's ``fc1``, ``fc2``, kohya's
+text-encoder targets). Linear layers only: LoCon's convolution adapters have no slot (an adapter with one is
+refused by name).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +29,11 @@ from sdrt.runtime.lora_adapters import LORA_PREFIX, slot_input
 TARGETS = {
     "attn": ("to_q", "to_k", "to_v", "to_out.0"),
     "attn-ff": ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"),
+}
+# the CLIP text encoders' layers of the same kinds (attention projections; the MLP with attn-ff)
+TEXT_TARGETS = {
+    "attn": ("q_proj", "k_proj", "v_proj", "out_proj"),
+    "attn-ff": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
 }
 RANK_MAX = 256
 DEFAULT_TARGETS = "attn"
@@ -51,14 +59,35 @@ class SlotPlan:
         return plan
 
 
-def slot_layers(unet: torch.nn.Module, plan: SlotPlan) -> list[tuple[str, torch.nn.Linear]]:
-    """The UNet's linear layers that get a slot, by module name, in module order."""
-    ends = TARGETS[plan.targets]
+def slot_layers(unet: torch.nn.Module, plan: SlotPlan, text: bool = False) -> list[tuple[str, torch.nn.Linear]]:
+    """The linear layers that get a slot, by module name, in module order: the UNet's, or (``text``) a CLIP text
+    encoder's (TEXT_TARGETS)."""
+    ends = (TEXT_TARGETS if text else TARGETS)[plan.targets]
     layers = [(n, m) for n, m in unet.named_modules()
               if isinstance(m, torch.nn.Linear) and any(n == e or n.endswith("." + e) for e in ends)]
     if not layers:
-        raise InputError(f"the UNet has no linear {plan.targets} layers to slot")
+        raise InputError(f"the {'text encoder' if text else 'UNet'} has no linear {plan.targets} layers to slot")
     return layers
+
+
+def split_inert(module: torch.nn.Module, example: tuple[torch.Tensor, ...],
+                layers: list[tuple[str, torch.nn.Linear]]) -> tuple[list[tuple[str, torch.nn.Linear]], list[str]]:
+    """``layers`` split into those whose output reaches ``module``'s outputs on ``example`` and the names of those
+    that do not (a CLIP encoder's last layer when the penultimate states condition the UNet, the layers past a
+    clip skip): a slot there would be an input the ONNX graph drops. An adapter's factors for an inert layer
+    change nothing, so the runtime skips them (the manifest records them)."""
+    probes = {n: torch.zeros((), requires_grad=True) for n, _ in layers}
+    handles = [m.register_forward_hook(lambda _m, _i, out, z=probes[n]: out + z) for n, m in layers]
+    try:
+        with torch.enable_grad():
+            res = module(*example)
+    finally:
+        for h in handles:
+            h.remove()
+    outs = [t for t in (res if isinstance(res, (tuple, list)) else (res,)) if t.is_floating_point()]
+    grads = torch.autograd.grad(sum(t.float().sum() for t in outs), list(probes.values()), allow_unused=True)
+    used = [(n, m) for (n, m), g in zip(layers, grads, strict=True) if g is not None]
+    return used, [n for (n, _), g in zip(layers, grads, strict=True) if g is None]
 
 
 def slot_inputs(layers: list[tuple[str, torch.nn.Linear]], rank: int) -> list[tuple[str, str, tuple[int | str, ...]]]:
@@ -81,14 +110,16 @@ def slot_example(layers: list[tuple[str, torch.nn.Linear]], rank: int,
 
 
 class Slotted(torch.nn.Module):
-    """``inner`` (a UNet wrapper) whose slotted layers add ``up (down x)``: its own inputs, then the factors in
+    """``inner`` (a UNet or text-encoder wrapper) whose slotted layers add ``up (down x)``: its own inputs, then the factors in
     ``slot_inputs`` order. The hooks live only for the call (the model is shared with the export's other
     components)."""
 
-    def __init__(self, inner: torch.nn.Module, layers: list[tuple[str, torch.nn.Linear]]) -> None:
+    def __init__(self, inner: torch.nn.Module, layers: list[tuple[str, torch.nn.Linear]],
+                 inert: Sequence[str] = ()) -> None:
         super().__init__()
         self.inner = inner
         self.layers = [m for _, m in layers]  # not registered: the inner wrapper owns them
+        self.inert = tuple(inert)  # targeted layers without a slot: they do not reach the outputs
 
     def forward(self, *args: torch.Tensor) -> object:
         n = len(args) - 2 * len(self.layers)
@@ -106,4 +137,5 @@ class Slotted(torch.nn.Module):
                 h.remove()
 
 
-__all__ = ["LORA_PREFIX", "RANK_MAX", "TARGETS", "SlotPlan", "Slotted", "slot_example", "slot_inputs", "slot_layers"]
+__all__ = ["LORA_PREFIX", "RANK_MAX", "TARGETS", "TEXT_TARGETS", "SlotPlan", "Slotted", "slot_example", "slot_inputs",
+           "slot_layers", "split_inert"]

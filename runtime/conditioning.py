@@ -4,7 +4,7 @@ family's encoders and rules (how encoders are joined, the pooled embedding, zero
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -104,13 +104,15 @@ class TextConditioning:
         return self.family.zero_negatives and negative_prompt is None
 
     def encode(self, prompts: list[str], b: int, guided: bool, zero_negatives: bool = False,
-               syntax: str = "plain", chunks: int = 1, max_sequence_length: int | None = None) -> PromptEmbeddings:
+               syntax: str = "plain", chunks: int = 1, max_sequence_length: int | None = None,
+               lora: Mapping[str, Mapping[str, Array]] | None = None) -> PromptEmbeddings:
         """Text encoders -> embeddings on the device. With one encoder and one chunk the encoder's output
         is the UNet's input as it is; otherwise the chunks and encoders are joined on the device by the
         join graph (runtime/text_join.py). ``syntax`` "a1111": A1111's emphasis, BREAK and chunking
         (runtime/weighted_prompts.py; the weighted states pass through the host once), in at least ``chunks``
         chunks (the segments of a prompt-editing call are encoded alike). ``max_sequence_length``: T5's tokens
-        per prompt for this call (None: the family's, ``text_tokens``; see ``check_sequence_length``)."""
+        per prompt for this call (None: the family's, ``text_tokens``; see ``check_sequence_length``). ``lora``:
+        the LoRA factor inputs of the encoders that have slots (export/lora_slots.py), by encoder name."""
         be, dt = self.backend, self.dtype
         outs: list[dict[str, Array]] = []
         rows = 0
@@ -129,7 +131,8 @@ class TextConditioning:
             else:
                 ids = self._ids(tok, prompts)  # [rows, k, 77] (T5: [rows, 1, its tokens])
             rows, k, n = ids.shape
-            out = self.engines[name]({"input_ids": be.to_device(ids.reshape(rows * k, n))})
+            out = self.engines[name]({"input_ids": be.to_device(ids.reshape(rows * k, n)),
+                                      **((lora or {}).get(name) or {})})
             if weights is not None:  # A1111's emphasis on this encoder's states, per prompt and chunk
                 hid = be.to_host(out["hidden_states"])
                 out = {**out, "hidden_states": be.to_device(

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,9 @@ from .lora_files import LoraFile, LoraModule, read_lora
 
 LORA_PREFIX = "lora."  # the slotted UNet's factor inputs: lora.<module>.down / lora.<module>.up
 SCALE_MAX = 10.0  # a strength past this is a typo, not a style (A1111's UIs offer up to 2)
+
+
+_LABELS = {"unet": "UNet", "text_encoder": "text encoder", "text_encoder_2": "second text encoder"}
 
 
 def slot_input(module: str, kind: str) -> str:
@@ -83,7 +86,7 @@ class AdapterLibrary:
         if self.folder is not None and not self.folder.is_dir():
             raise ArtifactError(f"the LoRA folder {self.folder} does not exist; pass a folder of .safetensors LoRAs")
         self.max_bytes = int(max_bytes)
-        self._cache: OrderedDict[Path, Adapter] = OrderedDict()
+        self._cache: OrderedDict[tuple[Path, int, int], Adapter] = OrderedDict()
         self._lock = threading.Lock()
 
     def names(self) -> list[str]:
@@ -106,13 +109,17 @@ class AdapterLibrary:
 
     def get(self, name: str | Path) -> Adapter:
         path = self.path_of(name)
+        st = path.stat()
+        key = (path, st.st_mtime_ns, st.st_size)  # a file replaced under the same name is read again
         with self._lock:
-            if path in self._cache:
-                self._cache.move_to_end(path)
-                return self._cache[path]
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
         adapter = Adapter(Path(name).stem if Path(name).suffix else str(name), read_lora(path))
         with self._lock:
-            self._cache[path] = adapter
+            for old in [k for k in self._cache if k[0] == path]:
+                del self._cache[old]
+            self._cache[key] = adapter
             while len(self._cache) > 1 and sum(a.nbytes for a in self._cache.values()) > self.max_bytes:
                 self._cache.popitem(last=False)
         return adapter
@@ -149,37 +156,56 @@ def check_loras(loras: Any) -> list[tuple[str | Path, float]]:
     return out
 
 
-def _index(slots: Mapping[str, Slot]) -> dict[tuple[bool, str], str]:
-    """A file's module spelling (dotted, or kohya's underscores) -> the slot's module."""
+def _index(slots: Iterable[str]) -> dict[tuple[bool, str], str]:
+    """A file's module spelling (dotted, or kohya's underscores; a text encoder's with or without ``text_model.``)
+    -> the slot's module."""
     table: dict[tuple[bool, str], str] = {}
     for module in slots:
-        table[(False, module)] = module
-        table[(True, module.replace(".", "_"))] = module
+        # transformers 5's CLIPTextModel has no ``text_model`` level; the files name it (as transformers 4 did)
+        for alias in (module, f"text_model.{module}"):
+            table.setdefault((False, alias), module)
+            table.setdefault((True, alias.replace(".", "_")), module)
     return table
 
 
-def adapter_factors(slots: Mapping[str, Slot], adapters: Sequence[tuple[Adapter, float]],
-                    dtype: np.dtype[Any] | type = np.float32) -> dict[str, np.ndarray]:
-    """Every slot's two inputs for these adapters (all zero for none), checked: an adapter module with no slot
-    here (another architecture, a text-encoder or convolution layer, a layer outside the export's targets)
-    and ranks past a slot's are InputErrors naming them."""
-    index = _index(slots)
-    parts: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+def adapter_factors(slots: Mapping[str, Mapping[str, Slot]], adapters: Sequence[tuple[Adapter, float]],
+                    dtype: np.dtype[Any] | type = np.float32,
+                    inert: Mapping[str, Sequence[str]] | None = None) -> dict[str, dict[str, np.ndarray]]:
+    """Every slot's two inputs for these adapters (all zero for none), per component (``slots``: component ->
+    its slots: the UNet's and, in exports that have them, the text encoders'), checked: an adapter module with
+    no slot here (another architecture, a convolution layer, a layer outside the export's targets, a text
+    encoder of an export without text-encoder slots) and ranks past a slot's are InputErrors naming them.
+    ``inert``: per component, the targeted layers the export left without a slot because they do not reach its
+    outputs (the manifest's ``lora_slots.inert``): an adapter's factors there change nothing and are skipped."""
+    index = {c: _index(s) for c, s in slots.items()}
+    skip = {c: set(_index(names)) for c, names in (inert or {}).items()}
+    parts: dict[tuple[str, str], list[tuple[np.ndarray, np.ndarray]]] = {}
     for adapter, scale in adapters:
         missing: list[str] = []
         for m in adapter.file.modules:
-            module = index.get((m.flat, m.module)) if m.component == "unet" else None
+            module = index[m.component].get((m.flat, m.module)) if m.component in index else None
+            if module is None and (m.flat, m.module) in skip.get(m.component, ()):
+                continue
             if module is None:
                 missing.append(f"{m.component}.{m.module}")
                 continue
-            parts.setdefault(module, []).append(_factors(adapter.name, m, slots[module], scale))
+            parts.setdefault((m.component, module), []).append(
+                _factors(adapter.name, m, slots[m.component][module], scale))
         if missing:
+            where = "; ".join(f"the {_LABELS.get(c, c)}'s {_describe(s)}" for c, s in slots.items() if s)
             raise InputError(
                 f"LoRA {adapter.name!r} adapts {len(missing)} layer(s) this export has no slot for "
-                f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): its slots are the UNet's "
-                f"{_describe(slots)}; text-encoder and convolution (LoCon) layers have none yet. Re-export with "
-                "`--lora-slots RANK:attn-ff` if it adapts feed-forward layers, or merge this LoRA at export "
-                "(`sdrt export --lora`)")
+                f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): its slots are {where}; "
+                "convolution (LoCon) layers have none yet. Re-export with `--lora-slots RANK:attn-ff` if it adapts "
+                "feed-forward layers (or to add text-encoder slots to an export made before they existed), or "
+                "merge this LoRA at export (`sdrt export --lora`)")
+    return {c: _component_feeds(s, {mod: p for (comp, mod), p in parts.items() if comp == c}, dtype)
+            for c, s in slots.items()}
+
+
+def _component_feeds(slots: Mapping[str, Slot], parts: Mapping[str, list[tuple[np.ndarray, np.ndarray]]],
+                     dtype: np.dtype[Any] | type) -> dict[str, np.ndarray]:
+    """One component's slot inputs: each slot's adapters side by side on the rank axis, the rest zeros."""
     feeds: dict[str, np.ndarray] = {}
     for module, slot in slots.items():
         down = np.zeros((slot.rank, slot.features_in), np.float32)

@@ -93,7 +93,7 @@ class Pipeline:
         self._closed = False
         self._text: TextConditioning | None = None
         self.loras = AdapterLibrary()  # Pipeline.load(..., lora_dir=) names a folder to find LoRAs by name in
-        self._no_lora: dict[str, np.ndarray] | None = None
+        self._no_lora: dict[str, dict[str, Array]] | None = None
 
     # -- loading and lifecycle ------------------------------------------------------------------------
     @classmethod
@@ -143,6 +143,7 @@ class Pipeline:
             self._loops.clear()
             self.device_graphs.clear()
             self._text = None
+            self._no_lora = None
             self.engines = {}
             self.backend.close()
 
@@ -223,7 +224,8 @@ class Pipeline:
     # -- stage 1: text ----------------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
                       batch_size: int = 1, guided: bool | None = None,
-                      prompt_syntax: str = "plain", max_sequence_length: int | None = None) -> PromptEmbeddings:
+                      prompt_syntax: str = "plain", max_sequence_length: int | None = None,
+                      loras: Any = None) -> PromptEmbeddings:
         """Prompts -> embeddings for ``len(prompts) * batch_size`` images (negatives first when guided).
 
         Prompts over 77 tokens are encoded in 77-token chunks and concatenated along the sequence.
@@ -233,10 +235,20 @@ class Pipeline:
         unless it runs no classifier-free guidance, FLUX.1) encodes the negatives too. ``prompt_syntax``
         ``"a1111"``: A1111's emphasis, escapes and BREAK (runtime/prompt_syntax.py; ``<lora:...>`` tags and prompt
         editing are the call's business: see ``GenerationRequest``). ``max_sequence_length``: T5's tokens per
-        prompt (SD 3 / 3.5, FLUX.1; None: the family's default).
+        prompt (SD 3 / 3.5, FLUX.1; None: the family's default). ``loras``: (name or path, scale) pairs, as the
+        call's: on an export whose text encoders have LoRA slots, the adapters' text-encoder layers apply here.
         """
         with self._lock:
             self._ready()
+            lora = self._text_lora(self._lora_on_device(self._lora_factors(loras)))
+            return self._encode_prompts(prompt, negative_prompt, batch_size, guided, prompt_syntax,
+                                        max_sequence_length, lora)
+
+    def _encode_prompts(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None,
+                        batch_size: int, guided: bool | None, prompt_syntax: str, max_sequence_length: int | None,
+                        lora: dict[str, dict[str, Array]]) -> PromptEmbeddings:
+        """``encode_prompt`` with the text encoders' LoRA inputs already on the device."""
+        with self._lock:
             guided = self._guided_arg(guided)
             if not self.family.classifier_free:
                 self.family.refuse_negative(negative_prompt)
@@ -245,10 +257,16 @@ class Pipeline:
             text = self._conditioning()
             syntax = check_syntax(prompt_syntax)
             if not guided:
-                return text.encode(prompts, b, False, syntax=syntax, max_sequence_length=max_sequence_length)
+                return text.encode(prompts, b, False, syntax=syntax, max_sequence_length=max_sequence_length,
+                                   lora=lora)
             negatives = negatives_of(negative_prompt, b, batch_size)
             return text.encode(negatives + prompts, b, True, zero_negatives=text.zero_negatives(negative_prompt),
-                               syntax=syntax, max_sequence_length=max_sequence_length)
+                               syntax=syntax, max_sequence_length=max_sequence_length, lora=lora)
+
+    @staticmethod
+    def _text_lora(feeds: dict[str, dict[str, Array]]) -> dict[str, dict[str, Array]]:
+        """The text encoders' share of every slotted component's LoRA inputs."""
+        return {c: f for c, f in feeds.items() if c != "unet"}
 
     def embeddings_from(self, prompt_embeds: np.ndarray, negative_prompt_embeds: np.ndarray | None = None, *,
                         pooled_prompt_embeds: np.ndarray | None = None,
@@ -285,10 +303,11 @@ class Pipeline:
             self._ready()
             return self._conditioning().check_sequence_length(max_sequence_length)
 
-    def _encode_request(self, req: GenerationRequest, guided: bool) -> tuple[PromptEmbeddings,
-                                                                              list[tuple[int, PromptEmbeddings]]]:
+    def _encode_request(self, req: GenerationRequest, guided: bool, lora: dict[str, dict[str, Array]]
+                        ) -> tuple[PromptEmbeddings, list[tuple[int, PromptEmbeddings]]]:
         """A call's prompt embeddings, and with A1111's prompt editing or alternation the embeddings of each later
-        segment with the loop step it starts at (every segment encoded alike: as many chunks)."""
+        segment with the loop step it starts at (every segment encoded alike: as many chunks). ``lora``: the text
+        encoders' LoRA inputs."""
         assert req.prompt is not None
         sched: list[tuple[int, list[str]]] = []
         if req.prompt_syntax == "a1111":
@@ -297,14 +316,13 @@ class Pipeline:
             sched = segments((negatives_of(req.negative_prompt, b, req.batch_size) if guided else []) + prompts,
                              req.steps)
         if len(sched) < 2:
-            return self.encode_prompt(req.prompt, req.negative_prompt, batch_size=req.batch_size, guided=guided,
-                                      prompt_syntax=req.prompt_syntax,
-                                      max_sequence_length=req.max_sequence_length), []
+            return self._encode_prompts(req.prompt, req.negative_prompt, req.batch_size, guided, req.prompt_syntax,
+                                        req.max_sequence_length, lora), []
         text = self._conditioning()
         k = max(max(text.chunks(seg, "a1111")) for _, seg in sched)
         zero = guided and text.zero_negatives(req.negative_prompt)
         embs = [text.encode(seg, b, guided, zero_negatives=zero, syntax="a1111", chunks=k,
-                            max_sequence_length=req.max_sequence_length) for _, seg in sched]
+                            max_sequence_length=req.max_sequence_length, lora=lora) for _, seg in sched]
         starts = segment_starts([e for e, _ in sched])
         return embs[0], list(zip(starts[1:], embs[1:], strict=True))
 
@@ -558,11 +576,17 @@ class Pipeline:
             self._ready()
             self._lora_factors(loras)
 
-    def _lora_factors(self, loras: Any) -> dict[str, np.ndarray] | None:
-        """The factors of ``loras`` on the host (None: no adapter, or an export without slots)."""
+    def _lora_slots(self) -> dict[str, dict[str, Any]]:
+        """The slots of each slotted component (the UNet's, and the text encoders' where the export has them)."""
+        names = ["unet", *self.manifest.encoder_names]
+        return {c: s for c in names if c in self.engines and (s := slots_of(self.engines[c].inputs))}
+
+    def _lora_factors(self, loras: Any) -> dict[str, dict[str, np.ndarray]] | None:
+        """The factors of ``loras`` on the host, per slotted component (None: no adapter, or an export without
+        slots)."""
         pairs = check_loras(loras)
-        slots = slots_of(self.engines["unet"].inputs)
-        if not slots:
+        slots = self._lora_slots()
+        if "unet" not in slots:
             if pairs:
                 raise ArtifactError(f"{self.folder} has no LoRA slots, which loras= needs: re-export it with `sdrt "
                                     "export ... --lora-slots RANK`, or merge the LoRA at export (`sdrt export --lora "
@@ -572,22 +596,29 @@ class Pipeline:
             return None
         if not pairs:
             return None
-        return adapter_factors(slots, [(self.loras.get(name), scale) for name, scale in pairs], self.dtype)
+        inert = self.manifest.source.get("lora_slots", {}).get("inert", {})
+        return adapter_factors(slots, [(self.loras.get(name), scale) for name, scale in pairs], inert=inert)
 
     def lora_inputs(self, loras: Any) -> dict[str, Array]:
         """The UNet's LoRA factor inputs for a call's ``loras`` ((name or path, scale) pairs; None: no adapter),
         on the device; nothing for an export without slots. Every adapter is read and checked against the
         slots here, before any work (runtime/lora_adapters.py)."""
-        factors = self._lora_factors(loras)
+        return self._lora_on_device(self._lora_factors(loras)).get("unet", {})
+
+    def _lora_on_device(self, factors: dict[str, dict[str, np.ndarray]] | None) -> dict[str, dict[str, Array]]:
+        """Every slotted component's factor inputs on the device, each in its engine's input dtype (None: the
+        zeros of no adapter, made once: nothing writes into a loop's conditioning inputs)."""
         to_dev = self.backend.to_device
+
+        def upload(f: dict[str, dict[str, np.ndarray]]) -> dict[str, dict[str, Array]]:
+            return {c: {k: to_dev(v.astype(self.engines[c].inputs[k].dtype)) for k, v in fc.items()}
+                    for c, fc in f.items()}
+
         if factors is not None:
-            return {k: to_dev(v) for k, v in factors.items()}
-        slots = slots_of(self.engines["unet"].inputs)
-        if not slots:
-            return {}
-        if self._no_lora is None:  # every factor zero: made once (nothing writes into a loop's conditioning inputs)
-            self._no_lora = {k: to_dev(v) for k, v in adapter_factors(slots, [], self.dtype).items()}
-        return dict(self._no_lora)
+            return upload(factors)
+        if self._no_lora is None:
+            self._no_lora = upload(adapter_factors(self._lora_slots(), []))
+        return self._no_lora
 
     def check_cache(self, cache: CachePolicy | None, control: controlnet.ControlRequest | None = None) -> None:
         """Refuse feature caching the family has not, on an export without its cheap step, by a threshold on a
@@ -732,7 +763,8 @@ class Pipeline:
                                        req.guess_mode, req.control_preprocess, mask is not None)
             policy = req.cache_policy
             self.check_cache(policy, creq)
-            lora = self.lora_inputs(req.loras)
+            lora_feeds = self._lora_on_device(self._lora_factors(req.loras))
+            lora = lora_feeds.get("unet", {})
             if image is not None:
                 self._check_img2img()
             init = None if image is None else to_uint8(image, req.height, req.width, m.vae_scale_factor)
@@ -756,7 +788,7 @@ class Pipeline:
                                                negative_pooled_prompt_embeds=req.negative_pooled_prompt_embeds,
                                                batch_size=req.batch_size)
                 else:
-                    emb, edits = self._encode_request(req, guided)
+                    emb, edits = self._encode_request(req, guided, self._text_lora(lora_feeds))
                 clock.mark()
                 lat = self._prepare(plan, height, width, b, req.seed, req.latents, init, mask, strength == 1.0)
                 clock.mark()

@@ -8,6 +8,7 @@ The LoRAs are random factors written in the kohya / A1111 and the diffusers / PE
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +40,13 @@ def models() -> dict[str, Any]:
     return {p: random_model(p) for p in ("sd15-tiny", "sdxl-tiny")}
 
 
+TEXT_ATTN = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
 def _lora(tmp: Path, m: Any, layout: str, seed: int, rank: int = 2, alpha: float | None = None,
-          targets: tuple[str, ...] = ATTN, text: bool = False) -> Path:
+          targets: tuple[str, ...] = ATTN, text: bool = False, text_targets: tuple[str, ...] = TEXT_ATTN) -> Path:
     return make_lora(tmp / f"{layout}-{seed}-r{rank}.safetensors", m.unet, m.text_encoders[0] if text else None,
-                     layout, seed=seed, rank=rank, alpha=alpha, unet_targets=targets)
+                     layout, seed=seed, rank=rank, alpha=alpha, unet_targets=targets, text_targets=text_targets)
 
 
 def _latents(seed: int = 0) -> np.ndarray:
@@ -58,12 +62,13 @@ def _reference(m: Any, folder: Path, loras: list[tuple[Path, float]], fuse: bool
 
     common = {"vae": m.vae, "unet": copy.deepcopy(m.unet), "scheduler": diffusers_scheduler("ddim", m.scheduler_config),
               "tokenizer": CLIPTokenizer.from_pretrained(folder / "tokenizer")}
+    te = [copy.deepcopy(t) for t in m.text_encoders]  # load_lora_weights adapts them in place
     if m.preset.family == "sdxl":
-        pipe = StableDiffusionXLPipeline(text_encoder=m.text_encoders[0], text_encoder_2=m.text_encoders[1],
+        pipe = StableDiffusionXLPipeline(text_encoder=te[0], text_encoder_2=te[1],
                                          tokenizer_2=CLIPTokenizer.from_pretrained(folder / "tokenizer_2"),
                                          force_zeros_for_empty_prompt=True, **common)
     else:
-        pipe = StableDiffusionPipeline(text_encoder=m.text_encoders[0], safety_checker=None, feature_extractor=None,
+        pipe = StableDiffusionPipeline(text_encoder=te[0], safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False, **common)
     pipe.set_progress_bar_config(disable=True)
     names = []
@@ -130,6 +135,33 @@ def test_feed_forward_slots_take_kohya_s_usual_targets(slotted_export, models, t
         shared_pipeline(slotted_export("sdxl-tiny"))(PROMPT, steps=1, loras=[(path, 1.0)])
 
 
+@pytest.mark.parametrize(("layout", "preset", "slots", "text_targets"), [
+    ("kohya", "sd15-tiny", "8", TEXT_ATTN),
+    ("kohya", "sd15-tiny", "8:attn-ff", (*TEXT_ATTN, "fc1", "fc2")),  # kohya trains the MLP too
+    ("diffusers", "sdxl-tiny", "8", TEXT_ATTN),
+])
+def test_text_encoder_layers_match_diffusers(slotted_export, models, tmp_path: Path, layout: str, preset: str,
+                                             slots: str, text_targets: tuple[str, ...]) -> None:
+    """A LoRA that also trains the text encoder (as most kohya LoRAs do): its text-encoder layers are the text
+    encoders' slots, so the conditioning changes as diffusers' ``load_lora_weights`` changes it."""
+    m, folder = models[preset], slotted_export(preset, slots)
+    path = _lora(tmp_path, m, layout, seed=16, alpha=1.0 if layout == "kohya" else None, text=True,
+                 text_targets=text_targets)
+    want = _reference(m, folder, [(path, 0.8)])
+    _close(_sdrt(folder, [(path, 0.8)]), want, f"{layout} LoRA with text-encoder layers on {preset} ({slots})")
+    (tmp_path / "unet-only").mkdir()
+    unet_only = _lora(tmp_path / "unet-only", m, layout, seed=16, alpha=1.0 if layout == "kohya" else None)
+    assert np.abs(_sdrt(folder, [(unet_only, 0.8)]) - want).max() > 3  # the text encoder's part mattered
+    # the staged API applies them too: encode_prompt(loras=...) then denoise(loras=...)
+    pipe = shared_pipeline(folder)
+    emb = pipe.encode_prompt(PROMPT, KW["negative_prompt"], loras=[(path, 0.8)])
+    plan = pipe.plan(KW["sampler"], KW["steps"])
+    lat = pipe.prepare_latents(plan, KW["height"], KW["width"], latents=_latents())
+    lat = pipe.denoise(emb, lat, plan, guidance_scale=KW["guidance_scale"], loras=[(path, 0.8)])
+    staged = np.asarray(pipe.decode(lat)[0]).astype(np.int32)
+    _close(staged, want, "staged")
+
+
 def test_no_lora_gives_the_plain_exports_image(slotted_export, tiny_export) -> None:
     plain = np.asarray(shared_pipeline(tiny_export("sd15-tiny"))(PROMPT, latents=_latents(), **KW).images[0])
     slotted = _sdrt(slotted_export("sd15-tiny"), None)
@@ -157,9 +189,9 @@ def test_bad_requests_are_refused_before_work(slotted_export, tiny_export, model
     big = _lora(tmp_path, m, "diffusers", seed=7, rank=6)
     with pytest.raises(InputError, match="add rank 12 at .* over this export's slot rank 8"):
         pipe(PROMPT, steps=1, loras=[(big, 1.0), (big, 0.5)])
-    text = _lora(tmp_path, m, "kohya", seed=8, text=True)
-    with pytest.raises(InputError, match="no slot for.*text_encoder"):
-        pipe(PROMPT, steps=1, loras=[(text, 1.0)])
+    text = _lora(tmp_path, m, "kohya", seed=8, text=True, text_targets=(*TEXT_ATTN, "fc1", "fc2"))
+    with pytest.raises(InputError, match=r"no slot for \(text_encoder\.text_model_encoder_layers_0_mlp_fc"):
+        pipe(PROMPT, steps=1, loras=[(text, 1.0)])  # the MLP has slots with attn-ff only
     conv = _lora(tmp_path, m, "kohya", seed=9, targets=(*ATTN, "resnets.0.conv1"))
     with pytest.raises(InputError, match="no slot for.*conv1"):
         pipe(PROMPT, steps=1, loras=[(conv, 1.0)])
@@ -194,6 +226,10 @@ def test_the_export_records_its_slots(slotted_export) -> None:
     slots = slots_of({i.name: i for i in unet.inputs})
     assert len(slots) == 4 * 2 * sum(1 for i in unet.inputs if i.name.endswith("attn1.to_q.down"))
     assert {s.rank for s in slots.values()} == {8} and man.source["lora_slots"] == {"rank": 8, "targets": "attn"}
+    text = man.components["text_encoder"]
+    text_slots = slots_of({i.name: i for i in text.inputs})
+    assert text_slots and all(k.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj", "out_proj") for k in text_slots)
+    assert text.parity is not None and text.parity.rel_err <= text.parity.bound
     assert unet.parity is not None and unet.parity.rel_err <= unet.parity.bound  # gated with random factors
 
 
@@ -205,6 +241,12 @@ def test_the_library_keeps_recent_adapters_within_its_bound(models, tmp_path: Pa
     for p in paths:
         lib.get(p)
     assert lib.cached_bytes == 2 * one  # the first was dropped
+    # a file replaced under the same name is read again, not served from the cache
+    before = lib.get(paths[1]).file.modules[0].down.copy()
+    make_lora(paths[1], m.unet, None, "diffusers", seed=99, rank=4, unet_targets=ATTN)
+    os.utime(paths[1], ns=(1, 1))  # a different mtime even where the clock is coarse
+    assert not np.array_equal(lib.get(paths[1]).file.modules[0].down, before)
+    assert lib.cached_bytes == 2 * one  # the old reading left the cache
     with pytest.raises(ArtifactError, match="does not exist"):
         AdapterLibrary(tmp_path / "nowhere")
 

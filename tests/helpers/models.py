@@ -44,14 +44,15 @@ def lora_targets(module, suffixes):  # type: ignore[no-untyped-def]
 
 
 def make_lora(path: Path, unet, text_encoder, layout: str, seed: int, rank: int = 2,  # type: ignore[no-untyped-def]
-              alpha: float | None = None, unet_targets: tuple[str, ...] = UNET_TARGETS) -> Path:
+              alpha: float | None = None, unet_targets: tuple[str, ...] = UNET_TARGETS,
+              text_targets: tuple[str, ...] = TE_TARGETS) -> Path:
     """A LoRA with random down/up matrices for every attention, feed-forward and one conv per block (the UNet's
     ``unet_targets``; no text-encoder part where ``text_encoder`` is None)."""
     from safetensors.numpy import save_file
 
     g = np.random.default_rng(seed)
     sd: dict[str, np.ndarray] = {}
-    parts = [("unet", unet, unet_targets)] + ([("text_encoder", text_encoder, TE_TARGETS)] if text_encoder is not None
+    parts = [("unet", unet, unet_targets)] + ([("text_encoder", text_encoder, text_targets)] if text_encoder is not None
                                               else [])
     for comp, module, suffixes in parts:
         for name, m in lora_targets(module, suffixes):
