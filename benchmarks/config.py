@@ -17,7 +17,7 @@ BASELINES = ("torch", "none")
 PRECISIONS = ("fp16", "fp32")
 OV_PRECISIONS = ("auto", "bf16", "fp32")  # the openvino backend's inference precision
 CACHE_FORM = ("KIND:INTERVAL[:SCHEDULE] (e.g. deepcache:3, deepcache:5:nonuniform for UNets, first-block:2 for "
-              "SD 3 / 3.5)")
+              "SD 3 / 3.5 and FLUX.1)")
 CACHE_WORKLOADS = ("txt2img", "inpaint", "few-step")  # the pipeline caches neither ControlNets nor a refiner pair
 DEFAULT_PROMPT = "a photograph of an astronaut riding a horse, highly detailed"
 

@@ -28,6 +28,7 @@ import torch
 
 from sdrt.runtime.atomic import atomic_dir
 from sdrt.runtime.errors import InputError
+from sdrt.runtime.feature_cache import SHALLOW_UNET
 from sdrt.runtime.manifest import (
     MANIFEST_NAME,
     ExportManifest,
@@ -37,16 +38,24 @@ from sdrt.runtime.manifest import (
     tokenizer_of,
 )
 
+from .block_cache import DENOISER_FOLDER, FOLDERS
 from .exporter import EXPORT_KIND, MIN_OPSET, TEXT_LEN, check_export_dir, tool_versions
 from .flux_presets import FLUX_PRESETS, FluxModules, FluxPreset, build_modules, get_flux_preset
-from .flux_specs import T5_NAME, flux_specs, streamed_t5, streamed_transformer_spec, transformer_spec
+from .flux_specs import (
+    T5_NAME,
+    cached_spec,
+    flux_specs,
+    streamed_cached_spec,
+    streamed_t5,
+    streamed_transformer_spec,
+    transformer_spec,
+)
 from .onnx_export import check_parity, export_component, parity_line
 from .sd3_export import Streamed, component_config, to_stream
 from .sd3_gate import T5_BLOCKS, load_reduced, mapped_weights, t5_blocks
 from .sd3_specs import t5_spec
 from .streamed import WeightSource, checkpoint_weights, export_streamed, fake_shapes, synthetic_weights
 
-DENOISER_FOLDER = "transformer"
 PIPELINE_CLASS = "FluxPipeline"
 STREAMABLE = ("transformer", T5_NAME)
 FP16_REFUSED = ("FLUX.1 overflows fp16 (NaN images: diffusers issue 9096) and sdrt exports no bf16 graph yet; "
@@ -171,11 +180,14 @@ def export_flux(
     overwrite: bool = False,
     fp16: bool = False,
     opset: int = MIN_OPSET,
+    block_cache: bool = False,
     parity_shape: tuple[int, int, int] | None = None,
     progress: Callable[[str], None] = lambda msg: None,
 ) -> ExportManifest:
     """Export every component of ``model`` into ``out`` (atomically) and return its manifest. ``fp16`` is refused
-    (see the module docstring). ``out`` is checked as ``export_model`` checks it."""
+    (see the module docstring); ``block_cache`` adds first-block caching (the transformer also returns its two
+    residuals, and its cached step is ``unet_shallow`` in ``transformer_shallow/``; runtime/feature_cache.py).
+    ``out`` is checked as ``export_model`` checks it."""
     from .t5_tokenizer_assets import write_t5_tokenizer
     from .tokenizer_assets import write_clip_tokenizer
 
@@ -187,6 +199,9 @@ def export_flux(
     p, mods = model.preset, model.modules
     f = 2 ** (len(mods.vae.config.block_out_channels) - 1)
     tr_cfg = model.streamed["transformer"].config if "transformer" in model.streamed else dict(mods.transformer.config)
+    if block_cache and int(tr_cfg["num_layers"]) + int(tr_cfg["num_single_layers"]) < 2:
+        raise InputError(f"first-block caching reuses what the blocks after the first added; {p.name}'s transformer "
+                         "has one block: export it without --feature-cache")
     # rotary positions set no grid limit: FLUX.1's sides are multiples of a 2x2 patch of latents, up to 2048
     limits = ShapeLimits(min_size=2 * f * (64 // (2 * f) or 1), max_size=2048, multiple_of=2 * f)
     if parity_shape is None:
@@ -194,20 +209,24 @@ def export_flux(
         parity_shape = (2, side, side + 2)  # non-square, whole patches
     with atomic_dir(out, marker=MANIFEST_NAME, overwrite=overwrite, what=EXPORT_KIND, owned=export_entries) as tmp:
         done = {}
-        for spec in flux_specs(mods, p.t5_tokens):
-            folder = DENOISER_FOLDER if spec.name == "unet" else spec.name
+        for spec in flux_specs(mods, p.t5_tokens, block_cache):
+            folder = FOLDERS.get(spec.name, spec.name)
             done[spec.name] = export_component(spec, "fp32", tmp / folder, opset=opset, parity_shape=parity_shape,
                                                progress=progress)
         for name, st in model.streamed.items():
-            sspec = streamed_transformer_spec(st.config, p.t5_tokens) if name == "transformer" \
-                else streamed_t5(st.config, p.t5_tokens)
-            folder = DENOISER_FOLDER if sspec.name == "unet" else sspec.name
-            progress(f"{sspec.name} is streamed ({st.kind} weights, one tensor at a time)")
-            comp = export_streamed(sspec, st.weights, "fp32", tmp / folder, progress=progress)
-            par = gate_streamed(name, st.config, st.weights, p.t5_tokens, parity_shape, progress)
-            progress(f"{sspec.name}: {parity_line(par, comp.precision)} ({par.reference})")
-            done[sspec.name] = replace(comp, parity=par)
-        order = ["text_encoder", T5_NAME, "unet", "vae_decoder", "vae_encoder"]
+            jobs = [(name, streamed_t5(st.config, p.t5_tokens))] if name != "transformer" else \
+                [("transformer", streamed_transformer_spec(st.config, p.t5_tokens, block_cache))]
+            if name == "transformer" and block_cache:
+                jobs.append(("cached", streamed_cached_spec(st.config, p.t5_tokens)))
+            for kind, sspec in jobs:
+                folder = FOLDERS.get(sspec.name, sspec.name)
+                progress(f"{sspec.name} is streamed ({st.kind} weights, one tensor at a time)")
+                comp = export_streamed(sspec, st.weights, "fp32", tmp / folder, progress=progress)
+                par = gate_streamed(kind, st.config, st.weights, p.t5_tokens, parity_shape, progress,
+                                    block_cache=block_cache)
+                progress(f"{sspec.name}: {parity_line(par, comp.precision)} ({par.reference})")
+                done[sspec.name] = replace(comp, parity=par)
+        order = ["text_encoder", T5_NAME, "unet", SHALLOW_UNET, "vae_decoder", "vae_encoder"]
         components = {n: done[n] for n in order if n in done}
         write_clip_tokenizer(tmp / tokenizer_of("text_encoder"), pad_token=p.pad_token, source=model.tokenizer_dirs[0])
         write_t5_tokenizer(tmp / tokenizer_of(T5_NAME), source=model.tokenizer_dirs[1])
@@ -239,22 +258,26 @@ DOUBLE_BLOCKS = re.compile(r"^transformer_blocks\.(\d+)\.")
 SINGLE_BLOCKS = re.compile(r"^single_transformer_blocks\.(\d+)\.")
 
 
-def gate_streamed(name: str, config: dict[str, Any], weights: WeightSource, tokens: int,
-                  parity_shape: tuple[int, int, int], progress: Callable[[str], None] = lambda m: None) -> Parity:
+def gate_streamed(kind: str, config: dict[str, Any], weights: WeightSource, tokens: int,
+                  parity_shape: tuple[int, int, int], progress: Callable[[str], None] = lambda m: None,
+                  block_cache: bool = False) -> Parity:
     """The parity gate of a streamed component on a reduced-depth copy at full width, exported through the same
-    streamed path: the transformer's first double-stream and last single-stream blocks, T5's first and last
-    blocks, each with the checkpoint's own weights; compared with the same copy in PyTorch (fp32, onnxruntime
-    CPU). Raises ParityError past the bound, as every gate."""
+    streamed path: the ``transformer``'s first double-stream and last single-stream blocks (``block_cache``: with
+    first-block caching's residual outputs; the ``cached`` step on the same copy), T5's (``text_encoder_2``) first
+    and last blocks, each with the checkpoint's own weights; compared with the same copy in PyTorch (fp32,
+    onnxruntime CPU). Raises ParityError past the bound, as every gate. The cached step runs only the first double
+    block, which the reduced copy keeps as its own first: its gate is exact in depth."""
     from diffusers import FluxTransformer2DModel
     from transformers import T5Config, T5EncoderModel
 
-    if name == "transformer":
+    if kind in ("transformer", "cached"):
         singles = int(config["num_single_layers"])
         picked = ([0], [singles - 1])
         reduced = {**config, "num_layers": 1, "num_single_layers": 1}
         inner = mapped_weights(weights, SINGLE_BLOCKS, "single_transformer_blocks.", picked[1])
         source = mapped_weights(inner, DOUBLE_BLOCKS, "transformer_blocks.", picked[0])
-        sspec = streamed_transformer_spec(reduced, tokens)
+        sspec = streamed_cached_spec(reduced, tokens) if kind == "cached" else \
+            streamed_transformer_spec(reduced, tokens, block_cache)
         module: torch.nn.Module = FluxTransformer2DModel(**reduced)
         what = f"double block 0 of {config['num_layers']} and single block {singles - 1} of {singles}"
     else:
@@ -266,7 +289,8 @@ def gate_streamed(name: str, config: dict[str, Any], weights: WeightSource, toke
         what = f"blocks {t5_picked} of {config['num_layers']}"
     progress(f"{sspec.name}: parity gate on {what} at full width (a reduced-depth copy)")
     module = load_reduced(module, source, sspec.name)
-    cspec = transformer_spec(module, tokens) if name == "transformer" else t5_spec(module, tokens, name=T5_NAME)
+    cspec = (cached_spec(module, tokens) if kind == "cached" else transformer_spec(module, tokens, block_cache)
+             if kind == "transformer" else t5_spec(module, tokens, name=T5_NAME))
     with tempfile.TemporaryDirectory(prefix="sdrt-gate-") as tmp:
         comp = export_streamed(sspec, source, "fp32", Path(tmp) / sspec.name)
         par = check_parity(copy.copy(cspec), comp.precision, Path(tmp) / sspec.name / "model.onnx", parity_shape)

@@ -4,7 +4,9 @@
 [B, 768], its pooled output), ``text_encoder_2`` (T5: ``hidden_states`` [B, tokens, 4096], kept in float32),
 ``unet`` (the transformer, written to ``transformer/``: NCHW latents in and out, packed in the graph; dynamic in
 batch, latent height and width, and text tokens; [dev] adds ``guidance``), ``vae_decoder`` and ``vae_encoder``
-(16 latent channels, the shift in the graph: SD3's VAE specs).
+(16 latent channels, the shift in the graph: SD3's VAE specs). With first-block caching (``sdrt export
+--feature-cache``) the transformer also returns its two residuals and ``unet_shallow`` (``transformer_shallow/``)
+is its cached step (export/block_cache.py).
 """
 
 from __future__ import annotations
@@ -13,14 +15,18 @@ from typing import Any
 
 import torch
 
+from sdrt.runtime.feature_cache import CHANGE, SHALLOW_UNET
+
 from . import wrappers
+from .block_cache import random_residuals, residual_dims, residual_specs
 from .flux_presets import FluxModules
-from .flux_wrappers import FluxTransformer
+from .flux_wrappers import PATCH, FluxTransformer, FluxTransformerCached
 from .onnx_export import TRACE_LATENT, ComponentSpec
 from .sd3_specs import CLIP_TOKENS, streamed_t5_spec, t5_spec, vae_decoder_spec, vae_encoder_spec
 from .streamed import StreamedSpec
 
 CLIP_NAME, T5_NAME = "text_encoder", "text_encoder_2"
+Spec = tuple[str, str, tuple[int | str, ...]]
 
 
 def clip_spec(enc: torch.nn.Module) -> ComponentSpec:
@@ -44,8 +50,7 @@ def clip_spec(enc: torch.nn.Module) -> ComponentSpec:
     )
 
 
-def _io(config: dict[str, Any]) -> tuple[list[tuple[str, str, tuple[int | str, ...]]],
-                                         list[tuple[str, str, tuple[int | str, ...]]]]:
+def _io(config: dict[str, Any], block_cache: bool = False) -> tuple[list[Spec], list[Spec]]:
     joint, pooled = int(config["joint_attention_dim"]), int(config["pooled_projection_dim"])
     ch = int(config["in_channels"]) // 4  # the packed tokens' width is 2x2 latent pixels
     inputs = [("sample", "float", ("batch", ch, "height", "width")), ("timestep", "float32", ("batch",)),
@@ -53,7 +58,33 @@ def _io(config: dict[str, Any]) -> tuple[list[tuple[str, str, tuple[int | str, .
               ("pooled_projections", "float", ("batch", pooled))]
     if config.get("guidance_embeds"):
         inputs.append(("guidance", "float32", ("batch",)))
-    return inputs, [("out_sample", "float", ("batch", ch, "height", "width"))]
+    return inputs, [("out_sample", "float", ("batch", ch, "height", "width")),
+                    *(_residuals(config) if block_cache else [])]
+
+
+def _residuals(config: dict[str, Any]) -> list[Spec]:
+    """First-block caching's residuals over the image tokens, on the patch grid (export/block_cache.py)."""
+    return residual_specs(_inner(config), PATCH)
+
+
+def _inner(config: dict[str, Any]) -> int:
+    return int(config["num_attention_heads"]) * int(config["attention_head_dim"])
+
+
+def _cached_io(config: dict[str, Any]) -> tuple[list[Spec], list[Spec]]:
+    """The cached step's I/O: the transformer's inputs with the residuals before [dev]'s ``guidance`` (the order
+    of ``FluxTransformerCached.forward``), ``out_sample`` and ``change``."""
+    inputs, outputs = _io(config)
+    plain = [i for i in inputs if i[0] != "guidance"]
+    return [*plain, *_residuals(config), *inputs[len(plain):]], [outputs[0], (CHANGE, "float32", (1,))]
+
+
+def _cached_args(config: dict[str, Any], args: tuple[torch.Tensor, ...], g: torch.Generator | None) -> tuple[
+        torch.Tensor, ...]:
+    """The transformer's example inputs with random residuals placed as ``_cached_io`` orders them."""
+    b, _, h, w = args[0].shape
+    res = random_residuals(_inner(config), PATCH, g, b, h, w)
+    return (*args[:4], *res, *args[4:])
 
 
 def _example(config: dict[str, Any], tokens: int, g: torch.Generator | None, b: int, h: int,
@@ -67,13 +98,14 @@ def _example(config: dict[str, Any], tokens: int, g: torch.Generator | None, b: 
     return tuple(args)
 
 
-def transformer_spec(transformer: torch.nn.Module, tokens: int) -> ComponentSpec:
-    """The transformer with ``tokens`` example text tokens (T5's, in a real call)."""
+def transformer_spec(transformer: torch.nn.Module, tokens: int, block_cache: bool = False) -> ComponentSpec:
+    """The transformer with ``tokens`` example text tokens (T5's, in a real call); ``block_cache``: it also
+    returns first-block caching's two residuals (``FluxTransformer``)."""
     config = dict(transformer.config)
-    inputs, outputs = _io(config)
+    inputs, outputs = _io(config, block_cache)
     return ComponentSpec(
         name="unet",  # the export's denoiser component; its folder is transformer/
-        module=FluxTransformer(transformer),
+        module=FluxTransformer(transformer, block_cache=block_cache),
         weights=transformer,
         inputs=inputs,
         outputs=outputs,
@@ -81,43 +113,85 @@ def transformer_spec(transformer: torch.nn.Module, tokens: int) -> ComponentSpec
     )
 
 
-def flux_specs(modules: FluxModules, t5_tokens: int) -> list[ComponentSpec]:
-    """The components held in memory, in the family's encoder order, then the denoiser and the VAE decoder and
-    encoder (T5 and the transformer left out where streamed)."""
+def cached_spec(transformer: torch.nn.Module, tokens: int) -> ComponentSpec:
+    """First-block caching's cached step (``unet_shallow``, in ``transformer_shallow/``): the transformer's inputs
+    and its two residuals of the last full step -> ``out_sample`` and ``change`` (``FluxTransformerCached``)."""
+    config = dict(transformer.config)
+    inputs, outputs = _cached_io(config)
+    return ComponentSpec(
+        name=SHALLOW_UNET,
+        module=FluxTransformerCached(transformer),
+        weights=transformer,
+        inputs=inputs,
+        outputs=outputs,
+        example=lambda g, b, h, w: _cached_args(config, _example(config, tokens, g, b, h, w), g),
+    )
+
+
+def flux_specs(modules: FluxModules, t5_tokens: int, block_cache: bool = False) -> list[ComponentSpec]:
+    """The components held in memory, in the family's encoder order, then the denoiser (with ``block_cache``:
+    returning first-block caching's residuals, its cached step after it) and the VAE decoder and encoder (T5 and
+    the transformer left out where streamed)."""
     factor = 2 ** (len(modules.vae.config.block_out_channels) - 1)
     specs = [clip_spec(modules.clip)]
     if modules.t5 is not None:
         specs.append(t5_spec(modules.t5, t5_tokens, name=T5_NAME))
     if modules.transformer is not None:
-        specs.append(transformer_spec(modules.transformer, t5_tokens))
+        specs.append(transformer_spec(modules.transformer, t5_tokens, block_cache))
+        if block_cache:
+            specs.append(cached_spec(modules.transformer, t5_tokens))
     return [*specs, vae_decoder_spec(modules.vae), vae_encoder_spec(modules.vae, factor)]
 
 
 # -- the large components, streamed (export/streamed.py): built from their configs in fake mode -----------------
 
-def streamed_transformer_spec(config: dict[str, Any], tokens: int) -> StreamedSpec:
-    """The transformer as ``transformer_spec`` describes it, traced on fake tensors (dynamic batch, latent sides
-    in patches and text tokens) for a streamed export; its weights are named as the diffusers checkpoint's."""
+def _dims(config: dict[str, Any], residuals: bool = False) -> dict[str, Any]:
+    """torch.export's dynamic shapes of the transformer's inputs (and of the cached step's residuals): batch,
+    latent sides in patches, text tokens."""
+    d = torch.export.Dim
+    b, t = d("batch", min=1, max=64), d("text_tokens", min=1, max=4096)
+    h, w = d("patches_h", min=1, max=256), d("patches_w", min=1, max=256)
+    dims: dict[str, Any] = {"sample": {0: b, 2: PATCH * h, 3: PATCH * w}, "timestep": {0: b},
+                            "encoder_hidden_states": {0: b, 1: t}, "pooled_projections": {0: b}}
+    if config.get("guidance_embeds"):
+        dims["guidance"] = {0: b}
+    if residuals:
+        dims.update(residual_dims(b))
+    return dims
+
+
+def streamed_transformer_spec(config: dict[str, Any], tokens: int, block_cache: bool = False) -> StreamedSpec:
+    """The transformer as ``transformer_spec`` describes it (``block_cache``: returning first-block caching's two
+    residuals), traced on fake tensors (dynamic batch, latent sides in patches and text tokens) for a streamed
+    export; its weights are named as the diffusers checkpoint's."""
     from diffusers import FluxTransformer2DModel
 
-    inputs, outputs = _io(config)
+    inputs, outputs = _io(config, block_cache)
 
     def build() -> torch.nn.Module:
-        return FluxTransformer(FluxTransformer2DModel(**config), torchscript=False)
-
-    def dynamic() -> dict[str, Any]:
-        d = torch.export.Dim
-        b, t = d("batch", min=1, max=64), d("text_tokens", min=1, max=4096)
-        h, w = d("patches_h", min=1, max=256), d("patches_w", min=1, max=256)
-        dims: dict[str, Any] = {"sample": {0: b, 2: 2 * h, 3: 2 * w}, "timestep": {0: b},
-                                "encoder_hidden_states": {0: b, 1: t}, "pooled_projections": {0: b}}
-        if config.get("guidance_embeds"):
-            dims["guidance"] = {0: b}
-        return dims
+        return FluxTransformer(FluxTransformer2DModel(**config), torchscript=False, block_cache=block_cache)
 
     return StreamedSpec(
         name="unet", build=build, prefix="transformer.", inputs=inputs, outputs=outputs,
-        example=lambda: _example(config, tokens, None, 2, *TRACE_LATENT), dynamic=dynamic)
+        example=lambda: _example(config, tokens, None, 2, *TRACE_LATENT), dynamic=lambda: _dims(config))
+
+
+def streamed_cached_spec(config: dict[str, Any], tokens: int) -> StreamedSpec:
+    """First-block caching's cached step as ``cached_spec`` describes it, traced on fake tensors for a streamed
+    export: built with ``transformer_blocks[0]`` alone (its weights, the embeddings' and the output layers' are
+    all it reads from the checkpoint)."""
+    from diffusers import FluxTransformer2DModel
+
+    inputs, outputs = _cached_io(config)
+
+    def build() -> torch.nn.Module:
+        return FluxTransformerCached(FluxTransformer2DModel(**{**config, "num_layers": 1, "num_single_layers": 0}),
+                                     torchscript=False)
+
+    return StreamedSpec(
+        name=SHALLOW_UNET, build=build, prefix="transformer.", inputs=inputs, outputs=outputs,
+        example=lambda: _cached_args(config, _example(config, tokens, None, 2, *TRACE_LATENT), None),
+        dynamic=lambda: _dims(config, residuals=True))
 
 
 def streamed_t5(config: dict[str, Any], tokens: int) -> StreamedSpec:

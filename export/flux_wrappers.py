@@ -7,9 +7,13 @@ pooled output (``FluxPipeline._get_clip_prompt_embeds``), ``sd3_wrappers.T5Encod
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
 
 import torch
+
+from .block_cache import block_list, on_grid, relative_change, with_residuals
 
 PATCH = 2
 
@@ -84,46 +88,112 @@ def image_ids(h: int, w: int, like: torch.Tensor) -> torch.Tensor:
     return grid.reshape(-1, 3)
 
 
+def position_ids(sample: torch.Tensor, encoder_hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rotary position ids FluxPipeline passes: the packed latents' (``image_ids``) and zeros for the text."""
+    txt_ids = torch.zeros(encoder_hidden_states.shape[1], 3, dtype=sample.dtype, device=sample.device)
+    return image_ids(sample.shape[-2], sample.shape[-1], sample), txt_ids
+
+
+BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")  # diffusers' order: 19 double, then 38 single
+
+
 class FluxTransformer(torch.nn.Module):
     """``sample`` [B, 16, h, w], ``timestep`` float32 [B] (sigma x 1000, as the flow scheduler gives it),
     ``encoder_hidden_states`` [B, tokens, joint_attention_dim] (T5's states), ``pooled_projections`` [B, 768]
     (CLIP's pooled output), and for [dev] ``guidance`` float32 [B] (the scale) -> ``out_sample`` [B, 16, h, w],
-    the flow prediction.
+    the flow prediction; with ``block_cache`` also first-block caching's two residuals over the image tokens on
+    the patch grid [B, h/2, w/2, D] (``deep_feature``, ``head_residual``; export/block_cache.py): the first
+    block is ``transformer_blocks[0]``, the last ``single_transformer_blocks[-1]``, as diffusers'
+    ``apply_first_block_cache`` takes them.
 
     What ``FluxPipeline``'s loop does around ``transformer(...)`` is in the graph: the latents packed into 2x2
     patches, the image ids from h and w, zero text ids, ``timestep / 1000``, the output unpacked; the rotary
     embedding in float32 (``FluxRope``). h and w must be even (sides multiples of 16 pixels)."""
 
-    def __init__(self, transformer: torch.nn.Module, torchscript: bool = True) -> None:
+    def __init__(self, transformer: torch.nn.Module, torchscript: bool = True, block_cache: bool = False) -> None:
         super().__init__()
+        if block_cache and len(block_list(transformer, BLOCK_LISTS)) < 2:
+            raise ValueError("first-block caching needs a transformer of two blocks or more (it reuses what the "
+                             "blocks after the first added)")
         if torchscript:  # the TorchScript exporter has no aten::rms_norm at opset 17: a copy with explicit norms
             transformer = explicit_rms_norms(copy.deepcopy(transformer))
         self.transformer = transformer
+        self.block_cache = block_cache
         self.guided = bool(transformer.config.guidance_embeds)
         pe = transformer.pos_embed
         self.rope = FluxRope(pe.theta, pe.axes_dim)
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                pooled_projections: torch.Tensor, guidance: torch.Tensor | None = None) -> torch.Tensor:
-        h, w = sample.shape[-2], sample.shape[-1]
-        img_ids = image_ids(h, w, sample)
-        txt_ids = torch.zeros(encoder_hidden_states.shape[1], 3, dtype=sample.dtype, device=sample.device)
+    @contextlib.contextmanager
+    def traceable(self) -> Iterator[None]:
+        """For one call (the module and diffusers stay their own outside it): the float32 rotary embedding, and
+        its application with every size read from the tensor (diffusers' ``reshape(*x.shape[:-1], -1, 2)``
+        traces to constant sizes)."""
         from diffusers.models.transformers import transformer_flux
 
         t = self.transformer
         kept, kept_apply = t.pos_embed, transformer_flux.apply_rotary_emb
-        # for this call only (the module and diffusers stay their own outside it): the float32 rotary embedding,
-        # and its application with every size read from the tensor (diffusers' ``reshape(*x.shape[:-1], -1, 2)``
-        # traces to constant sizes)
         t.pos_embed, transformer_flux.apply_rotary_emb = self.rope, apply_rope
         try:
-            out = t(hidden_states=pack(sample), encoder_hidden_states=encoder_hidden_states,
-                    pooled_projections=pooled_projections, timestep=timestep / 1000,
-                    guidance=guidance if self.guided else None, img_ids=img_ids, txt_ids=txt_ids,
-                    return_dict=False)[0]
+            yield
         finally:
             t.pos_embed, transformer_flux.apply_rotary_emb = kept, kept_apply
-        return unpack(out, h, w)
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                pooled_projections: torch.Tensor, guidance: torch.Tensor | None = None
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        h, w = sample.shape[-2], sample.shape[-1]
+        img_ids, txt_ids = position_ids(sample, encoder_hidden_states)
+        t = self.transformer
+
+        def run() -> torch.Tensor:
+            return t(hidden_states=pack(sample), encoder_hidden_states=encoder_hidden_states,
+                     pooled_projections=pooled_projections, timestep=timestep / 1000,
+                     guidance=guidance if self.guided else None, img_ids=img_ids, txt_ids=txt_ids,
+                     return_dict=False)[0]
+
+        with self.traceable():
+            if not self.block_cache:
+                return unpack(run(), h, w)
+            blocks = block_list(t, BLOCK_LISTS)
+            out, deep, head = with_residuals(blocks[0], blocks[-1], run)
+        return unpack(out, h, w), on_grid(deep, h // PATCH, w // PATCH), on_grid(head, h // PATCH, w // PATCH)
+
+
+class FluxTransformerCached(FluxTransformer):
+    """First-block caching's cached step (diffusers' ``apply_first_block_cache``, after ParaAttention's First
+    Block Cache): ``FluxTransformer``'s inputs, then ``deep_feature`` and ``head_residual`` as a full step's
+    ``FluxTransformer(block_cache=True)`` returned them, then [dev]'s ``guidance`` (last, so that [schnell]'s
+    positional inputs bind to the same names) -> ``out_sample`` as ``FluxTransformer2DModel.forward`` computes
+    it under diffusers' hooks on a step they skip: the embeddings, ``transformer_blocks[0]``, every later block
+    returning its input, so ``norm_out`` and ``proj_out`` over the first block's image tokens plus
+    ``deep_feature``, unpacked; and ``change`` [1] float32, the relative mean absolute change of the first
+    block's residual from ``head_residual`` (diffusers' rule: the rest run again where it exceeds the threshold).
+
+    diffusers' hooks also add the text tokens' residual (the last block's context output less the first
+    block's) to the first block's context output on such a step; nothing after the blocks reads the context
+    (``norm_out`` and ``proj_out`` take the image tokens alone), so it changes no output and is not carried.
+    Only ``transformer_blocks[0]`` runs: a streamed export builds no other."""
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor,  # type: ignore[override]
+                encoder_hidden_states: torch.Tensor, pooled_projections: torch.Tensor, deep_feature: torch.Tensor,
+                head_residual: torch.Tensor, guidance: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        t = self.transformer
+        h, w = sample.shape[-2], sample.shape[-1]
+        img_ids, txt_ids = position_ids(sample, encoder_hidden_states)
+        # FluxTransformer2DModel.forward up to its blocks, on the inputs FluxTransformer gives it
+        hidden = t.x_embedder(pack(sample))
+        step, g = (timestep / 1000).to(hidden.dtype) * 1000, guidance if self.guided else None
+        temb = (t.time_text_embed(step, pooled_projections) if g is None
+                else t.time_text_embed(step, g.to(hidden.dtype) * 1000, pooled_projections))
+        context = t.context_embedder(encoder_hidden_states)
+        with self.traceable():
+            rotary = t.pos_embed(torch.cat((txt_ids, img_ids), dim=0))
+            _, head = t.transformer_blocks[0](hidden_states=hidden, encoder_hidden_states=context, temb=temb,
+                                              image_rotary_emb=rotary)
+        change = relative_change(head - hidden, head_residual)
+        out = t.proj_out(t.norm_out(head + deep_feature.reshape(head.shape), temb))
+        return unpack(out, h, w), change
 
 
 def apply_rope(x: torch.Tensor, freqs_cis: tuple[torch.Tensor, torch.Tensor], sequence_dim: int = 2) -> torch.Tensor:

@@ -74,16 +74,16 @@ def export_loaded(model: Any, out: str | Path, *, fp16: bool, controlnets: list[
     """Export a model ``load_random`` (or a loader) returned with its own exporter; returns the manifest. An
     SD3 model takes no ControlNet (sdrt has none for the family yet); ``deepcache`` (``sdrt export
     --feature-cache``) adds the family's feature-caching step (DeepCache's shallow path for a UNet, the first-block
-    cached step for SD3). A FLUX.1 model is exported in fp32 whatever ``fp16`` says (it overflows fp16;
-    ``flux_export``), and takes neither a ControlNet nor a feature cache yet."""
+    cached step for SD3 and FLUX.1). A FLUX.1 model is exported in fp32 whatever ``fp16`` says (it overflows fp16;
+    ``flux_export``), and takes no ControlNet yet."""
     from .flux_export import LoadedFlux, export_flux
     from .sd3_export import LoadedSd3, export_sd3
 
     if isinstance(model, LoadedFlux):
-        if controlnets or deepcache:
-            raise InputError(f"{model.preset.name} is a FLUX.1 model: sdrt has no ControlNet or feature cache for it "
-                             "yet; export it without")
-        return export_flux(model, out, fp16=False, progress=progress)
+        if controlnets:
+            raise InputError(f"{model.preset.name} is a FLUX.1 model: sdrt has no ControlNet for it yet; export it "
+                             "without one")
+        return export_flux(model, out, fp16=False, block_cache=deepcache, progress=progress)
 
     if isinstance(model, LoadedSd3):
         if controlnets:

@@ -24,6 +24,7 @@ from sdrt.runtime.errors import InputError
 from sdrt.runtime.feature_cache import SHALLOW_UNET
 from sdrt.runtime.manifest import MANIFEST_NAME, ExportManifest, ShapeLimits, export_entries, tokenizer_of
 
+from .block_cache import DENOISER_FOLDER, FOLDERS
 from .exporter import EXPORT_KIND, MIN_OPSET, TEXT_LEN, check_export_dir, tool_versions
 from .onnx_export import export_component, parity_line
 from .sd3_gate import gate_streamed
@@ -33,8 +34,6 @@ from .streamed import WeightSource, checkpoint_weights, export_streamed, fake_sh
 
 ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
-DENOISER_FOLDER = "transformer"  # diffusers' name for SD3's denoiser; the manifest's component is "unet"
-FOLDERS = {"unet": DENOISER_FOLDER, SHALLOW_UNET: f"{DENOISER_FOLDER}_shallow"}
 PIPELINE_CLASS = "StableDiffusion3Pipeline"
 
 

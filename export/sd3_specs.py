@@ -15,9 +15,10 @@ from typing import Any
 
 import torch
 
-from sdrt.runtime.feature_cache import CHANGE, DEEP_FEATURE, HEAD_RESIDUAL, SHALLOW_UNET
+from sdrt.runtime.feature_cache import CHANGE, SHALLOW_UNET
 
 from . import wrappers
+from .block_cache import random_residuals, residual_dims, residual_specs
 from .onnx_export import TRACE_LATENT, ComponentSpec
 from .sd3_presets import Sd3Modules
 from .sd3_wrappers import Sd3Transformer, Sd3TransformerCached, Sd3VaeDecoder, Sd3VaeEncoder, T5Encoder
@@ -102,11 +103,8 @@ def transformer_spec(transformer: torch.nn.Module, tokens: int, block_cache: boo
 
 
 def _residuals(cfg: Any) -> list[tuple[str, str, tuple[int | str, ...]]]:
-    """First-block caching's residuals over the image tokens, on the patch grid: [batch, latent height / patch,
-    latent width / patch, inner width]."""
-    inner = int(cfg["num_attention_heads"]) * int(cfg["attention_head_dim"])
-    p = int(cfg["patch_size"])
-    return [(n, "float", ("batch", f"height/{p}", f"width/{p}", inner)) for n in (DEEP_FEATURE, HEAD_RESIDUAL)]
+    """First-block caching's residuals over the image tokens, on the patch grid (export/block_cache.py)."""
+    return residual_specs(int(cfg["num_attention_heads"]) * int(cfg["attention_head_dim"]), int(cfg["patch_size"]))
 
 
 def cached_spec(transformer: torch.nn.Module, tokens: int) -> ComponentSpec:
@@ -118,8 +116,7 @@ def cached_spec(transformer: torch.nn.Module, tokens: int) -> ComponentSpec:
     p = int(transformer.config.patch_size)
 
     def example(g: torch.Generator, b: int, h: int, w: int) -> tuple[torch.Tensor, ...]:
-        grid = (b, h // p, w // p, inner)
-        return (*full.example(g, b, h, w), torch.randn(*grid, generator=g), torch.randn(*grid, generator=g))
+        return (*full.example(g, b, h, w), *random_residuals(inner, p, g, b, h, w))
 
     return ComponentSpec(
         name=SHALLOW_UNET,
@@ -218,9 +215,8 @@ def _transformer_dims(config: dict[str, Any], residuals: bool = False) -> dict[s
     h, w = d("patches_h", min=1, max=grid), d("patches_w", min=1, max=grid)
     dims: dict[str, Any] = {"sample": {0: b, 2: p * h, 3: p * w}, "timestep": {0: b},
                             "encoder_hidden_states": {0: b, 1: t}, "pooled_projections": {0: b}}
-    if residuals:  # their sides equal the sample's in patches; torch 2.13's solver fails to state that relation
-        # itself (its message builder raises on a Dim it derives), so they are left for export to infer
-        dims.update({n: {0: b, 1: d.AUTO, 2: d.AUTO} for n in (DEEP_FEATURE, HEAD_RESIDUAL)})
+    if residuals:
+        dims.update(residual_dims(b))
     return dims
 
 
@@ -241,8 +237,7 @@ def streamed_cached_spec(config: dict[str, Any], tokens: int) -> StreamedSpec:
 
     def example() -> tuple[torch.Tensor, ...]:
         args = full.example()
-        grid = (args[0].shape[0], args[0].shape[2] // p, args[0].shape[3] // p, inner)
-        return (*args, torch.randn(*grid), torch.randn(*grid))
+        return (*args, *random_residuals(inner, p, None, args[0].shape[0], args[0].shape[2], args[0].shape[3]))
 
     return StreamedSpec(
         name=SHALLOW_UNET, build=build, prefix="transformer.", inputs=[*full.inputs, *res],

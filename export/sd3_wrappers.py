@@ -12,6 +12,7 @@ import types
 
 import torch
 
+from .block_cache import on_grid, relative_change, with_residuals
 from .wrappers import VaeDecoder, VaeEncoder
 
 
@@ -46,33 +47,16 @@ class Sd3Transformer(torch.nn.Module):
         if not self.block_cache:
             return self.transformer(hidden_states=sample, encoder_hidden_states=encoder_hidden_states,
                                     pooled_projections=pooled_projections, timestep=timestep, return_dict=False)[0]
-        # first-block caching's two residuals: what the first block added to the image tokens (the next step
-        # compares its own with it) and what the blocks after it added (a cached step adds it back)
-        seen: dict[str, torch.Tensor] = {}
+        # first-block caching's two residuals (export/block_cache.py): what the blocks after the first added to
+        # the image tokens (a cached step adds it back) and what the first block added (the next step compares
+        # its own with it)
         blocks = self.transformer.transformer_blocks
-
-        def head(_m: torch.nn.Module, _a: tuple, kw: dict, out: tuple) -> None:
-            seen["in"], seen["head"] = kw["hidden_states"], out[1]
-
-        def tail(_m: torch.nn.Module, _a: tuple, _kw: dict, out: tuple) -> None:
-            seen["tail"] = out[1]
-
-        hooks = [blocks[0].register_forward_hook(head, with_kwargs=True),
-                 blocks[-1].register_forward_hook(tail, with_kwargs=True)]
-        try:
-            out = self.transformer(hidden_states=sample, encoder_hidden_states=encoder_hidden_states,
-                                   pooled_projections=pooled_projections, timestep=timestep, return_dict=False)[0]
-        finally:
-            for h in hooks:
-                h.remove()
-        return out, self.grid(seen["tail"] - seen["head"], sample), self.grid(seen["head"] - seen["in"], sample)
-
-    def grid(self, tokens: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
-        """Image tokens [B, h*w, D] as the patch grid [B, h, w, D] (h, w: the sample's sides in patches), the
-        layout the residuals are exported in: its sides are the sample's divided by the patch, which a traced
-        graph's dynamic shapes can say (a token count h*w cannot)."""
+        out, deep, head = with_residuals(blocks[0], blocks[-1], lambda: self.transformer(
+            hidden_states=sample, encoder_hidden_states=encoder_hidden_states, pooled_projections=pooled_projections,
+            timestep=timestep, return_dict=False)[0])
         p = int(self.transformer.config.patch_size)
-        return tokens.reshape(tokens.shape[0], sample.shape[-2] // p, sample.shape[-1] // p, tokens.shape[-1])
+        h, w = sample.shape[-2] // p, sample.shape[-1] // p
+        return out, on_grid(deep, h, w), on_grid(head, h, w)
 
 
 class Sd3TransformerCached(torch.nn.Module):
@@ -100,15 +84,12 @@ class Sd3TransformerCached(torch.nn.Module):
         temb = t.time_text_embed(timestep, pooled_projections)
         context = t.context_embedder(encoder_hidden_states)
         _, head = t.transformer_blocks[0](hidden_states=hidden, encoder_hidden_states=context, temb=temb)
-        deep_feature = deep_feature.reshape(head.shape)
-        head_residual = head_residual.reshape(head.shape)
-        residual = head - hidden
-        change = (residual - head_residual).float().abs().mean() / head_residual.float().abs().mean()
-        x = t.proj_out(t.norm_out(head + deep_feature, temb))
+        change = relative_change(head - hidden, head_residual)
+        x = t.proj_out(t.norm_out(head + deep_feature.reshape(head.shape), temb))
         p, c = int(t.config.patch_size), int(t.out_channels)
         h, w = height // p, width // p
         x = torch.einsum("nhwpqc->nchpwq", x.reshape(x.shape[0], h, w, p, p, c))
-        return x.reshape(x.shape[0], c, h * p, w * p), change.reshape(1)
+        return x.reshape(x.shape[0], c, h * p, w * p), change
 
 
 def _cropped_pos_embed(self: torch.nn.Module, height: int, width: int) -> torch.Tensor:

@@ -16,8 +16,8 @@ DeepCache's own pipelines:
 
 The first step of every loop is full (there is no feature to reuse before it).
 
-Transformers (SD 3 / 3.5) have first-block caching (``first-block``; diffusers' ``apply_first_block_cache``,
-after ParaAttention's First Block Cache): an export made with ``sdrt export --feature-cache`` has a transformer
+Transformers (SD 3 / 3.5, FLUX.1) have first-block caching (``first-block``; diffusers'
+``apply_first_block_cache``, after ParaAttention's First Block Cache): an export made with ``sdrt export --feature-cache`` has a transformer
 that also returns two residuals over the image tokens, what its first block added (``head_residual``) and what
 the blocks after it added (``deep_feature``), and the cached step as its own graph (``unet_shallow``):
 embeddings, the first block, then the output layers over the first block's tokens plus the stored

@@ -62,7 +62,7 @@ class CacheKnobs(BaseModel):
 
     cache: CacheKind | None = Field(default=None, description="'deepcache' (UNet models): reuse the UNet's deep "
                                                               "feature between full steps; 'first-block' (SD 3 / "
-                                                              "3.5): reuse what the transformer's blocks after the "
+                                                              "3.5, FLUX.1): reuse what the transformer's blocks after the "
                                                               "first added (an export made with --feature-cache); "
                                                               "null: every step runs the full model")
     cache_interval: int = Field(default=DEFAULT_INTERVAL, ge=1, le=INTERVAL_MAX,

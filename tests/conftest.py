@@ -97,17 +97,18 @@ def sd3_export(tmp_path_factory: pytest.TempPathFactory, export_cache: dict[tupl
 
 @pytest.fixture(scope="session")
 def flux_export(tmp_path_factory: pytest.TempPathFactory, export_cache: dict[tuple[str, str], Path]):
-    """flux_export(preset, stream=False) -> folder of an sdrt export of a FLUX.1 preset's seeded weights (seed 0,
-    fp32: FLUX.1 exports no fp16); ``stream``: the transformer and T5 streamed (export/streamed.py), as a
-    full-size model's are."""
+    """flux_export(preset, stream=False, block_cache=False) -> folder of an sdrt export of a FLUX.1 preset's
+    seeded weights (seed 0, fp32: FLUX.1 exports no fp16); ``stream``: the transformer and T5 streamed
+    (export/streamed.py), as a full-size model's are; ``block_cache``: made with ``--feature-cache``
+    (first-block caching's cached step ``unet_shallow``; the transformer returns its residuals)."""
 
-    def get(preset: str, stream: bool = False) -> Path:
-        key = (f"{preset}{'-streamed' if stream else ''}", "fp32")
+    def get(preset: str, stream: bool = False, block_cache: bool = False) -> Path:
+        key = (f"{preset}{'-streamed' if stream else ''}{'-block-cache' if block_cache else ''}", "fp32")
         if key not in export_cache:
             from sdrt.export.flux_export import export_flux, load_flux
 
             out = tmp_path_factory.mktemp("exports") / key[0]
-            export_flux(load_flux(random_preset=preset, stream=stream), out)
+            export_flux(load_flux(random_preset=preset, stream=stream), out, block_cache=block_cache)
             export_cache[key] = out
         return export_cache[key]
 

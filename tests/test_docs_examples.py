@@ -103,9 +103,9 @@ def test_sdrt_commands_parse(block: Block) -> None:
 
 @pytest.fixture(scope="module")
 def example_dir(tmp_path_factory: pytest.TempPathFactory, tiny_export, tiny_controlnet_export,
-                deepcache_export, sd3_export, slotted_export) -> Path:
-    """A folder holding what the examples name: exports (tiny models; sd15-onnx and sd35-medium-onnx made with
-    --feature-cache, which changes no uncached image) and input images."""
+                deepcache_export, sd3_export, slotted_export, flux_export) -> Path:
+    """A folder holding what the examples name: exports (tiny models; sd15-onnx, sd35-medium-onnx and
+    flux-dev-onnx made with --feature-cache, which changes no uncached image) and input images."""
     import numpy as np
     from PIL import Image
 
@@ -113,7 +113,8 @@ def example_dir(tmp_path_factory: pytest.TempPathFactory, tiny_export, tiny_cont
     folders = {"sd15-onnx": deepcache_export("sd15-tiny"), "sdxl-onnx": tiny_export("sdxl-tiny"),
                "refiner-onnx": tiny_export("sdxl-refiner-tiny"), "sd15-cn": tiny_controlnet_export(nets=1),
                "sd35-medium-onnx": sd3_export("sd35-medium-tiny", block_cache=True),
-               "sd15-slots": slotted_export("sd15-tiny")}
+               "sd15-slots": slotted_export("sd15-tiny"),
+               "flux-dev-onnx": flux_export("flux-dev-tiny", block_cache=True)}
     for name, folder in folders.items():
         (d / name).symlink_to(folder, target_is_directory=True)
     from sdrt.export.loading import random_model

@@ -86,5 +86,5 @@ class FluxFamily(Family):
 
 FLUX = FluxFamily(key="flux", label="FLUX.1", encoders=(CLIP, T5), penultimate=False, pooled=True,
                   zero_negatives=False, diffusers_pipeline="Flux", chunked=False,
-                  pooled_input="pooled_projections", host_join=True, feature_caches=(),
+                  pooled_input="pooled_projections", host_join=True, feature_caches=("first-block",),
                   classifier_free=False)

@@ -85,7 +85,7 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache", dest="caches", type=_list(str), default=[], metavar="SPEC[,SPEC]",
                    help="also measure feature caching beside each sdrt backend's uncached run, one row per SPEC: "
                         "KIND:INTERVAL[:SCHEDULE], e.g. deepcache:3 or deepcache:5:nonuniform (UNets), "
-                        "first-block:2 (SD 3 / 3.5) (a preset is exported with --feature-cache; an --artifact needs "
+                        "first-block:2 (SD 3 / 3.5, FLUX.1) (a preset is exported with --feature-cache; an --artifact needs "
                         "`sdrt export --feature-cache`)")
     p.add_argument("--baseline", default="torch", choices=["torch", "none"],
                    help="diffusers on PyTorch with the same weights (default), or none")

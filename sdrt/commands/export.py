@@ -43,8 +43,8 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--feature-cache", "--deepcache", dest="feature_cache", action="store_true",
                    help="also export the model's feature-caching step (unet_shallow, a few %% of the denoiser), so "
                         "calls can skip most of the denoiser on most steps: DeepCache's shallow path for UNet "
-                        "models (generate --cache deepcache), the first-block cached step for SD 3 / 3.5 "
-                        "(generate --cache first-block)")
+                        "models (generate --cache deepcache), the first-block cached step for SD 3 / 3.5 and "
+                        "FLUX.1 (generate --cache first-block)")
     p.add_argument("--lora-slots", default=None, metavar="RANK[:TARGETS]",
                    help="let calls carry LoRAs without re-export: the UNet's attention layers (TARGETS attn, the "
                         "default; attn-ff adds the feed-forward layers) take low-rank factors as inputs, up to RANK "
@@ -185,7 +185,7 @@ def _run_flux(args: argparse.Namespace) -> int:
     from sdrt.runtime.errors import InputError
 
     given = [flag for flag, on in (("--lora", args.lora), ("--lora-slots", args.lora_slots),
-                                   ("--controlnet", args.controlnets), ("--feature-cache", args.feature_cache),
+                                   ("--controlnet", args.controlnets),
                                    ("--clip-skip", args.clip_skip), ("--ort-cuda", args.ort_cuda),
                                    ("--vae-fp32", args.vae_fp32), ("--no-ema", not args.ema),
                                    ("--without-t5", args.without_t5),
@@ -204,7 +204,7 @@ def _run_flux(args: argparse.Namespace) -> int:
         progress("FLUX.1 is exported in fp32: it overflows fp16 (NaN images, diffusers issue 9096), and sdrt "
                  "exports no bf16 graph yet")
     manifest = export_flux(model, args.out, overwrite=args.overwrite, fp16=False, opset=args.opset,
-                           progress=progress)
+                           block_cache=args.feature_cache, progress=progress)
     _report(args.out, manifest, t0)
     return 0
 

@@ -86,7 +86,7 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache", default=None, choices=CACHE_KINDS,
                    help="feature caching (an export made with --feature-cache): deepcache (UNet models) runs the "
                         "UNet's shallow path on the steps between full ones, reusing the deep feature of the last "
-                        "full step; first-block (SD 3 / 3.5) runs only the transformer's first block, reusing what "
+                        "full step; first-block (SD 3 / 3.5, FLUX.1) runs only the transformer's first block, reusing what "
                         "the others added at the last full step")
     p.add_argument("--cache-interval", type=int, default=None, metavar="N",
                    help=f"with --cache: every Nth step runs the full UNet, 1 to {INTERVAL_MAX} (default "
@@ -283,7 +283,7 @@ def _cache_options(args: argparse.Namespace) -> dict[str, object]:
                         ("--cache-threshold", args.cache_threshold)):
             if v is not None:
                 raise InputError(f"{flag} applies to feature caching: pass --cache deepcache (UNet models) or "
-                                 f"--cache first-block (SD 3 / 3.5), or leave {flag} out")
+                                 f"--cache first-block (SD 3 / 3.5, FLUX.1), or leave {flag} out")
         return {}
     if args.cache_threshold is not None and (args.cache_interval is not None or args.cache_schedule is not None):
         raise InputError("--cache-threshold replaces the schedule: pass it, or --cache-interval / --cache-schedule, "

@@ -101,8 +101,8 @@ async def edits(
     strength: Annotated[float | None, Form(gt=0.0, le=1.0, allow_inf_nan=False,
                                            description="how much to change the image, (0, 1]; default 0.8, "
                                                        "with a mask 1")] = None,
-    cache: Annotated[S.CacheKind | None, Form(description="'deepcache' (UNet models) or 'first-block' (SD 3 / 3.5): "
-                                                          "an export made with --feature-cache")] = None,
+    cache: Annotated[S.CacheKind | None, Form(description="'deepcache' (UNet models) or 'first-block' (SD 3 / 3.5, "
+                                                          "FLUX.1): an export made with --feature-cache")] = None,
     cache_interval: Annotated[int, Form(ge=1, le=INTERVAL_MAX)] = DEFAULT_INTERVAL,
     cache_schedule: Annotated[S.CacheSchedule, Form()] = "uniform",
     cache_threshold: Annotated[float | None, Form(gt=0.0, le=THRESHOLD_MAX, allow_inf_nan=False)] = None,
