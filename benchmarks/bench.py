@@ -30,12 +30,14 @@ from . import schema
 from .artifacts import build_engines, engine_bytes, export_for, export_precision, refiner_export
 from .backends import KNOWN_BACKENDS, backend_device, check_backends, unavailable_reason
 from .baselines import (
+    INTEL_MARKER,
     INTEL_ROWS,
     BaselineRow,
     baseline_of,
     baseline_record,
     baseline_rows,
     baseline_weights,
+    intel_export,
     intel_reason,
     pipeline_class,
 )
@@ -274,12 +276,11 @@ class _Run:
             why = "the diffusers folder of the baseline, which they export, could not be made"
         folder = work / f"intel-ov-{models.baseline.name if models.baseline is not None else 'none'}"
         export_s = None
-        if why is None and not (folder / "model_index.json").is_file():
+        if why is None and not (folder / INTEL_MARKER).is_file():  # complete: written aside, renamed when done
+            assert models.baseline is not None
             self.emit("baseline", "exporting the same weights for Intel's pipelines (optimum-cli export openvino)")
-            res, _ = self._worker({"job": "intel-export", "folder": str(models.baseline), "out": str(folder)}, work,
-                                  "optimum-cli export openvino", "cpu", python=self.cfg.intel_python)
-            why = None if res["status"] == "ok" else f"the OpenVINO export failed: {res.get('reason')}"
-            export_s = res.get("export_s")
+            why, export_s = intel_export(models.baseline, folder, lambda spec: self._worker(
+                spec, work, "optimum-cli export openvino", "cpu", python=self.cfg.intel_python)[0])
         for name in INTEL_ROWS:
             b = BackendRecord(name, "baseline", "cpu", precision="fp32 OpenVINO IR, f32 inference")
             if why is not None:
