@@ -15,7 +15,6 @@ raises sdrt errors and reports progress through a callback; it never prints.
 from __future__ import annotations
 
 import itertools
-import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -43,7 +42,7 @@ from .baselines import (
 )
 from .config import DEFAULT_PROMPT, WORKLOADS, BenchConfig
 from .contention import other_cpu, snapshot, wait_quiet
-from .env import fingerprint, load_average
+from .env import fingerprint, load_average, physical_cores
 from .flops import architecture_of_export
 from .jobs import BASELINE, INTEL, SDRT, Job, job_spec, run_worker, workload_inputs, write_latents
 from .memory import MemoryPeaks
@@ -99,7 +98,7 @@ class _Run:
         self.cfg = cfg
         self.progress = progress
         self.notes: list[str] = []
-        self.threads = cfg.threads or _physical_cores()
+        self.threads = cfg.threads or physical_cores()
 
     def emit(self, stage: str, message: str, **extra: Any) -> None:
         self.progress({"stage": stage, "message": message, **extra})
@@ -450,14 +449,3 @@ def model_samplers(cfg: BenchConfig) -> tuple[str, ...]:
                          f"{default_sampler(prediction)})")
     return tuple(cfg.samplers)
 
-
-def _physical_cores() -> int:
-    try:
-        import psutil
-
-        n = psutil.cpu_count(logical=False)
-        if n:
-            return int(n)
-    except ImportError:
-        pass
-    return os.cpu_count() or 1
