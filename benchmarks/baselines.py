@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -52,6 +56,7 @@ def baseline_record(row: BaselineRow, precision: str, folder: Path | None, reaso
 
 
 INTEL_ROWS = ("optimum-intel", "openvino-genai")  # Intel's CPU pipelines (--intel-python), beside diffusers
+INTEL_MARKER = "model_index.json"  # an Intel export folder holding it is complete, and reused
 
 
 def baseline_of(m: dict[str, Any]) -> str | None:
@@ -76,6 +81,32 @@ def intel_reason(cfg: Any, family: str, devices: list[str]) -> str | None:
         return (f"measured on SD 1.x / 2.x models (optimum-intel's OVStableDiffusionPipeline), not an {fam.label} "
                 "model")
     return None
+
+
+def intel_export(baseline: Path, folder: Path,
+                 run: Callable[[dict[str, Any]], dict[str, Any]]) -> tuple[str | None, float | None]:
+    """Intel's OpenVINO export of the diffusers folder ``baseline`` into ``folder``, by ``run`` (the Intel
+    environment's worker running ``optimum-cli export openvino``): (None, seconds it took) once ``folder`` holds it,
+    or (why not, None). optimum-cli writes into a temporary sibling of ``folder``, renamed into place only after it
+    finished and its ``model_index.json`` is there, so a run stopped half-way (``model_index.json`` written, the
+    weights not) leaves nothing a later run would take for a finished export (a folder with ``model_index.json`` is
+    reused); whatever ``folder`` held without one is replaced."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
+    try:
+        out = tmp / folder.name  # a folder optimum-cli creates, as it would the final one
+        res = run({"job": "intel-export", "folder": str(baseline), "out": str(out)})
+        if res["status"] != "ok":
+            return f"the OpenVINO export failed: {res.get('reason')}", None
+        if not (out / INTEL_MARKER).is_file():
+            return f"optimum-cli export openvino finished without writing {INTEL_MARKER}", None
+        if folder.is_dir() and not folder.is_symlink():
+            shutil.rmtree(folder)
+        elif folder.exists() or folder.is_symlink():
+            folder.unlink()
+        os.replace(out, folder)
+        return None, res.get("export_s")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def baseline_weights(workload: str, work: Path, onnx_folder: Path, manifest: Any, precision: str,

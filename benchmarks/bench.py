@@ -15,7 +15,6 @@ raises sdrt errors and reports progress through a callback; it never prints.
 from __future__ import annotations
 
 import itertools
-import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -30,18 +29,20 @@ from . import schema
 from .artifacts import build_engines, engine_bytes, export_for, export_precision, refiner_export
 from .backends import KNOWN_BACKENDS, backend_device, check_backends, unavailable_reason
 from .baselines import (
+    INTEL_MARKER,
     INTEL_ROWS,
     BaselineRow,
     baseline_of,
     baseline_record,
     baseline_rows,
     baseline_weights,
+    intel_export,
     intel_reason,
     pipeline_class,
 )
 from .config import DEFAULT_PROMPT, WORKLOADS, BenchConfig
 from .contention import other_cpu, snapshot, wait_quiet
-from .env import fingerprint, load_average
+from .env import fingerprint, load_average, physical_cores
 from .flops import architecture_of_export
 from .jobs import BASELINE, INTEL, SDRT, Job, job_spec, run_worker, workload_inputs, write_latents
 from .memory import MemoryPeaks
@@ -97,7 +98,7 @@ class _Run:
         self.cfg = cfg
         self.progress = progress
         self.notes: list[str] = []
-        self.threads = cfg.threads or _physical_cores()
+        self.threads = cfg.threads or physical_cores()
 
     def emit(self, stage: str, message: str, **extra: Any) -> None:
         self.progress({"stage": stage, "message": message, **extra})
@@ -274,12 +275,11 @@ class _Run:
             why = "the diffusers folder of the baseline, which they export, could not be made"
         folder = work / f"intel-ov-{models.baseline.name if models.baseline is not None else 'none'}"
         export_s = None
-        if why is None and not (folder / "model_index.json").is_file():
+        if why is None and not (folder / INTEL_MARKER).is_file():  # complete: written aside, renamed when done
+            assert models.baseline is not None
             self.emit("baseline", "exporting the same weights for Intel's pipelines (optimum-cli export openvino)")
-            res, _ = self._worker({"job": "intel-export", "folder": str(models.baseline), "out": str(folder)}, work,
-                                  "optimum-cli export openvino", "cpu", python=self.cfg.intel_python)
-            why = None if res["status"] == "ok" else f"the OpenVINO export failed: {res.get('reason')}"
-            export_s = res.get("export_s")
+            why, export_s = intel_export(models.baseline, folder, lambda spec: self._worker(
+                spec, work, "optimum-cli export openvino", "cpu", python=self.cfg.intel_python)[0])
         for name in INTEL_ROWS:
             b = BackendRecord(name, "baseline", "cpu", precision="fp32 OpenVINO IR, f32 inference")
             if why is not None:
@@ -449,14 +449,3 @@ def model_samplers(cfg: BenchConfig) -> tuple[str, ...]:
                          f"{default_sampler(prediction)})")
     return tuple(cfg.samplers)
 
-
-def _physical_cores() -> int:
-    try:
-        import psutil
-
-        n = psutil.cpu_count(logical=False)
-        if n:
-            return int(n)
-    except ImportError:
-        pass
-    return os.cpu_count() or 1

@@ -6,6 +6,9 @@ CPU time the bench's children took (``resource.getrusage(RUSAGE_CHILDREN)``), is
 host took: ``other_cpu``, a fraction of the whole machine (1.0: every core busy with other work). The load
 average alone cannot tell: the bench's own worker raises it. Linux only (``/proc/stat``); elsewhere the figures
 are None and nothing is flagged.
+
+A measurement that runs inside the process it measures (the server benchmark's server threads) takes its
+snapshots with ``own=True``: that process's own CPU time is then the measuring side's too, not other work.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ BUSY_OTHER_CPU = 0.10  # a row is flagged when other work took more than a tenth
 @dataclass(frozen=True)
 class Snapshot:
     busy_s: float | None  # the machine's busy CPU seconds since boot (None: no /proc/stat)
-    children_s: float  # CPU seconds of this process's finished children
+    children_s: float  # CPU seconds of the measuring side: this process's finished children (own=True: and itself)
     wall: float  # time.monotonic()
 
 
@@ -39,14 +42,21 @@ def _busy_seconds() -> float | None:
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
-def snapshot() -> Snapshot:
+def snapshot(own: bool = False) -> Snapshot:
+    """The machine's busy time and the measuring side's CPU time now: this process's finished children's, and
+    with ``own`` this process's own as well (a measurement running in this process)."""
     ru = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return Snapshot(_busy_seconds(), ru.ru_utime + ru.ru_stime, time.monotonic())
+    ours = ru.ru_utime + ru.ru_stime
+    if own:
+        me = resource.getrusage(resource.RUSAGE_SELF)
+        ours += me.ru_utime + me.ru_stime
+    return Snapshot(_busy_seconds(), ours, time.monotonic())
 
 
 def other_cpu(before: Snapshot, after: Snapshot) -> float | None:
-    """The fraction of the machine's CPU that processes other than the bench's children used between the two
-    snapshots (children that finished in between; None without /proc/stat or an empty interval)."""
+    """The fraction of the machine's CPU that processes other than the measuring side (the bench's children that
+    finished in between; with ``own`` snapshots, this process too) used between the two snapshots (None without
+    /proc/stat or an empty interval)."""
     wall = after.wall - before.wall
     if before.busy_s is None or after.busy_s is None or wall <= 0:
         return None

@@ -168,6 +168,19 @@ def fingerprint() -> dict[str, Any]:
     }
 
 
+def physical_cores() -> int:
+    """The host's physical cores (psutil's count; the logical count without psutil): the default thread count."""
+    try:
+        import psutil
+
+        n = psutil.cpu_count(logical=False)
+        if n:
+            return int(n)
+    except ImportError:
+        pass
+    return os.cpu_count() or 1
+
+
 def load_average() -> list[float] | None:
     """The host's 1, 5 and 15 minute load averages: CPU figures from a busy machine are not comparable."""
     try:

@@ -53,7 +53,8 @@ def _loop(call: Any, warmup: int, repeats: int) -> list[dict[str, Any]]:
 
 
 def export(spec: dict[str, Any]) -> dict[str, Any]:
-    """``optimum-cli export openvino`` of the diffusers folder, fp32 weights (the comparison's precision)."""
+    """``optimum-cli export openvino`` of the diffusers folder, fp32 weights (the comparison's precision), into
+    ``out``: sdrt's bench gives a temporary folder and renames it into place once this returns ok."""
     t0 = time.perf_counter()
     cli = Path(sys.executable).with_name("optimum-cli")
     cmd = [str(cli), "export", "openvino", "--model", spec["folder"], "--task", "text-to-image", "--weight-format",

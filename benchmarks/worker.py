@@ -5,7 +5,8 @@ start, peak RSS and GPU memory are its own. A worker reports progress on stdout 
 ``PREFIX`` followed by JSON, and writes its result (or the reason it failed) to RESULT.json.
 
 Jobs: ``sdrt`` (the sdrt Pipeline on one backend; never imports torch), ``diffusers`` (the PyTorch
-baseline), ``matmul`` (the device's matrix-multiply rate). With ``refiner_folder`` in the spec, ``sdrt``
+baseline), ``matmul`` (the device's matrix-multiply rate), ``serve`` (one side of a round of the server benchmark,
+``serve_bench.run_side``: the bare pipeline, or the server under load). With ``refiner_folder`` in the spec, ``sdrt``
 runs an SDXL base + refiner pair (the refiner loaded with ``share_with`` the base) and ``diffusers`` its
 base(denoising_end) + img2img(denoising_start) pair; each run then records its stages. Thread counts come from the spec and the
 environment the parent sets (OMP_NUM_THREADS and friends), identically for every job.
@@ -414,8 +415,16 @@ def run_matmul(spec: dict[str, Any]) -> dict[str, Any]:
     return {"status": "ok", **rate}
 
 
+# -- the server benchmark's sides --------------------------------------------------------------------------
+
+def run_serve(spec: dict[str, Any]) -> dict[str, Any]:
+    from .serve_bench import run_side
+
+    return run_side(spec)
+
+
 JOBS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
-    "sdrt": run_sdrt, "diffusers": run_diffusers, "matmul": run_matmul}
+    "sdrt": run_sdrt, "diffusers": run_diffusers, "matmul": run_matmul, "serve": run_serve}
 
 
 def main(argv: list[str]) -> int:

@@ -57,3 +57,72 @@ def test_intel_pipelines_run_beside_diffusers_and_sdrt(tmp_path: Path) -> None:
     assert backends["openvino-genai"]["versions"]["openvino-genai"] and backends["optimum-intel"]["build_s"] > 0
     assert by["ort-cpu"]["image_vs_baseline"]["max_abs"] <= 1
     assert "openvino-genai" in text_table(doc)
+
+
+def _fake_intel_env(tmp_path: Path, cli_body: str) -> str:
+    """An "Intel environment" without optimum-intel: this interpreter under another name, beside a stand-in
+    ``optimum-cli`` (``cli_body``: Python run with ``out``, the folder it was asked to write). intel_worker.py's
+    export job runs the ``optimum-cli`` beside its interpreter, so the real worker runs against the stand-in."""
+    bin_dir = tmp_path / "intel-env" / "bin"
+    bin_dir.mkdir(parents=True)
+    python = bin_dir / "python"
+    python.symlink_to(sys.executable)
+    cli = bin_dir / "optimum-cli"
+    cli.write_text(f"#!{sys.executable}\nimport os, sys\nfrom pathlib import Path\nout = Path(sys.argv[-1])\n"
+                   f"(Path(__file__).parent / 'asked').write_text(str(out))\n{cli_body}\n")
+    cli.chmod(0o755)
+    return str(python)
+
+
+def _export(tmp_path: Path, python: str) -> tuple[Path, str | None, float | None]:
+    from sdrt.benchmarks.baselines import intel_export
+    from sdrt.benchmarks.jobs import run_worker
+
+    work = tmp_path / "work"
+    work.mkdir(exist_ok=True)
+    folder = work / "intel-ov-baseline"
+    why, export_s = intel_export(tmp_path / "baseline", folder, lambda spec: run_worker(
+        spec, work, "optimum-cli export openvino", "cpu", threads=1, timeout_s=60, emit=lambda *a, **k: None,
+        python=python)[0])
+    return folder, why, export_s
+
+
+STOPPED_HALF_WAY = """out.mkdir(parents=True)
+(out / "model_index.json").write_text("{}")
+os.kill(os.getpid(), 9)  # stopped after model_index.json, before any weights
+"""
+
+
+def test_an_intel_export_stopped_half_way_leaves_nothing_to_reuse(tmp_path: Path) -> None:
+    python = _fake_intel_env(tmp_path, STOPPED_HALF_WAY)
+    folder, why, export_s = _export(tmp_path, python)
+    asked = Path((Path(python).parent / "asked").read_text())
+    assert asked != folder and asked.name == folder.name  # it was writing elsewhere, a sibling's folder
+    assert why is not None and "export failed" in why and export_s is None
+    assert not folder.exists()  # the bench reuses a folder with model_index.json: there is none
+    assert not list(folder.parent.glob(f"*{folder.name}*"))  # nor the half-written one, anywhere
+
+
+def test_an_intel_export_without_model_index_is_not_moved_into_place(tmp_path: Path) -> None:
+    python = _fake_intel_env(tmp_path, 'out.mkdir(parents=True)\n(out / "unet.bin").write_bytes(b"w")')
+    folder, why, _ = _export(tmp_path, python)
+    assert why is not None and "without writing model_index.json" in why
+    assert not folder.exists() and not list(folder.parent.glob(f"*{folder.name}*"))
+
+
+def test_a_finished_intel_export_is_renamed_into_place(tmp_path: Path) -> None:
+    python = _fake_intel_env(tmp_path, """out.mkdir(parents=True)
+(out / "unet").mkdir()
+(out / "unet" / "openvino_model.bin").write_bytes(b"weights")
+(out / "model_index.json").write_text("{}")
+""")
+    (tmp_path / "work").mkdir()
+    stale = tmp_path / "work" / "intel-ov-baseline"  # left by a run before exports were written aside
+    stale.mkdir()
+    (stale / "half.bin").write_bytes(b"x")
+    folder, why, export_s = _export(tmp_path, python)
+    assert why is None and export_s is not None and export_s > 0
+    assert Path((Path(python).parent / "asked").read_text()) != folder
+    assert (folder / "model_index.json").is_file() and (folder / "unet" / "openvino_model.bin").read_bytes() == b"weights"
+    assert not (folder / "half.bin").exists()  # the stale folder was replaced whole
+    assert [p.name for p in folder.parent.iterdir() if folder.name in p.name] == [folder.name]

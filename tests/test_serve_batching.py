@@ -4,10 +4,8 @@ server benchmark end to end on a tiny export."""
 from __future__ import annotations
 
 import io
-import json
 import threading
 import time
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -119,20 +117,3 @@ def test_close_delivers_images_of_finished_batches() -> None:
     b.close(grace_s=10)
     res = fut.result(0)
     assert Image.open(io.BytesIO(res.png[0])).getpixel((0, 0)) == (0, 0, 0)
-
-
-def test_serve_bench_on_a_tiny_export(tiny_export, tmp_path: Path) -> None:
-    from sdrt.benchmarks import serve_bench
-
-    assert serve_bench.main([str(tiny_export("sd15-tiny")), "--requests", "2", "--rss-requests", "0",
-                             "-o", str(tmp_path)]) == 0
-    (report,) = tmp_path.glob("serve-ort-cpu-*.json")
-    out = json.loads(report.read_text())
-    assert [r["batch"] for r in out["bare"]] == [1, 4, 16]
-    assert [(r["batching"], r["clients"]) for r in out["served"]] == [
-        (True, 1), (True, 4), (True, 16), (False, 1), (False, 4), (False, 16)]
-    for r in out["served"]:
-        assert r["errors"] == 0 and r["requests"] == 2 * r["clients"]
-        # the server's own count: unbatched it never puts two requests together; batched, at most 16
-        assert (r["images_per_batch"] == 1.0) if not r["batching"] else (1.0 <= r["images_per_batch"] <= 16)
-    assert out["batch_window_ms"] == 10.0
