@@ -16,7 +16,7 @@ Three steps, the first two on key names and shapes alone, so every refusal comes
 
 1. ``detect_flux_preset``: the shipped preset from tensor shapes ([dev] has ``guidance_in``, [schnell] not; the
    depths, widths and the VAE's channels), or ``arch`` checked against them; other models of the FLUX line
-   (Fill, Depth, Chroma, FLUX.2) are refused by the name diffusers' own probe gives them;
+   with FLUX.1's blocks (Fill, Depth, Chroma, ...) are refused by the name diffusers' own probe gives them;
 2. each part's source (bundled, or the file its flag gives) and the tokenizers are settled (a missing part is an
    ``InputError`` naming every flag to pass);
 3. diffusers' converters (``convert_flux_transformer_checkpoint_to_diffusers``, ``AutoencoderKL.from_single_file``,
