@@ -87,10 +87,13 @@ def is_flux_folder(path: Path) -> bool:
 
 
 def is_flux_source(model: str | Path | None, random_preset: str | None) -> bool:
-    """``sdrt export``'s source is a FLUX.1 model: a FLUX preset's name or a diffusers FluxPipeline folder."""
+    """``sdrt export``'s source is a FLUX.1 model: a FLUX preset's name, a diffusers FluxPipeline folder, or a
+    single .safetensors file in Black Forest Labs' layout (export/flux_single_file.py)."""
+    from .flux_single_file import is_flux_file
+
     if random_preset is not None:
         return random_preset in FLUX_PRESETS
-    return model is not None and is_flux_folder(Path(model))
+    return model is not None and (is_flux_folder(Path(model)) or is_flux_file(model))
 
 
 def _shapes(transformer: dict[str, Any], t5: dict[str, Any]) -> dict[str, dict[str, tuple[int, ...]]]:
@@ -100,12 +103,21 @@ def _shapes(transformer: dict[str, Any], t5: dict[str, Any]) -> dict[str, dict[s
 
 
 def load_flux(path: str | Path | None = None, *, random_preset: str | None = None, seed: int = 0,
-              stream: bool | None = None) -> LoadedFlux:
-    """A diffusers FLUX.1 folder (safetensors only: nothing is unpickled) or ``random_preset``'s seeded weights.
-    ``stream``: whether the transformer and T5 are streamed at export instead of loaded (default: those over a
-    billion parameters; a streamed random preset's weights are seeded per tensor)."""
+              stream: bool | None = None, **single_file: Any) -> LoadedFlux:
+    """A diffusers FLUX.1 folder (safetensors only: nothing is unpickled), a single file in Black Forest Labs'
+    layout (``single_file``: ``flux_single_file.load_flux_single_file``'s options: clip_l, t5, vae, tokenizers,
+    arch; it loads whole) or ``random_preset``'s seeded weights. ``stream``: whether the transformer and T5 are
+    streamed at export instead of loaded (default: those over a billion parameters; a streamed random preset's
+    weights are seeded per tensor)."""
     if (path is None) == (random_preset is None):
         raise InputError("give either a diffusers FLUX.1 folder or random_preset (one of them)")
+    if path is not None and Path(path).is_file():
+        from .flux_single_file import load_flux_single_file
+
+        return load_flux_single_file(path, **single_file)
+    if given := sorted("--" + k.replace("_", "-") for k, v in single_file.items() if v is not None):
+        raise InputError(f"{', '.join(given)} go{'es' if len(given) == 1 else ''} with a FLUX.1 single .safetensors "
+                         "file only; a diffusers folder holds its parts and tokenizers, a preset its architecture")
     if random_preset is not None:
         preset = get_flux_preset(random_preset)
         shapes = _shapes(preset.config("transformer"), preset.config("t5"))

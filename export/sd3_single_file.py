@@ -30,15 +30,24 @@ import logging
 import re
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from sdrt.runtime.errors import ArtifactError, InputError, UnsafeCheckpointError
+from sdrt.runtime.errors import ArtifactError, InputError
 
-from .loading import PICKLE_SUFFIXES, sha256_file
+from .checkpoint_files import (
+    TextEncoderFile,
+    bundled_names,
+    load_encoder,
+    pick_preset,
+    read_tensors,
+    safetensors_shapes,
+    separate_encoder,
+    tokenizer_dirs,
+)
+from .loading import sha256_file
 from .sd3_export import LoadedSd3
 from .sd3_presets import SD3_PRESETS, Sd3Modules, Sd3Preset, get_sd3_preset
 from .single_file import require_loaded
@@ -50,65 +59,20 @@ VAE = "first_stage_model."
 MARK = MMDIT + "joint_blocks.0.x_block.attn.qkv.weight"  # what says "an SD3 single file"
 
 
-@dataclass(frozen=True)
-class _Encoder:
-    name: str  # the file's name for it (text_encoders.<name>)
-    flag: str  # the CLI flag that gives it as a separate file
-    what: str
-    config_dir: str  # the diffusers subfolder its config is written to
-
-    @property
-    def prefix(self) -> str:
-        return f"text_encoders.{self.name}.transformer."
-
-
 ENCODERS = (
-    _Encoder("clip_l", "--clip-l", "CLIP-L", "text_encoder"),
-    _Encoder("clip_g", "--clip-g", "CLIP-G", "text_encoder_2"),
-    _Encoder("t5xxl", "--t5", "T5-XXL", "text_encoder_3"),
+    TextEncoderFile("clip_l", "--clip-l", "CLIP-L", "text_encoder", "Stability's text_encoders/clip_l.safetensors"),
+    TextEncoderFile("clip_g", "--clip-g", "CLIP-G", "text_encoder_2", "Stability's text_encoders/clip_g.safetensors"),
+    TextEncoderFile("t5xxl", "--t5", "T5-XXL", "text_encoder_3", "Stability's text_encoders/t5xxl_fp16.safetensors"),
 )
-_CLIP_MARK = "text_model.embeddings.token_embedding.weight"
-_T5_MARKS = ("shared.weight", "encoder.embed_tokens.weight")
+_WHY = "SD 3 / 3.5 files are read from .safetensors only (Stability publishes them so)"
 
 
 # --- reading ---------------------------------------------------------------------------------------
 
 
-def _refuse_pickle(path: Path, what: str) -> None:
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise UnsafeCheckpointError(
-            f"{what} {path.name} is a pickled file: loading it runs arbitrary code from the file, and "
-            "SD 3 / 3.5 files are read from .safetensors only (Stability publishes them so); pass the "
-            ".safetensors version"
-        )
-
-
 def file_shapes(path: Path, what: str = "") -> dict[str, tuple[int, ...]]:
-    """A .safetensors file's key names and shapes (its header only)."""
-    from safetensors import SafetensorError, safe_open
-
-    _refuse_pickle(path, what)
-    if not path.is_file():
-        raise InputError(f"{what + ' ' if what else ''}{path} does not exist or is not a file")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
-    except (SafetensorError, OSError) as e:
-        raise ArtifactError(
-            f"{path.name} is not a readable .safetensors file ({e}); it may be truncated or of another format"
-        ) from e
-
-
-def _read(path: Path, names: Mapping[str, str]) -> dict[str, torch.Tensor]:
-    """{new name: tensor} for the file's keys ``names`` maps from, as float32 where they are floats."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            out = {new: f.get_tensor(old) for old, new in names.items()}
-    except (SafetensorError, OSError) as e:
-        raise ArtifactError(f"cannot read the tensors of {path.name}: {e}") from e
-    return {k: v.float() if v.is_floating_point() else v for k, v in out.items()}
+    """A .safetensors file's key names and shapes (its header only); a pickle is refused unread."""
+    return safetensors_shapes(path, what, _WHY)
 
 
 def is_sd3_file(path: str | Path) -> bool:
@@ -175,20 +139,6 @@ def _expected(p: Sd3Preset) -> dict[str, Any]:
     }
 
 
-def _show(v: Any) -> str:
-    if isinstance(v, tuple):
-        return f"{v[0]}-{v[-1]}" if len(v) > 3 and list(v) == list(range(v[0], v[-1] + 1)) else str(list(v))
-    return str(v)
-
-
-def _differences(p: Sd3Preset, observed: Mapping[str, Any]) -> list[str]:
-    return [
-        f"{k} {_show(observed.get(k))} in the file, {_show(v)} in {p.name}"
-        for k, v in _expected(p).items()
-        if observed.get(k) != v
-    ]
-
-
 def detect_sd3_preset(
     shapes: Mapping[str, Sequence[int]], *, arch: str | None = None, name: str = "the file"
 ) -> Sd3Preset:
@@ -205,68 +155,18 @@ def detect_sd3_preset(
             f"{name} holds an SD 3 / 3.5 MMDiT but no VAE ({VAE}*); sdrt needs a file with both "
             "(Stability's sd3.5_*.safetensors files have them)"
         )
-    observed = _observed(dims)
     candidates = [p for p in SD3_PRESETS.values() if p.by_shape]
-    matches = [p for p in candidates if not _differences(p, observed)]
-    if arch is not None:
-        preset = get_sd3_preset(arch)
-        if diffs := _differences(preset, observed):
-            fits = f" (it fits {', '.join(p.name for p in matches)})" if matches else ""
-            raise InputError(
-                f"--arch {arch} does not fit {name}{fits}: {'; '.join(diffs)}; drop --arch or pass "
-                "one that fits"
-            )
-        return preset
-    if not matches:
-        closest = min(candidates, key=lambda p: len(_differences(p, observed)))
-        raise ArtifactError(
-            f"{name} is an SD 3 / 3.5 file of an architecture no shipped preset has; closest is "
-            f"{closest.name}: {'; '.join(_differences(closest, observed))}"
-        )
-    return matches[0]
+    return pick_preset(
+        _observed(dims),
+        candidates,
+        _expected,
+        arch=get_sd3_preset(arch) if arch is not None else None,
+        name=name,
+        family="an SD 3 / 3.5",
+    )
 
 
 # --- the text encoders' sources --------------------------------------------------------------------
-
-
-def _encoder_names(enc: _Encoder, keys: Sequence[str], path: Path) -> dict[str, str]:
-    """{the file's key: the bundled key} for a separate encoder file: transformers' layout as Stability's
-    files hold it, also under the bundled prefix, or (CLIP) flattened without ``text_model.``."""
-    if any(k.startswith(enc.prefix) for k in keys):
-        bare = {k: k.removeprefix(enc.prefix) for k in keys if k.startswith(enc.prefix)}
-    else:
-        bare = {k: k for k in keys}
-    if (
-        enc.name != "t5xxl" and "embeddings.token_embedding.weight" in bare.values()
-    ):  # a flattened CLIPTextModel
-        bare = {
-            k: v if v.startswith(("text_model.", "text_projection.")) else "text_model." + v
-            for k, v in bare.items()
-        }
-    marks = _T5_MARKS if enc.name == "t5xxl" else (_CLIP_MARK,)
-    if not any(m in bare.values() for m in marks):
-        raise InputError(
-            f"{enc.flag} {path}: not a {enc.what} text encoder in transformers' layout "
-            f"(no {' or '.join(marks)}); "
-            f"give Stability's text_encoders/{'t5xxl_fp16' if enc.name == 't5xxl' else enc.name}.safetensors "
-            "or the same weights in that layout"
-        )
-    return {k: enc.prefix + v for k, v in bare.items()}
-
-
-def _encoder_width(
-    enc: _Encoder, shapes: Mapping[str, tuple[int, ...]], names: Mapping[str, str]
-) -> int | None:
-    mark = next(
-        (
-            m
-            for m in (_T5_MARKS if enc.name == "t5xxl" else (_CLIP_MARK,))
-            if enc.prefix + m in names.values()
-        ),
-        None,
-    )
-    file_key = next((k for k, v in names.items() if mark is not None and v == enc.prefix + mark), None)
-    return shapes[file_key][1] if file_key is not None else None
 
 
 def _sources(
@@ -281,21 +181,13 @@ def _sources(
     out: list[tuple[Path, dict[str, str]] | None] = []
     missing = []
     for i, (enc, file) in enumerate(zip(ENCODERS, given, strict=True)):
-        bundled = {k: k for k in shapes if k.startswith(enc.prefix)}
-        if enc.name == "t5xxl" and without_t5:
+        bundled = bundled_names(enc, shapes)
+        if enc.is_t5 and without_t5:
             out.append(None)
             continue
         if file is not None:
-            file = Path(file)
-            fshapes = file_shapes(file, enc.flag)
-            names = _encoder_names(enc, list(fshapes), file)
-            width = _encoder_width(enc, fshapes, names)
-            cfg = preset.t5["d_model"] if enc.name == "t5xxl" else preset.clip[i]["hidden_size"]
-            if width is not None and width != cfg:
-                raise InputError(
-                    f"{enc.flag} {file}: its width is {width}, {preset.name}'s {enc.what} has {cfg}; "
-                    "is it another encoder's file (--clip-l: clip_l, --clip-g: clip_g, --t5: t5xxl)?"
-                )
+            width = preset.t5["d_model"] if enc.is_t5 else preset.clip[i]["hidden_size"]
+            file, names = separate_encoder(enc, Path(file), width, preset.name, _WHY)
             if bundled:
                 log.info(
                     "%s: using %s from %s rather than the one %s bundles",
@@ -310,14 +202,14 @@ def _sources(
         else:
             missing.append(enc)
             out.append(None)
-    if any(e.name != "t5xxl" for e in missing):
+    if any(not e.is_t5 for e in missing):
         what = " and ".join(e.what for e in missing)
         raise InputError(
             f"{path.name} does not bundle its {what} text encoder{'s' if len(missing) > 1 else ''}; pass "
             f"{'them' if len(missing) > 1 else 'it'} as separate files: "
             f"{' '.join(f'{e.flag} FILE' for e in missing)} "
             "(Stability's text_encoders/clip_l.safetensors, clip_g.safetensors, t5xxl_fp16.safetensors)"
-            + ("; or --without-t5 to leave T5 out" if any(e.name == "t5xxl" for e in missing) else "")
+            + ("; or --without-t5 to leave T5 out" if any(e.is_t5 for e in missing) else "")
         )
     if missing:
         raise InputError(
@@ -334,31 +226,18 @@ def _tokenizer_dirs(
     """The tokenizer folders: ``tokenizers``' tokenizer/, tokenizer_2/, tokenizer_3/ (a diffusers SD3
     folder's), else the shipped ones: CLIP's BPE fits every SD3 model; the shipped T5 tokenizer only the tiny
     presets."""
-    if tokenizers is None:
-        if t5 and not preset.test_scale:
-            raise InputError(
-                f"{name} has no tokenizers and sdrt ships T5's only for its tiny test models: pass "
-                "--tokenizers DIR, a diffusers SD 3 / 3.5 folder (or any folder) holding tokenizer/, "
-                "tokenizer_2/ and tokenizer_3/ (e.g. stabilityai/stable-diffusion-3.5-medium's), "
-                "or --without-t5"
-            )
-        return (None, None, None)
-    tokenizers = Path(tokenizers)
-    if not tokenizers.is_dir():
-        raise InputError(
-            f"--tokenizers {tokenizers} is not a folder; give the folder that holds tokenizer/, "
-            "tokenizer_2/ and tokenizer_3/ (a diffusers SD 3 / 3.5 folder)"
-        )
-    if t5 and not (tokenizers / "tokenizer_3").is_dir():
-        raise InputError(
-            f"--tokenizers {tokenizers} has no tokenizer_3/ (T5's tokenizer); give a diffusers SD 3 / "
-            "3.5 folder's, or --without-t5"
-        )
-    dirs = tuple(
-        tokenizers / n if (tokenizers / n).is_dir() else None
-        for n in ("tokenizer", "tokenizer_2", "tokenizer_3")
+    dirs = tokenizer_dirs(
+        tokenizers,
+        ("tokenizer", "tokenizer_2", "tokenizer_3"),
+        t5="tokenizer_3",
+        needs_t5=t5,
+        t5_shipped=preset.test_scale,
+        name=name,
+        family="SD 3 / 3.5",
+        example="stabilityai/stable-diffusion-3.5-medium",
+        alternative="--without-t5",
     )
-    return dirs[0], dirs[1], dirs[2] if t5 else None
+    return dirs[0], dirs[1], dirs[2]
 
 
 # --- loading ---------------------------------------------------------------------------------------
@@ -430,18 +309,14 @@ def _convert(
     sources: Sequence[tuple[Path, dict[str, str]] | None],
 ) -> Sd3Modules:
     from diffusers import AutoencoderKL, SD3Transformer2DModel
-    from diffusers.loaders.single_file_utils import (
-        SingleFileComponentError,
-        create_diffusers_clip_model_from_ldm,
-        create_diffusers_t5_model_from_checkpoint,
-    )
+    from diffusers.loaders.single_file_utils import SingleFileComponentError
     from transformers import CLIPTextModelWithProjection, T5EncoderModel
 
     name = path.name
     failures = (ValueError, KeyError, RuntimeError, OSError, SingleFileComponentError)
 
     def part(prefix: str) -> dict[str, torch.Tensor]:
-        return _read(path, {k: k for k in shapes if k.startswith(prefix)})
+        return read_tensors(path, {k: k for k in shapes if k.startswith(prefix)})
 
     with tempfile.TemporaryDirectory(prefix="sdrt-sd3-single-file-") as tmp:
         _write_configs(preset, Path(tmp))
@@ -461,20 +336,8 @@ def _convert(
                     encoders.append(None)
                     continue
                 what = f"{enc.what} text encoder"
-                tensors = _read(*src)
-                if enc.name == "t5xxl":
-                    shared, embed = enc.prefix + _T5_MARKS[0], enc.prefix + _T5_MARKS[1]
-                    if embed in tensors:  # T5's encoder embeds with the shared table: one tensor
-                        tensors.setdefault(shared, tensors[embed])
-                        del tensors[embed]
-                    module = create_diffusers_t5_model_from_checkpoint(
-                        T5EncoderModel, tensors, subfolder=enc.config_dir, **kw
-                    )
-                    module.tie_weights()
-                else:
-                    module = create_diffusers_clip_model_from_ldm(
-                        CLIPTextModelWithProjection, tensors, subfolder=enc.config_dir, **kw
-                    )
+                cls = T5EncoderModel if enc.is_t5 else CLIPTextModelWithProjection
+                module = load_encoder(enc, src, cls, kw)
                 require_loaded(module, what, src[0].name, preset)
                 encoders.append(module)
         except failures as e:

@@ -53,16 +53,19 @@ def register(p: argparse.ArgumentParser) -> None:
                    help="SD 3 / 3.5: leave the T5-XXL encoder out (diffusers' text_encoder_3=None: zeros in its "
                         "place); much lighter, weaker prompt following")
     p.add_argument("--clip-l", metavar="FILE",
-                   help="SD 3 / 3.5 single file: its CLIP-L text encoder as a separate file (Stability's "
-                        "text_encoders/clip_l.safetensors), for a file that does not bundle it")
+                   help="SD 3 / 3.5 or FLUX.1 single file: its CLIP-L text encoder as a separate file (Stability's "
+                        "text_encoders/clip_l.safetensors; for FLUX.1, clip_l.safetensors), for a file that does "
+                        "not bundle it")
     p.add_argument("--clip-g", metavar="FILE",
                    help="SD 3 / 3.5 single file: its CLIP-G text encoder (text_encoders/clip_g.safetensors)")
     p.add_argument("--t5", metavar="FILE",
-                   help="SD 3 / 3.5 single file: its T5-XXL text encoder "
-                        "(text_encoders/t5xxl_fp16.safetensors)")
+                   help="SD 3 / 3.5 or FLUX.1 single file: its T5-XXL text encoder (t5xxl_fp16.safetensors)")
+    p.add_argument("--vae", metavar="FILE",
+                   help="FLUX.1 single file: its VAE as a separate file (Black Forest Labs' ae.safetensors)")
     p.add_argument("--tokenizers", metavar="DIR",
-                   help="SD 3 / 3.5 single file: a folder with tokenizer/, tokenizer_2/, tokenizer_3/ "
-                        "(a diffusers SD 3 / 3.5 folder's); needed for T5 of a full-size model")
+                   help="SD 3 / 3.5 or FLUX.1 single file: a folder with the tokenizers of a diffusers folder of "
+                        "the family (tokenizer/, tokenizer_2/, and tokenizer_3/ for SD 3); needed for T5 of a "
+                        "full-size model")
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow loading a pickled .ckpt/.bin (runs code from the file: only for trusted files)")
 
@@ -91,6 +94,9 @@ def run(args: argparse.Namespace) -> int:
 
     if is_flux_source(args.model, args.random):
         return _run_flux(args)
+    if args.vae is not None:
+        raise InputError("--vae goes with a FLUX.1 single file (Black Forest Labs' layout: its ae.safetensors); "
+                         "this model is not one")
     if is_sd3_source(args.model, args.random):
         return _run_sd3(args)
     if args.without_t5:
@@ -188,14 +194,24 @@ def _run_flux(args: argparse.Namespace) -> int:
                                    ("--controlnet", args.controlnets),
                                    ("--clip-skip", args.clip_skip), ("--ort-cuda", args.ort_cuda),
                                    ("--vae-fp32", args.vae_fp32), ("--no-ema", not args.ema),
-                                   ("--without-t5", args.without_t5),
-                                   *((f, v) for f, v in _sd3_file_options(args).items())) if on]
+                                   ("--without-t5", args.without_t5)) if on]
     if given:
         raise InputError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} not supported for FLUX.1 "
                          "models yet; export without")
+    if args.clip_g is not None:
+        raise InputError("--clip-g goes with an SD 3 / 3.5 single file; FLUX.1 has no CLIP-G (its encoders: "
+                         "--clip-l, --t5)")
+    opts = {"clip_l": args.clip_l, "t5": args.t5, "vae": args.vae, "tokenizers": args.tokenizers,
+            "arch": args.arch}
+    if args.random and (flags := [f"--{k.replace('_', '-')}" for k, v in opts.items() if v is not None]):
+        raise InputError(f"{', '.join(flags)} go{'es' if len(flags) == 1 else ''} with a FLUX.1 single file, not "
+                         "--random (pick the architecture with --random PRESET)")
     t0 = time.perf_counter()
     print(f"loading {args.model or f'synthetic {args.random} weights'}", flush=True)
-    model = load_flux(args.model, random_preset=args.random, seed=args.seed)
+    if args.random:
+        model = load_flux(random_preset=args.random, seed=args.seed)
+    else:  # a folder, or a single file with its options (refused for a folder)
+        model = load_flux(args.model, **opts)
 
     def progress(msg: str) -> None:
         print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", flush=True)
