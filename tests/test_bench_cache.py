@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -101,7 +102,8 @@ def test_reports_show_the_cached_rows_apart(cached_run: tuple[dict[str, Any], st
         assert f"\n{b} + deepcache/2 " in table
         assert f"feature cache: {b} + deepcache/2 64x64 batch 1 dpmpp-2m/{STEPS}: " in table
     md = report.markdown([doc])
-    assert "## Feature caching" in md and "| ort-cpu + deepcache/2 | sd15-tiny fp32 |" in md
+    # a row measured while other work ran is marked "(busy host)": what the host did is not under test here
+    assert "## Feature caching" in md and re.search(r"\| ort-cpu \+ deepcache/2( \(busy host\))? \| sd15-tiny fp32 \|", md)
     assert "faster per image than uncached" in md and "2 of 4 steps full" in md
 
 
