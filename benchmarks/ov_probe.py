@@ -6,9 +6,15 @@
    and back every step (what a numpy-passing backend does).
 2. **Static shapes.** One UNet call compiled with dynamic axes against one compiled for the exact shape:
    compile time, first call, and the median of the following calls.
+3. **Static shapes on the whole image** (``--image-rounds N``): two pipelines on the same export, one compiled
+   with dynamic axes and one per exact shape (``OvBackend(static_shapes=True)``), each warmed by an image at the
+   size, then images alternating (dynamic, static, dynamic, static, ...) for N rounds; per image the total time
+   and the share of the machine other processes used meanwhile (busy images are flagged and left out of the
+   ratio).
 
-Prints one JSON object. Options: ``--size`` (pixels, square), ``--steps``, ``--threads``, ``--precision``,
-``--cache`` (a model cache folder; default: none, so compile times are honest), ``--skip-static``.
+Prints one JSON object (``--out FILE`` also writes it). Options: ``--size`` (pixels, square), ``--steps``,
+``--threads``, ``--precision``, ``--cache`` (a model cache folder; default: none, so compile times are honest),
+``--skip-static``, ``--skip-loop``.
 """
 
 from __future__ import annotations
@@ -111,6 +117,48 @@ def static_vs_dynamic(folder: Path, size: int, threads: int | None, precision: s
     return out
 
 
+def whole_image(folder: Path, size: int, steps: int, threads: int | None, precision: str, rounds: int
+                ) -> dict[str, Any]:
+    """Images alternating between a dynamic and a static pipeline (see the module's docstring, point 3)."""
+    from sdrt.runtime.ov_backend import OvBackend
+    from sdrt.runtime.pipeline import Pipeline
+
+    from . import contention
+
+    kw = {"height": size, "width": size, "steps": steps, "sampler": "euler", "guidance_scale": 7.5, "seed": 0}
+    pipes: dict[str, Any] = {}
+    out: dict[str, Any] = {"steps": steps, "rounds": rounds, "images": []}
+    try:
+        for label, static in (("dynamic", False), ("static", True)):
+            t = time.perf_counter()
+            pipes[label] = Pipeline.load(folder, backend=OvBackend(threads=threads, precision=precision,
+                                                                    cache_dir=False, static_shapes=static))
+            first = pipes[label]("a lighthouse at dawn", **kw)  # compiles (static: at this shape) and warms
+            out[f"{label}_load_and_first_image_ms"] = (time.perf_counter() - t) * 1e3
+            out[f"{label}_first_image_ms"] = first.timings["total_ms"]
+        images = {}
+        for r in range(rounds):
+            for label in ("dynamic", "static"):
+                before = contention.snapshot(own=True)
+                res = pipes[label]("a lighthouse at dawn", **kw)
+                other = contention.other_cpu(before, contention.snapshot(own=True))
+                images[label] = np.asarray(res.images[0], np.int16)
+                out["images"].append({"round": r + 1, "shapes": label, "total_ms": res.timings["total_ms"],
+                                      "unet_step_ms": res.timings["unet_step_ms"], "other_cpu": other,
+                                      "busy": other is not None and other > contention.BUSY_OTHER_CPU})
+        out["image_max_abs_diff"] = int(np.abs(images["dynamic"] - images["static"]).max())
+    finally:
+        for p in pipes.values():
+            p.close()
+    quiet = {k: [i["total_ms"] for i in out["images"] if i["shapes"] == k and not i["busy"]]
+             for k in ("dynamic", "static")}
+    out["median_total_ms"] = {k: float(np.median(v)) if v else None for k, v in quiet.items()}
+    d, s = out["median_total_ms"]["dynamic"], out["median_total_ms"]["static"]
+    out["static_over_dynamic"] = None if d is None or s is None else s / d
+    out["busy_images"] = sum(i["busy"] for i in out["images"])
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("export", type=Path)
@@ -122,13 +170,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache", default=None)
     p.add_argument("--skip-static", action="store_true")
     p.add_argument("--skip-loop", action="store_true")
+    p.add_argument("--image-rounds", type=int, default=0, metavar="N",
+                   help="also time whole images, dynamic against static shapes, in N alternating rounds")
+    p.add_argument("--out", type=Path, default=None, help="also write the JSON to this file")
     a = p.parse_args(argv)
-    res: dict[str, Any] = {"export": str(a.export), "size": a.size, "threads": a.threads, "precision": a.precision}
+    if a.image_rounds < 0:
+        p.error("--image-rounds must be 0 or more")
+    from .env import fingerprint
+
+    res: dict[str, Any] = {"export": str(a.export), "size": a.size, "threads": a.threads, "precision": a.precision,
+                           "env": fingerprint()}
     if not a.skip_loop:
         res["loop"] = loop_variants(a.export, a.size, a.steps, a.threads, a.precision, a.cache)
     if not a.skip_static:
         res["unet_static_vs_dynamic"] = static_vs_dynamic(a.export, a.size, a.threads, a.precision, a.cache, a.calls)
-    print(json.dumps(res, indent=1))
+    if a.image_rounds:
+        res["image_static_vs_dynamic"] = whole_image(a.export, a.size, a.steps, a.threads, a.precision,
+                                                     a.image_rounds)
+    text = json.dumps(res, indent=1)
+    print(text)
+    if a.out is not None:
+        from sdrt.runtime.atomic import atomic_write_text
+
+        atomic_write_text(a.out, text + "\n")
     return 0
 
 

@@ -12,12 +12,14 @@ BACKENDS = ("auto", "ort-cpu", "ort-cuda", "tensorrt", "openvino")
 
 
 def make_backend(name: str, folder: Path, threads: int | None = None, cuda_graph: bool | None = None,
-                 device_id: int = 0, precision: str | None = None, share: Backend | None = None) -> Backend:
+                 device_id: int = 0, precision: str | None = None, share: Backend | None = None,
+                 static_shapes: bool = False) -> Backend:
     """``cuda_graph`` None: the backend's default (tensorrt: on; ort-cuda: off). ``precision``: openvino's
     inference precision (``auto``, ``bf16``, ``fp32``); None: its default, ``auto``. Other backends compute
     in their graphs' (or engines') precision and refuse it. ``share``: a tensorrt backend whose device,
     stream and scratch block a second model uses (other backends have nothing to share: each ONNX Runtime
-    session keeps its own arena)."""
+    session keeps its own arena). ``static_shapes``: openvino compiles each graph for the exact shapes of its
+    calls (once per new shape) instead of once with dynamic axes; other backends refuse it."""
     from .ort_backend import OrtBackend, cuda_available
 
     if name not in BACKENDS:
@@ -44,12 +46,17 @@ def make_backend(name: str, folder: Path, threads: int | None = None, cuda_graph
             cli=f"--precision sets the openvino backend's inference precision; the backend here is {name}, which "
                 "computes in its graphs' precision (chosen at `sdrt export`, --fp32 or the fp16 default): leave "
                 "--precision out, or use --backend openvino")
+    if static_shapes and name != "openvino":
+        raise InputError(f"static_shapes compiles the openvino backend's graphs per shape; the backend here is {name}: "
+                         "leave static_shapes out, or use backend=\"openvino\"",
+                         cli=f"--static-shapes is for the openvino backend; the backend here is {name}: leave it out, "
+                             "or use --backend openvino")
     if name == "openvino":
         if engine_folder:
             raise engine_folder_error(folder, name)
         from .ov_backend import OvBackend
 
-        return OvBackend(threads=threads, precision=precision or "auto")
+        return OvBackend(threads=threads, precision=precision or "auto", static_shapes=static_shapes)
     if name == "tensorrt":
         from .trt_backend import TrtBackend
 

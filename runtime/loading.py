@@ -37,7 +37,8 @@ class OpenedModel:
 
 
 def open_model(folder: Path, backend: str | Backend, *, threads: int | None, cuda_graph: bool | None,
-               device_id: int, precision: str | None, share: Backend | None) -> OpenedModel:
+               device_id: int, precision: str | None, share: Backend | None,
+               static_shapes: bool = False) -> OpenedModel:
     """Everything ``Pipeline.load`` needs, checked in the order a user meets the problems: the backend's
     settings, the folder's kind against the backend, the manifest and components, then the engines. A
     backend made here is closed again when a later step fails; a given one stays the caller's."""
@@ -46,7 +47,8 @@ def open_model(folder: Path, backend: str | Backend, *, threads: int | None, cud
     engine_folder = (folder / "sdrt-engines.json").is_file()
     if given is not None:
         extra = [k for k, v in (("threads", threads), ("cuda_graph", cuda_graph), ("precision", precision),
-                                ("share_with", share)) if v is not None] + (["device_id"] if device_id else [])
+                                ("share_with", share)) if v is not None] + (["device_id"] if device_id else []) + (
+            ["static_shapes"] if static_shapes else [])
         if extra:
             raise InputError(f"{', '.join(extra)} configure the backend load() makes; the {given.name} backend "
                              "given is configured already: pass them to its constructor, or give the backend's "
@@ -66,7 +68,8 @@ def open_model(folder: Path, backend: str | Backend, *, threads: int | None, cud
                              f"backend (backend={share.name!r}), not {kind!r}")
         kind = share.name
     be = given if given is not None else backends.make_backend(kind, folder, threads, cuda_graph, device_id,
-                                                               precision, share=share)
+                                                               precision, share=share,
+                                                               static_shapes=static_shapes)
     try:
         engines: dict[str, Engine] = {}
         for name, comp in manifest.components.items():

@@ -46,7 +46,8 @@ class ServeState:
 
             folder = Path(pipeline_or_dir)
             loaders: list[Callable[[], Any]] = [functools.partial(Pipeline.load, folder, backend, device_id=d,
-                                                                  precision=precision, lora_dir=config.lora_dir)
+                                                                  precision=precision, lora_dir=config.lora_dir,
+                                                                  static_shapes=config.static_shapes)
                                                 for d in devices]
             owns = True
         else:

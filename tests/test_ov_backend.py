@@ -317,3 +317,53 @@ def test_sdrt_serve_takes_openvinos_precision(tiny_export) -> None:
     with Pipeline.load(folder, backend="openvino", precision="fp32") as ref:
         want = np.asarray(ref("a lighthouse", steps=3, seed=4, height=64, width=64).images[0])
     np.testing.assert_array_equal(got, want)
+
+
+def test_the_probe_times_whole_images_dynamic_against_static(tiny_export, tmp_path: Path) -> None:
+    """``python -m sdrt.benchmarks.ov_probe --image-rounds``: images alternate between the two pipelines, each
+    image with the other processes' share; the two give the same image; the ratio is of the recorded medians."""
+    import json
+
+    from sdrt.benchmarks import ov_probe
+
+    out = tmp_path / "probe.json"
+    assert ov_probe.main([str(tiny_export("sd15-tiny", "fp32")), "--size", "64", "--steps", "2", "--skip-loop",
+                          "--skip-static", "--image-rounds", "2", "--precision", "f32", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())["image_static_vs_dynamic"]
+    assert [(i["round"], i["shapes"]) for i in res["images"]] == [(1, "dynamic"), (1, "static"), (2, "dynamic"),
+                                                                  (2, "static")]
+    assert res["image_max_abs_diff"] <= 1
+    quiet = {k: sorted(i["total_ms"] for i in res["images"] if i["shapes"] == k and not i["busy"])
+             for k in ("dynamic", "static")}
+    if quiet["dynamic"] and quiet["static"]:  # on a busy host every image may be flagged: then no ratio
+        assert res["median_total_ms"]["dynamic"] == pytest.approx(float(np.median(quiet["dynamic"])))
+        assert res["static_over_dynamic"] == pytest.approx(res["median_total_ms"]["static"]
+                                                           / res["median_total_ms"]["dynamic"])
+    else:
+        assert res["static_over_dynamic"] is None
+    assert res["busy_images"] == sum(i["busy"] for i in res["images"])
+
+
+def test_static_shapes_from_load_and_the_server(tiny_export, pipes: dict) -> None:
+    """``Pipeline.load(..., static_shapes=True)`` and ``sdrt serve --static-shapes`` (ServeConfig) compile per
+    shape on openvino with the dynamic pipeline's images; another backend refuses the setting by name."""
+    folder = tiny_export("sd15-tiny", "fp32")
+    with Pipeline.load(folder, backend="openvino", precision="fp32", static_shapes=True) as pipe:
+        assert pipe.backend.static_shapes
+        assert np.abs(image(pipe) - image(pipes["sd15-tiny", "f32"])).max() <= 1
+    with pytest.raises(InputError, match="static_shapes compiles the openvino backend's graphs per shape; the "
+                                         "backend here is ort-cpu"):
+        Pipeline.load(folder, backend="ort-cpu", static_shapes=True)
+    pytest.importorskip("fastapi")
+    import argparse
+
+    from sdrt.commands import serve as serve_command
+    from sdrt.serve import create_app
+    from sdrt.serve.live import LiveServer
+
+    parser = argparse.ArgumentParser()
+    serve_command.register(parser)
+    assert serve_command.config_from(parser.parse_args([str(folder), "--static-shapes"])).static_shapes
+    app = create_app(folder, backend="openvino", precision="fp32", static_shapes=True, warmup=False)
+    with LiveServer(app):
+        assert app.state.serve.pipeline().backend.static_shapes

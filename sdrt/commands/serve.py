@@ -37,6 +37,10 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-dir", type=Path, default=None,
                    help="a folder of LoRA .safetensors files that requests name in `loras` (and A1111 prompts as "
                         "<lora:NAME:SCALE>), on an export made with --lora-slots; listed at GET /sdapi/v1/loras")
+    p.add_argument("--static-shapes", action="store_true",
+                   help="openvino: compile each graph for the exact shapes of the requests (once per new size, about "
+                        "9 s for SD 1.5 at 512 on 2 cores) instead of once with dynamic axes; measured 4%% faster per "
+                        "image, so it pays for a server that serves one or a few sizes")
     p.add_argument("--grace", type=float, default=30.0, help="SIGTERM: seconds for in-flight work to finish")
     p.add_argument("--ray", action="store_true", help="run on Ray Serve (the ray extra) instead of uvicorn")
     p.add_argument("--ray-config", type=Path, default=None,
@@ -52,7 +56,7 @@ def config_from(args: argparse.Namespace) -> object:
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None, max_body_bytes=args.max_body_bytes,
         max_pixels=args.max_pixels, max_upload_pixels=args.max_upload_pixels, max_n=args.max_n,
         max_prompt_chars=args.max_prompt_chars, max_steps=args.max_steps, image_dir=args.image_dir,
-        grace_s=args.grace, lora_dir=args.lora_dir,
+        grace_s=args.grace, lora_dir=args.lora_dir, static_shapes=args.static_shapes,
     )
 
 
