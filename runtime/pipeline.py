@@ -111,8 +111,8 @@ class Pipeline:
         (``OvBackend(cache_dir=...)``): once loaded, the pipeline owns and closes it, and the keywords that
         configure a backend are refused beside it. ``lora_dir``: a folder of LoRA ``.safetensors`` files that calls
         name in ``loras=`` (an export made with ``--lora-slots``). ``static_shapes`` (openvino): compile each graph
-        for the exact shapes of its calls, once per new shape, instead of once with dynamic axes: measured 4% faster
-        per SD 1.5 image at 512 on a 2-core AVX2 host, its first image at a size 9 s slower (the compile), so it
+        for the exact shapes of its calls, once per new shape, instead of once with dynamic axes: measured 3% faster
+        per SD 1.5 image at 512 on a 2-core AVX2 host, its first image at a size 10 s slower (the compile), so it
         pays where a service serves few sizes (docs/backends/openvino.md). See docs/backends for each backend's
         details."""
         folder = Path(path)

@@ -28,7 +28,7 @@ class ServeConfig:
     default_sampler: str | None = None  # None: the model's (dpmpp-2m; flow-euler for a flow-matching model)
     image_dir: Path | None = None  # where response_format=url keeps images; None refuses url
     lora_dir: Path | None = None  # the LoRAs requests may name (an export made with --lora-slots); None: none
-    static_shapes: bool = False  # openvino: compile each graph per request shape (4% per image; 9 s per new size)
+    static_shapes: bool = False  # openvino: compile each graph per request shape (3% per image; 10 s per new size)
     grace_s: float = 30.0  # SIGTERM: how long in-flight batches may take to finish
     warmup: bool = True
     model_id: str | None = None  # the name /v1/models lists; default: the folder's name

@@ -39,7 +39,7 @@ def register(p: argparse.ArgumentParser) -> None:
                         "<lora:NAME:SCALE>), on an export made with --lora-slots; listed at GET /sdapi/v1/loras")
     p.add_argument("--static-shapes", action="store_true",
                    help="openvino: compile each graph for the exact shapes of the requests (once per new size, about "
-                        "9 s for SD 1.5 at 512 on 2 cores) instead of once with dynamic axes; measured 4%% faster per "
+                        "10 s for SD 1.5 at 512 on 2 cores) instead of once with dynamic axes; measured 3%% faster per "
                         "image, so it pays for a server that serves one or a few sizes")
     p.add_argument("--grace", type=float, default=30.0, help="SIGTERM: seconds for in-flight work to finish")
     p.add_argument("--ray", action="store_true", help="run on Ray Serve (the ray extra) instead of uvicorn")
