@@ -86,13 +86,7 @@ def component_specs(model: LoadedModel, vae_fp32: bool | None = None, clip_skip:
         outs: list[tuple[str, str, tuple[int | str, ...]]] = [("hidden_states", "float", ("batch", TEXT_LEN, hidden))]
         if pooled:
             outs.append(("text_embeds", "float", ("batch", int(enc.config.projection_dim))))
-        vocab = int(enc.config.vocab_size)
-
-        def text_example(g: torch.Generator, b: int, h: int, w: int, vocab: int = vocab) -> tuple[torch.Tensor, ...]:
-            ids = torch.randint(0, vocab - 2, (b, TEXT_LEN), generator=g, dtype=torch.int32)
-            ids[:, 0] = vocab - 2  # bos
-            ids[:, 10:] = vocab - 1  # eos, then padding with eos
-            return (ids,)
+        text_example = wrappers.clip_ids_example(int(enc.config.vocab_size), TEXT_LEN)
 
         text_spec = ComponentSpec(
             name=name,

@@ -31,14 +31,7 @@ Spec = tuple[str, str, tuple[int | str, ...]]
 
 def clip_spec(enc: torch.nn.Module) -> ComponentSpec:
     """CLIP without a projection: its final hidden states and pooled output (``text_embeds``)."""
-    vocab, width = int(enc.config.vocab_size), int(enc.config.hidden_size)
-
-    def example(g: torch.Generator, b: int, h: int, w: int) -> tuple[torch.Tensor, ...]:
-        ids = torch.randint(0, vocab - 2, (b, CLIP_TOKENS), generator=g, dtype=torch.int32)
-        ids[:, 0] = vocab - 2  # bos
-        ids[:, 10:] = vocab - 1  # eos, then padding with eos
-        return (ids,)
-
+    width = int(enc.config.hidden_size)
     return ComponentSpec(
         name=CLIP_NAME,
         module=wrappers.TextEncoder(enc, penultimate=False, pooled=True),
@@ -46,7 +39,7 @@ def clip_spec(enc: torch.nn.Module) -> ComponentSpec:
         inputs=[("input_ids", "int32", ("batch", CLIP_TOKENS))],
         outputs=[("hidden_states", "float", ("batch", CLIP_TOKENS, width)),
                  ("text_embeds", "float", ("batch", width))],
-        example=example,
+        example=wrappers.clip_ids_example(int(enc.config.vocab_size), CLIP_TOKENS),
     )
 
 

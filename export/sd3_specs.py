@@ -29,14 +29,6 @@ CLIP_NAMES = ("text_encoder", "text_encoder_2")
 
 
 def _clip_spec(name: str, enc: torch.nn.Module) -> ComponentSpec:
-    vocab = int(enc.config.vocab_size)
-
-    def example(g: torch.Generator, b: int, h: int, w: int) -> tuple[torch.Tensor, ...]:
-        ids = torch.randint(0, vocab - 2, (b, CLIP_TOKENS), generator=g, dtype=torch.int32)
-        ids[:, 0] = vocab - 2  # bos
-        ids[:, 10:] = vocab - 1  # eos, then padding with eos
-        return (ids,)
-
     return ComponentSpec(
         name=name,
         module=wrappers.TextEncoder(enc, penultimate=True, pooled=True),
@@ -44,7 +36,7 @@ def _clip_spec(name: str, enc: torch.nn.Module) -> ComponentSpec:
         inputs=[("input_ids", "int32", ("batch", CLIP_TOKENS))],
         outputs=[("hidden_states", "float", ("batch", CLIP_TOKENS, int(enc.config.hidden_size))),
                  ("text_embeds", "float", ("batch", int(enc.config.projection_dim)))],
-        example=example,
+        example=wrappers.clip_ids_example(int(enc.config.vocab_size), CLIP_TOKENS),
     )
 
 

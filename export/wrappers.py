@@ -6,7 +6,22 @@ graph so the runtime does no array work on the host (int32 ids in; display-ready
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+
+
+def clip_ids_example(vocab: int, tokens: int = 77) -> Callable[[torch.Generator, int, int, int], tuple[torch.Tensor]]:
+    """Example ``input_ids`` for tracing and gating a CLIP text encoder of ``vocab`` tokens: bos, random ids,
+    then eos repeated as padding (CLIP's framing), as a ComponentSpec ``example``."""
+
+    def example(g: torch.Generator, b: int, h: int, w: int) -> tuple[torch.Tensor]:
+        ids = torch.randint(0, vocab - 2, (b, tokens), generator=g, dtype=torch.int32)
+        ids[:, 0] = vocab - 2  # bos
+        ids[:, 10:] = vocab - 1  # eos, then padding with eos
+        return (ids,)
+
+    return example
 
 
 class TextEncoder(torch.nn.Module):
