@@ -365,3 +365,27 @@ def test_max_sequence_length(flux_export, preset: str, n: int) -> None:
         _, got = _compare(flux_export, preset, max_sequence_length=n, prompt=long, steps=2)
     _, default = _compare(flux_export, preset, prompt=long, steps=2)
     assert np.abs(got - default).max() > 1
+
+
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_ort_cuda_code_path_gives_the_ort_cpu_images(flux_export, monkeypatch: pytest.MonkeyPatch,
+                                                     cuda_graph: bool) -> None:
+    """ort-cuda's code path (every tensor an OrtValue, IO binding; with cuda_graph the composed transformer +
+    step session) in CPU memory on the CPU EP, for [dev] (its guidance input bound per row): the ort-cpu images.
+    Says nothing of a GPU."""
+    from sdrt.runtime.ort_backend import OrtBackend
+    from sdrt.runtime.pipeline import Pipeline
+
+    def backend(*a, **k) -> OrtBackend:
+        be = OrtBackend("cpu")
+        be.io_binding, be.cuda_graph, be.max_cuda_graphs = True, cuda_graph, 2
+        monkeypatch.setattr(be, "providers_for", lambda name: ["CPUExecutionProvider"])
+        return be
+
+    folder = flux_export("flux-dev-tiny")
+    kw = {"steps": 3, "seed": 9, "height": 64, "width": 96, "guidance_scale": 4.0}
+    want = np.asarray(shared_pipeline(folder)(PROMPT, **kw).images[0])
+    monkeypatch.setattr("sdrt.runtime.backends.make_backend", backend)
+    with Pipeline.load(folder, backend="ort-cuda") as pipe:
+        got = np.asarray(pipe(PROMPT, **kw).images[0])
+    np.testing.assert_array_equal(got, want)
