@@ -145,19 +145,19 @@ def component_specs(model: LoadedModel, vae_fp32: bool | None = None, clip_skip:
         example=unet_example,
         refittable=True,
     )
+    if lora_slots is not None and controlnets:
+        raise InputError("--lora-slots is not combined with ControlNets yet: export the slotted UNet without them")
+    if deepcache:
+        deep = deep_channels(model.unet)
+        feature = (DEEP_FEATURE, "float", ("batch", deep, "height", "width"))
+        unet_spec = replace(
+            unet_spec, module=wrappers.UNet(model.unet, sdxl=added, time_cond=bool(cond_dim), deep_feature=True),
+            outputs=[out_sample, feature])
     if lora_slots is not None:
-        if controlnets or deepcache:
-            raise InputError("--lora-slots is not combined with ControlNets or --feature-cache yet: export the "
-                             "slotted UNet without them")
         unet_spec = _slotted(unet_spec, slot_layers(model.unet, lora_slots), lora_slots.rank)
     specs.append(unet_spec)
     specs += controlnet_specs(model, controlnets, unet_spec)
     if deepcache:
-        deep = deep_channels(model.unet)
-        feature = (DEEP_FEATURE, "float", ("batch", deep, "height", "width"))
-        specs[specs.index(unet_spec)] = replace(
-            unet_spec, module=wrappers.UNet(model.unet, sdxl=added, time_cond=bool(cond_dim), deep_feature=True),
-            outputs=[out_sample, feature])
 
         # the UNet's inputs that the shallow path reads (SDXL's last up block does not cross-attend)
         keep = [i for i, (n, _, _) in enumerate(unet_inputs)
@@ -167,7 +167,7 @@ def component_specs(model: LoadedModel, vae_fp32: bool | None = None, clip_skip:
             args = unet_example(g, b, h, w)
             return (*(args[i] for i in keep), torch.randn(b, deep, h, w, generator=g))
 
-        specs.append(ComponentSpec(
+        shallow_spec = ComponentSpec(
             name=SHALLOW_UNET,
             module=wrappers.UNetShallow(model.unet, sdxl=added, time_cond=bool(cond_dim)),
             weights=model.unet,
@@ -175,7 +175,14 @@ def component_specs(model: LoadedModel, vae_fp32: bool | None = None, clip_skip:
             outputs=[out_sample],
             example=shallow_example,
             refittable=True,
-        ))
+        )
+        if lora_slots is not None:
+            # the slotted layers the shallow path runs (its last up block's), under the UNet's input names, so the
+            # loop feeds them the call's factors as it feeds the UNet's
+            used, _ = split_inert(shallow_spec.module, shallow_example(torch.Generator().manual_seed(0), 1, 8, 8),
+                                  slot_layers(model.unet, lora_slots))
+            shallow_spec = _slotted(shallow_spec, used, lora_slots.rank)
+        specs.append(shallow_spec)
 
     lat = int(model.vae.config.latent_channels)
     f = 2 ** (len(model.vae.config.block_out_channels) - 1)

@@ -56,19 +56,21 @@ def deepcache_export(tmp_path_factory: pytest.TempPathFactory, export_cache: dic
 
 @pytest.fixture(scope="session")
 def slotted_export(tmp_path_factory: pytest.TempPathFactory, export_cache: dict[tuple[str, str], Path]):
-    """slotted_export(preset, slots="8", precision="fp32") -> folder of an sdrt export of synthetic weights
-    (seed 0) made with ``--lora-slots SLOTS`` (the UNet takes LoRA factors as inputs)."""
+    """slotted_export(preset, slots="8", precision="fp32", deepcache=False) -> folder of an sdrt export of synthetic
+    weights (seed 0) made with ``--lora-slots SLOTS`` (the UNet takes LoRA factors as inputs), and ``deepcache``:
+    with ``--deepcache`` too."""
 
-    def get(preset: str, slots: str = "8", precision: str = "fp32") -> Path:
-        key = (f"{preset}-slots-{slots}", precision)
+    def get(preset: str, slots: str = "8", precision: str = "fp32", deepcache: bool = False) -> Path:
+        key = (f"{preset}-slots-{slots}{'-deepcache' if deepcache else ''}", precision)
         if key not in export_cache:
             from sdrt.export.exporter import export_model
             from sdrt.export.loading import load_model
             from sdrt.export.lora_slots import SlotPlan
 
-            out = tmp_path_factory.mktemp("exports") / f"{preset}-slots-{slots.replace(':', '-')}-{precision}"
+            out = (tmp_path_factory.mktemp("exports")
+                   / f"{preset}-slots-{slots.replace(':', '-')}{'-deepcache' if deepcache else ''}-{precision}")
             export_model(load_model(random_preset=preset), out, fp16=precision == "fp16",
-                         lora_slots=SlotPlan.parse(slots))
+                         lora_slots=SlotPlan.parse(slots), deepcache=deepcache)
             export_cache[key] = out
         return export_cache[key]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import importlib.util
 import math
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import torch
 from sdrt.runtime.engine import check_full
 from sdrt.runtime.errors import ArtifactError, InputError
 from sdrt.runtime.feature_cache import CachePolicy, cache_policy, nonuniform_steps
+from sdrt.runtime.pipeline import Pipeline
 from sdrt.runtime.step_loop import PlainStepLoop
 
 from .helpers.inputs import seed_for
@@ -61,12 +63,18 @@ class _Helper(deepcache.DeepCacheSDHelper):  # type: ignore[misc, name-defined]
 
 
 def _reference(preset: str, folder: Path, latents: np.ndarray, steps: int, guidance: float, interval: int,
-               full: list[int] | None = None) -> np.ndarray:
+               full: list[int] | None = None, lora: tuple[Path, float] | None = None) -> np.ndarray:
     pipe, sched_cfg = diffusers_pipe(preset, folder)
-    # a pipeline of its own over a copy of the UNet: the helper wraps the modules' forwards in place
-    pipe = type(pipe)(**{**pipe.components, "unet": copy.deepcopy(pipe.unet),
-                         "scheduler": diffusers_scheduler("ddim", sched_cfg)})
+    # a pipeline of its own over a copy of the UNet: the helper wraps the modules' forwards in place (and a LoRA
+    # adapts the UNet and text encoder in place: copies of both then)
+    parts = {**pipe.components, "unet": copy.deepcopy(pipe.unet), "scheduler": diffusers_scheduler("ddim", sched_cfg)}
+    if lora is not None:
+        parts["text_encoder"] = copy.deepcopy(pipe.text_encoder)
+    pipe = type(pipe)(**parts)
     pipe.set_progress_bar_config(disable=True)
+    if lora is not None:
+        pipe.load_lora_weights(str(lora[0]), adapter_name="style")
+        pipe.set_adapters(["style"], adapter_weights=[lora[1]])
     helper = _Helper(pipe=pipe)
     helper.full = full
     helper.set_params(cache_interval=interval, cache_branch_id=0)
@@ -200,3 +208,64 @@ def test_loop_checks_its_plan(deepcache_export) -> None:
         PlainStepLoop(pipe.backend, unet, unet, [unet], shallow=shallow)
     with pytest.raises(InputError, match="deep_feature"):
         PlainStepLoop(pipe.backend, shallow, unet, shallow=shallow)
+
+
+def test_deepcache_with_lora_slots_matches_the_deepcache_package_with_the_lora(slotted_export, tmp_path: Path) -> None:
+    """An export made with both --deepcache and --lora-slots: the shallow path has slots for the layers it runs
+    (its last up block's attention), fed the call's factors as the UNet is; a LoRA (UNet and text encoder) on
+    cached steps gives DeepCache's image with the same LoRA loaded in diffusers, within 1/255, on ort-cpu and
+    openvino."""
+    pytest.importorskip("peft", reason="diffusers' LoRA loading needs peft (the test extra)")
+    from sdrt.export.loading import random_model
+
+    from .helpers.models import make_lora
+
+    folder = slotted_export("sd15-tiny", "8", deepcache=True)
+    m = random_model("sd15-tiny")
+    lora = make_lora(tmp_path / "style.safetensors", m.unet, m.text_encoders[0], "kohya", seed=3, alpha=2.0,
+                     unet_targets=("to_q", "to_k", "to_v", "to_out.0"),
+                     text_targets=("q_proj", "k_proj", "v_proj", "out_proj"))
+    steps, (h, w), interval = 6, (64, 96), 3
+    latents = np.random.default_rng(5).standard_normal((1, 4, h // 8, w // 8), np.float32)
+    ref = _reference("sd15-tiny", folder, latents, steps, 7.5, interval, lora=(lora, 0.8))
+    kw = {"height": h, "width": w, "steps": steps, "guidance_scale": 7.5, "sampler": "ddim", "latents": latents,
+          "cache": "deepcache", "cache_interval": interval}
+    res = shared_pipeline(folder)(PROMPT, loras=[(lora, 0.8)], **kw)
+    got = np.asarray(res.images[0]).astype(np.int32)[None]
+    assert np.abs(got - ref).max() <= 1, f"max abs difference {np.abs(got - ref).max()}/255"
+    assert "2 of 6 steps ran the full UNet" in res.loop
+    no_lora = np.asarray(shared_pipeline(folder)(PROMPT, **kw).images[0]).astype(np.int32)[None]
+    assert np.abs(no_lora - ref).max() > 2 and ref.std() > 5  # the LoRA mattered
+    shallow = {i for i in shared_pipeline(folder).engines["unet_shallow"].inputs if i.startswith("lora.")}
+    assert shallow and all(".up_blocks." in n for n in shallow)  # only the shallow path's layers
+    if importlib.util.find_spec("openvino") is not None:
+        with Pipeline.load(folder, backend="openvino", precision="fp32") as ov:
+            got_ov = np.asarray(ov(PROMPT, loras=[(lora, 0.8)], **kw).images[0]).astype(np.int32)[None]
+        assert np.abs(got_ov - got).max() <= 2
+
+
+def test_tensorrt_captures_cached_steps_with_lora_slots(slotted_export, tmp_path: Path, fake_gpu) -> None:
+    """Logic check on the TensorRT fakes: the slotted shallow engine builds (its factor inputs static), and the
+    captured loop, which copies its conditioning (the factors with it) into fixed buffers, gives ort-cpu's
+    cached images with a LoRA and without."""
+    from sdrt.export.loading import random_model
+    from sdrt.export.profiles import custom_profile
+    from sdrt.export.trt_build import BuildOptions, build_engines
+
+    from .helpers.models import make_lora
+
+    folder = slotted_export("sd15-tiny", "8", deepcache=True)
+    m = random_model("sd15-tiny")
+    lora = make_lora(tmp_path / "style.safetensors", m.unet, None, "diffusers", seed=4, rank=4,
+                     unet_targets=("to_q", "to_k", "to_v", "to_out.0"))
+    out = tmp_path / "engines"
+    build_engines(folder, out, custom_profile(batch="1:1:2", height="64:64:96", width="64:64:96"),
+                  BuildOptions(workspace_gb=1))
+    kw = {"height": 64, "width": 96, "steps": 6, "guidance_scale": 7.5, "sampler": "ddim", "seed": 2,
+          "cache": "deepcache", "cache_interval": 3}
+    with Pipeline.load(out, backend="tensorrt") as pipe:
+        for loras in ([(lora, 0.9)], None):
+            want = np.asarray(shared_pipeline(folder)(PROMPT, loras=loras, **kw).images[0]).astype(np.int32)
+            got = pipe(PROMPT, loras=loras, **kw)
+            assert got.loop.startswith("captured CUDA graphs; feature cache deepcache")
+            assert np.abs(np.asarray(got.images[0]).astype(np.int32) - want).max() <= 1
