@@ -145,18 +145,20 @@ def component_specs(model: LoadedModel, vae_fp32: bool | None = None, clip_skip:
         example=unet_example,
         refittable=True,
     )
-    if lora_slots is not None and controlnets:
-        raise InputError("--lora-slots is not combined with ControlNets yet: export the slotted UNet without them")
     if deepcache:
         deep = deep_channels(model.unet)
         feature = (DEEP_FEATURE, "float", ("batch", deep, "height", "width"))
         unet_spec = replace(
             unet_spec, module=wrappers.UNet(model.unet, sdxl=added, time_cond=bool(cond_dim), deep_feature=True),
             outputs=[out_sample, feature])
+    control = controlnet_specs(model, controlnets, unet_spec)  # unet_control: the UNet's inputs, then residuals
     if lora_slots is not None:
-        unet_spec = _slotted(unet_spec, slot_layers(model.unet, lora_slots), lora_slots.rank)
+        layers = slot_layers(model.unet, lora_slots)
+        unet_spec = _slotted(unet_spec, layers, lora_slots.rank)
+        # unet_control's factors come after the residuals, under the UNet's names: the loop feeds both alike
+        control = [_slotted(c, layers, lora_slots.rank) if c.name == "unet_control" else c for c in control]
     specs.append(unet_spec)
-    specs += controlnet_specs(model, controlnets, unet_spec)
+    specs += control
     if deepcache:
 
         # the UNet's inputs that the shallow path reads (SDXL's last up block does not cross-attend)

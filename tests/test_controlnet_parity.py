@@ -220,3 +220,45 @@ def test_openvino_matches_diffusers(tiny_controlnet_export) -> None:
         folder, backend=OvBackend(threads=2, precision="f32", cache_dir=False)))
     _compare(folder, "sd15-tiny", [0, 1], "ddim", 6.0, 64, 80, scales=[0.6, 1.3], start=[0.0, 0.3],
              end=[0.7, 1.0], backend="openvino")
+
+
+def test_controlnet_with_lora_slots_matches_diffusers_with_the_lora(tmp_path: Path) -> None:
+    """An export made with ControlNets and --lora-slots: ``unet_control`` takes the call's LoRA factors after
+    the residuals, under the UNet's names; a LoRA (UNet and text encoder) with a control image gives diffusers'
+    ControlNet pipeline's image with the same LoRA loaded, within 1/255."""
+    pytest.importorskip("peft", reason="diffusers' LoRA loading needs peft (the test extra)")
+    import copy
+
+    from sdrt.export.controlnet_loading import random_controlnet
+    from sdrt.export.exporter import export_model
+    from sdrt.export.loading import load_model, random_model
+    from sdrt.export.lora_slots import SlotPlan
+
+    from .helpers.models import make_lora
+
+    folder = tmp_path / "export"
+    export_model(load_model(random_preset="sd15-tiny"), folder, controlnets=[random_controlnet(
+        "sd15-controlnet-tiny", seed=1)], lora_slots=SlotPlan.parse("8"))
+    m = random_model("sd15-tiny")
+    lora = make_lora(tmp_path / "style.safetensors", m.unet, m.text_encoders[0], "kohya", seed=6, alpha=2.0,
+                     unet_targets=("to_q", "to_k", "to_v", "to_out.0"),
+                     text_targets=("q_proj", "k_proj", "v_proj", "out_proj"))
+    base, cfg = _diffusers("sd15-tiny", folder, [0])
+    pipe = type(base)(**{**base.components, "unet": copy.deepcopy(base.unet),
+                         "text_encoder": copy.deepcopy(base.text_encoder), "scheduler": diffusers_scheduler("ddim", cfg)})
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(lora), adapter_name="style")
+    pipe.set_adapters(["style"], adapter_weights=[0.8])
+    image = control_image(10)
+    latents = np.random.default_rng(7).standard_normal((1, 4, 8, 12), dtype=np.float32)
+    with torch.no_grad():
+        ref = pipe(PROMPT, image=image, height=64, width=96, num_inference_steps=6, guidance_scale=7.5,
+                   latents=torch.from_numpy(latents), output_type="np").images
+    want = _u8(ref[0])
+    with Pipeline.load(folder, backend="ort-cpu") as sdrt_pipe:
+        kw = {"height": 64, "width": 96, "steps": 6, "guidance_scale": 7.5, "sampler": "ddim", "latents": latents,
+              "control_images": [image]}
+        got = np.asarray(sdrt_pipe(PROMPT, loras=[(lora, 0.8)], **kw).images[0]).astype(np.int32)
+        plain = np.asarray(sdrt_pipe(PROMPT, **kw).images[0]).astype(np.int32)
+    assert np.abs(got - want).max() <= 1, f"max abs difference {np.abs(got - want).max()}/255"
+    assert np.abs(plain - want).max() > 2 and want.std() > 5  # the LoRA mattered
