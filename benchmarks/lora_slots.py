@@ -7,6 +7,10 @@
    LoRA costs before its first step; the upload to a GPU is not included), against the export time of the
    slotted model (``--export-s``, what merging the LoRA at export costs instead).
 3. **Memory**: the bytes of one adapter as the library keeps it, and of the factor inputs a call uploads.
+4. **ONNX Runtime's own adapter mechanism** (ort-cpu): the same factors written once as an ONNX Runtime adapter
+   file (``onnxruntime.AdapterFormat``), loaded as ``onnxruntime.LoraAdapter`` and made active per run
+   (``RunOptions.add_active_adapter``), so a call binds none of them itself; alternated with the other three,
+   with the time to write and load the adapter file.
 
 The two exports must be of the same model (``sdrt export --random sd15 --fp32`` with and without
 ``--lora-slots``); the LoRA is synthetic, rank ``--lora-rank`` on every slotted layer. Prints a table and one
@@ -17,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -59,6 +65,56 @@ def _synthetic_lora(path: Path, slots: dict[str, Any], rank: int, seed: int = 0)
     save_file(sd, str(path))
 
 
+def _ort_adapter_call(unet_onnx: Path, base: dict[str, np.ndarray], factors: dict[str, np.ndarray],
+                      tmp: Path, threads: int | None) -> tuple[Any, float]:
+    """A call of the slotted UNet with ``factors`` as an active ``onnxruntime.LoraAdapter`` (written once with
+    ``AdapterFormat``), the other inputs fed as usual; and the ms to write and load the adapter.
+
+    ONNX Runtime binds an adapter's parameters to inputs that have a default (an initializer of the same name:
+    overridable); a slotted export's factors are required inputs (the Python API refuses a run without them), so
+    the graph measured here is the slotted one with zero initializers added for its factor inputs, in a temporary folder (the export's weights hard-linked where
+    the file system allows, else copied)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    model = onnx.load(str(unet_onnx), load_external_data=False)
+    for inp in model.graph.input:
+        if inp.name in factors:
+            model.graph.initializer.append(numpy_helper.from_array(np.zeros_like(factors[inp.name]), inp.name))
+    work = tmp / "adapter-graph"
+    work.mkdir(exist_ok=True)
+    for f in unet_onnx.parent.iterdir():  # the external weights, where the graph's relative paths find them
+        if f.name != unet_onnx.name and not (work / f.name).exists():
+            try:  # a hard link (ONNX Runtime refuses external data that resolves outside the graph's folder)
+                os.link(f, work / f.name)
+            except OSError:  # another file system: a copy
+                shutil.copy2(f, work / f.name)
+    onnx.save(model, str(work / "model.onnx"))
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(work / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+    t0 = time.perf_counter()
+    fmt = ort.AdapterFormat()
+    fmt.set_adapter_version(1)
+    fmt.set_model_version(1)
+    fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in factors.items()})
+    path = tmp / "lora.onnx_adapter"
+    fmt.export_adapter(str(path))
+    adapter = ort.LoraAdapter()
+    adapter.Load(str(path))
+    options = ort.RunOptions()
+    options.add_active_adapter(adapter)
+    load_ms = (time.perf_counter() - t0) * 1e3
+    out = [session.get_outputs()[0].name]
+
+    def call(keep: Any = adapter) -> Any:  # the run options do not keep the adapter alive: the closure does
+        return session.run(out, base, options)[0]
+
+    return call, load_ms
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m sdrt.benchmarks.lora_slots", description=__doc__.splitlines()[0])
     p.add_argument("--plain", required=True, help="an export without LoRA slots")
@@ -68,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--export-s", type=float, default=None, help="the slotted export's time, for the comparison")
     p.add_argument("--backends", default="ort-cpu,openvino")
+    p.add_argument("--threads", type=int, default=None, help="threads per session (default: the backend's)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
 
@@ -81,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         lora_path = Path(tmp) / "lora.safetensors"
         for backend in [b.strip() for b in args.backends.split(",") if b.strip()]:
             try:
-                be = make_backend(backend, Path(args.slotted))
+                be = make_backend(backend, Path(args.slotted), threads=args.threads)
             except SdrtError as e:  # an extra not installed: say so and go on
                 print(f"{backend}: skipped ({e})")
                 continue
@@ -103,13 +160,19 @@ def main(argv: list[str] | None = None) -> int:
                 configs = {"plain": (plain, {}), "slotted, no LoRA": (slotted, zeros),
                            f"slotted, one LoRA (rank {args.lora_rank})": (slotted, with_lora)}
                 dev = {k: ({n: be.to_device(v) for n, v in {**base, **f}.items()}, e) for k, (e, f) in configs.items()}
-                for feeds, engine in dev.values():  # warm: the first call of a session allocates
-                    be.to_host(engine(feeds)["out_sample"])
-                times: dict[str, list[float]] = {k: [] for k in configs}
+                calls: dict[str, Any] = {k: (lambda f=feeds, e=engine, b=be: b.to_host(e(f)["out_sample"]))
+                                         for k, (feeds, engine) in dev.items()}
+                if backend == "ort-cpu":
+                    label = f"slotted, one LoRA (rank {args.lora_rank}, ORT LoraAdapter)"
+                    calls[label], adapter_load_ms = _ort_adapter_call(
+                        Path(args.slotted) / "unet" / "model.onnx", base, with_lora, Path(tmp), args.threads)
+                # warm: the first call of a session allocates
+                warm = {k: np.asarray(call(), np.float32) for k, call in calls.items()}
+                times: dict[str, list[float]] = {k: [] for k in calls}
                 for _ in range(args.repeats):
-                    for k, (feeds, engine) in dev.items():
+                    for k, call in calls.items():
                         t = time.perf_counter()
-                        be.to_host(engine(feeds)["out_sample"])
+                        call()
                         times[k].append((time.perf_counter() - t) * 1e3)
                 plain_ms = float(np.median(times["plain"]))
                 for k, ts in times.items():
@@ -118,6 +181,12 @@ def main(argv: list[str] | None = None) -> int:
                                  "unet_ms": ts})
                     print(f"{backend:9s} {k:34s} {ms:9.1f} ms per UNet call  x{ms / plain_ms:.3f} of plain",
                           flush=True)
+                if backend == "ort-cpu":
+                    # the adapter's output against the same factors fed as inputs: the same computation
+                    same = float(np.abs(warm[label] - warm[f"slotted, one LoRA (rank {args.lora_rank})"]).max())
+                    rows.append({"backend": backend, "config": "ORT LoraAdapter: write + load", "switch_ms":
+                                 adapter_load_ms, "max_abs_diff_vs_inputs": same})
+                    print(f"{backend:9s} writing and loading the ORT adapter file: {adapter_load_ms:.1f} ms", flush=True)
                 factor_bytes = sum(v.nbytes for v in with_lora.values())
                 rows.append({"backend": backend, "config": "switch", "switch_ms": switch_ms,
                              "adapter_bytes": adapter.nbytes, "factor_input_bytes": factor_bytes})

@@ -300,3 +300,25 @@ def test_tensorrt_runs_the_slots_on_the_fakes(slotted_export, models, tmp_path: 
             got = pipe(PROMPT, latents=_latents(), loras=s, **KW)
             assert got.loop == "captured CUDA graphs"
             assert int(np.abs(np.asarray(got.images[0]).astype(np.int32) - want).max()) <= 1
+
+
+def test_the_slots_benchmark_runs_onnxruntimes_adapter_beside_plain_inputs(slotted_export, tiny_export,
+                                                                            tmp_path: Path) -> None:
+    """``python -m sdrt.benchmarks.lora_slots`` on ort-cpu: the plain UNet, the slotted one without and with a
+    LoRA, and the same factors as an ``onnxruntime.LoraAdapter`` made active per run, which computes what the
+    factors fed as inputs compute. Times are recorded, not judged."""
+    import json
+
+    from sdrt.benchmarks import lora_slots
+
+    out = tmp_path / "slots.json"
+    assert lora_slots.main(["--plain", str(tiny_export("sd15-tiny", "fp32")), "--slotted",
+                            str(slotted_export("sd15-tiny")), "--size", "64", "--repeats", "1", "--lora-rank", "4",
+                            "--backends", "ort-cpu", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    configs = [r["config"] for r in rows]
+    assert configs[:4] == ["plain", "slotted, no LoRA", "slotted, one LoRA (rank 4)",
+                           "slotted, one LoRA (rank 4, ORT LoraAdapter)"]
+    adapter = next(r for r in rows if r["config"] == "ORT LoraAdapter: write + load")
+    assert adapter["max_abs_diff_vs_inputs"] <= 1e-5 and adapter["switch_ms"] > 0
+    assert all(len(r["unet_ms"]) == 1 for r in rows[:4])
