@@ -582,9 +582,13 @@ class Pipeline:
             self._lora_factors(loras)
 
     def _lora_slots(self) -> dict[str, dict[str, Any]]:
-        """The slots of each slotted component (the UNet's, and the text encoders' where the export has them)."""
-        names = ["unet", *self.manifest.encoder_names]
-        return {c: s for c in names if c in self.engines and (s := slots_of(self.engines[c].inputs))}
+        """The slots of each slotted component (the UNet's, and the text encoders' where the export has them); none
+        for an export whose UNet has none (its text encoders are not looked at)."""
+        unet = slots_of(self.engines["unet"].inputs)
+        if not unet:
+            return {}
+        names = self.manifest.encoder_names
+        return {"unet": unet, **{c: s for c in names if c in self.engines and (s := slots_of(self.engines[c].inputs))}}
 
     def _lora_factors(self, loras: Any) -> dict[str, dict[str, np.ndarray]] | None:
         """The factors of ``loras`` on the host, per slotted component (None: no adapter, or an export without
