@@ -66,10 +66,14 @@ def _reference(preset: str, folder: Path, latents: np.ndarray, steps: int, guida
                full: list[int] | None = None, lora: tuple[Path, float] | None = None) -> np.ndarray:
     pipe, sched_cfg = diffusers_pipe(preset, folder)
     # a pipeline of its own over a copy of the UNet: the helper wraps the modules' forwards in place (and a LoRA
-    # adapts the UNet and text encoder in place: copies of both then)
+    # adapts the UNet and text encoder in place: then fresh modules of the same seed, not the shared pipeline's,
+    # which other tests may have changed)
     parts = {**pipe.components, "unet": copy.deepcopy(pipe.unet), "scheduler": diffusers_scheduler("ddim", sched_cfg)}
     if lora is not None:
-        parts["text_encoder"] = copy.deepcopy(pipe.text_encoder)
+        from sdrt.export.loading import random_model
+
+        m = random_model(preset)
+        parts.update(unet=m.unet, text_encoder=m.text_encoders[0], vae=m.vae)
     pipe = type(pipe)(**parts)
     pipe.set_progress_bar_config(disable=True)
     if lora is not None:
