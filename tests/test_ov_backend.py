@@ -364,6 +364,10 @@ def test_static_shapes_from_load_and_the_server(tiny_export, pipes: dict) -> Non
     parser = argparse.ArgumentParser()
     serve_command.register(parser)
     assert serve_command.config_from(parser.parse_args([str(folder), "--static-shapes"])).static_shapes
+    from sdrt.cli import main
+
+    # another backend is refused before the server starts: a non-zero exit naming the flag
+    assert main(["serve", str(folder), "--backend", "ort-cpu", "--static-shapes"]) == 1
     app = create_app(folder, backend="openvino", precision="fp32", static_shapes=True, warmup=False)
     with LiveServer(app):
         assert app.state.serve.pipeline().backend.static_shapes

@@ -76,6 +76,9 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--precision sets the openvino backend's inference precision; --backend {args.backend} "
                          "computes in the export's or engines' precision: leave --precision out, or use --backend "
                          "openvino")
+    if args.static_shapes and args.backend not in ("auto", "openvino"):
+        raise InputError(f"--static-shapes compiles the openvino backend's graphs per shape; --backend {args.backend} "
+                         "has no such setting: leave --static-shapes out, or use --backend openvino")
     cfg = config_from(args)
     cfg.check()  # type: ignore[attr-defined]
     try:
