@@ -69,8 +69,11 @@ def export_for(cfg: BenchConfig, work: Path, precision: str, emit: Emit, notes: 
                              cli=f"{preset} is an {fam.label} model: it has no {policy.kind} feature caching (it "
                                  f"has: {has}); use --cache {fam.feature_caches[0] if fam.feature_caches else ''}"
                                  ":INTERVAL, or leave --cache out")
+    if cfg.without_t5 and not any(fam.tokenizer_kind(e) == "t5" for e in fam.optional_encoders):
+        raise InputError(f"{preset} is an {fam.label} model: it has no optional T5 to leave out; measure it "
+                         "without --without-t5")
     folder = work / (f"export-{preset}{'-controlnet' if cfg.workload == 'controlnet' else ''}"
-                     f"{'-deepcache' if deepcache else ''}-{precision}")
+                     f"{'-deepcache' if deepcache else ''}{'-without-t5' if cfg.without_t5 else ''}-{precision}")
 
     t0, export_s = time.perf_counter(), None
     if (folder / "sdrt.json").is_file():
@@ -81,7 +84,7 @@ def export_for(cfg: BenchConfig, work: Path, precision: str, emit: Emit, notes: 
         model = load_random(preset, seed=WEIGHTS_SEED)
         nets = [workload_controlnet(model)] if cfg.workload == "controlnet" else []
         manifest = export_loaded(model, folder, fp16=precision == "fp16", controlnets=nets, deepcache=deepcache,
-                                 progress=lambda msg: emit("export", msg))
+                                 without_t5=cfg.without_t5, progress=lambda msg: emit("export", msg))
         del model
         export_s = time.perf_counter() - t0
     if fuse and "ort-cuda" not in manifest.components["unet"].variants:

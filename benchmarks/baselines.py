@@ -213,19 +213,21 @@ def save_diffusers(model: Any, onnx_folder: Path, out: Path, family: str, precis
 
 def save_sd3_diffusers(model: Any, onnx_folder: Path, out: Path, precision: str) -> None:
     """Save an SD 3 / 3.5 model (``sd3_export.LoadedSd3``) as a ``StableDiffusion3Pipeline`` folder with the
-    export's tokenizers; an export without T5 gives a folder without ``text_encoder_3`` (diffusers' None)."""
+    export's tokenizers; an export without T5 gives a folder without ``text_encoder_3`` (diffusers' None). A
+    streamed transformer (a full-size preset's) is built in memory from the export's weights: the baseline
+    needs room for it (8.4 GiB in fp32 for 3.5 Medium)."""
     import diffusers
     import torch
     from transformers import CLIPTokenizer, T5TokenizerFast  # type: ignore[attr-defined]
 
     from sdrt.runtime.atomic import atomic_dir
 
-    clip_l, clip_g, t5 = model.modules.text_encoders
     t5_folder = onnx_folder / "tokenizer_3"
-    if not t5_folder.is_dir():  # the export left T5 out: so does the baseline
-        t5 = None
+    # the export left T5 out: so does the baseline; streamed components are built from the same weights
+    mods = model.held(t5=t5_folder.is_dir())
+    clip_l, clip_g, t5 = mods.text_encoders
     pipe: Any = diffusers.StableDiffusion3Pipeline(
-        transformer=model.modules.transformer, vae=model.modules.vae,
+        transformer=mods.transformer, vae=mods.vae,
         scheduler=diffusers.FlowMatchEulerDiscreteScheduler.from_config(dict(model.scheduler_config)),
         text_encoder=clip_l, tokenizer=CLIPTokenizer.from_pretrained(onnx_folder / "tokenizer"),
         text_encoder_2=clip_g, tokenizer_2=CLIPTokenizer.from_pretrained(onnx_folder / "tokenizer_2"),
@@ -245,7 +247,7 @@ def save_flux_diffusers(model: Any, onnx_folder: Path, out: Path, precision: str
 
     from sdrt.runtime.atomic import atomic_dir
 
-    m = model.modules
+    m = model.held()  # streamed components built from the same weights
     pipe: Any = diffusers.FluxPipeline(
         transformer=m.transformer, vae=m.vae,
         scheduler=diffusers.FlowMatchEulerDiscreteScheduler.from_config(dict(model.scheduler_config)),

@@ -70,6 +70,9 @@ class BenchConfig:
     # the interpreter of an environment with optimum-intel and openvino-genai: Intel's two CPU pipelines are then
     # measured beside diffusers, on one OpenVINO export of the baseline's weights (benchmarks/intel_worker.py)
     intel_python: str | None = None
+    # a preset's export leaves its optional T5 out (sdrt export --without-t5; SD 3 / 3.5), and so does the
+    # baseline (diffusers' text_encoder_3=None): the full-size model without T5-XXL's 17.7 GiB
+    without_t5: bool = False
 
     @property
     def cache_policies(self) -> tuple[Any, ...]:
@@ -115,6 +118,11 @@ class BenchConfig:
         if self.quiet_timeout_s <= 0:
             raise InputError(f"quiet_timeout_s must be positive, got {self.quiet_timeout_s}",
                              cli=f"--quiet-timeout must be positive, got {self.quiet_timeout_s}")
+        if self.without_t5 and self.artifact is not None:
+            raise InputError("without_t5 applies to a preset's export; an export folder already has T5 or not: "
+                             "export it with `sdrt export ... --without-t5` and measure that folder",
+                             cli="--without-t5 goes with --preset; an export folder already has T5 or not: export "
+                                 "it with `sdrt export ... --without-t5` and pass that folder as --artifact")
         if self.intel_python is not None:
             import os
 

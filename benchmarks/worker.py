@@ -246,13 +246,17 @@ def run_diffusers(spec: dict[str, Any]) -> dict[str, Any]:
     workload = spec.get("workload", "txt2img")
     cls = pipeline_class(spec["family"], workload)
     accepted = inspect.signature(cls.__init__).parameters  # SD 3 / 3.5's pipeline has no safety checker
+    # a component saved as None (an export without SD 3's T5: text_encoder_3) is passed as None again, which
+    # from_pretrained does not do by itself for a component the pipeline does not call optional
+    index = json.loads((Path(spec["folder"]) / "model_index.json").read_text())
+    absent = {k: None for k, v in index.items() if k in accepted and v == [None, None]}
     if sdxl:
         pipe = cls.from_pretrained(spec["folder"], torch_dtype=dtype,
                                    **({} if workload == "inpaint" else {"add_watermarker": False}))
     elif "safety_checker" in accepted:
         pipe = cls.from_pretrained(spec["folder"], torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
     else:
-        pipe = cls.from_pretrained(spec["folder"], torch_dtype=dtype)
+        pipe = cls.from_pretrained(spec["folder"], torch_dtype=dtype, **absent)
     pipe = pipe.to(device)  # torch_dtype: deprecated in diffusers 0.42 for dtype=, but every version reads it
     refiner = None
     if spec.get("refiner_diffusers_folder"):

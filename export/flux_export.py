@@ -54,7 +54,14 @@ from .onnx_export import check_parity, export_component, parity_line
 from .sd3_export import Streamed, component_config, to_stream
 from .sd3_gate import T5_BLOCKS, load_reduced, mapped_weights, t5_blocks
 from .sd3_specs import t5_spec
-from .streamed import WeightSource, checkpoint_weights, export_streamed, fake_shapes, synthetic_weights
+from .streamed import (
+    WeightSource,
+    checkpoint_weights,
+    export_streamed,
+    fake_shapes,
+    materialize,
+    synthetic_weights,
+)
 
 PIPELINE_CLASS = "FluxPipeline"
 STREAMABLE = ("transformer", T5_NAME)
@@ -73,6 +80,17 @@ class LoadedFlux:
     tokenizer_dirs: tuple[Path | None, Path | None] = (None, None)
     source: dict[str, Any] = field(default_factory=dict)
     streamed: dict[str, Streamed] = field(default_factory=dict)
+
+    def held(self) -> FluxModules:
+        """The modules with the streamed ones built in memory from their weights (``streamed.materialize``; the
+        full transformer is 44 GiB in fp32), for a reference that needs them all."""
+        tr, t5 = self.streamed.get("transformer"), self.streamed.get(T5_NAME)
+        return replace(
+            self.modules,
+            transformer=self.modules.transformer if tr is None else materialize(
+                streamed_transformer_spec(tr.config, self.preset.t5_tokens), tr.weights),
+            t5=self.modules.t5 if t5 is None else materialize(streamed_t5(t5.config, self.preset.t5_tokens),
+                                                               t5.weights))
 
 
 def is_flux_folder(path: Path) -> bool:

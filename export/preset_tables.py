@@ -70,15 +70,19 @@ def load_random(name: str, seed: int = 0) -> Any:
 
 
 def export_loaded(model: Any, out: str | Path, *, fp16: bool, controlnets: list[Any] | None = None,
-                  deepcache: bool = False, progress: Callable[[str], None] = lambda msg: None) -> Any:
+                  deepcache: bool = False, without_t5: bool = False,
+                  progress: Callable[[str], None] = lambda msg: None) -> Any:
     """Export a model ``load_random`` (or a loader) returned with its own exporter; returns the manifest. An
     SD3 model takes no ControlNet (sdrt has none for the family yet); ``deepcache`` (``sdrt export
     --feature-cache``) adds the family's feature-caching step (DeepCache's shallow path for a UNet, the first-block
-    cached step for SD3 and FLUX.1). A FLUX.1 model is exported in fp32 whatever ``fp16`` says (it overflows fp16;
-    ``flux_export``), and takes no ControlNet yet."""
+    cached step for SD3 and FLUX.1); ``without_t5`` leaves SD 3 / 3.5's optional T5 out. A FLUX.1 model is
+    exported in fp32 whatever ``fp16`` says (it overflows fp16; ``flux_export``), and takes no ControlNet yet."""
     from .flux_export import LoadedFlux, export_flux
     from .sd3_export import LoadedSd3, export_sd3
 
+    if without_t5 and not isinstance(model, LoadedSd3):
+        raise InputError(f"leaving T5 out (--without-t5) is for SD 3 / 3.5, whose T5 is optional; "
+                         f"{model.preset.name} has no optional T5: leave the option out")
     if isinstance(model, LoadedFlux):
         if controlnets:
             raise InputError(f"{model.preset.name} is a FLUX.1 model: sdrt has no ControlNet for it yet; export it "
@@ -89,7 +93,7 @@ def export_loaded(model: Any, out: str | Path, *, fp16: bool, controlnets: list[
         if controlnets:
             raise InputError(f"{model.preset.name} is an SD 3 / 3.5 model: sdrt has no ControlNet for it yet; "
                              "export it without one")
-        return export_sd3(model, out, fp16=fp16, block_cache=deepcache, progress=progress)
+        return export_sd3(model, out, fp16=fp16, without_t5=without_t5, block_cache=deepcache, progress=progress)
     from .exporter import export_model
 
     return export_model(model, out, fp16=fp16, progress=progress, controlnets=controlnets or [], deepcache=deepcache)

@@ -247,3 +247,26 @@ def fake_shapes(build: Callable[[], torch.nn.Module], prefix: str) -> dict[str, 
         module = build()
         return {n[len(prefix):]: tuple(int(d) for d in t.shape)
                 for n, t in [*module.named_parameters(), *module.named_buffers()]}
+
+
+def materialize(spec: StreamedSpec, weights: WeightSource) -> torch.nn.Module:
+    """The component ``spec`` streams, held in memory after all (float32, eval mode): built on the meta device,
+    every parameter and buffer then read from ``weights`` under the names the streamed export gives them, so it
+    computes what the export does. For a reference that needs the PyTorch module (the bench's diffusers
+    baseline), on a machine with room for it. Tied weights stay tied."""
+    with torch.device("meta"):
+        wrapper = spec.build()
+    made: dict[int, torch.Tensor] = {}
+    pairs = [*wrapper.named_parameters(remove_duplicate=False), *wrapper.named_buffers(remove_duplicate=False)]
+    for name, t in pairs:
+        if id(t) not in made:  # the first name of a tied weight is the one the export reads (named_parameters')
+            value = weights(name[len(spec.prefix):])
+            value = value.to(torch.float32 if t.is_floating_point() else t.dtype)
+            if tuple(value.shape) != tuple(t.shape):
+                raise ArtifactError(f"{spec.name}: the weight {name!r} is {tuple(value.shape)}, the architecture "
+                                    f"wants {tuple(t.shape)}")
+            made[id(t)] = torch.nn.Parameter(value, requires_grad=False) if isinstance(t, torch.nn.Parameter) \
+                else value
+        owner, _, leaf = name.rpartition(".")
+        setattr(wrapper.get_submodule(owner), leaf, made[id(t)])
+    return wrapper.get_submodule(spec.prefix.rstrip(".")).float().eval()

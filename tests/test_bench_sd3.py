@@ -200,3 +200,32 @@ def test_one_lookup_over_both_preset_tables() -> None:
     assert {"sd15", "sdxl-tiny", "sd3-medium", "sd35-large-turbo"} <= set(preset_names())
     with pytest.raises(InputError, match="unknown preset 'sd4'.*sd15.*sd35-medium"):
         get_any_preset("sd4")
+
+
+def test_without_t5_leaves_t5_out_on_both_sides(tmp_path: Path) -> None:
+    """``--without-t5``: the preset exported without T5 (the full-size 3.5 Medium's way onto a 24 GB machine)
+    and diffusers run with ``text_encoder_3=None``: the same picture, and no T5 in the text stage's floor."""
+    out = tmp_path / "run.json"
+    assert main(["bench", "--preset", "sd3-tiny", "--without-t5", "--backends", "ort-cpu", "--resolutions",
+                 f"{HEIGHT}x{WIDTH}", "--steps", "2", "--warmup", "0", "--repeats", "1", "--rounds", "1",
+                 "--threads", "1", "--matmul-size", "128", "--work-dir", str(tmp_path / "work"),
+                 "--no-bf16-baseline", "-o", str(out)]) == 0
+    doc = schema.load(out)
+    assert schema.problems(doc) == []
+    assert "text_encoder_3" not in doc["model"]["components"] and doc["model"]["source"]["t5"] is False
+    (folder,) = (tmp_path / "work").glob("diffusers-sd3-tiny-*")
+    assert not (folder / "text_encoder_3").exists()  # the baseline leaves T5 out too
+    clips = module_flops(architecture_of_preset("sd3-tiny", ("text_encoder", "text_encoder_2")), HEIGHT, WIDTH, 1,
+                         guided=True)
+    assert doc["model"]["flops"][f"{HEIGHT}x{WIDTH}-b1"] == clips
+    m = _one(doc, "ort-cpu")
+    assert m["status"] == "ok", m["reason"]
+    assert m["image_vs_baseline"]["max_abs"] <= 1
+
+
+def test_without_t5_refused_where_it_means_nothing(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="sd15-tiny is an SD 1.x model: it has no optional T5"):
+        run_bench(BenchConfig(preset="sd15-tiny", without_t5=True, backends=("ort-cpu",), work_dir=str(tmp_path)))
+    assert list(tmp_path.iterdir()) == []  # before any export
+    with pytest.raises(InputError, match="export it with `sdrt export ... --without-t5`"):
+        BenchConfig(artifact=str(tmp_path), without_t5=True)

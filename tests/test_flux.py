@@ -191,6 +191,11 @@ def test_streamed_export_gives_diffusers_images(flux_export) -> None:
     t5 = T5EncoderModel(T5Config(**model.streamed["text_encoder_2"].config))
     t5_names = [n for n, _ in [*t5.named_parameters(), *t5.named_buffers()]]  # a tied weight once, by its name
     t5.load_state_dict({k: model.streamed["text_encoder_2"].weights(k) for k in t5_names}, strict=False)
+    held = model.held()  # what the bench's baseline builds: the same weights, T5's embedding still tied
+    for mine, theirs in ((tr, held.transformer), (t5, held.t5)):
+        assert theirs is not None and mine.state_dict().keys() == theirs.state_dict().keys()
+        assert all(torch.equal(v, theirs.state_dict()[k]) for k, v in mine.state_dict().items())
+    assert held.t5 is not None and held.t5.encoder.embed_tokens.weight is held.t5.shared.weight
     ref = FluxPipeline(transformer=tr.eval(), vae=model.modules.vae, text_encoder=model.modules.clip,
                        text_encoder_2=t5.eval(), scheduler=FlowMatchEulerDiscreteScheduler.from_config(
                            model.scheduler_config),

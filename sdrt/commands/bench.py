@@ -73,6 +73,9 @@ def register(p: argparse.ArgumentParser) -> None:
     src.add_argument("--preset", help="synthetic weights of a shipped architecture: sd15, sd21, sd21-768, "
                           "sdxl, sd3-medium, sd35-medium, sd35-large, *-tiny (sdrt export --list)")
     src.add_argument("--artifact", help="an sdrt ONNX export folder (sdrt export)")
+    p.add_argument("--without-t5", action="store_true",
+                   help="SD 3 / 3.5 presets: export and measure without T5-XXL (diffusers' text_encoder_3=None), "
+                        "on both sides")
     p.add_argument("--engines", help="a TensorRT engine folder for the tensorrt backend (sdrt build)")
     p.add_argument("--backends", type=_list(str), default=[],
                    help="comma-separated: ort-cpu, ort-cuda, tensorrt, openvino (default: ort-cuda,tensorrt on a GPU, else ort-cpu)")
@@ -259,7 +262,7 @@ def run(args: argparse.Namespace) -> int:
         timeout_s=args.timeout, matmul_n=args.matmul_size, refiner=refiner, refiner_start=args.refiner_start,
         openvino_precision=args.openvino_precision, bf16_baseline=args.bf16_baseline,
         workload=args.workload, caches=tuple(args.caches), rounds=args.rounds, quiet=args.quiet,
-        quiet_timeout_s=args.quiet_timeout, intel_python=args.intel_python,
+        quiet_timeout_s=args.quiet_timeout, intel_python=args.intel_python, without_t5=args.without_t5,
     )
     progress = _Progress()
     try:
