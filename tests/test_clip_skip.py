@@ -31,18 +31,25 @@ def test_embeddings_match_diffusers(tmp_path_factory, tiny_export, preset: str, 
     assert json.loads((folder / "sdrt.json").read_text())["clip_skip"] == clip_skip
     pipe, _ = diffusers_pipe(preset, tiny_export(preset, "fp32"))
     enc = pipe.text_encoder
-    if not hasattr(enc, "text_model"):
+    added = not hasattr(enc, "text_model")
+    if added:
         # diffusers reads text_encoder.text_model.final_layer_norm, which transformers 5's CLIPTextModel
-        # holds itself: give diffusers' own code that path (a plain attribute, not a registered submodule)
+        # holds itself: give diffusers' own code that path (a plain attribute, not a registered submodule), for
+        # this test only: the pipeline is shared, and diffusers' LoRA loader finds no layer through it
         object.__setattr__(enc, "text_model", enc)
-    with torch.no_grad():
-        if preset.startswith("sdxl"):
-            theirs, _, _, _ = pipe.encode_prompt(PROMPT, device="cpu", do_classifier_free_guidance=False,
-                                                      clip_skip=clip_skip)
-            plain = pipe.encode_prompt(PROMPT, device="cpu", do_classifier_free_guidance=False)[0]
-        else:
-            theirs = pipe.encode_prompt(PROMPT, "cpu", 1, False, clip_skip=clip_skip)[0]
-            plain = pipe.encode_prompt(PROMPT, "cpu", 1, False)[0]
+    try:
+        with torch.no_grad():
+            if preset.startswith("sdxl"):
+                theirs, _, _, _ = pipe.encode_prompt(PROMPT, device="cpu", do_classifier_free_guidance=False,
+                                                     clip_skip=clip_skip)
+                plain = pipe.encode_prompt(PROMPT, device="cpu", do_classifier_free_guidance=False)[0]
+            else:
+                theirs = pipe.encode_prompt(PROMPT, "cpu", 1, False, clip_skip=clip_skip)[0]
+                plain = pipe.encode_prompt(PROMPT, "cpu", 1, False)[0]
+    finally:
+        if added:
+            del enc.__dict__["text_model"]
+    assert not hasattr(enc, "text_model") or not added
     with Pipeline.load(folder, backend="ort-cpu") as ours:
         emb = ours.encode_prompt(PROMPT, guided=False)
         hidden = ours.backend.to_host(emb.hidden)
