@@ -20,22 +20,9 @@ def make_backend(name: str, folder: Path, threads: int | None = None, cuda_graph
     stream and scratch block a second model uses (other backends have nothing to share: each ONNX Runtime
     session keeps its own arena). ``static_shapes``: openvino compiles each graph for the exact shapes of its
     calls (once per new shape) instead of once with dynamic axes; other backends refuse it."""
-    from .ort_backend import OrtBackend, cuda_available
+    from .ort_backend import OrtBackend
 
-    if name not in BACKENDS:
-        raise InputError(f"unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}")
-    engine_folder = (folder / "sdrt-engines.json").is_file()
-    if engine_folder and name in ("ort-cpu", "ort-cuda"):
-        raise engine_folder_error(folder, name)
-    if name == "auto":
-        if engine_folder:
-            name = "tensorrt"
-        elif cuda_available():
-            name = "ort-cuda"
-        else:  # measured: OpenVINO (bf16 where the CPU has it) is 2.25x ort-cpu on a full-size UNet step
-            from .ov_backend import available as openvino_available
-
-            name = "openvino" if openvino_available() else "ort-cpu"
+    name = resolve_backend(name, folder)
     if cuda_graph and name in ("ort-cpu", "openvino"):
         raise InputError(f"cuda_graph needs a GPU backend (ort-cuda or tensorrt); the backend here is {name}")
     if precision is not None and name != "openvino":
@@ -52,8 +39,6 @@ def make_backend(name: str, folder: Path, threads: int | None = None, cuda_graph
                          cli=f"--static-shapes is for the openvino backend; the backend here is {name}: leave it out, "
                              "or use --backend openvino")
     if name == "openvino":
-        if engine_folder:
-            raise engine_folder_error(folder, name)
         from .ov_backend import OvBackend
 
         return OvBackend(threads=threads, precision=precision or "auto", static_shapes=static_shapes)
@@ -65,6 +50,29 @@ def make_backend(name: str, folder: Path, threads: int | None = None, cuda_graph
     if name == "ort-cuda":
         return OrtBackend("cuda", threads=threads, cuda_graph=bool(cuda_graph), device_id=device_id)
     return OrtBackend("cpu", threads=threads)
+
+
+def resolve_backend(name: str, folder: Path) -> str:
+    """The backend ``name`` means for ``folder`` on this machine (``auto``: tensorrt for an engine folder, else
+    ort-cuda where a GPU is, else openvino where it is installed, else ort-cpu), checked against the folder's
+    kind; nothing is loaded."""
+    from .ort_backend import cuda_available
+
+    if name not in BACKENDS:
+        raise InputError(f"unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}")
+    engine_folder = (folder / "sdrt-engines.json").is_file()
+    if engine_folder and name in ("ort-cpu", "ort-cuda", "openvino"):
+        raise engine_folder_error(folder, name)
+    if name != "auto":
+        return name
+    if engine_folder:
+        return "tensorrt"
+    if cuda_available():
+        return "ort-cuda"
+    # measured: OpenVINO (bf16 where the CPU has it) is 2.25x ort-cpu on a full-size UNet step
+    from .ov_backend import available as openvino_available
+
+    return "openvino" if openvino_available() else "ort-cpu"
 
 
 def engine_folder_error(folder: Path, backend: str) -> CompatibilityError:

@@ -371,3 +371,19 @@ def test_static_shapes_from_load_and_the_server(tiny_export, pipes: dict) -> Non
     app = create_app(folder, backend="openvino", precision="fp32", static_shapes=True, warmup=False)
     with LiveServer(app):
         assert app.state.serve.pipeline().backend.static_shapes
+
+
+def test_serve_names_what_auto_picks_before_refusing_openvino_settings(
+        tiny_export, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--backend auto`` with openvino's settings on a machine where auto picks another backend (here: no
+    OpenVINO, no GPU) is refused before the server starts, naming the backend auto picked."""
+    pytest.importorskip("fastapi")
+    from sdrt.cli import main
+    from sdrt.runtime import ov_backend
+
+    folder = tiny_export("sd15-tiny", "fp32")
+    monkeypatch.setattr(ov_backend, "available", lambda: False)
+    for flags, named in ((["--static-shapes"], "--static-shapes"), (["--precision", "fp32"], "--precision")):
+        assert main(["serve", str(folder), *flags]) == 1
+        err = capsys.readouterr().err
+        assert named in err and "--backend auto (here: ort-cpu)" in err and "use --backend openvino" in err

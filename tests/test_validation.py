@@ -305,7 +305,7 @@ def engine_folder(sd15: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("backend", ["ort-cpu", "ort-cuda"])
+@pytest.mark.parametrize("backend", ["ort-cpu", "ort-cuda", "openvino"])
 def test_engine_folder_on_onnx_runtime_names_the_way_out(engine_folder: Path, sd15: Path, backend: str,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     from sdrt.runtime import ort_backend

@@ -72,13 +72,17 @@ def run(args: argparse.Namespace) -> int:
                                  "pip install 'sdrt[serve]'") from e
     if not Path(args.path).is_dir():
         raise InputError(f"{args.path} is not a folder; give an sdrt export or engine folder")
-    if args.precision is not None and args.backend not in ("auto", "openvino"):
-        raise InputError(f"--precision sets the openvino backend's inference precision; --backend {args.backend} "
-                         "computes in the export's or engines' precision: leave --precision out, or use --backend "
-                         "openvino")
-    if args.static_shapes and args.backend not in ("auto", "openvino"):
-        raise InputError(f"--static-shapes compiles the openvino backend's graphs per shape; --backend {args.backend} "
-                         "has no such setting: leave --static-shapes out, or use --backend openvino")
+    if args.precision is not None or args.static_shapes:  # openvino's settings: the backend auto picks, named now
+        from sdrt.runtime.backends import resolve_backend
+
+        name = resolve_backend(args.backend, Path(args.path))
+        which = f"--backend {args.backend}" if name == args.backend else f"--backend {args.backend} (here: {name})"
+        if args.precision is not None and name != "openvino":
+            raise InputError(f"--precision sets the openvino backend's inference precision; {which} computes in "
+                             "the export's or engines' precision: leave --precision out, or use --backend openvino")
+        if args.static_shapes and name != "openvino":
+            raise InputError(f"--static-shapes compiles the openvino backend's graphs per shape; {which} has no "
+                             "such setting: leave --static-shapes out, or use --backend openvino")
     cfg = config_from(args)
     cfg.check()  # type: ignore[attr-defined]
     try:
