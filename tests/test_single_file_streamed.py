@@ -179,7 +179,8 @@ def test_conversions_that_cannot_be_streamed_are_refused_before_any_read(
     files: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An operation the recorder cannot replay is named; a file whose MMDiT lacks a tensor (the converter's
-    KeyError) or holds one of another shape is refused from its header, no tensor read."""
+    KeyError), a T5 file lacking one (the converter passes it by) and a file holding one of another shape are
+    refused from their headers, no tensor read."""
     monkeypatch.setattr(lazy_convert, "read_tensor", lambda *a: pytest.fail("a tensor was read"))
     path, _ = files["sd3"]
     lazy = lazy_convert.lazy_tensors(path, {MMDIT + "pos_embed": "a"})
@@ -192,6 +193,13 @@ def test_conversions_that_cannot_be_streamed_are_refused_before_any_read(
     with pytest.raises(ArtifactError, match=r"cannot convert the MMDiT of missing.safetensors \(KeyError: "
                                             r"'joint_blocks.1.x_block.attn.qkv.bias'\)"):
         load_sd3(write(missing, tmp_path / "missing.safetensors"), stream=True)
+    bare, extra = files["sd3-separate"]
+    t5 = {k: v for k, v in encoder_file(files["modules"]["sd3"].text_encoders[2]).items()
+          if k != "encoder.final_layer_norm.weight"}
+    with pytest.raises(ArtifactError, match=r"t5-short.safetensors: the T5-XXL text encoder converts to weights that "
+                                            r"do not fit its architecture \(1 missing \(e.g. "
+                                            r"encoder.final_layer_norm.weight\)\)"):
+        load_sd3(bare, **{**extra, "t5": write(t5, tmp_path / "t5-short.safetensors")}, stream=True)
     wrong = {**sd, MMDIT + "final_layer.linear.bias": torch.zeros(3)}
     with pytest.raises(ArtifactError, match=r"wrong.safetensors: the MMDiT converts to weights that do not fit its "
                                             r"architecture \(proj_out.bias is \[3\], not \[64\]\)"):
