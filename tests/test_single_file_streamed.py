@@ -13,6 +13,9 @@ reader; a conversion that cannot be replayed or that does not fit the architectu
 
 from __future__ import annotations
 
+import json
+import os
+import struct
 import weakref
 from pathlib import Path
 from typing import Any
@@ -21,12 +24,14 @@ import pytest
 import torch
 
 from sdrt.export import checkpoint_files, flux_single_file, lazy_convert, sd3_single_file
-from sdrt.export.flux_export import load_flux
+from sdrt.export.flux_export import load_flux, weight_shapes
 from sdrt.export.flux_presets import build_modules as build_flux
 from sdrt.export.flux_presets import get_flux_preset
+from sdrt.export.flux_single_file import to_diffusers
 from sdrt.export.flux_specs import streamed_transformer_spec, transformer_spec
 from sdrt.export.onnx_export import check_parity
 from sdrt.export.sd3_export import load_sd3
+from sdrt.export.sd3_export import weight_shapes as sd3_weight_shapes
 from sdrt.export.sd3_presets import build_modules as build_sd3
 from sdrt.export.sd3_presets import get_sd3_preset
 from sdrt.export.sd3_specs import streamed_t5_spec, t5_spec
@@ -35,8 +40,8 @@ from sdrt.export.sd3_specs import transformer_spec as sd3_spec
 from sdrt.export.streamed import export_streamed
 from sdrt.runtime.errors import ArtifactError
 
-from .helpers.flux_layout import ae_file, bfl_file, comfy_file
-from .helpers.sd3_layout import MMDIT, encoder_file, sd3_state_dict, write
+from .helpers.flux_layout import ae_file, bfl_file, comfy_file, transformer_to_bfl
+from .helpers.sd3_layout import MMDIT, encoder_file, sd3_state_dict, transformer_to_sd3, write
 
 SD3, FLUX = "sd35-medium-tiny", "flux-dev-tiny"
 
@@ -204,3 +209,41 @@ def test_conversions_that_cannot_be_streamed_are_refused_before_any_read(
     with pytest.raises(ArtifactError, match=r"wrong.safetensors: the MMDiT converts to weights that do not fit its "
                                             r"architecture \(proj_out.bias is \[3\], not \[64\]\)"):
         load_sd3(write(wrong, tmp_path / "wrong.safetensors"), stream=True)
+
+
+def _sparse_file(path: Path, shapes: dict[str, tuple[int, ...]]) -> Path:
+    """A .safetensors file of these bf16 shapes whose data is a hole (a sparse file: no disk, nothing to read)."""
+    header, offset = {}, 0
+    for k, shape in shapes.items():
+        size = 2 * torch.Size(shape).numel()
+        header[k] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw)
+    os.truncate(path, 8 + len(raw) + offset)
+    return path
+
+
+@pytest.mark.parametrize("name", ["flux-dev", "sd35-large", "sd35-medium"])
+def test_full_size_files_record_to_the_architecture(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Full-size layouts (FLUX.1 [dev]'s 23.8 GB transformer; SD 3.5 Large's and Medium's MMDiT, dual-attention
+    blocks included): diffusers' converters record on them with no operation the recorder lacks (at FLUX.1's
+    width, no fitting), into every name and shape the streamed architecture needs; nothing is read."""
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+
+    monkeypatch.setattr(lazy_convert, "read_tensor", lambda *a: pytest.fail("a tensor was read"))
+    flux = name.startswith("flux")
+    p = get_flux_preset(name) if flux else get_sd3_preset(name)
+    with torch.device("meta"):
+        module = (FluxTransformer2DModel if flux else SD3Transformer2DModel)(**p.config("transformer"))
+    layout = (transformer_to_bfl if flux else transformer_to_sd3)(module.state_dict())
+    path = _sparse_file(tmp_path / f"{name}.safetensors", {k: tuple(v.shape) for k, v in layout.items()})
+    expected = (weight_shapes(p.config("transformer"), p.config("t5")) if flux
+                else sd3_weight_shapes(p.config("transformer"), None))["transformer"]
+    convert = to_diffusers if flux else convert_sd3_transformer_checkpoint_to_diffusers
+    lazy = lazy_convert.lazy_tensors(path, {k: k for k in layout})
+    recorded = lazy_convert.record(convert, lazy)
+    lazy_convert.check_shapes(recorded, expected, "transformer", path.name)
+    assert set(recorded) == set(expected)
