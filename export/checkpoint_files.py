@@ -2,7 +2,8 @@
 ``flux_single_file.py``): reading a .safetensors header and its tensors, the separate text-encoder files
 (transformers' layouts, also under the bundled ``text_encoders.<name>.transformer.`` prefix that Stability's and
 ComfyUI's all-in-one files use), their conversion through diffusers' creators, the ``--tokenizers`` folder, and
-choosing a shipped preset from the figures a file's shapes reveal, with a report of what differs.
+choosing a shipped preset from the figures a file's shapes reveal, with a report of what differs, and T5 as a
+streamed export's weights (``streamed_t5``).
 
 Every function here reads key names and shapes only, unless its name says it reads tensors; nothing is
 unpickled.
@@ -20,7 +21,9 @@ import torch
 
 from sdrt.runtime.errors import ArtifactError, InputError, UnsafeCheckpointError
 
+from .lazy_convert import lazy_tensors, streamed_part
 from .loading import PICKLE_SUFFIXES
+from .streamed import WeightSource
 
 log = logging.getLogger(__name__)
 
@@ -158,14 +161,32 @@ def load_encoder(
 
     tensors = read_tensors(*source)
     if enc.is_t5:
-        shared, embed = enc.prefix + T5_MARKS[0], enc.prefix + T5_MARKS[1]
-        if embed in tensors:  # T5's encoder embeds with the shared table: one tensor
-            tensors.setdefault(shared, tensors[embed])
-            del tensors[embed]
-        module = create_diffusers_t5_model_from_checkpoint(cls, tensors, subfolder=enc.config_dir, **kw)
+        module = create_diffusers_t5_model_from_checkpoint(cls, _tied(enc, tensors), subfolder=enc.config_dir, **kw)
         module.tie_weights()
         return module
     return create_diffusers_clip_model_from_ldm(cls, tensors, subfolder=enc.config_dir, **kw)
+
+
+def _tied(enc: TextEncoderFile, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """T5's encoder embeds with the shared table: one tensor, under ``shared.weight`` (a file may hold it as
+    ``encoder.embed_tokens.weight`` only, or under both names)."""
+    shared, embed = enc.prefix + T5_MARKS[0], enc.prefix + T5_MARKS[1]
+    if embed in tensors:
+        tensors.setdefault(shared, tensors[embed])
+        del tensors[embed]
+    return tensors
+
+
+def streamed_t5(enc: TextEncoderFile, source: tuple[Path, Mapping[str, str]], expected: Mapping[str, tuple[int, ...]],
+                ) -> WeightSource:
+    """T5 of ``source`` ((file, {file key: bundled key})) as a streamed export's weights, one tensor read at a
+    time: the conversion ``load_encoder`` makes (diffusers' ``convert_sd3_t5_checkpoint_to_diffusers``) recorded
+    on lazy tensors (export/lazy_convert.py) and checked against ``expected``, T5's names and shapes, unread."""
+    from diffusers.loaders.single_file_utils import convert_sd3_t5_checkpoint_to_diffusers
+
+    tensors = _tied(enc, lazy_tensors(*source))
+    return streamed_part(convert_sd3_t5_checkpoint_to_diffusers, tensors, expected, f"{enc.what} text encoder",
+                         source[0].name)
 
 
 # --- tokenizers ------------------------------------------------------------------------------------

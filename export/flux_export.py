@@ -114,7 +114,7 @@ def is_flux_source(model: str | Path | None, random_preset: str | None) -> bool:
     return model is not None and (is_flux_folder(Path(model)) or is_flux_file(model))
 
 
-def _shapes(transformer: dict[str, Any], t5: dict[str, Any]) -> dict[str, dict[str, tuple[int, ...]]]:
+def weight_shapes(transformer: dict[str, Any], t5: dict[str, Any]) -> dict[str, dict[str, tuple[int, ...]]]:
     """Each streamable component's weight names and shapes, from one build in fake mode (nothing allocated)."""
     return {"transformer": fake_shapes(streamed_transformer_spec(transformer, 8).build, "transformer."),
             T5_NAME: fake_shapes(streamed_t5(t5, 8).build, "encoder.")}
@@ -124,21 +124,21 @@ def load_flux(path: str | Path | None = None, *, random_preset: str | None = Non
               stream: bool | None = None, **single_file: Any) -> LoadedFlux:
     """A diffusers FLUX.1 folder (safetensors only: nothing is unpickled), a single file in Black Forest Labs'
     layout (``single_file``: ``flux_single_file.load_flux_single_file``'s options: clip_l, t5, vae, tokenizers,
-    arch; it loads whole) or ``random_preset``'s seeded weights. ``stream``: whether the transformer and T5 are
-    streamed at export instead of loaded (default: those over a billion parameters; a streamed random preset's
-    weights are seeded per tensor)."""
+    arch) or ``random_preset``'s seeded weights. ``stream``: whether the transformer and T5 are streamed at
+    export instead of loaded (default: those over a billion parameters; a streamed random preset's weights are
+    seeded per tensor, a single file's converted as they are read)."""
     if (path is None) == (random_preset is None):
         raise InputError("give either a diffusers FLUX.1 folder or random_preset (one of them)")
     if path is not None and Path(path).is_file():
         from .flux_single_file import load_flux_single_file
 
-        return load_flux_single_file(path, **single_file)
+        return load_flux_single_file(path, stream=stream, **single_file)
     if given := sorted("--" + k.replace("_", "-") for k, v in single_file.items() if v is not None):
         raise InputError(f"{', '.join(given)} go{'es' if len(given) == 1 else ''} with a FLUX.1 single .safetensors "
                          "file only; a diffusers folder holds its parts and tokenizers, a preset its architecture")
     if random_preset is not None:
         preset = get_flux_preset(random_preset)
-        shapes = _shapes(preset.config("transformer"), preset.config("t5"))
+        shapes = weight_shapes(preset.config("transformer"), preset.config("t5"))
         skip = to_stream(shapes, stream)
         streamed = {n: Streamed(preset.config("transformer" if n == "transformer" else "t5"),
                                 synthetic_weights(seed, shapes[n]), "synthetic") for n in skip}
@@ -156,7 +156,7 @@ def load_flux(path: str | Path | None = None, *, random_preset: str | None = Non
         raise InputError(f"{folder} lacks {', '.join(missing)}: a FLUX.1 folder has each of them")
     kw: dict[str, Any] = {"torch_dtype": torch.float32, "use_safetensors": True}
     tr_cfg, t5_cfg = component_config(folder / "transformer"), component_config(folder / "text_encoder_2")
-    skip = to_stream(_shapes(tr_cfg, t5_cfg), stream)
+    skip = to_stream(weight_shapes(tr_cfg, t5_cfg), stream)
     streamed = {n: Streamed(tr_cfg if n == "transformer" else t5_cfg, checkpoint_weights(folder / n), "checkpoint")
                 for n in skip}
     transformer = None if "transformer" in skip else \

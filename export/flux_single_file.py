@@ -23,9 +23,15 @@ Three steps, the first two on key names and shapes alone, so every refusal comes
    ``create_diffusers_clip_model_from_ldm``, ``create_diffusers_t5_model_from_checkpoint``) build the modules,
    fed with the preset's configurations written to a temporary folder, so nothing is fetched.
 
-Tensors of any float type (BFL's bf16, fp16, plain fp8) load as float32; ComfyUI's *scaled* fp8 files (a
-``scale_weight`` per tensor) are refused by name. Only ``.safetensors`` is read: nothing is unpickled. The files
-load whole (no streamed export from them: see docs/models/flux.md).
+The transformer and T5 follow the ``stream`` rule of a diffusers folder (``sd3_export.to_stream``: by default,
+parts over a billion parameters, so both of a full-size file): they are not loaded but streamed at export,
+the same converters recorded on lazy tensors and replayed one weight at a time as the ONNX external data is
+written (export/lazy_convert.py); the converted names and shapes are checked against the architecture before
+any weight is read. CLIP and the VAE load whole.
+
+Tensors of any float type (BFL's bf16, fp16, plain fp8) load as float32 (a streamed part's, tensor by tensor);
+ComfyUI's *scaled* fp8 files (a ``scale_weight`` per tensor) are refused by name. Only ``.safetensors`` is
+read: nothing is unpickled.
 """
 
 from __future__ import annotations
@@ -50,11 +56,15 @@ from .checkpoint_files import (
     read_tensors,
     safetensors_shapes,
     separate_encoder,
+    streamed_t5,
     tokenizer_dirs,
 )
-from .flux_export import LoadedFlux
+from .flux_export import LoadedFlux, weight_shapes
 from .flux_presets import FLUX_PRESETS, FluxModules, FluxPreset, get_flux_preset
+from .flux_specs import T5_NAME
+from .lazy_convert import lazy_tensors, streamed_part
 from .loading import sha256_file
+from .sd3_export import Streamed, to_stream
 from .single_file import require_loaded
 
 log = logging.getLogger(__name__)
@@ -267,9 +277,11 @@ def load_flux_single_file(
     vae: str | Path | None = None,
     tokenizers: str | Path | None = None,
     arch: str | None = None,
+    stream: bool | None = None,
 ) -> LoadedFlux:
     """A FLUX.1 single file (BFL's transformer file, or ComfyUI's all-in-one) with the parts it lacks as separate
-    files -> float32 modules in eval mode.
+    files -> float32 modules in eval mode, and the transformer and T5 streamed where ``stream`` says (as a
+    diffusers folder's: by default those over a billion parameters; see the module docstring).
 
     ``clip_l`` / ``t5``: text-encoder files in transformers' layout; ``vae``: BFL's ae.safetensors (each replaces
     a bundled part); ``tokenizers``: a folder with tokenizer/ and tokenizer_2/ (needed for a full-size model's
@@ -301,7 +313,17 @@ def load_flux_single_file(
         if bundled_names(enc, shapes):
             log.info("%s: using %s from %s rather than the one it bundles", path.name, enc.what, file)
     toks = _tokenizer_dirs(preset, Path(tokenizers) if tokenizers is not None else None, path.name)
-    modules = _convert(path, transformer, vae_src, preset, sources)
+    shapes_of = weight_shapes(preset.config("transformer"), preset.config("t5"))
+    skip = to_stream(shapes_of, stream)
+    streamed = {}
+    if "transformer" in skip:
+        weights = streamed_part(to_diffusers, lazy_tensors(path, transformer), shapes_of["transformer"],
+                                "transformer", path.name)
+        streamed["transformer"] = Streamed(preset.config("transformer"), weights, "checkpoint")
+    if T5_NAME in skip:
+        streamed[T5_NAME] = Streamed(preset.config("t5"), streamed_t5(ENCODERS[1], sources[1], shapes_of[T5_NAME]),
+                                     "checkpoint")
+    modules = _convert(path, transformer, vae_src, preset, sources, skip)
     extra = {"vae": str(vae_src[0])} if vae_src[0] != path else {}
     extra.update({e.name: str(s[0]) for e, s in zip(ENCODERS, sources, strict=True) if s[0] != path})
     return LoadedFlux(
@@ -310,6 +332,7 @@ def load_flux_single_file(
         preset.config("scheduler"),
         toks,
         source={"kind": "single_file", "path": str(path), "sha256": sha256_file(path), **extra},
+        streamed=streamed,
     )
 
 
@@ -320,7 +343,7 @@ def to_diffusers(checkpoint: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     That converter splits each single block's fused ``linear1`` (q, k, v, the MLP's input) at FLUX.1's width,
     3072, whatever the file's: a narrower transformer (the tests' tiny presets) has each ``linear1`` laid out at
     those offsets first, zero-filled between, and the parts are cut back to its width after. A FLUX.1 file
-    (3072 wide) goes through the converter untouched. Works on meta tensors."""
+    (3072 wide) goes through the converter untouched. Works on meta and lazy tensors (export/lazy_convert.py)."""
     from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
 
     width = int(checkpoint["img_in.weight"].shape[0])
@@ -331,10 +354,10 @@ def to_diffusers(checkpoint: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     sizes = [width] * 3 + [4 * width]
     for k in [k for k in checkpoint if re.fullmatch(r"single_blocks\.\d+\.linear1\.(weight|bias)", k)]:
         t = checkpoint[k]
-        wide = t.new_zeros((7 * FLUX_WIDTH, *t.shape[1:]))
-        for j, piece in enumerate(torch.split(t, sizes, dim=0)):
-            wide[j * FLUX_WIDTH : j * FLUX_WIDTH + piece.shape[0]] = piece
-        checkpoint[k] = wide
+        laid: list[torch.Tensor] = []  # each part, zero-filled to FLUX.1's size of it
+        for piece, size in zip(torch.split(t, sizes, dim=0), sizes, strict=True):
+            laid += [piece, t.new_zeros((size // width * (FLUX_WIDTH - width), *t.shape[1:]))]
+        checkpoint[k] = torch.cat(laid, dim=0)
     out = convert_flux_transformer_checkpoint_to_diffusers(checkpoint)
     for k, t in out.items():
         if re.fullmatch(r"single_transformer_blocks\.\d+\.(attn\.to_[qkv]|proj_mlp)\.(weight|bias)", k):
@@ -361,7 +384,9 @@ def _convert(
     vae_src: tuple[Path, Mapping[str, str]],
     preset: FluxPreset,
     sources: Sequence[tuple[Path, Mapping[str, str]]],
+    skip: Sequence[str] = (),
 ) -> FluxModules:
+    """The modules of the parts not in ``skip`` (those streamed: None)."""
     from diffusers import AutoencoderKL, FluxTransformer2DModel
     from diffusers.loaders.single_file_utils import SingleFileComponentError
     from transformers import CLIPTextModel, T5EncoderModel
@@ -372,18 +397,23 @@ def _convert(
         kw: dict[str, Any] = {"config": tmp, "local_files_only": True}
         what, name = "transformer", path.name
         try:
-            # converted here (diffusers' converter: see to_diffusers); from_single_file then finds diffusers' names
-            transformer = FluxTransformer2DModel.from_single_file(
-                to_diffusers(read_tensors(path, transformer_keys)), subfolder="transformer",
-                low_cpu_mem_usage=True, **kw
-            )
-            require_loaded(transformer, what, name, preset)
+            transformer = None
+            if "transformer" not in skip:
+                # converted here (diffusers' converter: see to_diffusers); from_single_file finds diffusers' names
+                transformer = FluxTransformer2DModel.from_single_file(
+                    to_diffusers(read_tensors(path, transformer_keys)), subfolder="transformer",
+                    low_cpu_mem_usage=True, **kw
+                )
+                require_loaded(transformer, what, name, preset)
             what, name = "VAE", vae_src[0].name
             vae = AutoencoderKL.from_single_file(read_tensors(*vae_src), subfolder="vae", low_cpu_mem_usage=True,
                                                  **kw)
             require_loaded(vae, what, name, preset)
             encoders = []
             for enc, src, cls in zip(ENCODERS, sources, (CLIPTextModel, T5EncoderModel), strict=True):
+                if enc.config_dir in skip:
+                    encoders.append(None)
+                    continue
                 what, name = f"{enc.what} text encoder", src[0].name
                 module = load_encoder(enc, src, cls, kw)
                 require_loaded(module, what, name, preset)
@@ -394,5 +424,6 @@ def _convert(
                 "another architecture"
             ) from e
     for m in (transformer, vae, *encoders):
-        m.float().eval()
-    return FluxModules(transformer=transformer, clip=encoders[0], t5=encoders[1], vae=vae)
+        if m is not None:
+            m.float().eval()
+    return FluxModules(transformer=transformer, clip=encoders[0], t5=encoders[1], vae=vae)  # type: ignore[arg-type]

@@ -89,7 +89,7 @@ class LoadedSd3:
         return replace(mods, transformer=transformer, text_encoders=(*mods.text_encoders[:2], enc3))
 
 
-def _weight_shapes(transformer: dict[str, Any], t5: dict[str, Any] | None) -> dict[str, dict[str, tuple[int, ...]]]:
+def weight_shapes(transformer: dict[str, Any], t5: dict[str, Any] | None) -> dict[str, dict[str, tuple[int, ...]]]:
     """Each streamable component's weight names and shapes, from one build in fake mode (nothing allocated)."""
     builds = {"transformer": (streamed_transformer_spec(transformer, 8).build, "transformer.")}
     if t5 is not None:
@@ -130,15 +130,15 @@ def load_sd3(path: str | Path | None = None, *, random_preset: str | None = None
     """A diffusers SD3 / 3.5 folder (safetensors only: nothing is unpickled), a single file in Stability's
     layout (``single_file``: ``sd3_single_file.load_sd3_single_file``'s options: clip_l, clip_g, t5,
     without_t5, tokenizers, arch), or ``random_preset``'s seeded weights. A folder without
-    ``text_encoder_3`` loads without T5. ``stream``: whether a folder's or preset's transformer and T5 are
-    streamed at export instead of loaded (default: those over a billion parameters; a streamed random preset's
-    weights are seeded per tensor, not the in-memory modules' initialisation; a single file loads whole)."""
+    ``text_encoder_3`` loads without T5. ``stream``: whether the transformer and T5 are streamed at export
+    instead of loaded (default: those over a billion parameters; a streamed random preset's weights are seeded
+    per tensor, not the in-memory modules' initialisation; a single file's are converted as they are read)."""
     if (path is None) == (random_preset is None):
         raise InputError("give either a diffusers SD3 folder or random_preset (one of them)")
     if path is not None and Path(path).is_file():
         from .sd3_single_file import load_sd3_single_file
 
-        return load_sd3_single_file(path, **single_file)
+        return load_sd3_single_file(path, stream=stream, **single_file)
     # without_t5 is the export's to apply for a folder; the rest only a single file takes
     given = sorted(k for k, v in single_file.items() if v is not None and k != "without_t5")
     if given:
@@ -148,7 +148,7 @@ def load_sd3(path: str | Path | None = None, *, random_preset: str | None = None
                          "a preset its architecture")
     if random_preset is not None:
         preset = get_sd3_preset(random_preset)
-        shapes = _weight_shapes(preset.config("transformer"), preset.config("t5"))
+        shapes = weight_shapes(preset.config("transformer"), preset.config("t5"))
         skip = to_stream(shapes, stream)
         streamed = {n: Streamed(preset.config("transformer" if n == "transformer" else "t5"),
                                 synthetic_weights(seed, shapes[n]), "synthetic") for n in skip}
@@ -169,7 +169,7 @@ def load_sd3(path: str | Path | None = None, *, random_preset: str | None = None
     has_t5 = (folder / "text_encoder_3").is_dir()
     tr_cfg = component_config(folder / "transformer")
     t5_cfg = component_config(folder / "text_encoder_3") if has_t5 else None
-    skip = to_stream(_weight_shapes(tr_cfg, t5_cfg), stream)
+    skip = to_stream(weight_shapes(tr_cfg, t5_cfg), stream)
     streamed = {n: Streamed(tr_cfg if n == "transformer" else t5_cfg or {}, checkpoint_weights(folder / n),
                             "checkpoint") for n in skip}
     transformer = None if "transformer" in skip else SD3Transformer2DModel.from_pretrained(folder / "transformer",

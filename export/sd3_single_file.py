@@ -17,10 +17,17 @@ Three steps, the first two on key names and shapes alone, so every refusal comes
    ``create_diffusers_clip_model_from_ldm``, ``create_diffusers_t5_model_from_checkpoint``) build the modules,
    fed with the preset's configurations written to a temporary folder, so nothing is fetched.
 
+The MMDiT and T5 follow the ``stream`` rule of a diffusers folder (``sd3_export.to_stream``: by default, parts
+over a billion parameters: 3.5 Large's and 3.5 Medium's MMDiT, SD3 Medium's, T5-XXL): they are not loaded but
+streamed at export, the same converters (``convert_sd3_transformer_checkpoint_to_diffusers``,
+``convert_sd3_t5_checkpoint_to_diffusers``) recorded on lazy tensors and replayed one weight at a time as the
+ONNX external data is written (export/lazy_convert.py); the converted names and shapes are checked against the
+architecture before any weight is read. The CLIP encoders and the VAE load whole.
+
 CLIP-L's projection: SD3 pools CLIP-L unprojected; diffusers' converter (as Stability's reference code) sets
 its ``text_projection`` to the identity, whatever the file holds, and so does this loader.
-Tensors of any float type (fp16, bf16, the fp8 T5 of ``*_t5xxlfp8`` files) load as float32. Only
-``.safetensors`` is read: nothing is unpickled.
+Tensors of any float type (fp16, bf16, the fp8 T5 of ``*_t5xxlfp8`` files) load as float32 (a streamed part's,
+tensor by tensor). Only ``.safetensors`` is read: nothing is unpickled.
 """
 
 from __future__ import annotations
@@ -45,10 +52,12 @@ from .checkpoint_files import (
     read_tensors,
     safetensors_shapes,
     separate_encoder,
+    streamed_t5,
     tokenizer_dirs,
 )
+from .lazy_convert import lazy_tensors, streamed_part
 from .loading import sha256_file
-from .sd3_export import LoadedSd3
+from .sd3_export import LoadedSd3, Streamed, to_stream, weight_shapes
 from .sd3_presets import SD3_PRESETS, Sd3Modules, Sd3Preset, get_sd3_preset
 from .single_file import require_loaded
 
@@ -252,8 +261,11 @@ def load_sd3_single_file(
     without_t5: bool = False,
     tokenizers: str | Path | None = None,
     arch: str | None = None,
+    stream: bool | None = None,
 ) -> LoadedSd3:
-    """An SD 3 / 3.5 single file (with or without its text encoders) -> float32 modules in eval mode.
+    """An SD 3 / 3.5 single file (with or without its text encoders) -> float32 modules in eval mode, and the
+    MMDiT and T5 streamed where ``stream`` says (as a diffusers folder's: by default those over a billion
+    parameters; see the module docstring).
 
     ``clip_l`` / ``clip_g`` / ``t5``: Stability's separate text-encoder files (they replace bundled ones);
     ``without_t5``: T5 is left out (not read). ``tokenizers``: a folder with tokenizer/, tokenizer_2/,
@@ -269,7 +281,23 @@ def load_sd3_single_file(
     toks = _tokenizer_dirs(
         preset, Path(tokenizers) if tokenizers is not None else None, sources[2] is not None, path.name
     )
-    modules = _convert(path, shapes, preset, sources)
+    shapes_of = weight_shapes(preset.config("transformer"), preset.config("t5") if sources[2] is not None else None)
+    skip = to_stream(shapes_of, stream)
+    streamed = {}
+    if "transformer" in skip:
+        from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+
+        mmdit = lazy_tensors(path, {k: k for k in shapes if k.startswith(MMDIT)})
+        weights = streamed_part(convert_sd3_transformer_checkpoint_to_diffusers, mmdit, shapes_of["transformer"],
+                                "MMDiT", path.name)
+        streamed["transformer"] = Streamed(preset.config("transformer"), weights, "checkpoint")
+    if "text_encoder_3" in skip:
+        t5_source = sources[2]
+        assert t5_source is not None
+        streamed["text_encoder_3"] = Streamed(preset.config("t5"), streamed_t5(ENCODERS[2], t5_source,
+                                                                               shapes_of["text_encoder_3"]),
+                                              "checkpoint")
+    modules = _convert(path, shapes, preset, sources, skip)
     return LoadedSd3(
         preset,
         modules,
@@ -285,6 +313,7 @@ def load_sd3_single_file(
                 if s is not None and s[0] != path
             },
         },
+        streamed=streamed,
     )
 
 
@@ -307,7 +336,9 @@ def _convert(
     shapes: Mapping[str, tuple[int, ...]],
     preset: Sd3Preset,
     sources: Sequence[tuple[Path, dict[str, str]] | None],
+    skip: Sequence[str] = (),
 ) -> Sd3Modules:
+    """The modules of the parts not in ``skip`` (those streamed, and T5 left out: None)."""
     from diffusers import AutoencoderKL, SD3Transformer2DModel
     from diffusers.loaders.single_file_utils import SingleFileComponentError
     from transformers import CLIPTextModelWithProjection, T5EncoderModel
@@ -323,16 +354,18 @@ def _convert(
         kw: dict[str, Any] = {"config": tmp, "local_files_only": True}
         what = "MMDiT"
         try:
-            transformer = SD3Transformer2DModel.from_single_file(
-                part(MMDIT), subfolder="transformer", low_cpu_mem_usage=True, **kw
-            )
-            require_loaded(transformer, what, name, preset)
+            transformer = None
+            if "transformer" not in skip:
+                transformer = SD3Transformer2DModel.from_single_file(
+                    part(MMDIT), subfolder="transformer", low_cpu_mem_usage=True, **kw
+                )
+                require_loaded(transformer, what, name, preset)
             what = "VAE"
             vae = AutoencoderKL.from_single_file(part(VAE), subfolder="vae", low_cpu_mem_usage=True, **kw)
             require_loaded(vae, what, name, preset)
             encoders: list[torch.nn.Module | None] = []
             for enc, src in zip(ENCODERS, sources, strict=True):
-                if src is None:
+                if src is None or enc.config_dir in skip:
                     encoders.append(None)
                     continue
                 what = f"{enc.what} text encoder"
@@ -345,7 +378,7 @@ def _convert(
                 f"cannot convert the {what} of {name} as {preset.name} ({e}); the file is incomplete "
                 "or of another architecture"
             ) from e
-    mods = [transformer, vae, *(e for e in encoders if e is not None)]
-    for m in mods:
-        m.float().eval()
+    for m in (transformer, vae, *encoders):
+        if m is not None:
+            m.float().eval()
     return Sd3Modules(transformer, (encoders[0], encoders[1], encoders[2]), vae)  # type: ignore[arg-type]
