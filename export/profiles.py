@@ -13,9 +13,11 @@ axis                size
 ``height/N``        a ControlNet residual N times below latent size, a transformer's patch grid: ceil(latent / N)
 ``image_*``         image pixels (the uint8 inputs: the VAE encoder's image, the ControlNets' control image)
 ``sequence``        77 tokens x prompt chunks (long prompts are encoded in 77-token chunks)
-``t5_tokens``       a T5 encoder's tokens per prompt (the family's ``text_tokens``: SD3's 256, FLUX.1's 512)
-``text_tokens``     a transformer's text tokens (the family's ``denoiser_text_tokens``: SD3's 77 CLIP tokens
-                    and the T5 encoder's, 333; FLUX.1's T5 tokens alone, 512)
+``t5_tokens``       a T5 encoder's tokens per prompt (a call's ``max_sequence_length``): the profile's
+                    ``t5_tokens`` range, else the family's default alone (``text_tokens``: SD3's 256,
+                    FLUX.1's 512)
+``text_tokens``     a transformer's text tokens: its other text tokens (SD3's 77 CLIP tokens, FLUX.1's
+                    none) and T5's (``denoiser_text_tokens`` at the default: SD3's 333, FLUX.1's 512)
 ==================  ===========================================================================
 
 The sampler's step graphs (``runtime/step_graph.py``), which ``sdrt build`` prebuilds beside the
@@ -40,6 +42,8 @@ from sdrt.runtime.errors import ArtifactError, CompatibilityError, InputError
 from sdrt.runtime.families import FAMILY_KEYS, Family
 from sdrt.runtime.feature_cache import SHALLOW_UNET
 from sdrt.runtime.manifest import ExportManifest
+from sdrt.runtime.t5_tokenizer import MAX_LENGTH as T5_MAX_LENGTH
+from sdrt.runtime.t5_tokenizer import MIN_LENGTH as T5_MIN_LENGTH
 
 TOKENS_PER_CHUNK = 77
 FAMILIES = FAMILY_KEYS  # runtime/families' registry
@@ -110,7 +114,9 @@ class Range:
 @dataclass(frozen=True)
 class BuildProfile:
     """What engines should serve: images per call, pixel sizes, prompt chunks, and whether CFG doubles
-    the batch. ``family`` (optional) names the model family the profile was written for."""
+    the batch. ``family`` (optional) names the model family the profile was written for. ``t5_tokens``: the
+    T5 tokens per prompt (a call's ``max_sequence_length``) a model with a T5 encoder serves; None: the
+    family's default alone."""
 
     name: str
     batch: Range
@@ -120,10 +126,19 @@ class BuildProfile:
     cfg: bool = True
     family: str | None = None
     description: str = ""
+    t5_tokens: Range | None = None
+
+    def __post_init__(self) -> None:
+        t5 = self.t5_tokens
+        if t5 is not None and not T5_MIN_LENGTH <= t5.min <= t5.max <= T5_MAX_LENGTH:
+            raise InputError(f"profile {self.name}: t5_tokens (--t5-tokens) {t5} is outside {T5_MIN_LENGTH}.."
+                             f"{T5_MAX_LENGTH}, the T5 tokens per prompt a call may ask for (diffusers' "
+                             f"max_sequence_length): give N or MIN:OPT:MAX within it, e.g. 128:256:{T5_MAX_LENGTH}")
 
     @property
     def is_static(self) -> bool:
-        return all(r.is_static for r in (self.batch, self.height, self.width, self.chunks))
+        ranges = (self.batch, self.height, self.width, self.chunks, *((self.t5_tokens,) if self.t5_tokens else ()))
+        return all(r.is_static for r in ranges)
 
     def text_batch(self) -> Range:
         """Rows per text-encoder call: every chunk of every prompt, twice with CFG."""
@@ -134,7 +149,8 @@ class BuildProfile:
 
     def shapes(self) -> ProfileShapes:
         return ProfileShapes(self.batch.triple(), self.height.triple(), self.width.triple(),
-                             self.chunks.triple(), self.cfg)
+                             self.chunks.triple(), self.cfg,
+                             None if self.t5_tokens is None else self.t5_tokens.triple())
 
     def cli_args(self) -> list[str]:
         """The ``sdrt build`` options that recreate this profile."""
@@ -142,11 +158,17 @@ class BuildProfile:
             return ["--profile", self.name]
         args = ["--batch", str(self.batch), "--height", str(self.height), "--width", str(self.width),
                 "--chunks", str(self.chunks)]
+        if self.t5_tokens is not None:
+            args += ["--t5-tokens", str(self.t5_tokens)]
         return args + ([] if self.cfg else ["--no-cfg"])
+
+    def t5_range(self, family: Family) -> Range:
+        """T5's tokens per prompt the engines take: the profile's range, else the family's default alone."""
+        return self.t5_tokens if self.t5_tokens is not None else Range.static(family.text_tokens)
 
 
 def profile_from_mapping(name: str, d: Mapping[str, Any]) -> BuildProfile:
-    known = {"batch", "height", "width", "chunks", "cfg", "family", "description"}
+    known = {"batch", "height", "width", "chunks", "cfg", "family", "description", "t5_tokens"}
     unknown = sorted(set(d) - known)
     if unknown:
         raise ArtifactError(f"profile {name}: unknown keys {unknown}; a profile has {sorted(known)}")
@@ -165,6 +187,7 @@ def profile_from_mapping(name: str, d: Mapping[str, Any]) -> BuildProfile:
         cfg=bool(d.get("cfg", True)),
         family=family,
         description=str(d.get("description", "")),
+        t5_tokens=Range.parse(d["t5_tokens"], f"{name}: t5_tokens") if "t5_tokens" in d else None,
     )
 
 
@@ -184,14 +207,18 @@ def load_profile(name_or_path: str | Path) -> BuildProfile:
 
 
 def custom_profile(batch: str | int = 1, height: str | int | None = None, width: str | int | None = None,
-                   chunks: str | int = 1, cfg: bool = True, *, default_size: int = 512) -> BuildProfile:
-    """A profile from command-line values; a missing height or width takes the model's default size."""
+                   chunks: str | int = 1, cfg: bool = True, *, default_size: int = 512,
+                   t5_tokens: str | int | None = None) -> BuildProfile:
+    """A profile from command-line values; a missing height or width takes the model's default size, a missing
+    ``t5_tokens`` the family's default T5 length."""
     h = Range.parse(height if height is not None else default_size, "--height")
     w = Range.parse(width if width is not None else (height if height is not None else default_size), "--width")
     b, c = Range.parse(batch, "--batch"), Range.parse(chunks, "--chunks")
-    kind = "static" if all(r.is_static for r in (b, h, w, c)) else "dynamic"
-    return BuildProfile(name="custom", batch=b, height=h, width=w, chunks=c, cfg=cfg,
-                        description=f"custom {kind}: batch {b}, {h} x {w} px, chunks {c}")
+    t5 = None if t5_tokens is None else Range.parse(t5_tokens, "--t5-tokens")
+    kind = "static" if all(r.is_static for r in (b, h, w, c, *((t5,) if t5 else ()))) else "dynamic"
+    return BuildProfile(name="custom", batch=b, height=h, width=w, chunks=c, cfg=cfg, t5_tokens=t5,
+                        description=f"custom {kind}: batch {b}, {h} x {w} px, chunks {c}"
+                                    + ("" if t5 is None else f", T5 tokens {t5}"))
 
 
 # -- validation against an export ---------------------------------------------------------------------
@@ -223,6 +250,10 @@ def validate(profile: BuildProfile, manifest: ExportManifest) -> None:
     if profile.batch.max > lim.max_batch:
         raise InputError(f"profile {profile.name}: batch up to {profile.batch.max} exceeds the export's limit "
                          f"of {lim.max_batch} images")
+    if profile.t5_tokens is not None and not manifest.model_family.takes_sequence_length:
+        raise InputError(f"profile {profile.name}: t5_tokens {profile.t5_tokens} sets T5's tokens per prompt, but "
+                         f"{manifest.model_family.label} has no T5 encoder (its CLIP encoders read 77-token chunks): "
+                         "leave t5_tokens (--t5-tokens) out")
 
 
 def _denoiser(component: str) -> bool:
@@ -247,9 +278,11 @@ def _axis_range(component: str, axis: str, profile: BuildProfile, factor: int, f
     if axis == "sequence":
         return profile.chunks.scaled(TOKENS_PER_CHUNK)
     if axis == "t5_tokens":
-        return Range.static(family.text_tokens)
+        return profile.t5_range(family)
     if axis == "text_tokens":
-        return Range.static(family.denoiser_text_tokens)
+        # the denoiser's other text tokens (SD3's 77 CLIP tokens; FLUX.1's none) ahead of T5's
+        t5, other = profile.t5_range(family), family.denoiser_text_tokens - family.text_tokens
+        return Range(other + t5.min, other + t5.opt, other + t5.max)
     raise ArtifactError(
         f"{component}: the export names an axis {axis!r} that sdrt's profiles do not know; "
         "re-export the model with this sdrt version"

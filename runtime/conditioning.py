@@ -80,9 +80,12 @@ class TextConditioning:
     def check_sequence_length(self, max_sequence_length: Any) -> int:
         """The T5 tokens per prompt a call asks for (``max_sequence_length``; None: the family's default),
         checked before any work: an integer from 2 to 512 (diffusers' limit) and at most the tokenizer's own,
-        on a family with a T5 encoder."""
+        on a family with a T5 encoder, that the backend's engines take (TensorRT: the build profile's range)."""
+        default = self.family.text_tokens
         if max_sequence_length is None:
-            return self.family.text_tokens
+            if self.family.takes_sequence_length:
+                self.backend.check_t5_tokens(default, default)
+            return default
         if not self.family.takes_sequence_length:
             raise InputError(f"max_sequence_length sets T5's tokens per prompt; {self.family.label} has no T5 "
                              "encoder (its CLIP encoders read 77-token chunks): leave it out",
@@ -97,6 +100,7 @@ class TextConditioning:
         for tok in self.tokenizers:
             if isinstance(tok, T5Tokenizer):
                 tok.with_length(int(max_sequence_length))  # its own model_max_length
+        self.backend.check_t5_tokens(int(max_sequence_length), default)
         return int(max_sequence_length)
 
     def zero_negatives(self, negative_prompt: Any) -> bool:

@@ -44,10 +44,10 @@ class Backend(abc.ABC):
     Lifecycle: ``close()`` releases every engine, buffer, stream and captured graph
     the backend holds; a closed backend refuses further work. What the pipeline needs besides engines and
     arrays is declared here: ``step_loop`` (the denoising loop over a UNet and a step-graph engine; each
-    backend chooses its loop) and, with a base implementation, ``check_request`` (can the loaded engines
-    serve this batch and size?), ``clock`` (how stages and steps are timed), ``make_current`` (bind the
-    device to the calling thread) and ``clone`` / ``shares_memory_with`` (hand device arrays between stages
-    and backends without the host).
+    backend chooses its loop) and, with a base implementation, ``check_request`` and ``check_t5_tokens`` (can
+    the loaded engines serve this batch and size, this T5 length?), ``clock`` (how stages and steps are timed),
+    ``make_current`` (bind the device to the calling thread) and ``clone`` / ``shares_memory_with`` (hand device
+    arrays between stages and backends without the host).
     """
 
     name: str
@@ -91,6 +91,11 @@ class Backend(abc.ABC):
     def check_request(self, batch: int, height: int, width: int, guided: bool) -> None:
         """Raise InputError when the loaded engines cannot serve ``batch`` images of ``height`` x ``width``
         (TensorRT: outside the build profile). ONNX graphs take any size the export supports."""
+
+    def check_t5_tokens(self, tokens: int, default: int) -> None:
+        """Raise InputError when the loaded engines cannot take ``tokens`` T5 tokens per prompt (a call's
+        ``max_sequence_length``; ``default``: the family's, which engines recording no range were built for).
+        TensorRT: outside the build profile's T5 range; ONNX graphs take any length."""
 
     @abc.abstractmethod
     def step_loop(self, unet: Engine, step: Engine, controlnets: Sequence[Engine | None] = (),

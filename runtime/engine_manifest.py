@@ -45,10 +45,12 @@ def _triple(v: Sequence[int]) -> Triple:
 
 @dataclass(frozen=True)
 class ProfileShapes:
-    """The request range an engine folder serves: images per call, pixels, 77-token prompt chunks.
+    """The request range an engine folder serves: images per call, pixels, 77-token prompt chunks, and on a
+    model with a T5 encoder its tokens per prompt (a call's ``max_sequence_length``).
 
     With ``cfg`` the UNet (and the text encoders) run twice the batch: conditional and unconditional
-    halves in one call.
+    halves in one call. ``t5_tokens`` None: the family's default length alone (what every folder built before
+    the range was recorded holds; a model without T5 records none either).
     """
 
     batch: Triple
@@ -56,17 +58,20 @@ class ProfileShapes:
     width: Triple  # pixels
     chunks: Triple = (1, 1, 1)
     cfg: bool = True
+    t5_tokens: Triple | None = None
 
     @property
     def static(self) -> bool:
-        return all(r[0] == r[2] for r in (self.batch, self.height, self.width, self.chunks))
+        ranges = (self.batch, self.height, self.width, self.chunks, *((self.t5_tokens,) if self.t5_tokens else ()))
+        return all(r[0] == r[2] for r in ranges)
 
     def describe(self) -> str:
         def r(t: Triple) -> str:
             return str(t[0]) if t[0] == t[2] else f"{t[0]}..{t[2]} (opt {t[1]})"
 
+        t5 = "" if self.t5_tokens is None else f", T5 tokens {r(self.t5_tokens)}"
         return (f"batch {r(self.batch)}, height {r(self.height)} px, width {r(self.width)} px, "
-                f"prompt chunks {r(self.chunks)}{', CFG (UNet batch doubled)' if self.cfg else ''}")
+                f"prompt chunks {r(self.chunks)}{t5}{', CFG (UNet batch doubled)' if self.cfg else ''}")
 
     def check_request(self, batch: int, height: int, width: int, chunks: int = 1, guided: bool | None = None) -> None:
         """Raise InputError naming the range when a request falls outside this profile. ``guided``: whether the
@@ -96,10 +101,32 @@ class ProfileShapes:
                 "`sdrt build ONNX_DIR --out ENGINE_DIR --dynamic 256:512:1024 --batch 1:1:4`"
             )
 
+    def t5_range(self, default: int) -> Triple:
+        """T5's tokens per prompt the engines take; ``default``: the family's (where the folder records none)."""
+        return self.t5_tokens if self.t5_tokens is not None else (default, default, default)
+
+    def check_t5_tokens(self, tokens: int, default: int) -> None:
+        """Raise InputError naming the engines' range and the fix when a call's T5 tokens per prompt (its
+        ``max_sequence_length``, else ``default``: the family's) fall outside them."""
+        lo, opt, hi = self.t5_range(default)
+        if lo <= tokens <= hi:
+            return
+        took, give = (str(lo), f"{lo}") if lo == hi else (f"{lo}..{hi}", f"from {lo} to {hi}")
+        note = " (the model's default where a call gives none)" if tokens == default else ""
+
+        def message(name: str) -> str:
+            return (f"{name} {tokens}{note} is outside the T5 tokens per prompt these engines were built for "
+                    f"({took}): give {name} {give}, or rebuild the engines with a T5 range that covers it, e.g. "
+                    f"`sdrt build ONNX_DIR --out ENGINE_DIR --t5-tokens {min(lo, tokens)}:{opt}:{max(hi, tokens)}`")
+
+        raise InputError(message("max_sequence_length"), cli=message("--max-sequence-length"))
+
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ProfileShapes:
+        t5 = d.get("t5_tokens")  # absent in a folder built before the range was recorded: the family's default
         return cls(_triple(d["batch"]), _triple(d["height"]), _triple(d["width"]),
-                   _triple(d.get("chunks", (1, 1, 1))), bool(d.get("cfg", True)))
+                   _triple(d.get("chunks", (1, 1, 1))), bool(d.get("cfg", True)),
+                   None if t5 is None else _triple(t5))
 
 
 @dataclass(frozen=True)

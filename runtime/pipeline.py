@@ -303,7 +303,8 @@ class Pipeline:
 
     def check_sequence_length(self, max_sequence_length: Any) -> int:
         """T5's tokens per prompt for a call (``max_sequence_length``; None: the family's default), checked as
-        ``generate`` checks it, before any work: InputError on a family without T5 or outside 2..512."""
+        ``generate`` checks it, before any work: InputError on a family without T5, outside 2..512, or outside
+        the T5 range the backend's engines were built for (TensorRT's build profile)."""
         with self._lock:
             self._ready()
             return self._conditioning().check_sequence_length(max_sequence_length)

@@ -18,13 +18,14 @@ from .errors import ArtifactError, InputError
 from .tokenizer import FIX, read_config, token_str
 
 DEFAULT_LENGTH = 256  # diffusers' max_sequence_length default for SD3 / SD3.5
+MIN_LENGTH = 2  # diffusers' max_sequence_length range: MIN_LENGTH..MAX_LENGTH
 MAX_LENGTH = 512  # diffusers refuses a longer max_sequence_length
 
 
 def check_length(max_length: Any, model_max_length: int = MAX_LENGTH) -> int:
     """``max_length`` if it is a usable T5 sequence length (2 to 512, at most the tokenizer's own limit)."""
-    if isinstance(max_length, bool) or not isinstance(max_length, int) or not 2 <= max_length <= MAX_LENGTH:
-        raise InputError(f"the T5 sequence length must be an integer from 2 to {MAX_LENGTH}: {max_length!r}")
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or not MIN_LENGTH <= max_length <= MAX_LENGTH:
+        raise InputError(f"the T5 sequence length must be an integer from {MIN_LENGTH} to {MAX_LENGTH}: {max_length!r}")
     if max_length > model_max_length:
         raise InputError(
             f"the T5 sequence length {max_length} is over the tokenizer's model_max_length {model_max_length}"

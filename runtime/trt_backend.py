@@ -211,6 +211,12 @@ class TrtBackend(TrtBackendBase):
         if self.manifest is not None:
             self.manifest.profile.check_request(batch, height, width, guided=guided)
 
+    def check_t5_tokens(self, tokens: int, default: int) -> None:
+        """InputError when the engine folder's build profile does not cover this T5 length."""
+        self._require_open()
+        if self.manifest is not None:
+            self.manifest.profile.check_t5_tokens(tokens, default)
+
     def make_current(self) -> None:
         self._require_open()
         self.device.make_current()

@@ -129,15 +129,15 @@ def check_negative(st: ServeState, negative: str | None, field: str = "negative_
 
 def sequence_length_of(st: ServeState, max_sequence_length: int | None) -> int | None:
     """The request's ``max_sequence_length``, checked against the model (422 naming the field on a model
-    without a T5 encoder, or past its tokenizer's limit)."""
+    without a T5 encoder, past its tokenizer's limit, or outside the T5 range of TensorRT engines; without one,
+    the model's default is checked against that range)."""
     from sdrt.runtime.errors import InputError
 
-    if max_sequence_length is None:
-        return None
     try:
-        return st.pipeline().check_sequence_length(max_sequence_length)
+        tokens = st.pipeline().check_sequence_length(max_sequence_length)
     except InputError as e:
         raise ApiError(422, str(e), "max_sequence_length", "invalid_max_sequence_length") from e
+    return None if max_sequence_length is None else tokens
 
 
 def guidance_notes(st: ServeState, scale: float | None, field: str) -> list[str]:

@@ -189,6 +189,34 @@ def test_build_mismatches_name_each_difference() -> None:
 def test_profile_shapes_round_trip() -> None:
     p = ProfileShapes((1, 1, 4), (256, 512, 1024), (256, 512, 1024), (1, 1, 3), True)
     assert ProfileShapes.from_dict(dataclasses.asdict(p)) == p
+    t5 = dataclasses.replace(p, t5_tokens=(128, 256, 512))
+    assert ProfileShapes.from_dict(dataclasses.asdict(t5)) == t5
+
+
+def test_the_t5_range_checks_a_call_and_an_older_folder_means_the_default() -> None:
+    """A recorded T5 range takes a call's length inside it and refuses one outside, naming the range, the keyword
+    (the flag on the command line) and a rebuild covering it; a folder that records none (built before the range
+    was recorded, or with the family's default) takes the family's default length alone."""
+    old = {"batch": [1, 1, 1], "height": [512, 512, 512], "width": [512, 512, 512], "chunks": [1, 1, 1], "cfg": True}
+    legacy = ProfileShapes.from_dict(old)
+    assert legacy.t5_tokens is None and legacy.t5_range(256) == (256, 256, 256) and "T5" not in legacy.describe()
+    legacy.check_t5_tokens(256, 256)
+    with pytest.raises(InputError, match=r"max_sequence_length 64 is outside the T5 tokens per prompt these engines "
+                                         r"were built for \(256\): give max_sequence_length 256, or rebuild .*"
+                                         r"--t5-tokens 64:256:256") as e:
+        legacy.check_t5_tokens(64, 256)
+    assert e.value.for_cli().startswith("--max-sequence-length 64 is outside")
+    ranged = ProfileShapes.from_dict({**old, "t5_tokens": [128, 256, 384]})
+    assert ranged.t5_tokens == (128, 256, 384) and not ranged.static
+    assert "T5 tokens 128..384 (opt 256)" in ranged.describe()
+    for n in (128, 200, 384):
+        ranged.check_t5_tokens(n, 512)
+    with pytest.raises(InputError, match=r"max_sequence_length 512 \(the model's default where a call gives none\) "
+                                         r"is outside .* \(128\.\.384\): give max_sequence_length from 128 to 384, "
+                                         r"or rebuild .*--t5-tokens 128:256:512"):
+        ranged.check_t5_tokens(512, 512)
+    with pytest.raises(InputError, match=r"--t5-tokens 100:256:384"):
+        ranged.check_t5_tokens(100, 512)
 
 
 def test_tensorrt_for_rtx_engines_are_portable_across_gpus() -> None:

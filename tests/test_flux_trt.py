@@ -38,6 +38,17 @@ def test_profile_shapes_by_hand(flux_export) -> None:
     assert unet["guidance"] == unet["timestep"] == ((1,), (1,), (2,))
 
 
+def test_a_t5_range_by_hand(flux_export) -> None:
+    """A profile's T5 range: T5's input at its min/opt/max tokens and the transformer's text axis the same (FLUX.1's
+    text tokens are T5's alone); CLIP keeps its 77."""
+    man = ExportManifest.read(flux_export("flux-dev-tiny"))
+    prof = custom_profile(batch="1:1:2", height=64, cfg=False, t5_tokens="128:256:512")
+    by = {c: {s.name: (s.min, s.opt, s.max) for s in v} for c, v in engine_shapes(prof, man).items()}
+    assert by["text_encoder_2"]["input_ids"] == ((1, 128), (1, 256), (2, 512))
+    assert by["unet"]["encoder_hidden_states"] == ((1, 128, 48), (1, 256, 48), (2, 512, 48))
+    assert by["text_encoder"]["input_ids"] == ((1, 77), (1, 77), (2, 77))
+
+
 def test_shipped_profiles_fit_a_full_size_export(flux_export) -> None:
     """flux-1024 and flux-dynamic (1024x1024 and the common aspect ratios) against a full-size export's limits;
     a profile with CFG is refused for this family, naming the fix."""

@@ -176,3 +176,28 @@ def test_controlnet_shapes_by_hand(tiny_controlnet_export, profile: str) -> None
     odd = {s.name: s for s in component_shapes(custom_profile(height=520, width=512), man, "unet_control")}
     names = [n for n in odd if n.startswith("controlnet_0_")]
     assert {odd[n].max[2] for n in names} == ({65, 33, 17, 9} if preset == "sd15-tiny" else {65, 33, 17})
+
+
+def test_a_t5_range_from_toml_and_its_refusals(tmp_path) -> None:
+    """``t5_tokens`` in a profile file: parsed as N or MIN:OPT:MAX, part of ``is_static``, recorded in the shapes
+    and their summary, recreated by ``cli_args``; outside 2..512 (diffusers' max_sequence_length) refused naming
+    the range, and on a family without T5 (SD 1.5) refused naming the key to drop."""
+    f = tmp_path / "t5.toml"
+    f.write_text('batch = 1\nheight = 512\nwidth = 512\nt5_tokens = "128:256:512"\n')
+    prof = load_profile(f)
+    assert prof.t5_tokens == Range(128, 256, 512) and not prof.is_static
+    assert prof.shapes().t5_tokens == (128, 256, 512)
+    assert "T5 tokens 128..512 (opt 256)" in prof.shapes().describe()
+    assert prof.cli_args() == ["--batch", "1", "--height", "512", "--width", "512", "--chunks", "1",
+                               "--t5-tokens", "128:256:512"]
+    f.write_text('batch = 1\nheight = 512\nwidth = 512\nt5_tokens = 77\n')
+    assert load_profile(f).t5_tokens == Range.static(77) and load_profile(f).is_static
+    assert load_profile("sd3-dynamic").t5_tokens is None and load_profile("sd3-dynamic").shapes().t5_tokens is None
+    for bad in ('"1:256:512"', "513", '"128:256:1024"'):
+        f.write_text(f'batch = 1\nheight = 512\nwidth = 512\nt5_tokens = {bad}\n')
+        with pytest.raises(InputError, match=r"t5_tokens \(--t5-tokens\) .* is outside 2\.\.512"):
+            load_profile(f)
+    with pytest.raises(InputError, match=r"--t5-tokens: .*MIN <= OPT <= MAX"):
+        custom_profile(t5_tokens="512:256:128")
+    with pytest.raises(InputError, match=r"SD 1\.x has no T5 encoder .*leave t5_tokens \(--t5-tokens\) out"):
+        engine_shapes(custom_profile(t5_tokens=256), export_manifest())

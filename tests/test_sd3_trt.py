@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 
 import numpy as np
 import pytest
@@ -47,6 +47,19 @@ def test_profile_shapes_by_hand(sd3_export) -> None:
     assert by["vae_decoder"]["latent_sample"] == ((1, 16, 8, 8), (1, 16, 8, 12), (2, 16, 16, 32))
 
 
+def test_a_t5_range_by_hand(sd3_export) -> None:
+    """A profile's T5 range: T5's input at its min/opt/max tokens, the transformer's text axis 77 CLIP tokens
+    more (by hand: 77 + 32, 77 + 64, 77 + 128); the CLIP encoders keep their 77."""
+    man = ExportManifest.read(sd3_export("sd3-tiny"))
+    prof = custom_profile(batch="1:1:2", height=64, t5_tokens="32:64:128")
+    by = {c: {s.name: (s.min, s.opt, s.max) for s in v} for c, v in engine_shapes(prof, man).items()}
+    assert by["text_encoder_3"]["input_ids"] == ((2, 32), (2, 64), (4, 128))
+    assert by["unet"]["encoder_hidden_states"] == ((2, 109, 48), (2, 141, 48), (4, 205, 48))
+    assert by["text_encoder"]["input_ids"] == by["text_encoder_2"]["input_ids"] == ((2, 77), (2, 77), (4, 77))
+    static = {s.name: s for s in engine_shapes(custom_profile(height=64, t5_tokens=100), man)["unet"]}
+    assert static["encoder_hidden_states"].min == static["encoder_hidden_states"].max == (2, 177, 48)
+
+
 def test_shipped_profiles_fit_a_full_size_export(sd3_export) -> None:
     """sd3-1024 and sd3-dynamic against the limits a full-size SD 3.5 export records (a 192-patch grid:
     3072 px, sides in 16s); the tiny export's own grid (256 px) refuses them, naming its range."""
@@ -81,13 +94,70 @@ def test_built_engines_drive_the_pipeline_like_ort_cpu(sd3_export, tmp_path: Pat
     want = Pipeline.load(src, backend="ort-cpu")("a red fox", **kw)
     with Pipeline.load(out, backend="tensorrt") as pipe:
         got = pipe("a red fox", **kw)
-        # the profile fixes T5's length (the family's 256): another max_sequence_length is refused, naming it
-        with pytest.raises(InputError, match=r"text_encoder_3: input 'input_ids' of shape \[2, 64\] is outside"):
+        # without --t5-tokens the profile holds T5's default length (256) alone: another is refused before any
+        # engine runs, naming the engines' length and the rebuild
+        ran = _spy_engines(pipe)
+        with pytest.raises(InputError, match=r"max_sequence_length 64 is outside the T5 tokens per prompt these "
+                                             r"engines were built for \(256\): give max_sequence_length 256, or "
+                                             r"rebuild .* --t5-tokens 64:256:256"):
             pipe("a red fox", **kw, max_sequence_length=64)
+        assert ran == []
     assert got.loop == "captured CUDA graphs" and cudart.launches == 4
     a, b = np.asarray(want.images[0], np.int16), np.asarray(got.images[0], np.int16)
     assert a.shape == b.shape == (64, 96, 3) and a.std() > 1
     assert np.abs(a - b).max() <= 1
+
+
+def _spy_engines(pipe: Pipeline) -> list[str]:
+    """The names of the pipeline's engines as they run, from now on."""
+    ran: list[str] = []
+    for name, engine in pipe.engines.items():
+        def run(feeds, _name=name, _run=engine.run):  # type: ignore[no-untyped-def]
+            ran.append(_name)
+            return _run(feeds)
+        engine.run = run  # type: ignore[method-assign]
+    return ran
+
+
+def test_engines_built_for_a_t5_range_serve_it(sd3_export, tmp_path: Path, fake_gpu) -> None:
+    """Logic check on fakes: engines built with ``t5_tokens`` 32:64:128 run a call's max_sequence_length inside it
+    as ort-cpu does (the same length there, within 1/255), and refuse one outside it, or the default 256, before
+    any engine runs, naming the range and the rebuild; the manifest records the range."""
+    src, out = sd3_export("sd3-tiny"), tmp_path / "engines"
+    manifest = build_engines(src, out, custom_profile(height=64, t5_tokens="32:64:128"), BuildOptions(workspace_gb=1))
+    assert manifest.profile.t5_tokens == (32, 64, 128) and "T5 tokens 32..128 (opt 64)" in manifest.profile.describe()
+    assert "--t5-tokens 32:64:128" in manifest.build_command
+    kw = {"negative_prompt": "blurry", "steps": 3, "seed": 7, "height": 64, "width": 64, "guidance_scale": 4.0}
+    ref = Pipeline.load(src, backend="ort-cpu")
+    with Pipeline.load(out, backend="tensorrt") as pipe:
+        for n in (32, 100):
+            a = np.asarray(ref("a red fox", **kw, max_sequence_length=n).images[0], np.int16)
+            b = np.asarray(pipe("a red fox", **kw, max_sequence_length=n).images[0], np.int16)
+            assert a.shape == b.shape == (64, 64, 3) and a.std() > 1
+            assert np.abs(a - b).max() <= 1, n
+        ran = _spy_engines(pipe)
+        with pytest.raises(InputError, match=r"max_sequence_length 129 is outside the T5 tokens per prompt these "
+                                             r"engines were built for \(32\.\.128\): give max_sequence_length "
+                                             r"from 32 to 128, or rebuild .* --t5-tokens 32:64:129"):
+            pipe("a red fox", **kw, max_sequence_length=129)
+        with pytest.raises(InputError, match=r"max_sequence_length 256 \(the model's default where a call gives "
+                                             r"none\) is outside"):
+            pipe("a red fox", **kw)
+        with pytest.raises(InputError, match=r"max_sequence_length 16 is outside") as e:
+            pipe.check_sequence_length(16)
+        assert "--max-sequence-length 16 is outside" in e.value.for_cli()
+        assert "give --max-sequence-length from 32 to 128" in e.value.for_cli()
+        # the server checks the field (and, without it, the default) before it queues the request: a 422
+        from sdrt.serve.checks import sequence_length_of
+        from sdrt.serve.errors import ApiError
+
+        st = SimpleNamespace(pipeline=lambda: pipe)
+        assert sequence_length_of(st, 64) == 64  # type: ignore[arg-type]
+        for given in (8, None):
+            with pytest.raises(ApiError, match="is outside the T5 tokens") as api:
+                sequence_length_of(st, given)  # type: ignore[arg-type]
+            assert (api.value.status, api.value.param) == (422, "max_sequence_length")
+        assert ran == []
 
 
 @pytest.mark.parametrize("component", ["unet", "text_encoder_3"])
@@ -110,15 +180,20 @@ def test_the_transformer_and_t5_parse_in_tensorrt(rtx: ModuleType, sd3_export, c
 def test_sdrt_build_makes_a_whole_sd3_engine_folder_on_rtx(rtx: ModuleType, sd3_export, tmp_path: Path,
                                                            capsys: pytest.CaptureFixture[str]) -> None:
     """``sdrt build`` on a real TensorRT builder: every component of an SD3 export (T5 kept fp32 in the fp16
-    export) and the step graphs, a dynamic profile, the tokenizers copied; no join graph (about 12 s)."""
+    export) and the step graphs, a dynamic profile with a T5 range (T5's token axis and the transformer's text
+    axis dynamic), the tokenizers copied; no join graph (about 12 s)."""
     from sdrt.cli import main
     from sdrt.runtime.engine_manifest import EngineManifest
 
     src, out = sd3_export("sd3-tiny", precision="fp16"), tmp_path / "engines"
     assert main(["build", str(src), "--out", str(out), "--batch", "1:1:2", "--height", "64:64:128",
-                 "--width", "64:96:128", "--tensorrt-module", "tensorrt_rtx"]) == 0
+                 "--width", "64:96:128", "--t5-tokens", "32:64:128", "--tensorrt-module", "tensorrt_rtx"]) == 0
     printed = capsys.readouterr().out
     m = EngineManifest.read(out)
+    assert m.profile.t5_tokens == (32, 64, 128) and "T5 tokens 32..128 (opt 64)" in printed
+    shapes = {r.component: {s.name: (s.min, s.opt, s.max) for s in r.shapes} for r in m.engines}
+    assert shapes["text_encoder_3"]["input_ids"] == ((2, 32), (2, 64), (4, 128))
+    assert shapes["unet"]["encoder_hidden_states"] == ((2, 109, 48), (2, 141, 48), (4, 205, 48))
     precision = {r.component: r.precision for r in m.engines}
     assert {"text_encoder", "text_encoder_2", "text_encoder_3", "unet", "vae_decoder", "vae_encoder",
             "sampler_step_cfg", "sampler_step"} <= set(precision)

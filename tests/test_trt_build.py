@@ -187,6 +187,30 @@ def test_cli_profile_choices() -> None:
     assert _profile(_parse(["x", "--out", "y", "--profile", "sd15-dynamic"]), 512) == load_profile("sd15-dynamic")
 
 
+def test_cli_t5_tokens() -> None:
+    """``--t5-tokens``: N or MIN:OPT:MAX into the profile (beside --profile too, replacing its range), the rebuild
+    command recreating it; an unparsable or out-of-range value refused naming the flag."""
+    from sdrt.commands.build import _profile
+    from sdrt.export.profiles import Range
+
+    prof = _profile(_parse(["x", "--out", "y", "--height", "512", "--t5-tokens", "64:256:512"]), 512)
+    assert prof.t5_tokens == Range(64, 256, 512) and not prof.is_static
+    assert _profile(_parse(["x", "--out", "y", "--t5-tokens", "128"]), 512).t5_tokens == Range.static(128)
+    assert _profile(_parse(["x", "--out", "y"]), 512).t5_tokens is None
+    shipped = _profile(_parse(["x", "--out", "y", "--profile", "sd3-dynamic", "--t5-tokens", "128:256:512"]), 512)
+    assert (shipped.height, shipped.t5_tokens) == (Range(512, 1024, 1536), Range(128, 256, 512))
+    cmd = rebuild_command("/x/onnx", "/x/eng", shipped, BuildOptions())
+    assert cmd == ("sdrt build /x/onnx --out /x/eng --batch 1:1:2 --height 512:1024:1536 --width 512:1024:1536 "
+                   "--chunks 1 --t5-tokens 128:256:512")
+    again = _profile(_parse(cmd.split()[2:]), 512)
+    assert (again.batch, again.height, again.width, again.t5_tokens) == \
+        (shipped.batch, shipped.height, shipped.width, shipped.t5_tokens)
+    with pytest.raises(InputError, match=r"--t5-tokens: 'a' is not N or MIN:OPT:MAX"):
+        _profile(_parse(["x", "--out", "y", "--t5-tokens", "a"]), 512)
+    with pytest.raises(InputError, match=r"\(--t5-tokens\) 600 is outside 2\.\.512"):
+        _profile(_parse(["x", "--out", "y", "--t5-tokens", "600"]), 512)
+
+
 def test_cli_lists_profiles(capsys: pytest.CaptureFixture[str]) -> None:
     from sdrt.cli import main
 

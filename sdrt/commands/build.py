@@ -24,6 +24,9 @@ def register(p: argparse.ArgumentParser) -> None:
                        help="77-token prompt chunks (long prompts); default 1")
     shape.add_argument("--no-cfg", action="store_true",
                        help="do not double the UNet batch for classifier-free guidance")
+    shape.add_argument("--t5-tokens", metavar="N|MIN:OPT:MAX",
+                       help="T5 tokens per prompt (a call's max_sequence_length, 2..512) on SD 3 / 3.5 and FLUX.1; "
+                            "default: the model's (SD3 256, FLUX.1 512) alone; beside --profile, replaces its range")
     p.add_argument("--list-profiles", action="store_true", help="list the shipped profiles and exit")
     p.add_argument("--timing-cache", metavar="FILE", type=Path, help="reuse and update a TensorRT timing cache")
     p.add_argument("--opt-level", type=int, default=3, metavar="N", help="builder optimization level 0..5 (default 3)")
@@ -42,21 +45,26 @@ def register(p: argparse.ArgumentParser) -> None:
 
 
 def _profile(args: argparse.Namespace, default_size: int, cfg: bool = True):  # type: ignore[no-untyped-def]
-    from sdrt.export.profiles import custom_profile, load_profile
+    from dataclasses import replace
+
+    from sdrt.export.profiles import Range, custom_profile, load_profile
     from sdrt.runtime.errors import InputError
 
     custom = [args.batch, args.height, args.width, args.dynamic]
     if args.profile:
         if any(v is not None for v in custom):
             raise InputError("give either --profile or --batch/--height/--width/--dynamic, not both")
-        return load_profile(args.profile)
+        profile = load_profile(args.profile)
+        if args.t5_tokens is None:
+            return profile
+        return replace(profile, t5_tokens=Range.parse(args.t5_tokens, "--t5-tokens"))
     if args.dynamic and (args.height or args.width):
         raise InputError("--dynamic sets both height and width; drop --height/--width or --dynamic")
     height = args.dynamic or args.height
     width = args.dynamic or args.width
     # a guidance-distilled family (FLUX.1) runs one denoiser row per image: no CFG whatever --no-cfg says
     return custom_profile(args.batch or 1, height, width, args.chunks, cfg=cfg and not args.no_cfg,
-                          default_size=default_size)
+                          default_size=default_size, t5_tokens=args.t5_tokens)
 
 
 def run(args: argparse.Namespace) -> int:
