@@ -195,7 +195,7 @@ def test_sdxl_conditioning_is_compel_for_sdxl(tiny_export) -> None:
     """SDXL: compel's CompelForSDXL (each encoder's penultimate states weighted on its own, padded to the longer,
     joined on channels; the pooled embedding the second encoder's projection of the raw prompt), with
     DownweightMode.REMOVE."""
-    from compel import CompelForSDXL, DownweightMode
+    from compel import Compel, CompelForSDXL, DownweightMode, ReturnedEmbeddingsType
     from transformers import CLIPTokenizer
 
     from sdrt.export.loading import random_model
@@ -217,6 +217,20 @@ def test_sdxl_conditioning_is_compel_for_sdxl(tiny_export) -> None:
     np.testing.assert_allclose(hidden[1], want.embeds[0].numpy(), rtol=0, atol=2e-5)
     np.testing.assert_allclose(pooled[0], want.negative_pooled_embeds[0].numpy(), rtol=0, atol=2e-5)
     np.testing.assert_allclose(pooled[1], want.pooled_embeds[0].numpy(), rtol=0, atol=2e-5)
+    # a weighted .and(): CompelForSDXL raises (its second encoder's Compel returns the pooled embedding with the
+    # empty prompt's states); sdrt weighs each encoder's part as Compel does without the pooled embedding
+    weighted = '("a red cat-", "a dog++").and(1, 0.5)'
+    with pytest.raises(AttributeError):
+        ref(weighted)
+    second = Compel(tokenizer=ref.compel_2.conditioning_provider.tokenizer, text_encoder=m.text_encoders[1].eval(),
+                    returned_embeddings_type=ReturnedEmbeddingsType.PENULTIMATE_HIDDEN_STATES_NON_NORMALIZED,
+                    truncate_long_prompts=False, downweight_mode=DownweightMode.REMOVE)
+    with torch.no_grad():
+        want_h = torch.cat([ref.compel_1(weighted), second(weighted)], dim=-1).numpy()
+        want_p = ref.compel_2.conditioning_provider.get_pooled_embeddings([weighted]).numpy()
+    emb = pipe.encode_prompt(weighted, guided=False, prompt_syntax="compel")
+    np.testing.assert_allclose(pipe.backend.to_host(emb.hidden), want_h, rtol=0, atol=2e-5)
+    np.testing.assert_allclose(pipe.backend.to_host(emb.pooled), want_p, rtol=0, atol=2e-5)
 
 
 # -- through the pipeline and the server ------------------------------------------------------------------------------
