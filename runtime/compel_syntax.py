@@ -227,6 +227,9 @@ class _Parser:
         content = "".join(_WS_ESCAPES[g] if (g := u[1]) else _numeric_escape(g[1:]) if (g := u[2])
                           else g[-1] if (g := u[3]) else u[4] for u in _UNQUOTE.finditer(m.group(0)[1:-1]))
         content = content.replace('\\"', '"')
+        if any(0xD800 <= ord(c) <= 0xDFFF for c in content):
+            raise InputError(r"a \u escape in quotes makes an unpaired surrogate, which no tokenizer reads: write the "
+                             "character itself")
         if not content.strip():
             return m.end(), [_Frag("")]
         sub = _Parser(content.replace('"', '\\"'))
@@ -297,7 +300,11 @@ class _Parser:
             while k < self.n and self.s[k] == sign:
                 k += 1
             if k > j:
-                return k, pow(base, k - j)
+                try:
+                    return k, pow(base, k - j)
+                except OverflowError:
+                    raise InputError(f"{k - j} {sign} signs in a row overflow a weight: write a number, e.g. "
+                                     "(words)1.5") from None
         return self.number(j)
 
     @_memo
@@ -571,6 +578,9 @@ def _check_strict(text: str, root: _Conj, parts: list[Any], weights: list[float]
                          "and pass the LoRA as loras=[(name, scale)] (--lora, the loras field)")
     if not parts:
         raise InputError(f"{text!r} has no text for compel to encode")
+    frags = [f for part in parts for p in (part.prompts if isinstance(part, Blend) else [part]) for f in p]
+    if not all(math.isfinite(w) for _, w in frags):
+        raise InputError(f"{text!r}: the nested weights multiply past what a float holds: use fewer or smaller")
     for part in parts:
         if isinstance(part, Blend) and (not all(math.isfinite(w) for w in part.weights)
                                         or part.normalize and sum(part.weights) == 0):

@@ -7,6 +7,7 @@ compel's ``prompt_embeds``; a request through the OpenAI endpoint; the refusals.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import random
 from types import SimpleNamespace
@@ -20,8 +21,9 @@ from sdrt.runtime.errors import InputError
 
 from .helpers.pipelines import shared_pipeline
 
-compel = pytest.importorskip("compel", reason="the reference for compel's syntax is compel itself (the test extra: "
-                                              "pip install compel==2.5.1)")
+needs_compel = pytest.mark.skipif(importlib.util.find_spec("compel") is None,
+                                  reason="the reference for compel's syntax is compel itself (the test extra: pip "
+                                         "install compel==2.5.1)")
 
 
 # -- the parser: compel's own, on the same prompts --------------------------------------------------------------------
@@ -72,6 +74,7 @@ WRITTEN = [
 ]
 
 
+@needs_compel
 @pytest.mark.parametrize("text", WRITTEN)
 def test_the_parser_reads_what_compel_reads(text: str) -> None:
     assert _ours(text) == _theirs(text)
@@ -92,6 +95,7 @@ def _generated(n: int, seed: int) -> list[str]:
     return out
 
 
+@needs_compel
 def test_the_parser_agrees_with_compel_on_generated_prompts() -> None:
     """Random strings of compel's syntax pieces (brackets, quotes, signs, escapes, numbers, tabs) and of blends
     and conjunctions: the same fragments, weights and errors as compel's parser, prompt for prompt."""
@@ -116,6 +120,9 @@ def test_the_parser_agrees_with_compel_on_generated_prompts() -> None:
     ("a cat.swap(dog)", "cross-attention control"),
     ('("a", "b").blend(1, -1)', "not sum to 0"),
     ("(" * 30 + "a" + ")" * 30, "nests brackets 30 deep"),
+    ("cat" + "+" * 10000, "overflow a weight"),
+    ("(" * 20 + "a" + ")9999999999999999999999" * 20, "multiply past what a float holds"),
+    ('"a \\ud800 b"', "unpaired surrogate"),
 ])
 def test_what_compel_reads_as_text_or_refuses_is_an_input_error(text: str, match: str) -> None:
     """compel raises on some of these and reads the others as text (brackets, quotes and all): sdrt refuses each,
@@ -143,6 +150,7 @@ def _sd15_compel(folder):
                   truncate_long_prompts=False, downweight_mode=DownweightMode.REMOVE)
 
 
+@needs_compel
 def test_sd15_conditioning_is_compels(tiny_export) -> None:
     """Each prompt alone, then a guided batch of prompts of different lengths (padded with the empty prompt's
     states, as compel pads them), within 2e-5 of compel's tensors."""
@@ -164,6 +172,7 @@ def test_sd15_conditioning_is_compels(tiny_export) -> None:
     assert np.abs(plain - ref(PROMPTS[0]).detach().numpy()).max() > 1e-2  # plain reads the signs as text
 
 
+@needs_compel
 def test_a_removal_that_changes_the_chunks_is_padded(tiny_export) -> None:
     """74 words and a downweighted fragment: the prompt takes two chunks, without the fragment one. compel raises
     there (its tensors differ in length); sdrt pads the shorter with the empty prompt's states, as compel pads
@@ -191,6 +200,7 @@ def test_a_removal_that_changes_the_chunks_is_padded(tiny_export) -> None:
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-5)
 
 
+@needs_compel
 def test_sdxl_conditioning_is_compel_for_sdxl(tiny_export) -> None:
     """SDXL: compel's CompelForSDXL (each encoder's penultimate states weighted on its own, padded to the longer,
     joined on channels; the pooled embedding the second encoder's projection of the raw prompt), with
@@ -245,6 +255,7 @@ def _compel_embeds(folder, prompt: str, negative: str) -> tuple[torch.Tensor, to
         return tuple(ref.pad_conditioning_tensors_to_same_length([pos, neg]))  # type: ignore[return-value]
 
 
+@needs_compel
 def test_an_image_is_diffusers_fed_compels_embeddings(tiny_export) -> None:
     """diffusers' StableDiffusionPipeline fed compel's prompt_embeds and negative_prompt_embeds gives sdrt's image of
     the same prompts in compel's syntax (ort-cpu), within 1/255."""
@@ -268,6 +279,7 @@ def test_an_image_is_diffusers_fed_compels_embeddings(tiny_export) -> None:
     assert np.abs(plain - want).max() > 1  # the syntax changed the picture
 
 
+@needs_compel
 def test_the_openai_endpoint_reads_compels_syntax(tiny_export) -> None:
     """``prompt_syntax: "compel"`` over ``/v1/images/generations``: the image of compel's embeddings passed as
     prompt_embeds (within 1/255); a blend with too few weights is a 422 naming the fix."""
