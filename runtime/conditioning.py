@@ -151,7 +151,7 @@ class TextConditioning:
         for i, n in enumerate(tok.count_tokens(prompts)):
             if n > room:
                 warnings.warn(f"{name}: prompt {i} has {n} tokens; the {n - room} past {room} are cut (this "
-                              f"{self.family.label} model reads {room}, as diffusers does)", stacklevel=4)
+                              f"{self.family.label} model reads {room}, as diffusers does)", stacklevel=5)
 
     def check_sequence_length(self, max_sequence_length: Any) -> int:
         """The T5 tokens per prompt a call asks for (``max_sequence_length``; None: the family's default),
