@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from .compel_prompts import compel_plan, pad_to, plan_chunks, plan_rows, plan_states
+from .compel_syntax import parse_compel
 from .device_graphs import DeviceGraphs
 from .engine import Array, Backend, Engine
 from .errors import ArtifactError, InputError
@@ -19,7 +21,7 @@ from .request import float_array, is_int
 from .results import PromptEmbeddings
 from .t5_tokenizer import MAX_LENGTH as T5_MAX_LENGTH
 from .t5_tokenizer import T5Tokenizer
-from .tokenizer import PromptTokenizer
+from .tokenizer import ClipTokenizer, PromptTokenizer
 from .weighted_prompts import a1111_batch, chunk_count, emphasize, weighted
 
 
@@ -44,6 +46,10 @@ class TextConditioning:
             self.check_a1111(every)
             if self.family.chunked:
                 return tuple(chunk_count(tok, every) for tok in self.tokenizers)
+        if syntax == "compel":
+            self.check_compel(texts)
+            if self.family.chunked:  # compel pads every encoder's states to the longest
+                return (self._compel_chunks(texts),) * len(self.tokenizers)
         return tuple(int(self._ids(tok, list(texts)).shape[1]) for tok in self.tokenizers)
 
     def check_a1111(self, texts: Sequence[str]) -> None:
@@ -56,6 +62,76 @@ class TextConditioning:
                 raise InputError(f"A1111's emphasis, escapes and BREAK apply to the CLIP families (SD 1.x, 2.x, "
                                  f"SDXL); this {self.family.label} model reads its prompts as plain text: write "
                                  f"{t!r} without them, or use prompt_syntax='plain'")
+
+    def check_compel(self, texts: Sequence[str]) -> None:
+        """compel's syntax parsed (InputError on what it cannot read); its weights, blends and conjunctions are for
+        the CLIP families: a family that reads prompts as plain text (SD 3 / 3.5, FLUX.1) refuses a prompt that
+        uses them, or compel's brackets, quotes or escapes, before any work."""
+        for t in texts:
+            prompt = parse_compel(t)
+            if not self.family.chunked and not (prompt.plain and not any(c in t for c in '()"\\')):
+                raise InputError(f"compel's weights, blends, conjunctions and escapes apply to the CLIP families (SD "
+                                 f"1.x, 2.x, SDXL); this {self.family.label} model reads its prompts as plain text: "
+                                 f"write {t!r} without them, or use prompt_syntax='plain'")
+
+    def _compel_chunks(self, texts: Sequence[str]) -> int:
+        return max(plan_chunks(compel_plan(tok, parse_compel(t))) for tok in self.tokenizers for t in texts)
+
+    def _compel(self, prompts: list[str], chunks: int, lora: Mapping[str, Mapping[str, Array]] | None
+                ) -> tuple[list[dict[str, Array]], int]:
+        """compel's conditioning of a CLIP family's prompts (runtime/compel_prompts.py), per encoder, as the encoder's
+        outputs would be in chunks: hidden_states [rows x k, 77, C] (every encoder padded to the same k chunks, at
+        least ``chunks``, with the empty prompt's states) and, from an encoder with a projection, text_embeds whose
+        first chunk of each row is compel's pooled embedding: the encoder's projection of the prompt's raw text, cut
+        at 75 tokens. The encoder reads its rows (each distinct one once) in batches of rows x k, the call's own
+        shape. Returns (the outputs, k)."""
+        be = self.backend
+        names = self.manifest.encoder_names
+        plans = [[compel_plan(tok, parse_compel(p)) for p in prompts] for tok in self.tokenizers]
+        k = max(chunks, *(plan_chunks(p) for each in plans for p in each))
+        rows = len(prompts)
+        outs: list[dict[str, Array]] = []
+        for name, tok, each in zip(names, self.tokenizers, plans, strict=True):
+            if not isinstance(tok, ClipTokenizer):
+                raise ArtifactError(f"{name}: compel's syntax reads CLIP tokenizers; this export's is a "
+                                    f"{type(tok).__name__}: re-export the model with `sdrt export`")
+            empty = np.array(tok.frame([]), np.int32)
+            wanted = {r.tobytes(): r for plan in each for r in plan_rows(plan)}
+            wanted.pop(empty.tobytes(), None)
+            ids = [empty, *wanted.values()]
+            pooled = "text_embeds" in self.engines[name].outputs
+            if pooled:
+                ids += list(tok.encode(prompts))  # the raw text's row: compel's get_pooled_embeddings
+            hidden, embeds = self._encoder_rows(name, np.stack(ids), rows * k, (lora or {}).get(name) or {})
+            dtype = hidden.dtype
+            states = {r.tobytes(): h for r, h in zip(ids, hidden.astype(np.float32), strict=True)}
+            e = states[empty.tobytes()]
+            cond = np.stack([pad_to(plan_states(plan, states, e), k, e) for plan in each])
+            out = {"hidden_states": be.to_device(np.ascontiguousarray(
+                cond.reshape(rows * k, tok.max_length, -1).astype(dtype)))}
+            if pooled and embeds is not None:
+                first = np.zeros((rows, k, embeds.shape[-1]), embeds.dtype)
+                first[:, 0] = embeds[-rows:]
+                out["text_embeds"] = be.to_device(first.reshape(rows * k, -1))
+            outs.append(out)
+        return outs, k
+
+    def _encoder_rows(self, name: str, ids: np.ndarray, batch: int, lora: Mapping[str, Array]
+                      ) -> tuple[np.ndarray, np.ndarray | None]:
+        """One encoder's outputs (hidden_states, text_embeds or None) for ``ids`` [N, 77] on the host, run in
+        batches of ``batch`` rows (the last one filled with its first row)."""
+        be = self.backend
+        hidden, embeds = [], []
+        for start in range(0, len(ids), batch):
+            part = ids[start:start + batch]
+            n = len(part)
+            if n < batch:
+                part = np.concatenate([part, np.repeat(part[:1], batch - n, axis=0)])
+            out = self.engines[name]({"input_ids": be.to_device(np.ascontiguousarray(part)), **lora})
+            hidden.append(be.to_host(out["hidden_states"])[:n])
+            if "text_embeds" in out:
+                embeds.append(be.to_host(out["text_embeds"])[:n])
+        return np.concatenate(hidden), (np.concatenate(embeds) if embeds else None)
 
     def _a1111(self, tok: PromptTokenizer, prompts: list[str], chunks: int) -> tuple[np.ndarray, np.ndarray | None]:
         """A1111's rows of a CLIP family's prompts (at least ``chunks`` each) and their weights (None where every
@@ -75,7 +151,7 @@ class TextConditioning:
         for i, n in enumerate(tok.count_tokens(prompts)):
             if n > room:
                 warnings.warn(f"{name}: prompt {i} has {n} tokens; the {n - room} past {room} are cut (this "
-                              f"{self.family.label} model reads {room}, as diffusers does)", stacklevel=4)
+                              f"{self.family.label} model reads {room}, as diffusers does)", stacklevel=5)
 
     def check_sequence_length(self, max_sequence_length: Any) -> int:
         """The T5 tokens per prompt a call asks for (``max_sequence_length``; None: the family's default),
@@ -123,7 +199,39 @@ class TextConditioning:
         a1111 = syntax == "a1111"
         if a1111:
             self.check_a1111(prompts)
+        if syntax == "compel":
+            self.check_compel(prompts)
         t5_tokens = self.check_sequence_length(max_sequence_length)
+        if syntax == "compel" and self.family.chunked:  # compel's states, every encoder at once (padded alike)
+            outs, k = self._compel(prompts, chunks, lora)
+            rows = len(prompts)
+        else:
+            outs, rows, k = self._encoder_outputs(prompts, a1111, chunks, max_sequence_length, t5_tokens, lora)
+        if (len(outs) == 1 and k == 1 and not zero_negatives and "text_embeds" not in outs[0]
+                and be.meta(outs[0]["hidden_states"])[0] == dt):
+            # already [rows, 77, C] in the UNet's dtype: no host round trip
+            return PromptEmbeddings(outs[0]["hidden_states"], None, b, guided)
+        if self.family.host_join:
+            return self._join_on_host(outs, b, guided, zero_negatives, t5_tokens)
+        pooled = next((o["text_embeds"] for o in reversed(outs) if "text_embeds" in o), None)
+        join = self._join_graph([o["hidden_states"] for o in outs], pooled)
+        keep = np.ones(rows, np.float32)
+        if zero_negatives:
+            keep[:b] = 0
+        feeds = {f"hidden_{j}": o["hidden_states"] for j, o in enumerate(outs)}
+        if pooled is not None:
+            feeds["text_embeds"] = pooled
+        joined = join({**feeds, "keep": be.to_device(keep)})
+        return PromptEmbeddings(joined["hidden"], joined.get("pooled"), b, guided)
+
+    def _encoder_outputs(self, prompts: list[str], a1111: bool, chunks: int, max_sequence_length: int | None,
+                         t5_tokens: int, lora: Mapping[str, Mapping[str, Array]] | None
+                         ) -> tuple[list[dict[str, Array]], int, int]:
+        """Each encoder's outputs for the prompts, as they are or (A1111's syntax) with its emphasis; and the rows
+        and chunks they hold."""
+        be = self.backend
+        outs: list[dict[str, Array]] = []
+        rows = k = 0
         for name, tok in zip(self.manifest.encoder_names, self.tokenizers, strict=True):
             if max_sequence_length is not None and isinstance(tok, T5Tokenizer):
                 tok = tok.with_length(t5_tokens)
@@ -141,23 +249,8 @@ class TextConditioning:
                 hid = be.to_host(out["hidden_states"])
                 out = {**out, "hidden_states": be.to_device(
                     emphasize(hid, weights.reshape(rows * k, n)).astype(hid.dtype))}
-            if (len(self.tokenizers) == 1 and k == 1 and not zero_negatives and "text_embeds" not in out
-                    and be.meta(out["hidden_states"])[0] == dt):
-                # already [rows, 77, C] in the UNet's dtype: no host round trip
-                return PromptEmbeddings(out["hidden_states"], None, b, guided)
             outs.append(out)
-        if self.family.host_join:
-            return self._join_on_host(outs, b, guided, zero_negatives, t5_tokens)
-        pooled = next((o["text_embeds"] for o in reversed(outs) if "text_embeds" in o), None)
-        join = self._join_graph([o["hidden_states"] for o in outs], pooled)
-        keep = np.ones(rows, np.float32)
-        if zero_negatives:
-            keep[:b] = 0
-        feeds = {f"hidden_{j}": o["hidden_states"] for j, o in enumerate(outs)}
-        if pooled is not None:
-            feeds["text_embeds"] = pooled
-        joined = join({**feeds, "keep": be.to_device(keep)})
-        return PromptEmbeddings(joined["hidden"], joined.get("pooled"), b, guided)
+        return outs, rows, k
 
     def _join_on_host(self, outs: list[dict[str, Array]], b: int, guided: bool,
                       zero_negatives: bool, t5_tokens: int) -> PromptEmbeddings:

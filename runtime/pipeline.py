@@ -239,7 +239,8 @@ class Pipeline:
         image, or a list with one per prompt (or one per image). ``guided`` (default: the family's: guided
         unless it runs no classifier-free guidance, FLUX.1) encodes the negatives too. ``prompt_syntax``
         ``"a1111"``: A1111's emphasis, escapes and BREAK (runtime/prompt_syntax.py; ``<lora:...>`` tags and prompt
-        editing are the call's business: see ``GenerationRequest``). ``max_sequence_length``: T5's tokens per
+        editing are the call's business: see ``GenerationRequest``); ``"compel"``: compel's weights, ``.blend()``
+        and ``.and()`` (runtime/compel_syntax.py, runtime/compel_prompts.py). ``max_sequence_length``: T5's tokens per
         prompt (SD 3 / 3.5, FLUX.1; None: the family's default). ``loras``: (name or path, scale) pairs, as the
         call's: on an export whose text encoders have LoRA slots, the adapters' text-encoder layers apply here.
         """
@@ -293,8 +294,8 @@ class Pipeline:
     def check_prompts(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None, steps: int,
                       prompt_syntax: str = "plain") -> None:
         """The prompts' syntax, checked as ``generate`` checks it, before any work (a server's 4xx): the syntax's
-        name, A1111's weights and ``<lora:...>`` multipliers, prompt editing (refused for now), and emphasis on a
-        family that does not take it. Raises InputError."""
+        name, A1111's weights and ``<lora:...>`` multipliers, what compel cannot read, and weights on a family that
+        does not take them. Raises InputError."""
         req = GenerationRequest(prompt=prompt, negative_prompt=negative_prompt, steps=steps,
                                 prompt_syntax=prompt_syntax).checked()
         prompts = prompts_of(req.prompt if req.prompt is not None else "", 1)

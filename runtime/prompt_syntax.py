@@ -26,7 +26,7 @@ from typing import Any
 from .errors import InputError
 
 BREAK = ("BREAK", -1.0)
-SYNTAXES = ("plain", "a1111")
+SYNTAXES = ("plain", "a1111", "compel")  # compel's: runtime/compel_syntax.py
 
 _ATTENTION = re.compile(r"""
 \\\(|

@@ -57,7 +57,7 @@ class Pipeline(Protocol):
              fresh_from: int = ...) -> SamplerPlan: ...
     def handoff_row(self, plan_timesteps: Any, fraction: float) -> int: ...
     def encode_prompt(self, prompt: Any, negative_prompt: Any = ..., *, batch_size: int = ...,
-                      guided: bool = ...) -> PromptEmbeddings: ...
+                      guided: bool = ..., prompt_syntax: str = ...) -> PromptEmbeddings: ...
     def prepare_latents(self, plan: SamplerPlan, height: int, width: int, *, batch_size: int | None = ...,
                         seed: Any = ..., latents: Any = ...) -> Latents: ...
     def denoise(self, embeddings: PromptEmbeddings, latents: Latents, plan: SamplerPlan, *,
@@ -200,6 +200,8 @@ def refine(base: Pipeline, refiner: Pipeline, request: GenerationRequest, *,
         if k_ref:
             plan_r = refiner.plan(sampler, steps, fresh_from=k_ref)
 
+        # compel's syntax is read by both models alike (it has no schedule); A1111's is not applied by this call
+        syntax = req.prompt_syntax if req.prompt_syntax == "compel" else "plain"
         # one clock for every stage and both models, as Pipeline.__call__: the base backend's (device events on
         # TensorRT) where the refiner runs on its stream, else the host clock synchronizing both devices
         clock = (base.backend.clock() if refiner.backend.shares_memory_with(base.backend)
@@ -209,14 +211,16 @@ def refine(base: Pipeline, refiner: Pipeline, request: GenerationRequest, *,
         loop_r: dict[str, Any] = {}
         try:
             clock.mark()
-            emb_b = base.encode_prompt(req.prompt, req.negative_prompt, batch_size=req.batch_size, guided=guided)
+            emb_b = base.encode_prompt(req.prompt, req.negative_prompt, batch_size=req.batch_size, guided=guided,
+                                       prompt_syntax=syntax)
             clock.mark()
             lat = base.prepare_latents(plan_b, height, width, batch_size=b, seed=req.seed, latents=req.latents)
             clock.mark()
             lat = base.denoise(emb_b, lat, plan_b, guidance_scale=req.guidance_scale, end=fraction,
                                callback=callback, timings=loop_b, clock=clock, own_buffers=False, cache=cache)
             running = refiner
-            emb_r = refiner.encode_prompt(req.prompt, req.negative_prompt, batch_size=req.batch_size, guided=guided)
+            emb_r = refiner.encode_prompt(req.prompt, req.negative_prompt, batch_size=req.batch_size,
+                                          guided=guided, prompt_syntax=syntax)
             clock.mark()
             rlat = refiner.denoise(emb_r, refiner.latents_from(lat, base), plan_r, guidance_scale=req.guidance_scale,
                                    start=fraction, callback=callback, timings=loop_r, clock=clock,

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from .compel_syntax import parse_compel
 from .errors import InputError
 from .feature_cache import DEFAULT_INTERVAL, CachePolicy, cache_policy
 from .lora_adapters import check_loras
@@ -55,7 +56,8 @@ class GenerationRequest:
     with ``--lora-slots``; runtime/lora_adapters.py); a name is looked up in the pipeline's ``lora_dir``.
     ``prompt_syntax``: ``"plain"`` (the default: the text as it is) or ``"a1111"`` (AUTOMATIC1111's emphasis
     ``(a:1.2)``, ``[a]``, ``BREAK``, prompt editing ``[a:b:when]``, alternation ``[a|b]`` and ``<lora:NAME:W>``
-    tags, which join ``loras``; runtime/prompt_syntax.py). ``max_sequence_length``: T5's tokens per prompt
+    tags, which join ``loras``; runtime/prompt_syntax.py) or ``"compel"`` (compel's ``word+``, ``(words)1.3``,
+    ``.blend()``, ``.and()``; runtime/compel_syntax.py). ``max_sequence_length``: T5's tokens per prompt
     (SD 3 / 3.5 and FLUX.1, diffusers' argument of that name: 2 to 512; None: the family's default, 256 and
     512); longer prompts are cut there, shorter ones padded to it.
     """
@@ -130,7 +132,8 @@ class GenerationRequest:
         check_rescale(self.guidance_rescale)
         _ = self.cache_policy
         check_loras(self.loras)
-        req = self._a1111_checked() if check_syntax(self.prompt_syntax) == "a1111" else self
+        syntax = check_syntax(self.prompt_syntax)
+        req = self._a1111_checked() if syntax == "a1111" else self._compel_checked() if syntax == "compel" else self
         if self.prompt_embeds is not None and self.max_sequence_length is not None:
             raise InputError("max_sequence_length sets how prompts are tokenized: leave it out with prompt_embeds",
                              cli="--max-sequence-length applies to prompts")
@@ -139,6 +142,18 @@ class GenerationRequest:
                              cli="--strength applies to img2img only: pass --init-image, or leave --strength out")
         b = req.images_count
         return replace(req, seed=resolve_seed(self.seed, b))
+
+    def _compel_checked(self) -> GenerationRequest:
+        """A compel-syntax request with every prompt and negative parsed before any work (InputError naming what
+        compel cannot read)."""
+        if self.prompt is None:
+            raise InputError("prompt_syntax applies to prompts: leave it out with prompt_embeds")
+        for label, value in (("prompt", self.prompt), ("negative_prompt", self.negative_prompt)):
+            for t in [] if value is None else [value] if isinstance(value, str) else list(value):
+                if not isinstance(t, str):
+                    raise InputError(f"{label} must be a string or a list of strings")
+                parse_compel(t)
+        return self
 
     def _a1111_checked(self) -> GenerationRequest:
         """An A1111-syntax request with its ``<lora:...>`` tags taken out of the prompts into ``loras`` (A1111

@@ -169,6 +169,10 @@ class ClipTokenizer:
             raise ValueError(f"{len(tokens)} tokens do not fit a row of {self.chunk_length}")
         return self._row(tokens)
 
+    def token_texts(self, ids: Sequence[int]) -> list[str]:
+        """Each id's text in the vocabulary (``</w>`` ends a word), as transformers' ``convert_ids_to_tokens``."""
+        return [self._tok.id_to_token(int(i)) or "" for i in ids]
+
     @property
     def comma_id(self) -> int | None:
         """The id of "," as a word (A1111 breaks a full chunk after the last comma)."""

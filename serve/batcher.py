@@ -79,7 +79,7 @@ class Job:
         ``strength`` (None: the pipeline's default; inpainting: 1), ``mask`` (inpainting: white = repaint) and
         ``paste_back`` (the original pasted back through the mask blurred this much); ``cache``: the feature-caching
         policy (None: every step runs the full UNet); ``loras``: (name, scale) pairs, checked (``checks.loras_of``);
-        ``prompt_syntax``: how the prompts are read ("plain", or "a1111": A1111's emphasis and BREAK);
+        ``prompt_syntax``: how the prompts are read ("plain"; "a1111": A1111's emphasis and BREAK; "compel");
         ``max_sequence_length``: T5's tokens per prompt (None: the model's default)."""
         caching = {} if cache is None else {"cache": cache.kind, "cache_interval": cache.interval,
                                             "cache_schedule": cache.schedule, "cache_threshold": cache.threshold}

@@ -89,7 +89,7 @@ class TextKnobs(BaseModel):
 LORA_NAME = r"^[A-Za-z0-9][A-Za-z0-9._ -]{0,127}$"  # a file's stem in the server's --lora-dir, never a path
 MAX_LORAS = 8
 MAX_LORA_FORM_CHARS = 2048  # the edits form's loras field: a JSON list of at most MAX_LORAS {name, scale}
-PromptSyntax = Literal["plain", "a1111"]
+PromptSyntax = Literal["plain", "a1111", "compel"]
 
 
 class LoraRef(BaseModel):
@@ -149,8 +149,8 @@ class SdrtKnobs(CacheKnobs, LoraKnobs, TextKnobs):
     sampler: str | None = Field(default=None, description=f"one of {', '.join(SAMPLERS)}")
     seed: int | None = Seed
     prompt_syntax: PromptSyntax = Field(
-        default="plain", description="how the prompt is read: as it is, or in A1111's language ((a:1.2), [a], "
-                                     "BREAK, <lora:NAME:W>)")
+        default="plain", description="how the prompt is read: as it is, in A1111's language ((a:1.2), [a], "
+                                     "BREAK, <lora:NAME:W>), or in compel's (a+, (a b)1.3, (\"a\", \"b\").blend(0.7, 0.3))")
 
 
 class OpenAIGeneration(SdrtKnobs):

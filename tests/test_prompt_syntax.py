@@ -327,8 +327,8 @@ def test_the_loop_refuses_a_bad_segment_table(tiny_export) -> None:
 
 def test_bad_prompts_and_non_clip_families_are_refused_before_work(tiny_export, sd3_export) -> None:
     pipe = shared_pipeline(tiny_export("sd15-tiny"))
-    with pytest.raises(InputError, match="prompt_syntax must be one of plain, a1111"):
-        pipe("a cat", steps=2, prompt_syntax="compel")
+    with pytest.raises(InputError, match="prompt_syntax must be one of plain, a1111, compel"):
+        pipe("a cat", steps=2, prompt_syntax="invokeai")
     with pytest.raises(InputError, match="not a number"):
         pipe("a (cat:1.2.3)", steps=2, prompt_syntax="a1111")
     sd3 = shared_pipeline(sd3_export("sd3-tiny"))

@@ -450,6 +450,36 @@ def test_base_and_refiner_are_timed_on_the_base_backends_clock_on_tensorrt(tiny_
         assert b2(PROMPT, refiner=r2, width=80, **kw).timings["clock"] == "host"
 
 
+def test_base_and_refiner_read_compels_syntax(folders, pipes) -> None:
+    """``prompt_syntax="compel"`` reaches both models: the refiner's conditioning is compel's (its one encoder's
+    penultimate states and pooled projection, DownweightMode.REMOVE) and the call gives the image of the stages
+    composed by hand with that conditioning."""
+    pytest.importorskip("compel", reason="the reference for compel's syntax (pip install compel==2.5.1)")
+    from compel import Compel, DownweightMode, ReturnedEmbeddingsType
+    from transformers import CLIPTokenizer
+
+    base, refiner = pipes
+    prompt = '("a lighthouse++", "a cliff at dawn-").blend(0.6, 0.4)'
+    ref = Compel(tokenizer=CLIPTokenizer.from_pretrained(folders[1] / "tokenizer_2"),
+                 text_encoder=random_model(REFINER).text_encoders[0].eval(), truncate_long_prompts=False,
+                 returned_embeddings_type=ReturnedEmbeddingsType.PENULTIMATE_HIDDEN_STATES_NON_NORMALIZED,
+                 requires_pooled=True, downweight_mode=DownweightMode.REMOVE)
+    with torch.no_grad():
+        want, want_pooled = ref(["", prompt])
+    emb_r = refiner.encode_prompt(prompt, "", guided=True, prompt_syntax="compel")
+    np.testing.assert_allclose(refiner.backend.to_host(emb_r.hidden), want.numpy(), rtol=0, atol=2e-5)
+    np.testing.assert_allclose(refiner.backend.to_host(emb_r.pooled), want_pooled.numpy(), rtol=0, atol=2e-5)
+    whole = base(prompt, negative_prompt="", steps=6, sampler="euler", seed=3, height=64, width=64,
+                 refiner=refiner, refiner_start=0.7, prompt_syntax="compel")
+    plan = base.plan("euler", 6)
+    lat = base.denoise(base.encode_prompt(prompt, "", guided=True, prompt_syntax="compel"),
+                       base.prepare_latents(plan, 64, 64, seed=3), plan, end=0.7)
+    rplan = refiner.plan("euler", 6)
+    rplan = refiner.plan("euler", 6, fresh_from=int((rplan.timesteps >= round(1000 * (1 - 0.7))).sum()))
+    images, _ = refiner.decode(refiner.denoise(emb_r, refiner.latents_from(lat, base), rplan, start=0.7))
+    assert np.array_equal(np.asarray(images[0]), np.asarray(whole.images[0]))
+
+
 def test_an_allocation_failure_in_the_refiner_names_the_request_and_what_to_lower(pipes, monkeypatch) -> None:
     """A DeviceMemoryError from the refiner's UNet comes out of a base + refiner call as a single call's does:
     the request, a rough need from the refiner's sizes, and what to lower."""

@@ -101,9 +101,10 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora", action="append", default=None, metavar="NAME[:SCALE]",
                    help="apply a LoRA to this call (an export made with --lora-slots): a .safetensors path, or a "
                         "name in --lora-dir; SCALE defaults to 1; repeat to stack")
-    p.add_argument("--prompt-syntax", choices=["plain", "a1111"], default="plain",
-                   help="read the prompts as they are (default), or in AUTOMATIC1111's language: (word:1.2), [word], "
-                        "BREAK, <lora:NAME:W> (needs --lora-dir)")
+    p.add_argument("--prompt-syntax", choices=["plain", "a1111", "compel"], default="plain",
+                   help="read the prompts as they are (default), in AUTOMATIC1111's language: (word:1.2), [word], "
+                        "BREAK, <lora:NAME:W> (needs --lora-dir), or in compel's: word+, (words)1.3, "
+                        "(\"a\", \"b\").blend(0.7, 0.3)")
     p.add_argument("--max-sequence-length", type=int, default=None, metavar="N",
                    help="SD 3 / 3.5 and FLUX.1: T5 tokens per prompt, 2 to 512 (default: the model's, 256 and 512); "
                         "fewer is faster, longer prompts are cut there")

@@ -110,7 +110,8 @@ async def edits(
         "LoRAs for this request (an export made with --lora-slots, a server with --lora-dir): a JSON list, as "
         'the generations field, e.g. [{"name": "style", "scale": 0.8}]'))] = None,
     prompt_syntax: Annotated[S.PromptSyntax, Form(description=(
-        "'plain' (diffusers: the text as it is) or 'a1111' (emphasis, BREAK, prompt editing, <lora:name:w>)"))]
+        "'plain' (diffusers: the text as it is), 'a1111' (emphasis, BREAK, prompt editing, <lora:name:w>) or "
+        "'compel' (a+, (a b)1.3, .blend(), .and())"))]
     = "plain",
     max_sequence_length: Annotated[int | None, Form(ge=2, le=512, description=(
         "SD 3 / 3.5 and FLUX.1: T5's tokens per prompt, 2..512 (null: the model's default)"))] = None,
