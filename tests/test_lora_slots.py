@@ -401,18 +401,23 @@ def test_tensorrt_runs_the_slots_on_the_fakes(slotted_export, models, tmp_path: 
 
 def test_the_slots_benchmark_runs_onnxruntimes_adapter_beside_plain_inputs(slotted_export, tiny_export,
                                                                             tmp_path: Path) -> None:
-    """``python -m sdrt.benchmarks.lora_slots`` on ort-cpu: the plain UNet, the slotted one without and with a
-    LoRA, and the same factors as an ``onnxruntime.LoraAdapter`` made active per run, which computes what the
-    factors fed as inputs compute. Times are recorded, not judged."""
+    """``python -m sdrt.benchmarks.lora_slots`` on ort-cpu, on an export with convolution slots too: the plain UNet,
+    the slotted one without and with a LoCon, and the same factors as an ``onnxruntime.LoraAdapter`` made active per
+    run, which computes what the factors fed as inputs compute. Times are recorded, not judged; the host's other
+    work meanwhile is recorded beside them."""
     import json
 
     from sdrt.benchmarks import lora_slots
 
     out = tmp_path / "slots.json"
     assert lora_slots.main(["--plain", str(tiny_export("sd15-tiny", "fp32")), "--slotted",
-                            str(slotted_export("sd15-tiny")), "--size", "64", "--repeats", "1", "--lora-rank", "4",
-                            "--backends", "ort-cpu", "--out", str(out)]) == 0
-    rows = json.loads(out.read_text())["rows"]
+                            str(slotted_export("sd15-tiny", "8:attn-ff-conv")), "--size", "64", "--repeats", "1",
+                            "--lora-rank", "4", "--backends", "ort-cpu", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    rows = doc["rows"]
+    assert 0 < doc["conv_slots"] < doc["slots"]
+    host = next(r for r in rows if r["config"] == "host")
+    assert host["other_cpu"] is None or host["busy"] == (host["other_cpu"] > 0.1)
     configs = [r["config"] for r in rows]
     assert configs[:4] == ["plain", "slotted, no LoRA", "slotted, one LoRA (rank 4)",
                            "slotted, one LoRA (rank 4, ORT LoraAdapter)"]
