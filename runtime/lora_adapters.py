@@ -2,10 +2,11 @@
 
 An export made with ``sdrt export --lora-slots RANK[:TARGETS]`` (export/lora_slots.py) gives each targeted layer
 two inputs, ``lora.<module>.down`` [rank, in] and ``lora.<module>.up`` [out, rank] (a convolution's, with
-``attn-ff-conv``: [rank, in, kh, kw] and [out, rank, 1, 1], LoCon's shapes); the layer adds ``up (down x)``. A request's adapters become those inputs here: each LoRA's factors (``down`` as the file holds
-it, ``up`` times the request's scale and the file's ``alpha / rank``) placed side by side on the rank axis, the
-rest zeros, so the slot computes ``sum_i scale_i (alpha_i / r_i) up_i down_i x``, what diffusers computes with the
-same adapters loaded. No adapter: every factor zero (the plain UNet's output).
+``attn-ff-conv``: [rank, in, kh, kw] and [out, rank, 1, 1], LoCon's shapes); the layer adds ``up (down x)``. A
+request's adapters become those inputs here: each LoRA's factors (``down`` as the file holds it, ``up`` times the
+request's scale and the file's ``alpha / rank``) placed side by side on the rank axis, the rest zeros, so the slot
+computes ``sum_i scale_i (alpha_i / r_i) up_i down_i x``, what diffusers computes with the same adapters loaded.
+No adapter: every factor zero (the plain UNet's output).
 
 :class:`AdapterLibrary` finds adapters by name in a folder (``NAME.safetensors``) or by path, and keeps the
 parsed files in an LRU bounded in bytes. Files are read as ``runtime/lora_files.py`` reads them (kohya / A1111
