@@ -13,8 +13,11 @@
    with the time to write and load the adapter file.
 
 The two exports must be of the same model (``sdrt export --random sd15 --fp32`` with and without
-``--lora-slots``); the LoRA is synthetic, rank ``--lora-rank`` on every slotted layer. Prints a table and one
-JSON object (``--out FILE`` writes it too).
+``--lora-slots``); the LoRA is synthetic, rank ``--lora-rank`` on every slotted layer (a LoCon on an
+``attn-ff-conv`` export: its convolutions' factors are convolutions). ``--no-ort-adapter`` leaves part 4 out.
+Each backend's timed calls are checked for other work on the host meanwhile (benchmarks/contention.py): the
+share of the machine other processes took is recorded, and flagged ``busy`` past a tenth. Prints a table and
+one JSON object (``--out FILE`` writes it too).
 """
 
 from __future__ import annotations
@@ -52,15 +55,17 @@ def _unet_feeds(inputs: dict[str, Any], size: int, rng: np.random.Generator) -> 
 
 
 def _synthetic_lora(path: Path, slots: dict[str, Any], rank: int, seed: int = 0) -> None:
-    """A kohya-layout LoRA of ``rank`` on every slotted layer."""
+    """A kohya-layout LoRA of ``rank`` on every slotted layer (a convolution's: LoCon's [r, in, kh, kw] and
+    [out, r, 1, 1])."""
     from safetensors.numpy import save_file
 
     g = np.random.default_rng(seed)
     sd: dict[str, np.ndarray] = {}
     for module, s in slots.items():
         key = "lora_unet_" + module.replace(".", "_")
-        sd[f"{key}.lora_down.weight"] = (g.standard_normal((rank, s.features_in)) * 0.02).astype(np.float32)
-        sd[f"{key}.lora_up.weight"] = (g.standard_normal((s.features_out, rank)) * 0.02).astype(np.float32)
+        sd[f"{key}.lora_down.weight"] = (g.standard_normal((rank, *s.down_shape[1:])) * 0.02).astype(np.float32)
+        sd[f"{key}.lora_up.weight"] = (g.standard_normal((s.features_out, rank, *s.up_shape[2:])) * 0.02
+                                       ).astype(np.float32)
         sd[f"{key}.alpha"] = np.array(rank, np.float32)
     save_file(sd, str(path))
 
@@ -125,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--export-s", type=float, default=None, help="the slotted export's time, for the comparison")
     p.add_argument("--backends", default="ort-cpu,openvino")
     p.add_argument("--threads", type=int, default=None, help="threads per session (default: the backend's)")
+    p.add_argument("--no-ort-adapter", action="store_true",
+                   help="leave out onnxruntime's LoraAdapter (part 4; another session of the slotted UNet)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
 
@@ -132,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     from sdrt.runtime.errors import SdrtError
     from sdrt.runtime.lora_adapters import Adapter, adapter_factors, slots_of
     from sdrt.runtime.lora_files import read_lora
+
+    from .contention import BUSY_OTHER_CPU, other_cpu, snapshot
 
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="sdrt-lora-bench-") as tmp:
@@ -162,18 +171,21 @@ def main(argv: list[str] | None = None) -> int:
                 dev = {k: ({n: be.to_device(v) for n, v in {**base, **f}.items()}, e) for k, (e, f) in configs.items()}
                 calls: dict[str, Any] = {k: (lambda f=feeds, e=engine, b=be: b.to_host(e(f)["out_sample"]))
                                          for k, (feeds, engine) in dev.items()}
-                if backend == "ort-cpu":
+                if backend == "ort-cpu" and not args.no_ort_adapter:
                     label = f"slotted, one LoRA (rank {args.lora_rank}, ORT LoraAdapter)"
                     calls[label], adapter_load_ms = _ort_adapter_call(
                         Path(args.slotted) / "unet" / "model.onnx", base, with_lora, Path(tmp), args.threads)
                 # warm: the first call of a session allocates
                 warm = {k: np.asarray(call(), np.float32) for k, call in calls.items()}
                 times: dict[str, list[float]] = {k: [] for k in calls}
+                load0, before = os.getloadavg()[0], snapshot(own=True)  # the calls run in this process
                 for _ in range(args.repeats):
                     for k, call in calls.items():
                         t = time.perf_counter()
                         call()
                         times[k].append((time.perf_counter() - t) * 1e3)
+                other = other_cpu(before, snapshot(own=True))
+                busy = None if other is None else other > BUSY_OTHER_CPU
                 plain_ms = float(np.median(times["plain"]))
                 for k, ts in times.items():
                     ms = float(np.median(ts))
@@ -181,7 +193,12 @@ def main(argv: list[str] | None = None) -> int:
                                  "unet_ms": ts})
                     print(f"{backend:9s} {k:34s} {ms:9.1f} ms per UNet call  x{ms / plain_ms:.3f} of plain",
                           flush=True)
-                if backend == "ort-cpu":
+                rows.append({"backend": backend, "config": "host", "other_cpu": other, "busy": busy,
+                             "load_average_at_start": round(load0, 2)})
+                if busy:
+                    print(f"{backend:9s} the host was busy: other work took {other:.0%} of its CPU during the timed "
+                          "calls (the times are not clean)", flush=True)
+                if backend == "ort-cpu" and not args.no_ort_adapter:
                     # the adapter's output against the same factors fed as inputs: the same computation
                     same = float(np.abs(warm[label] - warm[f"slotted, one LoRA (rank {args.lora_rank})"]).max())
                     rows.append({"backend": backend, "config": "ORT LoraAdapter: write + load", "switch_ms":
@@ -198,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     doc = {"what": "LoRA slots: the slotted UNet against the plain one per call (alternated), adapter switch time, "
                    "adapter memory", "size": args.size, "repeats": args.repeats, "lora_rank": args.lora_rank,
            "slot_rank": next(iter(slots.values())).rank if rows else None, "slots": len(slots) if rows else 0,
+           "conv_slots": sum(1 for s in slots.values() if s.kernel) if rows else 0,
            "export_s": args.export_s,
            "machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version()},
            "plain": str(args.plain), "slotted": str(args.slotted), "rows": rows}

@@ -34,7 +34,7 @@ from . import wrappers
 from .controlnet_loading import LoadedControlNet, check_pairing
 from .controlnet_specs import controlnet_specs
 from .loading import LoadedModel
-from .lora_slots import SlotPlan, Slotted, slot_example, slot_inputs, slot_layers, split_inert
+from .lora_slots import Layer, SlotPlan, Slotted, slot_example, slot_inputs, slot_layers, split_inert
 from .onnx_export import ComponentSpec, export_component
 
 MIN_OPSET = 17
@@ -55,7 +55,7 @@ def check_clip_skip(model: LoadedModel, clip_skip: int) -> None:
                 cli=f"--clip-skip {clip_skip!r} is beyond this model's text encoder ({layers} layers): use 0 to {most}")
 
 
-def _slotted(spec: ComponentSpec, layers: list[tuple[str, torch.nn.Linear]], rank: int,
+def _slotted(spec: ComponentSpec, layers: list[tuple[str, Layer]], rank: int,
              inert: Sequence[str] = ()) -> ComponentSpec:
     """``spec`` whose ``layers`` take LoRA factors as inputs after its own (export/lora_slots.py); ``inert``: the
     targeted layers left without a slot because they do not reach the outputs (recorded in the manifest)."""

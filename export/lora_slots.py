@@ -1,22 +1,28 @@
 """LoRA slots: the UNet's adapted layers take low-rank factors as graph inputs (``sdrt export --lora-slots``).
 
-A slotted layer computes ``W x + up (down x)`` where ``down`` [rank, in] and ``up`` [out, rank] are inputs of the
-graph (``lora.<module>.down``, ``lora.<module>.up``; runtime/lora_adapters.py fills them per request: zeros when no
-adapter is active, a LoRA's factors zero-padded to the slot's rank with its scale folded into ``up``, several
-LoRAs side by side on the rank axis). The weights stay as exported, so one export serves any LoRA of the
-targeted layers whose ranks sum to at most the slot's rank, without re-export, rebuild or refit.
+A slotted linear layer computes ``W x + up (down x)`` where ``down`` [rank, in] and ``up`` [out, rank] are inputs
+of the graph (``lora.<module>.down``, ``lora.<module>.up``; runtime/lora_adapters.py fills them per request: zeros
+when no adapter is active, a LoRA's factors zero-padded to the slot's rank with its scale folded into ``up``,
+several LoRAs side by side on the rank axis). A slotted convolution (LoCon) computes ``conv(x) + up * (down * x)``:
+``down`` [rank, in, kh, kw] is a convolution with the base layer's kernel size, stride, padding and dilation,
+``up`` [out, rank, 1, 1] a 1x1 one, as kohya's LoCon and PEFT's convolution LoRA build them. The weights stay as
+exported, so one export serves any LoRA of the targeted layers whose ranks sum to at most the slot's rank,
+without re-export, rebuild or refit.
 
 Targets (the layers that get a slot): ``attn`` (the default; diffusers' LoRA training scripts' targets: every
-attention's ``to_q``, ``to_k``, ``to_v``, ``to_out.0``) or ``attn-ff`` (also the transformer blocks' feed-forward
+attention's ``to_q``, ``to_k``, ``to_v``, ``to_out.0``), ``attn-ff`` (also the transformer blocks' feed-forward
 ``ff.net.0.proj`` and ``ff.net.2``, and ``proj_in`` / ``proj_out`` where they are linear, as kohya's scripts
-train). The CLIP text encoders get slots too, where LoRAs that train them adapt them: every attention's
-``q_proj``, ``k_proj``, ``v_proj``, ``out_proj`` (and with ``attn-ff`` the MLP's ``fc1``, ``fc2``, kohya's
-text-encoder targets). Linear layers only: LoCon's convolution adapters have no slot (an adapter with one is
-refused by name).
+train) or ``attn-ff-conv`` (LoCon: also the convolutions kohya's LoCon and LyCORIS' ``locon`` adapt, the ResNet
+blocks' ``conv1``, ``conv2``, ``conv_shortcut`` and their linear ``time_emb_proj``, the down- and upsamplers'
+``conv``, and ``proj_in`` / ``proj_out`` where they are 1x1 convolutions, SD 1.x / 2.x's). The CLIP text encoders
+get slots too, where LoRAs that train them adapt them: every attention's ``q_proj``, ``k_proj``, ``v_proj``,
+``out_proj`` (and with ``attn-ff`` or ``attn-ff-conv`` the MLP's ``fc1``, ``fc2``, kohya's text-encoder targets).
+The UNet's ``conv_in`` / ``conv_out`` and grouped convolutions have no slot.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -26,14 +32,22 @@ import torch.nn.functional as F
 from sdrt.runtime.errors import InputError
 from sdrt.runtime.lora_adapters import LORA_PREFIX, slot_input
 
+_ATTN = ("to_q", "to_k", "to_v", "to_out.0")
+_FF = ("ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")
+# kohya's LoCon (networks.lora with conv_dim) and LyCORIS' locon adapt every Linear and Conv2d of the ResNet blocks
+# and the down- and upsamplers (besides the transformers' layers): time_emb_proj is a linear layer among them
+_CONV = ("conv1", "conv2", "conv_shortcut", "time_emb_proj", "downsamplers.0.conv", "upsamplers.0.conv")
 TARGETS = {
-    "attn": ("to_q", "to_k", "to_v", "to_out.0"),
-    "attn-ff": ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"),
+    "attn": _ATTN,
+    "attn-ff": (*_ATTN, *_FF),
+    "attn-ff-conv": (*_ATTN, *_FF, *_CONV),
 }
-# the CLIP text encoders' layers of the same kinds (attention projections; the MLP with attn-ff)
+CONV_TARGETS = ("attn-ff-conv",)  # the target sets whose convolutions get slots (the others slot linear layers only)
+# the CLIP text encoders' layers of the same kinds (attention projections; the MLP with attn-ff and attn-ff-conv)
 TEXT_TARGETS = {
     "attn": ("q_proj", "k_proj", "v_proj", "out_proj"),
     "attn-ff": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
+    "attn-ff-conv": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
 }
 RANK_MAX = 256
 DEFAULT_TARGETS = "attn"
@@ -48,30 +62,54 @@ class SlotPlan:
 
     @classmethod
     def parse(cls, text: str) -> SlotPlan:
-        """``RANK[:TARGETS]``, e.g. ``32`` or ``64:attn-ff``."""
+        """``RANK[:TARGETS]``, e.g. ``32``, ``64:attn-ff`` or ``32:attn-ff-conv``."""
         rank, _, targets = str(text).partition(":")
         if not rank.strip().isdigit() or not 1 <= int(rank) <= RANK_MAX:
             raise InputError(f"--lora-slots {text!r}: the rank must be an integer from 1 to {RANK_MAX} (e.g. 32, or "
                              "64:attn-ff)")
         plan = cls(int(rank), targets.strip() or DEFAULT_TARGETS)
         if plan.targets not in TARGETS:
-            raise InputError(f"--lora-slots {text!r}: targets {plan.targets!r} is not one of {', '.join(TARGETS)}")
+            raise InputError(f"--lora-slots {text!r}: targets {plan.targets!r} is not one of {', '.join(TARGETS)} "
+                             "(attn-ff-conv for LoCon, whose convolutions have slots then)")
         return plan
 
 
-def slot_layers(unet: torch.nn.Module, plan: SlotPlan, text: bool = False) -> list[tuple[str, torch.nn.Linear]]:
-    """The linear layers that get a slot, by module name, in module order: the UNet's, or (``text``) a CLIP text
-    encoder's (TEXT_TARGETS)."""
+Layer = torch.nn.Linear | torch.nn.Conv2d  # a slotted layer
+
+
+def _slottable(m: torch.nn.Module, conv: bool) -> bool:
+    """A linear layer, or (``conv``) a plain 2-D convolution: one group, zero padding (what LoCon adapts)."""
+    if isinstance(m, torch.nn.Linear):
+        return True
+    return (conv and isinstance(m, torch.nn.Conv2d) and m.groups == 1 and m.padding_mode == "zeros"
+            and not isinstance(m.padding, str))
+
+
+def slot_layers(unet: torch.nn.Module, plan: SlotPlan, text: bool = False) -> list[tuple[str, Layer]]:
+    """The layers that get a slot, by module name, in module order: the UNet's, or (``text``) a CLIP text
+    encoder's (TEXT_TARGETS). Linear layers, and with a CONV_TARGETS set the UNet's convolutions too."""
     ends = (TEXT_TARGETS if text else TARGETS)[plan.targets]
+    conv = plan.targets in CONV_TARGETS and not text
     layers = [(n, m) for n, m in unet.named_modules()
-              if isinstance(m, torch.nn.Linear) and any(n == e or n.endswith("." + e) for e in ends)]
+              if _slottable(m, conv) and any(n == e or n.endswith("." + e) for e in ends)]
     if not layers:
-        raise InputError(f"the {'text encoder' if text else 'UNet'} has no linear {plan.targets} layers to slot")
+        raise InputError(f"the {'text encoder' if text else 'UNet'} has no {plan.targets} layers to slot")
     return layers
 
 
+def _kernel(m: Layer) -> tuple[int, ...]:
+    """A convolution's kernel size (a linear layer: none)."""
+    return tuple(int(k) for k in m.kernel_size) if isinstance(m, torch.nn.Conv2d) else ()
+
+
+def _features(m: Layer) -> tuple[int, int]:
+    if isinstance(m, torch.nn.Conv2d):
+        return int(m.in_channels), int(m.out_channels)
+    return int(m.in_features), int(m.out_features)
+
+
 def split_inert(module: torch.nn.Module, example: tuple[torch.Tensor, ...],
-                layers: list[tuple[str, torch.nn.Linear]]) -> tuple[list[tuple[str, torch.nn.Linear]], list[str]]:
+                layers: list[tuple[str, Layer]]) -> tuple[list[tuple[str, Layer]], list[str]]:
     """``layers`` split into those whose output reaches ``module``'s outputs on ``example`` and the names of those
     that do not (a CLIP encoder's last layer when the penultimate states condition the UNet, the layers past a
     clip skip): a slot there would be an input the ONNX graph drops. An adapter's factors for an inert layer
@@ -90,23 +128,38 @@ def split_inert(module: torch.nn.Module, example: tuple[torch.Tensor, ...],
     return used, [n for (n, _), g in zip(layers, grads, strict=True) if g is None]
 
 
-def slot_inputs(layers: list[tuple[str, torch.nn.Linear]], rank: int) -> list[tuple[str, str, tuple[int | str, ...]]]:
-    """The graph inputs of the slots, two per layer: ``down`` [rank, in], ``up`` [out, rank]."""
+def slot_inputs(layers: list[tuple[str, Layer]], rank: int) -> list[tuple[str, str, tuple[int | str, ...]]]:
+    """The graph inputs of the slots, two per layer: ``down`` [rank, in] and ``up`` [out, rank] (a convolution:
+    ``down`` [rank, in, kh, kw], ``up`` [out, rank, 1, 1])."""
     out: list[tuple[str, str, tuple[int | str, ...]]] = []
     for name, m in layers:
-        out.append((slot_input(name, "down"), "float", (rank, int(m.in_features))))
-        out.append((slot_input(name, "up"), "float", (int(m.out_features), rank)))
+        fin, fout = _features(m)
+        kernel = _kernel(m)
+        out.append((slot_input(name, "down"), "float", (rank, fin, *kernel)))
+        out.append((slot_input(name, "up"), "float", (fout, rank, *(1 for _ in kernel))))
     return out
 
 
-def slot_example(layers: list[tuple[str, torch.nn.Linear]], rank: int,
-                 g: torch.Generator) -> tuple[torch.Tensor, ...]:
+def slot_example(layers: list[tuple[str, Layer]], rank: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
     """Factors for the trace and the parity gate: small and random, so the gate checks the slots' arithmetic."""
     args: list[torch.Tensor] = []
     for _, m in layers:
-        args.append(torch.randn(rank, m.in_features, generator=g) * (0.5 / m.in_features ** 0.5))
-        args.append(torch.randn(m.out_features, rank, generator=g) * (0.5 / rank ** 0.5))
+        fin, fout = _features(m)
+        kernel = _kernel(m)
+        fan_in = fin * math.prod(kernel)
+        args.append(torch.randn(rank, fin, *kernel, generator=g) * (0.5 / fan_in ** 0.5))
+        args.append(torch.randn(fout, rank, *(1 for _ in kernel), generator=g) * (0.5 / rank ** 0.5))
     return tuple(args)
+
+
+def _low_rank(m: Layer, down: torch.Tensor, up: torch.Tensor) -> Callable[..., torch.Tensor]:
+    """The forward hook adding ``up (down x)`` to ``m``'s output: matrix products for a linear layer; for a
+    convolution ``down`` convolves with the layer's own stride, padding and dilation and ``up`` is 1x1 (kohya's
+    LoCon, PEFT's Conv2d LoRA)."""
+    if isinstance(m, torch.nn.Conv2d):
+        stride, padding, dilation = m.stride, m.padding, m.dilation
+        return lambda _m, inp, out: out + F.conv2d(F.conv2d(inp[0], down, None, stride, padding, dilation), up)
+    return lambda _m, inp, out: out + F.linear(F.linear(inp[0], down), up)
 
 
 class Slotted(torch.nn.Module):
@@ -114,8 +167,7 @@ class Slotted(torch.nn.Module):
     ``slot_inputs`` order. The hooks live only for the call (the model is shared with the export's other
     components)."""
 
-    def __init__(self, inner: torch.nn.Module, layers: list[tuple[str, torch.nn.Linear]],
-                 inert: Sequence[str] = ()) -> None:
+    def __init__(self, inner: torch.nn.Module, layers: list[tuple[str, Layer]], inert: Sequence[str] = ()) -> None:
         super().__init__()
         self.inner = inner
         self.layers = [m for _, m in layers]  # not registered: the inner wrapper owns them
@@ -124,11 +176,7 @@ class Slotted(torch.nn.Module):
     def forward(self, *args: torch.Tensor) -> object:
         n = len(args) - 2 * len(self.layers)
         base, factors = args[:n], args[n:]
-
-        def hook(down: torch.Tensor, up: torch.Tensor) -> Callable[..., torch.Tensor]:
-            return lambda _m, inp, out: out + F.linear(F.linear(inp[0], down), up)
-
-        handles = [m.register_forward_hook(hook(factors[2 * i], factors[2 * i + 1]))
+        handles = [m.register_forward_hook(_low_rank(m, factors[2 * i], factors[2 * i + 1]))
                    for i, m in enumerate(self.layers)]
         try:
             return self.inner(*base)
@@ -137,5 +185,5 @@ class Slotted(torch.nn.Module):
                 h.remove()
 
 
-__all__ = ["LORA_PREFIX", "RANK_MAX", "TARGETS", "TEXT_TARGETS", "SlotPlan", "Slotted", "slot_example", "slot_inputs",
-           "slot_layers", "split_inert"]
+__all__ = ["CONV_TARGETS", "LORA_PREFIX", "RANK_MAX", "TARGETS", "TEXT_TARGETS", "Layer", "SlotPlan", "Slotted",
+           "slot_example", "slot_inputs", "slot_layers", "split_inert"]

@@ -1,11 +1,12 @@
 """LoRA per request: adapters turned into the factors a slotted export's UNet takes as inputs.
 
 An export made with ``sdrt export --lora-slots RANK[:TARGETS]`` (export/lora_slots.py) gives each targeted layer
-two inputs, ``lora.<module>.down`` [rank, in] and ``lora.<module>.up`` [out, rank]; the layer adds
-``up (down x)``. A request's adapters become those inputs here: each LoRA's factors (``down`` as the file holds
-it, ``up`` times the request's scale and the file's ``alpha / rank``) placed side by side on the rank axis, the
-rest zeros, so the slot computes ``sum_i scale_i (alpha_i / r_i) up_i down_i x``, what diffusers computes with the
-same adapters loaded. No adapter: every factor zero (the plain UNet's output).
+two inputs, ``lora.<module>.down`` [rank, in] and ``lora.<module>.up`` [out, rank] (a convolution's, with
+``attn-ff-conv``: [rank, in, kh, kw] and [out, rank, 1, 1], LoCon's shapes); the layer adds ``up (down x)``. A
+request's adapters become those inputs here: each LoRA's factors (``down`` as the file holds it, ``up`` times the
+request's scale and the file's ``alpha / rank``) placed side by side on the rank axis, the rest zeros, so the slot
+computes ``sum_i scale_i (alpha_i / r_i) up_i down_i x``, what diffusers computes with the same adapters loaded.
+No adapter: every factor zero (the plain UNet's output).
 
 :class:`AdapterLibrary` finds adapters by name in a folder (``NAME.safetensors``) or by path, and keeps the
 parsed files in an LRU bounded in bytes. Files are read as ``runtime/lora_files.py`` reads them (kohya / A1111
@@ -41,12 +42,27 @@ def slot_input(module: str, kind: str) -> str:
 
 @dataclass(frozen=True)
 class Slot:
-    """One slotted layer: its module name, the slot's rank, the layer's in and out features."""
+    """One slotted layer: its module name, the slot's rank, the layer's in and out features, and a convolution's
+    kernel size (a linear layer: none)."""
 
     module: str
     rank: int
     features_in: int
     features_out: int
+    kernel: tuple[int, ...] = ()
+
+    @property
+    def down_shape(self) -> tuple[int, ...]:
+        return (self.rank, self.features_in, *self.kernel)
+
+    @property
+    def up_shape(self) -> tuple[int, ...]:
+        return (self.features_out, self.rank, *(1 for _ in self.kernel))
+
+    def describe(self) -> str:
+        """``320 -> 640`` (a linear layer) or ``a 3x3 convolution 320 -> 640``."""
+        io = f"{self.features_in} -> {self.features_out}"
+        return f"a {'x'.join(map(str, self.kernel))} convolution {io}" if self.kernel else io
 
 
 def slots_of(inputs: Mapping[str, Any]) -> dict[str, Slot]:
@@ -56,11 +72,11 @@ def slots_of(inputs: Mapping[str, Any]) -> dict[str, Slot]:
         if name.startswith(LORA_PREFIX) and name.endswith(".down"):
             module = name[len(LORA_PREFIX): -len(".down")]
             up = inputs.get(slot_input(module, "up"))
-            rank, fin = spec.shape
-            if up is None or not isinstance(rank, int) or not isinstance(fin, int):
+            dims = tuple(spec.shape)
+            if up is None or len(dims) < 2 or not all(isinstance(d, int) for d in dims):
                 raise ArtifactError(f"the LoRA slot {module} is incomplete in this export; re-export it with "
                                     "`sdrt export ... --lora-slots RANK`")
-            slots[module] = Slot(module, rank, fin, int(up.shape[0]))
+            slots[module] = Slot(module, int(dims[0]), int(dims[1]), int(up.shape[0]), tuple(int(d) for d in dims[2:]))
     return slots
 
 
@@ -173,8 +189,9 @@ def adapter_factors(slots: Mapping[str, Mapping[str, Slot]], adapters: Sequence[
                     inert: Mapping[str, Sequence[str]] | None = None) -> dict[str, dict[str, np.ndarray]]:
     """Every slot's two inputs for these adapters (all zero for none), per component (``slots``: component ->
     its slots: the UNet's and, in exports that have them, the text encoders'), checked: an adapter module with
-    no slot here (another architecture, a convolution layer, a layer outside the export's targets, a text
-    encoder of an export without text-encoder slots) and ranks past a slot's are InputErrors naming them.
+    no slot here (another architecture, a layer outside the export's targets, a LoCon convolution on an export
+    without convolution slots, a text encoder of an export without text-encoder slots) and ranks past a slot's
+    are InputErrors naming them.
     ``inert``: per component, the targeted layers the export left without a slot because they do not reach its
     outputs (the manifest's ``lora_slots.inert``): an adapter's factors there change nothing and are skipped."""
     index = {c: _index(s) for c, s in slots.items()}
@@ -195,10 +212,10 @@ def adapter_factors(slots: Mapping[str, Mapping[str, Slot]], adapters: Sequence[
             where = "; ".join(f"the {_LABELS.get(c, c)}'s {_describe(s)}" for c, s in slots.items() if s)
             raise InputError(
                 f"LoRA {adapter.name!r} adapts {len(missing)} layer(s) this export has no slot for "
-                f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): its slots are {where}; "
-                "convolution (LoCon) layers have none yet. Re-export with `--lora-slots RANK:attn-ff` if it adapts "
-                "feed-forward layers (or to add text-encoder slots to an export made before they existed), or "
-                "merge this LoRA at export (`sdrt export --lora`)")
+                f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): its slots are {where}. "
+                "Re-export with `--lora-slots RANK:attn-ff` if it adapts feed-forward layers, "
+                "`--lora-slots RANK:attn-ff-conv` if it adapts convolutions (LoCon), or either to add text-encoder "
+                "slots to an export made before they existed; or merge this LoRA at export (`sdrt export --lora`)")
     return {c: _component_feeds(s, {mod: p for (comp, mod), p in parts.items() if comp == c}, dtype)
             for c, s in slots.items()}
 
@@ -208,8 +225,8 @@ def _component_feeds(slots: Mapping[str, Slot], parts: Mapping[str, list[tuple[n
     """One component's slot inputs: each slot's adapters side by side on the rank axis, the rest zeros."""
     feeds: dict[str, np.ndarray] = {}
     for module, slot in slots.items():
-        down = np.zeros((slot.rank, slot.features_in), np.float32)
-        up = np.zeros((slot.features_out, slot.rank), np.float32)
+        down = np.zeros(slot.down_shape, np.float32)
+        up = np.zeros(slot.up_shape, np.float32)
         r = 0
         for d, u in parts.get(module, []):
             if r + d.shape[0] > slot.rank:
@@ -224,15 +241,27 @@ def _component_feeds(slots: Mapping[str, Slot], parts: Mapping[str, list[tuple[n
     return feeds
 
 
+def _trim(shape: Sequence[int]) -> tuple[int, ...]:
+    """A shape without its trailing 1s: a 1x1 convolution's factors [r, in, 1, 1] are a linear layer's [r, in]."""
+    dims = list(shape)
+    while len(dims) > 2 and dims[-1] == 1:
+        dims.pop()
+    return tuple(dims)
+
+
 def _factors(name: str, m: LoraModule, slot: Slot, scale: float) -> tuple[np.ndarray, np.ndarray]:
-    """One LoRA module's (down [r, in], up [out, r] x scale x alpha / r), float32, checked against the slot."""
+    """One LoRA module's (down [r, in(, kh, kw)], up [out, r(, 1, 1)] x scale x alpha / r), float32, in the slot's
+    layout and checked against it: a LoCon convolution's ``down`` must have the layer's kernel size, ``up`` be
+    1x1; a 1x1 convolution's factors fit a linear slot and the other way round."""
     down = np.asarray(m.down, np.float32)
     up = np.asarray(m.up, np.float32)
-    if down.ndim != 2 or up.ndim != 2 or down.shape[1] != slot.features_in or up.shape[0] != slot.features_out:
+    r = down.shape[0] if down.ndim else 0
+    want_down, want_up = (r, *slot.down_shape[1:]), (slot.features_out, r, *slot.up_shape[2:])
+    if _trim(down.shape) != _trim(want_down) or _trim(up.shape) != _trim(want_up):
         raise InputError(f"LoRA {name!r}: {m.module} has factors {tuple(down.shape)} and {tuple(up.shape)}, but the "
-                         f"layer is {slot.features_in} -> {slot.features_out}: the LoRA was trained for another "
-                         "architecture")
-    return down, up * np.float32(scale * m.scaling)
+                         f"layer is {slot.describe()} (factors {want_down} and {want_up}): the LoRA was trained for "
+                         "another architecture")
+    return down.reshape(want_down), up.reshape(want_up) * np.float32(scale * m.scaling)
 
 
 def _describe(slots: Mapping[str, Slot]) -> str:

@@ -3,7 +3,8 @@
 A LoRA adds a low-rank product to a weight: ``W' = W + scale * (alpha / rank) * up @ down``, where
 ``scale`` is the user's strength and ``alpha / rank`` the file's own scaling (1 when it stores no
 alpha). Several LoRAs stack by summing their deltas. Conv weights use the same product with the
-kernel dims flattened into ``down`` (LoCon).
+kernel dims flattened into ``down`` (LoCon: ``down`` [rank, in, kh, kw], ``up`` [out, rank, 1, 1]). LyCORIS'
+other algorithms (LoHa, LoKr, (IA)^3, OFT, full) and DoRA are refused by name.
 
 Key layouts read (``.safetensors``):
 
@@ -38,7 +39,13 @@ _KOHYA_PREFIX = {"lora_unet": "unet", "lora_te": "text_encoder", "lora_te1": "te
 _KOHYA = re.compile(r"^(lora_unet|lora_te1|lora_te2|lora_te)_(.+?)\.(lora_down\.weight|lora_up\.weight|alpha)$")
 _PEFT = re.compile(r"^(?:(unet|text_encoder_2|text_encoder)\.)?(.+?)\.(lora_A\.weight|lora_B\.weight|alpha)$")
 _LEGACY = re.compile(r"^(?:(unet|text_encoder_2|text_encoder)\.)?(.+?)\.(down\.weight|up\.weight)$")
-_UNSUPPORTED = ("hada_", "lokr_", "dora_scale", "lora_magnitude_vector", ".diff", "lora_mid")
+# the key parts of LyCORIS' other algorithms and of DoRA -> what they are: their weights are not a low-rank product
+# up @ down (LoHa's Hadamard product, LoKr's Kronecker product, DoRA's normalised magnitude, (IA)^3's scaling, a
+# full difference; LoCon's Tucker form adds a middle factor); sdrt reads plain LoRA and LoCon only
+_UNSUPPORTED = {"hada_": "LoHa", "lokr_": "LoKr", "dora_scale": "DoRA", "lora_magnitude_vector": "DoRA",
+                ".on_input": "(IA)^3", ".diff": "full (diff)", "oft_": "OFT", "lora_mid": "LoCon with Tucker (lora_mid)"}
+SUPPORTED = ("plain LoRA and LoCon: kohya / LyCORIS lora_down / lora_up (with alpha), or diffusers / PEFT "
+             "lora_A / lora_B")
 # diffusers' attention-processor names -> module names (UNet attention, CLIP attention, CLIP MLP)
 _LEGACY_RENAMES = (
     (".processor.to_q_lora", ".to_q"), (".processor.to_k_lora", ".to_k"), (".processor.to_v_lora", ".to_v"),
@@ -146,11 +153,14 @@ def _layout(keys: Iterable[str]) -> str:
 def parse_lora(
     tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None, *, name: str = "LoRA"
 ) -> tuple[str, list[LoraModule]]:
-    """Split a LoRA state dict into modules. Raises InputError for unsupported kinds (LoHa, LoKr, DoRA)."""
+    """Split a LoRA state dict into modules. Raises InputError for the kinds sdrt does not read (LyCORIS' LoHa,
+    LoKr, (IA)^3, OFT, full; DoRA), naming them and the kinds it reads."""
     bad = sorted({s for k in tensors for s in _UNSUPPORTED if s in k})
     if bad:
-        raise InputError(f"{name}: holds {', '.join(bad)} tensors (LyCORIS LoHa/LoKr or DoRA); sdrt merges plain "
-                         "LoRA only (lora_down/lora_up or lora_A/lora_B)")
+        kinds = ", ".join(dict.fromkeys(_UNSUPPORTED[s] for s in bad))
+        raise InputError(f"{name}: a {kinds} file ({', '.join(bad)} tensors), which sdrt does not read: it reads "
+                         f"{SUPPORTED}. Use a LoRA or LoCon file, or merge this one into the checkpoint with the "
+                         "tool that trained it")
     layout = _layout(tensors)
     if layout == "unknown":
         raise InputError(f"{name}: no LoRA weights found (expected kohya lora_down/lora_up or diffusers "

@@ -112,7 +112,7 @@ def test_legacy_diffusers_layout_names() -> None:
 
 def test_unsupported_and_broken_files(tmp_path: Path) -> None:
     z = np.zeros((2, 2), np.float32)
-    with pytest.raises(InputError, match="LoHa/LoKr or DoRA"):
+    with pytest.raises(InputError, match="a LoHa file .*it reads plain LoRA and LoCon"):
         parse_lora({"lora_unet_x.hada_w1_a": z})
     with pytest.raises(InputError, match="no LoRA weights"):
         parse_lora({"something": z})

@@ -3,7 +3,8 @@ diffusers with the same LoRA files loaded (``load_lora_weights``, ``set_adapters
 a second reference) on the same seeded weights and initial latents: images within 1/255.
 
 The LoRAs are random factors written in the kohya / A1111 and the diffusers / PEFT layouts
-(tests/helpers/models.py ``make_lora``).
+(tests/helpers/models.py ``make_lora``); LoCon files adapt convolutions too (``down`` a convolution with the
+layer's kernel, ``up`` 1x1), on exports made with ``--lora-slots RANK:attn-ff-conv``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,11 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("peft", reason="diffusers' LoRA loading needs peft (the test extra)")
 
 ATTN = ("to_q", "to_k", "to_v", "to_out.0")
+# what kohya's LoCon (networks.lora with conv_dim) and LyCORIS' locon adapt in a diffusers UNet: the transformers'
+# linear layers and proj_in / proj_out (1x1 convolutions in SD 1.5), every Linear and Conv2d of the ResNet blocks
+# (time_emb_proj is linear) and the down- and upsamplers' convolutions
+CONVS = ("conv1", "conv2", "conv_shortcut", "time_emb_proj", "downsamplers.0.conv", "upsamplers.0.conv")
+LOCON = (*ATTN, "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out", *CONVS)
 PROMPT = "a watercolor fox in the snow, highly detailed"
 KW: dict[str, Any] = {"negative_prompt": "blurry", "height": 64, "width": 96, "steps": 6, "guidance_scale": 7.5,
                       "sampler": "ddim"}
@@ -44,9 +50,11 @@ TEXT_ATTN = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 
 def _lora(tmp: Path, m: Any, layout: str, seed: int, rank: int = 2, alpha: float | None = None,
-          targets: tuple[str, ...] = ATTN, text: bool = False, text_targets: tuple[str, ...] = TEXT_ATTN) -> Path:
+          targets: tuple[str, ...] = ATTN, text: bool = False, text_targets: tuple[str, ...] = TEXT_ATTN,
+          text_2: bool = False, conv_rank: int | None = None) -> Path:
     return make_lora(tmp / f"{layout}-{seed}-r{rank}.safetensors", m.unet, m.text_encoders[0] if text else None,
-                     layout, seed=seed, rank=rank, alpha=alpha, unet_targets=targets, text_targets=text_targets)
+                     layout, seed=seed, rank=rank, alpha=alpha, unet_targets=targets, text_targets=text_targets,
+                     text_encoder_2=m.text_encoders[1] if text_2 else None, conv_rank=conv_rank)
 
 
 def _latents(seed: int = 0) -> np.ndarray:
@@ -135,6 +143,64 @@ def test_feed_forward_slots_take_kohya_s_usual_targets(slotted_export, models, t
         shared_pipeline(slotted_export("sdxl-tiny"))(PROMPT, steps=1, loras=[(path, 1.0)])
 
 
+@pytest.mark.parametrize(("locon_layout", "linear_layout"), [("kohya", "diffusers"), ("diffusers", "kohya")])
+def test_locon_matches_diffusers_stacked_with_a_linear_lora(slotted_export, models, tmp_path: Path, locon_layout: str,
+                                                            linear_layout: str) -> None:
+    """A LoCon file (kohya's ``lora_unet_..._resnets_0_conv1.lora_down.weight`` [r, in, 3, 3], or PEFT's Conv2d
+    ``lora_A`` / 1x1 ``lora_B``) on an ``attn-ff-conv`` export, its 3x3 convolutions at their own rank (kohya's
+    conv_dim), stacked with an attention-only LoRA on the slots' rank axis: diffusers' image with both loaded."""
+    from sdrt.runtime.manifest import ExportManifest
+
+    m, folder = models["sd15-tiny"], slotted_export("sd15-tiny", "8:attn-ff-conv")
+    unet = ExportManifest.read(folder).components["unet"]
+    slots = slots_of({i.name: i for i in unet.inputs})
+    assert slots["down_blocks.0.downsamplers.0.conv"].kernel == (3, 3)  # stride 2: the slot's down convolves so too
+    assert slots["down_blocks.0.attentions.0.proj_in"].kernel == (1, 1) and not slots["mid_block.resnets.0.time_emb_proj"].kernel
+    assert unet.parity is not None and unet.parity.rel_err <= unet.parity.bound  # gated with random factors
+    kohya = locon_layout == "kohya"
+    locon = _lora(tmp_path, m, locon_layout, seed=30, rank=2, conv_rank=4 if kohya else 3, targets=LOCON,
+                  alpha=1.0 if kohya else None)
+    linear = _lora(tmp_path, m, linear_layout, seed=31, rank=3, alpha=None if kohya else 2.0)
+    loras: list[tuple[str | Path, float]] = [(locon, 0.8), (linear, -0.5)]
+    want = _reference(m, folder, [(locon, 0.8), (linear, -0.5)])
+    _close(_sdrt(folder, loras), want, f"{locon_layout} LoCon + {linear_layout} LoRA")
+    # the convolutions alone move the image: their slots take part (tmp_path / "conv": another file name)
+    (tmp_path / "conv").mkdir()
+    convs = _lora(tmp_path / "conv", m, locon_layout, seed=32, rank=2, targets=CONVS, alpha=1.0 if kohya else None)
+    assert np.abs(_sdrt(folder, [(convs, 0.8)]) - _sdrt(folder, None)).max() > 3
+
+
+def test_locon_refusals_name_what_is_allowed(slotted_export, models, tmp_path: Path) -> None:
+    """Ranks past the slot at a convolution, a LyCORIS LoHa file, a LoCon whose kernel is not the layer's, a
+    target set that does not exist: refused before any work, naming the allowed values."""
+    from safetensors.numpy import save_file
+
+    from sdrt.export.lora_slots import SlotPlan
+
+    m, folder = models["sd15-tiny"], slotted_export("sd15-tiny", "8:attn-ff-conv")
+    pipe = shared_pipeline(folder)
+    wide = _lora(tmp_path, m, "kohya", seed=33, rank=1, conv_rank=5, targets=CONVS, alpha=1.0)
+    with pytest.raises(InputError, match=r"add rank 10 at down_blocks\.0\.resnets\.0\.conv1, over this export's slot "
+                                         "rank 8"):
+        pipe(PROMPT, steps=1, loras=[(wide, 1.0), (wide, 0.5)])
+    g = np.random.default_rng(0)
+    key = "lora_unet_down_blocks_0_resnets_0_conv1"
+    loha = {f"{key}.hada_w{i}_{ab}": g.standard_normal((4, 32) if ab == "a" else (32, 4)).astype(np.float32)
+            for i in (1, 2) for ab in "ab"} | {f"{key}.alpha": np.array(4.0, np.float32)}
+    save_file(loha, str(tmp_path / "loha.safetensors"))
+    with pytest.raises(InputError, match="a LoHa file .*it reads plain LoRA and LoCon: kohya / LyCORIS lora_down / "
+                                         "lora_up .*or diffusers / PEFT lora_A / lora_B"):
+        pipe(PROMPT, steps=1, loras=[(tmp_path / "loha.safetensors", 1.0)])
+    flat = {f"{key}.lora_down.weight": np.zeros((2, 32), np.float32),  # a linear down for a 3x3 convolution
+            f"{key}.lora_up.weight": np.zeros((32, 2, 1, 1), np.float32)}
+    save_file(flat, str(tmp_path / "flat.safetensors"))
+    with pytest.raises(InputError, match=r"the layer is a 3x3 convolution 32 -> 32 \(factors \(2, 32, 3, 3\) and "
+                                         r"\(32, 2, 1, 1\)\): the LoRA was trained for another architecture"):
+        pipe(PROMPT, steps=1, loras=[(tmp_path / "flat.safetensors", 1.0)])
+    with pytest.raises(InputError, match="targets 'conv' is not one of attn, attn-ff, attn-ff-conv"):
+        SlotPlan.parse("8:conv")
+
+
 @pytest.mark.parametrize(("layout", "preset", "slots", "text_targets"), [
     ("kohya", "sd15-tiny", "8", TEXT_ATTN),
     ("kohya", "sd15-tiny", "8:attn-ff", (*TEXT_ATTN, "fc1", "fc2")),  # kohya trains the MLP too
@@ -160,6 +226,22 @@ def test_text_encoder_layers_match_diffusers(slotted_export, models, tmp_path: P
     lat = pipe.denoise(emb, lat, plan, guidance_scale=KW["guidance_scale"], loras=[(path, 0.8)])
     staged = np.asarray(pipe.decode(lat)[0]).astype(np.int32)
     _close(staged, want, "staged")
+
+
+@pytest.mark.parametrize("layout", ["kohya", "diffusers"])
+def test_sdxl_lora_adapting_both_text_encoders_matches_diffusers(slotted_export, models, tmp_path: Path,
+                                                                 layout: str) -> None:
+    """SDXL's second text encoder's slots, with a LoRA that adapts both encoders (kohya's ``lora_te1_`` /
+    ``lora_te2_``, PEFT's ``text_encoder.`` / ``text_encoder_2.``): diffusers' image with the same file."""
+    m, folder = models["sdxl-tiny"], slotted_export("sdxl-tiny")
+    alpha = 2.0 if layout == "kohya" else None
+    both = _lora(tmp_path, m, layout, seed=40, rank=3, alpha=alpha, text=True, text_2=True)
+    want = _reference(m, folder, [(both, 0.9)])
+    _close(_sdrt(folder, [(both, 0.9)]), want, f"SDXL {layout} LoRA of both text encoders")
+    # the same factors without the second encoders part (drawn last, so the rest is the same): another image
+    (tmp_path / "first").mkdir()
+    first = _lora(tmp_path / "first", m, layout, seed=40, rank=3, alpha=alpha, text=True)
+    assert np.abs(_sdrt(folder, [(first, 0.9)]) - want).max() > 3
 
 
 def test_no_lora_gives_the_plain_exports_image(slotted_export, tiny_export) -> None:
@@ -193,7 +275,7 @@ def test_bad_requests_are_refused_before_work(slotted_export, tiny_export, model
     with pytest.raises(InputError, match=r"no slot for \(text_encoder\.text_model_encoder_layers_0_mlp_fc"):
         pipe(PROMPT, steps=1, loras=[(text, 1.0)])  # the MLP has slots with attn-ff only
     conv = _lora(tmp_path, m, "kohya", seed=9, targets=(*ATTN, "resnets.0.conv1"))
-    with pytest.raises(InputError, match="no slot for.*conv1"):
+    with pytest.raises(InputError, match="no slot for.*conv1.*RANK:attn-ff-conv. if it adapts convolutions"):
         pipe(PROMPT, steps=1, loras=[(conv, 1.0)])
     other = _lora(tmp_path, models["sdxl-tiny"], "diffusers", seed=10)
     with pytest.raises(InputError, match="another architecture|no slot for"):
@@ -208,10 +290,23 @@ def test_bad_requests_are_refused_before_work(slotted_export, tiny_export, model
         shared_pipeline(tiny_export("sd15-tiny"))(PROMPT, steps=1, loras=[(big, 1.0)])
 
 
-def test_openvino_gives_ort_cpus_images(slotted_export, models, tmp_path: Path) -> None:
+def _sets(m: Any, tmp_path: Path, slots: str, seeds: tuple[int, int]) -> list[list[tuple[str | Path, float]] | None]:
+    """Two LoRA sets and none: on an attn-ff-conv export a LoCon (convolution factors as graph inputs) and a LoCon
+    stacked with an attention-only LoRA."""
+    a = _lora(tmp_path, m, "kohya", seed=seeds[0], alpha=1.0)
+    b = _lora(tmp_path, m, "diffusers", seed=seeds[1], rank=4)
+    if slots.endswith("conv"):
+        a = _lora(tmp_path, m, "kohya", seed=seeds[0] + 100, alpha=1.0, targets=LOCON, conv_rank=3)
+        return [[(a, 0.8)], [(a, 0.5), (b, 0.6)], None]
+    return [[(a, 0.8)], [(b, 0.6)], None]
+
+
+@pytest.mark.parametrize("slots", ["8", "8:attn-ff-conv"])
+def test_openvino_gives_ort_cpus_images(slotted_export, models, tmp_path: Path, slots: str) -> None:
+    """OpenVINO takes the factors as inputs too (a convolution's weights included) and gives ort-cpu's images."""
     pytest.importorskip("openvino", reason="the openvino extra is not installed")
-    m, folder = models["sd15-tiny"], slotted_export("sd15-tiny")
-    path = _lora(tmp_path, m, "diffusers", seed=11, rank=4)
+    m, folder = models["sd15-tiny"], slotted_export("sd15-tiny", slots)
+    path = _lora(tmp_path, m, "diffusers", seed=11, rank=4, targets=LOCON if slots.endswith("conv") else ATTN)
     want = _sdrt(folder, [(path, 0.9)])
     with Pipeline.load(folder, backend="openvino", precision="f32") as pipe:
         got = pipe(PROMPT, latents=_latents(), loras=[(path, 0.9)], **KW)
@@ -251,12 +346,13 @@ def test_the_library_keeps_recent_adapters_within_its_bound(models, tmp_path: Pa
         AdapterLibrary(tmp_path / "nowhere")
 
 
-@pytest.mark.parametrize("cuda_graph", [False, True])
+@pytest.mark.parametrize(("cuda_graph", "slots"), [(False, "8"), (True, "8"), (True, "8:attn-ff-conv")])
 def test_ort_cuda_code_path_gives_the_ort_cpu_images(slotted_export, models, tmp_path: Path,
-                                                     monkeypatch: pytest.MonkeyPatch, cuda_graph: bool) -> None:
+                                                     monkeypatch: pytest.MonkeyPatch, cuda_graph: bool,
+                                                     slots: str) -> None:
     """ort-cuda's code path (OrtValues, IO binding; with cuda_graph the composed UNet + step session, the factors
     among its fixed inputs) in CPU memory on the CPU EP: the ort-cpu images, two LoRA sets one after the other
-    and none. Says nothing of a GPU."""
+    and none (LoCon sets on an attn-ff-conv export). Says nothing of a GPU."""
     from sdrt.runtime.ort_backend import OrtBackend
 
     def backend(*a: Any, **k: Any) -> OrtBackend:
@@ -265,10 +361,8 @@ def test_ort_cuda_code_path_gives_the_ort_cpu_images(slotted_export, models, tmp
         monkeypatch.setattr(be, "providers_for", lambda name: ["CPUExecutionProvider"])
         return be
 
-    m, folder = models["sd15-tiny"], slotted_export("sd15-tiny")
-    a = _lora(tmp_path, m, "kohya", seed=12, alpha=1.0)
-    b = _lora(tmp_path, m, "diffusers", seed=13, rank=4)
-    sets: list[list[tuple[str | Path, float]] | None] = [[(a, 0.8)], [(b, 0.6)], None]
+    m, folder = models["sd15-tiny"], slotted_export("sd15-tiny", slots)
+    sets = _sets(m, tmp_path, slots, (12, 13))
     wants = [_sdrt(folder, s) for s in sets]
     monkeypatch.setattr("sdrt.runtime.backends.make_backend", backend)
     with Pipeline.load(folder, backend="ort-cuda") as pipe:
@@ -277,23 +371,26 @@ def test_ort_cuda_code_path_gives_the_ort_cpu_images(slotted_export, models, tmp
             np.testing.assert_array_equal(got, want)
 
 
-def test_tensorrt_runs_the_slots_on_the_fakes(slotted_export, models, tmp_path: Path, fake_gpu) -> None:
+@pytest.mark.parametrize("slots", ["8", "8:attn-ff-conv"])
+def test_tensorrt_runs_the_slots_on_the_fakes(slotted_export, models, tmp_path: Path, fake_gpu, slots: str) -> None:
     """Logic check on the TensorRT fakes (tests/helpers/trt_fakes.py): the slotted UNet builds (its factor inputs
-    static in the profile), and the captured loop, which copies its conditioning into fixed buffers at each
-    start, gives ort-cpu's images for two LoRA sets one after the other and for none."""
+    static in the profile, a convolution's 4-D ones too), and the captured loop, which copies its conditioning
+    into fixed buffers at each start, gives ort-cpu's images for two LoRA sets one after the other and for none.
+    Says nothing of TensorRT's own parser (which takes Conv weights as tensors since TensorRT 8.5)."""
     from sdrt.export.profiles import custom_profile
     from sdrt.export.trt_build import BuildOptions, build_engines
 
-    m, folder = models["sd15-tiny"], slotted_export("sd15-tiny")
-    a = _lora(tmp_path, m, "kohya", seed=14, alpha=1.0)
-    b = _lora(tmp_path, m, "diffusers", seed=15, rank=4)
+    m, folder = models["sd15-tiny"], slotted_export("sd15-tiny", slots)
+    sets = _sets(m, tmp_path, slots, (14, 15))
     out = tmp_path / "engines"
     manifest = build_engines(folder, out, custom_profile(batch="1:1:2", height="64:64:96", width="64:64:96"),
                              BuildOptions(workspace_gb=1))
     unet = next(r for r in manifest.engines if r.component == "unet")
     slot = next(s for s in unet.shapes if s.name.endswith("attn1.to_q.down"))
     assert slot.min == slot.max == (8, slot.min[1])
-    sets: list[list[tuple[str | Path, float]] | None] = [[(a, 0.8)], [(b, 0.6)], None]
+    if slots.endswith("conv"):
+        conv = next(s for s in unet.shapes if s.name == "lora.down_blocks.0.resnets.0.conv1.down")
+        assert conv.min == conv.max == (8, 32, 3, 3)
     wants = [_sdrt(folder, s) for s in sets]
     with Pipeline.load(out, backend="tensorrt") as pipe:
         for s, want in zip(sets, wants):
@@ -304,18 +401,23 @@ def test_tensorrt_runs_the_slots_on_the_fakes(slotted_export, models, tmp_path: 
 
 def test_the_slots_benchmark_runs_onnxruntimes_adapter_beside_plain_inputs(slotted_export, tiny_export,
                                                                             tmp_path: Path) -> None:
-    """``python -m sdrt.benchmarks.lora_slots`` on ort-cpu: the plain UNet, the slotted one without and with a
-    LoRA, and the same factors as an ``onnxruntime.LoraAdapter`` made active per run, which computes what the
-    factors fed as inputs compute. Times are recorded, not judged."""
+    """``python -m sdrt.benchmarks.lora_slots`` on ort-cpu, on an export with convolution slots too: the plain UNet,
+    the slotted one without and with a LoCon, and the same factors as an ``onnxruntime.LoraAdapter`` made active per
+    run, which computes what the factors fed as inputs compute. Times are recorded, not judged; the host's other
+    work meanwhile is recorded beside them."""
     import json
 
     from sdrt.benchmarks import lora_slots
 
     out = tmp_path / "slots.json"
     assert lora_slots.main(["--plain", str(tiny_export("sd15-tiny", "fp32")), "--slotted",
-                            str(slotted_export("sd15-tiny")), "--size", "64", "--repeats", "1", "--lora-rank", "4",
-                            "--backends", "ort-cpu", "--out", str(out)]) == 0
-    rows = json.loads(out.read_text())["rows"]
+                            str(slotted_export("sd15-tiny", "8:attn-ff-conv")), "--size", "64", "--repeats", "1",
+                            "--lora-rank", "4", "--backends", "ort-cpu", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    rows = doc["rows"]
+    assert 0 < doc["conv_slots"] < doc["slots"]
+    host = next(r for r in rows if r["config"] == "host")
+    assert host["other_cpu"] is None or host["busy"] == (host["other_cpu"] > 0.1)
     configs = [r["config"] for r in rows]
     assert configs[:4] == ["plain", "slotted, no LoRA", "slotted, one LoRA (rank 4)",
                            "slotted, one LoRA (rank 4, ORT LoraAdapter)"]

@@ -47,8 +47,9 @@ def register(p: argparse.ArgumentParser) -> None:
                         "FLUX.1 (generate --cache first-block)")
     p.add_argument("--lora-slots", default=None, metavar="RANK[:TARGETS]",
                    help="let calls carry LoRAs without re-export: the UNet's attention layers (TARGETS attn, the "
-                        "default; attn-ff adds the feed-forward layers) take low-rank factors as inputs, up to RANK "
-                        "per layer (the ranks of a call's LoRAs summed), e.g. 32 or 64:attn-ff")
+                        "default; attn-ff adds the feed-forward layers; attn-ff-conv also the ResNet and sampler "
+                        "convolutions, for LoCon) take low-rank factors as inputs, up to RANK per layer (the ranks "
+                        "of a call's LoRAs summed), e.g. 32, 64:attn-ff or 32:attn-ff-conv")
     p.add_argument("--without-t5", action="store_true",
                    help="SD 3 / 3.5: leave the T5-XXL encoder out (diffusers' text_encoder_3=None: zeros in its "
                         "place); much lighter, weaker prompt following")

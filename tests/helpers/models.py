@@ -45,27 +45,38 @@ def lora_targets(module, suffixes):  # type: ignore[no-untyped-def]
 
 def make_lora(path: Path, unet, text_encoder, layout: str, seed: int, rank: int = 2,  # type: ignore[no-untyped-def]
               alpha: float | None = None, unet_targets: tuple[str, ...] = UNET_TARGETS,
-              text_targets: tuple[str, ...] = TE_TARGETS) -> Path:
+              text_targets: tuple[str, ...] = TE_TARGETS, text_encoder_2=None, conv_rank: int | None = None) -> Path:
     """A LoRA with random down/up matrices for every attention, feed-forward and one conv per block (the UNet's
-    ``unet_targets``; no text-encoder part where ``text_encoder`` is None)."""
+    ``unet_targets``; no text-encoder part where ``text_encoder`` is None; ``text_encoder_2``: SDXL's second, named
+    ``lora_te1_`` / ``lora_te2_`` by kohya then, ``text_encoder_2.`` by PEFT). A convolution's factors are LoCon's:
+    ``down`` [r, in, kh, kw], ``up`` [out, r, 1, 1]; ``conv_rank``: the rank of the convolutions wider than 1x1
+    (kohya's ``conv_dim``; default ``rank``)."""
     from safetensors.numpy import save_file
 
     g = np.random.default_rng(seed)
     sd: dict[str, np.ndarray] = {}
-    parts = [("unet", unet, unet_targets)] + ([("text_encoder", text_encoder, text_targets)] if text_encoder is not None
-                                              else [])
+    two = text_encoder_2 is not None
+    parts = [("unet", unet, unet_targets)]
+    if text_encoder is not None:
+        parts.append(("text_encoder", text_encoder, text_targets))
+    if two:
+        parts.append(("text_encoder_2", text_encoder_2, text_targets))
+    kohya = {"unet": "lora_unet_", "text_encoder": "lora_te1_" if two else "lora_te_", "text_encoder_2": "lora_te2_"}
     for comp, module, suffixes in parts:
         for name, m in lora_targets(module, suffixes):
+            if comp != "unet" and not name.startswith("text_model."):
+                name = f"text_model.{name}"  # transformers 5's CLIPTextModel has no text_model level; files name it
             w = m.weight
-            down = (g.standard_normal((rank, w.shape[1], *w.shape[2:])) * 0.2).astype(np.float32)
-            up = (g.standard_normal((w.shape[0], rank, *((1, 1) if w.ndim == 4 else ()))) * 0.2).astype(np.float32)
+            r = conv_rank if conv_rank is not None and w.ndim == 4 and tuple(w.shape[2:]) != (1, 1) else rank
+            down = (g.standard_normal((r, w.shape[1], *w.shape[2:])) * 0.2).astype(np.float32)
+            up = (g.standard_normal((w.shape[0], r, *((1, 1) if w.ndim == 4 else ()))) * 0.2).astype(np.float32)
             if layout == "kohya":
-                key = ("lora_unet_" if comp == "unet" else "lora_te_text_model_") + name.replace(".", "_")
+                key = kohya[comp] + name.replace(".", "_")
                 sd[f"{key}.lora_down.weight"], sd[f"{key}.lora_up.weight"] = down, up
                 if alpha is not None:
                     sd[f"{key}.alpha"] = np.array(alpha, dtype=np.float32)
             else:
-                key = ("unet." if comp == "unet" else "text_encoder.text_model.") + name
+                key = f"{comp}.{name}"
                 sd[f"{key}.lora_A.weight"], sd[f"{key}.lora_B.weight"] = down, up
     save_file(sd, str(path))
     return path
