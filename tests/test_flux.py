@@ -19,7 +19,7 @@ import torch
 
 from sdrt.runtime.errors import InputError
 
-from .helpers.pipelines import shared_pipeline
+from .helpers.pipelines import ort_cuda_on_cpu, shared_pipeline
 
 PROMPT = "a lighthouse on a cliff at dusk, oil painting"
 _REFS: dict[tuple[str, bool], object] = {}
@@ -382,10 +382,7 @@ def test_ort_cuda_code_path_gives_the_ort_cpu_images(flux_export, monkeypatch: p
     from sdrt.runtime.pipeline import Pipeline
 
     def backend(*a, **k) -> OrtBackend:
-        be = OrtBackend("cpu")
-        be.io_binding, be.cuda_graph, be.max_cuda_graphs = True, cuda_graph, 2
-        monkeypatch.setattr(be, "providers_for", lambda name: ["CPUExecutionProvider"])
-        return be
+        return ort_cuda_on_cpu(monkeypatch, cuda_graph=cuda_graph)
 
     folder = flux_export("flux-dev-tiny")
     kw = {"steps": 3, "seed": 9, "height": 64, "width": 96, "guidance_scale": 4.0}

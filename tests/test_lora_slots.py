@@ -21,7 +21,7 @@ from sdrt.runtime.lora_adapters import AdapterLibrary, slots_of
 from sdrt.runtime.pipeline import Pipeline
 
 from .helpers.models import make_lora
-from .helpers.pipelines import shared_pipeline
+from .helpers.pipelines import ort_cuda_on_cpu, shared_pipeline
 from .helpers.references import diffusers_scheduler
 
 torch = pytest.importorskip("torch")
@@ -356,10 +356,7 @@ def test_ort_cuda_code_path_gives_the_ort_cpu_images(slotted_export, models, tmp
     from sdrt.runtime.ort_backend import OrtBackend
 
     def backend(*a: Any, **k: Any) -> OrtBackend:
-        be = OrtBackend("cpu")
-        be.io_binding, be.cuda_graph, be.max_cuda_graphs = True, cuda_graph, 2
-        monkeypatch.setattr(be, "providers_for", lambda name: ["CPUExecutionProvider"])
-        return be
+        return ort_cuda_on_cpu(monkeypatch, cuda_graph=cuda_graph)
 
     m, folder = models["sd15-tiny"], slotted_export("sd15-tiny", slots)
     sets = _sets(m, tmp_path, slots, (12, 13))

@@ -19,13 +19,12 @@ from sdrt.runtime.ort_backend import OrtBackend, StaticBindings, copy_into, ort_
 from sdrt.runtime.pipeline import Pipeline
 from sdrt.runtime.step_graph import step_graph_bytes
 
+from .helpers.pipelines import ort_cuda_on_cpu
+
 
 def _bound_cpu(monkeypatch: pytest.MonkeyPatch, cuda_graph: bool = False, max_graphs: int = 2) -> OrtBackend:
     """An ort-cuda backend in all but the device: OrtValues and IO binding, in CPU memory, on the CPU EP."""
-    be = OrtBackend("cpu")
-    be.io_binding, be.cuda_graph, be.max_cuda_graphs = True, cuda_graph, max_graphs
-    monkeypatch.setattr(be, "providers_for", lambda name: ["CPUExecutionProvider"])
-    return be
+    return ort_cuda_on_cpu(monkeypatch, cuda_graph=cuda_graph, max_cuda_graphs=max_graphs)  # type: ignore[no-any-return]
 
 
 def _feeds(rng: np.random.Generator, b: int = 1) -> dict[str, np.ndarray]:

@@ -22,6 +22,8 @@ from sdrt.runtime.ort_backend import OrtBackend
 from sdrt.runtime.ort_loop import FusedStepLoop
 from sdrt.runtime.pipeline import Pipeline
 
+from .helpers.pipelines import ort_cuda_on_cpu
+
 
 @dataclass
 class Copies:
@@ -76,10 +78,7 @@ def _ort_cuda_on_cpu(monkeypatch: pytest.MonkeyPatch, cuda_graph: bool, fused: b
     """Pipeline.load(backend="ort-cuda") gets ort-cuda in all but the device."""
 
     def backend(*a: Any, **k: Any) -> OrtBackend:
-        be = OrtBackend("cpu")
-        be.io_binding, be.cuda_graph, be.fused_step = True, cuda_graph, fused
-        monkeypatch.setattr(be, "providers_for", lambda name: ["CPUExecutionProvider"])
-        return be
+        return ort_cuda_on_cpu(monkeypatch, cuda_graph=cuda_graph, fused_step=fused)
 
     monkeypatch.setattr("sdrt.runtime.backends.make_backend", backend)
 

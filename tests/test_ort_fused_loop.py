@@ -25,14 +25,15 @@ from sdrt.runtime.pipeline import Pipeline
 from sdrt.runtime.step_graph import build_step_graph, step_graph_bytes
 from sdrt.runtime.step_loop import PlainStepLoop
 
+from .helpers.pipelines import ort_cuda_on_cpu
+
 
 def _bound(monkeypatch: pytest.MonkeyPatch, *, cuda_graph: bool = False, fused: bool | None = True,
            max_graphs: int = 2) -> OrtBackend:
     """ort-cuda in all but the device: OrtValues and IO binding in CPU memory on the CPU EP."""
-    be = OrtBackend("cpu")
-    be.io_binding, be.cuda_graph, be.max_cuda_graphs, be.fused_step = True, cuda_graph, max_graphs, fused
-    monkeypatch.setattr(be, "providers_for", lambda name: ["CPUExecutionProvider"])
-    return be
+    be = ort_cuda_on_cpu(monkeypatch, cuda_graph=cuda_graph, max_cuda_graphs=max_graphs)
+    be.fused_step = fused
+    return be  # type: ignore[no-any-return]
 
 
 def _inputs(unet: Any, guided: bool, b: int, hw: int, noise: bool, steps: int, rng: np.random.Generator,

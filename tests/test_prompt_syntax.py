@@ -16,7 +16,7 @@ import torch
 from sdrt.runtime.errors import InputError
 from sdrt.runtime.prompt_syntax import lora_tags, parse_attention, prompt_schedule
 
-from .helpers.pipelines import shared_pipeline
+from .helpers.pipelines import ort_cuda_on_cpu, shared_pipeline
 
 # -- the parser: A1111's documented examples -----------------------------------------------------------------
 
@@ -277,10 +277,7 @@ def test_prompt_editing_on_the_ort_cuda_code_path(tiny_export, monkeypatch: pyte
     from sdrt.runtime.pipeline import Pipeline
 
     def backend(*a, **k) -> OrtBackend:
-        be = OrtBackend("cpu")
-        be.io_binding, be.cuda_graph, be.max_cuda_graphs = True, cuda_graph, 2
-        monkeypatch.setattr(be, "providers_for", lambda name: ["CPUExecutionProvider"])
-        return be
+        return ort_cuda_on_cpu(monkeypatch, cuda_graph=cuda_graph)
 
     src = tiny_export("sd15-tiny")
     kw = {"negative_prompt": "blurry", "steps": 5, "guidance_scale": 6.0, "sampler": "euler", "seed": 4,

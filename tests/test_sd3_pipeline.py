@@ -17,7 +17,7 @@ import torch
 
 from sdrt.runtime.errors import InputError
 
-from .helpers.pipelines import shared_pipeline
+from .helpers.pipelines import ort_cuda_on_cpu, shared_pipeline
 
 PROMPT = "a red fox in the snow, highly detailed"
 NEGATIVE = "blurry, low quality"
@@ -181,10 +181,7 @@ def test_ort_cuda_code_path_gives_the_ort_cpu_images(sd3_export, monkeypatch: py
     from sdrt.runtime.ort_backend import OrtBackend
 
     def backend(*a, **k) -> OrtBackend:
-        be = OrtBackend("cpu")
-        be.io_binding, be.cuda_graph, be.max_cuda_graphs = True, cuda_graph, 2
-        monkeypatch.setattr(be, "providers_for", lambda name: ["CPUExecutionProvider"])
-        return be
+        return ort_cuda_on_cpu(monkeypatch, cuda_graph=cuda_graph)
 
     folder = sd3_export("sd3-tiny")
     kw = {"negative_prompt": NEGATIVE, "steps": 4, "seed": 9, "height": 64, "width": 96, "guidance_scale": 5.0}

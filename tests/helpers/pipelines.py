@@ -28,3 +28,17 @@ def close_all() -> None:
     """Close every shared pipeline (each closes its backend), newest first."""
     while _OPEN:
         _OPEN.popitem()[1].close()
+
+
+def ort_cuda_on_cpu(monkeypatch, *, cuda_graph: bool = False, max_cuda_graphs: int = 2,  # type: ignore[no-untyped-def]
+                    fused_step: bool | None = None):
+    """An ort-cuda backend in all but the device: OrtValues and IO binding (with ``cuda_graph``, its composed
+    sessions), in CPU memory, on the CPU EP. It runs ort-cuda's code path here and says nothing of a GPU."""
+    from sdrt.runtime.ort_backend import OrtBackend
+
+    be = OrtBackend("cpu")
+    be.io_binding, be.cuda_graph, be.max_cuda_graphs = True, cuda_graph, max_cuda_graphs
+    if fused_step is not None:
+        be.fused_step = fused_step
+    monkeypatch.setattr(be, "providers_for", lambda name: ["CPUExecutionProvider"])
+    return be
