@@ -16,12 +16,15 @@ import abc
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .errors import InputError
 from .manifest import Component
+
+if TYPE_CHECKING:
+    from .engine_manifest import ProfileShapes
 
 CLOSED = "the pipeline/backend was closed; load it again"  # what using anything after close() says
 Array = Any  # a backend's device array: numpy on the host, an OrtValue or device buffer on a GPU
@@ -96,6 +99,12 @@ class Backend(abc.ABC):
         """Raise InputError when the loaded engines cannot take ``tokens`` T5 tokens per prompt (a call's
         ``max_sequence_length``; ``default``: the family's, which engines recording no range were built for).
         TensorRT: outside the build profile's T5 range; ONNX graphs take any length."""
+
+    @property
+    def profile(self) -> ProfileShapes | None:
+        """The request range the loaded engines were built for (TensorRT: the engine folder's build profile),
+        or None where they take any request the export supports (ONNX graphs)."""
+        return None
 
     @abc.abstractmethod
     def step_loop(self, unet: Engine, step: Engine, controlnets: Sequence[Engine | None] = (),

@@ -29,7 +29,12 @@ from .manifest import MANIFEST_NAME, export_entries
 ENGINE_MANIFEST_NAME = "sdrt-engines.json"
 # 2: ``sdrt build`` prebuilds every small graph the runtime loads (sampler steps, first inputs, noising, casts,
 # the text join); a schema-1 folder lacks some of them and is refused (``old_folder_error``)
-ENGINE_SCHEMA_VERSION = 2
+# 3: the build profile records a T5 range (``t5_tokens``). An sdrt reading 2 would ignore it and feed engines
+# built for other lengths the default, so a folder with a range is written as 3 (refused there, naming the
+# upgrade) and one without stays 2, which every sdrt since reads alike
+ENGINE_SCHEMA_VERSION = 3
+BASE_SCHEMA = 2
+T5_RANGE_SCHEMA = 3
 # what an engine's cache key hashes: unchanged by the manifest's schema, so a rebuild over a schema-1 folder
 # reuses its engines and builds only the small graphs it lacks
 CACHE_KEY_SCHEMA = 1
@@ -221,8 +226,12 @@ class EngineManifest:
     build_command: str  # the command that rebuilds this folder
     created: str = ""
     sdrt_version: str = ""
-    schema: int = ENGINE_SCHEMA_VERSION
+    schema: int = BASE_SCHEMA  # the oldest schema that can read this folder (raised to T5_RANGE_SCHEMA by a T5 range)
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.profile.t5_tokens is not None and self.schema < T5_RANGE_SCHEMA:
+            object.__setattr__(self, "schema", T5_RANGE_SCHEMA)
 
     def record(self, component: str) -> EngineRecord:
         for r in self.engines:
@@ -249,7 +258,7 @@ class EngineManifest:
                 f"engine manifest schema {schema} is newer than this sdrt understands ({ENGINE_SCHEMA_VERSION}); "
                 f"upgrade sdrt, or rebuild: {d.get('build_command', 'sdrt build ONNX_DIR --out ENGINE_DIR')}"
             )
-        if schema < ENGINE_SCHEMA_VERSION and not allow_old:
+        if schema < BASE_SCHEMA and not allow_old:
             raise old_folder_error(d, folder)
         return cls(
             profile_name=d["profile_name"],
@@ -288,7 +297,7 @@ def old_folder_error(d: Mapping[str, Any], folder: str | Path | None = None) -> 
     command = d.get("build_command") or f"sdrt build {onnx_dir} --out {out}"
     return CompatibilityError(
         f"{where} was built by an older sdrt (engine manifest schema {d.get('schema', 0)}, this sdrt reads "
-        f"{ENGINE_SCHEMA_VERSION}), without the device-side graphs this runtime runs (first UNet input, image "
+        f"{BASE_SCHEMA} to {ENGINE_SCHEMA_VERSION}), without the device-side graphs this runtime runs (first UNet input, image "
         f"noising, latent casts, prompt join); rebuild it, which reuses its engines:\n  {command}"
     )
 

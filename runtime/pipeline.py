@@ -419,6 +419,31 @@ class Pipeline:
         self._ready()
         return self._inpaint_mode() == "concat"
 
+    def warmup_request(self) -> GenerationRequest:
+        """A small call this pipeline can serve as loaded: two steps at its smallest size, inside the engines'
+        build profile where they have one (its smallest batch and sizes, guided as it was built, T5's default
+        length where the profile takes it, else its smallest), with a grey image and a full mask on an
+        inpainting model. A server runs it before reporting ready, so that the first request does not pay
+        for lazy initialization."""
+        lim = self.manifest.limits
+        prof = self.backend.profile
+        height = width = lim.min_size
+        batch, guidance, tokens = 1, 7.5, None
+        if prof is not None:
+            height, width, batch = max(height, prof.height[0]), max(width, prof.width[0]), prof.batch[0]
+            guidance = 7.5 if prof.cfg else 1.0
+            t5 = prof.t5_tokens
+            if self.family.takes_sequence_length and t5 is not None and not t5[0] <= self.family.text_tokens <= t5[2]:
+                tokens = t5[0]
+        extra: dict[str, Any] = {}
+        if self.is_inpainting:
+            from PIL import Image
+
+            extra = {"image": Image.new("RGB", (width, height), (127, 127, 127)),
+                     "mask_image": Image.new("L", (width, height), 255)}
+        return GenerationRequest("warm-up", height=height, width=width, steps=2, guidance_scale=guidance, seed=0,
+                                 batch_size=batch, max_sequence_length=tokens, **extra)
+
     def _inpaint_mode(self) -> str:
         return inpaint_stage.mode_of(self.engines, self.manifest.latent_channels)
 

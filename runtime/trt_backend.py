@@ -59,6 +59,7 @@ from .engine_manifest import (
     EngineEnv,
     EngineManifest,
     EngineRecord,
+    ProfileShapes,
     check_engine,
 )
 from .errors import ArtifactError, BackendUnavailable, CompatibilityError, InputError, SdrtError
@@ -216,6 +217,11 @@ class TrtBackend(TrtBackendBase):
         self._require_open()
         if self.manifest is not None:
             self.manifest.profile.check_t5_tokens(tokens, default)
+
+    @property
+    def profile(self) -> ProfileShapes | None:
+        """The engine folder's build profile (None before a folder is loaded)."""
+        return None if self.manifest is None else self.manifest.profile
 
     def make_current(self) -> None:
         self._require_open()

@@ -241,16 +241,7 @@ class Batcher:
             with self._cond:
                 self.pipes.append(pipe)
             if self.warmup:
-                lim = pipe.manifest.limits
-                size = lim.min_size
-                extra: dict[str, Any] = {}
-                if getattr(pipe, "is_inpainting", False):  # such a model takes no call without an image and mask
-                    from PIL import Image
-
-                    extra = {"image": Image.new("RGB", (size, size), (127, 127, 127)),
-                             "mask_image": Image.new("L", (size, size), 255)}
-                pipe.generate(GenerationRequest("warm-up", height=size, width=size, steps=2, guidance_scale=7.5,
-                                                 seed=0, **extra))
+                pipe.generate(pipe.warmup_request())
         except BaseException as e:
             log.exception("loading or warming up the pipeline failed")
             self._failed = e

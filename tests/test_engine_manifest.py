@@ -66,6 +66,21 @@ def test_newer_schema_is_refused(tmp_path) -> None:
         EngineManifest.from_dict(d)
 
 
+def test_a_t5_range_raises_the_schema_and_a_folder_without_one_stays_readable_by_older_sdrt(tmp_path) -> None:
+    """A folder whose profile records a T5 range is written as schema 3 (an sdrt that reads only 2 would ignore the
+    range and feed its engines the default length: it refuses the folder as newer instead); one without stays
+    schema 2. This sdrt reads both back as written."""
+    import json
+
+    plain = _manifest()
+    ranged = dataclasses.replace(plain, profile=dataclasses.replace(plain.profile, t5_tokens=(32, 64, 128)))
+    assert json.loads(plain.to_json())["schema"] == 2
+    assert json.loads(ranged.to_json())["schema"] == 3
+    for m in (plain, ranged):
+        m.write(tmp_path)
+        assert EngineManifest.read(tmp_path) == m
+
+
 def test_a_schema_1_folder_is_refused_with_the_command_that_rebuilds_it(tmp_path) -> None:
     """A folder built by an older sdrt (schema 1: without the small device graphs) is refused by name, with its
     own build command; the build itself still reads it, to reuse its engines, whose cache keys are unchanged."""

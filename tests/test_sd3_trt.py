@@ -135,6 +135,11 @@ def test_engines_built_for_a_t5_range_serve_it(sd3_export, tmp_path: Path, fake_
             b = np.asarray(pipe("a red fox", **kw, max_sequence_length=n).images[0], np.int16)
             assert a.shape == b.shape == (64, 64, 3) and a.std() > 1
             assert np.abs(a - b).max() <= 1, n
+        # a server's warm-up call fits the engines: T5's smallest length, as the default 256 is outside the range
+        warm = pipe.warmup_request()
+        assert (warm.max_sequence_length, warm.height, warm.width, warm.batch_size) == (32, 64, 64, 1)
+        assert pipe.generate(warm).images[0].size == (64, 64)
+        assert ref.warmup_request().max_sequence_length is None  # ONNX graphs take the default
         ran = _spy_engines(pipe)
         with pytest.raises(InputError, match=r"max_sequence_length 129 is outside the T5 tokens per prompt these "
                                              r"engines were built for \(32\.\.128\): give max_sequence_length "

@@ -199,6 +199,7 @@ def test_cli_t5_tokens() -> None:
     assert _profile(_parse(["x", "--out", "y"]), 512).t5_tokens is None
     shipped = _profile(_parse(["x", "--out", "y", "--profile", "sd3-dynamic", "--t5-tokens", "128:256:512"]), 512)
     assert (shipped.height, shipped.t5_tokens) == (Range(512, 1024, 1536), Range(128, 256, 512))
+    assert shipped.name == "sd3-dynamic+t5_tokens=128:256:512"  # the engine folder says it is not the shipped one
     cmd = rebuild_command("/x/onnx", "/x/eng", shipped, BuildOptions())
     assert cmd == ("sdrt build /x/onnx --out /x/eng --batch 1:1:2 --height 512:1024:1536 --width 512:1024:1536 "
                    "--chunks 1 --t5-tokens 128:256:512")

@@ -57,7 +57,9 @@ def _profile(args: argparse.Namespace, default_size: int, cfg: bool = True):  # 
         profile = load_profile(args.profile)
         if args.t5_tokens is None:
             return profile
-        return replace(profile, t5_tokens=Range.parse(args.t5_tokens, "--t5-tokens"))
+        t5 = Range.parse(args.t5_tokens, "--t5-tokens")
+        # the shipped profile's name no longer describes it: the engine folder records what changed
+        return replace(profile, name=f"{profile.name}+t5_tokens={t5}", t5_tokens=t5)
     if args.dynamic and (args.height or args.width):
         raise InputError("--dynamic sets both height and width; drop --height/--width or --dynamic")
     height = args.dynamic or args.height
