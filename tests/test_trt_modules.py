@@ -640,3 +640,32 @@ def test_sdrt_build_makes_controlnet_engines_on_rtx(rtx: ModuleType, tiny_contro
     export = ExportManifest.read(out)
     assert export.controlnets == ("controlnet_0", "controlnet_1")
     assert export.components["unet_control"].path == "unet_control.engine"
+
+
+@pytest.mark.slow  # builds the UNet on TensorRT for RTX: about 30 s on 2 cores
+def test_a_locon_slotted_unet_builds_on_rtx(rtx: ModuleType, slotted_export, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """LoRA slots on a real TensorRT builder: the LoCon-slotted UNet (``--lora-slots 8:attn-ff-conv``, fp16), whose
+    convolutions take part of their weights as graph inputs (``down`` [rank, in, kh, kw] convolving with the
+    layer's own kernel), builds; every factor is an engine input with its static shape."""
+    from sdrt.runtime.manifest import ExportManifest
+
+    src = slotted_export("sd15-tiny", "8:attn-ff-conv", "fp16")
+    plan_engines = trt_build.plan_engines
+
+    def unet_only(*args: Any, **kwargs: Any) -> Any:
+        manifest, plans = plan_engines(*args, **kwargs)
+        return manifest, [p for p in plans if p.record.component == "unet"]
+
+    monkeypatch.setattr(trt_build, "plan_engines", unet_only)
+    out = tmp_path / "engines"
+    m = trt_build.build_engines(src, out, custom_profile(batch="1:1:2", height="64:64:96", width="64:64:96"),
+                                trt_build.BuildOptions(module="tensorrt_rtx", workspace_gb=1))
+    (rec,) = m.engines
+    assert rec.component == "unet" and (out / rec.file).stat().st_size == rec.size_bytes > 0
+    inputs = ExportManifest.read(src).components["unet"].inputs
+    slots = {s.name: s for s in rec.shapes if s.name.startswith("lora.")}
+    assert set(slots) == {t.name for t in inputs if t.name.startswith("lora.")}
+    convs = [s for s in slots.values() if len(s.min) == 4 and s.name.endswith(".down") and s.min[2:] == (3, 3)]
+    assert convs and all(s.min == s.opt == s.max for s in slots.values())
+    assert all(s.min[0 if s.name.endswith(".down") else 1] == 8 for s in slots.values())  # the rank
