@@ -222,6 +222,19 @@ def _model_label(doc: dict[str, Any]) -> str:
     return doc["model"]["preset"] + ("" if workload == "txt2img" else f" ({workload})")
 
 
+def _precision(doc: dict[str, Any], m: dict[str, Any]) -> str | None:
+    """The row's arithmetic: a baseline's own; sdrt's export precision, and where its backend computes in
+    another (openvino's ``auto`` picks bf16 on a CPU that has it) that one too: ``fp32 graphs, bf16 inference``."""
+    backend = next((b["precision"] for b in doc["backends"] if b["name"] == m["backend"]), None)
+    if m["role"] != "sdrt":
+        return backend
+    exported = doc["model"]["precision"]
+    inference = backend.rsplit(", ", 1)[-1].removesuffix(" inference") if backend else None
+    if inference is None or inference in (exported, "f32" if exported == "fp32" else exported):
+        return exported
+    return f"{exported} graphs, {inference} inference"
+
+
 def rows(docs: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per successful measurement of every run, sorted by model, shape, device and backend."""
     out = []
@@ -232,8 +245,7 @@ def rows(docs: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
             mem, mem_kind = _memory(m)
             out.append({
                 "run": k + 1, "device": _device(doc, m["device"]), "backend": _backend(m), "role": m["role"],
-                "preset": _model_label(doc), "precision": doc["model"]["precision"] if m["role"] == "sdrt"
-                else next((b["precision"] for b in doc["backends"] if b["name"] == m["backend"]), None),
+                "preset": _model_label(doc), "precision": _precision(doc, m),
                 "size": f"{m['height']}x{m['width']}", "batch": m["batch_size"], "sampler": m["sampler"],
                 "steps": m["steps"], "unet_batch": m["unet_batch"], "its": m["its"], "its_x": _vs(m, "its"),
                 "step_ms": m["unet_step_ms"]["p50"], "total_p50": m["total_ms"]["p50"],

@@ -357,6 +357,10 @@ def test_cpu_comparison_with_the_bf16_autocast_baseline(tiny_export, tmp_path: P
     assert auto["image_vs_baseline"]["max_abs"] > 0
     text = report.markdown([doc])
     assert "torch-cpu-bf16" in text and "fp32 weights, bf16 autocast" in text
+    # the report's precision column: the export's, and the backend's arithmetic where it differs (auto: bf16)
+    assert {r["backend"]: r["precision"] for r in report.rows([doc])}["openvino"] == "fp32"
+    by_name["openvino"]["precision"] = "float32 graphs, bf16 inference"
+    assert {r["backend"]: r["precision"] for r in report.rows([doc])}["openvino"] == "fp32 graphs, bf16 inference"
 
 
 def test_openvino_precision_and_bf16_baseline_refusals(capsys: pytest.CaptureFixture[str]) -> None:
