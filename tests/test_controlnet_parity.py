@@ -8,6 +8,7 @@ in fp32, with two samplers, guided and unguided, at a non-square size; img2img w
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -222,10 +223,12 @@ def test_openvino_matches_diffusers(tiny_controlnet_export) -> None:
              end=[0.7, 1.0], backend="openvino")
 
 
-def test_controlnet_with_lora_slots_matches_diffusers_with_the_lora(tmp_path: Path) -> None:
+@pytest.mark.parametrize("slots", ["8", "8:attn-ff-conv"])
+def test_controlnet_with_lora_slots_matches_diffusers_with_the_lora(tmp_path: Path, slots: str) -> None:
     """An export made with ControlNets and --lora-slots: ``unet_control`` takes the call's LoRA factors after
     the residuals, under the UNet's names; a LoRA (UNet and text encoder) with a control image gives diffusers'
-    ControlNet pipeline's image with the same LoRA loaded, within 1/255."""
+    ControlNet pipeline's image with the same LoRA loaded, within 1/255. With LoCon slots (``attn-ff-conv``) the
+    file adapts the UNet's convolutions too, and openvino gives ort-cpu's image (within 2)."""
     pytest.importorskip("peft", reason="diffusers' LoRA loading needs peft (the test extra)")
     import copy
 
@@ -238,11 +241,13 @@ def test_controlnet_with_lora_slots_matches_diffusers_with_the_lora(tmp_path: Pa
 
     folder = tmp_path / "export"
     export_model(load_model(random_preset="sd15-tiny"), folder, controlnets=[random_controlnet(
-        "sd15-controlnet-tiny", seed=1)], lora_slots=SlotPlan.parse("8"))
+        "sd15-controlnet-tiny", seed=1)], lora_slots=SlotPlan.parse(slots))
     m = random_model("sd15-tiny")
+    locon = slots.endswith("conv")
+    convs = ("conv1", "conv2", "conv_shortcut", "time_emb_proj", "downsamplers.0.conv", "upsamplers.0.conv")
     lora = make_lora(tmp_path / "style.safetensors", m.unet, m.text_encoders[0], "kohya", seed=6, alpha=2.0,
-                     unet_targets=("to_q", "to_k", "to_v", "to_out.0"),
-                     text_targets=("q_proj", "k_proj", "v_proj", "out_proj"))
+                     unet_targets=("to_q", "to_k", "to_v", "to_out.0", *(convs if locon else ())),
+                     text_targets=("q_proj", "k_proj", "v_proj", "out_proj"), conv_rank=4 if locon else None)
     base, cfg = _diffusers("sd15-tiny", folder, [0])
     pipe = type(base)(**{**base.components, "unet": copy.deepcopy(base.unet),
                          "text_encoder": copy.deepcopy(base.text_encoder), "scheduler": diffusers_scheduler("ddim", cfg)})
@@ -262,3 +267,7 @@ def test_controlnet_with_lora_slots_matches_diffusers_with_the_lora(tmp_path: Pa
         plain = np.asarray(sdrt_pipe(PROMPT, **kw).images[0]).astype(np.int32)
     assert np.abs(got - want).max() <= 1, f"max abs difference {np.abs(got - want).max()}/255"
     assert np.abs(plain - want).max() > 2 and want.std() > 5  # the LoRA mattered
+    if locon and importlib.util.find_spec("openvino") is not None:
+        with Pipeline.load(folder, backend="openvino", precision="fp32") as ov:
+            got_ov = np.asarray(ov(PROMPT, loras=[(lora, 0.8)], **kw).images[0]).astype(np.int32)
+        assert np.abs(got_ov - got).max() <= 2

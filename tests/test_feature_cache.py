@@ -248,6 +248,37 @@ def test_deepcache_with_lora_slots_matches_the_deepcache_package_with_the_lora(s
         assert np.abs(got_ov - got).max() <= 2
 
 
+def test_deepcache_with_locon_slots_matches_the_deepcache_package_with_the_locon(slotted_export,
+                                                                                 tmp_path: Path) -> None:
+    """--deepcache with LoCon slots (``--lora-slots 8:attn-ff-conv``): the shallow path's convolutions (its first
+    down and last up blocks' ResNets) take their factors too; a
+    LoCon file adapting the convolutions and the attention gives, on cached steps, DeepCache's image with the
+    same file loaded in diffusers, within 1/255 (ort-cpu)."""
+    pytest.importorskip("peft", reason="diffusers' LoRA loading needs peft (the test extra)")
+    from sdrt.export.loading import random_model
+
+    from .helpers.models import make_lora
+
+    folder = slotted_export("sd15-tiny", "8:attn-ff-conv", deepcache=True)
+    shallow = {i for i in shared_pipeline(folder).engines["unet_shallow"].inputs if i.startswith("lora.")}
+    assert any(".resnets." in n and n.endswith(".conv1.down") for n in shallow)  # conv slots on the shallow path
+    m = random_model("sd15-tiny")
+    convs = ("conv1", "conv2", "conv_shortcut", "time_emb_proj", "downsamplers.0.conv", "upsamplers.0.conv")
+    lora = make_lora(tmp_path / "locon.safetensors", m.unet, None, "kohya", seed=6, rank=2, conv_rank=4,
+                     alpha=1.0, unet_targets=("to_q", "to_k", "to_v", "to_out.0", *convs))
+    steps, (h, w), interval = 6, (64, 96), 3
+    latents = np.random.default_rng(7).standard_normal((1, 4, h // 8, w // 8), np.float32)
+    ref = _reference("sd15-tiny", folder, latents, steps, 7.5, interval, lora=(lora, 0.8))
+    kw = {"height": h, "width": w, "steps": steps, "guidance_scale": 7.5, "sampler": "ddim", "latents": latents,
+          "cache": "deepcache", "cache_interval": interval}
+    res = shared_pipeline(folder)(PROMPT, loras=[(lora, 0.8)], **kw)
+    got = np.asarray(res.images[0]).astype(np.int32)[None]
+    assert np.abs(got - ref).max() <= 1, f"max abs difference {np.abs(got - ref).max()}/255"
+    assert "2 of 6 steps ran the full UNet" in res.loop
+    no_lora = np.asarray(shared_pipeline(folder)(PROMPT, **kw).images[0]).astype(np.int32)[None]
+    assert np.abs(no_lora - ref).max() > 2 and ref.std() > 5  # the LoCon mattered
+
+
 def test_tensorrt_captures_cached_steps_with_lora_slots(slotted_export, tmp_path: Path, fake_gpu) -> None:
     """Logic check on the TensorRT fakes: the slotted shallow engine builds (its factor inputs static), and the
     captured loop, which copies its conditioning (the factors with it) into fixed buffers, gives ort-cpu's
