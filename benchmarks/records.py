@@ -72,6 +72,8 @@ def measurement(job: Job, res: dict[str, Any], peaks: MemoryPeaks, cfg: BenchCon
         return m
     runs = res["runs"]
     m["cold_start_ms"] = res["load_ms"] + res["first_image_ms"]
+    if res.get("load_breakdown_ms"):  # sdrt's rows: where the load went, per engine
+        m["load_breakdown_ms"] = {str(k): float(v) for k, v in res["load_breakdown_ms"].items()}
     raw: dict[str, Any] = {
         "text_encoder_ms": [r["text_encoder_ms"] for r in runs],
         "unet_steps_ms": [r["unet_steps_ms"] for r in runs],

@@ -75,6 +75,24 @@ def cache_lines(measurements: Iterable[dict[str, Any]], prefix: str = "") -> lis
     return out
 
 
+def cold_start_lines(measurements: Iterable[dict[str, Any]], prefix: str = "") -> list[str]:
+    """One line per measurement whose load was broken down (sdrt's rows): import, load and its largest parts,
+    the first image; seconds."""
+    out = []
+    for m in measurements:
+        parts = m.get("load_breakdown_ms") if m["status"] == "ok" else None
+        if not parts:
+            continue
+        load = m["load_ms"]
+        rest = max(load - sum(parts.values()), 0.0)  # what the pipeline's account leaves out (the backend object)
+        shown = sorted(parts.items(), key=lambda kv: -kv[1])
+        items = ", ".join(f"{k} {v / 1e3:.1f}" for k, v in shown if v >= 50) or "every part under 0.05"
+        out.append(f"{prefix}{_backend(m)} {m['height']}x{m['width']}: cold start {m['cold_start_ms'] / 1e3:.1f} s "
+                   f"= load {load / 1e3:.1f} s ({items}; other {rest / 1e3:.1f}) + first image "
+                   f"{m['first_image_ms'] / 1e3:.1f} s; imports {m['import_ms'] / 1e3:.1f} s before it")
+    return out
+
+
 def _memory(m: dict[str, Any]) -> tuple[int | None, str]:
     """(bytes, what they are) of a measurement's peak memory: GPU if measured, else host RSS."""
     if m["device"] == "cuda":
@@ -312,6 +330,12 @@ def markdown(docs: Sequence[dict[str, Any]]) -> str:
                  "the same run (speed-up: uncached time / cached time; UNet work: full steps + shallow steps x "
                  "shallow step ms / full step ms).")
         parts += ["## Feature caching", "", intro, "", *cached, ""]
+    colds = [line for k, doc in enumerate(docs) for line in cold_start_lines(doc["measurements"], f"- [{k + 1}] ")]
+    if colds:
+        intro = ("Where each sdrt row's cold start went (a fresh process: loading the model, then the first "
+                 "image), seconds: the load's parts as the pipeline timed them (\"backend\": the manifest and the "
+                 "backend; each engine: reading and compiling or deserializing it; parts under 0.05 s left out).")
+        parts += ["## Cold start", "", intro, "", *colds, ""]
     if skipped:
         parts += ["## Skipped or failed", "", *skipped, ""]
     parts += ["## Runs", ""]

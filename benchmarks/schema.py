@@ -166,6 +166,14 @@ def _check_fields(where: str, doc: Any, spec: Mapping[str, tuple[type, ...]], pr
             problems.append(f"{where}.{key} is {type(doc[key]).__name__}, expected {names}")
 
 
+def _check_load_breakdown(where: str, m: dict[str, Any], problems: list[str]) -> None:
+    """``load_breakdown_ms`` {part: ms}: optional (sdrt's rows; files written before it have none)."""
+    parts = m.get("load_breakdown_ms")
+    if parts is not None and (not isinstance(parts, dict) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in parts.values())):
+        problems.append(f"{where}.load_breakdown_ms is not an object of non-negative milliseconds")
+
+
 def _check_clocks(where: str, m: dict[str, Any], problems: list[str]) -> None:
     """``clocks`` {figure: clock} and ``raw.clocks`` {raw key: [clock per repeat]}: optional (files written
     before them do not say which clock each figure used; their backends' ``timing_method`` does)."""
@@ -248,6 +256,7 @@ def problems(doc: Any) -> list[str]:
                 out.append(f"{where} is {m.get('status')} without a reason")
             continue
         _check_clocks(where, m, out)
+        _check_load_breakdown(where, m, out)
         for stage in STAGES:
             s = m.get(f"{stage}_ms")
             if not isinstance(s, dict) or any(k not in s for k in _SUMMARY_KEYS):

@@ -131,6 +131,9 @@ def run_sdrt(spec: dict[str, Any]) -> dict[str, Any]:
     gpu = spec["device"] == "cuda"
     return {
         "status": "ok", "backend_name": pipe.backend.name, "import_ms": import_ms, "load_ms": load_ms,
+        # where the load went (the pipeline's own account; a refiner's parts prefixed "refiner.")
+        "load_breakdown_ms": {**pipe.load_ms, **({} if refiner is None else
+                                                 {f"refiner.{k}": v for k, v in refiner.load_ms.items()})},
         "first_image_ms": first["wall_ms"], "first": first, "runs": runs, "versions": versions,
         "threads": {"intra_op": spec["threads"], "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")},
         "timing_method": (("sdrt Pipeline timings: device clock (CUDA events on the stream, no per-step "

@@ -4,8 +4,9 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,9 @@ class OpenedModel:
     tokenizers: list[PromptTokenizer]
     scheduler_config: dict[str, Any]
     given: bool
+    # where the load went, in ms: "backend" (reading the manifest and making the backend), each engine by its
+    # component name (reading and compiling or deserializing it), "tokenizers" (with the width checks)
+    load_ms: dict[str, float] = field(default_factory=dict)
 
     def release(self) -> None:
         if not self.given:
@@ -59,6 +63,7 @@ def open_model(folder: Path, backend: str | Backend, *, threads: int | None, cud
                                    f"with `sdrt build {folder} --out ENGINES`")
     if kind in ("ort-cpu", "ort-cuda") and engine_folder:
         raise backends.engine_folder_error(folder, kind)  # before reading anything made for TensorRT
+    t0 = time.perf_counter()
     if engine_folder:  # its engine manifest first: a folder built by an older sdrt is refused before any work
         EngineManifest.read(folder)
     manifest, graphs = read_model(folder, kind)
@@ -70,13 +75,18 @@ def open_model(folder: Path, backend: str | Backend, *, threads: int | None, cud
     be = given if given is not None else backends.make_backend(kind, folder, threads, cuda_graph, device_id,
                                                                precision, share=share,
                                                                static_shapes=static_shapes)
+    took = {"backend": (time.perf_counter() - t0) * 1e3}
     try:
         engines: dict[str, Engine] = {}
         for name, comp in manifest.components.items():
+            t0 = time.perf_counter()
             engines[name] = be.load(graphs[name] if name in graphs else str(folder / be.graph_for(comp)), name)
+            took[name] = (time.perf_counter() - t0) * 1e3
+        t0 = time.perf_counter()
         toks = tokenizers(manifest, folder)
         check_widths(engines, folder, manifest.model_family)
-        return OpenedModel(manifest, be, engines, toks, scheduler_config(folder), given is not None)
+        took["tokenizers"] = (time.perf_counter() - t0) * 1e3
+        return OpenedModel(manifest, be, engines, toks, scheduler_config(folder), given is not None, took)
     except BaseException:
         if given is None:  # a given backend stays the caller's, with what was loaded onto it
             be.close()

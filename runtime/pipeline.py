@@ -88,6 +88,8 @@ class Pipeline:
         self.tokenizers = tokenizers
         self.scheduler_config = scheduler_config
         self.device_graphs = DeviceGraphs(backend)
+        # where ``load`` went, in ms: "backend" (manifest and backend), each engine by component, "tokenizers"
+        self.load_ms: dict[str, float] = {}
         self._loops: dict[tuple[Any, ...], StepLoop] = {}
         self._lock = threading.RLock()
         self._closed = False
@@ -126,6 +128,7 @@ class Pipeline:
             pipe = cls(folder, opened.manifest, opened.backend, opened.engines, opened.tokenizers,
                        opened.scheduler_config)
             pipe.loras = library
+            pipe.load_ms = dict(opened.load_ms)
         except BaseException:
             opened.release()
             raise

@@ -78,6 +78,25 @@ def test_cpu_run_is_schema_valid_and_complete(cpu_run: dict[str, Any], tmp_path:
     assert {"start", "load", "cold", "repeat", "done"} <= phases
 
 
+def test_the_cold_start_is_broken_down_per_engine(cpu_run: dict[str, Any]) -> None:
+    """sdrt's row records where its load went (the manifest and backend, each engine of the export, the tokenizers),
+    parts within the load's wall time; the baseline's none. The report says it per row."""
+    doc = _doc(cpu_run)
+    (m,) = [m for m in doc["measurements"] if m["backend"] == "ort-cpu"]
+    parts = m["load_breakdown_ms"]
+    assert set(parts) == {"backend", "tokenizers", *doc["model"]["components"]}
+    assert all(v >= 0 for v in parts.values()) and parts["unet"] > 0
+    assert sum(parts.values()) <= m["load_ms"]
+    assert "load_breakdown_ms" not in next(m for m in doc["measurements"] if m["backend"] == "torch-cpu")
+    text = report.markdown([doc])
+    assert "## Cold start" in text
+    (line,) = [ln for ln in text.splitlines() if ln.startswith("- [1] ort-cpu ") and "cold start" in ln]
+    assert f"load {m['load_ms'] / 1e3:.1f} s" in line and f"first image {m['first_image_ms'] / 1e3:.1f} s" in line
+    bad = json.loads(json.dumps(doc))
+    next(x for x in bad["measurements"] if x["backend"] == "ort-cpu")["load_breakdown_ms"]["unet"] = -1
+    assert any("load_breakdown_ms" in p for p in schema.problems(bad))
+
+
 def test_rows_run_interleaved_in_rounds_with_their_spread(cpu_run: dict[str, Any]) -> None:
     """The default two rounds run A, B, A, B (each a worker process of its own); each round's medians are its own
     runs' (the first ``repeats`` pooled runs, then the next), the spread is the rounds' (slowest - fastest) /
