@@ -2,7 +2,8 @@
 preset's seeded weights) and ``export_sd3``, the family's counterpart of ``exporter.export_model``.
 
 Layout: model_index.json, text_encoder/, text_encoder_2/, [text_encoder_3/,] transformer/ (the manifest's
-``unet`` component: the denoiser), vae_decoder/, vae_encoder/, tokenizer/, tokenizer_2/, [tokenizer_3/,]
+``unet`` component: the denoiser), vae_decoder/, vae_encoder/, [vae_encoder_masked/ (an inpainting
+transformer's),] tokenizer/, tokenizer_2/, [tokenizer_3/,]
 scheduler/, sdrt.json. ``without_t5`` leaves T5 out (diffusers' ``text_encoder_3=None``: the runtime puts
 zeros in its place). Written under a temporary name and renamed once every component passed its parity gate.
 """
@@ -22,6 +23,7 @@ import torch
 from sdrt.runtime.atomic import atomic_dir
 from sdrt.runtime.errors import InputError
 from sdrt.runtime.feature_cache import SHALLOW_UNET
+from sdrt.runtime.inpaint import MASKED_ENCODER
 from sdrt.runtime.manifest import MANIFEST_NAME, ExportManifest, ShapeLimits, export_entries, tokenizer_of
 
 from .block_cache import DENOISER_FOLDER, FOLDERS
@@ -277,7 +279,8 @@ def export_sd3(
         parity_shape = (2, side, side + limits.multiple_of // f)  # non-square, whole patches
     with atomic_dir(out, marker=MANIFEST_NAME, overwrite=overwrite, what=EXPORT_KIND, owned=export_entries) as tmp:
         done = {}
-        for spec in sd3_specs(mods, p.t5_tokens, block_cache):
+        masked = int(tr_cfg["in_channels"]) == 2 * int(mods.vae.config.latent_channels) + 1  # an inpainting one
+        for spec in sd3_specs(mods, p.t5_tokens, block_cache, masked):
             folder = FOLDERS.get(spec.name, spec.name)
             done[spec.name] = export_component(spec, precision, tmp / folder, opset=opset,
                                                parity_shape=parity_shape, progress=progress)
@@ -295,7 +298,7 @@ def export_sd3(
                                     block_cache=block_cache)
                 progress(f"{sspec.name}: {parity_line(par, comp.precision)} ({par.reference})")
                 done[sspec.name] = replace(comp, parity=par)
-        order = [*ENCODERS, "unet", SHALLOW_UNET, "vae_decoder", "vae_encoder"]
+        order = [*ENCODERS, "unet", SHALLOW_UNET, "vae_decoder", "vae_encoder", MASKED_ENCODER]
         components = {n: done[n] for n in order if n in done}
         for i, name in enumerate(("text_encoder", "text_encoder_2")):
             write_clip_tokenizer(tmp / tokenizer_of(name), pad_token=p.pad_tokens[i], source=model.tokenizer_dirs[i])

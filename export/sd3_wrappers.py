@@ -13,7 +13,7 @@ import types
 import torch
 
 from .block_cache import on_grid, relative_change, with_residuals
-from .wrappers import VaeDecoder, VaeEncoder
+from .wrappers import VaeDecoder, VaeEncoder, VaeEncoderMasked
 
 
 class Sd3Transformer(torch.nn.Module):
@@ -143,3 +143,17 @@ class Sd3VaeEncoder(VaeEncoder):
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return super().forward(image) - self.shift * self.scale
+
+
+class Sd3VaeEncoderMasked(VaeEncoderMasked):
+    """The shared ``VaeEncoderMasked`` (the masked image's latent mean, for an inpainting transformer) with SD3's
+    latent shift, as ``StableDiffusion3InpaintPipeline.prepare_mask_latents`` encodes: ``(latents - shift_factor)
+    * scaling_factor``."""
+
+    def __init__(self, vae: torch.nn.Module) -> None:
+        super().__init__(vae)
+        self.shift = float(vae.config.shift_factor or 0.0)
+
+    def forward(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return super().forward(image, mask) - self.shift * self.scale
+

@@ -13,6 +13,9 @@ latents are 16 channels and a side must be a multiple of its patch (2 latent pix
 latent shift (``shift_factor``) lives in the exported VAE graphs; the flow samplers and the scheduler's shift
 in ``runtime/samplers.py``.
 
+Inpainting (``StableDiffusion3InpaintPipeline``): the shared blend for a 16-channel transformer, the concat path
+for a 33-channel one (runtime/inpaint.py).
+
 Not yet in the interface: skip-layer guidance (SD 3.5 Medium's ``skip_guidance_layers``), per-call
 ``max_sequence_length``.
 """
