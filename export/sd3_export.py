@@ -13,7 +13,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -27,11 +27,19 @@ from sdrt.runtime.inpaint import MASKED_ENCODER
 from sdrt.runtime.manifest import MANIFEST_NAME, ExportManifest, ShapeLimits, export_entries, tokenizer_of
 
 from .block_cache import DENOISER_FOLDER, FOLDERS
+from .controlnet_loading import LoadedControlNet
 from .exporter import EXPORT_KIND, MIN_OPSET, TEXT_LEN, check_export_dir, tool_versions
 from .onnx_export import export_component, parity_line
+from .sd3_controlnet import check_sd3_pairing, sd3_controlnet_specs
 from .sd3_gate import gate_streamed
 from .sd3_presets import SD3_PRESETS, Sd3Modules, Sd3Preset, build_modules, get_sd3_preset
-from .sd3_specs import sd3_specs, streamed_cached_spec, streamed_t5_spec, streamed_transformer_spec
+from .sd3_specs import (
+    sd3_specs,
+    streamed_cached_spec,
+    streamed_t5_spec,
+    streamed_transformer_spec,
+    transformer_spec,
+)
 from .streamed import (
     WeightSource,
     checkpoint_weights,
@@ -249,13 +257,16 @@ def export_sd3(
     opset: int = MIN_OPSET,
     without_t5: bool = False,
     block_cache: bool = False,
+    controlnets: Sequence[LoadedControlNet] = (),
     parity_shape: tuple[int, int, int] | None = None,
     progress: Callable[[str], None] = lambda msg: None,
 ) -> ExportManifest:
     """Export every component of ``model`` into ``out`` (atomically) and return its manifest; ``without_t5``
     leaves T5 out; ``block_cache`` adds first-block caching (the transformer also returns its two residuals, and
-    its cached step is ``unet_shallow`` in ``transformer_shallow/``; runtime/feature_cache.py). ``out`` is
-    checked as ``export_model`` checks it. T5 stays float32 in an fp16 export (its activations overflow fp16)."""
+    its cached step is ``unet_shallow`` in ``transformer_shallow/``; runtime/feature_cache.py); ``controlnets``: SD3
+    ControlNets, each ``controlnet_j``, with ``unet_control`` (the transformer taking their samples;
+    export/sd3_controlnet.py), checked against the transformer first. ``out`` is checked as ``export_model`` checks
+    it. T5 stays float32 in an fp16 export (its activations overflow fp16)."""
     from .tokenizer_assets import write_clip_tokenizer
 
     out = check_export_dir(out, overwrite=overwrite)
@@ -274,13 +285,20 @@ def export_sd3(
         raise InputError(f"first-block caching reuses what the blocks after the first added; {p.name}'s transformer "
                          "has one block: export it without --feature-cache")
     limits = limits_of(tr_cfg, f)
+    controlnets = list(controlnets)
+    check_sd3_pairing(p.name, tr_cfg, int(mods.vae.config.latent_channels), controlnets, "transformer" in streamed)
     if parity_shape is None:
         side = min(p.default_size // f, 32)
         parity_shape = (2, side, side + limits.multiple_of // f)  # non-square, whole patches
     with atomic_dir(out, marker=MANIFEST_NAME, overwrite=overwrite, what=EXPORT_KIND, owned=export_entries) as tmp:
         done = {}
         masked = int(tr_cfg["in_channels"]) == 2 * int(mods.vae.config.latent_channels) + 1  # an inpainting one
-        for spec in sd3_specs(mods, p.t5_tokens, block_cache, masked):
+        specs = sd3_specs(mods, p.t5_tokens, block_cache, masked)
+        if controlnets:
+            assert mods.transformer is not None  # check_sd3_pairing refuses a streamed one
+            unet = transformer_spec(mods.transformer, TEXT_LEN + p.t5_tokens)
+            specs += sd3_controlnet_specs(mods.transformer, mods.vae, controlnets, unet)
+        for spec in specs:
             folder = FOLDERS.get(spec.name, spec.name)
             done[spec.name] = export_component(spec, precision, tmp / folder, opset=opset,
                                                parity_shape=parity_shape, progress=progress)
@@ -298,7 +316,9 @@ def export_sd3(
                                     block_cache=block_cache)
                 progress(f"{sspec.name}: {parity_line(par, comp.precision)} ({par.reference})")
                 done[sspec.name] = replace(comp, parity=par)
-        order = [*ENCODERS, "unet", SHALLOW_UNET, "vae_decoder", "vae_encoder", MASKED_ENCODER]
+        nets = tuple(f"controlnet_{j}" for j in range(len(controlnets)))
+        order = [*ENCODERS, "unet", *nets, *(("unet_control",) if nets else ()), SHALLOW_UNET, "vae_decoder",
+                 "vae_encoder", MASKED_ENCODER]
         components = {n: done[n] for n in order if n in done}
         for i, name in enumerate(("text_encoder", "text_encoder_2")):
             write_clip_tokenizer(tmp / tokenizer_of(name), pad_token=p.pad_tokens[i], source=model.tokenizer_dirs[i])
@@ -322,10 +342,12 @@ def export_sd3(
             limits=limits,
             source={**model.source, "t5": "text_encoder_3" in components,
                     **({"streamed": sorted("unet" if n == "transformer" else n for n in streamed)}
-                       if streamed else {})},
+                       if streamed else {}),
+                    **({"controlnets": [dict(c.source) for c in controlnets]} if controlnets else {})},
             tools=tool_versions(),
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             latent_scaling=float(mods.vae.config.scaling_factor),
+            controlnets=nets,
         )
         manifest.write(tmp)
     return manifest

@@ -1,0 +1,212 @@
+"""SD 3 / 3.5 ControlNets on ort-cpu against diffusers' ``StableDiffusion3ControlNetPipeline``: the tiny presets'
+seeded weights with seeded ``SD3ControlNetModel``s, the same latents, images within 1/255.
+
+Both layouts of SD3 ControlNet: InstantX's (``sd3-controlnet-tiny``: joint blocks reading the text states, zeros
+for the pooled projections, the control latents without the VAE's shift), two of them summed as diffusers'
+``SD3MultiControlNetModel`` sums them, and Stability's SD 3.5 layout (``sd35-controlnet-tiny``: single-stream
+blocks, the transformer's position embedding, the pooled projections, the shift); two conditioning scales and a
+control window. diffusers encodes the control image by sampling the VAE's latent distribution; sdrt takes its
+mean, so the reference is made to as well. Refusals come before any work.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sdrt.runtime.errors import CompatibilityError, InputError
+
+from .helpers.inputs import control_image, image_and_mask
+from .helpers.pipelines import shared_pipeline
+
+PROMPT = "a red fox in the snow"
+NEGATIVE = "blurry"
+NETS = {"sd3-tiny": ("sd3-controlnet-tiny", (0, 1)), "sd35-medium-tiny": ("sd35-controlnet-tiny", (0,))}
+_REFS: dict[tuple[str, tuple[int, ...]], object] = {}
+
+
+@pytest.fixture(scope="session")
+def controlnet_export(tmp_path_factory: pytest.TempPathFactory, export_cache: dict[tuple[str, str], Path]):
+    """controlnet_export(preset) -> an fp32 export without T5 of the preset with its tiny ControlNets (NETS)."""
+
+    def get(preset: str) -> Path:
+        key = (f"{preset}-no-t5-controlnets", "fp32")
+        if key not in export_cache:
+            from sdrt.export.controlnet_loading import random_controlnet
+            from sdrt.export.sd3_export import export_sd3, load_sd3
+
+            net, seeds = NETS[preset]
+            out = tmp_path_factory.mktemp("exports") / key[0]
+            export_sd3(load_sd3(random_preset=preset), out, fp16=False, without_t5=True,
+                       controlnets=[random_controlnet(net, seed=s) for s in seeds])
+            export_cache[key] = out
+        return export_cache[key]
+
+    return get
+
+
+def _reference(preset: str, folder: Path, seeds: tuple[int, ...]):
+    """diffusers' SD3 ControlNet pipeline over the same seeded modules (fresh ones: the export's are its own)."""
+    key = (preset, seeds)
+    if key not in _REFS:
+        from diffusers import StableDiffusion3ControlNetPipeline
+        from diffusers.schedulers import FlowMatchEulerDiscreteScheduler
+        from transformers import CLIPTokenizer
+
+        from sdrt.export.controlnet_loading import random_controlnet
+        from sdrt.export.sd3_presets import build_modules, get_sd3_preset
+
+        p = get_sd3_preset(preset)
+        m = build_modules(p, seed=0)
+        nets = [random_controlnet(NETS[preset][0], seed=s).controlnet for s in seeds]
+        pipe = StableDiffusion3ControlNetPipeline(
+            transformer=m.transformer, vae=m.vae, scheduler=FlowMatchEulerDiscreteScheduler.from_config(p.scheduler),
+            text_encoder=m.text_encoders[0], tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
+            text_encoder_2=m.text_encoders[1], tokenizer_2=CLIPTokenizer.from_pretrained(folder / "tokenizer_2"),
+            text_encoder_3=None, tokenizer_3=None, controlnet=nets if len(nets) > 1 else nets[0])
+        pipe.set_progress_bar_config(disable=True)
+        _REFS[key] = pipe
+    return _REFS[key]
+
+
+@pytest.fixture
+def mean_vae(monkeypatch: pytest.MonkeyPatch) -> None:
+    """sdrt encodes the control image to the latent mean (deterministic); make diffusers do the same."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    monkeypatch.setattr(DiagonalGaussianDistribution, "sample", lambda self, generator=None: self.mean)
+
+
+def _compare(controlnet_export, preset: str, scales: list[float], *, nets: tuple[int, ...] = (0,),
+             start: float = 0.0, end: float = 1.0, guidance: float = 5.0, steps: int = 5):
+    folder = controlnet_export(preset)
+    seeds = tuple(NETS[preset][1][j] for j in nets)
+    ref = _reference(preset, folder, seeds)
+    height, width = 64, 96
+    images = [control_image(11 + j) for j in nets]
+    latents = np.random.default_rng(4).standard_normal((1, 16, height // 8, width // 8), dtype=np.float32)
+    multi = len(nets) > 1
+    with torch.no_grad():
+        want = ref(PROMPT, negative_prompt=NEGATIVE, height=height, width=width, num_inference_steps=steps,
+                   guidance_scale=guidance, latents=torch.from_numpy(latents), output_type="np",
+                   control_image=[im.convert("RGB") for im in images] if multi else images[0].convert("RGB"),
+                   controlnet_conditioning_scale=scales if multi else scales[0],
+                   control_guidance_start=[start] * len(nets) if multi else start,
+                   control_guidance_end=[end] * len(nets) if multi else end).images
+    want_u8 = (want[0] * 255).round().astype(np.int32)
+    given: list = [None] * len(NETS[preset][1])
+    given_scales = [1.0] * len(given)
+    for j, im in zip(nets, images):
+        given[j], given_scales[j] = im, scales[nets.index(j)]
+    res = shared_pipeline(folder)(PROMPT, negative_prompt=NEGATIVE, height=height, width=width, steps=steps,
+                                  guidance_scale=guidance, latents=latents, control_images=given,
+                                  control_scales=given_scales, control_start=start, control_end=end)
+    got = np.asarray(res.images[0]).astype(np.int32)
+    assert got.shape == want_u8.shape == (height, width, 3)
+    diff = int(np.abs(got - want_u8).max())
+    assert diff <= 1, f"{preset} nets {nets} scales {scales} window [{start}, {end}]: {diff}/255"
+    assert want_u8.std() > 5
+    return got
+
+
+@pytest.mark.parametrize("scale", [0.5, 1.3])
+def test_instantx_layout_at_two_scales(controlnet_export, mean_vae, scale: float) -> None:
+    _compare(controlnet_export, "sd3-tiny", [scale])
+
+
+def test_scale_changes_the_image(controlnet_export, mean_vae) -> None:
+    """The net conditions the image: scale 0 (diffusers' too) differs from scale 1.3 by more than rounding."""
+    zero = _compare(controlnet_export, "sd3-tiny", [0.0], steps=3)
+    strong = _compare(controlnet_export, "sd3-tiny", [1.3], steps=3)
+    assert np.abs(zero - strong).max() > 5
+
+
+def test_two_nets_summed_in_a_window(controlnet_export, mean_vae) -> None:
+    _compare(controlnet_export, "sd3-tiny", [0.7, 0.4], nets=(0, 1), start=0.2, end=0.8)
+
+
+def test_stability_layout(controlnet_export, mean_vae) -> None:
+    _compare(controlnet_export, "sd35-medium-tiny", [0.8], guidance=4.0)
+
+
+def test_refusals_before_work(controlnet_export, sd3_export, tmp_path: Path) -> None:
+    from diffusers import SD3ControlNetModel
+
+    from sdrt.export.controlnet_loading import LoadedControlNet, check_pairing, random_controlnet
+    from sdrt.export.controlnet_presets import sd3_controlnet_config
+    from sdrt.export.loading import random_model
+    from sdrt.export.sd3_export import export_sd3, load_sd3
+
+    pipe = shared_pipeline(controlnet_export("sd3-tiny"))
+    img = control_image(3)
+    with pytest.raises(InputError, match="guess_mode is not part of SD 3 / 3.5's ControlNet pipeline"):
+        pipe(PROMPT, control_images=[img], guess_mode=True, steps=2)
+    with pytest.raises(InputError, match="3 control images for the 2 ControlNet"):
+        pipe(PROMPT, control_images=[img, img, img], steps=2)
+    image, mask = image_and_mask()
+    with pytest.raises(InputError, match="ControlNet with inpainting is not supported"):
+        pipe(PROMPT, control_images=[img], image=image, mask_image=mask, steps=2)
+    plain = shared_pipeline(sd3_export("sd3-tiny", True))
+    with pytest.raises(CompatibilityError, match="exported without ControlNets"):
+        plain(PROMPT, control_images=[img], steps=2)
+    # a ControlNet of another family, either way round, before any export work
+    model = load_sd3(random_preset="sd3-tiny")
+    with pytest.raises(InputError, match=r"is an SD 1\.x.* ControlNet \(ControlNetModel\), but the model "
+                                         r"\(sd3-tiny\) is SD 3 / 3\.5"):
+        export_sd3(model, tmp_path / "a", controlnets=[random_controlnet("sd15-controlnet-tiny")])
+    with pytest.raises(InputError, match="is an SD 3 / 3.5 ControlNet, but the model"):
+        check_pairing(random_model("sd15-tiny"), [random_controlnet("sd3-controlnet-tiny")])
+    cfg = {**sd3_controlnet_config(model.preset.config("transformer"), 1), "attention_head_dim": 16}
+    with pytest.raises(InputError, match="width 32 in the ControlNet, 16 in the transformer"):
+        export_sd3(model, tmp_path / "b", controlnets=[LoadedControlNet(SD3ControlNetModel(**cfg), name="wide")])
+    with pytest.raises(InputError, match="inpainting"):
+        export_sd3(load_sd3(random_preset="sd3-inpaint-tiny"), tmp_path / "c",
+                   controlnets=[random_controlnet("sd3-controlnet-tiny")])
+    assert not any(tmp_path.iterdir())
+
+
+def test_cli_generate_and_export_refusal(controlnet_export, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """``sdrt generate --control-image`` gives the Python call's image; ``sdrt export`` refuses an SD3 ControlNet
+    single file before the model loads."""
+    from PIL import Image
+
+    from sdrt.cli import main
+
+    folder = controlnet_export("sd3-tiny")
+    edges, out = tmp_path / "edges.png", tmp_path / "out.png"
+    control_image(5).save(edges)
+    assert main(["generate", str(folder), "--prompt", PROMPT, "--steps", "2", "--seed", "4", "--guidance", "5",
+                 "--backend", "ort-cpu", "--height", "64", "--width", "96", "--control-image", str(edges),
+                 "--control-scale", "0.7", "-o", str(out)]) == 0
+    want = shared_pipeline(folder)(PROMPT, steps=2, seed=4, guidance_scale=5.0, height=64, width=96,
+                                   control_images=[Image.open(edges)], control_scales=[0.7]).images[0]
+    np.testing.assert_array_equal(np.asarray(Image.open(out)), np.asarray(want))
+
+    def no_work(*a: object, **k: object) -> None:
+        raise AssertionError("the model loaded before the ControlNet was checked")
+
+    monkeypatch.setattr("sdrt.export.sd3_export.load_sd3", no_work)
+    single = tmp_path / "sd3-canny.safetensors"
+    single.write_bytes(b"\0" * 16)
+    capsys.readouterr()
+    assert main(["export", "--random", "sd3-tiny", "--controlnet", str(single), "--out", str(tmp_path / "x")]) == 1
+    assert "SD 3 / 3.5 ControlNets load from a diffusers folder" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_diffusers_folder_loads_as_its_class(tmp_path: Path) -> None:
+    """An SD3ControlNetModel folder (config.json + safetensors, as diffusers saves it) loads as that class, weight
+    for weight."""
+    from sdrt.export.controlnet_loading import load_controlnet, random_controlnet
+
+    net = random_controlnet("sd35-controlnet-tiny", seed=2).controlnet
+    net.save_pretrained(tmp_path / "cn", safe_serialization=True)
+    got = load_controlnet(tmp_path / "cn")
+    assert type(got.controlnet).__name__ == "SD3ControlNetModel" and got.source["kind"] == "diffusers"
+    want = net.state_dict()
+    assert got.controlnet.state_dict().keys() == want.keys()
+    assert all(torch.equal(v, want[k]) for k, v in got.controlnet.state_dict().items())
