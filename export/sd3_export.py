@@ -30,7 +30,12 @@ from .block_cache import DENOISER_FOLDER, FOLDERS
 from .controlnet_loading import LoadedControlNet
 from .exporter import EXPORT_KIND, MIN_OPSET, TEXT_LEN, check_export_dir, tool_versions
 from .onnx_export import export_component, parity_line
-from .sd3_controlnet import check_sd3_pairing, sd3_controlnet_specs
+from .sd3_controlnet import (
+    check_sd3_pairing,
+    control_layout,
+    sd3_controlnet_specs,
+    streamed_unet_control_spec,
+)
 from .sd3_gate import gate_streamed
 from .sd3_presets import SD3_PRESETS, Sd3Modules, Sd3Preset, build_modules, get_sd3_preset
 from .sd3_specs import (
@@ -38,7 +43,6 @@ from .sd3_specs import (
     streamed_cached_spec,
     streamed_t5_spec,
     streamed_transformer_spec,
-    transformer_spec,
 )
 from .streamed import (
     WeightSource,
@@ -264,8 +268,8 @@ def export_sd3(
     """Export every component of ``model`` into ``out`` (atomically) and return its manifest; ``without_t5``
     leaves T5 out; ``block_cache`` adds first-block caching (the transformer also returns its two residuals, and
     its cached step is ``unet_shallow`` in ``transformer_shallow/``; runtime/feature_cache.py); ``controlnets``: SD3
-    ControlNets, each ``controlnet_j``, with ``unet_control`` (the transformer taking their samples;
-    export/sd3_controlnet.py), checked against the transformer first. ``out`` is checked as ``export_model`` checks
+    ControlNets, each ``controlnet_j``, with ``unet_control`` (the transformer taking their samples, streamed where
+    the transformer is; export/sd3_controlnet.py), checked against the transformer first. ``out`` is checked as ``export_model`` checks
     it. T5 stays float32 in an fp16 export (its activations overflow fp16)."""
     from .tokenizer_assets import write_clip_tokenizer
 
@@ -286,7 +290,7 @@ def export_sd3(
                          "has one block: export it without --feature-cache")
     limits = limits_of(tr_cfg, f)
     controlnets = list(controlnets)
-    check_sd3_pairing(p.name, tr_cfg, int(mods.vae.config.latent_channels), controlnets, "transformer" in streamed)
+    check_sd3_pairing(p.name, tr_cfg, int(mods.vae.config.latent_channels), controlnets)
     if parity_shape is None:
         side = min(p.default_size // f, 32)
         parity_shape = (2, side, side + limits.multiple_of // f)  # non-square, whole patches
@@ -294,10 +298,10 @@ def export_sd3(
         done = {}
         masked = int(tr_cfg["in_channels"]) == 2 * int(mods.vae.config.latent_channels) + 1  # an inpainting one
         specs = sd3_specs(mods, p.t5_tokens, block_cache, masked)
-        if controlnets:
-            assert mods.transformer is not None  # check_sd3_pairing refuses a streamed one
-            unet = transformer_spec(mods.transformer, TEXT_LEN + p.t5_tokens)
-            specs += sd3_controlnet_specs(mods.transformer, mods.vae, controlnets, unet)
+        if controlnets:  # the nets in memory; unet_control with the transformer, in memory or streamed below
+            tr_weights = streamed["transformer"].weights if "transformer" in streamed else None
+            specs += sd3_controlnet_specs(tr_cfg, mods.vae, controlnets, TEXT_LEN + p.t5_tokens,
+                                          transformer=mods.transformer, weights=tr_weights)
         for spec in specs:
             folder = FOLDERS.get(spec.name, spec.name)
             done[spec.name] = export_component(spec, precision, tmp / folder, opset=opset,
@@ -308,12 +312,18 @@ def export_sd3(
                 [("transformer", streamed_transformer_spec(st.config, tokens, block_cache))]
             if name == "transformer" and block_cache:
                 jobs.append(("cached", streamed_cached_spec(st.config, tokens)))
+            if name == "transformer" and controlnets:
+                used, residuals = control_layout(st.config, controlnets)
+                jobs.append(("control", streamed_unet_control_spec(st.config, tokens, len(controlnets), used,
+                                                                   residuals)))
             for kind, sspec in jobs:
                 folder = FOLDERS.get(sspec.name, sspec.name)
                 progress(f"{sspec.name} is streamed ({st.kind} weights, one tensor at a time)")
                 comp = export_streamed(sspec, st.weights, precision, tmp / folder, progress=progress)
                 par = gate_streamed(kind, st.config, st.weights, precision, tokens, parity_shape, progress,
-                                    block_cache=block_cache)
+                                    block_cache=block_cache,
+                                    control=(len(controlnets), len(controlnets[0].controlnet.controlnet_blocks))
+                                    if kind == "control" else None)
                 progress(f"{sspec.name}: {parity_line(par, comp.precision)} ({par.reference})")
                 done[sspec.name] = replace(comp, parity=par)
         nets = tuple(f"controlnet_{j}" for j in range(len(controlnets)))

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from sdrt.runtime.errors import CompatibilityError, InputError
+from sdrt.runtime.pipeline import Pipeline
 
 from .helpers.inputs import control_image, image_and_mask
 from .helpers.pipelines import shared_pipeline
@@ -81,10 +82,13 @@ def mean_vae(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _compare(controlnet_export, preset: str, scales: list[float], *, nets: tuple[int, ...] = (0,),
-             start: float = 0.0, end: float = 1.0, guidance: float = 5.0, steps: int = 5):
-    folder = controlnet_export(preset)
-    seeds = tuple(NETS[preset][1][j] for j in nets)
-    ref = _reference(preset, folder, seeds)
+             start: float = 0.0, end: float = 1.0, guidance: float = 5.0, steps: int = 5, folder: Path | None = None,
+             ref=None, exported: int | None = None, loaded=None):
+    """sdrt's image against diffusers' with the ``nets`` of the export given (``folder``, ``ref``: another export
+    of ``exported`` nets and its reference, instead of ``controlnet_export(preset)``'s)."""
+    folder = controlnet_export(preset) if folder is None else folder
+    seeds = tuple(NETS[preset][1][j] for j in nets) if ref is None else ()
+    ref = _reference(preset, folder, seeds) if ref is None else ref
     height, width = 64, 96
     images = [control_image(11 + j) for j in nets]
     latents = np.random.default_rng(4).standard_normal((1, 16, height // 8, width // 8), dtype=np.float32)
@@ -97,11 +101,12 @@ def _compare(controlnet_export, preset: str, scales: list[float], *, nets: tuple
                    control_guidance_start=[start] * len(nets) if multi else start,
                    control_guidance_end=[end] * len(nets) if multi else end).images
     want_u8 = (want[0] * 255).round().astype(np.int32)
-    given: list = [None] * len(NETS[preset][1])
+    given: list = [None] * (len(NETS[preset][1]) if exported is None else exported)
     given_scales = [1.0] * len(given)
-    for j, im in zip(nets, images):
+    for j, im in zip(nets, images, strict=True):
         given[j], given_scales[j] = im, scales[nets.index(j)]
-    res = shared_pipeline(folder)(PROMPT, negative_prompt=NEGATIVE, height=height, width=width, steps=steps,
+    pipe = shared_pipeline(folder) if loaded is None else loaded
+    res = pipe(PROMPT, negative_prompt=NEGATIVE, height=height, width=width, steps=steps,
                                   guidance_scale=guidance, latents=latents, control_images=given,
                                   control_scales=given_scales, control_start=start, control_end=end)
     got = np.asarray(res.images[0]).astype(np.int32)
@@ -210,3 +215,39 @@ def test_a_diffusers_folder_loads_as_its_class(tmp_path: Path) -> None:
     want = net.state_dict()
     assert got.controlnet.state_dict().keys() == want.keys()
     assert all(torch.equal(v, want[k]) for k, v in got.controlnet.state_dict().items())
+
+
+@pytest.mark.slow  # four graphs traced by the dynamo exporter (about 100 s here)
+def test_streamed_transformer_with_two_layouts(tmp_path: Path, mean_vae) -> None:
+    """A streamed transformer (as every full-size model's is) gets a streamed ``unet_control``, gated on a
+    reduced-depth copy; a Stability-layout net takes the transformer's position embedding from the streamed
+    weights. One export with a net of each layout, each run alone against diffusers on the same weights."""
+    from diffusers import StableDiffusion3ControlNetPipeline
+    from diffusers.schedulers import FlowMatchEulerDiscreteScheduler
+    from transformers import CLIPTokenizer
+
+    from sdrt.export.controlnet_loading import random_controlnet
+    from sdrt.export.sd3_export import export_sd3, load_sd3
+    from sdrt.runtime.manifest import ExportManifest
+
+    model = load_sd3(random_preset="sd35-medium-tiny", seed=5, stream=True)
+    assert model.modules.transformer is None
+    layouts = ("sd35-controlnet-tiny", "sd3-controlnet-tiny")
+    out = tmp_path / "streamed"
+    export_sd3(model, out, fp16=False, without_t5=True, controlnets=[random_controlnet(n, seed=0) for n in layouts])
+    m = ExportManifest.read(out)
+    assert m.controlnets == ("controlnet_0", "controlnet_1") and "unet" in m.source["streamed"]
+    par = m.components["unet_control"].parity
+    assert par is not None and "reduced depth" in par.reference and par.rel_err <= par.bound
+    mods = model.held(t5=False)
+    for j, name in enumerate(layouts):
+        ref = StableDiffusion3ControlNetPipeline(
+            transformer=mods.transformer, vae=mods.vae,
+            scheduler=FlowMatchEulerDiscreteScheduler.from_config(model.scheduler_config),
+            text_encoder=mods.text_encoders[0], tokenizer=CLIPTokenizer.from_pretrained(out / "tokenizer"),
+            text_encoder_2=mods.text_encoders[1], tokenizer_2=CLIPTokenizer.from_pretrained(out / "tokenizer_2"),
+            text_encoder_3=None, tokenizer_3=None, controlnet=random_controlnet(name, seed=0).controlnet)
+        ref.set_progress_bar_config(disable=True)
+        with Pipeline.load(out, backend="ort-cpu") as pipe:
+            _compare(None, "sd35-medium-tiny", [0.9], nets=(j,), folder=out, ref=ref, exported=2, steps=3,
+                     loaded=pipe)
