@@ -251,3 +251,50 @@ def test_streamed_transformer_with_two_layouts(tmp_path: Path, mean_vae) -> None
         with Pipeline.load(out, backend="ort-cpu") as pipe:
             _compare(None, "sd35-medium-tiny", [0.9], nets=(j,), folder=out, ref=ref, exported=2, steps=3,
                      loaded=pipe)
+
+
+def test_built_engines_run_the_nets_like_ort_cpu(controlnet_export, tmp_path: Path, fake_gpu) -> None:
+    """Logic check on the TensorRT fakes: build_engines makes the nets and unet_control (their samples' patch-grid
+    axes from the profile), and the captured step (nets, unet_control, step graph) gives the ort-cpu images, one
+    net and both. Says nothing of real TensorRT."""
+    from sdrt.export.profiles import custom_profile
+    from sdrt.export.trt_build import BuildOptions, build_engines
+
+    cudart, _ = fake_gpu
+    src, out = controlnet_export("sd3-tiny"), tmp_path / "engines"
+    manifest = build_engines(src, out, custom_profile(batch="1:1:1", height="64:64:96", width="64:96:96"),
+                             BuildOptions(workspace_gb=1))
+    assert {"controlnet_0", "controlnet_1", "unet_control", "unet"} <= {r.component for r in manifest.engines}
+    kw = {"negative_prompt": NEGATIVE, "steps": 3, "seed": 5, "height": 64, "width": 96, "guidance_scale": 4.0}
+    imgs = [control_image(20), control_image(21)]
+    with Pipeline.load(out, backend="tensorrt") as pipe:
+        for case in ({"control_images": [imgs[0]], "control_scales": [0.8]},
+                     {"control_images": imgs, "control_scales": [0.6, 1.1], "control_end": [1.0, 0.5]}):
+            want = shared_pipeline(src)(PROMPT, **kw, **case)
+            got = pipe(PROMPT, **kw, **case)
+            assert got.loop == "captured CUDA graphs"
+            a, b = np.asarray(want.images[0], np.int16), np.asarray(got.images[0], np.int16)
+            assert a.std() > 5 and np.abs(a - b).max() <= 1
+    assert cudart.alive()["allocations"] == 0
+
+
+@pytest.mark.parametrize("backend", ["ort-cuda-path", "openvino"])
+def test_other_backends_give_the_ort_cpu_images(controlnet_export, monkeypatch: pytest.MonkeyPatch,
+                                                backend: str) -> None:
+    """ort-cuda's code path (OrtValues, IO binding) on the CPU EP, and openvino in fp32: the ort-cpu images with
+    both nets. The first says nothing of a GPU."""
+    folder = controlnet_export("sd3-tiny")
+    kw = {"negative_prompt": NEGATIVE, "steps": 3, "seed": 8, "height": 64, "width": 96, "guidance_scale": 4.0,
+          "control_images": [control_image(30), control_image(31)], "control_scales": [0.9, 0.5]}
+    want = np.asarray(shared_pipeline(folder)(PROMPT, **kw).images[0], np.int16)
+    if backend == "openvino":
+        pytest.importorskip("openvino", reason="the openvino backend needs OpenVINO (pip install sdrt[openvino])")
+        pipe = Pipeline.load(folder, backend="openvino", precision="fp32")
+    else:
+        from .helpers.pipelines import ort_cuda_on_cpu
+
+        monkeypatch.setattr("sdrt.runtime.backends.make_backend", lambda *a, **k: ort_cuda_on_cpu(monkeypatch))
+        pipe = Pipeline.load(folder, backend="ort-cuda")
+    with pipe:
+        got = np.asarray(pipe(PROMPT, **kw).images[0], np.int16)
+    assert want.std() > 5 and np.abs(got - want).max() <= (2 if backend == "openvino" else 0)
