@@ -298,3 +298,18 @@ def test_other_backends_give_the_ort_cpu_images(controlnet_export, monkeypatch: 
     with pipe:
         got = np.asarray(pipe(PROMPT, **kw).images[0], np.int16)
     assert want.std() > 5 and np.abs(got - want).max() <= (2 if backend == "openvino" else 0)
+
+
+@pytest.mark.parametrize("key", ["sd1", "sdxl", "sd3"])
+def test_guess_mode_is_declared_as_diffusers_pipelines_have_it(key: str) -> None:
+    """``Family.control_guess_mode`` against the ``guess_mode`` parameter of the family's diffusers ControlNet
+    pipeline (the families sdrt exports ControlNets for)."""
+    import inspect
+
+    import diffusers
+
+    from sdrt.runtime.families import family_named
+
+    fam = family_named(key)
+    cls = getattr(diffusers, f"{fam.diffusers_pipeline}ControlNetPipeline")
+    assert ("guess_mode" in inspect.signature(cls.__call__).parameters) == fam.control_guess_mode
