@@ -55,9 +55,9 @@ def check(folder: Path, engines: dict[str, Engine], nets: tuple[str, ...], inpai
                             "encode it; re-export the model with `sdrt export ... --controlnet CONTROLNET`")
     if inpainting:
         raise InputError("ControlNet with inpainting is not supported yet: generate with control_images and no "
-                         "mask_image, on a model with an ordinary (4-channel) UNet",
+                         "mask_image, on a model that is no inpainting one (an ordinary UNet or transformer)",
                          cli="ControlNet with inpainting is not supported yet: use --control-image without --mask, "
-                             "on a model with an ordinary (4-channel) UNet")
+                             "on a model that is no inpainting one (an ordinary UNet or transformer)")
     return req
 
 
