@@ -29,6 +29,8 @@ from .controlnet_presets import get_controlnet_preset
 from .loading import LoadedModel, folder_digest, randomize_norms
 
 CONTROLNET_CLASS = "ControlNetModel"
+SD3_CONTROLNET_CLASS = "SD3ControlNetModel"  # SD 3 / 3.5's (export/sd3_controlnet.py pairs and exports it)
+CONTROLNET_CLASSES = (CONTROLNET_CLASS, SD3_CONTROLNET_CLASS)
 
 
 @dataclass
@@ -48,11 +50,11 @@ class LoadedControlNet:
 def random_controlnet(preset_name: str, seed: int = 0) -> LoadedControlNet:
     """Synthetic weights in a ControlNet preset's architecture. The residual convolutions, zero in a fresh
     ControlNet (so it starts as a no-op), get random weights, so the residuals are those of a trained net."""
-    from diffusers import ControlNetModel
+    import diffusers
 
     preset = get_controlnet_preset(preset_name)
     torch.manual_seed(seed)
-    net = ControlNetModel(**preset.config())
+    net = getattr(diffusers, preset.model_class)(**preset.config())
     _randomize_zero_convs(net, seed)
     return LoadedControlNet(net.eval(), {"kind": "random", "preset": preset_name, "seed": seed}, preset_name)
 
@@ -70,7 +72,10 @@ def controlnet_from_unet(model: LoadedModel, seed: int = 0) -> LoadedControlNet:
 
 
 def _randomize_zero_convs(net: torch.nn.Module, seed: int) -> None:
-    zero = [*net.controlnet_down_blocks, net.controlnet_mid_block, net.controlnet_cond_embedding.conv_out]
+    if hasattr(net, "controlnet_blocks"):  # an SD3 ControlNet: its per-block linears and the control latents' embedding
+        zero = [*net.controlnet_blocks, net.pos_embed_input.proj]
+    else:
+        zero = [*net.controlnet_down_blocks, net.controlnet_mid_block, net.controlnet_cond_embedding.conv_out]
     with torch.no_grad():
         for conv in zero:
             conv.reset_parameters()
@@ -93,18 +98,24 @@ def load_controlnet(path: str | Path, *, allow_pickle: bool = False,
     return load_controlnet_single_file(p, allow_pickle=allow_pickle, unet_config=unet_config)
 
 
-def is_controlnet_folder(path: Path) -> bool:
+def controlnet_class(path: Path) -> str | None:
+    """The diffusers ControlNet class a folder's config.json names (one of CONTROLNET_CLASSES), else None."""
     cfg = path / "config.json"
     if not cfg.is_file():
-        return False
+        return None
     try:
-        return json.loads(cfg.read_text()).get("_class_name") == CONTROLNET_CLASS
+        name = json.loads(cfg.read_text()).get("_class_name")
     except (OSError, json.JSONDecodeError, AttributeError):
-        return False
+        return None
+    return name if name in CONTROLNET_CLASSES else None
+
+
+def is_controlnet_folder(path: Path) -> bool:
+    return controlnet_class(path) is not None
 
 
 def _controlnet_folder(path: Path, allow_pickle: bool) -> LoadedControlNet:
-    from diffusers import ControlNetModel
+    import diffusers
 
     if (path / "model_index.json").is_file():
         raise InputError(
@@ -114,7 +125,8 @@ def _controlnet_folder(path: Path, allow_pickle: bool) -> LoadedControlNet:
                 "and as --controlnet a ControlNet folder or .safetensors file")
     if not is_controlnet_folder(path):
         raise ArtifactError(f"{path} is not a diffusers ControlNet folder: its config.json is missing or does not "
-                            f"name {CONTROLNET_CLASS}; pass a ControlNet folder or a ControlNet .safetensors file")
+                            f"name {' or '.join(CONTROLNET_CLASSES)}; pass a ControlNet folder or a ControlNet "
+                            ".safetensors file")
     has_safetensors = any(path.glob("diffusion_pytorch_model*.safetensors"))
     if not has_safetensors:
         if not any(path.glob("diffusion_pytorch_model*.bin")):
@@ -126,8 +138,9 @@ def _controlnet_folder(path: Path, allow_pickle: bool) -> LoadedControlNet:
                 "arbitrary code from the file. Prefer a .safetensors version; if you trust its origin, pass "
                 "--allow-pickle.")
     try:
-        net = ControlNetModel.from_pretrained(path, local_files_only=True, torch_dtype=torch.float32,
-                                              use_safetensors=has_safetensors)
+        cls = getattr(diffusers, controlnet_class(path) or CONTROLNET_CLASS)
+        net = cls.from_pretrained(path, local_files_only=True, torch_dtype=torch.float32,
+                                  use_safetensors=has_safetensors)
     except (OSError, ValueError) as e:
         raise ArtifactError(f"cannot load the ControlNet folder {path}: {e}") from e
     return LoadedControlNet(net.float().eval(), {"kind": "diffusers", "path": str(path),
@@ -136,7 +149,10 @@ def _controlnet_folder(path: Path, allow_pickle: bool) -> LoadedControlNet:
 
 # -- pairing -------------------------------------------------------------------------------------------
 
-def _family_words(cfg: Any) -> str:
+def family_words(cfg: Any) -> str:
+    """The family a UNet or ControlNet config belongs to, in words, for refusals."""
+    if cfg.get("cross_attention_dim") is None:  # no UNet encoder: an SD3 ControlNet (SD3ControlNetModel)
+        return "SD 3 / 3.5"
     cross = int(cfg.cross_attention_dim if not isinstance(cfg, dict) else cfg["cross_attention_dim"])
     add = cfg.get("addition_embed_type")
     if add == "text_time":
@@ -161,8 +177,8 @@ def check_pairing(model: LoadedModel, nets: list[LoadedControlNet]) -> None:
     for j, cn in enumerate(nets):
         c = cn.controlnet.config
         what = f"ControlNet {j + 1} ({cn.name})"
-        unet_family, cn_family = _family_words(u), _family_words(c)
-        if (int(c.cross_attention_dim) != int(u.cross_attention_dim)
+        unet_family, cn_family = family_words(u), family_words(c)
+        if (c.get("cross_attention_dim") is None or int(c.cross_attention_dim) != int(u.cross_attention_dim)
                 or c.get("addition_embed_type") != u.get("addition_embed_type")
                 or c.get("projection_class_embeddings_input_dim") != u.get("projection_class_embeddings_input_dim")):
             raise InputError(

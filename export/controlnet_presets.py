@@ -9,6 +9,12 @@ Each preset is therefore derived from the UNet preset it pairs with:
 - ``sdxl-controlnet``: diffusers' SDXL ControlNets (controlnet-canny-sdxl-1.0 and the like);
 - ``sd15-controlnet-tiny`` / ``sdxl-controlnet-tiny``: the structure of ``sd15-tiny`` / ``sdxl-tiny`` with
   small widths, for tests and the demo.
+
+SD 3 / 3.5's ControlNets (``SD3ControlNetModel``) are a few MMDiT blocks of their transformer's width instead,
+in two layouts, each with a tiny preset for the tests: InstantX's SD3 nets (``sd3-controlnet-tiny`` on
+``sd3-tiny``: joint blocks with a context stream, zeros for the pooled projections, the control latents without
+the VAE's shift) and Stability's SD 3.5 nets (``sd35-controlnet-tiny`` on ``sd35-medium-tiny``: single-stream
+blocks, no text states, the transformer's position embedding, the pooled projections and the shift).
 """
 
 from __future__ import annotations
@@ -20,14 +26,16 @@ from typing import Any
 from sdrt.runtime.errors import InputError
 
 from .presets import PRESETS
+from .sd3_presets import SD3_PRESETS
 
 
 @dataclass(frozen=True)
 class ControlNetPreset:
     name: str
-    family: str  # the UNet family it pairs with: "sd1" | "sd2" | "sdxl"
+    family: str  # the family it pairs with: "sd1" | "sd2" | "sdxl" | "sd3"
     unet_preset: str  # the UNet preset whose encoder it copies
-    controlnet: dict[str, Any]  # ControlNetModel config kwargs
+    controlnet: dict[str, Any]  # the diffusers class's config kwargs
+    model_class: str = "ControlNetModel"  # diffusers' class: ControlNetModel (UNet families), SD3ControlNetModel
 
     def config(self) -> dict[str, Any]:
         return copy.deepcopy(self.controlnet)
@@ -68,6 +76,35 @@ _add("sdxl-controlnet", "sdxl", (16, 32, 96, 256))
 # tiny: four conditioning widths (three stride-2 stages: pixels -> latent size), small
 _add("sd15-controlnet-tiny", "sd15-tiny", (4, 8, 8, 16))
 _add("sdxl-controlnet-tiny", "sdxl-tiny", (4, 8, 8, 16))
+
+
+# SD3ControlNetModel keys that copy the transformer's (diffusers' from_transformer copies its whole config)
+_SD3_SHARED = ("sample_size", "patch_size", "in_channels", "attention_head_dim", "num_attention_heads",
+               "joint_attention_dim", "caption_projection_dim", "pooled_projection_dim", "out_channels",
+               "pos_embed_max_size", "qk_norm")
+
+
+def sd3_controlnet_config(transformer: dict[str, Any], layers: int, *, stability: bool = False) -> dict[str, Any]:
+    """An SD3ControlNetModel config of ``layers`` blocks for an SD3 transformer config: InstantX's layout (joint
+    blocks, ``force_zeros_for_pooled_projection``), or with ``stability`` Stability's SD 3.5 layout (single-stream
+    blocks without text states, the transformer's position embedding, the pooled projections kept)."""
+    cfg = {k: copy.deepcopy(transformer[k]) for k in _SD3_SHARED}
+    cfg.update(num_layers=layers, extra_conditioning_channels=0)
+    if stability:
+        cfg.update(joint_attention_dim=None, use_pos_embed=False, pos_embed_type=None,
+                   force_zeros_for_pooled_projection=False, qk_norm=None)
+    return cfg
+
+
+def _add_sd3(name: str, transformer_preset: str, layers: int, stability: bool) -> None:
+    base = SD3_PRESETS[transformer_preset]
+    CONTROLNET_PRESETS[name] = ControlNetPreset(
+        name, base.family, transformer_preset,
+        sd3_controlnet_config(base.config("transformer"), layers, stability=stability), "SD3ControlNetModel")
+
+
+_add_sd3("sd3-controlnet-tiny", "sd3-tiny", 2, stability=False)
+_add_sd3("sd35-controlnet-tiny", "sd35-medium-tiny", 2, stability=True)
 
 
 def get_controlnet_preset(name: str) -> ControlNetPreset:

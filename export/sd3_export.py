@@ -2,7 +2,8 @@
 preset's seeded weights) and ``export_sd3``, the family's counterpart of ``exporter.export_model``.
 
 Layout: model_index.json, text_encoder/, text_encoder_2/, [text_encoder_3/,] transformer/ (the manifest's
-``unet`` component: the denoiser), vae_decoder/, vae_encoder/, tokenizer/, tokenizer_2/, [tokenizer_3/,]
+``unet`` component: the denoiser), vae_decoder/, vae_encoder/, [vae_encoder_masked/ (an inpainting
+transformer's),] tokenizer/, tokenizer_2/, [tokenizer_3/,]
 scheduler/, sdrt.json. ``without_t5`` leaves T5 out (diffusers' ``text_encoder_3=None``: the runtime puts
 zeros in its place). Written under a temporary name and renamed once every component passed its parity gate.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -22,14 +23,27 @@ import torch
 from sdrt.runtime.atomic import atomic_dir
 from sdrt.runtime.errors import InputError
 from sdrt.runtime.feature_cache import SHALLOW_UNET
+from sdrt.runtime.inpaint import MASKED_ENCODER
 from sdrt.runtime.manifest import MANIFEST_NAME, ExportManifest, ShapeLimits, export_entries, tokenizer_of
 
 from .block_cache import DENOISER_FOLDER, FOLDERS
+from .controlnet_loading import LoadedControlNet
 from .exporter import EXPORT_KIND, MIN_OPSET, TEXT_LEN, check_export_dir, tool_versions
 from .onnx_export import export_component, parity_line
+from .sd3_controlnet import (
+    check_sd3_pairing,
+    control_layout,
+    sd3_controlnet_specs,
+    streamed_unet_control_spec,
+)
 from .sd3_gate import gate_streamed
 from .sd3_presets import SD3_PRESETS, Sd3Modules, Sd3Preset, build_modules, get_sd3_preset
-from .sd3_specs import sd3_specs, streamed_cached_spec, streamed_t5_spec, streamed_transformer_spec
+from .sd3_specs import (
+    sd3_specs,
+    streamed_cached_spec,
+    streamed_t5_spec,
+    streamed_transformer_spec,
+)
 from .streamed import (
     WeightSource,
     checkpoint_weights,
@@ -247,13 +261,16 @@ def export_sd3(
     opset: int = MIN_OPSET,
     without_t5: bool = False,
     block_cache: bool = False,
+    controlnets: Sequence[LoadedControlNet] = (),
     parity_shape: tuple[int, int, int] | None = None,
     progress: Callable[[str], None] = lambda msg: None,
 ) -> ExportManifest:
     """Export every component of ``model`` into ``out`` (atomically) and return its manifest; ``without_t5``
     leaves T5 out; ``block_cache`` adds first-block caching (the transformer also returns its two residuals, and
-    its cached step is ``unet_shallow`` in ``transformer_shallow/``; runtime/feature_cache.py). ``out`` is
-    checked as ``export_model`` checks it. T5 stays float32 in an fp16 export (its activations overflow fp16)."""
+    its cached step is ``unet_shallow`` in ``transformer_shallow/``; runtime/feature_cache.py); ``controlnets``: SD3
+    ControlNets, each ``controlnet_j``, with ``unet_control`` (the transformer taking their samples, streamed where
+    the transformer is; export/sd3_controlnet.py), checked against the transformer first. ``out`` is checked as ``export_model`` checks
+    it. T5 stays float32 in an fp16 export (its activations overflow fp16)."""
     from .tokenizer_assets import write_clip_tokenizer
 
     out = check_export_dir(out, overwrite=overwrite)
@@ -272,12 +289,20 @@ def export_sd3(
         raise InputError(f"first-block caching reuses what the blocks after the first added; {p.name}'s transformer "
                          "has one block: export it without --feature-cache")
     limits = limits_of(tr_cfg, f)
+    controlnets = list(controlnets)
+    check_sd3_pairing(p.name, tr_cfg, int(mods.vae.config.latent_channels), controlnets)
     if parity_shape is None:
         side = min(p.default_size // f, 32)
         parity_shape = (2, side, side + limits.multiple_of // f)  # non-square, whole patches
     with atomic_dir(out, marker=MANIFEST_NAME, overwrite=overwrite, what=EXPORT_KIND, owned=export_entries) as tmp:
         done = {}
-        for spec in sd3_specs(mods, p.t5_tokens, block_cache):
+        masked = int(tr_cfg["in_channels"]) == 2 * int(mods.vae.config.latent_channels) + 1  # an inpainting one
+        specs = sd3_specs(mods, p.t5_tokens, block_cache, masked)
+        if controlnets:  # the nets in memory; unet_control with the transformer, in memory or streamed below
+            tr_weights = streamed["transformer"].weights if "transformer" in streamed else None
+            specs += sd3_controlnet_specs(tr_cfg, mods.vae, controlnets, TEXT_LEN + p.t5_tokens,
+                                          transformer=mods.transformer, weights=tr_weights)
+        for spec in specs:
             folder = FOLDERS.get(spec.name, spec.name)
             done[spec.name] = export_component(spec, precision, tmp / folder, opset=opset,
                                                parity_shape=parity_shape, progress=progress)
@@ -287,15 +312,23 @@ def export_sd3(
                 [("transformer", streamed_transformer_spec(st.config, tokens, block_cache))]
             if name == "transformer" and block_cache:
                 jobs.append(("cached", streamed_cached_spec(st.config, tokens)))
+            if name == "transformer" and controlnets:
+                used, residuals = control_layout(st.config, controlnets)
+                jobs.append(("control", streamed_unet_control_spec(st.config, tokens, len(controlnets), used,
+                                                                   residuals)))
             for kind, sspec in jobs:
                 folder = FOLDERS.get(sspec.name, sspec.name)
                 progress(f"{sspec.name} is streamed ({st.kind} weights, one tensor at a time)")
                 comp = export_streamed(sspec, st.weights, precision, tmp / folder, progress=progress)
                 par = gate_streamed(kind, st.config, st.weights, precision, tokens, parity_shape, progress,
-                                    block_cache=block_cache)
+                                    block_cache=block_cache,
+                                    control=(len(controlnets), len(controlnets[0].controlnet.controlnet_blocks))
+                                    if kind == "control" else None)
                 progress(f"{sspec.name}: {parity_line(par, comp.precision)} ({par.reference})")
                 done[sspec.name] = replace(comp, parity=par)
-        order = [*ENCODERS, "unet", SHALLOW_UNET, "vae_decoder", "vae_encoder"]
+        nets = tuple(f"controlnet_{j}" for j in range(len(controlnets)))
+        order = [*ENCODERS, "unet", *nets, *(("unet_control",) if nets else ()), SHALLOW_UNET, "vae_decoder",
+                 "vae_encoder", MASKED_ENCODER]
         components = {n: done[n] for n in order if n in done}
         for i, name in enumerate(("text_encoder", "text_encoder_2")):
             write_clip_tokenizer(tmp / tokenizer_of(name), pad_token=p.pad_tokens[i], source=model.tokenizer_dirs[i])
@@ -319,10 +352,12 @@ def export_sd3(
             limits=limits,
             source={**model.source, "t5": "text_encoder_3" in components,
                     **({"streamed": sorted("unet" if n == "transformer" else n for n in streamed)}
-                       if streamed else {})},
+                       if streamed else {}),
+                    **({"controlnets": [dict(c.source) for c in controlnets]} if controlnets else {})},
             tools=tool_versions(),
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             latent_scaling=float(mods.vae.config.scaling_factor),
+            controlnets=nets,
         )
         manifest.write(tmp)
     return manifest

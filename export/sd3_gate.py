@@ -87,20 +87,31 @@ def load_reduced(module: torch.nn.Module, source: WeightSource, name: str) -> to
 
 def gate_streamed(kind: str, config: dict[str, Any], weights: WeightSource, precision: str, tokens: int,
                   parity_shape: tuple[int, int, int], progress: Callable[[str], None] = lambda m: None,
-                  block_cache: bool = False) -> Parity:
+                  block_cache: bool = False, control: tuple[int, int] | None = None) -> Parity:
     """The reduced-depth gate of a streamed ``transformer`` (``block_cache``: with first-block caching's
-    residual outputs), first-block caching's ``cached`` step or ``text_encoder_3`` (see the module docstring);
-    raises ParityError past the precision's bound, like every component's gate. The cached step runs only the
-    first block, which every reduced copy keeps as its own first: its gate is exact in depth."""
+    residual outputs), first-block caching's ``cached`` step, the ``control`` transformer taking ControlNet
+    samples (``control``: (nets, samples per net); the reduced copy reads the samples its own depth picks, random
+    ones) or ``text_encoder_3`` (see the module docstring); raises ParityError past the precision's bound, like
+    every component's gate. The cached step runs only the first block, which every reduced copy keeps as its own
+    first: its gate is exact in depth."""
     from diffusers import SD3Transformer2DModel
     from transformers import T5Config, T5EncoderModel
 
-    if kind in ("transformer", "cached"):
+    from .sd3_controlnet import streamed_unet_control_spec, unet_control_spec
+    from .sd3_wrappers import controlled_blocks
+
+    used: list[int] = []
+    if kind in ("transformer", "cached", "control"):
         picked = sorted({0, *transformer_blocks(config)})
         reduced = _reduced_transformer(config, picked)
         source = mapped_weights(weights, TRANSFORMER_BLOCKS, "transformer_blocks.", picked)
-        sspec: StreamedSpec = (streamed_cached_spec(reduced, tokens) if kind == "cached"
-                               else streamed_transformer_spec(reduced, tokens, block_cache))
+        if kind == "control":
+            assert control is not None
+            used = controlled_blocks(len(picked), control[1])
+            sspec: StreamedSpec = streamed_unet_control_spec(reduced, tokens, control[0], used, control[1])
+        else:
+            sspec = (streamed_cached_spec(reduced, tokens) if kind == "cached"
+                     else streamed_transformer_spec(reduced, tokens, block_cache))
         module = SD3Transformer2DModel(**reduced)
         total = int(config["num_layers"])
     else:
@@ -112,8 +123,12 @@ def gate_streamed(kind: str, config: dict[str, Any], weights: WeightSource, prec
         total = int(config["num_layers"])
     progress(f"{sspec.name}: parity gate on blocks {picked} of {total} at full width (a reduced-depth copy)")
     module = load_reduced(module, source, sspec.name)
-    cspec = (cached_spec(module, tokens) if kind == "cached" else transformer_spec(module, tokens, block_cache)
-             if kind == "transformer" else t5_spec(module, tokens))
+    if kind == "control":
+        assert control is not None
+        cspec = unet_control_spec(module, tokens, control[0], used, control[1])
+    else:
+        cspec = (cached_spec(module, tokens) if kind == "cached" else transformer_spec(module, tokens, block_cache)
+                 if kind == "transformer" else t5_spec(module, tokens))
     with tempfile.TemporaryDirectory(prefix="sdrt-gate-") as tmp:
         comp = export_streamed(sspec, source, precision, Path(tmp) / sspec.name)
         # the module's own example inputs and I/O, run on the streamed graph (dynamo names match the contract)

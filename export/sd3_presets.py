@@ -11,7 +11,8 @@ The tiny presets keep SD3's structure with small widths: the CLIP encoders' hidd
 narrower than T5's (48 = ``joint_attention_dim``), so the join's zero padding is exercised, as SD3's
 768 + 1280 < 4096; the pooled width is both CLIP projections (16 + 16 = ``pooled_projection_dim``), as SD3's
 768 + 1280 = 2048. ``sd35-medium-tiny`` adds SD 3.5 Medium's MMDiT-X parts: dual attention in the first
-layer and RMS-normed queries and keys.
+layer and RMS-normed queries and keys; ``sd3-inpaint-tiny`` is ``sd3-tiny`` with a 33-channel transformer (an
+inpainting one: latents, mask and masked-image latents in).
 """
 
 from __future__ import annotations
@@ -87,11 +88,11 @@ def _vae(channels: list[int], sample_size: int, groups: int, layers: int) -> dic
 
 
 def _transformer(layers: int, head_dim: int, heads: int, joint: int, pooled: int, max_pos: int, sample: int,
-                 dual: tuple[int, ...] = (), qk_norm: str | None = None) -> dict[str, Any]:
+                 dual: tuple[int, ...] = (), qk_norm: str | None = None, in_channels: int = 16) -> dict[str, Any]:
     return {
         "sample_size": sample,
         "patch_size": 2,
-        "in_channels": 16,
+        "in_channels": in_channels,
         "num_layers": layers,
         "attention_head_dim": head_dim,
         "num_attention_heads": heads,
@@ -127,6 +128,18 @@ _add(Sd3Preset(
 _add(Sd3Preset(
     "sd35-medium-tiny", "sd3", 64,
     transformer=_transformer(2, 8, 2, joint=48, pooled=32, max_pos=16, sample=8, dual=(0,), qk_norm="rms_norm"),
+    vae=_vae([16, 16, 32, 32], 64, groups=8, layers=1),
+    clip=_TINY_CLIP,
+    t5=t5_config(48, 8, 64, 2, 2),
+    scheduler=_FLOW,
+    test_scale=True,
+))
+
+# SD3's structure with a 33-channel transformer (latents, mask, masked-image latents), the input diffusers'
+# StableDiffusion3InpaintPipeline concatenates for an inpainting transformer (none is published yet)
+_add(Sd3Preset(
+    "sd3-inpaint-tiny", "sd3", 64,
+    transformer=_transformer(2, 8, 2, joint=48, pooled=32, max_pos=16, sample=8, in_channels=33),
     vae=_vae([16, 16, 32, 32], 64, groups=8, layers=1),
     clip=_TINY_CLIP,
     t5=t5_config(48, 8, 64, 2, 2),

@@ -16,12 +16,20 @@ from typing import Any
 import torch
 
 from sdrt.runtime.feature_cache import CHANGE, SHALLOW_UNET
+from sdrt.runtime.inpaint import MASKED_ENCODER
 
 from . import wrappers
 from .block_cache import random_residuals, residual_dims, residual_specs
 from .onnx_export import TRACE_LATENT, ComponentSpec
 from .sd3_presets import Sd3Modules
-from .sd3_wrappers import Sd3Transformer, Sd3TransformerCached, Sd3VaeDecoder, Sd3VaeEncoder, T5Encoder
+from .sd3_wrappers import (
+    Sd3Transformer,
+    Sd3TransformerCached,
+    Sd3VaeDecoder,
+    Sd3VaeEncoder,
+    Sd3VaeEncoderMasked,
+    T5Encoder,
+)
 from .streamed import StreamedSpec
 
 CLIP_TOKENS = 77
@@ -154,10 +162,31 @@ def vae_encoder_spec(vae: torch.nn.Module, factor: int) -> ComponentSpec:
     )
 
 
-def sd3_specs(modules: Sd3Modules, t5_tokens: int, block_cache: bool = False) -> list[ComponentSpec]:
+def vae_encoder_masked_spec(vae: torch.nn.Module, factor: int) -> ComponentSpec:
+    """The masked image's encoder of an inpainting (33-channel) transformer: ``image`` uint8 [B, H, W, 3] and
+    ``mask`` uint8 [B, H, W, 1] (1 = repaint) -> ``latent`` [B, 16, H/8, W/8], shifted and scaled."""
+    enc = vae_encoder_spec(vae, factor)
+
+    def example(g: torch.Generator, b: int, h: int, w: int) -> tuple[torch.Tensor, ...]:
+        mask = (torch.rand(b, h * factor, w * factor, 1, generator=g) < 0.5).to(torch.uint8)
+        return (*enc.example(g, b, h, w), mask)
+
+    return ComponentSpec(
+        name=MASKED_ENCODER,
+        module=Sd3VaeEncoderMasked(vae),
+        weights=vae,
+        inputs=[*enc.inputs, ("mask", "uint8", ("batch", "image_height", "image_width", 1))],
+        outputs=list(enc.outputs),
+        example=example,
+    )
+
+
+def sd3_specs(modules: Sd3Modules, t5_tokens: int, block_cache: bool = False,
+              masked: bool = False) -> list[ComponentSpec]:
     """The components of an SD3 export held in memory, in the family's encoder order, then the denoiser (with
     ``block_cache``: returning first-block caching's residuals, its cached step after it) and the VAE decoder and
-    encoder (T5 and the transformer left out where the modules have none: streamed or absent)."""
+    encoder (T5 and the transformer left out where the modules have none: streamed or absent); ``masked``: an
+    inpainting transformer's masked-image encoder too."""
     clip_l, clip_g, t5 = modules.text_encoders
     factor = 2 ** (len(modules.vae.config.block_out_channels) - 1)
     specs = [_clip_spec(CLIP_NAMES[0], clip_l), _clip_spec(CLIP_NAMES[1], clip_g)]
@@ -167,7 +196,8 @@ def sd3_specs(modules: Sd3Modules, t5_tokens: int, block_cache: bool = False) ->
         specs.append(transformer_spec(modules.transformer, CLIP_TOKENS + t5_tokens, block_cache))
         if block_cache:
             specs.append(cached_spec(modules.transformer, CLIP_TOKENS + t5_tokens))
-    return [*specs, vae_decoder_spec(modules.vae), vae_encoder_spec(modules.vae, factor)]
+    specs += [vae_decoder_spec(modules.vae), vae_encoder_spec(modules.vae, factor)]
+    return [*specs, vae_encoder_masked_spec(modules.vae, factor)] if masked else specs
 
 
 # -- the large components, streamed (export/streamed.py): built from their configs in fake mode -----------------

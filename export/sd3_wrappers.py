@@ -13,7 +13,7 @@ import types
 import torch
 
 from .block_cache import on_grid, relative_change, with_residuals
-from .wrappers import VaeDecoder, VaeEncoder
+from .wrappers import VaeDecoder, VaeEncoder, VaeEncoderMasked
 
 
 class Sd3Transformer(torch.nn.Module):
@@ -143,3 +143,103 @@ class Sd3VaeEncoder(VaeEncoder):
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return super().forward(image) - self.shift * self.scale
+
+
+class Sd3VaeEncoderMasked(VaeEncoderMasked):
+    """The shared ``VaeEncoderMasked`` (the masked image's latent mean, for an inpainting transformer) with SD3's
+    latent shift, as ``StableDiffusion3InpaintPipeline.prepare_mask_latents`` encodes: ``(latents - shift_factor)
+    * scaling_factor``."""
+
+    def __init__(self, vae: torch.nn.Module) -> None:
+        super().__init__(vae)
+        self.shift = float(vae.config.shift_factor or 0.0)
+
+    def forward(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return super().forward(image, mask) - self.shift * self.scale
+
+
+def controlled_blocks(layers: int, residuals: int) -> list[int]:
+    """The ControlNet residuals an SD3 transformer of ``layers`` joint blocks reads when given ``residuals`` of them:
+    block i (all but the last, whose context stream ends: ``context_pre_only``) adds residual
+    ``int(i / (layers / residuals))``, as ``SD3Transformer2DModel.forward`` indexes ``block_controlnet_hidden_states``
+    (Python's float division, as there). Sorted, each once."""
+    interval = layers / residuals
+    return sorted({int(i / interval) for i in range(layers - 1)})
+
+
+class Sd3ControlNet(torch.nn.Module):
+    """One SD3 ControlNet (diffusers' ``SD3ControlNetModel``): ``sample`` [B, 16, h, w], ``timestep`` float32 [B],
+    ``encoder_hidden_states`` (a net with a context stream), ``pooled_projections`` (a net that reads them),
+    ``controlnet_cond`` [B, 16, h, w] (the control image's latents as the export's ``vae_encoder`` gives them:
+    ``(mean - shift) * scaling``), ``conditioning_scale`` float32 [B, R] -> ``block_k`` for each residual k the
+    paired transformer reads (``used``), on the patch grid [B, h/2, w/2, D], each times its column of the scale.
+
+    As ``StableDiffusion3ControlNetPipeline`` feeds each kind of net: one with ``force_zeros_for_pooled_projection``
+    (InstantX's SD3 nets) gets zeros for the pooled projections and the control latents without the VAE's shift
+    (added back here); one without a context stream (``joint_attention_dim`` None: Stability's SD 3.5 nets) gets no
+    text states; one without a position embedding of its own (``use_pos_embed`` False) gets the transformer's
+    (``pos_embed``, the pipeline's ``_get_pos_embed_from_transformer``)."""
+
+    def __init__(self, controlnet: torch.nn.Module, used: list[int], vae_shift: float, vae_scale: float,
+                 pos_embed: torch.nn.Module | None = None) -> None:
+        super().__init__()
+        cfg = controlnet.config
+        if getattr(controlnet, "pos_embed", None) is None:
+            if pos_embed is None:
+                raise ValueError("this SD3 ControlNet has no position embedding: pass the transformer's")
+            controlnet.pos_embed = pos_embed
+        self.controlnet = controlnet
+        self.used = list(used)
+        self.zero_pooled = bool(cfg.get("force_zeros_for_pooled_projection", True))
+        self.pooled_dim = int(cfg.pooled_projection_dim)
+        self.context = cfg.get("joint_attention_dim") is not None
+        self.unshift = vae_shift * vae_scale if self.zero_pooled else 0.0  # InstantX encodes without the shift
+        self.patch = int(cfg.patch_size)
+
+    @property
+    def takes_text(self) -> bool:
+        return self.context
+
+    @property
+    def takes_pooled(self) -> bool:
+        return not self.zero_pooled
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, *rest: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        rest = list(rest)
+        text = rest.pop(0) if self.context else None
+        pooled = rest.pop(0) if not self.zero_pooled else \
+            torch.zeros(sample.shape[0], self.pooled_dim, dtype=sample.dtype, device=sample.device)
+        cond, scale = rest
+        if self.unshift:
+            cond = cond + self.unshift
+        blocks = self.controlnet(hidden_states=sample, controlnet_cond=cond, conditioning_scale=1.0,
+                                 encoder_hidden_states=text, pooled_projections=pooled, timestep=timestep,
+                                 return_dict=False)[0]
+        h, w = sample.shape[-2] // self.patch, sample.shape[-1] // self.patch
+        scale = scale.to(sample.dtype)
+        return tuple(on_grid(blocks[k], h, w) * scale[:, i, None, None, None] for i, k in enumerate(self.used))
+
+
+class Sd3TransformerControl(Sd3Transformer):
+    """``Sd3Transformer`` with ControlNet residuals: its inputs, then ``nets`` groups of the residuals it reads
+    (``used`` of ``residuals``, each [B, h/2, w/2, D] on the patch grid). The groups are summed here (diffusers'
+    ``SD3MultiControlNetModel`` sums the nets' samples) and passed as ``block_controlnet_hidden_states``, a list
+    of ``residuals`` entries (the ones no block reads are None), so the transformer's own indexing picks them."""
+
+    def __init__(self, transformer: torch.nn.Module, nets: int, used: list[int], residuals: int,
+                 dynamo: bool = False) -> None:
+        super().__init__(transformer, dynamo=dynamo)
+        self.nets, self.used, self.residuals = nets, list(used), residuals
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,  # type: ignore[override]
+                pooled_projections: torch.Tensor, *res: torch.Tensor) -> torch.Tensor:
+        k = len(self.used)
+        summed = list(res[:k])
+        for j in range(1, self.nets):
+            summed = [a + b for a, b in zip(summed, res[j * k:(j + 1) * k], strict=True)]
+        blocks: list[torch.Tensor | None] = [None] * self.residuals
+        for i, r in zip(self.used, summed, strict=True):
+            blocks[i] = r.reshape(r.shape[0], -1, r.shape[-1])
+        return self.transformer(hidden_states=sample, encoder_hidden_states=encoder_hidden_states,
+                                pooled_projections=pooled_projections, timestep=timestep,
+                                block_controlnet_hidden_states=blocks, return_dict=False)[0]

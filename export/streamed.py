@@ -91,7 +91,12 @@ def trace(spec: StreamedSpec, precision: str) -> tuple[Any, dict[str, str]]:
                                              output_names=[n for n, _, _ in spec.outputs], verbose=False)
     finally:
         quiet.setLevel(level)
-    return onnx_program.model, aliases
+    model = onnx_program.model
+    names = [n for n, _, _ in spec.inputs]
+    if len(model.graph.inputs) == len(names):  # a wrapper's *args come out as args_0, ...: the contract's names
+        for value, name in zip(model.graph.inputs, names, strict=True):
+            value.name = name
+    return model, aliases
 
 
 def export_streamed(spec: StreamedSpec, weights: WeightSource, precision: str, folder: Path, *,

@@ -688,7 +688,7 @@ class Pipeline:
                        guess_mode: Any, control_preprocess: Any, masked: bool) -> controlnet.ControlRequest | None:
         return control_stage.check(self.folder, self.engines, self.manifest.controlnets,
                                    masked or self._inpaint_mode() == "concat", control_images, control_scales,
-                                   control_start, control_end, guess_mode, control_preprocess)
+                                   control_start, control_end, guess_mode, control_preprocess, self.family)
 
     # -- stage 4: decode --------------------------------------------------------------------------------
     def decode(self, latents: Latents | Array) -> tuple[list[Any], list[bool]]:

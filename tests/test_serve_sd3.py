@@ -91,3 +91,34 @@ def test_max_sequence_length_on_both_apis(server, pipe) -> None:
     keys = {n: batcher.key(Job.of(["a red fox"], None, [1], 64, 64, 2, "flow-euler", 5.0, max_sequence_length=n))
             for n in (None, 16, 256)}
     assert keys[None] == keys[256] != keys[16]  # None is the default 256: one batch; 16 runs apart
+
+
+def test_a1111_img2img_with_a_mask_inpaints(server, pipe) -> None:
+    """A1111's img2img with a mask (white = repaint, mask_blur as the paste-back blur) on an SD 3 export: the
+    pipeline's inpainting images (which tests/test_sd3_inpaint.py checks against diffusers)."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    def b64png(a: np.ndarray) -> str:
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, format="PNG")
+        return base64.b64encode(buf.getvalue()).decode()
+
+    init = np.random.default_rng(2).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:48, 8:40] = 255
+    body = {"prompt": "a harbour", "init_images": [b64png(init)], "mask": b64png(mask), "mask_blur": 0,
+            "denoising_strength": 0.75, "steps": 4, "seed": 3, "cfg_scale": 4.0, "sampler_name": "Euler",
+            "inpainting_fill": 1}
+    r = httpx.post(f"{server.url}/sdapi/v1/img2img", headers=AUTH, json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    want = np.asarray(pipe("a harbour", height=64, width=64, steps=4, guidance_scale=4.0, seed=3,
+                           sampler="flow-euler", image=Image.fromarray(init), mask_image=Image.fromarray(mask),
+                           strength=0.75, paste_back=0.0).images[0])
+    got = pixels(r.json()["images"][0])
+    np.testing.assert_array_equal(got, want)
+    region = mask > 0
+    np.testing.assert_array_equal(got[~region], init[~region])  # a hard-edged paste-back keeps the rest
+    assert not np.array_equal(got[region], init[region])

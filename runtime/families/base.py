@@ -39,7 +39,8 @@ class Family:
     caching kinds its denoiser supports (runtime/feature_cache.py: ``deepcache`` for UNets);
     ``classifier_free``: guidance runs the denoiser on negative rows beside the positive ones (False: a
     guidance-distilled family, FLUX.1: one row per image, no negative prompt, the scale embedded where the
-    denoiser has a ``guidance`` input).
+    denoiser has a ``guidance`` input); ``control_guess_mode``: its ControlNet pipeline has diffusers' ``guess_mode``
+    (SD 3 / 3.5's has none).
     """
 
     key: str
@@ -56,6 +57,7 @@ class Family:
     host_join: bool = False
     feature_caches: tuple[str, ...] = ("deepcache",)
     classifier_free: bool = True
+    control_guess_mode: bool = True
 
     def tokenizer_kind(self, encoder: str) -> str:
         """How ``encoder``'s prompts are tokenized: ``clip`` (CLIP's BPE, 77 tokens) or ``t5`` (SentencePiece,

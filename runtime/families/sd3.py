@@ -13,6 +13,10 @@ latents are 16 channels and a side must be a multiple of its patch (2 latent pix
 latent shift (``shift_factor``) lives in the exported VAE graphs; the flow samplers and the scheduler's shift
 in ``runtime/samplers.py``.
 
+Inpainting (``StableDiffusion3InpaintPipeline``): the shared blend for a 16-channel transformer, the concat path
+for a 33-channel one (runtime/inpaint.py). ControlNets (``StableDiffusion3ControlNetPipeline``): the control image
+enters as its VAE latents (runtime/control_stage.py encodes it once per call); no ``guess_mode``.
+
 Not yet in the interface: skip-layer guidance (SD 3.5 Medium's ``skip_guidance_layers``), per-call
 ``max_sequence_length``.
 """
@@ -61,4 +65,4 @@ class Sd3Family(Family):
 SD3 = Sd3Family(key="sd3", label="SD 3 / 3.5", encoders=(*CLIPS, T5), penultimate=True, pooled=True,
                 zero_negatives=False, diffusers_pipeline="StableDiffusion3", chunked=False,
                 pooled_input="pooled_projections", optional_encoders=(T5,), host_join=True,
-                feature_caches=("first-block",))
+                feature_caches=("first-block",), control_guess_mode=False)

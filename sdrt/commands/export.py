@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 
 def register(p: argparse.ArgumentParser) -> None:
@@ -116,14 +117,10 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args.model, random_preset=args.random, seed=args.seed, arch=args.arch,
                        allow_pickle=args.allow_pickle, ema=args.ema)
 
-    nets = []
-    if args.controlnets:
-        from sdrt.export.controlnet_loading import check_pairing, load_controlnet, random_controlnet
+    nets = _load_controlnets(args, model.unet.config)
+    if nets:
+        from sdrt.export.controlnet_loading import check_pairing
 
-        for kind, value in args.controlnets:
-            print(f"loading ControlNet {value}" if kind == "path" else f"making a {value} ControlNet", flush=True)
-            nets.append(load_controlnet(value, allow_pickle=args.allow_pickle, unet_config=model.unet.config) if kind == "path"
-                        else random_controlnet(value, seed=args.seed))
         check_pairing(model, nets)  # before the LoRAs merge and any export work
 
     if args.lora:
@@ -159,12 +156,15 @@ def _run_sd3(args: argparse.Namespace) -> int:
     from sdrt.runtime.errors import InputError
 
     given = [flag for flag, on in (("--lora", args.lora), ("--lora-slots", args.lora_slots),
-                                   ("--controlnet", args.controlnets),
                                    ("--clip-skip", args.clip_skip), ("--ort-cuda", args.ort_cuda),
                                    ("--vae-fp32", args.vae_fp32), ("--no-ema", not args.ema)) if on]
     if given:
         raise InputError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} not supported for SD 3 / 3.5 "
                          "models yet; export without")
+    files = [v for kind, v in args.controlnets or [] if kind == "path" and Path(v).is_file()]
+    if files:
+        raise InputError(f"{files[0]} is a single file; SD 3 / 3.5 ControlNets load from a diffusers folder "
+                         "(config.json naming SD3ControlNetModel, with its .safetensors) for now")
     opts = {k.removeprefix("--").replace("-", "_"): v for k, v in _sd3_file_options(args).items()}
     if args.random and (given := [f"--{k.replace('_', '-')}" for k, v in opts.items() if v is not None]):
         raise InputError(f"{', '.join(given)} go{'es' if len(given) == 1 else ''} with an SD 3 / 3.5 single "
@@ -176,11 +176,14 @@ def _run_sd3(args: argparse.Namespace) -> int:
     else:  # a folder, or a single file with its options (refused for a folder)
         model = load_sd3(args.model, without_t5=args.without_t5, **opts)
 
+    nets = _load_controlnets(args)  # paired with the transformer by export_sd3, before any export work
+
     def progress(msg: str) -> None:
         print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", flush=True)
 
     manifest = export_sd3(model, args.out, overwrite=args.overwrite, fp16=not args.fp32, opset=args.opset,
-                          without_t5=args.without_t5, block_cache=args.feature_cache, progress=progress)
+                          without_t5=args.without_t5, block_cache=args.feature_cache, controlnets=nets,
+                          progress=progress)
     _report(args.out, manifest, t0)
     return 0
 
@@ -224,6 +227,20 @@ def _run_flux(args: argparse.Namespace) -> int:
                            block_cache=args.feature_cache, progress=progress)
     _report(args.out, manifest, t0)
     return 0
+
+
+def _load_controlnets(args: argparse.Namespace, unet_config=None) -> list:  # type: ignore[no-untyped-def]
+    """--controlnet / --random-controlnet, loaded in the order given (``unet_config``: the UNet a single file's
+    architecture is matched against)."""
+    nets = []
+    if args.controlnets:
+        from sdrt.export.controlnet_loading import load_controlnet, random_controlnet
+
+        for kind, value in args.controlnets:
+            print(f"loading ControlNet {value}" if kind == "path" else f"making a {value} ControlNet", flush=True)
+            nets.append(load_controlnet(value, allow_pickle=args.allow_pickle, unet_config=unet_config)
+                        if kind == "path" else random_controlnet(value, seed=args.seed))
+    return nets
 
 
 def _sd3_file_options(args: argparse.Namespace) -> dict[str, str | None]:

@@ -1,0 +1,315 @@
+"""SD 3 / 3.5 ControlNets on ort-cpu against diffusers' ``StableDiffusion3ControlNetPipeline``: the tiny presets'
+seeded weights with seeded ``SD3ControlNetModel``s, the same latents, images within 1/255.
+
+Both layouts of SD3 ControlNet: InstantX's (``sd3-controlnet-tiny``: joint blocks reading the text states, zeros
+for the pooled projections, the control latents without the VAE's shift), two of them summed as diffusers'
+``SD3MultiControlNetModel`` sums them, and Stability's SD 3.5 layout (``sd35-controlnet-tiny``: single-stream
+blocks, the transformer's position embedding, the pooled projections, the shift); two conditioning scales and a
+control window. diffusers encodes the control image by sampling the VAE's latent distribution; sdrt takes its
+mean, so the reference is made to as well. Refusals come before any work.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sdrt.runtime.errors import CompatibilityError, InputError
+from sdrt.runtime.pipeline import Pipeline
+
+from .helpers.inputs import control_image, image_and_mask
+from .helpers.pipelines import shared_pipeline
+
+PROMPT = "a red fox in the snow"
+NEGATIVE = "blurry"
+NETS = {"sd3-tiny": ("sd3-controlnet-tiny", (0, 1)), "sd35-medium-tiny": ("sd35-controlnet-tiny", (0,))}
+_REFS: dict[tuple[str, tuple[int, ...]], object] = {}
+
+
+@pytest.fixture(scope="session")
+def controlnet_export(tmp_path_factory: pytest.TempPathFactory, export_cache: dict[tuple[str, str], Path]):
+    """controlnet_export(preset) -> an fp32 export without T5 of the preset with its tiny ControlNets (NETS)."""
+
+    def get(preset: str) -> Path:
+        key = (f"{preset}-no-t5-controlnets", "fp32")
+        if key not in export_cache:
+            from sdrt.export.controlnet_loading import random_controlnet
+            from sdrt.export.sd3_export import export_sd3, load_sd3
+
+            net, seeds = NETS[preset]
+            out = tmp_path_factory.mktemp("exports") / key[0]
+            export_sd3(load_sd3(random_preset=preset), out, fp16=False, without_t5=True,
+                       controlnets=[random_controlnet(net, seed=s) for s in seeds])
+            export_cache[key] = out
+        return export_cache[key]
+
+    return get
+
+
+def _reference(preset: str, folder: Path, seeds: tuple[int, ...]):
+    """diffusers' SD3 ControlNet pipeline over the same seeded modules (fresh ones: the export's are its own)."""
+    key = (preset, seeds)
+    if key not in _REFS:
+        from diffusers import StableDiffusion3ControlNetPipeline
+        from diffusers.schedulers import FlowMatchEulerDiscreteScheduler
+        from transformers import CLIPTokenizer
+
+        from sdrt.export.controlnet_loading import random_controlnet
+        from sdrt.export.sd3_presets import build_modules, get_sd3_preset
+
+        p = get_sd3_preset(preset)
+        m = build_modules(p, seed=0)
+        nets = [random_controlnet(NETS[preset][0], seed=s).controlnet for s in seeds]
+        pipe = StableDiffusion3ControlNetPipeline(
+            transformer=m.transformer, vae=m.vae, scheduler=FlowMatchEulerDiscreteScheduler.from_config(p.scheduler),
+            text_encoder=m.text_encoders[0], tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
+            text_encoder_2=m.text_encoders[1], tokenizer_2=CLIPTokenizer.from_pretrained(folder / "tokenizer_2"),
+            text_encoder_3=None, tokenizer_3=None, controlnet=nets if len(nets) > 1 else nets[0])
+        pipe.set_progress_bar_config(disable=True)
+        _REFS[key] = pipe
+    return _REFS[key]
+
+
+@pytest.fixture
+def mean_vae(monkeypatch: pytest.MonkeyPatch) -> None:
+    """sdrt encodes the control image to the latent mean (deterministic); make diffusers do the same."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    monkeypatch.setattr(DiagonalGaussianDistribution, "sample", lambda self, generator=None: self.mean)
+
+
+def _compare(controlnet_export, preset: str, scales: list[float], *, nets: tuple[int, ...] = (0,),
+             start: float = 0.0, end: float = 1.0, guidance: float = 5.0, steps: int = 5, folder: Path | None = None,
+             ref=None, exported: int | None = None, loaded=None):
+    """sdrt's image against diffusers' with the ``nets`` of the export given (``folder``, ``ref``: another export
+    of ``exported`` nets and its reference, instead of ``controlnet_export(preset)``'s)."""
+    folder = controlnet_export(preset) if folder is None else folder
+    seeds = tuple(NETS[preset][1][j] for j in nets) if ref is None else ()
+    ref = _reference(preset, folder, seeds) if ref is None else ref
+    height, width = 64, 96
+    images = [control_image(11 + j) for j in nets]
+    latents = np.random.default_rng(4).standard_normal((1, 16, height // 8, width // 8), dtype=np.float32)
+    multi = len(nets) > 1
+    with torch.no_grad():
+        want = ref(PROMPT, negative_prompt=NEGATIVE, height=height, width=width, num_inference_steps=steps,
+                   guidance_scale=guidance, latents=torch.from_numpy(latents), output_type="np",
+                   control_image=[im.convert("RGB") for im in images] if multi else images[0].convert("RGB"),
+                   controlnet_conditioning_scale=scales if multi else scales[0],
+                   control_guidance_start=[start] * len(nets) if multi else start,
+                   control_guidance_end=[end] * len(nets) if multi else end).images
+    want_u8 = (want[0] * 255).round().astype(np.int32)
+    given: list = [None] * (len(NETS[preset][1]) if exported is None else exported)
+    given_scales = [1.0] * len(given)
+    for j, im in zip(nets, images, strict=True):
+        given[j], given_scales[j] = im, scales[nets.index(j)]
+    pipe = shared_pipeline(folder) if loaded is None else loaded
+    res = pipe(PROMPT, negative_prompt=NEGATIVE, height=height, width=width, steps=steps,
+                                  guidance_scale=guidance, latents=latents, control_images=given,
+                                  control_scales=given_scales, control_start=start, control_end=end)
+    got = np.asarray(res.images[0]).astype(np.int32)
+    assert got.shape == want_u8.shape == (height, width, 3)
+    diff = int(np.abs(got - want_u8).max())
+    assert diff <= 1, f"{preset} nets {nets} scales {scales} window [{start}, {end}]: {diff}/255"
+    assert want_u8.std() > 5
+    return got
+
+
+@pytest.mark.parametrize("scale", [0.5, 1.3])
+def test_instantx_layout_at_two_scales(controlnet_export, mean_vae, scale: float) -> None:
+    _compare(controlnet_export, "sd3-tiny", [scale])
+
+
+def test_scale_changes_the_image(controlnet_export, mean_vae) -> None:
+    """The net conditions the image: scale 0 (diffusers' too) differs from scale 1.3 by more than rounding."""
+    zero = _compare(controlnet_export, "sd3-tiny", [0.0], steps=3)
+    strong = _compare(controlnet_export, "sd3-tiny", [1.3], steps=3)
+    assert np.abs(zero - strong).max() > 5
+
+
+def test_two_nets_summed_in_a_window(controlnet_export, mean_vae) -> None:
+    _compare(controlnet_export, "sd3-tiny", [0.7, 0.4], nets=(0, 1), start=0.2, end=0.8)
+
+
+def test_stability_layout(controlnet_export, mean_vae) -> None:
+    _compare(controlnet_export, "sd35-medium-tiny", [0.8], guidance=4.0)
+
+
+def test_refusals_before_work(controlnet_export, sd3_export, tmp_path: Path) -> None:
+    from diffusers import SD3ControlNetModel
+
+    from sdrt.export.controlnet_loading import LoadedControlNet, check_pairing, random_controlnet
+    from sdrt.export.controlnet_presets import sd3_controlnet_config
+    from sdrt.export.loading import random_model
+    from sdrt.export.sd3_export import export_sd3, load_sd3
+
+    pipe = shared_pipeline(controlnet_export("sd3-tiny"))
+    img = control_image(3)
+    with pytest.raises(InputError, match="guess_mode is not part of SD 3 / 3.5's ControlNet pipeline"):
+        pipe(PROMPT, control_images=[img], guess_mode=True, steps=2)
+    with pytest.raises(InputError, match="3 control images for the 2 ControlNet"):
+        pipe(PROMPT, control_images=[img, img, img], steps=2)
+    image, mask = image_and_mask()
+    with pytest.raises(InputError, match="ControlNet with inpainting is not supported"):
+        pipe(PROMPT, control_images=[img], image=image, mask_image=mask, steps=2)
+    plain = shared_pipeline(sd3_export("sd3-tiny", True))
+    with pytest.raises(CompatibilityError, match="exported without ControlNets"):
+        plain(PROMPT, control_images=[img], steps=2)
+    # a ControlNet of another family, either way round, before any export work
+    model = load_sd3(random_preset="sd3-tiny")
+    with pytest.raises(InputError, match=r"is an SD 1\.x.* ControlNet \(ControlNetModel\), but the model "
+                                         r"\(sd3-tiny\) is SD 3 / 3\.5"):
+        export_sd3(model, tmp_path / "a", controlnets=[random_controlnet("sd15-controlnet-tiny")])
+    with pytest.raises(InputError, match="is an SD 3 / 3.5 ControlNet, but the model"):
+        check_pairing(random_model("sd15-tiny"), [random_controlnet("sd3-controlnet-tiny")])
+    cfg = {**sd3_controlnet_config(model.preset.config("transformer"), 1), "attention_head_dim": 16}
+    with pytest.raises(InputError, match="width 32 in the ControlNet, 16 in the transformer"):
+        export_sd3(model, tmp_path / "b", controlnets=[LoadedControlNet(SD3ControlNetModel(**cfg), name="wide")])
+    with pytest.raises(InputError, match="inpainting"):
+        export_sd3(load_sd3(random_preset="sd3-inpaint-tiny"), tmp_path / "c",
+                   controlnets=[random_controlnet("sd3-controlnet-tiny")])
+    assert not any(tmp_path.iterdir())
+
+
+def test_cli_generate_and_export_refusal(controlnet_export, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """``sdrt generate --control-image`` gives the Python call's image; ``sdrt export`` refuses an SD3 ControlNet
+    single file before the model loads."""
+    from PIL import Image
+
+    from sdrt.cli import main
+
+    folder = controlnet_export("sd3-tiny")
+    edges, out = tmp_path / "edges.png", tmp_path / "out.png"
+    control_image(5).save(edges)
+    assert main(["generate", str(folder), "--prompt", PROMPT, "--steps", "2", "--seed", "4", "--guidance", "5",
+                 "--backend", "ort-cpu", "--height", "64", "--width", "96", "--control-image", str(edges),
+                 "--control-scale", "0.7", "-o", str(out)]) == 0
+    want = shared_pipeline(folder)(PROMPT, steps=2, seed=4, guidance_scale=5.0, height=64, width=96,
+                                   control_images=[Image.open(edges)], control_scales=[0.7]).images[0]
+    np.testing.assert_array_equal(np.asarray(Image.open(out)), np.asarray(want))
+
+    def no_work(*a: object, **k: object) -> None:
+        raise AssertionError("the model loaded before the ControlNet was checked")
+
+    monkeypatch.setattr("sdrt.export.sd3_export.load_sd3", no_work)
+    single = tmp_path / "sd3-canny.safetensors"
+    single.write_bytes(b"\0" * 16)
+    capsys.readouterr()
+    assert main(["export", "--random", "sd3-tiny", "--controlnet", str(single), "--out", str(tmp_path / "x")]) == 1
+    assert "SD 3 / 3.5 ControlNets load from a diffusers folder" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_diffusers_folder_loads_as_its_class(tmp_path: Path) -> None:
+    """An SD3ControlNetModel folder (config.json + safetensors, as diffusers saves it) loads as that class, weight
+    for weight."""
+    from sdrt.export.controlnet_loading import load_controlnet, random_controlnet
+
+    net = random_controlnet("sd35-controlnet-tiny", seed=2).controlnet
+    net.save_pretrained(tmp_path / "cn", safe_serialization=True)
+    got = load_controlnet(tmp_path / "cn")
+    assert type(got.controlnet).__name__ == "SD3ControlNetModel" and got.source["kind"] == "diffusers"
+    want = net.state_dict()
+    assert got.controlnet.state_dict().keys() == want.keys()
+    assert all(torch.equal(v, want[k]) for k, v in got.controlnet.state_dict().items())
+
+
+@pytest.mark.slow  # four graphs traced by the dynamo exporter (about 100 s here)
+def test_streamed_transformer_with_two_layouts(tmp_path: Path, mean_vae) -> None:
+    """A streamed transformer (as every full-size model's is) gets a streamed ``unet_control``, gated on a
+    reduced-depth copy; a Stability-layout net takes the transformer's position embedding from the streamed
+    weights. One export with a net of each layout, each run alone against diffusers on the same weights."""
+    from diffusers import StableDiffusion3ControlNetPipeline
+    from diffusers.schedulers import FlowMatchEulerDiscreteScheduler
+    from transformers import CLIPTokenizer
+
+    from sdrt.export.controlnet_loading import random_controlnet
+    from sdrt.export.sd3_export import export_sd3, load_sd3
+    from sdrt.runtime.manifest import ExportManifest
+
+    model = load_sd3(random_preset="sd35-medium-tiny", seed=5, stream=True)
+    assert model.modules.transformer is None
+    layouts = ("sd35-controlnet-tiny", "sd3-controlnet-tiny")
+    out = tmp_path / "streamed"
+    export_sd3(model, out, fp16=False, without_t5=True, controlnets=[random_controlnet(n, seed=0) for n in layouts])
+    m = ExportManifest.read(out)
+    assert m.controlnets == ("controlnet_0", "controlnet_1") and "unet" in m.source["streamed"]
+    par = m.components["unet_control"].parity
+    assert par is not None and "reduced depth" in par.reference and par.rel_err <= par.bound
+    mods = model.held(t5=False)
+    for j, name in enumerate(layouts):
+        ref = StableDiffusion3ControlNetPipeline(
+            transformer=mods.transformer, vae=mods.vae,
+            scheduler=FlowMatchEulerDiscreteScheduler.from_config(model.scheduler_config),
+            text_encoder=mods.text_encoders[0], tokenizer=CLIPTokenizer.from_pretrained(out / "tokenizer"),
+            text_encoder_2=mods.text_encoders[1], tokenizer_2=CLIPTokenizer.from_pretrained(out / "tokenizer_2"),
+            text_encoder_3=None, tokenizer_3=None, controlnet=random_controlnet(name, seed=0).controlnet)
+        ref.set_progress_bar_config(disable=True)
+        with Pipeline.load(out, backend="ort-cpu") as pipe:
+            _compare(None, "sd35-medium-tiny", [0.9], nets=(j,), folder=out, ref=ref, exported=2, steps=3,
+                     loaded=pipe)
+
+
+def test_built_engines_run_the_nets_like_ort_cpu(controlnet_export, tmp_path: Path, fake_gpu) -> None:
+    """Logic check on the TensorRT fakes: build_engines makes the nets and unet_control (their samples' patch-grid
+    axes from the profile), and the captured step (nets, unet_control, step graph) gives the ort-cpu images, one
+    net and both. Says nothing of real TensorRT."""
+    from sdrt.export.profiles import custom_profile
+    from sdrt.export.trt_build import BuildOptions, build_engines
+
+    cudart, _ = fake_gpu
+    src, out = controlnet_export("sd3-tiny"), tmp_path / "engines"
+    manifest = build_engines(src, out, custom_profile(batch="1:1:1", height="64:64:96", width="64:96:96"),
+                             BuildOptions(workspace_gb=1))
+    assert {"controlnet_0", "controlnet_1", "unet_control", "unet"} <= {r.component for r in manifest.engines}
+    kw = {"negative_prompt": NEGATIVE, "steps": 3, "seed": 5, "height": 64, "width": 96, "guidance_scale": 4.0}
+    imgs = [control_image(20), control_image(21)]
+    with Pipeline.load(out, backend="tensorrt") as pipe:
+        for case in ({"control_images": [imgs[0]], "control_scales": [0.8]},
+                     {"control_images": imgs, "control_scales": [0.6, 1.1], "control_end": [1.0, 0.5]}):
+            want = shared_pipeline(src)(PROMPT, **kw, **case)
+            got = pipe(PROMPT, **kw, **case)
+            assert got.loop == "captured CUDA graphs"
+            a, b = np.asarray(want.images[0], np.int16), np.asarray(got.images[0], np.int16)
+            assert a.std() > 5 and np.abs(a - b).max() <= 1
+    assert cudart.alive()["allocations"] == 0
+
+
+@pytest.mark.parametrize("backend", ["ort-cuda-path", "openvino"])
+def test_other_backends_give_the_ort_cpu_images(controlnet_export, monkeypatch: pytest.MonkeyPatch,
+                                                backend: str) -> None:
+    """ort-cuda's code path (OrtValues, IO binding) on the CPU EP, and openvino in fp32: the ort-cpu images with
+    both nets. The first says nothing of a GPU."""
+    folder = controlnet_export("sd3-tiny")
+    kw = {"negative_prompt": NEGATIVE, "steps": 3, "seed": 8, "height": 64, "width": 96, "guidance_scale": 4.0,
+          "control_images": [control_image(30), control_image(31)], "control_scales": [0.9, 0.5]}
+    want = np.asarray(shared_pipeline(folder)(PROMPT, **kw).images[0], np.int16)
+    if backend == "openvino":
+        pytest.importorskip("openvino", reason="the openvino backend needs OpenVINO (pip install sdrt[openvino])")
+        pipe = Pipeline.load(folder, backend="openvino", precision="fp32")
+    else:
+        from .helpers.pipelines import ort_cuda_on_cpu
+
+        monkeypatch.setattr("sdrt.runtime.backends.make_backend", lambda *a, **k: ort_cuda_on_cpu(monkeypatch))
+        pipe = Pipeline.load(folder, backend="ort-cuda")
+    with pipe:
+        got = np.asarray(pipe(PROMPT, **kw).images[0], np.int16)
+    assert want.std() > 5 and np.abs(got - want).max() <= (2 if backend == "openvino" else 0)
+
+
+@pytest.mark.parametrize("key", ["sd1", "sdxl", "sd3"])
+def test_guess_mode_is_declared_as_diffusers_pipelines_have_it(key: str) -> None:
+    """``Family.control_guess_mode`` against the ``guess_mode`` parameter of the family's diffusers ControlNet
+    pipeline (the families sdrt exports ControlNets for)."""
+    import inspect
+
+    import diffusers
+
+    from sdrt.runtime.families import family_named
+
+    fam = family_named(key)
+    cls = getattr(diffusers, f"{fam.diffusers_pipeline}ControlNetPipeline")
+    assert ("guess_mode" in inspect.signature(cls.__call__).parameters) == fam.control_guess_mode

@@ -1,0 +1,135 @@
+"""SD 3 / 3.5 inpainting on ort-cpu against diffusers' ``StableDiffusion3InpaintPipeline``: the tiny presets' seeded
+weights, the same noise, images within 1/255.
+
+Both ways the pipeline inpaints: an ordinary 16-channel transformer (the unmasked region blended back after every
+step, re-noised with ``scale_noise`` to the next sigma) and a 33-channel one (``sd3-inpaint-tiny``: latents, the
+mask and the masked image's latents concatenated at every step), at strength 1 and below, with two masks.
+
+diffusers 0.42's SD3 inpaint pipeline decodes ``latents / scaling_factor`` without the VAE's ``shift_factor`` (its
+txt2img and img2img pipelines add it); the reference here takes its latents (``output_type="latent"``) and decodes
+them as those pipelines do, which is what sdrt's VAE decoder does.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sdrt.runtime.errors import InputError
+
+from .helpers.inputs import image_and_mask
+from .helpers.pipelines import shared_pipeline
+
+PROMPT = "a red fox in the snow"
+NEGATIVE = "blurry"
+_REFS: dict[tuple[str, bool], object] = {}
+
+
+def _reference(preset: str, folder: Path, t5: bool):
+    key = (preset, t5)
+    if key not in _REFS:
+        from diffusers import StableDiffusion3InpaintPipeline
+        from diffusers.schedulers import FlowMatchEulerDiscreteScheduler
+        from transformers import CLIPTokenizer, T5TokenizerFast
+
+        from sdrt.export.sd3_presets import build_modules, get_sd3_preset
+
+        p = get_sd3_preset(preset)
+        m = build_modules(p, seed=0)
+        clip_l, clip_g, t5_enc = m.text_encoders
+        pipe = StableDiffusion3InpaintPipeline(
+            transformer=m.transformer, vae=m.vae, scheduler=FlowMatchEulerDiscreteScheduler.from_config(p.scheduler),
+            text_encoder=clip_l, tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
+            text_encoder_2=clip_g, tokenizer_2=CLIPTokenizer.from_pretrained(folder / "tokenizer_2"),
+            text_encoder_3=t5_enc if t5 else None,
+            tokenizer_3=T5TokenizerFast.from_pretrained(folder / "tokenizer_3") if t5 else None)
+        pipe.set_progress_bar_config(disable=True)
+        _REFS[key] = pipe
+    return _REFS[key]
+
+
+@pytest.fixture
+def argmax_vae(monkeypatch: pytest.MonkeyPatch) -> None:
+    """sdrt encodes images to the latent mean (deterministic); make diffusers do the same."""
+    import diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3_inpaint as mod
+
+    real = mod.retrieve_latents
+    monkeypatch.setattr(mod, "retrieve_latents",
+                        lambda out, generator=None, sample_mode="sample": real(out, generator, "argmax"))
+
+
+def _decode(pipe, latents: torch.Tensor) -> np.ndarray:
+    """diffusers' SD3 decode (``StableDiffusion3Pipeline``'s: ``latents / scaling + shift``) -> uint8 levels."""
+    cfg = pipe.vae.config
+    with torch.no_grad():
+        image = pipe.vae.decode(latents / cfg.scaling_factor + cfg.shift_factor, return_dict=False)[0]
+    out = pipe.image_processor.postprocess(image, output_type="np")
+    return (out * 255).round().astype(np.int32)
+
+
+def _second_mask(w: int = 120, h: int = 80):
+    """A small off-centre box (a different region, no soft edge)."""
+    from PIL import Image
+
+    m = np.zeros((h, w), np.uint8)
+    m[5:40, 60:110] = 255
+    return Image.fromarray(m, mode="L")
+
+
+CASES = [
+    # preset, t5, guidance, strength, mask
+    ("sd3-tiny", True, 5.0, 1.0, "ramp"),
+    ("sd3-tiny", True, 4.0, 0.6, "box"),
+    ("sd3-tiny", True, 1.0, 0.8, "ramp"),
+    ("sd3-inpaint-tiny", False, 5.0, 1.0, "ramp"),
+    ("sd3-inpaint-tiny", False, 4.0, 0.7, "box"),
+]
+
+
+@pytest.mark.parametrize(("preset", "t5", "guidance", "strength", "which"), CASES)
+def test_inpaint_matches_diffusers(sd3_export, argmax_vae, preset: str, t5: bool, guidance: float, strength: float,
+                                   which: str) -> None:
+    folder = sd3_export(preset, t5)
+    ref = _reference(preset, folder, t5)
+    image, ramp = image_and_mask()
+    mask = ramp if which == "ramp" else _second_mask()
+    height, width, steps = 64, 96, 6
+    # diffusers draws the noise from the generator (the image encodes to its mean: no draw before it)
+    noise = torch.randn((1, 16, height // 8, width // 8), generator=torch.Generator().manual_seed(3))
+    negative = NEGATIVE if guidance > 1 else None
+    with torch.no_grad():
+        lat = ref(PROMPT, negative_prompt=negative, image=image, mask_image=mask, height=height, width=width,
+                  strength=strength, num_inference_steps=steps, guidance_scale=guidance,
+                  generator=torch.Generator().manual_seed(3), output_type="latent").images
+    want = _decode(ref, lat)[0]
+    pipe = shared_pipeline(folder)
+    assert pipe.is_inpainting == (preset == "sd3-inpaint-tiny")
+    res = pipe(PROMPT, negative_prompt=negative, image=image, mask_image=mask, height=height, width=width,
+               strength=strength, steps=steps, guidance_scale=guidance, latents=noise.numpy())
+    got = np.asarray(res.images[0]).astype(np.int32)
+    assert got.shape == want.shape == (height, width, 3)
+    diff = int(np.abs(got - want).max())
+    assert diff <= 1, f"{preset} guidance {guidance} strength {strength} {which}: {diff}/255"
+    assert want.std() > 5
+    assert len(res.timings["unet_steps_ms"]) == steps - int(steps - steps * strength)  # as diffusers' get_timesteps
+
+
+def test_bad_masks_are_refused_before_work(sd3_export) -> None:
+    from PIL import Image
+
+    pipe = shared_pipeline(sd3_export("sd3-tiny", True))
+    image, mask = image_and_mask()
+    with pytest.raises(InputError, match="mask_image is 60x40 but the image is 120x80"):
+        pipe(PROMPT, image=image, mask_image=mask.resize((60, 40)), steps=2)
+    with pytest.raises(InputError, match="needs the image to inpaint"):
+        pipe(PROMPT, mask_image=mask, steps=2)
+    with pytest.raises(InputError, match="mode RGBA"):
+        pipe(PROMPT, image=image, mask_image=Image.new("RGBA", (120, 80)), steps=2)
+    with pytest.raises(InputError, match="guidance_rescale with inpainting"):
+        pipe(PROMPT, image=image, mask_image=mask, steps=2, guidance_rescale=0.5)
+    inpainting = shared_pipeline(sd3_export("sd3-inpaint-tiny", False))
+    with pytest.raises(InputError, match="is an inpainting model"):
+        inpainting(PROMPT, steps=2, height=64, width=64)
