@@ -106,7 +106,8 @@ def _rows_and_spans(tok: Any, fragments: Fragments) -> tuple[Rows, list[tuple[in
         ids += tokens
         weights += [float(w)] * len(tokens)
         owner += [i] * len(tokens)
-    rows, mults = [], []
+    rows: list[list[int]] = []
+    mults: list[list[float]] = []
     spans: list[tuple[int, int] | None] = [None] * len(frags)
     while True:
         cut = split_point(tok, ids, tok.chunk_length)

@@ -221,6 +221,21 @@ def test_a_fragment_across_a_chunk_boundary_is_masked_as_compel_masks_it(tiny_ex
 
 
 @needs_compel
+def test_a_downweighted_fragment_without_tokens_hides_nothing(tiny_export) -> None:
+    """``a cat ""-``: a fragment below 1 with no tokens. compel's MASK raises (it finds nothing to hide); sdrt
+    hides nothing, which gives what compel's REMOVE gives."""
+    folder = tiny_export("sd15-tiny")
+    text = 'a cat ""-'
+    with pytest.raises(TypeError):
+        _sd15_compel(folder)(text)
+    with torch.no_grad():
+        want = _sd15_compel(folder, "REMOVE")(text).numpy()
+    pipe = shared_pipeline(folder)
+    got = pipe.backend.to_host(pipe.encode_prompt(text, guided=False, prompt_syntax="compel").hidden)
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-5)
+
+
+@needs_compel
 @pytest.mark.parametrize("backend", ["openvino", "ort-cuda-code-path"])
 def test_compels_mask_on_the_other_backends(tiny_export, monkeypatch, backend: str) -> None:
     """The masked variants through openvino (f32) and ort-cuda's code path (IO binding on the CPU EP), the text stage
