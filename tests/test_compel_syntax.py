@@ -478,18 +478,25 @@ def test_bad_prompts_and_plain_text_families_are_refused_before_work(tiny_export
 def test_a_static_tensorrt_profile_serves_compel_prompts(tiny_export, tmp_path, fake_gpu) -> None:
     """Engines built for one image and one chunk (text encoder batch 2:2:2) serve a guided call whose compel prompt
     needs more rows than that (its downweighted fragments' variants): the encoder reads them in batches of the call's
-    own shape; the image is the ort-cpu one (fakes: the logic, not TensorRT)."""
-    from sdrt.export.profiles import custom_profile
+    own shape, the attention mask bound beside the ids (its profile the ids'); the image is the ort-cpu one (fakes:
+    the logic, not TensorRT)."""
+    from sdrt.export.profiles import component_shapes, custom_profile
     from sdrt.export.trt_build import BuildOptions, build_engines
+    from sdrt.runtime.manifest import ExportManifest
     from sdrt.runtime.pipeline import Pipeline
 
     src = tiny_export("sd15-tiny")
     out = tmp_path / "engines"
-    build_engines(src, out, custom_profile(batch="1:1:1", height=64, width=64), BuildOptions(workspace_gb=1))
+    profile = custom_profile(batch="1:1:1", height=64, width=64)
+    ids, mask = component_shapes(profile, ExportManifest.read(src), "text_encoder")
+    assert (ids.name, mask.name) == ("input_ids", "attention_mask")
+    assert (mask.min, mask.opt, mask.max) == (ids.min, ids.opt, ids.max) == ((2, 77),) * 3
+    build_engines(src, out, profile, BuildOptions(workspace_gb=1))
     kw = {"negative_prompt": "blurry-, (dark)0.5", "steps": 3, "guidance_scale": 6.0, "sampler": "euler", "seed": 4,
           "height": 64, "width": 64, "prompt_syntax": "compel"}
     prompt = "a (red)- fox in the (snow)0.3, forest+"
     want = np.asarray(shared_pipeline(src)(prompt, **kw).images[0], np.int16)
     with Pipeline.load(out, backend="tensorrt") as trt:
+        assert list(trt.engines["text_encoder"].inputs) == ["input_ids", "attention_mask"]
         got = np.asarray(trt(prompt, **kw).images[0], np.int16)
     assert np.abs(got - want).max() <= 1
