@@ -129,7 +129,7 @@ def compel_rows(tok: Any, fragments: Fragments) -> Rows:
     return _rows_and_spans(tok, fragments)[0]
 
 
-def hidden(rows: Rows, span: tuple[int, int] | None) -> Rows:
+def hide_fragment(rows: Rows, span: tuple[int, int] | None) -> Rows:
     """``rows`` with compel's MASK-mode mask for the fragment at ``span``: 0 from its first token to its last, but
     1 at every row's first and last position (compel keeps the chunks' bos and eos markers)."""
     k, n = rows.ids.shape
@@ -149,7 +149,7 @@ def fragments_plan(tok: Any, fragments: Fragments, mask: bool = False) -> Fragme
     for i, (_, w) in enumerate(fragments):
         if w < 1:
             lerp = math.tan((1.0 - max(EPSILON, w)) * math.pi / 2)
-            rows = hidden(base, spans[i]) if mask else compel_rows(tok, fragments[:i] + fragments[i + 1:])
+            rows = hide_fragment(base, spans[i]) if mask else compel_rows(tok, fragments[:i] + fragments[i + 1:])
             without.append((lerp, rows))
     return FragmentsPlan(base, tuple(without))
 
