@@ -18,6 +18,7 @@ import torch
 
 from sdrt import __version__
 from sdrt.runtime.atomic import atomic_dir, check_output_dir
+from sdrt.runtime.compel_prompts import MASK_INPUT
 from sdrt.runtime.errors import InputError
 from sdrt.runtime.feature_cache import DEEP_FEATURE, SHALLOW_UNET
 from sdrt.runtime.inpaint import MASKED_ENCODER
@@ -86,13 +87,14 @@ def component_specs(model: LoadedModel, vae_fp32: bool | None = None, clip_skip:
         outs: list[tuple[str, str, tuple[int | str, ...]]] = [("hidden_states", "float", ("batch", TEXT_LEN, hidden))]
         if pooled:
             outs.append(("text_embeds", "float", ("batch", int(enc.config.projection_dim))))
-        text_example = wrappers.clip_ids_example(int(enc.config.vocab_size), TEXT_LEN)
+        # an attention mask beside the ids: compel's default downweighting hides a fragment with it
+        text_example = wrappers.clip_ids_example(int(enc.config.vocab_size), TEXT_LEN, mask=True)
 
         text_spec = ComponentSpec(
             name=name,
             module=wrappers.TextEncoder(enc, penultimate=fam.penultimate, pooled=pooled, clip_skip=clip_skip),
             weights=enc,
-            inputs=[("input_ids", "int32", ("batch", TEXT_LEN))],
+            inputs=[("input_ids", "int32", ("batch", TEXT_LEN)), (MASK_INPUT, "int32", ("batch", TEXT_LEN))],
             outputs=outs,
             example=text_example,
             refittable=True,

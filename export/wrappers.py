@@ -11,21 +11,33 @@ from collections.abc import Callable
 import torch
 
 
-def clip_ids_example(vocab: int, tokens: int = 77) -> Callable[[torch.Generator, int, int, int], tuple[torch.Tensor]]:
+def clip_ids_example(vocab: int, tokens: int = 77, mask: bool = False
+                     ) -> Callable[[torch.Generator, int, int, int], tuple[torch.Tensor, ...]]:
     """Example ``input_ids`` for tracing and gating a CLIP text encoder of ``vocab`` tokens: bos, random ids,
-    then eos repeated as padding (CLIP's framing), as a ComponentSpec ``example``."""
+    then eos repeated as padding (CLIP's framing), as a ComponentSpec ``example``. ``mask``: an
+    ``attention_mask`` too, int32, 1 but for a few words hidden (3 to 5, as compel hides a downweighted
+    fragment), so the gate checks the mask's effect and not only an all-ones mask."""
 
-    def example(g: torch.Generator, b: int, h: int, w: int) -> tuple[torch.Tensor]:
+    def example(g: torch.Generator, b: int, h: int, w: int) -> tuple[torch.Tensor, ...]:
         ids = torch.randint(0, vocab - 2, (b, tokens), generator=g, dtype=torch.int32)
         ids[:, 0] = vocab - 2  # bos
         ids[:, 10:] = vocab - 1  # eos, then padding with eos
-        return (ids,)
+        if not mask:
+            return (ids,)
+        hidden = torch.ones(b, tokens, dtype=torch.int32)
+        hidden[:, 3:6] = 0
+        return ids, hidden
 
     return example
 
 
 class TextEncoder(torch.nn.Module):
-    """``input_ids`` int32 [B, 77] -> ``hidden_states`` [B, 77, D] (+ ``text_embeds`` [B, P]).
+    """``input_ids`` int32 [B, 77] (+ ``attention_mask`` int32 [B, 77]) -> ``hidden_states`` [B, 77, D] (+
+    ``text_embeds`` [B, P]).
+
+    ``attention_mask`` (0: no token attends to this one) is transformers' CLIPTextModel's own: it is joined to
+    the causal mask (a token attends to the ones before it that the mask keeps), so all ones is the graph
+    without a mask. compel's default downweighting hides a fragment's tokens with it (runtime/compel_prompts.py).
 
     SD 1.x/2.x condition on the last hidden state (after the final layer norm), SDXL on the
     penultimate hidden state of both encoders and on the projected pooled embedding of the second.
@@ -45,9 +57,10 @@ class TextEncoder(torch.nn.Module):
         self.pooled = pooled
         self.clip_skip = clip_skip
 
-    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         deep = self.penultimate or self.clip_skip > 0
-        out = self.encoder(input_ids.long(), output_hidden_states=deep, return_dict=True)
+        out = self.encoder(input_ids.long(), attention_mask=attention_mask, output_hidden_states=deep,
+                           return_dict=True)
         if self.penultimate:
             hidden = out.hidden_states[-(self.clip_skip + 2)]
         elif self.clip_skip:

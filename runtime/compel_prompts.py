@@ -1,6 +1,6 @@
 """compel's conditioning on a CLIP encoder's states, in numpy, as compel 2.5.1 builds it (``EmbeddingsProvider``
-and ``Compel``, with ``truncate_long_prompts=False`` as its CompelForSD / CompelForSDXL set it, and
-``downweight_mode=DownweightMode.REMOVE``):
+and ``Compel``, with ``truncate_long_prompts=False`` as its CompelForSD / CompelForSDXL set it, and its default
+``downweight_mode=DownweightMode.MASK``, or ``REMOVE`` where the text encoders take no attention mask):
 
 1. Each fragment is tokenized on its own; its tokens carry its weight. The tokens are cut into chunks of 75,
    framed by bos and eos (weight 1) and padded as the tokenizer pads; a chunk of a longer prompt ends after the
@@ -8,19 +8,24 @@ and ``Compel``, with ``truncate_long_prompts=False`` as its CompelForSD / Compel
    (compel's ``SplitLongTextMode.SENTENCES``).
 2. Each chunk's states ``z``: where every weight is 1, ``z``; else ``empty + (z - empty) * w`` per token (weight 1
    keeps ``z``), ``empty`` the encoder's states of the empty prompt's row (bos, eos, padding).
-3. For each fragment of weight ``w < 1``, the same prompt without that fragment is encoded likewise, and the result
-   is the mix of the prompt's states (weight 1) and each of these (weight ``tan((1 - max(w, 1e-5)) pi / 2)``), the
-   weights divided by their sum. compel's default, ``DownweightMode.MASK``, instead runs the encoder with an
-   attention mask that hides the fragment: sdrt's text-encoder graphs take no mask, so sdrt follows ``REMOVE``.
+3. For each fragment of weight ``w < 1``, a variant of the prompt without that fragment is encoded likewise, and
+   the result is the mix of the prompt's states (weight 1) and each variant's (weight
+   ``tan((1 - max(w, 1e-5)) pi / 2)``), the weights divided by their sum. ``MASK`` (``mask=True``): the variant is
+   the same tokens with an attention mask (``MASK_INPUT``) that hides the fragment's, from its first token to
+   its last (a chunk boundary inside it included), but for every chunk's first and last position, as compel
+   masks them; the rest of the prompt keeps its positions. ``REMOVE``: the variant is the prompt tokenized
+   without the fragment (the tokens after it move up).
 4. ``.blend(w...)``: the prompts' states (padded to the longest with the empty row's states) mixed by ``w``,
    divided by their sum unless ``no_normalize``. ``.and(w...)``: each part's states, ``empty + (c - empty) * w``
    where ``w != 1``, joined on the sequence.
 5. The prompts of a call are padded to the longest with the empty row's states, as compel pads them.
 
-Where compel raises (a fragment's removal changes the number of chunks), sdrt pads the shorter states with the
-empty row's, as compel pads everything else. A plan (``compel_plan``) holds the rows the encoder must read and how
-their states combine; it needs only the tokenizer, so a call's chunk count (``plan_chunks``) is known before any
-encoder runs. ``plan_states`` combines the encoder's states of those rows (float32).
+Where compel raises, sdrt goes on: with ``REMOVE``, a fragment's removal that changes the number of chunks (sdrt
+pads the shorter states with the empty row's, as compel pads everything else); with ``MASK``, a downweighted
+fragment with no tokens (its variant is the prompt itself: nothing to hide, as ``REMOVE`` gives). A plan
+(``compel_plan``) holds the rows the encoder must read (token ids, and their masks) and how their states
+combine; it needs only the tokenizer, so a call's chunk count (``plan_chunks``) is known before any encoder runs.
+``plan_states`` combines the encoder's states of those rows (float32).
 """
 
 from __future__ import annotations
@@ -37,14 +42,17 @@ from .compel_syntax import Blend, CompelPrompt, Fragments
 SENTENCE_ENDS = (".</w>",)
 PHRASE_ENDS = (".</w>", ",</w>", ";</w>", ":</w>")
 EPSILON = 1e-5  # compel's floor on a downweight (tan(pi / 2) is infinite)
+MASK_INPUT = "attention_mask"  # the text encoders' mask input (int32 [B, 77], 1: attended), where the export has it
 
 
 @dataclass(frozen=True)
 class Rows:
-    """One weighted token sequence: ids int32 [k, 77] and their weights float32 [k, 77]."""
+    """One weighted token sequence: ids int32 [k, 77], their weights float32 [k, 77], and the attention mask the
+    encoder reads them with (int32 [k, 77], 0: hidden; None: every token attended)."""
 
     ids: np.ndarray
     weights: np.ndarray
+    mask: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -87,45 +95,81 @@ def split_point(tok: Any, ids: Sequence[int], n: int) -> int:
     return n
 
 
-def compel_rows(tok: Any, fragments: Fragments) -> Rows:
-    """compel's rows of a prompt's fragments (``get_token_ids_and_expand_weights``): each fragment tokenized on its
-    own, then chunked (see the module docstring)."""
+def _rows_and_spans(tok: Any, fragments: Fragments) -> tuple[Rows, list[tuple[int, int] | None]]:
+    """compel's rows of a prompt's fragments, and where each fragment's tokens went: (first, last) positions in the
+    rows read as one sequence (row r's position p is r x 77 + p), None for a fragment with no tokens."""
     frags = list(fragments) or [("", 1.0)]
     ids: list[int] = []
     weights: list[float] = []
-    for tokens, (_, w) in zip(tok.token_ids([t for t, _ in frags]), frags, strict=True):
+    owner: list[int] = []  # each token's fragment
+    for i, (tokens, (_, w)) in enumerate(zip(tok.token_ids([t for t, _ in frags]), frags, strict=True)):
         ids += tokens
         weights += [float(w)] * len(tokens)
-    rows, mults = [], []
+        owner += [i] * len(tokens)
+    rows: list[list[int]] = []
+    mults: list[list[float]] = []
+    spans: list[tuple[int, int] | None] = [None] * len(frags)
     while True:
         cut = split_point(tok, ids, tok.chunk_length)
         chunk, chunk_w = ids[:cut], weights[:cut]
+        for j, i in enumerate(owner[:cut]):
+            at = len(rows) * tok.max_length + 1 + j  # after the row's bos
+            spans[i] = (spans[i] or (at, at))[0], at
         rows.append(tok.frame(chunk))
         mults.append([1.0, *chunk_w, *[1.0] * (tok.max_length - 1 - len(chunk_w))])
-        ids, weights = ids[cut:], weights[cut:]
+        ids, weights, owner = ids[cut:], weights[cut:], owner[cut:]
         if not ids:
             break
-    return Rows(np.array(rows, np.int32), np.array(mults, np.float32))
+    return Rows(np.array(rows, np.int32), np.array(mults, np.float32)), spans
 
 
-def fragments_plan(tok: Any, fragments: Fragments) -> FragmentsPlan:
+def compel_rows(tok: Any, fragments: Fragments) -> Rows:
+    """compel's rows of a prompt's fragments (``get_token_ids_and_expand_weights``): each fragment tokenized on its
+    own, then chunked (see the module docstring)."""
+    return _rows_and_spans(tok, fragments)[0]
+
+
+def hide_fragment(rows: Rows, span: tuple[int, int] | None) -> Rows:
+    """``rows`` with compel's MASK-mode mask for the fragment at ``span``: 0 from its first token to its last, but
+    1 at every row's first and last position (compel keeps the chunks' bos and eos markers)."""
+    k, n = rows.ids.shape
+    mask = np.ones(k * n, np.int32)
+    if span is not None:
+        mask[span[0]:span[1] + 1] = 0
+        mask[0::n] = 1
+        mask[n - 1::n] = 1
+    return Rows(rows.ids, rows.weights, mask.reshape(k, n))
+
+
+def fragments_plan(tok: Any, fragments: Fragments, mask: bool = False) -> FragmentsPlan:
+    """The rows of a prompt's fragments and, per fragment below 1, of its variant without it: the same rows with
+    the fragment hidden by the attention mask (``mask``, compel's MASK), or the fragments without it (REMOVE)."""
+    base, spans = _rows_and_spans(tok, fragments)
     without = []
     for i, (_, w) in enumerate(fragments):
         if w < 1:
             lerp = math.tan((1.0 - max(EPSILON, w)) * math.pi / 2)
-            without.append((lerp, compel_rows(tok, fragments[:i] + fragments[i + 1:])))
-    return FragmentsPlan(compel_rows(tok, fragments), tuple(without))
+            rows = hide_fragment(base, spans[i]) if mask else compel_rows(tok, fragments[:i] + fragments[i + 1:])
+            without.append((lerp, rows))
+    return FragmentsPlan(base, tuple(without))
 
 
-def compel_plan(tok: Any, prompt: CompelPrompt) -> CompelPlan:
-    """The rows ``prompt`` needs from one encoder (``tok``: its ``ClipTokenizer``) and how they combine."""
+def compel_plan(tok: Any, prompt: CompelPrompt, mask: bool = False) -> CompelPlan:
+    """The rows ``prompt`` needs from one encoder (``tok``: its ``ClipTokenizer``) and how they combine; ``mask``:
+    compel's default MASK downweighting (the encoder takes ``MASK_INPUT``), else REMOVE."""
     parts: list[FragmentsPlan | BlendPlan] = []
     for part in prompt.parts:
         if isinstance(part, Blend):
-            parts.append(BlendPlan(tuple(fragments_plan(tok, p) for p in part.prompts), part.weights, part.normalize))
+            parts.append(BlendPlan(tuple(fragments_plan(tok, p, mask) for p in part.prompts), part.weights,
+                                   part.normalize))
         else:
-            parts.append(fragments_plan(tok, part))
+            parts.append(fragments_plan(tok, part, mask))
     return CompelPlan(tuple(parts), prompt.weights)
+
+
+def downweighted(plan: CompelPlan) -> bool:
+    """Any fragment below 1 (the only prompts whose states MASK and REMOVE make differently)."""
+    return any(frag.without for frag in _fragments(plan))
 
 
 def _all_rows(plan: FragmentsPlan) -> Iterator[Rows]:
@@ -139,11 +183,19 @@ def _fragments(plan: CompelPlan) -> Iterator[FragmentsPlan]:
         yield from (part.prompts if isinstance(part, BlendPlan) else (part,))
 
 
-def plan_rows(plan: CompelPlan) -> Iterator[np.ndarray]:
-    """Every 77-token row the plan's states are made of (repeats included)."""
+def row_key(ids: np.ndarray, mask: np.ndarray | None = None) -> bytes:
+    """What identifies one encoder row's states: its ids, and its mask where it hides any token."""
+    return ids.tobytes() if mask is None or mask.all() else ids.tobytes() + mask.tobytes()
+
+
+def plan_rows(plan: CompelPlan) -> Iterator[tuple[bytes, np.ndarray, np.ndarray | None]]:
+    """Every 77-token row the plan's states are made of (repeats included): (its ``row_key``, ids int32 [77], its
+    attention mask int32 [77] or None)."""
     for frag in _fragments(plan):
         for rows in _all_rows(frag):
-            yield from rows.ids
+            for r, ids in enumerate(rows.ids):
+                mask = None if rows.mask is None else rows.mask[r]
+                yield row_key(ids, mask), ids, mask
 
 
 def _chunks(part: FragmentsPlan | BlendPlan) -> int:
@@ -165,8 +217,8 @@ def pad_to(states: np.ndarray, chunks: int, empty: np.ndarray) -> np.ndarray:
 
 def _rows_states(rows: Rows, states: Mapping[bytes, np.ndarray], empty: np.ndarray) -> np.ndarray:
     out = []
-    for ids, w in zip(rows.ids, rows.weights, strict=True):
-        z = states[ids.tobytes()]
+    for r, (ids, w) in enumerate(zip(rows.ids, rows.weights, strict=True)):
+        z = states[row_key(ids, None if rows.mask is None else rows.mask[r])]
         if np.all(w == 1):
             out.append(z)
         else:
@@ -195,7 +247,7 @@ def _fragments_states(plan: FragmentsPlan, states: Mapping[bytes, np.ndarray], e
 
 def plan_states(plan: CompelPlan, states: Mapping[bytes, np.ndarray], empty: np.ndarray) -> np.ndarray:
     """The prompt's conditioning [chunks x 77, C] float32 from the encoder's states of its rows (``states``: each
-    row's ``ids.tobytes()`` -> [77, C] float32; ``empty``: the empty prompt's row's states)."""
+    row's ``row_key`` -> [77, C] float32; ``empty``: the empty prompt's row's states)."""
     out = []
     for part, weight in zip(plan.parts, plan.weights, strict=True):
         if isinstance(part, BlendPlan):

@@ -9,7 +9,16 @@ from typing import Any
 
 import numpy as np
 
-from .compel_prompts import compel_plan, pad_to, plan_chunks, plan_rows, plan_states
+from .compel_prompts import (
+    MASK_INPUT,
+    compel_plan,
+    downweighted,
+    pad_to,
+    plan_chunks,
+    plan_rows,
+    plan_states,
+    row_key,
+)
 from .compel_syntax import parse_compel
 from .device_graphs import DeviceGraphs
 from .engine import Array, Backend, Engine
@@ -74,8 +83,24 @@ class TextConditioning:
                                  f"1.x, 2.x, SDXL); this {self.family.label} model reads its prompts as plain text: "
                                  f"write {t!r} without them, or use prompt_syntax='plain'")
 
+    @property
+    def compel_masks(self) -> bool:
+        """compel's default downweighting (MASK) applies: every text encoder takes an attention mask (``MASK_INPUT``,
+        recorded in the manifest; exports before it, and Optimum's, have none and get compel's REMOVE)."""
+        return all(any(t.name == MASK_INPUT for t in self.manifest.components[n].inputs)
+                   for n in self.manifest.encoder_names)
+
     def _compel_chunks(self, texts: Sequence[str]) -> int:
-        return max(plan_chunks(compel_plan(tok, parse_compel(t))) for tok in self.tokenizers for t in texts)
+        mask = self.compel_masks
+        return max(plan_chunks(compel_plan(tok, parse_compel(t), mask)) for tok in self.tokenizers for t in texts)
+
+    def _warn_removed(self) -> None:
+        """A downweighted fragment on an export whose encoders take no attention mask: compel's REMOVE, said."""
+        warnings.warn("compel's default downweighting (DownweightMode.MASK) hides a fragment below 1 with an "
+                      "attention mask, which this export's text encoders do not take (exported by an older sdrt, or "
+                      "by Optimum): the fragment is removed instead, as compel's DownweightMode.REMOVE does. For "
+                      "compel's default, re-export the model with `sdrt export` and rebuild any engines from it",
+                      stacklevel=2)
 
     def _compel(self, prompts: list[str], chunks: int, lora: Mapping[str, Mapping[str, Array]] | None
                 ) -> tuple[list[dict[str, Array]], int]:
@@ -87,7 +112,10 @@ class TextConditioning:
         shape. Returns (the outputs, k)."""
         be = self.backend
         names = self.manifest.encoder_names
-        plans = [[compel_plan(tok, parse_compel(p)) for p in prompts] for tok in self.tokenizers]
+        mask = self.compel_masks
+        plans = [[compel_plan(tok, parse_compel(p), mask) for p in prompts] for tok in self.tokenizers]
+        if not mask and any(downweighted(p) for each in plans for p in each):
+            self._warn_removed()
         k = max(chunks, *(plan_chunks(p) for each in plans for p in each))
         rows = len(prompts)
         outs: list[dict[str, Array]] = []
@@ -96,16 +124,24 @@ class TextConditioning:
                 raise ArtifactError(f"{name}: compel's syntax reads CLIP tokenizers; this export's is a "
                                     f"{type(tok).__name__}: re-export the model with `sdrt export`")
             empty = np.array(tok.frame([]), np.int32)
-            wanted = {r.tobytes(): r for plan in each for r in plan_rows(plan)}
-            wanted.pop(empty.tobytes(), None)
-            ids = [empty, *wanted.values()]
+            wanted = {key: (r, m) for plan in each for key, r, m in plan_rows(plan)}
+            wanted.pop(row_key(empty), None)
+            keys = [row_key(empty), *wanted]
+            ids = [empty, *(r for r, _ in wanted.values())]
+            masks = np.ones((len(ids), tok.max_length), np.int32)
+            for i, (_, m) in enumerate(wanted.values(), start=1):
+                if m is not None:
+                    masks[i] = m
             pooled = "text_embeds" in self.engines[name].outputs
             if pooled:
-                ids += list(tok.encode(prompts))  # the raw text's row: compel's get_pooled_embeddings
-            hidden, embeds = self._encoder_rows(name, np.stack(ids), rows * k, (lora or {}).get(name) or {})
+                raw = list(tok.encode(prompts))  # the raw text's row: compel's get_pooled_embeddings
+                ids += raw
+                keys += [b"pooled"] * len(raw)  # read for the projection only
+                masks = np.concatenate([masks, np.ones((len(raw), tok.max_length), np.int32)])
+            hidden, embeds = self._encoder_rows(name, np.stack(ids), masks, rows * k, (lora or {}).get(name) or {})
             dtype = hidden.dtype
-            states = {r.tobytes(): h for r, h in zip(ids, hidden.astype(np.float32), strict=True)}
-            e = states[empty.tobytes()]
+            states = dict(zip(keys, hidden.astype(np.float32), strict=True))
+            e = states[row_key(empty)]
             cond = np.stack([pad_to(plan_states(plan, states, e), k, e) for plan in each])
             out = {"hidden_states": be.to_device(np.ascontiguousarray(
                 cond.reshape(rows * k, tok.max_length, -1).astype(dtype)))}
@@ -116,18 +152,31 @@ class TextConditioning:
             outs.append(out)
         return outs, k
 
-    def _encoder_rows(self, name: str, ids: np.ndarray, batch: int, lora: Mapping[str, Array]
+    def _text_feeds(self, name: str, ids: np.ndarray, mask: np.ndarray | None = None) -> dict[str, Array]:
+        """A text encoder's inputs for ``ids`` [B, T] on the device: with its attention mask where it takes one
+        (``mask``, or all ones: the graph's own reading of the ids)."""
+        be = self.backend
+        feeds = {"input_ids": be.to_device(np.ascontiguousarray(ids))}
+        spec = self.engines[name].inputs.get(MASK_INPUT)
+        if spec is not None:
+            m = np.ones(ids.shape, spec.dtype) if mask is None else mask.astype(spec.dtype)
+            feeds[MASK_INPUT] = be.to_device(np.ascontiguousarray(m))
+        return feeds
+
+    def _encoder_rows(self, name: str, ids: np.ndarray, masks: np.ndarray, batch: int, lora: Mapping[str, Array]
                       ) -> tuple[np.ndarray, np.ndarray | None]:
-        """One encoder's outputs (hidden_states, text_embeds or None) for ``ids`` [N, 77] on the host, run in
-        batches of ``batch`` rows (the last one filled with its first row)."""
+        """One encoder's outputs (hidden_states, text_embeds or None) for ``ids`` [N, 77] read with the attention
+        masks ``masks`` [N, 77] (fed where the encoder takes them: then every one is all ones but MASK's), on the
+        host, run in batches of ``batch`` rows (the last one filled with its first row)."""
         be = self.backend
         hidden, embeds = [], []
         for start in range(0, len(ids), batch):
-            part = ids[start:start + batch]
+            part, mask = ids[start:start + batch], masks[start:start + batch]
             n = len(part)
             if n < batch:
                 part = np.concatenate([part, np.repeat(part[:1], batch - n, axis=0)])
-            out = self.engines[name]({"input_ids": be.to_device(np.ascontiguousarray(part)), **lora})
+                mask = np.concatenate([mask, np.repeat(mask[:1], batch - n, axis=0)])
+            out = self.engines[name]({**self._text_feeds(name, part, mask), **lora})
             hidden.append(be.to_host(out["hidden_states"])[:n])
             if "text_embeds" in out:
                 embeds.append(be.to_host(out["text_embeds"])[:n])
@@ -243,7 +292,7 @@ class TextConditioning:
             else:
                 ids = self._ids(tok, prompts)  # [rows, k, 77] (T5: [rows, 1, its tokens])
             rows, k, n = ids.shape
-            out = self.engines[name]({"input_ids": be.to_device(ids.reshape(rows * k, n)),
+            out = self.engines[name]({**self._text_feeds(name, ids.reshape(rows * k, n)),
                                       **((lora or {}).get(name) or {})})
             if weights is not None:  # A1111's emphasis on this encoder's states, per prompt and chunk
                 hid = be.to_host(out["hidden_states"])

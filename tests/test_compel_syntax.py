@@ -1,8 +1,10 @@
 """compel's prompt dialect (``prompt_syntax="compel"``) against compel 2.5.1 itself: sdrt's parser against compel's
 ``PromptParser`` on written and generated prompts (the same fragments and weights, blends, conjunctions, errors); the
-conditioning against ``Compel`` (``downweight_mode=DownweightMode.REMOVE``, no truncation, as CompelForSD /
-CompelForSDXL) over transformers' text encoders of the tiny SD 1.5 and SDXL models; an image against diffusers fed
-compel's ``prompt_embeds``; a request through the OpenAI endpoint; the refusals.
+conditioning against ``Compel`` (its default ``DownweightMode.MASK``, no truncation, as CompelForSD / CompelForSDXL)
+over transformers' text encoders of the tiny SD 1.5 and SDXL models, on ort-cpu and openvino; the exported text
+encoders' attention mask against transformers'; an export whose text encoders take no mask (as sdrt wrote them
+before) against ``DownweightMode.REMOVE``; an image against diffusers fed compel's ``prompt_embeds``; a request
+through the OpenAI endpoint; the refusals.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 from sdrt.runtime.compel_syntax import Blend, parse_compel
 from sdrt.runtime.errors import InputError
 
-from .helpers.pipelines import shared_pipeline
+from .helpers.pipelines import ort_cuda_on_cpu, shared_pipeline
 
 needs_compel = pytest.mark.skipif(importlib.util.find_spec("compel") is None,
                                   reason="the reference for compel's syntax is compel itself (the test extra: pip "
@@ -139,7 +141,7 @@ PROMPTS = ["a cat++ on a mat-", '("a red cat", "a blue dog").blend(0.7, 0.3)', '
            LONG]
 
 
-def _sd15_compel(folder):
+def _sd15_compel(folder, mode: str = "MASK"):
     from compel import Compel, DownweightMode
     from transformers import CLIPTokenizer
 
@@ -147,13 +149,40 @@ def _sd15_compel(folder):
 
     enc = random_model("sd15-tiny").text_encoders[0].eval()
     return Compel(tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"), text_encoder=enc,
-                  truncate_long_prompts=False, downweight_mode=DownweightMode.REMOVE)
+                  truncate_long_prompts=False, downweight_mode=DownweightMode[mode])
+
+
+@pytest.fixture(scope="module")
+def maskless_export(tiny_export, tmp_path_factory):
+    """The tiny SD 1.5 export as sdrt wrote it before its text encoders took an attention mask: the text encoder
+    exported again from the same weights with the spec of then (``input_ids`` only), the manifest recording it."""
+    import shutil
+    from dataclasses import replace
+
+    from sdrt.export import wrappers
+    from sdrt.export.exporter import MIN_OPSET, component_specs
+    from sdrt.export.loading import random_model
+    from sdrt.export.onnx_export import export_component
+    from sdrt.runtime.manifest import ExportManifest
+
+    out = tmp_path_factory.mktemp("maskless") / "sd15-tiny"
+    shutil.copytree(tiny_export("sd15-tiny"), out)
+    man = ExportManifest.read(out)
+    model = random_model("sd15-tiny")
+    (spec,) = (s for s in component_specs(model) if s.name == "text_encoder")
+    vocab = int(model.text_encoders[0].config.vocab_size)
+    shutil.rmtree(out / "text_encoder")
+    comp = export_component(replace(spec, inputs=spec.inputs[:1], example=wrappers.clip_ids_example(vocab)), "fp32",
+                            out / "text_encoder", opset=MIN_OPSET, parity_shape=(2, 8, 8))
+    replace(man, components={**man.components, "text_encoder": comp}).write(out)
+    return out
 
 
 @needs_compel
 def test_sd15_conditioning_is_compels(tiny_export) -> None:
     """Each prompt alone, then a guided batch of prompts of different lengths (padded with the empty prompt's
-    states, as compel pads them), within 2e-5 of compel's tensors."""
+    states, as compel pads them), within 2e-5 of compel's tensors: its default downweighting (MASK: a fragment below
+    1 hidden by the attention mask)."""
     folder = tiny_export("sd15-tiny")
     ref = _sd15_compel(folder)
     pipe = shared_pipeline(folder)
@@ -170,17 +199,107 @@ def test_sd15_conditioning_is_compels(tiny_export) -> None:
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-5)
     plain = pipe.backend.to_host(pipe.encode_prompt(PROMPTS[0], guided=False).hidden)
     assert np.abs(plain - ref(PROMPTS[0]).detach().numpy()).max() > 1e-2  # plain reads the signs as text
+    removed = _sd15_compel(folder, "REMOVE")
+    with torch.no_grad():  # the modes differ where a fragment is below 1: the mask is what made compel's states
+        assert np.abs(ref(PROMPTS[0]).numpy() - removed(PROMPTS[0]).numpy()).max() > 1e-2
 
 
 @needs_compel
-def test_a_removal_that_changes_the_chunks_is_padded(tiny_export) -> None:
-    """74 words and a downweighted fragment: the prompt takes two chunks, without the fragment one. compel raises
-    there (its tensors differ in length); sdrt pads the shorter with the empty prompt's states, as compel pads
-    everything else: the lerp worked out here from compel's own pieces (its tokens, weighted states, empty states)."""
-    from compel.embeddings_provider import DownweightMode
-
+def test_a_fragment_across_a_chunk_boundary_is_masked_as_compel_masks_it(tiny_export) -> None:
+    """74 words and a downweighted fragment that the chunking splits (``red`` ends the first chunk, ``cat`` starts
+    the second): compel masks from its first token to its last, the first chunk's end and the second's start
+    excepted; sdrt's states are compel's (two chunks: nothing is removed, so nothing moves)."""
     folder = tiny_export("sd15-tiny")
     ref = _sd15_compel(folder)
+    text = " ".join(["word"] * 74) + " (red cat)-"
+    with torch.no_grad():
+        want = ref(text).numpy()
+    got = shared_pipeline(folder).backend.to_host(
+        shared_pipeline(folder).encode_prompt(text, guided=False, prompt_syntax="compel").hidden)
+    assert got.shape == want.shape == (1, 154, want.shape[-1])
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-5)
+
+
+@needs_compel
+def test_a_downweighted_fragment_without_tokens_hides_nothing(tiny_export) -> None:
+    """``a cat ""-``: a fragment below 1 with no tokens. compel's MASK raises (it finds nothing to hide); sdrt
+    hides nothing, which gives what compel's REMOVE gives."""
+    folder = tiny_export("sd15-tiny")
+    text = 'a cat ""-'
+    with pytest.raises(TypeError):
+        _sd15_compel(folder)(text)
+    with torch.no_grad():
+        want = _sd15_compel(folder, "REMOVE")(text).numpy()
+    pipe = shared_pipeline(folder)
+    got = pipe.backend.to_host(pipe.encode_prompt(text, guided=False, prompt_syntax="compel").hidden)
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-5)
+
+
+@needs_compel
+@pytest.mark.parametrize("backend", ["openvino", "ort-cuda-code-path"])
+def test_compels_mask_on_the_other_backends(tiny_export, monkeypatch, backend: str) -> None:
+    """The masked variants through openvino (f32) and ort-cuda's code path (IO binding on the CPU EP), the text stage
+    alone on the export's text encoder: compel's states within 1e-4 (openvino's own kernels) and 2e-5."""
+    from sdrt.runtime.conditioning import TextConditioning
+    from sdrt.runtime.device_graphs import DeviceGraphs
+    from sdrt.runtime.loading import tokenizers
+    from sdrt.runtime.manifest import ExportManifest
+
+    folder = tiny_export("sd15-tiny")
+    if backend == "openvino":
+        pytest.importorskip("openvino", reason="the openvino backend needs OpenVINO (pip install sdrt[openvino])")
+        from sdrt.runtime.ov_backend import OvBackend
+
+        be, atol = OvBackend(precision="f32", cache_dir=False), 1e-4
+    else:
+        be, atol = ort_cuda_on_cpu(monkeypatch), 2e-5
+    man = ExportManifest.read(folder)
+    engines = {"text_encoder": be.load(str(folder / "text_encoder" / "model.onnx"), "text_encoder")}
+    text = TextConditioning(man, be, engines, tokenizers(man, folder), DeviceGraphs(be), np.dtype(np.float32))
+    prompt = "a (red cat)0.6 on a mat-, (snow)0"
+    with torch.no_grad():
+        want = _sd15_compel(folder)(prompt).numpy()
+    try:
+        emb = text.encode([prompt], 1, False, syntax="compel")
+        got = np.array(be.to_host(emb.hidden), np.float32)  # read while emb lives (CPU EP: numpy() is a view)
+    finally:
+        be.close()
+    np.testing.assert_allclose(got, want, rtol=0, atol=atol)
+
+
+@needs_compel
+def test_an_export_without_the_mask_gets_compels_remove(maskless_export) -> None:
+    """An export whose text encoder takes no attention mask (sdrt's before it did) keeps working: a prompt with a
+    fragment below 1 is encoded as compel's DownweightMode.REMOVE encodes it, with a warning naming the re-export;
+    one without such a fragment gives compel's states with no warning (the modes agree there)."""
+    import warnings
+
+    ref = _sd15_compel(maskless_export, "REMOVE")
+    pipe = shared_pipeline(maskless_export)
+    for text in ("a cat++ on a mat-", "(a (red cat)1.4 dog)0.8, snow", LONG):
+        with torch.no_grad():
+            want = ref(text).numpy()
+        with pytest.warns(UserWarning, match=r"DownweightMode.REMOVE does\. For compel's default, re-export"):
+            got = pipe.backend.to_host(pipe.encode_prompt(text, guided=False, prompt_syntax="compel").hidden)
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-5, err_msg=text)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        got = pipe.backend.to_host(pipe.encode_prompt('("a cat+", "a dog").blend(0.7, 0.3)', guided=False,
+                                                      prompt_syntax="compel").hidden)
+    with torch.no_grad():
+        np.testing.assert_allclose(got, _sd15_compel(maskless_export)('("a cat+", "a dog").blend(0.7, 0.3)').numpy(),
+                                   rtol=0, atol=2e-5)
+
+
+@needs_compel
+def test_a_removal_that_changes_the_chunks_is_padded(maskless_export) -> None:
+    """REMOVE (an export without the mask): 74 words and a downweighted fragment: the prompt takes two chunks,
+    without the fragment one. compel raises there (its tensors differ in length); sdrt pads the shorter with the
+    empty prompt's states, as compel pads everything else: the lerp worked out here from compel's own pieces (its
+    tokens, weighted states, empty states)."""
+    from compel.embeddings_provider import DownweightMode
+
+    ref = _sd15_compel(maskless_export, "REMOVE")
     text = " ".join(["word"] * 74) + " (red cat)-"
     with pytest.raises(RuntimeError):
         ref(text)
@@ -194,18 +313,54 @@ def test_a_removal_that_changes_the_chunks_is_padded(tiny_export) -> None:
         lerp = torch.tensor([1.0, math.tan(0.1 * math.pi / 2)])
         lerp = lerp / lerp.sum()
         want = (base * lerp[0] + without * lerp[1]).numpy()
-    pipe = shared_pipeline(folder)
-    got = pipe.backend.to_host(pipe.encode_prompt(text, guided=False, prompt_syntax="compel").hidden)
+    pipe = shared_pipeline(maskless_export)
+    with pytest.warns(UserWarning, match="DownweightMode.REMOVE"):
+        got = pipe.backend.to_host(pipe.encode_prompt(text, guided=False, prompt_syntax="compel").hidden)
     assert got.shape == (1, 154, want.shape[-1])
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("preset", ["sd15-tiny", "sdxl-tiny"])
+def test_the_text_encoders_read_the_mask_as_transformers_does(tiny_export, preset: str) -> None:
+    """Each exported text encoder (ONNX Runtime) against transformers' own CLIP text model: an all-ones mask gives
+    the states of the model called without a mask (the graph's reading of the ids alone), and compel's mask (a
+    fragment hidden, bos and eos kept) those of the model called with that mask; three rows, for the dynamic
+    batch."""
+    import onnxruntime as ort
+
+    from sdrt.export.loading import random_model
+
+    folder = tiny_export(preset)
+    sdxl = preset == "sdxl-tiny"
+    ids = np.full((3, 77), 49407, np.int32)
+    ids[:, 0] = 49406
+    ids[:, 1:9] = np.random.default_rng(3).integers(0, 49406, (3, 8))
+    mask = np.ones((3, 77), np.int32)
+    mask[0, 2:5], mask[2, 5:70] = 0, 0
+    for name, enc in zip(("text_encoder", "text_encoder_2"), random_model(preset).text_encoders):
+        sess = ort.InferenceSession(str(folder / name / "model.onnx"), providers=["CPUExecutionProvider"])
+        assert [i.name for i in sess.get_inputs()] == ["input_ids", "attention_mask"]
+        for m, ref_mask in ((np.ones_like(mask), None), (mask, torch.from_numpy(mask).long())):
+            with torch.no_grad():
+                out = enc(torch.from_numpy(ids).long(), attention_mask=ref_mask, output_hidden_states=True)
+            got = sess.run(None, {"input_ids": ids, "attention_mask": m})
+            want = out.hidden_states[-2] if sdxl else out.last_hidden_state
+            np.testing.assert_allclose(got[0], want.numpy(), rtol=0, atol=2e-5)
+            if len(got) > 1:
+                np.testing.assert_allclose(got[1], out.text_embeds.numpy(), rtol=0, atol=2e-5)
+        with torch.no_grad():  # the mask changes the states: the graph does not ignore it
+            unmasked = enc(torch.from_numpy(ids).long(), output_hidden_states=True).hidden_states[-1]
+            masked = enc(torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long(),
+                         output_hidden_states=True).hidden_states[-1]
+        assert np.abs(unmasked[0].numpy() - masked[0].numpy()).max() > 1e-3
 
 
 @needs_compel
 def test_sdxl_conditioning_is_compel_for_sdxl(tiny_export) -> None:
     """SDXL: compel's CompelForSDXL (each encoder's penultimate states weighted on its own, padded to the longer,
-    joined on channels; the pooled embedding the second encoder's projection of the raw prompt), with
-    DownweightMode.REMOVE."""
-    from compel import Compel, CompelForSDXL, DownweightMode, ReturnedEmbeddingsType
+    joined on channels; the pooled embedding the second encoder's projection of the raw prompt), with its default
+    DownweightMode.MASK (each encoder masks the fragment in its own tokens)."""
+    from compel import Compel, CompelForSDXL, ReturnedEmbeddingsType
     from transformers import CLIPTokenizer
 
     from sdrt.export.loading import random_model
@@ -215,8 +370,6 @@ def test_sdxl_conditioning_is_compel_for_sdxl(tiny_export) -> None:
     ref = CompelForSDXL(SimpleNamespace(
         tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"), text_encoder=m.text_encoders[0].eval(),
         tokenizer_2=CLIPTokenizer.from_pretrained(folder / "tokenizer_2"), text_encoder_2=m.text_encoders[1].eval()))
-    for c in (ref.compel_1, ref.compel_2):
-        c.conditioning_provider.downweight_mode = DownweightMode.REMOVE
     pipe = shared_pipeline(folder)
     prompt, negative = '("a red cat-", "a dog++").blend(0.6, 0.4)', "(blurry)0.7, " + LONG
     with torch.no_grad():
@@ -234,7 +387,7 @@ def test_sdxl_conditioning_is_compel_for_sdxl(tiny_export) -> None:
         ref(weighted)
     second = Compel(tokenizer=ref.compel_2.conditioning_provider.tokenizer, text_encoder=m.text_encoders[1].eval(),
                     returned_embeddings_type=ReturnedEmbeddingsType.PENULTIMATE_HIDDEN_STATES_NON_NORMALIZED,
-                    truncate_long_prompts=False, downweight_mode=DownweightMode.REMOVE)
+                    truncate_long_prompts=False)
     with torch.no_grad():
         want_h = torch.cat([ref.compel_1(weighted), second(weighted)], dim=-1).numpy()
         want_p = ref.compel_2.conditioning_provider.get_pooled_embeddings([weighted]).numpy()
@@ -325,18 +478,25 @@ def test_bad_prompts_and_plain_text_families_are_refused_before_work(tiny_export
 def test_a_static_tensorrt_profile_serves_compel_prompts(tiny_export, tmp_path, fake_gpu) -> None:
     """Engines built for one image and one chunk (text encoder batch 2:2:2) serve a guided call whose compel prompt
     needs more rows than that (its downweighted fragments' variants): the encoder reads them in batches of the call's
-    own shape; the image is the ort-cpu one (fakes: the logic, not TensorRT)."""
-    from sdrt.export.profiles import custom_profile
+    own shape, the attention mask bound beside the ids (its profile the ids'); the image is the ort-cpu one (fakes:
+    the logic, not TensorRT)."""
+    from sdrt.export.profiles import component_shapes, custom_profile
     from sdrt.export.trt_build import BuildOptions, build_engines
+    from sdrt.runtime.manifest import ExportManifest
     from sdrt.runtime.pipeline import Pipeline
 
     src = tiny_export("sd15-tiny")
     out = tmp_path / "engines"
-    build_engines(src, out, custom_profile(batch="1:1:1", height=64, width=64), BuildOptions(workspace_gb=1))
+    profile = custom_profile(batch="1:1:1", height=64, width=64)
+    ids, mask = component_shapes(profile, ExportManifest.read(src), "text_encoder")
+    assert (ids.name, mask.name) == ("input_ids", "attention_mask")
+    assert (mask.min, mask.opt, mask.max) == (ids.min, ids.opt, ids.max) == ((2, 77),) * 3
+    build_engines(src, out, profile, BuildOptions(workspace_gb=1))
     kw = {"negative_prompt": "blurry-, (dark)0.5", "steps": 3, "guidance_scale": 6.0, "sampler": "euler", "seed": 4,
           "height": 64, "width": 64, "prompt_syntax": "compel"}
     prompt = "a (red)- fox in the (snow)0.3, forest+"
     want = np.asarray(shared_pipeline(src)(prompt, **kw).images[0], np.int16)
     with Pipeline.load(out, backend="tensorrt") as trt:
+        assert list(trt.engines["text_encoder"].inputs) == ["input_ids", "attention_mask"]
         got = np.asarray(trt(prompt, **kw).images[0], np.int16)
     assert np.abs(got - want).max() <= 1

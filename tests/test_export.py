@@ -81,7 +81,9 @@ def test_tiny_export_matches_pytorch(tiny_export, preset: str, precision: str) -
         with torch.no_grad():
             out = enc(torch.from_numpy(ids).long(), output_hidden_states=True)
         want = out.hidden_states[-2] if sdxl else out.last_hidden_state
-        got_all = _session(folder / name / "model.onnx").run(None, {"input_ids": ids})
+        # an all-ones attention mask: the ids as they are (compel's masks: test_compel_syntax.py)
+        got_all = _session(folder / name / "model.onnx").run(None, {"input_ids": ids,
+                                                                    "attention_mask": np.ones_like(ids)})
         assert _rel(got_all[0], want.numpy()) < bound
         if sdxl and i == 1:
             assert _rel(got_all[1], out.text_embeds.numpy()) < bound

@@ -107,7 +107,8 @@ def test_dtypes_of_sdrt_graphs_survive(pipes: dict) -> None:
     assert be.meta(out["images"]) == (np.dtype(np.uint8), (1, 64, 80, 3))
     assert be.to_host(out["finite"]).tolist() == [True]
     with pytest.raises(InputError, match="int32"):
-        e["text_encoder"]({"input_ids": be.to_device(np.zeros((1, 77), np.int64))})
+        e["text_encoder"]({"input_ids": be.to_device(np.zeros((1, 77), np.int64)),
+                           "attention_mask": be.to_device(np.ones((1, 77), np.int32))})
     # img2img runs the uint8 encoder: the same image as ort-cpu's within a level
     init = np.random.default_rng(0).integers(0, 256, (64, 80, 3), dtype=np.uint8)
     ref = image(pipes["sd15-tiny", "ort-cpu"], image=init, strength=0.6, sampler="ddim")

@@ -452,10 +452,10 @@ def test_base_and_refiner_are_timed_on_the_base_backends_clock_on_tensorrt(tiny_
 
 def test_base_and_refiner_read_compels_syntax(folders, pipes) -> None:
     """``prompt_syntax="compel"`` reaches both models: the refiner's conditioning is compel's (its one encoder's
-    penultimate states and pooled projection, DownweightMode.REMOVE) and the call gives the image of the stages
-    composed by hand with that conditioning."""
+    penultimate states and pooled projection, compel's default DownweightMode.MASK) and the call gives the image
+    of the stages composed by hand with that conditioning."""
     pytest.importorskip("compel", reason="the reference for compel's syntax (pip install compel==2.5.1)")
-    from compel import Compel, DownweightMode, ReturnedEmbeddingsType
+    from compel import Compel, ReturnedEmbeddingsType
     from transformers import CLIPTokenizer
 
     base, refiner = pipes
@@ -463,7 +463,7 @@ def test_base_and_refiner_read_compels_syntax(folders, pipes) -> None:
     ref = Compel(tokenizer=CLIPTokenizer.from_pretrained(folders[1] / "tokenizer_2"),
                  text_encoder=random_model(REFINER).text_encoders[0].eval(), truncate_long_prompts=False,
                  returned_embeddings_type=ReturnedEmbeddingsType.PENULTIMATE_HIDDEN_STATES_NON_NORMALIZED,
-                 requires_pooled=True, downweight_mode=DownweightMode.REMOVE)
+                 requires_pooled=True)
     with torch.no_grad():
         want, want_pooled = ref(["", prompt])
     emb_r = refiner.encode_prompt(prompt, "", guided=True, prompt_syntax="compel")

@@ -50,7 +50,7 @@ def _inputs(seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
         "unet": {"sample": g.standard_normal((2, 4, 8, 16)).astype(np.float32),
                  "timestep": np.array([999.0, 321.0], np.float32),
                  "encoder_hidden_states": g.standard_normal((2, 77, 32)).astype(np.float32)},
-        "text_encoder": {"input_ids": ids},
+        "text_encoder": {"input_ids": ids, "attention_mask": np.ones_like(ids)},  # all ones: the ids as they are
     }
 
 

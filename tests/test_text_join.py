@@ -108,7 +108,9 @@ def _numpy_embeddings(pipe: Pipeline, texts: list[str], zero_first: int) -> tupl
     hidden, pooled = [], None
     for name, tok in zip(pipe.manifest.encoder_names, pipe.tokenizers, strict=True):
         ids = tok.encode_chunks(texts)
-        out = pipe.engines[name]({"input_ids": pipe.backend.to_device(ids.reshape(-1, ids.shape[-1]))})
+        ids = ids.reshape(-1, ids.shape[-1])
+        feeds = {"input_ids": pipe.backend.to_device(ids), "attention_mask": pipe.backend.to_device(np.ones_like(ids))}
+        out = pipe.engines[name]({k: v for k, v in feeds.items() if k in pipe.engines[name].inputs})
         hidden.append(pipe.backend.to_host(out["hidden_states"]).copy())
         if "text_embeds" in out:
             pooled = pipe.backend.to_host(out["text_embeds"]).copy()
