@@ -807,8 +807,9 @@ class Pipeline:
             if image is not None:
                 self._check_img2img()
             init = None if image is None else to_uint8(image, req.height, req.width, m.vae_scale_factor)
-            # the image's size (img2img), else the control image's (as diffusers), else the model's default
-            control_size = None if creq is None else controlnet.default_size(creq, m.vae_scale_factor)
+            # the image's size (img2img), else the control image's (as diffusers; rounded down to the export's multiple:
+            # 16 px for a transformer's patches), else the model's default
+            control_size = None if creq is None else controlnet.default_size(creq, m.limits.multiple_of)
             height, width = call_size(req.height, req.width, init, control_size, m.default_size)
             guided = self.uses_guidance(req.guidance_scale)
             self.check_request(height, width, b, guided=guided)

@@ -313,3 +313,15 @@ def test_guess_mode_is_declared_as_diffusers_pipelines_have_it(key: str) -> None
     fam = family_named(key)
     cls = getattr(diffusers, f"{fam.diffusers_pipeline}ControlNetPipeline")
     assert ("guess_mode" in inspect.signature(cls.__call__).parameters) == fam.control_guess_mode
+
+
+def test_the_control_image_sets_a_size_of_whole_patches(controlnet_export) -> None:
+    """Without height and width the output takes the control image's size rounded down to whole 16-pixel patches
+    (90 x 70 -> 80 x 64), as the UNet families take it rounded to 8 (diffusers' SD3 ControlNet pipeline takes the
+    model's default size instead)."""
+    pipe = shared_pipeline(controlnet_export("sd3-tiny"))
+    img = control_image(40)  # 90 x 70
+    kw = {"steps": 2, "seed": 1, "guidance_scale": 1.0, "control_images": [img]}
+    got = pipe(PROMPT, **kw).images[0]
+    assert got.size == (80, 64)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(pipe(PROMPT, height=64, width=80, **kw).images[0]))

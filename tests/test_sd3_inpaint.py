@@ -133,3 +133,22 @@ def test_bad_masks_are_refused_before_work(sd3_export) -> None:
     inpainting = shared_pipeline(sd3_export("sd3-inpaint-tiny", False))
     with pytest.raises(InputError, match="is an inpainting model"):
         inpainting(PROMPT, steps=2, height=64, width=64)
+
+
+def test_cli_generate_with_a_mask(sd3_export, tmp_path: Path) -> None:
+    """``sdrt generate --init-image --mask --strength`` gives the Python call's image."""
+    from PIL import Image
+
+    from sdrt.cli import main
+
+    folder = sd3_export("sd3-tiny", True)
+    image, mask = image_and_mask()
+    init, mpath, out = tmp_path / "init.png", tmp_path / "mask.png", tmp_path / "out.png"
+    image.save(init)
+    mask.save(mpath)
+    assert main(["generate", str(folder), "--prompt", PROMPT, "--steps", "4", "--seed", "2", "--guidance", "4",
+                 "--backend", "ort-cpu", "--init-image", str(init), "--mask", str(mpath), "--strength", "0.75",
+                 "--height", "64", "--width", "96", "-o", str(out)]) == 0
+    want = shared_pipeline(folder)(PROMPT, steps=4, seed=2, guidance_scale=4.0, image=image, mask_image=mask,
+                                   strength=0.75, height=64, width=96).images[0]
+    np.testing.assert_array_equal(np.asarray(Image.open(out)), np.asarray(want))
