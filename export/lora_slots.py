@@ -23,14 +23,18 @@ The UNet's ``conv_in`` / ``conv_out`` and grouped convolutions have no slot.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
 from sdrt.runtime.errors import InputError
+from sdrt.runtime.families import Family
 from sdrt.runtime.lora_adapters import LORA_PREFIX, slot_input
+
+from .onnx_export import ComponentSpec
 
 _ATTN = ("to_q", "to_k", "to_v", "to_out.0")
 _FF = ("ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")
@@ -85,15 +89,24 @@ def _slottable(m: torch.nn.Module, conv: bool) -> bool:
             and not isinstance(m.padding, str))
 
 
-def slot_layers(unet: torch.nn.Module, plan: SlotPlan, text: bool = False) -> list[tuple[str, Layer]]:
+def slot_layers(unet: torch.nn.Module, plan: SlotPlan, text: bool = False,
+                patterns: Sequence[str] | None = None) -> list[tuple[str, Layer]]:
     """The layers that get a slot, by module name, in module order: the UNet's, or (``text``) a CLIP text
-    encoder's (TEXT_TARGETS). Linear layers, and with a CONV_TARGETS set the UNet's convolutions too."""
-    ends = (TEXT_TARGETS if text else TARGETS)[plan.targets]
-    conv = plan.targets in CONV_TARGETS and not text
-    layers = [(n, m) for n, m in unet.named_modules()
-              if _slottable(m, conv) and any(n == e or n.endswith("." + e) for e in ends)]
+    encoder's (TEXT_TARGETS). Linear layers, and with a CONV_TARGETS set the UNet's convolutions too.
+    ``patterns``: the denoiser's targets as the family declares them (``Family.lora_targets``: full-match patterns
+    over module names, linear layers only), in place of the UNet's."""
+    if patterns is not None and not text:
+        regex = re.compile("|".join(f"(?:{p})" for p in patterns))
+        layers = [(n, m) for n, m in unet.named_modules()
+                  if isinstance(m, torch.nn.Linear) and regex.fullmatch(n)]
+    else:
+        ends = (TEXT_TARGETS if text else TARGETS)[plan.targets]
+        conv = plan.targets in CONV_TARGETS and not text
+        layers = [(n, m) for n, m in unet.named_modules()
+                  if _slottable(m, conv) and any(n == e or n.endswith("." + e) for e in ends)]
     if not layers:
-        raise InputError(f"the {'text encoder' if text else 'UNet'} has no {plan.targets} layers to slot")
+        what = "text encoder" if text else "UNet" if patterns is None else "denoiser"
+        raise InputError(f"the {what} has no {plan.targets} layers to slot")
     return layers
 
 
@@ -185,5 +198,67 @@ class Slotted(torch.nn.Module):
                 h.remove()
 
 
+def slotted(spec: ComponentSpec, layers: list[tuple[str, Layer]], rank: int,
+            inert: Sequence[str] = ()) -> ComponentSpec:
+    """``spec`` whose ``layers`` take LoRA factors as inputs after its own; ``inert``: the targeted layers left
+    without a slot because they do not reach the outputs (recorded in the manifest)."""
+    example = spec.example
+
+    def slotted_example(g: torch.Generator, b: int, h: int, w: int) -> tuple[torch.Tensor, ...]:
+        return (*example(g, b, h, w), *slot_example(layers, rank, g))
+
+    return replace(spec, module=Slotted(spec.module, layers, inert), inputs=[*spec.inputs, *slot_inputs(layers, rank)],
+                   example=slotted_example)
+
+
+def slot_components(specs: Sequence[ComponentSpec], plan: SlotPlan, patterns: Sequence[str],
+                    text: Sequence[str]) -> tuple[list[ComponentSpec], dict[str, list[str]]]:
+    """A transformer family's components with slots: the denoiser's (``unet``: the layers ``patterns`` name, as
+    its family declares them) and the CLIP text encoders' named in ``text`` (their attention, and with
+    ``attn-ff`` their MLP, the UNet families' text targets); the rest (T5, the VAE) as they are. Returns the
+    specs and, per text encoder, its targeted layers that do not reach its outputs (left without a slot)."""
+    out: list[ComponentSpec] = []
+    inert: dict[str, list[str]] = {}
+    for spec in specs:
+        if spec.name in text:
+            layers = slot_layers(spec.weights, plan, text=True)
+            used, dead = split_inert(spec.module, spec.example(torch.Generator().manual_seed(0), 1, 8, 8), layers)
+            spec = slotted(spec, used, plan.rank, dead)
+            if dead:
+                inert[spec.name] = dead
+        elif spec.name == "unet":
+            spec = slotted(spec, slot_layers(spec.weights, plan, patterns=patterns), plan.rank)
+        out.append(spec)
+    return out, inert
+
+
+def check_slots(family: Family, plan: SlotPlan | None, streamed: Mapping[str, object],
+                block_cache: bool) -> tuple[str, ...]:
+    """A transformer family's export with ``plan``'s slots, checked before any work: the family's targets for the
+    denoiser (its ``lora_targets``; empty without a plan). Refused: a target set the family has not, a streamed
+    transformer (its slots are not built yet) and first-block caching beside slots (its cached step has none
+    yet)."""
+    if plan is None:
+        return ()
+    patterns = family.lora_targets(plan.targets)
+    assert patterns is not None, f"the {family.label} family declares no LoRA targets for its transformer"
+    if "transformer" in streamed:
+        raise InputError(f"--lora-slots: this {family.label} transformer is streamed (too large to hold in memory "
+                         "for the export), and slots for a streamed transformer are not built yet; merge the LoRA "
+                         "at export instead (`sdrt export --lora FILE:SCALE`), or export in memory (load_*(..., "
+                         "stream=False)) on a machine with the room")
+    if block_cache:
+        raise InputError("--lora-slots with --feature-cache: first-block caching's cached step has no LoRA slots yet "
+                         "for this family; export with one of them")
+    return tuple(patterns)
+
+
+def slots_record(plan: SlotPlan | None, inert: Mapping[str, list[str]]) -> dict[str, object]:
+    """The manifest's ``source`` entry of an export with slots (none without)."""
+    if plan is None:
+        return {}
+    return {"lora_slots": {"rank": plan.rank, "targets": plan.targets, **({"inert": dict(inert)} if inert else {})}}
+
+
 __all__ = ["CONV_TARGETS", "LORA_PREFIX", "RANK_MAX", "TARGETS", "TEXT_TARGETS", "Layer", "SlotPlan", "Slotted",
-           "slot_example", "slot_inputs", "slot_layers", "split_inert"]
+           "check_slots", "slot_components", "slot_example", "slot_inputs", "slot_layers", "slots_record", "slotted", "split_inert"]

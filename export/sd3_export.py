@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -21,15 +21,24 @@ import torch
 
 from sdrt.runtime.atomic import atomic_dir
 from sdrt.runtime.errors import InputError
+from sdrt.runtime.families import family_named
 from sdrt.runtime.feature_cache import SHALLOW_UNET
+from sdrt.runtime.lora_files import LoraSpec, MergeReport
 from sdrt.runtime.manifest import MANIFEST_NAME, ExportManifest, ShapeLimits, export_entries, tokenizer_of
 
 from .block_cache import DENOISER_FOLDER, FOLDERS
 from .exporter import EXPORT_KIND, MIN_OPSET, TEXT_LEN, check_export_dir, tool_versions
+from .lora_slots import SlotPlan, check_slots, slot_components, slots_record
 from .onnx_export import export_component, parity_line
 from .sd3_gate import gate_streamed
 from .sd3_presets import SD3_PRESETS, Sd3Modules, Sd3Preset, build_modules, get_sd3_preset
-from .sd3_specs import sd3_specs, streamed_cached_spec, streamed_t5_spec, streamed_transformer_spec
+from .sd3_specs import (
+    CLIP_NAMES,
+    sd3_specs,
+    streamed_cached_spec,
+    streamed_t5_spec,
+    streamed_transformer_spec,
+)
 from .streamed import (
     WeightSource,
     checkpoint_weights,
@@ -186,6 +195,24 @@ def load_sd3(path: str | Path | None = None, *, random_preset: str | None = None
                      toks, {"kind": "diffusers", "path": str(folder)}, streamed)  # type: ignore[arg-type]
 
 
+def merge_sd3_loras(model: LoadedSd3, specs: Sequence[LoraSpec]) -> dict[str, MergeReport]:
+    """``sdrt export --lora``: the LoRAs merged into the transformer and both CLIP encoders (in memory; a streamed
+    transformer's weights as they are read: export/lora_merge.py), recorded in ``model.source["loras"]``. T5 is
+    not adapted (its modules are reported unmatched). Returns what matched per component."""
+    from .lora_merge import merge_into
+
+    mods = model.modules
+    held = {"unet": mods.transformer, "text_encoder": mods.text_encoders[0], "text_encoder_2": mods.text_encoders[1]}
+    st = model.streamed.get("transformer")
+    streamed = {} if st is None else {"unet": (st.weights, weight_shapes(st.config, None)["transformer"])}
+    fam = family_named(model.preset.family)
+    reports, wrapped, record = merge_into(fam, fam.label, held, streamed, specs)
+    if st is not None:
+        model.streamed["transformer"] = replace(st, weights=wrapped["unet"])
+    model.source["loras"] = record
+    return reports
+
+
 def component_config(folder: Path) -> dict[str, Any]:
     """A component's config.json as constructor keywords (diffusers' and transformers' bookkeeping keys out)."""
     path = folder / "config.json"
@@ -249,11 +276,14 @@ def export_sd3(
     block_cache: bool = False,
     parity_shape: tuple[int, int, int] | None = None,
     progress: Callable[[str], None] = lambda msg: None,
+    lora_slots: SlotPlan | None = None,
 ) -> ExportManifest:
     """Export every component of ``model`` into ``out`` (atomically) and return its manifest; ``without_t5``
     leaves T5 out; ``block_cache`` adds first-block caching (the transformer also returns its two residuals, and
     its cached step is ``unet_shallow`` in ``transformer_shallow/``; runtime/feature_cache.py). ``out`` is
-    checked as ``export_model`` checks it. T5 stays float32 in an fp16 export (its activations overflow fp16)."""
+    checked as ``export_model`` checks it. T5 stays float32 in an fp16 export (its activations overflow fp16).
+    ``lora_slots``: the transformer's and the CLIP encoders' targeted layers take LoRA factors as inputs, so calls
+    can carry LoRAs (``Pipeline(..., loras=...)``; export/lora_slots.py); T5 has none."""
     from .tokenizer_assets import write_clip_tokenizer
 
     out = check_export_dir(out, overwrite=overwrite)
@@ -262,6 +292,7 @@ def export_sd3(
     p = model.preset
     mods = model.modules
     streamed = dict(model.streamed)
+    patterns = check_slots(family_named(p.family), lora_slots, streamed, block_cache)
     if without_t5:
         mods = replace(mods, text_encoders=(mods.text_encoders[0], mods.text_encoders[1], None))
         streamed.pop("text_encoder_3", None)
@@ -277,7 +308,10 @@ def export_sd3(
         parity_shape = (2, side, side + limits.multiple_of // f)  # non-square, whole patches
     with atomic_dir(out, marker=MANIFEST_NAME, overwrite=overwrite, what=EXPORT_KIND, owned=export_entries) as tmp:
         done = {}
-        for spec in sd3_specs(mods, p.t5_tokens, block_cache):
+        specs, inert = sd3_specs(mods, p.t5_tokens, block_cache), {}
+        if lora_slots is not None:
+            specs, inert = slot_components(specs, lora_slots, patterns, CLIP_NAMES)
+        for spec in specs:
             folder = FOLDERS.get(spec.name, spec.name)
             done[spec.name] = export_component(spec, precision, tmp / folder, opset=opset,
                                                parity_shape=parity_shape, progress=progress)
@@ -319,7 +353,7 @@ def export_sd3(
             limits=limits,
             source={**model.source, "t5": "text_encoder_3" in components,
                     **({"streamed": sorted("unet" if n == "transformer" else n for n in streamed)}
-                       if streamed else {})},
+                       if streamed else {}), **slots_record(lora_slots, inert)},
             tools=tool_versions(),
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             latent_scaling=float(mods.vae.config.scaling_factor),

@@ -158,13 +158,14 @@ def _run_sd3(args: argparse.Namespace) -> int:
     from sdrt.export.sd3_export import export_sd3, load_sd3
     from sdrt.runtime.errors import InputError
 
-    given = [flag for flag, on in (("--lora", args.lora), ("--lora-slots", args.lora_slots),
-                                   ("--controlnet", args.controlnets),
+    given = [flag for flag, on in (("--controlnet", args.controlnets),
                                    ("--clip-skip", args.clip_skip), ("--ort-cuda", args.ort_cuda),
                                    ("--vae-fp32", args.vae_fp32), ("--no-ema", not args.ema)) if on]
     if given:
         raise InputError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} not supported for SD 3 / 3.5 "
                          "models yet; export without")
+    slots = _slot_plan(args, "sd3")
+    loras = [_lora_spec(s) for s in args.lora or []]  # checked before the weights load
     opts = {k.removeprefix("--").replace("-", "_"): v for k, v in _sd3_file_options(args).items()}
     if args.random and (given := [f"--{k.replace('_', '-')}" for k, v in opts.items() if v is not None]):
         raise InputError(f"{', '.join(given)} go{'es' if len(given) == 1 else ''} with an SD 3 / 3.5 single "
@@ -175,12 +176,17 @@ def _run_sd3(args: argparse.Namespace) -> int:
         model = load_sd3(random_preset=args.random, seed=args.seed)
     else:  # a folder, or a single file with its options (refused for a folder)
         model = load_sd3(args.model, without_t5=args.without_t5, **opts)
+    if loras:
+        from sdrt.export.sd3_export import merge_sd3_loras
+
+        _merged(merge_sd3_loras(model, loras))
 
     def progress(msg: str) -> None:
         print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", flush=True)
 
     manifest = export_sd3(model, args.out, overwrite=args.overwrite, fp16=not args.fp32, opset=args.opset,
-                          without_t5=args.without_t5, block_cache=args.feature_cache, progress=progress)
+                          without_t5=args.without_t5, block_cache=args.feature_cache, progress=progress,
+                          lora_slots=slots)
     _report(args.out, manifest, t0)
     return 0
 
@@ -191,14 +197,15 @@ def _run_flux(args: argparse.Namespace) -> int:
     from sdrt.export.flux_export import export_flux, load_flux
     from sdrt.runtime.errors import InputError
 
-    given = [flag for flag, on in (("--lora", args.lora), ("--lora-slots", args.lora_slots),
-                                   ("--controlnet", args.controlnets),
+    given = [flag for flag, on in (("--controlnet", args.controlnets),
                                    ("--clip-skip", args.clip_skip), ("--ort-cuda", args.ort_cuda),
                                    ("--vae-fp32", args.vae_fp32), ("--no-ema", not args.ema),
                                    ("--without-t5", args.without_t5)) if on]
     if given:
         raise InputError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} not supported for FLUX.1 "
                          "models yet; export without")
+    slots = _slot_plan(args, "flux")
+    loras = [_lora_spec(s) for s in args.lora or []]  # checked before the weights load
     if args.clip_g is not None:
         raise InputError("--clip-g goes with an SD 3 / 3.5 single file; FLUX.1 has no CLIP-G (its encoders: "
                          "--clip-l, --t5)")
@@ -213,6 +220,10 @@ def _run_flux(args: argparse.Namespace) -> int:
         model = load_flux(random_preset=args.random, seed=args.seed)
     else:  # a folder, or a single file with its options (refused for a folder)
         model = load_flux(args.model, **opts)
+    if loras:
+        from sdrt.export.flux_export import merge_flux_loras
+
+        _merged(merge_flux_loras(model, loras))
 
     def progress(msg: str) -> None:
         print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", flush=True)
@@ -221,9 +232,37 @@ def _run_flux(args: argparse.Namespace) -> int:
         progress("FLUX.1 is exported in fp32: it overflows fp16 (NaN images, diffusers issue 9096), and sdrt "
                  "exports no bf16 graph yet")
     manifest = export_flux(model, args.out, overwrite=args.overwrite, fp16=False, opset=args.opset,
-                           block_cache=args.feature_cache, progress=progress)
+                           block_cache=args.feature_cache, progress=progress, lora_slots=slots)
     _report(args.out, manifest, t0)
     return 0
+
+
+def _merged(reports) -> None:  # type: ignore[no-untyped-def]
+    """What ``--lora`` merged, per component (a component none of whose modules matched: said so)."""
+    for comp, rep in reports.items():
+        if rep.matched:
+            print(f"merged LoRA into {len(rep.matched)} {comp} weights"
+                  + (f" ({len(rep.unmatched)} LoRA modules matched nothing)" if rep.unmatched else ""))
+        elif rep.unmatched:
+            print(f"{len(rep.unmatched)} LoRA modules of {comp} matched nothing (not applied; e.g. "
+                  f"{rep.unmatched[0]})")
+
+
+def _slot_plan(args: argparse.Namespace, family: str):  # type: ignore[no-untyped-def]
+    """``--lora-slots`` for a transformer family, checked against the family's targets before the weights load."""
+    from sdrt.export.lora_slots import SlotPlan
+    from sdrt.runtime.families import family_named
+
+    if args.lora_slots is None:
+        return None
+    plan = SlotPlan.parse(args.lora_slots)
+    family_named(family).lora_targets(plan.targets)  # an InputError for a target set the family has not
+    if args.feature_cache:
+        from sdrt.runtime.errors import InputError
+
+        raise InputError("--lora-slots with --feature-cache: first-block caching's cached step has no LoRA slots "
+                         "yet; export with one of them")
+    return plan
 
 
 def _sd3_file_options(args: argparse.Namespace) -> dict[str, str | None]:
