@@ -22,6 +22,7 @@ The LoRAs are random factors on every linear layer of the blocks, chosen here as
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -197,7 +198,7 @@ def sd3_kohya_lora(path: Path, seed: int, rank: int, alpha: float,
 
 
 def _sd3_reference(folder: Path, peft: list[tuple[Path, float]] = (), merged: tuple[dict, float] | None = None,
-                   fuse: bool = False) -> np.ndarray:
+                   fuse: bool = False, modules: Any = None) -> np.ndarray:
     """diffusers' StableDiffusion3Pipeline (without T5, as the export) over fresh seeded modules: PEFT files loaded
     with their scales (``set_adapters``; ``fuse``: then ``fuse_lora``), or kohya products added in Stability's layout
     and taken to diffusers' names by diffusers' single-file converter (``merged``: the products and the scale)."""
@@ -210,7 +211,7 @@ def _sd3_reference(folder: Path, peft: list[tuple[Path, float]] = (), merged: tu
 
     from .helpers.sd3_layout import transformer_to_sd3
 
-    m = _modules("sd3")
+    m = _modules("sd3") if modules is None else modules  # (a streamed model's weights, held)
     if merged is not None:
         deltas, scale = merged
         stability = transformer_to_sd3(m.transformer.state_dict())
@@ -498,6 +499,26 @@ def test_sd3_merged_export_matches_diffusers_fused(tmp_path: Path) -> None:
     from sdrt.runtime.manifest import ExportManifest
 
     assert [x["scale"] for x in ExportManifest.read(out).source["loras"]] == [0.8, 0.7]
+
+
+@pytest.mark.slow  # a streamed export and its reduced-depth gate: about 1.5 min on 2 busy cores
+def test_sd3_merged_into_a_streamed_transformer(tmp_path: Path) -> None:
+    """A streamed transformer (a full-size model's way: never held) gets each weight's delta as the weight is read:
+    the export (and its reduced-depth gate) against diffusers over the same synthetic weights, held, with the file
+    loaded."""
+    from sdrt.export.sd3_export import export_sd3, load_sd3, merge_sd3_loras
+    from sdrt.runtime.lora_files import LoraSpec
+
+    a = peft_lora(tmp_path, "sd3", seed=16, rank=2)
+    model = load_sd3(random_preset=SD3, stream=True)
+    assert "transformer" in model.streamed
+    # the synthetic weights, read before the merge wraps their source (and adds to the encoders in place)
+    base = copy.deepcopy(model.held(t5=False))
+    reports = merge_sd3_loras(model, [LoraSpec(a, 0.9)])
+    assert reports["unet"].matched and reports["text_encoder"].matched
+    out = tmp_path / "streamed"
+    export_sd3(model, out, fp16=False, without_t5=True)
+    _close(_sdrt(out, None, "sd3"), _sd3_reference(out, [(a, 0.9)], modules=base), "SD 3 streamed merge")
 
 
 def test_flux_merged_export_matches_diffusers_fused(tmp_path: Path) -> None:
