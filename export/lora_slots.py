@@ -227,9 +227,35 @@ def slot_components(specs: Sequence[ComponentSpec], plan: SlotPlan, patterns: Se
             if dead:
                 inert[spec.name] = dead
         elif spec.name == "unet":
-            spec = slotted(spec, slot_layers(spec.weights, plan, patterns=patterns), plan.rank)
+            layers = slot_layers(spec.weights, plan, patterns=patterns)
+            spec = slotted(spec, _in_wrapper(spec.module, layers), plan.rank)
         out.append(spec)
     return out, inert
+
+
+def _in_wrapper(wrapper: torch.nn.Module, layers: list[tuple[str, Layer]]) -> list[tuple[str, Layer]]:
+    """``layers`` (named as in the denoiser) as the modules ``wrapper`` runs: a wrapper may run a copy of the
+    denoiser (FLUX.1's, with explicit RMS norms for the TorchScript exporter), whose layers must carry the slots."""
+    found: dict[str, list[tuple[str, torch.nn.Module]]] = {}
+    names = {n for n, _ in layers}
+    for n, m in wrapper.named_modules():
+        for name in _suffixes(n):
+            if name in names:
+                found.setdefault(name, []).append((n, m))
+    out: list[tuple[str, Layer]] = []
+    for name, layer in layers:
+        hits = [m for _, m in found.get(name, []) if isinstance(m, type(layer))]
+        if len(hits) != 1:
+            raise InputError(f"the denoiser's layer {name} is found {len(hits)} times in its export wrapper; "
+                             "it cannot take a LoRA slot")
+        out.append((name, hits[0]))
+    return out
+
+
+def _suffixes(name: str) -> list[str]:
+    """``a.b.c`` -> ``a.b.c``, ``b.c``, ``c``: the names a module could have inside what wraps it."""
+    parts = name.split(".")
+    return [".".join(parts[i:]) for i in range(len(parts))]
 
 
 def check_slots(family: Family, plan: SlotPlan | None, streamed: Mapping[str, object],
