@@ -519,6 +519,12 @@ def test_sd3_merged_into_a_streamed_transformer(tmp_path: Path) -> None:
     out = tmp_path / "streamed"
     export_sd3(model, out, fp16=False, without_t5=True)
     _close(_sdrt(out, None, "sd3"), _sd3_reference(out, [(a, 0.9)], modules=base), "SD 3 streamed merge")
+    # a streamed transformer has no refit map: refit refuses rather than leave it as it is
+    from sdrt.export.refit import RefitRequest, refit_folder
+    from sdrt.runtime.errors import CompatibilityError
+
+    with pytest.raises(CompatibilityError, match="adapts unet, which this export holds without a refit map"):
+        refit_folder(out, RefitRequest(loras=(LoraSpec(a, 1.0),)), out=tmp_path / "refit")
 
 
 def test_flux_merged_export_matches_diffusers_fused(tmp_path: Path) -> None:
@@ -545,3 +551,30 @@ def test_merge_refuses_another_family_before_any_work(tmp_path: Path) -> None:
         merge_flux_loras(model, [LoraSpec(sd3, 1.0)])
     after = model.modules.transformer.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+# -- sdrt refit --lora ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_refit_matches_diffusers(sd3_export, flux_export, tmp_path: Path, family: str) -> None:
+    """``sdrt refit EXPORT --lora A --lora B --out COPY`` (the ONNX path of the TensorRT refit: the same arrays a
+    refittable engine takes) on a plain export: a kohya file in the family's original layout and a PEFT file,
+    stacked, against diffusers as in the merged tests. The T5 encoder is left as it is."""
+    from sdrt.cli import main
+
+    if family == "sd3":
+        folder = sd3_export(SD3, t5=False)
+        a = peft_lora(tmp_path, "sd3", seed=17, rank=3, alpha=6.0)
+        b, deltas = sd3_kohya_lora(tmp_path / "kohya.safetensors", seed=18, rank=2, alpha=1.0)
+    else:
+        folder = flux_export(FLUX)
+        a = peft_lora(tmp_path, "flux", seed=19, rank=3)
+        b, padded = flux_kohya_lora(tmp_path / "b.safetensors", seed=20, rank=4, alpha=2.0, layout="kohya")
+    out = tmp_path / "refit"
+    assert main(["refit", str(folder), "--lora", f"{a}:0.8", "--lora", f"{b}:-0.7", "--out", str(out)]) == 0
+    if family == "sd3":
+        want = _sd3_reference(out, [(a, 0.8)], merged=(deltas, -0.7), fuse=True)
+    else:
+        want = _flux_reference(out, [(a, 0.8), (_converted(padded), -0.7)])
+    _close(_sdrt(out, None, family), want, f"{family} refit")
