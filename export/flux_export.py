@@ -53,7 +53,7 @@ from .flux_specs import (
     streamed_transformer_spec,
     transformer_spec,
 )
-from .lora_slots import SlotPlan, check_slots, slot_components, slots_record
+from .lora_slots import SlotPlan, check_slots, slot_components, slots_record, slotted_gate, slotted_streamed
 from .onnx_export import check_parity, export_component, parity_line
 from .sd3_export import Streamed, component_config, to_stream
 from .sd3_gate import T5_BLOCKS, load_reduced, mapped_weights, t5_blocks
@@ -252,7 +252,8 @@ def export_flux(
     if opset < MIN_OPSET:
         raise InputError(f"opset {opset} is too old; sdrt exports opset {MIN_OPSET} or newer (e.g. --opset 17)")
     p, mods = model.preset, model.modules
-    patterns = check_slots(family_named(p.family), lora_slots, model.streamed, block_cache)
+    patterns = check_slots(family_named(p.family), lora_slots, block_cache)
+    slots = None if lora_slots is None else (lora_slots, patterns)
     f = 2 ** (len(mods.vae.config.block_out_channels) - 1)
     tr_cfg = model.streamed["transformer"].config if "transformer" in model.streamed else dict(mods.transformer.config)
     if block_cache and int(tr_cfg["num_layers"]) + int(tr_cfg["num_single_layers"]) < 2:
@@ -275,6 +276,8 @@ def export_flux(
         for name, st in model.streamed.items():
             jobs = [(name, streamed_t5(st.config, p.t5_tokens))] if name != "transformer" else \
                 [("transformer", streamed_transformer_spec(st.config, p.t5_tokens, block_cache))]
+            if name == "transformer" and lora_slots is not None:
+                jobs = [(kind, slotted_streamed(sspec, lora_slots, patterns)) for kind, sspec in jobs]
             if name == "transformer" and block_cache:
                 jobs.append(("cached", streamed_cached_spec(st.config, p.t5_tokens)))
             for kind, sspec in jobs:
@@ -282,7 +285,7 @@ def export_flux(
                 progress(f"{sspec.name} is streamed ({st.kind} weights, one tensor at a time)")
                 comp = export_streamed(sspec, st.weights, "fp32", tmp / folder, progress=progress)
                 par = gate_streamed(kind, st.config, st.weights, p.t5_tokens, parity_shape, progress,
-                                    block_cache=block_cache)
+                                    block_cache=block_cache, slots=slots if kind == "transformer" else None)
                 progress(f"{sspec.name}: {parity_line(par, comp.precision)} ({par.reference})")
                 done[sspec.name] = replace(comp, parity=par)
         order = ["text_encoder", T5_NAME, "unet", SHALLOW_UNET, "vae_decoder", "vae_encoder"]
@@ -319,13 +322,15 @@ SINGLE_BLOCKS = re.compile(r"^single_transformer_blocks\.(\d+)\.")
 
 def gate_streamed(kind: str, config: dict[str, Any], weights: WeightSource, tokens: int,
                   parity_shape: tuple[int, int, int], progress: Callable[[str], None] = lambda m: None,
-                  block_cache: bool = False) -> Parity:
+                  block_cache: bool = False, slots: tuple[SlotPlan, tuple[str, ...]] | None = None) -> Parity:
     """The parity gate of a streamed component on a reduced-depth copy at full width, exported through the same
     streamed path: the ``transformer``'s first double-stream and last single-stream blocks (``block_cache``: with
     first-block caching's residual outputs; the ``cached`` step on the same copy), T5's (``text_encoder_2``) first
     and last blocks, each with the checkpoint's own weights; compared with the same copy in PyTorch (fp32,
     onnxruntime CPU). Raises ParityError past the bound, as every gate. The cached step runs only the first double
-    block, which the reduced copy keeps as its own first: its gate is exact in depth."""
+    block, which the reduced copy keeps as its own first: its gate is exact in depth. ``slots``: the transformer's
+    LoRA slots (the plan and the family's targets), on the reduced copy's layers alike, gated with random
+    factors."""
     from diffusers import FluxTransformer2DModel
     from transformers import T5Config, T5EncoderModel
 
@@ -350,6 +355,8 @@ def gate_streamed(kind: str, config: dict[str, Any], weights: WeightSource, toke
     module = load_reduced(module, source, sspec.name)
     cspec = (cached_spec(module, tokens) if kind == "cached" else transformer_spec(module, tokens, block_cache)
              if kind == "transformer" else t5_spec(module, tokens, name=T5_NAME))
+    if slots is not None:
+        sspec, cspec = slotted_gate(sspec, cspec, module, *slots)
     with tempfile.TemporaryDirectory(prefix="sdrt-gate-") as tmp:
         comp = export_streamed(sspec, source, "fp32", Path(tmp) / sspec.name)
         par = check_parity(copy.copy(cspec), comp.precision, Path(tmp) / sspec.name / "model.onnx", parity_shape)

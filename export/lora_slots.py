@@ -26,6 +26,7 @@ import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,7 @@ from sdrt.runtime.families import Family
 from sdrt.runtime.lora_adapters import LORA_PREFIX, slot_input
 
 from .onnx_export import ComponentSpec
+from .streamed import StreamedSpec
 
 _ATTN = ("to_q", "to_k", "to_v", "to_out.0")
 _FF = ("ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")
@@ -233,6 +235,43 @@ def slot_components(specs: Sequence[ComponentSpec], plan: SlotPlan, patterns: Se
     return out, inert
 
 
+def slotted_streamed(spec: StreamedSpec, plan: SlotPlan, patterns: Sequence[str]) -> StreamedSpec:
+    """A streamed denoiser (export/streamed.py: built and traced in fake mode) whose targeted layers take LoRA
+    factors as inputs after its own, as ``slot_components`` gives an in-memory one: the layers found by name in
+    the module the wrapper runs (``spec.prefix`` names it), the factors static inputs of the traced graph."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    inner_prefix = spec.prefix.rstrip(".")
+
+    def layers_of(wrapper: torch.nn.Module) -> list[tuple[str, Layer]]:
+        return _in_wrapper(wrapper, slot_layers(wrapper.get_submodule(inner_prefix), plan, patterns=patterns))
+
+    with FakeTensorMode():
+        io = slot_inputs(layers_of(spec.build()), plan.rank)  # shapes only: nothing is allocated
+
+    def build() -> torch.nn.Module:
+        wrapper = spec.build()
+        return Slotted(wrapper, layers_of(wrapper))
+
+    def example() -> tuple[torch.Tensor, ...]:
+        return (*spec.example(), *(torch.zeros(*(int(d) for d in shape)) for _, _, shape in io))
+
+    def dynamic() -> dict[str, Any]:
+        dims = spec.dynamic()  # by the wrapper's argument names; Slotted takes them all as *args
+        return {"args": (*(dims.get(n) for n, _, _ in spec.inputs), *(None for _ in io))}
+
+    return replace(spec, build=build, prefix=f"inner.{spec.prefix}", inputs=[*spec.inputs, *io], example=example,
+                   dynamic=dynamic)
+
+
+def slotted_gate(sspec: StreamedSpec, cspec: ComponentSpec, module: torch.nn.Module, plan: SlotPlan,
+                 patterns: Sequence[str]) -> tuple[StreamedSpec, ComponentSpec]:
+    """A streamed denoiser's reduced-depth gate with the same slots on both sides: the streamed graph and the
+    in-memory copy ``module`` it is compared with (random factors)."""
+    layers = _in_wrapper(cspec.module, slot_layers(module, plan, patterns=patterns))
+    return slotted_streamed(sspec, plan, patterns), slotted(cspec, layers, plan.rank)
+
+
 def _in_wrapper(wrapper: torch.nn.Module, layers: list[tuple[str, Layer]]) -> list[tuple[str, Layer]]:
     """``layers`` (named as in the denoiser) as the modules ``wrapper`` runs: a wrapper may run a copy of the
     denoiser (FLUX.1's, with explicit RMS norms for the TorchScript exporter), whose layers must carry the slots."""
@@ -258,21 +297,14 @@ def _suffixes(name: str) -> list[str]:
     return [".".join(parts[i:]) for i in range(len(parts))]
 
 
-def check_slots(family: Family, plan: SlotPlan | None, streamed: Mapping[str, object],
-                block_cache: bool) -> tuple[str, ...]:
+def check_slots(family: Family, plan: SlotPlan | None, block_cache: bool) -> tuple[str, ...]:
     """A transformer family's export with ``plan``'s slots, checked before any work: the family's targets for the
-    denoiser (its ``lora_targets``; empty without a plan). Refused: a target set the family has not, a streamed
-    transformer (its slots are not built yet) and first-block caching beside slots (its cached step has none
-    yet)."""
+    denoiser (its ``lora_targets``; empty without a plan). Refused: a target set the family has not, and
+    first-block caching beside slots (its cached step has none yet)."""
     if plan is None:
         return ()
     patterns = family.lora_targets(plan.targets)
     assert patterns is not None, f"the {family.label} family declares no LoRA targets for its transformer"
-    if "transformer" in streamed:
-        raise InputError(f"--lora-slots: this {family.label} transformer is streamed (too large to hold in memory "
-                         "for the export), and slots for a streamed transformer are not built yet; merge the LoRA "
-                         "at export instead (`sdrt export --lora FILE:SCALE`), or export in memory (load_*(..., "
-                         "stream=False)) on a machine with the room")
     if block_cache:
         raise InputError("--lora-slots with --feature-cache: first-block caching's cached step has no LoRA slots yet "
                          "for this family; export with one of them")
@@ -287,4 +319,5 @@ def slots_record(plan: SlotPlan | None, inert: Mapping[str, list[str]]) -> dict[
 
 
 __all__ = ["CONV_TARGETS", "LORA_PREFIX", "RANK_MAX", "TARGETS", "TEXT_TARGETS", "Layer", "SlotPlan", "Slotted",
-           "check_slots", "slot_components", "slot_example", "slot_inputs", "slot_layers", "slots_record", "slotted", "split_inert"]
+           "check_slots", "slot_components", "slot_example", "slot_inputs", "slot_layers", "slots_record", "slotted",
+           "slotted_gate", "slotted_streamed", "split_inert"]

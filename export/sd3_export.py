@@ -28,7 +28,7 @@ from sdrt.runtime.manifest import MANIFEST_NAME, ExportManifest, ShapeLimits, ex
 
 from .block_cache import DENOISER_FOLDER, FOLDERS
 from .exporter import EXPORT_KIND, MIN_OPSET, TEXT_LEN, check_export_dir, tool_versions
-from .lora_slots import SlotPlan, check_slots, slot_components, slots_record
+from .lora_slots import SlotPlan, check_slots, slot_components, slots_record, slotted_streamed
 from .onnx_export import export_component, parity_line
 from .sd3_gate import gate_streamed
 from .sd3_presets import SD3_PRESETS, Sd3Modules, Sd3Preset, build_modules, get_sd3_preset
@@ -292,7 +292,8 @@ def export_sd3(
     p = model.preset
     mods = model.modules
     streamed = dict(model.streamed)
-    patterns = check_slots(family_named(p.family), lora_slots, streamed, block_cache)
+    patterns = check_slots(family_named(p.family), lora_slots, block_cache)
+    slots = None if lora_slots is None else (lora_slots, patterns)
     if without_t5:
         mods = replace(mods, text_encoders=(mods.text_encoders[0], mods.text_encoders[1], None))
         streamed.pop("text_encoder_3", None)
@@ -319,6 +320,8 @@ def export_sd3(
             tokens = TEXT_LEN + p.t5_tokens if name == "transformer" else p.t5_tokens
             jobs = [(name, streamed_t5_spec(st.config, tokens))] if name != "transformer" else \
                 [("transformer", streamed_transformer_spec(st.config, tokens, block_cache))]
+            if name == "transformer" and lora_slots is not None:
+                jobs = [(kind, slotted_streamed(sspec, lora_slots, patterns)) for kind, sspec in jobs]
             if name == "transformer" and block_cache:
                 jobs.append(("cached", streamed_cached_spec(st.config, tokens)))
             for kind, sspec in jobs:
@@ -326,7 +329,7 @@ def export_sd3(
                 progress(f"{sspec.name} is streamed ({st.kind} weights, one tensor at a time)")
                 comp = export_streamed(sspec, st.weights, precision, tmp / folder, progress=progress)
                 par = gate_streamed(kind, st.config, st.weights, precision, tokens, parity_shape, progress,
-                                    block_cache=block_cache)
+                                    block_cache=block_cache, slots=slots if kind == "transformer" else None)
                 progress(f"{sspec.name}: {parity_line(par, comp.precision)} ({par.reference})")
                 done[sspec.name] = replace(comp, parity=par)
         order = [*ENCODERS, "unet", SHALLOW_UNET, "vae_decoder", "vae_encoder"]

@@ -223,8 +223,8 @@ def adapter_factors(slots: Mapping[str, Mapping[str, Slot]], adapters: Sequence[
             raise InputError(
                 f"LoRA {adapter.name!r} adapts {len(missing)} layer(s) this export has no slot for "
                 f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): its slots are {where}.{none} "
-                f"Re-export with `--lora-slots RANK:attn-ff` if it adapts feed-forward layers, {conv or 'or '}"
-                "merge this LoRA at export (`sdrt export --lora`)")
+                f"Re-export with `--lora-slots RANK:attn-ff` if it adapts feed-forward layers, {conv}or merge this "
+                "LoRA at export (`sdrt export --lora`)")
     return {c: _component_feeds(s, {mod: p for (comp, mod), p in parts.items() if comp == c}, dtype)
             for c, s in slots.items()}
 

@@ -335,8 +335,8 @@ def test_sd3_refusals_name_the_problem(slotted, tmp_path: Path) -> None:
         pipe(PROMPT, steps=1, loras=[(other, 1.0)])
     with pytest.raises(InputError, match="transformer blocks hold no convolutions; use attn or attn-ff"):
         family_named("sd3").lora_targets(SlotPlan.parse("8:attn-ff-conv").targets)
-    with pytest.raises(InputError, match="slots for a streamed transformer are not built yet.*--lora FILE:SCALE"):
-        export_sd3(load_sd3(random_preset=SD3, stream=True), tmp_path / "out", lora_slots=SlotPlan.parse("8"))
+    with pytest.raises(InputError, match="first-block caching's cached step has no LoRA slots yet"):
+        export_sd3(load_sd3(random_preset=SD3), tmp_path / "out", lora_slots=SlotPlan.parse("8"), block_cache=True)
     assert not (tmp_path / "out").exists()
 
 
@@ -397,7 +397,7 @@ def _unpad(sd: dict[str, Any], width: int) -> dict[str, Any]:
     return out
 
 
-def _flux_reference(folder: Path, loras: list[tuple[Any, float]] = ()) -> np.ndarray:
+def _flux_reference(folder: Path, loras: list[tuple[Any, float]] = (), modules: Any = None) -> np.ndarray:
     """diffusers' FluxPipeline over fresh seeded modules with ``loras`` (files, or converted state dicts) loaded at
     their scales (``set_adapters``)."""
     from diffusers import FluxPipeline
@@ -406,7 +406,7 @@ def _flux_reference(folder: Path, loras: list[tuple[Any, float]] = ()) -> np.nda
 
     from sdrt.export.flux_presets import get_flux_preset
 
-    m = _modules("flux")
+    m = _modules("flux") if modules is None else modules  # (a streamed model's weights, held)
     pipe = FluxPipeline(transformer=m.transformer, vae=m.vae,
                         scheduler=FlowMatchEulerDiscreteScheduler.from_config(get_flux_preset(FLUX).scheduler),
                         text_encoder=m.clip, tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
@@ -448,6 +448,22 @@ def test_flux_peft_and_kohya_stacked_match_diffusers(slotted, tmp_path: Path) ->
     _close(_sdrt(folder, [(a, 0.9)], "flux"), _flux_reference(folder, [(a, 0.9)]), "FLUX.1 PEFT LoRA")
     _close(_sdrt(folder, [(a, 0.9), (b, -0.6)], "flux"), _flux_reference(folder, [(a, 0.9), (_converted(padded), -0.6)]),
            "FLUX.1 PEFT + kohya LoRAs stacked")
+
+
+@pytest.mark.slow  # a streamed export and its reduced-depth gate: over 1 min on 2 busy cores
+def test_flux_slots_on_a_streamed_transformer(tmp_path: Path) -> None:
+    """A streamed FLUX.1 transformer with slots, gated on its reduced-depth copy with random factors: a kohya file
+    per request against diffusers over the same synthetic weights, held."""
+    from sdrt.export.flux_export import export_flux, load_flux
+    from sdrt.export.lora_slots import SlotPlan
+
+    path, padded = flux_kohya_lora(tmp_path / "k.safetensors", seed=23, rank=4, alpha=2.0, layout="kohya")
+    model = load_flux(random_preset=FLUX, stream=True)
+    base = copy.deepcopy(model.held())
+    out = tmp_path / "streamed"
+    export_flux(model, out, lora_slots=SlotPlan.parse(SLOTS))
+    _close(_sdrt(out, [(path, 0.8)], "flux"), _flux_reference(out, [(_converted(padded), 0.8)], modules=base),
+           "FLUX.1 streamed slots")
 
 
 def test_flux_slotted_export_without_lora_is_the_plain_model(slotted) -> None:
@@ -525,6 +541,25 @@ def test_sd3_merged_into_a_streamed_transformer(tmp_path: Path) -> None:
 
     with pytest.raises(CompatibilityError, match="adapts unet, which this export holds without a refit map"):
         refit_folder(out, RefitRequest(loras=(LoraSpec(a, 1.0),)), out=tmp_path / "refit")
+
+
+@pytest.mark.slow  # a streamed export and its reduced-depth gate: about 1.5 min on 2 busy cores
+def test_sd3_slots_on_a_streamed_transformer(tmp_path: Path) -> None:
+    """A streamed transformer (a full-size model's way, traced in fake mode) takes the slots too, gated on its
+    reduced-depth copy with random factors: a PEFT file per request against diffusers over the same synthetic
+    weights, held."""
+    from sdrt.export.lora_slots import SlotPlan
+    from sdrt.export.sd3_export import export_sd3, load_sd3
+    from sdrt.runtime.manifest import ExportManifest
+
+    a = peft_lora(tmp_path, "sd3", seed=22, rank=3, alpha=6.0)
+    model = load_sd3(random_preset=SD3, stream=True)
+    base = copy.deepcopy(model.held(t5=False))
+    out = tmp_path / "streamed"
+    export_sd3(model, out, fp16=False, without_t5=True, lora_slots=SlotPlan.parse(SLOTS))
+    unet = ExportManifest.read(out).components["unet"]
+    assert unet.parity is not None and "reduced depth" in unet.parity.reference
+    _close(_sdrt(out, [(a, 0.8)], "sd3"), _sd3_reference(out, [(a, 0.8)], modules=base), "SD 3 streamed slots")
 
 
 def test_flux_merged_export_matches_diffusers_fused(tmp_path: Path) -> None:

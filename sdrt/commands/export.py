@@ -46,10 +46,11 @@ def register(p: argparse.ArgumentParser) -> None:
                         "models (generate --cache deepcache), the first-block cached step for SD 3 / 3.5 and "
                         "FLUX.1 (generate --cache first-block)")
     p.add_argument("--lora-slots", default=None, metavar="RANK[:TARGETS]",
-                   help="let calls carry LoRAs without re-export: the UNet's attention layers (TARGETS attn, the "
-                        "default; attn-ff adds the feed-forward layers; attn-ff-conv also the ResNet and sampler "
-                        "convolutions, for LoCon) take low-rank factors as inputs, up to RANK per layer (the ranks "
-                        "of a call's LoRAs summed), e.g. 32, 64:attn-ff or 32:attn-ff-conv")
+                   help="let calls carry LoRAs without re-export: the denoiser's attention layers (TARGETS attn, "
+                        "the default; attn-ff adds the feed-forward layers, for SD 3 / FLUX.1 every linear layer of "
+                        "the transformer blocks; attn-ff-conv, UNets only, also the ResNet and sampler "
+                        "convolutions, for LoCon) and the CLIP encoders' take low-rank factors as inputs, up to "
+                        "RANK per layer (the ranks of a call's LoRAs summed), e.g. 32, 64:attn-ff or 32:attn-ff-conv")
     p.add_argument("--without-t5", action="store_true",
                    help="SD 3 / 3.5: leave the T5-XXL encoder out (diffusers' text_encoder_3=None: zeros in its "
                         "place); much lighter, weaker prompt following")
