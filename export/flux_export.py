@@ -252,7 +252,7 @@ def export_flux(
     if opset < MIN_OPSET:
         raise InputError(f"opset {opset} is too old; sdrt exports opset {MIN_OPSET} or newer (e.g. --opset 17)")
     p, mods = model.preset, model.modules
-    patterns = check_slots(family_named(p.family), lora_slots, block_cache)
+    patterns = check_slots(family_named(p.family), lora_slots)
     slots = None if lora_slots is None else (lora_slots, patterns)
     f = 2 ** (len(mods.vae.config.block_out_channels) - 1)
     tr_cfg = model.streamed["transformer"].config if "transformer" in model.streamed else dict(mods.transformer.config)
@@ -276,16 +276,16 @@ def export_flux(
         for name, st in model.streamed.items():
             jobs = [(name, streamed_t5(st.config, p.t5_tokens))] if name != "transformer" else \
                 [("transformer", streamed_transformer_spec(st.config, p.t5_tokens, block_cache))]
-            if name == "transformer" and lora_slots is not None:
-                jobs = [(kind, slotted_streamed(sspec, lora_slots, patterns)) for kind, sspec in jobs]
             if name == "transformer" and block_cache:
                 jobs.append(("cached", streamed_cached_spec(st.config, p.t5_tokens)))
+            if name == "transformer" and lora_slots is not None:
+                jobs = [(kind, slotted_streamed(sspec, lora_slots, patterns)) for kind, sspec in jobs]
             for kind, sspec in jobs:
                 folder = FOLDERS.get(sspec.name, sspec.name)
                 progress(f"{sspec.name} is streamed ({st.kind} weights, one tensor at a time)")
                 comp = export_streamed(sspec, st.weights, "fp32", tmp / folder, progress=progress)
                 par = gate_streamed(kind, st.config, st.weights, p.t5_tokens, parity_shape, progress,
-                                    block_cache=block_cache, slots=slots if kind == "transformer" else None)
+                                    block_cache=block_cache, slots=slots if kind in ("transformer", "cached") else None)
                 progress(f"{sspec.name}: {parity_line(par, comp.precision)} ({par.reference})")
                 done[sspec.name] = replace(comp, parity=par)
         order = ["text_encoder", T5_NAME, "unet", SHALLOW_UNET, "vae_decoder", "vae_encoder"]

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from sdrt.runtime.errors import InputError
 from sdrt.runtime.families import Family
+from sdrt.runtime.feature_cache import SHALLOW_UNET
 from sdrt.runtime.lora_adapters import LORA_PREFIX, slot_input
 
 from .onnx_export import ComponentSpec
@@ -231,6 +232,12 @@ def slot_components(specs: Sequence[ComponentSpec], plan: SlotPlan, patterns: Se
         elif spec.name == "unet":
             layers = slot_layers(spec.weights, plan, patterns=patterns)
             spec = slotted(spec, _in_wrapper(spec.module, layers), plan.rank)
+        elif spec.name == SHALLOW_UNET:
+            # first-block caching's cached step: the slotted layers it runs (its first block's), under the
+            # denoiser's input names, so the loop feeds it the call's factors as it feeds the denoiser
+            layers = _in_wrapper(spec.module, slot_layers(spec.weights, plan, patterns=patterns))
+            used, _ = split_inert(spec.module, spec.example(torch.Generator().manual_seed(0), 1, 8, 8), layers)
+            spec = slotted(spec, used, plan.rank)
         out.append(spec)
     return out, inert
 
@@ -268,8 +275,11 @@ def slotted_gate(sspec: StreamedSpec, cspec: ComponentSpec, module: torch.nn.Mod
                  patterns: Sequence[str]) -> tuple[StreamedSpec, ComponentSpec]:
     """A streamed denoiser's reduced-depth gate with the same slots on both sides: the streamed graph and the
     in-memory copy ``module`` it is compared with (random factors)."""
-    layers = _in_wrapper(cspec.module, slot_layers(module, plan, patterns=patterns))
-    return slotted_streamed(sspec, plan, patterns), slotted(cspec, layers, plan.rank)
+    streamed = slotted_streamed(sspec, plan, patterns)
+    inputs = {n for n, _, _ in streamed.inputs}  # a cached step's: its first block's layers alone
+    layers = [(n, m) for n, m in _in_wrapper(cspec.module, slot_layers(module, plan, patterns=patterns))
+              if slot_input(n, "down") in inputs]
+    return streamed, slotted(cspec, layers, plan.rank)
 
 
 def _in_wrapper(wrapper: torch.nn.Module, layers: list[tuple[str, Layer]]) -> list[tuple[str, Layer]]:
@@ -297,17 +307,13 @@ def _suffixes(name: str) -> list[str]:
     return [".".join(parts[i:]) for i in range(len(parts))]
 
 
-def check_slots(family: Family, plan: SlotPlan | None, block_cache: bool) -> tuple[str, ...]:
+def check_slots(family: Family, plan: SlotPlan | None) -> tuple[str, ...]:
     """A transformer family's export with ``plan``'s slots, checked before any work: the family's targets for the
-    denoiser (its ``lora_targets``; empty without a plan). Refused: a target set the family has not, and
-    first-block caching beside slots (its cached step has none yet)."""
+    denoiser (its ``lora_targets``; empty without a plan). Refused: a target set the family has not."""
     if plan is None:
         return ()
     patterns = family.lora_targets(plan.targets)
     assert patterns is not None, f"the {family.label} family declares no LoRA targets for its transformer"
-    if block_cache:
-        raise InputError("--lora-slots with --feature-cache: first-block caching's cached step has no LoRA slots yet "
-                         "for this family; export with one of them")
     return tuple(patterns)
 
 

@@ -292,7 +292,7 @@ def export_sd3(
     p = model.preset
     mods = model.modules
     streamed = dict(model.streamed)
-    patterns = check_slots(family_named(p.family), lora_slots, block_cache)
+    patterns = check_slots(family_named(p.family), lora_slots)
     slots = None if lora_slots is None else (lora_slots, patterns)
     if without_t5:
         mods = replace(mods, text_encoders=(mods.text_encoders[0], mods.text_encoders[1], None))
@@ -320,16 +320,16 @@ def export_sd3(
             tokens = TEXT_LEN + p.t5_tokens if name == "transformer" else p.t5_tokens
             jobs = [(name, streamed_t5_spec(st.config, tokens))] if name != "transformer" else \
                 [("transformer", streamed_transformer_spec(st.config, tokens, block_cache))]
-            if name == "transformer" and lora_slots is not None:
-                jobs = [(kind, slotted_streamed(sspec, lora_slots, patterns)) for kind, sspec in jobs]
             if name == "transformer" and block_cache:
                 jobs.append(("cached", streamed_cached_spec(st.config, tokens)))
+            if name == "transformer" and lora_slots is not None:
+                jobs = [(kind, slotted_streamed(sspec, lora_slots, patterns)) for kind, sspec in jobs]
             for kind, sspec in jobs:
                 folder = FOLDERS.get(sspec.name, sspec.name)
                 progress(f"{sspec.name} is streamed ({st.kind} weights, one tensor at a time)")
                 comp = export_streamed(sspec, st.weights, precision, tmp / folder, progress=progress)
                 par = gate_streamed(kind, st.config, st.weights, precision, tokens, parity_shape, progress,
-                                    block_cache=block_cache, slots=slots if kind == "transformer" else None)
+                                    block_cache=block_cache, slots=slots if kind in ("transformer", "cached") else None)
                 progress(f"{sspec.name}: {parity_line(par, comp.precision)} ({par.reference})")
                 done[sspec.name] = replace(comp, parity=par)
         order = [*ENCODERS, "unet", SHALLOW_UNET, "vae_decoder", "vae_encoder"]

@@ -335,8 +335,8 @@ def test_sd3_refusals_name_the_problem(slotted, tmp_path: Path) -> None:
         pipe(PROMPT, steps=1, loras=[(other, 1.0)])
     with pytest.raises(InputError, match="transformer blocks hold no convolutions; use attn or attn-ff"):
         family_named("sd3").lora_targets(SlotPlan.parse("8:attn-ff-conv").targets)
-    with pytest.raises(InputError, match="first-block caching's cached step has no LoRA slots yet"):
-        export_sd3(load_sd3(random_preset=SD3), tmp_path / "out", lora_slots=SlotPlan.parse("8"), block_cache=True)
+    with pytest.raises(InputError, match="transformer blocks hold no convolutions"):
+        export_sd3(load_sd3(random_preset=SD3), tmp_path / "out", lora_slots=SlotPlan.parse("8:attn-ff-conv"))
     assert not (tmp_path / "out").exists()
 
 
@@ -401,6 +401,19 @@ def _flux_reference(folder: Path, loras: list[tuple[Any, float]] = (), modules: 
     """diffusers' FluxPipeline over fresh seeded modules with ``loras`` (files, or converted state dicts) loaded at
     their scales (``set_adapters``)."""
     from diffusers import FluxPipeline
+
+    pipe = _flux_pipe(folder, loras, modules)
+    b, c, h, w = 1, 16, 8, 12
+    packed = FluxPipeline._pack_latents(torch.from_numpy(_latents(16)), b, c, h, w)
+    with torch.no_grad():
+        out = pipe(PROMPT, height=FLUX_KW["height"], width=FLUX_KW["width"], num_inference_steps=FLUX_KW["steps"],
+                   guidance_scale=FLUX_KW["guidance_scale"], latents=packed, output_type="np").images
+    return (out[0] * 255).round().astype(np.int32)
+
+
+def _flux_pipe(folder: Path, loras: list[tuple[Any, float]] = (), modules: Any = None) -> Any:
+    """diffusers' FluxPipeline over fresh seeded modules (or ``modules``) with ``loras`` loaded at their scales."""
+    from diffusers import FluxPipeline
     from diffusers.schedulers import FlowMatchEulerDiscreteScheduler
     from transformers import CLIPTokenizer, T5TokenizerFast
 
@@ -411,13 +424,9 @@ def _flux_reference(folder: Path, loras: list[tuple[Any, float]] = (), modules: 
                         scheduler=FlowMatchEulerDiscreteScheduler.from_config(get_flux_preset(FLUX).scheduler),
                         text_encoder=m.clip, tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
                         text_encoder_2=m.t5, tokenizer_2=T5TokenizerFast.from_pretrained(folder / "tokenizer_2"))
+    pipe.set_progress_bar_config(disable=True)
     _load(pipe, list(loras))
-    b, c, h, w = 1, 16, 8, 12
-    packed = FluxPipeline._pack_latents(torch.from_numpy(_latents(16)), b, c, h, w)
-    with torch.no_grad():
-        out = pipe(PROMPT, height=FLUX_KW["height"], width=FLUX_KW["width"], num_inference_steps=FLUX_KW["steps"],
-                   guidance_scale=FLUX_KW["guidance_scale"], latents=packed, output_type="np").images
-    return (out[0] * 255).round().astype(np.int32)
+    return pipe
 
 
 def _converted(padded: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -450,6 +459,38 @@ def test_flux_peft_and_kohya_stacked_match_diffusers(slotted, tmp_path: Path) ->
            "FLUX.1 PEFT + kohya LoRAs stacked")
 
 
+def test_flux_first_block_cache_with_a_lora_matches_diffusers(tmp_path: Path) -> None:
+    """First-block caching (``--feature-cache``) beside slots: the cached step runs the first block with the call's
+    factors, so a fixed schedule with a LoRA gives diffusers' image with the file loaded and its first-block cache
+    hooks deciding by the same schedule."""
+    from diffusers import FluxPipeline
+    from diffusers.hooks import FirstBlockCacheConfig, HookRegistry
+
+    from sdrt.export.flux_export import export_flux, load_flux
+    from sdrt.export.lora_slots import SlotPlan
+    from sdrt.runtime.feature_cache import CachePolicy
+
+    out = tmp_path / "fbc"
+    export_flux(load_flux(random_preset=FLUX), out, lora_slots=SlotPlan.parse(SLOTS), block_cache=True)
+    a = peft_lora(tmp_path, "flux", seed=24, rank=3)
+    policy, steps = CachePolicy("first-block", interval=2), 6
+    pipe = _flux_pipe(out, [(a, 0.8)])
+    pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.0))
+    head = HookRegistry.check_if_exists_or_initialize(pipe.transformer.transformer_blocks[0]).get_hook(
+        "fbc_leader_block_hook")
+    plan = iter(policy.full_steps(steps))
+    head._should_compute_remaining_blocks = lambda residual: bool(next(plan))
+    packed = FluxPipeline._pack_latents(torch.from_numpy(_latents(16)), 1, 16, 8, 12)
+    with torch.no_grad():
+        want = pipe(PROMPT, height=64, width=96, num_inference_steps=steps, guidance_scale=3.5, latents=packed,
+                    output_type="np").images
+    want = (want[0] * 255).round().astype(np.int32)
+    res = shared_pipeline(out)(PROMPT, height=64, width=96, steps=steps, guidance_scale=3.5, latents=_latents(16),
+                               loras=[(a, 0.8)], cache="first-block", cache_interval=2)
+    assert "3 of 6 steps ran the full transformer" in res.loop, res.loop
+    _close(np.asarray(res.images[0]).astype(np.int32), want, "FLUX.1 first-block cache with a LoRA")
+
+
 @pytest.mark.slow  # a streamed export and its reduced-depth gate: over 1 min on 2 busy cores
 def test_flux_slots_on_a_streamed_transformer(tmp_path: Path) -> None:
     """A streamed FLUX.1 transformer with slots, gated on its reduced-depth copy with random factors: a kohya file
@@ -461,9 +502,18 @@ def test_flux_slots_on_a_streamed_transformer(tmp_path: Path) -> None:
     model = load_flux(random_preset=FLUX, stream=True)
     base = copy.deepcopy(model.held())
     out = tmp_path / "streamed"
-    export_flux(model, out, lora_slots=SlotPlan.parse(SLOTS))
+    export_flux(model, out, lora_slots=SlotPlan.parse(SLOTS), block_cache=True)  # the cached step slotted too
     _close(_sdrt(out, [(path, 0.8)], "flux"), _flux_reference(out, [(_converted(padded), 0.8)], modules=base),
            "FLUX.1 streamed slots")
+    from sdrt.runtime.lora_adapters import slots_of
+    from sdrt.runtime.manifest import ExportManifest
+
+    cached = ExportManifest.read(out).components["unet_shallow"]
+    assert cached.parity is not None and slots_of({i.name: i for i in cached.inputs})
+    # the loop feeds the cached step the call's factors (its gate checked them against PyTorch)
+    run = shared_pipeline(out)(PROMPT, latents=_latents(16), loras=[(path, 0.8)], cache="first-block",
+                               cache_interval=2, **FLUX_KW)
+    assert "of 3 steps ran the full transformer" in run.loop
 
 
 def test_flux_slotted_export_without_lora_is_the_plain_model(slotted) -> None:
