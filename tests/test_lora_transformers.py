@@ -47,7 +47,8 @@ TEXT = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 
 @pytest.fixture(scope="module")
 def slotted(tmp_path_factory: pytest.TempPathFactory, export_cache: dict[tuple[str, str], Path]):
-    """slotted(family) -> an export of the family's tiny preset (seed 0, fp32; SD 3 without T5) with slots."""
+    """slotted(family) -> an export of the family's tiny preset (seed 0, fp32; SD 3 without T5, with first-block
+    caching's cached step) with slots."""
 
     def get(family: str) -> Path:
         key = (f"{family}-lora-slots-{SLOTS}", "fp32")
@@ -59,7 +60,7 @@ def slotted(tmp_path_factory: pytest.TempPathFactory, export_cache: dict[tuple[s
                 from sdrt.export.sd3_export import export_sd3, load_sd3
 
                 export_sd3(load_sd3(random_preset=SD3), out, fp16=False, without_t5=True,
-                           lora_slots=SlotPlan.parse(SLOTS))
+                           lora_slots=SlotPlan.parse(SLOTS), block_cache=True)  # the cached step slotted too
             else:
                 from sdrt.export.flux_export import export_flux, load_flux
 
@@ -300,6 +301,28 @@ def test_sd3_kohya_lora_matches_diffusers_single_file_converter(slotted, tmp_pat
 def test_sd3_slotted_export_without_lora_is_the_plain_model(slotted) -> None:
     folder = slotted("sd3")
     _close(_sdrt(folder, None, "sd3"), _sd3_reference(folder), "SD 3 slotted, no LoRA")
+
+
+def test_sd3_cached_step_takes_the_slots_of_its_first_block(slotted, tmp_path: Path) -> None:
+    """First-block caching's cached step has slots for the layers it runs (its first block's: gated against
+    PyTorch with random factors at export), and a cached call with a LoRA feeds them."""
+    from sdrt.runtime.lora_adapters import slots_of
+    from sdrt.runtime.manifest import ExportManifest
+
+    folder = slotted("sd3")
+    man = ExportManifest.read(folder)
+    cached = slots_of({i.name: i for i in man.components["unet_shallow"].inputs})
+    full = slots_of({i.name: i for i in man.components["unet"].inputs})
+    assert cached and set(cached) < set(full) and all(k.startswith("transformer_blocks.0.") for k in cached)
+    par = man.components["unet_shallow"].parity
+    assert par is not None and par.rel_err <= par.bound
+    a = peft_lora(tmp_path, "sd3", seed=25, rank=2)
+    kw = {**SD3_KW, "steps": 4, "negative_prompt": "blurry"}
+    pipe = shared_pipeline(folder)
+    cached_run = pipe(PROMPT, latents=_latents(16), loras=[(a, 0.8)], cache="first-block", cache_interval=2, **kw)
+    assert "2 of 4 steps ran the full transformer" in cached_run.loop
+    plain = pipe(PROMPT, latents=_latents(16), cache="first-block", cache_interval=2, **kw)
+    assert np.abs(np.asarray(cached_run.images[0]).astype(int) - np.asarray(plain.images[0]).astype(int)).max() > 3
 
 
 def test_sd3_refusals_name_the_problem(slotted, tmp_path: Path) -> None:
