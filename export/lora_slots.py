@@ -18,6 +18,13 @@ blocks' ``conv1``, ``conv2``, ``conv_shortcut`` and their linear ``time_emb_proj
 get slots too, where LoRAs that train them adapt them: every attention's ``q_proj``, ``k_proj``, ``v_proj``,
 ``out_proj`` (and with ``attn-ff`` or ``attn-ff-conv`` the MLP's ``fc1``, ``fc2``, kohya's text-encoder targets).
 The UNet's ``conv_in`` / ``conv_out`` and grouped convolutions have no slot.
+
+SD 3 / 3.5 and FLUX.1 (``slot_components``): the family declares its transformer's targets
+(``Family.lora_targets``: every attention projection of the blocks, or with ``attn-ff`` every linear layer of the
+blocks; runtime/families/transformer_lora.py), the CLIP encoders take the text targets above, T5 none. The slots
+go on the layers the export wrapper runs (FLUX.1's runs a copy of the transformer), on first-block caching's cached
+step for the layers it runs, and on a streamed transformer (``slotted_streamed``: traced in fake mode with it, its
+reduced-depth gate slotted alike, ``slotted_gate``).
 """
 
 from __future__ import annotations
