@@ -35,7 +35,7 @@ from . import wrappers
 from .controlnet_loading import LoadedControlNet, check_pairing
 from .controlnet_specs import controlnet_specs
 from .loading import LoadedModel
-from .lora_slots import Layer, SlotPlan, Slotted, slot_example, slot_inputs, slot_layers, split_inert
+from .lora_slots import Layer, SlotPlan, Slotted, slot_layers, slotted, split_inert
 from .onnx_export import ComponentSpec, export_component
 
 MIN_OPSET = 17
@@ -58,15 +58,8 @@ def check_clip_skip(model: LoadedModel, clip_skip: int) -> None:
 
 def _slotted(spec: ComponentSpec, layers: list[tuple[str, Layer]], rank: int,
              inert: Sequence[str] = ()) -> ComponentSpec:
-    """``spec`` whose ``layers`` take LoRA factors as inputs after its own (export/lora_slots.py); ``inert``: the
-    targeted layers left without a slot because they do not reach the outputs (recorded in the manifest)."""
-    example = spec.example
-
-    def slotted_example(g: torch.Generator, b: int, h: int, w: int) -> tuple[torch.Tensor, ...]:
-        return (*example(g, b, h, w), *slot_example(layers, rank, g))
-
-    return replace(spec, module=Slotted(spec.module, layers, inert), inputs=[*spec.inputs, *slot_inputs(layers, rank)],
-                   example=slotted_example)
+    """``spec`` whose ``layers`` take LoRA factors as inputs after its own (export/lora_slots.py)."""
+    return slotted(spec, layers, rank, inert)
 
 
 def component_specs(model: LoadedModel, vae_fp32: bool | None = None, clip_skip: int = 0,

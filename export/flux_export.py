@@ -19,7 +19,7 @@ import datetime as _dt
 import json
 import re
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,9 @@ import torch
 
 from sdrt.runtime.atomic import atomic_dir
 from sdrt.runtime.errors import InputError
+from sdrt.runtime.families import family_named
 from sdrt.runtime.feature_cache import SHALLOW_UNET
+from sdrt.runtime.lora_files import LoraSpec, MergeReport
 from sdrt.runtime.manifest import (
     MANIFEST_NAME,
     ExportManifest,
@@ -42,6 +44,7 @@ from .block_cache import DENOISER_FOLDER, FOLDERS
 from .exporter import EXPORT_KIND, MIN_OPSET, TEXT_LEN, check_export_dir, tool_versions
 from .flux_presets import FLUX_PRESETS, FluxModules, FluxPreset, build_modules, get_flux_preset
 from .flux_specs import (
+    CLIP_NAME,
     T5_NAME,
     cached_spec,
     flux_specs,
@@ -50,6 +53,7 @@ from .flux_specs import (
     streamed_transformer_spec,
     transformer_spec,
 )
+from .lora_slots import SlotPlan, check_slots, slot_components, slots_record, slotted_gate, slotted_streamed
 from .onnx_export import check_parity, export_component, parity_line
 from .sd3_export import Streamed, component_config, to_stream
 from .sd3_gate import T5_BLOCKS, load_reduced, mapped_weights, t5_blocks
@@ -118,6 +122,24 @@ def weight_shapes(transformer: dict[str, Any], t5: dict[str, Any]) -> dict[str, 
     """Each streamable component's weight names and shapes, from one build in fake mode (nothing allocated)."""
     return {"transformer": fake_shapes(streamed_transformer_spec(transformer, 8).build, "transformer."),
             T5_NAME: fake_shapes(streamed_t5(t5, 8).build, "encoder.")}
+
+
+def merge_flux_loras(model: LoadedFlux, specs: Sequence[LoraSpec]) -> dict[str, MergeReport]:
+    """``sdrt export --lora``: the LoRAs merged into the transformer and CLIP (in memory; a streamed transformer's
+    weights as they are read: export/lora_merge.py), recorded in ``model.source["loras"]``. T5 is not adapted (its
+    modules are reported unmatched). Returns what matched per component."""
+    from .lora_merge import merge_into
+
+    st = model.streamed.get("transformer")
+    streamed = {} if st is None else {
+        "unet": (st.weights, fake_shapes(streamed_transformer_spec(st.config, 8).build, "transformer."))}
+    fam = family_named(model.preset.family)
+    reports, wrapped, record = merge_into(fam, fam.label, {"unet": model.modules.transformer,
+                                                           "text_encoder": model.modules.clip}, streamed, specs)
+    if st is not None:
+        model.streamed["transformer"] = replace(st, weights=wrapped["unet"])
+    model.source["loras"] = record
+    return reports
 
 
 def load_flux(path: str | Path | None = None, *, random_preset: str | None = None, seed: int = 0,
@@ -213,11 +235,14 @@ def export_flux(
     block_cache: bool = False,
     parity_shape: tuple[int, int, int] | None = None,
     progress: Callable[[str], None] = lambda msg: None,
+    lora_slots: SlotPlan | None = None,
 ) -> ExportManifest:
     """Export every component of ``model`` into ``out`` (atomically) and return its manifest. ``fp16`` is refused
     (see the module docstring); ``block_cache`` adds first-block caching (the transformer also returns its two
     residuals, and its cached step is ``unet_shallow`` in ``transformer_shallow/``; runtime/feature_cache.py).
-    ``out`` is checked as ``export_model`` checks it."""
+    ``out`` is checked as ``export_model`` checks it. ``lora_slots``: the transformer's and CLIP's targeted layers
+    take LoRA factors as inputs, so calls can carry LoRAs (``Pipeline(..., loras=...)``; export/lora_slots.py); T5
+    has none (common FLUX.1 LoRAs do not adapt it)."""
     from .t5_tokenizer_assets import write_t5_tokenizer
     from .tokenizer_assets import write_clip_tokenizer
 
@@ -227,6 +252,8 @@ def export_flux(
     if opset < MIN_OPSET:
         raise InputError(f"opset {opset} is too old; sdrt exports opset {MIN_OPSET} or newer (e.g. --opset 17)")
     p, mods = model.preset, model.modules
+    patterns = check_slots(family_named(p.family), lora_slots)
+    slots = None if lora_slots is None else (lora_slots, patterns)
     f = 2 ** (len(mods.vae.config.block_out_channels) - 1)
     tr_cfg = model.streamed["transformer"].config if "transformer" in model.streamed else dict(mods.transformer.config)
     if block_cache and int(tr_cfg["num_layers"]) + int(tr_cfg["num_single_layers"]) < 2:
@@ -239,7 +266,10 @@ def export_flux(
         parity_shape = (2, side, side + 2)  # non-square, whole patches
     with atomic_dir(out, marker=MANIFEST_NAME, overwrite=overwrite, what=EXPORT_KIND, owned=export_entries) as tmp:
         done = {}
-        for spec in flux_specs(mods, p.t5_tokens, block_cache):
+        specs, inert = flux_specs(mods, p.t5_tokens, block_cache), {}
+        if lora_slots is not None:
+            specs, inert = slot_components(specs, lora_slots, patterns, (CLIP_NAME,))
+        for spec in specs:
             folder = FOLDERS.get(spec.name, spec.name)
             done[spec.name] = export_component(spec, "fp32", tmp / folder, opset=opset, parity_shape=parity_shape,
                                                progress=progress)
@@ -248,12 +278,14 @@ def export_flux(
                 [("transformer", streamed_transformer_spec(st.config, p.t5_tokens, block_cache))]
             if name == "transformer" and block_cache:
                 jobs.append(("cached", streamed_cached_spec(st.config, p.t5_tokens)))
+            if name == "transformer" and lora_slots is not None:
+                jobs = [(kind, slotted_streamed(sspec, lora_slots, patterns)) for kind, sspec in jobs]
             for kind, sspec in jobs:
                 folder = FOLDERS.get(sspec.name, sspec.name)
                 progress(f"{sspec.name} is streamed ({st.kind} weights, one tensor at a time)")
                 comp = export_streamed(sspec, st.weights, "fp32", tmp / folder, progress=progress)
                 par = gate_streamed(kind, st.config, st.weights, p.t5_tokens, parity_shape, progress,
-                                    block_cache=block_cache)
+                                    block_cache=block_cache, slots=slots if kind in ("transformer", "cached") else None)
                 progress(f"{sspec.name}: {parity_line(par, comp.precision)} ({par.reference})")
                 done[sspec.name] = replace(comp, parity=par)
         order = ["text_encoder", T5_NAME, "unet", SHALLOW_UNET, "vae_decoder", "vae_encoder"]
@@ -275,7 +307,7 @@ def export_flux(
             limits=limits,
             source={**model.source, "guidance_embeds": bool(tr_cfg.get("guidance_embeds")),
                     **({"streamed": sorted("unet" if n == "transformer" else n for n in model.streamed)}
-                       if model.streamed else {})},
+                       if model.streamed else {}), **slots_record(lora_slots, inert)},
             tools=tool_versions(),
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             latent_scaling=float(mods.vae.config.scaling_factor),
@@ -290,13 +322,15 @@ SINGLE_BLOCKS = re.compile(r"^single_transformer_blocks\.(\d+)\.")
 
 def gate_streamed(kind: str, config: dict[str, Any], weights: WeightSource, tokens: int,
                   parity_shape: tuple[int, int, int], progress: Callable[[str], None] = lambda m: None,
-                  block_cache: bool = False) -> Parity:
+                  block_cache: bool = False, slots: tuple[SlotPlan, tuple[str, ...]] | None = None) -> Parity:
     """The parity gate of a streamed component on a reduced-depth copy at full width, exported through the same
     streamed path: the ``transformer``'s first double-stream and last single-stream blocks (``block_cache``: with
     first-block caching's residual outputs; the ``cached`` step on the same copy), T5's (``text_encoder_2``) first
     and last blocks, each with the checkpoint's own weights; compared with the same copy in PyTorch (fp32,
     onnxruntime CPU). Raises ParityError past the bound, as every gate. The cached step runs only the first double
-    block, which the reduced copy keeps as its own first: its gate is exact in depth."""
+    block, which the reduced copy keeps as its own first: its gate is exact in depth. ``slots``: the transformer's
+    LoRA slots (the plan and the family's targets), on the reduced copy's layers alike, gated with random
+    factors."""
     from diffusers import FluxTransformer2DModel
     from transformers import T5Config, T5EncoderModel
 
@@ -321,6 +355,8 @@ def gate_streamed(kind: str, config: dict[str, Any], weights: WeightSource, toke
     module = load_reduced(module, source, sspec.name)
     cspec = (cached_spec(module, tokens) if kind == "cached" else transformer_spec(module, tokens, block_cache)
              if kind == "transformer" else t5_spec(module, tokens, name=T5_NAME))
+    if slots is not None:
+        sspec, cspec = slotted_gate(sspec, cspec, module, *slots)
     with tempfile.TemporaryDirectory(prefix="sdrt-gate-") as tmp:
         comp = export_streamed(sspec, source, "fp32", Path(tmp) / sspec.name)
         par = check_parity(copy.copy(cspec), comp.precision, Path(tmp) / sspec.name / "model.onnx", parity_shape)

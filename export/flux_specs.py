@@ -40,6 +40,7 @@ def clip_spec(enc: torch.nn.Module) -> ComponentSpec:
         outputs=[("hidden_states", "float", ("batch", CLIP_TOKENS, width)),
                  ("text_embeds", "float", ("batch", width))],
         example=wrappers.clip_ids_example(int(enc.config.vocab_size), CLIP_TOKENS),
+        refittable=True,
     )
 
 
@@ -103,6 +104,7 @@ def transformer_spec(transformer: torch.nn.Module, tokens: int, block_cache: boo
         inputs=inputs,
         outputs=outputs,
         example=lambda g, b, h, w: _example(config, tokens, g, b, h, w),
+        refittable=True,
     )
 
 
@@ -118,6 +120,7 @@ def cached_spec(transformer: torch.nn.Module, tokens: int) -> ComponentSpec:
         inputs=inputs,
         outputs=outputs,
         example=lambda g, b, h, w: _cached_args(config, _example(config, tokens, g, b, h, w), g),
+        refittable=True,
     )
 
 

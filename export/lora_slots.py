@@ -18,19 +18,33 @@ blocks' ``conv1``, ``conv2``, ``conv_shortcut`` and their linear ``time_emb_proj
 get slots too, where LoRAs that train them adapt them: every attention's ``q_proj``, ``k_proj``, ``v_proj``,
 ``out_proj`` (and with ``attn-ff`` or ``attn-ff-conv`` the MLP's ``fc1``, ``fc2``, kohya's text-encoder targets).
 The UNet's ``conv_in`` / ``conv_out`` and grouped convolutions have no slot.
+
+SD 3 / 3.5 and FLUX.1 (``slot_components``): the family declares its transformer's targets
+(``Family.lora_targets``: every attention projection of the blocks, or with ``attn-ff`` every linear layer of the
+blocks; runtime/families/transformer_lora.py), the CLIP encoders take the text targets above, T5 none. The slots
+go on the layers the export wrapper runs (FLUX.1's runs a copy of the transformer), on first-block caching's cached
+step for the layers it runs, and on a streamed transformer (``slotted_streamed``: traced in fake mode with it, its
+reduced-depth gate slotted alike, ``slotted_gate``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from sdrt.runtime.errors import InputError
+from sdrt.runtime.families import Family
+from sdrt.runtime.feature_cache import SHALLOW_UNET
 from sdrt.runtime.lora_adapters import LORA_PREFIX, slot_input
+
+from .onnx_export import ComponentSpec
+from .streamed import StreamedSpec
 
 _ATTN = ("to_q", "to_k", "to_v", "to_out.0")
 _FF = ("ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")
@@ -85,15 +99,24 @@ def _slottable(m: torch.nn.Module, conv: bool) -> bool:
             and not isinstance(m.padding, str))
 
 
-def slot_layers(unet: torch.nn.Module, plan: SlotPlan, text: bool = False) -> list[tuple[str, Layer]]:
+def slot_layers(unet: torch.nn.Module, plan: SlotPlan, text: bool = False,
+                patterns: Sequence[str] | None = None) -> list[tuple[str, Layer]]:
     """The layers that get a slot, by module name, in module order: the UNet's, or (``text``) a CLIP text
-    encoder's (TEXT_TARGETS). Linear layers, and with a CONV_TARGETS set the UNet's convolutions too."""
-    ends = (TEXT_TARGETS if text else TARGETS)[plan.targets]
-    conv = plan.targets in CONV_TARGETS and not text
-    layers = [(n, m) for n, m in unet.named_modules()
-              if _slottable(m, conv) and any(n == e or n.endswith("." + e) for e in ends)]
+    encoder's (TEXT_TARGETS). Linear layers, and with a CONV_TARGETS set the UNet's convolutions too.
+    ``patterns``: the denoiser's targets as the family declares them (``Family.lora_targets``: full-match patterns
+    over module names, linear layers only), in place of the UNet's."""
+    if patterns is not None and not text:
+        regex = re.compile("|".join(f"(?:{p})" for p in patterns))
+        layers = [(n, m) for n, m in unet.named_modules()
+                  if isinstance(m, torch.nn.Linear) and regex.fullmatch(n)]
+    else:
+        ends = (TEXT_TARGETS if text else TARGETS)[plan.targets]
+        conv = plan.targets in CONV_TARGETS and not text
+        layers = [(n, m) for n, m in unet.named_modules()
+                  if _slottable(m, conv) and any(n == e or n.endswith("." + e) for e in ends)]
     if not layers:
-        raise InputError(f"the {'text encoder' if text else 'UNet'} has no {plan.targets} layers to slot")
+        what = "text encoder" if text else "UNet" if patterns is None else "denoiser"
+        raise InputError(f"the {what} has no {plan.targets} layers to slot")
     return layers
 
 
@@ -185,5 +208,129 @@ class Slotted(torch.nn.Module):
                 h.remove()
 
 
+def slotted(spec: ComponentSpec, layers: list[tuple[str, Layer]], rank: int,
+            inert: Sequence[str] = ()) -> ComponentSpec:
+    """``spec`` whose ``layers`` take LoRA factors as inputs after its own; ``inert``: the targeted layers left
+    without a slot because they do not reach the outputs (recorded in the manifest)."""
+    example = spec.example
+
+    def slotted_example(g: torch.Generator, b: int, h: int, w: int) -> tuple[torch.Tensor, ...]:
+        return (*example(g, b, h, w), *slot_example(layers, rank, g))
+
+    return replace(spec, module=Slotted(spec.module, layers, inert), inputs=[*spec.inputs, *slot_inputs(layers, rank)],
+                   example=slotted_example)
+
+
+def slot_components(specs: Sequence[ComponentSpec], plan: SlotPlan, patterns: Sequence[str],
+                    text: Sequence[str]) -> tuple[list[ComponentSpec], dict[str, list[str]]]:
+    """A transformer family's components with slots: the denoiser's (``unet``: the layers ``patterns`` name, as
+    its family declares them) and the CLIP text encoders' named in ``text`` (their attention, and with
+    ``attn-ff`` their MLP, the UNet families' text targets); the rest (T5, the VAE) as they are. Returns the
+    specs and, per text encoder, its targeted layers that do not reach its outputs (left without a slot)."""
+    out: list[ComponentSpec] = []
+    inert: dict[str, list[str]] = {}
+    for spec in specs:
+        if spec.name in text:
+            layers = slot_layers(spec.weights, plan, text=True)
+            used, dead = split_inert(spec.module, spec.example(torch.Generator().manual_seed(0), 1, 8, 8), layers)
+            spec = slotted(spec, used, plan.rank, dead)
+            if dead:
+                inert[spec.name] = dead
+        elif spec.name == "unet":
+            layers = slot_layers(spec.weights, plan, patterns=patterns)
+            spec = slotted(spec, _in_wrapper(spec.module, layers), plan.rank)
+        elif spec.name == SHALLOW_UNET:
+            # first-block caching's cached step: the slotted layers it runs (its first block's), under the
+            # denoiser's input names, so the loop feeds it the call's factors as it feeds the denoiser
+            layers = _in_wrapper(spec.module, slot_layers(spec.weights, plan, patterns=patterns))
+            used, _ = split_inert(spec.module, spec.example(torch.Generator().manual_seed(0), 1, 8, 8), layers)
+            spec = slotted(spec, used, plan.rank)
+        out.append(spec)
+    return out, inert
+
+
+def slotted_streamed(spec: StreamedSpec, plan: SlotPlan, patterns: Sequence[str]) -> StreamedSpec:
+    """A streamed denoiser (export/streamed.py: built and traced in fake mode) whose targeted layers take LoRA
+    factors as inputs after its own, as ``slot_components`` gives an in-memory one: the layers found by name in
+    the module the wrapper runs (``spec.prefix`` names it), the factors static inputs of the traced graph."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    inner_prefix = spec.prefix.rstrip(".")
+
+    def layers_of(wrapper: torch.nn.Module) -> list[tuple[str, Layer]]:
+        return _in_wrapper(wrapper, slot_layers(wrapper.get_submodule(inner_prefix), plan, patterns=patterns))
+
+    with FakeTensorMode():
+        io = slot_inputs(layers_of(spec.build()), plan.rank)  # shapes only: nothing is allocated
+
+    def build() -> torch.nn.Module:
+        wrapper = spec.build()
+        return Slotted(wrapper, layers_of(wrapper))
+
+    def example() -> tuple[torch.Tensor, ...]:
+        return (*spec.example(), *(torch.zeros(*(int(d) for d in shape)) for _, _, shape in io))
+
+    def dynamic() -> dict[str, Any]:
+        dims = spec.dynamic()  # by the wrapper's argument names; Slotted takes them all as *args
+        return {"args": (*(dims.get(n) for n, _, _ in spec.inputs), *(None for _ in io))}
+
+    return replace(spec, build=build, prefix=f"inner.{spec.prefix}", inputs=[*spec.inputs, *io], example=example,
+                   dynamic=dynamic)
+
+
+def slotted_gate(sspec: StreamedSpec, cspec: ComponentSpec, module: torch.nn.Module, plan: SlotPlan,
+                 patterns: Sequence[str]) -> tuple[StreamedSpec, ComponentSpec]:
+    """A streamed denoiser's reduced-depth gate with the same slots on both sides: the streamed graph and the
+    in-memory copy ``module`` it is compared with (random factors)."""
+    streamed = slotted_streamed(sspec, plan, patterns)
+    inputs = {n for n, _, _ in streamed.inputs}  # a cached step's: its first block's layers alone
+    layers = [(n, m) for n, m in _in_wrapper(cspec.module, slot_layers(module, plan, patterns=patterns))
+              if slot_input(n, "down") in inputs]
+    return streamed, slotted(cspec, layers, plan.rank)
+
+
+def _in_wrapper(wrapper: torch.nn.Module, layers: list[tuple[str, Layer]]) -> list[tuple[str, Layer]]:
+    """``layers`` (named as in the denoiser) as the modules ``wrapper`` runs: a wrapper may run a copy of the
+    denoiser (FLUX.1's, with explicit RMS norms for the TorchScript exporter), whose layers must carry the slots."""
+    found: dict[str, list[tuple[str, torch.nn.Module]]] = {}
+    names = {n for n, _ in layers}
+    for n, m in wrapper.named_modules():
+        for name in _suffixes(n):
+            if name in names:
+                found.setdefault(name, []).append((n, m))
+    out: list[tuple[str, Layer]] = []
+    for name, layer in layers:
+        hits = [m for _, m in found.get(name, []) if isinstance(m, type(layer))]
+        if len(hits) != 1:
+            raise InputError(f"the denoiser's layer {name} is found {len(hits)} times in its export wrapper; "
+                             "it cannot take a LoRA slot")
+        out.append((name, hits[0]))
+    return out
+
+
+def _suffixes(name: str) -> list[str]:
+    """``a.b.c`` -> ``a.b.c``, ``b.c``, ``c``: the names a module could have inside what wraps it."""
+    parts = name.split(".")
+    return [".".join(parts[i:]) for i in range(len(parts))]
+
+
+def check_slots(family: Family, plan: SlotPlan | None) -> tuple[str, ...]:
+    """A transformer family's export with ``plan``'s slots, checked before any work: the family's targets for the
+    denoiser (its ``lora_targets``; empty without a plan). Refused: a target set the family has not."""
+    if plan is None:
+        return ()
+    patterns = family.lora_targets(plan.targets)
+    assert patterns is not None, f"the {family.label} family declares no LoRA targets for its transformer"
+    return tuple(patterns)
+
+
+def slots_record(plan: SlotPlan | None, inert: Mapping[str, list[str]]) -> dict[str, object]:
+    """The manifest's ``source`` entry of an export with slots (none without)."""
+    if plan is None:
+        return {}
+    return {"lora_slots": {"rank": plan.rank, "targets": plan.targets, **({"inert": dict(inert)} if inert else {})}}
+
+
 __all__ = ["CONV_TARGETS", "LORA_PREFIX", "RANK_MAX", "TARGETS", "TEXT_TARGETS", "Layer", "SlotPlan", "Slotted",
-           "slot_example", "slot_inputs", "slot_layers", "split_inert"]
+           "check_slots", "slot_components", "slot_example", "slot_inputs", "slot_layers", "slots_record", "slotted",
+           "slotted_gate", "slotted_streamed", "split_inert"]

@@ -31,6 +31,7 @@ import numpy as np
 
 from sdrt.runtime.atomic import atomic_dir, check_output_dir, give_default_mode
 from sdrt.runtime.errors import ArtifactError, CompatibilityError, InputError
+from sdrt.runtime.families import family_of
 from sdrt.runtime.feature_cache import SHALLOW_UNET
 from sdrt.runtime.lora_files import LoraFile, LoraSpec, MergeReport, lora_deltas, read_lora
 from sdrt.runtime.manifest import EXPORT_FOLDER, MANIFEST_NAME, ExportManifest, export_entries
@@ -395,7 +396,7 @@ def new_weights(
 ) -> tuple[dict[str, tuple[dict[str, np.ndarray], dict[str, np.ndarray]]], str, list[str]]:
     """{component: (base initializers, changed initializers)}, a description of the weights, warnings."""
     warnings: list[str] = []
-    loras = [(read_lora(s.path), s.scale) for s in request.loras]
+    loras = _read_loras(export, request)
     states = _checkpoint_state_dicts(request.checkpoint, request.allow_pickle) if request.checkpoint else {}
     matched_any = {lf.path: False for lf, _ in loras}
     out: dict[str, tuple[dict[str, np.ndarray], dict[str, np.ndarray]]] = {}
@@ -438,6 +439,29 @@ def new_weights(
     return out, note, warnings
 
 
+def _read_loras(export: ExportManifest, request: RefitRequest) -> list[tuple[LoraFile, float]]:
+    """The request's LoRA files, their denoiser modules under the export's names (the family's ``lora_file``:
+    SD 3's and FLUX.1's original layouts mapped to diffusers')."""
+    fam = family_of(export)
+    return [(fam.lora_file(read_lora(s.path)), s.scale) for s in request.loras]
+
+
+def _lora_components(export: ExportManifest, request: RefitRequest, comps: Sequence[str]) -> set[str]:
+    """The components the request's LoRAs adapt. Refused: one the export holds without a refit map (a streamed
+    transformer), which the refit would leave as it is; a T5 encoder's layers, which sdrt does not adapt, are
+    left out with the reason."""
+    fam = family_of(export)
+    adapted = {m.component for s in request.loras for m in read_lora(s.path).modules}
+    t5 = {c for c in adapted if c in fam.encoders and fam.tokenizer_kind(c) == "t5"}
+    stuck = sorted(c for c in adapted - t5 if c in export.components and c not in comps)
+    if stuck:
+        raise CompatibilityError(f"the LoRA adapts {', '.join(stuck)}, which this export holds without a refit map "
+                                 "(a component streamed at export, too large to map in memory): a refit would leave "
+                                 "it as it is. Merge the LoRA at export instead (`sdrt export ... --lora FILE:SCALE`) "
+                                 "or export with --lora-slots")
+    return adapted - t5
+
+
 def refit_folder(
     target: str | Path,
     request: RefitRequest,
@@ -467,7 +491,7 @@ def refit_folder(
                          "changed in place)")
     check_output_dir(out, marker=MANIFEST_NAME, overwrite=overwrite, what="an sdrt export", owned=export_entries)
     comps = refittable_components(export, folder)
-    loras_comps = {m.component for s in request.loras for m in read_lora(s.path).modules}
+    loras_comps = _lora_components(export, request, comps)
     todo = [c for c in comps if not request.loras or weights_source(c) in loras_comps]
     _refuse_stale_control_unet(export, todo)
     values, note, warnings = new_weights(folder, export, request, todo, progress)
@@ -502,7 +526,7 @@ def _refit_engines(
     src = Path(onnx_dir or manifest.onnx_dir)
     export = ExportManifest.read(src, wanted=f"the ONNX export the engines in {folder} were built from (--onnx DIR)")
     comps = [c for c in refittable_components(export, src) if any(r.component == c for r in manifest.engines)]
-    loras_comps = {m.component for s in request.loras for m in read_lora(s.path).modules}
+    loras_comps = _lora_components(export, request, refittable_components(export, src))
     # components holding earlier refits go back to base too, so the result is exactly what was asked
     todo = [c for c in comps if not request.loras or weights_source(c) in loras_comps
             or manifest.record(c).weights != "base"]

@@ -22,13 +22,16 @@ import torch
 
 from sdrt.runtime.atomic import atomic_dir
 from sdrt.runtime.errors import InputError
+from sdrt.runtime.families import family_named
 from sdrt.runtime.feature_cache import SHALLOW_UNET
 from sdrt.runtime.inpaint import MASKED_ENCODER
+from sdrt.runtime.lora_files import LoraSpec, MergeReport
 from sdrt.runtime.manifest import MANIFEST_NAME, ExportManifest, ShapeLimits, export_entries, tokenizer_of
 
 from .block_cache import DENOISER_FOLDER, FOLDERS
 from .controlnet_loading import LoadedControlNet
 from .exporter import EXPORT_KIND, MIN_OPSET, TEXT_LEN, check_export_dir, tool_versions
+from .lora_slots import SlotPlan, check_slots, slot_components, slots_record, slotted_streamed
 from .onnx_export import export_component, parity_line
 from .sd3_controlnet import (
     check_sd3_pairing,
@@ -39,6 +42,7 @@ from .sd3_controlnet import (
 from .sd3_gate import gate_streamed
 from .sd3_presets import SD3_PRESETS, Sd3Modules, Sd3Preset, build_modules, get_sd3_preset
 from .sd3_specs import (
+    CLIP_NAMES,
     sd3_specs,
     streamed_cached_spec,
     streamed_t5_spec,
@@ -200,6 +204,24 @@ def load_sd3(path: str | Path | None = None, *, random_preset: str | None = None
                      toks, {"kind": "diffusers", "path": str(folder)}, streamed)  # type: ignore[arg-type]
 
 
+def merge_sd3_loras(model: LoadedSd3, specs: Sequence[LoraSpec]) -> dict[str, MergeReport]:
+    """``sdrt export --lora``: the LoRAs merged into the transformer and both CLIP encoders (in memory; a streamed
+    transformer's weights as they are read: export/lora_merge.py), recorded in ``model.source["loras"]``. T5 is
+    not adapted (its modules are reported unmatched). Returns what matched per component."""
+    from .lora_merge import merge_into
+
+    mods = model.modules
+    held = {"unet": mods.transformer, "text_encoder": mods.text_encoders[0], "text_encoder_2": mods.text_encoders[1]}
+    st = model.streamed.get("transformer")
+    streamed = {} if st is None else {"unet": (st.weights, weight_shapes(st.config, None)["transformer"])}
+    fam = family_named(model.preset.family)
+    reports, wrapped, record = merge_into(fam, fam.label, held, streamed, specs)
+    if st is not None:
+        model.streamed["transformer"] = replace(st, weights=wrapped["unet"])
+    model.source["loras"] = record
+    return reports
+
+
 def component_config(folder: Path) -> dict[str, Any]:
     """A component's config.json as constructor keywords (diffusers' and transformers' bookkeeping keys out)."""
     path = folder / "config.json"
@@ -264,13 +286,16 @@ def export_sd3(
     controlnets: Sequence[LoadedControlNet] = (),
     parity_shape: tuple[int, int, int] | None = None,
     progress: Callable[[str], None] = lambda msg: None,
+    lora_slots: SlotPlan | None = None,
 ) -> ExportManifest:
     """Export every component of ``model`` into ``out`` (atomically) and return its manifest; ``without_t5``
     leaves T5 out; ``block_cache`` adds first-block caching (the transformer also returns its two residuals, and
     its cached step is ``unet_shallow`` in ``transformer_shallow/``; runtime/feature_cache.py); ``controlnets``: SD3
     ControlNets, each ``controlnet_j``, with ``unet_control`` (the transformer taking their samples, streamed where
     the transformer is; export/sd3_controlnet.py), checked against the transformer first. ``out`` is checked as ``export_model`` checks
-    it. T5 stays float32 in an fp16 export (its activations overflow fp16)."""
+    it. T5 stays float32 in an fp16 export (its activations overflow fp16).
+    ``lora_slots``: the transformer's and the CLIP encoders' targeted layers take LoRA factors as inputs, so calls
+    can carry LoRAs (``Pipeline(..., loras=...)``; export/lora_slots.py); T5 has none. Not with ``controlnets`` yet."""
     from .tokenizer_assets import write_clip_tokenizer
 
     out = check_export_dir(out, overwrite=overwrite)
@@ -279,6 +304,12 @@ def export_sd3(
     p = model.preset
     mods = model.modules
     streamed = dict(model.streamed)
+    if lora_slots is not None and controlnets:
+        raise InputError("LoRA slots and ControlNets in one SD 3 / 3.5 export are not supported yet (the transformer "
+                         "taking the ControlNets' samples has no slots): export with --lora-slots or with "
+                         "--controlnet, or merge the LoRAs with --lora")
+    patterns = check_slots(family_named(p.family), lora_slots)
+    slots = None if lora_slots is None else (lora_slots, patterns)
     if without_t5:
         mods = replace(mods, text_encoders=(mods.text_encoders[0], mods.text_encoders[1], None))
         streamed.pop("text_encoder_3", None)
@@ -297,11 +328,13 @@ def export_sd3(
     with atomic_dir(out, marker=MANIFEST_NAME, overwrite=overwrite, what=EXPORT_KIND, owned=export_entries) as tmp:
         done = {}
         masked = int(tr_cfg["in_channels"]) == 2 * int(mods.vae.config.latent_channels) + 1  # an inpainting one
-        specs = sd3_specs(mods, p.t5_tokens, block_cache, masked)
+        specs, inert = sd3_specs(mods, p.t5_tokens, block_cache, masked), {}
         if controlnets:  # the nets in memory; unet_control with the transformer, in memory or streamed below
             tr_weights = streamed["transformer"].weights if "transformer" in streamed else None
             specs += sd3_controlnet_specs(tr_cfg, mods.vae, controlnets, TEXT_LEN + p.t5_tokens,
                                           transformer=mods.transformer, weights=tr_weights)
+        if lora_slots is not None:
+            specs, inert = slot_components(specs, lora_slots, patterns, CLIP_NAMES)
         for spec in specs:
             folder = FOLDERS.get(spec.name, spec.name)
             done[spec.name] = export_component(spec, precision, tmp / folder, opset=opset,
@@ -316,6 +349,8 @@ def export_sd3(
                 used, residuals = control_layout(st.config, controlnets)
                 jobs.append(("control", streamed_unet_control_spec(st.config, tokens, len(controlnets), used,
                                                                    residuals)))
+            if name == "transformer" and lora_slots is not None:
+                jobs = [(kind, slotted_streamed(sspec, lora_slots, patterns)) for kind, sspec in jobs]
             for kind, sspec in jobs:
                 folder = FOLDERS.get(sspec.name, sspec.name)
                 progress(f"{sspec.name} is streamed ({st.kind} weights, one tensor at a time)")
@@ -323,7 +358,8 @@ def export_sd3(
                 par = gate_streamed(kind, st.config, st.weights, precision, tokens, parity_shape, progress,
                                     block_cache=block_cache,
                                     control=(len(controlnets), len(controlnets[0].controlnet.controlnet_blocks))
-                                    if kind == "control" else None)
+                                    if kind == "control" else None,
+                                    slots=slots if kind in ("transformer", "cached") else None)
                 progress(f"{sspec.name}: {parity_line(par, comp.precision)} ({par.reference})")
                 done[sspec.name] = replace(comp, parity=par)
         nets = tuple(f"controlnet_{j}" for j in range(len(controlnets)))
@@ -353,7 +389,7 @@ def export_sd3(
             source={**model.source, "t5": "text_encoder_3" in components,
                     **({"streamed": sorted("unet" if n == "transformer" else n for n in streamed)}
                        if streamed else {}),
-                    **({"controlnets": [dict(c.source) for c in controlnets]} if controlnets else {})},
+                    **({"controlnets": [dict(c.source) for c in controlnets]} if controlnets else {}), **slots_record(lora_slots, inert)},
             tools=tool_versions(),
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             latent_scaling=float(mods.vae.config.scaling_factor),

@@ -23,6 +23,7 @@ import torch
 from sdrt.runtime.errors import ArtifactError
 from sdrt.runtime.manifest import Parity
 
+from .lora_slots import SlotPlan, slotted_gate
 from .onnx_export import check_parity
 from .sd3_specs import (
     cached_spec,
@@ -87,13 +88,15 @@ def load_reduced(module: torch.nn.Module, source: WeightSource, name: str) -> to
 
 def gate_streamed(kind: str, config: dict[str, Any], weights: WeightSource, precision: str, tokens: int,
                   parity_shape: tuple[int, int, int], progress: Callable[[str], None] = lambda m: None,
-                  block_cache: bool = False, control: tuple[int, int] | None = None) -> Parity:
+                  block_cache: bool = False, control: tuple[int, int] | None = None,
+                  slots: tuple[SlotPlan, tuple[str, ...]] | None = None) -> Parity:
     """The reduced-depth gate of a streamed ``transformer`` (``block_cache``: with first-block caching's
     residual outputs), first-block caching's ``cached`` step, the ``control`` transformer taking ControlNet
     samples (``control``: (nets, samples per net); the reduced copy reads the samples its own depth picks, random
     ones) or ``text_encoder_3`` (see the module docstring); raises ParityError past the precision's bound, like
     every component's gate. The cached step runs only the first block, which every reduced copy keeps as its own
-    first: its gate is exact in depth."""
+    first: its gate is exact in depth. ``slots``: the transformer's LoRA slots (the plan and the family's
+    targets), on the reduced copy's layers alike, gated with random factors."""
     from diffusers import SD3Transformer2DModel
     from transformers import T5Config, T5EncoderModel
 
@@ -129,6 +132,8 @@ def gate_streamed(kind: str, config: dict[str, Any], weights: WeightSource, prec
     else:
         cspec = (cached_spec(module, tokens) if kind == "cached" else transformer_spec(module, tokens, block_cache)
                  if kind == "transformer" else t5_spec(module, tokens))
+    if slots is not None:
+        sspec, cspec = slotted_gate(sspec, cspec, module, *slots)
     with tempfile.TemporaryDirectory(prefix="sdrt-gate-") as tmp:
         comp = export_streamed(sspec, source, precision, Path(tmp) / sspec.name)
         # the module's own example inputs and I/O, run on the streamed graph (dynamo names match the contract)

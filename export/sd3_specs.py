@@ -6,7 +6,8 @@ activations overflow fp16; left out of a T5-less export), ``unet`` (the MMDiT de
 ``transformer/``: dynamic in batch, latent height and width, and tokens), ``vae_decoder`` and ``vae_encoder``
 (16 latent channels, SD3's shift in the graph).
 
-Not yet: refit maps (``refittable`` stays False: no checkpoint or LoRA path knows SD3's names).
+The CLIP encoders and the denoiser (and its cached step) held in memory are refittable (``refit_map.json``:
+``sdrt refit --lora``); T5 and streamed components are not.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ def _clip_spec(name: str, enc: torch.nn.Module) -> ComponentSpec:
         outputs=[("hidden_states", "float", ("batch", CLIP_TOKENS, int(enc.config.hidden_size))),
                  ("text_embeds", "float", ("batch", int(enc.config.projection_dim)))],
         example=wrappers.clip_ids_example(int(enc.config.vocab_size), CLIP_TOKENS),
+        refittable=True,
     )
 
 
@@ -99,6 +101,7 @@ def transformer_spec(transformer: torch.nn.Module, tokens: int, block_cache: boo
         outputs=[("out_sample", "float", ("batch", out_ch, "height", "width")),
                  *(_residuals(cfg) if block_cache else [])],
         example=example,
+        refittable=True,
     )
 
 
@@ -125,6 +128,7 @@ def cached_spec(transformer: torch.nn.Module, tokens: int) -> ComponentSpec:
         inputs=[*full.inputs, *res],
         outputs=[full.outputs[0], (CHANGE, "float32", (1,))],
         example=example,
+        refittable=True,
     )
 
 

@@ -87,7 +87,9 @@ def trace(spec: StreamedSpec, precision: str) -> tuple[Any, dict[str, str]]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            # the inputs named as the spec names them (a wrapper taking *args, LoRA slots', would be args_0, ...)
             onnx_program = torch.onnx.export(program, dynamo=True, opset_version=STREAM_OPSET, optimize=False,
+                                             input_names=[n for n, _, _ in spec.inputs],
                                              output_names=[n for n, _, _ in spec.outputs], verbose=False)
     finally:
         quiet.setLevel(level)

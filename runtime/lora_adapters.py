@@ -32,7 +32,8 @@ LORA_PREFIX = "lora."  # the slotted UNet's factor inputs: lora.<module>.down / 
 SCALE_MAX = 10.0  # a strength past this is a typo, not a style (A1111's UIs offer up to 2)
 
 
-_LABELS = {"unet": "UNet", "text_encoder": "text encoder", "text_encoder_2": "second text encoder"}
+_LABELS = {"unet": "UNet", "text_encoder": "text encoder", "text_encoder_2": "second text encoder",
+           "text_encoder_3": "third text encoder"}
 
 
 def slot_input(module: str, kind: str) -> str:
@@ -186,14 +187,17 @@ def _index(slots: Iterable[str]) -> dict[tuple[bool, str], str]:
 
 def adapter_factors(slots: Mapping[str, Mapping[str, Slot]], adapters: Sequence[tuple[Adapter, float]],
                     dtype: np.dtype[Any] | type = np.float32,
-                    inert: Mapping[str, Sequence[str]] | None = None) -> dict[str, dict[str, np.ndarray]]:
+                    inert: Mapping[str, Sequence[str]] | None = None,
+                    labels: Mapping[str, str] | None = None) -> dict[str, dict[str, np.ndarray]]:
     """Every slot's two inputs for these adapters (all zero for none), per component (``slots``: component ->
     its slots: the UNet's and, in exports that have them, the text encoders'), checked: an adapter module with
     no slot here (another architecture, a layer outside the export's targets, a LoCon convolution on an export
     without convolution slots, a text encoder of an export without text-encoder slots) and ranks past a slot's
     are InputErrors naming them.
     ``inert``: per component, the targeted layers the export left without a slot because they do not reach its
-    outputs (the manifest's ``lora_slots.inert``): an adapter's factors there change nothing and are skipped."""
+    outputs (the manifest's ``lora_slots.inert``): an adapter's factors there change nothing and are skipped.
+    ``labels``: what the components are called in messages, where not the UNet families' (``unet``: the family's
+    ``denoiser_label``; a T5 encoder, which has no slots: says so)."""
     index = {c: _index(s) for c, s in slots.items()}
     skip = {c: set(_index(names)) for c, names in (inert or {}).items()}
     parts: dict[tuple[str, str], list[tuple[np.ndarray, np.ndarray]]] = {}
@@ -209,13 +213,18 @@ def adapter_factors(slots: Mapping[str, Mapping[str, Slot]], adapters: Sequence[
             parts.setdefault((m.component, module), []).append(
                 _factors(adapter.name, m, slots[m.component][module], scale))
         if missing:
-            where = "; ".join(f"the {_LABELS.get(c, c)}'s {_describe(s)}" for c, s in slots.items() if s)
+            names = {**_LABELS, **(labels or {})}
+            where = "; ".join(f"the {names.get(c, c)}'s {_describe(s)}" for c, s in slots.items() if s)
+            unslotted = sorted({m.split(".", 1)[0] for m in missing} - {c for c, s in slots.items() if s})
+            none = "".join(f" The {names.get(c, c)} has no slots here." for c in unslotted)
+            conv = "" if names["unet"] != "UNet" else (
+                "`--lora-slots RANK:attn-ff-conv` if it adapts convolutions (LoCon), or either to add text-encoder "
+                "slots to an export made before they existed; ")
             raise InputError(
                 f"LoRA {adapter.name!r} adapts {len(missing)} layer(s) this export has no slot for "
-                f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): its slots are {where}. "
-                "Re-export with `--lora-slots RANK:attn-ff` if it adapts feed-forward layers, "
-                "`--lora-slots RANK:attn-ff-conv` if it adapts convolutions (LoCon), or either to add text-encoder "
-                "slots to an export made before they existed; or merge this LoRA at export (`sdrt export --lora`)")
+                f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): its slots are {where}.{none} "
+                f"Re-export with `--lora-slots RANK:attn-ff` if it adapts feed-forward layers, {conv}or merge this "
+                "LoRA at export (`sdrt export --lora`)")
     return {c: _component_feeds(s, {mod: p for (comp, mod), p in parts.items() if comp == c}, dtype)
             for c, s in slots.items()}
 

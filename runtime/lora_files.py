@@ -9,10 +9,15 @@ other algorithms (LoHa, LoKr, (IA)^3, OFT, full) and DoRA are refused by name.
 Key layouts read (``.safetensors``):
 
 - kohya / A1111: ``lora_unet_<module_with_underscores>.lora_down.weight`` / ``.lora_up.weight`` /
-  ``.alpha``; text encoders ``lora_te_`` (``lora_te1_``, ``lora_te2_`` for SDXL);
-- diffusers / PEFT: ``unet.<module>.lora_A.weight`` / ``.lora_B.weight`` (``text_encoder.``,
+  ``.alpha``; text encoders ``lora_te_`` (``lora_te1_``, ``lora_te2_`` for SDXL; ``lora_te3_``: SD 3's T5);
+  ComfyUI's ``diffusion_model.<module>.lora_down.weight`` (dotted);
+- diffusers / PEFT: ``unet.<module>.lora_A.weight`` / ``.lora_B.weight`` (``transformer.``, ``text_encoder.``,
   ``text_encoder_2.``), alphas as ``<module>.alpha`` keys or in the ``lora_adapter_metadata`` JSON;
 - diffusers' older attention-processor layout: ``...attn1.processor.to_q_lora.down.weight``.
+
+Every family's denoiser is the component ``unet`` here (SD 3's and FLUX.1's transformer too). The transformer
+families' original layouts (kohya's ``lora_unet_joint_blocks_...``, ``lora_unet_double_blocks_...``) are mapped to
+diffusers' module names by the family (``Family.lora_file``; runtime/families/sd3_lora.py, flux_lora.py).
 
 Module names are resolved against the parameter names the engine's weights carry (the refit map's
 ``param`` values), so the kohya underscore spelling needs no hand-written table. SDXL LoRAs trained by
@@ -33,11 +38,20 @@ import numpy as np
 
 from sdrt.runtime.errors import ArtifactError, InputError
 
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "text_encoder_3")
+# the file's prefix -> sdrt's component ("unet" is every family's denoiser: the UNet, or SD 3's and FLUX.1's
+# transformer); kohya numbers the text encoders in the family's order (SD 3: CLIP-L, CLIP-G, T5; FLUX.1: CLIP-L, T5)
 _KOHYA_PREFIX = {"lora_unet": "unet", "lora_te": "text_encoder", "lora_te1": "text_encoder",
-                 "lora_te2": "text_encoder_2"}
-_KOHYA = re.compile(r"^(lora_unet|lora_te1|lora_te2|lora_te)_(.+?)\.(lora_down\.weight|lora_up\.weight|alpha)$")
-_PEFT = re.compile(r"^(?:(unet|text_encoder_2|text_encoder)\.)?(.+?)\.(lora_A\.weight|lora_B\.weight|alpha)$")
+                 "lora_te2": "text_encoder_2", "lora_te3": "text_encoder_3"}
+_KOHYA = re.compile(r"^(lora_unet|lora_te1|lora_te2|lora_te3|lora_te)_(.+?)\.(lora_down\.weight|lora_up\.weight|alpha)$")
+# ComfyUI's spelling of kohya's denoiser keys: the original layout's dotted names under ``diffusion_model.``
+_COMFY = re.compile(r"^(diffusion_model)\.(.+?)\.(lora_down\.weight|lora_up\.weight|alpha)$")
+_KOHYA_PREFIX["diffusion_model"] = "unet"
+# PEFT's prefixes: diffusers' component names, and ComfyUI's / Black Forest Labs' ``diffusion_model.`` (the
+# denoiser in its original layout, which the family maps: runtime/families)
+_PEFT_PREFIX = {"transformer": "unet", "diffusion_model": "unet"}
+_PEFT = re.compile(r"^(?:(unet|transformer|diffusion_model|text_encoder_3|text_encoder_2|text_encoder)\.)?(.+?)\."
+                   r"(lora_A\.weight|lora_B\.weight|alpha)$")
 _LEGACY = re.compile(r"^(?:(unet|text_encoder_2|text_encoder)\.)?(.+?)\.(down\.weight|up\.weight)$")
 # the key parts of LyCORIS' other algorithms and of DoRA -> what they are: their weights are not a low-rank product
 # up @ down (LoHa's Hadamard product, LoKr's Kronecker product, DoRA's normalised magnitude, (IA)^3's scaling, a
@@ -171,11 +185,11 @@ def parse_lora(
                         "diffusers-legacy": ("down.weight", "up.weight")}[layout]
     parts: dict[tuple[str, str], dict[str, np.ndarray]] = {}
     for key, value in tensors.items():
-        m = pattern.match(key)
+        m = pattern.match(key) or (_COMFY.match(key) if layout == "kohya" else None)
         if m is None:
             continue
         prefix, module, kind = m.groups()
-        component = _KOHYA_PREFIX[prefix] if layout == "kohya" else (prefix or "unet")
+        component = _KOHYA_PREFIX[prefix] if layout == "kohya" else _PEFT_PREFIX.get(prefix, prefix or "unet")
         parts.setdefault((component, module), {})[kind] = value
     peft_alpha = _metadata_alphas(metadata or {})
     modules = []
@@ -205,13 +219,19 @@ def _metadata_alphas(metadata: Mapping[str, str]) -> Callable[[str, str], float 
     cfg: dict[str, object] = json.loads(raw) if raw else {}
 
     def alpha(component: str, module: str) -> float | None:
-        patterns = cfg.get(f"{component}.alpha_pattern") or {}
-        assert isinstance(patterns, dict)
-        for pat, value in patterns.items():
-            if re.fullmatch(rf"(.*\.)?{pat}", module):
-                return float(value)
-        value = cfg.get(f"{component}.lora_alpha")
-        return None if value is None else float(value)  # type: ignore[arg-type]
+        # the fields are prefixed with the file's component name: a transformer's "transformer." (sdrt's "unet")
+        names = [component, *(k for k, v in _PEFT_PREFIX.items() if v == component)]
+        for name in names:
+            patterns = cfg.get(f"{name}.alpha_pattern") or {}
+            assert isinstance(patterns, dict)
+            for pat, value in patterns.items():
+                if re.fullmatch(rf"(.*\.)?{pat}", module):
+                    return float(value)
+        for name in names:
+            value = cfg.get(f"{name}.lora_alpha")
+            if value is not None:
+                return float(value)  # type: ignore[arg-type]
+        return None
 
     return alpha
 

@@ -636,7 +636,19 @@ class Pipeline:
         if not pairs:
             return None
         inert = self.manifest.source.get("lora_slots", {}).get("inert", {})
-        return adapter_factors(slots, [(self.loras.get(name), scale) for name, scale in pairs], inert=inert)
+        fam = self.family
+        # the family's names for the denoiser's layers (SD 3's and FLUX.1's original layouts mapped to diffusers')
+        adapters = []
+        for name, scale in pairs:
+            a = self.loras.get(name)
+            adapters.append((replace(a, file=fam.lora_file(a.file)), scale))
+        return adapter_factors(slots, adapters, inert=inert, labels=self._lora_labels())
+
+    def _lora_labels(self) -> dict[str, str]:
+        """The components' names in LoRA messages: the family's denoiser; a T5 encoder says it takes no LoRA."""
+        t5 = [c for c in self.family.encoders if self.family.tokenizer_kind(c) == "t5"]
+        return {"unet": self.family.denoiser_label,
+                **{c: f"T5 encoder ({c}: sdrt gives T5 no LoRA slots, as common LoRAs do not adapt it)" for c in t5}}
 
     def lora_inputs(self, loras: Any) -> dict[str, Array]:
         """The UNet's LoRA factor inputs for a call's ``loras`` ((name or path, scale) pairs; None: no adapter),

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
+from ..lora_files import LoraFile
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,23 @@ class Family:
     feature_caches: tuple[str, ...] = ("deepcache",)
     classifier_free: bool = True
     control_guess_mode: bool = True
+
+    @property
+    def denoiser_label(self) -> str:
+        """The denoiser's name in messages: the UNet, or (SD 3, FLUX.1) the transformer."""
+        return "UNet"
+
+    def lora_targets(self, targets: str) -> tuple[str, ...] | None:
+        """The denoiser's layers that get a LoRA slot for ``targets`` (``--lora-slots RANK:TARGETS``), as full-match
+        patterns over its module names; None: the UNet's suffixes (export/lora_slots.py ``TARGETS``). InputError for
+        a target set the family has not."""
+        return None
+
+    def lora_file(self, lora: LoraFile) -> LoraFile:
+        """A LoRA file with its denoiser modules under the exported layers' (diffusers') names: the transformer
+        families map their original layouts' keys (kohya's, split where those fuse layers); the UNet families'
+        kohya and diffusers spellings resolve as they are (runtime/lora_files.py, runtime/lora_adapters.py)."""
+        return lora
 
     def tokenizer_kind(self, encoder: str) -> str:
         """How ``encoder``'s prompts are tokenized: ``clip`` (CLIP's BPE, 77 tokens) or ``t5`` (SentencePiece,

@@ -20,13 +20,16 @@ has a fixed shift of 1.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
 from ..errors import InputError
+from ..lora_files import LoraFile
 from .base import Family
+from .flux_lora import flux_lora_modules
+from .transformer_lora import slot_targets
 
 CLIP = "text_encoder"
 T5 = "text_encoder_2"
@@ -35,6 +38,16 @@ PATCH = 2  # latent pixels per token side (FluxPipeline packs 2x2 patches)
 
 @dataclass(frozen=True)
 class FluxFamily(Family):
+    @property
+    def denoiser_label(self) -> str:
+        return "transformer"
+
+    def lora_targets(self, targets: str) -> tuple[str, ...] | None:
+        return slot_targets(self.label, targets)
+
+    def lora_file(self, lora: LoraFile) -> LoraFile:
+        return replace(lora, modules=tuple(flux_lora_modules(lora.modules)))
+
     @property
     def pooled_encoder(self) -> str | None:
         return CLIP  # the CLIP encoder's pooled output, not the last encoder's

@@ -47,10 +47,11 @@ def register(p: argparse.ArgumentParser) -> None:
                         "models (generate --cache deepcache), the first-block cached step for SD 3 / 3.5 and "
                         "FLUX.1 (generate --cache first-block)")
     p.add_argument("--lora-slots", default=None, metavar="RANK[:TARGETS]",
-                   help="let calls carry LoRAs without re-export: the UNet's attention layers (TARGETS attn, the "
-                        "default; attn-ff adds the feed-forward layers; attn-ff-conv also the ResNet and sampler "
-                        "convolutions, for LoCon) take low-rank factors as inputs, up to RANK per layer (the ranks "
-                        "of a call's LoRAs summed), e.g. 32, 64:attn-ff or 32:attn-ff-conv")
+                   help="let calls carry LoRAs without re-export: the denoiser's attention layers (TARGETS attn, "
+                        "the default; attn-ff adds the feed-forward layers, for SD 3 / FLUX.1 every linear layer of "
+                        "the transformer blocks; attn-ff-conv, UNets only, also the ResNet and sampler "
+                        "convolutions, for LoCon) and the CLIP encoders' take low-rank factors as inputs, up to "
+                        "RANK per layer (the ranks of a call's LoRAs summed), e.g. 32, 64:attn-ff or 32:attn-ff-conv")
     p.add_argument("--without-t5", action="store_true",
                    help="SD 3 / 3.5: leave the T5-XXL encoder out (diffusers' text_encoder_3=None: zeros in its "
                         "place); much lighter, weaker prompt following")
@@ -155,8 +156,7 @@ def _run_sd3(args: argparse.Namespace) -> int:
     from sdrt.export.sd3_export import export_sd3, load_sd3
     from sdrt.runtime.errors import InputError
 
-    given = [flag for flag, on in (("--lora", args.lora), ("--lora-slots", args.lora_slots),
-                                   ("--clip-skip", args.clip_skip), ("--ort-cuda", args.ort_cuda),
+    given = [flag for flag, on in (("--clip-skip", args.clip_skip), ("--ort-cuda", args.ort_cuda),
                                    ("--vae-fp32", args.vae_fp32), ("--no-ema", not args.ema)) if on]
     if given:
         raise InputError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} not supported for SD 3 / 3.5 "
@@ -165,6 +165,12 @@ def _run_sd3(args: argparse.Namespace) -> int:
     if files:
         raise InputError(f"{files[0]} is a single file; SD 3 / 3.5 ControlNets load from a diffusers folder "
                          "(config.json naming SD3ControlNetModel, with its .safetensors) for now")
+    if args.lora_slots is not None and args.controlnets:
+        raise InputError("--lora-slots and --controlnet in one SD 3 / 3.5 export are not supported yet (the "
+                         "transformer taking the ControlNets' samples has no slots): export with one of them, or "
+                         "merge the LoRAs with --lora")
+    slots = _slot_plan(args, "sd3")
+    loras = [_lora_spec(s) for s in args.lora or []]  # checked before the weights load
     opts = {k.removeprefix("--").replace("-", "_"): v for k, v in _sd3_file_options(args).items()}
     if args.random and (given := [f"--{k.replace('_', '-')}" for k, v in opts.items() if v is not None]):
         raise InputError(f"{', '.join(given)} go{'es' if len(given) == 1 else ''} with an SD 3 / 3.5 single "
@@ -175,6 +181,10 @@ def _run_sd3(args: argparse.Namespace) -> int:
         model = load_sd3(random_preset=args.random, seed=args.seed)
     else:  # a folder, or a single file with its options (refused for a folder)
         model = load_sd3(args.model, without_t5=args.without_t5, **opts)
+    if loras:
+        from sdrt.export.sd3_export import merge_sd3_loras
+
+        _merged(merge_sd3_loras(model, loras))
 
     nets = _load_controlnets(args)  # paired with the transformer by export_sd3, before any export work
 
@@ -183,7 +193,7 @@ def _run_sd3(args: argparse.Namespace) -> int:
 
     manifest = export_sd3(model, args.out, overwrite=args.overwrite, fp16=not args.fp32, opset=args.opset,
                           without_t5=args.without_t5, block_cache=args.feature_cache, controlnets=nets,
-                          progress=progress)
+                          progress=progress, lora_slots=slots)
     _report(args.out, manifest, t0)
     return 0
 
@@ -194,14 +204,15 @@ def _run_flux(args: argparse.Namespace) -> int:
     from sdrt.export.flux_export import export_flux, load_flux
     from sdrt.runtime.errors import InputError
 
-    given = [flag for flag, on in (("--lora", args.lora), ("--lora-slots", args.lora_slots),
-                                   ("--controlnet", args.controlnets),
+    given = [flag for flag, on in (("--controlnet", args.controlnets),
                                    ("--clip-skip", args.clip_skip), ("--ort-cuda", args.ort_cuda),
                                    ("--vae-fp32", args.vae_fp32), ("--no-ema", not args.ema),
                                    ("--without-t5", args.without_t5)) if on]
     if given:
         raise InputError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} not supported for FLUX.1 "
                          "models yet; export without")
+    slots = _slot_plan(args, "flux")
+    loras = [_lora_spec(s) for s in args.lora or []]  # checked before the weights load
     if args.clip_g is not None:
         raise InputError("--clip-g goes with an SD 3 / 3.5 single file; FLUX.1 has no CLIP-G (its encoders: "
                          "--clip-l, --t5)")
@@ -216,6 +227,10 @@ def _run_flux(args: argparse.Namespace) -> int:
         model = load_flux(random_preset=args.random, seed=args.seed)
     else:  # a folder, or a single file with its options (refused for a folder)
         model = load_flux(args.model, **opts)
+    if loras:
+        from sdrt.export.flux_export import merge_flux_loras
+
+        _merged(merge_flux_loras(model, loras))
 
     def progress(msg: str) -> None:
         print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", flush=True)
@@ -224,7 +239,7 @@ def _run_flux(args: argparse.Namespace) -> int:
         progress("FLUX.1 is exported in fp32: it overflows fp16 (NaN images, diffusers issue 9096), and sdrt "
                  "exports no bf16 graph yet")
     manifest = export_flux(model, args.out, overwrite=args.overwrite, fp16=False, opset=args.opset,
-                           block_cache=args.feature_cache, progress=progress)
+                           block_cache=args.feature_cache, progress=progress, lora_slots=slots)
     _report(args.out, manifest, t0)
     return 0
 
@@ -241,6 +256,29 @@ def _load_controlnets(args: argparse.Namespace, unet_config=None) -> list:  # ty
             nets.append(load_controlnet(value, allow_pickle=args.allow_pickle, unet_config=unet_config)
                         if kind == "path" else random_controlnet(value, seed=args.seed))
     return nets
+
+
+def _merged(reports) -> None:  # type: ignore[no-untyped-def]
+    """What ``--lora`` merged, per component (a component none of whose modules matched: said so)."""
+    for comp, rep in reports.items():
+        if rep.matched:
+            print(f"merged LoRA into {len(rep.matched)} {comp} weights"
+                  + (f" ({len(rep.unmatched)} LoRA modules matched nothing)" if rep.unmatched else ""))
+        elif rep.unmatched:
+            print(f"{len(rep.unmatched)} LoRA modules of {comp} matched nothing (not applied; e.g. "
+                  f"{rep.unmatched[0]})")
+
+
+def _slot_plan(args: argparse.Namespace, family: str):  # type: ignore[no-untyped-def]
+    """``--lora-slots`` for a transformer family, checked against the family's targets before the weights load."""
+    from sdrt.export.lora_slots import SlotPlan
+    from sdrt.runtime.families import family_named
+
+    if args.lora_slots is None:
+        return None
+    plan = SlotPlan.parse(args.lora_slots)
+    family_named(family).lora_targets(plan.targets)  # an InputError for a target set the family has not
+    return plan
 
 
 def _sd3_file_options(args: argparse.Namespace) -> dict[str, str | None]:
