@@ -201,6 +201,11 @@ def test_cli_generate_and_export_refusal(controlnet_export, tmp_path: Path, monk
     assert main(["export", "--random", "sd3-tiny", "--controlnet", str(single), "--out", str(tmp_path / "x")]) == 1
     assert "SD 3 / 3.5 ControlNets load from a diffusers folder" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+    # LoRA slots beside a ControlNet: not yet for this family, refused before the weights load
+    assert main(["export", "--random", "sd3-tiny", "--random-controlnet", "sd3-controlnet-tiny", "--lora-slots", "8",
+                 "--out", str(tmp_path / "x")]) == 1
+    assert "--lora-slots and --controlnet in one SD 3 / 3.5 export are not supported yet" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 def test_a_diffusers_folder_loads_as_its_class(tmp_path: Path) -> None:
