@@ -29,6 +29,7 @@ import torch
 from sdrt.runtime.atomic import atomic_dir
 from sdrt.runtime.errors import InputError
 from sdrt.runtime.feature_cache import SHALLOW_UNET
+from sdrt.runtime.inpaint import MASKED_ENCODER
 from sdrt.runtime.manifest import (
     MANIFEST_NAME,
     ExportManifest,
@@ -40,7 +41,7 @@ from sdrt.runtime.manifest import (
 
 from .block_cache import DENOISER_FOLDER, FOLDERS
 from .exporter import EXPORT_KIND, MIN_OPSET, TEXT_LEN, check_export_dir, tool_versions
-from .flux_presets import FLUX_PRESETS, FluxModules, FluxPreset, build_modules, get_flux_preset
+from .flux_presets import FLUX_PRESETS, FluxModules, FluxPreset, build_modules, fills, get_flux_preset
 from .flux_specs import (
     T5_NAME,
     cached_spec,
@@ -64,6 +65,7 @@ from .streamed import (
 )
 
 PIPELINE_CLASS = "FluxPipeline"
+PIPELINE_CLASSES = (PIPELINE_CLASS, "FluxFillPipeline")  # FLUX.1 [schnell] / [dev], FLUX.1 Fill
 STREAMABLE = ("transformer", T5_NAME)
 FP16_REFUSED = ("FLUX.1 overflows fp16 (NaN images: diffusers issue 9096) and sdrt exports no bf16 graph yet; "
                 "FLUX.1 is exported in fp32: pass --fp32")
@@ -93,15 +95,21 @@ class LoadedFlux:
                                                                t5.weights))
 
 
-def is_flux_folder(path: Path) -> bool:
-    """A diffusers folder of ``FluxPipeline`` (its model_index.json says so)."""
+def pipeline_class(path: Path) -> str | None:
+    """The ``_class_name`` of a diffusers folder's model_index.json (None: no readable one)."""
     index = path / "model_index.json"
     if not index.is_file():
-        return False
+        return None
     try:
-        return json.loads(index.read_text()).get("_class_name") == PIPELINE_CLASS
+        name = json.loads(index.read_text()).get("_class_name")
     except (OSError, ValueError, AttributeError):
-        return False
+        return None
+    return name if isinstance(name, str) else None
+
+
+def is_flux_folder(path: Path) -> bool:
+    """A diffusers folder of ``FluxPipeline`` or ``FluxFillPipeline`` (its model_index.json says so)."""
+    return pipeline_class(path) in PIPELINE_CLASSES
 
 
 def is_flux_source(model: str | Path | None, random_preset: str | None) -> bool:
@@ -149,7 +157,8 @@ def load_flux(path: str | Path | None = None, *, random_preset: str | None = Non
 
     folder = Path(path)  # type: ignore[arg-type]
     if not is_flux_folder(folder):
-        raise InputError(f"{folder} is not a diffusers FLUX.1 folder (its model_index.json must name {PIPELINE_CLASS})")
+        raise InputError(f"{folder} is not a diffusers FLUX.1 folder (its model_index.json must name "
+                         f"{' or '.join(PIPELINE_CLASSES)})")
     missing = [n for n in ("transformer", "text_encoder", "text_encoder_2", "vae", "scheduler", "tokenizer",
                            "tokenizer_2") if not (folder / n).is_dir()]
     if missing:
@@ -165,32 +174,33 @@ def load_flux(path: str | Path | None = None, *, random_preset: str | None = Non
     t5 = None if T5_NAME in skip else T5EncoderModel.from_pretrained(folder / T5_NAME, **kw).eval()
     vae = AutoencoderKL.from_pretrained(folder / "vae", **kw).eval()
     sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-    preset = _preset_for(tr_cfg, sched, vae, folder.name)
+    preset = _preset_for(tr_cfg, sched, vae, folder.name, pipeline_class(folder) or PIPELINE_CLASS)
     toks = tuple(folder / n if (folder / n).is_dir() else None for n in ("tokenizer", "tokenizer_2"))
     return LoadedFlux(preset, FluxModules(transformer, clip, t5, vae), sched, toks,  # type: ignore[arg-type]
                       {"kind": "diffusers", "path": str(folder)}, streamed)
 
 
 def _preset_for(transformer: dict[str, Any], scheduler: dict[str, Any], vae: torch.nn.Module,
-                name: str) -> FluxPreset:
-    """The shipped preset of this architecture and schedule ([schnell] and [dev] differ in both), else one named
-    after the folder (its default size: 1024 for a full-width model, 64 latents' worth otherwise)."""
+                name: str, cls: str = PIPELINE_CLASS) -> FluxPreset:
+    """The shipped preset of this architecture, schedule and pipeline class ([schnell] and [dev] differ in both,
+    Fill in its input channels), else one named after the folder (its default size: 1024 for a full-width model,
+    64 latents' worth otherwise)."""
     cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in transformer.items()}
     for p in FLUX_PRESETS.values():
-        if all(cfg.get(k) == v for k, v in p.transformer.items()) \
+        if all(cfg.get(k) == v for k, v in p.transformer.items()) and p.pipeline_class == cls \
                 and bool(scheduler.get("use_dynamic_shifting")) == bool(p.scheduler["use_dynamic_shifting"]):
             return p
     f = 2 ** (len(vae.config.block_out_channels) - 1)
     base = next(p for p in FLUX_PRESETS.values() if p.guided == bool(cfg.get("guidance_embeds")))
     return replace(base, name=name, default_size=1024 if int(cfg["attention_head_dim"]) >= 64 else 8 * f,
-                   transformer=cfg, test_scale=False)
+                   transformer=cfg, test_scale=False, pipeline_class=cls)
 
 
 def _model_index(model: LoadedFlux) -> dict[str, object]:
     import diffusers
 
     return {
-        "_class_name": f"ORT{PIPELINE_CLASS}",
+        "_class_name": f"ORT{model.preset.pipeline_class}",
         "_diffusers_version": diffusers.__version__,
         "scheduler": ["diffusers", model.scheduler_config.get("_class_name", "FlowMatchEulerDiscreteScheduler")],
         "text_encoder": ["onnxruntime", "ORTModelTextEncoder"],
@@ -239,7 +249,7 @@ def export_flux(
         parity_shape = (2, side, side + 2)  # non-square, whole patches
     with atomic_dir(out, marker=MANIFEST_NAME, overwrite=overwrite, what=EXPORT_KIND, owned=export_entries) as tmp:
         done = {}
-        for spec in flux_specs(mods, p.t5_tokens, block_cache):
+        for spec in flux_specs(mods, p.t5_tokens, block_cache, fill=fills(tr_cfg)):
             folder = FOLDERS.get(spec.name, spec.name)
             done[spec.name] = export_component(spec, "fp32", tmp / folder, opset=opset, parity_shape=parity_shape,
                                                progress=progress)
@@ -256,7 +266,7 @@ def export_flux(
                                     block_cache=block_cache)
                 progress(f"{sspec.name}: {parity_line(par, comp.precision)} ({par.reference})")
                 done[sspec.name] = replace(comp, parity=par)
-        order = ["text_encoder", T5_NAME, "unet", SHALLOW_UNET, "vae_decoder", "vae_encoder"]
+        order = ["text_encoder", T5_NAME, "unet", SHALLOW_UNET, "vae_decoder", "vae_encoder", MASKED_ENCODER]
         components = {n: done[n] for n in order if n in done}
         write_clip_tokenizer(tmp / tokenizer_of("text_encoder"), pad_token=p.pad_token, source=model.tokenizer_dirs[0])
         write_t5_tokenizer(tmp / tokenizer_of(T5_NAME), source=model.tokenizer_dirs[1])

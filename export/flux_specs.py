@@ -4,9 +4,10 @@
 [B, 768], its pooled output), ``text_encoder_2`` (T5: ``hidden_states`` [B, tokens, 4096], kept in float32),
 ``unet`` (the transformer, written to ``transformer/``: NCHW latents in and out, packed in the graph; dynamic in
 batch, latent height and width, and text tokens; [dev] adds ``guidance``), ``vae_decoder`` and ``vae_encoder``
-(16 latent channels, the shift in the graph: SD3's VAE specs). With first-block caching (``sdrt export
---feature-cache``) the transformer also returns its two residuals and ``unet_shallow`` (``transformer_shallow/``)
-is its cached step (export/block_cache.py).
+(16 latent channels, the shift in the graph: SD3's VAE specs). FLUX.1 Fill adds ``vae_encoder_masked`` (the
+masked image's latents), and its transformer's ``sample`` also has the mask's and the masked latents' channels.
+With first-block caching (``sdrt export --feature-cache``) the transformer also returns its two residuals and
+``unet_shallow`` (``transformer_shallow/``) is its cached step (export/block_cache.py).
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ from typing import Any
 import torch
 
 from sdrt.runtime.feature_cache import CHANGE, SHALLOW_UNET
+from sdrt.runtime.inpaint import MASKED_ENCODER
 
 from . import wrappers
 from .block_cache import random_residuals, residual_dims, residual_specs
 from .flux_presets import FluxModules
-from .flux_wrappers import PATCH, FluxTransformer, FluxTransformerCached
+from .flux_wrappers import PATCH, FluxTransformer, FluxTransformerCached, FluxVaeEncoderMasked
 from .onnx_export import TRACE_LATENT, ComponentSpec
 from .sd3_specs import CLIP_TOKENS, streamed_t5_spec, t5_spec, vae_decoder_spec, vae_encoder_spec
 from .streamed import StreamedSpec
@@ -46,12 +48,13 @@ def clip_spec(enc: torch.nn.Module) -> ComponentSpec:
 def _io(config: dict[str, Any], block_cache: bool = False) -> tuple[list[Spec], list[Spec]]:
     joint, pooled = int(config["joint_attention_dim"]), int(config["pooled_projection_dim"])
     ch = int(config["in_channels"]) // 4  # the packed tokens' width is 2x2 latent pixels
+    out = int(config.get("out_channels") or config["in_channels"]) // 4  # fewer than ch: FLUX.1 Fill
     inputs = [("sample", "float", ("batch", ch, "height", "width")), ("timestep", "float32", ("batch",)),
               ("encoder_hidden_states", "float", ("batch", "text_tokens", joint)),
               ("pooled_projections", "float", ("batch", pooled))]
     if config.get("guidance_embeds"):
         inputs.append(("guidance", "float32", ("batch",)))
-    return inputs, [("out_sample", "float", ("batch", ch, "height", "width")),
+    return inputs, [("out_sample", "float", ("batch", out, "height", "width")),
                     *(_residuals(config) if block_cache else [])]
 
 
@@ -121,10 +124,31 @@ def cached_spec(transformer: torch.nn.Module, tokens: int) -> ComponentSpec:
     )
 
 
-def flux_specs(modules: FluxModules, t5_tokens: int, block_cache: bool = False) -> list[ComponentSpec]:
+def masked_encoder_spec(vae: torch.nn.Module, factor: int) -> ComponentSpec:
+    """FLUX.1 Fill's encoder of the masked image (``vae_encoder_masked``): ``image`` uint8 [B, H, W, 3] and
+    ``mask`` uint8 [B, H, W, 1] -> ``latent`` [B, 16, H/8, W/8], shifted and scaled (``FluxVaeEncoderMasked``)."""
+    lat = int(vae.config.latent_channels)
+
+    def example(g: torch.Generator, b: int, h: int, w: int) -> tuple[torch.Tensor, ...]:
+        image = torch.randint(0, 256, (b, h * factor, w * factor, 3), generator=g, dtype=torch.uint8)
+        return image, (torch.rand(b, h * factor, w * factor, 1, generator=g) < 0.5).to(torch.uint8)
+
+    return ComponentSpec(
+        name=MASKED_ENCODER,
+        module=FluxVaeEncoderMasked(vae),
+        weights=vae,
+        inputs=[("image", "uint8", ("batch", "image_height", "image_width", 3)),
+                ("mask", "uint8", ("batch", "image_height", "image_width", 1))],
+        outputs=[("latent", "float", ("batch", lat, "height", "width"))],
+        example=example,
+    )
+
+
+def flux_specs(modules: FluxModules, t5_tokens: int, block_cache: bool = False,
+               fill: bool = False) -> list[ComponentSpec]:
     """The components held in memory, in the family's encoder order, then the denoiser (with ``block_cache``:
     returning first-block caching's residuals, its cached step after it) and the VAE decoder and encoder (T5 and
-    the transformer left out where streamed)."""
+    the transformer left out where streamed); ``fill`` (FLUX.1 Fill) adds the masked image's encoder."""
     factor = 2 ** (len(modules.vae.config.block_out_channels) - 1)
     specs = [clip_spec(modules.clip)]
     if modules.t5 is not None:
@@ -133,7 +157,8 @@ def flux_specs(modules: FluxModules, t5_tokens: int, block_cache: bool = False) 
         specs.append(transformer_spec(modules.transformer, t5_tokens, block_cache))
         if block_cache:
             specs.append(cached_spec(modules.transformer, t5_tokens))
-    return [*specs, vae_decoder_spec(modules.vae), vae_encoder_spec(modules.vae, factor)]
+    specs += [vae_decoder_spec(modules.vae), vae_encoder_spec(modules.vae, factor)]
+    return [*specs, masked_encoder_spec(modules.vae, factor)] if fill else specs
 
 
 # -- the large components, streamed (export/streamed.py): built from their configs in fake mode -----------------

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import torch
 
 from .block_cache import block_list, on_grid, relative_change, with_residuals
+from .wrappers import VaeEncoderMasked
 
 PATCH = 2
 
@@ -98,7 +99,8 @@ BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")  # diffusers' 
 
 
 class FluxTransformer(torch.nn.Module):
-    """``sample`` [B, 16, h, w], ``timestep`` float32 [B] (sigma x 1000, as the flow scheduler gives it),
+    """``sample`` [B, 16, h, w] (FLUX.1 Fill: [B, 16 + 64 + 16, h, w], see ``tokens``), ``timestep`` float32 [B]
+    (sigma x 1000, as the flow scheduler gives it),
     ``encoder_hidden_states`` [B, tokens, joint_attention_dim] (T5's states), ``pooled_projections`` [B, 768]
     (CLIP's pooled output), and for [dev] ``guidance`` float32 [B] (the scale) -> ``out_sample`` [B, 16, h, w],
     the flow prediction; with ``block_cache`` also first-block caching's two residuals over the image tokens on
@@ -122,6 +124,22 @@ class FluxTransformer(torch.nn.Module):
         self.guided = bool(transformer.config.guidance_embeds)
         pe = transformer.pos_embed
         self.rope = FluxRope(pe.theta, pe.axes_dim)
+        inner, out = int(transformer.config.in_channels), int(transformer.config.out_channels or 0)
+        out = out or inner
+        # FLUX.1 Fill: (latents, mask, masked latents) channels in sdrt's order -> diffusers' (see ``tokens``)
+        self.fill = (out // PATCH**2, (inner - 2 * out) // PATCH**2) if inner > out else None
+
+    def tokens(self, sample: torch.Tensor) -> torch.Tensor:
+        """``sample`` packed into the transformer's input tokens. FLUX.1 Fill's ``sample`` is [latents C, mask M,
+        masked image latents C] on channels (every sdrt inpainting denoiser's order, an SD inpainting UNet's): put
+        in FluxFillPipeline's order, [latents, masked image latents, mask], before packing. Packing is per
+        channel, so the packed concatenation is the concatenation of the packed parts, as that pipeline makes it:
+        ``cat((latents, masked_image_latents, mask), dim=-1)`` of 64, 64 and 4M features."""
+        if self.fill is not None:
+            c, m = self.fill
+            lat, mask, masked = torch.split(sample, [c, m, c], dim=1)
+            sample = torch.cat([lat, masked, mask], dim=1)
+        return pack(sample)
 
     @contextlib.contextmanager
     def traceable(self) -> Iterator[None]:
@@ -146,7 +164,7 @@ class FluxTransformer(torch.nn.Module):
         t = self.transformer
 
         def run() -> torch.Tensor:
-            return t(hidden_states=pack(sample), encoder_hidden_states=encoder_hidden_states,
+            return t(hidden_states=self.tokens(sample), encoder_hidden_states=encoder_hidden_states,
                      pooled_projections=pooled_projections, timestep=timestep / 1000,
                      guidance=guidance if self.guided else None, img_ids=img_ids, txt_ids=txt_ids,
                      return_dict=False)[0]
@@ -182,7 +200,7 @@ class FluxTransformerCached(FluxTransformer):
         h, w = sample.shape[-2], sample.shape[-1]
         img_ids, txt_ids = position_ids(sample, encoder_hidden_states)
         # FluxTransformer2DModel.forward up to its blocks, on the inputs FluxTransformer gives it
-        hidden = t.x_embedder(pack(sample))
+        hidden = t.x_embedder(self.tokens(sample))
         step, g = (timestep / 1000).to(hidden.dtype) * 1000, guidance if self.guided else None
         temb = (t.time_text_embed(step, pooled_projections) if g is None
                 else t.time_text_embed(step, g.to(hidden.dtype) * 1000, pooled_projections))
@@ -208,3 +226,17 @@ def apply_rope(x: torch.Tensor, freqs_cis: tuple[torch.Tensor, torch.Tensor], se
     real, imag = pairs.unbind(-1)
     rotated = torch.stack([-imag, real], dim=-1).flatten(3)
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+class FluxVaeEncoderMasked(VaeEncoderMasked):
+    """FLUX.1 Fill's masked image -> latents: ``image`` uint8 [B, H, W, 3] and ``mask`` uint8 [B, H, W, 1] (1 =
+    repaint) -> ``latent`` [B, 16, H/8, W/8]. FluxFillPipeline encodes ``init_image * (1 - mask)`` (the image
+    normalized to [-1, 1], the mask binarized) and shifts and scales the latents, ``(z - shift_factor) *
+    scaling_factor``; the distribution's mean is taken (sdrt's encoders are deterministic)."""
+
+    def __init__(self, vae: torch.nn.Module) -> None:
+        super().__init__(vae)
+        self.shift = float(vae.config.shift_factor or 0.0)
+
+    def forward(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return super().forward(image, mask) - self.shift * self.scale

@@ -415,12 +415,14 @@ class Pipeline:
     # -- inpainting (runtime/inpaint_stage.py) -------------------------------------------------------------
     @property
     def is_inpainting(self) -> bool:
-        """An inpainting model (a 9-channel UNet): every call needs ``image=`` and ``mask_image=``."""
+        """An inpainting model (a 9-channel UNet, FLUX.1 Fill): every call needs ``image=`` and ``mask_image=``."""
         self._ready()
         return self._inpaint_mode() == "concat"
 
     def _inpaint_mode(self) -> str:
-        return inpaint_stage.mode_of(self.engines, self.manifest.latent_channels)
+        m = self.manifest
+        return inpaint_stage.mode_of(self.engines, m.latent_channels,
+                                     self.family.concat_mask_channels(m.vae_scale_factor))
 
     def _check_mask(self, image: Any, mask_image: Any) -> Any:
         return inpaint_stage.check_mask(self.folder, self.engines, self._inpaint_mode(), image, mask_image)
@@ -515,8 +517,8 @@ class Pipeline:
             mode = lat.inpaint.mode
             step_inputs, table = inpaint_stage.loop_inputs(be, self.device_graphs, lat.inpaint, plan, guided, dt)
         elif self._inpaint_mode() == "concat":
-            raise InputError("this is an inpainting model (a 9-channel UNet): prepare the latents with image= and "
-                             "mask_image=")
+            raise InputError("this is an inpainting model (its denoiser takes a mask): prepare the latents with "
+                             "image= and mask_image=")
         if rescale and mode is not None:
             raise InputError("guidance_rescale with inpainting is not supported: leave guidance_rescale at 0")
         unet_in = self._first_input(plan, lo, lat, guided, dt, step_inputs.get("unet_extra"))

@@ -133,6 +133,12 @@ class Family:
         (``sigmas``, ``mu``: FLUX.1's own sigmas and resolution-dependent shift); none for the others."""
         return {}
 
+    def concat_mask_channels(self, vae_factor: int) -> int:
+        """The channels of the mask an inpainting denoiser takes beside the latents and the masked image's latents
+        (sdrt's order: [latents, mask, masked latents]): SD's 9-channel inpainting UNets take the mask at latent
+        size, one channel (diffusers' ``prepare_mask_latents``)."""
+        return 1
+
     def export_time_ids(self, size: int) -> list[float]:
         """Example time ids for tracing the denoiser at ``size`` (empty: none)."""
         return []

@@ -6,6 +6,9 @@ state) is the transformer's ``pooled_projections``, each prompt cut at 77 tokens
 transformer's ``encoder_hidden_states`` as they are (no CLIP states join them). Both are needed (diffusers has no
 T5-less FLUX mode).
 
+FLUX.1 Fill (diffusers' ``FluxFillPipeline``) inpaints with a transformer that also takes the masked image's
+latents and the mask, each latent pixel's 8 x 8 mask pixels as 64 channels (``concat_mask_channels``).
+
 No classifier-free guidance: [dev] is guidance-distilled (the scale is the transformer's embedded ``guidance``
 input, one row per image), [schnell] takes no guidance at all; a negative prompt is refused. The transformer is
 the export's ``unet`` component (at ``transformer/``); its graph takes and returns NCHW latents [B, 16, h, w] and
@@ -68,6 +71,11 @@ class FluxFamily(Family):
                 "FLUX.1 is guidance-distilled and runs no classifier-free guidance, so it takes no negative prompt: "
                 "leave negative_prompt out ([dev]'s guidance_scale is embedded in the model; [schnell] takes none)",
                 cli="FLUX.1 takes no --negative-prompt (it runs no classifier-free guidance): leave it out")
+
+    def concat_mask_channels(self, vae_factor: int) -> int:
+        # FLUX.1 Fill (FluxFillPipeline.prepare_mask_latents): the pixel mask, each latent pixel's f x f pixels as
+        # f^2 channels (64 for FLUX.1's VAE), packed with the latents and the masked image's latents
+        return vae_factor * vae_factor
 
     def schedule_options(self, sampler: str, steps: int, height: int, width: int, vae_factor: int,
                          scheduler_config: Mapping[str, Any]) -> dict[str, Any]:
