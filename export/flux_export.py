@@ -1,9 +1,10 @@
-"""FLUX.1 models -> a verified ONNX folder with ``sdrt.json``: loading (a diffusers ``FluxPipeline`` folder, or a
-preset's seeded weights) and ``export_flux``, the family's counterpart of ``exporter.export_model``.
+"""FLUX.1 models -> a verified ONNX folder with ``sdrt.json``: loading (a diffusers ``FluxPipeline``,
+``FluxFillPipeline`` or ``FluxKontextPipeline`` folder, or a preset's seeded weights) and ``export_flux``, the
+family's counterpart of ``exporter.export_model``.
 
 Layout: model_index.json, text_encoder/ (CLIP), text_encoder_2/ (T5), transformer/ (the manifest's ``unet``),
-vae_decoder/, vae_encoder/, tokenizer/, tokenizer_2/, scheduler/, sdrt.json; written under a temporary name and
-renamed once every component passed its parity gate.
+vae_decoder/, vae_encoder/ (and FLUX.1 Fill's vae_encoder_masked/), tokenizer/, tokenizer_2/, scheduler/,
+sdrt.json; written under a temporary name and renamed once every component passed its parity gate.
 
 Precision: FLUX.1's activations overflow fp16 (NaN images, diffusers issue 9096) and sdrt exports no bf16 graph
 yet, so every FLUX.1 component is exported in float32; ``--fp16`` is refused for it, saying so. The 12B
@@ -41,7 +42,15 @@ from sdrt.runtime.manifest import (
 
 from .block_cache import DENOISER_FOLDER, FOLDERS
 from .exporter import EXPORT_KIND, MIN_OPSET, TEXT_LEN, check_export_dir, tool_versions
-from .flux_presets import FLUX_PRESETS, FluxModules, FluxPreset, build_modules, fills, get_flux_preset
+from .flux_presets import (
+    FLUX_PRESETS,
+    KONTEXT_PIPELINE,
+    FluxModules,
+    FluxPreset,
+    build_modules,
+    fills,
+    get_flux_preset,
+)
 from .flux_specs import (
     T5_NAME,
     cached_spec,
@@ -65,7 +74,7 @@ from .streamed import (
 )
 
 PIPELINE_CLASS = "FluxPipeline"
-PIPELINE_CLASSES = (PIPELINE_CLASS, "FluxFillPipeline")  # FLUX.1 [schnell] / [dev], FLUX.1 Fill
+PIPELINE_CLASSES = (PIPELINE_CLASS, "FluxFillPipeline", KONTEXT_PIPELINE)  # [schnell] / [dev], Fill, Kontext
 STREAMABLE = ("transformer", T5_NAME)
 FP16_REFUSED = ("FLUX.1 overflows fp16 (NaN images: diffusers issue 9096) and sdrt exports no bf16 graph yet; "
                 "FLUX.1 is exported in fp32: pass --fp32")
@@ -108,7 +117,8 @@ def pipeline_class(path: Path) -> str | None:
 
 
 def is_flux_folder(path: Path) -> bool:
-    """A diffusers folder of ``FluxPipeline`` or ``FluxFillPipeline`` (its model_index.json says so)."""
+    """A diffusers folder of ``FluxPipeline``, ``FluxFillPipeline`` or ``FluxKontextPipeline`` (its model_index.json
+    says so)."""
     return pipeline_class(path) in PIPELINE_CLASSES
 
 
@@ -239,6 +249,10 @@ def export_flux(
     p, mods = model.preset, model.modules
     f = 2 ** (len(mods.vae.config.block_out_channels) - 1)
     tr_cfg = model.streamed["transformer"].config if "transformer" in model.streamed else dict(mods.transformer.config)
+    reference = p.kontext  # the transformer also takes a reference image's latents
+    if block_cache and reference:
+        raise InputError(f"{p.name} is FLUX.1 Kontext: first-block caching does not cover its reference tokens yet; "
+                         "export it without --feature-cache")
     if block_cache and int(tr_cfg["num_layers"]) + int(tr_cfg["num_single_layers"]) < 2:
         raise InputError(f"first-block caching reuses what the blocks after the first added; {p.name}'s transformer "
                          "has one block: export it without --feature-cache")
@@ -249,13 +263,13 @@ def export_flux(
         parity_shape = (2, side, side + 2)  # non-square, whole patches
     with atomic_dir(out, marker=MANIFEST_NAME, overwrite=overwrite, what=EXPORT_KIND, owned=export_entries) as tmp:
         done = {}
-        for spec in flux_specs(mods, p.t5_tokens, block_cache, fill=fills(tr_cfg)):
+        for spec in flux_specs(mods, p.t5_tokens, block_cache, fill=fills(tr_cfg), reference=reference):
             folder = FOLDERS.get(spec.name, spec.name)
             done[spec.name] = export_component(spec, "fp32", tmp / folder, opset=opset, parity_shape=parity_shape,
                                                progress=progress)
         for name, st in model.streamed.items():
             jobs = [(name, streamed_t5(st.config, p.t5_tokens))] if name != "transformer" else \
-                [("transformer", streamed_transformer_spec(st.config, p.t5_tokens, block_cache))]
+                [("transformer", streamed_transformer_spec(st.config, p.t5_tokens, block_cache, reference))]
             if name == "transformer" and block_cache:
                 jobs.append(("cached", streamed_cached_spec(st.config, p.t5_tokens)))
             for kind, sspec in jobs:
@@ -263,7 +277,7 @@ def export_flux(
                 progress(f"{sspec.name} is streamed ({st.kind} weights, one tensor at a time)")
                 comp = export_streamed(sspec, st.weights, "fp32", tmp / folder, progress=progress)
                 par = gate_streamed(kind, st.config, st.weights, p.t5_tokens, parity_shape, progress,
-                                    block_cache=block_cache)
+                                    block_cache=block_cache, reference=reference)
                 progress(f"{sspec.name}: {parity_line(par, comp.precision)} ({par.reference})")
                 done[sspec.name] = replace(comp, parity=par)
         order = ["text_encoder", T5_NAME, "unet", SHALLOW_UNET, "vae_decoder", "vae_encoder", MASKED_ENCODER]
@@ -300,10 +314,11 @@ SINGLE_BLOCKS = re.compile(r"^single_transformer_blocks\.(\d+)\.")
 
 def gate_streamed(kind: str, config: dict[str, Any], weights: WeightSource, tokens: int,
                   parity_shape: tuple[int, int, int], progress: Callable[[str], None] = lambda m: None,
-                  block_cache: bool = False) -> Parity:
+                  block_cache: bool = False, reference: bool = False) -> Parity:
     """The parity gate of a streamed component on a reduced-depth copy at full width, exported through the same
     streamed path: the ``transformer``'s first double-stream and last single-stream blocks (``block_cache``: with
-    first-block caching's residual outputs; the ``cached`` step on the same copy), T5's (``text_encoder_2``) first
+    first-block caching's residual outputs; ``reference``: taking a reference image's latents, FLUX.1 Kontext; the
+    ``cached`` step on the same copy), T5's (``text_encoder_2``) first
     and last blocks, each with the checkpoint's own weights; compared with the same copy in PyTorch (fp32,
     onnxruntime CPU). Raises ParityError past the bound, as every gate. The cached step runs only the first double
     block, which the reduced copy keeps as its own first: its gate is exact in depth."""
@@ -317,7 +332,7 @@ def gate_streamed(kind: str, config: dict[str, Any], weights: WeightSource, toke
         inner = mapped_weights(weights, SINGLE_BLOCKS, "single_transformer_blocks.", picked[1])
         source = mapped_weights(inner, DOUBLE_BLOCKS, "transformer_blocks.", picked[0])
         sspec = streamed_cached_spec(reduced, tokens) if kind == "cached" else \
-            streamed_transformer_spec(reduced, tokens, block_cache)
+            streamed_transformer_spec(reduced, tokens, block_cache, reference)
         module: torch.nn.Module = FluxTransformer2DModel(**reduced)
         what = f"double block 0 of {config['num_layers']} and single block {singles - 1} of {singles}"
     else:
@@ -329,7 +344,7 @@ def gate_streamed(kind: str, config: dict[str, Any], weights: WeightSource, toke
         what = f"blocks {t5_picked} of {config['num_layers']}"
     progress(f"{sspec.name}: parity gate on {what} at full width (a reduced-depth copy)")
     module = load_reduced(module, source, sspec.name)
-    cspec = (cached_spec(module, tokens) if kind == "cached" else transformer_spec(module, tokens, block_cache)
+    cspec = (cached_spec(module, tokens) if kind == "cached" else transformer_spec(module, tokens, block_cache, reference)
              if kind == "transformer" else t5_spec(module, tokens, name=T5_NAME))
     with tempfile.TemporaryDirectory(prefix="sdrt-gate-") as tmp:
         comp = export_streamed(sspec, source, "fp32", Path(tmp) / sspec.name)

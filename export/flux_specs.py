@@ -5,7 +5,8 @@
 ``unet`` (the transformer, written to ``transformer/``: NCHW latents in and out, packed in the graph; dynamic in
 batch, latent height and width, and text tokens; [dev] adds ``guidance``), ``vae_decoder`` and ``vae_encoder``
 (16 latent channels, the shift in the graph: SD3's VAE specs). FLUX.1 Fill adds ``vae_encoder_masked`` (the
-masked image's latents), and its transformer's ``sample`` also has the mask's and the masked latents' channels.
+masked image's latents), and its transformer's ``sample`` also has the mask's and the masked latents' channels;
+FLUX.1 Kontext's transformer also takes ``reference_latents`` [1, 16, H, W], a reference image's latents.
 With first-block caching (``sdrt export --feature-cache``) the transformer also returns its two residuals and
 ``unet_shallow`` (``transformer_shallow/``) is its cached step (export/block_cache.py).
 """
@@ -45,7 +46,7 @@ def clip_spec(enc: torch.nn.Module) -> ComponentSpec:
     )
 
 
-def _io(config: dict[str, Any], block_cache: bool = False) -> tuple[list[Spec], list[Spec]]:
+def _io(config: dict[str, Any], block_cache: bool = False, reference: bool = False) -> tuple[list[Spec], list[Spec]]:
     joint, pooled = int(config["joint_attention_dim"]), int(config["pooled_projection_dim"])
     ch = int(config["in_channels"]) // 4  # the packed tokens' width is 2x2 latent pixels
     out = int(config.get("out_channels") or config["in_channels"]) // 4  # fewer than ch: FLUX.1 Fill
@@ -54,6 +55,8 @@ def _io(config: dict[str, Any], block_cache: bool = False) -> tuple[list[Spec], 
               ("pooled_projections", "float", ("batch", pooled))]
     if config.get("guidance_embeds"):
         inputs.append(("guidance", "float32", ("batch",)))
+    if reference:  # FLUX.1 Kontext: one reference image's latents, of a size of their own
+        inputs.append(("reference_latents", "float", (1, out, "reference_height", "reference_width")))
     return inputs, [("out_sample", "float", ("batch", out, "height", "width")),
                     *(_residuals(config) if block_cache else [])]
 
@@ -84,28 +87,32 @@ def _cached_args(config: dict[str, Any], args: tuple[torch.Tensor, ...], g: torc
 
 
 def _example(config: dict[str, Any], tokens: int, g: torch.Generator | None, b: int, h: int,
-             w: int) -> tuple[torch.Tensor, ...]:
+             w: int, reference: bool = False) -> tuple[torch.Tensor, ...]:
     joint, pooled = int(config["joint_attention_dim"]), int(config["pooled_projection_dim"])
     ch = int(config["in_channels"]) // 4
     args = [torch.randn(b, ch, h, w, generator=g), torch.rand(b, generator=g) * 1000,
             torch.randn(b, tokens, joint, generator=g), torch.randn(b, pooled, generator=g)]
     if config.get("guidance_embeds"):
         args.append(1.0 + 4.0 * torch.rand(b, generator=g))
+    if reference:  # a reference of another size than the image (its sides swapped)
+        args.append(torch.randn(1, int(config.get("out_channels") or config["in_channels"]) // 4, w, h, generator=g))
     return tuple(args)
 
 
-def transformer_spec(transformer: torch.nn.Module, tokens: int, block_cache: bool = False) -> ComponentSpec:
+def transformer_spec(transformer: torch.nn.Module, tokens: int, block_cache: bool = False,
+                     reference: bool = False) -> ComponentSpec:
     """The transformer with ``tokens`` example text tokens (T5's, in a real call); ``block_cache``: it also
-    returns first-block caching's two residuals (``FluxTransformer``)."""
+    returns first-block caching's two residuals; ``reference``: it takes a reference image's latents (FLUX.1
+    Kontext; ``FluxTransformer``)."""
     config = dict(transformer.config)
-    inputs, outputs = _io(config, block_cache)
+    inputs, outputs = _io(config, block_cache, reference)
     return ComponentSpec(
         name="unet",  # the export's denoiser component; its folder is transformer/
-        module=FluxTransformer(transformer, block_cache=block_cache),
+        module=FluxTransformer(transformer, block_cache=block_cache, reference=reference),
         weights=transformer,
         inputs=inputs,
         outputs=outputs,
-        example=lambda g, b, h, w: _example(config, tokens, g, b, h, w),
+        example=lambda g, b, h, w: _example(config, tokens, g, b, h, w, reference),
     )
 
 
@@ -144,17 +151,18 @@ def masked_encoder_spec(vae: torch.nn.Module, factor: int) -> ComponentSpec:
     )
 
 
-def flux_specs(modules: FluxModules, t5_tokens: int, block_cache: bool = False,
-               fill: bool = False) -> list[ComponentSpec]:
+def flux_specs(modules: FluxModules, t5_tokens: int, block_cache: bool = False, fill: bool = False,
+               reference: bool = False) -> list[ComponentSpec]:
     """The components held in memory, in the family's encoder order, then the denoiser (with ``block_cache``:
-    returning first-block caching's residuals, its cached step after it) and the VAE decoder and encoder (T5 and
-    the transformer left out where streamed); ``fill`` (FLUX.1 Fill) adds the masked image's encoder."""
+    returning first-block caching's residuals, its cached step after it; ``reference``: taking a reference
+    image's latents, FLUX.1 Kontext) and the VAE decoder and encoder (T5 and the transformer left out where
+    streamed); ``fill`` (FLUX.1 Fill) adds the masked image's encoder."""
     factor = 2 ** (len(modules.vae.config.block_out_channels) - 1)
     specs = [clip_spec(modules.clip)]
     if modules.t5 is not None:
         specs.append(t5_spec(modules.t5, t5_tokens, name=T5_NAME))
     if modules.transformer is not None:
-        specs.append(transformer_spec(modules.transformer, t5_tokens, block_cache))
+        specs.append(transformer_spec(modules.transformer, t5_tokens, block_cache, reference))
         if block_cache:
             specs.append(cached_spec(modules.transformer, t5_tokens))
     specs += [vae_decoder_spec(modules.vae), vae_encoder_spec(modules.vae, factor)]
@@ -163,9 +171,9 @@ def flux_specs(modules: FluxModules, t5_tokens: int, block_cache: bool = False,
 
 # -- the large components, streamed (export/streamed.py): built from their configs in fake mode -----------------
 
-def _dims(config: dict[str, Any], residuals: bool = False) -> dict[str, Any]:
-    """torch.export's dynamic shapes of the transformer's inputs (and of the cached step's residuals): batch,
-    latent sides in patches, text tokens."""
+def _dims(config: dict[str, Any], residuals: bool = False, reference: bool = False) -> dict[str, Any]:
+    """torch.export's dynamic shapes of the transformer's inputs (and of the cached step's residuals, or a
+    reference image's latents): batch, latent sides in patches, text tokens."""
     d = torch.export.Dim
     b, t = d("batch", min=1, max=64), d("text_tokens", min=1, max=4096)
     h, w = d("patches_h", min=1, max=256), d("patches_w", min=1, max=256)
@@ -175,23 +183,30 @@ def _dims(config: dict[str, Any], residuals: bool = False) -> dict[str, Any]:
         dims["guidance"] = {0: b}
     if residuals:
         dims.update(residual_dims(b))
+    if reference:
+        rh, rw = d("reference_patches_h", min=1, max=256), d("reference_patches_w", min=1, max=256)
+        dims["reference_latents"] = {2: PATCH * rh, 3: PATCH * rw}
     return dims
 
 
-def streamed_transformer_spec(config: dict[str, Any], tokens: int, block_cache: bool = False) -> StreamedSpec:
+def streamed_transformer_spec(config: dict[str, Any], tokens: int, block_cache: bool = False,
+                              reference: bool = False) -> StreamedSpec:
     """The transformer as ``transformer_spec`` describes it (``block_cache``: returning first-block caching's two
-    residuals), traced on fake tensors (dynamic batch, latent sides in patches and text tokens) for a streamed
-    export; its weights are named as the diffusers checkpoint's."""
+    residuals; ``reference``: taking a reference image's latents), traced on fake tensors (dynamic batch, latent
+    sides in patches, text tokens, the reference's sides) for a streamed export; its weights are named as the
+    diffusers checkpoint's."""
     from diffusers import FluxTransformer2DModel
 
-    inputs, outputs = _io(config, block_cache)
+    inputs, outputs = _io(config, block_cache, reference)
 
     def build() -> torch.nn.Module:
-        return FluxTransformer(FluxTransformer2DModel(**config), torchscript=False, block_cache=block_cache)
+        return FluxTransformer(FluxTransformer2DModel(**config), torchscript=False, block_cache=block_cache,
+                               reference=reference)
 
     return StreamedSpec(
         name="unet", build=build, prefix="transformer.", inputs=inputs, outputs=outputs,
-        example=lambda: _example(config, tokens, None, 2, *TRACE_LATENT), dynamic=lambda: _dims(config))
+        example=lambda: _example(config, tokens, None, 2, *TRACE_LATENT, reference),
+        dynamic=lambda: _dims(config, reference=reference))
 
 
 def streamed_cached_spec(config: dict[str, Any], tokens: int) -> StreamedSpec:

@@ -275,6 +275,8 @@ def _axis_range(component: str, axis: str, profile: BuildProfile, factor: int, f
         return Range(-(-latent.min // k), -(-latent.opt // k), -(-latent.max // k))
     if axis in ("image_height", "image_width"):
         return getattr(profile, axis.removeprefix("image_"))  # type: ignore[no-any-return]
+    if axis in ("reference_height", "reference_width"):  # a reference image (FLUX.1 Kontext): the image sides
+        return getattr(profile, axis.removeprefix("reference_")).divided(factor)  # type: ignore[no-any-return]
     if axis == "sequence":
         return profile.chunks.scaled(TOKENS_PER_CHUNK)
     if axis == "t5_tokens":

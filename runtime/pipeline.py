@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import control_stage, controlnet, inpaint, inpaint_stage, loading, samplers
+from . import control_stage, controlnet, inpaint, inpaint_stage, loading, reference, samplers
 from .backends import BACKENDS, make_backend
 from .conditioning import TextConditioning
 from .device_graphs import DeviceGraphs
@@ -365,27 +365,47 @@ class Pipeline:
 
     def prepare_latents(self, plan: samplers.SamplerPlan, height: int, width: int, *, batch_size: int | None = None,
                         seed: int | Sequence[int] | None = None, latents: np.ndarray | None = None,
-                        image: Any = None, mask_image: Any = None, strength: float = 1.0) -> Latents:
+                        image: Any = None, mask_image: Any = None, strength: float = 1.0,
+                        reference_image: Any = None, reference_resize: bool = True) -> Latents:
         """The starting latents: ``init_noise_sigma * noise`` (txt2img), or ``image`` encoded and noised to
         the plan's first step (img2img). ``seed`` a list: one generator per image, so image k of a batch
         equals the same seed generated alone (``batch_size`` defaults to the list's length, else 1).
         ``latents``: the initial noise itself (diffusers' ``latents``). ``mask_image`` (white = repaint):
-        inpaint ``image``; the plan's ``strength`` (1: start from noise)."""
+        inpaint ``image``; the plan's ``strength`` (1: start from noise). ``reference_image`` (an editing model,
+        FLUX.1 Kontext): the image to edit, encoded into the latents' ``reference`` (``reference_resize``: as the
+        call's)."""
         with self._lock:
             self._ready()
             if batch_size is None:
                 batch_size = len(seed) if isinstance(seed, (list, tuple)) else 1
             self.check_request(height, width, batch_size, guided=None)
+            reference.check(self.folder, self.engines, GenerationRequest(
+                image=image, mask_image=mask_image, reference_image=reference_image,
+                reference_resize=reference_resize))
             if image is not None:
                 self._check_img2img()
             mask = None if mask_image is None else self._check_mask(image, mask_image)
             init = None if image is None else to_uint8(image, height, width, self.manifest.vae_scale_factor)
+            ref = None if reference_image is None else self._reference_pixels(reference_image, reference_resize)
             return self._prepare(plan, height, width, batch_size, resolve_seed(seed, batch_size), latents, init,
-                                 mask, strength == 1.0)
+                                 mask, strength == 1.0, ref)
+
+    def _reference_pixels(self, image: Any, resize: bool) -> np.ndarray:
+        lim = self.manifest.limits
+        return reference.pixels(image, self.family, lim.multiple_of, resize, lim.max_size)
 
     def _prepare(self, plan: samplers.SamplerPlan, height: int, width: int, b: int,
                  seed: int | Sequence[int] | None, latents: np.ndarray | None, init: np.ndarray | None,
-                 mask: Any = None, pure_noise: bool = False) -> Latents:
+                 mask: Any = None, pure_noise: bool = False, ref: np.ndarray | None = None) -> Latents:
+        lat = self._prepare_latents(plan, height, width, b, seed, latents, init, mask, pure_noise)
+        if ref is None:
+            return lat
+        return replace(lat, reference=reference.encode(self.backend, self.engines, self.device_graphs, self.dtype,
+                                                       ref))
+
+    def _prepare_latents(self, plan: samplers.SamplerPlan, height: int, width: int, b: int,
+                         seed: int | Sequence[int] | None, latents: np.ndarray | None, init: np.ndarray | None,
+                         mask: Any, pure_noise: bool) -> Latents:
         m = self.manifest
         f = m.vae_scale_factor
         lat_shape = (b, m.latent_channels, height // f, width // f)
@@ -418,6 +438,12 @@ class Pipeline:
         """An inpainting model (a 9-channel UNet, FLUX.1 Fill): every call needs ``image=`` and ``mask_image=``."""
         self._ready()
         return self._inpaint_mode() == "concat"
+
+    @property
+    def takes_reference(self) -> bool:
+        """An editing model (FLUX.1 Kontext): every call needs ``reference_image=``, the image to edit."""
+        self._ready()
+        return reference.takes_reference(self.engines)
 
     def _inpaint_mode(self) -> str:
         m = self.manifest
@@ -508,6 +534,10 @@ class Pipeline:
         to_dev = be.to_device
         text = self._conditioning()
         factors = self.lora_inputs(None) if lora is None else lora  # a slotted UNet's factors (zeros: none)
+        if lat.reference is not None:  # an editing model's reference latents, read at every step as the text is
+            factors = {**factors, reference.REFERENCE_INPUT: lat.reference}
+        elif reference.takes_reference(self.engines):
+            raise InputError("this is an editing model (FLUX.1 Kontext): prepare the latents with reference_image=")
         cond = {**text.denoiser_inputs(emb, lat.height, lat.width, scores, guidance_scale), **factors}
         cond_steps = [(k, {**text.denoiser_inputs(e, lat.height, lat.width, scores, guidance_scale), **factors})
                       for k, e in edits if k < hi - lo] or None
@@ -771,6 +801,7 @@ class Pipeline:
             if not self.family.generates and req.image is None:
                 raise self.family.refuse_generation(self.folder)
             image = req.image
+            reference.check(self.folder, self.engines, req)
             mask, blur = inpaint_stage.check_call(self.folder, self.engines, self._inpaint_mode(), req)
             creq = self._check_control(req.control_images, req.control_scales, req.control_start, req.control_end,
                                        req.guess_mode, req.control_preprocess, mask is not None)
@@ -781,8 +812,13 @@ class Pipeline:
             if image is not None:
                 self._check_img2img()
             init = None if image is None else to_uint8(image, req.height, req.width, m.vae_scale_factor)
-            # the image's size (img2img), else the control image's (as diffusers), else the model's default
+            ref = None if req.reference_image is None else self._reference_pixels(req.reference_image,
+                                                                                  req.reference_resize)
+            # the image's size (img2img), else the control image's (as diffusers) or the reference's, else the
+            # model's default
             control_size = None if creq is None else controlnet.default_size(creq, m.vae_scale_factor)
+            if ref is not None:
+                control_size = int(ref.shape[1]), int(ref.shape[2])
             height, width = call_size(req.height, req.width, init, control_size, m.default_size)
             guided = self.uses_guidance(req.guidance_scale)
             self.check_request(height, width, b, guided=guided)
@@ -803,7 +839,7 @@ class Pipeline:
                 else:
                     emb, edits = self._encode_request(req, guided, self._text_lora(lora_feeds))
                 clock.mark()
-                lat = self._prepare(plan, height, width, b, req.seed, req.latents, init, mask, strength == 1.0)
+                lat = self._prepare(plan, height, width, b, req.seed, req.latents, init, mask, strength == 1.0, ref)
                 clock.mark()
                 lat, how = self._denoise(emb, lat, plan, req.guidance_scale, None, None, callback, {}, clock,
                                          rescale=req.guidance_rescale, control=creq, scores=req.scores,
@@ -813,7 +849,8 @@ class Pipeline:
                     assert init is not None  # paste_back is refused without an image
                     images = inpaint.paste_back_all(images, init, mask, blur)
                 clock.mark()
-                timings = call_timings(clock, image=init is not None, decoded=req.output == "images", t_start=t_start)
+                timings = call_timings(clock, image=init is not None or ref is not None, decoded=req.output == "images",
+                                       t_start=t_start)
                 return Result(images, timings, nonfinite, how, final, lat.seed)
             except DeviceMemoryError as e:
                 raise self.memory_error(e, b, guided, height, width) from e

@@ -281,8 +281,10 @@ def test_shapes_no_preset_has_and_arch(files: dict, seeded: dict, tmp_path: Path
     from diffusers import FluxTransformer2DModel
 
     f = files["flux-dev-tiny"]
-    with pytest.raises(InputError, match=r"--arch flux-schnell-tiny does not fit .*\(it fits flux-dev-tiny\): "
-                                         r"guidance embedding True in the file, False in flux-schnell-tiny"):
+    # Kontext has [dev]'s shapes: a file of them fits both
+    with pytest.raises(InputError, match=r"--arch flux-schnell-tiny does not fit .*\(it fits flux-dev-tiny, "
+                                         r"flux-kontext-dev-tiny\): guidance embedding True in the file, False in "
+                                         r"flux-schnell-tiny"):
         load_flux_single_file(f["bfl"], arch="flux-schnell-tiny", **separate(f))
     deeper = FluxTransformer2DModel(**{**get_flux_preset("flux-dev-tiny").config("transformer"), "num_layers": 2})
     path = write(transformer_to_bfl(deeper.state_dict()), tmp_path / "deeper.safetensors")

@@ -139,6 +139,12 @@ class Family:
         size, one channel (diffusers' ``prepare_mask_latents``)."""
         return 1
 
+    def reference_size(self, width: int, height: int, multiple: int, resize: bool) -> tuple[int, int]:
+        """(width, height) a reference image of this size is encoded at, for a denoiser that takes one (an
+        editing model): its own size rounded down to a multiple of ``multiple`` (the family's may pick a
+        preferred resolution where ``resize``)."""
+        return width - width % multiple, height - height % multiple
+
     def export_time_ids(self, size: int) -> list[float]:
         """Example time ids for tracing the denoiser at ``size`` (empty: none)."""
         return []
