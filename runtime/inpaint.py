@@ -27,7 +27,7 @@ import numpy as np
 
 from . import samplers
 from .engine import Array
-from .errors import InputError
+from .errors import ArtifactError, InputError
 
 MASKED_ENCODER = "vae_encoder_masked"  # the export's encoder of the masked image (9-channel UNets only)
 MASK_MODES = ("1", "L", "RGB")  # what a mask image may be; diffusers converts each to grayscale ("L")
@@ -122,7 +122,8 @@ def latent_mask(mask_px: np.ndarray, factor: int, batch: int, channels: int = 1)
         cells = mask_px[:h * factor, :w * factor].reshape(h, factor, w, factor).transpose(1, 3, 0, 2)
         return np.ascontiguousarray(np.broadcast_to(cells.reshape(channels, h, w), (batch, channels, h, w)))
     if channels != 1:
-        raise ValueError(f"a mask of {channels} channels at 1/{factor} of the size: neither 1 nor {factor * factor}")
+        raise ArtifactError(f"the inpainting denoiser takes a mask of {channels} channels, neither one nor "
+                            f"{factor * factor} (each latent pixel's pixels); re-export the model with `sdrt export`")
     return np.ascontiguousarray(np.broadcast_to(mask_px[::factor, ::factor], (batch, 1, *mask_px[::factor, ::factor].shape)))
 
 

@@ -57,7 +57,7 @@ def _pack(latents: np.ndarray) -> torch.Tensor:
     from diffusers import FluxPipeline
 
     b, c, h, w = latents.shape
-    return FluxPipeline._pack_latents(torch.from_numpy(latents), b, c, h, w)
+    return FluxPipeline._pack_latents(torch.from_numpy(np.ascontiguousarray(latents).copy()), b, c, h, w)
 
 
 def _box_mask(w: int, h: int):
