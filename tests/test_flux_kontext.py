@@ -229,3 +229,31 @@ def test_ort_cuda_code_path_gives_the_ort_cpu_images(flux_export, monkeypatch: p
     with Pipeline.load(folder, backend="ort-cuda") as pipe:
         got = np.asarray(pipe(PROMPT, **kw).images[0])
     np.testing.assert_array_equal(got, want)
+
+
+def test_served_on_the_openai_edits_endpoint(flux_export) -> None:
+    """``sdrt serve`` on a Kontext export: ``/v1/images/edits``' image is the reference (the pipeline's own call
+    with it, resized to the preferred resolution); a mask or a strength is a 422 naming the field; the server's
+    warm-up passes with a reference."""
+    import io
+
+    pytest.importorskip("fastapi")
+    httpx = pytest.importorskip("httpx")
+    from sdrt.serve import create_app
+
+    from .helpers.serve_live import LiveServer, pixels
+
+    pipe = shared_pipeline(flux_export(PRESET))
+    ref = control_image(9, w=48, h=32)
+    want = np.asarray(pipe(PROMPT, reference_image=ref, height=64, width=64, steps=2, seed=4,
+                           guidance_scale=2.5).images[0])
+    buf = io.BytesIO()
+    ref.save(buf, format="PNG")
+    files = {"image": ("ref.png", buf.getvalue(), "image/png")}
+    form = {"prompt": PROMPT, "size": "64x64", "steps": "2", "seed": "4", "guidance_scale": "2.5"}
+    with LiveServer(create_app(pipe, max_batch=2, batch_window_ms=5, max_steps=4, max_pixels=128 * 128)) as server:
+        r = httpx.post(f"{server.url}/v1/images/edits", files=files, data=form, timeout=120)
+        assert r.status_code == 200, r.text
+        np.testing.assert_array_equal(pixels(r.json()["data"][0]["b64_json"]), want)
+        r = httpx.post(f"{server.url}/v1/images/edits", files=files, data={**form, "strength": "0.5"}, timeout=120)
+        assert r.status_code == 422 and "strength" in r.text and "Kontext" in r.text, r.text
