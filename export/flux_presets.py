@@ -61,12 +61,6 @@ class FluxPreset:
         the image's (its structure is [dev]'s: only the pipeline class tells them apart)."""
         return self.pipeline_class == KONTEXT_PIPELINE
 
-    @property
-    def fill(self) -> bool:
-        """FLUX.1 Fill: the transformer takes the masked image's latents and the mask beside the latents (more
-        input channels than output)."""
-        return fills(self.transformer)
-
 
 def fills(transformer: dict[str, Any]) -> bool:
     """A transformer config of FLUX.1 Fill: more packed input channels than output (diffusers' FluxFillPipeline

@@ -257,3 +257,19 @@ def test_served_on_the_openai_edits_endpoint(flux_export) -> None:
         np.testing.assert_array_equal(pixels(r.json()["data"][0]["b64_json"]), want)
         r = httpx.post(f"{server.url}/v1/images/edits", files=files, data={**form, "strength": "0.5"}, timeout=120)
         assert r.status_code == 422 and "strength" in r.text and "Kontext" in r.text, r.text
+
+
+def test_staged_calls_give_the_one_call_image(flux_export) -> None:
+    """``prepare_latents(..., reference_image=)`` then ``denoise`` and ``decode``: the one call's image;
+    ``prepare_latents`` without a reference is refused, naming it."""
+    pipe = shared_pipeline(flux_export(PRESET))
+    ref = control_image(2, w=64, h=64)
+    want = np.asarray(pipe(PROMPT, reference_image=ref, reference_resize=False, steps=2, seed=6, height=64, width=64,
+                           guidance_scale=2.5).images[0])
+    emb = pipe.encode_prompt(PROMPT)
+    plan = pipe.plan(None, 2, height=64, width=64)
+    lat = pipe.prepare_latents(plan, 64, 64, seed=6, reference_image=ref, reference_resize=False)
+    images, _ = pipe.decode(pipe.denoise(emb, lat, plan, guidance_scale=2.5))
+    np.testing.assert_array_equal(np.asarray(images[0]), want)
+    with pytest.raises(InputError, match=r"is an editing model \(FLUX.1 Kontext\): pass reference_image="):
+        pipe.prepare_latents(plan, 64, 64, seed=6)
