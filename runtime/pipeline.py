@@ -784,6 +784,11 @@ class Pipeline:
                 raise InputError("max_sequence_length sets T5's tokens per prompt; the base + refiner ensemble "
                                  "(SDXL) has no T5 encoder: leave it out",
                                  cli="--max-sequence-length is for models with a T5 encoder: leave it out")
+            if req.reference_image is not None:
+                raise InputError("reference_image conditions an editing model (FLUX.1 Kontext); the base + refiner "
+                                 "ensemble (SDXL) takes none: leave it out",
+                                 cli="--reference is for an editing model (FLUX.1 Kontext): leave it out with "
+                                     "--refiner")
             return refine(self, refiner, req, callback=callback)
         with self._lock:
             self._ready()
