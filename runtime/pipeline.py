@@ -390,6 +390,20 @@ class Pipeline:
             return self._prepare(plan, height, width, batch_size, resolve_seed(seed, batch_size), latents, init,
                                  mask, strength == 1.0, ref)
 
+    def _check_reference_size(self, ref: np.ndarray, batch: int, guided: bool) -> None:
+        """The reference's sides within the backend's engines' image sizes (TensorRT's build profile bounds the
+        reference as it bounds the image), before any work."""
+        rh, rw = int(ref.shape[1]), int(ref.shape[2])
+        try:
+            self.backend.check_request(batch, rh, rw, guided)
+        except InputError as e:
+            raise InputError(f"the reference image is {rw}x{rh} once sized for the model, outside these engines' "
+                             f"image sizes ({e}); give a smaller reference with reference_resize=False, or rebuild "
+                             "the engines for its size",
+                             cli=f"--reference is {rw}x{rh} once sized for the model, outside these engines' image "
+                                 f"sizes ({e}); give a smaller one with --no-reference-resize, or rebuild the "
+                                 "engines for its size") from e
+
     def _reference_pixels(self, image: Any, resize: bool) -> np.ndarray:
         lim = self.manifest.limits
         return reference.pixels(image, self.family, lim.multiple_of, resize, lim.max_size)
@@ -827,6 +841,8 @@ class Pipeline:
             height, width = call_size(req.height, req.width, init, control_size, m.default_size)
             guided = self.uses_guidance(req.guidance_scale)
             self.check_request(height, width, b, guided=guided)
+            if ref is not None:
+                self._check_reference_size(ref, b, guided)
             default_strength = 1.0 if mask is not None else DEFAULT_STRENGTH
             strength = 1.0 if image is None else default_strength if req.strength is None else req.strength
             plan = self.plan(req.sampler, req.steps, strength=strength, timestep_spacing=req.timestep_spacing,

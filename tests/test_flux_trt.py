@@ -130,6 +130,11 @@ def test_fill_and_kontext_engines_on_the_fakes(flux_export, tmp_path: Path, fake
     want = Pipeline.load(src, backend="ort-cpu")("a red fox", steps=3, seed=5, **kw)
     with Pipeline.load(out, backend="tensorrt") as pipe:
         got = pipe("a red fox", steps=3, seed=5, **kw)
+        if preset == "flux-kontext-dev-tiny":  # a reference past the profile's sizes: refused before any work
+            with pytest.raises(InputError, match=r"the reference image is 128x128 once sized .*outside these "
+                                                 r"engines' image sizes"):
+                pipe("a red fox", steps=3, seed=5, height=64, width=64, reference_resize=False,
+                     reference_image=np.zeros((128, 128, 3), np.uint8))
     assert got.loop == "captured CUDA graphs" and cudart.launches == 3
     a, b = np.asarray(want.images[0], np.int16), np.asarray(got.images[0], np.int16)
     assert a.shape == b.shape == (64, 64, 3) and a.std() > 1
