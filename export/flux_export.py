@@ -1,9 +1,10 @@
-"""FLUX.1 models -> a verified ONNX folder with ``sdrt.json``: loading (a diffusers ``FluxPipeline`` folder, or a
-preset's seeded weights) and ``export_flux``, the family's counterpart of ``exporter.export_model``.
+"""FLUX.1 models -> a verified ONNX folder with ``sdrt.json``: loading (a diffusers ``FluxPipeline``,
+``FluxFillPipeline`` or ``FluxKontextPipeline`` folder, or a preset's seeded weights) and ``export_flux``, the
+family's counterpart of ``exporter.export_model``.
 
 Layout: model_index.json, text_encoder/ (CLIP), text_encoder_2/ (T5), transformer/ (the manifest's ``unet``),
-vae_decoder/, vae_encoder/, tokenizer/, tokenizer_2/, scheduler/, sdrt.json; written under a temporary name and
-renamed once every component passed its parity gate.
+vae_decoder/, vae_encoder/ (and FLUX.1 Fill's vae_encoder_masked/), tokenizer/, tokenizer_2/, scheduler/,
+sdrt.json; written under a temporary name and renamed once every component passed its parity gate.
 
 Precision: FLUX.1's activations overflow fp16 (NaN images, diffusers issue 9096) and sdrt exports no bf16 graph
 yet, so every FLUX.1 component is exported in float32; ``--fp16`` is refused for it, saying so. The 12B
@@ -30,6 +31,7 @@ from sdrt.runtime.atomic import atomic_dir
 from sdrt.runtime.errors import InputError
 from sdrt.runtime.families import family_named
 from sdrt.runtime.feature_cache import SHALLOW_UNET
+from sdrt.runtime.inpaint import MASKED_ENCODER
 from sdrt.runtime.lora_files import LoraSpec, MergeReport
 from sdrt.runtime.manifest import (
     MANIFEST_NAME,
@@ -42,7 +44,15 @@ from sdrt.runtime.manifest import (
 
 from .block_cache import DENOISER_FOLDER, FOLDERS
 from .exporter import EXPORT_KIND, MIN_OPSET, TEXT_LEN, check_export_dir, tool_versions
-from .flux_presets import FLUX_PRESETS, FluxModules, FluxPreset, build_modules, get_flux_preset
+from .flux_presets import (
+    FLUX_PRESETS,
+    KONTEXT_PIPELINE,
+    FluxModules,
+    FluxPreset,
+    build_modules,
+    fills,
+    get_flux_preset,
+)
 from .flux_specs import (
     CLIP_NAME,
     T5_NAME,
@@ -68,6 +78,7 @@ from .streamed import (
 )
 
 PIPELINE_CLASS = "FluxPipeline"
+PIPELINE_CLASSES = (PIPELINE_CLASS, "FluxFillPipeline", KONTEXT_PIPELINE)  # [schnell] / [dev], Fill, Kontext
 STREAMABLE = ("transformer", T5_NAME)
 FP16_REFUSED = ("FLUX.1 overflows fp16 (NaN images: diffusers issue 9096) and sdrt exports no bf16 graph yet; "
                 "FLUX.1 is exported in fp32: pass --fp32")
@@ -97,15 +108,22 @@ class LoadedFlux:
                                                                t5.weights))
 
 
-def is_flux_folder(path: Path) -> bool:
-    """A diffusers folder of ``FluxPipeline`` (its model_index.json says so)."""
+def pipeline_class(path: Path) -> str | None:
+    """The ``_class_name`` of a diffusers folder's model_index.json (None: no readable one)."""
     index = path / "model_index.json"
     if not index.is_file():
-        return False
+        return None
     try:
-        return json.loads(index.read_text()).get("_class_name") == PIPELINE_CLASS
+        name = json.loads(index.read_text()).get("_class_name")
     except (OSError, ValueError, AttributeError):
-        return False
+        return None
+    return name if isinstance(name, str) else None
+
+
+def is_flux_folder(path: Path) -> bool:
+    """A diffusers folder of ``FluxPipeline``, ``FluxFillPipeline`` or ``FluxKontextPipeline`` (its model_index.json
+    says so)."""
+    return pipeline_class(path) in PIPELINE_CLASSES
 
 
 def is_flux_source(model: str | Path | None, random_preset: str | None) -> bool:
@@ -171,7 +189,8 @@ def load_flux(path: str | Path | None = None, *, random_preset: str | None = Non
 
     folder = Path(path)  # type: ignore[arg-type]
     if not is_flux_folder(folder):
-        raise InputError(f"{folder} is not a diffusers FLUX.1 folder (its model_index.json must name {PIPELINE_CLASS})")
+        raise InputError(f"{folder} is not a diffusers FLUX.1 folder (its model_index.json must name "
+                         f"{' or '.join(PIPELINE_CLASSES)})")
     missing = [n for n in ("transformer", "text_encoder", "text_encoder_2", "vae", "scheduler", "tokenizer",
                            "tokenizer_2") if not (folder / n).is_dir()]
     if missing:
@@ -187,32 +206,33 @@ def load_flux(path: str | Path | None = None, *, random_preset: str | None = Non
     t5 = None if T5_NAME in skip else T5EncoderModel.from_pretrained(folder / T5_NAME, **kw).eval()
     vae = AutoencoderKL.from_pretrained(folder / "vae", **kw).eval()
     sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-    preset = _preset_for(tr_cfg, sched, vae, folder.name)
+    preset = _preset_for(tr_cfg, sched, vae, folder.name, pipeline_class(folder) or PIPELINE_CLASS)
     toks = tuple(folder / n if (folder / n).is_dir() else None for n in ("tokenizer", "tokenizer_2"))
     return LoadedFlux(preset, FluxModules(transformer, clip, t5, vae), sched, toks,  # type: ignore[arg-type]
                       {"kind": "diffusers", "path": str(folder)}, streamed)
 
 
 def _preset_for(transformer: dict[str, Any], scheduler: dict[str, Any], vae: torch.nn.Module,
-                name: str) -> FluxPreset:
-    """The shipped preset of this architecture and schedule ([schnell] and [dev] differ in both), else one named
-    after the folder (its default size: 1024 for a full-width model, 64 latents' worth otherwise)."""
+                name: str, cls: str = PIPELINE_CLASS) -> FluxPreset:
+    """The shipped preset of this architecture, schedule and pipeline class ([schnell] and [dev] differ in both,
+    Fill in its input channels), else one named after the folder (its default size: 1024 for a full-width model,
+    64 latents' worth otherwise)."""
     cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in transformer.items()}
     for p in FLUX_PRESETS.values():
-        if all(cfg.get(k) == v for k, v in p.transformer.items()) \
+        if all(cfg.get(k) == v for k, v in p.transformer.items()) and p.pipeline_class == cls \
                 and bool(scheduler.get("use_dynamic_shifting")) == bool(p.scheduler["use_dynamic_shifting"]):
             return p
     f = 2 ** (len(vae.config.block_out_channels) - 1)
     base = next(p for p in FLUX_PRESETS.values() if p.guided == bool(cfg.get("guidance_embeds")))
     return replace(base, name=name, default_size=1024 if int(cfg["attention_head_dim"]) >= 64 else 8 * f,
-                   transformer=cfg, test_scale=False)
+                   transformer=cfg, test_scale=False, pipeline_class=cls)
 
 
 def _model_index(model: LoadedFlux) -> dict[str, object]:
     import diffusers
 
     return {
-        "_class_name": f"ORT{PIPELINE_CLASS}",
+        "_class_name": f"ORT{model.preset.pipeline_class}",
         "_diffusers_version": diffusers.__version__,
         "scheduler": ["diffusers", model.scheduler_config.get("_class_name", "FlowMatchEulerDiscreteScheduler")],
         "text_encoder": ["onnxruntime", "ORTModelTextEncoder"],
@@ -256,6 +276,10 @@ def export_flux(
     slots = None if lora_slots is None else (lora_slots, patterns)
     f = 2 ** (len(mods.vae.config.block_out_channels) - 1)
     tr_cfg = model.streamed["transformer"].config if "transformer" in model.streamed else dict(mods.transformer.config)
+    reference = p.kontext  # the transformer also takes a reference image's latents
+    if block_cache and reference:
+        raise InputError(f"{p.name} is FLUX.1 Kontext: first-block caching does not cover its reference tokens yet; "
+                         "export it without --feature-cache")
     if block_cache and int(tr_cfg["num_layers"]) + int(tr_cfg["num_single_layers"]) < 2:
         raise InputError(f"first-block caching reuses what the blocks after the first added; {p.name}'s transformer "
                          "has one block: export it without --feature-cache")
@@ -266,7 +290,8 @@ def export_flux(
         parity_shape = (2, side, side + 2)  # non-square, whole patches
     with atomic_dir(out, marker=MANIFEST_NAME, overwrite=overwrite, what=EXPORT_KIND, owned=export_entries) as tmp:
         done = {}
-        specs, inert = flux_specs(mods, p.t5_tokens, block_cache), {}
+        specs, inert = flux_specs(mods, p.t5_tokens, block_cache, fill=fills(tr_cfg),
+                                   reference=reference), {}
         if lora_slots is not None:
             specs, inert = slot_components(specs, lora_slots, patterns, (CLIP_NAME,))
         for spec in specs:
@@ -275,7 +300,7 @@ def export_flux(
                                                progress=progress)
         for name, st in model.streamed.items():
             jobs = [(name, streamed_t5(st.config, p.t5_tokens))] if name != "transformer" else \
-                [("transformer", streamed_transformer_spec(st.config, p.t5_tokens, block_cache))]
+                [("transformer", streamed_transformer_spec(st.config, p.t5_tokens, block_cache, reference))]
             if name == "transformer" and block_cache:
                 jobs.append(("cached", streamed_cached_spec(st.config, p.t5_tokens)))
             if name == "transformer" and lora_slots is not None:
@@ -285,10 +310,11 @@ def export_flux(
                 progress(f"{sspec.name} is streamed ({st.kind} weights, one tensor at a time)")
                 comp = export_streamed(sspec, st.weights, "fp32", tmp / folder, progress=progress)
                 par = gate_streamed(kind, st.config, st.weights, p.t5_tokens, parity_shape, progress,
-                                    block_cache=block_cache, slots=slots if kind in ("transformer", "cached") else None)
+                                    block_cache=block_cache, reference=reference,
+                                    slots=slots if kind in ("transformer", "cached") else None)
                 progress(f"{sspec.name}: {parity_line(par, comp.precision)} ({par.reference})")
                 done[sspec.name] = replace(comp, parity=par)
-        order = ["text_encoder", T5_NAME, "unet", SHALLOW_UNET, "vae_decoder", "vae_encoder"]
+        order = ["text_encoder", T5_NAME, "unet", SHALLOW_UNET, "vae_decoder", "vae_encoder", MASKED_ENCODER]
         components = {n: done[n] for n in order if n in done}
         write_clip_tokenizer(tmp / tokenizer_of("text_encoder"), pad_token=p.pad_token, source=model.tokenizer_dirs[0])
         write_t5_tokenizer(tmp / tokenizer_of(T5_NAME), source=model.tokenizer_dirs[1])
@@ -322,10 +348,12 @@ SINGLE_BLOCKS = re.compile(r"^single_transformer_blocks\.(\d+)\.")
 
 def gate_streamed(kind: str, config: dict[str, Any], weights: WeightSource, tokens: int,
                   parity_shape: tuple[int, int, int], progress: Callable[[str], None] = lambda m: None,
-                  block_cache: bool = False, slots: tuple[SlotPlan, tuple[str, ...]] | None = None) -> Parity:
+                  block_cache: bool = False, reference: bool = False,
+                  slots: tuple[SlotPlan, tuple[str, ...]] | None = None) -> Parity:
     """The parity gate of a streamed component on a reduced-depth copy at full width, exported through the same
     streamed path: the ``transformer``'s first double-stream and last single-stream blocks (``block_cache``: with
-    first-block caching's residual outputs; the ``cached`` step on the same copy), T5's (``text_encoder_2``) first
+    first-block caching's residual outputs; ``reference``: taking a reference image's latents, FLUX.1 Kontext; the
+    ``cached`` step on the same copy), T5's (``text_encoder_2``) first
     and last blocks, each with the checkpoint's own weights; compared with the same copy in PyTorch (fp32,
     onnxruntime CPU). Raises ParityError past the bound, as every gate. The cached step runs only the first double
     block, which the reduced copy keeps as its own first: its gate is exact in depth. ``slots``: the transformer's
@@ -341,7 +369,7 @@ def gate_streamed(kind: str, config: dict[str, Any], weights: WeightSource, toke
         inner = mapped_weights(weights, SINGLE_BLOCKS, "single_transformer_blocks.", picked[1])
         source = mapped_weights(inner, DOUBLE_BLOCKS, "transformer_blocks.", picked[0])
         sspec = streamed_cached_spec(reduced, tokens) if kind == "cached" else \
-            streamed_transformer_spec(reduced, tokens, block_cache)
+            streamed_transformer_spec(reduced, tokens, block_cache, reference)
         module: torch.nn.Module = FluxTransformer2DModel(**reduced)
         what = f"double block 0 of {config['num_layers']} and single block {singles - 1} of {singles}"
     else:
@@ -353,7 +381,7 @@ def gate_streamed(kind: str, config: dict[str, Any], weights: WeightSource, toke
         what = f"blocks {t5_picked} of {config['num_layers']}"
     progress(f"{sspec.name}: parity gate on {what} at full width (a reduced-depth copy)")
     module = load_reduced(module, source, sspec.name)
-    cspec = (cached_spec(module, tokens) if kind == "cached" else transformer_spec(module, tokens, block_cache)
+    cspec = (cached_spec(module, tokens) if kind == "cached" else transformer_spec(module, tokens, block_cache, reference)
              if kind == "transformer" else t5_spec(module, tokens, name=T5_NAME))
     if slots is not None:
         sspec, cspec = slotted_gate(sspec, cspec, module, *slots)

@@ -6,7 +6,11 @@ vae/config.json, scheduler/scheduler_config.json; nothing is fetched): a 12B ``F
 double-stream and 38 single-stream blocks of width 3072, rotary axes 16 + 56 + 56), CLIP ViT-L/14 (its pooled
 output only), T5-XXL v1.1's encoder, and a 16-channel VAE with scaling 0.3611 and shift 0.1159. [dev] embeds
 the guidance scale (``guidance_embeds``) and shifts its schedule by the image's token count
-(``use_dynamic_shifting``); [schnell] does neither.
+(``use_dynamic_shifting``); [schnell] does neither. FLUX.1 Fill [dev] (black-forest-labs/FLUX.1-Fill-dev, run by
+diffusers' ``FluxFillPipeline``) is [dev] with 384 packed input channels: the latents', the masked image's
+latents' and the mask's (each latent pixel's 8 x 8 pixels), 64 + 64 + 256. FLUX.1 Kontext [dev]
+(black-forest-labs/FLUX.1-Kontext-dev, diffusers' ``FluxKontextPipeline``) has [dev]'s structure and schedule: only
+the pipeline class tells it apart (its transformer also reads a reference image's tokens).
 
 The tiny presets keep that structure at small widths: one double and two single blocks, rotary axes summing to
 the head width, a T5 as wide as the transformer's ``joint_attention_dim`` and a CLIP as wide as its
@@ -41,6 +45,7 @@ class FluxPreset:
     t5_tokens: int = 512  # diffusers' max_sequence_length default for both variants
     pad_token: str = "<|endoftext|>"  # black-forest-labs' CLIP tokenizer pads with the end token
     test_scale: bool = False  # a tiny structure for tests: the shipped tiny T5 tokenizer serves its files
+    pipeline_class: str = "FluxPipeline"  # diffusers' pipeline that runs it (FluxFillPipeline, FluxKontextPipeline)
 
     def config(self, part: str) -> Any:
         return copy.deepcopy(getattr(self, part))
@@ -49,6 +54,19 @@ class FluxPreset:
     def guided(self) -> bool:
         """The transformer embeds a guidance scale ([dev])."""
         return bool(self.transformer.get("guidance_embeds"))
+
+    @property
+    def kontext(self) -> bool:
+        """FLUX.1 Kontext: [dev]'s transformer, run by FluxKontextPipeline with a reference image's tokens beside
+        the image's (its structure is [dev]'s: only the pipeline class tells them apart)."""
+        return self.pipeline_class == KONTEXT_PIPELINE
+
+
+def fills(transformer: dict[str, Any]) -> bool:
+    """A transformer config of FLUX.1 Fill: more packed input channels than output (diffusers' FluxFillPipeline
+    concatenates the masked image's latents and the mask to the latents' tokens)."""
+    out = transformer.get("out_channels") or transformer["in_channels"]
+    return int(transformer["in_channels"]) > int(out)
 
 
 @dataclass
@@ -62,11 +80,13 @@ class FluxModules:
 
 
 def _transformer(double: int, single: int, head_dim: int, heads: int, joint: int, pooled: int,
-                 guidance: bool, axes: tuple[int, int, int]) -> dict[str, Any]:
+                 guidance: bool, axes: tuple[int, int, int], fill: bool = False) -> dict[str, Any]:
     return {
         "patch_size": 1,
-        "in_channels": 64,  # 16 latent channels x a 2x2 patch, packed by the pipeline (here: by the graph)
-        "out_channels": None,
+        # 16 latent channels x a 2x2 patch, packed by the pipeline (here: by the graph); FLUX.1 Fill also takes the
+        # masked image's 16 latent channels and the mask's 8 x 8 pixels per latent pixel, each x a 2x2 patch
+        "in_channels": 4 * (16 + 16 + 64) if fill else 64,
+        "out_channels": 64 if fill else None,
         "num_layers": double,
         "num_single_layers": single,
         "attention_head_dim": head_dim,
@@ -92,6 +112,7 @@ def _scheduler(dynamic: bool) -> dict[str, Any]:
 
 
 FLUX_PRESETS: dict[str, FluxPreset] = {}
+KONTEXT_PIPELINE = "FluxKontextPipeline"
 
 
 def _add(p: FluxPreset) -> None:
@@ -107,6 +128,18 @@ for _name, _guided in (("flux-schnell-tiny", False), ("flux-dev-tiny", True)):
         vae=_TINY_VAE, clip=_TINY_CLIP, t5=t5_config(48, 8, 64, 2, 2), scheduler=_scheduler(_guided),
         test_scale=True,
     ))
+_add(FluxPreset(
+    "flux-fill-dev-tiny", "flux", 64,
+    transformer=_transformer(1, 2, 8, 2, joint=48, pooled=16, guidance=True, axes=(2, 2, 4), fill=True),
+    vae=_TINY_VAE, clip=_TINY_CLIP, t5=t5_config(48, 8, 64, 2, 2), scheduler=_scheduler(True), test_scale=True,
+    pipeline_class="FluxFillPipeline",
+))
+_add(FluxPreset(
+    "flux-kontext-dev-tiny", "flux", 64,
+    transformer=_transformer(1, 2, 8, 2, joint=48, pooled=16, guidance=True, axes=(2, 2, 4)),
+    vae=_TINY_VAE, clip=_TINY_CLIP, t5=t5_config(48, 8, 64, 2, 2), scheduler=_scheduler(True), test_scale=True,
+    pipeline_class=KONTEXT_PIPELINE,
+))
 
 _CLIP_L = clip_config(768, 3072, 12, 12, "quick_gelu", 768)
 _T5_XXL = t5_config(4096, 64, 10240, 64, 24)
@@ -117,6 +150,16 @@ for _name, _guided in (("flux-schnell", False), ("flux-dev", True)):
         transformer=_transformer(19, 38, 128, 24, joint=4096, pooled=768, guidance=_guided, axes=(16, 56, 56)),
         vae=_FLUX_VAE, clip=_CLIP_L, t5=_T5_XXL, scheduler=_scheduler(_guided),
     ))
+_add(FluxPreset(  # black-forest-labs/FLUX.1-Fill-dev: [dev]'s structure and schedule, 384 input channels
+    "flux-fill-dev", "flux", 1024,
+    transformer=_transformer(19, 38, 128, 24, joint=4096, pooled=768, guidance=True, axes=(16, 56, 56), fill=True),
+    vae=_FLUX_VAE, clip=_CLIP_L, t5=_T5_XXL, scheduler=_scheduler(True), pipeline_class="FluxFillPipeline",
+))
+_add(FluxPreset(  # black-forest-labs/FLUX.1-Kontext-dev: [dev]'s structure and schedule, FluxKontextPipeline
+    "flux-kontext-dev", "flux", 1024,
+    transformer=_transformer(19, 38, 128, 24, joint=4096, pooled=768, guidance=True, axes=(16, 56, 56)),
+    vae=_FLUX_VAE, clip=_CLIP_L, t5=_T5_XXL, scheduler=_scheduler(True), pipeline_class=KONTEXT_PIPELINE,
+))
 
 
 def get_flux_preset(name: str) -> FluxPreset:

@@ -1,5 +1,5 @@
-"""FLUX.1 single files in Black Forest Labs' layout (flux1-dev.safetensors, flux1-schnell.safetensors, and
-fine-tunes saved so) -> a ``LoadedFlux``, through diffusers' own single-file converters.
+"""FLUX.1 single files in Black Forest Labs' layout (flux1-dev.safetensors, flux1-schnell.safetensors,
+flux1-fill-dev.safetensors, and fine-tunes saved so) -> a ``LoadedFlux``, through diffusers' own single-file converters.
 
 The layouts:
 
@@ -14,9 +14,10 @@ The layouts:
 
 Three steps, the first two on key names and shapes alone, so every refusal comes before any weight is read:
 
-1. ``detect_flux_preset``: the shipped preset from tensor shapes ([dev] has ``guidance_in``, [schnell] not; the
-   depths, widths and the VAE's channels), or ``arch`` checked against them; other models of the FLUX line
-   with FLUX.1's blocks (Fill, Depth, Chroma, ...) are refused by the name diffusers' own probe gives them;
+1. ``detect_flux_preset``: the shipped preset from tensor shapes ([dev] has ``guidance_in``, [schnell] not; Fill
+   takes 384 input channels; the depths, widths and the VAE's channels), or ``arch`` checked against them; other
+   models of the FLUX line with FLUX.1's blocks (Depth, Chroma, ...) are refused by the name diffusers' own
+   probe gives them;
 2. each part's source (bundled, or the file its flag gives) and the tokenizers are settled (a missing part is an
    ``InputError`` naming every flag to pass);
 3. diffusers' converters (``convert_flux_transformer_checkpoint_to_diffusers``, ``AutoencoderKL.from_single_file``,
@@ -172,9 +173,12 @@ def _expected(p: FluxPreset) -> dict[str, Any]:
     }
 
 
+EXPORTED = ("flux-dev", "flux-schnell", "flux-fill")  # diffusers' probe's names of the models sdrt exports
+
+
 def _other_model(shapes: Mapping[str, Sequence[int]]) -> str | None:
-    """What diffusers' own single-file probe calls a file of the FLUX line that is not FLUX.1 [schnell] or
-    [dev] (Fill, Depth, Chroma, FLUX.2, ...), from its shapes alone; None for those two."""
+    """What diffusers' own single-file probe calls a file of the FLUX line that is not FLUX.1 [schnell], [dev]
+    or Fill (Depth, Chroma, FLUX.2, ...), from its shapes alone; None for those three."""
     from diffusers.loaders.single_file_utils import infer_diffusers_model_type
 
     meta = {k: torch.empty(tuple(s), device="meta") for k, s in shapes.items()}
@@ -182,7 +186,7 @@ def _other_model(shapes: Mapping[str, Sequence[int]]) -> str | None:
         kind = infer_diffusers_model_type(meta)
     except (KeyError, IndexError, ValueError, RuntimeError, AttributeError):
         return None
-    return None if kind in ("flux-dev", "flux-schnell") else str(kind)
+    return None if kind in EXPORTED else str(kind)
 
 
 def _not_flux(name: str) -> ArtifactError:
@@ -197,14 +201,15 @@ def detect_flux_preset(
 ) -> FluxPreset:
     """The shipped FLUX.1 preset of a transformer and VAE from their key names and tensor shapes only: the
     transformer in BFL's names (``double_blocks.*``, root-level) and the VAE under ``vae.`` in LDM's names.
-    [schnell] and [dev] differ in ``guidance_in``. ``arch`` (a preset name) must agree with them."""
+    [schnell] and [dev] differ in ``guidance_in``, Fill in ``img_in``'s input width (384: the latents, the masked
+    image's latents and the mask). ``arch`` (a preset name) must agree with them."""
     dims = {k: tuple(int(d) for d in s) for k, s in shapes.items()}
     if MARK not in dims:
         raise _not_flux(name)
     if (other := _other_model({k: s for k, s in dims.items() if not k.startswith("vae.")})) is not None:
         raise InputError(
-            f"{name} is a {other} model (as diffusers' single-file probe names it), not FLUX.1 [schnell] or "
-            "[dev]; sdrt exports those two only"
+            f"{name} is a {other} model (as diffusers' single-file probe names it), not FLUX.1 [schnell], [dev] "
+            "or Fill; sdrt exports those three only"
         )
     return pick_preset(
         _observed(dims),

@@ -4,9 +4,11 @@
 [B, 768], its pooled output), ``text_encoder_2`` (T5: ``hidden_states`` [B, tokens, 4096], kept in float32),
 ``unet`` (the transformer, written to ``transformer/``: NCHW latents in and out, packed in the graph; dynamic in
 batch, latent height and width, and text tokens; [dev] adds ``guidance``), ``vae_decoder`` and ``vae_encoder``
-(16 latent channels, the shift in the graph: SD3's VAE specs). With first-block caching (``sdrt export
---feature-cache``) the transformer also returns its two residuals and ``unet_shallow`` (``transformer_shallow/``)
-is its cached step (export/block_cache.py).
+(16 latent channels, the shift in the graph: SD3's VAE specs). FLUX.1 Fill adds ``vae_encoder_masked`` (the
+masked image's latents), and its transformer's ``sample`` also has the mask's and the masked latents' channels;
+FLUX.1 Kontext's transformer also takes ``reference_latents`` [1, 16, H, W], a reference image's latents.
+With first-block caching (``sdrt export --feature-cache``) the transformer also returns its two residuals and
+``unet_shallow`` (``transformer_shallow/``) is its cached step (export/block_cache.py).
 """
 
 from __future__ import annotations
@@ -16,11 +18,12 @@ from typing import Any
 import torch
 
 from sdrt.runtime.feature_cache import CHANGE, SHALLOW_UNET
+from sdrt.runtime.inpaint import MASKED_ENCODER
 
 from . import wrappers
 from .block_cache import random_residuals, residual_dims, residual_specs
 from .flux_presets import FluxModules
-from .flux_wrappers import PATCH, FluxTransformer, FluxTransformerCached
+from .flux_wrappers import PATCH, FluxTransformer, FluxTransformerCached, FluxVaeEncoderMasked
 from .onnx_export import TRACE_LATENT, ComponentSpec
 from .sd3_specs import CLIP_TOKENS, streamed_t5_spec, t5_spec, vae_decoder_spec, vae_encoder_spec
 from .streamed import StreamedSpec
@@ -44,15 +47,18 @@ def clip_spec(enc: torch.nn.Module) -> ComponentSpec:
     )
 
 
-def _io(config: dict[str, Any], block_cache: bool = False) -> tuple[list[Spec], list[Spec]]:
+def _io(config: dict[str, Any], block_cache: bool = False, reference: bool = False) -> tuple[list[Spec], list[Spec]]:
     joint, pooled = int(config["joint_attention_dim"]), int(config["pooled_projection_dim"])
     ch = int(config["in_channels"]) // 4  # the packed tokens' width is 2x2 latent pixels
+    out = int(config.get("out_channels") or config["in_channels"]) // 4  # fewer than ch: FLUX.1 Fill
     inputs = [("sample", "float", ("batch", ch, "height", "width")), ("timestep", "float32", ("batch",)),
               ("encoder_hidden_states", "float", ("batch", "text_tokens", joint)),
               ("pooled_projections", "float", ("batch", pooled))]
     if config.get("guidance_embeds"):
         inputs.append(("guidance", "float32", ("batch",)))
-    return inputs, [("out_sample", "float", ("batch", ch, "height", "width")),
+    if reference:  # FLUX.1 Kontext: one reference image's latents, of a size of their own
+        inputs.append(("reference_latents", "float", (1, out, "reference_height", "reference_width")))
+    return inputs, [("out_sample", "float", ("batch", out, "height", "width")),
                     *(_residuals(config) if block_cache else [])]
 
 
@@ -82,28 +88,32 @@ def _cached_args(config: dict[str, Any], args: tuple[torch.Tensor, ...], g: torc
 
 
 def _example(config: dict[str, Any], tokens: int, g: torch.Generator | None, b: int, h: int,
-             w: int) -> tuple[torch.Tensor, ...]:
+             w: int, reference: bool = False) -> tuple[torch.Tensor, ...]:
     joint, pooled = int(config["joint_attention_dim"]), int(config["pooled_projection_dim"])
     ch = int(config["in_channels"]) // 4
     args = [torch.randn(b, ch, h, w, generator=g), torch.rand(b, generator=g) * 1000,
             torch.randn(b, tokens, joint, generator=g), torch.randn(b, pooled, generator=g)]
     if config.get("guidance_embeds"):
         args.append(1.0 + 4.0 * torch.rand(b, generator=g))
+    if reference:  # a reference of another size than the image (its sides swapped)
+        args.append(torch.randn(1, int(config.get("out_channels") or config["in_channels"]) // 4, w, h, generator=g))
     return tuple(args)
 
 
-def transformer_spec(transformer: torch.nn.Module, tokens: int, block_cache: bool = False) -> ComponentSpec:
+def transformer_spec(transformer: torch.nn.Module, tokens: int, block_cache: bool = False,
+                     reference: bool = False) -> ComponentSpec:
     """The transformer with ``tokens`` example text tokens (T5's, in a real call); ``block_cache``: it also
-    returns first-block caching's two residuals (``FluxTransformer``)."""
+    returns first-block caching's two residuals; ``reference``: it takes a reference image's latents (FLUX.1
+    Kontext; ``FluxTransformer``)."""
     config = dict(transformer.config)
-    inputs, outputs = _io(config, block_cache)
+    inputs, outputs = _io(config, block_cache, reference)
     return ComponentSpec(
         name="unet",  # the export's denoiser component; its folder is transformer/
-        module=FluxTransformer(transformer, block_cache=block_cache),
+        module=FluxTransformer(transformer, block_cache=block_cache, reference=reference),
         weights=transformer,
         inputs=inputs,
         outputs=outputs,
-        example=lambda g, b, h, w: _example(config, tokens, g, b, h, w),
+        example=lambda g, b, h, w: _example(config, tokens, g, b, h, w, reference),
         refittable=True,
     )
 
@@ -124,26 +134,49 @@ def cached_spec(transformer: torch.nn.Module, tokens: int) -> ComponentSpec:
     )
 
 
-def flux_specs(modules: FluxModules, t5_tokens: int, block_cache: bool = False) -> list[ComponentSpec]:
+def masked_encoder_spec(vae: torch.nn.Module, factor: int) -> ComponentSpec:
+    """FLUX.1 Fill's encoder of the masked image (``vae_encoder_masked``): ``image`` uint8 [B, H, W, 3] and
+    ``mask`` uint8 [B, H, W, 1] -> ``latent`` [B, 16, H/8, W/8], shifted and scaled (``FluxVaeEncoderMasked``)."""
+    lat = int(vae.config.latent_channels)
+
+    def example(g: torch.Generator, b: int, h: int, w: int) -> tuple[torch.Tensor, ...]:
+        image = torch.randint(0, 256, (b, h * factor, w * factor, 3), generator=g, dtype=torch.uint8)
+        return image, (torch.rand(b, h * factor, w * factor, 1, generator=g) < 0.5).to(torch.uint8)
+
+    return ComponentSpec(
+        name=MASKED_ENCODER,
+        module=FluxVaeEncoderMasked(vae),
+        weights=vae,
+        inputs=[("image", "uint8", ("batch", "image_height", "image_width", 3)),
+                ("mask", "uint8", ("batch", "image_height", "image_width", 1))],
+        outputs=[("latent", "float", ("batch", lat, "height", "width"))],
+        example=example,
+    )
+
+
+def flux_specs(modules: FluxModules, t5_tokens: int, block_cache: bool = False, fill: bool = False,
+               reference: bool = False) -> list[ComponentSpec]:
     """The components held in memory, in the family's encoder order, then the denoiser (with ``block_cache``:
-    returning first-block caching's residuals, its cached step after it) and the VAE decoder and encoder (T5 and
-    the transformer left out where streamed)."""
+    returning first-block caching's residuals, its cached step after it; ``reference``: taking a reference
+    image's latents, FLUX.1 Kontext) and the VAE decoder and encoder (T5 and the transformer left out where
+    streamed); ``fill`` (FLUX.1 Fill) adds the masked image's encoder."""
     factor = 2 ** (len(modules.vae.config.block_out_channels) - 1)
     specs = [clip_spec(modules.clip)]
     if modules.t5 is not None:
         specs.append(t5_spec(modules.t5, t5_tokens, name=T5_NAME))
     if modules.transformer is not None:
-        specs.append(transformer_spec(modules.transformer, t5_tokens, block_cache))
+        specs.append(transformer_spec(modules.transformer, t5_tokens, block_cache, reference))
         if block_cache:
             specs.append(cached_spec(modules.transformer, t5_tokens))
-    return [*specs, vae_decoder_spec(modules.vae), vae_encoder_spec(modules.vae, factor)]
+    specs += [vae_decoder_spec(modules.vae), vae_encoder_spec(modules.vae, factor)]
+    return [*specs, masked_encoder_spec(modules.vae, factor)] if fill else specs
 
 
 # -- the large components, streamed (export/streamed.py): built from their configs in fake mode -----------------
 
-def _dims(config: dict[str, Any], residuals: bool = False) -> dict[str, Any]:
-    """torch.export's dynamic shapes of the transformer's inputs (and of the cached step's residuals): batch,
-    latent sides in patches, text tokens."""
+def _dims(config: dict[str, Any], residuals: bool = False, reference: bool = False) -> dict[str, Any]:
+    """torch.export's dynamic shapes of the transformer's inputs (and of the cached step's residuals, or a
+    reference image's latents): batch, latent sides in patches, text tokens."""
     d = torch.export.Dim
     b, t = d("batch", min=1, max=64), d("text_tokens", min=1, max=4096)
     h, w = d("patches_h", min=1, max=256), d("patches_w", min=1, max=256)
@@ -153,23 +186,30 @@ def _dims(config: dict[str, Any], residuals: bool = False) -> dict[str, Any]:
         dims["guidance"] = {0: b}
     if residuals:
         dims.update(residual_dims(b))
+    if reference:
+        rh, rw = d("reference_patches_h", min=1, max=256), d("reference_patches_w", min=1, max=256)
+        dims["reference_latents"] = {2: PATCH * rh, 3: PATCH * rw}
     return dims
 
 
-def streamed_transformer_spec(config: dict[str, Any], tokens: int, block_cache: bool = False) -> StreamedSpec:
+def streamed_transformer_spec(config: dict[str, Any], tokens: int, block_cache: bool = False,
+                              reference: bool = False) -> StreamedSpec:
     """The transformer as ``transformer_spec`` describes it (``block_cache``: returning first-block caching's two
-    residuals), traced on fake tensors (dynamic batch, latent sides in patches and text tokens) for a streamed
-    export; its weights are named as the diffusers checkpoint's."""
+    residuals; ``reference``: taking a reference image's latents), traced on fake tensors (dynamic batch, latent
+    sides in patches, text tokens, the reference's sides) for a streamed export; its weights are named as the
+    diffusers checkpoint's."""
     from diffusers import FluxTransformer2DModel
 
-    inputs, outputs = _io(config, block_cache)
+    inputs, outputs = _io(config, block_cache, reference)
 
     def build() -> torch.nn.Module:
-        return FluxTransformer(FluxTransformer2DModel(**config), torchscript=False, block_cache=block_cache)
+        return FluxTransformer(FluxTransformer2DModel(**config), torchscript=False, block_cache=block_cache,
+                               reference=reference)
 
     return StreamedSpec(
         name="unet", build=build, prefix="transformer.", inputs=inputs, outputs=outputs,
-        example=lambda: _example(config, tokens, None, 2, *TRACE_LATENT), dynamic=lambda: _dims(config))
+        example=lambda: _example(config, tokens, None, 2, *TRACE_LATENT, reference),
+        dynamic=lambda: _dims(config, reference=reference))
 
 
 def streamed_cached_spec(config: dict[str, Any], tokens: int) -> StreamedSpec:

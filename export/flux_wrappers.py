@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import torch
 
 from .block_cache import block_list, on_grid, relative_change, with_residuals
+from .wrappers import VaeEncoderMasked
 
 PATCH = 2
 
@@ -98,9 +99,11 @@ BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")  # diffusers' 
 
 
 class FluxTransformer(torch.nn.Module):
-    """``sample`` [B, 16, h, w], ``timestep`` float32 [B] (sigma x 1000, as the flow scheduler gives it),
-    ``encoder_hidden_states`` [B, tokens, joint_attention_dim] (T5's states), ``pooled_projections`` [B, 768]
-    (CLIP's pooled output), and for [dev] ``guidance`` float32 [B] (the scale) -> ``out_sample`` [B, 16, h, w],
+    """``sample`` [B, 16, h, w] (FLUX.1 Fill: [B, 16 + 64 + 16, h, w], see ``tokens``), ``timestep`` float32 [B]
+    (sigma x 1000, as the flow scheduler gives it), ``encoder_hidden_states`` [B, tokens, joint_attention_dim]
+    (T5's states), ``pooled_projections`` [B, 768] (CLIP's pooled output), for [dev] ``guidance`` float32 [B] (the
+    scale), and with ``reference`` (FLUX.1 Kontext) ``reference_latents`` [1, 16, H, W], a reference image's
+    latents (``with_reference``; the output is cut back to the generated tokens) -> ``out_sample`` [B, 16, h, w],
     the flow prediction; with ``block_cache`` also first-block caching's two residuals over the image tokens on
     the patch grid [B, h/2, w/2, D] (``deep_feature``, ``head_residual``; export/block_cache.py): the first
     block is ``transformer_blocks[0]``, the last ``single_transformer_blocks[-1]``, as diffusers'
@@ -110,8 +113,12 @@ class FluxTransformer(torch.nn.Module):
     patches, the image ids from h and w, zero text ids, ``timestep / 1000``, the output unpacked; the rotary
     embedding in float32 (``FluxRope``). h and w must be even (sides multiples of 16 pixels)."""
 
-    def __init__(self, transformer: torch.nn.Module, torchscript: bool = True, block_cache: bool = False) -> None:
+    def __init__(self, transformer: torch.nn.Module, torchscript: bool = True, block_cache: bool = False,
+                 reference: bool = False) -> None:
         super().__init__()
+        if reference and (block_cache or not transformer.config.guidance_embeds):
+            raise ValueError("a reference image's tokens (FLUX.1 Kontext) go with a guidance-embedding transformer "
+                             "([dev]) without first-block caching")
         if block_cache and len(block_list(transformer, BLOCK_LISTS)) < 2:
             raise ValueError("first-block caching needs a transformer of two blocks or more (it reuses what the "
                              "blocks after the first added)")
@@ -119,9 +126,26 @@ class FluxTransformer(torch.nn.Module):
             transformer = explicit_rms_norms(copy.deepcopy(transformer))
         self.transformer = transformer
         self.block_cache = block_cache
+        self.reference = reference
         self.guided = bool(transformer.config.guidance_embeds)
         pe = transformer.pos_embed
         self.rope = FluxRope(pe.theta, pe.axes_dim)
+        inner, out = int(transformer.config.in_channels), int(transformer.config.out_channels or 0)
+        out = out or inner
+        # FLUX.1 Fill: (latents, mask, masked latents) channels in sdrt's order -> diffusers' (see ``tokens``)
+        self.fill = (out // PATCH**2, (inner - 2 * out) // PATCH**2) if inner > out else None
+
+    def tokens(self, sample: torch.Tensor) -> torch.Tensor:
+        """``sample`` packed into the transformer's input tokens. FLUX.1 Fill's ``sample`` is [latents C, mask M,
+        masked image latents C] on channels (every sdrt inpainting denoiser's order, an SD inpainting UNet's): put
+        in FluxFillPipeline's order, [latents, masked image latents, mask], before packing. Packing is per
+        channel, so the packed concatenation is the concatenation of the packed parts, as that pipeline makes it:
+        ``cat((latents, masked_image_latents, mask), dim=-1)`` of 64, 64 and 4M features."""
+        if self.fill is not None:
+            c, m = self.fill
+            lat, mask, masked = torch.split(sample, [c, m, c], dim=1)
+            sample = torch.cat([lat, masked, mask], dim=1)
+        return pack(sample)
 
     @contextlib.contextmanager
     def traceable(self) -> Iterator[None]:
@@ -139,17 +163,24 @@ class FluxTransformer(torch.nn.Module):
             t.pos_embed, transformer_flux.apply_rotary_emb = kept, kept_apply
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                pooled_projections: torch.Tensor, guidance: torch.Tensor | None = None
+                pooled_projections: torch.Tensor, guidance: torch.Tensor | None = None,
+                reference_latents: torch.Tensor | None = None
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         h, w = sample.shape[-2], sample.shape[-1]
         img_ids, txt_ids = position_ids(sample, encoder_hidden_states)
         t = self.transformer
+        hidden = self.tokens(sample)
+        generated = hidden.shape[1]
+        if self.reference:
+            assert reference_latents is not None
+            hidden, img_ids = with_reference(hidden, img_ids, reference_latents)
 
         def run() -> torch.Tensor:
-            return t(hidden_states=pack(sample), encoder_hidden_states=encoder_hidden_states,
-                     pooled_projections=pooled_projections, timestep=timestep / 1000,
-                     guidance=guidance if self.guided else None, img_ids=img_ids, txt_ids=txt_ids,
-                     return_dict=False)[0]
+            out = t(hidden_states=hidden, encoder_hidden_states=encoder_hidden_states,
+                    pooled_projections=pooled_projections, timestep=timestep / 1000,
+                    guidance=guidance if self.guided else None, img_ids=img_ids, txt_ids=txt_ids,
+                    return_dict=False)[0]
+            return out[:, :generated] if self.reference else out
 
         with self.traceable():
             if not self.block_cache:
@@ -157,6 +188,18 @@ class FluxTransformer(torch.nn.Module):
             blocks = block_list(t, BLOCK_LISTS)
             out, deep, head = with_residuals(blocks[0], blocks[-1], run)
         return unpack(out, h, w), on_grid(deep, h // PATCH, w // PATCH), on_grid(head, h // PATCH, w // PATCH)
+
+
+def with_reference(hidden: torch.Tensor, img_ids: torch.Tensor, reference: torch.Tensor) -> tuple[
+        torch.Tensor, torch.Tensor]:
+    """FluxKontextPipeline's sequence: the reference image's packed latents [1, C, H, W] (one image, broadcast over
+    the batch) appended to the image tokens, and their position ids (``_prepare_latent_image_ids`` of the
+    reference's patch grid with the first component 1) appended to the image's."""
+    ref = pack(reference)
+    ref = ref.expand(hidden.shape[0], ref.shape[1], ref.shape[2])
+    ids = image_ids(reference.shape[-2], reference.shape[-1], img_ids)
+    ids = torch.cat([torch.ones_like(ids[:, :1]), ids[:, 1:]], dim=1)
+    return torch.cat([hidden, ref], dim=1), torch.cat([img_ids, ids], dim=0)
 
 
 class FluxTransformerCached(FluxTransformer):
@@ -182,7 +225,7 @@ class FluxTransformerCached(FluxTransformer):
         h, w = sample.shape[-2], sample.shape[-1]
         img_ids, txt_ids = position_ids(sample, encoder_hidden_states)
         # FluxTransformer2DModel.forward up to its blocks, on the inputs FluxTransformer gives it
-        hidden = t.x_embedder(pack(sample))
+        hidden = t.x_embedder(self.tokens(sample))
         step, g = (timestep / 1000).to(hidden.dtype) * 1000, guidance if self.guided else None
         temb = (t.time_text_embed(step, pooled_projections) if g is None
                 else t.time_text_embed(step, g.to(hidden.dtype) * 1000, pooled_projections))
@@ -208,3 +251,17 @@ def apply_rope(x: torch.Tensor, freqs_cis: tuple[torch.Tensor, torch.Tensor], se
     real, imag = pairs.unbind(-1)
     rotated = torch.stack([-imag, real], dim=-1).flatten(3)
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+class FluxVaeEncoderMasked(VaeEncoderMasked):
+    """FLUX.1 Fill's masked image -> latents: ``image`` uint8 [B, H, W, 3] and ``mask`` uint8 [B, H, W, 1] (1 =
+    repaint) -> ``latent`` [B, 16, H/8, W/8]. FluxFillPipeline encodes ``init_image * (1 - mask)`` (the image
+    normalized to [-1, 1], the mask binarized) and shifts and scales the latents, ``(z - shift_factor) *
+    scaling_factor``; the distribution's mean is taken (sdrt's encoders are deterministic)."""
+
+    def __init__(self, vae: torch.nn.Module) -> None:
+        super().__init__(vae)
+        self.shift = float(vae.config.shift_factor or 0.0)
+
+    def forward(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return super().forward(image, mask) - self.shift * self.scale

@@ -275,6 +275,8 @@ def _axis_range(component: str, axis: str, profile: BuildProfile, factor: int, f
         return Range(-(-latent.min // k), -(-latent.opt // k), -(-latent.max // k))
     if axis in ("image_height", "image_width"):
         return getattr(profile, axis.removeprefix("image_"))  # type: ignore[no-any-return]
+    if axis in ("reference_height", "reference_width"):  # a reference image (FLUX.1 Kontext): the image sides
+        return getattr(profile, axis.removeprefix("reference_")).divided(factor)  # type: ignore[no-any-return]
     if axis == "sequence":
         return profile.chunks.scaled(TOKENS_PER_CHUNK)
     if axis == "t5_tokens":
@@ -312,13 +314,20 @@ def engine_shapes(profile: BuildProfile, manifest: ExportManifest) -> dict[str, 
     return {name: component_shapes(profile, manifest, name) for name in manifest.components}
 
 
+def mask_channels(manifest: ExportManifest) -> int:
+    """The mask channels an inpainting denoiser of this export's family takes (``Family.concat_mask_channels``:
+    1 for a 9-channel UNet, 64 for FLUX.1 Fill)."""
+    return manifest.model_family.concat_mask_channels(manifest.vae_scale_factor)
+
+
 def step_graph_modes(manifest: ExportManifest) -> tuple[str | None, ...]:
-    """The step graph variants an export's UNet runs: an inpainting UNet (2C + 1 input channels) only the
-    mask-concatenating one; an ordinary UNet the plain one and the inpainting blend."""
+    """The step graph variants an export's UNet runs: an inpainting denoiser (2C + M input channels, M the
+    family's mask channels) only the mask-concatenating one; an ordinary UNet the plain one and the inpainting
+    blend."""
     unet = manifest.components.get("unet")
     sample = next((i for i in unet.inputs if i.name == "sample"), None) if unet is not None else None
     channels = sample.shape[1] if sample is not None else manifest.latent_channels
-    return ("concat",) if channels == 2 * manifest.latent_channels + 1 else (None, "blend")
+    return ("concat",) if channels == 2 * manifest.latent_channels + mask_channels(manifest) else (None, "blend")
 
 
 def step_graph_shapes(profile: BuildProfile, manifest: ExportManifest, guided: bool,
@@ -336,7 +345,7 @@ def step_graph_shapes(profile: BuildProfile, manifest: ExportManifest, guided: b
     rows = b.scaled(2) if guided else b
     base = (shapes("latents", b), shapes("unet_out", rows), shapes("x0_prev", b), shapes("noise", b))
     if inpaint == "concat":
-        return (*base, shapes("unet_extra", rows, c + 1))
+        return (*base, shapes("unet_extra", rows, c + mask_channels(manifest)))
     if inpaint == "blend":
         return (*base, shapes("mask", b, 1), shapes("image_latents", b), shapes("init_noise", b))
     return base

@@ -86,6 +86,7 @@ from .profiles import (
     BuildProfile,
     engine_shapes,
     input_graph_shapes,
+    mask_channels,
     step_graph_modes,
     step_graph_shapes,
     text_join_shapes,
@@ -318,12 +319,13 @@ def input_graph_plans(profile: BuildProfile, manifest: ExportManifest, options: 
         plans.append(graph_plan(noise_engine_name(enc_dtype, dtype), noise_graph_bytes(enc_dtype, dtype), shapes,
                                 unet.precision, options, env))
     masked = manifest.components.get(MASKED_ENCODER)
-    if concat and masked is not None:  # a 9-channel UNet's [mask, masked latents] block
+    if concat and masked is not None:  # an inpainting denoiser's [mask, masked latents] block
         src = "float16" if masked.precision == "fp16" else "float32"
-        mask = TensorShapes("mask", (lat.min[0], 1, *lat.min[2:]), (lat.opt[0], 1, *lat.opt[2:]),
-                            (lat.max[0], 1, *lat.max[2:]))
+        m = mask_channels(manifest)
+        mask = TensorShapes("mask", (lat.min[0], m, *lat.min[2:]), (lat.opt[0], m, *lat.opt[2:]),
+                            (lat.max[0], m, *lat.max[2:]))
         for guided in (True, False) if profile.cfg else (False,):
-            plans.append(graph_plan(extra_engine_name(guided, src, dtype), extra_graph_bytes(guided, src, dtype),
+            plans.append(graph_plan(extra_engine_name(guided, src, dtype, m), extra_graph_bytes(guided, src, dtype, m),
                                     (mask, _one_row(lat, "masked_latents")), unet.precision, options, env))
     return plans
 

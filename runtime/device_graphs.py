@@ -52,9 +52,9 @@ class DeviceGraphs:
         return self.get(f"{name}_{dtype.name}", lambda: step_graph.input_graph_bytes(guided, dtype, concat),
                         "the first UNet input is computed", name)
 
-    def extra(self, guided: bool, src: np.dtype[Any], dst: np.dtype[Any]) -> Engine:
-        return self.get(step_graph.extra_engine_name(guided, src, dst),
-                        lambda: step_graph.extra_graph_bytes(guided, src, dst),
+    def extra(self, guided: bool, src: np.dtype[Any], dst: np.dtype[Any], mask_channels: int = 1) -> Engine:
+        return self.get(step_graph.extra_engine_name(guided, src, dst, mask_channels),
+                        lambda: step_graph.extra_graph_bytes(guided, src, dst, mask_channels),
                         "the inpainting UNet's extra channels are assembled")
 
     def cast(self, src: np.dtype[Any], dst: np.dtype[Any]) -> Engine:

@@ -7,7 +7,9 @@ do_convert_grayscale=True)``), then downsampled to latent size by nearest neighb
 (``prepare_mask_latents``). Two kinds of model:
 
 - a 9-channel inpainting UNet takes [latents, mask, masked image latents] at every step: the step graph's
-  "concat" variant appends the fixed [mask, masked latents] block to its next UNet input, on the device;
+  "concat" variant appends the fixed [mask, masked latents] block to its next UNet input, on the device
+  (FLUX.1 Fill's transformer takes the same three, its mask as each latent pixel's 8 x 8 pixels: 64 channels,
+  ``latent_mask``; the family says how many, ``Family.concat_mask_channels``);
 - an ordinary 4-channel UNet inpaints by blending: after every step the unmasked region is replaced by
   the init image's latents noised to the next step's level (the same noise the run started from), and
   by the clean latents after the last step: the "blend" variant of the step graph.
@@ -25,7 +27,7 @@ import numpy as np
 
 from . import samplers
 from .engine import Array
-from .errors import InputError
+from .errors import ArtifactError, InputError
 
 MASKED_ENCODER = "vae_encoder_masked"  # the export's encoder of the masked image (9-channel UNets only)
 MASK_MODES = ("1", "L", "RGB")  # what a mask image may be; diffusers converts each to grayscale ("L")
@@ -49,14 +51,16 @@ class InpaintState:
     noise: Array | None = field(default=None, repr=False)
 
 
-def inpaint_mode(unet_channels: int, latent_channels: int) -> str:
-    """"concat" for an inpainting UNet (latents + mask + masked latents), "blend" for an ordinary one."""
-    if unet_channels == 2 * latent_channels + 1:
+def inpaint_mode(unet_channels: int, latent_channels: int, mask_channels: int = 1) -> str:
+    """"concat" for an inpainting UNet (latents + mask + masked latents; ``mask_channels``: the family's mask
+    channels), "blend" for an ordinary one."""
+    if unet_channels == 2 * latent_channels + mask_channels:
         return "concat"
     if unet_channels == latent_channels:
         return "blend"
     raise InputError(f"a UNet of {unet_channels} input channels can neither inpaint by blending "
-                     f"({latent_channels}) nor take a mask ({2 * latent_channels + 1}); re-export the model")
+                     f"({latent_channels}) nor take a mask ({2 * latent_channels + mask_channels}); re-export the "
+                     "model")
 
 
 def image_size(image: Any) -> tuple[int, int]:
@@ -109,8 +113,17 @@ def binarize(mask_l: Any) -> np.ndarray:
     return (m >= 0.5).astype(np.float32)
 
 
-def latent_mask(mask_px: np.ndarray, factor: int, batch: int) -> np.ndarray:
-    """[B, 1, h, w]: torch's nearest interpolation to 1/factor of the size (pixel factor*i of row i)."""
+def latent_mask(mask_px: np.ndarray, factor: int, batch: int, channels: int = 1) -> np.ndarray:
+    """[B, channels, h, w]: one channel, torch's nearest interpolation to 1/factor of the size (pixel factor*i
+    of row i); factor^2 channels, each latent pixel's factor x factor pixels, channel dy * factor + dx
+    (FluxFillPipeline's ``mask.view(B, h, f, w, f).permute(0, 2, 4, 1, 3)``)."""
+    if channels == factor * factor and channels != 1:
+        h, w = mask_px.shape[0] // factor, mask_px.shape[1] // factor
+        cells = mask_px[:h * factor, :w * factor].reshape(h, factor, w, factor).transpose(1, 3, 0, 2)
+        return np.ascontiguousarray(np.broadcast_to(cells.reshape(channels, h, w), (batch, channels, h, w)))
+    if channels != 1:
+        raise ArtifactError(f"the inpainting denoiser takes a mask of {channels} channels, neither one nor "
+                            f"{factor * factor} (each latent pixel's pixels); re-export the model with `sdrt export`")
     return np.ascontiguousarray(np.broadcast_to(mask_px[::factor, ::factor], (batch, 1, *mask_px[::factor, ::factor].shape)))
 
 

@@ -17,9 +17,10 @@ from .noise import draw, seeds
 from .results import Latents
 
 
-def mode_of(engines: dict[str, Engine], latent_channels: int) -> str:
-    """``concat`` (a 9-channel inpainting UNet), else the blend mode any UNet can inpaint with."""
-    return inpaint.inpaint_mode(int(engines["unet"].inputs["sample"].shape[1] or 0), latent_channels)
+def mode_of(engines: dict[str, Engine], latent_channels: int, mask_channels: int = 1) -> str:
+    """``concat`` (an inpainting denoiser: a 9-channel UNet, FLUX.1 Fill; ``mask_channels``: the family's
+    ``concat_mask_channels``), else the blend mode any UNet can inpaint with."""
+    return inpaint.inpaint_mode(int(engines["unet"].inputs["sample"].shape[1] or 0), latent_channels, mask_channels)
 
 
 def check_mask(folder: Path, engines: dict[str, Engine], mode: str, image: Any, mask_image: Any) -> Any:
@@ -28,7 +29,7 @@ def check_mask(folder: Path, engines: dict[str, Engine], mode: str, image: Any, 
         raise InputError("mask_image needs the image to inpaint: pass image=... (white in the mask = repaint)",
                          cli="--mask needs the image to inpaint: pass --init-image")
     if mode == "concat" and inpaint.MASKED_ENCODER not in engines:
-        raise ArtifactError(f"{folder} has a 9-channel inpainting UNet but no {inpaint.MASKED_ENCODER}; "
+        raise ArtifactError(f"{folder} is an inpainting model but has no {inpaint.MASKED_ENCODER}; "
                             "re-export the model with this sdrt version (`sdrt export`)")
     return inpaint.check_mask(mask_image, image)
 
@@ -64,7 +65,9 @@ def prepare(backend: Backend, engines: dict[str, Engine], graphs: DeviceGraphs, 
     ``prepare_latents`` neither)."""
     be, dt = backend, dtype
     mask_px = inpaint.binarize(inpaint.resize_mask(mask_l, height, width))
-    lmask = inpaint.latent_mask(mask_px, vae_scale_factor, b)
+    # the mask's channels: one, or an inpainting denoiser's own (its input channels less twice the latents')
+    channels = int(engines["unet"].inputs["sample"].shape[1] or 0) - 2 * noise.shape[1] if mode == "concat" else 1
+    lmask = inpaint.latent_mask(mask_px, vae_scale_factor, b, channels)
     step_noise = draw(gens, (plan.steps, *noise.shape), axis=1) if plan.needs_noise else None
     image = be.to_device(init)
     enc_lat = None if mode == "concat" and pure_noise else engines["vae_encoder"]({"image": image})["latent"]
@@ -98,7 +101,7 @@ def loop_inputs(backend: Backend, graphs: DeviceGraphs, state: inpaint.InpaintSt
         feeds = {"mask": mask, "image_latents": state.image_latents, "init_noise": state.noise}
         return feeds, np.hstack([plan.table, inpaint.blend_table(plan)])
     src, _ = be.meta(state.masked_latents)
-    extra = graphs.extra(guided, src, dt)({"mask": mask, "masked_latents": state.masked_latents})
+    extra = graphs.extra(guided, src, dt, state.mask.shape[1])({"mask": mask, "masked_latents": state.masked_latents})
     return {"unet_extra": extra["unet_extra"]}, plan.table
 
 
@@ -114,7 +117,7 @@ def check_call(folder: Path, engines: dict[str, Engine], mode: str, req: Any) ->
         raise InputError("paste_back applies to inpainting images: pass mask_image=, or leave paste_back out",
                          cli="--paste-back applies to inpainting: pass --mask, or leave --paste-back out")
     if mask is None and mode == "concat":
-        raise InputError(f"{folder} is an inpainting model (a 9-channel UNet): pass image= and "
+        raise InputError(f"{folder} is an inpainting model (its denoiser takes a mask): pass image= and "
                          "mask_image= (white = repaint)",
                          cli=f"{folder} is an inpainting model: pass --init-image and --mask")
     return mask, blur

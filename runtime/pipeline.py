@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import control_stage, controlnet, inpaint, inpaint_stage, loading, samplers
+from . import control_stage, controlnet, inpaint, inpaint_stage, loading, reference, samplers
 from .backends import BACKENDS, make_backend
 from .conditioning import TextConditioning
 from .device_graphs import DeviceGraphs
@@ -368,27 +368,61 @@ class Pipeline:
 
     def prepare_latents(self, plan: samplers.SamplerPlan, height: int, width: int, *, batch_size: int | None = None,
                         seed: int | Sequence[int] | None = None, latents: np.ndarray | None = None,
-                        image: Any = None, mask_image: Any = None, strength: float = 1.0) -> Latents:
+                        image: Any = None, mask_image: Any = None, strength: float = 1.0,
+                        reference_image: Any = None, reference_resize: bool = True) -> Latents:
         """The starting latents: ``init_noise_sigma * noise`` (txt2img), or ``image`` encoded and noised to
         the plan's first step (img2img). ``seed`` a list: one generator per image, so image k of a batch
         equals the same seed generated alone (``batch_size`` defaults to the list's length, else 1).
         ``latents``: the initial noise itself (diffusers' ``latents``). ``mask_image`` (white = repaint):
-        inpaint ``image``; the plan's ``strength`` (1: start from noise)."""
+        inpaint ``image``; the plan's ``strength`` (1: start from noise). ``reference_image`` (an editing model,
+        FLUX.1 Kontext): the image to edit, encoded into the latents' ``reference`` (``reference_resize``: as the
+        call's)."""
         with self._lock:
             self._ready()
             if batch_size is None:
                 batch_size = len(seed) if isinstance(seed, (list, tuple)) else 1
             self.check_request(height, width, batch_size, guided=None)
+            reference.check(self.folder, self.engines, GenerationRequest(
+                image=image, mask_image=mask_image, reference_image=reference_image,
+                reference_resize=reference_resize))
             if image is not None:
                 self._check_img2img()
             mask = None if mask_image is None else self._check_mask(image, mask_image)
             init = None if image is None else to_uint8(image, height, width, self.manifest.vae_scale_factor)
+            ref = None if reference_image is None else self._reference_pixels(reference_image, reference_resize)
             return self._prepare(plan, height, width, batch_size, resolve_seed(seed, batch_size), latents, init,
-                                 mask, strength == 1.0)
+                                 mask, strength == 1.0, ref)
+
+    def _check_reference_size(self, ref: np.ndarray, batch: int, guided: bool) -> None:
+        """The reference's sides within the backend's engines' image sizes (TensorRT's build profile bounds the
+        reference as it bounds the image), before any work."""
+        rh, rw = int(ref.shape[1]), int(ref.shape[2])
+        try:
+            self.backend.check_request(batch, rh, rw, guided)
+        except InputError as e:
+            raise InputError(f"the reference image is {rw}x{rh} once sized for the model, outside these engines' "
+                             f"image sizes ({e}); give a smaller reference with reference_resize=False, or rebuild "
+                             "the engines for its size",
+                             cli=f"--reference is {rw}x{rh} once sized for the model, outside these engines' image "
+                                 f"sizes ({e}); give a smaller one with --no-reference-resize, or rebuild the "
+                                 "engines for its size") from e
+
+    def _reference_pixels(self, image: Any, resize: bool) -> np.ndarray:
+        lim = self.manifest.limits
+        return reference.pixels(image, self.family, lim.multiple_of, resize, lim.max_size)
 
     def _prepare(self, plan: samplers.SamplerPlan, height: int, width: int, b: int,
                  seed: int | Sequence[int] | None, latents: np.ndarray | None, init: np.ndarray | None,
-                 mask: Any = None, pure_noise: bool = False) -> Latents:
+                 mask: Any = None, pure_noise: bool = False, ref: np.ndarray | None = None) -> Latents:
+        lat = self._prepare_latents(plan, height, width, b, seed, latents, init, mask, pure_noise)
+        if ref is None:
+            return lat
+        return replace(lat, reference=reference.encode(self.backend, self.engines, self.device_graphs, self.dtype,
+                                                       ref))
+
+    def _prepare_latents(self, plan: samplers.SamplerPlan, height: int, width: int, b: int,
+                         seed: int | Sequence[int] | None, latents: np.ndarray | None, init: np.ndarray | None,
+                         mask: Any, pure_noise: bool) -> Latents:
         m = self.manifest
         f = m.vae_scale_factor
         lat_shape = (b, m.latent_channels, height // f, width // f)
@@ -418,7 +452,7 @@ class Pipeline:
     # -- inpainting (runtime/inpaint_stage.py) -------------------------------------------------------------
     @property
     def is_inpainting(self) -> bool:
-        """An inpainting model (a 9-channel UNet): every call needs ``image=`` and ``mask_image=``."""
+        """An inpainting model (a 9-channel UNet, FLUX.1 Fill): every call needs ``image=`` and ``mask_image=``."""
         self._ready()
         return self._inpaint_mode() == "concat"
 
@@ -426,8 +460,8 @@ class Pipeline:
         """A small call this pipeline can serve as loaded: two steps at its smallest size, inside the engines'
         build profile where they have one (its smallest batch and sizes, guided as it was built, T5's default
         length where the profile takes it, else its smallest), with a grey image and a full mask on an
-        inpainting model. A server runs it before reporting ready, so that the first request does not pay
-        for lazy initialization."""
+        inpainting model, a grey reference on an editing one. A server runs it before reporting ready, so that the
+        first request does not pay for lazy initialization."""
         lim = self.manifest.limits
         prof = self.backend.profile
         height = width = lim.min_size
@@ -439,16 +473,26 @@ class Pipeline:
             if self.family.takes_sequence_length and t5 is not None and not t5[0] <= self.family.text_tokens <= t5[2]:
                 tokens = t5[0]
         extra: dict[str, Any] = {}
-        if self.is_inpainting:
+        if self.is_inpainting or self.takes_reference:
             from PIL import Image
 
-            extra = {"image": Image.new("RGB", (width, height), (127, 127, 127)),
-                     "mask_image": Image.new("L", (width, height), 255)}
+            grey = Image.new("RGB", (width, height), (127, 127, 127))
+            # an inpainting model takes no call without an image and a mask; an editing one without a reference
+            extra = {"image": grey, "mask_image": Image.new("L", (width, height), 255)} if self.is_inpainting \
+                else {"reference_image": grey, "reference_resize": False}
         return GenerationRequest("warm-up", height=height, width=width, steps=2, guidance_scale=guidance, seed=0,
                                  batch_size=batch, max_sequence_length=tokens, **extra)
 
+    @property
+    def takes_reference(self) -> bool:
+        """An editing model (FLUX.1 Kontext): every call needs ``reference_image=``, the image to edit."""
+        self._ready()
+        return reference.takes_reference(self.engines)
+
     def _inpaint_mode(self) -> str:
-        return inpaint_stage.mode_of(self.engines, self.manifest.latent_channels)
+        m = self.manifest
+        return inpaint_stage.mode_of(self.engines, m.latent_channels,
+                                     self.family.concat_mask_channels(m.vae_scale_factor))
 
     def _check_mask(self, image: Any, mask_image: Any) -> Any:
         return inpaint_stage.check_mask(self.folder, self.engines, self._inpaint_mode(), image, mask_image)
@@ -534,6 +578,10 @@ class Pipeline:
         to_dev = be.to_device
         text = self._conditioning()
         factors = self.lora_inputs(None) if lora is None else lora  # a slotted UNet's factors (zeros: none)
+        if lat.reference is not None:  # an editing model's reference latents, read at every step as the text is
+            factors = {**factors, reference.REFERENCE_INPUT: lat.reference}
+        elif reference.takes_reference(self.engines):
+            raise InputError("this is an editing model (FLUX.1 Kontext): prepare the latents with reference_image=")
         cond = {**text.denoiser_inputs(emb, lat.height, lat.width, scores, guidance_scale), **factors}
         cond_steps = [(k, {**text.denoiser_inputs(e, lat.height, lat.width, scores, guidance_scale), **factors})
                       for k, e in edits if k < hi - lo] or None
@@ -543,8 +591,8 @@ class Pipeline:
             mode = lat.inpaint.mode
             step_inputs, table = inpaint_stage.loop_inputs(be, self.device_graphs, lat.inpaint, plan, guided, dt)
         elif self._inpaint_mode() == "concat":
-            raise InputError("this is an inpainting model (a 9-channel UNet): prepare the latents with image= and "
-                             "mask_image=")
+            raise InputError("this is an inpainting model (its denoiser takes a mask): prepare the latents with "
+                             "image= and mask_image=")
         if rescale and mode is not None:
             raise InputError("guidance_rescale with inpainting is not supported: leave guidance_rescale at 0")
         unet_in = self._first_input(plan, lo, lat, guided, dt, step_inputs.get("unet_extra"))
@@ -792,6 +840,11 @@ class Pipeline:
                 raise InputError("max_sequence_length sets T5's tokens per prompt; the base + refiner ensemble "
                                  "(SDXL) has no T5 encoder: leave it out",
                                  cli="--max-sequence-length is for models with a T5 encoder: leave it out")
+            if req.reference_image is not None:
+                raise InputError("reference_image conditions an editing model (FLUX.1 Kontext); the base + refiner "
+                                 "ensemble (SDXL) takes none: leave it out",
+                                 cli="--reference is for an editing model (FLUX.1 Kontext): leave it out with "
+                                     "--refiner")
             return refine(self, refiner, req, callback=callback)
         with self._lock:
             self._ready()
@@ -809,6 +862,7 @@ class Pipeline:
             if not self.family.generates and req.image is None:
                 raise self.family.refuse_generation(self.folder)
             image = req.image
+            reference.check(self.folder, self.engines, req)
             mask, blur = inpaint_stage.check_call(self.folder, self.engines, self._inpaint_mode(), req)
             creq = self._check_control(req.control_images, req.control_scales, req.control_start, req.control_end,
                                        req.guess_mode, req.control_preprocess, mask is not None)
@@ -819,12 +873,18 @@ class Pipeline:
             if image is not None:
                 self._check_img2img()
             init = None if image is None else to_uint8(image, req.height, req.width, m.vae_scale_factor)
-            # the image's size (img2img), else the control image's (as diffusers; rounded down to the export's multiple:
-            # 16 px for a transformer's patches), else the model's default
+            ref = None if req.reference_image is None else self._reference_pixels(req.reference_image,
+                                                                                  req.reference_resize)
+            # the image's size (img2img), else the control image's (as diffusers; rounded down to the export's
+            # multiple: 16 px for a transformer's patches) or the reference's, else the model's default
             control_size = None if creq is None else controlnet.default_size(creq, m.limits.multiple_of)
+            if ref is not None:
+                control_size = int(ref.shape[1]), int(ref.shape[2])
             height, width = call_size(req.height, req.width, init, control_size, m.default_size)
             guided = self.uses_guidance(req.guidance_scale)
             self.check_request(height, width, b, guided=guided)
+            if ref is not None:
+                self._check_reference_size(ref, b, guided)
             default_strength = 1.0 if mask is not None else DEFAULT_STRENGTH
             strength = 1.0 if image is None else default_strength if req.strength is None else req.strength
             plan = self.plan(req.sampler, req.steps, strength=strength, timestep_spacing=req.timestep_spacing,
@@ -842,7 +902,7 @@ class Pipeline:
                 else:
                     emb, edits = self._encode_request(req, guided, self._text_lora(lora_feeds))
                 clock.mark()
-                lat = self._prepare(plan, height, width, b, req.seed, req.latents, init, mask, strength == 1.0)
+                lat = self._prepare(plan, height, width, b, req.seed, req.latents, init, mask, strength == 1.0, ref)
                 clock.mark()
                 lat, how = self._denoise(emb, lat, plan, req.guidance_scale, None, None, callback, {}, clock,
                                          rescale=req.guidance_rescale, control=creq, scores=req.scores,
@@ -852,7 +912,8 @@ class Pipeline:
                     assert init is not None  # paste_back is refused without an image
                     images = inpaint.paste_back_all(images, init, mask, blur)
                 clock.mark()
-                timings = call_timings(clock, image=init is not None, decoded=req.output == "images", t_start=t_start)
+                timings = call_timings(clock, image=init is not None or ref is not None, decoded=req.output == "images",
+                                       t_start=t_start)
                 return Result(images, timings, nonfinite, how, final, lat.seed)
             except DeviceMemoryError as e:
                 raise self.memory_error(e, b, guided, height, width) from e

@@ -59,7 +59,11 @@ class GenerationRequest:
     tags, which join ``loras``; runtime/prompt_syntax.py) or ``"compel"`` (compel's ``word+``, ``(words)1.3``,
     ``.blend()``, ``.and()``; runtime/compel_syntax.py). ``max_sequence_length``: T5's tokens per prompt
     (SD 3 / 3.5 and FLUX.1, diffusers' argument of that name: 2 to 512; None: the family's default, 256 and
-    512); longer prompts are cut there, shorter ones padded to it.
+    512); longer prompts are cut there, shorter ones padded to it. ``reference_image``: the image an editing model
+    (FLUX.1 Kontext) edits, a PIL image or uint8 [H, W, 3] array: its latents condition every step, the output
+    starts from noise (its size: the reference's, once sized, unless asked); ``reference_resize`` (default True):
+    the reference is resized to the family's preferred resolution nearest its aspect ratio (Kontext's, as
+    diffusers' ``_auto_resize``), else kept at its own size rounded down to whole patches.
     """
 
     prompt: str | Sequence[str] | None = None
@@ -99,6 +103,8 @@ class GenerationRequest:
     loras: Sequence[tuple[str, float]] | None = None
     prompt_syntax: str = "plain"
     max_sequence_length: int | None = None
+    reference_image: Any = None
+    reference_resize: bool = True
 
     @property
     def scores(self) -> tuple[float | None, float | None]:

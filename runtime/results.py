@@ -54,6 +54,7 @@ class Latents:
     noise: np.ndarray | None = None
     seed: list[int] | int | None = None
     inpaint: InpaintState | None = field(default=None, repr=False, compare=False)  # the mask conditioning
+    reference: Array | None = field(default=None, repr=False, compare=False)  # an editing model's reference latents
 
 
 def call_timings(clock: Any, *, image: bool, decoded: bool, t_start: float) -> dict[str, Any]:

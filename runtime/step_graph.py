@@ -129,19 +129,21 @@ def noise_graph_bytes(src: Any, dst: Any) -> bytes:
     return model.SerializeToString()
 
 
-def extra_engine_name(batch_guided: bool, src: Any, dst: Any) -> str:
-    """The engine name of a 9-channel inpainting UNet's extra-channels graph (masked latents from ``src``)."""
-    return f"unet_extra{'_cfg' if batch_guided else ''}_{np.dtype(src).name}_to_{np.dtype(dst).name}"
+def extra_engine_name(batch_guided: bool, src: Any, dst: Any, mask_channels: int = 1) -> str:
+    """The engine name of an inpainting denoiser's extra-channels graph (masked latents from ``src``; a mask of
+    ``mask_channels``, named where not 1)."""
+    mask = f"_mask{mask_channels}" if mask_channels != 1 else ""
+    return f"unet_extra{'_cfg' if batch_guided else ''}{mask}_{np.dtype(src).name}_to_{np.dtype(dst).name}"
 
 
-def extra_graph_bytes(batch_guided: bool, src: Any, dst: Any) -> bytes:
-    """A 9-channel inpainting UNet's fixed extra channels, ``[mask, masked image latents]``, assembled on the
-    device: the masked-image encoder's one row cast to the UNet's dtype and broadcast over the batch, joined
-    to the latent-size mask along channels, rows doubled when guided (the "concat" step and first-input
-    graphs' ``unet_extra``), so the encoder's latents never go through the host.
+def extra_graph_bytes(batch_guided: bool, src: Any, dst: Any, mask_channels: int = 1) -> bytes:
+    """An inpainting denoiser's fixed extra channels (a 9-channel UNet's, FLUX.1 Fill's), ``[mask, masked image
+    latents]``, assembled on the device: the masked-image encoder's one row cast to the UNet's dtype and
+    broadcast over the batch, joined to the latent-size mask along channels, rows doubled when guided (the
+    "concat" step and first-input graphs' ``unet_extra``), so the encoder's latents never go through the host.
 
-    inputs   mask [B,1,H,W] (dst); masked_latents [1,C,H,W] (src)
-    outputs  unet_extra [2B or B,C+1,H,W] (dst)"""
+    inputs   mask [B,M,H,W] (dst; M = ``mask_channels``: 1, FLUX.1 Fill's 64); masked_latents [1,C,H,W] (src)
+    outputs  unet_extra [2B or B,M+C,H,W] (dst)"""
     nodes: list[onnx.NodeProto] = []
     a, b = _elem(src), _elem(dst)
     masked = "masked_latents" if a == b else _node(nodes, "Cast", ["masked_latents"], "masked_cast", to=b)
@@ -156,7 +158,7 @@ def extra_graph_bytes(batch_guided: bool, src: Any, dst: Any) -> bytes:
     _node(nodes, "Identity", [extra], "unet_extra")
     graph = helper.make_graph(
         nodes, "sdrt_unet_extra",
-        [helper.make_tensor_value_info("mask", b, ["B", 1, *_LATENT[2:]]),
+        [helper.make_tensor_value_info("mask", b, ["B", mask_channels, *_LATENT[2:]]),
          helper.make_tensor_value_info("masked_latents", a, [1, *_LATENT[1:]])],
         [helper.make_tensor_value_info("unet_extra", b, ["2B" if batch_guided else "B", "E", *_LATENT[2:]])])
     model = finish_graph(graph)

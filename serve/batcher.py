@@ -73,14 +73,15 @@ class Job:
            steps: int, sampler: str, guidance: float, *, image: Any = None, strength: float | None = 0.8,
            mask: Any = None, paste_back: float | None = None, cache: CachePolicy | None = None,
            loras: list[tuple[str, float]] | None = None, prompt_syntax: str = "plain",
-           max_sequence_length: int | None = None) -> Job:
+           max_sequence_length: int | None = None, reference: Any = None) -> Job:
         """A job from an API's fields: ``negatives`` None: no negative prompt at all (the model's rule for that
         applies: SDXL zeroes the negatives); ``image`` (img2img, a PIL image of height x width) with
         ``strength`` (None: the pipeline's default; inpainting: 1), ``mask`` (inpainting: white = repaint) and
         ``paste_back`` (the original pasted back through the mask blurred this much); ``cache``: the feature-caching
         policy (None: every step runs the full UNet); ``loras``: (name, scale) pairs, checked (``checks.loras_of``);
         ``prompt_syntax``: how the prompts are read ("plain"; "a1111": A1111's emphasis and BREAK; "compel");
-        ``max_sequence_length``: T5's tokens per prompt (None: the model's default)."""
+        ``max_sequence_length``: T5's tokens per prompt (None: the model's default); ``reference``: an editing
+        model's (FLUX.1 Kontext) image to edit, resized by the pipeline."""
         caching = {} if cache is None else {"cache": cache.kind, "cache_interval": cache.interval,
                                             "cache_schedule": cache.schedule, "cache_threshold": cache.threshold}
         return cls(GenerationRequest(prompt=list(prompts), negative_prompt=None if negatives is None else list(negatives),
@@ -88,7 +89,7 @@ class Job:
                                      seed=list(seeds), image=image, strength=None if image is None else strength,
                                      mask_image=mask, paste_back=paste_back, loras=loras or None,
                                      prompt_syntax=prompt_syntax, max_sequence_length=max_sequence_length,
-                                     **caching))
+                                     reference_image=reference, **caching))
 
     @property
     def prompts(self) -> list[str]:
@@ -205,7 +206,8 @@ class Batcher:
         # an image request runs alone; so does one cached by a threshold: the rule decides on the whole batch's
         # residual, so a neighbour would change which of its steps run in full
         policy = r.cache_policy
-        solo = next(_ids) if r.image is not None or (policy is not None and policy.threshold is not None) else None
+        solo = next(_ids) if r.image is not None or r.reference_image is not None or (
+            policy is not None and policy.threshold is not None) else None
         # cached and uncached requests (or other intervals / schedules) run different per-step plans; a LoRA set
         # is the UNet's inputs for the whole batch (the factors are shared by its rows, not per image)
         loras = tuple((str(n), float(s)) for n, s in r.loras or ())

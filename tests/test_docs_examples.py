@@ -114,7 +114,9 @@ def example_dir(tmp_path_factory: pytest.TempPathFactory, tiny_export, tiny_cont
                "refiner-onnx": tiny_export("sdxl-refiner-tiny"), "sd15-cn": tiny_controlnet_export(nets=1),
                "sd35-medium-onnx": sd3_export("sd35-medium-tiny", block_cache=True),
                "sd15-slots": slotted_export("sd15-tiny"),
-               "flux-dev-onnx": flux_export("flux-dev-tiny", block_cache=True)}
+               "flux-dev-onnx": flux_export("flux-dev-tiny", block_cache=True),
+               "flux-fill-onnx": flux_export("flux-fill-dev-tiny"),
+               "flux-kontext-onnx": flux_export("flux-kontext-dev-tiny")}
     for name, folder in folders.items():
         (d / name).symlink_to(folder, target_is_directory=True)
     from sdrt.export.loading import random_model

@@ -119,7 +119,8 @@ def _meta_modules(name: str) -> FluxModules:
                            T5EncoderModel(T5Config(**p.config("t5"))), AutoencoderKL(**p.config("vae")))
 
 
-FULL = ["flux-schnell", "flux-dev"]
+FULL = ["flux-schnell", "flux-dev", "flux-fill-dev"]
+PROBE = {"flux-fill-dev": "flux-fill"}  # diffusers' probe's name where it is not the preset's
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +140,7 @@ def test_full_size_layouts_detect_and_round_trip(name: str, full_shapes: dict) -
 
     shapes = full_shapes[name]
     meta = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
-    assert infer_diffusers_model_type(meta) == name
+    assert infer_diffusers_model_type(meta) == PROBE.get(name, name)
     view = {k.removeprefix("model.diffusion_model."): s for k, s in shapes.items()
             if k.startswith(("model.diffusion_model.", "vae."))}
     assert detect_flux_preset(view).name == name
@@ -232,27 +233,58 @@ def test_wrong_files_for_their_flags(files: dict) -> None:
 
 
 def test_files_of_other_models(files: dict, seeded: dict, tmp_path: Path) -> None:
-    """Another family's file, and FLUX.1 Fill (diffusers' probe names it) are refused from their headers."""
+    """Another family's file, and FLUX.1 Depth (diffusers' probe names it) are refused from their headers."""
     sd1 = write({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3),
                  "first_stage_model.encoder.conv_in.weight": torch.zeros(4, 3, 3, 3)}, tmp_path / "sd1.safetensors")
     assert not is_flux_file(sd1) and not is_flux_source(sd1, None)
     with pytest.raises(ArtifactError, match=r"not a FLUX.1 single file: it has no double_blocks"):
         load_flux_single_file(sd1)
-    fill = bfl_file(seeded["flux-dev-tiny"])
-    fill["img_in.weight"] = torch.zeros(16, 384)  # Fill: latents, masked image and mask in
-    path = write(fill, tmp_path / "flux1-fill-dev.safetensors")
+    depth = bfl_file(seeded["flux-dev-tiny"])
+    depth["img_in.weight"] = torch.zeros(16, 128)  # Depth: latents and the depth image's latents in
+    path = write(depth, tmp_path / "flux1-depth-dev.safetensors")
     assert is_flux_file(path)
-    with pytest.raises(InputError, match=r"is a flux-fill model \(as diffusers' single-file probe names it\), "
-                                         r"not FLUX.1 \[schnell\] or \[dev\]"):
+    with pytest.raises(InputError, match=r"is a flux-depth model \(as diffusers' single-file probe names it\), "
+                                         r"not FLUX.1 \[schnell\], \[dev\] or Fill"):
         load_flux_single_file(path, **separate(files["flux-dev-tiny"]))
+
+
+def test_fill_file_exports_the_fill_preset_images(tmp_path: Path, flux_export) -> None:
+    """FLUX.1 Fill's file (``img_in`` takes 384 channels: diffusers' probe names it flux-fill), here ComfyUI's
+    all-in-one layout, is detected from its shapes and exports to the images of the Fill preset's export of the
+    same weights (itself checked against FluxFillPipeline in tests/test_flux_fill.py), within 1/255."""
+    from sdrt.runtime.manifest import ExportManifest
+
+    from .helpers.inputs import image_and_mask
+
+    mods = build_modules(get_flux_preset("flux-fill-dev-tiny"), seed=0)
+    path = write(comfy_file(mods), tmp_path / "flux1-fill-dev.safetensors")
+    assert detect_flux_preset({k.removeprefix("model.diffusion_model."): tuple(v.shape)
+                               for k, v in comfy_file(mods).items()
+                               if k.startswith(("model.diffusion_model.", "vae."))}).name == "flux-fill-dev-tiny"
+    with pytest.raises(InputError, match=r"--arch flux-dev-tiny does not fit .*\(it fits flux-fill-dev-tiny\): "
+                                         r"latent channels in 384 in the file, 64 in flux-dev-tiny"):
+        load_flux_single_file(path, arch="flux-dev-tiny")
+    out = tmp_path / "fill"
+    assert main(["export", "--model", str(path), "--out", str(out)]) == 0
+    manifest = ExportManifest.read(out)
+    assert manifest.preset == "flux-fill-dev-tiny" and "vae_encoder_masked" in manifest.components
+    image, mask = image_and_mask(w=64, h=64)
+    latents = np.random.default_rng(2).standard_normal((1, 16, 8, 8), dtype=np.float32)
+    images = [np.asarray(shared_pipeline(folder)("a red fox", image=image, mask_image=mask, steps=2,
+                                                 guidance_scale=30.0, latents=latents).images[0]).astype(np.int32)
+              for folder in (flux_export("flux-fill-dev-tiny"), out)]
+    assert images[0].std() > 5
+    assert int(np.abs(images[0] - images[1]).max()) <= 1
 
 
 def test_shapes_no_preset_has_and_arch(files: dict, seeded: dict, tmp_path: Path) -> None:
     from diffusers import FluxTransformer2DModel
 
     f = files["flux-dev-tiny"]
-    with pytest.raises(InputError, match=r"--arch flux-schnell-tiny does not fit .*\(it fits flux-dev-tiny\): "
-                                         r"guidance embedding True in the file, False in flux-schnell-tiny"):
+    # Kontext has [dev]'s shapes: a file of them fits both
+    with pytest.raises(InputError, match=r"--arch flux-schnell-tiny does not fit .*\(it fits flux-dev-tiny, "
+                                         r"flux-kontext-dev-tiny\): guidance embedding True in the file, False in "
+                                         r"flux-schnell-tiny"):
         load_flux_single_file(f["bfl"], arch="flux-schnell-tiny", **separate(f))
     deeper = FluxTransformer2DModel(**{**get_flux_preset("flux-dev-tiny").config("transformer"), "num_layers": 2})
     path = write(transformer_to_bfl(deeper.state_dict()), tmp_path / "deeper.safetensors")

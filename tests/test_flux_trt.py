@@ -1,6 +1,6 @@
 """FLUX.1 on the TensorRT path: build profiles (T5's 512 tokens as the transformer's whole text axis, one row per
 image: no CFG), ``build_engines`` on the fakes driving the pipeline like ort-cpu, and the whole engine folder on
-TensorRT for RTX's real builder (no GPU).
+TensorRT for RTX's real builder (no GPU); the same for FLUX.1 Fill and Kontext.
 
 The fakes (tests/helpers/trt_fakes.py) run the "engines" as ONNX graphs on onnxruntime: a pass says sdrt's
 build, engine folder and captured loop hold together for this family, nothing about real TensorRT.
@@ -104,3 +104,60 @@ def test_sdrt_build_makes_a_whole_flux_engine_folder_on_rtx(flux_export, tmp_pat
     assert {"text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder", "sampler_step"} <= set(precision)
     assert "sampler_step_cfg" not in precision and precision["unet"] == "fp32"
     assert (out / "tokenizer_2" / "tokenizer.json").is_file()
+
+
+@pytest.mark.parametrize("preset", ["flux-fill-dev-tiny", "flux-kontext-dev-tiny"])
+def test_fill_and_kontext_engines_on_the_fakes(flux_export, tmp_path: Path, fake_gpu, preset: str) -> None:
+    """Logic check on fakes: FLUX.1 Fill (the extra-channels graph built for its 64 mask channels) and Kontext
+    (the reference's sides from the profile's image sizes) built and driven like ort-cpu, the loop captured."""
+    from .helpers.inputs import image_and_mask
+
+    cudart, _ = fake_gpu
+    src = flux_export(preset)
+    out = tmp_path / "engines"
+    profile = custom_profile(batch="1:1:2", height="64:64:96", width="64:64:96", cfg=False)
+    man = ExportManifest.read(src)
+    by = {s.name: (s.min, s.opt, s.max) for s in engine_shapes(profile, man)["unet"]}
+    image, mask = image_and_mask(w=64, h=64)
+    if preset == "flux-fill-dev-tiny":
+        assert by["sample"] == ((1, 96, 8, 8), (1, 96, 8, 8), (2, 96, 12, 12))
+        kw = {"image": image, "mask_image": mask, "guidance_scale": 30.0}
+    else:
+        assert by["reference_latents"] == ((1, 16, 8, 8), (1, 16, 8, 8), (1, 16, 12, 12))
+        kw = {"reference_image": image, "reference_resize": False, "guidance_scale": 2.5}
+    manifest = build_engines(src, out, profile, BuildOptions(workspace_gb=1))
+    assert "unet" in {r.component for r in manifest.engines}
+    want = Pipeline.load(src, backend="ort-cpu")("a red fox", steps=3, seed=5, **kw)
+    with Pipeline.load(out, backend="tensorrt") as pipe:
+        got = pipe("a red fox", steps=3, seed=5, **kw)
+        if preset == "flux-kontext-dev-tiny":  # a reference past the profile's sizes: refused before any work
+            with pytest.raises(InputError, match=r"the reference image is 128x128 once sized .*outside these "
+                                                 r"engines' image sizes"):
+                pipe("a red fox", steps=3, seed=5, height=64, width=64, reference_resize=False,
+                     reference_image=np.zeros((128, 128, 3), np.uint8))
+    assert got.loop == "captured CUDA graphs" and cudart.launches == 3
+    a, b = np.asarray(want.images[0], np.int16), np.asarray(got.images[0], np.int16)
+    assert a.shape == b.shape == (64, 64, 3) and a.std() > 1
+    assert np.abs(a - b).max() <= 1
+
+
+@pytest.mark.parametrize("preset", ["flux-fill-dev-tiny", "flux-kontext-dev-tiny"])
+def test_fill_and_kontext_build_on_rtx(flux_export, tmp_path: Path, preset: str) -> None:
+    """``sdrt build`` with TensorRT for RTX's real builder (no GPU): Fill's transformer, masked-image encoder and
+    64-channel extra graph; Kontext's transformer with its reference input of dynamic sides."""
+    if RTX is None:
+        pytest.skip("needs the TensorRT for RTX bindings: pip install tensorrt-rtx-cu13-libs "
+                    "tensorrt-rtx-cu13-bindings")
+    from sdrt.cli import main
+    from sdrt.runtime.engine_manifest import EngineManifest
+
+    src, out = flux_export(preset), tmp_path / "engines"
+    assert main(["build", str(src), "--out", str(out), "--batch", "1:1:2", "--height", "64:64:96",
+                 "--width", "64:64:96", "--tensorrt-module", "tensorrt_rtx"]) == 0
+    names = {r.component for r in EngineManifest.read(out).engines}
+    assert {"unet", "vae_encoder"} <= names
+    if preset == "flux-fill-dev-tiny":  # an inpainting model: the mask-concatenating step graph only
+        assert {"vae_encoder_masked", "unet_extra_mask64_float32_to_float32", "sampler_step_concat"} <= names
+        assert "sampler_step" not in names
+    else:
+        assert "sampler_step" in names

@@ -311,6 +311,8 @@ def test_refiner_start_outside_the_schedule_is_refused(pipes, no_engine_runs) ->
         base(PROMPT, refiner=refiner, refiner_start=0.05, steps=4, height=64, width=64)
     with pytest.raises(InputError, match="refiner_start needs a refiner"):
         base(PROMPT, refiner_start=0.8, steps=4)
+    with pytest.raises(InputError, match=r"reference_image conditions an editing model .* ensemble \(SDXL\)"):
+        base(PROMPT, refiner=refiner, reference_image=np.zeros((64, 64, 3), np.uint8), steps=4, height=64, width=64)
     assert no_engine_runs[0] == 0
 
 

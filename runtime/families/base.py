@@ -153,6 +153,18 @@ class Family:
         (``sigmas``, ``mu``: FLUX.1's own sigmas and resolution-dependent shift); none for the others."""
         return {}
 
+    def concat_mask_channels(self, vae_factor: int) -> int:
+        """The channels of the mask an inpainting denoiser takes beside the latents and the masked image's latents
+        (sdrt's order: [latents, mask, masked latents]): SD's 9-channel inpainting UNets take the mask at latent
+        size, one channel (diffusers' ``prepare_mask_latents``)."""
+        return 1
+
+    def reference_size(self, width: int, height: int, multiple: int, resize: bool) -> tuple[int, int]:
+        """(width, height) a reference image of this size is encoded at, for a denoiser that takes one (an
+        editing model): its own size rounded down to a multiple of ``multiple`` (the family's may pick a
+        preferred resolution where ``resize``)."""
+        return width - width % multiple, height - height % multiple
+
     def export_time_ids(self, size: int) -> list[float]:
         """Example time ids for tracing the denoiser at ``size`` (empty: none)."""
         return []

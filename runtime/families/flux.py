@@ -6,6 +6,13 @@ state) is the transformer's ``pooled_projections``, each prompt cut at 77 tokens
 transformer's ``encoder_hidden_states`` as they are (no CLIP states join them). Both are needed (diffusers has no
 T5-less FLUX mode).
 
+FLUX.1 Fill (diffusers' ``FluxFillPipeline``) inpaints with a transformer that also takes the masked image's
+latents and the mask, each latent pixel's 8 x 8 mask pixels as 64 channels (``concat_mask_channels``).
+
+FLUX.1 Kontext (``FluxKontextPipeline``) edits a reference image: [dev]'s transformer reads the reference's
+tokens beside the image's (the export's ``reference_latents`` input; runtime/reference.py), the reference
+resized to Kontext's preferred resolution nearest its aspect ratio (``reference_size``).
+
 No classifier-free guidance: [dev] is guidance-distilled (the scale is the transformer's embedded ``guidance``
 input, one row per image), [schnell] takes no guidance at all; a negative prompt is refused. The transformer is
 the export's ``unet`` component (at ``transformer/``); its graph takes and returns NCHW latents [B, 16, h, w] and
@@ -34,6 +41,10 @@ from .transformer_lora import slot_targets
 CLIP = "text_encoder"
 T5 = "text_encoder_2"
 PATCH = 2  # latent pixels per token side (FluxPipeline packs 2x2 patches)
+# FLUX.1 Kontext's preferred (width, height) for a reference image (diffusers' PREFERRED_KONTEXT_RESOLUTIONS)
+KONTEXT_RESOLUTIONS = ((672, 1568), (688, 1504), (720, 1456), (752, 1392), (800, 1328), (832, 1248), (880, 1184),
+                       (944, 1104), (1024, 1024), (1104, 944), (1184, 880), (1248, 832), (1328, 800), (1392, 752),
+                       (1456, 720), (1504, 688), (1568, 672))
 
 
 @dataclass(frozen=True)
@@ -81,6 +92,19 @@ class FluxFamily(Family):
                 "FLUX.1 is guidance-distilled and runs no classifier-free guidance, so it takes no negative prompt: "
                 "leave negative_prompt out ([dev]'s guidance_scale is embedded in the model; [schnell] takes none)",
                 cli="FLUX.1 takes no --negative-prompt (it runs no classifier-free guidance): leave it out")
+
+    def concat_mask_channels(self, vae_factor: int) -> int:
+        # FLUX.1 Fill (FluxFillPipeline.prepare_mask_latents): the pixel mask, each latent pixel's f x f pixels as
+        # f^2 channels (64 for FLUX.1's VAE), packed with the latents and the masked image's latents
+        return vae_factor * vae_factor
+
+    def reference_size(self, width: int, height: int, multiple: int, resize: bool) -> tuple[int, int]:
+        # FluxKontextPipeline: the size rounded down to whole patches, then (_auto_resize) the preferred resolution
+        # of the nearest aspect ratio (ties: the narrower), rounded down again
+        w, h = width - width % multiple, height - height % multiple
+        if resize and w > 0 and h > 0:
+            _, w, h = min((abs(w / h - rw / rh), rw, rh) for rw, rh in KONTEXT_RESOLUTIONS)
+        return w - w % multiple, h - h % multiple
 
     def schedule_options(self, sampler: str, steps: int, height: int, width: int, vae_factor: int,
                          scheduler_config: Mapping[str, Any]) -> dict[str, Any]:

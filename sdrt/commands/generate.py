@@ -51,6 +51,12 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--paste-back", type=float, default=None, metavar="BLUR",
                    help="inpainting: paste the original pixels outside the mask back, through the mask blurred by "
                         "BLUR pixels (0: a hard edge)")
+    p.add_argument("--reference", default=None, metavar="IMG",
+                   help="an editing model (FLUX.1 Kontext): the image to edit; its latents condition every step and "
+                        "the output starts from noise, at the reference's size unless --height/--width say")
+    p.add_argument("--reference-resize", action=argparse.BooleanOptionalAction, default=True,
+                   help="resize --reference to the model's preferred resolution nearest its aspect ratio (Kontext's, "
+                        "as diffusers; default); --no-reference-resize keeps its size, rounded down to 16 pixels")
     p.add_argument("--strength", type=float, default=None,
                    help="img2img and inpainting (needs --init-image): how much to change the image, in (0, 1] "
                         "(default 0.8; inpainting 1)")
@@ -130,6 +136,7 @@ def run(args: argparse.Namespace) -> int:
     from ._report import print_warnings, timing_table
 
     inputs = [(flag, path) for flag, paths in (("--init-image", [args.init_image]), ("--mask", [args.mask]),
+                                               ("--reference", [args.reference]),
                                                ("--control-image", args.control_image or []))
               for path in paths if path]
     paths = output_paths(None if args.output is None else Path(args.output), args.batch_size,
@@ -155,6 +162,7 @@ def run(args: argparse.Namespace) -> int:
     loras = _lora_options(args)
     image = None if not args.init_image else _open_image(args.init_image, "--init-image")
     mask = None if not args.mask else _open_image(args.mask, "--mask")
+    ref = None if not args.reference else _open_image(args.reference, "--reference")
     control = _control_images(args)
     _check_image_sizes(args, image, control)
     pipe = Pipeline.load(args.path, backend=args.backend, cuda_graph=args.cuda_graph, precision=args.precision,
@@ -199,7 +207,8 @@ def run(args: argparse.Namespace) -> int:
                 control_end=_one_or_list(args.control_end), guess_mode=args.guess_mode,
                 aesthetic_score=args.aesthetic_score, negative_aesthetic_score=args.negative_aesthetic_score,
                 refiner_start=args.refiner_start, loras=loras, prompt_syntax=args.prompt_syntax,
-                max_sequence_length=args.max_sequence_length, **cache)
+                max_sequence_length=args.max_sequence_length, reference_image=ref,
+                reference_resize=args.reference_resize, **cache)
             result = pipe.generate(request, refiner=refiner, callback=progress)
         finally:
             bar.close()

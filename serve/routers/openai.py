@@ -128,6 +128,24 @@ async def edits(
     lora_set = loras_of(st, lora_form(loras), tagged)
     t5_tokens = sequence_length_of(st, max_sequence_length)
     raw = await run_in_threadpool(decode_upload, await image.read(), "image", cfg.max_upload_pixels, True)
+    pipe = st.pipeline()
+    if getattr(pipe, "takes_reference", False):  # an editing model (FLUX.1 Kontext): the image is its reference
+        if mask is not None or strength is not None:
+            field = "mask" if mask is not None else "strength"
+            raise ApiError(422, f"{st.model_id} edits the image from the prompt (FLUX.1 Kontext: the image "
+                                f"conditions, the output starts from noise): send no {field}", field,
+                           "unsupported_value")
+        ref = raw.convert("RGB")
+        lim = pipe.manifest.limits
+        w, h = parse_size(st, size) if size else pipe.family.reference_size(*ref.size, lim.multiple_of, True)
+        if size is None:
+            check_size(st, w, h, "image", "image")
+        job = Job.of([prompt] * n, None if negative_prompt is None else [negative_prompt] * n, seeds_for(seed, n),
+                     h, w, steps, sampler_of(st, sampler, "sampler"),
+                     cfg.default_guidance if guidance_scale is None else guidance_scale, reference=ref,
+                     cache=policy, loras=lora_set, prompt_syntax=prompt_syntax, max_sequence_length=t5_tokens)
+        return response(st, await run_job(st, request, job, "edits"), response_format, request,
+                        guidance_notes(st, guidance_scale, "guidance_scale"))
     region = None
     if mask is not None:
         raw_mask = await run_in_threadpool(decode_upload, await mask.read(), "mask", cfg.max_upload_pixels, True)

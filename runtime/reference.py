@@ -1,0 +1,77 @@
+"""Editing with a reference image (FLUX.1 Kontext, as diffusers' ``FluxKontextPipeline`` runs it): the image to
+edit conditions the denoiser at every step beside the text, and generation starts from noise.
+
+A denoiser whose graph has a ``reference_latents`` input takes one (FLUX.1 Kontext's transformer appends the
+reference's packed latents to the image tokens on the sequence axis, with position ids of their own, and cuts
+its output back to the generated tokens). The reference is resized to the size the family picks
+(``Family.reference_size``: for FLUX.1, Kontext's preferred resolution nearest its aspect ratio, diffusers'
+``_auto_resize``; or its own size rounded down to whole patches) and encoded by the export's VAE encoder on the
+device (the latent distribution's mean, as FluxKontextPipeline's ``sample_mode="argmax"``), once per call.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .device_graphs import DeviceGraphs
+from .engine import Array, Backend, Engine
+from .errors import ArtifactError, InputError
+from .families import Family
+from .images import to_uint8
+from .inpaint import image_size
+
+REFERENCE_INPUT = "reference_latents"
+
+
+def takes_reference(engines: dict[str, Engine]) -> bool:
+    """The denoiser takes a reference image's latents (FLUX.1 Kontext)."""
+    return REFERENCE_INPUT in engines["unet"].inputs
+
+
+def check(folder: Path, engines: dict[str, Engine], req: Any) -> None:
+    """A call's reference arguments (a ``GenerationRequest``) against the export, before any work."""
+    ref, edits = req.reference_image, takes_reference(engines)
+    if not isinstance(req.reference_resize, bool):
+        raise InputError(f"reference_resize must be True or False, got {req.reference_resize!r}")
+    if ref is None and edits:
+        raise InputError(f"{folder} is an editing model (FLUX.1 Kontext): pass reference_image=, the image to edit",
+                         cli=f"{folder} is an editing model (FLUX.1 Kontext): pass --reference IMG, the image to "
+                             "edit")
+    if ref is not None and not edits:
+        raise InputError(f"reference_image conditions an editing model (FLUX.1 Kontext); {folder} takes none: leave "
+                         "it out (to start from an image, pass image= for img2img)",
+                         cli=f"--reference conditions an editing model (FLUX.1 Kontext); {folder} takes none: leave "
+                             "it out (to start from an image, pass --init-image)")
+    if edits and (req.image is not None or req.mask_image is not None):
+        raise InputError("an editing model (FLUX.1 Kontext) starts from noise, as FluxKontextPipeline: pass the "
+                         "image to edit as reference_image=, and leave image= and mask_image= out",
+                         cli="an editing model (FLUX.1 Kontext) starts from noise: pass the image to edit as "
+                             "--reference, and leave --init-image and --mask out")
+    if edits and "vae_encoder" not in engines:
+        raise ArtifactError(f"{folder} has no VAE encoder, which encodes the reference image; re-export the model "
+                            "with `sdrt export`")
+
+
+def pixels(image: Any, family: Family, multiple: int, resize: bool, max_size: int) -> np.ndarray:
+    """The reference as uint8 [1, H, W, 3] at the size the family picks (``resize`` False: its own size rounded
+    down to a multiple of ``multiple``), Lanczos as diffusers' image processor; refused outside
+    ``multiple``..``max_size`` pixels a side."""
+    w, h = image_size(image)
+    rw, rh = family.reference_size(w, h, multiple, resize)
+    if not (multiple <= rw <= max_size and multiple <= rh <= max_size):
+        raise InputError(f"reference_image is {w}x{h}, {rw}x{rh} once sized for the model: each side must be "
+                         f"{multiple} to {max_size} pixels",
+                         cli=f"--reference is {w}x{h}, {rw}x{rh} once sized for the model: each side must be "
+                             f"{multiple} to {max_size} pixels")
+    return to_uint8(image, rh, rw, multiple)
+
+
+def encode(backend: Backend, engines: dict[str, Engine], graphs: DeviceGraphs, dtype: np.dtype[Any],
+           image: np.ndarray) -> Array:
+    """The reference's latents [1, C, H/8, W/8] on the device, in the denoiser's dtype."""
+    latent = engines["vae_encoder"]({"image": backend.to_device(image)})["latent"]
+    src = backend.meta(latent)[0]
+    return latent if src == dtype else graphs.cast(src, dtype)({"latents": latent})["latents_cast"]

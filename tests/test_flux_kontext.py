@@ -1,0 +1,275 @@
+"""FLUX.1 Kontext (image editing) on ort-cpu against diffusers' ``FluxKontextPipeline``: the tiny Kontext preset's
+seeded weights exported by ``export_flux``, the same reference image and initial latents, images within 1/255.
+
+Covers the reference kept at its own size (rounded down to whole patches) and resized to Kontext's preferred
+resolution nearest its aspect ratio (diffusers' ``_auto_resize``), two guidance scales, a batch, ``sdrt generate
+--reference``, loading a diffusers ``FluxKontextPipeline`` folder and a single file with ``--arch``, and the
+refusals before any work. diffusers' Kontext pipeline rescales the size asked to ``max_area``: the tests give it
+the size's own area, so it keeps the size.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sdrt.runtime.errors import InputError
+
+from .helpers.inputs import control_image
+from .helpers.pipelines import shared_pipeline
+
+PRESET = "flux-kontext-dev-tiny"
+PROMPT = "make the boat red"
+_REF: list[object] = []
+
+
+def _reference(folder: Path):
+    if not _REF:
+        from diffusers import FluxKontextPipeline
+        from diffusers.schedulers import FlowMatchEulerDiscreteScheduler
+        from transformers import CLIPTokenizer, T5TokenizerFast
+
+        from sdrt.export.flux_presets import build_modules, get_flux_preset
+
+        p = get_flux_preset(PRESET)
+        m = build_modules(p, seed=0)
+        pipe = FluxKontextPipeline(
+            transformer=m.transformer, vae=m.vae, scheduler=FlowMatchEulerDiscreteScheduler.from_config(p.scheduler),
+            text_encoder=m.clip, tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"), text_encoder_2=m.t5,
+            tokenizer_2=T5TokenizerFast.from_pretrained(folder / "tokenizer_2"))
+        pipe.set_progress_bar_config(disable=True)
+        _REF.append(pipe)
+    return _REF[0]
+
+
+def _pack(latents: np.ndarray) -> torch.Tensor:
+    from diffusers import FluxPipeline
+
+    b, c, h, w = latents.shape
+    return FluxPipeline._pack_latents(torch.from_numpy(latents.copy()), b, c, h, w)
+
+
+def _compare(folder: Path, reference, *, height: int, width: int, resize: bool = False, guidance: float = 2.5,
+             steps: int = 3, batch: int = 1, seed: int = 0) -> np.ndarray:
+    ref = _reference(folder)
+    latents = np.random.default_rng(seed).standard_normal((batch, 16, height // 8, width // 8), dtype=np.float32)
+    with torch.no_grad():
+        want = ref(image=reference, prompt=PROMPT, height=height, width=width, num_inference_steps=steps,
+                   guidance_scale=guidance, latents=_pack(latents), num_images_per_prompt=batch,
+                   max_area=height * width, _auto_resize=resize, output_type="np").images
+    want_u8 = (want * 255).round().astype(np.int32)
+    res = shared_pipeline(folder)(PROMPT, reference_image=reference, reference_resize=resize, height=height,
+                                  width=width, steps=steps, guidance_scale=guidance, latents=latents,
+                                  batch_size=batch)
+    got = np.stack([np.asarray(im) for im in res.images]).astype(np.int32)
+    assert got.shape == want_u8.shape
+    diff = int(np.abs(got - want_u8).max())
+    assert diff <= 1, f"{height}x{width} guidance {guidance} batch {batch}: max abs difference {diff}/255"
+    assert want_u8.std() > 5
+    return want_u8
+
+
+def test_export_takes_a_reference(flux_export) -> None:
+    from sdrt.runtime.manifest import ExportManifest
+
+    folder = flux_export(PRESET)
+    m = ExportManifest.read(folder)
+    (ref,) = [i for i in m.components["unet"].inputs if i.name == "reference_latents"]
+    assert tuple(ref.shape) == (1, 16, "reference_height", "reference_width")
+    assert shared_pipeline(folder).takes_reference
+
+
+@pytest.mark.parametrize(("height", "width", "guidance"), [(64, 96, 2.5), (80, 64, 5.0)])
+def test_kontext_gives_diffusers_images(flux_export, height: int, width: int, guidance: float) -> None:
+    """A 120 x 90 reference at its own size rounded down to whole patches (112 x 80: a resize, as diffusers'
+    processor makes it), two output sizes (neither the reference's) and two guidance scales."""
+    _compare(flux_export(PRESET), control_image(3, w=120, h=90), height=height, width=width, guidance=guidance)
+
+
+def test_preferred_resolution(flux_export) -> None:
+    """The default: the reference resized to Kontext's preferred resolution nearest its aspect ratio (a 90 x 60
+    image: 1248 x 832, 4056 reference tokens beside the image's 16), as FluxKontextPipeline's ``_auto_resize``."""
+    from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
+
+    from sdrt.runtime.families.flux import KONTEXT_RESOLUTIONS
+
+    assert [tuple(r) for r in KONTEXT_RESOLUTIONS] == [tuple(r) for r in PREFERRED_KONTEXT_RESOLUTIONS]
+    _compare(flux_export(PRESET), control_image(4, w=90, h=60), height=64, width=64, resize=True, steps=2)
+
+
+def test_batch(flux_export) -> None:
+    got = _compare(flux_export(PRESET), control_image(5, w=64, h=64), height=64, width=64, batch=2, steps=2, seed=7)
+    assert np.abs(got[0] - got[1]).max() > 1
+
+
+def test_generate_cli(flux_export, tmp_path: Path) -> None:
+    """``sdrt generate --reference IMG --no-reference-resize``: the Pipeline call's image."""
+    from PIL import Image
+
+    from sdrt.cli import main
+
+    folder = flux_export(PRESET)
+    control_image(6, w=64, h=48).save(tmp_path / "ref.png")
+    out = tmp_path / "out.png"
+    assert main(["generate", str(folder), "--prompt", PROMPT, "--reference", str(tmp_path / "ref.png"),
+                 "--no-reference-resize", "--steps", "2", "--seed", "3", "--height", "64", "--width", "64",
+                 "--guidance", "2.5", "--backend", "ort-cpu", "-o", str(out)]) == 0
+    want = shared_pipeline(folder)(PROMPT, reference_image=Image.open(tmp_path / "ref.png"), reference_resize=False,
+                                   steps=2, seed=3, height=64, width=64, guidance_scale=2.5).images[0]
+    np.testing.assert_array_equal(np.asarray(Image.open(out)), np.asarray(want))
+
+
+def test_refusals_before_any_work(flux_export) -> None:
+    pipe = shared_pipeline(flux_export(PRESET))
+    ref = control_image(1, w=64, h=64)
+    with pytest.raises(InputError, match=r"is an editing model \(FLUX.1 Kontext\): pass reference_image="):
+        pipe(PROMPT, steps=2, height=64, width=64)
+    with pytest.raises(InputError, match="starts from noise.*leave image= and mask_image= out"):
+        pipe(PROMPT, reference_image=ref, image=ref, steps=2)
+    with pytest.raises(InputError, match=r"reference_image is 8x8, 0x0 once sized for the model"):
+        pipe(PROMPT, reference_image=np.zeros((8, 8, 3), np.uint8), reference_resize=False, steps=2, height=64,
+             width=64)
+    with pytest.raises(InputError, match="reference_resize must be True or False"):
+        pipe(PROMPT, reference_image=ref, reference_resize="no", steps=2, height=64, width=64)
+    with pytest.raises(InputError, match="no negative prompt"):
+        pipe(PROMPT, negative_prompt="blurry", reference_image=ref, steps=2, height=64, width=64)
+
+
+def test_a_reference_for_a_model_without_one_is_refused(flux_export) -> None:
+    pipe = shared_pipeline(flux_export("flux-dev-tiny"))
+    assert not pipe.takes_reference
+    with pytest.raises(InputError, match=r"reference_image conditions an editing model .* takes none"):
+        pipe(PROMPT, reference_image=control_image(1, w=64, h=64), steps=2, height=64, width=64)
+
+
+def test_diffusers_folder_and_single_file_are_kontext(tmp_path: Path) -> None:
+    """A diffusers ``FluxKontextPipeline`` folder loads as Kontext (its transformer is [dev]'s: the pipeline class
+    tells them apart); a single file has [dev]'s shapes, so it is [dev] unless ``--arch`` names Kontext."""
+    from diffusers import FluxKontextPipeline
+    from diffusers.schedulers import FlowMatchEulerDiscreteScheduler
+    from transformers import CLIPTokenizer, T5TokenizerFast
+
+    from sdrt.export.flux_export import load_flux
+    from sdrt.export.flux_presets import build_modules, get_flux_preset
+    from sdrt.export.flux_single_file import load_flux_single_file
+    from sdrt.export.t5_tokenizer_assets import write_t5_tokenizer
+    from sdrt.export.tokenizer_assets import write_clip_tokenizer
+
+    from .helpers.flux_layout import comfy_file
+    from .helpers.sd3_layout import write
+
+    p = get_flux_preset(PRESET)
+    m = build_modules(p, seed=0)
+    write_clip_tokenizer(tmp_path / "tok", pad_token=p.pad_token)
+    write_t5_tokenizer(tmp_path / "tok2")
+    FluxKontextPipeline(transformer=m.transformer, vae=m.vae,
+                        scheduler=FlowMatchEulerDiscreteScheduler.from_config(p.scheduler), text_encoder=m.clip,
+                        tokenizer=CLIPTokenizer.from_pretrained(tmp_path / "tok"), text_encoder_2=m.t5,
+                        tokenizer_2=T5TokenizerFast.from_pretrained(tmp_path / "tok2"),
+                        ).save_pretrained(tmp_path / "kontext")
+    assert load_flux(tmp_path / "kontext").preset.name == PRESET
+    path = write(comfy_file(m), tmp_path / "flux1-kontext-dev.safetensors")
+    assert load_flux_single_file(path).preset.name == "flux-dev-tiny"
+    assert load_flux_single_file(path, arch=PRESET).preset.name == PRESET
+
+
+def test_streamed_transformer_takes_references_of_any_size(tmp_path: Path) -> None:
+    """A full-size Kontext transformer is streamed (torch.export on fake tensors, the reference's sides dynamic):
+    the streamed graph of the tiny structure equals the same weights in PyTorch at two image and reference sizes
+    (neither the traced one)."""
+    import onnxruntime as ort
+
+    from sdrt.export.flux_export import weight_shapes
+    from sdrt.export.flux_presets import get_flux_preset
+    from sdrt.export.flux_specs import streamed_transformer_spec
+    from sdrt.export.flux_wrappers import FluxTransformer
+    from sdrt.export.streamed import export_streamed, materialize, synthetic_weights
+
+    p = get_flux_preset(PRESET)
+    cfg = p.config("transformer")
+    weights = synthetic_weights(0, weight_shapes(cfg, p.config("t5"))["transformer"])
+    spec = streamed_transformer_spec(cfg, 8, reference=True)
+    export_streamed(spec, weights, "fp32", tmp_path / "unet")
+    module = FluxTransformer(materialize(spec, weights), torchscript=False, reference=True)  # the same weights
+    sess = ort.InferenceSession(str(tmp_path / "unet" / "model.onnx"), providers=["CPUExecutionProvider"])
+    g = torch.Generator().manual_seed(0)
+    for (h, w), (rh, rw) in (((8, 12), (6, 4)), ((4, 6), (12, 10))):
+        feeds = {"sample": torch.randn(2, 16, h, w, generator=g), "timestep": torch.tensor([900.0, 900.0]),
+                 "encoder_hidden_states": torch.randn(2, 8, 48, generator=g),
+                 "pooled_projections": torch.randn(2, 16, generator=g), "guidance": torch.tensor([2.5, 4.0]),
+                 "reference_latents": torch.randn(1, 16, rh, rw, generator=g)}
+        with torch.no_grad():
+            want = module(*feeds.values()).numpy()
+        (got,) = sess.run(None, {k: v.numpy() for k, v in feeds.items()})
+        assert got.shape == want.shape == (2, 16, h, w)
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_ort_cuda_code_path_gives_the_ort_cpu_images(flux_export, monkeypatch: pytest.MonkeyPatch,
+                                                     cuda_graph: bool) -> None:
+    """ort-cuda's code path (IO binding; with cuda_graph the composed transformer + step session, the reference's
+    latents bound as a conditioning input) on the CPU EP: the ort-cpu images. Says nothing of a GPU."""
+    from sdrt.runtime.ort_backend import OrtBackend
+    from sdrt.runtime.pipeline import Pipeline
+
+    from .helpers.pipelines import ort_cuda_on_cpu
+
+    def backend(*a, **k) -> OrtBackend:
+        return ort_cuda_on_cpu(monkeypatch, cuda_graph=cuda_graph)
+
+    folder = flux_export(PRESET)
+    kw = {"steps": 2, "seed": 9, "height": 64, "width": 64, "guidance_scale": 2.5, "reference_resize": False,
+          "reference_image": control_image(8, w=64, h=48)}
+    want = np.asarray(shared_pipeline(folder)(PROMPT, **kw).images[0])
+    monkeypatch.setattr("sdrt.runtime.backends.make_backend", backend)
+    with Pipeline.load(folder, backend="ort-cuda") as pipe:
+        got = np.asarray(pipe(PROMPT, **kw).images[0])
+    np.testing.assert_array_equal(got, want)
+
+
+def test_served_on_the_openai_edits_endpoint(flux_export) -> None:
+    """``sdrt serve`` on a Kontext export: ``/v1/images/edits``' image is the reference (the pipeline's own call
+    with it, resized to the preferred resolution); a mask or a strength is a 422 naming the field; the server's
+    warm-up passes with a reference."""
+    import io
+
+    pytest.importorskip("fastapi")
+    httpx = pytest.importorskip("httpx")
+    from sdrt.serve import create_app
+
+    from .helpers.serve_live import LiveServer, pixels
+
+    pipe = shared_pipeline(flux_export(PRESET))
+    ref = control_image(9, w=48, h=32)
+    want = np.asarray(pipe(PROMPT, reference_image=ref, height=64, width=64, steps=2, seed=4,
+                           guidance_scale=2.5).images[0])
+    buf = io.BytesIO()
+    ref.save(buf, format="PNG")
+    files = {"image": ("ref.png", buf.getvalue(), "image/png")}
+    form = {"prompt": PROMPT, "size": "64x64", "steps": "2", "seed": "4", "guidance_scale": "2.5"}
+    with LiveServer(create_app(pipe, max_batch=2, batch_window_ms=5, max_steps=4, max_pixels=128 * 128)) as server:
+        r = httpx.post(f"{server.url}/v1/images/edits", files=files, data=form, timeout=120)
+        assert r.status_code == 200, r.text
+        np.testing.assert_array_equal(pixels(r.json()["data"][0]["b64_json"]), want)
+        r = httpx.post(f"{server.url}/v1/images/edits", files=files, data={**form, "strength": "0.5"}, timeout=120)
+        assert r.status_code == 422 and "strength" in r.text and "Kontext" in r.text, r.text
+
+
+def test_staged_calls_give_the_one_call_image(flux_export) -> None:
+    """``prepare_latents(..., reference_image=)`` then ``denoise`` and ``decode``: the one call's image;
+    ``prepare_latents`` without a reference is refused, naming it."""
+    pipe = shared_pipeline(flux_export(PRESET))
+    ref = control_image(2, w=64, h=64)
+    want = np.asarray(pipe(PROMPT, reference_image=ref, reference_resize=False, steps=2, seed=6, height=64, width=64,
+                           guidance_scale=2.5).images[0])
+    emb = pipe.encode_prompt(PROMPT)
+    plan = pipe.plan(None, 2, height=64, width=64)
+    lat = pipe.prepare_latents(plan, 64, 64, seed=6, reference_image=ref, reference_resize=False)
+    images, _ = pipe.decode(pipe.denoise(emb, lat, plan, guidance_scale=2.5))
+    np.testing.assert_array_equal(np.asarray(images[0]), want)
+    with pytest.raises(InputError, match=r"is an editing model \(FLUX.1 Kontext\): pass reference_image="):
+        pipe.prepare_latents(plan, 64, 64, seed=6)
