@@ -26,17 +26,16 @@ has a fixed shift of 1.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from ..errors import InputError
-from ..lora_files import LoraFile
-from .base import Family
+from ..lora_files import LoraModule
 from .flux_lora import flux_lora_modules
-from .transformer_lora import slot_targets
+from .transformer_lora import TransformerLoraFamily
 
 CLIP = "text_encoder"
 T5 = "text_encoder_2"
@@ -48,16 +47,9 @@ KONTEXT_RESOLUTIONS = ((672, 1568), (688, 1504), (720, 1456), (752, 1392), (800,
 
 
 @dataclass(frozen=True)
-class FluxFamily(Family):
-    @property
-    def denoiser_label(self) -> str:
-        return "transformer"
-
-    def lora_targets(self, targets: str) -> tuple[str, ...] | None:
-        return slot_targets(self.label, targets)
-
-    def lora_file(self, lora: LoraFile) -> LoraFile:
-        return replace(lora, modules=tuple(flux_lora_modules(lora.modules)))
+class FluxFamily(TransformerLoraFamily):
+    def lora_modules(self, modules: Sequence[LoraModule]) -> list[LoraModule]:
+        return flux_lora_modules(modules)
 
     @property
     def pooled_encoder(self) -> str | None:

@@ -23,30 +23,23 @@ Not yet in the interface: skip-layer guidance (SD 3.5 Medium's ``skip_guidance_l
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from ..lora_files import LoraFile
-from .base import Family
+from ..lora_files import LoraModule
 from .sd3_join import sd3_join
 from .sd3_lora import sd3_lora_modules
-from .transformer_lora import slot_targets
+from .transformer_lora import TransformerLoraFamily
 
 T5 = "text_encoder_3"
 CLIPS = ("text_encoder", "text_encoder_2")
 
 
 @dataclass(frozen=True)
-class Sd3Family(Family):
-    @property
-    def denoiser_label(self) -> str:
-        return "transformer"
-
-    def lora_targets(self, targets: str) -> tuple[str, ...] | None:
-        return slot_targets(self.label, targets)
-
-    def lora_file(self, lora: LoraFile) -> LoraFile:
-        return replace(lora, modules=tuple(sd3_lora_modules(lora.modules)))
+class Sd3Family(TransformerLoraFamily):
+    def lora_modules(self, modules: Sequence[LoraModule]) -> list[LoraModule]:
+        return sd3_lora_modules(modules)
 
     @property
     def pooled_encoder(self) -> str | None:

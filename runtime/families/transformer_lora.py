@@ -25,7 +25,8 @@ from dataclasses import replace
 import numpy as np
 
 from ..errors import InputError
-from ..lora_files import LoraModule
+from ..lora_files import LoraFile, LoraModule
+from .base import Family
 
 _BLOCKS = r"(?:transformer_blocks|single_transformer_blocks)\.\d+\."
 ATTN = _BLOCKS + r"attn2?\.(?:to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
@@ -75,3 +76,23 @@ def original_name(m: LoraModule) -> str:
     """A denoiser module's name in the original layout with underscores for dots (kohya's spelling already;
     ComfyUI's dotted ``double_blocks.0.img_attn.qkv`` becomes ``double_blocks_0_img_attn_qkv``)."""
     return m.module.replace(".", "_")
+
+
+class TransformerLoraFamily(Family):
+    """What the transformer families (SD 3 / 3.5, FLUX.1) share of the family interface for LoRA: the denoiser is
+    "the transformer", its slots are the blocks' layers (``slot_targets``), and a file's modules are mapped to
+    diffusers' names by ``lora_modules`` (each family's own key map)."""
+
+    @property
+    def denoiser_label(self) -> str:
+        return "transformer"
+
+    def lora_targets(self, targets: str) -> tuple[str, ...] | None:
+        return slot_targets(self.label, targets)
+
+    def lora_file(self, lora: LoraFile) -> LoraFile:
+        return replace(lora, modules=tuple(self.lora_modules(lora.modules)))
+
+    def lora_modules(self, modules: Sequence[LoraModule]) -> list[LoraModule]:
+        """``modules`` with the transformer's under diffusers' names (the family's key map)."""
+        raise NotImplementedError
