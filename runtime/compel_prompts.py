@@ -38,11 +38,13 @@ from typing import Any
 import numpy as np
 
 from .compel_syntax import Blend, CompelPrompt, Fragments
+from .manifest import TEXT_MASK_INPUT
 
 SENTENCE_ENDS = (".</w>",)
 PHRASE_ENDS = (".</w>", ",</w>", ";</w>", ":</w>")
 EPSILON = 1e-5  # compel's floor on a downweight (tan(pi / 2) is infinite)
-MASK_INPUT = "attention_mask"  # the text encoders' mask input (int32 [B, 77], 1: attended), where the export has it
+# the text encoders' mask input (int32 [B, 77], 1: attended), where the export has it (its manifest's schema says so)
+MASK_INPUT = TEXT_MASK_INPUT
 
 
 @dataclass(frozen=True)

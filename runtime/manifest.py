@@ -21,7 +21,17 @@ MANIFEST_NAME = "sdrt.json"
 # what a command takes, for the message when its folder is missing
 EXPORT_FOLDER = "an ONNX export, the folder written by `sdrt export`"
 ANY_FOLDER = f"{EXPORT_FOLDER}, or an engine folder, written by `sdrt build`"
-SCHEMA_VERSION = 1
+# The schema a manifest records is the lowest that reads its export, so an older sdrt refuses (naming the
+# upgrade) only an export it would misread, and reads every other export as before:
+# 1: every export written before the masked text encoders
+# 2: a text encoder takes an attention mask (``attention_mask``: compel's MASK downweighting); an sdrt reading 1
+#    would not feed it and fail inside the first prompt's text encoder instead of refusing the folder
+# A later addition an older reader would misread raises it again: a new constant here, a rule in
+# ``ExportManifest.__post_init__``.
+SCHEMA_VERSION = 2  # the newest this sdrt reads
+BASE_SCHEMA = 1
+MASKED_TEXT_SCHEMA = 2
+TEXT_MASK_INPUT = "attention_mask"  # the input that raises a manifest to MASKED_TEXT_SCHEMA
 
 FAMILIES = FAMILY_KEYS  # the manifest's "family" values: runtime/families' registry
 
@@ -118,7 +128,7 @@ class ExportManifest:
     source: dict[str, Any] = field(default_factory=dict)  # kind, path, sha256
     tools: dict[str, str] = field(default_factory=dict)
     created: str = ""
-    schema: int = SCHEMA_VERSION
+    schema: int = BASE_SCHEMA  # the lowest schema that reads this export (raised in __post_init__)
     clip_skip: int = 0  # the text encoders condition on a layer this many before the model's own
     kind: str = "onnx"
     # the ControlNet components, in the order they were given to the export; "unet_control" takes their
@@ -130,6 +140,11 @@ class ExportManifest:
     # the VAE's latent scaling factor (SD 1.x/2.x 0.18215, SDXL 0.13025): latents of two models can be handed
     # from one to the other only when it is the same; None in older manifests
     latent_scaling: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.schema < MASKED_TEXT_SCHEMA and any(
+                t.name == TEXT_MASK_INPUT for c in self.components.values() for t in c.inputs):
+            object.__setattr__(self, "schema", MASKED_TEXT_SCHEMA)
 
     @property
     def encoder_names(self) -> tuple[str, ...]:
@@ -153,8 +168,9 @@ class ExportManifest:
         schema = int(d.get("schema", 0))
         if schema > SCHEMA_VERSION:
             raise CompatibilityError(
-                f"manifest schema {schema} is newer than this sdrt understands ({SCHEMA_VERSION}); "
-                "upgrade sdrt (pip install -U sdrt) or re-export with this version"
+                f"manifest schema {schema} is newer than this sdrt understands ({BASE_SCHEMA} to {SCHEMA_VERSION}): "
+                "the export has parts this version would misread; upgrade sdrt (pip install -U sdrt) or re-export "
+                "with this version"
             )
         if schema < 1:
             raise CompatibilityError("manifest has no schema version; re-export the model with `sdrt export`")
