@@ -415,7 +415,7 @@ class _Run:
                 spec["refiner_folder"] = str(models.ref_engines if job.name == "tensorrt" else models.ref_folder)
             else:
                 spec["refiner_diffusers_folder"] = str(models.ref_baseline)
-        if job.name == "openvino":
+        if job.name == "openvino" or job.kind == INTEL:  # Intel's rows compute in what sdrt's openvino does
             spec["ov_precision"] = cfg.openvino_precision or "auto"
             # a model cache of this run's own, empty for the measured cold start; then a second cold
             # start in a fresh process that finds the cache filled

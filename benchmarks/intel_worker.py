@@ -52,6 +52,22 @@ def _loop(call: Any, warmup: int, repeats: int) -> list[dict[str, Any]]:
     return runs
 
 
+def inference_precision(spec: dict[str, Any]) -> str:
+    """OpenVINO's inference precision for the row, as sdrt's openvino backend picks its own in the same run
+    (``ov_precision``): ``auto`` is bf16 where the CPU reports it (AVX512_BF16, AMX) and f32 elsewhere, as
+    OpenVINO's own default is; ``bf16`` on a CPU without it is refused."""
+    import openvino
+
+    want = {"fp32": "f32"}.get(spec.get("ov_precision") or "f32", spec.get("ov_precision") or "f32")
+    if want == "f32":
+        return "f32"
+    has_bf16 = "BF16" in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    if want == "bf16" and not has_bf16:
+        raise ValueError("this CPU has no bf16 support (OpenVINO's OPTIMIZATION_CAPABILITIES lists no BF16); "
+                         "measure with --openvino-precision fp32 or auto")
+    return "bf16" if has_bf16 else "f32"
+
+
 def export(spec: dict[str, Any]) -> dict[str, Any]:
     """``optimum-cli export openvino`` of the diffusers folder, fp32 weights (the comparison's precision), into
     ``out``: sdrt's bench gives a temporary folder and renames it into place once this returns ok."""
@@ -74,9 +90,10 @@ def run_optimum(spec: dict[str, Any]) -> dict[str, Any]:
     import_ms = (time.perf_counter() - t0) * 1e3
     emit(phase="load")
     t0 = time.perf_counter()
+    hint = inference_precision(spec)
     pipe = OVStableDiffusionPipeline.from_pretrained(
         spec["folder"], compile=False,
-        ov_config={"INFERENCE_NUM_THREADS": str(spec["threads"]), "INFERENCE_PRECISION_HINT": "f32"})
+        ov_config={"INFERENCE_NUM_THREADS": str(spec["threads"]), "INFERENCE_PRECISION_HINT": hint})
     import diffusers
 
     pipe.scheduler = getattr(diffusers, SCHEDULERS[spec["sampler"]][0]).from_config(pipe.scheduler.config)
@@ -115,7 +132,7 @@ def run_optimum(spec: dict[str, Any]) -> dict[str, Any]:
                 "images": out.images, "clock": "host", "total_clock": "host", "nonfinite": []}
 
     return _finish(spec, call, import_ms, load_ms, {"optimum-intel": version("optimum-intel"),
-                                                     "openvino": openvino.__version__})
+                                                     "openvino": openvino.__version__}, hint)
 
 
 def run_genai(spec: dict[str, Any]) -> dict[str, Any]:
@@ -127,11 +144,12 @@ def run_genai(spec: dict[str, Any]) -> dict[str, Any]:
     import_ms = (time.perf_counter() - t0) * 1e3
     emit(phase="load")
     t0 = time.perf_counter()
+    hint = inference_precision(spec)
     pipe = ov_genai.Text2ImagePipeline(spec["folder"])
     sched = ov_genai.Scheduler.from_config(str(Path(spec["folder"]) / "scheduler" / "scheduler_config.json"),
                                            getattr(ov_genai.Scheduler.Type, SCHEDULERS[spec["sampler"]][1]))
     pipe.set_scheduler(sched)
-    pipe.compile("CPU", INFERENCE_NUM_THREADS=spec["threads"], INFERENCE_PRECISION_HINT="f32")
+    pipe.compile("CPU", INFERENCE_NUM_THREADS=spec["threads"], INFERENCE_PRECISION_HINT=hint)
     load_ms = (time.perf_counter() - t0) * 1e3
     latents = np.load(spec["latents"])
 
@@ -165,11 +183,11 @@ def run_genai(spec: dict[str, Any]) -> dict[str, Any]:
                 "total_clock": "host", "nonfinite": []}
 
     return _finish(spec, call, import_ms, load_ms, {"openvino-genai": version("openvino-genai"),
-                                                     "openvino": ov.__version__})
+                                                     "openvino": ov.__version__}, hint)
 
 
 def _finish(spec: dict[str, Any], call: Any, import_ms: float, load_ms: float,
-            versions: dict[str, str]) -> dict[str, Any]:
+            versions: dict[str, str], hint: str) -> dict[str, Any]:
     """The cold first image (saved as the row's image), then warm-up and timed repeats; sdrt's result format."""
     import numpy as np
     from PIL import Image
@@ -183,7 +201,8 @@ def _finish(spec: dict[str, Any], call: Any, import_ms: float, load_ms: float,
         r.pop("images", None)
     return {"status": "ok", "import_ms": import_ms, "load_ms": load_ms, "first_image_ms": first["wall_ms"],
             "first": first, "runs": runs, "versions": versions, "peak_rss_bytes": _peak_rss(),
-            "threads": {"inference_num_threads": spec["threads"]}}
+            "threads": {"inference_num_threads": spec["threads"]},
+            "precision": f"fp32 OpenVINO IR, {hint} inference"}
 
 
 def main(argv: list[str]) -> int:

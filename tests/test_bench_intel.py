@@ -126,3 +126,19 @@ def test_a_finished_intel_export_is_renamed_into_place(tmp_path: Path) -> None:
     assert (folder / "model_index.json").is_file() and (folder / "unet" / "openvino_model.bin").read_bytes() == b"weights"
     assert not (folder / "half.bin").exists()  # the stale folder was replaced whole
     assert [p.name for p in folder.parent.iterdir() if folder.name in p.name] == [folder.name]
+
+
+def test_intel_rows_compute_in_the_precision_sdrt_openvino_does() -> None:
+    """The rows' ``INFERENCE_PRECISION_HINT`` follows the run's openvino precision: ``auto`` is bf16 exactly where
+    OpenVINO reports BF16 for the CPU (its own default there), f32 elsewhere; ``fp32`` / no setting is f32."""
+    ov = pytest.importorskip("openvino")
+    from sdrt.benchmarks import intel_worker  # self-contained: importable here too
+    has_bf16 = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    assert intel_worker.inference_precision({"ov_precision": "auto"}) == ("bf16" if has_bf16 else "f32")
+    assert intel_worker.inference_precision({"ov_precision": "fp32"}) == "f32"
+    assert intel_worker.inference_precision({}) == "f32"
+    if has_bf16:
+        assert intel_worker.inference_precision({"ov_precision": "bf16"}) == "bf16"
+    else:
+        with pytest.raises(ValueError, match="no bf16 support"):
+            intel_worker.inference_precision({"ov_precision": "bf16"})
