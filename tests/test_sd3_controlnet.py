@@ -434,6 +434,20 @@ def test_single_file_refusals(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     cut = {k: v for k, v in load_file(str(tmp_path / "sd35.safetensors")).items()
            if k != "transformer_blocks.1.mlp.fc2.bias"}
     save_file(cut, str(tmp_path / "cut.safetensors"))
+    # an inpainting net's extra conditioning channels (in the control embedding's input): loaded, then refused
+    sd = load_file(str(tmp_path / "sd35.safetensors"))
+    w = sd["pos_embed_input.proj.weight"]
+    sd["pos_embed_input.proj.weight"] = torch.cat([w, w[:, :1]], dim=1)
+    save_file(sd, str(tmp_path / "inpaint.safetensors"))
+    tr = {"attention_head_dim": 8, "in_channels": 16}
+    net = load_controlnet(tmp_path / "inpaint.safetensors", transformer_config=tr)
+    assert net.controlnet.config.extra_conditioning_channels == 1
+    monkeypatch.undo()
+    from sdrt.export.sd3_export import export_sd3, load_sd3
+
+    with pytest.raises(InputError, match="takes 1 extra conditioning channels"):
+        export_sd3(load_sd3(random_preset="sd35-medium-tiny"), tmp_path / "y", controlnets=[net])
+    assert not (tmp_path / "y").exists()
     with pytest.raises(ArtifactError, match=r"does not fit an SD3 ControlNet .* transformer_blocks\.1\.ff\.net\.2"
                                             r"\.bias missing"):
         load_controlnet(tmp_path / "cut.safetensors", transformer_config={"attention_head_dim": 8})
