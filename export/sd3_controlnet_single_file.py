@@ -144,7 +144,7 @@ def load_sd3_controlnet_single_file(path: str | Path,
     inferred from the tensor shapes (``transformer_config``: the transformer it pairs with, for the head width and
     the fields no weight records). InputError/ArtifactError naming what was expected for any other file."""
     from diffusers import SD3ControlNetModel
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
     p = Path(path)
     shapes = check_sd3_controlnet_file(p)
@@ -162,6 +162,9 @@ def load_sd3_controlnet_single_file(path: str | Path,
         raise ArtifactError(f"{p.name} does not fit an SD3 ControlNet in {_EXPECTED} ({len(diffs)} differences, "
                             f"e.g. {'; '.join(diffs[:3])}); convert it to a diffusers SD3ControlNetModel folder "
                             "and pass that")
-    net.load_state_dict(convert_sd3_controlnet(load_file(str(p))), strict=True, assign=True)
-    net = net.float().eval()
+    with safe_open(str(p), framework="pt") as f:  # float32 one tensor at a time: no second copy of a half file
+        names = f.keys()
+        tensors = {k: f.get_tensor(k).float() for k in names if k not in _IGNORED}
+    net.load_state_dict(convert_sd3_controlnet(tensors), strict=True, assign=True)
+    net = net.eval()
     return LoadedControlNet(net, {"kind": "single_file", "path": str(p), "sha256": sha256_file(p)}, p.name)
