@@ -5,7 +5,8 @@ Sources, all offline:
 1. a diffusers ``ControlNetModel`` folder (``config.json`` + ``diffusion_pytorch_model.safetensors``; the
    ``.bin`` only with ``allow_pickle``);
 2. a single ``.safetensors`` file in the original ``control_model.*`` layout (A1111's), converted with
-   diffusers' single-file code and a shipped preset (``controlnet_single_file``);
+   diffusers' single-file code and a shipped preset (``controlnet_single_file``), or Stability's SD 3.5
+   ControlNet file, its architecture read from its shapes (``sd3_controlnet_single_file``);
 3. synthetic weights of a preset (``random_controlnet``), or a copy of a UNet's encoder
    (``controlnet_from_unet``, diffusers' ``ControlNetModel.from_unet``), for tests and the demo.
 
@@ -82,17 +83,30 @@ def _randomize_zero_convs(net: torch.nn.Module, seed: int) -> None:
     randomize_norms(net, seed)
 
 
-def load_controlnet(path: str | Path, *, allow_pickle: bool = False,
-                    unet_config: Mapping[str, Any] | None = None) -> LoadedControlNet:
+def load_controlnet(path: str | Path, *, allow_pickle: bool = False, unet_config: Mapping[str, Any] | None = None,
+                    transformer_config: Mapping[str, Any] | None = None) -> LoadedControlNet:
     """A ControlNet from a diffusers folder or a single ``.safetensors`` file (InputError/ArtifactError if
     ``path`` is neither, or is a whole model). ``unet_config``: the UNet it will be exported with, whose
-    encoder a single file's architecture is matched against first (beyond the shipped presets)."""
+    encoder a single file's architecture is matched against first (beyond the shipped presets).
+    ``transformer_config``: the SD 3 / 3.5 transformer it will be exported with; a single file must then be
+    Stability's SD 3.5 ControlNet layout (an SD3ControlNetModel), whose head width is the transformer's."""
     p = Path(path)
     if not p.exists():
         raise ArtifactError(f"{p} does not exist; pass --controlnet a diffusers ControlNet folder (config.json + "
                             "diffusion_pytorch_model.safetensors) or a ControlNet .safetensors file")
     if p.is_dir():
         return _controlnet_folder(p, allow_pickle)
+    from .sd3_controlnet_single_file import is_sd3_file, load_sd3_controlnet_single_file
+
+    if transformer_config is not None:
+        return load_sd3_controlnet_single_file(p, transformer_config)
+    if is_sd3_file(p):
+        if unet_config is not None:
+            raise InputError(
+                f"{p.name} is an SD 3 / 3.5 ControlNet (Stability's SD 3.5 layout, an {SD3_CONTROLNET_CLASS}), but "
+                f"the model is {family_words(unet_config)}: a ControlNet works only with the model family it was "
+                "trained for; pass a ControlNet made for this model's family, or export an SD 3.5 model with it")
+        return load_sd3_controlnet_single_file(p)
     from .controlnet_single_file import load_controlnet_single_file
 
     return load_controlnet_single_file(p, allow_pickle=allow_pickle, unet_config=unet_config)

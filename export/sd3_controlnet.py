@@ -57,8 +57,14 @@ def check_sd3_pairing(preset_name: str, transformer: dict[str, Any], vae_channel
             raise InputError(
                 f"{what} is an {family_words(cn.controlnet.config)} ControlNet ({cls}), but the model ({preset_name}) "
                 f"is {LABEL}: a ControlNet works only with the model family it was trained for; pass an "
-                f"{SD3_CONTROLNET_CLASS} made for this model (a diffusers folder)")
+                f"{SD3_CONTROLNET_CLASS} made for this model (a diffusers folder, or Stability's SD 3.5 ControlNet "
+                "single file)")
         c = cn.controlnet.config
+        if int(c.get("extra_conditioning_channels") or 0):
+            raise InputError(f"{what} takes {c['extra_conditioning_channels']} extra conditioning channels beside the "
+                             "control latents (an inpainting ControlNet, as diffusers' "
+                             "StableDiffusion3ControlNetInpaintingPipeline runs it); not supported yet: pass a "
+                             "ControlNet of the control latents alone")
         diffs = []
         for label, key in (("width", None), ("patch size", "patch_size"), ("latent channels", "in_channels"),
                            ("pooled projection width", "pooled_projection_dim")):

@@ -93,6 +93,12 @@ class LoadedSd3:
     def has_t5(self) -> bool:
         return self.modules.text_encoders[2] is not None or "text_encoder_3" in self.streamed
 
+    @property
+    def transformer_config(self) -> dict[str, Any]:
+        """The transformer's config, held in memory or streamed."""
+        tr = self.streamed.get("transformer")
+        return dict(tr.config) if tr is not None else dict(self.modules.transformer.config)
+
     def held(self, *, t5: bool = True) -> Sd3Modules:
         """The modules with the streamed ones built in memory from their weights (``streamed.materialize``: the
         transformer alone is 8.4 GiB in fp32 for 3.5 Medium, 32 GiB for Large), for a reference that needs

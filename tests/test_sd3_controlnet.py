@@ -199,7 +199,7 @@ def test_cli_generate_and_export_refusal(controlnet_export, tmp_path: Path, monk
     single.write_bytes(b"\0" * 16)
     capsys.readouterr()
     assert main(["export", "--random", "sd3-tiny", "--controlnet", str(single), "--out", str(tmp_path / "x")]) == 1
-    assert "SD 3 / 3.5 ControlNets load from a diffusers folder" in capsys.readouterr().err
+    assert "sd3-canny.safetensors is not a readable .safetensors file" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
     # LoRA slots beside a ControlNet: not yet for this family, refused before the weights load
     assert main(["export", "--random", "sd3-tiny", "--random-controlnet", "sd3-controlnet-tiny", "--lora-slots", "8",
@@ -330,3 +330,124 @@ def test_the_control_image_sets_a_size_of_whole_patches(controlnet_export) -> No
     got = pipe(PROMPT, **kw).images[0]
     assert got.size == (80, 64)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(pipe(PROMPT, height=64, width=80, **kw).images[0]))
+
+
+# -- Stability's SD 3.5 ControlNet single files ----------------------------------------------------------------
+
+def _stability_file(path: Path, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """``sd35-controlnet-tiny`` seeded as the reference's, written in Stability's file layout (the test's own
+    name table, tests/helpers/ldm_layout.py); returns the net."""
+    from safetensors.torch import save_file
+
+    from sdrt.export.controlnet_loading import random_controlnet
+
+    from .helpers.ldm_layout import sd3_controlnet_to_stability
+
+    net = random_controlnet("sd35-controlnet-tiny", seed=seed).controlnet
+    sd = sd3_controlnet_to_stability(net.state_dict(), int(net.config.num_layers))
+    save_file({k: v.to(dtype) for k, v in sd.items()}, str(path))
+    return net
+
+
+def test_stability_single_file_loads_the_diffusers_net(tmp_path: Path) -> None:
+    """Stability's layout back to the diffusers state dict, tensor for tensor, and the preset's config (the
+    architecture from the shapes, the head width and unrecorded fields from the paired transformer)."""
+    from sdrt.export.controlnet_loading import load_controlnet
+    from sdrt.export.sd3_presets import get_sd3_preset
+
+    net = _stability_file(tmp_path / "sd3.5_tiny_controlnet_canny.safetensors", seed=2)
+    tr = get_sd3_preset("sd35-medium-tiny").config("transformer")
+    got = load_controlnet(tmp_path / "sd3.5_tiny_controlnet_canny.safetensors", transformer_config=tr)
+    assert type(got.controlnet).__name__ == "SD3ControlNetModel" and got.source["kind"] == "single_file"
+
+    def public(c: object) -> dict:
+        return {k: (tuple(v) if isinstance(v, list) else v) for k, v in dict(c).items() if not k.startswith("_")}
+
+    assert public(got.controlnet.config) == public(net.config)
+    want, have = net.state_dict(), got.controlnet.state_dict()
+    assert have.keys() == want.keys()
+    assert all(v.dtype == torch.float32 and torch.equal(v, want[k]) for k, v in have.items())
+
+
+def test_stability_single_file_exports_the_folder_nets_images(tmp_path: Path, mean_vae) -> None:
+    """``sdrt export --controlnet FILE`` of a Stability-layout file gives diffusers' images with that net."""
+    from diffusers import StableDiffusion3ControlNetPipeline
+    from diffusers.schedulers import FlowMatchEulerDiscreteScheduler
+    from transformers import CLIPTokenizer
+
+    from sdrt.cli import main
+    from sdrt.export.controlnet_loading import random_controlnet
+    from sdrt.export.sd3_presets import build_modules, get_sd3_preset
+
+    single = tmp_path / "canny.safetensors"
+    _stability_file(single, seed=0, dtype=torch.float16)  # fp16 in the file, as Stability ships; fp32 loaded
+    out = tmp_path / "exp"
+    assert main(["export", "--random", "sd35-medium-tiny", "--controlnet", str(single), "--fp32", "--without-t5",
+                 "--out", str(out)]) == 0
+    p = get_sd3_preset("sd35-medium-tiny")
+    m = build_modules(p, seed=0)
+    net = random_controlnet("sd35-controlnet-tiny", seed=0).controlnet.half().float()  # the file's rounding
+    ref = StableDiffusion3ControlNetPipeline(
+        transformer=m.transformer, vae=m.vae, scheduler=FlowMatchEulerDiscreteScheduler.from_config(p.scheduler),
+        text_encoder=m.text_encoders[0], tokenizer=CLIPTokenizer.from_pretrained(out / "tokenizer"),
+        text_encoder_2=m.text_encoders[1], tokenizer_2=CLIPTokenizer.from_pretrained(out / "tokenizer_2"),
+        text_encoder_3=None, tokenizer_3=None, controlnet=net)
+    ref.set_progress_bar_config(disable=True)
+    with Pipeline.load(out, backend="ort-cpu") as pipe:
+        _compare(None, "sd35-medium-tiny", [0.8], folder=out, ref=ref, exported=1, guidance=4.0, steps=3, loaded=pipe)
+
+
+def test_single_file_refusals(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                              capsys: pytest.CaptureFixture[str]) -> None:
+    """Before the model loads: a file of no ControlNet layout, an SD 1.x (A1111-layout) ControlNet file with an SD3
+    model; and an SD3 file with an SD 1.x model, before any export work. Each names what was expected."""
+    from safetensors.torch import load_file, save_file
+
+    from sdrt.cli import main
+    from sdrt.export.controlnet_loading import load_controlnet, random_controlnet
+    from sdrt.runtime.errors import ArtifactError
+
+    from .helpers.ldm_layout import controlnet_to_ldm
+
+    _stability_file(tmp_path / "sd35.safetensors")
+    other = tmp_path / "other.safetensors"
+    save_file({"encoder.weight": torch.zeros(2, 2)}, str(other))
+    sd15 = random_controlnet("sd15-controlnet-tiny").controlnet
+    unet_file = tmp_path / "sd15.safetensors"
+    save_file({k: v.contiguous() for k, v in controlnet_to_ldm(sd15.state_dict(), dict(sd15.config)).items()},
+              str(unet_file))
+
+    def no_work(*a: object, **k: object) -> None:
+        raise AssertionError("the model loaded before the ControlNet file was checked")
+
+    monkeypatch.setattr("sdrt.export.sd3_export.load_sd3", no_work)
+    capsys.readouterr()
+    for f, says in ((other, "other.safetensors is not an SD 3 / 3.5 ControlNet: expected Stability's SD 3.5"),
+                    (unet_file, "sd15.safetensors is an SD 1.x / SDXL ControlNet (control_model.* layout")):
+        assert main(["export", "--random", "sd3-tiny", "--controlnet", str(f), "--out", str(tmp_path / "x")]) == 1
+        assert says in capsys.readouterr().err
+    assert main(["export", "--random", "sd15-tiny", "--controlnet", str(tmp_path / "sd35.safetensors"),
+                 "--out", str(tmp_path / "x")]) == 1
+    err = capsys.readouterr().err
+    assert "sd35.safetensors is an SD 3 / 3.5 ControlNet (Stability's SD 3.5 layout" in err and "SD 1.x" in err
+    assert not (tmp_path / "x").exists()
+    cut = {k: v for k, v in load_file(str(tmp_path / "sd35.safetensors")).items()
+           if k != "transformer_blocks.1.mlp.fc2.bias"}
+    save_file(cut, str(tmp_path / "cut.safetensors"))
+    # an inpainting net's extra conditioning channels (in the control embedding's input): loaded, then refused
+    sd = load_file(str(tmp_path / "sd35.safetensors"))
+    w = sd["pos_embed_input.proj.weight"]
+    sd["pos_embed_input.proj.weight"] = torch.cat([w, w[:, :1]], dim=1)
+    save_file(sd, str(tmp_path / "inpaint.safetensors"))
+    tr = {"attention_head_dim": 8, "in_channels": 16}
+    net = load_controlnet(tmp_path / "inpaint.safetensors", transformer_config=tr)
+    assert net.controlnet.config.extra_conditioning_channels == 1
+    monkeypatch.undo()
+    from sdrt.export.sd3_export import export_sd3, load_sd3
+
+    with pytest.raises(InputError, match="takes 1 extra conditioning channels"):
+        export_sd3(load_sd3(random_preset="sd35-medium-tiny"), tmp_path / "y", controlnets=[net])
+    assert not (tmp_path / "y").exists()
+    with pytest.raises(ArtifactError, match=r"does not fit an SD3 ControlNet .* transformer_blocks\.1\.ff\.net\.2"
+                                            r"\.bias missing"):
+        load_controlnet(tmp_path / "cut.safetensors", transformer_config={"attention_head_dim": 8})

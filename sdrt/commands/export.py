@@ -162,9 +162,11 @@ def _run_sd3(args: argparse.Namespace) -> int:
         raise InputError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} not supported for SD 3 / 3.5 "
                          "models yet; export without")
     files = [v for kind, v in args.controlnets or [] if kind == "path" and Path(v).is_file()]
-    if files:
-        raise InputError(f"{files[0]} is a single file; SD 3 / 3.5 ControlNets load from a diffusers folder "
-                         "(config.json naming SD3ControlNetModel, with its .safetensors) for now")
+    if files:  # the kind of each ControlNet file, from its header, before the weights load
+        from sdrt.export.sd3_controlnet_single_file import check_sd3_controlnet_file
+
+        for f in files:
+            check_sd3_controlnet_file(f)
     if args.lora_slots is not None and args.controlnets:
         raise InputError("--lora-slots and --controlnet in one SD 3 / 3.5 export are not supported yet (the "
                          "transformer taking the ControlNets' samples has no slots): export with one of them, or "
@@ -186,7 +188,8 @@ def _run_sd3(args: argparse.Namespace) -> int:
 
         _merged(merge_sd3_loras(model, loras))
 
-    nets = _load_controlnets(args)  # paired with the transformer by export_sd3, before any export work
+    # paired with the transformer by export_sd3, before any export work
+    nets = _load_controlnets(args, transformer_config=model.transformer_config)
 
     def progress(msg: str) -> None:
         print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", flush=True)
@@ -244,16 +247,19 @@ def _run_flux(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_controlnets(args: argparse.Namespace, unet_config=None) -> list:  # type: ignore[no-untyped-def]
+def _load_controlnets(args: argparse.Namespace, unet_config=None,  # type: ignore[no-untyped-def]
+                      transformer_config=None) -> list:
     """--controlnet / --random-controlnet, loaded in the order given (``unet_config``: the UNet a single file's
-    architecture is matched against)."""
+    architecture is matched against; ``transformer_config``: the SD 3 / 3.5 transformer, whose head width a single
+    file takes)."""
     nets = []
     if args.controlnets:
         from sdrt.export.controlnet_loading import load_controlnet, random_controlnet
 
         for kind, value in args.controlnets:
             print(f"loading ControlNet {value}" if kind == "path" else f"making a {value} ControlNet", flush=True)
-            nets.append(load_controlnet(value, allow_pickle=args.allow_pickle, unet_config=unet_config)
+            nets.append(load_controlnet(value, allow_pickle=args.allow_pickle, unet_config=unet_config,
+                                        transformer_config=transformer_config)
                         if kind == "path" else random_controlnet(value, seed=args.seed))
     return nets
 

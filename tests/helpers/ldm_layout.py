@@ -285,3 +285,36 @@ def controlnet_to_ldm(sd: dict[str, torch.Tensor], config: dict) -> dict[str, to
            for k, v in unet_to_ldm(encoder, config).items()}
     out.update({"control_model." + k: v for k, v in own.items()})
     return out
+
+
+def sd3_controlnet_to_stability(sd: dict[str, torch.Tensor], layers: int,
+                                control_type: float = 1.0) -> dict[str, torch.Tensor]:
+    """SD3ControlNetModel (single-stream blocks, no position embedding of its own) -> Stability's SD 3.5 ControlNet
+    file layout, each name spelled out: per block the fused ``attn.qkv`` (q, k, v stacked on the output rows),
+    ``attn.proj``, ``mlp.fc1`` / ``fc2`` and ``adaLN_modulation.1``; ``controlnet_blocks``, ``pos_embed_input`` and
+    ``time_text_embed`` under diffusers' names; and the scalar ``control_type``. Every diffusers tensor used once."""
+    out: dict[str, torch.Tensor] = {"control_type": torch.tensor(control_type)}
+    used: set[str] = set()
+
+    def take(name: str) -> torch.Tensor:
+        used.add(name)
+        return sd[name]
+
+    for i in range(layers):
+        d, s = f"transformer_blocks.{i}.", f"transformer_blocks.{i}."
+        for kind in ("weight", "bias"):
+            out[f"{s}attn.qkv.{kind}"] = torch.cat([take(f"{d}attn.to_q.{kind}"), take(f"{d}attn.to_k.{kind}"),
+                                                    take(f"{d}attn.to_v.{kind}")], dim=0)
+            out[f"{s}attn.proj.{kind}"] = take(f"{d}attn.to_out.0.{kind}")
+            out[f"{s}mlp.fc1.{kind}"] = take(f"{d}ff.net.0.proj.{kind}")
+            out[f"{s}mlp.fc2.{kind}"] = take(f"{d}ff.net.2.{kind}")
+            out[f"{s}adaLN_modulation.1.{kind}"] = take(f"{d}norm1.linear.{kind}")
+            out[f"controlnet_blocks.{i}.{kind}"] = take(f"controlnet_blocks.{i}.{kind}")
+    for kind in ("weight", "bias"):
+        out[f"pos_embed_input.proj.{kind}"] = take(f"pos_embed_input.proj.{kind}")
+        for emb in ("timestep_embedder", "text_embedder"):
+            for lin in ("linear_1", "linear_2"):
+                name = f"time_text_embed.{emb}.{lin}.{kind}"
+                out[name] = take(name)
+    assert used == set(sd), f"diffusers tensors left out of the layout: {sorted(set(sd) - used)}"
+    return {k: v.contiguous() for k, v in out.items()}
