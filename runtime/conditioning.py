@@ -46,6 +46,9 @@ class TextConditioning:
         self.tokenizers = list(tokenizers)
         self.graphs = graphs
         self.dtype = dtype
+        # the all-ones attention mask of each (shape, dtype) a text encoder was fed, kept on the device: every call
+        # but a MASK-downweighted compel prompt's feeds it, so it goes up once rather than once per call
+        self._ones_masks: dict[tuple[tuple[int, ...], str], Array] = {}
 
     def chunks(self, texts: Sequence[str], syntax: str = "plain") -> tuple[int, ...]:
         """The number of 77-token chunks each tokenizer makes of these texts (together) in this prompt syntax
@@ -158,9 +161,15 @@ class TextConditioning:
         be = self.backend
         feeds = {"input_ids": be.to_device(np.ascontiguousarray(ids))}
         spec = self.engines[name].inputs.get(MASK_INPUT)
-        if spec is not None:
-            m = np.ones(ids.shape, spec.dtype) if mask is None else mask.astype(spec.dtype)
-            feeds[MASK_INPUT] = be.to_device(np.ascontiguousarray(m))
+        if spec is None:
+            return feeds
+        if mask is None or mask.all():  # the graph's own reading of the ids: the cached device copy
+            key = (tuple(ids.shape), np.dtype(spec.dtype).str)
+            if key not in self._ones_masks:
+                self._ones_masks[key] = be.to_device(np.ones(ids.shape, spec.dtype))
+            feeds[MASK_INPUT] = self._ones_masks[key]
+        else:
+            feeds[MASK_INPUT] = be.to_device(np.ascontiguousarray(mask.astype(spec.dtype)))
         return feeds
 
     def _encoder_rows(self, name: str, ids: np.ndarray, masks: np.ndarray, batch: int, lora: Mapping[str, Array]
