@@ -1,6 +1,6 @@
 """FLUX.1 models -> a verified ONNX folder with ``sdrt.json``: loading (a diffusers ``FluxPipeline``,
-``FluxFillPipeline`` or ``FluxKontextPipeline`` folder, or a preset's seeded weights) and ``export_flux``, the
-family's counterpart of ``exporter.export_model``.
+``FluxFillPipeline``, ``FluxKontextPipeline`` or ``FluxControlPipeline`` folder, or a preset's seeded weights) and
+``export_flux``, the family's counterpart of ``exporter.export_model``.
 
 Layout: model_index.json, text_encoder/ (CLIP), text_encoder_2/ (T5), transformer/ (the manifest's ``unet``),
 vae_decoder/, vae_encoder/ (and FLUX.1 Fill's vae_encoder_masked/), tokenizer/, tokenizer_2/, scheduler/,
@@ -45,6 +45,7 @@ from sdrt.runtime.manifest import (
 from .block_cache import DENOISER_FOLDER, FOLDERS
 from .exporter import EXPORT_KIND, MIN_OPSET, TEXT_LEN, check_export_dir, tool_versions
 from .flux_presets import (
+    CONTROL_PIPELINE,
     FLUX_PRESETS,
     KONTEXT_PIPELINE,
     FluxModules,
@@ -52,6 +53,7 @@ from .flux_presets import (
     build_modules,
     fills,
     get_flux_preset,
+    variant,
 )
 from .flux_specs import (
     CLIP_NAME,
@@ -78,7 +80,8 @@ from .streamed import (
 )
 
 PIPELINE_CLASS = "FluxPipeline"
-PIPELINE_CLASSES = (PIPELINE_CLASS, "FluxFillPipeline", KONTEXT_PIPELINE)  # [schnell] / [dev], Fill, Kontext
+# [schnell] / [dev], Fill, Kontext, Depth / Canny
+PIPELINE_CLASSES = (PIPELINE_CLASS, "FluxFillPipeline", KONTEXT_PIPELINE, CONTROL_PIPELINE)
 STREAMABLE = ("transformer", T5_NAME)
 FP16_REFUSED = ("FLUX.1 overflows fp16 (NaN images: diffusers issue 9096) and sdrt exports no bf16 graph yet; "
                 "FLUX.1 is exported in fp32: pass --fp32")
@@ -121,8 +124,8 @@ def pipeline_class(path: Path) -> str | None:
 
 
 def is_flux_folder(path: Path) -> bool:
-    """A diffusers folder of ``FluxPipeline``, ``FluxFillPipeline`` or ``FluxKontextPipeline`` (its model_index.json
-    says so)."""
+    """A diffusers folder of ``FluxPipeline``, ``FluxFillPipeline``, ``FluxKontextPipeline`` or
+    ``FluxControlPipeline`` (its model_index.json says so)."""
     return pipeline_class(path) in PIPELINE_CLASSES
 
 
@@ -215,13 +218,15 @@ def load_flux(path: str | Path | None = None, *, random_preset: str | None = Non
 def _preset_for(transformer: dict[str, Any], scheduler: dict[str, Any], vae: torch.nn.Module,
                 name: str, cls: str = PIPELINE_CLASS) -> FluxPreset:
     """The shipped preset of this architecture, schedule and pipeline class ([schnell] and [dev] differ in both,
-    Fill in its input channels), else one named after the folder (its default size: 1024 for a full-width model,
-    64 latents' worth otherwise)."""
+    Fill and Depth / Canny in their input channels), else one named after the folder (its default size: 1024 for a
+    full-width model, 64 latents' worth otherwise). Presets of one shape (Depth and Canny: only their weights
+    differ) give their values under the folder's name."""
     cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in transformer.items()}
-    for p in FLUX_PRESETS.values():
-        if all(cfg.get(k) == v for k, v in p.transformer.items()) and p.pipeline_class == cls \
-                and bool(scheduler.get("use_dynamic_shifting")) == bool(p.scheduler["use_dynamic_shifting"]):
-            return p
+    found = [p for p in FLUX_PRESETS.values()
+             if all(cfg.get(k) == v for k, v in p.transformer.items()) and p.pipeline_class == cls
+             and bool(scheduler.get("use_dynamic_shifting")) == bool(p.scheduler["use_dynamic_shifting"])]
+    if found:
+        return found[0] if len(found) == 1 else replace(found[0], name=name)
     f = 2 ** (len(vae.config.block_out_channels) - 1)
     base = next(p for p in FLUX_PRESETS.values() if p.guided == bool(cfg.get("guidance_embeds")))
     return replace(base, name=name, default_size=1024 if int(cfg["attention_head_dim"]) >= 64 else 8 * f,
@@ -277,9 +282,13 @@ def export_flux(
     f = 2 ** (len(mods.vae.config.block_out_channels) - 1)
     tr_cfg = model.streamed["transformer"].config if "transformer" in model.streamed else dict(mods.transformer.config)
     reference = p.kontext  # the transformer also takes a reference image's latents
+    model_variant = "kontext" if reference else variant(tr_cfg)
     if block_cache and reference:
         raise InputError(f"{p.name} is FLUX.1 Kontext: first-block caching does not cover its reference tokens yet; "
                          "export it without --feature-cache")
+    if block_cache and model_variant == "control":
+        raise InputError(f"{p.name} is FLUX.1 Depth / Canny: first-block caching does not cover its control image "
+                         "yet; export it without --feature-cache")
     if block_cache and int(tr_cfg["num_layers"]) + int(tr_cfg["num_single_layers"]) < 2:
         raise InputError(f"first-block caching reuses what the blocks after the first added; {p.name}'s transformer "
                          "has one block: export it without --feature-cache")
@@ -332,6 +341,7 @@ def export_flux(
             text_max_length=TEXT_LEN,
             limits=limits,
             source={**model.source, "guidance_embeds": bool(tr_cfg.get("guidance_embeds")),
+                    "variant": model_variant,
                     **({"streamed": sorted("unet" if n == "transformer" else n for n in model.streamed)}
                        if model.streamed else {}), **slots_record(lora_slots, inert)},
             tools=tool_versions(),

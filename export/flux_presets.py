@@ -10,7 +10,10 @@ the guidance scale (``guidance_embeds``) and shifts its schedule by the image's 
 diffusers' ``FluxFillPipeline``) is [dev] with 384 packed input channels: the latents', the masked image's
 latents' and the mask's (each latent pixel's 8 x 8 pixels), 64 + 64 + 256. FLUX.1 Kontext [dev]
 (black-forest-labs/FLUX.1-Kontext-dev, diffusers' ``FluxKontextPipeline``) has [dev]'s structure and schedule: only
-the pipeline class tells it apart (its transformer also reads a reference image's tokens).
+the pipeline class tells it apart (its transformer also reads a reference image's tokens). FLUX.1 Depth [dev] and
+Canny [dev] (black-forest-labs/FLUX.1-Depth-dev, FLUX.1-Canny-dev, diffusers' ``FluxControlPipeline``) are [dev] with
+128 packed input channels: the latents' and a control image's latents (a depth map or canny edges, VAE-encoded),
+64 + 64; the two share every shape (only their weights tell them apart).
 
 The tiny presets keep that structure at small widths: one double and two single blocks, rotary axes summing to
 the head width, a T5 as wide as the transformer's ``joint_attention_dim`` and a CLIP as wide as its
@@ -45,7 +48,8 @@ class FluxPreset:
     t5_tokens: int = 512  # diffusers' max_sequence_length default for both variants
     pad_token: str = "<|endoftext|>"  # black-forest-labs' CLIP tokenizer pads with the end token
     test_scale: bool = False  # a tiny structure for tests: the shipped tiny T5 tokenizer serves its files
-    pipeline_class: str = "FluxPipeline"  # diffusers' pipeline that runs it (FluxFillPipeline, FluxKontextPipeline)
+    # diffusers' pipeline that runs it (FluxFillPipeline, FluxKontextPipeline, FluxControlPipeline)
+    pipeline_class: str = "FluxPipeline"
 
     def config(self, part: str) -> Any:
         return copy.deepcopy(getattr(self, part))
@@ -62,11 +66,25 @@ class FluxPreset:
         return self.pipeline_class == KONTEXT_PIPELINE
 
 
+def variant(transformer: dict[str, Any]) -> str:
+    """Which FLUX.1 transformer a config is, from its packed channels: ``fill`` (FLUX.1 Fill: the masked image's
+    latents and the mask beside the latents, more than twice the output's), ``control`` (FLUX.1 Depth / Canny: a
+    control image's latents beside the latents, twice the output's), else ``base`` ([schnell], [dev], Kontext)."""
+    inner = int(transformer["in_channels"])
+    out = int(transformer.get("out_channels") or inner)
+    return "fill" if inner > 2 * out else "control" if inner == 2 * out else "base"
+
+
 def fills(transformer: dict[str, Any]) -> bool:
-    """A transformer config of FLUX.1 Fill: more packed input channels than output (diffusers' FluxFillPipeline
-    concatenates the masked image's latents and the mask to the latents' tokens)."""
-    out = transformer.get("out_channels") or transformer["in_channels"]
-    return int(transformer["in_channels"]) > int(out)
+    """A transformer config of FLUX.1 Fill (diffusers' FluxFillPipeline concatenates the masked image's latents
+    and the mask to the latents' tokens)."""
+    return variant(transformer) == "fill"
+
+
+def controls(transformer: dict[str, Any]) -> bool:
+    """A transformer config of FLUX.1 Depth or Canny (diffusers' FluxControlPipeline concatenates a control
+    image's packed latents to the latents' tokens)."""
+    return variant(transformer) == "control"
 
 
 @dataclass
@@ -80,13 +98,15 @@ class FluxModules:
 
 
 def _transformer(double: int, single: int, head_dim: int, heads: int, joint: int, pooled: int,
-                 guidance: bool, axes: tuple[int, int, int], fill: bool = False) -> dict[str, Any]:
+                 guidance: bool, axes: tuple[int, int, int], fill: bool = False,
+                 control: bool = False) -> dict[str, Any]:
     return {
         "patch_size": 1,
         # 16 latent channels x a 2x2 patch, packed by the pipeline (here: by the graph); FLUX.1 Fill also takes the
-        # masked image's 16 latent channels and the mask's 8 x 8 pixels per latent pixel, each x a 2x2 patch
-        "in_channels": 4 * (16 + 16 + 64) if fill else 64,
-        "out_channels": 64 if fill else None,
+        # masked image's 16 latent channels and the mask's 8 x 8 pixels per latent pixel, each x a 2x2 patch;
+        # FLUX.1 Depth / Canny the control image's 16 latent channels x a 2x2 patch
+        "in_channels": 4 * (16 + 16 + 64) if fill else 4 * (16 + 16) if control else 64,
+        "out_channels": 64 if fill or control else None,
         "num_layers": double,
         "num_single_layers": single,
         "attention_head_dim": head_dim,
@@ -113,6 +133,7 @@ def _scheduler(dynamic: bool) -> dict[str, Any]:
 
 FLUX_PRESETS: dict[str, FluxPreset] = {}
 KONTEXT_PIPELINE = "FluxKontextPipeline"
+CONTROL_PIPELINE = "FluxControlPipeline"
 
 
 def _add(p: FluxPreset) -> None:
@@ -140,6 +161,13 @@ _add(FluxPreset(
     vae=_TINY_VAE, clip=_TINY_CLIP, t5=t5_config(48, 8, 64, 2, 2), scheduler=_scheduler(True), test_scale=True,
     pipeline_class=KONTEXT_PIPELINE,
 ))
+for _name in ("flux-depth-dev-tiny", "flux-canny-dev-tiny"):  # one structure: Depth's and Canny's weights differ
+    _add(FluxPreset(
+        _name, "flux", 64,
+        transformer=_transformer(1, 2, 8, 2, joint=48, pooled=16, guidance=True, axes=(2, 2, 4), control=True),
+        vae=_TINY_VAE, clip=_TINY_CLIP, t5=t5_config(48, 8, 64, 2, 2), scheduler=_scheduler(True), test_scale=True,
+        pipeline_class=CONTROL_PIPELINE,
+    ))
 
 _CLIP_L = clip_config(768, 3072, 12, 12, "quick_gelu", 768)
 _T5_XXL = t5_config(4096, 64, 10240, 64, 24)
@@ -160,6 +188,14 @@ _add(FluxPreset(  # black-forest-labs/FLUX.1-Kontext-dev: [dev]'s structure and 
     transformer=_transformer(19, 38, 128, 24, joint=4096, pooled=768, guidance=True, axes=(16, 56, 56)),
     vae=_FLUX_VAE, clip=_CLIP_L, t5=_T5_XXL, scheduler=_scheduler(True), pipeline_class=KONTEXT_PIPELINE,
 ))
+
+for _name in ("flux-depth-dev", "flux-canny-dev"):  # black-forest-labs/FLUX.1-Depth-dev, FLUX.1-Canny-dev
+    _add(FluxPreset(  # [dev]'s structure and schedule, 128 input channels, FluxControlPipeline
+        _name, "flux", 1024,
+        transformer=_transformer(19, 38, 128, 24, joint=4096, pooled=768, guidance=True, axes=(16, 56, 56),
+                                 control=True),
+        vae=_FLUX_VAE, clip=_CLIP_L, t5=_T5_XXL, scheduler=_scheduler(True), pipeline_class=CONTROL_PIPELINE,
+    ))
 
 
 def get_flux_preset(name: str) -> FluxPreset:

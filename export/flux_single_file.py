@@ -1,5 +1,5 @@
 """FLUX.1 single files in Black Forest Labs' layout (flux1-dev.safetensors, flux1-schnell.safetensors,
-flux1-fill-dev.safetensors, and fine-tunes saved so) -> a ``LoadedFlux``, through diffusers' own single-file converters.
+flux1-fill-dev.safetensors, flux1-depth-dev.safetensors, flux1-canny-dev.safetensors, and fine-tunes saved so) -> a ``LoadedFlux``, through diffusers' own single-file converters.
 
 The layouts:
 
@@ -15,9 +15,9 @@ The layouts:
 Three steps, the first two on key names and shapes alone, so every refusal comes before any weight is read:
 
 1. ``detect_flux_preset``: the shipped preset from tensor shapes ([dev] has ``guidance_in``, [schnell] not; Fill
-   takes 384 input channels; the depths, widths and the VAE's channels), or ``arch`` checked against them; other
-   models of the FLUX line with FLUX.1's blocks (Depth, Chroma, ...) are refused by the name diffusers' own
-   probe gives them;
+   takes 384 input channels, Depth and Canny 128 (one shape: Depth unless ``arch`` says Canny); the depths, widths
+   and the VAE's channels), or ``arch`` checked against them; other models of the FLUX line with FLUX.1's blocks
+   (Chroma, FLUX.2, ...) are refused by the name diffusers' own probe gives them;
 2. each part's source (bundled, or the file its flag gives) and the tokenizers are settled (a missing part is an
    ``InputError`` naming every flag to pass);
 3. diffusers' converters (``convert_flux_transformer_checkpoint_to_diffusers``, ``AutoencoderKL.from_single_file``,
@@ -173,12 +173,13 @@ def _expected(p: FluxPreset) -> dict[str, Any]:
     }
 
 
-EXPORTED = ("flux-dev", "flux-schnell", "flux-fill")  # diffusers' probe's names of the models sdrt exports
+# diffusers' probe's names of the models sdrt exports (its flux-depth: FLUX.1 Depth and Canny, one shape)
+EXPORTED = ("flux-dev", "flux-schnell", "flux-fill", "flux-depth")
 
 
 def _other_model(shapes: Mapping[str, Sequence[int]]) -> str | None:
-    """What diffusers' own single-file probe calls a file of the FLUX line that is not FLUX.1 [schnell], [dev]
-    or Fill (Depth, Chroma, FLUX.2, ...), from its shapes alone; None for those three."""
+    """What diffusers' own single-file probe calls a file of the FLUX line that is not FLUX.1 [schnell], [dev],
+    Fill, Depth or Canny (Chroma, FLUX.2, ...), from its shapes alone; None for those."""
     from diffusers.loaders.single_file_utils import infer_diffusers_model_type
 
     meta = {k: torch.empty(tuple(s), device="meta") for k, s in shapes.items()}
@@ -202,14 +203,16 @@ def detect_flux_preset(
     """The shipped FLUX.1 preset of a transformer and VAE from their key names and tensor shapes only: the
     transformer in BFL's names (``double_blocks.*``, root-level) and the VAE under ``vae.`` in LDM's names.
     [schnell] and [dev] differ in ``guidance_in``, Fill in ``img_in``'s input width (384: the latents, the masked
-    image's latents and the mask). ``arch`` (a preset name) must agree with them."""
+    image's latents and the mask), Depth / Canny in theirs (128: the latents and a control image's latents; the
+    two share every shape, so such a file is Depth unless ``arch`` names Canny). ``arch`` (a preset name) must
+    agree with them."""
     dims = {k: tuple(int(d) for d in s) for k, s in shapes.items()}
     if MARK not in dims:
         raise _not_flux(name)
     if (other := _other_model({k: s for k, s in dims.items() if not k.startswith("vae.")})) is not None:
         raise InputError(
-            f"{name} is a {other} model (as diffusers' single-file probe names it), not FLUX.1 [schnell], [dev] "
-            "or Fill; sdrt exports those three only"
+            f"{name} is a {other} model (as diffusers' single-file probe names it), not FLUX.1 [schnell], [dev], "
+            "Fill, Depth or Canny; sdrt exports those only"
         )
     return pick_preset(
         _observed(dims),

@@ -6,7 +6,8 @@
 batch, latent height and width, and text tokens; [dev] adds ``guidance``), ``vae_decoder`` and ``vae_encoder``
 (16 latent channels, the shift in the graph: SD3's VAE specs). FLUX.1 Fill adds ``vae_encoder_masked`` (the
 masked image's latents), and its transformer's ``sample`` also has the mask's and the masked latents' channels;
-FLUX.1 Kontext's transformer also takes ``reference_latents`` [1, 16, H, W], a reference image's latents.
+FLUX.1 Kontext's transformer also takes ``reference_latents`` [1, 16, H, W], a reference image's latents;
+FLUX.1 Depth / Canny's ``control_latents`` [1, 16, h, w], a control image's latents at the latents' size.
 With first-block caching (``sdrt export --feature-cache``) the transformer also returns its two residuals and
 ``unet_shallow`` (``transformer_shallow/``) is its cached step (export/block_cache.py).
 """
@@ -17,13 +18,20 @@ from typing import Any
 
 import torch
 
+from sdrt.runtime.control_latents import CONTROL_INPUT
 from sdrt.runtime.feature_cache import CHANGE, SHALLOW_UNET
 from sdrt.runtime.inpaint import MASKED_ENCODER
 
 from . import wrappers
 from .block_cache import random_residuals, residual_dims, residual_specs
-from .flux_presets import FluxModules
-from .flux_wrappers import PATCH, FluxTransformer, FluxTransformerCached, FluxVaeEncoderMasked
+from .flux_presets import FluxModules, controls
+from .flux_wrappers import (
+    PATCH,
+    FluxControlTransformer,
+    FluxTransformer,
+    FluxTransformerCached,
+    FluxVaeEncoderMasked,
+)
 from .onnx_export import TRACE_LATENT, ComponentSpec
 from .sd3_specs import CLIP_TOKENS, streamed_t5_spec, t5_spec, vae_decoder_spec, vae_encoder_spec
 from .streamed import StreamedSpec
@@ -49,7 +57,7 @@ def clip_spec(enc: torch.nn.Module) -> ComponentSpec:
 
 def _io(config: dict[str, Any], block_cache: bool = False, reference: bool = False) -> tuple[list[Spec], list[Spec]]:
     joint, pooled = int(config["joint_attention_dim"]), int(config["pooled_projection_dim"])
-    ch = int(config["in_channels"]) // 4  # the packed tokens' width is 2x2 latent pixels
+    ch = _sample_channels(config)
     out = int(config.get("out_channels") or config["in_channels"]) // 4  # fewer than ch: FLUX.1 Fill
     inputs = [("sample", "float", ("batch", ch, "height", "width")), ("timestep", "float32", ("batch",)),
               ("encoder_hidden_states", "float", ("batch", "text_tokens", joint)),
@@ -58,8 +66,17 @@ def _io(config: dict[str, Any], block_cache: bool = False, reference: bool = Fal
         inputs.append(("guidance", "float32", ("batch",)))
     if reference:  # FLUX.1 Kontext: one reference image's latents, of a size of their own
         inputs.append(("reference_latents", "float", (1, out, "reference_height", "reference_width")))
+    if controls(config):  # FLUX.1 Depth / Canny: one control image's latents, at the latents' size
+        inputs.append((CONTROL_INPUT, "float", (1, out, "height", "width")))
     return inputs, [("out_sample", "float", ("batch", out, "height", "width")),
                     *(_residuals(config) if block_cache else [])]
+
+
+def _sample_channels(config: dict[str, Any]) -> int:
+    """``sample``'s channels: the packed input's, 2x2 latent pixels a token (FLUX.1 Fill's include the mask and the
+    masked latents), less a control image's latents, which come as ``control_latents``."""
+    ch = int(config["in_channels"]) // 4
+    return ch // 2 if controls(config) else ch
 
 
 def _residuals(config: dict[str, Any]) -> list[Spec]:
@@ -74,6 +91,8 @@ def _inner(config: dict[str, Any]) -> int:
 def _cached_io(config: dict[str, Any]) -> tuple[list[Spec], list[Spec]]:
     """The cached step's I/O: the transformer's inputs with the residuals before [dev]'s ``guidance`` (the order
     of ``FluxTransformerCached.forward``), ``out_sample`` and ``change``."""
+    if controls(config):  # export_flux refuses --feature-cache for these first, saying so
+        raise ValueError("the cached step does not carry a control image's latents (FLUX.1 Depth / Canny)")
     inputs, outputs = _io(config)
     plain = [i for i in inputs if i[0] != "guidance"]
     return [*plain, *_residuals(config), *inputs[len(plain):]], [outputs[0], (CHANGE, "float32", (1,))]
@@ -90,13 +109,15 @@ def _cached_args(config: dict[str, Any], args: tuple[torch.Tensor, ...], g: torc
 def _example(config: dict[str, Any], tokens: int, g: torch.Generator | None, b: int, h: int,
              w: int, reference: bool = False) -> tuple[torch.Tensor, ...]:
     joint, pooled = int(config["joint_attention_dim"]), int(config["pooled_projection_dim"])
-    ch = int(config["in_channels"]) // 4
+    ch = _sample_channels(config)
     args = [torch.randn(b, ch, h, w, generator=g), torch.rand(b, generator=g) * 1000,
             torch.randn(b, tokens, joint, generator=g), torch.randn(b, pooled, generator=g)]
     if config.get("guidance_embeds"):
         args.append(1.0 + 4.0 * torch.rand(b, generator=g))
     if reference:  # a reference of another size than the image (its sides swapped)
         args.append(torch.randn(1, int(config.get("out_channels") or config["in_channels"]) // 4, w, h, generator=g))
+    if controls(config):  # a control image's latents, as a VAE gives them (about unit scale)
+        args.append(torch.randn(1, ch, h, w, generator=g))
     return tuple(args)
 
 
@@ -104,18 +125,23 @@ def transformer_spec(transformer: torch.nn.Module, tokens: int, block_cache: boo
                      reference: bool = False) -> ComponentSpec:
     """The transformer with ``tokens`` example text tokens (T5's, in a real call); ``block_cache``: it also
     returns first-block caching's two residuals; ``reference``: it takes a reference image's latents (FLUX.1
-    Kontext; ``FluxTransformer``)."""
+    Kontext; ``FluxTransformer``). A FLUX.1 Depth / Canny transformer (``controls``) also takes a control image's
+    latents (``FluxControlTransformer``)."""
     config = dict(transformer.config)
     inputs, outputs = _io(config, block_cache, reference)
     return ComponentSpec(
         name="unet",  # the export's denoiser component; its folder is transformer/
-        module=FluxTransformer(transformer, block_cache=block_cache, reference=reference),
+        module=_wrapper(config)(transformer, block_cache=block_cache, reference=reference),
         weights=transformer,
         inputs=inputs,
         outputs=outputs,
         example=lambda g, b, h, w: _example(config, tokens, g, b, h, w, reference),
         refittable=True,
     )
+
+
+def _wrapper(config: dict[str, Any]) -> type[FluxTransformer]:
+    return FluxControlTransformer if controls(config) else FluxTransformer
 
 
 def cached_spec(transformer: torch.nn.Module, tokens: int) -> ComponentSpec:
@@ -189,22 +215,25 @@ def _dims(config: dict[str, Any], residuals: bool = False, reference: bool = Fal
     if reference:
         rh, rw = d("reference_patches_h", min=1, max=256), d("reference_patches_w", min=1, max=256)
         dims["reference_latents"] = {2: PATCH * rh, 3: PATCH * rw}
+    if controls(config) and not residuals:
+        dims[CONTROL_INPUT] = {2: PATCH * h, 3: PATCH * w}
     return dims
 
 
 def streamed_transformer_spec(config: dict[str, Any], tokens: int, block_cache: bool = False,
                               reference: bool = False) -> StreamedSpec:
     """The transformer as ``transformer_spec`` describes it (``block_cache``: returning first-block caching's two
-    residuals; ``reference``: taking a reference image's latents), traced on fake tensors (dynamic batch, latent
-    sides in patches, text tokens, the reference's sides) for a streamed export; its weights are named as the
+    residuals; ``reference``: taking a reference image's latents; FLUX.1 Depth / Canny's: a control image's),
+    traced on fake tensors (dynamic batch, latent sides in patches, text tokens, the reference's sides) for a
+    streamed export; its weights are named as the
     diffusers checkpoint's."""
     from diffusers import FluxTransformer2DModel
 
     inputs, outputs = _io(config, block_cache, reference)
 
     def build() -> torch.nn.Module:
-        return FluxTransformer(FluxTransformer2DModel(**config), torchscript=False, block_cache=block_cache,
-                               reference=reference)
+        return _wrapper(config)(FluxTransformer2DModel(**config), torchscript=False, block_cache=block_cache,
+                                reference=reference)
 
     return StreamedSpec(
         name="unet", build=build, prefix="transformer.", inputs=inputs, outputs=outputs,

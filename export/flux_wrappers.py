@@ -103,7 +103,9 @@ class FluxTransformer(torch.nn.Module):
     (sigma x 1000, as the flow scheduler gives it), ``encoder_hidden_states`` [B, tokens, joint_attention_dim]
     (T5's states), ``pooled_projections`` [B, 768] (CLIP's pooled output), for [dev] ``guidance`` float32 [B] (the
     scale), and with ``reference`` (FLUX.1 Kontext) ``reference_latents`` [1, 16, H, W], a reference image's
-    latents (``with_reference``; the output is cut back to the generated tokens) -> ``out_sample`` [B, 16, h, w],
+    latents (``with_reference``; the output is cut back to the generated tokens), or for a transformer of twice
+    the output's input channels (FLUX.1 Depth / Canny; ``FluxControlTransformer`` names its inputs)
+    ``control_latents`` [1, 16, h, w] (``with_control``) -> ``out_sample`` [B, 16, h, w],
     the flow prediction; with ``block_cache`` also first-block caching's two residuals over the image tokens on
     the patch grid [B, h/2, w/2, D] (``deep_feature``, ``head_residual``; export/block_cache.py): the first
     block is ``transformer_blocks[0]``, the last ``single_transformer_blocks[-1]``, as diffusers'
@@ -133,7 +135,12 @@ class FluxTransformer(torch.nn.Module):
         inner, out = int(transformer.config.in_channels), int(transformer.config.out_channels or 0)
         out = out or inner
         # FLUX.1 Fill: (latents, mask, masked latents) channels in sdrt's order -> diffusers' (see ``tokens``)
-        self.fill = (out // PATCH**2, (inner - 2 * out) // PATCH**2) if inner > out else None
+        self.fill = (out // PATCH**2, (inner - 2 * out) // PATCH**2) if inner > 2 * out else None
+        # FLUX.1 Depth / Canny: a control image's latents beside the latents (``control_latents``)
+        self.control = inner == 2 * out
+        if self.control and (reference or block_cache):
+            raise ValueError("a control image's latents (FLUX.1 Depth / Canny) go without a reference image or "
+                             "first-block caching")
 
     def tokens(self, sample: torch.Tensor) -> torch.Tensor:
         """``sample`` packed into the transformer's input tokens. FLUX.1 Fill's ``sample`` is [latents C, mask M,
@@ -164,13 +171,16 @@ class FluxTransformer(torch.nn.Module):
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 pooled_projections: torch.Tensor, guidance: torch.Tensor | None = None,
-                reference_latents: torch.Tensor | None = None
+                reference_latents: torch.Tensor | None = None, control_latents: torch.Tensor | None = None
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         h, w = sample.shape[-2], sample.shape[-1]
         img_ids, txt_ids = position_ids(sample, encoder_hidden_states)
         t = self.transformer
         hidden = self.tokens(sample)
         generated = hidden.shape[1]
+        if self.control:
+            assert control_latents is not None
+            hidden = with_control(hidden, control_latents)
         if self.reference:
             assert reference_latents is not None
             hidden, img_ids = with_reference(hidden, img_ids, reference_latents)
@@ -200,6 +210,28 @@ def with_reference(hidden: torch.Tensor, img_ids: torch.Tensor, reference: torch
     ids = image_ids(reference.shape[-2], reference.shape[-1], img_ids)
     ids = torch.cat([torch.ones_like(ids[:, :1]), ids[:, 1:]], dim=1)
     return torch.cat([hidden, ref], dim=1), torch.cat([img_ids, ids], dim=0)
+
+
+def with_control(hidden: torch.Tensor, control: torch.Tensor) -> torch.Tensor:
+    """FluxControlPipeline's transformer input: the image tokens and the control image's packed latents [1, C, h, w]
+    (one image, broadcast over the batch) side by side on the feature axis, ``torch.cat([latents, control_image],
+    dim=2)``."""
+    ctl = pack(control)
+    return torch.cat([hidden, ctl.expand(hidden.shape[0], ctl.shape[1], ctl.shape[2])], dim=2)
+
+
+class FluxControlTransformer(FluxTransformer):
+    """FLUX.1 Depth / Canny [dev]: ``FluxTransformer``'s inputs (with [dev]'s ``guidance``) and ``control_latents``
+    [1, 16, h, w], the control image's latents at the latents' size (shifted and scaled as latents; one image for
+    the whole batch), which every step reads beside the latents (``with_control``)."""
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor,  # type: ignore[override]
+                encoder_hidden_states: torch.Tensor, pooled_projections: torch.Tensor, guidance: torch.Tensor,
+                control_latents: torch.Tensor) -> torch.Tensor:
+        out = super().forward(sample, timestep, encoder_hidden_states, pooled_projections, guidance,
+                              control_latents=control_latents)
+        assert isinstance(out, torch.Tensor)
+        return out
 
 
 class FluxTransformerCached(FluxTransformer):

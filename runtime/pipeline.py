@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import control_stage, controlnet, inpaint, inpaint_stage, loading, reference, samplers
+from . import control_latents, control_stage, controlnet, inpaint, inpaint_stage, loading, reference, samplers
 from .backends import BACKENDS, make_backend
 from .conditioning import TextConditioning
 from .device_graphs import DeviceGraphs
@@ -460,7 +460,8 @@ class Pipeline:
         """A small call this pipeline can serve as loaded: two steps at its smallest size, inside the engines'
         build profile where they have one (its smallest batch and sizes, guided as it was built, T5's default
         length where the profile takes it, else its smallest), with a grey image and a full mask on an
-        inpainting model, a grey reference on an editing one. A server runs it before reporting ready, so that the
+        inpainting model, a grey reference on an editing one, a grey control image on a control model (FLUX.1
+        Depth / Canny). A server runs it before reporting ready, so that the
         first request does not pay for lazy initialization."""
         lim = self.manifest.limits
         prof = self.backend.profile
@@ -473,13 +474,14 @@ class Pipeline:
             if self.family.takes_sequence_length and t5 is not None and not t5[0] <= self.family.text_tokens <= t5[2]:
                 tokens = t5[0]
         extra: dict[str, Any] = {}
-        if self.is_inpainting or self.takes_reference:
+        if self.is_inpainting or self.takes_reference or self.takes_control_image:
             from PIL import Image
 
             grey = Image.new("RGB", (width, height), (127, 127, 127))
             # an inpainting model takes no call without an image and a mask; an editing one without a reference
             extra = {"image": grey, "mask_image": Image.new("L", (width, height), 255)} if self.is_inpainting \
-                else {"reference_image": grey, "reference_resize": False}
+                else {"reference_image": grey, "reference_resize": False} if self.takes_reference \
+                else {"control_images": [grey]}
         return GenerationRequest("warm-up", height=height, width=width, steps=2, guidance_scale=guidance, seed=0,
                                  batch_size=batch, max_sequence_length=tokens, **extra)
 
@@ -488,6 +490,13 @@ class Pipeline:
         """An editing model (FLUX.1 Kontext): every call needs ``reference_image=``, the image to edit."""
         self._ready()
         return reference.takes_reference(self.engines)
+
+    @property
+    def takes_control_image(self) -> bool:
+        """A control model (FLUX.1 Depth / Canny): its denoiser reads a control image at every step, so every call
+        needs ``control_images=[image]``."""
+        self._ready()
+        return control_latents.takes_control(self.engines)
 
     def _inpaint_mode(self) -> str:
         m = self.manifest
@@ -512,7 +521,8 @@ class Pipeline:
         follow diffusers' ``denoising_start`` / ``denoising_end``: a step of timestep t belongs to the part
         before fraction f when t >= round(T * (1 - f)). Running [0, f) then [f, 1] gives the full run.
         ``guidance_rescale``: diffusers' option of that name (0..1; guided only). ``control_images`` and the
-        other control keywords: as the call's (ControlNet exports); ``control_start``/``control_end`` are
+        other control keywords: as the call's (ControlNet exports; a control model's one image, resized to the
+        latents' size); ``control_start``/``control_end`` are
         fractions of the plan's steps, whichever window of them this call runs. ``aesthetic_score`` /
         ``negative_aesthetic_score``: an SDXL refiner's conditioning (default 6.0 / 2.5, as diffusers).
         ``timings``: receives the per-step milliseconds (``unet_steps_ms``) and how the loop ran (``loop``).
@@ -524,15 +534,21 @@ class Pipeline:
             self._ready()
             self.check_request(latents.height, latents.width, embeddings.batch,
                                guided=self.uses_guidance(guidance_scale))
-            creq = self._check_control(control_images, control_scales, control_start, control_end, guess_mode,
-                                       control_preprocess, latents.inpaint is not None)
+            own = control_latents.check(self.folder, self.engines, control_images, control_scales, control_start,
+                                        control_end, guess_mode, control_preprocess, latents.inpaint is not None)
+            creq = None if own is not None else self._check_control(
+                control_images, control_scales, control_start, control_end, guess_mode, control_preprocess,
+                latents.inpaint is not None)
             policy = cache_policy(cache)
             self.check_cache(policy, creq)
             lora = self.lora_inputs(loras)
             sink: dict[str, Any] = {} if timings is None else timings
+            ctl = None if own is None else control_latents.encode(self.backend, self.engines, self.device_graphs,
+                                                                  self.dtype, own, latents.height, latents.width)
             out, how = self._denoise(embeddings, latents, plan, guidance_scale, start, end, callback, sink, clock,
                                      rescale=guidance_rescale, control=creq,
-                                     scores=(aesthetic_score, negative_aesthetic_score), cache=policy, lora=lora)
+                                     scores=(aesthetic_score, negative_aesthetic_score), cache=policy, lora=lora,
+                                     control_lat=ctl)
             sink["loop"] = how
             if not own_buffers:
                 return out
@@ -551,10 +567,12 @@ class Pipeline:
                  control: controlnet.ControlRequest | None = None,
                  scores: tuple[float | None, float | None] | None = None,
                  cache: CachePolicy | None = None, lora: Mapping[str, Array] | None = None,
-                 edits: Sequence[tuple[int, PromptEmbeddings]] = ()) -> tuple[Latents, str]:
+                 edits: Sequence[tuple[int, PromptEmbeddings]] = (), control_lat: Array | None = None
+                 ) -> tuple[Latents, str]:
         """The loop. With the caller's ``clock``, marks once the loop is set up and after every step (the
         caller reads the times); without one, the step times go into ``timings``. ``edits``: (loop step,
-        embeddings) pairs, A1111's prompt editing: from that step on the denoiser reads those embeddings."""
+        embeddings) pairs, A1111's prompt editing: from that step on the denoiser reads those embeddings.
+        ``control_lat``: the control image's latents of a denoiser that reads them (FLUX.1 Depth / Canny)."""
         check_guidance(guidance_scale)
         guided = self.uses_guidance(guidance_scale)
         check_rescale(rescale)
@@ -582,6 +600,8 @@ class Pipeline:
             factors = {**factors, reference.REFERENCE_INPUT: lat.reference}
         elif reference.takes_reference(self.engines):
             raise InputError("this is an editing model (FLUX.1 Kontext): prepare the latents with reference_image=")
+        if control_lat is not None:  # read at every step as the text is
+            factors = {**factors, control_latents.CONTROL_INPUT: control_lat}
         cond = {**text.denoiser_inputs(emb, lat.height, lat.width, scores, guidance_scale), **factors}
         cond_steps = [(k, {**text.denoiser_inputs(e, lat.height, lat.width, scores, guidance_scale), **factors})
                       for k, e in edits if k < hi - lo] or None
@@ -864,8 +884,13 @@ class Pipeline:
             image = req.image
             reference.check(self.folder, self.engines, req)
             mask, blur = inpaint_stage.check_call(self.folder, self.engines, self._inpaint_mode(), req)
-            creq = self._check_control(req.control_images, req.control_scales, req.control_start, req.control_end,
-                                       req.guess_mode, req.control_preprocess, mask is not None)
+            # a denoiser that reads the control image itself (FLUX.1 Depth / Canny), else the export's ControlNets
+            own = control_latents.check(self.folder, self.engines, req.control_images, req.control_scales,
+                                        req.control_start, req.control_end, req.guess_mode, req.control_preprocess,
+                                        mask is not None)
+            creq = None if own is not None else self._check_control(
+                req.control_images, req.control_scales, req.control_start, req.control_end, req.guess_mode,
+                req.control_preprocess, mask is not None)
             policy = req.cache_policy
             self.check_cache(policy, creq)
             lora_feeds = self._lora_on_device(self._lora_factors(req.loras))
@@ -878,6 +903,8 @@ class Pipeline:
             # the image's size (img2img), else the control image's (as diffusers; rounded down to the export's
             # multiple: 16 px for a transformer's patches) or the reference's, else the model's default
             control_size = None if creq is None else controlnet.default_size(creq, m.limits.multiple_of)
+            if own is not None and init is None:  # an init image gives its own size
+                control_size = control_latents.call_size(own, m.limits, req.height, req.width)
             if ref is not None:
                 control_size = int(ref.shape[1]), int(ref.shape[2])
             height, width = call_size(req.height, req.width, init, control_size, m.default_size)
@@ -903,17 +930,19 @@ class Pipeline:
                     emb, edits = self._encode_request(req, guided, self._text_lora(lora_feeds))
                 clock.mark()
                 lat = self._prepare(plan, height, width, b, req.seed, req.latents, init, mask, strength == 1.0, ref)
+                ctl = None if own is None else control_latents.encode(self.backend, self.engines, self.device_graphs,
+                                                                      self.dtype, own, height, width)
                 clock.mark()
                 lat, how = self._denoise(emb, lat, plan, req.guidance_scale, None, None, callback, {}, clock,
                                          rescale=req.guidance_rescale, control=creq, scores=req.scores,
-                                         cache=policy, lora=lora, edits=edits)
+                                         cache=policy, lora=lora, edits=edits, control_lat=ctl)
                 images, nonfinite, final = self.finish(lat.x, req.output)
                 if req.output == "images" and blur is not None:
                     assert init is not None  # paste_back is refused without an image
                     images = inpaint.paste_back_all(images, init, mask, blur)
                 clock.mark()
-                timings = call_timings(clock, image=init is not None or ref is not None, decoded=req.output == "images",
-                                       t_start=t_start)
+                timings = call_timings(clock, image=init is not None or ref is not None or own is not None,
+                                       decoded=req.output == "images", t_start=t_start)
                 return Result(images, timings, nonfinite, how, final, lat.seed)
             except DeviceMemoryError as e:
                 raise self.memory_error(e, b, guided, height, width) from e

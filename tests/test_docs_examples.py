@@ -116,7 +116,8 @@ def example_dir(tmp_path_factory: pytest.TempPathFactory, tiny_export, tiny_cont
                "sd15-slots": slotted_export("sd15-tiny"),
                "flux-dev-onnx": flux_export("flux-dev-tiny", block_cache=True),
                "flux-fill-onnx": flux_export("flux-fill-dev-tiny"),
-               "flux-kontext-onnx": flux_export("flux-kontext-dev-tiny")}
+               "flux-kontext-onnx": flux_export("flux-kontext-dev-tiny"),
+               "flux-depth-onnx": flux_export("flux-depth-dev-tiny")}
     for name, folder in folders.items():
         (d / name).symlink_to(folder, target_is_directory=True)
     from sdrt.export.loading import random_model

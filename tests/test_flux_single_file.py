@@ -119,8 +119,9 @@ def _meta_modules(name: str) -> FluxModules:
                            T5EncoderModel(T5Config(**p.config("t5"))), AutoencoderKL(**p.config("vae")))
 
 
-FULL = ["flux-schnell", "flux-dev", "flux-fill-dev"]
-PROBE = {"flux-fill-dev": "flux-fill"}  # diffusers' probe's name where it is not the preset's
+FULL = ["flux-schnell", "flux-dev", "flux-fill-dev", "flux-depth-dev"]
+# diffusers' probe's name where it is not the preset's
+PROBE = {"flux-fill-dev": "flux-fill", "flux-depth-dev": "flux-depth"}
 
 
 @pytest.fixture(scope="module")
@@ -233,18 +234,18 @@ def test_wrong_files_for_their_flags(files: dict) -> None:
 
 
 def test_files_of_other_models(files: dict, seeded: dict, tmp_path: Path) -> None:
-    """Another family's file, and FLUX.1 Depth (diffusers' probe names it) are refused from their headers."""
+    """Another family's file, and Chroma (diffusers' probe names it) are refused from their headers."""
     sd1 = write({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3),
                  "first_stage_model.encoder.conv_in.weight": torch.zeros(4, 3, 3, 3)}, tmp_path / "sd1.safetensors")
     assert not is_flux_file(sd1) and not is_flux_source(sd1, None)
     with pytest.raises(ArtifactError, match=r"not a FLUX.1 single file: it has no double_blocks"):
         load_flux_single_file(sd1)
-    depth = bfl_file(seeded["flux-dev-tiny"])
-    depth["img_in.weight"] = torch.zeros(16, 128)  # Depth: latents and the depth image's latents in
-    path = write(depth, tmp_path / "flux1-depth-dev.safetensors")
+    chroma = bfl_file(seeded["flux-dev-tiny"])
+    chroma["distilled_guidance_layer.in_proj.bias"] = torch.zeros(16)  # Chroma's guidance approximator
+    path = write(chroma, tmp_path / "chroma.safetensors")
     assert is_flux_file(path)
-    with pytest.raises(InputError, match=r"is a flux-depth model \(as diffusers' single-file probe names it\), "
-                                         r"not FLUX.1 \[schnell\], \[dev\] or Fill"):
+    with pytest.raises(InputError, match=r"is a chroma model \(as diffusers' single-file probe names it\), "
+                                         r"not FLUX.1 \[schnell\], \[dev\], Fill, Depth or Canny"):
         load_flux_single_file(path, **separate(files["flux-dev-tiny"]))
 
 
@@ -273,6 +274,37 @@ def test_fill_file_exports_the_fill_preset_images(tmp_path: Path, flux_export) -
     images = [np.asarray(shared_pipeline(folder)("a red fox", image=image, mask_image=mask, steps=2,
                                                  guidance_scale=30.0, latents=latents).images[0]).astype(np.int32)
               for folder in (flux_export("flux-fill-dev-tiny"), out)]
+    assert images[0].std() > 5
+    assert int(np.abs(images[0] - images[1]).max()) <= 1
+
+
+def test_depth_file_exports_the_depth_preset_images(tmp_path: Path, flux_export) -> None:
+    """FLUX.1 Depth's file (``img_in`` takes 128 channels: diffusers' probe names it flux-depth), ComfyUI's
+    all-in-one layout, is detected as Depth (Canny's file has the same shapes: ``--arch`` names it) and exports to
+    the images of the Depth preset's export of the same weights (itself checked against FluxControlPipeline in
+    tests/test_flux_control.py), within 1/255."""
+    from sdrt.runtime.manifest import ExportManifest
+
+    from .helpers.inputs import control_image
+
+    mods = build_modules(get_flux_preset("flux-depth-dev-tiny"), seed=0)
+    path = write(comfy_file(mods), tmp_path / "flux1-depth-dev.safetensors")
+    shapes = {k.removeprefix("model.diffusion_model."): tuple(v.shape) for k, v in comfy_file(mods).items()
+              if k.startswith(("model.diffusion_model.", "vae."))}
+    assert detect_flux_preset(shapes).name == "flux-depth-dev-tiny"
+    assert detect_flux_preset(shapes, arch="flux-canny-dev-tiny").name == "flux-canny-dev-tiny"
+    with pytest.raises(InputError, match=r"--arch flux-dev-tiny does not fit .*\(it fits flux-depth-dev-tiny, "
+                                         r"flux-canny-dev-tiny\): latent channels in 128 in the file, 64 in "):
+        load_flux_single_file(path, arch="flux-dev-tiny")
+    out = tmp_path / "depth"
+    assert main(["export", "--model", str(path), "--out", str(out)]) == 0
+    manifest = ExportManifest.read(out)
+    assert manifest.preset == "flux-depth-dev-tiny" and manifest.source["variant"] == "control"
+    control = control_image(3, w=64, h=64)
+    latents = np.random.default_rng(2).standard_normal((1, 16, 8, 8), dtype=np.float32)
+    images = [np.asarray(shared_pipeline(folder)("a red fox", control_images=[control], steps=2,
+                                                 guidance_scale=10.0, latents=latents).images[0]).astype(np.int32)
+              for folder in (flux_export("flux-depth-dev-tiny"), out)]
     assert images[0].std() > 5
     assert int(np.abs(images[0] - images[1]).max()) <= 1
 

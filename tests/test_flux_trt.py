@@ -106,10 +106,11 @@ def test_sdrt_build_makes_a_whole_flux_engine_folder_on_rtx(flux_export, tmp_pat
     assert (out / "tokenizer_2" / "tokenizer.json").is_file()
 
 
-@pytest.mark.parametrize("preset", ["flux-fill-dev-tiny", "flux-kontext-dev-tiny"])
+@pytest.mark.parametrize("preset", ["flux-fill-dev-tiny", "flux-kontext-dev-tiny", "flux-depth-dev-tiny"])
 def test_fill_and_kontext_engines_on_the_fakes(flux_export, tmp_path: Path, fake_gpu, preset: str) -> None:
-    """Logic check on fakes: FLUX.1 Fill (the extra-channels graph built for its 64 mask channels) and Kontext
-    (the reference's sides from the profile's image sizes) built and driven like ort-cpu, the loop captured."""
+    """Logic check on fakes: FLUX.1 Fill (the extra-channels graph built for its 64 mask channels), Kontext (the
+    reference's sides from the profile's image sizes) and Depth / Canny (the control latents' sides the latents')
+    built and driven like ort-cpu, the loop captured."""
     from .helpers.inputs import image_and_mask
 
     cudart, _ = fake_gpu
@@ -122,9 +123,12 @@ def test_fill_and_kontext_engines_on_the_fakes(flux_export, tmp_path: Path, fake
     if preset == "flux-fill-dev-tiny":
         assert by["sample"] == ((1, 96, 8, 8), (1, 96, 8, 8), (2, 96, 12, 12))
         kw = {"image": image, "mask_image": mask, "guidance_scale": 30.0}
-    else:
+    elif preset == "flux-kontext-dev-tiny":
         assert by["reference_latents"] == ((1, 16, 8, 8), (1, 16, 8, 8), (1, 16, 12, 12))
         kw = {"reference_image": image, "reference_resize": False, "guidance_scale": 2.5}
+    else:
+        assert by["control_latents"] == ((1, 16, 8, 8), (1, 16, 8, 8), (1, 16, 12, 12))
+        kw = {"control_images": [image], "guidance_scale": 10.0}
     manifest = build_engines(src, out, profile, BuildOptions(workspace_gb=1))
     assert "unet" in {r.component for r in manifest.engines}
     want = Pipeline.load(src, backend="ort-cpu")("a red fox", steps=3, seed=5, **kw)
@@ -141,10 +145,11 @@ def test_fill_and_kontext_engines_on_the_fakes(flux_export, tmp_path: Path, fake
     assert np.abs(a - b).max() <= 1
 
 
-@pytest.mark.parametrize("preset", ["flux-fill-dev-tiny", "flux-kontext-dev-tiny"])
+@pytest.mark.parametrize("preset", ["flux-fill-dev-tiny", "flux-kontext-dev-tiny", "flux-depth-dev-tiny"])
 def test_fill_and_kontext_build_on_rtx(flux_export, tmp_path: Path, preset: str) -> None:
     """``sdrt build`` with TensorRT for RTX's real builder (no GPU): Fill's transformer, masked-image encoder and
-    64-channel extra graph; Kontext's transformer with its reference input of dynamic sides."""
+    64-channel extra graph; Kontext's transformer with its reference input of dynamic sides; Depth / Canny's with
+    its control input."""
     if RTX is None:
         pytest.skip("needs the TensorRT for RTX bindings: pip install tensorrt-rtx-cu13-libs "
                     "tensorrt-rtx-cu13-bindings")

@@ -62,7 +62,8 @@ def register(p: argparse.ArgumentParser) -> None:
                         "(default 0.8; inpainting 1)")
     p.add_argument("--control-image", action="append", default=None, metavar="IMG",
                    help="ControlNet: a control image, repeatable, one per ControlNet of the export in order (an "
-                        "export made with --controlnet); resized to the output size")
+                        "export made with --controlnet); a control model (FLUX.1 Depth / Canny) takes one, a depth "
+                        "map or canny edges; resized to the output size")
     p.add_argument("--control-scale", action="append", type=float, default=None, metavar="S",
                    help="ControlNet: the conditioning scale, 0 to 10 (default 1), once for all nets or once per "
                         "--control-image")
@@ -451,7 +452,8 @@ def _check_image_sizes(args: argparse.Namespace, image: object | None, control: 
         m = read_manifest(args.path)
     except SdrtError:
         return  # the pipeline's load says what is wrong with the folder
-    lim, multiple = m.limits, m.vae_scale_factor
+    # an init image is rounded down to the VAE's factor; a control image to the export's multiple (as the pipeline)
+    lim, multiple = m.limits, m.vae_scale_factor if image is not None else m.limits.multiple_of
     w, h = img.size  # type: ignore[attr-defined]
     sides = [(label, v - v % multiple) for label, v, given in (("height", h, args.height), ("width", w, args.width))
              if given is None]
