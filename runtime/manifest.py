@@ -23,15 +23,17 @@ EXPORT_FOLDER = "an ONNX export, the folder written by `sdrt export`"
 ANY_FOLDER = f"{EXPORT_FOLDER}, or an engine folder, written by `sdrt build`"
 # The schema a manifest records is the lowest that reads its export, so an older sdrt refuses (naming the
 # upgrade) only an export it would misread, and reads every other export as before:
-# 1: every export written before the masked text encoders
-# 2: a text encoder takes an attention mask (``attention_mask``: compel's MASK downweighting); an sdrt reading 1
-#    would not feed it and fail inside the first prompt's text encoder instead of refusing the folder
-# A later addition an older reader would misread raises it again: a new constant here, a rule in
-# ``ExportManifest.__post_init__``.
+# 1: every export written before the inputs below
+# 2: a graph takes an input an sdrt reading 1 does not feed, and would fail on inside the first call instead of
+#    refusing the folder: a text encoder's attention mask (compel's MASK downweighting), FLUX.1 Depth / Canny's
+#    control latents
+# A later addition an older reader would misread raises it again: a new schema here, its inputs in
+# ``INPUT_SCHEMAS`` (or a rule in ``ExportManifest.__post_init__``).
 SCHEMA_VERSION = 2  # the newest this sdrt reads
 BASE_SCHEMA = 1
 MASKED_TEXT_SCHEMA = 2
-TEXT_MASK_INPUT = "attention_mask"  # the input that raises a manifest to MASKED_TEXT_SCHEMA
+TEXT_MASK_INPUT = "attention_mask"
+INPUT_SCHEMAS = {TEXT_MASK_INPUT: MASKED_TEXT_SCHEMA, "control_latents": 2}  # input name -> the schema it needs
 
 FAMILIES = FAMILY_KEYS  # the manifest's "family" values: runtime/families' registry
 
@@ -142,9 +144,10 @@ class ExportManifest:
     latent_scaling: float | None = None
 
     def __post_init__(self) -> None:
-        if self.schema < MASKED_TEXT_SCHEMA and any(
-                t.name == TEXT_MASK_INPUT for c in self.components.values() for t in c.inputs):
-            object.__setattr__(self, "schema", MASKED_TEXT_SCHEMA)
+        needed = max((INPUT_SCHEMAS.get(t.name, BASE_SCHEMA) for c in self.components.values() for t in c.inputs),
+                     default=BASE_SCHEMA)
+        if self.schema < needed:
+            object.__setattr__(self, "schema", needed)
 
     @property
     def encoder_names(self) -> tuple[str, ...]:

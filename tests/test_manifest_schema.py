@@ -63,3 +63,15 @@ def test_component_inputs_alone_decide(tmp_path) -> None:
     m = export_manifest()
     extra = Component("x/model.onnx", "fp32", (TensorSpec("attention_mask", "int32", ("batch", 77)),), ())
     assert replace(m, components={**m.components, "x": extra}, schema=1).schema == 2
+
+
+def test_flux_control_latents_need_schema_2_too() -> None:
+    """FLUX.1 Depth / Canny's transformer takes the control image's latents, which an sdrt reading 1 would not feed:
+    the runtime's own input name is the one the rule knows."""
+    from sdrt.runtime.control_latents import CONTROL_INPUT
+
+    assert manifest_module.INPUT_SCHEMAS[CONTROL_INPUT] == 2
+    m = export_manifest()
+    unet = m.components["unet"]
+    control = replace(unet, inputs=(*unet.inputs, TensorSpec(CONTROL_INPUT, "float32", (1, 16, "height", "width"))))
+    assert replace(m, components={**m.components, "unet": control}, schema=1).schema == 2
