@@ -41,6 +41,7 @@ from sdrt.runtime.engine_manifest import ProfileShapes, TensorShapes
 from sdrt.runtime.errors import ArtifactError, CompatibilityError, InputError
 from sdrt.runtime.families import FAMILY_KEYS, Family
 from sdrt.runtime.feature_cache import SHALLOW_UNET
+from sdrt.runtime.layer_skip import SKIP_UNET
 from sdrt.runtime.manifest import ExportManifest
 from sdrt.runtime.t5_tokenizer import MAX_LENGTH as T5_MAX_LENGTH
 from sdrt.runtime.t5_tokenizer import MIN_LENGTH as T5_MIN_LENGTH
@@ -258,7 +259,7 @@ def validate(profile: BuildProfile, manifest: ExportManifest) -> None:
 
 def _denoiser(component: str) -> bool:
     """Components run once per denoising step on the (CFG-doubled) UNet batch."""
-    return component in ("unet", "unet_control", SHALLOW_UNET) or component.startswith("controlnet_")
+    return component in ("unet", "unet_control", SHALLOW_UNET, SKIP_UNET) or component.startswith("controlnet_")
 
 
 def _axis_range(component: str, axis: str, profile: BuildProfile, factor: int, family: Family) -> Range:

@@ -33,6 +33,7 @@ from sdrt.runtime.atomic import atomic_dir, check_output_dir, give_default_mode
 from sdrt.runtime.errors import ArtifactError, CompatibilityError, InputError
 from sdrt.runtime.families import family_of
 from sdrt.runtime.feature_cache import SHALLOW_UNET
+from sdrt.runtime.layer_skip import SKIP_UNET
 from sdrt.runtime.lora_files import LoraFile, LoraSpec, MergeReport, lora_deltas, read_lora
 from sdrt.runtime.manifest import EXPORT_FOLDER, MANIFEST_NAME, ExportManifest, export_entries
 
@@ -494,10 +495,22 @@ def refit_folder(
     loras_comps = _lora_components(export, request, comps)
     todo = [c for c in comps if not request.loras or weights_source(c) in loras_comps]
     _refuse_stale_control_unet(export, todo)
+    _refuse_shared_skip(export, todo)
     values, note, warnings = new_weights(folder, export, request, todo, progress)
     write_refit_export(folder, out, {c: changed for c, (_, changed) in values.items() if changed}, note,
                        overwrite=overwrite)
     return RefitResult(str(out), note, tuple(todo), tuple(warnings))
+
+
+def _refuse_shared_skip(export: ExportManifest, todo: Sequence[str]) -> None:
+    """Skip-layer guidance's pass (``unet_skip``) reads the transformer's weights file (export/shared_weights.py),
+    which a refit of the transformer rewrites: refused before any weight is read, rather than leaving a pass over
+    stale offsets."""
+    if SKIP_UNET in export.components and ("unet" in todo or SKIP_UNET in todo):
+        raise CompatibilityError(
+            "this export has skip-layer guidance's pass (unet_skip), which reads the transformer's weights file, and "
+            "refit cannot yet rewrite it with them. Export the model with the weights or LoRAs merged instead "
+            "(`sdrt export ... --lora FILE[:SCALE]`, or the other checkpoint as --model), with its --skip-layers")
 
 
 def _refuse_stale_control_unet(export: ExportManifest, todo: Sequence[str]) -> None:

@@ -2,7 +2,8 @@
 preset's seeded weights) and ``export_sd3``, the family's counterpart of ``exporter.export_model``.
 
 Layout: model_index.json, text_encoder/, text_encoder_2/, [text_encoder_3/,] transformer/ (the manifest's
-``unet`` component: the denoiser), vae_decoder/, vae_encoder/, [vae_encoder_masked/ (an inpainting
+``unet`` component: the denoiser; [skip_layers.onnx, skip-layer guidance's ``unet_skip`` over the same weights
+file,]) vae_decoder/, vae_encoder/, [vae_encoder_masked/ (an inpainting
 transformer's),] tokenizer/, tokenizer_2/, [tokenizer_3/,]
 scheduler/, sdrt.json. ``without_t5`` leaves T5 out (diffusers' ``text_encoder_3=None``: the runtime puts
 zeros in its place). Written under a temporary name and renamed once every component passed its parity gate.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -25,8 +27,16 @@ from sdrt.runtime.errors import InputError
 from sdrt.runtime.families import family_named
 from sdrt.runtime.feature_cache import SHALLOW_UNET
 from sdrt.runtime.inpaint import MASKED_ENCODER
+from sdrt.runtime.layer_skip import SKIP_UNET
 from sdrt.runtime.lora_files import LoraSpec, MergeReport
-from sdrt.runtime.manifest import MANIFEST_NAME, ExportManifest, ShapeLimits, export_entries, tokenizer_of
+from sdrt.runtime.manifest import (
+    MANIFEST_NAME,
+    Component,
+    ExportManifest,
+    ShapeLimits,
+    export_entries,
+    tokenizer_of,
+)
 
 from .block_cache import DENOISER_FOLDER, FOLDERS
 from .controlnet_loading import LoadedControlNet
@@ -45,9 +55,11 @@ from .sd3_specs import (
     CLIP_NAMES,
     sd3_specs,
     streamed_cached_spec,
+    streamed_skip_spec,
     streamed_t5_spec,
     streamed_transformer_spec,
 )
+from .shared_weights import share_weights
 from .streamed import (
     WeightSource,
     checkpoint_weights,
@@ -62,6 +74,7 @@ ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 PIPELINE_CLASS = "StableDiffusion3Pipeline"
 
 
+SKIP_FILE = "skip_layers.onnx"  # skip-layer guidance's pass, in the transformer's folder over its weights file
 STREAM_PARAMS = 1_000_000_000  # a component with more parameters (4 GB in fp32) is streamed, not loaded
 STREAMABLE = ("transformer", "text_encoder_3")
 
@@ -259,6 +272,35 @@ def limits_of(transformer: dict[str, Any], factor: int) -> ShapeLimits:
     return ShapeLimits(min_size=max(step, 64 - 64 % step), max_size=top, multiple_of=step)
 
 
+def check_skip_layers(layers: Sequence[int] | None, num_layers: int, name: str) -> list[int]:
+    """``--skip-layers``, checked against the transformer's blocks: distinct block indices, some blocks left (none
+    given: [])"""
+    if layers is None:
+        return []
+    given = list(layers)
+    bad = [v for v in given if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < num_layers]
+    if not given or bad or len(set(given)) != len(given) or len(given) >= num_layers:
+        raise InputError(f"skip layers {given} are not distinct blocks of {name}'s transformer (0 to {num_layers - 1}), "
+                         f"leaving some to run: give e.g. 7,8,9 (SD 3.5 Medium's, diffusers' recommendation)",
+                         cli=f"--skip-layers {','.join(map(str, given))}: give distinct blocks of {name}'s transformer "
+                             f"(0 to {num_layers - 1}), leaving some to run, e.g. 7,8,9 (SD 3.5 Medium's)")
+    return sorted(given)
+
+
+def _share_skip(tmp: Path, comp: Component, progress: Callable[[str], None]) -> Component:
+    """Skip-layer guidance's pass moved beside the transformer's graph, reading its weights from the transformer's
+    file (export/shared_weights.py); its own folder removed."""
+    src = tmp / comp.path
+    donor = tmp / DENOISER_FOLDER / "model.onnx"
+    dest = donor.with_name(SKIP_FILE)
+    how = share_weights(src, donor, dest)
+    shutil.rmtree(src.parent)
+    progress(f"{SKIP_UNET}: reads {how.shared} weights ({how.shared_bytes / 2**20:.1f} MiB) from the transformer's "
+             f"weights file; {how.own} of its own ({how.own_bytes / 2**20:.1f} MiB)")
+    size = sum(f.stat().st_size for f in dest.parent.iterdir() if f.name.startswith(SKIP_FILE))
+    return replace(comp, path=f"{DENOISER_FOLDER}/{SKIP_FILE}", size_bytes=size)
+
+
 def _model_index(model: LoadedSd3) -> dict[str, object]:
     import diffusers
 
@@ -293,6 +335,7 @@ def export_sd3(
     parity_shape: tuple[int, int, int] | None = None,
     progress: Callable[[str], None] = lambda msg: None,
     lora_slots: SlotPlan | None = None,
+    skip_layers: Sequence[int] | None = None,
 ) -> ExportManifest:
     """Export every component of ``model`` into ``out`` (atomically) and return its manifest; ``without_t5``
     leaves T5 out; ``block_cache`` adds first-block caching (the transformer also returns its two residuals, and
@@ -301,7 +344,10 @@ def export_sd3(
     the transformer is; export/sd3_controlnet.py), checked against the transformer first. ``out`` is checked as ``export_model`` checks
     it. T5 stays float32 in an fp16 export (its activations overflow fp16).
     ``lora_slots``: the transformer's and the CLIP encoders' targeted layers take LoRA factors as inputs, so calls
-    can carry LoRAs (``Pipeline(..., loras=...)``; export/lora_slots.py); T5 has none. Not with ``controlnets`` yet."""
+    can carry LoRAs (``Pipeline(..., loras=...)``; export/lora_slots.py); T5 has none. Not with ``controlnets`` yet.
+    ``skip_layers``: the transformer's blocks skip-layer guidance skips (SD 3.5 Medium: 7, 8, 9); its pass is
+    ``unet_skip`` (``transformer/skip_layers.onnx``, reading the transformer's weights file; runtime/layer_skip.py),
+    gated on parity like the transformer before its weights are shared. Not with ``lora_slots`` yet."""
     from .tokenizer_assets import write_clip_tokenizer
 
     out = check_export_dir(out, overwrite=overwrite)
@@ -325,6 +371,12 @@ def export_sd3(
     if block_cache and int(tr_cfg["num_layers"]) < 2:
         raise InputError(f"first-block caching reuses what the blocks after the first added; {p.name}'s transformer "
                          "has one block: export it without --feature-cache")
+    layers = check_skip_layers(skip_layers, int(tr_cfg["num_layers"]), p.name)
+    if layers and lora_slots is not None:
+        raise InputError("skip layers and LoRA slots in one SD 3 / 3.5 export are not supported yet (the skip pass "
+                         "has no slots): export with one of them, or merge the LoRAs with --lora",
+                         cli="--skip-layers and --lora-slots in one export are not supported yet (the skip pass has no "
+                             "slots): export with one of them, or merge the LoRAs with --lora")
     limits = limits_of(tr_cfg, f)
     controlnets = list(controlnets)
     check_sd3_pairing(p.name, tr_cfg, int(mods.vae.config.latent_channels), controlnets)
@@ -334,7 +386,7 @@ def export_sd3(
     with atomic_dir(out, marker=MANIFEST_NAME, overwrite=overwrite, what=EXPORT_KIND, owned=export_entries) as tmp:
         done = {}
         masked = int(tr_cfg["in_channels"]) == 2 * int(mods.vae.config.latent_channels) + 1  # an inpainting one
-        specs, inert = sd3_specs(mods, p.t5_tokens, block_cache, masked), {}
+        specs, inert = sd3_specs(mods, p.t5_tokens, block_cache, masked, layers), {}
         if controlnets:  # the nets in memory; unet_control with the transformer, in memory or streamed below
             tr_weights = streamed["transformer"].weights if "transformer" in streamed else None
             specs += sd3_controlnet_specs(tr_cfg, mods.vae, controlnets, TEXT_LEN + p.t5_tokens,
@@ -351,6 +403,8 @@ def export_sd3(
                 [("transformer", streamed_transformer_spec(st.config, tokens, block_cache))]
             if name == "transformer" and block_cache:
                 jobs.append(("cached", streamed_cached_spec(st.config, tokens)))
+            if name == "transformer" and layers:
+                jobs.append(("skip", streamed_skip_spec(st.config, tokens, layers)))
             if name == "transformer" and controlnets:
                 used, residuals = control_layout(st.config, controlnets)
                 jobs.append(("control", streamed_unet_control_spec(st.config, tokens, len(controlnets), used,
@@ -365,12 +419,15 @@ def export_sd3(
                                     block_cache=block_cache,
                                     control=(len(controlnets), len(controlnets[0].controlnet.controlnet_blocks))
                                     if kind == "control" else None,
-                                    slots=slots if kind in ("transformer", "cached") else None)
+                                    slots=slots if kind in ("transformer", "cached") else None,
+                                    skip_layers=layers if kind == "skip" else None)
                 progress(f"{sspec.name}: {parity_line(par, comp.precision)} ({par.reference})")
                 done[sspec.name] = replace(comp, parity=par)
+        if layers:  # every graph gated: the pass now reads the transformer's weights file
+            done[SKIP_UNET] = _share_skip(tmp, done[SKIP_UNET], progress)
         nets = tuple(f"controlnet_{j}" for j in range(len(controlnets)))
-        order = [*ENCODERS, "unet", *nets, *(("unet_control",) if nets else ()), SHALLOW_UNET, "vae_decoder",
-                 "vae_encoder", MASKED_ENCODER]
+        order = [*ENCODERS, "unet", *nets, *(("unet_control",) if nets else ()), SHALLOW_UNET, SKIP_UNET,
+                 "vae_decoder", "vae_encoder", MASKED_ENCODER]
         components = {n: done[n] for n in order if n in done}
         for i, name in enumerate(("text_encoder", "text_encoder_2")):
             write_clip_tokenizer(tmp / tokenizer_of(name), pad_token=p.pad_tokens[i], source=model.tokenizer_dirs[i])
@@ -395,7 +452,8 @@ def export_sd3(
             source={**model.source, "t5": "text_encoder_3" in components,
                     **({"streamed": sorted("unet" if n == "transformer" else n for n in streamed)}
                        if streamed else {}),
-                    **({"controlnets": [dict(c.source) for c in controlnets]} if controlnets else {}), **slots_record(lora_slots, inert)},
+                    **({"controlnets": [dict(c.source) for c in controlnets]} if controlnets else {}),
+                    **({"skip_layers": layers} if layers else {}), **slots_record(lora_slots, inert)},
             tools=tool_versions(),
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             latent_scaling=float(mods.vae.config.scaling_factor),

@@ -27,7 +27,9 @@ from .lora_slots import SlotPlan, slotted_gate
 from .onnx_export import check_parity
 from .sd3_specs import (
     cached_spec,
+    skip_spec,
     streamed_cached_spec,
+    streamed_skip_spec,
     streamed_t5_spec,
     streamed_transformer_spec,
     t5_spec,
@@ -89,14 +91,16 @@ def load_reduced(module: torch.nn.Module, source: WeightSource, name: str) -> to
 def gate_streamed(kind: str, config: dict[str, Any], weights: WeightSource, precision: str, tokens: int,
                   parity_shape: tuple[int, int, int], progress: Callable[[str], None] = lambda m: None,
                   block_cache: bool = False, control: tuple[int, int] | None = None,
-                  slots: tuple[SlotPlan, tuple[str, ...]] | None = None) -> Parity:
+                  slots: tuple[SlotPlan, tuple[str, ...]] | None = None,
+                  skip_layers: list[int] | None = None) -> Parity:
     """The reduced-depth gate of a streamed ``transformer`` (``block_cache``: with first-block caching's
     residual outputs), first-block caching's ``cached`` step, the ``control`` transformer taking ControlNet
     samples (``control``: (nets, samples per net); the reduced copy reads the samples its own depth picks, random
     ones) or ``text_encoder_3`` (see the module docstring); raises ParityError past the precision's bound, like
     every component's gate. The cached step runs only the first block, which every reduced copy keeps as its own
     first: its gate is exact in depth. ``slots``: the transformer's LoRA slots (the plan and the family's
-    targets), on the reduced copy's layers alike, gated with random factors."""
+    targets), on the reduced copy's layers alike, gated with random factors. ``skip``: skip-layer guidance's pass
+    with ``skip_layers`` skipped, its reduced copy keeping those blocks too (skipped there alike)."""
     from diffusers import SD3Transformer2DModel
     from transformers import T5Config, T5EncoderModel
 
@@ -104,14 +108,18 @@ def gate_streamed(kind: str, config: dict[str, Any], weights: WeightSource, prec
     from .sd3_wrappers import controlled_blocks
 
     used: list[int] = []
-    if kind in ("transformer", "cached", "control"):
-        picked = sorted({0, *transformer_blocks(config)})
+    skipped: list[int] = []
+    if kind in ("transformer", "cached", "control", "skip"):
+        picked = sorted({0, *transformer_blocks(config), *(skip_layers if kind == "skip" and skip_layers else [])})
         reduced = _reduced_transformer(config, picked)
         source = mapped_weights(weights, TRANSFORMER_BLOCKS, "transformer_blocks.", picked)
-        if kind == "control":
+        skipped = [picked.index(i) for i in skip_layers or []] if kind == "skip" else []
+        if kind == "skip":
+            sspec: StreamedSpec = streamed_skip_spec(reduced, tokens, skipped)
+        elif kind == "control":
             assert control is not None
             used = controlled_blocks(len(picked), control[1])
-            sspec: StreamedSpec = streamed_unet_control_spec(reduced, tokens, control[0], used, control[1])
+            sspec = streamed_unet_control_spec(reduced, tokens, control[0], used, control[1])
         else:
             sspec = (streamed_cached_spec(reduced, tokens) if kind == "cached"
                      else streamed_transformer_spec(reduced, tokens, block_cache))
@@ -129,6 +137,8 @@ def gate_streamed(kind: str, config: dict[str, Any], weights: WeightSource, prec
     if kind == "control":
         assert control is not None
         cspec = unet_control_spec(module, tokens, control[0], used, control[1])
+    elif kind == "skip":
+        cspec = skip_spec(module, tokens, skipped)
     else:
         cspec = (cached_spec(module, tokens) if kind == "cached" else transformer_spec(module, tokens, block_cache)
                  if kind == "transformer" else t5_spec(module, tokens))

@@ -18,6 +18,7 @@ import torch
 
 from sdrt.runtime.feature_cache import CHANGE, SHALLOW_UNET
 from sdrt.runtime.inpaint import MASKED_ENCODER
+from sdrt.runtime.layer_skip import SKIP_PREDICTION, SKIP_SCALE, SKIP_UNET
 
 from . import wrappers
 from .block_cache import random_residuals, residual_dims, residual_specs
@@ -26,6 +27,7 @@ from .sd3_presets import Sd3Modules
 from .sd3_wrappers import (
     Sd3Transformer,
     Sd3TransformerCached,
+    Sd3TransformerSkip,
     Sd3VaeDecoder,
     Sd3VaeEncoder,
     Sd3VaeEncoderMasked,
@@ -132,6 +134,29 @@ def cached_spec(transformer: torch.nn.Module, tokens: int) -> ComponentSpec:
     )
 
 
+def skip_spec(transformer: torch.nn.Module, tokens: int, layers: list[int]) -> ComponentSpec:
+    """Skip-layer guidance's pass (``unet_skip``, ``Sd3TransformerSkip``): the transformer's inputs over the guided
+    batch, its prediction ``unet_out`` and ``skip_scale`` -> ``out_sample`` with the conditional rows moved away
+    from the pass with ``layers`` skipped. Traced and gated on a guided batch (2B rows). Not refittable: it reads
+    the transformer's weights file (export/shared_weights.py), which a refit would rewrite."""
+    full = transformer_spec(transformer, tokens)
+    out_ch = int(transformer.config.out_channels)
+
+    def example(g: torch.Generator, b: int, h: int, w: int) -> tuple[torch.Tensor, ...]:
+        args = full.example(g, 2 * b, h, w)
+        return (*args, torch.randn(2 * b, out_ch, h, w, generator=g), torch.rand(1, generator=g) + 0.2)
+
+    return ComponentSpec(
+        name=SKIP_UNET,
+        module=Sd3TransformerSkip(transformer, layers),
+        weights=transformer,
+        inputs=[*full.inputs, (SKIP_PREDICTION, "float", ("batch", out_ch, "height", "width")),
+                (SKIP_SCALE, "float32", (1,))],
+        outputs=[full.outputs[0]],
+        example=example,
+    )
+
+
 def vae_decoder_spec(vae: torch.nn.Module) -> ComponentSpec:
     """The VAE decoder: ``latent_sample`` [B, 16, h, w] -> ``images`` uint8 [B, 8h, 8w, 3], ``finite`` [B]."""
     lat = int(vae.config.latent_channels)
@@ -186,11 +211,12 @@ def vae_encoder_masked_spec(vae: torch.nn.Module, factor: int) -> ComponentSpec:
 
 
 def sd3_specs(modules: Sd3Modules, t5_tokens: int, block_cache: bool = False,
-              masked: bool = False) -> list[ComponentSpec]:
+              masked: bool = False, skip_layers: list[int] | None = None) -> list[ComponentSpec]:
     """The components of an SD3 export held in memory, in the family's encoder order, then the denoiser (with
     ``block_cache``: returning first-block caching's residuals, its cached step after it) and the VAE decoder and
     encoder (T5 and the transformer left out where the modules have none: streamed or absent); ``masked``: an
-    inpainting transformer's masked-image encoder too."""
+    inpainting transformer's masked-image encoder too; ``skip_layers``: skip-layer guidance's pass after the
+    transformer (``skip_spec``)."""
     clip_l, clip_g, t5 = modules.text_encoders
     factor = 2 ** (len(modules.vae.config.block_out_channels) - 1)
     specs = [_clip_spec(CLIP_NAMES[0], clip_l), _clip_spec(CLIP_NAMES[1], clip_g)]
@@ -200,6 +226,8 @@ def sd3_specs(modules: Sd3Modules, t5_tokens: int, block_cache: bool = False,
         specs.append(transformer_spec(modules.transformer, CLIP_TOKENS + t5_tokens, block_cache))
         if block_cache:
             specs.append(cached_spec(modules.transformer, CLIP_TOKENS + t5_tokens))
+        if skip_layers:
+            specs.append(skip_spec(modules.transformer, CLIP_TOKENS + t5_tokens, skip_layers))
     specs += [vae_decoder_spec(modules.vae), vae_encoder_spec(modules.vae, factor)]
     return [*specs, vae_encoder_masked_spec(modules.vae, factor)] if masked else specs
 
@@ -232,12 +260,12 @@ def streamed_transformer_spec(config: dict[str, Any], tokens: int, block_cache: 
         example=example, dynamic=lambda: _transformer_dims(config))
 
 
-def _transformer_dims(config: dict[str, Any], residuals: bool = False) -> dict[str, Any]:
+def _transformer_dims(config: dict[str, Any], residuals: bool = False, batch: Any = None) -> dict[str, Any]:
     """torch.export's dynamic shapes of the transformer's inputs (and of the cached step's residual inputs, on
-    the patch grid): batch, text tokens, and the sides in patches."""
+    the patch grid): batch (``batch``: a dimension of the caller's), text tokens, and the sides in patches."""
     d = torch.export.Dim
     grid, p = int(config["pos_embed_max_size"]), int(config["patch_size"])
-    b, t = d("batch", min=1, max=64), d("text_tokens", min=1, max=4096)
+    b, t = d("batch", min=1, max=64) if batch is None else batch, d("text_tokens", min=1, max=4096)
     h, w = d("patches_h", min=1, max=grid), d("patches_w", min=1, max=grid)
     dims: dict[str, Any] = {"sample": {0: b, 2: p * h, 3: p * w}, "timestep": {0: b},
                             "encoder_hidden_states": {0: b, 1: t}, "pooled_projections": {0: b}}
@@ -269,6 +297,36 @@ def streamed_cached_spec(config: dict[str, Any], tokens: int) -> StreamedSpec:
         name=SHALLOW_UNET, build=build, prefix="transformer.", inputs=[*full.inputs, *res],
         outputs=[full.outputs[0], (CHANGE, "float32", (1,))], example=example,
         dynamic=lambda: _transformer_dims(config, residuals=True))
+
+
+def streamed_skip_spec(config: dict[str, Any], tokens: int, layers: list[int]) -> StreamedSpec:
+    """Skip-layer guidance's pass as ``skip_spec`` describes it, traced on fake tensors for a streamed export: a
+    guided batch, twice the images (torch.export's ``2 * half``, traced at 4 rows; half is at least 2 there only so
+    that the trace does not specialize a size of 1: the graph takes any even batch)."""
+    from diffusers import SD3Transformer2DModel
+
+    full = streamed_transformer_spec(config, tokens)
+    out_ch = int(config["out_channels"])
+    in_ch, joint, pooled = int(config["in_channels"]), int(config["joint_attention_dim"]), \
+        int(config["pooled_projection_dim"])
+
+    def build() -> torch.nn.Module:
+        return Sd3TransformerSkip(SD3Transformer2DModel(**config), layers, dynamo=True)
+
+    def example() -> tuple[torch.Tensor, ...]:
+        b, (h, w) = 4, TRACE_LATENT
+        return (torch.randn(b, in_ch, h, w), torch.rand(b) * 1000, torch.randn(b, tokens, joint),
+                torch.randn(b, pooled), torch.randn(b, out_ch, h, w), torch.rand(1))
+
+    def dynamic() -> dict[str, Any]:
+        dims = _transformer_dims(config, batch=2 * torch.export.Dim("half", min=2, max=32))
+        return {**dims, SKIP_PREDICTION: dims["sample"], SKIP_SCALE: None}
+
+    return StreamedSpec(
+        name=SKIP_UNET, build=build, prefix="transformer.",
+        inputs=[*full.inputs, (SKIP_PREDICTION, "float", ("batch", out_ch, "height", "width")),
+                (SKIP_SCALE, "float32", (1,))],
+        outputs=[full.outputs[0]], example=example, dynamic=dynamic)
 
 
 def streamed_t5_spec(config: dict[str, Any], tokens: int, name: str = "text_encoder_3") -> StreamedSpec:

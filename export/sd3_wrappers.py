@@ -59,6 +59,28 @@ class Sd3Transformer(torch.nn.Module):
         return out, on_grid(deep, h, w), on_grid(head, h, w)
 
 
+class Sd3TransformerSkip(Sd3Transformer):
+    """Skip-layer guidance's pass (runtime/layer_skip.py): ``Sd3Transformer``'s inputs over the guided batch (B
+    unconditional rows, then B conditional ones, as the step graph takes them), ``unet_out`` [2B, 16, h, w] (the
+    transformer's prediction on them) and ``skip_scale`` float32 [1] -> ``out_sample``: ``unet_out`` with its
+    conditional rows ``c`` moved to ``c + skip_scale * (c - s)``, where ``s`` is the transformer's prediction on
+    the conditional rows with the blocks ``layers`` skipped (diffusers' ``skip_layers``). With ``skip_scale`` =
+    scale / g the step graph's guidance ``u + g * (c' - u)`` is diffusers' ``u + g * (c - u) + scale * (c - s)``."""
+
+    def __init__(self, transformer: torch.nn.Module, layers: list[int], dynamo: bool = False) -> None:
+        super().__init__(transformer, dynamo=dynamo)
+        self.layers = list(layers)
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,  # type: ignore[override]
+                pooled_projections: torch.Tensor, unet_out: torch.Tensor, skip_scale: torch.Tensor) -> torch.Tensor:
+        n = sample.shape[0] // 2
+        skipped = self.transformer(hidden_states=sample[n:], encoder_hidden_states=encoder_hidden_states[n:],
+                                   pooled_projections=pooled_projections[n:], timestep=timestep[n:],
+                                   skip_layers=self.layers, return_dict=False)[0]
+        cond = unet_out[n:]
+        return torch.cat([unet_out[:n], cond + skip_scale.to(cond.dtype) * (cond - skipped)])
+
+
 class Sd3TransformerCached(torch.nn.Module):
     """First-block caching's cached step (diffusers' ``apply_first_block_cache``, after ParaAttention's First
     Block Cache): ``Sd3Transformer``'s inputs, then ``deep_feature`` (what the blocks after the first added to

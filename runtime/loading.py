@@ -15,9 +15,14 @@ from .engine import Backend, Engine
 from .engine_manifest import EngineManifest
 from .errors import ArtifactError, CompatibilityError, InputError
 from .families import Family
+from .layer_skip import SKIP_UNET
 from .manifest import ExportManifest, tokenizer_of
 from .optimum import is_optimum_folder, read_optimum
 from .tokenizer import ClipTokenizer, PromptTokenizer
+
+# components the pipeline loads when a call first runs them, not with the model: skip-layer guidance's pass holds a
+# second copy of most of the transformer's weights, which calls without it never need
+ON_DEMAND = (SKIP_UNET,)
 
 
 @dataclass
@@ -79,6 +84,8 @@ def open_model(folder: Path, backend: str | Backend, *, threads: int | None, cud
     try:
         engines: dict[str, Engine] = {}
         for name, comp in manifest.components.items():
+            if name in ON_DEMAND:  # loaded by the pipeline on the first call that runs it
+                continue
             t0 = time.perf_counter()
             engines[name] = be.load(graphs[name] if name in graphs else str(folder / be.graph_for(comp)), name)
             took[name] = (time.perf_counter() - t0) * 1e3

@@ -40,6 +40,8 @@ from .errors import ArtifactError, DeviceMemoryError, InputError
 from .families import Family
 from .feature_cache import EXPORT_HINT, SHALLOW_UNET, CachePolicy, cache_policy
 from .images import nonfinite_message, to_pil, to_uint8
+from .layer_skip import EXPORT_HINT as SKIP_EXPORT_HINT
+from .layer_skip import SKIP_UNET, SkipGuidance, SkipGuided
 from .lora_adapters import AdapterLibrary, adapter_factors, check_loras, slots_of
 from .manifest import ExportManifest
 from .memory_advice import explain as explain_memory_error
@@ -96,6 +98,7 @@ class Pipeline:
         self._text: TextConditioning | None = None
         self.loras = AdapterLibrary()  # Pipeline.load(..., lora_dir=) names a folder to find LoRAs by name in
         self._no_lora: dict[str, dict[str, Array]] | None = None
+        self._skip: SkipGuided | None = None  # skip-layer guidance's denoiser, made on its first call
 
     # -- loading and lifecycle ------------------------------------------------------------------------
     @classmethod
@@ -152,6 +155,7 @@ class Pipeline:
             self.device_graphs.clear()
             self._text = None
             self._no_lora = None
+            self._skip = None
             self.engines = {}
             self.backend.close()
 
@@ -567,12 +571,14 @@ class Pipeline:
                  control: controlnet.ControlRequest | None = None,
                  scores: tuple[float | None, float | None] | None = None,
                  cache: CachePolicy | None = None, lora: Mapping[str, Array] | None = None,
-                 edits: Sequence[tuple[int, PromptEmbeddings]] = (), control_lat: Array | None = None
-                 ) -> tuple[Latents, str]:
+                 edits: Sequence[tuple[int, PromptEmbeddings]] = (), control_lat: Array | None = None,
+                 skip: SkipGuidance | None = None) -> tuple[Latents, str]:
         """The loop. With the caller's ``clock``, marks once the loop is set up and after every step (the
         caller reads the times); without one, the step times go into ``timings``. ``edits``: (loop step,
         embeddings) pairs, A1111's prompt editing: from that step on the denoiser reads those embeddings.
-        ``control_lat``: the control image's latents of a denoiser that reads them (FLUX.1 Depth / Canny)."""
+        ``control_lat``: the control image's latents of a denoiser that reads them (FLUX.1 Depth / Canny).
+        ``skip``: skip-layer guidance (checked by ``check_skip_guidance``): the loop's denoiser is the transformer
+        and the export's skip pass on the window's steps."""
         check_guidance(guidance_scale)
         guided = self.uses_guidance(guidance_scale)
         check_rescale(rescale)
@@ -617,7 +623,12 @@ class Pipeline:
             raise InputError("guidance_rescale with inpainting is not supported: leave guidance_rescale at 0")
         unet_in = self._first_input(plan, lo, lat, guided, dt, step_inputs.get("unet_extra"))
         active = control.active if control is not None else ()
-        loop = self._loop(guided, dt, mode, rescale > 0.0, active, cache is not None)
+        loop = self._loop(guided, dt, mode, rescale > 0.0, active, cache is not None, skip is not None)
+        skipped = 0
+        if skip is not None:
+            on = skip.steps(plan.steps, lo, hi)
+            skipped = sum(on)
+            self._skip_guided().arm(on, to_dev(skip.skip_scale(guidance_scale)))
         full = None if cache is None else cache.full_steps(hi - lo)
         noise = lat.noise[lo:hi] if plan.needs_noise and lat.noise is not None else None
         g = np.array([guidance_scale, rescale] if rescale else guidance_scale, np.float32)
@@ -644,6 +655,8 @@ class Pipeline:
             clk.close()
         # the final latents: the loop's own buffers (valid until its next start(); the public denoise() copies them)
         how = loop.describe() if cache is None else f"{loop.describe()}; {cache.describe(loop.ran_full)}"
+        if skip is not None:
+            how += f"; skip-layer guidance on {skipped} of {hi - lo} steps"
         return replace(lat, x=loop.latents, step=hi, x0=loop.x0 if hi < plan.steps else None), how
 
     def _first_input(self, plan: samplers.SamplerPlan, lo: int, lat: Latents, guided: bool, dt: np.dtype[Any],
@@ -656,14 +669,18 @@ class Pipeline:
         return self.device_graphs.first_input(guided, dt, extra is not None)(feeds)["unet_in"]
 
     def _loop(self, guided: bool, dt: np.dtype[Any], inpaint_mode: str | None = None,
-              rescale: bool = False, active: tuple[int, ...] = (), cached: bool = False) -> StepLoop:
-        """The loop per step-graph variant, set of active ControlNets (none: the plain ``unet``) and feature
+              rescale: bool = False, active: tuple[int, ...] = (), cached: bool = False,
+              skip: bool = False) -> StepLoop:
+        """The loop per step-graph variant, set of active ControlNets (none: the plain ``unet``), feature
         caching (with the export's cheap step, DeepCache's shallow path or first-block caching's cached step, or
-        without)."""
-        key = (guided, dt.name, inpaint_mode, rescale, active, cached)
+        without) and skip-layer guidance (its denoiser in the transformer's place; the loop and step graph are a
+        call's without it)."""
+        key = (guided, dt.name, inpaint_mode, rescale, active, cached, skip)
         if key not in self._loops:
             step = self.device_graphs.step(guided, dt, inpaint_mode, rescale)
-            if active:
+            if skip:
+                self._loops[key] = self.backend.step_loop(self._skip_guided(), step)
+            elif active:
                 nets = [self.engines[n] if j in active else None for j, n in enumerate(self.manifest.controlnets)]
                 self._loops[key] = self.backend.step_loop(self.engines[CONTROL_UNET], step, nets)
             elif cached:
@@ -671,6 +688,59 @@ class Pipeline:
             else:
                 self._loops[key] = self.backend.step_loop(self.engines["unet"], step)
         return self._loops[key]
+
+    def check_skip_guidance(self, skip: SkipGuidance | None, guided: bool, cache: CachePolicy | None = None,
+                            control: controlnet.ControlRequest | None = None, rescale: float = 0.0) -> None:
+        """Refuse skip-layer guidance on a family without it, unguided, on an export without its skip pass, or
+        beside feature caching, ControlNets or guidance_rescale (none of which it combines with yet), before any
+        work."""
+        if skip is None:
+            return
+        fam = self.family
+        if not fam.skip_layer_guidance:
+            raise InputError(f"{fam.label} models have no skip-layer guidance (SD 3.5 Medium's): leave "
+                             "skip_layer_guidance_scale out",
+                             cli=f"{fam.label} models have no skip-layer guidance (SD 3.5 Medium's): leave --slg-scale "
+                                 "out")
+        if not guided:
+            raise InputError("skip-layer guidance adds to classifier-free guidance, which this call does not run: "
+                             "give a guidance_scale above 1, or leave skip_layer_guidance_scale out",
+                             cli="--slg-scale adds to classifier-free guidance: give a --guidance above 1, or leave "
+                                 "--slg-scale out")
+        if SKIP_UNET not in self.manifest.components:
+            if self.manifest.kind != "onnx":
+                raise ArtifactError(f"{self.folder} is an engine folder without the skip pass ({SKIP_UNET}): sdrt "
+                                    "builds no TensorRT engine of it yet; run skip-layer guidance on the ONNX export "
+                                    "(ort-cpu, ort-cuda or openvino), or leave skip_layer_guidance_scale out",
+                                    cli=f"{self.folder} is an engine folder without the skip pass ({SKIP_UNET}): sdrt "
+                                        "builds no TensorRT engine of it yet; pass the ONNX export (ort-cpu, ort-cuda "
+                                        "or openvino), or leave --slg-scale out")
+            raise ArtifactError(f"{self.folder} has no skip pass ({SKIP_UNET}), which skip-layer guidance runs: "
+                                f"{SKIP_EXPORT_HINT}, or leave skip_layer_guidance_scale out",
+                                cli=f"{self.folder} has no skip pass ({SKIP_UNET}), which --slg-scale runs: "
+                                    f"{SKIP_EXPORT_HINT}, or leave --slg-scale out")
+        if cache is not None:
+            raise InputError("skip-layer guidance does not combine with feature caching yet (the cached steps skip "
+                             "the skip pass): leave cache or skip_layer_guidance_scale out",
+                             cli="--slg-scale does not combine with --cache yet: leave one out")
+        if control is not None and control.active:
+            raise InputError("skip-layer guidance does not cover ControlNets yet (the skip pass takes no residuals): "
+                             "leave control_images or skip_layer_guidance_scale out",
+                             cli="--slg-scale does not cover --control-image yet: leave one out")
+        if rescale:
+            raise InputError("guidance_rescale with skip-layer guidance is not supported (diffusers' SD 3 pipeline "
+                             "has no rescale): leave guidance_rescale at 0",
+                             cli="--guidance-rescale with --slg-scale is not supported: leave --guidance-rescale out")
+
+    def _skip_guided(self) -> SkipGuided:
+        """Skip-layer guidance's denoiser; the skip pass is loaded on the first call that asks for it (a second
+        copy of most of the transformer's weights in memory on most backends: a call without SLG never loads it)."""
+        if self._skip is None:
+            comp = self.manifest.components[SKIP_UNET]
+            engine = self.backend.load(str(self.folder / self.backend.graph_for(comp)), SKIP_UNET)
+            self.engines[SKIP_UNET] = engine
+            self._skip = SkipGuided(self.engines["unet"], engine)
+        return self._skip
 
     def check_loras(self, loras: Any) -> None:
         """Refuse a call's ``loras`` this export cannot run (no slots, an unknown name, a layer without a slot,
@@ -865,6 +935,10 @@ class Pipeline:
                                  "ensemble (SDXL) takes none: leave it out",
                                  cli="--reference is for an editing model (FLUX.1 Kontext): leave it out with "
                                      "--refiner")
+            if req.skip_layer_guidance_scale is not None:
+                raise InputError("skip-layer guidance is SD 3.5's; the base + refiner ensemble (SDXL) has none: leave "
+                                 "skip_layer_guidance_scale out", cli="--slg-scale is for SD 3 / 3.5 models: leave it "
+                                                                      "out with --refiner")
             return refine(self, refiner, req, callback=callback)
         with self._lock:
             self._ready()
@@ -892,6 +966,8 @@ class Pipeline:
                 req.control_images, req.control_scales, req.control_start, req.control_end, req.guess_mode,
                 req.control_preprocess, mask is not None)
             policy = req.cache_policy
+            skip = req.skip_guidance
+            self.check_skip_guidance(skip, self.uses_guidance(req.guidance_scale), policy, creq, req.guidance_rescale)
             self.check_cache(policy, creq)
             lora_feeds = self._lora_on_device(self._lora_factors(req.loras))
             lora = lora_feeds.get("unet", {})
@@ -935,7 +1011,7 @@ class Pipeline:
                 clock.mark()
                 lat, how = self._denoise(emb, lat, plan, req.guidance_scale, None, None, callback, {}, clock,
                                          rescale=req.guidance_rescale, control=creq, scores=req.scores,
-                                         cache=policy, lora=lora, edits=edits, control_lat=ctl)
+                                         cache=policy, lora=lora, edits=edits, control_lat=ctl, skip=skip)
                 images, nonfinite, final = self.finish(lat.x, req.output)
                 if req.output == "images" and blur is not None:
                     assert init is not None  # paste_back is refused without an image

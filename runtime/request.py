@@ -19,6 +19,7 @@ import numpy as np
 from .compel_syntax import parse_compel
 from .errors import InputError
 from .feature_cache import DEFAULT_INTERVAL, CachePolicy, cache_policy
+from .layer_skip import SkipGuidance, skip_guidance
 from .lora_adapters import check_loras
 from .prompt_syntax import check_syntax, lora_tags, parse_attention, prompt_schedule
 
@@ -66,6 +67,11 @@ class GenerationRequest:
     starts from noise (its size: the reference's, once sized, unless asked); ``reference_resize`` (default True):
     the reference is resized to the family's preferred resolution nearest its aspect ratio (Kontext's, as
     diffusers' ``_auto_resize``), else kept at its own size rounded down to whole patches.
+    ``skip_layer_guidance_scale``: skip-layer guidance (SD 3.5 Medium's, diffusers' argument of that name; an export
+    made with ``--skip-layers``; runtime/layer_skip.py): on the steps between ``skip_layer_guidance_start`` and
+    ``_stop`` (fractions of the steps; default 0.01 and 0.2, as diffusers) the transformer runs again on the prompts
+    with the export's layers skipped, and the guided prediction moves away from that pass by this scale (diffusers'
+    default 2.8; None, the default: no SLG). Guided calls only.
     """
 
     prompt: str | Sequence[str] | None = None
@@ -107,6 +113,9 @@ class GenerationRequest:
     max_sequence_length: int | None = None
     reference_image: Any = None
     reference_resize: bool = True
+    skip_layer_guidance_scale: float | None = None
+    skip_layer_guidance_start: float | None = None
+    skip_layer_guidance_stop: float | None = None
 
     @property
     def scores(self) -> tuple[float | None, float | None]:
@@ -116,6 +125,12 @@ class GenerationRequest:
     def cache_policy(self) -> CachePolicy | None:
         """The request's feature-caching policy, checked (None: every step runs the full denoiser)."""
         return cache_policy(self.cache, self.cache_interval, self.cache_schedule, self.cache_threshold)
+
+    @property
+    def skip_guidance(self) -> SkipGuidance | None:
+        """The request's skip-layer guidance, checked (None: none)."""
+        return skip_guidance(self.skip_layer_guidance_scale, self.skip_layer_guidance_start,
+                             self.skip_layer_guidance_stop)
 
     @property
     def images_count(self) -> int:
@@ -139,6 +154,7 @@ class GenerationRequest:
         check_guidance(self.guidance_scale)
         check_rescale(self.guidance_rescale)
         _ = self.cache_policy
+        _ = self.skip_guidance
         check_loras(self.loras)
         syntax = check_syntax(self.prompt_syntax)
         req = self._a1111_checked() if syntax == "a1111" else self._compel_checked() if syntax == "compel" else self

@@ -34,6 +34,7 @@ from typing import Any
 
 from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.feature_cache import CachePolicy
+from sdrt.runtime.layer_skip import SkipGuidance
 from sdrt.runtime.request import GenerationRequest
 
 log = logging.getLogger("sdrt.serve")
@@ -73,7 +74,7 @@ class Job:
            steps: int, sampler: str, guidance: float, *, image: Any = None, strength: float | None = 0.8,
            mask: Any = None, paste_back: float | None = None, cache: CachePolicy | None = None,
            loras: list[tuple[str, float]] | None = None, prompt_syntax: str = "plain",
-           max_sequence_length: int | None = None, reference: Any = None) -> Job:
+           max_sequence_length: int | None = None, reference: Any = None, skip: SkipGuidance | None = None) -> Job:
         """A job from an API's fields: ``negatives`` None: no negative prompt at all (the model's rule for that
         applies: SDXL zeroes the negatives); ``image`` (img2img, a PIL image of height x width) with
         ``strength`` (None: the pipeline's default; inpainting: 1), ``mask`` (inpainting: white = repaint) and
@@ -81,9 +82,13 @@ class Job:
         policy (None: every step runs the full UNet); ``loras``: (name, scale) pairs, checked (``checks.loras_of``);
         ``prompt_syntax``: how the prompts are read ("plain"; "a1111": A1111's emphasis and BREAK; "compel");
         ``max_sequence_length``: T5's tokens per prompt (None: the model's default); ``reference``: an editing
-        model's (FLUX.1 Kontext) image to edit, resized by the pipeline."""
+        model's (FLUX.1 Kontext) image to edit, resized by the pipeline; ``skip``: skip-layer guidance, checked
+        (``checks.skip_guidance_of``)."""
         caching = {} if cache is None else {"cache": cache.kind, "cache_interval": cache.interval,
                                             "cache_schedule": cache.schedule, "cache_threshold": cache.threshold}
+        if skip is not None:
+            caching.update(skip_layer_guidance_scale=skip.scale, skip_layer_guidance_start=skip.start,
+                           skip_layer_guidance_stop=skip.stop)
         return cls(GenerationRequest(prompt=list(prompts), negative_prompt=None if negatives is None else list(negatives),
                                      height=height, width=width, steps=steps, guidance_scale=guidance, sampler=sampler,
                                      seed=list(seeds), image=image, strength=None if image is None else strength,
@@ -211,8 +216,9 @@ class Batcher:
         # cached and uncached requests (or other intervals / schedules) run different per-step plans; a LoRA set
         # is the UNet's inputs for the whole batch (the factors are shared by its rows, not per image)
         loras = tuple((str(n), float(s)) for n, s in r.loras or ())
+        # skip-layer guidance (or its window) is the denoiser's for the whole batch
         return (r.height, r.width, r.steps, r.sampler, guided, r.guidance_scale if guided else None,
-                conditioning, policy, loras, r.prompt_syntax, solo)
+                conditioning, policy, loras, r.prompt_syntax, r.skip_guidance, solo)
 
     def submit(self, job: Job) -> concurrent.futures.Future[JobResult]:
         if job.n > self.max_batch:

@@ -192,6 +192,34 @@ def cache_of(st: ServeState, cache: str | None, interval: int, schedule: str, st
     return policy
 
 
+def skip_guidance_of(st: ServeState, body: S.SlgKnobs, guidance: float, cache: Any = None) -> Any:
+    """The request's skip-layer guidance (None: off), checked against this model before any work: 422 for settings
+    that do not go together (a window without a scale, start not below stop, an unguided request, feature caching
+    beside it), 400 (``skip_layers_unavailable``) for a family without it or an export without its pass."""
+    from sdrt.runtime.errors import ArtifactError, InputError
+    from sdrt.runtime.layer_skip import skip_guidance
+
+    try:
+        slg = skip_guidance(body.skip_layer_guidance_scale, body.skip_layer_guidance_start,
+                            body.skip_layer_guidance_stop)
+    except InputError as e:
+        field = next((f for f in ("skip_layer_guidance_start", "skip_layer_guidance_stop") if str(e).startswith(f)),
+                     "skip_layer_guidance_scale")
+        raise ApiError(422, str(e), field, "invalid_value") from e
+    if slg is None:
+        return None
+    pipe = st.pipeline()
+    try:
+        pipe.check_skip_guidance(slg, pipe.uses_guidance(guidance), cache)
+    except ArtifactError as e:  # an export without the pass
+        raise ApiError(400, str(e), "skip_layer_guidance_scale", "skip_layers_unavailable") from e
+    except InputError as e:
+        if not pipe.family.skip_layer_guidance:
+            raise ApiError(400, str(e), "skip_layer_guidance_scale", "skip_layers_unavailable") from e
+        raise ApiError(422, str(e), "skip_layer_guidance_scale", "invalid_value") from e
+    return slg
+
+
 def seeds_for(seed: int | None, n: int) -> list[int]:
     base = secrets.randbelow(S.MAX_SEED + 1) if seed is None or seed < 0 else seed
     return [(base + k) % (S.MAX_SEED + 1) for k in range(n)]  # 32-bit, wrapping as the seed range does

@@ -10,6 +10,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from sdrt.runtime.feature_cache import DEFAULT_INTERVAL, INTERVAL_MAX, THRESHOLD_MAX
+from sdrt.runtime.layer_skip import SCALE_MAX as SLG_SCALE_MAX
 from sdrt.runtime.samplers import FLOW_SAMPLERS, SAMPLERS
 
 MAX_SEED = 2**32 - 1  # A1111's seeds are 32-bit; per-image seeds are seed, seed + 1, ...
@@ -86,6 +87,23 @@ class TextKnobs(BaseModel):
                                                 "are cut there")
 
 
+class SlgKnobs(BaseModel):
+    """Skip-layer guidance (``GenerationRequest.skip_layer_guidance_scale``, ``_start``, ``_stop``, diffusers'
+    arguments): sdrt's extra fields on both APIs, for an SD 3 / 3.5 export made with ``--skip-layers``; another
+    export or family refuses them (400, ``skip_layers_unavailable``), as does an unguided request (422)."""
+
+    skip_layer_guidance_scale: float | None = Field(
+        default=None, gt=0.0, le=SLG_SCALE_MAX, allow_inf_nan=False,
+        description="SD 3 / 3.5 exported with --skip-layers: move the guided prediction away from a pass with those "
+                    "blocks skipped by this much (diffusers' default 2.8); null: no skip-layer guidance")
+    skip_layer_guidance_start: float | None = Field(
+        default=None, ge=0.0, le=1.0, allow_inf_nan=False,
+        description="with skip_layer_guidance_scale: the fraction of the steps where it starts (default 0.01)")
+    skip_layer_guidance_stop: float | None = Field(
+        default=None, ge=0.0, le=1.0, allow_inf_nan=False,
+        description="with skip_layer_guidance_scale: the fraction of the steps where it stops (default 0.2)")
+
+
 LORA_NAME = r"^[A-Za-z0-9][A-Za-z0-9._ -]{0,127}$"  # a file's stem in the server's --lora-dir, never a path
 MAX_LORAS = 8
 MAX_LORA_FORM_CHARS = 2048  # the edits form's loras field: a JSON list of at most MAX_LORAS {name, scale}
@@ -140,7 +158,7 @@ def _refuse_non_neutral(data: Any, neutral: dict[str, tuple[Any, ...]], api: str
     return data
 
 
-class SdrtKnobs(CacheKnobs, LoraKnobs, TextKnobs):
+class SdrtKnobs(CacheKnobs, LoraKnobs, TextKnobs, SlgKnobs):
     """sdrt's own fields, which the official client sends through ``extra_body``."""
 
     negative_prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
@@ -237,7 +255,7 @@ def _a1111_before(data: Any, img2img: bool) -> Any:
     return _refuse_non_neutral(data, _A1111_NEUTRAL, "A1111")
 
 
-class A1111Txt2Img(CacheKnobs, LoraKnobs, TextKnobs):
+class A1111Txt2Img(CacheKnobs, LoraKnobs, TextKnobs, SlgKnobs):
     model_config = ConfigDict(extra="forbid")
 
     prompt: str = Field(default="", max_length=MAX_PROMPT_CHARS)

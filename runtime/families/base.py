@@ -41,7 +41,8 @@ class Family:
     ``classifier_free``: guidance runs the denoiser on negative rows beside the positive ones (False: a
     guidance-distilled family, FLUX.1: one row per image, no negative prompt, the scale embedded where the
     denoiser has a ``guidance`` input); ``control_guess_mode``: its ControlNet pipeline has diffusers' ``guess_mode``
-    (SD 3 / 3.5's has none).
+    (SD 3 / 3.5's has none); ``skip_layer_guidance``: its pipeline has diffusers' skip-layer guidance (SD 3.5
+    Medium's ``skip_guidance_layers``: a pass with some denoiser blocks skipped; runtime/layer_skip.py).
     """
 
     key: str
@@ -59,6 +60,7 @@ class Family:
     feature_caches: tuple[str, ...] = ("deepcache",)
     classifier_free: bool = True
     control_guess_mode: bool = True
+    skip_layer_guidance: bool = False
 
     @property
     def denoiser_label(self) -> str:

@@ -17,8 +17,8 @@ Inpainting (``StableDiffusion3InpaintPipeline``): the shared blend for a 16-chan
 for a 33-channel one (runtime/inpaint.py). ControlNets (``StableDiffusion3ControlNetPipeline``): the control image
 enters as its VAE latents (runtime/control_stage.py encodes it once per call); no ``guess_mode``.
 
-Not yet in the interface: skip-layer guidance (SD 3.5 Medium's ``skip_guidance_layers``), per-call
-``max_sequence_length``.
+Skip-layer guidance (``skip_layer_guidance``: SD 3.5 Medium's ``skip_guidance_layers``): an export made with
+``--skip-layers`` has the pass with those blocks skipped as its own graph (runtime/layer_skip.py).
 """
 
 from __future__ import annotations
@@ -71,4 +71,5 @@ class Sd3Family(TransformerLoraFamily):
 SD3 = Sd3Family(key="sd3", label="SD 3 / 3.5", encoders=(*CLIPS, T5), penultimate=True, pooled=True,
                 zero_negatives=False, diffusers_pipeline="StableDiffusion3", chunked=False,
                 pooled_input="pooled_projections", optional_encoders=(T5,), host_join=True,
-                feature_caches=("first-block",), control_guess_mode=False)
+                feature_caches=("first-block",), control_guess_mode=False,
+                skip_layer_guidance=True)

@@ -115,6 +115,14 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-sequence-length", type=int, default=None, metavar="N",
                    help="SD 3 / 3.5 and FLUX.1: T5 tokens per prompt, 2 to 512 (default: the model's, 256 and 512); "
                         "fewer is faster, longer prompts are cut there")
+    p.add_argument("--slg-scale", type=float, default=None, metavar="S",
+                   help="SD 3 / 3.5, an export made with --skip-layers: skip-layer guidance, the guided prediction "
+                        "moved away from a pass with those blocks skipped by S (diffusers' skip_layer_guidance_scale; "
+                        "2.8 is its default); guided calls only")
+    p.add_argument("--slg-start", type=float, default=None, metavar="F",
+                   help="with --slg-scale: the fraction of the steps where it starts (default 0.01)")
+    p.add_argument("--slg-stop", type=float, default=None, metavar="F",
+                   help="with --slg-scale: the fraction of the steps where it stops (default 0.2)")
     p.add_argument("--lora-dir", default=None, metavar="DIR",
                    help="a folder of LoRA .safetensors files that --lora names (NAME.safetensors)")
     p.add_argument("-o", "--output", default=None,
@@ -160,6 +168,9 @@ def run(args: argparse.Namespace) -> int:
                              "--mask, --guidance-rescale and --timestep-spacing are for one model; leave them out "
                              "(to refine an image, pass the refiner folder as the model with --init-image)")
     cache = _cache_options(args)
+    from sdrt.runtime.layer_skip import skip_guidance
+
+    skip_guidance(args.slg_scale, args.slg_start, args.slg_stop)  # before the model loads
     loras = _lora_options(args)
     image = None if not args.init_image else _open_image(args.init_image, "--init-image")
     mask = None if not args.mask else _open_image(args.mask, "--mask")
@@ -209,7 +220,8 @@ def run(args: argparse.Namespace) -> int:
                 aesthetic_score=args.aesthetic_score, negative_aesthetic_score=args.negative_aesthetic_score,
                 refiner_start=args.refiner_start, loras=loras, prompt_syntax=args.prompt_syntax,
                 max_sequence_length=args.max_sequence_length, reference_image=ref,
-                reference_resize=args.reference_resize, **cache)
+                reference_resize=args.reference_resize, skip_layer_guidance_scale=args.slg_scale,
+                skip_layer_guidance_start=args.slg_start, skip_layer_guidance_stop=args.slg_stop, **cache)
             result = pipe.generate(request, refiner=refiner, callback=progress)
         finally:
             bar.close()

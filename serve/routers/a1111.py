@@ -27,6 +27,7 @@ from ..checks import (
     sampler_of,
     seeds_for,
     sequence_length_of,
+    skip_guidance_of,
     snap,
 )
 from ..deps import Auth, ServeState, State
@@ -97,13 +98,14 @@ async def generate(st: ServeState, body: S.A1111Txt2Img, request: Request, init:
     check_prompts(st, prompt, body.negative_prompt, body.steps, "a1111")  # A1111's clients write A1111's language
     lora_set = loras_of(st, body.loras, tagged)
     t5_tokens = sequence_length_of(st, body.max_sequence_length)
+    slg = skip_guidance_of(st, body, body.cfg_scale, cache)
     seeds = seeds_for(body.seed, body.batch_size * body.n_iter)
     strength = getattr(body, "denoising_strength", 1.0)
     jobs = [Job.of([prompt] * body.batch_size, [body.negative_prompt] * body.batch_size,
                 seeds[i * body.batch_size:(i + 1) * body.batch_size], h, w, body.steps, sampler, body.cfg_scale,
                 image=None if init is None else imgs.fit(init, w, h), strength=strength,
                 mask=None if mask is None else imgs.fit(mask, w, h), paste_back=blur, cache=cache, loras=lora_set,
-                prompt_syntax="a1111", max_sequence_length=t5_tokens)
+                prompt_syntax="a1111", max_sequence_length=t5_tokens, skip=slg)
             for i in range(body.n_iter)]
     results = await asyncio.gather(*(run_job(st, request, j, route) for j in jobs))
     pngs = [p for r in results for p in r.png]

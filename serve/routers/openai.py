@@ -34,6 +34,7 @@ from ..checks import (
     sampler_of,
     seeds_for,
     sequence_length_of,
+    skip_guidance_of,
     snap,
 )
 from ..deps import Auth, ServeState, State
@@ -72,10 +73,12 @@ async def generations(body: S.OpenAIGeneration, request: Request, st: State) -> 
     prompt, tagged = prompt_loras(body.prompt) if body.prompt_syntax == "a1111" else (body.prompt, [])
     check_prompts(st, prompt, body.negative_prompt, steps, body.prompt_syntax)
     loras = loras_of(st, body.loras, tagged)
+    guidance = cfg.default_guidance if body.guidance_scale is None else body.guidance_scale
+    t5_tokens = sequence_length_of(st, body.max_sequence_length)
+    slg = skip_guidance_of(st, body, guidance, cache)
     job = Job.of([prompt] * body.n, None if body.negative_prompt is None else [body.negative_prompt] * body.n,
-              seeds_for(body.seed, body.n), h, w, steps, sampler_of(st, body.sampler, "sampler"),
-              cfg.default_guidance if body.guidance_scale is None else body.guidance_scale, cache=cache, loras=loras,
-              prompt_syntax=body.prompt_syntax, max_sequence_length=sequence_length_of(st, body.max_sequence_length))
+              seeds_for(body.seed, body.n), h, w, steps, sampler_of(st, body.sampler, "sampler"), guidance,
+              cache=cache, loras=loras, prompt_syntax=body.prompt_syntax, max_sequence_length=t5_tokens, skip=slg)
     return response(st, await run_job(st, request, job, "generations"), body.response_format, request,
                     guidance_notes(st, body.guidance_scale, "guidance_scale"))
 
