@@ -503,7 +503,8 @@ class Pipeline:
                 callback: Callable[[int, int], None] | None = None, guidance_rescale: float = 0.0,
                 control_images: Sequence[Any] | None = None, control_scales: Any = None, control_start: Any = None,
                 control_end: Any = None, guess_mode: bool = False, control_preprocess: Any = None,
-                aesthetic_score: float | None = None, negative_aesthetic_score: float | None = None,
+                control_modes: Any = None, aesthetic_score: float | None = None,
+                negative_aesthetic_score: float | None = None,
                 timings: dict[str, Any] | None = None, clock: Clock | None = None,
                 own_buffers: bool = True, cache: CachePolicy | str | None = None,
                 loras: Sequence[tuple[str, float]] | None = None) -> Latents:
@@ -525,7 +526,7 @@ class Pipeline:
             self.check_request(latents.height, latents.width, embeddings.batch,
                                guided=self.uses_guidance(guidance_scale))
             creq = self._check_control(control_images, control_scales, control_start, control_end, guess_mode,
-                                       control_preprocess, latents.inpaint is not None)
+                                       control_preprocess, latents.inpaint is not None, control_modes)
             policy = cache_policy(cache)
             self.check_cache(policy, creq)
             lora = self.lora_inputs(loras)
@@ -745,10 +746,14 @@ class Pipeline:
                              cli="--cache does not cover ControlNets yet: leave --cache out with --control-image")
 
     def _check_control(self, control_images: Any, control_scales: Any, control_start: Any, control_end: Any,
-                       guess_mode: Any, control_preprocess: Any, masked: bool) -> controlnet.ControlRequest | None:
+                       guess_mode: Any, control_preprocess: Any, masked: bool,
+                       control_modes: Any = None) -> controlnet.ControlRequest | None:
+        records = self.manifest.source.get("controlnets") or []
+        num_modes = tuple(r.get("num_mode") if isinstance(r, dict) else None for r in records)
         return control_stage.check(self.folder, self.engines, self.manifest.controlnets,
                                    masked or self._inpaint_mode() == "concat", control_images, control_scales,
-                                   control_start, control_end, guess_mode, control_preprocess, self.family)
+                                   control_start, control_end, guess_mode, control_preprocess, self.family,
+                                   control_modes, num_modes)
 
     # -- stage 4: decode --------------------------------------------------------------------------------
     def decode(self, latents: Latents | Array) -> tuple[list[Any], list[bool]]:
@@ -865,7 +870,7 @@ class Pipeline:
             reference.check(self.folder, self.engines, req)
             mask, blur = inpaint_stage.check_call(self.folder, self.engines, self._inpaint_mode(), req)
             creq = self._check_control(req.control_images, req.control_scales, req.control_start, req.control_end,
-                                       req.guess_mode, req.control_preprocess, mask is not None)
+                                       req.guess_mode, req.control_preprocess, mask is not None, req.control_modes)
             policy = req.cache_policy
             self.check_cache(policy, creq)
             lora_feeds = self._lora_on_device(self._lora_factors(req.loras))
