@@ -31,7 +31,8 @@ from .loading import LoadedModel, folder_digest, randomize_norms
 
 CONTROLNET_CLASS = "ControlNetModel"
 SD3_CONTROLNET_CLASS = "SD3ControlNetModel"  # SD 3 / 3.5's (export/sd3_controlnet.py pairs and exports it)
-CONTROLNET_CLASSES = (CONTROLNET_CLASS, SD3_CONTROLNET_CLASS)
+FLUX_CONTROLNET_CLASS = "FluxControlNetModel"  # FLUX.1's (export/flux_controlnet.py pairs and exports it)
+CONTROLNET_CLASSES = (CONTROLNET_CLASS, SD3_CONTROLNET_CLASS, FLUX_CONTROLNET_CLASS)
 
 
 @dataclass
@@ -73,7 +74,9 @@ def controlnet_from_unet(model: LoadedModel, seed: int = 0) -> LoadedControlNet:
 
 
 def _randomize_zero_convs(net: torch.nn.Module, seed: int) -> None:
-    if hasattr(net, "controlnet_blocks"):  # an SD3 ControlNet: its per-block linears and the control latents' embedding
+    if hasattr(net, "controlnet_single_blocks"):  # a FLUX ControlNet: its per-block linears, the control latents'
+        zero = [*net.controlnet_blocks, *net.controlnet_single_blocks, net.controlnet_x_embedder]
+    elif hasattr(net, "controlnet_blocks"):  # an SD3 ControlNet: its per-block linears, the control latents' embedding
         zero = [*net.controlnet_blocks, net.pos_embed_input.proj]
     else:
         zero = [*net.controlnet_down_blocks, net.controlnet_mid_block, net.controlnet_cond_embedding.conv_out]
@@ -165,6 +168,8 @@ def _controlnet_folder(path: Path, allow_pickle: bool) -> LoadedControlNet:
 
 def family_words(cfg: Any) -> str:
     """The family a UNet or ControlNet config belongs to, in words, for refusals."""
+    if cfg.get("num_single_layers") is not None:  # double- and single-stream blocks: FLUX.1 (FluxControlNetModel)
+        return "FLUX.1"
     if cfg.get("cross_attention_dim") is None:  # no UNet encoder: an SD3 ControlNet (SD3ControlNetModel)
         return "SD 3 / 3.5"
     cross = int(cfg.cross_attention_dim if not isinstance(cfg, dict) else cfg["cross_attention_dim"])
@@ -172,6 +177,11 @@ def family_words(cfg: Any) -> str:
     if add == "text_time":
         return f"SDXL (cross-attention width {cross}, text/time addition embedding)"
     return f"{'SD 2.x' if cross == 1024 else 'SD 1.x' if cross == 768 else 'SD 1.x/2.x-like'} (cross-attention width {cross})"
+
+
+def with_article(words: str) -> str:
+    """``family_words`` with its article: "an SD 1.x ...", "a FLUX.1"."""
+    return f"{'an' if words.startswith('SD') else 'a'} {words}"
 
 
 def _as_list(v: Any, n: int) -> list[Any]:
@@ -196,7 +206,7 @@ def check_pairing(model: LoadedModel, nets: list[LoadedControlNet]) -> None:
                 or c.get("addition_embed_type") != u.get("addition_embed_type")
                 or c.get("projection_class_embeddings_input_dim") != u.get("projection_class_embeddings_input_dim")):
             raise InputError(
-                f"{what} is an {cn_family} ControlNet, but the model ({model.preset.name}) is {unet_family}: "
+                f"{what} is {with_article(cn_family)} ControlNet, but the model ({model.preset.name}) is {unet_family}: "
                 "a ControlNet works only with the model family it was trained for; pass a ControlNet made for "
                 "this model's family, or export a model of the ControlNet's family with it")
         diffs = []

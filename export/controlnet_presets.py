@@ -15,6 +15,10 @@ in two layouts, each with a tiny preset for the tests: InstantX's SD3 nets (``sd
 ``sd3-tiny``: joint blocks with a context stream, zeros for the pooled projections, the control latents without
 the VAE's shift) and Stability's SD 3.5 nets (``sd35-controlnet-tiny`` on ``sd35-medium-tiny``: single-stream
 blocks, no text states, the transformer's position embedding, the pooled projections and the shift).
+
+FLUX.1's (``FluxControlNetModel``) are double- and single-stream blocks of their transformer's width reading the
+control image's packed latents: ``flux-controlnet-tiny`` (InstantX's layout) and ``flux-controlnet-union-tiny``
+(a Union net: a control mode's embedding joins the text tokens), both on ``flux-dev-tiny``.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from typing import Any
 
 from sdrt.runtime.errors import InputError
 
+from .flux_presets import FLUX_PRESETS
 from .presets import PRESETS
 from .sd3_presets import SD3_PRESETS
 
@@ -32,10 +37,11 @@ from .sd3_presets import SD3_PRESETS
 @dataclass(frozen=True)
 class ControlNetPreset:
     name: str
-    family: str  # the family it pairs with: "sd1" | "sd2" | "sdxl" | "sd3"
+    family: str  # the family it pairs with: "sd1" | "sd2" | "sdxl" | "sd3" | "flux"
     unet_preset: str  # the UNet preset whose encoder it copies
     controlnet: dict[str, Any]  # the diffusers class's config kwargs
-    model_class: str = "ControlNetModel"  # diffusers' class: ControlNetModel (UNet families), SD3ControlNetModel
+    model_class: str = "ControlNetModel"  # diffusers' class: ControlNetModel (UNet families), SD3ControlNetModel,
+    # FluxControlNetModel
 
     def config(self) -> dict[str, Any]:
         return copy.deepcopy(self.controlnet)
@@ -105,6 +111,32 @@ def _add_sd3(name: str, transformer_preset: str, layers: int, stability: bool) -
 
 _add_sd3("sd3-controlnet-tiny", "sd3-tiny", 2, stability=False)
 _add_sd3("sd35-controlnet-tiny", "sd35-medium-tiny", 2, stability=True)
+
+
+# FluxControlNetModel keys that copy the transformer's (diffusers' from_transformer copies its whole config)
+_FLUX_SHARED = ("patch_size", "in_channels", "attention_head_dim", "num_attention_heads", "joint_attention_dim",
+                "pooled_projection_dim", "guidance_embeds", "axes_dims_rope")
+
+
+def flux_controlnet_config(transformer: dict[str, Any], double: int, single: int,
+                           modes: int | None = None) -> dict[str, Any]:
+    """A FluxControlNetModel config of ``double`` double-stream and ``single`` single-stream blocks for a FLUX
+    transformer config, reading the control image's latents (InstantX's layout); ``modes``: a Union net's mode
+    count (``num_mode``, InstantX's and Shakker-Labs' Union nets)."""
+    cfg = {k: copy.deepcopy(transformer[k]) for k in _FLUX_SHARED}
+    cfg.update(num_layers=double, num_single_layers=single, num_mode=modes, conditioning_embedding_channels=None)
+    return cfg
+
+
+def _add_flux(name: str, transformer_preset: str, double: int, single: int, modes: int | None = None) -> None:
+    base = FLUX_PRESETS[transformer_preset]
+    CONTROLNET_PRESETS[name] = ControlNetPreset(
+        name, base.family, transformer_preset,
+        flux_controlnet_config(base.config("transformer"), double, single, modes), "FluxControlNetModel")
+
+
+_add_flux("flux-controlnet-tiny", "flux-dev-tiny", 1, 1)
+_add_flux("flux-controlnet-union-tiny", "flux-dev-tiny", 1, 1, modes=3)
 
 
 def get_controlnet_preset(name: str) -> ControlNetPreset:

@@ -3,7 +3,8 @@
 ``export_flux``, the family's counterpart of ``exporter.export_model``.
 
 Layout: model_index.json, text_encoder/ (CLIP), text_encoder_2/ (T5), transformer/ (the manifest's ``unet``),
-vae_decoder/, vae_encoder/ (and FLUX.1 Fill's vae_encoder_masked/), tokenizer/, tokenizer_2/, scheduler/,
+vae_decoder/, vae_encoder/ (and FLUX.1 Fill's vae_encoder_masked/; with ControlNets controlnet_0/ .. and
+unet_control/, export/flux_controlnet.py), tokenizer/, tokenizer_2/, scheduler/,
 sdrt.json; written under a temporary name and renamed once every component passed its parity gate.
 
 Precision: FLUX.1's activations overflow fp16 (NaN images, diffusers issue 9096) and sdrt exports no bf16 graph
@@ -43,7 +44,16 @@ from sdrt.runtime.manifest import (
 )
 
 from .block_cache import DENOISER_FOLDER, FOLDERS
+from .controlnet_loading import LoadedControlNet
 from .exporter import EXPORT_KIND, MIN_OPSET, TEXT_LEN, check_export_dir, tool_versions
+from .flux_controlnet import (
+    check_flux_pairing,
+    control_layout,
+    controlnet_records,
+    flux_controlnet_specs,
+    streamed_unet_control_spec,
+    unet_control_spec,
+)
 from .flux_presets import (
     CONTROL_PIPELINE,
     FLUX_PRESETS,
@@ -65,12 +75,14 @@ from .flux_specs import (
     streamed_transformer_spec,
     transformer_spec,
 )
+from .flux_wrappers import controlled_samples
 from .lora_slots import SlotPlan, check_slots, slot_components, slots_record, slotted_gate, slotted_streamed
 from .onnx_export import check_parity, export_component, parity_line
 from .sd3_export import Streamed, component_config, to_stream
 from .sd3_gate import T5_BLOCKS, load_reduced, mapped_weights, t5_blocks
 from .sd3_specs import t5_spec
 from .streamed import (
+    StreamedSpec,
     WeightSource,
     checkpoint_weights,
     export_streamed,
@@ -261,13 +273,16 @@ def export_flux(
     parity_shape: tuple[int, int, int] | None = None,
     progress: Callable[[str], None] = lambda msg: None,
     lora_slots: SlotPlan | None = None,
+    controlnets: Sequence[LoadedControlNet] = (),
 ) -> ExportManifest:
     """Export every component of ``model`` into ``out`` (atomically) and return its manifest. ``fp16`` is refused
     (see the module docstring); ``block_cache`` adds first-block caching (the transformer also returns its two
     residuals, and its cached step is ``unet_shallow`` in ``transformer_shallow/``; runtime/feature_cache.py).
     ``out`` is checked as ``export_model`` checks it. ``lora_slots``: the transformer's and CLIP's targeted layers
     take LoRA factors as inputs, so calls can carry LoRAs (``Pipeline(..., loras=...)``; export/lora_slots.py); T5
-    has none (common FLUX.1 LoRAs do not adapt it)."""
+    has none (common FLUX.1 LoRAs do not adapt it). ``controlnets``: FLUX ControlNets, each ``controlnet_j``, with
+    ``unet_control`` (the transformer taking their samples; export/flux_controlnet.py), checked against the
+    transformer first."""
     from .t5_tokenizer_assets import write_t5_tokenizer
     from .tokenizer_assets import write_clip_tokenizer
 
@@ -292,6 +307,9 @@ def export_flux(
     if block_cache and int(tr_cfg["num_layers"]) + int(tr_cfg["num_single_layers"]) < 2:
         raise InputError(f"first-block caching reuses what the blocks after the first added; {p.name}'s transformer "
                          "has one block: export it without --feature-cache")
+    controlnets = list(controlnets)
+    check_flux_pairing(p.name, tr_cfg, controlnets, kontext=reference, block_cache=block_cache,
+                       lora_slots=lora_slots is not None)
     # rotary positions set no grid limit: FLUX.1's sides are multiples of a 2x2 patch of latents, up to 2048
     limits = ShapeLimits(min_size=2 * f * (64 // (2 * f) or 1), max_size=2048, multiple_of=2 * f)
     if parity_shape is None:
@@ -301,6 +319,8 @@ def export_flux(
         done = {}
         specs, inert = flux_specs(mods, p.t5_tokens, block_cache, fill=fills(tr_cfg),
                                    reference=reference), {}
+        if controlnets:  # the nets in memory; unet_control with the transformer, in memory or streamed below
+            specs += flux_controlnet_specs(tr_cfg, controlnets, p.t5_tokens, transformer=mods.transformer)
         if lora_slots is not None:
             specs, inert = slot_components(specs, lora_slots, patterns, (CLIP_NAME,))
         for spec in specs:
@@ -312,6 +332,10 @@ def export_flux(
                 [("transformer", streamed_transformer_spec(st.config, p.t5_tokens, block_cache, reference))]
             if name == "transformer" and block_cache:
                 jobs.append(("cached", streamed_cached_spec(st.config, p.t5_tokens)))
+            if name == "transformer" and controlnets:
+                used, counts = control_layout(st.config, controlnets)
+                jobs.append(("control", streamed_unet_control_spec(st.config, p.t5_tokens, len(controlnets), used,
+                                                                   counts)))
             if name == "transformer" and lora_slots is not None:
                 jobs = [(kind, slotted_streamed(sspec, lora_slots, patterns)) for kind, sspec in jobs]
             for kind, sspec in jobs:
@@ -320,10 +344,14 @@ def export_flux(
                 comp = export_streamed(sspec, st.weights, "fp32", tmp / folder, progress=progress)
                 par = gate_streamed(kind, st.config, st.weights, p.t5_tokens, parity_shape, progress,
                                     block_cache=block_cache, reference=reference,
-                                    slots=slots if kind in ("transformer", "cached") else None)
+                                    slots=slots if kind in ("transformer", "cached") else None,
+                                    control=(len(controlnets), control_layout(st.config, controlnets)[1])
+                                    if kind == "control" else None)
                 progress(f"{sspec.name}: {parity_line(par, comp.precision)} ({par.reference})")
                 done[sspec.name] = replace(comp, parity=par)
-        order = ["text_encoder", T5_NAME, "unet", SHALLOW_UNET, "vae_decoder", "vae_encoder", MASKED_ENCODER]
+        nets = tuple(f"controlnet_{j}" for j in range(len(controlnets)))
+        order = ["text_encoder", T5_NAME, "unet", *nets, *(("unet_control",) if nets else ()), SHALLOW_UNET,
+                 "vae_decoder", "vae_encoder", MASKED_ENCODER]
         components = {n: done[n] for n in order if n in done}
         write_clip_tokenizer(tmp / tokenizer_of("text_encoder"), pad_token=p.pad_token, source=model.tokenizer_dirs[0])
         write_t5_tokenizer(tmp / tokenizer_of(T5_NAME), source=model.tokenizer_dirs[1])
@@ -343,10 +371,12 @@ def export_flux(
             source={**model.source, "guidance_embeds": bool(tr_cfg.get("guidance_embeds")),
                     "variant": model_variant,
                     **({"streamed": sorted("unet" if n == "transformer" else n for n in model.streamed)}
-                       if model.streamed else {}), **slots_record(lora_slots, inert)},
+                       if model.streamed else {}), **slots_record(lora_slots, inert),
+                    **({"controlnets": controlnet_records(controlnets)} if controlnets else {})},
             tools=tool_versions(),
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             latent_scaling=float(mods.vae.config.scaling_factor),
+            controlnets=nets,
         )
         manifest.write(tmp)
     return manifest
@@ -359,7 +389,8 @@ SINGLE_BLOCKS = re.compile(r"^single_transformer_blocks\.(\d+)\.")
 def gate_streamed(kind: str, config: dict[str, Any], weights: WeightSource, tokens: int,
                   parity_shape: tuple[int, int, int], progress: Callable[[str], None] = lambda m: None,
                   block_cache: bool = False, reference: bool = False,
-                  slots: tuple[SlotPlan, tuple[str, ...]] | None = None) -> Parity:
+                  slots: tuple[SlotPlan, tuple[str, ...]] | None = None,
+                  control: tuple[int, tuple[int, int]] | None = None) -> Parity:
     """The parity gate of a streamed component on a reduced-depth copy at full width, exported through the same
     streamed path: the ``transformer``'s first double-stream and last single-stream blocks (``block_cache``: with
     first-block caching's residual outputs; ``reference``: taking a reference image's latents, FLUX.1 Kontext; the
@@ -368,18 +399,25 @@ def gate_streamed(kind: str, config: dict[str, Any], weights: WeightSource, toke
     onnxruntime CPU). Raises ParityError past the bound, as every gate. The cached step runs only the first double
     block, which the reduced copy keeps as its own first: its gate is exact in depth. ``slots``: the transformer's
     LoRA slots (the plan and the family's targets), on the reduced copy's layers alike, gated with random
-    factors."""
+    factors. ``control`` (kind ``control``: ``unet_control``): (nets, (double, single) samples per net); the reduced
+    copy reads the samples its own depth picks, random ones."""
     from diffusers import FluxTransformer2DModel
     from transformers import T5Config, T5EncoderModel
 
-    if kind in ("transformer", "cached"):
+    used: tuple[list[int], list[int]] = ([], [])
+    if kind in ("transformer", "cached", "control"):
         singles = int(config["num_single_layers"])
         picked = ([0], [singles - 1])
         reduced = {**config, "num_layers": 1, "num_single_layers": 1}
         inner = mapped_weights(weights, SINGLE_BLOCKS, "single_transformer_blocks.", picked[1])
         source = mapped_weights(inner, DOUBLE_BLOCKS, "transformer_blocks.", picked[0])
-        sspec = streamed_cached_spec(reduced, tokens) if kind == "cached" else \
-            streamed_transformer_spec(reduced, tokens, block_cache, reference)
+        if kind == "control":
+            assert control is not None
+            used = (controlled_samples(1, control[1][0]), controlled_samples(1, control[1][1]))
+            sspec: StreamedSpec = streamed_unet_control_spec(reduced, tokens, control[0], used, control[1])
+        else:
+            sspec = streamed_cached_spec(reduced, tokens) if kind == "cached" else \
+                streamed_transformer_spec(reduced, tokens, block_cache, reference)
         module: torch.nn.Module = FluxTransformer2DModel(**reduced)
         what = f"double block 0 of {config['num_layers']} and single block {singles - 1} of {singles}"
     else:
@@ -391,8 +429,13 @@ def gate_streamed(kind: str, config: dict[str, Any], weights: WeightSource, toke
         what = f"blocks {t5_picked} of {config['num_layers']}"
     progress(f"{sspec.name}: parity gate on {what} at full width (a reduced-depth copy)")
     module = load_reduced(module, source, sspec.name)
-    cspec = (cached_spec(module, tokens) if kind == "cached" else transformer_spec(module, tokens, block_cache, reference)
-             if kind == "transformer" else t5_spec(module, tokens, name=T5_NAME))
+    if kind == "control":
+        assert control is not None
+        cspec = unet_control_spec(module, tokens, control[0], used, control[1])
+    else:
+        cspec = (cached_spec(module, tokens) if kind == "cached" else
+                 transformer_spec(module, tokens, block_cache, reference) if kind == "transformer" else
+                 t5_spec(module, tokens, name=T5_NAME))
     if slots is not None:
         sspec, cspec = slotted_gate(sspec, cspec, module, *slots)
     with tempfile.TemporaryDirectory(prefix="sdrt-gate-") as tmp:

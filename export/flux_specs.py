@@ -14,6 +14,7 @@ With first-block caching (``sdrt export --feature-cache``) the transformer also 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -119,6 +120,16 @@ def _example(config: dict[str, Any], tokens: int, g: torch.Generator | None, b: 
     if controls(config):  # a control image's latents, as a VAE gives them (about unit scale)
         args.append(torch.randn(1, ch, h, w, generator=g))
     return tuple(args)
+
+
+def denoiser_io(config: dict[str, Any]) -> tuple[list[Spec], list[Spec]]:
+    """The plain transformer's inputs and outputs, from its config (``transformer_spec``'s)."""
+    return _io(config)
+
+
+def denoiser_example(config: dict[str, Any], tokens: int) -> Callable[..., tuple[torch.Tensor, ...]]:
+    """The plain transformer's example inputs at (generator, b, h, w), from its config (``transformer_spec``'s)."""
+    return lambda g, b, h, w: _example(config, tokens, g, b, h, w)
 
 
 def transformer_spec(transformer: torch.nn.Module, tokens: int, block_cache: bool = False,

@@ -1,4 +1,5 @@
-"""The exact computation of FLUX.1's exported denoiser graph, as a small torch module.
+"""The exact computation of FLUX.1's exported denoiser graphs, as small torch modules: the transformer (with
+first-block caching's cached step, and with ControlNet samples) and a FLUX ControlNet.
 
 The text encoders and the VAE need no wrapper of their own: ``wrappers.TextEncoder(pooled=True)`` gives CLIP's
 pooled output (``FluxPipeline._get_clip_prompt_embeds``), ``sd3_wrappers.T5Encoder`` T5's states
@@ -10,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -62,6 +64,25 @@ def explicit_rms_norms(module: torch.nn.Module) -> torch.nn.Module:
         else:
             explicit_rms_norms(child)
     return module
+
+
+@contextlib.contextmanager
+def traceable(*modules: torch.nn.Module) -> Iterator[None]:
+    """For one call (the modules and diffusers stay their own outside it): each module's rotary embedding
+    (``pos_embed``: a FLUX transformer's or ControlNet's) in float32 (``FluxRope``), and its application with every
+    size read from the tensor (diffusers' ``reshape(*x.shape[:-1], -1, 2)`` traces to constant sizes)."""
+    from diffusers.models.transformers import transformer_flux
+
+    kept, kept_apply = [m.pos_embed for m in modules], transformer_flux.apply_rotary_emb
+    for m, pe in zip(modules, kept, strict=True):
+        m.pos_embed = FluxRope(pe.theta, pe.axes_dim)
+    transformer_flux.apply_rotary_emb = apply_rope
+    try:
+        yield
+    finally:
+        for m, pe in zip(modules, kept, strict=True):
+            m.pos_embed = pe
+        transformer_flux.apply_rotary_emb = kept_apply
 
 
 def pack(latents: torch.Tensor) -> torch.Tensor:
@@ -130,8 +151,6 @@ class FluxTransformer(torch.nn.Module):
         self.block_cache = block_cache
         self.reference = reference
         self.guided = bool(transformer.config.guidance_embeds)
-        pe = transformer.pos_embed
-        self.rope = FluxRope(pe.theta, pe.axes_dim)
         inner, out = int(transformer.config.in_channels), int(transformer.config.out_channels or 0)
         out = out or inner
         # FLUX.1 Fill: (latents, mask, masked latents) channels in sdrt's order -> diffusers' (see ``tokens``)
@@ -154,25 +173,21 @@ class FluxTransformer(torch.nn.Module):
             sample = torch.cat([lat, masked, mask], dim=1)
         return pack(sample)
 
-    @contextlib.contextmanager
-    def traceable(self) -> Iterator[None]:
-        """For one call (the module and diffusers stay their own outside it): the float32 rotary embedding, and
-        its application with every size read from the tensor (diffusers' ``reshape(*x.shape[:-1], -1, 2)``
-        traces to constant sizes)."""
-        from diffusers.models.transformers import transformer_flux
-
-        t = self.transformer
-        kept, kept_apply = t.pos_embed, transformer_flux.apply_rotary_emb
-        t.pos_embed, transformer_flux.apply_rotary_emb = self.rope, apply_rope
-        try:
-            yield
-        finally:
-            t.pos_embed, transformer_flux.apply_rotary_emb = kept, kept_apply
+    def traceable(self) -> contextlib.AbstractContextManager[None]:
+        return traceable(self.transformer)
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 pooled_projections: torch.Tensor, guidance: torch.Tensor | None = None,
                 reference_latents: torch.Tensor | None = None, control_latents: torch.Tensor | None = None
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.denoise(sample, timestep, encoder_hidden_states, pooled_projections, guidance, reference_latents)
+
+    def denoise(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                pooled_projections: torch.Tensor, guidance: torch.Tensor | None = None,
+                reference_latents: torch.Tensor | None = None, control: dict[str, Any] | None = None
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``forward``'s computation; ``control``: ControlNet samples as ``FluxTransformer2DModel.forward``'s
+        keywords (``FluxTransformerControl``)."""
         h, w = sample.shape[-2], sample.shape[-1]
         img_ids, txt_ids = position_ids(sample, encoder_hidden_states)
         t = self.transformer
@@ -189,7 +204,7 @@ class FluxTransformer(torch.nn.Module):
             out = t(hidden_states=hidden, encoder_hidden_states=encoder_hidden_states,
                     pooled_projections=pooled_projections, timestep=timestep / 1000,
                     guidance=guidance if self.guided else None, img_ids=img_ids, txt_ids=txt_ids,
-                    return_dict=False)[0]
+                    return_dict=False, **(control or {}))[0]
             return out[:, :generated] if self.reference else out
 
         with self.traceable():
@@ -269,6 +284,95 @@ class FluxTransformerCached(FluxTransformer):
         change = relative_change(head - hidden, head_residual)
         out = t.proj_out(t.norm_out(head + deep_feature.reshape(head.shape), temb))
         return unpack(out, h, w), change
+
+
+def controlled_samples(blocks: int, samples: int) -> list[int]:
+    """The ControlNet samples a FLUX transformer's ``blocks`` blocks of one kind (double- or single-stream) read
+    when given ``samples`` of them: block i adds sample ``i // ceil(blocks / samples)``, as
+    ``FluxTransformer2DModel.forward`` indexes ``controlnet_block_samples`` and ``controlnet_single_block_samples``
+    (``interval_control``). Sorted, each once; none without samples."""
+    if samples == 0:
+        return []
+    interval = -(-blocks // samples)  # int(np.ceil(blocks / samples)) on integers
+    return sorted({i // interval for i in range(blocks)})
+
+
+class FluxControlNet(torch.nn.Module):
+    """One FLUX.1 ControlNet (diffusers' ``FluxControlNetModel``): the transformer's inputs (``sample`` [B, 16, h, w],
+    ``timestep``, ``encoder_hidden_states``, ``pooled_projections``, and ``guidance`` where the net embeds one),
+    ``controlnet_cond`` [B, 16, h, w] (the control image's latents as the export's ``vae_encoder`` gives them:
+    ``(mean - shift) * scaling``, as FluxControlNetPipeline shifts and scales them), for a Union net
+    (``num_mode``) ``controlnet_mode`` int32 [B], and ``conditioning_scale`` float32 [B, R] -> ``block_k`` for each
+    double-stream sample k the paired transformer reads (``used[0]``), then ``single_block_k`` for each
+    single-stream one (``used[1]``), on the patch grid [B, h/2, w/2, D], each times its column of the scale.
+
+    What FluxControlNetPipeline does around ``controlnet(...)`` is in the graph, as ``FluxTransformer`` does it:
+    the latents and the control latents packed into 2x2 patches (``_pack_latents``), the image ids from h and w,
+    zero text ids, ``timestep / 1000``, the mode as ``mode[:, None]``; the rotary embedding in float32."""
+
+    def __init__(self, controlnet: torch.nn.Module, used: tuple[list[int], list[int]], torchscript: bool = True) -> None:
+        super().__init__()
+        cfg = controlnet.config
+        if torchscript:  # as FluxTransformer: explicit RMS norms in a copy
+            controlnet = explicit_rms_norms(copy.deepcopy(controlnet))
+        self.controlnet = controlnet
+        self.used = (list(used[0]), list(used[1]))
+        self.guided = bool(cfg.guidance_embeds)
+        self.union = cfg.get("num_mode") is not None
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                pooled_projections: torch.Tensor, *rest: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        args = list(rest)
+        guidance = args.pop(0) if self.guided else None
+        cond = args.pop(0)
+        mode = args.pop(0).long()[:, None] if self.union else None
+        (scale,) = args
+        img_ids, txt_ids = position_ids(sample, encoder_hidden_states)
+        with traceable(self.controlnet):
+            double, single = self.controlnet(
+                hidden_states=pack(sample), controlnet_cond=pack(cond), controlnet_mode=mode, conditioning_scale=1.0,
+                encoder_hidden_states=encoder_hidden_states, pooled_projections=pooled_projections,
+                timestep=timestep / 1000, img_ids=img_ids, txt_ids=txt_ids, guidance=guidance, return_dict=False)
+        h, w = sample.shape[-2] // PATCH, sample.shape[-1] // PATCH
+        picked = [double[k] for k in self.used[0]] + [single[k] for k in self.used[1]]
+        scale = scale.to(sample.dtype)
+        return tuple(on_grid(s, h, w) * scale[:, i, None, None, None] for i, s in enumerate(picked))
+
+
+class FluxTransformerControl(FluxTransformer):
+    """``FluxTransformer`` with ControlNet samples: its inputs (``guidance`` included), then ``nets`` groups of the
+    samples it reads (each group ``used[0]`` double-stream ones, then ``used[1]`` single-stream ones, [B, h/2, w/2,
+    D] on the patch grid). The groups are summed here (diffusers' ``FluxMultiControlNetModel`` sums the nets'
+    samples) and passed as ``controlnet_block_samples`` and ``controlnet_single_block_samples``, lists of
+    ``counts`` entries (the ones no block reads are None; no list where a net gives none), so the transformer's own
+    indexing picks them (``controlnet_blocks_repeat`` False: nets that read the control latents)."""
+
+    def __init__(self, transformer: torch.nn.Module, nets: int, used: tuple[list[int], list[int]],
+                 counts: tuple[int, int], torchscript: bool = True) -> None:
+        super().__init__(transformer, torchscript=torchscript)
+        self.nets, self.used, self.counts = nets, (list(used[0]), list(used[1])), counts
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor,  # type: ignore[override]
+                encoder_hidden_states: torch.Tensor, pooled_projections: torch.Tensor,
+                *rest: torch.Tensor) -> torch.Tensor:
+        args = list(rest)
+        guidance = args.pop(0) if self.guided else None
+        k = len(self.used[0]) + len(self.used[1])
+        summed = list(args[:k])
+        for j in range(1, self.nets):
+            summed = [a + b for a, b in zip(summed, args[j * k:(j + 1) * k], strict=True)]
+        lists: list[list[torch.Tensor | None] | None] = []
+        for used, count, samples in ((self.used[0], self.counts[0], summed[:len(self.used[0])]),
+                                     (self.used[1], self.counts[1], summed[len(self.used[0]):])):
+            entries: list[torch.Tensor | None] = [None] * count
+            for i, r in zip(used, samples, strict=True):
+                entries[i] = r.reshape(r.shape[0], -1, r.shape[-1])
+            lists.append(entries if count else None)
+        out = self.denoise(sample, timestep, encoder_hidden_states, pooled_projections, guidance,
+                           control={"controlnet_block_samples": lists[0],
+                                    "controlnet_single_block_samples": lists[1]})
+        assert isinstance(out, torch.Tensor)
+        return out
 
 
 def apply_rope(x: torch.Tensor, freqs_cis: tuple[torch.Tensor, torch.Tensor], sequence_dim: int = 2) -> torch.Tensor:

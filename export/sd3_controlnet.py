@@ -24,7 +24,7 @@ import torch
 
 from sdrt.runtime.errors import InputError
 
-from .controlnet_loading import LoadedControlNet, family_words
+from .controlnet_loading import LoadedControlNet, family_words, with_article
 from .onnx_export import ComponentSpec
 from .sd3_specs import streamed_transformer_spec, transformer_spec
 from .sd3_wrappers import Sd3ControlNet, Sd3TransformerControl, controlled_blocks
@@ -55,10 +55,10 @@ def check_sd3_pairing(preset_name: str, transformer: dict[str, Any], vae_channel
         cls = type(cn.controlnet).__name__
         if cls != SD3_CONTROLNET_CLASS:
             raise InputError(
-                f"{what} is an {family_words(cn.controlnet.config)} ControlNet ({cls}), but the model ({preset_name}) "
-                f"is {LABEL}: a ControlNet works only with the model family it was trained for; pass an "
-                f"{SD3_CONTROLNET_CLASS} made for this model (a diffusers folder, or Stability's SD 3.5 ControlNet "
-                "single file)")
+                f"{what} is {with_article(family_words(cn.controlnet.config))} ControlNet ({cls}), but the model "
+                f"({preset_name}) is {LABEL}: a ControlNet works only with the model family it was trained "
+                f"for; pass an {SD3_CONTROLNET_CLASS} made for this model (a diffusers folder, or Stability's SD 3.5 "
+                "ControlNet single file)")
         c = cn.controlnet.config
         if int(c.get("extra_conditioning_channels") or 0):
             raise InputError(f"{what} takes {c['extra_conditioning_channels']} extra conditioning channels beside the "

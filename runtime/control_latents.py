@@ -24,7 +24,7 @@ from .errors import ArtifactError, InputError
 CONTROL_INPUT = "control_latents"
 NAME = "a control model (FLUX.1 Depth / Canny)"
 FLAGS = {"control_scales": "--control-scale", "control_start": "--control-start", "control_end": "--control-end",
-         "guess_mode": "--guess-mode"}
+         "guess_mode": "--guess-mode", "control_modes": "--control-mode"}
 
 
 def takes_control(engines: dict[str, Engine]) -> bool:
@@ -34,7 +34,7 @@ def takes_control(engines: dict[str, Engine]) -> bool:
 
 def check(folder: Path, engines: dict[str, Engine], control_images: Any, control_scales: Any = None,
           control_start: Any = None, control_end: Any = None, guess_mode: Any = False,
-          control_preprocess: Any = None, masked: bool = False) -> Any:
+          control_preprocess: Any = None, masked: bool = False, control_modes: Any = None) -> Any:
     """A call's control keywords on an export whose denoiser reads the control image itself, before any work: the
     control image (a PIL image, preprocessed where asked), or None for an export whose denoiser takes none (its
     ControlNets, if any, check the keywords: runtime/control_stage.py)."""
@@ -52,7 +52,8 @@ def check(folder: Path, engines: dict[str, Engine], control_images: Any, control
         raise InputError(f"{len(images)} control images for {NAME}, which reads one: give control_images=[image]",
                          cli=f"{len(images)} --control-image for {NAME}, which reads one: give it once")
     for kw, v in (("control_scales", control_scales), ("control_start", control_start),
-                  ("control_end", control_end), ("guess_mode", guess_mode or None)):
+                  ("control_end", control_end), ("guess_mode", guess_mode or None),
+                  ("control_modes", control_modes)):
         if v is not None:
             raise InputError(f"{kw} applies to ControlNets; {folder} is {NAME}, whose transformer reads its control "
                              f"image at every step with no scale or window (as FluxControlPipeline): leave {kw} out",

@@ -23,6 +23,7 @@ CONTROL_UNET = "unet_control"  # the UNet taking ControlNet residuals (an export
 
 
 COND = "controlnet_cond"  # a ControlNet's control-image input
+MODE = "controlnet_mode"  # a Union ControlNet's control-mode input (int32, one per row)
 
 
 def takes_latents(net: Engine) -> bool:
@@ -32,10 +33,11 @@ def takes_latents(net: Engine) -> bool:
 
 def check(folder: Path, engines: dict[str, Engine], nets: tuple[str, ...], inpainting: bool, control_images: Any,
           control_scales: Any, control_start: Any, control_end: Any, guess_mode: Any,
-          control_preprocess: Any, family: Family | None = None) -> controlnet.ControlRequest | None:
+          control_preprocess: Any, family: Family | None = None, control_modes: Any = None,
+          num_modes: tuple[int | None, ...] = ()) -> controlnet.ControlRequest | None:
     """The control keywords checked against the export, before any engine runs. ``inpainting``: the call has
     a mask or the UNet is an inpainting one; ``family``: the model's (its ControlNet pipeline may lack
-    ``guess_mode``)."""
+    ``guess_mode``); ``num_modes``: each net's control modes (a Union net's; None: it takes none)."""
     if not isinstance(guess_mode, (bool, np.bool_)):
         raise InputError(f"guess_mode must be True or False, got {guess_mode!r}")
     if guess_mode and family is not None and not family.control_guess_mode:
@@ -43,7 +45,8 @@ def check(folder: Path, engines: dict[str, Engine], nets: tuple[str, ...], inpai
                          "leave guess_mode out", cli=f"--guess-mode is not part of {family.label}'s ControlNet "
                                                      "pipeline: leave it out")
     req = controlnet.check_request(nets, folder, control_images, control_scales, control_start, control_end,
-                                   bool(guess_mode), control_preprocess)
+                                   bool(guess_mode), control_preprocess, control_modes=control_modes,
+                                   num_modes=num_modes)
     if req is None:
         return None
     missing = [n for n in (*nets, CONTROL_UNET) if n not in engines]
@@ -69,7 +72,10 @@ def feeds(backend: Backend, engines: dict[str, Engine], nets: tuple[str, ...], r
     residuals = len(engines[nets[req.active[0]]].outputs)
     table = controlnet.scale_table(req, plan.steps, rows, residuals, guided)[lo:hi]
     images: list[Any] = []
+    fixed: list[dict[str, Any]] = []
     for j, im in enumerate(req.images):
+        mode = req.modes[j] if j < len(req.modes) else None
+        fixed.append({} if mode is None else {MODE: backend.to_device(np.full(rows, mode, np.int32))})
         if im is None:
             images.append(None)
             continue
@@ -79,4 +85,4 @@ def feeds(backend: Backend, engines: dict[str, Engine], nets: tuple[str, ...], r
             lat = backend.to_host(engines["vae_encoder"]({"image": backend.to_device(px[None])})["latent"])
             px = np.asarray(lat, dtype=net.inputs[COND].dtype)[0]
         images.append(backend.to_device(np.ascontiguousarray(np.broadcast_to(px, (rows, *px.shape)))))
-    return ControlFeeds(images, table)
+    return ControlFeeds(images, table, fixed)

@@ -11,6 +11,8 @@ Semantics are diffusers' ``StableDiffusionControlNetPipeline`` / ``StableDiffusi
 - net j's scale at step i is ``control_scales[j] * keep[i][j]`` with diffusers' ``controlnet_keep``:
   ``keep = 0`` when ``i / steps < start[j]`` or ``(i + 1) / steps > end[j]``; the net still runs (its
   residuals are then multiplied by 0), so every step is the same computation;
+- a Union ControlNet (FLUX.1's ``num_mode``) takes a control mode per call, an integer below its mode count
+  (diffusers' ``control_mode``), given one per control image (``control_modes``);
 - ``guess_mode``: each residual r of R gets ``logspace(-1, 0, R)[r]`` on top of the scale, and with
   classifier-free guidance the unconditional rows get scale 0 (diffusers runs the net on the
   conditional rows only and feeds zeros for the others: the same sums).
@@ -46,6 +48,7 @@ class ControlRequest:
     start: tuple[float, ...]
     end: tuple[float, ...]
     guess_mode: bool
+    modes: tuple[int | None, ...] = ()  # a Union net's control mode (None: a net without modes, or left out)
 
     @property
     def active(self) -> tuple[int, ...]:
@@ -54,17 +57,19 @@ class ControlRequest:
 
 def check_request(nets: Sequence[str], folder: Any, control_images: Any = None, control_scales: Any = None,
                   control_start: Any = None, control_end: Any = None, guess_mode: bool = False,
-                  control_preprocess: Any = None, canny_low: float = 100, canny_high: float = 200
-                  ) -> ControlRequest | None:
+                  control_preprocess: Any = None, canny_low: float = 100, canny_high: float = 200,
+                  control_modes: Any = None, num_modes: Sequence[int | None] = ()) -> ControlRequest | None:
     """The call's control keywords, checked against the export's ControlNets; None when no net runs.
 
     ``control_preprocess``: None, "canny", or a list of them, one per image (applied to the image at its
-    own size, before the resize, as diffusers' examples run OpenCV's Canny)."""
+    own size, before the resize, as diffusers' examples run OpenCV's Canny). ``control_modes``: a Union net's mode,
+    one per image (None for a net without modes); ``num_modes``: each net's mode count (None: it takes no mode)."""
     images = _as_list(control_images, "control_images")
     given = [im for im in images if im is not None] if images is not None else []
     if images is None or not given:
         for kw, v in (("control_scales", control_scales), ("control_start", control_start),
-                      ("control_end", control_end), ("control_preprocess", control_preprocess)):
+                      ("control_end", control_end), ("control_preprocess", control_preprocess),
+                      ("control_modes", control_modes)):
             if v is not None:
                 raise InputError(f"{kw} applies to control images: pass control_images=[...], or leave {kw} out",
                                  cli=f"{_cli(kw)} applies to control images: pass --control-image, or leave it out")
@@ -115,12 +120,53 @@ def check_request(nets: Sequence[str], folder: Any, control_images: Any = None, 
                              "control_end are fractions of the steps with 0 <= start < end <= 1",
                              cli=f"--control-start {start[j]} --control-end {end[j]} (net {j}): give fractions of "
                                  "the steps with 0 <= start < end <= 1")
-    return ControlRequest(tuple(pil), scales, start, end, bool(guess_mode))
+    modes = _modes(control_modes, nets, images, list(num_modes) + [None] * (n - len(num_modes)), given_n)
+    return ControlRequest(tuple(pil), scales, start, end, bool(guess_mode), modes)
+
+
+def _modes(control_modes: Any, nets: Sequence[str], images: list[Any], counts: list[int | None],
+           given: int) -> tuple[int | None, ...]:
+    """Each net's control mode: an integer below its mode count for a Union net that runs, None otherwise (a single
+    mode is each Union net's)."""
+    if control_modes is not None and not isinstance(control_modes, (list, tuple)):
+        if all(c is None for c in counts):
+            raise InputError(f"control_modes is {control_modes!r}, but no ControlNet of this export takes a control "
+                             "mode (none is a Union ControlNet): leave control_modes out",
+                             cli="--control-mode: no ControlNet of this export takes a control mode (none is a Union "
+                                 "ControlNet): leave it out")
+        control_modes = [control_modes if c is not None else None for c in counts]
+    per = _per_net(control_modes, len(nets), "control_modes", None, given)
+    out: list[int | None] = []
+    for j, (m, count) in enumerate(zip(per, counts, strict=True)):
+        if count is None:
+            if m is not None:
+                raise InputError(f"control_modes[{j}] is {m!r}, but ControlNet {j} ({nets[j]}) takes no control mode "
+                                 "(it is no Union ControlNet): give None for it",
+                                 cli=f"--control-mode {m} (net {j}): {nets[j]} takes no control mode (it is no Union "
+                                     "ControlNet): give none for it")
+            out.append(None)
+            continue
+        if images[j] is None:
+            out.append(None)
+            continue
+        if m is None:
+            raise InputError(f"ControlNet {j} ({nets[j]}) is a Union ControlNet of {count} control modes: pass "
+                             f"control_modes=[...] with its mode, 0 to {count - 1} (diffusers' control_mode)",
+                             cli=f"ControlNet {j} ({nets[j]}) is a Union ControlNet of {count} control modes: pass "
+                                 f"--control-mode with its mode, 0 to {count - 1}")
+        if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or not 0 <= int(m) < count:
+            raise InputError(f"control_modes[{j}] is {m!r}: ControlNet {j} ({nets[j]}) has {count} control modes, "
+                             f"give an integer from 0 to {count - 1}",
+                             cli=f"--control-mode {m} (net {j}): {nets[j]} has {count} control modes, give an "
+                                 f"integer from 0 to {count - 1}")
+        out.append(int(m))
+    return tuple(out)
 
 
 def _cli(kw: str) -> str:
     return {"control_scales": "--control-scale", "control_start": "--control-start", "control_end": "--control-end",
-            "control_preprocess": "--control-preprocess"}.get(kw, "--" + kw.replace("_", "-"))
+            "control_preprocess": "--control-preprocess", "control_modes": "--control-mode"}.get(
+        kw, "--" + kw.replace("_", "-"))
 
 
 def _as_list(v: Any, label: str) -> list[Any] | None:

@@ -172,6 +172,7 @@ class ControlFeeds:
 
     images: Sequence[Array | None]
     scales: np.ndarray
+    inputs: Sequence[Mapping[str, Array]] = ()  # per net: fixed inputs beside the image (a Union net's mode)
 
 
 def check_control(nets: Sequence[object | None], control: ControlFeeds | None, steps: int) -> None:

@@ -9,6 +9,7 @@ one with a message rather than guessing.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,14 +27,21 @@ ANY_FOLDER = f"{EXPORT_FOLDER}, or an engine folder, written by `sdrt build`"
 # 1: every export written before the inputs below
 # 2: a graph takes an input an sdrt reading 1 does not feed, and would fail on inside the first call instead of
 #    refusing the folder: a text encoder's attention mask (compel's MASK downweighting), FLUX.1 Depth / Canny's
-#    control latents
+#    control latents, a FLUX.1 Union ControlNet's mode and the single-stream samples FLUX.1's ControlNets give
 # A later addition an older reader would misread raises it again: a new schema here, its inputs in
 # ``INPUT_SCHEMAS`` (or a rule in ``ExportManifest.__post_init__``).
 SCHEMA_VERSION = 2  # the newest this sdrt reads
 BASE_SCHEMA = 1
 MASKED_TEXT_SCHEMA = 2
 TEXT_MASK_INPUT = "attention_mask"
-INPUT_SCHEMAS = {TEXT_MASK_INPUT: MASKED_TEXT_SCHEMA, "control_latents": 2}  # input name -> the schema it needs
+INPUT_SCHEMAS = {TEXT_MASK_INPUT: MASKED_TEXT_SCHEMA, "control_latents": 2,
+                 "controlnet_mode": 2}  # input name -> the schema it needs
+INPUT_PATTERNS = ((re.compile(r"controlnet_\d+_single_block_\d+"), 2),)  # (input names, the schema they need)
+
+
+def input_schema(name: str) -> int:
+    """The lowest manifest schema whose readers feed a graph input of this name."""
+    return max((INPUT_SCHEMAS.get(name, BASE_SCHEMA), *(v for pat, v in INPUT_PATTERNS if pat.fullmatch(name))))
 
 FAMILIES = FAMILY_KEYS  # the manifest's "family" values: runtime/families' registry
 
@@ -144,8 +152,7 @@ class ExportManifest:
     latent_scaling: float | None = None
 
     def __post_init__(self) -> None:
-        needed = max((INPUT_SCHEMAS.get(t.name, BASE_SCHEMA) for c in self.components.values() for t in c.inputs),
-                     default=BASE_SCHEMA)
+        needed = max((input_schema(t.name) for c in self.components.values() for t in c.inputs), default=BASE_SCHEMA)
         if self.schema < needed:
             object.__setattr__(self, "schema", needed)
 

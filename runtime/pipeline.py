@@ -516,7 +516,8 @@ class Pipeline:
                 callback: Callable[[int, int], None] | None = None, guidance_rescale: float = 0.0,
                 control_images: Sequence[Any] | None = None, control_scales: Any = None, control_start: Any = None,
                 control_end: Any = None, guess_mode: bool = False, control_preprocess: Any = None,
-                aesthetic_score: float | None = None, negative_aesthetic_score: float | None = None,
+                control_modes: Any = None, aesthetic_score: float | None = None,
+                negative_aesthetic_score: float | None = None,
                 timings: dict[str, Any] | None = None, clock: Clock | None = None,
                 own_buffers: bool = True, cache: CachePolicy | str | None = None,
                 loras: Sequence[tuple[str, float]] | None = None) -> Latents:
@@ -539,10 +540,11 @@ class Pipeline:
             self.check_request(latents.height, latents.width, embeddings.batch,
                                guided=self.uses_guidance(guidance_scale))
             own = control_latents.check(self.folder, self.engines, control_images, control_scales, control_start,
-                                        control_end, guess_mode, control_preprocess, latents.inpaint is not None)
+                                        control_end, guess_mode, control_preprocess, latents.inpaint is not None,
+                                        control_modes)
             creq = None if own is not None else self._check_control(
                 control_images, control_scales, control_start, control_end, guess_mode, control_preprocess,
-                latents.inpaint is not None)
+                latents.inpaint is not None, control_modes)
             policy = cache_policy(cache)
             self.check_cache(policy, creq)
             lora = self.lora_inputs(loras)
@@ -835,10 +837,14 @@ class Pipeline:
                              cli="--cache does not cover ControlNets yet: leave --cache out with --control-image")
 
     def _check_control(self, control_images: Any, control_scales: Any, control_start: Any, control_end: Any,
-                       guess_mode: Any, control_preprocess: Any, masked: bool) -> controlnet.ControlRequest | None:
+                       guess_mode: Any, control_preprocess: Any, masked: bool,
+                       control_modes: Any = None) -> controlnet.ControlRequest | None:
+        records = self.manifest.source.get("controlnets") or []
+        num_modes = tuple(r.get("num_mode") if isinstance(r, dict) else None for r in records)
         return control_stage.check(self.folder, self.engines, self.manifest.controlnets,
                                    masked or self._inpaint_mode() == "concat", control_images, control_scales,
-                                   control_start, control_end, guess_mode, control_preprocess, self.family)
+                                   control_start, control_end, guess_mode, control_preprocess, self.family,
+                                   control_modes, num_modes)
 
     # -- stage 4: decode --------------------------------------------------------------------------------
     def decode(self, latents: Latents | Array) -> tuple[list[Any], list[bool]]:
@@ -961,10 +967,10 @@ class Pipeline:
             # a denoiser that reads the control image itself (FLUX.1 Depth / Canny), else the export's ControlNets
             own = control_latents.check(self.folder, self.engines, req.control_images, req.control_scales,
                                         req.control_start, req.control_end, req.guess_mode, req.control_preprocess,
-                                        mask is not None)
+                                        mask is not None, req.control_modes)
             creq = None if own is not None else self._check_control(
                 req.control_images, req.control_scales, req.control_start, req.control_end, req.guess_mode,
-                req.control_preprocess, mask is not None)
+                req.control_preprocess, mask is not None, req.control_modes)
             policy = req.cache_policy
             skip = req.skip_guidance
             self.check_skip_guidance(skip, self.uses_guidance(req.guidance_scale), policy, creq, req.guidance_rescale)

@@ -46,11 +46,12 @@ class GenerationRequest:
     of the export, in order (PIL images or uint8 [H, W, 3] arrays; None leaves a net out), resized to the output
     size as diffusers' ControlNet pipelines do; ``control_scales`` (default 1 each), ``control_start`` /
     ``control_end`` (fractions of the steps, diffusers' ``control_guidance_start`` / ``_end``), ``guess_mode``
-    and ``control_preprocess`` ("canny" per image, or None). A control model (FLUX.1 Depth / Canny: its
-    transformer reads the control image itself; runtime/control_latents.py) takes one image, ``control_images=
-    [image]``, and ``control_preprocess`` alone of the other control keywords. ``aesthetic_score`` /
-    ``negative_aesthetic_score``: an SDXL refiner's conditioning (default 6.0 / 2.5, as diffusers'
-    StableDiffusionXLImg2ImgPipeline). ``refiner_start``: with a refiner, the fraction of the schedule the base runs (default 0.8). ``cache``
+    and ``control_preprocess`` ("canny" per image, or None); ``control_modes``: a Union ControlNet's mode per image
+    (FLUX.1's; diffusers' ``control_mode``). A control model (FLUX.1 Depth / Canny: its transformer reads the
+    control image itself; runtime/control_latents.py) takes one image, ``control_images=[image]``, and
+    ``control_preprocess`` alone of the other control keywords. ``aesthetic_score`` / ``negative_aesthetic_score``:
+    an SDXL refiner's conditioning (default 6.0 / 2.5, as diffusers' StableDiffusionXLImg2ImgPipeline).
+    ``refiner_start``: with a refiner, the fraction of the schedule the base runs (default 0.8). ``cache``
     (an export made with ``--feature-cache``; runtime/feature_cache.py): ``"deepcache"`` (UNets) reuses the
     UNet's deep feature between full steps, ``"first-block"`` (transformers) what the blocks after the first
     added; every ``cache_interval``-th step full (``cache_schedule`` ``"uniform"``, or DeepCache's
@@ -101,6 +102,7 @@ class GenerationRequest:
     control_end: Any = None
     guess_mode: bool = False
     control_preprocess: Any = None
+    control_modes: Any = None
     aesthetic_score: float | None = None
     negative_aesthetic_score: float | None = None
     refiner_start: float | None = None

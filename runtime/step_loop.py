@@ -48,11 +48,12 @@ STEP_UNET_INPUT = "unet_out"
 UNET_OUTPUT = "out_sample"
 
 
-def control_feeds(net: Engine, unet_feeds: Mapping[str, Array], image: Array, scale: Array) -> dict[str, Array]:
-    """A ControlNet's inputs: the UNet's own (sample, timestep, text conditioning) by name, its image and
-    this step's scales."""
+def control_feeds(net: Engine, unet_feeds: Mapping[str, Array], image: Array, scale: Array,
+                  fixed: Mapping[str, Array] | None = None) -> dict[str, Array]:
+    """A ControlNet's inputs: the UNet's own (sample, timestep, text conditioning) by name, its image, this step's
+    scales, and its ``fixed`` inputs of the run (a Union net's mode)."""
     feeds = {k: unet_feeds[k] for k in net.inputs if k in unet_feeds}
-    feeds.update(controlnet_cond=image, conditioning_scale=scale)
+    feeds.update(controlnet_cond=image, conditioning_scale=scale, **(fixed or {}))
     return feeds
 
 
@@ -115,7 +116,7 @@ class PlainStepLoop(StepLoop):
         self._state: dict[str, Array] = {}
         self._per_step: list[tuple[Array, Array, Array]] = []
         self._fixed: dict[str, Array] = {}
-        self._control: tuple[list[Array | None], list[list[Array | None]]] | None = None
+        self._control: tuple[list[Array | None], list[list[Array | None]], list[Mapping[str, Array]]] | None = None
         self._zeros: dict[str, Array] | None = None
         self._cond_steps: dict[int, Mapping[str, Array]] = {}
 
@@ -145,7 +146,8 @@ class PlainStepLoop(StepLoop):
             sc = np.asarray(control.scales, np.float32)
             per = [[None if net is None else be.to_device(np.ascontiguousarray(sc[i, j]))
                     for j, net in enumerate(self.controlnets)] for i in range(n)]
-            self._control = (list(control.images), per)
+            fixed = list(control.inputs) or [{} for _ in self.controlnets]
+            self._control = (list(control.images), per, fixed)
         self._fixed = {"cond": dict(cond), "guide": {**({} if guidance is None else {"guidance": guidance}),
                                                      **(step_inputs or {})}}
         self._state = {"latents": latents, "x0": zeros if x0_prev is None else x0_prev, "unet_in": unet_in}
@@ -179,11 +181,11 @@ class PlainStepLoop(StepLoop):
     def _residuals(self, i: int, unet_feeds: Mapping[str, Array]) -> dict[str, Array]:
         """Every net's residuals as ``unet_control``'s inputs: the active nets run, the others give zeros."""
         assert self._control is not None
-        images, scales = self._control
+        images, scales, fixed = self._control
         outs: dict[int, Mapping[str, Array]] = {}
         for j, net in enumerate(self.controlnets):
             if net is not None:
-                outs[j] = self._run_control(j, net, control_feeds(net, unet_feeds, images[j], scales[i][j]))
+                outs[j] = self._run_control(j, net, control_feeds(net, unet_feeds, images[j], scales[i][j], fixed[j]))
         feeds: dict[str, Array] = {}
         for j, net in enumerate(self.controlnets):
             if net is None:

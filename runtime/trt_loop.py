@@ -154,8 +154,8 @@ class CapturedStepLoop(StepLoop):
         graphs, self._graphs = self._graphs, {}
         for g in graphs.values():
             g.close()
-        buffers: list[Any] = [v for v in self.buf.values() if v is not None]
-        buffers += [*self._tables.values()]
+        buffers: list[Any] = [v for k, v in self.buf.items() if v is not None and k != "cfixed"]
+        buffers += [*self._tables.values(), *self.buf.get("cfixed", {}).values()]  # per net: a dict of buffers
         self.buf, self._tables, self._key, self.captured, self.closed = {}, {}, None, False, True
         self._full = []
         for item in buffers:
@@ -190,14 +190,18 @@ class CapturedStepLoop(StepLoop):
         switches = self._check_cond_steps(conds, cond_steps, n, be.meta)
         ts, cf = np.asarray(timesteps), np.asarray(coeffs)
         images = {j: be.as_device(im) for j, im in enumerate(control.images) if im is not None} if control else {}
+        fixed = {j: {k: be.as_device(v) for k, v in ins.items()} for j, ins in enumerate(control.inputs)
+                 if j in images} if control else {}
         scales = np.asarray(control.scales, np.float32) if control is not None else None
         key = (x.shape, x.dtype, u.shape, u.dtype, g is None, cf.shape[1],
                tuple(sorted((k, v.shape, v.dtype.str) for k, v in conds.items())),
                tuple(sorted((k, v.shape, v.dtype.str) for k, v in extra.items())),
                tuple(sorted((j, v.shape, v.dtype.str) for j, v in images.items())),
+               tuple(sorted((j, k, v.shape, v.dtype.str) for j, ins in fixed.items() for k, v in ins.items())),
                None if scales is None else scales.shape[1:])
         if key != self._key or (self.captured and self._generation != be.scratch.generation):
-            self._setup(x, u, conds, g, cf.shape[1], extra, images, None if scales is None else scales.shape[2:])
+            self._setup(x, u, conds, g, cf.shape[1], extra, images, None if scales is None else scales.shape[2:],
+                        fixed)
             self._key = key
         b = self.buf
         be.copy(b["lat"][0], x)
@@ -220,6 +224,9 @@ class CapturedStepLoop(StepLoop):
             be.device.zero(b["noise"].ptr, b["noise"].nbytes)
         else:
             self._tables["noise"] = be.as_device(np.ascontiguousarray(noise, dtype=b["noise"].dtype))
+        for j, ins in fixed.items():
+            for k, v in ins.items():
+                be.copy(b["cfixed"][j][k], v)
         for j, im in images.items():
             be.copy(b["cimg"][j], im)
             assert scales is not None
@@ -276,7 +283,8 @@ class CapturedStepLoop(StepLoop):
     # -- internals ------------------------------------------------------------------------------------
     def _setup(self, x: DeviceArray, u: DeviceArray, conds: Mapping[str, DeviceArray], g: DeviceArray | None,
                columns: int, extra: Mapping[str, DeviceArray] | None = None,
-               images: Mapping[int, DeviceArray] | None = None, scale_shape: tuple[int, ...] | None = None) -> None:
+               images: Mapping[int, DeviceArray] | None = None, scale_shape: tuple[int, ...] | None = None,
+               fixed: Mapping[int, Mapping[str, DeviceArray]] | None = None) -> None:
         be = self.backend
         self._key, self._graphs, self.captured = None, {}, False
         self._check_cond(self.unet.inputs, conds)
@@ -290,7 +298,7 @@ class CapturedStepLoop(StepLoop):
             "extra": {k: be.empty(v.shape, v.dtype) for k, v in (extra or {}).items()},
         }
         self.buf = b
-        self._setup_control(images or {}, scale_shape)
+        self._setup_control(images or {}, scale_shape, fixed or {})
         unet_feeds = self._unet_feeds(0)
         self.unet.check(unet_feeds)
         unet_e = self.unet
@@ -335,11 +343,13 @@ class CapturedStepLoop(StepLoop):
         shallow.bind_inputs(feeds)
         b["shallow_side"] = self._side_buffers(shallow, UNET_OUTPUT)
 
-    def _setup_control(self, images: Mapping[int, DeviceArray], scale_shape: tuple[int, ...] | None) -> None:
-        """Fixed buffers of the ControlNets: each active net's image, scale row and residual outputs; zero
-        residuals for the nets left out (shaped like an active net's)."""
+    def _setup_control(self, images: Mapping[int, DeviceArray], scale_shape: tuple[int, ...] | None,
+                       fixed: Mapping[int, Mapping[str, DeviceArray]]) -> None:
+        """Fixed buffers of the ControlNets: each active net's image, fixed inputs (a Union net's mode), scale row
+        and residual outputs; zero residuals for the nets left out (shaped like an active net's)."""
         be, b = self.backend, self.buf
         b["cimg"], b["cscale"], b["res"] = {}, {}, {}
+        b["cfixed"] = {j: {k: be.empty(v.shape, v.dtype) for k, v in ins.items()} for j, ins in fixed.items()}
         nets = self.controlnets
         if not nets:
             return
@@ -366,7 +376,7 @@ class CapturedStepLoop(StepLoop):
         b = self.buf
         unet_side = {"sample": b["uin"][p], "timestep": b["t"], **b["cond"]}
         feeds = {k: unet_side[k] for k in net.inputs if k in unet_side}
-        feeds.update(controlnet_cond=b["cimg"][j], conditioning_scale=b["cscale"][j])
+        feeds.update(controlnet_cond=b["cimg"][j], conditioning_scale=b["cscale"][j], **b["cfixed"].get(j, {}))
         return feeds
 
     def _unet_feeds(self, p: int) -> dict[str, DeviceArray]:

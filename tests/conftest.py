@@ -97,6 +97,15 @@ def sd3_export(tmp_path_factory: pytest.TempPathFactory, export_cache: dict[tupl
     return get
 
 
+@pytest.fixture
+def mean_vae(monkeypatch: pytest.MonkeyPatch) -> None:
+    """sdrt encodes a control image to the latent mean (deterministic); make diffusers (whose ControlNet pipelines
+    sample the latent distribution) do the same."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    monkeypatch.setattr(DiagonalGaussianDistribution, "sample", lambda self, generator=None: self.mean)
+
+
 @pytest.fixture(scope="session")
 def flux_export(tmp_path_factory: pytest.TempPathFactory, export_cache: dict[tuple[str, str], Path]):
     """flux_export(preset, stream=False, block_cache=False) -> folder of an sdrt export of a FLUX.1 preset's

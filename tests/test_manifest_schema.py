@@ -75,3 +75,13 @@ def test_flux_control_latents_need_schema_2_too() -> None:
     unet = m.components["unet"]
     control = replace(unet, inputs=(*unet.inputs, TensorSpec(CONTROL_INPUT, "float32", (1, 16, "height", "width"))))
     assert replace(m, components={**m.components, "unet": control}, schema=1).schema == 2
+
+
+def test_flux_controlnet_inputs_need_schema_2() -> None:
+    """A Union net's mode (the exporter's own input name) and the single-stream samples unet_control takes."""
+    from sdrt.export.flux_controlnet import MODE
+
+    assert manifest_module.input_schema(MODE) == 2
+    assert manifest_module.input_schema("controlnet_0_single_block_3") == 2
+    assert manifest_module.input_schema("controlnet_0_block_3") == 1  # SD 3's ControlNets' too: read since 1
+    assert manifest_module.input_schema("sample") == 1

@@ -22,6 +22,9 @@ pipeline's loop runs it as any other denoiser. Sides are multiples of 16 pixels 
 The schedule is diffusers' for FLUX: flow-euler over ``linspace(1, 1/steps, steps)`` sigmas, shifted by ``mu``
 from the image's token count where the scheduler config has ``use_dynamic_shifting`` ([dev]); [schnell]'s config
 has a fixed shift of 1.
+
+ControlNets (``FluxControlNetPipeline``): the control image enters as its VAE latents (runtime/control_stage.py
+encodes it once per call; the graphs pack them), a Union net's mode as ``control_modes``; no ``guess_mode``.
 """
 
 from __future__ import annotations
@@ -116,4 +119,4 @@ class FluxFamily(TransformerLoraFamily):
 FLUX = FluxFamily(key="flux", label="FLUX.1", encoders=(CLIP, T5), penultimate=False, pooled=True,
                   zero_negatives=False, diffusers_pipeline="Flux", chunked=False,
                   pooled_input="pooled_projections", host_join=True, feature_caches=("first-block",),
-                  classifier_free=False)
+                  classifier_free=False, control_guess_mode=False)

@@ -225,14 +225,21 @@ def _run_flux(args: argparse.Namespace) -> int:
     from sdrt.export.flux_export import export_flux, load_flux
     from sdrt.runtime.errors import InputError
 
-    given = [flag for flag, on in (("--controlnet", args.controlnets),
-                                   ("--clip-skip", args.clip_skip), ("--ort-cuda", args.ort_cuda),
+    given = [flag for flag, on in (("--clip-skip", args.clip_skip), ("--ort-cuda", args.ort_cuda),
                                    ("--vae-fp32", args.vae_fp32), ("--no-ema", not args.ema),
                                    ("--without-t5", args.without_t5),
                                    ("--skip-layers", args.skip_layers is not None)) if on]
     if given:
         raise InputError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} not supported for FLUX.1 "
                          "models yet; export without")
+    files = [v for kind, v in args.controlnets or [] if kind == "path" and Path(v).is_file()]
+    if files:
+        raise InputError(f"{files[0]} is a single file; FLUX.1 ControlNets load from a diffusers folder "
+                         "(config.json naming FluxControlNetModel, with its .safetensors) for now")
+    if args.lora_slots is not None and args.controlnets:
+        raise InputError("--lora-slots and --controlnet in one FLUX.1 export are not supported yet (the "
+                         "transformer taking the ControlNets' samples has no slots): export with one of them, or "
+                         "merge the LoRAs with --lora")
     slots = _slot_plan(args, "flux")
     loras = [_lora_spec(s) for s in args.lora or []]  # checked before the weights load
     if args.clip_g is not None:
@@ -253,6 +260,7 @@ def _run_flux(args: argparse.Namespace) -> int:
         from sdrt.export.flux_export import merge_flux_loras
 
         _merged(merge_flux_loras(model, loras))
+    nets = _load_controlnets(args)  # paired with the transformer by export_flux, before any export work
 
     def progress(msg: str) -> None:
         print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", flush=True)
@@ -261,7 +269,7 @@ def _run_flux(args: argparse.Namespace) -> int:
         progress("FLUX.1 is exported in fp32: it overflows fp16 (NaN images, diffusers issue 9096), and sdrt "
                  "exports no bf16 graph yet")
     manifest = export_flux(model, args.out, overwrite=args.overwrite, fp16=False, opset=args.opset,
-                           block_cache=args.feature_cache, progress=progress, lora_slots=slots)
+                           block_cache=args.feature_cache, progress=progress, lora_slots=slots, controlnets=nets)
     _report(args.out, manifest, t0)
     return 0
 

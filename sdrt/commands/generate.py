@@ -71,6 +71,9 @@ def register(p: argparse.ArgumentParser) -> None:
                    help="ControlNet: the fraction of the steps where a net starts (default 0), as --control-scale")
     p.add_argument("--control-end", action="append", type=float, default=None, metavar="F",
                    help="ControlNet: the fraction of the steps where a net stops (default 1), as --control-scale")
+    p.add_argument("--control-mode", action="append", type=int, default=None, metavar="M",
+                   help="ControlNet: a Union net's control mode (FLUX.1's Union ControlNets; diffusers' "
+                        "control_mode), as --control-scale")
     p.add_argument("--guess-mode", action="store_true",
                    help="ControlNet guess mode (diffusers'): the residuals scaled from 0.1 (shallow) to 1 (deep); "
                         "with guidance, only the conditional rows are controlled")
@@ -217,7 +220,8 @@ def run(args: argparse.Namespace) -> int:
                 timestep_spacing=args.timestep_spacing, control_images=control,
                 control_scales=_one_or_list(args.control_scale), control_start=_one_or_list(args.control_start),
                 control_end=_one_or_list(args.control_end), guess_mode=args.guess_mode,
-                aesthetic_score=args.aesthetic_score, negative_aesthetic_score=args.negative_aesthetic_score,
+                control_modes=_one_or_list(args.control_mode), aesthetic_score=args.aesthetic_score,
+                negative_aesthetic_score=args.negative_aesthetic_score,
                 refiner_start=args.refiner_start, loras=loras, prompt_syntax=args.prompt_syntax,
                 max_sequence_length=args.max_sequence_length, reference_image=ref,
                 reference_resize=args.reference_resize, skip_layer_guidance_scale=args.slg_scale,
@@ -249,7 +253,7 @@ def _control_images(args: argparse.Namespace) -> list[object] | None:
     if not args.control_image:
         for flag, v in (("--control-scale", args.control_scale), ("--control-start", args.control_start),
                         ("--control-end", args.control_end), ("--control-preprocess", args.control_preprocess),
-                        ("--guess-mode", args.guess_mode or None)):
+                        ("--control-mode", args.control_mode), ("--guess-mode", args.guess_mode or None)):
             if v is not None:
                 raise InputError(f"{flag} applies to control images: pass --control-image, or leave {flag} out")
         return None
@@ -327,7 +331,7 @@ def _cache_options(args: argparse.Namespace) -> dict[str, object]:
             "cache_threshold": policy.threshold}
 
 
-def _one_or_list(values: list[float] | None) -> float | list[float] | None:
+def _one_or_list(values: list[float] | list[int] | None) -> float | int | list[float] | list[int] | None:
     """A flag given once applies to every net; given several times, one value per net."""
     if values is None:
         return None
