@@ -180,14 +180,16 @@ class FluxTransformer(torch.nn.Module):
                 pooled_projections: torch.Tensor, guidance: torch.Tensor | None = None,
                 reference_latents: torch.Tensor | None = None, control_latents: torch.Tensor | None = None
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.denoise(sample, timestep, encoder_hidden_states, pooled_projections, guidance, reference_latents)
+        return self.denoise(sample, timestep, encoder_hidden_states, pooled_projections, guidance, reference_latents,
+                            control_latents=control_latents)
 
     def denoise(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 pooled_projections: torch.Tensor, guidance: torch.Tensor | None = None,
-                reference_latents: torch.Tensor | None = None, control: dict[str, Any] | None = None
+                reference_latents: torch.Tensor | None = None, control: dict[str, Any] | None = None,
+                control_latents: torch.Tensor | None = None
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``forward``'s computation; ``control``: ControlNet samples as ``FluxTransformer2DModel.forward``'s
-        keywords (``FluxTransformerControl``)."""
+        keywords (``FluxTransformerControl``); ``control_latents``: FLUX.1 Depth / Canny's control image latents."""
         h, w = sample.shape[-2], sample.shape[-1]
         img_ids, txt_ids = position_ids(sample, encoder_hidden_states)
         t = self.transformer
