@@ -123,7 +123,7 @@ def test_loop_keeps_tensors_and_matches_the_plain_loop(pipes: dict, monkeypatch:
     plan = p.plan("dpmpp-2m", 4)
     lat = p.prepare_latents(plan, 64, 80, seed=1)
     out = p.denoise(emb, lat, plan)
-    loop = p._loops[(True, "float32", None, False, (), False)]
+    loop = p._loops[(True, "float32", None, False, (), False, False)]  # guided, float32, plain, no SLG
     assert isinstance(loop, OvStepLoop)
     assert isinstance(loop.latents, ov.Tensor) and any(loop.latents is s["latents_next"] for s in loop._sets)
     plain = load(tiny_export("sd15-tiny", "fp32"), OvBackend(precision="f32", cache_dir=cache))
