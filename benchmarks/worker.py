@@ -49,13 +49,16 @@ def _runs_loop(call: Callable[[], dict[str, Any]], warmup: int, repeats: int) ->
 
 # -- sdrt -------------------------------------------------------------------------------------------------
 
-def _measure(call: Callable[[], dict[str, Any]], spec: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The cold call (load to first image; its image saved if asked), then warm-up and timed repeats.
-    Images are dropped from the returned records: only timings travel back to the parent."""
+def _measure(call: Callable[[], dict[str, Any]], spec: dict[str, Any],
+             settle: Callable[[], float] = lambda: 0.0) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The cold call (load to first image; its image saved if asked), then warm-up and timed repeats, after
+    ``settle`` (the backend's background work after a first load, recorded as ``settle_ms`` in the cold call's
+    record). Images are dropped from the returned records: only timings travel back to the parent."""
     emit(phase="cold")
     first = call()
     if spec.get("image_out"):
         first["images"][0].save(spec["image_out"])
+    first["settle_ms"] = settle() * 1e3
     runs = _runs_loop(call, spec["warmup"], spec["repeats"])
     for r in [first, *runs]:
         r.pop("images")
@@ -115,9 +118,9 @@ def run_sdrt(spec: dict[str, Any]) -> dict[str, Any]:
         return out
 
     if spec.get("cold_only"):  # a second cold start (the model cache filled): load and first image only
-        first, runs = _measure(call, {**spec, "warmup": 0, "repeats": 0})
+        first, runs = _measure(call, {**spec, "warmup": 0, "repeats": 0}, pipe.backend.settle)
     else:
-        first, runs = _measure(call, spec)
+        first, runs = _measure(call, spec, pipe.backend.settle)
     versions: dict[str, Any] = {}
     import onnxruntime
 

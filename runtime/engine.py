@@ -49,7 +49,7 @@ class Backend(abc.ABC):
     arrays is declared here: ``step_loop`` (the denoising loop over a UNet and a step-graph engine; each
     backend chooses its loop) and, with a base implementation, ``check_request`` and ``check_t5_tokens`` (can
     the loaded engines serve this batch and size, this T5 length?), ``clock`` (how stages and steps are timed),
-    ``make_current`` (bind the device to the calling thread) and ``clone`` / ``shares_memory_with`` (hand device
+    ``make_current`` (bind the device to the calling thread), ``settle`` (wait for background work) and ``clone`` / ``shares_memory_with`` (hand device
     arrays between stages and backends without the host).
     """
 
@@ -123,6 +123,12 @@ class Backend(abc.ABC):
 
     def make_current(self) -> None:
         """Make this backend's device current in the calling thread (a no-op on the host)."""
+
+    def settle(self) -> float:
+        """Wait until the backend's background work is done (openvino: the model cache's blob writes that
+        follow a first load); the seconds waited. Base: none. A benchmark calls it after the cold image, so
+        that the timed runs do not share the machine with it."""
+        return 0.0
 
     def close(self) -> None:
         """Release what the backend holds on its device (idempotent). Engines loaded from it are unusable

@@ -8,10 +8,11 @@ is converted ahead of time. Arrays on this backend are ``ov.Tensor`` objects in 
   ``"f32"`` (or ``"fp32"``) force one (bf16 on a device without it is refused). The graphs keep their fp32 (or fp16)
   interface: bf16 is OpenVINO's internal inference precision, so the dtypes the pipeline sees (uint8
   images, a bool ``finite``, int32 ``input_ids``) are the export's.
-* **Model cache.** Compiled models are kept in ``cache_dir`` (OpenVINO's ``CACHE_DIR``), by default
-  ``$XDG_CACHE_HOME/sdrt/openvino`` (``~/.cache/sdrt/openvino``), never inside the export folder: a
-  second load of the same export on the same device and precision reads the compiled blobs instead of
-  compiling again. ``cache_dir=False`` turns the cache off.
+* **Model cache.** Compiled models are kept in ``cache_dir``, by default ``$XDG_CACHE_HOME/sdrt/openvino``
+  (``~/.cache/sdrt/openvino``), never inside the export folder: a second load of the same export on the same
+  device and precision maps the compiled blobs instead of compiling again. The first load does not wait for
+  them: each blob is written in the background after its compile (runtime/ov_blobs.py; ``close`` waits for
+  those writes). ``cache_dir=False`` turns the cache off.
 * **Tensors stay in OpenVINO between steps.** An engine call returns output tensors that OpenVINO
   allocated for the caller (no copy, valid until dropped). The denoising loop (:class:`OvStepLoop`) goes
   further: the UNet writes into one fixed buffer and the step graph into two sets of fixed buffers it
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,7 @@ import numpy as np
 from .engine import Array, Backend, Engine, IOSpec
 from .errors import ArtifactError, BackendUnavailable, InputError
 from .feature_cache import CHANGE
+from .ov_blobs import BlobCache
 from .step_loop import STEP_OUTPUTS, UNET_OUTPUT, PlainStepLoop
 
 PRECISIONS = ("auto", "bf16", "f32")
@@ -108,6 +111,8 @@ class OvEngine(Engine):
         self._model: Any = None
         self._compiled: dict[tuple[Any, ...], Any] = {}
         self._requests: dict[tuple[tuple[Any, ...], str], Any] = {}
+        self._source = path
+        self._blob_maps: list[Any] = []  # the mapped cache blobs the compiled models were imported from
         if backend.static_shapes or not isinstance(path, str):
             try:
                 self._model = core.read_model(path)
@@ -117,7 +122,7 @@ class OvEngine(Engine):
             described = self._model
         else:
             # a path lets OpenVINO's model cache skip reading the ONNX file on a hit
-            described = self._compiled[()] = self._compile(path if self._model is None else self._model, label)
+            described = self._compiled[()] = self._compile(path if self._model is None else self._model, label, ())
         src = self._model
         names = {k: _port_names(getattr(described, k), None if src is None else getattr(src, k))
                  for k in ("inputs", "outputs")}
@@ -131,10 +136,24 @@ class OvEngine(Engine):
         self.outputs = _specs(described.outputs, names["outputs"])  # type: ignore[arg-type]
         self._out_types = {n: p.element_type for n, p in zip(self.outputs, described.outputs)}
 
-    def _compile(self, model: Any, label: str) -> Any:
+    def _compile(self, model: Any, label: str, shapes: tuple[Any, ...]) -> Any:
+        """The compiled model of ``model`` at ``shapes`` (``()``: dynamic): from the model cache's blob when it has
+        one, else compiled here, its blob then written in the background."""
         be = self.backend
+        key = None
+        if be.blobs is not None:
+            try:
+                key = be.blobs.key(self._source, shapes)
+            except Exception:  # noqa: BLE001 - an unreadable graph: the compile below says what is wrong with it
+                key = None
+            hit = be.blobs.load(key) if key is not None else None
+            if hit is not None:
+                compiled, mapped = hit
+                self._blob_maps.append(mapped)
+                be.compiles.append((self.name, "mapped"))
+                return compiled
         try:
-            return be.core.compile_model(model, be.device, be.config)
+            compiled = be.core.compile_model(model, be.device, be.config)
         except Exception as e:
             raise ArtifactError(
                 f"OpenVINO cannot compile {label} for {be.device} ({str(e).strip()[:400]}). If the file is "
@@ -142,6 +161,10 @@ class OvEngine(Engine):
                 cli=f"OpenVINO cannot compile {label} for {be.device} ({str(e).strip()[:400]}). If the file is "
                     "intact, try --backend ort-cpu",
             ) from e
+        if key is not None and be.blobs is not None:
+            be.blobs.store(compiled, key)
+        be.compiles.append((self.name, "compiled"))
+        return compiled
 
     def _signature(self, feeds: Mapping[str, Array]) -> tuple[Any, ...]:
         if not self.backend.static_shapes:
@@ -160,7 +183,7 @@ class OvEngine(Engine):
                 assert self._model is not None
                 model = self._model.clone()
                 model.reshape({n: list(s) for n, s in sig})
-                compiled = self._compiled[sig] = self._compile(model, self.name)
+                compiled = self._compiled[sig] = self._compile(model, self.name, sig)
             req = self._requests[key] = compiled.create_infer_request()
         return req
 
@@ -197,6 +220,7 @@ class OvEngine(Engine):
         self._requests.clear()
         self._compiled.clear()
         self._model = None
+        self._blob_maps.clear()
 
 
 class OvStepLoop(PlainStepLoop):
@@ -333,8 +357,11 @@ class OvBackend(Backend):
             except OSError as e:
                 raise InputError(f"cannot create the OpenVINO model cache {self.cache_dir} ({e}); pass "
                                  "cache_dir= a writable folder, or cache_dir=False") from e
-            self.config["CACHE_DIR"] = str(self.cache_dir)
+        self.blobs = None if self.cache_dir is None else BlobCache(self.cache_dir, self.ov, self.core, wanted,
+                                                                   self.config)
         self._engines: list[OvEngine] = []
+        # (engine, "mapped" from the model cache or "compiled" here) for each compiled model, in order
+        self.compiles: list[tuple[str, str]] = []
         self._closed = False
 
     def describe(self) -> str:
@@ -377,7 +404,17 @@ class OvBackend(Backend):
             return OvStepLoop(self, unet, step, controlnets, shallow)
         return PlainStepLoop(self, unet, step, controlnets, shallow)
 
+    def settle(self) -> float:
+        t0 = time.perf_counter()
+        if self.blobs is not None:
+            self.blobs.wait()
+        return time.perf_counter() - t0
+
     def close(self) -> None:
+        """Release every engine, after the model cache's blob writes have finished (a blob left unwritten
+        would cost the next load a compile)."""
+        if self.blobs is not None:
+            self.blobs.wait()
         for e in self._engines:
             e.close()
         self._engines = []

@@ -153,7 +153,7 @@ def test_model_cache_is_where_asked_and_not_in_the_export(tiny_export, tmp_path:
     p = load(folder, OvBackend(precision="f32", cache_dir=cache))
     p("a cat", steps=2, seed=0, height=64, width=64)
     p.close()
-    blobs = list(cache.rglob("*.blob"))
+    blobs = list(cache.rglob("*.sdrt-blob"))
     assert len(blobs) >= 4  # text encoder, UNet, VAE decoder and encoder (and the step graph)
     assert sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) == before
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
@@ -161,7 +161,7 @@ def test_model_cache_is_where_asked_and_not_in_the_export(tiny_export, tmp_path:
     monkeypatch.delenv("XDG_CACHE_HOME")
     assert default_cache_dir() == Path.home() / ".cache" / "sdrt" / "openvino"
     nocache = OvBackend(precision="f32", cache_dir=False)
-    assert "CACHE_DIR" not in nocache.config
+    assert nocache.blobs is None and "CACHE_DIR" not in nocache.config
 
 
 def test_missing_device_and_bad_options_are_refused(tiny_export) -> None:
