@@ -268,6 +268,43 @@ def _plain_skipped(x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, pooled:
               skip_layers=LAYERS).sample
 
 
+def test_staged_denoise_runs_slg(slg_pipe: Pipeline, sd3_export, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``denoise()`` takes the call's SLG keywords: two windows of the schedule give the call's image (the window of
+    SLG steps a fraction of the plan's steps, whichever part a call runs); what the call refuses it refuses."""
+    steps, guidance, slg, runs = CASES[1]
+    latents = _latents(23)
+    whole = slg_pipe(PROMPT, negative_prompt=NEGATIVE, height=64, width=96, steps=steps, guidance_scale=guidance,
+                     sampler="flow-euler", latents=latents, **slg)
+    emb = slg_pipe.encode_prompt(PROMPT, NEGATIVE, guided=True)
+    plan = slg_pipe.plan("flow-euler", steps, height=64, width=96)
+    timings: dict = {}
+    lat = slg_pipe.denoise(emb, slg_pipe.prepare_latents(plan, 64, 96, latents=latents), plan,
+                           guidance_scale=guidance, end=0.5, timings=timings, **slg)
+    assert 0 < lat.step < steps and "skip-layer guidance on" in timings["loop"]
+    lat = slg_pipe.denoise(emb, lat, plan, guidance_scale=guidance, **slg)
+    images, _ = slg_pipe.decode(lat)
+    np.testing.assert_array_equal(np.asarray(images[0]), np.asarray(whole.images[0]))
+    plain_lat = slg_pipe.denoise(emb, slg_pipe.prepare_latents(plan, 64, 96, latents=latents), plan,
+                                 guidance_scale=guidance)
+    assert np.abs(np.asarray(slg_pipe.decode(plain_lat)[0][0]).astype(int) - np.asarray(images[0])).max() > 3
+
+    def no_work(*a, **k):
+        raise AssertionError("work started before the refusal")
+
+    monkeypatch.setattr(Pipeline, "_denoise", no_work)
+    fresh = slg_pipe.prepare_latents(plan, 64, 96, latents=latents)
+    with pytest.raises(InputError, match="guidance_scale above 1"):
+        slg_pipe.denoise(slg_pipe.encode_prompt(PROMPT, guided=False), fresh, plan, guidance_scale=1.0, **slg)
+    with pytest.raises(InputError, match="feature caching"):
+        slg_pipe.denoise(emb, fresh, plan, guidance_scale=guidance, cache="first-block", **slg)
+    with pytest.raises(InputError, match="give one"):
+        slg_pipe.denoise(emb, fresh, plan, guidance_scale=guidance, skip_layer_guidance_stop=0.5)
+    with Pipeline.load(sd3_export(PRESET), backend="ort-cpu") as plain, \
+            pytest.raises(ArtifactError, match="--skip-layers 7,8,9"):
+        plain.denoise(plain.encode_prompt(PROMPT, guided=True), plain.prepare_latents(plan, 64, 96, latents=latents),
+                      plan, guidance_scale=guidance, **slg)
+
+
 def test_skip_graph_is_diffusers_skip_layers_over_the_transformers_weights(slg_export: Path) -> None:
     """The pass's graph, as written (reading the transformer's weights file), against diffusers' transformer with
     ``skip_layers`` on the conditional rows, combined by hand."""
