@@ -449,6 +449,46 @@ def test_a_streamed_transformer_gets_a_streamed_pass(tmp_path: Path) -> None:
     assert float(np.abs(got - want).max() / np.abs(want).max()) <= 1e-5
 
 
+@pytest.mark.slow
+def test_a_streamed_slotted_transformer_gets_a_slotted_streamed_pass(tmp_path: Path) -> None:
+    """The full-size path with LoRA slots: the streamed pass takes the transformer's slot inputs (the skipped
+    block's too, unused: torch.export keeps every input), is gated with random factors, shares the transformer's
+    weights file, and with factors is the transformer with ``up @ down`` added to each slotted weight (by hand)
+    and ``skip_layers``."""
+    from sdrt.export.lora_slots import SlotPlan
+    from sdrt.export.sd3_export import export_sd3, load_sd3
+
+    model = load_sd3(random_preset=PRESET, stream=True)
+    m = export_sd3(model, tmp_path / "out", fp16=False, without_t5=True, skip_layers=[1],
+                   lora_slots=SlotPlan.parse("4:attn-ff"))
+    comp = m.components[SKIP_UNET]
+    slots = {i.name: i.shape for i in comp.inputs if i.name.startswith("lora.")}
+    assert slots and slots == {i.name: i.shape for i in m.components["unet"].inputs if i.name.startswith("lora.")}
+    assert comp.parity is not None and "blocks" in comp.parity.reference
+    graph = onnx.load(str(tmp_path / "out" / comp.path), load_external_data=False)
+    assert sum(len(t.raw_data) for t in graph.graph.initializer) < 1 << 16  # its own bytes: small constants only
+    assert not (tmp_path / "out" / "transformer" / "skip_layers.onnx_data").exists()
+    tr = model.held().transformer
+    g = torch.Generator().manual_seed(6)
+    factors = {n: torch.randn(*(int(d) for d in shape), generator=g) * 0.05 for n, shape in slots.items()}
+    with torch.no_grad():
+        layers = dict(tr.named_modules())
+        for n in {k.removeprefix("lora.").rsplit(".", 1)[0] for k in slots}:
+            layers[n].weight += factors[f"lora.{n}.up"] @ factors[f"lora.{n}.down"]
+    sess = ort.InferenceSession(str(tmp_path / "out" / comp.path), providers=["CPUExecutionProvider"])
+    x, t = torch.randn(2, 16, 6, 10, generator=g), torch.rand(2, generator=g) * 1000
+    text, pooled, pred = torch.randn(2, 77, 48, generator=g), torch.randn(2, 32, generator=g), torch.randn(2, 16, 6, 10)
+    with torch.no_grad():
+        skipped = tr(hidden_states=x[1:], timestep=t[1:], encoder_hidden_states=text[1:], pooled_projections=pooled[1:],
+                     skip_layers=[1]).sample
+    want = torch.cat([pred[:1], pred[1:] + 0.5 * (pred[1:] - skipped)]).numpy()
+    (got,) = sess.run(["out_sample"], {"sample": x.numpy(), "timestep": t.numpy(), "encoder_hidden_states": text.numpy(),
+                                       "pooled_projections": pooled.numpy(), "unet_out": pred.numpy(),
+                                       "skip_scale": np.array([0.5], np.float32),
+                                       **{n: f.numpy() for n, f in factors.items()}})
+    assert float(np.abs(got - want).max() / np.abs(want).max()) <= 1e-5
+
+
 def test_sdrt_export_and_generate_take_the_flags(slg_export: Path, slg_pipe: Pipeline, tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     from PIL import Image
