@@ -10,6 +10,7 @@ exports), its diffusers reference (built here, never mutated: each call passes i
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -271,17 +272,20 @@ def _plain_skipped(x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, pooled:
 def test_staged_denoise_runs_slg(slg_pipe: Pipeline, sd3_export, monkeypatch: pytest.MonkeyPatch) -> None:
     """``denoise()`` takes the call's SLG keywords: two windows of the schedule give the call's image (the window of
     SLG steps a fraction of the plan's steps, whichever part a call runs); what the call refuses it refuses."""
-    steps, guidance, slg, runs = CASES[1]
+    steps, guidance, slg, runs = CASES[2]  # steps 2 to 5: some in each of the two windows
     latents = _latents(23)
     whole = slg_pipe(PROMPT, negative_prompt=NEGATIVE, height=64, width=96, steps=steps, guidance_scale=guidance,
                      sampler="flow-euler", latents=latents, **slg)
     emb = slg_pipe.encode_prompt(PROMPT, NEGATIVE, guided=True)
     plan = slg_pipe.plan("flow-euler", steps, height=64, width=96)
-    timings: dict = {}
+    first: dict = {}
+    rest: dict = {}
     lat = slg_pipe.denoise(emb, slg_pipe.prepare_latents(plan, 64, 96, latents=latents), plan,
-                           guidance_scale=guidance, end=0.5, timings=timings, **slg)
-    assert 0 < lat.step < steps and "skip-layer guidance on" in timings["loop"]
-    lat = slg_pipe.denoise(emb, lat, plan, guidance_scale=guidance, **slg)
+                           guidance_scale=guidance, end=0.5, timings=first, **slg)
+    assert 0 < lat.step < steps
+    lat = slg_pipe.denoise(emb, lat, plan, guidance_scale=guidance, timings=rest, **slg)
+    ran = [int(re.search(r"skip-layer guidance on (\d+) of", t["loop"]).group(1)) for t in (first, rest)]
+    assert all(ran) and sum(ran) == runs  # the window split across the two calls
     images, _ = slg_pipe.decode(lat)
     np.testing.assert_array_equal(np.asarray(images[0]), np.asarray(whole.images[0]))
     plain_lat = slg_pipe.denoise(emb, slg_pipe.prepare_latents(plan, 64, 96, latents=latents), plan,
