@@ -23,8 +23,8 @@ SD 3 / 3.5 and FLUX.1 (``slot_components``): the family declares its transformer
 (``Family.lora_targets``: every attention projection of the blocks, or with ``attn-ff`` every linear layer of the
 blocks; runtime/families/transformer_lora.py), the CLIP encoders take the text targets above, T5 none. The slots
 go on the layers the export wrapper runs (FLUX.1's runs a copy of the transformer), on first-block caching's cached
-step for the layers it runs, and on a streamed transformer (``slotted_streamed``: traced in fake mode with it, its
-reduced-depth gate slotted alike, ``slotted_gate``).
+step and skip-layer guidance's pass for the layers they run, and on a streamed transformer (``slotted_streamed``:
+traced in fake mode with it, its reduced-depth gate slotted alike, ``slotted_gate``).
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from sdrt.runtime.errors import InputError
 from sdrt.runtime.families import Family
 from sdrt.runtime.feature_cache import SHALLOW_UNET
+from sdrt.runtime.layer_skip import SKIP_UNET
 from sdrt.runtime.lora_adapters import LORA_PREFIX, slot_input
 
 from .onnx_export import ComponentSpec
@@ -239,9 +240,10 @@ def slot_components(specs: Sequence[ComponentSpec], plan: SlotPlan, patterns: Se
         elif spec.name == "unet":
             layers = slot_layers(spec.weights, plan, patterns=patterns)
             spec = slotted(spec, _in_wrapper(spec.module, layers), plan.rank)
-        elif spec.name == SHALLOW_UNET:
-            # first-block caching's cached step: the slotted layers it runs (its first block's), under the
-            # denoiser's input names, so the loop feeds it the call's factors as it feeds the denoiser
+        elif spec.name in (SHALLOW_UNET, SKIP_UNET):
+            # first-block caching's cached step, skip-layer guidance's pass: the slotted layers each runs (the first
+            # block's; every block but the skipped ones), under the denoiser's input names, so the loop feeds it the
+            # call's factors as it feeds the denoiser
             layers = _in_wrapper(spec.module, slot_layers(spec.weights, plan, patterns=patterns))
             used, _ = split_inert(spec.module, spec.example(torch.Generator().manual_seed(0), 1, 8, 8), layers)
             spec = slotted(spec, used, plan.rank)

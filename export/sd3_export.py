@@ -347,7 +347,8 @@ def export_sd3(
     can carry LoRAs (``Pipeline(..., loras=...)``; export/lora_slots.py); T5 has none. Not with ``controlnets`` yet.
     ``skip_layers``: the transformer's blocks skip-layer guidance skips (SD 3.5 Medium: 7, 8, 9); its pass is
     ``unet_skip`` (``transformer/skip_layers.onnx``, reading the transformer's weights file; runtime/layer_skip.py),
-    gated on parity like the transformer before its weights are shared. Not with ``lora_slots`` yet."""
+    gated on parity like the transformer before its weights are shared; with ``lora_slots`` it takes the transformer's
+    slot inputs (those of the blocks it runs), so a call's LoRAs apply to both passes."""
     from .tokenizer_assets import write_clip_tokenizer
 
     out = check_export_dir(out, overwrite=overwrite)
@@ -372,11 +373,6 @@ def export_sd3(
         raise InputError(f"first-block caching reuses what the blocks after the first added; {p.name}'s transformer "
                          "has one block: export it without --feature-cache")
     layers = check_skip_layers(skip_layers, int(tr_cfg["num_layers"]), p.name)
-    if layers and lora_slots is not None:
-        raise InputError("skip layers and LoRA slots in one SD 3 / 3.5 export are not supported yet (the skip pass "
-                         "has no slots): export with one of them, or merge the LoRAs with --lora",
-                         cli="--skip-layers and --lora-slots in one export are not supported yet (the skip pass has no "
-                             "slots): export with one of them, or merge the LoRAs with --lora")
     limits = limits_of(tr_cfg, f)
     controlnets = list(controlnets)
     check_sd3_pairing(p.name, tr_cfg, int(mods.vae.config.latent_channels), controlnets)
@@ -419,7 +415,7 @@ def export_sd3(
                                     block_cache=block_cache,
                                     control=(len(controlnets), len(controlnets[0].controlnet.controlnet_blocks))
                                     if kind == "control" else None,
-                                    slots=slots if kind in ("transformer", "cached") else None,
+                                    slots=slots if kind in ("transformer", "cached", "skip") else None,
                                     skip_layers=layers if kind == "skip" else None)
                 progress(f"{sspec.name}: {parity_line(par, comp.precision)} ({par.reference})")
                 done[sspec.name] = replace(comp, parity=par)

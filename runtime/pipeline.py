@@ -41,7 +41,7 @@ from .families import Family
 from .feature_cache import EXPORT_HINT, SHALLOW_UNET, CachePolicy, cache_policy
 from .images import nonfinite_message, to_pil, to_uint8
 from .layer_skip import EXPORT_HINT as SKIP_EXPORT_HINT
-from .layer_skip import SKIP_UNET, SkipGuidance, SkipGuided
+from .layer_skip import SKIP_UNET, SkipGuidance, SkipGuided, skip_guidance
 from .lora_adapters import AdapterLibrary, adapter_factors, check_loras, slots_of
 from .manifest import ExportManifest
 from .memory_advice import explain as explain_memory_error
@@ -520,7 +520,9 @@ class Pipeline:
                 negative_aesthetic_score: float | None = None,
                 timings: dict[str, Any] | None = None, clock: Clock | None = None,
                 own_buffers: bool = True, cache: CachePolicy | str | None = None,
-                loras: Sequence[tuple[str, float]] | None = None) -> Latents:
+                loras: Sequence[tuple[str, float]] | None = None, skip_layer_guidance_scale: float | None = None,
+                skip_layer_guidance_start: float | None = None,
+                skip_layer_guidance_stop: float | None = None) -> Latents:
         """Run the plan's steps from ``latents.step`` (or the ``start`` fraction of the schedule) up to the
         ``end`` fraction (default: the end), device-resident: UNet -> step graph -> UNet. The fractions
         follow diffusers' ``denoising_start`` / ``denoising_end``: a step of timestep t belongs to the part
@@ -534,7 +536,9 @@ class Pipeline:
         ``clock``: a caller's clock for several stages on one timeline (marked once set up and after each step).
         ``own_buffers`` False: the loop's own buffers, valid until this pipeline's next ``denoise``. ``cache``:
         a ``feature_cache.CachePolicy`` (or ``"deepcache"``, every 3rd step full), applied to the steps this call
-        runs, the first of them full. ``loras``: (name or path, scale) pairs for a slotted UNet (as the call's)."""
+        runs, the first of them full. ``loras``: (name or path, scale) pairs for a slotted UNet (as the call's).
+        ``skip_layer_guidance_scale`` / ``_start`` / ``_stop``: skip-layer guidance, as the call's (an export made with
+        ``--skip-layers``); its window is a fraction of the plan's steps, whichever of them this call runs."""
         with self._lock:
             self._ready()
             self.check_request(latents.height, latents.width, embeddings.batch,
@@ -546,6 +550,8 @@ class Pipeline:
                 control_images, control_scales, control_start, control_end, guess_mode, control_preprocess,
                 latents.inpaint is not None, control_modes)
             policy = cache_policy(cache)
+            skip = skip_guidance(skip_layer_guidance_scale, skip_layer_guidance_start, skip_layer_guidance_stop)
+            self.check_skip_guidance(skip, self.uses_guidance(guidance_scale), policy, creq, guidance_rescale)
             self.check_cache(policy, creq)
             lora = self.lora_inputs(loras)
             sink: dict[str, Any] = {} if timings is None else timings
@@ -554,7 +560,7 @@ class Pipeline:
             out, how = self._denoise(embeddings, latents, plan, guidance_scale, start, end, callback, sink, clock,
                                      rescale=guidance_rescale, control=creq,
                                      scores=(aesthetic_score, negative_aesthetic_score), cache=policy, lora=lora,
-                                     control_lat=ctl)
+                                     control_lat=ctl, skip=skip)
             sink["loop"] = how
             if not own_buffers:
                 return out

@@ -10,6 +10,7 @@ exports), its diffusers reference (built here, never mutated: each call passes i
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +47,10 @@ def slg_pipe(slg_export: Path):
 
 @pytest.fixture(scope="module")
 def reference(slg_export: Path):
+    return _reference_pipe(slg_export)
+
+
+def _reference_pipe(folder: Path):
     """diffusers' pipeline over freshly built seeded modules (the export's weights), with the export's tokenizers."""
     from diffusers import StableDiffusion3Pipeline
     from diffusers.schedulers import FlowMatchEulerDiscreteScheduler
@@ -57,9 +62,9 @@ def reference(slg_export: Path):
     m = build_modules(p, seed=0)
     pipe = StableDiffusion3Pipeline(
         transformer=m.transformer, vae=m.vae, scheduler=FlowMatchEulerDiscreteScheduler.from_config(p.scheduler),
-        text_encoder=m.text_encoders[0], tokenizer=CLIPTokenizer.from_pretrained(slg_export / "tokenizer"),
-        text_encoder_2=m.text_encoders[1], tokenizer_2=CLIPTokenizer.from_pretrained(slg_export / "tokenizer_2"),
-        text_encoder_3=m.text_encoders[2], tokenizer_3=T5TokenizerFast.from_pretrained(slg_export / "tokenizer_3"))
+        text_encoder=m.text_encoders[0], tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
+        text_encoder_2=m.text_encoders[1], tokenizer_2=CLIPTokenizer.from_pretrained(folder / "tokenizer_2"),
+        text_encoder_3=m.text_encoders[2], tokenizer_3=T5TokenizerFast.from_pretrained(folder / "tokenizer_3"))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -129,6 +134,179 @@ def test_other_backends_give_the_diffusers_images(slg_export: Path, reference, m
     got = np.stack([np.asarray(im) for im in res.images]).astype(np.int32)
     assert want.std() > 5 and np.abs(got - want).max() <= 1
     assert res.loop.endswith(f"skip-layer guidance on {runs} of {steps} steps")
+
+
+# -- with LoRA slots: the pass takes the transformer's slot inputs, and a call's LoRAs reach both passes --------
+
+SLOTS = "8:attn-ff"
+
+
+@pytest.fixture(scope="module")
+def slotted_slg_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from sdrt.export.lora_slots import SlotPlan
+    from sdrt.export.sd3_export import export_sd3, load_sd3
+
+    out = tmp_path_factory.mktemp("slg-slots") / f"{PRESET}-skip-slots"
+    export_sd3(load_sd3(random_preset=PRESET), out, fp16=False, skip_layers=LAYERS, lora_slots=SlotPlan.parse(SLOTS))
+    return out
+
+
+@pytest.fixture(scope="module")
+def style_lora(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """diffusers' own LoRA file of every block linear and both CLIP encoders (tests/test_lora_transformers.py's)."""
+    pytest.importorskip("peft", reason="diffusers' LoRA loading needs peft (the test extra)")
+    from .test_lora_transformers import peft_lora
+
+    return peft_lora(tmp_path_factory.mktemp("lora"), "sd3", seed=1, rank=3, alpha=6.0)
+
+
+LORA_SCALE = 0.8
+
+
+@pytest.fixture(scope="module")
+def lora_reference(slotted_slg_export: Path, style_lora: Path):
+    """diffusers' pipeline with the LoRA loaded at LORA_SCALE (``load_lora_weights`` + ``set_adapters``)."""
+    ref = _reference_pipe(slotted_slg_export)
+    ref.load_lora_weights(str(style_lora), adapter_name="style")
+    ref.set_adapters(["style"], adapter_weights=[LORA_SCALE])
+    return ref
+
+
+def _pixels(res) -> np.ndarray:  # type: ignore[no-untyped-def]
+    return np.stack([np.asarray(im) for im in res.images]).astype(np.int32)
+
+
+def test_slg_with_a_lora_matches_diffusers(slotted_slg_export: Path, slg_pipe: Pipeline, reference, lora_reference,
+                                           style_lora: Path) -> None:
+    """One slotted export with the pass: a LoRA with SLG (both moving the image), a LoRA without SLG (the pass never
+    loaded), SLG without a LoRA (the plain SLG export's image): each diffusers' image within 1/255."""
+    steps, guidance, slg, runs = CASES[1]
+    latents = _latents(21)
+    want = _diffusers(lora_reference, latents, steps, guidance, slg)
+    lora_only = _diffusers(lora_reference, latents, steps, guidance, None)
+    slg_only = _diffusers(reference, latents, steps, guidance, slg)
+    assert want.std() > 5 and np.abs(want - lora_only).max() > 3 and np.abs(want - slg_only).max() > 3
+    loras = [(str(style_lora), LORA_SCALE)]
+    kw = {"negative_prompt": NEGATIVE, "height": 64, "width": 96, "steps": steps, "guidance_scale": guidance,
+          "sampler": "flow-euler", "latents": latents}
+    with Pipeline.load(slotted_slg_export, backend="ort-cpu") as pipe:
+        res = pipe(PROMPT, loras=loras, **kw)
+        assert SKIP_UNET not in pipe.engines and "skip-layer" not in res.loop
+        assert np.abs(_pixels(res) - lora_only).max() <= 1
+        res = pipe(PROMPT, loras=loras, **kw, **slg)
+        assert np.abs(_pixels(res) - want).max() <= 1
+        assert res.loop.endswith(f"skip-layer guidance on {runs} of {steps} steps")
+        got = _pixels(pipe(PROMPT, **kw, **slg))
+        assert np.abs(got - _pixels(slg_pipe(PROMPT, **kw, **slg))).max() <= 1
+        assert np.abs(got - slg_only).max() <= 1
+
+
+@pytest.mark.parametrize("backend", ["ort-cuda-path", "openvino"])
+def test_slg_with_a_lora_on_other_backends(slotted_slg_export: Path, lora_reference, style_lora: Path,
+                                           monkeypatch: pytest.MonkeyPatch, backend: str) -> None:
+    steps, guidance, slg, runs = CASES[1]
+    latents = _latents(22)
+    want = _diffusers(lora_reference, latents, steps, guidance, slg)
+    if backend == "openvino":
+        pytest.importorskip("openvino", reason="the openvino backend needs OpenVINO (pip install sdrt[openvino])")
+        pipe = Pipeline.load(slotted_slg_export, backend="openvino", precision="fp32")
+    else:
+        from .helpers.pipelines import ort_cuda_on_cpu
+
+        monkeypatch.setattr("sdrt.runtime.backends.make_backend",
+                            lambda *a, **k: ort_cuda_on_cpu(monkeypatch, cuda_graph=True))
+        pipe = Pipeline.load(slotted_slg_export, backend="ort-cuda")
+    with pipe:
+        res = pipe(PROMPT, negative_prompt=NEGATIVE, height=64, width=96, steps=steps, guidance_scale=guidance,
+                   sampler="flow-euler", latents=latents, loras=[(str(style_lora), LORA_SCALE)], **slg)
+    assert want.std() > 5 and np.abs(_pixels(res) - want).max() <= 1
+    assert res.loop.endswith(f"skip-layer guidance on {runs} of {steps} steps")
+
+
+def test_slotted_skip_graph_is_diffusers_skip_layers_with_the_lora(slotted_slg_export: Path, lora_reference,
+                                                                    style_lora: Path) -> None:
+    """The slotted pass's graph, as written: the transformer's slot inputs for the blocks it runs (the skipped
+    block's have none: they do not reach its output), the transformer's weights file; fed the factors a call binds
+    for the LoRA, it is diffusers' transformer with the LoRA loaded and ``skip_layers``, combined by hand."""
+    m = ExportManifest.read(slotted_slg_export)
+    comp, unet = m.components[SKIP_UNET], m.components["unet"]
+    slots = {i.name: i.shape for i in comp.inputs if i.name.startswith("lora.")}
+    unet_slots = {i.name: i.shape for i in unet.inputs if i.name.startswith("lora.")}
+    assert slots and all(unet_slots[n] == s for n, s in slots.items())
+    assert {n for n in unet_slots if n not in slots} == {n for n in unet_slots
+                                                          if n.startswith(f"lora.transformer_blocks.{LAYERS[0]}.")}
+    assert comp.parity is not None and comp.parity.rel_err <= comp.parity.bound
+    graph = onnx.load(str(slotted_slg_export / comp.path), load_external_data=False)
+    assert {e.value for t in graph.graph.initializer for e in t.external_data if e.key == "location"} == \
+        {"model.onnx_data"}
+    assert sum(len(t.raw_data) for t in graph.graph.initializer) < 1 << 16  # its own bytes: small constants only
+
+    with Pipeline.load(slotted_slg_export, backend="ort-cpu") as pipe:
+        factors = pipe.lora_inputs([(str(style_lora), LORA_SCALE)])
+    sess = ort.InferenceSession(str(slotted_slg_export / comp.path), providers=["CPUExecutionProvider"])
+    g = torch.Generator().manual_seed(4)
+    x, t = torch.randn(2, 16, 8, 12, generator=g), torch.rand(2, generator=g) * 1000
+    text, pooled = torch.randn(2, 333, 48, generator=g), torch.randn(2, 32, generator=g)
+    pred, k = torch.randn(2, 16, 8, 12, generator=g), 0.6
+    with torch.no_grad():
+        skipped = lora_reference.transformer(hidden_states=x[1:], timestep=t[1:], encoder_hidden_states=text[1:],
+                                             pooled_projections=pooled[1:], skip_layers=LAYERS).sample
+        plain = _plain_skipped(x[1:], t[1:], text[1:], pooled[1:])
+    assert float((skipped - plain).abs().max()) > 1e-3  # the LoRA moves the pass
+    want = torch.cat([pred[:1], pred[1:] + k * (pred[1:] - skipped)]).numpy()
+    (got,) = sess.run(["out_sample"], {"sample": x.numpy(), "timestep": t.numpy(), "encoder_hidden_states":
+                                       text.numpy(), "pooled_projections": pooled.numpy(), "unet_out": pred.numpy(),
+                                       "skip_scale": np.array([k], np.float32),
+                                       **{n: np.asarray(factors[n]) for n in slots}})
+    assert float(np.abs(got - want).max() / np.abs(want).max()) <= 1e-5
+
+
+def _plain_skipped(x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+    from sdrt.export.sd3_presets import build_modules, get_sd3_preset
+
+    tr = build_modules(get_sd3_preset(PRESET), seed=0).transformer
+    return tr(hidden_states=x, timestep=t, encoder_hidden_states=text, pooled_projections=pooled,
+              skip_layers=LAYERS).sample
+
+
+def test_staged_denoise_runs_slg(slg_pipe: Pipeline, sd3_export, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``denoise()`` takes the call's SLG keywords: two windows of the schedule give the call's image (the window of
+    SLG steps a fraction of the plan's steps, whichever part a call runs); what the call refuses it refuses."""
+    steps, guidance, slg, runs = CASES[2]  # steps 2 to 5: some in each of the two windows
+    latents = _latents(23)
+    whole = slg_pipe(PROMPT, negative_prompt=NEGATIVE, height=64, width=96, steps=steps, guidance_scale=guidance,
+                     sampler="flow-euler", latents=latents, **slg)
+    emb = slg_pipe.encode_prompt(PROMPT, NEGATIVE, guided=True)
+    plan = slg_pipe.plan("flow-euler", steps, height=64, width=96)
+    first: dict = {}
+    rest: dict = {}
+    lat = slg_pipe.denoise(emb, slg_pipe.prepare_latents(plan, 64, 96, latents=latents), plan,
+                           guidance_scale=guidance, end=0.5, timings=first, **slg)
+    assert 0 < lat.step < steps
+    lat = slg_pipe.denoise(emb, lat, plan, guidance_scale=guidance, timings=rest, **slg)
+    ran = [int(re.search(r"skip-layer guidance on (\d+) of", t["loop"]).group(1)) for t in (first, rest)]
+    assert all(ran) and sum(ran) == runs  # the window split across the two calls
+    images, _ = slg_pipe.decode(lat)
+    np.testing.assert_array_equal(np.asarray(images[0]), np.asarray(whole.images[0]))
+    plain_lat = slg_pipe.denoise(emb, slg_pipe.prepare_latents(plan, 64, 96, latents=latents), plan,
+                                 guidance_scale=guidance)
+    assert np.abs(np.asarray(slg_pipe.decode(plain_lat)[0][0]).astype(int) - np.asarray(images[0])).max() > 3
+
+    def no_work(*a, **k):
+        raise AssertionError("work started before the refusal")
+
+    monkeypatch.setattr(Pipeline, "_denoise", no_work)
+    fresh = slg_pipe.prepare_latents(plan, 64, 96, latents=latents)
+    with pytest.raises(InputError, match="guidance_scale above 1"):
+        slg_pipe.denoise(slg_pipe.encode_prompt(PROMPT, guided=False), fresh, plan, guidance_scale=1.0, **slg)
+    with pytest.raises(InputError, match="feature caching"):
+        slg_pipe.denoise(emb, fresh, plan, guidance_scale=guidance, cache="first-block", **slg)
+    with pytest.raises(InputError, match="give one"):
+        slg_pipe.denoise(emb, fresh, plan, guidance_scale=guidance, skip_layer_guidance_stop=0.5)
+    with Pipeline.load(sd3_export(PRESET), backend="ort-cpu") as plain, \
+            pytest.raises(ArtifactError, match="--skip-layers 7,8,9"):
+        plain.denoise(plain.encode_prompt(PROMPT, guided=True), plain.prepare_latents(plan, 64, 96, latents=latents),
+                      plan, guidance_scale=guidance, **slg)
 
 
 def test_skip_graph_is_diffusers_skip_layers_over_the_transformers_weights(slg_export: Path) -> None:
@@ -234,7 +412,6 @@ def test_calls_that_cannot_run_slg_are_refused_before_work(slg_pipe: Pipeline, s
 
 
 def test_export_refuses_bad_layers_and_refit(slg_export: Path, tmp_path: Path) -> None:
-    from sdrt.export.lora_slots import SlotPlan
     from sdrt.export.refit import RefitRequest, refit_folder
     from sdrt.export.sd3_export import export_sd3, load_sd3
 
@@ -242,8 +419,6 @@ def test_export_refuses_bad_layers_and_refit(slg_export: Path, tmp_path: Path) -
     for layers in ([2], [0, 0], [0, 1], [], [-1]):  # past the 2 blocks, twice, every block, none, negative
         with pytest.raises(InputError, match="distinct blocks"):
             export_sd3(model, tmp_path / "out", skip_layers=layers)
-    with pytest.raises(InputError, match="LoRA slots"):
-        export_sd3(model, tmp_path / "out", skip_layers=LAYERS, lora_slots=SlotPlan.parse("4"))
     assert not (tmp_path / "out").exists()
     with pytest.raises(CompatibilityError, match="unet_skip"):
         refit_folder(slg_export, RefitRequest(base=True), out=tmp_path / "refit")
@@ -275,6 +450,46 @@ def test_a_streamed_transformer_gets_a_streamed_pass(tmp_path: Path) -> None:
     (got,) = sess.run(["out_sample"], {"sample": x.numpy(), "timestep": t.numpy(), "encoder_hidden_states": text.numpy(),
                                        "pooled_projections": pooled.numpy(), "unet_out": pred.numpy(),
                                        "skip_scale": np.array([0.5], np.float32)})
+    assert float(np.abs(got - want).max() / np.abs(want).max()) <= 1e-5
+
+
+@pytest.mark.slow
+def test_a_streamed_slotted_transformer_gets_a_slotted_streamed_pass(tmp_path: Path) -> None:
+    """The full-size path with LoRA slots: the streamed pass takes the transformer's slot inputs (the skipped
+    block's too, unused: torch.export keeps every input), is gated with random factors, shares the transformer's
+    weights file, and with factors is the transformer with ``up @ down`` added to each slotted weight (by hand)
+    and ``skip_layers``."""
+    from sdrt.export.lora_slots import SlotPlan
+    from sdrt.export.sd3_export import export_sd3, load_sd3
+
+    model = load_sd3(random_preset=PRESET, stream=True)
+    m = export_sd3(model, tmp_path / "out", fp16=False, without_t5=True, skip_layers=[1],
+                   lora_slots=SlotPlan.parse("4:attn-ff"))
+    comp = m.components[SKIP_UNET]
+    slots = {i.name: i.shape for i in comp.inputs if i.name.startswith("lora.")}
+    assert slots and slots == {i.name: i.shape for i in m.components["unet"].inputs if i.name.startswith("lora.")}
+    assert comp.parity is not None and "blocks" in comp.parity.reference
+    graph = onnx.load(str(tmp_path / "out" / comp.path), load_external_data=False)
+    assert sum(len(t.raw_data) for t in graph.graph.initializer) < 1 << 16  # its own bytes: small constants only
+    assert not (tmp_path / "out" / "transformer" / "skip_layers.onnx_data").exists()
+    tr = model.held().transformer
+    g = torch.Generator().manual_seed(6)
+    factors = {n: torch.randn(*(int(d) for d in shape), generator=g) * 0.05 for n, shape in slots.items()}
+    with torch.no_grad():
+        layers = dict(tr.named_modules())
+        for n in {k.removeprefix("lora.").rsplit(".", 1)[0] for k in slots}:
+            layers[n].weight += factors[f"lora.{n}.up"] @ factors[f"lora.{n}.down"]
+    sess = ort.InferenceSession(str(tmp_path / "out" / comp.path), providers=["CPUExecutionProvider"])
+    x, t = torch.randn(2, 16, 6, 10, generator=g), torch.rand(2, generator=g) * 1000
+    text, pooled, pred = torch.randn(2, 77, 48, generator=g), torch.randn(2, 32, generator=g), torch.randn(2, 16, 6, 10)
+    with torch.no_grad():
+        skipped = tr(hidden_states=x[1:], timestep=t[1:], encoder_hidden_states=text[1:], pooled_projections=pooled[1:],
+                     skip_layers=[1]).sample
+    want = torch.cat([pred[:1], pred[1:] + 0.5 * (pred[1:] - skipped)]).numpy()
+    (got,) = sess.run(["out_sample"], {"sample": x.numpy(), "timestep": t.numpy(), "encoder_hidden_states": text.numpy(),
+                                       "pooled_projections": pooled.numpy(), "unet_out": pred.numpy(),
+                                       "skip_scale": np.array([0.5], np.float32),
+                                       **{n: f.numpy() for n, f in factors.items()}})
     assert float(np.abs(got - want).max() / np.abs(want).max()) <= 1e-5
 
 

@@ -173,9 +173,6 @@ def _run_sd3(args: argparse.Namespace) -> int:
 
         for f in files:
             check_sd3_controlnet_file(f)
-    if args.lora_slots is not None and args.skip_layers is not None:
-        raise InputError("--skip-layers and --lora-slots in one export are not supported yet (the skip pass has no "
-                         "slots): export with one of them, or merge the LoRAs with --lora")
     if args.lora_slots is not None and args.controlnets:
         raise InputError("--lora-slots and --controlnet in one SD 3 / 3.5 export are not supported yet (the "
                          "transformer taking the ControlNets' samples has no slots): export with one of them, or "
