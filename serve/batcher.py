@@ -378,7 +378,7 @@ def control_identity(r: GenerationRequest) -> tuple[Any, ...] | None:
     pixels) and the settings as given; None without control images."""
     if not r.control_images:
         return None
-    digests = []
+    digests: list[tuple[str, tuple[int, ...], str] | None] = []
     for im in r.control_images:
         if im is None:
             digests.append(None)

@@ -68,7 +68,7 @@ def model_list(st: ServeState) -> list[str]:
 
 # -- decoding and checking --------------------------------------------------------------------------------------
 def _decode_all(texts: list[str | None], field: str, max_pixels: int) -> list[Any]:
-    out = []
+    out: list[Any] = []
     for j, t in enumerate(texts):
         if t is None or t == "":
             out.append(None)
@@ -154,7 +154,7 @@ async def openai_control(st: ServeState, body: S.ControlKnobs, loop: Loop,
     if not body.control_given and not uploads:  # a control model (FLUX.1 Depth / Canny) refuses a request without one
         await check(st, {}, loop, image_field="control_image", fields=OPENAI_FIELDS)
         return {}, []
-    texts = body.control_image if isinstance(body.control_image, list) else (
+    texts: list[str | None] = list(body.control_image) if isinstance(body.control_image, list) else (
         [] if body.control_image is None else [body.control_image])
     images = uploads or await decode_images(st, texts, "control_image")
     control: dict[str, Any] = {"control_images": images or None}
@@ -228,15 +228,16 @@ def _unit_image(unit: dict[str, Any], field: str) -> str | None:
     ``[image, mask]``; a mask with it is refused (sdrt's nets take no inpainting mask)."""
     if "image" in unit and "input_image" in unit:
         raise _refuse(field, f"{field}: give image or input_image (its old name), not both")
-    value = unit.get("image", unit.get("input_image"))
-    mask = None
-    if isinstance(value, dict):
-        value, mask = value.get("image"), value.get("mask")
-    elif isinstance(value, (list, tuple)):
-        if len(value) != 2 or isinstance(value[0], dict):
+    raw = unit.get("image", unit.get("input_image"))
+    value: Any = raw
+    mask: Any = None
+    if isinstance(raw, dict):
+        value, mask = raw.get("image"), raw.get("mask")
+    elif isinstance(raw, (list, tuple)):
+        if len(raw) != 2 or isinstance(raw[0], dict):
             raise _refuse(field, f"{field}.image: one image per unit (a base64 string, {{\"image\": ...}} or "
                                  "[image, mask]); sdrt takes no batch of images per unit")
-        value, mask = value
+        value, mask = raw
     for name in ("mask", "mask_image"):
         mask = mask if mask not in (None, "") else unit.get(name)
     if mask not in (None, ""):

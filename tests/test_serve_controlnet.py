@@ -26,8 +26,8 @@ from .helpers.serve_live import LiveServer, metric, pixels
 
 KEY = "test-key-cn"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-LIMITS = dict(api_key=KEY, max_batch=8, batch_window_ms=300, max_steps=4, max_upload_pixels=200 * 200,
-              max_pixels=128 * 128)
+LIMITS = {"api_key": KEY, "max_batch": 8, "batch_window_ms": 300, "max_steps": 4, "max_upload_pixels": 200 * 200,
+          "max_pixels": 128 * 128}
 
 
 def b64(image) -> str:
