@@ -384,7 +384,10 @@ def control_identity(r: GenerationRequest) -> tuple[Any, ...] | None:
             digests.append(None)
             continue
         pixels = np.asarray(im)
-        digests.append((getattr(im, "mode", ""), pixels.shape, hashlib.sha256(pixels.tobytes()).hexdigest()))
+        h = hashlib.sha256(pixels.tobytes())
+        if getattr(im, "mode", "") in ("P", "PA"):  # a palette image's pixels are indices: its colours are the palette
+            h.update(bytes(im.getpalette() or []))
+        digests.append((getattr(im, "mode", ""), pixels.shape, h.hexdigest()))
     settings = tuple(repr(v) for v in (r.control_scales, r.control_start, r.control_end, r.guess_mode,
                                       r.control_preprocess, r.control_modes))
     return (tuple(digests), settings)

@@ -176,6 +176,9 @@ def test_batch_key_holds_the_control_images_and_settings():
     assert key(control_images=[a]) != key(control_images=[a], control_scales=0.5)
     assert key(control_images=[a]) != key(control_images=[None, a])
     assert key(control_images=[a]) != key()
+    pal, other = a.convert("P"), a.convert("P")
+    other.putpalette(bytes(255 - v for v in pal.getpalette()))  # the same indices, other colours
+    assert key(control_images=[pal]) != key(control_images=[other])
     batcher.close(0)
 
 
@@ -308,3 +311,42 @@ def test_flux_depth_over_both_apis(flux_export):
                                                "control_image": b64(depth), "controlnet_conditioning_scale": 0.5})
         assert r.status_code == 422 and r.json()["error"]["param"] == "controlnet_conditioning_scale"
         assert "applies to ControlNets" in r.json()["error"]["message"]
+
+
+# -- FLUX.1 with a Union ControlNet: a control mode per request -------------------------------------------------------
+@pytest.fixture(scope="module")
+def union_export(tmp_path_factory, export_cache):
+    """flux-dev-tiny with one Union ControlNet (``flux-controlnet-union-tiny``, seed 2)."""
+    key = ("flux-dev-tiny+union-controlnet", "fp32")
+    if key not in export_cache:
+        from sdrt.export.controlnet_loading import random_controlnet
+        from sdrt.export.flux_export import export_flux, load_flux
+
+        out = tmp_path_factory.mktemp("exports") / key[0]
+        export_flux(load_flux(random_preset="flux-dev-tiny"), out,
+                    controlnets=[random_controlnet("flux-controlnet-union-tiny", seed=2)])
+        export_cache[key] = out
+    return export_cache[key]
+
+
+def test_flux_union_controlnet_mode_over_both_apis(union_export):
+    upipe = shared_pipeline(union_export)
+    ctl = control_image(13, w=64, h=64)
+    base = {"prompt": "a fox", "steps": 2, "seed": 9}
+    want = np.asarray(upipe("a fox", height=64, width=64, steps=2, guidance_scale=3.5, seed=9, control_images=[ctl],
+                            control_modes=[1], control_scales=[0.7]).images[0])
+    with LiveServer(create_app(upipe, **LIMITS)) as s:
+        r = post(s, "/v1/images/generations", {**base, "size": "64x64", "guidance_scale": 3.5, "control_image": b64(ctl),
+                                               "control_mode": 1, "controlnet_conditioning_scale": 0.7})
+        assert r.status_code == 200, r.text
+        np.testing.assert_array_equal(pixels(r.json()["data"][0]["b64_json"]), want)
+        r = post(s, "/sdapi/v1/txt2img", {**base, "width": 64, "height": 64, "cfg_scale": 3.5, "sampler_name": "Euler",
+                                          **unit(image=b64(ctl), model="controlnet_0", weight=0.7,
+                                                 union_control_type=1)})
+        assert r.status_code == 200, r.text
+        np.testing.assert_array_equal(pixels(r.json()["images"][0]), want)
+        r = post(s, "/v1/images/generations", {**base, "size": "64x64", "control_image": b64(ctl)})
+        assert r.status_code == 422 and r.json()["error"]["param"] == "control_mode"
+        assert "is a Union ControlNet of 3 control modes" in r.json()["error"]["message"]
+        r = post(s, "/v1/images/generations", {**base, "size": "64x64", "control_image": b64(ctl), "control_mode": 7})
+        assert r.status_code == 422 and "give an integer from 0 to 2" in r.json()["error"]["message"]
