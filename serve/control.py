@@ -152,7 +152,8 @@ async def openai_control(st: ServeState, body: S.ControlKnobs, loop: Loop,
     """The OpenAI fields as the Pipeline's control keywords, checked ({} without any), and the decoded images
     (``uploads``: the edits form's control images, decoded already, instead of ``body.control_image``)."""
     if not body.control_given and not uploads:  # a control model (FLUX.1 Depth / Canny) refuses a request without one
-        await check(st, {}, loop, image_field="control_image", fields=OPENAI_FIELDS)
+        if getattr(st.pipeline(), "takes_control_image", False):
+            await check(st, {}, loop, image_field="control_image", fields=OPENAI_FIELDS)
         return {}, []
     texts: list[str | None] = list(body.control_image) if isinstance(body.control_image, list) else (
         [] if body.control_image is None else [body.control_image])
@@ -346,7 +347,8 @@ async def a1111_control(st: ServeState, scripts: dict[str, Any] | None, size: tu
     units = a1111_units(st, scripts)
     pipe = st.pipeline()
     if not units:
-        await check(st, {}, loop, image_field="alwayson_scripts", fields=A1111_FIELDS)
+        if getattr(pipe, "takes_control_image", False):
+            await check(st, {}, loop, image_field="alwayson_scripts", fields=A1111_FIELDS)
         return {}, []
     # a control model (FLUX.1 Depth / Canny) reads one control image itself: its one "net" is the model
     names = [[st.model_id]] if getattr(pipe, "takes_control_image", False) else net_names(st)

@@ -307,6 +307,8 @@ def test_flux_depth_over_both_apis(flux_export):
         np.testing.assert_array_equal(pixels(r.json()["images"][0]), want)
         r = post(s, "/v1/images/generations", {"prompt": "a boat", "size": "64x64", "steps": 1})
         assert r.status_code == 422 and "control_images=[image]" in r.json()["error"]["message"]
+        r = post(s, "/sdapi/v1/txt2img", {"prompt": "a boat", "width": 64, "height": 64, "steps": 1})
+        assert r.status_code == 422 and r.json()["error"]["param"] == "alwayson_scripts"
         r = post(s, "/v1/images/generations", {"prompt": "a boat", "size": "64x64", "steps": 1,
                                                "control_image": b64(depth), "controlnet_conditioning_scale": 0.5})
         assert r.status_code == 422 and r.json()["error"]["param"] == "controlnet_conditioning_scale"
