@@ -113,6 +113,7 @@ async def check(st: ServeState, control: dict[str, Any], loop: Loop, *, image_fi
     from sdrt.runtime.request import GenerationRequest
 
     pipe = st.pipeline()
+    # the check asks only whether a mask is there (ControlNets refuse one), not what it is
     req = GenerationRequest(prompt="", mask_image=True if loop.masked else None, guidance_scale=loop.guidance,
                             **loop_fields(loop.cache, loop.skip), **control)
     try:
