@@ -842,6 +842,26 @@ class Pipeline:
                              "leave cache out for a call with control_images",
                              cli="--cache does not cover ControlNets yet: leave --cache out with --control-image")
 
+    def check_control(self, request: GenerationRequest) -> None:
+        """A request's control keywords (``control_images`` and the rest) checked against this export as ``generate``
+        checks them, before any work (a server's 4xx): InputError, or CompatibilityError (an export without
+        ControlNets) / ArtifactError (one missing their engines). Reads only the export's metadata: no device, no
+        lock. ``control_preprocess`` runs here too, as in ``generate``; so do the checks of what ControlNets do not
+        combine with (the request's feature caching and skip-layer guidance)."""
+        if self._closed:
+            raise InputError(f"this pipeline ({self.folder}) was closed; load it again with Pipeline.load")
+        r = request
+        masked = r.mask_image is not None
+        own = control_latents.check(self.folder, self.engines, r.control_images, r.control_scales, r.control_start,
+                                    r.control_end, r.guess_mode, r.control_preprocess, masked, r.control_modes)
+        creq = None if own is not None else self._check_control(
+            r.control_images, r.control_scales, r.control_start, r.control_end, r.guess_mode, r.control_preprocess,
+            masked, r.control_modes)
+        if creq is not None and creq.active:
+            self.check_cache(r.cache_policy, creq)
+            self.check_skip_guidance(r.skip_guidance, self.uses_guidance(r.guidance_scale), r.cache_policy, creq,
+                                     r.guidance_rescale)
+
     def _check_control(self, control_images: Any, control_scales: Any, control_start: Any, control_end: Any,
                        guess_mode: Any, control_preprocess: Any, masked: bool,
                        control_modes: Any = None) -> controlnet.ControlRequest | None:

@@ -6,7 +6,9 @@ together. They must agree on size, steps, sampler, guided-or-not, the guidance s
 input per sampler step), the number of 77-token prompt chunks (the text encoder pads a batch to its
 longest prompt, so a long prompt would change its neighbours' conditioning) and the feature-caching policy
 (a loop runs one plan of full-UNet and shallow steps for all its rows). img2img and inpainting
-requests run on their own (one init image and mask per pipeline call). Each keeps its own prompt,
+requests run on their own (one init image and mask per pipeline call). Requests with control images (ControlNets,
+FLUX.1 Depth / Canny) share a batch only with requests of the same control images (by their pixels' digest) and
+settings: the pipeline takes one control image per net for every row of a call. Each keeps its own prompt,
 negative prompt and seeds, and since the pipeline draws one noise generator per image, its images are
 bit-identical to running alone.
 The oldest queued request always leads the next batch, so no request starves.
@@ -23,6 +25,7 @@ worker starts the next batch while the last one's images are encoded.
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
 import io
 import itertools
 import logging
@@ -31,6 +34,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
+
+import numpy as np
 
 from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.feature_cache import CachePolicy
@@ -74,7 +79,8 @@ class Job:
            steps: int, sampler: str, guidance: float, *, image: Any = None, strength: float | None = 0.8,
            mask: Any = None, paste_back: float | None = None, cache: CachePolicy | None = None,
            loras: list[tuple[str, float]] | None = None, prompt_syntax: str = "plain",
-           max_sequence_length: int | None = None, reference: Any = None, skip: SkipGuidance | None = None) -> Job:
+           max_sequence_length: int | None = None, reference: Any = None, skip: SkipGuidance | None = None,
+           control: dict[str, Any] | None = None) -> Job:
         """A job from an API's fields: ``negatives`` None: no negative prompt at all (the model's rule for that
         applies: SDXL zeroes the negatives); ``image`` (img2img, a PIL image of height x width) with
         ``strength`` (None: the pipeline's default; inpainting: 1), ``mask`` (inpainting: white = repaint) and
@@ -83,18 +89,15 @@ class Job:
         ``prompt_syntax``: how the prompts are read ("plain"; "a1111": A1111's emphasis and BREAK; "compel");
         ``max_sequence_length``: T5's tokens per prompt (None: the model's default); ``reference``: an editing
         model's (FLUX.1 Kontext) image to edit, resized by the pipeline; ``skip``: skip-layer guidance, checked
-        (``checks.skip_guidance_of``)."""
-        caching = {} if cache is None else {"cache": cache.kind, "cache_interval": cache.interval,
-                                            "cache_schedule": cache.schedule, "cache_threshold": cache.threshold}
-        if skip is not None:
-            caching.update(skip_layer_guidance_scale=skip.scale, skip_layer_guidance_start=skip.start,
-                           skip_layer_guidance_stop=skip.stop)
+        (``checks.skip_guidance_of``); ``control``: the Pipeline's control keywords (``control_images`` and the rest),
+        checked (``control.check``)."""
+        caching = loop_fields(cache, skip)
         return cls(GenerationRequest(prompt=list(prompts), negative_prompt=None if negatives is None else list(negatives),
                                      height=height, width=width, steps=steps, guidance_scale=guidance, sampler=sampler,
                                      seed=list(seeds), image=image, strength=None if image is None else strength,
                                      mask_image=mask, paste_back=paste_back, loras=loras or None,
                                      prompt_syntax=prompt_syntax, max_sequence_length=max_sequence_length,
-                                     reference_image=reference, **caching))
+                                     reference_image=reference, **caching, **(control or {})))
 
     @property
     def prompts(self) -> list[str]:
@@ -112,6 +115,16 @@ class Job:
     @property
     def n(self) -> int:
         return len(self.prompts)
+
+
+def loop_fields(cache: CachePolicy | None, skip: SkipGuidance | None) -> dict[str, Any]:
+    """A checked feature-caching policy and skip-layer guidance as ``GenerationRequest``'s fields ({}: neither)."""
+    out: dict[str, Any] = {} if cache is None else {"cache": cache.kind, "cache_interval": cache.interval,
+                                                    "cache_schedule": cache.schedule, "cache_threshold": cache.threshold}
+    if skip is not None:
+        out.update(skip_layer_guidance_scale=skip.scale, skip_layer_guidance_start=skip.start,
+                   skip_layer_guidance_stop=skip.stop)
+    return out
 
 
 @dataclass
@@ -216,9 +229,10 @@ class Batcher:
         # cached and uncached requests (or other intervals / schedules) run different per-step plans; a LoRA set
         # is the UNet's inputs for the whole batch (the factors are shared by its rows, not per image)
         loras = tuple((str(n), float(s)) for n, s in r.loras or ())
-        # skip-layer guidance (or its window) is the denoiser's for the whole batch
+        # skip-layer guidance (or its window) is the denoiser's for the whole batch; so are the control images and
+        # their settings (one per net for every row of a call): only requests with the same ones share a batch
         return (r.height, r.width, r.steps, r.sampler, guided, r.guidance_scale if guided else None,
-                conditioning, policy, loras, r.prompt_syntax, r.skip_guidance, solo)
+                conditioning, policy, loras, r.prompt_syntax, r.skip_guidance, control_identity(r), solo)
 
     def submit(self, job: Job) -> concurrent.futures.Future[JobResult]:
         if job.n > self.max_batch:
@@ -357,6 +371,26 @@ class Batcher:
             t = dict(timings, queue_ms=(started - j.enqueued) * 1e3)
             j.future.set_result(JobResult(pngs[i:i + j.n], j.seeds, t, res.nonfinite[i:i + j.n]))
             i += j.n
+
+
+def control_identity(r: GenerationRequest) -> tuple[Any, ...] | None:
+    """What a request's control inputs are, for the batch key: each control image's digest (its mode, size and
+    pixels) and the settings as given; None without control images."""
+    if not r.control_images:
+        return None
+    digests: list[tuple[str, tuple[int, ...], str] | None] = []
+    for im in r.control_images:
+        if im is None:
+            digests.append(None)
+            continue
+        pixels = np.asarray(im)
+        h = hashlib.sha256(pixels.tobytes())
+        if getattr(im, "mode", "") in ("P", "PA"):  # a palette image's pixels are indices: its colours are the palette
+            h.update(bytes(im.getpalette() or []))
+        digests.append((getattr(im, "mode", ""), pixels.shape, h.hexdigest()))
+    settings = tuple(repr(v) for v in (r.control_scales, r.control_start, r.control_end, r.guess_mode,
+                                      r.control_preprocess, r.control_modes))
+    return (tuple(digests), settings)
 
 
 def _fail(job: Job, e: BaseException) -> None:

@@ -125,6 +125,42 @@ class LoraKnobs(BaseModel):
                                         description="LoRAs applied to this request, by name, with their scales")
 
 
+MAX_CONTROL_IMAGES = 8  # control images per request (one per ControlNet of the export; a control model: one)
+ControlPreprocess = str  # the Pipeline names its preprocessors when it refuses one (runtime/controlnet.PREPROCESSORS)
+PerNet = float | list[float | None]
+
+
+class ControlKnobs(BaseModel):
+    """ControlNet and control models (FLUX.1 Depth / Canny) on the OpenAI API: sdrt's extra fields, named as diffusers'
+    ControlNet pipelines' arguments (``GenerationRequest.control_images`` and the rest). A single value applies to
+    every image; a list has one entry per ControlNet of the export, in its order (null leaves a net out or takes
+    the default). The Pipeline checks them against the export before any work (422, or 400
+    ``controlnet_unavailable`` on an export without ControlNets)."""
+
+    control_image: str | list[str | None] | None = Field(
+        default=None, description="a base64 PNG/JPEG/WebP (a data: URL prefix is accepted), or a list: one per "
+                                  "ControlNet of the export, in order (null: that net does not run); a control "
+                                  "model (FLUX.1 Depth / Canny) takes one")
+    controlnet_conditioning_scale: PerNet | None = Field(
+        default=None, description="each net's scale (default 1), a number or one per control image")
+    control_guidance_start: PerNet | None = Field(
+        default=None, description="the fraction of the steps where each net starts (default 0)")
+    control_guidance_end: PerNet | None = Field(
+        default=None, description="the fraction of the steps where each net stops (default 1)")
+    guess_mode: bool = Field(default=False, description="diffusers' guess mode (UNet ControlNets)")
+    control_mode: int | list[int | None] | None = Field(
+        default=None, description="a Union ControlNet's control mode (diffusers' control_mode), an integer below its "
+                                  "mode count, or one per control image (null for a net without modes)")
+    control_preprocess: ControlPreprocess | list[ControlPreprocess | None] | None = Field(
+        default=None, description="'canny': OpenCV's Canny edges (100, 200) of the image first, or one per image")
+
+    @property
+    def control_given(self) -> bool:
+        return any(v not in (None, False) for v in (
+            self.control_image, self.controlnet_conditioning_scale, self.control_guidance_start,
+            self.control_guidance_end, self.guess_mode, self.control_mode, self.control_preprocess))
+
+
 class ErrorBody(BaseModel):
     message: str
     type: str
@@ -171,7 +207,7 @@ class SdrtKnobs(CacheKnobs, LoraKnobs, TextKnobs, SlgKnobs):
                                      "BREAK, <lora:NAME:W>), or in compel's (a+, (a b)1.3, (\"a\", \"b\").blend(0.7, 0.3))")
 
 
-class OpenAIGeneration(SdrtKnobs):
+class OpenAIGeneration(SdrtKnobs, ControlKnobs):
     model_config = ConfigDict(extra="forbid")
 
     prompt: str = Prompt
@@ -220,7 +256,7 @@ class OpenAIModels(BaseModel):
 # A1111 fields that change the image, with the values that leave it as sdrt makes it (accepted, since
 # clients send their defaults); anything else is refused, naming the field.
 _A1111_NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "enable_hr": (None, False), "alwayson_scripts": (None, {}), "script_name": (None, ""),
+    "enable_hr": (None, False), "script_name": (None, ""),
     "script_args": (None, []), "restore_faces": (None, False), "tiling": (None, False),
     "styles": (None, []), "subseed": (None, -1), "subseed_strength": (None, 0, 0.0),
     "seed_resize_from_h": (None, -1, 0), "seed_resize_from_w": (None, -1, 0), "eta": (None, 0, 0.0),
@@ -272,6 +308,11 @@ class A1111Txt2Img(CacheKnobs, LoraKnobs, TextKnobs, SlgKnobs):
                               description="a multiple of 8; default: the model's size")
     height: int | None = Field(default=None, ge=SIZE_MIN, le=SIZE_MAX, multiple_of=8,
                                description="a multiple of 8; default: the model's size")
+    alwayson_scripts: dict[str, Any] | None = Field(
+        default=None, description="the controlnet script only (sd-webui-controlnet's request shape): "
+                                  '{"controlnet": {"args": [{"image": b64, "model": NAME, "module": "none" or '
+                                  '"canny", "weight": 1.0, "guidance_start": 0.0, "guidance_end": 1.0}, ...]}}; '
+                                  "GET /controlnet/model_list names the export's nets")
 
     @model_validator(mode="before")
     @classmethod

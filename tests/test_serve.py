@@ -118,7 +118,7 @@ def test_a1111_img2img_with_data_url(server, pipe):
 
 @pytest.mark.parametrize("extra, named", [
     ({"enable_hr": True}, "enable_hr"),
-    ({"alwayson_scripts": {"controlnet": {"args": []}}}, "alwayson_scripts"),
+    ({"alwayson_scripts": {"ADetailer": {"args": [True]}}}, "alwayson_scripts"),
     ({"restore_faces": True, "tiling": True}, "restore_faces, tiling"),
     ({"frobnicate": 1}, "frobnicate"),
     ({"mask": "aGVsbG8="}, "mask"),

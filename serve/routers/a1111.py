@@ -30,6 +30,7 @@ from ..checks import (
     skip_guidance_of,
     snap,
 )
+from ..control import A1111_MODULES, Loop, a1111_control, default_size, model_list
 from ..deps import Auth, ServeState, State
 from ..dispatch import run_job
 from ..errors import ApiError
@@ -73,6 +74,19 @@ async def loras(st: State) -> list[dict[str, Any]]:
     return [{"name": n, "alias": n, "path": f"{n}.safetensors", "metadata": {}} for n in st.pipeline().loras.names()]
 
 
+@router.get("/controlnet/model_list")
+async def controlnet_models(st: State) -> dict[str, list[str]]:
+    """sd-webui-controlnet's model list: the export's ControlNets, by the names a unit's ``model`` may give (the
+    component name, then the name of what it was exported from); empty for an export without ControlNets."""
+    return {"model_list": model_list(st)}
+
+
+@router.get("/controlnet/module_list")
+async def controlnet_modules() -> dict[str, list[str]]:
+    """sd-webui-controlnet's preprocessors that sdrt runs (a unit's ``module``)."""
+    return {"module_list": list(A1111_MODULES)}
+
+
 @router.get("/sdapi/v1/sd-models")
 async def sd_models(st: State) -> list[dict[str, Any]]:
     return [{"title": st.model_id, "model_name": st.model_id, "filename": str(st.folder)}]
@@ -82,12 +96,14 @@ async def generate(st: ServeState, body: S.A1111Txt2Img, request: Request, init:
                    mask: Any = None, blur: float | None = None) -> dict[str, Any]:
     """Run a txt2img or img2img request as ``n_iter`` jobs of ``batch_size`` images; A1111's response."""
     cfg = st.config
+    lim = st.pipeline().manifest.limits
     if init is not None and body.width is None and body.height is None:
-        w, h = snap(init.size, st.pipeline().manifest.limits)
+        size: tuple[int, int] | None = snap(init.size, lim)
+    elif body.width is None and body.height is None:
+        size = None  # the first control image's, else the model's
     else:
         d = st.pipeline().manifest.default_size
-        w, h = body.width or d, body.height or d
-    check_size(st, w, h, "width", "height")
+        size = body.width or d, body.height or d
     check_common(cfg, body.prompt, body.negative_prompt, body.steps, body.batch_size, "batch_size")
     check_negative(st, body.negative_prompt)
     sampler = sampler_of(st, body.sampler_name, "sampler_name", body.scheduler)
@@ -99,19 +115,27 @@ async def generate(st: ServeState, body: S.A1111Txt2Img, request: Request, init:
     lora_set = loras_of(st, body.loras, tagged)
     t5_tokens = sequence_length_of(st, body.max_sequence_length)
     slg = skip_guidance_of(st, body, body.cfg_scale, cache)
+    control, control_images = await a1111_control(st, body.alwayson_scripts, size,
+                                                  Loop(body.cfg_scale, cache, slg, mask is not None), init)
+    if size is None:
+        d = st.pipeline().manifest.default_size
+        size = default_size(control_images, lim) or (d, d)
+    w, h = size
+    check_size(st, w, h, "width", "height")
     seeds = seeds_for(body.seed, body.batch_size * body.n_iter)
     strength = getattr(body, "denoising_strength", 1.0)
     jobs = [Job.of([prompt] * body.batch_size, [body.negative_prompt] * body.batch_size,
                 seeds[i * body.batch_size:(i + 1) * body.batch_size], h, w, body.steps, sampler, body.cfg_scale,
                 image=None if init is None else imgs.fit(init, w, h), strength=strength,
                 mask=None if mask is None else imgs.fit(mask, w, h), paste_back=blur, cache=cache, loras=lora_set,
-                prompt_syntax="a1111", max_sequence_length=t5_tokens, skip=slg)
+                prompt_syntax="a1111", max_sequence_length=t5_tokens, skip=slg, control=control)
             for i in range(body.n_iter)]
     results = await asyncio.gather(*(run_job(st, request, j, route) for j in jobs))
     pngs = [p for r in results for p in r.png]
     params = body.model_dump()
     params.pop("init_images", None)
     params.pop("mask", None)
+    params.pop("alwayson_scripts", None)  # its images; the units' settings are in info's sdrt_control
     info = {"prompt": body.prompt, "all_prompts": [body.prompt] * len(pngs),
             "negative_prompt": body.negative_prompt, "all_negative_prompts": [body.negative_prompt] * len(pngs),
             "seed": seeds[0], "all_seeds": seeds, "subseed": -1, "all_subseeds": [-1] * len(pngs),
@@ -121,7 +145,8 @@ async def generate(st: ServeState, body: S.A1111Txt2Img, request: Request, init:
             "mask_blur": blur, "inpainting_mask_invert": getattr(body, "inpainting_mask_invert", 0)
             if mask is not None else None,
             "sd_model_name": st.model_id, "timings": [_timings(r.timings) for r in results],
-            "sdrt_notes": guidance_notes(st, body.cfg_scale, "cfg_scale")}
+            "sdrt_notes": guidance_notes(st, body.cfg_scale, "cfg_scale"),
+            "sdrt_control": {k: v for k, v in control.items() if k != "control_images"} or None}
     return {"images": [imgs.b64(p) for p in pngs], "parameters": params, "info": json.dumps(info)}
 
 

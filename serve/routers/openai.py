@@ -37,6 +37,7 @@ from ..checks import (
     skip_guidance_of,
     snap,
 )
+from ..control import Loop, default_size, form_control, openai_control
 from ..deps import Auth, ServeState, State
 from ..dispatch import run_job
 from ..errors import ApiError
@@ -65,7 +66,8 @@ async def generations(body: S.OpenAIGeneration, request: Request, st: State) -> 
     cfg = st.config
     check_model(st, body.model)
     check_url(st, body.response_format)
-    w, h = parse_size(st, body.size)
+    if body.size is not None:
+        parse_size(st, body.size)
     steps = body.steps or min(cfg.default_steps, cfg.max_steps)
     check_common(cfg, body.prompt, body.negative_prompt, steps, body.n, "n")
     check_negative(st, body.negative_prompt)
@@ -76,9 +78,15 @@ async def generations(body: S.OpenAIGeneration, request: Request, st: State) -> 
     guidance = cfg.default_guidance if body.guidance_scale is None else body.guidance_scale
     t5_tokens = sequence_length_of(st, body.max_sequence_length)
     slg = skip_guidance_of(st, body, guidance, cache)
+    control, control_images = await openai_control(st, body, Loop(guidance, cache, slg))
+    sized = None if body.size is not None else default_size(control_images, st.pipeline().manifest.limits)
+    w, h = parse_size(st, body.size) if sized is None else sized
+    if sized is not None:  # the control image's size, as the Pipeline and diffusers' ControlNet pipelines take it
+        check_size(st, w, h, "control_image", "control_image")
     job = Job.of([prompt] * body.n, None if body.negative_prompt is None else [body.negative_prompt] * body.n,
               seeds_for(body.seed, body.n), h, w, steps, sampler_of(st, body.sampler, "sampler"), guidance,
-              cache=cache, loras=loras, prompt_syntax=body.prompt_syntax, max_sequence_length=t5_tokens, skip=slg)
+              cache=cache, loras=loras, prompt_syntax=body.prompt_syntax, max_sequence_length=t5_tokens, skip=slg,
+              control=control)
     return response(st, await run_job(st, request, job, "generations"), body.response_format, request,
                     guidance_notes(st, body.guidance_scale, "guidance_scale"))
 
@@ -130,6 +138,8 @@ async def edits(
     check_prompts(st, prompt, negative_prompt, steps, prompt_syntax)
     lora_set = loras_of(st, lora_form(loras), tagged)
     t5_tokens = sequence_length_of(st, max_sequence_length)
+    knobs, control_uploads = await form_control(st, await request.form())
+    guidance = cfg.default_guidance if guidance_scale is None else guidance_scale
     raw = await run_in_threadpool(decode_upload, await image.read(), "image", cfg.max_upload_pixels, True)
     pipe = st.pipeline()
     if getattr(pipe, "takes_reference", False):  # an editing model (FLUX.1 Kontext): the image is its reference
@@ -138,6 +148,7 @@ async def edits(
             raise ApiError(422, f"{st.model_id} edits the image from the prompt (FLUX.1 Kontext: the image "
                                 f"conditions, the output starts from noise): send no {field}", field,
                            "unsupported_value")
+        control, _ = await openai_control(st, knobs, Loop(guidance, policy), control_uploads)
         ref = raw.convert("RGB")
         lim = pipe.manifest.limits
         w, h = parse_size(st, size) if size else pipe.family.reference_size(*ref.size, lim.multiple_of, True)
@@ -145,8 +156,8 @@ async def edits(
             check_size(st, w, h, "image", "image")
         job = Job.of([prompt] * n, None if negative_prompt is None else [negative_prompt] * n, seeds_for(seed, n),
                      h, w, steps, sampler_of(st, sampler, "sampler"),
-                     cfg.default_guidance if guidance_scale is None else guidance_scale, reference=ref,
-                     cache=policy, loras=lora_set, prompt_syntax=prompt_syntax, max_sequence_length=t5_tokens)
+                     guidance, reference=ref, cache=policy, loras=lora_set, prompt_syntax=prompt_syntax,
+                     max_sequence_length=t5_tokens, control=control)
         return response(st, await run_job(st, request, job, "edits"), response_format, request,
                         guidance_notes(st, guidance_scale, "guidance_scale"))
     region = None
@@ -159,16 +170,16 @@ async def edits(
     else:
         region = masks.openai_image_mask(raw)
     check_mask_needed(st, region is not None, "send mask, or an image whose region to edit is transparent")
+    control, _ = await openai_control(st, knobs, Loop(guidance, policy, masked=region is not None), control_uploads)
     init = raw.convert("RGB")
     w, h = parse_size(st, size) if size else snap(init.size, st.pipeline().manifest.limits)
     if size is None:
         check_size(st, w, h, "image", "image")
     job = Job.of([prompt] * n, None if negative_prompt is None else [negative_prompt] * n, seeds_for(seed, n),
               h, w, steps, sampler_of(st, sampler, "sampler"),
-              cfg.default_guidance if guidance_scale is None else guidance_scale,
-              image=imgs.fit(init, w, h), strength=strength,
+              guidance, image=imgs.fit(init, w, h), strength=strength,
               mask=None if region is None else imgs.fit(region, w, h), cache=policy, loras=lora_set,
-              prompt_syntax=prompt_syntax, max_sequence_length=t5_tokens)
+              prompt_syntax=prompt_syntax, max_sequence_length=t5_tokens, control=control)
     return response(st, await run_job(st, request, job, "edits"), response_format, request,
                     guidance_notes(st, guidance_scale, "guidance_scale"))
 
