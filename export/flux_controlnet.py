@@ -37,14 +37,11 @@ from .flux_specs import denoiser_example, denoiser_io, streamed_transformer_spec
 from .flux_wrappers import PATCH, FluxControlNet, FluxTransformerControl, controlled_samples
 from .onnx_export import ComponentSpec
 from .streamed import IoSpec, StreamedSpec
+from .transformer_controlnet import control_spec, inner_width, net_spec
 
 FLUX_CONTROLNET_CLASS = "FluxControlNetModel"
 LABEL = "FLUX.1"
 MODE = "controlnet_mode"  # a Union net's mode input (int32 [B]); its range is recorded in sdrt.json
-
-
-def _inner(cfg: Any) -> int:
-    return int(cfg["num_attention_heads"]) * int(cfg["attention_head_dim"])
 
 
 def _listed(v: Any) -> Any:
@@ -91,7 +88,7 @@ def check_flux_pairing(preset_name: str, transformer: dict[str, Any], nets: Sequ
         for label, key in (("width", None), ("packed input channels", "in_channels"),
                            ("text width", "joint_attention_dim"), ("pooled projection width", "pooled_projection_dim"),
                            ("rotary axes", "axes_dims_rope")):
-            cv, tv = (_inner(c), _inner(transformer)) if key is None else (c[key], transformer[key])
+            cv, tv = (inner_width(c), inner_width(transformer)) if key is None else (c[key], transformer[key])
             if _listed(cv) != _listed(tv):
                 diffs.append(f"{label} {cv} in the ControlNet, {tv} in the transformer")
         if c.get("guidance_embeds") and not transformer.get("guidance_embeds"):
@@ -121,7 +118,7 @@ def sample_names(used: tuple[list[int], list[int]]) -> list[str]:
 
 
 def _grid(config: dict[str, Any]) -> tuple[int | str, ...]:
-    return ("batch", f"height/{PATCH}", f"width/{PATCH}", _inner(config))
+    return ("batch", f"height/{PATCH}", f"width/{PATCH}", inner_width(config))
 
 
 def residual_inputs(config: dict[str, Any], nets: int, used: tuple[list[int], list[int]]) -> IoSpec:
@@ -138,37 +135,17 @@ def flux_controlnet_specs(config: dict[str, Any], nets: Sequence[LoadedControlNe
     if not nets:
         return []
     used, counts = control_layout(config, nets)
-    names = sample_names(used)
     base_inputs, _ = denoiser_io(config)
-    base_names = [n for n, _, _ in base_inputs]
-    by_name = {n: (kind, shape) for n, kind, shape in base_inputs}
-    base_example = denoiser_example(config, tokens)
+    base_example = denoiser_example(config, tokens)  # guidance: a net embeds it only on [dev]
     lat = int(config["in_channels"]) // PATCH**2
     specs = []
     for j, cn in enumerate(nets):
         module = FluxControlNet(cn.controlnet, used)
-        own = ["sample", "timestep", "encoder_hidden_states", "pooled_projections",
-               *(["guidance"] if module.guided else [])]
+        reads = ["sample", "timestep", "encoder_hidden_states", "pooled_projections",
+                 *(["guidance"] if module.guided else [])]
         modes = cn.controlnet.config.get("num_mode")
-
-        def example(g: torch.Generator, b: int, h: int, w: int, own: list[str] = own,
-                    modes: int | None = modes) -> tuple[torch.Tensor, ...]:
-            given = dict(zip(base_names, base_example(g, b, h, w)))  # guidance: a net embeds it only on [dev]
-            # distinct per row and sample, so a column or row mix-up shows
-            return (*(given[n] for n in own), torch.randn(b, lat, h, w, generator=g),
-                    *([torch.randint(0, modes, (b,), generator=g, dtype=torch.int32)] if modes else []),
-                    0.25 + 1.5 * torch.rand(b, len(names), generator=g))
-
-        specs.append(ComponentSpec(
-            name=f"controlnet_{j}",
-            module=module,
-            weights=cn.controlnet,
-            inputs=[*((n, *by_name[n]) for n in own), ("controlnet_cond", "float", ("batch", lat, "height", "width")),
-                    *([(MODE, "int32", ("batch",))] if modes else []),
-                    ("conditioning_scale", "float32", ("batch", len(names)))],
-            outputs=[(n, "float", _grid(config)) for n in names],
-            example=example,
-        ))
+        specs.append(net_spec(f"controlnet_{j}", module, cn.controlnet, base_inputs, base_example, reads, lat,
+                              sample_names(used), _grid(config), mode=(MODE, int(modes)) if modes else None))
     if transformer is None:
         return specs
     return [*specs, unet_control_spec(transformer, tokens, len(nets), used, counts)]
@@ -179,15 +156,8 @@ def unet_control_spec(transformer: torch.nn.Module, tokens: int, nets: int, used
     """The in-memory ``unet_control``: the transformer's inputs, then ``nets`` groups of the ``used`` samples (random
     ones of unit scale as its example)."""
     config = dict(transformer.config)
-    base = transformer_spec(transformer, tokens)
-    res = residual_inputs(config, nets, used)
-    inner = _inner(config)
-
-    def example(g: torch.Generator, b: int, h: int, w: int) -> tuple[torch.Tensor, ...]:
-        return (*base.example(g, b, h, w), *(torch.randn(b, h // PATCH, w // PATCH, inner, generator=g) for _ in res))
-
-    return ComponentSpec(name="unet_control", module=FluxTransformerControl(transformer, nets, used, counts),
-                         weights=transformer, inputs=[*base.inputs, *res], outputs=[base.outputs[0]], example=example)
+    return control_spec(FluxTransformerControl(transformer, nets, used, counts), transformer_spec(transformer, tokens),
+                        residual_inputs(config, nets, used), PATCH, inner_width(config))
 
 
 def streamed_unet_control_spec(config: dict[str, Any], tokens: int, nets: int, used: tuple[list[int], list[int]],
@@ -199,7 +169,7 @@ def streamed_unet_control_spec(config: dict[str, Any], tokens: int, nets: int, u
 
     base = streamed_transformer_spec(config, tokens)
     res = residual_inputs(config, nets, used)
-    inner = _inner(config)
+    inner = inner_width(config)
 
     def build() -> torch.nn.Module:
         return FluxTransformerControl(FluxTransformer2DModel(**config), nets, used, counts, torchscript=False)

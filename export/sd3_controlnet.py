@@ -29,13 +29,10 @@ from .onnx_export import ComponentSpec
 from .sd3_specs import streamed_transformer_spec, transformer_spec
 from .sd3_wrappers import Sd3ControlNet, Sd3TransformerControl, controlled_blocks
 from .streamed import IoSpec, StreamedSpec, WeightSource
+from .transformer_controlnet import control_spec, inner_width, net_spec
 
 SD3_CONTROLNET_CLASS = "SD3ControlNetModel"
 LABEL = "SD 3 / 3.5"
-
-
-def _inner(cfg: Any) -> int:
-    return int(cfg["num_attention_heads"]) * int(cfg["attention_head_dim"])
 
 
 def check_sd3_pairing(preset_name: str, transformer: dict[str, Any], vae_channels: int,
@@ -68,7 +65,7 @@ def check_sd3_pairing(preset_name: str, transformer: dict[str, Any], vae_channel
         diffs = []
         for label, key in (("width", None), ("patch size", "patch_size"), ("latent channels", "in_channels"),
                            ("pooled projection width", "pooled_projection_dim")):
-            cv, tv = (_inner(c), _inner(transformer)) if key is None else (int(c[key]), int(transformer[key]))
+            cv, tv = (inner_width(c), inner_width(transformer)) if key is None else (int(c[key]), int(transformer[key]))
             if cv != tv:
                 diffs.append(f"{label} {cv} in the ControlNet, {tv} in the transformer")
         if c.get("joint_attention_dim") is not None and int(c["joint_attention_dim"]) != int(
@@ -92,7 +89,7 @@ def _patch_embed(config: dict[str, Any], weights: WeightSource) -> torch.nn.Modu
 
     pe = PatchEmbed(height=int(config["sample_size"]), width=int(config["sample_size"]),
                     patch_size=int(config["patch_size"]), in_channels=int(config["in_channels"]),
-                    embed_dim=_inner(config), pos_embed_max_size=config["pos_embed_max_size"])
+                    embed_dim=inner_width(config), pos_embed_max_size=config["pos_embed_max_size"])
     pe.load_state_dict({k: weights(f"pos_embed.{k}") for k in pe.state_dict()}, strict=True)
     return pe.float().eval()
 
@@ -112,7 +109,7 @@ def _base_example(config: dict[str, Any], tokens: int) -> Callable[..., tuple[to
 def residual_inputs(config: dict[str, Any], nets: int, used: Sequence[int]) -> IoSpec:
     """``unet_control``'s residual inputs after the transformer's: ``controlnet_{j}_block_{k}`` on the patch grid."""
     p = int(config["patch_size"])
-    grid = ("batch", f"height/{p}", f"width/{p}", _inner(config))
+    grid = ("batch", f"height/{p}", f"width/{p}", inner_width(config))
     return [(f"controlnet_{j}_block_{k}", "float", grid) for j in range(nets) for k in used]
 
 
@@ -122,24 +119,9 @@ def unet_control_spec(transformer: torch.nn.Module, tokens: int, nets: int, used
     ``residual_example(g, b, h, w, base)``: the samples fed with the transformer's example ``base`` (default:
     random ones of unit scale)."""
     cfg = dict(transformer.config)
-    base_spec = transformer_spec(transformer, tokens)
-    res = residual_inputs(cfg, nets, used)
-    p, inner = int(cfg["patch_size"]), _inner(cfg)
-
-    def example(g: torch.Generator, b: int, h: int, w: int) -> tuple[torch.Tensor, ...]:
-        base = base_spec.example(g, b, h, w)
-        if residual_example is not None:
-            return (*base, *residual_example(g, b, h, w, base))
-        return (*base, *(torch.randn(b, h // p, w // p, inner, generator=g) for _ in res))
-
-    return ComponentSpec(
-        name="unet_control",
-        module=Sd3TransformerControl(transformer, nets, list(used), residuals),
-        weights=transformer,
-        inputs=[*base_spec.inputs, *res],
-        outputs=[base_spec.outputs[0]],
-        example=example,
-    )
+    module = Sd3TransformerControl(transformer, nets, list(used), residuals)
+    return control_spec(module, transformer_spec(transformer, tokens), residual_inputs(cfg, nets, used),
+                        int(cfg["patch_size"]), inner_width(cfg), residual_example)
 
 
 def streamed_unet_control_spec(config: dict[str, Any], tokens: int, nets: int, used: Sequence[int],
@@ -151,7 +133,7 @@ def streamed_unet_control_spec(config: dict[str, Any], tokens: int, nets: int, u
 
     base = streamed_transformer_spec(config, tokens)
     res = residual_inputs(config, nets, used)
-    p, inner = int(config["patch_size"]), _inner(config)
+    p, inner = int(config["patch_size"]), inner_width(config)
 
     def build() -> torch.nn.Module:
         return Sd3TransformerControl(SD3Transformer2DModel(**config), nets, list(used), residuals, dynamo=True)
@@ -180,7 +162,7 @@ def sd3_controlnet_specs(config: dict[str, Any], vae: torch.nn.Module, nets: Seq
     read from ``weights``). Empty without nets; ``check_sd3_pairing`` has passed."""
     if not nets:
         return []
-    layers, inner = int(config["num_layers"]), _inner(config)
+    layers, inner = int(config["num_layers"]), inner_width(config)
     residuals = len(nets[0].controlnet.controlnet_blocks)
     used = controlled_blocks(layers, residuals)
     shift, scale = float(vae.config.shift_factor or 0.0), float(vae.config.scaling_factor)
@@ -189,7 +171,6 @@ def sd3_controlnet_specs(config: dict[str, Any], vae: torch.nn.Module, nets: Seq
     grid = ("batch", f"height/{p}", f"width/{p}", inner)
     base_inputs = streamed_transformer_spec(config, tokens).inputs
     base_names = [n for n, _, _ in base_inputs]
-    by_name = {n: (kind, shape) for n, kind, shape in base_inputs}
     base_example = _base_example(config, tokens)
     specs, modules = [], []
     for j, cn in enumerate(nets):
@@ -201,24 +182,10 @@ def sd3_controlnet_specs(config: dict[str, Any], vae: torch.nn.Module, nets: Seq
                 assert weights is not None  # a streamed transformer's weights
                 pos = _patch_embed(config, weights)
         module = Sd3ControlNet(cn.controlnet, used, shift, scale, pos)
-        names = ["sample", "timestep", *(["encoder_hidden_states"] if module.takes_text else []),
+        reads = ["sample", "timestep", *(["encoder_hidden_states"] if module.takes_text else []),
                  *(["pooled_projections"] if module.takes_pooled else [])]
-
-        def example(g: torch.Generator, b: int, h: int, w: int, names: list[str] = names) -> tuple[torch.Tensor, ...]:
-            base = dict(zip(base_names, base_example(g, b, h, w)))
-            # distinct per row and sample, so a column or row mix-up shows
-            return (*(base[n] for n in names), torch.randn(b, lat, h, w, generator=g),
-                    0.25 + 1.5 * torch.rand(b, len(used), generator=g))
-
-        specs.append(ComponentSpec(
-            name=f"controlnet_{j}",
-            module=module,
-            weights=cn.controlnet,
-            inputs=[*((n, *by_name[n]) for n in names), ("controlnet_cond", "float", ("batch", lat, "height", "width")),
-                    ("conditioning_scale", "float32", ("batch", len(used)))],
-            outputs=[(f"block_{k}", "float", grid) for k in used],
-            example=example,
-        ))
+        specs.append(net_spec(f"controlnet_{j}", module, cn.controlnet, base_inputs, base_example, reads, lat,
+                              [f"block_{k}" for k in used], grid))
         modules.append(module)
     if transformer is None:
         return specs

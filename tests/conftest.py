@@ -99,8 +99,8 @@ def sd3_export(tmp_path_factory: pytest.TempPathFactory, export_cache: dict[tupl
 
 @pytest.fixture
 def mean_vae(monkeypatch: pytest.MonkeyPatch) -> None:
-    """sdrt encodes a control image to the latent mean (deterministic); make diffusers (whose ControlNet pipelines
-    sample the latent distribution) do the same."""
+    """sdrt encodes a control image (and an img2img image) to the latent mean (deterministic); make diffusers
+    (whose ControlNet and control pipelines sample the latent distribution) do the same."""
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
     monkeypatch.setattr(DiagonalGaussianDistribution, "sample", lambda self, generator=None: self.mean)

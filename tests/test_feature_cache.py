@@ -214,23 +214,43 @@ def test_loop_checks_its_plan(deepcache_export) -> None:
         PlainStepLoop(pipe.backend, shallow, unet, shallow=shallow)
 
 
-def test_deepcache_with_lora_slots_matches_the_deepcache_package_with_the_lora(slotted_export, tmp_path: Path) -> None:
-    """An export made with both --deepcache and --lora-slots: the shallow path has slots for the layers it runs
-    (its last up block's attention), fed the call's factors as the UNet is; a LoRA (UNet and text encoder) on
-    cached steps gives DeepCache's image with the same LoRA loaded in diffusers, within 1/255, on ort-cpu and
-    openvino."""
+ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
+CONVS = ("conv1", "conv2", "conv_shortcut", "time_emb_proj", "downsamplers.0.conv", "upsamplers.0.conv")
+# slots, whether the file adapts the text encoder, make_lora's other arguments, the latents' seed, what the shallow
+# path's slot inputs must show, and whether openvino runs too
+SLOTTED_CASES = {
+    # the shallow path has slots for the layers it runs (its last up block's attention), fed the call's factors as
+    # the UNet is; a LoRA of the UNet and text encoder
+    "lora": ("8", True, {"seed": 3, "alpha": 2.0, "unet_targets": ATTENTION,
+                         "text_targets": ("q_proj", "k_proj", "v_proj", "out_proj")}, 5,
+             lambda shallow: shallow and all(".up_blocks." in n for n in shallow), True),
+    # LoCon slots: the shallow path's convolutions (its first down and last up blocks' ResNets) take their factors
+    # too; a LoCon file adapting the convolutions and the attention
+    "locon": ("8:attn-ff-conv", False, {"seed": 6, "rank": 2, "conv_rank": 4, "alpha": 1.0,
+                                        "unet_targets": (*ATTENTION, *CONVS)}, 7,
+              lambda shallow: any(".resnets." in n and n.endswith(".conv1.down") for n in shallow), False),
+}
+
+
+@pytest.mark.parametrize("case", list(SLOTTED_CASES))
+def test_deepcache_with_lora_slots_matches_the_deepcache_package_with_the_file(slotted_export, tmp_path: Path,
+                                                                               case: str) -> None:
+    """An export made with both --deepcache and --lora-slots (attention, or LoCon's with convolutions): a LoRA (or
+    LoCon) file on cached steps gives DeepCache's image with the same file loaded in diffusers, within 1/255, on
+    ort-cpu (and openvino, for the LoRA)."""
     pytest.importorskip("peft", reason="diffusers' LoRA loading needs peft (the test extra)")
     from sdrt.export.loading import random_model
 
     from .helpers.models import make_lora
 
-    folder = slotted_export("sd15-tiny", "8", deepcache=True)
+    slots, text, made, latent_seed, shallow_shows, openvino = SLOTTED_CASES[case]
+    folder = slotted_export("sd15-tiny", slots, deepcache=True)
+    shallow = {i for i in shared_pipeline(folder).engines["unet_shallow"].inputs if i.startswith("lora.")}
+    assert shallow_shows(shallow)
     m = random_model("sd15-tiny")
-    lora = make_lora(tmp_path / "style.safetensors", m.unet, m.text_encoders[0], "kohya", seed=3, alpha=2.0,
-                     unet_targets=("to_q", "to_k", "to_v", "to_out.0"),
-                     text_targets=("q_proj", "k_proj", "v_proj", "out_proj"))
+    lora = make_lora(tmp_path / f"{case}.safetensors", m.unet, m.text_encoders[0] if text else None, "kohya", **made)
     steps, (h, w), interval = 6, (64, 96), 3
-    latents = np.random.default_rng(5).standard_normal((1, 4, h // 8, w // 8), np.float32)
+    latents = np.random.default_rng(latent_seed).standard_normal((1, 4, h // 8, w // 8), np.float32)
     ref = _reference("sd15-tiny", folder, latents, steps, 7.5, interval, lora=(lora, 0.8))
     kw = {"height": h, "width": w, "steps": steps, "guidance_scale": 7.5, "sampler": "ddim", "latents": latents,
           "cache": "deepcache", "cache_interval": interval}
@@ -239,44 +259,11 @@ def test_deepcache_with_lora_slots_matches_the_deepcache_package_with_the_lora(s
     assert np.abs(got - ref).max() <= 1, f"max abs difference {np.abs(got - ref).max()}/255"
     assert "2 of 6 steps ran the full UNet" in res.loop
     no_lora = np.asarray(shared_pipeline(folder)(PROMPT, **kw).images[0]).astype(np.int32)[None]
-    assert np.abs(no_lora - ref).max() > 2 and ref.std() > 5  # the LoRA mattered
-    shallow = {i for i in shared_pipeline(folder).engines["unet_shallow"].inputs if i.startswith("lora.")}
-    assert shallow and all(".up_blocks." in n for n in shallow)  # only the shallow path's layers
-    if importlib.util.find_spec("openvino") is not None:
+    assert np.abs(no_lora - ref).max() > 2 and ref.std() > 5  # the file mattered
+    if openvino and importlib.util.find_spec("openvino") is not None:
         with Pipeline.load(folder, backend="openvino", precision="fp32") as ov:
             got_ov = np.asarray(ov(PROMPT, loras=[(lora, 0.8)], **kw).images[0]).astype(np.int32)[None]
         assert np.abs(got_ov - got).max() <= 2
-
-
-def test_deepcache_with_locon_slots_matches_the_deepcache_package_with_the_locon(slotted_export,
-                                                                                 tmp_path: Path) -> None:
-    """--deepcache with LoCon slots (``--lora-slots 8:attn-ff-conv``): the shallow path's convolutions (its first
-    down and last up blocks' ResNets) take their factors too; a
-    LoCon file adapting the convolutions and the attention gives, on cached steps, DeepCache's image with the
-    same file loaded in diffusers, within 1/255 (ort-cpu)."""
-    pytest.importorskip("peft", reason="diffusers' LoRA loading needs peft (the test extra)")
-    from sdrt.export.loading import random_model
-
-    from .helpers.models import make_lora
-
-    folder = slotted_export("sd15-tiny", "8:attn-ff-conv", deepcache=True)
-    shallow = {i for i in shared_pipeline(folder).engines["unet_shallow"].inputs if i.startswith("lora.")}
-    assert any(".resnets." in n and n.endswith(".conv1.down") for n in shallow)  # conv slots on the shallow path
-    m = random_model("sd15-tiny")
-    convs = ("conv1", "conv2", "conv_shortcut", "time_emb_proj", "downsamplers.0.conv", "upsamplers.0.conv")
-    lora = make_lora(tmp_path / "locon.safetensors", m.unet, None, "kohya", seed=6, rank=2, conv_rank=4,
-                     alpha=1.0, unet_targets=("to_q", "to_k", "to_v", "to_out.0", *convs))
-    steps, (h, w), interval = 6, (64, 96), 3
-    latents = np.random.default_rng(7).standard_normal((1, 4, h // 8, w // 8), np.float32)
-    ref = _reference("sd15-tiny", folder, latents, steps, 7.5, interval, lora=(lora, 0.8))
-    kw = {"height": h, "width": w, "steps": steps, "guidance_scale": 7.5, "sampler": "ddim", "latents": latents,
-          "cache": "deepcache", "cache_interval": interval}
-    res = shared_pipeline(folder)(PROMPT, loras=[(lora, 0.8)], **kw)
-    got = np.asarray(res.images[0]).astype(np.int32)[None]
-    assert np.abs(got - ref).max() <= 1, f"max abs difference {np.abs(got - ref).max()}/255"
-    assert "2 of 6 steps ran the full UNet" in res.loop
-    no_lora = np.asarray(shared_pipeline(folder)(PROMPT, **kw).images[0]).astype(np.int32)[None]
-    assert np.abs(no_lora - ref).max() > 2 and ref.std() > 5  # the LoCon mattered
 
 
 def test_tensorrt_captures_cached_steps_with_lora_slots(slotted_export, tmp_path: Path, fake_gpu) -> None:

@@ -20,48 +20,25 @@ import torch
 from sdrt.runtime.errors import CompatibilityError, InputError
 
 from .helpers.inputs import control_image, image_and_mask
-from .helpers.pipelines import shared_pipeline
+from .helpers.pipelines import loaded_on, shared_pipeline
+from .helpers.references import assert_diffusers_images, flux_packed, flux_pipeline
 
 PRESET = "flux-depth-dev-tiny"
 PROMPT = "a red boat on a calm lake"
 _REF: dict[str, object] = {}
 
 
-@pytest.fixture
-def mean_latents(monkeypatch: pytest.MonkeyPatch) -> None:
-    """diffusers' control pipelines encode the control image (and img2img's image) to the latent distribution's
-    mean, as sdrt's encoders do."""
-    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-
-    monkeypatch.setattr(DiagonalGaussianDistribution, "sample", lambda self, generator=None: self.mode())
-
-
 def _reference(folder: Path, img2img: bool = False):
     key = "img2img" if img2img else "txt2img"
     if key not in _REF:
         from diffusers import FluxControlImg2ImgPipeline, FluxControlPipeline
-        from diffusers.schedulers import FlowMatchEulerDiscreteScheduler
-        from transformers import CLIPTokenizer, T5TokenizerFast
 
         from sdrt.export.flux_presets import build_modules, get_flux_preset
 
         p = get_flux_preset(PRESET)
-        m = build_modules(p, seed=0)
         cls = FluxControlImg2ImgPipeline if img2img else FluxControlPipeline
-        pipe = cls(transformer=m.transformer, vae=m.vae,
-                   scheduler=FlowMatchEulerDiscreteScheduler.from_config(p.scheduler), text_encoder=m.clip,
-                   tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"), text_encoder_2=m.t5,
-                   tokenizer_2=T5TokenizerFast.from_pretrained(folder / "tokenizer_2"))
-        pipe.set_progress_bar_config(disable=True)
-        _REF[key] = pipe
+        _REF[key] = flux_pipeline(cls, build_modules(p, seed=0), folder, p.scheduler)
     return _REF[key]
-
-
-def _pack(latents: np.ndarray) -> torch.Tensor:
-    from diffusers import FluxPipeline
-
-    b, c, h, w = latents.shape
-    return FluxPipeline._pack_latents(torch.from_numpy(latents.copy()), b, c, h, w)
 
 
 def _compare(folder: Path, control, *, height: int, width: int, guidance: float = 10.0, steps: int = 3,
@@ -72,18 +49,12 @@ def _compare(folder: Path, control, *, height: int, width: int, guidance: float 
     latents = np.random.default_rng(seed).standard_normal((batch, 16, height // 8, width // 8), dtype=np.float32)
     with torch.no_grad():
         want = ref(PROMPT, control_image=control, height=height, width=width, num_inference_steps=steps,
-                   guidance_scale=guidance, latents=_pack(latents), num_images_per_prompt=batch,
+                   guidance_scale=guidance, latents=flux_packed(latents), num_images_per_prompt=batch,
                    output_type="np").images
-    want_u8 = (want * 255).round().astype(np.int32)
     size = {"height": height, "width": width} if sized else {}
     res = shared_pipeline(folder)(PROMPT, control_images=[control], steps=steps, guidance_scale=guidance,
                                   latents=latents, batch_size=batch, **size)
-    got = np.stack([np.asarray(im) for im in res.images]).astype(np.int32)
-    assert got.shape == want_u8.shape
-    diff = int(np.abs(got - want_u8).max())
-    assert diff <= 1, f"{height}x{width} guidance {guidance} batch {batch}: max abs difference {diff}/255"
-    assert want_u8.std() > 5
-    return want_u8
+    return assert_diffusers_images(res.images, want, f"{height}x{width} guidance {guidance} batch {batch}")[1]
 
 
 def test_export_takes_a_control_image(flux_export) -> None:
@@ -106,25 +77,25 @@ def test_export_takes_a_control_image(flux_export) -> None:
 
 
 @pytest.mark.parametrize(("height", "width", "guidance"), [(64, 96, 10.0), (80, 64, 3.5)])
-def test_control_gives_diffusers_images(flux_export, mean_latents, height: int, width: int,
+def test_control_gives_diffusers_images(flux_export, mean_vae, height: int, width: int,
                                         guidance: float) -> None:
     """A 120 x 90 control image resized to two output sizes (Lanczos, as diffusers' processor), two guidance
     scales."""
     _compare(flux_export(PRESET), control_image(3, w=120, h=90), height=height, width=width, guidance=guidance)
 
 
-def test_output_takes_the_control_images_size(flux_export, mean_latents) -> None:
+def test_output_takes_the_control_images_size(flux_export, mean_vae) -> None:
     """No size given: a 100 x 70 control image makes a 96 x 64 image (rounded down to whole patches), diffusers'
     image at that size."""
     _compare(flux_export(PRESET), control_image(4, w=100, h=70), height=64, width=96, sized=False, steps=2)
 
 
-def test_batch(flux_export, mean_latents) -> None:
+def test_batch(flux_export, mean_vae) -> None:
     got = _compare(flux_export(PRESET), control_image(5, w=64, h=64), height=64, width=64, batch=2, steps=2, seed=7)
     assert np.abs(got[0] - got[1]).max() > 1
 
 
-def test_img2img(flux_export, mean_latents) -> None:
+def test_img2img(flux_export, mean_vae) -> None:
     """``image=`` and ``strength`` 0.6 with a control image: FluxControlImg2ImgPipeline's image (its noise: the
     generator's first draw, [1, 16, h, w])."""
     folder = flux_export(PRESET)
@@ -222,8 +193,6 @@ def test_diffusers_folder_loads_as_a_control_model(tmp_path: Path) -> None:
     """A diffusers ``FluxControlPipeline`` folder loads as FLUX.1 Depth / Canny (the two share their shapes, so
     the preset takes the folder's name); first-block caching is refused for it before any export."""
     from diffusers import FluxControlPipeline
-    from diffusers.schedulers import FlowMatchEulerDiscreteScheduler
-    from transformers import CLIPTokenizer, T5TokenizerFast
 
     from sdrt.export.flux_export import export_flux, load_flux
     from sdrt.export.flux_presets import build_modules, controls, get_flux_preset
@@ -232,13 +201,9 @@ def test_diffusers_folder_loads_as_a_control_model(tmp_path: Path) -> None:
 
     p = get_flux_preset(PRESET)
     m = build_modules(p, seed=0)
-    write_clip_tokenizer(tmp_path / "tok", pad_token=p.pad_token)
-    write_t5_tokenizer(tmp_path / "tok2")
-    FluxControlPipeline(transformer=m.transformer, vae=m.vae,
-                        scheduler=FlowMatchEulerDiscreteScheduler.from_config(p.scheduler), text_encoder=m.clip,
-                        tokenizer=CLIPTokenizer.from_pretrained(tmp_path / "tok"), text_encoder_2=m.t5,
-                        tokenizer_2=T5TokenizerFast.from_pretrained(tmp_path / "tok2"),
-                        ).save_pretrained(tmp_path / "flux-canny")
+    write_clip_tokenizer(tmp_path / "tokenizer", pad_token=p.pad_token)
+    write_t5_tokenizer(tmp_path / "tokenizer_2")
+    flux_pipeline(FluxControlPipeline, m, tmp_path, p.scheduler).save_pretrained(tmp_path / "flux-canny")
     loaded = load_flux(tmp_path / "flux-canny")
     assert loaded.preset.name == "flux-canny" and loaded.preset.pipeline_class == "FluxControlPipeline"
     assert controls(loaded.preset.transformer) and loaded.preset.test_scale
@@ -301,7 +266,7 @@ def test_the_graph_is_diffusers_transformer_on_concatenated_tokens(flux_export) 
     got = be.to_host(pipe.engines["unet"]({k: be.to_device(v) for k, v in {
         "sample": sample, "timestep": t, "encoder_hidden_states": text, "pooled_projections": pooled,
         "guidance": g, "control_latents": ctl}.items()})["out_sample"])
-    hidden = torch.cat([_pack(sample), _pack(np.repeat(ctl, b, axis=0))], dim=2)
+    hidden = torch.cat([flux_packed(sample), flux_packed(np.repeat(ctl, b, axis=0))], dim=2)
     img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, "cpu", torch.float32)
     with torch.no_grad():
         out = tr(hidden_states=hidden, timestep=torch.from_numpy(t) / 1000, guidance=torch.from_numpy(g),
@@ -316,34 +281,22 @@ def test_ort_cuda_code_path_gives_the_ort_cpu_images(flux_export, monkeypatch: p
                                                      cuda_graph: bool) -> None:
     """ort-cuda's code path (IO binding; with cuda_graph the composed transformer + step session, the control
     latents bound as a conditioning input) on the CPU EP: the ort-cpu images. Says nothing of a GPU."""
-    from sdrt.runtime.ort_backend import OrtBackend
-    from sdrt.runtime.pipeline import Pipeline
-
-    from .helpers.pipelines import ort_cuda_on_cpu
-
-    def backend(*a, **k) -> OrtBackend:
-        return ort_cuda_on_cpu(monkeypatch, cuda_graph=cuda_graph)
-
     folder = flux_export(PRESET)
     kw = {"steps": 2, "seed": 9, "height": 64, "width": 64, "guidance_scale": 10.0,
           "control_images": [control_image(8, w=64, h=48)]}
     want = np.asarray(shared_pipeline(folder)(PROMPT, **kw).images[0])
-    monkeypatch.setattr("sdrt.runtime.backends.make_backend", backend)
-    with Pipeline.load(folder, backend="ort-cuda") as pipe:
+    with loaded_on(folder, "ort-cuda-path", monkeypatch, cuda_graph=cuda_graph) as pipe:
         got = np.asarray(pipe(PROMPT, **kw).images[0])
     np.testing.assert_array_equal(got, want)
 
 
 def test_openvino_fp32_gives_the_ort_cpu_images(flux_export) -> None:
     """OpenVINO at fp32 within OpenVINO's fp32 rounding of ort-cpu's images (2 levels, as tests/test_flux.py)."""
-    pytest.importorskip("openvino", reason="the openvino backend needs OpenVINO (pip install sdrt[openvino])")
-    from sdrt.runtime.pipeline import Pipeline
-
     folder = flux_export(PRESET)
     kw = {"steps": 3, "seed": 4, "height": 64, "width": 96, "guidance_scale": 10.0,
           "control_images": [control_image(9, w=96, h=64)]}
     want = np.asarray(shared_pipeline(folder)(PROMPT, **kw).images[0]).astype(np.int32)
-    with Pipeline.load(folder, backend="openvino", precision="fp32") as ov:
+    with loaded_on(folder, "openvino") as ov:
         got = np.asarray(ov(PROMPT, **kw).images[0]).astype(np.int32)
     assert want.std() > 5 and int(np.abs(got - want).max()) <= 2
 

@@ -21,8 +21,14 @@ import torch
 from sdrt.runtime.errors import CompatibilityError, InputError
 from sdrt.runtime.pipeline import Pipeline
 
+from .helpers.controlnets import (
+    assert_engines_give_ort_cpu_images,
+    assert_folder_loads_as_its_class,
+    compare_with_nets,
+)
 from .helpers.inputs import control_image
-from .helpers.pipelines import shared_pipeline
+from .helpers.pipelines import loaded_on, shared_pipeline
+from .helpers.references import flux_packed, flux_pipeline
 
 PROMPT = "a red fox in the snow"
 PRESET = "flux-dev-tiny"
@@ -51,20 +57,12 @@ def cn_export(tmp_path_factory: pytest.TempPathFactory, export_cache: dict[tuple
 def _pipeline(folder: Path, modules, which: tuple[int, ...]):
     """diffusers' FLUX ControlNet pipeline over ``modules`` (FluxModules) and the ``which`` nets of NETS."""
     from diffusers import FluxControlNetPipeline, FluxMultiControlNetModel
-    from diffusers.schedulers import FlowMatchEulerDiscreteScheduler
-    from transformers import CLIPTokenizer, T5TokenizerFast
 
     from sdrt.export.flux_presets import get_flux_preset
 
-    m, nets = modules, [n.controlnet for n in _nets(which)]
-    pipe = FluxControlNetPipeline(
-        transformer=m.transformer, vae=m.vae,
-        scheduler=FlowMatchEulerDiscreteScheduler.from_config(get_flux_preset(PRESET).scheduler),
-        text_encoder=m.clip, tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
-        text_encoder_2=m.t5, tokenizer_2=T5TokenizerFast.from_pretrained(folder / "tokenizer_2"),
-        controlnet=FluxMultiControlNetModel(nets) if len(nets) > 1 else nets[0])
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    nets = [n.controlnet for n in _nets(which)]
+    return flux_pipeline(FluxControlNetPipeline, modules, folder, get_flux_preset(PRESET).scheduler,
+                         controlnet=FluxMultiControlNetModel(nets) if len(nets) > 1 else nets[0])
 
 
 def _reference(folder: Path, which: tuple[int, ...]):
@@ -81,38 +79,13 @@ def _compare(folder: Path, scales: list[float], *, nets: tuple[int, ...] = (0,),
              pipe: Pipeline | None = None, tokens: int = 512) -> np.ndarray:
     """sdrt's image against diffusers' with the ``nets`` of the export given (``ref``, ``pipe``: another
     reference and sdrt pipeline than ``folder``'s)."""
-    from diffusers import FluxPipeline
-
-    ref = _reference(folder, nets) if ref is None else ref
-    height, width = 64, 96
-    images = [control_image(11 + j) for j in nets]
-    latents = np.random.default_rng(4).standard_normal((1, 16, height // 8, width // 8), dtype=np.float32)
-    packed = FluxPipeline._pack_latents(torch.from_numpy(latents), 1, 16, height // 8, width // 8)
-    multi = len(nets) > 1
-    with torch.no_grad():
-        want = ref(PROMPT, height=height, width=width, num_inference_steps=steps, guidance_scale=guidance,
-                   latents=packed, output_type="np",
-                   control_image=[im.convert("RGB") for im in images] if multi else images[0].convert("RGB"),
-                   controlnet_conditioning_scale=scales if multi else scales[0],
-                   control_guidance_start=[start] * len(nets) if multi else start,
-                   control_guidance_end=[end] * len(nets) if multi else end, control_mode=mode,
-                   max_sequence_length=tokens).images
-    want_u8 = (want[0] * 255).round().astype(np.int32)
-    given: list = [None] * len(NETS)
-    given_scales = [1.0] * len(NETS)
-    for j, im in zip(nets, images, strict=True):
-        given[j], given_scales[j] = im, scales[nets.index(j)]
     modes = None if mode is None else [mode if NETS[j][0].endswith("union-tiny") else None for j in range(len(NETS))]
-    res = (shared_pipeline(folder) if pipe is None else pipe)(PROMPT, height=height, width=width, steps=steps, guidance_scale=guidance,
-                                  latents=latents, control_images=given, control_scales=given_scales,
-                                  control_start=start, control_end=end, control_modes=modes,
-                                  max_sequence_length=tokens)
-    got = np.asarray(res.images[0]).astype(np.int32)
-    assert got.shape == want_u8.shape == (height, width, 3)
-    diff = int(np.abs(got - want_u8).max())
-    assert diff <= 1, f"nets {nets} scales {scales} window [{start}, {end}] mode {mode}: {diff}/255"
-    assert want_u8.std() > 5
-    return got
+    return compare_with_nets(
+        _reference(folder, nets) if ref is None else ref, shared_pipeline(folder) if pipe is None else pipe, PROMPT,
+        nets, scales, len(NETS), start=start, end=end, steps=steps, guidance=guidance, ref_latents=flux_packed,
+        what=f"nets {nets} scales {scales} window [{start}, {end}] mode {mode}",
+        ref_kw={"control_mode": mode, "max_sequence_length": tokens},
+        call_kw={"control_modes": modes, "max_sequence_length": tokens})
 
 
 def test_one_net_at_two_scales(cn_export, mean_vae) -> None:
@@ -302,15 +275,7 @@ def test_cli_generate_with_a_mode_and_export_refusals(cn_export, tmp_path: Path,
 def test_a_diffusers_folder_loads_as_its_class(tmp_path: Path) -> None:
     """A FluxControlNetModel folder (config.json + safetensors, as diffusers saves it) loads as that class, weight
     for weight."""
-    from sdrt.export.controlnet_loading import load_controlnet, random_controlnet
-
-    net = random_controlnet("flux-controlnet-union-tiny", seed=2).controlnet
-    net.save_pretrained(tmp_path / "cn", safe_serialization=True)
-    got = load_controlnet(tmp_path / "cn")
-    assert type(got.controlnet).__name__ == "FluxControlNetModel" and got.source["kind"] == "diffusers"
-    want = net.state_dict()
-    assert got.controlnet.state_dict().keys() == want.keys()
-    assert all(torch.equal(v, want[k]) for k, v in got.controlnet.state_dict().items())
+    assert_folder_loads_as_its_class(tmp_path, "flux-controlnet-union-tiny", "FluxControlNetModel")
 
 
 @pytest.mark.parametrize("backend", ["ort-cuda-path", "openvino"])
@@ -321,15 +286,7 @@ def test_other_backends_give_the_ort_cpu_images(cn_export, monkeypatch: pytest.M
           "control_images": [control_image(30), None, control_image(31)], "control_scales": [0.9, 1.0, 0.6],
           "control_modes": [None, None, 1]}
     want = np.asarray(shared_pipeline(cn_export)(PROMPT, **kw).images[0], np.int16)
-    if backend == "openvino":
-        pytest.importorskip("openvino", reason="the openvino backend needs OpenVINO (pip install sdrt[openvino])")
-        pipe = Pipeline.load(cn_export, backend="openvino", precision="fp32")
-    else:
-        from .helpers.pipelines import ort_cuda_on_cpu
-
-        monkeypatch.setattr("sdrt.runtime.backends.make_backend", lambda *a, **k: ort_cuda_on_cpu(monkeypatch))
-        pipe = Pipeline.load(cn_export, backend="ort-cuda")
-    with pipe:
+    with loaded_on(cn_export, backend, monkeypatch) as pipe:
         got = np.asarray(pipe(PROMPT, **kw).images[0], np.int16)
     assert want.std() > 5 and np.abs(got - want).max() <= (2 if backend == "openvino" else 0)
 
@@ -340,22 +297,12 @@ def test_built_engines_run_the_nets_like_ort_cpu(cn_export, tmp_path: Path, fake
     net and two, one of them the Union net (its mode a fixed buffer of the capture). Says nothing of real
     TensorRT."""
     from sdrt.export.profiles import custom_profile
-    from sdrt.export.trt_build import BuildOptions, build_engines
 
-    cudart, _ = fake_gpu
-    out = tmp_path / "engines"
-    manifest = build_engines(cn_export, out, custom_profile(batch="1:1:1", height="64:64:96", width="64:96:96",
-                                                            cfg=False), BuildOptions(workspace_gb=1))
-    assert {"controlnet_0", "controlnet_2", "unet_control", "unet"} <= {r.component for r in manifest.engines}
-    kw = {"steps": 3, "seed": 5, "height": 64, "width": 96, "guidance_scale": 3.5}
     imgs = [control_image(20), control_image(21)]
-    with Pipeline.load(out, backend="tensorrt") as pipe:
-        for case in ({"control_images": [imgs[0]], "control_scales": [0.8]},
-                     {"control_images": [imgs[0], None, imgs[1]], "control_scales": [0.6, 1.0, 1.1],
-                      "control_end": [1.0, 1.0, 0.5], "control_modes": [None, None, 2]}):
-            want = shared_pipeline(cn_export)(PROMPT, **kw, **case)
-            got = pipe(PROMPT, **kw, **case)
-            assert got.loop == "captured CUDA graphs"
-            a, b = np.asarray(want.images[0], np.int16), np.asarray(got.images[0], np.int16)
-            assert a.std() > 5 and np.abs(a - b).max() <= 1
-    assert cudart.alive()["allocations"] == 0
+    assert_engines_give_ort_cpu_images(
+        cn_export, tmp_path / "engines", custom_profile(batch="1:1:1", height="64:64:96", width="64:96:96", cfg=False),
+        fake_gpu[0], {"controlnet_0", "controlnet_2", "unet_control", "unet"}, PROMPT,
+        {"steps": 3, "seed": 5, "height": 64, "width": 96, "guidance_scale": 3.5},
+        [{"control_images": [imgs[0]], "control_scales": [0.8]},
+         {"control_images": [imgs[0], None, imgs[1]], "control_scales": [0.6, 1.0, 1.1],
+          "control_end": [1.0, 1.0, 0.5], "control_modes": [None, None, 2]}])

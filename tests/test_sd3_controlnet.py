@@ -20,8 +20,14 @@ import torch
 from sdrt.runtime.errors import CompatibilityError, InputError
 from sdrt.runtime.pipeline import Pipeline
 
+from .helpers.controlnets import (
+    assert_engines_give_ort_cpu_images,
+    assert_folder_loads_as_its_class,
+    compare_with_nets,
+)
 from .helpers.inputs import control_image, image_and_mask
-from .helpers.pipelines import shared_pipeline
+from .helpers.pipelines import loaded_on, shared_pipeline
+from .helpers.references import sd3_pipeline
 
 PROMPT = "a red fox in the snow"
 NEGATIVE = "blurry"
@@ -54,22 +60,14 @@ def _reference(preset: str, folder: Path, seeds: tuple[int, ...]):
     key = (preset, seeds)
     if key not in _REFS:
         from diffusers import StableDiffusion3ControlNetPipeline
-        from diffusers.schedulers import FlowMatchEulerDiscreteScheduler
-        from transformers import CLIPTokenizer
 
         from sdrt.export.controlnet_loading import random_controlnet
         from sdrt.export.sd3_presets import build_modules, get_sd3_preset
 
         p = get_sd3_preset(preset)
-        m = build_modules(p, seed=0)
         nets = [random_controlnet(NETS[preset][0], seed=s).controlnet for s in seeds]
-        pipe = StableDiffusion3ControlNetPipeline(
-            transformer=m.transformer, vae=m.vae, scheduler=FlowMatchEulerDiscreteScheduler.from_config(p.scheduler),
-            text_encoder=m.text_encoders[0], tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
-            text_encoder_2=m.text_encoders[1], tokenizer_2=CLIPTokenizer.from_pretrained(folder / "tokenizer_2"),
-            text_encoder_3=None, tokenizer_3=None, controlnet=nets if len(nets) > 1 else nets[0])
-        pipe.set_progress_bar_config(disable=True)
-        _REFS[key] = pipe
+        _REFS[key] = sd3_pipeline(StableDiffusion3ControlNetPipeline, build_modules(p, seed=0), folder, p.scheduler,
+                                  controlnet=nets if len(nets) > 1 else nets[0])
     return _REFS[key]
 
 
@@ -81,32 +79,11 @@ def _compare(controlnet_export, preset: str, scales: list[float], *, nets: tuple
     folder = controlnet_export(preset) if folder is None else folder
     seeds = tuple(NETS[preset][1][j] for j in nets) if ref is None else ()
     ref = _reference(preset, folder, seeds) if ref is None else ref
-    height, width = 64, 96
-    images = [control_image(11 + j) for j in nets]
-    latents = np.random.default_rng(4).standard_normal((1, 16, height // 8, width // 8), dtype=np.float32)
-    multi = len(nets) > 1
-    with torch.no_grad():
-        want = ref(PROMPT, negative_prompt=NEGATIVE, height=height, width=width, num_inference_steps=steps,
-                   guidance_scale=guidance, latents=torch.from_numpy(latents), output_type="np",
-                   control_image=[im.convert("RGB") for im in images] if multi else images[0].convert("RGB"),
-                   controlnet_conditioning_scale=scales if multi else scales[0],
-                   control_guidance_start=[start] * len(nets) if multi else start,
-                   control_guidance_end=[end] * len(nets) if multi else end).images
-    want_u8 = (want[0] * 255).round().astype(np.int32)
-    given: list = [None] * (len(NETS[preset][1]) if exported is None else exported)
-    given_scales = [1.0] * len(given)
-    for j, im in zip(nets, images, strict=True):
-        given[j], given_scales[j] = im, scales[nets.index(j)]
-    pipe = shared_pipeline(folder) if loaded is None else loaded
-    res = pipe(PROMPT, negative_prompt=NEGATIVE, height=height, width=width, steps=steps,
-                                  guidance_scale=guidance, latents=latents, control_images=given,
-                                  control_scales=given_scales, control_start=start, control_end=end)
-    got = np.asarray(res.images[0]).astype(np.int32)
-    assert got.shape == want_u8.shape == (height, width, 3)
-    diff = int(np.abs(got - want_u8).max())
-    assert diff <= 1, f"{preset} nets {nets} scales {scales} window [{start}, {end}]: {diff}/255"
-    assert want_u8.std() > 5
-    return got
+    return compare_with_nets(
+        ref, shared_pipeline(folder) if loaded is None else loaded, PROMPT, nets, scales,
+        len(NETS[preset][1]) if exported is None else exported, start=start, end=end, steps=steps, guidance=guidance,
+        ref_latents=torch.from_numpy, what=f"{preset} nets {nets} scales {scales} window [{start}, {end}]",
+        ref_kw={"negative_prompt": NEGATIVE}, call_kw={"negative_prompt": NEGATIVE})
 
 
 @pytest.mark.parametrize("scale", [0.5, 1.3])
@@ -203,15 +180,7 @@ def test_cli_generate_and_export_refusal(controlnet_export, tmp_path: Path, monk
 def test_a_diffusers_folder_loads_as_its_class(tmp_path: Path) -> None:
     """An SD3ControlNetModel folder (config.json + safetensors, as diffusers saves it) loads as that class, weight
     for weight."""
-    from sdrt.export.controlnet_loading import load_controlnet, random_controlnet
-
-    net = random_controlnet("sd35-controlnet-tiny", seed=2).controlnet
-    net.save_pretrained(tmp_path / "cn", safe_serialization=True)
-    got = load_controlnet(tmp_path / "cn")
-    assert type(got.controlnet).__name__ == "SD3ControlNetModel" and got.source["kind"] == "diffusers"
-    want = net.state_dict()
-    assert got.controlnet.state_dict().keys() == want.keys()
-    assert all(torch.equal(v, want[k]) for k, v in got.controlnet.state_dict().items())
+    assert_folder_loads_as_its_class(tmp_path, "sd35-controlnet-tiny", "SD3ControlNetModel")
 
 
 @pytest.mark.slow  # four graphs traced by the dynamo exporter (about 100 s here)
@@ -220,8 +189,6 @@ def test_streamed_transformer_with_two_layouts(tmp_path: Path, mean_vae) -> None
     reduced-depth copy; a Stability-layout net takes the transformer's position embedding from the streamed
     weights. One export with a net of each layout, each run alone against diffusers on the same weights."""
     from diffusers import StableDiffusion3ControlNetPipeline
-    from diffusers.schedulers import FlowMatchEulerDiscreteScheduler
-    from transformers import CLIPTokenizer
 
     from sdrt.export.controlnet_loading import random_controlnet
     from sdrt.export.sd3_export import export_sd3, load_sd3
@@ -238,13 +205,8 @@ def test_streamed_transformer_with_two_layouts(tmp_path: Path, mean_vae) -> None
     assert par is not None and "reduced depth" in par.reference and par.rel_err <= par.bound
     mods = model.held(t5=False)
     for j, name in enumerate(layouts):
-        ref = StableDiffusion3ControlNetPipeline(
-            transformer=mods.transformer, vae=mods.vae,
-            scheduler=FlowMatchEulerDiscreteScheduler.from_config(model.scheduler_config),
-            text_encoder=mods.text_encoders[0], tokenizer=CLIPTokenizer.from_pretrained(out / "tokenizer"),
-            text_encoder_2=mods.text_encoders[1], tokenizer_2=CLIPTokenizer.from_pretrained(out / "tokenizer_2"),
-            text_encoder_3=None, tokenizer_3=None, controlnet=random_controlnet(name, seed=0).controlnet)
-        ref.set_progress_bar_config(disable=True)
+        ref = sd3_pipeline(StableDiffusion3ControlNetPipeline, mods, out, model.scheduler_config,
+                           controlnet=random_controlnet(name, seed=0).controlnet)
         with Pipeline.load(out, backend="ort-cpu") as pipe:
             _compare(None, "sd35-medium-tiny", [0.9], nets=(j,), folder=out, ref=ref, exported=2, steps=3,
                      loaded=pipe)
@@ -255,24 +217,15 @@ def test_built_engines_run_the_nets_like_ort_cpu(controlnet_export, tmp_path: Pa
     axes from the profile), and the captured step (nets, unet_control, step graph) gives the ort-cpu images, one
     net and both. Says nothing of real TensorRT."""
     from sdrt.export.profiles import custom_profile
-    from sdrt.export.trt_build import BuildOptions, build_engines
 
-    cudart, _ = fake_gpu
-    src, out = controlnet_export("sd3-tiny"), tmp_path / "engines"
-    manifest = build_engines(src, out, custom_profile(batch="1:1:1", height="64:64:96", width="64:96:96"),
-                             BuildOptions(workspace_gb=1))
-    assert {"controlnet_0", "controlnet_1", "unet_control", "unet"} <= {r.component for r in manifest.engines}
-    kw = {"negative_prompt": NEGATIVE, "steps": 3, "seed": 5, "height": 64, "width": 96, "guidance_scale": 4.0}
     imgs = [control_image(20), control_image(21)]
-    with Pipeline.load(out, backend="tensorrt") as pipe:
-        for case in ({"control_images": [imgs[0]], "control_scales": [0.8]},
-                     {"control_images": imgs, "control_scales": [0.6, 1.1], "control_end": [1.0, 0.5]}):
-            want = shared_pipeline(src)(PROMPT, **kw, **case)
-            got = pipe(PROMPT, **kw, **case)
-            assert got.loop == "captured CUDA graphs"
-            a, b = np.asarray(want.images[0], np.int16), np.asarray(got.images[0], np.int16)
-            assert a.std() > 5 and np.abs(a - b).max() <= 1
-    assert cudart.alive()["allocations"] == 0
+    assert_engines_give_ort_cpu_images(
+        controlnet_export("sd3-tiny"), tmp_path / "engines",
+        custom_profile(batch="1:1:1", height="64:64:96", width="64:96:96"), fake_gpu[0],
+        {"controlnet_0", "controlnet_1", "unet_control", "unet"}, PROMPT,
+        {"negative_prompt": NEGATIVE, "steps": 3, "seed": 5, "height": 64, "width": 96, "guidance_scale": 4.0},
+        [{"control_images": [imgs[0]], "control_scales": [0.8]},
+         {"control_images": imgs, "control_scales": [0.6, 1.1], "control_end": [1.0, 0.5]}])
 
 
 @pytest.mark.parametrize("backend", ["ort-cuda-path", "openvino"])
@@ -284,15 +237,7 @@ def test_other_backends_give_the_ort_cpu_images(controlnet_export, monkeypatch: 
     kw = {"negative_prompt": NEGATIVE, "steps": 3, "seed": 8, "height": 64, "width": 96, "guidance_scale": 4.0,
           "control_images": [control_image(30), control_image(31)], "control_scales": [0.9, 0.5]}
     want = np.asarray(shared_pipeline(folder)(PROMPT, **kw).images[0], np.int16)
-    if backend == "openvino":
-        pytest.importorskip("openvino", reason="the openvino backend needs OpenVINO (pip install sdrt[openvino])")
-        pipe = Pipeline.load(folder, backend="openvino", precision="fp32")
-    else:
-        from .helpers.pipelines import ort_cuda_on_cpu
-
-        monkeypatch.setattr("sdrt.runtime.backends.make_backend", lambda *a, **k: ort_cuda_on_cpu(monkeypatch))
-        pipe = Pipeline.load(folder, backend="ort-cuda")
-    with pipe:
+    with loaded_on(folder, backend, monkeypatch) as pipe:
         got = np.asarray(pipe(PROMPT, **kw).images[0], np.int16)
     assert want.std() > 5 and np.abs(got - want).max() <= (2 if backend == "openvino" else 0)
 
@@ -364,8 +309,6 @@ def test_stability_single_file_loads_the_diffusers_net(tmp_path: Path) -> None:
 def test_stability_single_file_exports_the_folder_nets_images(tmp_path: Path, mean_vae) -> None:
     """``sdrt export --controlnet FILE`` of a Stability-layout file gives diffusers' images with that net."""
     from diffusers import StableDiffusion3ControlNetPipeline
-    from diffusers.schedulers import FlowMatchEulerDiscreteScheduler
-    from transformers import CLIPTokenizer
 
     from sdrt.cli import main
     from sdrt.export.controlnet_loading import random_controlnet
@@ -377,14 +320,8 @@ def test_stability_single_file_exports_the_folder_nets_images(tmp_path: Path, me
     assert main(["export", "--random", "sd35-medium-tiny", "--controlnet", str(single), "--fp32", "--without-t5",
                  "--out", str(out)]) == 0
     p = get_sd3_preset("sd35-medium-tiny")
-    m = build_modules(p, seed=0)
     net = random_controlnet("sd35-controlnet-tiny", seed=0).controlnet.half().float()  # the file's rounding
-    ref = StableDiffusion3ControlNetPipeline(
-        transformer=m.transformer, vae=m.vae, scheduler=FlowMatchEulerDiscreteScheduler.from_config(p.scheduler),
-        text_encoder=m.text_encoders[0], tokenizer=CLIPTokenizer.from_pretrained(out / "tokenizer"),
-        text_encoder_2=m.text_encoders[1], tokenizer_2=CLIPTokenizer.from_pretrained(out / "tokenizer_2"),
-        text_encoder_3=None, tokenizer_3=None, controlnet=net)
-    ref.set_progress_bar_config(disable=True)
+    ref = sd3_pipeline(StableDiffusion3ControlNetPipeline, build_modules(p, seed=0), out, p.scheduler, controlnet=net)
     with Pipeline.load(out, backend="ort-cpu") as pipe:
         _compare(None, "sd35-medium-tiny", [0.8], folder=out, ref=ref, exported=1, guidance=4.0, steps=3, loaded=pipe)
 

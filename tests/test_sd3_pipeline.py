@@ -17,7 +17,8 @@ import torch
 
 from sdrt.runtime.errors import InputError
 
-from .helpers.pipelines import ort_cuda_on_cpu, shared_pipeline
+from .helpers.pipelines import loaded_on, shared_pipeline
+from .helpers.references import assert_diffusers_images, sd3_pipeline
 
 PROMPT = "a red fox in the snow, highly detailed"
 NEGATIVE = "blurry, low quality"
@@ -29,23 +30,12 @@ def _reference(preset: str, folder: Path, t5: bool, img2img: bool = False):
     key = (preset, t5, img2img)
     if key not in _REFS:
         from diffusers import StableDiffusion3Img2ImgPipeline, StableDiffusion3Pipeline
-        from diffusers.schedulers import FlowMatchEulerDiscreteScheduler
-        from transformers import CLIPTokenizer, T5TokenizerFast
 
         from sdrt.export.sd3_presets import build_modules, get_sd3_preset
 
         p = get_sd3_preset(preset)
-        m = build_modules(p, seed=0)
-        clip_l, clip_g, t5_enc = m.text_encoders
         cls = StableDiffusion3Img2ImgPipeline if img2img else StableDiffusion3Pipeline
-        pipe = cls(transformer=m.transformer, vae=m.vae,
-                   scheduler=FlowMatchEulerDiscreteScheduler.from_config(p.scheduler),
-                   text_encoder=clip_l, tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
-                   text_encoder_2=clip_g, tokenizer_2=CLIPTokenizer.from_pretrained(folder / "tokenizer_2"),
-                   text_encoder_3=t5_enc if t5 else None,
-                   tokenizer_3=T5TokenizerFast.from_pretrained(folder / "tokenizer_3") if t5 else None)
-        pipe.set_progress_bar_config(disable=True)
-        _REFS[key] = pipe
+        _REFS[key] = sd3_pipeline(cls, build_modules(p, seed=0), folder, p.scheduler, t5=t5)
     return _REFS[key]
 
 
@@ -73,15 +63,10 @@ def _compare(sd3_export, preset: str, *, t5: bool = True, guidance: float = 5.0,
                    guidance_scale=guidance, latents=torch.from_numpy(latents), output_type="np",
                    num_images_per_prompt=batch,
                    **({} if max_sequence_length is None else {"max_sequence_length": max_sequence_length})).images
-    want_u8 = (want * 255).round().astype(np.int32)
     res = shared_pipeline(folder)(prompt, negative_prompt=negative, height=height, width=width, steps=steps,
                                   guidance_scale=guidance, sampler=sampler, latents=latents, batch_size=batch,
                                   max_sequence_length=max_sequence_length)
-    got = np.stack([np.asarray(im) for im in res.images]).astype(np.int32)
-    assert got.shape == want_u8.shape
-    diff = int(np.abs(got - want_u8).max())
-    assert diff <= 1, f"{preset} t5={t5} {sampler} guidance {guidance}: max abs difference {diff}/255"
-    assert want_u8.std() > 5  # the images are not flat: the comparison means something
+    _, want_u8 = assert_diffusers_images(res.images, want, f"{preset} t5={t5} {sampler} guidance {guidance}")
     return res, want_u8
 
 
@@ -178,31 +163,20 @@ def test_ort_cuda_code_path_gives_the_ort_cpu_images(sd3_export, monkeypatch: py
                                                      cuda_graph: bool) -> None:
     """ort-cuda's code path (every tensor an OrtValue, IO binding; with cuda_graph the composed transformer +
     step session) in CPU memory on the CPU EP: the ort-cpu images. Says nothing of a GPU."""
-    from sdrt.runtime.ort_backend import OrtBackend
-
-    def backend(*a, **k) -> OrtBackend:
-        return ort_cuda_on_cpu(monkeypatch, cuda_graph=cuda_graph)
-
     folder = sd3_export("sd3-tiny")
     kw = {"negative_prompt": NEGATIVE, "steps": 4, "seed": 9, "height": 64, "width": 96, "guidance_scale": 5.0}
     want = np.asarray(shared_pipeline(folder)(PROMPT, **kw).images[0])
-    monkeypatch.setattr("sdrt.runtime.backends.make_backend", backend)
-    from sdrt.runtime.pipeline import Pipeline
-
-    with Pipeline.load(folder, backend="ort-cuda") as pipe:
+    with loaded_on(folder, "ort-cuda-path", monkeypatch, cuda_graph=cuda_graph) as pipe:
         got = np.asarray(pipe(PROMPT, **kw).images[0])
     np.testing.assert_array_equal(got, want)
 
 
 def test_openvino_fp32_gives_the_ort_cpu_images(sd3_export) -> None:
-    pytest.importorskip("openvino", reason="the openvino backend needs OpenVINO (pip install sdrt[openvino])")
-    from sdrt.runtime.pipeline import Pipeline
-
     folder = sd3_export("sd3-tiny")
     kw = {"negative_prompt": NEGATIVE, "steps": 4, "seed": 9, "height": 64, "width": 96, "guidance_scale": 5.0}
     want = np.asarray(shared_pipeline(folder)(PROMPT, **kw).images[0], np.int16)
     want64 = np.asarray(shared_pipeline(folder)(PROMPT, **kw, max_sequence_length=64).images[0], np.int16)
-    with Pipeline.load(folder, backend="openvino", precision="fp32") as pipe:
+    with loaded_on(folder, "openvino") as pipe:
         got = np.asarray(pipe(PROMPT, **kw).images[0], np.int16)
         got64 = np.asarray(pipe(PROMPT, **kw, max_sequence_length=64).images[0], np.int16)  # another T5 length
     assert want.std() > 5 and np.abs(got - want).max() <= 2

@@ -6,8 +6,11 @@ set-up. conftest's ``close_shared_pipelines`` closes every pipeline opened here.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+import pytest
 
 from sdrt.runtime.pipeline import Pipeline
 
@@ -42,3 +45,21 @@ def ort_cuda_on_cpu(monkeypatch, *, cuda_graph: bool = False, max_cuda_graphs: i
         be.fused_step = fused_step
     monkeypatch.setattr(be, "providers_for", lambda name: ["CPUExecutionProvider"])
     return be
+
+
+@contextlib.contextmanager
+def loaded_on(folder: Path, backend: str, monkeypatch: pytest.MonkeyPatch | None = None, *,
+              cuda_graph: bool = False) -> Iterator[Pipeline]:
+    """``folder`` loaded for one test on ``backend``, closed after: ``"ort-cuda-path"`` (ort-cuda's code path on the
+    CPU EP, ``ort_cuda_on_cpu`` with ``cuda_graph``: says nothing of a GPU) or ``"openvino"`` at fp32 (the test
+    skipped where OpenVINO is not installed). Make the ort-cpu images first: the first patches how backends load."""
+    if backend == "openvino":
+        pytest.importorskip("openvino", reason="the openvino backend needs OpenVINO (pip install sdrt[openvino])")
+        pipe = Pipeline.load(folder, backend="openvino", precision="fp32")
+    else:
+        assert backend == "ort-cuda-path" and monkeypatch is not None, backend
+        monkeypatch.setattr("sdrt.runtime.backends.make_backend",
+                            lambda *a, **k: ort_cuda_on_cpu(monkeypatch, cuda_graph=cuda_graph))
+        pipe = Pipeline.load(folder, backend="ort-cuda")
+    with pipe:
+        yield pipe

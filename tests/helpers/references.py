@@ -1,4 +1,5 @@
-"""diffusers over sdrt's synthetic weights: the independent references of the parity tests.
+"""diffusers over sdrt's synthetic weights: the independent references of the parity tests, and the comparison
+of sdrt's images with theirs.
 
 Pipelines are built once per process (diffusers' modules are rebuilt from the preset's seed, as sdrt's
 export was) and shared by every test that compares against them; a test sets the scheduler it needs.
@@ -7,8 +8,11 @@ export was) and shared by every test that compares against them; a test sets the
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 
 
@@ -73,3 +77,59 @@ def diffusers_fused(unet, text_encoder, vae, loras: list[tuple[Path, float]]):  
     pipe.fuse_lora(adapter_names=names, lora_scale=1.0)
     pipe.unload_lora_weights()
     return u, te
+
+
+def flux_pipeline(cls: Any, modules: Any, tokenizers: Path, scheduler: dict, **parts: Any) -> Any:
+    """diffusers' FLUX.1 pipeline ``cls`` (``FluxControlPipeline``, ``FluxControlNetPipeline``, ...) over
+    ``modules`` (``flux_presets.FluxModules``), with the tokenizer files in ``tokenizers`` (an export's folder) and
+    ``FlowMatchEulerDiscreteScheduler`` of the ``scheduler`` config; ``parts``: the class's others
+    (``controlnet=``)."""
+    from diffusers.schedulers import FlowMatchEulerDiscreteScheduler
+    from transformers import CLIPTokenizer, T5TokenizerFast
+
+    pipe = cls(transformer=modules.transformer, vae=modules.vae,
+               scheduler=FlowMatchEulerDiscreteScheduler.from_config(scheduler), text_encoder=modules.clip,
+               tokenizer=CLIPTokenizer.from_pretrained(tokenizers / "tokenizer"), text_encoder_2=modules.t5,
+               tokenizer_2=T5TokenizerFast.from_pretrained(tokenizers / "tokenizer_2"), **parts)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sd3_pipeline(cls: Any, modules: Any, tokenizers: Path, scheduler: dict, *, t5: bool = False,
+                 **parts: Any) -> Any:
+    """diffusers' SD 3 / 3.5 pipeline ``cls`` over ``modules`` (``sd3_presets.Sd3Modules``), with the tokenizer
+    files in ``tokenizers`` and ``FlowMatchEulerDiscreteScheduler`` of the ``scheduler`` config; without ``t5``,
+    ``text_encoder_3=None`` (zeros in T5's place, as an export without it); ``parts``: the class's others."""
+    from diffusers.schedulers import FlowMatchEulerDiscreteScheduler
+    from transformers import CLIPTokenizer, T5TokenizerFast
+
+    clip_l, clip_g = modules.text_encoders[:2]
+    pipe = cls(transformer=modules.transformer, vae=modules.vae,
+               scheduler=FlowMatchEulerDiscreteScheduler.from_config(scheduler),
+               text_encoder=clip_l, tokenizer=CLIPTokenizer.from_pretrained(tokenizers / "tokenizer"),
+               text_encoder_2=clip_g, tokenizer_2=CLIPTokenizer.from_pretrained(tokenizers / "tokenizer_2"),
+               text_encoder_3=modules.text_encoders[2] if t5 else None,
+               tokenizer_3=T5TokenizerFast.from_pretrained(tokenizers / "tokenizer_3") if t5 else None, **parts)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def flux_packed(latents: np.ndarray) -> Any:
+    """[B, C, H, W] latents packed into FLUX.1's 2x2-patch tokens, as diffusers' pipelines take ``latents``."""
+    import torch
+    from diffusers import FluxPipeline
+
+    b, c, h, w = latents.shape
+    return FluxPipeline._pack_latents(torch.from_numpy(latents.copy()), b, c, h, w)
+
+
+def assert_diffusers_images(images: Iterable[Any], want: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """sdrt's ``images`` within 1/255 of diffusers' (``output_type="np"``: [B, H, W, 3] in 0..1), which are not
+    flat (so the comparison means something). Returns both as int32 [B, H, W, 3] levels."""
+    want_u8 = (want * 255).round().astype(np.int32)
+    got = np.stack([np.asarray(im) for im in images]).astype(np.int32)
+    assert got.shape == want_u8.shape
+    diff = int(np.abs(got - want_u8).max())
+    assert diff <= 1, f"{what}: max abs difference {diff}/255"
+    assert want_u8.std() > 5
+    return got, want_u8
