@@ -1,0 +1,146 @@
+"""First-block caching (``cache="first-block"``) for FLUX.1 Kontext (a reference image's tokens joined to the image's)
+and FLUX.1 Depth / Canny (a control image's latents joined to the latents' channels), against diffusers' own hooks
+on the same seeded modules in ``FluxKontextPipeline`` and ``FluxControlPipeline`` (tests/helpers/flux_cache.py).
+
+Kontext: diffusers' hooks keep the residuals of the whole sequence the blocks see, the image's tokens and the
+reference's; the threshold rule's change is a mean over both. sdrt's export returns the first block's residual over
+the reference's tokens beside the image's (``head_residual_reference``, on the reference's patch grid) and its
+cached step takes the change over the two, in the sequence's order; the deep feature's reference part reaches no
+output (the output layers work token by token and the pipeline keeps the image's tokens), so only the image's is
+kept. Depth / Canny: the control latents join the latents on the feature axis before the first layer, so the blocks
+see the image's tokens alone and the residuals are the base model's.
+
+Images within 1/255 (as every parity test here: one 8-bit level of rounding, the graphs' float32 against PyTorch's),
+the count of full steps in ``Result.loop`` equal to the hooks' own count; caching off: the plain export's image bit
+for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from sdrt.runtime.feature_cache import CHANGE, SHALLOW_UNET, CachePolicy
+from sdrt.runtime.manifest import ExportManifest
+
+from .helpers.flux_cache import cache_kw, first_block_cache, flux_pipeline, full_count, threshold_margin
+from .helpers.inputs import control_image
+from .helpers.pipelines import shared_pipeline
+
+KONTEXT, DEPTH = "flux-kontext-dev-tiny", "flux-depth-dev-tiny"
+PROMPT = "make the boat red"
+HEIGHT, WIDTH, STEPS = 64, 96, 8
+# the conditioning image of each model (a 120 x 90 image: the reference kept at its size rounded down to whole
+# patches, 112 x 80; the control image resized to the output's) and the diffusers pipeline that reads it
+MODELS: dict[str, tuple[str, str, float]] = {KONTEXT: ("FluxKontextPipeline", "reference_image", 2.5),
+                                             DEPTH: ("FluxControlPipeline", "control_images", 10.0)}
+
+
+def _latents() -> np.ndarray:
+    return np.random.default_rng(0).standard_normal((1, 16, HEIGHT // 8, WIDTH // 8), dtype=np.float32)
+
+
+def _image() -> Any:
+    return control_image(3, w=120, h=90)
+
+
+def _reference(preset: str, folder: Path, policy: CachePolicy | None) -> tuple[np.ndarray, list[bool], list[float]]:
+    """diffusers' pipeline of the model over its seeded modules (fresh: the hooks keep state), with first-block
+    caching per ``policy``: its image (uint8), whether each step ran the remaining blocks, each step's change."""
+    from diffusers import FluxPipeline
+
+    cls, _, guidance = MODELS[preset]
+    pipe = flux_pipeline(cls, preset, folder)
+    ran, changes = ([], []) if policy is None else first_block_cache(pipe.transformer, policy, STEPS)
+    b, c, h, w = _latents().shape
+    kw: dict[str, Any] = ({"image": _image(), "max_area": HEIGHT * WIDTH, "_auto_resize": False}
+                          if preset == KONTEXT else {"control_image": _image()})
+    # diffusers 0.42's Kontext and Control pipelines set no cache context for the hooks (FluxPipeline sets "cond"
+    # around its transformer call): one context around the call, their one transformer call per step
+    context = pipe.transformer.cache_context("cond") if policy is not None else contextlib.nullcontext()
+    with torch.no_grad(), context:
+        images = pipe(prompt=PROMPT, height=HEIGHT, width=WIDTH, num_inference_steps=STEPS, guidance_scale=guidance,
+                      latents=FluxPipeline._pack_latents(torch.from_numpy(_latents()), b, c, h, w),
+                      output_type="np", **kw).images
+    return (images[0] * 255).round().astype(np.int32), ran, changes
+
+
+def _sdrt(folder: Path, preset: str, policy: CachePolicy | None) -> tuple[np.ndarray, str]:
+    _, field, guidance = MODELS[preset]
+    kw: dict[str, Any] = ({"reference_image": _image(), "reference_resize": False} if field == "reference_image"
+                          else {"control_images": [_image()]})
+    res = shared_pipeline(folder)(PROMPT, height=HEIGHT, width=WIDTH, steps=STEPS, guidance_scale=guidance,
+                                  latents=_latents(), **kw, **cache_kw(policy))
+    return np.asarray(res.images[0]).astype(np.int32), res.loop
+
+
+@pytest.mark.parametrize(("preset", "threshold"), [(KONTEXT, 0.3), (DEPTH, 0.3)])
+def test_threshold_rule_matches_diffusers_first_block_cache(flux_export, mean_vae, preset: str,
+                                                             threshold: float) -> None:
+    """diffusers' rule, unchanged: the same steps run in full (Kontext's change over the image's and the
+    reference's tokens) and the images agree within 1/255."""
+    folder = flux_export(preset, block_cache=True)
+    policy = CachePolicy("first-block", threshold=threshold)
+    want, ran, changes = _reference(preset, folder, policy)
+    margin = threshold_margin(changes, threshold)
+    assert margin > 2e-3, f"a step's change is within {margin:.1e} of the threshold: pick another threshold"
+    assert 1 < sum(ran) < STEPS, f"the threshold decides nothing here ({ran}, changes {changes}): pick another"
+    got, loop = _sdrt(folder, preset, policy)
+    assert full_count(loop) == sum(ran), (loop, ran)
+    diff = int(np.abs(got - want).max())
+    assert diff <= 1, f"{preset}: max abs difference {diff}/255 from diffusers' first-block cache"
+    assert want.std() > 5
+    uncached, _ = _sdrt(folder, preset, None)
+    assert np.abs(uncached - want).max() > 1  # the cache changed the image: the comparison means something
+
+
+@pytest.mark.parametrize("preset", [KONTEXT, DEPTH])
+def test_a_fixed_schedule_matches_diffusers_hooks(flux_export, mean_vae, preset: str) -> None:
+    """Every second step full: diffusers' hooks with their decision replaced by the schedule's."""
+    folder = flux_export(preset, block_cache=True)
+    policy = CachePolicy("first-block", interval=2)
+    want, ran, _ = _reference(preset, folder, policy)
+    assert ran == list(policy.full_steps(STEPS))
+    got, loop = _sdrt(folder, preset, policy)
+    assert full_count(loop) == sum(ran) < STEPS
+    diff = int(np.abs(got - want).max())
+    assert diff <= 1, f"{preset} every 2: max abs difference {diff}/255"
+
+
+@pytest.mark.parametrize("preset", [KONTEXT, DEPTH])
+def test_caching_off_is_bit_identical_to_the_plain_export(flux_export, mean_vae, preset: str) -> None:
+    """A ``--feature-cache`` export run uncached, or cached with every step full, gives the plain export's image;
+    which is diffusers' within 1/255."""
+    plain, _ = _sdrt(flux_export(preset), preset, None)
+    folder = flux_export(preset, block_cache=True)
+    off, loop = _sdrt(folder, preset, None)
+    every, _ = _sdrt(folder, preset, CachePolicy("first-block", interval=1))
+    assert np.array_equal(plain, off) and np.array_equal(plain, every)
+    assert "feature cache" not in loop and plain.std() > 5
+    want, _, _ = _reference(preset, folder, None)
+    assert np.abs(plain - want).max() <= 1
+
+
+def test_the_exports_record_the_cached_steps(flux_export) -> None:
+    """Kontext's transformer also returns the first block's residual over the reference's tokens, on the
+    reference's patch grid, and its cached step takes it with the reference's latents; Depth / Canny's cached step
+    takes the control latents. Both parity-gated."""
+    for preset, extra, residuals in (
+            (KONTEXT, "reference_latents", ["deep_feature", "head_residual", "head_residual_reference"]),
+            (DEPTH, "control_latents", ["deep_feature", "head_residual"])):
+        man = ExportManifest.read(flux_export(preset, block_cache=True))
+        unet, cached = man.components["unet"], man.components[SHALLOW_UNET]
+        assert [o.name for o in unet.outputs] == ["out_sample", *residuals]
+        assert {i.name for i in cached.inputs} == {i.name for i in unet.inputs} | set(residuals)
+        assert extra in {i.name for i in cached.inputs}
+        assert [o.name for o in cached.outputs] == ["out_sample", CHANGE]
+        for comp in (unet, cached):
+            assert comp.parity is not None and comp.parity.rel_err <= comp.parity.bound
+    kontext = ExportManifest.read(flux_export(KONTEXT, block_cache=True)).components["unet"]
+    (ref,) = [o for o in kontext.outputs if o.name == "head_residual_reference"]
+    assert tuple(ref.shape) == ("batch", "reference_height/2", "reference_width/2", 16)
