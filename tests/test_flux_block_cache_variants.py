@@ -144,3 +144,26 @@ def test_the_exports_record_the_cached_steps(flux_export) -> None:
     kontext = ExportManifest.read(flux_export(KONTEXT, block_cache=True)).components["unet"]
     (ref,) = [o for o in kontext.outputs if o.name == "head_residual_reference"]
     assert tuple(ref.shape) == ("batch", "reference_height/2", "reference_width/2", 16)
+
+
+@pytest.mark.parametrize("preset", [KONTEXT, DEPTH])
+def test_a_streamed_transformer_exports_the_same_cached_step(flux_export, tmp_path: Path, preset: str) -> None:
+    """The transformer streamed from a diffusers folder of the model's pipeline (as a full-size one is): its cached
+    step is streamed too (the reference's sides, or the control latents, dynamic), gated on the reduced-depth copy,
+    and gives the in-memory export's cached images (same weights), on a schedule and by the threshold."""
+    from sdrt.export.flux_export import export_flux, load_flux
+
+    ref_folder = flux_export(preset, block_cache=True)
+    src = tmp_path / "diffusers"
+    flux_pipeline(MODELS[preset][0], preset, ref_folder).save_pretrained(src, safe_serialization=True)
+    out = tmp_path / "streamed"
+    manifest = export_flux(load_flux(src, stream=True), out, block_cache=True)
+    assert "unet" in manifest.source["streamed"]
+    for name in ("unet", SHALLOW_UNET):
+        par = manifest.components[name].parity
+        assert par is not None and "reduced depth" in par.reference and par.rel_err <= par.bound
+    for policy in (CachePolicy("first-block", interval=2), CachePolicy("first-block", threshold=0.3)):
+        want, want_loop = _sdrt(ref_folder, preset, policy)
+        got, loop = _sdrt(out, preset, policy)
+        assert full_count(loop) == full_count(want_loop) < STEPS
+        assert np.abs(got - want).max() <= 1
