@@ -24,7 +24,7 @@ from sdrt.runtime.feature_cache import CHANGE, SHALLOW_UNET
 from sdrt.runtime.inpaint import MASKED_ENCODER
 
 from . import wrappers
-from .block_cache import reference_residual_spec, random_residuals, residual_dims, residual_specs
+from .block_cache import random_residuals, reference_residual_spec, residual_dims, residual_specs
 from .flux_presets import FluxModules, controls
 from .flux_wrappers import (
     PATCH,

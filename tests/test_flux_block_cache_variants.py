@@ -70,12 +70,17 @@ def _reference(preset: str, folder: Path, policy: CachePolicy | None) -> tuple[n
     return (images[0] * 255).round().astype(np.int32), ran, changes
 
 
-def _sdrt(folder: Path, preset: str, policy: CachePolicy | None) -> tuple[np.ndarray, str]:
+def _call(preset: str, policy: CachePolicy | None) -> dict[str, Any]:
+    """An sdrt call's keywords: the model's conditioning image, the size, steps, guidance, latents and caching."""
     _, field, guidance = MODELS[preset]
-    kw: dict[str, Any] = ({"reference_image": _image(), "reference_resize": False} if field == "reference_image"
-                          else {"control_images": [_image()]})
-    res = shared_pipeline(folder)(PROMPT, height=HEIGHT, width=WIDTH, steps=STEPS, guidance_scale=guidance,
-                                  latents=_latents(), **kw, **cache_kw(policy))
+    image: dict[str, Any] = ({"reference_image": _image(), "reference_resize": False} if field == "reference_image"
+                             else {"control_images": [_image()]})
+    return {"height": HEIGHT, "width": WIDTH, "steps": STEPS, "guidance_scale": guidance, "latents": _latents(),
+            **image, **cache_kw(policy)}
+
+
+def _sdrt(folder: Path, preset: str, policy: CachePolicy | None) -> tuple[np.ndarray, str]:
+    res = shared_pipeline(folder)(PROMPT, **_call(preset, policy))
     return np.asarray(res.images[0]).astype(np.int32), res.loop
 
 
@@ -167,3 +172,19 @@ def test_a_streamed_transformer_exports_the_same_cached_step(flux_export, tmp_pa
         got, loop = _sdrt(out, preset, policy)
         assert full_count(loop) == full_count(want_loop) < STEPS
         assert np.abs(got - want).max() <= 1
+
+
+@pytest.mark.parametrize("preset", [KONTEXT, DEPTH])
+def test_openvino_runs_the_same_cached_steps(flux_export, preset: str) -> None:
+    """openvino (fp32) keeps the third residual (Kontext's reference tokens') and the control latents as ort-cpu
+    does: the same full steps by the threshold, the same image within 1/255."""
+    pytest.importorskip("openvino", reason="the openvino extra is not installed")
+    from sdrt.runtime.pipeline import Pipeline
+
+    folder = flux_export(preset, block_cache=True)
+    policy = CachePolicy("first-block", threshold=0.3)
+    want, want_loop = _sdrt(folder, preset, policy)
+    with Pipeline.load(folder, backend="openvino", precision="f32") as ov:
+        got = ov(PROMPT, **_call(preset, policy))
+    assert full_count(got.loop) == full_count(want_loop) < STEPS
+    assert np.abs(np.asarray(got.images[0]).astype(np.int32) - want).max() <= 1

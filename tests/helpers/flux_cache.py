@@ -10,6 +10,7 @@ state (without changing their decision) so that a test can keep its threshold aw
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -76,4 +77,4 @@ def full_count(loop: str) -> int:
 
 def threshold_margin(changes: list[float], threshold: float) -> float:
     """How far the nearest step's change is from the threshold (the decisions agree reliably only away from it)."""
-    return min(abs(c - threshold) for c in changes if c == c)  # c == c: not NaN
+    return min(abs(c - threshold) for c in changes if not math.isnan(c))
