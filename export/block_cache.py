@@ -10,6 +10,9 @@ added, from the head's output to the tail's (``deep_feature``); a cached step ru
 
 The residuals leave the graph on the patch grid [B, h, w, D] (h, w: the latent's sides in patches), which a
 traced graph's dynamic shapes can say (a token count h*w cannot); ``runtime/feature_cache.py`` holds the names.
+An editing model whose blocks see a reference image's tokens after the image's (FLUX.1 Kontext) adds the head
+residual over those on the reference's own grid (``reference_residual_spec``): the rule's change is taken over the
+whole sequence, as the hooks take it.
 """
 
 from __future__ import annotations
