@@ -188,3 +188,35 @@ def test_openvino_runs_the_same_cached_steps(flux_export, preset: str) -> None:
         got = ov(PROMPT, **_call(preset, policy))
     assert full_count(got.loop) == full_count(want_loop) < STEPS
     assert np.abs(np.asarray(got.images[0]).astype(np.int32) - want).max() <= 1
+
+
+@pytest.mark.parametrize("preset", [KONTEXT, DEPTH])
+def test_tensorrt_fakes_capture_a_fixed_schedule(flux_export, tmp_path: Path, fake_gpu, preset: str) -> None:
+    """Logic check on the TensorRT fakes (tests/helpers/trt_fakes.py), which says nothing of real TensorRT: the
+    cached step builds over the profile's grids (Kontext's reference residual over the reference's, from the
+    profile's image sizes, as ``reference_latents``), and the captured loop runs a schedule with ort-cpu's image."""
+    from sdrt.export.profiles import custom_profile
+    from sdrt.export.trt_build import BuildOptions, build_engines
+    from sdrt.runtime.pipeline import Pipeline
+
+    from .helpers.inputs import image_and_mask
+
+    src = flux_export(preset, block_cache=True)
+    out = tmp_path / "engines"
+    manifest = build_engines(src, out, custom_profile(batch="1:1:2", height="64:64:96", width="64:64:96", cfg=False),
+                             BuildOptions(workspace_gb=1))
+    shallow = next(r for r in manifest.engines if r.component == SHALLOW_UNET)
+    shapes = {s.name: (s.min, s.max) for s in shallow.shapes}
+    assert shapes["deep_feature"] == ((1, 4, 4, 16), (2, 6, 6, 16))
+    if preset == KONTEXT:
+        assert shapes["head_residual_reference"] == ((1, 4, 4, 16), (2, 6, 6, 16))
+    image, _ = image_and_mask(w=64, h=64)
+    kw: dict[str, Any] = ({"reference_image": image, "reference_resize": False, "guidance_scale": 2.5}
+                          if preset == KONTEXT else {"control_images": [image], "guidance_scale": 10.0})
+    kw.update(steps=4, seed=5, height=64, width=96, cache="first-block", cache_interval=2)
+    want = shared_pipeline(src)("a red fox", **kw)
+    with Pipeline.load(out, backend="tensorrt") as pipe:
+        got = pipe("a red fox", **kw)
+    assert got.loop.startswith("captured CUDA graphs") and "2 of 4 steps ran the full transformer" in got.loop
+    a, b = np.asarray(want.images[0], np.int16), np.asarray(got.images[0], np.int16)
+    assert a.std() > 1 and np.abs(a - b).max() <= 1
