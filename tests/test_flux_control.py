@@ -19,6 +19,7 @@ import torch
 
 from sdrt.runtime.errors import CompatibilityError, InputError
 
+from .helpers.flux_cache import flux_pipeline
 from .helpers.inputs import control_image, image_and_mask
 from .helpers.pipelines import shared_pipeline
 
@@ -39,21 +40,7 @@ def mean_latents(monkeypatch: pytest.MonkeyPatch) -> None:
 def _reference(folder: Path, img2img: bool = False):
     key = "img2img" if img2img else "txt2img"
     if key not in _REF:
-        from diffusers import FluxControlImg2ImgPipeline, FluxControlPipeline
-        from diffusers.schedulers import FlowMatchEulerDiscreteScheduler
-        from transformers import CLIPTokenizer, T5TokenizerFast
-
-        from sdrt.export.flux_presets import build_modules, get_flux_preset
-
-        p = get_flux_preset(PRESET)
-        m = build_modules(p, seed=0)
-        cls = FluxControlImg2ImgPipeline if img2img else FluxControlPipeline
-        pipe = cls(transformer=m.transformer, vae=m.vae,
-                   scheduler=FlowMatchEulerDiscreteScheduler.from_config(p.scheduler), text_encoder=m.clip,
-                   tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"), text_encoder_2=m.t5,
-                   tokenizer_2=T5TokenizerFast.from_pretrained(folder / "tokenizer_2"))
-        pipe.set_progress_bar_config(disable=True)
-        _REF[key] = pipe
+        _REF[key] = flux_pipeline("FluxControlImg2ImgPipeline" if img2img else "FluxControlPipeline", PRESET, folder)
     return _REF[key]
 
 

@@ -1,5 +1,6 @@
-"""The references of the FLUX.1 first-block caching tests: diffusers' FLUX.1 pipelines over a preset's seeded
-modules, and diffusers' own first-block cache hooks on their transformer, counting the steps that ran in full.
+"""diffusers' FLUX.1 pipelines over a preset's seeded modules (the references of the FLUX.1 tests: [dev], Kontext,
+Depth / Canny, caching), and diffusers' own first-block cache hooks on their transformer, counting the steps that
+ran in full.
 
 ``first_block_cache`` applies ``transformer.enable_cache(FirstBlockCacheConfig(threshold=...))`` (diffusers'
 ``apply_first_block_cache``: head ``transformer_blocks[0]``, tail ``single_transformer_blocks[-1]``); the pipelines
