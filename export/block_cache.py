@@ -10,6 +10,9 @@ added, from the head's output to the tail's (``deep_feature``); a cached step ru
 
 The residuals leave the graph on the patch grid [B, h, w, D] (h, w: the latent's sides in patches), which a
 traced graph's dynamic shapes can say (a token count h*w cannot); ``runtime/feature_cache.py`` holds the names.
+An editing model whose blocks see a reference image's tokens after the image's (FLUX.1 Kontext) adds the head
+residual over those on the reference's own grid (``reference_residual_spec``): the rule's change is taken over the
+whole sequence, as the hooks take it.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import Any
 
 import torch
 
-from sdrt.runtime.feature_cache import DEEP_FEATURE, HEAD_RESIDUAL, SHALLOW_UNET
+from sdrt.runtime.feature_cache import DEEP_FEATURE, HEAD_RESIDUAL, HEAD_RESIDUAL_REFERENCE, SHALLOW_UNET
 
 DENOISER_FOLDER = "transformer"  # diffusers' name for a transformer denoiser; the manifest's component is "unet"
 FOLDERS = {"unet": DENOISER_FOLDER, SHALLOW_UNET: f"{DENOISER_FOLDER}_shallow"}
@@ -33,12 +36,21 @@ def residual_specs(inner: int, patch: int) -> list[Spec]:
     return [(n, "float", ("batch", f"height/{patch}", f"width/{patch}", inner)) for n in (DEEP_FEATURE, HEAD_RESIDUAL)]
 
 
-def residual_dims(batch: Any) -> dict[str, Any]:
-    """torch.export's dynamic shapes of the cached step's residual inputs: the batch, and the sides left for export
-    to infer (they equal the sample's in patches; torch 2.13's solver fails to state that relation itself, its
-    message builder raising on a Dim it derives)."""
+def reference_residual_spec(inner: int, patch: int) -> Spec:
+    """An editing model's (FLUX.1 Kontext's) third residual as an I/O spec: what the first block added to the
+    reference image's tokens, on the reference's patch grid [batch, reference height / patch, reference width /
+    patch, inner width]."""
+    return (HEAD_RESIDUAL_REFERENCE, "float", ("batch", f"reference_height/{patch}", f"reference_width/{patch}", inner))
+
+
+def residual_dims(batch: Any, reference: bool = False) -> dict[str, Any]:
+    """torch.export's dynamic shapes of the cached step's residual inputs (``reference``: the reference tokens' head
+    residual too): the batch, and the sides left for export to infer (they equal the sample's, or the reference's,
+    in patches; torch 2.13's solver fails to state that relation itself, its message builder raising on a Dim it
+    derives)."""
     auto = torch.export.Dim.AUTO
-    return {n: {0: batch, 1: auto, 2: auto} for n in (DEEP_FEATURE, HEAD_RESIDUAL)}
+    names = (DEEP_FEATURE, HEAD_RESIDUAL, *((HEAD_RESIDUAL_REFERENCE,) if reference else ()))
+    return {n: {0: batch, 1: auto, 2: auto} for n in names}
 
 
 def block_list(transformer: torch.nn.Module, names: Sequence[str]) -> list[torch.nn.Module]:

@@ -298,12 +298,6 @@ def export_flux(
     tr_cfg = model.streamed["transformer"].config if "transformer" in model.streamed else dict(mods.transformer.config)
     reference = p.kontext  # the transformer also takes a reference image's latents
     model_variant = "kontext" if reference else variant(tr_cfg)
-    if block_cache and reference:
-        raise InputError(f"{p.name} is FLUX.1 Kontext: first-block caching does not cover its reference tokens yet; "
-                         "export it without --feature-cache")
-    if block_cache and model_variant == "control":
-        raise InputError(f"{p.name} is FLUX.1 Depth / Canny: first-block caching does not cover its control image "
-                         "yet; export it without --feature-cache")
     if block_cache and int(tr_cfg["num_layers"]) + int(tr_cfg["num_single_layers"]) < 2:
         raise InputError(f"first-block caching reuses what the blocks after the first added; {p.name}'s transformer "
                          "has one block: export it without --feature-cache")
@@ -331,7 +325,7 @@ def export_flux(
             jobs = [(name, streamed_t5(st.config, p.t5_tokens))] if name != "transformer" else \
                 [("transformer", streamed_transformer_spec(st.config, p.t5_tokens, block_cache, reference))]
             if name == "transformer" and block_cache:
-                jobs.append(("cached", streamed_cached_spec(st.config, p.t5_tokens)))
+                jobs.append(("cached", streamed_cached_spec(st.config, p.t5_tokens, reference)))
             if name == "transformer" and controlnets:
                 used, counts = control_layout(st.config, controlnets)
                 jobs.append(("control", streamed_unet_control_spec(st.config, p.t5_tokens, len(controlnets), used,
@@ -416,7 +410,7 @@ def gate_streamed(kind: str, config: dict[str, Any], weights: WeightSource, toke
             used = (controlled_samples(1, control[1][0]), controlled_samples(1, control[1][1]))
             sspec: StreamedSpec = streamed_unet_control_spec(reduced, tokens, control[0], used, control[1])
         else:
-            sspec = streamed_cached_spec(reduced, tokens) if kind == "cached" else \
+            sspec = streamed_cached_spec(reduced, tokens, reference) if kind == "cached" else \
                 streamed_transformer_spec(reduced, tokens, block_cache, reference)
         module: torch.nn.Module = FluxTransformer2DModel(**reduced)
         what = f"double block 0 of {config['num_layers']} and single block {singles - 1} of {singles}"
@@ -433,7 +427,7 @@ def gate_streamed(kind: str, config: dict[str, Any], weights: WeightSource, toke
         assert control is not None
         cspec = unet_control_spec(module, tokens, control[0], used, control[1])
     else:
-        cspec = (cached_spec(module, tokens) if kind == "cached" else
+        cspec = (cached_spec(module, tokens, reference) if kind == "cached" else
                  transformer_spec(module, tokens, block_cache, reference) if kind == "transformer" else
                  t5_spec(module, tokens, name=T5_NAME))
     if slots is not None:

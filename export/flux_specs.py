@@ -24,11 +24,13 @@ from sdrt.runtime.feature_cache import CHANGE, SHALLOW_UNET
 from sdrt.runtime.inpaint import MASKED_ENCODER
 
 from . import wrappers
-from .block_cache import random_residuals, residual_dims, residual_specs
+from .block_cache import random_residuals, reference_residual_spec, residual_dims, residual_specs
 from .flux_presets import FluxModules, controls
 from .flux_wrappers import (
     PATCH,
+    FluxControlCached,
     FluxControlTransformer,
+    FluxKontextCached,
     FluxTransformer,
     FluxTransformerCached,
     FluxVaeEncoderMasked,
@@ -70,7 +72,7 @@ def _io(config: dict[str, Any], block_cache: bool = False, reference: bool = Fal
     if controls(config):  # FLUX.1 Depth / Canny: one control image's latents, at the latents' size
         inputs.append((CONTROL_INPUT, "float", (1, out, "height", "width")))
     return inputs, [("out_sample", "float", ("batch", out, "height", "width")),
-                    *(_residuals(config) if block_cache else [])]
+                    *(_residuals(config, reference) if block_cache else [])]
 
 
 def _sample_channels(config: dict[str, Any]) -> int:
@@ -80,30 +82,34 @@ def _sample_channels(config: dict[str, Any]) -> int:
     return ch // 2 if controls(config) else ch
 
 
-def _residuals(config: dict[str, Any]) -> list[Spec]:
-    """First-block caching's residuals over the image tokens, on the patch grid (export/block_cache.py)."""
-    return residual_specs(_inner(config), PATCH)
+def _residuals(config: dict[str, Any], reference: bool = False) -> list[Spec]:
+    """First-block caching's residuals over the image tokens, on the patch grid (export/block_cache.py), and with a
+    reference (FLUX.1 Kontext) the first block's residual over the reference's tokens, on the reference's grid."""
+    extra = [reference_residual_spec(_inner(config), PATCH)] if reference else []
+    return [*residual_specs(_inner(config), PATCH), *extra]
 
 
 def _inner(config: dict[str, Any]) -> int:
     return int(config["num_attention_heads"]) * int(config["attention_head_dim"])
 
 
-def _cached_io(config: dict[str, Any]) -> tuple[list[Spec], list[Spec]]:
-    """The cached step's I/O: the transformer's inputs with the residuals before [dev]'s ``guidance`` (the order
-    of ``FluxTransformerCached.forward``), ``out_sample`` and ``change``."""
-    if controls(config):  # export_flux refuses --feature-cache for these first, saying so
-        raise ValueError("the cached step does not carry a control image's latents (FLUX.1 Depth / Canny)")
-    inputs, outputs = _io(config)
-    plain = [i for i in inputs if i[0] != "guidance"]
-    return [*plain, *_residuals(config), *inputs[len(plain):]], [outputs[0], (CHANGE, "float32", (1,))]
+def _cached_io(config: dict[str, Any], reference: bool = False) -> tuple[list[Spec], list[Spec]]:
+    """The cached step's I/O: the transformer's first four inputs, the residuals, then its others ([dev]'s
+    ``guidance``, Kontext's ``reference_latents``, Depth / Canny's ``control_latents``; the order of
+    ``FluxTransformerCached.forward`` and its subclasses), ``out_sample`` and ``change``."""
+    inputs, outputs = _io(config, reference=reference)
+    return [*inputs[:4], *_residuals(config, reference), *inputs[4:]], [outputs[0], (CHANGE, "float32", (1,))]
 
 
-def _cached_args(config: dict[str, Any], args: tuple[torch.Tensor, ...], g: torch.Generator | None) -> tuple[
-        torch.Tensor, ...]:
-    """The transformer's example inputs with random residuals placed as ``_cached_io`` orders them."""
+def _cached_args(config: dict[str, Any], args: tuple[torch.Tensor, ...], g: torch.Generator | None,
+                 reference: bool = False) -> tuple[torch.Tensor, ...]:
+    """The transformer's example inputs with random residuals placed as ``_cached_io`` orders them (``reference``:
+    its last input is the reference's latents, and the reference tokens' residual follows the other two)."""
     b, _, h, w = args[0].shape
     res = random_residuals(_inner(config), PATCH, g, b, h, w)
+    if reference:
+        rh, rw = args[-1].shape[-2:]
+        res = (*res, torch.randn(b, rh // PATCH, rw // PATCH, _inner(config), generator=g))
     return (*args[:4], *res, *args[4:])
 
 
@@ -155,18 +161,24 @@ def _wrapper(config: dict[str, Any]) -> type[FluxTransformer]:
     return FluxControlTransformer if controls(config) else FluxTransformer
 
 
-def cached_spec(transformer: torch.nn.Module, tokens: int) -> ComponentSpec:
+def _cached_wrapper(config: dict[str, Any], reference: bool) -> type[FluxTransformerCached]:
+    return FluxKontextCached if reference else FluxControlCached if controls(config) else FluxTransformerCached
+
+
+def cached_spec(transformer: torch.nn.Module, tokens: int, reference: bool = False) -> ComponentSpec:
     """First-block caching's cached step (``unet_shallow``, in ``transformer_shallow/``): the transformer's inputs
-    and its two residuals of the last full step -> ``out_sample`` and ``change`` (``FluxTransformerCached``)."""
+    and its residuals of the last full step -> ``out_sample`` and ``change`` (``FluxTransformerCached``;
+    ``reference``: FLUX.1 Kontext's, ``FluxKontextCached``; a Depth / Canny transformer's: ``FluxControlCached``)."""
     config = dict(transformer.config)
-    inputs, outputs = _cached_io(config)
+    inputs, outputs = _cached_io(config, reference)
     return ComponentSpec(
         name=SHALLOW_UNET,
-        module=FluxTransformerCached(transformer),
+        module=_cached_wrapper(config, reference)(transformer, reference=reference),
         weights=transformer,
         inputs=inputs,
         outputs=outputs,
-        example=lambda g, b, h, w: _cached_args(config, _example(config, tokens, g, b, h, w), g),
+        example=lambda g, b, h, w: _cached_args(config, _example(config, tokens, g, b, h, w, reference), g,
+                                                reference),
         refittable=True,
     )
 
@@ -204,7 +216,7 @@ def flux_specs(modules: FluxModules, t5_tokens: int, block_cache: bool = False, 
     if modules.transformer is not None:
         specs.append(transformer_spec(modules.transformer, t5_tokens, block_cache, reference))
         if block_cache:
-            specs.append(cached_spec(modules.transformer, t5_tokens))
+            specs.append(cached_spec(modules.transformer, t5_tokens, reference))
     specs += [vae_decoder_spec(modules.vae), vae_encoder_spec(modules.vae, factor)]
     return [*specs, masked_encoder_spec(modules.vae, factor)] if fill else specs
 
@@ -222,11 +234,11 @@ def _dims(config: dict[str, Any], residuals: bool = False, reference: bool = Fal
     if config.get("guidance_embeds"):
         dims["guidance"] = {0: b}
     if residuals:
-        dims.update(residual_dims(b))
+        dims.update(residual_dims(b, reference))
     if reference:
         rh, rw = d("reference_patches_h", min=1, max=256), d("reference_patches_w", min=1, max=256)
         dims["reference_latents"] = {2: PATCH * rh, 3: PATCH * rw}
-    if controls(config) and not residuals:
+    if controls(config):
         dims[CONTROL_INPUT] = {2: PATCH * h, 3: PATCH * w}
     return dims
 
@@ -252,22 +264,24 @@ def streamed_transformer_spec(config: dict[str, Any], tokens: int, block_cache: 
         dynamic=lambda: _dims(config, reference=reference))
 
 
-def streamed_cached_spec(config: dict[str, Any], tokens: int) -> StreamedSpec:
-    """First-block caching's cached step as ``cached_spec`` describes it, traced on fake tensors for a streamed
-    export: built with ``transformer_blocks[0]`` alone (its weights, the embeddings' and the output layers' are
-    all it reads from the checkpoint)."""
+def streamed_cached_spec(config: dict[str, Any], tokens: int, reference: bool = False) -> StreamedSpec:
+    """First-block caching's cached step as ``cached_spec`` describes it (``reference``: FLUX.1 Kontext's), traced
+    on fake tensors for a streamed export: built with ``transformer_blocks[0]`` alone (its weights, the embeddings'
+    and the output layers' are all it reads from the checkpoint)."""
     from diffusers import FluxTransformer2DModel
 
-    inputs, outputs = _cached_io(config)
+    inputs, outputs = _cached_io(config, reference)
 
     def build() -> torch.nn.Module:
-        return FluxTransformerCached(FluxTransformer2DModel(**{**config, "num_layers": 1, "num_single_layers": 0}),
-                                     torchscript=False)
+        return _cached_wrapper(config, reference)(
+            FluxTransformer2DModel(**{**config, "num_layers": 1, "num_single_layers": 0}), torchscript=False,
+            reference=reference)
 
     return StreamedSpec(
         name=SHALLOW_UNET, build=build, prefix="transformer.", inputs=inputs, outputs=outputs,
-        example=lambda: _cached_args(config, _example(config, tokens, None, 2, *TRACE_LATENT), None),
-        dynamic=lambda: _dims(config, residuals=True))
+        example=lambda: _cached_args(config, _example(config, tokens, None, 2, *TRACE_LATENT, reference), None,
+                                     reference),
+        dynamic=lambda: _dims(config, residuals=True, reference=reference))
 
 
 def streamed_t5(config: dict[str, Any], tokens: int) -> StreamedSpec:

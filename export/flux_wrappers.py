@@ -128,9 +128,10 @@ class FluxTransformer(torch.nn.Module):
     the output's input channels (FLUX.1 Depth / Canny; ``FluxControlTransformer`` names its inputs)
     ``control_latents`` [1, 16, h, w] (``with_control``) -> ``out_sample`` [B, 16, h, w],
     the flow prediction; with ``block_cache`` also first-block caching's two residuals over the image tokens on
-    the patch grid [B, h/2, w/2, D] (``deep_feature``, ``head_residual``; export/block_cache.py): the first
-    block is ``transformer_blocks[0]``, the last ``single_transformer_blocks[-1]``, as diffusers'
-    ``apply_first_block_cache`` takes them.
+    the patch grid [B, h/2, w/2, D] (``deep_feature``, ``head_residual``; export/block_cache.py), and with a
+    reference a third, ``head_residual_reference`` [B, H/2, W/2, D] (the first block's residual over the reference's
+    tokens, on its own patch grid): the first block is ``transformer_blocks[0]``, the last
+    ``single_transformer_blocks[-1]``, as diffusers' ``apply_first_block_cache`` takes them.
 
     What ``FluxPipeline``'s loop does around ``transformer(...)`` is in the graph: the latents packed into 2x2
     patches, the image ids from h and w, zero text ids, ``timestep / 1000``, the output unpacked; the rotary
@@ -139,9 +140,9 @@ class FluxTransformer(torch.nn.Module):
     def __init__(self, transformer: torch.nn.Module, torchscript: bool = True, block_cache: bool = False,
                  reference: bool = False) -> None:
         super().__init__()
-        if reference and (block_cache or not transformer.config.guidance_embeds):
+        if reference and not transformer.config.guidance_embeds:
             raise ValueError("a reference image's tokens (FLUX.1 Kontext) go with a guidance-embedding transformer "
-                             "([dev]) without first-block caching")
+                             "([dev])")
         if block_cache and len(block_list(transformer, BLOCK_LISTS)) < 2:
             raise ValueError("first-block caching needs a transformer of two blocks or more (it reuses what the "
                              "blocks after the first added)")
@@ -157,9 +158,8 @@ class FluxTransformer(torch.nn.Module):
         self.fill = (out // PATCH**2, (inner - 2 * out) // PATCH**2) if inner > 2 * out else None
         # FLUX.1 Depth / Canny: a control image's latents beside the latents (``control_latents``)
         self.control = inner == 2 * out
-        if self.control and (reference or block_cache):
-            raise ValueError("a control image's latents (FLUX.1 Depth / Canny) go without a reference image or "
-                             "first-block caching")
+        if self.control and reference:
+            raise ValueError("a control image's latents (FLUX.1 Depth / Canny) go without a reference image")
 
     def tokens(self, sample: torch.Tensor) -> torch.Tensor:
         """``sample`` packed into the transformer's input tokens. FLUX.1 Fill's ``sample`` is [latents C, mask M,
@@ -179,7 +179,7 @@ class FluxTransformer(torch.nn.Module):
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 pooled_projections: torch.Tensor, guidance: torch.Tensor | None = None,
                 reference_latents: torch.Tensor | None = None, control_latents: torch.Tensor | None = None
-                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                ) -> torch.Tensor | tuple[torch.Tensor, ...]:
         return self.denoise(sample, timestep, encoder_hidden_states, pooled_projections, guidance, reference_latents,
                             control_latents=control_latents)
 
@@ -187,7 +187,7 @@ class FluxTransformer(torch.nn.Module):
                 pooled_projections: torch.Tensor, guidance: torch.Tensor | None = None,
                 reference_latents: torch.Tensor | None = None, control: dict[str, Any] | None = None,
                 control_latents: torch.Tensor | None = None
-                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                ) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """``forward``'s computation; ``control``: ControlNet samples as ``FluxTransformer2DModel.forward``'s
         keywords (``FluxTransformerControl``); ``control_latents``: FLUX.1 Depth / Canny's control image latents."""
         h, w = sample.shape[-2], sample.shape[-1]
@@ -214,7 +214,16 @@ class FluxTransformer(torch.nn.Module):
                 return unpack(run(), h, w)
             blocks = block_list(t, BLOCK_LISTS)
             out, deep, head = with_residuals(blocks[0], blocks[-1], run)
-        return unpack(out, h, w), on_grid(deep, h // PATCH, w // PATCH), on_grid(head, h // PATCH, w // PATCH)
+        if not self.reference:
+            return unpack(out, h, w), on_grid(deep, h // PATCH, w // PATCH), on_grid(head, h // PATCH, w // PATCH)
+        # the blocks saw the image's tokens and the reference's joined, and diffusers' hooks keep the residuals of the
+        # whole sequence. The output layers work token by token and the pipeline keeps the image's tokens alone, so
+        # the deep feature's reference part reaches no output: only the image's leaves the graph. The head
+        # residual's reference part does count, in the threshold rule's mean (``FluxTransformerCached``).
+        assert reference_latents is not None
+        rh, rw = reference_latents.shape[-2] // PATCH, reference_latents.shape[-1] // PATCH
+        return (unpack(out, h, w), on_grid(deep[:, :generated], h // PATCH, w // PATCH),
+                on_grid(head[:, :generated], h // PATCH, w // PATCH), on_grid(head[:, generated:], rh, rw))
 
 
 def with_reference(hidden: torch.Tensor, img_ids: torch.Tensor, reference: torch.Tensor) -> tuple[
@@ -244,11 +253,9 @@ class FluxControlTransformer(FluxTransformer):
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor,  # type: ignore[override]
                 encoder_hidden_states: torch.Tensor, pooled_projections: torch.Tensor, guidance: torch.Tensor,
-                control_latents: torch.Tensor) -> torch.Tensor:
-        out = super().forward(sample, timestep, encoder_hidden_states, pooled_projections, guidance,
-                              control_latents=control_latents)
-        assert isinstance(out, torch.Tensor)
-        return out
+                control_latents: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        return super().forward(sample, timestep, encoder_hidden_states, pooled_projections, guidance,
+                               control_latents=control_latents)
 
 
 class FluxTransformerCached(FluxTransformer):
@@ -260,6 +267,7 @@ class FluxTransformerCached(FluxTransformer):
     returning its input, so ``norm_out`` and ``proj_out`` over the first block's image tokens plus
     ``deep_feature``, unpacked; and ``change`` [1] float32, the relative mean absolute change of the first
     block's residual from ``head_residual`` (diffusers' rule: the rest run again where it exceeds the threshold).
+    ``FluxKontextCached`` and ``FluxControlCached`` name the inputs of the editing and control models.
 
     diffusers' hooks also add the text tokens' residual (the last block's context output less the first
     block's) to the first block's context output on such a step; nothing after the blocks reads the context
@@ -270,11 +278,35 @@ class FluxTransformerCached(FluxTransformer):
                 encoder_hidden_states: torch.Tensor, pooled_projections: torch.Tensor, deep_feature: torch.Tensor,
                 head_residual: torch.Tensor, guidance: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cached(sample, timestep, encoder_hidden_states, pooled_projections, deep_feature, head_residual,
+                           guidance)
+
+    def cached(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+               pooled_projections: torch.Tensor, deep_feature: torch.Tensor, head_residual: torch.Tensor,
+               guidance: torch.Tensor | None = None, reference_latents: torch.Tensor | None = None,
+               head_residual_reference: torch.Tensor | None = None,
+               control_latents: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward``'s computation; with a reference (FLUX.1 Kontext) the first block runs on the image's and the
+        reference's tokens joined, as in a full step, and ``change`` is taken over the joined sequence (the stored
+        residual: ``head_residual`` then ``head_residual_reference``, in the sequence's order), as diffusers' hooks
+        take it; ``control_latents`` (FLUX.1 Depth / Canny) join the image tokens on the feature axis, as in a full
+        step."""
         t = self.transformer
         h, w = sample.shape[-2], sample.shape[-1]
         img_ids, txt_ids = position_ids(sample, encoder_hidden_states)
         # FluxTransformer2DModel.forward up to its blocks, on the inputs FluxTransformer gives it
-        hidden = t.x_embedder(self.tokens(sample))
+        tokens = self.tokens(sample)
+        generated = tokens.shape[1]
+        if self.control:
+            assert control_latents is not None
+            tokens = with_control(tokens, control_latents)
+        last = head_residual
+        if self.reference:
+            assert reference_latents is not None and head_residual_reference is not None
+            tokens, img_ids = with_reference(tokens, img_ids, reference_latents)
+            b, d = head_residual.shape[0], head_residual.shape[-1]
+            last = torch.cat([head_residual.reshape(b, -1, d), head_residual_reference.reshape(b, -1, d)], dim=1)
+        hidden = t.x_embedder(tokens)
         step, g = (timestep / 1000).to(hidden.dtype) * 1000, guidance if self.guided else None
         temb = (t.time_text_embed(step, pooled_projections) if g is None
                 else t.time_text_embed(step, g.to(hidden.dtype) * 1000, pooled_projections))
@@ -283,9 +315,37 @@ class FluxTransformerCached(FluxTransformer):
             rotary = t.pos_embed(torch.cat((txt_ids, img_ids), dim=0))
             _, head = t.transformer_blocks[0](hidden_states=hidden, encoder_hidden_states=context, temb=temb,
                                               image_rotary_emb=rotary)
-        change = relative_change(head - hidden, head_residual)
+        change = relative_change(head - hidden, last)
+        if self.reference:  # the output layers work token by token; the pipeline keeps the image's tokens alone
+            head = head[:, :generated]
         out = t.proj_out(t.norm_out(head + deep_feature.reshape(head.shape), temb))
         return unpack(out, h, w), change
+
+
+class FluxKontextCached(FluxTransformerCached):
+    """FLUX.1 Kontext's cached step (build it with ``reference=True``): ``FluxTransformerCached``'s inputs with
+    ``head_residual_reference`` [B, H/2, W/2, D] (what the first block added to the reference's tokens at the last
+    full step) after ``head_residual``, then ``guidance`` and ``reference_latents`` [1, 16, H, W]."""
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor,  # type: ignore[override]
+                encoder_hidden_states: torch.Tensor, pooled_projections: torch.Tensor, deep_feature: torch.Tensor,
+                head_residual: torch.Tensor, head_residual_reference: torch.Tensor, guidance: torch.Tensor,
+                reference_latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cached(sample, timestep, encoder_hidden_states, pooled_projections, deep_feature, head_residual,
+                           guidance, reference_latents=reference_latents,
+                           head_residual_reference=head_residual_reference)
+
+
+class FluxControlCached(FluxTransformerCached):
+    """FLUX.1 Depth / Canny's cached step: ``FluxTransformerCached``'s inputs, then ``guidance`` and
+    ``control_latents`` [1, 16, h, w] (``FluxControlTransformer``'s)."""
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor,  # type: ignore[override]
+                encoder_hidden_states: torch.Tensor, pooled_projections: torch.Tensor, deep_feature: torch.Tensor,
+                head_residual: torch.Tensor, guidance: torch.Tensor, control_latents: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cached(sample, timestep, encoder_hidden_states, pooled_projections, deep_feature, head_residual,
+                           guidance, control_latents=control_latents)
 
 
 def controlled_samples(blocks: int, samples: int) -> list[int]:

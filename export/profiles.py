@@ -11,6 +11,8 @@ axis                size
                     CFG (the ControlNets and ``unet_control`` too); VAE: images
 ``height/width``    latent pixels: image pixels / the VAE's scale factor (8)
 ``height/N``        a ControlNet residual N times below latent size, a transformer's patch grid: ceil(latent / N)
+``reference_*``     a reference image's latent pixels (FLUX.1 Kontext; ranged as the image's), and
+                    ``reference_height/N`` its patch grid
 ``image_*``         image pixels (the uint8 inputs: the VAE encoder's image, the ControlNets' control image)
 ``sequence``        77 tokens x prompt chunks (long prompts are encoded in 77-token chunks)
 ``t5_tokens``       a T5 encoder's tokens per prompt (a call's ``max_sequence_length``): the profile's
@@ -278,6 +280,10 @@ def _axis_range(component: str, axis: str, profile: BuildProfile, factor: int, f
         return getattr(profile, axis.removeprefix("image_"))  # type: ignore[no-any-return]
     if axis in ("reference_height", "reference_width"):  # a reference image (FLUX.1 Kontext): the image sides
         return getattr(profile, axis.removeprefix("reference_")).divided(factor)  # type: ignore[no-any-return]
+    if side in ("reference_height", "reference_width") and down.isdigit() and int(down) > 0:
+        # first-block caching's residual over a reference's tokens: its patch grid
+        latent, k = getattr(profile, side.removeprefix("reference_")).divided(factor), int(down)
+        return Range(-(-latent.min // k), -(-latent.opt // k), -(-latent.max // k))
     if axis == "sequence":
         return profile.chunks.scaled(TOKENS_PER_CHUNK)
     if axis == "t5_tokens":

@@ -49,6 +49,9 @@ THRESHOLD_MAX = 1.0  # a relative change; diffusers' default is 0.05, ParaAttent
 SHALLOW_UNET = "unet_shallow"  # the export's component of the cheap step (DeepCache's shallow path, a cached step)
 DEEP_FEATURE = "deep_feature"  # the denoiser's extra output that the cheap step reuses (one of its inputs)
 HEAD_RESIDUAL = "head_residual"  # first-block caching: what the first block added at the last full step
+# first-block caching of an editing model (FLUX.1 Kontext): what the first block added to the reference image's
+# tokens, which the blocks see joined to the image's (on the reference's own patch grid)
+HEAD_RESIDUAL_REFERENCE = "head_residual_reference"
 CHANGE = "change"  # first-block caching: the cached step's relative change of the first block's residual
 EXPORT_HINT = "re-export the model with `sdrt export ... --feature-cache`"
 # what the full model and the cheap step of each kind are called in Result.loop

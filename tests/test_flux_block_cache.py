@@ -24,7 +24,9 @@ from sdrt.runtime.feature_cache import CHANGE, SHALLOW_UNET, CachePolicy
 from sdrt.runtime.manifest import ExportManifest
 from sdrt.runtime.pipeline import Pipeline
 
+from .helpers.flux_cache import cache_kw, first_block_cache, full_count, threshold_margin
 from .helpers.pipelines import shared_pipeline
+from .helpers.references import flux_preset_pipeline
 
 PROMPT = "a lighthouse on a cliff at dusk, oil painting"
 KW: dict[str, Any] = {"height": 64, "width": 96, "guidance_scale": 3.5}
@@ -35,48 +37,14 @@ def _latents() -> np.ndarray:
     return np.random.default_rng(0).standard_normal((1, 16, KW["height"] // 8, KW["width"] // 8), dtype=np.float32)
 
 
-def _pipeline(transformer: torch.nn.Module, modules: Any, scheduler: dict[str, Any], folder: Path) -> Any:
-    from diffusers import FluxPipeline
-    from diffusers.schedulers import FlowMatchEulerDiscreteScheduler
-    from transformers import CLIPTokenizer, T5TokenizerFast
-
-    pipe = FluxPipeline(transformer=transformer, vae=modules.vae,
-                        scheduler=FlowMatchEulerDiscreteScheduler.from_config(scheduler),
-                        text_encoder=modules.clip, tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
-                        text_encoder_2=modules.t5, tokenizer_2=T5TokenizerFast.from_pretrained(folder / "tokenizer_2"))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def _reference(preset: str, folder: Path, policy: CachePolicy | None) -> tuple[np.ndarray, list[bool], list[float]]:
     """diffusers' FluxPipeline over the preset's seeded modules (fresh: the hooks keep state), with first-block
     caching per ``policy``: its image (uint8), whether each step ran the remaining blocks, and each step's relative
     change as diffusers computed it (NaN where it compared nothing)."""
     from diffusers import FluxPipeline
-    from diffusers.hooks import FirstBlockCacheConfig, HookRegistry
 
-    from sdrt.export.flux_presets import build_modules, get_flux_preset
-
-    p = get_flux_preset(preset)
-    m = build_modules(p, seed=0)
-    tr = m.transformer
-    ran: list[bool] = []
-    changes: list[float] = []
-    if policy is not None:
-        tr.enable_cache(FirstBlockCacheConfig(threshold=policy.threshold or 0.0))
-        head = HookRegistry.check_if_exists_or_initialize(tr.transformer_blocks[0]).get_hook("fbc_leader_block_hook")
-        rule = head._should_compute_remaining_blocks
-        plan = iter(policy.full_steps(STEPS)) if policy.threshold is None else None
-
-        def decide(residual: torch.Tensor) -> bool:
-            last = head.state_manager.get_state().head_block_residual
-            changes.append(float("nan") if last is None else
-                           float((residual - last).abs().mean() / last.abs().mean()))
-            return bool(rule(residual)) if plan is None else bool(next(plan))
-
-        head._should_compute_remaining_blocks = decide
-        tr.register_forward_hook(lambda *_: ran.append(head.state_manager.get_state().should_compute))
-    pipe = _pipeline(tr, m, p.scheduler, Path(folder))
+    pipe = flux_preset_pipeline("FluxPipeline", preset, folder)
+    ran, changes = ([], []) if policy is None else first_block_cache(pipe.transformer, policy, STEPS)
     b, c, h, w = _latents().shape
     with torch.no_grad():
         images = pipe(PROMPT, num_inference_steps=STEPS, latents=FluxPipeline._pack_latents(
@@ -84,18 +52,9 @@ def _reference(preset: str, folder: Path, policy: CachePolicy | None) -> tuple[n
     return (images[0] * 255).round().astype(np.int32), ran, changes
 
 
-def _cache_kw(policy: CachePolicy | None) -> dict[str, Any]:
-    return {} if policy is None else {"cache": policy.kind, "cache_interval": policy.interval,
-                                      "cache_schedule": policy.schedule, "cache_threshold": policy.threshold}
-
-
 def _sdrt(folder: Path, policy: CachePolicy | None, backend: str = "ort-cpu") -> tuple[np.ndarray, str]:
-    res = shared_pipeline(folder, backend)(PROMPT, steps=STEPS, latents=_latents(), **KW, **_cache_kw(policy))
+    res = shared_pipeline(folder, backend)(PROMPT, steps=STEPS, latents=_latents(), **KW, **cache_kw(policy))
     return np.asarray(res.images[0]).astype(np.int32), res.loop
-
-
-def _full_count(loop: str) -> int:
-    return int(loop.split(" steps ran the full transformer")[0].rsplit(" of ", 1)[0].rsplit(" ", 1)[1])
 
 
 @pytest.mark.parametrize(("preset", "threshold"), [("flux-schnell-tiny", 0.3), ("flux-dev-tiny", 0.3)])
@@ -105,11 +64,11 @@ def test_threshold_rule_matches_diffusers_first_block_cache(flux_export, preset:
     policy = CachePolicy("first-block", threshold=threshold)
     want, ran, changes = _reference(preset, folder, policy)
     # the comparison of decisions is meaningful only away from the threshold
-    margin = min(abs(c - threshold) for c in changes if not np.isnan(c))
+    margin = threshold_margin(changes, threshold)
     assert margin > 2e-3, f"a step's change is within {margin:.1e} of the threshold: pick another threshold"
     assert 1 < sum(ran) < STEPS, f"the threshold decides nothing here ({ran}, changes {changes}): pick another"
     got, loop = _sdrt(folder, policy)
-    assert _full_count(loop) == sum(ran), loop
+    assert full_count(loop) == sum(ran), loop
     assert f"threshold {threshold:g}" in loop
     diff = int(np.abs(got - want).max())
     assert diff <= 1, f"{preset}: max abs difference {diff}/255 from diffusers' first-block cache"
@@ -129,7 +88,7 @@ def test_fixed_schedules_match_diffusers_hooks(flux_export, preset: str, interva
     want, ran, _ = _reference(preset, folder, policy)
     assert ran == list(policy.full_steps(STEPS))
     got, loop = _sdrt(folder, policy)
-    assert _full_count(loop) == sum(ran) < STEPS
+    assert full_count(loop) == sum(ran) < STEPS
     diff = int(np.abs(got - want).max())
     assert diff <= 1, f"{preset} every {interval} ({schedule}): max abs difference {diff}/255"
     uncached, _ = _sdrt(folder, None)
@@ -179,8 +138,8 @@ def test_openvino_runs_the_same_cached_steps(flux_export, policy: CachePolicy) -
     folder = flux_export("flux-dev-tiny", block_cache=True)
     want, want_loop = _sdrt(folder, policy)
     with Pipeline.load(folder, backend="openvino", precision="f32") as ov:
-        got = ov(PROMPT, steps=STEPS, latents=_latents(), **KW, **_cache_kw(policy))
-    assert _full_count(got.loop) == _full_count(want_loop) < STEPS
+        got = ov(PROMPT, steps=STEPS, latents=_latents(), **KW, **cache_kw(policy))
+    assert full_count(got.loop) == full_count(want_loop) < STEPS
     assert np.abs(np.asarray(got.images[0]).astype(np.int32) - want).max() <= 1
 
 
@@ -243,7 +202,7 @@ def test_a_streamed_transformer_exports_the_same_cached_step(flux_export, tmp_pa
     p = get_flux_preset("flux-dev-tiny")
     m = build_modules(p, seed=0)
     src = tmp_path / "diffusers"
-    _pipeline(m.transformer, m, p.scheduler, ref_folder).save_pretrained(src, safe_serialization=True)
+    flux_preset_pipeline("FluxPipeline", "flux-dev-tiny", ref_folder, modules=m).save_pretrained(src, safe_serialization=True)
     out = tmp_path / "streamed"
     manifest = export_flux(load_flux(src, stream=True), out, block_cache=True)
     assert "unet" in manifest.source["streamed"]
@@ -260,6 +219,6 @@ def test_a_streamed_transformer_exports_the_same_cached_step(flux_export, tmp_pa
     for policy in (CachePolicy("first-block", interval=2), CachePolicy("first-block", threshold=0.3)):
         want, want_loop = _sdrt(ref_folder, policy)
         with Pipeline.load(out, backend="ort-cpu") as pipe:
-            got = pipe(PROMPT, steps=STEPS, latents=_latents(), **KW, **_cache_kw(policy))
-        assert _full_count(got.loop) == _full_count(want_loop) < STEPS
+            got = pipe(PROMPT, steps=STEPS, latents=_latents(), **KW, **cache_kw(policy))
+        assert full_count(got.loop) == full_count(want_loop) < STEPS
         assert np.abs(np.asarray(got.images[0]).astype(np.int32) - want).max() <= 1

@@ -21,7 +21,7 @@ from sdrt.runtime.errors import CompatibilityError, InputError
 
 from .helpers.inputs import control_image, image_and_mask
 from .helpers.pipelines import loaded_on, shared_pipeline
-from .helpers.references import assert_diffusers_images, flux_packed, flux_pipeline
+from .helpers.references import assert_diffusers_images, flux_packed, flux_pipeline, flux_preset_pipeline
 
 PRESET = "flux-depth-dev-tiny"
 PROMPT = "a red boat on a calm lake"
@@ -31,13 +31,8 @@ _REF: dict[str, object] = {}
 def _reference(folder: Path, img2img: bool = False):
     key = "img2img" if img2img else "txt2img"
     if key not in _REF:
-        from diffusers import FluxControlImg2ImgPipeline, FluxControlPipeline
-
-        from sdrt.export.flux_presets import build_modules, get_flux_preset
-
-        p = get_flux_preset(PRESET)
-        cls = FluxControlImg2ImgPipeline if img2img else FluxControlPipeline
-        _REF[key] = flux_pipeline(cls, build_modules(p, seed=0), folder, p.scheduler)
+        _REF[key] = flux_preset_pipeline("FluxControlImg2ImgPipeline" if img2img else "FluxControlPipeline", PRESET,
+                                         folder)
     return _REF[key]
 
 
@@ -191,10 +186,10 @@ def test_warmup_request_runs(flux_export) -> None:
 
 def test_diffusers_folder_loads_as_a_control_model(tmp_path: Path) -> None:
     """A diffusers ``FluxControlPipeline`` folder loads as FLUX.1 Depth / Canny (the two share their shapes, so
-    the preset takes the folder's name); first-block caching is refused for it before any export."""
+    the preset takes the folder's name)."""
     from diffusers import FluxControlPipeline
 
-    from sdrt.export.flux_export import export_flux, load_flux
+    from sdrt.export.flux_export import load_flux
     from sdrt.export.flux_presets import build_modules, controls, get_flux_preset
     from sdrt.export.t5_tokenizer_assets import write_t5_tokenizer
     from sdrt.export.tokenizer_assets import write_clip_tokenizer
@@ -207,9 +202,6 @@ def test_diffusers_folder_loads_as_a_control_model(tmp_path: Path) -> None:
     loaded = load_flux(tmp_path / "flux-canny")
     assert loaded.preset.name == "flux-canny" and loaded.preset.pipeline_class == "FluxControlPipeline"
     assert controls(loaded.preset.transformer) and loaded.preset.test_scale
-    with pytest.raises(InputError, match="is FLUX.1 Depth / Canny: first-block caching does not cover"):
-        export_flux(loaded, tmp_path / "out", block_cache=True)
-    assert not (tmp_path / "out").exists()
 
 
 def test_streamed_transformer_gives_the_pytorch_outputs(tmp_path: Path) -> None:

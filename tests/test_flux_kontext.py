@@ -20,6 +20,7 @@ from sdrt.runtime.errors import InputError
 
 from .helpers.inputs import control_image
 from .helpers.pipelines import shared_pipeline
+from .helpers.references import flux_preset_pipeline
 
 PRESET = "flux-kontext-dev-tiny"
 PROMPT = "make the boat red"
@@ -28,20 +29,7 @@ _REF: list[object] = []
 
 def _reference(folder: Path):
     if not _REF:
-        from diffusers import FluxKontextPipeline
-        from diffusers.schedulers import FlowMatchEulerDiscreteScheduler
-        from transformers import CLIPTokenizer, T5TokenizerFast
-
-        from sdrt.export.flux_presets import build_modules, get_flux_preset
-
-        p = get_flux_preset(PRESET)
-        m = build_modules(p, seed=0)
-        pipe = FluxKontextPipeline(
-            transformer=m.transformer, vae=m.vae, scheduler=FlowMatchEulerDiscreteScheduler.from_config(p.scheduler),
-            text_encoder=m.clip, tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"), text_encoder_2=m.t5,
-            tokenizer_2=T5TokenizerFast.from_pretrained(folder / "tokenizer_2"))
-        pipe.set_progress_bar_config(disable=True)
-        _REF.append(pipe)
+        _REF.append(flux_preset_pipeline("FluxKontextPipeline", PRESET, folder))
     return _REF[0]
 
 

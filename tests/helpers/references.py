@@ -95,6 +95,19 @@ def flux_pipeline(cls: Any, modules: Any, tokenizers: Path, scheduler: dict, **p
     return pipe
 
 
+def flux_preset_pipeline(cls_name: str, preset: str, folder: Path, modules: Any = None) -> Any:
+    """diffusers' pipeline ``cls_name`` (``FluxPipeline``, ``FluxKontextPipeline``, ``FluxControlPipeline``, ...)
+    over the preset's modules seeded as sdrt's export seeds them (``modules``: these instead), with the tokenizers
+    of the export ``folder`` (:func:`flux_pipeline`)."""
+    import diffusers
+
+    from sdrt.export.flux_presets import build_modules, get_flux_preset
+
+    p = get_flux_preset(preset)
+    return flux_pipeline(getattr(diffusers, cls_name), build_modules(p, seed=0) if modules is None else modules,
+                         Path(folder), p.scheduler)
+
+
 def sd3_pipeline(cls: Any, modules: Any, tokenizers: Path, scheduler: dict, *, t5: bool = False,
                  **parts: Any) -> Any:
     """diffusers' SD 3 / 3.5 pipeline ``cls`` over ``modules`` (``sd3_presets.Sd3Modules``), with the tokenizer
