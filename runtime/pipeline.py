@@ -312,10 +312,12 @@ class Pipeline:
     def check_sequence_length(self, max_sequence_length: Any) -> int:
         """T5's tokens per prompt for a call (``max_sequence_length``; None: the family's default), checked as
         ``generate`` checks it, before any work: InputError on a family without T5, outside 2..512, or outside
-        the T5 range the backend's engines were built for (TensorRT's build profile)."""
-        with self._lock:
-            self._ready()
-            return self._conditioning().check_sequence_length(max_sequence_length)
+        the T5 range the backend's engines were built for (TensorRT's build profile). It reads only what the load
+        fixed, so it never waits for a call running in another thread (a server checks each request on its event
+        loop while a batch runs: waiting there would stall every connection for the batch's length)."""
+        if self._closed:
+            raise InputError(f"this pipeline ({self.folder}) was closed; load it again with Pipeline.load")
+        return self._conditioning().check_sequence_length(max_sequence_length)
 
     def _encode_request(self, req: GenerationRequest, guided: bool, lora: dict[str, dict[str, Array]]
                         ) -> tuple[PromptEmbeddings, list[tuple[int, PromptEmbeddings]]]:

@@ -317,6 +317,38 @@ def test_disconnect_cancels_queued_request(pipe):
         assert metric(m, "sdrt_images_total") == 0 and metric(m, "sdrt_batch_requests_count") == 0
 
 
+def test_a_request_arriving_during_a_batch_does_not_stall_the_server(pipe):
+    """A request's checks run on the event loop; none may wait for the pipeline a batch holds, or every other
+    connection (its own batch's responses included) would wait for the batch too. The batch is played by a thread
+    holding the pipeline (``reserved()``, as a running call holds it)."""
+    app = create_app(pipe, batch_window_ms=3000, warmup=False)  # the request stays queued, where depth shows it
+    with LiveServer(app) as s:
+        held, release = threading.Event(), threading.Event()
+
+        def batch() -> None:
+            with pipe.reserved():
+                held.set()
+                release.wait(30)
+
+        holder = threading.Thread(target=batch)
+        holder.start()
+        held.wait(10)
+        got: dict[str, httpx.Response] = {}
+        late = threading.Thread(target=lambda: got.setdefault("r", httpx.post(
+            f"{s.url}/v1/images/generations", json={"prompt": "a", "steps": 1, "size": "64x64"}, timeout=60)))
+        late.start()
+        try:
+            _wait_depth(s.url, 1)  # checked and queued while the pipeline is held
+            t0 = time.monotonic()
+            assert httpx.get(f"{s.url}/healthz", timeout=5).status_code == 200
+            assert time.monotonic() - t0 < 2
+        finally:
+            release.set()
+            holder.join()
+            late.join()
+        assert got["r"].status_code == 200
+
+
 def test_serve_refuses_precision_off_openvino(tiny_export, capsys):
     from sdrt.cli import main
 
