@@ -754,10 +754,11 @@ class Pipeline:
 
     def check_loras(self, loras: Any) -> None:
         """Refuse a call's ``loras`` this export cannot run (no slots, an unknown name, a layer without a slot,
-        ranks past the slots, another architecture's factors), reading each adapter; nothing is uploaded."""
-        with self._lock:
-            self._ready()
-            self._lora_factors(loras)
+        ranks past the slots, another architecture's factors), reading each adapter; nothing is uploaded. Host work
+        only (the adapter library has its own lock), so it never waits for a call running in another thread."""
+        if self._closed:
+            raise InputError(f"this pipeline ({self.folder}) was closed; load it again with Pipeline.load")
+        self._lora_factors(loras)
 
     def _lora_slots(self) -> dict[str, dict[str, Any]]:
         """The slots of each slotted component (the UNet's, and the text encoders' where the export has them); none

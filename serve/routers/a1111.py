@@ -112,7 +112,7 @@ async def generate(st: ServeState, body: S.A1111Txt2Img, request: Request, init:
                      body.cache_threshold)
     prompt, tagged = prompt_loras(body.prompt)  # A1111 takes <lora:...> out of the text it encodes
     check_prompts(st, prompt, body.negative_prompt, body.steps, "a1111")  # A1111's clients write A1111's language
-    lora_set = loras_of(st, body.loras, tagged)
+    lora_set = await run_in_threadpool(loras_of, st, body.loras, tagged)  # reads LoRA files
     t5_tokens = sequence_length_of(st, body.max_sequence_length)
     slg = skip_guidance_of(st, body, body.cfg_scale, cache)
     control, control_images = await a1111_control(st, body.alwayson_scripts, size,

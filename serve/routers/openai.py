@@ -74,7 +74,7 @@ async def generations(body: S.OpenAIGeneration, request: Request, st: State) -> 
     cache = cache_of(st, body.cache, body.cache_interval, body.cache_schedule, steps, body.cache_threshold)
     prompt, tagged = prompt_loras(body.prompt) if body.prompt_syntax == "a1111" else (body.prompt, [])
     check_prompts(st, prompt, body.negative_prompt, steps, body.prompt_syntax)
-    loras = loras_of(st, body.loras, tagged)
+    loras = await run_in_threadpool(loras_of, st, body.loras, tagged)  # reads LoRA files
     guidance = cfg.default_guidance if body.guidance_scale is None else body.guidance_scale
     t5_tokens = sequence_length_of(st, body.max_sequence_length)
     slg = skip_guidance_of(st, body, guidance, cache)
@@ -136,7 +136,7 @@ async def edits(
     policy = cache_of(st, cache, cache_interval, cache_schedule, threshold=cache_threshold)
     prompt, tagged = prompt_loras(prompt) if prompt_syntax == "a1111" else (prompt, [])
     check_prompts(st, prompt, negative_prompt, steps, prompt_syntax)
-    lora_set = loras_of(st, lora_form(loras), tagged)
+    lora_set = await run_in_threadpool(loras_of, st, lora_form(loras), tagged)  # reads LoRA files
     t5_tokens = sequence_length_of(st, max_sequence_length)
     knobs, control_uploads = await form_control(st, await request.form())
     guidance = cfg.default_guidance if guidance_scale is None else guidance_scale
