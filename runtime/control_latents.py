@@ -34,7 +34,7 @@ def takes_control(engines: dict[str, Engine]) -> bool:
 
 def check(folder: Path, engines: dict[str, Engine], control_images: Any, control_scales: Any = None,
           control_start: Any = None, control_end: Any = None, guess_mode: Any = False,
-          control_preprocess: Any = None, masked: bool = False, control_modes: Any = None) -> Any:
+          control_preprocess: Any = None, control_modes: Any = None) -> Any:
     """A call's control keywords on an export whose denoiser reads the control image itself, before any work: the
     control image (a PIL image, preprocessed where asked), or None for an export whose denoiser takes none (its
     ControlNets, if any, check the keywords: runtime/control_stage.py)."""
@@ -59,9 +59,6 @@ def check(folder: Path, engines: dict[str, Engine], control_images: Any, control
                              f"image at every step with no scale or window (as FluxControlPipeline): leave {kw} out",
                              cli=f"{FLAGS[kw]} applies to ControlNets; {folder} is {NAME}, which takes "
                                  "no scale or window: leave it out")
-    if masked:
-        raise InputError(f"inpainting with {NAME} is not supported yet: leave mask_image out",
-                         cli=f"inpainting with {NAME} is not supported yet: leave --mask out")
     if "vae_encoder" not in engines:
         raise ArtifactError(f"{folder} has no VAE encoder, which encodes the control image; re-export the model with "
                             "`sdrt export`")

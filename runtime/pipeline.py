@@ -546,8 +546,7 @@ class Pipeline:
             self.check_request(latents.height, latents.width, embeddings.batch,
                                guided=self.uses_guidance(guidance_scale))
             own = control_latents.check(self.folder, self.engines, control_images, control_scales, control_start,
-                                        control_end, guess_mode, control_preprocess, latents.inpaint is not None,
-                                        control_modes)
+                                        control_end, guess_mode, control_preprocess, control_modes)
             creq = None if own is not None else self._check_control(
                 control_images, control_scales, control_start, control_end, guess_mode, control_preprocess,
                 latents.inpaint is not None, control_modes)
@@ -856,7 +855,7 @@ class Pipeline:
         r = request
         masked = r.mask_image is not None
         own = control_latents.check(self.folder, self.engines, r.control_images, r.control_scales, r.control_start,
-                                    r.control_end, r.guess_mode, r.control_preprocess, masked, r.control_modes)
+                                    r.control_end, r.guess_mode, r.control_preprocess, r.control_modes)
         creq = None if own is not None else self._check_control(
             r.control_images, r.control_scales, r.control_start, r.control_end, r.guess_mode, r.control_preprocess,
             masked, r.control_modes)
@@ -996,7 +995,7 @@ class Pipeline:
             # a denoiser that reads the control image itself (FLUX.1 Depth / Canny), else the export's ControlNets
             own = control_latents.check(self.folder, self.engines, req.control_images, req.control_scales,
                                         req.control_start, req.control_end, req.guess_mode, req.control_preprocess,
-                                        mask is not None, req.control_modes)
+                                        req.control_modes)
             creq = None if own is not None else self._check_control(
                 req.control_images, req.control_scales, req.control_start, req.control_end, req.guess_mode,
                 req.control_preprocess, mask is not None, req.control_modes)

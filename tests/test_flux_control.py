@@ -1,11 +1,11 @@
 """FLUX.1 Depth / Canny (a control image read by the transformer itself) on ort-cpu against diffusers'
-``FluxControlPipeline`` and ``FluxControlImg2ImgPipeline``: the tiny Depth preset's seeded weights exported by
-``export_flux``, the same control image and initial latents, images within 1/255.
+``FluxControlPipeline``, ``FluxControlImg2ImgPipeline`` and ``FluxControlInpaintPipeline``: the tiny Depth preset's
+seeded weights exported by ``export_flux``, the same control image and initial latents, images within 1/255.
 
 Covers two output sizes (non-square, neither the control image's: it is resized) and guidance scales, a batch,
-the output size from the control image, img2img, ``sdrt generate --control-image``, the staged API, loading a
-diffusers ``FluxControlPipeline`` folder, the streamed transformer graph against PyTorch, ort-cuda's code path and
-openvino, and the refusals before any work. sdrt's encoders take the latent distribution's mean: diffusers is made
+the output size from the control image, img2img, inpainting at three strengths, ``sdrt generate --control-image``,
+the staged API, loading a diffusers ``FluxControlPipeline`` folder, the streamed transformer graph against PyTorch,
+ort-cuda's code path and openvino, and the refusals before any work. sdrt's encoders take the latent distribution's mean: diffusers is made
 to (it samples the control image's latents).
 """
 
@@ -28,12 +28,11 @@ PROMPT = "a red boat on a calm lake"
 _REF: dict[str, object] = {}
 
 
-def _reference(folder: Path, img2img: bool = False):
-    key = "img2img" if img2img else "txt2img"
-    if key not in _REF:
-        _REF[key] = flux_preset_pipeline("FluxControlImg2ImgPipeline" if img2img else "FluxControlPipeline", PRESET,
-                                         folder)
-    return _REF[key]
+def _reference(folder: Path, kind: str = ""):
+    """diffusers' ``FluxControl{kind}Pipeline`` (kind: "", "Img2Img" or "Inpaint") over the preset's weights."""
+    if kind not in _REF:
+        _REF[kind] = flux_preset_pipeline(f"FluxControl{kind}Pipeline", PRESET, folder)
+    return _REF[kind]
 
 
 def _compare(folder: Path, control, *, height: int, width: int, guidance: float = 10.0, steps: int = 3,
@@ -98,7 +97,7 @@ def test_img2img(flux_export, mean_vae) -> None:
     control = control_image(6, w=90, h=60)
     noise = torch.randn((1, 16, 8, 12), generator=torch.Generator().manual_seed(11)).numpy()
     with torch.no_grad():
-        want = _reference(folder, img2img=True)(
+        want = _reference(folder, "Img2Img")(
             PROMPT, image=image, control_image=control, strength=0.6, height=64, width=96, num_inference_steps=5,
             guidance_scale=10.0, generator=torch.Generator().manual_seed(11), output_type="np").images
     res = shared_pipeline(folder)(PROMPT, image=image, control_images=[control], strength=0.6, height=64, width=96,
@@ -107,6 +106,33 @@ def test_img2img(flux_export, mean_vae) -> None:
     got = np.asarray(res.images[0]).astype(np.int32)
     diff = int(np.abs(got - (want[0] * 255).round().astype(np.int32)).max())
     assert diff <= 1, f"img2img strength 0.6: max abs difference {diff}/255"
+
+
+@pytest.mark.parametrize(("height", "width", "strength", "batch"), [(64, 96, 0.6, 1), (80, 64, 1.0, 1),
+                                                                   (64, 64, 0.8, 2)])
+def test_inpaint_gives_diffusers_images(flux_export, mean_vae, height: int, width: int, strength: float,
+                                        batch: int) -> None:
+    """``image=`` and ``mask_image=`` with a control image: FluxControlInpaintPipeline's images at three strengths,
+    the 120 x 80 image and its soft-edged mask resized to the output size. diffusers' noise is the generator's first
+    draw, [B, 16, h, w] (the masked image, the control image and the image encode to their means: no draw before
+    it); the unmasked region is blended back after every step, re-noised to the next sigma."""
+    folder = flux_export(PRESET)
+    image, mask = image_and_mask()
+    control = control_image(8, w=90, h=60)
+    steps, seed = 5, 12
+    noise = torch.randn((batch, 16, height // 8, width // 8), generator=torch.Generator().manual_seed(seed)).numpy()
+    with torch.no_grad():
+        want = _reference(folder, "Inpaint")(
+            PROMPT, image=image, mask_image=mask, control_image=control, strength=strength, height=height,
+            width=width, num_inference_steps=steps, guidance_scale=10.0, num_images_per_prompt=batch,
+            generator=torch.Generator().manual_seed(seed), output_type="np").images
+    res = shared_pipeline(folder)(PROMPT, image=image, mask_image=mask, control_images=[control], strength=strength,
+                                  height=height, width=width, steps=steps, guidance_scale=10.0, latents=noise,
+                                  batch_size=batch)
+    assert len(res.timings["unet_steps_ms"]) == steps - int(steps - steps * strength)  # diffusers' get_timesteps
+    got, _ = assert_diffusers_images(res.images, want, f"{height}x{width} strength {strength} batch {batch}")
+    if batch == 2:
+        assert np.abs(got[0] - got[1]).max() > 1
 
 
 def test_generate_cli(flux_export, tmp_path: Path) -> None:
@@ -144,9 +170,6 @@ def test_refusals_before_any_work(flux_export) -> None:
         pipe(PROMPT, control_images=[ctl], guess_mode=True, steps=2)
     with pytest.raises(InputError, match="control_preprocess 'depth' is not one of canny"):
         pipe(PROMPT, control_images=[ctl], control_preprocess="depth", steps=2)
-    image, mask = image_and_mask(w=64, h=64)
-    with pytest.raises(InputError, match="inpainting with a control model .* is not supported yet"):
-        pipe(PROMPT, control_images=[ctl], image=image, mask_image=mask, steps=2)
     with pytest.raises(InputError, match="no negative prompt"):
         pipe(PROMPT, negative_prompt="blurry", control_images=[ctl], steps=2)
     with pytest.raises(InputError, match=r"control_images\[0\] is 8x8 pixels, 0x0 rounded down .* must be 64 to"):
