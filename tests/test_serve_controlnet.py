@@ -315,9 +315,10 @@ def test_flux_depth_over_both_apis(flux_export):
         assert "applies to ControlNets" in r.json()["error"]["message"]
 
 
-def test_flux_depth_inpaint_over_the_edits_form(flux_export):
-    """An edits request with a control image and an image whose transparent pixels mark the region to edit: the
-    Pipeline's image with that mask (FluxControlInpaintPipeline's, tests/test_flux_control.py), not img2img's."""
+def test_flux_depth_inpaint_over_both_apis(flux_export):
+    """A control image with a mask: the edits form (an image whose transparent pixels mark the region to edit) and
+    A1111's img2img (a mask, white = repaint, and a unit; A1111 pastes the original back outside the blurred mask)
+    give the Pipeline's images with that mask (FluxControlInpaintPipeline's, tests/test_flux_control.py)."""
     from PIL import Image
 
     fpipe = shared_pipeline(flux_export("flux-depth-dev-tiny"))
@@ -326,16 +327,24 @@ def test_flux_depth_inpaint_over_the_edits_form(flux_export):
     alpha[16:48, 24:80] = 0  # transparent: the region to edit
     region = Image.fromarray(np.where(alpha == 0, 255, 0).astype(np.uint8), mode="L")
     depth = control_image(13, w=90, h=60)
-    want = np.asarray(fpipe("a boat", image=Image.fromarray(rgb), mask_image=region, control_images=[depth],
-                            strength=0.8, height=64, width=96, steps=3, guidance_scale=10.0, seed=5).images[0])
+    call = {"image": Image.fromarray(rgb), "mask_image": region, "control_images": [depth], "strength": 0.8,
+            "height": 64, "width": 96, "steps": 3, "guidance_scale": 10.0, "seed": 5}
+    want = np.asarray(fpipe("a boat", **call).images[0])
+    pasted = np.asarray(fpipe("a boat", paste_back=2.0, **call).images[0])
     png = base64.b64decode(b64(Image.fromarray(np.dstack([rgb, alpha]), "RGBA")))
     with LiveServer(create_app(fpipe, **LIMITS)) as s:
         r = httpx.post(f"{s.url}/v1/images/edits", headers=AUTH, timeout=180,
                        files=[("image", ("init.png", png, "image/png"))],
                        data={"prompt": "a boat", "size": "96x64", "steps": "3", "seed": "5", "strength": "0.8",
                              "guidance_scale": "10", "control_image": b64(depth)})
-    assert r.status_code == 200, r.text
-    np.testing.assert_array_equal(pixels(r.json()["data"][0]["b64_json"]), want)
+        assert r.status_code == 200, r.text
+        np.testing.assert_array_equal(pixels(r.json()["data"][0]["b64_json"]), want)
+        r = post(s, "/sdapi/v1/img2img", {"prompt": "a boat", "width": 96, "height": 64, "steps": 3, "seed": 5,
+                                          "cfg_scale": 10.0, "sampler_name": "Euler", "denoising_strength": 0.8,
+                                          "init_images": [b64(Image.fromarray(rgb))], "mask": b64(region),
+                                          "mask_blur": 2, **unit(image=b64(depth))})
+        assert r.status_code == 200, r.text
+        np.testing.assert_array_equal(pixels(r.json()["images"][0]), pasted)
 
 
 # -- FLUX.1 with a Union ControlNet: a control mode per request -------------------------------------------------------
