@@ -153,6 +153,28 @@ def test_generate_cli(flux_export, tmp_path: Path) -> None:
     np.testing.assert_array_equal(np.asarray(Image.open(out)), np.asarray(want))
 
 
+def test_generate_cli_with_a_mask(flux_export, tmp_path: Path) -> None:
+    """``sdrt generate --control-image --init-image --mask --strength``: the Pipeline call's image."""
+    from PIL import Image
+
+    from sdrt.cli import main
+
+    folder = flux_export(PRESET)
+    image, mask = image_and_mask(w=96, h=64)
+    control_image(9, w=90, h=60).save(tmp_path / "depth.png")
+    image.save(tmp_path / "image.png")
+    mask.save(tmp_path / "mask.png")
+    out = tmp_path / "out.png"
+    assert main(["generate", str(folder), "--prompt", PROMPT, "--control-image", str(tmp_path / "depth.png"),
+                 "--init-image", str(tmp_path / "image.png"), "--mask", str(tmp_path / "mask.png"), "--strength",
+                 "0.8", "--steps", "3", "--seed", "3", "--guidance", "10", "--backend", "ort-cpu", "-o", str(out)]) == 0
+    want = shared_pipeline(folder)(PROMPT, control_images=[Image.open(tmp_path / "depth.png")],
+                                   image=Image.open(tmp_path / "image.png"), mask_image=Image.open(tmp_path / "mask.png"),
+                                   strength=0.8, steps=3, seed=3, guidance_scale=10.0).images[0]
+    assert Image.open(out).size == (96, 64)
+    np.testing.assert_array_equal(np.asarray(Image.open(out)), np.asarray(want))
+
+
 def test_refusals_before_any_work(flux_export) -> None:
     pipe = shared_pipeline(flux_export(PRESET))
     ctl = control_image(1, w=64, h=64)
