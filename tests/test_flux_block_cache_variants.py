@@ -145,6 +145,31 @@ def test_a_fixed_schedule_matches_diffusers_hooks(flux_export, mean_vae, preset:
     assert diff <= 1, f"{preset} every 2: max abs difference {diff}/255"
 
 
+def test_depth_with_a_mask_matches_diffusers_hooks(flux_export, mean_vae) -> None:
+    """Depth inpainting (a mask, strength 0.75: 6 of the 8 steps) with every second step full: diffusers'
+    ``FluxControlInpaintPipeline`` with its hooks on the schedule's decisions; its noise is the generator's first
+    draw (the images encode to their means)."""
+    from .helpers.inputs import image_and_mask
+
+    folder = flux_export(DEPTH, block_cache=True)
+    policy, runs = CachePolicy("first-block", interval=2), 6
+    pipe = flux_preset_pipeline("FluxControlInpaintPipeline", DEPTH, folder)
+    ran, _ = first_block_cache(pipe.transformer, policy, runs)
+    image, mask = image_and_mask()
+    noise = torch.randn((1, 16, HEIGHT // 8, WIDTH // 8), generator=torch.Generator().manual_seed(4)).numpy()
+    with torch.no_grad(), pipe.transformer.cache_context("cond"):  # the pipeline sets no context (as Control's)
+        want = pipe(prompt=PROMPT, image=image, mask_image=mask, control_image=_image(), strength=0.75,
+                    height=HEIGHT, width=WIDTH, num_inference_steps=STEPS, guidance_scale=10.0,
+                    generator=torch.Generator().manual_seed(4), output_type="np").images
+    assert ran == list(policy.full_steps(runs))
+    res = shared_pipeline(folder)(PROMPT, image=image, mask_image=mask, strength=0.75,
+                                  **{**_call(DEPTH, policy), "latents": noise})
+    assert full_count(res.loop) == sum(ran) < runs
+    want_u8 = (want[0] * 255).round().astype(np.int32)
+    diff = int(np.abs(np.asarray(res.images[0]).astype(np.int32) - want_u8).max())
+    assert diff <= 1 and want_u8.std() > 5, f"Depth with a mask, every 2: max abs difference {diff}/255"
+
+
 @pytest.mark.parametrize("preset", [KONTEXT, DEPTH])
 def test_caching_off_is_bit_identical_to_the_plain_export(flux_export, mean_vae, preset: str) -> None:
     """A ``--feature-cache`` export run uncached, or cached with every step full, gives the plain export's image;
