@@ -6,7 +6,9 @@ edges, ``control_images=[image]``, the field ControlNets take theirs in) resized
 image processor does (Lanczos on the 8-bit pixels, then RGB), encoded once per call by the export's VAE encoder
 (shifted and scaled as latents; the latent distribution's mean, where FluxControlPipeline samples it), and read at
 every step as the text is. Without a size the output takes the control image's, rounded down to whole patches (as
-sdrt's ControlNets; FluxControlPipeline's default is 1024 pixels whatever the image).
+sdrt's ControlNets; FluxControlPipeline's default is 1024 pixels whatever the image). img2img and inpainting by
+blending (``image=``, ``mask_image=``: FluxControlImg2ImgPipeline, FluxControlInpaintPipeline) are the latents'
+business (runtime/inpaint_stage.py), not the control image's: they combine as they are.
 """
 
 from __future__ import annotations

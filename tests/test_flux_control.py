@@ -206,8 +206,8 @@ def test_a_control_image_for_a_model_without_one_is_refused(flux_export) -> None
 
 
 def test_staged_calls_give_the_one_call_image(flux_export) -> None:
-    """``prepare_latents`` then ``denoise(control_images=...)`` and ``decode``: the one call's image; ``denoise``
-    without the control image is refused, naming it."""
+    """``prepare_latents`` then ``denoise(control_images=...)`` and ``decode``: the one call's image, with a mask
+    too; ``denoise`` without the control image is refused, naming it."""
     pipe = shared_pipeline(flux_export(PRESET))
     ctl = control_image(2, w=80, h=64)
     want = np.asarray(pipe(PROMPT, control_images=[ctl], steps=2, seed=6, height=64, width=64,
@@ -219,6 +219,14 @@ def test_staged_calls_give_the_one_call_image(flux_export) -> None:
     np.testing.assert_array_equal(np.asarray(images[0]), want)
     with pytest.raises(InputError, match=r"is a control model \(FLUX.1 Depth / Canny\)"):
         pipe.denoise(emb, lat, plan, guidance_scale=10.0)
+    # inpainting: the image and mask go to prepare_latents, the control image to denoise
+    image, mask = image_and_mask(w=64, h=64)
+    want = np.asarray(pipe(PROMPT, image=image, mask_image=mask, strength=0.8, control_images=[ctl], steps=3, seed=6,
+                           guidance_scale=10.0).images[0])
+    plan = pipe.plan(None, 3, strength=0.8, height=64, width=64)
+    lat = pipe.prepare_latents(plan, 64, 64, seed=6, image=image, mask_image=mask, strength=0.8)
+    images, _ = pipe.decode(pipe.denoise(emb, lat, plan, guidance_scale=10.0, control_images=[ctl]))
+    np.testing.assert_array_equal(np.asarray(images[0]), want)
 
 
 def test_warmup_request_runs(flux_export) -> None:

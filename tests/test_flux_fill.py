@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from sdrt.runtime.errors import InputError
+from sdrt.runtime.errors import CompatibilityError, InputError
 
 from .helpers.inputs import image_and_mask
 from .helpers.pipelines import shared_pipeline
@@ -187,6 +187,9 @@ def test_refusals_before_any_work(flux_export) -> None:
         pipe(PROMPT, negative_prompt="blurry", image=image, mask_image=mask, steps=2)
     with pytest.raises(InputError, match="multiple of 16"):
         pipe(PROMPT, image=image, mask_image=mask, steps=2, height=72, width=64)
+    # a control image is a control model's (FLUX.1 Depth / Canny, which inpaints by blending), not Fill's
+    with pytest.raises(CompatibilityError, match="exported without ControlNets"):
+        pipe(PROMPT, image=image, mask_image=mask, control_images=[image], steps=2)
 
 
 def test_a1111_img2img_with_a_mask(flux_export) -> None:
