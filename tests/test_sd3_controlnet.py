@@ -106,6 +106,17 @@ def test_stability_layout(controlnet_export, mean_vae) -> None:
     _compare(controlnet_export, "sd35-medium-tiny", [0.8], guidance=4.0)
 
 
+def _lora_reference(modules, folder: Path, scheduler: dict, net, lora: Path):  # type: ignore[no-untyped-def]
+    """diffusers' SD3 ControlNet pipeline over ``modules`` and ``net`` with ``lora`` loaded at 0.8
+    (``load_lora_weights`` + ``set_adapters``: the transformer and the text encoders adapted, not the net)."""
+    from diffusers import StableDiffusion3ControlNetPipeline
+
+    ref = sd3_pipeline(StableDiffusion3ControlNetPipeline, modules, folder, scheduler, controlnet=net.controlnet)
+    ref.load_lora_weights(str(lora), adapter_name="style")
+    ref.set_adapters(["style"], adapter_weights=[0.8])
+    return ref
+
+
 def test_lora_slots_beside_a_controlnet(controlnet_export, mean_vae, tmp_path: Path) -> None:
     """An export with LoRA slots and a ControlNet (Stability's layout): ``unet_control`` takes the transformer's
     slots under the same names (the net none), so a call's LoRA reaches both denoisers. A PEFT file at 0.8 with the
@@ -113,7 +124,7 @@ def test_lora_slots_beside_a_controlnet(controlnet_export, mean_vae, tmp_path: P
     the transformer and the text encoders, not the net); no LoRA: the plain ControlNet export's image; the LoRA
     without a control image: diffusers' plain pipeline with it loaded, as the slotted export without nets."""
     pytest.importorskip("peft", reason="diffusers' LoRA loading needs peft (the test extra)")
-    from diffusers import StableDiffusion3ControlNetPipeline, StableDiffusion3Pipeline
+    from diffusers import StableDiffusion3Pipeline
 
     from sdrt.export.controlnet_loading import random_controlnet
     from sdrt.export.lora_slots import SlotPlan
@@ -133,10 +144,7 @@ def test_lora_slots_beside_a_controlnet(controlnet_export, mean_vae, tmp_path: P
     assert ins["unet"] and ins["unet_control"] == ins["unet"] and not ins["controlnet_0"]
     lora = peft_lora(tmp_path, "sd3", seed=1, rank=3, alpha=6.0)
     p = get_sd3_preset(SD3)
-    ref = sd3_pipeline(StableDiffusion3ControlNetPipeline, build_modules(p, seed=0), out, p.scheduler,
-                       controlnet=random_controlnet(net, seed=seeds[0]).controlnet)
-    ref.load_lora_weights(str(lora), adapter_name="style")
-    ref.set_adapters(["style"], adapter_weights=[0.8])
+    ref = _lora_reference(build_modules(p, seed=0), out, p.scheduler, random_controlnet(net, seed=seeds[0]), lora)
     kw = {"scales": [0.8], "guidance": 4.0, "folder": out, "exported": 1}
     styled = _compare(None, SD3, ref=ref, loras=[(lora, 0.8)], **kw)
     plain = _compare(controlnet_export, SD3, [0.8], guidance=4.0)  # the plain ControlNet export, against diffusers
@@ -254,6 +262,37 @@ def test_streamed_transformer_with_two_layouts(tmp_path: Path, mean_vae) -> None
         with Pipeline.load(out, backend="ort-cpu") as pipe:
             _compare(None, "sd35-medium-tiny", [0.9], nets=(j,), folder=out, ref=ref, exported=2, steps=3,
                      loaded=pipe)
+
+
+@pytest.mark.slow  # a streamed export with slots: three graphs and their gates traced by the dynamo exporter
+def test_lora_slots_beside_a_controlnet_on_a_streamed_transformer(tmp_path: Path, mean_vae) -> None:
+    """A streamed transformer (every full-size model's way) with slots and a ControlNet: the streamed
+    ``unet_control`` takes the slots too, gated on its reduced-depth copy with random factors and samples; a PEFT
+    file at 0.8 with the net against diffusers' ControlNet pipeline over the same synthetic weights, held."""
+    pytest.importorskip("peft", reason="diffusers' LoRA loading needs peft (the test extra)")
+    from sdrt.export.controlnet_loading import random_controlnet
+    from sdrt.export.lora_slots import SlotPlan
+    from sdrt.export.sd3_export import export_sd3, load_sd3
+    from sdrt.runtime.lora_adapters import slots_of
+    from sdrt.runtime.manifest import ExportManifest
+
+    from .test_lora_transformers import SD3, SLOTS, peft_lora
+
+    net = random_controlnet(NETS[SD3][0], seed=0)
+    model = load_sd3(random_preset=SD3, seed=5, stream=True)
+    out = tmp_path / "streamed"
+    export_sd3(model, out, fp16=False, without_t5=True, lora_slots=SlotPlan.parse(SLOTS), controlnets=[net])
+    m = ExportManifest.read(out)
+    control = m.components["unet_control"]
+    assert control.parity is not None and "reduced depth" in control.parity.reference
+    assert control.parity.rel_err <= control.parity.bound
+    assert slots_of({i.name: i for i in control.inputs}) == slots_of({i.name: i for i in m.components["unet"].inputs})
+    lora = peft_lora(tmp_path, "sd3", seed=1, rank=3, alpha=6.0)
+    ref = _lora_reference(model.held(t5=False), out, model.scheduler_config, random_controlnet(NETS[SD3][0], seed=0),
+                          lora)
+    with Pipeline.load(out, backend="ort-cpu") as pipe:
+        _compare(None, SD3, [0.8], folder=out, ref=ref, exported=1, guidance=4.0, steps=3, loaded=pipe,
+                 loras=[(lora, 0.8)])
 
 
 def test_built_engines_run_the_nets_like_ort_cpu(controlnet_export, tmp_path: Path, fake_gpu) -> None:
