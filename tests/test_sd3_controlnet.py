@@ -118,17 +118,16 @@ def _lora_reference(modules, folder: Path, scheduler: dict, net, lora: Path):  #
 
 
 def test_lora_slots_beside_a_controlnet(controlnet_export, mean_vae, tmp_path: Path) -> None:
-    """An export with LoRA slots and a ControlNet (Stability's layout): ``unet_control`` takes the transformer's
-    slots under the same names (the net none), so a call's LoRA reaches both denoisers. A PEFT file at 0.8 with the
-    net against diffusers' ControlNet pipeline with it loaded (``load_lora_weights`` + ``set_adapters``, which adapt
+    """``sdrt export --random-controlnet NET --lora-slots 8:attn-ff`` (Stability's layout): ``unet_control`` takes
+    the transformer's slots under the same names (the net none), so a call's LoRA reaches both denoisers. A PEFT
+    file at 0.8 with the net against diffusers' ControlNet pipeline with it loaded (``load_lora_weights`` + ``set_adapters``, which adapt
     the transformer and the text encoders, not the net); no LoRA: the plain ControlNet export's image; the LoRA
     without a control image: diffusers' plain pipeline with it loaded, as the slotted export without nets."""
     pytest.importorskip("peft", reason="diffusers' LoRA loading needs peft (the test extra)")
     from diffusers import StableDiffusion3Pipeline
 
+    from sdrt.cli import main
     from sdrt.export.controlnet_loading import random_controlnet
-    from sdrt.export.lora_slots import SlotPlan
-    from sdrt.export.sd3_export import export_sd3, load_sd3
     from sdrt.export.sd3_presets import build_modules, get_sd3_preset
     from sdrt.runtime.lora_adapters import slots_of
     from sdrt.runtime.manifest import ExportManifest
@@ -137,8 +136,9 @@ def test_lora_slots_beside_a_controlnet(controlnet_export, mean_vae, tmp_path: P
 
     net, seeds = NETS[SD3]
     out = tmp_path / "slotted"
-    export_sd3(load_sd3(random_preset=SD3), out, fp16=False, without_t5=True, lora_slots=SlotPlan.parse(SLOTS),
-               controlnets=[random_controlnet(net, seed=seeds[0])])
+    assert seeds[0] == 0  # the CLI's --seed, which seeds the model and the net alike
+    assert main(["export", "--random", SD3, "--random-controlnet", net, "--lora-slots", SLOTS, "--fp32",
+                 "--without-t5", "--out", str(out)]) == 0
     m = ExportManifest.read(out)
     ins = {c: slots_of({i.name: i for i in m.components[c].inputs}) for c in ("unet", "unet_control", "controlnet_0")}
     assert ins["unet"] and ins["unet_control"] == ins["unet"] and not ins["controlnet_0"]
