@@ -23,8 +23,10 @@ SD 3 / 3.5 and FLUX.1 (``slot_components``): the family declares its transformer
 (``Family.lora_targets``: every attention projection of the blocks, or with ``attn-ff`` every linear layer of the
 blocks; runtime/families/transformer_lora.py), the CLIP encoders take the text targets above, T5 none. The slots
 go on the layers the export wrapper runs (FLUX.1's runs a copy of the transformer), on first-block caching's cached
-step and skip-layer guidance's pass for the layers they run, and on a streamed transformer (``slotted_streamed``:
-traced in fake mode with it, its reduced-depth gate slotted alike, ``slotted_gate``).
+step and skip-layer guidance's pass for the layers they run, on ``unet_control`` (the transformer taking
+ControlNet samples: the same slots, after the samples; the ControlNets get none, as diffusers' ``load_lora_weights``
+adapts the transformer and the text encoders, not the ControlNet) and on a streamed transformer
+(``slotted_streamed``: traced in fake mode with it, its reduced-depth gate slotted alike, ``slotted_gate``).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from sdrt.runtime.control_stage import CONTROL_UNET
 from sdrt.runtime.errors import InputError
 from sdrt.runtime.families import Family
 from sdrt.runtime.feature_cache import SHALLOW_UNET
@@ -237,7 +240,10 @@ def slot_components(specs: Sequence[ComponentSpec], plan: SlotPlan, patterns: Se
             spec = slotted(spec, used, plan.rank, dead)
             if dead:
                 inert[spec.name] = dead
-        elif spec.name == "unet":
+        elif spec.name in ("unet", CONTROL_UNET):
+            # the transformer taking ControlNet samples: its factors after the samples, under the denoiser's names,
+            # so the loop feeds it the call's factors as it feeds the denoiser (the nets themselves get no slots:
+            # LoRAs adapt the transformer and the text encoders, not the ControlNets)
             layers = slot_layers(spec.weights, plan, patterns=patterns)
             spec = slotted(spec, _in_wrapper(spec.module, layers), plan.rank)
         elif spec.name in (SHALLOW_UNET, SKIP_UNET):
@@ -274,7 +280,12 @@ def slotted_streamed(spec: StreamedSpec, plan: SlotPlan, patterns: Sequence[str]
 
     def dynamic() -> dict[str, Any]:
         dims = spec.dynamic()  # by the wrapper's argument names; Slotted takes them all as *args
-        return {"args": (*(dims.get(n) for n, _, _ in spec.inputs), *(None for _ in io))}
+        names = [n for n, _, _ in spec.inputs]
+        # a wrapper taking its last inputs as *args (unet_control's ControlNet samples) has one entry for them all,
+        # a tuple in order, under that argument's name: its entries go to the inputs not named in dims
+        packed = [d for k, d in dims.items() if k not in names and isinstance(d, tuple)]
+        rest = iter(packed[0] if len(packed) == 1 else ())
+        return {"args": (*(dims[n] if n in dims else next(rest, None) for n in names), *(None for _ in io))}
 
     return replace(spec, build=build, prefix=f"inner.{spec.prefix}", inputs=[*spec.inputs, *io], example=example,
                    dynamic=dynamic)

@@ -344,7 +344,8 @@ def export_sd3(
     the transformer is; export/sd3_controlnet.py), checked against the transformer first. ``out`` is checked as ``export_model`` checks
     it. T5 stays float32 in an fp16 export (its activations overflow fp16).
     ``lora_slots``: the transformer's and the CLIP encoders' targeted layers take LoRA factors as inputs, so calls
-    can carry LoRAs (``Pipeline(..., loras=...)``; export/lora_slots.py); T5 has none. Not with ``controlnets`` yet.
+    can carry LoRAs (``Pipeline(..., loras=...)``; export/lora_slots.py); T5 has none. With ``controlnets``,
+    ``unet_control`` takes the transformer's slots under the same names (the nets none: LoRAs do not adapt them).
     ``skip_layers``: the transformer's blocks skip-layer guidance skips (SD 3.5 Medium: 7, 8, 9); its pass is
     ``unet_skip`` (``transformer/skip_layers.onnx``, reading the transformer's weights file; runtime/layer_skip.py),
     gated on parity like the transformer before its weights are shared; with ``lora_slots`` it takes the transformer's
@@ -357,10 +358,6 @@ def export_sd3(
     p = model.preset
     mods = model.modules
     streamed = dict(model.streamed)
-    if lora_slots is not None and controlnets:
-        raise InputError("LoRA slots and ControlNets in one SD 3 / 3.5 export are not supported yet (the transformer "
-                         "taking the ControlNets' samples has no slots): export with --lora-slots or with "
-                         "--controlnet, or merge the LoRAs with --lora")
     patterns = check_slots(family_named(p.family), lora_slots)
     slots = None if lora_slots is None else (lora_slots, patterns)
     if without_t5:
@@ -415,7 +412,7 @@ def export_sd3(
                                     block_cache=block_cache,
                                     control=(len(controlnets), len(controlnets[0].controlnet.controlnet_blocks))
                                     if kind == "control" else None,
-                                    slots=slots if kind in ("transformer", "cached", "skip") else None,
+                                    slots=slots if kind in ("transformer", "cached", "skip", "control") else None,
                                     skip_layers=layers if kind == "skip" else None)
                 progress(f"{sspec.name}: {parity_line(par, comp.precision)} ({par.reference})")
                 done[sspec.name] = replace(comp, parity=par)

@@ -27,7 +27,7 @@ from .helpers.controlnets import (
 )
 from .helpers.inputs import control_image, image_and_mask
 from .helpers.pipelines import loaded_on, shared_pipeline
-from .helpers.references import sd3_pipeline
+from .helpers.references import assert_diffusers_images, sd3_pipeline
 
 PROMPT = "a red fox in the snow"
 NEGATIVE = "blurry"
@@ -73,9 +73,9 @@ def _reference(preset: str, folder: Path, seeds: tuple[int, ...]):
 
 def _compare(controlnet_export, preset: str, scales: list[float], *, nets: tuple[int, ...] = (0,),
              start: float = 0.0, end: float = 1.0, guidance: float = 5.0, steps: int = 5, folder: Path | None = None,
-             ref=None, exported: int | None = None, loaded=None):
+             ref=None, exported: int | None = None, loaded=None, loras=None):
     """sdrt's image against diffusers' with the ``nets`` of the export given (``folder``, ``ref``: another export
-    of ``exported`` nets and its reference, instead of ``controlnet_export(preset)``'s)."""
+    of ``exported`` nets and its reference, instead of ``controlnet_export(preset)``'s; ``loras``: the call's)."""
     folder = controlnet_export(preset) if folder is None else folder
     seeds = tuple(NETS[preset][1][j] for j in nets) if ref is None else ()
     ref = _reference(preset, folder, seeds) if ref is None else ref
@@ -83,7 +83,7 @@ def _compare(controlnet_export, preset: str, scales: list[float], *, nets: tuple
         ref, shared_pipeline(folder) if loaded is None else loaded, PROMPT, nets, scales,
         len(NETS[preset][1]) if exported is None else exported, start=start, end=end, steps=steps, guidance=guidance,
         ref_latents=torch.from_numpy, what=f"{preset} nets {nets} scales {scales} window [{start}, {end}]",
-        ref_kw={"negative_prompt": NEGATIVE}, call_kw={"negative_prompt": NEGATIVE})
+        ref_kw={"negative_prompt": NEGATIVE}, call_kw={"negative_prompt": NEGATIVE, "loras": loras})
 
 
 @pytest.mark.parametrize("scale", [0.5, 1.3])
@@ -104,6 +104,63 @@ def test_two_nets_summed_in_a_window(controlnet_export, mean_vae) -> None:
 
 def test_stability_layout(controlnet_export, mean_vae) -> None:
     _compare(controlnet_export, "sd35-medium-tiny", [0.8], guidance=4.0)
+
+
+def _lora_reference(modules, folder: Path, scheduler: dict, net, lora: Path):  # type: ignore[no-untyped-def]
+    """diffusers' SD3 ControlNet pipeline over ``modules`` and ``net`` with ``lora`` loaded at 0.8
+    (``load_lora_weights`` + ``set_adapters``: the transformer and the text encoders adapted, not the net)."""
+    from diffusers import StableDiffusion3ControlNetPipeline
+
+    ref = sd3_pipeline(StableDiffusion3ControlNetPipeline, modules, folder, scheduler, controlnet=net.controlnet)
+    ref.load_lora_weights(str(lora), adapter_name="style")
+    ref.set_adapters(["style"], adapter_weights=[0.8])
+    return ref
+
+
+def test_lora_slots_beside_a_controlnet(controlnet_export, mean_vae, tmp_path: Path) -> None:
+    """``sdrt export --random-controlnet NET --lora-slots 8:attn-ff`` (Stability's layout): ``unet_control`` takes
+    the transformer's slots under the same names (the net none), so a call's LoRA reaches both denoisers. A PEFT
+    file at 0.8 with the net against diffusers' ControlNet pipeline with it loaded (``load_lora_weights`` + ``set_adapters``, which adapt
+    the transformer and the text encoders, not the net); no LoRA: the plain ControlNet export's image; the LoRA
+    without a control image: diffusers' plain pipeline with it loaded, as the slotted export without nets."""
+    pytest.importorskip("peft", reason="diffusers' LoRA loading needs peft (the test extra)")
+    from diffusers import StableDiffusion3Pipeline
+
+    from sdrt.cli import main
+    from sdrt.export.controlnet_loading import random_controlnet
+    from sdrt.export.sd3_presets import build_modules, get_sd3_preset
+    from sdrt.runtime.lora_adapters import slots_of
+    from sdrt.runtime.manifest import ExportManifest
+
+    from .test_lora_transformers import SD3, SLOTS, peft_lora
+
+    net, seeds = NETS[SD3]
+    out = tmp_path / "slotted"
+    assert seeds[0] == 0  # the CLI's --seed, which seeds the model and the net alike
+    assert main(["export", "--random", SD3, "--random-controlnet", net, "--lora-slots", SLOTS, "--fp32",
+                 "--without-t5", "--out", str(out)]) == 0
+    m = ExportManifest.read(out)
+    ins = {c: slots_of({i.name: i for i in m.components[c].inputs}) for c in ("unet", "unet_control", "controlnet_0")}
+    assert ins["unet"] and ins["unet_control"] == ins["unet"] and not ins["controlnet_0"]
+    lora = peft_lora(tmp_path, "sd3", seed=1, rank=3, alpha=6.0)
+    p = get_sd3_preset(SD3)
+    ref = _lora_reference(build_modules(p, seed=0), out, p.scheduler, random_controlnet(net, seed=seeds[0]), lora)
+    kw = {"scales": [0.8], "guidance": 4.0, "folder": out, "exported": 1}
+    styled = _compare(None, SD3, ref=ref, loras=[(lora, 0.8)], **kw)
+    plain = _compare(controlnet_export, SD3, [0.8], guidance=4.0)  # the plain ControlNet export, against diffusers
+    bare = _compare(None, SD3, ref=_reference(SD3, out, seeds), **kw)  # the slotted export without a LoRA
+    assert np.abs(bare - plain).max() <= 1 and np.abs(styled - bare).max() > 3  # the LoRA moved the image
+    # no control image: the transformer alone (unet) with the LoRA, against diffusers' plain pipeline over the
+    # reference's modules (the LoRA loaded in them)
+    plain_ref = StableDiffusion3Pipeline(**{k: v for k, v in ref.components.items() if k != "controlnet"})
+    plain_ref.set_progress_bar_config(disable=True)
+    latents = np.random.default_rng(4).standard_normal((1, 16, 8, 12), dtype=np.float32)
+    call = {"height": 64, "width": 96, "negative_prompt": NEGATIVE, "guidance_scale": 4.0}
+    with torch.no_grad():
+        want = plain_ref(PROMPT, num_inference_steps=5, latents=torch.from_numpy(latents), output_type="np",
+                         **call).images
+    got = shared_pipeline(out)(PROMPT, steps=5, latents=latents, loras=[(lora, 0.8)], **call)
+    assert_diffusers_images(got.images, want, "the slotted ControlNet export's LoRA without a control image")
 
 
 def test_refusals_before_work(controlnet_export, sd3_export, tmp_path: Path) -> None:
@@ -170,11 +227,6 @@ def test_cli_generate_and_export_refusal(controlnet_export, tmp_path: Path, monk
     assert main(["export", "--random", "sd3-tiny", "--controlnet", str(single), "--out", str(tmp_path / "x")]) == 1
     assert "sd3-canny.safetensors is not a readable .safetensors file" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
-    # LoRA slots beside a ControlNet: not yet for this family, refused before the weights load
-    assert main(["export", "--random", "sd3-tiny", "--random-controlnet", "sd3-controlnet-tiny", "--lora-slots", "8",
-                 "--out", str(tmp_path / "x")]) == 1
-    assert "--lora-slots and --controlnet in one SD 3 / 3.5 export are not supported yet" in capsys.readouterr().err
-    assert not (tmp_path / "x").exists()
 
 
 def test_a_diffusers_folder_loads_as_its_class(tmp_path: Path) -> None:
@@ -210,6 +262,37 @@ def test_streamed_transformer_with_two_layouts(tmp_path: Path, mean_vae) -> None
         with Pipeline.load(out, backend="ort-cpu") as pipe:
             _compare(None, "sd35-medium-tiny", [0.9], nets=(j,), folder=out, ref=ref, exported=2, steps=3,
                      loaded=pipe)
+
+
+@pytest.mark.slow  # a streamed export with slots: three graphs and their gates traced by the dynamo exporter
+def test_lora_slots_beside_a_controlnet_on_a_streamed_transformer(tmp_path: Path, mean_vae) -> None:
+    """A streamed transformer (every full-size model's way) with slots and a ControlNet: the streamed
+    ``unet_control`` takes the slots too, gated on its reduced-depth copy with random factors and samples; a PEFT
+    file at 0.8 with the net against diffusers' ControlNet pipeline over the same synthetic weights, held."""
+    pytest.importorskip("peft", reason="diffusers' LoRA loading needs peft (the test extra)")
+    from sdrt.export.controlnet_loading import random_controlnet
+    from sdrt.export.lora_slots import SlotPlan
+    from sdrt.export.sd3_export import export_sd3, load_sd3
+    from sdrt.runtime.lora_adapters import slots_of
+    from sdrt.runtime.manifest import ExportManifest
+
+    from .test_lora_transformers import SD3, SLOTS, peft_lora
+
+    net = random_controlnet(NETS[SD3][0], seed=0)
+    model = load_sd3(random_preset=SD3, seed=5, stream=True)
+    out = tmp_path / "streamed"
+    export_sd3(model, out, fp16=False, without_t5=True, lora_slots=SlotPlan.parse(SLOTS), controlnets=[net])
+    m = ExportManifest.read(out)
+    control = m.components["unet_control"]
+    assert control.parity is not None and "reduced depth" in control.parity.reference
+    assert control.parity.rel_err <= control.parity.bound
+    assert slots_of({i.name: i for i in control.inputs}) == slots_of({i.name: i for i in m.components["unet"].inputs})
+    lora = peft_lora(tmp_path, "sd3", seed=1, rank=3, alpha=6.0)
+    ref = _lora_reference(model.held(t5=False), out, model.scheduler_config, random_controlnet(NETS[SD3][0], seed=0),
+                          lora)
+    with Pipeline.load(out, backend="ort-cpu") as pipe:
+        _compare(None, SD3, [0.8], folder=out, ref=ref, exported=1, guidance=4.0, steps=3, loaded=pipe,
+                 loras=[(lora, 0.8)])
 
 
 def test_built_engines_run_the_nets_like_ort_cpu(controlnet_export, tmp_path: Path, fake_gpu) -> None:

@@ -173,10 +173,6 @@ def _run_sd3(args: argparse.Namespace) -> int:
 
         for f in files:
             check_sd3_controlnet_file(f)
-    if args.lora_slots is not None and args.controlnets:
-        raise InputError("--lora-slots and --controlnet in one SD 3 / 3.5 export are not supported yet (the "
-                         "transformer taking the ControlNets' samples has no slots): export with one of them, or "
-                         "merge the LoRAs with --lora")
     slots = _slot_plan(args, "sd3")
     loras = [_lora_spec(s) for s in args.lora or []]  # checked before the weights load
     opts = {k.removeprefix("--").replace("-", "_"): v for k, v in _sd3_file_options(args).items()}
