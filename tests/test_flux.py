@@ -391,3 +391,29 @@ def test_ort_cuda_code_path_gives_the_ort_cpu_images(flux_export, monkeypatch: p
     with Pipeline.load(folder, backend="ort-cuda") as pipe:
         got = np.asarray(pipe(PROMPT, **kw).images[0])
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize(("preset", "height", "width", "strength"), [("flux-dev-tiny", 64, 96, 0.6),
+                                                                      ("flux-schnell-tiny", 80, 64, 1.0)])
+def test_inpaint_by_blending_gives_diffusers_images(flux_export, mean_vae, preset: str, height: int, width: int,
+                                                    strength: float) -> None:
+    """``image=`` and ``mask_image=`` on a plain FLUX.1 model: diffusers' ``FluxInpaintPipeline``'s images (the
+    unmasked region blended back after every step, re-noised to the next sigma), the 120 x 80 image and its
+    soft-edged mask resized to the output size. diffusers' noise is the generator's first draw, [1, 16, h, w] (the
+    image encodes to its mean: no draw before it)."""
+    from .helpers.inputs import image_and_mask
+    from .helpers.references import assert_diffusers_images, flux_preset_pipeline
+
+    folder = flux_export(preset)
+    image, mask = image_and_mask()
+    steps, seed, guidance = 4, 12, 3.5
+    noise = torch.randn((1, 16, height // 8, width // 8), generator=torch.Generator().manual_seed(seed)).numpy()
+    with torch.no_grad():
+        want = flux_preset_pipeline("FluxInpaintPipeline", preset, folder)(
+            PROMPT, image=image, mask_image=mask, strength=strength, height=height, width=width,
+            num_inference_steps=steps, guidance_scale=guidance, generator=torch.Generator().manual_seed(seed),
+            output_type="np").images
+    res = shared_pipeline(folder)(PROMPT, image=image, mask_image=mask, strength=strength, height=height, width=width,
+                                  steps=steps, guidance_scale=guidance, latents=noise)
+    assert len(res.timings["unet_steps_ms"]) == steps - int(steps - steps * strength)  # diffusers' get_timesteps
+    assert_diffusers_images(res.images, want, f"{preset} {height}x{width} strength {strength}")
