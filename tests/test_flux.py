@@ -20,6 +20,7 @@ import torch
 from sdrt.runtime.errors import InputError
 
 from .helpers.pipelines import ort_cuda_on_cpu, shared_pipeline
+from .helpers.references import assert_diffusers_images, flux_packed, flux_preset_pipeline
 
 PROMPT = "a lighthouse on a cliff at dusk, oil painting"
 _REFS: dict[tuple[str, bool], object] = {}
@@ -47,14 +48,6 @@ def _reference(preset: str, folder: Path, img2img: bool = False):
     return _REFS[key]
 
 
-def _pack(latents: np.ndarray) -> torch.Tensor:
-    """NCHW latents as FluxPipeline takes them: 2x2 patches as tokens (its ``_pack_latents``)."""
-    from diffusers import FluxPipeline
-
-    b, c, h, w = latents.shape
-    return FluxPipeline._pack_latents(torch.from_numpy(latents), b, c, h, w)
-
-
 def _compare(flux_export, preset: str, *, guidance: float = 3.5, height: int = 64, width: int = 96,
              steps: int = 4, batch: int = 1, seed: int = 0, stream: bool = False, prompt: str = PROMPT,
              max_sequence_length: int | None = None):
@@ -63,7 +56,7 @@ def _compare(flux_export, preset: str, *, guidance: float = 3.5, height: int = 6
     latents = np.random.default_rng(seed).standard_normal((batch, 16, height // 8, width // 8), dtype=np.float32)
     with torch.no_grad():
         want = ref(prompt, height=height, width=width, num_inference_steps=steps, guidance_scale=guidance,
-                   latents=_pack(latents), output_type="np", num_images_per_prompt=batch,
+                   latents=flux_packed(latents), output_type="np", num_images_per_prompt=batch,
                    **({} if max_sequence_length is None else {"max_sequence_length": max_sequence_length})).images
     want_u8 = (want * 255).round().astype(np.int32)
     res = shared_pipeline(folder)(prompt, height=height, width=width, steps=steps, guidance_scale=guidance,
@@ -204,7 +197,7 @@ def test_streamed_export_gives_diffusers_images(flux_export) -> None:
     ref.set_progress_bar_config(disable=True)
     latents = np.random.default_rng(3).standard_normal((1, 16, 8, 8), dtype=np.float32)
     with torch.no_grad():
-        want = ref(PROMPT, height=64, width=64, num_inference_steps=2, latents=_pack(latents),
+        want = ref(PROMPT, height=64, width=64, num_inference_steps=2, latents=flux_packed(latents),
                    output_type="np").images
     got = np.asarray(shared_pipeline(folder)(PROMPT, height=64, width=64, steps=2, latents=latents).images[0])
     assert int(np.abs(got.astype(np.int32) - (want[0] * 255).round().astype(np.int32)).max()) <= 1
@@ -402,7 +395,6 @@ def test_inpaint_by_blending_gives_diffusers_images(flux_export, mean_vae, prese
     soft-edged mask resized to the output size. diffusers' noise is the generator's first draw, [1, 16, h, w] (the
     image encodes to its mean: no draw before it)."""
     from .helpers.inputs import image_and_mask
-    from .helpers.references import assert_diffusers_images, flux_preset_pipeline
 
     folder = flux_export(preset)
     image, mask = image_and_mask()

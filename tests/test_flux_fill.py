@@ -18,6 +18,7 @@ from sdrt.runtime.errors import CompatibilityError, InputError
 
 from .helpers.inputs import image_and_mask
 from .helpers.pipelines import shared_pipeline
+from .helpers.references import flux_packed
 
 PRESET = "flux-fill-dev-tiny"
 PROMPT = "a red boat on a calm lake"
@@ -53,13 +54,6 @@ def _reference(folder):
     return _REF[0]
 
 
-def _pack(latents: np.ndarray) -> torch.Tensor:
-    from diffusers import FluxPipeline
-
-    b, c, h, w = latents.shape
-    return FluxPipeline._pack_latents(torch.from_numpy(np.ascontiguousarray(latents).copy()), b, c, h, w)
-
-
 def _box_mask(w: int, h: int):
     from PIL import Image
 
@@ -74,7 +68,7 @@ def _compare(folder, image, mask, *, height: int, width: int, guidance: float = 
     latents = np.random.default_rng(seed).standard_normal((batch, 16, height // 8, width // 8), dtype=np.float32)
     with torch.no_grad():
         want = ref(PROMPT, image=image, mask_image=mask, height=height, width=width, num_inference_steps=steps,
-                   guidance_scale=guidance, latents=_pack(latents), num_images_per_prompt=batch,
+                   guidance_scale=guidance, latents=flux_packed(latents), num_images_per_prompt=batch,
                    output_type="np").images
     want_u8 = (want * 255).round().astype(np.int32)
     res = shared_pipeline(folder)(PROMPT, image=image, mask_image=mask, height=height, width=width, steps=steps,
@@ -166,8 +160,8 @@ def test_masked_image_latents_are_diffusers(flux_export, mean_latents) -> None:
     masked = pipe.engines["vae_encoder_masked"]({
         "image": be.to_device(np.asarray(image.convert("RGB"))[None]),
         "mask": be.to_device(mask_px.astype(np.uint8)[None, :, :, None])})["latent"]
-    np.testing.assert_allclose(_pack(be.to_host(masked)).numpy(), want_masked.numpy(), atol=2e-5)
-    np.testing.assert_array_equal(_pack(inpaint.latent_mask(mask_px, 8, 1, 64)).numpy(), want_mask.numpy())
+    np.testing.assert_allclose(flux_packed(be.to_host(masked)).numpy(), want_masked.numpy(), atol=2e-5)
+    np.testing.assert_array_equal(flux_packed(inpaint.latent_mask(mask_px, 8, 1, 64)).numpy(), want_mask.numpy())
 
 
 def test_refusals_before_any_work(flux_export) -> None:

@@ -20,7 +20,7 @@ from sdrt.runtime.errors import InputError
 
 from .helpers.inputs import control_image
 from .helpers.pipelines import shared_pipeline
-from .helpers.references import flux_preset_pipeline
+from .helpers.references import flux_packed, flux_preset_pipeline
 
 PRESET = "flux-kontext-dev-tiny"
 PROMPT = "make the boat red"
@@ -33,20 +33,13 @@ def _reference(folder: Path):
     return _REF[0]
 
 
-def _pack(latents: np.ndarray) -> torch.Tensor:
-    from diffusers import FluxPipeline
-
-    b, c, h, w = latents.shape
-    return FluxPipeline._pack_latents(torch.from_numpy(latents.copy()), b, c, h, w)
-
-
 def _compare(folder: Path, reference, *, height: int, width: int, resize: bool = False, guidance: float = 2.5,
              steps: int = 3, batch: int = 1, seed: int = 0) -> np.ndarray:
     ref = _reference(folder)
     latents = np.random.default_rng(seed).standard_normal((batch, 16, height // 8, width // 8), dtype=np.float32)
     with torch.no_grad():
         want = ref(image=reference, prompt=PROMPT, height=height, width=width, num_inference_steps=steps,
-                   guidance_scale=guidance, latents=_pack(latents), num_images_per_prompt=batch,
+                   guidance_scale=guidance, latents=flux_packed(latents), num_images_per_prompt=batch,
                    max_area=height * width, _auto_resize=resize, output_type="np").images
     want_u8 = (want * 255).round().astype(np.int32)
     res = shared_pipeline(folder)(PROMPT, reference_image=reference, reference_resize=resize, height=height,
