@@ -24,7 +24,13 @@ from sdrt.runtime.feature_cache import CHANGE, SHALLOW_UNET, CachePolicy
 from sdrt.runtime.manifest import ExportManifest
 from sdrt.runtime.pipeline import Pipeline
 
-from .helpers.flux_cache import cache_kw, first_block_cache, full_count, threshold_margin
+from .helpers.flux_cache import (
+    cache_kw,
+    first_block_cache,
+    full_count,
+    streamed_cached_export,
+    threshold_margin,
+)
 from .helpers.pipelines import shared_pipeline
 from .helpers.references import flux_preset_pipeline
 
@@ -195,20 +201,8 @@ def test_a_streamed_transformer_exports_the_same_cached_step(flux_export, tmp_pa
     """A transformer too large to hold (streamed from a diffusers folder, as FLUX.1's 12B one is): its cached step
     is streamed too, holding only ``transformer_blocks[0]``'s weights (and the embeddings' and output layers'),
     gated on the reduced-depth copy; the cached images equal the in-memory export's (same weights)."""
-    from sdrt.export.flux_export import export_flux, load_flux
-    from sdrt.export.flux_presets import build_modules, get_flux_preset
-
     ref_folder = flux_export("flux-dev-tiny", block_cache=True)
-    p = get_flux_preset("flux-dev-tiny")
-    m = build_modules(p, seed=0)
-    src = tmp_path / "diffusers"
-    flux_preset_pipeline("FluxPipeline", "flux-dev-tiny", ref_folder, modules=m).save_pretrained(src, safe_serialization=True)
-    out = tmp_path / "streamed"
-    manifest = export_flux(load_flux(src, stream=True), out, block_cache=True)
-    assert "unet" in manifest.source["streamed"]
-    for name in ("unet", SHALLOW_UNET):
-        par = manifest.components[name].parity
-        assert par is not None and "reduced depth" in par.reference and par.rel_err <= par.bound
+    out = streamed_cached_export("FluxPipeline", "flux-dev-tiny", ref_folder, tmp_path)
     # the cached step holds the first double block and the edges, no other block
     import onnx
 

@@ -28,7 +28,13 @@ import torch
 from sdrt.runtime.feature_cache import CHANGE, SHALLOW_UNET, CachePolicy
 from sdrt.runtime.manifest import ExportManifest
 
-from .helpers.flux_cache import cache_kw, first_block_cache, full_count, threshold_margin
+from .helpers.flux_cache import (
+    cache_kw,
+    first_block_cache,
+    full_count,
+    streamed_cached_export,
+    threshold_margin,
+)
 from .helpers.inputs import control_image
 from .helpers.pipelines import shared_pipeline
 from .helpers.references import flux_preset_pipeline
@@ -209,17 +215,8 @@ def test_a_streamed_transformer_exports_the_same_cached_step(flux_export, tmp_pa
     """The transformer streamed from a diffusers folder of the model's pipeline (as a full-size one is): its cached
     step is streamed too (the reference's sides, or the control latents, dynamic), gated on the reduced-depth copy,
     and gives the in-memory export's cached images (same weights), on a schedule and by the threshold."""
-    from sdrt.export.flux_export import export_flux, load_flux
-
     ref_folder = flux_export(preset, block_cache=True)
-    src = tmp_path / "diffusers"
-    flux_preset_pipeline(MODELS[preset][0], preset, ref_folder).save_pretrained(src, safe_serialization=True)
-    out = tmp_path / "streamed"
-    manifest = export_flux(load_flux(src, stream=True), out, block_cache=True)
-    assert "unet" in manifest.source["streamed"]
-    for name in ("unet", SHALLOW_UNET):
-        par = manifest.components[name].parity
-        assert par is not None and "reduced depth" in par.reference and par.rel_err <= par.bound
+    out = streamed_cached_export(MODELS[preset][0], preset, ref_folder, tmp_path)
     for policy in (CachePolicy("first-block", interval=2), CachePolicy("first-block", threshold=0.3)):
         want, want_loop = _sdrt(ref_folder, preset, policy)
         got, loop = _sdrt(out, preset, policy)

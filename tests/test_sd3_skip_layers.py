@@ -24,6 +24,8 @@ from sdrt.runtime.layer_skip import SKIP_UNET
 from sdrt.runtime.manifest import ExportManifest
 from sdrt.runtime.pipeline import GenerationRequest, Pipeline
 
+from .helpers.pipelines import loaded_on
+
 PRESET = "sd35-medium-tiny"  # block 0 has dual attention, block 1 (the last) ends the context stream
 LAYERS = [0]
 PROMPT = "a red fox in the snow, highly detailed"
@@ -119,16 +121,7 @@ def test_other_backends_give_the_diffusers_images(slg_export: Path, reference, m
     steps, guidance, slg, runs = CASES[1]
     latents = _latents(5)
     want = _diffusers(reference, latents, steps, guidance, slg)
-    if backend == "openvino":
-        pytest.importorskip("openvino", reason="the openvino backend needs OpenVINO (pip install sdrt[openvino])")
-        pipe = Pipeline.load(slg_export, backend="openvino", precision="fp32")
-    else:
-        from .helpers.pipelines import ort_cuda_on_cpu
-
-        monkeypatch.setattr("sdrt.runtime.backends.make_backend",
-                            lambda *a, **k: ort_cuda_on_cpu(monkeypatch, cuda_graph=True))
-        pipe = Pipeline.load(slg_export, backend="ort-cuda")
-    with pipe:
+    with loaded_on(slg_export, backend, monkeypatch, cuda_graph=True) as pipe:
         res = pipe(PROMPT, negative_prompt=NEGATIVE, height=64, width=96, steps=steps, guidance_scale=guidance,
                    sampler="flow-euler", latents=latents, **slg)
     got = np.stack([np.asarray(im) for im in res.images]).astype(np.int32)
@@ -207,16 +200,7 @@ def test_slg_with_a_lora_on_other_backends(slotted_slg_export: Path, lora_refere
     steps, guidance, slg, runs = CASES[1]
     latents = _latents(22)
     want = _diffusers(lora_reference, latents, steps, guidance, slg)
-    if backend == "openvino":
-        pytest.importorskip("openvino", reason="the openvino backend needs OpenVINO (pip install sdrt[openvino])")
-        pipe = Pipeline.load(slotted_slg_export, backend="openvino", precision="fp32")
-    else:
-        from .helpers.pipelines import ort_cuda_on_cpu
-
-        monkeypatch.setattr("sdrt.runtime.backends.make_backend",
-                            lambda *a, **k: ort_cuda_on_cpu(monkeypatch, cuda_graph=True))
-        pipe = Pipeline.load(slotted_slg_export, backend="ort-cuda")
-    with pipe:
+    with loaded_on(slotted_slg_export, backend, monkeypatch, cuda_graph=True) as pipe:
         res = pipe(PROMPT, negative_prompt=NEGATIVE, height=64, width=96, steps=steps, guidance_scale=guidance,
                    sampler="flow-euler", latents=latents, loras=[(str(style_lora), LORA_SCALE)], **slg)
     assert want.std() > 5 and np.abs(_pixels(res) - want).max() <= 1

@@ -11,11 +11,12 @@ state (without changing their decision) so that a test can keep its threshold aw
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from sdrt.runtime.feature_cache import CachePolicy
+from sdrt.runtime.feature_cache import SHALLOW_UNET, CachePolicy
 
 
 def first_block_cache(transformer: torch.nn.Module, policy: CachePolicy, steps: int) -> tuple[list[bool], list[float]]:
@@ -57,3 +58,22 @@ def full_count(loop: str) -> int:
 def threshold_margin(changes: list[float], threshold: float) -> float:
     """How far the nearest step's change is from the threshold (the decisions agree reliably only away from it)."""
     return min(abs(c - threshold) for c in changes if not math.isnan(c))
+
+
+def streamed_cached_export(cls_name: str, preset: str, ref_folder: Path, tmp_path: Path) -> Path:
+    """The preset's seeded weights saved as a diffusers folder of ``cls_name`` and exported with the transformer
+    streamed (as a full-size one is) and first-block caching; asserts that the transformer and its cached step were
+    streamed and gated on their reduced-depth copies. ``ref_folder``: an export whose tokenizers the folder takes."""
+    from sdrt.export.flux_export import export_flux, load_flux
+
+    from .references import flux_preset_pipeline
+
+    src = tmp_path / "diffusers"
+    flux_preset_pipeline(cls_name, preset, ref_folder).save_pretrained(src, safe_serialization=True)
+    out = tmp_path / "streamed"
+    manifest = export_flux(load_flux(src, stream=True), out, block_cache=True)
+    assert "unet" in manifest.source["streamed"]
+    for name in ("unet", SHALLOW_UNET):
+        par = manifest.components[name].parity
+        assert par is not None and "reduced depth" in par.reference and par.rel_err <= par.bound
+    return out
