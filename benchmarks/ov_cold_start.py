@@ -41,7 +41,9 @@ from .stats import summarize
 
 SCHEMA_NAME = "sdrt-ov-cold-start"
 SCHEMA_VERSION = 1
-DESIGNS = ("openvino-cache", "sdrt-blobs", "no-cache")
+# each design: which cache the backend uses, sdrt's own (cache_dir=) or OpenVINO's CACHE_DIR
+DESIGNS = {"openvino-cache": {"sdrt": False, "openvino": True}, "sdrt-blobs": {"sdrt": True, "openvino": False},
+           "no-cache": {"sdrt": False, "openvino": False}}
 
 
 def child(design: str, folder: str, cache: str, steps: int, size: int, threads: int, precision: str) -> dict[str, Any]:
@@ -53,8 +55,9 @@ def child(design: str, folder: str, cache: str, steps: int, size: int, threads: 
     import_ms = (time.perf_counter() - t0) * 1e3
     cpu0 = time.process_time()
     t0 = time.perf_counter()
-    backend = OvBackend(threads=threads, precision=precision, cache_dir=cache if design == "sdrt-blobs" else False)
-    if design == "openvino-cache":
+    uses = DESIGNS[design]
+    backend = OvBackend(threads=threads, precision=precision, cache_dir=cache if uses["sdrt"] else False)
+    if uses["openvino"]:
         backend.config["CACHE_DIR"] = cache  # OpenVINO writes the blob inside compile_model
     pipe = Pipeline.load(folder, backend=backend)
     load_ms = (time.perf_counter() - t0) * 1e3
@@ -92,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m sdrt.benchmarks.ov_cold_start", description=__doc__.split("\n\n")[0])
     ap.add_argument("export", type=Path)
     ap.add_argument("cache", nargs="?", help=argparse.SUPPRESS)
-    ap.add_argument("--child", choices=DESIGNS, help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=list(DESIGNS), help=argparse.SUPPRESS)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--size", type=int, default=512)
@@ -114,11 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="sdrt-ov-cold-") as tmp:
         for r in range(1, args.rounds + 1):
-            for design in DESIGNS:
+            for design, uses in DESIGNS.items():
                 cache = Path(tmp) / f"{design}-{r}"
                 shutil.rmtree(cache, ignore_errors=True)
                 cache.mkdir()
-                fills = ("empty", "filled") if design != "no-cache" else ("none",)
+                fills = ("empty", "filled") if any(uses.values()) else ("none",)
                 for fill in fills:
                     rec = measure(design, cache, args, fill)
                     rec["round"] = r
