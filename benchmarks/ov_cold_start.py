@@ -36,6 +36,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from sdrt.runtime.atomic import atomic_write_text
+
 from . import contention
 from .stats import summarize
 
@@ -152,9 +154,7 @@ def main(argv: list[str] | None = None) -> int:
            "quiet": args.quiet, "runs": runs, "summary": summary}
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"ov-cold-start-{when.strftime('%Y%m%dT%H%M%S')}.json"
-    tmp_path = path.with_suffix(".json.tmp")
-    tmp_path.write_text(json.dumps(rec, indent=1))
-    tmp_path.replace(path)
+    atomic_write_text(path, json.dumps(rec, indent=1))
     print(f"wrote {path}")
     return 0
 

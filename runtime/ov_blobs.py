@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from .atomic import atomic_write_text
+
 SUFFIX = ".sdrt-blob"  # apart from the <hash>.blob files OpenVINO's own CACHE_DIR writes
 TMP = ".tmp"  # a blob being written: .<key>.<pid>.<random>.tmp
 
@@ -154,10 +156,7 @@ class BlobCache:
         except (OSError, ValueError):
             pass
         names = weight_files(source)
-        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=f".{index.stem}.{os.getpid()}.", suffix=TMP)
-        with os.fdopen(fd, "w") as f:
-            json.dump(names, f)
-        os.replace(tmp, index)
+        atomic_write_text(index, json.dumps(names))
         return names
 
     def path(self, key: str) -> Path:
