@@ -17,9 +17,13 @@ A streamed transformer (over a billion parameters: every full-size FLUX.1 model)
 (``streamed_unet_control_spec``), gated on a reduced-depth copy as its plain graph is (export/flux_export.py's
 ``gate_streamed``); the nets themselves are held in memory.
 
+With LoRA slots (``--lora-slots``), ``unet_control`` takes the transformer's slots under the same input names, in
+memory and streamed (export/lora_slots.py), so a call's LoRAs reach it as they reach ``unet``; the nets get none,
+as diffusers' ``FluxControlNetPipeline.load_lora_weights`` adapts the transformer and CLIP, not the ControlNet.
+
 Not yet: nets that read the control image as pixels through an embedding of their own
-(``conditioning_embedding_channels``, whose samples diffusers repeats over the blocks), FLUX.1 Fill and Kontext,
-first-block caching and LoRA slots beside ControlNets: each is refused before any work.
+(``conditioning_embedding_channels``, whose samples diffusers repeats over the blocks), FLUX.1 Fill and Kontext
+and first-block caching beside ControlNets: each is refused before any work.
 """
 
 from __future__ import annotations
@@ -55,7 +59,7 @@ def sample_counts(net: torch.nn.Module) -> tuple[int, int]:
 
 
 def check_flux_pairing(preset_name: str, transformer: dict[str, Any], nets: Sequence[LoadedControlNet], *,
-                       kontext: bool = False, block_cache: bool = False, lora_slots: bool = False) -> None:
+                       kontext: bool = False, block_cache: bool = False) -> None:
     """Each net must be a FLUX ControlNet reading the control image's latents, of the transformer's width, packed
     channels, text and pooled widths and rotary axes, embedding a guidance scale only where the transformer takes
     one ([dev]); all must give as many samples of each kind. What the export does not cover beside nets (see the
@@ -66,8 +70,7 @@ def check_flux_pairing(preset_name: str, transformer: dict[str, Any], nets: Sequ
     for what, on, fix in (
             ("an inpainting transformer (FLUX.1 Fill)", fills(transformer), ordinary.format("Fill")),
             ("an editing transformer (FLUX.1 Kontext)", kontext, ordinary.format("Kontext")),
-            ("first-block caching (--feature-cache)", block_cache, "export with one of them"),
-            ("LoRA slots (--lora-slots)", lora_slots, "export with one of them, or merge the LoRAs with --lora")):
+            ("first-block caching (--feature-cache)", block_cache, "export with one of them")):
         if on:
             raise InputError(f"FLUX.1 ControlNets with {what} are not supported yet ({preset_name}): {fix}")
     counts = []

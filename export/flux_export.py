@@ -282,7 +282,8 @@ def export_flux(
     take LoRA factors as inputs, so calls can carry LoRAs (``Pipeline(..., loras=...)``; export/lora_slots.py); T5
     has none (common FLUX.1 LoRAs do not adapt it). ``controlnets``: FLUX ControlNets, each ``controlnet_j``, with
     ``unet_control`` (the transformer taking their samples; export/flux_controlnet.py), checked against the
-    transformer first."""
+    transformer first; with ``lora_slots`` it takes the transformer's slots under the same names (the nets none:
+    LoRAs do not adapt them)."""
     from .t5_tokenizer_assets import write_t5_tokenizer
     from .tokenizer_assets import write_clip_tokenizer
 
@@ -302,8 +303,7 @@ def export_flux(
         raise InputError(f"first-block caching reuses what the blocks after the first added; {p.name}'s transformer "
                          "has one block: export it without --feature-cache")
     controlnets = list(controlnets)
-    check_flux_pairing(p.name, tr_cfg, controlnets, kontext=reference, block_cache=block_cache,
-                       lora_slots=lora_slots is not None)
+    check_flux_pairing(p.name, tr_cfg, controlnets, kontext=reference, block_cache=block_cache)
     # rotary positions set no grid limit: FLUX.1's sides are multiples of a 2x2 patch of latents, up to 2048
     limits = ShapeLimits(min_size=2 * f * (64 // (2 * f) or 1), max_size=2048, multiple_of=2 * f)
     if parity_shape is None:
@@ -338,7 +338,7 @@ def export_flux(
                 comp = export_streamed(sspec, st.weights, "fp32", tmp / folder, progress=progress)
                 par = gate_streamed(kind, st.config, st.weights, p.t5_tokens, parity_shape, progress,
                                     block_cache=block_cache, reference=reference,
-                                    slots=slots if kind in ("transformer", "cached") else None,
+                                    slots=slots if kind in ("transformer", "cached", "control") else None,
                                     control=(len(controlnets), control_layout(st.config, controlnets)[1])
                                     if kind == "control" else None)
                 progress(f"{sspec.name}: {parity_line(par, comp.precision)} ({par.reference})")
@@ -392,8 +392,8 @@ def gate_streamed(kind: str, config: dict[str, Any], weights: WeightSource, toke
     and last blocks, each with the checkpoint's own weights; compared with the same copy in PyTorch (fp32,
     onnxruntime CPU). Raises ParityError past the bound, as every gate. The cached step runs only the first double
     block, which the reduced copy keeps as its own first: its gate is exact in depth. ``slots``: the transformer's
-    LoRA slots (the plan and the family's targets), on the reduced copy's layers alike, gated with random
-    factors. ``control`` (kind ``control``: ``unet_control``): (nets, (double, single) samples per net); the reduced
+    LoRA slots (the plan and the family's targets), on the reduced copy's layers alike (``unet_control``'s too),
+    gated with random factors. ``control`` (kind ``control``: ``unet_control``): (nets, (double, single) samples per net); the reduced
     copy reads the samples its own depth picks, random ones."""
     from diffusers import FluxTransformer2DModel
     from transformers import T5Config, T5EncoderModel

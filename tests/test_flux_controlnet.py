@@ -28,7 +28,7 @@ from .helpers.controlnets import (
 )
 from .helpers.inputs import control_image
 from .helpers.pipelines import loaded_on, shared_pipeline
-from .helpers.references import flux_packed, flux_pipeline
+from .helpers.references import assert_diffusers_images, flux_packed, flux_pipeline
 
 PROMPT = "a red fox in the snow"
 PRESET = "flux-dev-tiny"
@@ -76,16 +76,18 @@ def _reference(folder: Path, which: tuple[int, ...]):
 
 def _compare(folder: Path, scales: list[float], *, nets: tuple[int, ...] = (0,), start: float = 0.0,
              end: float = 1.0, mode: int | None = None, guidance: float = 3.5, steps: int = 4, ref=None,
-             pipe: Pipeline | None = None, tokens: int = 512) -> np.ndarray:
+             pipe: Pipeline | None = None, tokens: int = 512, exported: int = len(NETS),
+             loras=None) -> np.ndarray:
     """sdrt's image against diffusers' with the ``nets`` of the export given (``ref``, ``pipe``: another
-    reference and sdrt pipeline than ``folder``'s)."""
-    modes = None if mode is None else [mode if NETS[j][0].endswith("union-tiny") else None for j in range(len(NETS))]
+    reference and sdrt pipeline than ``folder``'s; ``exported``: how many of NETS the export holds; ``loras``: the
+    call's)."""
+    modes = None if mode is None else [mode if NETS[j][0].endswith("union-tiny") else None for j in range(exported)]
     return compare_with_nets(
         _reference(folder, nets) if ref is None else ref, shared_pipeline(folder) if pipe is None else pipe, PROMPT,
-        nets, scales, len(NETS), start=start, end=end, steps=steps, guidance=guidance, ref_latents=flux_packed,
-        what=f"nets {nets} scales {scales} window [{start}, {end}] mode {mode}",
+        nets, scales, exported, start=start, end=end, steps=steps, guidance=guidance, ref_latents=flux_packed,
+        what=f"nets {nets} scales {scales} window [{start}, {end}] mode {mode} loras {loras}",
         ref_kw={"control_mode": mode, "max_sequence_length": tokens},
-        call_kw={"control_modes": modes, "max_sequence_length": tokens})
+        call_kw={"control_modes": modes, "max_sequence_length": tokens, "loras": loras})
 
 
 def test_one_net_at_two_scales(cn_export, mean_vae) -> None:
@@ -124,6 +126,63 @@ def test_graphs_gated_and_recorded(cn_export) -> None:
     assert "controlnet_mode" not in pipe.engines["controlnet_0"].inputs
 
 
+def _lora_reference(folder: Path, modules, which: tuple[int, ...], lora: Path):  # type: ignore[no-untyped-def]
+    """diffusers' FLUX ControlNet pipeline over ``modules`` and the ``which`` nets with ``lora`` loaded at 0.8
+    (``load_lora_weights`` + ``set_adapters``: the transformer and CLIP adapted, not the net)."""
+    ref = _pipeline(folder, modules, which)
+    ref.load_lora_weights(str(lora), adapter_name="style")
+    ref.set_adapters(["style"], adapter_weights=[0.8])
+    return ref
+
+
+def _slots(manifest, component: str) -> dict:  # type: ignore[no-untyped-def]
+    from sdrt.runtime.lora_adapters import slots_of
+
+    return slots_of({i.name: i for i in manifest.components[component].inputs})
+
+
+def test_lora_slots_beside_a_controlnet(cn_export, mean_vae, tmp_path: Path) -> None:
+    """``sdrt export --random-controlnet NET --lora-slots 8:attn-ff``: ``unet_control`` takes the transformer's
+    slots under the same names (the net none), so a call's LoRA reaches both denoisers. A PEFT file at 0.8 with the
+    net against diffusers' FluxControlNetPipeline with it loaded (``load_lora_weights`` + ``set_adapters``, which
+    adapt the transformer and CLIP, not the net); no LoRA: the plain ControlNet export's image; the LoRA without a
+    control image: diffusers' FluxPipeline with it loaded, as the slotted export without nets."""
+    pytest.importorskip("peft", reason="diffusers' LoRA loading needs peft (the test extra)")
+    from diffusers import FluxPipeline
+
+    from sdrt.cli import main
+    from sdrt.export.flux_presets import build_modules, get_flux_preset
+    from sdrt.runtime.manifest import ExportManifest
+
+    from .test_lora_transformers import FLUX, SLOTS, peft_lora
+
+    assert FLUX == PRESET and NETS[0][1] == 0  # the CLI's --seed, which seeds the model and the net alike
+    out = tmp_path / "slotted"
+    assert main(["export", "--random", PRESET, "--random-controlnet", NETS[0][0], "--lora-slots", SLOTS,
+                 "--out", str(out)]) == 0
+    m = ExportManifest.read(out)
+    assert m.controlnets == ("controlnet_0",)
+    assert _slots(m, "unet") and _slots(m, "unet_control") == _slots(m, "unet") and not _slots(m, "controlnet_0")
+    lora = peft_lora(tmp_path, "flux", seed=8, rank=3, alpha=1.5)
+    ref = _lora_reference(out, build_modules(get_flux_preset(PRESET), seed=0), (0,), lora)
+    kw = {"exported": 1, "steps": 3}
+    styled = _compare(out, [0.8], ref=ref, loras=[(lora, 0.8)], **kw)
+    bare = _compare(out, [0.8], **kw)  # the slotted export without a LoRA: diffusers' image without it
+    plain = _compare(cn_export, [0.8], steps=3)  # the plain ControlNet export, the same net and call
+    assert np.abs(bare - plain).max() <= 1 and np.abs(styled - bare).max() > 3  # the LoRA moved the image
+    # no control image: the transformer alone (unet) with the LoRA, against diffusers' FluxPipeline over the
+    # reference's modules (the LoRA loaded in them)
+    plain_ref = FluxPipeline(**{k: v for k, v in ref.components.items() if k != "controlnet"})
+    plain_ref.set_progress_bar_config(disable=True)
+    latents = np.random.default_rng(4).standard_normal((1, 16, 8, 12), dtype=np.float32)
+    with torch.no_grad():
+        want = plain_ref(PROMPT, height=64, width=96, num_inference_steps=3, guidance_scale=3.5,
+                         latents=flux_packed(latents), output_type="np").images
+    got = shared_pipeline(out)(PROMPT, height=64, width=96, steps=3, guidance_scale=3.5, latents=latents,
+                               loras=[(lora, 0.8)])
+    assert_diffusers_images(got.images, want, "the slotted ControlNet export's LoRA without a control image")
+
+
 @pytest.mark.parametrize(("double", "single", "samples"), [(3, 5, (2, 2)), (4, 2, (1, 3)), (2, 3, (2, 0))])
 def test_transformer_reads_samples_at_diffusers_interval(double: int, single: int, samples: tuple[int, int]) -> None:
     """``FluxTransformerControl`` (samples on the patch grid, the unused ones left out, two nets summed) against
@@ -157,6 +216,35 @@ def test_transformer_reads_samples_at_diffusers_interval(double: int, single: in
                 for d, sg in nets]
         got = FluxTransformerControl(t, 2, used, samples)(sample, ts, ehs, pooled, guid, *grid[0], *grid[1])
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow  # a streamed export with slots: the graphs and their gates traced by the dynamo exporter
+def test_lora_slots_beside_a_controlnet_on_a_streamed_transformer(tmp_path: Path, mean_vae) -> None:
+    """A streamed transformer (every full-size model's way) with slots and a ControlNet: the streamed
+    ``unet_control`` takes the slots too, gated on its reduced-depth copy with random factors and samples; a PEFT
+    file at 0.8 with the net against diffusers' ControlNet pipeline over the same synthetic weights, held."""
+    pytest.importorskip("peft", reason="diffusers' LoRA loading needs peft (the test extra)")
+    import copy
+
+    from sdrt.export.flux_export import export_flux, load_flux
+    from sdrt.export.lora_slots import SlotPlan
+    from sdrt.runtime.manifest import ExportManifest
+
+    from .test_lora_transformers import SLOTS, peft_lora
+
+    model = load_flux(random_preset=PRESET, seed=5, stream=True)
+    held = copy.deepcopy(model.held())
+    out = tmp_path / "streamed"
+    export_flux(model, out, lora_slots=SlotPlan.parse(SLOTS), controlnets=_nets((0,)))
+    m = ExportManifest.read(out)
+    control = m.components["unet_control"]
+    assert control.parity is not None and "reduced depth" in control.parity.reference
+    assert control.parity.rel_err <= control.parity.bound
+    assert _slots(m, "unet_control") and _slots(m, "unet_control") == _slots(m, "unet")
+    lora = peft_lora(tmp_path, "flux", seed=8, rank=3, alpha=1.5)
+    with Pipeline.load(out, backend="ort-cpu") as pipe:
+        _compare(out, [0.8], ref=_lora_reference(out, held, (0,), lora), pipe=pipe, exported=1, steps=3,
+                 loras=[(lora, 0.8)])
 
 
 @pytest.mark.slow  # the streamed graphs traced by the dynamo exporter
@@ -241,7 +329,7 @@ def test_refusals_before_work(cn_export, flux_export, tmp_path: Path) -> None:
 def test_cli_generate_with_a_mode_and_export_refusals(cn_export, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     """``sdrt generate --control-image --control-mode`` gives the Python call's image; ``sdrt export`` refuses a
-    FLUX ControlNet single file and LoRA slots beside a net before the model loads."""
+    FLUX ControlNet single file before the model loads."""
     from PIL import Image
 
     from sdrt.cli import main
@@ -266,9 +354,6 @@ def test_cli_generate_with_a_mode_and_export_refusals(cn_export, tmp_path: Path,
     capsys.readouterr()
     assert main(["export", "--random", PRESET, "--controlnet", str(single), "--out", str(tmp_path / "x")]) == 1
     assert "FLUX.1 ControlNets load from a diffusers folder" in capsys.readouterr().err
-    assert main(["export", "--random", PRESET, "--random-controlnet", "flux-controlnet-tiny", "--lora-slots", "8",
-                 "--out", str(tmp_path / "x")]) == 1
-    assert "--lora-slots and --controlnet in one FLUX.1 export are not supported yet" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 

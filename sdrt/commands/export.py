@@ -229,10 +229,6 @@ def _run_flux(args: argparse.Namespace) -> int:
     if files:
         raise InputError(f"{files[0]} is a single file; FLUX.1 ControlNets load from a diffusers folder "
                          "(config.json naming FluxControlNetModel, with its .safetensors) for now")
-    if args.lora_slots is not None and args.controlnets:
-        raise InputError("--lora-slots and --controlnet in one FLUX.1 export are not supported yet (the "
-                         "transformer taking the ControlNets' samples has no slots): export with one of them, or "
-                         "merge the LoRAs with --lora")
     slots = _slot_plan(args, "flux")
     loras = [_lora_spec(s) for s in args.lora or []]  # checked before the weights load
     if args.clip_g is not None:
