@@ -33,7 +33,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -110,7 +110,7 @@ class Job:
 
     @property
     def seeds(self) -> list[int]:
-        return list(self.request.seed)  # type: ignore[arg-type]
+        return list(cast("list[int]", self.request.seed))  # Job.of gives every image its seed
 
     @property
     def n(self) -> int:
