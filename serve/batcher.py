@@ -235,9 +235,11 @@ class Batcher:
                 conditioning, policy, loras, r.prompt_syntax, r.skip_guidance, control_identity(r), solo)
 
     def submit(self, job: Job) -> concurrent.futures.Future[JobResult]:
+        """Queue the job; its ``key`` is computed here unless the caller set it (``run_job`` does, off the event
+        loop: the key digests the control images)."""
         if job.n > self.max_batch:
             raise ValueError(f"{job.n} images in one request; at most {self.max_batch}")
-        job.key = self.key(job)
+        job.key = job.key or self.key(job)
         with self._cond:
             if self._closed:
                 raise ShuttingDown("the server is shutting down; retry on another replica")

@@ -386,9 +386,10 @@ async def a1111_control(st: ServeState, scripts: dict[str, Any] | None, size: tu
     if size is None:
         size = default_size(images, pipe.manifest.limits)
     assert size is not None  # every enabled unit has an image
-    for j in order:
-        if per[j]["resize"] == "Crop and Resize":
-            images[j] = crop_to(images[j], *size)
+    crops = [j for j in order if per[j]["resize"] == "Crop and Resize"]
+    cropped = await run_in_threadpool(lambda: [crop_to(images[j], *size) for j in crops])  # pixels: off the loop
+    for j, im in zip(crops, cropped, strict=True):
+        images[j] = im
     last = order[-1] + 1  # the nets after the last unit's: left out
     control: dict[str, Any] = {"control_images": images[:last]}
     for key, kw, default in (("weight", "control_scales", 1.0), ("start", "control_start", 0.0),

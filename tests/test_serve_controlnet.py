@@ -209,6 +209,60 @@ def test_concurrent_requests_with_other_control_images_each_get_their_own(server
         np.testing.assert_array_equal(out[k], ref(pipe, "a hill", 30 + k, control_images=[imgs[k % 2]]))
 
 
+# -- the event loop ----------------------------------------------------------------------------------------------
+def _edit(mask: bool) -> dict:
+    from PIL import Image
+
+    init = b64(Image.fromarray(np.full((64, 64, 3), 120, np.uint8)))
+    alpha = np.full((64, 64, 4), 255, np.uint8)
+    alpha[16:48, 16:48, 3] = 0  # transparent: the region to edit
+    files = [("image", ("init.png", base64.b64decode(init), "image/png"))]
+    if mask:
+        files.append(("mask", ("mask.png", base64.b64decode(b64(Image.fromarray(alpha, "RGBA"))), "image/png")))
+    return {"files": files, "data": {"prompt": "x", "size": "64x64", "steps": "2"}}
+
+
+@pytest.mark.parametrize("module, name, path, body", [
+    # the batch key digests each control image's pixels
+    ("batcher", "control_identity", "/v1/images/generations",
+     {"json": {**{"prompt": "x", "size": "64x64", "steps": 1}, "control_image": b64(control_image(1))}}),
+    ("control", "crop_to", "/sdapi/v1/txt2img",  # A1111's "Crop and Resize", the units' default
+     {"json": {"prompt": "x", "width": 64, "height": 64, "steps": 1, "alwayson_scripts": {"controlnet": {
+         "args": [{"image": b64(control_image(1, w=96, h=64))}]}}}}),
+    ("masks", "openai_mask", "/v1/images/edits", _edit(mask=True)),
+    ("images", "fit", "/v1/images/edits", _edit(mask=False)),
+])
+def test_cpu_work_on_a_request_image_does_not_stall_the_server(server, monkeypatch, module, name, path, body):
+    """Each step over a request's pixels (decoding is threaded already) runs off the event loop: while one is slow
+    (as on a large image), the server still answers others at once."""
+    import importlib
+    import time
+
+    mod = importlib.import_module(f"sdrt.serve.{module}")
+    inside, release = threading.Event(), threading.Event()
+    real = getattr(mod, name)
+
+    def slow(*args, **kw):
+        inside.set()
+        release.wait(20)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(mod, name, slow)
+    got: dict[str, httpx.Response] = {}
+    t = threading.Thread(target=lambda: got.setdefault("r", httpx.post(f"{server.url}{path}", headers=AUTH,
+                                                                        timeout=120, **body)))
+    t.start()
+    try:
+        assert inside.wait(60)
+        t0 = time.monotonic()
+        assert httpx.get(f"{server.url}/healthz", timeout=10).status_code == 200
+        assert time.monotonic() - t0 < 2
+    finally:
+        release.set()
+        t.join()
+    assert got["r"].status_code == 200, got["r"].text
+
+
 # -- refusals, before any work -------------------------------------------------------------------------------------
 def unit(**kw):
     return {"alwayson_scripts": {"controlnet": {"args": [{"enabled": True, "image": b64(control_image(1)), **kw}]}}}

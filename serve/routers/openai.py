@@ -149,7 +149,7 @@ async def edits(
                                 f"conditions, the output starts from noise): send no {field}", field,
                            "unsupported_value")
         control, _ = await openai_control(st, knobs, Loop(guidance, policy), control_uploads)
-        ref = raw.convert("RGB")
+        ref = await run_in_threadpool(raw.convert, "RGB")
         lim = pipe.manifest.limits
         w, h = parse_size(st, size) if size else pipe.family.reference_size(*ref.size, lim.multiple_of, True)
         if size is None:
@@ -160,28 +160,33 @@ async def edits(
                      max_sequence_length=t5_tokens, control=control)
         return response(st, await run_job(st, request, job, "edits"), response_format, request,
                         guidance_notes(st, guidance_scale, "guidance_scale"))
-    region = None
-    if mask is not None:
-        raw_mask = await run_in_threadpool(decode_upload, await mask.read(), "mask", cfg.max_upload_pixels, True)
-        try:
-            region = masks.openai_mask(raw_mask, raw)
-        except imgs.ImageRefused as e:
-            raise ApiError(400, str(e), e.field, "invalid_mask") from e
-    else:
-        region = masks.openai_image_mask(raw)
+    mask_data = None if mask is None else await mask.read()
+    region = await run_in_threadpool(_edit_region, mask_data, raw, cfg.max_upload_pixels)
     check_mask_needed(st, region is not None, "send mask, or an image whose region to edit is transparent")
     control, _ = await openai_control(st, knobs, Loop(guidance, policy, masked=region is not None), control_uploads)
-    init = raw.convert("RGB")
-    w, h = parse_size(st, size) if size else snap(init.size, st.pipeline().manifest.limits)
+    w, h = parse_size(st, size) if size else snap(raw.size, st.pipeline().manifest.limits)
     if size is None:
         check_size(st, w, h, "image", "image")
+    init, mask_in = await run_in_threadpool(lambda: imgs.fit_all(w, h, raw.convert("RGB"), region))
     job = Job.of([prompt] * n, None if negative_prompt is None else [negative_prompt] * n, seeds_for(seed, n),
               h, w, steps, sampler_of(st, sampler, "sampler"),
-              guidance, image=imgs.fit(init, w, h), strength=strength,
-              mask=None if region is None else imgs.fit(region, w, h), cache=policy, loras=lora_set,
+              guidance, image=init, strength=strength, mask=mask_in, cache=policy, loras=lora_set,
               prompt_syntax=prompt_syntax, max_sequence_length=t5_tokens, control=control)
     return response(st, await run_job(st, request, job, "edits"), response_format, request,
                     guidance_notes(st, guidance_scale, "guidance_scale"))
+
+
+def _edit_region(mask_data: bytes | None, image: Any, max_pixels: int) -> Any:
+    """The region to edit, white (None: plain img2img): the ``mask`` upload's transparent pixels, else the image's
+    own (CPU work on the request's pixels: run off the event loop). 422 for a mask that does not decode, 400 for
+    one that does not fit the image."""
+    if mask_data is None:
+        return masks.openai_image_mask(image)
+    raw_mask = decode_upload(mask_data, "mask", max_pixels, True)
+    try:
+        return masks.openai_mask(raw_mask, image)
+    except imgs.ImageRefused as e:
+        raise ApiError(400, str(e), e.field, "invalid_mask") from e
 
 
 def check_model(st: ServeState, model: str | None) -> None:
