@@ -117,6 +117,32 @@ def test_openai_client_edit_with_control_and_canny(server, pipe):
     np.testing.assert_array_equal(pixels(r.json()["data"][0]["b64_json"]), want)
 
 
+def test_edits_form_takes_a_control_image_field_over_a_mebibyte_up_to_the_body_limit(pipe):
+    """Starlette caps a form's text field at 1 MiB; the edits form allows one up to --max-body-bytes (a photo-sized
+    base64 control image, the client's ``extra_body``), and past that the edge's 413 names the limit."""
+    from PIL import Image
+
+    init = Image.fromarray(np.random.default_rng(5).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    big = Image.fromarray(np.random.default_rng(6).integers(0, 256, (640, 640, 3), dtype=np.uint8))
+    text = b64(big)
+    assert 1024 * 1024 < len(text) < 2 * 1024 * 1024
+    limit = 3 * 1024 * 1024
+    want = ref(pipe, "a dog", 9, image=init, strength=1.0, control_images=[big])
+    files = [("image", ("init.png", base64.b64decode(b64(init)), "image/png"))]
+    form = {"prompt": "a dog", "size": "64x64", "steps": "2", "seed": "9", "strength": "1", "sampler": "dpmpp-2m"}
+    app = create_app(pipe, **{**LIMITS, "max_upload_pixels": 640 * 640, "max_body_bytes": limit})
+    with LiveServer(app) as s:
+        r = httpx.post(f"{s.url}/v1/images/edits", headers=AUTH, timeout=180, files=files,
+                       data={**form, "control_image": text})
+        assert r.status_code == 200, r.text
+        np.testing.assert_array_equal(pixels(r.json()["data"][0]["b64_json"]), want)
+        r = httpx.post(f"{s.url}/v1/images/edits", headers=AUTH, timeout=60, files=files,
+                       data={**form, "control_image": text + "A" * (limit - len(text))})
+        assert r.status_code == 413, r.text
+        err = r.json()["error"]
+        assert err["code"] == "body_too_large" and f"larger than {limit} bytes" in err["message"], err
+
+
 # -- the A1111 API (sd-webui-controlnet's units) ----------------------------------------------------------------
 def test_a1111_units_by_model_name_and_crop_and_resize(server, pipe):
     """Unit 0 names net 1 (A1111's hash suffix ignored), unit 1 net 0 (by ``input_image``, the old name); a disabled

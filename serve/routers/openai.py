@@ -6,11 +6,12 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Form, Request, UploadFile
+from fastapi import APIRouter, File, Form, Request, Response, UploadFile
 from fastapi.responses import FileResponse
+from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
 
 from sdrt.runtime.feature_cache import DEFAULT_INTERVAL, INTERVAL_MAX, THRESHOLD_MAX
@@ -38,11 +39,29 @@ from ..checks import (
     snap,
 )
 from ..control import Loop, default_size, form_control, openai_control
-from ..deps import Auth, ServeState, State
+from ..deps import Auth, ServeState, State, serve_state
 from ..dispatch import run_job
 from ..errors import ApiError
 
-router = APIRouter(tags=["openai"])
+
+class FormRoute(APIRoute):
+    """A route whose form is parsed with each text field allowed up to the server's body limit
+    (``--max-body-bytes``, which the edge checks first) instead of Starlette's 1 MiB: a base64 control image in
+    the edits form (the official client's ``extra_body``) is one text field. FastAPI then reads the parsed form."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def handle(request: Request) -> Response:
+            kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            if kind in ("multipart/form-data", "application/x-www-form-urlencoded"):
+                await request.form(max_part_size=serve_state(request).config.max_body_bytes)
+            return await handler(request)
+
+        return handle
+
+
+router = APIRouter(tags=["openai"], route_class=FormRoute)
 
 
 @router.get("/images/{name}", include_in_schema=False)
