@@ -117,6 +117,26 @@ def test_openai_client_edit_with_control_and_canny(server, pipe):
     np.testing.assert_array_equal(pixels(r.json()["data"][0]["b64_json"]), want)
 
 
+def test_openapi_lists_the_edits_form_control_fields(server):
+    """The edits route reads its control fields from the form itself; /openapi.json still lists them, as the
+    generations body does, with control_image also as file parts."""
+    spec = httpx.get(f"{server.url}/openapi.json").json()
+    body = spec["paths"]["/v1/images/edits"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    props = spec["components"]["schemas"][body["$ref"].rsplit("/", 1)[-1]]["properties"]
+    generation = spec["components"]["schemas"]["OpenAIGeneration"]["properties"]
+    names = ["control_image", "controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end",
+             "guess_mode", "control_mode", "control_preprocess"]
+    for name in names:
+        assert name in props and name in generation, name
+        assert props[name]["description"].startswith(generation[name]["description"]), name
+    for name in names[1:]:  # the same types as the JSON body's
+        assert (props[name].get("anyOf"), props[name].get("type")) == (
+            generation[name].get("anyOf"), generation[name].get("type")), name
+    alternatives = props["control_image"]["anyOf"]
+    assert {"type": "string", "contentMediaType": "application/octet-stream"} in alternatives
+    assert props["image"]["contentMediaType"] == "application/octet-stream" and "prompt" in props  # FastAPI's own
+
+
 def test_edits_form_takes_a_control_image_field_over_a_mebibyte_up_to_the_body_limit(pipe):
     """Starlette caps a form's text field at 1 MiB; the edits form allows one up to --max-body-bytes (a photo-sized
     base64 control image, the client's ``extra_body``), and past that the edge's 413 names the limit."""
@@ -251,7 +271,7 @@ def _edit(mask: bool) -> dict:
 @pytest.mark.parametrize("module, name, path, body", [
     # the batch key digests each control image's pixels
     ("batcher", "control_identity", "/v1/images/generations",
-     {"json": {**{"prompt": "x", "size": "64x64", "steps": 1}, "control_image": b64(control_image(1))}}),
+     {"json": {"prompt": "x", "size": "64x64", "steps": 1, "control_image": b64(control_image(1))}}),
     ("control", "crop_to", "/sdapi/v1/txt2img",  # A1111's "Crop and Resize", the units' default
      {"json": {"prompt": "x", "width": 64, "height": 64, "steps": 1, "alwayson_scripts": {"controlnet": {
          "args": [{"image": b64(control_image(1, w=96, h=64))}]}}}}),

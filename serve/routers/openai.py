@@ -3,6 +3,7 @@ images that ``response_format=url`` points at."""
 
 from __future__ import annotations
 
+import copy
 import re
 import time
 import uuid
@@ -62,6 +63,7 @@ class FormRoute(APIRoute):
 
 
 router = APIRouter(tags=["openai"], route_class=FormRoute)
+EDITS = "/v1/images/edits"
 
 
 @router.get("/images/{name}", include_in_schema=False)
@@ -110,7 +112,7 @@ async def generations(body: S.OpenAIGeneration, request: Request, st: State) -> 
                     guidance_notes(st, body.guidance_scale, "guidance_scale"))
 
 
-@router.post("/v1/images/edits", dependencies=Auth, response_model=S.OpenAIImages)
+@router.post(EDITS, dependencies=Auth, response_model=S.OpenAIImages)
 async def edits(
     request: Request,
     st: State,
@@ -193,6 +195,33 @@ async def edits(
               prompt_syntax=prompt_syntax, max_sequence_length=t5_tokens, control=control)
     return response(st, await run_job(st, request, job, "edits"), response_format, request,
                     guidance_notes(st, guidance_scale, "guidance_scale"))
+
+
+def edits_form_fields() -> dict[str, Any]:
+    """The edits form's control fields as multipart properties: ``control.form_control`` reads them from the form
+    itself (a list as ``name[]`` fields, ``control_image`` as text or file parts), so FastAPI's schema of the
+    route's parameters leaves them out. ``ControlKnobs``' own schema, with ``control_image`` also as files."""
+    props: dict[str, Any] = copy.deepcopy(S.ControlKnobs.model_json_schema()["properties"])
+    file_part = {"type": "string", "contentMediaType": "application/octet-stream"}  # FastAPI's UploadFile in 3.1
+    image = props["control_image"]
+    image["anyOf"] = [{"type": "string"}, file_part,
+                      {"type": "array", "items": {"anyOf": [{"type": "string"}, file_part, {"type": "null"}]}},
+                      {"type": "null"}]
+    image["description"] += ("; on this form also as file parts named control_image, one per net (every control "
+                             "image as a file, or every one as base64 text)")
+    for name, field in props.items():
+        if any(alt.get("type") == "array" for alt in field.get("anyOf", ())):
+            field["description"] += f"; a list as one form field per entry, each named {name} or {name}[]"
+    return props
+
+
+def document_edits_form(openapi: dict[str, Any]) -> None:
+    """Add ``edits_form_fields`` to the edits operation's multipart schema in an app's OpenAPI document."""
+    body = openapi["paths"][EDITS]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    if "$ref" in body:  # FastAPI puts the form's schema under components
+        body = openapi["components"]["schemas"][body["$ref"].rsplit("/", 1)[-1]]
+    for name, field in edits_form_fields().items():
+        body["properties"].setdefault(name, field)
 
 
 def _edit_region(mask_data: bytes | None, image: Any, max_pixels: int) -> Any:
