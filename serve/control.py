@@ -295,10 +295,13 @@ def _unit_settings(unit: dict[str, Any], field: str) -> tuple[str | None, str]:
         if unit.get("pixel_perfect"):
             raise _refuse(f"{field}.pixel_perfect", f"{field}.pixel_perfect: sdrt runs {prep} at the control "
                                                     "image's own resolution; send pixel_perfect false")
-        if unit.get("processor_res", -1) not in (-1, None):
-            raise _refuse(f"{field}.processor_res", f"{field}.processor_res {unit['processor_res']!r}: sdrt runs "
-                                                    f"{prep} at the control image's own resolution; send -1 (or "
-                                                    "resize the image first)")
+        res = unit.get("processor_res", -1)
+        if res not in (-1, None):
+            to = f"{res} pixels" if isinstance(res, int) and not isinstance(res, bool) else "that size"
+            raise _refuse(f"{field}.processor_res", f"{field}.processor_res {res!r}: sdrt runs {prep} at the control "
+                                                    "image's own resolution, so it takes -1 (or null) only; to run "
+                                                    f"{prep} at {to}, resize the image so its shorter side is {to} "
+                                                    "and send -1")
         for name, value in CANNY_THRESHOLDS.items():
             got = unit.get(name, -1)
             if got not in (-1, None, value):
