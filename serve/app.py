@@ -4,6 +4,7 @@ the lifespan that starts and drains the batcher."""
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
@@ -41,7 +42,16 @@ def create_app(pipeline_or_dir: Any, config: ServeConfig | None = None, *, backe
     for r in (ops.router, openai.router, a1111.router):
         app.include_router(r)
     app.add_middleware(Edge, max_body_bytes=cfg.max_body_bytes)
+    app.openapi = functools.partial(_openapi, app)  # type: ignore[method-assign]
     return app
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's OpenAPI document, with the fields a route reads from its form itself (the edits form's control
+    fields) listed beside the ones FastAPI knows."""
+    if app.openapi_schema is None:
+        openai.document_edits_form(FastAPI.openapi(app))
+    return app.openapi_schema  # type: ignore[return-value]
 
 
 @contextlib.asynccontextmanager

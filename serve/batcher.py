@@ -33,7 +33,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -110,7 +110,7 @@ class Job:
 
     @property
     def seeds(self) -> list[int]:
-        return list(self.request.seed)  # type: ignore[arg-type]
+        return list(cast("list[int]", self.request.seed))  # Job.of gives every image its seed
 
     @property
     def n(self) -> int:
@@ -235,9 +235,11 @@ class Batcher:
                 conditioning, policy, loras, r.prompt_syntax, r.skip_guidance, control_identity(r), solo)
 
     def submit(self, job: Job) -> concurrent.futures.Future[JobResult]:
+        """Queue the job; its ``key`` is computed here unless the caller set it (``run_job`` does, off the event
+        loop: the key digests the control images)."""
         if job.n > self.max_batch:
             raise ValueError(f"{job.n} images in one request; at most {self.max_batch}")
-        job.key = self.key(job)
+        job.key = job.key or self.key(job)
         with self._cond:
             if self._closed:
                 raise ShuttingDown("the server is shutting down; retry on another replica")

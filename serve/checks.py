@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import secrets
+from collections.abc import Sequence
 from typing import Any
 
 from . import images as imgs
@@ -42,7 +43,7 @@ def lora_form(text: str | None) -> list[S.LoraRef] | None:
 
 
 def loras_of(st: ServeState, refs: list[S.LoraRef] | None,
-             from_prompt: list[tuple[str, float]] = ()) -> list[tuple[str, float]] | None:
+             from_prompt: Sequence[tuple[str, float]] = ()) -> list[tuple[str, float]] | None:
     """A request's LoRAs (the ``loras`` field, then a prompt's tags), checked against this server before any
     work: 400 (``lora_unavailable``) without ``--lora-dir`` or on an export without slots, 422 for an unknown
     name (naming the ones there are), a rank past the slots or an adapter of another architecture."""

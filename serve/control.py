@@ -295,10 +295,13 @@ def _unit_settings(unit: dict[str, Any], field: str) -> tuple[str | None, str]:
         if unit.get("pixel_perfect"):
             raise _refuse(f"{field}.pixel_perfect", f"{field}.pixel_perfect: sdrt runs {prep} at the control "
                                                     "image's own resolution; send pixel_perfect false")
-        if unit.get("processor_res", -1) not in (-1, None):
-            raise _refuse(f"{field}.processor_res", f"{field}.processor_res {unit['processor_res']!r}: sdrt runs "
-                                                    f"{prep} at the control image's own resolution; send -1 (or "
-                                                    "resize the image first)")
+        res = unit.get("processor_res", -1)
+        if res not in (-1, None):
+            to = f"{res} pixels" if isinstance(res, int) and not isinstance(res, bool) else "that size"
+            raise _refuse(f"{field}.processor_res", f"{field}.processor_res {res!r}: sdrt runs {prep} at the control "
+                                                    "image's own resolution, so it takes -1 (or null) only; to run "
+                                                    f"{prep} at {to}, resize the image so its shorter side is {to} "
+                                                    "and send -1")
         for name, value in CANNY_THRESHOLDS.items():
             got = unit.get(name, -1)
             if got not in (-1, None, value):
@@ -386,9 +389,10 @@ async def a1111_control(st: ServeState, scripts: dict[str, Any] | None, size: tu
     if size is None:
         size = default_size(images, pipe.manifest.limits)
     assert size is not None  # every enabled unit has an image
-    for j in order:
-        if per[j]["resize"] == "Crop and Resize":
-            images[j] = crop_to(images[j], *size)
+    crops = [j for j in order if per[j]["resize"] == "Crop and Resize"]
+    cropped = await run_in_threadpool(lambda: [crop_to(images[j], *size) for j in crops])  # pixels: off the loop
+    for j, im in zip(crops, cropped, strict=True):
+        images[j] = im
     last = order[-1] + 1  # the nets after the last unit's: left out
     control: dict[str, Any] = {"control_images": images[:last]}
     for key, kw, default in (("weight", "control_scales", 1.0), ("start", "control_start", 0.0),

@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 from fastapi import Request
+from starlette.concurrency import run_in_threadpool
 
 from sdrt.runtime.errors import InputError, SdrtError
 
@@ -26,6 +27,8 @@ async def run_job(st: ServeState, request: Request, job: Job, route: str) -> Job
     job.request_id = request.scope.get("state", {}).get("request_id", "")
     job.deadline = time.monotonic() + cfg.request_timeout_s
     t0 = time.perf_counter()
+    # the batch key digests the control images' pixels and reads the prompts' tokens: off the event loop
+    job.key = await run_in_threadpool(b.key, job)
     try:
         fut = b.submit(job)
     except QueueFull as e:

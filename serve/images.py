@@ -66,3 +66,9 @@ def fit(image: Any, width: int, height: int) -> Any:
     if image.size != (width, height):
         image = image.resize((width, height), resample=Image.Resampling.LANCZOS)
     return image
+
+
+def fit_all(width: int, height: int, *images: Any) -> list[Any]:
+    """Each image (None kept) resized to width x height (``fit``); a route runs it off the event loop, as it does
+    every step over a request's pixels."""
+    return [None if im is None else fit(im, width, height) for im in images]

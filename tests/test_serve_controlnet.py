@@ -117,6 +117,52 @@ def test_openai_client_edit_with_control_and_canny(server, pipe):
     np.testing.assert_array_equal(pixels(r.json()["data"][0]["b64_json"]), want)
 
 
+def test_openapi_lists_the_edits_form_control_fields(server):
+    """The edits route reads its control fields from the form itself; /openapi.json still lists them, as the
+    generations body does, with control_image also as file parts."""
+    spec = httpx.get(f"{server.url}/openapi.json").json()
+    body = spec["paths"]["/v1/images/edits"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    props = spec["components"]["schemas"][body["$ref"].rsplit("/", 1)[-1]]["properties"]
+    generation = spec["components"]["schemas"]["OpenAIGeneration"]["properties"]
+    names = ["control_image", "controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end",
+             "guess_mode", "control_mode", "control_preprocess"]
+    for name in names:
+        assert name in props and name in generation, name
+        assert props[name]["description"].startswith(generation[name]["description"]), name
+    for name in names[1:]:  # the same types as the JSON body's
+        assert (props[name].get("anyOf"), props[name].get("type")) == (
+            generation[name].get("anyOf"), generation[name].get("type")), name
+    alternatives = props["control_image"]["anyOf"]
+    assert {"type": "string", "contentMediaType": "application/octet-stream"} in alternatives
+    assert props["image"]["contentMediaType"] == "application/octet-stream" and "prompt" in props  # FastAPI's own
+
+
+def test_edits_form_takes_a_control_image_field_over_a_mebibyte_up_to_the_body_limit(pipe):
+    """Starlette caps a form's text field at 1 MiB; the edits form allows one up to --max-body-bytes (a photo-sized
+    base64 control image, the client's ``extra_body``), and past that the edge's 413 names the limit."""
+    from PIL import Image
+
+    init = Image.fromarray(np.random.default_rng(5).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    big = Image.fromarray(np.random.default_rng(6).integers(0, 256, (640, 640, 3), dtype=np.uint8))
+    text = b64(big)
+    assert 1024 * 1024 < len(text) < 2 * 1024 * 1024
+    limit = 3 * 1024 * 1024
+    want = ref(pipe, "a dog", 9, image=init, strength=1.0, control_images=[big])
+    files = [("image", ("init.png", base64.b64decode(b64(init)), "image/png"))]
+    form = {"prompt": "a dog", "size": "64x64", "steps": "2", "seed": "9", "strength": "1", "sampler": "dpmpp-2m"}
+    app = create_app(pipe, **{**LIMITS, "max_upload_pixels": 640 * 640, "max_body_bytes": limit})
+    with LiveServer(app) as s:
+        r = httpx.post(f"{s.url}/v1/images/edits", headers=AUTH, timeout=180, files=files,
+                       data={**form, "control_image": text})
+        assert r.status_code == 200, r.text
+        np.testing.assert_array_equal(pixels(r.json()["data"][0]["b64_json"]), want)
+        r = httpx.post(f"{s.url}/v1/images/edits", headers=AUTH, timeout=60, files=files,
+                       data={**form, "control_image": text + "A" * (limit - len(text))})
+        assert r.status_code == 413, r.text
+        err = r.json()["error"]
+        assert err["code"] == "body_too_large" and f"larger than {limit} bytes" in err["message"], err
+
+
 # -- the A1111 API (sd-webui-controlnet's units) ----------------------------------------------------------------
 def test_a1111_units_by_model_name_and_crop_and_resize(server, pipe):
     """Unit 0 names net 1 (A1111's hash suffix ignored), unit 1 net 0 (by ``input_image``, the old name); a disabled
@@ -209,6 +255,60 @@ def test_concurrent_requests_with_other_control_images_each_get_their_own(server
         np.testing.assert_array_equal(out[k], ref(pipe, "a hill", 30 + k, control_images=[imgs[k % 2]]))
 
 
+# -- the event loop ----------------------------------------------------------------------------------------------
+def _edit(mask: bool) -> dict:
+    from PIL import Image
+
+    init = b64(Image.fromarray(np.full((64, 64, 3), 120, np.uint8)))
+    alpha = np.full((64, 64, 4), 255, np.uint8)
+    alpha[16:48, 16:48, 3] = 0  # transparent: the region to edit
+    files = [("image", ("init.png", base64.b64decode(init), "image/png"))]
+    if mask:
+        files.append(("mask", ("mask.png", base64.b64decode(b64(Image.fromarray(alpha, "RGBA"))), "image/png")))
+    return {"files": files, "data": {"prompt": "x", "size": "64x64", "steps": "2"}}
+
+
+@pytest.mark.parametrize("module, name, path, body", [
+    # the batch key digests each control image's pixels
+    ("batcher", "control_identity", "/v1/images/generations",
+     {"json": {"prompt": "x", "size": "64x64", "steps": 1, "control_image": b64(control_image(1))}}),
+    ("control", "crop_to", "/sdapi/v1/txt2img",  # A1111's "Crop and Resize", the units' default
+     {"json": {"prompt": "x", "width": 64, "height": 64, "steps": 1, "alwayson_scripts": {"controlnet": {
+         "args": [{"image": b64(control_image(1, w=96, h=64))}]}}}}),
+    ("masks", "openai_mask", "/v1/images/edits", _edit(mask=True)),
+    ("images", "fit", "/v1/images/edits", _edit(mask=False)),
+])
+def test_cpu_work_on_a_request_image_does_not_stall_the_server(server, monkeypatch, module, name, path, body):
+    """Each step over a request's pixels (decoding is threaded already) runs off the event loop: while one is slow
+    (as on a large image), the server still answers others at once."""
+    import importlib
+    import time
+
+    mod = importlib.import_module(f"sdrt.serve.{module}")
+    inside, release = threading.Event(), threading.Event()
+    real = getattr(mod, name)
+
+    def slow(*args, **kw):
+        inside.set()
+        release.wait(20)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(mod, name, slow)
+    got: dict[str, httpx.Response] = {}
+    t = threading.Thread(target=lambda: got.setdefault("r", httpx.post(f"{server.url}{path}", headers=AUTH,
+                                                                        timeout=120, **body)))
+    t.start()
+    try:
+        assert inside.wait(60)
+        t0 = time.monotonic()
+        assert httpx.get(f"{server.url}/healthz", timeout=10).status_code == 200
+        assert time.monotonic() - t0 < 2
+    finally:
+        release.set()
+        t.join()
+    assert got["r"].status_code == 200, got["r"].text
+
+
 # -- refusals, before any work -------------------------------------------------------------------------------------
 def unit(**kw):
     return {"alwayson_scripts": {"controlnet": {"args": [{"enabled": True, "image": b64(control_image(1)), **kw}]}}}
@@ -248,6 +348,9 @@ T2I = {"prompt": "x", "width": 64, "height": 64, "steps": 1}
      "alwayson_scripts.controlnet.args[0].control_mode", "'Balanced' (0)"),
     ("/sdapi/v1/txt2img", {**T2I, **unit(module="canny", pixel_perfect=True)}, 422,
      "alwayson_scripts.controlnet.args[0].pixel_perfect", "own resolution"),
+    ("/sdapi/v1/txt2img", {**T2I, **unit(module="canny", processor_res=512)}, 422,
+     "alwayson_scripts.controlnet.args[0].processor_res",
+     "takes -1 (or null) only; to run canny at 512 pixels, resize the image so its shorter side is 512 pixels"),
     ("/sdapi/v1/txt2img", {**T2I, **unit(module="canny", threshold_a=50)}, 422,
      "alwayson_scripts.controlnet.args[0].threshold_a", "thresholds 100 and 200"),
     ("/sdapi/v1/txt2img", {**T2I, **unit(weight=0.5, union_control_type="OpenPose")}, 422,

@@ -53,9 +53,13 @@ async def img2img(body: S.A1111Img2Img, request: Request, st: State) -> Any:
         check_mask_needed(st, False, "send mask, white = repaint")
         return await generate(st, body, request, init, "img2img")
     blur = inpaint_options(body)
-    raw = await run_in_threadpool(decode_b64, body.mask, "mask", max_pixels, True)
-    mask = masks.a1111_mask(raw, invert=bool(body.inpainting_mask_invert))
+    mask = await run_in_threadpool(_a1111_mask, body.mask, max_pixels, bool(body.inpainting_mask_invert))
     return await generate(st, body, request, init, "img2img", mask, blur)
+
+
+def _a1111_mask(text: str, max_pixels: int, invert: bool) -> Any:
+    """The ``mask`` field decoded and read as A1111 reads it (CPU work on its pixels: run off the event loop)."""
+    return masks.a1111_mask(decode_b64(text, "mask", max_pixels, True), invert=invert)
 
 
 @router.get("/sdapi/v1/samplers")
@@ -124,10 +128,10 @@ async def generate(st: ServeState, body: S.A1111Txt2Img, request: Request, init:
     check_size(st, w, h, "width", "height")
     seeds = seeds_for(body.seed, body.batch_size * body.n_iter)
     strength = getattr(body, "denoising_strength", 1.0)
+    image_in, mask_in = await run_in_threadpool(imgs.fit_all, w, h, init, mask)
     jobs = [Job.of([prompt] * body.batch_size, [body.negative_prompt] * body.batch_size,
                 seeds[i * body.batch_size:(i + 1) * body.batch_size], h, w, body.steps, sampler, body.cfg_scale,
-                image=None if init is None else imgs.fit(init, w, h), strength=strength,
-                mask=None if mask is None else imgs.fit(mask, w, h), paste_back=blur, cache=cache, loras=lora_set,
+                image=image_in, strength=strength, mask=mask_in, paste_back=blur, cache=cache, loras=lora_set,
                 prompt_syntax="a1111", max_sequence_length=t5_tokens, skip=slg, control=control)
             for i in range(body.n_iter)]
     results = await asyncio.gather(*(run_job(st, request, j, route) for j in jobs))

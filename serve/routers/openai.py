@@ -3,14 +3,16 @@ images that ``response_format=url`` points at."""
 
 from __future__ import annotations
 
+import copy
 import re
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Form, Request, UploadFile
+from fastapi import APIRouter, File, Form, Request, Response, UploadFile
 from fastapi.responses import FileResponse
+from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
 
 from sdrt.runtime.feature_cache import DEFAULT_INTERVAL, INTERVAL_MAX, THRESHOLD_MAX
@@ -38,11 +40,30 @@ from ..checks import (
     snap,
 )
 from ..control import Loop, default_size, form_control, openai_control
-from ..deps import Auth, ServeState, State
+from ..deps import Auth, ServeState, State, serve_state
 from ..dispatch import run_job
 from ..errors import ApiError
 
-router = APIRouter(tags=["openai"])
+
+class FormRoute(APIRoute):
+    """A route whose form is parsed with each text field allowed up to the server's body limit
+    (``--max-body-bytes``, which the edge checks first) instead of Starlette's 1 MiB: a base64 control image in
+    the edits form (the official client's ``extra_body``) is one text field. FastAPI then reads the parsed form."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def handle(request: Request) -> Response:
+            kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            if kind in ("multipart/form-data", "application/x-www-form-urlencoded"):
+                await request.form(max_part_size=serve_state(request).config.max_body_bytes)
+            return await handler(request)
+
+        return handle
+
+
+router = APIRouter(tags=["openai"], route_class=FormRoute)
+EDITS = "/v1/images/edits"
 
 
 @router.get("/images/{name}", include_in_schema=False)
@@ -91,7 +112,7 @@ async def generations(body: S.OpenAIGeneration, request: Request, st: State) -> 
                     guidance_notes(st, body.guidance_scale, "guidance_scale"))
 
 
-@router.post("/v1/images/edits", dependencies=Auth, response_model=S.OpenAIImages)
+@router.post(EDITS, dependencies=Auth, response_model=S.OpenAIImages)
 async def edits(
     request: Request,
     st: State,
@@ -149,7 +170,7 @@ async def edits(
                                 f"conditions, the output starts from noise): send no {field}", field,
                            "unsupported_value")
         control, _ = await openai_control(st, knobs, Loop(guidance, policy), control_uploads)
-        ref = raw.convert("RGB")
+        ref = await run_in_threadpool(raw.convert, "RGB")
         lim = pipe.manifest.limits
         w, h = parse_size(st, size) if size else pipe.family.reference_size(*ref.size, lim.multiple_of, True)
         if size is None:
@@ -160,28 +181,60 @@ async def edits(
                      max_sequence_length=t5_tokens, control=control)
         return response(st, await run_job(st, request, job, "edits"), response_format, request,
                         guidance_notes(st, guidance_scale, "guidance_scale"))
-    region = None
-    if mask is not None:
-        raw_mask = await run_in_threadpool(decode_upload, await mask.read(), "mask", cfg.max_upload_pixels, True)
-        try:
-            region = masks.openai_mask(raw_mask, raw)
-        except imgs.ImageRefused as e:
-            raise ApiError(400, str(e), e.field, "invalid_mask") from e
-    else:
-        region = masks.openai_image_mask(raw)
+    mask_data = None if mask is None else await mask.read()
+    region = await run_in_threadpool(_edit_region, mask_data, raw, cfg.max_upload_pixels)
     check_mask_needed(st, region is not None, "send mask, or an image whose region to edit is transparent")
     control, _ = await openai_control(st, knobs, Loop(guidance, policy, masked=region is not None), control_uploads)
-    init = raw.convert("RGB")
-    w, h = parse_size(st, size) if size else snap(init.size, st.pipeline().manifest.limits)
+    w, h = parse_size(st, size) if size else snap(raw.size, st.pipeline().manifest.limits)
     if size is None:
         check_size(st, w, h, "image", "image")
+    init, mask_in = await run_in_threadpool(lambda: imgs.fit_all(w, h, raw.convert("RGB"), region))
     job = Job.of([prompt] * n, None if negative_prompt is None else [negative_prompt] * n, seeds_for(seed, n),
               h, w, steps, sampler_of(st, sampler, "sampler"),
-              guidance, image=imgs.fit(init, w, h), strength=strength,
-              mask=None if region is None else imgs.fit(region, w, h), cache=policy, loras=lora_set,
+              guidance, image=init, strength=strength, mask=mask_in, cache=policy, loras=lora_set,
               prompt_syntax=prompt_syntax, max_sequence_length=t5_tokens, control=control)
     return response(st, await run_job(st, request, job, "edits"), response_format, request,
                     guidance_notes(st, guidance_scale, "guidance_scale"))
+
+
+def edits_form_fields() -> dict[str, Any]:
+    """The edits form's control fields as multipart properties: ``control.form_control`` reads them from the form
+    itself (a list as ``name[]`` fields, ``control_image`` as text or file parts), so FastAPI's schema of the
+    route's parameters leaves them out. ``ControlKnobs``' own schema, with ``control_image`` also as files."""
+    props: dict[str, Any] = copy.deepcopy(S.ControlKnobs.model_json_schema()["properties"])
+    file_part = {"type": "string", "contentMediaType": "application/octet-stream"}  # FastAPI's UploadFile in 3.1
+    image = props["control_image"]
+    image["anyOf"] = [{"type": "string"}, file_part,
+                      {"type": "array", "items": {"anyOf": [{"type": "string"}, file_part, {"type": "null"}]}},
+                      {"type": "null"}]
+    image["description"] += ("; on this form also as file parts named control_image, one per net (every control "
+                             "image as a file, or every one as base64 text)")
+    for name, field in props.items():
+        if any(alt.get("type") == "array" for alt in field.get("anyOf", ())):
+            field["description"] += f"; a list as one form field per entry, each named {name} or {name}[]"
+    return props
+
+
+def document_edits_form(openapi: dict[str, Any]) -> None:
+    """Add ``edits_form_fields`` to the edits operation's multipart schema in an app's OpenAPI document."""
+    body = openapi["paths"][EDITS]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    if "$ref" in body:  # FastAPI puts the form's schema under components
+        body = openapi["components"]["schemas"][body["$ref"].rsplit("/", 1)[-1]]
+    for name, field in edits_form_fields().items():
+        body["properties"].setdefault(name, field)
+
+
+def _edit_region(mask_data: bytes | None, image: Any, max_pixels: int) -> Any:
+    """The region to edit, white (None: plain img2img): the ``mask`` upload's transparent pixels, else the image's
+    own (CPU work on the request's pixels: run off the event loop). 422 for a mask that does not decode, 400 for
+    one that does not fit the image."""
+    if mask_data is None:
+        return masks.openai_image_mask(image)
+    raw_mask = decode_upload(mask_data, "mask", max_pixels, True)
+    try:
+        return masks.openai_mask(raw_mask, image)
+    except imgs.ImageRefused as e:
+        raise ApiError(400, str(e), e.field, "invalid_mask") from e
 
 
 def check_model(st: ServeState, model: str | None) -> None:
