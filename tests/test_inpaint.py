@@ -122,6 +122,9 @@ def test_mask_crop_pieces_are_diffusers(case: int) -> None:
     generated = Image.fromarray(rng.integers(0, 256, (out_h, out_w, 3), dtype=np.uint8))
     np.testing.assert_array_equal(np.asarray(inpaint.overlay(generated, crop, None)),
                                   np.asarray(proc.apply_overlay(mask, image, generated, box)))
+    # with paste_back's blur: apply_overlay through diffusers' blurred mask
+    np.testing.assert_array_equal(np.asarray(inpaint.overlay(generated, crop, 3)),
+                                  np.asarray(proc.apply_overlay(proc.blur(mask, 3), image, generated, box)))
 
 
 def test_presets_and_detection() -> None:
@@ -321,3 +324,27 @@ def test_inpainting_without_one_device_graph_is_an_error_naming_it(sd15_inpaint:
     finally:
         pipe.backend.load = load  # type: ignore[method-assign]
         pipe.device_graphs.clear()
+
+
+def test_cli_padding_mask_crop_is_the_call(tiny_export, tmp_path: Path) -> None:
+    """``sdrt generate --init-image --mask --padding-mask-crop`` gives the Python call's image, at the image's size."""
+    from PIL import Image
+
+    from sdrt.cli import main
+
+    from .helpers.inputs import box_mask
+
+    folder = tiny_export("sd15-tiny", "fp32")
+    image, _ = image_and_mask()
+    mask = box_mask()
+    image.save(tmp_path / "i.png")
+    mask.save(tmp_path / "m.png")
+    out = tmp_path / "o.png"
+    assert main(["generate", str(folder), "--prompt", "a cat", "--steps", "3", "--seed", "2", "--backend", "ort-cpu",
+                 "--init-image", str(tmp_path / "i.png"), "--mask", str(tmp_path / "m.png"), "--height", "64",
+                 "--width", "96", "--padding-mask-crop", "8", "-o", str(out)]) == 0
+    with Pipeline.load(folder, backend="ort-cpu") as pipe:
+        want = pipe("a cat", steps=3, seed=2, image=image, mask_image=mask, height=64, width=96,
+                    padding_mask_crop=8).images[0]
+    assert want.size == (120, 80)
+    np.testing.assert_array_equal(np.asarray(Image.open(out)), np.asarray(want))
