@@ -165,3 +165,135 @@ def check_paste_back(blur: Any) -> float | None:
         raise InputError(f"paste_back must be None or a mask blur radius from 0 to 256 pixels, got {blur!r}",
                          cli=f"--paste-back must be a mask blur radius from 0 to 256 pixels, got {blur!r}")
     return float(blur)
+
+
+# -- padding_mask_crop: inpaint only the masked region, at the output's full size --------------------------
+# diffusers' ``padding_mask_crop``: a box around the mask (``crop_region``), padded and widened to the output's
+# aspect ratio, is cut from the image and the mask and resized to the output size (``resize_fill``); the
+# generated picture is resized back into the box and pasted through the mask over the original (``overlay``).
+
+
+def check_padding_mask_crop(pad: Any) -> int | None:
+    """None, or a padding in pixels from 0 to 4096 (a whole number)."""
+    if pad is None:
+        return None
+    if isinstance(pad, bool) or not isinstance(pad, (int, np.integer)) or not 0 <= pad <= 4096:
+        raise InputError(f"padding_mask_crop must be None or a whole number of pixels from 0 to 4096 (the margin "
+                         f"kept around the mask's box; 32 is usual), got {pad!r}",
+                         cli=f"--padding-mask-crop must be a whole number of pixels from 0 to 4096 (32 is usual), "
+                             f"got {pad!r}")
+    return int(pad)
+
+
+def mask_box(mask_l: Any) -> tuple[int, int, int, int] | None:
+    """(x1, y1, x2, y2): the smallest box holding every non-black pixel of the mask, None for an all-black one."""
+    m = np.asarray(mask_l.convert("L")) != 0
+    cols, rows = np.flatnonzero(m.any(axis=0)), np.flatnonzero(m.any(axis=1))
+    if not len(cols):
+        return None
+    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
+
+
+def crop_region(mask_l: Any, width: int, height: int, pad: int) -> tuple[int, int, int, int]:
+    """diffusers' ``VaeImageProcessor.get_crop_region``: the mask's box grown by ``pad`` (within the image), then
+    widened (or heightened) about its centre to the ``width`` : ``height`` aspect ratio, moved back inside the
+    image where it spills over. (x1, y1, x2, y2); the mask must hold a non-black pixel (``mask_box``)."""
+    box = mask_box(mask_l)
+    assert box is not None  # refused before the call (inpaint_stage.check_call)
+    w, h = mask_l.size
+    x1, y1, x2, y2 = max(box[0] - pad, 0), max(box[1] - pad, 0), min(box[2] + pad, w), min(box[3] + pad, h)
+    ratio = width / height
+    if (x2 - x1) / (y2 - y1) > ratio:
+        diff = int((x2 - x1) / ratio - (y2 - y1))
+        y1, y2 = y1 - diff // 2, y2 + diff - diff // 2
+        if y2 >= h:
+            y1, y2 = y1 - (y2 - h), h
+        if y1 < 0:
+            y1, y2 = 0, y2 - y1
+        y2 = min(y2, h)
+    else:
+        diff = int((y2 - y1) * ratio - (x2 - x1))
+        x1, x2 = x1 - diff // 2, x2 + diff - diff // 2
+        if x2 >= w:
+            x1, x2 = x1 - (x2 - w), w
+        if x1 < 0:
+            x1, x2 = 0, x2 - x1
+        x2 = min(x2, w)
+    return x1, y1, x2, y2
+
+
+def resize_fill(image: Any, width: int, height: int) -> Any:
+    """diffusers' ``resize_mode="fill"``: resized (Lanczos) to fit inside width x height keeping its aspect
+    ratio, centred, the bands left over filled by stretching its edge rows (or columns) with PIL's default
+    resampling, as diffusers."""
+    from PIL import Image
+
+    ratio, src_ratio = width / height, image.width / image.height
+    src_w = width if ratio < src_ratio else image.width * height // image.height
+    src_h = height if ratio >= src_ratio else image.height * width // image.width
+    resized = image.resize((src_w, src_h), resample=Image.Resampling.LANCZOS)
+    out = Image.new(image.mode, (width, height))
+    out.paste(resized, box=(width // 2 - src_w // 2, height // 2 - src_h // 2))
+    if ratio < src_ratio:
+        fill = height // 2 - src_h // 2
+        if fill > 0:
+            out.paste(resized.resize((width, fill), box=(0, 0, width, 0)), box=(0, 0))
+            out.paste(resized.resize((width, fill), box=(0, resized.height, width, resized.height)),
+                      box=(0, fill + src_h))
+    elif ratio > src_ratio:
+        fill = width // 2 - src_w // 2
+        if fill > 0:
+            out.paste(resized.resize((fill, height), box=(0, 0, 0, height)), box=(0, 0))
+            out.paste(resized.resize((fill, height), box=(resized.width, 0, resized.width, height)),
+                      box=(fill + src_w, 0))
+    return out
+
+
+def resize_crop(image: Any, width: int, height: int) -> Any:
+    """diffusers' ``resize_mode="crop"``: resized (Lanczos) to cover width x height keeping its aspect ratio,
+    centred, the excess cut off."""
+    from PIL import Image
+
+    ratio, src_ratio = width / height, image.width / image.height
+    src_w = width if ratio > src_ratio else image.width * height // image.height
+    src_h = height if ratio <= src_ratio else image.height * width // image.width
+    resized = image.resize((src_w, src_h), resample=Image.Resampling.LANCZOS)
+    out = Image.new("RGB", (width, height))
+    out.paste(resized, box=(width // 2 - src_w // 2, height // 2 - src_h // 2))
+    return out
+
+
+@dataclass(frozen=True)
+class MaskCrop:
+    """A call that inpaints only the mask's region (``padding_mask_crop``): ``box`` (x1, y1, x2, y2) in the
+    original, the ``original`` RGB image and ``mask`` (grayscale) at their own size, and what the call generates
+    from: ``init`` uint8 [1, H, W, 3] and ``crop_mask`` (grayscale) at the output size."""
+
+    box: tuple[int, int, int, int]
+    original: Any = field(repr=False)
+    mask: Any = field(repr=False)
+    init: np.ndarray = field(repr=False)
+    crop_mask: Any = field(repr=False)
+
+
+def mask_crop(image: Any, mask_l: Any, height: int, width: int, pad: int) -> MaskCrop:
+    """The image and mask cut to ``crop_region`` and resized to height x width by ``resize_fill`` (diffusers'
+    ``preprocess(..., crops_coords=box, resize_mode="fill")``)."""
+    from PIL import Image
+
+    original = (Image.fromarray(image) if isinstance(image, np.ndarray) else image).convert("RGB")
+    box = crop_region(mask_l, width, height, pad)
+    init = np.asarray(resize_fill(original.crop(box), width, height), dtype=np.uint8)[None]
+    return MaskCrop(box, original, mask_l, init, resize_fill(mask_l.crop(box), width, height))
+
+
+def overlay(image: Any, crop: MaskCrop, blur: float | None) -> Any:
+    """diffusers' ``apply_overlay`` with ``crop_coords``: the generated ``image`` resized into the box
+    (``resize_crop``) on a transparent canvas of the original's size, the original's pixels where the mask (blurred
+    by ``blur`` pixels, if given) is black composited over it."""
+    from PIL import Image
+
+    x1, y1, x2, y2 = crop.box
+    canvas = Image.new("RGBA", crop.original.size)
+    canvas.paste(resize_crop(image, x2 - x1, y2 - y1), (x1, y1))
+    return paste_back(canvas.convert("RGB"), crop.original, crop.mask, blur or 0)

@@ -13,6 +13,7 @@ from . import inpaint, samplers
 from .device_graphs import DeviceGraphs
 from .engine import Array, Backend, Engine
 from .errors import ArtifactError, InputError
+from .images import to_uint8
 from .noise import draw, seeds
 from .results import Latents
 
@@ -105,10 +106,22 @@ def loop_inputs(backend: Backend, graphs: DeviceGraphs, state: inpaint.InpaintSt
     return {"unet_extra": extra["unet_extra"]}, plan.table
 
 
-def check_call(folder: Path, engines: dict[str, Engine], mode: str, req: Any) -> tuple[Any, float | None]:
+def check_call(folder: Path, engines: dict[str, Engine], mode: str,
+               req: Any) -> tuple[Any, float | None, int | None]:
     """A whole call's inpainting arguments (a ``GenerationRequest``), checked against the export before any
-    work: (the mask or None, the paste-back blur radius or None)."""
+    work: (the mask or None, the paste-back blur radius or None, the ``padding_mask_crop`` or None)."""
+    pad = inpaint.check_padding_mask_crop(req.padding_mask_crop)
+    if pad is not None and (req.mask_image is None or req.output != "images"):
+        raise InputError("padding_mask_crop inpaints the mask's region and pastes it back into the image: pass "
+                         "image= and mask_image= with output='images', or leave padding_mask_crop out",
+                         cli="--padding-mask-crop applies to inpainting images: pass --init-image and --mask, or "
+                             "leave --padding-mask-crop out")
     mask = None if req.mask_image is None else check_mask(folder, engines, mode, req.image, req.mask_image)
+    if pad is not None and inpaint.mask_box(mask) is None:
+        raise InputError("padding_mask_crop crops around the mask's white region, but mask_image is all black: "
+                         "paint the region to repaint white, or leave padding_mask_crop out",
+                         cli="--padding-mask-crop crops around the white region of --mask, but the mask is all "
+                             "black: paint the region to repaint white, or leave --padding-mask-crop out")
     if req.guidance_rescale and (mask is not None or mode == "concat"):
         raise InputError("guidance_rescale with inpainting is not supported: leave guidance_rescale at 0",
                          cli="--guidance-rescale with inpainting is not supported: leave it out")
@@ -120,4 +133,17 @@ def check_call(folder: Path, engines: dict[str, Engine], mode: str, req: Any) ->
         raise InputError(f"{folder} is an inpainting model (its denoiser takes a mask): pass image= and "
                          "mask_image= (white = repaint)",
                          cli=f"{folder} is an inpainting model: pass --init-image and --mask")
-    return mask, blur
+    return mask, blur, pad
+
+
+def mask_crop(image: Any, mask_l: Any, height: int | None, width: int | None, multiple: int,
+              pad: int) -> inpaint.MaskCrop:
+    """``padding_mask_crop``'s inputs: the image and mask cut around the mask and resized to the call's size
+    (the size asked, else the image's own, each rounded down to ``multiple``, as img2img's)."""
+    original = to_uint8(image, None, None, 1)  # the image as given, checked: it is pasted back at its own size
+    w, h = width or original.shape[2], height or original.shape[1]
+    w, h = w - w % multiple, h - h % multiple
+    if w <= 0 or h <= 0:
+        raise InputError(f"image is {original.shape[2]}x{original.shape[1]}: inpainting needs at least "
+                         f"{multiple}x{multiple} pixels")
+    return inpaint.mask_crop(original[0], mask_l, int(h), int(w), pad)

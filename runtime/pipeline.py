@@ -991,7 +991,7 @@ class Pipeline:
                 raise self.family.refuse_generation(self.folder)
             image = req.image
             reference.check(self.folder, self.engines, req)
-            mask, blur = inpaint_stage.check_call(self.folder, self.engines, self._inpaint_mode(), req)
+            mask, blur, pad = inpaint_stage.check_call(self.folder, self.engines, self._inpaint_mode(), req)
             # a denoiser that reads the control image itself (FLUX.1 Depth / Canny), else the export's ControlNets
             own = control_latents.check(self.folder, self.engines, req.control_images, req.control_scales,
                                         req.control_start, req.control_end, req.guess_mode, req.control_preprocess,
@@ -1007,7 +1007,13 @@ class Pipeline:
             lora = lora_feeds.get("unet", {})
             if image is not None:
                 self._check_img2img()
-            init = None if image is None else to_uint8(image, req.height, req.width, m.vae_scale_factor)
+            # padding_mask_crop: the call generates from the mask's region, cut and resized to the call's size
+            crop = None if pad is None else inpaint_stage.mask_crop(image, mask, req.height, req.width,
+                                                                    m.vae_scale_factor, pad)
+            init = crop.init if crop is not None else None if image is None else to_uint8(image, req.height, req.width,
+                                                                                          m.vae_scale_factor)
+            if crop is not None:
+                mask = crop.crop_mask
             ref = None if req.reference_image is None else self._reference_pixels(req.reference_image,
                                                                                   req.reference_resize)
             # the image's size (img2img), else the control image's (as diffusers; rounded down to the export's
@@ -1047,7 +1053,9 @@ class Pipeline:
                                          rescale=req.guidance_rescale, control=creq, scores=req.scores,
                                          cache=policy, lora=lora, edits=edits, control_lat=ctl, skip=skip)
                 images, nonfinite, final = self.finish(lat.x, req.output)
-                if req.output == "images" and blur is not None:
+                if crop is not None:  # back into the original image, at its own size
+                    images = [inpaint.overlay(im, crop, blur) for im in images]
+                elif req.output == "images" and blur is not None:
                     assert init is not None  # paste_back is refused without an image
                     images = inpaint.paste_back_all(images, init, mask, blur)
                 clock.mark()

@@ -161,12 +161,13 @@ def refine(base: Pipeline, refiner: Pipeline, request: GenerationRequest, *,
     req = request
     t0 = time.perf_counter()
     single = [name for name, v in (("image", req.image), ("strength", req.strength), ("mask_image", req.mask_image),
-                                   ("paste_back", req.paste_back), ("prompt_embeds", req.prompt_embeds),
+                                   ("paste_back", req.paste_back), ("padding_mask_crop", req.padding_mask_crop),
+                                   ("prompt_embeds", req.prompt_embeds),
                                    ("control_images", req.control_images)) if v is not None]
     if single:
         raise InputError("a base + refiner call generates from a prompt: image, strength, mask_image, "
-                         "paste_back, prompt_embeds and control_images are for a single model; leave "
-                         "them out")
+                         "paste_back, padding_mask_crop, prompt_embeds and control_images are for a single model; "
+                         "leave them out")
     if req.guidance_rescale or req.timestep_spacing is not None:
         raise InputError("guidance_rescale and timestep_spacing are not supported with a refiner: leave them "
                          "out")

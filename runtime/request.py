@@ -41,7 +41,11 @@ class GenerationRequest:
     latents (``Result.latents``), not images. ``prompt_embeds`` and friends: precomputed embeddings (diffusers'
     names) instead of ``prompt``. ``mask_image`` (with ``image``): inpaint, white = repaint, as diffusers'
     inpainting pipelines. ``paste_back``: a mask blur radius in pixels (0: a hard edge); the original pixels
-    outside the mask are pasted back over the output. ``guidance_rescale``: 0..1, diffusers' option (guided
+    outside the mask are pasted back over the output. ``padding_mask_crop`` (inpainting; diffusers' argument):
+    inpaint only the mask's region at the full output size: the box around the mask's non-black pixels, grown by
+    this many pixels and widened to the output's aspect ratio, is cut from the image and the mask, generated at
+    ``height`` x ``width`` (default: the image's size) and pasted back into the original through the mask (through
+    the mask blurred by ``paste_back``, if given): the images have the original image's size. ``guidance_rescale``: 0..1, diffusers' option (guided
     only). ``timestep_spacing``: overrides the scheduler configuration's. ``control_images``: one per ControlNet
     of the export, in order (PIL images or uint8 [H, W, 3] arrays; None leaves a net out), resized to the output
     size as diffusers' ControlNet pipelines do; ``control_scales`` (default 1 each), ``control_start`` /
@@ -94,6 +98,7 @@ class GenerationRequest:
     output: str = "images"
     mask_image: Any = None
     paste_back: float | None = None
+    padding_mask_crop: int | None = None
     guidance_rescale: float = 0.0
     timestep_spacing: str | None = None
     control_images: Sequence[Any] | None = None

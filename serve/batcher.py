@@ -77,14 +77,16 @@ class Job:
     @classmethod
     def of(cls, prompts: list[str], negatives: list[str] | None, seeds: list[int], height: int, width: int,
            steps: int, sampler: str, guidance: float, *, image: Any = None, strength: float | None = 0.8,
-           mask: Any = None, paste_back: float | None = None, cache: CachePolicy | None = None,
+           mask: Any = None, paste_back: float | None = None, padding_mask_crop: int | None = None,
+           cache: CachePolicy | None = None,
            loras: list[tuple[str, float]] | None = None, prompt_syntax: str = "plain",
            max_sequence_length: int | None = None, reference: Any = None, skip: SkipGuidance | None = None,
            control: dict[str, Any] | None = None) -> Job:
         """A job from an API's fields: ``negatives`` None: no negative prompt at all (the model's rule for that
         applies: SDXL zeroes the negatives); ``image`` (img2img, a PIL image of height x width) with
         ``strength`` (None: the pipeline's default; inpainting: 1), ``mask`` (inpainting: white = repaint) and
-        ``paste_back`` (the original pasted back through the mask blurred this much); ``cache``: the feature-caching
+        ``paste_back`` (the original pasted back through the mask blurred this much), ``padding_mask_crop`` (inpaint
+        only the mask's region, padded this much, at the full size; the pipeline's argument); ``cache``: the feature-caching
         policy (None: every step runs the full UNet); ``loras``: (name, scale) pairs, checked (``checks.loras_of``);
         ``prompt_syntax``: how the prompts are read ("plain"; "a1111": A1111's emphasis and BREAK; "compel");
         ``max_sequence_length``: T5's tokens per prompt (None: the model's default); ``reference``: an editing
@@ -95,7 +97,8 @@ class Job:
         return cls(GenerationRequest(prompt=list(prompts), negative_prompt=None if negatives is None else list(negatives),
                                      height=height, width=width, steps=steps, guidance_scale=guidance, sampler=sampler,
                                      seed=list(seeds), image=image, strength=None if image is None else strength,
-                                     mask_image=mask, paste_back=paste_back, loras=loras or None,
+                                     mask_image=mask, paste_back=paste_back, padding_mask_crop=padding_mask_crop,
+                                     loras=loras or None,
                                      prompt_syntax=prompt_syntax, max_sequence_length=max_sequence_length,
                                      reference_image=reference, **caching, **(control or {})))
 

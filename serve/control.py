@@ -38,7 +38,7 @@ CONTROL_MODES = {0: "Balanced", 1: "My prompt is more important", 2: "ControlNet
 # the extension's canny thresholds (its sliders' defaults), which sdrt's canny uses; -1 means the default
 CANNY_THRESHOLDS = {"threshold_a": 100.0, "threshold_b": 200.0}
 # unit fields that do not change the image here: the UI's, a detected map's saving, a hires-fix or inpaint-area
-# option (sdrt refuses hires fix and inpaint_full_res themselves)
+# option (sdrt refuses hires fix itself; inpaint_full_res is img2img's own field)
 A1111_UNIT_HARMLESS = ("is_ui", "input_mode", "batch_images", "output_dir", "loopback", "low_vram", "lowvram",
                        "save_detected_map", "hr_option", "inpaint_crop_input_image", "pulid_mode")
 A1111_UNIT_FIELDS = ("enabled", "image", "input_image", "module", "model", "weight", "guidance_start", "guidance_end",

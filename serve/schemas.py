@@ -339,9 +339,12 @@ class A1111Img2Img(A1111Txt2Img):
     inpainting_mask_invert: int = Field(default=0, ge=0, le=1, description="1: repaint the black region instead")
     inpainting_fill: int = Field(default=1, ge=0, le=3,
                                  description="with a mask only 1 (original: start from the image) is supported")
-    inpaint_full_res: bool = Field(default=False, description="with a mask only false (whole picture) is "
-                                                              "supported")
-    inpaint_full_res_padding: int = Field(default=0, ge=0, le=2048, description="used with inpaint_full_res only")
+    inpaint_full_res: bool = Field(default=False, description="with a mask, true inpaints only the masked region "
+                                                              "at the full output size (A1111's 'only masked'; "
+                                                              "the pipeline's padding_mask_crop); false: the whole "
+                                                              "picture")
+    inpaint_full_res_padding: int = Field(default=0, ge=0, le=2048, description="pixels kept around the mask's box "
+                                                                                "with inpaint_full_res only")
 
     @model_validator(mode="before")
     @classmethod

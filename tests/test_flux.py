@@ -409,3 +409,28 @@ def test_inpaint_by_blending_gives_diffusers_images(flux_export, mean_vae, prese
                                   steps=steps, guidance_scale=guidance, latents=noise)
     assert len(res.timings["unet_steps_ms"]) == steps - int(steps - steps * strength)  # diffusers' get_timesteps
     assert_diffusers_images(res.images, want, f"{preset} {height}x{width} strength {strength}")
+
+
+@pytest.mark.parametrize(("preset", "height", "width", "strength", "pad"), [("flux-dev-tiny", 64, 96, 0.6, 8),
+                                                                             ("flux-schnell-tiny", 96, 64, 1.0, 5)])
+def test_inpaint_with_padding_mask_crop_gives_diffusers_images(flux_export, mean_vae, preset: str, height: int,
+                                                               width: int, strength: float, pad: int) -> None:
+    """``padding_mask_crop`` on a plain FLUX.1 model: the box around an off-centre mask, padded and widened to the
+    output's aspect ratio, generated at height x width and pasted back: ``FluxInpaintPipeline``'s images (PIL, the
+    original's 120 x 80) within 1/255."""
+    from .helpers.inputs import box_mask, image_and_mask
+
+    folder = flux_export(preset)
+    image, _ = image_and_mask()
+    mask = box_mask()
+    steps, seed, guidance = 4, 5, 3.5
+    noise = torch.randn((1, 16, height // 8, width // 8), generator=torch.Generator().manual_seed(seed)).numpy()
+    with torch.no_grad():
+        want = flux_preset_pipeline("FluxInpaintPipeline", preset, folder)(
+            PROMPT, image=image, mask_image=mask, strength=strength, height=height, width=width,
+            num_inference_steps=steps, guidance_scale=guidance, generator=torch.Generator().manual_seed(seed),
+            padding_mask_crop=pad).images[0]
+    res = shared_pipeline(folder)(PROMPT, image=image, mask_image=mask, strength=strength, height=height, width=width,
+                                  steps=steps, guidance_scale=guidance, latents=noise, padding_mask_crop=pad)
+    assert res.images[0].size == want.size == (120, 80)
+    assert_diffusers_images(res.images, np.asarray(want)[None] / 255.0, f"{preset} {height}x{width} padding {pad}")

@@ -217,3 +217,35 @@ def test_a1111_img2img_with_a_mask(flux_export) -> None:
         np.testing.assert_array_equal(pixels(r.json()["images"][0]), want)
         r = httpx.post(f"{server.url}/sdapi/v1/img2img", timeout=120, json=body)
         assert r.status_code == 422 and "mask" in r.text, r.text
+
+
+def test_padding_mask_crop_is_diffusers_crop_fill_and_overlay(flux_export, mean_latents) -> None:
+    """``padding_mask_crop`` on Fill, whose diffusers pipeline has no such argument: the reference is composed of
+    diffusers' own pieces as its other inpainting pipelines compose them: ``get_crop_region`` around an off-centre
+    box, the crop resized by ``resize_mode="fill"`` (image and mask), ``FluxFillPipeline`` at 64 x 96 on them, and
+    ``apply_overlay`` back into the 120 x 80 original."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    from .helpers.inputs import box_mask
+
+    folder = flux_export(PRESET)
+    ref = _reference(folder)
+    image, _ = image_and_mask()
+    mask = box_mask()
+    height, width, pad, steps = 64, 96, 5, 3
+    latents = np.random.default_rng(8).standard_normal((1, 16, height // 8, width // 8), dtype=np.float32)
+    proc = ref.image_processor
+    box = VaeImageProcessor.get_crop_region(mask, width, height, pad=pad)
+    crop_image = proc.resize(image.crop(box), height, width, resize_mode="fill")
+    crop_mask = proc.resize(mask.crop(box), height, width, resize_mode="fill").convert("L")
+    with torch.no_grad():
+        out = ref(PROMPT, image=crop_image, mask_image=crop_mask, height=height, width=width,
+                  num_inference_steps=steps, guidance_scale=30.0, latents=flux_packed(latents)).images[0]
+    want = np.asarray(proc.apply_overlay(mask, image, out, box)).astype(np.int32)
+    res = shared_pipeline(folder)(PROMPT, image=image, mask_image=mask, height=height, width=width, steps=steps,
+                                  guidance_scale=30.0, latents=latents, padding_mask_crop=pad)
+    got = np.asarray(res.images[0]).astype(np.int32)
+    assert got.shape == want.shape == (80, 120, 3)
+    assert int(np.abs(got - want).max()) <= 1
+    keep = np.asarray(mask) == 0
+    assert np.abs(got[~keep] - np.asarray(image).astype(np.int32)[~keep]).mean() > 5

@@ -93,6 +93,40 @@ def test_paste_back_is_apply_overlay(blur: int) -> None:
     np.testing.assert_array_equal(px[60, 40], np.asarray(init)[60, 40])  # far outside: the original
 
 
+@pytest.mark.parametrize("case", range(40))
+def test_mask_crop_pieces_are_diffusers(case: int) -> None:
+    """``padding_mask_crop``'s host pieces against diffusers' ``VaeImageProcessor`` on random boxes, sizes and
+    paddings: ``get_crop_region``, ``preprocess(crops_coords=..., resize_mode="fill")``'s pixels (image and mask)
+    and ``apply_overlay`` with ``crop_coords``."""
+    from diffusers.image_processor import VaeImageProcessor
+    from PIL import Image
+
+    rng = np.random.default_rng(case)
+    w, h = (int(v) for v in rng.integers(24, 160, 2))
+    m = np.zeros((h, w), np.uint8)
+    x, y = int(rng.integers(0, w)), int(rng.integers(0, h))
+    m[y:y + int(rng.integers(1, 40)), x:x + int(rng.integers(1, 40))] = int(rng.integers(1, 256))
+    mask = Image.fromarray(m)
+    image = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+    out_w, out_h = (8 * int(v) for v in rng.integers(4, 16, 2))
+    pad = int(rng.integers(0, 40))
+    proc = VaeImageProcessor(vae_scale_factor=8)
+    masks = VaeImageProcessor(vae_scale_factor=8, do_normalize=False, do_binarize=True, do_convert_grayscale=True)
+    box = VaeImageProcessor.get_crop_region(mask, out_w, out_h, pad=pad)
+    assert inpaint.crop_region(mask, out_w, out_h, pad) == box
+    crop = inpaint.mask_crop(np.asarray(image), mask, out_h, out_w, pad)
+    want = proc.preprocess(image, height=out_h, width=out_w, crops_coords=box, resize_mode="fill")
+    np.testing.assert_array_equal(crop.init[0], ((want[0].permute(1, 2, 0).numpy() + 1) * 127.5).round())
+    want_mask = masks.preprocess(mask, height=out_h, width=out_w, crops_coords=box, resize_mode="fill")[0, 0]
+    np.testing.assert_array_equal(inpaint.binarize(crop.crop_mask), want_mask.numpy())
+    generated = Image.fromarray(rng.integers(0, 256, (out_h, out_w, 3), dtype=np.uint8))
+    np.testing.assert_array_equal(np.asarray(inpaint.overlay(generated, crop, None)),
+                                  np.asarray(proc.apply_overlay(mask, image, generated, box)))
+    # with paste_back's blur: apply_overlay through diffusers' blurred mask
+    np.testing.assert_array_equal(np.asarray(inpaint.overlay(generated, crop, 3)),
+                                  np.asarray(proc.apply_overlay(proc.blur(mask, 3), image, generated, box)))
+
+
 def test_presets_and_detection() -> None:
     from sdrt.export.presets import PRESETS
     from sdrt.export.single_file import detect_preset
@@ -183,10 +217,17 @@ def sd15_inpaint(tiny_export) -> Pipeline:
     ({"image": "I", "paste_back": 4}, "paste_back applies to inpainting"),
     ({"image": "I", "mask_image": "M", "paste_back": 4, "output": "latents"}, "paste_back applies to inpainting"),
     ({"image": "I", "mask_image": "M", "guidance_rescale": 0.7}, "guidance_rescale with inpainting"),
+    ({"image": "I", "mask_image": "M", "padding_mask_crop": -1}, "padding_mask_crop must be .* from 0 to 4096"),
+    ({"image": "I", "mask_image": "M", "padding_mask_crop": 2.5}, "padding_mask_crop must be .* whole number"),
+    ({"image": "I", "mask_image": "M", "padding_mask_crop": True}, "padding_mask_crop must be .* whole number"),
+    ({"image": "I", "padding_mask_crop": 8}, "padding_mask_crop inpaints .* pass image= and mask_image="),
+    ({"image": "I", "mask_image": "M", "padding_mask_crop": 8, "output": "latents"}, "with output='images'"),
+    ({"image": "I", "mask_image": "black", "padding_mask_crop": 8}, "mask_image is all black"),
 ])
 def test_bad_inputs(sd15: Pipeline, no_engines, kwargs: dict, message: str) -> None:
     img, mask = image_and_mask()
-    subst = {"I": img, "M": mask, "small": mask.resize((60, 40)), "rgba": mask.convert("RGBA")}
+    subst = {"I": img, "M": mask, "small": mask.resize((60, 40)), "rgba": mask.convert("RGBA"),
+             "black": mask.point(lambda v: 0)}
     kw = {k: subst.get(v, v) if isinstance(v, str) else v for k, v in kwargs.items()}
     pipe = no_engines(sd15)
     with pytest.raises(InputError, match=message):
@@ -217,6 +258,10 @@ def test_cli_mask_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert code == 1 and "--mask needs the image to inpaint: pass --init-image" in capsys.readouterr().err
     code = main(["generate", str(tmp_path), "--prompt", "x", "--paste-back", "4", "-o", str(tmp_path / "o.png")])
     assert code == 1 and "--paste-back applies to inpainting" in capsys.readouterr().err
+    code = main(["generate", str(tmp_path), "--prompt", "x", "--padding-mask-crop", "8", "-o", str(tmp_path / "o.png")])
+    assert code == 1 and "--padding-mask-crop applies to inpainting" in capsys.readouterr().err
+    code = main(["generate", str(tmp_path), "--prompt", "x", "--padding-mask-crop", "-3", "-o", str(tmp_path / "o.png")])
+    assert code == 1 and "--padding-mask-crop must be a whole number of pixels from 0 to 4096" in capsys.readouterr().err
     assert not (tmp_path / "o.png").exists()
 
 
@@ -279,3 +324,27 @@ def test_inpainting_without_one_device_graph_is_an_error_naming_it(sd15_inpaint:
     finally:
         pipe.backend.load = load  # type: ignore[method-assign]
         pipe.device_graphs.clear()
+
+
+def test_cli_padding_mask_crop_is_the_call(tiny_export, tmp_path: Path) -> None:
+    """``sdrt generate --init-image --mask --padding-mask-crop`` gives the Python call's image, at the image's size."""
+    from PIL import Image
+
+    from sdrt.cli import main
+
+    from .helpers.inputs import box_mask
+
+    folder = tiny_export("sd15-tiny", "fp32")
+    image, _ = image_and_mask()
+    mask = box_mask()
+    image.save(tmp_path / "i.png")
+    mask.save(tmp_path / "m.png")
+    out = tmp_path / "o.png"
+    assert main(["generate", str(folder), "--prompt", "a cat", "--steps", "3", "--seed", "2", "--backend", "ort-cpu",
+                 "--init-image", str(tmp_path / "i.png"), "--mask", str(tmp_path / "m.png"), "--height", "64",
+                 "--width", "96", "--padding-mask-crop", "8", "-o", str(out)]) == 0
+    with Pipeline.load(folder, backend="ort-cpu") as pipe:
+        want = pipe("a cat", steps=3, seed=2, image=image, mask_image=mask, height=64, width=96,
+                    padding_mask_crop=8).images[0]
+    assert want.size == (120, 80)
+    np.testing.assert_array_equal(np.asarray(Image.open(out)), np.asarray(want))

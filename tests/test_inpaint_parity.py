@@ -2,7 +2,8 @@
 
 A 9-channel inpainting UNet (mask and masked-image latents concatenated in the step graph) and an
 ordinary 4-channel UNet (the unmasked region blended back in the step graph), SD 1.5 and SDXL; images
-within 1/255 of ``StableDiffusionInpaintPipeline`` / ``StableDiffusionXLInpaintPipeline`` in fp32.
+within 1/255 of ``StableDiffusionInpaintPipeline`` / ``StableDiffusionXLInpaintPipeline`` in fp32, over the
+whole picture and with ``padding_mask_crop`` (only the mask's region, cut out, generated and pasted back).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 
 from sdrt.export.loading import random_model
 
-from .helpers.inputs import image_and_mask
+from .helpers.inputs import box_mask, image_and_mask
 from .helpers.pipelines import shared_pipeline
 from .helpers.references import diffusers_scheduler
 
@@ -93,3 +94,43 @@ def test_inpaint_matches_diffusers(tiny_export, argmax_vae, preset: str, sampler
     assert diff <= 1, f"{preset} {sampler} guidance {guidance} strength {strength}: {diff}/255"
     assert ref_u8.std() > 5
     assert len(res.timings["unet_steps_ms"]) == min(int(steps * strength), steps)
+
+
+CROP_CASES = [
+    # preset, sampler, guidance, strength, padding, height, width
+    ("sd15-tiny", "ddim", 7.5, 1.0, 8, 64, 96),  # the padded box 72 x 48: exactly the output's aspect ratio
+    ("sd15-tiny", "euler", 1.0, 0.75, 5, 96, 64),  # portrait: the box grown down from the image's top edge
+    ("sd15-inpaint-tiny", "euler", 6.0, 1.0, 5, 64, 96),  # a 67 x 45 box: resized, then its edge columns stretched
+    ("sd15-inpaint-tiny", "dpmpp-2m", 1.0, 0.8, 0, 96, 64),
+    ("sdxl-tiny", "ddim", 5.0, 0.8, 5, 64, 96),
+    ("sdxl-inpaint-tiny", "euler", 6.0, 1.0, 8, 96, 64),
+]
+
+
+@pytest.mark.parametrize(("preset", "sampler", "guidance", "strength", "pad", "height", "width"), CROP_CASES)
+def test_padding_mask_crop_matches_diffusers(tiny_export, argmax_vae, preset: str, sampler: str, guidance: float,
+                                             strength: float, pad: int, height: int, width: int) -> None:
+    """``padding_mask_crop``: diffusers' images (PIL, the original's size: the only output it allows) within 1/255,
+    the original's own pixels wherever the mask is black; the noise has the call's size, not the image's."""
+    folder = tiny_export(preset, "fp32")
+    pipe, cfg = _diffusers(preset, folder)
+    pipe.scheduler = diffusers_scheduler(sampler, cfg)
+    image, _ = image_and_mask()
+    mask = box_mask()
+    steps = 6
+    noise = torch.randn((1, 4, height // 8, width // 8), generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        ref = pipe("a red house", image=image, mask_image=mask, height=height, width=width, strength=strength,
+                   num_inference_steps=steps, guidance_scale=guidance, generator=torch.Generator().manual_seed(11),
+                   padding_mask_crop=pad).images[0]
+    res = shared_pipeline(folder)("a red house", image=image, mask_image=mask, height=height, width=width,
+                                  strength=strength, steps=steps, guidance_scale=guidance, sampler=sampler,
+                                  latents=noise.numpy(), padding_mask_crop=pad)
+    want = np.asarray(ref).astype(np.int32)
+    got = np.asarray(res.images[0]).astype(np.int32)
+    assert got.shape == want.shape == (80, 120, 3)
+    diff = int(np.abs(got - want).max())
+    assert diff <= 1, f"{preset} {sampler} padding {pad} {height}x{width}: {diff}/255"
+    keep = np.asarray(mask) == 0
+    np.testing.assert_array_equal(got[keep], np.asarray(image).astype(np.int32)[keep])
+    assert np.abs(got[~keep] - np.asarray(image).astype(np.int32)[~keep]).mean() > 5  # the box was repainted

@@ -7,7 +7,9 @@ mask and the masked image's latents concatenated at every step), at strength 1 a
 
 diffusers 0.42's SD3 inpaint pipeline decodes ``latents / scaling_factor`` without the VAE's ``shift_factor`` (its
 txt2img and img2img pipelines add it); the reference here takes its latents (``output_type="latent"``) and decodes
-them as those pipelines do, which is what sdrt's VAE decoder does.
+them as those pipelines do, which is what sdrt's VAE decoder does. With ``padding_mask_crop`` (only the mask's
+region, cut out, generated and pasted back) diffusers returns only PIL images, so there the reference's VAE decode
+is given the shift (``_shifted_decode``).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 
 from sdrt.runtime.errors import InputError
 
-from .helpers.inputs import image_and_mask
+from .helpers.inputs import box_mask, image_and_mask
 from .helpers.pipelines import shared_pipeline
 
 PROMPT = "a red fox in the snow"
@@ -115,6 +117,47 @@ def test_inpaint_matches_diffusers(sd3_export, argmax_vae, preset: str, t5: bool
     assert diff <= 1, f"{preset} guidance {guidance} strength {strength} {which}: {diff}/255"
     assert want.std() > 5
     assert len(res.timings["unet_steps_ms"]) == steps - int(steps - steps * strength)  # as diffusers' get_timesteps
+
+
+@pytest.fixture
+def shifted_decode(monkeypatch: pytest.MonkeyPatch):
+    """The reference pipeline's VAE decodes ``latents / scaling + shift`` (what its inpaint pipeline leaves out)."""
+
+    def fix(pipe) -> None:
+        real, shift = pipe.vae.decode, pipe.vae.config.shift_factor
+        monkeypatch.setattr(pipe.vae, "decode", lambda z, *a, **k: real(z + shift, *a, **k))
+
+    return fix
+
+
+@pytest.mark.parametrize(("preset", "t5", "guidance", "strength", "pad", "height", "width"), [
+    ("sd3-tiny", True, 5.0, 1.0, 8, 64, 96),
+    ("sd3-tiny", True, 1.0, 0.7, 0, 96, 64),
+    ("sd3-inpaint-tiny", False, 4.0, 0.8, 5, 64, 96),
+])
+def test_padding_mask_crop_matches_diffusers(sd3_export, argmax_vae, shifted_decode, preset: str, t5: bool,
+                                             guidance: float, strength: float, pad: int, height: int,
+                                             width: int) -> None:
+    """``padding_mask_crop`` around an off-centre box: diffusers' images (the original's size) within 1/255."""
+    folder = sd3_export(preset, t5)
+    ref = _reference(preset, folder, t5)
+    shifted_decode(ref)
+    image, _ = image_and_mask()
+    mask = box_mask()
+    steps = 5
+    noise = torch.randn((1, 16, height // 8, width // 8), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = np.asarray(ref(PROMPT, image=image, mask_image=mask, height=height, width=width, strength=strength,
+                              num_inference_steps=steps, guidance_scale=guidance, padding_mask_crop=pad,
+                              generator=torch.Generator().manual_seed(4)).images[0]).astype(np.int32)
+    res = shared_pipeline(folder)(PROMPT, image=image, mask_image=mask, height=height, width=width, strength=strength,
+                                  steps=steps, guidance_scale=guidance, latents=noise.numpy(), padding_mask_crop=pad)
+    got = np.asarray(res.images[0]).astype(np.int32)
+    assert got.shape == want.shape == (80, 120, 3)
+    diff = int(np.abs(got - want).max())
+    assert diff <= 1, f"{preset} padding {pad} {height}x{width}: {diff}/255"
+    keep = np.asarray(mask) == 0
+    assert np.abs(got[~keep] - np.asarray(image).astype(np.int32)[~keep]).mean() > 5
 
 
 def test_bad_masks_are_refused_before_work(sd3_export) -> None:

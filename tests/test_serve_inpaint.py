@@ -1,5 +1,6 @@
 """Masks in ``sdrt serve``: OpenAI's edits (alpha 0 = edit, the mask or the image's own transparency) and
-A1111's img2img (white = repaint, invert, mask_blur as the paste-back blur), on an inpainting model
+A1111's img2img (white = repaint, invert, mask_blur as the paste-back blur, inpaint_full_res as the pipeline's
+padding_mask_crop), on an inpainting model
 (9-channel UNet) and an ordinary one (the blend path). Every image is compared with a direct Pipeline
 call given the mask the test builds itself."""
 
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 
 import numpy as np
 import pytest
@@ -67,10 +69,10 @@ REGION = np.zeros((64, 64), dtype=bool)  # the region to repaint
 REGION[8:40, 16:56] = True
 
 
-def ref(pipe, prompt, seed, mask_l, *, image=INIT, steps=2, strength=None, paste_back=None):
+def ref(pipe, prompt, seed, mask_l, *, image=INIT, steps=2, strength=None, paste_back=None, padding_mask_crop=None):
     out = pipe(prompt, height=64, width=64, steps=steps, guidance_scale=7.5, sampler="dpmpp-2m", seed=seed,
                image=Image.fromarray(image), mask_image=Image.fromarray(mask_l), strength=strength,
-               paste_back=paste_back)
+               paste_back=paste_back, padding_mask_crop=padding_mask_crop)
     return np.asarray(out.images[0])
 
 
@@ -173,8 +175,43 @@ def test_a1111_inverted_mask_hard_edge_on_blend_path(server_blend, pipe_blend):
     assert not np.array_equal(got[~REGION], INIT[~REGION])
 
 
+SMALL = np.zeros((64, 64), dtype=bool)  # a small region off the centre: its padded box is a quarter of the image
+SMALL[6:22, 36:54] = True
+
+
+@pytest.mark.parametrize("which", ["inp", "blend"])
+def test_a1111_inpaint_full_res_is_padding_mask_crop(request, which: str) -> None:
+    """A1111's "only masked" (inpaint_full_res, with its padding): the pipeline's padding_mask_crop, the original
+    pasted back through the mask blurred by mask_blur; not the whole-picture image."""
+    server, pipe = request.getfixturevalue(f"server_{which}"), request.getfixturevalue(f"pipe_{which}")
+    r = a1111(server, mask=b64png(white_where(SMALL)), inpaint_full_res=True, inpaint_full_res_padding=6,
+              mask_blur=2, denoising_strength=0.9)
+    assert r.status_code == 200, r.text
+    got = pixels(r.json()["images"][0])
+    want = ref(pipe, "a harbour", 3, white_where(SMALL), strength=0.9, paste_back=2.0, padding_mask_crop=6)
+    np.testing.assert_array_equal(got, want)
+    whole = ref(pipe, "a harbour", 3, white_where(SMALL), strength=0.9, paste_back=2.0)
+    assert np.abs(got[SMALL].astype(int) - whole[SMALL]).mean() > 5
+    np.testing.assert_array_equal(got[40:], INIT[40:])  # far from the box: the original
+    info = json.loads(r.json()["info"])
+    assert info["inpaint_full_res"] is True and info["inpaint_full_res_padding"] == 6
+
+
+def test_openai_edit_with_padding_mask_crop(server_blend, pipe_blend) -> None:
+    data = {"prompt": "a tower", "steps": "2", "seed": "4", "strength": "0.7", "size": "64x64",
+            "padding_mask_crop": "6", "sampler": "dpmpp-2m"}
+    files = {"image": ("i.png", png(INIT), "image/png"), "mask": ("m.png", png(rgba_mask(SMALL)), "image/png")}
+    r = httpx.post(f"{server_blend.url}/v1/images/edits", headers=AUTH, files=files, data=data, timeout=120)
+    assert r.status_code == 200, r.text
+    want = ref(pipe_blend, "a tower", 4, white_where(SMALL), strength=0.7, padding_mask_crop=6)
+    np.testing.assert_array_equal(pixels(r.json()["data"][0]["b64_json"]), want)
+    r = httpx.post(f"{server_blend.url}/v1/images/edits", headers=AUTH, files={"image": files["image"]}, data=data)
+    assert r.status_code == 422 and r.json()["error"]["param"] == "padding_mask_crop", r.text
+
+
 @pytest.mark.parametrize("fields, param, says", [
-    ({"inpaint_full_res": True}, "inpaint_full_res", "not supported"),
+    ({"inpaint_full_res": True, "mask": b64png(np.zeros((64, 64), np.uint8))}, "mask", "all black"),
+    ({"inpaint_full_res": True, "inpaint_full_res_padding": -1}, "inpaint_full_res_padding", "0"),
     ({"inpainting_fill": 0}, "inpainting_fill", "inpainting_fill 0 (fill) is not supported"),
     ({"inpainting_fill": 2}, "inpainting_fill", "(latent noise) is not supported"),
     ({"mask_blur_x": 2, "mask_blur_y": 6}, "mask_blur_x", "differ"),

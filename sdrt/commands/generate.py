@@ -51,6 +51,10 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--paste-back", type=float, default=None, metavar="BLUR",
                    help="inpainting: paste the original pixels outside the mask back, through the mask blurred by "
                         "BLUR pixels (0: a hard edge)")
+    p.add_argument("--padding-mask-crop", type=int, default=None, metavar="N",
+                   help="inpainting: inpaint only the region of the mask, at full size: the box around the mask grown "
+                        "by N pixels and widened to the output aspect ratio is cut out, generated at --height x "
+                        "--width (default: the image size) and pasted back into the image through the mask")
     p.add_argument("--reference", default=None, metavar="IMG",
                    help="an editing model (FLUX.1 Kontext): the image to edit; its latents condition every step and "
                         "the output starts from noise, at the reference's size unless --height/--width say")
@@ -159,6 +163,13 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--mask needs the image to inpaint: pass --init-image")
     if args.paste_back is not None and not args.mask:
         raise InputError("--paste-back applies to inpainting: pass --mask, or leave --paste-back out")
+    if args.padding_mask_crop is not None:
+        from sdrt.runtime.inpaint import check_padding_mask_crop
+
+        check_padding_mask_crop(args.padding_mask_crop)
+        if not args.mask:
+            raise InputError("--padding-mask-crop applies to inpainting: pass --init-image and --mask, or leave "
+                             "--padding-mask-crop out")
     if args.refiner_start is not None and not args.refiner:
         raise InputError("--refiner-start needs a refiner: pass --refiner REFINER_DIR")
     if args.refiner:
@@ -216,7 +227,7 @@ def run(args: argparse.Namespace) -> int:
                 steps=args.steps, guidance_scale=7.5 if args.guidance is None else args.guidance,
                 sampler=args.sampler, seed=args.seed,
                 batch_size=args.batch_size, image=image, strength=args.strength, mask_image=mask,
-                paste_back=args.paste_back, guidance_rescale=args.guidance_rescale,
+                paste_back=args.paste_back, padding_mask_crop=args.padding_mask_crop, guidance_rescale=args.guidance_rescale,
                 timestep_spacing=args.timestep_spacing, control_images=control,
                 control_scales=_one_or_list(args.control_scale), control_start=_one_or_list(args.control_start),
                 control_end=_one_or_list(args.control_end), guess_mode=args.guess_mode,

@@ -54,7 +54,13 @@ async def img2img(body: S.A1111Img2Img, request: Request, st: State) -> Any:
         return await generate(st, body, request, init, "img2img")
     blur = inpaint_options(body)
     mask = await run_in_threadpool(_a1111_mask, body.mask, max_pixels, bool(body.inpainting_mask_invert))
-    return await generate(st, body, request, init, "img2img", mask, blur)
+    # "only masked": the mask's region, padded, generated at the output size and pasted back (padding_mask_crop)
+    pad = body.inpaint_full_res_padding if body.inpaint_full_res else None
+    if pad is not None and mask.getbbox() is None:
+        raise ApiError(422, "inpaint_full_res inpaints around the mask's white region, but the mask is all black"
+                            f"{' once inverted' if body.inpainting_mask_invert else ''}: send a mask with a white "
+                            "region to repaint, or inpaint_full_res false", "mask", "invalid_mask")
+    return await generate(st, body, request, init, "img2img", mask, blur, pad)
 
 
 def _a1111_mask(text: str, max_pixels: int, invert: bool) -> Any:
@@ -97,8 +103,9 @@ async def sd_models(st: State) -> list[dict[str, Any]]:
 
 
 async def generate(st: ServeState, body: S.A1111Txt2Img, request: Request, init: Any, route: str,
-                   mask: Any = None, blur: float | None = None) -> dict[str, Any]:
-    """Run a txt2img or img2img request as ``n_iter`` jobs of ``batch_size`` images; A1111's response."""
+                   mask: Any = None, blur: float | None = None, pad: int | None = None) -> dict[str, Any]:
+    """Run a txt2img or img2img request as ``n_iter`` jobs of ``batch_size`` images; A1111's response. ``pad``:
+    inpaint only the mask's region, padded by this many pixels (``inpaint_full_res``)."""
     cfg = st.config
     lim = st.pipeline().manifest.limits
     if init is not None and body.width is None and body.height is None:
@@ -131,7 +138,8 @@ async def generate(st: ServeState, body: S.A1111Txt2Img, request: Request, init:
     image_in, mask_in = await run_in_threadpool(imgs.fit_all, w, h, init, mask)
     jobs = [Job.of([prompt] * body.batch_size, [body.negative_prompt] * body.batch_size,
                 seeds[i * body.batch_size:(i + 1) * body.batch_size], h, w, body.steps, sampler, body.cfg_scale,
-                image=image_in, strength=strength, mask=mask_in, paste_back=blur, cache=cache, loras=lora_set,
+                image=image_in, strength=strength, mask=mask_in, paste_back=blur, padding_mask_crop=pad,
+                cache=cache, loras=lora_set,
                 prompt_syntax="a1111", max_sequence_length=t5_tokens, skip=slg, control=control)
             for i in range(body.n_iter)]
     results = await asyncio.gather(*(run_job(st, request, j, route) for j in jobs))
@@ -146,7 +154,8 @@ async def generate(st: ServeState, body: S.A1111Txt2Img, request: Request, init:
             "width": w, "height": h, "sampler_name": body.sampler_name or sampler, "sdrt_sampler": sampler,
             "cfg_scale": body.cfg_scale, "steps": body.steps, "batch_size": body.batch_size,
             "n_iter": body.n_iter, "denoising_strength": strength if init is not None else None,
-            "mask_blur": blur, "inpainting_mask_invert": getattr(body, "inpainting_mask_invert", 0)
+            "mask_blur": blur, "inpaint_full_res": pad is not None if mask is not None else None,
+            "inpaint_full_res_padding": pad, "inpainting_mask_invert": getattr(body, "inpainting_mask_invert", 0)
             if mask is not None else None,
             "sd_model_name": st.model_id, "timings": [_timings(r.timings) for r in results],
             "sdrt_notes": guidance_notes(st, body.cfg_scale, "cfg_scale"),
@@ -156,10 +165,6 @@ async def generate(st: ServeState, body: S.A1111Txt2Img, request: Request, init:
 
 def inpaint_options(body: S.A1111Img2Img) -> float:
     """The paste-back blur of an A1111 inpainting request; 422 for the options sdrt does not implement."""
-    if body.inpaint_full_res:
-        raise ApiError(422, "inpaint_full_res: inpainting only the masked region at full resolution is not "
-                            "supported; send inpaint_full_res false (the whole picture)", "inpaint_full_res",
-                       "unsupported_value")
     if body.inpainting_fill != 1:
         kind = {0: "fill", 2: "latent noise", 3: "latent nothing"}[body.inpainting_fill]
         raise ApiError(422, f"inpainting_fill {body.inpainting_fill} ({kind}) is not supported: sdrt inpaints "

@@ -147,6 +147,10 @@ async def edits(
     = "plain",
     max_sequence_length: Annotated[int | None, Form(ge=2, le=512, description=(
         "SD 3 / 3.5 and FLUX.1: T5's tokens per prompt, 2..512 (null: the model's default)"))] = None,
+    padding_mask_crop: Annotated[int | None, Form(ge=0, le=4096, description=(
+        "with a mask: edit only the mask's region at the full size (diffusers' padding_mask_crop): the box around "
+        "the region, grown by this many pixels and widened to the output's aspect ratio, is cut out, generated at "
+        "`size` and pasted back into the image through the mask"))] = None,
 ) -> Any:
     cfg = st.config
     check_model(st, model)
@@ -164,8 +168,8 @@ async def edits(
     raw = await run_in_threadpool(decode_upload, await image.read(), "image", cfg.max_upload_pixels, True)
     pipe = st.pipeline()
     if getattr(pipe, "takes_reference", False):  # an editing model (FLUX.1 Kontext): the image is its reference
-        if mask is not None or strength is not None:
-            field = "mask" if mask is not None else "strength"
+        if mask is not None or strength is not None or padding_mask_crop is not None:
+            field = "mask" if mask is not None else "strength" if strength is not None else "padding_mask_crop"
             raise ApiError(422, f"{st.model_id} edits the image from the prompt (FLUX.1 Kontext: the image "
                                 f"conditions, the output starts from noise): send no {field}", field,
                            "unsupported_value")
@@ -184,6 +188,10 @@ async def edits(
     mask_data = None if mask is None else await mask.read()
     region = await run_in_threadpool(_edit_region, mask_data, raw, cfg.max_upload_pixels)
     check_mask_needed(st, region is not None, "send mask, or an image whose region to edit is transparent")
+    if padding_mask_crop is not None and region is None:
+        raise ApiError(422, "padding_mask_crop edits the masked region only: send a mask (or an image whose region "
+                            "to edit is transparent), or leave padding_mask_crop out", "padding_mask_crop",
+                       "unsupported_value")
     control, _ = await openai_control(st, knobs, Loop(guidance, policy, masked=region is not None), control_uploads)
     w, h = parse_size(st, size) if size else snap(raw.size, st.pipeline().manifest.limits)
     if size is None:
@@ -191,8 +199,9 @@ async def edits(
     init, mask_in = await run_in_threadpool(lambda: imgs.fit_all(w, h, raw.convert("RGB"), region))
     job = Job.of([prompt] * n, None if negative_prompt is None else [negative_prompt] * n, seeds_for(seed, n),
               h, w, steps, sampler_of(st, sampler, "sampler"),
-              guidance, image=init, strength=strength, mask=mask_in, cache=policy, loras=lora_set,
-              prompt_syntax=prompt_syntax, max_sequence_length=t5_tokens, control=control)
+              guidance, image=init, strength=strength, mask=mask_in, padding_mask_crop=padding_mask_crop,
+              cache=policy, loras=lora_set, prompt_syntax=prompt_syntax, max_sequence_length=t5_tokens,
+              control=control)
     return response(st, await run_job(st, request, job, "edits"), response_format, request,
                     guidance_notes(st, guidance_scale, "guidance_scale"))
 

@@ -40,3 +40,13 @@ def image_and_mask(w: int = 120, h: int = 80):
     m[h // 4: 3 * h // 4, w // 3: 5 * w // 6] = 255
     m[:, : w // 6] = np.linspace(0, 255, h)[:, None]  # a ramp: Lanczos then the 0.5 threshold decide
     return img, Image.fromarray(m.astype(np.uint8), mode="L")
+
+
+def box_mask(w: int = 120, h: int = 80):
+    """A hard-edged white box off the image's centre (x 60..110, y 5..40 of 120 x 80): ``padding_mask_crop``'s box
+    lies against the top edge and must be moved and widened to the output's aspect ratio."""
+    from PIL import Image
+
+    m = np.zeros((h, w), np.uint8)
+    m[h // 16: h // 2, w // 2: 11 * w // 12] = 255
+    return Image.fromarray(m, mode="L")
