@@ -141,7 +141,21 @@ def _slots(manifest, component: str) -> dict:  # type: ignore[no-untyped-def]
     return slots_of({i.name: i for i in manifest.components[component].inputs})
 
 
-def test_lora_slots_beside_a_controlnet(cn_export, mean_vae, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def slotted_cn(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``sdrt export --random flux-dev-tiny --random-controlnet flux-controlnet-tiny --lora-slots 8:attn-ff``."""
+    from sdrt.cli import main
+
+    from .test_lora_transformers import FLUX, SLOTS
+
+    assert FLUX == PRESET and NETS[0][1] == 0  # the CLI's --seed, which seeds the model and the net alike
+    out = tmp_path_factory.mktemp("exports") / "slotted-cn"
+    assert main(["export", "--random", PRESET, "--random-controlnet", NETS[0][0], "--lora-slots", SLOTS,
+                 "--out", str(out)]) == 0
+    return out
+
+
+def test_lora_slots_beside_a_controlnet(cn_export, slotted_cn: Path, mean_vae, tmp_path: Path) -> None:
     """``sdrt export --random-controlnet NET --lora-slots 8:attn-ff``: ``unet_control`` takes the transformer's
     slots under the same names (the net none), so a call's LoRA reaches both denoisers. A PEFT file at 0.8 with the
     net against diffusers' FluxControlNetPipeline with it loaded (``load_lora_weights`` + ``set_adapters``, which
@@ -150,16 +164,12 @@ def test_lora_slots_beside_a_controlnet(cn_export, mean_vae, tmp_path: Path) -> 
     pytest.importorskip("peft", reason="diffusers' LoRA loading needs peft (the test extra)")
     from diffusers import FluxPipeline
 
-    from sdrt.cli import main
     from sdrt.export.flux_presets import build_modules, get_flux_preset
     from sdrt.runtime.manifest import ExportManifest
 
-    from .test_lora_transformers import FLUX, SLOTS, peft_lora
+    from .test_lora_transformers import peft_lora
 
-    assert FLUX == PRESET and NETS[0][1] == 0  # the CLI's --seed, which seeds the model and the net alike
-    out = tmp_path / "slotted"
-    assert main(["export", "--random", PRESET, "--random-controlnet", NETS[0][0], "--lora-slots", SLOTS,
-                 "--out", str(out)]) == 0
+    out = slotted_cn
     m = ExportManifest.read(out)
     assert m.controlnets == ("controlnet_0",)
     assert _slots(m, "unet") and _slots(m, "unet_control") == _slots(m, "unet") and not _slots(m, "controlnet_0")
@@ -181,6 +191,24 @@ def test_lora_slots_beside_a_controlnet(cn_export, mean_vae, tmp_path: Path) -> 
     got = shared_pipeline(out)(PROMPT, height=64, width=96, steps=3, guidance_scale=3.5, latents=latents,
                                loras=[(lora, 0.8)])
     assert_diffusers_images(got.images, want, "the slotted ControlNet export's LoRA without a control image")
+
+
+@pytest.mark.parametrize("backend", ["ort-cuda-path", "openvino", "tensorrt"])
+def test_lora_slots_beside_a_controlnet_on_other_backends(slotted_cn: Path, mean_vae, request: pytest.FixtureRequest,
+                                                          tmp_path: Path, backend: str) -> None:
+    """The slotted ControlNet export on ort-cuda's code path (on the CPU EP), openvino (fp32) and the TensorRT fakes
+    (the captured step: net, unet_control with the factors, step graph): a PEFT file at 0.8 with the net against
+    diffusers' FluxControlNetPipeline with it loaded. None says anything of a GPU."""
+    pytest.importorskip("peft", reason="diffusers' LoRA loading needs peft (the test extra)")
+    from sdrt.export.flux_presets import build_modules, get_flux_preset
+
+    from .helpers.pipelines import loaded_on_any
+    from .test_lora_transformers import peft_lora
+
+    lora = peft_lora(tmp_path, "flux", seed=8, rank=3, alpha=1.5)
+    ref = _lora_reference(slotted_cn, build_modules(get_flux_preset(PRESET), seed=0), (0,), lora)
+    with loaded_on_any(slotted_cn, backend, request, tmp_path / "engines", cfg=False) as pipe:
+        _compare(slotted_cn, [0.8], ref=ref, pipe=pipe, loras=[(lora, 0.8)], exported=1, steps=3)
 
 
 @pytest.mark.parametrize(("double", "single", "samples"), [(3, 5, (2, 2)), (4, 2, (1, 3)), (2, 3, (2, 0))])

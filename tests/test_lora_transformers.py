@@ -32,7 +32,7 @@ import pytest
 
 from sdrt.runtime.errors import InputError
 
-from .helpers.pipelines import shared_pipeline
+from .helpers.pipelines import loaded_on_any, shared_pipeline
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft", reason="diffusers' LoRA loading needs peft (the test extra)")
@@ -567,6 +567,50 @@ def test_flux_refusals_name_the_problem(slotted, tmp_path: Path) -> None:
     assert "text_encoder_2" in man.components and not slots_of(
         {i.name: i for i in man.components["text_encoder_2"].inputs})  # T5: no slots
     assert json.loads((folder / "sdrt.json").read_text())["family"] == "flux"
+
+
+# -- other backends ---------------------------------------------------------------------------------------
+
+BACKENDS = ["ort-cuda-path", "openvino", "tensorrt"]
+LOOPS = {"ort-cuda-path": "UNet + sampler step as one ONNX Runtime session", "openvino": "step by step",
+         "tensorrt": "captured CUDA graphs"}
+_BACKEND_REFS: dict[str, tuple[Path, np.ndarray, np.ndarray]] = {}
+
+
+@pytest.fixture(scope="module")
+def backend_case(slotted, tmp_path_factory: pytest.TempPathFactory):
+    """backend_case(family) -> (a PEFT LoRA of the family, diffusers' image with it loaded at 0.8, diffusers' image
+    without it): made once for every backend."""
+
+    def get(family: str) -> tuple[Path, np.ndarray, np.ndarray]:
+        if family not in _BACKEND_REFS:
+            folder = slotted(family)
+            lora = peft_lora(tmp_path_factory.mktemp("loras"), family, seed=26, rank=3, alpha=6.0)
+            ref = _sd3_reference if family == "sd3" else _flux_reference
+            _BACKEND_REFS[family] = (lora, ref(folder, [(lora, 0.8)]), ref(folder))
+        return _BACKEND_REFS[family]
+
+    return get
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_slots_on_other_backends_match_diffusers(slotted, backend_case, request: pytest.FixtureRequest,
+                                                 tmp_path: Path, family: str, backend: str) -> None:
+    """The slotted export on ort-cuda's code path (OrtValues, IO binding, on the CPU EP: says nothing of a GPU),
+    openvino (fp32) and the TensorRT fakes (its captured loop, which copies the factors into fixed buffers at each
+    start; says nothing of real TensorRT): a PEFT file of the transformer and the CLIP encoders at 0.8 against
+    diffusers with it loaded, then no LoRA against diffusers' plain pipeline."""
+    lora, want, plain = backend_case(family)
+    kw = {**(SD3_KW if family == "sd3" else FLUX_KW), **({"negative_prompt": "blurry"} if family == "sd3" else {})}
+    with loaded_on_any(slotted(family), backend, request, tmp_path / "engines", cfg=family == "sd3") as pipe:
+        styled = pipe(PROMPT, latents=_latents(16), loras=[(lora, 0.8)], **kw)
+        bare = pipe(PROMPT, latents=_latents(16), **kw)
+    assert LOOPS[backend] in styled.loop, styled.loop  # ort-cuda: the factors among the composed session's inputs
+    got = np.asarray(styled.images[0]).astype(np.int32)
+    _close(got, want, f"{family} LoRA on {backend}")
+    _close(np.asarray(bare.images[0]).astype(np.int32), plain, f"{family} slotted, no LoRA, on {backend}")
+    assert np.abs(want - plain).max() > 3  # the LoRA moved the image
 
 
 # -- merged at export (``sdrt export --lora``) ------------------------------------------------------------

@@ -117,7 +117,23 @@ def _lora_reference(modules, folder: Path, scheduler: dict, net, lora: Path):  #
     return ref
 
 
-def test_lora_slots_beside_a_controlnet(controlnet_export, mean_vae, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def slotted_cn(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``sdrt export --random sd35-medium-tiny --random-controlnet sd35-controlnet-tiny --lora-slots 8:attn-ff
+    --fp32 --without-t5`` (Stability's layout)."""
+    from sdrt.cli import main
+
+    from .test_lora_transformers import SD3, SLOTS
+
+    net, seeds = NETS[SD3]
+    assert seeds[0] == 0  # the CLI's --seed, which seeds the model and the net alike
+    out = tmp_path_factory.mktemp("exports") / "slotted-cn"
+    assert main(["export", "--random", SD3, "--random-controlnet", net, "--lora-slots", SLOTS, "--fp32",
+                 "--without-t5", "--out", str(out)]) == 0
+    return out
+
+
+def test_lora_slots_beside_a_controlnet(controlnet_export, slotted_cn: Path, mean_vae, tmp_path: Path) -> None:
     """``sdrt export --random-controlnet NET --lora-slots 8:attn-ff`` (Stability's layout): ``unet_control`` takes
     the transformer's slots under the same names (the net none), so a call's LoRA reaches both denoisers. A PEFT
     file at 0.8 with the net against diffusers' ControlNet pipeline with it loaded (``load_lora_weights`` + ``set_adapters``, which adapt
@@ -126,19 +142,15 @@ def test_lora_slots_beside_a_controlnet(controlnet_export, mean_vae, tmp_path: P
     pytest.importorskip("peft", reason="diffusers' LoRA loading needs peft (the test extra)")
     from diffusers import StableDiffusion3Pipeline
 
-    from sdrt.cli import main
     from sdrt.export.controlnet_loading import random_controlnet
     from sdrt.export.sd3_presets import build_modules, get_sd3_preset
     from sdrt.runtime.lora_adapters import slots_of
     from sdrt.runtime.manifest import ExportManifest
 
-    from .test_lora_transformers import SD3, SLOTS, peft_lora
+    from .test_lora_transformers import SD3, peft_lora
 
     net, seeds = NETS[SD3]
-    out = tmp_path / "slotted"
-    assert seeds[0] == 0  # the CLI's --seed, which seeds the model and the net alike
-    assert main(["export", "--random", SD3, "--random-controlnet", net, "--lora-slots", SLOTS, "--fp32",
-                 "--without-t5", "--out", str(out)]) == 0
+    out = slotted_cn
     m = ExportManifest.read(out)
     ins = {c: slots_of({i.name: i for i in m.components[c].inputs}) for c in ("unet", "unet_control", "controlnet_0")}
     assert ins["unet"] and ins["unet_control"] == ins["unet"] and not ins["controlnet_0"]
@@ -161,6 +173,28 @@ def test_lora_slots_beside_a_controlnet(controlnet_export, mean_vae, tmp_path: P
                          **call).images
     got = shared_pipeline(out)(PROMPT, steps=5, latents=latents, loras=[(lora, 0.8)], **call)
     assert_diffusers_images(got.images, want, "the slotted ControlNet export's LoRA without a control image")
+
+
+@pytest.mark.parametrize("backend", ["ort-cuda-path", "openvino", "tensorrt"])
+def test_lora_slots_beside_a_controlnet_on_other_backends(slotted_cn: Path, mean_vae, request: pytest.FixtureRequest,
+                                                          tmp_path: Path, backend: str) -> None:
+    """The slotted ControlNet export on ort-cuda's code path (on the CPU EP), openvino (fp32) and the TensorRT fakes
+    (the captured step: net, unet_control with the factors, step graph): a PEFT file at 0.8 with the net against
+    diffusers' ControlNet pipeline with it loaded. None says anything of a GPU."""
+    pytest.importorskip("peft", reason="diffusers' LoRA loading needs peft (the test extra)")
+    from sdrt.export.controlnet_loading import random_controlnet
+    from sdrt.export.sd3_presets import build_modules, get_sd3_preset
+
+    from .helpers.pipelines import loaded_on_any
+    from .test_lora_transformers import SD3, peft_lora
+
+    lora = peft_lora(tmp_path, "sd3", seed=1, rank=3, alpha=6.0)
+    p = get_sd3_preset(SD3)
+    ref = _lora_reference(build_modules(p, seed=0), slotted_cn, p.scheduler, random_controlnet(NETS[SD3][0], seed=0),
+                          lora)
+    with loaded_on_any(slotted_cn, backend, request, tmp_path / "engines") as pipe:
+        _compare(None, SD3, [0.8], guidance=4.0, folder=slotted_cn, exported=1, ref=ref, loaded=pipe,
+                 loras=[(lora, 0.8)])
 
 
 def test_refusals_before_work(controlnet_export, sd3_export, tmp_path: Path) -> None:

@@ -63,3 +63,24 @@ def loaded_on(folder: Path, backend: str, monkeypatch: pytest.MonkeyPatch | None
         pipe = Pipeline.load(folder, backend="ort-cuda")
     with pipe:
         yield pipe
+
+
+@contextlib.contextmanager
+def loaded_on_any(folder: Path, backend: str, request: pytest.FixtureRequest, engines: Path, *,
+                  cfg: bool = True) -> Iterator[Pipeline]:
+    """``loaded_on``'s backends (ort-cuda's code path with ``cuda_graph``), and ``"tensorrt"``: ``folder``'s engines
+    built into ``engines`` on the TensorRT fakes (the ``fake_gpu`` fixture; batch 1..2, 64..96 px, ``cfg``: the
+    profile's CFG rows), no device memory left after. Each says nothing of a GPU."""
+    if backend != "tensorrt":
+        with loaded_on(folder, backend, request.getfixturevalue("monkeypatch"), cuda_graph=True) as pipe:
+            yield pipe
+        return
+    from sdrt.export.profiles import custom_profile
+    from sdrt.export.trt_build import BuildOptions, build_engines
+
+    cudart, _ = request.getfixturevalue("fake_gpu")
+    build_engines(folder, engines, custom_profile(batch="1:1:2", height="64:64:96", width="64:96:96", cfg=cfg),
+                  BuildOptions(workspace_gb=1))
+    with Pipeline.load(engines, backend="tensorrt") as pipe:
+        yield pipe
+    assert cudart.alive()["allocations"] == 0
