@@ -108,7 +108,7 @@ def test_refusals_before_any_work(flux_export) -> None:
     ref = control_image(1, w=64, h=64)
     with pytest.raises(InputError, match=r"is an editing model \(FLUX.1 Kontext\): pass reference_image="):
         pipe(PROMPT, steps=2, height=64, width=64)
-    with pytest.raises(InputError, match="starts from noise.*leave image= and mask_image= out"):
+    with pytest.raises(InputError, match="starts from noise.*leave image= out, or add mask_image= to inpaint"):
         pipe(PROMPT, reference_image=ref, image=ref, steps=2)
     with pytest.raises(InputError, match=r"reference_image is 8x8, 0x0 once sized for the model"):
         pipe(PROMPT, reference_image=np.zeros((8, 8, 3), np.uint8), reference_resize=False, steps=2, height=64,
@@ -254,3 +254,115 @@ def test_staged_calls_give_the_one_call_image(flux_export) -> None:
     np.testing.assert_array_equal(np.asarray(images[0]), want)
     with pytest.raises(InputError, match=r"is an editing model \(FLUX.1 Kontext\): pass reference_image="):
         pipe.prepare_latents(plan, 64, 64, seed=6)
+
+
+# -- inpainting on Kontext (FluxKontextInpaintPipeline) ------------------------------------------------------
+def _inpaint_reference(folder: Path):
+    from diffusers import FluxKontextInpaintPipeline
+
+    return FluxKontextInpaintPipeline.from_pipe(_reference(folder))  # the same modules
+
+
+def _inpaint_want(folder: Path, image, mask, reference, *, strength: float, steps: int, seed: int, batch: int = 1,
+                  guidance: float = 2.5) -> np.ndarray:
+    """FluxKontextInpaintPipeline's images, its image and reference kept at their own sizes (``_auto_resize``
+    False); its noise is the generator's first draw (the image encodes to its mean: no draw before it)."""
+    with torch.no_grad():
+        return _inpaint_reference(folder)(
+            prompt=PROMPT, image=image, mask_image=mask, image_reference=reference, strength=strength,
+            num_inference_steps=steps, guidance_scale=guidance, num_images_per_prompt=batch,
+            generator=torch.Generator().manual_seed(seed), _auto_resize=False, output_type="np").images
+
+
+@pytest.mark.parametrize(("separate", "strength", "batch"), [(False, 1.0, 1), (True, 1.0, 1), (False, 0.6, 1),
+                                                             (True, 0.6, 2)])
+def test_inpaint_gives_diffusers_images(flux_export, separate: bool, strength: float, batch: int) -> None:
+    """``image=`` and ``mask_image=`` on Kontext: FluxKontextInpaintPipeline's images. The 120 x 80 image is sized as
+    a reference (112 x 80, the output's size) and, without ``reference_image``, is the reference; with one (a 90 x
+    70 image: 80 x 64) that is (diffusers' ``image_reference``). The unmasked region is blended back after every
+    step, re-noised to the next sigma; strength < 1 starts from the noised image, on diffusers' steps."""
+    from .helpers.inputs import image_and_mask
+    from .helpers.references import assert_diffusers_images
+
+    folder = flux_export(PRESET)
+    image, mask = image_and_mask()
+    ref = control_image(11, w=90, h=70) if separate else None
+    steps, seed = 4, 12
+    want = _inpaint_want(folder, image, mask, ref, strength=strength, steps=steps, seed=seed, batch=batch)
+    noise = torch.randn((batch, 16, 80 // 8, 112 // 8), generator=torch.Generator().manual_seed(seed)).numpy()
+    res = shared_pipeline(folder)(PROMPT, image=image, mask_image=mask, reference_image=ref, reference_resize=False,
+                                  strength=strength, steps=steps, guidance_scale=2.5, batch_size=batch, latents=noise)
+    assert len(res.timings["unet_steps_ms"]) == steps - int(steps - steps * strength)  # diffusers' get_timesteps
+    got, _ = assert_diffusers_images(res.images, want, f"reference {separate} strength {strength} batch {batch}")
+    if batch > 1:
+        assert np.abs(got[0] - got[1]).max() > 1
+
+
+def test_inpaint_at_the_size_asked(flux_export) -> None:
+    """height= and width= resize the image and the mask to them, as any inpainting (FluxKontextInpaintPipeline paints
+    at the image's size: its images of the image and the mask resized to 96 x 64 first, Lanczos)."""
+    from PIL import Image
+
+    from .helpers.inputs import image_and_mask
+    from .helpers.references import assert_diffusers_images
+
+    folder = flux_export(PRESET)
+    image, mask = image_and_mask()
+    lanczos = Image.Resampling.LANCZOS
+    want = _inpaint_want(folder, image.resize((96, 64), lanczos), mask.resize((96, 64), lanczos), None, strength=0.8,
+                         steps=3, seed=5)
+    noise = torch.randn((1, 16, 8, 12), generator=torch.Generator().manual_seed(5)).numpy()
+    res = shared_pipeline(folder)(PROMPT, image=image, mask_image=mask, height=64, width=96, strength=0.8, steps=3,
+                                  guidance_scale=2.5, latents=noise)
+    assert_diffusers_images(res.images, want, "96 x 64 asked")
+
+
+def test_inpaint_cli_and_staged_calls(flux_export, tmp_path: Path) -> None:
+    """``sdrt generate --init-image --mask --reference --no-reference-resize``, and ``prepare_latents(image=,
+    mask_image=, reference_image=)`` then ``denoise`` and ``decode``: the one Pipeline call's image."""
+    from PIL import Image
+
+    from sdrt.cli import main
+
+    from .helpers.inputs import image_and_mask
+
+    folder = flux_export(PRESET)
+    pipe = shared_pipeline(folder)
+    image, mask = image_and_mask(w=80, h=64)
+    for name, im in (("init", image), ("mask", mask), ("ref", control_image(6, w=60, h=40))):
+        im.save(tmp_path / f"{name}.png")
+    out = tmp_path / "out.png"
+    assert main(["generate", str(folder), "--prompt", PROMPT, "--init-image", str(tmp_path / "init.png"), "--mask",
+                 str(tmp_path / "mask.png"), "--reference", str(tmp_path / "ref.png"), "--no-reference-resize",
+                 "--strength", "0.7", "--steps", "3", "--seed", "3", "--guidance", "2.5", "--backend", "ort-cpu",
+                 "-o", str(out)]) == 0
+    kw = {"image": Image.open(tmp_path / "init.png"), "mask_image": Image.open(tmp_path / "mask.png"),
+          "reference_image": Image.open(tmp_path / "ref.png"), "reference_resize": False}
+    want = np.asarray(pipe(PROMPT, strength=0.7, steps=3, seed=3, guidance_scale=2.5, **kw).images[0])
+    np.testing.assert_array_equal(np.asarray(Image.open(out)), want)
+    emb = pipe.encode_prompt(PROMPT)
+    plan = pipe.plan(None, 3, strength=0.7, height=64, width=80)
+    lat = pipe.prepare_latents(plan, 64, 80, seed=3, strength=0.7, **kw)
+    images, _ = pipe.decode(pipe.denoise(emb, lat, plan, guidance_scale=2.5))
+    np.testing.assert_array_equal(np.asarray(images[0]), want)
+
+
+def test_inpaint_refusals_before_any_work(flux_export) -> None:
+    from .helpers.inputs import image_and_mask
+
+    pipe = shared_pipeline(flux_export(PRESET))
+    image, mask = image_and_mask()
+    ref = control_image(1, w=64, h=64)
+    with pytest.raises(InputError, match=r"mask_image needs the image to inpaint: pass image="):
+        pipe(PROMPT, mask_image=mask, reference_image=ref, steps=2)
+    with pytest.raises(InputError, match=r"mask_image needs the image to inpaint"):
+        pipe(PROMPT, mask_image=mask, steps=2)
+    with pytest.raises(InputError, match=r"mask_image is 64x64 but the image is 120x80"):
+        pipe(PROMPT, image=image, mask_image=mask.resize((64, 64)), steps=2)
+    with pytest.raises(InputError, match=r"image is 72x40, 64x32 once sized for the model: each side must be 64 to"):
+        pipe(PROMPT, image=np.zeros((40, 72, 3), np.uint8), mask_image=np.zeros((40, 72), np.uint8),
+             reference_resize=False, steps=2)
+    with pytest.raises(InputError, match=r"strength"):
+        pipe(PROMPT, image=image, mask_image=mask, reference_resize=False, strength=1.5, steps=2)
+    with pytest.raises(InputError, match=r"guidance_rescale with inpainting is not supported"):
+        pipe(PROMPT, image=image, mask_image=mask, reference_resize=False, guidance_rescale=0.5, steps=2)

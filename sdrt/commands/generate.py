@@ -455,6 +455,7 @@ def _check_image_sizes(args: argparse.Namespace, image: object | None, control: 
     rather than flags the user did not pass."""
     from sdrt.runtime.errors import InputError, SdrtError
     from sdrt.runtime.folders import read_manifest
+    from sdrt.runtime.reference import REFERENCE_INPUT
 
     if image is not None:
         flag, path, img = "--init-image", args.init_image, image
@@ -468,6 +469,9 @@ def _check_image_sizes(args: argparse.Namespace, image: object | None, control: 
         m = read_manifest(args.path)
     except SdrtError:
         return  # the pipeline's load says what is wrong with the folder
+    unet = m.components.get("unet")
+    if args.mask and unet is not None and any(i.name == REFERENCE_INPUT for i in unet.inputs):
+        return  # inpainting on an editing model sizes the image as a reference: the pipeline checks that size
     # an init image is rounded down to the VAE's factor; a control image to the export's multiple (as the pipeline)
     lim, multiple = m.limits, m.vae_scale_factor if image is not None else m.limits.multiple_of
     w, h = img.size  # type: ignore[attr-defined]

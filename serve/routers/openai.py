@@ -142,12 +142,12 @@ async def edits(
     guidance = cfg.default_guidance if guidance_scale is None else guidance_scale
     raw = await run_in_threadpool(decode_upload, await image.read(), "image", cfg.max_upload_pixels, True)
     pipe = st.pipeline()
-    if getattr(pipe, "takes_reference", False):  # an editing model (FLUX.1 Kontext): the image is its reference
-        if mask is not None or strength is not None:
-            field = "mask" if mask is not None else "strength"
+    edits = getattr(pipe, "takes_reference", False)  # an editing model (FLUX.1 Kontext)
+    if edits and mask is None:  # the image is its reference
+        if strength is not None:
             raise ApiError(422, f"{st.model_id} edits the image from the prompt (FLUX.1 Kontext: the image "
-                                f"conditions, the output starts from noise): send no {field}", field,
-                           "unsupported_value")
+                                "conditions, the output starts from noise): send no strength, or send a mask to "
+                                "inpaint the image", "strength", "unsupported_value")
         control, _ = await openai_control(st, knobs, Loop(guidance, policy), control_uploads)
         ref = raw.convert("RGB")
         lim = pipe.manifest.limits
@@ -172,7 +172,10 @@ async def edits(
     check_mask_needed(st, region is not None, "send mask, or an image whose region to edit is transparent")
     control, _ = await openai_control(st, knobs, Loop(guidance, policy, masked=region is not None), control_uploads)
     init = raw.convert("RGB")
-    w, h = parse_size(st, size) if size else snap(init.size, st.pipeline().manifest.limits)
+    lim = pipe.manifest.limits
+    # inpainting on an editing model paints at the image's size sized as a reference (FluxKontextInpaintPipeline)
+    w, h = parse_size(st, size) if size else pipe.family.reference_size(*init.size, lim.multiple_of, True) if edits \
+        else snap(init.size, lim)
     if size is None:
         check_size(st, w, h, "image", "image")
     job = Job.of([prompt] * n, None if negative_prompt is None else [negative_prompt] * n, seeds_for(seed, n),
