@@ -189,14 +189,16 @@ def test_streamed_transformer_takes_references_of_any_size(tmp_path: Path) -> No
         np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("cuda_graph", [False, True])
+@pytest.mark.parametrize(("cuda_graph", "inpaint"), [(False, False), (True, False), (True, True)])
 def test_ort_cuda_code_path_gives_the_ort_cpu_images(flux_export, monkeypatch: pytest.MonkeyPatch,
-                                                     cuda_graph: bool) -> None:
+                                                     cuda_graph: bool, inpaint: bool) -> None:
     """ort-cuda's code path (IO binding; with cuda_graph the composed transformer + step session, the reference's
-    latents bound as a conditioning input) on the CPU EP: the ort-cpu images. Says nothing of a GPU."""
+    latents bound as a conditioning input; ``inpaint``: the blending step's inputs too) on the CPU EP: the ort-cpu
+    images. Says nothing of a GPU."""
     from sdrt.runtime.ort_backend import OrtBackend
     from sdrt.runtime.pipeline import Pipeline
 
+    from .helpers.inputs import image_and_mask
     from .helpers.pipelines import ort_cuda_on_cpu
 
     def backend(*a, **k) -> OrtBackend:
@@ -205,6 +207,9 @@ def test_ort_cuda_code_path_gives_the_ort_cpu_images(flux_export, monkeypatch: p
     folder = flux_export(PRESET)
     kw = {"steps": 2, "seed": 9, "height": 64, "width": 64, "guidance_scale": 2.5, "reference_resize": False,
           "reference_image": control_image(8, w=64, h=48)}
+    if inpaint:
+        image, mask = image_and_mask()
+        kw = {**kw, "image": image, "mask_image": mask, "strength": 0.75, "steps": 3}
     want = np.asarray(shared_pipeline(folder)(PROMPT, **kw).images[0])
     monkeypatch.setattr("sdrt.runtime.backends.make_backend", backend)
     with Pipeline.load(folder, backend="ort-cuda") as pipe:
@@ -214,9 +219,12 @@ def test_ort_cuda_code_path_gives_the_ort_cpu_images(flux_export, monkeypatch: p
 
 def test_served_on_the_openai_edits_endpoint(flux_export) -> None:
     """``sdrt serve`` on a Kontext export: ``/v1/images/edits``' image is the reference (the pipeline's own call
-    with it, resized to the preferred resolution); a mask or a strength is a 422 naming the field; the server's
-    warm-up passes with a reference."""
+    with it, resized to the preferred resolution); with a mask (alpha 0 = edit) the image is inpainted, with a
+    strength (the pipeline's call with image= and mask_image=); a strength without a mask is a 422 naming the field;
+    the server's warm-up passes with a reference."""
     import io
+
+    from PIL import Image
 
     pytest.importorskip("fastapi")
     httpx = pytest.importorskip("httpx")
@@ -228,9 +236,19 @@ def test_served_on_the_openai_edits_endpoint(flux_export) -> None:
     ref = control_image(9, w=48, h=32)
     want = np.asarray(pipe(PROMPT, reference_image=ref, height=64, width=64, steps=2, seed=4,
                            guidance_scale=2.5).images[0])
-    buf = io.BytesIO()
-    ref.save(buf, format="PNG")
-    files = {"image": ("ref.png", buf.getvalue(), "image/png")}
+    region = np.zeros((32, 48), bool)
+    region[8:24, 16:40] = True
+    rgba = np.full((32, 48, 4), 255, np.uint8)
+    rgba[..., 3] = np.where(region, 0, 255)
+    want_inpaint = np.asarray(pipe(PROMPT, image=ref, mask_image=Image.fromarray(np.where(region, 255, 0).astype(
+        np.uint8)), strength=0.7, height=64, width=64, steps=2, seed=4, guidance_scale=2.5).images[0])
+
+    def png(im: Image.Image) -> bytes:
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        return buf.getvalue()
+
+    files = {"image": ("ref.png", png(ref), "image/png")}
     form = {"prompt": PROMPT, "size": "64x64", "steps": "2", "seed": "4", "guidance_scale": "2.5"}
     with LiveServer(create_app(pipe, max_batch=2, batch_window_ms=5, max_steps=4, max_pixels=128 * 128)) as server:
         r = httpx.post(f"{server.url}/v1/images/edits", files=files, data=form, timeout=120)
@@ -238,6 +256,10 @@ def test_served_on_the_openai_edits_endpoint(flux_export) -> None:
         np.testing.assert_array_equal(pixels(r.json()["data"][0]["b64_json"]), want)
         r = httpx.post(f"{server.url}/v1/images/edits", files=files, data={**form, "strength": "0.5"}, timeout=120)
         assert r.status_code == 422 and "strength" in r.text and "Kontext" in r.text, r.text
+        r = httpx.post(f"{server.url}/v1/images/edits", data={**form, "strength": "0.7"}, timeout=120,
+                       files={**files, "mask": ("mask.png", png(Image.fromarray(rgba)), "image/png")})
+        assert r.status_code == 200, r.text
+        np.testing.assert_array_equal(pixels(r.json()["data"][0]["b64_json"]), want_inpaint)
 
 
 def test_staged_calls_give_the_one_call_image(flux_export) -> None:

@@ -47,13 +47,16 @@ def register(p: argparse.ArgumentParser) -> None:
                    help="replay the denoising step as CUDA graphs (GPU; default: on for tensorrt, off for ort-cuda)")
     p.add_argument("--init-image", default=None, help="img2img: the starting image")
     p.add_argument("--mask", default=None,
-                   help="inpainting (needs --init-image): a mask of the image's size, white = repaint")
+                   help="inpainting (needs --init-image): a mask of the image's size, white = repaint; on an "
+                        "editing model (FLUX.1 Kontext) the image is sized as --reference is")
     p.add_argument("--paste-back", type=float, default=None, metavar="BLUR",
                    help="inpainting: paste the original pixels outside the mask back, through the mask blurred by "
                         "BLUR pixels (0: a hard edge)")
     p.add_argument("--reference", default=None, metavar="IMG",
                    help="an editing model (FLUX.1 Kontext): the image to edit; its latents condition every step and "
-                        "the output starts from noise, at the reference's size unless --height/--width say")
+                        "the output starts from noise, at the reference's size unless --height/--width say; with "
+                        "--init-image and --mask (Kontext inpainting) the reference beside the image (default: the "
+                        "image itself)")
     p.add_argument("--reference-resize", action=argparse.BooleanOptionalAction, default=True,
                    help="resize --reference to the model's preferred resolution nearest its aspect ratio (Kontext's, "
                         "as diffusers; default); --no-reference-resize keeps its size, rounded down to 16 pixels")

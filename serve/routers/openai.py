@@ -99,7 +99,8 @@ async def edits(
     prompt: Annotated[str, Form(min_length=1, max_length=S.MAX_PROMPT_CHARS)],
     mask: Annotated[UploadFile | None, File(
         description="inpainting: a PNG of the image's size whose fully transparent pixels (alpha 0) mark the "
-                    "region to edit; without it, the image's own fully transparent pixels do, if any")] = None,
+                    "region to edit; without it, the image's own fully transparent pixels do, if any (not on an "
+                    "editing model, FLUX.1 Kontext, where the image is then the reference)")] = None,
     n: Annotated[int, Form(ge=1, le=S.MAX_N)] = 1,
     size: Annotated[str | None, Form(pattern=S.OPENAI_SIZE)] = None,
     response_format: Annotated[str, Form(pattern="^(b64_json|url)$")] = "b64_json",
