@@ -340,8 +340,9 @@ def test_inpaint_at_the_size_asked(flux_export) -> None:
 
 
 def test_inpaint_cli_and_staged_calls(flux_export, tmp_path: Path) -> None:
-    """``sdrt generate --init-image --mask --reference --no-reference-resize``, and ``prepare_latents(image=,
-    mask_image=, reference_image=)`` then ``denoise`` and ``decode``: the one Pipeline call's image."""
+    """``sdrt generate --init-image --mask --reference --no-reference-resize`` (a 120 x 80 image: 112 x 80 once sized
+    as a reference, which the CLI's own size check leaves to the pipeline), and ``prepare_latents(image=,
+    mask_image=, reference_image=)`` at that size then ``denoise`` and ``decode``: the one Pipeline call's image."""
     from PIL import Image
 
     from sdrt.cli import main
@@ -350,7 +351,7 @@ def test_inpaint_cli_and_staged_calls(flux_export, tmp_path: Path) -> None:
 
     folder = flux_export(PRESET)
     pipe = shared_pipeline(folder)
-    image, mask = image_and_mask(w=80, h=64)
+    image, mask = image_and_mask()
     for name, im in (("init", image), ("mask", mask), ("ref", control_image(6, w=60, h=40))):
         im.save(tmp_path / f"{name}.png")
     out = tmp_path / "out.png"
@@ -363,8 +364,8 @@ def test_inpaint_cli_and_staged_calls(flux_export, tmp_path: Path) -> None:
     want = np.asarray(pipe(PROMPT, strength=0.7, steps=3, seed=3, guidance_scale=2.5, **kw).images[0])
     np.testing.assert_array_equal(np.asarray(Image.open(out)), want)
     emb = pipe.encode_prompt(PROMPT)
-    plan = pipe.plan(None, 3, strength=0.7, height=64, width=80)
-    lat = pipe.prepare_latents(plan, 64, 80, seed=3, strength=0.7, **kw)
+    plan = pipe.plan(None, 3, strength=0.7, height=80, width=112)
+    lat = pipe.prepare_latents(plan, 80, 112, seed=3, strength=0.7, **kw)
     images, _ = pipe.decode(pipe.denoise(emb, lat, plan, guidance_scale=2.5))
     np.testing.assert_array_equal(np.asarray(images[0]), want)
 
