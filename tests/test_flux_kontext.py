@@ -221,7 +221,9 @@ def test_served_on_the_openai_edits_endpoint(flux_export) -> None:
     """``sdrt serve`` on a Kontext export: ``/v1/images/edits``' image is the reference (the pipeline's own call
     with it, resized to the preferred resolution); with a mask (alpha 0 = edit) the image is inpainted, with a
     strength (the pipeline's call with image= and mask_image=); a strength without a mask is a 422 naming the field;
-    the server's warm-up passes with a reference."""
+    A1111's img2img with a mask inpaints too (at the image's own size, A1111's mask blur the paste-back's); the
+    server's warm-up passes with a reference."""
+    import base64
     import io
 
     from PIL import Image
@@ -248,6 +250,10 @@ def test_served_on_the_openai_edits_endpoint(flux_export) -> None:
         im.save(buf, format="PNG")
         return buf.getvalue()
 
+    init, box = control_image(10, w=80, h=64), np.zeros((64, 80), np.uint8)
+    box[16:48, 24:64] = 255  # black and white: A1111's binarization (> 128) keeps it
+    want_a1111 = np.asarray(pipe(PROMPT, image=init, mask_image=Image.fromarray(box), strength=0.75, height=64,
+                                 width=80, steps=2, seed=4, guidance_scale=2.5, paste_back=4.0).images[0])
     files = {"image": ("ref.png", png(ref), "image/png")}
     form = {"prompt": PROMPT, "size": "64x64", "steps": "2", "seed": "4", "guidance_scale": "2.5"}
     with LiveServer(create_app(pipe, max_batch=2, batch_window_ms=5, max_steps=4, max_pixels=128 * 128)) as server:
@@ -260,6 +266,11 @@ def test_served_on_the_openai_edits_endpoint(flux_export) -> None:
                        files={**files, "mask": ("mask.png", png(Image.fromarray(rgba)), "image/png")})
         assert r.status_code == 200, r.text
         np.testing.assert_array_equal(pixels(r.json()["data"][0]["b64_json"]), want_inpaint)
+        body = {"prompt": PROMPT, "init_images": [base64.b64encode(png(init)).decode()], "steps": 2, "seed": 4,
+                "cfg_scale": 2.5, "denoising_strength": 0.75, "mask": base64.b64encode(png(Image.fromarray(box))).decode()}
+        r = httpx.post(f"{server.url}/sdapi/v1/img2img", timeout=120, json=body)
+        assert r.status_code == 200, r.text
+        np.testing.assert_array_equal(pixels(r.json()["images"][0]), want_a1111)
 
 
 def test_staged_calls_give_the_one_call_image(flux_export) -> None:
