@@ -400,3 +400,24 @@ def test_inpaint_refusals_before_any_work(flux_export) -> None:
         pipe(PROMPT, image=image, mask_image=mask, reference_resize=False, strength=1.5, steps=2)
     with pytest.raises(InputError, match=r"guidance_rescale with inpainting is not supported"):
         pipe(PROMPT, image=image, mask_image=mask, reference_resize=False, guidance_rescale=0.5, steps=2)
+
+
+@pytest.mark.slow
+def test_inpaint_at_the_preferred_resolution(flux_export) -> None:
+    """The default sizing: a 60 x 40 image (and its mask) resized to the preferred resolution nearest its aspect
+    ratio, 1248 x 832, the output's size (FluxKontextInpaintPipeline's ``_auto_resize``); one step of two. Slow (80 s
+    on 2 cores): 8,112 tokens, the image's and the same image's as the reference."""
+    from .helpers.inputs import image_and_mask
+    from .helpers.references import assert_diffusers_images
+
+    folder = flux_export(PRESET)
+    image, mask = image_and_mask(w=60, h=40)
+    with torch.no_grad():
+        want = _inpaint_reference(folder)(
+            prompt=PROMPT, image=image, mask_image=mask, strength=0.5, num_inference_steps=2, guidance_scale=2.5,
+            generator=torch.Generator().manual_seed(3), output_type="np").images
+    noise = torch.randn((1, 16, 832 // 8, 1248 // 8), generator=torch.Generator().manual_seed(3)).numpy()
+    res = shared_pipeline(folder)(PROMPT, image=image, mask_image=mask, strength=0.5, steps=2, guidance_scale=2.5,
+                                  latents=noise)
+    assert res.images[0].size == (1248, 832)
+    assert_diffusers_images(res.images, want, "the preferred resolution")
