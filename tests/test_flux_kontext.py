@@ -5,7 +5,8 @@ Covers the reference kept at its own size (rounded down to whole patches) and re
 resolution nearest its aspect ratio (diffusers' ``_auto_resize``), two guidance scales, a batch, ``sdrt generate
 --reference``, loading a diffusers ``FluxKontextPipeline`` folder and a single file with ``--arch``, and the
 refusals before any work. diffusers' Kontext pipeline rescales the size asked to ``max_area``: the tests give it
-the size's own area, so it keeps the size.
+the size's own area, so it keeps the size. Inpainting on Kontext (``image=`` and ``mask_image=``) against
+``FluxKontextInpaintPipeline`` over the same modules, with and without a separate reference, at strengths 1 and 0.6.
 """
 
 from __future__ import annotations
