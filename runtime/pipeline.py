@@ -388,14 +388,13 @@ class Pipeline:
             if batch_size is None:
                 batch_size = len(seed) if isinstance(seed, (list, tuple)) else 1
             self.check_request(height, width, batch_size, guided=None)
+            mask = None if mask_image is None else self._check_mask(image, mask_image)
             reference.check(self.folder, self.engines, GenerationRequest(
                 image=image, mask_image=mask_image, reference_image=reference_image,
                 reference_resize=reference_resize))
             if image is not None:
                 self._check_img2img()
-            mask = None if mask_image is None else self._check_mask(image, mask_image)
-            init = None if image is None else to_uint8(image, height, width, self.manifest.vae_scale_factor)
-            ref = None if reference_image is None else self._reference_pixels(reference_image, reference_resize)
+            init, ref = self._call_images(image, mask, reference_image, reference_resize, height, width)
             return self._prepare(plan, height, width, batch_size, resolve_seed(seed, batch_size), latents, init,
                                  mask, strength == 1.0, ref)
 
@@ -416,6 +415,22 @@ class Pipeline:
     def _reference_pixels(self, image: Any, resize: bool) -> np.ndarray:
         lim = self.manifest.limits
         return reference.pixels(image, self.family, lim.multiple_of, resize, lim.max_size)
+
+    def _call_images(self, image: Any, mask: Any, reference_image: Any, resize: bool, height: int | None,
+                     width: int | None) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """(the init image, the reference) as uint8 [1, H, W, 3]. Inpainting on an editing model (FLUX.1 Kontext,
+        runtime/reference.py) sizes the image as a reference unless height and width are asked, and the image is
+        the reference where ``reference_image`` is not given (FluxKontextInpaintPipeline's ``image_reference``)."""
+        m = self.manifest
+        edit_inpaint = reference.inpaints(self.engines, mask)
+        init = None
+        if image is not None:
+            init = reference.inpaint_pixels(image, self.family, m.limits, resize, height, width,
+                                            m.vae_scale_factor) if edit_inpaint \
+                else to_uint8(image, height, width, m.vae_scale_factor)
+        if reference_image is not None:
+            return init, self._reference_pixels(reference_image, resize)
+        return init, init if edit_inpaint else None
 
     def _prepare(self, plan: samplers.SamplerPlan, height: int, width: int, b: int,
                  seed: int | Sequence[int] | None, latents: np.ndarray | None, init: np.ndarray | None,
@@ -990,8 +1005,8 @@ class Pipeline:
             if not self.family.generates and req.image is None:
                 raise self.family.refuse_generation(self.folder)
             image = req.image
-            reference.check(self.folder, self.engines, req)
             mask, blur, pad = inpaint_stage.check_call(self.folder, self.engines, self._inpaint_mode(), req)
+            reference.check(self.folder, self.engines, req)
             # a denoiser that reads the control image itself (FLUX.1 Depth / Canny), else the export's ControlNets
             own = control_latents.check(self.folder, self.engines, req.control_images, req.control_scales,
                                         req.control_start, req.control_end, req.guess_mode, req.control_preprocess,
@@ -1007,15 +1022,15 @@ class Pipeline:
             lora = lora_feeds.get("unet", {})
             if image is not None:
                 self._check_img2img()
-            # padding_mask_crop: the call generates from the mask's region, cut and resized to the call's size
+            # padding_mask_crop: the call generates from the mask's region, cut and resized to the call's size (refused
+            # on an editing model, so there is no reference)
             crop = None if pad is None else inpaint_stage.mask_crop(image, mask, req.height, req.width,
                                                                     m.vae_scale_factor, pad)
-            init = crop.init if crop is not None else None if image is None else to_uint8(image, req.height, req.width,
-                                                                                          m.vae_scale_factor)
             if crop is not None:
-                mask = crop.crop_mask
-            ref = None if req.reference_image is None else self._reference_pixels(req.reference_image,
-                                                                                  req.reference_resize)
+                init, ref, mask = crop.init, None, crop.crop_mask
+            else:
+                init, ref = self._call_images(image, mask, req.reference_image, req.reference_resize, req.height,
+                                              req.width)
             # the image's size (img2img), else the control image's (as diffusers; rounded down to the export's
             # multiple: 16 px for a transformer's patches) or the reference's, else the model's default
             control_size = None if creq is None else controlnet.default_size(creq, m.limits.multiple_of)

@@ -7,6 +7,12 @@ its output back to the generated tokens). The reference is resized to the size t
 (``Family.reference_size``: for FLUX.1, Kontext's preferred resolution nearest its aspect ratio, diffusers'
 ``_auto_resize``; or its own size rounded down to whole patches) and encoded by the export's VAE encoder on the
 device (the latent distribution's mean, as FluxKontextPipeline's ``sample_mode="argmax"``), once per call.
+
+Inpainting on an editing model (diffusers' ``FluxKontextInpaintPipeline``): ``image=`` and ``mask_image=`` as any
+inpainting by blending (runtime/inpaint_stage.py: the unmasked region put back after every step, re-noised to the
+next step's level), with the reference tokens beside the image's; the reference is ``reference_image=`` where given
+(diffusers' ``image_reference``), else the image to inpaint itself. The image is sized as a reference is (the
+call's ``reference_resize``), and that is the output's size, unless height and width are asked.
 """
 
 from __future__ import annotations
@@ -36,37 +42,61 @@ def check(folder: Path, engines: dict[str, Engine], req: Any) -> None:
     ref, edits = req.reference_image, takes_reference(engines)
     if not isinstance(req.reference_resize, bool):
         raise InputError(f"reference_resize must be True or False, got {req.reference_resize!r}")
-    if ref is None and edits:
-        raise InputError(f"{folder} is an editing model (FLUX.1 Kontext): pass reference_image=, the image to edit",
+    if ref is None and edits and req.image is None:
+        raise InputError(f"{folder} is an editing model (FLUX.1 Kontext): pass reference_image=, the image to edit "
+                         "(or image= and mask_image= to inpaint)",
                          cli=f"{folder} is an editing model (FLUX.1 Kontext): pass --reference IMG, the image to "
-                             "edit")
+                             "edit (or --init-image and --mask to inpaint)")
     if ref is not None and not edits:
         raise InputError(f"reference_image conditions an editing model (FLUX.1 Kontext); {folder} takes none: leave "
                          "it out (to start from an image, pass image= for img2img)",
                          cli=f"--reference conditions an editing model (FLUX.1 Kontext); {folder} takes none: leave "
                              "it out (to start from an image, pass --init-image)")
-    if edits and (req.image is not None or req.mask_image is not None):
+    if edits and req.image is not None and req.mask_image is None:
         raise InputError("an editing model (FLUX.1 Kontext) starts from noise, as FluxKontextPipeline: pass the "
-                         "image to edit as reference_image=, and leave image= and mask_image= out",
+                         "image to edit as reference_image= and leave image= out, or add mask_image= to inpaint "
+                         "image= (white = repaint)",
                          cli="an editing model (FLUX.1 Kontext) starts from noise: pass the image to edit as "
-                             "--reference, and leave --init-image and --mask out")
+                             "--reference and leave --init-image out, or add --mask to inpaint --init-image")
+    if edits and getattr(req, "padding_mask_crop", None) is not None:
+        raise InputError("padding_mask_crop is not supported on an editing model (FLUX.1 Kontext) yet: leave it out "
+                         "(the whole picture is inpainted)",
+                         cli="--padding-mask-crop is not supported on an editing model (FLUX.1 Kontext) yet: leave it "
+                             "out (the whole picture is inpainted)")
     if edits and "vae_encoder" not in engines:
         raise ArtifactError(f"{folder} has no VAE encoder, which encodes the reference image; re-export the model "
                             "with `sdrt export`")
 
 
-def pixels(image: Any, family: Family, multiple: int, resize: bool, max_size: int) -> np.ndarray:
+def inpaints(engines: dict[str, Engine], mask_image: Any) -> bool:
+    """Inpainting on an editing model (FluxKontextInpaintPipeline): a mask, on a denoiser that takes a reference."""
+    return mask_image is not None and takes_reference(engines)
+
+
+def pixels(image: Any, family: Family, multiple: int, resize: bool, max_size: int,
+           name: str = "reference_image", min_size: int | None = None) -> np.ndarray:
     """The reference as uint8 [1, H, W, 3] at the size the family picks (``resize`` False: its own size rounded
-    down to a multiple of ``multiple``), Lanczos as diffusers' image processor; refused outside
-    ``multiple``..``max_size`` pixels a side."""
+    down to a multiple of ``multiple``), Lanczos as diffusers' image processor; refused outside ``min_size``
+    (default ``multiple``) to ``max_size`` pixels a side. ``name``: the argument it came from, for the message."""
     w, h = image_size(image)
     rw, rh = family.reference_size(w, h, multiple, resize)
-    if not (multiple <= rw <= max_size and multiple <= rh <= max_size):
-        raise InputError(f"reference_image is {w}x{h}, {rw}x{rh} once sized for the model: each side must be "
-                         f"{multiple} to {max_size} pixels",
-                         cli=f"--reference is {w}x{h}, {rw}x{rh} once sized for the model: each side must be "
-                             f"{multiple} to {max_size} pixels")
+    low = multiple if min_size is None else min_size
+    if not (low <= rw <= max_size and low <= rh <= max_size):
+        flag = {"reference_image": "--reference", "image": "--init-image"}.get(name, name)
+        what = f"{w}x{h}, {rw}x{rh} once sized for the model: each side must be {low} to {max_size} pixels"
+        raise InputError(f"{name} is {what}", cli=f"{flag} is {what}")
     return to_uint8(image, rh, rw, multiple)
+
+
+def inpaint_pixels(image: Any, family: Family, limits: Any, resize: bool, height: int | None, width: int | None,
+                   vae_factor: int) -> np.ndarray:
+    """The image to inpaint on an editing model, uint8 [1, H, W, 3]: sized as a reference is, the output's size
+    (FluxKontextInpaintPipeline sizes ``image`` as it sizes ``image_reference`` and paints at that size), or
+    resized to the height and width asked, as any inpainting (``limits``: the export's ``ShapeLimits``)."""
+    if height is None and width is None:
+        return pixels(image, family, limits.multiple_of, resize, limits.max_size, name="image",
+                      min_size=limits.min_size)
+    return to_uint8(image, height, width, vae_factor)
 
 
 def encode(backend: Backend, engines: dict[str, Engine], graphs: DeviceGraphs, dtype: np.dtype[Any],

@@ -71,7 +71,9 @@ class GenerationRequest:
     (FLUX.1 Kontext) edits, a PIL image or uint8 [H, W, 3] array: its latents condition every step, the output
     starts from noise (its size: the reference's, once sized, unless asked); ``reference_resize`` (default True):
     the reference is resized to the family's preferred resolution nearest its aspect ratio (Kontext's, as
-    diffusers' ``_auto_resize``), else kept at its own size rounded down to whole patches.
+    diffusers' ``_auto_resize``), else kept at its own size rounded down to whole patches. On such a model,
+    ``image`` with ``mask_image`` inpaints (diffusers' ``FluxKontextInpaintPipeline``): the image is sized as a
+    reference (unless height and width are asked) and is the reference unless ``reference_image`` is given.
     ``skip_layer_guidance_scale``: skip-layer guidance (SD 3.5 Medium's, diffusers' argument of that name; an export
     made with ``--skip-layers``; runtime/layer_skip.py): on the steps between ``skip_layer_guidance_start`` and
     ``_stop`` (fractions of the steps; default 0.01 and 0.2, as diffusers) the transformer runs again on the prompts

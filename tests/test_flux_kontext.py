@@ -5,7 +5,8 @@ Covers the reference kept at its own size (rounded down to whole patches) and re
 resolution nearest its aspect ratio (diffusers' ``_auto_resize``), two guidance scales, a batch, ``sdrt generate
 --reference``, loading a diffusers ``FluxKontextPipeline`` folder and a single file with ``--arch``, and the
 refusals before any work. diffusers' Kontext pipeline rescales the size asked to ``max_area``: the tests give it
-the size's own area, so it keeps the size.
+the size's own area, so it keeps the size. Inpainting on Kontext (``image=`` and ``mask_image=``) against
+``FluxKontextInpaintPipeline`` over the same modules, with and without a separate reference, at strengths 1 and 0.6.
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ def test_refusals_before_any_work(flux_export) -> None:
     ref = control_image(1, w=64, h=64)
     with pytest.raises(InputError, match=r"is an editing model \(FLUX.1 Kontext\): pass reference_image="):
         pipe(PROMPT, steps=2, height=64, width=64)
-    with pytest.raises(InputError, match="starts from noise.*leave image= and mask_image= out"):
+    with pytest.raises(InputError, match="starts from noise.*leave image= out, or add mask_image= to inpaint"):
         pipe(PROMPT, reference_image=ref, image=ref, steps=2)
     with pytest.raises(InputError, match=r"reference_image is 8x8, 0x0 once sized for the model"):
         pipe(PROMPT, reference_image=np.zeros((8, 8, 3), np.uint8), reference_resize=False, steps=2, height=64,
@@ -189,14 +190,16 @@ def test_streamed_transformer_takes_references_of_any_size(tmp_path: Path) -> No
         np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("cuda_graph", [False, True])
+@pytest.mark.parametrize(("cuda_graph", "inpaint"), [(False, False), (True, False), (True, True)])
 def test_ort_cuda_code_path_gives_the_ort_cpu_images(flux_export, monkeypatch: pytest.MonkeyPatch,
-                                                     cuda_graph: bool) -> None:
+                                                     cuda_graph: bool, inpaint: bool) -> None:
     """ort-cuda's code path (IO binding; with cuda_graph the composed transformer + step session, the reference's
-    latents bound as a conditioning input) on the CPU EP: the ort-cpu images. Says nothing of a GPU."""
+    latents bound as a conditioning input; ``inpaint``: the blending step's inputs too) on the CPU EP: the ort-cpu
+    images. Says nothing of a GPU."""
     from sdrt.runtime.ort_backend import OrtBackend
     from sdrt.runtime.pipeline import Pipeline
 
+    from .helpers.inputs import image_and_mask
     from .helpers.pipelines import ort_cuda_on_cpu
 
     def backend(*a, **k) -> OrtBackend:
@@ -205,6 +208,9 @@ def test_ort_cuda_code_path_gives_the_ort_cpu_images(flux_export, monkeypatch: p
     folder = flux_export(PRESET)
     kw = {"steps": 2, "seed": 9, "height": 64, "width": 64, "guidance_scale": 2.5, "reference_resize": False,
           "reference_image": control_image(8, w=64, h=48)}
+    if inpaint:
+        image, mask = image_and_mask()
+        kw = {**kw, "image": image, "mask_image": mask, "strength": 0.75, "steps": 3}
     want = np.asarray(shared_pipeline(folder)(PROMPT, **kw).images[0])
     monkeypatch.setattr("sdrt.runtime.backends.make_backend", backend)
     with Pipeline.load(folder, backend="ort-cuda") as pipe:
@@ -214,9 +220,14 @@ def test_ort_cuda_code_path_gives_the_ort_cpu_images(flux_export, monkeypatch: p
 
 def test_served_on_the_openai_edits_endpoint(flux_export) -> None:
     """``sdrt serve`` on a Kontext export: ``/v1/images/edits``' image is the reference (the pipeline's own call
-    with it, resized to the preferred resolution); a mask or a strength is a 422 naming the field; the server's
-    warm-up passes with a reference."""
+    with it, resized to the preferred resolution); with a mask (alpha 0 = edit) the image is inpainted, with a
+    strength (the pipeline's call with image= and mask_image=); a strength without a mask is a 422 naming the field;
+    A1111's img2img with a mask inpaints too (at the image's own size, A1111's mask blur the paste-back's); the
+    server's warm-up passes with a reference."""
+    import base64
     import io
+
+    from PIL import Image
 
     pytest.importorskip("fastapi")
     httpx = pytest.importorskip("httpx")
@@ -228,9 +239,23 @@ def test_served_on_the_openai_edits_endpoint(flux_export) -> None:
     ref = control_image(9, w=48, h=32)
     want = np.asarray(pipe(PROMPT, reference_image=ref, height=64, width=64, steps=2, seed=4,
                            guidance_scale=2.5).images[0])
-    buf = io.BytesIO()
-    ref.save(buf, format="PNG")
-    files = {"image": ("ref.png", buf.getvalue(), "image/png")}
+    region = np.zeros((32, 48), bool)
+    region[8:24, 16:40] = True
+    rgba = np.full((32, 48, 4), 255, np.uint8)
+    rgba[..., 3] = np.where(region, 0, 255)
+    want_inpaint = np.asarray(pipe(PROMPT, image=ref, mask_image=Image.fromarray(np.where(region, 255, 0).astype(
+        np.uint8)), strength=0.7, height=64, width=64, steps=2, seed=4, guidance_scale=2.5).images[0])
+
+    def png(im: Image.Image) -> bytes:
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        return buf.getvalue()
+
+    init, box = control_image(10, w=80, h=64), np.zeros((64, 80), np.uint8)
+    box[16:48, 24:64] = 255  # black and white: A1111's binarization (> 128) keeps it
+    want_a1111 = np.asarray(pipe(PROMPT, image=init, mask_image=Image.fromarray(box), strength=0.75, height=64,
+                                 width=80, steps=2, seed=4, guidance_scale=2.5, paste_back=4.0).images[0])
+    files = {"image": ("ref.png", png(ref), "image/png")}
     form = {"prompt": PROMPT, "size": "64x64", "steps": "2", "seed": "4", "guidance_scale": "2.5"}
     with LiveServer(create_app(pipe, max_batch=2, batch_window_ms=5, max_steps=4, max_pixels=128 * 128)) as server:
         r = httpx.post(f"{server.url}/v1/images/edits", files=files, data=form, timeout=120)
@@ -238,6 +263,15 @@ def test_served_on_the_openai_edits_endpoint(flux_export) -> None:
         np.testing.assert_array_equal(pixels(r.json()["data"][0]["b64_json"]), want)
         r = httpx.post(f"{server.url}/v1/images/edits", files=files, data={**form, "strength": "0.5"}, timeout=120)
         assert r.status_code == 422 and "strength" in r.text and "Kontext" in r.text, r.text
+        r = httpx.post(f"{server.url}/v1/images/edits", data={**form, "strength": "0.7"}, timeout=120,
+                       files={**files, "mask": ("mask.png", png(Image.fromarray(rgba)), "image/png")})
+        assert r.status_code == 200, r.text
+        np.testing.assert_array_equal(pixels(r.json()["data"][0]["b64_json"]), want_inpaint)
+        body = {"prompt": PROMPT, "init_images": [base64.b64encode(png(init)).decode()], "steps": 2, "seed": 4,
+                "cfg_scale": 2.5, "denoising_strength": 0.75, "mask": base64.b64encode(png(Image.fromarray(box))).decode()}
+        r = httpx.post(f"{server.url}/sdapi/v1/img2img", timeout=120, json=body)
+        assert r.status_code == 200, r.text
+        np.testing.assert_array_equal(pixels(r.json()["images"][0]), want_a1111)
 
 
 def test_staged_calls_give_the_one_call_image(flux_export) -> None:
@@ -254,3 +288,139 @@ def test_staged_calls_give_the_one_call_image(flux_export) -> None:
     np.testing.assert_array_equal(np.asarray(images[0]), want)
     with pytest.raises(InputError, match=r"is an editing model \(FLUX.1 Kontext\): pass reference_image="):
         pipe.prepare_latents(plan, 64, 64, seed=6)
+
+
+# -- inpainting on Kontext (FluxKontextInpaintPipeline) ------------------------------------------------------
+def _inpaint_reference(folder: Path):
+    from diffusers import FluxKontextInpaintPipeline
+
+    return FluxKontextInpaintPipeline.from_pipe(_reference(folder))  # the same modules
+
+
+def _inpaint_want(folder: Path, image, mask, reference, *, strength: float, steps: int, seed: int, batch: int = 1,
+                  guidance: float = 2.5) -> np.ndarray:
+    """FluxKontextInpaintPipeline's images, its image and reference kept at their own sizes (``_auto_resize``
+    False); its noise is the generator's first draw (the image encodes to its mean: no draw before it)."""
+    with torch.no_grad():
+        return _inpaint_reference(folder)(
+            prompt=PROMPT, image=image, mask_image=mask, image_reference=reference, strength=strength,
+            num_inference_steps=steps, guidance_scale=guidance, num_images_per_prompt=batch,
+            generator=torch.Generator().manual_seed(seed), _auto_resize=False, output_type="np").images
+
+
+@pytest.mark.parametrize(("separate", "strength", "batch"), [(False, 1.0, 1), (True, 1.0, 1), (False, 0.6, 1),
+                                                             (True, 0.6, 2)])
+def test_inpaint_gives_diffusers_images(flux_export, separate: bool, strength: float, batch: int) -> None:
+    """``image=`` and ``mask_image=`` on Kontext: FluxKontextInpaintPipeline's images. The 120 x 80 image is sized as
+    a reference (112 x 80, the output's size) and, without ``reference_image``, is the reference; with one (a 90 x
+    70 image: 80 x 64) that is (diffusers' ``image_reference``). The unmasked region is blended back after every
+    step, re-noised to the next sigma; strength < 1 starts from the noised image, on diffusers' steps."""
+    from .helpers.inputs import image_and_mask
+    from .helpers.references import assert_diffusers_images
+
+    folder = flux_export(PRESET)
+    image, mask = image_and_mask()
+    ref = control_image(11, w=90, h=70) if separate else None
+    steps, seed = 4, 12
+    want = _inpaint_want(folder, image, mask, ref, strength=strength, steps=steps, seed=seed, batch=batch)
+    noise = torch.randn((batch, 16, 80 // 8, 112 // 8), generator=torch.Generator().manual_seed(seed)).numpy()
+    res = shared_pipeline(folder)(PROMPT, image=image, mask_image=mask, reference_image=ref, reference_resize=False,
+                                  strength=strength, steps=steps, guidance_scale=2.5, batch_size=batch, latents=noise)
+    assert len(res.timings["unet_steps_ms"]) == steps - int(steps - steps * strength)  # diffusers' get_timesteps
+    got, _ = assert_diffusers_images(res.images, want, f"reference {separate} strength {strength} batch {batch}")
+    if batch > 1:
+        assert np.abs(got[0] - got[1]).max() > 1
+
+
+def test_inpaint_at_the_size_asked(flux_export) -> None:
+    """height= and width= resize the image and the mask to them, as any inpainting (FluxKontextInpaintPipeline paints
+    at the image's size: its images of the image and the mask resized to 96 x 64 first, Lanczos)."""
+    from PIL import Image
+
+    from .helpers.inputs import image_and_mask
+    from .helpers.references import assert_diffusers_images
+
+    folder = flux_export(PRESET)
+    image, mask = image_and_mask()
+    lanczos = Image.Resampling.LANCZOS
+    want = _inpaint_want(folder, image.resize((96, 64), lanczos), mask.resize((96, 64), lanczos), None, strength=0.8,
+                         steps=3, seed=5)
+    noise = torch.randn((1, 16, 8, 12), generator=torch.Generator().manual_seed(5)).numpy()
+    res = shared_pipeline(folder)(PROMPT, image=image, mask_image=mask, height=64, width=96, strength=0.8, steps=3,
+                                  guidance_scale=2.5, latents=noise)
+    assert_diffusers_images(res.images, want, "96 x 64 asked")
+
+
+def test_inpaint_cli_and_staged_calls(flux_export, tmp_path: Path) -> None:
+    """``sdrt generate --init-image --mask --reference --no-reference-resize`` (a 120 x 80 image: 112 x 80 once sized
+    as a reference, which the CLI's own size check leaves to the pipeline), and ``prepare_latents(image=,
+    mask_image=, reference_image=)`` at that size then ``denoise`` and ``decode``: the one Pipeline call's image."""
+    from PIL import Image
+
+    from sdrt.cli import main
+
+    from .helpers.inputs import image_and_mask
+
+    folder = flux_export(PRESET)
+    pipe = shared_pipeline(folder)
+    image, mask = image_and_mask()
+    for name, im in (("init", image), ("mask", mask), ("ref", control_image(6, w=60, h=40))):
+        im.save(tmp_path / f"{name}.png")
+    out = tmp_path / "out.png"
+    assert main(["generate", str(folder), "--prompt", PROMPT, "--init-image", str(tmp_path / "init.png"), "--mask",
+                 str(tmp_path / "mask.png"), "--reference", str(tmp_path / "ref.png"), "--no-reference-resize",
+                 "--strength", "0.7", "--steps", "3", "--seed", "3", "--guidance", "2.5", "--backend", "ort-cpu",
+                 "-o", str(out)]) == 0
+    kw = {"image": Image.open(tmp_path / "init.png"), "mask_image": Image.open(tmp_path / "mask.png"),
+          "reference_image": Image.open(tmp_path / "ref.png"), "reference_resize": False}
+    want = np.asarray(pipe(PROMPT, strength=0.7, steps=3, seed=3, guidance_scale=2.5, **kw).images[0])
+    np.testing.assert_array_equal(np.asarray(Image.open(out)), want)
+    emb = pipe.encode_prompt(PROMPT)
+    plan = pipe.plan(None, 3, strength=0.7, height=80, width=112)
+    lat = pipe.prepare_latents(plan, 80, 112, seed=3, strength=0.7, **kw)
+    images, _ = pipe.decode(pipe.denoise(emb, lat, plan, guidance_scale=2.5))
+    np.testing.assert_array_equal(np.asarray(images[0]), want)
+
+
+def test_inpaint_refusals_before_any_work(flux_export) -> None:
+    from .helpers.inputs import image_and_mask
+
+    pipe = shared_pipeline(flux_export(PRESET))
+    image, mask = image_and_mask()
+    ref = control_image(1, w=64, h=64)
+    with pytest.raises(InputError, match=r"mask_image needs the image to inpaint: pass image="):
+        pipe(PROMPT, mask_image=mask, reference_image=ref, steps=2)
+    with pytest.raises(InputError, match=r"mask_image needs the image to inpaint"):
+        pipe(PROMPT, mask_image=mask, steps=2)
+    with pytest.raises(InputError, match=r"mask_image is 64x64 but the image is 120x80"):
+        pipe(PROMPT, image=image, mask_image=mask.resize((64, 64)), steps=2)
+    with pytest.raises(InputError, match=r"image is 72x40, 64x32 once sized for the model: each side must be 64 to"):
+        pipe(PROMPT, image=np.zeros((40, 72, 3), np.uint8), mask_image=np.zeros((40, 72), np.uint8),
+             reference_resize=False, steps=2)
+    with pytest.raises(InputError, match=r"strength"):
+        pipe(PROMPT, image=image, mask_image=mask, reference_resize=False, strength=1.5, steps=2)
+    with pytest.raises(InputError, match=r"guidance_rescale with inpainting is not supported"):
+        pipe(PROMPT, image=image, mask_image=mask, reference_resize=False, guidance_rescale=0.5, steps=2)
+    with pytest.raises(InputError, match=r"padding_mask_crop is not supported on an editing model"):
+        pipe(PROMPT, image=image, mask_image=mask, reference_resize=False, padding_mask_crop=8, steps=2)
+
+
+@pytest.mark.slow
+def test_inpaint_at_the_preferred_resolution(flux_export) -> None:
+    """The default sizing: a 60 x 40 image (and its mask) resized to the preferred resolution nearest its aspect
+    ratio, 1248 x 832, the output's size (FluxKontextInpaintPipeline's ``_auto_resize``); one step of two. Slow (80 s
+    on 2 cores): 8,112 tokens, the image's and the same image's as the reference."""
+    from .helpers.inputs import image_and_mask
+    from .helpers.references import assert_diffusers_images
+
+    folder = flux_export(PRESET)
+    image, mask = image_and_mask(w=60, h=40)
+    with torch.no_grad():
+        want = _inpaint_reference(folder)(
+            prompt=PROMPT, image=image, mask_image=mask, strength=0.5, num_inference_steps=2, guidance_scale=2.5,
+            generator=torch.Generator().manual_seed(3), output_type="np").images
+    noise = torch.randn((1, 16, 832 // 8, 1248 // 8), generator=torch.Generator().manual_seed(3)).numpy()
+    res = shared_pipeline(folder)(PROMPT, image=image, mask_image=mask, strength=0.5, steps=2, guidance_scale=2.5,
+                                  latents=noise)
+    assert res.images[0].size == (1248, 832)
+    assert_diffusers_images(res.images, want, "the preferred resolution")

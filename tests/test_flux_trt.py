@@ -106,11 +106,13 @@ def test_sdrt_build_makes_a_whole_flux_engine_folder_on_rtx(flux_export, tmp_pat
     assert (out / "tokenizer_2" / "tokenizer.json").is_file()
 
 
-@pytest.mark.parametrize("preset", ["flux-fill-dev-tiny", "flux-kontext-dev-tiny", "flux-depth-dev-tiny"])
-def test_fill_and_kontext_engines_on_the_fakes(flux_export, tmp_path: Path, fake_gpu, preset: str) -> None:
+@pytest.mark.parametrize(("preset", "masked"), [("flux-fill-dev-tiny", True), ("flux-kontext-dev-tiny", False),
+                                              ("flux-kontext-dev-tiny", True), ("flux-depth-dev-tiny", False)])
+def test_fill_and_kontext_engines_on_the_fakes(flux_export, tmp_path: Path, fake_gpu, preset: str,
+                                               masked: bool) -> None:
     """Logic check on fakes: FLUX.1 Fill (the extra-channels graph built for its 64 mask channels), Kontext (the
-    reference's sides from the profile's image sizes) and Depth / Canny (the control latents' sides the latents')
-    built and driven like ort-cpu, the loop captured."""
+    reference's sides from the profile's image sizes; ``masked``: inpainting, the blending step beside the reference)
+    and Depth / Canny (the control latents' sides the latents') built and driven like ort-cpu, the loop captured."""
     from .helpers.inputs import image_and_mask
 
     cudart, _ = fake_gpu
@@ -126,6 +128,8 @@ def test_fill_and_kontext_engines_on_the_fakes(flux_export, tmp_path: Path, fake
     elif preset == "flux-kontext-dev-tiny":
         assert by["reference_latents"] == ((1, 16, 8, 8), (1, 16, 8, 8), (1, 16, 12, 12))
         kw = {"reference_image": image, "reference_resize": False, "guidance_scale": 2.5}
+        if masked:  # the image is the reference
+            kw = {"image": image, "mask_image": mask, "strength": 0.8, "reference_resize": False, "guidance_scale": 2.5}
     else:
         assert by["control_latents"] == ((1, 16, 8, 8), (1, 16, 8, 8), (1, 16, 12, 12))
         kw = {"control_images": [image], "guidance_scale": 10.0}
@@ -134,7 +138,7 @@ def test_fill_and_kontext_engines_on_the_fakes(flux_export, tmp_path: Path, fake
     want = Pipeline.load(src, backend="ort-cpu")("a red fox", steps=3, seed=5, **kw)
     with Pipeline.load(out, backend="tensorrt") as pipe:
         got = pipe("a red fox", steps=3, seed=5, **kw)
-        if preset == "flux-kontext-dev-tiny":  # a reference past the profile's sizes: refused before any work
+        if preset == "flux-kontext-dev-tiny" and not masked:  # a reference past the profile's sizes: refused
             with pytest.raises(InputError, match=r"the reference image is 128x128 once sized .*outside these "
                                                  r"engines' image sizes"):
                 pipe("a red fox", steps=3, seed=5, height=64, width=64, reference_resize=False,

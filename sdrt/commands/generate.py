@@ -47,7 +47,8 @@ def register(p: argparse.ArgumentParser) -> None:
                    help="replay the denoising step as CUDA graphs (GPU; default: on for tensorrt, off for ort-cuda)")
     p.add_argument("--init-image", default=None, help="img2img: the starting image")
     p.add_argument("--mask", default=None,
-                   help="inpainting (needs --init-image): a mask of the image's size, white = repaint")
+                   help="inpainting (needs --init-image): a mask of the image's size, white = repaint; on an "
+                        "editing model (FLUX.1 Kontext) the image is sized as --reference is")
     p.add_argument("--paste-back", type=float, default=None, metavar="BLUR",
                    help="inpainting: paste the original pixels outside the mask back, through the mask blurred by "
                         "BLUR pixels (0: a hard edge)")
@@ -57,7 +58,9 @@ def register(p: argparse.ArgumentParser) -> None:
                         "--width (default: the image size) and pasted back into the image through the mask")
     p.add_argument("--reference", default=None, metavar="IMG",
                    help="an editing model (FLUX.1 Kontext): the image to edit; its latents condition every step and "
-                        "the output starts from noise, at the reference's size unless --height/--width say")
+                        "the output starts from noise, at the reference's size unless --height/--width say; with "
+                        "--init-image and --mask (Kontext inpainting) the reference beside the image (default: the "
+                        "image itself)")
     p.add_argument("--reference-resize", action=argparse.BooleanOptionalAction, default=True,
                    help="resize --reference to the model's preferred resolution nearest its aspect ratio (Kontext's, "
                         "as diffusers; default); --no-reference-resize keeps its size, rounded down to 16 pixels")
@@ -466,6 +469,7 @@ def _check_image_sizes(args: argparse.Namespace, image: object | None, control: 
     rather than flags the user did not pass."""
     from sdrt.runtime.errors import InputError, SdrtError
     from sdrt.runtime.folders import read_manifest
+    from sdrt.runtime.reference import REFERENCE_INPUT
 
     if image is not None:
         flag, path, img = "--init-image", args.init_image, image
@@ -479,6 +483,9 @@ def _check_image_sizes(args: argparse.Namespace, image: object | None, control: 
         m = read_manifest(args.path)
     except SdrtError:
         return  # the pipeline's load says what is wrong with the folder
+    unet = m.components.get("unet")
+    if args.mask and unet is not None and any(i.name == REFERENCE_INPUT for i in unet.inputs):
+        return  # inpainting on an editing model sizes the image as a reference: the pipeline checks that size
     # an init image is rounded down to the VAE's factor; a control image to the export's multiple (as the pipeline)
     lim, multiple = m.limits, m.vae_scale_factor if image is not None else m.limits.multiple_of
     w, h = img.size  # type: ignore[attr-defined]

@@ -120,7 +120,8 @@ async def edits(
     prompt: Annotated[str, Form(min_length=1, max_length=S.MAX_PROMPT_CHARS)],
     mask: Annotated[UploadFile | None, File(
         description="inpainting: a PNG of the image's size whose fully transparent pixels (alpha 0) mark the "
-                    "region to edit; without it, the image's own fully transparent pixels do, if any")] = None,
+                    "region to edit; without it, the image's own fully transparent pixels do, if any (not on an "
+                    "editing model, FLUX.1 Kontext, where the image is then the reference)")] = None,
     n: Annotated[int, Form(ge=1, le=S.MAX_N)] = 1,
     size: Annotated[str | None, Form(pattern=S.OPENAI_SIZE)] = None,
     response_format: Annotated[str, Form(pattern="^(b64_json|url)$")] = "b64_json",
@@ -167,12 +168,13 @@ async def edits(
     guidance = cfg.default_guidance if guidance_scale is None else guidance_scale
     raw = await run_in_threadpool(decode_upload, await image.read(), "image", cfg.max_upload_pixels, True)
     pipe = st.pipeline()
-    if getattr(pipe, "takes_reference", False):  # an editing model (FLUX.1 Kontext): the image is its reference
-        if mask is not None or strength is not None or padding_mask_crop is not None:
-            field = "mask" if mask is not None else "strength" if strength is not None else "padding_mask_crop"
+    edits = getattr(pipe, "takes_reference", False)  # an editing model (FLUX.1 Kontext)
+    if edits and mask is None:  # the image is its reference
+        if strength is not None or padding_mask_crop is not None:
+            field = "strength" if strength is not None else "padding_mask_crop"
             raise ApiError(422, f"{st.model_id} edits the image from the prompt (FLUX.1 Kontext: the image "
-                                f"conditions, the output starts from noise): send no {field}", field,
-                           "unsupported_value")
+                                f"conditions, the output starts from noise): send no {field}, or send a mask to "
+                                "inpaint the image", field, "unsupported_value")
         control, _ = await openai_control(st, knobs, Loop(guidance, policy), control_uploads)
         ref = await run_in_threadpool(raw.convert, "RGB")
         lim = pipe.manifest.limits
@@ -193,7 +195,10 @@ async def edits(
                             "to edit is transparent), or leave padding_mask_crop out", "padding_mask_crop",
                        "unsupported_value")
     control, _ = await openai_control(st, knobs, Loop(guidance, policy, masked=region is not None), control_uploads)
-    w, h = parse_size(st, size) if size else snap(raw.size, st.pipeline().manifest.limits)
+    lim = pipe.manifest.limits
+    # inpainting on an editing model paints at the image's size sized as a reference (FluxKontextInpaintPipeline)
+    w, h = parse_size(st, size) if size else pipe.family.reference_size(*raw.size, lim.multiple_of, True) if edits \
+        else snap(raw.size, lim)
     if size is None:
         check_size(st, w, h, "image", "image")
     init, mask_in = await run_in_threadpool(lambda: imgs.fit_all(w, h, raw.convert("RGB"), region))
