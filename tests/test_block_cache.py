@@ -1,16 +1,22 @@
 """First-block caching (runtime/feature_cache.py, ``cache="first-block"``) for SD 3 / 3.5 against diffusers' own
-``apply_first_block_cache`` hooks on the same seeded modules in ``StableDiffusion3Pipeline``.
+``apply_first_block_cache`` hooks on the same seeded modules in ``StableDiffusion3Pipeline``, and in
+``StableDiffusion3Img2ImgPipeline`` and ``StableDiffusion3InpaintPipeline`` (an ordinary transformer inpainting by
+blending, and a 33-channel inpainting one).
 
-The reference is diffusers' implementation with one shim: its tail-block hook subtracts the last block's
-``encoder_hidden_states`` output, which SD3's last block (``context_pre_only``) returns as None, so diffusers
-0.42 raises a TypeError on ``SD3Transformer2DModel``. The shim makes that block return its input context instead
-of None; ``SD3Transformer2DModel.forward`` never reads the last block's context, so the model's outputs are
-unchanged (checked below, uncached). The fixed schedules are diffusers' hooks with their per-step decision
-replaced by the schedule's; the threshold rule is theirs unchanged.
+The reference is diffusers' implementation (tests/helpers/flux_cache.py) with one shim: its tail-block hook
+subtracts the last block's ``encoder_hidden_states`` output, which SD3's last block (``context_pre_only``) returns as
+None, so diffusers 0.42 raises a TypeError on ``SD3Transformer2DModel``. The shim makes that block return its input
+context instead of None; ``SD3Transformer2DModel.forward`` never reads the last block's context, so the model's
+outputs are unchanged (checked below, uncached). The fixed schedules are diffusers' hooks with their per-step
+decision replaced by the schedule's; the threshold rule is theirs unchanged. diffusers' SD 3 pipelines set no cache
+context for the hooks: the reference sets one around the call (their one transformer call per step, both guidance
+rows in it). Every reference decodes its latents as ``StableDiffusion3Pipeline`` does (the inpainting pipeline
+leaves out the VAE's shift; tests/test_sd3_inpaint.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -23,77 +29,44 @@ from sdrt.runtime.feature_cache import CHANGE, SHALLOW_UNET, CachePolicy
 from sdrt.runtime.manifest import ExportManifest
 from sdrt.runtime.pipeline import Pipeline
 
+from .helpers.flux_cache import cache_kw, first_block_cache, full_count, hooks_context, threshold_margin
 from .helpers.pipelines import shared_pipeline
+from .helpers.references import sd3_decode, sd3_pipeline
 
 PROMPT = "a red fox in the snow, highly detailed"
 KW: dict[str, Any] = {"negative_prompt": "blurry, low quality", "height": 64, "width": 96, "guidance_scale": 5.0}
 STEPS = 10
 
 
-def _reference(preset: str, folder: Path, policy: CachePolicy | None) -> tuple[np.ndarray, list[bool], list[float]]:
-    """diffusers' pipeline over the preset's seeded modules (fresh: the hooks keep state), with first-block
-    caching per ``policy``: its images (uint8), whether each step ran the remaining blocks, and each step's
-    relative change as diffusers computed it (NaN where it compared nothing)."""
-    from diffusers import StableDiffusion3Pipeline
-    from diffusers.hooks import FirstBlockCacheConfig, HookRegistry, apply_first_block_cache
-    from diffusers.hooks.hooks import CacheContext, _set_cache_context
-    from diffusers.schedulers import FlowMatchEulerDiscreteScheduler
-    from transformers import CLIPTokenizer, T5TokenizerFast
+def _reference(preset: str, folder: Path, policy: CachePolicy | None, cls: str = "StableDiffusion3Pipeline",
+               runs: int = STEPS, t5: bool = True, **call: Any) -> tuple[np.ndarray, list[bool], list[float]]:
+    """diffusers' pipeline ``cls`` over the preset's seeded modules (fresh: the hooks keep state), with first-block
+    caching per ``policy`` (tests/helpers/flux_cache.py; ``runs``: the transformer calls of the loop): its image
+    (uint8), whether each step ran the remaining blocks, and each step's relative change as diffusers computed it
+    (NaN where it compared nothing). ``call``: the pipeline call's keywords (default: the txt2img latents)."""
+    import diffusers
 
     from sdrt.export.sd3_presets import build_modules, get_sd3_preset
 
     p = get_sd3_preset(preset)
-    m = build_modules(p, seed=0)
-    tr = m.transformer
-    ran: list[bool] = []
-    changes: list[float] = []
-    if policy is not None:
-        last = tr.transformer_blocks[-1]
-        plain = last.forward
-
-        def forward(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-            context, hidden = plain(*args, **kwargs)
-            return (kwargs["encoder_hidden_states"] if context is None else context), hidden
-
-        last.forward = forward  # the shim (see the module docstring)
-        apply_first_block_cache(tr, FirstBlockCacheConfig(threshold=policy.threshold or 0.0))
-        head = HookRegistry.check_if_exists_or_initialize(tr.transformer_blocks[0]).get_hook("fbc_leader_block_hook")
-        rule = head._should_compute_remaining_blocks
-        plan = iter(policy.full_steps(STEPS)) if policy.threshold is None else None
-
-        def decide(residual: torch.Tensor) -> bool:
-            prev = head.state_manager.get_state().head_block_residual
-            changes.append(float("nan") if prev is None else
-                           float((residual - prev).abs().mean() / prev.abs().mean()))
-            return bool(rule(residual)) if plan is None else bool(next(plan))
-
-        head._should_compute_remaining_blocks = decide
-        _set_cache_context(tr, CacheContext("sdrt"))
-        tr.register_forward_hook(lambda *_: ran.append(head.state_manager.get_state().should_compute))
-    folder = Path(folder)
-    pipe = StableDiffusion3Pipeline(
-        transformer=tr, vae=m.vae, scheduler=FlowMatchEulerDiscreteScheduler.from_config(p.scheduler),
-        text_encoder=m.text_encoders[0], tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
-        text_encoder_2=m.text_encoders[1], tokenizer_2=CLIPTokenizer.from_pretrained(folder / "tokenizer_2"),
-        text_encoder_3=m.text_encoders[2], tokenizer_3=T5TokenizerFast.from_pretrained(folder / "tokenizer_3"))
-    pipe.set_progress_bar_config(disable=True)
-    latents = np.random.default_rng(0).standard_normal((1, 16, KW["height"] // 8, KW["width"] // 8), dtype=np.float32)
-    with torch.no_grad():
-        images = pipe(PROMPT, num_inference_steps=STEPS, latents=torch.from_numpy(latents), output_type="np",
-                      **KW).images
-    return (images[0] * 255).round().astype(np.int32), ran, changes
+    pipe = sd3_pipeline(getattr(diffusers, cls), build_modules(p, seed=0), Path(folder), p.scheduler, t5=t5)
+    ran, changes = ([], []) if policy is None else first_block_cache(pipe.transformer, policy, runs)
+    call = call or {"latents": torch.from_numpy(_latents())}
+    context = hooks_context(pipe.transformer) if policy is not None else contextlib.nullcontext()
+    with torch.no_grad(), context:
+        # the inpainting pipeline decodes without the VAE's shift: its latents, decoded as the others decode
+        out = pipe(PROMPT, num_inference_steps=STEPS, output_type="latent", **{**KW, **call}).images
+    return sd3_decode(pipe, out)[0], ran, changes
 
 
-def _sdrt(folder: Path, policy: CachePolicy | None, backend: str = "ort-cpu") -> tuple[np.ndarray, str]:
-    latents = np.random.default_rng(0).standard_normal((1, 16, KW["height"] // 8, KW["width"] // 8), dtype=np.float32)
-    extra = {} if policy is None else {"cache": policy.kind, "cache_interval": policy.interval,
-                                       "cache_schedule": policy.schedule, "cache_threshold": policy.threshold}
-    res = shared_pipeline(folder, backend)(PROMPT, steps=STEPS, latents=latents, **KW, **extra)
+def _latents() -> np.ndarray:
+    return np.random.default_rng(0).standard_normal((1, 16, KW["height"] // 8, KW["width"] // 8), dtype=np.float32)
+
+
+def _sdrt(folder: Path, policy: CachePolicy | None, backend: str = "ort-cpu", **call: Any) -> tuple[np.ndarray, str]:
+    res = shared_pipeline(folder, backend)(PROMPT, steps=STEPS, **{"latents": _latents(), **KW, **call},
+                                           **cache_kw(policy))
     return np.asarray(res.images[0]).astype(np.int32), res.loop
-
-
-def _full_count(loop: str) -> int:
-    return int(loop.split(" steps ran the full transformer")[0].rsplit(" of ", 1)[0].rsplit(" ", 1)[1])
 
 
 @pytest.mark.parametrize(("preset", "threshold"), [("sd3-tiny", 0.2), ("sd35-medium-tiny", 0.3)])
@@ -103,11 +76,11 @@ def test_threshold_rule_matches_diffusers_first_block_cache(sd3_export, preset: 
     policy = CachePolicy("first-block", threshold=threshold)
     want, ran, changes = _reference(preset, folder, policy)
     # the comparison of decisions is meaningful only away from the threshold
-    margin = min(abs(c - threshold) for c in changes if not np.isnan(c))
+    margin = threshold_margin(changes, threshold)
     assert margin > 2e-3, f"a step's change is within {margin:.1e} of the threshold: pick another threshold"
     assert 1 < sum(ran) < STEPS, f"the threshold decides nothing here ({ran}): pick another"
     got, loop = _sdrt(folder, policy)
-    assert _full_count(loop) == sum(ran), loop
+    assert full_count(loop) == sum(ran), loop
     assert f"threshold {threshold:g}" in loop
     diff = int(np.abs(got - want).max())
     assert diff <= 1, f"{preset}: max abs difference {diff}/255 from diffusers' first-block cache"
@@ -125,10 +98,64 @@ def test_fixed_schedules_match_diffusers_hooks(sd3_export, preset: str, interval
     want, ran, _ = _reference(preset, folder, policy)
     assert ran == list(policy.full_steps(STEPS))
     got, loop = _sdrt(folder, policy)
-    assert _full_count(loop) == sum(ran) < STEPS
+    assert full_count(loop) == sum(ran) < STEPS
     diff = int(np.abs(got - want).max())
     assert diff <= 1, f"{preset} every {interval} ({schedule}): max abs difference {diff}/255"
     uncached, _ = _sdrt(folder, None)
+    assert np.abs(uncached - want).max() > 1  # the cache changed the image: the comparison means something
+
+
+# img2img and inpainting: diffusers' pipeline (preset, T5 or not), the image (and mask) at the output's size, strength
+# 0.8 (8 of the 10 steps run); diffusers' noise is the generator's first draw (the images encode to their means)
+EDITS: dict[str, tuple[str, str, bool]] = {
+    "img2img": ("StableDiffusion3Img2ImgPipeline", "sd3-tiny", True),
+    "inpaint": ("StableDiffusion3InpaintPipeline", "sd3-tiny", True),  # an ordinary transformer: blending
+    "inpaint-33": ("StableDiffusion3InpaintPipeline", "sd3-inpaint-tiny", False),  # the mask in its channels
+}
+STRENGTH, RUNS, SEED = 0.8, 8, 3  # RUNS: diffusers' get_timesteps, STEPS - int(STEPS - STEPS * STRENGTH)
+
+
+def _edit(case: str, sd3_export: Any, policy: CachePolicy) -> tuple[np.ndarray, list[bool], list[float],
+                                                                     np.ndarray, str]:
+    """diffusers' image, which calls ran in full and their changes (``_reference``), and sdrt's image and loop."""
+    from .helpers.inputs import image_and_mask
+
+    cls, preset, t5 = EDITS[case]
+    folder = sd3_export(preset, t5, block_cache=True)
+    image, mask = image_and_mask(w=KW["width"], h=KW["height"])
+    call: dict[str, Any] = {"image": image, "strength": STRENGTH, **({"mask_image": mask} if "inpaint" in case else {})}
+    want, ran, changes = _reference(preset, folder, policy, cls, RUNS, t5, generator=torch.Generator().manual_seed(SEED),
+                                    **call)
+    noise = torch.randn((1, 16, KW["height"] // 8, KW["width"] // 8), generator=torch.Generator().manual_seed(SEED))
+    got, loop = _sdrt(folder, policy, latents=noise.numpy(), **call)
+    return want, ran, changes, got, loop
+
+
+@pytest.mark.parametrize(("case", "threshold"), [("img2img", 0.23), ("inpaint", 0.2), ("inpaint-33", 0.2)])
+def test_img2img_and_inpainting_threshold_rule_match_diffusers(sd3_export, mean_vae, case: str,
+                                                               threshold: float) -> None:
+    """diffusers' rule, unchanged, in its img2img and inpainting pipelines: the same calls run in full and the
+    images agree within 1/255."""
+    want, ran, changes, got, loop = _edit(case, sd3_export, CachePolicy("first-block", threshold=threshold))
+    margin = threshold_margin(changes, threshold)
+    assert margin > 2e-3, f"a step's change is within {margin:.1e} of the threshold: pick another threshold"
+    assert len(ran) == RUNS and 1 < sum(ran) < RUNS, f"the threshold decides nothing here ({ran}, {changes})"
+    assert full_count(loop) == sum(ran), (loop, ran)
+    diff = int(np.abs(got - want).max())
+    assert diff <= 1 and want.std() > 5, f"{case}: max abs difference {diff}/255 from diffusers' first-block cache"
+
+
+@pytest.mark.parametrize("case", list(EDITS))
+def test_img2img_and_inpainting_fixed_schedule_match_diffusers_hooks(sd3_export, mean_vae, case: str) -> None:
+    """Every second call full, from the first call the strength leaves: diffusers' hooks with their decision
+    replaced by the schedule's; images within 1/255, away from the uncached image."""
+    policy = CachePolicy("first-block", interval=2)
+    want, ran, _, got, loop = _edit(case, sd3_export, policy)
+    assert ran == list(policy.full_steps(RUNS))
+    assert full_count(loop) == sum(ran) < RUNS
+    diff = int(np.abs(got - want).max())
+    assert diff <= 1 and want.std() > 5, f"{case} every 2: max abs difference {diff}/255"
+    uncached, _, _, _, _ = _edit(case, sd3_export, CachePolicy("first-block", interval=1))
     assert np.abs(uncached - want).max() > 1  # the cache changed the image: the comparison means something
 
 
@@ -159,12 +186,10 @@ def test_openvino_runs_the_same_cached_steps(sd3_export, policy: CachePolicy) ->
     want, want_loop = _sdrt(folder, policy)
     res = Pipeline.load(folder, backend="openvino", precision="f32")
     try:
-        latents = np.random.default_rng(0).standard_normal((1, 16, 8, 12), dtype=np.float32)
-        got = res(PROMPT, steps=STEPS, latents=latents, **KW, cache=policy.kind, cache_interval=policy.interval,
-                  cache_threshold=policy.threshold)
+        got = res(PROMPT, steps=STEPS, latents=_latents(), **KW, **cache_kw(policy))
     finally:
         res.close()
-    assert _full_count(got.loop) == _full_count(want_loop)
+    assert full_count(got.loop) == full_count(want_loop)
     assert np.abs(np.asarray(got.images[0]).astype(np.int32) - want).max() <= 1
 
 
@@ -270,8 +295,6 @@ def test_a_streamed_transformer_exports_the_same_cached_step(sd3_export, tmp_pat
     for policy in (CachePolicy("first-block", interval=2), CachePolicy("first-block", threshold=0.3)):
         want, want_loop = _sdrt(ref_folder, policy)
         with Pipeline.load(out, backend="ort-cpu") as pipe:
-            latents = np.random.default_rng(0).standard_normal((1, 16, 8, 12), dtype=np.float32)
-            got = pipe(PROMPT, steps=STEPS, latents=latents, **KW, cache=policy.kind, cache_interval=policy.interval,
-                       cache_threshold=policy.threshold)
-        assert _full_count(got.loop) == _full_count(want_loop) < STEPS
+            got = pipe(PROMPT, steps=STEPS, latents=_latents(), **KW, **cache_kw(policy))
+        assert full_count(got.loop) == full_count(want_loop) < STEPS
         assert np.abs(np.asarray(got.images[0]).astype(np.int32) - want).max() <= 1

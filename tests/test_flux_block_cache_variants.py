@@ -1,6 +1,10 @@
 """First-block caching (``cache="first-block"``) for FLUX.1 Kontext (a reference image's tokens joined to the image's)
 and FLUX.1 Depth / Canny (a control image's latents joined to the latents' channels), against diffusers' own hooks
-on the same seeded modules in ``FluxKontextPipeline`` and ``FluxControlPipeline`` (tests/helpers/flux_cache.py).
+on the same seeded modules in ``FluxKontextPipeline`` and ``FluxControlPipeline`` (tests/helpers/flux_cache.py);
+and for the calls that start from an image: FLUX.1 Fill (``FluxFillPipeline``: the mask and the masked image's
+latents in the transformer's channels), [dev]'s img2img and inpainting by blending (``FluxImg2ImgPipeline``,
+``FluxInpaintPipeline``) and Depth's img2img and inpainting (``FluxControlImg2ImgPipeline``,
+``FluxControlInpaintPipeline``).
 
 Kontext: diffusers' hooks keep the residuals of the whole sequence the blocks see, the image's tokens and the
 reference's; the threshold rule's change is a mean over both. sdrt's export returns the first block's residual over
@@ -32,6 +36,7 @@ from .helpers.flux_cache import (
     cache_kw,
     first_block_cache,
     full_count,
+    hooks_context,
     streamed_cached_export,
     threshold_margin,
 )
@@ -151,29 +156,72 @@ def test_a_fixed_schedule_matches_diffusers_hooks(flux_export, mean_vae, preset:
     assert diff <= 1, f"{preset} every 2: max abs difference {diff}/255"
 
 
-def test_depth_with_a_mask_matches_diffusers_hooks(flux_export, mean_vae) -> None:
-    """Depth inpainting (a mask, strength 0.75: 6 of the 8 steps) with every second step full: diffusers'
-    ``FluxControlInpaintPipeline`` with its hooks on the schedule's decisions; its noise is the generator's first
-    draw (the images encode to their means)."""
+# FLUX.1 Fill, img2img and inpainting by blending, Depth's too: diffusers' pipeline, the preset, whether the call has a
+# mask, the strength (Fill: 1, its usual) and the guidance scale (Fill's: diffusers' default 30); the image and mask
+# at the output's size, diffusers' noise the generator's first draw (the images encode to their means: ``mean_vae``)
+EDITS: dict[str, tuple[str, str, bool, float, float]] = {
+    "fill": ("FluxFillPipeline", "flux-fill-dev-tiny", True, 1.0, 30.0),
+    "img2img": ("FluxImg2ImgPipeline", "flux-dev-tiny", False, 0.75, 3.5),
+    "inpaint": ("FluxInpaintPipeline", "flux-dev-tiny", True, 0.75, 3.5),
+    "depth-img2img": ("FluxControlImg2ImgPipeline", DEPTH, False, 0.75, 10.0),
+    "depth-inpaint": ("FluxControlInpaintPipeline", DEPTH, True, 0.75, 10.0),
+}
+SEED = 4
+
+
+def _edit(case: str, flux_export: Any, policy: CachePolicy) -> tuple[np.ndarray, list[bool], list[float],
+                                                                     np.ndarray, str, int]:
+    """diffusers' image with its hooks per ``policy``, which calls ran in full and their changes; sdrt's image and
+    loop; the number of steps the strength leaves (diffusers' ``get_timesteps``)."""
     from .helpers.inputs import image_and_mask
 
-    folder = flux_export(DEPTH, block_cache=True)
-    policy, runs = CachePolicy("first-block", interval=2), 6
-    pipe = flux_preset_pipeline("FluxControlInpaintPipeline", DEPTH, folder)
-    ran, _ = first_block_cache(pipe.transformer, policy, runs)
-    image, mask = image_and_mask()
-    noise = torch.randn((1, 16, HEIGHT // 8, WIDTH // 8), generator=torch.Generator().manual_seed(4)).numpy()
-    with torch.no_grad(), pipe.transformer.cache_context("cond"):  # the pipeline sets no context (as Control's)
-        want = pipe(prompt=PROMPT, image=image, mask_image=mask, control_image=_image(), strength=0.75,
-                    height=HEIGHT, width=WIDTH, num_inference_steps=STEPS, guidance_scale=10.0,
-                    generator=torch.Generator().manual_seed(4), output_type="np").images
+    cls, preset, masked, strength, guidance = EDITS[case]
+    folder = flux_export(preset, block_cache=True)
+    runs = STEPS - int(STEPS - STEPS * strength)
+    pipe = flux_preset_pipeline(cls, preset, folder)
+    ran, changes = first_block_cache(pipe.transformer, policy, runs)
+    image, mask = image_and_mask(w=WIDTH, h=HEIGHT)
+    call: dict[str, Any] = {"image": image, "strength": strength, "height": HEIGHT, "width": WIDTH,
+                            "guidance_scale": guidance, **({"mask_image": mask} if masked else {})}
+    control = preset == DEPTH
+    with torch.no_grad(), hooks_context(pipe.transformer):  # the pipelines set no context (as Kontext's)
+        images = pipe(prompt=PROMPT, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(SEED),
+                      output_type="np", **call, **({"control_image": _image()} if control else {})).images
+    noise = torch.randn((1, 16, HEIGHT // 8, WIDTH // 8), generator=torch.Generator().manual_seed(SEED)).numpy()
+    res = shared_pipeline(folder)(PROMPT, steps=STEPS, latents=noise, **call, **cache_kw(policy),
+                                  **({"control_images": [_image()]} if control else {}))
+    got = np.asarray(res.images[0]).astype(np.int32)
+    return (images[0] * 255).round().astype(np.int32), ran, changes, got, res.loop, runs
+
+
+@pytest.mark.parametrize(("case", "threshold"), [("fill", 0.3), ("img2img", 0.3), ("inpaint", 0.32),
+                                                  ("depth-img2img", 0.3), ("depth-inpaint", 0.3)])
+def test_fill_img2img_and_inpainting_threshold_rule_match_diffusers(flux_export, mean_vae, case: str,
+                                                                    threshold: float) -> None:
+    """diffusers' rule, unchanged, in FluxFillPipeline (the mask and the masked image's latents in the
+    transformer's channels), FluxImg2ImgPipeline, FluxInpaintPipeline and Depth's FluxControlImg2ImgPipeline and
+    FluxControlInpaintPipeline: the same calls run in full and the images agree within 1/255."""
+    want, ran, changes, got, loop, runs = _edit(case, flux_export, CachePolicy("first-block", threshold=threshold))
+    margin = threshold_margin(changes, threshold)
+    assert margin > 2e-3, f"a step's change is within {margin:.1e} of the threshold: pick another threshold"
+    assert len(ran) == runs and 1 < sum(ran) < runs, f"the threshold decides nothing here ({ran}, {changes})"
+    assert full_count(loop) == sum(ran), (loop, ran)
+    diff = int(np.abs(got - want).max())
+    assert diff <= 1 and want.std() > 5, f"{case}: max abs difference {diff}/255 from diffusers' first-block cache"
+
+
+@pytest.mark.parametrize("case", list(EDITS))
+def test_fill_img2img_and_inpainting_fixed_schedule_match_diffusers_hooks(flux_export, mean_vae, case: str) -> None:
+    """Every second call full, from the first call the strength leaves: diffusers' hooks with their decision
+    replaced by the schedule's; images within 1/255, away from the uncached image."""
+    policy = CachePolicy("first-block", interval=2)
+    want, ran, _, got, loop, runs = _edit(case, flux_export, policy)
     assert ran == list(policy.full_steps(runs))
-    res = shared_pipeline(folder)(PROMPT, image=image, mask_image=mask, strength=0.75,
-                                  **{**_call(DEPTH, policy), "latents": noise})
-    assert full_count(res.loop) == sum(ran) < runs
-    want_u8 = (want[0] * 255).round().astype(np.int32)
-    diff = int(np.abs(np.asarray(res.images[0]).astype(np.int32) - want_u8).max())
-    assert diff <= 1 and want_u8.std() > 5, f"Depth with a mask, every 2: max abs difference {diff}/255"
+    assert full_count(loop) == sum(ran) < runs
+    diff = int(np.abs(got - want).max())
+    assert diff <= 1 and want.std() > 5, f"{case} every 2: max abs difference {diff}/255"
+    uncached, _, _, _, _, _ = _edit(case, flux_export, CachePolicy("first-block", interval=1))
+    assert np.abs(uncached - want).max() > 1  # the cache changed the image: the comparison means something
 
 
 @pytest.mark.parametrize("preset", [KONTEXT, DEPTH])

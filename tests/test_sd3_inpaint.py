@@ -24,6 +24,7 @@ from sdrt.runtime.errors import InputError
 
 from .helpers.inputs import box_mask, image_and_mask
 from .helpers.pipelines import shared_pipeline
+from .helpers.references import sd3_decode
 
 PROMPT = "a red fox in the snow"
 NEGATIVE = "blurry"
@@ -63,15 +64,6 @@ def argmax_vae(monkeypatch: pytest.MonkeyPatch) -> None:
                         lambda out, generator=None, sample_mode="sample": real(out, generator, "argmax"))
 
 
-def _decode(pipe, latents: torch.Tensor) -> np.ndarray:
-    """diffusers' SD3 decode (``StableDiffusion3Pipeline``'s: ``latents / scaling + shift``) -> uint8 levels."""
-    cfg = pipe.vae.config
-    with torch.no_grad():
-        image = pipe.vae.decode(latents / cfg.scaling_factor + cfg.shift_factor, return_dict=False)[0]
-    out = pipe.image_processor.postprocess(image, output_type="np")
-    return (out * 255).round().astype(np.int32)
-
-
 def _second_mask(w: int = 120, h: int = 80):
     """A small off-centre box (a different region, no soft edge)."""
     from PIL import Image
@@ -106,7 +98,7 @@ def test_inpaint_matches_diffusers(sd3_export, argmax_vae, preset: str, t5: bool
         lat = ref(PROMPT, negative_prompt=negative, image=image, mask_image=mask, height=height, width=width,
                   strength=strength, num_inference_steps=steps, guidance_scale=guidance,
                   generator=torch.Generator().manual_seed(3), output_type="latent").images
-    want = _decode(ref, lat)[0]
+    want = sd3_decode(ref, lat)[0]
     pipe = shared_pipeline(folder)
     assert pipe.is_inpainting == (preset == "sd3-inpaint-tiny")
     res = pipe(PROMPT, negative_prompt=negative, image=image, mask_image=mask, height=height, width=width,

@@ -1,16 +1,26 @@
-"""diffusers' own first-block cache hooks on a FLUX.1 pipeline's transformer (the references of the caching tests;
-the pipelines themselves: ``references.flux_preset_pipeline``), counting the steps that ran in full.
+"""diffusers' own first-block cache hooks on a transformer (FLUX.1's, SD 3 / 3.5's: the references of the caching
+tests; the pipelines themselves: ``references.flux_preset_pipeline``, ``references.sd3_pipeline``), counting the
+steps that ran in full.
 
-``first_block_cache`` applies ``transformer.enable_cache(FirstBlockCacheConfig(threshold=...))`` (diffusers'
-``apply_first_block_cache``: head ``transformer_blocks[0]``, tail ``single_transformer_blocks[-1]``); the pipelines
-set the hooks' cache context themselves. With a policy's fixed schedule the hooks' per-step decision is replaced by
-the schedule's; with a threshold it is diffusers' own, and each step's relative change is recorded from the hooks'
-state (without changing their decision) so that a test can keep its threshold away from the steps' changes.
+``first_block_cache`` applies diffusers' ``apply_first_block_cache`` (``FirstBlockCacheConfig(threshold=...)``; on
+FLUX.1 through ``transformer.enable_cache``): head the first block, tail the last. FluxPipeline sets the hooks'
+cache context itself; the other pipelines (FLUX.1 Fill, img2img, inpainting, Kontext, Control; every SD 3 one)
+set none, and ``hooks_context`` sets the one their single transformer call per step amounts to. With a policy's
+fixed schedule the hooks' per-step decision is replaced by the schedule's; with a threshold it is diffusers' own,
+and each step's relative change is recorded from the hooks' state (without changing their decision) so that a
+test can keep its threshold away from the steps' changes.
+
+SD 3's last block (``context_pre_only``) returns None for its context, which diffusers 0.42's tail hook subtracts
+(a TypeError on ``SD3Transformer2DModel``): ``first_block_cache`` makes that block return its input context instead;
+``SD3Transformer2DModel.forward`` never reads the last block's context, so the model's outputs are unchanged
+(tests/test_block_cache.py checks it, uncached).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +34,24 @@ def first_block_cache(transformer: torch.nn.Module, policy: CachePolicy, steps: 
     ``steps`` steps, deciding per ``policy``. Returns two lists the run fills: whether each transformer call ran the
     remaining blocks (the hooks' own ``should_compute``), and each call's relative change as diffusers computes it
     (NaN where it compared nothing)."""
-    from diffusers.hooks import FirstBlockCacheConfig, HookRegistry
+    from diffusers.hooks import FirstBlockCacheConfig, HookRegistry, apply_first_block_cache
 
     ran: list[bool] = []
     changes: list[float] = []
-    transformer.enable_cache(FirstBlockCacheConfig(threshold=policy.threshold or 0.0))
+    last_block = transformer.transformer_blocks[-1]
+    if getattr(last_block, "context_pre_only", False):  # SD 3's last block (see the module docstring)
+        plain = last_block.forward
+
+        def forward(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            context, hidden = plain(*args, **kwargs)
+            return (kwargs["encoder_hidden_states"] if context is None else context), hidden
+
+        last_block.forward = forward
+    config = FirstBlockCacheConfig(threshold=policy.threshold or 0.0)
+    if hasattr(transformer, "enable_cache"):  # FLUX.1's (diffusers' CacheMixin); SD 3's transformer has none
+        transformer.enable_cache(config)
+    else:
+        apply_first_block_cache(transformer, config)
     head = HookRegistry.check_if_exists_or_initialize(transformer.transformer_blocks[0]).get_hook(
         "fbc_leader_block_hook")
     rule = head._should_compute_remaining_blocks
@@ -42,6 +65,21 @@ def first_block_cache(transformer: torch.nn.Module, policy: CachePolicy, steps: 
     head._should_compute_remaining_blocks = decide
     transformer.register_forward_hook(lambda *_: ran.append(head.state_manager.get_state().should_compute))
     return ran, changes
+
+
+@contextlib.contextmanager
+def hooks_context(transformer: torch.nn.Module) -> Iterator[None]:
+    """The hooks' cache context around a pipeline call that sets none itself (diffusers 0.42's FLUX.1 Fill,
+    img2img, inpainting, Kontext and Control pipelines, and every SD 3 one): one context for the call, which their
+    one transformer call per step (classifier-free guidance batched in it, on SD 3) amounts to; what
+    ``cache_context("cond")`` sets, for a transformer without diffusers' ``CacheMixin`` too."""
+    from diffusers.hooks.hooks import CacheContext, _set_cache_context
+
+    _set_cache_context(transformer, CacheContext("cond"))
+    try:
+        yield
+    finally:
+        _set_cache_context(transformer, None)
 
 
 def cache_kw(policy: CachePolicy | None) -> dict[str, Any]:

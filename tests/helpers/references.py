@@ -146,3 +146,17 @@ def assert_diffusers_images(images: Iterable[Any], want: np.ndarray, what: str) 
     assert diff <= 1, f"{what}: max abs difference {diff}/255"
     assert want_u8.std() > 5
     return got, want_u8
+
+
+def sd3_decode(pipe: Any, latents: Any) -> np.ndarray:
+    """SD 3 latents decoded as ``StableDiffusion3Pipeline`` decodes them (``latents / scaling + shift``), as uint8
+    levels [B, H, W, 3] (int32). diffusers 0.42's SD 3 inpainting pipeline decodes without the VAE's shift (its
+    txt2img and img2img pipelines add it): its references take ``output_type="latent"`` and decode here, which is
+    what sdrt's VAE decoder does."""
+    import torch
+
+    cfg = pipe.vae.config
+    with torch.no_grad():
+        image = pipe.vae.decode(latents / cfg.scaling_factor + cfg.shift_factor, return_dict=False)[0]
+    out = pipe.image_processor.postprocess(image, output_type="np")
+    return (out * 255).round().astype(np.int32)
