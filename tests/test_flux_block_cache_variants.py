@@ -318,3 +318,42 @@ def test_tensorrt_fakes_capture_a_fixed_schedule(flux_export, tmp_path: Path, fa
     assert got.loop.startswith("captured CUDA graphs") and "2 of 4 steps ran the full transformer" in got.loop
     a, b = np.asarray(want.images[0], np.int16), np.asarray(got.images[0], np.int16)
     assert a.std() > 1 and np.abs(a - b).max() <= 1
+
+
+def _kontext_inpaint(flux_export: Any, policy: CachePolicy) -> tuple[np.ndarray, list[bool], list[float], np.ndarray,
+                                                                      str]:
+    """Kontext inpainting (the image, 96 x 64, its own reference), strength 0.75 (6 of the 8 steps):
+    FluxKontextInpaintPipeline's image with the hooks per ``policy`` (the image kept at its size, ``_auto_resize``
+    False; its noise the generator's first draw), which calls ran in full and their changes; sdrt's image and loop."""
+    from .helpers.inputs import image_and_mask
+
+    folder = flux_export(KONTEXT, block_cache=True)
+    pipe = flux_preset_pipeline("FluxKontextInpaintPipeline", KONTEXT, folder)
+    ran, changes = first_block_cache(pipe.transformer, policy, 6)
+    image, mask = image_and_mask(w=WIDTH, h=HEIGHT)
+    with torch.no_grad(), hooks_context(pipe.transformer):  # the pipeline sets no context (as Kontext's)
+        images = pipe(prompt=PROMPT, image=image, mask_image=mask, strength=0.75, num_inference_steps=STEPS,
+                      guidance_scale=2.5, generator=torch.Generator().manual_seed(SEED), _auto_resize=False,
+                      output_type="np").images
+    noise = torch.randn((1, 16, HEIGHT // 8, WIDTH // 8), generator=torch.Generator().manual_seed(SEED)).numpy()
+    res = shared_pipeline(folder)(PROMPT, image=image, mask_image=mask, reference_resize=False, strength=0.75,
+                                  steps=STEPS, guidance_scale=2.5, latents=noise, **cache_kw(policy))
+    return (images[0] * 255).round().astype(np.int32), ran, changes, np.asarray(res.images[0]).astype(np.int32), res.loop
+
+
+@pytest.mark.parametrize("policy", [CachePolicy("first-block", interval=2), CachePolicy("first-block", threshold=0.3)])
+def test_kontext_inpainting_matches_diffusers_hooks(flux_export, policy: CachePolicy) -> None:
+    """Kontext with a mask: FluxKontextInpaintPipeline with the hooks, on a schedule and by the threshold (the
+    change over the image's and the reference's tokens): the same calls run in full, images within 1/255, away from
+    the uncached image."""
+    want, ran, changes, got, loop = _kontext_inpaint(flux_export, policy)
+    if policy.threshold is None:
+        assert ran == list(policy.full_steps(6))
+    else:
+        margin = threshold_margin(changes, policy.threshold)
+        assert margin > 2e-3, f"a step's change is within {margin:.1e} of the threshold: pick another threshold"
+    assert 1 < sum(ran) < 6 and full_count(loop) == sum(ran), (loop, ran, changes)
+    diff = int(np.abs(got - want).max())
+    assert diff <= 1 and want.std() > 5, f"Kontext with a mask ({policy.describe(ran)}): max abs difference {diff}/255"
+    uncached, _, _, _, _ = _kontext_inpaint(flux_export, CachePolicy("first-block", interval=1))
+    assert np.abs(uncached - want).max() > 1  # the cache changed the image: the comparison means something
