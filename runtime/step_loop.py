@@ -13,7 +13,10 @@ it the same way::
 With ControlNets (``backend.step_loop(unet_control, step, controlnets=[net_0, None, ...])`` and
 ``start(..., control=ControlFeeds(images, scales))``) each step runs every active ControlNet on the UNet's
 own inputs, then the UNet over their residuals (a net left out feeds zeros): the same step, with more
-engines in it. The scale table's rows are uploaded in ``start`` like the timesteps.
+engines in it. The scale table's rows are uploaded in ``start`` like the timesteps. With a ``shallow`` path as
+well (an export made with ControlNets and ``--feature-cache``), the nets run on cheap steps too and the shallow
+path takes, by name, the residuals of the skips it reads (``residual_inputs``); run without ControlNets, it is
+fed zeros for them.
 
 The interface (:class:`StepLoop`, with the argument checks every loop shares, :class:`ControlFeeds` and the
 host :class:`Clock`) is declared in ``runtime/engine.py`` beside ``Backend``, which returns them; they are

@@ -24,7 +24,10 @@ fixed buffer, and a shallow step runs ``unet_shallow`` over that buffer instead 
 output buffer the step graph reads. Each kind of step is captured as its own pair of graphs (full and
 shallow, even and odd: four), and ``step(i)`` launches the one the ``full`` plan given to ``start`` names. A
 UNet with outputs beyond its prediction (an export made with ``--deepcache``, run without caching) has each
-extra output bound to a fixed buffer of its own: TensorRT runs an engine only with every output bound.
+extra output bound to a fixed buffer of its own: TensorRT runs an engine only with every output bound. With
+ControlNets too (an export made with both), every step, full or shallow, runs the active nets first, and the
+shallow path binds the residual buffers of the skip it reads (``controlnet_{j}_down_0``); without ControlNets
+that shallow path reads zero buffers of its own.
 
 ``start`` captures on first use and whenever shapes change (after one warm-up run of each engine: TensorRT
 finishes shape-dependent setup outside the capture); a capture that fails with any error (TensorRT's or
