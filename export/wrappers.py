@@ -276,7 +276,8 @@ class UNetControl(UNet):
     """The UNet with ControlNet residuals: the plain UNet's inputs, then ``nets`` groups of ``residuals``
     tensors (each net's ``down_*`` then ``mid``). The groups are summed here, so several ControlNets cost
     the host nothing, and passed as diffusers' ``down_block_additional_residuals`` /
-    ``mid_block_additional_residual``."""
+    ``mid_block_additional_residual``. ``deep_feature``: DeepCache's deep feature too, as ``UNet``'s (it then holds
+    what the residuals did, which the shallow path's cheap steps reuse)."""
 
     def __init__(self, unet: torch.nn.Module, sdxl: bool, time_cond: bool, nets: int, residuals: int,
                  deep_feature: bool = False) -> None:

@@ -146,17 +146,26 @@ def test_caching_off_with_controlnets_is_bit_identical_to_the_export_without_it(
 
 
 def test_a_cheap_step_without_residual_inputs_is_refused_beside_controlnets(tiny_controlnet_export,
-                                                                          deepcache_export) -> None:
-    """The shallow path of an export made without ControlNets takes none of their residuals: a loop of it beside
-    ControlNets would drop the control on cheap steps, so it is refused, saying what to re-export."""
+                                                                          deepcache_export,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shallow path of an export made without ControlNets takes none of their residuals (as first-block
+    caching's cached step takes none): a loop of it beside ControlNets would drop the control on cheap steps, so it
+    is refused, saying what to re-export: by the call before any engine runs, and by the loop."""
     cn = shared_pipeline(tiny_controlnet_export("sd15-tiny", "fp32", 2, deepcache=True))
     other = shared_pipeline(deepcache_export("sd15-tiny"))
+    shallow = cn.engines["unet_shallow"]  # this export's takes the residual of the skip it reads, of each net
+    assert sorted(k for k in shallow.inputs if k.startswith("controlnet_")) == ["controlnet_0_down_0",
+                                                                                "controlnet_1_down_0"]
     with pytest.raises(InputError, match="takes no ControlNet residuals.*--controlnet"):
         PlainStepLoop(cn.backend, cn.engines["unet_control"], cn.engines["unet_control"],
                       [cn.engines["controlnet_0"], None], shallow=other.engines["unet_shallow"])
-    shallow = cn.engines["unet_shallow"]
-    assert sorted(k for k in shallow.inputs if k.startswith("controlnet_")) == ["controlnet_0_down_0",
-                                                                                "controlnet_1_down_0"]
+    monkeypatch.setitem(cn.engines, "unet_shallow", other.engines["unet_shallow"])
+    ran: list[str] = []
+    for name, e in cn.engines.items():
+        monkeypatch.setattr(e, "run", lambda feeds, name=name: ran.append(name))
+    with pytest.raises(InputError, match=r"takes no ControlNet residuals.*leave cache out.*--feature-cache together"):
+        cn(PROMPT, steps=2, cache="deepcache", control_images=[control_image(10)])
+    assert ran == []
 
 
 def test_tensorrt_captures_cached_steps_with_controlnets(tiny_controlnet_export, tmp_path: Path, fake_gpu) -> None:
