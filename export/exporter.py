@@ -68,7 +68,8 @@ def component_specs(model: LoadedModel, vae_fp32: bool | None = None, clip_skip:
     """The components of ``model``; ``vae_fp32`` overrides the preset's VAE precision; ``clip_skip``
     conditions on an earlier text encoder layer (diffusers' ``clip_skip``); ``controlnets`` add
     ``controlnet_0``.. and ``unet_control`` after the plain ``unet``; ``deepcache``: the UNet also returns
-    DeepCache's deep feature, and ``unet_shallow`` (runtime/feature_cache.py) follows it; ``lora_slots``: the
+    DeepCache's deep feature, and ``unet_shallow`` (runtime/feature_cache.py) follows it (with ``controlnets`` too,
+    ``unet_control`` returns the feature and ``unet_shallow`` takes each net's ``down_0`` residual); ``lora_slots``: the
     UNet's targeted layers take LoRA factors as inputs (export/lora_slots.py)."""
     p = model.preset
     vae32 = p.vae_fp32 if vae_fp32 is None else vae_fp32
