@@ -98,10 +98,11 @@ def controlnet_spec(name: str, controlnet: torch.nn.Module, *, sdxl: bool, poole
     )
 
 
-def controlnet_specs(model: LoadedModel, nets: Sequence[LoadedControlNet], unet_spec: ComponentSpec
-                     ) -> list[ComponentSpec]:
+def controlnet_specs(model: LoadedModel, nets: Sequence[LoadedControlNet], unet_spec: ComponentSpec,
+                     deep_feature: bool = False) -> list[ComponentSpec]:
     """``controlnet_j`` for each net, then ``unet_control`` (its inputs: ``unet_spec``'s, then the nets'
-    residuals). Empty without nets."""
+    residuals; its outputs ``unet_spec``'s: with ``deep_feature``, DeepCache's deep feature too). Empty without
+    nets."""
     if not nets:
         return []
     sdxl = model.preset.model_family.pooled  # the added text-time conditioning (pooled embedding, time ids)
@@ -133,7 +134,8 @@ def controlnet_specs(model: LoadedModel, nets: Sequence[LoadedControlNet], unet_
 
     specs.append(ComponentSpec(
         name="unet_control",
-        module=wrappers.UNetControl(model.unet, sdxl=sdxl, time_cond=bool(cond_dim), nets=len(nets), residuals=r),
+        module=wrappers.UNetControl(model.unet, sdxl=sdxl, time_cond=bool(cond_dim), nets=len(nets), residuals=r,
+                                    deep_feature=deep_feature),
         weights=model.unet,
         inputs=[*unet_spec.inputs, *res_inputs],
         outputs=list(unet_spec.outputs),

@@ -68,7 +68,8 @@ def component_specs(model: LoadedModel, vae_fp32: bool | None = None, clip_skip:
     """The components of ``model``; ``vae_fp32`` overrides the preset's VAE precision; ``clip_skip``
     conditions on an earlier text encoder layer (diffusers' ``clip_skip``); ``controlnets`` add
     ``controlnet_0``.. and ``unet_control`` after the plain ``unet``; ``deepcache``: the UNet also returns
-    DeepCache's deep feature, and ``unet_shallow`` (runtime/feature_cache.py) follows it; ``lora_slots``: the
+    DeepCache's deep feature, and ``unet_shallow`` (runtime/feature_cache.py) follows it (with ``controlnets`` too,
+    ``unet_control`` returns the feature and ``unet_shallow`` takes each net's ``down_0`` residual); ``lora_slots``: the
     UNet's targeted layers take LoRA factors as inputs (export/lora_slots.py)."""
     p = model.preset
     vae32 = p.vae_fp32 if vae_fp32 is None else vae_fp32
@@ -146,7 +147,8 @@ def component_specs(model: LoadedModel, vae_fp32: bool | None = None, clip_skip:
         unet_spec = replace(
             unet_spec, module=wrappers.UNet(model.unet, sdxl=added, time_cond=bool(cond_dim), deep_feature=True),
             outputs=[out_sample, feature])
-    control = controlnet_specs(model, controlnets, unet_spec)  # unet_control: the UNet's inputs, then residuals
+    # unet_control: the UNet's inputs, then residuals (and, with deepcache, the deep feature among its outputs)
+    control = controlnet_specs(model, controlnets, unet_spec, deep_feature=deepcache)
     if lora_slots is not None:
         layers = slot_layers(model.unet, lora_slots)
         unet_spec = _slotted(unet_spec, layers, lora_slots.rank)
@@ -159,16 +161,21 @@ def component_specs(model: LoadedModel, vae_fp32: bool | None = None, clip_skip:
         # the UNet's inputs that the shallow path reads (SDXL's last up block does not cross-attend)
         keep = [i for i, (n, _, _) in enumerate(unet_inputs)
                 if n != "encoder_hidden_states" or wrappers.UNetShallow.reads_text(model.unet)]
+        # with ControlNets: the residuals of the skips the shallow path reads, under unet_control's input names
+        skip_res = shallow_residuals(control, len(controlnets))
 
         def shallow_example(g: torch.Generator, b: int, h: int, w: int) -> tuple[torch.Tensor, ...]:
             args = unet_example(g, b, h, w)
-            return (*(args[i] for i in keep), torch.randn(b, deep, h, w, generator=g))
+            sides = {"batch": b, "height": h, "width": w}
+            res = [torch.randn(*(sides[d] if isinstance(d, str) else d for d in shape), generator=g)
+                   for _, _, shape in skip_res]
+            return (*(args[i] for i in keep), torch.randn(b, deep, h, w, generator=g), *res)
 
         shallow_spec = ComponentSpec(
             name=SHALLOW_UNET,
-            module=wrappers.UNetShallow(model.unet, sdxl=added, time_cond=bool(cond_dim)),
+            module=wrappers.UNetShallow(model.unet, sdxl=added, time_cond=bool(cond_dim), nets=len(controlnets)),
             weights=model.unet,
-            inputs=[*(unet_inputs[i] for i in keep), feature],
+            inputs=[*(unet_inputs[i] for i in keep), feature, *skip_res],
             outputs=[out_sample],
             example=shallow_example,
             refittable=True,
@@ -226,6 +233,16 @@ def component_specs(model: LoadedModel, vae_fp32: bool | None = None, clip_skip:
             force_fp32=vae32,
         ))
     return specs
+
+
+def shallow_residuals(control: Sequence[ComponentSpec], nets: int) -> list[tuple[str, str, tuple[int | str, ...]]]:
+    """The ControlNet residual inputs of DeepCache's shallow path: for each of ``nets`` nets, the first
+    ``UNetShallow.SKIPS`` of its down residuals, as ``unet_control`` (among ``control``) names and shapes them."""
+    if not nets:
+        return []
+    unet_control = next(c for c in control if c.name == "unet_control")
+    wanted = {f"controlnet_{j}_down_{k}" for j in range(nets) for k in range(wrappers.UNetShallow.SKIPS)}
+    return [i for i in unet_control.inputs if i[0] in wanted]
 
 
 def deep_channels(unet: torch.nn.Module) -> int:

@@ -92,14 +92,18 @@ class UNet(torch.nn.Module):
         encoder_hidden_states: torch.Tensor,
         *extra: torch.Tensor,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        return self._run(sample, timestep, encoder_hidden_states, **self._conditioning(extra))
+
+    def _run(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+             **kwargs: object) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """diffusers' forward with ``kwargs``; with ``deep_feature``, DeepCache's deep feature too."""
         if not self.deep_feature:
-            return self.unet(sample, timestep, encoder_hidden_states, return_dict=False,
-                             **self._conditioning(extra))[0]
+            return self.unet(sample, timestep, encoder_hidden_states, return_dict=False, **kwargs)[0]
         # DeepCache's deep feature: what the last layer of the last up block reads beside the skip from conv_in
         seen: list[torch.Tensor] = []
         hook = self.unet.up_blocks[-1].resnets[-1].register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
         try:
-            out = self.unet(sample, timestep, encoder_hidden_states, return_dict=False, **self._conditioning(extra))[0]
+            out = self.unet(sample, timestep, encoder_hidden_states, return_dict=False, **kwargs)[0]
         finally:
             hook.remove()
         joined = seen[-1]
@@ -120,10 +124,18 @@ class UNetShallow(UNet):
     """DeepCache's shallow path: the plain UNet's inputs, then ``deep_feature`` (the full UNet's second output at
     the last full step) -> the noise (or v) prediction, as diffusers' ``UNet2DConditionModel.forward`` computes it
     when every block but the last layer of the last up block returns what it returned at that step: the time
-    (and added) embedding, ``conv_in``, that layer over [deep_feature, conv_in's output], then ``conv_out``."""
+    (and added) embedding, ``conv_in``, that layer over [deep_feature, conv_in's output], then ``conv_out``.
 
-    def __init__(self, unet: torch.nn.Module, sdxl: bool, time_cond: bool = False) -> None:
+    ``nets`` > 0 (an export with ControlNets): then ``nets`` groups of the residuals of the skips this path reads
+    (``SKIPS``: the first of each net's down residuals, the one diffusers adds to ``conv_in``'s output), summed as
+    ``UNetControl`` sums them and added to that skip as diffusers adds ``down_block_additional_residuals``. The
+    deep feature already holds what the residuals of the deeper skips did at the last full step."""
+
+    SKIPS = 1  # the UNet's skip samples the shallow path reads: conv_in's (the first down residual)
+
+    def __init__(self, unet: torch.nn.Module, sdxl: bool, time_cond: bool = False, nets: int = 0) -> None:
         super().__init__(unet, sdxl, time_cond)
+        self.nets = nets
         cfg = unet.config
         if unet.class_embedding is not None or cfg.addition_embed_type in ("image_hint", "text", "text_image"):
             raise ValueError("DeepCache's shallow path is exported for UNets without class, image-hint or text "
@@ -137,7 +149,8 @@ class UNetShallow(UNet):
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
         encoder_hidden_states, rest = (extra[0], extra[1:]) if self.reads_text(self.unet) else (None, extra)
-        *cond, deep = rest
+        res = rest[len(rest) - self.nets * self.SKIPS:]
+        *cond, deep = rest[: len(rest) - self.nets * self.SKIPS]
         u, kwargs = self.unet, self._conditioning(tuple(cond))
         if u.config.center_input_sample:
             sample = 2 * sample - 1.0
@@ -150,7 +163,13 @@ class UNetShallow(UNet):
         states = u.process_encoder_hidden_states(encoder_hidden_states=encoder_hidden_states,
                                                  added_cond_kwargs=kwargs.get("added_cond_kwargs"))
         up = u.up_blocks[-1]
-        x = up.resnets[-1](torch.cat([deep, u.conv_in(sample)], dim=1), emb)
+        skip = u.conv_in(sample)
+        if self.nets:  # the nets' residuals summed first, then added to the skip: UNetControl's order, diffusers'
+            summed = res[0]
+            for r in res[1:]:
+                summed = summed + r
+            skip = skip + summed
+        x = up.resnets[-1](torch.cat([deep, skip], dim=1), emb)
         if getattr(up, "attentions", None):
             x = up.attentions[-1](x, encoder_hidden_states=states, return_dict=False)[0]
         if u.conv_norm_out:
@@ -257,10 +276,12 @@ class UNetControl(UNet):
     """The UNet with ControlNet residuals: the plain UNet's inputs, then ``nets`` groups of ``residuals``
     tensors (each net's ``down_*`` then ``mid``). The groups are summed here, so several ControlNets cost
     the host nothing, and passed as diffusers' ``down_block_additional_residuals`` /
-    ``mid_block_additional_residual``."""
+    ``mid_block_additional_residual``. ``deep_feature``: DeepCache's deep feature too, as ``UNet``'s (it then holds
+    what the residuals did, which the shallow path's cheap steps reuse)."""
 
-    def __init__(self, unet: torch.nn.Module, sdxl: bool, time_cond: bool, nets: int, residuals: int) -> None:
-        super().__init__(unet, sdxl, time_cond)
+    def __init__(self, unet: torch.nn.Module, sdxl: bool, time_cond: bool, nets: int, residuals: int,
+                 deep_feature: bool = False) -> None:
+        super().__init__(unet, sdxl, time_cond, deep_feature)
         self.base = 2 * sdxl + int(time_cond)
         self.nets = nets
         self.residuals = residuals
@@ -271,12 +292,11 @@ class UNetControl(UNet):
         timestep: torch.Tensor,
         encoder_hidden_states: torch.Tensor,
         *extra: torch.Tensor,
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         base, res = extra[: self.base], extra[self.base:]
         summed = list(res[: self.residuals])
         for j in range(1, self.nets):
             group = res[j * self.residuals: (j + 1) * self.residuals]
             summed = [a + b for a, b in zip(summed, group)]
-        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False,
-                         down_block_additional_residuals=tuple(summed[:-1]),
-                         mid_block_additional_residual=summed[-1], **self._conditioning(base))[0]
+        return self._run(sample, timestep, encoder_hidden_states, down_block_additional_residuals=tuple(summed[:-1]),
+                         mid_block_additional_residual=summed[-1], **self._conditioning(base))

@@ -111,7 +111,8 @@ class Backend(abc.ABC):
                   shallow: Engine | None = None) -> StepLoop:
         """The denoising loop over ``unet`` and the sampler ``step`` graph; with ``controlnets`` (one entry
         per exported net, None where it does not run) each step runs them first and ``unet`` is the
-        export's ``unet_control``; with ``shallow`` (DeepCache's ``unet_shallow``, runtime/feature_cache.py)
+        export's ``unet_control`` (with ``shallow`` too: the nets run on every step and the shallow path reads
+        the residuals of its skips); with ``shallow`` (DeepCache's ``unet_shallow``, runtime/feature_cache.py)
         the steps ``start(full=...)`` marks False run it over what the last full step returned beside its
         prediction (its inputs that are denoiser outputs: the deep feature; first-block caching's residuals). A backend
         without a loop of its own returns ``step_loop.PlainStepLoop(self, unet, step, controlnets, shallow)``

@@ -4,7 +4,9 @@ Consecutive steps compute nearly the same deep features. DeepCache (Ma et al., 2
 runs the full UNet on some steps and, on the others, only its shallow path: ``conv_in``, the time embedding
 and the last layer of the last up block, over the feature that layer read at the last full step (the deep
 feature) and the fresh ``conv_in`` output. An export made with ``sdrt export --deepcache`` has the shallow
-path as its own graph (``unet_shallow``) and a UNet that also returns the deep feature.
+path as its own graph (``unet_shallow``) and a UNet that also returns the deep feature. With ControlNets in the
+export too, ``unet_control`` also returns the deep feature and the shallow path takes each net's residual of the
+skip it reads (``conv_in``'s, the nets' ``down_0``): the nets run on every step, cheap ones included.
 
 Which steps are full is fixed before the loop starts (so a device loop needs no host decision per step and
 each kind of step can be captured once): a :class:`CachePolicy` gives a boolean per step. Two schedules, as

@@ -65,7 +65,7 @@ from .request import (
     resolve_seed,
 )
 from .results import Latents, PromptEmbeddings, Result, call_timings
-from .step_loop import Clock, StepLoop
+from .step_loop import Clock, StepLoop, residual_inputs
 from .tokenizer import PromptTokenizer
 
 if TYPE_CHECKING:
@@ -704,9 +704,10 @@ class Pipeline:
             step = self.device_graphs.step(guided, dt, inpaint_mode, rescale)
             if skip:
                 self._loops[key] = self.backend.step_loop(self._skip_guided(), step)
-            elif active:
+            elif active:  # with caching: the shallow path over the nets' residuals of the skips it reads
                 nets = [self.engines[n] if j in active else None for j, n in enumerate(self.manifest.controlnets)]
-                self._loops[key] = self.backend.step_loop(self.engines[CONTROL_UNET], step, nets)
+                self._loops[key] = self.backend.step_loop(self.engines[CONTROL_UNET], step, nets,
+                                                          shallow=self.engines[SHALLOW_UNET] if cached else None)
             elif cached:
                 self._loops[key] = self.backend.step_loop(self.engines["unet"], step, shallow=self.engines[SHALLOW_UNET])
             else:
@@ -836,7 +837,8 @@ class Pipeline:
 
     def check_cache(self, cache: CachePolicy | None, control: controlnet.ControlRequest | None = None) -> None:
         """Refuse feature caching the family has not, on an export without its cheap step, by a threshold on a
-        backend that cannot read one per step, or with ControlNets running."""
+        backend that cannot read one per step, or with ControlNets running where the cheap step takes none of their
+        residuals (DeepCache's shallow path of an export made with ControlNets takes them)."""
         if cache is None:
             return
         if cache.kind not in self.family.feature_caches:
@@ -854,10 +856,14 @@ class Pipeline:
                              "cache_threshold, or the onnxruntime or openvino backend",
                              cli=f"the {self.backend.name} backend runs feature caching on a fixed schedule: use "
                                  "--cache-interval instead of --cache-threshold")
-        if control is not None and control.active:
-            raise InputError("feature caching does not cover ControlNets yet (the shallow path takes no residuals): "
-                             "leave cache out for a call with control_images",
-                             cli="--cache does not cover ControlNets yet: leave --cache out with --control-image")
+        if control is not None and control.active and not residual_inputs(self.engines[SHALLOW_UNET]):
+            raise InputError(f"this export's cheap step for {cache.kind} caching ({SHALLOW_UNET}) takes no ControlNet "
+                             "residuals, so it does not run with ControlNets: leave cache out for a call with "
+                             "control_images (DeepCache on a UNet model: re-export it with --controlnet and "
+                             "--feature-cache together)",
+                             cli=f"this export's cheap step for --cache {cache.kind} takes no ControlNet residuals: "
+                                 "leave --cache out with --control-image (DeepCache on a UNet model: re-export it "
+                                 "with --controlnet and --feature-cache together)")
 
     def check_control(self, request: GenerationRequest) -> None:
         """A request's control keywords (``control_images`` and the rest) checked against this export as ``generate``

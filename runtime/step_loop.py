@@ -13,7 +13,10 @@ it the same way::
 With ControlNets (``backend.step_loop(unet_control, step, controlnets=[net_0, None, ...])`` and
 ``start(..., control=ControlFeeds(images, scales))``) each step runs every active ControlNet on the UNet's
 own inputs, then the UNet over their residuals (a net left out feeds zeros): the same step, with more
-engines in it. The scale table's rows are uploaded in ``start`` like the timesteps.
+engines in it. The scale table's rows are uploaded in ``start`` like the timesteps. With a ``shallow`` path as
+well (an export made with ControlNets and ``--feature-cache``), the nets run on cheap steps too and the shallow
+path takes, by name, the residuals of the skips it reads (``residual_inputs``); run without ControlNets, it is
+fed zeros for them.
 
 The interface (:class:`StepLoop`, with the argument checks every loop shares, :class:`ControlFeeds` and the
 host :class:`Clock`) is declared in ``runtime/engine.py`` beside ``Backend``, which returns them; they are
@@ -35,9 +38,10 @@ from .engine import Array, Backend, Clock, ControlFeeds, Engine, StepLoop, check
 from .errors import InputError
 from .feature_cache import CHANGE, DEEP_FEATURE
 
-__all__ = ["DEEP_FEATURE", "STEP_INPUTS", "STEP_OUTPUTS", "STEP_UNET_INPUT", "UNET_OUTPUT", "Clock", "ControlFeeds",
-           "PlainStepLoop", "StepLoop", "check_control", "check_full", "check_threshold", "control_feeds",
-           "kept_outputs", "shallow_feeds"]
+__all__ = ["DEEP_FEATURE", "RESIDUAL_PREFIX", "STEP_INPUTS", "STEP_OUTPUTS", "STEP_UNET_INPUT", "UNET_OUTPUT", "Clock",
+           "ControlFeeds", "PlainStepLoop", "StepLoop", "check_control", "check_full", "check_shallow_control",
+           "check_threshold", "control_feeds", "kept_outputs", "residual_inputs", "residual_name", "residual_zeros",
+           "shallow_feeds"]
 
 # The step graph's contract. Inputs, in the graph's order: "guidance" only in the guided variants, and an
 # inpainting variant's own inputs after these (a loop's ``step_inputs``). Outputs: the next step's
@@ -46,6 +50,7 @@ STEP_INPUTS = ("latents", "unet_out", "guidance", "coeffs", "x0_prev", "noise")
 STEP_OUTPUTS = ("latents_next", "x0", "unet_in_next")
 STEP_UNET_INPUT = "unet_out"
 UNET_OUTPUT = "out_sample"
+RESIDUAL_PREFIX = "controlnet_"  # the denoiser's ControlNet residual inputs: controlnet_{j}_{output of net j}
 
 
 def control_feeds(net: Engine, unet_feeds: Mapping[str, Array], image: Array, scale: Array,
@@ -55,6 +60,39 @@ def control_feeds(net: Engine, unet_feeds: Mapping[str, Array], image: Array, sc
     feeds = {k: unet_feeds[k] for k in net.inputs if k in unet_feeds}
     feeds.update(controlnet_cond=image, conditioning_scale=scale, **(fixed or {}))
     return feeds
+
+
+def residual_name(net: int, output: str) -> str:
+    """The denoiser's input of ControlNet ``net``'s residual ``output`` (``unet_control``'s; a ControlNet export's
+    shallow path takes those of the skips it reads under the same names)."""
+    return f"{RESIDUAL_PREFIX}{net}_{output}"
+
+
+def residual_inputs(engine: Engine) -> tuple[str, ...]:
+    """An engine's ControlNet residual inputs (DeepCache's shallow path of an export made with ControlNets: the
+    residuals of the skips it reads)."""
+    return tuple(k for k in engine.inputs if k.startswith(RESIDUAL_PREFIX))
+
+
+def residual_zeros(engine: Engine, sample_shape: Sequence[int]) -> dict[str, np.ndarray]:
+    """Zeros for ``engine``'s ControlNet residual inputs, for a step without ControlNets (a residual of zeros adds
+    nothing): each fixed axis as declared, each dynamic one (batch, latent height and width: the residuals of the
+    skips the shallow path reads are at the latents' size) as the sample's."""
+    out = {}
+    for k in residual_inputs(engine):
+        spec = engine.inputs[k]
+        shape = tuple(d if isinstance(d, int) and d > 0 else int(sample_shape[i]) for i, d in enumerate(spec.shape))
+        out[k] = np.zeros(shape, spec.dtype)
+    return out
+
+
+def check_shallow_control(shallow: Engine | None, controlnets: Sequence[object | None]) -> None:
+    """Refuse a cheap step beside ControlNets that takes none of their residuals (first-block caching's cached
+    step; DeepCache's of an export made without ControlNets): it would drop the control on its steps."""
+    if shallow is not None and controlnets and not residual_inputs(shallow):
+        raise InputError(f"feature caching's cheap step ({shallow.name}) takes no ControlNet residuals: run "
+                         "ControlNets uncached, or re-export the model with both `--controlnet` and `--feature-cache` "
+                         "(DeepCache's shallow path of such an export takes them)")
 
 
 def shallow_feeds(shallow: Engine, unet_feeds: Mapping[str, Array], kept: Mapping[str, Array]) -> dict[str, Array]:
@@ -71,7 +109,8 @@ def kept_outputs(unet: Engine, shallow: Engine) -> tuple[str, ...]:
     pair where one is neither."""
     if DEEP_FEATURE not in unet.outputs:
         raise InputError(f"{unet.name} does not return {DEEP_FEATURE}, which its cheap step reuses")
-    kept = tuple(k for k in shallow.inputs if k not in unet.inputs)
+    res = residual_inputs(shallow)
+    kept = tuple(k for k in shallow.inputs if k not in unet.inputs and k not in res)
     missing = [k for k in kept if k not in unet.outputs]
     if missing:
         raise InputError(f"{shallow.name} reads {missing}, which {unet.name} neither takes nor returns: export them "
@@ -101,9 +140,7 @@ class PlainStepLoop(StepLoop):
     def __init__(self, backend: Backend, unet: Engine, step: Engine,
                  controlnets: Sequence[Engine | None] = (), shallow: Engine | None = None) -> None:
         self._kept_names = () if shallow is None else kept_outputs(unet, shallow)
-        if shallow is not None and controlnets:
-            raise InputError("feature caching's cheap step does not take ControlNet residuals: run ControlNets "
-                             "uncached")
+        check_shallow_control(shallow, controlnets)
         self.backend = backend
         self.unet = unet
         self.step_engine = step
@@ -113,6 +150,7 @@ class PlainStepLoop(StepLoop):
         self._ran: list[bool] = []
         self._threshold: float | None = None
         self._kept: dict[str, Array] | None = None
+        self._shallow_zeros: dict[str, Array] = {}
         self._state: dict[str, Array] = {}
         self._per_step: list[tuple[Array, Array, Array]] = []
         self._fixed: dict[str, Array] = {}
@@ -142,6 +180,9 @@ class PlainStepLoop(StepLoop):
         n_dev = [be.to_device(np.ascontiguousarray(z, dtype=dtype)) for z in noise] if noise is not None else [zeros] * n
         self._per_step = list(zip(t_dev, c_dev, n_dev))
         self._control, self._zeros = None, None
+        # a ControlNet export's shallow path run without ControlNets: its residual inputs are zeros
+        self._shallow_zeros = {} if self.shallow is None or self.controlnets else {
+            k: be.to_device(v) for k, v in residual_zeros(self.shallow, be.meta(unet_in)[1]).items()}
         if control is not None and self.controlnets:
             sc = np.asarray(control.scales, np.float32)
             per = [[None if net is None else be.to_device(np.ascontiguousarray(sc[i, j]))
@@ -165,7 +206,8 @@ class PlainStepLoop(StepLoop):
         full = self._full[i]
         if not full:
             assert self.shallow is not None and self._kept is not None  # check_full: step 0 is full
-            out, change = self._run_shallow(shallow_feeds(self.shallow, feeds, self._kept))
+            # (with ControlNets, ``feeds`` holds every residual of this step: the shallow path takes its skips')
+            out, change = self._run_shallow(shallow_feeds(self.shallow, {**feeds, **self._shallow_zeros}, self._kept))
             if self._threshold is not None:  # diffusers' rule: run the whole model again past the threshold
                 assert change is not None  # check_threshold
                 full = float(np.asarray(self.backend.to_host(change)).reshape(-1)[0]) > self._threshold
@@ -196,7 +238,7 @@ class PlainStepLoop(StepLoop):
                 res: Mapping[str, Array] = self._zeros
             else:
                 res = outs[j]
-            feeds.update({f"controlnet_{j}_{k}": v for k, v in res.items()})
+            feeds.update({residual_name(j, k): v for k, v in res.items()})
         return feeds
 
     def _run_unet(self, feeds: Mapping[str, Array]) -> Array:
@@ -239,5 +281,6 @@ class PlainStepLoop(StepLoop):
 
     def close(self) -> None:
         self._state, self._per_step, self._fixed, self._control, self._zeros = {}, [], {}, None, None
+        self._shallow_zeros = {}
         self._cond_steps = {}
         self._full, self._kept, self._ran = [], None, []

@@ -24,7 +24,10 @@ fixed buffer, and a shallow step runs ``unet_shallow`` over that buffer instead 
 output buffer the step graph reads. Each kind of step is captured as its own pair of graphs (full and
 shallow, even and odd: four), and ``step(i)`` launches the one the ``full`` plan given to ``start`` names. A
 UNet with outputs beyond its prediction (an export made with ``--deepcache``, run without caching) has each
-extra output bound to a fixed buffer of its own: TensorRT runs an engine only with every output bound.
+extra output bound to a fixed buffer of its own: TensorRT runs an engine only with every output bound. With
+ControlNets too (an export made with both), every step, full or shallow, runs the active nets first, and the
+shallow path binds the residual buffers of the skip it reads (``controlnet_{j}_down_0``); without ControlNets
+that shallow path reads zero buffers of its own.
 
 ``start`` captures on first use and whenever shapes change (after one warm-up run of each engine: TensorRT
 finishes shape-dependent setup outside the capture); a capture that fails with any error (TensorRT's or
@@ -59,7 +62,10 @@ from .step_loop import (
     ControlFeeds,
     StepLoop,
     check_full,
+    check_shallow_control,
     kept_outputs,
+    residual_name,
+    residual_zeros,
     shallow_feeds,
 )
 from .trt_engines import TrtBackendBase, TrtEngine
@@ -81,9 +87,7 @@ class CapturedStepLoop(StepLoop):
             raise InputError(f"{unet.name} does not return {DEEP_FEATURE}, which its cheap step reuses: {EXPORT_HINT}")
         if shallow is not None:
             kept_outputs(unet, shallow)
-        if shallow is not None and controlnets:
-            raise InputError("feature caching's cheap step does not take ControlNet residuals: run ControlNets "
-                             "uncached")
+        check_shallow_control(shallow, controlnets)
         self._backend = weakref.ref(backend)
         self._unet = weakref.ref(unet)
         self._step = weakref.ref(step)
@@ -333,9 +337,12 @@ class CapturedStepLoop(StepLoop):
         """DeepCache's shallow path: its inputs (the UNet's, and the deep-feature buffer the UNet writes), its
         prediction into the UNet's output buffer (the same shape, which its bind checks)."""
         shallow, b = self.shallow, self.buf
-        b["shallow_side"] = {}
+        b["shallow_side"], b["shallow_zeros"] = {}, {}
         if shallow is None:
             return
+        if not self.controlnets:  # a ControlNet export's shallow path run without ControlNets: zero residuals
+            b["shallow_zeros"] = {k: self.backend.as_device(v)
+                                  for k, v in residual_zeros(shallow, b["uin"][0].shape).items()}
         if UNET_OUTPUT not in shallow.outputs:
             raise InputError(f"{shallow.name} must return {UNET_OUTPUT}, has {sorted(shallow.outputs)}: {EXPORT_HINT}")
         feeds = self._shallow_feeds(0)
@@ -365,11 +372,11 @@ class CapturedStepLoop(StepLoop):
             net.bind_inputs(feeds)
             for o, spec in net.outputs.items():
                 shapes[o] = (net.output_shape(o), spec.dtype)
-                b["res"][f"controlnet_{j}_{o}"] = be.empty(shapes[o][0], spec.dtype)
+                b["res"][residual_name(j, o)] = be.empty(shapes[o][0], spec.dtype)
         for j, net in enumerate(nets):
             if net is None:
                 for o, (shape, dtype) in shapes.items():
-                    z = b["res"][f"controlnet_{j}_{o}"] = be.empty(shape, dtype)
+                    z = b["res"][residual_name(j, o)] = be.empty(shape, dtype)
                     be.device.zero(z.ptr, z.nbytes)
 
     def _control_feeds(self, j: int, net: TrtEngine, p: int) -> dict[str, DeviceArray]:
@@ -386,7 +393,9 @@ class CapturedStepLoop(StepLoop):
     def _shallow_feeds(self, p: int) -> dict[str, DeviceArray]:
         shallow = self.shallow
         assert shallow is not None
-        feeds: dict[str, DeviceArray] = shallow_feeds(shallow, self._unet_feeds(p), self.buf["side"])
+        # with ControlNets the UNet's feeds hold every net's residual buffers: the shallow path binds its skips'
+        feeds: dict[str, DeviceArray] = shallow_feeds(shallow, {**self._unet_feeds(p), **self.buf["shallow_zeros"]},
+                                                      self.buf["side"])
         return feeds
 
     def _step_feeds(self, p: int) -> dict[str, DeviceArray]:
@@ -405,7 +414,7 @@ class CapturedStepLoop(StepLoop):
         for j, net in enumerate(self.controlnets):
             if net is not None:
                 net.bind_inputs(self._control_feeds(j, net, p))
-                net.bind_outputs({o: b["res"][f"controlnet_{j}_{o}"] for o in net.outputs})
+                net.bind_outputs({o: b["res"][residual_name(j, o)] for o in net.outputs})
                 net.enqueue()
         if full:
             self._unet_e.bind_inputs(self._unet_feeds(p))

@@ -147,19 +147,20 @@ def shapes_export(tmp_path_factory: pytest.TempPathFactory, export_cache: dict[t
 
 @pytest.fixture(scope="session")
 def tiny_controlnet_export(tmp_path_factory: pytest.TempPathFactory, export_cache: dict[tuple[str, str], Path]):
-    """tiny_controlnet_export(preset, precision, nets) -> folder of an sdrt export of synthetic weights (seed
-    0) with ``nets`` synthetic ControlNets of the matching tiny preset (seeds 1, 2, ...)."""
+    """tiny_controlnet_export(preset, precision, nets, deepcache=False) -> folder of an sdrt export of synthetic
+    weights (seed 0) with ``nets`` synthetic ControlNets of the matching tiny preset (seeds 1, 2, ...); ``deepcache``:
+    made with ``--deepcache`` too (its shallow path takes the residuals of the skips it reads)."""
 
-    def get(preset: str = "sd15-tiny", precision: str = "fp32", nets: int = 2) -> Path:
-        key = (f"{preset}+{nets}cn", precision)
+    def get(preset: str = "sd15-tiny", precision: str = "fp32", nets: int = 2, deepcache: bool = False) -> Path:
+        key = (f"{preset}+{nets}cn{'-deepcache' if deepcache else ''}", precision)
         if key not in export_cache:
             from sdrt.export.controlnet_loading import random_controlnet
             from sdrt.export.exporter import export_model
             from sdrt.export.loading import load_model
 
             cn = preset.removesuffix("-tiny") + "-controlnet-tiny"
-            out = tmp_path_factory.mktemp("exports") / f"{preset}-{nets}cn-{precision}"
-            export_model(load_model(random_preset=preset), out, fp16=precision == "fp16",
+            out = tmp_path_factory.mktemp("exports") / f"{preset}-{nets}cn{'-deepcache' if deepcache else ''}-{precision}"
+            export_model(load_model(random_preset=preset), out, fp16=precision == "fp16", deepcache=deepcache,
                          controlnets=[random_controlnet(cn, seed=1 + j) for j in range(nets)])
             export_cache[key] = out
         return export_cache[key]

@@ -81,3 +81,25 @@ def test_cache_on_an_export_without_the_shallow_path_names_the_fix(tiny_export, 
     assert "has no cheap step for feature caching" in err and "sdrt export ... --feature-cache" in err, err
     assert "leave --cache out" in err and "Traceback" not in err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_generate_with_cache_and_control_images_makes_the_pipelines_image(tiny_controlnet_export, tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """``--cache deepcache`` with ``--control-image`` on an export made with both: the bare call's image (that the
+    cached, controlled loop matches DeepCache's own: tests/test_feature_cache_controlnet.py)."""
+    from .helpers.inputs import control_image
+
+    folder = tiny_controlnet_export("sd15-tiny", "fp32", 2, deepcache=True)
+    edges, out = tmp_path / "edges.png", tmp_path / "house.png"
+    control_image(10).save(edges)
+    assert _generate(folder, out, "--cache", "deepcache", "--control-image", str(edges),
+                     "--control-scale", "0.8") == 0
+    printed = capsys.readouterr().out
+    assert "feature cache deepcache (every 3): 2 of 6 steps ran the full UNet" in printed, printed
+    with Pipeline.load(folder, backend="ort-cpu") as pipe:
+        direct = pipe("a cat", steps=6, seed=1, cache="deepcache", control_images=[Image.open(edges)],
+                      control_scales=[0.8])
+        uncached = pipe("a cat", steps=6, seed=1, control_images=[Image.open(edges)], control_scales=[0.8])
+    got = np.asarray(Image.open(out).convert("RGB"))
+    np.testing.assert_array_equal(got, np.asarray(direct.images[0]))
+    assert not np.array_equal(got, np.asarray(uncached.images[0]))  # the cache reached the controlled loop

@@ -223,3 +223,28 @@ def test_cached_and_uncached_requests_run_in_separate_batches(pipe):
                                   ref(pipe, "a cat", 1, cache="deepcache"))
     np.testing.assert_array_equal(pixels(mixed[1].json()["data"][0]["b64_json"]), ref(pipe, "a dog", 2))
     np.testing.assert_array_equal(pixels(both_plain[0].json()["data"][0]["b64_json"]), ref(pipe, "a cat", 1))
+
+
+def test_cached_and_controlled_request_matches_the_pipeline(tiny_controlnet_export):
+    """A request with both a control image and ``cache`` on an export made with ControlNets and ``--deepcache``:
+    the bare call's image (which tests/test_feature_cache_controlnet.py holds against DeepCache's own)."""
+    import base64
+
+    from .helpers.inputs import control_image
+
+    pipe = Pipeline.load(tiny_controlnet_export("sd15-tiny", "fp32", 2, deepcache=True), backend="ort-cpu")
+    app = create_app(pipe, max_batch=8, batch_window_ms=300, max_steps=8, max_pixels=128 * 128, warmup=False)
+    edges = control_image(12)
+    buf = io.BytesIO()
+    edges.save(buf, format="PNG")
+    with pipe, LiveServer(app) as server:
+        r = _post(server, "/v1/images/generations",
+                  _openai("a house", 4, cache="deepcache", cache_interval=3,
+                          control_image=[base64.b64encode(buf.getvalue()).decode()]))
+        assert r.status_code == 200, r.text
+        direct = pipe("a house", height=64, width=64, steps=STEPS, guidance_scale=7.5, sampler="dpmpp-2m", seed=4,
+                      cache="deepcache", cache_interval=3, control_images=[edges])
+        assert "2 of 6 steps ran the full UNet" in direct.loop
+        np.testing.assert_array_equal(pixels(r.json()["data"][0]["b64_json"]), np.asarray(direct.images[0]))
+        uncached = ref(pipe, "a house", 4, control_images=[edges])
+        assert not np.array_equal(np.asarray(direct.images[0]), uncached)

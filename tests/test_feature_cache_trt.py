@@ -147,12 +147,13 @@ def test_the_cached_loop_recaptures_without_losing_the_deep_feature(deepcache_en
 
 
 def test_the_loop_refuses_what_it_cannot_cache(deepcache_engines: Path, fake_gpu) -> None:
-    """ControlNets with the shallow path, and a UNet that does not return the deep feature, are refused when
-    the loop is made; a plan with shallow steps on a loop made without one, at ``start``."""
+    """ControlNets beside a shallow path that takes none of their residuals (an export made without ControlNets),
+    and a UNet that does not return the deep feature, are refused when the loop is made; a plan with shallow steps
+    on a loop made without one, at ``start``."""
     with Pipeline.load(deepcache_engines, backend="tensorrt") as pipe:
         be, e = pipe.backend, pipe.engines
         step = pipe.device_graphs.step(True, np.dtype(np.float32), None, False)
-        with pytest.raises(InputError, match="does not take ControlNet residuals"):
+        with pytest.raises(InputError, match="takes no ControlNet residuals"):
             be.step_loop(e["unet"], step, [e["unet"]], shallow=e[SHALLOW_UNET])
         with pytest.raises(InputError, match=f"does not return {DEEP_FEATURE}.*--feature-cache"):
             be.step_loop(e[SHALLOW_UNET], step, shallow=e[SHALLOW_UNET])
