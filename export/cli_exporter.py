@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+
+from sdrt.runtime.manifest import ExportManifest
 
 Say = Callable[[str], None]  # a line for the user (the command prints it)
 
@@ -36,7 +37,7 @@ class Exporter:
     takes: tuple[FlagUse, ...]
     file_only: frozenset[str]
     claims: Callable[[str | None, str | None], bool]
-    run: Callable[[argparse.Namespace, Say, Say], Any]
+    run: Callable[[argparse.Namespace, Say, Say], ExportManifest]
 
     @property
     def flags(self) -> tuple[str, ...]:

@@ -6,12 +6,18 @@ from __future__ import annotations
 import argparse
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sdrt.runtime.errors import InputError
 from sdrt.runtime.lora_files import LoraSpec, MergeReport
 
 from .cli_exporter import Say
+
+if TYPE_CHECKING:
+    from sdrt.runtime.families import Family
+
+    from .controlnet_loading import LoadedControlNet
+    from .lora_slots import SlotPlan
 
 
 def lora_spec(text: str) -> LoraSpec:
@@ -29,7 +35,7 @@ def lora_spec(text: str) -> LoraSpec:
                      "with :SCALE")
 
 
-def slot_plan(text: str | None, family: Any = None) -> Any:
+def slot_plan(text: str | None, family: Family | None = None) -> SlotPlan | None:
     """``--lora-slots`` (None where not given), checked against ``family``'s targets (a transformer family's,
     before the weights load; None: checked by the export)."""
     from .lora_slots import SlotPlan
@@ -43,11 +49,11 @@ def slot_plan(text: str | None, family: Any = None) -> Any:
 
 
 def load_controlnets(args: argparse.Namespace, say: Say, unet_config: Any = None,
-                     transformer_config: Any = None) -> list:
+                     transformer_config: Any = None) -> list[LoadedControlNet]:
     """--controlnet / --random-controlnet, loaded in the order given (``unet_config``: the UNet a single file's
     architecture is matched against; ``transformer_config``: the SD 3 / 3.5 transformer, whose head width a single
     file takes)."""
-    nets = []
+    nets: list[LoadedControlNet] = []
     if args.controlnets:
         from .controlnet_loading import load_controlnet, random_controlnet
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from sdrt.runtime.errors import InputError
 from sdrt.runtime.families.flux import FLUX
+from sdrt.runtime.manifest import ExportManifest
 
 from .cli_exporter import Exporter, FlagUse, Say
 from .cli_options import (
@@ -29,7 +30,7 @@ def claims(model: str | Path | None, random_preset: str | None) -> bool:
     return is_flux_source(model, random_preset)
 
 
-def run(args: argparse.Namespace, say: Say, progress: Say):  # type: ignore[no-untyped-def]
+def run(args: argparse.Namespace, say: Say, progress: Say) -> ExportManifest:
     """A FLUX.1 model: its own loader and exporter; the ControlNets, LoRA slots and LoRA files are checked
     before the weights load."""
     from .flux_export import export_flux, load_flux, merge_flux_loras

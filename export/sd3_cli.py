@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 
 from sdrt.runtime.families.sd3 import SD3
+from sdrt.runtime.manifest import ExportManifest
 
 from .cli_exporter import Exporter, FlagUse, Say
 from .cli_options import (
@@ -28,7 +29,7 @@ def claims(model: str | Path | None, random_preset: str | None) -> bool:
     return is_sd3_source(model, random_preset)
 
 
-def run(args: argparse.Namespace, say: Say, progress: Say):  # type: ignore[no-untyped-def]
+def run(args: argparse.Namespace, say: Say, progress: Say) -> ExportManifest:
     """An SD 3 / 3.5 model: its own loader and exporter; the ControlNet files, LoRA slots and LoRA files are
     checked before the weights load."""
     from .sd3_export import export_sd3, load_sd3, merge_sd3_loras

@@ -9,6 +9,7 @@ from pathlib import Path
 from sdrt.runtime.families.sd import SD1, SD2
 from sdrt.runtime.families.sdxl import SDXL
 from sdrt.runtime.families.sdxl_refiner import SDXL_REFINER
+from sdrt.runtime.manifest import ExportManifest
 
 from .cli_exporter import Exporter, FlagUse, Say
 from .cli_options import load_controlnets, lora_spec, merged_lines, slot_plan, source_line
@@ -18,7 +19,7 @@ def claims(model: str | Path | None, random_preset: str | None) -> bool:
     return True  # the last of the table: what the others do not claim (load_model names what it cannot load)
 
 
-def run(args: argparse.Namespace, say: Say, progress: Say):  # type: ignore[no-untyped-def]
+def run(args: argparse.Namespace, say: Say, progress: Say) -> ExportManifest:
     """A UNet model: the LoRA files and slots checked before the weights load, the ControlNets paired with the
     UNet before the LoRAs merge and any export work."""
     from .exporter import export_model
@@ -43,8 +44,6 @@ def run(args: argparse.Namespace, say: Say, progress: Say):  # type: ignore[no-u
                             vae_fp32=args.vae_fp32, progress=progress, clip_skip=args.clip_skip, controlnets=nets,
                             deepcache=args.feature_cache, lora_slots=slots)
     if args.ort_cuda:
-        from sdrt.runtime.manifest import ExportManifest
-
         from .ort_fusion import add_ort_cuda_variant
 
         add_ort_cuda_variant(args.out, model, opset=args.opset, progress=progress)
