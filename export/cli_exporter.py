@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from sdrt.runtime.manifest import ExportManifest
 
@@ -36,7 +37,7 @@ class Exporter:
     layout: str
     takes: tuple[FlagUse, ...]
     file_only: frozenset[str]
-    claims: Callable[[str | None, str | None], bool]
+    claims: Callable[[str | Path | None, str | None], bool]
     run: Callable[[argparse.Namespace, Say, Say], ExportManifest]
 
     @property
