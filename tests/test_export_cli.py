@@ -33,16 +33,17 @@ def test_the_export_command_names_no_family() -> None:
 
 
 def test_the_table_flags_are_the_commands() -> None:
-    """Every flag the table judges is registered, at the attribute ``dest`` names, with a default that reads as
-    not given (None, False or 0): what the command's check of the given flags relies on."""
+    """Every flag the table judges is the command's, read at the attribute ``dest`` names, not set by default
+    (None, False or 0) and set once given: what the command's check of the given flags relies on."""
     from sdrt.commands.export import register
 
     p = argparse.ArgumentParser()
     register(p)
-    actions = {s: a for a in p._actions for s in a.option_strings}
+    defaults = vars(p.parse_args(["--list"]))
     for flag in option_flags():
-        assert actions[flag].dest == dest(flag), flag
-        assert actions[flag].default in (None, False), flag
+        assert defaults[dest(flag)] in (None, False), flag
+        given, _ = p.parse_known_args(["--list", flag, "1"])  # "1": its value, or left over for an on/off flag
+        assert getattr(given, dest(flag)) not in (None, False), flag
     assert {u.flag for e in EXPORTERS for u in e.takes} <= set(option_flags())
 
 
