@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 
 def register(p: argparse.ArgumentParser) -> None:
@@ -28,7 +27,7 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clip-skip", type=int, default=0, metavar="N",
                    help="condition on the text encoder layer N before the model's own (diffusers' clip_skip; "
                         "A1111's 'Clip skip 2' is 1; default 0)")
-    p.add_argument("--no-ema", dest="ema", action="store_false",
+    p.add_argument("--no-ema", action="store_true",
                    help="a single file with EMA and non-EMA UNet weights: load the non-EMA ones (default: EMA)")
     p.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
                    help="merge a LoRA .safetensors into the weights before export (e.g. LCM-LoRA, then --sampler "
@@ -92,113 +91,20 @@ def run(args: argparse.Namespace) -> int:
     if not args.out:
         raise InputError("--out DIR is required: the folder to write the ONNX export into")
 
-    from sdrt.export.exporter import check_export_dir, export_model
-    from sdrt.export.loading import load_model
+    from sdrt.export.cli_options import dest
+    from sdrt.export.exporter import check_export_dir
+    from sdrt.export.exporters import check_flags, claiming, option_flags
 
     check_export_dir(args.out, overwrite=args.overwrite)  # before the weights load
-    from sdrt.export.flux_export import is_flux_source
-    from sdrt.export.sd3_export import is_sd3_source
-
-    if is_flux_source(args.model, args.random):
-        return _run_flux(args)
-    if args.vae is not None:
-        raise InputError("--vae goes with a FLUX.1 single file (Black Forest Labs' layout: its ae.safetensors); "
-                         "this model is not one")
-    if is_sd3_source(args.model, args.random):
-        return _run_sd3(args)
-    if args.without_t5:
-        raise InputError("--without-t5 leaves out SD 3 / 3.5's T5 encoder; this model has none")
-    if args.skip_layers is not None:
-        raise InputError("--skip-layers exports SD 3 / 3.5's skip-layer guidance pass; this model is not SD 3 / 3.5")
-    sd3_only = [flag for flag, v in _sd3_file_options(args).items() if v is not None and flag != "--arch"]
-    if sd3_only:
-        raise InputError(f"{', '.join(sd3_only)} go{'es' if len(sd3_only) == 1 else ''} with an SD 3 / 3.5 "
-                         "single file (model.diffusion_model.joint_blocks.*); this model is not one")
-    loras = [_lora_spec(s) for s in args.lora or []]  # likewise
-    from sdrt.export.lora_slots import SlotPlan
-
-    slots = None if args.lora_slots is None else SlotPlan.parse(args.lora_slots)  # likewise
+    exporter = claiming(args.model, args.random)
+    given = [f for f in option_flags() if getattr(args, dest(f)) not in (None, False)]  # 0, False, None: not set
+    check_flags(exporter, given, random=args.random is not None)  # before the weights load
     t0 = time.perf_counter()
-    what = args.model or f"synthetic {args.random} weights"
-    print(f"loading {what}", flush=True)
-    model = load_model(args.model, random_preset=args.random, seed=args.seed, arch=args.arch,
-                       allow_pickle=args.allow_pickle, ema=args.ema)
-
-    nets = _load_controlnets(args, model.unet.config)
-    if nets:
-        from sdrt.export.controlnet_loading import check_pairing
-
-        check_pairing(model, nets)  # before the LoRAs merge and any export work
-
-    if args.lora:
-        from sdrt.export.lora_merge import merge_loras
-
-        reports = merge_loras(model, loras)
-        for comp, rep in reports.items():
-            if rep.matched:
-                print(f"merged LoRA into {len(rep.matched)} {comp} weights"
-                      + (f" ({len(rep.unmatched)} LoRA modules matched nothing)" if rep.unmatched else ""))
 
     def progress(msg: str) -> None:
         print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", flush=True)
 
-    manifest = export_model(model, args.out, overwrite=args.overwrite, fp16=not args.fp32, opset=args.opset, vae_fp32=args.vae_fp32, progress=progress,
-                           clip_skip=args.clip_skip, controlnets=nets, deepcache=args.feature_cache,
-                           lora_slots=slots)
-    if args.ort_cuda:
-        from sdrt.export.ort_fusion import add_ort_cuda_variant
-
-        add_ort_cuda_variant(args.out, model, opset=args.opset, progress=progress)
-        from sdrt.runtime.manifest import ExportManifest
-
-        manifest = ExportManifest.read(args.out)
-    _report(args.out, manifest, t0)
-    return 0
-
-
-def _run_sd3(args: argparse.Namespace) -> int:
-    """An SD 3 / 3.5 model: its own loader and exporter (export/sd3_export.py); the options it does not take yet
-    are refused before the weights load."""
-    from sdrt.export.sd3_export import export_sd3, load_sd3
-    from sdrt.runtime.errors import InputError
-
-    given = [flag for flag, on in (("--clip-skip", args.clip_skip), ("--ort-cuda", args.ort_cuda),
-                                   ("--vae-fp32", args.vae_fp32), ("--no-ema", not args.ema)) if on]
-    if given:
-        raise InputError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} not supported for SD 3 / 3.5 "
-                         "models yet; export without")
-    files = [v for kind, v in args.controlnets or [] if kind == "path" and Path(v).is_file()]
-    if files:  # the kind of each ControlNet file, from its header, before the weights load
-        from sdrt.export.sd3_controlnet_single_file import check_sd3_controlnet_file
-
-        for f in files:
-            check_sd3_controlnet_file(f)
-    slots = _slot_plan(args, "sd3")
-    loras = [_lora_spec(s) for s in args.lora or []]  # checked before the weights load
-    opts = {k.removeprefix("--").replace("-", "_"): v for k, v in _sd3_file_options(args).items()}
-    if args.random and (given := [f"--{k.replace('_', '-')}" for k, v in opts.items() if v is not None]):
-        raise InputError(f"{', '.join(given)} go{'es' if len(given) == 1 else ''} with an SD 3 / 3.5 single "
-                         "file, not --random (pick the architecture with --random PRESET)")
-    t0 = time.perf_counter()
-    print(f"loading {args.model or f'synthetic {args.random} weights'}", flush=True)
-    if args.random:
-        model = load_sd3(random_preset=args.random, seed=args.seed)
-    else:  # a folder, or a single file with its options (refused for a folder)
-        model = load_sd3(args.model, without_t5=args.without_t5, **opts)
-    if loras:
-        from sdrt.export.sd3_export import merge_sd3_loras
-
-        _merged(merge_sd3_loras(model, loras))
-
-    # paired with the transformer by export_sd3, before any export work
-    nets = _load_controlnets(args, transformer_config=model.transformer_config)
-
-    def progress(msg: str) -> None:
-        print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", flush=True)
-
-    manifest = export_sd3(model, args.out, overwrite=args.overwrite, fp16=not args.fp32, opset=args.opset,
-                          without_t5=args.without_t5, block_cache=args.feature_cache, controlnets=nets,
-                          progress=progress, lora_slots=slots, skip_layers=args.skip_layers)
+    manifest = exporter.run(args, lambda line: print(line, flush=True), progress)
     _report(args.out, manifest, t0)
     return 0
 
@@ -210,104 +116,6 @@ def _layers(text: str) -> list[int]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of block numbers, e.g. 7,8,9") \
             from None
-
-
-def _run_flux(args: argparse.Namespace) -> int:
-    """A FLUX.1 model: its own loader and exporter (export/flux_export.py), in fp32 (FLUX.1 overflows fp16); the
-    options it does not take yet are refused before the weights load."""
-    from sdrt.export.flux_export import export_flux, load_flux
-    from sdrt.runtime.errors import InputError
-
-    given = [flag for flag, on in (("--clip-skip", args.clip_skip), ("--ort-cuda", args.ort_cuda),
-                                   ("--vae-fp32", args.vae_fp32), ("--no-ema", not args.ema),
-                                   ("--without-t5", args.without_t5),
-                                   ("--skip-layers", args.skip_layers is not None)) if on]
-    if given:
-        raise InputError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} not supported for FLUX.1 "
-                         "models yet; export without")
-    files = [v for kind, v in args.controlnets or [] if kind == "path" and Path(v).is_file()]
-    if files:
-        raise InputError(f"{files[0]} is a single file; FLUX.1 ControlNets load from a diffusers folder "
-                         "(config.json naming FluxControlNetModel, with its .safetensors) for now")
-    slots = _slot_plan(args, "flux")
-    loras = [_lora_spec(s) for s in args.lora or []]  # checked before the weights load
-    if args.clip_g is not None:
-        raise InputError("--clip-g goes with an SD 3 / 3.5 single file; FLUX.1 has no CLIP-G (its encoders: "
-                         "--clip-l, --t5)")
-    opts = {"clip_l": args.clip_l, "t5": args.t5, "vae": args.vae, "tokenizers": args.tokenizers,
-            "arch": args.arch}
-    if args.random and (flags := [f"--{k.replace('_', '-')}" for k, v in opts.items() if v is not None]):
-        raise InputError(f"{', '.join(flags)} go{'es' if len(flags) == 1 else ''} with a FLUX.1 single file, not "
-                         "--random (pick the architecture with --random PRESET)")
-    t0 = time.perf_counter()
-    print(f"loading {args.model or f'synthetic {args.random} weights'}", flush=True)
-    if args.random:
-        model = load_flux(random_preset=args.random, seed=args.seed)
-    else:  # a folder, or a single file with its options (refused for a folder)
-        model = load_flux(args.model, **opts)
-    if loras:
-        from sdrt.export.flux_export import merge_flux_loras
-
-        _merged(merge_flux_loras(model, loras))
-    nets = _load_controlnets(args)  # paired with the transformer by export_flux, before any export work
-
-    def progress(msg: str) -> None:
-        print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", flush=True)
-
-    if not args.fp32:
-        progress("FLUX.1 is exported in fp32: it overflows fp16 (NaN images, diffusers issue 9096), and sdrt "
-                 "exports no bf16 graph yet")
-    manifest = export_flux(model, args.out, overwrite=args.overwrite, fp16=False, opset=args.opset,
-                           block_cache=args.feature_cache, progress=progress, lora_slots=slots, controlnets=nets)
-    _report(args.out, manifest, t0)
-    return 0
-
-
-def _load_controlnets(args: argparse.Namespace, unet_config=None,  # type: ignore[no-untyped-def]
-                      transformer_config=None) -> list:
-    """--controlnet / --random-controlnet, loaded in the order given (``unet_config``: the UNet a single file's
-    architecture is matched against; ``transformer_config``: the SD 3 / 3.5 transformer, whose head width a single
-    file takes)."""
-    nets = []
-    if args.controlnets:
-        from sdrt.export.controlnet_loading import load_controlnet, random_controlnet
-
-        for kind, value in args.controlnets:
-            print(f"loading ControlNet {value}" if kind == "path" else f"making a {value} ControlNet", flush=True)
-            nets.append(load_controlnet(value, allow_pickle=args.allow_pickle, unet_config=unet_config,
-                                        transformer_config=transformer_config)
-                        if kind == "path" else random_controlnet(value, seed=args.seed))
-    return nets
-
-
-def _merged(reports) -> None:  # type: ignore[no-untyped-def]
-    """What ``--lora`` merged, per component (a component none of whose modules matched: said so)."""
-    for comp, rep in reports.items():
-        if rep.matched:
-            print(f"merged LoRA into {len(rep.matched)} {comp} weights"
-                  + (f" ({len(rep.unmatched)} LoRA modules matched nothing)" if rep.unmatched else ""))
-        elif rep.unmatched:
-            print(f"{len(rep.unmatched)} LoRA modules of {comp} matched nothing (not applied; e.g. "
-                  f"{rep.unmatched[0]})")
-
-
-def _slot_plan(args: argparse.Namespace, family: str):  # type: ignore[no-untyped-def]
-    """``--lora-slots`` for a transformer family, checked against the family's targets before the weights load."""
-    from sdrt.export.lora_slots import SlotPlan
-    from sdrt.runtime.families import family_named
-
-    if args.lora_slots is None:
-        return None
-    plan = SlotPlan.parse(args.lora_slots)
-    family_named(family).lora_targets(plan.targets)  # an InputError for a target set the family has not
-    return plan
-
-
-def _sd3_file_options(args: argparse.Namespace) -> dict[str, str | None]:
-    """The options an SD 3 / 3.5 single file takes, by flag (--arch: its architecture, e.g. sd35-large-turbo;
-    the UNet families' single files take it too)."""
-    return {"--clip-l": args.clip_l, "--clip-g": args.clip_g, "--t5": args.t5,
-            "--tokenizers": args.tokenizers, "--arch": args.arch}
 
 
 def _report(out: str, manifest, t0: float) -> None:  # type: ignore[no-untyped-def]
@@ -331,23 +139,3 @@ def _report(out: str, manifest, t0: float) -> None:  # type: ignore[no-untyped-d
     print("error: relative to the PyTorch module's largest output; uint8 images: levels of 255"
           + ("; streamed: too large to compare with PyTorch here, every weight read back equal to its source"
              if any(c.parity is None for c in manifest.components.values()) else ""))
-
-
-def _lora_spec(text: str):  # type: ignore[no-untyped-def]
-    """``--lora FILE[:SCALE]`` -> a LoraSpec whose file exists, or an InputError that names the real problem
-    (a scale that is not a number reads as part of the file name otherwise)."""
-    from pathlib import Path
-
-    from sdrt.runtime.errors import InputError
-    from sdrt.runtime.lora_files import LoraSpec
-
-    spec = LoraSpec.parse(text)
-    if spec.path.is_file():
-        return spec
-    head, sep, tail = text.rpartition(":")
-    if sep and head and Path(head).is_file():
-        raise InputError(f"--lora {text}: the scale {tail!r} is not a number; give FILE:SCALE with a number "
-                         f"(e.g. {head}:0.8), or FILE alone for scale 1")
-    what = "is a folder" if spec.path.is_dir() else "does not exist"
-    raise InputError(f"--lora {text}: the LoRA file {spec.path} {what}; give a .safetensors file, optionally "
-                     "with :SCALE")

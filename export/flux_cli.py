@@ -1,0 +1,67 @@
+"""``sdrt export`` of a FLUX.1 model: which sources and flags are its, and the run (export/flux_export.py loads
+and exports, in fp32: FLUX.1 overflows fp16)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from sdrt.runtime.errors import InputError
+from sdrt.runtime.families.flux import FLUX
+from sdrt.runtime.manifest import ExportManifest
+
+from .cli_exporter import Exporter, FlagUse, Say
+from .cli_options import (
+    controlnet_files,
+    flag_options,
+    load_controlnets,
+    lora_spec,
+    merged_lines,
+    slot_plan,
+    source_line,
+)
+
+FILE_FLAGS = ("--clip-l", "--t5", "--vae", "--tokenizers", "--arch")  # what load_flux takes of a single file
+
+
+def claims(model: str | Path | None, random_preset: str | None) -> bool:
+    from .flux_export import is_flux_source
+
+    return is_flux_source(model, random_preset)
+
+
+def run(args: argparse.Namespace, say: Say, progress: Say) -> ExportManifest:
+    """A FLUX.1 model: its own loader and exporter; the ControlNets, LoRA slots and LoRA files are checked
+    before the weights load."""
+    from .flux_export import export_flux, load_flux, merge_flux_loras
+
+    files = controlnet_files(args)
+    if files:
+        raise InputError(f"{files[0]} is a single file; FLUX.1 ControlNets load from a diffusers folder "
+                         "(config.json naming FluxControlNetModel, with its .safetensors) for now")
+    slots = slot_plan(args.lora_slots, FLUX)
+    loras = [lora_spec(s) for s in args.lora or []]
+    say(source_line(args))
+    if args.random:
+        model = load_flux(random_preset=args.random, seed=args.seed)
+    else:  # a folder, or a single file with its options (refused for a folder)
+        opts = flag_options(args, FILE_FLAGS)
+        model = load_flux(args.model, **opts)
+    if loras:
+        merged_lines(merge_flux_loras(model, loras), say)
+    nets = load_controlnets(args, say)  # paired with the transformer by export_flux, before any export work
+    if not args.fp32:
+        progress("FLUX.1 is exported in fp32: it overflows fp16 (NaN images, diffusers issue 9096), and sdrt "
+                 "exports no bf16 graph yet")
+    return export_flux(model, args.out, overwrite=args.overwrite, fp16=False, opset=args.opset,
+                       block_cache=args.feature_cache, progress=progress, lora_slots=slots, controlnets=nets)
+
+
+FLUX_EXPORTER = Exporter(
+    name=FLUX.label, single_file=f"a {FLUX.label} single file", layout="Black Forest Labs' layout",
+    takes=(FlagUse("--clip-l", "for its CLIP-L text encoder as a separate file (clip_l.safetensors)"),
+           FlagUse("--t5", "for its T5-XXL text encoder as a separate file (t5xxl_fp16.safetensors)"),
+           FlagUse("--vae", "for its VAE as a separate file (ae.safetensors)"),
+           FlagUse("--tokenizers", "for the tokenizers of a diffusers folder of its family, needed for T5 of a "
+                                   "full-size model")),
+    file_only=frozenset(FILE_FLAGS), claims=claims, run=run)

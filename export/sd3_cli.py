@@ -1,0 +1,71 @@
+"""``sdrt export`` of an SD 3 / 3.5 model: which sources and flags are its, and the run (export/sd3_export.py
+loads and exports)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from sdrt.runtime.families.sd3 import SD3
+from sdrt.runtime.manifest import ExportManifest
+
+from .cli_exporter import Exporter, FlagUse, Say
+from .cli_options import (
+    controlnet_files,
+    flag_options,
+    load_controlnets,
+    lora_spec,
+    merged_lines,
+    slot_plan,
+    source_line,
+)
+
+FILE_FLAGS = ("--clip-l", "--clip-g", "--t5", "--tokenizers", "--arch")  # what load_sd3 takes of a single file
+
+
+def claims(model: str | Path | None, random_preset: str | None) -> bool:
+    from .sd3_export import is_sd3_source
+
+    return is_sd3_source(model, random_preset)
+
+
+def run(args: argparse.Namespace, say: Say, progress: Say) -> ExportManifest:
+    """An SD 3 / 3.5 model: its own loader and exporter; the ControlNet files, LoRA slots and LoRA files are
+    checked before the weights load."""
+    from .sd3_export import export_sd3, load_sd3, merge_sd3_loras
+
+    files = controlnet_files(args)
+    if files:  # the kind of each ControlNet file, from its header, before the weights load
+        from .sd3_controlnet_single_file import check_sd3_controlnet_file
+
+        for f in files:
+            check_sd3_controlnet_file(f)
+    slots = slot_plan(args.lora_slots, SD3)
+    loras = [lora_spec(s) for s in args.lora or []]
+    say(source_line(args))
+    if args.random:
+        model = load_sd3(random_preset=args.random, seed=args.seed)
+    else:  # a folder, or a single file with its options (refused for a folder)
+        opts = flag_options(args, FILE_FLAGS)
+        model = load_sd3(args.model, without_t5=args.without_t5, **opts)
+    if loras:
+        merged_lines(merge_sd3_loras(model, loras), say)
+    # paired with the transformer by export_sd3, before any export work
+    nets = load_controlnets(args, say, transformer_config=model.transformer_config)
+    return export_sd3(model, args.out, overwrite=args.overwrite, fp16=not args.fp32, opset=args.opset,
+                      without_t5=args.without_t5, block_cache=args.feature_cache, controlnets=nets,
+                      progress=progress, lora_slots=slots, skip_layers=args.skip_layers)
+
+
+SD3_EXPORTER = Exporter(
+    name=SD3.label, single_file=f"an {SD3.label} single file",
+    layout="Stability's layout: model.diffusion_model.joint_blocks.*",
+    takes=(FlagUse("--without-t5", "to leave out the T5-XXL text encoder (zeros in its place)"),
+           FlagUse("--skip-layers", "to also export the transformer pass with those blocks skipped, for skip-layer "
+                                    "guidance"),
+           FlagUse("--clip-l", "for its CLIP-L text encoder as a separate file (clip_l.safetensors)"),
+           FlagUse("--clip-g", "for its CLIP-G text encoder as a separate file (clip_g.safetensors)"),
+           FlagUse("--t5", "for its T5-XXL text encoder as a separate file (t5xxl_fp16.safetensors)"),
+           FlagUse("--tokenizers", "for the tokenizers of a diffusers folder of its family, needed for T5 of a "
+                                   "full-size model")),
+    file_only=frozenset(FILE_FLAGS), claims=claims, run=run)
