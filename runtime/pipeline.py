@@ -1032,6 +1032,8 @@ class Pipeline:
             # on an editing model, so there is no reference)
             crop = None if pad is None else inpaint_stage.mask_crop(image, mask, req.height, req.width,
                                                                     m.vae_scale_factor, pad)
+            init: np.ndarray | None
+            ref: np.ndarray | None
             if crop is not None:
                 init, ref, mask = crop.init, None, crop.crop_mask
             else:
