@@ -1,14 +1,15 @@
-"""ControlNet on ort-cpu against diffusers' ControlNet pipelines: same synthetic weights, same latents.
+"""ControlNet against diffusers' ControlNet pipelines: same synthetic weights, same latents.
 
 Images within 1/255 of ``StableDiffusionControlNetPipeline`` (one ControlNet; two, with different
 scales and a start/end window; guess mode; a net left out) and ``StableDiffusionXLControlNetPipeline``
 in fp32, with two samplers, guided and unguided, at a non-square size; img2img with control against
-``StableDiffusionControlNetImg2ImgPipeline``; and a ControlNet at scale 0 against the plain UNet.
+``StableDiffusionControlNetImg2ImgPipeline``; and a ControlNet at scale 0 against the plain UNet, on ort-cpu
+(two nets on openvino too). A ControlNet beside LoRA slots against the ControlNet pipeline with the LoRA loaded on
+ort-cpu, ort-cuda's code path, openvino and the TensorRT fakes (SD 1.5, and SDXL in the slow tier).
 """
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -223,51 +224,88 @@ def test_openvino_matches_diffusers(tiny_controlnet_export) -> None:
              end=[0.7, 1.0], backend="openvino")
 
 
-@pytest.mark.parametrize("slots", ["8", "8:attn-ff-conv"])
-def test_controlnet_with_lora_slots_matches_diffusers_with_the_lora(tmp_path: Path, slots: str) -> None:
-    """An export made with ControlNets and --lora-slots: ``unet_control`` takes the call's LoRA factors after
-    the residuals, under the UNet's names; a LoRA (UNet and text encoder) with a control image gives diffusers'
-    ControlNet pipeline's image with the same LoRA loaded, within 1/255. With LoCon slots (``attn-ff-conv``) the
-    file adapts the UNet's convolutions too, and openvino gives ort-cpu's image (within 2)."""
+_LORA_CASES: dict[tuple[str, str], tuple[Path, Path, np.ndarray, np.ndarray]] = {}
+LORA_KW: dict[str, Any] = {"height": 64, "width": 96, "steps": 6, "guidance_scale": 7.5, "sampler": "ddim"}
+
+
+@pytest.fixture(scope="module")
+def lora_case(tmp_path_factory: pytest.TempPathFactory):
+    """lora_case(preset, slots) -> (an export of ``preset`` with one ControlNet and ``--lora-slots slots``, a kohya
+    LoRA of the UNet and the text encoders (with LoCon slots, ``attn-ff-conv``, the UNet's convolutions too),
+    diffusers' ControlNet pipeline's image with the LoRA loaded at 0.8, and without it): made once for every
+    backend."""
     pytest.importorskip("peft", reason="diffusers' LoRA loading needs peft (the test extra)")
-    import copy
 
-    from sdrt.export.controlnet_loading import random_controlnet
-    from sdrt.export.exporter import export_model
-    from sdrt.export.loading import load_model, random_model
-    from sdrt.export.lora_slots import SlotPlan
+    def get(preset: str, slots: str) -> tuple[Path, Path, np.ndarray, np.ndarray]:
+        if (preset, slots) in _LORA_CASES:
+            return _LORA_CASES[preset, slots]
+        import copy
 
-    from .helpers.models import make_lora
+        from sdrt.export.controlnet_loading import random_controlnet
+        from sdrt.export.exporter import export_model
+        from sdrt.export.loading import load_model, random_model
+        from sdrt.export.lora_slots import SlotPlan
 
-    folder = tmp_path / "export"
-    export_model(load_model(random_preset="sd15-tiny"), folder, controlnets=[random_controlnet(
-        "sd15-controlnet-tiny", seed=1)], lora_slots=SlotPlan.parse(slots))
-    m = random_model("sd15-tiny")
-    locon = slots.endswith("conv")
-    convs = ("conv1", "conv2", "conv_shortcut", "time_emb_proj", "downsamplers.0.conv", "upsamplers.0.conv")
-    lora = make_lora(tmp_path / "style.safetensors", m.unet, m.text_encoders[0], "kohya", seed=6, alpha=2.0,
-                     unet_targets=("to_q", "to_k", "to_v", "to_out.0", *(convs if locon else ())),
-                     text_targets=("q_proj", "k_proj", "v_proj", "out_proj"), conv_rank=4 if locon else None)
-    base, cfg = _diffusers("sd15-tiny", folder, [0])
-    pipe = type(base)(**{**base.components, "unet": copy.deepcopy(base.unet),
-                         "text_encoder": copy.deepcopy(base.text_encoder), "scheduler": diffusers_scheduler("ddim", cfg)})
-    pipe.set_progress_bar_config(disable=True)
-    pipe.load_lora_weights(str(lora), adapter_name="style")
-    pipe.set_adapters(["style"], adapter_weights=[0.8])
-    image = control_image(10)
-    latents = np.random.default_rng(7).standard_normal((1, 4, 8, 12), dtype=np.float32)
-    with torch.no_grad():
-        ref = pipe(PROMPT, image=image, height=64, width=96, num_inference_steps=6, guidance_scale=7.5,
-                   latents=torch.from_numpy(latents), output_type="np").images
-    want = _u8(ref[0])
-    with Pipeline.load(folder, backend="ort-cpu") as sdrt_pipe:
-        kw = {"height": 64, "width": 96, "steps": 6, "guidance_scale": 7.5, "sampler": "ddim", "latents": latents,
-              "control_images": [image]}
-        got = np.asarray(sdrt_pipe(PROMPT, loras=[(lora, 0.8)], **kw).images[0]).astype(np.int32)
-        plain = np.asarray(sdrt_pipe(PROMPT, **kw).images[0]).astype(np.int32)
-    assert np.abs(got - want).max() <= 1, f"max abs difference {np.abs(got - want).max()}/255"
-    assert np.abs(plain - want).max() > 2 and want.std() > 5  # the LoRA mattered
-    if locon and importlib.util.find_spec("openvino") is not None:
-        with Pipeline.load(folder, backend="openvino", precision="fp32") as ov:
-            got_ov = np.asarray(ov(PROMPT, loras=[(lora, 0.8)], **kw).images[0]).astype(np.int32)
-        assert np.abs(got_ov - got).max() <= 2
+        from .helpers.models import make_lora
+
+        tmp = tmp_path_factory.mktemp("cn-lora")
+        folder = tmp / "export"
+        export_model(load_model(random_preset=preset), folder, controlnets=[random_controlnet(
+            preset.removesuffix("-tiny") + "-controlnet-tiny", seed=1)], lora_slots=SlotPlan.parse(slots))
+        m = random_model(preset)
+        sdxl = len(m.text_encoders) == 2
+        locon = slots.endswith("conv")
+        convs = ("conv1", "conv2", "conv_shortcut", "time_emb_proj", "downsamplers.0.conv", "upsamplers.0.conv")
+        lora = make_lora(tmp / "style.safetensors", m.unet, m.text_encoders[0], "kohya", seed=6, alpha=2.0,
+                         unet_targets=("to_q", "to_k", "to_v", "to_out.0", *(convs if locon else ())),
+                         text_targets=("q_proj", "k_proj", "v_proj", "out_proj"), conv_rank=4 if locon else None,
+                         text_encoder_2=m.text_encoders[1] if sdxl else None)
+        base, cfg = _diffusers(preset, folder, [0])
+        fresh = {k: copy.deepcopy(getattr(base, k)) for k in ("unet", "text_encoder", "text_encoder_2")
+                 if hasattr(base, k)}  # load_lora_weights adapts them in place
+        pipe = type(base)(**{**base.components, **fresh, "scheduler": diffusers_scheduler("ddim", cfg)})
+        pipe.set_progress_bar_config(disable=True)
+        pipe.load_lora_weights(str(lora), adapter_name="style")
+        pipe.set_adapters(["style"], adapter_weights=[0.8])
+        base.scheduler = diffusers_scheduler("ddim", cfg)  # other tests leave their sampler's scheduler in it
+        call = {"image": control_image(10), "height": 64, "width": 96, "num_inference_steps": 6,
+                "guidance_scale": 7.5, "output_type": "np"}
+        with torch.no_grad():
+            want, plain = (_u8(p(PROMPT, latents=torch.from_numpy(_lora_latents()), **call).images[0])
+                           for p in (pipe, base))
+        _LORA_CASES[preset, slots] = (folder, lora, want, plain)
+        return _LORA_CASES[preset, slots]
+
+    return get
+
+
+def _lora_latents() -> np.ndarray:
+    return np.random.default_rng(7).standard_normal((1, 4, 8, 12), dtype=np.float32)
+
+
+@pytest.mark.parametrize("backend", ["ort-cpu", "ort-cuda-path", "openvino", "tensorrt"])
+@pytest.mark.parametrize(("preset", "slots"), [
+    ("sd15-tiny", "8"), ("sd15-tiny", "8:attn-ff-conv"),
+    pytest.param("sdxl-tiny", "8:attn-ff", marks=pytest.mark.slow)])  # exports the SDXL pair: over 1 min
+def test_controlnet_with_lora_slots_matches_diffusers_with_the_lora(lora_case, request: pytest.FixtureRequest,
+                                                                    tmp_path: Path, preset: str, slots: str,
+                                                                    backend: str) -> None:
+    """An export made with ControlNets and --lora-slots: ``unet_control`` takes the call's LoRA factors after
+    the residuals, under the UNet's names; a LoRA (UNet and text encoders) with a control image gives diffusers'
+    ControlNet pipeline's image (SD 1.5's, SDXL's) with the same LoRA loaded, within 1/255, and no LoRA its plain
+    image. With LoCon slots (``attn-ff-conv``) the file adapts the UNet's convolutions too. On ort-cpu, ort-cuda's
+    code path (on the CPU EP, its composed step sessions), openvino (fp32) and the TensorRT fakes (the captured
+    loop): none says anything of a GPU."""
+    from .helpers.pipelines import loaded_on_any
+
+    folder, lora, want, plain_want = lora_case(preset, slots)
+    kw = {**LORA_KW, "latents": _lora_latents(), "control_images": [control_image(10)]}
+    with loaded_on_any(folder, backend, request, tmp_path / "engines") as pipe:
+        styled = pipe(PROMPT, loras=[(lora, 0.8)], **kw)
+        plain = np.asarray(pipe(PROMPT, **kw).images[0]).astype(np.int32)
+    got = np.asarray(styled.images[0]).astype(np.int32)
+    assert np.abs(got - want).max() <= 1, f"{preset} on {backend}, with the LoRA: {np.abs(got - want).max()}/255"
+    assert np.abs(plain - plain_want).max() <= 1, f"{preset} on {backend}, no LoRA: {np.abs(plain - plain_want).max()}/255"
+    assert np.abs(plain_want - want).max() > 2 and want.std() > 5  # the LoRA mattered
+    if backend == "tensorrt":
+        assert styled.loop == "captured CUDA graphs", styled.loop

@@ -5,8 +5,9 @@ seeded weights exported by ``export_flux``, the same control image and initial l
 Covers two output sizes (non-square, neither the control image's: it is resized) and guidance scales, a batch,
 the output size from the control image, img2img, inpainting at three strengths, ``sdrt generate --control-image``,
 the staged API, loading a diffusers ``FluxControlPipeline`` folder, the streamed transformer graph against PyTorch,
-ort-cuda's code path and openvino, and the refusals before any work. sdrt's encoders take the latent distribution's mean: diffusers is made
-to (it samples the control image's latents).
+ort-cuda's code path and openvino, inpainting on ort-cuda's code path and the TensorRT fakes against diffusers, and
+the refusals before any work. sdrt's encoders take the latent distribution's mean: diffusers is made to (it samples
+the control image's latents).
 """
 
 from __future__ import annotations
@@ -133,6 +134,36 @@ def test_inpaint_gives_diffusers_images(flux_export, mean_vae, height: int, widt
     got, _ = assert_diffusers_images(res.images, want, f"{height}x{width} strength {strength} batch {batch}")
     if batch == 2:
         assert np.abs(got[0] - got[1]).max() > 1
+
+
+_INPAINT_REF: list[np.ndarray] = []
+LOOPS = {"ort-cuda-path": "UNet + sampler step as one ONNX Runtime session", "tensorrt": "captured CUDA graphs"}
+
+
+@pytest.mark.parametrize("backend", ["ort-cuda-path", "tensorrt"])
+def test_inpaint_on_other_backends_gives_diffusers_images(flux_export, mean_vae, request: pytest.FixtureRequest,
+                                                          tmp_path: Path, backend: str) -> None:
+    """A control image with ``image=``, ``mask_image=`` and strength 0.6 on ort-cuda's code path (on the CPU EP, the
+    composed transformer + step session with the control latents, the masked blend after each step) and the
+    TensorRT fakes (the captured loop): FluxControlInpaintPipeline's image, computed once for both. Neither says
+    anything of a GPU."""
+    from .helpers.pipelines import loaded_on_any
+
+    folder = flux_export(PRESET)
+    image, mask = image_and_mask()
+    control = control_image(8, w=90, h=60)
+    call = {"image": image, "mask_image": mask, "strength": 0.6, "height": 64, "width": 96, "guidance_scale": 10.0}
+    noise = torch.randn((1, 16, 8, 12), generator=torch.Generator().manual_seed(12))
+    if not _INPAINT_REF:
+        with torch.no_grad():
+            _INPAINT_REF.append(_reference(folder, "Inpaint")(
+                PROMPT, control_image=control, num_inference_steps=5, generator=torch.Generator().manual_seed(12),
+                output_type="np", **call).images)
+    with loaded_on_any(folder, backend, request, tmp_path / "engines", cfg=False) as pipe:
+        res = pipe(PROMPT, control_images=[control], steps=5, latents=noise.numpy(), **call)
+    assert len(res.timings["unet_steps_ms"]) == 3  # diffusers' get_timesteps: 5 - int(5 - 5 * 0.6)
+    assert_diffusers_images(res.images, _INPAINT_REF[0], f"control + mask on {backend}")
+    assert res.loop.startswith(LOOPS[backend]), res.loop
 
 
 def test_generate_cli(flux_export, tmp_path: Path) -> None:

@@ -4,11 +4,14 @@ weights exported by ``export_flux``, the same image, mask and initial latents, i
 Covers two masks (a box and a soft ramp that resizing and binarizing decide) at two sizes (one the image's own,
 one a resize of image and mask), two guidance scales, a batch, partial denoising (``strength`` < 1), the
 masked-image encoder against diffusers' masked latents, the refusals before any work, and the A1111 img2img
-endpoint with a mask. sdrt's encoders take the latent distribution's mean: diffusers is made to
-(``retrieve_latents`` in argmax mode), as for img2img in tests/test_flux.py.
+endpoint with a mask; ort-cuda's code path and the TensorRT fakes against diffusers too. sdrt's encoders take the
+latent distribution's mean: diffusers is made to (``retrieve_latents`` in argmax mode), as for img2img in
+tests/test_flux.py.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +21,7 @@ from sdrt.runtime.errors import CompatibilityError, InputError
 
 from .helpers.inputs import image_and_mask
 from .helpers.pipelines import shared_pipeline
-from .helpers.references import flux_packed
+from .helpers.references import assert_diffusers_images, flux_packed
 
 PRESET = "flux-fill-dev-tiny"
 PROMPT = "a red boat on a calm lake"
@@ -139,6 +142,33 @@ def test_partial_denoising(flux_export, mean_latents) -> None:
     got = np.asarray(res.images[0]).astype(np.int32)
     diff = int(np.abs(got - (want[0] * 255).round().astype(np.int32)).max())
     assert diff <= 1, f"strength 0.6: max abs difference {diff}/255"
+
+
+_BACKEND_REF: list[np.ndarray] = []
+LOOPS = {"ort-cuda-path": "UNet + sampler step as one ONNX Runtime session", "tensorrt": "captured CUDA graphs"}
+
+
+@pytest.mark.parametrize("backend", ["ort-cuda-path", "tensorrt"])
+def test_other_backends_give_diffusers_images(flux_export, mean_latents, request: pytest.FixtureRequest,
+                                              tmp_path: Path, backend: str) -> None:
+    """ort-cuda's code path (on the CPU EP, the composed transformer + step session with the mask channels) and the
+    TensorRT fakes (the captured loop): a box mask at 64 x 96, FluxFillPipeline's image, computed once for both.
+    Neither says anything of a GPU."""
+    from .helpers.pipelines import loaded_on_any
+
+    folder = flux_export(PRESET)
+    image, _ = image_and_mask(w=96, h=64)
+    mask = _box_mask(96, 64)
+    latents = np.random.default_rng(5).standard_normal((1, 16, 8, 12), dtype=np.float32)
+    call = {"image": image, "mask_image": mask, "height": 64, "width": 96, "guidance_scale": 30.0}
+    if not _BACKEND_REF:
+        with torch.no_grad():
+            _BACKEND_REF.append(_reference(folder)(PROMPT, num_inference_steps=3, latents=flux_packed(latents),
+                                                   output_type="np", **call).images)
+    with loaded_on_any(folder, backend, request, tmp_path / "engines", cfg=False) as pipe:
+        res = pipe(PROMPT, steps=3, latents=latents, **call)
+    assert_diffusers_images(res.images, _BACKEND_REF[0], f"Fill on {backend}")
+    assert res.loop.startswith(LOOPS[backend]), res.loop
 
 
 def test_masked_image_latents_are_diffusers(flux_export, mean_latents) -> None:

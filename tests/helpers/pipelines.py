@@ -50,12 +50,14 @@ def ort_cuda_on_cpu(monkeypatch, *, cuda_graph: bool = False, max_cuda_graphs: i
 @contextlib.contextmanager
 def loaded_on(folder: Path, backend: str, monkeypatch: pytest.MonkeyPatch | None = None, *,
               cuda_graph: bool = False) -> Iterator[Pipeline]:
-    """``folder`` loaded for one test on ``backend``, closed after: ``"ort-cuda-path"`` (ort-cuda's code path on the
+    """``folder`` loaded for one test on ``backend``, closed after: ``"ort-cpu"``, ``"ort-cuda-path"`` (ort-cuda's code path on the
     CPU EP, ``ort_cuda_on_cpu`` with ``cuda_graph``: says nothing of a GPU) or ``"openvino"`` at fp32 (the test
     skipped where OpenVINO is not installed). Make the ort-cpu images first: the first patches how backends load."""
     if backend == "openvino":
         pytest.importorskip("openvino", reason="the openvino backend needs OpenVINO (pip install sdrt[openvino])")
         pipe = Pipeline.load(folder, backend="openvino", precision="fp32")
+    elif backend == "ort-cpu":
+        pipe = Pipeline.load(folder, backend="ort-cpu")
     else:
         assert backend == "ort-cuda-path" and monkeypatch is not None, backend
         monkeypatch.setattr("sdrt.runtime.backends.make_backend",
