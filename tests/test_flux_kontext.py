@@ -6,7 +6,8 @@ resolution nearest its aspect ratio (diffusers' ``_auto_resize``), two guidance 
 --reference``, loading a diffusers ``FluxKontextPipeline`` folder and a single file with ``--arch``, and the
 refusals before any work. diffusers' Kontext pipeline rescales the size asked to ``max_area``: the tests give it
 the size's own area, so it keeps the size. Inpainting on Kontext (``image=`` and ``mask_image=``) against
-``FluxKontextInpaintPipeline`` over the same modules, with and without a separate reference, at strengths 1 and 0.6.
+``FluxKontextInpaintPipeline`` over the same modules, with and without a separate reference, at strengths 1 and 0.6,
+and with ``padding_mask_crop`` (the box cut from the image and the reference once sized, nothing pasted back).
 """
 
 from __future__ import annotations
@@ -298,14 +299,18 @@ def _inpaint_reference(folder: Path):
 
 
 def _inpaint_want(folder: Path, image, mask, reference, *, strength: float, steps: int, seed: int, batch: int = 1,
-                  guidance: float = 2.5) -> np.ndarray:
+                  guidance: float = 2.5, padding_mask_crop: int | None = None) -> np.ndarray:
     """FluxKontextInpaintPipeline's images, its image and reference kept at their own sizes (``_auto_resize``
     False); its noise is the generator's first draw (the image encodes to its mean: no draw before it)."""
     with torch.no_grad():
-        return _inpaint_reference(folder)(
+        out = _inpaint_reference(folder)(
             prompt=PROMPT, image=image, mask_image=mask, image_reference=reference, strength=strength,
             num_inference_steps=steps, guidance_scale=guidance, num_images_per_prompt=batch,
-            generator=torch.Generator().manual_seed(seed), _auto_resize=False, output_type="np").images
+            generator=torch.Generator().manual_seed(seed), _auto_resize=False, padding_mask_crop=padding_mask_crop,
+            output_type="np" if padding_mask_crop is None else "pil").images  # a mask crop's output is PIL only
+    if padding_mask_crop is not None:
+        return np.stack([np.asarray(im) for im in out]) / 255.0
+    return out
 
 
 @pytest.mark.parametrize(("separate", "strength", "batch"), [(False, 1.0, 1), (True, 1.0, 1), (False, 0.6, 1),
@@ -401,8 +406,73 @@ def test_inpaint_refusals_before_any_work(flux_export) -> None:
         pipe(PROMPT, image=image, mask_image=mask, reference_resize=False, strength=1.5, steps=2)
     with pytest.raises(InputError, match=r"guidance_rescale with inpainting is not supported"):
         pipe(PROMPT, image=image, mask_image=mask, reference_resize=False, guidance_rescale=0.5, steps=2)
-    with pytest.raises(InputError, match=r"padding_mask_crop is not supported on an editing model"):
-        pipe(PROMPT, image=image, mask_image=mask, reference_resize=False, padding_mask_crop=8, steps=2)
+    with pytest.raises(InputError, match=r"padding_mask_crop crops around the mask's white region, but mask_image "
+                                         r"is all black"):
+        pipe(PROMPT, image=image, mask_image=np.zeros((80, 120), np.uint8), reference_resize=False,
+             padding_mask_crop=8, steps=2)
+
+
+@pytest.mark.parametrize(("separate", "width", "strength", "pad"), [(False, 120, 0.7, 6), (True, 120, 1.0, 4),
+                                                                     (True, 112, 0.7, 0)])
+def test_inpaint_with_padding_mask_crop_gives_diffusers_images(flux_export, separate: bool, width: int,
+                                                               strength: float, pad: int) -> None:
+    """``padding_mask_crop`` on Kontext: FluxKontextInpaintPipeline's images. The box around an off-centre mask
+    (against the top edge), padded and widened to the sized image's aspect ratio, is cut from the image once sized
+    (a 120 x 80 image: 112 x 80, the box still taken in the mask's own pixels, as diffusers; a 112 x 80 one: kept)
+    and from the reference once sized (90 x 70: 80 x 64), each resized back to its size by filling; the reference is
+    the cut image where none is given. The output is the box's picture at 112 x 80: nothing is pasted back."""
+    from .helpers.inputs import box_mask, image_and_mask
+    from .helpers.references import assert_diffusers_images
+
+    folder = flux_export(PRESET)
+    image, _ = image_and_mask(w=width)
+    mask = box_mask(w=width)
+    ref = control_image(13, w=90, h=70) if separate else None
+    steps, seed = 3, 14
+    want = _inpaint_want(folder, image, mask, ref, strength=strength, steps=steps, seed=seed, padding_mask_crop=pad)
+    noise = torch.randn((1, 16, 80 // 8, 112 // 8), generator=torch.Generator().manual_seed(seed)).numpy()
+    res = shared_pipeline(folder)(PROMPT, image=image, mask_image=mask, reference_image=ref, reference_resize=False,
+                                  strength=strength, steps=steps, guidance_scale=2.5, latents=noise,
+                                  padding_mask_crop=pad)
+    assert res.images[0].size == (112, 80)
+    assert_diffusers_images(res.images, want, f"reference {separate} width {width} padding {pad}")
+
+
+class _Counted:
+    """An engine that counts its calls."""
+
+    def __init__(self, engine) -> None:
+        self.engine, self.calls = engine, 0
+
+    def __call__(self, feeds):
+        self.calls += 1
+        return self.engine(feeds)
+
+    def __getattr__(self, name: str):
+        return getattr(self.engine, name)
+
+
+def test_an_image_that_is_its_own_reference_is_encoded_once(flux_export, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inpainting without ``reference_image``: the VAE encoder runs once, its latents both the blend's image and the
+    reference; the image is the one given by passing the same image as ``reference_image`` too (encoded twice, the
+    reference sized and cut as the image is), with and without ``padding_mask_crop``."""
+    from .helpers.inputs import box_mask, image_and_mask
+
+    pipe = shared_pipeline(flux_export(PRESET))
+    image, _ = image_and_mask()
+    mask = box_mask()
+    counted = _Counted(pipe.engines["vae_encoder"])
+    monkeypatch.setitem(pipe.engines, "vae_encoder", counted)
+    kw = {"image": image, "mask_image": mask, "reference_resize": False, "strength": 0.7, "steps": 2, "seed": 8,
+          "guidance_scale": 2.5}
+    for pad in (None, 6):
+        counted.calls = 0
+        own = np.asarray(pipe(PROMPT, padding_mask_crop=pad, **kw).images[0])
+        assert counted.calls == 1, pad
+        counted.calls = 0
+        two = np.asarray(pipe(PROMPT, padding_mask_crop=pad, reference_image=image, **kw).images[0])
+        assert counted.calls == 2, pad
+        np.testing.assert_array_equal(own, two)
 
 
 @pytest.mark.slow
