@@ -494,3 +494,42 @@ def test_inpaint_at_the_preferred_resolution(flux_export) -> None:
                                   latents=noise)
     assert res.images[0].size == (1248, 832)
     assert_diffusers_images(res.images, want, "the preferred resolution")
+
+
+def test_served_edits_with_padding_mask_crop(flux_export) -> None:
+    """``/v1/images/edits`` on a Kontext export with a mask (alpha 0 = edit) and ``padding_mask_crop``: the
+    pipeline's call with image=, mask_image= and padding_mask_crop= at the size asked (the box's picture); without a
+    mask ``padding_mask_crop`` is still a 422 naming the field."""
+    import io
+
+    from PIL import Image
+
+    pytest.importorskip("fastapi")
+    httpx = pytest.importorskip("httpx")
+    from sdrt.serve import create_app
+
+    from .helpers.inputs import box_mask
+    from .helpers.serve_live import LiveServer, pixels
+
+    pipe = shared_pipeline(flux_export(PRESET))
+    image, mask = control_image(15, w=96, h=64), box_mask(w=96, h=64)
+    want = np.asarray(pipe(PROMPT, image=image, mask_image=mask, strength=0.7, height=64, width=96, steps=2, seed=4,
+                           guidance_scale=2.5, padding_mask_crop=4).images[0])
+    rgba = np.full((64, 96, 4), 255, np.uint8)
+    rgba[..., 3] = np.where(np.asarray(mask) > 0, 0, 255)
+
+    def png(im: Image.Image) -> bytes:
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        return buf.getvalue()
+
+    files = {"image": ("image.png", png(image), "image/png")}
+    form = {"prompt": PROMPT, "size": "96x64", "steps": "2", "seed": "4", "guidance_scale": "2.5",
+            "strength": "0.7", "padding_mask_crop": "4"}
+    with LiveServer(create_app(pipe, max_batch=2, batch_window_ms=5, max_steps=4, max_pixels=128 * 128)) as server:
+        r = httpx.post(f"{server.url}/v1/images/edits", data=form, timeout=120,
+                       files={**files, "mask": ("mask.png", png(Image.fromarray(rgba)), "image/png")})
+        assert r.status_code == 200, r.text
+        np.testing.assert_array_equal(pixels(r.json()["data"][0]["b64_json"]), want)
+        r = httpx.post(f"{server.url}/v1/images/edits", data={**form, "strength": None}, files=files, timeout=120)
+        assert r.status_code == 422 and r.json()["error"]["param"] == "padding_mask_crop", r.text
