@@ -59,11 +59,12 @@ def img2img_latents(backend: Backend, engines: dict[str, Engine], graphs: Device
 def prepare(backend: Backend, engines: dict[str, Engine], graphs: DeviceGraphs, dtype: np.dtype[Any],
             vae_scale_factor: int, mode: str, plan: samplers.SamplerPlan, height: int, width: int, b: int,
             gens: list[np.random.Generator], seed: Any, noise: np.ndarray, init: np.ndarray, mask_l: Any,
-            pure_noise: bool) -> Latents:
+            pure_noise: bool, encoded: Array | None = None) -> Latents:
     """Inpainting's starting latents and mask state, the encoders' latents kept on the device: the noising
     graph puts the image at the first step's level and, at level 0, gives the blend its image latents. A
     9-channel UNet at strength 1 starts from noise alone: its image latents are not encoded (diffusers'
-    ``prepare_latents`` neither)."""
+    ``prepare_latents`` neither). ``encoded``: the VAE encoder's latents of ``init`` already made (an editing
+    model's image that is its own reference), used rather than encoding it again."""
     be, dt = backend, dtype
     mask_px = inpaint.binarize(inpaint.resize_mask(mask_l, height, width))
     # the mask's channels: one, or an inpainting denoiser's own (its input channels less twice the latents')
@@ -71,7 +72,8 @@ def prepare(backend: Backend, engines: dict[str, Engine], graphs: DeviceGraphs, 
     lmask = inpaint.latent_mask(mask_px, vae_scale_factor, b, channels)
     step_noise = draw(gens, (plan.steps, *noise.shape), axis=1) if plan.needs_noise else None
     image = be.to_device(init)
-    enc_lat = None if mode == "concat" and pure_noise else engines["vae_encoder"]({"image": image})["latent"]
+    enc_lat = None if mode == "concat" and pure_noise \
+        else encoded if encoded is not None else engines["vae_encoder"]({"image": image})["latent"]
     masked = None
     if mode == "concat":
         feeds = {"image": image, "mask": be.to_device(mask_px.astype(np.uint8)[None, :, :, None])}

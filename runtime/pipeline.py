@@ -394,7 +394,7 @@ class Pipeline:
                 reference_resize=reference_resize))
             if image is not None:
                 self._check_img2img()
-            init, ref = self._call_images(image, mask, reference_image, reference_resize, height, width)
+            init, ref, mask = self._call_images(image, mask, reference_image, reference_resize, height, width)
             return self._prepare(plan, height, width, batch_size, resolve_seed(seed, batch_size), latents, init,
                                  mask, strength == 1.0, ref)
 
@@ -417,10 +417,12 @@ class Pipeline:
         return reference.pixels(image, self.family, lim.multiple_of, resize, lim.max_size)
 
     def _call_images(self, image: Any, mask: Any, reference_image: Any, resize: bool, height: int | None,
-                     width: int | None) -> tuple[np.ndarray | None, np.ndarray | None]:
-        """(the init image, the reference) as uint8 [1, H, W, 3]. Inpainting on an editing model (FLUX.1 Kontext,
-        runtime/reference.py) sizes the image as a reference unless height and width are asked, and the image is
-        the reference where ``reference_image`` is not given (FluxKontextInpaintPipeline's ``image_reference``)."""
+                     width: int | None, pad: int | None = None) -> tuple[np.ndarray | None, np.ndarray | None, Any]:
+        """(the init image, the reference) as uint8 [1, H, W, 3], and the mask. Inpainting on an editing model
+        (FLUX.1 Kontext, runtime/reference.py) sizes the image as a reference unless height and width are asked, and
+        the image is the reference where ``reference_image`` is not given (FluxKontextInpaintPipeline's
+        ``image_reference``); ``pad`` (its ``padding_mask_crop``): the image, the reference and the mask cut to the
+        box around the mask (``reference.crop_pixels``)."""
         m = self.manifest
         edit_inpaint = reference.inpaints(self.engines, mask)
         init = None
@@ -428,22 +430,27 @@ class Pipeline:
             init = reference.inpaint_pixels(image, self.family, m.limits, resize, height, width,
                                             m.vae_scale_factor) if edit_inpaint \
                 else to_uint8(image, height, width, m.vae_scale_factor)
-        if reference_image is not None:
-            return init, self._reference_pixels(reference_image, resize)
-        return init, init if edit_inpaint else None
+        ref = None if reference_image is None else self._reference_pixels(reference_image, resize)
+        if edit_inpaint and pad is not None:
+            assert init is not None  # a mask needs an image (inpaint_stage.check_call)
+            return reference.crop_pixels(init, mask, ref, pad)
+        return init, ref if ref is not None else init if edit_inpaint else None, mask
 
     def _prepare(self, plan: samplers.SamplerPlan, height: int, width: int, b: int,
                  seed: int | Sequence[int] | None, latents: np.ndarray | None, init: np.ndarray | None,
                  mask: Any = None, pure_noise: bool = False, ref: np.ndarray | None = None) -> Latents:
-        lat = self._prepare_latents(plan, height, width, b, seed, latents, init, mask, pure_noise)
+        # the image to inpaint that is its own reference (an editing model): encoded once, for both
+        own = None if ref is None or ref is not init or mask is None else reference.latent(self.backend,
+                                                                                            self.engines, ref)
+        lat = self._prepare_latents(plan, height, width, b, seed, latents, init, mask, pure_noise, own)
         if ref is None:
             return lat
         return replace(lat, reference=reference.encode(self.backend, self.engines, self.device_graphs, self.dtype,
-                                                       ref))
+                                                       ref, own))
 
     def _prepare_latents(self, plan: samplers.SamplerPlan, height: int, width: int, b: int,
                          seed: int | Sequence[int] | None, latents: np.ndarray | None, init: np.ndarray | None,
-                         mask: Any, pure_noise: bool) -> Latents:
+                         mask: Any, pure_noise: bool, encoded: Array | None = None) -> Latents:
         m = self.manifest
         f = m.vae_scale_factor
         lat_shape = (b, m.latent_channels, height // f, width // f)
@@ -452,7 +459,7 @@ class Pipeline:
         if init is not None and mask is not None:
             return inpaint_stage.prepare(self.backend, self.engines, self.device_graphs, self.dtype, f,
                                          self._inpaint_mode(), plan, height, width, b, gens, seed, noise, init, mask,
-                                         pure_noise)
+                                         pure_noise, encoded)
         if init is not None:  # img2img: the encoded image never leaves the device, noised there to the first step
             x_dev = inpaint_stage.img2img_latents(self.backend, self.engines, self.device_graphs, self.dtype, init,
                                                   noise, plan)
@@ -1028,17 +1035,18 @@ class Pipeline:
             lora = lora_feeds.get("unet", {})
             if image is not None:
                 self._check_img2img()
-            # padding_mask_crop: the call generates from the mask's region, cut and resized to the call's size (refused
-            # on an editing model, so there is no reference)
-            crop = None if pad is None else inpaint_stage.mask_crop(image, mask, req.height, req.width,
-                                                                    m.vae_scale_factor, pad)
+            # padding_mask_crop: the call generates from the mask's region, cut and resized to the call's size, and
+            # pastes it back; on an editing model the image and its reference are cut once sized, and nothing is
+            # pasted back (FluxKontextInpaintPipeline: _call_images)
+            crop = None if pad is None or reference.inpaints(self.engines, mask) \
+                else inpaint_stage.mask_crop(image, mask, req.height, req.width, m.vae_scale_factor, pad)
             init: np.ndarray | None
             ref: np.ndarray | None
             if crop is not None:
                 init, ref, mask = crop.init, None, crop.crop_mask
             else:
-                init, ref = self._call_images(image, mask, req.reference_image, req.reference_resize, req.height,
-                                              req.width)
+                init, ref, mask = self._call_images(image, mask, req.reference_image, req.reference_resize,
+                                                    req.height, req.width, pad)
             # the image's size (img2img), else the control image's (as diffusers; rounded down to the export's
             # multiple: 16 px for a transformer's patches) or the reference's, else the model's default
             control_size = None if creq is None else controlnet.default_size(creq, m.limits.multiple_of)

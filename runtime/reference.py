@@ -12,7 +12,9 @@ Inpainting on an editing model (diffusers' ``FluxKontextInpaintPipeline``): ``im
 inpainting by blending (runtime/inpaint_stage.py: the unmasked region put back after every step, re-noised to the
 next step's level), with the reference tokens beside the image's; the reference is ``reference_image=`` where given
 (diffusers' ``image_reference``), else the image to inpaint itself. The image is sized as a reference is (the
-call's ``reference_resize``), and that is the output's size, unless height and width are asked.
+call's ``reference_resize``), and that is the output's size, unless height and width are asked. With
+``padding_mask_crop`` (``crop_pixels``) the box around the mask is cut from the image once sized, and from the
+reference once sized, each then resized back to its size: the output is the box's picture, not pasted back.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from .engine import Array, Backend, Engine
 from .errors import ArtifactError, InputError
 from .families import Family
 from .images import to_uint8
-from .inpaint import image_size
+from .inpaint import crop_region, image_size, resize_fill
 
 REFERENCE_INPUT = "reference_latents"
 
@@ -58,11 +60,6 @@ def check(folder: Path, engines: dict[str, Engine], req: Any) -> None:
                          "image= (white = repaint)",
                          cli="an editing model (FLUX.1 Kontext) starts from noise: pass the image to edit as "
                              "--reference and leave --init-image out, or add --mask to inpaint --init-image")
-    if edits and getattr(req, "padding_mask_crop", None) is not None:
-        raise InputError("padding_mask_crop is not supported on an editing model (FLUX.1 Kontext) yet: leave it out "
-                         "(the whole picture is inpainted)",
-                         cli="--padding-mask-crop is not supported on an editing model (FLUX.1 Kontext) yet: leave it "
-                             "out (the whole picture is inpainted)")
     if edits and "vae_encoder" not in engines:
         raise ArtifactError(f"{folder} has no VAE encoder, which encodes the reference image; re-export the model "
                             "with `sdrt export`")
@@ -99,9 +96,38 @@ def inpaint_pixels(image: Any, family: Family, limits: Any, resize: bool, height
     return to_uint8(image, height, width, vae_factor)
 
 
+def crop_pixels(init: np.ndarray, mask_l: Any, ref: np.ndarray | None,
+                pad: int) -> tuple[np.ndarray, np.ndarray, Any]:
+    """``padding_mask_crop`` on an editing model, as FluxKontextInpaintPipeline: (the image, the reference, the
+    mask) cut to the box around the mask (``crop_region``, on the mask at its own size, widened to the sized
+    image's aspect ratio) and each resized back to its size by ``resize_fill``. ``init`` and ``ref`` are uint8
+    [1, H, W, 3], already sized (``inpaint_pixels``, ``pixels``); the reference is the cut image itself where
+    ``ref`` is None. diffusers takes the box from the mask as given and cuts it from the images once sized: where
+    sizing changed the image's size (a side rounded down to whole patches, the preferred resolution), the box is
+    taken in the mask's pixels all the same, as diffusers does. diffusers pastes nothing back: the output is the
+    box's picture at the sized image's size."""
+    from PIL import Image
+
+    h, w = int(init.shape[1]), int(init.shape[2])
+    box = crop_region(mask_l, w, h, pad)
+
+    def cut(px: np.ndarray) -> np.ndarray:
+        im = Image.fromarray(px[0]).crop(box)  # PIL pads a box beyond the image with black, as diffusers' crop
+        return np.asarray(resize_fill(im, int(px.shape[2]), int(px.shape[1])), dtype=np.uint8)[None]
+
+    image = cut(init)
+    return image, image if ref is None else cut(ref), resize_fill(mask_l.crop(box), w, h)
+
+
+def latent(backend: Backend, engines: dict[str, Engine], image: np.ndarray) -> Array:
+    """The VAE encoder's own latents of a uint8 [1, H, W, 3] image, on the device (its output dtype)."""
+    return engines["vae_encoder"]({"image": backend.to_device(image)})["latent"]
+
+
 def encode(backend: Backend, engines: dict[str, Engine], graphs: DeviceGraphs, dtype: np.dtype[Any],
-           image: np.ndarray) -> Array:
-    """The reference's latents [1, C, H/8, W/8] on the device, in the denoiser's dtype."""
-    latent = engines["vae_encoder"]({"image": backend.to_device(image)})["latent"]
-    src = backend.meta(latent)[0]
-    return latent if src == dtype else graphs.cast(src, dtype)({"latents": latent})["latents_cast"]
+           image: np.ndarray, encoded: Array | None = None) -> Array:
+    """The reference's latents [1, C, H/8, W/8] on the device, in the denoiser's dtype; ``encoded``: the encoder's
+    latents of ``image`` already made (the image to inpaint that is its own reference), not encoded again."""
+    lat = latent(backend, engines, image) if encoded is None else encoded
+    src = backend.meta(lat)[0]
+    return lat if src == dtype else graphs.cast(src, dtype)({"latents": lat})["latents_cast"]

@@ -6,7 +6,8 @@ resolution nearest its aspect ratio (diffusers' ``_auto_resize``), two guidance 
 --reference``, loading a diffusers ``FluxKontextPipeline`` folder and a single file with ``--arch``, and the
 refusals before any work. diffusers' Kontext pipeline rescales the size asked to ``max_area``: the tests give it
 the size's own area, so it keeps the size. Inpainting on Kontext (``image=`` and ``mask_image=``) against
-``FluxKontextInpaintPipeline`` over the same modules, with and without a separate reference, at strengths 1 and 0.6.
+``FluxKontextInpaintPipeline`` over the same modules, with and without a separate reference, at strengths 1 and 0.6,
+and with ``padding_mask_crop`` (the box cut from the image and the reference once sized, nothing pasted back).
 """
 
 from __future__ import annotations
@@ -222,8 +223,8 @@ def test_served_on_the_openai_edits_endpoint(flux_export) -> None:
     """``sdrt serve`` on a Kontext export: ``/v1/images/edits``' image is the reference (the pipeline's own call
     with it, resized to the preferred resolution); with a mask (alpha 0 = edit) the image is inpainted, with a
     strength (the pipeline's call with image= and mask_image=); a strength without a mask is a 422 naming the field;
-    A1111's img2img with a mask inpaints too (at the image's own size, A1111's mask blur the paste-back's); the
-    server's warm-up passes with a reference."""
+    A1111's img2img with a mask inpaints too (at the image's own size, A1111's mask blur the paste-back's), its
+    inpaint_full_res refused (a 422 naming it); the server's warm-up passes with a reference."""
     import base64
     import io
 
@@ -272,6 +273,10 @@ def test_served_on_the_openai_edits_endpoint(flux_export) -> None:
         r = httpx.post(f"{server.url}/sdapi/v1/img2img", timeout=120, json=body)
         assert r.status_code == 200, r.text
         np.testing.assert_array_equal(pixels(r.json()["images"][0]), want_a1111)
+        # A1111's "only masked" pastes the region back into the whole image; Kontext's crop returns the region
+        r = httpx.post(f"{server.url}/sdapi/v1/img2img", timeout=120,
+                       json={**body, "inpaint_full_res": True, "inpaint_full_res_padding": 8})
+        assert r.status_code == 422 and r.json()["error"]["param"] == "inpaint_full_res", r.text
 
 
 def test_staged_calls_give_the_one_call_image(flux_export) -> None:
@@ -298,14 +303,18 @@ def _inpaint_reference(folder: Path):
 
 
 def _inpaint_want(folder: Path, image, mask, reference, *, strength: float, steps: int, seed: int, batch: int = 1,
-                  guidance: float = 2.5) -> np.ndarray:
+                  guidance: float = 2.5, padding_mask_crop: int | None = None) -> np.ndarray:
     """FluxKontextInpaintPipeline's images, its image and reference kept at their own sizes (``_auto_resize``
     False); its noise is the generator's first draw (the image encodes to its mean: no draw before it)."""
     with torch.no_grad():
-        return _inpaint_reference(folder)(
+        out = _inpaint_reference(folder)(
             prompt=PROMPT, image=image, mask_image=mask, image_reference=reference, strength=strength,
             num_inference_steps=steps, guidance_scale=guidance, num_images_per_prompt=batch,
-            generator=torch.Generator().manual_seed(seed), _auto_resize=False, output_type="np").images
+            generator=torch.Generator().manual_seed(seed), _auto_resize=False, padding_mask_crop=padding_mask_crop,
+            output_type="np" if padding_mask_crop is None else "pil").images  # a mask crop's output is PIL only
+    if padding_mask_crop is not None:
+        return np.stack([np.asarray(im) for im in out]) / 255.0
+    return out
 
 
 @pytest.mark.parametrize(("separate", "strength", "batch"), [(False, 1.0, 1), (True, 1.0, 1), (False, 0.6, 1),
@@ -401,8 +410,73 @@ def test_inpaint_refusals_before_any_work(flux_export) -> None:
         pipe(PROMPT, image=image, mask_image=mask, reference_resize=False, strength=1.5, steps=2)
     with pytest.raises(InputError, match=r"guidance_rescale with inpainting is not supported"):
         pipe(PROMPT, image=image, mask_image=mask, reference_resize=False, guidance_rescale=0.5, steps=2)
-    with pytest.raises(InputError, match=r"padding_mask_crop is not supported on an editing model"):
-        pipe(PROMPT, image=image, mask_image=mask, reference_resize=False, padding_mask_crop=8, steps=2)
+    with pytest.raises(InputError, match=r"padding_mask_crop crops around the mask's white region, but mask_image "
+                                         r"is all black"):
+        pipe(PROMPT, image=image, mask_image=np.zeros((80, 120), np.uint8), reference_resize=False,
+             padding_mask_crop=8, steps=2)
+
+
+@pytest.mark.parametrize(("separate", "width", "strength", "pad"), [(False, 120, 0.7, 6), (True, 120, 1.0, 4),
+                                                                     (True, 112, 0.7, 0)])
+def test_inpaint_with_padding_mask_crop_gives_diffusers_images(flux_export, separate: bool, width: int,
+                                                               strength: float, pad: int) -> None:
+    """``padding_mask_crop`` on Kontext: FluxKontextInpaintPipeline's images. The box around an off-centre mask
+    (against the top edge), padded and widened to the sized image's aspect ratio, is cut from the image once sized
+    (a 120 x 80 image: 112 x 80, the box still taken in the mask's own pixels, as diffusers; a 112 x 80 one: kept)
+    and from the reference once sized (90 x 70: 80 x 64), each resized back to its size by filling; the reference is
+    the cut image where none is given. The output is the box's picture at 112 x 80: nothing is pasted back."""
+    from .helpers.inputs import box_mask, image_and_mask
+    from .helpers.references import assert_diffusers_images
+
+    folder = flux_export(PRESET)
+    image, _ = image_and_mask(w=width)
+    mask = box_mask(w=width)
+    ref = control_image(13, w=90, h=70) if separate else None
+    steps, seed = 3, 14
+    want = _inpaint_want(folder, image, mask, ref, strength=strength, steps=steps, seed=seed, padding_mask_crop=pad)
+    noise = torch.randn((1, 16, 80 // 8, 112 // 8), generator=torch.Generator().manual_seed(seed)).numpy()
+    res = shared_pipeline(folder)(PROMPT, image=image, mask_image=mask, reference_image=ref, reference_resize=False,
+                                  strength=strength, steps=steps, guidance_scale=2.5, latents=noise,
+                                  padding_mask_crop=pad)
+    assert res.images[0].size == (112, 80)
+    assert_diffusers_images(res.images, want, f"reference {separate} width {width} padding {pad}")
+
+
+class _Counted:
+    """An engine that counts its calls."""
+
+    def __init__(self, engine) -> None:
+        self.engine, self.calls = engine, 0
+
+    def __call__(self, feeds):
+        self.calls += 1
+        return self.engine(feeds)
+
+    def __getattr__(self, name: str):
+        return getattr(self.engine, name)
+
+
+def test_an_image_that_is_its_own_reference_is_encoded_once(flux_export, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inpainting without ``reference_image``: the VAE encoder runs once, its latents both the blend's image and the
+    reference; the image is the one given by passing the same image as ``reference_image`` too (encoded twice, the
+    reference sized and cut as the image is), with and without ``padding_mask_crop``."""
+    from .helpers.inputs import box_mask, image_and_mask
+
+    pipe = shared_pipeline(flux_export(PRESET))
+    image, _ = image_and_mask()
+    mask = box_mask()
+    counted = _Counted(pipe.engines["vae_encoder"])
+    monkeypatch.setitem(pipe.engines, "vae_encoder", counted)
+    kw = {"image": image, "mask_image": mask, "reference_resize": False, "strength": 0.7, "steps": 2, "seed": 8,
+          "guidance_scale": 2.5}
+    for pad in (None, 6):
+        counted.calls = 0
+        own = np.asarray(pipe(PROMPT, padding_mask_crop=pad, **kw).images[0])
+        assert counted.calls == 1, pad
+        counted.calls = 0
+        two = np.asarray(pipe(PROMPT, padding_mask_crop=pad, reference_image=image, **kw).images[0])
+        assert counted.calls == 2, pad
+        np.testing.assert_array_equal(own, two)
 
 
 @pytest.mark.slow
@@ -424,3 +498,42 @@ def test_inpaint_at_the_preferred_resolution(flux_export) -> None:
                                   latents=noise)
     assert res.images[0].size == (1248, 832)
     assert_diffusers_images(res.images, want, "the preferred resolution")
+
+
+def test_served_edits_with_padding_mask_crop(flux_export) -> None:
+    """``/v1/images/edits`` on a Kontext export with a mask (alpha 0 = edit) and ``padding_mask_crop``: the
+    pipeline's call with image=, mask_image= and padding_mask_crop= at the size asked (the box's picture); without a
+    mask ``padding_mask_crop`` is still a 422 naming the field."""
+    import io
+
+    from PIL import Image
+
+    pytest.importorskip("fastapi")
+    httpx = pytest.importorskip("httpx")
+    from sdrt.serve import create_app
+
+    from .helpers.inputs import box_mask
+    from .helpers.serve_live import LiveServer, pixels
+
+    pipe = shared_pipeline(flux_export(PRESET))
+    image, mask = control_image(15, w=96, h=64), box_mask(w=96, h=64)
+    want = np.asarray(pipe(PROMPT, image=image, mask_image=mask, strength=0.7, height=64, width=96, steps=2, seed=4,
+                           guidance_scale=2.5, padding_mask_crop=4).images[0])
+    rgba = np.full((64, 96, 4), 255, np.uint8)
+    rgba[..., 3] = np.where(np.asarray(mask) > 0, 0, 255)
+
+    def png(im: Image.Image) -> bytes:
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        return buf.getvalue()
+
+    files = {"image": ("image.png", png(image), "image/png")}
+    form = {"prompt": PROMPT, "size": "96x64", "steps": "2", "seed": "4", "guidance_scale": "2.5",
+            "strength": "0.7", "padding_mask_crop": "4"}
+    with LiveServer(create_app(pipe, max_batch=2, batch_window_ms=5, max_steps=4, max_pixels=128 * 128)) as server:
+        r = httpx.post(f"{server.url}/v1/images/edits", data=form, timeout=120,
+                       files={**files, "mask": ("mask.png", png(Image.fromarray(rgba)), "image/png")})
+        assert r.status_code == 200, r.text
+        np.testing.assert_array_equal(pixels(r.json()["data"][0]["b64_json"]), want)
+        r = httpx.post(f"{server.url}/v1/images/edits", data={**form, "strength": None}, files=files, timeout=120)
+        assert r.status_code == 422 and r.json()["error"]["param"] == "padding_mask_crop", r.text

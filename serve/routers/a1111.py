@@ -56,6 +56,11 @@ async def img2img(body: S.A1111Img2Img, request: Request, st: State) -> Any:
     mask = await run_in_threadpool(_a1111_mask, body.mask, max_pixels, bool(body.inpainting_mask_invert))
     # "only masked": the mask's region, padded, generated at the output size and pasted back (padding_mask_crop)
     pad = body.inpaint_full_res_padding if body.inpaint_full_res else None
+    if pad is not None and getattr(st.pipeline(), "takes_reference", False):
+        raise ApiError(422, f"{st.model_id} is an editing model (FLUX.1 Kontext), whose inpainting of the masked "
+                            "region alone returns that region's picture, not the whole image pasted back as A1111's "
+                            "inpaint_full_res does: send inpaint_full_res false (the whole picture), or use "
+                            "/v1/images/edits with padding_mask_crop", "inpaint_full_res", "unsupported_value")
     if pad is not None and mask.getbbox() is None:
         raise ApiError(422, "inpaint_full_res inpaints around the mask's white region, but the mask is all black"
                             f"{' once inverted' if body.inpainting_mask_invert else ''}: send a mask with a white "

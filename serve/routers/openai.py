@@ -151,7 +151,8 @@ async def edits(
     padding_mask_crop: Annotated[int | None, Form(ge=0, le=4096, description=(
         "with a mask: edit only the mask's region at the full size (diffusers' padding_mask_crop): the box around "
         "the region, grown by this many pixels and widened to the output's aspect ratio, is cut out, generated at "
-        "`size` and pasted back into the image through the mask"))] = None,
+        "`size` and pasted back into the image through the mask (on an editing model, FLUX.1 Kontext, as "
+        "FluxKontextInpaintPipeline: the region's picture itself, not pasted back)"))] = None,
 ) -> Any:
     cfg = st.config
     check_model(st, model)
