@@ -30,7 +30,7 @@ from sdrt.runtime.manifest import ExportManifest
 from sdrt.runtime.pipeline import Pipeline
 
 from .helpers.flux_cache import cache_kw, first_block_cache, full_count, hooks_context, threshold_margin
-from .helpers.pipelines import shared_pipeline
+from .helpers.pipelines import loaded_on, shared_pipeline
 from .helpers.references import sd3_decode, sd3_pipeline
 
 PROMPT = "a red fox in the snow, highly detailed"
@@ -181,14 +181,10 @@ def test_caching_off_is_bit_identical_to_the_plain_export(sd3_export) -> None:
 @pytest.mark.parametrize("policy", [CachePolicy("first-block", interval=2),
                                     CachePolicy("first-block", threshold=0.2)])
 def test_openvino_runs_the_same_cached_steps(sd3_export, policy: CachePolicy) -> None:
-    pytest.importorskip("openvino", reason="the openvino extra is not installed")
     folder = sd3_export("sd3-tiny", block_cache=True)
-    want, want_loop = _sdrt(folder, policy)
-    res = Pipeline.load(folder, backend="openvino", precision="f32")
-    try:
-        got = res(PROMPT, steps=STEPS, latents=_latents(), **KW, **cache_kw(policy))
-    finally:
-        res.close()
+    with loaded_on(folder, "openvino") as pipe:
+        want, want_loop = _sdrt(folder, policy)
+        got = pipe(PROMPT, steps=STEPS, latents=_latents(), **KW, **cache_kw(policy))
     assert full_count(got.loop) == full_count(want_loop)
     assert np.abs(np.asarray(got.images[0]).astype(np.int32) - want).max() <= 1
 
@@ -267,8 +263,7 @@ def test_a_streamed_transformer_exports_the_same_cached_step(sd3_export, tmp_pat
     """A transformer too large to hold (streamed from a diffusers folder, as SD 3 Medium and larger are): its
     cached step is streamed too, holding only the first block's weights (and the embeddings' and output
     layers'), gated exactly; the cached images equal the in-memory export's (same weights)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
-    from transformers import CLIPTokenizer, T5TokenizerFast
+    from diffusers import StableDiffusion3Pipeline
 
     from sdrt.export.sd3_export import export_sd3, load_sd3
     from sdrt.export.sd3_presets import build_modules, get_sd3_preset
@@ -277,12 +272,8 @@ def test_a_streamed_transformer_exports_the_same_cached_step(sd3_export, tmp_pat
     p = get_sd3_preset("sd35-medium-tiny")
     m = build_modules(p, seed=0)
     src = tmp_path / "diffusers"
-    StableDiffusion3Pipeline(
-        transformer=m.transformer, vae=m.vae, scheduler=FlowMatchEulerDiscreteScheduler.from_config(p.scheduler),
-        text_encoder=m.text_encoders[0], tokenizer=CLIPTokenizer.from_pretrained(ref_folder / "tokenizer"),
-        text_encoder_2=m.text_encoders[1], tokenizer_2=CLIPTokenizer.from_pretrained(ref_folder / "tokenizer_2"),
-        text_encoder_3=m.text_encoders[2], tokenizer_3=T5TokenizerFast.from_pretrained(ref_folder / "tokenizer_3"),
-    ).save_pretrained(src, safe_serialization=True)
+    sd3_pipeline(StableDiffusion3Pipeline, m, ref_folder, p.scheduler, t5=True).save_pretrained(
+        src, safe_serialization=True)
     out = tmp_path / "streamed"
     manifest = export_sd3(load_sd3(src, stream=True), out, fp16=False, block_cache=True)
     assert "unet" in manifest.source["streamed"]

@@ -10,6 +10,7 @@ input the family refuses before any work.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 from pathlib import Path
 
@@ -19,8 +20,8 @@ import torch
 
 from sdrt.runtime.errors import InputError
 
-from .helpers.pipelines import ort_cuda_on_cpu, shared_pipeline
-from .helpers.references import assert_diffusers_images, flux_packed, flux_preset_pipeline
+from .helpers.pipelines import loaded_on, shared_pipeline
+from .helpers.references import assert_diffusers_images, flux_packed, flux_pipeline, flux_preset_pipeline
 
 PROMPT = "a lighthouse on a cliff at dusk, oil painting"
 _REFS: dict[tuple[str, bool], object] = {}
@@ -30,21 +31,7 @@ def _reference(preset: str, folder: Path, img2img: bool = False):
     """diffusers' pipeline over the same seeded modules, with the export's own tokenizer files."""
     key = (preset, img2img)
     if key not in _REFS:
-        from diffusers import FluxImg2ImgPipeline, FluxPipeline
-        from diffusers.schedulers import FlowMatchEulerDiscreteScheduler
-        from transformers import CLIPTokenizer, T5TokenizerFast
-
-        from sdrt.export.flux_presets import build_modules, get_flux_preset
-
-        p = get_flux_preset(preset)
-        m = build_modules(p, seed=0)
-        cls = FluxImg2ImgPipeline if img2img else FluxPipeline
-        pipe = cls(transformer=m.transformer, vae=m.vae,
-                   scheduler=FlowMatchEulerDiscreteScheduler.from_config(p.scheduler),
-                   text_encoder=m.clip, tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
-                   text_encoder_2=m.t5, tokenizer_2=T5TokenizerFast.from_pretrained(folder / "tokenizer_2"))
-        pipe.set_progress_bar_config(disable=True)
-        _REFS[key] = pipe
+        _REFS[key] = flux_preset_pipeline("FluxImg2ImgPipeline" if img2img else "FluxPipeline", preset, folder)
     return _REFS[key]
 
 
@@ -58,14 +45,9 @@ def _compare(flux_export, preset: str, *, guidance: float = 3.5, height: int = 6
         want = ref(prompt, height=height, width=width, num_inference_steps=steps, guidance_scale=guidance,
                    latents=flux_packed(latents), output_type="np", num_images_per_prompt=batch,
                    **({} if max_sequence_length is None else {"max_sequence_length": max_sequence_length})).images
-    want_u8 = (want * 255).round().astype(np.int32)
     res = shared_pipeline(folder)(prompt, height=height, width=width, steps=steps, guidance_scale=guidance,
                                   latents=latents, batch_size=batch, max_sequence_length=max_sequence_length)
-    got = np.stack([np.asarray(im) for im in res.images]).astype(np.int32)
-    assert got.shape == want_u8.shape
-    diff = int(np.abs(got - want_u8).max())
-    assert diff <= 1, f"{preset} {height}x{width} {steps} steps guidance {guidance}: max abs difference {diff}/255"
-    assert want_u8.std() > 5  # the images are not flat: the comparison means something
+    _, want_u8 = assert_diffusers_images(res.images, want, f"{preset} {height}x{width} {steps} steps guidance {guidance}")
     return res, want_u8
 
 
@@ -139,24 +121,17 @@ def test_img2img(flux_export, monkeypatch: pytest.MonkeyPatch, strength: float) 
     with torch.no_grad():
         want = ref(PROMPT, image=image, strength=strength, num_inference_steps=6, guidance_scale=3.5, height=64,
                    width=96, generator=torch.Generator().manual_seed(11), output_type="np").images
-    want_u8 = (want * 255).round().astype(np.int32)
     res = shared_pipeline(folder)(PROMPT, image=image, strength=strength, steps=6, guidance_scale=3.5,
                                   latents=noise)
-    got = np.stack([np.asarray(im) for im in res.images]).astype(np.int32)
-    diff = int(np.abs(got - want_u8).max())
-    assert diff <= 1, f"img2img strength {strength}: max abs difference {diff}/255"
-    assert want_u8.std() > 5
+    assert_diffusers_images(res.images, want, f"img2img strength {strength}")
 
 
 def test_openvino_fp32_gives_the_ort_cpu_images(flux_export) -> None:
     """OpenVINO at fp32 (its CPU default may run bf16) within OpenVINO's fp32 rounding of ort-cpu's images."""
-    pytest.importorskip("openvino", reason="the openvino backend needs OpenVINO (pip install sdrt[openvino])")
-    from sdrt.runtime.pipeline import Pipeline
-
     folder = flux_export("flux-dev-tiny")
     kw = {"steps": 3, "seed": 4, "height": 64, "width": 96, "guidance_scale": 3.5}
-    want = np.asarray(shared_pipeline(folder)(PROMPT, **kw).images[0]).astype(np.int32)
-    with Pipeline.load(folder, backend="openvino", precision="fp32") as ov:
+    with loaded_on(folder, "openvino") as ov:
+        want = np.asarray(shared_pipeline(folder)(PROMPT, **kw).images[0]).astype(np.int32)
         got = np.asarray(ov(PROMPT, **kw).images[0]).astype(np.int32)
     assert want.std() > 5 and int(np.abs(got - want).max()) <= 2
 
@@ -176,8 +151,7 @@ def test_streamed_export_gives_diffusers_images(flux_export) -> None:
 
     model = load_flux(random_preset="flux-schnell-tiny", stream=True)
     from diffusers import FluxPipeline, FluxTransformer2DModel
-    from diffusers.schedulers import FlowMatchEulerDiscreteScheduler
-    from transformers import CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
+    from transformers import T5Config, T5EncoderModel
 
     tr = FluxTransformer2DModel(**model.streamed["transformer"].config)
     tr.load_state_dict({k: model.streamed["transformer"].weights(k) for k in tr.state_dict()})
@@ -189,18 +163,14 @@ def test_streamed_export_gives_diffusers_images(flux_export) -> None:
         assert theirs is not None and mine.state_dict().keys() == theirs.state_dict().keys()
         assert all(torch.equal(v, theirs.state_dict()[k]) for k, v in mine.state_dict().items())
     assert held.t5 is not None and held.t5.encoder.embed_tokens.weight is held.t5.shared.weight
-    ref = FluxPipeline(transformer=tr.eval(), vae=model.modules.vae, text_encoder=model.modules.clip,
-                       text_encoder_2=t5.eval(), scheduler=FlowMatchEulerDiscreteScheduler.from_config(
-                           model.scheduler_config),
-                       tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
-                       tokenizer_2=T5TokenizerFast.from_pretrained(folder / "tokenizer_2"))
-    ref.set_progress_bar_config(disable=True)
+    ref = flux_pipeline(FluxPipeline, dataclasses.replace(model.modules, transformer=tr.eval(), t5=t5.eval()), folder,
+                        model.scheduler_config)
     latents = np.random.default_rng(3).standard_normal((1, 16, 8, 8), dtype=np.float32)
     with torch.no_grad():
         want = ref(PROMPT, height=64, width=64, num_inference_steps=2, latents=flux_packed(latents),
                    output_type="np").images
-    got = np.asarray(shared_pipeline(folder)(PROMPT, height=64, width=64, steps=2, latents=latents).images[0])
-    assert int(np.abs(got.astype(np.int32) - (want[0] * 255).round().astype(np.int32)).max()) <= 1
+    assert_diffusers_images(shared_pipeline(folder)(PROMPT, height=64, width=64, steps=2, latents=latents).images,
+                            want, "streamed flux-schnell-tiny")
 
 
 def test_bad_input_is_refused_before_work(flux_export) -> None:
@@ -371,17 +341,10 @@ def test_ort_cuda_code_path_gives_the_ort_cpu_images(flux_export, monkeypatch: p
     """ort-cuda's code path (every tensor an OrtValue, IO binding; with cuda_graph the composed transformer +
     step session) in CPU memory on the CPU EP, for [dev] (its guidance input bound per row): the ort-cpu images.
     Says nothing of a GPU."""
-    from sdrt.runtime.ort_backend import OrtBackend
-    from sdrt.runtime.pipeline import Pipeline
-
-    def backend(*a, **k) -> OrtBackend:
-        return ort_cuda_on_cpu(monkeypatch, cuda_graph=cuda_graph)
-
     folder = flux_export("flux-dev-tiny")
     kw = {"steps": 3, "seed": 9, "height": 64, "width": 96, "guidance_scale": 4.0}
     want = np.asarray(shared_pipeline(folder)(PROMPT, **kw).images[0])
-    monkeypatch.setattr("sdrt.runtime.backends.make_backend", backend)
-    with Pipeline.load(folder, backend="ort-cuda") as pipe:
+    with loaded_on(folder, "ort-cuda-path", monkeypatch, cuda_graph=cuda_graph) as pipe:
         got = np.asarray(pipe(PROMPT, **kw).images[0])
     np.testing.assert_array_equal(got, want)
 

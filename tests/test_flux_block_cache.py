@@ -31,8 +31,8 @@ from .helpers.flux_cache import (
     streamed_cached_export,
     threshold_margin,
 )
-from .helpers.pipelines import shared_pipeline
-from .helpers.references import flux_preset_pipeline
+from .helpers.pipelines import loaded_on, shared_pipeline
+from .helpers.references import flux_packed, flux_preset_pipeline
 
 PROMPT = "a lighthouse on a cliff at dusk, oil painting"
 KW: dict[str, Any] = {"height": 64, "width": 96, "guidance_scale": 3.5}
@@ -47,14 +47,11 @@ def _reference(preset: str, folder: Path, policy: CachePolicy | None) -> tuple[n
     """diffusers' FluxPipeline over the preset's seeded modules (fresh: the hooks keep state), with first-block
     caching per ``policy``: its image (uint8), whether each step ran the remaining blocks, and each step's relative
     change as diffusers computed it (NaN where it compared nothing)."""
-    from diffusers import FluxPipeline
-
     pipe = flux_preset_pipeline("FluxPipeline", preset, folder)
     ran, changes = ([], []) if policy is None else first_block_cache(pipe.transformer, policy, STEPS)
-    b, c, h, w = _latents().shape
     with torch.no_grad():
-        images = pipe(PROMPT, num_inference_steps=STEPS, latents=FluxPipeline._pack_latents(
-            torch.from_numpy(_latents()), b, c, h, w), output_type="np", **KW).images
+        images = pipe(PROMPT, num_inference_steps=STEPS, latents=flux_packed(_latents()), output_type="np",
+                      **KW).images
     return (images[0] * 255).round().astype(np.int32), ran, changes
 
 
@@ -140,10 +137,9 @@ def test_the_export_records_the_cached_step(flux_export) -> None:
 @pytest.mark.parametrize("policy", [CachePolicy("first-block", interval=2),
                                     CachePolicy("first-block", threshold=0.3)])
 def test_openvino_runs_the_same_cached_steps(flux_export, policy: CachePolicy) -> None:
-    pytest.importorskip("openvino", reason="the openvino extra is not installed")
     folder = flux_export("flux-dev-tiny", block_cache=True)
-    want, want_loop = _sdrt(folder, policy)
-    with Pipeline.load(folder, backend="openvino", precision="f32") as ov:
+    with loaded_on(folder, "openvino") as ov:
+        want, want_loop = _sdrt(folder, policy)
         got = ov(PROMPT, steps=STEPS, latents=_latents(), **KW, **cache_kw(policy))
     assert full_count(got.loop) == full_count(want_loop) < STEPS
     assert np.abs(np.asarray(got.images[0]).astype(np.int32) - want).max() <= 1

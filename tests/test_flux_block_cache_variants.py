@@ -41,8 +41,8 @@ from .helpers.flux_cache import (
     threshold_margin,
 )
 from .helpers.inputs import control_image
-from .helpers.pipelines import shared_pipeline
-from .helpers.references import flux_preset_pipeline
+from .helpers.pipelines import loaded_on, shared_pipeline
+from .helpers.references import flux_packed, flux_preset_pipeline
 
 KONTEXT, DEPTH = "flux-kontext-dev-tiny", "flux-depth-dev-tiny"
 PROMPT = "make the boat red"
@@ -84,23 +84,19 @@ def _reference(preset: str, folder: Path, policy: CachePolicy | None,
     """diffusers' pipeline of the model over its seeded modules (fresh: the hooks keep state), with first-block
     caching per ``policy``: its image (uint8), whether each step ran the remaining blocks, each step's change
     (``image_only``: filled with each step's change over the image's tokens alone)."""
-    from diffusers import FluxPipeline
-
     cls, _, guidance = MODELS[preset]
     pipe = flux_preset_pipeline(cls, preset, folder)
     ran, changes = ([], []) if policy is None else first_block_cache(pipe.transformer, policy, STEPS)
     if image_only is not None:
         _image_only(pipe.transformer, image_only)
-    b, c, h, w = _latents().shape
     kw: dict[str, Any] = ({"image": _image(), "max_area": HEIGHT * WIDTH, "_auto_resize": False}
                           if preset == KONTEXT else {"control_image": _image()})
     # diffusers 0.42's Kontext and Control pipelines set no cache context for the hooks (FluxPipeline sets "cond"
     # around its transformer call): one context around the call, their one transformer call per step
-    context = pipe.transformer.cache_context("cond") if policy is not None else contextlib.nullcontext()
+    context = hooks_context(pipe.transformer) if policy is not None else contextlib.nullcontext()
     with torch.no_grad(), context:
         images = pipe(prompt=PROMPT, height=HEIGHT, width=WIDTH, num_inference_steps=STEPS, guidance_scale=guidance,
-                      latents=FluxPipeline._pack_latents(torch.from_numpy(_latents()), b, c, h, w),
-                      output_type="np", **kw).images
+                      latents=flux_packed(_latents()), output_type="np", **kw).images
     return (images[0] * 255).round().astype(np.int32), ran, changes
 
 
@@ -276,13 +272,10 @@ def test_a_streamed_transformer_exports_the_same_cached_step(flux_export, tmp_pa
 def test_openvino_runs_the_same_cached_steps(flux_export, preset: str) -> None:
     """openvino (fp32) keeps the third residual (Kontext's reference tokens') and the control latents as ort-cpu
     does: the same full steps by the threshold, the same image within 1/255."""
-    pytest.importorskip("openvino", reason="the openvino extra is not installed")
-    from sdrt.runtime.pipeline import Pipeline
-
     folder = flux_export(preset, block_cache=True)
     policy = CachePolicy("first-block", threshold=0.3)
-    want, want_loop = _sdrt(folder, preset, policy)
-    with Pipeline.load(folder, backend="openvino", precision="f32") as ov:
+    with loaded_on(folder, "openvino") as ov:
+        want, want_loop = _sdrt(folder, preset, policy)
         got = ov(PROMPT, **_call(preset, policy))
     assert full_count(got.loop) == full_count(want_loop) < STEPS
     assert np.abs(np.asarray(got.images[0]).astype(np.int32) - want).max() <= 1

@@ -21,7 +21,7 @@ from sdrt.runtime.lora_adapters import AdapterLibrary, slots_of
 from sdrt.runtime.pipeline import Pipeline
 
 from .helpers.models import make_lora
-from .helpers.pipelines import ort_cuda_on_cpu, shared_pipeline
+from .helpers.pipelines import loaded_on, shared_pipeline
 from .helpers.references import diffusers_scheduler
 
 torch = pytest.importorskip("torch")
@@ -304,11 +304,10 @@ def _sets(m: Any, tmp_path: Path, slots: str, seeds: tuple[int, int]) -> list[li
 @pytest.mark.parametrize("slots", ["8", "8:attn-ff-conv"])
 def test_openvino_gives_ort_cpus_images(slotted_export, models, tmp_path: Path, slots: str) -> None:
     """OpenVINO takes the factors as inputs too (a convolution's weights included) and gives ort-cpu's images."""
-    pytest.importorskip("openvino", reason="the openvino extra is not installed")
     m, folder = models["sd15-tiny"], slotted_export("sd15-tiny", slots)
     path = _lora(tmp_path, m, "diffusers", seed=11, rank=4, targets=LOCON if slots.endswith("conv") else ATTN)
-    want = _sdrt(folder, [(path, 0.9)])
-    with Pipeline.load(folder, backend="openvino", precision="f32") as pipe:
+    with loaded_on(folder, "openvino") as pipe:
+        want = _sdrt(folder, [(path, 0.9)])
         got = pipe(PROMPT, latents=_latents(), loras=[(path, 0.9)], **KW)
     assert int(np.abs(np.asarray(got.images[0]).astype(np.int32) - want).max()) <= 1
 
@@ -353,16 +352,10 @@ def test_ort_cuda_code_path_gives_the_ort_cpu_images(slotted_export, models, tmp
     """ort-cuda's code path (OrtValues, IO binding; with cuda_graph the composed UNet + step session, the factors
     among its fixed inputs) in CPU memory on the CPU EP: the ort-cpu images, two LoRA sets one after the other
     and none (LoCon sets on an attn-ff-conv export). Says nothing of a GPU."""
-    from sdrt.runtime.ort_backend import OrtBackend
-
-    def backend(*a: Any, **k: Any) -> OrtBackend:
-        return ort_cuda_on_cpu(monkeypatch, cuda_graph=cuda_graph)
-
     m, folder = models["sd15-tiny"], slotted_export("sd15-tiny", slots)
     sets = _sets(m, tmp_path, slots, (12, 13))
     wants = [_sdrt(folder, s) for s in sets]
-    monkeypatch.setattr("sdrt.runtime.backends.make_backend", backend)
-    with Pipeline.load(folder, backend="ort-cuda") as pipe:
+    with loaded_on(folder, "ort-cuda-path", monkeypatch, cuda_graph=cuda_graph) as pipe:
         for s, want in zip(sets, wants):
             got = np.asarray(pipe(PROMPT, latents=_latents(), loras=s, **KW).images[0]).astype(np.int32)
             np.testing.assert_array_equal(got, want)

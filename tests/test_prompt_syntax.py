@@ -16,7 +16,7 @@ import torch
 from sdrt.runtime.errors import InputError
 from sdrt.runtime.prompt_syntax import lora_tags, parse_attention, prompt_schedule
 
-from .helpers.pipelines import ort_cuda_on_cpu, shared_pipeline
+from .helpers.pipelines import loaded_on, shared_pipeline
 
 # -- the parser: A1111's documented examples -----------------------------------------------------------------
 
@@ -273,18 +273,11 @@ def test_prompt_editing_on_the_ort_cuda_code_path(tiny_export, monkeypatch: pyte
     """ort-cuda's code path in CPU memory on the CPU EP (IO binding; with cuda_graph the composed UNet + step
     session, whose bound conditioning is overwritten at the segment's step): the ort-cpu image. Says nothing of
     a GPU."""
-    from sdrt.runtime.ort_backend import OrtBackend
-    from sdrt.runtime.pipeline import Pipeline
-
-    def backend(*a, **k) -> OrtBackend:
-        return ort_cuda_on_cpu(monkeypatch, cuda_graph=cuda_graph)
-
     src = tiny_export("sd15-tiny")
     kw = {"negative_prompt": "blurry", "steps": 5, "guidance_scale": 6.0, "sampler": "euler", "seed": 4,
           "height": 64, "width": 64, "prompt_syntax": "a1111"}
     want = np.asarray(shared_pipeline(src)(EDITED, **kw).images[0])
-    monkeypatch.setattr("sdrt.runtime.backends.make_backend", backend)
-    with Pipeline.load(src, backend="ort-cuda") as pipe:
+    with loaded_on(src, "ort-cuda-path", monkeypatch, cuda_graph=cuda_graph) as pipe:
         for _ in range(2):  # the second call reuses the composed session's bindings
             res = pipe(EDITED, **kw)
             np.testing.assert_array_equal(np.asarray(res.images[0]), want)
@@ -292,14 +285,11 @@ def test_prompt_editing_on_the_ort_cuda_code_path(tiny_export, monkeypatch: pyte
 
 
 def test_prompt_editing_on_openvino(tiny_export) -> None:
-    pytest.importorskip("openvino", reason="the openvino backend needs OpenVINO (pip install sdrt[openvino])")
-    from sdrt.runtime.pipeline import Pipeline
-
     src = tiny_export("sd15-tiny")
     kw = {"negative_prompt": "blurry", "steps": 5, "guidance_scale": 6.0, "sampler": "euler", "seed": 4,
           "height": 64, "width": 64, "prompt_syntax": "a1111"}
-    want = np.asarray(shared_pipeline(src)(EDITED, **kw).images[0], np.int16)
-    with Pipeline.load(src, backend="openvino", precision="fp32") as ov:
+    with loaded_on(src, "openvino") as ov:
+        want = np.asarray(shared_pipeline(src)(EDITED, **kw).images[0], np.int16)
         got = np.asarray(ov(EDITED, **kw).images[0], np.int16)
     assert np.abs(got - want).max() <= 2
 

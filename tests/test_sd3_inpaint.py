@@ -24,7 +24,7 @@ from sdrt.runtime.errors import InputError
 
 from .helpers.inputs import box_mask, image_and_mask
 from .helpers.pipelines import shared_pipeline
-from .helpers.references import sd3_decode
+from .helpers.references import sd3_decode, sd3_pipeline
 
 PROMPT = "a red fox in the snow"
 NEGATIVE = "blurry"
@@ -35,22 +35,11 @@ def _reference(preset: str, folder: Path, t5: bool):
     key = (preset, t5)
     if key not in _REFS:
         from diffusers import StableDiffusion3InpaintPipeline
-        from diffusers.schedulers import FlowMatchEulerDiscreteScheduler
-        from transformers import CLIPTokenizer, T5TokenizerFast
 
         from sdrt.export.sd3_presets import build_modules, get_sd3_preset
 
         p = get_sd3_preset(preset)
-        m = build_modules(p, seed=0)
-        clip_l, clip_g, t5_enc = m.text_encoders
-        pipe = StableDiffusion3InpaintPipeline(
-            transformer=m.transformer, vae=m.vae, scheduler=FlowMatchEulerDiscreteScheduler.from_config(p.scheduler),
-            text_encoder=clip_l, tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
-            text_encoder_2=clip_g, tokenizer_2=CLIPTokenizer.from_pretrained(folder / "tokenizer_2"),
-            text_encoder_3=t5_enc if t5 else None,
-            tokenizer_3=T5TokenizerFast.from_pretrained(folder / "tokenizer_3") if t5 else None)
-        pipe.set_progress_bar_config(disable=True)
-        _REFS[key] = pipe
+        _REFS[key] = sd3_pipeline(StableDiffusion3InpaintPipeline, build_modules(p, seed=0), folder, p.scheduler, t5=t5)
     return _REFS[key]
 
 
