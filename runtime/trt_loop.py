@@ -389,7 +389,8 @@ class CapturedStepLoop(StepLoop):
                 shapes[o] = (net.output_shape(o), spec.dtype)
                 b["res"][residual_name(j, o)] = be.empty(shapes[o][0], spec.dtype)
         for j, small in enumerate(self.cheap_controlnets):  # a small graph writes its residual into the net's buffer
-            if small is not None and small is not nets[j]:
+            whole = nets[j]
+            if small is not None and whole is not None and small is not whole:
                 feeds = self._control_feeds(j, small, 0)
                 small.check(feeds)
                 small.bind_inputs(feeds)
@@ -397,7 +398,7 @@ class CapturedStepLoop(StepLoop):
                     want = b["res"].get(residual_name(j, o))
                     if want is None or tuple(small.output_shape(o)) != tuple(want.shape):
                         raise InputError(f"{small.name} returns {o} {tuple(small.output_shape(o))}, where "
-                                         f"{nets[j].name} (whose residual it computes) returns "
+                                         f"{whole.name} (whose residual it computes) returns "
                                          f"{None if want is None else tuple(want.shape)}: re-export the model")
         for j, net in enumerate(nets):
             if net is None:
