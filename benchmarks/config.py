@@ -18,7 +18,10 @@ PRECISIONS = ("fp16", "fp32")
 OV_PRECISIONS = ("auto", "bf16", "fp32")  # the openvino backend's inference precision
 CACHE_FORM = ("KIND:INTERVAL[:SCHEDULE] (e.g. deepcache:3, deepcache:5:nonuniform for UNets, first-block:2 for "
               "SD 3 / 3.5 and FLUX.1)")
-CACHE_WORKLOADS = ("txt2img", "inpaint", "few-step")  # the pipeline caches neither ControlNets nor a refiner pair
+# the pipeline does not cache a refiner pair; ControlNets only beside DeepCache (a UNet's shallow path takes their
+# residuals: sdrt export --controlnet ... --feature-cache), not beside first-block caching
+CACHE_WORKLOADS = ("txt2img", "controlnet", "inpaint", "few-step")
+CONTROL_CACHES = ("deepcache",)  # the cache kinds that run beside ControlNets
 DEFAULT_PROMPT = "a photograph of an astronaut riding a horse, highly detailed"
 
 
@@ -154,16 +157,30 @@ class BenchConfig:
                              cli="--bf16-baseline is diffusers on PyTorch: it needs --baseline torch")
 
     def _check_caches(self) -> None:
-        """Each cache spec parsed and checked (``parse_cache``), none twice, on a workload the cache covers."""
-        labels = [cache_label(parse_cache(spec)) for spec in self.caches]
+        """Each cache spec parsed and checked (``parse_cache``), none twice, on a workload the cache covers (with
+        ControlNets: DeepCache on a UNet preset)."""
+        policies = [parse_cache(spec) for spec in self.caches]
+        labels = [cache_label(p) for p in policies]
         if len(set(labels)) != len(labels):
             raise InputError(f"a cache is given twice: {', '.join(self.caches)}",
                              cli=f"--cache gives a cache twice: {','.join(self.caches)}")
         if self.workload not in CACHE_WORKLOADS:
-            raise InputError(f"feature caching is not measured on the {self.workload} workload (the pipeline caches "
-                             f"neither ControlNets nor a base+refiner pair): use one of {', '.join(CACHE_WORKLOADS)}, "
+            raise InputError(f"feature caching is not measured on the {self.workload} workload (the pipeline does "
+                             f"not cache a base+refiner pair): use one of {', '.join(CACHE_WORKLOADS)}, "
                              "or leave caches out", cli=f"--cache is not measured on --workload {self.workload}: use "
                              f"one of {', '.join(CACHE_WORKLOADS)}, or leave --cache out")
+        if self.workload == "controlnet":
+            from sdrt.export.preset_tables import is_transformer_preset
+
+            other = [spec for spec, p in zip(self.caches, policies) if p.kind not in CONTROL_CACHES]
+            if other or (self.preset is not None and is_transformer_preset(self.preset)):
+                what = (f"the cache {', '.join(other)}" if other else f"{self.preset} (a transformer model)")
+                raise InputError(f"feature caching runs beside ControlNets only as DeepCache on a UNet model, and "
+                                 f"{what} is not that: measure the controlnet workload with deepcache:INTERVAL on a "
+                                 "UNet preset (sd15, sdxl), or leave caches out",
+                                 cli=f"--cache on --workload controlnet is DeepCache on a UNet model only ({what} "
+                                     "is not that): use --cache deepcache:INTERVAL with a UNet preset, or leave "
+                                     "--cache out")
 
 
 def parse_cache(spec: str) -> Any:

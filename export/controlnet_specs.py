@@ -1,4 +1,5 @@
-"""The ControlNet components of an export: ``controlnet_0`` .. ``controlnet_{n-1}`` and ``unet_control``.
+"""The ControlNet components of an export: ``controlnet_0`` .. ``controlnet_{n-1}`` and ``unet_control`` (with
+DeepCache, ``controlnet_j_shallow`` too: net j's first residual alone, which the cheap steps run).
 
 Residual shapes: the UNet encoder gives, per down block, ``layers_per_block`` outputs at the block's
 resolution and, except the last block, one more after its stride-2 downsampler (ceil(h / 2), which is
@@ -17,6 +18,7 @@ from collections.abc import Sequence
 import torch
 
 from sdrt.runtime.errors import InputError
+from sdrt.runtime.feature_cache import shallow_controlnet
 
 from . import wrappers
 from .controlnet_loading import LoadedControlNet
@@ -141,4 +143,28 @@ def controlnet_specs(model: LoadedModel, nets: Sequence[LoadedControlNet], unet_
         outputs=list(unet_spec.outputs),
         example=residual_example,
     ))
+    if deep_feature:  # DeepCache's cheap steps read only each net's first residual: a small graph of it per net
+        specs += [controlnet_shallow_spec(shallow_controlnet(spec.name), spec)
+                  for spec, cn in zip(specs, nets) if wrappers.ControlNetShallow.applies(cn.controlnet)]
     return specs
+
+
+def controlnet_shallow_spec(name: str, net_spec: ComponentSpec) -> ComponentSpec:
+    """``controlnet_j_shallow`` beside ``controlnet_j`` (``net_spec``): its first residual ``down_0`` alone
+    (wrappers.ControlNetShallow), from the inputs of the same names; its own small weights file (the stem, the
+    conditioning embedding and one 1x1 convolution)."""
+    keep = ("sample", "controlnet_cond", "conditioning_scale")
+    idx = [i for i, (n, _, _) in enumerate(net_spec.inputs) if n in keep]
+
+    def example(g: torch.Generator, b: int, h: int, w: int) -> tuple[torch.Tensor, ...]:
+        args = net_spec.example(g, b, h, w)
+        return tuple(args[i] for i in idx)
+
+    return ComponentSpec(
+        name=name,
+        module=wrappers.ControlNetShallow(net_spec.weights),
+        weights=net_spec.weights,
+        inputs=[net_spec.inputs[i] for i in idx],
+        outputs=[net_spec.outputs[0]],
+        example=example,
+    )

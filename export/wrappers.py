@@ -272,6 +272,45 @@ class ControlNet(torch.nn.Module):
         return tuple(outs)
 
 
+class ControlNetShallow(torch.nn.Module):
+    """The first residual of one ControlNet, alone: ``sample``, ``controlnet_cond`` uint8 [B, H, W, 3] pixels and
+    ``conditioning_scale`` float32 [B, R] (``ControlNet``'s inputs of those names) -> ``down_0``, its column 0 of
+    the scale table times what diffusers' ``ControlNetModel.forward`` gives first:
+    ``controlnet_down_blocks[0](conv_in(sample) + controlnet_cond_embedding(cond))`` (mean-pooled for a net with
+    ``global_pool_conditions``). Neither the timestep nor the text (nor SDXL's added embeddings, which enter the time
+    embedding) reach it, so DeepCache's cheap steps, whose shallow path reads only that residual, run this graph
+    instead of the whole net. Guess mode is a column of the table the runtime fills, as for ``ControlNet``."""
+
+    def __init__(self, controlnet: torch.nn.Module) -> None:
+        super().__init__()
+        cfg = controlnet.config
+        if cfg.get("controlnet_conditioning_channel_order", "rgb") not in ("rgb", "bgr"):
+            raise ValueError(f"unknown controlnet_conditioning_channel_order "
+                             f"{cfg.controlnet_conditioning_channel_order!r}")
+        self.controlnet = controlnet
+        self.bgr = cfg.get("controlnet_conditioning_channel_order", "rgb") == "bgr"
+        self.pooled = bool(cfg.get("global_pool_conditions", False))
+
+    @staticmethod
+    def applies(controlnet: torch.nn.Module) -> bool:
+        """Whether the net's first residual is the formula above (diffusers' ``ControlNetModel``; a Union net mixes
+        its conditions first)."""
+        from diffusers import ControlNetModel
+
+        return type(controlnet) is ControlNetModel
+
+    def forward(self, sample: torch.Tensor, controlnet_cond: torch.Tensor, conditioning_scale: torch.Tensor
+                ) -> torch.Tensor:
+        cn = self.controlnet
+        cond = (controlnet_cond.float().permute(0, 3, 1, 2) / 255.0).to(sample.dtype)
+        if self.bgr:
+            cond = torch.flip(cond, dims=[1])
+        x = cn.controlnet_down_blocks[0](cn.conv_in(sample) + cn.controlnet_cond_embedding(cond))
+        if self.pooled:
+            x = torch.mean(x, dim=(2, 3), keepdim=True)
+        return x * conditioning_scale.to(sample.dtype)[:, 0, None, None, None]
+
+
 class UNetControl(UNet):
     """The UNet with ControlNet residuals: the plain UNet's inputs, then ``nets`` groups of ``residuals``
     tensors (each net's ``down_*`` then ``mid``). The groups are summed here, so several ControlNets cost

@@ -108,14 +108,16 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def step_loop(self, unet: Engine, step: Engine, controlnets: Sequence[Engine | None] = (),
-                  shallow: Engine | None = None) -> StepLoop:
+                  shallow: Engine | None = None, shallow_nets: Sequence[Engine | None] = ()) -> StepLoop:
         """The denoising loop over ``unet`` and the sampler ``step`` graph; with ``controlnets`` (one entry
         per exported net, None where it does not run) each step runs them first and ``unet`` is the
         export's ``unet_control`` (with ``shallow`` too: the nets run on every step and the shallow path reads
-        the residuals of its skips); with ``shallow`` (DeepCache's ``unet_shallow``, runtime/feature_cache.py)
+        the residuals of its skips: ``shallow_nets``, one entry per net, gives the small graph of the residual it reads
+        that a cheap step runs in the whole net's place, None where a net has none); with ``shallow`` (DeepCache's ``unet_shallow``, runtime/feature_cache.py)
         the steps ``start(full=...)`` marks False run it over what the last full step returned beside its
         prediction (its inputs that are denoiser outputs: the deep feature; first-block caching's residuals). A backend
-        without a loop of its own returns ``step_loop.PlainStepLoop(self, unet, step, controlnets, shallow)``
+        without a loop of its own returns ``step_loop.PlainStepLoop(self, unet, step, controlnets, shallow,
+        shallow_nets)``
         (step by step)."""
 
     def clock(self) -> Clock:
@@ -291,6 +293,10 @@ class StepLoop(abc.ABC):
         """Which of the steps run since ``start`` ran the full denoiser (rather than a feature cache's cheap
         step)."""
         raise NotImplementedError(f"{type(self).__name__} does not say which steps ran the full denoiser")
+
+    def cheap_note(self) -> str:
+        """With ControlNets and cheap steps: what the nets ran on them in the last call (``"; ..."``), else ""."""
+        return ""
 
     def describe(self) -> str:
         """How the loop ran, for ``Result.loop``."""

@@ -55,6 +55,16 @@ HEAD_RESIDUAL = "head_residual"  # first-block caching: what the first block add
 # tokens, which the blocks see joined to the image's (on the reference's own patch grid)
 HEAD_RESIDUAL_REFERENCE = "head_residual_reference"
 CHANGE = "change"  # first-block caching: the cached step's relative change of the first block's residual
+SHALLOW_NET_SUFFIX = "_shallow"  # controlnet_j_shallow: net j's first residual alone, run on DeepCache's cheap steps
+
+
+def shallow_controlnet(net: str) -> str:
+    """The component beside ControlNet ``net`` (``controlnet_j``) that computes only the residual DeepCache's shallow
+    path reads (``down_0``: the stem and conditioning embedding, no timestep or text); an export made with
+    ControlNets and ``--feature-cache`` has one per net, an older one none."""
+    return net + SHALLOW_NET_SUFFIX
+
+
 EXPORT_HINT = "re-export the model with `sdrt export ... --feature-cache`"
 # what the full model and the cheap step of each kind are called in Result.loop
 _WORDS = {"deepcache": ("UNet", "its shallow path"), "first-block": ("transformer", "its first block")}

@@ -204,11 +204,11 @@ class OrtBackend(OrtBackendBase):
         return [("CUDAExecutionProvider", self._cuda_options[True]), "CPUExecutionProvider"]
 
     def step_loop(self, unet: Engine, step: Engine, controlnets: Sequence[Engine | None] = (),
-                  shallow: Engine | None = None) -> StepLoop:
+                  shallow: Engine | None = None, shallow_nets: Sequence[Engine | None] = ()) -> StepLoop:
         """ort-cuda with ``cuda_graph``: UNet and step graph composed into one session, captured as one CUDA
         graph per step (``runtime/ort_loop.py``); elsewhere, and with ControlNets or DeepCache's shallow path,
         the engines run step by step."""
-        return make_step_loop(self, unet, step, controlnets, shallow)
+        return make_step_loop(self, unet, step, controlnets, shallow, shallow_nets)
 
     def load(self, path: str | bytes, name: str) -> Engine:
         """Load a graph from a file path, or from serialized bytes (the sampler's step graph)."""

@@ -71,7 +71,8 @@ class OrtPlainStepLoop(PlainStepLoop):
     whose run failed, copies through the host)."""
 
     def describe(self) -> str:
-        engines = [self.unet, self.step_engine, *(n for n in self.controlnets if n is not None)]
+        engines = [self.unet, self.step_engine, *(n for n in self.controlnets if n is not None),
+                   *(n for n in self.cheap_controlnets if n is not None and n not in self.controlnets)]
         failed = [f"{e.name}: {why}" for e in engines if (why := getattr(e, "capture_failure", None))]
         text = super().describe()
         if failed:
@@ -102,12 +103,13 @@ def fused_step_reason(backend: OrtBackendBase, unet: Engine, step: Engine) -> st
 
 
 def make_step_loop(backend: OrtBackendBase, unet: Engine, step: Engine,
-                   controlnets: Sequence[Engine | None] = (), shallow: Engine | None = None) -> StepLoop:
+                   controlnets: Sequence[Engine | None] = (), shallow: Engine | None = None,
+                   shallow_nets: Sequence[Engine | None] = ()) -> StepLoop:
     """The fused loop where it applies and composes; otherwise the plain one with the reason. With
     ControlNets, or a feature cache's cheap step, the engines run step by step (the composition covers the UNet and
     the step graph only; each engine still replays its own CUDA graph where ``cuda_graph`` is on)."""
     if controlnets or shallow is not None:
-        plain = OrtPlainStepLoop(backend, unet, step, controlnets, shallow)
+        plain = OrtPlainStepLoop(backend, unet, step, controlnets, shallow, shallow_nets)
         forced = backend.fused_step or (backend.io_binding and backend.cuda_graph)
         what = "ControlNets" if controlnets else "a feature cache's cheap steps"
         plain.reason = f"the composed loop covers UNet + step, not {what}" if forced else ""

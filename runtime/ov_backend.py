@@ -237,8 +237,9 @@ class OvStepLoop(PlainStepLoop):
     """
 
     def __init__(self, backend: OvBackend, unet: OvEngine, step: OvEngine,
-                 controlnets: Sequence[Engine | None] = (), shallow: Engine | None = None) -> None:
-        super().__init__(backend, unet, step, controlnets, shallow)
+                 controlnets: Sequence[Engine | None] = (), shallow: Engine | None = None,
+                 shallow_nets: Sequence[Engine | None] = ()) -> None:
+        super().__init__(backend, unet, step, controlnets, shallow, shallow_nets)
         self._unet_out: Any = None
         self._sets: list[dict[str, Any]] = []
 
@@ -399,10 +400,10 @@ class OvBackend(Backend):
         return np.dtype(a.element_type.to_dtype()), tuple(int(d) for d in a.shape)
 
     def step_loop(self, unet: Engine, step: Engine, controlnets: Sequence[Engine | None] = (),
-                  shallow: Engine | None = None) -> PlainStepLoop:
+                  shallow: Engine | None = None, shallow_nets: Sequence[Engine | None] = ()) -> PlainStepLoop:
         if isinstance(unet, OvEngine) and isinstance(step, OvEngine) and isinstance(shallow, (OvEngine, type(None))):
-            return OvStepLoop(self, unet, step, controlnets, shallow)
-        return PlainStepLoop(self, unet, step, controlnets, shallow)
+            return OvStepLoop(self, unet, step, controlnets, shallow, shallow_nets)
+        return PlainStepLoop(self, unet, step, controlnets, shallow, shallow_nets)
 
     def settle(self) -> float:
         t0 = time.perf_counter()

@@ -38,7 +38,7 @@ from .device_graphs import DeviceGraphs
 from .engine import Array, Backend, Engine
 from .errors import ArtifactError, DeviceMemoryError, InputError
 from .families import Family
-from .feature_cache import EXPORT_HINT, SHALLOW_UNET, CachePolicy, cache_policy
+from .feature_cache import EXPORT_HINT, SHALLOW_UNET, CachePolicy, cache_policy, shallow_controlnet
 from .images import nonfinite_message, to_pil, to_uint8
 from .layer_skip import EXPORT_HINT as SKIP_EXPORT_HINT
 from .layer_skip import SKIP_UNET, SkipGuidance, SkipGuided, skip_guidance
@@ -685,7 +685,8 @@ class Pipeline:
             timings.update(unet_steps_ms=steps_ms, unet_step_ms=float(np.median(steps_ms)), clock=clk.kind)
             clk.close()
         # the final latents: the loop's own buffers (valid until its next start(); the public denoise() copies them)
-        how = loop.describe() if cache is None else f"{loop.describe()}; {cache.describe(loop.ran_full)}"
+        how = loop.describe() if cache is None else (f"{loop.describe()}; {cache.describe(loop.ran_full)}"
+                                                     f"{loop.cheap_note()}")
         if skip is not None:
             how += f"; skip-layer guidance on {skipped} of {hi - lo} steps"
         return replace(lat, x=loop.latents, step=hi, x0=loop.x0 if hi < plan.steps else None), how
@@ -713,8 +714,13 @@ class Pipeline:
                 self._loops[key] = self.backend.step_loop(self._skip_guided(), step)
             elif active:  # with caching: the shallow path over the nets' residuals of the skips it reads
                 nets = [self.engines[n] if j in active else None for j, n in enumerate(self.manifest.controlnets)]
-                self._loops[key] = self.backend.step_loop(self.engines[CONTROL_UNET], step, nets,
-                                                          shallow=self.engines[SHALLOW_UNET] if cached else None)
+                if cached:  # cheap steps run each net's small graph of the residual they read, where exported
+                    small = [self.engines.get(shallow_controlnet(n)) if j in active else None
+                             for j, n in enumerate(self.manifest.controlnets)]
+                    self._loops[key] = self.backend.step_loop(self.engines[CONTROL_UNET], step, nets,
+                                                              shallow=self.engines[SHALLOW_UNET], shallow_nets=small)
+                else:
+                    self._loops[key] = self.backend.step_loop(self.engines[CONTROL_UNET], step, nets)
             elif cached:
                 self._loops[key] = self.backend.step_loop(self.engines["unet"], step, shallow=self.engines[SHALLOW_UNET])
             else:

@@ -39,7 +39,7 @@ from .errors import InputError
 from .feature_cache import CHANGE, DEEP_FEATURE
 
 __all__ = ["DEEP_FEATURE", "RESIDUAL_PREFIX", "STEP_INPUTS", "STEP_OUTPUTS", "STEP_UNET_INPUT", "UNET_OUTPUT", "Clock",
-           "ControlFeeds", "PlainStepLoop", "StepLoop", "check_control", "check_full", "check_shallow_control",
+           "ControlFeeds", "PlainStepLoop", "StepLoop", "cheap_nets", "cheap_note", "check_control", "check_full", "check_shallow_control",
            "check_threshold", "control_feeds", "kept_outputs", "residual_inputs", "residual_name", "residual_zeros",
            "shallow_feeds"]
 
@@ -58,7 +58,9 @@ def control_feeds(net: Engine, unet_feeds: Mapping[str, Array], image: Array, sc
     """A ControlNet's inputs: the UNet's own (sample, timestep, text conditioning) by name, its image, this step's
     scales, and its ``fixed`` inputs of the run (a Union net's mode)."""
     feeds = {k: unet_feeds[k] for k in net.inputs if k in unet_feeds}
-    feeds.update(controlnet_cond=image, conditioning_scale=scale, **(fixed or {}))
+    # (a net's small graph of its first residual, run on DeepCache's cheap steps, takes no mode)
+    feeds.update(controlnet_cond=image, conditioning_scale=scale, **{k: v for k, v in (fixed or {}).items()
+                                                                     if k in net.inputs})
     return feeds
 
 
@@ -84,6 +86,28 @@ def residual_zeros(engine: Engine, sample_shape: Sequence[int]) -> dict[str, np.
         shape = tuple(d if isinstance(d, int) and d > 0 else int(sample_shape[i]) for i, d in enumerate(spec.shape))
         out[k] = np.zeros(shape, spec.dtype)
     return out
+
+
+def cheap_nets(controlnets: Sequence[Engine | None], shallow_nets: Sequence[Engine | None]) -> list[Engine | None]:
+    """The engine each net runs on a cheap step: its small graph of the first residual where ``shallow_nets`` has
+    one (an export made with ControlNets and ``--feature-cache``: ``controlnet_j_shallow``), else the whole net (an
+    older export); None where the net does not run."""
+    if shallow_nets and len(shallow_nets) != len(controlnets):
+        raise InputError(f"shallow_nets has {len(shallow_nets)} entries for {len(controlnets)} ControlNets: one per "
+                         "net (None where it has no small graph)")
+    return [None if net is None else (shallow_nets[j] if shallow_nets and shallow_nets[j] is not None else net)
+            for j, net in enumerate(controlnets)]
+
+
+def cheap_note(controlnets: Sequence[Engine | None], cheap: Sequence[Engine | None], ran_full: Sequence[bool]) -> str:
+    """What the nets ran on the cheap steps of the last call, for ``Result.loop`` ("" without cheap steps or nets)."""
+    if all(ran_full) or not any(n is not None for n in controlnets):
+        return ""
+    small = [c.name for n, c in zip(controlnets, cheap) if n is not None and c is not n and c is not None]
+    whole = [n.name for n, c in zip(controlnets, cheap) if n is not None and c is n]
+    parts = ([f"cheap steps ran {', '.join(small)} (each net's first residual alone)"] if small else []) + (
+        [f"cheap steps ran the whole {', '.join(whole)} (an export without their small graphs)"] if whole else [])
+    return "; " + "; ".join(parts)
 
 
 def check_shallow_control(shallow: Engine | None, controlnets: Sequence[object | None]) -> None:
@@ -138,13 +162,16 @@ class PlainStepLoop(StepLoop):
     ``_run_control`` and ``_run_step``, never the step itself."""
 
     def __init__(self, backend: Backend, unet: Engine, step: Engine,
-                 controlnets: Sequence[Engine | None] = (), shallow: Engine | None = None) -> None:
+                 controlnets: Sequence[Engine | None] = (), shallow: Engine | None = None,
+                 shallow_nets: Sequence[Engine | None] = ()) -> None:
         self._kept_names = () if shallow is None else kept_outputs(unet, shallow)
         check_shallow_control(shallow, controlnets)
         self.backend = backend
         self.unet = unet
         self.step_engine = step
         self.controlnets = tuple(controlnets)
+        # what each net runs on a cheap step: its first residual's small graph where the export has one
+        self.cheap_controlnets = tuple(cheap_nets(controlnets, shallow_nets if shallow is not None else ()))
         self.shallow = shallow
         self._full: list[bool] = []
         self._ran: list[bool] = []
@@ -201,9 +228,9 @@ class PlainStepLoop(StepLoop):
         if i in self._cond_steps:  # prompt editing: the next segment's conditioning, already on the device
             self._fixed["cond"] = dict(self._cond_steps[i])
         feeds = {"sample": s["unet_in"], "timestep": t, **self._fixed["cond"]}
-        if self._control is not None:
-            feeds.update(self._residuals(i, feeds))
         full = self._full[i]
+        if self._control is not None:
+            feeds.update(self._residuals(i, feeds, cheap=not full))
         if not full:
             assert self.shallow is not None and self._kept is not None  # check_full: step 0 is full
             # (with ControlNets, ``feeds`` holds every residual of this step: the shallow path takes its skips')
@@ -211,6 +238,8 @@ class PlainStepLoop(StepLoop):
             if self._threshold is not None:  # diffusers' rule: run the whole model again past the threshold
                 assert change is not None  # check_threshold
                 full = float(np.asarray(self.backend.to_host(change)).reshape(-1)[0]) > self._threshold
+                if full and self._control is not None:  # the whole nets' residuals for the full step after all
+                    feeds.update(self._residuals(i, feeds))
         if full and self.shallow is not None:
             out, self._kept = self._run_unet_feature(feeds)
         elif full:
@@ -220,12 +249,13 @@ class PlainStepLoop(StepLoop):
                               "coeffs": c, "x0_prev": s["x0"], "noise": z}, i)
         s.update(zip(("latents", "x0", "unet_in"), (res[k] for k in STEP_OUTPUTS)))
 
-    def _residuals(self, i: int, unet_feeds: Mapping[str, Array]) -> dict[str, Array]:
-        """Every net's residuals as ``unet_control``'s inputs: the active nets run, the others give zeros."""
+    def _residuals(self, i: int, unet_feeds: Mapping[str, Array], cheap: bool = False) -> dict[str, Array]:
+        """Every net's residuals as ``unet_control``'s inputs: the active nets run, the others give zeros. ``cheap``:
+        a cheap step's, each net's small graph where it has one (its first residual, all the shallow path reads)."""
         assert self._control is not None
         images, scales, fixed = self._control
         outs: dict[int, Mapping[str, Array]] = {}
-        for j, net in enumerate(self.controlnets):
+        for j, net in enumerate(self.cheap_controlnets if cheap else self.controlnets):
             if net is not None:
                 outs[j] = self._run_control(j, net, control_feeds(net, unet_feeds, images[j], scales[i][j], fixed[j]))
         feeds: dict[str, Array] = {}
@@ -266,6 +296,9 @@ class PlainStepLoop(StepLoop):
     def ran_full(self) -> list[bool]:
         """Which of the steps run since ``start`` ran the full denoiser."""
         return list(self._ran)
+
+    def cheap_note(self) -> str:
+        return cheap_note(self.controlnets, self.cheap_controlnets, self._ran)
 
     @property
     def latents(self) -> Array:

@@ -63,6 +63,7 @@ from .engine_manifest import (
     check_engine,
 )
 from .errors import ArtifactError, BackendUnavailable, CompatibilityError, InputError, SdrtError
+from .step_loop import cheap_nets
 from .trt_engines import (
     BUFFERS_PER_OUTPUT,
     TRT_DTYPES,
@@ -406,7 +407,7 @@ class TrtBackend(TrtBackendBase):
 
     # -- the captured step -----------------------------------------------------------------------------
     def step_loop(self, unet: Engine, step: Engine, controlnets: Sequence[Engine | None] = (),
-                  shallow: Engine | None = None) -> CapturedStepLoop:
+                  shallow: Engine | None = None, shallow_nets: Sequence[Engine | None] = ()) -> CapturedStepLoop:
         """The denoising step (the active ``controlnets``, ``unet`` or on the steps ``start(full=...)`` marks
         False DeepCache's ``shallow`` path, then the sampler ``step`` graph) captured as CUDA graphs, kept per
         set of engines (runtime/trt_loop.py)."""
@@ -414,14 +415,18 @@ class TrtBackend(TrtBackendBase):
         u, s = self._own(unet), self._own(step)
         nets = tuple(None if n is None else self._own(n) for n in controlnets)
         sh = None if shallow is None else self._own(shallow)
+        small = tuple(None if n is None else self._own(n) for n in shallow_nets)
         for k in [k for k, lp in self._loops.items() if not lp.alive()]:  # loops over dropped engines
             self._loops.pop(k).close()
-        key = (id(u), id(s), None if sh is None else id(sh), *(None if n is None else id(n) for n in nets))
+        key = (id(u), id(s), None if sh is None else id(sh), *(None if n is None else id(n) for n in nets),
+               *(None if n is None else id(n) for n in small))
         loop = self._loops.get(key)
         same_nets = loop is not None and [None if r is None else r() for r in loop._nets] == list(nets)
         same_shallow = loop is not None and (None if loop._shallow is None else loop._shallow()) is sh
+        if same_shallow and loop is not None:
+            same_shallow = loop.cheap_controlnets == list(cheap_nets(nets, small if sh is not None else ()))
         if loop is None or loop._unet() is not u or loop._step() is not s or not same_nets or not same_shallow:
-            loop = self._loops[key] = CapturedStepLoop(self, u, s, nets, sh)
+            loop = self._loops[key] = CapturedStepLoop(self, u, s, nets, sh, small)
         return loop
 
 

@@ -26,8 +26,9 @@ shallow, even and odd: four), and ``step(i)`` launches the one the ``full`` plan
 UNet with outputs beyond its prediction (an export made with ``--deepcache``, run without caching) has each
 extra output bound to a fixed buffer of its own: TensorRT runs an engine only with every output bound. With
 ControlNets too (an export made with both), every step, full or shallow, runs the active nets first, and the
-shallow path binds the residual buffers of the skip it reads (``controlnet_{j}_down_0``); without ControlNets
-that shallow path reads zero buffers of its own.
+shallow path binds the residual buffers of the skip it reads (``controlnet_{j}_down_0``); on the cheap steps a net
+with a small graph of that residual (``controlnet_{j}_shallow``) runs it in its place, writing the same buffer;
+without ControlNets that shallow path reads zero buffers of its own.
 
 ``start`` captures on first use and whenever shapes change (after one warm-up run of each engine: TensorRT
 finishes shape-dependent setup outside the capture); a capture that fails with any error (TensorRT's or
@@ -61,6 +62,8 @@ from .step_loop import (
     UNET_OUTPUT,
     ControlFeeds,
     StepLoop,
+    cheap_nets,
+    cheap_note,
     check_full,
     check_shallow_control,
     kept_outputs,
@@ -82,7 +85,8 @@ class CapturedStepLoop(StepLoop):
     """
 
     def __init__(self, backend: TrtBackendBase, unet: TrtEngine, step: TrtEngine,
-                 controlnets: Sequence[TrtEngine | None] = (), shallow: TrtEngine | None = None) -> None:
+                 controlnets: Sequence[TrtEngine | None] = (), shallow: TrtEngine | None = None,
+                 shallow_nets: Sequence[TrtEngine | None] = ()) -> None:
         if shallow is not None and DEEP_FEATURE not in unet.outputs:
             raise InputError(f"{unet.name} does not return {DEEP_FEATURE}, which its cheap step reuses: {EXPORT_HINT}")
         if shallow is not None:
@@ -93,6 +97,9 @@ class CapturedStepLoop(StepLoop):
         self._step = weakref.ref(step)
         self._nets = tuple(None if n is None else weakref.ref(n) for n in controlnets)
         self._shallow = None if shallow is None else weakref.ref(shallow)
+        # each net's engine on a cheap step: its first residual's small graph where the export has one
+        self._small = tuple(None if n is None else weakref.ref(n)
+                            for n in cheap_nets(controlnets, shallow_nets if shallow is not None else ()))
         self.closed = False
         self.captured = False
         self.reason = "not started"
@@ -138,6 +145,14 @@ class CapturedStepLoop(StepLoop):
     def controlnets(self) -> list[TrtEngine | None]:
         return [None if r is None else self._engine(r, f"ControlNet {j}") for j, r in enumerate(self._nets)]
 
+    @property
+    def cheap_controlnets(self) -> list[TrtEngine | None]:
+        """What each net runs on a cheap step (its small graph of the first residual, or the whole net)."""
+        return [None if r is None else self._engine(r, f"ControlNet {j}'s cheap step") for j, r in enumerate(self._small)]
+
+    def cheap_note(self) -> str:
+        return cheap_note(self.controlnets, self.cheap_controlnets, self.ran_full)
+
     def _engine(self, ref: Any, what: str) -> Any:
         e = ref()
         if e is None or self.closed:
@@ -150,7 +165,7 @@ class CapturedStepLoop(StepLoop):
 
     def alive(self) -> bool:
         """Whether the backend and the engines still exist (a loop over dropped engines is useless)."""
-        nets = [r() for r in (*self._nets, self._shallow) if r is not None]
+        nets = [r() for r in (*self._nets, *self._small, self._shallow) if r is not None]
         return not self.closed and None not in (self._backend(), self._unet(), self._step(), *nets)
 
     def close(self) -> None:
@@ -373,6 +388,18 @@ class CapturedStepLoop(StepLoop):
             for o, spec in net.outputs.items():
                 shapes[o] = (net.output_shape(o), spec.dtype)
                 b["res"][residual_name(j, o)] = be.empty(shapes[o][0], spec.dtype)
+        for j, small in enumerate(self.cheap_controlnets):  # a small graph writes its residual into the net's buffer
+            whole = nets[j]
+            if small is not None and whole is not None and small is not whole:
+                feeds = self._control_feeds(j, small, 0)
+                small.check(feeds)
+                small.bind_inputs(feeds)
+                for o in small.outputs:
+                    want = b["res"].get(residual_name(j, o))
+                    if want is None or tuple(small.output_shape(o)) != tuple(want.shape):
+                        raise InputError(f"{small.name} returns {o} {tuple(small.output_shape(o))}, where "
+                                         f"{whole.name} (whose residual it computes) returns "
+                                         f"{None if want is None else tuple(want.shape)}: re-export the model")
         for j, net in enumerate(nets):
             if net is None:
                 for o, (shape, dtype) in shapes.items():
@@ -383,7 +410,8 @@ class CapturedStepLoop(StepLoop):
         b = self.buf
         unet_side = {"sample": b["uin"][p], "timestep": b["t"], **b["cond"]}
         feeds = {k: unet_side[k] for k in net.inputs if k in unet_side}
-        feeds.update(controlnet_cond=b["cimg"][j], conditioning_scale=b["cscale"][j], **b["cfixed"].get(j, {}))
+        feeds.update(controlnet_cond=b["cimg"][j], conditioning_scale=b["cscale"][j],
+                     **{k: v for k, v in b["cfixed"].get(j, {}).items() if k in net.inputs})
         return feeds
 
     def _unet_feeds(self, p: int) -> dict[str, DeviceArray]:
@@ -411,7 +439,8 @@ class CapturedStepLoop(StepLoop):
         """Bind step parity ``p`` (read state p, write state 1 - p) and queue UNet (``full``; otherwise the
         shallow path over the deep-feature buffer), then step graph."""
         b = self.buf
-        for j, net in enumerate(self.controlnets):
+        # a cheap step runs each net's small graph of the one residual the shallow path reads, where there is one
+        for j, net in enumerate(self.controlnets if full else self.cheap_controlnets):
             if net is not None:
                 net.bind_inputs(self._control_feeds(j, net, p))
                 net.bind_outputs({o: b["res"][residual_name(j, o)] for o in net.outputs})
@@ -438,6 +467,7 @@ class CapturedStepLoop(StepLoop):
             return
         graphs: dict[tuple[bool, int], Graph] = {}
         nets = [n for n in self.controlnets if n is not None]
+        nets += [n for n in self.cheap_controlnets if n is not None and n not in nets]
         shallow = self.shallow
         engines = (*nets, self._unet_e, *([] if shallow is None else [shallow]), self._step_e)
         try:

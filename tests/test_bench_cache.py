@@ -173,8 +173,15 @@ def test_cache_specs_parse_and_bad_ones_are_refused(capsys: pytest.CaptureFixtur
             BenchConfig(preset="sd15-tiny", caches=(spec,))
     with pytest.raises(InputError, match="given twice"):
         BenchConfig(preset="sd15-tiny", caches=("deepcache:3", "deepcache:3:uniform"))
-    with pytest.raises(InputError, match="not measured on the controlnet workload"):
-        BenchConfig(preset="sd15-tiny", workload="controlnet", caches=("deepcache:3",))
+    # ControlNets: DeepCache on a UNet preset is measured (its shallow path takes the nets' residuals); first-block
+    # caching and transformer presets are refused, as a refiner pair is
+    assert BenchConfig(preset="sd15-tiny", workload="controlnet", caches=("deepcache:3",)).caches == ("deepcache:3",)
+    assert BenchConfig(preset="sdxl-tiny", workload="controlnet", caches=("deepcache:2:nonuniform",)).caches
+    for preset, cache in (("sd3-tiny", "deepcache:3"), ("flux-dev-tiny", "first-block:2"), ("sd15-tiny", "first-block:2")):
+        with pytest.raises(InputError, match="beside ControlNets only as DeepCache on a UNet model"):
+            BenchConfig(preset=preset, workload="controlnet", caches=(cache,))
+    with pytest.raises(InputError, match="not measured on the base-refiner workload"):
+        BenchConfig(preset="sdxl-tiny", workload="base-refiner", caches=("deepcache:3",))
     # the command line names the flag, before anything runs
     assert main(["bench", "--preset", "sd15-tiny", "--backends", "ort-cpu", "--cache", "deepcache"]) == 1
     err = capsys.readouterr().err

@@ -125,6 +125,96 @@ def test_other_backends_run_the_same_cached_controlled_steps(tiny_controlnet_exp
     assert "3 of 8 steps ran the full UNet" in res.loop
 
 
+@pytest.mark.parametrize("preset", ["sd15-tiny", "sdxl-tiny"])
+def test_the_small_graph_is_the_nets_first_residual(tiny_controlnet_export, preset: str) -> None:
+    """``controlnet_0_shallow`` gives what diffusers' ``ControlNetModel`` returns first (its ``down_0``), at any
+    timestep and text: two different timesteps and texts give that residual the same in PyTorch, plain and in guess
+    mode (whose scale of ``down_0`` the table's column 0 carries, as for the whole net); the export's whole
+    ``controlnet_0`` returns the same ``down_0``."""
+    from sdrt.export.controlnet_loading import random_controlnet
+
+    folder = tiny_controlnet_export(preset, "fp32", 1, deepcache=True)
+    pipe = shared_pipeline(folder)
+    small, whole = pipe.engines["controlnet_0_shallow"], pipe.engines["controlnet_0"]
+    assert sorted(small.inputs) == ["conditioning_scale", "controlnet_cond", "sample"]
+    assert list(small.outputs) == ["down_0"]
+    cn = random_controlnet(preset.removesuffix("-tiny") + "-controlnet-tiny", seed=1).controlnet.float().eval()
+    rng = np.random.default_rng(seed_for(preset))
+    b, h, w, r = 2, H // 8, W // 8, len(whole.outputs)
+    sample = rng.standard_normal((b, 4, h, w), np.float32)
+    pixels = rng.integers(0, 256, (b, H, W, 3), dtype=np.uint8)
+    cond = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255.0
+    cross = int(cn.config.cross_attention_dim)
+    for guess in (False, True):
+        scale = 1.3
+        refs = []
+        for t, seed in ((17.0, 0), (901.0, 1)):  # the residual must not depend on either
+            g = torch.Generator().manual_seed(seed)
+            kw: dict[str, Any] = {}
+            if cn.config.addition_embed_type == "text_time":
+                kw["added_cond_kwargs"] = {
+                    "text_embeds": torch.randn(b, cn.add_embedding.linear_1.in_features - 6 * int(
+                        cn.config.addition_time_embed_dim), generator=g),
+                    "time_ids": torch.rand(b, 6, generator=g) * 1024}
+            with torch.no_grad():
+                down, _ = cn(torch.from_numpy(sample), torch.full((b,), t), torch.randn(b, 7, cross, generator=g),
+                             cond, conditioning_scale=scale, guess_mode=guess, return_dict=False, **kw)
+            refs.append(down[0].numpy())
+        assert np.array_equal(refs[0], refs[1])
+        # the runtime's scale table: column 0 is down_0's (guess mode: diffusers' 0.1 .. 1.0 ramp times the scale)
+        col0 = 0.1 * scale if guess else scale
+        table = np.full((b, r), np.nan, np.float32)
+        table[:, 0] = col0
+        got = small({"sample": sample, "controlnet_cond": pixels, "conditioning_scale": table})["down_0"]
+        assert np.abs(np.asarray(got) - refs[0]).max() <= 1e-4 * max(1.0, float(np.abs(refs[0]).max()))
+        full_table = np.where(np.isnan(table), 1.0, table).astype(np.float32)
+        feeds = {"sample": sample, "timestep": np.full((b,), 17.0, np.float32),
+                 "encoder_hidden_states": rng.standard_normal((b, 77, cross), np.float32),
+                 "controlnet_cond": pixels, "conditioning_scale": full_table}
+        feeds.update({k: rng.standard_normal(tuple(d if isinstance(d, int) else b for d in v.shape), np.float32)
+                      for k, v in whole.inputs.items() if k not in feeds})
+        assert np.abs(np.asarray(whole(feeds)["down_0"]) - np.asarray(got)).max() <= 1e-4
+        assert float(np.abs(refs[0]).max()) > 1e-3
+
+
+def _counting(pipe: Pipeline, monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """How often each of ``pipe``'s engines runs from now on (each still runs)."""
+    runs: dict[str, int] = {}
+    for name, e in pipe.engines.items():
+        def run(feeds: Any, name: str = name, orig: Any = e.run) -> Any:
+            runs[name] = runs.get(name, 0) + 1
+            return orig(feeds)
+        monkeypatch.setattr(e, "run", run)
+    return runs
+
+
+def test_cheap_steps_run_the_small_graphs_and_an_export_without_them_the_whole_nets(
+        tiny_controlnet_export, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the cheap steps each active net runs its small graph instead of the whole net (engine runs counted; the
+    result says so), and a pipeline whose export lacks the small graphs (an older export) runs the whole nets there,
+    as before: both within 1/255 of DeepCache's image with the first net alone."""
+    folder = tiny_controlnet_export("sd15-tiny", "fp32", 2, deepcache=True)
+    latents = np.random.default_rng(seed_for("cheap-small")).standard_normal((1, 4, H // 8, W // 8), np.float32)
+    ref = _reference("sd15-tiny", folder, latents, [0], [1.1], 7.0, INTERVAL)
+    with Pipeline.load(folder, backend="ort-cpu") as pipe:
+        runs = _counting(pipe, monkeypatch)
+        res = _sdrt(pipe, latents, 2, [0], [1.1], 7.0, cache="deepcache", cache_interval=INTERVAL)
+        assert np.abs(_u8(res) - ref).max() <= 1
+        # 8 steps, every third full: 3 full (the whole net), 5 cheap (its small graph); the second net left out
+        assert (runs.get("controlnet_0"), runs.get("controlnet_0_shallow")) == (3, 5)
+        assert "controlnet_1" not in runs and "controlnet_1_shallow" not in runs
+        assert (runs["unet_control"], runs["unet_shallow"]) == (3, 5)
+        assert "cheap steps ran controlnet_0_shallow (each net's first residual alone)" in res.loop
+    with Pipeline.load(folder, backend="ort-cpu") as old:
+        for j in (0, 1):  # what an export made before the small graphs holds
+            old.engines.pop(f"controlnet_{j}_shallow").close()
+        runs = _counting(old, monkeypatch)
+        res = _sdrt(old, latents, 2, [0], [1.1], 7.0, cache="deepcache", cache_interval=INTERVAL)
+        assert np.abs(_u8(res) - ref).max() <= 1
+        assert runs.get("controlnet_0") == 8
+        assert "cheap steps ran the whole controlnet_0" in res.loop
+
+
 def test_caching_off_with_controlnets_is_bit_identical_to_the_export_without_it(tiny_controlnet_export,
                                                                                 deepcache_export) -> None:
     """The cached export's unet_control (it also returns the deep feature) gives the plain ControlNet export's
@@ -180,7 +270,8 @@ def test_tensorrt_captures_cached_steps_with_controlnets(tiny_controlnet_export,
     out = tmp_path / "engines"
     manifest = build_engines(folder, out, custom_profile(batch="1:1:2", height="64:64:96", width="64:64:96"),
                              BuildOptions(workspace_gb=1))
-    assert {"unet_control", "unet_shallow", "controlnet_0"} <= {r.component for r in manifest.engines}
+    assert {"unet_control", "unet_shallow", "controlnet_0", "controlnet_0_shallow"} <= {
+        r.component for r in manifest.engines}
     kw: dict[str, Any] = {"height": 64, "width": 96, "steps": 6, "guidance_scale": 7.5, "sampler": "ddim", "seed": 2,
                           "cache": "deepcache", "cache_interval": 3}
     cases: list[dict[str, Any]] = [{"control_images": [control_image(10), control_image(11)],
@@ -192,5 +283,8 @@ def test_tensorrt_captures_cached_steps_with_controlnets(tiny_controlnet_export,
             got = pipe(PROMPT, **kw, **case)
             assert got.loop.startswith("captured CUDA graphs; feature cache deepcache"), got.loop
             assert "2 of 6 steps ran the full UNet" in got.loop
+            if case:  # the captured cheap step runs the active nets' small graphs
+                assert "cheap steps ran controlnet_1_shallow" in got.loop or "controlnet_0_shallow, controlnet_1_shallow" \
+                    in got.loop, got.loop
             assert want.std() > 5 and np.abs(_u8(got) - want).max() <= 1
     assert cudart.alive()["allocations"] == 0
