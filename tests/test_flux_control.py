@@ -5,9 +5,9 @@ seeded weights exported by ``export_flux``, the same control image and initial l
 Covers two output sizes (non-square, neither the control image's: it is resized) and guidance scales, a batch,
 the output size from the control image, img2img, inpainting at three strengths, ``sdrt generate --control-image``,
 the staged API, loading a diffusers ``FluxControlPipeline`` folder, the streamed transformer graph against PyTorch,
-ort-cuda's code path and openvino, inpainting on ort-cuda's code path and the TensorRT fakes against diffusers, and
-the refusals before any work. sdrt's encoders take the latent distribution's mean: diffusers is made to (it samples
-the control image's latents).
+ort-cuda's code path and openvino, inpainting on ort-cuda's code path, openvino and the TensorRT fakes against
+diffusers, and the refusals before any work. sdrt's encoders take the latent distribution's mean: diffusers is made
+to (it samples the control image's latents).
 """
 
 from __future__ import annotations
@@ -137,16 +137,17 @@ def test_inpaint_gives_diffusers_images(flux_export, mean_vae, height: int, widt
 
 
 _INPAINT_REF: list[np.ndarray] = []
-LOOPS = {"ort-cuda-path": "UNet + sampler step as one ONNX Runtime session", "tensorrt": "captured CUDA graphs"}
+LOOPS = {"ort-cuda-path": "UNet + sampler step as one ONNX Runtime session", "tensorrt": "captured CUDA graphs",
+         "openvino": "engines run step by step"}
 
 
-@pytest.mark.parametrize("backend", ["ort-cuda-path", "tensorrt"])
+@pytest.mark.parametrize("backend", ["ort-cuda-path", "openvino", "tensorrt"])
 def test_inpaint_on_other_backends_gives_diffusers_images(flux_export, mean_vae, request: pytest.FixtureRequest,
                                                           tmp_path: Path, backend: str) -> None:
     """A control image with ``image=``, ``mask_image=`` and strength 0.6 on ort-cuda's code path (on the CPU EP, the
-    composed transformer + step session with the control latents, the masked blend after each step) and the
-    TensorRT fakes (the captured loop): FluxControlInpaintPipeline's image, computed once for both. Neither says
-    anything of a GPU."""
+    composed transformer + step session with the control latents, the masked blend after each step), openvino
+    (fp32, step by step) and the TensorRT fakes (the captured loop): FluxControlInpaintPipeline's image, computed
+    once for all three. None says anything of a GPU."""
     from .helpers.pipelines import loaded_on_any
 
     folder = flux_export(PRESET)

@@ -4,7 +4,7 @@ weights exported by ``export_flux``, the same image, mask and initial latents, i
 Covers two masks (a box and a soft ramp that resizing and binarizing decide) at two sizes (one the image's own,
 one a resize of image and mask), two guidance scales, a batch, partial denoising (``strength`` < 1), the
 masked-image encoder against diffusers' masked latents, the refusals before any work, and the A1111 img2img
-endpoint with a mask; ort-cuda's code path and the TensorRT fakes against diffusers too. sdrt's encoders take the
+endpoint with a mask; ort-cuda's code path, openvino and the TensorRT fakes against diffusers too. sdrt's encoders take the
 latent distribution's mean: diffusers is made to (``retrieve_latents`` in argmax mode), as for img2img in
 tests/test_flux.py.
 """
@@ -145,15 +145,16 @@ def test_partial_denoising(flux_export, mean_latents) -> None:
 
 
 _BACKEND_REF: list[np.ndarray] = []
-LOOPS = {"ort-cuda-path": "UNet + sampler step as one ONNX Runtime session", "tensorrt": "captured CUDA graphs"}
+LOOPS = {"ort-cuda-path": "UNet + sampler step as one ONNX Runtime session", "tensorrt": "captured CUDA graphs",
+         "openvino": "engines run step by step"}
 
 
-@pytest.mark.parametrize("backend", ["ort-cuda-path", "tensorrt"])
+@pytest.mark.parametrize("backend", ["ort-cuda-path", "openvino", "tensorrt"])
 def test_other_backends_give_diffusers_images(flux_export, mean_latents, request: pytest.FixtureRequest,
                                               tmp_path: Path, backend: str) -> None:
-    """ort-cuda's code path (on the CPU EP, the composed transformer + step session with the mask channels) and the
-    TensorRT fakes (the captured loop): a box mask at 64 x 96, FluxFillPipeline's image, computed once for both.
-    Neither says anything of a GPU."""
+    """ort-cuda's code path (on the CPU EP, the composed transformer + step session with the mask channels),
+    openvino (fp32, step by step) and the TensorRT fakes (the captured loop): a box mask at 64 x 96,
+    FluxFillPipeline's image, computed once for all three. None says anything of a GPU."""
     from .helpers.pipelines import loaded_on_any
 
     folder = flux_export(PRESET)
