@@ -8,6 +8,7 @@ refusals before any work. diffusers' Kontext pipeline rescales the size asked to
 the size's own area, so it keeps the size. Inpainting on Kontext (``image=`` and ``mask_image=``) against
 ``FluxKontextInpaintPipeline`` over the same modules, with and without a separate reference, at strengths 1 and 0.6,
 and with ``padding_mask_crop`` (the box cut from the image and the reference once sized, nothing pasted back).
+Editing and inpainting on ort-cuda's code path and openvino (fp32) against the same diffusers pipelines too.
 """
 
 from __future__ import annotations
@@ -191,32 +192,47 @@ def test_streamed_transformer_takes_references_of_any_size(tmp_path: Path) -> No
         np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize(("cuda_graph", "inpaint"), [(False, False), (True, False), (True, True)])
-def test_ort_cuda_code_path_gives_the_ort_cpu_images(flux_export, monkeypatch: pytest.MonkeyPatch,
-                                                     cuda_graph: bool, inpaint: bool) -> None:
-    """ort-cuda's code path (IO binding; with cuda_graph the composed transformer + step session, the reference's
-    latents bound as a conditioning input; ``inpaint``: the blending step's inputs too) on the CPU EP: the ort-cpu
-    images. Says nothing of a GPU."""
-    from sdrt.runtime.ort_backend import OrtBackend
-    from sdrt.runtime.pipeline import Pipeline
+_BACKEND_REF: dict[bool, np.ndarray] = {}
 
+
+@pytest.mark.parametrize(("backend", "cuda_graph", "inpaint"), [
+    ("ort-cuda-path", False, False), ("ort-cuda-path", True, False), ("ort-cuda-path", True, True),
+    ("openvino", False, False), ("openvino", False, True)])
+def test_other_backends_give_diffusers_images(flux_export, monkeypatch: pytest.MonkeyPatch, backend: str,
+                                              cuda_graph: bool, inpaint: bool) -> None:
+    """ort-cuda's code path on the CPU EP (IO binding; with cuda_graph the composed transformer + step session, the
+    reference's latents bound as a conditioning input; ``inpaint``: the blending step's inputs too) and openvino
+    (fp32): editing a 64 x 48 reference kept at its own size, FluxKontextPipeline's image; inpainting a 120 x 80
+    image with a 90 x 70 reference at strength 0.75, FluxKontextInpaintPipeline's. Each reference computed once for
+    every backend. None says anything of a GPU."""
     from .helpers.inputs import image_and_mask
-    from .helpers.pipelines import ort_cuda_on_cpu
-
-    def backend(*a, **k) -> OrtBackend:
-        return ort_cuda_on_cpu(monkeypatch, cuda_graph=cuda_graph)
+    from .helpers.pipelines import loaded_on
+    from .helpers.references import assert_diffusers_images
 
     folder = flux_export(PRESET)
-    kw = {"steps": 2, "seed": 9, "height": 64, "width": 64, "guidance_scale": 2.5, "reference_resize": False,
-          "reference_image": control_image(8, w=64, h=48)}
     if inpaint:
         image, mask = image_and_mask()
-        kw = {**kw, "image": image, "mask_image": mask, "strength": 0.75, "steps": 3}
-    want = np.asarray(shared_pipeline(folder)(PROMPT, **kw).images[0])
-    monkeypatch.setattr("sdrt.runtime.backends.make_backend", backend)
-    with Pipeline.load(folder, backend="ort-cuda") as pipe:
-        got = np.asarray(pipe(PROMPT, **kw).images[0])
-    np.testing.assert_array_equal(got, want)
+        reference = control_image(11, w=90, h=70)
+        noise = torch.randn((1, 16, 80 // 8, 112 // 8), generator=torch.Generator().manual_seed(9)).numpy()
+        kw = {"image": image, "mask_image": mask, "reference_image": reference, "strength": 0.75, "steps": 3,
+              "latents": noise}
+        if inpaint not in _BACKEND_REF:
+            _BACKEND_REF[inpaint] = _inpaint_want(folder, image, mask, reference, strength=0.75, steps=3, seed=9)
+    else:
+        reference = control_image(8, w=64, h=48)
+        latents = np.random.default_rng(9).standard_normal((1, 16, 8, 8), dtype=np.float32)
+        kw = {"reference_image": reference, "height": 64, "width": 64, "steps": 2, "latents": latents}
+        if inpaint not in _BACKEND_REF:
+            with torch.no_grad():
+                _BACKEND_REF[inpaint] = _reference(folder)(
+                    image=reference, prompt=PROMPT, height=64, width=64, num_inference_steps=2, guidance_scale=2.5,
+                    latents=flux_packed(latents), max_area=64 * 64, _auto_resize=False, output_type="np").images
+    with loaded_on(folder, backend, monkeypatch, cuda_graph=cuda_graph) as pipe:
+        res = pipe(PROMPT, guidance_scale=2.5, reference_resize=False, **kw)
+    assert_diffusers_images(res.images, _BACKEND_REF[inpaint], f"{'inpainting' if inpaint else 'editing'} on "
+                                                                f"{backend} (cuda_graph {cuda_graph})")
+    assert res.loop.startswith("UNet + sampler step as one ONNX Runtime session" if cuda_graph
+                               else "engines run "), res.loop
 
 
 def test_served_on_the_openai_edits_endpoint(flux_export) -> None:
