@@ -22,6 +22,13 @@ class FlagUse:
     what: str
 
 
+# the transformer families' separate single-file parts (SD 3 / 3.5 and FLUX.1 both take them)
+CLIP_L_FILE = FlagUse("--clip-l", "for its CLIP-L text encoder as a separate file (clip_l.safetensors)")
+T5_FILE = FlagUse("--t5", "for its T5-XXL text encoder as a separate file (t5xxl_fp16.safetensors)")
+TOKENIZERS = FlagUse("--tokenizers", "for the tokenizers of a diffusers folder of its family, needed for T5 of a "
+                                     "full-size model")
+
+
 @dataclass(frozen=True)
 class Exporter:
     """One kind of model ``sdrt export`` writes.

@@ -10,7 +10,7 @@ from sdrt.runtime.errors import InputError
 from sdrt.runtime.families.flux import FLUX
 from sdrt.runtime.manifest import ExportManifest
 
-from .cli_exporter import Exporter, FlagUse, Say
+from .cli_exporter import CLIP_L_FILE, T5_FILE, TOKENIZERS, Exporter, FlagUse, Say
 from .cli_options import (
     controlnet_files,
     flag_options,
@@ -59,9 +59,5 @@ def run(args: argparse.Namespace, say: Say, progress: Say) -> ExportManifest:
 
 FLUX_EXPORTER = Exporter(
     name=FLUX.label, single_file=f"a {FLUX.label} single file", layout="Black Forest Labs' layout",
-    takes=(FlagUse("--clip-l", "for its CLIP-L text encoder as a separate file (clip_l.safetensors)"),
-           FlagUse("--t5", "for its T5-XXL text encoder as a separate file (t5xxl_fp16.safetensors)"),
-           FlagUse("--vae", "for its VAE as a separate file (ae.safetensors)"),
-           FlagUse("--tokenizers", "for the tokenizers of a diffusers folder of its family, needed for T5 of a "
-                                   "full-size model")),
+    takes=(CLIP_L_FILE, T5_FILE, FlagUse("--vae", "for its VAE as a separate file (ae.safetensors)"), TOKENIZERS),
     file_only=frozenset(FILE_FLAGS), claims=claims, run=run)

@@ -9,7 +9,7 @@ from pathlib import Path
 from sdrt.runtime.families.sd3 import SD3
 from sdrt.runtime.manifest import ExportManifest
 
-from .cli_exporter import Exporter, FlagUse, Say
+from .cli_exporter import CLIP_L_FILE, T5_FILE, TOKENIZERS, Exporter, FlagUse, Say
 from .cli_options import (
     controlnet_files,
     flag_options,
@@ -63,9 +63,8 @@ SD3_EXPORTER = Exporter(
     takes=(FlagUse("--without-t5", "to leave out the T5-XXL text encoder (zeros in its place)"),
            FlagUse("--skip-layers", "to also export the transformer pass with those blocks skipped, for skip-layer "
                                     "guidance"),
-           FlagUse("--clip-l", "for its CLIP-L text encoder as a separate file (clip_l.safetensors)"),
+           CLIP_L_FILE,
            FlagUse("--clip-g", "for its CLIP-G text encoder as a separate file (clip_g.safetensors)"),
-           FlagUse("--t5", "for its T5-XXL text encoder as a separate file (t5xxl_fp16.safetensors)"),
-           FlagUse("--tokenizers", "for the tokenizers of a diffusers folder of its family, needed for T5 of a "
-                                   "full-size model")),
+           T5_FILE,
+           TOKENIZERS),
     file_only=frozenset(FILE_FLAGS), claims=claims, run=run)

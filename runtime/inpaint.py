@@ -204,22 +204,20 @@ def crop_region(mask_l: Any, width: int, height: int, pad: int) -> tuple[int, in
     x1, y1, x2, y2 = max(box[0] - pad, 0), max(box[1] - pad, 0), min(box[2] + pad, w), min(box[3] + pad, h)
     ratio = width / height
     if (x2 - x1) / (y2 - y1) > ratio:
-        diff = int((x2 - x1) / ratio - (y2 - y1))
-        y1, y2 = y1 - diff // 2, y2 + diff - diff // 2
-        if y2 >= h:
-            y1, y2 = y1 - (y2 - h), h
-        if y1 < 0:
-            y1, y2 = 0, y2 - y1
-        y2 = min(y2, h)
+        y1, y2 = _widen(y1, y2, int((x2 - x1) / ratio - (y2 - y1)), h)
     else:
-        diff = int((y2 - y1) * ratio - (x2 - x1))
-        x1, x2 = x1 - diff // 2, x2 + diff - diff // 2
-        if x2 >= w:
-            x1, x2 = x1 - (x2 - w), w
-        if x1 < 0:
-            x1, x2 = 0, x2 - x1
-        x2 = min(x2, w)
+        x1, x2 = _widen(x1, x2, int((y2 - y1) * ratio - (x2 - x1)), w)
     return x1, y1, x2, y2
+
+
+def _widen(lo: int, hi: int, diff: int, size: int) -> tuple[int, int]:
+    """One side of ``crop_region``: [lo, hi) grown by ``diff`` about its centre, moved back inside [0, size)."""
+    lo, hi = lo - diff // 2, hi + diff - diff // 2
+    if hi >= size:
+        lo, hi = lo - (hi - size), size
+    if lo < 0:
+        lo, hi = 0, hi - lo
+    return lo, min(hi, size)
 
 
 def resize_fill(image: Any, width: int, height: int) -> Any:
