@@ -29,7 +29,14 @@ from sdrt.runtime.feature_cache import CHANGE, SHALLOW_UNET, CachePolicy
 from sdrt.runtime.manifest import ExportManifest
 from sdrt.runtime.pipeline import Pipeline
 
-from .helpers.flux_cache import cache_kw, first_block_cache, full_count, hooks_context, threshold_margin
+from .helpers.flux_cache import (
+    assert_away_from_threshold,
+    assert_threshold_decides,
+    cache_kw,
+    first_block_cache,
+    full_count,
+    hooks_context,
+)
 from .helpers.pipelines import loaded_on, shared_pipeline
 from .helpers.references import sd3_decode, sd3_pipeline
 
@@ -76,8 +83,7 @@ def test_threshold_rule_matches_diffusers_first_block_cache(sd3_export, preset: 
     policy = CachePolicy("first-block", threshold=threshold)
     want, ran, changes = _reference(preset, folder, policy)
     # the comparison of decisions is meaningful only away from the threshold
-    margin = threshold_margin(changes, threshold)
-    assert margin > 2e-3, f"a step's change is within {margin:.1e} of the threshold: pick another threshold"
+    assert_away_from_threshold(changes, threshold)
     assert 1 < sum(ran) < STEPS, f"the threshold decides nothing here ({ran}): pick another"
     got, loop = _sdrt(folder, policy)
     assert full_count(loop) == sum(ran), loop
@@ -137,10 +143,7 @@ def test_img2img_and_inpainting_threshold_rule_match_diffusers(sd3_export, mean_
     """diffusers' rule, unchanged, in its img2img and inpainting pipelines: the same calls run in full and the
     images agree within 1/255."""
     want, ran, changes, got, loop = _edit(case, sd3_export, CachePolicy("first-block", threshold=threshold))
-    margin = threshold_margin(changes, threshold)
-    assert margin > 2e-3, f"a step's change is within {margin:.1e} of the threshold: pick another threshold"
-    assert len(ran) == RUNS and 1 < sum(ran) < RUNS, f"the threshold decides nothing here ({ran}, {changes})"
-    assert full_count(loop) == sum(ran), (loop, ran)
+    assert_threshold_decides(ran, changes, threshold, RUNS, loop)
     diff = int(np.abs(got - want).max())
     assert diff <= 1 and want.std() > 5, f"{case}: max abs difference {diff}/255 from diffusers' first-block cache"
 

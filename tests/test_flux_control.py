@@ -21,7 +21,7 @@ import torch
 from sdrt.runtime.errors import CompatibilityError, InputError
 
 from .helpers.inputs import control_image, image_and_mask
-from .helpers.pipelines import loaded_on, shared_pipeline
+from .helpers.pipelines import LOOP_WORDS, loaded_on, shared_pipeline
 from .helpers.references import assert_diffusers_images, flux_packed, flux_pipeline, flux_preset_pipeline
 
 PRESET = "flux-depth-dev-tiny"
@@ -137,8 +137,6 @@ def test_inpaint_gives_diffusers_images(flux_export, mean_vae, height: int, widt
 
 
 _INPAINT_REF: list[np.ndarray] = []
-LOOPS = {"ort-cuda-path": "UNet + sampler step as one ONNX Runtime session", "tensorrt": "captured CUDA graphs",
-         "openvino": "engines run step by step"}
 
 
 @pytest.mark.parametrize("backend", ["ort-cuda-path", "openvino", "tensorrt"])
@@ -164,7 +162,7 @@ def test_inpaint_on_other_backends_gives_diffusers_images(flux_export, mean_vae,
         res = pipe(PROMPT, control_images=[control], steps=5, latents=noise.numpy(), **call)
     assert len(res.timings["unet_steps_ms"]) == 3  # diffusers' get_timesteps: 5 - int(5 - 5 * 0.6)
     assert_diffusers_images(res.images, _INPAINT_REF[0], f"control + mask on {backend}")
-    assert res.loop.startswith(LOOPS[backend]), res.loop
+    assert res.loop.startswith(LOOP_WORDS[backend]), res.loop
 
 
 def test_generate_cli(flux_export, tmp_path: Path) -> None:

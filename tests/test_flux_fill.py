@@ -20,7 +20,7 @@ import torch
 from sdrt.runtime.errors import CompatibilityError, InputError
 
 from .helpers.inputs import image_and_mask
-from .helpers.pipelines import shared_pipeline
+from .helpers.pipelines import LOOP_WORDS, shared_pipeline
 from .helpers.references import assert_diffusers_images, flux_packed
 
 PRESET = "flux-fill-dev-tiny"
@@ -145,8 +145,6 @@ def test_partial_denoising(flux_export, mean_latents) -> None:
 
 
 _BACKEND_REF: list[np.ndarray] = []
-LOOPS = {"ort-cuda-path": "UNet + sampler step as one ONNX Runtime session", "tensorrt": "captured CUDA graphs",
-         "openvino": "engines run step by step"}
 
 
 @pytest.mark.parametrize("backend", ["ort-cuda-path", "openvino", "tensorrt"])
@@ -169,7 +167,7 @@ def test_other_backends_give_diffusers_images(flux_export, mean_latents, request
     with loaded_on_any(folder, backend, request, tmp_path / "engines", cfg=False) as pipe:
         res = pipe(PROMPT, steps=3, latents=latents, **call)
     assert_diffusers_images(res.images, _BACKEND_REF[0], f"Fill on {backend}")
-    assert res.loop.startswith(LOOPS[backend]), res.loop
+    assert res.loop.startswith(LOOP_WORDS[backend]), res.loop
 
 
 def test_masked_image_latents_are_diffusers(flux_export, mean_latents) -> None:

@@ -32,7 +32,7 @@ import pytest
 
 from sdrt.runtime.errors import InputError
 
-from .helpers.pipelines import loaded_on_any, shared_pipeline
+from .helpers.pipelines import LOOP_WORDS, loaded_on_any, shared_pipeline
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft", reason="diffusers' LoRA loading needs peft (the test extra)")
@@ -572,8 +572,6 @@ def test_flux_refusals_name_the_problem(slotted, tmp_path: Path) -> None:
 # -- other backends ---------------------------------------------------------------------------------------
 
 BACKENDS = ["ort-cuda-path", "openvino", "tensorrt"]
-LOOPS = {"ort-cuda-path": "UNet + sampler step as one ONNX Runtime session", "openvino": "step by step",
-         "tensorrt": "captured CUDA graphs"}
 _BACKEND_REFS: dict[str, tuple[Path, np.ndarray, np.ndarray]] = {}
 
 
@@ -606,7 +604,7 @@ def test_slots_on_other_backends_match_diffusers(slotted, backend_case, request:
     with loaded_on_any(slotted(family), backend, request, tmp_path / "engines", cfg=family == "sd3") as pipe:
         styled = pipe(PROMPT, latents=_latents(16), loras=[(lora, 0.8)], **kw)
         bare = pipe(PROMPT, latents=_latents(16), **kw)
-    assert LOOPS[backend] in styled.loop, styled.loop  # ort-cuda: the factors among the composed session's inputs
+    assert LOOP_WORDS[backend] in styled.loop, styled.loop  # ort-cuda: the factors among the composed session's inputs
     got = np.asarray(styled.images[0]).astype(np.int32)
     _close(got, want, f"{family} LoRA on {backend}")
     _close(np.asarray(bare.images[0]).astype(np.int32), plain, f"{family} slotted, no LoRA, on {backend}")

@@ -98,6 +98,21 @@ def threshold_margin(changes: list[float], threshold: float) -> float:
     return min(abs(c - threshold) for c in changes if not math.isnan(c))
 
 
+def assert_away_from_threshold(changes: list[float], threshold: float) -> None:
+    """Every step's change is more than 2e-3 from the threshold, so sdrt's and diffusers' decisions can be compared
+    (float noise near it could flip one)."""
+    margin = threshold_margin(changes, threshold)
+    assert margin > 2e-3, f"a step's change is within {margin:.1e} of the threshold: pick another threshold"
+
+
+def assert_threshold_decides(ran: list[bool], changes: list[float], threshold: float, runs: int, loop: str) -> None:
+    """A threshold-rule comparison that means something: away from the threshold, some of the ``runs`` calls full
+    and some cached (the reference's hooks' ``ran``), and sdrt's ``Result.loop`` ran the same number in full."""
+    assert_away_from_threshold(changes, threshold)
+    assert len(ran) == runs and 1 < sum(ran) < runs, f"the threshold decides nothing here ({ran}, {changes})"
+    assert full_count(loop) == sum(ran), (loop, ran)
+
+
 def streamed_cached_export(cls_name: str, preset: str, ref_folder: Path, tmp_path: Path) -> Path:
     """The preset's seeded weights saved as a diffusers folder of ``cls_name`` and exported with the transformer
     streamed (as a full-size one is) and first-block caching; asserts that the transformer and its cached step were

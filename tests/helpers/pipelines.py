@@ -16,6 +16,10 @@ from sdrt.runtime.pipeline import Pipeline
 
 _OPEN: dict[tuple[str, str], Pipeline] = {}
 
+# how ``Result.loop`` begins on each stand-in backend ``loaded_on_any`` gives (which loop the call ran)
+LOOP_WORDS = {"ort-cuda-path": "UNet + sampler step as one ONNX Runtime session", "openvino": "engines run step by step",
+              "tensorrt": "captured CUDA graphs"}
+
 
 def shared_pipeline(folder: Path, backend: str = "ort-cpu",
                     load: Callable[[], Pipeline] | None = None) -> Pipeline:
