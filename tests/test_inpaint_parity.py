@@ -134,3 +134,41 @@ def test_padding_mask_crop_matches_diffusers(tiny_export, argmax_vae, preset: st
     keep = np.asarray(mask) == 0
     np.testing.assert_array_equal(got[keep], np.asarray(image).astype(np.int32)[keep])
     assert np.abs(got[~keep] - np.asarray(image).astype(np.int32)[~keep]).mean() > 5  # the box was repainted
+
+
+@pytest.mark.parametrize(("preset", "sampler", "guidance", "strength", "pad", "height", "width"), [
+    ("sd15-inpaint-tiny", "euler", 6.0, 1.0, 5, 64, 96),
+    ("sd15-tiny", "dpmpp-2m", 5.0, 0.8, 8, 96, 64),
+])
+def test_staged_padding_mask_crop_matches_diffusers(tiny_export, argmax_vae, preset: str, sampler: str,
+                                                    guidance: float, strength: float, pad: int, height: int,
+                                                    width: int) -> None:
+    """The four stages with ``prepare_latents(..., padding_mask_crop=)``: ``decode`` pastes the box back into the
+    original, diffusers' images within 1/255; the bare latents decode to the box's picture at the call's size."""
+    folder = tiny_export(preset, "fp32")
+    pipe, cfg = _diffusers(preset, folder)
+    pipe.scheduler = diffusers_scheduler(sampler, cfg)
+    image, _ = image_and_mask()
+    mask = box_mask()
+    steps = 5
+    noise = torch.randn((1, 4, height // 8, width // 8), generator=torch.Generator().manual_seed(13))
+    with torch.no_grad():
+        ref = pipe("a red house", image=image, mask_image=mask, height=height, width=width, strength=strength,
+                   num_inference_steps=steps, guidance_scale=guidance, generator=torch.Generator().manual_seed(13),
+                   padding_mask_crop=pad).images[0]
+    sd = shared_pipeline(folder)
+    emb = sd.encode_prompt("a red house")
+    plan = sd.plan(sampler, steps, strength=strength)
+    lat = sd.prepare_latents(plan, height, width, latents=noise.numpy(), image=image, mask_image=mask,
+                             strength=strength, padding_mask_crop=pad)
+    lat = sd.denoise(emb, lat, plan, guidance_scale=guidance)
+    images, _ = sd.decode(lat)
+    want = np.asarray(ref).astype(np.int32)
+    got = np.asarray(images[0]).astype(np.int32)
+    assert got.shape == want.shape == (80, 120, 3)
+    diff = int(np.abs(got - want).max())
+    assert diff <= 1, f"{preset} {sampler} padding {pad} {height}x{width}: {diff}/255"
+    keep = np.asarray(mask) == 0
+    assert np.abs(got[~keep] - np.asarray(image).astype(np.int32)[~keep]).mean() > 5  # the box was repainted
+    box, _ = sd.decode(lat.x)
+    assert box[0].size == (width, height)
