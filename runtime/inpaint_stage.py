@@ -160,4 +160,6 @@ def mask_crop(image: Any, mask_l: Any, height: int | None, width: int | None, mu
     if w <= 0 or h <= 0:
         raise InputError(f"image is {original.shape[2]}x{original.shape[1]}: inpainting needs at least "
                          f"{multiple}x{multiple} pixels")
-    return inpaint.mask_crop(original[0], mask_l, int(h), int(w), pad)
+    # an image with transparency is cut and resized before it loses its alpha, as diffusers (inpaint.mask_crop)
+    keep = not isinstance(image, np.ndarray) and inpaint.has_transparency(image)
+    return inpaint.mask_crop(image if keep else original[0], mask_l, int(h), int(w), pad)
