@@ -96,6 +96,8 @@ class Pipeline:
         self._lock = threading.RLock()
         self._closed = False
         self._text: TextConditioning | None = None
+        # built on first use, also from threads that hold no pipeline lock (a server's batch key, its checks)
+        self._text_lock = threading.Lock()
         self.loras = AdapterLibrary()  # Pipeline.load(..., lora_dir=) names a folder to find LoRAs by name in
         self._no_lora: dict[str, dict[str, Array]] | None = None
         self._skip: SkipGuided | None = None  # skip-layer guidance's denoiser, made on its first call
@@ -228,10 +230,16 @@ class Pipeline:
         return guided, text.chunks(texts, prompt_syntax), zero, text.check_sequence_length(max_sequence_length)
 
     def _conditioning(self) -> TextConditioning:
-        if self._text is None:
-            self._text = TextConditioning(self.manifest, self.backend, self.engines, self.tokenizers,
-                                          self.device_graphs, self.dtype)
-        return self._text
+        """The text stage, built once: callers in several threads at once (a server's batch key runs outside the
+        pipeline's lock) share one."""
+        text = self._text
+        if text is None:
+            with self._text_lock:
+                text = self._text
+                if text is None:
+                    text = self._text = TextConditioning(self.manifest, self.backend, self.engines, self.tokenizers,
+                                                         self.device_graphs, self.dtype)
+        return text
 
     # -- stage 1: text ----------------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
