@@ -411,6 +411,8 @@ class Pipeline:
             # as the call: the box cut and resized to the latents' size, pasted back at decode
             crop = None if pad is None or reference.inpaints(self.engines, mask) \
                 else inpaint_stage.mask_crop(image, mask, height, width, self.manifest.vae_scale_factor, pad)
+            init: np.ndarray | None
+            ref: np.ndarray | None
             if crop is not None:
                 init, ref, mask = crop.init, None, crop.crop_mask
             else:
