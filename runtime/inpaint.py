@@ -220,17 +220,18 @@ def _widen(lo: int, hi: int, diff: int, size: int) -> tuple[int, int]:
     return lo, min(hi, size)
 
 
-def resize_fill(image: Any, width: int, height: int) -> Any:
+def resize_fill(image: Any, width: int, height: int, mode: str | None = None) -> Any:
     """diffusers' ``resize_mode="fill"``: resized (Lanczos) to fit inside width x height keeping its aspect
     ratio, centred, the bands left over filled by stretching its edge rows (or columns) with PIL's default
-    resampling, as diffusers."""
+    resampling, as diffusers. ``mode``: the result's (default: the image's); pasted into an RGB result, an image
+    with transparency loses it after the resize, as in diffusers' RGB canvas."""
     from PIL import Image
 
     ratio, src_ratio = width / height, image.width / image.height
     src_w = width if ratio < src_ratio else image.width * height // image.height
     src_h = height if ratio >= src_ratio else image.height * width // image.width
     resized = image.resize((src_w, src_h), resample=Image.Resampling.LANCZOS)
-    out = Image.new(image.mode, (width, height))
+    out = Image.new(mode or image.mode, (width, height))
     out.paste(resized, box=(width // 2 - src_w // 2, height // 2 - src_h // 2))
     if ratio < src_ratio:
         fill = height // 2 - src_h // 2
@@ -264,8 +265,9 @@ def resize_crop(image: Any, width: int, height: int) -> Any:
 @dataclass(frozen=True)
 class MaskCrop:
     """A call that inpaints only the mask's region (``padding_mask_crop``): ``box`` (x1, y1, x2, y2) in the
-    original, the ``original`` RGB image and ``mask`` (grayscale) at their own size, and what the call generates
-    from: ``init`` uint8 [1, H, W, 3] and ``crop_mask`` (grayscale) at the output size."""
+    original, the ``original`` image (RGB, or as given where it has transparency) and ``mask`` (grayscale) at
+    their own size, and what the call generates from: ``init`` uint8 [1, H, W, 3] and ``crop_mask`` (grayscale)
+    at the output size."""
 
     box: tuple[int, int, int, int]
     original: Any = field(repr=False)
@@ -274,21 +276,31 @@ class MaskCrop:
     crop_mask: Any = field(repr=False)
 
 
+def has_transparency(image: Any) -> bool:
+    """A PIL image with an alpha channel or a transparent colour (Pillow's ``has_transparency_data``, which
+    Pillow 9 lacks)."""
+    return image.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in image.info
+
+
 def mask_crop(image: Any, mask_l: Any, height: int, width: int, pad: int) -> MaskCrop:
     """The image and mask cut to ``crop_region`` and resized to height x width by ``resize_fill`` (diffusers'
-    ``preprocess(..., crops_coords=box, resize_mode="fill")``)."""
+    ``preprocess(..., crops_coords=box, resize_mode="fill")``). An image with transparency is cut and resized as
+    given (PIL resizes it with its colours weighted by their alpha) and loses its alpha only then, and it is pasted
+    back with its alpha (``overlay``), as diffusers does it; any other image is converted to RGB first."""
     from PIL import Image
 
-    original = (Image.fromarray(image) if isinstance(image, np.ndarray) else image).convert("RGB")
+    original = Image.fromarray(image) if isinstance(image, np.ndarray) else image
+    if not has_transparency(original):
+        original = original.convert("RGB")
     box = crop_region(mask_l, width, height, pad)
-    init = np.asarray(resize_fill(original.crop(box), width, height), dtype=np.uint8)[None]
+    init = np.asarray(resize_fill(original.crop(box), width, height, "RGB"), dtype=np.uint8)[None]
     return MaskCrop(box, original, mask_l, init, resize_fill(mask_l.crop(box), width, height))
 
 
 def overlay(image: Any, crop: MaskCrop, blur: float | None) -> Any:
     """diffusers' ``apply_overlay`` with ``crop_coords``: the generated ``image`` resized into the box
     (``resize_crop``) on a transparent canvas of the original's size, the original's pixels where the mask (blurred
-    by ``blur`` pixels, if given) is black composited over it."""
+    by ``blur`` pixels, if given) is black composited over it (through the original's own alpha, if it has one)."""
     from PIL import Image
 
     x1, y1, x2, y2 = crop.box

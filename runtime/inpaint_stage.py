@@ -112,18 +112,9 @@ def check_call(folder: Path, engines: dict[str, Engine], mode: str,
                req: Any) -> tuple[Any, float | None, int | None]:
     """A whole call's inpainting arguments (a ``GenerationRequest``), checked against the export before any
     work: (the mask or None, the paste-back blur radius or None, the ``padding_mask_crop`` or None)."""
-    pad = inpaint.check_padding_mask_crop(req.padding_mask_crop)
-    if pad is not None and (req.mask_image is None or req.output != "images"):
-        raise InputError("padding_mask_crop inpaints the mask's region and pastes it back into the image: pass "
-                         "image= and mask_image= with output='images', or leave padding_mask_crop out",
-                         cli="--padding-mask-crop applies to inpainting images: pass --init-image and --mask, or "
-                             "leave --padding-mask-crop out")
+    pad = check_crop(req.padding_mask_crop, req.mask_image is not None, req.output)
     mask = None if req.mask_image is None else check_mask(folder, engines, mode, req.image, req.mask_image)
-    if pad is not None and inpaint.mask_box(mask) is None:
-        raise InputError("padding_mask_crop crops around the mask's white region, but mask_image is all black: "
-                         "paint the region to repaint white, or leave padding_mask_crop out",
-                         cli="--padding-mask-crop crops around the white region of --mask, but the mask is all "
-                             "black: paint the region to repaint white, or leave --padding-mask-crop out")
+    check_crop_mask(pad, mask)
     if req.guidance_rescale and (mask is not None or mode == "concat"):
         raise InputError("guidance_rescale with inpainting is not supported: leave guidance_rescale at 0",
                          cli="--guidance-rescale with inpainting is not supported: leave it out")
@@ -138,6 +129,27 @@ def check_call(folder: Path, engines: dict[str, Engine], mode: str,
     return mask, blur, pad
 
 
+def check_crop(padding_mask_crop: Any, masked: bool, output: str = "images") -> int | None:
+    """``padding_mask_crop`` checked before any work: None, or the padding, refused without a mask (``masked``) or
+    with an output other than images."""
+    pad = inpaint.check_padding_mask_crop(padding_mask_crop)
+    if pad is not None and (not masked or output != "images"):
+        raise InputError("padding_mask_crop inpaints the mask's region and pastes it back into the image: pass "
+                         "image= and mask_image= with output='images', or leave padding_mask_crop out",
+                         cli="--padding-mask-crop applies to inpainting images: pass --init-image and --mask, or "
+                             "leave --padding-mask-crop out")
+    return pad
+
+
+def check_crop_mask(pad: int | None, mask_l: Any) -> None:
+    """A mask with a non-black pixel where ``padding_mask_crop`` is given (its box is cut around them)."""
+    if pad is not None and inpaint.mask_box(mask_l) is None:
+        raise InputError("padding_mask_crop crops around the mask's white region, but mask_image is all black: "
+                         "paint the region to repaint white, or leave padding_mask_crop out",
+                         cli="--padding-mask-crop crops around the white region of --mask, but the mask is all "
+                             "black: paint the region to repaint white, or leave --padding-mask-crop out")
+
+
 def mask_crop(image: Any, mask_l: Any, height: int | None, width: int | None, multiple: int,
               pad: int) -> inpaint.MaskCrop:
     """``padding_mask_crop``'s inputs: the image and mask cut around the mask and resized to the call's size
@@ -148,4 +160,6 @@ def mask_crop(image: Any, mask_l: Any, height: int | None, width: int | None, mu
     if w <= 0 or h <= 0:
         raise InputError(f"image is {original.shape[2]}x{original.shape[1]}: inpainting needs at least "
                          f"{multiple}x{multiple} pixels")
-    return inpaint.mask_crop(original[0], mask_l, int(h), int(w), pad)
+    # an image with transparency is cut and resized before it loses its alpha, as diffusers (inpaint.mask_crop)
+    keep = not isinstance(image, np.ndarray) and inpaint.has_transparency(image)
+    return inpaint.mask_crop(image if keep else original[0], mask_l, int(h), int(w), pad)

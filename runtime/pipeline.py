@@ -96,6 +96,8 @@ class Pipeline:
         self._lock = threading.RLock()
         self._closed = False
         self._text: TextConditioning | None = None
+        # built on first use, also from threads that hold no pipeline lock (a server's batch key, its checks)
+        self._text_lock = threading.Lock()
         self.loras = AdapterLibrary()  # Pipeline.load(..., lora_dir=) names a folder to find LoRAs by name in
         self._no_lora: dict[str, dict[str, Array]] | None = None
         self._skip: SkipGuided | None = None  # skip-layer guidance's denoiser, made on its first call
@@ -228,10 +230,16 @@ class Pipeline:
         return guided, text.chunks(texts, prompt_syntax), zero, text.check_sequence_length(max_sequence_length)
 
     def _conditioning(self) -> TextConditioning:
-        if self._text is None:
-            self._text = TextConditioning(self.manifest, self.backend, self.engines, self.tokenizers,
-                                          self.device_graphs, self.dtype)
-        return self._text
+        """The text stage, built once: callers in several threads at once (a server's batch key runs outside the
+        pipeline's lock) share one."""
+        text = self._text
+        if text is None:
+            with self._text_lock:
+                text = self._text
+                if text is None:
+                    text = self._text = TextConditioning(self.manifest, self.backend, self.engines, self.tokenizers,
+                                                         self.device_graphs, self.dtype)
+        return text
 
     # -- stage 1: text ----------------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
@@ -375,28 +383,44 @@ class Pipeline:
     def prepare_latents(self, plan: samplers.SamplerPlan, height: int, width: int, *, batch_size: int | None = None,
                         seed: int | Sequence[int] | None = None, latents: np.ndarray | None = None,
                         image: Any = None, mask_image: Any = None, strength: float = 1.0,
-                        reference_image: Any = None, reference_resize: bool = True) -> Latents:
+                        reference_image: Any = None, reference_resize: bool = True,
+                        padding_mask_crop: int | None = None) -> Latents:
         """The starting latents: ``init_noise_sigma * noise`` (txt2img), or ``image`` encoded and noised to
         the plan's first step (img2img). ``seed`` a list: one generator per image, so image k of a batch
         equals the same seed generated alone (``batch_size`` defaults to the list's length, else 1).
         ``latents``: the initial noise itself (diffusers' ``latents``). ``mask_image`` (white = repaint):
         inpaint ``image``; the plan's ``strength`` (1: start from noise). ``reference_image`` (an editing model,
         FLUX.1 Kontext): the image to edit, encoded into the latents' ``reference`` (``reference_resize``: as the
-        call's)."""
+        call's). ``padding_mask_crop`` (with ``mask_image``): as the call's, the latents are of the mask's box cut
+        from the image and resized to ``height`` x ``width``; they carry the box (``Latents.crop``), and ``decode``
+        pastes their pictures back into the original image (on an editing model: nothing pasted back, as the
+        call)."""
         with self._lock:
             self._ready()
             if batch_size is None:
                 batch_size = len(seed) if isinstance(seed, (list, tuple)) else 1
             self.check_request(height, width, batch_size, guided=None)
+            pad = inpaint_stage.check_crop(padding_mask_crop, mask_image is not None)
             mask = None if mask_image is None else self._check_mask(image, mask_image)
+            inpaint_stage.check_crop_mask(pad, mask)
             reference.check(self.folder, self.engines, GenerationRequest(
                 image=image, mask_image=mask_image, reference_image=reference_image,
                 reference_resize=reference_resize))
             if image is not None:
                 self._check_img2img()
-            init, ref, mask = self._call_images(image, mask, reference_image, reference_resize, height, width)
-            return self._prepare(plan, height, width, batch_size, resolve_seed(seed, batch_size), latents, init,
-                                 mask, strength == 1.0, ref)
+            # as the call: the box cut and resized to the latents' size, pasted back at decode
+            crop = None if pad is None or reference.inpaints(self.engines, mask) \
+                else inpaint_stage.mask_crop(image, mask, height, width, self.manifest.vae_scale_factor, pad)
+            init: np.ndarray | None
+            ref: np.ndarray | None
+            if crop is not None:
+                init, ref, mask = crop.init, None, crop.crop_mask
+            else:
+                init, ref, mask = self._call_images(image, mask, reference_image, reference_resize, height, width,
+                                                    pad)
+            lat = self._prepare(plan, height, width, batch_size, resolve_seed(seed, batch_size), latents, init,
+                                mask, strength == 1.0, ref)
+            return lat if crop is None else replace(lat, crop=crop)
 
     def _check_reference_size(self, ref: np.ndarray, batch: int, guided: bool) -> None:
         """The reference's sides within the backend's engines' image sizes (TensorRT's build profile bounds the
@@ -910,10 +934,21 @@ class Pipeline:
 
     # -- stage 4: decode --------------------------------------------------------------------------------
     def decode(self, latents: Latents | Array) -> tuple[list[Any], list[bool]]:
-        """Latents -> (PIL images, per image: NaN/inf in the decoded pixels)."""
+        """Latents -> (PIL images, per image: NaN/inf in the decoded pixels). Latents prepared with
+        ``padding_mask_crop``: each picture resized back into the box and pasted into the original image (the
+        original's size), as the call; their bare array (``latents.x``) decodes to the box's pictures."""
         with self._lock:
             self._ready()
-            return self._decode(latents.x if isinstance(latents, Latents) else latents)
+            if not isinstance(latents, Latents):
+                return self._decode(latents)
+            images, nonfinite = self._decode(latents.x)
+            return self._pasted(images, latents), nonfinite
+
+    @staticmethod
+    def _pasted(images: list[Any], latents: Latents) -> list[Any]:
+        """``padding_mask_crop``'s paste-back of decoded pictures (none for latents without a box)."""
+        crop = latents.crop
+        return images if crop is None else [inpaint.overlay(im, crop, None) for im in images]
 
     def _decode(self, x_dev: Array) -> tuple[list[Any], list[bool]]:
         be = self.backend
@@ -933,14 +968,14 @@ class Pipeline:
 
     def finish(self, latents: Latents | Array, output: str) -> tuple[list[Any], list[bool], np.ndarray | None]:
         """A call's last stage: (images, their non-finite flags, None), or ([], [], the latents on the host)
-        for ``output="latents"``."""
+        for ``output="latents"``; images of latents prepared with ``padding_mask_crop`` pasted back, as ``decode``."""
         with self._lock:
             self._ready()
             x = latents.x if isinstance(latents, Latents) else latents
             if output == "latents":
                 return [], [], self.backend.to_host(x)
             images, nonfinite = self._decode(x)
-            return images, nonfinite, None
+            return (self._pasted(images, latents) if isinstance(latents, Latents) else images), nonfinite, None
 
     def memory_error(self, e: DeviceMemoryError, batch: int, guided: bool, height: int,
                      width: int) -> DeviceMemoryError:

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from .engine import Array
-from .inpaint import InpaintState
+from .inpaint import InpaintState, MaskCrop
 
 
 @dataclass
@@ -44,6 +44,8 @@ class Latents:
     ``x``: latents [B, C, h, w]; ``x0``: the sampler's previous x0 prediction (the history a multistep
     sampler continues from; None before the first step); ``step``: the plan row the next ``denoise``
     starts at; ``noise``: every step's fresh noise [steps, B, C, h, w] for ancestral samplers (host).
+    ``crop``: with ``padding_mask_crop``, the box the latents were generated from and the original it is pasted
+    back into (``Pipeline.decode`` does it; ``inpaint.overlay`` does it for images decoded otherwise).
     """
 
     x: Array
@@ -55,6 +57,7 @@ class Latents:
     seed: list[int] | int | None = None
     inpaint: InpaintState | None = field(default=None, repr=False, compare=False)  # the mask conditioning
     reference: Array | None = field(default=None, repr=False, compare=False)  # an editing model's reference latents
+    crop: MaskCrop | None = field(default=None, repr=False, compare=False)  # padding_mask_crop's box and original
 
 
 def call_timings(clock: Any, *, image: bool, decoded: bool, t_start: float) -> dict[str, Any]:

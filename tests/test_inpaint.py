@@ -234,6 +234,21 @@ def test_bad_inputs(sd15: Pipeline, no_engines, kwargs: dict, message: str) -> N
         pipe("a cat", steps=2, **kw)
 
 
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"image": "I", "padding_mask_crop": 8}, "padding_mask_crop inpaints .* pass image= and mask_image="),
+    ({"image": "I", "mask_image": "M", "padding_mask_crop": -1}, "padding_mask_crop must be .* from 0 to 4096"),
+    ({"image": "I", "mask_image": "black", "padding_mask_crop": 8}, "mask_image is all black"),
+])
+def test_staged_padding_mask_crop_bad_inputs(sd15: Pipeline, no_engines, kwargs: dict, message: str) -> None:
+    """``prepare_latents(padding_mask_crop=)`` refuses what the call refuses, before any engine runs."""
+    img, mask = image_and_mask()
+    subst = {"I": img, "M": mask, "black": mask.point(lambda v: 0)}
+    kw = {k: subst.get(v, v) if isinstance(v, str) else v for k, v in kwargs.items()}
+    pipe = no_engines(sd15)
+    with pytest.raises(InputError, match=message):
+        pipe.prepare_latents(pipe.plan("ddim", 2), 64, 96, seed=1, **kw)
+
+
 def test_inpainting_model_needs_a_mask(sd15_inpaint: Pipeline) -> None:
     img, _ = image_and_mask()
     pipe = sd15_inpaint

@@ -109,6 +109,44 @@ def test_threads_get_the_same_images(pipe: Pipeline) -> None:
     assert len(got) == 3 and all(np.array_equal(g, want) for g in got)
 
 
+def test_text_stage_is_built_once_from_many_threads(sd15: Path, pipe: Pipeline,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """``conditioning_key`` (a server's batch key: several threads, no pipeline lock) from 6 threads at once on a
+    fresh pipeline builds its text stage once, and every thread gets the same key. Each construction waits (up
+    to 2 s) for all 6 threads to be inside one, so an unguarded build is caught every time, not by chance."""
+    from sdrt.runtime import pipeline as pipeline_module
+
+    want = pipe.conditioning_key(["a lake"], None, 7.5)  # another pipeline of the same export, built alone
+    real = pipeline_module.TextConditioning
+    built: list[object] = []
+    cond = threading.Condition()
+    n = 6
+
+    def counted(*args: object, **kw: object) -> object:
+        with cond:
+            built.append(None)
+            cond.notify_all()
+            cond.wait_for(lambda: len(built) >= n, timeout=2)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(pipeline_module, "TextConditioning", counted)
+    with Pipeline.load(sd15, backend="ort-cpu") as fresh:
+        keys: list[object] = []
+        barrier = threading.Barrier(n)
+
+        def work() -> None:
+            barrier.wait()
+            keys.append(fresh.conditioning_key(["a lake"], None, 7.5))
+
+        threads = [threading.Thread(target=work) for _ in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(built) == 1
+        assert keys == [want] * n
+
+
 def test_missing_and_corrupt_files(sd15: Path, tmp_path: Path) -> None:
     with pytest.raises(ArtifactError, match="sdrt export"):
         Pipeline.load(tmp_path, backend="ort-cpu")

@@ -309,6 +309,59 @@ def test_cpu_work_on_a_request_image_does_not_stall_the_server(server, monkeypat
     assert got["r"].status_code == 200, got["r"].text
 
 
+@pytest.mark.parametrize("path, body, url", [
+    ("/v1/images/generations", {"json": {"prompt": "x", "size": "64x64", "steps": 1}}, False),
+    ("/v1/images/generations", {"json": {"prompt": "x", "size": "64x64", "steps": 1, "response_format": "url"}}, True),
+    ("/v1/images/edits", _edit(mask=True), False),
+    ("/sdapi/v1/txt2img", {"json": {"prompt": "x", "width": 64, "height": 64, "steps": 1}}, False),
+])
+def test_encoding_the_response_images_does_not_stall_the_server(server, pipe, tmp_path, monkeypatch, path, body,
+                                                                url):
+    """The response's images are encoded (base64, or written to the image folder behind their URLs) off the event
+    loop: while that is slow (as for a batch of large images), the server still answers others at once."""
+    import contextlib
+    import time
+
+    from sdrt.serve import images as serve_images
+
+    inside, release = threading.Event(), threading.Event()
+
+    def slow(real):
+        def wait(*args, **kw):
+            inside.set()
+            release.wait(20)
+            return real(*args, **kw)
+        return wait
+
+    monkeypatch.setattr(serve_images, "b64", slow(serve_images.b64))
+    if url:  # the image's file behind its URL
+        monkeypatch.setattr(type(tmp_path), "write_bytes", slow(type(tmp_path).write_bytes))
+    with contextlib.ExitStack() as stack:
+        live = stack.enter_context(LiveServer(create_app(pipe, **LIMITS, image_dir=tmp_path))) if url else server
+        got: dict[str, httpx.Response] = {}
+        t = threading.Thread(target=lambda: got.setdefault("r", httpx.post(f"{live.url}{path}", headers=AUTH,
+                                                                            timeout=120, **body)))
+        t.start()
+        try:
+            assert inside.wait(60)
+            t0 = time.monotonic()
+            assert httpx.get(f"{live.url}/healthz", timeout=10).status_code == 200
+            assert time.monotonic() - t0 < 2
+        finally:
+            release.set()
+            t.join()
+    r = got["r"]
+    assert r.status_code == 200, r.text
+    if url:
+        assert [p.suffix for p in tmp_path.iterdir()] == [".png"]
+        assert r.json()["data"][0]["url"].endswith(next(tmp_path.iterdir()).name)
+    else:
+        b = (r.json()["images"] if path.startswith("/sdapi") else [d["b64_json"] for d in r.json()["data"]])[0]
+        from PIL import Image
+
+        assert Image.open(io.BytesIO(base64.b64decode(b))).size == (64, 64)
+
+
 # -- refusals, before any work -------------------------------------------------------------------------------------
 def unit(**kw):
     return {"alwayson_scripts": {"controlnet": {"args": [{"enabled": True, "image": b64(control_image(1)), **kw}]}}}

@@ -165,7 +165,9 @@ async def generate(st: ServeState, body: S.A1111Txt2Img, request: Request, init:
             "sd_model_name": st.model_id, "timings": [_timings(r.timings) for r in results],
             "sdrt_notes": guidance_notes(st, body.cfg_scale, "cfg_scale"),
             "sdrt_control": {k: v for k, v in control.items() if k != "control_images"} or None}
-    return {"images": [imgs.b64(p) for p in pngs], "parameters": params, "info": json.dumps(info)}
+    # base64 of large images takes milliseconds per megabyte: off the event loop, which serves every connection
+    images = await run_in_threadpool(lambda: [imgs.b64(p) for p in pngs])
+    return {"images": images, "parameters": params, "info": json.dumps(info)}
 
 
 def inpaint_options(body: S.A1111Img2Img) -> float:

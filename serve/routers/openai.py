@@ -108,7 +108,7 @@ async def generations(body: S.OpenAIGeneration, request: Request, st: State) -> 
               seeds_for(body.seed, body.n), h, w, steps, sampler_of(st, body.sampler, "sampler"), guidance,
               cache=cache, loras=loras, prompt_syntax=body.prompt_syntax, max_sequence_length=t5_tokens, skip=slg,
               control=control)
-    return response(st, await run_job(st, request, job, "generations"), body.response_format, request,
+    return await response(st, await run_job(st, request, job, "generations"), body.response_format, request,
                     guidance_notes(st, body.guidance_scale, "guidance_scale"))
 
 
@@ -186,7 +186,7 @@ async def edits(
                      h, w, steps, sampler_of(st, sampler, "sampler"),
                      guidance, reference=ref, cache=policy, loras=lora_set, prompt_syntax=prompt_syntax,
                      max_sequence_length=t5_tokens, control=control)
-        return response(st, await run_job(st, request, job, "edits"), response_format, request,
+        return await response(st, await run_job(st, request, job, "edits"), response_format, request,
                         guidance_notes(st, guidance_scale, "guidance_scale"))
     mask_data = None if mask is None else await mask.read()
     region = await run_in_threadpool(_edit_region, mask_data, raw, cfg.max_upload_pixels)
@@ -208,7 +208,7 @@ async def edits(
               guidance, image=init, strength=strength, mask=mask_in, padding_mask_crop=padding_mask_crop,
               cache=policy, loras=lora_set, prompt_syntax=prompt_syntax, max_sequence_length=t5_tokens,
               control=control)
-    return response(st, await run_job(st, request, job, "edits"), response_format, request,
+    return await response(st, await run_job(st, request, job, "edits"), response_format, request,
                     guidance_notes(st, guidance_scale, "guidance_scale"))
 
 
@@ -276,17 +276,23 @@ def parse_size(st: ServeState, size: str | None) -> tuple[int, int]:
     return w, h
 
 
-def response(st: ServeState, result: JobResult, response_format: str, request: Request,
-             notes: Sequence[str] = ()) -> dict[str, Any]:
-    if response_format == "url":
-        data = [{"url": _store(st, p, request), "seed": s} for p, s in zip(result.png, result.seeds, strict=True)]
-    else:
-        data = [{"b64_json": imgs.b64(p), "seed": s} for p, s in zip(result.png, result.seeds, strict=True)]
+async def response(st: ServeState, result: JobResult, response_format: str, request: Request,
+                   notes: Sequence[str] = ()) -> dict[str, Any]:
+    """The images' response; their base64 (or the files behind their URLs) made off the event loop: a batch of
+    large images takes milliseconds per megabyte, which would stall every other connection."""
+    base = str(request.base_url).rstrip("/")
+    data = await run_in_threadpool(_data, st, result, response_format, base)
     return {"created": int(time.time()), "data": data, **({"notes": list(notes)} if notes else {})}
 
 
-def _store(st: ServeState, png: bytes, request: Request) -> str:
-    """Keep one image in the image folder (written whole, then renamed); its URL under this server."""
+def _data(st: ServeState, result: JobResult, response_format: str, base: str) -> list[dict[str, Any]]:
+    if response_format == "url":
+        return [{"url": _store(st, p, base), "seed": s} for p, s in zip(result.png, result.seeds, strict=True)]
+    return [{"b64_json": imgs.b64(p), "seed": s} for p, s in zip(result.png, result.seeds, strict=True)]
+
+
+def _store(st: ServeState, png: bytes, base: str) -> str:
+    """Keep one image in the image folder (written whole, then renamed); its URL under this server (``base``)."""
     image_dir = st.config.image_dir
     if image_dir is None:  # check_url refused such requests before they ran
         raise ApiError(400, "response_format 'url' is unavailable on this server", "response_format",
@@ -295,4 +301,4 @@ def _store(st: ServeState, png: bytes, request: Request) -> str:
     tmp = image_dir / f".{name}.tmp"
     tmp.write_bytes(png)
     tmp.rename(image_dir / name)
-    return f"{str(request.base_url).rstrip('/')}/images/{name}"
+    return f"{base}/images/{name}"
