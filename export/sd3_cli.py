@@ -1,5 +1,5 @@
-"""``sdrt export`` of an SD 3 / 3.5 model: which sources and flags are its, and the run (export/sd3_export.py
-loads and exports)."""
+"""``sdrt export`` of an SD 3 / 3.5 model: which sources and flags are its, and the run (export/sd3_loading.py
+loads, export/sd3_export.py exports)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ FILE_FLAGS = ("--clip-l", "--clip-g", "--t5", "--tokenizers", "--arch")  # what 
 
 
 def claims(model: str | Path | None, random_preset: str | None) -> bool:
-    from .sd3_export import is_sd3_source
+    from .sd3_loading import is_sd3_source
 
     return is_sd3_source(model, random_preset)
 
@@ -32,7 +32,9 @@ def claims(model: str | Path | None, random_preset: str | None) -> bool:
 def run(args: argparse.Namespace, say: Say, progress: Say) -> ExportManifest:
     """An SD 3 / 3.5 model: its own loader and exporter; the ControlNet files, LoRA slots and LoRA files are
     checked before the weights load."""
-    from .sd3_export import export_sd3, load_sd3, merge_sd3_loras
+    from .sd3_export import export_sd3
+    from .sd3_loading import load_sd3
+    from .sd3_model import merge_sd3_loras
 
     files = controlnet_files(args)
     if files:  # the kind of each ControlNet file, from its header, before the weights load

@@ -225,7 +225,8 @@ def test_bad_requests_are_refused_before_work(sd3_export, deepcache_export) -> N
 def test_a_one_block_transformer_is_refused_at_export(tmp_path: Path) -> None:
     from dataclasses import replace
 
-    from sdrt.export.sd3_export import export_sd3, load_sd3
+    from sdrt.export.sd3_export import export_sd3
+    from sdrt.export.sd3_loading import load_sd3
 
     model = load_sd3(random_preset="sd3-tiny")
     blocks = model.modules.transformer.transformer_blocks
@@ -268,7 +269,8 @@ def test_a_streamed_transformer_exports_the_same_cached_step(sd3_export, tmp_pat
     layers'), gated exactly; the cached images equal the in-memory export's (same weights)."""
     from diffusers import StableDiffusion3Pipeline
 
-    from sdrt.export.sd3_export import export_sd3, load_sd3
+    from sdrt.export.sd3_export import export_sd3
+    from sdrt.export.sd3_loading import load_sd3
     from sdrt.export.sd3_presets import build_modules, get_sd3_preset
 
     ref_folder = sd3_export("sd35-medium-tiny", block_cache=True)
