@@ -166,7 +166,7 @@ def save_diffusers(model: Any, onnx_folder: Path, out: Path, family: str, precis
     from transformers import CLIPTokenizer
 
     from sdrt.export.flux_export import LoadedFlux
-    from sdrt.export.sd3_export import LoadedSd3
+    from sdrt.export.sd3_model import LoadedSd3
     from sdrt.runtime.atomic import atomic_dir
 
     if isinstance(model, LoadedSd3):
@@ -212,7 +212,7 @@ def save_diffusers(model: Any, onnx_folder: Path, out: Path, family: str, precis
 
 
 def save_sd3_diffusers(model: Any, onnx_folder: Path, out: Path, precision: str) -> None:
-    """Save an SD 3 / 3.5 model (``sd3_export.LoadedSd3``) as a ``StableDiffusion3Pipeline`` folder with the
+    """Save an SD 3 / 3.5 model (``sd3_model.LoadedSd3``) as a ``StableDiffusion3Pipeline`` folder with the
     export's tokenizers; an export without T5 gives a folder without ``text_encoder_3`` (diffusers' None). A
     streamed transformer (a full-size preset's) is built in memory from the export's weights: the baseline
     needs room for it (8.4 GiB in fp32 for 3.5 Medium)."""

@@ -1,8 +1,10 @@
-"""The table of ``sdrt export``'s exporters (export/cli_exporter.py): which one claims a source, and the one
-refusal of a family-specific flag that the claiming exporter does not take, built from the table."""
+"""The table of ``sdrt export``'s exporters (export/cli_exporter.py): which one claims a source, the
+family-specific flags they declare (registered on the command from here), and the one refusal of a
+family-specific flag that the claiming exporter does not take, built from the table."""
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Collection
 from pathlib import Path
 
@@ -24,6 +26,13 @@ def claiming(model: str | Path | None, random_preset: str | None) -> Exporter:
 def family_flags() -> tuple[str, ...]:
     """The family-specific flags: those some exporters take and others refuse, in the table's order."""
     return tuple(dict.fromkeys(f for e in EXPORTERS for f in e.flags))
+
+
+def register_family_flags(p: argparse.ArgumentParser) -> None:
+    """Add the exporters' family-specific flags to ``p``, each once, in the table's order (a flag two exporters
+    declare differently: argparse's conflicting-option error)."""
+    for use in dict.fromkeys(u for e in EXPORTERS for u in e.takes):
+        use.register(p)
 
 
 def option_flags() -> tuple[str, ...]:

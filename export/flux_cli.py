@@ -59,5 +59,10 @@ def run(args: argparse.Namespace, say: Say, progress: Say) -> ExportManifest:
 
 FLUX_EXPORTER = Exporter(
     name=FLUX.label, single_file=f"a {FLUX.label} single file", layout="Black Forest Labs' layout",
-    takes=(CLIP_L_FILE, T5_FILE, FlagUse("--vae", "for its VAE as a separate file (ae.safetensors)"), TOKENIZERS),
+    takes=(CLIP_L_FILE,
+           T5_FILE,
+           FlagUse("--vae", "for its VAE as a separate file (ae.safetensors)",
+                   "FLUX.1 single file: its VAE as a separate file (Black Forest Labs' ae.safetensors)",
+                   metavar="FILE"),
+           TOKENIZERS),
     file_only=frozenset(FILE_FLAGS), claims=claims, run=run)

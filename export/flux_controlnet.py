@@ -41,7 +41,8 @@ from .flux_specs import denoiser_example, denoiser_io, streamed_transformer_spec
 from .flux_wrappers import PATCH, FluxControlNet, FluxTransformerControl, controlled_samples
 from .onnx_export import ComponentSpec
 from .streamed import IoSpec, StreamedSpec
-from .transformer_controlnet import control_spec, inner_width, net_spec
+from .transformer_config import inner_width
+from .transformer_controlnet import control_spec, net_spec
 
 FLUX_CONTROLNET_CLASS = "FluxControlNetModel"
 LABEL = "FLUX.1"

@@ -78,8 +78,9 @@ from .flux_specs import (
 from .flux_wrappers import controlled_samples
 from .lora_slots import SlotPlan, check_slots, slot_components, slots_record, slotted_gate, slotted_streamed
 from .onnx_export import check_parity, export_component, parity_line
-from .sd3_export import Streamed, component_config, to_stream
 from .sd3_gate import T5_BLOCKS, load_reduced, mapped_weights, t5_blocks
+from .sd3_loading import component_config
+from .sd3_model import Streamed, to_stream
 from .sd3_specs import t5_spec
 from .streamed import (
     StreamedSpec,

@@ -24,7 +24,7 @@ Three steps, the first two on key names and shapes alone, so every refusal comes
    ``create_diffusers_clip_model_from_ldm``, ``create_diffusers_t5_model_from_checkpoint``) build the modules,
    fed with the preset's configurations written to a temporary folder, so nothing is fetched.
 
-The transformer and T5 follow the ``stream`` rule of a diffusers folder (``sd3_export.to_stream``: by default,
+The transformer and T5 follow the ``stream`` rule of a diffusers folder (``sd3_model.to_stream``: by default,
 parts over a billion parameters, so both of a full-size file): they are not loaded but streamed at export,
 the same converters recorded on lazy tensors and replayed one weight at a time as the ONNX external data is
 written (export/lazy_convert.py); the converted names and shapes are checked against the architecture before
@@ -65,7 +65,7 @@ from .flux_presets import FLUX_PRESETS, FluxModules, FluxPreset, get_flux_preset
 from .flux_specs import T5_NAME
 from .lazy_convert import lazy_tensors, streamed_part
 from .loading import sha256_file
-from .sd3_export import Streamed, to_stream
+from .sd3_model import Streamed, to_stream
 from .single_file import require_loaded
 
 log = logging.getLogger(__name__)

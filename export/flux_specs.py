@@ -38,6 +38,7 @@ from .flux_wrappers import (
 from .onnx_export import TRACE_LATENT, ComponentSpec
 from .sd3_specs import CLIP_TOKENS, streamed_t5_spec, t5_spec, vae_decoder_spec, vae_encoder_spec
 from .streamed import StreamedSpec
+from .transformer_config import inner_width
 
 CLIP_NAME, T5_NAME = "text_encoder", "text_encoder_2"
 Spec = tuple[str, str, tuple[int | str, ...]]
@@ -85,12 +86,8 @@ def _sample_channels(config: dict[str, Any]) -> int:
 def _residuals(config: dict[str, Any], reference: bool = False) -> list[Spec]:
     """First-block caching's residuals over the image tokens, on the patch grid (export/block_cache.py), and with a
     reference (FLUX.1 Kontext) the first block's residual over the reference's tokens, on the reference's grid."""
-    extra = [reference_residual_spec(_inner(config), PATCH)] if reference else []
-    return [*residual_specs(_inner(config), PATCH), *extra]
-
-
-def _inner(config: dict[str, Any]) -> int:
-    return int(config["num_attention_heads"]) * int(config["attention_head_dim"])
+    extra = [reference_residual_spec(inner_width(config), PATCH)] if reference else []
+    return [*residual_specs(inner_width(config), PATCH), *extra]
 
 
 def _cached_io(config: dict[str, Any], reference: bool = False) -> tuple[list[Spec], list[Spec]]:
@@ -106,10 +103,10 @@ def _cached_args(config: dict[str, Any], args: tuple[torch.Tensor, ...], g: torc
     """The transformer's example inputs with random residuals placed as ``_cached_io`` orders them (``reference``:
     its last input is the reference's latents, and the reference tokens' residual follows the other two)."""
     b, _, h, w = args[0].shape
-    res = random_residuals(_inner(config), PATCH, g, b, h, w)
+    res = random_residuals(inner_width(config), PATCH, g, b, h, w)
     if reference:
         rh, rw = args[-1].shape[-2:]
-        res = (*res, torch.randn(b, rh // PATCH, rw // PATCH, _inner(config), generator=g))
+        res = (*res, torch.randn(b, rh // PATCH, rw // PATCH, inner_width(config), generator=g))
     return (*args[:4], *res, *args[4:])
 
 

@@ -29,7 +29,7 @@ def preset_names() -> list[str]:
 
 
 def is_sd3_preset(name: str) -> bool:
-    """``name`` is in the SD3 table (an MMDiT model loaded by ``sd3_export.load_sd3``)."""
+    """``name`` is in the SD3 table (an MMDiT model loaded by ``sd3_loading.load_sd3``)."""
     return name in _tables()[1]
 
 
@@ -61,7 +61,7 @@ def load_random(name: str, seed: int = 0) -> Any:
 
         return load_flux(random_preset=name, seed=seed)
     if is_sd3_preset(name):
-        from .sd3_export import load_sd3
+        from .sd3_loading import load_sd3
 
         return load_sd3(random_preset=name, seed=seed)
     from .loading import load_model
@@ -78,7 +78,8 @@ def export_loaded(model: Any, out: str | Path, *, fp16: bool, controlnets: list[
     cached step for SD3 and FLUX.1); ``without_t5`` leaves SD 3 / 3.5's optional T5 out. A FLUX.1 model is
     exported in fp32 whatever ``fp16`` says (it overflows fp16; ``flux_export``), and takes no ControlNet yet."""
     from .flux_export import LoadedFlux, export_flux
-    from .sd3_export import LoadedSd3, export_sd3
+    from .sd3_export import export_sd3
+    from .sd3_model import LoadedSd3
 
     if without_t5 and not isinstance(model, LoadedSd3):
         raise InputError(f"leaving T5 out (--without-t5) is for SD 3 / 3.5, whose T5 is optional; "

@@ -1,5 +1,5 @@
-"""``sdrt export`` of an SD 3 / 3.5 model: which sources and flags are its, and the run (export/sd3_export.py
-loads and exports)."""
+"""``sdrt export`` of an SD 3 / 3.5 model: which sources and flags are its, and the run (export/sd3_loading.py
+loads, export/sd3_export.py exports)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ FILE_FLAGS = ("--clip-l", "--clip-g", "--t5", "--tokenizers", "--arch")  # what 
 
 
 def claims(model: str | Path | None, random_preset: str | None) -> bool:
-    from .sd3_export import is_sd3_source
+    from .sd3_loading import is_sd3_source
 
     return is_sd3_source(model, random_preset)
 
@@ -32,7 +32,9 @@ def claims(model: str | Path | None, random_preset: str | None) -> bool:
 def run(args: argparse.Namespace, say: Say, progress: Say) -> ExportManifest:
     """An SD 3 / 3.5 model: its own loader and exporter; the ControlNet files, LoRA slots and LoRA files are
     checked before the weights load."""
-    from .sd3_export import export_sd3, load_sd3, merge_sd3_loras
+    from .sd3_export import export_sd3
+    from .sd3_loading import load_sd3
+    from .sd3_model import merge_sd3_loras
 
     files = controlnet_files(args)
     if files:  # the kind of each ControlNet file, from its header, before the weights load
@@ -57,14 +59,30 @@ def run(args: argparse.Namespace, say: Say, progress: Say) -> ExportManifest:
                       progress=progress, lora_slots=slots, skip_layers=args.skip_layers)
 
 
+def _layers(text: str) -> list[int]:
+    """``--skip-layers 7,8,9`` -> [7, 8, 9] (checked against the transformer by the export)."""
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of block numbers, e.g. 7,8,9") \
+            from None
+
+
 SD3_EXPORTER = Exporter(
     name=SD3.label, single_file=f"an {SD3.label} single file",
     layout="Stability's layout: model.diffusion_model.joint_blocks.*",
-    takes=(FlagUse("--without-t5", "to leave out the T5-XXL text encoder (zeros in its place)"),
+    takes=(FlagUse("--without-t5", "to leave out the T5-XXL text encoder (zeros in its place)",
+                   "SD 3 / 3.5: leave the T5-XXL encoder out (diffusers' text_encoder_3=None: zeros in its place); "
+                   "much lighter, weaker prompt following", action="store_true"),
            FlagUse("--skip-layers", "to also export the transformer pass with those blocks skipped, for skip-layer "
-                                    "guidance"),
+                                    "guidance",
+                   "SD 3 / 3.5: also export the transformer pass with these blocks skipped, for skip-layer guidance "
+                   "(generate --slg-scale); it reads the transformer's weights file. SD 3.5 Medium: 7,8,9 "
+                   "(diffusers' recommendation)", metavar="N,N,...", type=_layers),
            CLIP_L_FILE,
-           FlagUse("--clip-g", "for its CLIP-G text encoder as a separate file (clip_g.safetensors)"),
+           FlagUse("--clip-g", "for its CLIP-G text encoder as a separate file (clip_g.safetensors)",
+                   "SD 3 / 3.5 single file: its CLIP-G text encoder (text_encoders/clip_g.safetensors)",
+                   metavar="FILE"),
            T5_FILE,
            TOKENIZERS),
     file_only=frozenset(FILE_FLAGS), claims=claims, run=run)

@@ -29,7 +29,8 @@ from .onnx_export import ComponentSpec
 from .sd3_specs import streamed_transformer_spec, transformer_spec
 from .sd3_wrappers import Sd3ControlNet, Sd3TransformerControl, controlled_blocks
 from .streamed import IoSpec, StreamedSpec, WeightSource
-from .transformer_controlnet import control_spec, inner_width, net_spec
+from .transformer_config import inner_width
+from .transformer_controlnet import control_spec, net_spec
 
 SD3_CONTROLNET_CLASS = "SD3ControlNetModel"
 LABEL = "SD 3 / 3.5"

@@ -1,5 +1,5 @@
-"""SD3 / 3.5 models -> a verified ONNX folder with ``sdrt.json``: loading (a diffusers folder, or a tiny
-preset's seeded weights) and ``export_sd3``, the family's counterpart of ``exporter.export_model``.
+"""An SD3 / 3.5 model -> a verified ONNX folder with ``sdrt.json``: ``export_sd3``, the family's counterpart of
+``exporter.export_model`` (the model: export/sd3_model.py; loading it: export/sd3_loading.py).
 
 Layout: model_index.json, text_encoder/, text_encoder_2/, [text_encoder_3/,] transformer/ (the manifest's
 ``unet`` component: the denoiser; [skip_layers.onnx, skip-layer guidance's ``unet_skip`` over the same weights
@@ -13,14 +13,11 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import math
 import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from sdrt.runtime.atomic import atomic_dir
 from sdrt.runtime.errors import InputError
@@ -28,7 +25,6 @@ from sdrt.runtime.families import family_named
 from sdrt.runtime.feature_cache import SHALLOW_UNET
 from sdrt.runtime.inpaint import MASKED_ENCODER
 from sdrt.runtime.layer_skip import SKIP_UNET
-from sdrt.runtime.lora_files import LoraSpec, MergeReport
 from sdrt.runtime.manifest import (
     MANIFEST_NAME,
     Component,
@@ -50,7 +46,8 @@ from .sd3_controlnet import (
     streamed_unet_control_spec,
 )
 from .sd3_gate import gate_streamed
-from .sd3_presets import SD3_PRESETS, Sd3Modules, Sd3Preset, build_modules, get_sd3_preset
+from .sd3_loading import PIPELINE_CLASS
+from .sd3_model import LoadedSd3
 from .sd3_specs import (
     CLIP_NAMES,
     sd3_specs,
@@ -60,207 +57,10 @@ from .sd3_specs import (
     streamed_transformer_spec,
 )
 from .shared_weights import share_weights
-from .streamed import (
-    WeightSource,
-    checkpoint_weights,
-    export_streamed,
-    fake_shapes,
-    materialize,
-    synthetic_weights,
-)
+from .streamed import export_streamed
 
 ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
-
-PIPELINE_CLASS = "StableDiffusion3Pipeline"
-
-
 SKIP_FILE = "skip_layers.onnx"  # skip-layer guidance's pass, in the transformer's folder over its weights file
-STREAM_PARAMS = 1_000_000_000  # a component with more parameters (4 GB in fp32) is streamed, not loaded
-STREAMABLE = ("transformer", "text_encoder_3")
-
-
-@dataclass(frozen=True)
-class Streamed:
-    """A large component that is never held in memory: its configuration (the module is built in fake mode
-    from it) and where its weights are read from, one tensor at a time (export/streamed.py)."""
-
-    config: dict[str, Any]
-    weights: WeightSource
-    kind: str  # "checkpoint" or "synthetic", for the manifest
-
-
-@dataclass
-class LoadedSd3:
-    """An SD3 model: its preset (the architecture's name and default size), float32 modules in eval mode for
-    what is held in memory, ``streamed`` for what is not (``transformer``, ``text_encoder_3``), each
-    tokenizer's source folder (None: the tiny presets' shipped ones), the scheduler config."""
-
-    preset: Sd3Preset
-    modules: Sd3Modules
-    scheduler_config: dict[str, Any]
-    tokenizer_dirs: tuple[Path | None, Path | None, Path | None] = (None, None, None)
-    source: dict[str, Any] = field(default_factory=dict)
-    streamed: dict[str, Streamed] = field(default_factory=dict)
-
-    @property
-    def has_t5(self) -> bool:
-        return self.modules.text_encoders[2] is not None or "text_encoder_3" in self.streamed
-
-    @property
-    def transformer_config(self) -> dict[str, Any]:
-        """The transformer's config, held in memory or streamed."""
-        tr = self.streamed.get("transformer")
-        return dict(tr.config) if tr is not None else dict(self.modules.transformer.config)
-
-    def held(self, *, t5: bool = True) -> Sd3Modules:
-        """The modules with the streamed ones built in memory from their weights (``streamed.materialize``: the
-        transformer alone is 8.4 GiB in fp32 for 3.5 Medium, 32 GiB for Large), for a reference that needs
-        them all; ``t5=False`` leaves T5 out (None), as an export without it does."""
-        mods = self.modules
-        tr = self.streamed.get("transformer")
-        transformer = mods.transformer if tr is None else materialize(
-            streamed_transformer_spec(tr.config, TEXT_LEN + self.preset.t5_tokens), tr.weights)
-        st5 = self.streamed.get("text_encoder_3")
-        enc3 = None if not t5 else mods.text_encoders[2] if st5 is None else materialize(
-            streamed_t5_spec(st5.config, self.preset.t5_tokens), st5.weights)
-        return replace(mods, transformer=transformer, text_encoders=(*mods.text_encoders[:2], enc3))
-
-
-def weight_shapes(transformer: dict[str, Any], t5: dict[str, Any] | None) -> dict[str, dict[str, tuple[int, ...]]]:
-    """Each streamable component's weight names and shapes, from one build in fake mode (nothing allocated)."""
-    builds = {"transformer": (streamed_transformer_spec(transformer, 8).build, "transformer.")}
-    if t5 is not None:
-        builds["text_encoder_3"] = (streamed_t5_spec(t5, 8).build, "encoder.")
-    return {n: fake_shapes(build, prefix) for n, (build, prefix) in builds.items()}
-
-
-def to_stream(shapes: dict[str, dict[str, tuple[int, ...]]], stream: bool | None) -> tuple[str, ...]:
-    """The components to stream: all (True), none (False), or those past STREAM_PARAMS (None)."""
-    if stream is not None:
-        return tuple(shapes) if stream else ()
-    return tuple(n for n, w in shapes.items() if sum(math.prod(s) for s in w.values()) > STREAM_PARAMS)
-
-
-def is_sd3_folder(path: Path) -> bool:
-    """A diffusers folder of ``StableDiffusion3Pipeline`` (its model_index.json says so)."""
-    index = path / "model_index.json"
-    if not index.is_file():
-        return False
-    try:
-        return json.loads(index.read_text()).get("_class_name") == PIPELINE_CLASS
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def is_sd3_source(model: str | Path | None, random_preset: str | None) -> bool:
-    """``sdrt export``'s source is an SD3 model: an SD3 preset's name, a diffusers SD3 folder, or a single
-    .safetensors file in Stability's SD3 layout."""
-    from .sd3_single_file import is_sd3_file
-
-    if random_preset is not None:
-        return random_preset in SD3_PRESETS
-    return model is not None and (is_sd3_folder(Path(model)) or is_sd3_file(model))
-
-
-def load_sd3(path: str | Path | None = None, *, random_preset: str | None = None, seed: int = 0,
-             stream: bool | None = None, **single_file: Any) -> LoadedSd3:
-    """A diffusers SD3 / 3.5 folder (safetensors only: nothing is unpickled), a single file in Stability's
-    layout (``single_file``: ``sd3_single_file.load_sd3_single_file``'s options: clip_l, clip_g, t5,
-    without_t5, tokenizers, arch), or ``random_preset``'s seeded weights. A folder without
-    ``text_encoder_3`` loads without T5. ``stream``: whether the transformer and T5 are streamed at export
-    instead of loaded (default: those over a billion parameters; a streamed random preset's weights are seeded
-    per tensor, not the in-memory modules' initialisation; a single file's are converted as they are read)."""
-    if (path is None) == (random_preset is None):
-        raise InputError("give either a diffusers SD3 folder or random_preset (one of them)")
-    if path is not None and Path(path).is_file():
-        from .sd3_single_file import load_sd3_single_file
-
-        return load_sd3_single_file(path, stream=stream, **single_file)
-    # without_t5 is the export's to apply for a folder; the rest only a single file takes
-    given = sorted(k for k, v in single_file.items() if v is not None and k != "without_t5")
-    if given:
-        flags = ", ".join("--" + k.replace("_", "-") for k in given)
-        raise InputError(f"{flags} go{'es' if len(given) == 1 else ''} with an SD 3 / 3.5 single "
-                         ".safetensors file only; a diffusers folder holds its text encoders and tokenizers, "
-                         "a preset its architecture")
-    if random_preset is not None:
-        preset = get_sd3_preset(random_preset)
-        shapes = weight_shapes(preset.config("transformer"), preset.config("t5"))
-        skip = to_stream(shapes, stream)
-        streamed = {n: Streamed(preset.config("transformer" if n == "transformer" else "t5"),
-                                synthetic_weights(seed, shapes[n]), "synthetic") for n in skip}
-        return LoadedSd3(preset, build_modules(preset, seed, skip), dict(preset.scheduler),
-                         source={"kind": "random", "preset": preset.name, "seed": seed}, streamed=streamed)
-    from diffusers import AutoencoderKL, SD3Transformer2DModel
-    from transformers import CLIPTextModelWithProjection, T5EncoderModel
-
-    folder = Path(path)  # type: ignore[arg-type]
-    if not is_sd3_folder(folder):
-        raise InputError(f"{folder} is not a diffusers SD3 folder (its model_index.json must name {PIPELINE_CLASS})")
-    kw: dict[str, Any] = {"torch_dtype": torch.float32, "use_safetensors": True}
-    missing = [n for n in ("transformer", "text_encoder", "text_encoder_2", "vae", "scheduler", "tokenizer",
-                           "tokenizer_2") if not (folder / n).is_dir()]
-    if missing:
-        raise InputError(f"{folder} lacks {', '.join(missing)}: an SD3 folder has each of them (a single file "
-                         "without its text encoders needs them given separately)")
-    has_t5 = (folder / "text_encoder_3").is_dir()
-    tr_cfg = component_config(folder / "transformer")
-    t5_cfg = component_config(folder / "text_encoder_3") if has_t5 else None
-    skip = to_stream(weight_shapes(tr_cfg, t5_cfg), stream)
-    streamed = {n: Streamed(tr_cfg if n == "transformer" else t5_cfg or {}, checkpoint_weights(folder / n),
-                            "checkpoint") for n in skip}
-    transformer = None if "transformer" in skip else SD3Transformer2DModel.from_pretrained(folder / "transformer",
-                                                                                          **kw).eval()
-    clips = [CLIPTextModelWithProjection.from_pretrained(folder / n, **kw).eval()
-             for n in ("text_encoder", "text_encoder_2")]
-    t5 = T5EncoderModel.from_pretrained(folder / "text_encoder_3", **kw).eval() \
-        if has_t5 and "text_encoder_3" not in skip else None
-    vae = AutoencoderKL.from_pretrained(folder / "vae", **kw).eval()
-    sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-    preset = _preset_for(tr_cfg, vae, folder.name)
-    toks = tuple(folder / n if (folder / n).is_dir() else None for n in ("tokenizer", "tokenizer_2", "tokenizer_3"))
-    return LoadedSd3(preset, Sd3Modules(transformer, (clips[0], clips[1], t5), vae), sched,
-                     toks, {"kind": "diffusers", "path": str(folder)}, streamed)  # type: ignore[arg-type]
-
-
-def merge_sd3_loras(model: LoadedSd3, specs: Sequence[LoraSpec]) -> dict[str, MergeReport]:
-    """``sdrt export --lora``: the LoRAs merged into the transformer and both CLIP encoders (in memory; a streamed
-    transformer's weights as they are read: export/lora_merge.py), recorded in ``model.source["loras"]``. T5 is
-    not adapted (its modules are reported unmatched). Returns what matched per component."""
-    from .lora_merge import merge_into
-
-    mods = model.modules
-    held = {"unet": mods.transformer, "text_encoder": mods.text_encoders[0], "text_encoder_2": mods.text_encoders[1]}
-    st = model.streamed.get("transformer")
-    streamed = {} if st is None else {"unet": (st.weights, weight_shapes(st.config, None)["transformer"])}
-    fam = family_named(model.preset.family)
-    reports, wrapped, record = merge_into(fam, fam.label, held, streamed, specs)
-    if st is not None:
-        model.streamed["transformer"] = replace(st, weights=wrapped["unet"])
-    model.source["loras"] = record
-    return reports
-
-
-def component_config(folder: Path) -> dict[str, Any]:
-    """A component's config.json as constructor keywords (diffusers' and transformers' bookkeeping keys out)."""
-    path = folder / "config.json"
-    if not path.is_file():
-        raise InputError(f"{path} is missing: the SD3 folder is incomplete")
-    cfg = json.loads(path.read_text())
-    drop = {"architectures", "transformers_version", "torch_dtype", "dtype", "model_type"}
-    return {k: v for k, v in cfg.items() if not k.startswith("_") and k not in drop}
-
-
-def _preset_for(transformer: dict[str, Any], vae: torch.nn.Module, name: str) -> Sd3Preset:
-    """The shipped preset whose transformer config this is, else one named after the folder (its default size:
-    the transformer's ``sample_size`` latents)."""
-    cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in transformer.items()}
-    for p in SD3_PRESETS.values():
-        if p.by_shape and all(cfg.get(k) == (list(v) if isinstance(v, tuple) else v) for k, v in p.transformer.items()):
-            return p
-    any_preset = next(iter(SD3_PRESETS.values()))
-    f = 2 ** (len(vae.config.block_out_channels) - 1)
-    return replace(any_preset, name=name, default_size=int(transformer["sample_size"]) * f)
 
 
 def limits_of(transformer: dict[str, Any], factor: int) -> ShapeLimits:

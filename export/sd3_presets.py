@@ -3,9 +3,9 @@ seeded construction of their torch modules.
 
 Kept apart from ``export/presets.py``: its ``Preset`` describes a UNet model with CLIP encoders, and SD3's
 parts (an MMDiT transformer, two CLIP encoders with projection, a T5 encoder, a 16-channel VAE with
-``shift_factor``, a flow-matching scheduler) fit none of its fields. ``export/sd3_export.py`` loads and
-exports them; ``sdrt export --list`` shows both tables. (One preset table for every family is owed: see
-docs/families.md.)
+``shift_factor``, a flow-matching scheduler) fit none of its fields. ``export/sd3_loading.py`` loads and
+``export/sd3_export.py`` exports them; ``sdrt export --list`` shows both tables. (One preset table for every
+family is owed: see docs/families.md.)
 
 The tiny presets keep SD3's structure with small widths: the CLIP encoders' hidden widths (16 + 16) are
 narrower than T5's (48 = ``joint_attention_dim``), so the join's zero padding is exercised, as SD3's

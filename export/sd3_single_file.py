@@ -17,7 +17,7 @@ Three steps, the first two on key names and shapes alone, so every refusal comes
    ``create_diffusers_clip_model_from_ldm``, ``create_diffusers_t5_model_from_checkpoint``) build the modules,
    fed with the preset's configurations written to a temporary folder, so nothing is fetched.
 
-The MMDiT and T5 follow the ``stream`` rule of a diffusers folder (``sd3_export.to_stream``: by default, parts
+The MMDiT and T5 follow the ``stream`` rule of a diffusers folder (``sd3_model.to_stream``: by default, parts
 over a billion parameters: 3.5 Large's and 3.5 Medium's MMDiT, SD3 Medium's, T5-XXL): they are not loaded but
 streamed at export, the same converters (``convert_sd3_transformer_checkpoint_to_diffusers``,
 ``convert_sd3_t5_checkpoint_to_diffusers``) recorded on lazy tensors and replayed one weight at a time as the
@@ -57,7 +57,7 @@ from .checkpoint_files import (
 )
 from .lazy_convert import lazy_tensors, streamed_part
 from .loading import sha256_file
-from .sd3_export import LoadedSd3, Streamed, to_stream, weight_shapes
+from .sd3_model import LoadedSd3, Streamed, to_stream, weight_shapes
 from .sd3_presets import SD3_PRESETS, Sd3Modules, Sd3Preset, get_sd3_preset
 from .single_file import require_loaded
 

@@ -34,6 +34,7 @@ from .sd3_wrappers import (
     T5Encoder,
 )
 from .streamed import StreamedSpec
+from .transformer_config import inner_width
 
 CLIP_TOKENS = 77
 CLIP_NAMES = ("text_encoder", "text_encoder_2")
@@ -109,7 +110,7 @@ def transformer_spec(transformer: torch.nn.Module, tokens: int, block_cache: boo
 
 def _residuals(cfg: Any) -> list[tuple[str, str, tuple[int | str, ...]]]:
     """First-block caching's residuals over the image tokens, on the patch grid (export/block_cache.py)."""
-    return residual_specs(int(cfg["num_attention_heads"]) * int(cfg["attention_head_dim"]), int(cfg["patch_size"]))
+    return residual_specs(inner_width(cfg), int(cfg["patch_size"]))
 
 
 def cached_spec(transformer: torch.nn.Module, tokens: int) -> ComponentSpec:
@@ -117,7 +118,7 @@ def cached_spec(transformer: torch.nn.Module, tokens: int) -> ComponentSpec:
     and its two residuals of the last full step -> ``out_sample`` and ``change`` (``Sd3TransformerCached``)."""
     full = transformer_spec(transformer, tokens, block_cache=True)
     res = _residuals(transformer.config)
-    inner = int(res[0][2][3])
+    inner = inner_width(transformer.config)
     p = int(transformer.config.patch_size)
 
     def example(g: torch.Generator, b: int, h: int, w: int) -> tuple[torch.Tensor, ...]:
@@ -282,7 +283,7 @@ def streamed_cached_spec(config: dict[str, Any], tokens: int) -> StreamedSpec:
 
     full = streamed_transformer_spec(config, tokens, block_cache=True)
     res = _residuals(config)
-    inner, p = int(res[0][2][3]), int(config["patch_size"])
+    inner, p = inner_width(config), int(config["patch_size"])
 
     def build() -> torch.nn.Module:
         t = SD3Transformer2DModel(**{**config, "num_layers": 2})  # block 0 as the full model builds it, then

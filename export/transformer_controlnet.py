@@ -10,7 +10,6 @@ transformer's patch grid. ``unet_control`` takes the transformer's inputs, then 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import torch
 
@@ -18,11 +17,6 @@ from .onnx_export import ComponentSpec
 from .streamed import IoSpec
 
 Example = Callable[[torch.Generator, int, int, int], tuple[torch.Tensor, ...]]
-
-
-def inner_width(config: Any) -> int:
-    """The transformer's (or a net's) token width: heads times head width."""
-    return int(config["num_attention_heads"]) * int(config["attention_head_dim"])
 
 
 def net_spec(name: str, module: torch.nn.Module, weights: torch.nn.Module, base_inputs: IoSpec, base_example: Example,

@@ -54,8 +54,16 @@ def run(args: argparse.Namespace, say: Say, progress: Say) -> ExportManifest:
 UNET_EXPORTER = Exporter(
     name=f"a UNet model ({', '.join(f.label for f in (SD1, SD2, SDXL, SDXL_REFINER))})",
     single_file="a UNet single file", layout="A1111's layout: model.diffusion_model.input_blocks.*",
-    takes=(FlagUse("--clip-skip", "to condition on an earlier text encoder layer"),
-           FlagUse("--vae-fp32", "to keep the VAE in fp32 in an fp16 export"),
-           FlagUse("--no-ema", "to load a single file's non-EMA UNet weights"),
-           FlagUse("--ort-cuda", "to also write a UNet with ONNX Runtime's fused CUDA operators")),
+    takes=(FlagUse("--clip-skip", "to condition on an earlier text encoder layer",
+                   "condition on the text encoder layer N before the model's own (diffusers' clip_skip; A1111's "
+                   "'Clip skip 2' is 1; default 0)", metavar="N", type=int, default=0),
+           FlagUse("--vae-fp32", "to keep the VAE in fp32 in an fp16 export",
+                   "keep the VAE in fp32 in an fp16 export (the default for SDXL, whose VAE overflows in fp16)",
+                   action="store_true", default=None),  # None: the family's choice
+           FlagUse("--no-ema", "to load a single file's non-EMA UNet weights",
+                   "a single file with EMA and non-EMA UNet weights: load the non-EMA ones (default: EMA)",
+                   action="store_true"),
+           FlagUse("--ort-cuda", "to also write a UNet with ONNX Runtime's fused CUDA operators",
+                   "also write a UNet with ONNX Runtime's fused CUDA operators (attention, GroupNorm) for ort-cuda",
+                   action="store_true")),
     file_only=frozenset(), claims=claims, run=run)

@@ -1,37 +1,29 @@
 """The text stage: prompts (or precomputed embeddings) -> ``PromptEmbeddings`` on the device, by the model
-family's encoders and rules (how encoders are joined, the pooled embedding, zeros for empty negatives)."""
+family's encoders and rules (how encoders are joined, the pooled embedding, zeros for empty negatives). Each
+prompt dialect has its module (runtime/plain_conditioning.py, a1111_conditioning.py, compel_conditioning.py),
+the encoders' runs theirs (runtime/text_encoders.py); ``TextConditioning`` picks the dialect."""
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from .compel_prompts import (
-    MASK_INPUT,
-    compel_plan,
-    downweighted,
-    pad_to,
-    plan_chunks,
-    plan_rows,
-    plan_states,
-    row_key,
-)
-from .compel_syntax import parse_compel
+from .a1111_conditioning import a1111_chunks, check_a1111, emphasized, segment_texts, weighted_rows
+from .compel_conditioning import check_compel, compel_chunks, compel_outputs, takes_masks
 from .device_graphs import DeviceGraphs
 from .engine import Array, Backend, Engine
 from .errors import ArtifactError, InputError
 from .families import Family
 from .manifest import ExportManifest
-from .prompt_syntax import parse_attention, segments
+from .plain_conditioning import plain_rows, warn_cut
 from .request import float_array, is_int
 from .results import PromptEmbeddings
 from .t5_tokenizer import MAX_LENGTH as T5_MAX_LENGTH
 from .t5_tokenizer import T5Tokenizer
-from .tokenizer import ClipTokenizer, PromptTokenizer
-from .weighted_prompts import a1111_batch, chunk_count, emphasize, weighted
+from .text_encoders import EncoderRunner
+from .tokenizer import PromptTokenizer
 
 
 class TextConditioning:
@@ -46,170 +38,36 @@ class TextConditioning:
         self.tokenizers = list(tokenizers)
         self.graphs = graphs
         self.dtype = dtype
-        # the all-ones attention mask of each (shape, dtype) a text encoder was fed, kept on the device: every call
-        # but a MASK-downweighted compel prompt's feeds it, so it goes up once rather than once per call
-        self._ones_masks: dict[tuple[tuple[int, ...], str], Array] = {}
+        self.runner = EncoderRunner(backend, engines)
 
     def chunks(self, texts: Sequence[str], syntax: str = "plain") -> tuple[int, ...]:
         """The number of 77-token chunks each tokenizer makes of these texts (together) in this prompt syntax
         (A1111's: over every segment of their prompt editing)."""
         if syntax == "a1111":
-            every = [t for _, seg in segments(list(texts), 1000) for t in seg]  # the texts of every segment
+            every = segment_texts(texts)
             self.check_a1111(every)
             if self.family.chunked:
-                return tuple(chunk_count(tok, every) for tok in self.tokenizers)
+                return a1111_chunks(self.tokenizers, every)
         if syntax == "compel":
             self.check_compel(texts)
             if self.family.chunked:  # compel pads every encoder's states to the longest
-                return (self._compel_chunks(texts),) * len(self.tokenizers)
-        return tuple(int(self._ids(tok, list(texts)).shape[1]) for tok in self.tokenizers)
+                return (compel_chunks(self.tokenizers, texts, self.compel_masks),) * len(self.tokenizers)
+        return tuple(int(plain_rows(self.family, tok, list(texts)).shape[1]) for tok in self.tokenizers)
 
     def check_a1111(self, texts: Sequence[str]) -> None:
-        """A1111's emphasis and BREAK are for the CLIP families, which chunk their prompts; a family that does
-        not (SD 3 / 3.5, FLUX.1: T5 reads them too) refuses a prompt that uses them, before any work."""
-        if self.family.chunked:
-            return
-        for t in texts:
-            if parse_attention(t) != [(t, 1.0)]:
-                raise InputError(f"A1111's emphasis, escapes and BREAK apply to the CLIP families (SD 1.x, 2.x, "
-                                 f"SDXL); this {self.family.label} model reads its prompts as plain text: write "
-                                 f"{t!r} without them, or use prompt_syntax='plain'")
+        """A1111's emphasis and BREAK refused, before any work, where the family reads prompts as plain text
+        (runtime/a1111_conditioning.py)."""
+        check_a1111(self.family, texts)
 
     def check_compel(self, texts: Sequence[str]) -> None:
-        """compel's syntax parsed (InputError on what it cannot read); its weights, blends and conjunctions are for
-        the CLIP families: a family that reads prompts as plain text (SD 3 / 3.5, FLUX.1) refuses a prompt that
-        uses them, or compel's brackets, quotes or escapes, before any work."""
-        for t in texts:
-            prompt = parse_compel(t)
-            if not self.family.chunked and not (prompt.plain and not any(c in t for c in '()"\\')):
-                raise InputError(f"compel's weights, blends, conjunctions and escapes apply to the CLIP families (SD "
-                                 f"1.x, 2.x, SDXL); this {self.family.label} model reads its prompts as plain text: "
-                                 f"write {t!r} without them, or use prompt_syntax='plain'")
+        """compel's syntax parsed, and its weights, blends and conjunctions refused where the family reads prompts
+        as plain text, before any work (runtime/compel_conditioning.py)."""
+        check_compel(self.family, texts)
 
     @property
     def compel_masks(self) -> bool:
-        """compel's default downweighting (MASK) applies: every text encoder takes an attention mask (``MASK_INPUT``,
-        recorded in the manifest; exports before it, and Optimum's, have none and get compel's REMOVE)."""
-        return all(any(t.name == MASK_INPUT for t in self.manifest.components[n].inputs)
-                   for n in self.manifest.encoder_names)
-
-    def _compel_chunks(self, texts: Sequence[str]) -> int:
-        mask = self.compel_masks
-        return max(plan_chunks(compel_plan(tok, parse_compel(t), mask)) for tok in self.tokenizers for t in texts)
-
-    def _warn_removed(self) -> None:
-        """A downweighted fragment on an export whose encoders take no attention mask: compel's REMOVE, said."""
-        warnings.warn("compel's default downweighting (DownweightMode.MASK) hides a fragment below 1 with an "
-                      "attention mask, which this export's text encoders do not take (exported by an older sdrt, or "
-                      "by Optimum): the fragment is removed instead, as compel's DownweightMode.REMOVE does. For "
-                      "compel's default, re-export the model with `sdrt export` and rebuild any engines from it",
-                      stacklevel=2)
-
-    def _compel(self, prompts: list[str], chunks: int, lora: Mapping[str, Mapping[str, Array]] | None
-                ) -> tuple[list[dict[str, Array]], int]:
-        """compel's conditioning of a CLIP family's prompts (runtime/compel_prompts.py), per encoder, as the encoder's
-        outputs would be in chunks: hidden_states [rows x k, 77, C] (every encoder padded to the same k chunks, at
-        least ``chunks``, with the empty prompt's states) and, from an encoder with a projection, text_embeds whose
-        first chunk of each row is compel's pooled embedding: the encoder's projection of the prompt's raw text, cut
-        at 75 tokens. The encoder reads its rows (each distinct one once) in batches of rows x k, the call's own
-        shape. Returns (the outputs, k)."""
-        be = self.backend
-        names = self.manifest.encoder_names
-        mask = self.compel_masks
-        plans = [[compel_plan(tok, parse_compel(p), mask) for p in prompts] for tok in self.tokenizers]
-        if not mask and any(downweighted(p) for each in plans for p in each):
-            self._warn_removed()
-        k = max(chunks, *(plan_chunks(p) for each in plans for p in each))
-        rows = len(prompts)
-        outs: list[dict[str, Array]] = []
-        for name, tok, each in zip(names, self.tokenizers, plans, strict=True):
-            if not isinstance(tok, ClipTokenizer):
-                raise ArtifactError(f"{name}: compel's syntax reads CLIP tokenizers; this export's is a "
-                                    f"{type(tok).__name__}: re-export the model with `sdrt export`")
-            empty = np.array(tok.frame([]), np.int32)
-            wanted = {key: (r, m) for plan in each for key, r, m in plan_rows(plan)}
-            wanted.pop(row_key(empty), None)
-            keys = [row_key(empty), *wanted]
-            ids = [empty, *(r for r, _ in wanted.values())]
-            masks = np.ones((len(ids), tok.max_length), np.int32)
-            for i, (_, m) in enumerate(wanted.values(), start=1):
-                if m is not None:
-                    masks[i] = m
-            pooled = "text_embeds" in self.engines[name].outputs
-            if pooled:
-                raw = list(tok.encode(prompts))  # the raw text's row: compel's get_pooled_embeddings
-                ids += raw
-                keys += [b"pooled"] * len(raw)  # read for the projection only
-                masks = np.concatenate([masks, np.ones((len(raw), tok.max_length), np.int32)])
-            hidden, embeds = self._encoder_rows(name, np.stack(ids), masks, rows * k, (lora or {}).get(name) or {})
-            dtype = hidden.dtype
-            states = dict(zip(keys, hidden.astype(np.float32), strict=True))
-            e = states[row_key(empty)]
-            cond = np.stack([pad_to(plan_states(plan, states, e), k, e) for plan in each])
-            out = {"hidden_states": be.to_device(np.ascontiguousarray(
-                cond.reshape(rows * k, tok.max_length, -1).astype(dtype)))}
-            if pooled and embeds is not None:
-                first = np.zeros((rows, k, embeds.shape[-1]), embeds.dtype)
-                first[:, 0] = embeds[-rows:]
-                out["text_embeds"] = be.to_device(first.reshape(rows * k, -1))
-            outs.append(out)
-        return outs, k
-
-    def _text_feeds(self, name: str, ids: np.ndarray, mask: np.ndarray | None = None) -> dict[str, Array]:
-        """A text encoder's inputs for ``ids`` [B, T] on the device: with its attention mask where it takes one
-        (``mask``, or all ones: the graph's own reading of the ids)."""
-        be = self.backend
-        feeds = {"input_ids": be.to_device(np.ascontiguousarray(ids))}
-        spec = self.engines[name].inputs.get(MASK_INPUT)
-        if spec is None:
-            return feeds
-        if mask is None or mask.all():  # the graph's own reading of the ids: the cached device copy
-            key = (tuple(ids.shape), np.dtype(spec.dtype).str)
-            if key not in self._ones_masks:
-                self._ones_masks[key] = be.to_device(np.ones(ids.shape, spec.dtype))
-            feeds[MASK_INPUT] = self._ones_masks[key]
-        else:
-            feeds[MASK_INPUT] = be.to_device(np.ascontiguousarray(mask.astype(spec.dtype)))
-        return feeds
-
-    def _encoder_rows(self, name: str, ids: np.ndarray, masks: np.ndarray, batch: int, lora: Mapping[str, Array]
-                      ) -> tuple[np.ndarray, np.ndarray | None]:
-        """One encoder's outputs (hidden_states, text_embeds or None) for ``ids`` [N, 77] read with the attention
-        masks ``masks`` [N, 77] (fed where the encoder takes them: then every one is all ones but MASK's), on the
-        host, run in batches of ``batch`` rows (the last one filled with its first row)."""
-        be = self.backend
-        hidden, embeds = [], []
-        for start in range(0, len(ids), batch):
-            part, mask = ids[start:start + batch], masks[start:start + batch]
-            n = len(part)
-            if n < batch:
-                part = np.concatenate([part, np.repeat(part[:1], batch - n, axis=0)])
-                mask = np.concatenate([mask, np.repeat(mask[:1], batch - n, axis=0)])
-            out = self.engines[name]({**self._text_feeds(name, part, mask), **lora})
-            hidden.append(be.to_host(out["hidden_states"])[:n])
-            if "text_embeds" in out:
-                embeds.append(be.to_host(out["text_embeds"])[:n])
-        return np.concatenate(hidden), (np.concatenate(embeds) if embeds else None)
-
-    def _a1111(self, tok: PromptTokenizer, prompts: list[str], chunks: int) -> tuple[np.ndarray, np.ndarray | None]:
-        """A1111's rows of a CLIP family's prompts (at least ``chunks`` each) and their weights (None where every
-        weight is 1)."""
-        ids, w = a1111_batch(tok, prompts, chunks)
-        return ids, (w if weighted(w) else None)
-
-    def _ids(self, tok: PromptTokenizer, prompts: list[str]) -> np.ndarray:
-        """[rows, chunks, tokens]: in 77-token chunks where the family chunks long prompts, else one row each
-        (cut at the tokenizer's length, as diffusers)."""
-        return tok.encode_chunks(prompts) if self.family.chunked else tok.encode(prompts)[:, None]
-
-    def _warn_cut(self, name: str, tok: PromptTokenizer, prompts: list[str]) -> None:
-        """A family that cuts long prompts (as diffusers does) says so, as diffusers' pipelines log it: a
-        warning naming the encoder, the prompt and how many tokens were cut."""
-        room = tok.max_length - (1 if self.family.tokenizer_kind(name) == "t5" else 2)  # T5: eos; CLIP: bos, eos
-        for i, n in enumerate(tok.count_tokens(prompts)):
-            if n > room:
-                warnings.warn(f"{name}: prompt {i} has {n} tokens; the {n - room} past {room} are cut (this "
-                              f"{self.family.label} model reads {room}, as diffusers does)", stacklevel=5)
+        """compel's default downweighting (MASK) applies: every text encoder takes an attention mask."""
+        return takes_masks(self.manifest)
 
     def check_sequence_length(self, max_sequence_length: Any) -> int:
         """The T5 tokens per prompt a call asks for (``max_sequence_length``; None: the family's default),
@@ -261,7 +119,7 @@ class TextConditioning:
             self.check_compel(prompts)
         t5_tokens = self.check_sequence_length(max_sequence_length)
         if syntax == "compel" and self.family.chunked:  # compel's states, every encoder at once (padded alike)
-            outs, k = self._compel(prompts, chunks, lora)
+            outs, k = compel_outputs(self.runner, self.manifest, self.tokenizers, prompts, chunks, lora)
             rows = len(prompts)
         else:
             outs, rows, k = self._encoder_outputs(prompts, a1111, chunks, max_sequence_length, t5_tokens, lora)
@@ -287,26 +145,23 @@ class TextConditioning:
                          ) -> tuple[list[dict[str, Array]], int, int]:
         """Each encoder's outputs for the prompts, as they are or (A1111's syntax) with its emphasis; and the rows
         and chunks they hold."""
-        be = self.backend
         outs: list[dict[str, Array]] = []
         rows = k = 0
         for name, tok in zip(self.manifest.encoder_names, self.tokenizers, strict=True):
             if max_sequence_length is not None and isinstance(tok, T5Tokenizer):
                 tok = tok.with_length(t5_tokens)
             if not self.family.chunked:
-                self._warn_cut(name, tok, prompts)
+                warn_cut(self.family, name, tok, prompts)
             weights = None
             if a1111 and self.family.chunked:
-                ids, weights = self._a1111(tok, prompts, chunks)
+                ids, weights = weighted_rows(tok, prompts, chunks)
             else:
-                ids = self._ids(tok, prompts)  # [rows, k, 77] (T5: [rows, 1, its tokens])
+                ids = plain_rows(self.family, tok, prompts)  # [rows, k, 77] (T5: [rows, 1, its tokens])
             rows, k, n = ids.shape
-            out = self.engines[name]({**self._text_feeds(name, ids.reshape(rows * k, n)),
+            out = self.engines[name]({**self.runner.feeds(name, ids.reshape(rows * k, n)),
                                       **((lora or {}).get(name) or {})})
             if weights is not None:  # A1111's emphasis on this encoder's states, per prompt and chunk
-                hid = be.to_host(out["hidden_states"])
-                out = {**out, "hidden_states": be.to_device(
-                    emphasize(hid, weights.reshape(rows * k, n)).astype(hid.dtype))}
+                out = emphasized(self.backend, out, weights)
             outs.append(out)
         return outs, rows, k
 

@@ -86,7 +86,8 @@ def sd3_export(tmp_path_factory: pytest.TempPathFactory, export_cache: dict[tupl
     def get(preset: str, t5: bool = True, precision: str = "fp32", block_cache: bool = False) -> Path:
         key = (f"{preset}{'' if t5 else '-no-t5'}{'-block-cache' if block_cache else ''}", precision)
         if key not in export_cache:
-            from sdrt.export.sd3_export import export_sd3, load_sd3
+            from sdrt.export.sd3_export import export_sd3
+            from sdrt.export.sd3_loading import load_sd3
 
             out = tmp_path_factory.mktemp("exports") / f"{key[0]}-{precision}"
             export_sd3(load_sd3(random_preset=preset), out, fp16=precision == "fp16", without_t5=not t5,

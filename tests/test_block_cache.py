@@ -225,7 +225,8 @@ def test_bad_requests_are_refused_before_work(sd3_export, deepcache_export) -> N
 def test_a_one_block_transformer_is_refused_at_export(tmp_path: Path) -> None:
     from dataclasses import replace
 
-    from sdrt.export.sd3_export import export_sd3, load_sd3
+    from sdrt.export.sd3_export import export_sd3
+    from sdrt.export.sd3_loading import load_sd3
 
     model = load_sd3(random_preset="sd3-tiny")
     blocks = model.modules.transformer.transformer_blocks
@@ -268,7 +269,8 @@ def test_a_streamed_transformer_exports_the_same_cached_step(sd3_export, tmp_pat
     layers'), gated exactly; the cached images equal the in-memory export's (same weights)."""
     from diffusers import StableDiffusion3Pipeline
 
-    from sdrt.export.sd3_export import export_sd3, load_sd3
+    from sdrt.export.sd3_export import export_sd3
+    from sdrt.export.sd3_loading import load_sd3
     from sdrt.export.sd3_presets import build_modules, get_sd3_preset
 
     ref_folder = sd3_export("sd35-medium-tiny", block_cache=True)
@@ -292,3 +294,21 @@ def test_a_streamed_transformer_exports_the_same_cached_step(sd3_export, tmp_pat
             got = pipe(PROMPT, steps=STEPS, latents=_latents(), **KW, **cache_kw(policy))
         assert full_count(got.loop) == full_count(want_loop) < STEPS
         assert np.abs(np.asarray(got.images[0]).astype(np.int32) - want).max() <= 1
+
+
+def test_the_residual_width_is_diffusers_inner_dim() -> None:
+    """``inner_width`` (the residuals' and ControlNet samples' last axis) of every SD 3 / 3.5 and FLUX.1 preset, full
+    size included, against the ``inner_dim`` diffusers' transformer computes for the same config (built on the meta
+    device: nothing allocated)."""
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+    from sdrt.export.flux_presets import FLUX_PRESETS
+    from sdrt.export.sd3_presets import SD3_PRESETS
+    from sdrt.export.transformer_config import inner_width
+
+    cases = [*((SD3Transformer2DModel, p.config("transformer")) for p in SD3_PRESETS.values()),
+             *((FluxTransformer2DModel, p.config("transformer")) for p in FLUX_PRESETS.values())]
+    assert len(cases) > 4
+    with torch.device("meta"):
+        for cls, config in cases:
+            assert inner_width(config) == cls(**config).inner_dim, config

@@ -11,7 +11,7 @@ import pytest
 
 from sdrt.cli import main
 from sdrt.export.cli_options import dest
-from sdrt.export.exporters import EXPORTERS, option_flags
+from sdrt.export.exporters import EXPORTERS, family_flags, option_flags
 from sdrt.export.preset_tables import preset_names
 from sdrt.runtime.families import FAMILY_KEYS
 
@@ -47,12 +47,35 @@ def test_the_table_flags_are_the_commands() -> None:
     assert {u.flag for e in EXPORTERS for u in e.takes} <= set(option_flags())
 
 
+def test_each_family_flag_is_registered_as_its_exporter_declares_it() -> None:
+    """The command writes no family-specific flag: each is registered once, from the table, with the help its
+    exporter declares (a flag several exporters take: one declaration they share). A flag an exporter takes that
+    the command registers itself fails here."""
+    tree = ast.parse(COMMAND.read_text())
+    strings = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+    assert strings & set(family_flags()) == set()
+
+    from sdrt.commands.export import register
+
+    class Recording(argparse.ArgumentParser):
+        def add_argument(self, *names: str, **options: object) -> argparse.Action:  # type: ignore[override]
+            added.append((names, options.get("help")))
+            return super().add_argument(*names, **options)  # type: ignore[arg-type]
+
+    added: list[tuple[tuple[str, ...], object]] = []
+    register(Recording())
+    for flag in family_flags():
+        uses = {u for e in EXPORTERS for u in e.takes if u.flag == flag}
+        assert len(uses) == 1, flag
+        assert [h for names, h in added if flag in names] == [uses.pop().help], flag
+
+
 @pytest.fixture
 def no_loading(monkeypatch: pytest.MonkeyPatch) -> None:
     """Any weights loading fails the test: the refusals come first."""
-    from sdrt.export import flux_export, loading, sd3_export
+    from sdrt.export import flux_export, loading, sd3_loading
 
-    for module, name in ((loading, "load_model"), (sd3_export, "load_sd3"), (flux_export, "load_flux")):
+    for module, name in ((loading, "load_model"), (sd3_loading, "load_sd3"), (flux_export, "load_flux")):
         monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail("weights loaded before the refusal"))
 
 

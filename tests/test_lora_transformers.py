@@ -57,7 +57,8 @@ def slotted(tmp_path_factory: pytest.TempPathFactory, export_cache: dict[tuple[s
 
             out = tmp_path_factory.mktemp("exports") / key[0].replace(":", "-")
             if family == "sd3":
-                from sdrt.export.sd3_export import export_sd3, load_sd3
+                from sdrt.export.sd3_export import export_sd3
+                from sdrt.export.sd3_loading import load_sd3
 
                 export_sd3(load_sd3(random_preset=SD3), out, fp16=False, without_t5=True,
                            lora_slots=SlotPlan.parse(SLOTS), block_cache=True)  # the cached step slotted too
@@ -329,7 +330,8 @@ def test_sd3_refusals_name_the_problem(slotted, tmp_path: Path) -> None:
     """Ranks past the slots, layers without a slot (the embedders; T5's, kohya's ``lora_te3_``; another family's),
     factors of another width, a target set the family has not, a streamed transformer: refused before any work."""
     from sdrt.export.lora_slots import SlotPlan
-    from sdrt.export.sd3_export import export_sd3, load_sd3
+    from sdrt.export.sd3_export import export_sd3
+    from sdrt.export.sd3_loading import load_sd3
     from sdrt.runtime.families import family_named
 
     pipe = shared_pipeline(slotted("sd3"))
@@ -637,7 +639,9 @@ def test_sd3_merged_into_a_streamed_transformer(tmp_path: Path) -> None:
     """A streamed transformer (a full-size model's way: never held) gets each weight's delta as the weight is read:
     the export (and its reduced-depth gate) against diffusers over the same synthetic weights, held, with the file
     loaded."""
-    from sdrt.export.sd3_export import export_sd3, load_sd3, merge_sd3_loras
+    from sdrt.export.sd3_export import export_sd3
+    from sdrt.export.sd3_loading import load_sd3
+    from sdrt.export.sd3_model import merge_sd3_loras
     from sdrt.runtime.lora_files import LoraSpec
 
     a = peft_lora(tmp_path, "sd3", seed=16, rank=2)
@@ -664,7 +668,8 @@ def test_sd3_slots_on_a_streamed_transformer(tmp_path: Path) -> None:
     reduced-depth copy with random factors: a PEFT file per request against diffusers over the same synthetic
     weights, held."""
     from sdrt.export.lora_slots import SlotPlan
-    from sdrt.export.sd3_export import export_sd3, load_sd3
+    from sdrt.export.sd3_export import export_sd3
+    from sdrt.export.sd3_loading import load_sd3
     from sdrt.runtime.manifest import ExportManifest
 
     a = peft_lora(tmp_path, "sd3", seed=22, rank=3, alpha=6.0)

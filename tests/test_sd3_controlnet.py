@@ -43,7 +43,8 @@ def controlnet_export(tmp_path_factory: pytest.TempPathFactory, export_cache: di
         key = (f"{preset}-no-t5-controlnets", "fp32")
         if key not in export_cache:
             from sdrt.export.controlnet_loading import random_controlnet
-            from sdrt.export.sd3_export import export_sd3, load_sd3
+            from sdrt.export.sd3_export import export_sd3
+            from sdrt.export.sd3_loading import load_sd3
 
             net, seeds = NETS[preset]
             out = tmp_path_factory.mktemp("exports") / key[0]
@@ -203,7 +204,8 @@ def test_refusals_before_work(controlnet_export, sd3_export, tmp_path: Path) -> 
     from sdrt.export.controlnet_loading import LoadedControlNet, check_pairing, random_controlnet
     from sdrt.export.controlnet_presets import sd3_controlnet_config
     from sdrt.export.loading import random_model
-    from sdrt.export.sd3_export import export_sd3, load_sd3
+    from sdrt.export.sd3_export import export_sd3
+    from sdrt.export.sd3_loading import load_sd3
 
     pipe = shared_pipeline(controlnet_export("sd3-tiny"))
     img = control_image(3)
@@ -254,7 +256,7 @@ def test_cli_generate_and_export_refusal(controlnet_export, tmp_path: Path, monk
     def no_work(*a: object, **k: object) -> None:
         raise AssertionError("the model loaded before the ControlNet was checked")
 
-    monkeypatch.setattr("sdrt.export.sd3_export.load_sd3", no_work)
+    monkeypatch.setattr("sdrt.export.sd3_loading.load_sd3", no_work)
     single = tmp_path / "sd3-canny.safetensors"
     single.write_bytes(b"\0" * 16)
     capsys.readouterr()
@@ -277,7 +279,8 @@ def test_streamed_transformer_with_two_layouts(tmp_path: Path, mean_vae) -> None
     from diffusers import StableDiffusion3ControlNetPipeline
 
     from sdrt.export.controlnet_loading import random_controlnet
-    from sdrt.export.sd3_export import export_sd3, load_sd3
+    from sdrt.export.sd3_export import export_sd3
+    from sdrt.export.sd3_loading import load_sd3
     from sdrt.runtime.manifest import ExportManifest
 
     model = load_sd3(random_preset="sd35-medium-tiny", seed=5, stream=True)
@@ -306,7 +309,8 @@ def test_lora_slots_beside_a_controlnet_on_a_streamed_transformer(tmp_path: Path
     pytest.importorskip("peft", reason="diffusers' LoRA loading needs peft (the test extra)")
     from sdrt.export.controlnet_loading import random_controlnet
     from sdrt.export.lora_slots import SlotPlan
-    from sdrt.export.sd3_export import export_sd3, load_sd3
+    from sdrt.export.sd3_export import export_sd3
+    from sdrt.export.sd3_loading import load_sd3
     from sdrt.runtime.lora_adapters import slots_of
     from sdrt.runtime.manifest import ExportManifest
 
@@ -466,7 +470,7 @@ def test_single_file_refusals(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     def no_work(*a: object, **k: object) -> None:
         raise AssertionError("the model loaded before the ControlNet file was checked")
 
-    monkeypatch.setattr("sdrt.export.sd3_export.load_sd3", no_work)
+    monkeypatch.setattr("sdrt.export.sd3_loading.load_sd3", no_work)
     capsys.readouterr()
     for f, says in ((other, "other.safetensors is not an SD 3 / 3.5 ControlNet: expected Stability's SD 3.5"),
                     (unet_file, "sd15.safetensors is an SD 1.x / SDXL ControlNet (control_model.* layout")):
@@ -489,7 +493,8 @@ def test_single_file_refusals(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     net = load_controlnet(tmp_path / "inpaint.safetensors", transformer_config=tr)
     assert net.controlnet.config.extra_conditioning_channels == 1
     monkeypatch.undo()
-    from sdrt.export.sd3_export import export_sd3, load_sd3
+    from sdrt.export.sd3_export import export_sd3
+    from sdrt.export.sd3_loading import load_sd3
 
     with pytest.raises(InputError, match="takes 1 extra conditioning channels"):
         export_sd3(load_sd3(random_preset="sd35-medium-tiny"), tmp_path / "y", controlnets=[net])

@@ -16,7 +16,9 @@ import pytest
 import torch
 
 from sdrt.cli import main
-from sdrt.export.sd3_export import LoadedSd3, export_sd3, is_sd3_source, load_sd3
+from sdrt.export.sd3_export import export_sd3
+from sdrt.export.sd3_loading import is_sd3_source, load_sd3
+from sdrt.export.sd3_model import LoadedSd3
 from sdrt.export.sd3_presets import Sd3Modules, build_modules, get_sd3_preset
 from sdrt.export.sd3_single_file import detect_sd3_preset, load_sd3_single_file
 from sdrt.runtime.errors import ArtifactError, InputError, UnsafeCheckpointError

@@ -34,7 +34,8 @@ NEGATIVE = "blurry, low quality"
 
 @pytest.fixture(scope="module")
 def slg_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from sdrt.export.sd3_export import export_sd3, load_sd3
+    from sdrt.export.sd3_export import export_sd3
+    from sdrt.export.sd3_loading import load_sd3
 
     out = tmp_path_factory.mktemp("slg") / f"{PRESET}-skip-{'-'.join(map(str, LAYERS))}"
     export_sd3(load_sd3(random_preset=PRESET), out, fp16=False, skip_layers=LAYERS)
@@ -137,7 +138,8 @@ SLOTS = "8:attn-ff"
 @pytest.fixture(scope="module")
 def slotted_slg_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from sdrt.export.lora_slots import SlotPlan
-    from sdrt.export.sd3_export import export_sd3, load_sd3
+    from sdrt.export.sd3_export import export_sd3
+    from sdrt.export.sd3_loading import load_sd3
 
     out = tmp_path_factory.mktemp("slg-slots") / f"{PRESET}-skip-slots"
     export_sd3(load_sd3(random_preset=PRESET), out, fp16=False, skip_layers=LAYERS, lora_slots=SlotPlan.parse(SLOTS))
@@ -397,7 +399,8 @@ def test_calls_that_cannot_run_slg_are_refused_before_work(slg_pipe: Pipeline, s
 
 def test_export_refuses_bad_layers_and_refit(slg_export: Path, tmp_path: Path) -> None:
     from sdrt.export.refit import RefitRequest, refit_folder
-    from sdrt.export.sd3_export import export_sd3, load_sd3
+    from sdrt.export.sd3_export import export_sd3
+    from sdrt.export.sd3_loading import load_sd3
 
     model = load_sd3(random_preset=PRESET)
     for layers in ([2], [0, 0], [0, 1], [], [-1]):  # past the 2 blocks, twice, every block, none, negative
@@ -413,7 +416,8 @@ def test_a_streamed_transformer_gets_a_streamed_pass(tmp_path: Path) -> None:
     """The full-size path: the transformer streamed, its pass traced on fake tensors, gated on a reduced-depth copy
     that keeps the skipped blocks, and sharing the transformer's weights file; the pass against diffusers' on the
     same (synthetic, per-tensor) weights."""
-    from sdrt.export.sd3_export import export_sd3, load_sd3
+    from sdrt.export.sd3_export import export_sd3
+    from sdrt.export.sd3_loading import load_sd3
 
     model = load_sd3(random_preset=PRESET, stream=True)
     m = export_sd3(model, tmp_path / "out", fp16=False, skip_layers=[1])
@@ -444,7 +448,8 @@ def test_a_streamed_slotted_transformer_gets_a_slotted_streamed_pass(tmp_path: P
     weights file, and with factors is the transformer with ``up @ down`` added to each slotted weight (by hand)
     and ``skip_layers``."""
     from sdrt.export.lora_slots import SlotPlan
-    from sdrt.export.sd3_export import export_sd3, load_sd3
+    from sdrt.export.sd3_export import export_sd3
+    from sdrt.export.sd3_loading import load_sd3
 
     model = load_sd3(random_preset=PRESET, stream=True)
     m = export_sd3(model, tmp_path / "out", fp16=False, without_t5=True, skip_layers=[1],

@@ -75,7 +75,8 @@ def test_a_diffusers_folder_exported_streamed_gives_the_in_memory_images(sd3_exp
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
     from transformers import CLIPTokenizer, T5TokenizerFast
 
-    from sdrt.export.sd3_export import export_sd3, load_sd3
+    from sdrt.export.sd3_export import export_sd3
+    from sdrt.export.sd3_loading import load_sd3
 
     ref_folder = sd3_export("sd3-tiny")
     p = get_sd3_preset("sd3-tiny")
@@ -105,7 +106,8 @@ def test_a_diffusers_folder_exported_streamed_gives_the_in_memory_images(sd3_exp
 def test_synthetic_weights_of_an_architecture_never_built(tmp_path: Path) -> None:
     """A random preset streamed: the transformer and T5 never exist in memory; their weights are drawn per
     tensor (the same every time) and the export runs."""
-    from sdrt.export.sd3_export import export_sd3, load_sd3
+    from sdrt.export.sd3_export import export_sd3
+    from sdrt.export.sd3_loading import load_sd3
 
     model = load_sd3(random_preset="sd3-tiny", seed=4, stream=True)
     assert model.modules.transformer is None and model.modules.text_encoders[2] is None

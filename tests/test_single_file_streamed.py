@@ -30,8 +30,8 @@ from sdrt.export.flux_presets import get_flux_preset
 from sdrt.export.flux_single_file import to_diffusers
 from sdrt.export.flux_specs import streamed_transformer_spec, transformer_spec
 from sdrt.export.onnx_export import check_parity
-from sdrt.export.sd3_export import load_sd3
-from sdrt.export.sd3_export import weight_shapes as sd3_weight_shapes
+from sdrt.export.sd3_loading import load_sd3
+from sdrt.export.sd3_model import weight_shapes as sd3_weight_shapes
 from sdrt.export.sd3_presets import build_modules as build_sd3
 from sdrt.export.sd3_presets import get_sd3_preset
 from sdrt.export.sd3_specs import streamed_t5_spec, t5_spec

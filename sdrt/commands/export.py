@@ -7,6 +7,8 @@ import time
 
 
 def register(p: argparse.ArgumentParser) -> None:
+    from sdrt.export.exporters import register_family_flags
+
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", metavar="PATH", help="a diffusers folder or a single-file .safetensors checkpoint")
     src.add_argument("--random", metavar="PRESET", help="synthetic weights of a preset architecture (see --list)")
@@ -17,18 +19,9 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace --out even if it is not an sdrt export, deleting what it holds")
     p.add_argument("--fp32", action="store_true", help="export fp32 graphs (default: fp16; the SDXL VAE is fp32; FLUX.1 is always fp32)")
-    p.add_argument("--vae-fp32", action="store_true", default=None,
-                   help="keep the VAE in fp32 in an fp16 export (the default for SDXL, whose VAE overflows in fp16)")
-    p.add_argument("--ort-cuda", action="store_true",
-                   help="also write a UNet with ONNX Runtime's fused CUDA operators (attention, GroupNorm) for ort-cuda")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset, 17 or newer (default 17)")
     p.add_argument("--arch", metavar="PRESET", help="architecture of a single-file checkpoint, if not detected")
     p.add_argument("--seed", type=int, default=0, help="seed of --random weights (default 0)")
-    p.add_argument("--clip-skip", type=int, default=0, metavar="N",
-                   help="condition on the text encoder layer N before the model's own (diffusers' clip_skip; "
-                        "A1111's 'Clip skip 2' is 1; default 0)")
-    p.add_argument("--no-ema", action="store_true",
-                   help="a single file with EMA and non-EMA UNet weights: load the non-EMA ones (default: EMA)")
     p.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
                    help="merge a LoRA .safetensors into the weights before export (e.g. LCM-LoRA, then --sampler "
                         "lcm); repeat to stack")
@@ -51,27 +44,7 @@ def register(p: argparse.ArgumentParser) -> None:
                         "the transformer blocks; attn-ff-conv, UNets only, also the ResNet and sampler "
                         "convolutions, for LoCon) and the CLIP encoders' take low-rank factors as inputs, up to "
                         "RANK per layer (the ranks of a call's LoRAs summed), e.g. 32, 64:attn-ff or 32:attn-ff-conv")
-    p.add_argument("--skip-layers", type=_layers, default=None, metavar="N,N,...",
-                   help="SD 3 / 3.5: also export the transformer pass with these blocks skipped, for skip-layer "
-                        "guidance (generate --slg-scale); it reads the transformer's weights file. SD 3.5 Medium: "
-                        "7,8,9 (diffusers' recommendation)")
-    p.add_argument("--without-t5", action="store_true",
-                   help="SD 3 / 3.5: leave the T5-XXL encoder out (diffusers' text_encoder_3=None: zeros in its "
-                        "place); much lighter, weaker prompt following")
-    p.add_argument("--clip-l", metavar="FILE",
-                   help="SD 3 / 3.5 or FLUX.1 single file: its CLIP-L text encoder as a separate file (Stability's "
-                        "text_encoders/clip_l.safetensors; for FLUX.1, clip_l.safetensors), for a file that does "
-                        "not bundle it")
-    p.add_argument("--clip-g", metavar="FILE",
-                   help="SD 3 / 3.5 single file: its CLIP-G text encoder (text_encoders/clip_g.safetensors)")
-    p.add_argument("--t5", metavar="FILE",
-                   help="SD 3 / 3.5 or FLUX.1 single file: its T5-XXL text encoder (t5xxl_fp16.safetensors)")
-    p.add_argument("--vae", metavar="FILE",
-                   help="FLUX.1 single file: its VAE as a separate file (Black Forest Labs' ae.safetensors)")
-    p.add_argument("--tokenizers", metavar="DIR",
-                   help="SD 3 / 3.5 or FLUX.1 single file: a folder with the tokenizers of a diffusers folder of "
-                        "the family (tokenizer/, tokenizer_2/, and tokenizer_3/ for SD 3); needed for T5 of a "
-                        "full-size model")
+    register_family_flags(p)  # those of the exporters (export/exporters.py), each declared by its exporter
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow loading a pickled .ckpt/.bin (runs code from the file: only for trusted files)")
 
@@ -107,15 +80,6 @@ def run(args: argparse.Namespace) -> int:
     manifest = exporter.run(args, lambda line: print(line, flush=True), progress)
     _report(args.out, manifest, t0)
     return 0
-
-
-def _layers(text: str) -> list[int]:
-    """``--skip-layers 7,8,9`` -> [7, 8, 9] (checked against the transformer by the export)."""
-    try:
-        return [int(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of block numbers, e.g. 7,8,9") \
-            from None
 
 
 def _report(out: str, manifest, t0: float) -> None:  # type: ignore[no-untyped-def]
