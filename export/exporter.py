@@ -36,7 +36,7 @@ from .controlnet_loading import LoadedControlNet, check_pairing
 from .controlnet_specs import controlnet_specs
 from .loading import LoadedModel
 from .lora_slots import Layer, SlotPlan, Slotted, slot_layers, slotted, split_inert
-from .onnx_export import ComponentSpec, export_component
+from .onnx_export import ComponentSpec, export_group, share_groups
 
 MIN_OPSET = 17
 TEXT_LEN = 77
@@ -324,6 +324,7 @@ def export_model(
     controlnets: Sequence[LoadedControlNet] = (),
     deepcache: bool = False,
     lora_slots: SlotPlan | None = None,
+    release: bool = False,
 ) -> ExportManifest:
     """Export every component of ``model`` into ``out`` (atomically) and return its manifest.
 
@@ -335,6 +336,9 @@ def export_model(
     ``deepcache``: also export DeepCache's shallow path (``unet_shallow``), the UNet returning the deep feature
     it reuses (``Pipeline(..., cache="deepcache")``; runtime/feature_cache.py). ``lora_slots``: the UNet takes
     LoRA factors as inputs, so calls can carry LoRAs (``Pipeline(..., loras=...)``; export/lora_slots.py).
+    ``release``: ``model`` (and ``controlnets``) are given up to save memory: each module's weights are freed
+    (moved to the meta device) once its last graph is exported, before ONNX Runtime checks it, and an fp16 export
+    casts the modules in place instead of copying them; neither can be used after. The files are the same.
 
     ``out`` may be new, empty or a previous sdrt export holding only what its sdrt.json names (replaced
     whole when the export succeeds); any other folder is refused unless ``overwrite``, a file or the current
@@ -359,12 +363,14 @@ def export_model(
     with atomic_dir(out, marker=MANIFEST_NAME, overwrite=overwrite, what=EXPORT_KIND, owned=export_entries) as tmp:
         components = {}
         inert: dict[str, list[str]] = {}
-        for spec in component_specs(model, vae_fp32, clip_skip, controlnets, deepcache, lora_slots):
+        specs = component_specs(model, vae_fp32, clip_skip, controlnets, deepcache, lora_slots)
+        for spec in specs:
             if isinstance(spec.module, Slotted) and spec.module.inert:
                 inert[spec.name] = list(spec.module.inert)
-            components[spec.name] = export_component(
-                spec, precision, tmp / spec.name, opset=opset, parity_shape=parity_shape, progress=progress
-            )
+        # the components that share a module (the UNet's graphs) go together, so it can be freed after them
+        for group in share_groups(specs):
+            components.update(export_group([(spec, tmp / spec.name) for spec in group], precision, opset=opset,
+                                           parity_shape=parity_shape, progress=progress, release=release))
         for i, (enc_name, pad) in enumerate(zip(p.encoder_names, p.pad_tokens, strict=True)):
             src = model.tokenizer_dirs[i] if i < len(model.tokenizer_dirs) else None
             write_clip_tokenizer(tmp / tokenizer_of(enc_name), pad_token=pad, source=src)

@@ -9,20 +9,25 @@ random inputs against the float32 PyTorch module. The artifact is refused when t
 from __future__ import annotations
 
 import copy
+import ctypes
+import gc
 import json
 import logging
 import os
+import shutil
+import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 import torch
+from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
 
-from sdrt.runtime.atomic import give_default_mode
 from sdrt.runtime.errors import ParityError
 from sdrt.runtime.manifest import Component, Parity, TensorSpec
 
@@ -38,6 +43,7 @@ PARITY_BOUND = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 5e-2}
 # For uint8 images: the largest difference in levels (fp32: a rounding flip at most).
 IMAGE_LEVELS = {"fp32": 1, "fp16": 8, "bf16": 16}
 EXTERNAL_DATA_BYTES = 1 << 30
+EXTERNAL_DATA = "model.onnx_data"
 TRACE_LATENT = (10, 14)  # components above 1 GiB keep their weights in model.onnx_data
 
 
@@ -82,17 +88,113 @@ def export_component(
     progress: Callable[[str], None] = lambda msg: None,
 ) -> Component:
     """Export ``spec`` into ``folder/model.onnx`` and return its manifest entry. Raises ParityError."""
-    precision = "fp32" if spec.force_fp32 else precision
-    folder.mkdir(parents=True, exist_ok=True)
-    scratch = folder / ".raw"
-    scratch.mkdir()
+    return export_group([(spec, folder)], precision, opset=opset, parity_shape=parity_shape,
+                        progress=progress)[spec.name]
+
+
+def share_groups(specs: Sequence[ComponentSpec]) -> list[list[ComponentSpec]]:
+    """``specs`` in runs that end where no later spec shares a parameter or buffer with the run (the UNet's
+    graphs, say, with the ControlNets between them): after its run, a module is needed no more."""
+    held = [{id(t) for t in (*s.module.parameters(), *s.module.buffers())} for s in specs]
+    groups: list[list[ComponentSpec]] = []
+    run: list[ComponentSpec] = []
+    run_held: set[int] = set()
+    for i, spec in enumerate(specs):
+        run.append(spec)
+        run_held |= held[i]
+        if not any(run_held & later for later in held[i + 1:]):
+            groups.append(run)
+            run, run_held = [], set()
+    return groups
+
+
+def export_group(
+    items: Sequence[tuple[ComponentSpec, Path]],
+    precision: str,
+    *,
+    opset: int,
+    parity_shape: tuple[int, int, int],
+    progress: Callable[[str], None] = lambda msg: None,
+    release: bool = False,
+) -> dict[str, Component]:
+    """Export each ``(spec, folder)`` and gate it on parity; the manifest entries by name. Raises ParityError.
+
+    Every graph and the float32 module's outputs on the parity inputs first, then every parity check, so that
+    an ONNX Runtime session need not share memory with PyTorch modules no longer needed. ``release``: the specs'
+    modules are needed by no spec after these (``share_groups``) and the caller gives them up: an all-fp16 group
+    is traced from its modules cast in place once the references are taken (no half copy), and every parameter
+    and buffer goes to the meta device (its memory freed) before the checks; the modules are unusable after.
+    """
+    precisions = ["fp32" if spec.force_fp32 else precision for spec, _ in items]
+    in_place = release and all(prec == "fp16" for prec in precisions)
+    cases, examples = {}, {}
+    if in_place:  # what the float32 modules compute (an example may run another module: ControlNet residuals)
+        for (spec, _), prec in zip(items, precisions):
+            cases[spec.name] = _parity_case(spec, prec, parity_shape)
+            examples[spec.name] = _trace_example(spec, prec)
+        for spec, _ in items:
+            spec.module.half()
+        release_memory()
+    for (spec, folder), prec in zip(items, precisions):
+        _export_graph(spec, prec, folder, opset=opset, progress=progress, example=examples.pop(spec.name, None))
+        if spec.name not in cases:  # after the trace, as it always was
+            cases[spec.name] = _parity_case(spec, prec, parity_shape)
+    if release:
+        for spec, _ in items:
+            spec.module.to("meta")
+    release_memory()
+    done = {}
+    for (spec, folder), prec in zip(items, precisions):
+        progress(f"checking {spec.name}'s parity with PyTorch")
+        parity = check_parity(spec, prec, folder / "model.onnx", parity_shape, case=cases.pop(spec.name))
+        release_memory()
+        progress(f"{spec.name}: {parity_line(parity, prec)}")
+        done[spec.name] = Component(
+            path=f"{folder.name}/model.onnx",
+            precision=prec,
+            inputs=tuple(TensorSpec(n, _np_dtype(k, prec), s) for n, k, s in spec.inputs),
+            outputs=tuple(TensorSpec(n, _np_dtype(k, prec), s) for n, k, s in spec.outputs),
+            parity=parity,
+            size_bytes=sum(f.stat().st_size for f in folder.iterdir() if f.name.startswith("model.onnx")),
+        )
+    return done
+
+
+def release_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the system (glibc keeps them otherwise)."""
+    gc.collect()
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc only
+    if trim is not None:
+        trim(0)
+
+
+def _half_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """``copy.deepcopy(module).half()`` without a float32 copy on the way: each float parameter is copied
+    straight to half (the deep copy takes those from its memo, sharing stays as it was)."""
+    memo: dict[int, Any] = {id(p): torch.nn.Parameter(p.detach().half(), p.requires_grad)
+                            for p in module.parameters() if p.is_floating_point()}
+    return copy.deepcopy(module, memo).half()
+
+
+def _trace_example(spec: ComponentSpec, precision: str) -> tuple[torch.Tensor, ...]:
     gen = torch.Generator().manual_seed(1234)
     # Traced at a latent size the UNet's upsampling factor does not divide: diffusers then sizes each
     # upsampling to its skip connection, and the trace records that general branch, so the graph
     # serves every multiple of 8 pixels (a divisible trace would bake in a factor-of-2 upsampling).
-    example = _cast_inputs(spec.example(gen, 1, *TRACE_LATENT), spec, precision)
-    # fp16 graphs are traced from a half copy: the parity reference stays the original fp32 module
-    module = copy.deepcopy(spec.module).half() if precision == "fp16" else spec.module
+    return _cast_inputs(spec.example(gen, 1, *TRACE_LATENT), spec, precision)
+
+
+def _export_graph(spec: ComponentSpec, precision: str, folder: Path, *, opset: int,
+                  progress: Callable[[str], None], example: tuple[torch.Tensor, ...] | None = None) -> None:
+    """Trace ``spec`` into ``folder/model.onnx`` (+ ``model.onnx_data``) and its refit map, and check the file.
+    ``example``: the trace's inputs, taken before the module was cast to half in place (None: an fp16 graph is
+    traced from a half copy, the module staying the float32 parity reference)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    scratch = folder / ".raw"
+    scratch.mkdir()
+    cast = example is None and precision == "fp16"
+    example = _trace_example(spec, precision) if example is None else example
+    module = _half_copy(spec.module) if cast else spec.module
     dynamic_axes = {
         n: {i: d for i, d in enumerate(shape) if isinstance(d, str)} for n, _, shape in spec.inputs + spec.outputs
     }
@@ -111,37 +213,94 @@ def export_component(
             do_constant_folding=True,
             dynamo=False,
         )
-    model = onnx.load(str(scratch / "model.onnx"))
-    _cleanup(model)
-    if spec.refittable:  # before saving: saving with external data rewrites the tensors in place
-        wdtype = torch.float16 if precision == "fp16" else torch.float32
-        refit = build_refit_map(model, spec.weights, wdtype)
-        (folder / "refit_map.json").write_text(json.dumps(refit, indent=1, sort_keys=True))
-    size = sum(len(t.raw_data) for t in model.graph.initializer)
-    external = spec.name in ("unet", "unet_control") or size > EXTERNAL_DATA_BYTES
+    del module
+    release_memory()
     path = folder / "model.onnx"
-    if external:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location="model.onnx_data", size_threshold=1024)
-        give_default_mode(folder / "model.onnx_data")  # onnx writes the weights file 0600
-    else:
+    repack(scratch / "model.onnx", path, external=spec.name in ("unet", "unet_control") or None)
+    shutil.rmtree(scratch)
+    onnx.checker.check_model(str(path))  # the path form: the weights stay on disk
+    if spec.refittable:
+        wdtype = torch.float16 if precision == "fp16" else torch.float32
+        refit = build_refit_map(onnx.load(str(path), load_external_data=False), spec.weights, wdtype, base_dir=folder)
+        (folder / "refit_map.json").write_text(json.dumps(refit, indent=1, sort_keys=True))
+    progress(f"exported {spec.name} in {time.perf_counter() - t0:.1f} s")
+
+
+def repack(raw: Path, path: Path, *, external: bool | None = None) -> bool:
+    """Clean the exporter's graph ``raw`` (``_cleanup``) and save it as ``path``: with every initializer of 1 KiB
+    or more in one ``model.onnx_data`` beside it when ``external`` (None: when the initializers pass 1 GiB), else
+    as one file. Returns whether it wrote external data.
+
+    The result equals ``onnx.load`` + ``onnx.save_model(..., save_as_external_data=True,
+    all_tensors_to_one_file=True, location="model.onnx_data", size_threshold=1024)``, but the weights the
+    exporter wrote as external files (it does past 2 GB) are copied one tensor at a time, never all in memory.
+    """
+    model = onnx.load(str(raw), load_external_data=False)
+    _cleanup(model)
+    if external is None:
+        external = sum(_data_length(t, raw.parent) for t in model.graph.initializer) > EXTERNAL_DATA_BYTES
+    if not external:
+        onnx.load_external_data_for_model(model, str(raw.parent))
         onnx.save_model(model, str(path))
-    for f in scratch.iterdir():
-        f.unlink()
-    scratch.rmdir()
-    onnx.checker.check_model(str(path))
-    del model, module
-    progress(f"exported {spec.name} in {time.perf_counter() - t0:.1f} s; checking parity with PyTorch")
-    parity = check_parity(spec, precision, path, parity_shape)
-    progress(f"{spec.name}: {parity_line(parity, precision)}")
-    return Component(
-        path=f"{folder.name}/model.onnx",
-        precision=precision,
-        inputs=tuple(TensorSpec(n, _np_dtype(k, precision), s) for n, k, s in spec.inputs),
-        outputs=tuple(TensorSpec(n, _np_dtype(k, precision), s) for n, k, s in spec.outputs),
-        parity=parity,
-        size_bytes=sum(f.stat().st_size for f in folder.iterdir() if f.name.startswith("model.onnx")),
-    )
+        return False
+    with open(path.parent / EXTERNAL_DATA, "wb") as data:  # a plain write's mode (onnx's is 0600)
+        for t in _initializers(model.graph):
+            if uses_external_data(t):
+                held = onnx.TensorProto()
+                held.CopyFrom(t)  # no bytes: the copy names the file and range
+                load_external_data_for_tensor(held, str(raw.parent))
+                blob = held.raw_data
+            elif t.HasField("raw_data") and sys.getsizeof(t.raw_data) >= 1024:  # onnx's own threshold test
+                blob = t.raw_data
+            else:
+                continue
+            offset = data.tell()
+            data.write(blob)
+            del blob
+            t.ClearField("raw_data")
+            del t.external_data[:]
+            t.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", EXTERNAL_DATA), ("offset", offset), ("length", data.tell() - offset)):
+                entry = t.external_data.add()
+                entry.key, entry.value = key, str(value)
+    for t in _attribute_tensors(model.graph):  # onnx.load reads these in; save_model keeps them in the graph
+        if uses_external_data(t):
+            load_external_data_for_tensor(t, str(raw.parent))
+    onnx.save_model(model, str(path))
+    return True
+
+
+def _data_length(t: onnx.TensorProto, base_dir: Path) -> int:
+    """The bytes of ``t``'s data, in the graph or in its external file."""
+    if not uses_external_data(t):
+        return len(t.raw_data)
+    info = {e.key: e.value for e in t.external_data}
+    if "length" in info:
+        return int(info["length"])
+    return (base_dir / info["location"]).stat().st_size - int(info.get("offset", 0))
+
+
+def _initializers(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """The graph's initializers, then its subgraphs', in onnx's order for external data."""
+    yield from graph.initializer
+    for node in graph.node:
+        for a in node.attribute:
+            yield from (x for g in _subgraphs(a) for x in _initializers(g))
+
+
+def _attribute_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    for node in graph.node:
+        for a in node.attribute:
+            if a.HasField("t"):
+                yield a.t
+            yield from a.tensors
+            yield from (x for g in _subgraphs(a) for x in _attribute_tensors(g))
+
+
+def _subgraphs(a: onnx.AttributeProto) -> list[onnx.GraphProto]:
+    if a.type == onnx.AttributeProto.GRAPH:
+        return [a.g]
+    return list(a.graphs) if a.type == onnx.AttributeProto.GRAPHS else []
 
 
 def _cleanup(model: onnx.ModelProto) -> None:
@@ -212,11 +371,13 @@ def _compare(spec: ComponentSpec, outs: list[np.ndarray], ref: tuple[torch.Tenso
     return worst_rel, worst_abs, bound
 
 
-def check_parity(spec: ComponentSpec, precision: str, path: Path, shape: tuple[int, int, int]) -> Parity:
-    """Run the ONNX graph (ORT CPU) and the float32 torch module on the same fresh inputs."""
+def check_parity(spec: ComponentSpec, precision: str, path: Path, shape: tuple[int, int, int], *,
+                 case: tuple[dict[str, np.ndarray], tuple[torch.Tensor, ...]] | None = None) -> Parity:
+    """Run the ONNX graph (ORT CPU) and the float32 torch module on the same fresh inputs. ``case``: the
+    inputs and the module's outputs already computed (``_parity_case``), so the module need not be held."""
     import onnxruntime as ort
 
-    feed, ref = _parity_case(spec, precision, shape)
+    feed, ref = case if case is not None else _parity_case(spec, precision, shape)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = max(1, os.cpu_count() or 1)
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])

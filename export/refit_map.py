@@ -8,22 +8,26 @@ the exported dtype, as-is or transposed) recovers the mapping exactly, whatever 
 from __future__ import annotations
 
 import hashlib
+import os
 from typing import Any
 
 import numpy as np
 import onnx
 import torch
 from onnx import numpy_helper
+from onnx.external_data_helper import uses_external_data
 
 
 def _digest(a: np.ndarray) -> str:
     return hashlib.blake2b(np.ascontiguousarray(a).tobytes(), digest_size=16).hexdigest() + str(a.shape)
 
 
-def build_refit_map(model: onnx.ModelProto, module: torch.nn.Module, dtype: torch.dtype) -> dict[str, Any]:
+def build_refit_map(model: onnx.ModelProto, module: torch.nn.Module, dtype: torch.dtype,
+                    base_dir: str | os.PathLike[str] = "") -> dict[str, Any]:
     """Map initializer name -> {"param": name, "transpose": bool} for every initializer that is a weight.
 
-    ``module`` is the diffusers/transformers module (parameter names as in its state dict). Parameters
+    ``module`` is the diffusers/transformers module (parameter names as in its state dict). Initializers in
+    external data are read from ``base_dir`` one at a time (``model`` is left as it is). Parameters
     whose values occur more than once (all-zero biases, say) are listed under ``"ambiguous"``: a refit
     must then set them together.
     """
@@ -38,7 +42,13 @@ def build_refit_map(model: onnx.ModelProto, module: torch.nn.Module, dtype: torc
     mapping: dict[str, dict[str, Any]] = {}  # "transpose" also covers the (C,1,1) reshape: same bytes
     ambiguous: dict[str, list[str]] = {}
     for init in model.graph.initializer:
-        arr = numpy_helper.to_array(init)
+        if uses_external_data(init):
+            held = onnx.TensorProto()
+            held.CopyFrom(init)  # to_array reads the bytes into the tensor it is given
+            arr = numpy_helper.to_array(held, os.fspath(base_dir))
+            del held
+        else:
+            arr = numpy_helper.to_array(init)
         if arr.size < 2:
             continue  # scalars are folded constants, not weights
         hits = table.get(_digest(arr))

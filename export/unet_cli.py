@@ -42,7 +42,8 @@ def run(args: argparse.Namespace, say: Say, progress: Say) -> ExportManifest:
         merged_lines({comp: rep for comp, rep in reports.items() if rep.matched}, say)
     manifest = export_model(model, args.out, overwrite=args.overwrite, fp16=not args.fp32, opset=args.opset,
                             vae_fp32=args.vae_fp32, progress=progress, clip_skip=args.clip_skip, controlnets=nets,
-                            deepcache=args.feature_cache, lora_slots=slots)
+                            deepcache=args.feature_cache, lora_slots=slots,
+                            release=not args.ort_cuda)  # the CUDA variant re-exports the UNet from ``model``
     if args.ort_cuda:
         from .ort_fusion import add_ort_cuda_variant
 
