@@ -116,7 +116,7 @@ def open_model(folder: Path, backend: str | Backend, *, threads: int | None, cud
     try:
         engines: dict[str, Engine] = {}
         later = deferred(manifest, be, graphs)
-        pending = {name: Deferred(be, name, manifest.components[name]) for name in later}
+        pending: dict[str, Engine] = {name: Deferred(be, name, manifest.components[name]) for name in later}
         for name in (n for n in later if n not in ON_DEMAND):  # a missing graph stays the load's error, as eager
             path = folder / be.graph_for(manifest.components[name])
             if not path.is_file():
