@@ -180,13 +180,21 @@ def test_the_small_graph_is_the_nets_first_residual(tiny_controlnet_export, pres
 
 
 def _counting(pipe: Pipeline, monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
-    """How often each of ``pipe``'s engines runs from now on (each still runs)."""
+    """How often each of ``pipe``'s engines runs from now on (each still runs), those it loads on a call's demand (a
+    UNet) too."""
     runs: dict[str, int] = {}
-    for name, e in pipe.engines.items():
-        def run(feeds: Any, name: str = name, orig: Any = e.run) -> Any:
+
+    def count(name: str, e: Any) -> Any:
+        def run(feeds: Any, orig: Any = e.run) -> Any:
             runs[name] = runs.get(name, 0) + 1
             return orig(feeds)
         monkeypatch.setattr(e, "run", run)
+        return e
+
+    for name, e in pipe.engines.items():
+        count(name, e)
+    load = pipe.backend.load
+    monkeypatch.setattr(pipe.backend, "load", lambda path, name: count(name, load(path, name)))
     return runs
 
 
