@@ -57,6 +57,10 @@ class Backend(abc.ABC):
     # its loop can read a number back on the host between the graphs of a step (a feature cache's threshold
     # rule); False where the loop is captured whole (TensorRT)
     per_step_reads: bool = True
+    # it loads each engine alone, so the pipeline may load a component on the first call that runs it (the UNet of
+    # the kind of call a process makes: an export with ControlNets has two); False where the load plans device memory
+    # over every engine at once (TensorRT's shared scratch block): everything loads with the model
+    loads_on_demand: bool = True
 
     @abc.abstractmethod
     def load(self, path: str | bytes, name: str) -> Engine:

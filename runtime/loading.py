@@ -5,24 +5,54 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from . import backends
-from .engine import Backend, Engine
+from .control_stage import CONTROL_UNET
+from .engine import Array, Backend, Engine, IOSpec
 from .engine_manifest import EngineManifest
 from .errors import ArtifactError, CompatibilityError, InputError
 from .families import Family
 from .layer_skip import SKIP_UNET
-from .manifest import ExportManifest, tokenizer_of
+from .manifest import Component, ExportManifest, tokenizer_of
 from .optimum import is_optimum_folder, read_optimum
 from .tokenizer import ClipTokenizer, PromptTokenizer
 
 # components the pipeline loads when a call first runs them, not with the model: skip-layer guidance's pass holds a
 # second copy of most of the transformer's weights, which calls without it never need
 ON_DEMAND = (SKIP_UNET,)
+# components of which a call runs one, each loaded on the first call that runs it where the backend loads engines one by
+# one: an export with ControlNets has the plain UNet and the UNet taking the nets' residuals, full copies of the weights
+# both, and a process that runs one kind of call never needs the other's
+ALTERNATIVES = (("unet", CONTROL_UNET),)
+
+
+class Deferred(Engine):
+    """A component the pipeline loads on the first call that runs it, described by the export's manifest (its inputs
+    and outputs as recorded at export), so that what reads them (the latents' dtype, which inputs the denoiser takes,
+    its LoRA slots) loads nothing. It runs nothing: the pipeline loads the engine in its place first."""
+
+    def __init__(self, backend: Backend, name: str, component: Component) -> None:
+        self.name, self.backend = name, backend
+        self.inputs = {t.name: IOSpec(t.name, np.dtype(t.dtype), t.shape) for t in component.inputs}
+        self.outputs = {t.name: IOSpec(t.name, np.dtype(t.dtype), t.shape) for t in component.outputs}
+
+    def run(self, feeds: Mapping[str, Array]) -> dict[str, Array]:
+        raise RuntimeError(f"{self.name} is not loaded: the pipeline loads it before the first call that runs it")
+
+
+def deferred(manifest: ExportManifest, backend: Backend, in_memory: Collection[str] = ()) -> tuple[str, ...]:
+    """The components of ``manifest`` that load on the first call that runs them on ``backend`` (``in_memory``: graphs
+    adapted in memory, which load with the model)."""
+    names = [n for n in ON_DEMAND if n in manifest.components]
+    if backend.loads_on_demand:
+        names += [n for group in ALTERNATIVES if all(c in manifest.components for c in group) for n in group]
+    return tuple(n for n in names if n not in in_memory)
 
 
 @dataclass
@@ -36,6 +66,8 @@ class OpenedModel:
     tokenizers: list[PromptTokenizer]
     scheduler_config: dict[str, Any]
     given: bool
+    # the components loaded on the first call that runs them (``deferred``), as the manifest describes them
+    pending: dict[str, Engine] = field(default_factory=dict)
     # where the load went, in ms: "backend" (reading the manifest and making the backend), each engine by its
     # component name (reading and compiling or deserializing it), "tokenizers" (with the width checks)
     load_ms: dict[str, float] = field(default_factory=dict)
@@ -83,17 +115,23 @@ def open_model(folder: Path, backend: str | Backend, *, threads: int | None, cud
     took = {"backend": (time.perf_counter() - t0) * 1e3}
     try:
         engines: dict[str, Engine] = {}
+        later = deferred(manifest, be, graphs)
+        pending: dict[str, Engine] = {name: Deferred(be, name, manifest.components[name]) for name in later}
+        for name in (n for n in later if n not in ON_DEMAND):  # a missing graph stays the load's error, as eager
+            path = folder / be.graph_for(manifest.components[name])
+            if not path.is_file():
+                raise ArtifactError(f"{path} is missing; re-export the model with `sdrt export`")
         for name, comp in manifest.components.items():
-            if name in ON_DEMAND:  # loaded by the pipeline on the first call that runs it
+            if name in later:  # loaded by the pipeline on the first call that runs it
                 continue
             t0 = time.perf_counter()
             engines[name] = be.load(graphs[name] if name in graphs else str(folder / be.graph_for(comp)), name)
             took[name] = (time.perf_counter() - t0) * 1e3
         t0 = time.perf_counter()
         toks = tokenizers(manifest, folder)
-        check_widths(engines, folder, manifest.model_family)
+        check_widths({**pending, **engines}, folder, manifest.model_family)
         took["tokenizers"] = (time.perf_counter() - t0) * 1e3
-        return OpenedModel(manifest, be, engines, toks, scheduler_config(folder), given is not None, took)
+        return OpenedModel(manifest, be, engines, toks, scheduler_config(folder), given is not None, pending, took)
     except BaseException:
         if given is None:  # a given backend stays the caller's, with what was loaded onto it
             be.close()

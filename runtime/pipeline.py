@@ -81,12 +81,14 @@ class Pipeline:
 
     def __init__(self, folder: Path, manifest: ExportManifest, backend: Backend,
                  engines: dict[str, Engine], tokenizers: list[PromptTokenizer],
-                 scheduler_config: dict[str, Any]) -> None:
+                 scheduler_config: dict[str, Any], pending: Mapping[str, Engine] | None = None) -> None:
         self.folder = folder
         self.manifest = manifest
         self.family: Family = manifest.model_family
         self.backend = backend
-        self.engines = engines
+        self.engines = engines  # the loaded ones
+        # the components loaded on the first call that runs them (``loading.deferred``), as the manifest describes them
+        self._pending: dict[str, Engine] = dict(pending or {})
         self.tokenizers = tokenizers
         self.scheduler_config = scheduler_config
         self.device_graphs = DeviceGraphs(backend)
@@ -131,7 +133,7 @@ class Pipeline:
                                     precision=precision, share=share, static_shapes=static_shapes)
         try:
             pipe = cls(folder, opened.manifest, opened.backend, opened.engines, opened.tokenizers,
-                       opened.scheduler_config)
+                       opened.scheduler_config, opened.pending)
             pipe.loras = library
             pipe.load_ms = dict(opened.load_ms)
         except BaseException:
@@ -159,6 +161,7 @@ class Pipeline:
             self._no_lora = None
             self._skip = None
             self.engines = {}
+            self._pending = {}
             self.backend.close()
 
     @property
@@ -186,17 +189,36 @@ class Pipeline:
             yield self
 
     @property
+    def _described(self) -> dict[str, Engine]:
+        """Every loaded engine, and each component loaded on the first call that runs it that is not loaded yet as the
+        manifest describes it (``loading.Deferred``): what reads inputs and outputs (not running them) reads these, so
+        that reading them loads nothing."""
+        return {**self._pending, **self.engines}
+
+    def _engine(self, name: str) -> Engine:
+        """The engine of component ``name``, loaded here on the first call that runs it where the load deferred it (the
+        backend's errors are those of a load with the model). Under the pipeline's lock: threads calling at once load
+        it once."""
+        with self._lock:
+            engine = self.engines.get(name)
+            if engine is None:
+                comp = self.manifest.components[name]
+                engine = self.backend.load(str(self.folder / self.backend.graph_for(comp)), name)
+                self.engines[name] = engine
+            return engine
+
+    @property
     def dtype(self) -> np.dtype[Any]:
         """The UNet's (so the latents') dtype."""
         self._ready()
-        return self.engines["unet"].inputs["sample"].dtype
+        return self._described["unet"].inputs["sample"].dtype
 
     def uses_guidance(self, guidance_scale: float) -> bool:
         """Classifier-free guidance runs (2B UNet rows) above scale 1, except on a UNet that embeds the
         scale itself (``timestep_cond``: LCM-distilled models, as diffusers' LCM pipelines) and in a
         guidance-distilled family (FLUX.1)."""
         return (self.family.classifier_free and guidance_scale > 1.0
-                and "timestep_cond" not in self.engines["unet"].inputs)
+                and "timestep_cond" not in self._described["unet"].inputs)
 
     @property
     def takes_guidance(self) -> bool:
@@ -204,7 +226,7 @@ class Pipeline:
         guidance whose denoiser has no embedded ``guidance`` input (FLUX.1 [schnell], distilled to run without
         any), which ignores it as diffusers' pipelines do."""
         self._ready()
-        return self.family.classifier_free or "guidance" in self.engines["unet"].inputs
+        return self.family.classifier_free or "guidance" in self._described["unet"].inputs
 
     def check_request(self, height: int, width: int, batch: int, guided: bool | None) -> None:
         """Refuse a size or batch outside the export's limits (and, with ``guided`` known, the backend's
@@ -237,7 +259,7 @@ class Pipeline:
             with self._text_lock:
                 text = self._text
                 if text is None:
-                    text = self._text = TextConditioning(self.manifest, self.backend, self.engines, self.tokenizers,
+                    text = self._text = TextConditioning(self.manifest, self.backend, self._described, self.tokenizers,
                                                          self.device_graphs, self.dtype)
         return text
 
@@ -403,13 +425,13 @@ class Pipeline:
             pad = inpaint_stage.check_crop(padding_mask_crop, mask_image is not None)
             mask = None if mask_image is None else self._check_mask(image, mask_image)
             inpaint_stage.check_crop_mask(pad, mask)
-            reference.check(self.folder, self.engines, GenerationRequest(
+            reference.check(self.folder, self._described, GenerationRequest(
                 image=image, mask_image=mask_image, reference_image=reference_image,
                 reference_resize=reference_resize))
             if image is not None:
                 self._check_img2img()
             # as the call: the box cut and resized to the latents' size, pasted back at decode
-            crop = None if pad is None or reference.inpaints(self.engines, mask) \
+            crop = None if pad is None or reference.inpaints(self._described, mask) \
                 else inpaint_stage.mask_crop(image, mask, height, width, self.manifest.vae_scale_factor, pad)
             init: np.ndarray | None
             ref: np.ndarray | None
@@ -448,7 +470,7 @@ class Pipeline:
         ``image_reference``); ``pad`` (its ``padding_mask_crop``): the image, the reference and the mask cut to the
         box around the mask (``reference.crop_pixels``)."""
         m = self.manifest
-        edit_inpaint = reference.inpaints(self.engines, mask)
+        edit_inpaint = reference.inpaints(self._described, mask)
         init = None
         if image is not None:
             init = reference.inpaint_pixels(image, self.family, m.limits, resize, height, width,
@@ -481,7 +503,7 @@ class Pipeline:
         gens = generators(seed, b)
         noise = draw(gens, lat_shape) if latents is None else check_latents(latents, lat_shape)
         if init is not None and mask is not None:
-            return inpaint_stage.prepare(self.backend, self.engines, self.device_graphs, self.dtype, f,
+            return inpaint_stage.prepare(self.backend, self._described, self.device_graphs, self.dtype, f,
                                          self._inpaint_mode(), plan, height, width, b, gens, seed, noise, init, mask,
                                          pure_noise, encoded)
         if init is not None:  # img2img: the encoded image never leaves the device, noised there to the first step
@@ -541,18 +563,18 @@ class Pipeline:
     def takes_reference(self) -> bool:
         """An editing model (FLUX.1 Kontext): every call needs ``reference_image=``, the image to edit."""
         self._ready()
-        return reference.takes_reference(self.engines)
+        return reference.takes_reference(self._described)
 
     @property
     def takes_control_image(self) -> bool:
         """A control model (FLUX.1 Depth / Canny): its denoiser reads a control image at every step, so every call
         needs ``control_images=[image]``."""
         self._ready()
-        return control_latents.takes_control(self.engines)
+        return control_latents.takes_control(self._described)
 
     def _inpaint_mode(self) -> str:
         m = self.manifest
-        return inpaint_stage.mode_of(self.engines, m.latent_channels,
+        return inpaint_stage.mode_of(self._described, m.latent_channels,
                                      self.family.concat_mask_channels(m.vae_scale_factor))
 
     def _check_mask(self, image: Any, mask_image: Any) -> Any:
@@ -591,7 +613,7 @@ class Pipeline:
             self._ready()
             self.check_request(latents.height, latents.width, embeddings.batch,
                                guided=self.uses_guidance(guidance_scale))
-            own = control_latents.check(self.folder, self.engines, control_images, control_scales, control_start,
+            own = control_latents.check(self.folder, self._described, control_images, control_scales, control_start,
                                         control_end, guess_mode, control_preprocess, control_modes)
             creq = None if own is not None else self._check_control(
                 control_images, control_scales, control_start, control_end, guess_mode, control_preprocess,
@@ -659,7 +681,7 @@ class Pipeline:
         factors = self.lora_inputs(None) if lora is None else lora  # a slotted UNet's factors (zeros: none)
         if lat.reference is not None:  # an editing model's reference latents, read at every step as the text is
             factors = {**factors, reference.REFERENCE_INPUT: lat.reference}
-        elif reference.takes_reference(self.engines):
+        elif reference.takes_reference(self._described):
             raise InputError("this is an editing model (FLUX.1 Kontext): prepare the latents with reference_image=")
         if control_lat is not None:  # read at every step as the text is
             factors = {**factors, control_latents.CONTROL_INPUT: control_lat}
@@ -741,14 +763,14 @@ class Pipeline:
                 if cached:  # cheap steps run each net's small graph of the residual they read, where exported
                     small = [self.engines.get(shallow_controlnet(n)) if j in active else None
                              for j, n in enumerate(self.manifest.controlnets)]
-                    self._loops[key] = self.backend.step_loop(self.engines[CONTROL_UNET], step, nets,
+                    self._loops[key] = self.backend.step_loop(self._engine(CONTROL_UNET), step, nets,
                                                               shallow=self.engines[SHALLOW_UNET], shallow_nets=small)
                 else:
-                    self._loops[key] = self.backend.step_loop(self.engines[CONTROL_UNET], step, nets)
+                    self._loops[key] = self.backend.step_loop(self._engine(CONTROL_UNET), step, nets)
             elif cached:
-                self._loops[key] = self.backend.step_loop(self.engines["unet"], step, shallow=self.engines[SHALLOW_UNET])
+                self._loops[key] = self.backend.step_loop(self._engine("unet"), step, shallow=self.engines[SHALLOW_UNET])
             else:
-                self._loops[key] = self.backend.step_loop(self.engines["unet"], step)
+                self._loops[key] = self.backend.step_loop(self._engine("unet"), step)
         return self._loops[key]
 
     def check_skip_guidance(self, skip: SkipGuidance | None, guided: bool, cache: CachePolicy | None = None,
@@ -798,10 +820,7 @@ class Pipeline:
         """Skip-layer guidance's denoiser; the skip pass is loaded on the first call that asks for it (a second
         copy of most of the transformer's weights in memory on most backends: a call without SLG never loads it)."""
         if self._skip is None:
-            comp = self.manifest.components[SKIP_UNET]
-            engine = self.backend.load(str(self.folder / self.backend.graph_for(comp)), SKIP_UNET)
-            self.engines[SKIP_UNET] = engine
-            self._skip = SkipGuided(self.engines["unet"], engine)
+            self._skip = SkipGuided(self._engine("unet"), self._engine(SKIP_UNET))
         return self._skip
 
     def check_loras(self, loras: Any) -> None:
@@ -815,11 +834,12 @@ class Pipeline:
     def _lora_slots(self) -> dict[str, dict[str, Any]]:
         """The slots of each slotted component (the UNet's, and the text encoders' where the export has them); none
         for an export whose UNet has none (its text encoders are not looked at)."""
-        unet = slots_of(self.engines["unet"].inputs)
+        described = self._described
+        unet = slots_of(described["unet"].inputs)
         if not unet:
             return {}
         names = self.manifest.encoder_names
-        return {"unet": unet, **{c: s for c in names if c in self.engines and (s := slots_of(self.engines[c].inputs))}}
+        return {"unet": unet, **{c: s for c in names if c in described and (s := slots_of(described[c].inputs))}}
 
     def _lora_factors(self, loras: Any) -> dict[str, dict[str, np.ndarray]] | None:
         """The factors of ``loras`` on the host, per slotted component (None: no adapter, or an export without
@@ -862,8 +882,10 @@ class Pipeline:
         zeros of no adapter, made once: nothing writes into a loop's conditioning inputs)."""
         to_dev = self.backend.to_device
 
+        described = self._described
+
         def upload(f: dict[str, dict[str, np.ndarray]]) -> dict[str, dict[str, Array]]:
-            return {c: {k: to_dev(v.astype(self.engines[c].inputs[k].dtype)) for k, v in fc.items()}
+            return {c: {k: to_dev(v.astype(described[c].inputs[k].dtype)) for k, v in fc.items()}
                     for c, fc in f.items()}
 
         if factors is not None:
@@ -912,7 +934,7 @@ class Pipeline:
             raise InputError(f"this pipeline ({self.folder}) was closed; load it again with Pipeline.load")
         r = request
         masked = r.mask_image is not None
-        own = control_latents.check(self.folder, self.engines, r.control_images, r.control_scales, r.control_start,
+        own = control_latents.check(self.folder, self._described, r.control_images, r.control_scales, r.control_start,
                                     r.control_end, r.guess_mode, r.control_preprocess, r.control_modes)
         creq = None if own is not None else self._check_control(
             r.control_images, r.control_scales, r.control_start, r.control_end, r.guess_mode, r.control_preprocess,
@@ -927,7 +949,7 @@ class Pipeline:
                        control_modes: Any = None) -> controlnet.ControlRequest | None:
         records = self.manifest.source.get("controlnets") or []
         num_modes = tuple(r.get("num_mode") if isinstance(r, dict) else None for r in records)
-        return control_stage.check(self.folder, self.engines, self.manifest.controlnets,
+        return control_stage.check(self.folder, self._described, self.manifest.controlnets,
                                    masked or self._inpaint_mode() == "concat", control_images, control_scales,
                                    control_start, control_end, guess_mode, control_preprocess, self.family,
                                    control_modes, num_modes)
@@ -1059,10 +1081,10 @@ class Pipeline:
             if not self.family.generates and req.image is None:
                 raise self.family.refuse_generation(self.folder)
             image = req.image
-            mask, blur, pad = inpaint_stage.check_call(self.folder, self.engines, self._inpaint_mode(), req)
-            reference.check(self.folder, self.engines, req)
+            mask, blur, pad = inpaint_stage.check_call(self.folder, self._described, self._inpaint_mode(), req)
+            reference.check(self.folder, self._described, req)
             # a denoiser that reads the control image itself (FLUX.1 Depth / Canny), else the export's ControlNets
-            own = control_latents.check(self.folder, self.engines, req.control_images, req.control_scales,
+            own = control_latents.check(self.folder, self._described, req.control_images, req.control_scales,
                                         req.control_start, req.control_end, req.guess_mode, req.control_preprocess,
                                         req.control_modes)
             creq = None if own is not None else self._check_control(
@@ -1079,7 +1101,7 @@ class Pipeline:
             # padding_mask_crop: the call generates from the mask's region, cut and resized to the call's size, and
             # pastes it back; on an editing model the image and its reference are cut once sized, and nothing is
             # pasted back (FluxKontextInpaintPipeline: _call_images)
-            crop = None if pad is None or reference.inpaints(self.engines, mask) \
+            crop = None if pad is None or reference.inpaints(self._described, mask) \
                 else inpaint_stage.mask_crop(image, mask, req.height, req.width, m.vae_scale_factor, pad)
             init: np.ndarray | None
             ref: np.ndarray | None

@@ -198,6 +198,7 @@ class TrtBackendBase(Backend):
     scratch: SharedScratch
     cuda_graph: bool  # capture the step loop as CUDA graphs
     per_step_reads = False  # the step loop is captured whole: a feature cache follows a fixed schedule
+    loads_on_demand = False  # the scratch block is sized over the engines loaded with the model
 
     @abc.abstractmethod
     def messages(self) -> str:

@@ -303,6 +303,8 @@ def test_controlnet_with_lora_slots_matches_diffusers_with_the_lora(lora_case, r
     with loaded_on_any(folder, backend, request, tmp_path / "engines") as pipe:
         styled = pipe(PROMPT, loras=[(lora, 0.8)], **kw)
         plain = np.asarray(pipe(PROMPT, **kw).images[0]).astype(np.int32)
+        # control calls alone: the plain UNet is not loaded, except where every engine loads with the model (TensorRT)
+        assert "unet_control" in pipe.engines and ("unet" in pipe.engines) == (backend == "tensorrt")
     got = np.asarray(styled.images[0]).astype(np.int32)
     assert np.abs(got - want).max() <= 1, f"{preset} on {backend}, with the LoRA: {np.abs(got - want).max()}/255"
     assert np.abs(plain - plain_want).max() <= 1, f"{preset} on {backend}, no LoRA: {np.abs(plain - plain_want).max()}/255"

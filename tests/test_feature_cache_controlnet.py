@@ -120,6 +120,8 @@ def test_other_backends_run_the_same_cached_controlled_steps(tiny_controlnet_exp
     ref = _reference("sd15-tiny", folder, latents, [0, 1], [1.2, 0.6], 6.0, INTERVAL)
     with loaded_on(folder, backend, monkeypatch) as pipe:
         res = _sdrt(pipe, latents, 2, [0, 1], [1.2, 0.6], 6.0, cache="deepcache", cache_interval=INTERVAL)
+        # DeepCache's shallow path beside the UNet taking the residuals; the plain UNet left unloaded
+        assert {"unet_control", "unet_shallow"} <= set(pipe.engines) and "unet" not in pipe.engines
     got = _u8(res)
     assert np.abs(got - ref).max() <= 1, f"{backend}: max abs difference {np.abs(got - ref).max()}/255"
     assert "3 of 8 steps ran the full UNet" in res.loop
@@ -178,13 +180,21 @@ def test_the_small_graph_is_the_nets_first_residual(tiny_controlnet_export, pres
 
 
 def _counting(pipe: Pipeline, monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
-    """How often each of ``pipe``'s engines runs from now on (each still runs)."""
+    """How often each of ``pipe``'s engines runs from now on (each still runs), those it loads on a call's demand (a
+    UNet) too."""
     runs: dict[str, int] = {}
-    for name, e in pipe.engines.items():
-        def run(feeds: Any, name: str = name, orig: Any = e.run) -> Any:
+
+    def count(name: str, e: Any) -> Any:
+        def run(feeds: Any, orig: Any = e.run) -> Any:
             runs[name] = runs.get(name, 0) + 1
             return orig(feeds)
         monkeypatch.setattr(e, "run", run)
+        return e
+
+    for name, e in pipe.engines.items():
+        count(name, e)
+    load = pipe.backend.load
+    monkeypatch.setattr(pipe.backend, "load", lambda path, name: count(name, load(path, name)))
     return runs
 
 
@@ -278,6 +288,7 @@ def test_tensorrt_captures_cached_steps_with_controlnets(tiny_controlnet_export,
                                     "control_scales": [0.8, 1.3]},
                                    {"control_images": [None, control_image(11)]}, {}]
     with Pipeline.load(out, backend="tensorrt") as pipe:
+        assert {"unet", "unet_control"} <= set(pipe.engines)  # TensorRT loads every engine with the model
         for case in cases:
             want = _u8(shared_pipeline(folder)(PROMPT, **kw, **case))
             got = pipe(PROMPT, **kw, **case)

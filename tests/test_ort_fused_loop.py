@@ -201,12 +201,16 @@ def test_controlnets_run_engine_by_engine_with_the_images_of_ort_cpu(tiny_contro
     kw: dict[str, Any] = {"steps": 3, "sampler": "dpmpp-2m", "seed": 2, "height": 64, "width": 64}
     with Pipeline.load(folder, backend="ort-cpu") as ref:
         want = np.asarray(ref("a harbor", control_images=[control, None], **kw).images[0])
+        want_plain = np.asarray(ref("a harbor", **kw).images[0])
     monkeypatch.setattr("sdrt.runtime.backends.make_backend", lambda *a, **k: _bound(monkeypatch))
     with Pipeline.load(folder, backend="ort-cuda") as pipe:
         res = pipe("a harbor", control_images=[control, None], **kw)
         assert "not ControlNets" in res.loop
         np.testing.assert_array_equal(np.asarray(res.images[0]), want)
-        assert pipe("a harbor", **kw).loop.startswith("UNet + sampler step as one ONNX Runtime session")
+        assert "unet" not in pipe.engines  # loaded by the first call without control images
+        plain = pipe("a harbor", **kw)
+        assert plain.loop.startswith("UNet + sampler step as one ONNX Runtime session")
+        np.testing.assert_array_equal(np.asarray(plain.images[0]), want_plain)
 
 
 def test_composed_sessions_are_bounded(tiny_export, monkeypatch: pytest.MonkeyPatch) -> None:
