@@ -1,5 +1,5 @@
 """Shared fixtures: tiny synthetic models, exported once per session and reused by every test; the
-TensorRT fakes wired in; shared pipelines closed at the end. Helpers (no fixtures) live in tests/helpers/."""
+TensorRT fakes wired in; shared pipelines closed at each module's end. Helpers (no fixtures) live in tests/helpers/."""
 
 from __future__ import annotations
 
@@ -171,11 +171,23 @@ def tiny_controlnet_export(tmp_path_factory: pytest.TempPathFactory, export_cach
 
 @pytest.fixture(scope="session", autouse=True)
 def close_shared_pipelines():
-    """At the session's end, close the pipelines tests shared (``helpers.pipelines.shared_pipeline``)."""
+    """At the session's end, close the pipelines tests shared (``helpers.pipelines.shared_pipeline``) still open."""
     yield
     from .helpers.pipelines import close_all
 
     close_all()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def close_module_pipelines():
+    """At each test module's end, close the shared pipelines first opened during it and empty the reference caches
+    (``helpers.pipelines.module_cache``): kept to the session's end, every module's pipelines and diffusers
+    references added up in the one test process (the suite's peak memory). Set up before the module's own
+    fixtures, so torn down after them (a module-scoped fixture holding a shared pipeline is done with it)."""
+    from .helpers.pipelines import closing_opened
+
+    with closing_opened():
+        yield
 
 
 @pytest.fixture

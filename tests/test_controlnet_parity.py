@@ -20,10 +20,10 @@ import torch
 from sdrt.runtime.pipeline import Pipeline
 
 from .helpers.inputs import control_image, seed_for
-from .helpers.pipelines import shared_pipeline
+from .helpers.pipelines import module_cache, shared_pipeline
 from .helpers.references import diffusers_scheduler
 
-_DIFFUSERS: dict[tuple[str, int, str], Any] = {}
+_DIFFUSERS: dict[tuple[str, int, str], Any] = module_cache({})
 PROMPT = "a house by a lake, evening light"
 
 

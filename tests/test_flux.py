@@ -20,11 +20,11 @@ import torch
 
 from sdrt.runtime.errors import InputError
 
-from .helpers.pipelines import loaded_on, shared_pipeline
+from .helpers.pipelines import loaded_on, module_cache, shared_pipeline
 from .helpers.references import assert_diffusers_images, flux_packed, flux_pipeline, flux_preset_pipeline
 
 PROMPT = "a lighthouse on a cliff at dusk, oil painting"
-_REFS: dict[tuple[str, bool], object] = {}
+_REFS: dict[tuple[str, bool], object] = module_cache({})
 
 
 def _reference(preset: str, folder: Path, img2img: bool = False):

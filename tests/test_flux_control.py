@@ -21,12 +21,12 @@ import torch
 from sdrt.runtime.errors import CompatibilityError, InputError
 
 from .helpers.inputs import control_image, image_and_mask
-from .helpers.pipelines import LOOP_WORDS, loaded_on, shared_pipeline
+from .helpers.pipelines import LOOP_WORDS, loaded_on, module_cache, shared_pipeline
 from .helpers.references import assert_diffusers_images, flux_packed, flux_pipeline, flux_preset_pipeline
 
 PRESET = "flux-depth-dev-tiny"
 PROMPT = "a red boat on a calm lake"
-_REF: dict[str, object] = {}
+_REF: dict[str, object] = module_cache({})
 
 
 def _reference(folder: Path, kind: str = ""):

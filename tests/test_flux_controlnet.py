@@ -27,13 +27,13 @@ from .helpers.controlnets import (
     compare_with_nets,
 )
 from .helpers.inputs import control_image
-from .helpers.pipelines import loaded_on, shared_pipeline
+from .helpers.pipelines import loaded_on, module_cache, shared_pipeline
 from .helpers.references import assert_diffusers_images, flux_packed, flux_pipeline
 
 PROMPT = "a red fox in the snow"
 PRESET = "flux-dev-tiny"
 NETS = (("flux-controlnet-tiny", 0), ("flux-controlnet-tiny", 1), ("flux-controlnet-union-tiny", 2))
-_REFS: dict[tuple[int, ...], object] = {}
+_REFS: dict[tuple[int, ...], object] = module_cache({})
 
 
 def _nets(which: tuple[int, ...]) -> list:

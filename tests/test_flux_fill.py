@@ -20,12 +20,12 @@ import torch
 from sdrt.runtime.errors import CompatibilityError, InputError
 
 from .helpers.inputs import image_and_mask
-from .helpers.pipelines import LOOP_WORDS, shared_pipeline
+from .helpers.pipelines import LOOP_WORDS, module_cache, shared_pipeline
 from .helpers.references import assert_diffusers_images, flux_packed
 
 PRESET = "flux-fill-dev-tiny"
 PROMPT = "a red boat on a calm lake"
-_REF: list[object] = []
+_REF: list[object] = module_cache([])
 
 
 @pytest.fixture

@@ -22,12 +22,12 @@ import torch
 from sdrt.runtime.errors import InputError
 
 from .helpers.inputs import control_image
-from .helpers.pipelines import shared_pipeline
+from .helpers.pipelines import module_cache, shared_pipeline
 from .helpers.references import flux_packed, flux_preset_pipeline
 
 PRESET = "flux-kontext-dev-tiny"
 PROMPT = "make the boat red"
-_REF: list[object] = []
+_REF: list[object] = module_cache([])
 
 
 def _reference(folder: Path):

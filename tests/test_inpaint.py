@@ -17,6 +17,7 @@ from sdrt.runtime.samplers import COLUMNS
 from sdrt.runtime.step_graph import BLEND_COLUMNS, extra_graph_bytes, step_engine_name, step_graph_bytes
 
 from .helpers.inputs import image_and_mask
+from .helpers.pipelines import shared_pipeline
 
 
 def _run(graph: bytes, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -197,14 +198,14 @@ class _Boom:
         raise AssertionError("an engine ran before the input was refused")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def sd15(tiny_export) -> Pipeline:
-    return Pipeline.load(tiny_export("sd15-tiny", "fp32"), backend="ort-cpu")
+    return shared_pipeline(tiny_export("sd15-tiny", "fp32"))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def sd15_inpaint(tiny_export) -> Pipeline:
-    return Pipeline.load(tiny_export("sd15-inpaint-tiny", "fp32"), backend="ort-cpu")
+    return shared_pipeline(tiny_export("sd15-inpaint-tiny", "fp32"))
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
@@ -358,8 +359,7 @@ def test_cli_padding_mask_crop_is_the_call(tiny_export, tmp_path: Path) -> None:
     assert main(["generate", str(folder), "--prompt", "a cat", "--steps", "3", "--seed", "2", "--backend", "ort-cpu",
                  "--init-image", str(tmp_path / "i.png"), "--mask", str(tmp_path / "m.png"), "--height", "64",
                  "--width", "96", "--padding-mask-crop", "8", "-o", str(out)]) == 0
-    with Pipeline.load(folder, backend="ort-cpu") as pipe:
-        want = pipe("a cat", steps=3, seed=2, image=image, mask_image=mask, height=64, width=96,
-                    padding_mask_crop=8).images[0]
+    want = shared_pipeline(folder)("a cat", steps=3, seed=2, image=image, mask_image=mask, height=64, width=96,
+                                   padding_mask_crop=8).images[0]
     assert want.size == (120, 80)
     np.testing.assert_array_equal(np.asarray(Image.open(out)), np.asarray(want))

@@ -17,10 +17,10 @@ import torch
 from sdrt.export.loading import random_model
 
 from .helpers.inputs import box_mask, image_and_mask
-from .helpers.pipelines import shared_pipeline
+from .helpers.pipelines import module_cache, shared_pipeline
 from .helpers.references import diffusers_scheduler
 
-_DIFFUSERS: dict[str, object] = {}
+_DIFFUSERS: dict[str, object] = module_cache({})
 
 
 def _diffusers(preset: str, folder: Path):

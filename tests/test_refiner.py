@@ -17,6 +17,8 @@ from sdrt.export.loading import random_model
 from sdrt.runtime.errors import InputError
 from sdrt.runtime.pipeline import GenerationRequest, Pipeline
 
+from .helpers.pipelines import module_cache
+
 BASE, REFINER = "sdxl-tiny", "sdxl-refiner-tiny"
 PROMPT = "a lighthouse on a cliff at dawn, oil painting"
 
@@ -29,7 +31,7 @@ def _scheduler(sampler: str, config: dict):
     return EulerDiscreteScheduler.from_config(config)
 
 
-_REF: dict[str, object] = {}
+_REF: dict[str, object] = module_cache({})
 
 
 def _diffusers(folder_base: Path, folder_refiner: Path):

@@ -26,13 +26,13 @@ from .helpers.controlnets import (
     compare_with_nets,
 )
 from .helpers.inputs import control_image, image_and_mask
-from .helpers.pipelines import loaded_on, shared_pipeline
+from .helpers.pipelines import loaded_on, module_cache, shared_pipeline
 from .helpers.references import assert_diffusers_images, sd3_pipeline
 
 PROMPT = "a red fox in the snow"
 NEGATIVE = "blurry"
 NETS = {"sd3-tiny": ("sd3-controlnet-tiny", (0, 1)), "sd35-medium-tiny": ("sd35-controlnet-tiny", (0,))}
-_REFS: dict[tuple[str, tuple[int, ...]], object] = {}
+_REFS: dict[tuple[str, tuple[int, ...]], object] = module_cache({})
 
 
 @pytest.fixture(scope="session")

@@ -23,12 +23,12 @@ import torch
 from sdrt.runtime.errors import InputError
 
 from .helpers.inputs import box_mask, image_and_mask
-from .helpers.pipelines import shared_pipeline
+from .helpers.pipelines import module_cache, shared_pipeline
 from .helpers.references import sd3_decode, sd3_pipeline
 
 PROMPT = "a red fox in the snow"
 NEGATIVE = "blurry"
-_REFS: dict[tuple[str, bool], object] = {}
+_REFS: dict[tuple[str, bool], object] = module_cache({})
 
 
 def _reference(preset: str, folder: Path, t5: bool):

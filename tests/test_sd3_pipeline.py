@@ -17,12 +17,12 @@ import torch
 
 from sdrt.runtime.errors import InputError
 
-from .helpers.pipelines import loaded_on, shared_pipeline
+from .helpers.pipelines import loaded_on, module_cache, shared_pipeline
 from .helpers.references import assert_diffusers_images, sd3_pipeline
 
 PROMPT = "a red fox in the snow, highly detailed"
 NEGATIVE = "blurry, low quality"
-_REFS: dict[tuple[str, bool, bool], object] = {}
+_REFS: dict[tuple[str, bool, bool], object] = module_cache({})
 
 
 def _reference(preset: str, folder: Path, t5: bool, img2img: bool = False):

@@ -1,20 +1,27 @@
-"""Pipelines shared across tests: loaded once per (folder, backend), closed when the session ends.
+"""Pipelines shared across a test module's tests: loaded once per (folder, backend), closed when the module ends.
 
 The parity tests call one export many times; loading it per test would repeat the ONNX Runtime session
-set-up. conftest's ``close_shared_pipelines`` closes every pipeline opened here.
+set-up. conftest's ``close_module_pipelines`` closes, at each module's end, those the module opened (keeping
+them all to the session's end grew the test process by every module's pipelines); ``close_shared_pipelines``
+closes any left at the session's end.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import gc
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 
 from sdrt.runtime.pipeline import Pipeline
 
 _OPEN: dict[tuple[str, str], Pipeline] = {}
+_MODULE_CACHES: list[dict[Any, Any] | list[Any]] = []
+C = TypeVar("C", dict[Any, Any], list[Any])
 
 # how ``Result.loop`` begins on each stand-in backend ``loaded_on_any`` gives (which loop the call ran)
 LOOP_WORDS = {"ort-cuda-path": "UNet + sampler step as one ONNX Runtime session", "openvino": "engines run step by step",
@@ -23,8 +30,8 @@ LOOP_WORDS = {"ort-cuda-path": "UNet + sampler step as one ONNX Runtime session"
 
 def shared_pipeline(folder: Path, backend: str = "ort-cpu",
                     load: Callable[[], Pipeline] | None = None) -> Pipeline:
-    """The session's pipeline of ``folder`` on ``backend``; ``load``: how to open it when it is not open
-    yet (default ``Pipeline.load(folder, backend=backend)``)."""
+    """The shared pipeline of ``folder`` on ``backend`` (open until the module that opened it ends); ``load``:
+    how to open it when it is not open yet (default ``Pipeline.load(folder, backend=backend)``)."""
     key = (str(folder), backend)
     if key not in _OPEN:
         _OPEN[key] = load() if load is not None else Pipeline.load(folder, backend=backend)
@@ -35,6 +42,35 @@ def close_all() -> None:
     """Close every shared pipeline (each closes its backend), newest first."""
     while _OPEN:
         _OPEN.popitem()[1].close()
+
+
+def module_cache(cache: C) -> C:
+    """``cache`` (a test module's dict or list of diffusers reference pipelines) emptied when the module ends, as
+    its shared pipelines close: a module-level cache would keep its torch models to the session's end."""
+    _MODULE_CACHES.append(cache)
+    return cache
+
+
+@contextlib.contextmanager
+def closing_opened() -> Iterator[None]:
+    """Close, on leaving, the shared pipelines first opened inside (newest first; those open before stay open) and
+    empty every ``module_cache``; then hand the freed heap back to the system (glibc keeps it otherwise)."""
+    before = set(_OPEN)
+    try:
+        yield
+    finally:
+        for key in reversed([k for k in _OPEN if k not in before]):
+            _OPEN.pop(key).close()
+        for cache in _MODULE_CACHES:
+            cache.clear()
+        gc.collect()
+        trim_heap()
+
+
+def trim_heap() -> None:
+    """``malloc_trim(0)``: return the free heap pages to the system, where glibc is the allocator (no-op elsewhere)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def ort_cuda_on_cpu(monkeypatch, *, cuda_graph: bool = False, max_cuda_graphs: int = 2,  # type: ignore[no-untyped-def]

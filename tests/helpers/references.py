@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from .pipelines import module_cache
+
 
 def diffusers_scheduler(sampler: str, config: dict):
     """diffusers' scheduler for an sdrt sampler name (ddim, dpmpp-2m, dpmpp-2m-karras, euler)."""
@@ -28,7 +30,7 @@ def diffusers_scheduler(sampler: str, config: dict):
     return EulerDiscreteScheduler.from_config(config)
 
 
-_DIFFUSERS: dict[str, object] = {}
+_DIFFUSERS: dict[str, object] = module_cache({})
 
 
 def diffusers_pipe(preset: str, folder: Path, img2img: bool = False):
