@@ -106,7 +106,8 @@ def component_config(folder: Path) -> dict[str, Any]:
     """A component's config.json as constructor keywords (diffusers' and transformers' bookkeeping keys out)."""
     path = folder / "config.json"
     if not path.is_file():
-        raise InputError(f"{path} is missing: the SD3 folder is incomplete")
+        raise InputError(f"{path} is missing: the diffusers folder {folder.parent} is incomplete (its {folder.name} "
+                         "component has no config.json); copy the whole folder again")
     cfg = json.loads(path.read_text())
     drop = {"architectures", "transformers_version", "torch_dtype", "dtype", "model_type"}
     return {k: v for k, v in cfg.items() if not k.startswith("_") and k not in drop}

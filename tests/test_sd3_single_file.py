@@ -399,3 +399,16 @@ def test_contradictions_and_misplaced_options(
     for argv, message in cases:
         assert main(["export", *argv, "--out", str(tmp_path / "o")]) == 1
         assert message in capsys.readouterr().err
+
+
+def test_component_without_config_names_the_folder_not_a_family(tmp_path: Path) -> None:
+    """FLUX.1's loader reads components through the same function: the message names the folder and the fix,
+    not one family."""
+    from sdrt.export.sd3_loading import component_config
+
+    (tmp_path / "model" / "transformer").mkdir(parents=True)
+    with pytest.raises(InputError) as e:
+        component_config(tmp_path / "model" / "transformer")
+    msg = str(e.value)
+    assert "transformer/config.json is missing" in msg and str(tmp_path / "model") in msg
+    assert "SD3" not in msg and "copy the whole folder again" in msg
