@@ -29,7 +29,7 @@ from .tokenizer import PromptTokenizer
 class TextConditioning:
     """A model's text encoders and tokenizers on a backend; ``dtype`` is the denoiser's."""
 
-    def __init__(self, manifest: ExportManifest, backend: Backend, engines: dict[str, Engine],
+    def __init__(self, manifest: ExportManifest, backend: Backend, engines: Mapping[str, Engine],
                  tokenizers: Sequence[PromptTokenizer], graphs: DeviceGraphs, dtype: np.dtype[Any]) -> None:
         self.manifest = manifest
         self.family: Family = manifest.model_family

@@ -24,6 +24,7 @@ import contextlib
 import threading
 import time
 import warnings
+from collections import ChainMap
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -259,7 +260,10 @@ class Pipeline:
             with self._text_lock:
                 text = self._text
                 if text is None:
-                    text = self._text = TextConditioning(self.manifest, self.backend, self._described, self.tokenizers,
+                    # a live view (the loaded engines, then the descriptions of those not loaded yet), not a copy:
+                    # the text stage outlives the call that builds it, and engines loaded or replaced later are its too
+                    text = self._text = TextConditioning(self.manifest, self.backend,
+                                                         ChainMap(self.engines, self._pending), self.tokenizers,
                                                          self.device_graphs, self.dtype)
         return text
 

@@ -121,3 +121,21 @@ def test_a_missing_unet_is_refused_at_load_and_a_corrupt_one_on_its_first_call(t
             pipe(PROMPT, **KW, **_control())
         assert CONTROL_UNET not in pipe.engines
         assert np.asarray(pipe(PROMPT, **KW).images[0]).std() > 5
+
+
+def test_the_text_stage_sees_engines_loaded_or_replaced_after_it_was_built(tiny_controlnet_export,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The text stage outlives the call that builds it: it reads the pipeline's engines through a live view, so a UNet
+    loaded later replaces its description there, and an engine swapped for a while (as a test's monkeypatch does)
+    is swapped back for it too (a copy taken when the stage was built kept the swapped one)."""
+    folder = tiny_controlnet_export("sd15-tiny", "fp32", 2)
+    with loaded_on(folder, "ort-cpu") as pipe:
+        encoder = pipe.engines["text_encoder"]
+        with monkeypatch.context() as m:
+            m.setitem(pipe.engines, "text_encoder", None)
+            text = pipe._conditioning()  # built while the encoder was swapped out
+            assert text.engines["text_encoder"] is None
+        assert text.engines["text_encoder"] is encoder
+        assert isinstance(text.engines["unet"], Deferred)
+        _image(pipe)  # a plain call loads the plain UNet
+        assert text.engines["unet"] is pipe.engines["unet"] and not isinstance(text.engines["unet"], Deferred)
