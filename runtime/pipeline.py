@@ -158,7 +158,8 @@ class Pipeline:
                 loop.close()
             self._loops.clear()
             self.device_graphs.clear()
-            self._text = None
+            with self._text_lock:  # a batch key building it in another thread finishes first, or finds it closed
+                self._text = None
             self._no_lora = None
             self._skip = None
             self.engines = {}
@@ -246,6 +247,8 @@ class Pipeline:
         """What must agree for requests to share one UNet batch without changing any image: guidance on or
         off, the text chunks each encoder makes of the texts (in their prompt syntax), the family's
         negatives rule and T5's tokens per prompt."""
+        if self._closed:
+            raise InputError(f"this pipeline ({self.folder}) was closed; load it again with Pipeline.load")
         guided = self.uses_guidance(guidance_scale)
         texts = list(prompts) + (list(negatives or []) if guided else [])
         zero = guided and self.family.zero_negatives and negatives is None

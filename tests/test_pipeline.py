@@ -147,6 +147,17 @@ def test_text_stage_is_built_once_from_many_threads(sd15: Path, pipe: Pipeline,
         assert keys == [want] * n
 
 
+
+def test_closed_pipeline_builds_no_text_stage(sd15: Path) -> None:
+    """A batch key asked of a closed pipeline (a server thread racing its shutdown) is refused by name; the closed
+    pipeline does not build its text stage again over released engines."""
+    fresh = Pipeline.load(sd15, backend="ort-cpu")
+    fresh.conditioning_key(["a lake"], None, 7.5)
+    fresh.close()
+    with pytest.raises(InputError, match="was closed"):
+        fresh.conditioning_key(["a lake"], None, 7.5)
+    assert fresh._text is None
+
 def test_missing_and_corrupt_files(sd15: Path, tmp_path: Path) -> None:
     with pytest.raises(ArtifactError, match="sdrt export"):
         Pipeline.load(tmp_path, backend="ort-cpu")
