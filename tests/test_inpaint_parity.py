@@ -107,22 +107,29 @@ CROP_CASES = [
 ]
 
 
+def _crop_reference(preset: str, folder, sampler: str, image, mask, height: int, width: int, strength: float,
+                    steps: int, guidance: float, pad: int, *, seed: int):
+    """diffusers' inpaint pipeline with ``padding_mask_crop`` on the export's weights: its image, and the noise its
+    generator drew first (the call's size), which sdrt is given."""
+    pipe, cfg = _diffusers(preset, folder)
+    pipe.scheduler = diffusers_scheduler(sampler, cfg)
+    noise = torch.randn((1, 4, height // 8, width // 8), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        ref = pipe("a red house", image=image, mask_image=mask, height=height, width=width, strength=strength,
+                   num_inference_steps=steps, guidance_scale=guidance, generator=torch.Generator().manual_seed(seed),
+                   padding_mask_crop=pad).images[0]
+    return ref, noise
+
+
 @pytest.mark.parametrize(("preset", "sampler", "guidance", "strength", "pad", "height", "width"), CROP_CASES)
 def test_padding_mask_crop_matches_diffusers(tiny_export, argmax_vae, preset: str, sampler: str, guidance: float,
                                              strength: float, pad: int, height: int, width: int) -> None:
     """``padding_mask_crop``: diffusers' images (PIL, the original's size: the only output it allows) within 1/255,
     the original's own pixels wherever the mask is black; the noise has the call's size, not the image's."""
     folder = tiny_export(preset, "fp32")
-    pipe, cfg = _diffusers(preset, folder)
-    pipe.scheduler = diffusers_scheduler(sampler, cfg)
-    image, _ = image_and_mask()
-    mask = box_mask()
-    steps = 6
-    noise = torch.randn((1, 4, height // 8, width // 8), generator=torch.Generator().manual_seed(11))
-    with torch.no_grad():
-        ref = pipe("a red house", image=image, mask_image=mask, height=height, width=width, strength=strength,
-                   num_inference_steps=steps, guidance_scale=guidance, generator=torch.Generator().manual_seed(11),
-                   padding_mask_crop=pad).images[0]
+    image, mask, steps = image_and_mask()[0], box_mask(), 6
+    ref, noise = _crop_reference(preset, folder, sampler, image, mask, height, width, strength, steps, guidance, pad,
+                                 seed=11)
     res = shared_pipeline(folder)("a red house", image=image, mask_image=mask, height=height, width=width,
                                   strength=strength, steps=steps, guidance_scale=guidance, sampler=sampler,
                                   latents=noise.numpy(), padding_mask_crop=pad)
@@ -146,16 +153,9 @@ def test_staged_padding_mask_crop_matches_diffusers(tiny_export, argmax_vae, pre
     """The four stages with ``prepare_latents(..., padding_mask_crop=)``: ``decode`` pastes the box back into the
     original, diffusers' images within 1/255; the bare latents decode to the box's picture at the call's size."""
     folder = tiny_export(preset, "fp32")
-    pipe, cfg = _diffusers(preset, folder)
-    pipe.scheduler = diffusers_scheduler(sampler, cfg)
-    image, _ = image_and_mask()
-    mask = box_mask()
-    steps = 5
-    noise = torch.randn((1, 4, height // 8, width // 8), generator=torch.Generator().manual_seed(13))
-    with torch.no_grad():
-        ref = pipe("a red house", image=image, mask_image=mask, height=height, width=width, strength=strength,
-                   num_inference_steps=steps, guidance_scale=guidance, generator=torch.Generator().manual_seed(13),
-                   padding_mask_crop=pad).images[0]
+    image, mask, steps = image_and_mask()[0], box_mask(), 5
+    ref, noise = _crop_reference(preset, folder, sampler, image, mask, height, width, strength, steps, guidance, pad,
+                                 seed=13)
     sd = shared_pipeline(folder)
     emb = sd.encode_prompt("a red house")
     plan = sd.plan(sampler, steps, strength=strength)

@@ -22,7 +22,7 @@ from sdrt.serve.batcher import Batcher, Job
 
 from .helpers.inputs import control_image
 from .helpers.pipelines import shared_pipeline
-from .helpers.serve_live import LiveServer, metric, pixels
+from .helpers.serve_live import LiveServer, answers_while_held, metric, pixels
 
 KEY = "test-key-cn"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -282,7 +282,6 @@ def test_cpu_work_on_a_request_image_does_not_stall_the_server(server, monkeypat
     """Each step over a request's pixels (decoding is threaded already) runs off the event loop: while one is slow
     (as on a large image), the server still answers others at once."""
     import importlib
-    import time
 
     mod = importlib.import_module(f"sdrt.serve.{module}")
     inside, release = threading.Event(), threading.Event()
@@ -294,19 +293,8 @@ def test_cpu_work_on_a_request_image_does_not_stall_the_server(server, monkeypat
         return real(*args, **kw)
 
     monkeypatch.setattr(mod, name, slow)
-    got: dict[str, httpx.Response] = {}
-    t = threading.Thread(target=lambda: got.setdefault("r", httpx.post(f"{server.url}{path}", headers=AUTH,
-                                                                        timeout=120, **body)))
-    t.start()
-    try:
-        assert inside.wait(60)
-        t0 = time.monotonic()
-        assert httpx.get(f"{server.url}/healthz", timeout=10).status_code == 200
-        assert time.monotonic() - t0 < 2
-    finally:
-        release.set()
-        t.join()
-    assert got["r"].status_code == 200, got["r"].text
+    r = answers_while_held(server.url, path, body, AUTH, inside, release)
+    assert r.status_code == 200, r.text
 
 
 @pytest.mark.parametrize("path, body, url", [
@@ -320,7 +308,6 @@ def test_encoding_the_response_images_does_not_stall_the_server(server, pipe, tm
     """The response's images are encoded (base64, or written to the image folder behind their URLs) off the event
     loop: while that is slow (as for a batch of large images), the server still answers others at once."""
     import contextlib
-    import time
 
     from sdrt.serve import images as serve_images
 
@@ -338,19 +325,7 @@ def test_encoding_the_response_images_does_not_stall_the_server(server, pipe, tm
         monkeypatch.setattr(type(tmp_path), "write_bytes", slow(type(tmp_path).write_bytes))
     with contextlib.ExitStack() as stack:
         live = stack.enter_context(LiveServer(create_app(pipe, **LIMITS, image_dir=tmp_path))) if url else server
-        got: dict[str, httpx.Response] = {}
-        t = threading.Thread(target=lambda: got.setdefault("r", httpx.post(f"{live.url}{path}", headers=AUTH,
-                                                                            timeout=120, **body)))
-        t.start()
-        try:
-            assert inside.wait(60)
-            t0 = time.monotonic()
-            assert httpx.get(f"{live.url}/healthz", timeout=10).status_code == 200
-            assert time.monotonic() - t0 < 2
-        finally:
-            release.set()
-            t.join()
-    r = got["r"]
+        r = answers_while_held(live.url, path, body, AUTH, inside, release)
     assert r.status_code == 200, r.text
     if url:
         assert [p.suffix for p in tmp_path.iterdir()] == [".png"]
