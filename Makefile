@@ -26,9 +26,12 @@ install-test: install
 demo: install
 	$(PY) -m sdrt demo
 
-# pytest exits 5 when it collects no test; that is not a failure of the build
+# pytest exits 5 when it collects no test; that is not a failure of the build. JOBS test processes
+# (pytest-xdist; default 2, this machine's cores): each module on one of them, the heavy tests all on one
+# (tests/conftest.py), the session's exports made once and shared. JOBS=0 runs everything in this process.
+JOBS ?= 2
 test: install-test
-	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
+	$(PY) -m pytest -n $(JOBS) --dist loadgroup $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
 
 # the documentation site, built in strict mode (a broken link or reference fails) into site/ (git-ignored)
 docs: $(filter $(VENV_PY),$(PY))

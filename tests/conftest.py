@@ -4,17 +4,45 @@ TensorRT fakes wired in; shared pipelines closed at each module's end. Helpers (
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist's ``--dist loadgroup`` (``make test``): a module's tests stay on one worker (its module
+    fixtures are made once), and the heavy tests (``slow``: full-size models, GBs of memory; ``ray``: a local
+    cluster) all run on one worker, one after another, so two of them never add up in memory."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    for item in items:
+        heavy = item.get_closest_marker("slow") or item.get_closest_marker("ray")
+        item.add_marker(pytest.mark.xdist_group("heavy" if heavy else item.nodeid.split("::")[0]))
+
+
 @pytest.fixture(scope="session")
 def export_cache(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], Path]:
     return {}
+
+
+def shared_export(tmp_path_factory: pytest.TempPathFactory, name: str, make: Callable[[Path], object]) -> Path:
+    """The folder ``name`` of the session's exports, made by ``make(folder)`` once per test run: under pytest-xdist
+    the workers share one folder (their base temp's parent) and take a file lock per export, so the first worker
+    to need it exports and the others wait and reuse it. The exporter writes to a temporary path and renames
+    when complete, so a folder that exists is whole."""
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared-exports"
+    root.mkdir(parents=True, exist_ok=True)
+    out = root / name
+    with FileLock(str(out) + ".lock"):
+        if not out.exists():
+            make(out)
+    return out
 
 
 @pytest.fixture(scope="session")
@@ -27,9 +55,10 @@ def tiny_export(tmp_path_factory: pytest.TempPathFactory, export_cache: dict[tup
             from sdrt.export.exporter import export_model
             from sdrt.export.loading import load_model
 
-            out = tmp_path_factory.mktemp("exports") / f"{preset}-{precision}"
-            export_model(load_model(random_preset=preset), out, fp16=precision == "fp16")
-            export_cache[key] = out
+            def make(out: Path) -> None:
+                export_model(load_model(random_preset=preset), out, fp16=precision == "fp16")
+
+            export_cache[key] = shared_export(tmp_path_factory, f"{preset}-{precision}", make)
         return export_cache[key]
 
     return get
@@ -46,9 +75,10 @@ def deepcache_export(tmp_path_factory: pytest.TempPathFactory, export_cache: dic
             from sdrt.export.exporter import export_model
             from sdrt.export.loading import load_model
 
-            out = tmp_path_factory.mktemp("exports") / f"{preset}-deepcache-{precision}"
-            export_model(load_model(random_preset=preset), out, fp16=precision == "fp16", deepcache=True)
-            export_cache[key] = out
+            def make(out: Path) -> None:
+                export_model(load_model(random_preset=preset), out, fp16=precision == "fp16", deepcache=True)
+
+            export_cache[key] = shared_export(tmp_path_factory, f"{preset}-deepcache-{precision}", make)
         return export_cache[key]
 
     return get
@@ -67,11 +97,12 @@ def slotted_export(tmp_path_factory: pytest.TempPathFactory, export_cache: dict[
             from sdrt.export.loading import load_model
             from sdrt.export.lora_slots import SlotPlan
 
-            out = (tmp_path_factory.mktemp("exports")
-                   / f"{preset}-slots-{slots.replace(':', '-')}{'-deepcache' if deepcache else ''}-{precision}")
-            export_model(load_model(random_preset=preset), out, fp16=precision == "fp16",
-                         lora_slots=SlotPlan.parse(slots), deepcache=deepcache)
-            export_cache[key] = out
+            def make(out: Path) -> None:
+                export_model(load_model(random_preset=preset), out, fp16=precision == "fp16",
+                             lora_slots=SlotPlan.parse(slots), deepcache=deepcache)
+
+            name = f"{preset}-slots-{slots.replace(':', '-')}{'-deepcache' if deepcache else ''}-{precision}"
+            export_cache[key] = shared_export(tmp_path_factory, name, make)
         return export_cache[key]
 
     return get
@@ -89,10 +120,11 @@ def sd3_export(tmp_path_factory: pytest.TempPathFactory, export_cache: dict[tupl
             from sdrt.export.sd3_export import export_sd3
             from sdrt.export.sd3_loading import load_sd3
 
-            out = tmp_path_factory.mktemp("exports") / f"{key[0]}-{precision}"
-            export_sd3(load_sd3(random_preset=preset), out, fp16=precision == "fp16", without_t5=not t5,
-                       block_cache=block_cache)
-            export_cache[key] = out
+            def make(out: Path) -> None:
+                export_sd3(load_sd3(random_preset=preset), out, fp16=precision == "fp16", without_t5=not t5,
+                           block_cache=block_cache)
+
+            export_cache[key] = shared_export(tmp_path_factory, f"{key[0]}-{precision}", make)
         return export_cache[key]
 
     return get
@@ -119,9 +151,10 @@ def flux_export(tmp_path_factory: pytest.TempPathFactory, export_cache: dict[tup
         if key not in export_cache:
             from sdrt.export.flux_export import export_flux, load_flux
 
-            out = tmp_path_factory.mktemp("exports") / key[0]
-            export_flux(load_flux(random_preset=preset, stream=stream), out, block_cache=block_cache)
-            export_cache[key] = out
+            def make(out: Path) -> None:
+                export_flux(load_flux(random_preset=preset, stream=stream), out, block_cache=block_cache)
+
+            export_cache[key] = shared_export(tmp_path_factory, key[0], make)
         return export_cache[key]
 
     return get
@@ -138,9 +171,10 @@ def shapes_export(tmp_path_factory: pytest.TempPathFactory, export_cache: dict[t
             from sdrt.export.loading import load_model
             from sdrt.quality import MODEL_DIR
 
-            out = tmp_path_factory.mktemp("exports") / f"shapes-{precision}"
-            export_model(load_model(MODEL_DIR), out, fp16=precision == "fp16")
-            export_cache[key] = out
+            def make(out: Path) -> None:
+                export_model(load_model(MODEL_DIR), out, fp16=precision == "fp16")
+
+            export_cache[key] = shared_export(tmp_path_factory, f"shapes-{precision}", make)
         return export_cache[key]
 
     return get
@@ -160,10 +194,13 @@ def tiny_controlnet_export(tmp_path_factory: pytest.TempPathFactory, export_cach
             from sdrt.export.loading import load_model
 
             cn = preset.removesuffix("-tiny") + "-controlnet-tiny"
-            out = tmp_path_factory.mktemp("exports") / f"{preset}-{nets}cn{'-deepcache' if deepcache else ''}-{precision}"
-            export_model(load_model(random_preset=preset), out, fp16=precision == "fp16", deepcache=deepcache,
-                         controlnets=[random_controlnet(cn, seed=1 + j) for j in range(nets)])
-            export_cache[key] = out
+            name = f"{preset}-{nets}cn{'-deepcache' if deepcache else ''}-{precision}"
+
+            def make(out: Path) -> None:
+                export_model(load_model(random_preset=preset), out, fp16=precision == "fp16", deepcache=deepcache,
+                             controlnets=[random_controlnet(cn, seed=1 + j) for j in range(nets)])
+
+            export_cache[key] = shared_export(tmp_path_factory, name, make)
         return export_cache[key]
 
     return get
