@@ -129,8 +129,9 @@ def check_pair(base: Pipeline, refiner: Pipeline) -> None:
 
 def carry_latents(target: Pipeline, latents: Latents, source: Pipeline) -> Latents:
     """``source``'s denoising state on ``target``'s device, for ``target`` to continue: the latents themselves,
-    the step, the ancestral noise; not the multistep history (``x0``), as a second model's sampler starts fresh
-    (diffusers' refiner at ``denoising_start``). On one device (a base and its refiner) a device copy."""
+    the step, the ancestral noise and ``padding_mask_crop``'s box (the target's ``decode`` pastes back); not the
+    multistep history (``x0``), as a second model's sampler starts fresh (diffusers' refiner at
+    ``denoising_start``). On one device (a base and its refiner) a device copy."""
     m, be = target.manifest, target.backend
     on_device = not isinstance(latents.x, np.ndarray)
     dtype, shape = source.backend.meta(latents.x) if on_device else (latents.x.dtype, latents.x.shape)
@@ -143,7 +144,8 @@ def carry_latents(target: Pipeline, latents: Latents, source: Pipeline) -> Laten
     else:
         host = source.backend.to_host(latents.x) if on_device else latents.x
         x = be.to_device(np.asarray(host).astype(target.dtype))
-    return Latents(x, latents.height, latents.width, latents.step, None, latents.noise, latents.seed)
+    return Latents(x, latents.height, latents.width, latents.step, None, latents.noise, latents.seed,
+                   crop=latents.crop)
 
 
 def refine(base: Pipeline, refiner: Pipeline, request: GenerationRequest, *,

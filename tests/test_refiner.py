@@ -403,6 +403,32 @@ def test_stages_composed_by_hand_equal_the_call(pipes) -> None:
     assert nonfinite == [False] and np.array_equal(np.asarray(images[0]), np.asarray(whole.images[0]))
 
 
+def test_a_crop_box_goes_with_the_latents_to_the_refiner(pipes) -> None:
+    """Latents prepared with ``padding_mask_crop`` keep their box when the refiner takes them over: its decode
+    pastes the pictures back into the original (the original's size, untouched outside the box), as the base's
+    decode of the same latents does."""
+    from PIL import Image
+
+    base, refiner = pipes
+    rng = np.random.default_rng(5)
+    original = Image.fromarray(rng.integers(0, 256, (96, 112, 3), dtype=np.uint8))
+    mask = np.zeros((96, 112), np.uint8)
+    mask[30:50, 40:70] = 255
+    plan = base.plan("dpmpp-2m", 4, strength=0.6)
+    lat = base.prepare_latents(plan, 64, 64, seed=1, image=original, mask_image=Image.fromarray(mask),
+                               padding_mask_crop=4)
+    rlat = refiner.latents_from(lat, base)
+    assert rlat.crop is lat.crop is not None
+    (from_base,), _ = base.decode(lat)
+    (from_refiner,), _ = refiner.decode(rlat)
+    for im in (from_base, from_refiner):
+        assert im.size == original.size
+        outside = np.ones((96, 112), bool)
+        x1, y1, x2, y2 = lat.crop.box
+        outside[y1:y2, x1:x2] = False
+        assert np.array_equal(np.asarray(im)[outside], np.asarray(original)[outside])
+
+
 def test_base_and_refiner_are_timed_on_the_base_backends_clock_on_tensorrt(tiny_export, tmp_path, monkeypatch,
                                                                           fake_gpu) -> None:
     """Logic check on the TensorRT fakes: every stage of a base + refiner call (both text encoders, both
