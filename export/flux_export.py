@@ -80,7 +80,7 @@ from .lora_slots import SlotPlan, check_slots, slot_components, slots_record, sl
 from .onnx_export import check_parity, export_component, parity_line
 from .sd3_gate import T5_BLOCKS, load_reduced, mapped_weights, t5_blocks
 from .sd3_loading import component_config
-from .sd3_model import Streamed, to_stream
+from .sd3_model import Streamed, streamed_parts
 from .sd3_specs import t5_spec
 from .streamed import (
     StreamedSpec,
@@ -195,9 +195,9 @@ def load_flux(path: str | Path | None = None, *, random_preset: str | None = Non
     if random_preset is not None:
         preset = get_flux_preset(random_preset)
         shapes = weight_shapes(preset.config("transformer"), preset.config("t5"))
-        skip = to_stream(shapes, stream)
-        streamed = {n: Streamed(preset.config("transformer" if n == "transformer" else "t5"),
-                                synthetic_weights(seed, shapes[n]), "synthetic") for n in skip}
+        skip, streamed = streamed_parts(shapes, stream, lambda n: preset.config("transformer" if n == "transformer"
+                                                                                else "t5"),
+                                        lambda n: synthetic_weights(seed, shapes[n]), "synthetic")
         return LoadedFlux(preset, build_modules(preset, seed, skip), dict(preset.scheduler),
                           source={"kind": "random", "preset": preset.name, "seed": seed}, streamed=streamed)
     from diffusers import AutoencoderKL, FluxTransformer2DModel
@@ -213,9 +213,9 @@ def load_flux(path: str | Path | None = None, *, random_preset: str | None = Non
         raise InputError(f"{folder} lacks {', '.join(missing)}: a FLUX.1 folder has each of them")
     kw: dict[str, Any] = {"torch_dtype": torch.float32, "use_safetensors": True}
     tr_cfg, t5_cfg = component_config(folder / "transformer"), component_config(folder / "text_encoder_2")
-    skip = to_stream(weight_shapes(tr_cfg, t5_cfg), stream)
-    streamed = {n: Streamed(tr_cfg if n == "transformer" else t5_cfg, checkpoint_weights(folder / n), "checkpoint")
-                for n in skip}
+    skip, streamed = streamed_parts(weight_shapes(tr_cfg, t5_cfg), stream,
+                                    lambda n: tr_cfg if n == "transformer" else t5_cfg,
+                                    lambda n: checkpoint_weights(folder / n), "checkpoint")
     transformer = None if "transformer" in skip else \
         FluxTransformer2DModel.from_pretrained(folder / "transformer", **kw).eval()
     clip = CLIPTextModel.from_pretrained(folder / "text_encoder", **kw).eval()

@@ -13,7 +13,7 @@ import torch
 
 from sdrt.runtime.errors import InputError
 
-from .sd3_model import LoadedSd3, Streamed, to_stream, weight_shapes
+from .sd3_model import LoadedSd3, streamed_parts, weight_shapes
 from .sd3_presets import SD3_PRESETS, Sd3Modules, Sd3Preset, build_modules, get_sd3_preset
 from .streamed import checkpoint_weights, synthetic_weights
 
@@ -65,9 +65,9 @@ def load_sd3(path: str | Path | None = None, *, random_preset: str | None = None
     if random_preset is not None:
         preset = get_sd3_preset(random_preset)
         shapes = weight_shapes(preset.config("transformer"), preset.config("t5"))
-        skip = to_stream(shapes, stream)
-        streamed = {n: Streamed(preset.config("transformer" if n == "transformer" else "t5"),
-                                synthetic_weights(seed, shapes[n]), "synthetic") for n in skip}
+        skip, streamed = streamed_parts(shapes, stream, lambda n: preset.config("transformer" if n == "transformer"
+                                                                                else "t5"),
+                                        lambda n: synthetic_weights(seed, shapes[n]), "synthetic")
         return LoadedSd3(preset, build_modules(preset, seed, skip), dict(preset.scheduler),
                          source={"kind": "random", "preset": preset.name, "seed": seed}, streamed=streamed)
     from diffusers import AutoencoderKL, SD3Transformer2DModel
@@ -85,9 +85,9 @@ def load_sd3(path: str | Path | None = None, *, random_preset: str | None = None
     has_t5 = (folder / "text_encoder_3").is_dir()
     tr_cfg = component_config(folder / "transformer")
     t5_cfg = component_config(folder / "text_encoder_3") if has_t5 else None
-    skip = to_stream(weight_shapes(tr_cfg, t5_cfg), stream)
-    streamed = {n: Streamed(tr_cfg if n == "transformer" else t5_cfg or {}, checkpoint_weights(folder / n),
-                            "checkpoint") for n in skip}
+    skip, streamed = streamed_parts(weight_shapes(tr_cfg, t5_cfg), stream,
+                                    lambda n: tr_cfg if n == "transformer" else t5_cfg or {},
+                                    lambda n: checkpoint_weights(folder / n), "checkpoint")
     transformer = None if "transformer" in skip else SD3Transformer2DModel.from_pretrained(folder / "transformer",
                                                                                           **kw).eval()
     clips = [CLIPTextModelWithProjection.from_pretrained(folder / n, **kw).eval()

@@ -5,7 +5,7 @@ transformer, T5) read one tensor at a time instead, the rule for which to stream
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -82,6 +82,15 @@ def to_stream(shapes: dict[str, dict[str, tuple[int, ...]]], stream: bool | None
     if stream is not None:
         return tuple(shapes) if stream else ()
     return tuple(n for n, w in shapes.items() if sum(math.prod(s) for s in w.values()) > STREAM_PARAMS)
+
+
+def streamed_parts(shapes: dict[str, dict[str, tuple[int, ...]]], stream: bool | None,
+                   config: Callable[[str], dict[str, Any]], weights: Callable[[str], WeightSource],
+                   kind: str) -> tuple[tuple[str, ...], dict[str, Streamed]]:
+    """The components to stream (``to_stream``) and each one's ``Streamed``: ``config(name)`` and ``weights(name)``
+    (``kind``: "synthetic" for a random preset's seeded weights, "checkpoint" for a folder's files)."""
+    skip = to_stream(shapes, stream)
+    return skip, {n: Streamed(config(n), weights(n), kind) for n in skip}
 
 
 def merge_sd3_loras(model: LoadedSd3, specs: Sequence[LoraSpec]) -> dict[str, MergeReport]:
