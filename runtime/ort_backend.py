@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from .cpu_threads import default_threads
 from .engine import CLOSED, Array, Backend, Engine
 from .errors import BackendUnavailable, InputError
 from .ort_engine import (
@@ -140,7 +141,7 @@ class OrtBackend(OrtBackendBase):
         self.io_binding = device == "cuda"
         self.memory = "cuda" if device == "cuda" else "cpu"
         self.device_id = device_id
-        self.threads = threads
+        self.threads = threads if threads is not None else default_threads()
         self.name = f"ort-{device}"
         self.cuda_graph = cuda_graph
         self.graph_engines = frozenset(graph_engines)

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from .cpu_threads import default_threads
 from .engine import Array, Backend, Engine, IOSpec
 from .errors import ArtifactError, BackendUnavailable, InputError
 from .feature_cache import CHANGE
@@ -299,7 +300,8 @@ class OvStepLoop(PlainStepLoop):
 class OvBackend(Backend):
     """``openvino``: OpenVINO's runtime on ``device`` (``CPU`` by default).
 
-    ``threads``: ``INFERENCE_NUM_THREADS`` (None: OpenVINO's default, the physical cores).
+    ``threads``: ``INFERENCE_NUM_THREADS`` (None: ``SDRT_THREADS`` where set, else OpenVINO's default, the
+    physical cores).
     ``precision``: ``auto`` (bf16 where the device has it, else f32), ``bf16`` or ``f32`` (``fp32``).
     ``cache_dir``: where compiled models are cached (None: :func:`default_cache_dir`; False: no cache).
     ``static_shapes``: compile per input shape instead of once with dynamic axes.
@@ -316,6 +318,7 @@ class OvBackend(Backend):
                              cli=f"--precision {precision} is not one of auto, bf16, fp32")
         if threads is not None and threads < 1:
             raise InputError(f"threads must be at least 1, got {threads}")
+        threads = threads if threads is not None else default_threads()
         self.core = self.ov.Core()
         devices = list(self.core.available_devices)  # e.g. ["CPU", "GPU.0", "GPU.1"]
         wanted = device.upper()
