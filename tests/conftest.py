@@ -4,6 +4,7 @@ TensorRT fakes wired in; shared pipelines closed at each module's end. Helpers (
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,6 +13,17 @@ from filelock import FileLock
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """In a pytest-xdist worker: one CPU thread each for sdrt's backends (``SDRT_THREADS``) and for PyTorch (the
+    diffusers references). Two workers on two cores, each with thread pools sized to both cores, would run twice
+    as many threads as cores, and ONNX Runtime's spinning threads take turns badly."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        for name in ("SDRT_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ.setdefault(name, "1")
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -34,12 +46,13 @@ def shared_export(tmp_path_factory: pytest.TempPathFactory, name: str, make: Cal
     """The folder ``name`` of the session's exports, made by ``make(folder)`` once per test run: under pytest-xdist
     the workers share one folder (their base temp's parent) and take a file lock per export, so the first worker
     to need it exports and the others wait and reuse it. The exporter writes to a temporary path and renames
-    when complete, so a folder that exists is whole."""
+    when complete, so a folder that exists is whole; each export has a parent folder of its own (what a test sees
+    beside its export is its own, not another worker's export in progress)."""
     base = tmp_path_factory.getbasetemp()
     root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared-exports"
-    root.mkdir(parents=True, exist_ok=True)
-    out = root / name
-    with FileLock(str(out) + ".lock"):
+    (root / name).mkdir(parents=True, exist_ok=True)
+    out = root / name / name
+    with FileLock(str(root / name) + ".lock"):
         if not out.exists():
             make(out)
     return out

@@ -59,12 +59,15 @@ def closing_opened() -> Iterator[None]:
     try:
         yield
     finally:
-        for key in reversed([k for k in _OPEN if k not in before]):
+        opened = [k for k in _OPEN if k not in before]
+        held = any(_MODULE_CACHES)
+        for key in reversed(opened):
             _OPEN.pop(key).close()
         for cache in _MODULE_CACHES:
             cache.clear()
-        gc.collect()
-        trim_heap()
+        if opened or held:  # a full collection costs a fraction of a second: only where something was let go
+            gc.collect()
+            trim_heap()
 
 
 def trim_heap() -> None:
