@@ -39,11 +39,10 @@ docs: $(filter $(VENV_PY),$(PY))
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict -d site
 
 # the inner loop, after one `make install-test`: every test but the slow tier (full-size models, the Ray
-# cluster, the browser): 1,268 of 1,286 tests in 11 min 44 s on 2 CPU cores (measured at 1295550, against CI's 19 min
-# 46 s of pytest); installs nothing. `make test` (CI) still runs everything.
+# cluster, the browser), in JOBS processes as `make test`; installs nothing. `make test` (CI) still runs everything.
 FAST_TIER = not slow and not ray and not browser
 test-fast: $(filter $(VENV_PY),$(PY))
-	$(PY) -m pytest -p no:cacheprovider -m "$(FAST_TIER)" $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
+	$(PY) -m pytest -p no:cacheprovider -n $(JOBS) --dist loadgroup -m "$(FAST_TIER)" $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
 
 lint: $(filter $(VENV_PY),$(PY))
 	$(PY) -m ruff check sdrt export runtime benchmarks engines quality serve tests
