@@ -165,7 +165,7 @@ def save_diffusers(model: Any, onnx_folder: Path, out: Path, family: str, precis
     import torch
     from transformers import CLIPTokenizer
 
-    from sdrt.export.flux_export import LoadedFlux
+    from sdrt.export.flux_loading import LoadedFlux
     from sdrt.export.sd3_model import LoadedSd3
     from sdrt.runtime.atomic import atomic_dir
 
@@ -239,7 +239,7 @@ def save_sd3_diffusers(model: Any, onnx_folder: Path, out: Path, precision: str)
 
 
 def save_flux_diffusers(model: Any, onnx_folder: Path, out: Path, precision: str) -> None:
-    """Save a FLUX.1 model (``flux_export.LoadedFlux``) as a ``FluxPipeline`` folder with the export's tokenizers;
+    """Save a FLUX.1 model (``flux_loading.LoadedFlux``) as a ``FluxPipeline`` folder with the export's tokenizers;
     an fp16 baseline is saved in bf16, as FLUX.1 runs on GPUs (it overflows fp16: NaN images)."""
     import diffusers
     import torch

@@ -1,5 +1,5 @@
-"""``sdrt export`` of a FLUX.1 model: which sources and flags are its, and the run (export/flux_export.py loads
-and exports, in fp32: FLUX.1 overflows fp16)."""
+"""``sdrt export`` of a FLUX.1 model: which sources and flags are its, and the run (export/flux_loading.py loads,
+export/flux_export.py exports, in fp32: FLUX.1 overflows fp16)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ FILE_FLAGS = ("--clip-l", "--t5", "--vae", "--tokenizers", "--arch")  # what loa
 
 
 def claims(model: str | Path | None, random_preset: str | None) -> bool:
-    from .flux_export import is_flux_source
+    from .flux_loading import is_flux_source
 
     return is_flux_source(model, random_preset)
 
@@ -33,7 +33,8 @@ def claims(model: str | Path | None, random_preset: str | None) -> bool:
 def run(args: argparse.Namespace, say: Say, progress: Say) -> ExportManifest:
     """A FLUX.1 model: its own loader and exporter; the ControlNets, LoRA slots and LoRA files are checked
     before the weights load."""
-    from .flux_export import export_flux, load_flux, merge_flux_loras
+    from .flux_export import export_flux
+    from .flux_loading import load_flux, merge_flux_loras
 
     files = controlnet_files(args)
     if files:

@@ -60,7 +60,7 @@ from .checkpoint_files import (
     streamed_t5,
     tokenizer_dirs,
 )
-from .flux_export import LoadedFlux, weight_shapes
+from .flux_loading import LoadedFlux, weight_shapes
 from .flux_presets import FLUX_PRESETS, FluxModules, FluxPreset, get_flux_preset
 from .flux_specs import T5_NAME
 from .lazy_convert import lazy_tensors, streamed_part

@@ -71,6 +71,20 @@ def _np_dtype(kind: str, precision: str) -> str:
     return kind
 
 
+def component_entry(folder: Path, precision: str, inputs: Sequence[tuple[str, str, tuple[int | str, ...]]],
+                    outputs: Sequence[tuple[str, str, tuple[int | str, ...]]], parity: Parity | None) -> Component:
+    """The manifest's entry for the graph exported into ``folder`` (its ``model.onnx``, in memory or streamed):
+    I/O as a spec gives it ("float" follows ``precision``), its size the sum of the model.onnx* files."""
+    return Component(
+        path=f"{folder.name}/model.onnx",
+        precision=precision,
+        inputs=tuple(TensorSpec(n, _np_dtype(k, precision), s) for n, k, s in inputs),
+        outputs=tuple(TensorSpec(n, _np_dtype(k, precision), s) for n, k, s in outputs),
+        parity=parity,
+        size_bytes=sum(f.stat().st_size for f in folder.iterdir() if f.name.startswith("model.onnx")),
+    )
+
+
 def _cast_inputs(args: tuple[torch.Tensor, ...], spec: ComponentSpec, precision: str) -> tuple[torch.Tensor, ...]:
     out = []
     for a, (_, kind, _) in zip(args, spec.inputs):
@@ -151,14 +165,7 @@ def export_group(
         if release:
             release_memory()
         progress(f"{spec.name}: {parity_line(parity, prec)}")
-        done[spec.name] = Component(
-            path=f"{folder.name}/model.onnx",
-            precision=prec,
-            inputs=tuple(TensorSpec(n, _np_dtype(k, prec), s) for n, k, s in spec.inputs),
-            outputs=tuple(TensorSpec(n, _np_dtype(k, prec), s) for n, k, s in spec.outputs),
-            parity=parity,
-            size_bytes=sum(f.stat().st_size for f in folder.iterdir() if f.name.startswith("model.onnx")),
-        )
+        done[spec.name] = component_entry(folder, prec, spec.inputs, spec.outputs, parity)
     return done
 
 

@@ -34,7 +34,7 @@ def is_sd3_preset(name: str) -> bool:
 
 
 def is_flux_preset(name: str) -> bool:
-    """``name`` is in the FLUX.1 table (loaded by ``flux_export.load_flux``)."""
+    """``name`` is in the FLUX.1 table (loaded by ``flux_loading.load_flux``)."""
     return name in _tables()[2]
 
 
@@ -57,7 +57,7 @@ def load_random(name: str, seed: int = 0) -> Any:
     """The preset's model with seeded synthetic weights: a ``LoadedModel``, ``LoadedSd3`` or ``LoadedFlux``."""
     get_any_preset(name)
     if is_flux_preset(name):
-        from .flux_export import load_flux
+        from .flux_loading import load_flux
 
         return load_flux(random_preset=name, seed=seed)
     if is_sd3_preset(name):
@@ -77,7 +77,8 @@ def export_loaded(model: Any, out: str | Path, *, fp16: bool, controlnets: list[
     --feature-cache``) adds the family's feature-caching step (DeepCache's shallow path for a UNet, the first-block
     cached step for SD3 and FLUX.1); ``without_t5`` leaves SD 3 / 3.5's optional T5 out. A FLUX.1 model is
     exported in fp32 whatever ``fp16`` says (it overflows fp16; ``flux_export``), and takes no ControlNet yet."""
-    from .flux_export import LoadedFlux, export_flux
+    from .flux_export import export_flux
+    from .flux_loading import LoadedFlux
     from .sd3_export import export_sd3
     from .sd3_model import LoadedSd3
 

@@ -29,7 +29,9 @@ import torch
 
 from sdrt.runtime.atomic import give_default_mode
 from sdrt.runtime.errors import ArtifactError
-from sdrt.runtime.manifest import Component, TensorSpec
+from sdrt.runtime.manifest import Component
+
+from .onnx_export import component_entry
 
 STREAM_OPSET = 18  # the dynamo exporter's oldest opset
 WeightSource = Callable[[str], torch.Tensor]  # a parameter's name in the component's module -> its value
@@ -50,12 +52,6 @@ class StreamedSpec:
     example: Callable[[], tuple[torch.Tensor, ...]]
     dynamic: Callable[[], dict[str, Any]]
     force_fp32: bool = False
-
-
-def _np_dtype(kind: str, precision: str) -> str:
-    if kind == "float":
-        return "float16" if precision == "fp16" else "float32"
-    return kind
 
 
 def _torch_dtype(precision: str) -> torch.dtype:
@@ -136,14 +132,7 @@ def export_streamed(spec: StreamedSpec, weights: WeightSource, precision: str, f
     checked = verify_weights(path, sums)
     progress(f"exported {spec.name} in {time.perf_counter() - t0:.1f} s (streamed; {checked} weights read back "
              "equal to what was written)")
-    return Component(
-        path=f"{folder.name}/model.onnx",
-        precision=precision,
-        inputs=tuple(TensorSpec(n, _np_dtype(k, precision), s) for n, k, s in spec.inputs),
-        outputs=tuple(TensorSpec(n, _np_dtype(k, precision), s) for n, k, s in spec.outputs),
-        parity=None,
-        size_bytes=sum(f.stat().st_size for f in folder.iterdir() if f.name.startswith("model.onnx")),
-    )
+    return component_entry(folder, precision, spec.inputs, spec.outputs, None)
 
 
 def verify_weights(path: Path, sums: dict[str, int]) -> int:

@@ -162,7 +162,8 @@ def flux_export(tmp_path_factory: pytest.TempPathFactory, export_cache: dict[tup
     def get(preset: str, stream: bool = False, block_cache: bool = False) -> Path:
         key = (f"{preset}{'-streamed' if stream else ''}{'-block-cache' if block_cache else ''}", "fp32")
         if key not in export_cache:
-            from sdrt.export.flux_export import export_flux, load_flux
+            from sdrt.export.flux_export import export_flux
+            from sdrt.export.flux_loading import load_flux
 
             def make(out: Path) -> None:
                 export_flux(load_flux(random_preset=preset, stream=stream), out, block_cache=block_cache)

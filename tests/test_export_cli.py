@@ -73,9 +73,9 @@ def test_each_family_flag_is_registered_as_its_exporter_declares_it() -> None:
 @pytest.fixture
 def no_loading(monkeypatch: pytest.MonkeyPatch) -> None:
     """Any weights loading fails the test: the refusals come first."""
-    from sdrt.export import flux_export, loading, sd3_loading
+    from sdrt.export import flux_loading, loading, sd3_loading
 
-    for module, name in ((loading, "load_model"), (sd3_loading, "load_sd3"), (flux_export, "load_flux")):
+    for module, name in ((loading, "load_model"), (sd3_loading, "load_sd3"), (flux_loading, "load_flux")):
         monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail("weights loaded before the refusal"))
 
 

@@ -147,7 +147,7 @@ def test_streamed_export_gives_diffusers_images(flux_export) -> None:
     assert all(m.components[n].parity is not None and "reduced depth" in m.components[n].parity.reference
                for n in ("unet", "text_encoder_2"))
     # the streamed random weights are seeded per tensor: diffusers gets the same ones through the same source
-    from sdrt.export.flux_export import load_flux
+    from sdrt.export.flux_loading import load_flux
 
     model = load_flux(random_preset="flux-schnell-tiny", stream=True)
     from diffusers import FluxPipeline, FluxTransformer2DModel
@@ -198,7 +198,8 @@ def test_a_prompt_past_the_encoders_is_cut_and_said(flux_export) -> None:
 
 
 def test_fp16_export_is_refused(tmp_path: Path) -> None:
-    from sdrt.export.flux_export import export_flux, load_flux
+    from sdrt.export.flux_export import export_flux
+    from sdrt.export.flux_loading import load_flux
 
     with pytest.raises(InputError, match="fp32"):
         export_flux(load_flux(random_preset="flux-schnell-tiny"), tmp_path / "out", fp16=True)

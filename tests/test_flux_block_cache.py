@@ -156,7 +156,8 @@ def test_a_cache_request_without_the_cached_step_is_refused(flux_export) -> None
 
 
 def test_a_one_block_transformer_is_refused_at_export(tmp_path: Path) -> None:
-    from sdrt.export.flux_export import export_flux, load_flux
+    from sdrt.export.flux_export import export_flux
+    from sdrt.export.flux_loading import load_flux
 
     model = load_flux(random_preset="flux-schnell-tiny")
     tr = model.modules.transformer

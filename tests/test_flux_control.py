@@ -272,7 +272,7 @@ def test_diffusers_folder_loads_as_a_control_model(tmp_path: Path) -> None:
     the preset takes the folder's name)."""
     from diffusers import FluxControlPipeline
 
-    from sdrt.export.flux_export import load_flux
+    from sdrt.export.flux_loading import load_flux
     from sdrt.export.flux_presets import build_modules, controls, get_flux_preset
     from sdrt.export.t5_tokenizer_assets import write_t5_tokenizer
     from sdrt.export.tokenizer_assets import write_clip_tokenizer
@@ -293,7 +293,7 @@ def test_streamed_transformer_gives_the_pytorch_outputs(tmp_path: Path) -> None:
     sides following the latents'."""
     import onnxruntime as ort
 
-    from sdrt.export.flux_export import weight_shapes
+    from sdrt.export.flux_loading import weight_shapes
     from sdrt.export.flux_presets import get_flux_preset
     from sdrt.export.flux_specs import streamed_transformer_spec
     from sdrt.export.flux_wrappers import FluxControlTransformer

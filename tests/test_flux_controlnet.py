@@ -46,7 +46,8 @@ def _nets(which: tuple[int, ...]) -> list:
 def cn_export(tmp_path_factory: pytest.TempPathFactory, export_cache: dict[tuple[str, str], Path]) -> Path:
     key = (f"{PRESET}-controlnets", "fp32")
     if key not in export_cache:
-        from sdrt.export.flux_export import export_flux, load_flux
+        from sdrt.export.flux_export import export_flux
+        from sdrt.export.flux_loading import load_flux
 
         out = tmp_path_factory.mktemp("exports") / key[0]
         export_flux(load_flux(random_preset=PRESET), out, controlnets=_nets((0, 1, 2)))
@@ -254,7 +255,8 @@ def test_lora_slots_beside_a_controlnet_on_a_streamed_transformer(tmp_path: Path
     pytest.importorskip("peft", reason="diffusers' LoRA loading needs peft (the test extra)")
     import copy
 
-    from sdrt.export.flux_export import export_flux, load_flux
+    from sdrt.export.flux_export import export_flux
+    from sdrt.export.flux_loading import load_flux
     from sdrt.export.lora_slots import SlotPlan
     from sdrt.runtime.manifest import ExportManifest
 
@@ -279,7 +281,8 @@ def test_lora_slots_beside_a_controlnet_on_a_streamed_transformer(tmp_path: Path
 def test_streamed_transformer(tmp_path: Path, mean_vae) -> None:
     """A streamed transformer (as every full-size model's is) gets a streamed ``unet_control``, gated on a
     reduced-depth copy; the images of all three nets' export, two of them run, are diffusers' on the same weights."""
-    from sdrt.export.flux_export import export_flux, load_flux
+    from sdrt.export.flux_export import export_flux
+    from sdrt.export.flux_loading import load_flux
     from sdrt.runtime.manifest import ExportManifest
 
     model = load_flux(random_preset=PRESET, seed=3, stream=True)
@@ -300,7 +303,8 @@ def test_refusals_before_work(cn_export, flux_export, tmp_path: Path) -> None:
 
     from sdrt.export.controlnet_loading import LoadedControlNet, check_pairing, random_controlnet
     from sdrt.export.controlnet_presets import flux_controlnet_config
-    from sdrt.export.flux_export import export_flux, load_flux
+    from sdrt.export.flux_export import export_flux
+    from sdrt.export.flux_loading import load_flux
     from sdrt.export.loading import random_model
     from sdrt.export.sd3_controlnet import check_sd3_pairing
     from sdrt.export.sd3_presets import get_sd3_preset
@@ -376,7 +380,7 @@ def test_cli_generate_with_a_mode_and_export_refusals(cn_export, tmp_path: Path,
     def no_work(*a: object, **k: object) -> None:
         raise AssertionError("the model loaded before the ControlNet was checked")
 
-    monkeypatch.setattr("sdrt.export.flux_export.load_flux", no_work)
+    monkeypatch.setattr("sdrt.export.flux_loading.load_flux", no_work)
     single = tmp_path / "flux-canny.safetensors"
     single.write_bytes(b"\0" * 16)
     capsys.readouterr()

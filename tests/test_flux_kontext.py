@@ -136,7 +136,7 @@ def test_diffusers_folder_and_single_file_are_kontext(tmp_path: Path) -> None:
     from diffusers.schedulers import FlowMatchEulerDiscreteScheduler
     from transformers import CLIPTokenizer, T5TokenizerFast
 
-    from sdrt.export.flux_export import load_flux
+    from sdrt.export.flux_loading import load_flux
     from sdrt.export.flux_presets import build_modules, get_flux_preset
     from sdrt.export.flux_single_file import load_flux_single_file
     from sdrt.export.t5_tokenizer_assets import write_t5_tokenizer
@@ -166,7 +166,7 @@ def test_streamed_transformer_takes_references_of_any_size(tmp_path: Path) -> No
     (neither the traced one)."""
     import onnxruntime as ort
 
-    from sdrt.export.flux_export import weight_shapes
+    from sdrt.export.flux_loading import weight_shapes
     from sdrt.export.flux_presets import get_flux_preset
     from sdrt.export.flux_specs import streamed_transformer_spec
     from sdrt.export.flux_wrappers import FluxTransformer

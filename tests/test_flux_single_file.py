@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from sdrt.cli import main
-from sdrt.export.flux_export import is_flux_source, load_flux
+from sdrt.export.flux_loading import is_flux_source, load_flux
 from sdrt.export.flux_presets import FluxModules, build_modules, get_flux_preset
 from sdrt.export.flux_single_file import detect_flux_preset, is_flux_file, load_flux_single_file, to_diffusers
 from sdrt.runtime.errors import ArtifactError, InputError, UnsafeCheckpointError

@@ -63,7 +63,8 @@ def slotted(tmp_path_factory: pytest.TempPathFactory, export_cache: dict[tuple[s
                 export_sd3(load_sd3(random_preset=SD3), out, fp16=False, without_t5=True,
                            lora_slots=SlotPlan.parse(SLOTS), block_cache=True)  # the cached step slotted too
             else:
-                from sdrt.export.flux_export import export_flux, load_flux
+                from sdrt.export.flux_export import export_flux
+                from sdrt.export.flux_loading import load_flux
 
                 export_flux(load_flux(random_preset=FLUX), out, lora_slots=SlotPlan.parse(SLOTS))
             export_cache[key] = out
@@ -491,7 +492,8 @@ def test_flux_first_block_cache_with_a_lora_matches_diffusers(tmp_path: Path) ->
     from diffusers import FluxPipeline
     from diffusers.hooks import FirstBlockCacheConfig, HookRegistry
 
-    from sdrt.export.flux_export import export_flux, load_flux
+    from sdrt.export.flux_export import export_flux
+    from sdrt.export.flux_loading import load_flux
     from sdrt.export.lora_slots import SlotPlan
     from sdrt.runtime.feature_cache import CachePolicy
 
@@ -520,7 +522,8 @@ def test_flux_first_block_cache_with_a_lora_matches_diffusers(tmp_path: Path) ->
 def test_flux_slots_on_a_streamed_transformer(tmp_path: Path) -> None:
     """A streamed FLUX.1 transformer with slots, gated on its reduced-depth copy with random factors: a kohya file
     per request against diffusers over the same synthetic weights, held."""
-    from sdrt.export.flux_export import export_flux, load_flux
+    from sdrt.export.flux_export import export_flux
+    from sdrt.export.flux_loading import load_flux
     from sdrt.export.lora_slots import SlotPlan
 
     path, padded = flux_kohya_lora(tmp_path / "k.safetensors", seed=23, rank=4, alpha=2.0, layout="kohya")
@@ -696,7 +699,7 @@ def test_flux_merged_export_matches_diffusers_fused(tmp_path: Path) -> None:
 
 
 def test_merge_refuses_another_family_before_any_work(tmp_path: Path) -> None:
-    from sdrt.export.flux_export import load_flux, merge_flux_loras
+    from sdrt.export.flux_loading import load_flux, merge_flux_loras
     from sdrt.runtime.lora_files import LoraSpec
 
     sd3 = sd3_kohya_lora(tmp_path / "sd3.safetensors", seed=15, rank=2, alpha=1.0, text=False)[0]

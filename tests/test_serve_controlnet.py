@@ -485,7 +485,8 @@ def union_export(tmp_path_factory, export_cache):
     key = ("flux-dev-tiny+union-controlnet", "fp32")
     if key not in export_cache:
         from sdrt.export.controlnet_loading import random_controlnet
-        from sdrt.export.flux_export import export_flux, load_flux
+        from sdrt.export.flux_export import export_flux
+        from sdrt.export.flux_loading import load_flux
 
         out = tmp_path_factory.mktemp("exports") / key[0]
         export_flux(load_flux(random_preset="flux-dev-tiny"), out,

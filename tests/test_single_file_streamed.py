@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from sdrt.export import checkpoint_files, flux_single_file, lazy_convert, sd3_single_file
-from sdrt.export.flux_export import load_flux, weight_shapes
+from sdrt.export.flux_loading import load_flux, weight_shapes
 from sdrt.export.flux_presets import build_modules as build_flux
 from sdrt.export.flux_presets import get_flux_preset
 from sdrt.export.flux_single_file import to_diffusers

@@ -117,7 +117,8 @@ def streamed_cached_export(cls_name: str, preset: str, ref_folder: Path, tmp_pat
     """The preset's seeded weights saved as a diffusers folder of ``cls_name`` and exported with the transformer
     streamed (as a full-size one is) and first-block caching; asserts that the transformer and its cached step were
     streamed and gated on their reduced-depth copies. ``ref_folder``: an export whose tokenizers the folder takes."""
-    from sdrt.export.flux_export import export_flux, load_flux
+    from sdrt.export.flux_export import export_flux
+    from sdrt.export.flux_loading import load_flux
 
     from .references import flux_preset_pipeline
 
