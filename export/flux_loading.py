@@ -32,7 +32,6 @@ from .streamed import checkpoint_weights, fake_shapes, materialize, synthetic_we
 PIPELINE_CLASS = "FluxPipeline"
 # [schnell] / [dev], Fill, Kontext, Depth / Canny
 PIPELINE_CLASSES = (PIPELINE_CLASS, "FluxFillPipeline", KONTEXT_PIPELINE, CONTROL_PIPELINE)
-STREAMABLE = ("transformer", T5_NAME)
 
 
 @dataclass

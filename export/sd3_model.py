@@ -19,7 +19,6 @@ from .sd3_specs import streamed_t5_spec, streamed_transformer_spec
 from .streamed import WeightSource, fake_shapes, materialize
 
 STREAM_PARAMS = 1_000_000_000  # a component with more parameters (4 GB in fp32) is streamed, not loaded
-STREAMABLE = ("transformer", "text_encoder_3")
 
 
 @dataclass(frozen=True)
