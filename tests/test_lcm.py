@@ -31,20 +31,28 @@ def _unet_only_lora(path: Path) -> Path:
     return path
 
 
-@pytest.mark.slow  # exports a merged model per case: over 1 min a case on 2 busy cores
+@pytest.fixture(scope="module")
+def lcm_export(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
+    """(the LCM-LoRA-like file, an export of the tiny SD 1.5 with it merged at 1.0, the merge's reports): made once
+    for every step count."""
+    tmp = tmp_path_factory.mktemp("lcm")
+    lora = _unet_only_lora(tmp / "lcm-lora.safetensors")
+    model = load_model(random_preset="sd15-tiny")
+    reports = merge_loras(model, [LoraSpec(lora, 1.0)])
+    export_model(model, tmp / "export", fp16=False)
+    return lora, tmp / "export", reports
+
+
+@pytest.mark.slow  # exports a merged model: over 1 min on 2 busy cores
 @pytest.mark.parametrize("steps", [2, 4])
-def test_lcm_lora_matches_diffusers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, steps: int) -> None:
+def test_lcm_lora_matches_diffusers(lcm_export, tiny_export, monkeypatch: pytest.MonkeyPatch, steps: int) -> None:
     pytest.importorskip("peft", reason="diffusers' LoRA loading needs peft")
     from diffusers import LCMScheduler, StableDiffusionPipeline
     from diffusers.schedulers import scheduling_lcm
     from transformers import CLIPTokenizer
 
-    lora = _unet_only_lora(tmp_path / "lcm-lora.safetensors")
-    model = load_model(random_preset="sd15-tiny")
-    reports = merge_loras(model, [LoraSpec(lora, 1.0)])
+    lora, out, reports = lcm_export
     assert reports["unet"].matched and not reports["text_encoder"].matched
-    out = tmp_path / "export"
-    export_model(model, out, fp16=False)
     assert json.loads((out / "sdrt.json").read_text())["source"]["loras"][0]["scale"] == 1.0
 
     m = random_model("sd15-tiny")
@@ -71,17 +79,10 @@ def test_lcm_lora_matches_diffusers(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     got = np.asarray(res.images[0]).astype(np.int32)
     assert np.abs(got - ref_u8).max() <= 1, f"max abs difference {np.abs(got - ref_u8).max()}/255"
     assert 5 < ref_u8.std()
-    with Pipeline.load(_base_export(tmp_path), backend="ort-cpu") as base:  # the LoRA changed the image
+    with Pipeline.load(tiny_export("sd15-tiny"), backend="ort-cpu") as base:  # the LoRA changed the image
         plain = base(prompt, height=h, width=w, steps=steps, guidance_scale=1.0, sampler="lcm", seed=seed,
                      latents=latents)
     assert np.abs(np.asarray(plain.images[0]).astype(np.int32) - got).max() > 2
-
-
-def _base_export(tmp_path: Path) -> Path:
-    out = tmp_path / "base"
-    if not out.exists():
-        export_model(load_model(random_preset="sd15-tiny"), out, fp16=False)
-    return out
 
 
 def test_lora_of_another_family_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
