@@ -26,8 +26,8 @@ from .flux_presets import (
 )
 from .flux_specs import T5_NAME, streamed_t5, streamed_transformer_spec
 from .sd3_loading import component_config
-from .sd3_model import Streamed, streamed_parts
-from .streamed import checkpoint_weights, fake_shapes, materialize, synthetic_weights
+from .sd3_model import Streamed, streamed_parts, synthetic_parts
+from .streamed import checkpoint_weights, fake_shapes, materialize
 
 PIPELINE_CLASS = "FluxPipeline"
 # [schnell] / [dev], Fill, Kontext, Depth / Canny
@@ -129,9 +129,7 @@ def load_flux(path: str | Path | None = None, *, random_preset: str | None = Non
     if random_preset is not None:
         preset = get_flux_preset(random_preset)
         shapes = weight_shapes(preset.config("transformer"), preset.config("t5"))
-        skip, streamed = streamed_parts(shapes, stream, lambda n: preset.config("transformer" if n == "transformer"
-                                                                                else "t5"),
-                                        lambda n: synthetic_weights(seed, shapes[n]), "synthetic")
+        skip, streamed = synthetic_parts(preset, shapes, seed, stream)
         return LoadedFlux(preset, build_modules(preset, seed, skip), dict(preset.scheduler),
                           source={"kind": "random", "preset": preset.name, "seed": seed}, streamed=streamed)
     from diffusers import AutoencoderKL, FluxTransformer2DModel

@@ -13,9 +13,9 @@ import torch
 
 from sdrt.runtime.errors import InputError
 
-from .sd3_model import LoadedSd3, streamed_parts, weight_shapes
+from .sd3_model import LoadedSd3, streamed_parts, synthetic_parts, weight_shapes
 from .sd3_presets import SD3_PRESETS, Sd3Modules, Sd3Preset, build_modules, get_sd3_preset
-from .streamed import checkpoint_weights, synthetic_weights
+from .streamed import checkpoint_weights
 
 PIPELINE_CLASS = "StableDiffusion3Pipeline"
 
@@ -65,9 +65,7 @@ def load_sd3(path: str | Path | None = None, *, random_preset: str | None = None
     if random_preset is not None:
         preset = get_sd3_preset(random_preset)
         shapes = weight_shapes(preset.config("transformer"), preset.config("t5"))
-        skip, streamed = streamed_parts(shapes, stream, lambda n: preset.config("transformer" if n == "transformer"
-                                                                                else "t5"),
-                                        lambda n: synthetic_weights(seed, shapes[n]), "synthetic")
+        skip, streamed = synthetic_parts(preset, shapes, seed, stream)
         return LoadedSd3(preset, build_modules(preset, seed, skip), dict(preset.scheduler),
                          source={"kind": "random", "preset": preset.name, "seed": seed}, streamed=streamed)
     from diffusers import AutoencoderKL, SD3Transformer2DModel

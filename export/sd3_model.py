@@ -16,7 +16,7 @@ from sdrt.runtime.lora_files import LoraSpec, MergeReport
 from .exporter import TEXT_LEN
 from .sd3_presets import Sd3Modules, Sd3Preset
 from .sd3_specs import streamed_t5_spec, streamed_transformer_spec
-from .streamed import WeightSource, fake_shapes, materialize
+from .streamed import WeightSource, fake_shapes, materialize, synthetic_weights
 
 STREAM_PARAMS = 1_000_000_000  # a component with more parameters (4 GB in fp32) is streamed, not loaded
 
@@ -90,6 +90,14 @@ def streamed_parts(shapes: dict[str, dict[str, tuple[int, ...]]], stream: bool |
     (``kind``: "synthetic" for a random preset's seeded weights, "checkpoint" for a folder's files)."""
     skip = to_stream(shapes, stream)
     return skip, {n: Streamed(config(n), weights(n), kind) for n in skip}
+
+
+def synthetic_parts(preset: Any, shapes: dict[str, dict[str, tuple[int, ...]]], seed: int,
+                    stream: bool | None) -> tuple[tuple[str, ...], dict[str, Streamed]]:
+    """``streamed_parts`` of a random preset (SD 3 / 3.5 or FLUX.1): each streamed component's configuration from
+    the preset (``transformer``, else its ``t5``) and weights seeded per tensor."""
+    return streamed_parts(shapes, stream, lambda n: preset.config("transformer" if n == "transformer" else "t5"),
+                          lambda n: synthetic_weights(seed, shapes[n]), "synthetic")
 
 
 def merge_sd3_loras(model: LoadedSd3, specs: Sequence[LoraSpec]) -> dict[str, MergeReport]:
