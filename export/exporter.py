@@ -205,7 +205,7 @@ def component_specs(model: LoadedModel, vae_fp32: bool | None = None, clip_skip:
         inputs=[("latent_sample", "float", ("batch", lat, "height", "width"))],
         outputs=[("images", "uint8", ("batch", "image_height", "image_width", 3)), ("finite", "bool", ("batch",))],
         example=dec_example,
-        force_fp32=vae32,
+        fp16_overflows=vae32,
     ))
     specs.append(ComponentSpec(
         name="vae_encoder",
@@ -214,7 +214,7 @@ def component_specs(model: LoadedModel, vae_fp32: bool | None = None, clip_skip:
         inputs=[("image", "uint8", ("batch", "image_height", "image_width", 3))],
         outputs=[("latent", "float", ("batch", lat, "height", "width"))],
         example=enc_example,
-        force_fp32=vae32,
+        fp16_overflows=vae32,
     ))
     if in_ch == 2 * lat + 1:  # an inpainting UNet: it also takes the masked image's latents
 
@@ -230,7 +230,7 @@ def component_specs(model: LoadedModel, vae_fp32: bool | None = None, clip_skip:
                     ("mask", "uint8", ("batch", "image_height", "image_width", 1))],
             outputs=[("latent", "float", ("batch", lat, "height", "width"))],
             example=masked_example,
-            force_fp32=vae32,
+            fp16_overflows=vae32,
         ))
     return specs
 

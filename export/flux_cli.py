@@ -1,5 +1,5 @@
 """``sdrt export`` of a FLUX.1 model: which sources and flags are its, and the run (export/flux_loading.py loads,
-export/flux_export.py exports, in fp32: FLUX.1 overflows fp16)."""
+export/flux_export.py exports, in fp32 or bf16: FLUX.1 overflows fp16)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,10 @@ from .cli_options import (
 )
 
 FILE_FLAGS = ("--clip-l", "--t5", "--vae", "--tokenizers", "--arch")  # what load_flux takes of a single file
+BF16 = FlagUse("--bf16", "to export its text encoders and transformer in bf16",
+               "FLUX.1: export the text encoders and the transformer (its cached step, ControlNets) in bf16, the VAE "
+               "in fp32: half the size of fp32; runs on openvino, ort-cuda and tensorrt, not on ort-cpu (no bf16 "
+               "kernels)", action="store_true")
 
 
 def claims(model: str | Path | None, random_preset: str | None) -> bool:
@@ -40,6 +44,8 @@ def run(args: argparse.Namespace, say: Say, progress: Say) -> ExportManifest:
     if files:
         raise InputError(f"{files[0]} is a single file; FLUX.1 ControlNets load from a diffusers folder "
                          "(config.json naming FluxControlNetModel, with its .safetensors) for now")
+    if args.bf16 and args.fp32:
+        raise InputError("--bf16 and --fp32 each choose the graphs' precision: give one")
     slots = slot_plan(args.lora_slots, FLUX)
     loras = [lora_spec(s) for s in args.lora or []]
     say(source_line(args))
@@ -51,10 +57,10 @@ def run(args: argparse.Namespace, say: Say, progress: Say) -> ExportManifest:
     if loras:
         merged_lines(merge_flux_loras(model, loras), say)
     nets = load_controlnets(args, say)  # paired with the transformer by export_flux, before any export work
-    if not args.fp32:
-        progress("FLUX.1 is exported in fp32: it overflows fp16 (NaN images, diffusers issue 9096), and sdrt "
-                 "exports no bf16 graph yet")
-    return export_flux(model, args.out, overwrite=args.overwrite, fp16=False, opset=args.opset,
+    if not args.fp32 and not args.bf16:
+        progress("FLUX.1 is exported in fp32: it overflows fp16 (NaN images, diffusers issue 9096); --bf16 exports "
+                 "its text encoders and transformer in bf16 (half the size; openvino, ort-cuda and tensorrt run it)")
+    return export_flux(model, args.out, overwrite=args.overwrite, fp16=False, bf16=args.bf16, opset=args.opset,
                        block_cache=args.feature_cache, progress=progress, lora_slots=slots, controlnets=nets)
 
 
@@ -65,5 +71,6 @@ FLUX_EXPORTER = Exporter(
            FlagUse("--vae", "for its VAE as a separate file (ae.safetensors)",
                    "FLUX.1 single file: its VAE as a separate file (Black Forest Labs' ae.safetensors)",
                    metavar="FILE"),
-           TOKENIZERS),
+           TOKENIZERS,
+           BF16),
     file_only=frozenset(FILE_FLAGS), claims=claims, run=run)

@@ -7,8 +7,12 @@ vae_decoder/, vae_encoder/ (and FLUX.1 Fill's vae_encoder_masked/; with ControlN
 unet_control/, export/flux_controlnet.py), tokenizer/, tokenizer_2/, scheduler/,
 sdrt.json; written under a temporary name and renamed once every component passed its parity gate.
 
-Precision: FLUX.1's activations overflow fp16 (NaN images, diffusers issue 9096) and sdrt exports no bf16 graph
-yet, so every FLUX.1 component is exported in float32; ``--fp16`` is refused for it, saying so. The 12B
+Precision: FLUX.1's activations overflow fp16 (NaN images, diffusers issue 9096), so ``--fp16`` is refused,
+saying so. Its components are exported in float32, or with ``bf16`` the text encoders, the transformer (and its
+cached step, ControlNets) in bf16, as the peers run FLUX.1 on GPUs: half the weights' size, fp32's range. The VAE
+stays float32 (it is small, and the image's last step). A bf16 graph takes and returns float32 (the runtimes'
+host side has no bf16) and runs on openvino, ort-cuda and tensorrt, not on ONNX Runtime's CPU provider (no bf16
+kernels); its parity gate runs it as bf16 hardware computes it (onnx_export.bf16_emulation). The 12B
 transformer and T5-XXL are streamed (export/streamed.py: never held in memory), each gated on a reduced-depth
 copy at full width (its first double block and last single block; T5's first and last blocks) with the
 checkpoint's own weights for those blocks.
@@ -72,8 +76,9 @@ from .sd3_gate import T5_BLOCKS, load_reduced, mapped_weights, t5_blocks
 from .sd3_specs import t5_spec
 from .streamed import StreamedSpec, WeightSource, export_streamed
 
-FP16_REFUSED = ("FLUX.1 overflows fp16 (NaN images: diffusers issue 9096) and sdrt exports no bf16 graph yet; "
-                "FLUX.1 is exported in fp32: pass --fp32")
+FP16_REFUSED = ("FLUX.1 overflows fp16 (NaN images: diffusers issue 9096); export it in bf16 (--bf16: openvino, "
+                "ort-cuda and tensorrt run it) or fp32 (--fp32)")
+VAE_FP32 = ("vae_decoder", "vae_encoder", MASKED_ENCODER)  # float32 in a bf16 export too
 
 
 def _model_index(model: LoadedFlux) -> dict[str, object]:
@@ -99,6 +104,7 @@ def export_flux(
     *,
     overwrite: bool = False,
     fp16: bool = False,
+    bf16: bool = False,
     opset: int = MIN_OPSET,
     block_cache: bool = False,
     parity_shape: tuple[int, int, int] | None = None,
@@ -106,8 +112,8 @@ def export_flux(
     lora_slots: SlotPlan | None = None,
     controlnets: Sequence[LoadedControlNet] = (),
 ) -> ExportManifest:
-    """Export every component of ``model`` into ``out`` (atomically) and return its manifest. ``fp16`` is refused
-    (see the module docstring); ``block_cache`` adds first-block caching (the transformer also returns its two
+    """Export every component of ``model`` into ``out`` (atomically) and return its manifest. ``fp16`` is refused,
+    ``bf16`` exports all but the VAE in bf16 (see the module docstring); ``block_cache`` adds first-block caching (the transformer also returns its two
     residuals, and its cached step is ``unet_shallow`` in ``transformer_shallow/``; runtime/feature_cache.py).
     ``out`` is checked as ``export_model`` checks it. ``lora_slots``: the transformer's and CLIP's targeted layers
     take LoRA factors as inputs, so calls can carry LoRAs (``Pipeline(..., loras=...)``; export/lora_slots.py); T5
@@ -120,6 +126,7 @@ def export_flux(
 
     if fp16:
         raise InputError(FP16_REFUSED, cli=FP16_REFUSED)
+    precision = "bf16" if bf16 else "fp32"
     out = check_export_dir(out, overwrite=overwrite)
     if opset < MIN_OPSET:
         raise InputError(f"opset {opset} is too old; sdrt exports opset {MIN_OPSET} or newer (e.g. --opset 17)")
@@ -150,7 +157,8 @@ def export_flux(
             specs, inert = slot_components(specs, lora_slots, patterns, (CLIP_NAME,))
         for spec in specs:
             folder = FOLDERS.get(spec.name, spec.name)
-            done[spec.name] = export_component(spec, "fp32", tmp / folder, opset=opset, parity_shape=parity_shape,
+            prec = "fp32" if spec.name in VAE_FP32 else precision
+            done[spec.name] = export_component(spec, prec, tmp / folder, opset=opset, parity_shape=parity_shape,
                                                progress=progress)
         for name, st in model.streamed.items():
             jobs = [(name, streamed_t5(st.config, p.t5_tokens))] if name != "transformer" else \
@@ -166,8 +174,8 @@ def export_flux(
             for kind, sspec in jobs:
                 folder = FOLDERS.get(sspec.name, sspec.name)
                 progress(f"{sspec.name} is streamed ({st.kind} weights, one tensor at a time)")
-                comp = export_streamed(sspec, st.weights, "fp32", tmp / folder, progress=progress)
-                par = gate_streamed(kind, st.config, st.weights, p.t5_tokens, parity_shape, progress,
+                comp = export_streamed(sspec, st.weights, precision, tmp / folder, progress=progress)
+                par = gate_streamed(kind, st.config, st.weights, p.t5_tokens, parity_shape, progress, precision,
                                     block_cache=block_cache, reference=reference,
                                     slots=slots if kind in ("transformer", "cached", "control") else None,
                                     control=(len(controlnets), control_layout(st.config, controlnets)[1])
@@ -213,7 +221,7 @@ SINGLE_BLOCKS = re.compile(r"^single_transformer_blocks\.(\d+)\.")
 
 def gate_streamed(kind: str, config: dict[str, Any], weights: WeightSource, tokens: int,
                   parity_shape: tuple[int, int, int], progress: Callable[[str], None] = lambda m: None,
-                  block_cache: bool = False, reference: bool = False,
+                  precision: str = "fp32", block_cache: bool = False, reference: bool = False,
                   slots: tuple[SlotPlan, tuple[str, ...]] | None = None,
                   control: tuple[int, tuple[int, int]] | None = None) -> Parity:
     """The parity gate of a streamed component on a reduced-depth copy at full width, exported through the same
@@ -221,7 +229,8 @@ def gate_streamed(kind: str, config: dict[str, Any], weights: WeightSource, toke
     first-block caching's residual outputs; ``reference``: taking a reference image's latents, FLUX.1 Kontext; the
     ``cached`` step on the same copy), T5's (``text_encoder_2``) first
     and last blocks, each with the checkpoint's own weights; compared with the same copy in PyTorch (fp32,
-    onnxruntime CPU). Raises ParityError past the bound, as every gate. The cached step runs only the first double
+    onnxruntime CPU; a bf16 graph, ``precision``, emulated). Raises ParityError past the bound, as every gate. The
+    cached step runs only the first double
     block, which the reduced copy keeps as its own first: its gate is exact in depth. ``slots``: the transformer's
     LoRA slots (the plan and the family's targets), on the reduced copy's layers alike (``unet_control``'s too),
     gated with random factors. ``control`` (kind ``control``: ``unet_control``): (nets, (double, single) samples per net); the reduced
@@ -264,7 +273,7 @@ def gate_streamed(kind: str, config: dict[str, Any], weights: WeightSource, toke
     if slots is not None:
         sspec, cspec = slotted_gate(sspec, cspec, module, *slots)
     with tempfile.TemporaryDirectory(prefix="sdrt-gate-") as tmp:
-        comp = export_streamed(sspec, source, "fp32", Path(tmp) / sspec.name)
+        comp = export_streamed(sspec, source, precision, Path(tmp) / sspec.name)
         par = check_parity(copy.copy(cspec), comp.precision, Path(tmp) / sspec.name / "model.onnx", parity_shape)
-    return Parity(reference=f"torch fp32, onnxruntime CPU; {what} (reduced depth, full width)",
+    return Parity(reference=f"{par.reference}; {what} (reduced depth, full width)",
                   max_abs_err=par.max_abs_err, rel_err=par.rel_err, bound=par.bound)

@@ -102,12 +102,13 @@ def unpack(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
 def image_ids(h: int, w: int, like: torch.Tensor) -> torch.Tensor:
     """The packed latents' position ids [h/2 * w/2, 3]: (0, row, column) (``_prepare_latent_image_ids``)."""
-    rows = torch.arange(h // PATCH, dtype=like.dtype, device=like.device)
-    cols = torch.arange(w // PATCH, dtype=like.dtype, device=like.device)
+    # counted in float32 and cast, as diffusers does (a bf16 Range is one TensorRT does not take)
+    rows = torch.arange(h // PATCH, dtype=torch.float32, device=like.device)
+    cols = torch.arange(w // PATCH, dtype=torch.float32, device=like.device)
     grid = torch.stack([torch.zeros_like(rows)[:, None].expand(-1, cols.shape[0]),
                         rows[:, None].expand(-1, cols.shape[0]),
                         cols[None, :].expand(rows.shape[0], -1)], dim=-1)
-    return grid.reshape(-1, 3)
+    return grid.reshape(-1, 3).to(like.dtype)
 
 
 def position_ids(sample: torch.Tensor, encoder_hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

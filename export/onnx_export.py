@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -37,8 +38,8 @@ log = logging.getLogger(__name__)
 
 # Relative error bounds: max |onnx - torch| / max |torch| over each float output, torch in float32.
 # fp32 graphs differ from torch only by operator order; fp16 graphs carry fp16 rounding through the net.
-# bf16 (an fp32 graph run by OpenVINO in bf16, 8 bits of mantissa against fp16's 11) keeps fp32's range
-# but rounds 8 times coarser than fp16.
+# bf16 (a bf16 graph, or an fp32 graph run by OpenVINO in bf16: 8 bits of mantissa against fp16's 11) keeps
+# fp32's range but rounds 8 times coarser than fp16.
 PARITY_BOUND = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 5e-2}
 # For uint8 images: the largest difference in levels (fp32: a rounding flip at most).
 IMAGE_LEVELS = {"fp32": 1, "fp16": 8, "bf16": 16}
@@ -61,8 +62,13 @@ class ComponentSpec:
     inputs: list[tuple[str, str, tuple[int | str, ...]]]
     outputs: list[tuple[str, str, tuple[int | str, ...]]]
     example: Callable[[torch.Generator, int, int, int], tuple[torch.Tensor, ...]]
-    force_fp32: bool = False
+    fp16_overflows: bool = False  # float32 in an fp16 export (bf16 has fp32's range: a bf16 export keeps it)
     refittable: bool = False
+
+
+# The dtype each precision's graph computes in. A bf16 graph keeps float32 inputs and outputs (numpy, and so
+# every runtime's host side, has no bf16): it casts them at its edges (``fp32_interface``).
+TORCH_DTYPE = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _np_dtype(kind: str, precision: str) -> str:
@@ -85,11 +91,13 @@ def component_entry(folder: Path, precision: str, inputs: Sequence[tuple[str, st
     )
 
 
-def _cast_inputs(args: tuple[torch.Tensor, ...], spec: ComponentSpec, precision: str) -> tuple[torch.Tensor, ...]:
-    out = []
-    for a, (_, kind, _) in zip(args, spec.inputs):
-        out.append(a.half() if kind == "float" and precision == "fp16" else a)
-    return tuple(out)
+def _cast_inputs(args: tuple[torch.Tensor, ...], spec: ComponentSpec, precision: str, *,
+                 trace: bool = False) -> tuple[torch.Tensor, ...]:
+    """The "float" inputs as the graph takes them (fp16: half; bf16: float32, the graph casting them), or with
+    ``trace`` as the module traced into it takes them (bf16 too)."""
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16 if trace and precision == "bf16" else None
+    return tuple(a.to(dtype) if kind == "float" and dtype is not None else a
+                 for a, (_, kind, _) in zip(args, spec.inputs))
 
 
 def export_component(
@@ -139,7 +147,7 @@ def export_group(
     is traced from its modules cast in place once the references are taken (no half copy), and every parameter
     and buffer goes to the meta device (its memory freed) before the checks; the modules are unusable after.
     """
-    precisions = ["fp32" if spec.force_fp32 else precision for spec, _ in items]
+    precisions = ["fp32" if spec.fp16_overflows and precision == "fp16" else precision for spec, _ in items]
     in_place = release and all(prec == "fp16" for prec in precisions)
     cases, examples = {}, {}
     if in_place:  # what the float32 modules compute (an example may run another module: ControlNet residuals)
@@ -179,12 +187,12 @@ def release_memory() -> None:
         trim(0)
 
 
-def _half_copy(module: torch.nn.Module) -> torch.nn.Module:
-    """``copy.deepcopy(module).half()`` without a float32 copy on the way: each float parameter is copied
-    straight to half (the deep copy takes those from its memo, sharing stays as it was)."""
-    memo: dict[int, Any] = {id(p): torch.nn.Parameter(p.detach().half(), p.requires_grad)
+def _cast_copy(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """``copy.deepcopy(module).to(dtype)`` without a float32 copy on the way: each float parameter is copied
+    straight to ``dtype`` (the deep copy takes those from its memo, sharing stays as it was)."""
+    memo: dict[int, Any] = {id(p): torch.nn.Parameter(p.detach().to(dtype), p.requires_grad)
                             for p in module.parameters() if p.is_floating_point()}
-    return copy.deepcopy(module, memo).half()
+    return copy.deepcopy(module, memo).to(dtype)
 
 
 def _trace_example(spec: ComponentSpec, precision: str) -> tuple[torch.Tensor, ...]:
@@ -192,22 +200,23 @@ def _trace_example(spec: ComponentSpec, precision: str) -> tuple[torch.Tensor, .
     # Traced at a latent size the UNet's upsampling factor does not divide: diffusers then sizes each
     # upsampling to its skip connection, and the trace records that general branch, so the graph
     # serves every multiple of 8 pixels (a divisible trace would bake in a factor-of-2 upsampling).
-    return _cast_inputs(spec.example(gen, 1, *TRACE_LATENT), spec, precision)
+    return _cast_inputs(spec.example(gen, 1, *TRACE_LATENT), spec, precision, trace=True)
 
 
 def _export_graph(spec: ComponentSpec, precision: str, folder: Path, *, opset: int,
                   progress: Callable[[str], None], example: tuple[torch.Tensor, ...] | None = None,
                   release: bool = False) -> None:
     """Trace ``spec`` into ``folder/model.onnx`` (+ ``model.onnx_data``) and its refit map, and check the file.
-    ``example``: the trace's inputs, taken before the module was cast to half in place (None: an fp16 graph is
-    traced from a half copy, the module staying the float32 parity reference). ``release``: the heap handed back
-    after the trace (``release_memory``)."""
+    ``example``: the trace's inputs, taken before the module was cast to half in place (None: an fp16 or bf16
+    graph is traced from a copy in that dtype, the module staying the float32 parity reference). ``release``: the
+    heap handed back after the trace (``release_memory``). A bf16 graph's inputs and outputs are float32
+    (``fp32_interface``)."""
     folder.mkdir(parents=True, exist_ok=True)
     scratch = folder / ".raw"
     scratch.mkdir()
-    cast = example is None and precision == "fp16"
+    cast = example is None and precision in ("fp16", "bf16")
     example = _trace_example(spec, precision) if example is None else example
-    module = _half_copy(spec.module) if cast else spec.module
+    module = _cast_copy(spec.module, TORCH_DTYPE[precision]) if cast else spec.module
     dynamic_axes = {
         n: {i: d for i, d in enumerate(shape) if isinstance(d, str)} for n, _, shape in spec.inputs + spec.outputs
     }
@@ -230,20 +239,21 @@ def _export_graph(spec: ComponentSpec, precision: str, folder: Path, *, opset: i
     if release:
         release_memory()
     path = folder / "model.onnx"
-    repack(scratch / "model.onnx", path, external=spec.name in ("unet", "unet_control") or None)
+    repack(scratch / "model.onnx", path, external=spec.name in ("unet", "unet_control") or None,
+           fp32_io=precision == "bf16")
     shutil.rmtree(scratch)
     onnx.checker.check_model(str(path))  # the path form: the weights stay on disk
     if spec.refittable:
-        wdtype = torch.float16 if precision == "fp16" else torch.float32
-        refit = build_refit_map(onnx.load(str(path), load_external_data=False), spec.weights, wdtype, base_dir=folder)
+        refit = build_refit_map(onnx.load(str(path), load_external_data=False), spec.weights, TORCH_DTYPE[precision],
+                                base_dir=folder)
         (folder / "refit_map.json").write_text(json.dumps(refit, indent=1, sort_keys=True))
     progress(f"exported {spec.name} in {time.perf_counter() - t0:.1f} s")
 
 
-def repack(raw: Path, path: Path, *, external: bool | None = None) -> bool:
-    """Clean the exporter's graph ``raw`` (``_cleanup``) and save it as ``path``: with every initializer of 1 KiB
-    or more in one ``model.onnx_data`` beside it when ``external`` (None: when the initializers pass 1 GiB), else
-    as one file. Returns whether it wrote external data.
+def repack(raw: Path, path: Path, *, external: bool | None = None, fp32_io: bool = False) -> bool:
+    """Clean the exporter's graph ``raw`` (``_cleanup``; ``fp32_io``: ``fp32_interface`` too) and save it as
+    ``path``: with every initializer of 1 KiB or more in one ``model.onnx_data`` beside it when ``external``
+    (None: when the initializers pass 1 GiB), else as one file. Returns whether it wrote external data.
 
     The result equals ``onnx.load`` + ``onnx.save_model(..., save_as_external_data=True,
     all_tensors_to_one_file=True, location="model.onnx_data", size_threshold=1024)``, but the weights the
@@ -251,6 +261,8 @@ def repack(raw: Path, path: Path, *, external: bool | None = None) -> bool:
     """
     model = onnx.load(str(raw), load_external_data=False)
     _cleanup(model)
+    if fp32_io:
+        fp32_interface(model.graph)
     if external is None:
         external = sum(_data_length(t, raw.parent) for t in model.graph.initializer) > EXTERNAL_DATA_BYTES
     if not external:
@@ -282,6 +294,37 @@ def repack(raw: Path, path: Path, *, external: bool | None = None) -> bool:
             load_external_data_for_tensor(t, str(raw.parent))
     onnx.save_model(model, str(path))
     return True
+
+
+def fp32_interface(graph: onnx.GraphProto) -> None:
+    """Give a graph traced in bf16 float32 inputs and outputs, in place: each bf16 input becomes float32, cast to
+    bf16 where the graph reads it, and each bf16 output is cast from bf16 to float32 as the graph's last step.
+    The runtimes feed and read numpy arrays, which have no bf16; the casts cost a pass over the latents."""
+    bf16, f32 = onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT
+    head: list[onnx.NodeProto] = []
+    tail: list[onnx.NodeProto] = []
+    renamed: dict[str, str] = {}
+    for value in graph.input:
+        if value.type.tensor_type.elem_type == bf16:
+            inner = f"{value.name}/bf16"
+            head.append(onnx.helper.make_node("Cast", [value.name], [inner], to=bf16, name=f"{value.name}/to_bf16"))
+            renamed[value.name] = inner
+            value.type.tensor_type.elem_type = f32
+    for node in graph.node:
+        node.input[:] = [renamed.get(i, i) for i in node.input]
+    for value in graph.output:
+        if value.type.tensor_type.elem_type == bf16:
+            inner = renamed.get(value.name, f"{value.name}/bf16")
+            for node in graph.node:  # its producer (and any node reading it) now names the bf16 value
+                node.output[:] = [inner if o == value.name else o for o in node.output]
+                node.input[:] = [inner if i == value.name else i for i in node.input]
+            tail.append(onnx.helper.make_node("Cast", [inner], [value.name], to=f32, name=f"{value.name}/to_fp32"))
+            value.type.tensor_type.elem_type = f32
+    for info in graph.value_info:
+        info.name = renamed.get(info.name, info.name)
+    nodes = [*head, *graph.node, *tail]
+    del graph.node[:]
+    graph.node.extend(nodes)
 
 
 def _data_length(t: onnx.TensorProto, base_dir: Path) -> int:
@@ -329,19 +372,34 @@ def _cleanup(model: onnx.ModelProto) -> None:
     model.producer_name = "sdrt"
 
 
+def image_parity(parity: Parity, precision: str) -> bool:
+    """Whether ``parity`` judged an image output (uint8, in levels of 255: its bound, as a fraction of full
+    scale, is (levels + 0.5) / 255)."""
+    return abs(parity.bound - (IMAGE_LEVELS[precision] + 0.5) / 255.0) < 1e-12
+
+
+def bound_text(parity: Parity, precision: str) -> str:
+    """A float output's bound: the precision's (``1e-04``), or a bf16 graph's own (``bf16_bounds``: ``1.9e-01``)."""
+    return f"{parity.bound:.0e}" if parity.bound == PARITY_BOUND[precision] else f"{parity.bound:.1e}"
+
+
 def parity_line(parity: Parity, precision: str) -> str:
     """The parity figures in words. An image output (uint8) is judged in levels of 255, so its bound,
     as a fraction of full scale, is (levels + 0.5) / 255, not the float bound."""
-    if parity.bound != PARITY_BOUND[precision]:
+    if image_parity(parity, precision):
         return (f"image parity {parity.max_abs_err:.0f} of 255 levels, bound {IMAGE_LEVELS[precision]} level"
                 f"{'s' if IMAGE_LEVELS[precision] > 1 else ''} ({parity.rel_err:.1e} of full scale, bound "
                 f"{parity.bound:.0e}; the {PARITY_BOUND[precision]:.0e} bound is for float outputs)")
-    return f"parity rel err {parity.rel_err:.2e} (bound {parity.bound:.0e}), max abs {parity.max_abs_err:.2e}"
+    return (f"parity rel err {parity.rel_err:.2e} (bound {bound_text(parity, precision)}), max abs "
+            f"{parity.max_abs_err:.2e}")
 
 
-def _parity_case(spec: ComponentSpec, precision: str, shape: tuple[int, int, int]
-                 ) -> tuple[dict[str, np.ndarray], tuple[torch.Tensor, ...]]:
-    """Fresh inputs in the graph's precision, and the float32 torch module's outputs on the same values."""
+Case = tuple[dict[str, np.ndarray], tuple[torch.Tensor, ...], dict[str, float]]
+
+
+def _parity_case(spec: ComponentSpec, precision: str, shape: tuple[int, int, int]) -> Case:
+    """Fresh inputs in the graph's precision, the float32 torch module's outputs on the same values, and each
+    float output's bound where it is not ``PARITY_BOUND[precision]`` (``bf16_bounds``)."""
     gen = torch.Generator().manual_seed(4321)
     b, h, w = shape
     args32 = spec.example(gen, b, h, w)
@@ -350,13 +408,37 @@ def _parity_case(spec: ComponentSpec, precision: str, shape: tuple[int, int, int
     with torch.inference_mode():
         ref = spec.module.float()(*ref_args)
     ref = ref if isinstance(ref, tuple) else (ref,)
-    return {n: a.numpy() for (n, _, _), a in zip(spec.inputs, args)}, ref
+    bounds = bf16_bounds(spec, args, ref) if precision == "bf16" else {}
+    return {n: a.numpy() for (n, _, _), a in zip(spec.inputs, args)}, ref, bounds
+
+
+def bf16_bounds(spec: ComponentSpec, args: tuple[torch.Tensor, ...], ref: tuple[torch.Tensor, ...]
+                ) -> dict[str, float]:
+    """A bf16 graph's bound per float output: twice what PyTorch's own bf16 module (a bf16 copy, on the same
+    inputs cast as the graph casts them) is off its float32 outputs, and never below ``PARITY_BOUND["bf16"]``.
+    bf16's own error depends on the weights (a tiny random FLUX.1 transformer: 0.9% with the tests' weights,
+    9.3% with full-size scaled ones), so a fixed bound would refuse faithful graphs or pass broken ones; the
+    graph is held to PyTorch's own bf16 result, with room for a different order of operations."""
+    module = _cast_copy(spec.module, torch.bfloat16)
+    with torch.inference_mode():
+        own = module(*_cast_inputs(args, spec, "bf16", trace=True))
+    del module
+    own = own if isinstance(own, tuple) else (own,)
+    bounds = {}
+    for (name, kind, _), o, r in zip(spec.outputs, own, ref):
+        if kind == "float":
+            r64 = r.double()
+            err = float((o.double() - r64).abs().max()) / max(float(r64.abs().max()), 1e-12)
+            bounds[name] = max(PARITY_BOUND["bf16"], 2 * err)
+    return bounds
 
 
 def _compare(spec: ComponentSpec, outs: list[np.ndarray], ref: tuple[torch.Tensor, ...], precision: str,
-             runtime: str) -> tuple[float, float, float]:
-    """(worst relative error, its max abs error, its bound) over the outputs; ParityError past a bound."""
+             runtime: str, bounds: dict[str, float] | None = None) -> tuple[float, float, float]:
+    """(worst relative error, its max abs error, its bound) over the outputs; ParityError past a bound
+    (``bounds``: a float output's own, else the precision's)."""
     worst_rel, worst_abs, bound = 0.0, 0.0, PARITY_BOUND[precision]
+    bounds = bounds or {}
     for (name, kind, _), o, r in zip(spec.outputs, outs, ref):
         r_np = r.numpy()
         if o.shape != r_np.shape:
@@ -374,11 +456,11 @@ def _compare(spec: ComponentSpec, outs: list[np.ndarray], ref: tuple[torch.Tenso
             if not np.isfinite(o64).all():
                 raise ParityError(f"{spec.name}.{name}: the ONNX graph produced NaN or inf ({precision})")
             abs_err = float(np.abs(o64 - r64).max())
-            rel, b_ = abs_err / max(float(np.abs(r64).max()), 1e-12), PARITY_BOUND[precision]
+            rel, b_ = abs_err / max(float(np.abs(r64).max()), 1e-12), bounds.get(name, PARITY_BOUND[precision])
         if rel > b_:
             raise ParityError(
                 f"{spec.name}.{name}: {runtime} differs from PyTorch by {rel:.3e} relative "
-                f"(max abs {abs_err:.3e}), above the {precision} bound {b_:.0e}. The export was not written."
+                f"(max abs {abs_err:.3e}), above the {precision} bound {b_:.1e}. The export was not written."
             )
         if rel / b_ >= worst_rel / bound:
             worst_rel, worst_abs, bound = rel, abs_err, b_
@@ -386,29 +468,79 @@ def _compare(spec: ComponentSpec, outs: list[np.ndarray], ref: tuple[torch.Tenso
 
 
 def check_parity(spec: ComponentSpec, precision: str, path: Path, shape: tuple[int, int, int], *,
-                 case: tuple[dict[str, np.ndarray], tuple[torch.Tensor, ...]] | None = None) -> Parity:
+                 case: Case | None = None) -> Parity:
     """Run the ONNX graph (ORT CPU) and the float32 torch module on the same fresh inputs. ``case``: the
-    inputs and the module's outputs already computed (``_parity_case``), so the module need not be held."""
+    inputs and the module's outputs already computed (``_parity_case``), so the module need not be held. A bf16
+    graph runs as ``bf16_emulation`` rewrites it (ONNX Runtime's CPU provider has no bf16 kernels), against
+    ``bf16_bounds``."""
     import onnxruntime as ort
 
-    feed, ref = case if case is not None else _parity_case(spec, precision, shape)
+    feed, ref, bounds = case if case is not None else _parity_case(spec, precision, shape)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = max(1, os.cpu_count() or 1)
+    if precision == "bf16":  # no bf16 kernels on ONNX Runtime's CPU provider: the graph as bf16 hardware runs it
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every rounding
+        with tempfile.TemporaryDirectory(prefix="sdrt-bf16-") as tmp:
+            emulated = Path(tmp) / "model.onnx"
+            onnx.save_model(bf16_emulation(onnx.load(str(path))), str(emulated), save_as_external_data=True,
+                            location="model.onnx_data")
+            sess = ort.InferenceSession(str(emulated), opts, providers=["CPUExecutionProvider"])
+            outs = sess.run([n for n, _, _ in spec.outputs], feed)
+        worst_rel, worst_abs, bound = _compare(spec, outs, ref, precision, "ONNX Runtime (bf16 emulated)", bounds)
+        return Parity(reference="torch fp32, onnxruntime CPU emulating bf16", max_abs_err=worst_abs,
+                      rel_err=worst_rel, bound=bound)
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     outs = sess.run([n for n, _, _ in spec.outputs], feed)
     worst_rel, worst_abs, bound = _compare(spec, outs, ref, precision, "ONNX Runtime")
     return Parity(reference="torch fp32, onnxruntime CPU", max_abs_err=worst_abs, rel_err=worst_rel, bound=bound)
 
 
-def check_parity_openvino(spec: ComponentSpec, path: Path, shape: tuple[int, int, int], *,
-                          inference_precision: str = "bf16", threads: int | None = None) -> Parity:
-    """Run the fp32 ONNX graph with OpenVINO at ``inference_precision`` (bf16: the ``bf16`` bounds; f32:
-    the ``fp32`` bounds) against the float32 torch module on the same fresh inputs. The OpenVINO backend's
-    gate; raises ParityError past the bound."""
+def bf16_emulation(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A bf16 graph rewritten to compute what bf16 hardware computes, on any CPU: every operator in float32 (the
+    precision GPUs accumulate bf16 products in) with its result rounded to bf16 (a Cast to bf16 and back, round to
+    nearest even), the bf16 weights and constants widened to float32 (exactly). ONNX Runtime's CPU provider runs
+    it; no bf16 kernel is needed. Operators past the ONNX standard set, and subgraphs, are refused."""
+    from onnx import numpy_helper
+
+    bf16, f32 = onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {v.name: v.type.tensor_type.elem_type
+             for v in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]}
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    for t in g.initializer:
+        if t.data_type == bf16:
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float32), t.name))
+    nodes: list[onnx.NodeProto] = []
+    for node in g.node:
+        if node.domain not in ("", "ai.onnx") or any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                                                     for a in node.attribute):
+            raise ParityError(f"bf16 emulation: node {node.name} ({node.domain}:{node.op_type}) is outside what it "
+                              "rewrites")
+        for a in node.attribute:
+            if node.op_type == "Cast" and a.name == "to" and a.i == bf16:
+                a.i = f32
+            if a.type == onnx.AttributeProto.TENSOR and a.t.data_type == bf16:
+                a.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(a.t).astype(np.float32), a.t.name))
+        rounded = [o for o in node.output if o and types.get(o) == bf16]
+        for o in rounded:
+            node.output[list(node.output).index(o)] = f"{o}/unrounded"
+        nodes.append(node)
+        for o in rounded:
+            nodes.append(onnx.helper.make_node("Cast", [f"{o}/unrounded"], [f"{o}/bf16"], to=bf16))
+            nodes.append(onnx.helper.make_node("Cast", [f"{o}/bf16"], [o], to=f32))
+    del g.node[:]
+    g.node.extend(nodes)
+    del g.value_info[:]
+    return out
+
+
+def _run_openvino(path: Path, feed: dict[str, np.ndarray], outputs: list[str], inference_precision: str,
+                  threads: int | None) -> list[np.ndarray]:
+    """The graph's ``outputs`` on ``feed``, run by OpenVINO's CPU plugin at ``inference_precision``."""
     import openvino as ov
 
-    gate = "bf16" if inference_precision == "bf16" else "fp32"
-    feed, ref = _parity_case(spec, "fp32", shape)
     config: dict[str, object] = {"INFERENCE_PRECISION_HINT": inference_precision}
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
@@ -417,7 +549,17 @@ def check_parity_openvino(spec: ComponentSpec, path: Path, shape: tuple[int, int
     for name, a in feed.items():
         req.set_tensor(name, ov.Tensor(np.ascontiguousarray(a)))
     req.infer()
-    outs = [np.array(req.get_tensor(name).data) for name, _, _ in spec.outputs]
+    return [np.array(req.get_tensor(name).data) for name in outputs]
+
+
+def check_parity_openvino(spec: ComponentSpec, path: Path, shape: tuple[int, int, int], *,
+                          inference_precision: str = "bf16", threads: int | None = None) -> Parity:
+    """Run the fp32 ONNX graph with OpenVINO at ``inference_precision`` (bf16: the ``bf16`` bounds; f32:
+    the ``fp32`` bounds) against the float32 torch module on the same fresh inputs. The OpenVINO backend's
+    gate; raises ParityError past the bound."""
+    gate = "bf16" if inference_precision == "bf16" else "fp32"
+    feed, ref, _ = _parity_case(spec, "fp32", shape)
+    outs = _run_openvino(path, feed, [n for n, _, _ in spec.outputs], inference_precision, threads)
     worst_rel, worst_abs, bound = _compare(spec, outs, ref, gate, f"OpenVINO ({inference_precision})")
     return Parity(reference=f"torch fp32, openvino CPU {inference_precision}", max_abs_err=worst_abs,
                   rel_err=worst_rel, bound=bound)

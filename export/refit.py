@@ -317,6 +317,9 @@ def _set_weights(trt: Any, refitter: trt.Refitter, names: Sequence[str], weights
                                  "built from another export: rebuild it")
     for name in names:
         proto = refitter.get_weights_prototype(name)
+        if proto.dtype == getattr(trt.DataType, "BF16", None):  # numpy (and trt.nptype) has no bf16
+            raise CompatibilityError(f"weight {name} is bf16 in the engine; sdrt does not refit bf16 engines yet: "
+                                     "rebuild the engine from an export with the new weights merged")
         arr = np.ascontiguousarray(weights[name], dtype=trt.nptype(proto.dtype))
         if arr.size != proto.size:
             raise CompatibilityError(f"weight {name} has {arr.size} values, the engine expects {proto.size}")

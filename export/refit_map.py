@@ -33,7 +33,9 @@ def build_refit_map(model: onnx.ModelProto, module: torch.nn.Module, dtype: torc
     """
     table: dict[str, list[tuple[str, bool]]] = {}
     for name, p in module.state_dict().items():
-        a = p.detach().to(dtype).cpu().numpy()
+        t = p.detach().to(dtype).cpu()
+        # numpy has no bf16: its bits as int16 (the digest reads bytes and shape, as the graph's bf16 array's)
+        a = (t.view(torch.int16) if dtype == torch.bfloat16 else t).numpy()
         table.setdefault(_digest(a), []).append((name, False))
         if a.ndim == 2:
             table.setdefault(_digest(a.T), []).append((name, True))

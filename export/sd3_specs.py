@@ -74,7 +74,7 @@ def t5_spec(enc: torch.nn.Module, tokens: int, name: str = "text_encoder_3") -> 
         inputs=[("input_ids", "int32", ("batch", "t5_tokens"))],
         outputs=[("hidden_states", "float", ("batch", "t5_tokens", int(enc.config.d_model)))],
         example=example,
-        force_fp32=True,
+        fp16_overflows=True,
     )
 
 
@@ -348,4 +348,4 @@ def streamed_t5_spec(config: dict[str, Any], tokens: int, name: str = "text_enco
         name=name, build=build, prefix="encoder.",
         inputs=[("input_ids", "int32", ("batch", "t5_tokens"))],
         outputs=[("hidden_states", "float", ("batch", "t5_tokens", int(config["d_model"])))],
-        example=example, dynamic=dynamic, force_fp32=True)
+        example=example, dynamic=dynamic, fp16_overflows=True)

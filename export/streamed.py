@@ -31,7 +31,7 @@ from sdrt.runtime.atomic import give_default_mode
 from sdrt.runtime.errors import ArtifactError
 from sdrt.runtime.manifest import Component
 
-from .onnx_export import component_entry
+from .onnx_export import component_entry, fp32_interface
 
 STREAM_OPSET = 18  # the dynamo exporter's oldest opset
 WeightSource = Callable[[str], torch.Tensor]  # a parameter's name in the component's module -> its value
@@ -42,7 +42,8 @@ IoSpec = list[tuple[str, str, tuple[int | str, ...]]]
 class StreamedSpec:
     """What to export: ``build`` makes the float32 wrapper module (called inside fake mode; its parameters are
     named ``prefix`` + the checkpoint's names), ``example`` fake example inputs, ``dynamic`` torch.export's
-    dynamic shapes by input name; I/O as ``ComponentSpec``'s ("float" follows the precision)."""
+    dynamic shapes by input name; I/O as ``ComponentSpec``'s ("float" follows the precision; a bf16 graph's
+    is float32)."""
 
     name: str
     build: Callable[[], torch.nn.Module]
@@ -51,11 +52,11 @@ class StreamedSpec:
     outputs: IoSpec
     example: Callable[[], tuple[torch.Tensor, ...]]
     dynamic: Callable[[], dict[str, Any]]
-    force_fp32: bool = False
+    fp16_overflows: bool = False
 
 
 def _torch_dtype(precision: str) -> torch.dtype:
-    return torch.float16 if precision == "fp16" else torch.float32
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
 
 
 def trace(spec: StreamedSpec, precision: str) -> tuple[Any, dict[str, str]]:
@@ -104,7 +105,7 @@ def export_streamed(spec: StreamedSpec, weights: WeightSource, precision: str, f
     import onnx
     import onnx_ir as ir
 
-    precision = "fp32" if spec.force_fp32 else precision
+    precision = "fp32" if spec.fp16_overflows and precision == "fp16" else precision
     folder.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     progress(f"tracing {spec.name} on fake tensors ({precision})")
@@ -127,6 +128,10 @@ def export_streamed(spec: StreamedSpec, weights: WeightSource, precision: str, f
     path = folder / "model.onnx"
     ir.save(model, str(path), external_data="model.onnx_data")
     give_default_mode(folder / "model.onnx_data")
+    if precision == "bf16":  # float32 inputs and outputs, cast at the graph's edges; the weights stay where written
+        graph = onnx.load(str(path), load_external_data=False)
+        fp32_interface(graph.graph)
+        onnx.save_model(graph, str(path))
     onnx.checker.check_model(str(path))  # the graph file only: the weights are not read
     progress(f"wrote {spec.name} in {time.perf_counter() - t0:.1f} s; reading every weight back")
     checked = verify_weights(path, sums)
@@ -173,7 +178,7 @@ def _loader(weights: WeightSource, name: str, shape: tuple[int, ...], dtype: Any
         np_dtype = dtype.numpy()
         a = t.detach().to(torch.float32 if np_dtype.kind == "f" else t.dtype).numpy().astype(np_dtype, copy=False)
         a = np.ascontiguousarray(a)
-        sums[key] = zlib.crc32(a.data)
+        sums[key] = zlib.crc32(a.view(np.uint8).data)  # bytes (ml_dtypes' bf16 exports no buffer format)
         return ir.Tensor(a)
 
     return load

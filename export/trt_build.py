@@ -248,6 +248,9 @@ def plan_engines(
         path = src / comp.path
         if not path.is_file():
             raise ArtifactError(f"{path} is missing; re-export the model with `sdrt export`")
+        if comp.precision == "bf16" and options.weakly_typed:
+            raise InputError(f"{name} is a bf16 graph, which builds strongly typed (TensorRT computes in the types "
+                             "the graph gives): leave --weakly-typed out")
         progress(f"{name}: hashing {comp.path}")
         digest = onnx_digest(path.parent)
         flags = options.flags(comp.precision)
@@ -278,8 +281,14 @@ def step_graph_plans(profile: BuildProfile, manifest: ExportManifest, options: B
         variants.append((True, None, True))  # guidance rescale: guided, not inpainting
     for guided, mode, rescale in variants:
         plans.append(graph_plan(step_engine_name(guided, mode, rescale), step_graph_bytes(guided, dtype, mode, rescale),
-                                step_graph_shapes(profile, manifest, guided, mode), unet.precision, options, env))
+                                step_graph_shapes(profile, manifest, guided, mode), io_precision(unet.precision), options, env))
     return plans
+
+
+def io_precision(precision: str) -> str:
+    """The precision of the graphs the runtime makes around a component's (the step, the first input, casts):
+    its inputs' and outputs' (a bf16 graph's are float32)."""
+    return "fp16" if precision == "fp16" else "fp32"
 
 
 def graph_plan(name: str, model: bytes, shapes: tuple[TensorShapes, ...], precision: str, options: BuildOptions,
@@ -309,10 +318,10 @@ def input_graph_plans(profile: BuildProfile, manifest: ExportManifest, options: 
     concat = "concat" in step_graph_modes(manifest)
     for guided in (True, False) if profile.cfg else (False,):
         plans.append(graph_plan(input_engine_name(guided, concat), input_graph_bytes(guided, dtype, concat),
-                                input_graph_shapes(profile, manifest, guided, concat), unet.precision, options, env))
+                                input_graph_shapes(profile, manifest, guided, concat), io_precision(unet.precision), options, env))
     latents = input_graph_shapes(profile, manifest, False)
     vae = manifest.components.get("vae_decoder")
-    if vae is not None and vae.precision != unet.precision:  # an fp16 UNet's latents into an fp32 VAE (SDXL)
+    if vae is not None and io_precision(vae.precision) != io_precision(unet.precision):  # fp16 latents, fp32 VAE
         vae_dtype = "float16" if vae.precision == "fp16" else "float32"
         plans.append(graph_plan(cast_engine_name(dtype, vae_dtype), cast_graph_bytes(dtype, vae_dtype), latents,
                                 vae.precision, options, env))
@@ -322,7 +331,7 @@ def input_graph_plans(profile: BuildProfile, manifest: ExportManifest, options: 
         enc_dtype = "float16" if enc.precision == "fp16" else "float32"
         shapes = (_one_row(lat, "image_latents"), replace(lat, name="noise"))
         plans.append(graph_plan(noise_engine_name(enc_dtype, dtype), noise_graph_bytes(enc_dtype, dtype), shapes,
-                                unet.precision, options, env))
+                                io_precision(unet.precision), options, env))
     masked = manifest.components.get(MASKED_ENCODER)
     if concat and masked is not None:  # an inpainting denoiser's [mask, masked latents] block
         src = "float16" if masked.precision == "fp16" else "float32"
@@ -331,7 +340,7 @@ def input_graph_plans(profile: BuildProfile, manifest: ExportManifest, options: 
                             (lat.max[0], m, *lat.max[2:]))
         for guided in (True, False) if profile.cfg else (False,):
             plans.append(graph_plan(extra_engine_name(guided, src, dtype, m), extra_graph_bytes(guided, src, dtype, m),
-                                    (mask, _one_row(lat, "masked_latents")), unet.precision, options, env))
+                                    (mask, _one_row(lat, "masked_latents")), io_precision(unet.precision), options, env))
     return plans
 
 

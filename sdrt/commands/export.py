@@ -18,7 +18,7 @@ def register(p: argparse.ArgumentParser) -> None:
                         "succeeds (any other folder needs --overwrite)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace --out even if it is not an sdrt export, deleting what it holds")
-    p.add_argument("--fp32", action="store_true", help="export fp32 graphs (default: fp16; the SDXL VAE is fp32; FLUX.1 is always fp32)")
+    p.add_argument("--fp32", action="store_true", help="export fp32 graphs (default: fp16; the SDXL VAE is fp32; FLUX.1: fp32 unless --bf16)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset, 17 or newer (default 17)")
     p.add_argument("--arch", metavar="PRESET", help="architecture of a single-file checkpoint, if not detected")
     p.add_argument("--seed", type=int, default=0, help="seed of --random weights (default 0)")
@@ -86,17 +86,17 @@ def _report(out: str, manifest, t0: float) -> None:  # type: ignore[no-untyped-d
     """What was written: each component's precision, size and parity against PyTorch."""
     print(f"\nwrote {out} ({manifest.preset}, {manifest.family}, {manifest.prediction_type}) "
           f"in {time.perf_counter() - t0:.1f} s")
-    from sdrt.export.onnx_export import IMAGE_LEVELS, PARITY_BOUND
+    from sdrt.export.onnx_export import IMAGE_LEVELS, bound_text, image_parity
 
     print(f"{'component':16s} {'precision':9s} {'size MB':>8s} {'error':>11s} {'bound':>9s}")
     for name, c in manifest.components.items():
         par = c.parity
         if par is None:  # a streamed component: its weights were read back, its outputs not compared
             err, bound = "streamed", "-"
-        elif par.bound != PARITY_BOUND[c.precision]:  # an image output: judged in levels of 255
+        elif image_parity(par, c.precision):  # an image output: judged in levels of 255
             err, bound = f"{par.max_abs_err:.0f} levels", f"{IMAGE_LEVELS[c.precision]} levels"
         else:
-            err, bound = f"{par.rel_err:.2e}", f"{par.bound:.0e}"
+            err, bound = f"{par.rel_err:.2e}", bound_text(par, c.precision)
         folder = c.path.split("/")[0]
         label = name if folder == name else f"{name} ({folder})"  # SD3's denoiser: unet (transformer)
         print(f"{label:16s} {c.precision:9s} {c.size_bytes / 1e6:8.1f} {err:>11s} {bound:>9s}")
