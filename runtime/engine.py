@@ -66,6 +66,11 @@ class Backend(abc.ABC):
     def load(self, path: str | bytes, name: str) -> Engine:
         """Load an engine from a file, or from serialized bytes."""
 
+    def refuses(self, component: Component) -> str | None:
+        """Why this backend cannot run ``component`` (its precision, say), or None. Checked for every component
+        before any loads. Base: it runs every precision an export writes."""
+        return None
+
     def graph_for(self, component: Component) -> str:
         """The file of ``component`` (relative to its folder) this backend loads: the variant recorded
         under this backend's name (e.g. a graph with fused CUDA operators for ``ort-cuda``), else the

@@ -188,7 +188,7 @@ class EngineRecord:
 
     component: str  # "unet", "text_encoder", ...
     file: str  # relative to the engine folder, e.g. "unet.engine"
-    precision: str  # "fp16" | "fp32" (fp32 components may use TF32)
+    precision: str  # "fp16" | "fp32" | "bf16" (fp32 components may use TF32)
     shapes: tuple[TensorShapes, ...]
     flags: BuildFlags
     onnx_sha256: str

@@ -114,6 +114,10 @@ def open_model(folder: Path, backend: str | Backend, *, threads: int | None, cud
                                                                static_shapes=static_shapes)
     took = {"backend": (time.perf_counter() - t0) * 1e3}
     try:
+        refused = {n: why for n, c in manifest.components.items() if (why := be.refuses(c)) is not None}
+        if refused:
+            names = ", ".join(refused)
+            raise CompatibilityError(f"{folder}: the {be.name} backend cannot run {names}: {next(iter(refused.values()))}")
         engines: dict[str, Engine] = {}
         later = deferred(manifest, be, graphs)
         pending: dict[str, Engine] = {name: Deferred(be, name, manifest.components[name]) for name in later}

@@ -89,7 +89,7 @@ class Parity:
 @dataclass(frozen=True)
 class Component:
     path: str  # relative to the export folder
-    precision: str  # "fp16" | "fp32"
+    precision: str  # "fp16" | "fp32" | "bf16" (a bf16 graph takes and returns float32)
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     parity: Parity | None = None

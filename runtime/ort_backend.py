@@ -43,6 +43,7 @@ import numpy as np
 from .cpu_threads import default_threads
 from .engine import CLOSED, Array, Backend, Engine
 from .errors import BackendUnavailable, InputError
+from .manifest import Component
 from .ort_engine import (
     DEVICE_COPY_SINCE,
     GRAPH_ID_KEY,
@@ -210,6 +211,13 @@ class OrtBackend(OrtBackendBase):
         graph per step (``runtime/ort_loop.py``); elsewhere, and with ControlNets or DeepCache's shallow path,
         the engines run step by step."""
         return make_step_loop(self, unet, step, controlnets, shallow, shallow_nets)
+
+    def refuses(self, component: Component) -> str | None:
+        if component.precision == "bf16" and self.device == "cpu":
+            return ("a bf16 graph, which ONNX Runtime's CPU provider cannot run (it has no bf16 kernels): use "
+                    "backend openvino (pip install 'sdrt[openvino]'), ort-cuda or tensorrt, or export fp32 graphs "
+                    "(sdrt export --fp32)")
+        return None
 
     def load(self, path: str | bytes, name: str) -> Engine:
         """Load a graph from a file path, or from serialized bytes (the sampler's step graph)."""
