@@ -154,21 +154,24 @@ def mean_vae(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(scope="session")
 def flux_export(tmp_path_factory: pytest.TempPathFactory, export_cache: dict[tuple[str, str], Path]):
-    """flux_export(preset, stream=False, block_cache=False) -> folder of an sdrt export of a FLUX.1 preset's
-    seeded weights (seed 0, fp32: FLUX.1 exports no fp16); ``stream``: the transformer and T5 streamed
-    (export/streamed.py), as a full-size model's are; ``block_cache``: made with ``--feature-cache``
-    (first-block caching's cached step ``unet_shallow``; the transformer returns its residuals)."""
+    """flux_export(preset, stream=False, block_cache=False, bf16=False) -> folder of an sdrt export of a FLUX.1
+    preset's seeded weights (seed 0, fp32: FLUX.1 exports no fp16; ``bf16``: its text encoders and transformer in
+    bf16); ``stream``: the transformer and T5 streamed (export/streamed.py), as a full-size model's are;
+    ``block_cache``: made with ``--feature-cache`` (first-block caching's cached step ``unet_shallow``; the
+    transformer returns its residuals)."""
 
-    def get(preset: str, stream: bool = False, block_cache: bool = False) -> Path:
-        key = (f"{preset}{'-streamed' if stream else ''}{'-block-cache' if block_cache else ''}", "fp32")
+    def get(preset: str, stream: bool = False, block_cache: bool = False, bf16: bool = False) -> Path:
+        precision = "bf16" if bf16 else "fp32"
+        key = (f"{preset}{'-streamed' if stream else ''}{'-block-cache' if block_cache else ''}", precision)
         if key not in export_cache:
             from sdrt.export.flux_export import export_flux
             from sdrt.export.flux_loading import load_flux
 
             def make(out: Path) -> None:
-                export_flux(load_flux(random_preset=preset, stream=stream), out, block_cache=block_cache)
+                export_flux(load_flux(random_preset=preset, stream=stream), out, block_cache=block_cache, bf16=bf16)
 
-            export_cache[key] = shared_export(tmp_path_factory, key[0], make)
+            name = key[0] if precision == "fp32" else f"{key[0]}-{precision}"
+            export_cache[key] = shared_export(tmp_path_factory, name, make)
         return export_cache[key]
 
     return get

@@ -92,7 +92,10 @@ def no_loading(monkeypatch: pytest.MonkeyPatch) -> None:
     (["--random", "flux-schnell-tiny", "--skip-layers", "1", "--no-ema"],
      ("--skip-layers goes with SD 3 / 3.5, to also export the transformer pass with those blocks skipped, for "
      f"skip-layer guidance\n--no-ema goes with {UNET}, to load a single file's non-EMA UNet weights\nthis model is "
-     "none of those but FLUX.1, which takes --clip-l, --t5, --vae, --tokenizers")),
+     "none of those but FLUX.1, which takes --clip-l, --t5, --vae, --tokenizers, --bf16")),
+    (["--random", "sd15-tiny", "--bf16"],
+     (f"--bf16 goes with FLUX.1, to export its text encoders and transformer in bf16; this model is not FLUX.1 but "
+      f"{UNET}, which takes --clip-skip, --vae-fp32, --no-ema, --ort-cuda")),
     (["--random", "sd3-tiny", "--arch", "sd3-tiny", "--t5", "t5.safetensors"],
      "--t5, --arch go with an SD 3 / 3.5 single file, not --random (pick the architecture with --random PRESET)"),
 ])
