@@ -48,6 +48,10 @@ CLIP_L_FILE = FlagUse("--clip-l", "for its CLIP-L text encoder as a separate fil
 T5_FILE = FlagUse("--t5", "for its T5-XXL text encoder as a separate file (t5xxl_fp16.safetensors)",
                   "SD 3 / 3.5 or FLUX.1 single file: its T5-XXL text encoder (t5xxl_fp16.safetensors)",
                   metavar="FILE")
+BF16 = FlagUse("--bf16", "to export its text encoders and transformer in bf16",
+               "SD 3 / 3.5 and FLUX.1: export the text encoders (T5 too) and the transformer's graphs in bf16, the "
+               "VAE in fp32: half the size of fp32, fp32's range (FLUX.1 overflows fp16, and so does T5); runs on "
+               "openvino, ort-cuda and tensorrt, not ort-cpu (no bf16 kernels)", action="store_true")
 TOKENIZERS = FlagUse("--tokenizers", "for the tokenizers of a diffusers folder of its family, needed for T5 of a "
                                      "full-size model",
                      "SD 3 / 3.5 or FLUX.1 single file: a folder with the tokenizers of a diffusers folder of "

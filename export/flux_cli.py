@@ -10,7 +10,7 @@ from sdrt.runtime.errors import InputError
 from sdrt.runtime.families.flux import FLUX
 from sdrt.runtime.manifest import ExportManifest
 
-from .cli_exporter import CLIP_L_FILE, T5_FILE, TOKENIZERS, Exporter, FlagUse, Say
+from .cli_exporter import BF16, CLIP_L_FILE, T5_FILE, TOKENIZERS, Exporter, FlagUse, Say
 from .cli_options import (
     controlnet_files,
     flag_options,
@@ -22,10 +22,6 @@ from .cli_options import (
 )
 
 FILE_FLAGS = ("--clip-l", "--t5", "--vae", "--tokenizers", "--arch")  # what load_flux takes of a single file
-BF16 = FlagUse("--bf16", "to export its text encoders and transformer in bf16",
-               "FLUX.1: export the text encoders and the transformer (its cached step, ControlNets) in bf16, the VAE "
-               "in fp32: half the size of fp32; runs on openvino, ort-cuda and tensorrt, not on ort-cpu (no bf16 "
-               "kernels)", action="store_true")
 
 
 def claims(model: str | Path | None, random_preset: str | None) -> bool:

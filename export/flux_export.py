@@ -71,14 +71,13 @@ from .flux_specs import (
 )
 from .flux_wrappers import controlled_samples
 from .lora_slots import SlotPlan, check_slots, slot_components, slots_record, slotted_gate, slotted_streamed
-from .onnx_export import check_parity, export_component, parity_line
+from .onnx_export import check_parity, component_precision, export_component, parity_line
 from .sd3_gate import T5_BLOCKS, load_reduced, mapped_weights, t5_blocks
 from .sd3_specs import t5_spec
 from .streamed import StreamedSpec, WeightSource, export_streamed
 
 FP16_REFUSED = ("FLUX.1 overflows fp16 (NaN images: diffusers issue 9096); export it in bf16 (--bf16: openvino, "
                 "ort-cuda and tensorrt run it) or fp32 (--fp32)")
-VAE_FP32 = ("vae_decoder", "vae_encoder", MASKED_ENCODER)  # float32 in a bf16 export too
 
 
 def _model_index(model: LoadedFlux) -> dict[str, object]:
@@ -157,9 +156,8 @@ def export_flux(
             specs, inert = slot_components(specs, lora_slots, patterns, (CLIP_NAME,))
         for spec in specs:
             folder = FOLDERS.get(spec.name, spec.name)
-            prec = "fp32" if spec.name in VAE_FP32 else precision
-            done[spec.name] = export_component(spec, prec, tmp / folder, opset=opset, parity_shape=parity_shape,
-                                               progress=progress)
+            done[spec.name] = export_component(spec, component_precision(spec.name, precision), tmp / folder,
+                                               opset=opset, parity_shape=parity_shape, progress=progress)
         for name, st in model.streamed.items():
             jobs = [(name, streamed_t5(st.config, p.t5_tokens))] if name != "transformer" else \
                 [("transformer", streamed_transformer_spec(st.config, p.t5_tokens, block_cache, reference))]

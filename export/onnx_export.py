@@ -30,6 +30,7 @@ import torch
 from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
 
 from sdrt.runtime.errors import ParityError
+from sdrt.runtime.inpaint import MASKED_ENCODER
 from sdrt.runtime.manifest import Component, Parity, TensorSpec
 
 from .refit_map import build_refit_map
@@ -69,6 +70,16 @@ class ComponentSpec:
 # The dtype each precision's graph computes in. A bf16 graph keeps float32 inputs and outputs (numpy, and so
 # every runtime's host side, has no bf16): it casts them at its edges (``fp32_interface``).
 TORCH_DTYPE = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+# A bf16 export keeps the VAE in float32: it is small, and the image's last step (the peers keep FLUX.1's out of
+# half precision too).
+VAE_COMPONENTS = ("vae_decoder", "vae_encoder", MASKED_ENCODER)
+
+
+def component_precision(name: str, precision: str) -> str:
+    """The precision component ``name`` is exported in, in an export of ``precision``."""
+    return "fp32" if precision == "bf16" and name in VAE_COMPONENTS else precision
 
 
 def _np_dtype(kind: str, precision: str) -> str:
@@ -482,8 +493,8 @@ def check_parity(spec: ComponentSpec, precision: str, path: Path, shape: tuple[i
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every rounding
         with tempfile.TemporaryDirectory(prefix="sdrt-bf16-") as tmp:
             emulated = Path(tmp) / "model.onnx"
-            onnx.save_model(bf16_emulation(onnx.load(str(path))), str(emulated), save_as_external_data=True,
-                            location="model.onnx_data")
+            onnx.save_model(bf16_emulation(onnx.load(str(path), load_external_data=False), path.parent),
+                            str(emulated), save_as_external_data=True, location="model.onnx_data")
             sess = ort.InferenceSession(str(emulated), opts, providers=["CPUExecutionProvider"])
             outs = sess.run([n for n, _, _ in spec.outputs], feed)
         worst_rel, worst_abs, bound = _compare(spec, outs, ref, precision, "ONNX Runtime (bf16 emulated)", bounds)
@@ -495,21 +506,33 @@ def check_parity(spec: ComponentSpec, precision: str, path: Path, shape: tuple[i
     return Parity(reference="torch fp32, onnxruntime CPU", max_abs_err=worst_abs, rel_err=worst_rel, bound=bound)
 
 
-def bf16_emulation(model: onnx.ModelProto) -> onnx.ModelProto:
+def bf16_emulation(model: onnx.ModelProto, base_dir: Path | None = None) -> onnx.ModelProto:
     """A bf16 graph rewritten to compute what bf16 hardware computes, on any CPU: every operator in float32 (the
     precision GPUs accumulate bf16 products in) with its result rounded to bf16 (a Cast to bf16 and back, round to
     nearest even), the bf16 weights and constants widened to float32 (exactly). ONNX Runtime's CPU provider runs
-    it; no bf16 kernel is needed. Operators past the ONNX standard set, and subgraphs, are refused."""
+    it; no bf16 kernel is needed. ``model`` may keep its weights in external data under ``base_dir``: the types are
+    inferred without them, each weight read in as it is copied. Operators past the ONNX standard set, subgraphs
+    and results whose type cannot be inferred (they could not be rounded) are refused."""
     from onnx import numpy_helper
 
     bf16, f32 = onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT
-    inferred = onnx.shape_inference.infer_shapes(model)
-    types = {v.name: v.type.tensor_type.elem_type
-             for v in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]}
+    inferred = onnx.shape_inference.infer_shapes(model)  # reads no weight bytes
+    values = [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]
+    types = {v.name: v.type.tensor_type.elem_type for v in values}
+    # a sequence (SplitToSequence's) only moves values; its tensors are rounded where they are read out
+    sequences = {v.name for v in values if v.type.HasField("sequence_type")}
+    unknown = [o for n in model.graph.node for o in n.output if o and not types.get(o) and o not in sequences]
+    if unknown:
+        raise ParityError(f"bf16 emulation: the type of {unknown[0]} ({len(unknown)} results in all) cannot be "
+                          "inferred, so it could not be rounded as bf16 hardware rounds it")
     out = onnx.ModelProto()
     out.CopyFrom(model)
     g = out.graph
     for t in g.initializer:
+        if uses_external_data(t):
+            load_external_data_for_tensor(t, str(base_dir or "."))
+            del t.external_data[:]
+            t.data_location = onnx.TensorProto.DEFAULT
         if t.data_type == bf16:
             t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float32), t.name))
     nodes: list[onnx.NodeProto] = []

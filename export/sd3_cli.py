@@ -6,10 +6,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from sdrt.runtime.errors import InputError
 from sdrt.runtime.families.sd3 import SD3
 from sdrt.runtime.manifest import ExportManifest
 
-from .cli_exporter import CLIP_L_FILE, T5_FILE, TOKENIZERS, Exporter, FlagUse, Say
+from .cli_exporter import BF16, CLIP_L_FILE, T5_FILE, TOKENIZERS, Exporter, FlagUse, Say
 from .cli_options import (
     controlnet_files,
     flag_options,
@@ -42,6 +43,8 @@ def run(args: argparse.Namespace, say: Say, progress: Say) -> ExportManifest:
 
         for f in files:
             check_sd3_controlnet_file(f)
+    if args.bf16 and args.fp32:
+        raise InputError("--bf16 and --fp32 each choose the graphs' precision: give one")
     slots = slot_plan(args.lora_slots, SD3)
     loras = [lora_spec(s) for s in args.lora or []]
     say(source_line(args))
@@ -54,7 +57,7 @@ def run(args: argparse.Namespace, say: Say, progress: Say) -> ExportManifest:
         merged_lines(merge_sd3_loras(model, loras), say)
     # paired with the transformer by export_sd3, before any export work
     nets = load_controlnets(args, say, transformer_config=model.transformer_config)
-    return export_sd3(model, args.out, overwrite=args.overwrite, fp16=not args.fp32, opset=args.opset,
+    return export_sd3(model, args.out, overwrite=args.overwrite, fp16=not args.fp32, bf16=args.bf16, opset=args.opset,
                       without_t5=args.without_t5, block_cache=args.feature_cache, controlnets=nets,
                       progress=progress, lora_slots=slots, skip_layers=args.skip_layers)
 
@@ -84,5 +87,6 @@ SD3_EXPORTER = Exporter(
                    "SD 3 / 3.5 single file: its CLIP-G text encoder (text_encoders/clip_g.safetensors)",
                    metavar="FILE"),
            T5_FILE,
-           TOKENIZERS),
+           TOKENIZERS,
+           BF16),
     file_only=frozenset(FILE_FLAGS), claims=claims, run=run)

@@ -38,7 +38,7 @@ from .block_cache import DENOISER_FOLDER, FOLDERS
 from .controlnet_loading import LoadedControlNet
 from .exporter import EXPORT_KIND, MIN_OPSET, TEXT_LEN, check_export_dir, tool_versions
 from .lora_slots import SlotPlan, check_slots, slot_components, slots_record, slotted_streamed
-from .onnx_export import export_component, parity_line
+from .onnx_export import component_precision, export_component, parity_line
 from .sd3_controlnet import (
     check_sd3_pairing,
     control_layout,
@@ -128,6 +128,7 @@ def export_sd3(
     *,
     overwrite: bool = False,
     fp16: bool = True,
+    bf16: bool = False,
     opset: int = MIN_OPSET,
     without_t5: bool = False,
     block_cache: bool = False,
@@ -142,7 +143,9 @@ def export_sd3(
     its cached step is ``unet_shallow`` in ``transformer_shallow/``; runtime/feature_cache.py); ``controlnets``: SD3
     ControlNets, each ``controlnet_j``, with ``unet_control`` (the transformer taking their samples, streamed where
     the transformer is; export/sd3_controlnet.py), checked against the transformer first. ``out`` is checked as ``export_model`` checks
-    it. T5 stays float32 in an fp16 export (its activations overflow fp16).
+    it. T5 stays float32 in an fp16 export (its activations overflow fp16). ``bf16`` (over ``fp16``): the text
+    encoders, T5 included, and the transformer's graphs in bf16, the VAE in float32 (``onnx_export.bf16_emulation``
+    gates them; they run on openvino, ort-cuda and tensorrt, not ort-cpu).
     ``lora_slots``: the transformer's and the CLIP encoders' targeted layers take LoRA factors as inputs, so calls
     can carry LoRAs (``Pipeline(..., loras=...)``; export/lora_slots.py); T5 has none. With ``controlnets``,
     ``unet_control`` takes the transformer's slots under the same names (the nets none: LoRAs do not adapt them).
@@ -163,7 +166,7 @@ def export_sd3(
     if without_t5:
         mods = replace(mods, text_encoders=(mods.text_encoders[0], mods.text_encoders[1], None))
         streamed.pop("text_encoder_3", None)
-    precision = "fp16" if fp16 else "fp32"
+    precision = "bf16" if bf16 else "fp16" if fp16 else "fp32"
     f = 2 ** (len(mods.vae.config.block_out_channels) - 1)
     tr_cfg = streamed["transformer"].config if "transformer" in streamed else dict(mods.transformer.config)
     if block_cache and int(tr_cfg["num_layers"]) < 2:
@@ -188,8 +191,8 @@ def export_sd3(
             specs, inert = slot_components(specs, lora_slots, patterns, CLIP_NAMES)
         for spec in specs:
             folder = FOLDERS.get(spec.name, spec.name)
-            done[spec.name] = export_component(spec, precision, tmp / folder, opset=opset,
-                                               parity_shape=parity_shape, progress=progress)
+            done[spec.name] = export_component(spec, component_precision(spec.name, precision), tmp / folder,
+                                               opset=opset, parity_shape=parity_shape, progress=progress)
         for name, st in streamed.items():
             tokens = TEXT_LEN + p.t5_tokens if name == "transformer" else p.t5_tokens
             jobs = [(name, streamed_t5_spec(st.config, tokens))] if name != "transformer" else \

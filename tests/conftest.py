@@ -123,8 +123,8 @@ def slotted_export(tmp_path_factory: pytest.TempPathFactory, export_cache: dict[
 
 @pytest.fixture(scope="session")
 def sd3_export(tmp_path_factory: pytest.TempPathFactory, export_cache: dict[tuple[str, str], Path]):
-    """sd3_export(preset, t5=True, precision="fp32", block_cache=False) -> folder of an sdrt export of an SD3
-    preset's seeded weights (seed 0), with its T5 encoder or without it; ``block_cache``: made with
+    """sd3_export(preset, t5=True, precision="fp32", block_cache=False) -> folder of an sdrt export (fp32, fp16 or
+    bf16) of an SD3 preset's seeded weights (seed 0), with its T5 encoder or without it; ``block_cache``: made with
     ``--feature-cache`` (first-block caching's cached step ``unet_shallow``; the transformer returns its residuals)."""
 
     def get(preset: str, t5: bool = True, precision: str = "fp32", block_cache: bool = False) -> Path:
@@ -134,8 +134,8 @@ def sd3_export(tmp_path_factory: pytest.TempPathFactory, export_cache: dict[tupl
             from sdrt.export.sd3_loading import load_sd3
 
             def make(out: Path) -> None:
-                export_sd3(load_sd3(random_preset=preset), out, fp16=precision == "fp16", without_t5=not t5,
-                           block_cache=block_cache)
+                export_sd3(load_sd3(random_preset=preset), out, fp16=precision == "fp16", bf16=precision == "bf16",
+                           without_t5=not t5, block_cache=block_cache)
 
             export_cache[key] = shared_export(tmp_path_factory, f"{key[0]}-{precision}", make)
         return export_cache[key]

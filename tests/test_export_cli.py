@@ -85,7 +85,7 @@ def no_loading(monkeypatch: pytest.MonkeyPatch) -> None:
      f"not SD 3 / 3.5 but {UNET}, which takes --clip-skip, --vae-fp32, --no-ema, --ort-cuda")),
     (["--random", "sd3-tiny", "--vae-fp32"],
      (f"--vae-fp32 goes with {UNET}, to keep the VAE in fp32 in an fp16 export; this model is not {UNET} but SD 3 / "
-     "3.5, which takes --without-t5, --skip-layers, --clip-l, --clip-g, --t5, --tokenizers")),
+     "3.5, which takes --without-t5, --skip-layers, --clip-l, --clip-g, --t5, --tokenizers, --bf16")),
     (["--random", "sdxl-tiny", "--clip-l", "x.safetensors"],
      ("--clip-l goes with an SD 3 / 3.5 single file (Stability's layout: model.diffusion_model.joint_blocks.*) or a "
      "FLUX.1 single file (Black Forest Labs' layout), for its CLIP-L text encoder as a separate file")),
@@ -94,8 +94,8 @@ def no_loading(monkeypatch: pytest.MonkeyPatch) -> None:
      f"skip-layer guidance\n--no-ema goes with {UNET}, to load a single file's non-EMA UNet weights\nthis model is "
      "none of those but FLUX.1, which takes --clip-l, --t5, --vae, --tokenizers, --bf16")),
     (["--random", "sd15-tiny", "--bf16"],
-     (f"--bf16 goes with FLUX.1, to export its text encoders and transformer in bf16; this model is not FLUX.1 but "
-      f"{UNET}, which takes --clip-skip, --vae-fp32, --no-ema, --ort-cuda")),
+     (f"--bf16 goes with SD 3 / 3.5 or FLUX.1, to export its text encoders and transformer in bf16; this model is "
+      f"not SD 3 / 3.5 or FLUX.1 but {UNET}, which takes --clip-skip, --vae-fp32, --no-ema, --ort-cuda")),
     (["--random", "sd3-tiny", "--arch", "sd3-tiny", "--t5", "t5.safetensors"],
      "--t5, --arch go with an SD 3 / 3.5 single file, not --random (pick the architecture with --random PRESET)"),
 ])

@@ -131,20 +131,21 @@ def _diffusers_bf16(folder: Path, latents: np.ndarray, steps: int) -> tuple[np.n
 
 
 def test_openvino_images_match_diffusers_in_bf16(flux_export) -> None:
-    """On openvino at f32 (every CPU has it; the graph's own bf16 steps stay bf16), within the distance between
-    diffusers' own bf16 and fp32 images (twice it, at least 2 levels) of diffusers' bf16 images, under a level on
-    average."""
+    """On openvino at f32 (every CPU has it; the graph's own bf16 steps stay bf16): within twice the distance
+    between diffusers' own bf16 and fp32 images of diffusers' bf16 images, at its largest (at least 2 levels) and on
+    average (at least half a level)."""
     from sdrt.runtime.pipeline import Pipeline
 
     folder = flux_export(PRESET, bf16=True)
     latents = np.random.default_rng(0).standard_normal((1, 16, 8, 12), dtype=np.float32)
     want, want32 = _diffusers_bf16(folder, latents, 4)
-    own = int(np.abs(want - want32).max())
+    own = np.abs(want - want32)
     with Pipeline.load(folder, backend="openvino", precision="f32") as pipe:
         got = np.asarray(pipe(PROMPT, height=64, width=96, steps=4, latents=latents).images[0]).astype(np.int32)
     diff = np.abs(got[None] - want)
     assert want.std() > 5
-    assert int(diff.max()) <= max(2 * own, 2) and float(diff.mean()) < 1.0, (int(diff.max()), own, diff.mean())
+    assert int(diff.max()) <= max(2 * int(own.max()), 2), (int(diff.max()), int(own.max()))
+    assert float(diff.mean()) <= max(2 * float(own.mean()), 0.5), (float(diff.mean()), float(own.mean()))
 
 
 def test_ort_cpu_refuses_a_bf16_export_before_loading(flux_export) -> None:
