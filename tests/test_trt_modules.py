@@ -72,7 +72,7 @@ BUILDER_MODULE_NAMES = {
     "BuilderFlag.EXCLUDE_LEAN_RUNTIME", "MemoryPoolType.WORKSPACE", "HardwareCompatibilityLevel.AMPERE_PLUS",
     "BuilderFlag.REQUIRE_USER_ALLOCATION",  # TensorRT for RTX only (RTX_ONLY)
     # export/refit.py
-    "Runtime", "Refitter", "Weights", "nptype",
+    "Runtime", "Refitter", "Weights", "nptype", "DataType", "DataType.BF16",
 }
 # I/O tensor dtypes and modes, matched by their enum member names
 DTYPE_NAMES = tuple(tb.TRT_DTYPES)
