@@ -148,5 +148,5 @@ def gate_streamed(kind: str, config: dict[str, Any], weights: WeightSource, prec
         comp = export_streamed(sspec, source, precision, Path(tmp) / sspec.name)
         # the module's own example inputs and I/O, run on the streamed graph (dynamo names match the contract)
         par = check_parity(copy.copy(cspec), comp.precision, Path(tmp) / sspec.name / "model.onnx", parity_shape)
-    return Parity(reference=f"torch fp32, onnxruntime CPU; blocks {picked} of {total} (reduced depth, full width)",
+    return Parity(reference=f"{par.reference}; blocks {picked} of {total} (reduced depth, full width)",
                   max_abs_err=par.max_abs_err, rel_err=par.rel_err, bound=par.bound)

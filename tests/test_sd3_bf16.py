@@ -70,3 +70,16 @@ def test_openvino_images_match_diffusers_in_bf16(sd3_export) -> None:
     assert want.std() > 5
     assert int(diff.max()) <= max(2 * int(own.max()), 2), (int(diff.max()), int(own.max()))
     assert float(diff.mean()) <= max(2 * float(own.mean()), 0.5), (float(diff.mean()), float(own.mean()))
+
+
+def test_a_streamed_part_is_gated_by_the_bf16_emulation() -> None:
+    """T5 streamed in bf16, as a full-size model's is: its reduced-depth gate runs the emulated graph (and says
+    so in the record) within its bound."""
+    from sdrt.export.sd3_gate import gate_streamed
+    from sdrt.export.sd3_loading import load_sd3
+
+    model = load_sd3(random_preset="sd35-medium-tiny", stream=True)
+    st = model.streamed["text_encoder_3"]
+    par = gate_streamed("text_encoder_3", st.config, st.weights, "bf16", model.preset.t5_tokens, (1, 8, 8))
+    assert "emulating bf16" in par.reference and "reduced depth" in par.reference
+    assert par.rel_err <= par.bound
