@@ -145,7 +145,9 @@ def run_sdrt(spec: dict[str, Any]) -> dict[str, Any]:
                            "end of every run)") if gpu else "sdrt Pipeline timings: host clock (CPU)")
                          + f"; denoising loop: {first['loop']}",
         "torch_peak_allocated_bytes": None,
-        "precision": (f"{pipe.dtype.name} graphs, {pipe.backend.precision} inference"  # type: ignore[attr-defined]
+        # the UNet's graph dtype (a bf16 export's interface is float32: its manifest says bf16)
+        "precision": (f"{'bfloat16' if pipe.manifest.components['unet'].precision == 'bf16' else pipe.dtype.name} "
+                      f"graphs, {pipe.backend.precision} inference"  # type: ignore[attr-defined]
                       if spec["backend"] == "openvino" else None),
     }
 

@@ -176,7 +176,8 @@ def _loader(weights: WeightSource, name: str, shape: tuple[int, ...], dtype: Any
             raise ArtifactError(f"{component}: weight {name} is {list(t.shape)} in the checkpoint but the "
                                 f"architecture needs {list(shape)}: the checkpoint is not this model")
         np_dtype = dtype.numpy()
-        a = t.detach().to(torch.float32 if np_dtype.kind == "f" else t.dtype).numpy().astype(np_dtype, copy=False)
+        # a float weight via float32 (numpy has no bf16: a bf16 checkpoint's tensors too), then the traced dtype
+        a = t.detach().to(torch.float32 if t.is_floating_point() else t.dtype).numpy().astype(np_dtype, copy=False)
         a = np.ascontiguousarray(a)
         sums[key] = zlib.crc32(a.view(np.uint8).data)  # bytes (ml_dtypes' bf16 exports no buffer format)
         return ir.Tensor(a)

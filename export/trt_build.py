@@ -251,6 +251,9 @@ def plan_engines(
         if comp.precision == "bf16" and options.weakly_typed:
             raise InputError(f"{name} is a bf16 graph, which builds strongly typed (TensorRT computes in the types "
                              "the graph gives): leave --weakly-typed out")
+        if comp.precision == "bf16" and options.refittable:
+            raise InputError(f"{name} is a bf16 graph, and sdrt does not refit bf16 engines yet: leave --refittable "
+                             "out (LoRA slots, --lora-slots at export, need no refit)")
         progress(f"{name}: hashing {comp.path}")
         digest = onnx_digest(path.parent)
         flags = options.flags(comp.precision)

@@ -39,9 +39,10 @@ def test_the_export_writes_bf16_graphs_and_an_fp32_vae(sd3_export, preset: str) 
 
 
 def test_openvino_images_match_diffusers_in_bf16(sd3_export) -> None:
-    """On openvino at f32 (every CPU has it; the graphs' own bf16 steps stay bf16), guided with a negative prompt:
-    within twice the distance between diffusers' own bf16 and fp32 images of diffusers' bf16 images, at its largest
-    (at least 2 levels) and on average (at least half a level)."""
+    """The export's images, end to end, on openvino at f32 (every CPU has it; it runs the bf16 steps its own way),
+    guided with a negative prompt: within twice the distance between diffusers' own bf16 and fp32 images of
+    diffusers' bf16 images, at its largest (at least 2 levels) and on average (at least half a level). An image
+    check of the whole export, not of bf16 rounding (tests/test_flux_bf16.py checks the gate's emulation)."""
     from diffusers import StableDiffusion3Pipeline
 
     from sdrt.export.sd3_presets import build_modules, get_sd3_preset
