@@ -242,15 +242,17 @@ def _model_label(doc: dict[str, Any]) -> str:
 
 def _precision(doc: dict[str, Any], m: dict[str, Any]) -> str | None:
     """The row's arithmetic: a baseline's own; sdrt's export precision, and where its backend computes in
-    another (openvino's ``auto`` picks bf16 on a CPU that has it) that one too: ``fp32 graphs, bf16 inference``."""
+    another (openvino's ``auto`` picks bf16 on a CPU that has it) that one too, with the graphs it keeps at f32:
+    ``fp32 graphs, bf16 inference (text_encoder at f32)``."""
     backend = next((b["precision"] for b in doc["backends"] if b["name"] == m["backend"]), None)
     if m["role"] != "sdrt":
         return backend
     exported = doc["model"]["precision"]
-    inference = backend.rsplit(", ", 1)[-1].removesuffix(" inference") if backend else None
+    head, _, kept = (backend or "").partition(" (")
+    inference = head.rsplit(", ", 1)[-1].removesuffix(" inference") if backend else None
     if inference is None or inference in (exported, "f32" if exported == "fp32" else exported):
         return exported
-    return f"{exported} graphs, {inference} inference"
+    return f"{exported} graphs, {inference} inference" + (f" ({kept}" if kept else "")
 
 
 def rows(docs: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:

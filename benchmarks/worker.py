@@ -148,6 +148,9 @@ def run_sdrt(spec: dict[str, Any]) -> dict[str, Any]:
         # the UNet's graph dtype (a bf16 export's interface is float32: its manifest says bf16)
         "precision": (f"{'bfloat16' if pipe.manifest.components['unet'].precision == 'bf16' else pipe.dtype.name} "
                       f"graphs, {pipe.backend.precision} inference"  # type: ignore[attr-defined]
+                      # the graphs it loaded exact (the text encoders: f32 in a bf16 run)
+                      + (f" ({', '.join(pipe.backend.exact)} at f32)" if pipe.backend.exact  # type: ignore[attr-defined]
+                         else "")
                       if spec["backend"] == "openvino" else None),
     }
 

@@ -63,8 +63,10 @@ class Backend(abc.ABC):
     loads_on_demand: bool = True
 
     @abc.abstractmethod
-    def load(self, path: str | bytes, name: str) -> Engine:
-        """Load an engine from a file, or from serialized bytes."""
+    def load(self, path: str | bytes, name: str, *, exact: bool = False) -> Engine:
+        """Load an engine from a file, or from serialized bytes. ``exact``: compute at the graph's own precision,
+        never lower (a backend that lowers precision by itself, openvino's bf16 inference hint, does not for this
+        graph); the loader asks it for the text encoders (runtime/loading.py ``exact``)."""
 
     def refuses(self, component: Component) -> str | None:
         """Why this backend cannot run ``component`` (its precision, say), or None. Checked for every component

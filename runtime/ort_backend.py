@@ -219,8 +219,9 @@ class OrtBackend(OrtBackendBase):
                     "(sdrt export --fp32)")
         return None
 
-    def load(self, path: str | bytes, name: str) -> Engine:
-        """Load a graph from a file path, or from serialized bytes (the sampler's step graph)."""
+    def load(self, path: str | bytes, name: str, *, exact: bool = False) -> Engine:
+        """Load a graph from a file path, or from serialized bytes (the sampler's step graph). Every graph runs at
+        its own precision (``exact`` changes nothing)."""
         self._require_open()
         return OrtEngine(self, path, name)
 

@@ -8,6 +8,10 @@ is converted ahead of time. Arrays on this backend are ``ov.Tensor`` objects in 
   ``"f32"`` (or ``"fp32"``) force one (bf16 on a device without it is refused). The graphs keep their fp32 (or fp16)
   interface: bf16 is OpenVINO's internal inference precision, so the dtypes the pipeline sees (uint8
   images, a bool ``finite``, int32 ``input_ids``) are the export's.
+  The text encoders run at f32 whatever the precision (the pipeline loads them ``exact``): they run once per
+  prompt, and OpenVINO's bf16 mode also lowers the float32 softmax and norms a model keeps, which T5 does not
+  survive (a T5 encoder with full-size-scaled weights: 61.5% off PyTorch's fp32 output in bf16 mode, where
+  PyTorch's own bf16 module is 8.9% off; f32: 1.8e-5). ``describe()`` names the engines so loaded.
 * **Model cache.** Compiled models are kept in ``cache_dir``, by default ``$XDG_CACHE_HOME/sdrt/openvino``
   (``~/.cache/sdrt/openvino``), never inside the export folder: a second load of the same export on the same
   device and precision maps the compiled blobs instead of compiling again. The first load does not wait for
@@ -101,9 +105,10 @@ class OvEngine(Engine):
 
     backend: OvBackend
 
-    def __init__(self, backend: OvBackend, path: str | bytes, name: str) -> None:
+    def __init__(self, backend: OvBackend, path: str | bytes, name: str, config: Mapping[str, Any]) -> None:
         self.name = name
         self.backend = backend
+        self.config = dict(config)  # its compile settings: the backend's, or an exact load's (f32)
         self._lock = threading.Lock()
         core = backend.core
         if isinstance(path, str) and not os.path.isfile(path):
@@ -144,17 +149,17 @@ class OvEngine(Engine):
         key = None
         if be.blobs is not None:
             try:
-                key = be.blobs.key(self._source, shapes)
+                key = be.blobs.key(self._source, shapes, self.config)
             except Exception:  # noqa: BLE001 - an unreadable graph: the compile below says what is wrong with it
                 key = None
-            hit = be.blobs.load(key) if key is not None else None
+            hit = be.blobs.load(key, self.config) if key is not None else None
             if hit is not None:
                 compiled, mapped = hit
                 self._blob_maps.append(mapped)
                 be.compiles.append((self.name, "mapped"))
                 return compiled
         try:
-            compiled = be.core.compile_model(model, be.device, be.config)
+            compiled = be.core.compile_model(model, be.device, self.config)
         except Exception as e:
             raise ArtifactError(
                 f"OpenVINO cannot compile {label} for {be.device} ({str(e).strip()[:400]}). If the file is "
@@ -364,23 +369,30 @@ class OvBackend(Backend):
         self.blobs = None if self.cache_dir is None else BlobCache(self.cache_dir, self.ov, self.core, wanted,
                                                                    self.config)
         self._engines: list[OvEngine] = []
+        self.exact: list[str] = []  # the engines loaded exact, at f32 where the backend's precision is lower
         # (engine, "mapped" from the model cache or "compiled" here) for each compiled model, in order
         self.compiles: list[tuple[str, str]] = []
         self._closed = False
 
     def describe(self) -> str:
         return (f"OpenVINO {self.ov.__version__} on {self.device}, {self.precision}"
+                + (f" ({', '.join(self.exact)} at f32)" if self.exact else "")
                 + (f", {self.threads} threads" if self.threads else ""))
 
     def _check_open(self) -> None:
         if self._closed:
             raise InputError("this openvino backend was closed; create a new one")
 
-    def load(self, path: str | bytes, name: str) -> Engine:
-        """Compile a graph from a file path, or from serialized ONNX bytes (the sampler's step graph)."""
+    def load(self, path: str | bytes, name: str, *, exact: bool = False) -> Engine:
+        """Compile a graph from a file path, or from serialized ONNX bytes (the sampler's step graph). ``exact``: at
+        f32 whatever the backend's precision (OpenVINO's bf16 mode also lowers the float32 softmax and norms a
+        model keeps: a T5 encoder 61.5% off PyTorch's fp32, PyTorch's own bf16 module 8.9%)."""
         self._check_open()
-        engine = OvEngine(self, path, name)
+        config = {**self.config, "INFERENCE_PRECISION_HINT": _HINT["f32"]} if exact else self.config
+        engine = OvEngine(self, path, name, config)
         self._engines.append(engine)
+        if exact and self.precision != "f32":
+            self.exact.append(name)
         return engine
 
     def to_device(self, a: np.ndarray) -> Array:

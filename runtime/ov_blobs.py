@@ -130,9 +130,12 @@ class BlobCache:
         self._lock = threading.Lock()
         self.errors: list[str] = []
 
-    def key(self, source: str | bytes, shapes: Any = ()) -> str:
-        """The blob's name for a graph (a path, or serialized ONNX bytes) compiled at ``shapes`` (``()``: dynamic)."""
+    def key(self, source: str | bytes, shapes: Any = (), config: Mapping[str, Any] | None = None) -> str:
+        """The blob's name for a graph (a path, or serialized ONNX bytes) compiled at ``shapes`` (``()``: dynamic)
+        with ``config`` (None: the cache's; another, an exact load's f32, keys its own blobs)."""
         h = hashlib.sha256(self._context.encode())
+        if config is not None and dict(config) != self.config:
+            h.update(json.dumps({k: str(v) for k, v in sorted(config.items())}, sort_keys=True).encode())
         if isinstance(source, bytes):
             h.update(b"bytes:" + hashlib.sha256(source).digest())
         else:
@@ -162,15 +165,16 @@ class BlobCache:
     def path(self, key: str) -> Path:
         return self.folder / (key + SUFFIX)
 
-    def load(self, key: str) -> tuple[Any, Any] | None:
+    def load(self, key: str, config: Mapping[str, Any] | None = None) -> tuple[Any, Any] | None:
         """(compiled model, the mapped blob it was imported from: keep it alive as long as the model), or None
-        when there is no usable blob."""
+        when there is no usable blob. ``config``: the compile settings the blob was keyed with (None: the cache's)."""
         p = self.path(key)
         if not p.is_file():
             return None
         try:
             mapped = np.memmap(p, dtype=np.uint8, mode="c")  # copy-on-write: OpenVINO shares only writable memory
-            compiled = self.core.import_model(self.ov.Tensor(mapped, shared_memory=True), self.device, self.config)
+            compiled = self.core.import_model(self.ov.Tensor(mapped, shared_memory=True), self.device,
+                                              self.config if config is None else dict(config))
         except Exception as e:  # noqa: BLE001 - OpenVINO raises its own untyped RuntimeErrors
             warnings.warn(f"the OpenVINO model cache's {p.name} did not import ({str(e).strip()[:200]}); compiling "
                           "again and replacing it", stacklevel=3)

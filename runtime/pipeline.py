@@ -205,7 +205,8 @@ class Pipeline:
             engine = self.engines.get(name)
             if engine is None:
                 comp = self.manifest.components[name]
-                engine = self.backend.load(str(self.folder / self.backend.graph_for(comp)), name)
+                engine = self.backend.load(str(self.folder / self.backend.graph_for(comp)), name,
+                                           exact=loading.exact(self.manifest, name))
                 self.engines[name] = engine
             return engine
 

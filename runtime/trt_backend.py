@@ -263,9 +263,10 @@ class TrtBackend(TrtBackendBase):
         return " | ".join(list(self.log)[-6:])
 
     # -- loading --------------------------------------------------------------------------------------
-    def load(self, path: str | bytes, name: str) -> Engine:
+    def load(self, path: str | bytes, name: str, *, exact: bool = False) -> Engine:
         """An engine file of an sdrt engine folder (checked against the folder's manifest first), or an
-        ONNX graph as bytes (the sampler step graph), which ``sdrt build`` prebuilt into the folder."""
+        ONNX graph as bytes (the sampler step graph), which ``sdrt build`` prebuilt into the folder. An engine's
+        precision is the build's (``exact`` changes nothing)."""
         self._require_open()
         if isinstance(path, (bytes, bytearray, memoryview)):
             rec = self.prebuilt(bytes(path))

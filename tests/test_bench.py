@@ -380,6 +380,9 @@ def test_cpu_comparison_with_the_bf16_autocast_baseline(tiny_export, tmp_path: P
     assert {r["backend"]: r["precision"] for r in report.rows([doc])}["openvino"] == "fp32"
     by_name["openvino"]["precision"] = "float32 graphs, bf16 inference"
     assert {r["backend"]: r["precision"] for r in report.rows([doc])}["openvino"] == "fp32 graphs, bf16 inference"
+    by_name["openvino"]["precision"] = "float32 graphs, bf16 inference (text_encoder at f32)"
+    assert {r["backend"]: r["precision"] for r in report.rows([doc])}["openvino"] == \
+        "fp32 graphs, bf16 inference (text_encoder at f32)"
 
 
 def test_openvino_precision_and_bf16_baseline_refusals(capsys: pytest.CaptureFixture[str]) -> None:

@@ -92,7 +92,7 @@ def test_threads_calling_at_once_load_the_unet_once(tiny_controlnet_export) -> N
     with Pipeline.load(folder, backend="ort-cpu") as pipe:
         loads: list[str] = []
         real = pipe.backend.load
-        pipe.backend.load = lambda path, name: loads.append(name) or real(path, name)  # type: ignore[method-assign]
+        pipe.backend.load = lambda path, name, **kw: loads.append(name) or real(path, name, **kw)  # type: ignore[method-assign]
         out: list[np.ndarray] = []
         threads = [threading.Thread(target=lambda: out.append(_image(pipe, **_control()))) for _ in range(2)]
         for t in threads:

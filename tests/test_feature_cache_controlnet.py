@@ -194,7 +194,7 @@ def _counting(pipe: Pipeline, monkeypatch: pytest.MonkeyPatch) -> dict[str, int]
     for name, e in pipe.engines.items():
         count(name, e)
     load = pipe.backend.load
-    monkeypatch.setattr(pipe.backend, "load", lambda path, name: count(name, load(path, name)))
+    monkeypatch.setattr(pipe.backend, "load", lambda path, name, **kw: count(name, load(path, name, **kw)))
     return runs
 
 

@@ -323,10 +323,10 @@ def test_inpainting_without_one_device_graph_is_an_error_naming_it(sd15_inpaint:
     pipe.device_graphs.clear()
     load, steps = pipe.backend.load, []
 
-    def without(path: str | bytes, name: str):
+    def without(path: str | bytes, name: str, **kw: bool):
         if isinstance(path, bytes) and name.startswith(missing):
             raise ArtifactError(f"{name}: no prebuilt engine for this graph")
-        return load(path, name)
+        return load(path, name, **kw)
 
     pipe.backend.load = without  # type: ignore[method-assign]
     try:

@@ -388,3 +388,53 @@ def test_serve_names_what_auto_picks_before_refusing_openvino_settings(
         assert main(["serve", str(folder), *flags]) == 1
         err = capsys.readouterr().err
         assert named in err and "--backend auto (here: ort-cpu)" in err and "use --backend openvino" in err
+
+
+def hint(engine: Any) -> Any:
+    """The inference precision an engine's graph was compiled at."""
+    return engine._compiled[()].get_property("INFERENCE_PRECISION_HINT")
+
+
+@needs_bf16
+def test_text_encoders_compile_at_f32_in_bf16_mode(pipes: dict) -> None:
+    """A bf16 backend compiles the text encoders at f32 (loaded exact) and the rest at bf16, and says so."""
+    for preset, encoders in (("sd15-tiny", {"text_encoder"}), ("sdxl-tiny", {"text_encoder", "text_encoder_2"})):
+        p = pipes[preset, "bf16"]
+        got = {n: hint(e) for n, e in p.engines.items()}
+        assert {n for n, h in got.items() if h == ov.Type.f32} == encoders, got
+        assert got["unet"] == got["vae_decoder"] == ov.Type.bf16
+        assert f"on CPU, bf16 ({', '.join(sorted(encoders))} at f32)" in p.backend.describe()
+    # an f32 backend names nothing: every graph is at f32 already
+    assert "at f32" not in pipes["sd15-tiny", "f32"].backend.describe()
+
+
+@needs_bf16
+def test_t5_stays_at_f32_precision_in_bf16_mode(flux_export, tmp_path: Path) -> None:
+    """FLUX.1's T5 on a bf16 backend matches ONNX Runtime's fp32 run of its graph (the export's gate checks that
+    one against PyTorch) to f32's precision, where the same graph compiled in OpenVINO's bf16 mode is not; its
+    exact blob is cached apart from the bf16 ones and mapped on the next load."""
+    import onnxruntime as ort
+
+    folder = flux_export("flux-schnell-tiny")
+    path = folder / "text_encoder_2" / "model.onnx"
+    ids = np.random.default_rng(0).integers(0, 32, size=(2, 16)).astype(np.int32)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    ref = sess.run(None, {name: ids})[0]
+
+    def rel(got: np.ndarray) -> float:
+        return float(np.abs(got - ref).max() / np.abs(ref).max())
+
+    lowered = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "bf16"})
+    assert rel(np.asarray(lowered({name: ids})[0])) > 1e-3  # what bf16 mode would do to it
+    cache = tmp_path / "ov-cache"
+    for round_ in ("compiled", "mapped"):
+        backend = OvBackend(precision="bf16", cache_dir=cache)
+        with Pipeline.load(folder, backend=backend) as pipe:
+            t5 = pipe.engines["text_encoder_2"]
+            assert hint(t5) == ov.Type.f32 and hint(pipe.engines["unet"]) == ov.Type.bf16
+            out = backend.to_host(t5({name: backend.to_device(ids)})[next(iter(t5.outputs))])
+            assert rel(out) <= 1e-4
+            assert dict(backend.compiles)["text_encoder_2"] == round_
+            backend.settle()
+        backend.close()
