@@ -16,7 +16,8 @@ is converted ahead of time. Arrays on this backend are ``ov.Tensor`` objects in 
   (``~/.cache/sdrt/openvino``), never inside the export folder: a second load of the same export on the same
   device and precision maps the compiled blobs instead of compiling again. The first load does not wait for
   them: each blob is written in the background after its compile (runtime/ov_blobs.py; ``close`` waits for
-  those writes). ``cache_dir=False`` turns the cache off.
+  those writes). ``cache_dir=False`` turns the cache off. It is bounded (``cache_max_gb``, 64 GB by default): the
+  least recently used blobs go past it.
 * **Tensors stay in OpenVINO between steps.** An engine call returns output tensors that OpenVINO
   allocated for the caller (no copy, valid until dropped). The denoising loop (:class:`OvStepLoop`) goes
   further: the UNet writes into one fixed buffer and the step graph into two sets of fixed buffers it
@@ -42,7 +43,7 @@ from .cpu_threads import default_threads
 from .engine import Array, Backend, Engine, IOSpec
 from .errors import ArtifactError, BackendUnavailable, InputError
 from .feature_cache import CHANGE
-from .ov_blobs import BlobCache
+from .ov_blobs import BlobCache, max_gb
 from .step_loop import STEP_OUTPUTS, UNET_OUTPUT, PlainStepLoop
 
 PRECISIONS = ("auto", "bf16", "f32")
@@ -309,13 +310,17 @@ class OvBackend(Backend):
     physical cores).
     ``precision``: ``auto`` (bf16 where the device has it, else f32), ``bf16`` or ``f32`` (``fp32``).
     ``cache_dir``: where compiled models are cached (None: :func:`default_cache_dir`; False: no cache).
+    ``cache_max_gb``: the cache's bound, least recently used blobs removed past it (None: ``SDRT_OPENVINO_CACHE_GB``,
+    else 64; ``math.inf``: none).
     ``static_shapes``: compile per input shape instead of once with dynamic axes.
     """
 
     name = "openvino"
 
     def __init__(self, device: str = "CPU", threads: int | None = None, *, precision: str = "auto",
-                 cache_dir: str | os.PathLike[str] | None | bool = None, static_shapes: bool = False) -> None:
+                 cache_dir: str | os.PathLike[str] | None | bool = None, static_shapes: bool = False,
+                 cache_max_gb: float | None = None) -> None:
+        bound = max_gb(cache_max_gb) if cache_dir is not False else None
         self.ov = _ov()
         precision = PRECISION_ALIASES.get(precision, precision)
         if precision not in PRECISIONS:
@@ -366,8 +371,8 @@ class OvBackend(Backend):
             except OSError as e:
                 raise InputError(f"cannot create the OpenVINO model cache {self.cache_dir} ({e}); pass "
                                  "cache_dir= a writable folder, or cache_dir=False") from e
-        self.blobs = None if self.cache_dir is None else BlobCache(self.cache_dir, self.ov, self.core, wanted,
-                                                                   self.config)
+        self.blobs = None if self.cache_dir is None or bound is None else BlobCache(
+            self.cache_dir, self.ov, self.core, wanted, self.config, bound)
         self._engines: list[OvEngine] = []
         self.exact: list[str] = []  # the engines loaded exact, at f32 where the backend's precision is lower
         # (engine, "mapped" from the model cache or "compiled" here) for each compiled model, in order

@@ -13,6 +13,11 @@ modification times (or the graph's bytes, for graphs made in memory), the input 
 compile settings, OpenVINO's version and the device's name and capabilities (which weights files an ONNX file
 reads is remembered beside the blobs per file path, size and time, so a filled cache never parses a graph). A blob
 that fails to import (a changed CPU behind the same name, a damaged file) is compiled afresh and rewritten.
+
+The cache is bounded (``max_gb``: ``SDRT_OPENVINO_CACHE_GB``, else 64 GB): a re-export, a changed setting or a
+deleted export leaves blobs no load will ask for again, so after each blob write (and when a cache is opened) the
+least recently used files go (a load's hit marks its blob used) until the folder is back under the bound, never
+one this cache loaded or wrote (a model larger than the bound stays cached whole while it is in use).
 """
 
 from __future__ import annotations
@@ -31,9 +36,30 @@ from typing import Any
 import numpy as np
 
 from .atomic import atomic_write_text
+from .errors import InputError
 
 SUFFIX = ".sdrt-blob"  # apart from the <hash>.blob files OpenVINO's own CACHE_DIR writes
 TMP = ".tmp"  # a blob being written: .<key>.<pid>.<random>.tmp
+INDEX = "weights-"  # weights-<hash>.json: the weights files of one ONNX file
+ENV_MAX = "SDRT_OPENVINO_CACHE_GB"
+DEFAULT_MAX_GB = 64.0  # above the largest model's blobs here (FLUX.1's transformer in bf16: about 24 GB)
+
+
+def max_gb(value: float | None = None) -> float:
+    """The cache's bound in GB (1e9 bytes): ``value``, else ``SDRT_OPENVINO_CACHE_GB``, else 64; ``inf``: none."""
+    where = "cache_max_gb"
+    if value is None:
+        text = os.environ.get(ENV_MAX, "").strip()
+        if not text:
+            return DEFAULT_MAX_GB
+        where = ENV_MAX
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+    if not value > 0:  # NaN too
+        raise InputError(f"{where} must be a number of GB above 0 (inf: no bound), got {value!r}")
+    return float(value)
 
 
 def remove_orphans(folder: Path) -> list[Path]:
@@ -79,6 +105,14 @@ def weight_files(path: str) -> list[str]:
     return sorted(found)
 
 
+def _touch(path: Path) -> None:
+    """Mark a cache file used now (its modification time: access times are often not kept)."""
+    try:
+        os.utime(path)
+    except OSError:  # a read-only cache: used as it is, never trimmed by time
+        pass
+
+
 def _stat(path: str) -> list[Any]:
     st = os.stat(path)
     return [os.path.realpath(path), st.st_size, st.st_mtime_ns]
@@ -112,8 +146,10 @@ class FileStream(io.BytesIO):
 class BlobCache:
     """Compiled blobs in ``folder`` for one core, device and compile configuration."""
 
-    def __init__(self, folder: Path, ov: Any, core: Any, device: str, config: Mapping[str, Any]) -> None:
+    def __init__(self, folder: Path, ov: Any, core: Any, device: str, config: Mapping[str, Any],
+                 max_gb: float = DEFAULT_MAX_GB) -> None:
         self.folder = folder
+        self.max_bytes = max_gb * 1e9
         self.ov = ov
         self.core = core
         self.device = device
@@ -129,6 +165,9 @@ class BlobCache:
         self._writers: list[threading.Thread] = []
         self._lock = threading.Lock()
         self.errors: list[str] = []
+        self._used: set[str] = set()  # the file names this cache loaded or wrote: never trimmed by it
+        self.removed: list[Path] = []  # what trimming removed, oldest first
+        self.trim()
 
     def key(self, source: str | bytes, shapes: Any = (), config: Mapping[str, Any] | None = None) -> str:
         """The blob's name for a graph (a path, or serialized ONNX bytes) compiled at ``shapes`` (``()``: dynamic)
@@ -152,9 +191,11 @@ class BlobCache:
         with its weights inline (a text encoder's 0.5 GB) would cost a filled cache's load more than its import."""
         index = self.folder / ("weights-" + hashlib.sha256(json.dumps(_stat(source)).encode()).hexdigest()[:40]
                                + ".json")
+        self._used.add(index.name)
         try:
             names = json.loads(index.read_text())
             if isinstance(names, list) and all(isinstance(n, str) for n in names):
+                _touch(index)
                 return names
         except (OSError, ValueError):
             pass
@@ -171,6 +212,8 @@ class BlobCache:
         p = self.path(key)
         if not p.is_file():
             return None
+        self._used.add(p.name)
+        _touch(p)  # used now: the last to go when the cache is trimmed
         try:
             mapped = np.memmap(p, dtype=np.uint8, mode="c")  # copy-on-write: OpenVINO shares only writable memory
             compiled = self.core.import_model(self.ov.Tensor(mapped, shared_memory=True), self.device,
@@ -201,12 +244,45 @@ class BlobCache:
             try:
                 with os.fdopen(fd, "w+b") as f:
                     compiled.export_model(FileStream(f))
+                self._used.add(self.path(key).name)
                 os.replace(tmp, self.path(key))
             except BaseException:
                 os.unlink(tmp)
                 raise
+            self.trim()
         except Exception as e:  # noqa: BLE001 - an unwritten blob costs the next load a compile, nothing more
             self.errors.append(f"{key}: {e}")
+
+    def trim(self) -> list[Path]:
+        """Remove the least recently used blobs and weights indexes (by modification time, which a hit renews) until
+        the folder holds at most the bound, skipping what this cache used; the files removed."""
+        entries = []
+        for p in self.folder.iterdir():
+            if not (p.name.endswith(SUFFIX) or (p.name.startswith(INDEX) and p.name.endswith(".json"))):
+                continue
+            try:
+                st = p.stat()
+            except FileNotFoundError:  # trimmed by another process meanwhile
+                continue
+            entries.append((st.st_mtime_ns, p.name, st.st_size))
+        total = sum(size for _, _, size in entries)
+        removed = []
+        with self._lock:
+            for _, name, size in sorted(entries):
+                if total <= self.max_bytes:
+                    break
+                if name in self._used:
+                    continue
+                try:
+                    (self.folder / name).unlink()
+                except FileNotFoundError:
+                    pass
+                except OSError:  # (a blob another process has mapped, on Windows): kept
+                    continue
+                total -= size
+                removed.append(self.folder / name)
+            self.removed += removed
+        return removed
 
     def pending(self) -> int:
         """How many blob writes are still running."""

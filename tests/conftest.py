@@ -26,6 +26,20 @@ def pytest_configure(config: pytest.Config) -> None:
             sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def own_cache_home(tmp_path_factory: pytest.TempPathFactory):
+    """sdrt's caches (openvino's compiled models, by default under ``$XDG_CACHE_HOME``) go to the session's temporary
+    folder, never the user's ``~/.cache``: the tests' exports live in temporary folders, so blobs cached there
+    would never be asked for again."""
+    old = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache-home"))
+    yield
+    if old is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = old
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Under pytest-xdist's ``--dist loadgroup`` (``make test``): a module's tests stay on one worker (its module
     fixtures are made once), and the heavy tests (``slow``: full-size models, GBs of memory; ``ray``: a local

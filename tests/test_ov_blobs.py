@@ -5,6 +5,7 @@ write never leaves half a blob under a real name."""
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import subprocess
@@ -16,8 +17,10 @@ import pytest
 
 ov = pytest.importorskip("openvino", reason="the openvino backend needs pip install 'sdrt[openvino]'")
 
+from sdrt.runtime.errors import InputError
 from sdrt.runtime.ov_backend import OvBackend
-from sdrt.runtime.ov_blobs import SUFFIX, TMP, BlobCache, FileStream, remove_orphans, weight_files
+from sdrt.runtime.ov_blobs import (DEFAULT_MAX_GB, ENV_MAX, SUFFIX, TMP, BlobCache, FileStream, max_gb, remove_orphans,
+                                   weight_files)
 from sdrt.runtime.pipeline import Pipeline
 
 KW = {"prompt": "a lighthouse at dawn", "negative_prompt": "blurry", "steps": 3, "seed": 3, "height": 64, "width": 80}
@@ -70,7 +73,8 @@ def test_a_changed_weights_file_compiles_again_and_a_damaged_blob_is_replaced(ex
     assert np.array_equal(image(export, be), reference)
     assert [name for name, how in be.compiles if how == "compiled"] == ["unet"]
 
-    blob = max(cache.glob("*" + SUFFIX), key=lambda p: p.stat().st_mtime_ns)  # the UNet's new blob
+    assert be.blobs is not None
+    blob = be.blobs.path(be.blobs.key(str(export / "unet" / "model.onnx"), (), be.config))  # the UNet's new blob
     size = blob.stat().st_size
     blob.write_bytes(blob.read_bytes()[: size // 2])
     be = OvBackend(precision="f32", cache_dir=cache)
@@ -135,3 +139,57 @@ def test_a_failed_write_leaves_no_blob_and_orphans_of_dead_writers_are_removed(t
     live.write_bytes(b"being written")
     assert remove_orphans(tmp_path) == [orphan]
     assert live.exists() and not orphan.exists()
+
+
+def cached(cache: Path) -> dict[str, int]:
+    """The cache's blobs and weights indexes: name -> size."""
+    return {p.name: p.stat().st_size for p in cache.iterdir() if p.name.endswith((SUFFIX, ".json"))}
+
+
+def test_the_cache_is_bounded_least_recently_used_first_never_what_is_in_use(export: Path, tmp_path: Path) -> None:
+    """Past the bound the least recently used files go (a hit renews a blob), never one the cache itself used: a
+    model larger than the bound stays cached whole while in use."""
+    cache = tmp_path / "cache"
+    reference = image(export, OvBackend(precision="f32", cache_dir=cache))
+    real = cached(cache)
+    assert len([n for n in real if n.endswith(SUFFIX)]) >= 4
+    now = os.stat(cache).st_mtime_ns
+    for name in real:  # as if last used long ago
+        os.utime(cache / name, ns=(now, now - 2_000_000_000_000))
+    stale = cache / ("s" * 40 + SUFFIX)  # a blob of an export since deleted, used after those
+    stale.write_bytes(b"x" * 1000)
+    os.utime(stale, ns=(now, now - 1_000_000_000_000))
+    be = OvBackend(precision="f32", cache_dir=cache, cache_max_gb=math.inf)  # hits: the real blobs used now
+    assert np.array_equal(image(export, be), reference) and be.blobs is not None and be.blobs.removed == []
+    assert all(how == "mapped" for _, how in be.compiles)
+
+    bound = sum(real.values()) + 500  # room for the real blobs, not for the stale one too
+    be = OvBackend(precision="f32", cache_dir=cache, cache_max_gb=bound / 1e9)
+    assert be.blobs is not None and be.blobs.removed == [stale]  # the least recently used, though newer on disk
+    assert np.array_equal(image(export, be), reference) and all(how == "mapped" for _, how in be.compiles)
+    assert cached(cache) == real
+
+    be = OvBackend(precision="f32", cache_dir=cache, cache_max_gb=1e-9)  # one byte: smaller than any blob
+    assert be.blobs is not None and sorted(p.name for p in be.blobs.removed) == sorted(real)  # none in use yet
+    assert np.array_equal(image(export, be), reference)
+    assert all(how == "compiled" for _, how in be.compiles)
+    # every blob this load wrote is kept (in use), over the bound
+    assert len([n for n in cached(cache) if n.endswith(SUFFIX)]) == len(be.compiles)
+    assert OvBackend(precision="f32", cache_dir=cache, cache_max_gb=1e-9).blobs.removed  # a later cache trims them
+
+
+def test_the_bound_from_the_environment_and_bad_bounds_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(ENV_MAX, raising=False)
+    assert max_gb() == DEFAULT_MAX_GB == 64
+    monkeypatch.setenv(ENV_MAX, "2.5")
+    assert max_gb() == 2.5 and max_gb(7) == 7 and OvBackend(cache_dir=tmp_path).blobs.max_bytes == 2.5e9
+    monkeypatch.setenv(ENV_MAX, "inf")
+    assert max_gb() == math.inf
+    for bad in ("0", "-1", "lots", "nan"):
+        monkeypatch.setenv(ENV_MAX, bad)
+        with pytest.raises(InputError, match=f"{ENV_MAX} must be a number of GB above 0"):
+            OvBackend(cache_dir=tmp_path)
+    assert OvBackend(cache_dir=False).blobs is None  # no cache, no bound read
+    monkeypatch.delenv(ENV_MAX)
+    with pytest.raises(InputError, match="cache_max_gb must be a number of GB above 0"):
+        OvBackend(cache_dir=tmp_path, cache_max_gb=0)
