@@ -19,8 +19,17 @@ ov = pytest.importorskip("openvino", reason="the openvino backend needs pip inst
 
 from sdrt.runtime.errors import InputError
 from sdrt.runtime.ov_backend import OvBackend
-from sdrt.runtime.ov_blobs import (DEFAULT_MAX_GB, ENV_MAX, SUFFIX, TMP, BlobCache, FileStream, max_gb, remove_orphans,
-                                   weight_files)
+from sdrt.runtime.ov_blobs import (
+    DEFAULT_MAX_GB,
+    ENV_MAX,
+    SUFFIX,
+    TMP,
+    BlobCache,
+    FileStream,
+    max_gb,
+    remove_orphans,
+    weight_files,
+)
 from sdrt.runtime.pipeline import Pipeline
 
 KW = {"prompt": "a lighthouse at dawn", "negative_prompt": "blurry", "steps": 3, "seed": 3, "height": 64, "width": 80}
