@@ -66,7 +66,6 @@ from sdrt.runtime.engine_manifest import (
 )
 from sdrt.runtime.errors import ArtifactError, BackendUnavailable, InputError, SdrtError
 from sdrt.runtime.inpaint import MASKED_ENCODER
-from sdrt.runtime.layer_skip import SKIP_UNET
 from sdrt.runtime.manifest import EXPORT_FOLDER, ExportManifest
 from sdrt.runtime.step_graph import (
     cast_engine_name,
@@ -241,10 +240,6 @@ def plan_engines(
     shapes = engine_shapes(profile, manifest)
     plans = []
     for name, comp in manifest.components.items():
-        if name == SKIP_UNET:  # not built yet: skip-layer guidance runs on the ONNX export (runtime/layer_skip.py)
-            progress(f"{name}: skip-layer guidance's pass is not built for TensorRT yet (its calls run on the ONNX "
-                     "export's backends)")
-            continue
         path = src / comp.path
         if not path.is_file():
             raise ArtifactError(f"{path} is missing; re-export the model with `sdrt export`")

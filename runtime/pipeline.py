@@ -801,12 +801,12 @@ class Pipeline:
                                  "--slg-scale out")
         if SKIP_UNET not in self.manifest.components:
             if self.manifest.kind != "onnx":
-                raise ArtifactError(f"{self.folder} is an engine folder without the skip pass ({SKIP_UNET}): sdrt "
-                                    "builds no TensorRT engine of it yet; run skip-layer guidance on the ONNX export "
-                                    "(ort-cpu, ort-cuda or openvino), or leave skip_layer_guidance_scale out",
-                                    cli=f"{self.folder} is an engine folder without the skip pass ({SKIP_UNET}): sdrt "
-                                        "builds no TensorRT engine of it yet; pass the ONNX export (ort-cpu, ort-cuda "
-                                        "or openvino), or leave --slg-scale out")
+                raise ArtifactError(f"{self.folder} is an engine folder without the skip pass ({SKIP_UNET}), which "
+                                    "skip-layer guidance runs: build the engines (sdrt build) from an export made "
+                                    "with --skip-layers, or leave skip_layer_guidance_scale out",
+                                    cli=f"{self.folder} is an engine folder without the skip pass ({SKIP_UNET}), "
+                                        "which --slg-scale runs: build the engines (sdrt build) from an export made "
+                                        "with --skip-layers, or leave --slg-scale out")
             raise ArtifactError(f"{self.folder} has no skip pass ({SKIP_UNET}), which skip-layer guidance runs: "
                                 f"{SKIP_EXPORT_HINT}, or leave skip_layer_guidance_scale out",
                                 cli=f"{self.folder} has no skip pass ({SKIP_UNET}), which --slg-scale runs: "

@@ -63,7 +63,7 @@ from .engine_manifest import (
     check_engine,
 )
 from .errors import ArtifactError, BackendUnavailable, CompatibilityError, InputError, SdrtError
-from .step_loop import cheap_nets
+from .step_loop import PlainStepLoop, StepLoop, cheap_nets
 from .trt_engines import (
     BUFFERS_PER_OUTPUT,
     TRT_DTYPES,
@@ -408,11 +408,17 @@ class TrtBackend(TrtBackendBase):
 
     # -- the captured step -----------------------------------------------------------------------------
     def step_loop(self, unet: Engine, step: Engine, controlnets: Sequence[Engine | None] = (),
-                  shallow: Engine | None = None, shallow_nets: Sequence[Engine | None] = ()) -> CapturedStepLoop:
+                  shallow: Engine | None = None, shallow_nets: Sequence[Engine | None] = ()) -> StepLoop:
         """The denoising step (the active ``controlnets``, ``unet`` or on the steps ``start(full=...)`` marks
         False DeepCache's ``shallow`` path, then the sampler ``step`` graph) captured as CUDA graphs, kept per
-        set of engines (runtime/trt_loop.py)."""
+        set of engines (runtime/trt_loop.py). A denoiser that is not one engine (skip-layer guidance's: the
+        transformer, then on some steps its skip pass; runtime/layer_skip.py) runs step by step instead, each engine
+        on the stream as the captured loop runs it."""
         self._require_open()
+        if not isinstance(unet, TrtEngine):
+            plain = PlainStepLoop(self, unet, self._own(step), controlnets, shallow, shallow_nets)
+            plain.reason = f"{unet.name} is not one engine: the loop captures engines"
+            return plain
         u, s = self._own(unet), self._own(step)
         nets = tuple(None if n is None else self._own(n) for n in controlnets)
         sh = None if shallow is None else self._own(shallow)

@@ -130,6 +130,53 @@ def test_other_backends_give_the_diffusers_images(slg_export: Path, reference, m
     assert res.loop.endswith(f"skip-layer guidance on {runs} of {steps} steps")
 
 
+def test_tensorrt_engines_run_slg_like_diffusers(slg_export: Path, reference, tmp_path: Path, fake_gpu) -> None:
+    """Logic check on fakes (tests/helpers/trt_fakes.py: the "engines" run as ONNX graphs on onnxruntime; a pass says
+    sdrt's build, engine folder and loop hold together, nothing about real TensorRT): ``build_engines`` builds the
+    skip pass beside the transformer, loaded on the first call asking for SLG, which runs the engines step by step,
+    images within 1/255 of diffusers'; a call without SLG stays captured."""
+    from sdrt.export.profiles import custom_profile
+    from sdrt.export.trt_build import BuildOptions, build_engines
+
+    steps, guidance, slg, runs = CASES[1]
+    latents = _latents(5)
+    want = _diffusers(reference, latents, steps, guidance, slg)
+    out = tmp_path / "engines"
+    manifest = build_engines(slg_export, out, custom_profile(batch="1:1:2", height="64:64:96", width="64:96:96"),
+                             BuildOptions(workspace_gb=1))
+    skip = {r.component: r for r in manifest.engines}[SKIP_UNET]
+    assert {s.name: s.max for s in skip.shapes}["sample"] == (4, 16, 12, 12)  # the guided rows, as the transformer's
+    kw = {"negative_prompt": NEGATIVE, "height": 64, "width": 96, "steps": steps, "guidance_scale": guidance,
+          "sampler": "flow-euler", "latents": latents}
+    with Pipeline.load(out, backend="tensorrt") as pipe:
+        assert SKIP_UNET not in pipe.engines
+        assert pipe(PROMPT, **kw).loop == "captured CUDA graphs"
+        assert SKIP_UNET not in pipe.engines  # a call without SLG never loads the pass
+        res = pipe(PROMPT, **kw, **slg)
+    got = np.stack([np.asarray(im) for im in res.images]).astype(np.int32)
+    assert want.std() > 5 and np.abs(got - want).max() <= 1
+    assert res.loop == ("engines run directly (unet+unet_skip is not one engine: the loop captures engines); "
+                        f"skip-layer guidance on {runs} of {steps} steps")
+
+
+def test_sdrt_build_builds_the_skip_pass_on_rtx(slg_export: Path, tmp_path: Path) -> None:
+    """TensorRT for RTX's real builder (no GPU) builds the skip pass's graph, which reads the transformer's weights
+    file, into an engine of its own."""
+    from sdrt.cli import main
+    from sdrt.runtime.engine_manifest import EngineManifest
+
+    from .helpers.trt_modules import RTX
+
+    if RTX is None:
+        pytest.skip("needs the TensorRT for RTX bindings: pip install tensorrt-rtx-cu13-libs tensorrt-rtx-cu13-bindings")
+    out = tmp_path / "engines"
+    assert main(["build", str(slg_export), "--out", str(out), "--batch", "1", "--height", "64", "--width", "96",
+                 "--tensorrt-module", "tensorrt_rtx"]) == 0
+    rec = {r.component: r for r in EngineManifest.read(out).engines}[SKIP_UNET]
+    assert (out / rec.file).stat().st_size == rec.size_bytes > 0
+    assert {s.name for s in rec.shapes} == {i.name for i in ExportManifest.read(slg_export).components[SKIP_UNET].inputs}
+
+
 # -- with LoRA slots: the pass takes the transformer's slot inputs, and a call's LoRAs reach both passes --------
 
 SLOTS = "8:attn-ff"
