@@ -16,7 +16,6 @@ export work.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch
 from sdrt.runtime.errors import ArtifactError, InputError, UnsafeCheckpointError
 
 from .controlnet_presets import get_controlnet_preset
+from .diffusers_config import class_name
 from .loading import LoadedModel, folder_digest, randomize_norms
 
 CONTROLNET_CLASS = "ControlNetModel"
@@ -117,13 +117,7 @@ def load_controlnet(path: str | Path, *, allow_pickle: bool = False, unet_config
 
 def controlnet_class(path: Path) -> str | None:
     """The diffusers ControlNet class a folder's config.json names (one of CONTROLNET_CLASSES), else None."""
-    cfg = path / "config.json"
-    if not cfg.is_file():
-        return None
-    try:
-        name = json.loads(cfg.read_text()).get("_class_name")
-    except (OSError, json.JSONDecodeError, AttributeError):
-        return None
+    name = class_name(path / "config.json")
     return name if name in CONTROLNET_CLASSES else None
 
 

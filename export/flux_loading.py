@@ -15,6 +15,7 @@ from sdrt.runtime.errors import InputError
 from sdrt.runtime.families import family_named
 from sdrt.runtime.lora_files import LoraSpec, MergeReport
 
+from .diffusers_config import class_name
 from .flux_presets import (
     CONTROL_PIPELINE,
     FLUX_PRESETS,
@@ -60,14 +61,7 @@ class LoadedFlux:
 
 def pipeline_class(path: Path) -> str | None:
     """The ``_class_name`` of a diffusers folder's model_index.json (None: no readable one)."""
-    index = path / "model_index.json"
-    if not index.is_file():
-        return None
-    try:
-        name = json.loads(index.read_text()).get("_class_name")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return name if isinstance(name, str) else None
+    return class_name(path / "model_index.json")
 
 
 def is_flux_folder(path: Path) -> bool:

@@ -13,6 +13,7 @@ import torch
 
 from sdrt.runtime.errors import InputError
 
+from .diffusers_config import class_name
 from .sd3_model import LoadedSd3, streamed_parts, synthetic_parts, weight_shapes
 from .sd3_presets import SD3_PRESETS, Sd3Modules, Sd3Preset, build_modules, get_sd3_preset
 from .streamed import checkpoint_weights
@@ -22,13 +23,7 @@ PIPELINE_CLASS = "StableDiffusion3Pipeline"
 
 def is_sd3_folder(path: Path) -> bool:
     """A diffusers folder of ``StableDiffusion3Pipeline`` (its model_index.json says so)."""
-    index = path / "model_index.json"
-    if not index.is_file():
-        return False
-    try:
-        return json.loads(index.read_text()).get("_class_name") == PIPELINE_CLASS
-    except (OSError, ValueError, AttributeError):
-        return False
+    return class_name(path / "model_index.json") == PIPELINE_CLASS
 
 
 def is_sd3_source(model: str | Path | None, random_preset: str | None) -> bool:

@@ -46,3 +46,29 @@ def test_ort_sessions_and_openvino_take_it(monkeypatch: pytest.MonkeyPatch, tiny
     be = OvBackend("CPU", cache_dir=False)
     assert be.config["INFERENCE_NUM_THREADS"] == 1
     be.close()
+
+
+def test_sdrt_generate_takes_it_and_names_a_bad_value(monkeypatch: pytest.MonkeyPatch, tiny_export, tmp_path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """The command (which has no --threads) runs its backend on the count; a bad one fails it before any image,
+    naming the variable."""
+    from sdrt.cli import main
+    from sdrt.runtime import ort_backend
+
+    made: list[int | None] = []
+    real = ort_backend.OrtBackend.close
+
+    def close(self: ort_backend.OrtBackend) -> None:
+        made.append(self.threads)
+        real(self)
+
+    monkeypatch.setattr(ort_backend.OrtBackend, "close", close)
+    args = ["generate", str(tiny_export("sd15-tiny")), "--backend", "ort-cpu", "--prompt", "a cat", "--steps", "1",
+            "--height", "64", "--width", "64"]
+    monkeypatch.setenv(ENV, "1")
+    assert main([*args, "-o", str(tmp_path / "one.png")]) == 0
+    assert made == [1] and (tmp_path / "one.png").is_file()
+    monkeypatch.setenv(ENV, "two")
+    assert main([*args, "-o", str(tmp_path / "two.png")]) == 1
+    assert "SDRT_THREADS='two' is not a thread count" in capsys.readouterr().err
+    assert not (tmp_path / "two.png").exists()
