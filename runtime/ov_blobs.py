@@ -105,6 +105,25 @@ def weight_files(path: str) -> list[str]:
     return sorted(found)
 
 
+def cache_files(folder: Path) -> list[tuple[int, str, int]]:
+    """The cache's own files in ``folder`` (blobs and weights indexes, not files written in progress): (modification
+    time in ns, name, size in bytes) each; none where the folder does not exist."""
+    entries = []
+    try:
+        paths = list(folder.iterdir())
+    except FileNotFoundError:
+        return []
+    for p in paths:
+        if not (p.name.endswith(SUFFIX) or (p.name.startswith(INDEX) and p.name.endswith(".json"))):
+            continue
+        try:
+            st = p.stat()
+        except FileNotFoundError:  # trimmed by another process meanwhile
+            continue
+        entries.append((st.st_mtime_ns, p.name, st.st_size))
+    return entries
+
+
 def _touch(path: Path) -> None:
     """Mark a cache file used now (its modification time: access times are often not kept)."""
     try:
@@ -256,15 +275,7 @@ class BlobCache:
     def trim(self) -> list[Path]:
         """Remove the least recently used blobs and weights indexes (by modification time, which a hit renews) until
         the folder holds at most the bound, skipping what this cache used; the files removed."""
-        entries = []
-        for p in self.folder.iterdir():
-            if not (p.name.endswith(SUFFIX) or (p.name.startswith(INDEX) and p.name.endswith(".json"))):
-                continue
-            try:
-                st = p.stat()
-            except FileNotFoundError:  # trimmed by another process meanwhile
-                continue
-            entries.append((st.st_mtime_ns, p.name, st.st_size))
+        entries = cache_files(self.folder)
         total = sum(size for _, _, size in entries)
         removed = []
         with self._lock:

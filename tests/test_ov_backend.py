@@ -193,15 +193,36 @@ def test_threads_are_passed_to_openvino(tiny_export) -> None:
     assert e._compiled[()].get_property("INFERENCE_PRECISION_HINT") == ov.Type.f32
 
 
-def test_bench_and_info_know_the_backend(capsys: pytest.CaptureFixture[str]) -> None:
+def test_bench_and_info_know_the_backend(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     from sdrt.benchmarks.bench import backend_device, check_backends, unavailable_reason
     from sdrt.cli import main
 
     check_backends(["openvino", "ort-cpu"])  # no error
     assert backend_device("openvino") == "cpu"
     assert unavailable_reason("openvino", gpus=0) is None
+    monkeypatch.delenv("SDRT_OPENVINO_CACHE_GB", raising=False)
     assert main(["info"]) == 0
-    assert f"openvino    yes (OpenVINO {ov.__version__.split('-')[0]}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"openvino    yes (OpenVINO {ov.__version__.split('-')[0]}" in out
+    assert f"model cache {default_cache_dir()}: " in out and "GB (the least recently used past 64 GB go)" in out
+
+
+def test_info_shows_the_model_caches_use_and_bound(tiny_export, ov_cache_home: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from sdrt.cli import main
+    from sdrt.runtime.ov_blobs import SUFFIX
+
+    with Pipeline.load(tiny_export("sd15-tiny", "fp32"), backend="openvino", precision="fp32"):
+        pass  # closing waits for the blob writes
+    size = sum(p.stat().st_size for p in ov_cache_home.iterdir() if p.name.endswith((SUFFIX, ".json")))
+    assert size > 1e6
+    monkeypatch.setenv("SDRT_OPENVINO_CACHE_GB", "2.5")
+    assert main(["info"]) == 0
+    assert f"model cache {ov_cache_home}: {size / 1e9:.1f} GB (the least recently used past 2.5 GB go)" in \
+        capsys.readouterr().out
+    monkeypatch.setenv("SDRT_OPENVINO_CACHE_GB", "none")
+    assert main(["info"]) == 0  # a bad bound is said, not fatal to the report
+    assert "SDRT_OPENVINO_CACHE_GB must be a number of GB above 0" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("preset", ["sd15-inpaint-tiny", "sd15-tiny"])

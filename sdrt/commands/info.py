@@ -56,11 +56,10 @@ def _auto_backend(cuda: bool, openvino: bool) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from sdrt.cli import version
+    from sdrt.runtime.errors import InputError
 
     if args.path:  # before the slow part: a mistyped path is said at once
         from pathlib import Path
-
-        from sdrt.runtime.errors import InputError
 
         if not Path(args.path).exists():
             raise InputError(f"{args.path} does not exist; pass a model folder (an sdrt export, an Optimum ONNX "
@@ -89,9 +88,17 @@ def run(args: argparse.Namespace) -> int:
         caps = core.get_property("CPU", "OPTIMIZATION_CAPABILITIES") if "CPU" in core.available_devices else []
         print(f"  openvino    yes (OpenVINO {ov.__version__.split('-')[0]}; devices {', '.join(core.available_devices)}; "
               f"CPU bf16 {'yes' if 'BF16' in caps else 'no'})")
-        from sdrt.runtime.ov_backend import available
+        from sdrt.runtime.ov_backend import available, default_cache_dir
+        from sdrt.runtime.ov_blobs import cache_files, max_gb
 
         openvino = available()  # what auto tests
+        folder = default_cache_dir()
+        used = sum(size for _, _, size in cache_files(folder)) / 1e9
+        try:
+            bound = f"the least recently used past {max_gb():g} GB go"
+        except InputError as e:
+            bound = str(e)
+        print(f"              model cache {folder}: {used:.1f} GB ({bound})")
     except ImportError:
         print("  openvino    no: pip install 'sdrt[openvino]'")
     for line in _tensorrt_lines():
