@@ -152,9 +152,11 @@ class _Run:
         # classifier-free guidance doubles the denoiser's rows, except in a guidance-distilled family (FLUX.1)
         guided = cfg.guidance_scale > 1.0 and models.manifest.model_family.classifier_free
         shape_flops = self._flops(models, resolutions, guided)
-        ceilings, rates = self._ceilings(work, devices, precision)
-
         jobs = self._jobs(models, work, resolutions, baselines, available, backends)
+        arithmetic = [self._matmul_dtype(job, models, precision) for job in jobs]
+        ceilings, rates = self._ceilings(work, sorted({(j.device, a) for j, a in zip(jobs, arithmetic)}
+                                                      | {(d, self._matmul_dtype(None, models, precision, d))
+                                                         for d in devices}))
         measurements: list[dict[str, Any]] = []
         rounds: list[list[tuple[dict[str, Any], Any, dict[str, Any]]]] = [[] for _ in jobs]
         for r in range(cfg.rounds):  # interleaved: every row once per round, each in a process of its own
@@ -164,7 +166,7 @@ class _Run:
             m, res = self._record(job, rounds[i], models, guided)
             # the floor counts a full UNet every step: a cached row records its FLOPs, not a fraction of the floor
             add_floor(m, shape_flops.get((job.height, job.width, job.batch_size)),
-                      rates.get(job.device) if job.cache is None else None)
+                      rates.get((job.device, arithmetic[i])) if job.cache is None else None)
             measurements.append(m)
             if job.cache is None or not backends[job.name].versions:  # an uncached job tells its backend's loop
                 note_backend(backends[job.name], res, job)
@@ -310,13 +312,30 @@ class _Run:
                 shape_flops[(h, w, bsz)] = module_flops(arch, h, w, bsz, guided)
         return shape_flops
 
-    def _ceilings(self, work: Path, devices: list[str], precision: str) -> tuple[list[dict[str, Any]], dict[str, float]]:
-        """Each device's matmul rate, measured in a worker process: (the records, the TFLOPS of those measured)."""
+    def _matmul_dtype(self, job: Job | None, models: _Models, precision: str, device: str = "cpu") -> str:
+        """:func:`matmul_dtype` of a row of this run (None: the device's default)."""
+        unet = models.manifest.components.get("unet")
+        ov_bf16 = job is not None and (job.name == "openvino" or job.kind == INTEL) and self._openvino_bf16()
+        return matmul_dtype(job, precision, device, export_bf16=unet is not None and unet.precision == "bf16",
+                            openvino_bf16=ov_bf16)
+
+    def _openvino_bf16(self) -> bool:
+        """Whether the run's openvino rows infer in bf16 (``--openvino-precision``, auto: where the CPU has it)."""
+        from .intel_worker import inference_precision
+
+        try:
+            return inference_precision({"ov_precision": self.cfg.openvino_precision or "auto"}) == "bf16"
+        except (ImportError, ValueError):  # no openvino, or bf16 asked of a CPU without it: those rows fail alone
+            return False
+
+    def _ceilings(self, work: Path, pairs: list[tuple[str, str]]) -> tuple[list[dict[str, Any]],
+                                                                           dict[tuple[str, str], float]]:
+        """The matmul rate of each (device, dtype) the rows compute in, measured in a worker process: (the records,
+        the TFLOPS of those measured)."""
         cfg = self.cfg
         ceilings: list[dict[str, Any]] = []
-        rates: dict[str, float] = {}
-        for d in devices:
-            dtype = "float16" if (d == "cuda" and precision == "fp16") else "float32"
+        rates: dict[tuple[str, str], float] = {}
+        for d, dtype in pairs:
             n = cfg.matmul_n or (8192 if d == "cuda" else 2048)
             self.emit("ceiling", f"measuring the {d} matmul rate ({dtype}, n={n})")
             spec: dict[str, Any] = {"job": "matmul", "device": d, "dtype": dtype, "n": n, "threads": self.threads}
@@ -325,7 +344,7 @@ class _Run:
                              "ms_p50": res.get("ms_p50"), "method": res.get("method", ""),
                              "status": res["status"], "reason": res.get("reason")})
             if res["status"] == "ok":
-                rates[d] = float(res["tflops"])
+                rates[(d, dtype)] = float(res["tflops"])
         return ceilings, rates
 
     def _jobs(self, models: _Models, work: Path, resolutions: list[tuple[int, int]], baselines: list[BaselineRow],
@@ -422,6 +441,23 @@ class _Run:
             spec["ov_cache_dir"] = str(work / f"openvino-cache-{i}")
             shutil.rmtree(spec["ov_cache_dir"], ignore_errors=True)
         return spec
+
+
+def matmul_dtype(job: Job | None, precision: str, device: str = "cpu", *, export_bf16: bool = False,
+                 openvino_bf16: bool = False) -> str:
+    """The arithmetic a row's matrix products run in, whose measured matmul rate is its floor: bf16 for the bf16
+    autocast baseline, for openvino rows (sdrt's and Intel's) that infer in bf16 (``openvino_bf16``), and for
+    sdrt's rows of a bf16 export; else the run's ``precision`` on the row's device (fp16 on a GPU, fp32 on a CPU).
+    ``job`` None: ``device``'s default."""
+    if job is not None:
+        device = job.device
+        if job.autocast:
+            return job.autocast
+        if job.name == "openvino" or job.kind == INTEL:
+            return "bfloat16" if openvino_bf16 else "float32"
+        if job.kind == SDRT and export_bf16:
+            return "bfloat16"
+    return "float16" if (device == "cuda" and precision == "fp16") else "float32"
 
 
 def model_samplers(cfg: BenchConfig) -> tuple[str, ...]:

@@ -314,8 +314,10 @@ def standard_notes(cfg: BenchConfig, guided: bool) -> list[str]:
     ratios = ("vs_baseline = this figure / the same figure of diffusers on PyTorch (eager), measured in this run "
               "with the same weights, shape, sampler, steps, latents and thread count. Above 1 is better for it/s "
               "and images/s; below 1 is better for times, memory and sizes.")
-    floor = ("of_floor = the floor time (matrix FLOPs / the measured matmul rate) / the measured time: the "
-             "fraction of the device's matrix throughput a stage achieves (1.0 is the physical limit).")
+    floor = ("of_floor = the floor time (matrix FLOPs / the matmul rate measured in the row's arithmetic: bf16 for "
+             "openvino inferring in bf16, the bf16 autocast baseline and bf16 exports, else the run's precision) / "
+             "the measured time: the fraction of the device's matrix throughput a stage achieves (1.0 is the "
+             "physical limit).")
     notes = ["it/s is denoising steps per second: 1000 / the median step time. " + steps, stats, processes,
              ratios, floor]
     if cfg.caches:

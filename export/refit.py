@@ -516,6 +516,18 @@ def _refuse_shared_skip(export: ExportManifest, todo: Sequence[str]) -> None:
             "(`sdrt export ... --lora FILE[:SCALE]`, or the other checkpoint as --model), with its --skip-layers")
 
 
+def _refuse_stale_skip_engine(manifest: Any, todo: Sequence[str]) -> None:
+    """An engine folder with skip-layer guidance's pass holds the transformer's weights twice (``unet`` and the
+    ``unet_skip`` engine), and only ``unet`` has a refit map: SLG calls would mix new and old weights. Refused
+    before any weight is read."""
+    if any(r.component == SKIP_UNET for r in manifest.engines) and ("unet" in todo or SKIP_UNET in todo):
+        raise CompatibilityError(
+            "these engines have skip-layer guidance's pass (unet_skip), an engine holding its own copy of the "
+            "transformer's weights, which refit cannot yet update: skip-layer guidance calls would keep the old "
+            "weights. Build the engines from an export with the weights or LoRAs merged (`sdrt export ... --lora "
+            "FILE[:SCALE] --skip-layers ...`), or use LoRA slots (--lora-slots), which need no refit")
+
+
 def _refuse_stale_control_unet(export: ExportManifest, todo: Sequence[str]) -> None:
     """An export with ControlNets holds the UNet twice (``unet`` and ``unet_control``, which takes the nets'
     residuals) and only ``unet`` has a refit map: new UNet weights would reach txt2img but not ControlNet
@@ -547,6 +559,7 @@ def _refit_engines(
     todo = [c for c in comps if not request.loras or weights_source(c) in loras_comps
             or manifest.record(c).weights != "base"]
     _refuse_stale_control_unet(export, todo)
+    _refuse_stale_skip_engine(manifest, todo)
     for c in todo:
         rec = manifest.record(c)
         require_refittable(rec.flags.refittable, c, manifest.build_command)

@@ -371,6 +371,12 @@ def test_cpu_comparison_with_the_bf16_autocast_baseline(tiny_export, tmp_path: P
     assert auto["vs_baseline"]["its"] == pytest.approx(
         np.median([x for r in base["raw"]["unet_steps_ms"] for x in r])
         / np.median([x for r in auto["raw"]["unet_steps_ms"] for x in r]))
+    # each row's floor, by hand, over the matmul rate of its own arithmetic: bf16 for the autocast row
+    rates = {(c["device"], c["dtype"]): c["tflops"] for c in doc["ceilings"]}
+    assert set(rates) == {("cpu", "float32"), ("cpu", "bfloat16")} and all(r > 0 for r in rates.values())
+    for m, dtype in ((base, "float32"), (auto, "bfloat16"), (ovm, "float32")):
+        floor = m["flops"]["unet_step"] / (rates["cpu", dtype] * 1e12) * 1e3
+        assert m["floor_ms"]["unet_step"] == pytest.approx(floor)
     # same weights and latents: fp32 OpenVINO gives the fp32 picture; bf16 autocast really ran (it differs)
     assert ovm["image_vs_baseline"]["max_abs"] <= 2
     assert auto["image_vs_baseline"]["max_abs"] > 0
@@ -698,3 +704,22 @@ def test_controlnet_workload_on_a_plain_export_is_refused(tiny_export, tmp_path:
     assert not list(tmp_path.glob("job-*"))  # no measurement started
     with pytest.raises(InputError, match="unknown workload 'img2vid'"):
         BenchConfig(preset="sd15-tiny", workload="img2vid")
+
+
+def test_each_rows_floor_is_taken_at_its_own_arithmetic() -> None:
+    """Which matmul rate a row's floor divides by: the bf16 one where the row computes in bf16."""
+    from sdrt.benchmarks.bench import matmul_dtype
+    from sdrt.benchmarks.jobs import BASELINE, INTEL, SDRT, Job
+
+    def job(kind: str, name: str, device: str = "cpu", autocast: str | None = None) -> Job:
+        return Job(kind, name, device, Path("."), 64, 64, 1, "euler", 2, autocast=autocast)
+
+    assert matmul_dtype(job(SDRT, "ort-cpu"), "fp32") == "float32"
+    assert matmul_dtype(job(SDRT, "openvino"), "fp32", openvino_bf16=True) == "bfloat16"
+    assert matmul_dtype(job(SDRT, "openvino"), "fp32", openvino_bf16=False) == "float32"
+    assert matmul_dtype(job(INTEL, "openvino-intel"), "fp32", openvino_bf16=True) == "bfloat16"
+    assert matmul_dtype(job(BASELINE, "torch-cpu-bf16", autocast="bfloat16"), "fp32") == "bfloat16"
+    assert matmul_dtype(job(BASELINE, "torch-cpu"), "fp32", export_bf16=True) == "float32"  # fp32 weights
+    assert matmul_dtype(job(SDRT, "tensorrt", "cuda"), "fp16") == "float16"
+    assert matmul_dtype(job(SDRT, "tensorrt", "cuda"), "fp32", export_bf16=True) == "bfloat16"
+    assert matmul_dtype(None, "fp16", "cuda") == "float16" and matmul_dtype(None, "fp32") == "float32"

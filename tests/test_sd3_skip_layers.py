@@ -143,7 +143,7 @@ def test_tensorrt_engines_run_slg_like_diffusers(slg_export: Path, reference, tm
     want = _diffusers(reference, latents, steps, guidance, slg)
     out = tmp_path / "engines"
     manifest = build_engines(slg_export, out, custom_profile(batch="1:1:2", height="64:64:96", width="64:96:96"),
-                             BuildOptions(workspace_gb=1))
+                             BuildOptions(workspace_gb=1, refittable=True))
     skip = {r.component: r for r in manifest.engines}[SKIP_UNET]
     assert {s.name: s.max for s in skip.shapes}["sample"] == (4, 16, 12, 12)  # the guided rows, as the transformer's
     kw = {"negative_prompt": NEGATIVE, "height": 64, "width": 96, "steps": steps, "guidance_scale": guidance,
@@ -157,6 +157,13 @@ def test_tensorrt_engines_run_slg_like_diffusers(slg_export: Path, reference, tm
     assert want.std() > 5 and np.abs(got - want).max() <= 1
     assert res.loop == ("engines run directly (unet+unet_skip is not one engine: the loop captures engines); "
                         f"skip-layer guidance on {runs} of {steps} steps")
+    # the pass's engine holds its own copy of the transformer's weights, which refit does not update: refused
+    from sdrt.export.refit import RefitRequest, refit_folder
+
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in out.iterdir())
+    with pytest.raises(CompatibilityError, match="unet_skip.*own copy of the transformer's weights"):
+        refit_folder(out, RefitRequest(base=True))
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in out.iterdir()) == before
 
 
 def test_sdrt_build_builds_the_skip_pass_on_rtx(slg_export: Path, tmp_path: Path) -> None:
