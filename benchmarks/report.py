@@ -250,9 +250,10 @@ def _precision(doc: dict[str, Any], m: dict[str, Any]) -> str | None:
     exported = doc["model"]["precision"]
     head, _, kept = (backend or "").partition(" (")
     inference = head.rsplit(", ", 1)[-1].removesuffix(" inference") if backend else None
+    note = f" ({kept}" if kept else ""
     if inference is None or inference in (exported, "f32" if exported == "fp32" else exported):
-        return exported
-    return f"{exported} graphs, {inference} inference" + (f" ({kept}" if kept else "")
+        return exported + note
+    return f"{exported} graphs, {inference} inference{note}"
 
 
 def rows(docs: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:

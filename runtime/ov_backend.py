@@ -396,7 +396,7 @@ class OvBackend(Backend):
         config = {**self.config, "INFERENCE_PRECISION_HINT": _HINT["f32"]} if exact else self.config
         engine = OvEngine(self, path, name, config)
         self._engines.append(engine)
-        if exact and self.precision != "f32":
+        if exact and self.precision != "f32" and name not in self.exact:
             self.exact.append(name)
         return engine
 
@@ -435,7 +435,7 @@ class OvBackend(Backend):
         """Release every engine, after the model cache's blob writes have finished (a blob left unwritten
         would cost the next load a compile)."""
         if self.blobs is not None:
-            self.blobs.wait()
+            self.blobs.close()  # the pending writes, then the cache trimmed to its bound
         for e in self._engines:
             e.close()
         self._engines = []

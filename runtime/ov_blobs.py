@@ -15,9 +15,11 @@ reads is remembered beside the blobs per file path, size and time, so a filled c
 that fails to import (a changed CPU behind the same name, a damaged file) is compiled afresh and rewritten.
 
 The cache is bounded (``max_gb``: ``SDRT_OPENVINO_CACHE_GB``, else 64 GB): a re-export, a changed setting or a
-deleted export leaves blobs no load will ask for again, so after each blob write (and when a cache is opened) the
+deleted export leaves blobs no load will ask for again, so after each blob write and when the backend closes the
 least recently used files go (a load's hit marks its blob used) until the folder is back under the bound, never
-one this cache loaded or wrote (a model larger than the bound stays cached whole while it is in use).
+one that a cache open in this process loaded or wrote: a model larger than the bound stays cached whole (each
+later process's loads hit it again). A blob's key holds the compile settings it was made with, so a graph loaded
+``exact`` (f32) on a bf16 backend shares its blob with the same graph on an f32 backend.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import os
 import tempfile
 import threading
 import warnings
+import weakref
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -42,7 +45,8 @@ SUFFIX = ".sdrt-blob"  # apart from the <hash>.blob files OpenVINO's own CACHE_D
 TMP = ".tmp"  # a blob being written: .<key>.<pid>.<random>.tmp
 INDEX = "weights-"  # weights-<hash>.json: the weights files of one ONNX file
 ENV_MAX = "SDRT_OPENVINO_CACHE_GB"
-DEFAULT_MAX_GB = 64.0  # above the largest model's blobs here (FLUX.1's transformer in bf16: about 24 GB)
+DEFAULT_MAX_GB = 64.0  # a model's blobs in use are never removed: one larger (FLUX.1 in fp32: about 68 GB) stays
+_OPEN: weakref.WeakSet[BlobCache] = weakref.WeakSet()  # the caches open in this process: what they use is kept
 
 
 def max_gb(value: float | None = None) -> float:
@@ -111,7 +115,7 @@ def cache_files(folder: Path) -> list[tuple[int, str, int]]:
     entries = []
     try:
         paths = list(folder.iterdir())
-    except FileNotFoundError:
+    except OSError:  # missing, not a folder, unreadable: nothing of the cache's there
         return []
     for p in paths:
         if not (p.name.endswith(SUFFIX) or (p.name.startswith(INDEX) and p.name.endswith(".json"))):
@@ -168,6 +172,7 @@ class BlobCache:
     def __init__(self, folder: Path, ov: Any, core: Any, device: str, config: Mapping[str, Any],
                  max_gb: float = DEFAULT_MAX_GB) -> None:
         self.folder = folder
+        self._real = os.path.realpath(folder)  # what a trim compares with the other open caches' folders
         self.max_bytes = max_gb * 1e9
         self.ov = ov
         self.core = core
@@ -177,23 +182,22 @@ class BlobCache:
         self._context = json.dumps({
             "openvino": ov.__version__, "device": device,
             "device_name": str(core.get_property(device, "FULL_DEVICE_NAME")), "capabilities": caps,
-            "config": {k: str(v) for k, v in sorted(self.config.items())},
         }, sort_keys=True)
         remove_orphans(folder)
         self._files: dict[str, str] = {}
         self._writers: list[threading.Thread] = []
         self._lock = threading.Lock()
         self.errors: list[str] = []
-        self._used: set[str] = set()  # the file names this cache loaded or wrote: never trimmed by it
+        self._used: set[str] = set()  # the file names this cache loaded or wrote: kept while it is open
         self.removed: list[Path] = []  # what trimming removed, oldest first
-        self.trim()
+        _OPEN.add(self)
 
     def key(self, source: str | bytes, shapes: Any = (), config: Mapping[str, Any] | None = None) -> str:
         """The blob's name for a graph (a path, or serialized ONNX bytes) compiled at ``shapes`` (``()``: dynamic)
-        with ``config`` (None: the cache's; another, an exact load's f32, keys its own blobs)."""
+        with ``config`` (None: the cache's)."""
         h = hashlib.sha256(self._context.encode())
-        if config is not None and dict(config) != self.config:
-            h.update(json.dumps({k: str(v) for k, v in sorted(config.items())}, sort_keys=True).encode())
+        settings = self.config if config is None else dict(config)
+        h.update(json.dumps({k: str(v) for k, v in sorted(settings.items())}, sort_keys=True).encode())
         if isinstance(source, bytes):
             h.update(b"bytes:" + hashlib.sha256(source).digest())
         else:
@@ -235,6 +239,9 @@ class BlobCache:
         _touch(p)  # used now: the last to go when the cache is trimmed
         try:
             mapped = np.memmap(p, dtype=np.uint8, mode="c")  # copy-on-write: OpenVINO shares only writable memory
+        except FileNotFoundError:  # trimmed by another process since: compiled as if never cached
+            return None
+        try:
             compiled = self.core.import_model(self.ov.Tensor(mapped, shared_memory=True), self.device,
                                               self.config if config is None else dict(config))
         except Exception as e:  # noqa: BLE001 - OpenVINO raises its own untyped RuntimeErrors
@@ -268,32 +275,48 @@ class BlobCache:
             except BaseException:
                 os.unlink(tmp)
                 raise
-            self.trim()
         except Exception as e:  # noqa: BLE001 - an unwritten blob costs the next load a compile, nothing more
             self.errors.append(f"{key}: {e}")
+            return
+        try:
+            self.trim()
+        except OSError as e:  # an unreadable folder: the cache stays over its bound, nothing worse
+            self.errors.append(f"trimming {self.folder}: {e}")
 
     def trim(self) -> list[Path]:
         """Remove the least recently used blobs and weights indexes (by modification time, which a hit renews) until
-        the folder holds at most the bound, skipping what this cache used; the files removed."""
+        the folder holds at most the bound, skipping what a cache open in this process over the same folder used;
+        the files removed."""
         entries = cache_files(self.folder)
         total = sum(size for _, _, size in entries)
         removed = []
         with self._lock:
+            kept = set(self._used).union(*(c._used for c in list(_OPEN) if c._real == self._real))
             for _, name, size in sorted(entries):
                 if total <= self.max_bytes:
                     break
-                if name in self._used:
+                if name in kept:
                     continue
                 try:
                     (self.folder / name).unlink()
-                except FileNotFoundError:
-                    pass
+                except FileNotFoundError:  # removed by another process meanwhile
+                    total -= size
+                    continue
                 except OSError:  # (a blob another process has mapped, on Windows): kept
                     continue
                 total -= size
                 removed.append(self.folder / name)
             self.removed += removed
         return removed
+
+    def close(self) -> None:
+        """After the pending writes: trim the cache to its bound, then stop keeping what this cache used."""
+        self.wait()
+        try:
+            self.trim()
+        except OSError as e:
+            self.errors.append(f"trimming {self.folder}: {e}")
+        _OPEN.discard(self)
 
     def pending(self) -> int:
         """How many blob writes are still running."""

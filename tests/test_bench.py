@@ -389,6 +389,9 @@ def test_cpu_comparison_with_the_bf16_autocast_baseline(tiny_export, tmp_path: P
     by_name["openvino"]["precision"] = "float32 graphs, bf16 inference (text_encoder at f32)"
     assert {r["backend"]: r["precision"] for r in report.rows([doc])}["openvino"] == \
         "fp32 graphs, bf16 inference (text_encoder at f32)"
+    doc["model"]["precision"] = "bf16"  # a bf16 export on bf16 inference: the export's, with what stays f32
+    by_name["openvino"]["precision"] = "bfloat16 graphs, bf16 inference (text_encoder at f32)"
+    assert {r["backend"]: r["precision"] for r in report.rows([doc])}["openvino"] == "bf16 (text_encoder at f32)"
 
 
 def test_openvino_precision_and_bf16_baseline_refusals(capsys: pytest.CaptureFixture[str]) -> None:

@@ -156,8 +156,9 @@ def cached(cache: Path) -> dict[str, int]:
 
 
 def test_the_cache_is_bounded_least_recently_used_first_never_what_is_in_use(export: Path, tmp_path: Path) -> None:
-    """Past the bound the least recently used files go (a hit renews a blob), never one the cache itself used: a
-    model larger than the bound stays cached whole while in use."""
+    """Past the bound, when a backend closes (and after each blob write), the least recently used files go (a hit
+    renews a blob), never one a backend open in the process used: a model larger than the bound stays cached
+    whole."""
     cache = tmp_path / "cache"
     reference = image(export, OvBackend(precision="f32", cache_dir=cache))
     real = cached(cache)
@@ -169,22 +170,42 @@ def test_the_cache_is_bounded_least_recently_used_first_never_what_is_in_use(exp
     stale.write_bytes(b"x" * 1000)
     os.utime(stale, ns=(now, now - 1_000_000_000_000))
     be = OvBackend(precision="f32", cache_dir=cache, cache_max_gb=math.inf)  # hits: the real blobs used now
-    assert np.array_equal(image(export, be), reference) and be.blobs is not None and be.blobs.removed == []
-    assert all(how == "mapped" for _, how in be.compiles)
+    assert np.array_equal(image(export, be), reference) and all(how == "mapped" for _, how in be.compiles)
+    be.close()
+    assert be.blobs is not None and be.blobs.removed == []
 
     bound = sum(real.values()) + 500  # room for the real blobs, not for the stale one too
     be = OvBackend(precision="f32", cache_dir=cache, cache_max_gb=bound / 1e9)
-    assert be.blobs is not None and be.blobs.removed == [stale]  # the least recently used, though newer on disk
+    assert be.blobs is not None and be.blobs.removed == []  # nothing goes before the backend closes
     assert np.array_equal(image(export, be), reference) and all(how == "mapped" for _, how in be.compiles)
+    assert be.blobs.removed == [stale]  # (the pipeline closed it) the least recently used, though newer on disk
     assert cached(cache) == real
 
-    be = OvBackend(precision="f32", cache_dir=cache, cache_max_gb=1e-9)  # one byte: smaller than any blob
-    assert be.blobs is not None and sorted(p.name for p in be.blobs.removed) == sorted(real)  # none in use yet
-    assert np.array_equal(image(export, be), reference)
-    assert all(how == "compiled" for _, how in be.compiles)
-    # every blob this load wrote is kept (in use), over the bound
-    assert len([n for n in cached(cache) if n.endswith(SUFFIX)]) == len(be.compiles)
-    assert OvBackend(precision="f32", cache_dir=cache, cache_max_gb=1e-9).blobs.removed  # a later cache trims them
+    small = OvBackend(precision="f32", cache_dir=cache, cache_max_gb=1e-9)  # one byte: smaller than any blob
+    with Pipeline.load(export, backend=small) as pipe:
+        assert np.array_equal(np.asarray(pipe(**KW).images[0]), reference)
+        other = OvBackend(precision="f32", cache_dir=cache, cache_max_gb=1e-9)  # opened beside it, using nothing
+        other.close()
+        assert other.blobs is not None and other.blobs.removed == []  # what the open one uses is kept
+    assert small.blobs is not None and small.blobs.removed == []  # in use by itself: kept whole, over the bound
+    assert cached(cache) == real
+    last = OvBackend(precision="f32", cache_dir=cache, cache_max_gb=1e-9)  # once none uses them, they go
+    last.close()
+    assert last.blobs is not None and sorted(p.name for p in last.blobs.removed) == sorted(real)
+    assert cached(cache) == {}
+
+
+def test_an_exact_graph_shares_the_f32_backends_blob(export: Path, tmp_path: Path) -> None:
+    """A blob is keyed by the settings it was compiled with: the text encoder loaded exact (f32) on a bf16 backend
+    maps the blob an f32 backend wrote for it."""
+    if "BF16" not in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        pytest.skip("this CPU has no bf16 (OpenVINO's CPU capabilities lack BF16): no bf16 backend to load on")
+    cache = tmp_path / "cache"
+    image(export, OvBackend(precision="f32", cache_dir=cache))
+    be = OvBackend(precision="bf16", cache_dir=cache)
+    image(export, be)
+    how = dict(be.compiles)
+    assert how["text_encoder"] == "mapped" and how["unet"] == "compiled"
 
 
 def test_the_bound_from_the_environment_and_bad_bounds_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
