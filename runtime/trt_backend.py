@@ -415,7 +415,7 @@ class TrtBackend(TrtBackendBase):
         transformer, then on some steps its skip pass; runtime/layer_skip.py) runs step by step instead, each engine
         on the stream as the captured loop runs it."""
         self._require_open()
-        if not isinstance(unet, TrtEngine):
+        if isinstance(unet, Engine) and not isinstance(unet, TrtEngine) and unet.backend is self:
             plain = PlainStepLoop(self, unet, self._own(step), controlnets, shallow, shallow_nets)
             plain.reason = f"{unet.name} is not one engine: the loop captures engines"
             return plain

@@ -256,8 +256,9 @@ def test_a_cheap_step_without_residual_inputs_is_refused_beside_controlnets(tiny
     shallow = cn.engines["unet_shallow"]  # this export's takes the residual of the skip it reads, of each net
     assert sorted(k for k in shallow.inputs if k.startswith("controlnet_")) == ["controlnet_0_down_0",
                                                                                 "controlnet_1_down_0"]
+    control_unet = cn._engine("unet_control")  # loaded on the first call that runs it: maybe none yet
     with pytest.raises(InputError, match="takes no ControlNet residuals.*--controlnet"):
-        PlainStepLoop(cn.backend, cn.engines["unet_control"], cn.engines["unet_control"],
+        PlainStepLoop(cn.backend, control_unet, control_unet,
                       [cn.engines["controlnet_0"], None], shallow=other.engines["unet_shallow"])
     monkeypatch.setitem(cn.engines, "unet_shallow", other.engines["unet_shallow"])
     ran: list[str] = []
