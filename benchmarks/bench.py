@@ -99,6 +99,7 @@ class _Run:
         self.progress = progress
         self.notes: list[str] = []
         self.threads = cfg.threads or physical_cores()
+        self._ov_bf16: bool | None = None  # whether openvino rows infer in bf16, once asked
 
     def emit(self, stage: str, message: str, **extra: Any) -> None:
         self.progress({"stage": stage, "message": message, **extra})
@@ -320,13 +321,16 @@ class _Run:
                             openvino_bf16=ov_bf16)
 
     def _openvino_bf16(self) -> bool:
-        """Whether the run's openvino rows infer in bf16 (``--openvino-precision``, auto: where the CPU has it)."""
-        from .intel_worker import inference_precision
+        """Whether the run's openvino rows infer in bf16 (``--openvino-precision``, auto: where the CPU has it); asked of
+        OpenVINO once per run."""
+        if self._ov_bf16 is None:
+            from .intel_worker import inference_precision
 
-        try:
-            return inference_precision({"ov_precision": self.cfg.openvino_precision or "auto"}) == "bf16"
-        except (ImportError, ValueError):  # no openvino, or bf16 asked of a CPU without it: those rows fail alone
-            return False
+            try:
+                self._ov_bf16 = inference_precision({"ov_precision": self.cfg.openvino_precision or "auto"}) == "bf16"
+            except (ImportError, ValueError):  # no openvino, or bf16 asked of a CPU without it: those rows fail alone
+                self._ov_bf16 = False
+        return self._ov_bf16
 
     def _ceilings(self, work: Path, pairs: list[tuple[str, str]]) -> tuple[list[dict[str, Any]],
                                                                            dict[tuple[str, str], float]]:

@@ -212,7 +212,7 @@ class BlobCache:
     def _weight_files(self, source: str) -> list[str]:
         """:func:`weight_files`, remembered in the cache folder per ONNX file (path, size, time): reading a graph
         with its weights inline (a text encoder's 0.5 GB) would cost a filled cache's load more than its import."""
-        index = self.folder / ("weights-" + hashlib.sha256(json.dumps(_stat(source)).encode()).hexdigest()[:40]
+        index = self.folder / (INDEX + hashlib.sha256(json.dumps(_stat(source)).encode()).hexdigest()[:40]
                                + ".json")
         self._used.add(index.name)
         try:
